@@ -1,0 +1,25 @@
+"""Errors a user sees as one line: what was wrong, with which file or value, and what to do."""
+
+
+class LayerstreamError(Exception):
+    """Base of every error that the launcher reports as one line and a non-zero exit."""
+
+
+class ModelError(LayerstreamError):
+    """The model file is unreadable, truncated, of an unknown architecture or incomplete."""
+
+
+class UnsupportedQuantError(ModelError):
+    """A tensor is stored in a quantization type this engine cannot dequantize."""
+
+
+class ConfigError(LayerstreamError):
+    """A command-line option or budget cannot work (e.g. a VRAM budget too small to run)."""
+
+
+class PipelineError(LayerstreamError):
+    """A pipeline process died or failed; the message says which and why."""
+
+
+class ContextFullError(LayerstreamError):
+    """A sequence outgrew its KV ring and the run was asked to fail rather than slide."""

@@ -1,0 +1,1 @@
+"""layerstream.loader"""

@@ -1,0 +1,248 @@
+"""GGUF model index: metadata, hyperparameters and the per-layer table of tensor byte ranges."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from layerstream.errors import ModelError
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+NEOX_ARCHS = ("qwen2", "qwen3")  # llama.cpp's converter permutes Q/K for llama: NORM rotation
+
+# Tensors every layer must have, by architecture (short names, without "blk.N.").
+_LAYER_TENSORS = [
+    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+    "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+    "ffn_down.weight",
+]
+REQUIRED_LAYER_TENSORS = {
+    "llama": _LAYER_TENSORS,
+    "qwen2": _LAYER_TENSORS + ["attn_q.bias", "attn_k.bias", "attn_v.bias"],
+    "qwen3": _LAYER_TENSORS + ["attn_q_norm.weight", "attn_k_norm.weight"],
+}
+REQUIRED_GLOBAL_TENSORS = ["token_embd.weight", "output_norm.weight"]
+
+_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie: the unit a reader copies into a staging slot."""
+
+    name: str  # full GGUF name, e.g. "blk.3.attn_q.weight"
+    qtype: int  # gguf.GGMLQuantizationType value
+    shape: tuple[int, ...]  # torch order (rows, cols): the reverse of GGUF's ne
+    file: str
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Hyperparameters of a decoder-only transformer, read from GGUF metadata."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+    norm_eps: float
+    rope_theta: float
+    rope_dim: int
+    rope_neox: bool
+    rope_scale: float = 1.0  # linear position scaling (positions are divided by it)
+    context_length: int = 4096
+    tied_output: bool = False
+    has_rope_freqs: bool = False  # Llama 3.1 frequency factors tensor "rope_freqs.weight"
+
+
+@dataclass
+class ModelIndex:
+    """An opened GGUF model (one file or a gguf-split set): metadata and tensor byte ranges."""
+
+    path: str
+    files: list[str]
+    metadata: dict[str, Any]
+    hparams: HParams
+    layers: list[dict[str, TensorInfo]]  # per layer: short name ("attn_q.weight") -> info
+    globals: dict[str, TensorInfo]  # token_embd.weight, output_norm.weight, output.weight, ...
+    _maps: dict[str, np.memmap] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ModelIndex":
+        return open_model(path)
+
+    def layer_nbytes(self, i: int) -> int:
+        return sum(t.nbytes for t in self.layers[i].values())
+
+    def total_nbytes(self) -> int:
+        return sum(self.layer_nbytes(i) for i in range(len(self.layers))) + sum(
+            t.nbytes for t in self.globals.values()
+        )
+
+    def tensor_bytes(self, t: TensorInfo) -> np.ndarray:
+        """A read-only uint8 view of one tensor's bytes (memory-mapped, no copy)."""
+        m = self._maps.get(t.file)
+        if m is None:
+            m = self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="r")
+        return m[t.offset : t.offset + t.nbytes]
+
+
+def _field_value(f) -> Any:
+    """A GGUF metadata field as a plain Python value (str, int, float, bool or list)."""
+    v = f.contents()
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    return {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _open_reader(path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); pass a .gguf model file")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # gguf raises ValueError, IndexError, struct errors on damage
+        raise ModelError(
+            f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e}); re-download or re-convert the file"
+        ) from None
+
+
+def split_files(path: str) -> list[str]:
+    """All parts of a gguf-split model, given any part's path (or [path] when not split)."""
+    m = _SPLIT_RE.match(path)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    files = [f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ModelError(f"{path}: split model is missing part {missing[0]}; put all {count} parts in one folder")
+    return files
+
+
+def _tensors_of(reader, path: str) -> list[TensorInfo]:
+    size = os.path.getsize(path)
+    out = []
+    for t in reader.tensors:
+        info = TensorInfo(
+            name=t.name,
+            qtype=int(t.tensor_type),
+            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
+            file=path,
+            offset=int(t.data_offset),
+            nbytes=int(t.n_bytes),
+        )
+        if info.offset + info.nbytes > size:
+            raise ModelError(
+                f"{path}: truncated: tensor {t.name} ends at byte {info.offset + info.nbytes} "
+                f"but the file has {size}; re-download the file"
+            )
+        out.append(info)
+    return out
+
+
+def _get(md: dict, key: str, default: Any = ModelError, path: str = "") -> Any:
+    if key in md:
+        return md[key]
+    if default is ModelError:
+        raise ModelError(f"{path}: metadata key {key!r} is missing; the file was not written by a known converter")
+    return default
+
+
+def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> HParams:
+    arch = _get(md, "general.architecture", path=path)
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelError(
+            f"{path}: unsupported architecture {arch!r}; layerstream runs {', '.join(SUPPORTED_ARCHS)}"
+        )
+    g = lambda k, d=ModelError: _get(md, f"{arch}.{k}", d, path)  # noqa: E731
+    n_embd = int(g("embedding_length"))
+    n_head = int(g("attention.head_count"))
+    n_head_kv = g("attention.head_count_kv", n_head)
+    if isinstance(n_head_kv, list):
+        if len(set(n_head_kv)) != 1:
+            raise ModelError(f"{path}: per-layer KV head counts {sorted(set(n_head_kv))} are not supported")
+        n_head_kv = n_head_kv[0]
+    head_dim = int(g("attention.key_length", n_embd // n_head))
+    emb = tensors.get("token_embd.weight")
+    n_vocab = int(g("vocab_size", 0)) or (emb.shape[0] if emb else len(md.get("tokenizer.ggml.tokens", [])))
+    scale_type = g("rope.scaling.type", "none")
+    rope_scale = 1.0
+    if scale_type == "linear":
+        rope_scale = float(g("rope.scaling.factor", 1.0))
+    elif scale_type not in ("none", None):
+        raise ModelError(f"{path}: RoPE scaling {scale_type!r} is not supported (only linear and Llama 3 rope_freqs)")
+    return HParams(
+        arch=arch,
+        n_layer=int(g("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=int(n_head_kv),
+        head_dim=head_dim,
+        n_ff=int(g("feed_forward_length")),
+        n_vocab=n_vocab,
+        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_dim=int(g("rope.dimension_count", head_dim)),
+        rope_neox=arch in NEOX_ARCHS,
+        rope_scale=rope_scale,
+        context_length=int(g("context_length", 4096)),
+        tied_output="output.weight" not in tensors,
+        has_rope_freqs="rope_freqs.weight" in tensors,
+    )
+
+
+def open_model(path: str | os.PathLike) -> ModelIndex:
+    """Open a GGUF model (or the first part of a split one) and index its tensors by layer."""
+    path = os.fspath(path)
+    files = split_files(path)
+    readers = [_open_reader(f) for f in files]
+    md = read_metadata(readers[0])
+    all_tensors: dict[str, TensorInfo] = {}
+    for f, r in zip(files, readers):
+        for t in _tensors_of(r, f):
+            all_tensors[t.name] = t
+    if len(files) > 1:
+        want = md.get("split.tensors.count")
+        if want is not None and int(want) != len(all_tensors):
+            raise ModelError(f"{path}: split model lists {want} tensors but its parts hold {len(all_tensors)}")
+    hp = _hparams(md, all_tensors, path)
+
+    layers: list[dict[str, TensorInfo]] = [{} for _ in range(hp.n_layer)]
+    glob: dict[str, TensorInfo] = {}
+    for name, t in all_tensors.items():
+        m = _LAYER_RE.match(name)
+        if m:
+            i = int(m[1])
+            if i >= hp.n_layer:
+                raise ModelError(f"{path}: tensor {name} is past block_count={hp.n_layer}")
+            layers[i][m[2]] = t
+        else:
+            glob[name] = t
+    for name in REQUIRED_GLOBAL_TENSORS:
+        if name not in glob:
+            raise ModelError(f"{path}: tensor {name} is missing; the file is incomplete")
+    for i, layer in enumerate(layers):
+        for name in REQUIRED_LAYER_TENSORS[hp.arch]:
+            if name not in layer:
+                raise ModelError(f"{path}: tensor blk.{i}.{name} is missing; the file is incomplete")
+    return ModelIndex(path=path, files=files, metadata=md, hparams=hp, layers=layers, globals=glob)
