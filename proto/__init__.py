@@ -1,1 +1,71 @@
-"""layerstream.proto"""
+"""layerstream.proto: message types, the codec, socket addresses and socket helpers.
+
+Imports nothing else of the project, so every process role can depend on it.
+"""
+
+from .addresses import (
+    ENDPOINT_NAMES,
+    IPC_PATH_MAX,
+    RUN_DIR_PREFIX,
+    AddressError,
+    Endpoints,
+    bind,
+    check_connectable,
+    cleanup_run_dir,
+    ipc_address,
+    make_endpoints,
+    make_run_dir,
+    tcp_address,
+    temporary_run_dir,
+)
+from .codec import (
+    BadMessageCounter,
+    Decoded,
+    EncodeError,
+    MalformedMessage,
+    ProtocolError,
+    UnknownTag,
+    VersionMismatch,
+    decode,
+    decode_extra,
+    decode_or_none,
+    encode,
+    peek_tag,
+)
+from .messages import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    WANT_LOGITS,
+    ByteRange,
+    Failed,
+    Forward,
+    ForwardDone,
+    Heartbeat,
+    LayerDone,
+    LayerStaged,
+    LoadLayer,
+    Message,
+    ReadFailed,
+    Ready,
+    ReleaseSlot,
+    SeqFree,
+    SeqReset,
+    Shutdown,
+    StagedLayer,
+    StatsReply,
+    StatsRequest,
+    message,
+)
+from .sockets import (
+    Envelope,
+    async_recv_envelope,
+    async_recv_msg,
+    async_send_msg,
+    make_dealer,
+    make_router,
+    recv_envelope,
+    recv_msg,
+    send_msg,
+)
+
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("addresses", "codec", "messages", "sockets")]

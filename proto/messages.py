@@ -1,0 +1,265 @@
+"""Every pipeline message type, declared once: frozen dataclasses with a tag, encoded positionally.
+
+NOTE [ message rules ]
+- A message is a small frozen dataclass whose fields hold plain Python values only (int, float,
+  str, bytes, bool, None, list, dict). The codec sends the fields as one msgpack list in
+  declaration order, so adding, removing or reordering a field is a protocol change: bump
+  PROTOCOL_VERSION.
+- Use lists, not tuples, inside fields: msgpack gives lists back, and a message compares equal
+  to its round trip only if it was built with lists.
+- Weights and KV never travel in messages: readers write into shared-memory staging slots and
+  messages carry slot handles. Other bulk data (logits, small tensors) may ride as extra raw
+  frames next to a message (see `codec.encode(msg, extra=...)`).
+- Tags are small ints, unique, grouped by link: 1-9 lifecycle (every child <-> coordinator),
+  10-19 readers <-> coordinator, 20-29 compute <-> coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback as _traceback
+import types
+import typing
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+# A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
+ByteRange = list[int]
+# A layer whose bytes sit in a staging slot: [layer, slot].
+StagedLayer = list[int]
+
+WANT_LOGITS = ("last", "all", "none")
+
+
+class Message:
+    """Base of every message type; `TAG` is its one-byte type tag on the wire."""
+
+    __slots__ = ()
+    TAG: ClassVar[int] = 0
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Per field, the Python types a decoded value may have (top level only; cheap to check).
+    FIELD_TYPES: ClassVar[tuple[tuple[type, ...], ...]] = ()
+    # Per field name, the values it may take (for small enumerations such as want_logits).
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+
+# tag -> message class, filled by @message.
+MESSAGE_TYPES: dict[int, type[Message]] = {}
+
+
+def _accepted_types(hint: Any) -> tuple[type, ...]:
+    """The isinstance() types for one field annotation (float also takes int)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted_types(arg))
+    if hint is Any:
+        return (object,)
+    if hint is None or hint is type(None):
+        return (type(None),)
+    if hint is float:
+        return (float, int)
+    base = origin if origin is not None else hint
+    if base not in (int, float, str, bytes, bool, list, dict):
+        raise TypeError(f"message field type {hint!r} is not a plain msgpack type")
+    return (base,)
+
+
+@typing.dataclass_transform(frozen_default=True)
+def message(tag: int):
+    """Declare a message type: makes the class a frozen slotted dataclass and registers its tag."""
+
+    def wrap(cls: type) -> type:
+        if not 0 < tag < 256:
+            raise ValueError(f"{cls.__name__}: tag {tag} does not fit in one byte (1..255)")
+        if tag in MESSAGE_TYPES:
+            raise ValueError(f"{cls.__name__}: tag {tag} already used by {MESSAGE_TYPES[tag].__name__}")
+        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        hints = typing.get_type_hints(cls, globals())
+        fields = dataclasses.fields(cls)
+        cls.TAG = tag
+        cls.FIELDS = tuple(f.name for f in fields)
+        cls.FIELD_TYPES = tuple(_accepted_types(hints[f.name]) for f in fields)
+        MESSAGE_TYPES[tag] = cls
+        return cls
+
+    return wrap
+
+
+# ---- lifecycle: every child <-> coordinator (control link) ----
+
+
+@message(1)
+class Ready(Message):
+    """Child to coordinator: started and ready for work; `info` says what it holds (device, slots...)."""
+
+    role: str
+    ident: str
+    pid: int
+    info: dict[str, Any]
+
+
+@message(2)
+class Heartbeat(Message):
+    """Either way: still alive (sent only on links that can stall silently)."""
+
+    role: str
+    ident: str
+
+
+@message(3)
+class Shutdown(Message):
+    """Coordinator to child: finish the current step, close sockets and exit."""
+
+    reason: str
+
+
+@message(4)
+class Failed(Message):
+    """Child to coordinator: its last frame before dying; the error as data (one line + traceback)."""
+
+    role: str
+    ident: str
+    where: str
+    error: str
+    traceback: str
+
+    @classmethod
+    def from_exception(cls, role: str, ident: str, where: str, exc: BaseException) -> Failed:
+        """Build the message from a caught exception."""
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+        tb = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(role, ident, where, error, tb)
+
+
+@message(5)
+class StatsRequest(Message):
+    """Coordinator to child: send your counters."""
+
+
+@message(6)
+class StatsReply(Message):
+    """Child to coordinator: counters and timings (plain values only)."""
+
+    role: str
+    ident: str
+    stats: dict[str, Any]
+
+
+# ---- readers <-> coordinator (reader link) ----
+
+
+@message(10)
+class LoadLayer(Message):
+    """Coordinator to reader: read these byte ranges ([file_index, offset, nbytes, slot_offset]) into `slot`."""
+
+    req: int
+    layer: int
+    slot: int
+    ranges: list[ByteRange]
+
+
+@message(11)
+class LayerStaged(Message):
+    """Reader to coordinator: `layer`'s bytes are in `slot` (`nbytes` in `read_s` seconds)."""
+
+    req: int
+    layer: int
+    slot: int
+    nbytes: int
+    read_s: float
+    reader: str
+
+
+@message(12)
+class ReadFailed(Message):
+    """Reader to coordinator: a LoadLayer failed; the slot holds no valid bytes."""
+
+    req: int
+    layer: int
+    slot: int
+    error: str
+
+
+@message(13)
+class ReleaseSlot(Message):
+    """Coordinator to reader: `slot` is free again; cancel any pending load into it."""
+
+    slot: int
+
+
+# ---- compute <-> coordinator (compute link) ----
+
+
+@message(20)
+class Forward(Message):
+    """Coordinator to compute: run one forward pass; `staged` lists [layer, slot] already in staging."""
+
+    step: int
+    seqs: list[int]
+    tokens: list[list[int]]
+    positions: list[int]
+    staged: list[StagedLayer]
+    want_logits: str = "last"
+
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"want_logits": WANT_LOGITS}
+
+
+@message(21)
+class LayerDone(Message):
+    """Compute to coordinator: finished with `layer`'s staging slot; it may be reused."""
+
+    step: int
+    layer: int
+    slot: int
+
+
+@message(22)
+class ForwardDone(Message):
+    """Compute to coordinator: step finished; logits in shared memory `logits_shm` (or extra frames)."""
+
+    step: int
+    logits_shm: str | None
+    shape: list[int]
+    token_ids: list[int]
+    stats: dict[str, Any]
+
+
+@message(23)
+class SeqReset(Message):
+    """Coordinator to compute: clear this sequence's KV cache, keep its ring allocated."""
+
+    seq: int
+
+
+@message(24)
+class SeqFree(Message):
+    """Coordinator to compute: the sequence is finished; free its KV ring."""
+
+    seq: int
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "WANT_LOGITS",
+    "ByteRange",
+    "StagedLayer",
+    "Message",
+    "MESSAGE_TYPES",
+    "message",
+    "Ready",
+    "Heartbeat",
+    "Shutdown",
+    "Failed",
+    "StatsRequest",
+    "StatsReply",
+    "LoadLayer",
+    "LayerStaged",
+    "ReadFailed",
+    "ReleaseSlot",
+    "Forward",
+    "LayerDone",
+    "ForwardDone",
+    "SeqReset",
+    "SeqFree",
+]

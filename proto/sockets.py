@@ -1,0 +1,150 @@
+"""ROUTER/DEALER helpers: make sockets (LINGER 0), send and receive messages, blocking or asyncio.
+
+The coordinator binds ROUTERs and children connect DEALERs (see NOTE in addresses.py). The same
+functions serve plain `zmq` sockets (children's blocking loops) and `zmq.asyncio` sockets (the
+coordinator): the `async_*` variants await where the plain ones block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import zmq
+
+from .addresses import bind, check_connectable
+from .codec import BadMessageCounter, Buffer, decode_extra, encode
+from .messages import Message
+
+
+class Envelope(NamedTuple):
+    """One received message: sender identity (ROUTER side; None on a DEALER), message, extra frames."""
+
+    ident: bytes | None
+    msg: Message
+    extra: list[Any]
+
+
+def make_router(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:
+    """A bound ROUTER (LINGER 0; sending to an unknown or gone peer raises) and the address bound."""
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        return sock, bind(sock, address)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
+def make_dealer(ctx: zmq.Context, address: str, ident: str | bytes) -> zmq.Socket:
+    """A DEALER (LINGER 0) with identity `ident`, connected to `address`."""
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, ident.encode() if isinstance(ident, str) else ident)
+        sock.connect(check_connectable(address))
+        return sock
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
+def _frames(sock: zmq.Socket, msg: Message, ident: str | bytes | None, extra: Sequence[Buffer]) -> list[Any]:
+    frames = encode(msg, extra)
+    if sock.type == zmq.ROUTER:
+        if ident is None:
+            raise ValueError(f"sending {type(msg).__name__} on a ROUTER needs the peer's ident")
+        frames.insert(0, ident.encode() if isinstance(ident, str) else ident)
+    elif ident is not None:
+        raise ValueError("ident is only for ROUTER sockets")
+    return frames
+
+
+def send_msg(sock: zmq.Socket, msg: Message, ident: str | bytes | None = None, extra: Sequence[Buffer] = ()) -> None:
+    """Send one message (to peer `ident` on a ROUTER); extra buffers go as zero-copy frames."""
+    sock.send_multipart(_frames(sock, msg, ident, extra), copy=not extra)
+
+
+async def async_send_msg(sock: Any, msg: Message, ident: str | bytes | None = None, extra: Sequence[Buffer] = ()) -> None:
+    """send_msg for a zmq.asyncio socket."""
+    await sock.send_multipart(_frames(sock, msg, ident, extra), copy=not extra)
+
+
+def _unwrap(sock: zmq.Socket, frames: list[Any], counter: BadMessageCounter | None) -> Envelope | None:
+    ident = None
+    if sock.type == zmq.ROUTER:
+        ident, frames = bytes(frames[0]), frames[1:]
+    if counter is None:
+        decoded = decode_extra(frames)  # raises ProtocolError
+    else:
+        decoded = counter.decode(frames, ident)
+        if decoded is None:
+            return None
+    return Envelope(ident, decoded.msg, decoded.extra)
+
+
+def _remaining_ms(deadline: float | None) -> int | None:
+    if deadline is None:
+        return None
+    return max(0, int((deadline - time.monotonic()) * 1000))
+
+
+def recv_envelope(
+    sock: zmq.Socket, timeout_ms: int | None, counter: BadMessageCounter | None = None, copy: bool = True
+) -> Envelope | None:
+    """The next good message within timeout_ms (None: wait forever), or None on timeout.
+
+    With a counter, bad messages are counted, logged and skipped; without one they raise ProtocolError.
+    copy=False leaves extra frames as zero-copy zmq.Frame objects.
+    """
+    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+    while True:
+        if not sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+            return None
+        env = _unwrap(sock, sock.recv_multipart(zmq.NOBLOCK, copy=copy), counter)
+        if env is not None:
+            return env
+
+
+async def async_recv_envelope(
+    sock: Any, timeout_ms: int | None, counter: BadMessageCounter | None = None, copy: bool = True
+) -> Envelope | None:
+    """recv_envelope for a zmq.asyncio socket."""
+    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+    while True:
+        if not await sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+            return None
+        env = _unwrap(sock, await sock.recv_multipart(copy=copy), counter)
+        if env is not None:
+            return env
+
+
+def _result(env: Envelope | None) -> Any:
+    if env is None:
+        return None
+    return env.msg if env.ident is None else (env.ident, env.msg)
+
+
+def recv_msg(sock: zmq.Socket, timeout_ms: int | None, counter: BadMessageCounter | None = None) -> Any:
+    """The next message, or None on timeout; on a ROUTER, (ident, message)."""
+    return _result(recv_envelope(sock, timeout_ms, counter))
+
+
+async def async_recv_msg(sock: Any, timeout_ms: int | None, counter: BadMessageCounter | None = None) -> Any:
+    """recv_msg for a zmq.asyncio socket."""
+    return _result(await async_recv_envelope(sock, timeout_ms, counter))
+
+
+__all__ = [
+    "Envelope",
+    "make_router",
+    "make_dealer",
+    "send_msg",
+    "async_send_msg",
+    "recv_envelope",
+    "async_recv_envelope",
+    "recv_msg",
+    "async_recv_msg",
+]

@@ -1,0 +1,224 @@
+"""Codec: round trips of every message type and a typed error for every kind of bad input."""
+
+import logging
+
+import msgpack
+import pytest
+
+from layerstream.proto import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    BadMessageCounter,
+    EncodeError,
+    Failed,
+    Forward,
+    ForwardDone,
+    Heartbeat,
+    LayerDone,
+    LayerStaged,
+    LoadLayer,
+    MalformedMessage,
+    ProtocolError,
+    ReadFailed,
+    Ready,
+    ReleaseSlot,
+    SeqFree,
+    SeqReset,
+    Shutdown,
+    StatsReply,
+    StatsRequest,
+    UnknownTag,
+    VersionMismatch,
+    decode,
+    decode_extra,
+    decode_or_none,
+    encode,
+    peek_tag,
+)
+
+SAMPLES = [
+    Ready("reader", "reader-0", 4242, {"drive": "/dev/nvme0", "slots": [0, 1], "ok": True, 3: None}),
+    Heartbeat("compute", "compute-0"),
+    Shutdown("user asked"),
+    Failed("reader", "reader-1", "LayerReader.read", "OSError: [Errno 5] I/O error", "Traceback ...\n"),
+    StatsRequest(),
+    StatsReply("compute", "compute-0", {"h2d_s": 0.25, "layers": 30, "per_layer": [0.1, 0.2]}),
+    LoadLayer(7, 12, 3, [[0, 4096, 1 << 33, 0], [1, 0, 512, 1 << 33]]),
+    LayerStaged(7, 12, 3, 544_000_000, 0.0123, "reader-0"),
+    ReadFailed(7, 12, 3, "OSError: short read"),
+    ReleaseSlot(3),
+    Forward(5, [0, 1], [[1, 2, 3], [4]], [0, 9], [[0, 1], [1, 2]], "all"),
+    LayerDone(5, 12, 3),
+    ForwardDone(5, "/layerstream-logits-0", [2, 49152], [17, 99], {"forward_s": 0.8}),
+    ForwardDone(6, None, [], [], {}),
+    SeqReset(1),
+    SeqFree(1),
+]
+
+
+def frames_of(version, tag, body_obj):
+    return [bytes((version, tag)), msgpack.packb(body_obj, use_bin_type=True)]
+
+
+def test_samples_cover_every_type():
+    assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    frames = encode(msg)
+    assert len(frames) == 2
+    assert frames[0] == bytes((PROTOCOL_VERSION, msg.TAG))
+    assert peek_tag(frames) == msg.TAG
+    back = decode(frames)
+    assert type(back) is type(msg)
+    assert back == msg
+
+
+def test_round_trip_from_memoryviews():
+    msg = SAMPLES[6]
+    assert decode([memoryview(f) for f in encode(msg)]) == msg
+
+
+def test_extra_frames_pass_through_uncopied():
+    logits = bytearray(b"\x01\x02" * 100)
+    view = memoryview(logits)
+    frames = encode(ForwardDone(1, None, [1, 100], [5], {}), extra=[view])
+    assert frames[2] is view
+    decoded = decode_extra(frames)
+    assert decoded.msg.step == 1
+    assert decoded.extra == [view]
+    assert decode_extra(encode(Heartbeat("a", "b"))).extra == []
+
+
+def test_tags_unique_and_one_byte():
+    assert all(0 < tag < 256 and cls.TAG == tag for tag, cls in MESSAGE_TYPES.items())
+
+
+def test_messages_are_frozen():
+    with pytest.raises(AttributeError):
+        SAMPLES[1].role = "x"
+
+
+def test_failed_from_exception():
+    try:
+        raise KeyError("blk.3.attn_q.weight")
+    except KeyError as exc:
+        msg = Failed.from_exception("reader", "reader-0", "load", exc)
+    assert msg.error == "KeyError: 'blk.3.attn_q.weight'"
+    assert "Traceback" in msg.traceback and "raise KeyError" in msg.traceback
+    assert decode(encode(msg)) == msg
+
+
+def test_unknown_tag():
+    with pytest.raises(UnknownTag, match="unknown message tag 200"):
+        decode(frames_of(PROTOCOL_VERSION, 200, []))
+
+
+def test_wrong_version():
+    with pytest.raises(VersionMismatch, match=f"version 9 received, this process speaks {PROTOCOL_VERSION}"):
+        decode(frames_of(9, SeqFree.TAG, [1]))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        msgpack.packb([7, 12, 3, [[0, 1, 2, 3]]])[:-3],  # truncated
+        b"\xc1\xc1\xc1",  # never-used msgpack byte
+        msgpack.packb([7, 12, 3, []]) + b"\x01",  # trailing bytes
+        b"",
+    ],
+    ids=["truncated", "garbage", "extra-data", "empty"],
+)
+def test_bad_msgpack(body):
+    with pytest.raises(MalformedMessage, match="LoadLayer: body is not valid msgpack"):
+        decode([bytes((PROTOCOL_VERSION, LoadLayer.TAG)), body])
+
+
+def test_wrong_arity():
+    with pytest.raises(MalformedMessage, match=r"LoadLayer: body has 3 fields, expected 4 \(req, layer, slot, ranges\)"):
+        decode(frames_of(PROTOCOL_VERSION, LoadLayer.TAG, [7, 12, 3]))
+    with pytest.raises(MalformedMessage, match="body has 1 fields, expected 0"):
+        decode(frames_of(PROTOCOL_VERSION, StatsRequest.TAG, [1]))
+
+
+def test_non_list_body():
+    with pytest.raises(MalformedMessage, match="body must be a list of fields, got dict"):
+        decode(frames_of(PROTOCOL_VERSION, ReleaseSlot.TAG, {"slot": 3}))
+    with pytest.raises(MalformedMessage, match="got int"):
+        decode(frames_of(PROTOCOL_VERSION, ReleaseSlot.TAG, 3))
+
+
+@pytest.mark.parametrize(
+    "tag, body, text",
+    [
+        (ReleaseSlot.TAG, ["3"], "ReleaseSlot.slot must be int, got str"),
+        (ReleaseSlot.TAG, [True], "ReleaseSlot.slot must be int, got bool"),
+        (LoadLayer.TAG, [1, 2, 3, {}], "LoadLayer.ranges must be list, got dict"),
+        (ForwardDone.TAG, [1, 5, [], [], {}], "ForwardDone.logits_shm must be str or NoneType, got int"),
+        (Forward.TAG, [1, [0], [[1]], [0], [], "some"], "Forward.want_logits must be one of"),
+        (Shutdown.TAG, [b"bytes"], "Shutdown.reason must be str, got bytes"),
+    ],
+)
+def test_wrong_field_types(tag, body, text):
+    with pytest.raises(MalformedMessage, match=text):
+        decode(frames_of(PROTOCOL_VERSION, tag, body))
+
+
+def test_float_field_takes_int():
+    msg = decode(frames_of(PROTOCOL_VERSION, LayerStaged.TAG, [1, 2, 3, 4, 0, "r"]))
+    assert msg.read_s == 0
+
+
+def test_missing_frames_and_bad_header():
+    with pytest.raises(MalformedMessage, match="at least 2 frames"):
+        decode([b"garbage"])
+    with pytest.raises(MalformedMessage, match="header frame must be 2 bytes"):
+        decode([b"\x01\x02\x03", b"\x90"])
+
+
+def test_ext_types_refused():
+    body = msgpack.packb([msgpack.ExtType(5, b"x")])
+    with pytest.raises(MalformedMessage, match="extension type 5"):
+        decode([bytes((PROTOCOL_VERSION, SeqFree.TAG)), body])
+
+
+def test_encode_refuses_bad_messages():
+    with pytest.raises(EncodeError, match="not a registered message type: dict"):
+        encode({"slot": 1})
+    with pytest.raises(EncodeError, match="LayerDone.slot must be int, got float"):
+        encode(LayerDone(1, 2, 3.0))
+    with pytest.raises(EncodeError, match="cannot pack"):
+        encode(Ready("r", "i", 1, {"x": object()}))
+    with pytest.raises(EncodeError, match="want_logits"):
+        encode(Forward(1, [], [], [], [], "first"))
+
+
+def test_errors_share_a_base():
+    for cls in (UnknownTag, VersionMismatch, MalformedMessage, EncodeError):
+        assert issubclass(cls, ProtocolError)
+
+
+def test_counter_counts_and_rate_limits_logs(caplog):
+    counter = BadMessageCounter("test-recv", log_every_s=60.0)
+    with caplog.at_level(logging.WARNING, logger="layerstream.proto.codec"):
+        assert decode_or_none([b"junk"], counter, peer=b"reader-0") is None
+        assert decode_or_none(frames_of(PROTOCOL_VERSION, 250, []), counter) is None
+        assert decode_or_none(frames_of(3, 1, []), counter) is None
+        assert decode_or_none(encode(SeqFree(4)), counter) == SeqFree(4)
+    assert counter.total == 3
+    assert counter.by_kind == {"MalformedMessage": 1, "UnknownTag": 1, "VersionMismatch": 1}
+    assert isinstance(counter.last_error, VersionMismatch)
+    assert counter.stats()["bad_messages"] == 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1  # rate-limited: the first one only, within the interval
+    assert "test-recv: dropped bad message from b'reader-0': MalformedMessage" in lines[0]
+
+
+def test_counter_reports_suppressed_count(caplog):
+    counter = BadMessageCounter("r", log_every_s=0.0)
+    with caplog.at_level(logging.WARNING, logger="layerstream.proto.codec"):
+        counter.decode([b"a"])
+        counter.decode([b"b"])
+    assert len(caplog.records) == 2
+    assert "2 bad in total" in caplog.records[1].getMessage()
