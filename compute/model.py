@@ -1,0 +1,167 @@
+"""The transformer math: RMSNorm, RoPE, grouped-query attention over a KV ring, SwiGLU.
+
+Free of I/O, sockets and globals. A layer's weights come in as a dict of tensors, so resident
+and streamed layers run the same code. Tokens of a batch are packed: T is the total number of
+new tokens over all B sequences of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from layerstream.loader.gguf_index import HParams
+
+LayerWeights = dict[str, torch.Tensor]  # short GGUF names: "attn_q.weight", "ffn_up.weight", ...
+
+
+@dataclass
+class StepMeta:
+    """What every layer of one forward step needs to know about the batch (built once a step)."""
+
+    tok_row: torch.Tensor  # [T] KV-cache row (sequence slot) of each new token
+    tok_slot: torch.Tensor  # [T] physical KV slot each new token writes
+    q_index: torch.Tensor  # [B, S] index of each padded query into the packed tokens
+    q_valid: torch.Tensor  # [B, S] bool, False on padding
+    rows: torch.Tensor  # [B] KV-cache row of each sequence
+    kv_len: int  # slots 0..kv_len-1 of the rows are read by attention
+    cos_q: torch.Tensor  # [T, rope_dim/2]
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor  # [B, kv_len, rope_dim/2]
+    sin_k: torch.Tensor
+    mask: torch.Tensor  # [B, 1, S, kv_len] bool, True where a query may attend
+
+
+def rope_inv_freq(hp: HParams, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies [rope_dim/2] in float64; Llama 3.1 factors divide them."""
+    i = torch.arange(0, hp.rope_dim, 2, dtype=torch.float64)
+    inv = hp.rope_theta ** (-i / hp.rope_dim)
+    if freq_factors is not None:
+        inv = inv / freq_factors.to(torch.float64).cpu()
+    return inv
+
+
+def rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: torch.dtype):
+    """cos, sin of shape [*pos.shape, rope_dim/2] for integer positions."""
+    ang = (pos.to(torch.float64) / scale).unsqueeze(-1) * inv_freq.to(pos.device)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate the first rope_dim features of x [..., H, D]; cos/sin [..., rope_dim/2]."""
+    rd = cos.shape[-1] * 2
+    xr, xpass = x[..., :rd], x[..., rd:]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    if neox:  # pairs (i, i + rd/2)
+        a, b = xr[..., : rd // 2], xr[..., rd // 2 :]
+        out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    else:  # llama.cpp NORM: adjacent pairs (2i, 2i+1)
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((out, xpass), dim=-1) if xpass.shape[-1] else out
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Self-attention of the packed tokens x [T, E]; writes their K/V into the caches.
+
+    k_cache, v_cache: [rows, cap, n_head_kv, head_dim]; K is stored before RoPE so that its
+    positions can change when the ring slides (StreamingLLM keeps positions within the cache).
+    """
+    T = x.shape[0]
+    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps)
+    q = F.linear(h, w["attn_q.weight"], w.get("attn_q.bias")).view(T, H, D)
+    k = F.linear(h, w["attn_k.weight"], w.get("attn_k.bias")).view(T, Hkv, D)
+    v = F.linear(h, w["attn_v.weight"], w.get("attn_v.bias")).view(T, Hkv, D)
+    if "attn_q_norm.weight" in w:  # qwen3: per-head RMSNorm before RoPE
+        q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
+        k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
+    q = apply_rope(q, meta.cos_q, meta.sin_q, hp.rope_neox)
+    k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
+    v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
+
+    K = k_cache[meta.rows, : meta.kv_len].to(x.dtype)  # [B, L, Hkv, D]
+    V = v_cache[meta.rows, : meta.kv_len].to(x.dtype)
+    K = apply_rope(K, meta.cos_k, meta.sin_k, hp.rope_neox)
+    Q = q[meta.q_index]  # [B, S, H, D]
+    o = F.scaled_dot_product_attention(
+        Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
+        attn_mask=meta.mask, enable_gqa=(H != Hkv),
+    )  # [B, H, S, D]
+    o = o.transpose(1, 2)[meta.q_valid].reshape(T, H * D)  # back to packed order
+    return x + F.linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
+
+
+def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
+    g = F.silu(F.linear(h, w["ffn_gate.weight"])) * F.linear(h, w["ffn_up.weight"])
+    return x + F.linear(g, w["ffn_down.weight"])
+
+
+def layer_forward(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One transformer block on packed tokens x [T, E]."""
+    return ffn_block(hp, w, attention_block(hp, w, x, meta, k_cache, v_cache))
+
+
+def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor) -> torch.Tensor:
+    """Final RMSNorm and output head: x [N, E] -> logits [N, V] in float32."""
+    return F.linear(rms_norm(x, norm_w, hp.norm_eps), out_w).float()
+
+
+def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
+                    dtype: torch.dtype) -> StepMeta:
+    """Pack the step's sequences; positions come from the KV ring of each sequence."""
+    B = len(seqs)
+    S = max(len(s.slots) for s in seqs)
+    L = max(len(s.kv_pos) for s in seqs)
+    tok_row, tok_slot, tok_pos = [], [], []
+    q_index = torch.zeros(B, S, dtype=torch.long)
+    q_valid = torch.zeros(B, S, dtype=torch.bool)
+    q_pos = torch.full((B, S), -1, dtype=torch.long)
+    kv_pos = torch.full((B, L), -1, dtype=torch.long)
+    t = 0
+    for b, s in enumerate(seqs):
+        n = len(s.slots)
+        tok_row += [s.row] * n
+        tok_slot += s.slots
+        tok_pos += s.positions
+        q_index[b, :n] = torch.arange(t, t + n)
+        q_valid[b, :n] = True
+        q_pos[b, :n] = torch.tensor(s.positions)
+        kv_pos[b, : len(s.kv_pos)] = torch.tensor(s.kv_pos)
+        t += n
+    mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, L]
+    mask |= ~q_valid[:, :, None]  # padded queries see everything (finite; dropped later)
+    tok_pos_t = torch.tensor(tok_pos, dtype=torch.long)
+    cos_q, sin_q = rope_tables(inv_freq, tok_pos_t, hp.rope_scale, dtype)
+    cos_k, sin_k = rope_tables(inv_freq, kv_pos.clamp(min=0), hp.rope_scale, dtype)
+    to = lambda a: a.to(device, non_blocking=True)  # noqa: E731
+    return StepMeta(
+        tok_row=to(torch.tensor(tok_row, dtype=torch.long)),
+        tok_slot=to(torch.tensor(tok_slot, dtype=torch.long)),
+        q_index=to(q_index), q_valid=to(q_valid),
+        rows=to(torch.tensor([s.row for s in seqs], dtype=torch.long)),
+        kv_len=L,
+        cos_q=to(cos_q), sin_q=to(sin_q), cos_k=to(cos_k), sin_k=to(sin_k),
+        mask=to(mask[:, None]),
+    )
+
+
+@dataclass
+class SeqStep:
+    """One sequence's part of a step: its cache row, new tokens' slots/positions, all slots' positions."""
+
+    row: int
+    tokens: list[int]
+    slots: list[int]  # physical slot of each new token
+    positions: list[int]  # RoPE position of each new token
+    kv_pos: list[int]  # position held by each slot 0..n-1 after the writes (-1: empty)

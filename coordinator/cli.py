@@ -1,0 +1,161 @@
+"""bin/run-pipeline: generate text from a GGUF model, or measure a text's perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from layerstream.errors import LayerstreamError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run-pipeline",
+        description="Generate text from a GGUF model, streaming its layers through a small GPU budget.",
+    )
+    p.add_argument("prompt", nargs="*", help="prompt text (with --chat and no prompt: an interactive chat)")
+    p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model (default: SmolLM2-135M-Instruct)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens; 1 disables (default 1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
+    g = p.add_argument_group("prompting")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template; interactive without a prompt")
+    g.add_argument("--system", default=None, help="system message for --chat")
+    g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file instead of generating")
+    g = p.add_argument_group("engine")
+    g.add_argument("--ctx", type=int, default=None, help="KV ring capacity in tokens per sequence (default min(model's, 4096))")
+    g.add_argument("--on-context-full", choices=["error", "slide"], default="error",
+                   help="when a sequence outgrows --ctx: stop with an error, or slide a window keeping sink tokens")
+    g.add_argument("--sink-tokens", type=int, default=4, help="tokens kept at the start when sliding (default 4)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute precision (default float16 on CUDA, float32 on CPU)")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
+    g.add_argument("--single-process", action="store_true",
+                   help="run the whole model in this process (the reference engine) instead of the pipeline")
+    g.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    return p
+
+
+def _die(msg: str, code: int = 1) -> None:
+    print(f"run-pipeline: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _sampling(args):
+    from layerstream.compute.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+        max_tokens=args.max_tokens, stop=tuple(args.stop),
+    )
+
+
+def _check_args(args) -> None:
+    if args.max_tokens < 1:
+        _die(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if args.temperature < 0:
+        _die(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        _die(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.ctx is not None and args.ctx < 2:
+        _die(f"--ctx {args.ctx}: must be at least 2")
+    if args.perplexity and not os.path.isfile(args.perplexity):
+        _die(f"--perplexity {args.perplexity}: no such file")
+
+
+def open_engine(args):
+    """The engine the options ask for (single process for now; the pipeline when built)."""
+    from layerstream.coordinator.engine import Engine, EngineConfig, local_backend
+    from layerstream.loader.default_model import default_model_path
+    from layerstream.loader.gguf_index import open_model
+
+    index = open_model(args.model or default_model_path())
+    ctx = args.ctx or min(index.hparams.context_length, 4096)
+    cfg = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=1,
+        on_context_full=args.on_context_full, sink_tokens=args.sink_tokens, prefill_chunk=args.prefill_chunk,
+    )
+    backend = local_backend(index, cfg, progress=sys.stderr.isatty())
+    return Engine(index, backend, cfg)
+
+
+def _print_stream(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _interactive_chat(engine, params, system) -> None:
+    messages = [{"role": "system", "content": system}] if system else []
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = engine.tokenizer.encode(engine.chat_template.render(messages), add_special=False)
+        reply = ""
+        for piece in engine.generate(ids, params):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def run(args) -> int:
+    _check_args(args)
+    params = _sampling(args)
+    with open_engine(args) as engine:
+        if args.perplexity:
+            with open(args.perplexity, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            ppl, n = engine.perplexity(text)
+            print(f"perplexity: {ppl:.4f} over {n} tokens")
+            return 0
+        prompt = " ".join(args.prompt)
+        if args.chat and not prompt:
+            if engine.chat_template is None:
+                _die("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
+            _interactive_chat(engine, params, args.system)
+            return 0
+        if not prompt:
+            _die("no prompt given; pass the prompt text, or --chat for an interactive chat")
+        _print_stream(engine.generate(prompt, params, chat=args.chat, system=args.system))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except LayerstreamError as e:
+        _die(str(e))
+    except KeyboardInterrupt:
+        print("\nrun-pipeline: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

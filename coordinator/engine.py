@@ -1,0 +1,324 @@
+"""The generation API: tokenizer, sequences, KV rings and sampling around a step backend.
+
+The backend runs forward steps: in one process a `ModelRunner` (the reference), or the
+streaming pipeline's client, which sends the same steps to the compute process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+from layerstream.compute.model import SeqStep
+from layerstream.compute.sampling import Sampler, SamplingParams
+from layerstream.coordinator.chat import ChatTemplate
+from layerstream.coordinator.kv_ring import KVRing
+from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
+from layerstream.errors import ConfigError, ContextFullError
+from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
+
+
+class StepBackend(Protocol):
+    hparams: HParams
+    max_seqs: int
+    ctx: int
+
+    def step(self, seqs: list[SeqStep], want: str) -> torch.Tensor | None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs: device, precision, context and batch sizes, overflow policy."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str | None = None  # float32, float16, bfloat16; default by device
+    ctx: int = 4096
+    max_seqs: int = 1
+    on_context_full: str = "error"
+    sink_tokens: int = 4
+    prefill_chunk: int = 512
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    from layerstream.compute.runner import default_dtype
+
+    if name is None:
+        return default_dtype(device)
+    try:
+        dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise ConfigError(f"--dtype {name}: use float32, float16 or bfloat16") from None
+    return dt
+
+
+def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
+    """A ModelRunner with every layer resident: the single-process engine."""
+    from layerstream.compute.runner import GlobalWeights, ModelRunner, ResidentLayers, check_model_quants
+
+    check_model_quants(index)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=index.hparams.n_layer, desc="loading layers", unit="layer", leave=False)
+    try:
+        glob = GlobalWeights(index, device, dtype)
+        layers = ResidentLayers(index, device, dtype, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs)
+    runner.close = lambda: None
+    return runner
+
+
+@dataclass
+class Sequence:
+    """One sequence in flight: its cache row, ring, tokens and sampling state."""
+
+    row: int
+    ring: KVRing
+    tokens: list[int] = field(default_factory=list)  # every token fed so far
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Tokenize, run steps, sample; usable in one process or over the streaming pipeline."""
+
+    def __init__(self, index: ModelIndex, backend: StepBackend, cfg: EngineConfig):
+        self.index, self.backend, self.cfg = index, backend, cfg
+        self.hparams = index.hparams
+        self.tokenizer = Tokenizer.from_metadata(index.metadata)
+        self.chat_template = ChatTemplate.from_metadata(index.metadata, self.tokenizer)
+        self._free_rows = list(range(cfg.max_seqs))
+
+    @classmethod
+    def load(cls, model: str | None = None, progress: bool = False, **kw) -> "Engine":
+        """Open a GGUF file (the default model when None) and load it in this process."""
+        from layerstream.loader.default_model import default_model_path
+
+        cfg = EngineConfig(model=model, **kw)
+        index = open_model(model or default_model_path())
+        return cls(index, local_backend(index, cfg, progress=progress), cfg)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- sequences ---------------------------------------------------------------------------
+
+    def _new_seq(self) -> Sequence:
+        if not self._free_rows:
+            raise ConfigError(f"more than {self.cfg.max_seqs} sequences at once; raise --batch")
+        ring = KVRing(self.cfg.ctx, self.cfg.sink_tokens, self.cfg.on_context_full)
+        return Sequence(row=self._free_rows.pop(0), ring=ring)
+
+    def _free_seq(self, s: Sequence) -> None:
+        self._free_rows.insert(0, s.row)
+
+    def _feed(self, seqs: list[Sequence], chunks: list[list[int]], want: str) -> torch.Tensor | None:
+        """One backend step feeding chunks[i] to seqs[i]; each chunk must fit its ring's max_chunk."""
+        steps = []
+        for s, toks in zip(seqs, chunks):
+            slots, pos = s.ring.append(len(toks))
+            s.tokens += toks
+            steps.append(SeqStep(row=s.row, tokens=toks, slots=slots, positions=pos, kv_pos=s.ring.slot_positions()))
+        return self.backend.step(steps, want)
+
+    def _prefill(self, seqs: list[Sequence], prompts: list[list[int]], want: str = "last") -> torch.Tensor:
+        """Feed whole prompts in chunks; returns logits of the last token of each (or all positions)."""
+        pending = [list(p) for p in prompts]
+        out_all: list[list[torch.Tensor]] = [[] for _ in seqs]
+        last: list[torch.Tensor | None] = [None] * len(seqs)
+        while any(pending):
+            idx = [i for i, p in enumerate(pending) if p]
+            chunks = []
+            for i in idx:
+                s = seqs[i]
+                n = min(len(pending[i]), self.cfg.prefill_chunk, max(s.ring.max_chunk(), 1))
+                chunks.append(pending[i][:n])
+                pending[i] = pending[i][n:]
+            logits = self._feed([seqs[i] for i in idx], chunks, "all" if want == "all" else "last")
+            if want == "all":
+                off = 0
+                for i, c in zip(idx, chunks):
+                    out_all[i].append(logits[off : off + len(c)])
+                    off += len(c)
+            else:
+                for j, i in enumerate(idx):
+                    last[i] = logits[j]
+        if want == "all":
+            return [torch.cat(o) for o in out_all]
+        return torch.stack(last)
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if chat:
+            if self.chat_template is None:
+                raise ConfigError("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            return self.tokenizer.encode(self.chat_template.render(msgs), add_special=False, parse_special=True)
+        return self.tokenizer.encode(text)
+
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """Logits [T, V] (float32, CPU) of every position of a token sequence, for evaluation."""
+        if not tokens:
+            raise ValueError("logits() needs at least one token")
+        s = self._new_seq()
+        try:
+            return self._prefill([s], [tokens], want="all")[0].float().cpu()
+        finally:
+            self._free_seq(s)
+
+    def perplexity(self, text: str, window: int | None = None) -> tuple[float, int]:
+        """Perplexity of a text over non-overlapping windows (as llama-perplexity): (ppl, tokens scored)."""
+        ids = self.tokenizer.encode(text)
+        window = min(window or self.cfg.ctx, self.cfg.ctx)
+        if len(ids) < 2:
+            raise ConfigError("--perplexity: the text has fewer than 2 tokens")
+        nll, n = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
+                break
+            lg = self.logits(chunk)
+            lp = torch.log_softmax(lg[:-1].double(), dim=-1)
+            tgt = torch.tensor(chunk[1:])
+            # score only the second half of each window, as llama-perplexity does, when it is long
+            first = len(chunk) // 2 if len(chunk) >= 64 else 0
+            nll -= lp[first:].gather(1, tgt[first:, None]).sum().item()
+            n += len(chunk) - 1 - first
+        return math.exp(nll / n), n
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False,
+                 system: str | None = None) -> Iterator[str]:
+        """Stream the text of one generation, piece by piece."""
+        ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat, system=system)
+        for _, piece in self.generate_batch([ids], params, stream=True):
+            yield piece
+
+    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None,
+                       stream: bool = False, chat: bool = False):
+        """Generate for several prompts in one batch; yields (index, text piece) when streaming,
+        else returns the list of completions."""
+        it = self._generate_batch(prompts, params or SamplingParams(), chat)
+        if stream:
+            return it
+        outs = [""] * len(prompts)
+        for i, piece in it:
+            outs[i] += piece
+        return outs
+
+    def _generate_batch(self, prompts, params: SamplingParams, chat: bool) -> Iterator[tuple[int, str]]:
+        ids = [p if isinstance(p, list) else self.encode(p, chat=chat) for p in prompts]
+        if any(not p for p in ids):
+            raise ConfigError("empty prompt: give at least one token of text")
+        seqs: list[Sequence] = []
+        try:
+            for _ in ids:
+                seqs.append(self._new_seq())
+            sampler = Sampler(params, self.hparams.n_vocab)
+            decoders = [StreamDecoder(self.tokenizer) for _ in ids]
+            stops = [_StopMatcher(params.stop) for _ in ids]
+            eos = self.tokenizer.eos_ids
+            logits = self._prefill(seqs, ids)
+            while True:
+                live = [i for i, s in enumerate(seqs) if not s.done]
+                if not live:
+                    break
+                nxt = sampler.sample(logits, [seqs[i].tokens for i in live]).tolist()
+                feed_seqs, feed_toks = [], []
+                for i, tok in zip(live, nxt):
+                    s = seqs[i]
+                    if tok in eos:
+                        s.done, s.finish_reason = True, "eos"
+                    else:
+                        s.generated.append(tok)
+                        text, hit = stops[i].push(decoders[i].push(tok))
+                        if text:
+                            yield i, text
+                        if hit:
+                            s.done, s.finish_reason = True, "stop"
+                        elif len(s.generated) >= params.max_tokens:
+                            s.done, s.finish_reason = True, "length"
+                    if s.done and s.finish_reason != "stop":
+                        rest = stops[i].flush(decoders[i].flush())
+                        if rest:
+                            yield i, rest
+                    else:
+                        feed_seqs.append(s)
+                        feed_toks.append([tok])
+                if not feed_seqs:
+                    break
+                try:
+                    logits = self._feed(feed_seqs, feed_toks, "last")
+                except ContextFullError:
+                    for s in feed_seqs:
+                        s.done, s.finish_reason = True, "context_full"
+                    raise
+                # logits rows follow feed_seqs; map back onto the live order used by the sampler
+                live_now = [i for i, s in enumerate(seqs) if not s.done]
+                assert [seqs[i] for i in live_now] == feed_seqs
+            self.finish_reasons = [s.finish_reason for s in seqs]
+        finally:
+            for s in seqs:
+                self._free_seq(s)
+
+
+class _StopMatcher:
+    """Holds back text that may be the start of a stop string; reports when one is hit."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.buf += text
+        for s in self.stops:
+            k = self.buf.find(s)
+            if k >= 0:
+                out, self.buf = self.buf[:k], ""
+                return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.buf[: len(self.buf) - hold]
+        self.buf = self.buf[len(self.buf) - hold :]
+        return out, False
+
+    def flush(self, text: str = "") -> str:
+        out, self.buf = self.buf + text, ""
+        if self.stops:
+            for s in self.stops:
+                k = out.find(s)
+                if k >= 0:
+                    return out[:k]
+        return out

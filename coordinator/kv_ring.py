@@ -1,0 +1,63 @@
+"""Per-sequence KV ring bookkeeping: which physical slot each new token writes, and positions.
+
+NOTE [KV ring and positions]: the compute side stores K before RoPE and rotates the cache at
+read time with the positions given here. Without sliding, a token's position is its index in
+the sequence. With `slide`, the first `sink` tokens stay in slots 0..sink-1 and the rest form
+a ring; positions are the tokens' order within the cache (StreamingLLM), so they stay below
+the capacity however long the generation runs.
+"""
+
+from __future__ import annotations
+
+from layerstream.errors import ConfigError, ContextFullError
+
+
+class KVRing:
+    """Slot bookkeeping of one sequence's KV ring of fixed capacity."""
+
+    def __init__(self, capacity: int, sink: int = 4, mode: str = "error"):
+        if mode not in ("error", "slide"):
+            raise ConfigError(f"--on-context-full {mode!r}: use 'error' or 'slide'")
+        if mode == "slide" and not 0 <= sink < capacity - 1:
+            raise ConfigError(f"--sink-tokens {sink} must be below --ctx {capacity} minus one")
+        self.cap, self.sink, self.mode = capacity, sink if mode == "slide" else 0, mode
+        self.count = 0  # tokens held now
+        self.start = 0  # ring index (within the window part) of the oldest window token
+        self.total = 0  # tokens ever appended
+
+    @property
+    def window(self) -> int:
+        return self.cap - self.sink
+
+    def max_chunk(self) -> int:
+        """Most tokens one step may append (a chunk never evicts its own tokens)."""
+        return self.window if self.mode == "slide" else self.cap - self.count
+
+    def append(self, n: int) -> tuple[list[int], list[int]]:
+        """Reserve slots for n new tokens; returns (slots, positions) of the new tokens."""
+        if self.count + n > self.cap:
+            if self.mode == "error":
+                raise ContextFullError(
+                    f"the sequence reached the context size ({self.cap} tokens); "
+                    "raise --ctx or pass --on-context-full slide"
+                )
+            if n > self.window:
+                raise ValueError(f"chunk of {n} tokens is larger than the ring window {self.window}")
+        free = self.cap - self.count
+        m = min(n, free)
+        slots = list(range(self.count, self.count + m))
+        self.count += m
+        for _ in range(n - m):  # evict the oldest window token, reuse its slot
+            slots.append(self.sink + self.start)
+            self.start = (self.start + 1) % self.window
+        self.total += n
+        first = self.count - n
+        return slots, list(range(first, self.count))
+
+    def slot_positions(self) -> list[int]:
+        """Position held by each physical slot 0..count-1."""
+        if self.count < self.cap or self.start == 0:
+            return list(range(self.count))
+        W, s0 = self.window, self.start
+        # window slot p (ring index r = p - sink) holds logical index (r - start) mod W
+        return list(range(self.sink)) + [self.sink + (r - s0) % W for r in range(W)]
