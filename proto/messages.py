@@ -193,13 +193,10 @@ class ReleaseSlot(Message):
 
 @message(20)
 class Forward(Message):
-    """Coordinator to compute: run one forward pass; `staged` lists [layer, slot] already in staging."""
+    """Coordinator to compute: run one step; each seq is [row, tokens, slots, positions, kv_pos]."""
 
     step: int
-    seqs: list[int]
-    tokens: list[list[int]]
-    positions: list[int]
-    staged: list[StagedLayer]
+    seqs: list[list[Any]]
     want_logits: str = "last"
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"want_logits": WANT_LOGITS}
@@ -216,27 +213,21 @@ class LayerDone(Message):
 
 @message(22)
 class ForwardDone(Message):
-    """Compute to coordinator: step finished; logits in shared memory `logits_shm` (or extra frames)."""
+    """Compute to coordinator: step finished; the logits ride as one extra raw frame of `dtype`."""
 
     step: int
-    logits_shm: str | None
     shape: list[int]
-    token_ids: list[int]
+    dtype: str
     stats: dict[str, Any]
 
 
-@message(23)
-class SeqReset(Message):
-    """Coordinator to compute: clear this sequence's KV cache, keep its ring allocated."""
+@message(25)
+class LayerReady(Message):
+    """Coordinator to compute: `layer`'s bytes for `step` are staged in `slot`."""
 
-    seq: int
-
-
-@message(24)
-class SeqFree(Message):
-    """Coordinator to compute: the sequence is finished; free its KV ring."""
-
-    seq: int
+    step: int
+    layer: int
+    slot: int
 
 
 __all__ = [
@@ -260,6 +251,5 @@ __all__ = [
     "Forward",
     "LayerDone",
     "ForwardDone",
-    "SeqReset",
-    "SeqFree",
+    "LayerReady",
 ]

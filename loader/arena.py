@@ -1,0 +1,220 @@
+"""The staging arena: a POSIX shared-memory segment of equal, page-aligned slots.
+
+NOTE [ arena ownership ]
+One process (the supervisor) creates the arena and is the only one that unlinks it;
+readers and the compute process attach by name and only map it. Python's resource
+tracker (3.11, 3.12) registers every SharedMemory it opens, attached ones too, and unlinks
+them when the process exits; worse, `spawn` children share their parent's tracker, so an
+attached child that unregistered afterwards would also cancel the owner's registration.
+Attaching therefore never registers (`track=False` on 3.13+, the register call suppressed
+while opening before that). The owner stays registered, so even a SIGKILLed owner's
+segment is unlinked by the tracker; a normal exit or an exception is handled by a
+finalizer that unlinks at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import threading
+import weakref
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from typing import Iterable
+
+import numpy as np
+
+from layerstream.errors import ConfigError, PipelineError
+
+PREFIX = "layerstream-"
+PAGE = 4096
+SLOT_ROUND = 2 * 1024 * 1024  # default slot sizes are rounded up to 2 MiB (huge-page friendly)
+SHM_DIR = "/dev/shm"
+
+_attach_lock = threading.Lock()
+
+
+def slot_bytes_for(layouts: Iterable, round_to: int = SLOT_ROUND) -> int:
+    """Slot size that holds any of `layouts` (LayerLayout objects or byte counts), rounded up."""
+    biggest = max((getattr(x, "nbytes", x) for x in layouts), default=0)
+    return max(round_to, -(-biggest // round_to) * round_to)
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Bytes free in the shared-memory filesystem, or None where it cannot be asked."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _open_untracked(name: str) -> SharedMemory:
+    """Attach to an existing segment without registering it with the resource tracker."""
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, track=False)
+    with _attach_lock:
+        register = resource_tracker.register
+
+        def skip_shm(rname, rtype):
+            if rtype != "shared_memory":
+                register(rname, rtype)
+
+        resource_tracker.register = skip_shm
+        try:
+            return SharedMemory(name=name)
+        finally:
+            resource_tracker.register = register
+
+
+def _close_lazily(shm: SharedMemory) -> None:
+    """Close shm; while views of it are alive, leave the mapping to die with the last of them.
+
+    A slot view held anywhere (a caller, or an exception's traceback) would make
+    SharedMemory.close raise BufferError, now and again in its __del__. Dropping our own
+    references instead lets the mmap object unmap itself when its last export goes.
+    """
+    try:
+        shm.close()
+    except BufferError:
+        if shm._fd >= 0:
+            os.close(shm._fd)
+            shm._fd = -1
+        shm._buf = None
+        shm._mmap = None
+
+
+def _unlink_at_exit(shm: SharedMemory) -> None:
+    """Finalizer of an owner arena: unlink the segment and unmap it."""
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+    _close_lazily(shm)
+
+
+class Arena:
+    """N equal slots of one shared-memory segment; slot i spans [i*slot_bytes, (i+1)*slot_bytes)."""
+
+    def __init__(self, shm: SharedMemory, n_slots: int, slot_bytes: int, owner: bool):
+        self._shm = shm
+        self.name = shm.name.lstrip("/")
+        self.n_slots = n_slots
+        self.slot_bytes = slot_bytes
+        self.owner = owner
+        self._finalizer = weakref.finalize(self, _unlink_at_exit, shm) if owner else None
+        self._closed = False
+        base = self._base_address()
+        if base % PAGE:
+            raise PipelineError(f"arena {self.name}: segment base {base:#x} is not {PAGE}-aligned")
+
+    def _base_address(self) -> int:
+        a = np.frombuffer(self._shm.buf, dtype=np.uint8, count=1)
+        addr = a.ctypes.data
+        del a
+        return addr
+
+    @classmethod
+    def create(cls, n_slots: int, slot_bytes: int, name: str | None = None) -> "Arena":
+        """Create a new segment (this process owns it and unlinks it); slot_bytes rounds up to 4096."""
+        if n_slots < 1 or slot_bytes < 1:
+            raise ConfigError(f"arena needs at least one slot of at least one byte (got {n_slots} x {slot_bytes})")
+        slot_bytes = -(-slot_bytes // PAGE) * PAGE
+        need = n_slots * slot_bytes
+        free = shm_free_bytes()
+        if free is not None and need > free:
+            raise ConfigError(
+                f"staging arena needs {_gib(need)} ({n_slots} slots of {_gib(slot_bytes)}) but {SHM_DIR} has "
+                f"{_gib(free)} free; lower the host-cache size or the number of slots, or enlarge {SHM_DIR} "
+                f"(e.g. docker --shm-size, or mount -o remount,size=... {SHM_DIR})"
+            )
+        name = name or f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            shm = SharedMemory(name=name, create=True, size=need)
+        except FileExistsError:
+            raise ConfigError(f"shared-memory segment {name} already exists; pick another name") from None
+        except OSError as e:
+            raise ConfigError(f"cannot create a {_gib(need)} shared-memory segment {name}: {e}") from None
+        return cls(shm, n_slots, slot_bytes, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, n_slots: int, slot_bytes: int) -> "Arena":
+        """Map an existing segment made by Arena.create (never unlinks it)."""
+        try:
+            shm = _open_untracked(name)
+        except FileNotFoundError:
+            raise PipelineError(f"shared-memory arena {name} does not exist (did its owner exit?)") from None
+        if shm.size < n_slots * slot_bytes:
+            shm.close()
+            raise PipelineError(f"arena {name} has {shm.size} bytes, fewer than {n_slots} slots of {slot_bytes}")
+        return cls(shm, n_slots, slot_bytes, owner=False)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Arena":
+        return cls.attach(d["name"], d["n_slots"], d["slot_bytes"])
+
+    def describe(self) -> dict:
+        """What another process needs to attach: {'name', 'n_slots', 'slot_bytes'}."""
+        return {"name": self.name, "n_slots": self.n_slots, "slot_bytes": self.slot_bytes}
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    def _check(self, i: int) -> None:
+        if self._closed:
+            raise PipelineError(f"arena {self.name} is closed")
+        if not 0 <= i < self.n_slots:
+            raise IndexError(f"slot {i} out of range 0..{self.n_slots - 1}")
+
+    def slot_view(self, i: int) -> memoryview:
+        """Writable view of slot i (release it, or let it go, before close())."""
+        self._check(i)
+        return self._shm.buf[i * self.slot_bytes : (i + 1) * self.slot_bytes]
+
+    def slot_array(self, i: int) -> np.ndarray:
+        """Slot i as a writable uint8 array (no copy)."""
+        self._check(i)
+        return np.frombuffer(self._shm.buf, dtype=np.uint8, count=self.slot_bytes, offset=i * self.slot_bytes)
+
+    def slot_address(self, i: int) -> int:
+        """Virtual address of slot i in this process (for cudaHostRegister and alignment checks)."""
+        self._check(i)
+        return self._base_address() + i * self.slot_bytes
+
+    def close(self) -> None:
+        """Unmap the segment in this process (at once, or when the last slot view or array dies)."""
+        if self._closed:
+            return
+        self._closed = True
+        _close_lazily(self._shm)
+
+    def unlink(self) -> None:
+        """Remove the segment's name (owner only); mappings stay valid until closed."""
+        if not self.owner:
+            raise PipelineError(f"arena {self.name} is attached, not owned: only its creator unlinks it")
+        if self._finalizer is not None and self._finalizer.alive:
+            self._finalizer.detach()
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "Arena":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.close()
+        finally:
+            if self.owner:
+                self.unlink()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.owner else "attached"
+        return f"Arena({self.name!r}, {self.n_slots} x {self.slot_bytes} bytes, {role})"

@@ -1,0 +1,141 @@
+"""Arena: create, attach from other processes, unlink, and the /dev/shm space check."""
+
+import glob
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from layerstream.errors import ConfigError, PipelineError
+from layerstream.loader import arena as arena_mod
+from layerstream.loader.arena import Arena, slot_bytes_for
+
+pytestmark = pytest.mark.timeout(60)
+
+# Runs in a spawn child through exec (a test module is not importable by name there).
+CHILD = """
+from layerstream.loader.arena import Arena
+a = Arena.attach(desc["name"], desc["n_slots"], desc["slot_bytes"])
+arr = a.slot_array(1)
+arr[:] = 7
+arr[:16] = range(16)
+del arr
+a.close()
+"""
+
+
+def _shm_path(name: str) -> str:
+    return os.path.join("/dev/shm", name)
+
+
+def test_create_slots_aligned_and_views():
+    with Arena.create(3, 5000) as a:
+        assert a.slot_bytes == 8192 and a.nbytes == 3 * 8192
+        assert a.name.startswith("layerstream-") and os.path.exists(_shm_path(a.name))
+        assert all(a.slot_address(i) % 4096 == 0 for i in range(3))
+        v = a.slot_view(2)
+        assert len(v) == 8192 and not v.readonly
+        v[:3] = b"abc"
+        arr = a.slot_array(2)
+        assert bytes(arr[:3]) == b"abc" and arr.flags.writeable
+        with pytest.raises(IndexError):
+            a.slot_view(3)
+        del arr
+        v.release()
+        assert a.describe() == {"name": a.name, "n_slots": 3, "slot_bytes": 8192}
+    assert not os.path.exists(_shm_path(a.name))
+
+
+def test_spawn_child_attaches_writes_and_does_not_unlink():
+    a = Arena.create(2, 4096)
+    try:
+        ctx = mp.get_context("spawn")
+        p = ctx.Process(target=exec, args=(CHILD, {"desc": a.describe()}))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        arr = a.slot_array(1)
+        assert list(arr[:16]) == list(range(16)) and np.all(arr[16:] == 7)
+        assert np.all(a.slot_array(0) == 0)
+        del arr
+        assert os.path.exists(_shm_path(a.name)), "the attaching child's exit unlinked the segment"
+    finally:
+        a.close()
+        a.unlink()
+    assert not os.path.exists(_shm_path(a.name))
+    assert glob.glob(f"/dev/shm/layerstream-{os.getpid()}-*") == []
+
+
+def test_independent_process_attach_neither_unlinks_nor_warns():
+    """A process with its own resource tracker (not a multiprocessing child) attaches and exits."""
+    with Arena.create(2, 4096) as a:
+        code = "desc = " + repr(a.describe()) + "\n" + CHILD
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert "leaked" not in r.stderr and "Warning" not in r.stderr, r.stderr
+        assert os.path.exists(_shm_path(a.name))
+        assert a.slot_array(1)[20] == 7
+    assert not os.path.exists(_shm_path(a.name))
+
+
+@pytest.mark.parametrize("ending", ["pass", "raise RuntimeError('boom')"])
+def test_owner_exit_without_unlink_still_unlinks(ending):
+    code = textwrap.dedent(f"""
+        from layerstream.loader.arena import Arena
+        a = Arena.create(1, 4096)
+        print(a.name, flush=True)
+        {ending}
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    name = r.stdout.split()[0]
+    assert name.startswith("layerstream-")
+    assert not os.path.exists(_shm_path(name))
+    assert "leaked" not in r.stderr
+
+
+def test_attach_missing_and_attached_cannot_unlink():
+    with pytest.raises(PipelineError, match="does not exist"):
+        Arena.attach("layerstream-no-such-arena", 1, 4096)
+    with Arena.create(1, 4096) as a:
+        b = Arena.attach(a.name, 1, 4096)
+        with pytest.raises(PipelineError, match="only its creator"):
+            b.unlink()
+        with pytest.raises(PipelineError, match="fewer than"):
+            Arena.attach(a.name, 2, 4096)
+        b.close()
+
+
+def test_close_with_live_views_unmaps_when_they_die():
+    a = Arena.create(2, 4096)
+    arr, view = a.slot_array(0), a.slot_view(1)
+    a.close()  # neither raises nor unmaps under the live array
+    arr[:] = 3
+    view[0] = 4
+    with pytest.raises(PipelineError, match="closed"):
+        a.slot_view(0)
+    a.unlink()
+    assert not os.path.exists(_shm_path(a.name))
+    assert arr.sum() == 3 * 4096
+    del arr, view
+
+
+def test_dev_shm_space_check(monkeypatch):
+    class Vfs:
+        f_bavail, f_frsize = 1024, 4096  # 4 MiB free
+
+    monkeypatch.setattr(arena_mod.os, "statvfs", lambda path: Vfs())
+    with pytest.raises(ConfigError) as e:
+        Arena.create(4, 2 * 2**20)
+    msg = str(e.value)
+    assert "needs 8.0 MiB" in msg and "4.0 MiB free" in msg and "/dev/shm" in msg
+    assert glob.glob(f"/dev/shm/layerstream-{os.getpid()}-*") == []
+    Arena.create(1, 4096).__exit__(None, None, None)  # fits
+
+
+def test_slot_bytes_for():
+    assert slot_bytes_for([4096, 3 * 2**20 + 1]) == 4 * 2**20
+    assert slot_bytes_for([]) == 2 * 2**20
