@@ -93,7 +93,7 @@ class ModelIndex:
         """A read-only uint8 view of one tensor's bytes (memory-mapped, no copy)."""
         m = self._maps.get(t.file)
         if m is None:
-            m = self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="r")
+            m = self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="c")
         return m[t.offset : t.offset + t.nbytes]
 
 
@@ -122,7 +122,7 @@ def _open_reader(path: str):
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError, IndexError, struct errors on damage
         raise ModelError(
-            f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e}); re-download or re-convert the file"
+            f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e}); re-download or re-convert the file"
         ) from None
 
 
@@ -131,6 +131,8 @@ def split_files(path: str) -> list[str]:
     m = _SPLIT_RE.match(path)
     if not m:
         return [path]
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
     count = int(m["count"])
     files = [f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
     missing = [f for f in files if not os.path.isfile(f)]

@@ -1,0 +1,372 @@
+"""Tiny synthetic GGUF models for tests, written with gguf.GGUFWriter (llama, qwen2, qwen3)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+ARCHS = ("llama", "qwen2", "qwen3")
+SPLIT_NAME = "{prefix}-{no:05d}-of-{count:05d}.gguf"  # llama.cpp's gguf-split naming
+
+# Byte offsets of the fp16 fields in one block of each quant type, as (scale fields, min fields).
+# Raw random blocks get these overwritten so dequantized weights have a chosen magnitude.
+_F16_FIELDS: dict[QT, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    QT.Q4_0: ((0,), ()),
+    QT.Q4_1: ((0,), (2,)),
+    QT.Q5_0: ((0,), ()),
+    QT.Q5_1: ((0,), (2,)),
+    QT.Q8_0: ((0,), ()),
+    QT.Q2_K: ((80,), (82,)),  # scales[16] qs[64] d dmin
+    QT.Q3_K: ((108,), ()),  # hmask[32] qs[64] scales[12] d
+    QT.Q4_K: ((0,), (2,)),  # d dmin scales[12] qs[128]
+    QT.Q5_K: ((0,), (2,)),  # d dmin scales[12] qh[32] qs[128]
+    QT.Q6_K: ((208,), ()),  # ql[128] qh[64] scales[16] d
+    QT.IQ2_XXS: ((0,), ()),  # d qs[64]
+    QT.IQ4_NL: ((0,), ()),
+}
+
+_BPE_TEXT = (
+    "the quick brown fox jumps over the lazy dog and then the dog sleeps in the sun "
+    "there is nothing in the world that the other one knows better than this one thing "
+    "hello world hello there in the beginning was the word and the word was with them"
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _bpe_merges(n: int) -> list[tuple[str, str]]:
+    """Up to n merges learned by plain BPE on a fixed English text (GPT-2 style 'Ġ' spaces)."""
+    b2u = bytes_to_unicode()
+    words = Counter(tuple(b2u[b] for b in (" " + w).encode()) for w in _BPE_TEXT.split())
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n:
+        pairs: Counter = Counter()
+        for w, c in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[(a, b)] += c
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        new_words: Counter = Counter()
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new_words[tuple(out)] += c
+        words = new_words
+    return merges
+
+
+def tokenizer_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str], int, int]:
+    """(tokens, token types, merges, bos id, eos id) of a byte-level GPT-2 style vocab of n_vocab tokens.
+
+    Tokens: the byte alphabet (GPT-2's bytes_to_unicode, by byte value), merges learned on a
+    fixed text, <|unused_k|> fillers, and the control tokens <|bos|>, <|endoftext|> (eos) last. GGUF
+    cannot hold an empty merges array (and llama.cpp requires the key), so there is always
+    one merge at least; when n_vocab < 259 the top bytes 0xFF, 0xFE, ... (never found in
+    UTF-8 text) give up their slots to the merge and the two control tokens.
+    """
+    if n_vocab < 256:
+        raise ValueError(f"n_vocab={n_vocab}: a byte-level vocab needs at least 256 tokens")
+    n_bytes = min(256, n_vocab - 3)
+    b2u = bytes_to_unicode()
+    tokens = [b2u[b] for b in range(n_bytes)]
+    types = [int(gguf.TokenType.NORMAL)] * n_bytes
+    merges = _bpe_merges(n_vocab - n_bytes - 2)
+    assert merges, "the fixed BPE text always yields merges"
+    for a, b in merges:
+        tokens.append(a + b)
+        types.append(int(gguf.TokenType.NORMAL))
+    k = 0
+    while len(tokens) < n_vocab - 2:
+        tokens.append(f"<|unused_{k}|>")
+        types.append(int(gguf.TokenType.UNUSED))
+        k += 1
+    tokens += ["<|bos|>", "<|endoftext|>"]
+    types += [int(gguf.TokenType.CONTROL)] * 2
+    return tokens, types, [f"{a} {b}" for a, b in merges], n_vocab - 2, n_vocab - 1
+
+
+def _qtype(q) -> QT:
+    return q if isinstance(q, QT) else QT[str(q)]
+
+
+def random_quant_blocks(rng: np.random.Generator, shape: tuple[int, int], qtype, std: float) -> np.ndarray:
+    """Random raw blocks of `qtype` for a [rows, cols] matrix; dequantized std ~ `std`, mean ~ 0."""
+    qtype = _qtype(qtype)
+    if qtype not in _F16_FIELDS:
+        raise ValueError(f"no raw block layout known for {qtype.name}")
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    if cols % block:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {block} values, got {cols}")
+    n_blocks = rows * cols // block
+    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    scale_offs, min_offs = _F16_FIELDS[qtype]
+
+    def put(d: np.ndarray, m: np.ndarray) -> np.ndarray:
+        for off in scale_offs:
+            raw[:, off : off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        for off in min_offs:
+            raw[:, off : off + 2] = m.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return dequantize(raw, qtype).reshape(n_blocks, block).astype(np.float64)
+
+    ones, zeros = np.ones(n_blocks), np.zeros(n_blocks)
+    a = put(ones, zeros)  # the scale part, per block linear in d
+    b = put(zeros, ones) if min_offs else np.zeros_like(a)  # the min part, linear in the min field
+    r = -a.mean() / b.mean() if min_offs and abs(b.mean()) > 1e-12 else 0.0  # centre the weights
+    u = rng.uniform(0.5, 1.5, size=n_blocks)  # per-block scale variety
+    y = u[:, None] * (a + r * b)
+    s = std / max(float(y.std()), 1e-12)
+    put(s * u, s * r * u)
+    return raw.reshape(rows, cols // block * type_size)
+
+
+def _matrix(rng: np.random.Generator, shape: tuple[int, int], qtype: QT, std: float) -> tuple[np.ndarray, QT]:
+    """A [rows, cols] weight matrix stored as `qtype`: (array to write, type)."""
+    if qtype in (QT.F32, QT.F16):
+        return quantize(rng.normal(0.0, std, size=shape).astype(np.float32), qtype), qtype
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[1] % block:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {block} values, got shape {shape}")
+    try:
+        return quantize(rng.normal(0.0, std, size=shape).astype(np.float32), qtype), qtype
+    except NotImplementedError:
+        return random_quant_blocks(rng, shape, qtype, std), qtype
+
+
+def _type_picker(qtype):
+    """name -> type for the model's matrices, from a type, a per-tensor mapping or a cycling list."""
+    if isinstance(qtype, Mapping):
+        default = _qtype(qtype.get("*", "Q8_0"))
+
+        def pick(name: str) -> QT:
+            short = re.sub(r"^blk\.\d+\.", "", name)
+            return _qtype(qtype.get(name, qtype.get(short, default)))
+
+        return pick
+    if isinstance(qtype, Sequence) and not isinstance(qtype, str):
+        cycle = itertools.cycle([_qtype(q) for q in qtype])
+        return lambda name: next(cycle)
+    t = _qtype(qtype)
+    return lambda name: t
+
+
+def write_model(
+    path: str | os.PathLike,
+    arch: str = "llama",
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    head_dim: int | None = None,
+    n_ff: int = 128,
+    n_vocab: int = 256,
+    qtype="Q8_0",
+    tied: bool = False,
+    rope_freqs: bool = False,
+    seed: int = 0,
+    rope_theta: float = 10000.0,
+    norm_eps: float = 1e-5,
+    context_length: int = 256,
+    arch_name: str | None = None,
+    omit: Sequence[str] = (),
+) -> str:
+    """Write a tiny random model of `arch` and return its path.
+
+    qtype: one type name for every matrix, a mapping (full name, short name like
+    "attn_q.weight", or "*" for the rest; default Q8_0), or a list cycling over the matrices.
+    head_dim: None means n_embd // n_head, except qwen3 where it is twice that (so that
+    head_dim != n_embd / n_head). arch_name writes another architecture name over the same
+    tensors (bad-input tests); omit leaves out the named tensors.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r}: ggufgen writes {ARCHS}")
+    path = os.fspath(path)
+    if head_dim is None:
+        head_dim = n_embd // n_head * (2 if arch == "qwen3" else 1)
+    name = arch_name or arch
+    rng = np.random.default_rng(seed)
+    pick = _type_picker(qtype)
+
+    w = gguf.GGUFWriter(path, name)
+    w.add_name(f"ggufgen-{arch}")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(context_length)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(norm_eps)
+    w.add_rope_freq_base(rope_theta)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(n_vocab)
+    if arch == "qwen3" or head_dim != n_embd // n_head:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    tokens, types, merges, bos, eos = tokenizer_vocab(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+
+    def add(name: str, arr: np.ndarray, qt: QT) -> None:
+        if name not in omit:
+            w.add_tensor(name, arr, raw_dtype=qt)
+
+    def mat(name: str, rows: int, cols: int, gain: float = 0.7) -> None:
+        arr, qt = _matrix(rng, (rows, cols), pick(name), gain / np.sqrt(cols))
+        add(name, arr, qt)
+
+    def vec(name: str, n: int, mean: float = 1.0, std: float = 0.1) -> None:
+        add(name, (mean + std * rng.standard_normal(n)).astype(np.float32), QT.F32)
+
+    mat("token_embd.weight", n_vocab, n_embd, gain=2.0)
+    if rope_freqs:
+        # own stream, so a model with and without factors has the same weights
+        factors = np.sort(np.random.default_rng([seed, 1]).uniform(1.0, 8.0, size=head_dim // 2))
+        factors = factors.astype(np.float32)
+        add("rope_freqs.weight", factors, QT.F32)
+    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        vec(p + "attn_norm.weight", n_embd)
+        mat(p + "attn_q.weight", q_dim, n_embd)
+        mat(p + "attn_k.weight", kv_dim, n_embd)
+        mat(p + "attn_v.weight", kv_dim, n_embd)
+        if arch == "qwen2":
+            vec(p + "attn_q.bias", q_dim, 0.0, 0.1)
+            vec(p + "attn_k.bias", kv_dim, 0.0, 0.1)
+            vec(p + "attn_v.bias", kv_dim, 0.0, 0.1)
+        if arch == "qwen3":
+            vec(p + "attn_q_norm.weight", head_dim)
+            vec(p + "attn_k_norm.weight", head_dim)
+        mat(p + "attn_output.weight", n_embd, q_dim)
+        vec(p + "ffn_norm.weight", n_embd)
+        mat(p + "ffn_gate.weight", n_ff, n_embd)
+        mat(p + "ffn_up.weight", n_ff, n_embd)
+        mat(p + "ffn_down.weight", n_embd, n_ff)
+    vec("output_norm.weight", n_embd)
+    if not tied:
+        mat("output.weight", n_vocab, n_embd, gain=2.0)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _copy_kv(w: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: tuple[str, ...] = ()) -> None:
+    """Copy every metadata field of `reader` into `w` with its original value types."""
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, list(f.contents()), vtype, sub_type=f.types[1] if len(f.types) > 1 else None)
+        else:
+            w.add_key_value(key, f.contents(), vtype)
+
+
+def split_model(path: str | os.PathLike, n_parts: int) -> list[str]:
+    """Rewrite `path` as a gguf-split set next to it; returns the part paths in order.
+
+    Layout as llama.cpp's gguf-split writes it: "<stem>-0000K-of-0000N.gguf"; every part
+    carries split.no (u16, 0-based), split.count (u16) and split.tensors.count (i32, all
+    parts together); part 1 also carries all of the model's metadata, the others nothing
+    else; the tensors keep their order and are spread evenly over the parts.
+    """
+    path = os.fspath(path)
+    reader = gguf.GGUFReader(path)
+    tensors = list(reader.tensors)
+    if not 1 <= n_parts <= len(tensors):
+        raise ValueError(f"cannot split {len(tensors)} tensors into {n_parts} parts")
+    stem = path[: -len(".gguf")] if path.endswith(".gguf") else path
+    arch = str(reader.fields["general.architecture"].contents())
+    bounds = np.linspace(0, len(tensors), n_parts + 1).round().astype(int)
+    out = []
+    for k in range(n_parts):
+        part = SPLIT_NAME.format(prefix=stem, no=k + 1, count=n_parts)
+        w = gguf.GGUFWriter(part, arch)
+        if k == 0:
+            _copy_kv(w, reader, skip=("general.architecture",))
+        else:
+            w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # gguf-split: metadata in part 1 only
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, k)
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, n_parts)
+        w.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(tensors))
+        for t in tensors[bounds[k] : bounds[k + 1]]:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        out.append(part)
+    return out
+
+
+def truncate(path: str | os.PathLike, nbytes: int) -> str:
+    """Cut the file to its first `nbytes` bytes (negative: drop that many from the end)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    os.truncate(path, nbytes if nbytes >= 0 else size + nbytes)
+    return path
+
+
+def corrupt_magic(path: str | os.PathLike) -> str:
+    """Overwrite the 4-byte GGUF magic."""
+    path = os.fspath(path)
+    with open(path, "r+b") as fh:
+        fh.write(b"GGML")
+    return path
+
+
+def write_unknown_arch(path: str | os.PathLike, arch: str = "mamba", **kw) -> str:
+    """A llama-shaped model whose general.architecture is `arch`."""
+    return write_model(path, arch_name=arch, **kw)
+
+
+def write_unsupported_quant(
+    path: str | os.PathLike, qtype: str = "IQ2_XXS", tensor: str = "blk.0.attn_q.weight", **kw
+) -> str:
+    """A model whose `tensor` is declared `qtype` (raw random blocks of the right size)."""
+    kw.setdefault("n_embd", 256)  # IQ and K types need rows of 256 values
+    kw.setdefault("n_ff", 256)
+    base = kw.pop("qtype", "Q8_0")
+    return write_model(path, qtype={"*": base, tensor: qtype}, **kw)
+
+
+def write_missing_tensor(path: str | os.PathLike, tensor: str = "blk.1.ffn_up.weight", **kw) -> str:
+    """A model without `tensor`."""
+    return write_model(path, omit=(tensor,), **kw)

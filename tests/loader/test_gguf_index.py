@@ -1,0 +1,269 @@
+"""open_model on synthetic GGUFs: hparams, byte ranges, split sets, bad input; reference forward sanity."""
+
+import os
+
+import gguf
+import ggufgen
+import numpy as np
+import pytest
+import reference
+
+from layerstream.errors import ModelError
+from layerstream.loader.gguf_index import open_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "llama": ggufgen.write_model(d / "llama.gguf", arch="llama", rope_freqs=True),
+        "llama_tied": ggufgen.write_model(d / "llama_tied.gguf", arch="llama", tied=True, seed=1),
+        "qwen2": ggufgen.write_model(d / "qwen2.gguf", arch="qwen2", n_head_kv=4, seed=2),
+        "qwen3": ggufgen.write_model(d / "qwen3.gguf", arch="qwen3", n_layer=3, seed=3),
+        "kquant": ggufgen.write_model(
+            d / "kquant.gguf", n_embd=256, n_ff=256, n_vocab=300, qtype=["Q4_K", "Q6_K", "Q2_K", "Q5_K", "Q3_K", "Q8_0"]
+        ),
+    }
+
+
+def test_hparams_llama(models):
+    hp = open_model(models["llama"]).hparams
+    assert (hp.arch, hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv) == ("llama", 2, 64, 4, 2)
+    assert (hp.head_dim, hp.n_ff, hp.n_vocab, hp.rope_dim) == (16, 128, 256, 16)
+    assert hp.rope_neox is False and hp.rope_theta == 10000.0 and hp.context_length == 256
+    assert hp.norm_eps == pytest.approx(1e-5)
+    assert hp.has_rope_freqs and not hp.tied_output
+
+
+def test_hparams_qwen2(models):
+    m = open_model(models["qwen2"])
+    hp = m.hparams
+    assert (hp.arch, hp.n_head, hp.n_head_kv, hp.head_dim, hp.rope_neox) == ("qwen2", 4, 4, 16, True)
+    assert m.layers[0]["attn_q.bias"].shape == (64,)
+    assert m.layers[1]["attn_k.bias"].shape == (64,)
+
+
+def test_hparams_qwen3_head_dim_from_key_length(models):
+    m = open_model(models["qwen3"])
+    hp = m.hparams
+    assert (hp.arch, hp.n_layer, hp.head_dim, hp.rope_dim, hp.rope_neox) == ("qwen3", 3, 32, 32, True)
+    assert hp.head_dim != hp.n_embd // hp.n_head
+    assert m.layers[2]["attn_q_norm.weight"].shape == (32,)
+    assert m.layers[0]["attn_q.weight"].shape == (4 * 32, 64)
+    assert m.layers[0]["attn_output.weight"].shape == (64, 4 * 32)
+
+
+def test_tied_and_rope_freqs_detection(models):
+    tied = open_model(models["llama_tied"]).hparams
+    assert tied.tied_output and not tied.has_rope_freqs
+    m = open_model(models["llama"])
+    assert "output.weight" in m.globals and m.globals["rope_freqs.weight"].shape == (8,)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "kquant"])
+def test_byte_ranges_match_gguf_reader(models, name):
+    path = models[name]
+    m = open_model(path)
+    r = gguf.GGUFReader(path)
+    infos = {**m.globals, **{f"blk.{i}.{k}": t for i, layer in enumerate(m.layers) for k, t in layer.items()}}
+    assert sorted(infos) == sorted(t.name for t in r.tensors)
+    raw = np.fromfile(path, dtype=np.uint8)
+    for t in r.tensors:
+        info = infos[t.name]
+        assert info.qtype == int(t.tensor_type) and info.file == path
+        assert info.shape == tuple(reversed([int(d) for d in t.shape]))
+        want = np.asarray(t.data).view(np.uint8).reshape(-1)
+        assert info.nbytes == want.size
+        assert np.array_equal(raw[info.offset : info.offset + info.nbytes], want), t.name
+        assert np.array_equal(m.tensor_bytes(info), want)
+    assert m.total_nbytes() == sum(int(t.n_bytes) for t in r.tensors)
+
+
+def test_split_model_reads_as_one(models, tmp_path):
+    src = ggufgen.write_model(tmp_path / "m.gguf", arch="qwen2", seed=5)
+    parts = ggufgen.split_model(src, 3)
+    assert [os.path.basename(p) for p in parts] == [f"m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    whole = open_model(src)
+    for first in (parts[0], parts[2]):  # any part names the set
+        m = open_model(first)
+        assert m.files == parts and m.hparams == whole.hparams
+        assert m.metadata["split.count"] == 3
+        names = lambda x: {t.name for t in x.globals.values()} | {  # noqa: E731
+            t.name for layer in x.layers for t in layer.values()
+        }
+        assert names(m) == names(whole)
+    m = open_model(parts[0])
+    per_file = {p: 0 for p in parts}
+    for layer_w, layer_s in zip(whole.layers, m.layers):
+        for k, t in layer_s.items():
+            per_file[t.file] += 1
+            assert np.array_equal(m.tensor_bytes(t), whole.tensor_bytes(layer_w[k]))
+    for k, t in m.globals.items():
+        per_file[t.file] += 1
+        assert np.array_equal(m.tensor_bytes(t), whole.tensor_bytes(whole.globals[k]))
+    assert all(n > 0 for n in per_file.values())
+    for p in parts:  # offsets are each part's own GGUFReader offsets
+        for t in gguf.GGUFReader(p).tensors:
+            info = m.globals.get(t.name) or m.layers[int(t.name.split(".")[1])][t.name.split(".", 2)[2]]
+            assert (info.file, info.offset, info.nbytes) == (p, int(t.data_offset), int(t.n_bytes))
+    want = reference.reference_logits(src, [1, 2, 3])
+    np.testing.assert_allclose(reference.reference_logits(parts[0], [1, 2, 3]), want)
+
+
+def test_split_missing_part(tmp_path):
+    parts = ggufgen.split_model(ggufgen.write_model(tmp_path / "m.gguf"), 3)
+    os.remove(parts[1])
+    with pytest.raises(ModelError, match="00002-of-00003"):
+        open_model(parts[0])
+
+
+def test_split_tensor_count_mismatch(tmp_path):
+    parts = ggufgen.split_model(ggufgen.write_model(tmp_path / "m.gguf"), 2)
+    # replace part 2 with a part holding fewer tensors
+    other = ggufgen.split_model(ggufgen.write_model(tmp_path / "o.gguf", n_layer=1), 2)
+    os.replace(other[1], parts[1])
+    with pytest.raises(ModelError, match="tensors"):
+        open_model(parts[0])
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("keep", [100, 2000, -1])
+def test_truncated_file(tmp_path, keep):
+    path = ggufgen.truncate(ggufgen.write_model(tmp_path / "t.gguf"), keep)
+    with pytest.raises(ModelError) as e:
+        open_model(path)
+    assert path in one_line(e)
+
+
+def test_wrong_magic(tmp_path):
+    path = ggufgen.corrupt_magic(ggufgen.write_model(tmp_path / "bad.gguf"))
+    with pytest.raises(ModelError, match="not a GGUF file") as e:
+        open_model(path)
+    assert path in one_line(e)
+
+
+def test_no_such_file(tmp_path):
+    with pytest.raises(ModelError, match="no such model file"):
+        open_model(tmp_path / "absent.gguf")
+
+
+def test_unknown_architecture(tmp_path):
+    path = ggufgen.write_unknown_arch(tmp_path / "mamba.gguf", arch="mamba")
+    with pytest.raises(ModelError, match="'mamba'") as e:
+        open_model(path)
+    one_line(e)
+
+
+def test_missing_tensor(tmp_path):
+    path = ggufgen.write_missing_tensor(tmp_path / "miss.gguf", tensor="blk.1.ffn_up.weight")
+    with pytest.raises(ModelError, match=r"blk\.1\.ffn_up\.weight") as e:
+        open_model(path)
+    one_line(e)
+
+
+def test_missing_global_tensor(tmp_path):
+    path = ggufgen.write_missing_tensor(tmp_path / "miss.gguf", tensor="output_norm.weight")
+    with pytest.raises(ModelError, match="output_norm.weight"):
+        open_model(path)
+
+
+def test_unsupported_quant_is_indexed(tmp_path):
+    # the index only records byte ranges; refusing IQ2_XXS is dequantization's job
+    path = ggufgen.write_unsupported_quant(tmp_path / "iq.gguf")
+    t = open_model(path).layers[0]["attn_q.weight"]
+    assert t.qtype == int(gguf.GGMLQuantizationType.IQ2_XXS)
+    assert t.nbytes == 256 * 256 // 256 * 66
+
+
+# --- the synthetic models and the reference forward ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "kquant", "llama_tied"])
+def test_reference_finite_and_spread(models, name):
+    logits = reference.reference_logits(models[name], [1, 50, 100, 7, 200])
+    assert logits.shape == (5, open_model(models[name]).hparams.n_vocab)
+    assert np.isfinite(logits).all()
+    assert (logits.std(axis=-1) > 0.3).all()  # not all tied
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0] > 1e-6).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_reference_is_causal(models, name):
+    a = reference.reference_logits(models[name], [5, 6, 7, 8, 9, 10])
+    b = reference.reference_logits(models[name], [5, 6, 7, 200, 201, 202])
+    np.testing.assert_allclose(a[:3], b[:3], rtol=1e-12, atol=1e-12)
+    assert not np.allclose(a[3:], b[3:])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_reference_position_matters(models, name):
+    # without RoPE attention is blind to the order of the context: [a, b, a] and [b, a, a]
+    # would give the same last-position logits
+    a = reference.reference_logits(models[name], [3, 40, 3])
+    b = reference.reference_logits(models[name], [40, 3, 3])
+    assert not np.allclose(a[2], b[2])
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_reference_rope_is_relative(neox):
+    cfg = reference.RefConfig("x", 1, 64, 4, 4, 16, 16, 10000.0, 1.0, 1e-5, neox)
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((1, 1, 16)), rng.standard_normal((1, 1, 16))
+    factors = rng.uniform(1, 4, 8)
+    dot = lambda m, n: float(  # noqa: E731
+        (reference.rope(q, np.array([m]), cfg, factors) * reference.rope(k, np.array([n]), cfg, factors)).sum()
+    )
+    assert dot(5, 2) == pytest.approx(dot(13, 10)) and dot(0, 0) == pytest.approx(float((q * k).sum()))
+    assert dot(5, 2) != pytest.approx(dot(5, 3))
+
+
+def test_reference_rope_freqs_change_logits(tmp_path):
+    a = ggufgen.write_model(tmp_path / "a.gguf", rope_freqs=False, seed=4)
+    b = ggufgen.write_model(tmp_path / "b.gguf", rope_freqs=True, seed=4)
+    toks = [1, 2, 3, 4, 5, 6, 7, 8]
+    la, lb = reference.reference_logits(a, toks), reference.reference_logits(b, toks)
+    np.testing.assert_allclose(la[0], lb[0], rtol=1e-12)  # position 0: no rotation
+    assert not np.allclose(la[1:], lb[1:])
+
+
+def test_reference_tied_uses_token_embd(models):
+    md, w = reference.load(models["llama_tied"])
+    assert "output.weight" not in w
+    logits = reference.forward(md, w, [1, 2])
+    w["output.weight"] = w["token_embd.weight"]
+    np.testing.assert_array_equal(reference.forward(md, w, [1, 2]), logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch,kw", [("llama", {}), ("llama", {"tied": True}), ("qwen2", {}), ("qwen3", {"n_head_kv": 4})]
+)
+def test_reference_matches_transformers(tmp_path, arch, kw):
+    """The reference against Hugging Face's own GGUF loader and forward (independent code)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = ggufgen.write_model(tmp_path / "m.gguf", arch=arch, n_vocab=300, **kw)
+    extra = {"head_dim": 32} if arch == "qwen3" else {}  # transformers ignores qwen3.attention.key_length
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float64, **extra)
+    toks = [1, 50, 100, 7, 200, 3, 9]
+    with torch.no_grad():
+        want = hf(torch.tensor([toks])).logits[0].double().numpy()
+    np.testing.assert_allclose(reference.reference_logits(path, toks), want, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_vocab", [256, 300])
+def test_tokenizer_loads_in_transformers(tmp_path, n_vocab):
+    transformers = pytest.importorskip("transformers")
+    ggufgen.write_model(tmp_path / "m.gguf", n_vocab=n_vocab)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = "hello world, the dog! ünï"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text and max(ids) < n_vocab - 2
+    assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (n_vocab - 2, n_vocab - 1, n_vocab)

@@ -1,0 +1,144 @@
+"""Independent dense float64 reference forward for llama / qwen2 / qwen3 GGUF models.
+
+Reads the file with gguf.GGUFReader and dequantizes with gguf.quants.dequantize only
+(no layerstream code), following llama.cpp's semantics. For tests: slow and simple.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+from gguf.quants import dequantize
+
+_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rope_dim: int
+    rope_theta: float
+    rope_scale: float
+    norm_eps: float
+    neox: bool
+
+
+def _files(path: str) -> list[str]:
+    m = _SPLIT_RE.match(path)
+    if not m:
+        return [path]
+    n = int(m["count"])
+    return [f"{m['prefix']}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+
+
+def load(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, name -> float64 array in torch order) of a GGUF model or gguf-split set."""
+    files = _files(os.fspath(path))
+    readers = [gguf.GGUFReader(f) for f in files]
+    md = {k: f.contents() for k, f in readers[0].fields.items() if not k.startswith("GGUF.")}
+    weights = {}
+    for r in readers:
+        for t in r.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            weights[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(shape)
+    return md, weights
+
+
+def config(md: dict) -> RefConfig:
+    arch = md["general.architecture"]
+    g = lambda k, d=None: md.get(f"{arch}.{k}", d)  # noqa: E731
+    n_embd, n_head = int(g("embedding_length")), int(g("attention.head_count"))
+    n_head_kv = g("attention.head_count_kv", n_head)
+    n_head_kv = int(n_head_kv[0] if isinstance(n_head_kv, list) else n_head_kv)
+    head_dim = int(g("attention.key_length", n_embd // n_head))
+    scale = float(g("rope.scaling.factor", 1.0)) if g("rope.scaling.type") == "linear" else 1.0
+    return RefConfig(
+        arch=arch,
+        n_layer=int(g("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        rope_dim=int(g("rope.dimension_count", head_dim)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_scale=scale,
+        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        neox=arch in ("qwen2", "qwen3"),
+    )
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x: np.ndarray, pos: np.ndarray, cfg: RefConfig, factors: np.ndarray | None) -> np.ndarray:
+    """Rotate the first rope_dim dims of each head. x: [T, H, D]; NORM pairs (2i, 2i+1), NEOX (i, i+d/2)."""
+    d = cfg.rope_dim
+    i = np.arange(d // 2)
+    freq = cfg.rope_theta ** (-2.0 * i / d)
+    if factors is not None:
+        freq = freq / factors
+    ang = (pos[:, None] / cfg.rope_scale) * freq[None, :]  # [T, d/2]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    out = x.copy()
+    if cfg.neox:
+        a, b = x[..., : d // 2], x[..., d // 2 : d]
+        out[..., : d // 2] = a * cos - b * sin
+        out[..., d // 2 : d] = a * sin + b * cos
+    else:
+        a, b = x[..., 0:d:2], x[..., 1:d:2]
+        out[..., 0:d:2] = a * cos - b * sin
+        out[..., 1:d:2] = a * sin + b * cos
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def forward(md: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray:
+    """Logits [T, V] for the whole sequence (positions 0..T-1), causal attention."""
+    cfg = config(md)
+    T, H, Hkv, D = len(tokens), cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    pos = np.arange(T, dtype=np.float64)
+    factors = w.get("rope_freqs.weight")
+    mask = np.triu(np.full((T, T), -np.inf), k=1)
+    x = w["token_embd.weight"][np.asarray(tokens)]  # [T, E]
+    for L in range(cfg.n_layer):
+        p = lambda n: w[f"blk.{L}.{n}"]  # noqa: E731
+        h = rms_norm(x, p("attn_norm.weight"), cfg.norm_eps)
+        q, k, v = h @ p("attn_q.weight").T, h @ p("attn_k.weight").T, h @ p("attn_v.weight").T
+        if f"blk.{L}.attn_q.bias" in w:
+            q, k, v = q + p("attn_q.bias"), k + p("attn_k.bias"), v + p("attn_v.bias")
+        q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+        if f"blk.{L}.attn_q_norm.weight" in w:
+            q = rms_norm(q, p("attn_q_norm.weight"), cfg.norm_eps)
+            k = rms_norm(k, p("attn_k_norm.weight"), cfg.norm_eps)
+        q, k = rope(q, pos, cfg, factors), rope(k, pos, cfg, factors)
+        group = H // Hkv
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [T, H, D]: q head h uses kv head h // group
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask  # [H, T, T]
+        s = np.exp(s - s.max(axis=-1, keepdims=True))
+        s /= s.sum(axis=-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", s, v).reshape(T, H * D)
+        x = x + o @ p("attn_output.weight").T
+        h = rms_norm(x, p("ffn_norm.weight"), cfg.norm_eps)
+        x = x + (silu(h @ p("ffn_gate.weight").T) * (h @ p("ffn_up.weight").T)) @ p("ffn_down.weight").T
+    x = rms_norm(x, w["output_norm.weight"], cfg.norm_eps)
+    head = w.get("output.weight", w["token_embd.weight"])
+    return x @ head.T
+
+
+def reference_logits(path: str | os.PathLike, tokens: list[int]) -> np.ndarray:
+    """float64 logits [T, V] of `tokens` under the model at `path`."""
+    md, w = load(path)
+    return forward(md, w, tokens)
