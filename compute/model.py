@@ -22,6 +22,7 @@ class StepMeta:
     """What every layer of one forward step needs to know about the batch (built once a step)."""
 
     tok_row: torch.Tensor  # [T] KV-cache row (sequence slot) of each new token
+    tok_b: torch.Tensor  # [T] batch index of each new token
     tok_slot: torch.Tensor  # [T] physical KV slot each new token writes
     q_index: torch.Tensor  # [B, S] index of each padded query into the packed tokens
     q_valid: torch.Tensor  # [B, S] bool, False on padding
@@ -123,7 +124,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     B = len(seqs)
     S = max(len(s.slots) for s in seqs)
     L = max(len(s.kv_pos) for s in seqs)
-    tok_row, tok_slot, tok_pos = [], [], []
+    tok_row, tok_b, tok_slot, tok_pos = [], [], [], []
     q_index = torch.zeros(B, S, dtype=torch.long)
     q_valid = torch.zeros(B, S, dtype=torch.bool)
     q_pos = torch.full((B, S), -1, dtype=torch.long)
@@ -132,6 +133,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     for b, s in enumerate(seqs):
         n = len(s.slots)
         tok_row += [s.row] * n
+        tok_b += [b] * n
         tok_slot += s.slots
         tok_pos += s.positions
         q_index[b, :n] = torch.arange(t, t + n)
@@ -147,6 +149,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     to = lambda a: a.to(device, non_blocking=True)  # noqa: E731
     return StepMeta(
         tok_row=to(torch.tensor(tok_row, dtype=torch.long)),
+        tok_b=to(torch.tensor(tok_b, dtype=torch.long)),
         tok_slot=to(torch.tensor(tok_slot, dtype=torch.long)),
         q_index=to(q_index), q_valid=to(q_valid),
         rows=to(torch.tensor([s.row for s in seqs], dtype=torch.long)),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -11,6 +13,7 @@ from layerstream.compute.dequant import check_supported, dequantize
 from layerstream.compute.model import (
     LayerWeights,
     SeqStep,
+    StepMeta,
     build_step_meta,
     head_forward,
     layer_forward,
@@ -76,38 +79,100 @@ class GlobalWeights:
     def __init__(self, index: ModelIndex, device, dtype):
         g = index.globals
         self.embd = tensor_to_device(index.tensor_bytes(g["token_embd.weight"]), g["token_embd.weight"], device, dtype)
+        self.device = torch.device(device)
         self.norm = tensor_to_device(index.tensor_bytes(g["output_norm.weight"]), g["output_norm.weight"], device, dtype)
         out = g.get("output.weight")
         self.head = self.embd if out is None else tensor_to_device(index.tensor_bytes(out), out, device, dtype)
         rf = g.get("rope_freqs.weight")
         self.rope_freqs = None if rf is None else tensor_to_device(index.tensor_bytes(rf), rf, "cpu", torch.float32)
 
+    def embed(self, toks: torch.Tensor) -> torch.Tensor:
+        """Rows of the token embedding for token ids toks [T] -> [T, E]."""
+        return self.embd[toks.to(self.device)]
+
+
+class DeviceKV:
+    """KV caches in device memory: [rows, ctx, n_head_kv, head_dim] per layer."""
+
+    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype):
+        shape = (rows, ctx, hp.n_head_kv, hp.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hp.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hp.n_layer)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def layer(self, i: int, meta: StepMeta):
+        return self.k[i], self.v[i], meta
+
+    def write_back(self, i: int, meta: StepMeta, k, v) -> None:
+        pass
+
+
+class HostKV(DeviceKV):
+    """KV caches in (pinned) host memory, streamed in with their layer; new entries written back."""
+
+    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype):
+        super().__init__(hp, rows, ctx, "cpu", dtype)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.k = [t.pin_memory() for t in self.k]
+            self.v = [t.pin_memory() for t in self.v]
+        self._meta_key = None
+
+    def _local(self, meta: StepMeta):
+        """The step's meta re-indexed onto a gathered [B, kv_len] cache (rows become 0..B-1)."""
+        if self._meta_key is not meta:
+            self._meta_key = meta
+            self._rows = meta.rows.cpu()
+            self._tok_row, self._tok_slot = meta.tok_row.cpu(), meta.tok_slot.cpu()
+            self._local_meta = dataclasses.replace(
+                meta, rows=torch.arange(len(self._rows), device=meta.rows.device), tok_row=meta.tok_b)
+        return self._local_meta
+
+    def layer(self, i: int, meta: StepMeta):
+        local = self._local(meta)
+        L = meta.kv_len
+        k = self.k[i][self._rows, :L].to(self.device, non_blocking=True)
+        v = self.v[i][self._rows, :L].to(self.device, non_blocking=True)
+        return k, v, local
+
+    def write_back(self, i: int, meta: StepMeta, k, v) -> None:
+        tb, ts = meta.tok_b, meta.tok_slot
+        self.k[i][self._tok_row, self._tok_slot] = k[tb, ts].cpu()
+        self.v[i][self._tok_row, self._tok_slot] = v[tb, ts].cpu()
+
 
 class ModelRunner:
-    """Forward steps for a batch of sequences; KV caches [rows, ctx, n_head_kv, head_dim] per layer."""
+    """Forward steps for a batch of sequences over a layer source and a KV store."""
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
-                 ctx: int, max_seqs: int = 1, kv_dtype: torch.dtype | None = None):
+                 ctx: int, max_seqs: int = 1, kv_on_host: bool = False):
         self.hp, self.glob, self.source = hp, glob, source
         self.device, self.dtype = torch.device(device), dtype
         self.ctx, self.max_seqs = ctx, max_seqs
         self.inv_freq = rope_inv_freq(hp, glob.rope_freqs)
-        shape = (max_seqs, ctx, hp.n_head_kv, hp.head_dim)
-        kv_dtype = kv_dtype or dtype
-        self.k_cache = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(hp.n_layer)]
-        self.v_cache = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(hp.n_layer)]
+        self.kv = (HostKV if kv_on_host else DeviceKV)(hp, max_seqs, ctx, self.device, dtype)
+
+    def close(self) -> None:
+        pass
 
     @torch.inference_mode()
     def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
         """Run all layers over the new tokens of `seqs`; logits of the last ("last") or every ("all") token."""
         hp = self.hp
+        for s in seqs:
+            if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
+                raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
         meta = build_step_meta(hp, self.inv_freq, seqs, self.device, self.dtype)
-        toks = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long, device=self.device)
-        x = self.glob.embd[toks]  # [T, E]
+        toks = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
+        x = self.glob.embed(toks)  # [T, E]
         self.source.begin_step()
         for i in range(hp.n_layer):
             w = self.source.layer(i)
-            x = layer_forward(hp, w, x, meta, self.k_cache[i], self.v_cache[i])
+            k, v, m = self.kv.layer(i, meta)
+            x = layer_forward(hp, w, x, m, k, v)
+            self.kv.write_back(i, m, k, v)
             self.source.release(i)
         if want == "none":
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from layerstream.errors import LayerstreamError
@@ -42,7 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
     g.add_argument("--single-process", action="store_true",
                    help="run the whole model in this process (the reference engine) instead of the pipeline")
+    g.add_argument("--batch", type=int, default=1, help="sequences the engine holds at once (default 1)")
     g.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    g = p.add_argument_group("streaming pipeline")
+    g.add_argument("--vram-gb", type=float, default=None,
+                   help="compute-device memory budget in GiB (default: no limit, every layer resident)")
+    g.add_argument("--host-cache-gb", type=float, default=None,
+                   help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
+    g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    g.add_argument("--reader-dir", action="append", default=[], metavar="DIR",
+                   help="the directory (drive) each reader serves, once per reader, for split models across drives")
+    g.add_argument("--direct-io", action="store_true", help="read with O_DIRECT, bypassing the page cache")
+    g.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
+    g.add_argument("--kv-on-host", action="store_true", default=None,
+                   help="keep the KV cache in host memory and stream it with its layer")
+    g.add_argument("--resident-layers", type=int, default=None, help="override the plan: keep this many layers resident")
+    g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ZeroMQ transport between processes")
+    g.add_argument("--stats", action="store_true", help="print a per-stage table at exit")
+    g.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON timeline of the run")
     return p
 
 
@@ -75,7 +93,7 @@ def _check_args(args) -> None:
 
 
 def open_engine(args):
-    """The engine the options ask for (single process for now; the pipeline when built)."""
+    """The engine the options ask for: the streaming pipeline, or everything in this process."""
     from layerstream.coordinator.engine import Engine, EngineConfig, local_backend
     from layerstream.loader.default_model import default_model_path
     from layerstream.loader.gguf_index import open_model
@@ -83,11 +101,34 @@ def open_engine(args):
     index = open_model(args.model or default_model_path())
     ctx = args.ctx or min(index.hparams.context_length, 4096)
     cfg = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=1,
+        model=args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=args.batch,
         on_context_full=args.on_context_full, sink_tokens=args.sink_tokens, prefill_chunk=args.prefill_chunk,
     )
-    backend = local_backend(index, cfg, progress=sys.stderr.isatty())
+    if args.single_process:
+        backend = local_backend(index, cfg, progress=sys.stderr.isatty())
+    else:
+        from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+
+        pcfg = PipelineConfig(
+            readers=args.readers, reader_dirs=tuple(args.reader_dir), direct=args.direct_io,
+            vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
+            kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
+            trace=bool(args.trace),
+        )
+        backend = pipeline_backend(index, cfg, pcfg)
     return Engine(index, backend, cfg)
+
+
+def _report(engine, args) -> None:
+    """--stats and --trace, from every process's timeline."""
+    if not (args.stats or args.trace) or not hasattr(engine.backend, "collect_stats"):
+        return
+    snaps = engine.backend.collect_stats()
+    if args.stats:
+        print(engine.backend.stats_table(snaps), file=sys.stderr)
+    if args.trace:
+        n = engine.backend.write_trace(args.trace, snaps)
+        print(f"trace: {n} events written to {args.trace}", file=sys.stderr)
 
 
 def _print_stream(pieces) -> None:
@@ -123,26 +164,38 @@ def run(args) -> int:
     _check_args(args)
     params = _sampling(args)
     with open_engine(args) as engine:
-        if args.perplexity:
-            with open(args.perplexity, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            ppl, n = engine.perplexity(text)
-            print(f"perplexity: {ppl:.4f} over {n} tokens")
-            return 0
-        prompt = " ".join(args.prompt)
-        if args.chat and not prompt:
-            if engine.chat_template is None:
-                _die("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
-            _interactive_chat(engine, params, args.system)
-            return 0
-        if not prompt:
-            _die("no prompt given; pass the prompt text, or --chat for an interactive chat")
-        _print_stream(engine.generate(prompt, params, chat=args.chat, system=args.system))
+        try:
+            return _run_engine(engine, args, params)
+        finally:
+            _report(engine, args)
+
+
+def _run_engine(engine, args, params) -> int:
+    if args.perplexity:
+        with open(args.perplexity, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        ppl, n = engine.perplexity(text)
+        print(f"perplexity: {ppl:.4f} over {n} tokens")
+        return 0
+    prompt = " ".join(args.prompt)
+    if args.chat and not prompt:
+        if engine.chat_template is None:
+            _die("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
+        _interactive_chat(engine, params, args.system)
+        return 0
+    if not prompt:
+        _die("no prompt given; pass the prompt text, or --chat for an interactive chat")
+    _print_stream(engine.generate(prompt, params, chat=args.chat, system=args.system))
     return 0
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:

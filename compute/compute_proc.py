@@ -1,0 +1,152 @@
+"""The compute process: maps the staging arena, runs forward steps, keeps the KV cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from layerstream.compute.model import SeqStep
+from layerstream.compute.runner import GlobalWeights, ModelRunner
+from layerstream.compute.streamed import StreamedLayers
+from layerstream.loader.arena import Arena
+from layerstream.loader.gguf_index import open_model
+from layerstream.loader.layout import LayerLayout
+from layerstream.proto.child import ChildLinks, run_child
+from layerstream.proto.messages import Forward, ForwardDone, LayerDone, LayerReady
+from layerstream.proto.timeline import Timeline
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Everything the compute process needs, built once by the coordinator."""
+
+    ident: str
+    model_path: str
+    device: str
+    dtype: str
+    ctx: int
+    max_seqs: int
+    resident: tuple[int, ...]  # layers kept on the device after their first load
+    vram_slots: int  # VRAM ring slots for streamed layers
+    kv_on_host: bool
+    arena: dict[str, Any]
+    layouts: list[Any]  # LayerLayout.to_wire() per layer
+    endpoints: dict[str, Any]
+    parent_pid: int
+    trace: bool = False
+
+
+class ComputeWorker:
+    """The compute role's logic over its links: one Forward at a time, layers as they are staged."""
+
+    def __init__(self, cfg: ComputeConfig, links: ChildLinks):
+        self.cfg, self.links = cfg, links
+        self.tl = Timeline("compute", cfg.ident, trace=cfg.trace)
+        self.device = torch.device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        self.arena = Arena.attach(cfg.arena["name"], cfg.arena["n_slots"], cfg.arena["slot_bytes"])
+        self.registered = False
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            self._register_arena()
+        index = open_model(cfg.model_path)
+        self.glob = GlobalWeights(index, self.device, self.dtype)
+        self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
+        layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
+        self.source = StreamedLayers(
+            layouts, self.arena.slot_array, self._wait_ready, self._layer_done,
+            self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl,
+        )
+        self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
+                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_on_host=cfg.kv_on_host)
+
+    def _register_arena(self) -> None:
+        """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""
+        base, size = self.arena.slot_address(0), self.arena.nbytes
+        err = torch.cuda.cudart().cudaHostRegister(base, size, 0)
+        self.registered = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
+
+    def _wait_ready(self, step: int, layer: int) -> int:
+        self.tl.incr("prefetch_hit" if (step, layer) in self.ready_slots else "prefetch_miss")
+        while (step, layer) not in self.ready_slots:
+            msg = self.links.recv()
+            if isinstance(msg, LayerReady):
+                self.ready_slots[(msg.step, msg.layer)] = msg.slot
+            # anything else mid-step is out of order: counted and dropped
+            elif msg is not None:
+                self.tl.incr("unexpected_messages")
+        return self.ready_slots.pop((step, layer))
+
+    def _layer_done(self, step: int, layer: int, slot: int) -> None:
+        self.links.send(LayerDone(step, layer, slot))
+
+    def stats(self) -> dict[str, Any]:
+        snap = self.tl.snapshot()
+        snap["bad_messages"] = self.links.bad.stats()
+        snap["pinned"] = self.registered
+        return snap
+
+    def _gpu_timeline(self) -> None:
+        """Turn the step's CUDA event pairs into timeline intervals (one sync per step)."""
+        evs = self.source.gpu_events if self.device.type == "cuda" else []
+        if not evs:
+            return
+        torch.cuda.synchronize(self.device)
+        ref = torch.cuda.Event(enable_timing=True)
+        ref.record()
+        ref.synchronize()
+        ref_ns = time.monotonic_ns()
+        for cat, layer, a, b, nbytes in evs:
+            t0 = ref_ns - int(a.elapsed_time(ref) * 1e6)
+            dur = int(a.elapsed_time(b) * 1e6)
+            self.tl.add(cat, f"{cat} L{layer}", t0, dur, nbytes, layer=layer)
+        evs.clear()
+
+    def forward(self, msg: Forward):
+        seqs = [SeqStep(row=r, tokens=t, slots=s, positions=p, kv_pos=k) for r, t, s, p, k in msg.seqs]
+        self.source.set_step(msg.step)
+        t0 = time.monotonic_ns()
+        logits = self.runner.step(seqs, msg.want_logits)
+        out = None if logits is None else logits.float().cpu().numpy()
+        self.tl.add("compute", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step,
+                    tokens=sum(len(s.tokens) for s in seqs))
+        self._gpu_timeline()
+        shape = [] if out is None else list(out.shape)
+        self.links.send(ForwardDone(msg.step, shape, "float32", {}), extra=[] if out is None else [out.data])
+
+    def run(self) -> None:
+        self.links.ready({"pinned": self.registered, "device": str(self.device)})
+        while True:
+            msg = self.links.recv()
+            if isinstance(msg, Forward):
+                self.forward(msg)
+            elif isinstance(msg, LayerReady):  # early announcement for the next step
+                self.ready_slots[(msg.step, msg.layer)] = msg.slot
+            elif msg is not None:
+                self.tl.incr("unexpected_messages")
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.arena.slot_address(0))
+        self.arena.close()
+
+
+def main(cfg: ComputeConfig) -> None:
+    """Process entry point (multiprocessing spawn target)."""
+    worker: list[ComputeWorker] = []
+
+    def body(links: ChildLinks) -> None:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        w = ComputeWorker(cfg, links)
+        worker.append(w)
+        try:
+            w.run()
+        finally:
+            w.close()
+
+    run_child("compute", cfg.ident, cfg.endpoints, cfg.parent_pid, body,
+              stats=lambda: worker[0].stats() if worker else {})
+

@@ -1,0 +1,397 @@
+"""The streaming pipeline's coordinator: starts the processes, schedules layer loads, runs steps.
+
+`Pipeline` is a step backend for `Engine` (the same API as the in-process `ModelRunner`): each
+`step()` sends a Forward to the compute process and then feeds it layers, asking readers for
+the bytes of upcoming layers `prefetch` ahead, across the end of one pass into the next.
+The asyncio loop (uvloop) runs inside `step()` and during start and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+import zmq.asyncio
+
+from layerstream.compute import compute_proc
+from layerstream.compute.model import SeqStep
+from layerstream.coordinator.plan import GiB, Plan, make_plan
+from layerstream.coordinator.scheduler import Load, Scheduler
+from layerstream.coordinator.supervisor import Supervisor
+from layerstream.errors import ConfigError, PipelineError
+from layerstream.loader import reader_proc, staging_proc
+from layerstream.loader.gguf_index import ModelIndex
+from layerstream.loader.host_cache import HostCache
+from layerstream.loader.layout import layer_layouts
+from layerstream.loader.reader import readers_for
+from layerstream.proto.addresses import cleanup_run_dir, make_endpoints, make_run_dir
+from layerstream.proto.codec import BadMessageCounter, decode_extra, encode
+from layerstream.proto.messages import (
+    Failed, Forward, ForwardDone, LayerDone, LayerReady, LayerStaged, LoadLayer, ReadFailed, Ready, Shutdown,
+    StatsReply, StatsRequest,
+)
+from layerstream.proto.timeline import Timeline, stats_table, write_chrome_trace
+
+log = logging.getLogger("layerstream.pipeline")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Budgets and process options of the streaming pipeline."""
+
+    readers: int = 1
+    reader_dirs: tuple[str, ...] = ()
+    direct: bool = False
+    vram_gb: float | None = None
+    host_cache_gb: float | None = None
+    prefetch: int | None = None
+    kv_on_host: bool | None = None
+    resident_layers: int | None = None
+    transport: str = "ipc"
+    host: str = "127.0.0.1"
+    trace: bool = False
+    ready_timeout_s: float = 180.0
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # uvloop does not exist on Windows
+        return asyncio.new_event_loop()
+
+
+class Pipeline:
+    """Step backend over reader, staging and compute processes."""
+
+    def __init__(self, index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx: int, max_seqs: int,
+                 cfg: PipelineConfig):
+        self.index, self.hparams, self.cfg = index, index.hparams, cfg
+        self.ctx, self.max_seqs = ctx, max_seqs
+        self.device, self.dtype = device, dtype
+        self.layouts = layer_layouts(index)
+        if cfg.readers < 1:
+            raise ConfigError(f"--readers {cfg.readers}: must be at least 1")
+        if cfg.reader_dirs and len(cfg.reader_dirs) != cfg.readers:
+            raise ConfigError(f"--reader-dir given {len(cfg.reader_dirs)} times for --readers {cfg.readers}; give one per reader")
+        self.reader_plan = readers_for(index.files, cfg.readers, list(cfg.reader_dirs) or None)
+        self.plan: Plan = make_plan(
+            index, self.layouts,
+            vram_bytes=None if cfg.vram_gb is None else int(cfg.vram_gb * GiB),
+            host_cache_bytes=None if cfg.host_cache_gb is None else int(cfg.host_cache_gb * GiB),
+            dtype_bytes=torch.finfo(dtype).bits // 8, ctx=ctx, max_seqs=max_seqs, prefetch=cfg.prefetch,
+            kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
+        )
+        log.info("plan: %s", self.plan.describe())
+        self.tl = Timeline("coordinator", "0", trace=cfg.trace)
+        self.sched = Scheduler(self.plan.n_slots, self.plan.prefetch,
+                               HostCache(self.plan.cache_layers * self.plan.slot_bytes, self.plan.slot_bytes, "static"),
+                               no_cache=frozenset(self.plan.resident))
+        self.sup = Supervisor()
+        self.loop = new_loop()
+        self.zctx = zmq.asyncio.Context()
+        self.socks: dict[str, zmq.asyncio.Socket] = {}
+        self.bad = BadMessageCounter("coordinator", log)
+        self.run_dir: str | None = None
+        self.closed = False
+        self.failure: str | None = None
+        self.step_no = 0
+        self.need: deque[int] = deque()
+        self.delivered: set[int] = set()  # resident layers the compute process holds
+        self.cycle = [i for i in range(self.hparams.n_layer) if i not in set(self.plan.resident)]
+        self.pending: dict[int, dict] = {}  # req -> {"load", "parts": {reader ident: LoadLayer}, "tries"}
+        self.done: Any = None
+        self.stats_replies: dict[str, dict] = {}
+        self.t_start = time.monotonic()
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start -----------------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        self.run_dir = make_run_dir() if cfg.transport == "ipc" else None
+        ep = make_endpoints(cfg.transport, self.run_dir, cfg.host)
+        bound = {}
+        from layerstream.proto.sockets import make_router
+
+        for name in ("control", "readers", "compute"):
+            self.socks[name], bound[name] = make_router(self.zctx, getattr(ep, name))
+        self.ep = ep.bound(**bound)
+        self.poller = zmq.asyncio.Poller()
+        for s in self.socks.values():
+            self.poller.register(s, zmq.POLLIN)
+        pid = os.getpid()
+
+        def eps(work: str) -> dict:
+            return {"control": self.ep.control, "work": getattr(self.ep, work)}
+
+        st = self.sup.start("staging", "staging", staging_proc.main, staging_proc.StagingConfig(
+            "staging", self.plan.n_slots, self.plan.slot_bytes, eps("readers"), pid))
+        await self._wait_ready([st.ident])
+        self.arena = st.ready
+        files = tuple(self.index.files)
+        self.reader_ids = []
+        for r in range(self.reader_plan.n_readers):
+            ident = f"reader-{r}"
+            self.sup.start("reader", ident, reader_proc.main, reader_proc.ReaderConfig(
+                ident, files, tuple(self.reader_plan.files[r]), cfg.direct, self.arena, eps("readers"), pid, cfg.trace))
+            self.reader_ids.append(ident)
+        self.sup.start("compute", "compute", compute_proc.main, compute_proc.ComputeConfig(
+            ident="compute", model_path=self.index.path, device=str(self.device), dtype=str(self.dtype).split(".")[-1],
+            ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
+            kv_on_host=self.plan.kv_on_host, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
+            endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace))
+        await self._wait_ready(self.reader_ids + ["compute"])
+        self.file_index = {f: i for i, f in enumerate(files)}
+        await self._advance()  # start loading the first layers at once
+
+    async def _wait_ready(self, idents: list[str]) -> None:
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+
+        def all_ready():
+            return all(self.sup.children[i].ready is not None for i in idents)
+
+        await self._run_until(all_ready, deadline, f"start of {', '.join(idents)}")
+
+    # -- the message loop ------------------------------------------------------------------------
+
+    async def _run_until(self, cond, deadline: float | None = None, what: str = "") -> None:
+        while not cond():
+            if self.failure:
+                raise PipelineError(self.failure)
+            if deadline is not None and time.monotonic() > deadline:
+                raise PipelineError(f"timed out waiting for the {what} after {self.cfg.ready_timeout_s:.0f} s; "
+                                    "run with -v to see what each process logged")
+            events = await self.poller.poll(100)
+            for sock, _ in events:
+                frames = await sock.recv_multipart()
+                ident, frames = frames[0].decode(errors="replace"), frames[1:]
+                dec = self.bad.decode(frames, ident)
+                if dec is not None:
+                    await self._dispatch(ident, dec.msg, dec.extra, sock is self.socks["control"])
+            await self._check_children()
+
+    async def _dispatch(self, ident: str, msg, extra, on_control: bool) -> None:
+        log.debug("<- %s %s", ident, msg)
+        if isinstance(msg, Ready):  # comes on both links; ready once both were heard
+            c = self.sup.children.get(ident)
+            if c is not None:
+                c.links_heard.add("control" if on_control else "work")
+                if len(c.links_heard) < 2:
+                    return
+                c.ready = msg.info
+                if c.role == "reader" and c.restarts:
+                    await self._resend(ident)
+        elif isinstance(msg, LayerStaged):
+            await self._on_staged(ident, msg)
+        elif isinstance(msg, LayerDone):
+            self.sched.on_done(msg.layer, msg.slot)
+            await self._advance()
+        elif isinstance(msg, ForwardDone):
+            if msg.step == self.step_no:
+                a = np.frombuffer(extra[0], dtype=msg.dtype).reshape(msg.shape) if extra else None
+                self.done = ("ok", a)
+        elif isinstance(msg, ReadFailed):
+            await self._on_read_failed(ident, msg.req, msg.error)
+        elif isinstance(msg, Failed):
+            c = self.sup.children.get(ident)
+            where = f"{msg.role} {msg.ident}"
+            if c is not None and c.role == "reader":
+                log.warning("%s failed: %s", where, msg.error)  # its exit is handled as a reader death
+                c.last_error = msg.error
+            else:
+                self.failure = f"the {where} process failed: {msg.error}"
+        elif isinstance(msg, StatsReply):
+            self.stats_replies[msg.ident] = msg.stats
+        else:
+            self.tl.incr("unexpected_messages")
+
+    async def _send(self, sock: str, ident: str, msg) -> None:
+        log.debug("-> %s %s", ident, msg)
+        try:
+            await self.socks[sock].send_multipart([ident.encode()] + encode(msg))
+        except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer is gone; the death check reports it
+            log.warning("could not send %s to %s: %s", type(msg).__name__, ident, e)
+
+    # -- children ----------------------------------------------------------------------------------
+
+    async def _check_children(self) -> None:
+        for c in self.sup.dead():
+            code = c.proc.exitcode
+            if c.role == "reader" and c.restarts == 0 and not self.closed:
+                log.warning("%s died (exit code %s); restarting it and retrying its reads", c.ident, code)
+                c.restarts += 1
+                self.sup.start(c.role, c.ident, c.target, c.cfg)
+                continue
+            err = c.last_error
+            self.failure = self.failure or (
+                f"the {c.role} process {c.ident} died (exit code {code})" + (f": {err}" if err else "")
+                + ("; it was restarted once already" if c.restarts else ""))
+            raise PipelineError(self.failure)
+
+    async def _resend(self, reader: str) -> None:
+        for req, p in self.pending.items():
+            if reader in p["parts"]:
+                p["tries"] += 1
+                if p["tries"] > 2:
+                    self.failure = f"reading layer {p['load'].layer} failed twice (reader {reader} died)"
+                    return
+                await self._send("readers", reader, p["parts"][reader])
+
+    # -- scheduling --------------------------------------------------------------------------------
+
+    async def _issue(self, load: Load) -> None:
+        ranges = self.layouts[load.layer].ranges()
+        parts = {}
+        for r, rr in self.reader_plan.split(load.layer, ranges).items():
+            msg = LoadLayer(load.req, load.layer, load.slot,
+                            [[self.file_index[x.file], x.file_offset, x.nbytes, x.slot_offset] for x in rr])
+            parts[self.reader_ids[r]] = msg
+        self.pending[load.req] = {"load": load, "parts": parts, "left": set(parts), "tries": 1}
+        for ident, msg in parts.items():
+            if self.sup.children[ident].ready is not None:
+                await self._send("readers", ident, msg)
+
+    async def _on_staged(self, ident: str, msg: LayerStaged) -> None:
+        p = self.pending.get(msg.req)
+        if p is None:
+            return  # a retried read answered twice
+        p["left"].discard(ident)
+        if p["left"]:
+            return
+        del self.pending[msg.req]
+        self.sched.on_staged(msg.layer)
+        await self._advance()
+
+    async def _on_read_failed(self, ident: str, req: int, error: str) -> None:
+        p = self.pending.get(req)
+        if p is None:
+            return
+        p["tries"] += 1
+        if p["tries"] > 2:
+            self.failure = f"reading layer {p['load'].layer} failed twice: {error}"
+            return
+        log.warning("read of layer %d failed (%s); retrying once", p["load"].layer, error)
+        await self._send("readers", ident, p["parts"][ident])
+
+    async def _advance(self) -> None:
+        """Announce staged layers to compute in order; issue loads for the upcoming ones."""
+        while self.need and self.need[0] in self.sched.staged:
+            layer = self.need.popleft()
+            slot = self.sched.take(layer)
+            if layer in self.plan.resident:
+                self.delivered.add(layer)
+            await self._send("compute", "compute", LayerReady(self.step_no, layer, slot))
+        if self.step_no == 0:  # before the first pass: every layer once, resident ones too
+            upcoming = [i for i in range(self.hparams.n_layer) if i not in self.delivered]
+        else:
+            upcoming = list(self.need)
+        for load in self.sched.plan_loads(upcoming + self.cycle):
+            await self._issue(load)
+
+    # -- the step backend API ----------------------------------------------------------------------
+
+    def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
+        if self.closed:
+            raise PipelineError(self.failure or "the pipeline is closed")
+        try:
+            return self.loop.run_until_complete(self._step(seqs, want))
+        except PipelineError:
+            self.close()
+            raise
+
+    async def _step(self, seqs: list[SeqStep], want: str):
+        self.step_no += 1
+        self.need = deque(i for i in range(self.hparams.n_layer) if i not in self.delivered)
+        self.done = None
+        wire = [[s.row, s.tokens, s.slots, s.positions, s.kv_pos] for s in seqs]
+        await self._send("compute", "compute", Forward(self.step_no, wire, want))
+        await self._advance()
+        await self._run_until(lambda: self.done is not None)
+        _, a = self.done
+        return None if a is None else torch.from_numpy(a.copy())
+
+    # -- stats and stop ------------------------------------------------------------------------------
+
+    def collect_stats(self, timeout_s: float = 3.0) -> list[dict]:
+        """Every process's stage timeline (StatsRequest to each child, then the coordinator's own)."""
+        if self.closed:
+            return list(self.stats_replies.values())
+
+        async def ask():
+            self.stats_replies = {}
+            live = [i for i, c in self.sup.children.items() if c.proc.exitcode is None]
+            for i in live:
+                await self._send("control", i, StatsRequest())
+            try:
+                await self._run_until(lambda: all(i in self.stats_replies for i in live),
+                                      time.monotonic() + timeout_s, "stats replies")
+            except PipelineError as e:
+                log.warning("%s", e)
+
+        self.loop.run_until_complete(ask())
+        snap = self.tl.snapshot()
+        snap["count"].update({"prefetch_reads": self.sched.reads, "host_cache_hits": self.sched.hits})
+        return list(self.stats_replies.values()) + [snap]
+
+    def stats_table(self, snaps: list[dict]) -> str:
+        c = {k: v for s in snaps for k, v in s.get("count", {}).items() if k.startswith(("prefetch", "host_cache"))}
+        return stats_table(snaps, time.monotonic() - self.t_start, {
+            "plan": self.plan.describe(),
+            "host cache": f"{c.get('host_cache_hits', 0)} hits, {c.get('prefetch_reads', 0)} reads from disk",
+            "prefetch": f"{c.get('prefetch_hit', 0)} layers ready before compute asked, {c.get('prefetch_miss', 0)} waited",
+        })
+
+    def write_trace(self, path: str, snaps: list[dict]) -> int:
+        return write_chrome_trace(path, snaps)
+
+    def close(self) -> None:
+        """Stop every process (ask, wait, SIGTERM, SIGKILL), staging last; remove the run directory."""
+        if self.closed:
+            return
+        self.closed = True
+        workers = [i for i, c in self.sup.children.items() if c.role != "staging"]
+
+        async def ask_stop():
+            for i in workers + ["staging"]:
+                c = self.sup.children.get(i)
+                if c is not None and c.proc.exitcode is None:
+                    await self._send("control", i, Shutdown("run finished"))
+
+        try:
+            if not self.loop.is_closed() and not self.loop.is_running():
+                self.loop.run_until_complete(asyncio.wait_for(ask_stop(), 1.0))
+        except BaseException as e:  # noqa: BLE001 - stopping goes on whatever happened
+            log.debug("asking children to stop failed: %s", e)
+        self.sup.stop(workers, 2.0)
+        self.sup.stop(["staging"], 2.0)
+        for s in self.socks.values():
+            s.close(linger=0)
+        self.zctx.term()
+        if not self.loop.is_closed() and not self.loop.is_running():
+            self.loop.close()
+        if self.run_dir:
+            cleanup_run_dir(self.run_dir)
+
+
+def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
+    from layerstream.compute.runner import check_model_quants
+    from layerstream.coordinator.engine import resolve_device, resolve_dtype
+
+    check_model_quants(index)
+    device = resolve_device(ecfg.device)
+    return Pipeline(index, device, resolve_dtype(ecfg.dtype, device), ecfg.ctx, ecfg.max_seqs, pcfg)
+

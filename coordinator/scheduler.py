@@ -1,0 +1,102 @@
+"""Scheduler: which layer goes into which staging slot, and when. Plain logic, no I/O.
+
+NOTE [ staging slot states ]
+A slot is free, loading (a reader fills it), staged (bytes ready, not yet announced to
+compute), lent (announced with LayerReady; compute owns it until LayerDone) or cached (kept
+in host RAM for later passes, see HostCache). Loads are issued for the first `prefetch`
+layers of the upcoming order (the rest of this pass, then the next pass: decode streams
+cyclically), in that order, so the layer compute waits on always gets a slot first and a
+freed slot goes to the nearest need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from layerstream.loader.host_cache import HostCache
+
+
+@dataclass
+class Load:
+    """A read to issue: fill `slot` with `layer`'s bytes."""
+
+    req: int
+    layer: int
+    slot: int
+
+
+@dataclass
+class Scheduler:
+    n_slots: int
+    prefetch: int
+    cache: HostCache
+    no_cache: frozenset[int] = frozenset()  # layers never cached (resident ones are loaded once)
+    free: list[int] = field(default_factory=list)
+    loading: dict[int, Load] = field(default_factory=dict)  # layer -> load in flight
+    staged: dict[int, int] = field(default_factory=dict)  # layer -> slot
+    lent: dict[int, int] = field(default_factory=dict)  # layer -> slot
+    next_req: int = 0
+    reads: int = 0
+    hits: int = 0
+
+    def __post_init__(self):
+        self.free = list(range(self.n_slots - 1, -1, -1))
+
+    def plan_loads(self, upcoming: list[int]) -> list[Load]:
+        """Loads to issue now for the first `prefetch` upcoming layers (cache hits stage at once)."""
+        out = []
+        seen = set()
+        for layer in upcoming:
+            if len(seen) >= self.prefetch:
+                break
+            if layer in seen:
+                continue
+            seen.add(layer)
+            if layer in self.loading or layer in self.staged or layer in self.lent:
+                continue
+            slot = self.cache.lookup(layer) if layer not in self.no_cache else None
+            if slot is not None:
+                self.cache.pin(layer)
+                self.staged[layer] = slot
+                self.hits += 1
+                continue
+            if not self.free:
+                break
+            load = Load(self.next_req, layer, self.free.pop())
+            self.next_req += 1
+            self.loading[layer] = load
+            self.reads += 1
+            out.append(load)
+        return out
+
+    def on_staged(self, layer: int) -> None:
+        """A reader filled the layer's slot; keep it in the host cache when there is room."""
+        load = self.loading.pop(layer)
+        self.staged[layer] = load.slot
+        if layer in self.no_cache:
+            return
+        given = self.cache.insert(layer, load.slot, pin=True)
+        if given is not None and given != (layer, load.slot):
+            self.free.append(given[1])  # an evicted, unpinned layer's slot
+
+    def on_failed(self, layer: int) -> Load:
+        """A read failed: the same load is to be issued again (same slot, new req)."""
+        load = self.loading[layer]
+        load.req, self.next_req = self.next_req, self.next_req + 1
+        return load
+
+    def take(self, layer: int) -> int:
+        """Lend a staged layer's slot to compute (it was announced with LayerReady)."""
+        slot = self.staged.pop(layer)
+        self.lent[layer] = slot
+        return slot
+
+    def on_done(self, layer: int, slot: int) -> None:
+        """Compute gave the slot back; a cached layer stays, another's slot is free again."""
+        if self.lent.get(layer) != slot:
+            return  # stale or duplicate LayerDone
+        del self.lent[layer]
+        if layer in self.cache and self.cache.pinned(layer):
+            self.cache.unpin(layer)
+        else:
+            self.free.append(slot)

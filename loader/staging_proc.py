@@ -1,0 +1,44 @@
+"""The staging process: owns the shared-memory arena of slots; creates it and unlinks it.
+
+NOTE [ who owns the arena ]
+The arena outlives any reader or compute process that dies, and goes when the run ends:
+this process creates it, reports its name in Ready, and unlinks it when told to shut down,
+when the coordinator is gone (parent watchdog), or when it is terminated (SIGTERM runs the
+same cleanup). The host cache's policy lives in the coordinator's scheduler beside the
+prefetch logic (it is bookkeeping over slot ids), which saves a message hop per layer.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from layerstream.loader.arena import Arena
+from layerstream.proto.child import ChildLinks, ShutdownRequested, run_child
+
+
+@dataclass(frozen=True)
+class StagingConfig:
+    ident: str
+    n_slots: int
+    slot_bytes: int
+    endpoints: dict[str, Any]
+    parent_pid: int
+
+
+def main(cfg: StagingConfig) -> None:
+    """Process entry point (multiprocessing spawn target)."""
+
+    def on_term(signum, frame):
+        raise ShutdownRequested("terminated")
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def body(links: ChildLinks) -> None:
+        with Arena.create(cfg.n_slots, cfg.slot_bytes) as arena:
+            links.ready(arena.describe())
+            while True:
+                links.recv()  # nothing to do but stay alive and answer control messages
+
+    run_child("staging", cfg.ident, cfg.endpoints, cfg.parent_pid, body)

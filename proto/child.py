@@ -1,0 +1,112 @@
+"""The harness every pipeline child runs in: links to the coordinator, Ready, Failed, shutdown.
+
+NOTE [ child lifecycle ]
+A child connects two DEALERs with its identity: `control` (lifecycle, stats) and `work`
+(its role's messages). It sends `Ready` once set up; the coordinator waits for it with a
+deadline. Bad frames on either link are counted and logged, never fatal. The child ends when
+it gets `Shutdown`, when its parent process is gone (watchdog on the parent's pid), or on an
+error, which it reports as a `Failed` message (error and traceback as data) before exiting
+non-zero. Sockets close with linger 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Any, Callable
+
+import zmq
+
+from .codec import BadMessageCounter
+from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
+from .sockets import make_dealer, recv_envelope, send_msg
+
+
+class ShutdownRequested(Exception):
+    """The coordinator asked this child to stop, or the parent is gone."""
+
+
+class ChildLinks:
+    """A child's two links to the coordinator, with polling that serves control messages."""
+
+    def __init__(self, role: str, ident: str, control: str, work: str, parent_pid: int,
+                 stats: Callable[[], dict[str, Any]] | None = None):
+        self.role, self.ident, self.parent_pid = role, ident, parent_pid
+        self.stats = stats or (lambda: {})
+        self.ctx = zmq.Context()
+        self.control = make_dealer(self.ctx, control, ident)
+        self.work = make_dealer(self.ctx, work, ident)
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.work, zmq.POLLIN)
+        self.bad = BadMessageCounter(f"{role} {ident}", logging.getLogger(f"layerstream.{role}"))
+
+    def ready(self, info: dict[str, Any] | None = None) -> None:
+        """Ready goes on both links: a ROUTER can route to a peer only after hearing from it."""
+        msg = Ready(self.role, self.ident, os.getpid(), info or {})
+        send_msg(self.work, msg)
+        send_msg(self.control, msg)
+
+    def send(self, msg: Message, extra=()) -> None:
+        send_msg(self.work, msg, extra=extra)
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self.parent_pid:
+            raise ShutdownRequested("the coordinator process is gone")
+
+    def recv(self, timeout_ms: int | None = None, with_extra: bool = False):
+        """Next message on the work link (None after timeout_ms); serves control messages meanwhile."""
+        waited = 0
+        while True:
+            slice_ms = 500 if timeout_ms is None else max(0, min(500, timeout_ms - waited))
+            events = dict(self.poller.poll(slice_ms))
+            if self.control in events:
+                env = recv_envelope(self.control, 0, self.bad)
+                if env is not None:
+                    if isinstance(env.msg, Shutdown):
+                        raise ShutdownRequested(env.msg.reason)
+                    if isinstance(env.msg, StatsRequest):
+                        send_msg(self.control, StatsReply(self.role, self.ident, self.stats()))
+            if self.work in events:
+                env = recv_envelope(self.work, 0, self.bad, copy=not with_extra)
+                if env is not None:
+                    return env if with_extra else env.msg
+            if not events:
+                self._check_parent()
+                waited += slice_ms
+                if timeout_ms is not None and waited >= timeout_ms:
+                    return None
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        try:
+            send_msg(self.control, Failed.from_exception(self.role, self.ident, where, exc))
+        except zmq.ZMQError:
+            pass
+
+    def close(self) -> None:
+        for s in (self.control, self.work):
+            s.close(linger=0)
+        self.ctx.term()
+
+
+def run_child(role: str, ident: str, endpoints: dict[str, Any], parent_pid: int,
+              body: Callable[[ChildLinks], None], stats: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Run `body(links)` as a pipeline child; report errors as Failed; exit 0 on Shutdown."""
+    # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} {ident}: %(message)s")
+    control, work = endpoints["control"], endpoints["work"]
+    links = ChildLinks(role, ident, control, work, parent_pid, stats)
+    code = 0
+    try:
+        body(links)
+    except ShutdownRequested:
+        pass
+    except BaseException as e:  # noqa: BLE001 - everything a child dies of is reported as data
+        links.fail(role, e)
+        code = 1
+    finally:
+        links.close()
+    sys.exit(code)
