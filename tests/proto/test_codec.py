@@ -15,6 +15,7 @@ from layerstream.proto import (
     ForwardDone,
     Heartbeat,
     LayerDone,
+    LayerReady,
     LayerStaged,
     LoadLayer,
     MalformedMessage,
@@ -22,8 +23,6 @@ from layerstream.proto import (
     ReadFailed,
     Ready,
     ReleaseSlot,
-    SeqFree,
-    SeqReset,
     Shutdown,
     StatsReply,
     StatsRequest,
@@ -47,12 +46,11 @@ SAMPLES = [
     LayerStaged(7, 12, 3, 544_000_000, 0.0123, "reader-0"),
     ReadFailed(7, 12, 3, "OSError: short read"),
     ReleaseSlot(3),
-    Forward(5, [0, 1], [[1, 2, 3], [4]], [0, 9], [[0, 1], [1, 2]], "all"),
+    Forward(5, [[0, [1, 2, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]], [1, [4], [9], [9], list(range(10))]], "all"),
     LayerDone(5, 12, 3),
-    ForwardDone(5, "/layerstream-logits-0", [2, 49152], [17, 99], {"forward_s": 0.8}),
-    ForwardDone(6, None, [], [], {}),
-    SeqReset(1),
-    SeqFree(1),
+    LayerReady(5, 12, 3),
+    ForwardDone(5, [2, 49152], "float32", {"forward_s": 0.8}),
+    ForwardDone(6, [], "float32", {}),
 ]
 
 
@@ -83,7 +81,7 @@ def test_round_trip_from_memoryviews():
 def test_extra_frames_pass_through_uncopied():
     logits = bytearray(b"\x01\x02" * 100)
     view = memoryview(logits)
-    frames = encode(ForwardDone(1, None, [1, 100], [5], {}), extra=[view])
+    frames = encode(ForwardDone(1, [1, 100], "float32", {}), extra=[view])
     assert frames[2] is view
     decoded = decode_extra(frames)
     assert decoded.msg.step == 1
@@ -117,7 +115,7 @@ def test_unknown_tag():
 
 def test_wrong_version():
     with pytest.raises(VersionMismatch, match=f"version 9 received, this process speaks {PROTOCOL_VERSION}"):
-        decode(frames_of(9, SeqFree.TAG, [1]))
+        decode(frames_of(9, LayerDone.TAG, [1, 2, 3]))
 
 
 @pytest.mark.parametrize(
@@ -155,8 +153,8 @@ def test_non_list_body():
         (ReleaseSlot.TAG, ["3"], "ReleaseSlot.slot must be int, got str"),
         (ReleaseSlot.TAG, [True], "ReleaseSlot.slot must be int, got bool"),
         (LoadLayer.TAG, [1, 2, 3, {}], "LoadLayer.ranges must be list, got dict"),
-        (ForwardDone.TAG, [1, 5, [], [], {}], "ForwardDone.logits_shm must be str or NoneType, got int"),
-        (Forward.TAG, [1, [0], [[1]], [0], [], "some"], "Forward.want_logits must be one of"),
+        (ForwardDone.TAG, [1, [], 5, {}], "ForwardDone.dtype must be str, got int"),
+        (Forward.TAG, [1, [], "some"], "Forward.want_logits must be one of"),
         (Shutdown.TAG, [b"bytes"], "Shutdown.reason must be str, got bytes"),
     ],
 )
@@ -180,7 +178,7 @@ def test_missing_frames_and_bad_header():
 def test_ext_types_refused():
     body = msgpack.packb([msgpack.ExtType(5, b"x")])
     with pytest.raises(MalformedMessage, match="extension type 5"):
-        decode([bytes((PROTOCOL_VERSION, SeqFree.TAG)), body])
+        decode([bytes((PROTOCOL_VERSION, LayerDone.TAG)), body])
 
 
 def test_encode_refuses_bad_messages():
@@ -191,7 +189,7 @@ def test_encode_refuses_bad_messages():
     with pytest.raises(EncodeError, match="cannot pack"):
         encode(Ready("r", "i", 1, {"x": object()}))
     with pytest.raises(EncodeError, match="want_logits"):
-        encode(Forward(1, [], [], [], [], "first"))
+        encode(Forward(1, [], "first"))
 
 
 def test_errors_share_a_base():
@@ -205,7 +203,7 @@ def test_counter_counts_and_rate_limits_logs(caplog):
         assert decode_or_none([b"junk"], counter, peer=b"reader-0") is None
         assert decode_or_none(frames_of(PROTOCOL_VERSION, 250, []), counter) is None
         assert decode_or_none(frames_of(3, 1, []), counter) is None
-        assert decode_or_none(encode(SeqFree(4)), counter) == SeqFree(4)
+        assert decode_or_none(encode(LayerDone(4, 0, 1)), counter) == LayerDone(4, 0, 1)
     assert counter.total == 3
     assert counter.by_kind == {"MalformedMessage": 1, "UnknownTag": 1, "VersionMismatch": 1}
     assert isinstance(counter.last_error, VersionMismatch)

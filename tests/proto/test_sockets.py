@@ -85,7 +85,7 @@ def test_bad_frame_raises_without_counter(pair):
 def test_extra_frames_and_router_needs_ident(pair):
     router, dealer = pair
     logits = memoryview(bytearray(range(256)) * 1024)
-    send_msg(dealer, ForwardDone(3, None, [1, 1024 * 256], [], {}), extra=[logits])
+    send_msg(dealer, ForwardDone(3, [1, 1024 * 256], "float32", {}), extra=[logits])
     env = recv_envelope(router, TIMEOUT_MS, copy=False)
     assert env.ident == b"reader-0" and env.msg.step == 3
     assert bytes(env.extra[0]) == bytes(logits)
