@@ -83,7 +83,6 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
         if bar:
             bar.close()
     runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs)
-    runner.close = lambda: None
     return runner
 
 
@@ -264,10 +263,11 @@ class Engine:
                             s.done, s.finish_reason = True, "stop"
                         elif len(s.generated) >= params.max_tokens:
                             s.done, s.finish_reason = True, "length"
-                    if s.done and s.finish_reason != "stop":
-                        rest = stops[i].flush(decoders[i].flush())
-                        if rest:
-                            yield i, rest
+                    if s.done:
+                        if s.finish_reason != "stop":  # a stop string drops the text held back
+                            rest = stops[i].flush(decoders[i].flush())
+                            if rest:
+                                yield i, rest
                     else:
                         feed_seqs.append(s)
                         feed_toks.append([tok])
