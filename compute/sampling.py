@@ -24,6 +24,7 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))

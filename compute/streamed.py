@@ -56,6 +56,7 @@ class StreamedLayers:
             self.freed = [None] * len(self.vram)  # event: dequant done reading that VRAM slot
             self.next_vram = 0
             self.gpu_events: list[tuple] = []
+            self.layer_start: dict[int, torch.cuda.Event] = {}
 
     def set_step(self, step: int) -> None:
         """The step whose LayerReady messages the next layers wait for."""
@@ -66,6 +67,10 @@ class StreamedLayers:
 
     def layer(self, i: int) -> LayerWeights:
         if i in self.resident:
+            if self.cuda:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record(torch.cuda.current_stream(self.device))
+                self.layer_start[i] = ev
             return self.resident[i]
         t0 = time.monotonic_ns()
         slot = self.wait_ready(self.step_no, i)
@@ -74,10 +79,12 @@ class StreamedLayers:
         host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
         if self.cuda:
             w = self._layer_cuda(i, slot, host, lay)
-        else:
-            with self.tl.span("dequant", f"dequant L{i}", nbytes=lay.data_nbytes, layer=i):
-                w = dequant_layout(host, lay, self.dtype)  # fresh tensors: the slot may go back at once
+        else:  # the same stages as on CUDA: copy out of staging, give the slot back, dequantize
+            with self.tl.span("copy", f"copy L{i}", nbytes=lay.nbytes, layer=i):
+                local = host.clone()
             self.layer_done(self.step_no, i, slot)
+            with self.tl.span("dequant", f"dequant L{i}", nbytes=lay.data_nbytes, layer=i):
+                w = dequant_layout(local, lay, self.dtype)
         if i in self.resident_ids:
             self.resident[i] = w
         return w
@@ -102,6 +109,7 @@ class StreamedLayers:
         cur.wait_event(c1)
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
+        self.layer_start[i] = d0
         w = dequant_layout(dev, lay, self.dtype)
         d1.record(cur)
         self.freed[k] = d1  # dequantize wrote fresh tensors: the VRAM slot is free after it
@@ -110,4 +118,11 @@ class StreamedLayers:
         return w
 
     def release(self, i: int) -> None:
-        pass
+        """The layer's kernels are enqueued; on CUDA, time them for the trace."""
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(cur)
+            start = self.layer_start.pop(i, None)
+            if start is not None:
+                self.gpu_events.append(("compute", i, start, end, 0))

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     g = p.add_argument_group("prompting")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template; interactive without a prompt")
     g.add_argument("--system", default=None, help="system message for --chat")
@@ -75,7 +76,7 @@ def _sampling(args):
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
-        max_tokens=args.max_tokens, stop=tuple(args.stop),
+        max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
 
 

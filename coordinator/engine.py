@@ -242,7 +242,7 @@ class Engine:
             sampler = Sampler(params, self.hparams.n_vocab)
             decoders = [StreamDecoder(self.tokenizer) for _ in ids]
             stops = [_StopMatcher(params.stop) for _ in ids]
-            eos = self.tokenizer.eos_ids
+            eos = frozenset() if params.ignore_eos else self.tokenizer.eos_ids
             logits = self._prefill(seqs, ids)
             while True:
                 live = [i for i, s in enumerate(seqs) if not s.done]

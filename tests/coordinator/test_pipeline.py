@@ -1,0 +1,266 @@
+"""The streaming pipeline with real processes: token identity with the single-process engine, faults."""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+
+import time
+
+import pytest
+import zmq
+
+import ggufgen
+from layerstream.compute.sampling import SamplingParams
+from layerstream.coordinator.engine import Engine, EngineConfig, local_backend
+from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+from layerstream.errors import ContextFullError, PipelineError
+from layerstream.loader.gguf_index import open_model
+
+pytestmark = pytest.mark.timeout(180)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+PROMPTS = [[5, 17, 33, 80, 81, 90, 100], [200, 3, 9]]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _segments() -> set[str]:
+    return set(glob.glob("/dev/shm/layerstream-*"))
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """Every test leaves no child process and no shared-memory segment of its own."""
+    before = _segments()
+    yield
+    deadline = time.monotonic() + 5
+    while (multiprocessing.active_children() or _segments() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children(), "child processes left running"
+    assert not (_segments() - before), f"segments left in /dev/shm: {_segments() - before}"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("pipe") / "tiny.gguf")
+    ggufgen.write_model(path, arch="llama", n_layer=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
+                        qtype=["Q8_0", "Q4_K", "Q6_K"], seed=3)
+    return path
+
+
+def _engine(path, pcfg=None, **kw):
+    index = open_model(path)
+    cfg = EngineConfig(device="cpu", ctx=kw.pop("ctx", 64), max_seqs=2, **kw)
+    backend = local_backend(index, cfg) if pcfg is None else pipeline_backend(index, cfg, pcfg)
+    return Engine(index, backend, cfg)
+
+
+def _generate(engine, prompts=PROMPTS, params=GREEDY):
+    """Greedy continuations as token ids (EOS ignored by a long max_tokens and comparing ids)."""
+    out = []
+    for p in prompts:
+        seq_text = "".join(engine.generate(list(p), params))
+        out.append(seq_text)
+    out.append(engine.generate_batch([list(p) for p in prompts], params))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    with _engine(model) as e:
+        return _generate(e)
+
+
+@pytest.mark.parametrize("pcfg", [
+    PipelineConfig(),  # no budget: every layer resident after one pass
+    PipelineConfig(resident_layers=0),  # everything streamed, host cache holds all
+    PipelineConfig(resident_layers=2, readers=3, prefetch=4, kv_on_host=True),
+    PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0, kv_on_host=True),
+    PipelineConfig(resident_layers=0, readers=2, prefetch=4, host_cache_gb=0, transport="tcp"),
+], ids=["resident", "streamed", "2-resident-3-readers-kv-host", "prefetch1-no-cache", "tcp-2-readers"])
+def test_pipeline_matches_single_process(model, reference, pcfg):
+    with _engine(model, pcfg) as e:
+        assert _generate(e) == reference
+
+
+def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
+    index = open_model(model)
+    from layerstream.coordinator.plan import GiB, make_plan
+    from layerstream.loader.layout import layer_layouts
+
+    layouts = layer_layouts(index)
+    full = make_plan(index, layouts, vram_bytes=None, host_cache_bytes=None, dtype_bytes=4, ctx=64, max_seqs=2)
+    assert full.resident == (0, 1, 2, 3) and not full.streamed
+    # the budget of the fixed part, two VRAM slots and two dense layers
+    dense = sum(t.shape[0] * (t.shape[1] if len(t.shape) > 1 else 1) * 4 for t in index.layers[0].values())
+    probe = make_plan(index, layouts, vram_bytes=10 * GiB, host_cache_bytes=None, dtype_bytes=4, ctx=64,
+                      max_seqs=2, resident_layers=0)
+    budget = probe.device_bytes + 2 * dense + 1024
+    plan = make_plan(index, layouts, vram_bytes=budget, host_cache_bytes=None, dtype_bytes=4, ctx=64, max_seqs=2)
+    assert plan.resident == (0, 1) and plan.streamed == (2, 3)
+    with _engine(model, PipelineConfig(vram_gb=budget / GiB)) as e:
+        assert e.backend.plan.resident == (0, 1)
+        assert _generate(e) == reference
+
+
+def test_budget_too_small_is_a_clear_error(model):
+    from layerstream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--vram-gb .* too small"):
+        _engine(model, PipelineConfig(vram_gb=1e-6))
+
+
+def test_smollm_pipeline_matches_single_process(smollm_path):
+    prompt = "The three primary colours are"
+    params = SamplingParams(temperature=0, max_tokens=16)
+    with _engine(smollm_path, ctx=128) as e:
+        want = "".join(e.generate(prompt, params))
+    with _engine(smollm_path, PipelineConfig(resident_layers=0, readers=2, kv_on_host=True), ctx=128) as e:
+        assert "".join(e.generate(prompt, params)) == want
+
+
+def test_sliding_window_in_pipeline(model):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with _engine(model, ctx=16, on_context_full="slide", sink_tokens=4) as e:
+        want = e.generate_batch([PROMPTS[0]], params)
+    with _engine(model, PipelineConfig(resident_layers=0), ctx=16, on_context_full="slide", sink_tokens=4) as e:
+        assert e.generate_batch([PROMPTS[0]], params) == want
+        assert e.finish_reasons == ["length"]
+    with _engine(model, PipelineConfig(resident_layers=0), ctx=16, on_context_full="error") as e:
+        with pytest.raises(ContextFullError, match="context size"):
+            e.generate_batch([PROMPTS[0]], params)
+
+
+def test_reader_killed_mid_generation_is_restarted(model, reference):
+    pcfg = PipelineConfig(resident_layers=0, host_cache_gb=0, prefetch=1)
+    with _engine(model, pcfg) as e:
+        reader = e.backend.sup.children["reader-0"].proc
+        pieces = []
+        for n, piece in enumerate(e.generate(list(PROMPTS[0]), GREEDY)):
+            pieces.append(piece)
+            if n == 2:
+                os.kill(reader.pid, signal.SIGKILL)
+        assert "".join(pieces) == reference[0]
+        assert e.backend.sup.children["reader-0"].restarts == 1
+        assert e.backend.sup.children["reader-0"].proc.pid != reader.pid
+
+
+def test_compute_killed_is_a_clear_error(model):
+    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+        os.kill(e.backend.sup.children["compute"].proc.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        with pytest.raises(PipelineError, match="compute process compute died"):
+            e.generate_batch([PROMPTS[0]], GREEDY)
+
+
+def test_garbage_frames_are_counted_and_the_run_goes_on(model, reference):
+    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+        be = e.backend
+        ctx = zmq.Context()
+        try:
+            for addr in (be.ep.control, be.ep.readers, be.ep.compute):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 2000)  # let the frames go out before close
+                s.connect(addr)
+                s.send_multipart([b"garbage"])
+                s.send_multipart([bytes([99, 20]), b"\x90"])  # wrong protocol version
+                s.send_multipart([bytes([1, 250]), b"\x90"])  # unknown tag
+                s.close()
+            # and to each child, through the coordinator's sockets
+            async def relay():
+                await be.socks["compute"].send_multipart([b"compute", b"\x01"])
+                await be.socks["readers"].send_multipart([b"reader-0", bytes([1, 10]), b"\xc1"])
+                await be.socks["control"].send_multipart([b"staging", bytes([7, 1]), b""])
+
+            be.loop.run_until_complete(relay())
+        finally:
+            ctx.term()
+        assert _generate(e) == reference
+        snaps = be.collect_stats()
+        assert be.bad.total >= 9
+        by = {s["ident"]: s.get("bad_messages", {}).get("bad_messages", 0) for s in snaps if "ident" in s}
+        assert by["compute"] >= 1 and by["reader-0"] >= 1
+
+
+def test_trace_holds_reads_copies_dequant_and_compute(model, tmp_path):
+    with _engine(model, PipelineConfig(resident_layers=0, host_cache_gb=0, trace=True)) as e:
+        e.generate_batch([PROMPTS[0]], GREEDY)
+        snaps = e.backend.collect_stats()
+        table = e.backend.stats_table(snaps)
+        path = str(tmp_path / "run.trace.json")
+        e.backend.write_trace(path, snaps)
+    with open(path) as f:
+        trace = json.load(f)
+    cats = {ev.get("cat") for ev in trace["traceEvents"] if ev["ph"] == "X"}
+    assert {"read", "copy", "dequant", "compute"} <= cats
+    for ev in trace["traceEvents"]:
+        if ev["ph"] == "X":
+            assert ev["dur"] > 0 and ev["ts"] >= 0
+    assert "read" in table and "GB/s" in table and "prefetch" in table
+
+
+def _launcher(model, *args):
+    return subprocess.Popen(
+        [os.path.join(REPO, "bin", "run-pipeline"), "--model", model, "--device", "cpu", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
+    kids = {}
+    for line in out:
+        if line.strip():
+            p, pp = map(int, line.split())
+            kids.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            found.append(k)
+            todo.append(k)
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_launcher_stops_within_5_s_on_signal(model, sig):
+    before = _segments()
+    p = _launcher(model, "--resident-layers", "0", "--host-cache-gb", "0", "-n", "100000",
+                  "--temperature", "1", "--ctx", "100000", "hello")
+    try:
+        # wait until it generates (the pipeline is up)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(_descendants(p.pid)) < 3:
+            time.sleep(0.2)
+        time.sleep(3)
+        kids = _descendants(p.pid)
+        assert kids, "the launcher started no processes"
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        p.wait(timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert p.returncode != 0
+        time.sleep(0.5)
+        alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]
+        assert not alive, f"processes left: {alive}"
+        assert not (_segments() - before)
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_launcher_pipeline_stats_and_trace(model, tmp_path):
+    trace = str(tmp_path / "t.json")
+    p = _launcher(model, "--resident-layers", "1", "-n", "8", "--temperature", "0", "--stats", "--trace", trace, "hi")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "stage" in err and "read" in err and f"events written to {trace}" in err
+    with open(trace) as f:
+        assert json.load(f)["traceEvents"]
+
+
+
