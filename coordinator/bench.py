@@ -1,0 +1,142 @@
+"""layerstream-bench: measure each stage on its own; `engine` times the whole model in one process."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from layerstream.errors import LayerstreamError
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo, with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, reps: int, device: torch.device) -> float:
+    """Median wall seconds of fn() over reps runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_engine(args) -> list[tuple[str, int, float, float]]:
+    """Rows (phase, batch, tokens per second, milliseconds per step) of the single-process engine."""
+    from layerstream.coordinator.engine import Engine
+
+    batches = sorted({1, *args.batch})
+    ctx = max(args.prompt_tokens, args.decode_prompt + args.decode_tokens) + 1
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
+                         prefill_chunk=args.prompt_tokens)
+    dev = engine.backend.device
+    gen = torch.Generator().manual_seed(0)
+    V = engine.hparams.n_vocab
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, V, (n,), generator=gen).tolist()
+
+    def prefill() -> None:
+        s = engine._new_seq()
+        try:
+            engine._prefill([s], [prompt])
+        finally:
+            engine._free_seq(s)
+
+    def decode(B: int):
+        def run() -> None:
+            seqs = [engine._new_seq() for _ in range(B)]
+            try:
+                logits = engine._prefill(seqs, [ids(args.decode_prompt) for _ in range(B)])
+                _sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(args.decode_tokens):
+                    nxt = logits.argmax(-1).tolist()
+                    logits = engine._feed(seqs, [[t] for t in nxt], "last")
+                _sync(dev)
+                run.elapsed.append(time.perf_counter() - t0)
+            finally:
+                for s in seqs:
+                    engine._free_seq(s)
+
+        run.elapsed = []
+        return run
+
+    rows = []
+    with engine:
+        prompt = ids(args.prompt_tokens)
+        t = _median_time(prefill, args.reps, dev)
+        rows.append(("prefill", 1, args.prompt_tokens / t, 1e3 * t))
+        for B in batches:
+            run = decode(B)
+            _median_time(run, args.reps, dev)
+            t = statistics.median(run.elapsed[1:])  # decode steps only, warm-up dropped
+            rows.append(("decode", B, B * args.decode_tokens / t, 1e3 * t / args.decode_tokens))
+        print(f"model: {engine.index.metadata.get('general.name', args.model or 'default')} "
+              f"({engine.hparams.n_layer} layers), device: {device_name(dev)}, dtype: {engine.backend.dtype}, "
+              f"torch {torch.__version__}")
+    return rows
+
+
+def print_table(rows: list[tuple[str, int, float, float]], args) -> None:
+    print(f"{'phase':<8} {'batch':>5} {'tokens/s':>10} {'ms/step':>9}")
+    for phase, B, tps, ms in rows:
+        print(f"{phase:<8} {B:>5} {tps:>10.1f} {ms:>9.2f}")
+    print(f"(prefill of {args.prompt_tokens} tokens; decode of {args.decode_tokens} tokens after "
+          f"{args.decode_prompt}; median of {args.reps} runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerstream-bench", description="Measure layerstream's stages.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="STAGE")
+    e = sub.add_parser("engine", help="the whole model resident in one process: prompt and decode tokens/s")
+    e.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    e.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute precision (default float16 on CUDA, float32 on CPU)")
+    e.add_argument("-p", "--prompt-tokens", type=int, default=256, help="prefill length (default 256)")
+    e.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per run (default 32)")
+    e.add_argument("--decode-prompt", type=int, default=16, help="prompt tokens before decoding (default 16)")
+    e.add_argument("-b", "--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8],
+                   help="decode batch sizes, comma separated (default 1,4,8)")
+    e.add_argument("--reps", type=int, default=3, help="timed runs per figure; the median is reported (default 3)")
+    e.set_defaults(func=lambda a: print_table(bench_engine(a), a))
+    # the streaming pipeline's stages (reader, transfer, compute) get their own subcommands here
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LayerstreamError as e:
+        print(f"layerstream-bench: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

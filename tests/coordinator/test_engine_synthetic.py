@@ -1,0 +1,112 @@
+"""The single-process engine on tiny synthetic GGUFs against the float64 reference forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ggufgen
+import reference
+from layerstream.compute.sampling import SamplingParams
+from layerstream.coordinator.engine import Engine
+from layerstream.errors import ContextFullError
+
+ARCHS = {  # name -> write_model arguments
+    "llama": dict(arch="llama"),
+    "llama-rope_freqs-tied": dict(arch="llama", rope_freqs=True, tied=True),
+    "qwen2": dict(arch="qwen2"),
+    "qwen3": dict(arch="qwen3"),
+}
+MIXED = ["Q4_K", "Q6_K", "Q8_0", "F16", "Q5_0", "Q2_K", "Q3_K", "Q5_K", "Q4_1", "Q5_1", "Q4_0", "F32"]
+QTYPES = {"F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_K": "Q4_K", "Q6_K": "Q6_K", "mixed": MIXED}
+K_TYPES = {"Q4_K", "Q6_K", "mixed"}  # rows of 256 values
+
+TOKENS = [5, 77, 200, 13, 13, 42, 250, 1, 99, 128, 64, 7, 31, 180, 3, 222, 17]
+
+
+def _write(tmp_path, arch: str, qtype: str, **kw) -> str:
+    size = dict(n_embd=256, n_ff=256) if qtype in K_TYPES else {}
+    return ggufgen.write_model(tmp_path / f"{arch}-{qtype}.gguf", qtype=QTYPES[qtype], **ARCHS[arch], **size, **kw)
+
+
+def _load(path, **kw) -> Engine:
+    kw = dict(device="cpu", dtype="float32", ctx=64, max_seqs=2) | kw
+    return Engine.load(str(path), **kw)
+
+
+def _assert_close(got: torch.Tensor, ref: np.ndarray, what: str) -> None:
+    ref_t = torch.from_numpy(ref)
+    scale = ref_t.abs().max().item()
+    err = (got.double() - ref_t).abs().max().item()
+    assert err < 1e-3 * scale, f"{what}: max abs diff {err:.3g} at logit scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_logits_match_reference(tmp_path, arch, qtype):
+    path = _write(tmp_path, arch, qtype)
+    ref = reference.reference_logits(path, TOKENS)
+    with _load(path) as e:
+        _assert_close(e.logits(TOKENS), ref, f"{arch}/{qtype} whole sequence")
+        # token by token through the KV cache, two sequences interleaved in one batch
+        a, b = e._new_seq(), e._new_seq()
+        steps = []
+        for t in TOKENS:
+            steps.append(e._feed([a, b], [[t], [TOKENS[0]]], "last")[0])
+        _assert_close(torch.stack(steps), ref, f"{arch}/{qtype} incremental")
+
+
+def test_greedy_generation_follows_reference(tmp_path):
+    path = _write(tmp_path, "qwen3", "Q8_0")
+    with _load(path) as e:
+        toks = list(TOKENS[:5])
+        eos = e.tokenizer.eos_ids
+        for _ in range(8):
+            nxt = int(reference.reference_logits(path, toks)[-1].argmax())
+            if nxt in eos:
+                break
+            toks.append(nxt)
+        out = e.generate_batch([TOKENS[:5]], SamplingParams(temperature=0, max_tokens=8))[0]
+        assert out == e.tokenizer.decode(toks[5:])
+
+
+def test_split_model_equals_unsplit(tmp_path):
+    path = _write(tmp_path, "llama", "Q8_0", n_layer=3)
+    parts = ggufgen.split_model(path, 3)
+    assert len(parts) == 3
+    with _load(path) as whole, _load(parts[0]) as split:
+        assert torch.equal(split.logits(TOKENS), whole.logits(TOKENS))
+
+
+def test_slide_keeps_sinks_and_recent_window(tmp_path):
+    """One layer: K/V depend on the token alone, so after sliding the logits equal a fresh pass over
+    the tokens the ring holds (sinks, then the newest), at positions 0..ctx-1."""
+    path = _write(tmp_path, "llama", "F32", n_layer=1)
+    seq = (TOKENS * 3)[:40]
+    with _load(path, ctx=16, on_context_full="slide", sink_tokens=4) as e:
+        s = e._new_seq()
+        for n, t in enumerate(seq, 1):
+            got = e._feed([s], [[t]], "last")[0]
+            held = seq[:n] if n <= 16 else seq[:4] + seq[n - 12 : n]
+            ref = reference.reference_logits(path, held)[-1]
+            _assert_close(got[None], ref[None], f"after {n} tokens")
+        assert s.ring.total == 40 and max(s.ring.slot_positions()) == 15
+
+
+def test_slide_generation_runs_past_ctx(tmp_path):
+    path = _write(tmp_path, "qwen2", "Q8_0")
+    with _load(path, ctx=16, on_context_full="slide", sink_tokens=4) as e:
+        out = e.generate_batch([TOKENS[:10]], SamplingParams(temperature=0.8, seed=1, max_tokens=40))[0]
+        assert e.finish_reasons == ["length"], "this seed draws no eos in 40 tokens"  # 50 tokens through ctx 16
+        assert out
+
+
+def test_context_full_error(tmp_path):
+    path = _write(tmp_path, "llama", "Q8_0")
+    with _load(path, ctx=16, on_context_full="error") as e:
+        with pytest.raises(ContextFullError, match=r"context size \(16 tokens\).*--ctx.*--on-context-full slide"):
+            e.logits(TOKENS)  # 17 tokens
+        assert e.logits(TOKENS[:16]).shape == (16, 256)  # the failed sequence gave its row back
+        with pytest.raises(ContextFullError):
+            list(e.generate(TOKENS[:14], SamplingParams(temperature=0, max_tokens=40)))

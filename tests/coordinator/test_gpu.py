@@ -1,0 +1,78 @@
+"""On a CUDA device: the engine against the CPU, and the pipeline streaming through a small VRAM budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import ggufgen
+import reference
+from layerstream.compute.sampling import SamplingParams
+from layerstream.coordinator.engine import Engine, EngineConfig, local_backend
+from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+from layerstream.loader.gguf_index import open_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
+
+TOKENS = [5, 17, 33, 80, 81, 90, 100, 7, 3, 250, 11, 42]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("gpu") / "tiny.gguf")
+    ggufgen.write_model(path, arch="llama", n_layer=6, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
+                        qtype=["Q4_K", "Q6_K", "Q8_0", "Q5_K"], seed=5)
+    return path
+
+
+def _engine(path, pcfg=None, dtype="float32", **kw):
+    index = open_model(path)
+    cfg = EngineConfig(device="cuda", dtype=dtype, ctx=kw.pop("ctx", 128), max_seqs=2, **kw)
+    backend = local_backend(index, cfg) if pcfg is None else pipeline_backend(index, cfg, pcfg)
+    return Engine(index, backend, cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_cuda_logits_match_the_float64_reference(tmp_path, arch):
+    path = ggufgen.write_model(str(tmp_path / f"{arch}.gguf"), arch=arch, n_layer=2, n_embd=256, n_ff=512,
+                               qtype=["Q4_K", "Q8_0"], seed=2)
+    want = reference.reference_logits(path, TOKENS)
+    with _engine(path) as e:
+        got = e.logits(TOKENS).double().numpy()
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    with _engine(path, dtype="float16") as e:
+        got16 = e.logits(TOKENS).double().numpy()
+    assert (got16.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_pipeline_on_cuda_streams_and_matches(model, tmp_path):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with _engine(model, dtype="float16") as e:
+        want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
+    pcfg = PipelineConfig(resident_layers=1, kv_on_host=False, trace=True, host_cache_gb=0)
+    with _engine(model, pcfg, dtype="float16") as e:
+        assert e.backend.plan.streamed, "the plan must stream layers for this test"
+        assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
+        snaps = e.backend.collect_stats()
+        path = str(tmp_path / "gpu.trace.json")
+        e.backend.write_trace(path, snaps)
+        compute_snap = next(s for s in snaps if s.get("role") == "compute")
+        assert compute_snap.get("pinned"), "the staging arena was not registered with CUDA"
+    with open(path) as f:
+        ev = [x for x in json.load(f)["traceEvents"] if x["ph"] == "X"]
+    copies = [(x["ts"], x["ts"] + x["dur"], x["args"].get("layer")) for x in ev if x["cat"] == "copy"]
+    computes = [(x["ts"], x["ts"] + x["dur"], x["args"].get("layer")) for x in ev if x["cat"] == "compute"
+                and "layer" in x["args"]]
+    assert copies and computes
+    overlap = sum(1 for a0, a1, la in copies for b0, b1, lb in computes if la != lb and a0 < b1 and b0 < a1)
+    assert overlap > 0, "no copy overlapped the compute of another layer"
+
+
+def test_pipeline_kv_on_host_matches_on_cuda(model):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with _engine(model, dtype="float16") as e:
+        want = e.generate_batch([TOKENS[:5]], params)
+    with _engine(model, PipelineConfig(resident_layers=0, kv_on_host=True, readers=2), dtype="float16") as e:
+        assert e.generate_batch([TOKENS[:5]], params) == want
