@@ -47,6 +47,8 @@ class ComputeWorker:
         self.cfg, self.links = cfg, links
         self.tl = Timeline("compute", cfg.ident, trace=cfg.trace)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = getattr(torch, cfg.dtype)
         self.arena = Arena.attach(cfg.arena["name"], cfg.arena["n_slots"], cfg.arena["slot_bytes"])
         self.registered = False

@@ -26,6 +26,7 @@ class StepMeta:
     tok_slot: torch.Tensor  # [T] physical KV slot each new token writes
     q_index: torch.Tensor  # [B, S] index of each padded query into the packed tokens
     q_valid: torch.Tensor  # [B, S] bool, False on padding
+    out_index: torch.Tensor  # [T] index of each packed token in the flattened [B*S] padded layout
     rows: torch.Tensor  # [B] KV-cache row of each sequence
     kv_len: int  # slots 0..kv_len-1 of the rows are read by attention
     cos_q: torch.Tensor  # [T, rope_dim/2]
@@ -97,7 +98,8 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
         attn_mask=meta.mask, enable_gqa=(H != Hkv),
     )  # [B, H, S, D]
-    o = o.transpose(1, 2)[meta.q_valid].reshape(T, H * D)  # back to packed order
+    B, S = meta.q_index.shape
+    o = o.transpose(1, 2).reshape(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
     return x + F.linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
 
 
@@ -141,6 +143,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         q_pos[b, :n] = torch.tensor(s.positions)
         kv_pos[b, : len(s.kv_pos)] = torch.tensor(s.kv_pos)
         t += n
+    out_index = q_valid.flatten().nonzero().flatten()  # on the host: no device sync
     mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, L]
     mask |= ~q_valid[:, :, None]  # padded queries see everything (finite; dropped later)
     tok_pos_t = torch.tensor(tok_pos, dtype=torch.long)
@@ -151,7 +154,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         tok_row=to(torch.tensor(tok_row, dtype=torch.long)),
         tok_b=to(torch.tensor(tok_b, dtype=torch.long)),
         tok_slot=to(torch.tensor(tok_slot, dtype=torch.long)),
-        q_index=to(q_index), q_valid=to(q_valid),
+        q_index=to(q_index), q_valid=to(q_valid), out_index=to(out_index),
         rows=to(torch.tensor([s.row for s in seqs], dtype=torch.long)),
         kv_len=L,
         cos_q=to(cos_q), sin_q=to(sin_q), cos_k=to(cos_k), sin_k=to(sin_k),

@@ -5,146 +5,27 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize, quantize
+from gguf.quants import quantize
+
+from layerstream.loader.synth import (  # noqa: F401 - re-exported for the tests
+    F16_FIELDS,
+    as_qtype,
+    bytes_to_unicode,
+    random_quant_blocks,
+    tokenizer_vocab,
+)
 
 ARCHS = ("llama", "qwen2", "qwen3")
 SPLIT_NAME = "{prefix}-{no:05d}-of-{count:05d}.gguf"  # llama.cpp's gguf-split naming
 
-# Byte offsets of the fp16 fields in one block of each quant type, as (scale fields, min fields).
-# Raw random blocks get these overwritten so dequantized weights have a chosen magnitude.
-_F16_FIELDS: dict[QT, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    QT.Q4_0: ((0,), ()),
-    QT.Q4_1: ((0,), (2,)),
-    QT.Q5_0: ((0,), ()),
-    QT.Q5_1: ((0,), (2,)),
-    QT.Q8_0: ((0,), ()),
-    QT.Q2_K: ((80,), (82,)),  # scales[16] qs[64] d dmin
-    QT.Q3_K: ((108,), ()),  # hmask[32] qs[64] scales[12] d
-    QT.Q4_K: ((0,), (2,)),  # d dmin scales[12] qs[128]
-    QT.Q5_K: ((0,), (2,)),  # d dmin scales[12] qh[32] qs[128]
-    QT.Q6_K: ((208,), ()),  # ql[128] qh[64] scales[16] d
-    QT.IQ2_XXS: ((0,), ()),  # d qs[64]
-    QT.IQ4_NL: ((0,), ()),
-}
-
-_BPE_TEXT = (
-    "the quick brown fox jumps over the lazy dog and then the dog sleeps in the sun "
-    "there is nothing in the world that the other one knows better than this one thing "
-    "hello world hello there in the beginning was the word and the word was with them"
-)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character map."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
-def _bpe_merges(n: int) -> list[tuple[str, str]]:
-    """Up to n merges learned by plain BPE on a fixed English text (GPT-2 style 'Ġ' spaces)."""
-    b2u = bytes_to_unicode()
-    words = Counter(tuple(b2u[b] for b in (" " + w).encode()) for w in _BPE_TEXT.split())
-    merges: list[tuple[str, str]] = []
-    while len(merges) < n:
-        pairs: Counter = Counter()
-        for w, c in words.items():
-            for a, b in zip(w, w[1:]):
-                pairs[(a, b)] += c
-        if not pairs:
-            break
-        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        merges.append(best)
-        new_words: Counter = Counter()
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new_words[tuple(out)] += c
-        words = new_words
-    return merges
-
-
-def tokenizer_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str], int, int]:
-    """(tokens, token types, merges, bos id, eos id) of a byte-level GPT-2 style vocab of n_vocab tokens.
-
-    Tokens: the byte alphabet (GPT-2's bytes_to_unicode, by byte value), merges learned on a
-    fixed text, <|unused_k|> fillers, and the control tokens <|bos|>, <|endoftext|> (eos) last. GGUF
-    cannot hold an empty merges array (and llama.cpp requires the key), so there is always
-    one merge at least; when n_vocab < 259 the top bytes 0xFF, 0xFE, ... (never found in
-    UTF-8 text) give up their slots to the merge and the two control tokens.
-    """
-    if n_vocab < 256:
-        raise ValueError(f"n_vocab={n_vocab}: a byte-level vocab needs at least 256 tokens")
-    n_bytes = min(256, n_vocab - 3)
-    b2u = bytes_to_unicode()
-    tokens = [b2u[b] for b in range(n_bytes)]
-    types = [int(gguf.TokenType.NORMAL)] * n_bytes
-    merges = _bpe_merges(n_vocab - n_bytes - 2)
-    assert merges, "the fixed BPE text always yields merges"
-    for a, b in merges:
-        tokens.append(a + b)
-        types.append(int(gguf.TokenType.NORMAL))
-    k = 0
-    while len(tokens) < n_vocab - 2:
-        tokens.append(f"<|unused_{k}|>")
-        types.append(int(gguf.TokenType.UNUSED))
-        k += 1
-    tokens += ["<|bos|>", "<|endoftext|>"]
-    types += [int(gguf.TokenType.CONTROL)] * 2
-    return tokens, types, [f"{a} {b}" for a, b in merges], n_vocab - 2, n_vocab - 1
-
-
-def _qtype(q) -> QT:
-    return q if isinstance(q, QT) else QT[str(q)]
-
-
-def random_quant_blocks(rng: np.random.Generator, shape: tuple[int, int], qtype, std: float) -> np.ndarray:
-    """Random raw blocks of `qtype` for a [rows, cols] matrix; dequantized std ~ `std`, mean ~ 0."""
-    qtype = _qtype(qtype)
-    if qtype not in _F16_FIELDS:
-        raise ValueError(f"no raw block layout known for {qtype.name}")
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    rows, cols = shape
-    if cols % block:
-        raise ValueError(f"{qtype.name} needs rows of a multiple of {block} values, got {cols}")
-    n_blocks = rows * cols // block
-    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    scale_offs, min_offs = _F16_FIELDS[qtype]
-
-    def put(d: np.ndarray, m: np.ndarray) -> np.ndarray:
-        for off in scale_offs:
-            raw[:, off : off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        for off in min_offs:
-            raw[:, off : off + 2] = m.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        return dequantize(raw, qtype).reshape(n_blocks, block).astype(np.float64)
-
-    ones, zeros = np.ones(n_blocks), np.zeros(n_blocks)
-    a = put(ones, zeros)  # the scale part, per block linear in d
-    b = put(zeros, ones) if min_offs else np.zeros_like(a)  # the min part, linear in the min field
-    r = -a.mean() / b.mean() if min_offs and abs(b.mean()) > 1e-12 else 0.0  # centre the weights
-    u = rng.uniform(0.5, 1.5, size=n_blocks)  # per-block scale variety
-    y = u[:, None] * (a + r * b)
-    s = std / max(float(y.std()), 1e-12)
-    put(s * u, s * r * u)
-    return raw.reshape(rows, cols // block * type_size)
+# Block writing and the tokenizer are shared with the benchmark models' writer.
+_F16_FIELDS = F16_FIELDS
+_qtype = as_qtype
 
 
 def _matrix(rng: np.random.Generator, shape: tuple[int, int], qtype: QT, std: float) -> tuple[np.ndarray, QT]:

@@ -1,0 +1,601 @@
+"""Each stage of the streaming pipeline measured on its own: reader, transfer, dequant, compute, pipeline.
+
+Every stage is a function of parsed arguments that prints a table of measured figures (median over
+--reps). `add_stage_parsers(subparsers)` registers them as subcommands (of layerstream-bench);
+`python -m layerstream.coordinator.stage_bench STAGE ...` runs one on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import mmap
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from layerstream.errors import LayerstreamError
+
+GB = 1e9
+FLOOR_GBS = 54.0  # host-to-GPU pinned copy on the lent H100 (DESIGN.md, "Physical limits")
+
+
+# -- shared helpers --------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "cpu"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def print_table(title: str, rows: list[dict], note: str = "") -> None:
+    """Rows of {column: value} as an aligned text table."""
+    print(title)
+    if rows:
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+        widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
+        print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+        for row in cells:
+            print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    if note:
+        print(note)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _load() -> str:
+    with contextlib.suppress(OSError):
+        return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return ""
+
+
+@contextlib.contextmanager
+def model_for(args):
+    """The model a stage measures: --model, a synthetic --shape written to a temp dir, or the default."""
+    from layerstream.loader.default_model import default_model_path
+    from layerstream.loader.gguf_index import open_model
+
+    if getattr(args, "shape", None):
+        from layerstream.loader.synth import write_shaped_model
+
+        with tempfile.TemporaryDirectory(prefix="layerstream-bench-") as d:
+            path = write_shaped_model(os.path.join(d, f"{args.shape}.gguf"), args.shape, args.layers, args.quant)
+            yield open_model(path)
+    else:
+        yield open_model(args.model or default_model_path())
+
+
+def _device(args) -> torch.device:
+    from layerstream.coordinator.engine import resolve_device
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+    return resolve_device(args.device)
+
+
+def _dtype(args, device):
+    from layerstream.coordinator.engine import resolve_dtype
+
+    return resolve_dtype(args.dtype, device)
+
+
+class _Timer:
+    """Seconds of a region: CUDA events on a GPU (no host sync inside), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, stream=None):
+        self.cuda = device.type == "cuda"
+        self.stream = stream
+
+    def __enter__(self):
+        if self.cuda:
+            self.e0, self.e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.e0.record(self.stream)
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.e1.record(self.stream)
+            self.e1.synchronize()
+            self.s = self.e0.elapsed_time(self.e1) / 1e3
+        else:
+            self.s = time.perf_counter() - self.t0
+
+
+def _median_s(fn, reps: int, device: torch.device, stream=None, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        with _Timer(device, stream) as t:
+            fn()
+        times.append(t.s)
+    return statistics.median(times)
+
+
+# -- reader: disk or page cache to staging -----------------------------------------------------------
+
+_libc = None
+
+
+def page_cache_fraction(path: str) -> float | None:
+    """Share of the file's pages in the page cache (mincore), or None where it cannot be asked."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.mmap.restype = ctypes.c_void_p
+            _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_long]
+            _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        size = os.path.getsize(path)
+        if size == 0:
+            return 1.0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                vec = np.zeros(-(-size // mmap.PAGESIZE), dtype=np.uint8)
+                if _libc.mincore(addr, size, vec.ctypes.data) != 0:
+                    return None
+                return float((vec & 1).mean())
+            finally:
+                _libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        return None
+
+
+def drop_cache(files) -> None:
+    """Ask the kernel to drop the files' clean cached pages (POSIX_FADV_DONTNEED; not root-only)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _reader_worker(r: int, files, direct: bool, arena_desc: dict, jobs, results) -> None:
+    """Reader r: per job, read its share of the layers (round-robin) into its own slot; report times."""
+    from layerstream.loader.arena import Arena
+    from layerstream.loader.reader import LayerReader
+
+    arena = Arena.from_wire(arena_desc)
+    try:
+        with LayerReader(files, direct) as rd:
+            while (job := jobs.get()) is not None:
+                t0 = time.monotonic()
+                n = 0
+                with arena.slot_view(r) as view:
+                    for ranges in job:
+                        n += rd.read_into(ranges, view)
+                results.put((r, n, t0, time.monotonic()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent as data
+        results.put((r, -1, repr(e), 0.0))
+    finally:
+        arena.close()
+
+
+def bench_reader(args) -> list[dict]:
+    from layerstream.loader.arena import Arena
+    from layerstream.loader.layout import layer_layouts
+
+    with model_for(args) as index:
+        layouts = layer_layouts(index)
+        n = args.readers
+        arena = Arena.create(n, max(lay.nbytes for lay in layouts))
+        ctx = mp.get_context("spawn")
+        jobs = [ctx.Queue() for _ in range(n)]
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_reader_worker, args=(r, index.files, args.direct, arena.describe(), jobs[r], results),
+                             daemon=True) for r in range(n)]
+        shares = [[lay.ranges() for lay in layouts[r::n]] for r in range(n)]
+        for p in procs:
+            p.start()
+
+        def one_pass() -> tuple[int, float]:
+            for r in range(n):
+                jobs[r].put(shares[r])
+            got = [results.get(timeout=600) for _ in range(n)]
+            bad = [g for g in got if g[1] < 0]
+            if bad:
+                raise LayerstreamError(f"reader {bad[0][0]} failed: {bad[0][2]}")
+            return sum(g[1] for g in got), max(g[3] for g in got) - min(g[2] for g in got)
+
+        rows, cold_cached = [], []
+        try:
+            for mode in ("cold", "warm"):
+                times, nbytes = [], 0
+                for _ in range(args.reps):
+                    if mode == "cold":
+                        drop_cache(index.files)
+                        cold_cached.append(statistics.fmean(
+                            f if (f := page_cache_fraction(x)) is not None else float("nan") for x in index.files))
+                    elif not times:
+                        one_pass()  # warm the page cache (and the readers)
+                    nbytes, dt = one_pass()
+                    times.append(dt)
+                dt = statistics.median(times)
+                rows.append({"mode": mode, "readers": n, "io": "O_DIRECT" if args.direct else "buffered",
+                             "GB": nbytes / GB, "s": dt, "GB/s": nbytes / dt / GB,
+                             "ms/layer": dt / len(layouts) * 1e3, "reps": args.reps})
+        finally:
+            for q in jobs:
+                q.put(None)
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+            arena.close()
+            arena.unlink()
+        cached = statistics.fmean(cold_cached) if cold_cached else float("nan")
+        verdict = ("looks cold" if cached < 0.05 else
+                   "NOT cold: the kernel kept the pages (tmpfs, or dirty/locked pages; drop caches needs root)")
+        if cached != cached:  # nan
+            verdict = "page-cache residency unknown (mincore failed)"
+        print_table(
+            f"reader: {os.path.basename(index.path)} ({len(layouts)} layers), disk/page cache -> staging arena "
+            f"({_load()})", rows,
+            f"cold = after posix_fadvise(DONTNEED): {cached:.0%} of the file still cached before reading, {verdict}; "
+            f"median of {args.reps}")
+    return rows
+
+
+# -- transfer: staging to device ----------------------------------------------------------------------
+
+def bench_transfer(args) -> list[dict]:
+    from layerstream.loader.arena import Arena
+
+    device = _device(args)
+    if args.size_mb:
+        size = int(args.size_mb * 2**20)
+    elif args.model or args.shape:
+        with model_for(args) as index:
+            from layerstream.loader.layout import layer_layouts
+
+            size = max(lay.nbytes for lay in layer_layouts(index))
+    else:
+        size = 512 * 2**20
+    n = args.slots
+    rows = []
+    with Arena.create(n, size) as arena:
+        for i in range(n):
+            arena.slot_array(i)[:] = i + 1  # touch every page
+        hosts = [torch.from_numpy(arena.slot_array(i)[:size]) for i in range(n)]
+        total = n * size
+        if device.type == "cuda":
+            rows += _transfer_cuda(args, device, arena, hosts, size)
+        else:
+            local = torch.empty(size, dtype=torch.uint8)
+
+            def copy():
+                for h in hosts:
+                    local.copy_(h)
+
+            dt = _median_s(copy, args.reps, device)
+            rows.append({"source": "shm arena", "path": "CPU memcpy (the CPU pipeline's copy stage)",
+                         "MB": size / 2**20, "slots": n, "s": dt, "GB/s": total / dt / GB, "reps": args.reps})
+        del hosts
+    print_table(f"transfer: staging -> {device_name(device)} ({_load()})", rows,
+                f"{n} slots of {size / 2**20:.1f} MiB per timed pass; median of {args.reps}")
+    return rows
+
+
+def _transfer_cuda(args, device, arena, hosts, size) -> list[dict]:
+    n = len(hosts)
+    dev = torch.empty(size, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device)
+    cudart = torch.cuda.cudart()
+    base = arena.slot_address(0)
+    err = cudart.cudaHostRegister(base, arena.nbytes, 0)
+    if int(err) != 0:
+        raise LayerstreamError(f"cudaHostRegister of the arena failed with CUDA error {int(err)}")
+    rows = []
+
+    def time_copies(srcs, label, path, to_host=False):
+        def run():
+            with torch.cuda.stream(side):
+                for s in srcs:
+                    if to_host:
+                        s.copy_(dev, non_blocking=True)
+                    else:
+                        dev.copy_(s, non_blocking=True)
+        dt = _median_s(run, args.reps, device, side)
+        rows.append({"source": label, "path": path, "MB": size / 2**20, "slots": len(srcs), "s": dt,
+                     "GB/s": len(srcs) * size / dt / GB, "reps": args.reps})
+
+    try:
+        time_copies(hosts, "shm arena", "H2D cudaHostRegister, side stream")
+        time_copies(hosts, "shm arena", "D2H cudaHostRegister, side stream", to_host=True)
+    finally:
+        cudart.cudaHostUnregister(base)
+    pinned = [torch.empty(size, dtype=torch.uint8).pin_memory() for _ in range(min(n, 2))]
+    time_copies(pinned, "torch pin_memory", "H2D, side stream")
+    del pinned
+    pageable = [torch.ones(size, dtype=torch.uint8)]
+    time_copies(pageable, "pageable", "H2D, side stream")
+    return rows
+
+
+# -- dequant: quantized bytes to weights on the device --------------------------------------------------
+
+def bench_dequant(args) -> list[dict]:
+    from gguf import GGMLQuantizationType as QT
+
+    from layerstream.compute.dequant import dequantize
+    from layerstream.compute.streamed import dequant_layout
+    from layerstream.loader.layout import layer_layouts
+
+    device = _device(args)
+    dtype = _dtype(args, device)
+    with model_for(args) as index:
+        layouts = layer_layouts(index)
+        picked = sorted(set(range(min(args.sample_layers, len(layouts)))) | {max(range(len(layouts)),
+                                                                                 key=lambda i: layouts[i].nbytes)})
+        raws = {}
+        for i in picked:
+            buf = np.zeros(layouts[i].nbytes, dtype=np.uint8)
+            for t in layouts[i].tensors:
+                buf[t.slot_offset : t.slot_offset + t.nbytes] = index.tensor_bytes(index.layers[i][t.name])
+            raws[i] = torch.from_numpy(buf).to(device)
+        rows = []
+        by_type: dict[int, list] = {}
+        for i in picked:
+            for t in layouts[i].tensors:
+                by_type.setdefault(t.qtype, []).append((i, t))
+        for qt, ts in sorted(by_type.items()):
+            def run(ts=ts):
+                for i, t in ts:
+                    dequantize(raws[i][t.slot_offset : t.slot_offset + t.nbytes], t.qtype, t.shape, t.name, dtype)
+            dt = _median_s(run, args.reps, device)
+            nb = sum(t.nbytes for _, t in ts)
+            nvals = sum(int(np.prod(t.shape)) for _, t in ts)
+            rows.append({"what": QT(qt).name, "tensors": len(ts), "MB in": nb / 1e6, "ms": dt * 1e3,
+                         "GB/s in": nb / dt / GB, "GB/s out": nvals * dtype.itemsize / dt / GB, "reps": args.reps})
+        per_layer = []
+        for i in picked:
+            dt = _median_s(lambda i=i: dequant_layout(raws[i], layouts[i], dtype), args.reps, device)
+            per_layer.append((dt, layouts[i].data_nbytes))
+        dt = statistics.median(d for d, _ in per_layer)
+        nb = statistics.median(b for _, b in per_layer)
+        rows.append({"what": "whole layer", "tensors": len(layouts[picked[0]].tensors), "MB in": nb / 1e6,
+                     "ms": dt * 1e3, "GB/s in": nb / dt / GB, "GB/s out": "", "reps": args.reps})
+        print_table(f"dequant: {os.path.basename(index.path)} layers {picked} on {device_name(device)}, "
+                    f"to {str(dtype).split('.')[-1]} ({_load()})", rows,
+                    f"whole layer: median over the layers of each one's median ms; "
+                    f"{len(layouts)} layers -> {dt * len(layouts) * 1e3:.1f} ms per pass of dequantization")
+    return rows
+
+
+# -- compute: the layers' forward with weights resident -------------------------------------------------
+
+def bench_compute(args) -> list[dict]:
+    from layerstream.compute.model import SeqStep, build_step_meta, layer_forward, rope_inv_freq
+    from layerstream.compute.runner import ResidentLayers
+
+    device = _device(args)
+    dtype = _dtype(args, device)
+    with model_for(args) as index:
+        hp = index.hparams
+        held = list(range(min(args.sample_layers, hp.n_layer)))
+        weights = ResidentLayers(index, device, dtype, layers=held).weights
+        rf = index.globals.get("rope_freqs.weight")
+        inv_freq = rope_inv_freq(hp, None if rf is None else torch.from_numpy(
+            np.array(index.tensor_bytes(rf)).view(np.float32).copy()))
+        batches = sorted(set(args.batch))
+        ctx = max(args.tokens, args.decode_context + 1)
+        kshape = (max(batches), ctx, hp.n_head_kv, hp.head_dim)
+        K = [torch.zeros(kshape, dtype=dtype, device=device) for _ in held]
+        V = [torch.zeros(kshape, dtype=dtype, device=device) for _ in held]
+        g = torch.Generator().manual_seed(0)
+        rows = []
+
+        def measure(phase: str, seqs: list, n_tok: int, B: int) -> None:
+            meta = build_step_meta(hp, inv_freq, seqs, device, dtype)
+            x0 = (torch.randn(n_tok, hp.n_embd, generator=g) * 0.5).to(device, dtype)
+
+            @torch.inference_mode()
+            def run():
+                x = x0
+                for i in range(hp.n_layer):  # the held layers in turn, standing for all n_layer
+                    j = i % len(held)
+                    x = layer_forward(hp, weights[held[j]], x, meta, K[j], V[j])
+                if not torch.isfinite(x).all():
+                    raise LayerstreamError("non-finite activations in the compute benchmark")
+
+            dt = _median_s(run, args.reps, device)
+            rows.append({"phase": phase, "batch": B, "tokens": n_tok, "ms/layer": dt / hp.n_layer * 1e3,
+                         "ms/pass": dt * 1e3, "tokens/s": n_tok / dt, "reps": args.reps})
+
+        T = args.tokens
+        measure("prompt", [SeqStep(0, [0] * T, list(range(T)), list(range(T)), list(range(T)))], T, 1)
+        L = args.decode_context
+        for B in batches:
+            seqs = [SeqStep(b, [0], [L], [L], list(range(L + 1))) for b in range(B)]
+            measure("decode", seqs, B, B)
+        print_table(f"compute: {os.path.basename(index.path)} ({hp.n_layer} layers, {len(held)} held resident and "
+                    f"cycled) on {device_name(device)}, {str(dtype).split('.')[-1]} ({_load()})", rows,
+                    f"decode: one new token per sequence after {L} cached; tokens/s for all {hp.n_layer} layers, "
+                    f"without the output head; median of {args.reps}")
+    return rows
+
+
+# -- pipeline: the whole streaming pipeline --------------------------------------------------------------
+
+def bench_pipeline(args) -> list[dict]:
+    from layerstream.coordinator.engine import Engine, EngineConfig
+    from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+
+    batches = sorted(set(args.batch))
+    with model_for(args) as index:
+        ctx = args.tokens + args.reps + 8
+        cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
+                           prefill_chunk=max(args.tokens, 1))
+        pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
+                              host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
+                              resident_layers=args.resident_layers, trace=bool(args.trace))
+        backend = pipeline_backend(index, cfg, pcfg)
+        rows = []
+        with Engine(index, backend, cfg) as engine:
+            plan = backend.plan
+            streamed = sum(lay.nbytes for i, lay in enumerate(backend.layouts) if i not in set(plan.resident))
+            floor = streamed / (args.floor_gbs * GB)
+            V = index.hparams.n_vocab
+            rng = np.random.default_rng(0)
+
+            def ids(k: int) -> list[int]:
+                return rng.integers(0, V, size=k).tolist()
+
+            def row(phase: str, B: int, n_tok: int, times: list[float]) -> None:
+                dt = statistics.median(times)
+                rows.append({"phase": phase, "batch": B, "tokens": n_tok, "s/pass": dt, "tokens/s": n_tok / dt,
+                             "streamed GB": streamed / GB, "GB/s": streamed / dt / GB, "floor s": floor,
+                             "x floor": dt / floor if floor else float("nan"), "reps": len(times)})
+
+            seqs = [engine._new_seq() for _ in range(max(batches))]
+            try:
+                engine._prefill(seqs, [ids(4) for _ in seqs])  # warm-up: every layer loaded once
+                engine._feed(seqs, [[1] for _ in seqs], "last")
+                for B in batches:
+                    times = []
+                    for _ in range(args.reps):
+                        t0 = time.perf_counter()
+                        engine._feed(seqs[:B], [[1] for _ in range(B)], "last")
+                        times.append(time.perf_counter() - t0)
+                    row("decode", B, B, times)
+            finally:
+                for s in seqs:
+                    engine._free_seq(s)
+            times = []
+            for _ in range(args.reps if args.tokens else 0):
+                s = engine._new_seq()
+                try:
+                    t0 = time.perf_counter()
+                    engine._prefill([s], [ids(args.tokens)])
+                    times.append(time.perf_counter() - t0)
+                finally:
+                    engine._free_seq(s)
+            if times:
+                row("prompt", 1, args.tokens, times)
+            snaps = backend.collect_stats()
+            print_table(f"pipeline: {os.path.basename(index.path)} ({index.hparams.n_layer} layers) on "
+                        f"{device_name(backend.device)} ({_load()})", rows,
+                        f"plan: {plan.describe()}\nfloor = streamed bytes / {args.floor_gbs:g} GB/s; "
+                        f"median of the timed passes after a warm-up")
+            print(backend.stats_table(snaps))
+            if args.trace:
+                n = backend.write_trace(args.trace, snaps)
+                print(f"trace: {n} events written to {args.trace}")
+    return rows
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def _common(p: argparse.ArgumentParser, reps: int = 5) -> None:
+    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--shape", help="measure a synthetic model of this shape instead (llama-3.1-8b, llama-3.1-70b, "
+                                   "smollm2-135m), written to a temporary directory")
+    p.add_argument("--layers", type=int, default=None, help="layers of the --shape model (default: the shape's)")
+    p.add_argument("--quant", default="Q4_K_M", help="quant mix of the --shape model (Q4_K_M, Q8_0, F16)")
+    p.add_argument("--reps", type=int, default=reps, help=f"timed repetitions; the median is reported (default {reps})")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute precision (default float16 on CUDA; on the CPU as the engine picks)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads torch uses (default: torch's)")
+
+
+def add_stage_parsers(sub) -> None:
+    """Register the stages reader, transfer, dequant, compute and pipeline as subcommands of `sub`."""
+    p = sub.add_parser("reader", help="disk or page cache to the staging arena: cold and warm GB/s")
+    _common(p, reps=3)
+    p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    p.add_argument("--direct", action="store_true", help="read with O_DIRECT")
+    p.set_defaults(func=bench_reader)
+
+    p = sub.add_parser("transfer", help="staging arena to the device (pinned, pageable); a memcpy on the CPU")
+    _common(p)
+    _device_args(p)
+    p.add_argument("--slots", type=int, default=4, help="arena slots copied per timed pass (default 4)")
+    p.add_argument("--size-mb", type=float, default=None,
+                   help="slot size in MiB (default: the --model's largest layer, else 512)")
+    p.set_defaults(func=bench_transfer)
+
+    p = sub.add_parser("dequant", help="dequantize whole layers on the device: GB/s per quant type, ms per layer")
+    _common(p)
+    _device_args(p)
+    p.add_argument("--sample-layers", type=int, default=2, help="first layers measured, plus the largest (default 2)")
+    p.set_defaults(func=bench_dequant)
+
+    p = sub.add_parser("compute", help="the layers' forward with weights resident: prompt and decode")
+    _common(p)
+    _device_args(p)
+    p.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
+    p.add_argument("-b", "--batch", type=_ints, default=[1, 8, 32], help="decode batch sizes (default 1,8,32)")
+    p.add_argument("--decode-context", type=int, default=512, help="cached tokens per decoding sequence (default 512)")
+    p.add_argument("--sample-layers", type=int, default=4,
+                   help="layers held resident and cycled through to stand for every layer (default 4)")
+    p.set_defaults(func=bench_compute)
+
+    p = sub.add_parser("pipeline", help="the whole streaming pipeline: seconds per pass against the PCIe floor")
+    _common(p)
+    _device_args(p)
+    p.add_argument("--tokens", type=int, default=512, help="prompt length timed after decode (0: none; default 512)")
+    p.add_argument("-b", "--batch", type=_ints, default=[1], help="decode batch sizes (default 1)")
+    p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GiB (as run-pipeline)")
+    p.add_argument("--resident-layers", type=int, default=None, help="keep this many layers resident (0: stream all)")
+    p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
+    p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    p.add_argument("--direct", action="store_true", help="read with O_DIRECT")
+    p.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
+    p.add_argument("--floor-gbs", type=float, default=FLOOR_GBS,
+                   help=f"host-to-device GB/s of the floor (default {FLOOR_GBS:g}, the H100 pinned copy)")
+    p.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON of the timed passes")
+    p.set_defaults(func=bench_pipeline)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m layerstream.coordinator.stage_bench",
+                                description="Measure one stage of layerstream's streaming pipeline.")
+    add_stage_parsers(p.add_subparsers(dest="cmd", required=True, metavar="STAGE"))
+    args = p.parse_args(argv)
+    try:
+        args.func(args)
+    except (LayerstreamError, ValueError) as e:
+        print(f"stage_bench: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Every stage of stage_bench runs on the CPU on a tiny model and prints its table."""
+
+import argparse
+
+import pytest
+
+from layerstream.coordinator import stage_bench
+from layerstream.loader.synth import ModelShape, write_shaped_model
+
+TINY = ModelShape("tiny", n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=2, n_vocab=300, context_length=512)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_shaped_model(tmp_path_factory.mktemp("sb") / "tiny.gguf", TINY)
+
+
+def run(capsys, *argv) -> str:
+    assert stage_bench.main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_reader(tiny, capsys):
+    out = run(capsys, "reader", "-m", tiny, "--reps", "1", "--readers", "2")
+    assert "cold" in out and "warm" in out and "GB/s" in out and "posix_fadvise" in out
+
+
+def test_transfer_is_a_cpu_memcpy(capsys):
+    out = run(capsys, "transfer", "--device", "cpu", "--reps", "1", "--slots", "2", "--size-mb", "4")
+    assert "CPU memcpy" in out and "GB/s" in out
+
+
+def test_transfer_slot_size_from_model(tiny, capsys):
+    out = run(capsys, "transfer", "-m", tiny, "--device", "cpu", "--reps", "1", "--slots", "1")
+    assert "512.0 MiB" not in out
+
+
+def test_dequant(tiny, capsys):
+    out = run(capsys, "dequant", "-m", tiny, "--device", "cpu", "--reps", "1")
+    assert "Q4_K" in out and "whole layer" in out and "ms" in out
+
+
+def test_compute(tiny, capsys):
+    out = run(capsys, "compute", "-m", tiny, "--device", "cpu", "--reps", "1", "--tokens", "16",
+              "-b", "1,2", "--decode-context", "8")
+    assert "prompt" in out and out.count("decode") >= 2 and "tokens/s" in out
+
+
+def test_compute_on_a_shape(capsys):
+    out = run(capsys, "compute", "--shape", "smollm2-135m", "--layers", "1", "--device", "cpu", "--reps", "1",
+              "--tokens", "8", "-b", "1", "--decode-context", "4")
+    assert "smollm2-135m.gguf" in out
+
+
+@pytest.mark.timeout(120)
+def test_pipeline(tiny, capsys, tmp_path):
+    trace = tmp_path / "t.json"
+    out = run(capsys, "pipeline", "-m", tiny, "--device", "cpu", "--reps", "1", "--tokens", "8",
+              "--resident-layers", "0", "-b", "1,2", "--trace", str(trace))
+    assert "x floor" in out and "streamed" in out and "wall time" in out and trace.exists()
+
+
+def test_add_stage_parsers_registers_every_stage():
+    p = argparse.ArgumentParser()
+    stage_bench.add_stage_parsers(p.add_subparsers(dest="cmd"))
+    for stage in ("reader", "transfer", "dequant", "compute", "pipeline"):
+        assert p.parse_args([stage]).func.__name__ == f"bench_{stage}"

@@ -1,0 +1,76 @@
+"""Synthetic models of real shapes: the index reads the right hparams and types; the engine runs them."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from layerstream.loader.gguf_index import open_model
+from layerstream.loader.synth import SHAPES, ModelShape, main, random_quant_blocks, tensor_type, write_shaped_model
+
+TINY = ModelShape("tiny", n_embd=256, n_ff=512, n_layer=3, n_head=4, n_head_kv=2, n_vocab=300,
+                  rope_theta=500000.0, rope_freqs=True, context_length=512)
+
+
+def test_smollm2_shape_two_layers(tmp_path):
+    path = write_shaped_model(tmp_path / "s.gguf", "smollm2-135m", n_layer=2)
+    idx = open_model(path)
+    hp, want = idx.hparams, SHAPES["smollm2-135m"]
+    assert (hp.arch, hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.n_vocab) == (
+        "llama", 2, want.n_embd, want.n_ff, want.n_head, want.n_head_kv, want.n_vocab)
+    assert hp.rope_theta == want.rope_theta and not hp.has_rope_freqs
+    # 576-wide rows do not fit 256-value K blocks: llama.cpp's fallbacks
+    assert idx.layers[0]["attn_q.weight"].qtype == QT.Q5_0
+    assert idx.layers[0]["ffn_down.weight"].qtype in (QT.Q4_K, QT.Q6_K)  # 1536-wide rows do
+    assert idx.globals["output.weight"].qtype == QT.Q8_0
+    assert idx.layers[1]["attn_norm.weight"].qtype == QT.F32
+
+
+def test_q4_k_m_mix_follows_llama_cpp():
+    n = 32
+    assert tensor_type("Q4_K_M", "blk.0.attn_v.weight", 4096, n) == QT.Q6_K
+    assert tensor_type("Q4_K_M", "blk.4.attn_v.weight", 4096, n) == QT.Q4_K
+    assert tensor_type("Q4_K_M", "blk.6.ffn_down.weight", 14336, n) == QT.Q6_K
+    assert tensor_type("Q4_K_M", "blk.5.ffn_up.weight", 4096, n) == QT.Q4_K
+    assert tensor_type("Q4_K_M", "token_embd.weight", 4096, n) == QT.Q4_K
+    assert tensor_type("Q4_K_M", "output.weight", 4096, n) == QT.Q6_K
+    assert tensor_type("Q8_0", "blk.5.ffn_up.weight", 4096, n) == QT.Q8_0
+    assert tensor_type("F16", "blk.5.attn_norm.weight", 4096, n) == QT.F32
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "F16"])
+def test_tiny_shape_runs_in_the_engine(tmp_path, quant):
+    from layerstream.coordinator.engine import Engine
+
+    path = write_shaped_model(tmp_path / f"t-{quant}.gguf", TINY, quant=quant)
+    idx = open_model(path)
+    assert idx.hparams.has_rope_freqs and idx.hparams.n_layer == 3
+    sizes = [idx.layer_nbytes(i) for i in range(3)]
+    if quant == "Q4_K_M":  # llama.cpp gives the last eighth of the layers Q6_K attn_v and ffn_down
+        assert sizes[2] > sizes[0] == sizes[1]
+    with Engine.load(path, device="cpu", dtype="float32", ctx=32) as eng:
+        lg = eng.logits([1, 2, 3, 4, 5])
+    assert lg.shape == (5, TINY.n_vocab) and torch.isfinite(lg).all()
+    assert 0.05 < float(lg.std()) < 100
+
+
+def test_sampled_calibration_gives_the_wanted_spread():
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(0)
+    for qt in (QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.Q5_0):
+        raw = random_quant_blocks(rng, (64, 512), qt, 0.02, sample_blocks=16)
+        w = dequantize(raw, qt)
+        assert np.isfinite(w).all()
+        assert 0.01 < w.std() < 0.04 and abs(w.mean()) < 0.005, qt.name
+
+
+def test_cli_prints_size_and_time(tmp_path, capsys):
+    out = tmp_path / "c.gguf"
+    assert main([str(out), "--shape", "smollm2-135m", "--layers", "1", "--quant", "Q8_0"]) == 0
+    text = capsys.readouterr().out
+    assert "GB" in text and " s " in text and out.exists()
+    assert open_model(out).hparams.n_layer == 1
+    assert math.isclose(out.stat().st_size / 1e9, float(text.split(" GB")[0].split()[-1]), abs_tol=1e-3)
