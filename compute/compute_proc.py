@@ -60,7 +60,7 @@ class ComputeWorker:
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
         self.source = StreamedLayers(
-            layouts, self.arena.slot_array, self._wait_ready, self._layer_done,
+            layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl,
         )
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
@@ -72,16 +72,18 @@ class ComputeWorker:
         err = torch.cuda.cudart().cudaHostRegister(base, size, 0)
         self.registered = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
 
-    def _wait_ready(self, step: int, layer: int) -> int:
-        self.tl.incr("prefetch_hit" if (step, layer) in self.ready_slots else "prefetch_miss")
-        while (step, layer) not in self.ready_slots:
-            msg = self.links.recv()
+    def _pump(self, block: bool) -> None:
+        """Take in one message (waiting for it when `block`), or all that are queued."""
+        while True:
+            msg = self.links.recv(None if block else 0)
+            if msg is None:
+                return
             if isinstance(msg, LayerReady):
                 self.ready_slots[(msg.step, msg.layer)] = msg.slot
-            # anything else mid-step is out of order: counted and dropped
-            elif msg is not None:
+            else:  # anything else mid-step is out of order: counted and dropped
                 self.tl.incr("unexpected_messages")
-        return self.ready_slots.pop((step, layer))
+            if block:
+                return
 
     def _layer_done(self, step: int, layer: int, slot: int) -> None:
         self.links.send(LayerDone(step, layer, slot))

@@ -121,11 +121,14 @@ def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torc
 
 
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
-                    dtype: torch.dtype) -> StepMeta:
-    """Pack the step's sequences; positions come from the KV ring of each sequence."""
+                    dtype: torch.dtype, kv_len: int | None = None) -> StepMeta:
+    """Pack the step's sequences; positions come from the KV ring of each sequence.
+
+    kv_len pads the attended slots to a fixed length (masked), for captured CUDA graphs.
+    """
     B = len(seqs)
     S = max(len(s.slots) for s in seqs)
-    L = max(len(s.kv_pos) for s in seqs)
+    L = max(kv_len or 0, max(len(s.kv_pos) for s in seqs))
     tok_row, tok_b, tok_slot, tok_pos = [], [], [], []
     q_index = torch.zeros(B, S, dtype=torch.long)
     q_valid = torch.zeros(B, S, dtype=torch.bool)

@@ -160,8 +160,10 @@ class ModelRunner:
     """Forward steps for a batch of sequences over a layer source and a KV store."""
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
-                 ctx: int, max_seqs: int = 1, kv_on_host: bool = False):
+                 ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True):
         self.hp, self.glob, self.source = hp, glob, source
+        self.use_graphs = use_graphs
+        self.graphs: dict[tuple[int, int], tuple] = {}
         self.device, self.dtype = torch.device(device), dtype
         self.ctx, self.max_seqs = ctx, max_seqs
         self.inv_freq = rope_inv_freq(hp, glob.rope_freqs)
@@ -170,15 +172,60 @@ class ModelRunner:
     def close(self) -> None:
         pass
 
+    def _graphable(self, seqs: list[SeqStep], want: str) -> bool:
+        """Decode steps of a resident model on CUDA replay a captured graph (launch cost dominates)."""
+        return (self.use_graphs and self.device.type == "cuda" and want == "last"
+                and isinstance(self.source, ResidentLayers) and type(self.kv) is DeviceKV
+                and all(len(s.tokens) == 1 for s in seqs))
+
     @torch.inference_mode()
     def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
         """Run all layers over the new tokens of `seqs`; logits of the last ("last") or every ("all") token."""
-        hp = self.hp
         for s in seqs:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
-        meta = build_step_meta(hp, self.inv_freq, seqs, self.device, self.dtype)
+        if self._graphable(seqs, want):
+            return self._graph_step(seqs)
+        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype)
         toks = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
+        return self._forward(toks.to(self.device), meta, seqs, want)
+
+    def _graph_step(self, seqs: list[SeqStep]) -> torch.Tensor:
+        """One decode step through a CUDA graph captured per (batch, padded KV length)."""
+        L = max(len(s.kv_pos) for s in seqs)
+        Lb = min(self.ctx, max(256, 1 << (L - 1).bit_length()))
+        key = (len(seqs), Lb)
+        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype, kv_len=Lb)
+        toks = torch.tensor([s.tokens[0] for s in seqs], dtype=torch.long, device=self.device)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(toks, meta, seqs)
+        graph, s_toks, s_meta, s_out = g
+        s_toks.copy_(toks)
+        for f in dataclasses.fields(StepMeta):
+            v = getattr(meta, f.name)
+            if isinstance(v, torch.Tensor):
+                getattr(s_meta, f.name).copy_(v)
+        graph.replay()
+        return s_out.clone()
+
+    def _capture(self, toks, meta, seqs):
+        s_toks = toks.clone()
+        s_meta = dataclasses.replace(meta, **{f.name: getattr(meta, f.name).clone()
+                                              for f in dataclasses.fields(StepMeta)
+                                              if isinstance(getattr(meta, f.name), torch.Tensor)})
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
+            self._forward(s_toks, s_meta, seqs, "last")
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            s_out = self._forward(s_toks, s_meta, seqs, "last")
+        return graph, s_toks, s_meta, s_out
+
+    def _forward(self, toks: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str):
+        hp = self.hp
         x = self.glob.embed(toks)  # [T, E]
         self.source.begin_step()
         for i in range(hp.n_layer):
@@ -189,7 +236,7 @@ class ModelRunner:
             self.source.release(i)
         if want == "none":
             return None
-        if want == "last":
+        if want == "last" and x.shape[0] != len(seqs):
             ends = torch.tensor(np.cumsum([len(s.tokens) for s in seqs]) - 1, device=self.device)
             x = x[ends]
         return head_forward(hp, x, self.glob.norm, self.glob.head)

@@ -39,10 +39,11 @@ class StreamedLayers:
     """LayerSource over staging slots; `wait_ready(step, layer)` blocks on the coordinator's messages."""
 
     def __init__(self, layouts: list[LayerLayout], slot_array: Callable[[int], np.ndarray],
-                 wait_ready: Callable[[int, int], int], layer_done: Callable[[int, int, int], None],
+                 ready: dict[tuple[int, int], int], pump: Callable[[bool], None],
+                 layer_done: Callable[[int, int, int], None],
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline):
         self.layouts = layouts
-        self.slot_array, self.wait_ready, self.layer_done = slot_array, wait_ready, layer_done
+        self.slot_array, self.ready, self.pump, self.layer_done = slot_array, ready, pump, layer_done
         self.device, self.dtype = torch.device(device), dtype
         self.resident_ids = set(resident)
         self.resident: dict[int, LayerWeights] = {}
@@ -54,7 +55,8 @@ class StreamedLayers:
             self.vram = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(max(vram_slots, 1))]
             self.copy_stream = torch.cuda.Stream(self.device)
             self.freed = [None] * len(self.vram)  # event: dequant done reading that VRAM slot
-            self.next_vram = 0
+            self.free_vram = list(range(len(self.vram)))
+            self.copies: dict[int, tuple] = {}  # layer -> (vram slot, staging slot, c0, c1)
             self.gpu_events: list[tuple] = []
             self.layer_start: dict[int, torch.cuda.Event] = {}
 
@@ -72,14 +74,12 @@ class StreamedLayers:
                 ev.record(torch.cuda.current_stream(self.device))
                 self.layer_start[i] = ev
             return self.resident[i]
-        t0 = time.monotonic_ns()
-        slot = self.wait_ready(self.step_no, i)
-        self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
         lay = self.layouts[i]
-        host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
         if self.cuda:
-            w = self._layer_cuda(i, slot, host, lay)
+            w = self._layer_cuda(i, lay)
         else:  # the same stages as on CUDA: copy out of staging, give the slot back, dequantize
+            slot = self._wait_ready(i)
+            host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             with self.tl.span("copy", f"copy L{i}", nbytes=lay.nbytes, layer=i):
                 local = host.clone()
             self.layer_done(self.step_no, i, slot)
@@ -89,18 +89,49 @@ class StreamedLayers:
             self.resident[i] = w
         return w
 
-    def _layer_cuda(self, i: int, slot: int, host: torch.Tensor, lay: LayerLayout) -> LayerWeights:
-        k = self.next_vram
-        self.next_vram = (k + 1) % len(self.vram)
-        dev = self.vram[k]
-        cs = self.copy_stream
-        c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(cs):
-            if self.freed[k] is not None:
-                cs.wait_event(self.freed[k])
-            c0.record(cs)
-            dev[: lay.nbytes].copy_(host, non_blocking=True)
-            c1.record(cs)
+    def _wait_ready(self, i: int) -> int:
+        key = (self.step_no, i)
+        self.tl.incr("prefetch_hit" if key in self.ready else "prefetch_miss")
+        t0 = time.monotonic_ns()
+        while key not in self.ready:
+            self.pump(True)
+        self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
+        return self.ready.pop(key)
+
+    def _issue_copies(self, first: int) -> None:
+        """Start copies of announced layers first, first+1, ... into free VRAM slots, in order."""
+        self.pump(False)
+        for j in range(first, len(self.layouts)):
+            if j in self.resident:
+                continue
+            if j in self.copies:
+                continue
+            key = (self.step_no, j)
+            if key not in self.ready or not self.free_vram:
+                break
+            slot, k = self.ready.pop(key), self.free_vram.pop(0)
+            lay = self.layouts[j]
+            host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
+            cs = self.copy_stream
+            c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(cs):
+                if self.freed[k] is not None:
+                    cs.wait_event(self.freed[k])  # the dequantization that read slot k has run
+                c0.record(cs)
+                self.vram[k][: lay.nbytes].copy_(host, non_blocking=True)
+                c1.record(cs)
+            self.copies[j] = (k, slot, c0, c1)
+
+    def _layer_cuda(self, i: int, lay: LayerLayout) -> LayerWeights:
+        key = (self.step_no, i)
+        self.tl.incr("prefetch_hit" if key in self.ready or i in self.copies else "prefetch_miss")
+        t0 = time.monotonic_ns()
+        self._issue_copies(i)
+        while i not in self.copies:
+            self.pump(True)
+            self._issue_copies(i)
+        self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
+        k, slot, c0, c1 = self.copies.pop(i)
         t0 = time.monotonic_ns()
         c1.synchronize()  # the staging slot may be reused once the copy is done
         self.tl.add("wait_copy", f"wait copy L{i}", t0, time.monotonic_ns() - t0)
@@ -110,11 +141,13 @@ class StreamedLayers:
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
         self.layer_start[i] = d0
-        w = dequant_layout(dev, lay, self.dtype)
+        w = dequant_layout(self.vram[k], lay, self.dtype)
         d1.record(cur)
         self.freed[k] = d1  # dequantize wrote fresh tensors: the VRAM slot is free after it
+        self.free_vram.append(k)
         self.gpu_events.append(("copy", i, c0, c1, lay.nbytes))
         self.gpu_events.append(("dequant", i, d0, d1, lay.data_nbytes))
+        self._issue_copies(i + 1)  # the freed slot takes the next announced layer at once
         return w
 
     def release(self, i: int) -> None:

@@ -76,3 +76,13 @@ def test_pipeline_kv_on_host_matches_on_cuda(model):
         want = e.generate_batch([TOKENS[:5]], params)
     with _engine(model, PipelineConfig(resident_layers=0, kv_on_host=True, readers=2), dtype="float16") as e:
         assert e.generate_batch([TOKENS[:5]], params) == want
+
+
+def test_cuda_graph_decode_matches_eager(model):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with _engine(model, dtype="float16") as e:
+        e.backend.use_graphs = False
+        want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
+    with _engine(model, dtype="float16") as e:
+        assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
+        assert e.backend.graphs, "decode steps did not use a captured graph"
