@@ -60,8 +60,11 @@ def tensor_nbytes(qtype: int, shape: Sequence[int]) -> int:
 
 
 def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str = "?",
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantize the 1-D uint8 bytes `raw` into a new `dtype` tensor of `shape` on raw.device."""
+               dtype: torch.dtype = torch.float32, fused: bool = True) -> torch.Tensor:
+    """Dequantize the 1-D uint8 bytes `raw` into a new `dtype` tensor of `shape` on raw.device.
+
+    On CUDA, types with a fused Triton kernel (dequant_triton.py) use it unless fused=False.
+    """
     check_supported(qtype, name)
     try:
         nbytes = tensor_nbytes(qtype, shape)
@@ -75,6 +78,11 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str 
     # fp16 field of every supported block sits at an even offset within an even-sized block.
     if not raw.is_contiguous() or raw.storage_offset() % 4:
         raw = raw.clone()
+    if fused and raw.is_cuda:
+        from layerstream.compute import dequant_triton
+
+        if dequant_triton.available(raw, qtype):
+            return dequant_triton.dequantize(raw, qtype, shape, dtype)
     if (src := _FLOAT_DTYPES.get(qtype)) is not None:
         # .to() copies when the dtype changes; clone otherwise so the result never aliases raw
         out = raw.view(src).to(dtype)
