@@ -69,7 +69,9 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     dense = [p * dtype_bytes for p in params]
     kv = 2 * n * max_seqs * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes
     head = hp.n_vocab * hp.n_embd * dtype_bytes
-    scratch = 3 * max(dense) + max_seqs * min(ctx, 512) * hp.n_vocab * 4  # one layer dequantized + logits
+    # one layer dequantized (and its temporaries), activations of a prefill chunk, the logits
+    chunk = min(ctx, 512) * max_seqs
+    scratch = 2 * max(dense) + chunk * (3 * hp.n_ff + 4 * hp.n_embd) * dtype_bytes + 2 * max_seqs * hp.n_vocab * 4
     fixed = head + scratch
 
     if resident_layers is None:
@@ -88,10 +90,12 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     resident_layers = max(0, min(n, resident_layers))
     resident = tuple(range(resident_layers))
     streamed = tuple(range(resident_layers, n))
-    vram_slots = 0 if not streamed else 2
+    # NOTE: with two VRAM slots the copy of layer i+2 waits for the dequantization of layer i;
+    # four keep the copy engine busy back to back (measured on H100: 1.7x against 1.2x the floor).
+    vram_slots = 0 if not streamed else 4
     if vram_bytes is not None and streamed:
         spare = vram_bytes - fixed - sum(dense[:resident_layers]) - (0 if kv_on_host else kv)
-        vram_slots = max(2, min(4, spare // slot_bytes)) if spare > 0 else 2
+        vram_slots = int(max(2, min(4, spare // slot_bytes))) if spare > 0 else 2
     if kv_on_host is None:
         kv_on_host = vram_bytes is not None and (
             fixed + kv + sum(dense[:resident_layers]) + vram_slots * slot_bytes > vram_bytes)
@@ -104,7 +108,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             f"{'' if kv_on_host else f' plus {_gib(kv)} of KV cache (or --kv-on-host)'}; raise --vram-gb or lower --ctx"
         )
     if prefetch is None:
-        prefetch = min(max(2, vram_slots), max(1, len(streamed))) if streamed else 1
+        prefetch = min(vram_slots + 2, max(1, len(streamed))) if streamed else 1
     if prefetch < 1:
         raise ConfigError(f"--prefetch {prefetch}: must be at least 1")
     stream_slots = prefetch + 1

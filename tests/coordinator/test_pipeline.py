@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 import zmq
 
 import ggufgen
@@ -92,15 +93,18 @@ def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     from layerstream.coordinator.plan import GiB, make_plan
     from layerstream.loader.layout import layer_layouts
 
+    from layerstream.compute.runner import default_dtype
+
+    nb = torch.finfo(default_dtype(torch.device("cpu"))).bits // 8  # the engine's dtype
     layouts = layer_layouts(index)
-    full = make_plan(index, layouts, vram_bytes=None, host_cache_bytes=None, dtype_bytes=4, ctx=64, max_seqs=2)
+    full = make_plan(index, layouts, vram_bytes=None, host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2)
     assert full.resident == (0, 1, 2, 3) and not full.streamed
     # the budget of the fixed part, two VRAM slots and two dense layers
-    dense = sum(t.shape[0] * (t.shape[1] if len(t.shape) > 1 else 1) * 4 for t in index.layers[0].values())
-    probe = make_plan(index, layouts, vram_bytes=10 * GiB, host_cache_bytes=None, dtype_bytes=4, ctx=64,
+    dense = sum(t.shape[0] * (t.shape[1] if len(t.shape) > 1 else 1) * nb for t in index.layers[0].values())
+    probe = make_plan(index, layouts, vram_bytes=10 * GiB, host_cache_bytes=None, dtype_bytes=nb, ctx=64,
                       max_seqs=2, resident_layers=0)
     budget = probe.device_bytes + 2 * dense + 1024
-    plan = make_plan(index, layouts, vram_bytes=budget, host_cache_bytes=None, dtype_bytes=4, ctx=64, max_seqs=2)
+    plan = make_plan(index, layouts, vram_bytes=budget, host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2)
     assert plan.resident == (0, 1) and plan.streamed == (2, 3)
     with _engine(model, PipelineConfig(vram_gb=budget / GiB)) as e:
         assert e.backend.plan.resident == (0, 1)
