@@ -165,6 +165,11 @@ class ModelRunner:
         self.use_graphs = use_graphs
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.device, self.dtype = torch.device(device), dtype
+        if self.device.type == "cuda":
+            # NOTE: cuDNN attention builds an execution plan per new shape (tens of ms each,
+            # measured as a 56 ms first layer every decode step on H200); the flash and
+            # memory-efficient kernels have no such cost.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.ctx, self.max_seqs = ctx, max_seqs
         self.inv_freq = rope_inv_freq(hp, glob.rope_freqs)
         self.kv = (HostKV if kv_on_host else DeviceKV)(hp, max_seqs, ctx, self.device, dtype)
@@ -186,7 +191,10 @@ class ModelRunner:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
         if self._graphable(seqs, want):
             return self._graph_step(seqs)
-        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype)
+        # pad the attended length to a multiple of 256: kernels see a few shapes, not one a token
+        L = max(len(s.kv_pos) for s in seqs)
+        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
+                               kv_len=min(self.ctx, -(-L // 256) * 256))
         toks = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
         return self._forward(toks.to(self.device), meta, seqs, want)
 
