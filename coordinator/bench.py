@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     e.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute precision (default float16 on CUDA, float32 on CPU)")
+                   help="compute precision (default float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions, else float32)")
     e.add_argument("-p", "--prompt-tokens", type=int, default=256, help="prefill length (default 256)")
     e.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per run (default 32)")
     e.add_argument("--decode-prompt", type=int, default=16, help="prompt tokens before decoding (default 16)")
@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode batch sizes, comma separated (default 1,4,8)")
     e.add_argument("--reps", type=int, default=3, help="timed runs per figure; the median is reported (default 3)")
     e.set_defaults(func=lambda a: print_table(bench_engine(a), a))
-    # the streaming pipeline's stages (reader, transfer, compute) get their own subcommands here
+    from layerstream.coordinator.stage_bench import add_stage_parsers
+
+    add_stage_parsers(sub)
     return p
 
 

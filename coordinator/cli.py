@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sink-tokens", type=int, default=4, help="tokens kept at the start when sliding (default 4)")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute precision (default float16 on CUDA, float32 on CPU)")
+                   help="compute precision (default float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions, else float32)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
     g.add_argument("--single-process", action="store_true",
                    help="run the whole model in this process (the reference engine) instead of the pipeline")
