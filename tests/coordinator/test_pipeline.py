@@ -268,3 +268,23 @@ def test_launcher_pipeline_stats_and_trace(model, tmp_path):
 
 
 
+
+
+def test_split_model_parts_on_two_drives_one_reader_each(model, reference, tmp_path):
+    src = tmp_path / "tiny.gguf"
+    src.write_bytes(open(model, "rb").read())
+    parts = ggufgen.split_model(str(src), 2)
+    drives = [tmp_path / "driveA", tmp_path / "driveB"]
+    here = tmp_path / "model"
+    here.mkdir()
+    for part, drive in zip(parts, drives):
+        drive.mkdir()
+        moved = drive / os.path.basename(part)
+        os.replace(part, moved)
+        os.symlink(moved, here / os.path.basename(part))
+    first = str(here / os.path.basename(parts[0]))
+    pcfg = PipelineConfig(resident_layers=0, host_cache_gb=0, readers=2, reader_dirs=tuple(map(str, drives)))
+    with _engine(first, pcfg) as e:
+        assert _generate(e) == reference
+        plan = e.backend.reader_plan
+        assert [len(f) for f in plan.files] == [1, 1]
