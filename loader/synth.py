@@ -217,6 +217,19 @@ QUANT_MIXES = ("Q4_K_M", "Q8_0", "F16")
 _K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 
+def add_tokenizer(w, n_vocab: int) -> None:
+    """Write a minimal gpt2-style byte-level tokenizer of n_vocab tokens into a GGUFWriter."""
+    tokens, types, merges, bos, eos = tokenizer_vocab(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+
+
 def _more_bits(i: int, n: int) -> bool:
     """llama.cpp's use_more_bits: the layers whose attn_v / ffn_down get Q6_K in Q4_K_M."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
@@ -351,15 +364,7 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
     w.add_rope_freq_base(shape.rope_theta)
     w.add_rope_dimension_count(shape.head_dim)
     w.add_vocab_size(shape.n_vocab)
-    tokens, types, merges, bos, eos = tokenizer_vocab(shape.n_vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(bos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
+    add_tokenizer(w, shape.n_vocab)
     for t in tensors:  # the table first (torch-order shapes; GGUFWriter reverses them) ...
         w.add_tensor_info(t.name, t.shape, np.float16 if t.qtype == QT.F16 else np.float32, t.nbytes, raw_dtype=t.qtype)
     w.write_header_to_file()

@@ -14,6 +14,7 @@ from gguf.quants import quantize
 
 from layerstream.loader.synth import (  # noqa: F401 - re-exported for the tests
     F16_FIELDS,
+    add_tokenizer,
     as_qtype,
     bytes_to_unicode,
     random_quant_blocks,
@@ -111,15 +112,7 @@ def write_model(
     if arch == "qwen3" or head_dim != n_embd // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    tokens, types, merges, bos, eos = tokenizer_vocab(n_vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(bos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
+    add_tokenizer(w, n_vocab)
 
     def add(name: str, arr: np.ndarray, qt: QT) -> None:
         if name not in omit:
