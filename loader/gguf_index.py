@@ -219,6 +219,12 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
     files = split_files(path)
     readers = [_open_reader(f) for f in files]
     md = read_metadata(readers[0])
+    count = int(md.get("split.count", 1) or 1)
+    if count > 1 and len(files) == 1:
+        raise ModelError(
+            f"{path}: part of a {count}-part split model, but its name does not end in -00001-of-{count:05d}.gguf; "
+            "keep the names gguf-split gave the parts and pass the first one"
+        )
     all_tensors: dict[str, TensorInfo] = {}
     for f, r in zip(files, readers):
         for t in _tensors_of(r, f):

@@ -267,3 +267,12 @@ def test_tokenizer_loads_in_transformers(tmp_path, n_vocab):
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text and max(ids) < n_vocab - 2
     assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (n_vocab - 2, n_vocab - 1, n_vocab)
+
+
+def test_renamed_split_part_is_a_clear_error(tmp_path):
+    parts = ggufgen.split_model(ggufgen.write_model(str(tmp_path / "m.gguf")), 2)
+    renamed = str(tmp_path / "renamed.gguf")
+    os.rename(parts[0], renamed)
+    with pytest.raises(ModelError, match="part of a 2-part split model") as e:
+        open_model(renamed)
+    assert "\n" not in str(e.value)
