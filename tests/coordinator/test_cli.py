@@ -99,3 +99,23 @@ def test_perplexity_of_missing_file(tmp_path):
     r = run_pipeline("-m", path, "--perplexity", str(tmp_path / "absent.txt"))
     assert r.returncode != 0
     assert r.stderr.splitlines() == [f"run-pipeline: error: --perplexity {tmp_path / 'absent.txt'}: no such file"]
+
+
+def test_interactive_chat_keeps_the_conversation(smollm_engine, monkeypatch, capsys):
+    from layerstream.compute.sampling import SamplingParams
+    from layerstream.coordinator import cli
+
+    lines = iter(["My name is Ada.", "What is my name?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    prompts, real = [], smollm_engine.generate
+
+    def generate(ids, params):
+        prompts.append(smollm_engine.tokenizer.decode(ids))
+        yield from real(ids, params)
+
+    monkeypatch.setattr(smollm_engine, "generate", generate)
+    cli._interactive_chat(smollm_engine, SamplingParams(temperature=0, max_tokens=12), None)
+    first_reply = capsys.readouterr().out.split("\n")[0]
+    assert len(prompts) == 2
+    assert "My name is Ada." in prompts[1] and first_reply.strip() in prompts[1]
+    assert prompts[1].rstrip().endswith("assistant")  # the generation prompt of the template
