@@ -92,6 +92,8 @@ class ComputeWorker:
         snap = self.tl.snapshot()
         snap["bad_messages"] = self.links.bad.stats()
         snap["pinned"] = self.registered
+        if self.device.type == "cuda":
+            snap["device_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
         return snap
 
     def _gpu_timeline(self) -> None:

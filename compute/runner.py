@@ -87,21 +87,27 @@ class ResidentLayers:
 
 
 class GlobalWeights:
-    """Token embedding (a row gather), output norm and head, rope frequency factors."""
+    """Output norm and head on the device, rope frequency factors; the token embedding stays on
+    the host and is a row gather (only the rows of the step's tokens are dequantized)."""
 
     def __init__(self, index: ModelIndex, device, dtype):
         g = index.globals
-        self.embd = tensor_to_device(index.tensor_bytes(g["token_embd.weight"]), g["token_embd.weight"], device, dtype)
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
+        emb = self.embd_info = g["token_embd.weight"]
+        self.embd_rows = index.tensor_bytes(emb).reshape(emb.shape[0], -1)  # [V, bytes per row]
         self.norm = tensor_to_device(index.tensor_bytes(g["output_norm.weight"]), g["output_norm.weight"], device, dtype)
-        out = g.get("output.weight")
-        self.head = self.embd if out is None else tensor_to_device(index.tensor_bytes(out), out, device, dtype)
+        out = g.get("output.weight", emb)  # tied: the head is the embedding matrix
+        self.head = tensor_to_device(index.tensor_bytes(out), out, device, dtype)
         rf = g.get("rope_freqs.weight")
         self.rope_freqs = None if rf is None else tensor_to_device(index.tensor_bytes(rf), rf, "cpu", torch.float32)
 
     def embed(self, toks: torch.Tensor) -> torch.Tensor:
-        """Rows of the token embedding for token ids toks [T] -> [T, E]."""
-        return self.embd[toks.to(self.device)]
+        """Rows of the token embedding for token ids toks [T] -> [T, E] on the device."""
+        ids = toks.cpu().numpy()
+        rows = torch.from_numpy(np.ascontiguousarray(self.embd_rows[ids])).reshape(-1)
+        e = self.embd_info
+        x = dequantize(rows, e.qtype, (len(ids), e.shape[1]), e.name, torch.float32)
+        return x.to(self.device, self.dtype, non_blocking=True)
 
 
 class DeviceKV:
@@ -196,7 +202,7 @@ class ModelRunner:
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=min(self.ctx, -(-L // 256) * 256))
         toks = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
-        return self._forward(toks.to(self.device), meta, seqs, want)
+        return self._forward(self.glob.embed(toks), meta, seqs, want)
 
     def _graph_step(self, seqs: list[SeqStep]) -> torch.Tensor:
         """One decode step through a CUDA graph captured per (batch, padded KV length)."""
@@ -204,12 +210,12 @@ class ModelRunner:
         Lb = min(self.ctx, max(256, 1 << (L - 1).bit_length()))
         key = (len(seqs), Lb)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype, kv_len=Lb)
-        toks = torch.tensor([s.tokens[0] for s in seqs], dtype=torch.long, device=self.device)
+        x = self.glob.embed(torch.tensor([s.tokens[0] for s in seqs], dtype=torch.long))
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(toks, meta, seqs)
-        graph, s_toks, s_meta, s_out = g
-        s_toks.copy_(toks)
+            g = self.graphs[key] = self._capture(x, meta, seqs)
+        graph, s_x, s_meta, s_out = g
+        s_x.copy_(x)
         for f in dataclasses.fields(StepMeta):
             v = getattr(meta, f.name)
             if isinstance(v, torch.Tensor):
@@ -217,24 +223,23 @@ class ModelRunner:
         graph.replay()
         return s_out.clone()
 
-    def _capture(self, toks, meta, seqs):
-        s_toks = toks.clone()
+    def _capture(self, x, meta, seqs):
+        s_x = x.clone()
         s_meta = dataclasses.replace(meta, **{f.name: getattr(meta, f.name).clone()
                                               for f in dataclasses.fields(StepMeta)
                                               if isinstance(getattr(meta, f.name), torch.Tensor)})
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
-            self._forward(s_toks, s_meta, seqs, "last")
+            self._forward(s_x, s_meta, seqs, "last")
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            s_out = self._forward(s_toks, s_meta, seqs, "last")
-        return graph, s_toks, s_meta, s_out
+            s_out = self._forward(s_x, s_meta, seqs, "last")
+        return graph, s_x, s_meta, s_out
 
-    def _forward(self, toks: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str):
+    def _forward(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str):
         hp = self.hp
-        x = self.glob.embed(toks)  # [T, E]
         self.source.begin_step()
         for i in range(hp.n_layer):
             w = self.source.layer(i)

@@ -349,7 +349,9 @@ class Pipeline:
 
     def stats_table(self, snaps: list[dict]) -> str:
         c = {k: v for s in snaps for k, v in s.get("count", {}).items() if k.startswith(("prefetch", "host_cache"))}
-        return stats_table(snaps, time.monotonic() - self.t_start, {
+        peak = max((s.get("device_peak_bytes", 0) for s in snaps), default=0)
+        extra = {"device memory peak": f"{peak / GiB:.2f} GiB (torch's reserved memory)"} if peak else {}
+        return stats_table(snaps, time.monotonic() - self.t_start, extra | {
             "plan": self.plan.describe(),
             "host cache": f"{c.get('host_cache_hits', 0)} hits, {c.get('prefetch_reads', 0)} reads from disk",
             "prefetch": f"{c.get('prefetch_hit', 0)} layers ready before compute asked, {c.get('prefetch_miss', 0)} waited",
