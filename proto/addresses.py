@@ -6,8 +6,8 @@ outlives its children, so addresses are known before any child spawns (for tcp, 
 the coordinator has bound: see `bind`), and a restarted child simply reconnects.
 
     endpoint  coordinator binds  children connect         carries (message tags)
-    control   ROUTER             every child, DEALER      lifecycle 1-9: Ready, Heartbeat,
-                                                          Shutdown, Failed, Stats*
+    control   ROUTER             every child, DEALER      lifecycle 1-9: Ready, Shutdown,
+                                                          Failed, Stats*
     readers   ROUTER             each reader, DEALER      10-19: LoadLayer, LayerStaged, ...
     compute   ROUTER             each compute, DEALER     20-29: Forward, LayerDone, ...
 

@@ -99,14 +99,6 @@ class Ready(Message):
     info: dict[str, Any]
 
 
-@message(2)
-class Heartbeat(Message):
-    """Either way: still alive (sent only on links that can stall silently)."""
-
-    role: str
-    ident: str
-
-
 @message(3)
 class Shutdown(Message):
     """Coordinator to child: finish the current step, close sockets and exit."""
@@ -181,13 +173,6 @@ class ReadFailed(Message):
     error: str
 
 
-@message(13)
-class ReleaseSlot(Message):
-    """Coordinator to reader: `slot` is free again; cancel any pending load into it."""
-
-    slot: int
-
-
 # ---- compute <-> coordinator (compute link) ----
 
 
@@ -239,7 +224,6 @@ __all__ = [
     "MESSAGE_TYPES",
     "message",
     "Ready",
-    "Heartbeat",
     "Shutdown",
     "Failed",
     "StatsRequest",
@@ -247,7 +231,6 @@ __all__ = [
     "LoadLayer",
     "LayerStaged",
     "ReadFailed",
-    "ReleaseSlot",
     "Forward",
     "LayerDone",
     "ForwardDone",

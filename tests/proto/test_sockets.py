@@ -10,7 +10,6 @@ import zmq.asyncio
 from layerstream.proto import (
     BadMessageCounter,
     ForwardDone,
-    Heartbeat,
     LayerStaged,
     LoadLayer,
     MalformedMessage,
@@ -105,9 +104,9 @@ def test_asyncio_pair(endpoints):
         try:
             counter = BadMessageCounter("async")
             await dealer.send(b"junk")
-            await async_send_msg(dealer, Heartbeat("compute", "compute-0"))
+            await async_send_msg(dealer, Shutdown("bye"))
             ident, msg = await async_recv_msg(router, TIMEOUT_MS, counter)
-            assert (ident, msg) == (b"compute-0", Heartbeat("compute", "compute-0"))
+            assert (ident, msg) == (b"compute-0", Shutdown("bye"))
             assert counter.total == 1
             await async_send_msg(router, Shutdown("done"), ident=ident)
             assert await async_recv_msg(dealer, TIMEOUT_MS) == Shutdown("done")
