@@ -118,7 +118,7 @@ class ComputeWorker:
         t0 = time.monotonic_ns()
         logits = self.runner.step(seqs, msg.want_logits)
         out = None if logits is None else logits.float().cpu().numpy()
-        self.tl.add("compute", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step,
+        self.tl.add("step", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step,
                     tokens=sum(len(s.tokens) for s in seqs))
         self._gpu_timeline()
         shape = [] if out is None else list(out.shape)

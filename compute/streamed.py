@@ -68,6 +68,12 @@ class StreamedLayers:
         pass
 
     def layer(self, i: int) -> LayerWeights:
+        w = self._layer(i)
+        if not self.cuda:
+            self._t_layer = time.monotonic_ns()  # the layer's math runs on the host until release()
+        return w
+
+    def _layer(self, i: int) -> LayerWeights:
         if i in self.resident:
             if self.cuda:
                 ev = torch.cuda.Event(enable_timing=True)
@@ -91,6 +97,7 @@ class StreamedLayers:
 
     def _wait_ready(self, i: int) -> int:
         key = (self.step_no, i)
+        self.pump(False)  # take in what is queued on the socket
         self.tl.incr("prefetch_hit" if key in self.ready else "prefetch_miss")
         t0 = time.monotonic_ns()
         while key not in self.ready:
@@ -124,6 +131,7 @@ class StreamedLayers:
 
     def _layer_cuda(self, i: int, lay: LayerLayout) -> LayerWeights:
         key = (self.step_no, i)
+        self.pump(False)
         self.tl.incr("prefetch_hit" if key in self.ready or i in self.copies else "prefetch_miss")
         t0 = time.monotonic_ns()
         self._issue_copies(i)
@@ -151,8 +159,10 @@ class StreamedLayers:
         return w
 
     def release(self, i: int) -> None:
-        """The layer's kernels are enqueued; on CUDA, time them for the trace."""
-        if self.cuda:
+        """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
+        if not self.cuda:
+            self.tl.add("compute", f"compute L{i}", self._t_layer, time.monotonic_ns() - self._t_layer, layer=i)
+        else:
             cur = torch.cuda.current_stream(self.device)
             end = torch.cuda.Event(enable_timing=True)
             end.record(cur)

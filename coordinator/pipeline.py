@@ -33,7 +33,7 @@ from layerstream.loader.host_cache import HostCache
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.reader import readers_for
 from layerstream.proto.addresses import cleanup_run_dir, make_endpoints, make_run_dir
-from layerstream.proto.codec import BadMessageCounter, decode_extra, encode
+from layerstream.proto.codec import BadMessageCounter, encode
 from layerstream.proto.messages import (
     Failed, Forward, ForwardDone, LayerDone, LayerReady, LayerStaged, LoadLayer, ReadFailed, Ready, Shutdown,
     StatsReply, StatsRequest,

@@ -77,16 +77,19 @@ def stats_table(snaps: list[dict[str, Any]], wall_s: float, extra: dict[str, Any
     """The per-stage table `--stats` prints at exit."""
     tot = merge_snapshots(snaps)
     rows = [f"{'stage':<12}{'count':>8}{'busy s':>10}{'GB':>10}{'GB/s':>9}{'ms each':>10}"]
-    for cat in ("read", "copy", "dequant", "compute", "head", "wait_layer", "wait_read"):
+    for cat in ("read", "copy", "dequant", "compute", "step", "wait_layer", "wait_copy"):
         if cat not in tot:
             continue
         t = tot[cat]
         gbs = f"{t['bytes'] / t['busy_s'] / 1e9:.2f}" if t["bytes"] and t["busy_s"] else "-"
         each = t["busy_s"] / t["count"] * 1e3 if t["count"] else 0.0
         rows.append(f"{cat:<12}{int(t['count']):>8}{t['busy_s']:>10.3f}{t['bytes'] / 1e9:>10.3f}{gbs:>9}{each:>10.3f}")
-    compute_busy = tot.get("compute", {}).get("busy_s", 0.0) + tot.get("dequant", {}).get("busy_s", 0.0)
-    if wall_s > 0:
-        rows.append(f"wall time {wall_s:.3f} s; compute idle share {max(0.0, 1 - compute_busy / wall_s):.1%}")
+    busy = tot.get("compute", {}).get("busy_s", 0.0) + tot.get("dequant", {}).get("busy_s", 0.0)
+    steps = tot.get("step", {}).get("busy_s", 0.0)
+    line = f"wall time {wall_s:.3f} s"
+    if steps > 0:  # the share of the forward steps' time the device computed nothing
+        line += f"; {steps:.3f} s in {int(tot['step']['count'])} steps, compute idle {max(0.0, 1 - busy / steps):.1%}"
+    rows.append(line)
     for k, v in (extra or {}).items():
         rows.append(f"{k}: {v}")
     return "\n".join(rows)

@@ -79,10 +79,10 @@ def reference(model):
 @pytest.mark.parametrize("pcfg", [
     PipelineConfig(),  # no budget: every layer resident after one pass
     PipelineConfig(resident_layers=0),  # everything streamed, host cache holds all
-    PipelineConfig(resident_layers=2, readers=3, prefetch=4, kv_on_host=True),
+    PipelineConfig(resident_layers=2, readers=3, prefetch=4, kv_on_host=True, direct=True),
     PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0, kv_on_host=True),
     PipelineConfig(resident_layers=0, readers=2, prefetch=4, host_cache_gb=0, transport="tcp"),
-], ids=["resident", "streamed", "2-resident-3-readers-kv-host", "prefetch1-no-cache", "tcp-2-readers"])
+], ids=["resident", "streamed", "2-resident-3-readers-kv-host-direct", "prefetch1-no-cache", "tcp-2-readers"])
 def test_pipeline_matches_single_process(model, reference, pcfg):
     with _engine(model, pcfg) as e:
         assert _generate(e) == reference
