@@ -38,6 +38,7 @@ class ComputeConfig:
     endpoints: dict[str, Any]
     parent_pid: int
     trace: bool = False
+    sliding: bool = False  # the KV ring slides: K is stored unrotated
 
 
 class ComputeWorker:
@@ -64,7 +65,7 @@ class ComputeWorker:
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl,
         )
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
-                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_on_host=cfg.kv_on_host)
+                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_on_host=cfg.kv_on_host, sliding=cfg.sliding)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""

@@ -31,8 +31,8 @@ class StepMeta:
     kv_len: int  # slots 0..kv_len-1 of the rows are read by attention
     cos_q: torch.Tensor  # [T, rope_dim/2]
     sin_q: torch.Tensor
-    cos_k: torch.Tensor  # [B, kv_len, rope_dim/2]
-    sin_k: torch.Tensor
+    cos_k: torch.Tensor | None  # [B, kv_len, rope_dim/2]; None when K is stored rotated
+    sin_k: torch.Tensor | None
     mask: torch.Tensor  # [B, 1, S, kv_len] bool, True where a query may attend
 
 
@@ -66,6 +66,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda:  # one fused kernel (it computes in float32 inside)
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
@@ -74,8 +76,9 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
                     k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """Self-attention of the packed tokens x [T, E]; writes their K/V into the caches.
 
-    k_cache, v_cache: [rows, cap, n_head_kv, head_dim]; K is stored before RoPE so that its
-    positions can change when the ring slides (StreamingLLM keeps positions within the cache).
+    k_cache, v_cache: [rows, cap, n_head_kv, head_dim]. With a sliding ring K is stored before
+    RoPE and rotated at read time, since positions within the cache change as it slides
+    (StreamingLLM); otherwise (meta.cos_k None) it is stored rotated.
     """
     T = x.shape[0]
     H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
@@ -87,12 +90,15 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
     q = apply_rope(q, meta.cos_q, meta.sin_q, hp.rope_neox)
+    if meta.cos_k is None:  # positions never change (no sliding): store K rotated once
+        k = apply_rope(k, meta.cos_q, meta.sin_q, hp.rope_neox)
     k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
     v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
 
     K = k_cache[meta.rows, : meta.kv_len].to(x.dtype)  # [B, L, Hkv, D]
     V = v_cache[meta.rows, : meta.kv_len].to(x.dtype)
-    K = apply_rope(K, meta.cos_k, meta.sin_k, hp.rope_neox)
+    if meta.cos_k is not None:
+        K = apply_rope(K, meta.cos_k, meta.sin_k, hp.rope_neox)
     Q = q[meta.q_index]  # [B, S, H, D]
     o = F.scaled_dot_product_attention(
         Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
@@ -121,7 +127,7 @@ def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torc
 
 
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
-                    dtype: torch.dtype, kv_len: int | None = None) -> StepMeta:
+                    dtype: torch.dtype, kv_len: int | None = None, rotate_k_at_read: bool = True) -> StepMeta:
     """Pack the step's sequences; positions come from the KV ring of each sequence.
 
     kv_len pads the attended slots to a fixed length (masked), for captured CUDA graphs.
@@ -151,7 +157,9 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     mask |= ~q_valid[:, :, None]  # padded queries see everything (finite; dropped later)
     tok_pos_t = torch.tensor(tok_pos, dtype=torch.long)
     cos_q, sin_q = rope_tables(inv_freq, tok_pos_t, hp.rope_scale, dtype)
-    cos_k, sin_k = rope_tables(inv_freq, kv_pos.clamp(min=0), hp.rope_scale, dtype)
+    cos_k = sin_k = None
+    if rotate_k_at_read:
+        cos_k, sin_k = rope_tables(inv_freq, kv_pos.clamp(min=0), hp.rope_scale, dtype)
     to = lambda a: a.to(device, non_blocking=True)  # noqa: E731
     return StepMeta(
         tok_row=to(torch.tensor(tok_row, dtype=torch.long)),
@@ -160,7 +168,8 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         q_index=to(q_index), q_valid=to(q_valid), out_index=to(out_index),
         rows=to(torch.tensor([s.row for s in seqs], dtype=torch.long)),
         kv_len=L,
-        cos_q=to(cos_q), sin_q=to(sin_q), cos_k=to(cos_k), sin_k=to(sin_k),
+        cos_q=to(cos_q), sin_q=to(sin_q),
+        cos_k=None if cos_k is None else to(cos_k), sin_k=None if sin_k is None else to(sin_k),
         mask=to(mask[:, None]),
     )
 

@@ -90,19 +90,27 @@ class GlobalWeights:
     """Output norm and head on the device, rope frequency factors; the token embedding stays on
     the host and is a row gather (only the rows of the step's tokens are dequantized)."""
 
-    def __init__(self, index: ModelIndex, device, dtype):
+    def __init__(self, index: ModelIndex, device, dtype, embed_on_device: bool = False):
         g = index.globals
         self.device, self.dtype = torch.device(device), dtype
         emb = self.embd_info = g["token_embd.weight"]
         self.embd_rows = index.tensor_bytes(emb).reshape(emb.shape[0], -1)  # [V, bytes per row]
+        # the in-VRAM engine keeps the table dequantized on the device (a gather inside the graph)
+        self.embd_dev = tensor_to_device(self.embd_rows.reshape(-1), emb, device, dtype) if embed_on_device else None
         self.norm = tensor_to_device(index.tensor_bytes(g["output_norm.weight"]), g["output_norm.weight"], device, dtype)
-        out = g.get("output.weight", emb)  # tied: the head is the embedding matrix
-        self.head = tensor_to_device(index.tensor_bytes(out), out, device, dtype)
+        out = g.get("output.weight")
+        if out is None and self.embd_dev is not None:  # tied: the head is the embedding matrix
+            self.head = self.embd_dev
+        else:
+            out = out or emb
+            self.head = tensor_to_device(index.tensor_bytes(out), out, device, dtype)
         rf = g.get("rope_freqs.weight")
         self.rope_freqs = None if rf is None else tensor_to_device(index.tensor_bytes(rf), rf, "cpu", torch.float32)
 
     def embed(self, toks: torch.Tensor) -> torch.Tensor:
         """Rows of the token embedding for token ids toks [T] -> [T, E] on the device."""
+        if self.embd_dev is not None:
+            return self.embd_dev[toks.to(self.device, non_blocking=True)]
         ids = toks.cpu().numpy()
         rows = torch.from_numpy(np.ascontiguousarray(self.embd_rows[ids])).reshape(-1)
         e = self.embd_info
@@ -166,8 +174,10 @@ class ModelRunner:
     """Forward steps for a batch of sequences over a layer source and a KV store."""
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
-                 ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True):
+                 ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
+                 sliding: bool = False):
         self.hp, self.glob, self.source = hp, glob, source
+        self.sliding = sliding  # positions in the cache change: K is stored unrotated
         self.use_graphs = use_graphs
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.device, self.dtype = torch.device(device), dtype
@@ -200,7 +210,7 @@ class ModelRunner:
         # pad the attended length to a multiple of 256: kernels see a few shapes, not one a token
         L = max(len(s.kv_pos) for s in seqs)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
-                               kv_len=min(self.ctx, -(-L // 256) * 256))
+                               kv_len=min(self.ctx, -(-L // 256) * 256), rotate_k_at_read=self.sliding)
         toks = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
         return self._forward(self.glob.embed(toks), meta, seqs, want)
 
@@ -209,8 +219,9 @@ class ModelRunner:
         L = max(len(s.kv_pos) for s in seqs)
         Lb = min(self.ctx, max(256, 1 << (L - 1).bit_length()))
         key = (len(seqs), Lb)
-        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype, kv_len=Lb)
-        x = self.glob.embed(torch.tensor([s.tokens[0] for s in seqs], dtype=torch.long))
+        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype, kv_len=Lb,
+                               rotate_k_at_read=self.sliding)
+        x = self.glob.embed(torch.tensor([s.tokens[0] for s in seqs], dtype=torch.long))  # outside the graph
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(x, meta, seqs)

@@ -77,12 +77,13 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
 
         bar = tqdm(total=index.hparams.n_layer, desc="loading layers", unit="layer", leave=False)
     try:
-        glob = GlobalWeights(index, device, dtype)
+        glob = GlobalWeights(index, device, dtype, embed_on_device=True)
         layers = ResidentLayers(index, device, dtype, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
-    runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs)
+    runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs,
+                         sliding=cfg.on_context_full == "slide")
     return runner
 
 

@@ -74,7 +74,8 @@ class Pipeline:
     """Step backend over reader, staging and compute processes."""
 
     def __init__(self, index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx: int, max_seqs: int,
-                 cfg: PipelineConfig):
+                 cfg: PipelineConfig, sliding: bool = False):
+        self.sliding = sliding
         self.index, self.hparams, self.cfg = index, index.hparams, cfg
         self.ctx, self.max_seqs = ctx, max_seqs
         self.device, self.dtype = device, dtype
@@ -153,7 +154,7 @@ class Pipeline:
             ident="compute", model_path=self.index.path, device=str(self.device), dtype=str(self.dtype).split(".")[-1],
             ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
             kv_on_host=self.plan.kv_on_host, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
-            endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace))
+            endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
         await self._wait_ready(self.reader_ids + ["compute"])
         self.file_index = {f: i for i, f in enumerate(files)}
         await self._advance()  # start loading the first layers at once
@@ -395,5 +396,6 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
 
     check_model_quants(index)
     device = resolve_device(ecfg.device)
-    return Pipeline(index, device, resolve_dtype(ecfg.dtype, device), ecfg.ctx, ecfg.max_seqs, pcfg)
+    return Pipeline(index, device, resolve_dtype(ecfg.dtype, device), ecfg.ctx, ecfg.max_seqs, pcfg,
+                    sliding=ecfg.on_context_full == "slide")
 

@@ -232,7 +232,7 @@ def _descendants(pid: int) -> list[int]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_launcher_stops_within_5_s_on_signal(model, sig):
     before = _segments()
-    p = _launcher(model, "--resident-layers", "0", "--host-cache-gb", "0", "-n", "100000",
+    p = _launcher(model, "--resident-layers", "0", "--host-cache-gb", "0", "-n", "100000", "--ignore-eos",
                   "--temperature", "1", "--ctx", "100000", "hello")
     try:
         # wait until it generates (the pipeline is up)
