@@ -79,12 +79,16 @@ class ComputeWorker:
             msg = self.links.recv(None if block else 0)
             if msg is None:
                 return
-            if isinstance(msg, LayerReady):
-                self.ready_slots[(msg.step, msg.layer)] = msg.slot
-            else:  # anything else mid-step is out of order: counted and dropped
-                self.tl.incr("unexpected_messages")
+            self._take(msg)
             if block:
                 return
+
+    def _take(self, msg) -> None:
+        """Note a LayerReady (also one sent early for the next step); count anything else."""
+        if isinstance(msg, LayerReady):
+            self.ready_slots[(msg.step, msg.layer)] = msg.slot
+        else:  # a Forward in the middle of a step is out of order: counted and dropped
+            self.tl.incr("unexpected_messages")
 
     def _layer_done(self, step: int, layer: int, slot: int) -> None:
         self.links.send(LayerDone(step, layer, slot))
@@ -131,10 +135,8 @@ class ComputeWorker:
             msg = self.links.recv()
             if isinstance(msg, Forward):
                 self.forward(msg)
-            elif isinstance(msg, LayerReady):  # early announcement for the next step
-                self.ready_slots[(msg.step, msg.layer)] = msg.slot
             elif msg is not None:
-                self.tl.incr("unexpected_messages")
+                self._take(msg)
 
     def close(self) -> None:
         if self.registered:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
-
 import dataclasses
+import functools
+from typing import Iterable, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from layerstream.compute.model import (
 from layerstream.loader.gguf_index import HParams, ModelIndex, TensorInfo
 
 
+@functools.cache
 def _cpu_has_fast_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -48,10 +49,9 @@ def check_model_quants(index: ModelIndex) -> None:
             check_supported(t.qtype, t.name)
 
 
-def tensor_to_device(raw: np.ndarray | torch.Tensor, t: TensorInfo, device, dtype) -> torch.Tensor:
-    """Dequantize one tensor's bytes (host or device uint8) into `dtype` on `device`."""
-    if isinstance(raw, np.ndarray):
-        raw = torch.from_numpy(np.ascontiguousarray(raw))
+def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype) -> torch.Tensor:
+    """One tensor of the file dequantized into `dtype` on `device` (its bytes copied there first)."""
+    raw = torch.from_numpy(np.ascontiguousarray(index.tensor_bytes(t)))
     return dequantize(raw.to(device, non_blocking=True), t.qtype, t.shape, t.name, dtype)
 
 
@@ -69,10 +69,7 @@ class ResidentLayers:
     def __init__(self, index: ModelIndex, device, dtype, layers: Iterable[int] | None = None, progress=None):
         self.weights: dict[int, LayerWeights] = {}
         for i in layers if layers is not None else range(index.hparams.n_layer):
-            self.weights[i] = {
-                name: tensor_to_device(index.tensor_bytes(t), t, device, dtype)
-                for name, t in index.layers[i].items()
-            }
+            self.weights[i] = {name: load_tensor(index, t, device, dtype) for name, t in index.layers[i].items()}
             if progress:
                 progress(1)
 
@@ -96,16 +93,15 @@ class GlobalWeights:
         emb = self.embd_info = g["token_embd.weight"]
         self.embd_rows = index.tensor_bytes(emb).reshape(emb.shape[0], -1)  # [V, bytes per row]
         # the in-VRAM engine keeps the table dequantized on the device (a gather inside the graph)
-        self.embd_dev = tensor_to_device(self.embd_rows.reshape(-1), emb, device, dtype) if embed_on_device else None
-        self.norm = tensor_to_device(index.tensor_bytes(g["output_norm.weight"]), g["output_norm.weight"], device, dtype)
+        self.embd_dev = load_tensor(index, emb, device, dtype) if embed_on_device else None
+        self.norm = load_tensor(index, g["output_norm.weight"], device, dtype)
         out = g.get("output.weight")
         if out is None and self.embd_dev is not None:  # tied: the head is the embedding matrix
             self.head = self.embd_dev
         else:
-            out = out or emb
-            self.head = tensor_to_device(index.tensor_bytes(out), out, device, dtype)
+            self.head = load_tensor(index, out if out is not None else emb, device, dtype)
         rf = g.get("rope_freqs.weight")
-        self.rope_freqs = None if rf is None else tensor_to_device(index.tensor_bytes(rf), rf, "cpu", torch.float32)
+        self.rope_freqs = None if rf is None else load_tensor(index, rf, "cpu", torch.float32)
 
     def embed(self, toks: torch.Tensor) -> torch.Tensor:
         """Rows of the token embedding for token ids toks [T] -> [T, E] on the device."""
@@ -205,23 +201,22 @@ class ModelRunner:
         for s in seqs:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
-        if self._graphable(seqs, want):
-            return self._graph_step(seqs)
-        # pad the attended length to a multiple of 256: kernels see a few shapes, not one a token
-        L = max(len(s.kv_pos) for s in seqs)
+        graph = self._graphable(seqs, want)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
-                               kv_len=min(self.ctx, -(-L // 256) * 256), rotate_k_at_read=self.sliding)
-        toks = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
-        return self._forward(self.glob.embed(toks), meta, seqs, want)
+                               kv_len=self._kv_len(seqs, graph), rotate_k_at_read=self.sliding)
+        x = self.glob.embed(torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long))
+        return self._graph_step(x, meta, seqs) if graph else self._forward(x, meta, seqs, want)
 
-    def _graph_step(self, seqs: list[SeqStep]) -> torch.Tensor:
-        """One decode step through a CUDA graph captured per (batch, padded KV length)."""
+    def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
+        """The attended KV length, padded (masked) so that kernels and graphs see few shapes:
+        multiples of 256 for eager steps, powers of two (at least 256) for captured graphs."""
         L = max(len(s.kv_pos) for s in seqs)
-        Lb = min(self.ctx, max(256, 1 << (L - 1).bit_length()))
-        key = (len(seqs), Lb)
-        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype, kv_len=Lb,
-                               rotate_k_at_read=self.sliding)
-        x = self.glob.embed(torch.tensor([s.tokens[0] for s in seqs], dtype=torch.long))  # outside the graph
+        padded = max(256, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
+        return min(self.ctx, padded)
+
+    def _graph_step(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep]) -> torch.Tensor:
+        """One decode step through a CUDA graph captured per (batch, padded KV length)."""
+        key = (len(seqs), meta.kv_len)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(x, meta, seqs)

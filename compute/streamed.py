@@ -3,14 +3,15 @@
 NOTE [ slot ownership between compute and coordinator ]
 The coordinator announces `LayerReady(step, layer, slot)` once a reader (or the host cache)
 has the layer's bytes in staging slot `slot`. From then on the compute process owns that
-slot until it answers `LayerDone(step, layer, slot)`: on CUDA as soon as the copy to VRAM has
-completed (the copy stream's event), on the CPU after dequantization read it. The coordinator
+slot until it answers `LayerDone(step, layer, slot)`, which it does as soon as the layer's
+bytes are copied out of it (to VRAM on CUDA, to private memory on the CPU). The coordinator
 never reuses or evicts a slot it has announced and not got back.
 
-On CUDA, copies run on their own stream into a ring of VRAM slots; the compute stream waits
-on each copy's event, and a VRAM slot is overwritten only after the dequantization that read
-it (the copy stream waits on that event; dequantize always writes fresh tensors). The host waits only for copy events, never for the
-compute stream, so kernels of earlier layers keep the GPU busy while it waits.
+On CUDA, copies of announced layers are issued ahead on their own stream into a ring of VRAM
+slots; the compute stream waits on each copy's event, and a VRAM slot is overwritten only
+after the dequantization that read it (the copy stream waits on that event; dequantize always
+writes fresh tensors). The host waits only for copy events, never for the compute stream, so
+kernels of earlier layers keep the GPU busy while it waits.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def dequant_layout(raw: torch.Tensor, layout: LayerLayout, dtype) -> LayerWeight
 
 
 class StreamedLayers:
-    """LayerSource over staging slots; `wait_ready(step, layer)` blocks on the coordinator's messages."""
+    """LayerSource over staging slots; `ready` maps (step, layer) to a slot, `pump(block)` fills it."""
 
     def __init__(self, layouts: list[LayerLayout], slot_array: Callable[[int], np.ndarray],
                  ready: dict[tuple[int, int], int], pump: Callable[[bool], None],
@@ -95,10 +96,15 @@ class StreamedLayers:
             self.resident[i] = w
         return w
 
+    def _count_prefetch(self, i: int) -> None:
+        """Whether layer i was announced (or already copying) before compute asked for it."""
+        self.pump(False)  # take in what is queued on the socket
+        ahead = (self.step_no, i) in self.ready or (self.cuda and i in self.copies)
+        self.tl.incr("prefetch_hit" if ahead else "prefetch_miss")
+
     def _wait_ready(self, i: int) -> int:
         key = (self.step_no, i)
-        self.pump(False)  # take in what is queued on the socket
-        self.tl.incr("prefetch_hit" if key in self.ready else "prefetch_miss")
+        self._count_prefetch(i)
         t0 = time.monotonic_ns()
         while key not in self.ready:
             self.pump(True)
@@ -130,9 +136,7 @@ class StreamedLayers:
             self.copies[j] = (k, slot, c0, c1)
 
     def _layer_cuda(self, i: int, lay: LayerLayout) -> LayerWeights:
-        key = (self.step_no, i)
-        self.pump(False)
-        self.tl.incr("prefetch_hit" if key in self.ready or i in self.copies else "prefetch_miss")
+        self._count_prefetch(i)
         t0 = time.monotonic_ns()
         self._issue_copies(i)
         while i not in self.copies:

@@ -156,7 +156,13 @@ class Pipeline:
             kv_on_host=self.plan.kv_on_host, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
         await self._wait_ready(self.reader_ids + ["compute"])
-        self.file_index = {f: i for i, f in enumerate(files)}
+        # each layer's reads, per reader, as they go on the wire: fixed for the run
+        fidx = {f: i for i, f in enumerate(files)}
+        self.reads = [
+            {self.reader_ids[r]: [[fidx[x.file], x.file_offset, x.nbytes, x.slot_offset] for x in rr]
+             for r, rr in self.reader_plan.split(i, lay.ranges()).items()}
+            for i, lay in enumerate(self.layouts)
+        ]
         await self._advance()  # start loading the first layers at once
 
     async def _wait_ready(self, idents: list[str]) -> None:
@@ -243,24 +249,26 @@ class Pipeline:
                 + ("; it was restarted once already" if c.restarts else ""))
             raise PipelineError(self.failure)
 
+    async def _retry(self, p: dict, reader: str, why: str) -> None:
+        """Send a failed read again, once; a second failure ends the run."""
+        p["tries"] += 1
+        if p["tries"] > 2:
+            self.failure = f"reading layer {p['load'].layer} failed twice: {why}"
+            return
+        log.warning("read of layer %d failed (%s); retrying once", p["load"].layer, why)
+        await self._send("readers", reader, p["parts"][reader])
+
     async def _resend(self, reader: str) -> None:
-        for req, p in self.pending.items():
-            if reader in p["parts"]:
-                p["tries"] += 1
-                if p["tries"] > 2:
-                    self.failure = f"reading layer {p['load'].layer} failed twice (reader {reader} died)"
-                    return
-                await self._send("readers", reader, p["parts"][reader])
+        """A restarted reader gets the reads its predecessor had not finished."""
+        for p in list(self.pending.values()):
+            if reader in p["left"]:
+                await self._retry(p, reader, f"reader {reader} died")
 
     # -- scheduling --------------------------------------------------------------------------------
 
     async def _issue(self, load: Load) -> None:
-        ranges = self.layouts[load.layer].ranges()
-        parts = {}
-        for r, rr in self.reader_plan.split(load.layer, ranges).items():
-            msg = LoadLayer(load.req, load.layer, load.slot,
-                            [[self.file_index[x.file], x.file_offset, x.nbytes, x.slot_offset] for x in rr])
-            parts[self.reader_ids[r]] = msg
+        parts = {ident: LoadLayer(load.req, load.layer, load.slot, ranges)
+                 for ident, ranges in self.reads[load.layer].items()}
         self.pending[load.req] = {"load": load, "parts": parts, "left": set(parts), "tries": 1}
         for ident, msg in parts.items():
             if self.sup.children[ident].ready is not None:
@@ -279,14 +287,8 @@ class Pipeline:
 
     async def _on_read_failed(self, ident: str, req: int, error: str) -> None:
         p = self.pending.get(req)
-        if p is None:
-            return
-        p["tries"] += 1
-        if p["tries"] > 2:
-            self.failure = f"reading layer {p['load'].layer} failed twice: {error}"
-            return
-        log.warning("read of layer %d failed (%s); retrying once", p["load"].layer, error)
-        await self._send("readers", ident, p["parts"][ident])
+        if p is not None:
+            await self._retry(p, ident, error)
 
     async def _advance(self) -> None:
         """Announce staged layers to compute in order; issue loads for the upcoming ones."""
