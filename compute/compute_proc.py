@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from layerstream.compute.model import SeqStep
-from layerstream.compute.runner import GlobalWeights, ModelRunner
+from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
@@ -39,6 +39,7 @@ class ComputeConfig:
     parent_pid: int
     trace: bool = False
     sliding: bool = False  # the KV ring slides: K is stored unrotated
+    weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see runner.keeps_quantized
 
 
 class ComputeWorker:
@@ -57,12 +58,13 @@ class ComputeWorker:
             torch.cuda.set_device(self.device)
             self._register_arena()
         index = open_model(cfg.model_path)
-        self.glob = GlobalWeights(index, self.device, self.dtype)
+        quantized = keeps_quantized(self.device, cfg.weights)
+        self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
         self.source = StreamedLayers(
             layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
-            self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl,
+            self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
         )
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_on_host=cfg.kv_on_host, sliding=cfg.sliding)

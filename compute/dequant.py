@@ -63,7 +63,8 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str 
                dtype: torch.dtype = torch.float32, fused: bool = True) -> torch.Tensor:
     """Dequantize the 1-D uint8 bytes `raw` into a new `dtype` tensor of `shape` on raw.device.
 
-    On CUDA, types with a fused Triton kernel (dequant_triton.py) use it unless fused=False.
+    On CUDA, block types go through the Triton kernel of qkernels.py (one pass, bit-exact with the
+    torch path) unless fused=False.
     """
     check_supported(qtype, name)
     try:
@@ -79,10 +80,14 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str 
     if not raw.is_contiguous() or raw.storage_offset() % 4:
         raw = raw.clone()
     if fused and raw.is_cuda:
-        from layerstream.compute import dequant_triton
+        from layerstream.compute.qlinear import FUSED_TYPES
 
-        if dequant_triton.available(raw, qtype):
-            return dequant_triton.dequantize(raw, qtype, shape, dtype)
+        if qtype in FUSED_TYPES and _have_triton():
+            from layerstream.compute import qkernels
+
+            K = shape[-1]
+            out = torch.empty(math.prod(shape), dtype=dtype, device=raw.device)
+            return qkernels.dequantize_into(raw, qtype, out.numel() // K, K, out.view(-1, K)).view(shape)
     if (src := _FLOAT_DTYPES.get(qtype)) is not None:
         # .to() copies when the dtype changes; clone otherwise so the result never aliases raw
         out = raw.view(src).to(dtype)
@@ -92,6 +97,14 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str 
     if dtype != torch.float32:
         out = out.to(dtype)
     return out.view(shape)
+
+
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _unpack(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from layerstream.compute.qlinear import QuantWeight, linear
 from layerstream.loader.gguf_index import HParams
 
-LayerWeights = dict[str, torch.Tensor]  # short GGUF names: "attn_q.weight", "ffn_up.weight", ...
+LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
 
 
 @dataclass
@@ -83,9 +84,9 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     T = x.shape[0]
     H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
     h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps)
-    q = F.linear(h, w["attn_q.weight"], w.get("attn_q.bias")).view(T, H, D)
-    k = F.linear(h, w["attn_k.weight"], w.get("attn_k.bias")).view(T, Hkv, D)
-    v = F.linear(h, w["attn_v.weight"], w.get("attn_v.bias")).view(T, Hkv, D)
+    q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).view(T, H, D)
+    k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).view(T, Hkv, D)
+    v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).view(T, Hkv, D)
     if "attn_q_norm.weight" in w:  # qwen3: per-head RMSNorm before RoPE
         q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
@@ -106,13 +107,13 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     )  # [B, H, S, D]
     B, S = meta.q_index.shape
     o = o.transpose(1, 2).reshape(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
-    return x + F.linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
+    return x + linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
 
 
 def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
-    g = F.silu(F.linear(h, w["ffn_gate.weight"])) * F.linear(h, w["ffn_up.weight"])
-    return x + F.linear(g, w["ffn_down.weight"])
+    g = F.silu(linear(h, w["ffn_gate.weight"])) * linear(h, w["ffn_up.weight"])
+    return x + linear(g, w["ffn_down.weight"])
 
 
 def layer_forward(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
@@ -123,7 +124,7 @@ def layer_forward(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
 
 def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor) -> torch.Tensor:
     """Final RMSNorm and output head: x [N, E] -> logits [N, V] in float32."""
-    return F.linear(rms_norm(x, norm_w, hp.norm_eps), out_w).float()
+    return linear(rms_norm(x, norm_w, hp.norm_eps), out_w).float()
 
 
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,

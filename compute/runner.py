@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Iterable, Protocol
 
 import numpy as np
 import torch
 
 from layerstream.compute.dequant import check_supported, dequantize
+from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.model import (
     LayerWeights,
     SeqStep,
@@ -19,6 +21,7 @@ from layerstream.compute.model import (
     layer_forward,
     rope_inv_freq,
 )
+from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import HParams, ModelIndex, TensorInfo
 
 
@@ -49,10 +52,42 @@ def check_model_quants(index: ModelIndex) -> None:
             check_supported(t.qtype, t.name)
 
 
-def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype) -> torch.Tensor:
-    """One tensor of the file dequantized into `dtype` on `device` (its bytes copied there first)."""
+@functools.cache
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def keeps_quantized(device, weights: str = "auto") -> bool:
+    """Whether matrices stay as GGUF blocks on `device`: on CUDA with Triton ("auto"), or when
+    asked ("quantized"; on the CPU that runs the kernels under Triton's interpreter, for tests).
+    On the CPU the fastest form is the dequantized one (torch's CPU GEMV on bf16)."""
+    if weights not in ("auto", "quantized", "dense"):
+        raise ValueError(f"weights={weights!r}: use auto, quantized or dense")
+    cuda = torch.device(device).type == "cuda"
+    if weights == "auto":
+        return cuda and _have_triton()
+    if weights == "quantized" and not (_have_triton() and (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ConfigError("quantized weights need Triton and a CUDA device (on the CPU only under Triton's "
+                          "interpreter, TRITON_INTERPRET=1, for tests); use the default weights")
+    return weights == "quantized"
+
+
+def device_weight(raw: torch.Tensor, t, dtype, quantized: bool):
+    """A tensor from its bytes on the target device: a QuantWeight view for a block-quantized
+    matrix when `quantized`, else dequantized into `dtype` (norms, biases, dense matrices)."""
+    if quantized and len(t.shape) == 2 and t.qtype in FUSED_TYPES:
+        return QuantWeight(raw, t.qtype, (t.shape[0], t.shape[1]))
+    return dequantize(raw, t.qtype, t.shape, t.name, dtype)
+
+
+def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype, quantized: bool = False):
+    """One tensor of the file on `device` (its bytes copied there first), see `device_weight`."""
     raw = torch.from_numpy(np.ascontiguousarray(index.tensor_bytes(t)))
-    return dequantize(raw.to(device, non_blocking=True), t.qtype, t.shape, t.name, dtype)
+    return device_weight(raw.to(device, non_blocking=True), t, dtype, quantized)
 
 
 class LayerSource(Protocol):
@@ -64,12 +99,15 @@ class LayerSource(Protocol):
 
 
 class ResidentLayers:
-    """Every layer dequantized once and kept on the device: the in-VRAM engine and the reference."""
+    """Every layer loaded once and kept on the device (as blocks when `quantized`): the in-VRAM
+    engine and the reference."""
 
-    def __init__(self, index: ModelIndex, device, dtype, layers: Iterable[int] | None = None, progress=None):
+    def __init__(self, index: ModelIndex, device, dtype, layers: Iterable[int] | None = None, progress=None,
+                 quantized: bool = False):
         self.weights: dict[int, LayerWeights] = {}
         for i in layers if layers is not None else range(index.hparams.n_layer):
-            self.weights[i] = {name: load_tensor(index, t, device, dtype) for name, t in index.layers[i].items()}
+            self.weights[i] = {name: load_tensor(index, t, device, dtype, quantized)
+                               for name, t in index.layers[i].items()}
             if progress:
                 progress(1)
 
@@ -84,27 +122,36 @@ class ResidentLayers:
 
 
 class GlobalWeights:
-    """Output norm and head on the device, rope frequency factors; the token embedding stays on
-    the host and is a row gather (only the rows of the step's tokens are dequantized)."""
+    """Output norm and head on the device (the head as blocks when `quantized`), rope frequency
+    factors; the token embedding stays on the host and is a row gather (only the rows of the
+    step's tokens are dequantized), or with `embed_on_device` a gather on the device."""
 
-    def __init__(self, index: ModelIndex, device, dtype, embed_on_device: bool = False):
+    def __init__(self, index: ModelIndex, device, dtype, embed_on_device: bool = False, quantized: bool = False):
         g = index.globals
         self.device, self.dtype = torch.device(device), dtype
         emb = self.embd_info = g["token_embd.weight"]
         self.embd_rows = index.tensor_bytes(emb).reshape(emb.shape[0], -1)  # [V, bytes per row]
-        # the in-VRAM engine keeps the table dequantized on the device (a gather inside the graph)
-        self.embd_dev = load_tensor(index, emb, device, dtype) if embed_on_device else None
+        # the in-VRAM engine keeps the table on the device (as blocks when quantized)
+        self.embd_dev = load_tensor(index, emb, device, dtype, quantized) if embed_on_device else None
         self.norm = load_tensor(index, g["output_norm.weight"], device, dtype)
         out = g.get("output.weight")
         if out is None and self.embd_dev is not None:  # tied: the head is the embedding matrix
             self.head = self.embd_dev
         else:
-            self.head = load_tensor(index, out if out is not None else emb, device, dtype)
+            self.head = load_tensor(index, out if out is not None else emb, device, dtype, quantized)
         rf = g.get("rope_freqs.weight")
         self.rope_freqs = None if rf is None else load_tensor(index, rf, "cpu", torch.float32)
 
     def embed(self, toks: torch.Tensor) -> torch.Tensor:
         """Rows of the token embedding for token ids toks [T] -> [T, E] on the device."""
+        if isinstance(self.embd_dev, QuantWeight):  # gather the rows' blocks, dequantize them
+            from layerstream.compute import qkernels
+
+            q = self.embd_dev
+            V, E = q.shape
+            rows = q.raw.view(V, -1)[toks.to(self.device, non_blocking=True)].reshape(-1)
+            out = torch.empty(len(toks), E, dtype=self.dtype, device=self.device)
+            return qkernels.dequantize_into(rows, q.qtype, len(toks), E, out)
         if self.embd_dev is not None:
             return self.embd_dev[toks.to(self.device, non_blocking=True)]
         ids = toks.cpu().numpy()

@@ -8,10 +8,11 @@ bytes are copied out of it (to VRAM on CUDA, to private memory on the CPU). The 
 never reuses or evicts a slot it has announced and not got back.
 
 On CUDA, copies of announced layers are issued ahead on their own stream into a ring of VRAM
-slots; the compute stream waits on each copy's event, and a VRAM slot is overwritten only
-after the dequantization that read it (the copy stream waits on that event; dequantize always
-writes fresh tensors). The host waits only for copy events, never for the compute stream, so
-kernels of earlier layers keep the GPU busy while it waits.
+slots; the compute stream waits on each copy's event. With quantized weights the layer's
+matmuls read their blocks straight from the VRAM slot, so the slot is overwritten only after
+the layer's last kernel (the copy stream waits on the event recorded at `release`); with dense
+weights, only after the dequantization that read it. The host waits only for copy events,
+never for the compute stream, so kernels of earlier layers keep the GPU busy while it waits.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from layerstream.compute.dequant import dequantize
 from layerstream.compute.model import LayerWeights
+from layerstream.compute.runner import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
 
 
-def dequant_layout(raw: torch.Tensor, layout: LayerLayout, dtype) -> LayerWeights:
-    """Dequantize every tensor of a layer from its slot bytes (uint8, on the target device)."""
-    return {
-        t.name: dequantize(raw[t.slot_offset : t.slot_offset + t.nbytes], t.qtype, t.shape, t.name, dtype)
-        for t in layout.tensors
-    }
+def dequant_layout(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool = False) -> LayerWeights:
+    """A layer's tensors from its slot bytes (uint8, on the target device): matrices as views of
+    their blocks when `quantized`, the rest (and everything otherwise) dequantized."""
+    return {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes], t, dtype, quantized)
+            for t in layout.tensors}
 
 
 class StreamedLayers:
@@ -42,10 +42,12 @@ class StreamedLayers:
     def __init__(self, layouts: list[LayerLayout], slot_array: Callable[[int], np.ndarray],
                  ready: dict[tuple[int, int], int], pump: Callable[[bool], None],
                  layer_done: Callable[[int, int, int], None],
-                 device, dtype, resident: set[int], vram_slots: int, timeline: Timeline):
+                 device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
+                 quantized: bool = False):
         self.layouts = layouts
         self.slot_array, self.ready, self.pump, self.layer_done = slot_array, ready, pump, layer_done
         self.device, self.dtype = torch.device(device), dtype
+        self.quantized = quantized
         self.resident_ids = set(resident)
         self.resident: dict[int, LayerWeights] = {}
         self.tl = timeline
@@ -60,6 +62,7 @@ class StreamedLayers:
             self.copies: dict[int, tuple] = {}  # layer -> (vram slot, staging slot, c0, c1)
             self.gpu_events: list[tuple] = []
             self.layer_start: dict[int, torch.cuda.Event] = {}
+            self.in_use: dict[int, int] = {}  # layer -> VRAM slot its blocks are read from
 
     def set_step(self, step: int) -> None:
         """The step whose LayerReady messages the next layers wait for."""
@@ -91,8 +94,10 @@ class StreamedLayers:
                 local = host.clone()
             self.layer_done(self.step_no, i, slot)
             with self.tl.span("dequant", f"dequant L{i}", nbytes=lay.data_nbytes, layer=i):
-                w = dequant_layout(local, lay, self.dtype)
+                w = dequant_layout(local, lay, self.dtype, self.quantized)
         if i in self.resident_ids:
+            if self.cuda and self.quantized:  # its own copy: the VRAM slot goes back to the ring
+                w = dequant_layout(self.vram[self.in_use[i]][: lay.nbytes].clone(), lay, self.dtype, True)
             self.resident[i] = w
         return w
 
@@ -153,14 +158,20 @@ class StreamedLayers:
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
         self.layer_start[i] = d0
-        w = dequant_layout(self.vram[k], lay, self.dtype)
+        w = dequant_layout(self.vram[k], lay, self.dtype, self.quantized)
         d1.record(cur)
-        self.freed[k] = d1  # dequantize wrote fresh tensors: the VRAM slot is free after it
-        self.free_vram.append(k)
         self.gpu_events.append(("copy", i, c0, c1, lay.nbytes))
-        self.gpu_events.append(("dequant", i, d0, d1, lay.data_nbytes))
-        self._issue_copies(i + 1)  # the freed slot takes the next announced layer at once
+        if self.quantized:  # the matmuls read the slot: it is free after the layer (release)
+            self.in_use[i] = k
+        else:
+            self.gpu_events.append(("dequant", i, d0, d1, lay.data_nbytes))
+            self._free_vram_slot(k, d1)  # dequantize wrote fresh tensors
+            self._issue_copies(i + 1)  # the freed slot takes the next announced layer at once
         return w
+
+    def _free_vram_slot(self, k: int, event) -> None:
+        self.freed[k] = event  # the copy stream waits on it before overwriting slot k
+        self.free_vram.append(k)
 
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
@@ -173,3 +184,7 @@ class StreamedLayers:
             start = self.layer_start.pop(i, None)
             if start is not None:
                 self.gpu_events.append(("compute", i, start, end, 0))
+            k = self.in_use.pop(i, None)
+            if k is not None:
+                self._free_vram_slot(k, end)
+                self._issue_copies(i + 1)

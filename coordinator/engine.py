@@ -42,6 +42,7 @@ class EngineConfig:
     on_context_full: str = "error"
     sink_tokens: int = 4
     prefill_chunk: int = 512
+    weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,7 +67,8 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
     """A ModelRunner with every layer resident: the single-process engine."""
-    from layerstream.compute.runner import GlobalWeights, ModelRunner, ResidentLayers, check_model_quants
+    from layerstream.compute.runner import (GlobalWeights, ModelRunner, ResidentLayers, check_model_quants,
+                                            keeps_quantized)
 
     check_model_quants(index)
     device = resolve_device(cfg.device)
@@ -77,8 +79,9 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
 
         bar = tqdm(total=index.hparams.n_layer, desc="loading layers", unit="layer", leave=False)
     try:
-        glob = GlobalWeights(index, device, dtype, embed_on_device=True)
-        layers = ResidentLayers(index, device, dtype, progress=bar.update if bar else None)
+        quantized = keeps_quantized(device, cfg.weights)
+        glob = GlobalWeights(index, device, dtype, embed_on_device=True, quantized=quantized)
+        layers = ResidentLayers(index, device, dtype, progress=bar.update if bar else None, quantized=quantized)
     finally:
         if bar:
             bar.close()

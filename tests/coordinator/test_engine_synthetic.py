@@ -110,3 +110,18 @@ def test_context_full_error(tmp_path):
         assert e.logits(TOKENS[:16]).shape == (16, 256)  # the failed sequence gave its row back
         with pytest.raises(ContextFullError):
             list(e.generate(TOKENS[:14], SamplingParams(temperature=0, max_tokens=40)))
+
+
+@pytest.mark.parametrize("arch", ["llama-rope_freqs-tied"])
+def test_quantized_weights_match_reference(tmp_path, arch):
+    """Weights kept as GGUF blocks (the CUDA default), run here by Triton's interpreter: the
+    fused decode kernels, the prompt path's scratch, the quantized tied head and embedding."""
+    pytest.importorskip("triton")
+    path = _write(tmp_path, arch, "mixed", n_layer=2)
+    ref = reference.reference_logits(path, TOKENS)
+    with _load(path, weights="quantized", max_seqs=1) as e:
+        assert any(type(w).__name__ == "QuantWeight" for w in e.backend.source.weights[0].values())
+        _assert_close(e.logits(TOKENS), ref, f"{arch} quantized, whole sequence (prompt path)")
+        s = e._new_seq()
+        steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:4]]
+        _assert_close(torch.stack(steps), ref[:4], f"{arch} quantized, token by token (fused kernels)")

@@ -1,0 +1,103 @@
+"""Linear layers on weights kept as GGUF blocks: fused kernels for decode, a scratch for prompts.
+
+A `QuantWeight` is a [N, K] matrix held as its quantized bytes on the compute device (resident,
+or a view into a streamed layer's VRAM slot). `linear` multiplies by it:
+- up to `FUSED_MAX_TOKENS` rows of activations, a fused dequant-matmul Triton kernel reads the
+  blocks directly (decode is bound by the bytes read, and these are 3.5x fewer than fp16);
+- above that, the matrix is dequantized into one reused scratch buffer and cuBLAS multiplies
+  (prompts are bound by arithmetic; the dequantization costs a pass over the blocks).
+Dense tensors go straight to `F.linear`, so resident, streamed, quantized and dense weights all
+run through the same model code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+
+# Block types the Triton kernels of qkernels.py handle (this module imports Triton lazily).
+FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
+                                         QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K))
+
+# Rows of activations up to which the fused kernel beats dequantize + cuBLAS; measured on H100
+# (BENCHMARKS.md, "quantized matmul crossover").
+FUSED_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A [N, K] matrix as contiguous GGUF blocks (uint8) on its device."""
+
+    raw: torch.Tensor
+    qtype: int
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The reused dequantization buffer of `device`, at least `numel` elements (grown, never shrunk)."""
+    key = (torch.device(device), dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        _scratch.pop(key, None)
+        buf = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> None:
+    """Allocate the scratch up front (before CUDA-graph capture, and so the plan's count is real)."""
+    scratch(device, dtype, numel)
+
+
+# Largest dequantized piece of one matrix: a bigger matrix (the output head over many tokens)
+# is done in row chunks, so the scratch never exceeds what the plan counted.
+SCRATCH_MAX_ELEMS = 28672 * 8192
+
+
+def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+    """Rows of w dequantized into the scratch buffer (valid until the next call)."""
+    from layerstream.compute import qkernels
+
+    N, K = w.shape
+    r0, r1 = (0, N) if rows is None else (rows.start, rows.stop)
+    row_bytes = w.nbytes // N
+    out = scratch(w.device, dtype, (r1 - r0) * K).view(r1 - r0, K)
+    return qkernels.dequantize_into(w.raw[r0 * row_bytes : r1 * row_bytes], w.qtype, r1 - r0, K, out)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w^T (+ bias) -> [T, N] in x's dtype, for dense or quantized w."""
+    if not isinstance(w, QuantWeight):
+        return F.linear(x, w, bias)
+    from layerstream.compute import qkernels
+
+    N, K = w.shape
+    if x.shape[0] <= FUSED_MAX_TOKENS:
+        return qkernels.matmul(x, w.raw, w.qtype, N, K, bias)
+    step = max(1, min(N, SCRATCH_MAX_ELEMS // K))
+    if step >= N:
+        return F.linear(x, dequantized(w, x.dtype), bias)
+    out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        out[:, r0:r1] = F.linear(x, dequantized(w, x.dtype, slice(r0, r1)), None if bias is None else bias[r0:r1])
+    return out
+
+
+def scratch_elems(shapes) -> int:
+    """Scratch elements the prompt path needs for matrices of these [N, K] shapes."""
+    return max((min(math.prod(s), max(1, SCRATCH_MAX_ELEMS // s[1]) * s[1]) for s in shapes), default=0)

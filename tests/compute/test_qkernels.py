@@ -1,0 +1,121 @@
+"""Triton kernels on GGUF blocks against gguf-py's dequantizer and a float64 matmul.
+
+On the CPU they run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), on tiny
+shapes; the gpu-marked tests run them compiled, at full size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
+
+pytest.importorskip("triton")
+from layerstream.compute import qkernels  # noqa: E402
+from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight, linear  # noqa: E402
+
+# byte offsets of the fp16 fields of each block, set to small finite values
+HALF_FIELDS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
+               QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+TYPES = sorted(HALF_FIELDS, key=int)
+
+
+def random_blocks(rng, qt: QT, N: int, K: int) -> np.ndarray:
+    """Random bytes for a [N, K] matrix of type qt, with sane fp16 scales (N * K // block, type_size)."""
+    qk, ts = GGML_QUANT_SIZES[qt]
+    b = rng.integers(0, 256, (N * K // qk, ts), dtype=np.uint8)
+    for o in HALF_FIELDS[qt]:
+        b[:, o:o + 2] = rng.uniform(-0.02, 0.02, len(b)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return b
+
+
+def shapes(qt: QT):
+    """Odd row counts; K not a multiple of 256 for the 32-value types (a partial last chunk)."""
+    out = [(13, 512), (33, 256), (1, 256)]
+    if GGML_QUANT_SIZES[qt][0] == 32:
+        out += [(7, 96), (5, 576)]
+    return out
+
+
+def test_kernels_cover_every_block_type():
+    assert set(qkernels.GEOMETRY) == set(FUSED_TYPES) == {int(t) for t in TYPES}
+    for t in TYPES:
+        ts, qk, _ = qkernels.GEOMETRY[int(t)]
+        assert (qk, ts) == GGML_QUANT_SIZES[t]
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_dequantize_into_is_bit_exact_with_gguf(qt):
+    rng = np.random.default_rng(int(qt))
+    for N, K in shapes(qt):
+        b = random_blocks(rng, qt, N, K)
+        ref = torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K)
+        out = torch.full((N, K), float("nan"))
+        qkernels.dequantize_into(torch.from_numpy(b.reshape(-1).copy()), int(qt), N, K, out)
+        assert torch.equal(out, ref), f"{qt.name} [{N}, {K}]"
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_fused_matmul_matches_dequantize_then_linear(qt):
+    rng = np.random.default_rng(100 + int(qt))
+    torch.manual_seed(int(qt))
+    for N, K in shapes(qt):
+        b = random_blocks(rng, qt, N, K)
+        ref_w = torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K).double()
+        raw = torch.from_numpy(b.reshape(-1).copy())
+        bias = torch.randn(N)
+        for M in (1, 3, 17):  # one program per row; tl.dot with padding; two row tiles
+            x = torch.randn(M, K)
+            ref = x.double() @ ref_w.T + bias.double()
+            y = qkernels.matmul(x, raw, int(qt), N, K, bias)
+            assert y.shape == (M, N) and y.dtype == x.dtype
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            # M == 1 accumulates in float32; tl.dot takes float16 operands (2^-11 rounding each)
+            assert err < (1e-5 if M == 1 else 5e-3), f"{qt.name} [{N}, {K}] M={M}: rel err {err:.2e}"
+
+
+def test_linear_dispatch_prompt_path_uses_the_scratch():
+    """Above the fused limit, `linear` dequantizes into the scratch and calls F.linear (row chunks
+    when the matrix is larger than the scratch cap)."""
+    from layerstream.compute import qlinear
+
+    rng = np.random.default_rng(7)
+    qt, N, K = QT.Q4_K, 40, 256
+    b = random_blocks(rng, qt, N, K)
+    w = QuantWeight(torch.from_numpy(b.reshape(-1).copy()), int(qt), (N, K))
+    ref_w = torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K)
+    x = torch.randn(qlinear.FUSED_MAX_TOKENS + 5, K)
+    torch.testing.assert_close(linear(x, w), x @ ref_w.T, rtol=1e-5, atol=1e-5)
+    old = qlinear.SCRATCH_MAX_ELEMS
+    qlinear.SCRATCH_MAX_ELEMS = 16 * K  # 16 rows per chunk: three chunks
+    try:
+        torch.testing.assert_close(linear(x, w), x @ ref_w.T, rtol=1e-5, atol=1e-5)
+    finally:
+        qlinear.SCRATCH_MAX_ELEMS = old
+
+
+def test_bad_blocks_are_refused():
+    with pytest.raises(ValueError, match="need 144"):
+        qkernels.matmul(torch.randn(1, 256), torch.zeros(100, dtype=torch.uint8), int(QT.Q4_K), 1, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_full_size_on_cuda(qt):
+    """Llama-3.1-8B matrix sizes, compiled: bit-exact dequantization, matmul within fp16 rounding."""
+    rng = np.random.default_rng(200 + int(qt))
+    for N, K in [(4096, 4096), (1024, 4096), (14336 + 3, 4096)]:
+        b = random_blocks(rng, qt, N, K)
+        raw = torch.from_numpy(b.reshape(-1).copy()).cuda()
+        ref_w = torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K).cuda()
+        out = torch.empty(N, K, device="cuda")
+        qkernels.dequantize_into(raw, int(qt), N, K, out)
+        assert torch.equal(out, ref_w), f"{qt.name} [{N}, {K}]"
+        for M in (1, 4, 16):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            ref = x.double() @ ref_w.double().T
+            y = qkernels.matmul(x, raw, int(qt), N, K)
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            assert err < 2e-3, f"{qt.name} [{N}, {K}] M={M}: rel err {err:.2e}"
