@@ -391,6 +391,82 @@ def bench_dequant(args) -> list[dict]:
     return rows
 
 
+# -- qmatmul: matmuls on GGUF blocks ----------------------------------------------------------------------
+
+QMATMUL_SHAPES = {  # name -> [N, K] of one layer's matrices and the head
+    "llama-3.1-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)],
+    "llama-3.1-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
+    "smollm2-135m": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
+    "tiny": [(64, 256)],  # for a run on the CPU under Triton's interpreter
+}
+QMATMUL_INNER = 8  # calls per timed region (one launch alone is near the launch latency)
+
+
+def _kernel_time(fn, reps: int, device: torch.device) -> float:
+    """Seconds of fn's kernels alone: captured once in a CUDA graph and replayed (launch costs
+    out); on the CPU, fn timed as it is."""
+    if device.type != "cuda":
+        return _median_s(fn, reps, device, warmup=1)
+    fn()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return _median_s(g.replay, reps, device, warmup=2)
+
+
+def bench_qmatmul(args) -> list[dict]:
+    """Fused dequant-matmul against dequantize-into-scratch + cuBLAS, per type, shape and batch."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+    from layerstream.compute import qkernels
+
+    device = _device(args)
+    dtype = _dtype(args, device)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")] if args.configs else [None]
+    for tname in args.types.split(","):
+        qt = QT[tname]
+        qk, ts = GGML_QUANT_SIZES[qt]
+        for N, K in QMATMUL_SHAPES[args.shape_set]:
+            nbytes = N * K // qk * ts
+            raws = []
+            for _ in range(args.buffers):  # rotate buffers: the L2 (50 MB) must not hold the weights
+                r = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
+                blocks = r.view(-1, ts)
+                for o in {QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q6_K: (208,)}.get(qt, (0, 2)):
+                    blocks[:, o:o + 2] = torch.full((len(blocks),), 0.01, dtype=torch.float16).view(torch.uint8).view(-1, 2)
+                raws.append(r.to(device))
+            scratch = torch.empty(N, K, dtype=dtype, device=device)
+            for M in args.batch:
+                x = torch.randn(M, K, generator=gen).to(device, dtype)
+                it = iter(range(1 << 60))
+
+                def dq_run():
+                    for j in range(QMATMUL_INNER):
+                        qkernels.dequantize_into(raws[j % len(raws)], int(qt), N, K, scratch)
+                        torch.nn.functional.linear(x, scratch)
+                t_dq = _kernel_time(dq_run, args.reps, device) / QMATMUL_INNER
+                for cfg in configs:
+                    def fused_run(cfg=cfg):
+                        for j in range(QMATMUL_INNER):
+                            qkernels.matmul(x, raws[j % len(raws)], int(qt), N, K, config=cfg)
+                    t_e = _median_s(fused_run, args.reps, device, warmup=2) / QMATMUL_INNER
+                    t_f = _kernel_time(fused_run, args.reps, device) / QMATMUL_INNER
+                    rows.append({"type": tname, "N": N, "K": K, "M": M, "config": "x".join(map(str, cfg)) if cfg else "auto",
+                                 "fused us": t_f * 1e6, "fused GB/s": nbytes / t_f / GB, "eager us": t_e * 1e6,
+                                 "dequant+mm us": t_dq * 1e6, "faster": "fused" if t_f < t_dq else "dequant+mm"})
+    print_table(f"qmatmul: {args.shape_set} matrices on {device_name(device)}, {str(dtype).split('.')[-1]} "
+                f"({_load()})", rows, "us: GPU time per call, replayed from a CUDA graph (on CUDA); eager us: "
+                "launched one by one from Python; GB/s counts the quantized bytes read once; median of --reps")
+    return rows
+
+
 # -- compute: the layers' forward with weights resident -------------------------------------------------
 
 def bench_compute(args) -> list[dict]:
@@ -556,6 +632,16 @@ def add_stage_parsers(sub) -> None:
     _device_args(p)
     p.add_argument("--sample-layers", type=int, default=2, help="first layers measured, plus the largest (default 2)")
     p.set_defaults(func=bench_dequant)
+
+    p = sub.add_parser("qmatmul", help="matmuls on GGUF blocks: fused kernel against dequantize + cuBLAS")
+    _device_args(p)
+    p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K", help="block types, comma separated")
+    p.add_argument("--shape-set", choices=sorted(QMATMUL_SHAPES), default="llama-3.1-8b", help="matrix shapes")
+    p.add_argument("-b", "--batch", type=_ints, default=[1, 2, 4, 8, 16, 32, 64], help="activation rows")
+    p.add_argument("--configs", default="", help="BMxBNxWARPSxSPLITS variants of the fused kernel to time, comma separated")
+    p.add_argument("--buffers", type=int, default=4, help="weight copies rotated between calls (default 4)")
+    p.add_argument("--reps", type=int, default=20, help="timed calls; the median is reported (default 20)")
+    p.set_defaults(func=bench_qmatmul)
 
     p = sub.add_parser("compute", help="the layers' forward with weights resident: prompt and decode")
     _common(p)
