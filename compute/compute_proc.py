@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from layerstream.compute.model import SeqStep
+from layerstream.compute.qlinear import FUSED_MAX_TOKENS, reserve_scratch, scratch_elems
 from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.loader.arena import Arena
@@ -32,7 +33,7 @@ class ComputeConfig:
     max_seqs: int
     resident: tuple[int, ...]  # layers kept on the device after their first load
     vram_slots: int  # VRAM ring slots for streamed layers
-    kv_on_host: bool
+    kv_device_layers: int  # layers 0..n-1 whose KV stays on the device; the rest in host memory
     arena: dict[str, Any]
     layouts: list[Any]  # LayerLayout.to_wire() per layer
     endpoints: dict[str, Any]
@@ -40,6 +41,8 @@ class ComputeConfig:
     trace: bool = False
     sliding: bool = False  # the KV ring slides: K is stored unrotated
     weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see runner.keeps_quantized
+    budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
+    step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
 
 
 class ComputeWorker:
@@ -56,9 +59,15 @@ class ComputeWorker:
         self.registered = False
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if cfg.budget_bytes is not None:  # NOTE [ the plan counts every byte ] in plan.py
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.budget_bytes / total), self.device)
             self._register_arena()
         index = open_model(cfg.model_path)
         quantized = keeps_quantized(self.device, cfg.weights)
+        if quantized and self.device.type == "cuda" and cfg.step_tokens > FUSED_MAX_TOKENS:
+            shapes = [t.shape for layer in index.layers for t in layer.values() if len(t.shape) == 2]
+            reserve_scratch(self.device, self.dtype, scratch_elems(shapes))
         self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
@@ -67,7 +76,8 @@ class ComputeWorker:
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
         )
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
-                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_on_host=cfg.kv_on_host, sliding=cfg.sliding)
+                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
+                                  sliding=cfg.sliding)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""

@@ -147,10 +147,11 @@ def _part(raw, halfs, rowb, kb, ok_r, nblk, QT: tl.constexpr, P: tl.constexpr, G
 @triton.jit
 def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, nblk, row_bytes, sxm, som, sos,
                    QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
     """out[s, M, N] = x[M, K] @ dequant(raw[N, K])^T over split s of the chunks (+ bias on split 0).
 
-    BM == 1 multiplies and sums on the CUDA cores; BM > 1 uses tl.dot (float16 operands).
+    BM == 1 multiplies and sums on the CUDA cores; BM > 1 uses tl.dot, on float16 operands (or,
+    DOT_F32, float32 ones at full precision, for float32 runs).
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -176,8 +177,12 @@ def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, n
             else:
                 xv = tl.load(x + rm[:, None, None] * sxm + k[None, :, :],
                              mask=(rm[:, None, None] < M) & ok[None, :, :], other=0)
-                acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float16),
-                              tl.trans(tl.reshape(w, (BN, G * L)).to(tl.float16)))
+                if DOT_F32:
+                    acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float32),
+                                  tl.trans(tl.reshape(w, (BN, G * L))), input_precision="ieee")
+                else:
+                    acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float16),
+                                  tl.trans(tl.reshape(w, (BN, G * L)).to(tl.float16)))
     if HAS_BIAS:
         b = tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32) * (split == 0).to(tl.float32)
         acc += b[None, :] if BM > 1 else b
@@ -279,7 +284,8 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     kw = {} if INTERPRET else {"num_warps": warps}
     _matmul_kernel[grid](x, raw, raw.view(torch.float16), part, bias if bias is not None else out,
                          M, N, n_chunks, per_split, nblk, row_bytes, x.stride(0), N, M * N,
-                         QT=qtype, NPARTS=nparts, G=G, L=L, BM=BM, BN=BN, HAS_BIAS=bias is not None, **kw)
+                         QT=qtype, NPARTS=nparts, G=G, L=L, BM=BM, BN=BN, HAS_BIAS=bias is not None,
+                         DOT_F32=x.dtype == torch.float32, **kw)
     if splits > 1:
         n = M * N
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=splits, BLOCK=1024)

@@ -27,6 +27,9 @@ FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.
 # measured on an H200 (BENCHMARKS.md, "quantized matmul"): far ahead at 1-2 rows, even at 8-16.
 FUSED_MAX_TOKENS = 16
 
+# Rows of logits computed at once when every position's logits are wanted (evaluation).
+HEAD_CHUNK = 64
+
 
 @dataclass(frozen=True)
 class QuantWeight:
@@ -46,6 +49,7 @@ class QuantWeight:
 
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_reserved: dict[tuple[torch.device, torch.dtype], int] = {}  # elements reserved up front (the plan's)
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -59,13 +63,15 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tenso
 
 
 def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> None:
-    """Allocate the scratch up front (before CUDA-graph capture, and so the plan's count is real)."""
+    """Allocate the scratch up front, as the plan counted it; larger matrices (the output head
+    over many tokens) are then dequantized in row chunks that fit it."""
     scratch(device, dtype, numel)
+    _reserved[(torch.device(device), dtype)] = numel
 
 
-# Largest dequantized piece of one matrix: a bigger matrix (the output head over many tokens)
-# is done in row chunks, so the scratch never exceeds what the plan counted.
-SCRATCH_MAX_ELEMS = 28672 * 8192
+# Largest dequantized piece of one matrix (128 MiB in fp16): larger ones go in row chunks, which
+# keeps the prompt path's scratch small while each chunk's GEMM stays large enough for cuBLAS.
+SCRATCH_MAX_ELEMS = 8192 * 8192
 
 
 def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
@@ -88,7 +94,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     N, K = w.shape
     if x.shape[0] <= FUSED_MAX_TOKENS:
         return qkernels.matmul(x, w.raw, w.qtype, N, K, bias)
-    step = max(1, min(N, SCRATCH_MAX_ELEMS // K))
+    cap = _reserved.get((w.device, x.dtype), SCRATCH_MAX_ELEMS)
+    step = max(1, min(N, cap // K))
     if step >= N:
         return F.linear(x, dequantized(w, x.dtype), bias)
     out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
@@ -98,6 +105,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     return out
 
 
-def scratch_elems(shapes) -> int:
-    """Scratch elements the prompt path needs for matrices of these [N, K] shapes."""
-    return max((min(math.prod(s), max(1, SCRATCH_MAX_ELEMS // s[1]) * s[1]) for s in shapes), default=0)
+def scratch_elems(layer_shapes) -> int:
+    """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
+    head, larger, goes in row chunks of that size)."""
+    return max((min(math.prod(s), max(1, SCRATCH_MAX_ELEMS // s[1]) * s[1]) for s in layer_shapes), default=0)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.dequant import check_supported, dequantize
-from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
+from layerstream.compute.qlinear import FUSED_TYPES, HEAD_CHUNK, QuantWeight
 from layerstream.compute.model import (
     LayerWeights,
     SeqStep,
@@ -162,15 +162,16 @@ class GlobalWeights:
 
 
 class DeviceKV:
-    """KV caches in device memory: [rows, ctx, n_head_kv, head_dim] per layer."""
+    """KV caches in device memory: [rows, ctx, n_head_kv, head_dim] for each of `layers`."""
 
-    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype):
+    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype, layers: Iterable[int] | None = None):
         shape = (rows, ctx, hp.n_head_kv, hp.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hp.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hp.n_layer)]
+        ids = list(range(hp.n_layer) if layers is None else layers)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
 
     def layer(self, i: int, meta: StepMeta):
         return self.k[i], self.v[i], meta
@@ -180,37 +181,129 @@ class DeviceKV:
 
 
 class HostKV(DeviceKV):
-    """KV caches in (pinned) host memory, streamed in with their layer; new entries written back."""
+    """KV caches in (pinned) host memory, streamed in with their layer; new entries written back.
 
-    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype):
-        super().__init__(hp, rows, ctx, "cpu", dtype)
+    NOTE [ host KV on CUDA ]
+    A layer's rows [:, :kv_len] are copied on a side stream into one of two device buffers, the
+    next host layer's while this one computes (its buffer is reused once the attention that read
+    it has run: the side stream waits on that event). New entries go back through pinned memory
+    without a host synchronisation: the device-to-host copy is queued on the compute stream and
+    scattered into the host cache when the layer is next needed, a step later, by which time the
+    step's end (logits to the host) has waited for it.
+    """
+
+    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype, layers: Iterable[int] | None = None):
+        super().__init__(hp, rows, ctx, "cpu", dtype, layers)
         self.device = torch.device(device)
-        if self.device.type == "cuda":
-            self.k = [t.pin_memory() for t in self.k]
-            self.v = [t.pin_memory() for t in self.v]
+        self.cuda = self.device.type == "cuda"
+        self.order = sorted(self.k)
         self._meta_key = None
+        if self.cuda:
+            self.k = {i: t.pin_memory() for i, t in self.k.items()}
+            self.v = {i: t.pin_memory() for i, t in self.v.items()}
+            shape = (rows, ctx, hp.n_head_kv, hp.head_dim)
+            self.bufs = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                         for _ in range(2)]
+            self.buf_free: list = [None, None]  # event: the attention that read buffer b has run
+            self.next_buf = 0
+            self.stream = torch.cuda.Stream(self.device)
+            self.inflight: dict[int, tuple[int, object]] = {}  # layer -> (buffer, copy-done event)
+            self.used: dict[int, int] = {}  # layer -> buffer it computes from this step
+            self.pending: dict[int, tuple] = {}  # layer -> (event, new K, new V, rows, slots) to scatter
 
     def _local(self, meta: StepMeta):
         """The step's meta re-indexed onto a gathered [B, kv_len] cache (rows become 0..B-1)."""
         if self._meta_key is not meta:
             self._meta_key = meta
             self._rows = meta.rows.cpu()
+            self._row_list = self._rows.tolist()
             self._tok_row, self._tok_slot = meta.tok_row.cpu(), meta.tok_slot.cpu()
             self._local_meta = dataclasses.replace(
                 meta, rows=torch.arange(len(self._rows), device=meta.rows.device), tok_row=meta.tok_b)
         return self._local_meta
 
+    def _apply_pending(self, i: int) -> None:
+        p = self.pending.pop(i, None)
+        if p is not None:
+            ev, kn, vn, rows, slots = p
+            ev.synchronize()  # queued a step ago: long done
+            self.k[i][rows, slots] = kn
+            self.v[i][rows, slots] = vn
+
+    def _fetch(self, i: int, L: int) -> None:
+        """Queue the copy of layer i's rows [:, :L] into the next device buffer (side stream)."""
+        self._apply_pending(i)
+        b = self.next_buf
+        self.next_buf ^= 1
+        kb, vb = self.bufs[b]
+        with torch.cuda.stream(self.stream):
+            if self.buf_free[b] is not None:
+                self.stream.wait_event(self.buf_free[b])
+            for j, r in enumerate(self._row_list):  # each row's [:L] is contiguous in the host cache
+                kb[j, :L].copy_(self.k[i][r, :L], non_blocking=True)
+                vb[j, :L].copy_(self.v[i][r, :L], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self.inflight[i] = (b, ev)
+
     def layer(self, i: int, meta: StepMeta):
         local = self._local(meta)
-        L = meta.kv_len
-        k = self.k[i][self._rows, :L].to(self.device, non_blocking=True)
-        v = self.v[i][self._rows, :L].to(self.device, non_blocking=True)
-        return k, v, local
+        L, B = meta.kv_len, len(self._row_list)
+        if not self.cuda:
+            return self.k[i][self._rows, :L].clone(), self.v[i][self._rows, :L].clone(), local
+        if i not in self.inflight:
+            self._fetch(i, L)
+        b, ev = self.inflight.pop(i)
+        torch.cuda.current_stream(self.device).wait_event(ev)
+        self.used[i] = b
+        k = self.order.index(i) + 1
+        if k < len(self.order):
+            self._fetch(self.order[k], L)  # the next host layer's KV crosses while this one computes
+        kb, vb = self.bufs[b]
+        return kb[:B, :L], vb[:B, :L], local
 
     def write_back(self, i: int, meta: StepMeta, k, v) -> None:
         tb, ts = meta.tok_b, meta.tok_slot
-        self.k[i][self._tok_row, self._tok_slot] = k[tb, ts].cpu()
-        self.v[i][self._tok_row, self._tok_slot] = v[tb, ts].cpu()
+        if not self.cuda:
+            self.k[i][self._tok_row, self._tok_slot] = k[tb, ts]
+            self.v[i][self._tok_row, self._tok_slot] = v[tb, ts]
+            return
+        kn = torch.empty((len(self._tok_row), *k.shape[2:]), dtype=k.dtype, pin_memory=True)
+        vn = torch.empty_like(kn, pin_memory=True)
+        kn.copy_(k[tb, ts], non_blocking=True)
+        vn.copy_(v[tb, ts], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self.pending[i] = (ev, kn, vn, self._tok_row, self._tok_slot)
+        self.buf_free[self.used.pop(i)] = ev
+
+
+class SplitKV:
+    """The first `device_layers` layers' KV on the device, the others' in host memory."""
+
+    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype, device_layers: int):
+        self.n_dev = device_layers
+        self.dev = DeviceKV(hp, rows, ctx, device, dtype, range(device_layers))
+        self.host = HostKV(hp, rows, ctx, device, dtype, range(device_layers, hp.n_layer))
+
+    def nbytes(self) -> int:
+        return self.dev.nbytes() + self.host.nbytes()
+
+    def layer(self, i: int, meta: StepMeta):
+        return (self.dev if i < self.n_dev else self.host).layer(i, meta)
+
+    def write_back(self, i: int, meta: StepMeta, k, v) -> None:
+        (self.dev if i < self.n_dev else self.host).write_back(i, meta, k, v)
+
+
+def make_kv(hp: HParams, rows: int, ctx: int, device, dtype, device_layers: int):
+    """KV stores for `device_layers` of the model's layers on the device, the rest on the host."""
+    device_layers = max(0, min(hp.n_layer, device_layers))
+    if device_layers == hp.n_layer:
+        return DeviceKV(hp, rows, ctx, device, dtype)
+    if device_layers == 0:
+        return HostKV(hp, rows, ctx, device, dtype)
+    return SplitKV(hp, rows, ctx, device, dtype, device_layers)
 
 
 class ModelRunner:
@@ -218,7 +311,7 @@ class ModelRunner:
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
                  ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
-                 sliding: bool = False):
+                 sliding: bool = False, kv_device_layers: int | None = None):
         self.hp, self.glob, self.source = hp, glob, source
         self.sliding = sliding  # positions in the cache change: K is stored unrotated
         self.use_graphs = use_graphs
@@ -231,7 +324,9 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.ctx, self.max_seqs = ctx, max_seqs
         self.inv_freq = rope_inv_freq(hp, glob.rope_freqs)
-        self.kv = (HostKV if kv_on_host else DeviceKV)(hp, max_seqs, ctx, self.device, dtype)
+        if kv_device_layers is None:
+            kv_device_layers = 0 if kv_on_host else hp.n_layer
+        self.kv = make_kv(hp, max_seqs, ctx, self.device, dtype, kv_device_layers)
 
     def close(self) -> None:
         pass
@@ -305,4 +400,9 @@ class ModelRunner:
         if want == "last" and x.shape[0] != len(seqs):
             ends = torch.tensor(np.cumsum([len(s.tokens) for s in seqs]) - 1, device=self.device)
             x = x[ends]
-        return head_forward(hp, x, self.glob.norm, self.glob.head)
+        if x.shape[0] <= HEAD_CHUNK or self.device.type != "cuda":
+            return head_forward(hp, x, self.glob.norm, self.glob.head)
+        # every position's logits (evaluation): rows in chunks, each copied out, so the device
+        # holds HEAD_CHUNK rows of logits at most (plan.py counts that)
+        return torch.cat([head_forward(hp, x[r : r + HEAD_CHUNK], self.glob.norm, self.glob.head).cpu()
+                          for r in range(0, x.shape[0], HEAD_CHUNK)])

@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
     g = p.add_argument_group("streaming pipeline")
     g.add_argument("--vram-gb", type=float, default=None,
-                   help="compute-device memory budget in GiB (default: no limit, every layer resident)")
+                   help="compute-device memory budget in GiB; layers that do not fit stream through it (default on "
+                        "CUDA: the GPU's free memory less 1 GiB; on the CPU: no limit)")
+    g.add_argument("--step-tokens", type=int, default=None,
+                   help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
     g.add_argument("--host-cache-gb", type=float, default=None,
                    help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
     g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
@@ -114,6 +117,7 @@ def open_engine(args):
             readers=args.readers, reader_dirs=tuple(args.reader_dir), direct=args.direct_io,
             vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
+            step_tokens=args.step_tokens,
             trace=bool(args.trace),
         )
         backend = pipeline_backend(index, cfg, pcfg)

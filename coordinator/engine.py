@@ -155,14 +155,17 @@ class Engine:
         pending = [list(p) for p in prompts]
         out_all: list[list[torch.Tensor]] = [[] for _ in seqs]
         last: list[torch.Tensor | None] = [None] * len(seqs)
+        step_tokens = min(self.cfg.prefill_chunk, getattr(self.backend, "step_tokens", None) or self.cfg.prefill_chunk)
         while any(pending):
-            idx = [i for i, p in enumerate(pending) if p]
-            chunks = []
-            for i in idx:
-                s = seqs[i]
-                n = min(len(pending[i]), self.cfg.prefill_chunk, max(s.ring.max_chunk(), 1))
-                chunks.append(pending[i][:n])
-                pending[i] = pending[i][n:]
+            idx, chunks, room = [], [], step_tokens  # the tokens of one step stay within the plan's budget
+            for i, p in enumerate(pending):
+                if not p or room <= 0:
+                    continue
+                n = min(len(p), room, max(seqs[i].ring.max_chunk(), 1))
+                idx.append(i)
+                chunks.append(p[:n])
+                pending[i] = p[n:]
+                room -= n
             logits = self._feed([seqs[i] for i in idx], chunks, "all" if want == "all" else "last")
             if want == "all":
                 off = 0

@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from layerstream.compute import compute_proc
 from layerstream.compute.model import SeqStep
-from layerstream.coordinator.plan import GiB, Plan, make_plan
+from layerstream.coordinator.plan import GiB, Plan, fit_budget, make_plan
 from layerstream.coordinator.scheduler import Load, Scheduler
 from layerstream.coordinator.supervisor import Supervisor
 from layerstream.errors import ConfigError, PipelineError
@@ -55,6 +55,7 @@ class PipelineConfig:
     prefetch: int | None = None
     kv_on_host: bool | None = None
     resident_layers: int | None = None
+    step_tokens: int | None = None  # tokens of one forward step at most (default: from the budget)
     transport: str = "ipc"
     host: str = "127.0.0.1"
     trace: bool = False
@@ -74,7 +75,7 @@ class Pipeline:
     """Step backend over reader, staging and compute processes."""
 
     def __init__(self, index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx: int, max_seqs: int,
-                 cfg: PipelineConfig, sliding: bool = False):
+                 cfg: PipelineConfig, sliding: bool = False, weights: str = "auto"):
         self.sliding = sliding
         self.index, self.hparams, self.cfg = index, index.hparams, cfg
         self.ctx, self.max_seqs = ctx, max_seqs
@@ -85,14 +86,23 @@ class Pipeline:
         if cfg.reader_dirs and len(cfg.reader_dirs) != cfg.readers:
             raise ConfigError(f"--reader-dir given {len(cfg.reader_dirs)} times for --readers {cfg.readers}; give one per reader")
         self.reader_plan = readers_for(index.files, cfg.readers, list(cfg.reader_dirs) or None)
+        from layerstream.compute.runner import keeps_quantized
+
+        self.weights = weights
+        vram = None if cfg.vram_gb is None else int(cfg.vram_gb * GiB)
+        if vram is None and device.type == "cuda":
+            vram = fit_budget(device)  # fit by default: a model larger than the GPU streams
         self.plan: Plan = make_plan(
-            index, self.layouts,
-            vram_bytes=None if cfg.vram_gb is None else int(cfg.vram_gb * GiB),
+            index, self.layouts, vram_bytes=vram,
             host_cache_bytes=None if cfg.host_cache_gb is None else int(cfg.host_cache_gb * GiB),
             dtype_bytes=torch.finfo(dtype).bits // 8, ctx=ctx, max_seqs=max_seqs, prefetch=cfg.prefetch,
             kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
+            quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
+            max_prefetch=self.hparams.n_layer,
         )
+        self.step_tokens = self.plan.step_tokens
         log.info("plan: %s", self.plan.describe())
+        log.info("plan, device memory: %s", self.plan.breakdown())
         self.tl = Timeline("coordinator", "0", trace=cfg.trace)
         self.sched = Scheduler(self.plan.n_slots, self.plan.prefetch,
                                HostCache(self.plan.cache_layers * self.plan.slot_bytes, self.plan.slot_bytes, "static"),
@@ -153,7 +163,8 @@ class Pipeline:
         self.sup.start("compute", "compute", compute_proc.main, compute_proc.ComputeConfig(
             ident="compute", model_path=self.index.path, device=str(self.device), dtype=str(self.dtype).split(".")[-1],
             ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
-            kv_on_host=self.plan.kv_on_host, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
+            kv_device_layers=self.plan.kv_device_layers, weights=self.weights,
+            budget_bytes=self.plan.budget_bytes, step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
         await self._wait_ready(self.reader_ids + ["compute"])
         # each layer's reads, per reader, as they go on the wire: fixed for the run
@@ -356,6 +367,7 @@ class Pipeline:
         extra = {"device memory peak": f"{peak / GiB:.2f} GiB (torch's reserved memory)"} if peak else {}
         return stats_table(snaps, time.monotonic() - self.t_start, extra | {
             "plan": self.plan.describe(),
+            "plan, device memory": self.plan.breakdown(),
             "host cache": f"{c.get('host_cache_hits', 0)} hits, {c.get('prefetch_reads', 0)} reads from disk",
             "prefetch": f"{c.get('prefetch_hit', 0)} layers ready before compute asked, {c.get('prefetch_miss', 0)} waited",
         })
@@ -399,5 +411,5 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     check_model_quants(index)
     device = resolve_device(ecfg.device)
     return Pipeline(index, device, resolve_dtype(ecfg.dtype, device), ecfg.ctx, ecfg.max_seqs, pcfg,
-                    sliding=ecfg.on_context_full == "slide")
+                    sliding=ecfg.on_context_full == "slide", weights=ecfg.weights)
 

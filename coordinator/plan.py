@@ -1,16 +1,32 @@
-"""The residency plan: what stays in VRAM, what streams through it, what the host cache keeps."""
+"""The residency plan: what stays in VRAM, what streams through it, where each layer's KV lives.
+
+NOTE [ the plan counts every byte ]
+The compute device holds, and the plan counts: resident layers (as their GGUF blocks when the
+weights stay quantized, else dequantized), the output head and norm, `vram_slots` ring slots
+for streamed layers, the KV cache of the first `kv_device_layers` layers, two device buffers
+for the host-KV layers' caches in flight, the scratch of one step of `step_tokens` tokens
+(activations, attention temporaries, logits, the dequantization buffer of the prompt path),
+and the allocator's slack. The compute process caps torch's allocator at the budget
+(`set_per_process_memory_fraction`), so the peak reserved memory never exceeds `--vram-gb`:
+if the plan undercounted, a step fails with an out-of-memory error instead of overrunning.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
+from layerstream.compute.qlinear import FUSED_MAX_TOKENS, HEAD_CHUNK, scratch_elems
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout
 
 GiB = 1 << 30
+MiB = 1 << 20
 SLOT_ROUND = 1 << 16
+SLACK_FRACTION = 0.04  # the caching allocator's rounding and fragmentation
+SLACK_MIN = 128 * MiB
 
 
 def _gib(n: float) -> str:
@@ -24,22 +40,61 @@ class Plan:
     resident: tuple[int, ...]  # layers kept on the compute device after their first load
     streamed: tuple[int, ...]  # layers copied in every forward pass
     vram_slots: int  # VRAM ring slots for streamed layers
-    kv_on_host: bool
+    kv_device_layers: int  # layers 0..kv_device_layers-1 keep their KV on the device, the rest on the host
     prefetch: int  # layers staged ahead of compute
     stream_slots: int  # staging slots for streaming
     cache_layers: int  # further staging slots that keep layers in host RAM between passes
     slot_bytes: int
-    device_bytes: int  # what the plan expects to use on the compute device
+    step_tokens: int  # tokens of one forward step at most (prompt chunks; decode batches up to max_seqs)
+    device_bytes: int  # what the plan expects to use on the compute device, slack included
+    budget_bytes: int | None  # the device budget (None: no limit)
+    parts: tuple[tuple[str, int], ...] = ()  # device_bytes by item, for the stats table
 
     @property
     def n_slots(self) -> int:
         return self.stream_slots + self.cache_layers
 
+    @property
+    def kv_on_host(self) -> bool:
+        """Any layer's KV in host memory."""
+        return self.kv_device_layers < len(self.resident) + len(self.streamed)
+
     def describe(self) -> str:
+        n = len(self.resident) + len(self.streamed)
+        kv = ("KV on the device" if self.kv_device_layers == n else "KV in host memory" if not self.kv_device_layers
+              else f"KV of {self.kv_device_layers} layers on the device, {n - self.kv_device_layers} in host memory")
+        budget = "" if self.budget_bytes is None else f" of {_gib(self.budget_bytes)}"
         return (f"{len(self.resident)} layers resident, {len(self.streamed)} streamed through "
-                f"{self.vram_slots} VRAM slots; prefetch {self.prefetch}; host cache {self.cache_layers} layers; "
-                f"KV {'in host memory' if self.kv_on_host else 'on the device'}; "
-                f"device memory about {_gib(self.device_bytes)}")
+                f"{self.vram_slots} VRAM slots; {kv}; {self.step_tokens} tokens a step; prefetch {self.prefetch}; "
+                f"host cache {self.cache_layers} layers; device memory {_gib(self.device_bytes)}{budget}")
+
+    def breakdown(self) -> str:
+        return ", ".join(f"{k} {_gib(v)}" for k, v in self.parts if v)
+
+
+FIT_MARGIN = 1 * GiB  # left free when the budget is the device's free memory (as llama.cpp's --fit)
+
+
+def fit_budget(device) -> int:
+    """The device's free memory less FIT_MARGIN, read through NVML (no CUDA context is made in this
+    process); without NVML, 90% of its total memory less the margin."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{props.uuid}")
+            free = pynvml.nvmlDeviceGetMemoryInfo(h).free
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML (or an old driver): fall back on the total
+        free = int(props.total_memory * 0.9)
+    if free <= FIT_MARGIN:
+        raise ConfigError(f"the GPU has {_gib(free)} free: too little to run; free some memory or give --vram-gb")
+    return free - FIT_MARGIN
 
 
 def _mem_available() -> int:
@@ -53,75 +108,124 @@ def _mem_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | None, host_cache_bytes: int | None,
-              dtype_bytes: int, ctx: int, max_seqs: int, prefetch: int | None = None,
-              kv_on_host: bool | None = None, resident_layers: int | None = None) -> Plan:
-    """Fit the model into the budgets; a budget too small to run is a ConfigError saying what is needed.
+def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_seqs: int,
+                 quantized: bool, want_all: bool = True) -> int:
+    """Device bytes of one forward step's temporaries for T tokens (T >= max_seqs)."""
+    hp = index.hparams
+    E, F, V = hp.n_embd, hp.n_ff, hp.n_vocab
+    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    # residual, norm, q/k/v, attention output, gate, up, their product and the down output
+    act = T * (4 * E + H * D + 2 * Hkv * D + 3 * F) * dtype_bytes
+    # attention: the attended K/V gathered [B, L, Hkv, D], expanded to every head for grouped
+    # queries and made contiguous (K, V and a transposed copy: 3 x [B, H, L, D]), the mask
+    # (bool, and additive in the compute dtype) and the softmax statistics
+    B = max_seqs if T <= max_seqs else 1
+    S = max(1, T // B)
+    attn = (B * ctx * (3 * H + 2 * Hkv) * D * dtype_bytes + B * S * ctx * (dtype_bytes + 1)
+            + B * H * S * 4)
+    rows = min(T, HEAD_CHUNK) if want_all else max_seqs
+    logits = rows * V * (dtype_bytes + 4) + T * E * dtype_bytes
+    dq = 0
+    if quantized and T > FUSED_MAX_TOKENS:
+        dq = scratch_elems([t.shape for layer in index.layers for t in layer.values() if len(t.shape) == 2]) \
+            * dtype_bytes
+    partials = 64 * MiB  # split-K partial sums of the fused kernels, RoPE tables, step metadata
+    return act + attn + logits + dq + partials
 
-    Resident layers are kept dequantized (dtype_bytes per weight); streamed layers cost one
-    raw (quantized) VRAM slot each in flight. vram_bytes None means no limit.
-    """
+
+def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | None, host_cache_bytes: int | None,
+              dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool = False, step_tokens: int | None = None,
+              prefetch: int | None = None, kv_on_host: bool | None = None,
+              resident_layers: int | None = None, max_prefetch: int | None = None) -> Plan:
+    """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
+    ConfigError naming the minimum. vram_bytes None means no limit (every layer resident)."""
     hp = index.hparams
     n = hp.n_layer
     raw = [lay.nbytes for lay in layouts]
     slot_bytes = -(-max(raw) // SLOT_ROUND) * SLOT_ROUND
-    params = [sum(_numel(t.shape) for t in index.layers[i].values()) for i in range(n)]
-    dense = [p * dtype_bytes for p in params]
-    kv = 2 * n * max_seqs * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes
-    head = hp.n_vocab * hp.n_embd * dtype_bytes
-    # one layer dequantized (and its temporaries), activations of a prefill chunk, the logits
-    chunk = min(ctx, 512) * max_seqs
-    scratch = 2 * max(dense) + chunk * (3 * hp.n_ff + 4 * hp.n_embd) * dtype_bytes + 2 * max_seqs * hp.n_vocab * 4
-    fixed = head + scratch
+    if quantized:
+        weights = raw
+    else:
+        weights = [sum(math.prod(t.shape) for t in index.layers[i].values()) * dtype_bytes for i in range(n)]
+    g = index.globals
+    out = g.get("output.weight") or g["token_embd.weight"]
+    head = (out.nbytes if quantized and len(out.shape) == 2 else math.prod(out.shape) * dtype_bytes) \
+        + hp.n_embd * dtype_bytes
+    kv_layer = 2 * max_seqs * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes
+    if step_tokens is not None and step_tokens < 1:
+        raise ConfigError(f"--step-tokens {step_tokens}: must be at least 1")
 
-    if resident_layers is None:
-        if vram_bytes is None:
-            resident_layers = n
+    def scratch(T: int) -> int:
+        return step_scratch(index, max(T, max_seqs), dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=max_seqs,
+                            quantized=quantized)
+
+    def slack(total: int) -> int:
+        return max(SLACK_MIN, int(total * SLACK_FRACTION))
+
+    def fit(T: int, slots: int, r: int, kv_dev: int) -> tuple[int, list[tuple[str, int]]]:
+        parts = [("head", head), ("resident layers", sum(weights[:r])), ("layer slots", slots * slot_bytes),
+                 ("KV", kv_dev * kv_layer), ("host KV in flight", 2 * kv_layer if kv_dev < n else 0),
+                 ("step scratch", scratch(T))]
+        used = sum(v for _, v in parts)
+        parts.append(("slack", slack(used)))
+        return used + slack(used), parts
+
+    T = step_tokens or 512
+    if vram_bytes is None:  # no limit: everything on the device
+        r = n if resident_layers is None else max(0, min(n, resident_layers))
+        slots = 4 if r < n else 0  # no budget to save: copies issued further ahead
+        kv_dev = 0 if kv_on_host else n
+        total, parts = fit(T, slots, r, kv_dev)
+    else:
+        if step_tokens is None:  # the largest step of 64..512 tokens that leaves room to stream
+            while T > 64 and fit(T, 2, 0, 0)[0] > vram_bytes:
+                T //= 2
+        least, parts = fit(T, 2, 0, 0)
+        if least > vram_bytes:
+            raise ConfigError(
+                f"--vram-gb {vram_bytes / GiB:.2f} is too small for {os.path.basename(index.path)} with "
+                f"{T} tokens a step: it needs at least {_gib(least)} ({', '.join(f'{k} {_gib(v)}' for k, v in parts if v)})"
+                f"; raise --vram-gb, or lower --step-tokens, --batch or --ctx")
+        if resident_layers is None and kv_on_host is not True and fit(T, 0, n, n)[0] <= vram_bytes:
+            r, slots, kv_dev = n, 0, n
         else:
-            room = vram_bytes - fixed - (0 if kv_on_host else kv)
-            if room >= sum(dense):
-                resident_layers = n
+            # NOTE: two VRAM slots keep the copy engine busy: a streamed layer is computed straight
+            # from its slot, so slot A is free again once layer i is computed, which at decode
+            # batch sizes is long before the copy of layer i+1 into slot B ends; when compute is the
+            # longer of the two, compute bounds the pass and the copy waits without cost.
+            slots = 2
+            # KV first (the host path moves it every pass), then as many layers as fit
+            kv_dev = 0
+            if not kv_on_host:
+                while kv_dev < n and fit(T, slots, 0, kv_dev + 1)[0] <= vram_bytes:
+                    kv_dev += 1
+                if kv_on_host is False and kv_dev < n:
+                    raise ConfigError(f"--vram-gb {vram_bytes / GiB:.2f}: the KV cache ({_gib(n * kv_layer)}) does not "
+                                      "fit on the device; drop the KV placement option or lower --ctx or --batch")
+            if resident_layers is None:
+                r = 0
+                while r < n and fit(T, slots, r + 1, kv_dev)[0] <= vram_bytes:
+                    r += 1
             else:
-                room -= 2 * slot_bytes  # two VRAM slots for the streamed ones
-                resident_layers = 0
-                while resident_layers < n and room >= dense[resident_layers]:
-                    room -= dense[resident_layers]
-                    resident_layers += 1
-    resident_layers = max(0, min(n, resident_layers))
-    resident = tuple(range(resident_layers))
-    streamed = tuple(range(resident_layers, n))
-    # NOTE: with two VRAM slots the copy of layer i+2 waits for the dequantization of layer i;
-    # four keep the copy engine busy back to back (measured on H100: 1.7x against 1.2x the floor).
-    vram_slots = 0 if not streamed else 4
-    if vram_bytes is not None and streamed:
-        spare = vram_bytes - fixed - sum(dense[:resident_layers]) - (0 if kv_on_host else kv)
-        vram_slots = int(max(2, min(4, spare // slot_bytes))) if spare > 0 else 2
-    if kv_on_host is None:
-        kv_on_host = vram_bytes is not None and (
-            fixed + kv + sum(dense[:resident_layers]) + vram_slots * slot_bytes > vram_bytes)
-    device = fixed + sum(dense[:resident_layers]) + vram_slots * slot_bytes + (0 if kv_on_host else kv)
-    if vram_bytes is not None and device > vram_bytes:
-        need = fixed + 2 * slot_bytes
-        raise ConfigError(
-            f"--vram-gb {vram_bytes / GiB:.2f} is too small for {os.path.basename(index.path)}: it needs at least "
-            f"{_gib(need)} (output head {_gib(head)}, scratch {_gib(scratch)}, two layer slots of {_gib(slot_bytes)})"
-            f"{'' if kv_on_host else f' plus {_gib(kv)} of KV cache (or --kv-on-host)'}; raise --vram-gb or lower --ctx"
-        )
+                r = max(0, min(n, resident_layers))
+            if r == n:
+                slots = 0
+        total, parts = fit(T, slots, r, kv_dev)
+        if total > vram_bytes:
+            raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {vram_bytes / GiB:.2f}: the plan needs "
+                              f"{_gib(total)}; lower --resident-layers")
+    resident = tuple(range(r))
+    streamed = tuple(range(r, n))
     if prefetch is None:
-        prefetch = min(vram_slots + 2, max(1, len(streamed))) if streamed else 1
+        prefetch = min(slots + 2, max(1, len(streamed))) if streamed else 1
     if prefetch < 1:
         raise ConfigError(f"--prefetch {prefetch}: must be at least 1")
+    if max_prefetch is not None and prefetch > max_prefetch:
+        raise ConfigError(f"--prefetch {prefetch}: at most {max_prefetch} (the model's layer count)")
     stream_slots = prefetch + 1
     loads = len(streamed)
     if host_cache_bytes is None:
         host_cache_bytes = min(loads * slot_bytes, _mem_available() // 2)
     cache_layers = min(loads, host_cache_bytes // slot_bytes)
-    return Plan(resident, streamed, vram_slots, bool(kv_on_host), prefetch, stream_slots, cache_layers,
-                slot_bytes, device)
-
-
-def _numel(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
+    return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
+                total, vram_bytes, tuple(parts))

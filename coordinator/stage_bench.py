@@ -471,14 +471,14 @@ def bench_qmatmul(args) -> list[dict]:
 
 def bench_compute(args) -> list[dict]:
     from layerstream.compute.model import SeqStep, build_step_meta, layer_forward, rope_inv_freq
-    from layerstream.compute.runner import ResidentLayers
+    from layerstream.compute.runner import ResidentLayers, keeps_quantized
 
     device = _device(args)
     dtype = _dtype(args, device)
     with model_for(args) as index:
         hp = index.hparams
         held = list(range(min(args.sample_layers, hp.n_layer)))
-        weights = ResidentLayers(index, device, dtype, layers=held).weights
+        weights = ResidentLayers(index, device, dtype, layers=held, quantized=keeps_quantized(device)).weights
         rf = index.globals.get("rope_freqs.weight")
         inv_freq = rope_inv_freq(hp, None if rf is None else torch.from_numpy(
             np.array(index.tensor_bytes(rf)).view(np.float32).copy()))
@@ -532,9 +532,10 @@ def bench_pipeline(args) -> list[dict]:
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
                            prefill_chunk=max(args.tokens, 1))
         pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
-                              host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
+                              host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace))
         backend = pipeline_backend(index, cfg, pcfg)
+        print(f"plan: {backend.plan.describe()}\nplan, device memory: {backend.plan.breakdown()}", flush=True)
         rows = []
         with Engine(index, backend, cfg) as engine:
             plan = backend.plan
@@ -660,6 +661,7 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("-b", "--batch", type=_ints, default=[1], help="decode batch sizes (default 1)")
     p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GiB (as run-pipeline)")
     p.add_argument("--resident-layers", type=int, default=None, help="keep this many layers resident (0: stream all)")
+    p.add_argument("--step-tokens", type=int, default=None, help="tokens of one forward step at most (as run-pipeline)")
     p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
     p.add_argument("--direct", action="store_true", help="read with O_DIRECT")

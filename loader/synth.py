@@ -323,6 +323,29 @@ def _plan(shape: ModelShape, mix: str) -> list[_Planned]:
     return out
 
 
+def shaped_index(shape: str | ModelShape, mix: str = "Q4_K_M", n_layer: int | None = None):
+    """A ModelIndex of `shape` whose tensors lie in a file that is never written: for planning
+    (sizes, layouts) at full scale without 40 GB on disk."""
+    from layerstream.loader.gguf_index import HParams, ModelIndex, TensorInfo
+
+    shape = resolve_shape(shape, n_layer)
+    path = f"/nonexistent/{shape.name}-{mix}.gguf"
+    off, layers, glob = 0, [{} for _ in range(shape.n_layer)], {}
+    for t in _plan(shape, mix):
+        info = TensorInfo(t.name, int(t.qtype), t.shape, path, off, t.nbytes)
+        off += -(-t.nbytes // 32) * 32
+        if t.name.startswith("blk."):
+            _, i, short = t.name.split(".", 2)
+            layers[int(i)][short] = info
+        else:
+            glob[t.name] = info
+    hd = shape.head_dim
+    hp = HParams("llama", shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, hd, shape.n_ff, shape.n_vocab,
+                 shape.norm_eps, shape.rope_theta, hd, False, context_length=shape.context_length,
+                 tied_output=shape.tied, has_rope_freqs=shape.rope_freqs)
+    return ModelIndex(path, [path], {}, hp, layers, glob)
+
+
 def resolve_shape(shape: str | ModelShape, n_layer: int | None = None) -> ModelShape:
     if isinstance(shape, str):
         try:

@@ -86,3 +86,33 @@ def test_cuda_graph_decode_matches_eager(model):
     with _engine(model, dtype="float16") as e:
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
         assert e.backend.graphs, "decode steps did not use a captured graph"
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory):
+    """Llama-3.1-8B's matrices (4096 x 14336, 128k vocabulary) in 4 layers: budgets of real scale."""
+    from layerstream.loader.synth import write_shaped_model
+
+    return write_shaped_model(str(tmp_path_factory.mktemp("gpu") / "8b-4.gguf"), "llama-3.1-8b", 4, "Q4_K_M")
+
+
+@pytest.mark.timeout(900)
+def test_peak_device_memory_stays_within_the_budget(shaped):
+    """The plan counts every byte: torch's peak reserved memory in the compute process never
+    exceeds --vram-gb, over budgets (all resident, some, none), batch sizes and prompt lengths."""
+    from layerstream.coordinator.plan import GiB
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for vram_gb, batch, prompt in [(1.2, 1, 700), (1.2, 8, 40), (1.6, 4, 1100), (2.5, 1, 600), (2.5, 16, 300)]:
+        index = open_model(shaped)
+        cfg = EngineConfig(device="cuda", dtype="float16", ctx=1280, max_seqs=batch)
+        backend = pipeline_backend(index, cfg, PipelineConfig(vram_gb=vram_gb))
+        with Engine(index, backend, cfg) as e:
+            plan = e.backend.plan
+            seen.add((len(plan.resident), plan.kv_device_layers))
+            prompts = [rng.integers(0, 1000, prompt if b == 0 else 20).tolist() for b in range(batch)]
+            e.generate_batch(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+            peak = next(s for s in e.backend.collect_stats() if s.get("role") == "compute")["device_peak_bytes"]
+            assert 0 < peak <= vram_gb * GiB, (vram_gb, batch, prompt, peak / GiB, plan.describe(), plan.breakdown())
+    assert len(seen) >= 3, f"the grid should cover different plans: {seen}"

@@ -1,0 +1,96 @@
+"""The residency plan's arithmetic at full scale (synthetic indexes of real shapes, no files)."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerstream.coordinator.plan import GiB, make_plan
+from layerstream.errors import ConfigError
+from layerstream.loader.layout import layer_layouts
+from layerstream.loader.synth import shaped_index
+
+
+@pytest.fixture(scope="module")
+def l70():
+    index = shaped_index("llama-3.1-70b")
+    return index, layer_layouts(index)
+
+
+@pytest.fixture(scope="module")
+def l8():
+    index = shaped_index("llama-3.1-8b")
+    return index, layer_layouts(index)
+
+
+def plan(model, gib, **kw):
+    index, layouts = model
+    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True) | kw
+    return make_plan(index, layouts, vram_bytes=None if gib is None else int(gib * GiB), **kw)
+
+
+def test_parts_add_up_and_stay_within_the_budget(l70):
+    p = plan(l70, 8)
+    assert sum(v for _, v in p.parts) == p.device_bytes <= 8 * GiB
+    names = dict(p.parts)
+    assert names["resident layers"] == sum(l70[1][i].nbytes for i in p.resident)  # blocks, not fp16
+    assert names["layer slots"] == p.vram_slots * p.slot_bytes and p.vram_slots >= 2
+
+
+def test_quantized_residency_keeps_several_times_more_layers(l8, l70):
+    """The issue's budgets: dequantized residency kept 0 of 32 layers of the 8B at 4 GiB."""
+    q8, d8 = plan(l8, 4, ctx=1024), plan(l8, 4, ctx=1024, quantized=False)
+    assert len(q8.resident) >= 16, q8.describe()
+    assert len(q8.resident) >= 3 * max(1, len(d8.resident)), (q8.describe(), d8.describe())
+    q70 = plan(l70, 8, ctx=1024)
+    assert len(q70.resident) >= 8, q70.describe()  # llama.cpp's -ngl 14 holds its head on the host
+    assert q70.kv_device_layers == 80
+
+
+def test_batch_64_fits_8_gib_with_kv_split(l70):
+    """Refused before ("needs 13.47 GiB"): now the KV of the layers that fit stays on the device."""
+    p = plan(l70, 8, ctx=512, max_seqs=64)
+    assert p.device_bytes <= 8 * GiB
+    assert 0 < p.kv_device_layers < 80, p.describe()
+    assert p.kv_on_host and "in host memory" in p.describe()
+    assert p.step_tokens >= 64
+
+
+def test_grid_of_budgets_batches_and_contexts(l70, l8):
+    for model in (l8, l70):
+        prev = -1
+        for gib in (1, 2, 4, 8, 16, 48):
+            for B, ctx, T in [(1, 4096, None), (8, 4096, None), (64, 512, None), (1, 4096, 2048), (16, 2048, 512)]:
+                try:
+                    p = plan(model, gib, ctx=ctx, max_seqs=B, step_tokens=T)
+                except ConfigError as e:
+                    assert "too small" in str(e) and "needs at least" in str(e)
+                    continue
+                assert p.device_bytes <= gib * GiB, (gib, B, ctx, T, p.describe())
+                assert sum(v for _, v in p.parts) == p.device_bytes
+                assert p.step_tokens == (T or p.step_tokens) and 64 <= p.step_tokens <= max(512, T or 0)
+                if (B, ctx, T) == (1, 4096, None):
+                    assert len(p.resident) >= prev  # more budget never keeps fewer layers
+                    prev = len(p.resident)
+
+
+def test_step_tokens_shrink_before_refusing(l70):
+    roomy, tight = plan(l70, 8), plan(l70, 2.5)
+    assert roomy.step_tokens == 512 and tight.step_tokens < 512
+
+
+def test_too_small_names_the_minimum(l70):
+    with pytest.raises(ConfigError, match=r"--vram-gb 0\.50 is too small .* needs at least \d+\.\d\d GiB \(head"):
+        plan(l70, 0.5)
+
+
+def test_no_budget_keeps_everything_and_counts_it(l8):
+    p = plan(l8, None)
+    assert len(p.resident) == 32 and not p.streamed and p.kv_device_layers == 32
+    assert p.budget_bytes is None and p.device_bytes > sum(lay.nbytes for lay in l8[1])
+
+
+def test_bad_prefetch_and_step_tokens_are_refused(l8):
+    with pytest.raises(ConfigError, match="--prefetch 1000000000: at most 32"):
+        plan(l8, 4, prefetch=10**9, max_prefetch=32)
+    with pytest.raises(ConfigError, match="--step-tokens 0"):
+        plan(l8, 4, step_tokens=0)
