@@ -16,6 +16,7 @@ from layerstream.compute.qlinear import QuantWeight, linear
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
+ATTN_TEMP_BYTES = 256 << 20  # attention temporaries of one group of sequences / query rows
 
 
 @dataclass
@@ -96,16 +97,28 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
     v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
 
-    K = k_cache[meta.rows, : meta.kv_len].to(x.dtype)  # [B, L, Hkv, D]
-    V = v_cache[meta.rows, : meta.kv_len].to(x.dtype)
-    if meta.cos_k is not None:
-        K = apply_rope(K, meta.cos_k, meta.sin_k, hp.rope_neox)
-    Q = q[meta.q_index]  # [B, S, H, D]
-    o = F.scaled_dot_product_attention(
-        Q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
-        attn_mask=meta.mask, enable_gqa=(H != Hkv),
-    )  # [B, H, S, D]
     B, S = meta.q_index.shape
+    L = meta.kv_len
+    # NOTE: attention's temporaries grow with B * L (K/V gathered, then expanded to every head for
+    # grouped queries) and with S * L (scores, when the math kernel runs): groups of sequences
+    # and of query rows keep them under ATTN_TEMP_BYTES, which the plan counts.
+    per_seq = L * (3 * H + 2 * Hkv) * D * x.element_size()
+    per_row = H * L * 4
+    bc = max(1, min(B, ATTN_TEMP_BYTES // max(1, per_seq + S * per_row)))
+    sc = S if bc > 1 else max(1, min(S, (ATTN_TEMP_BYTES - per_seq) // per_row))
+    outs = []
+    for b0 in range(0, B, bc):
+        b1 = min(B, b0 + bc)
+        K = k_cache[meta.rows[b0:b1], :L].to(x.dtype)  # [b, L, Hkv, D]
+        V = v_cache[meta.rows[b0:b1], :L].to(x.dtype)
+        if meta.cos_k is not None:
+            K = apply_rope(K, meta.cos_k[b0:b1], meta.sin_k[b0:b1], hp.rope_neox)
+        Kt, Vt = K.transpose(1, 2), V.transpose(1, 2)
+        Q = q[meta.q_index[b0:b1]].transpose(1, 2)  # [b, H, S, D]
+        parts = [F.scaled_dot_product_attention(Q[:, :, s0:s0 + sc], Kt, Vt, attn_mask=meta.mask[b0:b1, :, s0:s0 + sc],
+                                                enable_gqa=(H != Hkv)) for s0 in range(0, S, sc)]
+        outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, S, D]
     o = o.transpose(1, 2).reshape(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
     return x + linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
 

@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from layerstream.compute.model import ATTN_TEMP_BYTES
 from layerstream.compute.qlinear import FUSED_MAX_TOKENS, HEAD_CHUNK, scratch_elems
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
@@ -116,13 +117,9 @@ def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_s
     H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
     # residual, norm, q/k/v, attention output, gate, up, their product and the down output
     act = T * (4 * E + H * D + 2 * Hkv * D + 3 * F) * dtype_bytes
-    # attention: the attended K/V gathered [B, L, Hkv, D], expanded to every head for grouped
-    # queries and made contiguous (K, V and a transposed copy: 3 x [B, H, L, D]), the mask
-    # (bool, and additive in the compute dtype) and the softmax statistics
-    B = max_seqs if T <= max_seqs else 1
-    S = max(1, T // B)
-    attn = (B * ctx * (3 * H + 2 * Hkv) * D * dtype_bytes + B * S * ctx * (dtype_bytes + 1)
-            + B * H * S * 4)
+    # attention: its temporaries in groups bounded by ATTN_TEMP_BYTES (model.py), the step's
+    # mask (bool, and additive in the compute dtype) and the softmax statistics
+    attn = ATTN_TEMP_BYTES + max(T * ctx, max_seqs * ctx) * (dtype_bytes + 1) + hp.n_head * T * 4
     rows = min(T, HEAD_CHUNK) if want_all else max_seqs
     logits = rows * V * (dtype_bytes + 4) + T * E * dtype_bytes
     dq = 0

@@ -125,3 +125,19 @@ def test_quantized_weights_match_reference(tmp_path, arch):
         s = e._new_seq()
         steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:4]]
         _assert_close(torch.stack(steps), ref[:4], f"{arch} quantized, token by token (fused kernels)")
+
+
+def test_attention_in_groups_matches_reference(tmp_path, monkeypatch):
+    """Attention split into groups of sequences and of query rows (bounded temporaries) computes
+    the same logits, prompt and batched decode alike."""
+    from layerstream.compute import model
+
+    path = _write(tmp_path, "qwen2", "Q8_0", n_layer=2)
+    ref = reference.reference_logits(path, TOKENS)
+    with _load(path, max_seqs=3) as e:
+        monkeypatch.setattr(model, "ATTN_TEMP_BYTES", 3000)  # a few query rows, one sequence a group
+        _assert_close(e.logits(TOKENS), ref, "query rows in groups")
+        a, b, c = e._new_seq(), e._new_seq(), e._new_seq()
+        got = e._feed([a, b, c], [TOKENS[:5], TOKENS[:3], TOKENS[:7]], "last")
+        for row, n in zip(got, (5, 3, 7)):
+            _assert_close(row[None], reference.reference_logits(path, TOKENS[:n])[-1:], f"{n} tokens in a batch")

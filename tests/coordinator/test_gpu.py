@@ -47,7 +47,10 @@ def test_cuda_logits_match_the_float64_reference(tmp_path, arch):
     assert (got16.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
-def test_pipeline_on_cuda_streams_and_matches(model, tmp_path):
+def test_pipeline_on_cuda_streams_and_matches(tmp_path):
+    # layers of 70 MB: a copy takes longer than a layer's compute, so copies run under compute
+    model = ggufgen.write_model(str(tmp_path / "wide.gguf"), arch="llama", n_layer=4, n_embd=2048, n_ff=8192,
+                                n_head=16, n_head_kv=4, qtype="Q8_0", seed=3)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with _engine(model, dtype="float16") as e:
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
