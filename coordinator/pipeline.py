@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -33,7 +34,7 @@ from layerstream.loader.host_cache import HostCache
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.reader import readers_for
 from layerstream.proto.addresses import cleanup_run_dir, make_endpoints, make_run_dir
-from layerstream.proto.codec import BadMessageCounter, encode
+from layerstream.proto.codec import BadMessageCounter, ProtocolError, encode
 from layerstream.proto.messages import (
     Failed, Forward, ForwardDone, LayerDone, LayerReady, LayerStaged, LoadLayer, ReadFailed, Ready, Shutdown,
     StatsReply, StatsRequest,
@@ -41,6 +42,15 @@ from layerstream.proto.messages import (
 from layerstream.proto.timeline import Timeline, stats_table, write_chrome_trace
 
 log = logging.getLogger("layerstream.pipeline")
+
+# which child roles may send each message type to the coordinator (others are dropped)
+SENDERS = {
+    Ready: {"staging", "reader", "compute"},
+    LayerStaged: {"reader"},
+    ReadFailed: {"reader"},
+    LayerDone: {"compute"},
+    ForwardDone: {"compute"},
+}
 
 
 @dataclass(frozen=True)
@@ -136,10 +146,17 @@ class Pipeline:
         self.run_dir = make_run_dir() if cfg.transport == "ipc" else None
         ep = make_endpoints(cfg.transport, self.run_dir, cfg.host)
         bound = {}
-        from layerstream.proto.sockets import make_router
+        from layerstream.proto.sockets import Curve, make_router
 
+        self.curve = Curve.new() if cfg.transport == "tcp" else None
+        # NOTE: the largest legitimate message to the coordinator is a step's logits (float32),
+        # or a traced run's stats; to a child, a Forward of step_tokens tokens with every
+        # sequence's slot positions.
+        hp = self.hparams
+        self.max_msg_in = max(self.plan.step_tokens, self.max_seqs) * hp.n_vocab * 4 + (64 << 20)
+        self.max_msg_out = (self.plan.step_tokens * 3 + self.max_seqs * (self.ctx + 8)) * 9 + (4 << 20)
         for name in ("control", "readers", "compute"):
-            self.socks[name], bound[name] = make_router(self.zctx, getattr(ep, name))
+            self.socks[name], bound[name] = make_router(self.zctx, getattr(ep, name), self.curve, self.max_msg_in)
         self.ep = ep.bound(**bound)
         self.poller = zmq.asyncio.Poller()
         for s in self.socks.values():
@@ -147,7 +164,8 @@ class Pipeline:
         pid = os.getpid()
 
         def eps(work: str) -> dict:
-            return {"control": self.ep.control, "work": getattr(self.ep, work)}
+            return {"control": self.ep.control, "work": getattr(self.ep, work), "max_msg": self.max_msg_out,
+                    "curve": None if self.curve is None else tuple(self.curve.for_client())}
 
         st = self.sup.start("staging", "staging", staging_proc.main, staging_proc.StagingConfig(
             "staging", self.plan.n_slots, self.plan.slot_bytes, eps("readers"), pid))
@@ -202,8 +220,35 @@ class Pipeline:
                     await self._dispatch(ident, dec.msg, dec.extra, sock is self.socks["control"])
             await self._check_children()
 
+    def _refuse(self, ident: str, why: str) -> bool:
+        """Count and drop a message that a peer may not send or whose fields are wrong."""
+        self.bad.record(ProtocolError(why), ident)
+        return False
+
+    def _acceptable(self, ident: str, msg, extra) -> bool:
+        """Whether `msg` may come from `ident` (by its role) and its fields are in range."""
+        c = self.sup.children.get(ident)
+        if c is None:
+            return self._refuse(ident, f"{type(msg).__name__} from {ident!r}, which is no child of this run")
+        allowed = SENDERS.get(type(msg))
+        if allowed is not None and c.role not in allowed:
+            return self._refuse(ident, f"{type(msg).__name__} from the {c.role} {ident}, which never sends it")
+        if isinstance(msg, ForwardDone):
+            shape_ok = all(isinstance(d, int) and d >= 0 for d in msg.shape)
+            nbytes = len(memoryview(extra[0])) if extra else 0
+            if msg.dtype != "float32" or len(extra) > 1 or not shape_ok or (
+                    msg.shape != [] if not extra else len(msg.shape) != 2 or math.prod(msg.shape) * 4 != nbytes):
+                return self._refuse(ident, f"ForwardDone with dtype {msg.dtype!r} shape {msg.shape} and "
+                                           f"{nbytes} bytes of logits")
+        elif isinstance(msg, LayerDone):
+            if not (0 <= msg.layer < self.hparams.n_layer and 0 <= msg.slot < self.plan.n_slots):
+                return self._refuse(ident, f"LayerDone for layer {msg.layer} slot {msg.slot}, out of range")
+        return True
+
     async def _dispatch(self, ident: str, msg, extra, on_control: bool) -> None:
         log.debug("<- %s %s", ident, msg)
+        if not self._acceptable(ident, msg, extra):
+            return
         if isinstance(msg, Ready):  # comes on both links; ready once both were heard
             c = self.sup.children.get(ident)
             if c is not None:
@@ -226,7 +271,7 @@ class Pipeline:
             await self._on_read_failed(ident, msg.req, msg.error)
         elif isinstance(msg, Failed):
             c = self.sup.children.get(ident)
-            where = f"{msg.role} {msg.ident}"
+            where = msg.role if msg.ident == msg.role else f"{msg.role} {msg.ident}"
             if c is not None and c.role == "reader":
                 log.warning("%s failed: %s", where, msg.error)  # its exit is handled as a reader death
                 c.last_error = msg.error

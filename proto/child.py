@@ -21,7 +21,7 @@ import zmq
 
 from .codec import BadMessageCounter
 from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
-from .sockets import make_dealer, recv_envelope, send_msg
+from .sockets import Curve, make_dealer, recv_envelope, send_msg
 
 
 class ShutdownRequested(Exception):
@@ -32,12 +32,13 @@ class ChildLinks:
     """A child's two links to the coordinator, with polling that serves control messages."""
 
     def __init__(self, role: str, ident: str, control: str, work: str, parent_pid: int,
-                 stats: Callable[[], dict[str, Any]] | None = None):
+                 stats: Callable[[], dict[str, Any]] | None = None, curve: Curve | None = None,
+                 max_msg: int | None = None):
         self.role, self.ident, self.parent_pid = role, ident, parent_pid
         self.stats = stats or (lambda: {})
         self.ctx = zmq.Context()
-        self.control = make_dealer(self.ctx, control, ident)
-        self.work = make_dealer(self.ctx, work, ident)
+        self.control = make_dealer(self.ctx, control, ident, curve, max_msg)
+        self.work = make_dealer(self.ctx, work, ident, curve, max_msg)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.work, zmq.POLLIN)
@@ -98,7 +99,9 @@ def run_child(role: str, ident: str, endpoints: dict[str, Any], parent_pid: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} {ident}: %(message)s")
     control, work = endpoints["control"], endpoints["work"]
-    links = ChildLinks(role, ident, control, work, parent_pid, stats)
+    curve = endpoints.get("curve")
+    links = ChildLinks(role, ident, control, work, parent_pid, stats,
+                       curve=None if curve is None else Curve(*curve), max_msg=endpoints.get("max_msg"))
     code = 0
     try:
         body(links)

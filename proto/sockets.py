@@ -26,24 +26,68 @@ class Envelope(NamedTuple):
     extra: list[Any]
 
 
-def make_router(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:
-    """A bound ROUTER (LINGER 0; sending to an unknown or gone peer raises) and the address bound."""
+class Curve(NamedTuple):
+    """CURVE keys of one run (z85 bytes), made by the coordinator and handed to children at spawn.
+
+    NOTE [ who may talk on tcp ]
+    A tcp listener on 127.0.0.1 is open to every local user. With CURVE, a peer must know the
+    server's public key to complete the handshake; the keys are made per run and travel to the
+    children only through multiprocessing's spawn pipe (never argv, the environment or a file),
+    so another user can neither connect nor read the traffic. ipc sockets live in a 0700 run
+    directory instead and need no keys.
+    """
+
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def new(cls) -> "Curve":
+        sp, ss = zmq.curve_keypair()
+        cp, cs = zmq.curve_keypair()
+        return cls(sp, ss, cp, cs)
+
+    def for_client(self) -> "Curve":
+        """What a child needs: the server's public key and its own pair (no server secret)."""
+        return Curve(self.server_public, b"", self.client_public, self.client_secret)
+
+
+def _limits(sock: zmq.Socket, max_msg: int | None) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    if max_msg is not None:  # a larger message is dropped by libzmq (and its peer disconnected)
+        sock.setsockopt(zmq.MAXMSGSIZE, int(max_msg))
+
+
+def make_router(ctx: zmq.Context, address: str, curve: Curve | None = None,
+                max_msg: int | None = None) -> tuple[zmq.Socket, str]:
+    """A bound ROUTER (LINGER 0; sending to an unknown or gone peer raises) and the address bound;
+    with `curve`, only peers holding the run's server key can connect; `max_msg` bounds messages."""
     sock = ctx.socket(zmq.ROUTER)
     try:
-        sock.setsockopt(zmq.LINGER, 0)
+        _limits(sock, max_msg)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if curve is not None:
+            sock.curve_secretkey = curve.server_secret
+            sock.curve_publickey = curve.server_public
+            sock.curve_server = True
         return sock, bind(sock, address)
     except BaseException:
         sock.close(linger=0)
         raise
 
 
-def make_dealer(ctx: zmq.Context, address: str, ident: str | bytes) -> zmq.Socket:
-    """A DEALER (LINGER 0) with identity `ident`, connected to `address`."""
+def make_dealer(ctx: zmq.Context, address: str, ident: str | bytes, curve: Curve | None = None,
+                max_msg: int | None = None) -> zmq.Socket:
+    """A DEALER (LINGER 0) with identity `ident`, connected to `address` (through CURVE with `curve`)."""
     sock = ctx.socket(zmq.DEALER)
     try:
-        sock.setsockopt(zmq.LINGER, 0)
+        _limits(sock, max_msg)
         sock.setsockopt(zmq.IDENTITY, ident.encode() if isinstance(ident, str) else ident)
+        if curve is not None:
+            sock.curve_serverkey = curve.server_public
+            sock.curve_publickey = curve.client_public
+            sock.curve_secretkey = curve.client_secret
         sock.connect(check_connectable(address))
         return sock
     except BaseException:
@@ -138,6 +182,7 @@ async def async_recv_msg(sock: Any, timeout_ms: int | None, counter: BadMessageC
 
 
 __all__ = [
+    "Curve",
     "Envelope",
     "make_router",
     "make_dealer",

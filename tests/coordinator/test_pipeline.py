@@ -288,3 +288,57 @@ def test_split_model_parts_on_two_drives_one_reader_each(model, reference, tmp_p
         assert _generate(e) == reference
         plan = e.backend.reader_plan
         assert [len(f) for f in plan.files] == [1, 1]
+
+
+def test_foreign_peer_on_tcp_cannot_end_or_steer_the_run(model, reference):
+    """Another local user can reach 127.0.0.1: without the run's CURVE keys a well-formed Failed
+    or ForwardDone never gets through, and an oversized frame is dropped by MAXMSGSIZE."""
+    from layerstream.proto.codec import encode
+    from layerstream.proto.messages import Failed, ForwardDone
+
+    with _engine(model, PipelineConfig(resident_layers=0, transport="tcp")) as e:
+        be = e.backend
+        assert be.curve is not None and be.socks["control"].getsockopt(zmq.MAXMSGSIZE) == be.max_msg_in
+        bad_before = be.bad.total
+        ctx = zmq.Context()
+        try:
+            for addr in (be.ep.control, be.ep.readers, be.ep.compute):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 500)
+                s.setsockopt(zmq.IDENTITY, b"stranger")
+                s.connect(addr)
+                s.send_multipart(encode(Failed("compute", "compute", "where", "ended by a stranger", "")))
+                s.send_multipart(encode(ForwardDone(1, [1, 3], "float32", {}), [b"\0" * 12]))
+                s.close()
+        finally:
+            ctx.term()
+        assert _generate(e) == reference
+        assert be.failure is None
+        assert be.bad.total == bad_before, "the stranger's messages reached the coordinator"
+
+
+def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, reference):
+    from layerstream.proto.messages import ForwardDone, LayerDone
+
+    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+        be = e.backend
+        before = be.bad.total
+        bad = [("reader-0", ForwardDone(be.step_no, [1, 2], "float32", {}), [b"\0" * 8]),  # not the compute
+               ("compute", ForwardDone(be.step_no, [1, 2], "O", {}), [b"\0" * 16]),  # object dtype
+               ("compute", ForwardDone(be.step_no, [1, 9], "float32", {}), [b"\0" * 8]),  # size mismatch
+               ("compute", LayerDone(be.step_no, 10**6, 0), []),  # no such layer
+               ("stranger", LayerDone(be.step_no, 0, 0), [])]  # no child of this run
+        for ident, msg, extra in bad:
+            be.loop.run_until_complete(be._dispatch(ident, msg, extra, False))
+        assert be.bad.total == before + len(bad) and be.done is None
+        # a frame above the bound on the coordinator's sockets is dropped by libzmq; the run goes on
+        ctx = zmq.Context()
+        try:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 2000)
+            s.connect(be.ep.control)
+            s.send(b"\1" * (be.max_msg_in + 1))
+            s.close()
+        finally:
+            ctx.term()
+        assert _generate(e) == reference
