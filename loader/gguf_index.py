@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -179,6 +180,9 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
     g = lambda k, d=ModelError: _get(md, f"{arch}.{k}", d, path)  # noqa: E731
     n_embd = int(g("embedding_length"))
     n_head = int(g("attention.head_count"))
+    if n_head <= 0:
+        raise ModelError(f"{path}: metadata {arch}.attention.head_count = {n_head} is out of range; the file is "
+                         "corrupt or was not written by a known converter")
     n_head_kv = g("attention.head_count_kv", n_head)
     if isinstance(n_head_kv, list):
         if len(set(n_head_kv)) != 1:
@@ -213,6 +217,44 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
     )
 
 
+def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> None:
+    """Untrusted metadata: each value positive, consistent with the others and with the tensors
+    the file holds, before anything is sized from it; a bad one is one line naming its key."""
+    a = hp.arch
+
+    def bad(key: str, value, why: str) -> ModelError:
+        return ModelError(f"{path}: metadata {a}.{key} = {value} {why}; the file is corrupt or was not "
+                          "written by a known converter")
+
+    for key, v in [("block_count", hp.n_layer), ("embedding_length", hp.n_embd), ("attention.head_count", hp.n_head),
+                   ("attention.head_count_kv", hp.n_head_kv), ("attention.key_length", hp.head_dim),
+                   ("feed_forward_length", hp.n_ff), ("vocab_size", hp.n_vocab), ("context_length", hp.context_length),
+                   ("rope.dimension_count", hp.rope_dim)]:
+        if not 0 < v < 1 << 31:
+            raise bad(key, v, "is out of range")
+    if hp.n_head % hp.n_head_kv:
+        raise bad("attention.head_count_kv", hp.n_head_kv, f"does not divide head_count {hp.n_head}")
+    if hp.rope_dim > hp.head_dim or hp.rope_dim % 2:
+        raise bad("rope.dimension_count", hp.rope_dim, f"is odd or above the head size {hp.head_dim}")
+    if not (math.isfinite(hp.norm_eps) and hp.norm_eps > 0 and math.isfinite(hp.rope_theta) and hp.rope_theta > 0
+            and math.isfinite(hp.rope_scale) and hp.rope_scale > 0):
+        raise bad("attention.layer_norm_rms_epsilon / rope.freq_base", (hp.norm_eps, hp.rope_theta), "is not positive")
+    blocks = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
+    if len(blocks) != hp.n_layer or blocks != set(range(hp.n_layer)):
+        raise bad("block_count", hp.n_layer, f"does not match the {len(blocks)} blocks of tensors in the file")
+    shapes = {"attn_q.weight": (hp.n_head * hp.head_dim, hp.n_embd), "attn_k.weight": (hp.n_head_kv * hp.head_dim, hp.n_embd),
+              "ffn_up.weight": (hp.n_ff, hp.n_embd)}
+    for name, want in shapes.items():
+        t = tensors.get(f"blk.0.{name}")
+        if t is not None and tuple(t.shape) != want:
+            raise ModelError(f"{path}: tensor blk.0.{name} has shape {list(t.shape)} where the metadata "
+                             f"({a}.embedding_length, head counts, feed_forward_length) say {list(want)}")
+    emb = tensors.get("token_embd.weight")
+    if emb is not None and (emb.shape[-1] != hp.n_embd or emb.shape[0] < hp.n_vocab):
+        raise bad("vocab_size", hp.n_vocab, f"or embedding_length {hp.n_embd} does not match token_embd "
+                                             f"{list(emb.shape)}")
+
+
 def open_model(path: str | os.PathLike) -> ModelIndex:
     """Open a GGUF model (or the first part of a split one) and index its tensors by layer."""
     path = os.fspath(path)
@@ -234,6 +276,7 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
         if want is not None and int(want) != len(all_tensors):
             raise ModelError(f"{path}: split model lists {want} tensors but its parts hold {len(all_tensors)}")
     hp = _hparams(md, all_tensors, path)
+    _check_hparams(hp, all_tensors, path)
 
     layers: list[dict[str, TensorInfo]] = [{} for _ in range(hp.n_layer)]
     glob: dict[str, TensorInfo] = {}

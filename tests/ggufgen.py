@@ -244,3 +244,24 @@ def write_unsupported_quant(
 def write_missing_tensor(path: str | os.PathLike, tensor: str = "blk.1.ffn_up.weight", **kw) -> str:
     """A model without `tensor`."""
     return write_model(path, omit=(tensor,), **kw)
+
+
+def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: dict) -> str:
+    """Copy the model at `path` to `out` with metadata `changes` ({key: value}, written with the
+    original key's value type; a new key as a uint32 or string)."""
+    reader = gguf.GGUFReader(os.fspath(path))
+    arch = str(reader.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(os.fspath(out), arch)
+    _copy_kv(w, reader, skip=("general.architecture", *changes))
+    for key, value in changes.items():
+        f = reader.fields.get(key)
+        vtype = f.types[0] if f is not None else (
+            gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32)
+        w.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(out)

@@ -276,3 +276,22 @@ def test_renamed_split_part_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="part of a 2-part split model") as e:
         open_model(renamed)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("llama.attention.head_count", 0, r"llama\.attention\.head_count = 0 is out of range"),
+    ("llama.block_count", 4_000_000_000, r"llama\.block_count = 4000000000 is out of range"),
+    ("llama.block_count", 5, r"llama\.block_count = 5 does not match the 2 blocks"),
+    ("llama.attention.head_count_kv", 3, r"head_count_kv = 3 does not divide head_count 4"),
+    ("llama.embedding_length", 96, r"tensor blk\.0\.attn_q\.weight has shape \[64, 64\] where the metadata"),
+    ("llama.rope.dimension_count", 999, r"rope\.dimension_count = 999 is odd or above the head size"),
+    ("llama.context_length", 0, r"context_length = 0 is out of range"),
+])
+def test_hostile_hyperparameters_are_one_line_naming_the_key(tmp_path, key, value, match):
+    """Untrusted metadata is checked before anything is sized from it: no ZeroDivisionError, no
+    billion-entry list, one line naming the key."""
+    src = ggufgen.write_model(tmp_path / "ok.gguf", arch="llama")
+    bad = ggufgen.rewrite_metadata(src, tmp_path / "bad.gguf", {key: value})
+    with pytest.raises(ModelError, match=match) as e:
+        open_model(bad)
+    assert "\n" not in str(e.value)
