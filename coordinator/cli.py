@@ -155,7 +155,7 @@ def _interactive_chat(engine, params, system) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        ids = engine.tokenizer.encode(engine.chat_template.render(messages), add_special=False)
+        ids = engine.encode_chat(messages)
         reply = ""
         for piece in engine.generate(ids, params):
             reply += piece

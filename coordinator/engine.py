@@ -186,8 +186,17 @@ class Engine:
             if self.chat_template is None:
                 raise ConfigError("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            return self.tokenizer.encode(self.chat_template.render(msgs), add_special=False, parse_special=True)
+            return self.encode_chat(msgs)
         return self.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation through the model's chat template: the template's own text
+        may make control tokens; message contents never do (no role injection)."""
+        ids: list[int] = []
+        for text, from_template in self.chat_template.render_segments(messages,
+                                                                      add_generation_prompt=add_generation_prompt):
+            ids += self.tokenizer.encode(text, add_special=False, parse_special=from_template)
+        return ids
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Logits [T, V] (float32, CPU) of every position of a token sequence, for evaluation."""
