@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -83,17 +84,59 @@ def _sampling(args):
     )
 
 
+MAX_BATCH = 4096
+MAX_READERS = 64
+MAX_CTX = 1 << 22
+
+
 def _check_args(args) -> None:
-    if args.max_tokens < 1:
-        _die(f"--max-tokens {args.max_tokens}: must be at least 1")
-    if args.temperature < 0:
-        _die(f"--temperature {args.temperature}: must be 0 (greedy) or more")
-    if not 0 < args.top_p <= 1:
-        _die(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.ctx is not None and args.ctx < 2:
-        _die(f"--ctx {args.ctx}: must be at least 2")
-    if args.perplexity and not os.path.isfile(args.perplexity):
-        _die(f"--perplexity {args.perplexity}: no such file")
+    """Every option checked before a model is opened or a process started: one line each."""
+    import math
+
+    def finite(name: str, v: float | None, low: float, high: float, low_open: bool = False) -> None:
+        if v is not None and not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            _die(f"--{name} {v}: must be a finite number {'above' if low_open else 'from'} {low:g}"
+                 f"{' and at most' if low_open else ' to'} {high:g}")
+
+    def ints(name: str, v: int | None, low: int, high: int) -> None:
+        if v is not None and not low <= v <= high:
+            _die(f"--{name} {v}: must be from {low} to {high}")
+
+    ints("max-tokens", args.max_tokens, 1, MAX_CTX)
+    finite("temperature", args.temperature, 0.0, 100.0)
+    if 0 < args.temperature < 1e-4:
+        _die(f"--temperature {args.temperature}: too small to sample with; use 0 for greedy decoding")
+    finite("top-p", args.top_p, 0.0, 1.0, low_open=True)
+    finite("min-p", args.min_p, 0.0, 1.0)
+    finite("repeat-penalty", args.repeat_penalty, 0.0, 100.0, low_open=True)
+    ints("top-k", args.top_k, 0, 1 << 31)
+    ints("repeat-last-n", args.repeat_last_n, 0, MAX_CTX)
+    ints("ctx", args.ctx, 2, MAX_CTX)
+    ints("batch", args.batch, 1, MAX_BATCH)
+    ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)
+    ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
+    ints("readers", args.readers, 1, MAX_READERS)
+    ints("prefetch", args.prefetch, 1, 1 << 16)
+    ints("resident-layers", args.resident_layers, 0, 1 << 16)
+    ints("step-tokens", args.step_tokens, 1, MAX_CTX)
+    finite("vram-gb", args.vram_gb, 0.0, 1 << 20, low_open=True)
+    finite("host-cache-gb", args.host_cache_gb, 0.0, 1 << 20)
+    if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
+        _die(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
+    for name in ("model", "perplexity"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            _die(f"--{name} {path}: no such file")
+        if path and not os.access(path, os.R_OK):
+            _die(f"--{name} {path}: not readable (check its permissions)")
+    if args.perplexity and os.path.getsize(args.perplexity) == 0:
+        _die(f"--perplexity {args.perplexity}: the file is empty")
+    if args.trace:
+        d = os.path.dirname(os.path.abspath(args.trace))
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            _die(f"--trace {args.trace}: cannot write there (no such directory, or not writable)")
+    if not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
+        _die("no prompt given; pass the prompt text, or --chat for an interactive chat")
 
 
 def open_engine(args):
@@ -166,6 +209,11 @@ def _interactive_chat(engine, params, system) -> None:
 
 
 def run(args) -> int:
+    # bytes that are not UTF-8 (argv keeps them as surrogates, stdin would raise) become U+FFFD
+    args.prompt = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in args.prompt]
+    if args.system:
+        args.system = args.system.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    sys.stdin.reconfigure(errors="replace")
     _check_args(args)
     params = _sampling(args)
     with open_engine(args) as engine:
@@ -194,8 +242,12 @@ def _run_engine(engine, args, params) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: stop like Ctrl-C, exit 143 (128 + SIGTERM)."""
+
+
 def _sigterm(signum, frame):
-    raise KeyboardInterrupt
+    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except LayerstreamError as e:
         _die(str(e))
+    except _Terminated:
+        print("\nrun-pipeline: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\nrun-pipeline: interrupted", file=sys.stderr)
         return 130

@@ -108,8 +108,12 @@ class Engine:
     def __init__(self, index: ModelIndex, backend: StepBackend, cfg: EngineConfig):
         self.index, self.backend, self.cfg = index, backend, cfg
         self.hparams = index.hparams
-        self.tokenizer = Tokenizer.from_metadata(index.metadata)
-        self.chat_template = ChatTemplate.from_metadata(index.metadata, self.tokenizer)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(index.metadata)
+            self.chat_template = ChatTemplate.from_metadata(index.metadata, self.tokenizer)
+        except BaseException:  # a bad tokenizer in the file: nothing left running
+            backend.close()
+            raise
         self._free_rows = list(range(cfg.max_seqs))
 
     @classmethod
@@ -251,6 +255,10 @@ class Engine:
         ids = [p if isinstance(p, list) else self.encode(p, chat=chat) for p in prompts]
         if any(not p for p in ids):
             raise ConfigError("empty prompt: give at least one token of text")
+        longest = max(len(p) for p in ids)
+        if self.cfg.on_context_full == "error" and longest >= self.cfg.ctx:
+            raise ContextFullError(f"the prompt is {longest} tokens, the context size ({self.cfg.ctx} tokens) leaves "
+                                   "no room to generate; raise --ctx, shorten the prompt, or use --on-context-full slide")
         seqs: list[Sequence] = []
         try:
             for _ in ids:

@@ -9,6 +9,7 @@ The asyncio loop (uvloop) runs inside `step()` and during start and stop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import math
 import os
@@ -138,6 +139,7 @@ class Pipeline:
         except BaseException:
             self.close()
             raise
+        atexit.register(self.close)  # an API user who never calls close() leaves nothing behind
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -425,6 +427,7 @@ class Pipeline:
         if self.closed:
             return
         self.closed = True
+        atexit.unregister(self.close)
         workers = [i for i, c in self.sup.children.items() if c.role != "staging"]
 
         async def ask_stop():

@@ -44,17 +44,48 @@ class AddressError(ValueError):
     """An address that cannot be used (ipc path too long, bad name, unbound tcp port)."""
 
 
+def _remove_stale_run_dirs(base: str) -> None:
+    """Run directories of ours under `base` whose launcher is gone (a kill -9): removed."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            d = os.path.join(base, name)
+            if not name.startswith(RUN_DIR_PREFIX) or not os.path.isdir(d) or os.stat(d).st_uid != os.getuid():
+                continue
+            try:
+                with open(os.path.join(d, "owner.pid")) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                continue  # made by an older version, or being made right now: left alone
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(d, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 def make_run_dir(base: str | os.PathLike[str] | None = None) -> str:
     """Create a private (mode 0700) directory for this run's ipc sockets; returns its path.
 
-    It goes under `base`, else $XDG_RUNTIME_DIR when usable, else the system temp directory.
+    It goes under `base`, else the first of $XDG_RUNTIME_DIR, the system temp directory and /tmp
+    that is usable and short enough for socket paths (at most IPC_PATH_MAX bytes). It records
+    the launcher's pid, so that a later run removes it if the launcher was killed (kill -9).
     """
     if base is None:
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        usable = xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK)
-        base = xdg if usable else tempfile.gettempdir()
-    path = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=os.fspath(base))
+        tries = [os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"]
+        room = IPC_PATH_MAX - len(f"/{RUN_DIR_PREFIX}xxxxxxxx/readers") - 1
+        ok = [b for b in tries if b and os.path.isdir(b) and os.access(b, os.W_OK | os.X_OK)
+              and len(os.fsencode(b)) <= room]
+        if not ok:
+            raise AddressError("no usable directory for the run's sockets: $XDG_RUNTIME_DIR, $TMPDIR and /tmp are "
+                               "missing, not writable or too long for a socket path; set TMPDIR to a short path")
+        base = ok[0]
+    base = os.fspath(base)
+    _remove_stale_run_dirs(base)
+    path = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=base)
     os.chmod(path, 0o700)  # mkdtemp already does; say it where it matters
+    with open(os.path.join(path, "owner.pid"), "w") as f:
+        f.write(str(os.getpid()))
     return path
 
 

@@ -67,7 +67,53 @@ def test_bad_option_gives_one_error_line(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     r = run_pipeline("-m", path, "--max-tokens", "0", "hello")
     assert r.returncode != 0
-    assert r.stderr.splitlines() == ["run-pipeline: error: --max-tokens 0: must be at least 1"]
+    assert r.stderr.splitlines() == ["run-pipeline: error: --max-tokens 0: must be from 1 to 4194304"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--vram-gb", "nan"], "--vram-gb nan: must be a finite number"),
+    (["--vram-gb", "inf"], "--vram-gb inf: must be a finite number"),
+    (["--host-cache-gb", "nan"], "--host-cache-gb nan"),
+    (["--device", "bogus"], "--device bogus: use auto, cpu, cuda or cuda:N"),
+    (["--temperature", "1e-46"], "--temperature 1e-46: too small"),
+    (["--prefill-chunk", "0"], "--prefill-chunk 0"),
+    (["--batch", "0"], "--batch 0: must be from 1"),
+    (["--prefetch", "1000000000"], "--prefetch 1000000000: must be from 1 to 65536"),
+    (["--readers", "100000"], "--readers 100000"),
+    (["--ctx", "1"], "--ctx 1"),
+    (["--trace", "/nonexistent-dir/t.json"], "--trace /nonexistent-dir/t.json: cannot write there"),
+    ([], "no prompt given"),
+])
+def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, words):
+    """Each was a traceback, or an error only after the processes had started (probe, issue 10)."""
+    import time
+
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    t0 = time.monotonic()
+    r = run_pipeline("-m", path, *args, *([] if args == [] else ["hello"]))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run-pipeline: error: ") and words in lines[0], r.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_empty_perplexity_file_and_long_prompt_are_refused_early(tmp_path):
+    path = ggufgen.write_model(tmp_path / "m.gguf", context_length=64)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = run_pipeline("-m", path, "--perplexity", str(empty))
+    assert r.returncode != 0 and r.stderr.splitlines() == [f"run-pipeline: error: --perplexity {empty}: the file is empty"]
+    r = run_pipeline("-m", path, "--ctx", "16", "-n", "4", "word " * 40)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "leaves no room to generate" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_non_utf8_prompt_bytes_are_replaced_not_a_traceback(tmp_path):
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    r = subprocess.run([str(LAUNCHER), "--single-process", "-m", path, "-n", "2", "--device", "cpu",
+                        b"caf\xe9 \xff"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr
 
 
 def test_good_run_prints_the_engines_text(tmp_path):

@@ -246,7 +246,7 @@ def test_launcher_stops_within_5_s_on_signal(model, sig):
         p.send_signal(sig)
         p.wait(timeout=10)
         assert time.monotonic() - t0 < 5
-        assert p.returncode != 0
+        assert p.returncode == (143 if sig == signal.SIGTERM else 130)  # 128 + the signal, as shells report
         time.sleep(0.5)
         alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]
         assert not alive, f"processes left: {alive}"

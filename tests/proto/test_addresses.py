@@ -115,3 +115,39 @@ def test_make_endpoints_errors():
         make_endpoints("ipc")
     with pytest.raises(AddressError, match="unknown transport"):
         make_endpoints("udp")
+
+
+def test_stale_run_dir_of_a_killed_launcher_is_removed_by_the_next_run(tmp_path):
+    """kill -9 of a launcher leaves its run directory; the next run removes it (its pid is gone),
+    and leaves alone a live one and a directory without a pid file."""
+    import subprocess
+
+    from layerstream.proto.addresses import make_run_dir
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live, unknown = (tmp_path / f"layerstream-{n}" for n in ("stale", "live", "unknown"))
+    for d in (stale, live, unknown):
+        d.mkdir()
+    (stale / "owner.pid").write_text(str(dead.pid))
+    (live / "owner.pid").write_text(str(os.getpid()))
+    new = make_run_dir(tmp_path)
+    assert not stale.exists() and live.exists() and unknown.exists()
+    assert open(os.path.join(new, "owner.pid")).read() == str(os.getpid())
+
+
+def test_long_tmpdir_falls_back_to_a_short_base(tmp_path, monkeypatch):
+    from layerstream.proto.addresses import IPC_PATH_MAX, cleanup_run_dir, ipc_address, make_run_dir
+
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    d = make_run_dir()
+    try:
+        assert len(ipc_address(d, "readers").encode()) - len("ipc://") <= IPC_PATH_MAX
+    finally:
+        cleanup_run_dir(d)
