@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the KV cache in host memory and stream it with its layer")
     g.add_argument("--resident-layers", type=int, default=None, help="override the plan: keep this many layers resident")
     g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ZeroMQ transport between processes")
+    g.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="seconds a step may wait on the compute process without a message before the run ends (120)")
     g.add_argument("--stats", action="store_true", help="print a per-stage table at exit")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON timeline of the run")
     return p
@@ -121,6 +123,7 @@ def _check_args(args) -> None:
     ints("step-tokens", args.step_tokens, 1, MAX_CTX)
     finite("vram-gb", args.vram_gb, 0.0, 1 << 20, low_open=True)
     finite("host-cache-gb", args.host_cache_gb, 0.0, 1 << 20)
+    finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
     if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
         _die(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
     for name in ("model", "perplexity"):
@@ -160,7 +163,7 @@ def open_engine(args):
             readers=args.readers, reader_dirs=tuple(args.reader_dir), direct=args.direct_io,
             vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
-            step_tokens=args.step_tokens,
+            step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
             trace=bool(args.trace),
         )
         backend = pipeline_backend(index, cfg, pcfg)

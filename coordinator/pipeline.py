@@ -13,6 +13,7 @@ import atexit
 import logging
 import math
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class PipelineConfig:
     host: str = "127.0.0.1"
     trace: bool = False
     ready_timeout_s: float = 180.0
+    stall_timeout_s: float = 120.0  # a step with no message from the compute process for so long ends the run
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -133,6 +135,7 @@ class Pipeline:
         self.pending: dict[int, dict] = {}  # req -> {"load", "parts": {reader ident: LoadLayer}, "tries"}
         self.done: Any = None
         self.stats_replies: dict[str, dict] = {}
+        self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
         self.t_start = time.monotonic()
         try:
             self.loop.run_until_complete(self._start())
@@ -206,21 +209,32 @@ class Pipeline:
 
     # -- the message loop ------------------------------------------------------------------------
 
-    async def _run_until(self, cond, deadline: float | None = None, what: str = "") -> None:
+    async def _run_until(self, cond, deadline: float | None = None, what: str = "",
+                         stall: tuple[str, float] | None = None) -> None:
+        """Serve messages until cond(); a `stall` (child, seconds) with no message from that child
+        for so long ends the run (the watchdog: a stopped or hung process never hangs the user)."""
         while not cond():
             if self.failure:
                 raise PipelineError(self.failure)
             if deadline is not None and time.monotonic() > deadline:
                 raise PipelineError(f"timed out waiting for the {what} after {self.cfg.ready_timeout_s:.0f} s; "
                                     "run with -v to see what each process logged")
-            events = await self.poller.poll(100)
-            for sock, _ in events:
-                frames = await sock.recv_multipart()
-                ident, frames = frames[0].decode(errors="replace"), frames[1:]
-                dec = self.bad.decode(frames, ident)
-                if dec is not None:
-                    await self._dispatch(ident, dec.msg, dec.extra, sock is self.socks["control"])
+            if stall is not None and time.monotonic() - self.heard.get(stall[0], time.monotonic()) > stall[1]:
+                self.failure = (f"the {stall[0]} process sent nothing for {stall[1]:g} s while a step was pending "
+                                f"(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected")
+                raise PipelineError(self.failure)
+            await self._serve(100)
             await self._check_children()
+
+    async def _serve(self, timeout_ms: int) -> None:
+        events = await self.poller.poll(timeout_ms)
+        for sock, _ in events:
+            frames = await sock.recv_multipart()
+            ident, frames = frames[0].decode(errors="replace"), frames[1:]
+            self.heard[ident] = time.monotonic()
+            dec = self.bad.decode(frames, ident)
+            if dec is not None:
+                await self._dispatch(ident, dec.msg, dec.extra, sock is self.socks["control"])
 
     def _refuse(self, ident: str, why: str) -> bool:
         """Count and drop a message that a peer may not send or whose fields are wrong."""
@@ -279,6 +293,8 @@ class Pipeline:
                 c.last_error = msg.error
             else:
                 self.failure = f"the {where} process failed: {msg.error}"
+                if c is not None:
+                    c.last_error = msg.error
         elif isinstance(msg, StatsReply):
             self.stats_replies[msg.ident] = msg.stats
         else:
@@ -301,7 +317,13 @@ class Pipeline:
                 c.restarts += 1
                 self.sup.start(c.role, c.ident, c.target, c.cfg)
                 continue
+            if not self.failure and not c.last_error:  # its last words may still be on the socket
+                for _ in range(3):
+                    await self._serve(100)
             err = c.last_error
+            if code == -signal.SIGBUS:
+                err = (err or "") + (f"SIGBUS: a memory-mapped model file shrank or vanished during the run "
+                                     f"({', '.join(self.index.files)}); check the file and do not rewrite it while it runs")
             self.failure = self.failure or (
                 f"the {c.role} process {c.ident} died (exit code {code})" + (f": {err}" if err else "")
                 + ("; it was restarted once already" if c.restarts else ""))
@@ -381,7 +403,8 @@ class Pipeline:
         wire = [[s.row, s.tokens, s.slots, s.positions, s.kv_pos] for s in seqs]
         await self._send("compute", "compute", Forward(self.step_no, wire, want))
         await self._advance()
-        await self._run_until(lambda: self.done is not None)
+        self.heard["compute"] = time.monotonic()
+        await self._run_until(lambda: self.done is not None, stall=("compute", self.cfg.stall_timeout_s))
         _, a = self.done
         return None if a is None else torch.from_numpy(a.copy())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import multiprocessing
@@ -342,3 +343,18 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
         finally:
             ctx.term()
         assert _generate(e) == reference
+
+
+def test_stalled_compute_process_ends_the_run_with_a_line_naming_it(model):
+    """The watchdog: a compute process stopped mid-run (SIGSTOP) no longer hangs the user."""
+    with _engine(model, PipelineConfig(resident_layers=0, stall_timeout_s=2)) as e:
+        pid = e.backend.sup.children["compute"].proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(PipelineError, match=r"the compute process sent nothing for 2 s .*--stall-timeout"):
+                e.generate_batch([PROMPTS[0]], GREEDY)
+            assert time.monotonic() - t0 < 15
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the failed run may have stopped it already
+                os.kill(pid, signal.SIGCONT)
