@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from layerstream.compute.model import SeqStep
-from layerstream.compute.qlinear import FUSED_MAX_TOKENS, reserve_scratch, scratch_elems
+from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, reserve_scratch, scratch_elems
 from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.loader.arena import Arena
@@ -65,7 +65,7 @@ class ComputeWorker:
             self._register_arena()
         index = open_model(cfg.model_path)
         quantized = keeps_quantized(self.device, cfg.weights)
-        if quantized and self.device.type == "cuda" and cfg.step_tokens > FUSED_MAX_TOKENS:
+        if quantized and self.device.type == "cuda" and max(cfg.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
             shapes = [t.shape for layer in index.layers for t in layer.values() if len(t.shape) == 2]
             reserve_scratch(self.device, self.dtype, scratch_elems(shapes))
         self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)

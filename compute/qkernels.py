@@ -257,6 +257,12 @@ def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
         BM, BN, warps = 16, 32, 4
     tiles = triton.cdiv(N, BN) * (M if BM == 1 else triton.cdiv(M, BM))
     splits = max(1, min(n_chunks // 2, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    if not INTERPRET and not torch.cuda.is_current_stream_capturing():
+        # NOTE: launched one by one (the streaming pipeline), a call costs ~35 us of Python and
+        # Triton launch overhead, more than the split saves; the summing kernel doubles it
+        # (measured on the H200: 4096x4096 Q4_K 35 us eager unsplit, 53 us split in 4). CUDA
+        # graphs (the resident engine's decode) replay without launch cost: there, split.
+        splits = 1
     return BM, BN, warps, splits
 
 

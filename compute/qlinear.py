@@ -2,7 +2,7 @@
 
 A `QuantWeight` is a [N, K] matrix held as its quantized bytes on the compute device (resident,
 or a view into a streamed layer's VRAM slot). `linear` multiplies by it:
-- up to `FUSED_MAX_TOKENS` rows of activations, a fused dequant-matmul Triton kernel reads the
+- up to a few rows of activations (FUSED_MAX_TOKENS_BY_TYPE), a fused dequant-matmul Triton kernel reads the
   blocks directly (decode is bound by the bytes read, and these are 3.5x fewer than fp16);
 - above that, the matrix is dequantized into one reused scratch buffer and cuBLAS multiplies
   (prompts are bound by arithmetic; the dequantization costs a pass over the blocks).
@@ -24,8 +24,12 @@ FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.
                                          QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K))
 
 # Rows of activations up to which the fused kernel is at least as fast as dequantize + cuBLAS,
-# measured on an H200 (BENCHMARKS.md, "quantized matmul"): far ahead at 1-2 rows, even at 8-16.
-FUSED_MAX_TOKENS = 16
+# per type, measured on an H200 with Llama-3.1-8B's matrices inside CUDA graphs (BENCHMARKS.md,
+# "quantized matmul"): Q4_K's dequantization is cheap enough for cuBLAS to win from 8 rows,
+# Q6_K's is not up to 16. Types not measured take FUSED_MAX_TOKENS.
+FUSED_MAX_TOKENS = 8
+FUSED_MAX_TOKENS_BY_TYPE = {int(QT.Q4_K): 4, int(QT.Q5_K): 4, int(QT.Q6_K): 16}
+FUSED_MIN_OF_TYPES = min(FUSED_MAX_TOKENS, *FUSED_MAX_TOKENS_BY_TYPE.values())  # above it, the scratch is used
 
 # Rows of logits computed at once when every position's logits are wanted (evaluation).
 HEAD_CHUNK = 64
@@ -92,7 +96,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     from layerstream.compute import qkernels
 
     N, K = w.shape
-    if x.shape[0] <= FUSED_MAX_TOKENS:
+    if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
         return qkernels.matmul(x, w.raw, w.qtype, N, K, bias)
     cap = _reserved.get((w.device, x.dtype), SCRATCH_MAX_ELEMS)
     step = max(1, min(N, cap // K))
