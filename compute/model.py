@@ -106,18 +106,24 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     per_row = H * L * 4
     bc = max(1, min(B, ATTN_TEMP_BYTES // max(1, per_seq + S * per_row)))
     sc = S if bc > 1 else max(1, min(S, (ATTN_TEMP_BYTES - per_seq) // per_row))
+    if sc < S:
+        bc = 1
+    full = (meta.rows, meta.q_index, meta.mask, meta.cos_k, meta.sin_k)
+    groups = [full] if bc == B else [tuple(None if t is None else t[b0:b0 + bc] for t in full)
+                                     for b0 in range(0, B, bc)]
     outs = []
-    for b0 in range(0, B, bc):
-        b1 = min(B, b0 + bc)
-        K = k_cache[meta.rows[b0:b1], :L].to(x.dtype)  # [b, L, Hkv, D]
-        V = v_cache[meta.rows[b0:b1], :L].to(x.dtype)
-        if meta.cos_k is not None:
-            K = apply_rope(K, meta.cos_k[b0:b1], meta.sin_k[b0:b1], hp.rope_neox)
-        Kt, Vt = K.transpose(1, 2), V.transpose(1, 2)
-        Q = q[meta.q_index[b0:b1]].transpose(1, 2)  # [b, H, S, D]
-        parts = [F.scaled_dot_product_attention(Q[:, :, s0:s0 + sc], Kt, Vt, attn_mask=meta.mask[b0:b1, :, s0:s0 + sc],
-                                                enable_gqa=(H != Hkv)) for s0 in range(0, S, sc)]
-        outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    for rows, q_index, mask, cos_k, sin_k in groups:
+        K = k_cache[rows, :L].to(x.dtype)  # [b, L, Hkv, D]
+        V = v_cache[rows, :L].to(x.dtype)
+        if cos_k is not None:
+            K = apply_rope(K, cos_k, sin_k, hp.rope_neox)
+        Q, Kt, Vt = q[q_index].transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2)  # [b, H, S, D], [b, Hkv, L, D]
+        if sc == S:
+            outs.append(F.scaled_dot_product_attention(Q, Kt, Vt, attn_mask=mask, enable_gqa=(H != Hkv)))
+        else:
+            outs.append(torch.cat([F.scaled_dot_product_attention(
+                Q[:, :, s0:s0 + sc], Kt, Vt, attn_mask=mask[:, :, s0:s0 + sc], enable_gqa=(H != Hkv))
+                for s0 in range(0, S, sc)], dim=2))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, S, D]
     o = o.transpose(1, 2).reshape(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
     return x + linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
