@@ -57,37 +57,26 @@ def _part(raw, halfs, rowb, kb, ok_r, nblk, QT: tl.constexpr, P: tl.constexpr, G
         q = tl.load(raw + base + 2 + j[None, :, :], mask=m, other=0).to(tl.int8, bitcast=True)
         d = tl.load(halfs + base // 2, mask=m, other=0).to(tl.float32)
         return q.to(tl.float32) * d, g * 32 + j, ok
-    elif QT == 2 or QT == 3:  # Q4_0 / Q4_1: d f16 | (m f16) | 16 B nibbles; part 0 low, 1 high
-        TS: tl.constexpr = 18 if QT == 2 else 20
-        QO: tl.constexpr = 2 if QT == 2 else 4
+    elif QT == 2 or QT == 3 or QT == 6 or QT == 7:
+        # Q4_0 / Q4_1 / Q5_0 / Q5_1: d f16 | (m f16) | (qh 4 B) | 16 B nibbles; part 0 low, 1 high
+        FIVE: tl.constexpr = QT == 6 or QT == 7
+        HAS_MIN: tl.constexpr = QT == 3 or QT == 7
+        TS: tl.constexpr = 18 + 2 * HAS_MIN + 4 * FIVE
+        QO: tl.constexpr = TS - 16  # the nibbles end the block
         blk = kb * 8 + g
         ok = blk < nblk
         m = ok_r & ok[None, :, :]
         base = rowb + blk[None, :, :] * TS
         q = (tl.load(raw + base + QO + j[None, :, :], mask=m, other=0).to(tl.int32) >> (4 * P)) & 15
+        if FIVE:  # value P*16+j takes bit (P*16+j) of the little-endian 32-bit qh before the nibbles
+            qh = (tl.load(raw + base + QO - 4 + 2 * P + j[None, :, :] // 8, mask=m, other=0).to(tl.int32)
+                  >> (j[None, :, :] % 8)) & 1
+            q = q | (qh << 4)
         d = tl.load(halfs + base // 2, mask=m, other=0).to(tl.float32)
-        if QT == 2:
-            w = (q - 8).to(tl.float32) * d
-        else:
+        if HAS_MIN:
             w = q.to(tl.float32) * d + tl.load(halfs + base // 2 + 1, mask=m, other=0).to(tl.float32)
-        return w, g * 32 + P * 16 + j, ok
-    elif QT == 6 or QT == 7:  # Q5_0 / Q5_1: d | (m) | qh 4 B | 16 B nibbles
-        TS: tl.constexpr = 22 if QT == 6 else 24
-        HO: tl.constexpr = 2 if QT == 6 else 4
-        blk = kb * 8 + g
-        ok = blk < nblk
-        m = ok_r & ok[None, :, :]
-        base = rowb + blk[None, :, :] * TS
-        ql = (tl.load(raw + base + HO + 4 + j[None, :, :], mask=m, other=0).to(tl.int32) >> (4 * P)) & 15
-        # value P*16+j takes bit (P*16+j) of the little-endian 32-bit qh
-        qh = (tl.load(raw + base + HO + 2 * P + j[None, :, :] // 8, mask=m, other=0).to(tl.int32)
-              >> (j[None, :, :] % 8)) & 1
-        q = ql | (qh << 4)
-        d = tl.load(halfs + base // 2, mask=m, other=0).to(tl.float32)
-        if QT == 6:
-            w = (q - 16).to(tl.float32) * d
         else:
-            w = q.to(tl.float32) * d + tl.load(halfs + base // 2 + 1, mask=m, other=0).to(tl.float32)
+            w = (q - (16 if FIVE else 8)).to(tl.float32) * d
         return w, g * 32 + P * 16 + j, ok
     elif QT == 12 or QT == 13:  # Q4_K / Q5_K: d | dmin | 12 B scales | (qh 32 B) | qs 128 B
         QO: tl.constexpr = 16 if QT == 12 else 48
