@@ -31,6 +31,7 @@ from layerstream.coordinator.scheduler import Load, Scheduler
 from layerstream.coordinator.supervisor import Supervisor
 from layerstream.errors import ConfigError, PipelineError
 from layerstream.loader import reader_proc, staging_proc
+from layerstream.loader.arena import remove_orphan
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.host_cache import HostCache
 from layerstream.loader.layout import layer_layouts
@@ -321,6 +322,8 @@ class Pipeline:
                 for _ in range(3):
                     await self._serve(100)
             err = c.last_error
+            if c.role == "staging" and getattr(self, "arena", None):
+                remove_orphan(self.arena["name"])  # its own cleanup never ran
             if code == -signal.SIGBUS:
                 err = (err or "") + (f"SIGBUS: a memory-mapped model file shrank or vanished during the run "
                                      f"({', '.join(self.index.files)}); check the file and do not rewrite it while it runs")

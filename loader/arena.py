@@ -54,6 +54,22 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def remove_orphan(name: str) -> None:
+    """Unlink the segment of an owner that died (and take it off this process tree's resource
+    tracker, which would otherwise report a leak at exit); a missing segment is fine."""
+    try:
+        shm = _open_untracked(name)
+    except FileNotFoundError:
+        return
+    shm.close()
+    try:
+        shm.unlink()  # shm_unlink, and (before 3.13) unregister from the tracker spawn children share
+    except FileNotFoundError:
+        return
+    if sys.version_info >= (3, 13):  # an untracked handle's unlink leaves the owner's registration
+        resource_tracker.unregister(shm._name, "shared_memory")
+
+
 def _open_untracked(name: str) -> SharedMemory:
     """Attach to an existing segment without registering it with the resource tracker."""
     if sys.version_info >= (3, 13):

@@ -358,3 +358,16 @@ def test_stalled_compute_process_ends_the_run_with_a_line_naming_it(model):
         finally:
             with contextlib.suppress(ProcessLookupError):  # the failed run may have stopped it already
                 os.kill(pid, signal.SIGCONT)
+
+
+def test_staging_killed_is_a_clear_error_and_its_segment_goes(model):
+    """The coordinator removes a dead staging process's segment itself (and takes it off the
+    resource tracker's list, which would otherwise warn of a leak at exit)."""
+    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+        name = e.backend.arena["name"]
+        assert os.path.exists(f"/dev/shm/{name}")
+        os.kill(e.backend.sup.children["staging"].proc.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        with pytest.raises(PipelineError, match="staging process staging died"):
+            e.generate_batch([PROMPTS[0]], GREEDY)
+        assert not os.path.exists(f"/dev/shm/{name}")
