@@ -246,13 +246,13 @@ def write_missing_tensor(path: str | os.PathLike, tensor: str = "blk.1.ffn_up.we
     return write_model(path, omit=(tensor,), **kw)
 
 
-def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: dict) -> str:
+def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: dict, drop: Sequence[str] = ()) -> str:
     """Copy the model at `path` to `out` with metadata `changes` ({key: value}, written with the
-    original key's value type; a new key as a uint32 or string)."""
+    original key's value type; a new key as a uint32 or string) and without the keys in `drop`."""
     reader = gguf.GGUFReader(os.fspath(path))
     arch = str(reader.fields["general.architecture"].contents())
     w = gguf.GGUFWriter(os.fspath(out), arch)
-    _copy_kv(w, reader, skip=("general.architecture", *changes))
+    _copy_kv(w, reader, skip=("general.architecture", *changes, *drop))
     for key, value in changes.items():
         f = reader.fields.get(key)
         vtype = f.types[0] if f is not None else (

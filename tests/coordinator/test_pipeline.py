@@ -371,3 +371,60 @@ def test_staging_killed_is_a_clear_error_and_its_segment_goes(model):
         with pytest.raises(PipelineError, match="staging process staging died"):
             e.generate_batch([PROMPTS[0]], GREEDY)
         assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_model_file_truncated_during_a_run_names_the_file(tmp_path):
+    """Readers see a short read, the compute process a SIGBUS on its memory map: either way the
+    one error line names the file."""
+    import shutil
+
+    path = str(tmp_path / "cut.gguf")
+    ggufgen.write_model(path, arch="llama", n_layer=4, n_embd=256, n_ff=512, seed=3)
+    with _engine(path, PipelineConfig(resident_layers=0, host_cache_gb=0)) as e:
+        e.generate_batch([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=2))
+        os.truncate(path, 4096)
+        with pytest.raises(PipelineError) as err:
+            e.generate_batch([PROMPTS[0]], GREEDY)
+        assert path in str(err.value) and "\n" not in str(err.value)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _run_dirs() -> set[str]:
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "layerstream-*")))
+
+
+def test_bad_tokenizer_found_after_start_leaves_nothing_behind(model, tmp_path):
+    """The tokenizer is read once the processes run: its error still stops them and removes the
+    run directory (the autouse fixture checks processes and segments)."""
+    from layerstream.errors import ModelError
+
+    bad = ggufgen.rewrite_metadata(model, tmp_path / "no-merges.gguf", {}, drop=("tokenizer.ggml.merges",))
+    before = _run_dirs()
+    with pytest.raises(ModelError):
+        _engine(bad, PipelineConfig(resident_layers=0))
+    assert _run_dirs() - before == set()
+
+
+def test_unclosed_engine_over_the_pipeline_cleans_up_at_exit(model):
+    """An API user who never calls close(): at interpreter exit every process stops and the run
+    directory and the segment go."""
+    import tempfile
+
+    script = (
+        "from layerstream.coordinator.engine import Engine, EngineConfig\n"
+        "from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend\n"
+        "from layerstream.loader.gguf_index import open_model\n"
+        "if __name__ == '__main__':\n"
+        f"    index = open_model({model!r})\n"
+        "    cfg = EngineConfig(device='cpu', ctx=64)\n"
+        "    e = Engine(index, pipeline_backend(index, cfg, PipelineConfig(resident_layers=0)), cfg)\n"
+        "    print(e.backend.run_dir, e.backend.arena['name'], flush=True)\n"
+    )
+    r = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr
+    run_dir, seg = r.stdout.split()
+    assert not os.path.exists(run_dir) and not os.path.exists(f"/dev/shm/{seg}")
+    assert "leaked" not in r.stderr and "Traceback" not in r.stderr
