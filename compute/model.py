@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.qlinear import QuantWeight, linear
+from layerstream.compute.qlinear import QuantWeight, linear  # noqa: F401 - QuantWeight: LayerWeights' values
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...

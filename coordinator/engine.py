@@ -13,10 +13,11 @@ from typing import Iterator, Protocol
 import torch
 
 from layerstream.compute.model import SeqStep
-from layerstream.compute.sampling import Sampler, SamplingParams
+from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.chat import ChatTemplate
+from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.kv_ring import KVRing
-from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
+from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ConfigError, ContextFullError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 
@@ -114,7 +115,11 @@ class Engine:
         except BaseException:  # a bad tokenizer in the file: nothing left running
             backend.close()
             raise
-        self._free_rows = list(range(cfg.max_seqs))
+        self.step_tokens = min(cfg.prefill_chunk, getattr(backend, "step_tokens", None) or cfg.prefill_chunk)
+        self.core = EngineCore(backend, self.tokenizer, index.hparams.n_vocab, max_seqs=cfg.max_seqs, ctx=cfg.ctx,
+                               step_tokens=self.step_tokens, on_context_full=cfg.on_context_full,
+                               sink_tokens=cfg.sink_tokens)
+        self._batches = 0
 
     @classmethod
     def load(cls, model: str | None = None, progress: bool = False, **kw) -> "Engine":
@@ -137,13 +142,11 @@ class Engine:
     # -- sequences ---------------------------------------------------------------------------
 
     def _new_seq(self) -> Sequence:
-        if not self._free_rows:
-            raise ConfigError(f"more than {self.cfg.max_seqs} sequences at once; raise --batch")
         ring = KVRing(self.cfg.ctx, self.cfg.sink_tokens, self.cfg.on_context_full)
-        return Sequence(row=self._free_rows.pop(0), ring=ring)
+        return Sequence(row=self.core.take_row(), ring=ring)
 
     def _free_seq(self, s: Sequence) -> None:
-        self._free_rows.insert(0, s.row)
+        self.core.give_row(s.row)
 
     def _feed(self, seqs: list[Sequence], chunks: list[list[int]], want: str) -> torch.Tensor | None:
         """One backend step feeding chunks[i] to seqs[i]; each chunk must fit its ring's max_chunk."""
@@ -159,7 +162,7 @@ class Engine:
         pending = [list(p) for p in prompts]
         out_all: list[list[torch.Tensor]] = [[] for _ in seqs]
         last: list[torch.Tensor | None] = [None] * len(seqs)
-        step_tokens = min(self.cfg.prefill_chunk, getattr(self.backend, "step_tokens", None) or self.cfg.prefill_chunk)
+        step_tokens = self.step_tokens
         while any(pending):
             idx, chunks, room = [], [], step_tokens  # the tokens of one step stay within the plan's budget
             for i, p in enumerate(pending):
@@ -252,97 +255,27 @@ class Engine:
         return outs
 
     def _generate_batch(self, prompts, params: SamplingParams, chat: bool) -> Iterator[tuple[int, str]]:
+        """Every prompt as a request of the engine core, run until all finish."""
         ids = [p if isinstance(p, list) else self.encode(p, chat=chat) for p in prompts]
-        if any(not p for p in ids):
-            raise ConfigError("empty prompt: give at least one token of text")
-        longest = max(len(p) for p in ids)
-        if self.cfg.on_context_full == "error" and longest >= self.cfg.ctx:
-            raise ContextFullError(f"the prompt is {longest} tokens, the context size ({self.cfg.ctx} tokens) leaves "
-                                   "no room to generate; raise --ctx, shorten the prompt, or use --on-context-full slide")
-        seqs: list[Sequence] = []
+        self._batches += 1
+        names = [f"batch{self._batches}-{i}" for i in range(len(ids))]
+        index = {n: i for i, n in enumerate(names)}
+        reasons: list[str | None] = [None] * len(ids)
         try:
-            for _ in ids:
-                seqs.append(self._new_seq())
-            sampler = Sampler(params, self.hparams.n_vocab)
-            decoders = [StreamDecoder(self.tokenizer) for _ in ids]
-            stops = [_StopMatcher(params.stop) for _ in ids]
-            eos = frozenset() if params.ignore_eos else self.tokenizer.eos_ids
-            logits = self._prefill(seqs, ids)
-            while True:
-                live = [i for i, s in enumerate(seqs) if not s.done]
-                if not live:
-                    break
-                nxt = sampler.sample(logits, [seqs[i].tokens for i in live]).tolist()
-                feed_seqs, feed_toks = [], []
-                for i, tok in zip(live, nxt):
-                    s = seqs[i]
-                    if tok in eos:
-                        s.done, s.finish_reason = True, "eos"
-                    else:
-                        s.generated.append(tok)
-                        text, hit = stops[i].push(decoders[i].push(tok))
-                        if text:
-                            yield i, text
-                        if hit:
-                            s.done, s.finish_reason = True, "stop"
-                        elif len(s.generated) >= params.max_tokens:
-                            s.done, s.finish_reason = True, "length"
-                    if s.done:
-                        if s.finish_reason != "stop":  # a stop string drops the text held back
-                            rest = stops[i].flush(decoders[i].flush())
-                            if rest:
-                                yield i, rest
-                    else:
-                        feed_seqs.append(s)
-                        feed_toks.append([tok])
-                if not feed_seqs:
-                    break
-                try:
-                    logits = self._feed(feed_seqs, feed_toks, "last")
-                except ContextFullError:
-                    for s in feed_seqs:
-                        s.done, s.finish_reason = True, "context_full"
-                    raise
-                # logits rows follow feed_seqs; map back onto the live order used by the sampler
-                live_now = [i for i, s in enumerate(seqs) if not s.done]
-                assert [seqs[i] for i in live_now] == feed_seqs
-            self.finish_reasons = [s.finish_reason for s in seqs]
+            for n, p in zip(names, ids):
+                self.core.add_request(n, p, params)
+            while self.core.has_unfinished():
+                for out in self.core.step():
+                    i = index[out.request_id]
+                    if out.text:
+                        yield i, out.text
+                    if out.finished:
+                        reasons[i] = out.finish_reason
+                        if out.finish_reason == "context_full" and self.cfg.on_context_full == "error":
+                            raise ContextFullError(f"the sequence reached the context size ({self.cfg.ctx} tokens); "
+                                                   "raise --ctx or pass --on-context-full slide")
+            self.finish_reasons = reasons
         finally:
-            for s in seqs:
-                self._free_seq(s)
-
-
-class _StopMatcher:
-    """Holds back text that may be the start of a stop string; reports when one is hit."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.buf += text
-        for s in self.stops:
-            k = self.buf.find(s)
-            if k >= 0:
-                out, self.buf = self.buf[:k], ""
-                return out, True
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out = self.buf[: len(self.buf) - hold]
-        self.buf = self.buf[len(self.buf) - hold :]
-        return out, False
-
-    def flush(self, text: str = "") -> str:
-        out, self.buf = self.buf + text, ""
-        if self.stops:
-            for s in self.stops:
-                k = out.find(s)
-                if k >= 0:
-                    return out[:k]
-        return out
+            for n in names:  # a consumer that stopped early, or an error: rows go back
+                self.core.abort(n)
+            self.core.aborted.clear()

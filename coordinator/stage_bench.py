@@ -445,8 +445,6 @@ def bench_qmatmul(args) -> list[dict]:
             scratch = torch.empty(N, K, dtype=dtype, device=device)
             for M in args.batch:
                 x = torch.randn(M, K, generator=gen).to(device, dtype)
-                it = iter(range(1 << 60))
-
                 def dq_run():
                     for j in range(QMATMUL_INNER):
                         qkernels.dequantize_into(raws[j % len(raws)], int(qt), N, K, scratch)

@@ -1,0 +1,227 @@
+"""The engine core: requests in, one backend step at a time, outputs out (continuous batching).
+
+Plain logic in the shape of vLLM's EngineCore: `add_request`, `abort`, `step() -> outputs`,
+usable in one process with a fake backend. Requests join and leave between steps. Each step
+carries the decode token of every running request, then chunks of waiting prompts, up to the
+step's token budget. A request that finishes or is aborted gives its KV row back at once.
+Each request samples with its own parameters and its own seeded generator, so a seed
+reproduces whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from layerstream.compute.model import SeqStep
+from layerstream.compute.sampling import Sampler, SamplingParams
+from layerstream.coordinator.kv_ring import KVRing
+from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
+from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
+
+
+class QueueFullError(LayerstreamError):
+    """More requests waiting than the core accepts (a server answers 429)."""
+
+
+class StepBackend(Protocol):
+    def step(self, seqs: list[SeqStep], want: str) -> torch.Tensor | None: ...
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new text, and whether it finished and why."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "eos", "stop", "length", "abort", "context_full"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string; reports when one is hit."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.buf += text
+        for s in self.stops:
+            k = self.buf.find(s)
+            if k >= 0:
+                out, self.buf = self.buf[:k], ""
+                return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.buf[: len(self.buf) - hold]
+        self.buf = self.buf[len(self.buf) - hold :]
+        return out, False
+
+    def flush(self, text: str = "") -> str:
+        out, self.buf = self.buf + text, ""
+        for s in self.stops:
+            k = out.find(s)
+            if k >= 0:
+                return out[:k]
+        return out
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    decoder: StreamDecoder
+    stops: StopMatcher
+    row: int | None = None
+    ring: KVRing | None = None
+    fed: int = 0  # prompt tokens fed so far
+    tokens: list[int] = field(default_factory=list)  # every token fed (the penalty's history)
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled and not yet fed
+
+
+class EngineCore:
+    """Schedules requests over a step backend: admission, chunking, sampling, stopping."""
+
+    def __init__(self, backend: StepBackend, tokenizer: Tokenizer, n_vocab: int, *, max_seqs: int, ctx: int,
+                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4,
+                 max_queue: int | None = None):
+        if step_tokens < 1:
+            raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
+        self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
+        self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
+        self.on_context_full, self.sink_tokens, self.max_queue = on_context_full, sink_tokens, max_queue
+        self.free_rows = list(range(max_seqs))
+        self.waiting: deque[_Request] = deque()  # not yet holding a row
+        self.running: list[_Request] = []  # holding a row: prefilling or decoding
+        self.aborted: list[RequestOutput] = []  # reported by the next step
+        self.steps = 0
+
+    # -- rows (also lent to Engine's direct evaluation API) -------------------------------------
+
+    def take_row(self) -> int:
+        if not self.free_rows:
+            raise ConfigError(f"more than {self.max_seqs} sequences at once; raise --batch")
+        return self.free_rows.pop(0)
+
+    def give_row(self, row: int) -> None:
+        self.free_rows.insert(0, row)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Queue a request; a prompt that cannot fit the context is refused now, before prefill."""
+        if not prompt:
+            raise ConfigError("empty prompt: give at least one token of text")
+        if self.on_context_full == "error" and len(prompt) >= self.ctx:
+            raise ContextFullError(f"the prompt is {len(prompt)} tokens, the context size ({self.ctx} tokens) "
+                                   "leaves no room to generate; raise --ctx, shorten the prompt, or use "
+                                   "--on-context-full slide")
+        if any(r.id == request_id for r in (*self.waiting, *self.running)):
+            raise ConfigError(f"request id {request_id!r} is already in use")
+        if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+            raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most the queue holds")
+        bad = [t for t in prompt if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        self.waiting.append(_Request(request_id, list(prompt), params, Sampler(params, self.n_vocab),
+                                     StreamDecoder(self.tokenizer), StopMatcher(params.stop)))
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request, waiting or running; its row is free for the next step."""
+        for q in (self.waiting, self.running):
+            for r in list(q):
+                if r.id == request_id:
+                    q.remove(r)
+                    if r.row is not None:
+                        self.give_row(r.row)
+                    self.aborted.append(RequestOutput(r.id, "", [], True, "abort", len(r.prompt), len(r.generated)))
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.aborted)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[_Request, list[int]]]:
+        """Decode tokens of the running requests first, then prompt chunks, within the budget."""
+        while self.waiting and self.free_rows:  # admission: a free row, FIFO
+            r = self.waiting.popleft()
+            r.row = self.take_row()
+            r.ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
+            self.running.append(r)
+        plan = [(r, [r.pending]) for r in self.running if r.pending is not None]
+        room = max(self.step_tokens - len(plan), 0)
+        for r in self.running:
+            if r.pending is None and r.fed < len(r.prompt) and room > 0:
+                n = min(len(r.prompt) - r.fed, room, max(r.ring.max_chunk(), 1))
+                plan.append((r, r.prompt[r.fed : r.fed + n]))
+                room -= n
+        return plan
+
+    def step(self) -> list[RequestOutput]:
+        """Run one backend step over the scheduled tokens; returns what each request produced."""
+        outs, self.aborted = self.aborted, []
+        plan, steps = [], []
+        for r, toks in self._schedule():
+            try:
+                slots, pos = r.ring.append(len(toks))
+            except ContextFullError:
+                outs.append(self._finish(r, "context_full"))
+                continue
+            steps.append(SeqStep(row=r.row, tokens=toks, slots=slots, positions=pos, kv_pos=r.ring.slot_positions()))
+            plan.append((r, toks))
+        if not steps:
+            return outs
+        self.steps += 1
+        logits = self.backend.step(steps, "last")
+        for i, (r, toks) in enumerate(plan):
+            r.tokens += toks
+            if r.pending is not None:
+                r.pending = None
+            else:
+                r.fed += len(toks)
+                if r.fed < len(r.prompt):
+                    continue  # the prompt goes on next step: no token to sample yet
+            tok = int(r.sampler.sample(logits[i : i + 1], [r.tokens])[0])
+            out = self._accept(r, tok)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _accept(self, r: _Request, tok: int) -> RequestOutput | None:
+        """Take a sampled token: the text it adds, and whether the request ends here."""
+        eos = not r.params.ignore_eos and tok in self.tokenizer.eos_ids
+        if eos:
+            return self._finish(r, "eos", r.stops.flush(r.decoder.flush()))
+        r.generated.append(tok)
+        text, hit = r.stops.push(r.decoder.push(tok))
+        if hit:
+            return self._finish(r, "stop", text, [tok])
+        if len(r.generated) >= r.params.max_tokens:
+            return self._finish(r, "length", text + r.stops.flush(r.decoder.flush()), [tok])
+        r.pending = tok
+        return RequestOutput(r.id, text, [tok], prompt_tokens=len(r.prompt), completion_tokens=len(r.generated))
+
+    def _finish(self, r: _Request, reason: str, text: str = "", toks: list[int] | None = None) -> RequestOutput:
+        self.running.remove(r)
+        if r.row is not None:
+            self.give_row(r.row)
+            r.row = None
+        return RequestOutput(r.id, text, toks or [], True, reason, len(r.prompt), len(r.generated))
