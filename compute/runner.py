@@ -43,6 +43,28 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype, or the device's default (default_dtype)."""
+    if name is None:
+        return default_dtype(device)
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise ConfigError(f"--dtype {name}: use float32, float16 or bfloat16") from None
+
+
 def check_model_quants(index: ModelIndex) -> None:
     """Raise UnsupportedQuantError naming the first tensor whose type cannot be dequantized."""
     for t in index.globals.values():

@@ -13,6 +13,7 @@ from typing import Iterator, Protocol
 import torch
 
 from layerstream.compute.model import SeqStep
+from layerstream.compute.runner import resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
@@ -44,26 +45,6 @@ class EngineConfig:
     sink_tokens: int = 4
     prefill_chunk: int = 512
     weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    from layerstream.compute.runner import default_dtype
-
-    if name is None:
-        return default_dtype(device)
-    try:
-        dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise ConfigError(f"--dtype {name}: use float32, float16 or bfloat16") from None
-    return dt
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):

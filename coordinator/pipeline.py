@@ -480,7 +480,7 @@ class Pipeline:
 
 def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     from layerstream.compute.runner import check_model_quants
-    from layerstream.coordinator.engine import resolve_device, resolve_dtype
+    from layerstream.compute.runner import resolve_device, resolve_dtype
 
     check_model_quants(index)
     device = resolve_device(ecfg.device)

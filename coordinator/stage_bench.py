@@ -83,7 +83,7 @@ def model_for(args):
 
 
 def _device(args) -> torch.device:
-    from layerstream.coordinator.engine import resolve_device
+    from layerstream.compute.runner import resolve_device
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -92,7 +92,7 @@ def _device(args) -> torch.device:
 
 
 def _dtype(args, device):
-    from layerstream.coordinator.engine import resolve_dtype
+    from layerstream.compute.runner import resolve_dtype
 
     return resolve_dtype(args.dtype, device)
 
