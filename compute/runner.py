@@ -115,7 +115,6 @@ def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype, quantized: bool
 class LayerSource(Protocol):
     """Where ModelRunner gets each layer's weights for a step (resident or streamed)."""
 
-    def begin_step(self) -> None: ...
     def layer(self, i: int) -> LayerWeights: ...
     def release(self, i: int) -> None: ...
 
@@ -132,9 +131,6 @@ class ResidentLayers:
                                for name, t in index.layers[i].items()}
             if progress:
                 progress(1)
-
-    def begin_step(self) -> None:
-        pass
 
     def layer(self, i: int) -> LayerWeights:
         return self.weights[i]
@@ -410,7 +406,6 @@ class ModelRunner:
 
     def _forward(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str):
         hp = self.hp
-        self.source.begin_step()
         for i in range(hp.n_layer):
             w = self.source.layer(i)
             k, v, m = self.kv.layer(i, meta)

@@ -68,9 +68,6 @@ class StreamedLayers:
         """The step whose LayerReady messages the next layers wait for."""
         self.step_no = step
 
-    def begin_step(self) -> None:
-        pass
-
     def layer(self, i: int) -> LayerWeights:
         w = self._layer(i)
         if not self.cuda:

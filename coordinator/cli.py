@@ -108,7 +108,7 @@ def _check_args(args) -> None:
     finite("temperature", args.temperature, 0.0, 100.0)
     if 0 < args.temperature < 1e-4:
         _die(f"--temperature {args.temperature}: too small to sample with; use 0 for greedy decoding")
-    finite("top-p", args.top_p, 0.0, 1.0, low_open=True)
+    finite("top-p", args.top_p, 0.0, 1.0)  # as SamplingParams: 0 keeps the best token only
     finite("min-p", args.min_p, 0.0, 1.0)
     finite("repeat-penalty", args.repeat_penalty, 0.0, 100.0, low_open=True)
     ints("top-k", args.top_k, 0, 1 << 31)

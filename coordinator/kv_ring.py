@@ -1,10 +1,11 @@
 """Per-sequence KV ring bookkeeping: which physical slot each new token writes, and positions.
 
-NOTE [KV ring and positions]: the compute side stores K before RoPE and rotates the cache at
-read time with the positions given here. Without sliding, a token's position is its index in
-the sequence. With `slide`, the first `sink` tokens stay in slots 0..sink-1 and the rest form
-a ring; positions are the tokens' order within the cache (StreamingLLM), so they stay below
-the capacity however long the generation runs.
+NOTE [KV ring and positions]: without sliding, a token's position is its index in the sequence
+and the compute side stores K already rotated. With `slide`, the first `sink` tokens stay in
+slots 0..sink-1 and the rest form a ring; positions are the tokens' order within the cache
+(StreamingLLM), so they stay below the capacity however long the generation runs. As they
+change while the ring slides, K is then stored before RoPE and rotated at read time with the
+positions given here.
 """
 
 from __future__ import annotations

@@ -79,12 +79,6 @@ class Scheduler:
         if given is not None and given != (layer, load.slot):
             self.free.append(given[1])  # an evicted, unpinned layer's slot
 
-    def on_failed(self, layer: int) -> Load:
-        """A read failed: the same load is to be issued again (same slot, new req)."""
-        load = self.loading[layer]
-        load.req, self.next_req = self.next_req, self.next_req + 1
-        return load
-
     def take(self, layer: int) -> int:
         """Lend a staged layer's slot to compute (it was announced with LayerReady)."""
         slot = self.staged.pop(layer)

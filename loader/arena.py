@@ -21,7 +21,6 @@ import threading
 import weakref
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
-from typing import Iterable
 
 import numpy as np
 
@@ -29,16 +28,9 @@ from layerstream.errors import ConfigError, PipelineError
 
 PREFIX = "layerstream-"
 PAGE = 4096
-SLOT_ROUND = 2 * 1024 * 1024  # default slot sizes are rounded up to 2 MiB (huge-page friendly)
 SHM_DIR = "/dev/shm"
 
 _attach_lock = threading.Lock()
-
-
-def slot_bytes_for(layouts: Iterable, round_to: int = SLOT_ROUND) -> int:
-    """Slot size that holds any of `layouts` (LayerLayout objects or byte counts), rounded up."""
-    biggest = max((getattr(x, "nbytes", x) for x in layouts), default=0)
-    return max(round_to, -(-biggest // round_to) * round_to)
 
 
 def shm_free_bytes(path: str = SHM_DIR) -> int | None:

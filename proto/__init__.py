@@ -48,7 +48,6 @@ from .messages import (
     ReadFailed,
     Ready,
     Shutdown,
-    StagedLayer,
     StatsReply,
     StatsRequest,
     message,

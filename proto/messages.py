@@ -27,7 +27,6 @@ PROTOCOL_VERSION = 1
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
 # A layer whose bytes sit in a staging slot: [layer, slot].
-StagedLayer = list[int]
 
 WANT_LOGITS = ("last", "all", "none")
 
@@ -219,7 +218,6 @@ __all__ = [
     "PROTOCOL_VERSION",
     "WANT_LOGITS",
     "ByteRange",
-    "StagedLayer",
     "Message",
     "MESSAGE_TYPES",
     "message",

@@ -12,7 +12,7 @@ import pytest
 
 from layerstream.errors import ConfigError, PipelineError
 from layerstream.loader import arena as arena_mod
-from layerstream.loader.arena import Arena, slot_bytes_for
+from layerstream.loader.arena import Arena
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,8 +134,3 @@ def test_dev_shm_space_check(monkeypatch):
     assert "needs 8.0 MiB" in msg and "4.0 MiB free" in msg and "/dev/shm" in msg
     assert glob.glob(f"/dev/shm/layerstream-{os.getpid()}-*") == []
     Arena.create(1, 4096).__exit__(None, None, None)  # fits
-
-
-def test_slot_bytes_for():
-    assert slot_bytes_for([4096, 3 * 2**20 + 1]) == 4 * 2**20
-    assert slot_bytes_for([]) == 2 * 2**20
