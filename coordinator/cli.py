@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the whole model in this process (the reference engine) instead of the pipeline")
     g.add_argument("--batch", type=int, default=1, help="sequences the engine holds at once (default 1)")
     g.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    g = p.add_argument_group("server (OpenAI-compatible HTTP API)")
+    g.add_argument("--serve", action="store_true", help="serve /v1/completions, /v1/chat/completions, /v1/models, "
+                                                        "/health and /metrics instead of generating once")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    g.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 (default 256)")
     g = p.add_argument_group("streaming pipeline")
     g.add_argument("--vram-gb", type=float, default=None,
                    help="compute-device memory budget in GiB; layers that do not fit stream through it (default on "
@@ -138,7 +145,9 @@ def _check_args(args) -> None:
         d = os.path.dirname(os.path.abspath(args.trace))
         if not os.path.isdir(d) or not os.access(d, os.W_OK):
             _die(f"--trace {args.trace}: cannot write there (no such directory, or not writable)")
-    if not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
+    ints("port", args.port, 0, 65535)
+    ints("max-queue", args.max_queue, 1, 1 << 20)
+    if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
         _die("no prompt given; pass the prompt text, or --chat for an interactive chat")
 
 
@@ -227,6 +236,11 @@ def run(args) -> int:
 
 
 def _run_engine(engine, args, params) -> int:
+    if args.serve:
+        from layerstream.coordinator.server import serve
+        from layerstream.loader.default_model import default_model_path
+
+        return serve(engine, args.model or default_model_path(), args.host, args.port, args.api_key, args.max_queue)
     if args.perplexity:
         with open(args.perplexity, encoding="utf-8", errors="replace") as f:
             text = f.read()
