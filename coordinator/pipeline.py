@@ -187,8 +187,8 @@ class Pipeline:
         self.sup.start("compute", "compute", compute_proc.main, compute_proc.ComputeConfig(
             ident="compute", model_path=self.index.path, device=str(self.device), dtype=str(self.dtype).split(".")[-1],
             ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
-            kv_device_layers=self.plan.kv_device_layers, weights=self.weights,
-            budget_bytes=self.plan.budget_bytes, step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
+            kv_device_layers=self.plan.kv_device_layers, weights=self.weights, budget_bytes=self.plan.budget_bytes,
+            step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
         await self._wait_ready(self.reader_ids + ["compute"])
         # each layer's reads, per reader, as they go on the wire: fixed for the run
