@@ -9,7 +9,7 @@ import pytest
 
 from layerstream.errors import ConfigError, ModelError
 from layerstream.loader import reader as reader_mod
-from layerstream.loader.arena import Arena, slot_bytes_for
+from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import GLOBALS, LayerLayout, ReadRange, globals_layout, layer_layouts
 from layerstream.loader.reader import LayerReader, readers_for
@@ -100,7 +100,7 @@ def test_layout_wire_roundtrip(model):
 @pytest.mark.parametrize("direct", [False, True])
 def test_read_every_layer_into_slots(model, direct):
     layouts = all_layouts(model)
-    with Arena.create(len(layouts), slot_bytes_for(layouts)) as arena, LayerReader(model.files, direct=direct) as rd:
+    with Arena.create(len(layouts), max(lay.nbytes for lay in layouts)) as arena, LayerReader(model.files, direct=direct) as rd:
         for slot, lay in enumerate(layouts):
             arena.slot_array(slot)[:] = 0xEE
             n = rd.read_into(lay.ranges(), arena.slot_view(slot))
@@ -139,7 +139,7 @@ def test_direct_falls_back_when_open_refuses(model, monkeypatch):
     with pytest.warns(RuntimeWarning, match="O_DIRECT"):
         rd = LayerReader(model.files, direct=True)
     lay = layer_layouts(model)[0]
-    with Arena.create(1, slot_bytes_for([lay])) as arena:
+    with Arena.create(1, lay.nbytes) as arena:
         rd.read_into(lay.ranges(), arena.slot_view(0))
         t = lay.tensors[-1]
         assert np.array_equal(arena.slot_array(0)[t.slot_offset : t.slot_offset + t.nbytes],
@@ -160,7 +160,7 @@ def test_direct_falls_back_when_read_refuses(model, monkeypatch, recwarn):
 
     monkeypatch.setattr(reader_mod.os, "preadv", refuse)
     layouts = layer_layouts(model)
-    with Arena.create(len(layouts), slot_bytes_for(layouts)) as arena:
+    with Arena.create(len(layouts), max(lay.nbytes for lay in layouts)) as arena:
         for slot, lay in enumerate(layouts):
             rd.read_into(lay.ranges(), arena.slot_view(slot))
         t = layouts[2].tensor("attn_k.weight")
@@ -176,7 +176,7 @@ def test_truncated_file_is_a_model_error(model, direct):
     lay = layer_layouts(model)[N_LAYER - 1]
     r = lay.ranges()[0]
     cut = r.file_offset + r.nbytes // 2
-    with LayerReader(model.files, direct=direct) as rd, Arena.create(1, slot_bytes_for([lay])) as arena:
+    with LayerReader(model.files, direct=direct) as rd, Arena.create(1, lay.nbytes) as arena:
         os.truncate(r.file, cut)  # truncated under the reader
         with pytest.raises(ModelError) as e:
             rd.read_into(lay.ranges(), arena.slot_view(0))
