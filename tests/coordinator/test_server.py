@@ -226,3 +226,27 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     assert set(glob.glob("/dev/shm/layerstream-*")) - before <= {s for s in glob.glob("/dev/shm/layerstream-*")
                                                                   if _creator_alive(s)}
     assert "Traceback" not in p.stderr.read()
+
+
+def test_failed_pipeline_answers_503_and_health_says_why():
+    p, url = _start("--resident-layers", "0")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        spawned = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "spawn_main"], capture_output=True,
+                                 text=True).stdout.split()
+        assert spawned
+        for pid in spawned:  # staging, reader and compute: the pipeline cannot go on
+            os.kill(int(pid), signal.SIGKILL)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=model, prompt="Hi", max_tokens=3)
+        assert e.value.status_code == 503 and "died" in e.value.body["message"]
+        import json
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as h:
+            urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30)
+        assert h.value.code == 503 and "died" in json.loads(h.value.read())["error"]
+    finally:
+        _stop(p)
