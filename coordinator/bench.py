@@ -46,6 +46,7 @@ def _median_time(fn, reps: int, device: torch.device) -> float:
 
 def bench_engine(args) -> list[tuple[str, int, float, float]]:
     """Rows (phase, batch, tokens per second, milliseconds per step) of the single-process engine."""
+    from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine
 
     batches = sorted({1, *args.batch})
@@ -60,30 +61,8 @@ def bench_engine(args) -> list[tuple[str, int, float, float]]:
         return torch.randint(0, V, (n,), generator=gen).tolist()
 
     def prefill() -> None:
-        s = engine._new_seq()
-        try:
-            engine._prefill([s], [prompt])
-        finally:
-            engine._free_seq(s)
-
-    def decode(B: int):
-        def run() -> None:
-            seqs = [engine._new_seq() for _ in range(B)]
-            try:
-                logits = engine._prefill(seqs, [ids(args.decode_prompt) for _ in range(B)])
-                _sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(args.decode_tokens):
-                    nxt = logits.argmax(-1).tolist()
-                    logits = engine._feed(seqs, [[t] for t in nxt], "last")
-                _sync(dev)
-                run.elapsed.append(time.perf_counter() - t0)
-            finally:
-                for s in seqs:
-                    engine._free_seq(s)
-
-        run.elapsed = []
-        return run
+        engine.core.add_request("bench-prefill", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        engine.core.run_to_completion()
 
     rows = []
     with engine:
@@ -91,9 +70,10 @@ def bench_engine(args) -> list[tuple[str, int, float, float]]:
         t = _median_time(prefill, args.reps, dev)
         rows.append(("prefill", 1, args.prompt_tokens / t, 1e3 * t))
         for B in batches:
-            run = decode(B)
-            _median_time(run, args.reps, dev)
-            t = statistics.median(run.elapsed[1:])  # decode steps only, warm-up dropped
+            runs = [sum(engine.core.time_decode([ids(args.decode_prompt) for _ in range(B)], args.decode_tokens,
+                                                lambda: _sync(dev)))
+                    for _ in range(args.reps + 1)]
+            t = statistics.median(runs[1:])  # the first run warms up
             rows.append(("decode", B, B * args.decode_tokens / t, 1e3 * t / args.decode_tokens))
         print(f"model: {engine.index.metadata.get('general.name', args.model or 'default')} "
               f"({engine.hparams.n_layer} layers), device: {device_name(dev)}, dtype: {engine.backend.dtype}, "

@@ -521,6 +521,7 @@ def bench_compute(args) -> list[dict]:
 # -- pipeline: the whole streaming pipeline --------------------------------------------------------------
 
 def bench_pipeline(args) -> list[dict]:
+    from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
     from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
 
@@ -551,29 +552,17 @@ def bench_pipeline(args) -> list[dict]:
                              "streamed GB": streamed / GB, "GB/s": streamed / dt / GB, "floor s": floor,
                              "x floor": dt / floor if floor else float("nan"), "reps": len(times)})
 
-            seqs = [engine._new_seq() for _ in range(max(batches))]
-            try:
-                engine._prefill(seqs, [ids(4) for _ in seqs])  # warm-up: every layer loaded once
-                engine._feed(seqs, [[1] for _ in seqs], "last")
-                for B in batches:
-                    times = []
-                    for _ in range(args.reps):
-                        t0 = time.perf_counter()
-                        engine._feed(seqs[:B], [[1] for _ in range(B)], "last")
-                        times.append(time.perf_counter() - t0)
-                    row("decode", B, B, times)
-            finally:
-                for s in seqs:
-                    engine._free_seq(s)
+            core = engine.core
+            core.time_decode([ids(4) for _ in range(max(batches))], 1)  # warm-up: every layer loaded once
+            for B in batches:
+                row("decode", B, B, core.time_decode([ids(4) for _ in range(B)], args.reps))
             times = []
             for _ in range(args.reps if args.tokens else 0):
-                s = engine._new_seq()
-                try:
-                    t0 = time.perf_counter()
-                    engine._prefill([s], [ids(args.tokens)])
-                    times.append(time.perf_counter() - t0)
-                finally:
-                    engine._free_seq(s)
+                t0 = time.perf_counter()
+                core.add_request("bench-prompt", ids(args.tokens),
+                                 SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+                core.run_to_completion()
+                times.append(time.perf_counter() - t0)
             if times:
                 row("prompt", 1, args.tokens, times)
             snaps = backend.collect_stats()
