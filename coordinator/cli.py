@@ -153,7 +153,7 @@ def _check_args(args) -> None:
 
 def open_engine(args):
     """The engine the options ask for: the streaming pipeline, or everything in this process."""
-    from layerstream.coordinator.engine import Engine, EngineConfig, local_backend
+    from layerstream.coordinator.engine import Engine, EngineConfig
     from layerstream.loader.default_model import default_model_path
     from layerstream.loader.gguf_index import open_model
 
@@ -163,10 +163,9 @@ def open_engine(args):
         model=args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=args.batch,
         on_context_full=args.on_context_full, sink_tokens=args.sink_tokens, prefill_chunk=args.prefill_chunk,
     )
-    if args.single_process:
-        backend = local_backend(index, cfg, progress=sys.stderr.isatty())
-    else:
-        from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+    pcfg = None
+    if not args.single_process:
+        from layerstream.coordinator.pipeline import PipelineConfig
 
         pcfg = PipelineConfig(
             readers=args.readers, reader_dirs=tuple(args.reader_dir), direct=args.direct_io,
@@ -175,8 +174,7 @@ def open_engine(args):
             step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
             trace=bool(args.trace),
         )
-        backend = pipeline_backend(index, cfg, pcfg)
-    return Engine(index, backend, cfg)
+    return Engine.open(cfg, pcfg, index=index, progress=sys.stderr.isatty())
 
 
 def _report(engine, args) -> None:

@@ -105,11 +105,23 @@ class Engine:
     @classmethod
     def load(cls, model: str | None = None, progress: bool = False, **kw) -> "Engine":
         """Open a GGUF file (the default model when None) and load it in this process."""
-        from layerstream.loader.default_model import default_model_path
+        return cls.open(EngineConfig(model=model, **kw), progress=progress)
 
-        cfg = EngineConfig(model=model, **kw)
-        index = open_model(model or default_model_path())
-        return cls(index, local_backend(index, cfg, progress=progress), cfg)
+    @classmethod
+    def open(cls, cfg: EngineConfig, pipeline=None, index: ModelIndex | None = None, progress: bool = False) -> "Engine":
+        """The one place an engine is assembled: the model index, then the backend (in this process,
+        or the streaming pipeline when `pipeline` is a PipelineConfig), then the engine."""
+        if index is None:
+            from layerstream.loader.default_model import default_model_path
+
+            index = open_model(cfg.model or default_model_path())
+        if pipeline is None:
+            backend = local_backend(index, cfg, progress=progress)
+        else:
+            from layerstream.coordinator.pipeline import pipeline_backend
+
+            backend = pipeline_backend(index, cfg, pipeline)
+        return cls(index, backend, cfg)
 
     def close(self) -> None:
         self.backend.close()

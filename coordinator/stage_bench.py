@@ -523,7 +523,7 @@ def bench_compute(args) -> list[dict]:
 def bench_pipeline(args) -> list[dict]:
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
-    from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+    from layerstream.coordinator.pipeline import PipelineConfig
 
     batches = sorted(set(args.batch))
     with model_for(args) as index:
@@ -533,11 +533,11 @@ def bench_pipeline(args) -> list[dict]:
         pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace))
-        backend = pipeline_backend(index, cfg, pcfg)
-        print(f"plan: {backend.plan.describe()}\nplan, device memory: {backend.plan.breakdown()}", flush=True)
         rows = []
-        with Engine(index, backend, cfg) as engine:
+        with Engine.open(cfg, pcfg, index=index) as engine:
+            backend = engine.backend
             plan = backend.plan
+            print(f"plan: {plan.describe()}\nplan, device memory: {plan.breakdown()}", flush=True)
             streamed = sum(lay.nbytes for i, lay in enumerate(backend.layouts) if i not in set(plan.resident))
             floor = streamed / (args.floor_gbs * GB)
             V = index.hparams.n_vocab

@@ -10,8 +10,8 @@ import pytest
 import ggufgen
 import reference
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.engine import Engine, EngineConfig, local_backend
-from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+from layerstream.coordinator.engine import Engine, EngineConfig
+from layerstream.coordinator.pipeline import PipelineConfig
 from layerstream.loader.gguf_index import open_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
@@ -30,8 +30,7 @@ def model(tmp_path_factory):
 def _engine(path, pcfg=None, dtype="float32", **kw):
     index = open_model(path)
     cfg = EngineConfig(device="cuda", dtype=dtype, ctx=kw.pop("ctx", 128), max_seqs=2, **kw)
-    backend = local_backend(index, cfg) if pcfg is None else pipeline_backend(index, cfg, pcfg)
-    return Engine(index, backend, cfg)
+    return Engine.open(cfg, pcfg, index=index)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -111,8 +110,7 @@ def test_peak_device_memory_stays_within_the_budget(shaped):
     for vram_gb, batch, prompt in [(1.4, 1, 700), (1.5, 8, 40), (1.8, 4, 1100), (2.5, 1, 600), (2.5, 16, 300)]:
         index = open_model(shaped)
         cfg = EngineConfig(device="cuda", dtype="float16", ctx=1280, max_seqs=batch)
-        backend = pipeline_backend(index, cfg, PipelineConfig(vram_gb=vram_gb))
-        with Engine(index, backend, cfg) as e:
+        with Engine.open(cfg, PipelineConfig(vram_gb=vram_gb), index=index) as e:
             plan = e.backend.plan
             seen.add((len(plan.resident), plan.kv_device_layers))
             prompts = [rng.integers(0, 1000, prompt if b == 0 else 20).tolist() for b in range(batch)]

@@ -18,8 +18,8 @@ import zmq
 
 import ggufgen
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.engine import Engine, EngineConfig, local_backend
-from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+from layerstream.coordinator.engine import Engine, EngineConfig
+from layerstream.coordinator.pipeline import PipelineConfig
 from layerstream.errors import ContextFullError, PipelineError
 from layerstream.loader.gguf_index import open_model
 
@@ -72,8 +72,7 @@ def model(tmp_path_factory):
 def _engine(path, pcfg=None, **kw):
     index = open_model(path)
     cfg = EngineConfig(device="cpu", ctx=kw.pop("ctx", 64), max_seqs=2, **kw)
-    backend = local_backend(index, cfg) if pcfg is None else pipeline_backend(index, cfg, pcfg)
-    return Engine(index, backend, cfg)
+    return Engine.open(cfg, pcfg, index=index)
 
 
 def _generate(engine, prompts=PROMPTS, params=GREEDY):
@@ -426,12 +425,10 @@ def test_unclosed_engine_over_the_pipeline_cleans_up_at_exit(model):
 
     script = (
         "from layerstream.coordinator.engine import Engine, EngineConfig\n"
-        "from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend\n"
-        "from layerstream.loader.gguf_index import open_model\n"
+        "from layerstream.coordinator.pipeline import PipelineConfig\n"
         "if __name__ == '__main__':\n"
-        f"    index = open_model({model!r})\n"
-        "    cfg = EngineConfig(device='cpu', ctx=64)\n"
-        "    e = Engine(index, pipeline_backend(index, cfg, PipelineConfig(resident_layers=0)), cfg)\n"
+        f"    cfg = EngineConfig(model={model!r}, device='cpu', ctx=64)\n"
+        "    e = Engine.open(cfg, PipelineConfig(resident_layers=0))\n"
         "    print(e.backend.run_dir, e.backend.arena['name'], flush=True)\n"
     )
     r = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
