@@ -76,6 +76,16 @@ class PipelineConfig:
     stall_timeout_s: float = 120.0  # a step with no message from the compute process for so long ends the run
 
 
+@dataclass
+class PendingRead:
+    """A layer load in flight: its part for each reader, the readers yet to answer, the tries."""
+
+    load: Load
+    parts: dict[str, LoadLayer]  # reader ident -> its LoadLayer
+    left: set[str]  # readers that have not staged their part yet
+    tries: int = 1
+
+
 def new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -133,7 +143,7 @@ class Pipeline:
         self.need: deque[int] = deque()
         self.delivered: set[int] = set()  # resident layers the compute process holds
         self.cycle = [i for i in range(self.hparams.n_layer) if i not in set(self.plan.resident)]
-        self.pending: dict[int, dict] = {}  # req -> {"load", "parts": {reader ident: LoadLayer}, "tries"}
+        self.pending: dict[int, PendingRead] = {}  # req -> the read in flight
         self.done: Any = None
         self.stats_replies: dict[str, dict] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
@@ -332,19 +342,19 @@ class Pipeline:
                 + ("; it was restarted once already" if c.restarts else ""))
             raise PipelineError(self.failure)
 
-    async def _retry(self, p: dict, reader: str, why: str) -> None:
+    async def _retry(self, p: "PendingRead", reader: str, why: str) -> None:
         """Send a failed read again, once; a second failure ends the run."""
-        p["tries"] += 1
-        if p["tries"] > 2:
-            self.failure = f"reading layer {p['load'].layer} failed twice: {why}"
+        p.tries += 1
+        if p.tries > 2:
+            self.failure = f"reading layer {p.load.layer} failed twice: {why}"
             return
-        log.warning("read of layer %d failed (%s); retrying once", p["load"].layer, why)
-        await self._send("readers", reader, p["parts"][reader])
+        log.warning("read of layer %d failed (%s); retrying once", p.load.layer, why)
+        await self._send("readers", reader, p.parts[reader])
 
     async def _resend(self, reader: str) -> None:
         """A restarted reader gets the reads its predecessor had not finished."""
         for p in list(self.pending.values()):
-            if reader in p["left"]:
+            if reader in p.left:
                 await self._retry(p, reader, f"reader {reader} died")
 
     # -- scheduling --------------------------------------------------------------------------------
@@ -352,7 +362,7 @@ class Pipeline:
     async def _issue(self, load: Load) -> None:
         parts = {ident: LoadLayer(load.req, load.layer, load.slot, ranges)
                  for ident, ranges in self.reads[load.layer].items()}
-        self.pending[load.req] = {"load": load, "parts": parts, "left": set(parts), "tries": 1}
+        self.pending[load.req] = PendingRead(load, parts, set(parts))
         for ident, msg in parts.items():
             if self.sup.children[ident].ready is not None:
                 await self._send("readers", ident, msg)
@@ -361,8 +371,8 @@ class Pipeline:
         p = self.pending.get(msg.req)
         if p is None:
             return  # a retried read answered twice
-        p["left"].discard(ident)
-        if p["left"]:
+        p.left.discard(ident)
+        if p.left:
             return
         del self.pending[msg.req]
         self.sched.on_staged(msg.layer)
