@@ -1,9 +1,12 @@
-"""The streaming pipeline's coordinator: starts the processes, schedules layer loads, runs steps.
+"""The streaming pipeline's coordinator loop: processes, sockets, and the scheduling core's messages.
 
 `Pipeline` is a step backend for `Engine` (the same API as the in-process `ModelRunner`): each
 `step()` sends a Forward to the compute process and then feeds it layers, asking readers for
-the bytes of upcoming layers `prefetch` ahead, across the end of one pass into the next.
-The asyncio loop (uvloop) runs inside `step()` and during start and stop.
+the bytes of upcoming layers `prefetch` ahead, across the end of one pass into the next. The
+decisions (which layer, which slot, retries, a restarted reader's reads) are `StreamCore`'s
+(stream_core.py), plain logic fed decoded messages; this class owns the sockets, the
+processes, the message checks and the watchdog. The asyncio loop (uvloop) runs inside
+`step()` and during start and stop.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import math
 import os
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,19 +29,18 @@ import zmq.asyncio
 from layerstream.compute import compute_proc
 from layerstream.compute.model import SeqStep
 from layerstream.coordinator.plan import GiB, Plan, fit_budget, make_plan
-from layerstream.coordinator.scheduler import Load, Scheduler
+from layerstream.coordinator.stream_core import StreamCore
 from layerstream.coordinator.supervisor import Supervisor
 from layerstream.errors import ConfigError, PipelineError
 from layerstream.loader import reader_proc, staging_proc
 from layerstream.loader.arena import remove_orphan
 from layerstream.loader.gguf_index import ModelIndex
-from layerstream.loader.host_cache import HostCache
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.reader import readers_for
 from layerstream.proto.addresses import cleanup_run_dir, make_endpoints, make_run_dir
 from layerstream.proto.codec import BadMessageCounter, ProtocolError, encode
 from layerstream.proto.messages import (
-    Failed, Forward, ForwardDone, LayerDone, LayerReady, LayerStaged, LoadLayer, ReadFailed, Ready, Shutdown,
+    Failed, Forward, ForwardDone, LayerDone, LayerStaged, ReadFailed, Ready, Shutdown,
     StatsReply, StatsRequest,
 )
 from layerstream.proto.timeline import Timeline, stats_table, write_chrome_trace
@@ -74,16 +75,6 @@ class PipelineConfig:
     trace: bool = False
     ready_timeout_s: float = 180.0
     stall_timeout_s: float = 120.0  # a step with no message from the compute process for so long ends the run
-
-
-@dataclass
-class PendingRead:
-    """A layer load in flight: its part for each reader, the readers yet to answer, the tries."""
-
-    load: Load
-    parts: dict[str, LoadLayer]  # reader ident -> its LoadLayer
-    left: set[str]  # readers that have not staged their part yet
-    tries: int = 1
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -128,9 +119,7 @@ class Pipeline:
         log.info("plan: %s", self.plan.describe())
         log.info("plan, device memory: %s", self.plan.breakdown())
         self.tl = Timeline("coordinator", "0", trace=cfg.trace)
-        self.sched = Scheduler(self.plan.n_slots, self.plan.prefetch,
-                               HostCache(self.plan.cache_layers * self.plan.slot_bytes, self.plan.slot_bytes, "static"),
-                               no_cache=frozenset(self.plan.resident))
+        self.core = StreamCore(self.plan, self.hparams.n_layer)  # the scheduling; this class is its loop
         self.sup = Supervisor()
         self.loop = new_loop()
         self.zctx = zmq.asyncio.Context()
@@ -139,11 +128,6 @@ class Pipeline:
         self.run_dir: str | None = None
         self.closed = False
         self.failure: str | None = None
-        self.step_no = 0
-        self.need: deque[int] = deque()
-        self.delivered: set[int] = set()  # resident layers the compute process holds
-        self.cycle = [i for i in range(self.hparams.n_layer) if i not in set(self.plan.resident)]
-        self.pending: dict[int, PendingRead] = {}  # req -> the read in flight
         self.done: Any = None
         self.stats_replies: dict[str, dict] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
@@ -203,12 +187,11 @@ class Pipeline:
         await self._wait_ready(self.reader_ids + ["compute"])
         # each layer's reads, per reader, as they go on the wire: fixed for the run
         fidx = {f: i for i, f in enumerate(files)}
-        self.reads = [
+        await self._send_all(self.core.set_reads([  # and start loading the first layers at once
             {self.reader_ids[r]: [[fidx[x.file], x.file_offset, x.nbytes, x.slot_offset] for x in rr]
              for r, rr in self.reader_plan.split(i, lay.ranges()).items()}
             for i, lay in enumerate(self.layouts)
-        ]
-        await self._advance()  # start loading the first layers at once
+        ]))
 
     async def _wait_ready(self, idents: list[str]) -> None:
         deadline = time.monotonic() + self.cfg.ready_timeout_s
@@ -225,6 +208,7 @@ class Pipeline:
         """Serve messages until cond(); a `stall` (child, seconds) with no message from that child
         for so long ends the run (the watchdog: a stopped or hung process never hangs the user)."""
         while not cond():
+            self.failure = self.failure or self.core.failure
             if self.failure:
                 raise PipelineError(self.failure)
             if deadline is not None and time.monotonic() > deadline:
@@ -283,19 +267,18 @@ class Pipeline:
                 if len(c.links_heard) < 2:
                     return
                 c.ready = msg.info
-                if c.role == "reader" and c.restarts:
-                    await self._resend(ident)
+                if c.role == "reader":
+                    await self._send_all(self.core.reader_ready(ident, restarted=bool(c.restarts)))
         elif isinstance(msg, LayerStaged):
-            await self._on_staged(ident, msg)
+            await self._send_all(self.core.on_staged(ident, msg))
         elif isinstance(msg, LayerDone):
-            self.sched.on_done(msg.layer, msg.slot)
-            await self._advance()
+            await self._send_all(self.core.on_layer_done(msg.layer, msg.slot))
         elif isinstance(msg, ForwardDone):
-            if msg.step == self.step_no:
+            if msg.step == self.core.step_no:
                 a = np.frombuffer(extra[0], dtype=msg.dtype).reshape(msg.shape) if extra else None
                 self.done = ("ok", a)
         elif isinstance(msg, ReadFailed):
-            await self._on_read_failed(ident, msg.req, msg.error)
+            await self._send_all(self.core.on_read_failed(ident, msg.req, msg.error))
         elif isinstance(msg, Failed):
             c = self.sup.children.get(ident)
             where = msg.role if msg.ident == msg.role else f"{msg.role} {msg.ident}"
@@ -310,6 +293,10 @@ class Pipeline:
             self.stats_replies[msg.ident] = msg.stats
         else:
             self.tl.incr("unexpected_messages")
+
+    async def _send_all(self, sends) -> None:
+        for link, ident, msg in sends:
+            await self._send(link, ident, msg)
 
     async def _send(self, sock: str, ident: str, msg) -> None:
         log.debug("-> %s %s", ident, msg)
@@ -326,6 +313,7 @@ class Pipeline:
             if c.role == "reader" and c.restarts == 0 and not self.closed:
                 log.warning("%s died (exit code %s); restarting it and retrying its reads", c.ident, code)
                 c.restarts += 1
+                self.core.reader_down(c.ident)
                 self.sup.start(c.role, c.ident, c.target, c.cfg)
                 continue
             if not self.failure and not c.last_error:  # its last words may still be on the socket
@@ -342,62 +330,6 @@ class Pipeline:
                 + ("; it was restarted once already" if c.restarts else ""))
             raise PipelineError(self.failure)
 
-    async def _retry(self, p: "PendingRead", reader: str, why: str) -> None:
-        """Send a failed read again, once; a second failure ends the run."""
-        p.tries += 1
-        if p.tries > 2:
-            self.failure = f"reading layer {p.load.layer} failed twice: {why}"
-            return
-        log.warning("read of layer %d failed (%s); retrying once", p.load.layer, why)
-        await self._send("readers", reader, p.parts[reader])
-
-    async def _resend(self, reader: str) -> None:
-        """A restarted reader gets the reads its predecessor had not finished."""
-        for p in list(self.pending.values()):
-            if reader in p.left:
-                await self._retry(p, reader, f"reader {reader} died")
-
-    # -- scheduling --------------------------------------------------------------------------------
-
-    async def _issue(self, load: Load) -> None:
-        parts = {ident: LoadLayer(load.req, load.layer, load.slot, ranges)
-                 for ident, ranges in self.reads[load.layer].items()}
-        self.pending[load.req] = PendingRead(load, parts, set(parts))
-        for ident, msg in parts.items():
-            if self.sup.children[ident].ready is not None:
-                await self._send("readers", ident, msg)
-
-    async def _on_staged(self, ident: str, msg: LayerStaged) -> None:
-        p = self.pending.get(msg.req)
-        if p is None:
-            return  # a retried read answered twice
-        p.left.discard(ident)
-        if p.left:
-            return
-        del self.pending[msg.req]
-        self.sched.on_staged(msg.layer)
-        await self._advance()
-
-    async def _on_read_failed(self, ident: str, req: int, error: str) -> None:
-        p = self.pending.get(req)
-        if p is not None:
-            await self._retry(p, ident, error)
-
-    async def _advance(self) -> None:
-        """Announce staged layers to compute in order; issue loads for the upcoming ones."""
-        while self.need and self.need[0] in self.sched.staged:
-            layer = self.need.popleft()
-            slot = self.sched.take(layer)
-            if layer in self.plan.resident:
-                self.delivered.add(layer)
-            await self._send("compute", "compute", LayerReady(self.step_no, layer, slot))
-        if self.step_no == 0:  # before the first pass: every layer once, resident ones too
-            upcoming = [i for i in range(self.hparams.n_layer) if i not in self.delivered]
-        else:
-            upcoming = list(self.need)
-        for load in self.sched.plan_loads(upcoming + self.cycle):
-            await self._issue(load)
-
     # -- the step backend API ----------------------------------------------------------------------
 
     def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
@@ -410,12 +342,11 @@ class Pipeline:
             raise
 
     async def _step(self, seqs: list[SeqStep], want: str):
-        self.step_no += 1
-        self.need = deque(i for i in range(self.hparams.n_layer) if i not in self.delivered)
         self.done = None
+        announce = self.core.begin_step()
         wire = [[s.row, s.tokens, s.slots, s.positions, s.kv_pos] for s in seqs]
-        await self._send("compute", "compute", Forward(self.step_no, wire, want))
-        await self._advance()
+        await self._send("compute", "compute", Forward(self.core.step_no, wire, want))
+        await self._send_all(announce)
         self.heard["compute"] = time.monotonic()
         await self._run_until(lambda: self.done is not None, stall=("compute", self.cfg.stall_timeout_s))
         _, a = self.done
@@ -441,7 +372,7 @@ class Pipeline:
 
         self.loop.run_until_complete(ask())
         snap = self.tl.snapshot()
-        snap["count"].update({"prefetch_reads": self.sched.reads, "host_cache_hits": self.sched.hits})
+        snap["count"].update({"prefetch_reads": self.core.sched.reads, "host_cache_hits": self.core.sched.hits})
         return list(self.stats_replies.values()) + [snap]
 
     def stats_table(self, snaps: list[dict]) -> str:

@@ -338,11 +338,11 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
     with _engine(model, PipelineConfig(resident_layers=0)) as e:
         be = e.backend
         before = be.bad.total
-        bad = [("reader-0", ForwardDone(be.step_no, [1, 2], "float32", {}), [b"\0" * 8]),  # not the compute
-               ("compute", ForwardDone(be.step_no, [1, 2], "O", {}), [b"\0" * 16]),  # object dtype
-               ("compute", ForwardDone(be.step_no, [1, 9], "float32", {}), [b"\0" * 8]),  # size mismatch
-               ("compute", LayerDone(be.step_no, 10**6, 0), []),  # no such layer
-               ("stranger", LayerDone(be.step_no, 0, 0), [])]  # no child of this run
+        bad = [("reader-0", ForwardDone(be.core.step_no, [1, 2], "float32", {}), [b"\0" * 8]),  # not the compute
+               ("compute", ForwardDone(be.core.step_no, [1, 2], "O", {}), [b"\0" * 16]),  # object dtype
+               ("compute", ForwardDone(be.core.step_no, [1, 9], "float32", {}), [b"\0" * 8]),  # size mismatch
+               ("compute", LayerDone(be.core.step_no, 10**6, 0), []),  # no such layer
+               ("stranger", LayerDone(be.core.step_no, 0, 0), [])]  # no child of this run
         for ident, msg, extra in bad:
             be.loop.run_until_complete(be._dispatch(ident, msg, extra, False))
         assert be.bad.total == before + len(bad) and be.done is None

@@ -1,0 +1,131 @@
+"""The streaming pipeline's scheduling as plain logic: decoded messages in, messages to send out.
+
+`StreamCore` decides which layer each reader loads into which staging slot, when compute is
+told a layer is ready, and how failed or orphaned reads are retried. It owns no socket and no
+process: `Pipeline` (pipeline.py) is the loop that feeds it the messages its children send and
+sends what it returns. So the retry and restart rules are testable in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from layerstream.coordinator.plan import Plan
+from layerstream.coordinator.scheduler import Load, Scheduler
+from layerstream.loader.host_cache import HostCache
+from layerstream.proto.messages import LayerReady, LayerStaged, LoadLayer, Message
+
+log = logging.getLogger("layerstream.pipeline")
+
+# (link, peer ident, message): what the loop sends; links are "readers" and "compute"
+Send = tuple[str, str, Message]
+
+
+@dataclass
+class PendingRead:
+    """A layer load in flight: its part for each reader, the readers yet to answer, the tries."""
+
+    load: Load
+    parts: dict[str, LoadLayer]  # reader ident -> its LoadLayer
+    left: set[str]  # readers that have not staged their part yet
+    tries: int = 1
+
+
+class StreamCore:
+    """Prefetch, host-cache and retry decisions of one pipeline run."""
+
+    def __init__(self, plan: Plan, n_layer: int):
+        self.plan, self.n_layer = plan, n_layer
+        self.sched = Scheduler(plan.n_slots, plan.prefetch,
+                               HostCache(plan.cache_layers * plan.slot_bytes, plan.slot_bytes, "static"),
+                               no_cache=frozenset(plan.resident))
+        self.reads: list[dict[str, list]] = []  # per layer: reader ident -> its ranges (set_reads)
+        self.ready_readers: set[str] = set()
+        self.step_no = 0
+        self.need: deque[int] = deque()
+        self.delivered: set[int] = set()  # resident layers the compute process holds
+        self.cycle = [i for i in range(n_layer) if i not in set(plan.resident)]
+        self.pending: dict[int, PendingRead] = {}  # req -> the read in flight
+        self.failure: str | None = None
+
+    def set_reads(self, reads: list[dict[str, list]]) -> list[Send]:
+        """Each layer's reads per reader (fixed for the run); start loading the first layers."""
+        self.reads = reads
+        return self.advance()
+
+    def begin_step(self) -> list[Send]:
+        """A new forward pass: every layer not held resident is needed, in order."""
+        self.step_no += 1
+        self.need = deque(i for i in range(self.n_layer) if i not in self.delivered)
+        return self.advance()
+
+    # -- messages from the children ----------------------------------------------------------------
+
+    def reader_ready(self, reader: str, restarted: bool) -> list[Send]:
+        """A reader is up; a restarted one gets the reads its predecessor had not finished."""
+        self.ready_readers.add(reader)
+        if not restarted:
+            return []
+        out: list[Send] = []
+        for p in list(self.pending.values()):
+            if reader in p.left:
+                out += self._retry(p, reader, f"reader {reader} died")
+        return out
+
+    def reader_down(self, reader: str) -> None:
+        self.ready_readers.discard(reader)
+
+    def on_staged(self, reader: str, msg: LayerStaged) -> list[Send]:
+        p = self.pending.get(msg.req)
+        if p is None:
+            return []  # a retried read answered twice
+        p.left.discard(reader)
+        if p.left:
+            return []
+        del self.pending[msg.req]
+        self.sched.on_staged(msg.layer)
+        return self.advance()
+
+    def on_layer_done(self, layer: int, slot: int) -> list[Send]:
+        self.sched.on_done(layer, slot)
+        return self.advance()
+
+    def on_read_failed(self, reader: str, req: int, error: str) -> list[Send]:
+        p = self.pending.get(req)
+        return [] if p is None else self._retry(p, reader, error)
+
+    # -- decisions -----------------------------------------------------------------------------------
+
+    def _retry(self, p: PendingRead, reader: str, why: str) -> list[Send]:
+        """Send a failed read again, once; a second failure ends the run."""
+        p.tries += 1
+        if p.tries > 2:
+            self.failure = f"reading layer {p.load.layer} failed twice: {why}"
+            return []
+        log.warning("read of layer %d failed (%s); retrying once", p.load.layer, why)
+        return [("readers", reader, p.parts[reader])]
+
+    def _issue(self, load: Load) -> list[Send]:
+        parts = {ident: LoadLayer(load.req, load.layer, load.slot, ranges)
+                 for ident, ranges in self.reads[load.layer].items()}
+        self.pending[load.req] = PendingRead(load, parts, set(parts))
+        return [("readers", ident, msg) for ident, msg in parts.items() if ident in self.ready_readers]
+
+    def advance(self) -> list[Send]:
+        """Announce staged layers to compute in order; issue loads for the upcoming ones."""
+        out: list[Send] = []
+        while self.need and self.need[0] in self.sched.staged:
+            layer = self.need.popleft()
+            slot = self.sched.take(layer)
+            if layer in self.plan.resident:
+                self.delivered.add(layer)
+            out.append(("compute", "compute", LayerReady(self.step_no, layer, slot)))
+        if self.step_no == 0:  # before the first pass: every layer once, resident ones too
+            upcoming = [i for i in range(self.n_layer) if i not in self.delivered]
+        else:
+            upcoming = list(self.need)
+        for load in self.sched.plan_loads(upcoming + self.cycle):
+            out += self._issue(load)
+        return out

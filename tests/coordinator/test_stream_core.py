@@ -1,0 +1,68 @@
+"""The pipeline's scheduling core in one process: messages in, messages out, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+import ggufgen
+from layerstream.coordinator.plan import make_plan
+from layerstream.coordinator.stream_core import StreamCore
+from layerstream.loader.gguf_index import open_model
+from layerstream.loader.layout import layer_layouts
+from layerstream.proto.messages import LayerReady, LayerStaged, LoadLayer
+
+READERS = ("reader-0", "reader-1")
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    index = open_model(ggufgen.write_model(tmp_path_factory.mktemp("sc") / "m.gguf", n_layer=3))
+    return make_plan(index, layer_layouts(index), vram_bytes=None, host_cache_bytes=0, dtype_bytes=4, ctx=64,
+                     max_seqs=1, resident_layers=0, prefetch=2)
+
+
+def core_with_reads(plan) -> tuple[StreamCore, list]:
+    core = StreamCore(plan, 3)
+    for r in READERS:
+        assert core.reader_ready(r, restarted=False) == []
+    # every layer is read in two parts, one by each reader
+    sends = core.set_reads([{r: [[0, 100 * i + k, 10, k * 10]] for k, r in enumerate(READERS)} for i in range(3)])
+    return core, sends
+
+
+def staged(m: LoadLayer, reader: str) -> LayerStaged:
+    return LayerStaged(m.req, m.layer, m.slot, 10, 0.001, reader)
+
+
+def loads(sends) -> list[tuple[str, LoadLayer]]:
+    return [(ident, m) for link, ident, m in sends if link == "readers" and isinstance(m, LoadLayer)]
+
+
+def test_loads_go_to_both_readers_and_a_layer_is_announced_once_both_parts_are_staged(plan):
+    core, sends = core_with_reads(plan)
+    first = loads(sends)
+    assert {i for i, _ in first} == set(READERS) and len(first) == 2 * plan.prefetch
+    m = next(m for i, m in first if m.layer == 0 and i == "reader-0")
+    assert core.on_staged("reader-0", staged(m, "reader-0")) == []  # half of layer 0
+    core.begin_step()
+    out = core.on_staged("reader-1", staged(m, "reader-1"))
+    assert ("compute", "compute", LayerReady(1, 0, m.slot)) in out
+    assert core.on_staged("reader-1", staged(m, "reader-1")) == []  # a retried read answering twice
+
+
+def test_a_failed_read_is_retried_once_then_ends_the_run(plan):
+    core, sends = core_with_reads(plan)
+    ident, m = loads(sends)[0]
+    again = core.on_read_failed(ident, m.req, "EIO")
+    assert again == [("readers", ident, m)] and core.failure is None
+    assert core.on_read_failed(ident, m.req, "EIO") == [] and "failed twice: EIO" in core.failure
+
+
+def test_a_restarted_reader_gets_the_parts_its_predecessor_left(plan):
+    core, sends = core_with_reads(plan)
+    mine = [m for i, m in loads(sends) if i == "reader-1"]
+    core.reader_down("reader-1")
+    assert all(i == "reader-0" for i, _ in loads(core.advance()))  # nothing goes to a reader that is down
+    resent = core.reader_ready("reader-1", restarted=True)
+    assert sorted(m.req for _, _, m in resent) == sorted(m.req for m in mine)
+    assert all(link == "readers" and ident == "reader-1" for link, ident, _ in resent)
