@@ -29,7 +29,7 @@ from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
 
 
-def dequant_layout(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool = False) -> LayerWeights:
+def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool = False) -> LayerWeights:
     """A layer's tensors from its slot bytes (uint8, on the target device): matrices as views of
     their blocks when `quantized`, the rest (and everything otherwise) dequantized."""
     return {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes], t, dtype, quantized)
@@ -91,10 +91,10 @@ class StreamedLayers:
                 local = host.clone()
             self.layer_done(self.step_no, i, slot)
             with self.tl.span("dequant", f"dequant L{i}", nbytes=lay.data_nbytes, layer=i):
-                w = dequant_layout(local, lay, self.dtype, self.quantized)
+                w = layer_weights(local, lay, self.dtype, self.quantized)
         if i in self.resident_ids:
             if self.cuda and self.quantized:  # its own copy: the VRAM slot goes back to the ring
-                w = dequant_layout(self.vram[self.in_use[i]][: lay.nbytes].clone(), lay, self.dtype, True)
+                w = layer_weights(self.vram[self.in_use[i]][: lay.nbytes].clone(), lay, self.dtype, True)
             self.resident[i] = w
         return w
 
@@ -155,7 +155,7 @@ class StreamedLayers:
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
         self.layer_start[i] = d0
-        w = dequant_layout(self.vram[k], lay, self.dtype, self.quantized)
+        w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
         d1.record(cur)
         self.gpu_events.append(("copy", i, c0, c1, lay.nbytes))
         if self.quantized:  # the matmuls read the slot: it is free after the layer (release)

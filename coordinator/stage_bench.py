@@ -347,7 +347,7 @@ def bench_dequant(args) -> list[dict]:
     from gguf import GGMLQuantizationType as QT
 
     from layerstream.compute.dequant import dequantize
-    from layerstream.compute.streamed import dequant_layout
+    from layerstream.compute.streamed import layer_weights
     from layerstream.loader.layout import layer_layouts
 
     device = _device(args)
@@ -378,7 +378,7 @@ def bench_dequant(args) -> list[dict]:
                          "GB/s in": nb / dt / GB, "GB/s out": nvals * dtype.itemsize / dt / GB, "reps": args.reps})
         per_layer = []
         for i in picked:
-            dt = _median_s(lambda i=i: dequant_layout(raws[i], layouts[i], dtype), args.reps, device)
+            dt = _median_s(lambda i=i: layer_weights(raws[i], layouts[i], dtype), args.reps, device)
             per_layer.append((dt, layouts[i].data_nbytes))
         dt = statistics.median(d for d, _ in per_layer)
         nb = statistics.median(b for _, b in per_layer)
