@@ -80,9 +80,9 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str 
     if not raw.is_contiguous() or raw.storage_offset() % 4:
         raw = raw.clone()
     if fused and raw.is_cuda:
-        from layerstream.compute.qlinear import FUSED_TYPES
+        from layerstream.compute.qlinear import FUSED_TYPES, have_triton
 
-        if qtype in FUSED_TYPES and _have_triton():
+        if qtype in FUSED_TYPES and have_triton():
             from layerstream.compute import qkernels
 
             K = shape[-1]
@@ -97,14 +97,6 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str 
     if dtype != torch.float32:
         out = out.to(dtype)
     return out.view(shape)
-
-
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _unpack(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ run through the same model code.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,24 @@ class QuantWeight:
         return self.raw.device
 
 
+@functools.cache
+def have_triton() -> bool:
+    """Whether Triton is importable (CUDA installs have it; CPU installs only with the test extra)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels():
+    """compute.qkernels, imported on first use (it needs Triton)."""
+    from layerstream.compute import qkernels
+
+    return qkernels
+
+
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _reserved: dict[tuple[torch.device, torch.dtype], int] = {}  # elements reserved up front (the plan's)
 
@@ -80,24 +99,20 @@ SCRATCH_MAX_ELEMS = 8192 * 8192
 
 def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
     """Rows of w dequantized into the scratch buffer (valid until the next call)."""
-    from layerstream.compute import qkernels
-
     N, K = w.shape
     r0, r1 = (0, N) if rows is None else (rows.start, rows.stop)
     row_bytes = w.nbytes // N
     out = scratch(w.device, dtype, (r1 - r0) * K).view(r1 - r0, K)
-    return qkernels.dequantize_into(w.raw[r0 * row_bytes : r1 * row_bytes], w.qtype, r1 - r0, K, out)
+    return _kernels().dequantize_into(w.raw[r0 * row_bytes : r1 * row_bytes], w.qtype, r1 - r0, K, out)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w^T (+ bias) -> [T, N] in x's dtype, for dense or quantized w."""
     if not isinstance(w, QuantWeight):
         return F.linear(x, w, bias)
-    from layerstream.compute import qkernels
-
     N, K = w.shape
     if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
-        return qkernels.matmul(x, w.raw, w.qtype, N, K, bias)
+        return _kernels().matmul(x, w.raw, w.qtype, N, K, bias)
     cap = _reserved.get((w.device, x.dtype), SCRATCH_MAX_ELEMS)
     step = max(1, min(N, cap // K))
     if step >= N:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.dequant import check_supported, dequantize
-from layerstream.compute.qlinear import FUSED_TYPES, HEAD_CHUNK, QuantWeight
+from layerstream.compute.qlinear import FUSED_TYPES, HEAD_CHUNK, QuantWeight, have_triton
 from layerstream.compute.model import (
     LayerWeights,
     SeqStep,
@@ -74,15 +74,6 @@ def check_model_quants(index: ModelIndex) -> None:
             check_supported(t.qtype, t.name)
 
 
-@functools.cache
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def keeps_quantized(device, weights: str = "auto") -> bool:
     """Whether matrices stay as GGUF blocks on `device`: on CUDA with Triton ("auto"), or when
     asked ("quantized"; on the CPU that runs the kernels under Triton's interpreter, for tests).
@@ -91,8 +82,8 @@ def keeps_quantized(device, weights: str = "auto") -> bool:
         raise ValueError(f"weights={weights!r}: use auto, quantized or dense")
     cuda = torch.device(device).type == "cuda"
     if weights == "auto":
-        return cuda and _have_triton()
-    if weights == "quantized" and not (_have_triton() and (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        return cuda and have_triton()
+    if weights == "quantized" and not (have_triton() and (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
         raise ConfigError("quantized weights need Triton and a CUDA device (on the CPU only under Triton's "
                           "interpreter, TRITON_INTERPRET=1, for tests); use the default weights")
     return weights == "quantized"
@@ -214,7 +205,8 @@ class HostKV(DeviceKV):
         super().__init__(hp, rows, ctx, "cpu", dtype, layers)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.order = sorted(self.k)
+        order = sorted(self.k)
+        self.next_layer = dict(zip(order, order[1:]))  # host layer -> the next one (fetched ahead)
         self._meta_key = None
         if self.cuda:
             self.k = {i: t.pin_memory() for i, t in self.k.items()}
@@ -274,9 +266,9 @@ class HostKV(DeviceKV):
         b, ev = self.inflight.pop(i)
         torch.cuda.current_stream(self.device).wait_event(ev)
         self.used[i] = b
-        k = self.order.index(i) + 1
-        if k < len(self.order):
-            self._fetch(self.order[k], L)  # the next host layer's KV crosses while this one computes
+        nxt = self.next_layer.get(i)
+        if nxt is not None:
+            self._fetch(nxt, L)  # the next host layer's KV crosses while this one computes
         kb, vb = self.bufs[b]
         return kb[:B, :L], vb[:B, :L], local
 
