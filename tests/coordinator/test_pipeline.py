@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import multiprocessing
 import os
@@ -17,6 +16,7 @@ import torch
 import zmq
 
 import ggufgen
+from procs import leaked, segments
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig
@@ -30,35 +30,16 @@ PROMPTS = [[5, 17, 33, 80, 81, 90, 100], [200, 3, 9]]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _segments() -> set[str]:
-    return set(glob.glob("/dev/shm/layerstream-*"))
-
-
-def _leaked(before: set[str]) -> set[str]:
-    """New segments whose creator (the pid in the name, layerstream-PID-...) is gone: leaks.
-    A segment whose creator still runs belongs to another run on this machine, not to a test."""
-    def gone(path: str) -> bool:
-        try:
-            os.kill(int(os.path.basename(path).split("-")[1]), 0)
-        except (ValueError, IndexError, ProcessLookupError):
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    return {s for s in _segments() - before if gone(s)}
-
-
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     """Every test leaves no child process and no shared-memory segment of its own."""
-    before = _segments()
+    before = segments()
     yield
     deadline = time.monotonic() + 5
-    while (multiprocessing.active_children() or _leaked(before)) and time.monotonic() < deadline:
+    while (multiprocessing.active_children() or leaked(before)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not multiprocessing.active_children(), "child processes left running"
-    assert not _leaked(before), f"segments left in /dev/shm: {_leaked(before)}"
+    assert not leaked(before), f"segments left in /dev/shm: {leaked(before)}"
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +227,7 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_launcher_stops_within_5_s_on_signal(model, sig):
-    before = _segments()
+    before = segments()
     p = _launcher(model, "--resident-layers", "0", "--host-cache-gb", "0", "-n", "100000", "--ignore-eos",
                   "--temperature", "1", "--ctx", "100000", "hello")
     try:
@@ -265,7 +246,7 @@ def test_launcher_stops_within_5_s_on_signal(model, sig):
         time.sleep(0.5)
         alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]
         assert not alive, f"processes left: {alive}"
-        assert not _leaked(before)
+        assert not leaked(before)
         assert "Traceback" not in p.stderr.read()
     finally:
         if p.poll() is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import socket
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import leaked, segments
 
 openai = pytest.importorskip("openai")
 from layerstream.compute.sampling import SamplingParams  # noqa: E402
@@ -185,17 +185,6 @@ def test_aborted_stream_frees_its_row_and_a_full_queue_is_429():
         _stop(p)
 
 
-def _creator_alive(path: str) -> bool:
-    """A segment made by a process that still runs (another run on this machine)."""
-    try:
-        os.kill(int(os.path.basename(path).split("-")[1]), 0)
-        return True
-    except (ValueError, IndexError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
 def _try(client, kw) -> str:
     try:
         client.completions.create(**kw)
@@ -206,7 +195,7 @@ def _try(client, kw) -> str:
 
 
 def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
-    before = set(glob.glob("/dev/shm/layerstream-*"))
+    before = segments()
     p, url = _start("--resident-layers", "0")
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
@@ -223,8 +212,7 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(), f"processes left: {alive()}"
-    assert set(glob.glob("/dev/shm/layerstream-*")) - before <= {s for s in glob.glob("/dev/shm/layerstream-*")
-                                                                  if _creator_alive(s)}
+    assert not leaked(before)
     assert "Traceback" not in p.stderr.read()
 
 
