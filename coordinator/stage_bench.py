@@ -577,6 +577,112 @@ def bench_pipeline(args) -> list[dict]:
     return rows
 
 
+# -- serve: the HTTP server against the bare engine -------------------------------------------------
+
+def _server_clients(port: int, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[float], int]:
+    """Stream one completion per prompt, all at once, with the standard library's HTTP client (one
+    thread a client). Returns wall seconds, each client's time to its first streamed chunk, and
+    the tokens asked for (end of sequence is ignored, so each client gets all of them)."""
+    import http.client
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+
+    def one(ids: list[int]) -> tuple[float, int]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        body = json.dumps({"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                           "stream": True})
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise LayerstreamError(f"the server answered {resp.status}: {resp.read()[:200]!r}")
+        first = None
+        for line in resp:
+            if first is None and line.startswith(b"data: "):
+                first = time.perf_counter() - t0
+            if line.startswith(b"data: {\"error"):
+                raise LayerstreamError(f"the server failed a request: {line[:200]!r}")
+        conn.close()
+        return first if first is not None else float("nan")
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        ttft = list(pool.map(one, prompts))
+    return time.perf_counter() - t0, ttft, len(prompts) * max_tokens
+
+
+def _bare_engine(core, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[float], int]:
+    """The same requests through the engine core directly: wall seconds, times to first token, tokens."""
+    from layerstream.compute.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        core.add_request(f"bench-{i}", p, params)
+    first: dict[str, float] = {}
+    n = 0
+    while core.has_unfinished():
+        for o in core.step():
+            n += len(o.token_ids)
+            if o.token_ids and o.request_id not in first:
+                first[o.request_id] = time.perf_counter() - t0
+    return time.perf_counter() - t0, list(first.values()), n
+
+
+def bench_serve(args) -> list[dict]:
+    import threading
+
+    import uvicorn
+
+    from layerstream.coordinator.engine import Engine, EngineConfig
+    from layerstream.coordinator.pipeline import PipelineConfig
+    from layerstream.coordinator.server import Server
+
+    clients = sorted(set(args.clients))
+    rows = []
+    with model_for(args) as index:
+        ctx = args.prompt_tokens + args.tokens + 8
+        cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(clients),
+                           prefill_chunk=max(args.prompt_tokens, 1))
+        pcfg = None
+        if not args.resident:
+            pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
+                                  step_tokens=args.step_tokens, resident_layers=args.resident_layers)
+        with Engine.open(cfg, pcfg, index=index) as engine:
+            V = index.hparams.n_vocab
+            rng = np.random.default_rng(0)
+            engine.core.time_decode([rng.integers(0, V, size=4).tolist()], 1)  # warm-up: every layer once
+
+            def row(path: str, C: int, wall: float, ttft: list[float], n: int) -> dict:
+                r = {"clients": C, "path": path, "tokens": n, "wall s": wall, "tokens/s": n / wall,
+                     "TTFT median s": statistics.median(ttft), "TTFT max s": max(ttft)}
+                rows.append(r)
+                return r
+
+            for C in clients:
+                prompts = [rng.integers(0, V, size=args.prompt_tokens).tolist() for _ in range(C)]
+                bare = row("engine", C, *_bare_engine(engine.core, prompts, args.tokens))
+                # From here until it stops, the engine belongs to the server's worker thread.
+                http = uvicorn.Server(uvicorn.Config(Server(engine, "bench", max_queue=C).app, host="127.0.0.1",
+                                                     port=args.port, log_level="warning", lifespan="on"))
+                thread = threading.Thread(target=http.run, daemon=True)
+                thread.start()
+                while not http.started and thread.is_alive():
+                    time.sleep(0.05)
+                try:
+                    r = row("server", C, *_server_clients(args.port, prompts, args.tokens))
+                finally:
+                    http.should_exit = True
+                    thread.join(timeout=60)
+                r["vs engine"] = r["tokens/s"] / bare["tokens/s"]
+            name = os.path.basename(index.path)
+            print_table(f"serve: {name} ({index.hparams.n_layer} layers) on {device_name(engine.backend.device)} "
+                        f"({_load()})", rows,
+                        f"{args.prompt_tokens}-token prompts, {args.tokens} greedy tokens each (end of sequence "
+                        "ignored); TTFT counts from the moment all clients start")
+    return rows
+
+
 # -- command line -----------------------------------------------------------------------------------------
 
 def _ints(s: str) -> list[int]:
@@ -590,6 +696,14 @@ def _common(p: argparse.ArgumentParser, reps: int = 5) -> None:
     p.add_argument("--layers", type=int, default=None, help="layers of the --shape model (default: the shape's)")
     p.add_argument("--quant", default="Q4_K_M", help="quant mix of the --shape model (Q4_K_M, Q8_0, F16)")
     p.add_argument("--reps", type=int, default=reps, help=f"timed repetitions; the median is reported (default {reps})")
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GiB (as run-pipeline)")
+    p.add_argument("--resident-layers", type=int, default=None, help="keep this many layers resident (0: stream all)")
+    p.add_argument("--step-tokens", type=int, default=None, help="tokens of one forward step at most (as run-pipeline)")
+    p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
+    p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -646,17 +760,24 @@ def add_stage_parsers(sub) -> None:
     _device_args(p)
     p.add_argument("--tokens", type=int, default=512, help="prompt length timed after decode (0: none; default 512)")
     p.add_argument("-b", "--batch", type=_ints, default=[1], help="decode batch sizes (default 1)")
-    p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GiB (as run-pipeline)")
-    p.add_argument("--resident-layers", type=int, default=None, help="keep this many layers resident (0: stream all)")
-    p.add_argument("--step-tokens", type=int, default=None, help="tokens of one forward step at most (as run-pipeline)")
-    p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
-    p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    _pipeline_args(p)
     p.add_argument("--direct", action="store_true", help="read with O_DIRECT")
     p.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
     p.add_argument("--floor-gbs", type=float, default=FLOOR_GBS,
                    help=f"host-to-device GB/s of the floor (default {FLOOR_GBS:g}, the H100 pinned copy)")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON of the timed passes")
     p.set_defaults(func=bench_pipeline)
+
+    p = sub.add_parser("serve", help="the HTTP server under N concurrent streaming clients, beside the bare engine")
+    _common(p)
+    _device_args(p)
+    _pipeline_args(p)
+    p.add_argument("--resident", action="store_true", help="the single-process engine instead of the pipeline")
+    p.add_argument("-c", "--clients", type=_ints, default=[1, 8], help="concurrent clients (default 1,8)")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=32, help="prompt length of each client (default 32)")
+    p.add_argument("--tokens", type=int, default=16, help="tokens each client generates (default 16)")
+    p.add_argument("--port", type=int, default=18080, help="port on 127.0.0.1 (default 18080)")
+    p.set_defaults(func=bench_serve)
 
 
 def main(argv: list[str] | None = None) -> int:
