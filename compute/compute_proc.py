@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from layerstream.compute import cpu_share
 from layerstream.compute.model import SeqStep
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, reserve_scratch, scratch_elems
 from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
-from layerstream.compute.streamed import StreamedLayers
+from layerstream.compute.streamed import CpuShare, StreamedLayers
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
@@ -43,6 +44,9 @@ class ComputeConfig:
     weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see runner.keeps_quantized
     budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
     step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
+    cpu_share: str = "0"  # the CPU's share of the 4-bit rows: "auto", or a fraction ("0": none)
+    cpu_pack_max: float = 0.0  # the largest share packed (the plan counts its host memory)
+    cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)
 
 
 class ComputeWorker:
@@ -71,13 +75,35 @@ class ComputeWorker:
         self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
+        self.share = self._make_share([lay for i, lay in enumerate(layouts) if i not in set(cfg.resident)])
         self.source = StreamedLayers(
             layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
+            share=self.share,
         )
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
                                   sliding=cfg.sliding)
+
+    def _make_share(self, streamed: list[LayerLayout]) -> CpuShare | None:
+        """The CPU share (NOTE [ the CPU share ]): a fixed fraction, or on CUDA balanced from the
+        CPU's int4 GB/s and the link's GB/s measured here, then from the passes' own timings."""
+        c = cpu_share.int4_fraction(streamed)
+        if self.cfg.cpu_share == "0" or not c or not self.cfg.cpu_pack_max:
+            return None
+        ratio = cpu_share.pack_ratio()
+        if self.cfg.cpu_share == "auto":
+            cpu, link = cpu_share.measure_cpu_gbs(), cpu_share.measure_link_gbs(self.device)
+            f1 = cpu_share.balanced_frac(cpu[1], link, c, ratio)
+            pack = min(self.cfg.cpu_pack_max, 1.25 * f1)
+            balancer = cpu_share.Balancer(cpu, link, c, ratio, pack)
+        else:
+            pack = min(float(self.cfg.cpu_share), self.cfg.cpu_pack_max)
+            balancer = cpu_share.Balancer({}, 0.0, c, ratio, pack, fixed=pack)
+        if not pack:
+            return None
+        dtype = torch.bfloat16 if self.device.type == "cuda" else self.dtype
+        return CpuShare(balancer, pack, dtype, self.tl)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""
@@ -111,13 +137,18 @@ class ComputeWorker:
         snap["pinned"] = self.registered
         if self.device.type == "cuda":
             snap["device_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        if self.share is not None:
+            snap["cpu_share"] = (f"{self.share.balancer.describe()}; {torch.get_num_threads()} threads; "
+                                 f"packed {sum(p.nbytes for d in self.share.packed.values() for p in d.values()) / 2**30:.2f} GiB")
         return snap
 
-    def _gpu_timeline(self) -> None:
-        """Turn the step's CUDA event pairs into timeline intervals (one sync per step)."""
+    def _gpu_timeline(self) -> tuple[float, int]:
+        """Turn the step's CUDA event pairs into timeline intervals (one sync per step); returns
+        the seconds and bytes of the step's host-to-device copies."""
         evs = self.source.gpu_events if self.device.type == "cuda" else []
+        copy_s, copy_bytes = 0.0, 0
         if not evs:
-            return
+            return copy_s, copy_bytes
         torch.cuda.synchronize(self.device)
         ref = torch.cuda.Event(enable_timing=True)
         ref.record()
@@ -127,17 +158,23 @@ class ComputeWorker:
             t0 = ref_ns - int(a.elapsed_time(ref) * 1e6)
             dur = int(a.elapsed_time(b) * 1e6)
             self.tl.add(cat, f"{cat} L{layer}", t0, dur, nbytes, layer=layer)
+            if cat == "copy":
+                copy_s, copy_bytes = copy_s + dur / 1e9, copy_bytes + nbytes
         evs.clear()
+        return copy_s, copy_bytes
 
     def forward(self, msg: Forward):
         seqs = [SeqStep(row=r, tokens=t, slots=s, positions=p, kv_pos=k) for r, t, s, p, k in msg.seqs]
-        self.source.set_step(msg.step)
+        tokens = sum(len(s.tokens) for s in seqs)
+        self.source.set_step(msg.step, tokens)
         t0 = time.monotonic_ns()
         logits = self.runner.step(seqs, msg.want_logits)
         out = None if logits is None else logits.float().cpu().numpy()
-        self.tl.add("step", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step,
-                    tokens=sum(len(s.tokens) for s in seqs))
-        self._gpu_timeline()
+        self.tl.add("step", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step, tokens=tokens)
+        copy_s, copy_bytes = self._gpu_timeline()
+        if self.share is not None:
+            self.share.balancer.observe(tokens, (time.monotonic_ns() - t0) / 1e9, self.source.cpu_s,
+                                        self.source.cpu_bytes, copy_s, copy_bytes)
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(msg.step, shape, "float32", {}), extra=[] if out is None else [out.data])
 
@@ -164,7 +201,7 @@ def main(cfg: ComputeConfig) -> None:
         # NOTE: OpenMP threads spin at barriers; sharing the cores with the coordinator and the
         # readers, a compute process using every core stalls each op (measured here: 40 ms instead
         # of 2 ms per dequantized tensor on 2 cores). Leave one core to the other processes.
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         w = ComputeWorker(cfg, links)
         worker.append(w)
         try:

@@ -108,8 +108,10 @@ def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w^T (+ bias) -> [T, N] in x's dtype, for dense or quantized w."""
-    if not isinstance(w, QuantWeight):
+    if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
+    if not isinstance(w, QuantWeight):  # a matrix split between the device and the CPU (cpu_share.py)
+        return w.linear(x, bias)
     N, K = w.shape
     if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
         return _kernels().matmul(x, w.raw, w.qtype, N, K, bias)

@@ -23,7 +23,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_rows, pack_rows
 from layerstream.compute.model import LayerWeights
+from layerstream.compute.qlinear import QuantWeight
 from layerstream.compute.runner import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
@@ -36,6 +38,76 @@ def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool
             for t in layout.tensors}
 
 
+class CpuShare:
+    """The CPU's share of the streamed layers (NOTE [ the CPU share ] in cpu_share.py): the packed
+    rows of each layer, made when it is first staged, and the balancer that picks the share."""
+
+    def __init__(self, balancer: Balancer, pack_frac: float, dtype: torch.dtype, timeline: Timeline):
+        self.balancer, self.pack_frac, self.dtype, self.tl = balancer, pack_frac, dtype, timeline
+        self.packed: dict[int, dict[str, PackedRows]] = {}
+        self.meter = Meter()
+        self._rows: dict[tuple[int, float], dict[str, int]] = {}
+
+    @staticmethod
+    def _matrices(lay: LayerLayout):
+        return [t for t in lay.tensors if t.qtype in INT4_TYPES and len(t.shape) == 2]
+
+    def pack(self, i: int, lay: LayerLayout, slot: np.ndarray) -> None:
+        """Pack layer i's CPU rows out of its staging slot, once."""
+        if i in self.packed:
+            return
+        out = {}
+        with self.tl.span("cpu_pack", f"pack L{i}", layer=i):
+            for t in self._matrices(lay):
+                N, K = t.shape
+                n = cpu_rows(N, self.pack_frac)
+                if n:
+                    rb = t.nbytes // N
+                    raw = torch.from_numpy(slot[t.slot_offset + (N - n) * rb : t.slot_offset + t.nbytes])
+                    out[t.name] = pack_rows(raw, t.qtype, n, K, self.dtype)
+        self.packed[i] = out
+
+    def rows(self, i: int, lay: LayerLayout, frac: float) -> dict[str, int]:
+        """CPU rows of each split matrix of layer i at share `frac`."""
+        key = (i, frac)
+        r = self._rows.get(key)
+        if r is None:
+            r = {t.name: n for t in self._matrices(lay) if (n := cpu_rows(t.shape[0], frac))}
+            self._rows[key] = r
+        return r
+
+    def split(self, i: int, w: LayerWeights, rows: dict[str, int]) -> LayerWeights:
+        """Layer weights with each split matrix's device rows and the CPU's packed tail."""
+        w = dict(w)
+        for name, n_cpu in rows.items():
+            full = w[name]
+            N = full.shape[0]
+            n_dev = N - n_cpu
+            if isinstance(full, QuantWeight):
+                dev = QuantWeight(full.raw[: n_dev * (full.nbytes // N)], full.qtype, (n_dev, full.shape[1]))
+            else:
+                dev = full[:n_dev]
+            w[name] = SplitWeight(dev if n_dev else None, self.packed[i][name].tail(n_cpu), self.meter)
+        return w
+
+
+def copy_ranges(lay: LayerLayout, rows: dict[str, int], gap: int = 4096) -> list[tuple[int, int]]:
+    """The (slot offset, bytes) ranges of a layer the device needs when `rows` of its matrices are
+    the CPU's (the last rows: each matrix's device part is a prefix of its bytes); ranges closer
+    than `gap` are copied as one."""
+    out: list[list[int]] = []
+    for t in lay.tensors:
+        n_cpu = rows.get(t.name, 0)
+        nb = t.nbytes - n_cpu * (t.nbytes // t.shape[0]) if n_cpu else t.nbytes
+        if not nb:
+            continue
+        if out and t.slot_offset - (out[-1][0] + out[-1][1]) < gap:
+            out[-1][1] = t.slot_offset + nb - out[-1][0]
+        else:
+            out.append([t.slot_offset, nb])
+    return [(a, b) for a, b in out]
+
+
 class StreamedLayers:
     """LayerSource over staging slots; `ready` maps (step, layer) to a slot, `pump(block)` fills it."""
 
@@ -43,8 +115,11 @@ class StreamedLayers:
                  ready: dict[tuple[int, int], int], pump: Callable[[bool], None],
                  layer_done: Callable[[int, int, int], None],
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
-                 quantized: bool = False):
+                 quantized: bool = False, share: CpuShare | None = None):
         self.layouts = layouts
+        self.share = share
+        self.frac = 0.0  # the CPU's share of this step (0: the device computes every row)
+        self.cpu_s, self.cpu_bytes = 0.0, 0  # the CPU share's work in this step
         self.slot_array, self.ready, self.pump, self.layer_done = slot_array, ready, pump, layer_done
         self.device, self.dtype = torch.device(device), dtype
         self.quantized = quantized
@@ -64,9 +139,25 @@ class StreamedLayers:
             self.layer_start: dict[int, torch.cuda.Event] = {}
             self.in_use: dict[int, int] = {}  # layer -> VRAM slot its blocks are read from
 
-    def set_step(self, step: int) -> None:
-        """The step whose LayerReady messages the next layers wait for."""
+    def set_step(self, step: int, tokens: int = 0) -> None:
+        """The step whose LayerReady messages the next layers wait for, and its token count (which
+        sets the CPU's share)."""
         self.step_no = step
+        self.frac = self.share.balancer.share(tokens) if self.share is not None else 0.0
+        self.cpu_s, self.cpu_bytes = 0.0, 0
+
+    def _rows(self, i: int) -> dict[str, int]:
+        """The CPU's rows of layer i in this step (none for resident layers)."""
+        if not self.frac or i in self.resident_ids:
+            return {}
+        return self.share.rows(i, self.layouts[i], self.frac)
+
+    def _split(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
+        """Pack layer i's CPU rows (first time, from its staging slot) and split its matrices."""
+        rows = self._rows(i)
+        if self.share is not None and i not in self.resident_ids:
+            self.share.pack(i, self.layouts[i], self.slot_array(slot))
+        return self.share.split(i, w, rows) if rows else w
 
     def layer(self, i: int) -> LayerWeights:
         w = self._layer(i)
@@ -89,9 +180,9 @@ class StreamedLayers:
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             with self.tl.span("copy", f"copy L{i}", nbytes=lay.nbytes, layer=i):
                 local = host.clone()
-            self.layer_done(self.step_no, i, slot)
             with self.tl.span("dequant", f"dequant L{i}", nbytes=lay.data_nbytes, layer=i):
-                w = layer_weights(local, lay, self.dtype, self.quantized)
+                w = self._split(i, layer_weights(local, lay, self.dtype, self.quantized), slot)
+            self.layer_done(self.step_no, i, slot)
         if i in self.resident_ids:
             if self.cuda and self.quantized:  # its own copy: the VRAM slot goes back to the ring
                 w = layer_weights(self.vram[self.in_use[i]][: lay.nbytes].clone(), lay, self.dtype, True)
@@ -129,13 +220,16 @@ class StreamedLayers:
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             cs = self.copy_stream
             c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            rows = self._rows(j)
+            ranges = copy_ranges(lay, rows) if rows else [(0, lay.nbytes)]
             with torch.cuda.stream(cs):
                 if self.freed[k] is not None:
                     cs.wait_event(self.freed[k])  # the dequantization that read slot k has run
                 c0.record(cs)
-                self.vram[k][: lay.nbytes].copy_(host, non_blocking=True)
+                for a, n in ranges:  # with a CPU share, only the device's rows cross PCIe
+                    self.vram[k][a : a + n].copy_(host[a : a + n], non_blocking=True)
                 c1.record(cs)
-            self.copies[j] = (k, slot, c0, c1)
+            self.copies[j] = (k, slot, c0, c1, sum(n for _, n in ranges))
 
     def _layer_cuda(self, i: int, lay: LayerLayout) -> LayerWeights:
         self._count_prefetch(i)
@@ -145,10 +239,12 @@ class StreamedLayers:
             self.pump(True)
             self._issue_copies(i)
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
-        k, slot, c0, c1 = self.copies.pop(i)
+        k, slot, c0, c1, copied = self.copies.pop(i)
         t0 = time.monotonic_ns()
         c1.synchronize()  # the staging slot may be reused once the copy is done
         self.tl.add("wait_copy", f"wait copy L{i}", t0, time.monotonic_ns() - t0)
+        if self.share is not None and i not in self.resident_ids:
+            self.share.pack(i, lay, self.slot_array(slot))  # before the slot goes back
         self.layer_done(self.step_no, i, slot)
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(c1)
@@ -156,8 +252,11 @@ class StreamedLayers:
         d0.record(cur)
         self.layer_start[i] = d0
         w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
+        rows = self._rows(i)
+        if rows:
+            w = self.share.split(i, w, rows)
         d1.record(cur)
-        self.gpu_events.append(("copy", i, c0, c1, lay.nbytes))
+        self.gpu_events.append(("copy", i, c0, c1, copied))
         if self.quantized:  # the matmuls read the slot: it is free after the layer (release)
             self.in_use[i] = k
         else:
@@ -172,6 +271,12 @@ class StreamedLayers:
 
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
+        if self.share is not None:
+            sec, nbytes, t0 = self.share.meter.take()
+            if nbytes:
+                self.tl.add("cpu_share", f"cpu L{i}", t0, int(sec * 1e9), nbytes, layer=i)
+                self.cpu_s += sec
+                self.cpu_bytes += nbytes
         if not self.cuda:
             self.tl.add("compute", f"compute L{i}", self._t_layer, time.monotonic_ns() - self._t_layer, layer=i)
         else:

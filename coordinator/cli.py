@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA: the GPU's free memory less 1 GiB; on the CPU: no limit)")
     g.add_argument("--step-tokens", type=int, default=None,
                    help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
+    g.add_argument("--cpu-share", default="0", metavar="F|auto|0",
+                   help="fraction of each streamed layer's 4-bit rows the CPU computes from host RAM while the rest "
+                        "crosses PCIe; auto times shares per batch size and keeps the fastest (CUDA only). Default 0: "
+                        "on the machines measured so far it made passes slower (BENCHMARKS.md)")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up)")
     g.add_argument("--host-cache-gb", type=float, default=None,
                    help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
     g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
@@ -128,6 +134,14 @@ def _check_args(args) -> None:
     ints("prefetch", args.prefetch, 1, 1 << 16)
     ints("resident-layers", args.resident_layers, 0, 1 << 16)
     ints("step-tokens", args.step_tokens, 1, MAX_CTX)
+    ints("cpu-threads", args.cpu_threads, 1, 4096)
+    from layerstream.coordinator.pipeline import parse_cpu_share
+    from layerstream.errors import ConfigError
+
+    try:
+        parse_cpu_share(args.cpu_share)
+    except ConfigError as e:
+        _die(str(e))
     finite("vram-gb", args.vram_gb, 0.0, 1 << 20, low_open=True)
     finite("host-cache-gb", args.host_cache_gb, 0.0, 1 << 20)
     finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
@@ -172,7 +186,7 @@ def open_engine(args):
             vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
             step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
-            trace=bool(args.trace),
+            cpu_share=args.cpu_share, cpu_threads=args.cpu_threads, trace=bool(args.trace),
         )
     return Engine.open(cfg, pcfg, index=index, progress=sys.stderr.isatty())
 

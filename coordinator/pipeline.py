@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import logging
 import math
 import os
@@ -26,9 +27,9 @@ import torch
 import zmq
 import zmq.asyncio
 
-from layerstream.compute import compute_proc
+from layerstream.compute import compute_proc, cpu_share
 from layerstream.compute.model import SeqStep
-from layerstream.coordinator.plan import GiB, Plan, fit_budget, make_plan
+from layerstream.coordinator.plan import GiB, Plan, fit_budget, fit_cpu_share, make_plan
 from layerstream.coordinator.stream_core import StreamCore
 from layerstream.coordinator.supervisor import Supervisor
 from layerstream.errors import ConfigError, PipelineError
@@ -75,6 +76,27 @@ class PipelineConfig:
     trace: bool = False
     ready_timeout_s: float = 180.0
     stall_timeout_s: float = 120.0  # a step with no message from the compute process for so long ends the run
+    # the CPU's share of streamed 4-bit rows: 0 (default: measured slower so far, see BENCHMARKS.md),
+    # auto (timed and chosen per batch size on CUDA) or a fraction
+    cpu_share: str = "0"
+    cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu_share.threads_default)
+
+
+AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
+
+
+def parse_cpu_share(value: str) -> str:
+    """'auto', '0' or a fraction in (0, 1] as a canonical string; anything else is a ConfigError."""
+    v = str(value).strip().lower()
+    if v in ("auto", "0", "off"):
+        return "0" if v == "off" else v
+    try:
+        f = float(v)
+    except ValueError:
+        f = float("nan")
+    if not 0 <= f <= 1:
+        raise ConfigError(f"--cpu-share {value!r}: give auto, 0 or a fraction of the 4-bit rows from 0 to 1")
+    return "0" if f == 0 else repr(f)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -104,6 +126,12 @@ class Pipeline:
         from layerstream.compute.runner import keeps_quantized
 
         self.weights = weights
+        self.cpu_share = parse_cpu_share(cfg.cpu_share)
+        if self.cpu_share == "auto" and device.type != "cuda":
+            self.cpu_share = "0"  # on a CPU-only machine the "device" is the CPU already
+        self.cpu_pack_max = {"0": 0.0, "auto": AUTO_PACK_MAX}.get(self.cpu_share) or float(self.cpu_share)
+        if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+            raise ConfigError(f"--cpu-threads {cfg.cpu_threads}: must be at least 1")
         vram = None if cfg.vram_gb is None else int(cfg.vram_gb * GiB)
         if vram is None and device.type == "cuda":
             vram = fit_budget(device)  # fit by default: a model larger than the GPU streams
@@ -115,6 +143,11 @@ class Pipeline:
             quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
             max_prefetch=self.hparams.n_layer,
         )
+        self.cpu_pack_max = fit_cpu_share(self.plan, self.layouts, self.cpu_pack_max, self.cpu_share != "auto")
+        if not self.cpu_pack_max:
+            self.cpu_share = "0"
+        self.plan = dataclasses.replace(self.plan, cpu_share_bytes=cpu_share.packed_bytes(
+            [self.layouts[i] for i in self.plan.streamed], self.cpu_pack_max))
         self.step_tokens = self.plan.step_tokens
         log.info("plan: %s", self.plan.describe())
         log.info("plan, device memory: %s", self.plan.breakdown())
@@ -183,6 +216,9 @@ class Pipeline:
             ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
             kv_device_layers=self.plan.kv_device_layers, weights=self.weights, budget_bytes=self.plan.budget_bytes,
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
+            cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max,
+            cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
+                                            and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
         await self._wait_ready(self.reader_ids + ["compute"])
         # each layer's reads, per reader, as they go on the wire: fixed for the run
@@ -379,6 +415,9 @@ class Pipeline:
         c = {k: v for s in snaps for k, v in s.get("count", {}).items() if k.startswith(("prefetch", "host_cache"))}
         peak = max((s.get("device_peak_bytes", 0) for s in snaps), default=0)
         extra = {"device memory peak": f"{peak / GiB:.2f} GiB (torch's reserved memory)"} if peak else {}
+        share = next((s["cpu_share"] for s in snaps if s.get("cpu_share")), None)
+        if share:
+            extra["CPU share"] = share
         return stats_table(snaps, time.monotonic() - self.t_start, extra | {
             "plan": self.plan.describe(),
             "plan, device memory": self.plan.breakdown(),

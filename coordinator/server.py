@@ -287,7 +287,7 @@ class Server:
             async def sse():
                 try:
                     async for o in outputs():
-                        if o.text or o.finished:
+                        if o.text or o.token_ids or o.finished:  # a chunk a token, as OpenAI (text may be "")
                             yield f"data: {json.dumps(chunk(o.text, FINISH.get(o.finish_reason) if o.finished else None))}\n\n"
                     yield "data: [DONE]\n\n"
                 except ApiError as e:

@@ -532,7 +532,8 @@ def bench_pipeline(args) -> list[dict]:
                            prefill_chunk=max(args.tokens, 1))
         pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
-                              resident_layers=args.resident_layers, trace=bool(args.trace))
+                              resident_layers=args.resident_layers, trace=bool(args.trace),
+                              cpu_share=args.cpu_share, cpu_threads=args.cpu_threads)
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -555,6 +556,8 @@ def bench_pipeline(args) -> list[dict]:
             core = engine.core
             core.time_decode([ids(4) for _ in range(max(batches))], 1)  # warm-up: every layer loaded once
             for B in batches:
+                if args.warm_passes:  # untimed: e.g. the CPU share's balancer times its choices
+                    core.time_decode([ids(4) for _ in range(B)], args.warm_passes)
                 row("decode", B, B, core.time_decode([ids(4) for _ in range(B)], args.reps))
             times = []
             for _ in range(args.reps if args.tokens else 0):
@@ -647,7 +650,8 @@ def bench_serve(args) -> list[dict]:
         pcfg = None
         if not args.resident:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
-                                  step_tokens=args.step_tokens, resident_layers=args.resident_layers)
+                                  step_tokens=args.step_tokens, resident_layers=args.resident_layers,
+                                  cpu_share=args.cpu_share, cpu_threads=args.cpu_threads)
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -657,10 +661,12 @@ def bench_serve(args) -> list[dict]:
                 r = {"clients": C, "path": path, "tokens": n, "wall s": wall, "tokens/s": n / wall,
                      "TTFT median s": statistics.median(ttft), "TTFT max s": max(ttft)}
                 rows.append(r)
+                print(f"measured: {r}", flush=True)  # a run cut short keeps what it measured
                 return r
 
             for C in clients:
                 prompts = [rng.integers(0, V, size=args.prompt_tokens).tolist() for _ in range(C)]
+                _bare_engine(engine.core, prompts, 2)  # untimed: kernels of this batch size compiled
                 bare = row("engine", C, *_bare_engine(engine.core, prompts, args.tokens))
                 # From here until it stops, the engine belongs to the server's worker thread.
                 http = uvicorn.Server(uvicorn.Config(Server(engine, "bench", max_queue=C).app, host="127.0.0.1",
@@ -704,6 +710,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-tokens", type=int, default=None, help="tokens of one forward step at most (as run-pipeline)")
     p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    p.add_argument("--cpu-share", default="0", help="the CPU's share of the 4-bit rows: auto, 0 or a fraction (default 0)")
+    p.add_argument("--cpu-threads", type=int, default=None, help="CPU threads of the compute process")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -766,6 +774,8 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--floor-gbs", type=float, default=FLOOR_GBS,
                    help=f"host-to-device GB/s of the floor (default {FLOOR_GBS:g}, the H100 pinned copy)")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON of the timed passes")
+    p.add_argument("--warm-passes", type=int, default=0,
+                   help="untimed decode passes at each batch size before the timed ones (default 0)")
     p.set_defaults(func=bench_pipeline)
 
     p = sub.add_parser("serve", help="the HTTP server under N concurrent streaming clients, beside the bare engine")

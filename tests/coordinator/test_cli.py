@@ -81,6 +81,8 @@ def test_bad_option_gives_one_error_line(tmp_path):
     (["--prefetch", "1000000000"], "--prefetch 1000000000: must be from 1 to 65536"),
     (["--readers", "100000"], "--readers 100000"),
     (["--ctx", "1"], "--ctx 1"),
+    (["--cpu-share", "2"], "--cpu-share '2': give auto, 0 or a fraction"),
+    (["--cpu-threads", "0"], "--cpu-threads 0: must be from 1"),
     (["--trace", "/nonexistent-dir/t.json"], "--trace /nonexistent-dir/t.json: cannot write there"),
     ([], "no prompt given"),
 ])

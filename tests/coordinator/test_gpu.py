@@ -118,3 +118,21 @@ def test_peak_device_memory_stays_within_the_budget(shaped):
             peak = next(s for s in e.backend.collect_stats() if s.get("role") == "compute")["device_peak_bytes"]
             assert 0 < peak <= vram_gb * GiB, (vram_gb, batch, prompt, peak / GiB, plan.describe(), plan.breakdown())
     assert len(seen) >= 3, f"the grid should cover different plans: {seen}"
+
+
+@pytest.mark.parametrize("share", ["0.5", "auto"])
+def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share):
+    """The CPU computes part of each streamed Q4_K matrix (bf16 scales) while the GPU computes the
+    rest from blocks (fp16): teacher-forced top-1 against the resident CUDA engine."""
+    ids = TOKENS * 2
+    with _engine(model, dtype="float16") as e:
+        want = e.logits(ids)
+    with _engine(model, PipelineConfig(resident_layers=0, cpu_share=share, step_tokens=4), dtype="float16") as e:
+        got = e.logits(ids)
+        snaps = e.backend.collect_stats()
+        assert sum(s.get("bytes", {}).get("cpu_share", 0) for s in snaps) > 0
+        table = e.backend.stats_table(snaps)
+        assert "CPU share" in table and "cpu_share" in table
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()

@@ -123,6 +123,45 @@ def test_smollm_pipeline_matches_single_process(smollm_path):
         assert "".join(e.generate(prompt, params)) == want
 
 
+def test_cpu_share_gives_the_same_tokens_on_mixed_types(model):
+    """The CPU computes half, then all, of each 4-bit matrix's rows (Q4_K here; Q8_0 and Q6_K stay on
+    the device): greedy tokens equal the single-process engine's, in float32."""
+    with _engine(model, dtype="float32") as e:
+        want = _generate(e)
+    for share in ("0.5", "1"):
+        with _engine(model, PipelineConfig(resident_layers=0, cpu_share=share, step_tokens=8), dtype="float32") as e:
+            assert _generate(e) == want
+            snaps = e.backend.collect_stats()
+            work = {k: v for s in snaps for k, v in s.get("bytes", {}).items() if k == "cpu_share"}
+            assert work.get("cpu_share", 0) > 0  # the CPU did compute its rows
+            assert "CPU share fixed at" in e.backend.stats_table(snaps)
+            assert e.backend.plan.cpu_share_bytes > 0
+
+
+def test_cpu_share_on_smollm_agrees_with_the_single_process_engine(smollm_path, smollm_engine):
+    """Teacher-forced top-1 of the pipeline with the CPU computing half the Q4_1 rows against the
+    single-process engine (float32 both): at least 99% agreement, logits close."""
+    text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+            "combined a screw press with movable metal type.")
+    ids = smollm_engine.encode(text)
+    want = smollm_engine.logits(ids)
+    with _engine(smollm_path, PipelineConfig(resident_layers=0, cpu_share="0.5", step_tokens=8), ctx=128,
+                 dtype="float32") as e:
+        got = e.logits(ids)
+        assert sum(s.get("bytes", {}).get("cpu_share", 0) for s in e.backend.collect_stats()) > 0
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= 0.99, agree
+    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
+
+
+def test_cpu_share_option_is_checked(model):
+    from layerstream.errors import ConfigError
+
+    for bad in ("1.5", "-0.1", "half", "nan"):
+        with pytest.raises(ConfigError, match="--cpu-share"):
+            _engine(model, PipelineConfig(cpu_share=bad))
+
+
 def test_sliding_window_in_pipeline(model):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with _engine(model, ctx=16, on_context_full="slide", sink_tokens=4) as e:

@@ -94,3 +94,23 @@ def test_bad_prefetch_and_step_tokens_are_refused(l8):
         plan(l8, 4, prefetch=10**9, max_prefetch=32)
     with pytest.raises(ConfigError, match="--step-tokens 0"):
         plan(l8, 4, step_tokens=0)
+
+
+def test_cpu_share_takes_memory_after_the_host_cache_never_from_it(l70, monkeypatch):
+    from layerstream.compute.cpu_share import packed_bytes
+    from layerstream.coordinator import plan as plan_mod
+
+    index, layouts = l70
+    monkeypatch.setattr(plan_mod, "_mem_available", lambda: 80 * GiB)
+    p = plan(l70, 8, host_cache_bytes=None)
+    cache = p.cache_layers * p.slot_bytes
+    streamed = [layouts[i] for i in p.streamed]
+    assert p.cache_layers == len(p.streamed)  # 80 GiB: the host cache holds every streamed layer
+    f = plan_mod.fit_cpu_share(p, layouts, 0.9, explicit=False)
+    assert 0 < f < 0.9  # the packed rows get half of what the cache leaves, so auto shrinks
+    assert packed_bytes(streamed, f) <= (80 * GiB - cache) // 2 < packed_bytes(streamed, f + 0.05)
+    with pytest.raises(ConfigError, match="--cpu-share 0.9 packs .* lower --cpu-share"):
+        plan_mod.fit_cpu_share(p, layouts, 0.9, explicit=True)
+    assert plan_mod.fit_cpu_share(p, layouts, 0.1, explicit=True) == 0.1
+    monkeypatch.setattr(plan_mod, "_mem_available", lambda: cache)  # nothing beside the cache
+    assert plan_mod.fit_cpu_share(p, layouts, 0.9, explicit=False) == 0.0

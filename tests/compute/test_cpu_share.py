@@ -1,0 +1,179 @@
+"""The CPU share's pieces: exact int4 repacking against gguf-py, the split matmul against float64,
+the device's copy ranges, and the balance of the share."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+
+from layerstream.compute import cpu_share
+from layerstream.compute.cpu_share import (
+    Balancer, Meter, SplitWeight, balanced_frac, bucket, cpu_rows, int4_parts, pack_rows,
+)
+from layerstream.compute.qlinear import QuantWeight, linear
+from layerstream.compute.streamed import copy_ranges
+from layerstream.loader.layout import LayerLayout, SlotTensor
+from layerstream.proto.timeline import Timeline
+
+
+def blocks(qt: QT, n: int, K: int, seed: int = 0) -> np.ndarray:
+    """n rows of valid blocks: gguf-py's quantizer where it has one, else random bytes with small scales."""
+    rng = np.random.default_rng(seed)
+    if qt != QT.Q4_K:
+        return quants.quantize(rng.standard_normal((n, K)).astype(np.float32), qt)
+    raw = rng.integers(0, 256, (n, K // 256, 144), dtype=np.uint8)
+    raw[..., 0:4] = (rng.random((n, K // 256, 2)) * 0.01).astype(np.float16).view(np.uint8).reshape(n, K // 256, 4)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q4_1, QT.Q4_K])
+def test_int4_parts_rebuild_gguf_values(qt):
+    n, K = 64, 512
+    raw = blocks(qt, n, K)
+    ref = quants.dequantize(raw, qt).reshape(n, K).astype(np.float64)
+    q, scale, zero = int4_parts(torch.from_numpy(raw.reshape(-1)), int(qt), n, K)
+    assert q.min() >= 0 and q.max() <= 15
+    rebuilt = (q.double() - 8) * scale.double().repeat_interleave(32, 1) + zero.double().repeat_interleave(32, 1)
+    np.testing.assert_allclose(rebuilt.numpy(), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q4_1, QT.Q4_K])
+def test_packed_matmul_and_its_tails_match_float64(qt):
+    n, K = 192, 512
+    raw = blocks(qt, n, K, seed=1)
+    ref = torch.from_numpy(quants.dequantize(raw, qt).reshape(n, K)).double()
+    p = pack_rows(torch.from_numpy(raw.reshape(-1)), int(qt), n, K, torch.float32)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(2))
+    want = x.double() @ ref.T
+    tol = 1e-5 * want.abs().max().item()
+    assert (p.matmul(x).double() - want).abs().max().item() < tol
+    for tail in (64, 128):  # the share shrinks without repacking
+        assert (p.tail(tail).matmul(x).double() - want[:, n - tail:]).abs().max().item() < tol
+    with pytest.raises(ValueError, match="no tail"):
+        p.tail(100)
+
+
+def test_split_weight_joins_device_and_cpu_rows():
+    n, K = 192, 256
+    raw = blocks(QT.Q4_1, n, K, seed=3)
+    dense = torch.from_numpy(quants.dequantize(raw, QT.Q4_1).reshape(n, K))
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(4))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    want = x.double() @ dense.double().T + bias.double()
+    meter = Meter()
+    for n_cpu in (64, 128, 192):
+        packed = pack_rows(torch.from_numpy(raw[n - n_cpu:].reshape(-1)), int(QT.Q4_1), n_cpu, K, torch.float32)
+        dev = dense[: n - n_cpu] if n_cpu < n else None
+        got = linear(x, SplitWeight(dev, packed, meter), bias)
+        assert got.shape == (2, n)
+        assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    seconds, nbytes, _ = meter.take()
+    assert nbytes > 0 and seconds > 0
+    assert meter.take()[1] == 0
+
+
+def test_copy_ranges_cover_device_rows_only():
+    # two split matrices with a norm between them, 8192 bytes of alignment gap after the first
+    a = SlotTensor("attn_q.weight", int(QT.Q4_K), (256, 256), 0, 256 * 144, "f", 0)
+    norm = SlotTensor("attn_norm.weight", int(QT.F32), (256,), a.nbytes + 8192, 1024, "f", 0)
+    b = SlotTensor("ffn_up.weight", int(QT.Q4_K), (512, 256), norm.slot_offset + 1024, 512 * 144, "f", 0)
+    lay = LayerLayout(0, (a, norm, b), b.slot_offset + b.nbytes)
+    rows = {"attn_q.weight": 128, "ffn_up.weight": 256}
+    ranges = copy_ranges(lay, rows)
+    covered = np.zeros(lay.nbytes, bool)
+    for off, nb in ranges:
+        covered[off : off + nb] = True
+    for t, n_cpu in ((a, 128), (norm, 0), (b, 256)):
+        dev_bytes = t.nbytes - n_cpu * (t.nbytes // t.shape[0])
+        assert covered[t.slot_offset : t.slot_offset + dev_bytes].all()
+        assert not covered[t.slot_offset + dev_bytes : t.slot_offset + t.nbytes].any()
+    whole = copy_ranges(lay, {})  # no CPU rows: every tensor, the 8 KiB gap left out
+    assert whole == [(0, a.nbytes), (norm.slot_offset, lay.nbytes - norm.slot_offset)]
+
+
+def test_cpu_rows_are_aligned_and_bounded():
+    assert cpu_rows(8192, 0.5) == 4096
+    assert cpu_rows(1000, 0.5) % cpu_share.ROW_ALIGN == 0
+    assert cpu_rows(100, 0.3) == 0
+    assert cpu_rows(4096, 1.0) == 4096
+
+
+def test_balanced_share_equalises_both_sides():
+    cpu, link, c, ratio = 70.0, 55.0, 0.8, cpu_share.pack_ratio()
+    f = balanced_frac(cpu, link, c, ratio)
+    S = 1.0  # a layer's bytes
+    t_link = (1 - f * c) * S / link
+    t_cpu = f * c * S * ratio / cpu
+    assert t_link == pytest.approx(t_cpu)
+    assert balanced_frac(1e9, 1.0, 0.1, ratio) == 1.0  # capped: the CPU takes every 4-bit row
+    assert balanced_frac(0.0, 55.0, 0.8, ratio) == 0.0
+
+
+def test_balancer_proposes_less_for_larger_batches():
+    ratio = cpu_share.pack_ratio()
+    bal = Balancer({1: 70.0, 2: 50.0, 4: 30.0, 8: 10.0}, 55.0, 0.8, ratio, pack_frac=0.9)
+    shares = [bal.share(b) for b in (1, 2, 4, 8)]
+    assert shares == sorted(shares, reverse=True) and shares[0] > shares[-1] > 0
+    assert bal.share(9) == 0.0 and bucket(512) is None  # prompts and large batches: all on the device
+    assert bal.share(3) == bal.share(4)  # a step takes the next bucket up
+
+
+def _passes(bal, tokens, seconds_at):
+    """Feed the balancer passes whose time depends on the share it asks for, until it settles."""
+    for _ in range(50):
+        f = bal.share(tokens)
+        cpu_bytes = int(f * 1e9)
+        bal.observe(tokens, seconds_at(f), cpu_bytes / 35e9 if f else 0.0, cpu_bytes, 1.0, int(55e9))
+        if not bal.trials[cpu_share.bucket(tokens)]:
+            return bal.share(tokens)
+    raise AssertionError("the balancer never settled")
+
+
+def test_balancer_keeps_the_share_only_where_passes_are_faster():
+    ratio = cpu_share.pack_ratio()
+    proposed = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2).share(1)
+    # PCIe-bound passes: time falls with the share -> the best share timed is kept
+    bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    got = _passes(bal, 1, lambda f: 1.0 - 0.5 * f)
+    assert got > 0 and got == max(bal.times[1])
+    # the second share tried is the one the passes' own rates (CPU 35 GB/s) balance
+    assert any(k == pytest.approx(balanced_frac(35.0, 55.0, 0.8, ratio)) for k in bal.times[1])
+    # passes bound by something else: the CPU's matmuls only add -> no share
+    bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    assert _passes(bal, 1, lambda f: 1.0 + f) == 0.0
+    assert set(bal.times[1]) >= {proposed, 0.0}
+    assert "chosen" in bal.describe()
+    # a fixed share is never timed nor changed
+    fixed = Balancer({}, 0.0, 0.8, ratio, pack_frac=0.5, fixed=0.5)
+    fixed.observe(1, 1.0, 1.0, 1, 1.0, 1)
+    assert fixed.share(1) == 0.5 and fixed.share(8) == 0.5 and fixed.share(64) == 0.0
+
+
+def test_tails_slice_holds_for_this_torch():
+    assert cpu_share.tails_slice()
+
+
+def test_packed_bytes_counts_only_4bit_matrices():
+    q4 = SlotTensor("ffn_up.weight", int(QT.Q4_K), (1024, 512), 0, 1024 * 2 * 144, "f", 0)
+    q6 = SlotTensor("ffn_down.weight", int(QT.Q6_K), (512, 1024), q4.nbytes, 512 * 4 * 210, "f", 0)
+    lay = LayerLayout(0, (q4, q6), q4.nbytes + q6.nbytes)
+    assert cpu_share.packed_bytes([lay], 0.5) == 512 * (512 // 2 + 512 // 32 * 4)
+    assert cpu_share.int4_fraction([lay]) == pytest.approx(q4.nbytes / (q4.nbytes + q6.nbytes))
+
+
+def test_quantweight_device_rows_are_a_prefix():
+    # the device's part of a split quantized matrix is a view of its first rows' blocks
+    raw = torch.from_numpy(blocks(QT.Q4_K, 128, 256).reshape(-1))
+    w = QuantWeight(raw, int(QT.Q4_K), (128, 256))
+    from layerstream.compute.streamed import CpuShare
+
+    share = CpuShare(Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=0.5), 0.5, torch.float32, Timeline("compute", "t"))
+    lay = LayerLayout(0, (SlotTensor("ffn_up.weight", int(QT.Q4_K), (128, 256), 0, raw.numel(), "f", 0),), raw.numel())
+    share.pack(0, lay, raw.numpy())
+    rows = share.rows(0, lay, 0.5)
+    assert rows == {"ffn_up.weight": 64}
+    split = share.split(0, {"ffn_up.weight": w}, rows)["ffn_up.weight"]
+    assert split.dev.shape == (64, 256) and split.dev.raw.data_ptr() == raw.data_ptr()
+    assert split.cpu.rows == 64
+
