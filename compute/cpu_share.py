@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from layerstream.compute.qlinear import linear
+
 INT4_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q4_K))
 GROUP = 32  # values per (scale, zero): every 4-bit type's sub-block
 ROW_ALIGN = 64  # CPU rows come in multiples of this: aten's CPU int4 pack holds rows in blocks of 64,
@@ -149,8 +151,6 @@ class SplitWeight:
     meter: Meter
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from layerstream.compute.qlinear import linear
-
         n_dev = 0 if self.dev is None else self.dev.shape[0]
         x_cpu = x.to("cpu")  # waits for x: the device's queue is empty while the CPU works below
         y_dev = None if self.dev is None else linear(x, self.dev, None if bias is None else bias[:n_dev])

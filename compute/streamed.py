@@ -47,6 +47,7 @@ class CpuShare:
         self.packed: dict[int, dict[str, PackedRows]] = {}
         self.meter = Meter()
         self._rows: dict[tuple[int, float], dict[str, int]] = {}
+        self._ranges: dict[tuple[int, float], list[tuple[int, int]]] = {}
 
     @staticmethod
     def _matrices(lay: LayerLayout):
@@ -68,13 +69,19 @@ class CpuShare:
         self.packed[i] = out
 
     def rows(self, i: int, lay: LayerLayout, frac: float) -> dict[str, int]:
-        """CPU rows of each split matrix of layer i at share `frac`."""
+        """CPU rows of each split matrix of layer i at share `frac` (worked out once per share)."""
         key = (i, frac)
         r = self._rows.get(key)
         if r is None:
             r = {t.name: n for t in self._matrices(lay) if (n := cpu_rows(t.shape[0], frac))}
             self._rows[key] = r
+            self._ranges[key] = copy_ranges(lay, r) if r else [(0, lay.nbytes)]
         return r
+
+    def ranges(self, i: int, lay: LayerLayout, frac: float) -> list[tuple[int, int]]:
+        """The slot ranges the device needs of layer i at share `frac` (see copy_ranges)."""
+        self.rows(i, lay, frac)
+        return self._ranges[(i, frac)]
 
     def split(self, i: int, w: LayerWeights, rows: dict[str, int]) -> LayerWeights:
         """Layer weights with each split matrix's device rows and the CPU's packed tail."""
@@ -220,8 +227,8 @@ class StreamedLayers:
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             cs = self.copy_stream
             c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            rows = self._rows(j)
-            ranges = copy_ranges(lay, rows) if rows else [(0, lay.nbytes)]
+            split = self.frac and j not in self.resident_ids
+            ranges = self.share.ranges(j, lay, self.frac) if split else [(0, lay.nbytes)]
             with torch.cuda.stream(cs):
                 if self.freed[k] is not None:
                     cs.wait_event(self.freed[k])  # the dequantization that read slot k has run
