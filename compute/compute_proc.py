@@ -47,6 +47,7 @@ class ComputeConfig:
     cpu_share: str = "0"  # the CPU's share of the 4-bit rows: "auto", or a fraction ("0": none)
     cpu_pack_max: float = 0.0  # the largest share packed (the plan counts its host memory)
     cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)
+    index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
 
 
 class ComputeWorker:
@@ -67,7 +68,7 @@ class ComputeWorker:
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.budget_bytes / total), self.device)
             self._register_arena()
-        index = open_model(cfg.model_path)
+        index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
         quantized = keeps_quantized(self.device, cfg.weights)
         if quantized and self.device.type == "cuda" and max(cfg.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
             shapes = [t.shape for layer in index.layers for t in layer.values() if len(t.shape) == 2]

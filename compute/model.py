@@ -36,12 +36,18 @@ class StepMeta:
     cos_k: torch.Tensor | None  # [B, kv_len, rope_dim/2]; None when K is stored rotated
     sin_k: torch.Tensor | None
     mask: torch.Tensor  # [B, 1, S, kv_len] bool, True where a query may attend
+    # the local (sliding-window) layers' RoPE tables and mask (Gemma 3); None without such layers
+    cos_q_swa: torch.Tensor | None = None
+    sin_q_swa: torch.Tensor | None = None
+    cos_k_swa: torch.Tensor | None = None
+    sin_k_swa: torch.Tensor | None = None
+    mask_swa: torch.Tensor | None = None
 
 
-def rope_inv_freq(hp: HParams, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+def rope_inv_freq(hp: HParams, freq_factors: torch.Tensor | None = None, theta: float | None = None) -> torch.Tensor:
     """Inverse frequencies [rope_dim/2] in float64; Llama 3.1 factors divide them."""
     i = torch.arange(0, hp.rope_dim, 2, dtype=torch.float64)
-    inv = hp.rope_theta ** (-i / hp.rope_dim)
+    inv = (theta or hp.rope_theta) ** (-i / hp.rope_dim)
     if freq_factors is not None:
         inv = inv / freq_factors.to(torch.float64).cpu()
     return inv
@@ -75,25 +81,29 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, swa: bool = False) -> torch.Tensor:
     """Self-attention of the packed tokens x [T, E]; writes their K/V into the caches.
 
     k_cache, v_cache: [rows, cap, n_head_kv, head_dim]. With a sliding ring K is stored before
     RoPE and rotated at read time, since positions within the cache change as it slides
-    (StreamingLLM); otherwise (meta.cos_k None) it is stored rotated.
+    (StreamingLLM); otherwise (meta.cos_k None) it is stored rotated. A local layer (`swa`) takes
+    the step's sliding-window mask and its own RoPE tables.
     """
+    cos_q, sin_q, cos_k_all, sin_k_all, mask_all = (
+        (meta.cos_q_swa, meta.sin_q_swa, meta.cos_k_swa, meta.sin_k_swa, meta.mask_swa) if swa
+        else (meta.cos_q, meta.sin_q, meta.cos_k, meta.sin_k, meta.mask))
     T = x.shape[0]
     H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
     h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps)
     q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).view(T, H, D)
     k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).view(T, Hkv, D)
     v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).view(T, Hkv, D)
-    if "attn_q_norm.weight" in w:  # qwen3: per-head RMSNorm before RoPE
+    if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE
         q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
-    q = apply_rope(q, meta.cos_q, meta.sin_q, hp.rope_neox)
-    if meta.cos_k is None:  # positions never change (no sliding): store K rotated once
-        k = apply_rope(k, meta.cos_q, meta.sin_q, hp.rope_neox)
+    q = apply_rope(q, cos_q, sin_q, hp.rope_neox)
+    if cos_k_all is None:  # positions never change (no sliding): store K rotated once
+        k = apply_rope(k, cos_q, sin_q, hp.rope_neox)
     k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
     v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
 
@@ -108,7 +118,8 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     sc = S if bc > 1 else max(1, min(S, (ATTN_TEMP_BYTES - per_seq) // per_row))
     if sc < S:
         bc = 1
-    full = (meta.rows, meta.q_index, meta.mask, meta.cos_k, meta.sin_k)
+    full = (meta.rows, meta.q_index, mask_all, cos_k_all, sin_k_all)
+    scale = hp.attn_scale or None
     groups = [full] if bc == B else [tuple(None if t is None else t[b0:b0 + bc] for t in full)
                                      for b0 in range(0, B, bc)]
     outs = []
@@ -119,26 +130,33 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
             K = apply_rope(K, cos_k, sin_k, hp.rope_neox)
         Q, Kt, Vt = q[q_index].transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2)  # [b, H, S, D], [b, Hkv, L, D]
         if sc == S:
-            outs.append(F.scaled_dot_product_attention(Q, Kt, Vt, attn_mask=mask, enable_gqa=(H != Hkv)))
+            outs.append(F.scaled_dot_product_attention(Q, Kt, Vt, attn_mask=mask, enable_gqa=(H != Hkv), scale=scale))
         else:
             outs.append(torch.cat([F.scaled_dot_product_attention(
-                Q[:, :, s0:s0 + sc], Kt, Vt, attn_mask=mask[:, :, s0:s0 + sc], enable_gqa=(H != Hkv))
+                Q[:, :, s0:s0 + sc], Kt, Vt, attn_mask=mask[:, :, s0:s0 + sc], enable_gqa=(H != Hkv), scale=scale)
                 for s0 in range(0, S, sc)], dim=2))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, S, D]
     o = o.transpose(1, 2).reshape(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
-    return x + linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
+    o = linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
+    if "post_attention_norm.weight" in w:  # gemma3: the block's output is normed before the residual
+        o = rms_norm(o, w["post_attention_norm.weight"], hp.norm_eps)
+    return x + o
 
 
 def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
-    g = F.silu(linear(h, w["ffn_gate.weight"])) * linear(h, w["ffn_up.weight"])
-    return x + linear(g, w["ffn_down.weight"])
+    g = linear(h, w["ffn_gate.weight"])
+    g = F.gelu(g, approximate="tanh") if hp.ffn_act == "gelu_tanh" else F.silu(g)
+    y = linear(g * linear(h, w["ffn_up.weight"]), w["ffn_down.weight"])
+    if "post_ffw_norm.weight" in w:
+        y = rms_norm(y, w["post_ffw_norm.weight"], hp.norm_eps)
+    return x + y
 
 
 def layer_forward(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """One transformer block on packed tokens x [T, E]."""
-    return ffn_block(hp, w, attention_block(hp, w, x, meta, k_cache, v_cache))
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, swa: bool = False) -> torch.Tensor:
+    """One transformer block on packed tokens x [T, E]; `swa`: a local (sliding-window) layer."""
+    return ffn_block(hp, w, attention_block(hp, w, x, meta, k_cache, v_cache, swa))
 
 
 def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor) -> torch.Tensor:
@@ -147,10 +165,13 @@ def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torc
 
 
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
-                    dtype: torch.dtype, kv_len: int | None = None, rotate_k_at_read: bool = True) -> StepMeta:
+                    dtype: torch.dtype, kv_len: int | None = None, rotate_k_at_read: bool = True,
+                    inv_freq_swa: torch.Tensor | None = None) -> StepMeta:
     """Pack the step's sequences; positions come from the KV ring of each sequence.
 
-    kv_len pads the attended slots to a fixed length (masked), for captured CUDA graphs.
+    kv_len pads the attended slots to a fixed length (masked), for captured CUDA graphs. With
+    local layers (hp.swa_window), their mask also hides keys `swa_window` or more positions
+    back, and their RoPE tables come from `inv_freq_swa`, unscaled.
     """
     B = len(seqs)
     S = max(len(s.slots) for s in seqs)
@@ -181,6 +202,14 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     if rotate_k_at_read:
         cos_k, sin_k = rope_tables(inv_freq, kv_pos.clamp(min=0), hp.rope_scale, dtype)
     to = lambda a: a.to(device, non_blocking=True)  # noqa: E731
+    swa = {}
+    if hp.swa_window:
+        near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.swa_window
+        cq, sq = rope_tables(inv_freq_swa, tok_pos_t, 1.0, dtype)
+        swa = dict(cos_q_swa=to(cq), sin_q_swa=to(sq), mask_swa=to(((mask & near) | ~q_valid[:, :, None])[:, None]))
+        if rotate_k_at_read:
+            ck, sk = rope_tables(inv_freq_swa, kv_pos.clamp(min=0), 1.0, dtype)
+            swa |= dict(cos_k_swa=to(ck), sin_k_swa=to(sk))
     return StepMeta(
         tok_row=to(torch.tensor(tok_row, dtype=torch.long)),
         tok_b=to(torch.tensor(tok_b, dtype=torch.long)),
@@ -191,6 +220,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         cos_q=to(cos_q), sin_q=to(sin_q),
         cos_k=None if cos_k is None else to(cos_k), sin_k=None if sin_k is None else to(sin_k),
         mask=to(mask[:, None]),
+        **swa,
     )
 
 

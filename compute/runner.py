@@ -334,6 +334,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.ctx, self.max_seqs = ctx, max_seqs
         self.inv_freq = rope_inv_freq(hp, glob.rope_freqs)
+        self.inv_freq_swa = rope_inv_freq(hp, None, hp.rope_theta_swa) if hp.swa_window else None
         if kv_device_layers is None:
             kv_device_layers = 0 if kv_on_host else hp.n_layer
         self.kv = make_kv(hp, max_seqs, ctx, self.device, dtype, kv_device_layers)
@@ -355,8 +356,11 @@ class ModelRunner:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
         graph = self._graphable(seqs, want)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
-                               kv_len=self._kv_len(seqs, graph), rotate_k_at_read=self.sliding)
+                               kv_len=self._kv_len(seqs, graph), rotate_k_at_read=self.sliding,
+                               inv_freq_swa=self.inv_freq_swa)
         x = self.glob.embed(torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long))
+        if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
+            x = x * self.hp.embed_scale
         return self._graph_step(x, meta, seqs) if graph else self._forward(x, meta, seqs, want)
 
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
@@ -401,7 +405,7 @@ class ModelRunner:
         for i in range(hp.n_layer):
             w = self.source.layer(i)
             k, v, m = self.kv.layer(i, meta)
-            x = layer_forward(hp, w, x, m, k, v)
+            x = layer_forward(hp, w, x, m, k, v, hp.is_swa(i))
             self.kv.write_back(i, m, k, v)
             self.source.release(i)
         if want == "none":

@@ -216,7 +216,7 @@ class Pipeline:
             ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
             kv_device_layers=self.plan.kv_device_layers, weights=self.weights, budget_bytes=self.plan.budget_bytes,
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
-            cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max,
+            cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, index=self.index,
             cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
                                             and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))

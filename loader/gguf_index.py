@@ -12,8 +12,8 @@ import numpy as np
 
 from layerstream.errors import ModelError
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
-NEOX_ARCHS = ("qwen2", "qwen3")  # llama.cpp's converter permutes Q/K for llama: NORM rotation
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+NEOX_ARCHS = ("qwen2", "qwen3", "gemma3")  # llama.cpp's converter permutes Q/K for llama: NORM rotation
 
 # Tensors every layer must have, by architecture (short names, without "blk.N.").
 _LAYER_TENSORS = [
@@ -25,7 +25,11 @@ REQUIRED_LAYER_TENSORS = {
     "llama": _LAYER_TENSORS,
     "qwen2": _LAYER_TENSORS + ["attn_q.bias", "attn_k.bias", "attn_v.bias"],
     "qwen3": _LAYER_TENSORS + ["attn_q_norm.weight", "attn_k_norm.weight"],
+    "gemma3": _LAYER_TENSORS + ["attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
+                                "post_ffw_norm.weight"],
 }
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's default for gemma3: every 6th layer attends globally
+GEMMA3_ROPE_BASE_SWA = 10000.0  # llama.cpp's (and transformers') rope_local_base_freq
 REQUIRED_GLOBAL_TENSORS = ["token_embd.weight", "output_norm.weight"]
 
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -64,6 +68,16 @@ class HParams:
     context_length: int = 4096
     tied_output: bool = False
     has_rope_freqs: bool = False  # Llama 3.1 frequency factors tensor "rope_freqs.weight"
+    # Gemma 3 (defaults leave the other architectures as they were):
+    swa_window: int = 0  # sliding-window attention span of the local layers (0: none)
+    swa_layers: tuple[bool, ...] = ()  # per layer: True where attention is local (sliding window)
+    rope_theta_swa: float = 0.0  # RoPE base of the local layers (unscaled)
+    embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(n_embd))
+    attn_scale: float = 0.0  # scale of q.k (0: 1 / sqrt(head_dim))
+    ffn_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+
+    def is_swa(self, i: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[i]
 
 
 @dataclass
@@ -81,6 +95,14 @@ class ModelIndex:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ModelIndex":
         return open_model(path)
+
+    def __getstate__(self) -> dict:
+        # a child process gets the parsed index (gguf-py takes about 20 s to parse a 262k-token
+        # vocabulary, Gemma 3's) but maps the files itself: memory maps never travel
+        return {k: v for k, v in self.__dict__.items() if k != "_maps"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _maps={})
 
     def layer_nbytes(self, i: int) -> int:
         return sum(t.nbytes for t in self.layers[i].values())
@@ -197,9 +219,27 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
         rope_scale = float(g("rope.scaling.factor", 1.0))
     elif scale_type not in ("none", None):
         raise ModelError(f"{path}: RoPE scaling {scale_type!r} is not supported (only linear and Llama 3 rope_freqs)")
+    n_layer = int(g("block_count"))
+    gemma: dict[str, Any] = {}
+    if arch == "gemma3":
+        pattern = g("attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        if isinstance(pattern, list):  # newer converters: one flag a layer
+            swa = tuple(bool(x) for x in pattern[:n_layer])
+        else:
+            swa = tuple((i + 1) % int(pattern) != 0 for i in range(n_layer)) if int(pattern) > 0 else ()
+        n_head_ = n_head
+        gemma = dict(
+            swa_window=int(g("attention.sliding_window", 0) or 0), swa_layers=swa,
+            rope_theta_swa=float(g("rope.freq_base_swa", GEMMA3_ROPE_BASE_SWA)),
+            embed_scale=math.sqrt(n_embd), ffn_act="gelu_tanh",
+            # llama.cpp: query_pre_attn_scalar is the head size, but n_embd / n_head for the 27B (62 layers)
+            attn_scale=1 / math.sqrt(n_embd / n_head_ if n_layer == 62 else head_dim),
+        )
+        if not gemma["swa_window"]:
+            gemma["swa_layers"] = ()
     return HParams(
         arch=arch,
-        n_layer=int(g("block_count")),
+        n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=int(n_head_kv),
@@ -214,6 +254,7 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
         context_length=int(g("context_length", 4096)),
         tied_output="output.weight" not in tensors,
         has_rope_freqs="rope_freqs.weight" in tensors,
+        **gemma,
     )
 
 
@@ -232,6 +273,9 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
                    ("rope.dimension_count", hp.rope_dim)]:
         if not 0 < v < 1 << 31:
             raise bad(key, v, "is out of range")
+    if hp.swa_layers and (len(hp.swa_layers) != hp.n_layer or not 0 < hp.swa_window < 1 << 31):
+        raise bad("attention.sliding_window", hp.swa_window, f"or its layer pattern ({len(hp.swa_layers)} layers) "
+                                                             "is out of range")
     if hp.n_head % hp.n_head_kv:
         raise bad("attention.head_count_kv", hp.n_head_kv, f"does not divide head_count {hp.n_head}")
     if hp.rope_dim > hp.head_dim or hp.rope_dim % 2:

@@ -21,7 +21,7 @@ from layerstream.loader.synth import (  # noqa: F401 - re-exported for the tests
     tokenizer_vocab,
 )
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 SPLIT_NAME = "{prefix}-{no:05d}-of-{count:05d}.gguf"  # llama.cpp's gguf-split naming
 
 # Block writing and the tokenizer are shared with the benchmark models' writer.
@@ -78,6 +78,9 @@ def write_model(
     context_length: int = 256,
     arch_name: str | None = None,
     omit: Sequence[str] = (),
+    swa_window: int = 4,
+    swa_pattern: int = 3,
+    rope_theta_swa: float = 500.0,
 ) -> str:
     """Write a tiny random model of `arch` and return its path.
 
@@ -85,7 +88,9 @@ def write_model(
     "attn_q.weight", or "*" for the rest; default Q8_0), or a list cycling over the matrices.
     head_dim: None means n_embd // n_head, except qwen3 where it is twice that (so that
     head_dim != n_embd / n_head). arch_name writes another architecture name over the same
-    tensors (bad-input tests); omit leaves out the named tensors.
+    tensors (bad-input tests); omit leaves out the named tensors. gemma3: local layers attend
+    `swa_window` positions back, every `swa_pattern`-th layer globally; local RoPE base
+    `rope_theta_swa` (all small, so that a short test crosses the window).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r}: ggufgen writes {ARCHS}")
@@ -109,6 +114,10 @@ def write_model(
     w.add_rope_freq_base(rope_theta)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(n_vocab)
+    if arch == "gemma3":
+        w.add_sliding_window(swa_window)
+        w.add_uint32(f"{name}.attention.sliding_window_pattern", swa_pattern)
+        w.add_float32(f"{name}.rope.freq_base_swa", rope_theta_swa)
     if arch == "qwen3" or head_dim != n_embd // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -142,7 +151,7 @@ def write_model(
             vec(p + "attn_q.bias", q_dim, 0.0, 0.1)
             vec(p + "attn_k.bias", kv_dim, 0.0, 0.1)
             vec(p + "attn_v.bias", kv_dim, 0.0, 0.1)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             vec(p + "attn_q_norm.weight", head_dim)
             vec(p + "attn_k_norm.weight", head_dim)
         mat(p + "attn_output.weight", n_embd, q_dim)
@@ -150,6 +159,9 @@ def write_model(
         mat(p + "ffn_gate.weight", n_ff, n_embd)
         mat(p + "ffn_up.weight", n_ff, n_embd)
         mat(p + "ffn_down.weight", n_embd, n_ff)
+        if arch == "gemma3":
+            vec(p + "post_attention_norm.weight", n_embd)
+            vec(p + "post_ffw_norm.weight", n_embd)
     vec("output_norm.weight", n_embd)
     if not tied:
         mat("output.weight", n_vocab, n_embd, gain=2.0)

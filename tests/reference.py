@@ -1,4 +1,4 @@
-"""Independent dense float64 reference forward for llama / qwen2 / qwen3 GGUF models.
+"""Independent dense float64 reference forward for llama / qwen2 / qwen3 / gemma3 GGUF models.
 
 Reads the file with gguf.GGUFReader and dequantizes with gguf.quants.dequantize only
 (no layerstream code), following llama.cpp's semantics. For tests: slow and simple.
@@ -30,6 +30,9 @@ class RefConfig:
     rope_scale: float
     norm_eps: float
     neox: bool
+    swa_window: int = 0  # gemma3: local layers see keys fewer than this many positions back
+    swa_pattern: int = 0  # gemma3: layer L is global when (L + 1) % swa_pattern == 0
+    rope_theta_swa: float = 10000.0
 
 
 def _files(path: str) -> list[str]:
@@ -72,7 +75,10 @@ def config(md: dict) -> RefConfig:
         rope_theta=float(g("rope.freq_base", 10000.0)),
         rope_scale=scale,
         norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        neox=arch in ("qwen2", "qwen3"),
+        neox=arch in ("qwen2", "qwen3", "gemma3"),
+        swa_window=int(g("attention.sliding_window", 0)) if arch == "gemma3" else 0,
+        swa_pattern=int(g("attention.sliding_window_pattern", 6)) if arch == "gemma3" else 0,
+        rope_theta_swa=float(g("rope.freq_base_swa", 10000.0)),
     )
 
 
@@ -80,14 +86,15 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x: np.ndarray, pos: np.ndarray, cfg: RefConfig, factors: np.ndarray | None) -> np.ndarray:
-    """Rotate the first rope_dim dims of each head. x: [T, H, D]; NORM pairs (2i, 2i+1), NEOX (i, i+d/2)."""
+def rope(x: np.ndarray, pos: np.ndarray, cfg: RefConfig, factors: np.ndarray | None, local: bool = False) -> np.ndarray:
+    """Rotate the first rope_dim dims of each head. x: [T, H, D]; NORM pairs (2i, 2i+1), NEOX (i, i+d/2).
+    A gemma3 local layer uses its own base, unscaled."""
     d = cfg.rope_dim
     i = np.arange(d // 2)
-    freq = cfg.rope_theta ** (-2.0 * i / d)
+    freq = (cfg.rope_theta_swa if local else cfg.rope_theta) ** (-2.0 * i / d)
     if factors is not None:
         freq = freq / factors
-    ang = (pos[:, None] / cfg.rope_scale) * freq[None, :]  # [T, d/2]
+    ang = (pos[:, None] / (1.0 if local else cfg.rope_scale)) * freq[None, :]  # [T, d/2]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     out = x.copy()
     if cfg.neox:
@@ -105,6 +112,10 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
 def forward(md: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray:
     """Logits [T, V] for the whole sequence (positions 0..T-1), causal attention."""
     cfg = config(md)
@@ -112,9 +123,15 @@ def forward(md: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray
     pos = np.arange(T, dtype=np.float64)
     factors = w.get("rope_freqs.weight")
     mask = np.triu(np.full((T, T), -np.inf), k=1)
+    gemma = cfg.arch == "gemma3"
+    # a local layer also hides keys swa_window or more positions back
+    far = np.where(np.subtract.outer(np.arange(T), np.arange(T)) >= max(cfg.swa_window, 1), -np.inf, 0.0)
     x = w["token_embd.weight"][np.asarray(tokens)]  # [T, E]
+    if gemma:
+        x = x * np.sqrt(cfg.n_embd)
     for L in range(cfg.n_layer):
         p = lambda n: w[f"blk.{L}.{n}"]  # noqa: E731
+        local = gemma and cfg.swa_window > 0 and (L + 1) % cfg.swa_pattern != 0
         h = rms_norm(x, p("attn_norm.weight"), cfg.norm_eps)
         q, k, v = h @ p("attn_q.weight").T, h @ p("attn_k.weight").T, h @ p("attn_v.weight").T
         if f"blk.{L}.attn_q.bias" in w:
@@ -123,16 +140,22 @@ def forward(md: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray
         if f"blk.{L}.attn_q_norm.weight" in w:
             q = rms_norm(q, p("attn_q_norm.weight"), cfg.norm_eps)
             k = rms_norm(k, p("attn_k_norm.weight"), cfg.norm_eps)
-        q, k = rope(q, pos, cfg, factors), rope(k, pos, cfg, factors)
+        q, k = rope(q, pos, cfg, factors, local), rope(k, pos, cfg, factors, local)
         group = H // Hkv
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [T, H, D]: q head h uses kv head h // group
-        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask  # [H, T, T]
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(D) + mask + (far if local else 0.0)  # [H, T, T]
         s = np.exp(s - s.max(axis=-1, keepdims=True))
         s /= s.sum(axis=-1, keepdims=True)
-        o = np.einsum("hts,shd->thd", s, v).reshape(T, H * D)
-        x = x + o @ p("attn_output.weight").T
+        o = np.einsum("hts,shd->thd", s, v).reshape(T, H * D) @ p("attn_output.weight").T
+        if gemma:
+            o = rms_norm(o, p("post_attention_norm.weight"), cfg.norm_eps)
+        x = x + o
         h = rms_norm(x, p("ffn_norm.weight"), cfg.norm_eps)
-        x = x + (silu(h @ p("ffn_gate.weight").T) * (h @ p("ffn_up.weight").T)) @ p("ffn_down.weight").T
+        act = gelu_tanh if gemma else silu
+        y = (act(h @ p("ffn_gate.weight").T) * (h @ p("ffn_up.weight").T)) @ p("ffn_down.weight").T
+        if gemma:
+            y = rms_norm(y, p("post_ffw_norm.weight"), cfg.norm_eps)
+        x = x + y
     x = rms_norm(x, w["output_norm.weight"], cfg.norm_eps)
     head = w.get("output.weight", w["token_embd.weight"])
     return x @ head.T

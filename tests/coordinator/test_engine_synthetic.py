@@ -17,6 +17,8 @@ ARCHS = {  # name -> write_model arguments
     "llama-rope_freqs-tied": dict(arch="llama", rope_freqs=True, tied=True),
     "qwen2": dict(arch="qwen2"),
     "qwen3": dict(arch="qwen3"),
+    # local layers 0, 1 (a 4-token window, their own RoPE base), global layer 2; tied head
+    "gemma3": dict(arch="gemma3", n_layer=3, tied=True),
 }
 MIXED = ["Q4_K", "Q6_K", "Q8_0", "F16", "Q5_0", "Q2_K", "Q3_K", "Q5_K", "Q4_1", "Q5_1", "Q4_0", "F32"]
 QTYPES = {"F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_K": "Q4_K", "Q6_K": "Q6_K", "mixed": MIXED}
