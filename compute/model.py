@@ -153,10 +153,46 @@ def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def expert(w: "torch.Tensor | QuantWeight", e: int, n_expert: int) -> "torch.Tensor | QuantWeight":
+    """Expert e's matrix of a 3-D expert tensor (dense [E, N, K], or blocks held as [E * N, K])."""
+    if isinstance(w, QuantWeight):
+        n = w.shape[0] // n_expert
+        rb = w.nbytes // w.shape[0]
+        return QuantWeight(w.raw[e * n * rb : (e + 1) * n * rb], w.qtype, (n, w.shape[1]))
+    return w[e]
+
+
+def route(hp: HParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts each token uses and their weights: softmax over all experts, the top
+    n_expert_used, renormalised when the model says so (Mixtral's and Qwen3-MoE's routing)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weight, chosen = probs.topk(hp.n_expert_used, dim=-1)
+    if hp.expert_norm:
+        weight = weight / weight.sum(-1, keepdim=True)
+    return weight, chosen
+
+
+def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed.
+    The tokens of one expert run as one batch; only the experts some token chose run at all."""
+    h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
+    weight, chosen = route(hp, linear(h, w["ffn_gate_inp.weight"]))
+    out = torch.zeros_like(h, dtype=torch.float32)
+    for e in chosen.unique().tolist():  # a host sync a layer: the experts to run
+        tok, slot = (chosen == e).nonzero(as_tuple=True)
+        he = h[tok]
+        g = F.silu(linear(he, expert(w["ffn_gate_exps.weight"], e, hp.n_expert)))
+        y = linear(g * linear(he, expert(w["ffn_up_exps.weight"], e, hp.n_expert)),
+                   expert(w["ffn_down_exps.weight"], e, hp.n_expert))
+        out.index_add_(0, tok, y.float() * weight[tok, slot, None])
+    return x + out.to(x.dtype)
+
+
 def layer_forward(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, swa: bool = False) -> torch.Tensor:
     """One transformer block on packed tokens x [T, E]; `swa`: a local (sliding-window) layer."""
-    return ffn_block(hp, w, attention_block(hp, w, x, meta, k_cache, v_cache, swa))
+    x = attention_block(hp, w, x, meta, k_cache, v_cache, swa)
+    return moe_block(hp, w, x) if hp.n_expert else ffn_block(hp, w, x)
 
 
 def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor) -> torch.Tensor:

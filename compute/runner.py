@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Iterable, Protocol
 
@@ -92,8 +93,9 @@ def keeps_quantized(device, weights: str = "auto") -> bool:
 def device_weight(raw: torch.Tensor, t, dtype, quantized: bool):
     """A tensor from its bytes on the target device: a QuantWeight view for a block-quantized
     matrix when `quantized`, else dequantized into `dtype` (norms, biases, dense matrices)."""
-    if quantized and len(t.shape) == 2 and t.qtype in FUSED_TYPES:
-        return QuantWeight(raw, t.qtype, (t.shape[0], t.shape[1]))
+    if quantized and len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES:
+        # experts [E, N, K] as one [E * N, K] matrix: expert e is rows e*N..(e+1)*N, a byte range
+        return QuantWeight(raw, t.qtype, (math.prod(t.shape[:-1]), t.shape[-1]))
     return dequantize(raw, t.qtype, t.shape, t.name, dtype)
 
 
@@ -346,6 +348,7 @@ class ModelRunner:
         """Decode steps of a resident model on CUDA replay a captured graph (launch cost dominates)."""
         return (self.use_graphs and self.device.type == "cuda" and want == "last"
                 and isinstance(self.source, ResidentLayers) and type(self.kv) is DeviceKV
+                and not self.hp.n_expert  # routing picks experts on the host: not capturable
                 and all(len(s.tokens) == 1 for s in seqs))
 
     @torch.inference_mode()

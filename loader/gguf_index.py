@@ -12,8 +12,8 @@ import numpy as np
 
 from layerstream.errors import ModelError
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-NEOX_ARCHS = ("qwen2", "qwen3", "gemma3")  # llama.cpp's converter permutes Q/K for llama: NORM rotation
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+NEOX_ARCHS = ("qwen2", "qwen3", "qwen3moe", "gemma3")  # llama.cpp's converter permutes Q/K for llama: NORM rotation
 
 # Tensors every layer must have, by architecture (short names, without "blk.N.").
 _LAYER_TENSORS = [
@@ -25,9 +25,13 @@ REQUIRED_LAYER_TENSORS = {
     "llama": _LAYER_TENSORS,
     "qwen2": _LAYER_TENSORS + ["attn_q.bias", "attn_k.bias", "attn_v.bias"],
     "qwen3": _LAYER_TENSORS + ["attn_q_norm.weight", "attn_k_norm.weight"],
+    "qwen3moe": _LAYER_TENSORS[:6] + ["attn_q_norm.weight", "attn_k_norm.weight"],
     "gemma3": _LAYER_TENSORS + ["attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
                                 "post_ffw_norm.weight"],
 }
+# A mixture-of-experts layer (llama with experts, i.e. Mixtral; qwen3moe) has these in place of
+# ffn_gate / ffn_up / ffn_down: the router, and each projection of every expert as one 3-D tensor.
+MOE_TENSORS = ["ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"]
 GEMMA3_SWA_PATTERN = 6  # llama.cpp's default for gemma3: every 6th layer attends globally
 GEMMA3_ROPE_BASE_SWA = 10000.0  # llama.cpp's (and transformers') rope_local_base_freq
 REQUIRED_GLOBAL_TENSORS = ["token_embd.weight", "output_norm.weight"]
@@ -75,6 +79,17 @@ class HParams:
     embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(n_embd))
     attn_scale: float = 0.0  # scale of q.k (0: 1 / sqrt(head_dim))
     ffn_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    # mixture of experts (0 experts: a dense FFN)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # rows of each expert's gate and up projections
+    expert_norm: bool = True  # the chosen experts' softmax weights renormalised to sum to 1
+
+    def layer_tensors(self) -> list[str]:
+        """Tensors every layer of this model must have."""
+        names = [n for n in REQUIRED_LAYER_TENSORS[self.arch] if not (self.n_expert and n.startswith("ffn_")
+                                                                       and n != "ffn_norm.weight")]
+        return names + (MOE_TENSORS if self.n_expert else [])
 
     def is_swa(self, i: int) -> bool:
         return bool(self.swa_layers) and self.swa_layers[i]
@@ -220,6 +235,12 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
     elif scale_type not in ("none", None):
         raise ModelError(f"{path}: RoPE scaling {scale_type!r} is not supported (only linear and Llama 3 rope_freqs)")
     n_layer = int(g("block_count"))
+    moe: dict[str, Any] = {}
+    n_expert = int(g("expert_count", 0) or 0)
+    if n_expert or arch == "qwen3moe":
+        moe = dict(n_expert=n_expert, n_expert_used=int(g("expert_used_count", 0) or 0),
+                   n_ff_exp=int(g("expert_feed_forward_length", 0) or g("feed_forward_length", 0)),
+                   expert_norm=bool(g("expert_weights_norm", True)))
     gemma: dict[str, Any] = {}
     if arch == "gemma3":
         pattern = g("attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
@@ -255,6 +276,7 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
         tied_output="output.weight" not in tensors,
         has_rope_freqs="rope_freqs.weight" in tensors,
         **gemma,
+        **moe,
     )
 
 
@@ -276,6 +298,16 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
     if hp.swa_layers and (len(hp.swa_layers) != hp.n_layer or not 0 < hp.swa_window < 1 << 31):
         raise bad("attention.sliding_window", hp.swa_window, f"or its layer pattern ({len(hp.swa_layers)} layers) "
                                                              "is out of range")
+    if hp.n_expert or a == "qwen3moe":
+        if not 0 < hp.n_expert < 1 << 16:
+            raise bad("expert_count", hp.n_expert, "is out of range")
+        if not 0 < hp.n_expert_used <= hp.n_expert:
+            raise bad("expert_used_count", hp.n_expert_used, f"is not from 1 to expert_count {hp.n_expert}")
+        t = tensors.get("blk.0.ffn_up_exps.weight")
+        want = (hp.n_expert, hp.n_ff_exp, hp.n_embd)
+        if t is not None and tuple(t.shape) != want:
+            raise ModelError(f"{path}: tensor blk.0.ffn_up_exps.weight has shape {list(t.shape)} where the metadata "
+                             f"({a}.expert_count, expert_feed_forward_length, embedding_length) say {list(want)}")
     if hp.n_head % hp.n_head_kv:
         raise bad("attention.head_count_kv", hp.n_head_kv, f"does not divide head_count {hp.n_head}")
     if hp.rope_dim > hp.head_dim or hp.rope_dim % 2:
@@ -337,7 +369,7 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
         if name not in glob:
             raise ModelError(f"{path}: tensor {name} is missing; the file is incomplete")
     for i, layer in enumerate(layers):
-        for name in REQUIRED_LAYER_TENSORS[hp.arch]:
+        for name in hp.layer_tensors():
             if name not in layer:
                 raise ModelError(f"{path}: tensor blk.{i}.{name} is missing; the file is incomplete")
     return ModelIndex(path=path, files=files, metadata=md, hparams=hp, layers=layers, globals=glob)

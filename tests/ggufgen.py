@@ -21,7 +21,7 @@ from layerstream.loader.synth import (  # noqa: F401 - re-exported for the tests
     tokenizer_vocab,
 )
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe")
 SPLIT_NAME = "{prefix}-{no:05d}-of-{count:05d}.gguf"  # llama.cpp's gguf-split naming
 
 # Block writing and the tokenizer are shared with the benchmark models' writer.
@@ -81,6 +81,9 @@ def write_model(
     swa_window: int = 4,
     swa_pattern: int = 3,
     rope_theta_swa: float = 500.0,
+    n_expert: int | None = None,
+    n_expert_used: int = 2,
+    n_ff_exp: int | None = None,
 ) -> str:
     """Write a tiny random model of `arch` and return its path.
 
@@ -90,13 +93,18 @@ def write_model(
     head_dim != n_embd / n_head). arch_name writes another architecture name over the same
     tensors (bad-input tests); omit leaves out the named tensors. gemma3: local layers attend
     `swa_window` positions back, every `swa_pattern`-th layer globally; local RoPE base
-    `rope_theta_swa` (all small, so that a short test crosses the window).
+    `rope_theta_swa` (all small, so that a short test crosses the window). n_expert: experts of
+    each FFN (qwen3moe: 4 unless given; llama with experts is Mixtral's layout), `n_expert_used`
+    of them per token, each of `n_ff_exp` rows (default n_ff).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r}: ggufgen writes {ARCHS}")
     path = os.fspath(path)
     if head_dim is None:
-        head_dim = n_embd // n_head * (2 if arch == "qwen3" else 1)
+        head_dim = n_embd // n_head * (2 if arch in ("qwen3", "qwen3moe") else 1)
+    if n_expert is None:
+        n_expert = 4 if arch == "qwen3moe" else 0
+    n_ff_exp = n_ff_exp or n_ff
     name = arch_name or arch
     rng = np.random.default_rng(seed)
     pick = _type_picker(qtype)
@@ -118,7 +126,12 @@ def write_model(
         w.add_sliding_window(swa_window)
         w.add_uint32(f"{name}.attention.sliding_window_pattern", swa_pattern)
         w.add_float32(f"{name}.rope.freq_base_swa", rope_theta_swa)
-    if arch == "qwen3" or head_dim != n_embd // n_head:
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(n_ff_exp)
+    if arch in ("qwen3", "qwen3moe") or head_dim != n_embd // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     add_tokenizer(w, n_vocab)
@@ -133,6 +146,10 @@ def write_model(
 
     def vec(name: str, n: int, mean: float = 1.0, std: float = 0.1) -> None:
         add(name, (mean + std * rng.standard_normal(n)).astype(np.float32), QT.F32)
+
+    def experts(name: str, rows: int, cols: int, gain: float = 0.7) -> None:
+        arr, qt = _matrix(rng, (n_expert * rows, cols), pick(name), gain / np.sqrt(cols))
+        add(name, arr.reshape(n_expert, rows, -1), qt)  # [E, N, K] (its bytes, when quantized)
 
     mat("token_embd.weight", n_vocab, n_embd, gain=2.0)
     if rope_freqs:
@@ -151,14 +168,21 @@ def write_model(
             vec(p + "attn_q.bias", q_dim, 0.0, 0.1)
             vec(p + "attn_k.bias", kv_dim, 0.0, 0.1)
             vec(p + "attn_v.bias", kv_dim, 0.0, 0.1)
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "gemma3", "qwen3moe"):
             vec(p + "attn_q_norm.weight", head_dim)
             vec(p + "attn_k_norm.weight", head_dim)
         mat(p + "attn_output.weight", n_embd, q_dim)
         vec(p + "ffn_norm.weight", n_embd)
-        mat(p + "ffn_gate.weight", n_ff, n_embd)
-        mat(p + "ffn_up.weight", n_ff, n_embd)
-        mat(p + "ffn_down.weight", n_embd, n_ff)
+        if n_expert:
+            add(p + "ffn_gate_inp.weight", (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32),
+                QT.F32)
+            experts(p + "ffn_gate_exps.weight", n_ff_exp, n_embd)
+            experts(p + "ffn_up_exps.weight", n_ff_exp, n_embd)
+            experts(p + "ffn_down_exps.weight", n_embd, n_ff_exp)
+        else:
+            mat(p + "ffn_gate.weight", n_ff, n_embd)
+            mat(p + "ffn_up.weight", n_ff, n_embd)
+            mat(p + "ffn_down.weight", n_embd, n_ff)
         if arch == "gemma3":
             vec(p + "post_attention_norm.weight", n_embd)
             vec(p + "post_ffw_norm.weight", n_embd)

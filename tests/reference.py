@@ -30,6 +30,7 @@ class RefConfig:
     rope_scale: float
     norm_eps: float
     neox: bool
+    n_expert_used: int = 0  # mixture of experts: experts each token uses (softmax, top-k, renormalised)
     swa_window: int = 0  # gemma3: local layers see keys fewer than this many positions back
     swa_pattern: int = 0  # gemma3: layer L is global when (L + 1) % swa_pattern == 0
     rope_theta_swa: float = 10000.0
@@ -75,7 +76,8 @@ def config(md: dict) -> RefConfig:
         rope_theta=float(g("rope.freq_base", 10000.0)),
         rope_scale=scale,
         norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        neox=arch in ("qwen2", "qwen3", "gemma3"),
+        neox=arch in ("qwen2", "qwen3", "qwen3moe", "gemma3"),
+        n_expert_used=int(g("expert_used_count", 0)),
         swa_window=int(g("attention.sliding_window", 0)) if arch == "gemma3" else 0,
         swa_pattern=int(g("attention.sliding_window_pattern", 6)) if arch == "gemma3" else 0,
         rope_theta_swa=float(g("rope.freq_base_swa", 10000.0)),
@@ -152,7 +154,18 @@ def forward(md: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray
         x = x + o
         h = rms_norm(x, p("ffn_norm.weight"), cfg.norm_eps)
         act = gelu_tanh if gemma else silu
-        y = (act(h @ p("ffn_gate.weight").T) * (h @ p("ffn_up.weight").T)) @ p("ffn_down.weight").T
+        if f"blk.{L}.ffn_gate_inp.weight" in w:  # experts: each token's top-k, softmax weights renormalised
+            logits = h @ p("ffn_gate_inp.weight").T  # [T, n_expert]
+            prob = np.exp(logits - logits.max(-1, keepdims=True))
+            prob /= prob.sum(-1, keepdims=True)
+            y = np.zeros_like(x)
+            for t in range(T):
+                top = np.argsort(-prob[t])[: cfg.n_expert_used]
+                for e in top:
+                    ge, ue, de = p("ffn_gate_exps.weight")[e], p("ffn_up_exps.weight")[e], p("ffn_down_exps.weight")[e]
+                    y[t] += prob[t, e] / prob[t, top].sum() * ((act(ge @ h[t]) * (ue @ h[t])) @ de.T)
+        else:
+            y = (act(h @ p("ffn_gate.weight").T) * (h @ p("ffn_up.weight").T)) @ p("ffn_down.weight").T
         if gemma:
             y = rms_norm(y, p("post_ffw_norm.weight"), cfg.norm_eps)
         x = x + y

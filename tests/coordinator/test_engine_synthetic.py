@@ -19,6 +19,9 @@ ARCHS = {  # name -> write_model arguments
     "qwen3": dict(arch="qwen3"),
     # local layers 0, 1 (a 4-token window, their own RoPE base), global layer 2; tied head
     "gemma3": dict(arch="gemma3", n_layer=3, tied=True),
+    # mixture of experts: 4 experts, 2 a token: qwen3moe, and Mixtral's layout (llama with experts)
+    "qwen3moe": dict(arch="qwen3moe"),
+    "mixtral": dict(arch="llama", n_expert=4, n_expert_used=2),
 }
 MIXED = ["Q4_K", "Q6_K", "Q8_0", "F16", "Q5_0", "Q2_K", "Q3_K", "Q5_K", "Q4_1", "Q5_1", "Q4_0", "F32"]
 QTYPES = {"F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_K": "Q4_K", "Q6_K": "Q6_K", "mixed": MIXED}
@@ -127,6 +130,20 @@ def test_quantized_weights_match_reference(tmp_path, arch):
         s = e._new_seq()
         steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:4]]
         _assert_close(torch.stack(steps), ref[:4], f"{arch} quantized, token by token (fused kernels)")
+
+
+def test_quantized_experts_match_reference(tmp_path):
+    """Experts kept as blocks: each expert's matrix is a byte range of its 3-D tensor (Triton's
+    interpreter here, small Q8_0 model to keep it quick)."""
+    pytest.importorskip("triton")
+    path = _write(tmp_path, "qwen3moe", "Q8_0", n_layer=1)
+    ref = reference.reference_logits(path, TOKENS[:8])
+    with _load(path, weights="quantized", max_seqs=1) as e:
+        assert type(e.backend.source.weights[0]["ffn_up_exps.weight"]).__name__ == "QuantWeight"
+        _assert_close(e.logits(TOKENS[:8]), ref, "qwen3moe quantized, prompt path")
+        s = e._new_seq()
+        steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:2]]
+        _assert_close(torch.stack(steps), ref[:2], "qwen3moe quantized, fused kernels")
 
 
 def test_attention_in_groups_matches_reference(tmp_path, monkeypatch):

@@ -162,6 +162,17 @@ def test_cpu_share_option_is_checked(model):
             _engine(model, PipelineConfig(cpu_share=bad))
 
 
+@pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama", n_expert=4)),
+                                     ("gemma3", dict(tied=True))])
+def test_moe_and_gemma3_stream_whole_layers(tmp_path, arch, kw):
+    """Mixture-of-experts layers (experts as 3-D tensors) and Gemma 3's stream like any layer."""
+    path = ggufgen.write_model(tmp_path / f"{arch}.gguf", **(dict(arch=arch) | kw), n_layer=3, seed=4)
+    with _engine(path, dtype="float32") as e:
+        want = _generate(e)
+    with _engine(path, PipelineConfig(resident_layers=0, readers=2), dtype="float32") as e:
+        assert _generate(e) == want
+
+
 def test_sliding_window_in_pipeline(model):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with _engine(model, ctx=16, on_context_full="slide", sink_tokens=4) as e:

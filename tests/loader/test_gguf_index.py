@@ -295,3 +295,33 @@ def test_hostile_hyperparameters_are_one_line_naming_the_key(tmp_path, key, valu
     with pytest.raises(ModelError, match=match) as e:
         open_model(bad)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("qwen3moe.expert_used_count", 9, r"expert_used_count = 9 is not from 1 to expert_count 4"),
+    ("qwen3moe.expert_count", 0, r"expert_count = 0 is out of range"),
+    ("qwen3moe.expert_feed_forward_length", 96, r"tensor blk\.0\.ffn_up_exps\.weight has shape \[4, 128, 64\]"),
+    ("gemma3.attention.sliding_window", 0, None),  # no window: every layer attends globally
+])
+def test_moe_and_gemma3_metadata_is_checked(tmp_path, key, value, match):
+    arch = key.split(".")[0]
+    src = ggufgen.write_model(tmp_path / "ok.gguf", arch=arch)
+    hp = open_model(src).hparams
+    if arch == "qwen3moe":
+        assert (hp.n_expert, hp.n_expert_used, hp.n_ff_exp, hp.expert_norm) == (4, 2, 128, True)
+        assert "ffn_up.weight" not in hp.layer_tensors() and "ffn_gate_inp.weight" in hp.layer_tensors()
+    else:
+        assert hp.swa_window == 4 and [hp.is_swa(i) for i in range(2)] == [True, True]
+    bad = ggufgen.rewrite_metadata(src, tmp_path / "bad.gguf", {key: value})
+    if match is None:
+        assert not open_model(bad).hparams.is_swa(0)
+        return
+    with pytest.raises(ModelError, match=match) as e:
+        open_model(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_moe_layer_missing_an_expert_tensor_names_it(tmp_path):
+    path = ggufgen.write_model(tmp_path / "m.gguf", arch="llama", n_expert=4, omit=["blk.1.ffn_down_exps.weight"])
+    with pytest.raises(ModelError, match=r"blk\.1\.ffn_down_exps\.weight is missing"):
+        open_model(path)
