@@ -200,16 +200,24 @@ class ModelShape:
     context_length: int = 4096
     norm_eps: float = 1e-5
     tied: bool = False
+    arch: str = "llama"
+    head_size: int = 0  # 0: n_embd // n_head
+    n_expert: int = 0  # mixture of experts: experts per layer (0: a dense FFN)
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # rows of each expert's gate and up
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
 
 SHAPES: dict[str, ModelShape] = {
     "llama-3.1-8b": ModelShape("llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, 500000.0, True, 131072),
     "llama-3.1-70b": ModelShape("llama-3.1-70b", 8192, 28672, 80, 64, 8, 128256, 500000.0, True, 131072),
     "smollm2-135m": ModelShape("smollm2-135m", 576, 1536, 30, 9, 3, 49152, 100000.0, False, 8192),
+    # 128 experts of 768 rows, 8 a token; q/k norms; head size 128 (not 2048 / 32)
+    "qwen3-30b-a3b": ModelShape("qwen3-30b-a3b", 2048, 6144, 48, 32, 4, 151936, 1000000.0, False, 40960, 1e-6,
+                                arch="qwen3moe", head_size=128, n_expert=128, n_expert_used=8, n_ff_exp=768),
 }
 QUANT_MIXES = ("Q4_K_M", "Q8_0", "F16")
 
@@ -249,7 +257,7 @@ def tensor_type(mix: str, name: str, cols: int, n_layer: int) -> QT:
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
     if name == "output.weight":
         t = QT.Q6_K
-    elif short in ("attn_v.weight", "ffn_down.weight") and _more_bits(layer, n_layer):
+    elif short in ("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight") and _more_bits(layer, n_layer):
         t = QT.Q6_K
     else:
         t = QT.Q4_K
@@ -300,6 +308,16 @@ def _plan(shape: ModelShape, mix: str) -> list[_Planned]:
         make = lambda rng, n=n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
         out.append(_Planned(name, QT.F32, (n,), make))
 
+    def experts(name: str, rows: int, cols: int) -> None:  # [E, rows, cols], written as E * rows rows
+        mat(name, shape.n_expert * rows, cols)
+        t = out.pop()
+        out.append(replace(t, shape=(shape.n_expert, rows, cols)))
+
+    def router(name: str) -> None:  # llama.cpp leaves ffn_gate_inp unquantized
+        n, e = shape.n_embd, shape.n_expert
+        out.append(_Planned(name, QT.F32, (e, n), lambda rng: (rng.standard_normal((e, n)) / math.sqrt(n))
+                            .astype(np.float32)))
+
     hd = shape.head_dim
     q_dim, kv_dim = shape.n_head * hd, shape.n_head_kv * hd
     mat("token_embd.weight", shape.n_vocab, shape.n_embd, gain=2.0)
@@ -312,11 +330,20 @@ def _plan(shape: ModelShape, mix: str) -> list[_Planned]:
         mat(p + "attn_q.weight", q_dim, shape.n_embd)
         mat(p + "attn_k.weight", kv_dim, shape.n_embd)
         mat(p + "attn_v.weight", kv_dim, shape.n_embd)
+        if shape.arch == "qwen3moe":
+            vec(p + "attn_q_norm.weight", hd)
+            vec(p + "attn_k_norm.weight", hd)
         mat(p + "attn_output.weight", shape.n_embd, q_dim)
         vec(p + "ffn_norm.weight", shape.n_embd)
-        mat(p + "ffn_gate.weight", shape.n_ff, shape.n_embd)
-        mat(p + "ffn_up.weight", shape.n_ff, shape.n_embd)
-        mat(p + "ffn_down.weight", shape.n_embd, shape.n_ff)
+        if shape.n_expert:
+            router(p + "ffn_gate_inp.weight")
+            experts(p + "ffn_gate_exps.weight", shape.n_ff_exp, shape.n_embd)
+            experts(p + "ffn_up_exps.weight", shape.n_ff_exp, shape.n_embd)
+            experts(p + "ffn_down_exps.weight", shape.n_embd, shape.n_ff_exp)
+        else:
+            mat(p + "ffn_gate.weight", shape.n_ff, shape.n_embd)
+            mat(p + "ffn_up.weight", shape.n_ff, shape.n_embd)
+            mat(p + "ffn_down.weight", shape.n_embd, shape.n_ff)
     vec("output_norm.weight", shape.n_embd)
     if not shape.tied:
         mat("output.weight", shape.n_vocab, shape.n_embd, gain=2.0)
@@ -340,9 +367,10 @@ def shaped_index(shape: str | ModelShape, mix: str = "Q4_K_M", n_layer: int | No
         else:
             glob[t.name] = info
     hd = shape.head_dim
-    hp = HParams("llama", shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, hd, shape.n_ff, shape.n_vocab,
-                 shape.norm_eps, shape.rope_theta, hd, False, context_length=shape.context_length,
-                 tied_output=shape.tied, has_rope_freqs=shape.rope_freqs)
+    hp = HParams(shape.arch, shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, hd, shape.n_ff, shape.n_vocab,
+                 shape.norm_eps, shape.rope_theta, hd, shape.arch != "llama", context_length=shape.context_length,
+                 tied_output=shape.tied, has_rope_freqs=shape.rope_freqs, n_expert=shape.n_expert,
+                 n_expert_used=shape.n_expert_used, n_ff_exp=shape.n_ff_exp)
     return ModelIndex(path, [path], {}, hp, layers, glob)
 
 
@@ -373,7 +401,7 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
         raise ValueError(f"quant mix {quant!r}: use one of {', '.join(QUANT_MIXES)}")
     tensors = _plan(shape, quant)
 
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, shape.arch)
     w.add_name(f"synthetic {shape.name} {quant}")
     w.add_file_type(_FILE_TYPES[quant])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -387,6 +415,13 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
     w.add_rope_freq_base(shape.rope_theta)
     w.add_rope_dimension_count(shape.head_dim)
     w.add_vocab_size(shape.n_vocab)
+    if shape.head_size:
+        w.add_key_length(shape.head_dim)
+        w.add_value_length(shape.head_dim)
+    if shape.n_expert:
+        w.add_expert_count(shape.n_expert)
+        w.add_expert_used_count(shape.n_expert_used)
+        w.add_expert_feed_forward_length(shape.n_ff_exp)
     add_tokenizer(w, shape.n_vocab)
     for t in tensors:  # the table first (torch-order shapes; GGUFWriter reverses them) ...
         w.add_tensor_info(t.name, t.shape, np.float16 if t.qtype == QT.F16 else np.float32, t.nbytes, raw_dtype=t.qtype)

@@ -114,3 +114,11 @@ def test_cpu_share_takes_memory_after_the_host_cache_never_from_it(l70, monkeypa
     assert plan_mod.fit_cpu_share(p, layouts, 0.1, explicit=True) == 0.1
     monkeypatch.setattr(plan_mod, "_mem_available", lambda: cache)  # nothing beside the cache
     assert plan_mod.fit_cpu_share(p, layouts, 0.9, explicit=False) == 0.0
+
+
+@pytest.mark.parametrize("gib", [4, 8])
+def test_qwen3_moe_shape_plans_at_small_budgets(gib):
+    index = shaped_index("qwen3-30b-a3b")
+    p = plan((index, layer_layouts(index)), gib)
+    assert p.streamed and p.device_bytes <= gib * GiB
+    assert dict(p.parts)["layer slots"] == 2 * p.slot_bytes  # a layer's 128 experts stream as one slot

@@ -74,3 +74,32 @@ def test_cli_prints_size_and_time(tmp_path, capsys):
     assert "GB" in text and " s " in text and out.exists()
     assert open_model(out).hparams.n_layer == 1
     assert math.isclose(out.stat().st_size / 1e9, float(text.split(" GB")[0].split()[-1]), abs_tol=1e-3)
+
+
+TINY_MOE = ModelShape("tiny-moe", n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=2, n_vocab=300,
+                      rope_theta=1e6, context_length=512, arch="qwen3moe", head_size=128, n_expert=8,
+                      n_expert_used=2, n_ff_exp=256)
+
+
+def test_moe_shape_matches_its_index_and_runs(tmp_path):
+    """The Qwen3-30B-A3B layout in small: experts as 3-D tensors, an F32 router, q/k norms, head
+    size from key_length; the written file and the file-less index agree tensor by tensor."""
+    from layerstream.coordinator.engine import Engine
+    from layerstream.loader.synth import shaped_index
+
+    path = write_shaped_model(tmp_path / "moe.gguf", TINY_MOE)
+    idx, planned = open_model(path), shaped_index(TINY_MOE)
+    hp = idx.hparams
+    assert (hp.arch, hp.n_expert, hp.n_expert_used, hp.n_ff_exp, hp.head_dim) == ("qwen3moe", 8, 2, 256, 128)
+    assert idx.layers[0]["ffn_up_exps.weight"].shape == (8, 256, 256)
+    assert idx.layers[0]["ffn_gate_inp.weight"].qtype == QT.F32
+    for i in range(2):
+        assert {k: (t.shape, t.qtype, t.nbytes) for k, t in idx.layers[i].items()} == \
+               {k: (t.shape, t.qtype, t.nbytes) for k, t in planned.layers[i].items()}
+    assert (planned.hparams.n_expert, planned.hparams.head_dim) == (8, 128)
+    with Engine.load(path, device="cpu", dtype="float32", ctx=32) as eng:
+        lg = eng.logits([1, 2, 3, 4, 5])
+    assert lg.shape == (5, 300) and torch.isfinite(lg).all()
+    # the full shape: about 18.6 GB at Q4_K_M, as llama.cpp's file of Qwen3-30B-A3B
+    full = shaped_index("qwen3-30b-a3b")
+    assert 17e9 < full.total_nbytes() < 20e9
