@@ -48,6 +48,7 @@ class ComputeConfig:
     cpu_pack_max: float = 0.0  # the largest share packed (the plan counts its host memory)
     cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)
     index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
+    expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
 
 
 class ComputeWorker:
@@ -80,8 +81,10 @@ class ComputeWorker:
         self.source = StreamedLayers(
             layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
-            share=self.share,
+            share=self.share, experts=(index.hparams.n_expert, index.hparams.n_expert_used),
+            expert_cache_bytes=cfg.expert_cache_bytes,
         )
+        self.expert_steps = self.expert_tokens = 0
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
                                   sliding=cfg.sliding)
@@ -138,6 +141,10 @@ class ComputeWorker:
         snap["pinned"] = self.registered
         if self.device.type == "cuda":
             snap["device_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        cache = self.source.expert_cache
+        if cache is not None:
+            snap["experts"] = {"hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes_moved,
+                               "steps": self.expert_steps, "tokens": self.expert_tokens}
         if self.share is not None:
             snap["cpu_share"] = (f"{self.share.balancer.describe()}; {torch.get_num_threads()} threads; "
                                  f"packed {sum(p.nbytes for d in self.share.packed.values() for p in d.values()) / 2**30:.2f} GiB")
@@ -168,6 +175,8 @@ class ComputeWorker:
         seqs = [SeqStep(row=r, tokens=t, slots=s, positions=p, kv_pos=k) for r, t, s, p, k in msg.seqs]
         tokens = sum(len(s.tokens) for s in seqs)
         self.source.set_step(msg.step, tokens)
+        if self.source.expert_step:
+            self.expert_steps, self.expert_tokens = self.expert_steps + 1, self.expert_tokens + tokens
         t0 = time.monotonic_ns()
         logits = self.runner.step(seqs, msg.want_logits)
         out = None if logits is None else logits.float().cpu().numpy()

@@ -178,12 +178,17 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
     weight, chosen = route(hp, linear(h, w["ffn_gate_inp.weight"]))
     out = torch.zeros_like(h, dtype=torch.float32)
-    for e in chosen.unique().tolist():  # a host sync a layer: the experts to run
+    ids = chosen.unique().tolist()  # a host sync a layer: the experts to run
+    if "experts" in w:  # streamed: only these experts are fetched (streamed.ExpertSet)
+        mats = w["experts"].fetch(ids)
+    else:
+        mats = {e: tuple(expert(w[n], e, hp.n_expert) for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight",
+                                                                 "ffn_down_exps.weight")) for e in ids}
+    for e in ids:
         tok, slot = (chosen == e).nonzero(as_tuple=True)
         he = h[tok]
-        g = F.silu(linear(he, expert(w["ffn_gate_exps.weight"], e, hp.n_expert)))
-        y = linear(g * linear(he, expert(w["ffn_up_exps.weight"], e, hp.n_expert)),
-                   expert(w["ffn_down_exps.weight"], e, hp.n_expert))
+        gate, up, down = mats[e]
+        y = linear(F.silu(linear(he, gate)) * linear(he, up), down)
         out.index_add_(0, tok, y.float() * weight[tok, slot, None])
     return x + out.to(x.dtype)
 

@@ -13,11 +13,23 @@ matmuls read their blocks straight from the VRAM slot, so the slot is overwritte
 the layer's last kernel (the copy stream waits on the event recorded at `release`); with dense
 weights, only after the dequantization that read it. The host waits only for copy events,
 never for the compute stream, so kernels of earlier layers keep the GPU busy while it waits.
+
+NOTE [ expert streaming ]
+A decode token of a mixture-of-experts model uses n_expert_used of n_expert experts a layer
+(Qwen3-30B-A3B: 8 of 128), so in steps whose tokens are expected to touch at most half the
+experts (`streams_experts`), a streamed MoE layer copies everything but its expert tensors
+ahead, as usual; once its router has run, `moe_block` asks the layer's `ExpertSet` for the
+experts the step's tokens chose (each once, whatever the batch), and only those missing from
+the device's `ExpertCache` (least recently used out) are copied, each a byte range of the 3-D
+expert tensors in the staging slot. The slot is therefore held until the layer's `release`.
+Prompt steps touch nearly every expert: their layers stream whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -98,6 +110,11 @@ class CpuShare:
         return w
 
 
+def _without_experts(lay: LayerLayout) -> list[tuple[int, int]]:
+    """The slot ranges of every tensor of a layer but its experts."""
+    return copy_ranges(lay, {t.name: t.shape[0] for t in lay.tensors if t.name in EXPERT_TENSORS})
+
+
 def copy_ranges(lay: LayerLayout, rows: dict[str, int], gap: int = 4096) -> list[tuple[int, int]]:
     """The (slot offset, bytes) ranges of a layer the device needs when `rows` of its matrices are
     the CPU's (the last rows: each matrix's device part is a prefix of its bytes); ranges closer
@@ -115,6 +132,84 @@ def copy_ranges(lay: LayerLayout, rows: dict[str, int], gap: int = 4096) -> list
     return [(a, b) for a, b in out]
 
 
+EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+
+
+def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
+    """Whether a step of `tokens` tokens fetches only its chosen experts rather than whole layers:
+    while the experts it is expected to touch, E * (1 - (1 - k/E)^T) with uniform routing, are at
+    most half of them (a prompt touches nearly all: whole layers stream faster)."""
+    if not n_expert:
+        return False
+    return n_expert * (1 - (1 - n_used / n_expert) ** tokens) <= n_expert / 2
+
+
+class ExpertCache:
+    """Experts copied to the compute device, least recently used first out (NOTE [ expert
+    streaming ]): an entry holds one expert's gate, up and down blocks of one layer."""
+
+    def __init__(self, capacity_bytes: int, device, dtype, quantized: bool, timeline: Timeline):
+        self.capacity, self.device, self.dtype, self.quantized, self.tl = capacity_bytes, device, dtype, quantized, \
+            timeline
+        self.entries: "OrderedDict[tuple[int, int], tuple]" = OrderedDict()  # (layer, expert) -> (g, u, d, bytes)
+        self.used = 0
+        self.hits = self.misses = 0
+        self.bytes_moved = 0
+
+    def fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, tuple]:
+        """Layer i's `experts` on the device, copying the missing ones out of its staging bytes."""
+        out, missing = {}, []
+        for e in experts:
+            hit = self.entries.get((i, e))
+            if hit is None:
+                missing.append(e)
+            else:
+                self.entries.move_to_end((i, e))
+                out[e] = hit[:3]
+        self.hits += len(out)
+        self.misses += len(missing)
+        if missing:
+            t0 = time.monotonic_ns()
+            moved = 0
+            for e in missing:
+                mats, nbytes = [], 0
+                for name in EXPERT_TENSORS:  # expert e of each [E, N, K] tensor: one byte range
+                    t = lay.tensor(name)
+                    n_exp, rows, cols = t.shape
+                    per = t.nbytes // n_exp
+                    raw = torch.from_numpy(host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per])
+                    raw = raw.to(self.device, non_blocking=True) if self.device.type == "cuda" else raw.clone()
+                    mats.append(device_weight(raw, dataclasses.replace(t, shape=(rows, cols), nbytes=per),
+                                              self.dtype, self.quantized))
+                    nbytes += per
+                self._put((i, e), (*mats, nbytes))
+                out[e] = tuple(mats)
+                moved += nbytes
+            self.bytes_moved += moved
+            self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
+                        experts=len(missing))
+        return out
+
+    def _put(self, key, entry) -> None:
+        nbytes = entry[3]
+        while self.entries and self.used + nbytes > self.capacity:
+            _, old = self.entries.popitem(last=False)
+            self.used -= old[3]
+        if nbytes <= self.capacity:
+            self.entries[key] = entry
+            self.used += nbytes
+
+
+class ExpertSet:
+    """What moe_block sees of a layer whose experts stream: `fetch(ids)` -> {expert: (gate, up, down)}."""
+
+    def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray):
+        self.cache, self.i, self.lay, self.host = cache, i, lay, host
+
+    def fetch(self, experts: list[int]) -> dict[int, tuple]:
+        return self.cache.fetch(self.i, experts, self.lay, self.host)
+
+
 class StreamedLayers:
     """LayerSource over staging slots; `ready` maps (step, layer) to a slot, `pump(block)` fills it."""
 
@@ -122,8 +217,14 @@ class StreamedLayers:
                  ready: dict[tuple[int, int], int], pump: Callable[[bool], None],
                  layer_done: Callable[[int, int, int], None],
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
-                 quantized: bool = False, share: CpuShare | None = None):
+                 quantized: bool = False, share: CpuShare | None = None,
+                 experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0):
         self.layouts = layouts
+        self.n_expert, self.n_expert_used = experts
+        self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline) \
+            if experts[0] and expert_cache_bytes else None
+        self.expert_step = False  # this step fetches only the chosen experts of streamed MoE layers
+        self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
         self.share = share
         self.frac = 0.0  # the CPU's share of this step (0: the device computes every row)
         self.cpu_s, self.cpu_bytes = 0.0, 0  # the CPU share's work in this step
@@ -151,6 +252,7 @@ class StreamedLayers:
         sets the CPU's share)."""
         self.step_no = step
         self.frac = self.share.balancer.share(tokens) if self.share is not None else 0.0
+        self.expert_step = self.expert_cache is not None and streams_experts(self.n_expert, self.n_expert_used, tokens)
         self.cpu_s, self.cpu_bytes = 0.0, 0
 
     def _rows(self, i: int) -> dict[str, int]:
@@ -158,6 +260,18 @@ class StreamedLayers:
         if not self.frac or i in self.resident_ids:
             return {}
         return self.share.rows(i, self.layouts[i], self.frac)
+
+    def _experts_of(self, i: int) -> bool:
+        """Whether layer i fetches only its chosen experts in this step."""
+        return self.expert_step and i not in self.resident_ids
+
+    def _with_experts(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
+        """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
+        experts from the staging slot, which stays held until release(i)."""
+        w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}
+        w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot))
+        self.held[i] = slot
+        return w
 
     def _split(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
         """Pack layer i's CPU rows (first time, from its staging slot) and split its matrices."""
@@ -185,6 +299,13 @@ class StreamedLayers:
         else:  # the same stages as on CUDA: copy out of staging, give the slot back, dequantize
             slot = self._wait_ready(i)
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
+            if self._experts_of(i):  # everything but the experts; they come when the router has run
+                part = LayerLayout(lay.layer, tuple(t for t in lay.tensors if t.name not in EXPERT_TENSORS), lay.nbytes)
+                with self.tl.span("copy", f"copy L{i}", nbytes=part.data_nbytes, layer=i):
+                    local = host.clone()
+                with self.tl.span("dequant", f"dequant L{i}", nbytes=part.data_nbytes, layer=i):
+                    w = self._with_experts(i, layer_weights(local, part, self.dtype, self.quantized), slot)
+                return w
             with self.tl.span("copy", f"copy L{i}", nbytes=lay.nbytes, layer=i):
                 local = host.clone()
             with self.tl.span("dequant", f"dequant L{i}", nbytes=lay.data_nbytes, layer=i):
@@ -229,6 +350,8 @@ class StreamedLayers:
             c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             split = self.frac and j not in self.resident_ids
             ranges = self.share.ranges(j, lay, self.frac) if split else [(0, lay.nbytes)]
+            if self._experts_of(j):  # the experts come after the router, those chosen only
+                ranges = _without_experts(lay)
             with torch.cuda.stream(cs):
                 if self.freed[k] is not None:
                     cs.wait_event(self.freed[k])  # the dequantization that read slot k has run
@@ -252,13 +375,19 @@ class StreamedLayers:
         self.tl.add("wait_copy", f"wait copy L{i}", t0, time.monotonic_ns() - t0)
         if self.share is not None and i not in self.resident_ids:
             self.share.pack(i, lay, self.slot_array(slot))  # before the slot goes back
-        self.layer_done(self.step_no, i, slot)
+        experts = self._experts_of(i)
+        if not experts:
+            self.layer_done(self.step_no, i, slot)
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(c1)
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
         self.layer_start[i] = d0
-        w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
+        if experts:
+            part = LayerLayout(lay.layer, tuple(t for t in lay.tensors if t.name not in EXPERT_TENSORS), lay.nbytes)
+            w = self._with_experts(i, layer_weights(self.vram[k], part, self.dtype, self.quantized), slot)
+        else:
+            w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
         rows = self._rows(i)
         if rows:
             w = self.share.split(i, w, rows)
@@ -278,6 +407,11 @@ class StreamedLayers:
 
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
+        slot = self.held.pop(i, None)
+        if slot is not None:  # its experts were read from the staging slot: it goes back now
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()  # the expert copies out of it are done
+            self.layer_done(self.step_no, i, slot)
         if self.share is not None:
             sec, nbytes, t0 = self.share.meter.take()
             if nbytes:

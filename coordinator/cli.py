@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the machines measured so far it made passes slower (BENCHMARKS.md)")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up)")
+    g.add_argument("--expert-cache-gb", type=float, default=None,
+                   help="device memory for a mixture-of-experts model's streamed experts: decode steps copy only the "
+                        "experts the router chose (default: one layer's slot)")
     g.add_argument("--host-cache-gb", type=float, default=None,
                    help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
     g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
@@ -144,6 +147,7 @@ def _check_args(args) -> None:
         _die(str(e))
     finite("vram-gb", args.vram_gb, 0.0, 1 << 20, low_open=True)
     finite("host-cache-gb", args.host_cache_gb, 0.0, 1 << 20)
+    finite("expert-cache-gb", args.expert_cache_gb, 0.0, 1 << 20)
     finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
     if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
         _die(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
@@ -186,7 +190,8 @@ def open_engine(args):
             vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
             step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
-            cpu_share=args.cpu_share, cpu_threads=args.cpu_threads, trace=bool(args.trace),
+            cpu_share=args.cpu_share, cpu_threads=args.cpu_threads, expert_cache_gb=args.expert_cache_gb,
+            trace=bool(args.trace),
         )
     return Engine.open(cfg, pcfg, index=index, progress=sys.stderr.isatty())
 

@@ -80,6 +80,7 @@ class PipelineConfig:
     # auto (timed and chosen per batch size on CUDA) or a fraction
     cpu_share: str = "0"
     cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu_share.threads_default)
+    expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
 
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
@@ -142,6 +143,7 @@ class Pipeline:
             kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
             quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
             max_prefetch=self.hparams.n_layer,
+            expert_cache_bytes=None if cfg.expert_cache_gb is None else int(cfg.expert_cache_gb * GiB),
         )
         self.cpu_pack_max = fit_cpu_share(self.plan, self.layouts, self.cpu_pack_max, self.cpu_share != "auto")
         if not self.cpu_pack_max:
@@ -217,6 +219,7 @@ class Pipeline:
             kv_device_layers=self.plan.kv_device_layers, weights=self.weights, budget_bytes=self.plan.budget_bytes,
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
             cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, index=self.index,
+            expert_cache_bytes=self.plan.expert_cache_bytes,
             cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
                                             and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
@@ -415,6 +418,12 @@ class Pipeline:
         c = {k: v for s in snaps for k, v in s.get("count", {}).items() if k.startswith(("prefetch", "host_cache"))}
         peak = max((s.get("device_peak_bytes", 0) for s in snaps), default=0)
         extra = {"device memory peak": f"{peak / GiB:.2f} GiB (torch's reserved memory)"} if peak else {}
+        ex = next((s["experts"] for s in snaps if s.get("experts")), None)
+        if ex and ex["hits"] + ex["misses"]:
+            n = ex["hits"] + ex["misses"]
+            extra["experts"] = (f"{ex['hits']} of {n} fetched experts were in the device cache ({ex['hits'] / n:.0%}); "
+                                f"{ex['bytes'] / 1e6:.1f} MB moved over {ex['steps']} steps with expert streaming "
+                                f"({ex['bytes'] / max(ex['tokens'], 1) / 1e6:.2f} MB a token)")
         share = next((s["cpu_share"] for s in snaps if s.get("cpu_share")), None)
         if share:
             extra["CPU share"] = share

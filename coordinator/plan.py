@@ -51,6 +51,7 @@ class Plan:
     budget_bytes: int | None  # the device budget (None: no limit)
     parts: tuple[tuple[str, int], ...] = ()  # device_bytes by item, for the stats table
     cpu_share_bytes: int = 0  # host memory of the CPU share's packed rows, at most
+    expert_cache_bytes: int = 0  # device memory for streamed experts (mixture-of-experts models)
 
     @property
     def n_slots(self) -> int:
@@ -135,7 +136,8 @@ def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_s
 def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | None, host_cache_bytes: int | None,
               dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool = False, step_tokens: int | None = None,
               prefetch: int | None = None, kv_on_host: bool | None = None,
-              resident_layers: int | None = None, max_prefetch: int | None = None) -> Plan:
+              resident_layers: int | None = None, max_prefetch: int | None = None,
+              expert_cache_bytes: int | None = None) -> Plan:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident)."""
     hp = index.hparams
@@ -161,8 +163,15 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     def slack(total: int) -> int:
         return max(SLACK_MIN, int(total * SLACK_FRACTION))
 
+    # a mixture-of-experts model's decode steps fetch only their chosen experts into a cache of
+    # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default
+    experts = 0
+    if hp.n_expert:
+        experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
+
     def fit(T: int, slots: int, r: int, kv_dev: int) -> tuple[int, list[tuple[str, int]]]:
         parts = [("head", head), ("resident layers", sum(weights[:r])), ("layer slots", slots * slot_bytes),
+                 ("expert cache", experts if r < n else 0),
                  ("KV", kv_dev * kv_layer), ("host KV in flight", 2 * kv_layer if kv_dev < n else 0),
                  ("step scratch", scratch(T))]
         used = sum(v for _, v in parts)
@@ -227,7 +236,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         host_cache_bytes = min(loads * slot_bytes, _mem_available() // 2)
     cache_layers = min(loads, host_cache_bytes // slot_bytes)
     return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
-                total, vram_bytes, tuple(parts))
+                total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0)
 
 
 def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, explicit: bool) -> float:

@@ -533,7 +533,8 @@ def bench_pipeline(args) -> list[dict]:
         pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace),
-                              cpu_share=args.cpu_share, cpu_threads=args.cpu_threads)
+                              cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
+                              expert_cache_gb=args.expert_cache_gb)
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -651,7 +652,8 @@ def bench_serve(args) -> list[dict]:
         if not args.resident:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
                                   step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                                  cpu_share=args.cpu_share, cpu_threads=args.cpu_threads)
+                                  cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
+                              expert_cache_gb=args.expert_cache_gb)
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -712,6 +714,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
     p.add_argument("--cpu-share", default="0", help="the CPU's share of the 4-bit rows: auto, 0 or a fraction (default 0)")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU threads of the compute process")
+    p.add_argument("--expert-cache-gb", type=float, default=None, help="device memory for streamed experts")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:

@@ -77,7 +77,8 @@ def stats_table(snaps: list[dict[str, Any]], wall_s: float, extra: dict[str, Any
     """The per-stage table `--stats` prints at exit."""
     tot = merge_snapshots(snaps)
     rows = [f"{'stage':<12}{'count':>8}{'busy s':>10}{'GB':>10}{'GB/s':>9}{'ms each':>10}"]
-    for cat in ("read", "copy", "dequant", "compute", "cpu_share", "cpu_pack", "step", "wait_layer", "wait_copy"):
+    for cat in ("read", "copy", "expert_copy", "dequant", "compute", "cpu_share", "cpu_pack", "step", "wait_layer",
+                "wait_copy"):
         if cat not in tot:
             continue
         t = tot[cat]
@@ -103,7 +104,7 @@ def write_chrome_trace(path: str, snaps: list[dict[str, Any]]) -> int:
         name = f"{s.get('role', '?')} {s.get('ident', '')}".strip()
         events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
         for ename, cat, t0, dur, args in s.get("events", []):
-            tid = {"copy": 1, "dequant": 2, "compute": 2, "cpu_share": 3, "cpu_pack": 3}.get(cat, 0)
+            tid = {"copy": 1, "expert_copy": 1, "dequant": 2, "compute": 2, "cpu_share": 3, "cpu_pack": 3}.get(cat, 0)
             events.append({
                 "name": ename, "cat": cat, "ph": "X", "pid": pid, "tid": tid,
                 "ts": (t0 - t_min) / 1e3, "dur": max(dur, 1) / 1e3, "args": args,

@@ -33,7 +33,7 @@ def _engine(path, pcfg=None, dtype="float32", **kw):
     return Engine.open(cfg, pcfg, index=index)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "gemma3"])
 def test_cuda_logits_match_the_float64_reference(tmp_path, arch):
     path = ggufgen.write_model(str(tmp_path / f"{arch}.gguf"), arch=arch, n_layer=2, n_embd=256, n_ff=512,
                                qtype=["Q4_K", "Q8_0"], seed=2)
@@ -136,3 +136,17 @@ def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share):
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= 0.95, agree
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama"))])
+def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw):
+    """Decode steps copy only the chosen experts from pinned staging into the device cache."""
+    path = ggufgen.write_model(str(tmp_path / f"{arch}.gguf"), **(dict(arch=arch) | kw), n_layer=3, n_embd=256,
+                               n_ff=512, n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with _engine(path, dtype="float16") as e:
+        want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
+    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=0.002), dtype="float16") as e:
+        assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
+        ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
+    assert ex["steps"] >= 8 and ex["misses"] > 0

@@ -173,6 +173,28 @@ def test_moe_and_gemma3_stream_whole_layers(tmp_path, arch, kw):
         assert _generate(e) == want
 
 
+@pytest.mark.parametrize("cache_gb", [0.0002, 1.0], ids=["evicting-cache", "large-cache"])
+@pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama"))])
+def test_decode_fetches_only_chosen_experts(tmp_path, arch, kw, cache_gb):
+    """Decode steps copy the router's chosen experts only (a cache of about 8 experts evicts, a
+    large one keeps them): the same tokens as the single-process engine, fewer bytes moved."""
+    path = ggufgen.write_model(tmp_path / f"{arch}.gguf", **(dict(arch=arch) | kw), n_layer=3, n_expert=16,
+                               n_expert_used=2, seed=4)
+    prompts = [[5, 17, 33, 80], [9, 3]]
+    with _engine(path, dtype="float32") as e:
+        want = e.generate_batch(prompts, GREEDY)
+    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb), dtype="float32") as e:
+        assert e.generate_batch(prompts, GREEDY) == want
+        ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
+    layer_experts = open_model(path).layers[0]["ffn_up_exps.weight"].nbytes * 3
+    assert ex["steps"] >= 10 and ex["misses"] > 0
+    assert ex["bytes"] < ex["steps"] * 3 * layer_experts / 2  # under half of streaming whole layers
+    if cache_gb >= 1:
+        assert ex["hits"] > 0 and ex["misses"] <= 3 * 16  # each expert copied once at most
+    else:
+        assert ex["misses"] > 3 * 16  # evicted experts came back
+
+
 def test_sliding_window_in_pipeline(model):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with _engine(model, ctx=16, on_context_full="slide", sink_tokens=4) as e:
