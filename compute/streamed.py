@@ -28,6 +28,7 @@ Prompt steps touch nearly every expert: their layers stream whole.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -265,6 +266,12 @@ class StreamedLayers:
         """Whether layer i fetches only its chosen experts in this step."""
         return self.expert_step and i not in self.resident_ids
 
+    @functools.cache  # noqa: B019 - one entry a layer, for the life of the run
+    def _dense_part(self, i: int) -> LayerLayout:
+        """Layer i's layout without its expert tensors (what is copied before the router runs)."""
+        lay = self.layouts[i]
+        return LayerLayout(lay.layer, tuple(t for t in lay.tensors if t.name not in EXPERT_TENSORS), lay.nbytes)
+
     def _with_experts(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
         """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
         experts from the staging slot, which stays held until release(i)."""
@@ -300,7 +307,7 @@ class StreamedLayers:
             slot = self._wait_ready(i)
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             if self._experts_of(i):  # everything but the experts; they come when the router has run
-                part = LayerLayout(lay.layer, tuple(t for t in lay.tensors if t.name not in EXPERT_TENSORS), lay.nbytes)
+                part = self._dense_part(i)
                 with self.tl.span("copy", f"copy L{i}", nbytes=part.data_nbytes, layer=i):
                     local = host.clone()
                 with self.tl.span("dequant", f"dequant L{i}", nbytes=part.data_nbytes, layer=i):
@@ -384,8 +391,7 @@ class StreamedLayers:
         d0.record(cur)
         self.layer_start[i] = d0
         if experts:
-            part = LayerLayout(lay.layer, tuple(t for t in lay.tensors if t.name not in EXPERT_TENSORS), lay.nbytes)
-            w = self._with_experts(i, layer_weights(self.vram[k], part, self.dtype, self.quantized), slot)
+            w = self._with_experts(i, layer_weights(self.vram[k], self._dense_part(i), self.dtype, self.quantized), slot)
         else:
             w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
         rows = self._rows(i)

@@ -47,12 +47,18 @@ def smollm_engine(smollm_path):
     engine.close()
 
 
-@pytest.fixture(scope="session")
-def hf_smollm(smollm_path):
-    """(model, tokenizer) of transformers, loaded from the same GGUF in float32 (about 15 s, once)."""
+def hf_from_gguf(path: str):
+    """(model, tokenizer) of transformers, loaded from a GGUF file in float32: the independent
+    reference for real models."""
     transformers = pytest.importorskip("transformers")
-    folder, name = os.path.split(smollm_path)
+    folder, name = os.path.split(path)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    """transformers' SmolLM2 from the same GGUF (about 15 s, once)."""
+    return hf_from_gguf(smollm_path)

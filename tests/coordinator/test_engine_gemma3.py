@@ -3,8 +3,6 @@ token ids, teacher-forced top-1 and logits; and through the streaming pipeline."
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -43,11 +41,9 @@ def gemma3_engine(gemma3_path):
 
 @pytest.fixture(scope="module")
 def hf_gemma3(gemma3_path):
-    transformers = pytest.importorskip("transformers")
-    folder, name = os.path.split(gemma3_path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model.eval()
+    from conftest import hf_from_gguf
+
+    model, tok = hf_from_gguf(gemma3_path)  # about 90 s: a 262k-token vocabulary to convert
     forced = []
     with torch.no_grad():
         for text in PROMPTS:
