@@ -309,7 +309,9 @@ class StreamedLayers:
             if self._experts_of(i):  # everything but the experts; they come when the router has run
                 part = self._dense_part(i)
                 with self.tl.span("copy", f"copy L{i}", nbytes=part.data_nbytes, layer=i):
-                    local = host.clone()
+                    local = torch.empty_like(host)  # the non-expert tensors only, at their slot offsets
+                    for a, n in _without_experts(lay):
+                        local[a : a + n] = host[a : a + n]
                 with self.tl.span("dequant", f"dequant L{i}", nbytes=part.data_nbytes, layer=i):
                     w = self._with_experts(i, layer_weights(local, part, self.dtype, self.quantized), slot)
                 return w
