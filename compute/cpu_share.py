@@ -151,19 +151,37 @@ class SplitWeight:
     meter: Meter
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        n_dev = 0 if self.dev is None else self.dev.shape[0]
-        x_cpu = x.to("cpu")  # waits for x: the device's queue is empty while the CPU works below
-        y_dev = None if self.dev is None else linear(x, self.dev, None if bias is None else bias[:n_dev])
-        t0 = time.monotonic_ns()  # the device computes y_dev meanwhile
-        y_cpu = self.cpu.matmul(x_cpu)
-        m = self.meter
+        return split_linear(x, [self], [bias])[0]
+
+
+def split_linear(x: torch.Tensor, ws: list, biases: list) -> list[torch.Tensor]:
+    """x @ w.T (+ bias) for matrices of one input, some of them SplitWeights: one wait for x on
+    the host, every device part launched, then every CPU part computed while the device works,
+    then the outputs joined. Matrices sharing an input (q, k, v; gate, up) go together."""
+    x_cpu = x.to("cpu")  # waits for x: the device's queue is empty while the CPU works below
+    dev = []
+    for w, b in zip(ws, biases):
+        if isinstance(w, SplitWeight):
+            n_dev = 0 if w.dev is None else w.dev.shape[0]
+            dev.append(None if w.dev is None else linear(x, w.dev, None if b is None else b[:n_dev]))
+        else:
+            dev.append(linear(x, w, b))
+    out = []
+    for w, b, y_dev in zip(ws, biases, dev):  # the device computes y_dev meanwhile
+        if not isinstance(w, SplitWeight):
+            out.append(y_dev)
+            continue
+        t0 = time.monotonic_ns()
+        y_cpu = w.cpu.matmul(x_cpu)
+        m = w.meter
         m.seconds += (time.monotonic_ns() - t0) / 1e9
-        m.nbytes += self.cpu.nbytes
+        m.nbytes += w.cpu.nbytes
         m.t0 = t0 if m.t0 is None else m.t0
         y_cpu = y_cpu.to(x.device, x.dtype)
-        if bias is not None:
-            y_cpu = y_cpu + bias[n_dev:]
-        return y_cpu if y_dev is None else torch.cat([y_dev, y_cpu], -1)
+        if b is not None:
+            y_cpu = y_cpu + b[b.shape[0] - y_cpu.shape[-1]:]
+        out.append(y_cpu if y_dev is None else torch.cat([y_dev, y_cpu], -1))
+    return out
 
 
 # -- how much the CPU takes ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.qlinear import QuantWeight, linear  # noqa: F401 - QuantWeight: LayerWeights' values
+from layerstream.compute.qlinear import QuantWeight, linear, linear_many  # noqa: F401 - QuantWeight: LayerWeights' values
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
@@ -95,9 +95,9 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     T = x.shape[0]
     H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
     h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps)
-    q = linear(h, w["attn_q.weight"], w.get("attn_q.bias")).view(T, H, D)
-    k = linear(h, w["attn_k.weight"], w.get("attn_k.bias")).view(T, Hkv, D)
-    v = linear(h, w["attn_v.weight"], w.get("attn_v.bias")).view(T, Hkv, D)
+    q, k, v = linear_many(h, [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]],
+                          [w.get("attn_q.bias"), w.get("attn_k.bias"), w.get("attn_v.bias")])
+    q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
     if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE
         q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
@@ -145,9 +145,9 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
 
 def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
-    g = linear(h, w["ffn_gate.weight"])
+    g, u = linear_many(h, [w["ffn_gate.weight"], w["ffn_up.weight"]])
     g = F.gelu(g, approximate="tanh") if hp.ffn_act == "gelu_tanh" else F.silu(g)
-    y = linear(g * linear(h, w["ffn_up.weight"]), w["ffn_down.weight"])
+    y = linear(g * u, w["ffn_down.weight"])
     if "post_ffw_norm.weight" in w:
         y = rms_norm(y, w["post_ffw_norm.weight"], hp.norm_eps)
     return x + y

@@ -126,6 +126,18 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     return out
 
 
+def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[torch.Tensor]:
+    """`linear` of one input by several matrices; where some are split with the CPU
+    (cpu_share.SplitWeight), their CPU parts share one wait for x and run while every device
+    part runs (cpu_share.split_linear)."""
+    biases = biases or [None] * len(ws)
+    if all(isinstance(w, (torch.Tensor, QuantWeight)) for w in ws):
+        return [linear(x, w, b) for w, b in zip(ws, biases)]
+    from layerstream.compute.cpu_share import split_linear
+
+    return split_linear(x, ws, biases)
+
+
 def scratch_elems(layer_shapes) -> int:
     """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
     head, larger, goes in row chunks of that size)."""

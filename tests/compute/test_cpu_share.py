@@ -177,3 +177,27 @@ def test_quantweight_device_rows_are_a_prefix():
     assert split.dev.shape == (64, 256) and split.dev.raw.data_ptr() == raw.data_ptr()
     assert split.cpu.rows == 64
 
+
+
+def test_matrices_of_one_input_share_one_wait_and_join_each():
+    """linear_many over q, k, v-like matrices: split ones, a plain one, and biases."""
+    from layerstream.compute.qlinear import linear_many
+
+    K = 256
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, K, generator=g)
+    mats, want, ws, biases = [], [], [], []
+    for i, (n, n_cpu) in enumerate([(192, 64), (128, 0), (64, 64)]):
+        raw = blocks(QT.Q4_0, n, K, seed=10 + i)
+        dense = torch.from_numpy(quants.dequantize(raw, QT.Q4_0).reshape(n, K))
+        b = torch.randn(n, generator=g)
+        want.append(x.double() @ dense.double().T + b.double())
+        if n_cpu:
+            packed = pack_rows(torch.from_numpy(raw[n - n_cpu:].reshape(-1)), int(QT.Q4_0), n_cpu, K, torch.float32)
+            ws.append(SplitWeight(dense[: n - n_cpu] if n_cpu < n else None, packed, Meter()))
+        else:
+            ws.append(dense)
+        biases.append(b)
+    for got, ref in zip(linear_many(x, ws, biases), want):
+        assert got.shape == ref.shape
+        assert (got.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
