@@ -77,7 +77,8 @@ class ComputeWorker:
         self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
-        self.share = self._make_share([lay for i, lay in enumerate(layouts) if i not in set(cfg.resident)])
+        resident = set(cfg.resident)
+        self.share = self._make_share([lay for i, lay in enumerate(layouts) if i not in resident])
         self.source = StreamedLayers(
             layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,

@@ -130,7 +130,7 @@ class Pipeline:
         self.cpu_share = parse_cpu_share(cfg.cpu_share)
         if self.cpu_share == "auto" and device.type != "cuda":
             self.cpu_share = "0"  # on a CPU-only machine the "device" is the CPU already
-        self.cpu_pack_max = {"0": 0.0, "auto": AUTO_PACK_MAX}.get(self.cpu_share) or float(self.cpu_share)
+        self.cpu_pack_max = AUTO_PACK_MAX if self.cpu_share == "auto" else float(self.cpu_share)
         if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
             raise ConfigError(f"--cpu-threads {cfg.cpu_threads}: must be at least 1")
         vram = None if cfg.vram_gb is None else int(cfg.vram_gb * GiB)
