@@ -178,18 +178,27 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
     weight, chosen = route(hp, linear(h, w["ffn_gate_inp.weight"]))
     out = torch.zeros_like(h, dtype=torch.float32)
-    ids = chosen.unique().tolist()  # a host sync a layer: the experts to run
+    # the (token, choice) pairs grouped by expert: one host sync a layer (the counts), not one an expert
+    flat = chosen.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=hp.n_expert).tolist()
+    ids = [e for e, c in enumerate(counts) if c]
     if "experts" in w:  # streamed: only these experts are fetched (streamed.ExpertSet)
         mats = w["experts"].fetch(ids)
     else:
         mats = {e: tuple(expert(w[n], e, hp.n_expert) for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight",
                                                                  "ffn_down_exps.weight")) for e in ids}
+    k = hp.n_expert_used
+    tok_all, wt_all = order // k, weight.flatten()[order, None]
+    start = 0
     for e in ids:
-        tok, slot = (chosen == e).nonzero(as_tuple=True)
-        he = h[tok]
+        end = start + counts[e]
+        tok = tok_all[start:end]
+        he = h[tok] if tok.numel() < h.shape[0] else h  # every token (decode at batch 1): no gather
         gate, up, down = mats[e]
         y = linear(F.silu(linear(he, gate)) * linear(he, up), down)
-        out.index_add_(0, tok, y.float() * weight[tok, slot, None])
+        out.index_add_(0, tok, y.float() * wt_all[start:end])
+        start = end
     return x + out.to(x.dtype)
 
 
