@@ -49,6 +49,7 @@ class ComputeConfig:
     cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)
     index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
     expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
+    dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device
 
 
 class ComputeWorker:
@@ -83,7 +84,7 @@ class ComputeWorker:
             layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
             share=self.share, experts=(index.hparams.n_expert, index.hparams.n_expert_used),
-            expert_cache_bytes=cfg.expert_cache_bytes,
+            expert_cache_bytes=cfg.expert_cache_bytes, dense_resident=cfg.dense_resident,
         )
         self.expert_steps = self.expert_tokens = 0
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,

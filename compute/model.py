@@ -153,6 +153,9 @@ def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")  # [E, N, K] each
+
+
 def expert(w: "torch.Tensor | QuantWeight", e: int, n_expert: int) -> "torch.Tensor | QuantWeight":
     """Expert e's matrix of a 3-D expert tensor (dense [E, N, K], or blocks held as [E * N, K])."""
     if isinstance(w, QuantWeight):
@@ -186,8 +189,7 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     if "experts" in w:  # streamed: only these experts are fetched (streamed.ExpertSet)
         mats = w["experts"].fetch(ids)
     else:
-        mats = {e: tuple(expert(w[n], e, hp.n_expert) for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight",
-                                                                 "ffn_down_exps.weight")) for e in ids}
+        mats = {e: tuple(expert(w[n], e, hp.n_expert) for n in EXPERT_TENSORS) for e in ids}
     k = hp.n_expert_used
     tok_all, wt_all = order // k, weight.flatten()[order, None]
     start = 0

@@ -23,6 +23,10 @@ experts the step's tokens chose (each once, whatever the batch), and only those 
 the device's `ExpertCache` (least recently used out) are copied, each a byte range of the 3-D
 expert tensors in the staging slot. The slot is therefore held until the layer's `release`.
 Prompt steps touch nearly every expert: their layers stream whole.
+
+With `dense_resident` (the plan's, when they fit) a streamed MoE layer keeps its own device copy
+of every tensor but its experts from its first load on, so its expert steps copy nothing ahead:
+no VRAM slot is taken, and the staging slot is held only for the chosen experts' bytes.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_rows, pack_rows
-from layerstream.compute.model import LayerWeights
+from layerstream.compute.model import EXPERT_TENSORS, LayerWeights
 from layerstream.compute.qlinear import QuantWeight
 from layerstream.compute.runner import device_weight
 from layerstream.loader.layout import LayerLayout
@@ -133,9 +137,6 @@ def copy_ranges(lay: LayerLayout, rows: dict[str, int], gap: int = 4096) -> list
     return [(a, b) for a, b in out]
 
 
-EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
-
-
 def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
     """Whether a step of `tokens` tokens fetches only its chosen experts rather than whole layers:
     while the experts it is expected to touch, E * (1 - (1 - k/E)^T) with uniform routing, are at
@@ -156,6 +157,7 @@ class ExpertCache:
         self.used = 0
         self.hits = self.misses = 0
         self.bytes_moved = 0
+        self.copied: dict[int, torch.cuda.Event] = {}  # layer -> event after its expert copies (CUDA)
 
     def fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, tuple]:
         """Layer i's `experts` on the device, copying the missing ones out of its staging bytes."""
@@ -187,6 +189,10 @@ class ExpertCache:
                 out[e] = tuple(mats)
                 moved += nbytes
             self.bytes_moved += moved
+            if self.device.type == "cuda":
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self.copied[i] = ev
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
         return out
@@ -219,13 +225,15 @@ class StreamedLayers:
                  layer_done: Callable[[int, int, int], None],
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
                  quantized: bool = False, share: CpuShare | None = None,
-                 experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0):
+                 experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0, dense_resident: bool = False):
         self.layouts = layouts
         self.n_expert, self.n_expert_used = experts
         self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline) \
             if experts[0] and expert_cache_bytes else None
         self.expert_step = False  # this step fetches only the chosen experts of streamed MoE layers
         self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
+        self.keep_dense = dense_resident and self.expert_cache is not None
+        self.dense: dict[int, LayerWeights] = {}  # streamed MoE layer -> its tensors but the experts, on the device
         self.share = share
         self.frac = 0.0  # the CPU's share of this step (0: the device computes every row)
         self.cpu_s, self.cpu_bytes = 0.0, 0  # the CPU share's work in this step
@@ -280,6 +288,17 @@ class StreamedLayers:
         self.held[i] = slot
         return w
 
+    def _keep(self, i: int, raw: torch.Tensor) -> None:
+        """Keep streamed layer i's tensors but its experts, copied out of `raw` (its bytes at slot
+        offsets, on the device), for its later expert steps."""
+        if self.keep_dense and i not in self.resident_ids and i not in self.dense:
+            self.dense[i] = {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes].clone(), t, self.dtype,
+                                                   self.quantized) for t in self._dense_part(i).tensors}
+
+    def _kept(self, i: int) -> bool:
+        """Whether layer i's expert step needs nothing copied ahead (its dense part is kept)."""
+        return self._experts_of(i) and i in self.dense
+
     def _split(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
         """Pack layer i's CPU rows (first time, from its staging slot) and split its matrices."""
         rows = self._rows(i)
@@ -306,17 +325,21 @@ class StreamedLayers:
         else:  # the same stages as on CUDA: copy out of staging, give the slot back, dequantize
             slot = self._wait_ready(i)
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
+            if self._kept(i):
+                return self._with_experts(i, dict(self.dense[i]), slot)
             if self._experts_of(i):  # everything but the experts; they come when the router has run
                 part = self._dense_part(i)
                 with self.tl.span("copy", f"copy L{i}", nbytes=part.data_nbytes, layer=i):
                     local = torch.empty_like(host)  # the non-expert tensors only, at their slot offsets
                     for a, n in _without_experts(lay):
                         local[a : a + n] = host[a : a + n]
+                self._keep(i, local)
                 with self.tl.span("dequant", f"dequant L{i}", nbytes=part.data_nbytes, layer=i):
                     w = self._with_experts(i, layer_weights(local, part, self.dtype, self.quantized), slot)
                 return w
             with self.tl.span("copy", f"copy L{i}", nbytes=lay.nbytes, layer=i):
                 local = host.clone()
+            self._keep(i, local)
             with self.tl.span("dequant", f"dequant L{i}", nbytes=lay.data_nbytes, layer=i):
                 w = self._split(i, layer_weights(local, lay, self.dtype, self.quantized), slot)
             self.layer_done(self.step_no, i, slot)
@@ -350,7 +373,12 @@ class StreamedLayers:
             if j in self.copies:
                 continue
             key = (self.step_no, j)
-            if key not in self.ready or not self.free_vram:
+            if key not in self.ready:
+                break
+            if self._kept(j):  # nothing to copy ahead: its experts come from the staging slot
+                self.copies[j] = (None, self.ready.pop(key), None, None, 0)
+                continue
+            if not self.free_vram:
                 break
             slot, k = self.ready.pop(key), self.free_vram.pop(0)
             lay = self.layouts[j]
@@ -379,6 +407,11 @@ class StreamedLayers:
             self._issue_copies(i)
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
         k, slot, c0, c1, copied = self.copies.pop(i)
+        if k is None:  # a kept dense part: the layer starts at once
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(torch.cuda.current_stream(self.device))
+            self.layer_start[i] = ev
+            return self._with_experts(i, dict(self.dense[i]), slot)
         t0 = time.monotonic_ns()
         c1.synchronize()  # the staging slot may be reused once the copy is done
         self.tl.add("wait_copy", f"wait copy L{i}", t0, time.monotonic_ns() - t0)
@@ -392,6 +425,8 @@ class StreamedLayers:
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
         self.layer_start[i] = d0
+        if experts or not self._rows(i):  # (a split layer's slot holds only the device's rows)
+            self._keep(i, self.vram[k])
         if experts:
             w = self._with_experts(i, layer_weights(self.vram[k], self._dense_part(i), self.dtype, self.quantized), slot)
         else:
@@ -416,9 +451,10 @@ class StreamedLayers:
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
         slot = self.held.pop(i, None)
-        if slot is not None:  # its experts were read from the staging slot: it goes back now
-            if self.cuda:
-                torch.cuda.current_stream(self.device).synchronize()  # the expert copies out of it are done
+        if slot is not None:  # its experts were read from the staging slot: it goes back once copied
+            ev = self.expert_cache.copied.pop(i, None)
+            if ev is not None:
+                ev.synchronize()  # the copies, not the layer's math enqueued after them
             self.layer_done(self.step_no, i, slot)
         if self.share is not None:
             sec, nbytes, t0 = self.share.meter.take()

@@ -81,6 +81,7 @@ class PipelineConfig:
     cpu_share: str = "0"
     cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu_share.threads_default)
     expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
+    moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
 
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
@@ -144,6 +145,7 @@ class Pipeline:
             quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
             max_prefetch=self.hparams.n_layer,
             expert_cache_bytes=None if cfg.expert_cache_gb is None else int(cfg.expert_cache_gb * GiB),
+            moe_dense=cfg.moe_dense,
         )
         self.cpu_pack_max = fit_cpu_share(self.plan, self.layouts, self.cpu_pack_max, self.cpu_share != "auto")
         if not self.cpu_pack_max:
@@ -219,7 +221,7 @@ class Pipeline:
             kv_device_layers=self.plan.kv_device_layers, weights=self.weights, budget_bytes=self.plan.budget_bytes,
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
             cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, index=self.index,
-            expert_cache_bytes=self.plan.expert_cache_bytes,
+            expert_cache_bytes=self.plan.expert_cache_bytes, dense_resident=self.plan.dense_resident,
             cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
                                             and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))

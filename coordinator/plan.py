@@ -6,7 +6,10 @@ weights stay quantized, else dequantized), the output head and norm, `vram_slots
 for streamed layers, the KV cache of the first `kv_device_layers` layers, two device buffers
 for the host-KV layers' caches in flight, the scratch of one step of `step_tokens` tokens
 (activations, attention temporaries, logits, the dequantization buffer of the prompt path),
-and the allocator's slack. The compute process caps torch's allocator at the budget
+and the allocator's slack. A mixture-of-experts model adds its expert cache and, when they fit
+after the KV, every streamed layer's tensors but its experts (attention, router, norms: about a
+thirtieth of a Qwen3-30B-A3B layer), so that a decode step copies only the chosen experts, as
+llama.cpp users keep them with `-ot exps=CPU`. The compute process caps torch's allocator at the budget
 (`set_per_process_memory_fraction`), so the peak reserved memory never exceeds `--vram-gb`:
 if the plan undercounted, a step fails with an out-of-memory error instead of overrunning.
 """
@@ -17,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from layerstream.compute.model import ATTN_TEMP_BYTES
+from layerstream.compute.model import ATTN_TEMP_BYTES, EXPERT_TENSORS
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, HEAD_CHUNK, scratch_elems
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
@@ -52,6 +55,7 @@ class Plan:
     parts: tuple[tuple[str, int], ...] = ()  # device_bytes by item, for the stats table
     cpu_share_bytes: int = 0  # host memory of the CPU share's packed rows, at most
     expert_cache_bytes: int = 0  # device memory for streamed experts (mixture-of-experts models)
+    dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device (NOTE below)
 
     @property
     def n_slots(self) -> int:
@@ -70,6 +74,7 @@ class Plan:
         return (f"{len(self.resident)} layers resident, {len(self.streamed)} streamed through "
                 f"{self.vram_slots} VRAM slots; {kv}; {self.step_tokens} tokens a step; prefetch {self.prefetch}; "
                 f"host cache {self.cache_layers} layers; device memory {_gib(self.device_bytes)}{budget}"
+                + ("; the streamed layers' attention and routers resident" if self.dense_resident else "")
                 + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else ""))
 
     def breakdown(self) -> str:
@@ -137,7 +142,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
               dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool = False, step_tokens: int | None = None,
               prefetch: int | None = None, kv_on_host: bool | None = None,
               resident_layers: int | None = None, max_prefetch: int | None = None,
-              expert_cache_bytes: int | None = None) -> Plan:
+              expert_cache_bytes: int | None = None, moe_dense: str = "resident") -> Plan:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident)."""
     hp = index.hparams
@@ -168,10 +173,16 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     experts = 0
     if hp.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
+    if moe_dense not in ("resident", "stream"):
+        raise ConfigError(f"--moe-dense {moe_dense!r}: use resident or stream")
+    # each layer's tensors but its experts, for the layers whose experts stream
+    dense = [sum(t.nbytes if quantized else math.prod(t.shape) * dtype_bytes for t in lay.tensors
+                 if t.name not in EXPERT_TENSORS) for lay in layouts] if experts and moe_dense == "resident" else []
 
-    def fit(T: int, slots: int, r: int, kv_dev: int) -> tuple[int, list[tuple[str, int]]]:
+    def fit(T: int, slots: int, r: int, kv_dev: int, keep_dense: bool = False) -> tuple[int, list[tuple[str, int]]]:
         parts = [("head", head), ("resident layers", sum(weights[:r])), ("layer slots", slots * slot_bytes),
                  ("expert cache", experts if r < n else 0),
+                 ("streamed layers' attention", sum(dense[r:]) if keep_dense else 0),
                  ("KV", kv_dev * kv_layer), ("host KV in flight", 2 * kv_layer if kv_dev < n else 0),
                  ("step scratch", scratch(T))]
         used = sum(v for _, v in parts)
@@ -183,7 +194,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         r = n if resident_layers is None else max(0, min(n, resident_layers))
         slots = 4 if r < n else 0  # no budget to save: copies issued further ahead
         kv_dev = 0 if kv_on_host else n
-        total, parts = fit(T, slots, r, kv_dev)
+        keep_dense = bool(dense) and r < n
+        total, parts = fit(T, slots, r, kv_dev, keep_dense)
     else:
         if step_tokens is None:  # the largest step of 64..512 tokens that leaves room to stream
             while T > 64 and fit(T, 2, 0, 0)[0] > vram_bytes:
@@ -195,7 +207,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
                 f"{T} tokens a step: it needs at least {_gib(least)} ({', '.join(f'{k} {_gib(v)}' for k, v in parts if v)})"
                 f"; raise --vram-gb, or lower --step-tokens, --batch or --ctx")
         if resident_layers is None and kv_on_host is not True and fit(T, 0, n, n)[0] <= vram_bytes:
-            r, slots, kv_dev = n, 0, n
+            r, slots, kv_dev, keep_dense = n, 0, n, False
         else:
             # NOTE: two VRAM slots keep the copy engine busy: a streamed layer is computed straight
             # from its slot, so slot A is free again once layer i is computed, which at decode
@@ -210,15 +222,18 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
                 if kv_on_host is False and kv_dev < n:
                     raise ConfigError(f"--vram-gb {vram_bytes / GiB:.2f}: the KV cache ({_gib(n * kv_layer)}) does not "
                                       "fit on the device; drop the KV placement option or lower --ctx or --batch")
+            # then the streamed MoE layers' attention and routers, then as many whole layers as fit
+            keep_dense = bool(dense) and fit(T, slots, 0, kv_dev, True)[0] <= vram_bytes
             if resident_layers is None:
                 r = 0
-                while r < n and fit(T, slots, r + 1, kv_dev)[0] <= vram_bytes:
+                while r < n and fit(T, slots, r + 1, kv_dev, keep_dense)[0] <= vram_bytes:
                     r += 1
             else:
                 r = max(0, min(n, resident_layers))
             if r == n:
                 slots = 0
-        total, parts = fit(T, slots, r, kv_dev)
+            keep_dense = keep_dense and r < n
+        total, parts = fit(T, slots, r, kv_dev, keep_dense)
         if total > vram_bytes:
             raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {vram_bytes / GiB:.2f}: the plan needs "
                               f"{_gib(total)}; lower --resident-layers")
@@ -236,7 +251,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         host_cache_bytes = min(loads * slot_bytes, _mem_available() // 2)
     cache_layers = min(loads, host_cache_bytes // slot_bytes)
     return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
-                total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0)
+                total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
+                dense_resident=keep_dense)
 
 
 def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, explicit: bool) -> float:

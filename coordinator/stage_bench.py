@@ -534,7 +534,7 @@ def bench_pipeline(args) -> list[dict]:
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace),
                               cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
-                              expert_cache_gb=args.expert_cache_gb)
+                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense)
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -653,7 +653,7 @@ def bench_serve(args) -> list[dict]:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
                                   step_tokens=args.step_tokens, resident_layers=args.resident_layers,
                                   cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
-                              expert_cache_gb=args.expert_cache_gb)
+                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense)
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -699,8 +699,10 @@ def _ints(s: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser, reps: int = 5) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--shape", help="measure a synthetic model of this shape instead (llama-3.1-8b, llama-3.1-70b, "
-                                   "smollm2-135m), written to a temporary directory")
+    from layerstream.loader.synth import SHAPES
+
+    p.add_argument("--shape", help=f"measure a synthetic model of this shape instead ({', '.join(SHAPES)}), written "
+                                   "to a temporary directory")
     p.add_argument("--layers", type=int, default=None, help="layers of the --shape model (default: the shape's)")
     p.add_argument("--quant", default="Q4_K_M", help="quant mix of the --shape model (Q4_K_M, Q8_0, F16)")
     p.add_argument("--reps", type=int, default=reps, help=f"timed repetitions; the median is reported (default {reps})")
@@ -715,6 +717,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-share", default="0", help="the CPU's share of the 4-bit rows: auto, 0 or a fraction (default 0)")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU threads of the compute process")
     p.add_argument("--expert-cache-gb", type=float, default=None, help="device memory for streamed experts")
+    p.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
+                   help="streamed MoE layers' attention and routers: resident (when they fit) or streamed")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:

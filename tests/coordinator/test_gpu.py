@@ -138,15 +138,19 @@ def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share):
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("moe_dense", ["resident", "stream"])
 @pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama"))])
-def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw):
-    """Decode steps copy only the chosen experts from pinned staging into the device cache."""
+def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense):
+    """Decode steps copy only the chosen experts from pinned staging into the device cache; the
+    layers' other tensors are kept on the device after their first copy, or streamed each step."""
     path = ggufgen.write_model(str(tmp_path / f"{arch}.gguf"), **(dict(arch=arch) | kw), n_layer=3, n_embd=256,
                                n_ff=512, n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=4)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     with _engine(path, dtype="float16") as e:
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
-    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=0.002), dtype="float16") as e:
+    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=0.002, moe_dense=moe_dense),
+                 dtype="float16") as e:
+        assert e.backend.plan.dense_resident == (moe_dense == "resident")
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
         ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
     assert ex["steps"] >= 8 and ex["misses"] > 0

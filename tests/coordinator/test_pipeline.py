@@ -22,6 +22,7 @@ from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig
 from layerstream.errors import ContextFullError, PipelineError
 from layerstream.loader.gguf_index import open_model
+from layerstream.loader.layout import layer_layouts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -173,21 +174,33 @@ def test_moe_and_gemma3_stream_whole_layers(tmp_path, arch, kw):
         assert _generate(e) == want
 
 
-@pytest.mark.parametrize("cache_gb", [0.0002, 1.0], ids=["evicting-cache", "large-cache"])
+@pytest.mark.parametrize("cache_gb,moe_dense", [(0.0002, "resident"), (1.0, "resident"), (1.0, "stream")],
+                         ids=["evicting-cache", "large-cache", "dense-streamed"])
 @pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama"))])
-def test_decode_fetches_only_chosen_experts(tmp_path, arch, kw, cache_gb):
+def test_decode_fetches_only_chosen_experts(tmp_path, arch, kw, cache_gb, moe_dense):
     """Decode steps copy the router's chosen experts only (a cache of about 8 experts evicts, a
-    large one keeps them): the same tokens as the single-process engine, fewer bytes moved."""
+    large one keeps them): the same tokens as the single-process engine, fewer bytes moved. The
+    layers' other tensors are copied once and kept, unless they are told to stream."""
     path = ggufgen.write_model(tmp_path / f"{arch}.gguf", **(dict(arch=arch) | kw), n_layer=3, n_expert=16,
                                n_expert_used=2, seed=4)
     prompts = [[5, 17, 33, 80], [9, 3]]
     with _engine(path, dtype="float32") as e:
         want = e.generate_batch(prompts, GREEDY)
-    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb), dtype="float32") as e:
+    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb, moe_dense=moe_dense),
+                 dtype="float32") as e:
+        assert e.backend.plan.dense_resident == (moe_dense == "resident")
         assert e.generate_batch(prompts, GREEDY) == want
-        ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
-    layer_experts = open_model(path).layers[0]["ffn_up_exps.weight"].nbytes * 3
+        stats = e.backend.collect_stats()
+        ex = next(s["experts"] for s in stats if s.get("experts"))
+        copied = sum(s.get("bytes", {}).get("copy", 0) for s in stats)
+    index = open_model(path)
+    layer_experts = index.layers[0]["ffn_up_exps.weight"].nbytes * 3
+    dense = sum(t.nbytes for t in index.layers[0].values()) - layer_experts  # a layer's tensors but its experts
+    whole = sum(lay.nbytes for lay in layer_layouts(index))  # a step that streams whole layers
     assert ex["steps"] >= 10 and ex["misses"] > 0
+    # the first step (6 prompt tokens, expected to touch over half the experts) streams whole layers;
+    # every later one is an expert step, which copies the dense parts only when they are not kept
+    assert copied == whole + (0 if moe_dense == "resident" else ex["steps"] * 3 * dense)
     assert ex["bytes"] < ex["steps"] * 3 * layer_experts / 2  # under half of streaming whole layers
     if cache_gb >= 1:
         assert ex["hits"] > 0 and ex["misses"] <= 3 * 16  # each expert copied once at most

@@ -119,6 +119,20 @@ def test_cpu_share_takes_memory_after_the_host_cache_never_from_it(l70, monkeypa
 @pytest.mark.parametrize("gib", [4, 8])
 def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     index = shaped_index("qwen3-30b-a3b")
-    p = plan((index, layer_layouts(index)), gib)
+    layouts = layer_layouts(index)
+    p = plan((index, layouts), gib)
     assert p.streamed and p.device_bytes <= gib * GiB
     assert dict(p.parts)["layer slots"] == 2 * p.slot_bytes  # a layer's 128 experts stream as one slot
+    # the streamed layers keep their attention, router and norms on the device: each layer's
+    # tensors but its three expert tensors, a small part of the layer
+    dense = [sum(t.nbytes for t in lay.tensors if not t.name.endswith("_exps.weight")) for lay in layouts]
+    assert p.dense_resident and dict(p.parts)["streamed layers' attention"] == sum(dense[i] for i in p.streamed)
+    assert sum(dense) < layouts[0].nbytes * 2
+    s = plan((index, layouts), gib, moe_dense="stream")
+    assert not s.dense_resident and dict(s.parts)["streamed layers' attention"] == 0
+    assert len(s.resident) >= len(p.resident) and s.device_bytes <= gib * GiB
+    # KV comes first: a long context's KV leaves no room for them, and the plan still fits
+    k = plan((index, layouts), 4, ctx=4096, max_seqs=8)
+    assert not k.dense_resident and k.device_bytes <= 4 * GiB
+    with pytest.raises(ConfigError, match="--moe-dense 'all'"):
+        plan((index, layouts), gib, moe_dense="all")
