@@ -646,8 +646,9 @@ def bench_serve(args) -> list[dict]:
     rows = []
     with model_for(args) as index:
         ctx = args.prompt_tokens + args.tokens + 8
-        cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(clients),
-                           prefill_chunk=max(args.prompt_tokens, 1))
+        # prompts are chunked as run-pipeline chunks them (the plan's step, at most 512 tokens), so
+        # one pass prefills the prompts of many clients
+        cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(clients))
         pcfg = None
         if not args.resident:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
