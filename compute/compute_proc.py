@@ -50,6 +50,7 @@ class ComputeConfig:
     index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
     expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
     dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device
+    expert_policy: str = "lfu"  # the expert cache's eviction (streamed.ExpertCache)
 
 
 class ComputeWorker:
@@ -85,6 +86,7 @@ class ComputeWorker:
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
             share=self.share, experts=(index.hparams.n_expert, index.hparams.n_expert_used),
             expert_cache_bytes=cfg.expert_cache_bytes, dense_resident=cfg.dense_resident,
+            expert_policy=cfg.expert_policy,
         )
         self.expert_steps = self.expert_tokens = 0
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
@@ -145,7 +147,7 @@ class ComputeWorker:
             snap["device_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
         cache = self.source.expert_cache
         if cache is not None:
-            snap["experts"] = {"hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes_moved,
+            snap["experts"] = {"policy": cache.policy, "hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes_moved,
                                "steps": self.expert_steps, "tokens": self.expert_tokens}
         if self.share is not None:
             snap["cpu_share"] = (f"{self.share.balancer.describe()}; {torch.get_num_threads()} threads; "

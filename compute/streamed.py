@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -146,14 +147,35 @@ def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
     return n_expert * (1 - (1 - n_used / n_expert) ** tokens) <= n_expert / 2
 
 
-class ExpertCache:
-    """Experts copied to the compute device, least recently used first out (NOTE [ expert
-    streaming ]): an entry holds one expert's gate, up and down blocks of one layer."""
+EXPERT_POLICIES = ("lfu", "lru")
 
-    def __init__(self, capacity_bytes: int, device, dtype, quantized: bool, timeline: Timeline):
+
+class ExpertCache:
+    """Experts copied to the compute device (NOTE [ expert streaming ]): an entry holds one
+    expert's gate, up and down blocks of one layer.
+
+    Two policies, chosen by measured hit rate (`layerstream-bench experts`, BENCHMARKS.md):
+    - "lfu" (the default): every expert's uses are counted, also while it is not cached. A
+      newcomer is kept only in place of a cached expert used less often than it (of those, the
+      least used, then the least recent); otherwise it serves its step and is dropped. Ties keep
+      the cached expert: in a cycle of layers whose experts are used equally often, admitting on
+      a tie would evict each expert before its next use, as LRU does.
+    - "lru": least recently used first out. A decode pass visits the layers in order, so once the
+      cache holds less than one pass's experts, LRU evicts each expert just before its next use:
+      no hits at all (measured: 0 of 42,222 on the Qwen3-30B-A3B shape at 8 GiB).
+    """
+
+    def __init__(self, capacity_bytes: int, device, dtype, quantized: bool, timeline: Timeline, policy: str = "lfu"):
+        if policy not in EXPERT_POLICIES:
+            raise ValueError(f"expert cache policy {policy!r}: use one of {', '.join(EXPERT_POLICIES)}")
         self.capacity, self.device, self.dtype, self.quantized, self.tl = capacity_bytes, device, dtype, quantized, \
             timeline
+        self.policy = policy
         self.entries: "OrderedDict[tuple[int, int], tuple]" = OrderedDict()  # (layer, expert) -> (g, u, d, bytes)
+        self.uses: Counter = Counter()  # (layer, expert) -> times chosen (lfu)
+        self.stamp: dict[tuple[int, int], tuple[int, int]] = {}  # cached key -> its (uses, tick) in the heap (lfu)
+        self.heap: list[tuple[int, int, tuple[int, int]]] = []  # (uses, tick, key), stale entries skipped (lfu)
+        self.tick = 0
         self.used = 0
         self.hits = self.misses = 0
         self.bytes_moved = 0
@@ -163,11 +185,16 @@ class ExpertCache:
         """Layer i's `experts` on the device, copying the missing ones out of its staging bytes."""
         out, missing = {}, []
         for e in experts:
-            hit = self.entries.get((i, e))
+            key = (i, e)
+            self.tick += 1
+            self.uses[key] += 1
+            hit = self.entries.get(key)
             if hit is None:
                 missing.append(e)
             else:
-                self.entries.move_to_end((i, e))
+                self.entries.move_to_end(key)
+                if self.policy == "lfu":
+                    self._stamp(key)
                 out[e] = hit[:3]
         self.hits += len(out)
         self.misses += len(missing)
@@ -197,14 +224,35 @@ class ExpertCache:
                         experts=len(missing))
         return out
 
+    def _stamp(self, key) -> None:
+        self.stamp[key] = (self.uses[key], self.tick)
+        heapq.heappush(self.heap, (*self.stamp[key], key))
+
+    def _victim(self):
+        """The cached expert LFU would evict first (its heap entry stays until popped)."""
+        while self.heap and self.stamp.get(self.heap[0][2]) != self.heap[0][:2]:
+            heapq.heappop(self.heap)  # stale: re-stamped since, or evicted
+        return self.heap[0]
+
     def _put(self, key, entry) -> None:
         nbytes = entry[3]
+        if nbytes > self.capacity:
+            return
         while self.entries and self.used + nbytes > self.capacity:
-            _, old = self.entries.popitem(last=False)
+            if self.policy == "lru":
+                old = self.entries.popitem(last=False)[1]
+            else:
+                uses, _, victim = self._victim()
+                if uses >= self.uses[key]:
+                    return  # no cached expert is used less often: the newcomer is not kept
+                heapq.heappop(self.heap)
+                del self.stamp[victim]
+                old = self.entries.pop(victim)
             self.used -= old[3]
-        if nbytes <= self.capacity:
-            self.entries[key] = entry
-            self.used += nbytes
+        self.entries[key] = entry
+        self.used += nbytes
+        if self.policy == "lfu":
+            self._stamp(key)
 
 
 class ExpertSet:
@@ -225,10 +273,11 @@ class StreamedLayers:
                  layer_done: Callable[[int, int, int], None],
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
                  quantized: bool = False, share: CpuShare | None = None,
-                 experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0, dense_resident: bool = False):
+                 experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0, dense_resident: bool = False,
+                 expert_policy: str = "lfu"):
         self.layouts = layouts
         self.n_expert, self.n_expert_used = experts
-        self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline) \
+        self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline, expert_policy) \
             if experts[0] and expert_cache_bytes else None
         self.expert_step = False  # this step fetches only the chosen experts of streamed MoE layers
         self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-cache-gb", type=float, default=None,
                    help="device memory for a mixture-of-experts model's streamed experts: decode steps copy only the "
                         "experts the router chose (default: one layer's slot)")
+    g.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu",
+                   help="which streamed experts the device cache keeps: the most often used (lfu, default) or the "
+                        "most recently used (lru)")
     g.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
                    help="a mixture-of-experts model's attention, router and norms of streamed layers: kept on the "
                         "device when they fit, so decode copies only the chosen experts (default, as llama.cpp's "
@@ -195,7 +198,7 @@ def open_engine(args):
             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
             step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
             cpu_share=args.cpu_share, cpu_threads=args.cpu_threads, expert_cache_gb=args.expert_cache_gb,
-            moe_dense=args.moe_dense,
+            moe_dense=args.moe_dense, expert_policy=args.expert_policy,
             trace=bool(args.trace),
         )
     return Engine.open(cfg, pcfg, index=index, progress=sys.stderr.isatty())

@@ -82,6 +82,7 @@ class PipelineConfig:
     cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu_share.threads_default)
     expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
     moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
+    expert_policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/streamed.py, ExpertCache)
 
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
@@ -222,6 +223,7 @@ class Pipeline:
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
             cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, index=self.index,
             expert_cache_bytes=self.plan.expert_cache_bytes, dense_resident=self.plan.dense_resident,
+            expert_policy=cfg.expert_policy,
             cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
                                             and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
@@ -423,7 +425,8 @@ class Pipeline:
         ex = next((s["experts"] for s in snaps if s.get("experts")), None)
         if ex and ex["hits"] + ex["misses"]:
             n = ex["hits"] + ex["misses"]
-            extra["experts"] = (f"{ex['hits']} of {n} fetched experts were in the device cache ({ex['hits'] / n:.0%}); "
+            extra["experts"] = (f"{ex['hits']} of {n} fetched experts were in the device cache ({ex['hits'] / n:.0%}, "
+                                f"{ex.get('policy', 'lfu')}); "
                                 f"{ex['bytes'] / 1e6:.1f} MB moved over {ex['steps']} steps with expert streaming "
                                 f"({ex['bytes'] / max(ex['tokens'], 1) / 1e6:.2f} MB a token)")
         share = next((s["cpu_share"] for s in snaps if s.get("cpu_share")), None)

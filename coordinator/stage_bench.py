@@ -534,7 +534,8 @@ def bench_pipeline(args) -> list[dict]:
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace),
                               cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
-                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense)
+                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
+                              expert_policy=args.expert_policy)
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -633,6 +634,59 @@ def _bare_engine(core, prompts: list[list[int]], max_tokens: int) -> tuple[float
     return time.perf_counter() - t0, list(first.values()), n
 
 
+def _routes(rng: np.random.Generator, passes: int, layers: int, E: int, k: int, batch: int,
+            skew: float) -> np.ndarray:
+    """The experts each token of each layer of each pass chooses, [passes, layers, batch, k]:
+    top-k without replacement from a per-layer popularity ~ 1 / rank^skew (0: uniform), by the
+    Gumbel top-k trick."""
+    logp = np.stack([-skew * np.log1p(rng.permutation(E)) for _ in range(layers)])  # [layers, E]
+    keys = logp[None, :, None, :] + rng.gumbel(size=(passes, layers, batch, E))
+    return np.argpartition(-keys, k - 1, axis=-1)[..., :k]
+
+
+def bench_experts(args) -> list[dict]:
+    """Hit rates of the expert cache's policies on routing traces of a shape's experts: the
+    bookkeeping of the real ExpertCache over tiny stand-in experts, no device involved."""
+    from gguf import GGMLQuantizationType as QT
+
+    from layerstream.compute.streamed import EXPERT_POLICIES, ExpertCache
+    from layerstream.loader.layout import LayerLayout, SlotTensor
+    from layerstream.loader.synth import resolve_shape
+    from layerstream.proto.timeline import Timeline
+
+    shape = resolve_shape(args.shape, args.layers)
+    L, E, k = shape.n_layer, shape.n_expert, shape.n_expert_used
+    if not E:
+        raise ValueError(f"--shape {shape.name} has no experts")
+    names = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+    lay = LayerLayout(0, tuple(SlotTensor(n, int(QT.F32), (E, 1, 1), j * 4 * E, 4 * E, "-", 0)
+                               for j, n in enumerate(names)), 12 * E)
+    host = np.zeros(12 * E, dtype=np.uint8)
+    rows = []
+    print(f"experts: {shape.name} ({L} layers, {k} of {E} experts a token); {args.passes} passes, the hit rate "
+          f"of the second half", flush=True)
+    print(f"{'routing':>10} {'batch':>5} {'cache':>6} " + " ".join(f"{p:>6}" for p in EXPERT_POLICIES), flush=True)
+    for skew in args.skew:
+        for b in args.batch:
+            trace = _routes(np.random.default_rng(0), args.passes, L, E, k, b, skew)
+            for share in args.shares:
+                rates = {}
+                for policy in EXPERT_POLICIES:
+                    cache = ExpertCache(round(share * L * E) * 12, torch.device("cpu"), torch.float32, False,
+                                        Timeline("bench", "experts"), policy)
+                    for step in range(args.passes):
+                        if step == args.passes // 2:
+                            cache.hits = cache.misses = 0
+                        for i in range(L):
+                            cache.fetch(i, np.unique(trace[step, i]).tolist(), lay, host)
+                    rates[policy] = cache.hits / max(cache.hits + cache.misses, 1)
+                routing = "uniform" if not skew else f"zipf {skew:g}"
+                rows.append({"routing": routing, "batch": b, "cache share": share} | rates)
+                print(f"{routing:>10} {b:>5} {share:>6.0%} " + " ".join(f"{rates[p]:>6.1%}" for p in EXPERT_POLICIES),
+                      flush=True)
+    return rows
+
+
 def bench_serve(args) -> list[dict]:
     import threading
 
@@ -654,7 +708,8 @@ def bench_serve(args) -> list[dict]:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
                                   step_tokens=args.step_tokens, resident_layers=args.resident_layers,
                                   cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
-                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense)
+                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
+                              expert_policy=args.expert_policy)
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -698,6 +753,10 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
 def _common(p: argparse.ArgumentParser, reps: int = 5) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     from layerstream.loader.synth import SHAPES
@@ -720,6 +779,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cache-gb", type=float, default=None, help="device memory for streamed experts")
     p.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
                    help="streamed MoE layers' attention and routers: resident (when they fit) or streamed")
+    p.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu", help="the expert cache's eviction")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -796,6 +856,17 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--tokens", type=int, default=16, help="tokens each client generates (default 16)")
     p.add_argument("--port", type=int, default=18080, help="port on 127.0.0.1 (default 18080)")
     p.set_defaults(func=bench_serve)
+
+    p = sub.add_parser("experts", help="hit rates of the expert cache's policies (lfu, lru) on routing traces")
+    p.add_argument("--shape", default="qwen3-30b-a3b", help="a mixture-of-experts shape (default qwen3-30b-a3b)")
+    p.add_argument("--layers", type=int, default=None, help="streamed layers (default: the shape's)")
+    p.add_argument("-b", "--batch", type=_ints, default=[1, 8], help="tokens a step (default 1,8)")
+    p.add_argument("--shares", type=_floats, default=[0.02, 0.1, 0.25, 0.5],
+                   help="cache sizes as shares of every expert (default 0.02,0.1,0.25,0.5)")
+    p.add_argument("--skew", type=_floats, default=[0.0, 1.0],
+                   help="routing skew: expert popularity ~ 1 / rank^skew, 0 uniform (default 0,1)")
+    p.add_argument("--passes", type=int, default=100, help="decode passes simulated (default 100)")
+    p.set_defaults(func=bench_experts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,21 +22,23 @@ def _layer(n_expert=4, rows=8, cols=16):
     return LayerLayout(0, tuple(tensors), off), np.concatenate(host)
 
 
-def test_fetch_copies_the_right_bytes_and_keeps_the_most_recent():
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_fetch_copies_the_right_bytes_and_keeps_the_most_recent(policy):
     lay, host = _layer()
     per = 3 * 8 * 16 * 4  # bytes of one expert (three 8 x 16 float32 matrices)
-    cache = ExpertCache(2 * per, torch.device("cpu"), torch.float32, False, Timeline("compute", "t"))
+    cache = ExpertCache(2 * per, torch.device("cpu"), torch.float32, False, Timeline("compute", "t"), policy)
     got = cache.fetch(0, [1, 3], lay, host)
     assert set(got) == {1, 3}
     gate, up, down = got[3]
     assert gate.shape == (8, 16) and gate[2, 0].item() == 302 and up[0, 0].item() == 1300 and down[7, 0].item() == 2307
     assert (cache.hits, cache.misses, cache.bytes_moved) == (0, 2, 2 * per)
-    cache.fetch(0, [1], lay, host)  # 1 is now the most recent, 3 the least
-    cache.fetch(0, [2], lay, host)  # full: 3 goes
-    assert set(k[1] for k in cache.entries) == {1, 2}
+    cache.fetch(0, [1], lay, host)  # 1 is now the most recent and the most used, 3 the least of both
+    cache.fetch(0, [2], lay, host)  # full: lru drops 3 for 2; lfu keeps 3 (used as often as 2)
+    kept = 2 if policy == "lru" else 3
+    assert set(k[1] for k in cache.entries) == {1, kept}
     assert (cache.hits, cache.misses) == (1, 3)
     host[:] = 0  # a hit reads nothing from the staging bytes
-    assert cache.fetch(0, [2], lay, host)[2][0][0, 0].item() == 200
+    assert cache.fetch(0, [kept], lay, host)[kept][0][0, 0].item() == 100 * kept
 
 
 def test_steps_stream_experts_while_they_touch_at_most_half():
@@ -44,3 +46,42 @@ def test_steps_stream_experts_while_they_touch_at_most_half():
     assert not streams_experts(128, 8, 16) and not streams_experts(128, 8, 512)
     assert streams_experts(8, 2, 2) and not streams_experts(8, 2, 3)  # Mixtral: batches of 1 and 2
     assert not streams_experts(0, 0, 1)
+
+
+def _cache(n_expert, slots, policy):
+    lay, host = _layer(n_expert, rows=2, cols=4)
+    per = 3 * 2 * 4 * 4
+    return ExpertCache(slots * per, torch.device("cpu"), torch.float32, False, Timeline("compute", "t"), policy), lay, host
+
+
+def test_lfu_keeps_what_lru_evicts_in_a_cycle_of_layers():
+    """A decode pass visits layers in order; a cache smaller than one pass's experts gets no hit
+    under LRU (each expert is evicted just before its next use) and its share under LFU."""
+    rng = np.random.default_rng(0)
+    rates = {}
+    for policy in ("lru", "lfu"):
+        cache, lay, host = _cache(16, 16, policy)  # 16 of 8 layers x 16 experts; a pass uses 8 x 4
+        for step in range(300):
+            for layer in range(8):
+                cache.fetch(layer, sorted(rng.choice(16, 4, replace=False).tolist()), lay, host)
+        rates[policy] = cache.hits / (cache.hits + cache.misses)
+        assert cache.used <= cache.capacity and len(cache.entries) <= 16
+    assert rates["lru"] < 0.03
+    assert 0.09 < rates["lfu"] < 0.16  # uniform routing: about the share of experts cached (1/8)
+
+
+def test_lfu_keeps_the_experts_used_most():
+    cache, lay, host = _cache(8, 2, "lfu")
+    for _ in range(5):
+        cache.fetch(0, [0, 1], lay, host)  # 0 and 1: used 5 times each
+    for e in (2, 3, 4, 5, 6, 7, 2):
+        cache.fetch(0, [e], lay, host)  # newcomers used once or twice: served, not kept
+    assert set(cache.entries) == {(0, 0), (0, 1)}
+    cache.fetch(0, [2], lay, host)
+    cache.fetch(0, [2, 3, 4], lay, host)
+    cache.fetch(0, [2], lay, host)  # 2 is used five times now, as often as 0 and 1: still not kept
+    assert set(cache.entries) == {(0, 0), (0, 1)}
+    cache.fetch(0, [2], lay, host)  # six: it replaces the less recent of 0 and 1
+    assert set(cache.entries) == {(0, 1), (0, 2)}
+    with pytest.raises(ValueError, match="policy 'fifo'"):
+        _cache(8, 2, "fifo")
