@@ -60,8 +60,19 @@ def test_pipeline(tiny, capsys, tmp_path):
     assert "x floor" in out and "streamed" in out and "wall time" in out and trace.exists()
 
 
+def test_experts_compares_the_cache_policies(capsys):
+    """A cache of a tenth of the experts under uniform routing at batch 8: LRU keeps nothing
+    (each pass's experts outnumber it), LFU about its share."""
+    out = run(capsys, "experts", "--layers", "8", "--passes", "40", "-b", "8", "--shares", "0.1", "--skew", "0")
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("uniform"))
+    lfu, lru = (float(v.rstrip("%")) for v in row[-2:])
+    assert lru < 1 and 6 < lfu < 14, row
+    assert stage_bench.main(["experts", "--shape", "llama-3.1-8b"]) == 1  # a dense shape: one line, exit 1
+    assert capsys.readouterr().err.strip() == "stage_bench: error: --shape llama-3.1-8b has no experts"
+
+
 def test_add_stage_parsers_registers_every_stage():
     p = argparse.ArgumentParser()
     stage_bench.add_stage_parsers(p.add_subparsers(dest="cmd"))
-    for stage in ("reader", "transfer", "dequant", "compute", "pipeline"):
+    for stage in ("reader", "transfer", "dequant", "compute", "pipeline", "serve", "experts"):
         assert p.parse_args([stage]).func.__name__ == f"bench_{stage}"
