@@ -175,11 +175,25 @@ def route(hp: HParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return weight, chosen
 
 
+# Decode steps of up to this many tokens run a MoE layer's chosen experts as grouped launches
+# (NOTE [ grouped experts ]); larger steps run one expert at a time, its tokens as one batch.
+GROUPED_MAX_TOKENS = 8
+
+
 def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed.
-    The tokens of one expert run as one batch; only the experts some token chose run at all."""
+    """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed."""
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
     weight, chosen = route(hp, linear(h, w["ffn_gate_inp.weight"]))
+    if chosen.shape[0] <= GROUPED_MAX_TOKENS and _grouped(w):
+        out = _experts_grouped(hp, w, h, weight, chosen)
+    else:
+        out = _experts_one_by_one(hp, w, h, weight, chosen)
+    return x + out.to(x.dtype)
+
+
+def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
+                        chosen: torch.Tensor) -> torch.Tensor:
+    """Only the experts some token chose run, each on its tokens as one batch."""
     out = torch.zeros_like(h, dtype=torch.float32)
     # the (token, choice) pairs grouped by expert: one host sync a layer (the counts), not one an expert
     flat = chosen.flatten()
@@ -201,7 +215,57 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         y = linear(F.silu(linear(he, gate)) * linear(he, up), down)
         out.index_add_(0, tok, y.float() * wt_all[start:end])
         start = end
-    return x + out.to(x.dtype)
+    return out
+
+
+# NOTE [ grouped experts ]
+# A decode step's experts run as three kernel launches, not three per expert (qkernels.
+# grouped_matmul): every (token, choice) pair g of the step is a group, whose gate and up
+# matrices multiply its token's activations, and whose down matrix multiplies the pair's own
+# SwiGLU output; the pairs' outputs are then weighted and summed per token. A group finds its
+# expert's blocks by byte offset from one anchor tensor. For a resident layer the offsets come
+# from the chosen ids on the device (no host sync). For a streamed layer they are the
+# addresses of the expert cache's entries (streamed.ExpertSet), known once its fetch is done.
+
+
+def _grouped(w: LayerWeights) -> bool:
+    """Whether a layer's experts are blocks the grouped kernel reads."""
+    from layerstream.compute.qlinear import FUSED_TYPES
+
+    if "experts" in w:
+        return w["experts"].grouped
+    mats = [w.get(n) for n in EXPERT_TENSORS]
+    return all(isinstance(m, QuantWeight) and m.qtype in FUSED_TYPES for m in mats)
+
+
+def _experts_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
+                     chosen: torch.Tensor) -> torch.Tensor:
+    from layerstream.compute.qlinear import grouped_matmul
+
+    T, k = chosen.shape
+    dev = h.device
+    flat = chosen.flatten()
+    if "experts" in w:  # streamed: the chosen experts' cache entries, by address
+        ids = flat.tolist()  # the host sync of this layer
+        mats = w["experts"].fetch(sorted(set(ids)))
+        first = mats[ids[0]]
+        anchor = first[0].raw
+        offs = torch.tensor([[mats[e][j].raw.data_ptr() - anchor.data_ptr() for e in ids] for j in range(3)],
+                            dtype=torch.int64).to(dev)
+    else:  # resident: expert e is a byte range of each [E * N, K] block matrix, found on the device
+        first = tuple(expert(w[n], 0, hp.n_expert) for n in EXPERT_TENSORS)
+        anchor = w[EXPERT_TENSORS[0]].raw
+        offs = torch.stack([flat * (w[n].nbytes // hp.n_expert) + (w[n].raw.data_ptr() - anchor.data_ptr())
+                            for n in EXPERT_TENSORS])
+    (gq, (N, K)), (uq, _), (dq, (Nd, Kd)) = ((m.qtype, m.shape) for m in first)
+    rows = torch.arange(T, device=dev, dtype=torch.int32).repeat_interleave(k)
+    if gq == uq:  # gate and up of every pair: one launch
+        gu = grouped_matmul(h, anchor, gq, N, K, offs[:2].flatten(), rows.repeat(2))
+        g, u = gu[: T * k], gu[T * k :]
+    else:
+        g, u = (grouped_matmul(h, anchor, q, N, K, offs[j], rows) for j, q in ((0, gq), (1, uq)))
+    d = grouped_matmul(F.silu(g) * u, anchor, dq, Nd, Kd, offs[2], torch.arange(T * k, device=dev, dtype=torch.int32))
+    return (d.float().view(T, k, -1) * weight.unsqueeze(-1)).sum(1)
 
 
 def layer_forward(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,

@@ -184,6 +184,28 @@ def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, n
 
 
 @triton.jit
+def _grouped_kernel(x, raw, halfs, out, w_off, x_row, N, n_chunks, nblk, row_bytes, sxm, som,
+                    QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
+    """out[grp, N] = x[x_row[grp], K] @ dequant(W_grp)^T, where W_grp is a [N, K] matrix of blocks
+    starting w_off[grp] bytes from raw: many matrices of one type and shape in one launch (the
+    experts a step chose). One row of activations a group, on the CUDA cores, K not split."""
+    pid_n = tl.program_id(0)
+    grp = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    ok_n = rn < N
+    ok_r = ok_n[:, None, None]
+    rowb = tl.load(w_off + grp) + rn[:, None, None].to(tl.int64) * row_bytes
+    xr = tl.load(x_row + grp).to(tl.int64)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for kb in range(0, n_chunks):
+        for p in tl.static_range(NPARTS):
+            w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
+            xv = tl.load(x + xr * sxm + kb * 256 + e, mask=ok, other=0).to(tl.float32)
+            acc += tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
+    tl.store(out + grp.to(tl.int64) * som + rn, acc.to(out.dtype.element_ty), mask=ok_n)
+
+
+@triton.jit
 def _sum_splits_kernel(part, out, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = sum over s of part[s, i], in split order (deterministic), cast to out's dtype."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -284,4 +306,27 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     if splits > 1:
         n = M * N
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=splits, BLOCK=1024)
+    return out
+
+
+def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, w_off: torch.Tensor,
+                   x_row: torch.Tensor) -> torch.Tensor:
+    """out[g] = x[x_row[g]] @ W_g^T for every group g in one launch, W_g the [N, K] matrix of
+    `qtype` blocks that starts w_off[g] bytes after raw's first byte: a new [len(w_off), N]
+    tensor in x's dtype. w_off (int64, even) and x_row (int32) are on x's device; an offset may
+    point into another allocation of that device (the expert cache's entries), which raw only
+    anchors."""
+    if raw.dtype != torch.uint8 or raw.storage_offset() % 2 or K % GEOMETRY[qtype][1]:
+        raise ValueError(f"grouped blocks of type {qtype} need uint8 bytes at an even offset and K ({K}) "
+                         f"a multiple of {GEOMETRY[qtype][1]}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
+    n = w_off.numel()
+    out = torch.empty(n, N, dtype=x.dtype, device=x.device)
+    BN = 4
+    kw = {} if INTERPRET else {"num_warps": 1}
+    _grouped_kernel[(triton.cdiv(N, BN), n)](x, raw, raw.view(torch.float16), out, w_off, x_row, N,
+                                             triton.cdiv(K, 256), nblk, row_bytes, x.stride(0), N,
+                                             QT=qtype, NPARTS=nparts, G=G, L=L, BN=BN, **kw)
     return out

@@ -138,6 +138,12 @@ def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[t
     return split_linear(x, ws, biases)
 
 
+def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, w_off: torch.Tensor,
+                   x_row: torch.Tensor) -> torch.Tensor:
+    """out[g] = x[x_row[g]] @ W_g^T, W_g the [N, K] blocks w_off[g] bytes from raw (qkernels.grouped_matmul)."""
+    return _kernels().grouped_matmul(x, raw, qtype, N, K, w_off, x_row)
+
+
 def scratch_elems(layer_shapes) -> int:
     """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
     head, larger, goes in row chunks of that size)."""

@@ -43,7 +43,7 @@ import torch
 
 from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_rows, pack_rows
 from layerstream.compute.model import EXPERT_TENSORS, LayerWeights
-from layerstream.compute.qlinear import QuantWeight
+from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.runner import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
@@ -260,6 +260,11 @@ class ExpertSet:
 
     def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray):
         self.cache, self.i, self.lay, self.host = cache, i, lay, host
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the fetched experts are blocks the grouped kernel reads (NOTE [ grouped experts ])."""
+        return self.cache.quantized and all(self.lay.tensor(n).qtype in FUSED_TYPES for n in EXPERT_TENSORS)
 
     def fetch(self, experts: list[int]) -> dict[int, tuple]:
         return self.cache.fetch(self.i, experts, self.lay, self.host)

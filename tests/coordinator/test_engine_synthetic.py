@@ -132,18 +132,31 @@ def test_quantized_weights_match_reference(tmp_path, arch):
         _assert_close(torch.stack(steps), ref[:4], f"{arch} quantized, token by token (fused kernels)")
 
 
-def test_quantized_experts_match_reference(tmp_path):
+def test_quantized_experts_match_reference(tmp_path, monkeypatch):
     """Experts kept as blocks: each expert's matrix is a byte range of its 3-D tensor (Triton's
-    interpreter here, small Q8_0 model to keep it quick)."""
+    interpreter here, small Q8_0 model to keep it quick). Steps of up to GROUPED_MAX_TOKENS run
+    every chosen expert in grouped launches; larger ones, and these when the limit is lowered,
+    one expert at a time."""
     pytest.importorskip("triton")
+    from layerstream.compute import model, qkernels
+
+    calls = []
+    grouped = qkernels.grouped_matmul
+    monkeypatch.setattr(qkernels, "grouped_matmul", lambda *a: calls.append(a[5].numel()) or grouped(*a))
     path = _write(tmp_path, "qwen3moe", "Q8_0", n_layer=1)
-    ref = reference.reference_logits(path, TOKENS[:8])
+    ref = reference.reference_logits(path, TOKENS[:12])
     with _load(path, weights="quantized", max_seqs=1) as e:
         assert type(e.backend.source.weights[0]["ffn_up_exps.weight"]).__name__ == "QuantWeight"
-        _assert_close(e.logits(TOKENS[:8]), ref, "qwen3moe quantized, prompt path")
+        _assert_close(e.logits(TOKENS[:12]), ref, "qwen3moe quantized, prompt path (one expert at a time)")
+        assert not calls
+        _assert_close(e.logits(TOKENS[:8]), ref[:8], "qwen3moe quantized, 8 tokens (grouped)")
+        assert calls == [2 * 8 * 2, 8 * 2]  # gate and up of 8 tokens x 2 choices in one launch, then down
         s = e._new_seq()
         steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:2]]
-        _assert_close(torch.stack(steps), ref[:2], "qwen3moe quantized, fused kernels")
+        monkeypatch.setattr(model, "GROUPED_MAX_TOKENS", 0)
+        steps += [e._feed([s], [[t]], "last")[0] for t in TOKENS[2:4]]
+        _assert_close(torch.stack(steps), ref[:4], "qwen3moe quantized, decode grouped then one by one")
+        assert len(calls) == 2 + 2 * 2
 
 
 def test_attention_in_groups_matches_reference(tmp_path, monkeypatch):

@@ -208,6 +208,27 @@ def test_decode_fetches_only_chosen_experts(tmp_path, arch, kw, cache_gb, moe_de
         assert ex["misses"] > 3 * 16  # evicted experts came back
 
 
+def test_streamed_experts_as_blocks_run_grouped(tmp_path):
+    """Experts kept as GGUF blocks (Triton's interpreter here): a decode step's chosen experts,
+    fetched into the cache's own tensors or served and dropped, run in grouped launches that find
+    them by address (NOTE [ grouped experts ]); the same tokens as the single-process engine,
+    which finds them as byte ranges of its resident 3-D tensors."""
+    pytest.importorskip("triton")
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q8_0", n_layer=1, n_expert=8,
+                               n_expert_used=2, seed=5)
+    prompts = [[5, 17, 33], [9, 3]]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cache_gb = 3 * (3 * 128 * 68) / 2**30  # three of the 8 experts (each three 128 x 64 Q8_0 matrices): some
+    # of a step's experts are cached, others served and dropped
+    with _engine(path, dtype="float32", weights="quantized") as e:
+        want = e.generate_batch(prompts, params)
+    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb), dtype="float32",
+                 weights="quantized") as e:
+        assert e.generate_batch(prompts, params) == want
+        ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
+    assert ex["steps"] >= 3 and ex["misses"] > 0 and ex["hits"] > 0
+
+
 def test_sliding_window_in_pipeline(model):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with _engine(model, ctx=16, on_context_full="slide", sink_tokens=4) as e:
