@@ -238,3 +238,62 @@ def test_failed_pipeline_answers_503_and_health_says_why():
         assert h.value.code == 503 and "died" in json.loads(h.value.read())["error"]
     finally:
         _stop(p)
+
+
+class _TimedCore:
+    """A stand-in engine core: each step takes `pass_s` and finishes every request it holds,
+    noting which requests shared it."""
+
+    def __init__(self, pass_s: float):
+        self.pass_s, self.held, self.passes = pass_s, [], []
+        self.waiting, self.running = [], []
+
+    def add_request(self, rid, prompt, params):
+        self.held.append(rid)
+
+    def abort(self, rid):
+        pass
+
+    def has_unfinished(self):
+        return bool(self.held)
+
+    def step(self):
+        from layerstream.coordinator.core import RequestOutput
+
+        self.passes.append(self.held)
+        outs = [RequestOutput(r, "", [], True, "length", 1, 0) for r in self.held]
+        self.held = []
+        time.sleep(self.pass_s)
+        return outs
+
+
+def test_requests_arriving_together_share_the_first_pass_from_idle():
+    """When a request wakes an idle engine, the first pass waits for those arriving with it
+    (until none comes for the gap), but at most a quarter of the last pass's time."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from layerstream.coordinator.server import EngineWorker, Metrics
+
+    core = _TimedCore(pass_s=0.4)
+    w = EngineWorker(SimpleNamespace(core=core), asyncio.new_event_loop(), Metrics(), max_queue=16,
+                     gather_gap_s=0.25, gather_first_s=2.0)
+    w.start()
+    try:
+        for i in range(4):  # a burst: 10 ms apart, well inside the gap
+            w.submit(f"a{i}", [1], None)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while len(core.passes) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert core.passes == [["a0", "a1", "a2", "a3"]]
+        time.sleep(0.6)  # the pass (0.4 s) is over: idle again, and the cap is now 0.1 s
+        w.submit("b0", [1], None)
+        time.sleep(0.2)  # inside the gap, past the cap: the next pass, not b0's
+        w.submit("b1", [1], None)
+        while len(core.passes) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert core.passes[1:] == [["b0"], ["b1"]]
+    finally:
+        w.stop()
+        w.join(5)
