@@ -6,7 +6,8 @@ weights stay quantized, else dequantized), the output head and norm, `vram_slots
 for streamed layers, the KV cache of the first `kv_device_layers` layers, two device buffers
 for the host-KV layers' caches in flight, the scratch of one step of `step_tokens` tokens
 (activations, attention temporaries, logits, the dequantization buffer of the prompt path),
-and the allocator's slack. A mixture-of-experts model adds its expert cache and, when they fit
+and the allocator's slack. A mixture-of-experts model adds its expert cache, the chosen
+experts a step holds beyond it (those the cache does not keep), and, when they fit
 after the KV, every streamed layer's tensors but its experts (attention, router, norms: about a
 thirtieth of a Qwen3-30B-A3B layer), so that a decode step copies only the chosen experts, as
 llama.cpp users keep them with `-ot exps=CPU`. The compute process caps torch's allocator at the budget
@@ -170,9 +171,18 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
 
     # a mixture-of-experts model's decode steps fetch only their chosen experts into a cache of
     # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default
-    experts = 0
+    experts = in_flight = 0
     if hp.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
+    if experts:
+        from layerstream.compute.streamed import streams_experts
+
+        # a step's chosen experts that the cache does not keep are on the device until its layer
+        # is done: at most every expert the largest expert step can choose in one layer
+        t_max = max(t for t in range(1, hp.n_expert + 1) if streams_experts(hp.n_expert, hp.n_expert_used, t))
+        per_expert = max(sum(t.nbytes for t in lay.tensors if t.name in EXPERT_TENSORS) for lay in layouts) \
+            // hp.n_expert
+        in_flight = min(hp.n_expert, hp.n_expert_used * t_max) * per_expert
     if moe_dense not in ("resident", "stream"):
         raise ConfigError(f"--moe-dense {moe_dense!r}: use resident or stream")
     # each layer's tensors but its experts, for the layers whose experts stream
@@ -181,7 +191,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
 
     def fit(T: int, slots: int, r: int, kv_dev: int, keep_dense: bool = False) -> tuple[int, list[tuple[str, int]]]:
         parts = [("head", head), ("resident layers", sum(weights[:r])), ("layer slots", slots * slot_bytes),
-                 ("expert cache", experts if r < n else 0),
+                 ("expert cache", experts if r < n else 0), ("experts in flight", in_flight if r < n else 0),
                  ("streamed layers' attention", sum(dense[r:]) if keep_dense else 0),
                  ("KV", kv_dev * kv_layer), ("host KV in flight", 2 * kv_layer if kv_dev < n else 0),
                  ("step scratch", scratch(T))]

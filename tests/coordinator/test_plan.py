@@ -128,6 +128,9 @@ def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     dense = [sum(t.nbytes for t in lay.tensors if not t.name.endswith("_exps.weight")) for lay in layouts]
     assert p.dense_resident and dict(p.parts)["streamed layers' attention"] == sum(dense[i] for i in p.streamed)
     assert sum(dense) < layouts[0].nbytes * 2
+    # a decode step of up to 10 tokens streams experts (8 of 128 each): 80 of them at most in flight
+    per_expert = sum(t.nbytes for t in layouts[0].tensors if t.name.endswith("_exps.weight")) // 128
+    assert dict(p.parts)["experts in flight"] == 80 * per_expert
     s = plan((index, layouts), gib, moe_dense="stream")
     assert not s.dense_resident and dict(s.parts)["streamed layers' attention"] == 0
     assert len(s.resident) >= len(p.resident) and s.device_bytes <= gib * GiB
