@@ -50,7 +50,7 @@ class ComputeConfig:
     index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
     expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
     dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device
-    expert_policy: str = "lfu"  # the expert cache's eviction (streamed.ExpertCache)
+    expert_policy: str = "lfu"  # the expert cache's eviction (experts.ExpertCache)
 
 
 class ComputeWorker:

@@ -200,7 +200,7 @@ def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: t
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=hp.n_expert).tolist()
     ids = [e for e, c in enumerate(counts) if c]
-    if "experts" in w:  # streamed: only these experts are fetched (streamed.ExpertSet)
+    if "experts" in w:  # streamed: only these experts are fetched (experts.ExpertSet)
         mats = w["experts"].fetch(ids)
     else:
         mats = {e: tuple(expert(w[n], e, hp.n_expert) for n in EXPERT_TENSORS) for e in ids}
@@ -225,7 +225,7 @@ def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: t
 # SwiGLU output; the pairs' outputs are then weighted and summed per token. A group finds its
 # expert's blocks by byte offset from one anchor tensor. For a resident layer the offsets come
 # from the chosen ids on the device (no host sync). For a streamed layer they are the
-# addresses of the expert cache's entries (streamed.ExpertSet), known once its fetch is done.
+# addresses of the expert cache's entries (experts.ExpertSet), known once its fetch is done.
 
 
 def _grouped(w: LayerWeights) -> bool:

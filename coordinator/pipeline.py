@@ -82,7 +82,7 @@ class PipelineConfig:
     cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu_share.threads_default)
     expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
     moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
-    expert_policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/streamed.py, ExpertCache)
+    expert_policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
 
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)

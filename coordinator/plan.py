@@ -175,7 +175,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     if hp.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
     if experts:
-        from layerstream.compute.streamed import streams_experts
+        from layerstream.compute.experts import streams_experts
 
         # a step's chosen experts that the cache does not keep are on the device until its layer
         # is done: at most every expert the largest expert step can choose in one layer

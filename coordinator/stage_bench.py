@@ -649,7 +649,7 @@ def bench_experts(args) -> list[dict]:
     bookkeeping of the real ExpertCache over tiny stand-in experts, no device involved."""
     from gguf import GGMLQuantizationType as QT
 
-    from layerstream.compute.streamed import EXPERT_POLICIES, ExpertCache
+    from layerstream.compute.experts import EXPERT_POLICIES, ExpertCache
     from layerstream.loader.layout import LayerLayout, SlotTensor
     from layerstream.loader.synth import resolve_shape
     from layerstream.proto.timeline import Timeline

@@ -5,7 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from layerstream.compute.streamed import ExpertCache, streams_experts
+from layerstream.compute.experts import ExpertCache, streams_experts
 from layerstream.loader.layout import LayerLayout, SlotTensor
 from layerstream.proto.timeline import Timeline
 
