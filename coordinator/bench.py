@@ -61,12 +61,15 @@ def bench_engine(args) -> list[tuple[str, int, float, float]]:
         return torch.randint(0, V, (n,), generator=gen).tolist()
 
     def prefill() -> None:
-        engine.core.add_request("bench-prefill", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        # a fresh prompt each run: a repeated one would reuse the KV the last run left in its row
+        # (core.py, NOTE [ prefix reuse ]) and prefill one token
+        engine.core.add_request("bench-prefill", prompts.pop(), SamplingParams(temperature=0, max_tokens=1,
+                                                                               ignore_eos=True))
         engine.core.run_to_completion()
 
     rows = []
     with engine:
-        prompt = ids(args.prompt_tokens)
+        prompts = [ids(args.prompt_tokens) for _ in range(args.reps + 1)]
         t = _median_time(prefill, args.reps, dev)
         rows.append(("prefill", 1, args.prompt_tokens / t, 1e3 * t))
         for B in batches:

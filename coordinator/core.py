@@ -6,6 +6,15 @@ carries the decode token of every running request, then chunks of waiting prompt
 step's token budget. A request that finishes or is aborted gives its KV row back at once.
 Each request samples with its own parameters and its own seeded generator, so a seed
 reproduces whatever else shares the batch.
+
+NOTE [ prefix reuse ]
+A freed row keeps its KV until another sequence writes it, so the core remembers which tokens
+a freed row holds (positions 0.. in slots 0.., when its ring never evicted). A new request
+takes the free row that holds the longest prefix of its prompt and prefills only the rest: the
+next turn of a chat finds its whole conversation so far, and a common system prompt is found
+whenever a row that held it is free. Rows without such a record are taken first, then the
+least recently freed, so recent prefixes last longest. The KV is not copied between rows: a
+prefix held by a running request is not shared.
 """
 
 from __future__ import annotations
@@ -107,6 +116,8 @@ class EngineCore:
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
         self.on_context_full, self.sink_tokens, self.max_queue = on_context_full, sink_tokens, max_queue
         self.free_rows = list(range(max_seqs))
+        self.row_tokens: dict[int, list[int]] = {}  # free row -> tokens whose KV it still holds (NOTE above)
+        self.reused_tokens = 0  # prompt tokens whose KV an earlier request left in its row
         self.waiting: deque[_Request] = deque()  # not yet holding a row
         self.running: list[_Request] = []  # holding a row: prefilling or decoding
         self.aborted: list[RequestOutput] = []  # reported by the next step
@@ -115,12 +126,28 @@ class EngineCore:
     # -- rows (also lent to Engine's direct evaluation API) -------------------------------------
 
     def take_row(self) -> int:
+        """A free row: one holding no reusable KV first, else the least recently freed."""
+        return self._take_row_for(())[0]
+
+    def _take_row_for(self, prompt) -> tuple[int, int]:
+        """The free row holding the longest prefix of `prompt`'s KV, and how many tokens of it
+        (at most all but the last: a step needs one token); else as take_row (NOTE [ prefix reuse ])."""
         if not self.free_rows:
             raise ConfigError(f"more than {self.max_seqs} sequences at once; raise --batch")
-        return self.free_rows.pop(0)
+        row, n = next((r for r in self.free_rows if r not in self.row_tokens), self.free_rows[0]), 0
+        for r in self.free_rows:
+            m = _common_prefix(self.row_tokens.get(r, ()), prompt)
+            if m > n:
+                row, n = r, m
+        self.free_rows.remove(row)
+        self.row_tokens.pop(row, None)
+        return row, min(n, len(prompt) - 1)
 
-    def give_row(self, row: int) -> None:
-        self.free_rows.insert(0, row)
+    def give_row(self, row: int, held: list[int] | None = None) -> None:
+        """Free a row; `held`: the tokens whose KV it keeps at positions 0.. (reusable)."""
+        self.free_rows.append(row)
+        if held:
+            self.row_tokens[row] = held
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -148,8 +175,7 @@ class EngineCore:
             for r in list(q):
                 if r.id == request_id:
                     q.remove(r)
-                    if r.row is not None:
-                        self.give_row(r.row)
+                    self._free(r)
                     self.aborted.append(RequestOutput(r.id, "", [], True, "abort", len(r.prompt), len(r.generated)))
                     return True
         return False
@@ -197,8 +223,12 @@ class EngineCore:
         """Decode tokens of the running requests first, then prompt chunks, within the budget."""
         while self.waiting and self.free_rows:  # admission: a free row, FIFO
             r = self.waiting.popleft()
-            r.row = self.take_row()
+            r.row, n = self._take_row_for(r.prompt)
             r.ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
+            if n:  # the row holds these tokens' KV already, at the same positions
+                r.ring.append(n)
+                r.fed, r.tokens = n, r.prompt[:n]
+                self.reused_tokens += n
             self.running.append(r)
         plan = [(r, [r.pending]) for r in self.running if r.pending is not None]
         room = max(self.step_tokens - len(plan), 0)
@@ -253,9 +283,22 @@ class EngineCore:
         r.pending = tok
         return RequestOutput(r.id, text, [tok], prompt_tokens=len(r.prompt), completion_tokens=len(r.generated))
 
+    def _free(self, r: _Request) -> None:
+        """Give the request's row back, noting the tokens whose KV it holds (if its ring never evicted)."""
+        if r.row is not None:
+            self.give_row(r.row, list(r.tokens) if r.ring.total == r.ring.count else None)
+            r.row = None
+
     def _finish(self, r: _Request, reason: str, text: str = "", toks: list[int] | None = None) -> RequestOutput:
         self.running.remove(r)
-        if r.row is not None:
-            self.give_row(r.row)
-            r.row = None
+        self._free(r)
         return RequestOutput(r.id, text, toks or [], True, reason, len(r.prompt), len(r.generated))
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

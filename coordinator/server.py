@@ -184,6 +184,9 @@ class Metrics:
         self.tokens = Counter("layerstream_generated_tokens", "tokens generated", registry=r)
         self.requests = Counter("layerstream_finished_requests", "requests finished, by reason", ["reason"],
                                 registry=r)
+        self.reused = Counter("layerstream_prefix_reused_tokens",
+                              "prompt tokens whose KV an earlier request left in its row (not prefilled again)", registry=r)
+        self._reused_seen = 0
 
     def step(self, seconds: float, outs: list[RequestOutput], core) -> None:
         self.pass_s.observe(seconds)
@@ -193,6 +196,8 @@ class Metrics:
                 self.requests.labels(o.finish_reason or "unknown").inc()
         self.queue.set(len(core.waiting))
         self.running.set(len(core.running))
+        self.reused.inc(core.reused_tokens - self._reused_seen)
+        self._reused_seen = core.reused_tokens
 
 
 def _number(body: dict, key: str, default, kind, low=None, high=None):

@@ -722,10 +722,14 @@ def bench_serve(args) -> list[dict]:
                 print(f"measured: {r}", flush=True)  # a run cut short keeps what it measured
                 return r
 
+            def prompts(C: int) -> list[list[int]]:
+                """Fresh prompts for each round: a round reusing the KV an earlier one left in its
+                rows (core.py, NOTE [ prefix reuse ]) would skip the prefill it is meant to time."""
+                return [rng.integers(0, V, size=args.prompt_tokens).tolist() for _ in range(C)]
+
             for C in clients:
-                prompts = [rng.integers(0, V, size=args.prompt_tokens).tolist() for _ in range(C)]
-                _bare_engine(engine.core, prompts, 2)  # untimed: kernels of this batch size compiled
-                bare = row("engine", C, *_bare_engine(engine.core, prompts, args.tokens))
+                _bare_engine(engine.core, prompts(C), 2)  # untimed: kernels of this batch size compiled
+                bare = row("engine", C, *_bare_engine(engine.core, prompts(C), args.tokens))
                 # From here until it stops, the engine belongs to the server's worker thread.
                 http = uvicorn.Server(uvicorn.Config(Server(engine, "bench", max_queue=C).app, host="127.0.0.1",
                                                      port=args.port, log_level="warning", lifespan="on"))
@@ -734,7 +738,7 @@ def bench_serve(args) -> list[dict]:
                 while not http.started and thread.is_alive():
                     time.sleep(0.05)
                 try:
-                    r = row("server", C, *_server_clients(args.port, prompts, args.tokens))
+                    r = row("server", C, *_server_clients(args.port, prompts(C), args.tokens))
                 finally:
                     http.should_exit = True
                     thread.join(timeout=60)

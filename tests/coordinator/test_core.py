@@ -63,9 +63,11 @@ def test_admission_waits_for_a_free_row_and_takes_it_once_freed(tokenizer):
     got = run(c)
     assert all(got[k][-1].finished and got[k][-1].finish_reason == "length" for k in ("r0", "r1", "r2"))
     steps = c.backend.steps
-    first_r2, row_r2 = next((i, row) for i, st in enumerate(steps) for row, t, _ in st if t == [1, 2, 3, 4, 5])
+    # r2's prompt starts with r0's [1, 2, 3], whose KV r0's row still holds: only [4, 5] is fed
+    first_r2, row_r2 = next((i, row) for i, st in enumerate(steps) for row, t, pos in st if t == [4, 5] and pos == [3, 4])
     last_r0 = max(i for i, st in enumerate(steps) if any(row == 0 for row, _, _ in st) and i < first_r2)
     assert row_r2 == 0 and first_r2 == last_r0 + 1  # r0's row, in the step after r0 finished
+    assert c.reused_tokens == 3
     assert sorted(c.free_rows) == [0, 1]
 
 
@@ -147,3 +149,34 @@ def test_limits_are_refused_before_any_step(tokenizer):
     with pytest.raises(Exception, match="already in use"):
         c.add_request("a", [1], GREEDY)
     assert c.backend.steps == []
+
+
+def test_a_prompt_reuses_the_kv_a_freed_row_holds(tokenizer):
+    """The next turn of a conversation prefills only what follows the previous turn's tokens,
+    in the row that holds them; rows holding no prefix are taken first, so a prefix outlasts
+    unrelated requests; a row whose ring slid holds nothing reusable (NOTE [ prefix reuse ])."""
+    c = core(tokenizer, max_seqs=3, step_tokens=64)
+    turn1 = list(range(10, 30))
+    c.add_request("t1", turn1, GREEDY)
+    got = run(c)["t1"]
+    reply = [t for o in got for t in o.token_ids]
+    row1 = c.backend.steps[0][0][0]
+    for i in range(2):  # unrelated requests meanwhile take the rows that hold nothing
+        c.add_request(f"other{i}", [200 + i, 3], GREEDY)
+        run(c)
+    assert c.row_tokens[row1] == turn1 + reply[:-1]  # the last sampled token was never fed
+    turn2 = turn1 + reply + [40, 41]
+    c.backend.steps.clear()
+    c.add_request("t2", turn2, GREEDY)
+    fresh = core(tokenizer, max_seqs=3, step_tokens=64)
+    fresh.add_request("t2", turn2, GREEDY)
+    assert [o.token_ids for o in run(c)["t2"]] == [o.token_ids for o in run(fresh)["t2"]]
+    row, toks, pos = c.backend.steps[0][0]
+    n = len(turn1) + len(reply) - 1
+    assert row == row1 and toks == turn2[n:] and pos == list(range(n, len(turn2)))
+    assert c.reused_tokens == n
+    # a sequence that outgrew a sliding ring leaves nothing to reuse
+    s = core(tokenizer, max_seqs=1, ctx=16, step_tokens=64, on_context_full="slide")
+    s.add_request("long", list(range(1, 15)), GREEDY)
+    run(s)
+    assert not s.row_tokens

@@ -229,6 +229,27 @@ def test_streamed_experts_as_blocks_run_grouped(tmp_path):
     assert ex["steps"] >= 3 and ex["misses"] > 0 and ex["hits"] > 0
 
 
+@pytest.mark.parametrize("kv_on_host", [False, True], ids=["device-kv", "host-kv"])
+def test_next_turn_reuses_the_kv_its_row_holds(model, kv_on_host):
+    """A conversation's second turn prefills only what follows the first (NOTE [ prefix reuse ]
+    in core.py): the compute process's KV of a freed row, on the device or in host memory,
+    stays until another sequence writes it. The same tokens as an engine that prefills it all."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def turn(e, rid, prompt):
+        e.core.add_request(rid, prompt, params)
+        return [t for o in e.core.run_to_completion() for t in o.token_ids]
+
+    turn1 = PROMPTS[0]
+    with _engine(model, PipelineConfig(resident_layers=1, kv_on_host=kv_on_host), dtype="float32") as e:
+        reply = turn(e, "t1", turn1)
+        turn2 = turn1 + reply + [7, 8, 9]
+        got = turn(e, "t2", turn2)
+        assert e.core.reused_tokens == len(turn1) + len(reply) - 1
+    with _engine(model, dtype="float32") as e:
+        assert turn(e, "t2", turn2) == got
+
+
 def test_sliding_window_in_pipeline(model):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with _engine(model, ctx=16, on_context_full="slide", sink_tokens=4) as e:

@@ -79,6 +79,29 @@ def test_completion_and_chat_answer_as_the_engine_does(server, smollm_engine):
     assert r.choices[0].message.role == "assistant"
 
 
+def test_the_next_chat_turn_reuses_the_conversations_kv(server, smollm_engine):
+    """Turn two's prompt starts with turn one's, whose KV the freed row still holds: only the rest
+    is prefilled (the metrics count the reused tokens), and the answer is the engine's."""
+    import urllib.request
+
+    client, model = server
+
+    def reused() -> float:
+        req = urllib.request.Request(str(client.base_url).replace("/v1/", "/metrics"))
+        text = urllib.request.urlopen(req, timeout=30).read().decode()
+        return float(next(ln.split()[-1] for ln in text.splitlines()
+                          if ln.startswith("layerstream_prefix_reused_tokens_total")))
+
+    msgs = [{"role": "user", "content": "Name a large animal that lives in the sea."}]
+    first = client.chat.completions.create(model=model, messages=msgs, max_tokens=10, temperature=0)
+    before = reused()
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And a small one?"}]
+    second = client.chat.completions.create(model=model, messages=msgs, max_tokens=10, temperature=0)
+    assert reused() - before >= len(smollm_engine.encode_chat(msgs[:1]))  # at least all of turn one's prompt
+    assert second.choices[0].message.content == _engine_text(smollm_engine, smollm_engine.encode_chat(msgs), 10)
+
+
 def test_streaming_gives_the_same_text_in_pieces(server):
     client, model = server
     msgs = [{"role": "user", "content": "Name three colours."}]
@@ -246,7 +269,7 @@ class _TimedCore:
 
     def __init__(self, pass_s: float):
         self.pass_s, self.held, self.passes = pass_s, [], []
-        self.waiting, self.running = [], []
+        self.waiting, self.running, self.reused_tokens = [], [], 0
 
     def add_request(self, rid, prompt, params):
         self.held.append(rid)
