@@ -136,11 +136,14 @@ def _part(raw, halfs, rowb, kb, ok_r, nblk, QT: tl.constexpr, P: tl.constexpr, G
 @triton.jit
 def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, nblk, row_bytes, sxm, som, sos,
                    QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr = "ieee"):
     """out[s, M, N] = x[M, K] @ dequant(raw[N, K])^T over split s of the chunks (+ bias on split 0).
 
     BM == 1 multiplies and sums on the CUDA cores; BM > 1 uses tl.dot, on float16 operands (or,
-    DOT_F32, float32 ones at full precision, for float32 runs).
+    DOT_F32, float32 ones: at full precision ("ieee") for float32 runs, as TF32 ("tf32") for
+    bfloat16 runs, whose activations may exceed float16's range (Gemma 3's do). TF32 keeps
+    float32's range; these kernels are bound by the weights' bytes, not by the dot's rate).
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -168,7 +171,7 @@ def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, n
                              mask=(rm[:, None, None] < M) & ok[None, :, :], other=0)
                 if DOT_F32:
                     acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float32),
-                                  tl.trans(tl.reshape(w, (BN, G * L))), input_precision="ieee")
+                                  tl.trans(tl.reshape(w, (BN, G * L))), input_precision=DOT_PRECISION)
                 else:
                     acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float16),
                                   tl.trans(tl.reshape(w, (BN, G * L)).to(tl.float16)))
@@ -302,7 +305,8 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     _matmul_kernel[grid](x, raw, raw.view(torch.float16), part, bias if bias is not None else out,
                          M, N, n_chunks, per_split, nblk, row_bytes, x.stride(0), N, M * N,
                          QT=qtype, NPARTS=nparts, G=G, L=L, BM=BM, BN=BN, HAS_BIAS=bias is not None,
-                         DOT_F32=x.dtype == torch.float32, **kw)
+                         DOT_F32=x.dtype != torch.float16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                         **kw)
     if splits > 1:
         n = M * N
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=splits, BLOCK=1024)

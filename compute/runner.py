@@ -56,14 +56,25 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """--dtype, or the device's default (default_dtype)."""
+# Architectures whose activations exceed float16's range: Gemma 3 270M's logits are NaN in
+# float16, and match float32's top-1 in bfloat16 (measured on the CPU, 60 positions).
+FLOAT16_OVERFLOWS = frozenset({"gemma3"})
+
+
+def resolve_dtype(name: str | None, device: torch.device, arch: str | None = None) -> torch.dtype:
+    """--dtype, or the device's default (default_dtype; bfloat16 instead of float16 for an
+    architecture in FLOAT16_OVERFLOWS, which refuses float16)."""
     if name is None:
-        return default_dtype(device)
+        dtype = default_dtype(device)
+        return torch.bfloat16 if dtype == torch.float16 and arch in FLOAT16_OVERFLOWS else dtype
     try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
         raise ConfigError(f"--dtype {name}: use float32, float16 or bfloat16") from None
+    if dtype == torch.float16 and arch in FLOAT16_OVERFLOWS:
+        raise ConfigError(f"--dtype float16: {arch}'s activations exceed float16's range (its logits become NaN); "
+                          "use bfloat16 (its default) or float32")
+    return dtype
 
 
 def check_model_quants(index: ModelIndex) -> None:

@@ -54,7 +54,7 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
 
     check_model_quants(index)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, index.hparams.arch)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -478,6 +478,6 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
 
     check_model_quants(index)
     device = resolve_device(ecfg.device)
-    return Pipeline(index, device, resolve_dtype(ecfg.dtype, device), ecfg.ctx, ecfg.max_seqs, pcfg,
+    return Pipeline(index, device, resolve_dtype(ecfg.dtype, device, index.hparams.arch), ecfg.ctx, ecfg.max_seqs, pcfg,
                     sliding=ecfg.on_context_full == "slide", weights=ecfg.weights)
 

@@ -109,6 +109,23 @@ def test_grouped_matmul_matches_each_matrix(qt):
             assert torch.equal(y[g], single[0]), (name, g)
 
 
+def test_bfloat16_activations_beyond_float16s_range():
+    """bfloat16 runs (Gemma 3's default) multiply on float32 operands in the tl.dot path (TF32 on
+    a GPU), not float16 ones: activations above 65504 stay finite, within bfloat16 rounding."""
+    rng = np.random.default_rng(11)
+    N, K = 40, 512
+    b = random_blocks(rng, QT.Q4_K, N, K)
+    raw = torch.from_numpy(b.reshape(-1).copy())
+    ref_w = torch.from_numpy(gguf_dequantize(b.reshape(-1), QT.Q4_K)).reshape(N, K).double()
+    x = (torch.randn(5, K, generator=torch.Generator().manual_seed(0)) * 1e5).bfloat16()  # 5 rows: tl.dot
+    y = qkernels.matmul(x, raw, int(QT.Q4_K), N, K)
+    ref = x.double() @ ref_w.T
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    with np.errstate(over="ignore", invalid="ignore"):  # what float16 does (the interpreter's numpy warns)
+        assert not torch.isfinite(qkernels.matmul(x.half(), raw, int(QT.Q4_K), N, K)).all()
+
+
 def test_linear_dispatch_prompt_path_uses_the_scratch():
     """Above the fused limit, `linear` dequantizes into the scratch and calls F.linear (row chunks
     when the matrix is larger than the scratch cap)."""

@@ -173,3 +173,19 @@ def test_attention_in_groups_matches_reference(tmp_path, monkeypatch):
         got = e._feed([a, b, c], [TOKENS[:5], TOKENS[:3], TOKENS[:7]], "last")
         for row, n in zip(got, (5, 3, 7)):
             _assert_close(row[None], reference.reference_logits(path, TOKENS[:n])[-1:], f"{n} tokens in a batch")
+
+
+def test_gemma3_defaults_to_bfloat16_where_the_default_is_float16(tmp_path):
+    """Gemma 3's activations exceed float16's range (the real 270M's logits are NaN in float16):
+    CUDA's float16 default becomes bfloat16 for it, and an explicit float16 is refused in one line."""
+    from layerstream.compute.runner import resolve_dtype
+    from layerstream.errors import ConfigError
+
+    cuda = torch.device("cuda")
+    assert resolve_dtype(None, cuda, "gemma3") == torch.bfloat16
+    assert resolve_dtype(None, cuda, "llama") == torch.float16
+    assert resolve_dtype(None, torch.device("cpu"), "gemma3") == resolve_dtype(None, torch.device("cpu"), "llama")
+    path = _write(tmp_path, "gemma3", "Q8_0")
+    with pytest.raises(ConfigError, match=r"^--dtype float16: gemma3's activations exceed float16's range .* "
+                                          r"use bfloat16 \(its default\) or float32$"):
+        _load(path, dtype="float16")

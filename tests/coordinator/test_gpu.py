@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import ggufgen
 import reference
@@ -41,7 +42,8 @@ def test_cuda_logits_match_the_float64_reference(tmp_path, arch):
     with _engine(path) as e:
         got = e.logits(TOKENS).double().numpy()
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
-    with _engine(path, dtype="float16") as e:
+    with _engine(path, dtype=None) as e:  # CUDA's default half precision: float16, bfloat16 for gemma3
+        assert e.backend.dtype == (torch.bfloat16 if arch == "gemma3" else torch.float16)
         got16 = e.logits(TOKENS).double().numpy()
     assert (got16.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
