@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.qlinear import QuantWeight, linear, linear_many  # noqa: F401 - QuantWeight: LayerWeights' values
+from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight, grouped_matmul, linear, linear_many  # noqa: F401 - QuantWeight: LayerWeights' values
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
@@ -230,8 +230,6 @@ def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: t
 
 def _grouped(w: LayerWeights) -> bool:
     """Whether a layer's experts are blocks the grouped kernel reads."""
-    from layerstream.compute.qlinear import FUSED_TYPES
-
     if "experts" in w:
         return w["experts"].grouped
     mats = [w.get(n) for n in EXPERT_TENSORS]
@@ -240,8 +238,6 @@ def _grouped(w: LayerWeights) -> bool:
 
 def _experts_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
                      chosen: torch.Tensor) -> torch.Tensor:
-    from layerstream.compute.qlinear import grouped_matmul
-
     T, k = chosen.shape
     dev = h.device
     flat = chosen.flatten()

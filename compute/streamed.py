@@ -20,8 +20,8 @@ A decode token of a mixture-of-experts model uses n_expert_used of n_expert expe
 experts (`streams_experts`), a streamed MoE layer copies everything but its expert tensors
 ahead, as usual; once its router has run, `moe_block` asks the layer's `ExpertSet` for the
 experts the step's tokens chose (each once, whatever the batch), and only those missing from
-the device's `ExpertCache` (least recently used out) are copied, each a byte range of the 3-D
-expert tensors in the staging slot. The slot is therefore held until the layer's `release`.
+the device's `ExpertCache` (experts.py: the most often used stay) are copied, each a byte range
+of the 3-D expert tensors in the staging slot. The slot is therefore held until the layer's `release`.
 Prompt steps touch nearly every expert: their layers stream whole.
 
 With `dense_resident` (the plan's, when they fit) a streamed MoE layer keeps its own device copy
