@@ -215,6 +215,11 @@ class StreamedLayers:
             self.dense[i] = {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes].clone(), t, self.dtype,
                                                    self.quantized) for t in self._dense_part(i).tensors}
 
+    def _dense_weights(self, i: int, raw: torch.Tensor) -> LayerWeights:
+        """Layer i's tensors but its experts: the kept copy if there is one, else views of `raw`."""
+        kept = self.dense.get(i)
+        return dict(kept) if kept is not None else layer_weights(raw, self._dense_part(i), self.dtype, self.quantized)
+
     def _kept(self, i: int) -> bool:
         """Whether layer i's expert step needs nothing copied ahead (its dense part is kept)."""
         return self._experts_of(i) and i in self.dense
@@ -255,7 +260,7 @@ class StreamedLayers:
                         local[a : a + n] = host[a : a + n]
                 self._keep(i, local)
                 with self.tl.span("dequant", f"dequant L{i}", nbytes=part.data_nbytes, layer=i):
-                    w = self._with_experts(i, layer_weights(local, part, self.dtype, self.quantized), slot)
+                    w = self._with_experts(i, self._dense_weights(i, local), slot)
                 return w
             with self.tl.span("copy", f"copy L{i}", nbytes=lay.nbytes, layer=i):
                 local = host.clone()
@@ -345,13 +350,13 @@ class StreamedLayers:
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
         self.layer_start[i] = d0
-        if experts or not self._rows(i):  # (a split layer's slot holds only the device's rows)
+        rows = self._rows(i)
+        if experts or not rows:  # (a split layer's slot holds only the device's rows)
             self._keep(i, self.vram[k])
         if experts:
-            w = self._with_experts(i, layer_weights(self.vram[k], self._dense_part(i), self.dtype, self.quantized), slot)
+            w = self._with_experts(i, self._dense_weights(i, self.vram[k]), slot)
         else:
             w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
-        rows = self._rows(i)
         if rows:
             w = self.share.split(i, w, rows)
         d1.record(cur)

@@ -650,6 +650,7 @@ def bench_experts(args) -> list[dict]:
     from gguf import GGMLQuantizationType as QT
 
     from layerstream.compute.experts import EXPERT_POLICIES, ExpertCache
+    from layerstream.compute.model import EXPERT_TENSORS
     from layerstream.loader.layout import LayerLayout, SlotTensor
     from layerstream.loader.synth import resolve_shape
     from layerstream.proto.timeline import Timeline
@@ -658,9 +659,8 @@ def bench_experts(args) -> list[dict]:
     L, E, k = shape.n_layer, shape.n_expert, shape.n_expert_used
     if not E:
         raise ValueError(f"--shape {shape.name} has no experts")
-    names = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
     lay = LayerLayout(0, tuple(SlotTensor(n, int(QT.F32), (E, 1, 1), j * 4 * E, 4 * E, "-", 0)
-                               for j, n in enumerate(names)), 12 * E)
+                               for j, n in enumerate(EXPERT_TENSORS)), 12 * E)
     host = np.zeros(12 * E, dtype=np.uint8)
     rows = []
     print(f"experts: {shape.name} ({L} layers, {k} of {E} experts a token); {args.passes} passes, the hit rate "
