@@ -134,6 +134,20 @@ def _part(raw, halfs, rowb, kb, ok_r, nblk, QT: tl.constexpr, P: tl.constexpr, G
 
 
 @triton.jit
+def _row_dot(xrow, raw, halfs, rowb, ok_r, nblk, k_lo, k_hi, QT: tl.constexpr, NPARTS: tl.constexpr,
+             G: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
+    """[BN] float32: one row of activations (xrow, K values) times the BN weight rows at byte
+    offsets rowb, over chunks k_lo..k_hi-1, on the CUDA cores (the decode matmuls' inner loop)."""
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for kb in range(k_lo, k_hi):
+        for p in tl.static_range(NPARTS):
+            w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
+            xv = tl.load(xrow + kb * 256 + e, mask=ok, other=0).to(tl.float32)
+            acc += tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, nblk, row_bytes, sxm, som, sos,
                    QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
@@ -153,21 +167,16 @@ def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, n
     ok_n = rn < N
     ok_r = ok_n[:, None, None]
     rowb = rn[:, None, None].to(tl.int64) * row_bytes
-    if BM == 1:
-        acc = tl.zeros((BN,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = split * chunks_per_split
     k_hi = tl.minimum(k_lo + chunks_per_split, n_chunks)
-    for kb in range(k_lo, k_hi):
-        for p in tl.static_range(NPARTS):
-            w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
-            k = kb * 256 + e  # [G, L]
-            if BM == 1:
-                xv = tl.load(x + pid_m * sxm + k, mask=ok, other=0).to(tl.float32)
-                acc += tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
-            else:
-                xv = tl.load(x + rm[:, None, None] * sxm + k[None, :, :],
+    if BM == 1:
+        acc = _row_dot(x + pid_m * sxm, raw, halfs, rowb, ok_r, nblk, k_lo, k_hi, QT, NPARTS, G, L, BN)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(k_lo, k_hi):
+            for p in tl.static_range(NPARTS):
+                w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
+                xv = tl.load(x + rm[:, None, None] * sxm + (kb * 256 + e)[None, :, :],
                              mask=(rm[:, None, None] < M) & ok[None, :, :], other=0)
                 if DOT_F32:
                     acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float32),
@@ -199,12 +208,7 @@ def _grouped_kernel(x, raw, halfs, out, w_off, x_row, N, n_chunks, nblk, row_byt
     ok_r = ok_n[:, None, None]
     rowb = tl.load(w_off + grp) + rn[:, None, None].to(tl.int64) * row_bytes
     xr = tl.load(x_row + grp).to(tl.int64)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for kb in range(0, n_chunks):
-        for p in tl.static_range(NPARTS):
-            w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
-            xv = tl.load(x + xr * sxm + kb * 256 + e, mask=ok, other=0).to(tl.float32)
-            acc += tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
+    acc = _row_dot(x + xr * sxm, raw, halfs, rowb, ok_r, nblk, 0, n_chunks, QT, NPARTS, G, L, BN)
     tl.store(out + grp.to(tl.int64) * som + rn, acc.to(out.dtype.element_ty), mask=ok_n)
 
 

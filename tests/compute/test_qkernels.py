@@ -176,15 +176,23 @@ def test_full_size_on_cuda(qt):
 @pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
 def test_grouped_matmul_on_cuda(qt):
     """Qwen3-30B-A3B expert sizes, compiled: 8 experts in separate allocations (the expert cache)
-    and 2 tokens' activations, bit for bit the single-matrix kernel unsplit."""
+    and 2 tokens' activations, each group within fp16 rounding of float64 over gguf-py's
+    dequantization, and within float32 summation order of the single-matrix kernel. (Not bit
+    for bit: the two kernels share their inner loop, but the compiler may contract it apart;
+    measured on an H200, Q4_K differed in the last bit.)"""
     rng = np.random.default_rng(400 + int(qt))
     for N, K in [(768, 2048), (2048, 768)]:
-        mats = [torch.from_numpy(random_blocks(rng, qt, N, K).reshape(-1).copy()).cuda() for _ in range(8)]
+        blocks = [random_blocks(rng, qt, N, K).reshape(-1).copy() for _ in range(8)]
+        mats = [torch.from_numpy(b).cuda() for b in blocks]
         x = torch.randn(2, K, device="cuda", dtype=torch.float16)
         pick, rows = [3, 0, 7, 3, 5, 1], [0, 0, 0, 1, 1, 1]
         w_off = torch.tensor([mats[e].data_ptr() - mats[0].data_ptr() for e in pick], device="cuda")
         y = qkernels.grouped_matmul(x, mats[0], int(qt), N, K, w_off, torch.tensor(rows, dtype=torch.int32,
                                                                                      device="cuda"))
         for g, (e, r) in enumerate(zip(pick, rows)):
+            w = torch.from_numpy(gguf_dequantize(blocks[e], qt)).reshape(N, K).double().cuda()
+            ref = x[r].double() @ w.T
+            err = ((y[g].double() - ref).norm() / ref.norm()).item()
+            assert err < 2e-3, f"{qt.name} [{N}, {K}] group {g}: rel err {err:.2e}"
             single = qkernels.matmul(x[r : r + 1], mats[e], int(qt), N, K, config=(1, 4, 1, 1))
-            assert torch.equal(y[g], single[0]), f"{qt.name} [{N}, {K}] group {g}"
+            torch.testing.assert_close(y[g].float(), single[0].float(), rtol=2e-3, atol=1e-3 * ref.abs().max().item())
