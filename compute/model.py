@@ -7,6 +7,7 @@ new tokens over all B sequences of the step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,9 @@ class StepMeta:
     cos_k_swa: torch.Tensor | None = None
     sin_k_swa: torch.Tensor | None = None
     mask_swa: torch.Tensor | None = None
+    # every sequence adds one token and K is stored rotated: attention reads the cache in place
+    # (attn_kernels.py, NOTE [ decode attention ]); the runner sets it where Triton runs the matmuls
+    decode_kernel: bool = False
 
 
 def rope_inv_freq(hp: HParams, freq_factors: torch.Tensor | None = None, theta: float | None = None) -> torch.Tensor:
@@ -106,6 +110,12 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         k = apply_rope(k, cos_q, sin_q, hp.rope_neox)
     k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
     v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
+    if meta.decode_kernel and cos_k_all is None:  # token t is sequence t's only one
+        from layerstream.compute.attn_kernels import decode_attention
+
+        o = decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.rows, meta.kv_len,
+                             hp.attn_scale or 1 / math.sqrt(D))
+        return _attn_out(hp, w, x, o)
 
     B, S = meta.q_index.shape
     L = meta.kv_len
@@ -137,6 +147,11 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
                 for s0 in range(0, S, sc)], dim=2))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, S, D]
     o = o.transpose(1, 2).reshape(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
+    return _attn_out(hp, w, x, o)
+
+
+def _attn_out(hp: HParams, w: LayerWeights, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The residual stream after attention's output o [T, H * D] is projected (and normed)."""
     o = linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
     if "post_attention_norm.weight" in w:  # gemma3: the block's output is normed before the residual
         o = rms_norm(o, w["post_attention_norm.weight"], hp.norm_eps)

@@ -249,9 +249,10 @@ def _check(raw: torch.Tensor, qtype: int, N: int, K: int) -> None:
                          f"uint8 bytes; got {raw.numel()} ({raw.dtype})")
 
 
-def dequantize_into(raw: torch.Tensor, qtype: int, N: int, K: int, out: torch.Tensor, BN: int = 16) -> torch.Tensor:
+def dequantize_into(raw: torch.Tensor, qtype: int, N: int, K: int, out: torch.Tensor, BN: int | None = None) -> torch.Tensor:
     """Dequantize raw blocks of a [N, K] matrix into `out` (a [N, K] view, any float dtype)."""
     _check(raw, qtype, N, K)
+    BN = BN or (64 if INTERPRET else 16)
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     grid = (triton.cdiv(N, BN), triton.cdiv(K, 256))
     _dequant_kernel[grid](raw, raw.view(torch.float16), out, N, K, nblk, row_bytes, out.stride(0),
@@ -273,6 +274,8 @@ def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
         BM, BN, warps = 1, (8 if N >= 32768 else 4), 1
     else:
         BM, BN, warps = 16, 32, 4
+    if INTERPRET:  # programs run one after another in Python: fewer, larger ones (numpy-wide)
+        BN = 64
     tiles = triton.cdiv(N, BN) * (M if BM == 1 else triton.cdiv(M, BM))
     splits = max(1, min(n_chunks // 2, triton.cdiv(TARGET_PROGRAMS, tiles)))
     if not INTERPRET and not torch.cuda.is_current_stream_capturing():
@@ -332,7 +335,7 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n = w_off.numel()
     out = torch.empty(n, N, dtype=x.dtype, device=x.device)
-    BN = 4
+    BN = 64 if INTERPRET else 4
     kw = {} if INTERPRET else {"num_warps": 1}
     _grouped_kernel[(triton.cdiv(N, BN), n)](x, raw, raw.view(torch.float16), out, w_off, x_row, N,
                                              triton.cdiv(K, 256), nblk, row_bytes, x.stride(0), N,

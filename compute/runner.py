@@ -121,6 +121,11 @@ class LayerSource(Protocol):
 
     def layer(self, i: int) -> LayerWeights: ...
     def release(self, i: int) -> None: ...
+    def fixed(self, i: int) -> LayerWeights | None:
+        """Layer i's weights if they are the same tensors at every step from now on (a captured
+        CUDA graph may read them without layer() and release()), else None."""
+    def graph_ran(self, first: int, stop: int, start, end) -> None:
+        """Layers first..stop-1 ran from a graph between CUDA events start and end."""
 
 
 class ResidentLayers:
@@ -140,6 +145,12 @@ class ResidentLayers:
         return self.weights[i]
 
     def release(self, i: int) -> None:
+        pass
+
+    def fixed(self, i: int) -> LayerWeights:
+        return self.weights[i]
+
+    def graph_ran(self, first: int, stop: int, start, end) -> None:
         pass
 
 
@@ -195,6 +206,9 @@ class DeviceKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
 
+    def on_device(self, i: int) -> bool:
+        return True
+
     def layer(self, i: int, meta: StepMeta):
         return self.k[i], self.v[i], meta
 
@@ -233,6 +247,9 @@ class HostKV(DeviceKV):
             self.inflight: dict[int, tuple[int, object]] = {}  # layer -> (buffer, copy-done event)
             self.used: dict[int, int] = {}  # layer -> buffer it computes from this step
             self.pending: dict[int, tuple] = {}  # layer -> (event, new K, new V, rows, slots) to scatter
+
+    def on_device(self, i: int) -> bool:
+        return False
 
     def _local(self, meta: StepMeta):
         """The step's meta re-indexed onto a gathered [B, kv_len] cache (rows become 0..B-1)."""
@@ -312,6 +329,9 @@ class SplitKV:
     def nbytes(self) -> int:
         return self.dev.nbytes() + self.host.nbytes()
 
+    def on_device(self, i: int) -> bool:
+        return i < self.n_dev
+
     def layer(self, i: int, meta: StepMeta):
         return (self.dev if i < self.n_dev else self.host).layer(i, meta)
 
@@ -330,15 +350,27 @@ def make_kv(hp: HParams, rows: int, ctx: int, device, dtype, device_layers: int)
 
 
 class ModelRunner:
-    """Forward steps for a batch of sequences over a layer source and a KV store."""
+    """Forward steps for a batch of sequences over a layer source and a KV store.
+
+    NOTE [ decode graphs ]
+    A decode step at batch 1 launches about 40 kernels a layer, each costing more to launch from
+    Python than to run, so decode steps replay CUDA graphs, captured once per (batch, padded KV
+    length). The graph covers the leading layers whose weights stay put (`LayerSource.fixed`)
+    and whose KV is on the device: every layer and the head in the in-VRAM engine; the resident
+    layers in the streaming pipeline, whose streamed layers then run eagerly from their VRAM
+    slots. All graphs share one memory pool; each graph's output is consumed before the next
+    replays. Mixture-of-experts layers are not captured: routing chooses experts on the host.
+    """
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
                  ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
-                 sliding: bool = False, kv_device_layers: int | None = None):
+                 sliding: bool = False, kv_device_layers: int | None = None, decode_kernels: bool = False):
         self.hp, self.glob, self.source = hp, glob, source
         self.sliding = sliding  # positions in the cache change: K is stored unrotated
         self.use_graphs = use_graphs
-        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.decode_kernels = decode_kernels  # one-token steps read the KV cache in place (attn_kernels.py)
+        self.graphs: dict[tuple[int, int, int], tuple] = {}  # (layers, batch, padded KV length) -> graph
+        self.pool = None
         self.device, self.dtype = torch.device(device), dtype
         if self.device.type == "cuda":
             # NOTE: cuDNN attention builds an execution plan per new shape (tens of ms each,
@@ -355,12 +387,16 @@ class ModelRunner:
     def close(self) -> None:
         pass
 
-    def _graphable(self, seqs: list[SeqStep], want: str) -> bool:
-        """Decode steps of a resident model on CUDA replay a captured graph (launch cost dominates)."""
-        return (self.use_graphs and self.device.type == "cuda" and want == "last"
-                and isinstance(self.source, ResidentLayers) and type(self.kv) is DeviceKV
-                and not self.hp.n_expert  # routing picks experts on the host: not capturable
-                and all(len(s.tokens) == 1 for s in seqs))
+    def _graph_layers(self, seqs: list[SeqStep]) -> int:
+        """How many leading layers this step replays from a graph (NOTE [ decode graphs ]): 0 but
+        for decode steps on CUDA."""
+        if not (self.use_graphs and self.device.type == "cuda" and not self.hp.n_expert
+                and all(len(s.tokens) == 1 for s in seqs)):
+            return 0
+        n = 0
+        while n < self.hp.n_layer and self.kv.on_device(n) and self.source.fixed(n) is not None:
+            n += 1
+        return n
 
     @torch.inference_mode()
     def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
@@ -368,14 +404,19 @@ class ModelRunner:
         for s in seqs:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
-        graph = self._graphable(seqs, want)
+        upto = self._graph_layers(seqs)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
-                               kv_len=self._kv_len(seqs, graph), rotate_k_at_read=self.sliding,
+                               kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
                                inv_freq_swa=self.inv_freq_swa)
+        meta.decode_kernel = self.decode_kernels and not self.sliding and all(len(s.tokens) == 1 for s in seqs)
         x = self.glob.embed(torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long))
         if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
             x = x * self.hp.embed_scale
-        return self._graph_step(x, meta, seqs) if graph else self._forward(x, meta, seqs, want)
+        if upto == self.hp.n_layer and want == "last":  # the whole step, head included
+            return self._replay(x, meta, seqs, upto, head=True)
+        if upto:
+            x = self._replay(x, meta, seqs, upto, head=False)
+        return self._forward(x, meta, seqs, want, start=upto)
 
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
         """The attended KV length, padded (masked) so that kernels and graphs see few shapes:
@@ -384,52 +425,78 @@ class ModelRunner:
         padded = max(256, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
         return min(self.ctx, padded)
 
-    def _graph_step(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep]) -> torch.Tensor:
-        """One decode step through a CUDA graph captured per (batch, padded KV length)."""
-        key = (len(seqs), meta.kv_len)
+    def _replay(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool) -> torch.Tensor:
+        """Layers 0..upto-1 (and the head) through the graph captured for this shape: their output,
+        a new tensor."""
+        key = (upto + head, len(seqs), meta.kv_len)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(x, meta, seqs)
+            g = self.graphs[key] = self._capture(x, meta, seqs, upto, head)
         graph, s_x, s_meta, s_out = g
         s_x.copy_(x)
         for f in dataclasses.fields(StepMeta):
             v = getattr(meta, f.name)
             if isinstance(v, torch.Tensor):
                 getattr(s_meta, f.name).copy_(v)
+        cur = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(cur)
         graph.replay()
+        end.record(cur)
+        self.source.graph_ran(0, upto, start, end)
         return s_out.clone()
 
-    def _capture(self, x, meta, seqs):
+    def _capture(self, x, meta, seqs, upto: int, head: bool):
         s_x = x.clone()
         s_meta = dataclasses.replace(meta, **{f.name: getattr(meta, f.name).clone()
                                               for f in dataclasses.fields(StepMeta)
                                               if isinstance(getattr(meta, f.name), torch.Tensor)})
+
+        def run():
+            y = self._layers(s_x, s_meta, 0, upto, captured=True)
+            return head_forward(self.hp, self._last(y, seqs), self.glob.norm, self.glob.head) if head else y
+
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
-            self._forward(s_x, s_meta, seqs, "last")
+            run()
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            s_out = self._forward(s_x, s_meta, seqs, "last")
+        with torch.cuda.graph(graph, pool=self.pool):
+            s_out = run()
         return graph, s_x, s_meta, s_out
 
-    def _forward(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str):
+    def _layers(self, x: torch.Tensor, meta: StepMeta, start: int, stop: int, captured: bool = False) -> torch.Tensor:
+        """Layers start..stop-1 over x: weights from the source's layer() and release(), or, for
+        a graph being `captured`, its fixed() weights."""
         hp = self.hp
-        for i in range(hp.n_layer):
-            w = self.source.layer(i)
+        for i in range(start, stop):
+            w = self.source.fixed(i) if captured else self.source.layer(i)
             k, v, m = self.kv.layer(i, meta)
             x = layer_forward(hp, w, x, m, k, v, hp.is_swa(i))
             self.kv.write_back(i, m, k, v)
-            self.source.release(i)
+            if not captured:
+                self.source.release(i)
+        return x
+
+    def _last(self, x: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
+        """The rows of each sequence's last new token."""
+        if x.shape[0] == len(seqs):
+            return x
+        ends = torch.tensor(np.cumsum([len(s.tokens) for s in seqs]) - 1, device=self.device)
+        return x[ends]
+
+    def _forward(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str, start: int = 0):
+        x = self._layers(x, meta, start, self.hp.n_layer)
         if want == "none":
             return None
-        if want == "last" and x.shape[0] != len(seqs):
-            ends = torch.tensor(np.cumsum([len(s.tokens) for s in seqs]) - 1, device=self.device)
-            x = x[ends]
+        if want == "last":
+            x = self._last(x, seqs)
         if x.shape[0] <= HEAD_CHUNK or self.device.type != "cuda":
-            return head_forward(hp, x, self.glob.norm, self.glob.head)
+            return head_forward(self.hp, x, self.glob.norm, self.glob.head)
         # every position's logits (evaluation): rows in chunks, each copied out, so the device
         # holds HEAD_CHUNK rows of logits at most (plan.py counts that)
-        return torch.cat([head_forward(hp, x[r : r + HEAD_CHUNK], self.glob.norm, self.glob.head).cpu()
+        return torch.cat([head_forward(self.hp, x[r : r + HEAD_CHUNK], self.glob.norm, self.glob.head).cpu()
                           for r in range(0, x.shape[0], HEAD_CHUNK)])

@@ -183,6 +183,15 @@ class StreamedLayers:
         self.frac = self.share.balancer.share(tokens) if self.share is not None else 0.0
         self.expert_step = self.expert_cache is not None and streams_experts(self.n_expert, self.n_expert_used, tokens)
         self.cpu_s, self.cpu_bytes = 0.0, 0
+        if self.cuda:  # the first streamed layers cross while the resident ones compute
+            self._issue_copies(0)
+
+    def fixed(self, i: int) -> LayerWeights | None:
+        """A resident layer's weights, once loaded (NOTE [ decode graphs ] in runner.py)."""
+        return self.resident.get(i)
+
+    def graph_ran(self, first: int, stop: int, start, end) -> None:
+        self.gpu_events.append(("compute", first, start, end, 0))
 
     def _rows(self, i: int) -> dict[str, int]:
         """The CPU's rows of layer i in this step (none for resident layers)."""

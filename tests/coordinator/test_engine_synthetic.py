@@ -118,18 +118,31 @@ def test_context_full_error(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama-rope_freqs-tied"])
-def test_quantized_weights_match_reference(tmp_path, arch):
+def test_quantized_weights_match_reference(tmp_path, arch, monkeypatch):
     """Weights kept as GGUF blocks (the CUDA default), run here by Triton's interpreter: the
-    fused decode kernels, the prompt path's scratch, the quantized tied head and embedding."""
+    fused decode kernels, the prompt path's scratch, the quantized tied head and embedding, and
+    decode attention read from the KV cache in place, for one sequence and for two at different
+    positions in one step."""
     pytest.importorskip("triton")
+    from layerstream.compute import attn_kernels
+
+    calls = []
+    decode = attn_kernels.decode_attention
+    monkeypatch.setattr(attn_kernels, "decode_attention", lambda q, *a: calls.append(q.shape[0]) or decode(q, *a))
     path = _write(tmp_path, arch, "mixed", n_layer=2)
     ref = reference.reference_logits(path, TOKENS)
-    with _load(path, weights="quantized", max_seqs=1) as e:
+    with _load(path, weights="quantized", max_seqs=2) as e:
         assert any(type(w).__name__ == "QuantWeight" for w in e.backend.source.weights[0].values())
         _assert_close(e.logits(TOKENS), ref, f"{arch} quantized, whole sequence (prompt path)")
+        assert not calls  # prompts take scaled_dot_product_attention
         s = e._new_seq()
         steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:4]]
         _assert_close(torch.stack(steps), ref[:4], f"{arch} quantized, token by token (fused kernels)")
+        assert calls == [1] * 2 * 4  # 2 layers, 4 steps
+        s2 = e._new_seq()  # joins at position 0 while s goes on at 4
+        both = [e._feed([s, s2], [[TOKENS[4 + j]], [TOKENS[j]]], "last") for j in range(2)]
+        _assert_close(torch.cat(both), ref[[4, 0, 5, 1]], f"{arch} quantized, two sequences at different positions")
+        assert calls[-4:] == [2] * 4
 
 
 def test_quantized_experts_match_reference(tmp_path, monkeypatch):

@@ -1,0 +1,128 @@
+"""Triton kernel for decode attention: one new token a sequence, read straight from the KV cache.
+
+NOTE [ decode attention ]
+In a decode step each sequence adds one token, whose query attends the cached keys of its row.
+The general path (model.attention_block) gathers each row's K and V into new tensors, casts them,
+and runs scaled_dot_product_attention under a boolean mask, which on CUDA dispatches to the math
+kernel: about twenty launches a layer, most of them copies. Here one launch reads the cache where
+it lies (row `rows[t]`, slots 0..L-1, the KV head of the query head's group) and skips the slots
+the step's mask hides, with an online softmax in float32 (FlashAttention's recurrence). Short
+contexts give too few programs for a GPU (Llama-3.1-8B at batch 1: 32 query heads), so the
+slots are split into chunks, each program keeping its running maximum, sum and weighted values,
+and a second launch combines the chunks (flash-decoding). The arithmetic is float32 throughout,
+so it agrees with the float64 reference as closely as the general path.
+
+Like qkernels.py, it runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1), which is
+how CI tests it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from layerstream.compute.qkernels import INTERPRET
+
+BL = 32  # cached slots a program reads per iteration
+# programs to aim for: enough to keep every multiprocessor reading (132 on an H100); Triton's
+# interpreter runs programs one after another, so there a few still split the slots
+TARGET_PROGRAMS = 32 if INTERPRET else 512
+
+
+@triton.jit
+def _decode_kernel(q, kc, vc, mask, rows, o, part_m, part_l, part_acc, sq_t, sq_h, sk_r, sk_l, sk_h,
+                   sv_r, sv_l, sv_h, sm_t, L, chunk, n_split, H, scale,
+                   GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    """Query head h of token t over slots [s * chunk, (s + 1) * chunk) of its row."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    hk = h // GROUP
+    row = tl.load(rows + t).to(tl.int64)
+    d = tl.arange(0, BD)
+    ok_d = d < D
+    qv = tl.load(q + t * sq_t + h * sq_h + d, mask=ok_d, other=0).to(tl.float32) * scale
+    m_i = tl.max(tl.full([BL], float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros([BL], tl.float32), axis=0)
+    acc = tl.zeros([BD], tl.float32)
+    lo = s * chunk
+    hi = tl.minimum(lo + chunk, L)
+    kbase = kc + row * sk_r + hk * sk_h
+    vbase = vc + row * sv_r + hk * sv_h
+    for l0 in range(lo, hi, BL):
+        ls = l0 + tl.arange(0, BL)
+        valid = (tl.load(mask + t * sm_t + ls, mask=ls < hi, other=0) != 0) & (ls < hi)
+        m2 = valid[:, None] & ok_d[None, :]
+        kb = tl.load(kbase + ls[:, None].to(tl.int64) * sk_l + d[None, :], mask=m2, other=0).to(tl.float32)
+        sc = tl.where(valid, tl.sum(kb * qv[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep every term 0
+        p = tl.exp(sc - m_ref)
+        alpha = tl.exp(m_i - m_ref)
+        vb = tl.load(vbase + ls[:, None].to(tl.int64) * sv_l + d[None, :], mask=m2, other=0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vb, axis=0)
+        m_i = m_new
+    if SPLIT:
+        i = (t * H + h) * n_split + s
+        tl.store(part_m + i, m_i)
+        tl.store(part_l + i, l_i)
+        tl.store(part_acc + i * BD + d, acc)
+    else:
+        tl.store(o + (t * H + h) * D + d, (acc / l_i).to(o.dtype.element_ty), mask=ok_d)
+
+
+@triton.jit
+def _combine_kernel(part_m, part_l, part_acc, o, n_split, H, D: tl.constexpr, BD: tl.constexpr,
+                    BS: tl.constexpr):
+    """Query head h of token t: its chunks' partial softmaxes weighted by exp(m_s - max m)."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BS)
+    d = tl.arange(0, BD)
+    ok_s = s < n_split
+    base = (t * H + h) * n_split
+    m = tl.load(part_m + base + s, mask=ok_s, other=float("-inf"))
+    mx = tl.max(m, axis=0)
+    w = tl.where(ok_s & (m > float("-inf")), tl.exp(m - mx), 0.0)
+    den = tl.sum(w * tl.load(part_l + base + s, mask=ok_s, other=0), axis=0)
+    acc = tl.load(part_acc + (base + s[:, None]) * BD + d[None, :], mask=ok_s[:, None], other=0)
+    num = tl.sum(w[:, None] * acc, axis=0)
+    tl.store(o + (t * H + h) * D + d, (num / den).to(o.dtype.element_ty), mask=d < D)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                     rows: torch.Tensor, L: int, scale: float) -> torch.Tensor:
+    """Attention of T one-token queries q [T, H, D] over slots 0..L-1 of their cache rows:
+    k_cache, v_cache [rows, cap, Hkv, D] (last dim contiguous), mask [T, >= L] (bool, True where
+    the query may attend; last dim contiguous), rows [T] (int64). A new [T, H * D] tensor in q's
+    dtype. Every query must see at least one slot."""
+    T, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    if H % Hkv or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or mask.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError(f"decode attention needs H ({H}) a multiple of Hkv ({Hkv}) and contiguous last dims")
+    BD = triton.next_power_of_2(D)
+    n_split = max(1, min(triton.cdiv(L, BL), triton.cdiv(TARGET_PROGRAMS, T * H)))
+    chunk = triton.cdiv(triton.cdiv(L, n_split), BL) * BL
+    n_split = triton.cdiv(L, chunk)
+    o = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
+    split = n_split > 1
+    if split:
+        part_m = torch.empty(T * H * n_split, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(T * H * n_split * BD, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = o
+    m8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    kw = {} if INTERPRET else {"num_warps": 4}
+    _decode_kernel[(T, H, n_split)](q, k_cache, v_cache, m8, rows, o, part_m, part_l, part_acc,
+                                    q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                    v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), m8.stride(0),
+                                    L, chunk, n_split, H, scale,
+                                    GROUP=H // Hkv, D=D, BD=BD, BL=BL, SPLIT=split, **kw)
+    if split:
+        _combine_kernel[(T, H)](part_m, part_l, part_acc, o, n_split, H, D=D, BD=BD,
+                                BS=triton.next_power_of_2(n_split))
+    return o

@@ -1,0 +1,72 @@
+"""The decode attention kernel (NOTE [ decode attention ]) against float64 attention.
+
+On the CPU it runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from layerstream.compute import attn_kernels  # noqa: E402
+
+
+def reference(q, k_cache, v_cache, mask, rows, L, scale):
+    """float64 softmax(q k^T * scale) v over each token's row, masked, heads grouped."""
+    T, H, D = q.shape
+    G = H // k_cache.shape[2]
+    out = torch.empty(T, H, D, dtype=torch.float64)
+    for t in range(T):
+        K = k_cache[rows[t], :L].double().repeat_interleave(G, dim=1)  # [L, H, D]
+        V = v_cache[rows[t], :L].double().repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[t].double(), K) * scale
+        s = s.masked_fill(~mask[t, :L][None, :], float("-inf"))
+        out[t] = torch.einsum("hl,lhd->hd", s.softmax(-1), V)
+    return out.reshape(T, H * D)
+
+
+@pytest.mark.parametrize("T,H,Hkv,D,L,dtype", [
+    (1, 4, 2, 64, 20, torch.float32),     # one chunk, no split
+    (3, 4, 1, 48, 200, torch.float32),    # D below its power of two; split into chunks
+    (2, 6, 2, 32, 97, torch.float16),
+    (2, 2, 2, 16, 70, torch.bfloat16),
+])
+def test_decode_attention_matches_float64(T, H, Hkv, D, L, dtype):
+    g = torch.Generator().manual_seed(T * 100 + L)
+    rows_n, cap = 4, L + 5
+    k_cache = torch.randn(rows_n, cap, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(rows_n, cap, Hkv, D, generator=g).to(dtype)
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    rows = torch.randperm(rows_n, generator=g)[:T]
+    mask = torch.rand(T, L + 3, generator=g) < 0.7  # holes, as a ring or a sliding window leaves them
+    mask[:, L - 1] = True
+    mask[0, : L // 2] = False  # one token sees only its recent half: some chunks see nothing
+    scale = 1 / math.sqrt(D)
+    out = attn_kernels.decode_attention(q, k_cache, v_cache, mask, rows, L, scale)
+    assert out.shape == (T, H * D) and out.dtype == dtype
+    ref = reference(q, k_cache, v_cache, mask, rows, L, scale)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_decode_attention_reads_strided_views():
+    """A host-KV layer computes from a [:B, :L] view of a larger buffer, and the mask is a view of
+    the step's [B, 1, S, L] mask."""
+    g = torch.Generator().manual_seed(5)
+    big_k, big_v = torch.randn(6, 64, 2, 32, generator=g), torch.randn(6, 64, 2, 32, generator=g)
+    k, v = big_k[:3, :40], big_v[:3, :40]
+    mask4 = torch.rand(3, 1, 1, 40, generator=g) < 0.8
+    mask4[..., 0] = True
+    q = torch.randn(3, 4, 32, generator=g)
+    rows = torch.tensor([2, 0, 1])
+    out = attn_kernels.decode_attention(q, k, v, mask4[:, 0, 0], rows, 40, 0.2)
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask4[:, 0, 0], rows, 40, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_mismatched_heads():
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        attn_kernels.decode_attention(torch.zeros(1, 3, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8),
+                                      torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 4, 1.0)
