@@ -192,6 +192,7 @@ class StreamedLayers:
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
         self.gpu_events.append(("compute", first, start, end, 0))
+        self.tl.incr("graph_layers", stop - first)
 
     def _rows(self, i: int) -> dict[str, int]:
         """The CPU's rows of layer i in this step (none for resident layers)."""

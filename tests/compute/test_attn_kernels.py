@@ -70,3 +70,21 @@ def test_decode_attention_refuses_mismatched_heads():
     with pytest.raises(ValueError, match="multiple of Hkv"):
         attn_kernels.decode_attention(torch.zeros(1, 3, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8),
                                       torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 4, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,L", [(1, 4096), (8, 700), (64, 512)])
+def test_decode_attention_on_cuda(T, L):
+    """Llama-3.1-8B's heads (32 query, 8 KV, 128 wide) in float16, compiled: within float16
+    rounding of float64."""
+    g = torch.Generator().manual_seed(T)
+    k_cache = torch.randn(T + 1, L + 8, 8, 128, generator=g).half()
+    v_cache = torch.randn(T + 1, L + 8, 8, 128, generator=g).half()
+    q = torch.randn(T, 32, 128, generator=g).half()
+    rows = torch.randperm(T + 1, generator=g)[:T]
+    mask = torch.rand(T, L, generator=g) < 0.9
+    mask[:, 0] = True
+    out = attn_kernels.decode_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), mask.cuda(), rows.cuda(), L,
+                                        1 / math.sqrt(128))
+    ref = reference(q, k_cache, v_cache, mask, rows, L, 1 / math.sqrt(128))
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-3, atol=2e-3)

@@ -64,6 +64,8 @@ def test_pipeline_on_cuda_streams_and_matches(tmp_path):
         e.backend.write_trace(path, snaps)
         compute_snap = next(s for s in snaps if s.get("role") == "compute")
         assert compute_snap.get("pinned"), "the staging arena was not registered with CUDA"
+        # decode steps replayed the resident layer 0 from a graph (NOTE [ decode graphs ])
+        assert compute_snap["count"].get("graph_layers", 0) >= 15, compute_snap["count"]
     with open(path) as f:
         ev = [x for x in json.load(f)["traceEvents"] if x["ph"] == "X"]
     copies = [(x["ts"], x["ts"] + x["dur"], x["args"].get("layer")) for x in ev if x["cat"] == "copy"]
