@@ -358,19 +358,26 @@ class ModelRunner:
     length). The graph covers the leading layers whose weights stay put (`LayerSource.fixed`)
     and whose KV is on the device: every layer and the head in the in-VRAM engine; the resident
     layers in the streaming pipeline, whose streamed layers then run eagerly from their VRAM
-    slots. All graphs share one memory pool; each graph's output is consumed before the next
-    replays. Mixture-of-experts layers are not captured: routing chooses experts on the host.
+    slots. All graphs share one memory pool and one capture stream; each graph's output is
+    consumed before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline)
+    only steps of up to FUSED_MIN_OF_TYPES sequences are captured: their matmuls are the fused
+    kernels (qlinear.FUSED_MIN_OF_TYPES), whereas cuBLAS takes a workspace for each new stream
+    (with batch-32 graphs, 8B at 4 GiB ran out of memory at the budget on an H200, one 20 MiB
+    allocation short), and at larger batches launches weigh less.
+    Mixture-of-experts layers are not captured: routing chooses experts on the host.
     """
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
                  ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
-                 sliding: bool = False, kv_device_layers: int | None = None, decode_kernels: bool = False):
+                 sliding: bool = False, kv_device_layers: int | None = None, decode_kernels: bool = False,
+                 graph_max_tokens: int | None = None):
         self.hp, self.glob, self.source = hp, glob, source
         self.sliding = sliding  # positions in the cache change: K is stored unrotated
         self.use_graphs = use_graphs
         self.decode_kernels = decode_kernels  # one-token steps read the KV cache in place (attn_kernels.py)
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (layers, batch, padded KV length) -> graph
-        self.pool = None
+        self.graph_max_tokens = graph_max_tokens  # None: decode steps of any batch are captured
+        self.pool = self.capture_stream = None
         self.device, self.dtype = torch.device(device), dtype
         if self.device.type == "cuda":
             # NOTE: cuDNN attention builds an execution plan per new shape (tens of ms each,
@@ -391,7 +398,8 @@ class ModelRunner:
         """How many leading layers this step replays from a graph (NOTE [ decode graphs ]): 0 but
         for decode steps on CUDA."""
         if not (self.use_graphs and self.device.type == "cuda" and not self.hp.n_expert
-                and all(len(s.tokens) == 1 for s in seqs)):
+                and all(len(s.tokens) == 1 for s in seqs)
+                and (self.graph_max_tokens is None or len(seqs) <= self.graph_max_tokens)):
             return 0
         n = 0
         while n < self.hp.n_layer and self.kv.on_device(n) and self.source.fixed(n) is not None:
@@ -456,15 +464,15 @@ class ModelRunner:
             y = self._layers(s_x, s_meta, 0, upto, captured=True)
             return head_forward(self.hp, self._last(y, seqs), self.glob.norm, self.glob.head) if head else y
 
-        side = torch.cuda.Stream(self.device)
+        if self.pool is None:
+            self.pool, self.capture_stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
+        side = self.capture_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
             run()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             s_out = run()
         return graph, s_x, s_meta, s_out
 
