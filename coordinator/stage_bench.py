@@ -768,7 +768,7 @@ def _common(p: argparse.ArgumentParser, reps: int = 5) -> None:
     p.add_argument("--shape", help=f"measure a synthetic model of this shape instead ({', '.join(SHAPES)}), written "
                                    "to a temporary directory")
     p.add_argument("--layers", type=int, default=None, help="layers of the --shape model (default: the shape's)")
-    p.add_argument("--quant", default="Q4_K_M", help="quant mix of the --shape model (Q4_K_M, Q8_0, F16)")
+    p.add_argument("--quant", default="Q4_K_M", help="quant mix of the --shape model (Q4_K_M, Q5_K_M, Q8_0, F16)")
     p.add_argument("--reps", type=int, default=reps, help=f"timed repetitions; the median is reported (default {reps})")
 
 

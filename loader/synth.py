@@ -219,7 +219,7 @@ SHAPES: dict[str, ModelShape] = {
     "qwen3-30b-a3b": ModelShape("qwen3-30b-a3b", 2048, 6144, 48, 32, 4, 151936, 1000000.0, False, 40960, 1e-6,
                                 arch="qwen3moe", head_size=128, n_expert=128, n_expert_used=8, n_ff_exp=768),
 }
-QUANT_MIXES = ("Q4_K_M", "Q8_0", "F16")
+QUANT_MIXES = ("Q4_K_M", "Q5_K_M", "Q8_0", "F16")
 
 # llama.cpp falls back to these when a row length is not a multiple of 256 (e.g. SmolLM2's 576)
 _K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
@@ -251,7 +251,7 @@ def tensor_type(mix: str, name: str, cols: int, n_layer: int) -> QT:
         return QT.F16
     if mix == "Q8_0":
         return QT.Q8_0
-    if mix != "Q4_K_M":
+    if mix not in ("Q4_K_M", "Q5_K_M"):
         raise ValueError(f"quant mix {mix!r}: use one of {', '.join(QUANT_MIXES)}")
     short = name.split(".", 2)[-1] if name.startswith("blk.") else name
     layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
@@ -259,8 +259,8 @@ def tensor_type(mix: str, name: str, cols: int, n_layer: int) -> QT:
         t = QT.Q6_K
     elif short in ("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight") and _more_bits(layer, n_layer):
         t = QT.Q6_K
-    else:
-        t = QT.Q4_K
+    else:  # Q5_K_M: the same choices over Q5_K
+        t = QT.Q4_K if mix == "Q4_K_M" else QT.Q5_K
     block, _ = gguf.GGML_QUANT_SIZES[t]
     return _K_FALLBACK[t] if cols % block else t
 

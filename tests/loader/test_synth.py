@@ -36,6 +36,10 @@ def test_q4_k_m_mix_follows_llama_cpp():
     assert tensor_type("Q4_K_M", "blk.5.ffn_up.weight", 4096, n) == QT.Q4_K
     assert tensor_type("Q4_K_M", "token_embd.weight", 4096, n) == QT.Q4_K
     assert tensor_type("Q4_K_M", "output.weight", 4096, n) == QT.Q6_K
+    assert tensor_type("Q5_K_M", "blk.5.ffn_up.weight", 4096, n) == QT.Q5_K
+    assert tensor_type("Q5_K_M", "blk.0.attn_v.weight", 4096, n) == QT.Q6_K
+    assert tensor_type("Q5_K_M", "output.weight", 4096, n) == QT.Q6_K
+    assert tensor_type("Q5_K_M", "blk.0.ffn_up.weight", 576, n) == QT.Q5_1  # llama.cpp's fallback
     assert tensor_type("Q8_0", "blk.5.ffn_up.weight", 4096, n) == QT.Q8_0
     assert tensor_type("F16", "blk.5.attn_norm.weight", 4096, n) == QT.F32
 
