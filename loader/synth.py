@@ -451,7 +451,8 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
     return path
 
 
-_FILE_TYPES = {"Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+_FILE_TYPES = {"Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q5_K_M": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                "F16": gguf.LlamaFileType.MOSTLY_F16}
 
 

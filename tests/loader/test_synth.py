@@ -44,7 +44,7 @@ def test_q4_k_m_mix_follows_llama_cpp():
     assert tensor_type("F16", "blk.5.attn_norm.weight", 4096, n) == QT.F32
 
 
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q8_0", "F16"])
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M", "Q8_0", "F16"])
 def test_tiny_shape_runs_in_the_engine(tmp_path, quant):
     from layerstream.coordinator.engine import Engine
 
@@ -52,7 +52,7 @@ def test_tiny_shape_runs_in_the_engine(tmp_path, quant):
     idx = open_model(path)
     assert idx.hparams.has_rope_freqs and idx.hparams.n_layer == 3
     sizes = [idx.layer_nbytes(i) for i in range(3)]
-    if quant == "Q4_K_M":  # llama.cpp gives the last eighth of the layers Q6_K attn_v and ffn_down
+    if quant in ("Q4_K_M", "Q5_K_M"):  # llama.cpp gives the last eighth of the layers Q6_K attn_v and ffn_down
         assert sizes[2] > sizes[0] == sizes[1]
     with Engine.load(path, device="cpu", dtype="float32", ctx=32) as eng:
         lg = eng.logits([1, 2, 3, 4, 5])
