@@ -1,4 +1,4 @@
-"""Triton kernel for decode attention: one new token a sequence, read straight from the KV cache.
+"""Triton kernels for attention: RoPE with the KV-cache write, and decode attention read in place.
 
 NOTE [ decode attention ]
 In a decode step each sequence adds one token, whose query attends the cached keys of its row.
@@ -12,8 +12,15 @@ slots are split into chunks, each program keeping its running maximum, sum and w
 and a second launch combines the chunks (flash-decoding). The arithmetic is float32 throughout,
 so it agrees with the float64 reference as closely as the general path.
 
-Like qkernels.py, it runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1), which is
-how CI tests it.
+NOTE [ RoPE and the cache write ]
+Rotating q and k in torch takes a slice, four products, two sums and a concatenation for each,
+and writing k and v into the cache two indexed copies with their casts: a dozen launches a layer
+for a few kilobytes at decode. `rope_and_store` does it in one: a program per (token, head)
+rotates its pairs in float32 (q into a new tensor; k, unless the cache keeps it unrotated) and
+writes the token's k and v at (tok_row, tok_slot) in the cache's dtype.
+
+Like qkernels.py, these kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1), which is
+how CI tests them.
 """
 
 from __future__ import annotations
@@ -126,3 +133,74 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _combine_kernel[(T, H)](part_m, part_l, part_acc, o, n_split, H, D=D, BD=BD,
                                 BS=triton.next_power_of_2(n_split))
     return o
+
+
+@triton.jit
+def _rope_store_kernel(q, k, v, cos, sin, q_out, kc, vc, tok_row, tok_slot, H, Hkv, sq_t, sq_h, sk_t, sk_h,
+                       sv_t, sv_h, sc_t, skc_r, skc_l, skc_h, svc_r, svc_l, svc_h,
+                       D: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
+                       NEOX: tl.constexpr, ROTATE_K: tl.constexpr):
+    """Head j of token t: j < H a query head, then Hkv key/value heads."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    i = tl.arange(0, BH)
+    ok = i < HALF
+    if NEOX:  # pairs (i, i + rope_dim / 2)
+        ia, ib = i, i + HALF
+    else:  # llama.cpp NORM: adjacent pairs (2i, 2i + 1)
+        ia, ib = 2 * i, 2 * i + 1
+    c = tl.load(cos + t * sc_t + i, mask=ok, other=0).to(tl.float32)
+    s = tl.load(sin + t * sc_t + i, mask=ok, other=0).to(tl.float32)
+    p = 2 * HALF + tl.arange(0, BP)  # features past rope_dim pass through
+    okp = p < D
+    if j < H:
+        src = q + t * sq_t + j * sq_h
+        dst = q_out + (t * H + j) * D
+        a = tl.load(src + ia, mask=ok, other=0).to(tl.float32)
+        b = tl.load(src + ib, mask=ok, other=0).to(tl.float32)
+        tl.store(dst + ia, (a * c - b * s).to(q_out.dtype.element_ty), mask=ok)
+        tl.store(dst + ib, (a * s + b * c).to(q_out.dtype.element_ty), mask=ok)
+        tl.store(dst + p, tl.load(src + p, mask=okp, other=0), mask=okp)
+    else:
+        h = j - H
+        row = tl.load(tok_row + t).to(tl.int64)
+        slot = tl.load(tok_slot + t).to(tl.int64)
+        src = k + t * sk_t + h * sk_h
+        dst = kc + row * skc_r + slot * skc_l + h * skc_h
+        a = tl.load(src + ia, mask=ok, other=0).to(tl.float32)
+        b = tl.load(src + ib, mask=ok, other=0).to(tl.float32)
+        if ROTATE_K:
+            a, b = a * c - b * s, a * s + b * c
+        tl.store(dst + ia, a.to(kc.dtype.element_ty), mask=ok)
+        tl.store(dst + ib, b.to(kc.dtype.element_ty), mask=ok)
+        tl.store(dst + p, tl.load(src + p, mask=okp, other=0).to(kc.dtype.element_ty), mask=okp)
+        d = tl.arange(0, BH * 2)
+        vdst = vc + row * svc_r + slot * svc_l + h * svc_h
+        for d0 in tl.static_range(0, D, BH * 2):
+            okd = d0 + d < D
+            tl.store(vdst + d0 + d, tl.load(v + t * sv_t + h * sv_h + d0 + d, mask=okd, other=0)
+                     .to(vc.dtype.element_ty), mask=okd)
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, tok_row: torch.Tensor, tok_slot: torch.Tensor,
+                   neox: bool, rotate_k: bool = True) -> torch.Tensor:
+    """q [T, H, D] rotated (a new tensor); k [T, Hkv, D] rotated when `rotate_k` and written with
+    v to k_cache/v_cache [rows, cap, Hkv, D] at (tok_row[t], tok_slot[t]). cos, sin [T, rope_dim/2]
+    as model.rope_tables makes them. See NOTE [ RoPE and the cache write ]."""
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    half = cos.shape[-1]
+    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, k_cache, v_cache)):
+        raise ValueError("rope_and_store needs contiguous last dims")
+    q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return q_out
+    BH = triton.next_power_of_2(half)
+    _rope_store_kernel[(T, H + Hkv)](q, k, v, cos, sin, q_out, k_cache, v_cache, tok_row, tok_slot, H, Hkv,
+                                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                     cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                                     D=D, HALF=half, BH=BH, BP=max(1, triton.next_power_of_2(max(1, D - 2 * half))),
+                                     NEOX=neox, ROTATE_K=rotate_k)
+    return q_out

@@ -91,7 +91,7 @@ class ComputeWorker:
         self.expert_steps = self.expert_tokens = 0
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
-                                  sliding=cfg.sliding, decode_kernels=quantized,
+                                  sliding=cfg.sliding, triton_attention=quantized,
                                   graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0)
 
     def _make_share(self, streamed: list[LayerLayout]) -> CpuShare | None:

@@ -43,8 +43,10 @@ class StepMeta:
     cos_k_swa: torch.Tensor | None = None
     sin_k_swa: torch.Tensor | None = None
     mask_swa: torch.Tensor | None = None
-    # every sequence adds one token and K is stored rotated: attention reads the cache in place
-    # (attn_kernels.py, NOTE [ decode attention ]); the runner sets it where Triton runs the matmuls
+    # Triton kernels of attn_kernels.py, where Triton runs the matmuls (the runner sets them):
+    # RoPE with the cache write in one launch, and, when every sequence adds one token and K is
+    # stored rotated, attention read from the cache in place (NOTE [ decode attention ])
+    rope_kernel: bool = False
     decode_kernel: bool = False
 
 
@@ -105,16 +107,23 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE
         q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
-    q = apply_rope(q, cos_q, sin_q, hp.rope_neox)
-    if cos_k_all is None:  # positions never change (no sliding): store K rotated once
-        k = apply_rope(k, cos_q, sin_q, hp.rope_neox)
-    k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
-    v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
-    if meta.decode_kernel and cos_k_all is None:  # token t is sequence t's only one
-        from layerstream.compute.attn_kernels import decode_attention
+    # positions never change without sliding (cos_k None): K is stored rotated, once
+    if meta.rope_kernel:
+        from layerstream.compute import attn_kernels
 
-        o = decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.rows, meta.kv_len,
-                             hp.attn_scale or 1 / math.sqrt(D))
+        q = attn_kernels.rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok_row, meta.tok_slot,
+                                        hp.rope_neox, rotate_k=cos_k_all is None)
+    else:
+        q = apply_rope(q, cos_q, sin_q, hp.rope_neox)
+        if cos_k_all is None:
+            k = apply_rope(k, cos_q, sin_q, hp.rope_neox)
+        k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
+        v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
+    if meta.decode_kernel and cos_k_all is None:  # token t is sequence t's only one
+        from layerstream.compute import attn_kernels
+
+        o = attn_kernels.decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.rows, meta.kv_len,
+                                          hp.attn_scale or 1 / math.sqrt(D))
         return _attn_out(hp, w, x, o)
 
     B, S = meta.q_index.shape

@@ -369,12 +369,12 @@ class ModelRunner:
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
                  ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
-                 sliding: bool = False, kv_device_layers: int | None = None, decode_kernels: bool = False,
+                 sliding: bool = False, kv_device_layers: int | None = None, triton_attention: bool = False,
                  graph_max_tokens: int | None = None):
         self.hp, self.glob, self.source = hp, glob, source
         self.sliding = sliding  # positions in the cache change: K is stored unrotated
         self.use_graphs = use_graphs
-        self.decode_kernels = decode_kernels  # one-token steps read the KV cache in place (attn_kernels.py)
+        self.triton_attention = triton_attention  # attn_kernels.py: RoPE and cache writes, decode attention
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (layers, batch, padded KV length) -> graph
         self.graph_max_tokens = graph_max_tokens  # None: decode steps of any batch are captured
         self.pool = self.capture_stream = None
@@ -416,7 +416,8 @@ class ModelRunner:
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
                                inv_freq_swa=self.inv_freq_swa)
-        meta.decode_kernel = self.decode_kernels and not self.sliding and all(len(s.tokens) == 1 for s in seqs)
+        meta.rope_kernel = self.triton_attention
+        meta.decode_kernel = self.triton_attention and not self.sliding and all(len(s.tokens) == 1 for s in seqs)
         x = self.glob.embed(torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long))
         if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
             x = x * self.hp.embed_scale

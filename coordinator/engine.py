@@ -68,7 +68,7 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
         if bar:
             bar.close()
     runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs,
-                         sliding=cfg.on_context_full == "slide", decode_kernels=quantized)
+                         sliding=cfg.on_context_full == "slide", triton_attention=quantized)
     return runner
 
 

@@ -72,6 +72,35 @@ def test_decode_attention_refuses_mismatched_heads():
                                       torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 4, 1.0)
 
 
+@pytest.mark.parametrize("neox,rope_dim,rotate_k,dtype", [
+    (False, 64, True, torch.float32),   # llama.cpp NORM pairs, the whole head
+    (True, 32, True, torch.float32),    # NEOX pairs over half the head (the rest passes through)
+    (True, 64, False, torch.float16),   # a sliding ring keeps K unrotated
+    (False, 48, True, torch.bfloat16),
+])
+def test_rope_and_store_matches_the_torch_path(neox, rope_dim, rotate_k, dtype):
+    """One launch against model.apply_rope and the indexed cache writes, in float64."""
+    from layerstream.compute.model import apply_rope
+
+    g = torch.Generator().manual_seed(rope_dim)
+    T, H, Hkv, D = 5, 4, 2, 64
+    q, k, v = (torch.randn(T, n, D, generator=g).to(dtype) for n in (H, Hkv, Hkv))
+    ang = torch.rand(T, rope_dim // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    kc, vc = torch.zeros(3, 8, Hkv, D, dtype=dtype), torch.zeros(3, 8, Hkv, D, dtype=dtype)
+    rows, slots = torch.tensor([0, 0, 2, 1, 2]), torch.tensor([3, 4, 0, 7, 1])
+    q_out = attn_kernels.rope_and_store(q, k, v, cos, sin, kc, vc, rows, slots, neox, rotate_k)
+    c64, s64 = cos.double(), sin.double()
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(q_out.double(), apply_rope(q.double(), c64, s64, neox), rtol=tol, atol=tol)
+    want_k = apply_rope(k.double(), c64, s64, neox) if rotate_k else k.double()
+    torch.testing.assert_close(kc[rows, slots].double(), want_k, rtol=tol, atol=tol)
+    assert torch.equal(vc[rows, slots], v)
+    untouched = torch.ones(3, 8, dtype=torch.bool)
+    untouched[rows, slots] = False
+    assert not kc[untouched].any() and not vc[untouched].any()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,L", [(1, 4096), (8, 700), (64, 512)])
 def test_decode_attention_on_cuda(T, L):
