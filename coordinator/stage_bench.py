@@ -761,6 +761,62 @@ def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
 
+def bench_kernels(args) -> None:
+    """The kernels a decode step of the in-VRAM engine launches and the device time each takes
+    (torch.profiler; on the CPU, the operators and their CPU time), at batch 1 after a prompt of
+    --context tokens. Steps run back to back, as a GPU-bound loop: the host's work overlaps."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from layerstream.compute.model import SeqStep
+    from layerstream.coordinator.engine import Engine, EngineConfig
+
+    with model_for(args) as index:
+        cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype,
+                           ctx=args.context + args.steps + 32, max_seqs=1)
+        with Engine.open(cfg, index=index) as eng:
+            r, V, n = eng.backend, eng.hparams.n_vocab, args.context
+            cuda = r.device.type == "cuda"
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            r.step([SeqStep(0, [(7 * i) % V for i in range(n)], list(range(n)), list(range(n)), list(range(n)))], "none")
+            pos = n
+
+            def decode(k: int) -> None:
+                nonlocal pos
+                for _ in range(k):
+                    r.step([SeqStep(0, [pos % V], [pos], [pos], list(range(pos + 1)))], "last")
+                    pos += 1
+
+            decode(3)
+            sync()
+            t0 = time.perf_counter()
+            decode(args.steps)
+            sync()
+            dt = (time.perf_counter() - t0) / args.steps
+            k = 10
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                decode(k)
+                sync()
+    agg: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    if cuda:
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                a = agg[e.name]
+                a[0], a[1] = a[0] + 1, a[1] + e.device_time
+    else:
+        for e in prof.key_averages():
+            agg[e.key] = [e.count, e.self_cpu_time_total]
+    total = sum(us for _, us in agg.values())
+    print(f"kernels: {os.path.basename(index.path)} on {device_name(r.device)}, {str(r.dtype).split('.')[-1]}, "
+          f"decode batch 1 after {n} tokens: {dt * 1e3:.2f} ms a token ({1 / dt:.1f} tokens/s), back to back")
+    print(f"{'device' if cuda else 'CPU'} time {total / k / 1e3:.2f} ms a token in "
+          f"{sum(c for c, _ in agg.values()) / k:.0f} {'kernels' if cuda else 'operators'}")
+    print(f"{'us/token':>9} {'calls/token':>11}  name")
+    for name, (c, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"{us / k:9.1f} {c / k:11.1f}  {name[:100]}")
+
+
 def _common(p: argparse.ArgumentParser, reps: int = 5) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     from layerstream.loader.synth import SHAPES
@@ -834,6 +890,14 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--sample-layers", type=int, default=4,
                    help="layers held resident and cycled through to stand for every layer (default 4)")
     p.set_defaults(func=bench_compute)
+
+    p = sub.add_parser("kernels", help="the kernels of a resident decode step and the device time of each")
+    _common(p)
+    _device_args(p)
+    p.add_argument("--context", type=int, default=300, help="prompt tokens before decoding (default 300)")
+    p.add_argument("--steps", type=int, default=50, help="decode steps timed (default 50)")
+    p.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
+    p.set_defaults(func=bench_kernels)
 
     p = sub.add_parser("pipeline", help="the whole streaming pipeline: seconds per pass against the PCIe floor")
     _common(p)

@@ -46,6 +46,13 @@ def test_compute(tiny, capsys):
     assert "prompt" in out and out.count("decode") >= 2 and "tokens/s" in out
 
 
+def test_kernels_lists_the_decode_steps_operators(tiny, capsys):
+    out = run(capsys, "kernels", "-m", tiny, "--device", "cpu", "--context", "8", "--steps", "2", "--top", "5")
+    assert "decode batch 1 after 8 tokens" in out and "tokens/s" in out
+    rows = out.split("name\n", 1)[1].splitlines()
+    assert len(rows) == 5 and any("aten::" in r for r in rows)  # the heaviest operators, with their times
+
+
 def test_compute_on_a_shape(capsys):
     out = run(capsys, "compute", "--shape", "smollm2-135m", "--layers", "1", "--device", "cpu", "--reps", "1",
               "--tokens", "8", "-b", "1", "--decode-context", "4")
@@ -74,5 +81,5 @@ def test_experts_compares_the_cache_policies(capsys):
 def test_add_stage_parsers_registers_every_stage():
     p = argparse.ArgumentParser()
     stage_bench.add_stage_parsers(p.add_subparsers(dest="cmd"))
-    for stage in ("reader", "transfer", "dequant", "compute", "pipeline", "serve", "experts"):
+    for stage in ("reader", "transfer", "dequant", "compute", "kernels", "pipeline", "serve", "experts"):
         assert p.parse_args([stage]).func.__name__ == f"bench_{stage}"
