@@ -353,8 +353,8 @@ class ModelRunner:
     """Forward steps for a batch of sequences over a layer source and a KV store.
 
     NOTE [ decode graphs ]
-    A decode step at batch 1 launches about 40 kernels a layer, each costing more to launch from
-    Python than to run, so decode steps replay CUDA graphs, captured once per (batch, padded KV
+    A decode step launches about 24 kernels a layer (8B, measured with `layerstream-bench
+    kernels`), each costing more to launch from Python than to run, so decode steps replay CUDA graphs, captured once per (batch, padded KV
     length). The graph covers the leading layers whose weights stay put (`LayerSource.fixed`)
     and whose KV is on the device: every layer and the head in the in-VRAM engine; the resident
     layers in the streaming pipeline, whose streamed layers then run eagerly from their VRAM
