@@ -195,7 +195,9 @@ def test_aborted_stream_frees_its_row_and_a_full_queue_is_429():
         r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, timeout=30)
         assert r.choices[0].text is not None and time.monotonic() - t0 < 20  # 400 tokens would take longer
 
-        long = dict(model=model, prompt="Count: 1, 2,", max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
+        # long enough that the first is still running when the third comes (0.6 s later): 100
+        # tokens take about 5 s on a 2-core CPU
+        long = dict(model=model, prompt="Count: 1, 2,", max_tokens=100, temperature=0, extra_body={"ignore_eos": True})
         results = []
         threads = [threading.Thread(target=lambda: results.append(_try(client, long))) for _ in range(3)]
         for t in threads:
