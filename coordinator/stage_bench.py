@@ -764,7 +764,8 @@ def _floats(s: str) -> list[float]:
 def bench_kernels(args) -> None:
     """The kernels a decode step of the in-VRAM engine launches and the device time each takes
     (torch.profiler; on the CPU, the operators and their CPU time), at batch 1 after a prompt of
-    --context tokens. Steps run back to back, as a GPU-bound loop: the host's work overlaps."""
+    --context tokens. Steps are timed back to back (the host's work overlaps the device's), and
+    reading each token back before the next step, as the engine does."""
     import collections
 
     from torch.profiler import ProfilerActivity, profile
@@ -782,10 +783,12 @@ def bench_kernels(args) -> None:
             r.step([SeqStep(0, [(7 * i) % V for i in range(n)], list(range(n)), list(range(n)), list(range(n)))], "none")
             pos = n
 
-            def decode(k: int) -> None:
+            def decode(k: int, each: bool = False) -> None:
                 nonlocal pos
                 for _ in range(k):
-                    r.step([SeqStep(0, [pos % V], [pos], [pos], list(range(pos + 1)))], "last")
+                    logits = r.step([SeqStep(0, [pos % V], [pos], [pos], list(range(pos + 1)))], "last")
+                    if each:  # as the engine does: the token is read back before the next step
+                        logits.argmax(-1).tolist()
                     pos += 1
 
             decode(3)
@@ -794,6 +797,9 @@ def bench_kernels(args) -> None:
             decode(args.steps)
             sync()
             dt = (time.perf_counter() - t0) / args.steps
+            t0 = time.perf_counter()
+            decode(args.steps, each=True)
+            dt_each = (time.perf_counter() - t0) / args.steps
             k = 10
             with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
                 decode(k)
@@ -809,7 +815,9 @@ def bench_kernels(args) -> None:
             agg[e.key] = [e.count, e.self_cpu_time_total]
     total = sum(us for _, us in agg.values())
     print(f"kernels: {os.path.basename(index.path)} on {device_name(r.device)}, {str(r.dtype).split('.')[-1]}, "
-          f"decode batch 1 after {n} tokens: {dt * 1e3:.2f} ms a token ({1 / dt:.1f} tokens/s), back to back")
+          f"decode batch 1 after {n} tokens: {dt * 1e3:.2f} ms a token ({1 / dt:.1f} tokens/s) back to back, "
+          f"{dt_each * 1e3:.2f} ms ({1 / dt_each:.1f} tokens/s) reading each token back (the difference: "
+          f"host time not overlapped)")
     print(f"{'device' if cuda else 'CPU'} time {total / k / 1e3:.2f} ms a token in "
           f"{sum(c for c, _ in agg.values()) / k:.0f} {'kernels' if cuda else 'operators'}")
     print(f"{'us/token':>9} {'calls/token':>11}  name")
