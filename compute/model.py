@@ -7,6 +7,7 @@ new tokens over all B sequences of the step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -86,6 +87,15 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
+@functools.cache
+def _attn_kernels():
+    """compute.attn_kernels, imported on first use (it needs Triton, which the runner has checked
+    before it sets meta.rope_kernel or meta.decode_kernel)."""
+    from layerstream.compute import attn_kernels
+
+    return attn_kernels
+
+
 def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, swa: bool = False) -> torch.Tensor:
     """Self-attention of the packed tokens x [T, E]; writes their K/V into the caches.
@@ -109,10 +119,8 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
     # positions never change without sliding (cos_k None): K is stored rotated, once
     if meta.rope_kernel:
-        from layerstream.compute import attn_kernels
-
-        q = attn_kernels.rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok_row, meta.tok_slot,
-                                        hp.rope_neox, rotate_k=cos_k_all is None)
+        q = _attn_kernels().rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok_row, meta.tok_slot,
+                                           hp.rope_neox, rotate_k=cos_k_all is None)
     else:
         q = apply_rope(q, cos_q, sin_q, hp.rope_neox)
         if cos_k_all is None:
@@ -120,10 +128,8 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
         v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
     if meta.decode_kernel and cos_k_all is None:  # token t is sequence t's only one
-        from layerstream.compute import attn_kernels
-
-        o = attn_kernels.decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.rows, meta.kv_len,
-                                          hp.attn_scale or 1 / math.sqrt(D))
+        o = _attn_kernels().decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.rows, meta.kv_len,
+                                             hp.attn_scale or 1 / math.sqrt(D))
         return _attn_out(hp, w, x, o)
 
     B, S = meta.q_index.shape

@@ -394,11 +394,10 @@ class ModelRunner:
     def close(self) -> None:
         pass
 
-    def _graph_layers(self, seqs: list[SeqStep]) -> int:
+    def _graph_layers(self, seqs: list[SeqStep], decode: bool) -> int:
         """How many leading layers this step replays from a graph (NOTE [ decode graphs ]): 0 but
-        for decode steps on CUDA."""
-        if not (self.use_graphs and self.device.type == "cuda" and not self.hp.n_expert
-                and all(len(s.tokens) == 1 for s in seqs)
+        for decode steps (one token a sequence) on CUDA."""
+        if not (decode and self.use_graphs and self.device.type == "cuda" and not self.hp.n_expert
                 and (self.graph_max_tokens is None or len(seqs) <= self.graph_max_tokens)):
             return 0
         n = 0
@@ -412,12 +411,13 @@ class ModelRunner:
         for s in seqs:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
-        upto = self._graph_layers(seqs)
+        decode = all(len(s.tokens) == 1 for s in seqs)
+        upto = self._graph_layers(seqs, decode)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
                                inv_freq_swa=self.inv_freq_swa)
         meta.rope_kernel = self.triton_attention
-        meta.decode_kernel = self.triton_attention and not self.sliding and all(len(s.tokens) == 1 for s in seqs)
+        meta.decode_kernel = self.triton_attention and decode and not self.sliding
         x = self.glob.embed(torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long))
         if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
             x = x * self.hp.embed_scale
