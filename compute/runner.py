@@ -441,12 +441,10 @@ class ModelRunner:
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(x, meta, seqs, upto, head)
-        graph, s_x, s_meta, s_out = g
+        graph, s_x, s_meta, s_out, names = g
         s_x.copy_(x)
-        for f in dataclasses.fields(StepMeta):
-            v = getattr(meta, f.name)
-            if isinstance(v, torch.Tensor):
-                getattr(s_meta, f.name).copy_(v)
+        for name in names:  # the step's inputs into the graph's own tensors
+            getattr(s_meta, name).copy_(getattr(meta, name))
         cur = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(cur)
@@ -457,9 +455,8 @@ class ModelRunner:
 
     def _capture(self, x, meta, seqs, upto: int, head: bool):
         s_x = x.clone()
-        s_meta = dataclasses.replace(meta, **{f.name: getattr(meta, f.name).clone()
-                                              for f in dataclasses.fields(StepMeta)
-                                              if isinstance(getattr(meta, f.name), torch.Tensor)})
+        names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
+        s_meta = dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names})
 
         def run():
             y = self._layers(s_x, s_meta, 0, upto, captured=True)
@@ -475,7 +472,7 @@ class ModelRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
             s_out = run()
-        return graph, s_x, s_meta, s_out
+        return graph, s_x, s_meta, s_out, names
 
     def _layers(self, x: torch.Tensor, meta: StepMeta, start: int, stop: int, captured: bool = False) -> torch.Tensor:
         """Layers start..stop-1 over x: weights from the source's layer() and release(), or, for
