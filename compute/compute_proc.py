@@ -185,6 +185,7 @@ class ComputeWorker:
         t0 = time.monotonic_ns()
         logits = self.runner.step(seqs, msg.want_logits)
         out = None if logits is None else logits.float().cpu().numpy()
+        self.source.return_slots()
         self.tl.add("step", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step, tokens=tokens)
         copy_s, copy_bytes = self._gpu_timeline()
         if self.share is not None:

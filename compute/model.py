@@ -210,10 +210,17 @@ def route(hp: HParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 GROUPED_MAX_TOKENS = 8
 
 
-def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed."""
+def moe_route(hp: HParams, w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer's FFN input: the normed activations h, and each token's chosen experts'
+    weights and ids (everything before the experts run)."""
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
     weight, chosen = route(hp, linear(h, w["ffn_gate_inp.weight"]))
+    return h, weight, chosen
+
+
+def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed."""
+    h, weight, chosen = moe_route(hp, w, x)
     if chosen.shape[0] <= GROUPED_MAX_TOKENS and _grouped(w):
         out = _experts_grouped(hp, w, h, weight, chosen)
     else:
@@ -268,22 +275,27 @@ def _grouped(w: LayerWeights) -> bool:
 
 def _experts_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
                      chosen: torch.Tensor) -> torch.Tensor:
-    T, k = chosen.shape
-    dev = h.device
     flat = chosen.flatten()
     if "experts" in w:  # streamed: the chosen experts' cache entries, by address
-        ids = flat.tolist()  # the host sync of this layer
-        mats = w["experts"].fetch(sorted(set(ids)))
-        first = mats[ids[0]]
-        anchor = first[0].raw
-        offs = torch.tensor([[mats[e][j].raw.data_ptr() - anchor.data_ptr() for e in ids] for j in range(3)],
-                            dtype=torch.int64).to(dev)
+        anchor, offs, parts = w["experts"].grouped_offsets(flat.tolist())  # the host sync of this layer
+        offs = offs.to(h.device)
     else:  # resident: expert e is a byte range of each [E * N, K] block matrix, found on the device
-        first = tuple(expert(w[n], 0, hp.n_expert) for n in EXPERT_TENSORS)
         anchor = w[EXPERT_TENSORS[0]].raw
         offs = torch.stack([flat * (w[n].nbytes // hp.n_expert) + (w[n].raw.data_ptr() - anchor.data_ptr())
                             for n in EXPERT_TENSORS])
-    (gq, (N, K)), (uq, _), (dq, (Nd, Kd)) = ((m.qtype, m.shape) for m in first)
+        parts = tuple((w[n].qtype, w[n].shape[0] // hp.n_expert, w[n].shape[1]) for n in EXPERT_TENSORS)
+    return experts_grouped(h, weight, anchor, offs, parts)
+
+
+def experts_grouped(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: torch.Tensor,
+                    parts: tuple) -> torch.Tensor:
+    """The weighted sum of each token's chosen experts (NOTE [ grouped experts ]): `offs` [3, T * k]
+    holds the byte offsets from `anchor` of each (token, choice) pair's gate, up and down blocks,
+    `parts` their (qtype, rows, cols). Three launches at most, no host sync: a CUDA graph may
+    hold it (runner.py, NOTE [ decode graphs ])."""
+    T, k = weight.shape
+    dev = h.device
+    (gq, N, K), (uq, _, _), (dq, Nd, Kd) = parts
     rows = torch.arange(T, device=dev, dtype=torch.int32).repeat_interleave(k)
     if gq == uq:  # gate and up of every pair: one launch
         gu = grouped_matmul(h, anchor, gq, N, K, offs[:2].flatten(), rows.repeat(2))

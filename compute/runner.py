@@ -14,12 +14,17 @@ import torch
 from layerstream.compute.dequant import check_supported, dequantize
 from layerstream.compute.qlinear import FUSED_TYPES, HEAD_CHUNK, QuantWeight, have_triton
 from layerstream.compute.model import (
+    GROUPED_MAX_TOKENS,
     LayerWeights,
     SeqStep,
     StepMeta,
+    _grouped,
+    attention_block,
     build_step_meta,
+    experts_grouped,
     head_forward,
     layer_forward,
+    moe_route,
     rope_inv_freq,
 )
 from layerstream.errors import ConfigError
@@ -125,7 +130,8 @@ class LayerSource(Protocol):
         """Layer i's weights if they are the same tensors at every step from now on (a captured
         CUDA graph may read them without layer() and release()), else None."""
     def graph_ran(self, first: int, stop: int, start, end) -> None:
-        """Layers first..stop-1 ran from a graph between CUDA events start and end."""
+        """Layers first..stop-1 ran from a graph between CUDA events start and end (None: the
+        layers' own events time them)."""
 
 
 class ResidentLayers:
@@ -364,7 +370,14 @@ class ModelRunner:
     kernels (qlinear.FUSED_MIN_OF_TYPES), whereas cuBLAS takes a workspace for each new stream
     (with batch-32 graphs, 8B at 4 GiB ran out of memory at the budget on an H200, one 20 MiB
     allocation short), and at larger batches launches weigh less.
-    Mixture-of-experts layers are not captured: routing chooses experts on the host.
+    A mixture-of-experts layer is captured with the others when its experts are resident blocks:
+    the grouped kernels find the chosen experts on the device (model.py, NOTE [ grouped
+    experts ]). A streamed MoE layer whose other tensors are kept on the device (`ExpertSet.
+    dense_fixed`) runs as two graphs of its own around the host's part: its attention and router
+    (graph A); then the host reads the chosen ids, the expert cache copies the missing experts
+    into its pool and the pairs' byte offsets go into graph B's input; then its experts (graph
+    B), which read the pool (experts.py, NOTE [ the expert pool ]). Those graphs share one copy
+    of the step's inputs per shape, filled once a step.
     """
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
@@ -378,6 +391,9 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (layers, batch, padded KV length) -> graph
         self.graph_max_tokens = graph_max_tokens  # None: decode steps of any batch are captured
         self.pool = self.capture_stream = None
+        self.moe_graphs: dict[tuple[int, int, int], tuple] = {}  # (layer, batch, padded KV length) -> A, B
+        self.moe_inputs: dict[tuple[int, int], tuple] = {}  # (batch, padded KV length) -> (x, meta, names, filled)
+        self._graph_step = False  # this step may replay graphs (a decode step within the limits)
         self.device, self.dtype = torch.device(device), dtype
         if self.device.type == "cuda":
             # NOTE: cuDNN attention builds an execution plan per new shape (tens of ms each,
@@ -397,11 +413,14 @@ class ModelRunner:
     def _graph_layers(self, seqs: list[SeqStep], decode: bool) -> int:
         """How many leading layers this step replays from a graph (NOTE [ decode graphs ]): 0 but
         for decode steps (one token a sequence) on CUDA."""
-        if not (decode and self.use_graphs and self.device.type == "cuda" and not self.hp.n_expert
-                and (self.graph_max_tokens is None or len(seqs) <= self.graph_max_tokens)):
+        self._graph_step = (decode and self.use_graphs and self.device.type == "cuda"
+                            and (self.graph_max_tokens is None or len(seqs) <= self.graph_max_tokens)
+                            and (not self.hp.n_expert or len(seqs) <= GROUPED_MAX_TOKENS))
+        if not self._graph_step:
             return 0
         n = 0
-        while n < self.hp.n_layer and self.kv.on_device(n) and self.source.fixed(n) is not None:
+        while n < self.hp.n_layer and self.kv.on_device(n) and (w := self.source.fixed(n)) is not None \
+                and (not self.hp.n_expert or _grouped(w)):
             n += 1
         return n
 
@@ -434,13 +453,67 @@ class ModelRunner:
         padded = max(256, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
         return min(self.ctx, padded)
 
+    def _moe_graphed(self, i: int, w: LayerWeights) -> bool:
+        """Whether streamed MoE layer i runs as its two graphs in this step (NOTE [ decode graphs ])."""
+        ex = w.get("experts")
+        return self._graph_step and ex is not None and ex.dense_fixed and ex.grouped and self.kv.on_device(i)
+
+    def _moe_layer(self, i: int, w: LayerWeights, x: torch.Tensor, meta: StepMeta, k, v) -> torch.Tensor:
+        """Streamed MoE layer i through its graphs: attention and router, the host's fetch, experts."""
+        T = x.shape[0]
+        g = self.moe_graphs.get((i, T, meta.kv_len))
+        s_x, s_meta = self._moe_inputs(x, meta)
+        s_x.copy_(x)
+        if g is None:
+            g = self.moe_graphs[(i, T, meta.kv_len)] = self._capture_moe(i, w, s_x, s_meta, k, v)
+        graph_a, graph_b, (x1, h, weight, chosen), offs, offs_host, out = g
+        graph_a.replay()
+        ids = chosen.flatten().tolist()  # the host sync of this layer: which experts to fetch
+        _, o, _ = w["experts"].grouped_offsets(ids)
+        offs_host.copy_(o)  # this layer's own pinned buffer: its last copy crossed a step ago
+        offs.copy_(offs_host, non_blocking=True)
+        graph_b.replay()
+        self.source.graph_ran(i, i + 1, None, None)
+        return out
+
+    def _moe_inputs(self, x: torch.Tensor, meta: StepMeta) -> tuple:
+        """The graphs' copy of the step's inputs for this shape, holding this step's meta."""
+        key = (x.shape[0], meta.kv_len)
+        got = self.moe_inputs.get(key)
+        if got is None:
+            names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
+            s_meta = dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names})
+            got = self.moe_inputs[key] = (x.clone(), s_meta, names, meta)
+        s_x, s_meta, names, filled = got
+        if filled is not meta:  # once a step
+            for name in names:
+                getattr(s_meta, name).copy_(getattr(meta, name))
+            self.moe_inputs[key] = (s_x, s_meta, names, meta)
+        return s_x, s_meta
+
+    def _capture_moe(self, i: int, w: LayerWeights, s_x, s_meta, k, v) -> tuple:
+        hp, ex = self.hp, w["experts"]
+        T, kk = s_x.shape[0], hp.n_expert_used
+
+        def part_a():
+            x1 = attention_block(hp, w, s_x, s_meta, k, v, hp.is_swa(i))
+            return (x1, *moe_route(hp, w, x1))
+
+        graph_a, outs_a = self._capture(part_a)
+        x1, h, weight, chosen = outs_a
+        offs = torch.zeros(3, T * kk, dtype=torch.int64, device=self.device)  # slot 0 until the first fetch
+        pool, parts = ex.cache.pool, ex.parts
+        graph_b, out = self._capture(lambda: x1 + experts_grouped(h, weight, pool, offs, parts).to(x1.dtype))
+        offs_host = torch.empty(3, T * kk, dtype=torch.int64, pin_memory=True)
+        return graph_a, graph_b, outs_a, offs, offs_host, out
+
     def _replay(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool) -> torch.Tensor:
         """Layers 0..upto-1 (and the head) through the graph captured for this shape: their output,
         a new tensor."""
         key = (upto + head, len(seqs), meta.kv_len)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(x, meta, seqs, upto, head)
+            g = self.graphs[key] = self._capture_layers(x, meta, seqs, upto, head)
         graph, s_x, s_meta, s_out, names = g
         s_x.copy_(x)
         for name in names:  # the step's inputs into the graph's own tensors
@@ -453,7 +526,7 @@ class ModelRunner:
         self.source.graph_ran(0, upto, start, end)
         return s_out.clone()
 
-    def _capture(self, x, meta, seqs, upto: int, head: bool):
+    def _capture_layers(self, x, meta, seqs, upto: int, head: bool):
         s_x = x.clone()
         names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
         s_meta = dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names})
@@ -462,6 +535,11 @@ class ModelRunner:
             y = self._layers(s_x, s_meta, 0, upto, captured=True)
             return head_forward(self.hp, self._last(y, seqs), self.glob.norm, self.glob.head) if head else y
 
+        graph, s_out = self._capture(run)
+        return graph, s_x, s_meta, s_out, names
+
+    def _capture(self, run):
+        """A CUDA graph of run() (after one warm-up run outside it) and the outputs it writes."""
         if self.pool is None:
             self.pool, self.capture_stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
         side = self.capture_stream
@@ -471,8 +549,8 @@ class ModelRunner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
-            s_out = run()
-        return graph, s_x, s_meta, s_out, names
+            out = run()
+        return graph, out
 
     def _layers(self, x: torch.Tensor, meta: StepMeta, start: int, stop: int, captured: bool = False) -> torch.Tensor:
         """Layers start..stop-1 over x: weights from the source's layer() and release(), or, for
@@ -481,7 +559,10 @@ class ModelRunner:
         for i in range(start, stop):
             w = self.source.fixed(i) if captured else self.source.layer(i)
             k, v, m = self.kv.layer(i, meta)
-            x = layer_forward(hp, w, x, m, k, v, hp.is_swa(i))
+            if not captured and hp.n_expert and self._moe_graphed(i, w):
+                x = self._moe_layer(i, w, x, m, k, v)
+            else:
+                x = layer_forward(hp, w, x, m, k, v, hp.is_swa(i))
             self.kv.write_back(i, m, k, v)
             if not captured:
                 self.source.release(i)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_rows, pack_rows
-from layerstream.compute.experts import ExpertCache, ExpertSet, streams_experts
+from layerstream.compute.experts import ExpertCache, ExpertSet, max_in_flight, streams_experts
+from layerstream.compute.experts import slot_bytes as expert_slot
 from layerstream.compute.model import EXPERT_TENSORS, LayerWeights
 from layerstream.compute.qlinear import QuantWeight
 from layerstream.compute.runner import device_weight
@@ -148,10 +149,12 @@ class StreamedLayers:
                  expert_policy: str = "lfu"):
         self.layouts = layouts
         self.n_expert, self.n_expert_used = experts
-        self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline, expert_policy) \
+        self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline, expert_policy,
+                                        expert_slot(layouts), max_in_flight(*experts)) \
             if experts[0] and expert_cache_bytes else None
         self.expert_step = False  # this step fetches only the chosen experts of streamed MoE layers
         self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
+        self.returning: list[tuple] = []  # (copies' event, step, layer, staging slot) to give back once copied
         self.keep_dense = dense_resident and self.expert_cache is not None
         self.dense: dict[int, LayerWeights] = {}  # streamed MoE layer -> its tensors but the experts, on the device
         self.share = share
@@ -191,7 +194,8 @@ class StreamedLayers:
         return self.resident.get(i)
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
-        self.gpu_events.append(("compute", first, start, end, 0))
+        if start is not None:
+            self.gpu_events.append(("compute", first, start, end, 0))
         self.tl.incr("graph_layers", stop - first)
 
     def _rows(self, i: int) -> dict[str, int]:
@@ -213,8 +217,9 @@ class StreamedLayers:
     def _with_experts(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
         """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
         experts from the staging slot, which stays held until release(i)."""
+        fixed = i in self.dense and all(w.get(k) is v for k, v in self.dense[i].items())
         w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}
-        w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot))
+        w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot), dense_fixed=fixed)
         self.held[i] = slot
         return w
 
@@ -248,6 +253,7 @@ class StreamedLayers:
         return w
 
     def _layer(self, i: int) -> LayerWeights:
+        self.return_slots(wait=False)
         if i in self.resident:
             if self.cuda:
                 ev = torch.cuda.Event(enable_timing=True)
@@ -295,6 +301,7 @@ class StreamedLayers:
         self._count_prefetch(i)
         t0 = time.monotonic_ns()
         while key not in self.ready:
+            self.return_slots()  # the coordinator may be waiting for one of them
             self.pump(True)
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
         return self.ready.pop(key)
@@ -338,6 +345,7 @@ class StreamedLayers:
         t0 = time.monotonic_ns()
         self._issue_copies(i)
         while i not in self.copies:
+            self.return_slots()  # the coordinator may be waiting for one of them
             self.pump(True)
             self._issue_copies(i)
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
@@ -379,6 +387,19 @@ class StreamedLayers:
             self._issue_copies(i + 1)  # the freed slot takes the next announced layer at once
         return w
 
+    def return_slots(self, wait: bool = True) -> None:
+        """Give back the staging slots whose expert copies are done (`wait`: all of them, waiting
+        for the copies). The host never waits for a layer's expert copies before the next layer's
+        work is queued: only when it must wait for the coordinator, and at the step's end."""
+        while self.returning:
+            ev, step, i, slot = self.returning[0]
+            if ev is not None and not wait and not ev.query():
+                return
+            if ev is not None:
+                ev.synchronize()  # the copies, not the layer's math enqueued after them
+            self.returning.pop(0)
+            self.layer_done(step, i, slot)
+
     def _free_vram_slot(self, k: int, event) -> None:
         self.freed[k] = event  # the copy stream waits on it before overwriting slot k
         self.free_vram.append(k)
@@ -387,10 +408,8 @@ class StreamedLayers:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
         slot = self.held.pop(i, None)
         if slot is not None:  # its experts were read from the staging slot: it goes back once copied
-            ev = self.expert_cache.copied.pop(i, None)
-            if ev is not None:
-                ev.synchronize()  # the copies, not the layer's math enqueued after them
-            self.layer_done(self.step_no, i, slot)
+            self.returning.append((self.expert_cache.copied.pop(i, None), self.step_no, i, slot))
+            self.return_slots(wait=False)
         if self.share is not None:
             sec, nbytes, t0 = self.share.meter.take()
             if nbytes:

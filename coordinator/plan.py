@@ -175,14 +175,12 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     if hp.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
     if experts:
-        from layerstream.compute.experts import streams_experts
+        from layerstream.compute.experts import max_in_flight, slot_bytes as expert_slot
 
         # a step's chosen experts that the cache does not keep are on the device until its layer
-        # is done: at most every expert the largest expert step can choose in one layer
-        t_max = max(t for t in range(1, hp.n_expert + 1) if streams_experts(hp.n_expert, hp.n_expert_used, t))
-        per_expert = max(sum(t.nbytes for t in lay.tensors if t.name in EXPERT_TENSORS) for lay in layouts) \
-            // hp.n_expert
-        in_flight = min(hp.n_expert, hp.n_expert_used * t_max) * per_expert
+        # is done: at most every expert the largest expert step can choose in one layer, each in
+        # a slot of the expert pool (compute/experts.py, NOTE [ the expert pool ])
+        in_flight = max_in_flight(hp.n_expert, hp.n_expert_used) * expert_slot(layouts)
     if moe_dense not in ("resident", "stream"):
         raise ConfigError(f"--moe-dense {moe_dense!r}: use resident or stream")
     # each layer's tensors but its experts, for the layers whose experts stream

@@ -775,7 +775,7 @@ def bench_kernels(args) -> None:
 
     with model_for(args) as index:
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype,
-                           ctx=args.context + args.steps + 32, max_seqs=1)
+                           ctx=args.context + 2 * args.steps + 16, max_seqs=1)  # 3 + 2 x steps + 10 decoded
         with Engine.open(cfg, index=index) as eng:
             r, V, n = eng.backend, eng.hparams.n_vocab, args.context
             cuda = r.device.type == "cuda"

@@ -85,3 +85,41 @@ def test_lfu_keeps_the_experts_used_most():
     assert set(cache.entries) == {(0, 1), (0, 2)}
     with pytest.raises(ValueError, match="policy 'fifo'"):
         _cache(8, 2, "fifo")
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(policy):
+    """Block experts land in slots of one buffer (NOTE [ the expert pool ]): the cache's two
+    slots, then in-flight slots for newcomers it does not keep. Every fetch of three experts
+    evicts and reuses slots; each expert it returns, and each one still cached, must hold its own
+    bytes, and the grouped kernel's offsets from the pool must point at them."""
+    from layerstream.compute.experts import ALIGN, ExpertSet, slot_bytes
+
+    lay, host = _layer(n_expert=8, rows=8, cols=16)
+    slot = slot_bytes([lay])
+    assert slot % ALIGN == 0 and slot >= 3 * 8 * 16 * 4
+    cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), policy,
+                        slot, in_flight=3)
+    assert cache.pool.numel() == 5 * slot
+
+    def check(e, mats):
+        for k, m in enumerate(mats):
+            v = m.raw.view(torch.float32).view(m.shape)
+            assert v[3, 5].item() == pytest.approx(1000 * k + 100 * e + 3 + 0.05), (e, k)
+
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        ids = sorted(rng.choice(8, 3, replace=False).tolist())
+        got = cache.fetch(0, ids, lay, host)
+        for e in ids:
+            check(e, got[e])
+        for (_, e), entry in cache.entries.items():
+            check(e, entry[:3])
+        assert len(cache.entries) <= 2 and len(set(entry[4] for entry in cache.entries.values())) == len(cache.entries)
+    assert cache.hits > 0 and cache.misses > 60
+    pool, offs, parts = ExpertSet(cache, 0, lay, host).grouped_offsets([5, 2, 5])
+    assert offs.shape == (3, 3) and parts == ((int(QT.F32), 8, 16),) * 3
+    for col, e in enumerate([5, 2, 5]):
+        for k in range(3):
+            v = pool[offs[k, col] : offs[k, col] + 8 * 16 * 4].view(torch.float32).view(8, 16)
+            assert v[7, 1].item() == pytest.approx(1000 * k + 100 * e + 7 + 0.01)

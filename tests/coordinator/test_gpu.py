@@ -84,7 +84,12 @@ def test_pipeline_kv_on_host_matches_on_cuda(model):
         assert e.generate_batch([TOKENS[:5]], params) == want
 
 
-def test_cuda_graph_decode_matches_eager(model):
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+def test_cuda_graph_decode_matches_eager(model, tmp_path, arch):
+    """Decode steps replay graphs; a MoE model's layers too, their experts grouped on the device."""
+    if arch != "llama":
+        model = ggufgen.write_model(str(tmp_path / f"{arch}.gguf"), arch=arch, n_layer=3, n_embd=256, n_ff=512,
+                                    n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=6)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with _engine(model, dtype="float16") as e:
         e.backend.use_graphs = False
@@ -156,5 +161,11 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
                  dtype="float16") as e:
         assert e.backend.plan.dense_resident == (moe_dense == "resident")
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
-        ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
+        snaps = e.backend.collect_stats()
+        ex = next(s["experts"] for s in snaps if s.get("experts"))
+        graphed = next(s for s in snaps if s.get("role") == "compute")["count"].get("graph_layers", 0)
     assert ex["steps"] >= 8 and ex["misses"] > 0
+    # kept attention and routers: each decode step's 3 layers ran as graphs around the expert fetch
+    assert graphed >= (3 * 8 if moe_dense == "resident" else 0), graphed
+    if moe_dense == "stream":
+        assert graphed == 0
