@@ -103,6 +103,8 @@ class ExpertCache:
             if self.slot else None
         self.free = list(range(self.n_cached))
         self.in_flight = in_flight
+        self.layer_parts: dict[int, list] = {}  # layer -> _parts of its layout
+        self.kernel_parts: dict[int, tuple] = {}  # layer -> ExpertSet.parts
 
     def fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, tuple]:
         """Layer i's `experts` on the device, copying the missing ones out of its staging bytes."""
@@ -125,8 +127,10 @@ class ExpertCache:
             t0 = time.monotonic_ns()
             moved = 0
             serving = {(i, e) for e in experts}
-            parts = _parts(lay) if self.pool is not None else None
+            parts = self._parts(lay) if self.pool is not None else None
             flight = iter(range(self.n_cached, self.n_cached + self.in_flight))
+            dsts, srcs = [], []  # the pool's copies, issued at once
+            src = torch.from_numpy(host) if parts is not None else None
             for e in missing:
                 if parts is None:
                     mats, nbytes = self._tensors(e, lay, host)
@@ -134,14 +138,16 @@ class ExpertCache:
                 else:
                     nbytes = sum(p[1] for p in parts)
                     slot = self._put((i, e), None, serving, nbytes)
-                    slot = next(flight) if slot is None else slot
-                    if slot >= self.n_cached + self.in_flight:
+                    slot = next(flight, None) if slot is None else slot
+                    if slot is None:
                         raise RuntimeError(f"layer {i}: more new experts in one step than the pool's {self.in_flight}")
-                    mats = self._place(e, slot, parts, host)
+                    mats = self._place(e, slot, parts, src, dsts, srcs)
                     if (i, e) in self.entries:
                         self.entries[(i, e)] = (*mats, nbytes, slot)
                 out[e] = tuple(mats)
                 moved += nbytes
+            if dsts:
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
             self.bytes_moved += moved
             if self.device.type == "cuda":
                 ev = torch.cuda.Event()
@@ -162,14 +168,21 @@ class ExpertCache:
             nbytes += per
         return mats, nbytes
 
-    def _place(self, e: int, slot: int, parts, host: np.ndarray) -> list[QuantWeight]:
-        """Copy expert e's blocks into pool slot `slot` (NOTE [ the expert pool ])."""
+    def _parts(self, lay: LayerLayout) -> list:
+        got = self.layer_parts.get(lay.layer)
+        if got is None:
+            got = self.layer_parts[lay.layer] = _parts(lay)
+        return got
+
+    def _place(self, e: int, slot: int, parts, src: torch.Tensor, dsts: list, srcs: list) -> list[QuantWeight]:
+        """Expert e's blocks in pool slot `slot` (NOTE [ the expert pool ]): their copies out of
+        the staging bytes `src` are added to dsts and srcs."""
         base = slot * self.slot
         mats = []
         for t, per, off, rows, cols in parts:
             dst = self.pool[base + off : base + off + per]
-            dst.copy_(torch.from_numpy(host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per]),
-                      non_blocking=True)
+            dsts.append(dst)
+            srcs.append(src[t.slot_offset + e * per : t.slot_offset + (e + 1) * per])
             mats.append(QuantWeight(dst, t.qtype, (rows, cols)))
         return mats
 
@@ -224,12 +237,15 @@ class ExpertSet:
     @property
     def grouped(self) -> bool:
         """Whether the fetched experts are blocks the grouped kernel reads (NOTE [ grouped experts ])."""
-        return self.cache.pool is not None and all(self.lay.tensor(n).qtype in FUSED_TYPES for n in EXPERT_TENSORS)
+        return self.cache.pool is not None and all(p[0] in FUSED_TYPES for p in self.parts)
 
     @property
     def parts(self) -> tuple:
         """(qtype, rows, cols) of an expert's gate, up and down."""
-        return tuple((p[0].qtype, p[3], p[4]) for p in _parts(self.lay))
+        got = self.cache.kernel_parts.get(self.i)
+        if got is None:
+            got = self.cache.kernel_parts[self.i] = tuple((p[0].qtype, p[3], p[4]) for p in _parts(self.lay))
+        return got
 
     def fetch(self, experts: list[int]) -> dict[int, tuple]:
         return self.cache.fetch(self.i, experts, self.lay, self.host)
