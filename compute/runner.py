@@ -355,6 +355,18 @@ def make_kv(hp: HParams, rows: int, ctx: int, device, dtype, device_layers: int)
     return SplitKV(hp, rows, ctx, device, dtype, device_layers)
 
 
+def _static_meta(meta: StepMeta) -> tuple[StepMeta, list[str]]:
+    """A graph's own copy of a step's meta, and the names of its tensor fields (its inputs)."""
+    names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
+    return dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names}), names
+
+
+def _fill_meta(s_meta: StepMeta, meta: StepMeta, names: list[str]) -> None:
+    """The step's inputs into a graph's own tensors."""
+    for name in names:
+        getattr(s_meta, name).copy_(getattr(meta, name))
+
+
 class ModelRunner:
     """Forward steps for a batch of sequences over a layer source and a KV store.
 
@@ -481,13 +493,10 @@ class ModelRunner:
         key = (x.shape[0], meta.kv_len)
         got = self.moe_inputs.get(key)
         if got is None:
-            names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
-            s_meta = dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names})
-            got = self.moe_inputs[key] = (x.clone(), s_meta, names, meta)
+            got = self.moe_inputs[key] = (x.clone(), *_static_meta(meta), meta)
         s_x, s_meta, names, filled = got
         if filled is not meta:  # once a step
-            for name in names:
-                getattr(s_meta, name).copy_(getattr(meta, name))
+            _fill_meta(s_meta, meta, names)
             self.moe_inputs[key] = (s_x, s_meta, names, meta)
         return s_x, s_meta
 
@@ -516,8 +525,7 @@ class ModelRunner:
             g = self.graphs[key] = self._capture_layers(x, meta, seqs, upto, head)
         graph, s_x, s_meta, s_out, names = g
         s_x.copy_(x)
-        for name in names:  # the step's inputs into the graph's own tensors
-            getattr(s_meta, name).copy_(getattr(meta, name))
+        _fill_meta(s_meta, meta, names)
         cur = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(cur)
@@ -528,8 +536,7 @@ class ModelRunner:
 
     def _capture_layers(self, x, meta, seqs, upto: int, head: bool):
         s_x = x.clone()
-        names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
-        s_meta = dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names})
+        s_meta, names = _static_meta(meta)
 
         def run():
             y = self._layers(s_x, s_meta, 0, upto, captured=True)

@@ -217,9 +217,9 @@ class StreamedLayers:
     def _with_experts(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
         """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
         experts from the staging slot, which stays held until release(i)."""
-        fixed = i in self.dense and all(w.get(k) is v for k, v in self.dense[i].items())
-        w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}
-        w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot), dense_fixed=fixed)
+        w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}  # (the kept copy where there is one)
+        w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot),
+                                 dense_fixed=i in self.dense)
         self.held[i] = slot
         return w
 
