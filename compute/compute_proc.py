@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from layerstream.compute import cpu_share
-from layerstream.compute.model import SeqStep
+from layerstream.compute.experts import CpuExperts
+from layerstream.compute.model import EXPERT_TENSORS, SeqStep
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, reserve_scratch, scratch_elems
 from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
 from layerstream.compute.streamed import CpuShare, StreamedLayers
@@ -81,18 +82,41 @@ class ComputeWorker:
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
         resident = set(cfg.resident)
         self.share = self._make_share([lay for i, lay in enumerate(layouts) if i not in resident])
+        self.cpu_experts = self._make_cpu_experts([lay for i, lay in enumerate(layouts) if i not in resident])
         self.source = StreamedLayers(
             layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
             share=self.share, experts=(index.hparams.n_expert, index.hparams.n_expert_used),
             expert_cache_bytes=cfg.expert_cache_bytes, dense_resident=cfg.dense_resident,
-            expert_policy=cfg.expert_policy,
+            expert_policy=cfg.expert_policy, cpu_experts=self.cpu_experts,
         )
         self.expert_steps = self.expert_tokens = 0
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
                                   graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0)
+
+    def _make_cpu_experts(self, streamed: list[LayerLayout]) -> CpuExperts | None:
+        """The CPU's share of a decode step's missing streamed experts (NOTE [ CPU experts ] in
+        experts.py): fixed, or on CUDA proposed from one expert's CPU time and the link's GB/s
+        measured here, then chosen from the passes' own timings."""
+        lays = cpu_share.expert_int4_layers(streamed)
+        what = "missing experts of a decode step"
+        if self.cfg.cpu_share == "0" or not self.cfg.cpu_pack_max or not lays:
+            return None
+        ratio = cpu_share.pack_ratio()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else self.dtype
+        if self.cfg.cpu_share == "auto":
+            _, n_ff, n_embd = lays[0].tensor("ffn_gate_exps.weight").shape
+            per = sum(lays[0].tensor(n).nbytes for n in EXPERT_TENSORS) // lays[0].tensor(EXPERT_TENSORS[0]).shape[0]
+            t_cpu = cpu_share.measure_expert_s(n_ff, n_embd, dtype)
+            cpu = per * ratio / t_cpu / 1e9  # as packed GB/s, which is what the balancer weighs
+            balancer = cpu_share.Balancer({b: cpu for b in cpu_share.BUCKETS}, cpu_share.measure_link_gbs(self.device),
+                                          1.0, ratio, 1.0, what=what)
+        else:
+            f = min(float(self.cfg.cpu_share), 1.0)
+            balancer = cpu_share.Balancer({}, 0.0, 1.0, ratio, f, fixed=f, what=what)
+        return CpuExperts(balancer, cpu_share.expert_packed_bytes(lays), dtype, self.tl)
 
     def _make_share(self, streamed: list[LayerLayout]) -> CpuShare | None:
         """The CPU share (NOTE [ the CPU share ]): a fixed fraction, or on CUDA balanced from the
@@ -150,6 +174,11 @@ class ComputeWorker:
         if cache is not None:
             snap["experts"] = {"policy": cache.policy, "hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes_moved,
                                "steps": self.expert_steps, "tokens": self.expert_tokens}
+        if self.cpu_experts is not None:
+            ce = self.cpu_experts
+            snap["experts"]["cpu"] = ce.computed
+            snap["cpu_experts"] = (f"{ce.balancer.describe()}; {ce.computed} computed; "
+                                   f"packed {ce.packed_bytes / 2**30:.2f} GiB")
         if self.share is not None:
             snap["cpu_share"] = (f"{self.share.balancer.describe()}; {torch.get_num_threads()} threads; "
                                  f"packed {sum(p.nbytes for d in self.share.packed.values() for p in d.values()) / 2**30:.2f} GiB")
@@ -188,9 +217,12 @@ class ComputeWorker:
         self.source.return_slots()
         self.tl.add("step", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step, tokens=tokens)
         copy_s, copy_bytes = self._gpu_timeline()
-        if self.share is not None:
-            self.share.balancer.observe(tokens, (time.monotonic_ns() - t0) / 1e9, self.source.cpu_s,
-                                        self.source.cpu_bytes, copy_s, copy_bytes)
+        pass_s = (time.monotonic_ns() - t0) / 1e9
+        if self.source.expert_step and self.cpu_experts is not None:  # (its dense layers are not split)
+            sec, nbytes, _ = self.cpu_experts.meter.take()
+            self.cpu_experts.balancer.observe(tokens, pass_s, sec, nbytes, 0.0, 0)
+        elif self.share is not None:
+            self.share.balancer.observe(tokens, pass_s, self.source.cpu_s, self.source.cpu_bytes, copy_s, copy_bytes)
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(msg.step, shape, "float32", {}), extra=[] if out is None else [out.data])
 

@@ -212,11 +212,12 @@ class Balancer:
     the share is never slower than none, as measured on this machine."""
 
     def __init__(self, cpu_gbs: dict[int, float], link_gbs: float, int4_fraction: float, pack_ratio: float,
-                 pack_frac: float, every: int = 3, fixed: float | None = None):
+                 pack_frac: float, every: int = 3, fixed: float | None = None, what: str = "4-bit rows"):
         self.link_gbs, self.c, self.ratio, self.pack_frac, self.every = link_gbs, int4_fraction, pack_ratio, \
             pack_frac, every
         self.cpu_gbs = dict(cpu_gbs)
         self.fixed = fixed
+        self.what = what  # what the share is a share of, for describe()
         self.frac = {b: self._frac(self.cpu_gbs.get(b, 0.0), link_gbs) for b in BUCKETS}
         # shares still to time per bucket, and the pass seconds of each share timed
         self.trials: dict[int, list[float]] = {b: ([f, 0.0] if f else []) for b, f in self.frac.items()}
@@ -264,7 +265,7 @@ class Balancer:
 
     def describe(self) -> str:
         if self.fixed is not None:
-            return f"CPU share fixed at {self.pack_frac:.0%} of the 4-bit rows, batches up to {MAX_TOKENS}"
+            return f"CPU share fixed at {self.pack_frac:.0%} of the {self.what}, batches up to {MAX_TOKENS}"
 
         def one(b: int) -> str:
             timed = ", ".join(f"{k:.0%} {statistics.median(v) * 1e3:.0f} ms" for k, v in sorted(self.times[b].items()))
@@ -272,7 +273,7 @@ class Balancer:
             return f"batch {b}: {self.frac[b]:.0%} {state} (CPU {self.cpu_gbs.get(b, 0):.0f} GB/s" + \
                 (f"; passes {timed})" if timed else ")")
 
-        return f"CPU share of the 4-bit rows: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s"
+        return f"CPU share of the {self.what}: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s"
 
 
 # -- measured at start ---------------------------------------------------------------------------
@@ -311,6 +312,52 @@ def measure_link_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     return nbytes / min(ts) / 1e9
 
 
+def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16, reps: int = 9) -> float:
+    """Seconds the CPU takes for one expert at batch 1 (int4 gate, up and down of an n_ff x n_embd
+    SwiGLU), the median of reps over 16 experts in turn (NOTE [ CPU experts ] in experts.py)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+
+    def packed(N: int, K: int) -> PackedRows:
+        q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
+        return PackedRows(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+                          (torch.rand(K // GROUP, N, 2, generator=g) / 64).to(dtype))
+
+    experts = [(packed(n_ff, n_embd), packed(n_ff, n_embd), packed(n_embd, n_ff)) for _ in range(16)]
+    x = torch.randn(1, n_embd, generator=g).to(dtype)
+    ts = []
+    for r in range(reps + 1):
+        t0 = time.perf_counter()
+        for gate, up, down in experts:
+            down.matmul(F.silu(gate.matmul(x)) * up.matmul(x))
+        if r:  # the first round warms up
+            ts.append((time.perf_counter() - t0) / len(experts))
+    return sorted(ts)[len(ts) // 2]
+
+
+def expert_int4_layers(layouts) -> list:
+    """The layers whose experts the CPU can take: gate, up and down all 4-bit."""
+    names = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+    out = []
+    for lay in layouts:
+        ts = {t.name: t for t in lay.tensors if t.name in names}
+        if len(ts) == 3 and all(t.qtype in INT4_TYPES for t in ts.values()):
+            out.append(lay)
+    return out
+
+
+def expert_packed_bytes(layouts) -> int:
+    """Host bytes of every 4-bit expert of these layers, packed (what the CPU's experts may take)."""
+    n = 0
+    for lay in expert_int4_layers(layouts):
+        for t in lay.tensors:
+            if t.name.endswith("_exps.weight"):
+                E, N, K = t.shape
+                n += E * N * (K // 2 + K // GROUP * 4)
+    return n
+
+
 def pack_ratio() -> float:
     """Packed CPU bytes per GGUF byte of Q4_K (4 bits + a bf16 scale and zero per 32 values,
     against 4.5 bits): the other 4-bit types are within a few percent."""
@@ -325,8 +372,9 @@ def int4_fraction(layouts) -> float:
 
 
 def packed_bytes(layouts, frac: float) -> int:
-    """Host bytes the CPU's packed rows take at share `frac` of each 4-bit matrix."""
-    n = 0
+    """Host bytes the CPU's packed rows take at share `frac` of each 4-bit matrix, and, at any
+    share, its packed experts (every 4-bit expert may be packed in time)."""
+    n = expert_packed_bytes(layouts) if frac else 0
     for lay in layouts:
         for t in lay.tensors:
             if t.qtype in INT4_TYPES and len(t.shape) == 2:

@@ -10,7 +10,9 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, pack_rows
 from layerstream.compute.model import EXPERT_TENSORS
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.runner import device_weight
@@ -99,7 +101,9 @@ class ExpertCache:
         # their own, as before.
         self.slot = slot if quantized else 0
         self.n_cached = capacity_bytes // self.slot if self.slot else 0
-        self.pool = torch.empty((self.n_cached + in_flight) * self.slot, dtype=torch.uint8, device=device) \
+        # zeros: a pair the CPU takes reads the pool's start with weight 0 (NOTE [ CPU experts ]),
+        # which must be finite before any expert lands there (zero blocks are zero matrices)
+        self.pool = torch.zeros((self.n_cached + in_flight) * self.slot, dtype=torch.uint8, device=device) \
             if self.slot else None
         self.free = list(range(self.n_cached))
         self.in_flight = in_flight
@@ -156,6 +160,12 @@ class ExpertCache:
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
         return out
+
+    def count(self, i: int, experts: list[int]) -> None:
+        """Layer i's `experts` were used without a fetch (the CPU computed them): LFU counts them."""
+        for e in experts:
+            self.tick += 1
+            self.uses[(i, e)] += 1
 
     def _tensors(self, e: int, lay: LayerLayout, host: np.ndarray) -> tuple[list, int]:
         """Expert e's gate, up and down as tensors of their own (dense, or blocks off the pool)."""
@@ -226,13 +236,101 @@ class ExpertCache:
         return slot
 
 
+class CpuExperts:
+    """The CPU's share of a decode step's streamed experts.
+
+    NOTE [ CPU experts ]
+    Expert streaming moves only the chosen experts, but they cannot cross PCIe before the router
+    has run, so each layer waits for its copies (BENCHMARKS.md: 0.24 ms of a 0.72 ms layer, at
+    773 MB a token). The host's DRAM can feed the CPU at the same time (measured on an H200 host:
+    46 GB/s of int4 matmul beside 51 GB/s of copies). So, with `--cpu-share`, a share of each
+    step's missing experts (those not in the device cache) is computed on the CPU, straight from
+    the staging bytes, while the copy engine moves the others and the device computes them: the
+    CPU's experts are left out of the device's grouped launches (their pairs weigh 0 there) and
+    their weighted sum is added on the device afterwards.
+    - Only layers whose gate, up and down are 4-bit (Q4_0, Q4_1, Q4_K) take part: aten's int4
+      matmul holds them exactly but for the bf16 rounding of the scales (cpu_share.py). Others
+      (Q6_K down in part of a Q4_K_M file) stay on the device.
+    - An expert is packed the first time the CPU takes it, and kept, within `budget` bytes of
+      host memory (the plan counts every 4-bit expert as packed); past it, only packed experts
+      go to the CPU.
+    - The share per batch bucket is fixed, or chosen by `Balancer` from timed passes (never
+      slower than none, as with the rows of dense layers).
+    """
+
+    def __init__(self, balancer: Balancer, budget: int, dtype: torch.dtype, timeline: Timeline):
+        self.balancer, self.budget, self.dtype, self.tl = balancer, budget, dtype, timeline
+        self.packed: dict[tuple[int, int], tuple[PackedRows, PackedRows, PackedRows]] = {}
+        self.packed_bytes = 0
+        self.meter = Meter()
+        self.computed = 0  # experts computed by the CPU (counting each layer's once a step)
+        self._eligible: dict[int, bool] = {}
+
+    def eligible(self, i: int, lay: LayerLayout) -> bool:
+        got = self._eligible.get(i)
+        if got is None:
+            got = self._eligible[i] = all(lay.tensor(n).qtype in INT4_TYPES for n in EXPERT_TENSORS)
+        return got
+
+    def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
+        """The CPU's experts among a step's `missing` ones of layer i at share `frac`: packed ones
+        first, then ones that still fit the budget."""
+        n = int(frac * len(missing) + 0.5)
+        if not n or not self.eligible(i, lay):
+            return []
+        have = [e for e in missing if (i, e) in self.packed]
+        if len(have) < n and self.packed_bytes < self.budget:
+            have += [e for e in missing if (i, e) not in self.packed][: n - len(have)]
+        return sorted(have[:n])
+
+    def _experts(self, i: int, e: int, lay: LayerLayout, host: np.ndarray) -> tuple:
+        got = self.packed.get((i, e))
+        if got is None:
+            mats = []
+            with self.tl.span("cpu_pack", f"pack L{i} E{e}", layer=i):
+                for t, per, _, rows, cols in _parts(lay):
+                    raw = torch.from_numpy(host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per])
+                    mats.append(pack_rows(raw, t.qtype, rows, cols, self.dtype))
+            got = self.packed[(i, e)] = tuple(mats)
+            self.packed_bytes += sum(m.nbytes for m in got)
+        return got
+
+    def compute(self, i: int, lay: LayerLayout, host: np.ndarray, experts: list[int], ids: list[int],
+                h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """sum over the step's (token, choice) pairs whose expert is one of `experts` of weight *
+        expert(h[token]): [T, n_embd] float32 on the host. ids: each pair's expert (row-major
+        [T, k]); h, weight: [T, n_embd] and [T, k] on the host."""
+        T, k = weight.shape
+        out = torch.zeros(T, h.shape[1], dtype=torch.float32)
+        mats = [self._experts(i, e, lay, host) for e in experts]  # (packing is not the CPU share's time)
+        t0 = time.monotonic_ns()
+        nbytes = 0
+        for e, (g, u, d) in zip(experts, mats):
+            pairs = [p for p, x in enumerate(ids) if x == e]
+            rows = torch.tensor([p // k for p in pairs])
+            x = h[rows].to(self.dtype)
+            y = d.matmul(F.silu(g.matmul(x)) * u.matmul(x))
+            out.index_add_(0, rows, y.float() * weight.flatten()[pairs].unsqueeze(-1).float())
+            nbytes += g.nbytes + u.nbytes + d.nbytes
+        dt = time.monotonic_ns() - t0
+        m = self.meter
+        m.seconds += dt / 1e9
+        m.nbytes += nbytes
+        m.t0 = t0 if m.t0 is None else m.t0
+        self.computed += len(experts)
+        self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
+        return out
+
+
 class ExpertSet:
     """What moe_block sees of a layer whose experts stream: `fetch(ids)` -> {expert: (gate, up, down)}.
     `dense_fixed`: the layer's other tensors stay at fixed device addresses (kept, not in a
     VRAM slot), so a CUDA graph may hold its attention and router (runner.py)."""
 
-    def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray, dense_fixed: bool = False):
+    def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray, dense_fixed: bool = False,
+                 cpu: CpuExperts | None = None, frac: float = 0.0):
         self.cache, self.i, self.lay, self.host, self.dense_fixed = cache, i, lay, host, dense_fixed
+        self.cpu, self.frac = cpu, frac  # the CPU's experts and its share of this step (NOTE [ CPU experts ])
 
     @property
     def grouped(self) -> bool:
@@ -250,10 +348,30 @@ class ExpertSet:
     def fetch(self, experts: list[int]) -> dict[int, tuple]:
         return self.cache.fetch(self.i, experts, self.lay, self.host)
 
-    def grouped_offsets(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        """Fetch the experts of the step's (token, choice) pairs `ids`: the pool, each pair's gate,
-        up and down byte offsets from it ([3, len(ids)] int64 on the host) and the parts."""
-        mats = self.fetch(sorted(set(ids)))
+    def grouped_offsets(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, tuple, list[int]]:
+        """Fetch the experts of the step's (token, choice) pairs `ids` but the CPU's share of the
+        missing ones (NOTE [ CPU experts ]): the pool, each pair's gate, up and down byte offsets
+        from it ([3, len(ids)] int64 on the host; the CPU's pairs point at the pool's start), the
+        parts, and the CPU's experts."""
+        distinct = sorted(set(ids))
+        cpu = []
+        if self.cpu is not None and self.frac:
+            missing = [e for e in distinct if (self.i, e) not in self.cache.entries]
+            cpu = self.cpu.choose(self.i, self.lay, missing, self.frac)
+        if cpu:
+            self.cache.count(self.i, cpu)
+        mats = self.fetch([e for e in distinct if e not in cpu] if cpu else distinct)
         base = self.cache.pool.data_ptr()
-        offs = torch.tensor([[mats[e][j].raw.data_ptr() - base for e in ids] for j in range(3)], dtype=torch.int64)
-        return self.cache.pool, offs, self.parts
+        offs = torch.tensor([[mats[e][j].raw.data_ptr() - base if e in mats else 0 for e in ids] for j in range(3)],
+                            dtype=torch.int64)
+        return self.cache.pool, offs, self.parts, cpu
+
+    def cpu_sum(self, experts: list[int], ids: list[int], h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The CPU's experts' weighted sum for each token ([T, n_embd] float32 on the host), from
+        the step's activations and weights already on the host."""
+        return self.cpu.compute(self.i, self.lay, self.host, experts, ids, h, weight)
+
+    @staticmethod
+    def keep(ids: list[int], cpu: list[int], k: int) -> torch.Tensor:
+        """[T, k] float32 on the host: 0 for the pairs whose expert the CPU computes, else 1."""
+        return torch.tensor([0.0 if e in cpu else 1.0 for e in ids]).view(-1, k)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_rows, pack_rows
-from layerstream.compute.experts import ExpertCache, ExpertSet, max_in_flight, streams_experts
+from layerstream.compute.experts import CpuExperts, ExpertCache, ExpertSet, max_in_flight, streams_experts
 from layerstream.compute.experts import slot_bytes as expert_slot
 from layerstream.compute.model import EXPERT_TENSORS, LayerWeights
 from layerstream.compute.qlinear import QuantWeight
@@ -146,13 +146,15 @@ class StreamedLayers:
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
                  quantized: bool = False, share: CpuShare | None = None,
                  experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0, dense_resident: bool = False,
-                 expert_policy: str = "lfu"):
+                 expert_policy: str = "lfu", cpu_experts: CpuExperts | None = None):
         self.layouts = layouts
         self.n_expert, self.n_expert_used = experts
         self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline, expert_policy,
                                         expert_slot(layouts), max_in_flight(*experts)) \
             if experts[0] and expert_cache_bytes else None
         self.expert_step = False  # this step fetches only the chosen experts of streamed MoE layers
+        self.cpu_experts = cpu_experts if self.expert_cache is not None and self.expert_cache.pool is not None else None
+        self.expert_frac = 0.0  # the CPU's share of this step's missing experts (NOTE [ CPU experts ])
         self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
         self.returning: list[tuple] = []  # (copies' event, step, layer, staging slot) to give back once copied
         self.keep_dense = dense_resident and self.expert_cache is not None
@@ -185,6 +187,7 @@ class StreamedLayers:
         self.step_no = step
         self.frac = self.share.balancer.share(tokens) if self.share is not None else 0.0
         self.expert_step = self.expert_cache is not None and streams_experts(self.n_expert, self.n_expert_used, tokens)
+        self.expert_frac = self.cpu_experts.balancer.share(tokens) if self.expert_step and self.cpu_experts else 0.0
         self.cpu_s, self.cpu_bytes = 0.0, 0
         if self.cuda:  # the first streamed layers cross while the resident ones compute
             self._issue_copies(0)
@@ -219,7 +222,7 @@ class StreamedLayers:
         experts from the staging slot, which stays held until release(i)."""
         w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}  # (the kept copy where there is one)
         w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot),
-                                 dense_fixed=i in self.dense)
+                                 dense_fixed=i in self.dense, cpu=self.cpu_experts, frac=self.expert_frac)
         self.held[i] = slot
         return w
 

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
     g.add_argument("--cpu-share", default="0", metavar="F|auto|0",
                    help="fraction of each streamed layer's 4-bit rows the CPU computes from host RAM while the rest "
-                        "crosses PCIe; auto times shares per batch size and keeps the fastest (CUDA only). Default 0: "
-                        "on the machines measured so far it made passes slower (BENCHMARKS.md)")
+                        "crosses PCIe (of a mixture-of-experts decode step: of the chosen experts not in the device "
+                        "cache); auto times shares per batch size and keeps the fastest (CUDA only). Default 0: "
+                        "on the machines measured so far the rows' share made passes slower (BENCHMARKS.md)")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up)")
     g.add_argument("--expert-cache-gb", type=float, default=None,

@@ -432,6 +432,9 @@ class Pipeline:
         share = next((s["cpu_share"] for s in snaps if s.get("cpu_share")), None)
         if share:
             extra["CPU share"] = share
+        cpu_ex = next((s["cpu_experts"] for s in snaps if s.get("cpu_experts")), None)
+        if cpu_ex:
+            extra["CPU experts"] = cpu_ex
         return stats_table(snaps, time.monotonic() - self.t_start, extra | {
             "plan": self.plan.describe(),
             "plan, device memory": self.plan.breakdown(),

@@ -117,9 +117,50 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
             check(e, entry[:3])
         assert len(cache.entries) <= 2 and len(set(entry[4] for entry in cache.entries.values())) == len(cache.entries)
     assert cache.hits > 0 and cache.misses > 60
-    pool, offs, parts = ExpertSet(cache, 0, lay, host).grouped_offsets([5, 2, 5])
-    assert offs.shape == (3, 3) and parts == ((int(QT.F32), 8, 16),) * 3
+    pool, offs, parts, cpu = ExpertSet(cache, 0, lay, host).grouped_offsets([5, 2, 5])
+    assert offs.shape == (3, 3) and parts == ((int(QT.F32), 8, 16),) * 3 and cpu == []
     for col, e in enumerate([5, 2, 5]):
         for k in range(3):
             v = pool[offs[k, col] : offs[k, col] + 8 * 16 * 4].view(torch.float32).view(8, 16)
             assert v[7, 1].item() == pytest.approx(1000 * k + 100 * e + 7 + 0.01)
+
+
+def test_cpu_experts_match_the_float64_reference():
+    """NOTE [ CPU experts ]: the CPU's share of a step's experts, from Q4_K staging bytes packed
+    for aten's int4 matmul, against float64 SwiGLU over gguf-py's dequantization; only the
+    chosen pairs of the CPU's experts count, weighted."""
+    import ggufgen
+    from gguf.quants import dequantize
+
+    from layerstream.compute.cpu_share import Balancer
+    from layerstream.compute.experts import CpuExperts
+
+    rng = np.random.default_rng(3)
+    E, n_ff, n_embd = 4, 256, 256
+    tensors, host, off, ref = [], [], 0, {}
+    for name, (rows, cols) in (("ffn_gate_exps.weight", (n_ff, n_embd)), ("ffn_up_exps.weight", (n_ff, n_embd)),
+                               ("ffn_down_exps.weight", (n_embd, n_ff))):
+        arr, qt = ggufgen._matrix(rng, (E * rows, cols), QT.Q4_K, 0.05)
+        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+        tensors.append(SlotTensor(name, int(qt), (E, rows, cols), off, raw.nbytes, "f", 0))
+        host.append(raw)
+        ref[name] = dequantize(raw, qt).astype(np.float64).reshape(E, rows, cols)
+        off += raw.nbytes
+    lay, host = LayerLayout(0, tuple(tensors), off), np.concatenate(host)
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 30, torch.float32, Timeline("compute", "t"))
+    assert cpu.eligible(0, lay)
+    assert cpu.choose(0, lay, [0, 1, 3], 0.5) == [0, 1] and cpu.choose(0, lay, [2], 0.4) == []
+    T, k = 3, 2
+    ids = [1, 3, 3, 0, 2, 1]  # [T, k]: token 0 chose 1 and 3, token 1 chose 3 and 0, token 2 chose 2 and 1
+    h = torch.from_numpy(rng.standard_normal((T, n_embd))).float()
+    weight = torch.from_numpy(rng.random((T, k))).float()
+    got = cpu.compute(0, lay, host, [1, 3], ids, h, weight)
+    want = np.zeros((T, n_embd))
+    for p, e in enumerate(ids):
+        if e in (1, 3):
+            x = h[p // k].double().numpy()
+            g, u = ref["ffn_gate_exps.weight"][e] @ x, ref["ffn_up_exps.weight"][e] @ x
+            want[p // k] += weight.flatten()[p].item() * (ref["ffn_down_exps.weight"][e] @ (g / (1 + np.exp(-g)) * u))
+    assert np.abs(got.double().numpy() - want).max() < 1e-4 * np.abs(want).max()
+    assert cpu.computed == 2 and len(cpu.packed) == 2 and cpu.packed_bytes > 0
+    assert cpu.meter.take()[1] == cpu.packed_bytes  # each expert's packed bytes read once

@@ -169,3 +169,24 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     assert graphed >= (3 * 8 if moe_dense == "resident" else 0), graphed
     if moe_dense == "stream":
         assert graphed == 0
+
+
+def test_cpu_experts_on_cuda_agree_with_the_single_process_engine(tmp_path):
+    """NOTE [ CPU experts ] on CUDA: the CPU computes half of each one-token step's missing
+    experts (bf16 scales) while the GPU fetches and computes the rest in the streamed layers'
+    graphs, which weigh the CPU's pairs 0; teacher-forced top-1 against the resident engine."""
+    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_K", n_layer=3, n_embd=256,
+                               n_ff=256, n_expert=16, n_expert_used=2, seed=8)
+    ids = TOKENS * 2
+    with _engine(path, dtype="float16") as e:
+        want = e.logits(ids)
+    pcfg = PipelineConfig(resident_layers=0, expert_cache_gb=0.002, cpu_share="0.5", step_tokens=1)
+    with _engine(path, pcfg, dtype="float16") as e:
+        got = e.logits(ids)
+        snaps = e.backend.collect_stats()
+    ex = next(s["experts"] for s in snaps if s.get("experts"))
+    graphed = next(s for s in snaps if s.get("role") == "compute")["count"].get("graph_layers", 0)
+    assert ex["cpu"] > 0 and ex["misses"] > 0, ex
+    assert graphed >= 3 * (len(ids) - 1), graphed  # the one-token steps' layers ran as graphs
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.95
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()

@@ -545,3 +545,27 @@ def test_unclosed_engine_over_the_pipeline_cleans_up_at_exit(model):
     run_dir, seg = r.stdout.split()
     assert not os.path.exists(run_dir) and not os.path.exists(f"/dev/shm/{seg}")
     assert "leaked" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
+    """NOTE [ CPU experts ]: with --cpu-share the CPU computes half of each decode step's missing
+    experts (Q4_K, packed for aten's int4 matmul on first use) while the device fetches and
+    computes the rest, whose grouped launches leave the CPU's pairs out. One-token steps, teacher
+    forced: the logits of the single-process engine."""
+    pytest.importorskip("triton")
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q4_K", n_layer=2, n_embd=256,
+                               n_ff=256, n_expert=8, n_expert_used=2, seed=7)
+    ids = [5, 17, 33, 80, 81, 90, 100, 7, 3, 25, 11, 42]
+    with _engine(path, dtype="float32", weights="quantized") as e:
+        want = e.logits(ids)
+    pcfg = PipelineConfig(resident_layers=0, expert_cache_gb=2 * 3 * 256 * 144 / 2**30, cpu_share="0.5", step_tokens=1)
+    with _engine(path, pcfg, dtype="float32", weights="quantized") as e:
+        got = e.logits(ids)
+        snaps = e.backend.collect_stats()
+        table = e.backend.stats_table(snaps)
+    ex = next(s["experts"] for s in snaps if s.get("experts"))
+    assert ex["cpu"] >= 2 * (len(ids) - 1) // 2, ex  # about half of every one-token step's misses, 2 layers
+    assert ex["misses"] > 0  # the device fetched the others
+    assert "CPU experts: CPU share fixed at 50% of the missing experts" in table, table
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() == 1.0
+    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
