@@ -304,13 +304,18 @@ class CpuExperts:
         out = torch.zeros(T, h.shape[1], dtype=torch.float32)
         mats = [self._experts(i, e, lay, host) for e in experts]  # (packing is not the CPU share's time)
         t0 = time.monotonic_ns()
+        pairs: dict[int, list[int]] = {e: [] for e in experts}
+        for p, e in enumerate(ids):
+            if e in pairs:
+                pairs[e].append(p)
+        x_all, w_flat = h.to(self.dtype), weight.flatten()
         nbytes = 0
         for e, (g, u, d) in zip(experts, mats):
-            pairs = [p for p, x in enumerate(ids) if x == e]
-            rows = torch.tensor([p // k for p in pairs])
-            x = h[rows].to(self.dtype)
+            ps = pairs[e]
+            rows = torch.tensor([p // k for p in ps])
+            x = x_all[rows] if T > 1 else x_all
             y = d.matmul(F.silu(g.matmul(x)) * u.matmul(x))
-            out.index_add_(0, rows, y.float() * weight.flatten()[pairs].unsqueeze(-1).float())
+            out.index_add_(0, rows, y.float() * w_flat[ps].unsqueeze(-1))
             nbytes += g.nbytes + u.nbytes + d.nbytes
         dt = time.monotonic_ns() - t0
         m = self.meter
@@ -331,6 +336,11 @@ class ExpertSet:
                  cpu: CpuExperts | None = None, frac: float = 0.0):
         self.cache, self.i, self.lay, self.host, self.dense_fixed = cache, i, lay, host, dense_fixed
         self.cpu, self.frac = cpu, frac  # the CPU's experts and its share of this step (NOTE [ CPU experts ])
+
+    @property
+    def shares(self) -> bool:
+        """Whether the CPU may take some of this step's experts (NOTE [ CPU experts ])."""
+        return self.cpu is not None and self.frac > 0
 
     @property
     def grouped(self) -> bool:
@@ -355,7 +365,7 @@ class ExpertSet:
         parts, and the CPU's experts."""
         distinct = sorted(set(ids))
         cpu = []
-        if self.cpu is not None and self.frac:
+        if self.shares:
             missing = [e for e in distinct if (self.i, e) not in self.cache.entries]
             cpu = self.cpu.choose(self.i, self.lay, missing, self.frac)
         if cpu:

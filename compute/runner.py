@@ -478,20 +478,22 @@ class ModelRunner:
         s_x.copy_(x)
         if g is None:
             g = self.moe_graphs[(i, T, meta.kv_len)] = self._capture_moe(i, w, s_x, s_meta, k, v)
-        graph_a, graph_b, (x1, h, weight, chosen), offs, offs_host, keep, out = g
+        graph_a, graph_b, (x1, h, weight, chosen), offs, pinned, keep, out = g
         ex = w["experts"]
         graph_a.replay()
         ids = chosen.flatten().tolist()  # the host sync of this layer: which experts to fetch
-        _, o, _, cpu = ex.grouped_offsets(ids)
-        offs_host.copy_(o)  # this layer's own pinned buffer: its last copy crossed a step ago
-        offs.copy_(offs_host, non_blocking=True)
-        if keep is not None:  # captured with the CPU's share (NOTE [ CPU experts ])
-            keep.copy_(ex.keep(ids, cpu, keep.shape[1]))
-        if cpu:
+        if ex.shares:  # to the host before the fetch queues its copies, which a read would wait for
             h_host, w_host = h.float().cpu(), weight.float().cpu()
+        _, o, _, cpu = ex.grouped_offsets(ids)
+        pinned[0].copy_(o)  # this layer's own pinned buffers: their last copies crossed a step ago
+        offs.copy_(pinned[0], non_blocking=True)
+        if keep is not None:  # captured with the CPU's share (NOTE [ CPU experts ])
+            pinned[1].copy_(ex.keep(ids, cpu, keep.shape[1]))
+            keep.copy_(pinned[1], non_blocking=True)
         graph_b.replay()
         if cpu:  # while the device computes its experts
-            out.add_(ex.cpu_sum(cpu, ids, h_host, w_host).to(self.device, out.dtype))
+            pinned[2].copy_(ex.cpu_sum(cpu, ids, h_host, w_host))
+            out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
         return out
 
@@ -522,8 +524,12 @@ class ModelRunner:
         keep = None if ex.cpu is None else torch.ones(T, kk, dtype=torch.float32, device=self.device)
         graph_b, out = self._capture(lambda: x1 + experts_grouped(h, weight if keep is None else weight * keep, pool,
                                                                   offs, parts).to(x1.dtype))
-        offs_host = torch.empty(3, T * kk, dtype=torch.int64, pin_memory=True)
-        return graph_a, graph_b, outs_a, offs, offs_host, keep, out
+        # pinned: the offsets, and with the CPU's share the pairs' weights and the CPU's sum
+        pinned = (torch.empty(3, T * kk, dtype=torch.int64, pin_memory=True),
+                     *((None, None) if keep is None else (torch.empty(T, kk, dtype=torch.float32, pin_memory=True),
+                                                          torch.empty(T, x1.shape[1], dtype=torch.float32,
+                                                                      pin_memory=True))))
+        return graph_a, graph_b, outs_a, offs, pinned, keep, out
 
     def _replay(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool) -> torch.Tensor:
         """Layers 0..upto-1 (and the head) through the graph captured for this shape: their output,
