@@ -525,10 +525,10 @@ class ModelRunner:
         graph_b, out = self._capture(lambda: x1 + experts_grouped(h, weight if keep is None else weight * keep, pool,
                                                                   offs, parts).to(x1.dtype))
         # pinned: the offsets, and with the CPU's share the pairs' weights and the CPU's sum
-        pinned = (torch.empty(3, T * kk, dtype=torch.int64, pin_memory=True),
-                     *((None, None) if keep is None else (torch.empty(T, kk, dtype=torch.float32, pin_memory=True),
-                                                          torch.empty(T, x1.shape[1], dtype=torch.float32,
-                                                                      pin_memory=True))))
+        pin = self.device.type == "cuda"
+        pinned = (torch.empty(3, T * kk, dtype=torch.int64, pin_memory=pin),
+                  *((None, None) if keep is None else (torch.empty(T, kk, dtype=torch.float32, pin_memory=pin),
+                                                       torch.empty(T, x1.shape[1], dtype=torch.float32, pin_memory=pin))))
         return graph_a, graph_b, outs_a, offs, pinned, keep, out
 
     def _replay(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool) -> torch.Tensor:

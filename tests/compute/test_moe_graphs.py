@@ -1,0 +1,109 @@
+"""The streamed MoE layer's two graphs (NOTE [ decode graphs ] in runner.py) on the CPU: CUDA
+graphs stood in for by functions that replay into the tensors their capture returned, so the
+host's part (the fetch, the offsets, the CPU's experts and their weights) is checked in CI
+against the same layers run eagerly."""
+
+import numpy as np
+import pytest
+import torch
+
+import ggufgen
+from layerstream.compute import runner as runner_mod
+from layerstream.compute.cpu_share import Balancer
+from layerstream.compute.experts import CpuExperts, ExpertCache, ExpertSet, max_in_flight, slot_bytes
+from layerstream.compute.model import EXPERT_TENSORS, SeqStep
+from layerstream.compute.runner import GlobalWeights, ModelRunner, load_tensor
+from layerstream.loader.gguf_index import open_model
+from layerstream.loader.layout import layer_layouts
+from layerstream.proto.timeline import Timeline
+
+
+class _Streamed:
+    """A LayerSource whose layers keep all but their experts on the device; the experts come
+    through an ExpertSet from the layer's bytes on the host, as the pipeline's StreamedLayers."""
+
+    def __init__(self, index, cache, cpu, frac):
+        self.layouts = layer_layouts(index)
+        self.dense, self.host = {}, {}
+        for i, lay in enumerate(self.layouts):
+            self.dense[i] = {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()
+                             if n not in EXPERT_TENSORS}
+            host = np.zeros(lay.nbytes, dtype=np.uint8)
+            for t in lay.tensors:
+                host[t.slot_offset : t.slot_offset + t.nbytes] = index.tensor_bytes(index.layers[i][t.name])
+            self.host[i] = host
+        self.whole = {i: {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()}
+                      for i in range(len(self.layouts))}
+        self.cache, self.cpu, self.frac = cache, cpu, frac
+        self.prompt = False  # a prompt step streams whole layers (as in the pipeline)
+
+    def layer(self, i):
+        if self.prompt:
+            return self.whole[i]
+        return dict(self.dense[i], experts=ExpertSet(self.cache, i, self.layouts[i], self.host[i], dense_fixed=True,
+                                                     cpu=self.cpu, frac=self.frac))
+
+    def release(self, i):
+        pass
+
+    def fixed(self, i):
+        return None
+
+    def graph_ran(self, first, stop, start, end):
+        self.graphed = getattr(self, "graphed", 0) + stop - first
+
+
+class _Graph:
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        new = self.run()
+        for o, n in zip(*(x if isinstance(x, tuple) else (x,) for x in (self.out, new))):
+            o.copy_(n)
+
+
+def _decode(path, graphs: bool, frac: float):
+    index = open_model(path)
+    hp = index.hparams
+    layouts = layer_layouts(index)
+    tl = Timeline("compute", "t")
+    cache = ExpertCache(3 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, tl, "lfu",
+                        slot_bytes(layouts), max_in_flight(hp.n_expert, hp.n_expert_used))
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=frac), 1 << 30, torch.float32, tl) if frac else None
+    src = _Streamed(index, cache, cpu, frac)
+    r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
+                    ctx=64, max_seqs=2)
+    if graphs:  # the CUDA-only switches, stood in for
+        r._graph_layers = lambda seqs, decode: setattr(r, "_graph_step", decode) or 0
+        r._capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
+    seqs = [[5, 17, 33], [9, 3]]
+    src.prompt = True
+    r.step([SeqStep(row=b, tokens=t, slots=list(range(len(t))), positions=list(range(len(t))),
+                    kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "none")
+    src.prompt = False
+    logits = []
+    for j in range(3):
+        steps = []
+        for b, t in enumerate(seqs):
+            p = len(t) + j
+            steps.append(SeqStep(row=b, tokens=[(7 * p + b) % hp.n_vocab], slots=[p], positions=[p],
+                                 kv_pos=list(range(p + 1))))
+        logits.append(r.step(steps, "last"))
+    return torch.stack(logits), getattr(src, "graphed", 0), cpu
+
+
+def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
+    """With and without the CPU's share of the experts (half of each step's missing ones)."""
+    pytest.importorskip("triton")
+    # Q4_0 (4-bit, which the CPU's experts need) is the block type the interpreter runs fastest
+    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
+                               n_ff=64, n_expert=8, n_expert_used=2, seed=9)
+    want, _, _ = _decode(path, graphs=False, frac=0.0)
+    for frac in (0.0, 0.5):
+        got, graphed, cpu = _decode(path, graphs=True, frac=frac)
+        assert graphed == 2 * 3  # every decode step's two layers ran through the graph path
+        if frac:
+            assert cpu.computed > 0
+        assert (got.argmax(-1) == want.argmax(-1)).all(), frac
+        assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), frac
