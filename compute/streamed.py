@@ -21,8 +21,10 @@ experts (`streams_experts`), a streamed MoE layer copies everything but its expe
 ahead, as usual; once its router has run, `moe_block` asks the layer's `ExpertSet` for the
 experts the step's tokens chose (each once, whatever the batch), and only those missing from
 the device's `ExpertCache` (experts.py: the most often used stay) are copied, each a byte range
-of the 3-D expert tensors in the staging slot. The slot is therefore held until the layer's `release`.
-Prompt steps touch nearly every expert: their layers stream whole.
+of the 3-D expert tensors in the staging slot. The slot is therefore held until the layer's `release`
+(and given back once those copies are done, without the host waiting: `return_slots`). With a
+CPU share, the CPU computes part of the missing experts from the same slot instead
+(experts.py, NOTE [ CPU experts ]). Prompt steps touch nearly every expert: their layers stream whole.
 
 With `dense_resident` (the plan's, when they fit) a streamed MoE layer keeps its own device copy
 of every tensor but its experts from its first load on, so its expert steps copy nothing ahead:
