@@ -275,7 +275,7 @@ class CpuExperts:
     def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
         """The CPU's experts among a step's `missing` ones of layer i at share `frac`: packed ones
         first, then ones that still fit the budget."""
-        n = int(frac * len(missing) + 0.5)
+        n = int(frac * len(missing))  # rounded down: a lone expert copies faster than the CPU computes it
         if not n or not self.eligible(i, lay):
             return []
         have = [e for e in missing if (i, e) in self.packed]

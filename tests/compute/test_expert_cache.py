@@ -149,7 +149,7 @@ def test_cpu_experts_match_the_float64_reference():
     lay, host = LayerLayout(0, tuple(tensors), off), np.concatenate(host)
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 30, torch.float32, Timeline("compute", "t"))
     assert cpu.eligible(0, lay)
-    assert cpu.choose(0, lay, [0, 1, 3], 0.5) == [0, 1] and cpu.choose(0, lay, [2], 0.4) == []
+    assert cpu.choose(0, lay, [0, 1, 2, 3], 0.5) == [0, 1] and cpu.choose(0, lay, [2], 0.5) == []
     T, k = 3, 2
     ids = [1, 3, 3, 0, 2, 1]  # [T, k]: token 0 chose 1 and 3, token 1 chose 3 and 0, token 2 chose 2 and 1
     h = torch.from_numpy(rng.standard_normal((T, n_embd))).float()
