@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
+from layerstream.compute.model import EXPERT_TENSORS
 from layerstream.compute.qlinear import linear
 
 INT4_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q4_K))
@@ -315,8 +317,6 @@ def measure_link_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
 def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16, reps: int = 9) -> float:
     """Seconds the CPU takes for one expert at batch 1 (int4 gate, up and down of an n_ff x n_embd
     SwiGLU), the median of reps over 16 experts in turn (NOTE [ CPU experts ] in experts.py)."""
-    import torch.nn.functional as F
-
     g = torch.Generator().manual_seed(0)
 
     def packed(N: int, K: int) -> PackedRows:
@@ -338,10 +338,9 @@ def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16
 
 def expert_int4_layers(layouts) -> list:
     """The layers whose experts the CPU can take: gate, up and down all 4-bit."""
-    names = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
     out = []
     for lay in layouts:
-        ts = {t.name: t for t in lay.tensors if t.name in names}
+        ts = {t.name: t for t in lay.tensors if t.name in EXPERT_TENSORS}
         if len(ts) == 3 and all(t.qtype in INT4_TYPES for t in ts.values()):
             out.append(lay)
     return out
@@ -352,7 +351,7 @@ def expert_packed_bytes(layouts) -> int:
     n = 0
     for lay in expert_int4_layers(layouts):
         for t in lay.tensors:
-            if t.name.endswith("_exps.weight"):
+            if t.name in EXPERT_TENSORS:
                 E, N, K = t.shape
                 n += E * N * (K // 2 + K // GROUP * 4)
     return n

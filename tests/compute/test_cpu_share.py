@@ -162,6 +162,29 @@ def test_packed_bytes_counts_only_4bit_matrices():
     assert cpu_share.int4_fraction([lay]) == pytest.approx(q4.nbytes / (q4.nbytes + q6.nbytes))
 
 
+def test_packed_bytes_count_every_4bit_expert_of_layers_whose_experts_are_all_4bit():
+    """NOTE [ CPU experts ]: a layer takes part when gate, up and down are all 4-bit; then any
+    share may pack each of its experts in time, so the plan counts them all."""
+    E, N, K = 8, 256, 512
+
+    def layer(down_type, i):
+        ts, off = [], 0
+        for name, qt, shape in (("ffn_gate_exps.weight", QT.Q4_K, (E, N, K)), ("ffn_up_exps.weight", QT.Q4_K, (E, N, K)),
+                                ("ffn_down_exps.weight", down_type, (E, K, N))):
+            nbytes = E * shape[1] * shape[2] // 256 * (144 if qt == QT.Q4_K else 210)
+            ts.append(SlotTensor(name, int(qt), shape, off, nbytes, "f", 0))
+            off += nbytes
+        return LayerLayout(i, tuple(ts), off)
+
+    q4, q6 = layer(QT.Q4_K, 0), layer(QT.Q6_K, 1)
+    assert cpu_share.expert_int4_layers([q4, q6]) == [q4]
+    per_matrix = E * N * (K // 2 + K // 32 * 4)  # (N x K and K x N pack to the same bytes)
+    assert cpu_share.expert_packed_bytes([q4, q6]) == 3 * per_matrix
+    assert cpu_share.packed_bytes([q4, q6], 0.3) == 3 * per_matrix and cpu_share.packed_bytes([q4, q6], 0) == 0
+    # the CPU's time for one expert of that shape, as the balancer's start measures it
+    assert 0 < cpu_share.measure_expert_s(N, K, torch.float32, reps=2) < 1
+
+
 def test_quantweight_device_rows_are_a_prefix():
     # the device's part of a split quantized matrix is a view of its first rows' blocks
     raw = torch.from_numpy(blocks(QT.Q4_K, 128, 256).reshape(-1))
