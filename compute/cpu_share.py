@@ -137,6 +137,12 @@ class Meter:
     def __init__(self):
         self.seconds, self.nbytes, self.t0 = 0.0, 0, None
 
+    def add(self, t0: int, ns: int, nbytes: int) -> None:
+        """The CPU read `nbytes` packed bytes in `ns` nanoseconds from monotonic time t0."""
+        self.seconds += ns / 1e9
+        self.nbytes += nbytes
+        self.t0 = t0 if self.t0 is None else self.t0
+
     def take(self) -> tuple[float, int, int | None]:
         out = (self.seconds, self.nbytes, self.t0)
         self.seconds, self.nbytes, self.t0 = 0.0, 0, None
@@ -175,10 +181,7 @@ def split_linear(x: torch.Tensor, ws: list, biases: list) -> list[torch.Tensor]:
             continue
         t0 = time.monotonic_ns()
         y_cpu = w.cpu.matmul(x_cpu)
-        m = w.meter
-        m.seconds += (time.monotonic_ns() - t0) / 1e9
-        m.nbytes += w.cpu.nbytes
-        m.t0 = t0 if m.t0 is None else m.t0
+        w.meter.add(t0, time.monotonic_ns() - t0, w.cpu.nbytes)
         y_cpu = y_cpu.to(x.device, x.dtype)
         if b is not None:
             y_cpu = y_cpu + b[b.shape[0] - y_cpu.shape[-1]:]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, pack_rows
+from layerstream.compute.cpu_share import Balancer, Meter, PackedRows, expert_int4_layers, pack_rows
 from layerstream.compute.model import EXPERT_TENSORS
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.runner import device_weight
@@ -49,6 +49,11 @@ def _parts(lay: LayerLayout) -> list[tuple[object, int, int, int, int]]:
         out.append((t, per, off, rows, cols))
         off += -(-per // ALIGN) * ALIGN
     return out
+
+
+def _expert_bytes(host, t, per: int, e: int):
+    """Expert e's bytes of expert tensor t (`per` bytes an expert) in a layer's staging bytes."""
+    return host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per]
 
 
 def slot_bytes(layouts: list[LayerLayout]) -> int:
@@ -135,12 +140,13 @@ class ExpertCache:
             flight = iter(range(self.n_cached, self.n_cached + self.in_flight))
             dsts, srcs = [], []  # the pool's copies, issued at once
             src = torch.from_numpy(host) if parts is not None else None
+            per_expert = sum(p[1] for p in parts) if parts is not None else 0
             for e in missing:
                 if parts is None:
                     mats, nbytes = self._tensors(e, lay, host)
                     self._put((i, e), (*mats, nbytes, None), serving)
                 else:
-                    nbytes = sum(p[1] for p in parts)
+                    nbytes = per_expert
                     slot = self._put((i, e), None, serving, nbytes)
                     slot = next(flight, None) if slot is None else slot
                     if slot is None:
@@ -171,7 +177,7 @@ class ExpertCache:
         """Expert e's gate, up and down as tensors of their own (dense, or blocks off the pool)."""
         mats, nbytes = [], 0
         for t, per, _, rows, cols in _parts(lay):  # expert e of each [E, N, K] tensor: one byte range
-            raw = torch.from_numpy(host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per])
+            raw = torch.from_numpy(_expert_bytes(host, t, per, e))
             raw = raw.to(self.device, non_blocking=True) if self.device.type == "cuda" else raw.clone()
             mats.append(device_weight(raw, dataclasses.replace(t, shape=(rows, cols), nbytes=per),
                                       self.dtype, self.quantized))
@@ -192,7 +198,7 @@ class ExpertCache:
         for t, per, off, rows, cols in parts:
             dst = self.pool[base + off : base + off + per]
             dsts.append(dst)
-            srcs.append(src[t.slot_offset + e * per : t.slot_offset + (e + 1) * per])
+            srcs.append(_expert_bytes(src, t, per, e))
             mats.append(QuantWeight(dst, t.qtype, (rows, cols)))
         return mats
 
@@ -269,7 +275,7 @@ class CpuExperts:
     def eligible(self, i: int, lay: LayerLayout) -> bool:
         got = self._eligible.get(i)
         if got is None:
-            got = self._eligible[i] = all(lay.tensor(n).qtype in INT4_TYPES for n in EXPERT_TENSORS)
+            got = self._eligible[i] = bool(expert_int4_layers([lay]))
         return got
 
     def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
@@ -289,7 +295,7 @@ class CpuExperts:
             mats = []
             with self.tl.span("cpu_pack", f"pack L{i} E{e}", layer=i):
                 for t, per, _, rows, cols in _parts(lay):
-                    raw = torch.from_numpy(host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per])
+                    raw = torch.from_numpy(_expert_bytes(host, t, per, e))
                     mats.append(pack_rows(raw, t.qtype, rows, cols, self.dtype))
             got = self.packed[(i, e)] = tuple(mats)
             self.packed_bytes += sum(m.nbytes for m in got)
@@ -318,10 +324,7 @@ class CpuExperts:
             out.index_add_(0, rows, y.float() * w_flat[ps].unsqueeze(-1))
             nbytes += g.nbytes + u.nbytes + d.nbytes
         dt = time.monotonic_ns() - t0
-        m = self.meter
-        m.seconds += dt / 1e9
-        m.nbytes += nbytes
-        m.t0 = t0 if m.t0 is None else m.t0
+        self.meter.add(t0, dt, nbytes)
         self.computed += len(experts)
         self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
         return out
@@ -336,11 +339,6 @@ class ExpertSet:
                  cpu: CpuExperts | None = None, frac: float = 0.0):
         self.cache, self.i, self.lay, self.host, self.dense_fixed = cache, i, lay, host, dense_fixed
         self.cpu, self.frac = cpu, frac  # the CPU's experts and its share of this step (NOTE [ CPU experts ])
-
-    @property
-    def shares(self) -> bool:
-        """Whether the CPU may take some of this step's experts (NOTE [ CPU experts ])."""
-        return self.cpu is not None and self.frac > 0
 
     @property
     def grouped(self) -> bool:
@@ -365,7 +363,7 @@ class ExpertSet:
         parts, and the CPU's experts."""
         distinct = sorted(set(ids))
         cpu = []
-        if self.shares:
+        if self.cpu is not None and self.frac > 0:
             missing = [e for e in distinct if (self.i, e) not in self.cache.entries]
             cpu = self.cpu.choose(self.i, self.lay, missing, self.frac)
         if cpu:
@@ -376,12 +374,17 @@ class ExpertSet:
                             dtype=torch.int64)
         return self.cache.pool, offs, self.parts, cpu
 
-    def cpu_sum(self, experts: list[int], ids: list[int], h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The CPU's experts' weighted sum for each token ([T, n_embd] float32 on the host), from
-        the step's activations and weights already on the host."""
-        return self.cpu.compute(self.i, self.lay, self.host, experts, ids, h, weight)
-
-    @staticmethod
-    def keep(ids: list[int], cpu: list[int], k: int) -> torch.Tensor:
-        """[T, k] float32 on the host: 0 for the pairs whose expert the CPU computes, else 1."""
-        return torch.tensor([0.0 if e in cpu else 1.0 for e in ids]).view(-1, k)
+    def prepare(self, ids: list[int], h: torch.Tensor, weight: torch.Tensor):
+        """A step's experts for the grouped launches, in the order that lets the CPU work while
+        the copies run (NOTE [ CPU experts ]): the activations and weights go to the host first
+        (a read after the fetch would wait for its copies), then the fetch. Returns the pairs'
+        offsets (grouped_offsets), their keep weights ([T, k] on the host: 0 for the CPU's pairs;
+        None without a CPU share), and a function computing the CPU's weighted sum ([T, n_embd]
+        float32 on the host; None when the CPU takes nothing)."""
+        if self.cpu is not None and self.frac > 0:
+            h_host, w_host = h.float().cpu(), weight.float().cpu()
+        _, offs, _, cpu = self.grouped_offsets(ids)
+        keep = None if self.cpu is None else \
+            torch.tensor([0.0 if e in cpu else 1.0 for e in ids]).view(-1, weight.shape[1])
+        run_cpu = (lambda: self.cpu.compute(self.i, self.lay, self.host, cpu, ids, h_host, w_host)) if cpu else None
+        return offs, keep, run_cpu

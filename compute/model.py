@@ -278,16 +278,13 @@ def _experts_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torc
     flat = chosen.flatten()
     if "experts" in w:  # streamed: the chosen experts' cache entries, by address
         ex = w["experts"]
-        ids = flat.tolist()  # the host sync of this layer
-        if ex.shares:  # to the host before the fetch queues its copies, which a read would wait for
-            h_host, w_host = h.float().cpu(), weight.float().cpu()
-        anchor, offs, parts, cpu = ex.grouped_offsets(ids)
-        if not cpu:
-            return experts_grouped(h, weight, anchor, offs.to(h.device), parts)
+        offs, keep, run_cpu = ex.prepare(flat.tolist(), h, weight)  # the host sync of this layer
+        if run_cpu is None:
+            return experts_grouped(h, weight, ex.cache.pool, offs.to(h.device), ex.parts)
         # the device's experts are launched first, then the CPU computes its own (NOTE [ CPU experts ])
-        keep = ex.keep(ids, cpu, weight.shape[1]).to(h.device, non_blocking=True)
-        out = experts_grouped(h, weight * keep, anchor, offs.to(h.device), parts)
-        return out + ex.cpu_sum(cpu, ids, h_host, w_host).to(h.device, non_blocking=True)
+        out = experts_grouped(h, weight * keep.to(h.device, non_blocking=True), ex.cache.pool, offs.to(h.device),
+                              ex.parts)
+        return out + run_cpu().to(h.device, non_blocking=True)
     else:  # resident: expert e is a byte range of each [E * N, K] block matrix, found on the device
         anchor = w[EXPERT_TENSORS[0]].raw
         offs = torch.stack([flat * (w[n].nbytes // hp.n_expert) + (w[n].raw.data_ptr() - anchor.data_ptr())

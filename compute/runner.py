@@ -481,18 +481,15 @@ class ModelRunner:
         graph_a, graph_b, (x1, h, weight, chosen), offs, pinned, keep, out = g
         ex = w["experts"]
         graph_a.replay()
-        ids = chosen.flatten().tolist()  # the host sync of this layer: which experts to fetch
-        if ex.shares:  # to the host before the fetch queues its copies, which a read would wait for
-            h_host, w_host = h.float().cpu(), weight.float().cpu()
-        _, o, _, cpu = ex.grouped_offsets(ids)
+        o, keep_host, run_cpu = ex.prepare(chosen.flatten().tolist(), h, weight)  # the layer's host sync
         pinned[0].copy_(o)  # this layer's own pinned buffers: their last copies crossed a step ago
         offs.copy_(pinned[0], non_blocking=True)
         if keep is not None:  # captured with the CPU's share (NOTE [ CPU experts ])
-            pinned[1].copy_(ex.keep(ids, cpu, keep.shape[1]))
+            pinned[1].copy_(keep_host)
             keep.copy_(pinned[1], non_blocking=True)
         graph_b.replay()
-        if cpu:  # while the device computes its experts
-            pinned[2].copy_(ex.cpu_sum(cpu, ids, h_host, w_host))
+        if run_cpu is not None:  # while the device computes its experts
+            pinned[2].copy_(run_cpu())
             out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
         return out
