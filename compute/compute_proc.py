@@ -120,7 +120,9 @@ class ComputeWorker:
 
     def _make_share(self, streamed: list[LayerLayout]) -> CpuShare | None:
         """The CPU share (NOTE [ the CPU share ]): a fixed fraction, or on CUDA balanced from the
-        CPU's int4 GB/s and the link's GB/s measured here, then from the passes' own timings."""
+        CPU's int4 GB/s and the link's GB/s measured here, then from the passes' own timings.
+        Only layers without experts are split (a MoE layer's share is its experts)."""
+        streamed = cpu_share.row_layers(streamed)
         c = cpu_share.int4_fraction(streamed)
         if self.cfg.cpu_share == "0" or not c or not self.cfg.cpu_pack_max:
             return None

@@ -373,11 +373,18 @@ def int4_fraction(layouts) -> float:
     return int4 / total if total else 0.0
 
 
+def row_layers(layouts) -> list:
+    """The layers whose matrices the row share splits: those without experts (a MoE layer's
+    CPU share is its experts, NOTE [ CPU experts ]; its attention is kept on the device)."""
+    return [lay for lay in layouts if not any(t.name in EXPERT_TENSORS for t in lay.tensors)]
+
+
 def packed_bytes(layouts, frac: float) -> int:
-    """Host bytes the CPU's packed rows take at share `frac` of each 4-bit matrix, and, at any
-    share, its packed experts (every 4-bit expert may be packed in time)."""
+    """Host bytes the CPU's packed rows take at share `frac` of each 4-bit matrix of the layers
+    without experts, and, at any share, its packed experts (every 4-bit expert may be packed in
+    time)."""
     n = expert_packed_bytes(layouts) if frac else 0
-    for lay in layouts:
+    for lay in row_layers(layouts):
         for t in lay.tensors:
             if t.qtype in INT4_TYPES and len(t.shape) == 2:
                 N, K = t.shape

@@ -177,6 +177,10 @@ def test_packed_bytes_count_every_4bit_expert_of_layers_whose_experts_are_all_4b
         return LayerLayout(i, tuple(ts), off)
 
     q4, q6 = layer(QT.Q4_K, 0), layer(QT.Q6_K, 1)
+    # a 4-bit attention matrix beside the experts: a MoE layer's share is its experts, not its rows
+    attn = SlotTensor("attn_q.weight", int(QT.Q4_K), (K, K), q6.nbytes, K * K // 256 * 144, "f", 0)
+    q6 = LayerLayout(1, (*q6.tensors, attn), q6.nbytes + attn.nbytes)
+    assert cpu_share.row_layers([q4, q6]) == [] and cpu_share.int4_fraction(cpu_share.row_layers([q6])) == 0
     assert cpu_share.expert_int4_layers([q4, q6]) == [q4]
     per_matrix = E * N * (K // 2 + K // 32 * 4)  # (N x K and K x N pack to the same bytes)
     assert cpu_share.expert_packed_bytes([q4, q6]) == 3 * per_matrix

@@ -567,5 +567,6 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     assert ex["cpu"] >= 2 * (len(ids) - 1) // 2, ex  # about half of every one-token step's misses, 2 layers
     assert ex["misses"] > 0  # the device fetched the others
     assert "CPU experts: CPU share fixed at 50% of the missing experts" in table, table
+    assert "4-bit rows" not in table, table  # a MoE layer's share is its experts: its attention is not split
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() == 1.0
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
