@@ -221,8 +221,8 @@ class ComputeWorker:
         copy_s, copy_bytes = self._gpu_timeline()
         pass_s = (time.monotonic_ns() - t0) / 1e9
         if self.source.expert_step and self.cpu_experts is not None:  # (its dense layers are not split)
-            sec, nbytes, _ = self.cpu_experts.meter.take()
-            self.cpu_experts.balancer.observe(tokens, pass_s, sec, nbytes, 0.0, 0)
+            sec, nbytes, _ = self.cpu_experts.meter.take()  # (a pass's packing is a one-off: left out)
+            self.cpu_experts.balancer.observe(tokens, pass_s - self.cpu_experts.take_pack_s(), sec, nbytes, 0.0, 0)
         elif self.share is not None:
             self.share.balancer.observe(tokens, pass_s, self.source.cpu_s, self.source.cpu_bytes, copy_s, copy_bytes)
         shape = [] if out is None else list(out.shape)

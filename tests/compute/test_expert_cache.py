@@ -93,7 +93,8 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
     slots, then in-flight slots for newcomers it does not keep. Every fetch of three experts
     evicts and reuses slots; each expert it returns, and each one still cached, must hold its own
     bytes, and the grouped kernel's offsets from the pool must point at them."""
-    from layerstream.compute.experts import ALIGN, ExpertSet, slot_bytes
+    from layerstream.compute.experts import ALIGN, ExpertSet, _parts, slot_bytes
+    from layerstream.compute.qlinear import QuantWeight
 
     lay, host = _layer(n_expert=8, rows=8, cols=16)
     slot = slot_bytes([lay])
@@ -113,8 +114,9 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
         got = cache.fetch(0, ids, lay, host)
         for e in ids:
             check(e, got[e])
-        for (_, e), entry in cache.entries.items():
-            check(e, entry[:3])
+        for (_, e), entry in cache.entries.items():  # a cached expert's own slot holds its bytes
+            check(e, [QuantWeight(cache.pool[entry[4] * slot + off : entry[4] * slot + off + per], t.qtype, (r, c))
+                      for t, per, off, r, c in _parts(lay)])
         assert len(cache.entries) <= 2 and len(set(entry[4] for entry in cache.entries.values())) == len(cache.entries)
     assert cache.hits > 0 and cache.misses > 60
     pool, offs, parts, cpu = ExpertSet(cache, 0, lay, host).grouped_offsets([5, 2, 5])
@@ -164,3 +166,6 @@ def test_cpu_experts_match_the_float64_reference():
     assert np.abs(got.double().numpy() - want).max() < 1e-4 * np.abs(want).max()
     assert cpu.computed == 2 and len(cpu.packed) == 2 and cpu.packed_bytes > 0
     assert cpu.meter.take()[1] == cpu.packed_bytes  # each expert's packed bytes read once
+    assert cpu.take_pack_s() > 0 and cpu.take_pack_s() == 0  # packing is timed apart (the balancer leaves it out)
+    cpu.compute(0, lay, host, [1, 3], ids, h, weight)  # packed already: nothing to pack
+    assert cpu.take_pack_s() == 0 and cpu.meter.take()[1] == cpu.packed_bytes
