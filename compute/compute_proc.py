@@ -47,6 +47,7 @@ class ComputeConfig:
     step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
     cpu_share: str = "0"  # the CPU's share of the 4-bit rows: "auto", or a fraction ("0": none)
     cpu_pack_max: float = 0.0  # the largest share packed (the plan counts its host memory)
+    cpu_split: str = "layers"  # what the share splits: whole FFN matrices of some layers, or rows of all (cpu_share.py)
     cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)
     index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
     expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
@@ -123,7 +124,9 @@ class ComputeWorker:
         CPU's int4 GB/s and the link's GB/s measured here, then from the passes' own timings.
         Only layers without experts are split (a MoE layer's share is its experts)."""
         streamed = cpu_share.row_layers(streamed)
-        c = cpu_share.int4_fraction(streamed)
+        layers = self.cfg.cpu_split == "layers"
+        c = cpu_share.ffn_int4_fraction(streamed) if layers else cpu_share.int4_fraction(streamed)
+        what = "layers' 4-bit FFN matrices" if layers else "4-bit rows"
         if self.cfg.cpu_share == "0" or not c or not self.cfg.cpu_pack_max:
             return None
         ratio = cpu_share.pack_ratio()
@@ -131,14 +134,14 @@ class ComputeWorker:
             cpu, link = cpu_share.measure_cpu_gbs(), cpu_share.measure_link_gbs(self.device)
             f1 = cpu_share.balanced_frac(cpu[1], link, c, ratio)
             pack = min(self.cfg.cpu_pack_max, 1.25 * f1)
-            balancer = cpu_share.Balancer(cpu, link, c, ratio, pack)
+            balancer = cpu_share.Balancer(cpu, link, c, ratio, pack, what=what)
         else:
             pack = min(float(self.cfg.cpu_share), self.cfg.cpu_pack_max)
-            balancer = cpu_share.Balancer({}, 0.0, c, ratio, pack, fixed=pack)
+            balancer = cpu_share.Balancer({}, 0.0, c, ratio, pack, fixed=pack, what=what)
         if not pack:
             return None
         dtype = torch.bfloat16 if self.device.type == "cuda" else self.dtype
-        return CpuShare(balancer, pack, dtype, self.tl)
+        return CpuShare(balancer, pack, dtype, self.tl, self.cfg.cpu_split, streamed)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""
@@ -224,7 +227,8 @@ class ComputeWorker:
             sec, nbytes, _ = self.cpu_experts.meter.take()  # (a pass's packing is a one-off: left out)
             self.cpu_experts.balancer.observe(tokens, pass_s - self.cpu_experts.take_pack_s(), sec, nbytes, 0.0, 0)
         elif self.share is not None:
-            self.share.balancer.observe(tokens, pass_s, self.source.cpu_s, self.source.cpu_bytes, copy_s, copy_bytes)
+            self.share.balancer.observe(tokens, pass_s - self.share.take_pack_s(), self.source.cpu_s,
+                                        self.source.cpu_bytes, copy_s, copy_bytes)
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(msg.step, shape, "float32", {}), extra=[] if out is None else [out.data])
 

@@ -19,6 +19,16 @@ joined on the device.
 - The share per batch size comes from bandwidths measured at start, then from the timings of
   the run's own passes (`Balancer`): the CPU's GB/s falls with the batch (the int4 kernel is a
   GEMV), so larger batches and prompts get a smaller share, and none above `MAX_TOKENS`.
+
+Two ways to split (`--cpu-split`):
+- "layers" (the default): the CPU takes every row of the 4-bit FFN matrices (gate, up, and down
+  where it is 4-bit) of a share of the streamed layers, spread evenly among them (`cpu_layers`).
+  Those matrices never cross PCIe, and the copy engine fills the VRAM ring with the next
+  layers while the CPU works. A CPU layer waits for the host twice (gate and up, then down),
+  and each wait is a few milliseconds of one large matmul, which the CPU reads at its best rate.
+- "rows": the last rows of every 4-bit matrix of every streamed layer. Each of a layer's four
+  matmul groups waits for the host, for a part that is small (measured: 20 to 47 GB/s inside a
+  pass against 50 to 73 alone, BENCHMARKS.md), so every streamed layer pays the waits.
 """
 
 from __future__ import annotations
@@ -161,6 +171,21 @@ class SplitWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return split_linear(x, [self], [bias])[0]
 
+    @property
+    def cpu_only(self) -> bool:
+        """Whether the CPU takes every row (the "layers" split)."""
+        return self.dev is None
+
+    def ffn(self, x: torch.Tensor, up: "SplitWeight", down: "SplitWeight", act) -> torch.Tensor:
+        """down(act(self(x)) * up(x)) wholly on the CPU (self: the gate): one wait for x on the
+        host and one copy back, where matmul by matmul would wait twice."""
+        x_cpu = x.to("cpu")  # waits for x
+        t0 = time.monotonic_ns()
+        g, u = self.cpu.matmul(x_cpu), up.cpu.matmul(x_cpu)
+        y = down.cpu.matmul(act(g) * u)
+        self.meter.add(t0, time.monotonic_ns() - t0, self.cpu.nbytes + up.cpu.nbytes + down.cpu.nbytes)
+        return y.to(x.device, x.dtype)
+
 
 def split_linear(x: torch.Tensor, ws: list, biases: list) -> list[torch.Tensor]:
     """x @ w.T (+ bias) for matrices of one input, some of them SplitWeights: one wait for x on
@@ -228,6 +253,7 @@ class Balancer:
         self.trials: dict[int, list[float]] = {b: ([f, 0.0] if f else []) for b, f in self.frac.items()}
         self.times: dict[int, dict[float, list[float]]] = {b: {} for b in BUCKETS}
         self.rates: dict[int, list[tuple[float, int, float, int]]] = {b: [] for b in BUCKETS}
+        self.warm: set[int] = set()  # buckets whose first pass has been seen (and left out)
 
     def _frac(self, cpu_gbs: float, link_gbs: float) -> float:
         if self.fixed is not None:
@@ -248,6 +274,9 @@ class Balancer:
         moved `link_bytes` in `link_s`."""
         b = bucket(tokens)
         if b is None or self.fixed is not None or not self.trials[b]:
+            return
+        if b not in self.warm:  # a bucket's first pass reads layers into the host cache and captures graphs
+            self.warm.add(b)
             return
         f = self.trials[b][0]
         self.times[b].setdefault(f, []).append(pass_s)
@@ -373,17 +402,48 @@ def int4_fraction(layouts) -> float:
     return int4 / total if total else 0.0
 
 
+SPLITS = ("layers", "rows")
+FFN_MATRICES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def ffn_int4(lay) -> list:
+    """The 4-bit FFN matrices of a layer (what the CPU takes of a layer in the "layers" split)."""
+    return [t for t in lay.tensors if t.name in FFN_MATRICES and t.qtype in INT4_TYPES and len(t.shape) == 2]
+
+
+def cpu_layers(layouts, frac: float, within: list[int] | None = None) -> list[int]:
+    """The "layers" split: the layers whose 4-bit FFN matrices the CPU computes at share `frac`,
+    frac * m (rounded) of the m layers with any, spread evenly (a CPU layer's compute overlaps
+    the copies of the device's layers around it). `within`: choose among these layers only
+    (those packed for the largest share), as evenly."""
+    elig = [lay.layer for lay in row_layers(layouts) if ffn_int4(lay)]
+    n = min(len(elig), int(frac * len(elig) + 0.5))
+    pool = elig if within is None else [i for i in elig if i in set(within)]
+    n = min(n, len(pool))
+    return [pool[int((k + 0.5) * len(pool) / n)] for k in range(n)] if n else []
+
+
+def ffn_int4_fraction(layouts) -> float:
+    """The share of the layers' bytes that are 4-bit FFN matrices (what the "layers" split can take)."""
+    total = sum(t.nbytes for lay in layouts for t in lay.tensors)
+    return sum(t.nbytes for lay in layouts for t in ffn_int4(lay)) / total if total else 0.0
+
+
 def row_layers(layouts) -> list:
     """The layers whose matrices the row share splits: those without experts (a MoE layer's
     CPU share is its experts, NOTE [ CPU experts ]; its attention is kept on the device)."""
     return [lay for lay in layouts if not any(t.name in EXPERT_TENSORS for t in lay.tensors)]
 
 
-def packed_bytes(layouts, frac: float) -> int:
-    """Host bytes the CPU's packed rows take at share `frac` of each 4-bit matrix of the layers
-    without experts, and, at any share, its packed experts (every 4-bit expert may be packed in
-    time)."""
+def packed_bytes(layouts, frac: float, split: str = "layers") -> int:
+    """Host bytes the CPU's packed weights take at share `frac`: the layers without experts' 4-bit
+    rows (`split` "rows") or the chosen layers' 4-bit FFN matrices ("layers"), and, at any
+    share, its packed experts (every 4-bit expert may be packed in time)."""
     n = expert_packed_bytes(layouts) if frac else 0
+    if split == "layers":
+        chosen = set(cpu_layers(layouts, frac))
+        return n + sum(t.shape[0] * (t.shape[1] // 2 + t.shape[1] // GROUP * 4)
+                       for lay in layouts if lay.layer in chosen for t in ffn_int4(lay))
     for lay in row_layers(layouts):
         for t in lay.tensors:
             if t.qtype in INT4_TYPES and len(t.shape) == 2:

@@ -175,9 +175,13 @@ def _attn_out(hp: HParams, w: LayerWeights, x: torch.Tensor, o: torch.Tensor) ->
 
 def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
-    g, u = linear_many(h, [w["ffn_gate.weight"], w["ffn_up.weight"]])
-    g = F.gelu(g, approximate="tanh") if hp.ffn_act == "gelu_tanh" else F.silu(g)
-    y = linear(g * u, w["ffn_down.weight"])
+    gate, up, down = w["ffn_gate.weight"], w["ffn_up.weight"], w["ffn_down.weight"]
+    act = functools.partial(F.gelu, approximate="tanh") if hp.ffn_act == "gelu_tanh" else F.silu
+    if all(getattr(m, "cpu_only", False) for m in (gate, up, down)):  # the CPU's whole (cpu_share.py)
+        y = gate.ffn(h, up, down, act)
+    else:
+        g, u = linear_many(h, [gate, up])
+        y = linear(act(g) * u, down)
     if "post_ffw_norm.weight" in w:
         y = rms_norm(y, w["post_ffw_norm.weight"], hp.norm_eps)
     return x + y

@@ -40,7 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from layerstream.compute.cpu_share import INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_rows, pack_rows
+from layerstream.compute.cpu_share import (INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_layers, cpu_rows,
+                                           ffn_int4, pack_rows)
 from layerstream.compute.experts import CpuExperts, ExpertCache, ExpertSet, max_in_flight, streams_experts
 from layerstream.compute.experts import slot_bytes as expert_slot
 from layerstream.compute.model import EXPERT_TENSORS, LayerWeights
@@ -58,41 +59,65 @@ def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool
 
 
 class CpuShare:
-    """The CPU's share of the streamed layers (NOTE [ the CPU share ] in cpu_share.py): the packed
-    rows of each layer, made when it is first staged, and the balancer that picks the share."""
+    """The CPU share of the streamed layers (NOTE [ the CPU share ] in cpu_share.py): the packed
+    weights of each layer, made when it is first staged, and the balancer that picks the share.
+    `split` "layers": whole 4-bit FFN matrices of some layers (`streamed`: the streamed layers,
+    which it chooses from); "rows": the last rows of every 4-bit matrix."""
 
-    def __init__(self, balancer: Balancer, pack_frac: float, dtype: torch.dtype, timeline: Timeline):
+    def __init__(self, balancer: Balancer, pack_frac: float, dtype: torch.dtype, timeline: Timeline,
+                 split: str = "rows", streamed: list[LayerLayout] | None = None):
         self.balancer, self.pack_frac, self.dtype, self.tl = balancer, pack_frac, dtype, timeline
+        self.split_by = split
+        self.streamed = streamed or []
         self.packed: dict[int, dict[str, PackedRows]] = {}
         self.meter = Meter()
         self._rows: dict[tuple[int, float], dict[str, int]] = {}
         self._ranges: dict[tuple[int, float], list[tuple[int, int]]] = {}
+        self._layers: dict[float, frozenset[int]] = {}
+        self.pack_s = 0.0  # seconds spent packing since the last take_pack_s()
 
-    @staticmethod
-    def _matrices(lay: LayerLayout):
-        return [t for t in lay.tensors if t.qtype in INT4_TYPES and len(t.shape) == 2]
+    def take_pack_s(self) -> float:
+        """Seconds spent packing since the last call: a one-off cost, which the balancer leaves
+        out of a pass's time (on the 70B, 22 GiB packed in 44 s in all, over the first passes)."""
+        s, self.pack_s = self.pack_s, 0.0
+        return s
+
+    def cpu_layers(self, frac: float) -> frozenset[int]:
+        """The "layers" split: the layers the CPU takes at share `frac`, among those packed."""
+        got = self._layers.get(frac)
+        if got is None:
+            packed = cpu_layers(self.streamed, self.pack_frac)
+            got = self._layers[frac] = frozenset(cpu_layers(self.streamed, frac, within=packed))
+        return got
+
+    def _matrices(self, lay: LayerLayout, frac: float):
+        """The matrices of layer `lay` the CPU takes part of at share `frac`, with its rows of each."""
+        if self.split_by == "layers":
+            return [(t, t.shape[0]) for t in ffn_int4(lay)] if lay.layer in self.cpu_layers(frac) else []
+        return [(t, cpu_rows(t.shape[0], frac)) for t in lay.tensors if t.qtype in INT4_TYPES and len(t.shape) == 2]
 
     def pack(self, i: int, lay: LayerLayout, slot: np.ndarray) -> None:
         """Pack layer i's CPU rows out of its staging slot, once."""
         if i in self.packed:
             return
         out = {}
+        t0 = time.perf_counter()
         with self.tl.span("cpu_pack", f"pack L{i}", layer=i):
-            for t in self._matrices(lay):
-                N, K = t.shape
-                n = cpu_rows(N, self.pack_frac)
+            for t, n in self._matrices(lay, self.pack_frac):
                 if n:
+                    N, K = t.shape
                     rb = t.nbytes // N
                     raw = torch.from_numpy(slot[t.slot_offset + (N - n) * rb : t.slot_offset + t.nbytes])
                     out[t.name] = pack_rows(raw, t.qtype, n, K, self.dtype)
         self.packed[i] = out
+        self.pack_s += time.perf_counter() - t0
 
     def rows(self, i: int, lay: LayerLayout, frac: float) -> dict[str, int]:
         """CPU rows of each split matrix of layer i at share `frac` (worked out once per share)."""
         key = (i, frac)
         r = self._rows.get(key)
         if r is None:
-            r = {t.name: n for t in self._matrices(lay) if (n := cpu_rows(t.shape[0], frac))}
+            r = {t.name: n for t, n in self._matrices(lay, frac) if n}
             self._rows[key] = r
             self._ranges[key] = copy_ranges(lay, r) if r else [(0, lay.nbytes)]
         return r

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "crosses PCIe (of a mixture-of-experts decode step: of the chosen experts not in the device "
                         "cache); auto times shares per batch size and keeps the fastest (CUDA only). Default 0: "
                         "on the machines measured so far the rows' share made passes slower (BENCHMARKS.md)")
+    g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
+                   help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
+                        "(layers, default) or the last rows of every 4-bit matrix (rows)")
+    g.add_argument("--vram-slots", type=int, default=None,
+                   help="VRAM slots the streamed layers cross through under a budget (default 2; a CPU share may "
+                        "gain from 3: the copies run further ahead while the CPU computes)")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up)")
     g.add_argument("--expert-cache-gb", type=float, default=None,
@@ -146,6 +152,7 @@ def _check_args(args) -> None:
     ints("resident-layers", args.resident_layers, 0, 1 << 16)
     ints("step-tokens", args.step_tokens, 1, MAX_CTX)
     ints("cpu-threads", args.cpu_threads, 1, 4096)
+    ints("vram-slots", args.vram_slots, 2, 16)
     from layerstream.coordinator.pipeline import parse_cpu_share
     from layerstream.errors import ConfigError
 
@@ -198,7 +205,9 @@ def open_engine(args):
             vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
             step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
-            cpu_share=args.cpu_share, cpu_threads=args.cpu_threads, expert_cache_gb=args.expert_cache_gb,
+            cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
+            vram_slots=args.vram_slots,
+            expert_cache_gb=args.expert_cache_gb,
             moe_dense=args.moe_dense, expert_policy=args.expert_policy,
             trace=bool(args.trace),
         )

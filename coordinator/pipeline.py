@@ -79,6 +79,8 @@ class PipelineConfig:
     # the CPU's share of streamed 4-bit rows: 0 (default: measured slower so far, see BENCHMARKS.md),
     # auto (timed and chosen per batch size on CUDA) or a fraction
     cpu_share: str = "0"
+    cpu_split: str = "layers"  # what the share splits: "layers" (whole FFN matrices of some layers) or "rows"
+    vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (plan.make_plan; default 2)
     cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu_share.threads_default)
     expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
     moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
@@ -133,6 +135,8 @@ class Pipeline:
         if self.cpu_share == "auto" and device.type != "cuda":
             self.cpu_share = "0"  # on a CPU-only machine the "device" is the CPU already
         self.cpu_pack_max = AUTO_PACK_MAX if self.cpu_share == "auto" else float(self.cpu_share)
+        if cfg.cpu_split not in cpu_share.SPLITS:
+            raise ConfigError(f"--cpu-split {cfg.cpu_split!r}: use one of {', '.join(cpu_share.SPLITS)}")
         if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
             raise ConfigError(f"--cpu-threads {cfg.cpu_threads}: must be at least 1")
         vram = None if cfg.vram_gb is None else int(cfg.vram_gb * GiB)
@@ -146,13 +150,14 @@ class Pipeline:
             quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
             max_prefetch=self.hparams.n_layer,
             expert_cache_bytes=None if cfg.expert_cache_gb is None else int(cfg.expert_cache_gb * GiB),
-            moe_dense=cfg.moe_dense,
+            moe_dense=cfg.moe_dense, vram_slots=cfg.vram_slots,
         )
-        self.cpu_pack_max = fit_cpu_share(self.plan, self.layouts, self.cpu_pack_max, self.cpu_share != "auto")
+        self.cpu_pack_max = fit_cpu_share(self.plan, self.layouts, self.cpu_pack_max, self.cpu_share != "auto",
+                                          cfg.cpu_split)
         if not self.cpu_pack_max:
             self.cpu_share = "0"
         self.plan = dataclasses.replace(self.plan, cpu_share_bytes=cpu_share.packed_bytes(
-            [self.layouts[i] for i in self.plan.streamed], self.cpu_pack_max))
+            [self.layouts[i] for i in self.plan.streamed], self.cpu_pack_max, cfg.cpu_split))
         self.step_tokens = self.plan.step_tokens
         log.info("plan: %s", self.plan.describe())
         log.info("plan, device memory: %s", self.plan.breakdown())
@@ -221,7 +226,7 @@ class Pipeline:
             ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
             kv_device_layers=self.plan.kv_device_layers, weights=self.weights, budget_bytes=self.plan.budget_bytes,
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
-            cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, index=self.index,
+            cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, cpu_split=cfg.cpu_split, index=self.index,
             expert_cache_bytes=self.plan.expert_cache_bytes, dense_resident=self.plan.dense_resident,
             expert_policy=cfg.expert_policy,
             cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed

@@ -143,9 +143,13 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
               dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool = False, step_tokens: int | None = None,
               prefetch: int | None = None, kv_on_host: bool | None = None,
               resident_layers: int | None = None, max_prefetch: int | None = None,
-              expert_cache_bytes: int | None = None, moe_dense: str = "resident") -> Plan:
+              expert_cache_bytes: int | None = None, moe_dense: str = "resident",
+              vram_slots: int | None = None) -> Plan:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
-    ConfigError naming the minimum. vram_bytes None means no limit (every layer resident)."""
+    ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
+    vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below)."""
+    if vram_slots is not None and not 2 <= vram_slots <= 16:
+        raise ConfigError(f"--vram-slots {vram_slots}: give 2 to 16")
     hp = index.hparams
     n = hp.n_layer
     raw = [lay.nbytes for lay in layouts]
@@ -221,7 +225,9 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             # from its slot, so slot A is free again once layer i is computed, which at decode
             # batch sizes is long before the copy of layer i+1 into slot B ends; when compute is the
             # longer of the two, compute bounds the pass and the copy waits without cost.
-            slots = 2
+            # With a CPU share (compute/cpu_share.py) a CPU layer's matmuls are long, and a third
+            # slot lets the copy engine run one layer further ahead meanwhile (--vram-slots).
+            slots = vram_slots or 2
             # KV first (the host path moves it every pass), then as many layers as fit
             kv_dev = 0
             if not kv_on_host:
@@ -263,7 +269,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
                 dense_resident=keep_dense)
 
 
-def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, explicit: bool) -> float:
+def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, explicit: bool,
+                  split: str = "layers") -> float:
     """The CPU share's packed rows take host memory after the host cache, never from it (a host
     cache that no longer holds the streamed layers costs far more than the share saves: measured,
     a 70B pass went from 0.66 s to 3.3 s). Returns the largest share up to `pack_frac` whose
@@ -275,9 +282,9 @@ def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, expl
     streamed = [layouts[i] for i in plan.streamed]
     spare = max(0, _mem_available() - plan.cache_layers * plan.slot_bytes) // 2
     f = pack_frac
-    while f > 0 and packed_bytes(streamed, f) > spare:
+    while f > 0 and packed_bytes(streamed, f, split) > spare:
         if explicit:
-            raise ConfigError(f"--cpu-share {pack_frac:g} packs {_gib(packed_bytes(streamed, f))} of host memory; "
+            raise ConfigError(f"--cpu-share {pack_frac:g} packs {_gib(packed_bytes(streamed, f, split))} of host memory; "
                               f"{_gib(spare)} is free beside the host cache: lower --cpu-share or --host-cache-gb")
         f = round(f - 0.05, 2)
     return max(f, 0.0)

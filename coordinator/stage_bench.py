@@ -533,7 +533,7 @@ def bench_pipeline(args) -> list[dict]:
         pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace),
-                              cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
+                              cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads, vram_slots=args.vram_slots,
                               expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
                               expert_policy=args.expert_policy)
         rows = []
@@ -707,7 +707,7 @@ def bench_serve(args) -> list[dict]:
         if not args.resident:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
                                   step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                                  cpu_share=args.cpu_share, cpu_threads=args.cpu_threads,
+                                  cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads, vram_slots=args.vram_slots,
                               expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
                               expert_policy=args.expert_policy)
         with Engine.open(cfg, pcfg, index=index) as engine:
@@ -843,6 +843,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
     p.add_argument("--cpu-share", default="0", help="the CPU's share of the 4-bit rows: auto, 0 or a fraction (default 0)")
+    p.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
+                   help="what --cpu-share splits: 4-bit FFN matrices of some layers, or rows of all (as run-pipeline)")
+    p.add_argument("--vram-slots", type=int, default=None, help="the streamed layers' VRAM slots (as run-pipeline)")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU threads of the compute process")
     p.add_argument("--expert-cache-gb", type=float, default=None, help="device memory for streamed experts")
     p.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",

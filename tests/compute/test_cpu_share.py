@@ -139,6 +139,10 @@ def test_balancer_keeps_the_share_only_where_passes_are_faster():
     assert got > 0 and got == max(bal.times[1])
     # the second share tried is the one the passes' own rates (CPU 35 GB/s) balance
     assert any(k == pytest.approx(balanced_frac(35.0, 55.0, 0.8, ratio)) for k in bal.times[1])
+    # a bucket's first pass (reading the host cache full, capturing graphs) is left out
+    warm = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    seconds = iter([100.0])
+    assert _passes(warm, 1, lambda f: next(seconds, 1.0 - 0.5 * f)) == got
     # passes bound by something else: the CPU's matmuls only add -> no share
     bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
     assert _passes(bal, 1, lambda f: 1.0 + f) == 0.0
@@ -158,7 +162,10 @@ def test_packed_bytes_counts_only_4bit_matrices():
     q4 = SlotTensor("ffn_up.weight", int(QT.Q4_K), (1024, 512), 0, 1024 * 2 * 144, "f", 0)
     q6 = SlotTensor("ffn_down.weight", int(QT.Q6_K), (512, 1024), q4.nbytes, 512 * 4 * 210, "f", 0)
     lay = LayerLayout(0, (q4, q6), q4.nbytes + q6.nbytes)
-    assert cpu_share.packed_bytes([lay], 0.5) == 512 * (512 // 2 + 512 // 32 * 4)
+    assert cpu_share.packed_bytes([lay], 0.5, "rows") == 512 * (512 // 2 + 512 // 32 * 4)
+    # the "layers" split: every row of the layer's 4-bit FFN matrices, once the share takes the layer
+    assert cpu_share.packed_bytes([lay], 1.0) == 1024 * (512 // 2 + 512 // 32 * 4)
+    assert cpu_share.packed_bytes([lay], 0.4) == 0  # 0.4 of one layer rounds to none
     assert cpu_share.int4_fraction([lay]) == pytest.approx(q4.nbytes / (q4.nbytes + q6.nbytes))
 
 
@@ -228,3 +235,67 @@ def test_matrices_of_one_input_share_one_wait_and_join_each():
     for got, ref in zip(linear_many(x, ws, biases), want):
         assert got.shape == ref.shape
         assert (got.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_the_layers_split_takes_whole_ffn_matrices_of_layers_spread_evenly():
+    """NOTE [ the CPU share ], split "layers": a share takes the 4-bit FFN matrices of that share
+    of the layers (attention and other types stay on the device), spread evenly, and a smaller
+    share chooses among the layers packed for the largest; only the rest of a layer is copied."""
+    from layerstream.compute.streamed import CpuShare
+
+    def layer(i, up_type=QT.Q4_K):
+        ts, off = [], 0
+        for name, qt, shape in (("attn_q.weight", QT.Q4_K, (256, 256)), ("ffn_gate.weight", QT.Q4_K, (512, 256)),
+                                ("ffn_up.weight", up_type, (512, 256)), ("ffn_down.weight", QT.Q6_K, (256, 512))):
+            nbytes = shape[0] * shape[1] // 256 * (144 if qt == QT.Q4_K else 210 if qt == QT.Q6_K else 34 * 8)
+            ts.append(SlotTensor(name, int(qt), shape, off, nbytes, "f", 0))
+            off += nbytes + 4096 * 2  # gaps the copy ranges do not merge across
+        return LayerLayout(i, tuple(ts), off)
+
+    lays = [layer(i) for i in range(8)] + [layer(8, QT.Q8_0)]
+    assert cpu_share.cpu_layers(lays, 0.5) == [0, 2, 4, 6, 8]  # 9 layers with a 4-bit FFN matrix: 5 of them
+    assert cpu_share.cpu_layers(lays, 0.25) == [2, 6]
+    assert cpu_share.cpu_layers(lays, 0.25, within=[0, 4, 8]) == [0, 8]
+    assert cpu_share.cpu_layers(lays, 0) == [] and cpu_share.cpu_layers(lays, 1) == list(range(9))
+    share = CpuShare(Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=0.5), 0.5, torch.float32, Timeline("compute", "t"),
+                     "layers", lays)
+    assert share.cpu_layers(0.5) == {0, 2, 4, 6, 8} and share.cpu_layers(0.25) == {2, 6}  # (a subset of the packed)
+    q, gate, up, down = lays[0].tensors
+    assert share.rows(0, lays[0], 0.5) == {"ffn_gate.weight": 512, "ffn_up.weight": 512}  # the Q6_K down stays
+    assert share.rows(8, lays[8], 0.5) == {"ffn_gate.weight": 512}  # its up is Q8_0
+    assert share.rows(1, lays[1], 0.5) == {} and share.ranges(1, lays[1], 0.5) == [(0, lays[1].nbytes)]
+    assert share.ranges(0, lays[0], 0.5) == [(q.slot_offset, q.nbytes), (down.slot_offset, down.nbytes)]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_a_cpu_layers_ffn_runs_whole_on_the_cpu_against_float64(act, monkeypatch):
+    """The "layers" split: where the CPU takes gate, up and down, ffn_block computes the FFN on
+    the CPU in one go (one wait for its input); against float64 over gguf-py's dequantization."""
+    from types import SimpleNamespace
+
+    from layerstream.compute.model import ffn_block
+
+    E, H = 256, 512
+    g = torch.Generator().manual_seed(3)
+    raws = {"ffn_gate.weight": blocks(QT.Q4_K, H, E, 1), "ffn_up.weight": blocks(QT.Q4_K, H, E, 2),
+            "ffn_down.weight": blocks(QT.Q4_K, E, H, 3)}
+    meter = Meter()
+    w = {n: SplitWeight(None, pack_rows(torch.from_numpy(r.reshape(-1)), int(QT.Q4_K), r.shape[0],
+                                        E if n != "ffn_down.weight" else H, torch.float32), meter)
+         for n, r in raws.items()}
+    w["ffn_norm.weight"] = torch.ones(E)
+    x = torch.randn(3, E, generator=g)
+
+    def matmul_by_matmul(*a):
+        raise AssertionError("the FFN went matmul by matmul")
+
+    monkeypatch.setattr(cpu_share, "split_linear", matmul_by_matmul)
+    got = ffn_block(SimpleNamespace(norm_eps=1e-6, ffn_act=act), w, x)
+    d = {n: torch.from_numpy(quants.dequantize(r, QT.Q4_K)).double().view(r.shape[0], -1) for n, r in raws.items()}
+    h = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    a = h @ d["ffn_gate.weight"].T
+    a = torch.nn.functional.gelu(a, approximate="tanh") if act == "gelu_tanh" else torch.nn.functional.silu(a)
+    want = x.double() + (a * (h @ d["ffn_up.weight"].T)) @ d["ffn_down.weight"].T
+    assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    sec, nbytes, _ = meter.take()
+    assert nbytes == sum(m.cpu.nbytes for n, m in w.items() if n != "ffn_norm.weight")  # one pass over the three

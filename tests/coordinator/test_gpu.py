@@ -129,14 +129,17 @@ def test_peak_device_memory_stays_within_the_budget(shaped):
     assert len(seen) >= 3, f"the grid should cover different plans: {seen}"
 
 
+@pytest.mark.parametrize("split", ["layers", "rows"])
 @pytest.mark.parametrize("share", ["0.5", "auto"])
-def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share):
-    """The CPU computes part of each streamed Q4_K matrix (bf16 scales) while the GPU computes the
-    rest from blocks (fp16): teacher-forced top-1 against the resident CUDA engine."""
+def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share, split):
+    """The CPU computes part of each streamed Q4_K matrix, or the Q4_K FFN matrices of part of the
+    streamed layers (bf16 scales), while the GPU computes the rest from blocks (fp16):
+    teacher-forced top-1 against the resident CUDA engine."""
     ids = TOKENS * 2
     with _engine(model, dtype="float16") as e:
         want = e.logits(ids)
-    with _engine(model, PipelineConfig(resident_layers=0, cpu_share=share, step_tokens=4), dtype="float16") as e:
+    pcfg = PipelineConfig(resident_layers=0, cpu_share=share, cpu_split=split, step_tokens=4)
+    with _engine(model, pcfg, dtype="float16") as e:
         got = e.logits(ids)
         snaps = e.backend.collect_stats()
         assert sum(s.get("bytes", {}).get("cpu_share", 0) for s in snaps) > 0

@@ -124,18 +124,22 @@ def test_smollm_pipeline_matches_single_process(smollm_path):
         assert "".join(e.generate(prompt, params)) == want
 
 
-def test_cpu_share_gives_the_same_tokens_on_mixed_types(model):
+@pytest.mark.parametrize("split", ["layers", "rows"])
+def test_cpu_share_gives_the_same_tokens_on_mixed_types(model, split):
     """The CPU computes half, then all, of each 4-bit matrix's rows (Q4_K here; Q8_0 and Q6_K stay on
-    the device): greedy tokens equal the single-process engine's, in float32."""
+    the device), or the 4-bit FFN matrices of half, then all, of the streamed layers: greedy
+    tokens equal the single-process engine's, in float32."""
     with _engine(model, dtype="float32") as e:
         want = _generate(e)
     for share in ("0.5", "1"):
-        with _engine(model, PipelineConfig(resident_layers=0, cpu_share=share, step_tokens=8), dtype="float32") as e:
+        pcfg = PipelineConfig(resident_layers=0, cpu_share=share, cpu_split=split, step_tokens=8)
+        with _engine(model, pcfg, dtype="float32") as e:
             assert _generate(e) == want
             snaps = e.backend.collect_stats()
             work = {k: v for s in snaps for k, v in s.get("bytes", {}).items() if k == "cpu_share"}
             assert work.get("cpu_share", 0) > 0  # the CPU did compute its rows
-            assert "CPU share fixed at" in e.backend.stats_table(snaps)
+            what = "layers' 4-bit FFN matrices" if split == "layers" else "4-bit rows"
+            assert f"CPU share fixed at {float(share):.0%} of the {what}" in e.backend.stats_table(snaps)
             assert e.backend.plan.cpu_share_bytes > 0
 
 
@@ -161,6 +165,8 @@ def test_cpu_share_option_is_checked(model):
     for bad in ("1.5", "-0.1", "half", "nan"):
         with pytest.raises(ConfigError, match="--cpu-share"):
             _engine(model, PipelineConfig(cpu_share=bad))
+    with pytest.raises(ConfigError, match="--cpu-split 'columns'"):
+        _engine(model, PipelineConfig(cpu_share="0.5", cpu_split="columns"))
 
 
 @pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama", n_expert=4)),

@@ -89,6 +89,16 @@ def test_no_budget_keeps_everything_and_counts_it(l8):
     assert p.budget_bytes is None and p.device_bytes > sum(lay.nbytes for lay in l8[1])
 
 
+def test_a_third_vram_slot_costs_resident_layers_and_fits(l70):
+    """--vram-slots 3 (for a CPU share): one more streamed layer's slot, paid for by resident layers."""
+    two, three = plan(l70, 8), plan(l70, 8, vram_slots=3)
+    assert two.vram_slots == 2 and three.vram_slots == 3
+    assert len(three.resident) < len(two.resident) and three.device_bytes <= 8 * GiB
+    assert dict(three.parts)["layer slots"] == 3 * three.slot_bytes
+    with pytest.raises(ConfigError, match="--vram-slots 1: give 2 to 16"):
+        plan(l70, 8, vram_slots=1)
+
+
 def test_bad_prefetch_and_step_tokens_are_refused(l8):
     with pytest.raises(ConfigError, match="--prefetch 1000000000: at most 32"):
         plan(l8, 4, prefetch=10**9, max_prefetch=32)
