@@ -45,7 +45,7 @@ class ComputeConfig:
     weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see runner.keeps_quantized
     budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
     step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
-    cpu_share: str = "0"  # the CPU's share of the 4-bit rows: "auto", or a fraction ("0": none)
+    cpu_share: str = "0"  # the CPU's share of the streamed layers (cpu_split): "auto", or a fraction ("0": none)
     cpu_pack_max: float = 0.0  # the largest share packed (the plan counts its host memory)
     cpu_split: str = "layers"  # what the share splits: whole FFN matrices of some layers, or rows of all (cpu_share.py)
     cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)

@@ -61,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-tokens", type=int, default=None,
                    help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
     g.add_argument("--cpu-share", default="0", metavar="F|auto|0",
-                   help="fraction of each streamed layer's 4-bit rows the CPU computes from host RAM while the rest "
-                        "crosses PCIe (of a mixture-of-experts decode step: of the chosen experts not in the device "
-                        "cache); auto times shares per batch size and keeps the fastest (CUDA only). Default 0: "
-                        "on the machines measured so far the rows' share made passes slower (BENCHMARKS.md)")
+                   help="share of the streamed layers the CPU computes from host RAM while the rest crosses PCIe "
+                        "(see --cpu-split; of a mixture-of-experts decode step: of the chosen experts not in the "
+                        "device cache); auto times shares per batch size and keeps the fastest (CUDA only). "
+                        "Default 0 (BENCHMARKS.md: auto made a 70B at 8 GiB 1.25x faster, using host RAM and "
+                        "packing time in the first passes)")
     g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
                         "(layers, default) or the last rows of every 4-bit matrix (rows)")

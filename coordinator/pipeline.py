@@ -76,8 +76,9 @@ class PipelineConfig:
     trace: bool = False
     ready_timeout_s: float = 180.0
     stall_timeout_s: float = 120.0  # a step with no message from the compute process for so long ends the run
-    # the CPU's share of streamed 4-bit rows: 0 (default: measured slower so far, see BENCHMARKS.md),
-    # auto (timed and chosen per batch size on CUDA) or a fraction
+    # the CPU's share of the streamed layers (compute/cpu_share.py): 0 (default), auto (timed and
+    # chosen per batch size on CUDA: faster on a 70B, with host memory and packing time to pay,
+    # BENCHMARKS.md) or a fraction
     cpu_share: str = "0"
     cpu_split: str = "layers"  # what the share splits: "layers" (whole FFN matrices of some layers) or "rows"
     vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (plan.make_plan; default 2)
@@ -100,7 +101,7 @@ def parse_cpu_share(value: str) -> str:
     except ValueError:
         f = float("nan")
     if not 0 <= f <= 1:
-        raise ConfigError(f"--cpu-share {value!r}: give auto, 0 or a fraction of the 4-bit rows from 0 to 1")
+        raise ConfigError(f"--cpu-share {value!r}: give auto, 0 or a fraction from 0 to 1")
     return "0" if f == 0 else repr(f)
 
 

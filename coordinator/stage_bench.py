@@ -842,7 +842,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-tokens", type=int, default=None, help="tokens of one forward step at most (as run-pipeline)")
     p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
-    p.add_argument("--cpu-share", default="0", help="the CPU's share of the 4-bit rows: auto, 0 or a fraction (default 0)")
+    p.add_argument("--cpu-share", default="0", help="the CPU's share of the streamed layers: auto, 0 or a fraction (default 0; as run-pipeline)")
     p.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: 4-bit FFN matrices of some layers, or rows of all (as run-pipeline)")
     p.add_argument("--vram-slots", type=int, default=None, help="the streamed layers' VRAM slots (as run-pipeline)")
