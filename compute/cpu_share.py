@@ -24,8 +24,9 @@ Two ways to split (`--cpu-split`):
 - "layers" (the default): the CPU takes every row of the 4-bit FFN matrices (gate, up, and down
   where it is 4-bit) of a share of the streamed layers, spread evenly among them (`cpu_layers`).
   Those matrices never cross PCIe, and the copy engine fills the VRAM ring with the next
-  layers while the CPU works. A CPU layer waits for the host twice (gate and up, then down),
-  and each wait is a few milliseconds of one large matmul, which the CPU reads at its best rate.
+  layers while the CPU works. A CPU layer waits for the host once: its FFN runs on the CPU in
+  one go (`SplitWeight.ffn`; where down is not 4-bit, the device computes it from the CPU's
+  gate and up), milliseconds of large matmuls that the CPU reads at its best rate.
 - "rows": the last rows of every 4-bit matrix of every streamed layer. Each of a layer's four
   matmul groups waits for the host, for a part that is small (measured: 20 to 47 GB/s inside a
   pass against 50 to 73 alone, BENCHMARKS.md), so every streamed layer pays the waits.
