@@ -158,6 +158,16 @@ def test_tails_slice_holds_for_this_torch():
     assert cpu_share.tails_slice()
 
 
+def test_the_direct_int4_layout_is_atens():
+    """pack_rows builds aten's CPU int4 layout with uint8 ops (cpu_share._layout); it must be the
+    bytes aten's own packing gives, which the CPU matmul reads."""
+    assert cpu_share.layout_matches()
+    q = torch.randint(0, 16, (3 * cpu_share.ROW_ALIGN, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(cpu_share.int4_pack(q), want)
+    assert torch.equal(cpu_share._layout(q), want)
+
+
 def test_packed_bytes_counts_only_4bit_matrices():
     q4 = SlotTensor("ffn_up.weight", int(QT.Q4_K), (1024, 512), 0, 1024 * 2 * 144, "f", 0)
     q6 = SlotTensor("ffn_down.weight", int(QT.Q6_K), (512, 1024), q4.nbytes, 512 * 4 * 210, "f", 0)
