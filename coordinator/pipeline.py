@@ -458,20 +458,26 @@ class Pipeline:
         self.closed = True
         atexit.unregister(self.close)
         workers = [i for i, c in self.sup.children.items() if c.role != "staging"]
+        asked: set[str] = set()  # children the Shutdown reached; the others are not connected yet
 
         async def ask_stop():
             for i in workers + ["staging"]:
                 c = self.sup.children.get(i)
                 if c is not None and c.proc.exitcode is None:
-                    await self._send("control", i, Shutdown("run finished"))
+                    try:
+                        await self.socks["control"].send_multipart([i.encode()] + encode(Shutdown("run finished")))
+                        asked.add(i)
+                    except zmq.ZMQError as e:  # (a child still starting: interrupted early)
+                        log.debug("could not ask %s to stop: %s", i, e)
 
         try:
             if not self.loop.is_closed() and not self.loop.is_running():
                 self.loop.run_until_complete(asyncio.wait_for(ask_stop(), 1.0))
         except BaseException as e:  # noqa: BLE001 - stopping goes on whatever happened
             log.debug("asking children to stop failed: %s", e)
-        self.sup.stop(workers, 2.0)
-        self.sup.stop(["staging"], 2.0)
+        # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
+        self.sup.stop(workers, 2.0, asked)
+        self.sup.stop(["staging"], 2.0, asked)
         for s in self.socks.values():
             s.close(linger=0)
         self.zctx.term()

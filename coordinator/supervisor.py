@@ -2,7 +2,8 @@
 
 NOTE [ shutdown order ]
 Stopping asks first (a Shutdown message, sent by the pipeline while its loop is healthy),
-then waits, then SIGTERM, waits, then SIGKILL. Readers and compute stop before staging,
+then waits, then SIGTERM, waits, then SIGKILL. A child the message could not reach (one still
+starting, when a run is interrupted early) gets SIGTERM at once: waiting for it gains nothing. Readers and compute stop before staging,
 because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
 SIGTERM, or when its parent is gone). Children ignore SIGINT: a Ctrl-C in the terminal
 reaches the whole process group, and only the coordinator decides how to stop.
@@ -52,12 +53,16 @@ class Supervisor:
         return [c for c in self.children.values()
                 if c.proc is not None and not c.expected_exit and c.proc.exitcode is not None]
 
-    def stop(self, idents: list[str], timeout: float) -> None:
-        """Wait for children asked to stop; then SIGTERM; then SIGKILL."""
+    def stop(self, idents: list[str], timeout: float, asked: set[str] | None = None) -> None:
+        """Wait for children asked to stop (`asked`: those of idents that were; default all);
+        then SIGTERM; then SIGKILL. A child not asked gets SIGTERM at once."""
         procs = [self.children[i].proc for i in idents if i in self.children and self.children[i].proc]
         for i in idents:
             if i in self.children:
                 self.children[i].expected_exit = True
+                if asked is not None and i not in asked and self.children[i].proc is not None \
+                        and self.children[i].proc.exitcode is None:
+                    self.children[i].proc.terminate()
         _join_all(procs, timeout)
         for p in procs:
             if p.exitcode is None:
