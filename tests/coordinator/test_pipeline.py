@@ -337,9 +337,11 @@ def test_trace_holds_reads_copies_dequant_and_compute(model, tmp_path):
 
 
 def _launcher(model, *args):
+    # PYTHONFAULTHANDLER: a launcher that hangs prints every thread's stack on SIGABRT
     return subprocess.Popen(
         [os.path.join(REPO, "bin", "run-pipeline"), "--model", model, "--device", "cpu", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=os.environ | {"PYTHONFAULTHANDLER": "1"},
     )
 
 
@@ -373,7 +375,13 @@ def test_launcher_stops_within_5_s_on_signal(model, sig):
         assert kids, "the launcher started no processes"
         t0 = time.monotonic()
         p.send_signal(sig)
-        p.wait(timeout=10)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)  # its stacks, to stderr
+            time.sleep(2)
+            os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"not stopped 10 s after {sig.name}; its stderr: {p.communicate()[1][-6000:]}")
         assert time.monotonic() - t0 < 5
         assert p.returncode == (143 if sig == signal.SIGTERM else 130)  # 128 + the signal, as shells report
         time.sleep(0.5)
