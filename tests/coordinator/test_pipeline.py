@@ -336,12 +336,19 @@ def test_trace_holds_reads_copies_dequant_and_compute(model, tmp_path):
     assert "read" in table and "GB/s" in table and "prefetch" in table
 
 
+def _sigint_default() -> None:
+    """In the launcher before exec: SIGINT as a terminal gives it. A shell runs a background job
+    (`.ci/run &`) with SIGINT ignored, and an ignored SIGINT stays ignored across exec: Python
+    then installs no Ctrl-C handler, and the launcher rightly carries on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launcher(model, *args):
     # PYTHONFAULTHANDLER: a launcher that hangs prints every thread's stack on SIGABRT
     return subprocess.Popen(
         [os.path.join(REPO, "bin", "run-pipeline"), "--model", model, "--device", "cpu", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=os.environ | {"PYTHONFAULTHANDLER": "1"},
+        env=os.environ | {"PYTHONFAULTHANDLER": "1"}, preexec_fn=_sigint_default,
     )
 
 
