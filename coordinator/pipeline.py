@@ -347,12 +347,15 @@ class Pipeline:
         for link, ident, msg in sends:
             await self._send(link, ident, msg)
 
-    async def _send(self, sock: str, ident: str, msg) -> None:
+    async def _send(self, sock: str, ident: str, msg, quiet: bool = False) -> bool:
+        """Send msg to child `ident`; False where it is not connected (gone, or still starting)."""
         log.debug("-> %s %s", ident, msg)
         try:
             await self.socks[sock].send_multipart([ident.encode()] + encode(msg))
+            return True
         except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer is gone; the death check reports it
-            log.warning("could not send %s to %s: %s", type(msg).__name__, ident, e)
+            (log.debug if quiet else log.warning)("could not send %s to %s: %s", type(msg).__name__, ident, e)
+            return False
 
     # -- children ----------------------------------------------------------------------------------
 
@@ -463,12 +466,9 @@ class Pipeline:
         async def ask_stop():
             for i in workers + ["staging"]:
                 c = self.sup.children.get(i)
-                if c is not None and c.proc.exitcode is None:
-                    try:
-                        await self.socks["control"].send_multipart([i.encode()] + encode(Shutdown("run finished")))
-                        asked.add(i)
-                    except zmq.ZMQError as e:  # (a child still starting: interrupted early)
-                        log.debug("could not ask %s to stop: %s", i, e)
+                if c is not None and c.proc.exitcode is None and \
+                        await self._send("control", i, Shutdown("run finished"), quiet=True):
+                    asked.add(i)
 
         try:
             if not self.loop.is_closed() and not self.loop.is_running():
