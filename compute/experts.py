@@ -304,7 +304,7 @@ class CpuExperts:
         self.packed_bytes = 0
         self.meter = Meter()
         self.computed = 0  # experts computed by the CPU (counting each layer's once a step)
-        self.pack_s = 0.0  # seconds spent packing since the last take_pack_s()
+        self.packing = Meter()  # packing time and bytes since the last take_pack_s()
         self._eligible: dict[int, bool] = {}
 
     def eligible(self, i: int, lay: LayerLayout) -> bool:
@@ -317,8 +317,7 @@ class CpuExperts:
         """Seconds spent packing experts since the last call: a one-off cost, which the balancer
         leaves out of a pass's time (measured on an H200 host: 7.5 to 17.6 ms an expert of the
         Qwen3-30B-A3B shape, tens of experts a pass while the share is new)."""
-        s, self.pack_s = self.pack_s, 0.0
-        return s
+        return self.packing.take()[0]
 
     def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
         """The CPU's experts among a step's `missing` ones of layer i at share `frac`: packed ones
@@ -335,14 +334,15 @@ class CpuExperts:
         got = self.packed.get((i, e))
         if got is None:
             mats = []
-            t0 = time.perf_counter()
+            t0 = time.monotonic_ns()
             with self.tl.span("cpu_pack", f"pack L{i} E{e}", layer=i):
                 for t, per, _, rows, cols in _parts(lay):
                     raw = torch.from_numpy(_expert_bytes(host, t, per, e))
                     mats.append(pack_rows(raw, t.qtype, rows, cols, self.dtype))
-            self.pack_s += time.perf_counter() - t0
             got = self.packed[(i, e)] = tuple(mats)
-            self.packed_bytes += sum(m.nbytes for m in got)
+            nbytes = sum(m.nbytes for m in got)
+            self.packing.add(t0, time.monotonic_ns() - t0, nbytes)
+            self.packed_bytes += nbytes
         return got
 
     def compute(self, i: int, lay: LayerLayout, host: np.ndarray, experts: list[int], ids: list[int],

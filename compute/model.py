@@ -173,10 +173,13 @@ def _attn_out(hp: HParams, w: LayerWeights, x: torch.Tensor, o: torch.Tensor) ->
     return x + o
 
 
+_ACTS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}  # HParams.ffn_act
+
+
 def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
     gate, up, down = w["ffn_gate.weight"], w["ffn_up.weight"], w["ffn_down.weight"]
-    act = functools.partial(F.gelu, approximate="tanh") if hp.ffn_act == "gelu_tanh" else F.silu
+    act = _ACTS.get(hp.ffn_act, F.silu)
     if all(getattr(m, "cpu_only", False) for m in (gate, up, down)):  # the CPU's whole (cpu_share.py)
         y = gate.ffn(h, up, down, act)
     else:
