@@ -193,6 +193,7 @@ class SplitWeight:
     dev: object  # torch.Tensor | QuantWeight of rows [0, n_dev), or None when the CPU takes every row
     cpu: PackedRows
     meter: Meter
+    on_host: object = None  # called by ffn() once the host has x: the device's queue so far has run
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return split_linear(x, [self], [bias])[0]
@@ -206,6 +207,8 @@ class SplitWeight:
         """down(act(self(x)) * up(x)) wholly on the CPU (self: the gate): one wait for x on the
         host and one copy back, where matmul by matmul would wait twice."""
         x_cpu = x.to("cpu")  # waits for x
+        if self.on_host is not None:  # (the VRAM slot of the layer may take the next copy now)
+            self.on_host()
         t0 = time.monotonic_ns()
         g, u = self.cpu.matmul(x_cpu), up.cpu.matmul(x_cpu)
         y = down.cpu.matmul(act(g) * u)

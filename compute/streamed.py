@@ -40,8 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from layerstream.compute.cpu_share import (INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight, cpu_layers, cpu_rows,
-                                           ffn_int4, pack_rows)
+from layerstream.compute.cpu_share import (FFN_MATRICES, INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight,
+                                           cpu_layers, cpu_rows, ffn_int4, pack_rows)
 from layerstream.compute.experts import CpuExperts, ExpertCache, ExpertSet, max_in_flight, streams_experts
 from layerstream.compute.experts import slot_bytes as expert_slot
 from layerstream.compute.model import EXPERT_TENSORS, LayerWeights
@@ -126,8 +126,9 @@ class CpuShare:
         self.rows(i, lay, frac)
         return self._ranges[(i, frac)]
 
-    def split(self, i: int, w: LayerWeights, rows: dict[str, int]) -> LayerWeights:
-        """Layer weights with each split matrix's device rows and the CPU's packed tail."""
+    def split(self, i: int, w: LayerWeights, rows: dict[str, int], on_host=None) -> LayerWeights:
+        """Layer weights with each split matrix's device rows and the CPU's packed tail; `on_host`
+        is called once the CPU has the FFN's input, where the CPU computes the whole FFN."""
         w = dict(w)
         for name, n_cpu in rows.items():
             full = w[name]
@@ -137,8 +138,18 @@ class CpuShare:
                 dev = QuantWeight(full.raw[: n_dev * (full.nbytes // N)], full.qtype, (n_dev, full.shape[1]))
             else:
                 dev = full[:n_dev]
-            w[name] = SplitWeight(dev if n_dev else None, self.packed[i][name].tail(n_cpu), self.meter)
+            w[name] = SplitWeight(dev if n_dev else None, self.packed[i][name].tail(n_cpu), self.meter,
+                                  on_host if name == FFN_MATRICES[0] else None)
         return w
+
+    @staticmethod
+    def whole_ffn(lay: LayerLayout, rows: dict[str, int]) -> bool:
+        """Whether the CPU computes layer `lay`'s whole FFN at these rows, and the layer reads no
+        weight after it: once the host has the FFN's input, the device is done with the layer's
+        weights (NOTE [ early slot ] in StreamedLayers)."""
+        names = {t.name: t for t in lay.tensors}
+        return all(n in names and rows.get(n) == names[n].shape[0] for n in FFN_MATRICES) and \
+            "post_ffw_norm.weight" not in names
 
 
 def _without_experts(lay: LayerLayout) -> list[tuple[int, int]]:
@@ -405,7 +416,8 @@ class StreamedLayers:
         else:
             w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
         if rows:
-            w = self.share.split(i, w, rows)
+            early = self.quantized and self.share.whole_ffn(lay, rows)
+            w = self.share.split(i, w, rows, functools.partial(self._free_early, i) if early else None)
         d1.record(cur)
         self.gpu_events.append(("copy", i, c0, c1, copied))
         if self.quantized:  # the matmuls read the slot: it is free after the layer (release)
@@ -428,6 +440,19 @@ class StreamedLayers:
                 ev.synchronize()  # the copies, not the layer's math enqueued after them
             self.returning.pop(0)
             self.layer_done(step, i, slot)
+
+    def _free_early(self, i: int) -> None:
+        """NOTE [ early slot ]: a layer whose whole FFN is the CPU's reads its VRAM slot for the last
+        time before the FFN. The CPU's FFN waits for the device to get there (its input), so the
+        slot is free then, not at release(): the next copy runs while the CPU computes, where it
+        would wait for the CPU to finish (the 70B's figures: BENCHMARKS.md, sixth session)."""
+        k = self.in_use.pop(i, None)
+        if k is None:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._free_vram_slot(k, ev)
+        self._issue_copies(i + 1)
 
     def _free_vram_slot(self, k: int, event) -> None:
         self.freed[k] = event  # the copy stream waits on it before overwriting slot k

@@ -275,6 +275,14 @@ def test_the_layers_split_takes_whole_ffn_matrices_of_layers_spread_evenly():
     assert share.rows(8, lays[8], 0.5) == {"ffn_gate.weight": 512}  # its up is Q8_0
     assert share.rows(1, lays[1], 0.5) == {} and share.ranges(1, lays[1], 0.5) == [(0, lays[1].nbytes)]
     assert share.ranges(0, lays[0], 0.5) == [(q.slot_offset, q.nbytes), (down.slot_offset, down.nbytes)]
+    # NOTE [ early slot ]: only a layer whose whole FFN is the CPU's, and that reads nothing after it
+    assert not share.whole_ffn(lays[0], share.rows(0, lays[0], 0.5))  # its Q6_K down reads the slot
+    whole = {"ffn_gate.weight": 512, "ffn_up.weight": 512, "ffn_down.weight": 256}
+    assert share.whole_ffn(lays[0], whole)
+    assert not share.whole_ffn(lays[0], dict(whole, **{"ffn_down.weight": 192}))  # some rows on the device
+    post = LayerLayout(0, lays[0].tensors + (SlotTensor("post_ffw_norm.weight", int(QT.F32), (256,), 0, 1024, "f", 0),),
+                       lays[0].nbytes)
+    assert not share.whole_ffn(post, whole)  # (Gemma 3 reads its post-FFN norm after the FFN)
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
@@ -300,7 +308,11 @@ def test_a_cpu_layers_ffn_runs_whole_on_the_cpu_against_float64(act, monkeypatch
         raise AssertionError("the FFN went matmul by matmul")
 
     monkeypatch.setattr(cpu_share, "split_linear", matmul_by_matmul)
+    called = []  # NOTE [ early slot ]: the gate's on_host runs once, before the CPU's matmuls
+    w["ffn_gate.weight"] = SplitWeight(None, w["ffn_gate.weight"].cpu, meter,
+                                       lambda: called.append(meter.nbytes))
     got = ffn_block(SimpleNamespace(norm_eps=1e-6, ffn_act=act), w, x)
+    assert called == [0]
     d = {n: torch.from_numpy(quants.dequantize(r, QT.Q4_K)).double().view(r.shape[0], -1) for n, r in raws.items()}
     h = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     a = h @ d["ffn_gate.weight"].T
