@@ -76,7 +76,7 @@ class ComputeWorker:
         index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
         quantized = keeps_quantized(self.device, cfg.weights)
         if quantized and self.device.type == "cuda" and max(cfg.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
-            shapes = [t.shape for layer in index.layers for t in layer.values() if len(t.shape) == 2]
+            shapes = [t.shape for layer in index.layers for t in layer.values() if len(t.shape) in (2, 3)]
             reserve_scratch(self.device, self.dtype, scratch_elems(shapes))
         self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot

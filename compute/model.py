@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight, grouped_matmul, linear, linear_many  # noqa: F401 - QuantWeight: LayerWeights' values
+from layerstream.compute.qlinear import (FUSED_TYPES, QuantWeight, dequantized_experts, grouped_linear,  # noqa: F401
+                                         grouped_matmul, linear, linear_many, scratch_cap)
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
@@ -228,11 +229,63 @@ def moe_route(hp: HParams, w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tens
 def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed."""
     h, weight, chosen = moe_route(hp, w, x)
+    out = None
     if chosen.shape[0] <= GROUPED_MAX_TOKENS and _grouped(w):
         out = _experts_grouped(hp, w, h, weight, chosen)
-    else:
+    elif "experts" not in w:  # every expert at hand (a prompt, or a resident layer)
+        out = _experts_prefill(hp, w, h, weight, chosen)
+    if out is None:
         out = _experts_one_by_one(hp, w, h, weight, chosen)
     return x + out.to(x.dtype)
+
+
+# NOTE [ grouped prefill ]
+# A prompt step's tokens choose nearly every expert of a layer (512 tokens, 8 of 128 each: about
+# 32 (token, choice) pairs an expert). Run one expert at a time, that is ten launches an expert,
+# over a thousand a layer, and the launches, not the PCIe copies, bound the step (644 tok/s on
+# the Qwen3-30B-A3B shape at 4 GiB against a PCIe floor of 1,636, BENCHMARKS.md). So the pairs
+# are sorted by expert once, and each matrix of a run of experts is one grouped GEMM over the
+# pairs' runs (qlinear.grouped_linear, torch's grouped GEMM): blocks are first dequantized a
+# run of experts at a time, as many as the plan's scratch holds (qlinear.scratch_elems counts
+# the expert tensors), one launch a matrix. Experts too large for the scratch one at a time
+# (Mixtral's 176M values a expert against a scratch of 64M) go one by one, as before.
+
+
+def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
+                     chosen: torch.Tensor) -> torch.Tensor | None:
+    """The weighted sum of each token's chosen experts as grouped GEMMs (NOTE [ grouped prefill ]);
+    None where a single expert's matrices do not fit the scratch."""
+    mats = [w[n] for n in EXPERT_TENSORS]
+    E, k = hp.n_expert, hp.n_expert_used
+    quant = isinstance(mats[0], QuantWeight)
+    if quant:
+        if not all(isinstance(m, QuantWeight) for m in mats):
+            return None
+        per = sum(m.shape[0] // E * m.shape[1] for m in mats)  # values of one expert's three matrices
+        run = min(E, scratch_cap(h.device, h.dtype) // per)
+        if run < 1:
+            return None
+    else:
+        run = E
+    flat = chosen.flatten()
+    order = flat.argsort(stable=True)
+    ends = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    ends_host = ends.tolist()  # the host sync of this layer
+    xs = h[order // k]  # the pairs' activations, in runs by expert
+    ys = torch.empty_like(xs)  # each pair's down output (n_embd wide, as its input)
+    for e0 in range(0, E, run):
+        e1 = min(E, e0 + run)
+        p0, p1 = (ends_host[e0 - 1] if e0 else 0), ends_host[e1 - 1]
+        if p0 == p1:
+            continue
+        gate, up, down = dequantized_experts(mats, E, e0, e1, h.dtype) if quant else [m[e0:e1] for m in mats]
+        local = ends[e0:e1] - p0
+        local_host = [e - p0 for e in ends_host[e0:e1]]
+        x = xs[p0:p1]
+        a = F.silu(grouped_linear(x, gate, local, local_host)) * grouped_linear(x, up, local, local_host)
+        ys[p0:p1] = grouped_linear(a, down, local, local_host)
+    out = torch.zeros_like(h, dtype=torch.float32)
+    return out.index_add_(0, order // k, ys.float() * weight.flatten()[order, None])
 
 
 def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,

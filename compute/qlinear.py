@@ -146,5 +146,58 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
 
 def scratch_elems(layer_shapes) -> int:
     """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
-    head, larger, goes in row chunks of that size)."""
-    return max((min(math.prod(s), max(1, SCRATCH_MAX_ELEMS // s[1]) * s[1]) for s in layer_shapes), default=0)
+    head, larger, goes in row chunks of that size) and [E, N, K] expert tensors (dequantized some
+    experts at a time, model.py NOTE [ grouped prefill ]), up to SCRATCH_MAX_ELEMS."""
+    return max((min(math.prod(s), max(1, SCRATCH_MAX_ELEMS // s[-1]) * s[-1]) for s in layer_shapes), default=0)
+
+
+def scratch_cap(device: torch.device, dtype: torch.dtype) -> int:
+    """Elements of scratch the prompt path may use on `device` (the plan's reservation)."""
+    return _reserved.get((torch.device(device), dtype), SCRATCH_MAX_ELEMS)
+
+
+def dequantized_experts(ws: list[QuantWeight], n_expert: int, e0: int, e1: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Experts [e0, e1) of each [E * N, K] expert matrix in `ws`, dequantized into one shared
+    scratch as [e1 - e0, N, K] each (valid until the next scratch use)."""
+    n = e1 - e0
+    sizes = [n * (w.shape[0] // n_expert) * w.shape[1] for w in ws]
+    buf = scratch(ws[0].device, dtype, sum(sizes))
+    out, at = [], 0
+    for w, size in zip(ws, sizes):
+        N, K = w.shape[0] // n_expert, w.shape[1]
+        per = w.nbytes // n_expert
+        view = buf[at : at + size].view(n * N, K)
+        _kernels().dequantize_into(w.raw[e0 * per : e1 * per], w.qtype, n * N, K, view)
+        out.append(view.view(n, N, K))
+        at += size
+    return out
+
+
+@functools.cache
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch has a grouped GEMM (torch._grouped_mm) for this device and dtype:
+    CUDA's is bf16 on sm80 and up; the CPU's came later (torch 2.13 has one)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(4, 16, dtype=dtype, device=device_type)
+        w = torch.ones(2, 16, 16, dtype=dtype, device=device_type)
+        y = torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], dtype=torch.int32, device=device_type))
+        return bool((y == 16).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, ends_host: list[int]) -> torch.Tensor:
+    """x [P, K] (rows in runs by group) @ w[g]^T for group g's run, w [G, N, K]; the runs end at
+    `ends` [G] (int32 on x's device; `ends_host` the same on the host) -> [P, N]. One grouped
+    GEMM where this torch has one for x's device and dtype, else one GEMM a group."""
+    if _grouped_mm_works(x.device.type, x.dtype) and w.dtype == x.dtype:
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for g, end in enumerate(ends_host):
+        if end > start:
+            out[start:end] = F.linear(x[start:end], w[g])
+        start = end
+    return out

@@ -1,0 +1,88 @@
+"""NOTE [ grouped prefill ] (model.py): a prompt step's experts as grouped GEMMs over the pairs
+sorted by expert, against float64 over gguf-py's dequantization, with runs of experts that the
+scratch holds, experts no token chose, and the one-by-one path where an expert does not fit."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+
+from layerstream.compute import model, qlinear
+from layerstream.compute.model import EXPERT_TENSORS, moe_block
+from layerstream.compute.qlinear import QuantWeight
+
+E, K, N = 10, 64, 96  # experts, n_embd, n_ff
+
+
+def _experts(rng, qt):
+    """Each expert tensor as GGUF blocks [E * rows, cols] and as float64 [E, rows, cols]."""
+    out = {}
+    for name in EXPERT_TENSORS:
+        rows, cols = (E * K, N) if name == "ffn_down_exps.weight" else (E * N, K)
+        raw = quants.quantize((rng.standard_normal((rows, cols)) * 0.2).astype(np.float32), qt)
+        ref = torch.from_numpy(quants.dequantize(raw, qt)).double().view(E, rows // E, cols)
+        out[name] = (QuantWeight(torch.from_numpy(raw.reshape(-1)), int(qt), (rows, cols)), ref)
+    return out
+
+
+def _reference(h, weight, chosen, ref):
+    g, u, d = (ref[n] for n in EXPERT_TENSORS)
+    out = torch.zeros(h.shape, dtype=torch.float64)
+    for t in range(h.shape[0]):
+        for j in range(chosen.shape[1]):
+            e = int(chosen[t, j])
+            a = torch.nn.functional.silu(h[t].double() @ g[e].T) * (h[t].double() @ u[e].T)
+            out[t] += weight[t, j].double() * (a @ d[e].T)
+    return out
+
+
+@pytest.mark.parametrize("run", [None, 1, 4])  # the scratch holds every expert, one, or four at a time
+@pytest.mark.parametrize("quantized", [True, False])
+def test_grouped_prefill_against_float64(run, quantized, monkeypatch):
+    pytest.importorskip("triton") if quantized else None
+    rng = np.random.default_rng(0)
+    mats = _experts(rng, QT.Q8_0)
+    T = 30
+    h = torch.from_numpy(rng.standard_normal((T, K)).astype(np.float32))
+    chosen = torch.from_numpy(rng.integers(0, E - 1, (T, 2)))  # expert E - 1 is never chosen
+    chosen[:, 1] = (chosen[:, 0] + 1 + torch.from_numpy(rng.integers(0, E - 2, T))) % (E - 1)
+    weight = torch.softmax(torch.from_numpy(rng.standard_normal((T, 2))).float(), -1)
+    hp = SimpleNamespace(n_expert=E, n_expert_used=2)
+    w = {n: (q if quantized else ref.float()) for n, (q, ref) in mats.items()}
+    per = 3 * N * K
+    if run is not None:
+        monkeypatch.setattr(model, "scratch_cap", lambda *a: run * per + per // 2)
+    calls = []
+    real = model.grouped_linear
+    monkeypatch.setattr(model, "grouped_linear", lambda *a: calls.append(1) or real(*a))
+    got = model._experts_prefill(hp, w, h, weight, chosen)
+    want = _reference(h, weight, chosen, {n: ref for n, (_, ref) in mats.items()})
+    assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    runs = -(-(E - 1) // run) if run else 1  # runs with a chosen expert (the last run of 1 has none)
+    assert len(calls) == 3 * (runs if quantized else 1)
+
+
+def test_an_expert_larger_than_the_scratch_goes_one_by_one(monkeypatch):
+    pytest.importorskip("triton")
+    rng = np.random.default_rng(1)
+    mats = _experts(rng, QT.Q8_0)
+    T = 12
+    h = torch.from_numpy(rng.standard_normal((T, K)).astype(np.float32))
+    chosen = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1)
+    weight = torch.full((T, 2), 0.5)
+    hp = SimpleNamespace(n_expert=E, n_expert_used=2)
+    w = {n: q for n, (q, _) in mats.items()}
+    monkeypatch.setattr(model, "scratch_cap", lambda *a: 3 * N * K - 1)
+    assert model._experts_prefill(hp, w, h, weight, chosen) is None
+    hp = SimpleNamespace(n_expert=E, n_expert_used=2, norm_eps=1e-6, expert_norm=False)
+    w["ffn_norm.weight"] = torch.ones(K)
+    w["ffn_gate_inp.weight"] = torch.from_numpy(rng.standard_normal((E, K)).astype(np.float32))
+    x = h
+    got = moe_block(hp, w, x)  # falls back to one expert at a time
+    hn = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    wt, ch = model.route(hp, hn @ w["ffn_gate_inp.weight"].T)
+    want = x.double() + _reference(hn, wt, ch, {n: ref for n, (_, ref) in mats.items()})
+    assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
