@@ -452,6 +452,7 @@ class StreamedLayers:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         self._free_vram_slot(k, ev)
+        self.tl.incr("early_slot")
         self._issue_copies(i + 1)
 
     def _free_vram_slot(self, k: int, event) -> None:

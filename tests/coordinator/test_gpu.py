@@ -150,6 +150,26 @@ def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share, s
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
 
 
+def test_cpu_ffn_layers_give_their_vram_slot_back_early_and_agree(tmp_path):
+    """NOTE [ early slot ] in streamed.py: with every FFN matrix 4-bit and the whole share the
+    CPU's, each streamed layer's VRAM slot takes the next copy while the CPU computes its FFN;
+    answers agree with the resident engine (a slot overwritten too soon would change them)."""
+    path = str(tmp_path / "q4.gguf")
+    ggufgen.write_model(path, arch="llama", n_layer=6, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, qtype="Q4_K",
+                        seed=6)
+    ids = TOKENS * 2
+    with _engine(path, dtype="float16") as e:
+        want = e.logits(ids)
+    pcfg = PipelineConfig(resident_layers=0, cpu_share="1", cpu_split="layers", step_tokens=4, vram_slots=2)
+    with _engine(path, pcfg, dtype="float16") as e:
+        got = e.logits(ids)
+        snap = next(s for s in e.backend.collect_stats() if s.get("role") == "compute")
+    assert snap["count"].get("early_slot", 0) >= 6, snap["count"]
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("moe_dense", ["resident", "stream"])
 @pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama"))])
 def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense):
