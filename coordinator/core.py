@@ -197,7 +197,8 @@ class EngineCore:
         (greedy, end-of-sequence ignored); the requests are gone afterwards."""
         import time
 
-        params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+        # (a sequence whose prefill ends first decodes while the others' prefill runs: room for those tokens)
+        params = SamplingParams(temperature=0, max_tokens=steps + 1 + sum(map(len, prompts)), ignore_eos=True)
         names = [f"bench-{i}" for i in range(len(prompts))]
         for n, p in zip(names, prompts):
             self.add_request(n, p, params)
@@ -208,9 +209,13 @@ class EngineCore:
         try:
             for _ in range(steps):
                 t0 = time.perf_counter()
-                self.step()
+                outs = self.step()
                 sync()
                 times.append(time.perf_counter() - t0)
+                ran = sum(1 for o in outs if o.token_ids and o.request_id in names)
+                if ran < len(names):  # a step of fewer sequences would time another batch size
+                    raise ValueError(f"a decode step ran {ran} of {len(names)} sequences (a step holds "
+                                     f"{self.step_tokens} tokens, a sequence {self.ctx}): raise either")
         finally:
             for n in names:
                 self.abort(n)

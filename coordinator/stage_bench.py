@@ -527,9 +527,11 @@ def bench_pipeline(args) -> list[dict]:
 
     batches = sorted(set(args.batch))
     with model_for(args) as index:
-        ctx = args.tokens + args.reps + 8
+        # a decode sequence: its prompt (4), the tokens it decodes while the batch's other prompts
+        # prefill (step budget below the batch's prompts), then the timed or warm passes
+        ctx = max(args.tokens, 4 + 4 * max(batches) + max(args.reps, args.warm_passes)) + 8
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
-                           prefill_chunk=max(args.tokens, 1))
+                           prefill_chunk=max(args.tokens, *batches))  # (a decode step holds every sequence)
         pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace),

@@ -67,6 +67,15 @@ def test_pipeline(tiny, capsys, tmp_path):
     assert "x floor" in out and "streamed" in out and "wall time" in out and trace.exists()
 
 
+@pytest.mark.timeout(120)
+def test_pipeline_decodes_every_sequence_of_a_batch_in_one_step(tiny, capsys):
+    """Without a prompt (--tokens 0) the step budget still holds the batch: before, it was one
+    token, and a "batch 4" row timed steps of one sequence (time_decode now refuses those)."""
+    out = run(capsys, "pipeline", "-m", tiny, "--device", "cpu", "--reps", "2", "--tokens", "0", "-b", "4")
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("decode"))
+    assert row[1:3] == ["4", "4"], row
+
+
 def test_experts_compares_the_cache_policies(capsys):
     """A cache of a tenth of the experts under uniform routing at batch 8: LRU keeps nothing
     (each pass's experts outnumber it), LFU about its share."""
