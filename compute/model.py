@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.qlinear import (FUSED_TYPES, QuantWeight, dequantized_experts, grouped_linear,  # noqa: F401
+from layerstream.compute.qlinear import (FUSED_TYPES, QuantWeight, dequantized_experts,  # noqa: F401
                                          grouped_matmul, linear, linear_many, scratch_cap)
 from layerstream.loader.gguf_index import HParams
 
@@ -242,18 +242,35 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
 # NOTE [ grouped prefill ]
 # A prompt step's tokens choose nearly every expert of a layer (512 tokens, 8 of 128 each: about
 # 32 (token, choice) pairs an expert). Run one expert at a time, that is ten launches an expert,
-# over a thousand a layer, and the launches, not the PCIe copies, bound the step (644 tok/s on
-# the Qwen3-30B-A3B shape at 4 GiB against a PCIe floor of 1,636, BENCHMARKS.md). So the pairs
-# are sorted by expert once, and each matrix of a run of experts is one grouped GEMM over the
-# pairs' runs (qlinear.grouped_linear, torch's grouped GEMM): blocks are first dequantized a
-# run of experts at a time, as many as the plan's scratch holds (qlinear.scratch_elems counts
-# the expert tensors), one launch a matrix. Experts too large for the scratch one at a time
-# (Mixtral's 176M values a expert against a scratch of 64M) go one by one, as before.
+# over a thousand a layer, and the host's launches, not the PCIe copies, bound the step (473
+# tok/s on the Qwen3-30B-A3B shape at 4 GiB against a PCIe floor of 1,636, BENCHMARKS.md). So
+# the pairs are sorted by expert once, and a run of experts is computed as batched GEMMs: each
+# expert's pairs padded to the run's largest count (`torch.bmm`, any dtype, CPU and CUDA alike).
+# Blocks are first dequantized as many experts at a time as the plan's scratch holds
+# (qlinear.scratch_elems counts the expert tensors), one launch a matrix; within them, runs are
+# cut where padding would pass `_pad_rows` (skewed routing: one expert's many pairs would pad
+# all the others). An expert too large for the scratch alone (Mixtral's 176M values against a
+# scratch of 64M) goes one by one, as before.
+
+
+def _runs(counts: list[int], e0: int, e1: int, cap: int) -> list[tuple[int, int]]:
+    """Experts [e0, e1) cut into runs [a, b) whose padded rows, (b - a) * max(counts[a:b]), stay
+    within `cap` (a run of one expert whatever its count); runs of no pairs are left out."""
+    out, a = [], e0
+    while a < e1:
+        b, top = a + 1, counts[a]
+        while b < e1 and (b + 1 - a) * max(top, counts[b]) <= cap:
+            top = max(top, counts[b])
+            b += 1
+        if top:
+            out.append((a, b))
+        a = b
+    return out
 
 
 def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
                      chosen: torch.Tensor) -> torch.Tensor | None:
-    """The weighted sum of each token's chosen experts as grouped GEMMs (NOTE [ grouped prefill ]);
+    """The weighted sum of each token's chosen experts as batched GEMMs (NOTE [ grouped prefill ]);
     None where a single expert's matrices do not fit the scratch."""
     mats = [w[n] for n in EXPERT_TENSORS]
     E, k = hp.n_expert, hp.n_expert_used
@@ -262,30 +279,45 @@ def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torc
         if not all(isinstance(m, QuantWeight) for m in mats):
             return None
         per = sum(m.shape[0] // E * m.shape[1] for m in mats)  # values of one expert's three matrices
-        run = min(E, scratch_cap(h.device, h.dtype) // per)
-        if run < 1:
+        chunk = min(E, scratch_cap(h.device, h.dtype) // per)
+        if chunk < 1:
             return None
     else:
-        run = E
+        chunk = E
     flat = chosen.flatten()
     order = flat.argsort(stable=True)
-    ends = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
-    ends_host = ends.tolist()  # the host sync of this layer
+    counts_dev = torch.bincount(flat, minlength=E)
+    counts = counts_dev.tolist()  # the host sync of this layer
+    starts = [0] * E
+    for e in range(1, E):
+        starts[e] = starts[e - 1] + counts[e - 1]
+    by_expert = flat[order]
+    rank = torch.arange(flat.numel(), device=h.device) - (counts_dev.cumsum(0) - counts_dev)[by_expert]
     xs = h[order // k]  # the pairs' activations, in runs by expert
     ys = torch.empty_like(xs)  # each pair's down output (n_embd wide, as its input)
-    for e0 in range(0, E, run):
-        e1 = min(E, e0 + run)
-        p0, p1 = (ends_host[e0 - 1] if e0 else 0), ends_host[e1 - 1]
-        if p0 == p1:
+    cap = _pad_rows(flat.numel(), h.shape[0], E)
+    for e0 in range(0, E, chunk):
+        e1 = min(E, e0 + chunk)
+        runs = _runs(counts, e0, e1, cap)
+        if not runs:
             continue
         gate, up, down = dequantized_experts(mats, E, e0, e1, h.dtype) if quant else [m[e0:e1] for m in mats]
-        local = ends[e0:e1] - p0
-        local_host = [e - p0 for e in ends_host[e0:e1]]
-        x = xs[p0:p1]
-        a = F.silu(grouped_linear(x, gate, local, local_host)) * grouped_linear(x, up, local, local_host)
-        ys[p0:p1] = grouped_linear(a, down, local, local_host)
+        for a, b in runs:
+            p0, p1 = starts[a], starts[b - 1] + counts[b - 1]
+            el, r = by_expert[p0:p1] - a, rank[p0:p1]
+            xp = h.new_zeros(b - a, max(counts[a:b]), h.shape[1])
+            xp[el, r] = xs[p0:p1]
+            g = torch.bmm(xp, gate[a - e0 : b - e0].transpose(1, 2))
+            u = torch.bmm(xp, up[a - e0 : b - e0].transpose(1, 2))
+            ys[p0:p1] = torch.bmm(F.silu(g) * u, down[a - e0 : b - e0].transpose(1, 2))[el, r]
     out = torch.zeros_like(h, dtype=torch.float32)
     return out.index_add_(0, order // k, ys.float() * weight.flatten()[order, None])
+
+
+def _pad_rows(pairs: int, tokens: int, n_expert: int) -> int:
+    """Padded rows a run of experts may take: twice an even share of the pairs in 16 experts, or
+    one token's worth of rows more (bounds the temporaries at O(tokens) whatever the routing)."""
+    return 2 * pairs * 16 // n_expert + tokens
 
 
 def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,

@@ -172,32 +172,3 @@ def dequantized_experts(ws: list[QuantWeight], n_expert: int, e0: int, e1: int, 
         at += size
     return out
 
-
-@functools.cache
-def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this torch has a grouped GEMM (torch._grouped_mm) for this device and dtype:
-    CUDA's is bf16 on sm80 and up; the CPU's came later (torch 2.13 has one)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        x = torch.ones(4, 16, dtype=dtype, device=device_type)
-        w = torch.ones(2, 16, 16, dtype=dtype, device=device_type)
-        y = torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], dtype=torch.int32, device=device_type))
-        return bool((y == 16).all())
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, ends_host: list[int]) -> torch.Tensor:
-    """x [P, K] (rows in runs by group) @ w[g]^T for group g's run, w [G, N, K]; the runs end at
-    `ends` [G] (int32 on x's device; `ends_host` the same on the host) -> [P, N]. One grouped
-    GEMM where this torch has one for x's device and dtype, else one GEMM a group."""
-    if _grouped_mm_works(x.device.type, x.dtype) and w.dtype == x.dtype:
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
-    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
-    start = 0
-    for g, end in enumerate(ends_host):
-        if end > start:
-            out[start:end] = F.linear(x[start:end], w[g])
-        start = end
-    return out

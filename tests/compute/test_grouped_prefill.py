@@ -1,6 +1,7 @@
-"""NOTE [ grouped prefill ] (model.py): a prompt step's experts as grouped GEMMs over the pairs
-sorted by expert, against float64 over gguf-py's dequantization, with runs of experts that the
-scratch holds, experts no token chose, and the one-by-one path where an expert does not fit."""
+"""NOTE [ grouped prefill ] (model.py): a prompt step's experts as batched GEMMs over the pairs
+sorted by expert, against float64 over gguf-py's dequantization, with as many experts at a time
+as the scratch holds, experts no token chose, runs cut where padding would grow, and the
+one-by-one path where an expert does not fit."""
 
 from types import SimpleNamespace
 
@@ -39,9 +40,9 @@ def _reference(h, weight, chosen, ref):
     return out
 
 
-@pytest.mark.parametrize("run", [None, 1, 4])  # the scratch holds every expert, one, or four at a time
-@pytest.mark.parametrize("quantized", [True, False])
-def test_grouped_prefill_against_float64(run, quantized, monkeypatch):
+@pytest.mark.parametrize("run,pad", [(None, None), (1, None), (4, None), (None, 5)])  # experts the scratch
+@pytest.mark.parametrize("quantized", [True, False])  # holds (all, one, four), padded rows a run may take
+def test_grouped_prefill_against_float64(run, pad, quantized, monkeypatch):
     pytest.importorskip("triton") if quantized else None
     rng = np.random.default_rng(0)
     mats = _experts(rng, QT.Q8_0)
@@ -55,14 +56,26 @@ def test_grouped_prefill_against_float64(run, quantized, monkeypatch):
     per = 3 * N * K
     if run is not None:
         monkeypatch.setattr(model, "scratch_cap", lambda *a: run * per + per // 2)
+    if pad is not None:
+        monkeypatch.setattr(model, "_pad_rows", lambda *a: pad)
     calls = []
-    real = model.grouped_linear
-    monkeypatch.setattr(model, "grouped_linear", lambda *a: calls.append(1) or real(*a))
+    real = model.dequantized_experts
+    monkeypatch.setattr(model, "dequantized_experts", lambda *a: calls.append(a[2:4]) or real(*a))
     got = model._experts_prefill(hp, w, h, weight, chosen)
     want = _reference(h, weight, chosen, {n: ref for n, (_, ref) in mats.items()})
     assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
-    runs = -(-(E - 1) // run) if run else 1  # runs with a chosen expert (the last run of 1 has none)
-    assert len(calls) == 3 * (runs if quantized else 1)
+    if quantized:  # as many experts at a time as the scratch holds; none for expert E - 1 alone
+        step = run or E
+        assert calls == [(e, min(E, e + step)) for e in range(0, E - 1, step)]
+
+
+def test_runs_bound_the_padding_of_skewed_routing():
+    counts = [3, 0, 40, 2, 2, 0, 0, 5]
+    assert model._runs(counts, 0, 8, 1000) == [(0, 8)]
+    assert model._runs(counts, 0, 8, 80) == [(0, 2), (2, 4), (4, 8)]  # 3 experts padded to 40 would be 120
+    assert model._runs(counts, 0, 8, 10) == [(0, 2), (2, 3), (3, 7), (7, 8)]  # 40 alone
+    assert model._runs(counts, 4, 7, 100) == [(4, 7)]
+    assert model._runs([0, 0], 0, 2, 5) == []
 
 
 def test_an_expert_larger_than_the_scratch_goes_one_by_one(monkeypatch):
