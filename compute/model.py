@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from layerstream.compute.qlinear import (FUSED_TYPES, QuantWeight, dequantized_experts,  # noqa: F401
-                                         grouped_matmul, linear, linear_many, scratch_cap)
+                                         grouped_matmul, grouped_mm_dtype, linear, linear_many, scratch_cap)
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
@@ -244,13 +244,17 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
 # 32 (token, choice) pairs an expert). Run one expert at a time, that is ten launches an expert,
 # over a thousand a layer, and the host's launches, not the PCIe copies, bound the step (473
 # tok/s on the Qwen3-30B-A3B shape at 4 GiB against a PCIe floor of 1,636, BENCHMARKS.md). So
-# the pairs are sorted by expert once, and a run of experts is computed as batched GEMMs: each
-# expert's pairs padded to the run's largest count (`torch.bmm`, any dtype, CPU and CUDA alike).
-# Blocks are first dequantized as many experts at a time as the plan's scratch holds
-# (qlinear.scratch_elems counts the expert tensors), one launch a matrix; within them, runs are
-# cut where padding would pass `_pad_rows` (skewed routing: one expert's many pairs would pad
-# all the others). An expert too large for the scratch alone (Mixtral's 176M values against a
-# scratch of 64M) goes one by one, as before.
+# the pairs are sorted by expert once, and blocks are dequantized as many experts at a time as
+# the plan's scratch holds (qlinear.scratch_elems counts the expert tensors), one launch a
+# matrix. Each matrix of those experts is then one grouped GEMM over the pairs' runs
+# (torch._grouped_mm). CUDA's grouped GEMM takes bf16 only: with fp16 activations the experts
+# are dequantized into the same scratch as bf16, and the pairs' activations converted (bf16
+# keeps fp16's range with 8 bits of mantissa against 11; the weights were 4 to 6 bits).
+# Where this torch has no grouped GEMM, each expert's pairs are padded to the largest count of a
+# run of experts and multiplied by `torch.bmm` (three times the launches of the grouped GEMM a
+# run, measured on an H200: BENCHMARKS.md); runs are cut where padding would pass `_pad_rows`
+# (skewed routing: one expert's many pairs would pad all the others). An expert too large for
+# the scratch alone (Mixtral's 176M values against a scratch of 64M) goes one by one, as before.
 
 
 def _runs(counts: list[int], e0: int, e1: int, cap: int) -> list[tuple[int, int]]:
@@ -291,10 +295,28 @@ def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torc
     starts = [0] * E
     for e in range(1, E):
         starts[e] = starts[e - 1] + counts[e - 1]
-    by_expert = flat[order]
-    rank = torch.arange(flat.numel(), device=h.device) - (counts_dev.cumsum(0) - counts_dev)[by_expert]
     xs = h[order // k]  # the pairs' activations, in runs by expert
     ys = torch.empty_like(xs)  # each pair's down output (n_embd wide, as its input)
+    gdt = grouped_mm_dtype(h.device.type, h.dtype)
+    if gdt is not None:
+        ends = counts_dev.cumsum(0).to(torch.int32)
+        xg = xs.to(gdt)
+        for e0 in range(0, E, chunk):
+            e1 = min(E, e0 + chunk)
+            p0, p1 = starts[e0], starts[e1 - 1] + counts[e1 - 1]
+            if p0 == p1:
+                continue
+            gate, up, down = dequantized_experts(mats, E, e0, e1, h.dtype, gdt) if quant else \
+                [m[e0:e1].to(gdt) for m in mats]
+            offs = ends[e0:e1] - p0
+            x = xg[p0:p1]
+            a = F.silu(torch._grouped_mm(x, gate.transpose(1, 2), offs=offs).float()) * \
+                torch._grouped_mm(x, up.transpose(1, 2), offs=offs).float()
+            ys[p0:p1] = torch._grouped_mm(a.to(gdt), down.transpose(1, 2), offs=offs)
+        out = torch.zeros_like(h, dtype=torch.float32)
+        return out.index_add_(0, order // k, ys.float() * weight.flatten()[order, None])
+    by_expert = flat[order]
+    rank = torch.arange(flat.numel(), device=h.device) - (counts_dev.cumsum(0) - counts_dev)[by_expert]
     cap = _pad_rows(flat.numel(), h.shape[0], E)
     for e0 in range(0, E, chunk):
         e1 = min(E, e0 + chunk)

@@ -156,12 +156,16 @@ def scratch_cap(device: torch.device, dtype: torch.dtype) -> int:
     return _reserved.get((torch.device(device), dtype), SCRATCH_MAX_ELEMS)
 
 
-def dequantized_experts(ws: list[QuantWeight], n_expert: int, e0: int, e1: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Experts [e0, e1) of each [E * N, K] expert matrix in `ws`, dequantized into one shared
-    scratch as [e1 - e0, N, K] each (valid until the next scratch use)."""
+def dequantized_experts(ws: list[QuantWeight], n_expert: int, e0: int, e1: int, dtype: torch.dtype,
+                        as_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Experts [e0, e1) of each [E * N, K] expert matrix in `ws`, dequantized into the scratch of
+    `dtype` (the plan's) as [e1 - e0, N, K] each, valid until the next scratch use; `as_dtype`:
+    values of that dtype instead, of the same size (bf16 in the fp16 scratch)."""
     n = e1 - e0
     sizes = [n * (w.shape[0] // n_expert) * w.shape[1] for w in ws]
     buf = scratch(ws[0].device, dtype, sum(sizes))
+    if as_dtype is not None and as_dtype != dtype:
+        buf = buf.view(as_dtype)  # (raises where the sizes differ)
     out, at = [], 0
     for w, size in zip(ws, sizes):
         N, K = w.shape[0] // n_expert, w.shape[1]
@@ -172,3 +176,19 @@ def dequantized_experts(ws: list[QuantWeight], n_expert: int, e0: int, e1: int, 
         at += size
     return out
 
+
+@functools.cache
+def grouped_mm_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype in which this torch's grouped GEMM (torch._grouped_mm) runs on this device for
+    activations of `dtype`: CUDA's takes bf16 only (so fp16 runs in bf16, of the same size), the
+    CPU's (torch 2.13) any float; None where there is none."""
+    if not hasattr(torch, "_grouped_mm"):
+        return None
+    want = torch.bfloat16 if device_type == "cuda" and dtype.itemsize == 2 else dtype
+    try:
+        x = torch.ones(4, 16, dtype=want, device=device_type)
+        w = torch.ones(2, 16, 16, dtype=want, device=device_type)
+        y = torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([1, 4], dtype=torch.int32, device=device_type))
+        return want if bool((y == 16).all()) else None
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None

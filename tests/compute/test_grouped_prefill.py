@@ -42,7 +42,8 @@ def _reference(h, weight, chosen, ref):
 
 @pytest.mark.parametrize("run,pad", [(None, None), (1, None), (4, None), (None, 5)])  # experts the scratch
 @pytest.mark.parametrize("quantized", [True, False])  # holds (all, one, four), padded rows a run may take
-def test_grouped_prefill_against_float64(run, pad, quantized, monkeypatch):
+@pytest.mark.parametrize("grouped", [True, False])  # torch's grouped GEMM, or padded runs where there is none
+def test_grouped_prefill_against_float64(run, pad, quantized, grouped, monkeypatch):
     pytest.importorskip("triton") if quantized else None
     rng = np.random.default_rng(0)
     mats = _experts(rng, QT.Q8_0)
@@ -56,6 +57,10 @@ def test_grouped_prefill_against_float64(run, pad, quantized, monkeypatch):
     per = 3 * N * K
     if run is not None:
         monkeypatch.setattr(model, "scratch_cap", lambda *a: run * per + per // 2)
+    if grouped and model.grouped_mm_dtype("cpu", torch.float32) is None:
+        pytest.skip("this torch has no grouped GEMM on the CPU")
+    if not grouped:
+        monkeypatch.setattr(model, "grouped_mm_dtype", lambda *a: None)
     if pad is not None:
         monkeypatch.setattr(model, "_pad_rows", lambda *a: pad)
     calls = []
@@ -99,3 +104,17 @@ def test_an_expert_larger_than_the_scratch_goes_one_by_one(monkeypatch):
     wt, ch = model.route(hp, hn @ w["ffn_gate_inp.weight"].T)
     want = x.double() + _reference(hn, wt, ch, {n: ref for n, (_, ref) in mats.items()})
     assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+def test_experts_dequantized_as_bf16_into_the_fp16_scratch():
+    """CUDA's grouped GEMM takes bf16: with fp16 activations, a run of experts is dequantized as
+    bf16 into the plan's fp16 scratch (same size), against gguf-py."""
+    pytest.importorskip("triton")
+    rng = np.random.default_rng(2)
+    mats = _experts(rng, QT.Q8_0)
+    ws = [q for q, _ in mats.values()]
+    got = qlinear.dequantized_experts(ws, E, 2, 5, torch.float16, torch.bfloat16)
+    for g, (_, ref) in zip(got, mats.values()):
+        assert g.dtype == torch.bfloat16 and g.shape == ref[2:5].shape
+        assert (g.double() - ref[2:5]).abs().max().item() <= 2 ** -7 * ref[2:5].abs().max().item()  # a bf16 ulp
+    assert got[0].untyped_storage().data_ptr() == qlinear.scratch("cpu", torch.float16, 1).untyped_storage().data_ptr()
