@@ -254,7 +254,8 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
 # run of experts and multiplied by `torch.bmm` (three times the launches of the grouped GEMM a
 # run, measured on an H200: BENCHMARKS.md); runs are cut where padding would pass `_pad_rows`
 # (skewed routing: one expert's many pairs would pad all the others). An expert too large for
-# the scratch alone (Mixtral's 176M values against a scratch of 64M) goes one by one, as before.
+# the scratch alone goes one by one, as before (Mixtral's 176M values fit its 256M: qlinear.
+# EXPERT_SCRATCH_MAX_ELEMS).
 # On the CPU, where a step is bound by arithmetic, not launches, one expert at a time stays: on
 # this project's 2-core CPU a 512-token prompt of two Qwen3-30B-A3B-shaped layers took 654 ms
 # one by one, 904 ms with the CPU's grouped GEMM (torch 2.13) and 1,032 ms padded. The tests

@@ -95,6 +95,12 @@ def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Non
 # Largest dequantized piece of one matrix (128 MiB in fp16): larger ones go in row chunks, which
 # keeps the prompt path's scratch small while each chunk's GEMM stays large enough for cuBLAS.
 SCRATCH_MAX_ELEMS = 8192 * 8192
+# The same for a prompt's experts, dequantized some experts at a time (model.py, NOTE [ grouped
+# prefill ]): fewer, larger runs cost fewer launches. Measured on an H200, the Qwen3-30B-A3B
+# shape, a 512-token prompt at 4 GiB: 1,244 tok/s at 64M values (13 experts a run), 1,488 at
+# 128M, 1,502 at 256M; at 8 GiB 1,508, 1,527, 1,684 (BENCHMARKS.md, sixth session). 256M values
+# (512 MiB in fp16) also hold one of Mixtral's experts (176M).
+EXPERT_SCRATCH_MAX_ELEMS = 4 * SCRATCH_MAX_ELEMS
 
 
 def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
@@ -148,7 +154,11 @@ def scratch_elems(layer_shapes) -> int:
     """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
     head, larger, goes in row chunks of that size) and [E, N, K] expert tensors (dequantized some
     experts at a time, model.py NOTE [ grouped prefill ]), up to SCRATCH_MAX_ELEMS."""
-    return max((min(math.prod(s), max(1, SCRATCH_MAX_ELEMS // s[-1]) * s[-1]) for s in layer_shapes), default=0)
+    def cap(s) -> int:
+        most = EXPERT_SCRATCH_MAX_ELEMS if len(s) == 3 else SCRATCH_MAX_ELEMS
+        return min(math.prod(s), max(1, most // s[-1]) * s[-1])
+
+    return max((cap(s) for s in layer_shapes), default=0)
 
 
 def scratch_cap(device: torch.device, dtype: torch.dtype) -> int:
