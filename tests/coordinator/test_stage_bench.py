@@ -76,6 +76,15 @@ def test_pipeline_decodes_every_sequence_of_a_batch_in_one_step(tiny, capsys):
     assert row[1:3] == ["4", "4"], row
 
 
+@pytest.mark.timeout(120)
+def test_cpu_worker_times_the_ffn_inline_in_a_thread_and_in_a_process(capsys):
+    """Issue "CPU share", item 3: the same FFN three ways; the bench checks each mode's output
+    against the inline one (a worker process with its own packed copy, from the same seed)."""
+    out = run(capsys, "cpu-worker", "--shape", "smollm2-135m", "--layers", "2", "--reps", "3")
+    modes = [line.split()[0] for line in out.splitlines() if line.strip().split()[:1] in (["inline"], ["thread"], ["process"])]
+    assert modes == ["inline", "thread", "process"], out
+
+
 def test_experts_compares_the_cache_policies(capsys):
     """A cache of a tenth of the experts under uniform routing at batch 8: LRU keeps nothing
     (each pass's experts outnumber it), LFU about its share."""
@@ -90,5 +99,5 @@ def test_experts_compares_the_cache_policies(capsys):
 def test_add_stage_parsers_registers_every_stage():
     p = argparse.ArgumentParser()
     stage_bench.add_stage_parsers(p.add_subparsers(dest="cmd"))
-    for stage in ("reader", "transfer", "dequant", "compute", "kernels", "pipeline", "serve", "experts"):
-        assert p.parse_args([stage]).func.__name__ == f"bench_{stage}"
+    for stage in ("reader", "transfer", "dequant", "compute", "kernels", "pipeline", "serve", "experts", "cpu-worker"):
+        assert p.parse_args([stage]).func.__name__ == f"bench_{stage.replace('-', '_')}"
