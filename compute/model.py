@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.qlinear import (FUSED_TYPES, QuantWeight, dequantized_experts,  # noqa: F401
-                                         grouped_matmul, grouped_mm_dtype, linear, linear_many, scratch_cap)
+from layerstream.compute.qlinear import (EXPERT_SCRATCH_MAX_ELEMS, FUSED_TYPES, QuantWeight,  # noqa: F401
+                                         dequantized_experts, grouped_matmul, grouped_mm_dtype, linear, linear_many,
+                                         scratch_cap)
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
@@ -251,8 +252,8 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
 # are dequantized into the same scratch as bf16, and the pairs' activations converted (bf16
 # keeps fp16's range with 8 bits of mantissa against 11; the weights were 4 to 6 bits).
 # Where this torch has no grouped GEMM, each expert's pairs are padded to the largest count of a
-# run of experts and multiplied by `torch.bmm` (three times the launches of the grouped GEMM a
-# run, measured on an H200: BENCHMARKS.md); runs are cut where padding would pass `_pad_rows`
+# run of experts and multiplied by `torch.bmm` (2.3x the grouped GEMM's time on an H200, with
+# the resident engine: BENCHMARKS.md); runs are cut where padding would pass `_pad_rows`
 # (skewed routing: one expert's many pairs would pad all the others). An expert too large for
 # the scratch alone goes one by one, as before (Mixtral's 176M values fit its 256M: qlinear.
 # EXPERT_SCRATCH_MAX_ELEMS).
@@ -288,7 +289,7 @@ def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torc
         if not all(isinstance(m, QuantWeight) for m in mats):
             return None
         per = sum(m.shape[0] // E * m.shape[1] for m in mats)  # values of one expert's three matrices
-        chunk = min(E, scratch_cap(h.device, h.dtype) // per)
+        chunk = min(E, scratch_cap(h.device, h.dtype, EXPERT_SCRATCH_MAX_ELEMS) // per)
         if chunk < 1:
             return None
     else:
@@ -306,7 +307,7 @@ def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torc
     if gdt is not None:
         ends = counts_dev.cumsum(0).to(torch.int32)
         xg = xs.to(gdt)
-        for e0 in range(0, E, chunk):
+        for e0 in range(0, E, chunk):  # one grouped GEMM a matrix of each chunk of experts
             e1 = min(E, e0 + chunk)
             p0, p1 = starts[e0], starts[e1 - 1] + counts[e1 - 1]
             if p0 == p1:
@@ -318,25 +319,24 @@ def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torc
             a = F.silu(torch._grouped_mm(x, gate.transpose(1, 2), offs=offs).float()) * \
                 torch._grouped_mm(x, up.transpose(1, 2), offs=offs).float()
             ys[p0:p1] = torch._grouped_mm(a.to(gdt), down.transpose(1, 2), offs=offs)
-        out = torch.zeros_like(h, dtype=torch.float32)
-        return out.index_add_(0, order // k, ys.float() * weight.flatten()[order, None])
-    by_expert = flat[order]
-    rank = torch.arange(flat.numel(), device=h.device) - (counts_dev.cumsum(0) - counts_dev)[by_expert]
-    cap = _pad_rows(flat.numel(), h.shape[0], E)
-    for e0 in range(0, E, chunk):
-        e1 = min(E, e0 + chunk)
-        runs = _runs(counts, e0, e1, cap)
-        if not runs:
-            continue
-        gate, up, down = dequantized_experts(mats, E, e0, e1, h.dtype) if quant else [m[e0:e1] for m in mats]
-        for a, b in runs:
-            p0, p1 = starts[a], starts[b - 1] + counts[b - 1]
-            el, r = by_expert[p0:p1] - a, rank[p0:p1]
-            xp = h.new_zeros(b - a, max(counts[a:b]), h.shape[1])
-            xp[el, r] = xs[p0:p1]
-            g = torch.bmm(xp, gate[a - e0 : b - e0].transpose(1, 2))
-            u = torch.bmm(xp, up[a - e0 : b - e0].transpose(1, 2))
-            ys[p0:p1] = torch.bmm(F.silu(g) * u, down[a - e0 : b - e0].transpose(1, 2))[el, r]
+    else:  # batched GEMMs over runs of experts, each expert's pairs padded to the run's largest count
+        by_expert = flat[order]
+        rank = torch.arange(flat.numel(), device=h.device) - (counts_dev.cumsum(0) - counts_dev)[by_expert]
+        cap = _pad_rows(flat.numel(), h.shape[0], E)
+        for e0 in range(0, E, chunk):
+            e1 = min(E, e0 + chunk)
+            runs = _runs(counts, e0, e1, cap)
+            if not runs:
+                continue
+            gate, up, down = dequantized_experts(mats, E, e0, e1, h.dtype) if quant else [m[e0:e1] for m in mats]
+            for a, b in runs:
+                p0, p1 = starts[a], starts[b - 1] + counts[b - 1]
+                el, r = by_expert[p0:p1] - a, rank[p0:p1]
+                xp = h.new_zeros(b - a, max(counts[a:b]), h.shape[1])
+                xp[el, r] = xs[p0:p1]
+                g = torch.bmm(xp, gate[a - e0 : b - e0].transpose(1, 2))
+                u = torch.bmm(xp, up[a - e0 : b - e0].transpose(1, 2))
+                ys[p0:p1] = torch.bmm(F.silu(g) * u, down[a - e0 : b - e0].transpose(1, 2))[el, r]
     out = torch.zeros_like(h, dtype=torch.float32)
     return out.index_add_(0, order // k, ys.float() * weight.flatten()[order, None])
 

@@ -152,8 +152,9 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
 
 def scratch_elems(layer_shapes) -> int:
     """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
-    head, larger, goes in row chunks of that size) and [E, N, K] expert tensors (dequantized some
-    experts at a time, model.py NOTE [ grouped prefill ]), up to SCRATCH_MAX_ELEMS."""
+    head, larger, goes in row chunks of that size) up to SCRATCH_MAX_ELEMS, and [E, N, K] expert
+    tensors (dequantized some experts at a time, model.py NOTE [ grouped prefill ]) up to
+    EXPERT_SCRATCH_MAX_ELEMS."""
     def cap(s) -> int:
         most = EXPERT_SCRATCH_MAX_ELEMS if len(s) == 3 else SCRATCH_MAX_ELEMS
         return min(math.prod(s), max(1, most // s[-1]) * s[-1])
@@ -161,9 +162,10 @@ def scratch_elems(layer_shapes) -> int:
     return max((cap(s) for s in layer_shapes), default=0)
 
 
-def scratch_cap(device: torch.device, dtype: torch.dtype) -> int:
-    """Elements of scratch the prompt path may use on `device` (the plan's reservation)."""
-    return _reserved.get((torch.device(device), dtype), SCRATCH_MAX_ELEMS)
+def scratch_cap(device: torch.device, dtype: torch.dtype, unplanned: int = SCRATCH_MAX_ELEMS) -> int:
+    """Elements of scratch the prompt path may use on `device`: the plan's reservation, or
+    `unplanned` where no plan reserved any (no budget)."""
+    return _reserved.get((torch.device(device), dtype), unplanned)
 
 
 def dequantized_experts(ws: list[QuantWeight], n_expert: int, e0: int, e1: int, dtype: torch.dtype,
