@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 
 import time
 
@@ -365,6 +366,36 @@ def _descendants(pid: int) -> list[int]:
             found.append(k)
             todo.append(k)
     return found
+
+
+_INTERRUPT_IN_PYRUN = """
+import ctypes
+
+def interrupted_in_pyrun():
+    # a Ctrl-C that lands in code evaluated through PyRun_String, as torch's import runs some
+    run = ctypes.pythonapi.PyRun_String
+    run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+    run(b"raise KeyboardInterrupt", 257, {}, {})
+"""
+
+
+def test_a_caught_ctrl_c_exits_130_from_the_launcher(tmp_path):
+    """Run as `python -m`, CPython dies by SIGINT at exit (-2) once a KeyboardInterrupt has left
+    code evaluated through PyRun_String, even where the program caught it (its flag for an
+    unhandled Ctrl-C is set there and checked after SystemExit). The launcher runs the CLI as a
+    command, so a Ctrl-C that run-pipeline catches exits 130, as the README says."""
+    (tmp_path / "pyrun_ki.py").write_text(_INTERRUPT_IN_PYRUN + "\ntry:\n    interrupted_in_pyrun()\n"
+                                          "except KeyboardInterrupt:\n    raise SystemExit(130)\n")
+    as_module = subprocess.run([sys.executable, "-m", "pyrun_ki"], cwd=tmp_path)
+    if as_module.returncode != -signal.SIGINT:
+        pytest.skip(f"this CPython exits {as_module.returncode} as a module: nothing to guard against")
+    (tmp_path / "sitecustomize.py").write_text(  # the CLI's engine meets that Ctrl-C, and main() catches it
+        _INTERRUPT_IN_PYRUN + "\nimport layerstream.loader.gguf_index as gi\n"
+        "gi.open_model = lambda *a, **k: interrupted_in_pyrun()\n")
+    p = subprocess.run([os.path.join(REPO, "bin", "run-pipeline"), "hello"], capture_output=True, text=True,
+                       env=os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert "run-pipeline: interrupted" in p.stderr, p.stderr
+    assert p.returncode == 130, (p.returncode, p.stderr)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
