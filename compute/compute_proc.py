@@ -12,7 +12,7 @@ import torch
 from layerstream.compute import cpu_share
 from layerstream.compute.experts import CpuExperts
 from layerstream.compute.model import EXPERT_TENSORS, SeqStep
-from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, reserve_scratch, scratch_elems
+from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
 from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
 from layerstream.compute.streamed import CpuShare, StreamedLayers
 from layerstream.loader.arena import Arena
@@ -76,8 +76,7 @@ class ComputeWorker:
         index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
         quantized = keeps_quantized(self.device, cfg.weights)
         if quantized and self.device.type == "cuda" and max(cfg.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
-            shapes = [t.shape for layer in index.layers for t in layer.values() if len(t.shape) in (2, 3)]
-            reserve_scratch(self.device, self.dtype, scratch_elems(shapes))
+            reserve_scratch(self.device, self.dtype, model_scratch_elems(index))
         self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]

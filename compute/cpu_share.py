@@ -165,6 +165,18 @@ def cpu_rows(N: int, frac: float) -> int:
     return min(N, int(N * frac) // ROW_ALIGN * ROW_ALIGN)
 
 
+def random_packed(N: int, K: int, g: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> PackedRows:
+    """An [N, K] matrix of random 4-bit values and small scales in the CPU's packed form (for
+    timing the CPU's matmuls: measured at start, and by layerstream-bench cpu-worker)."""
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+    return PackedRows(int4_pack(q), (torch.rand(K // GROUP, N, 2, generator=g) / 64).to(dtype))
+
+
+def packed_swiglu(gate: PackedRows, up: PackedRows, down: PackedRows, x: torch.Tensor, act=F.silu) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) on the CPU's packed matrices: an FFN or an expert."""
+    return down.matmul(act(gate.matmul(x)) * up.matmul(x))
+
+
 # -- the split matmul ----------------------------------------------------------------------------
 
 class Meter:
@@ -210,8 +222,7 @@ class SplitWeight:
         if self.on_host is not None:  # (the VRAM slot of the layer may take the next copy now)
             self.on_host()
         t0 = time.monotonic_ns()
-        g, u = self.cpu.matmul(x_cpu), up.cpu.matmul(x_cpu)
-        y = down.cpu.matmul(act(g) * u)
+        y = packed_swiglu(self.cpu, up.cpu, down.cpu, x_cpu, act)
         self.meter.add(t0, time.monotonic_ns() - t0, self.cpu.nbytes + up.cpu.nbytes + down.cpu.nbytes)
         return y.to(x.device, x.dtype)
 
@@ -344,9 +355,7 @@ class Balancer:
 def measure_cpu_gbs(K: int = 8192, N: int = 8192, reps: int = 5) -> dict[int, float]:
     """The CPU's int4 matmul GB/s of packed bytes at each bucket's batch size (median of reps)."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
-    p = PackedRows(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
-                   torch.rand(K // GROUP, N, 2, generator=g).to(torch.bfloat16))
+    p = random_packed(N, K, g)
     out = {}
     for b in BUCKETS:
         x = torch.randn(b, K, generator=g).to(torch.bfloat16)
@@ -379,19 +388,14 @@ def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16
     """Seconds the CPU takes for one expert at batch 1 (int4 gate, up and down of an n_ff x n_embd
     SwiGLU), the median of reps over 16 experts in turn (NOTE [ CPU experts ] in experts.py)."""
     g = torch.Generator().manual_seed(0)
-
-    def packed(N: int, K: int) -> PackedRows:
-        q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=g)
-        return PackedRows(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
-                          (torch.rand(K // GROUP, N, 2, generator=g) / 64).to(dtype))
-
-    experts = [(packed(n_ff, n_embd), packed(n_ff, n_embd), packed(n_embd, n_ff)) for _ in range(16)]
+    experts = [(random_packed(n_ff, n_embd, g, dtype), random_packed(n_ff, n_embd, g, dtype),
+                random_packed(n_embd, n_ff, g, dtype)) for _ in range(16)]
     x = torch.randn(1, n_embd, generator=g).to(dtype)
     ts = []
     for r in range(reps + 1):
         t0 = time.perf_counter()
         for gate, up, down in experts:
-            down.matmul(F.silu(gate.matmul(x)) * up.matmul(x))
+            packed_swiglu(gate, up, down, x)
         if r:  # the first round warms up
             ts.append((time.perf_counter() - t0) / len(experts))
     return sorted(ts)[len(ts) // 2]

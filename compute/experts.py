@@ -10,9 +10,8 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from layerstream.compute.cpu_share import Balancer, Meter, PackedRows, expert_int4_layers, pack_rows
+from layerstream.compute.cpu_share import Balancer, Meter, PackedRows, expert_int4_layers, pack_rows, packed_swiglu
 from layerstream.compute.model import EXPERT_TENSORS
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.runner import device_weight
@@ -364,7 +363,7 @@ class CpuExperts:
             ps = pairs[e]
             rows = torch.tensor([p // k for p in ps])
             x = x_all[rows] if T > 1 else x_all
-            y = d.matmul(F.silu(g.matmul(x)) * u.matmul(x))
+            y = packed_swiglu(g, u, d, x)
             out.index_add_(0, rows, y.float() * w_flat[ps].unsqueeze(-1))
             nbytes += g.nbytes + u.nbytes + d.nbytes
         dt = time.monotonic_ns() - t0

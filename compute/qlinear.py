@@ -162,6 +162,12 @@ def scratch_elems(layer_shapes) -> int:
     return max((cap(s) for s in layer_shapes), default=0)
 
 
+def model_scratch_elems(index) -> int:
+    """`scratch_elems` of a model's layer matrices and expert tensors (the plan and the compute
+    process count the same)."""
+    return scratch_elems([t.shape for layer in index.layers for t in layer.values() if len(t.shape) in (2, 3)])
+
+
 def scratch_cap(device: torch.device, dtype: torch.dtype, unplanned: int = SCRATCH_MAX_ELEMS) -> int:
     """Elements of scratch the prompt path may use on `device`: the plan's reservation, or
     `unplanned` where no plan reserved any (no budget)."""

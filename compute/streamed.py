@@ -74,6 +74,7 @@ class CpuShare:
         self._rows: dict[tuple[int, float], dict[str, int]] = {}
         self._ranges: dict[tuple[int, float], list[tuple[int, int]]] = {}
         self._layers: dict[float, frozenset[int]] = {}
+        self._early: dict[tuple[int, float], bool] = {}
         self.packing = Meter()  # packing time and bytes since the last take_pack_s()
 
     def take_pack_s(self) -> float:
@@ -141,6 +142,15 @@ class CpuShare:
             w[name] = SplitWeight(dev if n_dev else None, self.packed[i][name].tail(n_cpu), self.meter,
                                   on_host if name == FFN_MATRICES[0] else None)
         return w
+
+    def early_slot(self, i: int, lay: LayerLayout, frac: float) -> bool:
+        """`whole_ffn` of layer i at share `frac`, worked out once per share (a streamed layer asks
+        at every step)."""
+        key = (i, frac)
+        got = self._early.get(key)
+        if got is None:
+            got = self._early[key] = self.whole_ffn(lay, self.rows(i, lay, frac))
+        return got
 
     @staticmethod
     def whole_ffn(lay: LayerLayout, rows: dict[str, int]) -> bool:
@@ -416,7 +426,7 @@ class StreamedLayers:
         else:
             w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
         if rows:
-            early = self.quantized and self.share.whole_ffn(lay, rows)
+            early = self.quantized and self.share.early_slot(i, lay, self.frac)
             w = self.share.split(i, w, rows, functools.partial(self._free_early, i) if early else None)
         d1.record(cur)
         self.gpu_events.append(("copy", i, c0, c1, copied))

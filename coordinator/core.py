@@ -212,7 +212,7 @@ class EngineCore:
                 outs = self.step()
                 sync()
                 times.append(time.perf_counter() - t0)
-                ran = sum(1 for o in outs if o.token_ids and o.request_id in names)
+                ran = len({o.request_id for o in outs if o.token_ids} & set(names))
                 if ran < len(names):  # a step of fewer sequences would time another batch size
                     raise ValueError(f"a decode step ran {ran} of {len(names)} sequences (a step holds "
                                      f"{self.step_tokens} tokens, a sequence {self.ctx}): raise either")

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from layerstream.compute.model import ATTN_TEMP_BYTES, EXPERT_TENSORS
-from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, HEAD_CHUNK, scratch_elems
+from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, HEAD_CHUNK, model_scratch_elems
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout
@@ -133,8 +133,7 @@ def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_s
     logits = rows * V * (dtype_bytes + 4) + T * E * dtype_bytes
     dq = 0
     if quantized and T > FUSED_MIN_OF_TYPES:
-        dq = scratch_elems([t.shape for layer in index.layers for t in layer.values() if len(t.shape) in (2, 3)]) \
-            * dtype_bytes
+        dq = model_scratch_elems(index) * dtype_bytes
     partials = 64 * MiB  # split-K partial sums of the fused kernels, RoPE tables, step metadata
     return act + attn + logits + dq + partials
 

@@ -764,20 +764,17 @@ def bench_serve(args) -> list[dict]:
 
 def _ffn_layers(n_embd: int, n_ff: int, layers: int, seed: int) -> list:
     """`layers` FFNs of random 4-bit values in aten's CPU int4 layout (gate, up, down)."""
-    from layerstream.compute.cpu_share import GROUP, PackedRows, int4_pack
+    from layerstream.compute.cpu_share import random_packed
 
     g = torch.Generator().manual_seed(seed)
-
-    def packed(N: int, K: int) -> PackedRows:
-        q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
-        return PackedRows(int4_pack(q), (torch.rand(K // GROUP, N, 2, generator=g) / 64).to(torch.bfloat16))
-
-    return [(packed(n_ff, n_embd), packed(n_ff, n_embd), packed(n_embd, n_ff)) for _ in range(layers)]
+    return [(random_packed(n_ff, n_embd, g), random_packed(n_ff, n_embd, g), random_packed(n_embd, n_ff, g))
+            for _ in range(layers)]
 
 
 def _ffn(mats, x: torch.Tensor) -> torch.Tensor:
-    gate, up, down = mats
-    return down.matmul(torch.nn.functional.silu(gate.matmul(x)) * up.matmul(x))
+    from layerstream.compute.cpu_share import packed_swiglu
+
+    return packed_swiglu(*mats, x)
 
 
 def _cpu_worker(address: str, n_embd: int, n_ff: int, layers: int, seed: int, threads: int) -> None:

@@ -3,8 +3,8 @@
 NOTE [ shutdown order ]
 Stopping asks first (a Shutdown message, sent by the pipeline while its loop is healthy),
 then waits, then SIGTERM, waits, then SIGKILL. A child the message could not reach (one still
-starting, when a run is interrupted early) gets SIGTERM at once: waiting for it gains nothing. Readers and compute stop before staging,
-because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
+starting, when a run is interrupted early) gets SIGTERM at once: waiting for it gains nothing.
+Readers and compute stop before staging, because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
 SIGTERM, or when its parent is gone). Children ignore SIGINT: a Ctrl-C in the terminal
 reaches the whole process group, and only the coordinator decides how to stop.
 """
