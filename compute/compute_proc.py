@@ -53,6 +53,7 @@ class ComputeConfig:
     expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
     dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device
     expert_policy: str = "lfu"  # the expert cache's eviction (experts.ExpertCache)
+    expert_prefetch: int = 0  # experts predicted and copied ahead a layer (experts.py, NOTE [ expert prefetch ])
 
 
 class ComputeWorker:
@@ -88,7 +89,7 @@ class ComputeWorker:
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
             share=self.share, experts=(index.hparams.n_expert, index.hparams.n_expert_used),
             expert_cache_bytes=cfg.expert_cache_bytes, dense_resident=cfg.dense_resident,
-            expert_policy=cfg.expert_policy, cpu_experts=self.cpu_experts,
+            expert_policy=cfg.expert_policy, cpu_experts=self.cpu_experts, expert_prefetch=cfg.expert_prefetch,
         )
         self.expert_steps = self.expert_tokens = 0
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
@@ -177,6 +178,7 @@ class ComputeWorker:
         cache = self.source.expert_cache
         if cache is not None:
             snap["experts"] = {"policy": cache.policy, "hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes_moved,
+                               "prefetch_hits": cache.prefetch_hits, "prefetched": cache.prefetch_copied,
                                "steps": self.expert_steps, "tokens": self.expert_tokens}
         if self.cpu_experts is not None:
             ce = self.cpu_experts

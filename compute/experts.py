@@ -80,7 +80,7 @@ class ExpertCache:
     """
 
     def __init__(self, capacity_bytes: int, device, dtype, quantized: bool, timeline: Timeline, policy: str = "lfu",
-                 slot: int = 0, in_flight: int = 0):
+                 slot: int = 0, in_flight: int = 0, prefetch: int = 0):
         if policy not in EXPERT_POLICIES:
             raise ValueError(f"expert cache policy {policy!r}: use one of {', '.join(EXPERT_POLICIES)}")
         self.capacity, self.device, self.dtype, self.quantized, self.tl = capacity_bytes, device, dtype, quantized, \
@@ -107,10 +107,18 @@ class ExpertCache:
         self.n_cached = capacity_bytes // self.slot if self.slot else 0
         # zeros: a pair the CPU takes reads the pool's start with weight 0 (NOTE [ CPU experts ]),
         # which must be finite before any expert lands there (zero blocks are zero matrices)
-        self.pool = torch.zeros((self.n_cached + in_flight) * self.slot, dtype=torch.uint8, device=device) \
-            if self.slot else None
+        # NOTE [ expert prefetch ]: past the in-flight slots, two sets of `prefetch` slots for the
+        # experts predicted for the next layer, copied ahead on a side stream
+        self.prefetch_slots = prefetch if self.slot else 0
+        self.pool = torch.zeros((self.n_cached + in_flight + 2 * self.prefetch_slots) * self.slot, dtype=torch.uint8,
+                                device=device) if self.slot else None
         self.free = list(range(self.n_cached))
         self.in_flight = in_flight
+        self.prefetched: dict[int, tuple[dict[int, int], object]] = {}  # layer -> ({expert: slot}, copies' event)
+        self.set_free: list = [None, None]  # per prefetch set: event after the last read of its slots
+        self.reading: dict[int, int] = {}  # layer -> the prefetch set its step reads
+        self.prefetch_hits = 0  # chosen experts that a prefetch had copied
+        self.prefetch_copied = 0  # experts copied ahead (hits or not)
         self.layer_parts: dict[int, list] = {}  # layer -> _parts of its layout
         self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
         self.src_views: dict[tuple[int, int], tuple] = {}  # (layer, staging address) -> (views, bytes)
@@ -134,24 +142,38 @@ class ExpertCache:
         """Layer i's `experts`: {expert: pool slot} with a pool, else {expert: (gate, up, down)}.
         The missing ones are copied, in one call with a pool, from views made once (H200 traces:
         a layer's fetch took 422 µs with views made each step, 203 µs with views made once)."""
-        out, missing = {}, []
+        out, missing, ahead = {}, [], []
+        pre, pre_event = self.prefetched.pop(i, ({}, None))
+        if pre_event is not None:  # its copies read this layer's staging slot: they come first
+            torch.cuda.current_stream(self.device).wait_event(pre_event)
         for e in experts:
             key = (i, e)
             self.tick += 1
             self.uses[key] += 1
             hit = self.entries.get(key)
-            if hit is None:
-                missing.append(e)
-            else:
+            if hit is not None:
                 self.entries.move_to_end(key)
                 if self.policy == "lfu":
                     self._stamp(key)
                 out[e] = hit[4] if self.pool is not None else hit[:3]
+            elif e in pre:
+                ahead.append(e)
+            else:
+                missing.append(e)
         self.hits += len(out)
         self.misses += len(missing)
+        serving = {(i, e) for e in experts}
+        if pre:
+            self.reading[i] = i % 2
+        for e in ahead:  # predicted and copied ahead: kept as a copy would be (a device-to-device copy)
+            self.prefetch_hits += 1
+            slot = self._put((i, e), None, serving, sum(p[1] for p in self._parts(lay)))
+            if slot is not None:
+                self.pool[slot * self.slot : (slot + 1) * self.slot].copy_(
+                    self.pool[pre[e] * self.slot : (pre[e] + 1) * self.slot])
+            out[e] = pre[e] if slot is None else slot
         if missing:
             t0 = time.monotonic_ns()
-            serving = {(i, e) for e in experts}
             if self.pool is None:
                 moved = 0
                 for e in missing:
@@ -177,13 +199,77 @@ class ExpertCache:
                     out[e] = slot
                 torch._foreach_copy_(dsts, srcs, non_blocking=True)
             self.bytes_moved += moved
-            if self.device.type == "cuda":
-                ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(self.device))
-                self.copied[i] = ev
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
+        if (missing or pre_event is not None) and self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.copied[i] = ev  # every copy out of the layer's staging slot is done after it
         return out
+
+    def on_device(self, i: int, e: int) -> bool:
+        """Whether layer i's expert e needs no copy after its router: cached, or copied ahead."""
+        return (i, e) in self.entries or e in self.prefetched.get(i, ({},))[0]
+
+    def prefetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray, stream=None) -> int:
+        """NOTE [ expert prefetch ]
+        A streamed MoE layer's experts cannot cross PCIe before its router has run, so the copy
+        engine idles through the layer's attention, its router and the host's sync, and the
+        device idles through the copies. The router of the next layer, applied to this layer's
+        expert input (model.predict_next), predicts the next layer's choice; those experts that
+        are not cached are copied now, on a side stream (`stream`; None: at once), into one of two
+        sets of slots past the in-flight ones (the next layer's set; the other is the current
+        layer's). Layer i's fetch then serves a predicted expert from its set like a cache hit,
+        admitting it to the cache as a copy would be (a device-to-device copy), and copies only
+        the experts the prediction missed. A set is overwritten only after the device's last read
+        of it (`done`). The prediction never changes what is computed: only where an expert's
+        bytes come from. Returns the experts copied."""
+        if self.pool is None or not self.prefetch_slots:
+            return 0
+        want = [e for e in experts if (i, e) not in self.entries][: self.prefetch_slots]
+        if not want:
+            return 0
+        t0 = time.monotonic_ns()
+        base = self.n_cached + self.in_flight + (i % 2) * self.prefetch_slots
+        parts, src = self._parts(lay), self._sources(i, host)
+        slots, dsts, srcs = {}, [], []
+        for n, e in enumerate(want):
+            slots[e] = base + n
+            for j, (t, per, off, _, _) in enumerate(parts):
+                dsts.append(self._dst(base + n, off, per))
+                srcs.append(src(e, j, t, per))
+        ev = None
+        if stream is not None:
+            if self.set_free[i % 2] is not None:
+                stream.wait_event(self.set_free[i % 2])  # the layer that read this set two layers ago
+            with torch.cuda.stream(stream):
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+        else:
+            torch._foreach_copy_(dsts, srcs)
+        self.prefetched[i] = (slots, ev)
+        moved = len(want) * sum(p[1] for p in parts)
+        self.bytes_moved += moved
+        self.prefetch_copied += len(want)
+        self.tl.add("expert_prefetch", f"prefetch L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
+                    experts=len(want))
+        return len(want)
+
+    def done(self, i: int) -> None:
+        """Layer i's work is enqueued: the prefetch set it read may be overwritten after it."""
+        k = self.reading.pop(i, None)
+        if k is not None and self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.set_free[k] = ev
+
+    def drop_prefetched(self) -> None:
+        """Forget copies ahead that no fetch took (a step that ended early), once they are done."""
+        for _, ev in self.prefetched.values():
+            if ev is not None:
+                ev.synchronize()
+        self.prefetched.clear()
 
     def _dst(self, slot: int, off: int, nbytes: int) -> torch.Tensor:
         """`nbytes` bytes at `off` in pool slot `slot`: a part of an expert, as a view made once."""
@@ -379,9 +465,26 @@ class ExpertSet:
     VRAM slot), so a CUDA graph may hold its attention and router (runner.py)."""
 
     def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray, dense_fixed: bool = False,
-                 cpu: CpuExperts | None = None, frac: float = 0.0):
+                 cpu: CpuExperts | None = None, frac: float = 0.0, next_router: dict | None = None,
+                 prefetch_next=None):
         self.cache, self.i, self.lay, self.host, self.dense_fixed = cache, i, lay, host, dense_fixed
         self.cpu, self.frac = cpu, frac  # the CPU's experts and its share of this step (NOTE [ CPU experts ])
+        # the next layer's norm and router on the device, and what copies its predicted experts
+        # ahead (NOTE [ expert prefetch ]); None: no prediction
+        self.next_router = next_router if prefetch_next is not None else None
+        self.prefetch_next = prefetch_next
+
+    def read_ids(self, ids: torch.Tensor) -> list[int]:
+        """The step's expert ids on the host: the layer's sync, which waits for its router (timed
+        as `wait_route`: the host waiting on the device)."""
+        with self.cache.tl.span("wait_route", f"route L{self.i}", layer=self.i):
+            return ids.tolist()
+
+    def prefetch(self, predicted: list[int]) -> None:
+        """Copy ahead the next layer's experts that the step's (token, choice) pairs `predicted`
+        name, the most often named first (NOTE [ expert prefetch ])."""
+        if self.prefetch_next is not None and predicted:
+            self.prefetch_next([e for e, _ in Counter(predicted).most_common()])
 
     @property
     def grouped(self) -> bool:
@@ -415,7 +518,7 @@ class ExpertSet:
         distinct = sorted(set(ids))
         cpu = []
         if self.cpu is not None and self.frac > 0:
-            missing = [e for e in distinct if (self.i, e) not in self.cache.entries]
+            missing = [e for e in distinct if not self.cache.on_device(self.i, e)]
             cpu = self.cpu.choose(self.i, self.lay, missing, self.frac)
         if cpu:
             self.cache.count(self.i, cpu)

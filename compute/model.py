@@ -227,12 +227,21 @@ def moe_route(hp: HParams, w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tens
     return h, weight, chosen
 
 
+def predict_next(hp: HParams, nxt: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """The experts the next layer's router (`nxt`: its norm and router) would choose for x, this
+    layer's expert input: a prediction of that layer's choice (experts.py, NOTE [ expert
+    prefetch ]), [T, k] ids."""
+    return moe_route(hp, nxt, x)[2]
+
+
 def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed."""
     h, weight, chosen = moe_route(hp, w, x)
     out = None
     if chosen.shape[0] <= GROUPED_MAX_TOKENS and _grouped(w):
-        out = _experts_grouped(hp, w, h, weight, chosen)
+        ex = w.get("experts")
+        pred = predict_next(hp, ex.next_router, x) if ex is not None and ex.next_router is not None else None
+        out = _experts_grouped(hp, w, h, weight, chosen, pred)
     elif "experts" not in w and h.is_cuda:  # every expert at hand (a prompt, or a resident layer);
         out = _experts_prefill(hp, w, h, weight, chosen)  # on the CPU one by one is faster (NOTE below)
     if out is None:
@@ -393,16 +402,18 @@ def _grouped(w: LayerWeights) -> bool:
 
 
 def _experts_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
-                     chosen: torch.Tensor) -> torch.Tensor:
+                     chosen: torch.Tensor, pred: torch.Tensor | None = None) -> torch.Tensor:
     flat = chosen.flatten()
     if "experts" in w:  # streamed: the chosen experts' cache entries, by address
         ex = w["experts"]
-        offs, keep, run_cpu = ex.prepare(flat.tolist(), h, weight)  # the host sync of this layer
+        ids = ex.read_ids(flat if pred is None else torch.cat((flat, pred.flatten())))  # the host sync of this layer
+        offs, keep, run_cpu = ex.prepare(ids[: flat.numel()], h, weight)
+        out = experts_grouped(h, weight if keep is None else weight * keep.to(h.device, non_blocking=True),
+                              ex.cache.pool, offs.to(h.device), ex.parts)
+        ex.prefetch(ids[flat.numel() :])  # while the device computes (NOTE [ expert prefetch ])
         if run_cpu is None:
-            return experts_grouped(h, weight, ex.cache.pool, offs.to(h.device), ex.parts)
+            return out
         # the device's experts are launched first, then the CPU computes its own (NOTE [ CPU experts ])
-        out = experts_grouped(h, weight * keep.to(h.device, non_blocking=True), ex.cache.pool, offs.to(h.device),
-                              ex.parts)
         return out + run_cpu().to(h.device, non_blocking=True)
     else:  # resident: expert e is a byte range of each [E * N, K] block matrix, found on the device
         anchor = w[EXPERT_TENSORS[0]].raw

@@ -25,6 +25,7 @@ from layerstream.compute.model import (
     head_forward,
     layer_forward,
     moe_route,
+    predict_next,
     rope_inv_freq,
 )
 from layerstream.errors import ConfigError
@@ -473,21 +474,25 @@ class ModelRunner:
     def _moe_layer(self, i: int, w: LayerWeights, x: torch.Tensor, meta: StepMeta, k, v) -> torch.Tensor:
         """Streamed MoE layer i through its graphs: attention and router, the host's fetch, experts."""
         T = x.shape[0]
-        g = self.moe_graphs.get((i, T, meta.kv_len))
+        ex = w["experts"]
+        key = (i, T, meta.kv_len, ex.next_router is not None)
+        g = self.moe_graphs.get(key)
         s_x, s_meta = self._moe_inputs(x, meta)
         s_x.copy_(x)
         if g is None:
-            g = self.moe_graphs[(i, T, meta.kv_len)] = self._capture_moe(i, w, s_x, s_meta, k, v)
-        graph_a, graph_b, (x1, h, weight, chosen), offs, pinned, keep, out = g
-        ex = w["experts"]
+            g = self.moe_graphs[key] = self._capture_moe(i, w, s_x, s_meta, k, v)
+        graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g
         graph_a.replay()
-        o, keep_host, run_cpu = ex.prepare(chosen.flatten().tolist(), h, weight)  # the layer's host sync
+        ids = ex.read_ids(ids)  # the layer's host sync: its chosen experts, then those predicted for the next
+        n = T * self.hp.n_expert_used
+        o, keep_host, run_cpu = ex.prepare(ids[:n], h, weight)
         pinned[0].copy_(o)  # this layer's own pinned buffers: their last copies crossed a step ago
         offs.copy_(pinned[0], non_blocking=True)
         if keep is not None:  # captured with the CPU's share (NOTE [ CPU experts ])
             pinned[1].copy_(keep_host)
             keep.copy_(pinned[1], non_blocking=True)
         graph_b.replay()
+        ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])
         if run_cpu is not None:  # while the device computes its experts
             pinned[2].copy_(run_cpu())
             out.add_(pinned[2].to(self.device, non_blocking=True))
@@ -512,10 +517,14 @@ class ModelRunner:
 
         def part_a():
             x1 = attention_block(hp, w, s_x, s_meta, k, v, hp.is_swa(i))
-            return (x1, *moe_route(hp, w, x1))
+            h, weight, chosen = moe_route(hp, w, x1)
+            ids = chosen.flatten()
+            if ex.next_router is not None:  # NOTE [ expert prefetch ] in experts.py
+                ids = torch.cat((ids, predict_next(hp, ex.next_router, x1).flatten()))
+            return x1, h, weight, ids
 
         graph_a, outs_a = self._capture(part_a)
-        x1, h, weight, chosen = outs_a
+        x1, h, weight, _ = outs_a
         offs = torch.zeros(3, T * kk, dtype=torch.int64, device=self.device)  # slot 0 until the first fetch
         pool, parts = ex.cache.pool, ex.parts
         keep = None if ex.cpu is None else torch.ones(T, kk, dtype=torch.float32, device=self.device)

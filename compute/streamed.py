@@ -193,11 +193,12 @@ class StreamedLayers:
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
                  quantized: bool = False, share: CpuShare | None = None,
                  experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0, dense_resident: bool = False,
-                 expert_policy: str = "lfu", cpu_experts: CpuExperts | None = None):
+                 expert_policy: str = "lfu", cpu_experts: CpuExperts | None = None, expert_prefetch: int = 0):
         self.layouts = layouts
         self.n_expert, self.n_expert_used = experts
         self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline, expert_policy,
-                                        expert_slot(layouts), max_in_flight(*experts)) \
+                                        expert_slot(layouts), max_in_flight(*experts),
+                                        expert_prefetch if dense_resident else 0) \
             if experts[0] and expert_cache_bytes else None
         self.expert_step = False  # this step fetches only the chosen experts of streamed MoE layers
         self.cpu_experts = cpu_experts if self.expert_cache is not None and self.expert_cache.pool is not None else None
@@ -236,6 +237,8 @@ class StreamedLayers:
         self.expert_step = self.expert_cache is not None and streams_experts(self.n_expert, self.n_expert_used, tokens)
         self.expert_frac = self.cpu_experts.balancer.share(tokens) if self.expert_step and self.cpu_experts else 0.0
         self.cpu_s, self.cpu_bytes = 0.0, 0
+        if self.expert_cache is not None and self.expert_cache.prefetched:
+            self.expert_cache.drop_prefetched()  # (only a step that failed part-way leaves any)
         if self.cuda:  # the first streamed layers cross while the resident ones compute
             self._issue_copies(0)
 
@@ -268,10 +271,25 @@ class StreamedLayers:
         """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
         experts from the staging slot, which stays held until release(i)."""
         w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}  # (the kept copy where there is one)
+        ahead = self.expert_cache.prefetch_slots and i + 1 < len(self.layouts) and self._kept(i + 1)
         w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot),
-                                 dense_fixed=i in self.dense, cpu=self.cpu_experts, frac=self.expert_frac)
+                                 dense_fixed=i in self.dense, cpu=self.cpu_experts, frac=self.expert_frac,
+                                 next_router=self.dense[i + 1] if ahead else None,
+                                 prefetch_next=functools.partial(self._prefetch_experts, i + 1) if ahead else None)
         self.held[i] = slot
         return w
+
+    def _prefetch_experts(self, j: int, experts: list[int]) -> None:
+        """Copy layer j's predicted `experts` ahead, from its staging slot if it is announced
+        (experts.py, NOTE [ expert prefetch ])."""
+        self.pump(False)
+        got = self.copies.get(j) if self.cuda else None
+        slot = got[1] if got is not None and got[0] is None else self.ready.get((self.step_no, j))
+        if slot is None:  # not staged yet: the layer's fetch copies what it chooses
+            self.tl.incr("expert_prefetch_unstaged")
+            return
+        self.expert_cache.prefetch(j, experts, self.layouts[j], self.slot_array(slot),
+                                   self.copy_stream if self.cuda else None)
 
     def _keep(self, i: int, raw: torch.Tensor) -> None:
         """Keep streamed layer i's tensors but its experts, copied out of `raw` (its bytes at slot
@@ -473,6 +491,7 @@ class StreamedLayers:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
         slot = self.held.pop(i, None)
         if slot is not None:  # its experts were read from the staging slot: it goes back once copied
+            self.expert_cache.done(i)
             self.returning.append((self.expert_cache.copied.pop(i, None), self.step_no, i, slot))
             self.return_slots(wait=False)
         if self.share is not None:

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu",
                    help="which streamed experts the device cache keeps: the most often used (lfu, default) or the "
                         "most recently used (lru)")
+    g.add_argument("--expert-prefetch", type=int, default=None, metavar="N",
+                   help="a mixture-of-experts decode step predicts each streamed layer's experts from the layer before "
+                        "and copies up to N of them ahead (default: twice the experts a token uses; 0: off)")
     g.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
                    help="a mixture-of-experts model's attention, router and norms of streamed layers: kept on the "
                         "device when they fit, so decode copies only the chosen experts (default, as llama.cpp's "
@@ -209,7 +212,7 @@ def open_engine(args):
             cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
             vram_slots=args.vram_slots,
             expert_cache_gb=args.expert_cache_gb,
-            moe_dense=args.moe_dense, expert_policy=args.expert_policy,
+            moe_dense=args.moe_dense, expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch,
             trace=bool(args.trace),
         )
     return Engine.open(cfg, pcfg, index=index, progress=sys.stderr.isatty())

@@ -86,6 +86,7 @@ class PipelineConfig:
     expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
     moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
     expert_policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
+    expert_prefetch: int | None = None  # experts predicted and copied ahead a layer (None: the plan's default; 0: off)
 
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
@@ -151,7 +152,7 @@ class Pipeline:
             quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
             max_prefetch=self.hparams.n_layer,
             expert_cache_bytes=None if cfg.expert_cache_gb is None else int(cfg.expert_cache_gb * GiB),
-            moe_dense=cfg.moe_dense, vram_slots=cfg.vram_slots,
+            moe_dense=cfg.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.expert_prefetch,
         )
         self.cpu_pack_max = fit_cpu_share(self.plan, self.layouts, self.cpu_pack_max, self.cpu_share != "auto",
                                           cfg.cpu_split)
@@ -229,7 +230,7 @@ class Pipeline:
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
             cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, cpu_split=cfg.cpu_split, index=self.index,
             expert_cache_bytes=self.plan.expert_cache_bytes, dense_resident=self.plan.dense_resident,
-            expert_policy=cfg.expert_policy,
+            expert_policy=cfg.expert_policy, expert_prefetch=self.plan.expert_prefetch,
             cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
                                             and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
@@ -432,10 +433,13 @@ class Pipeline:
         peak = max((s.get("device_peak_bytes", 0) for s in snaps), default=0)
         extra = {"device memory peak": f"{peak / GiB:.2f} GiB (torch's reserved memory)"} if peak else {}
         ex = next((s["experts"] for s in snaps if s.get("experts")), None)
-        if ex and ex["hits"] + ex["misses"]:
-            n = ex["hits"] + ex["misses"]
+        ahead, copied_ahead = (ex.get("prefetch_hits", 0), ex.get("prefetched", 0)) if ex else (0, 0)
+        if ex and ex["hits"] + ex["misses"] + ahead:
+            n = ex["hits"] + ex["misses"] + ahead
+            pre = (f"; {ahead} ({ahead / n:.0%}) copied ahead on the previous layer's prediction, of {copied_ahead} "
+                   f"copied ahead ({ahead / max(copied_ahead, 1):.0%} used)") if copied_ahead else ""
             extra["experts"] = (f"{ex['hits']} of {n} fetched experts were in the device cache ({ex['hits'] / n:.0%}, "
-                                f"{ex.get('policy', 'lfu')}); "
+                                f"{ex.get('policy', 'lfu')}){pre}; "
                                 f"{ex['bytes'] / 1e6:.1f} MB moved over {ex['steps']} steps with expert streaming "
                                 f"({ex['bytes'] / max(ex['tokens'], 1) / 1e6:.2f} MB a token)")
         share = next((s["cpu_share"] for s in snaps if s.get("cpu_share")), None)

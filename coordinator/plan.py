@@ -57,6 +57,7 @@ class Plan:
     cpu_share_bytes: int = 0  # host memory of the CPU share's packed rows, at most
     expert_cache_bytes: int = 0  # device memory for streamed experts (mixture-of-experts models)
     dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device (NOTE below)
+    expert_prefetch: int = 0  # experts a layer copied ahead of its router, in each of two sets of slots
 
     @property
     def n_slots(self) -> int:
@@ -143,7 +144,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
               prefetch: int | None = None, kv_on_host: bool | None = None,
               resident_layers: int | None = None, max_prefetch: int | None = None,
               expert_cache_bytes: int | None = None, moe_dense: str = "resident",
-              vram_slots: int | None = None) -> Plan:
+              vram_slots: int | None = None, expert_prefetch: int | None = None) -> Plan:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
     vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below)."""
@@ -174,7 +175,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
 
     # a mixture-of-experts model's decode steps fetch only their chosen experts into a cache of
     # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default
-    experts = in_flight = 0
+    experts = in_flight = ahead = 0
     if hp.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
     if experts:
@@ -184,6 +185,13 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         # is done: at most every expert the largest expert step can choose in one layer, each in
         # a slot of the expert pool (compute/experts.py, NOTE [ the expert pool ])
         in_flight = max_in_flight(hp.n_expert, hp.n_expert_used) * expert_slot(layouts)
+        # the next layer's predicted experts, copied ahead into two sets of slots (compute/
+        # experts.py, NOTE [ expert prefetch ]): twice a token's choice each by default
+        if expert_prefetch is None:
+            expert_prefetch = 2 * hp.n_expert_used
+        if not 0 <= expert_prefetch <= hp.n_expert:
+            raise ConfigError(f"--expert-prefetch {expert_prefetch}: use 0 (off) to {hp.n_expert} (the model's experts)")
+        ahead = 2 * expert_prefetch * expert_slot(layouts)
     if moe_dense not in ("resident", "stream"):
         raise ConfigError(f"--moe-dense {moe_dense!r}: use resident or stream")
     # each layer's tensors but its experts, for the layers whose experts stream
@@ -194,6 +202,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         parts = [("head", head), ("resident layers", sum(weights[:r])), ("layer slots", slots * slot_bytes),
                  ("expert cache", experts if r < n else 0), ("experts in flight", in_flight if r < n else 0),
                  ("streamed layers' attention", sum(dense[r:]) if keep_dense else 0),
+                 ("experts copied ahead", ahead if keep_dense else 0),
                  ("KV", kv_dev * kv_layer), ("host KV in flight", 2 * kv_layer if kv_dev < n else 0),
                  ("step scratch", scratch(T))]
         used = sum(v for _, v in parts)
@@ -265,7 +274,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     cache_layers = min(loads, host_cache_bytes // slot_bytes)
     return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
                 total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
-                dense_resident=keep_dense)
+                dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0)
 
 
 def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, explicit: bool,

@@ -537,7 +537,7 @@ def bench_pipeline(args) -> list[dict]:
                               resident_layers=args.resident_layers, trace=bool(args.trace),
                               cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads, vram_slots=args.vram_slots,
                               expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
-                              expert_policy=args.expert_policy)
+                              expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch)
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -711,7 +711,7 @@ def bench_serve(args) -> list[dict]:
                                   step_tokens=args.step_tokens, resident_layers=args.resident_layers,
                                   cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads, vram_slots=args.vram_slots,
                               expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
-                              expert_policy=args.expert_policy)
+                              expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch)
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -958,6 +958,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
                    help="streamed MoE layers' attention and routers: resident (when they fit) or streamed")
     p.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu", help="the expert cache's eviction")
+    p.add_argument("--expert-prefetch", type=int, default=None, metavar="N",
+                   help="experts predicted and copied ahead a streamed MoE layer (as run-pipeline; 0: off)")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:

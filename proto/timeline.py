@@ -104,7 +104,7 @@ def write_chrome_trace(path: str, snaps: list[dict[str, Any]]) -> int:
         name = f"{s.get('role', '?')} {s.get('ident', '')}".strip()
         events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
         for ename, cat, t0, dur, args in s.get("events", []):
-            tid = {"copy": 1, "expert_copy": 1, "dequant": 2, "compute": 2, "cpu_share": 3, "cpu_pack": 3}.get(cat, 0)
+            tid = {"copy": 1, "expert_copy": 1, "expert_prefetch": 1, "dequant": 2, "compute": 2, "cpu_share": 3, "cpu_pack": 3}.get(cat, 0)
             events.append({
                 "name": ename, "cat": cat, "ph": "X", "pid": pid, "tid": tid,
                 "ts": (t0 - t_min) / 1e3, "dur": max(dur, 1) / 1e3, "args": args,

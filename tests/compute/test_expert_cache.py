@@ -127,6 +127,61 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
             assert v[7, 1].item() == pytest.approx(1000 * k + 100 * e + 7 + 0.01)
 
 
+def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be():
+    """NOTE [ expert prefetch ]: experts predicted for layer i are copied into layer i's set of
+    slots past the in-flight ones; its fetch serves those it chose from there (or from the cache
+    slot it admits them to, by a copy on the device), copies only the others, and each returned
+    slot holds its expert's bytes. The next layer's set is another: layer i+1's prefetch, issued
+    before layer i's fetch, leaves layer i's experts in place."""
+    from layerstream.compute.experts import ExpertSet, _parts, slot_bytes
+    from layerstream.compute.qlinear import QuantWeight
+
+    lay, host = _layer(n_expert=8, rows=8, cols=16)
+    lay1 = LayerLayout(1, lay.tensors, lay.nbytes)
+    host1 = host.view(np.float32).copy()
+    host1 += 10000  # layer 1's experts: other values
+    host1 = host1.view(np.uint8)
+    slot = slot_bytes([lay])
+    cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu",
+                        slot, in_flight=3, prefetch=2)
+    assert cache.pool.numel() == (2 + 3 + 2 * 2) * slot
+
+    def value(e, mats):
+        return [m.raw.view(torch.float32).view(m.shape)[3, 5].item() for m in mats]
+
+    def want(e, base=0):
+        return [pytest.approx(base + 1000 * k + 100 * e + 3 + 0.05) for k in range(3)]
+
+    assert cache.prefetch(0, [4, 6, 7], lay, host) == 2  # two slots a set: the first two
+    assert cache.on_device(0, 4) and cache.on_device(0, 6) and not cache.on_device(0, 7)
+    assert cache.prefetch(1, [4, 5], lay1, host1) == 2  # the next layer's, in the other set
+    got = cache.fetch(0, [4, 7], lay, host)  # 4 copied ahead, 7 not; 6 copied ahead for nothing
+    assert value(4, got[4]) == want(4) and value(7, got[7]) == want(7)
+    assert (cache.hits, cache.prefetch_hits, cache.misses, cache.prefetch_copied) == (0, 1, 1, 4)
+    per = sum(p[1] for p in _parts(lay))
+    assert cache.bytes_moved == 5 * per  # 4 ahead + 1 after the router
+    assert (0, 4) in cache.entries  # admitted as a copy would be: its cache slot holds its bytes
+    s4 = cache.entries[(0, 4)][4]
+    assert s4 < cache.n_cached
+    mats = [QuantWeight(cache.pool[s4 * slot + off : s4 * slot + off + n], t.qtype, (r, c))
+            for t, n, off, r, c in _parts(lay)]
+    assert value(4, mats) == want(4)
+    cache.done(0)
+    got = cache.fetch(1, [5, 4], lay1, host1)  # both copied ahead, layer 0's set did not touch them
+    assert value(5, got[5]) == want(5, 10000) and value(4, got[4]) == want(4, 10000)
+    assert cache.prefetch_hits == 3 and cache.misses == 1 and not cache.prefetched
+    # the grouped kernel's offsets point at a prefetched expert's bytes as at a fetched one's
+    cache.prefetch(0, [2], lay, host)
+    pool, offs, _, _ = ExpertSet(cache, 0, lay, host).grouped_offsets([2, 7])
+    for col, e in enumerate([2, 7]):
+        for k in range(3):
+            v = pool[offs[k, col] : offs[k, col] + 8 * 16 * 4].view(torch.float32).view(8, 16)
+            assert v[3, 5].item() == pytest.approx(1000 * k + 100 * e + 3 + 0.05)
+    cache.prefetch(1, [1], lay1, host1)
+    cache.drop_prefetched()  # a step that ended early: nothing left to serve
+    assert not cache.prefetched and not cache.on_device(1, 1)
+
+
 def test_cpu_experts_match_the_float64_reference():
     """NOTE [ CPU experts ]: the CPU's share of a step's experts, from Q4_K staging bytes packed
     for aten's int4 matmul, against float64 SwiGLU over gguf-py's dequantization; only the

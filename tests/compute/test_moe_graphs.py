@@ -22,7 +22,7 @@ class _Streamed:
     """A LayerSource whose layers keep all but their experts on the device; the experts come
     through an ExpertSet from the layer's bytes on the host, as the pipeline's StreamedLayers."""
 
-    def __init__(self, index, cache, cpu, frac):
+    def __init__(self, index, cache, cpu, frac, ahead=False):
         self.layouts = layer_layouts(index)
         self.dense, self.host = {}, {}
         for i, lay in enumerate(self.layouts):
@@ -34,14 +34,18 @@ class _Streamed:
             self.host[i] = host
         self.whole = {i: {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()}
                       for i in range(len(self.layouts))}
-        self.cache, self.cpu, self.frac = cache, cpu, frac
+        self.cache, self.cpu, self.frac, self.ahead = cache, cpu, frac, ahead
         self.prompt = False  # a prompt step streams whole layers (as in the pipeline)
 
     def layer(self, i):
         if self.prompt:
             return self.whole[i]
-        return dict(self.dense[i], experts=ExpertSet(self.cache, i, self.layouts[i], self.host[i], dense_fixed=True,
-                                                     cpu=self.cpu, frac=self.frac))
+        nxt = i + 1 if self.ahead and i + 1 < len(self.layouts) else None  # NOTE [ expert prefetch ]
+        return dict(self.dense[i], experts=ExpertSet(
+            self.cache, i, self.layouts[i], self.host[i], dense_fixed=True, cpu=self.cpu, frac=self.frac,
+            next_router=None if nxt is None else self.dense[nxt],
+            prefetch_next=None if nxt is None else lambda ex: self.cache.prefetch(nxt, ex, self.layouts[nxt],
+                                                                                   self.host[nxt])))
 
     def release(self, i):
         pass
@@ -63,15 +67,15 @@ class _Graph:
             o.copy_(n)
 
 
-def _decode(path, graphs: bool, frac: float):
+def _decode(path, graphs: bool, frac: float, ahead: bool = False):
     index = open_model(path)
     hp = index.hparams
     layouts = layer_layouts(index)
     tl = Timeline("compute", "t")
     cache = ExpertCache(3 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, tl, "lfu",
-                        slot_bytes(layouts), max_in_flight(hp.n_expert, hp.n_expert_used))
+                        slot_bytes(layouts), max_in_flight(hp.n_expert, hp.n_expert_used), 4 if ahead else 0)
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=frac), 1 << 30, torch.float32, tl) if frac else None
-    src = _Streamed(index, cache, cpu, frac)
+    src = _Streamed(index, cache, cpu, frac, ahead)
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
                     ctx=64, max_seqs=2)
     if graphs:  # the CUDA-only switches, stood in for
@@ -90,7 +94,7 @@ def _decode(path, graphs: bool, frac: float):
             steps.append(SeqStep(row=b, tokens=[(7 * p + b) % hp.n_vocab], slots=[p], positions=[p],
                                  kv_pos=list(range(p + 1))))
         logits.append(r.step(steps, "last"))
-    return torch.stack(logits), getattr(src, "graphed", 0), cpu
+    return torch.stack(logits), getattr(src, "graphed", 0), cpu, cache
 
 
 def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
@@ -99,11 +103,13 @@ def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
     # Q4_0 (4-bit, which the CPU's experts need) is the block type the interpreter runs fastest
     path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
                                n_ff=64, n_expert=8, n_expert_used=2, seed=9)
-    want, _, _ = _decode(path, graphs=False, frac=0.0)
-    for frac in (0.0, 0.5):
-        got, graphed, cpu = _decode(path, graphs=True, frac=frac)
+    want, _, _, _ = _decode(path, graphs=False, frac=0.0)
+    for frac, ahead in ((0.0, False), (0.5, False), (0.0, True), (0.5, True)):
+        got, graphed, cpu, cache = _decode(path, graphs=True, frac=frac, ahead=ahead)
         assert graphed == 2 * 3  # every decode step's two layers ran through the graph path
         if frac:
             assert cpu.computed > 0
+        # with the prefetch, graph A also predicts layer 1's experts from layer 0 (NOTE [ expert prefetch ])
+        assert (cache.prefetch_copied > 0) == ahead and (cache.prefetch_hits > 0) == ahead
         assert (got.argmax(-1) == want.argmax(-1)).all(), frac
         assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), frac

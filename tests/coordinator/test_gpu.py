@@ -192,6 +192,9 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     assert graphed >= (3 * 8 if moe_dense == "resident" else 0), graphed
     if moe_dense == "stream":
         assert graphed == 0
+    # with their routers kept, layers 1 and 2 got experts predicted and copied ahead on the copy
+    # stream (NOTE [ expert prefetch ]); the tokens above show they were the right bytes
+    assert (ex["prefetch_hits"] > 0) == (moe_dense == "resident"), ex
 
 
 def test_cpu_experts_on_cuda_agree_with_the_single_process_engine(tmp_path):

@@ -236,6 +236,41 @@ def test_streamed_experts_as_blocks_run_grouped(tmp_path):
     assert ex["steps"] >= 3 and ex["misses"] > 0 and ex["hits"] > 0
 
 
+def test_decode_copies_the_predicted_experts_ahead(tmp_path):
+    """NOTE [ expert prefetch ]: each streamed layer's router, applied to the layer before's expert
+    input, predicts its experts, which are copied ahead. Where they come from never changes the
+    tokens (those of the single-process engine, with the prefetch and without); the step's chosen
+    experts are the same (cached + copied ahead + copied after the router), and those copied
+    ahead are not copied again."""
+    pytest.importorskip("triton")
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q8_0", n_layer=3, n_expert=8,
+                               n_expert_used=2, seed=5)
+    prompts = [[5, 17, 33], [9, 3]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    cache_gb = 2 * (3 * 128 * 68) / 2**30  # two of a layer's 8 experts: most of a step's are not cached
+    with _engine(path, dtype="float32", weights="quantized") as e:
+        want = e.generate_batch(prompts, params)
+    got = {}
+    for ahead in (0, 3):
+        with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb, expert_prefetch=ahead),
+                     dtype="float32", weights="quantized") as e:
+            assert e.backend.plan.expert_prefetch == ahead
+            assert e.generate_batch(prompts, params) == want
+            snaps = e.backend.collect_stats()
+            got[ahead] = next(s["experts"] for s in snaps if s.get("experts"))
+            table = e.backend.stats_table(snaps)
+    off, on = got[0], got[3]
+    assert off["prefetched"] == off["prefetch_hits"] == 0
+    assert 0 < on["prefetch_hits"] <= on["prefetched"], on
+    assert "copied ahead on the previous layer's prediction" in table, table
+    chosen = off["hits"] + off["misses"]
+    assert on["hits"] + on["misses"] + on["prefetch_hits"] == chosen  # the same experts chosen
+    layer = open_model(path).layers[0]
+    per = sum(layer[n].nbytes for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")) // 8
+    assert off["bytes"] == off["misses"] * per
+    assert on["bytes"] == (on["misses"] + on["prefetched"]) * per  # those copied ahead were not copied again
+
+
 @pytest.mark.parametrize("kv_on_host", [False, True], ids=["device-kv", "host-kv"])
 def test_next_turn_reuses_the_kv_its_row_holds(model, kv_on_host):
     """A conversation's second turn prefills only what follows the first (NOTE [ prefix reuse ]
@@ -610,7 +645,8 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     ids = [5, 17, 33, 80, 81, 90, 100, 7, 3, 25, 11, 42]
     with _engine(path, dtype="float32", weights="quantized") as e:
         want = e.logits(ids)
-    pcfg = PipelineConfig(resident_layers=0, expert_cache_gb=2 * 3 * 256 * 144 / 2**30, cpu_share="0.5", step_tokens=1)
+    pcfg = PipelineConfig(resident_layers=0, expert_cache_gb=2 * 3 * 256 * 144 / 2**30, cpu_share="0.5", step_tokens=1,
+                          expert_prefetch=0)  # (experts copied ahead are not missing: the CPU would take fewer)
     with _engine(path, pcfg, dtype="float32", weights="quantized") as e:
         got = e.logits(ids)
         snaps = e.backend.collect_stats()

@@ -141,8 +141,17 @@ def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     # a decode step of up to 10 tokens streams experts (8 of 128 each): 80 of them at most in flight
     per_expert = sum(t.nbytes for t in layouts[0].tensors if t.name.endswith("_exps.weight")) // 128
     assert dict(p.parts)["experts in flight"] == 80 * per_expert
+    # and two sets of the next layer's predicted experts, twice a token's 8 each by default
+    # (compute/experts.py, NOTE [ expert prefetch ]); they need its router on the device
+    assert p.expert_prefetch == 16 and dict(p.parts)["experts copied ahead"] == 2 * 16 * per_expert
+    off = plan((index, layouts), gib, expert_prefetch=0)
+    assert off.expert_prefetch == 0 and dict(off.parts)["experts copied ahead"] == 0
+    assert len(off.resident) >= len(p.resident)
+    with pytest.raises(ConfigError, match="--expert-prefetch 129: use 0 .off. to 128"):
+        plan((index, layouts), gib, expert_prefetch=129)
     s = plan((index, layouts), gib, moe_dense="stream")
     assert not s.dense_resident and dict(s.parts)["streamed layers' attention"] == 0
+    assert s.expert_prefetch == 0 and dict(s.parts)["experts copied ahead"] == 0
     assert len(s.resident) >= len(p.resident) and s.device_bytes <= gib * GiB
     # KV comes first: a long context's KV leaves no room for them, and the plan still fits
     k = plan((index, layouts), 4, ctx=4096, max_seqs=8)
