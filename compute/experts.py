@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu_share import Balancer, Meter, PackedRows, expert_int4_layers, pack_rows, packed_swiglu
+from layerstream.compute.h2d import DriverCopies
 from layerstream.compute.model import EXPERT_TENSORS
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.runner import device_weight
@@ -118,6 +119,7 @@ class ExpertCache:
         self.set_free: list = [None, None]  # per prefetch set: event after the last read of its slots
         self.reading: dict[int, int] = {}  # layer -> the prefetch set its step reads
         self.prefetch_hits = 0  # chosen experts that a prefetch had copied
+        self.driver = DriverCopies.open() if self.pool is not None and self.device.type == "cuda" else None
         self.prefetch_copied = 0  # experts copied ahead (hits or not)
         self.layer_parts: dict[int, list] = {}  # layer -> _parts of its layout
         self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
@@ -185,19 +187,16 @@ class ExpertCache:
                 parts = self._parts(lay)
                 nbytes = sum(p[1] for p in parts)
                 moved = nbytes * len(missing)
-                src = self._sources(i, host)
                 flight = iter(range(self.n_cached, self.n_cached + self.in_flight))
-                dsts, srcs = [], []  # the pool's copies, issued at once
+                items = []  # (slot, expert): the pool's copies, issued at once
                 for e in missing:
                     slot = self._put((i, e), None, serving, nbytes)
                     slot = next(flight, None) if slot is None else slot
                     if slot is None:
                         raise RuntimeError(f"layer {i}: more new experts in one step than the pool's {self.in_flight}")
-                    for j, (t, per, off, _, _) in enumerate(parts):
-                        dsts.append(self._dst(slot, off, per))
-                        srcs.append(src(e, j, t, per))
+                    items.append((slot, e))
                     out[e] = slot
-                torch._foreach_copy_(dsts, srcs, non_blocking=True)
+                self._copy(i, items, lay, host)
             self.bytes_moved += moved
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
@@ -231,25 +230,16 @@ class ExpertCache:
             return 0
         t0 = time.monotonic_ns()
         base = self.n_cached + self.in_flight + (i % 2) * self.prefetch_slots
-        parts, src = self._parts(lay), self._sources(i, host)
-        slots, dsts, srcs = {}, [], []
-        for n, e in enumerate(want):
-            slots[e] = base + n
-            for j, (t, per, off, _, _) in enumerate(parts):
-                dsts.append(self._dst(base + n, off, per))
-                srcs.append(src(e, j, t, per))
+        slots = {e: base + n for n, e in enumerate(want)}
         ev = None
+        if stream is not None and self.set_free[i % 2] is not None:
+            stream.wait_event(self.set_free[i % 2])  # the layer that read this set two layers ago
+        self._copy(i, [(s, e) for e, s in slots.items()], lay, host, stream)
         if stream is not None:
-            if self.set_free[i % 2] is not None:
-                stream.wait_event(self.set_free[i % 2])  # the layer that read this set two layers ago
-            with torch.cuda.stream(stream):
-                torch._foreach_copy_(dsts, srcs, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(stream)
-        else:
-            torch._foreach_copy_(dsts, srcs)
+            ev = torch.cuda.Event()
+            ev.record(stream)
         self.prefetched[i] = (slots, ev)
-        moved = len(want) * sum(p[1] for p in parts)
+        moved = len(want) * sum(p[1] for p in self._parts(lay))
         self.bytes_moved += moved
         self.prefetch_copied += len(want)
         self.tl.add("expert_prefetch", f"prefetch L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
@@ -270,6 +260,26 @@ class ExpertCache:
             if ev is not None:
                 ev.synchronize()
         self.prefetched.clear()
+
+    def _copy(self, i: int, items: list[tuple[int, int]], lay: LayerLayout, host: np.ndarray, stream=None) -> None:
+        """Copy each (pool slot, expert) of layer i out of its staging bytes `host`, on `stream`
+        (None: the current one): through the driver where it is at hand (h2d.py, NOTE [ driver
+        copies ]), else torch's copies from views made once."""
+        parts = self._parts(lay)
+        if self.driver is not None:
+            src, dst = host.ctypes.data, self.pool.data_ptr()
+            self.driver.issue([(dst + slot * self.slot + off, src + t.slot_offset + e * per, per)
+                               for slot, e in items for t, per, off, _, _ in parts],
+                              (stream or torch.cuda.current_stream(self.device)).cuda_stream)
+            return
+        view = self._sources(i, host)
+        dsts = [self._dst(slot, off, per) for slot, e in items for t, per, off, _, _ in parts]
+        srcs = [view(e, j, t, per) for slot, e in items for j, (t, per, _, _, _) in enumerate(parts)]
+        if stream is None:
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+        else:
+            with torch.cuda.stream(stream):
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
     def _dst(self, slot: int, off: int, nbytes: int) -> torch.Tensor:
         """`nbytes` bytes at `off` in pool slot `slot`: a part of an expert, as a view made once."""
