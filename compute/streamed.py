@@ -24,7 +24,9 @@ the device's `ExpertCache` (experts.py: the most often used stay) are copied, ea
 of the 3-D expert tensors in the staging slot. The slot is therefore held until the layer's `release`
 (and given back once those copies are done, without the host waiting: `return_slots`). With a
 CPU share, the CPU computes part of the missing experts from the same slot instead
-(experts.py, NOTE [ CPU experts ]). Prompt steps touch nearly every expert: their layers stream whole.
+(experts.py, NOTE [ CPU experts ]). With the layers' routers kept, each layer's step also copies
+the next layer's predicted experts ahead (experts.py, NOTE [ expert prefetch ]). Prompt steps
+touch nearly every expert: their layers stream whole.
 
 With `dense_resident` (the plan's, when they fit) a streamed MoE layer keeps its own device copy
 of every tensor but its experts from its first load on, so its expert steps copy nothing ahead:
