@@ -126,6 +126,7 @@ class ExpertCache:
         self.src_views: dict[tuple[int, int], tuple] = {}  # (layer, staging address) -> (views, bytes)
         self.kernel_parts: dict[int, tuple] = {}  # layer -> ExpertSet.parts
         self.part_offsets: dict[int, tuple] = {}  # layer -> ExpertSet.offsets
+        self.copy_groups: dict[int, list] = {}  # layer -> _groups
 
     def fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, tuple]:
         """Layer i's `experts` on the device, copying the missing ones out of its staging bytes:
@@ -267,10 +268,11 @@ class ExpertCache:
         copies ]), else torch's copies from views made once."""
         parts = self._parts(lay)
         if self.driver is not None:
-            src, dst = host.ctypes.data, self.pool.data_ptr()
-            self.driver.issue([(dst + slot * self.slot + off, src + t.slot_offset + e * per, per)
-                               for slot, e in items for t, per, off, _, _ in parts],
-                              (stream or torch.cuda.current_stream(self.device)).cuda_stream)
+            src, dst, groups = host.ctypes.data, self.pool.data_ptr(), self._groups(lay)
+            self.driver.issue([(dst + slot * self.slot + off, src + a + e * per, per, h, dp, sp)
+                               for slot, e in items for a, per, off, h, dp, sp in groups],
+                              (stream or torch.cuda.current_stream(self.device)).cuda_stream
+                              if self.device.type == "cuda" else 0)
             return
         view = self._sources(i, host)
         dsts = [self._dst(slot, off, per) for slot, e in items for t, per, off, _, _ in parts]
@@ -280,6 +282,25 @@ class ExpertCache:
         else:
             with torch.cuda.stream(stream):
                 torch._foreach_copy_(dsts, srcs, non_blocking=True)
+
+    def _groups(self, lay: LayerLayout) -> list[tuple[int, int, int, int, int, int]]:
+        """An expert's parts as the driver's copies (h2d.py, NOTE [ driver copies ]): runs of parts
+        of the same bytes, evenly spaced in staging and in the pool slot, each as (staging offset
+        of the first part's expert 0, bytes a part, offset in the slot, parts, slot pitch,
+        staging pitch)."""
+        got = self.copy_groups.get(lay.layer)
+        if got is None:
+            got = []
+            for t, per, off, _, _ in self._parts(lay):
+                if got:
+                    a, p, o, h, dp, sp = got[-1]
+                    step, dstep = t.slot_offset - a - (h - 1) * sp, off - o - (h - 1) * dp
+                    if p == per and (h == 1 or (step, dstep) == (sp, dp)) and step >= per and dstep >= per:
+                        got[-1] = (a, p, o, h + 1, dstep, step)
+                        continue
+                got.append((t.slot_offset, per, off, 1, 0, 0))
+            self.copy_groups[lay.layer] = got
+        return got
 
     def _dst(self, slot: int, off: int, nbytes: int) -> torch.Tensor:
         """`nbytes` bytes at `off` in pool slot `slot`: a part of an expert, as a view made once."""

@@ -87,8 +87,42 @@ def test_lfu_keeps_the_experts_used_most():
         _cache(8, 2, "fifo")
 
 
+class _HostDriver:
+    """The CUDA driver's copies (h2d.DriverCopies.issue) done by the host, for a pool in host
+    memory: the addresses and 2-D copies the cache works out are checked on the CPU."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def issue(self, copies, stream):
+        import ctypes
+        for dst, src, n, h, dp, sp in copies:
+            assert n <= min(dp, sp) or h == 1
+            for r in range(h):
+                ctypes.memmove(dst + r * dp, src + r * sp, n)
+            self.calls += 1
+
+
+def test_an_experts_alike_parts_go_as_one_2d_copy():
+    """NOTE [ driver copies ]: parts of the same bytes, evenly spaced in staging and in the pool
+    slot, are one copy of several rows; a part of other bytes (a Q6_K down beside Q4_K gate and
+    up) is a copy of its own."""
+    from layerstream.compute.experts import _parts
+
+    lay, _ = _layer(n_expert=4, rows=8, cols=16)
+    cache = ExpertCache(0, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu", 4096)
+    per = 8 * 16 * 4
+    assert cache._groups(lay) == [(0, per, 0, 3, per, 4 * per)]  # gate, up and down alike
+    t = list(lay.tensors)
+    t[2] = SlotTensor(t[2].name, t[2].qtype, (4, 8, 8), t[2].slot_offset, 4 * 8 * 8 * 4, "f", 0)  # down: half the bytes
+    odd = LayerLayout(1, tuple(t), t[2].slot_offset + t[2].nbytes)
+    offs = [p[2] for p in _parts(odd)]
+    assert cache._groups(odd) == [(0, per, 0, 2, offs[1], 4 * per), (t[2].slot_offset, 8 * 8 * 4, offs[2], 1, 0, 0)]
+
+
+@pytest.mark.parametrize("driver", [False, True], ids=["torch-copies", "driver-copies"])
 @pytest.mark.parametrize("policy", ["lfu", "lru"])
-def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(policy):
+def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(policy, driver):
     """Block experts land in slots of one buffer (NOTE [ the expert pool ]): the cache's two
     slots, then in-flight slots for newcomers it does not keep. Every fetch of three experts
     evicts and reuses slots; each expert it returns, and each one still cached, must hold its own
@@ -102,6 +136,8 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
     cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), policy,
                         slot, in_flight=3)
     assert cache.pool.numel() == 5 * slot
+    if driver:
+        cache.driver = _HostDriver()
 
     def check(e, mats):
         for k, m in enumerate(mats):
@@ -119,6 +155,8 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
                       for t, per, off, r, c in _parts(lay)])
         assert len(cache.entries) <= 2 and len(set(entry[4] for entry in cache.entries.values())) == len(cache.entries)
     assert cache.hits > 0 and cache.misses > 60
+    if driver:
+        assert cache.driver.calls == cache.misses  # one 2-D copy an expert: its three parts are alike
     pool, offs, parts, cpu = ExpertSet(cache, 0, lay, host).grouped_offsets([5, 2, 5])
     assert offs.shape == (3, 3) and parts == ((int(QT.F32), 8, 16),) * 3 and cpu == []
     for col, e in enumerate([5, 2, 5]):
@@ -127,7 +165,8 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
             assert v[7, 1].item() == pytest.approx(1000 * k + 100 * e + 7 + 0.01)
 
 
-def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be():
+@pytest.mark.parametrize("driver", [False, True], ids=["torch-copies", "driver-copies"])
+def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(driver):
     """NOTE [ expert prefetch ]: experts predicted for layer i are copied into layer i's set of
     slots past the in-flight ones; its fetch serves those it chose from there (or from the cache
     slot it admits them to, by a copy on the device), copies only the others, and each returned
@@ -145,6 +184,8 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
     cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu",
                         slot, in_flight=3, prefetch=2)
     assert cache.pool.numel() == (2 + 3 + 2 * 2) * slot
+    if driver:
+        cache.driver = _HostDriver()
 
     def value(e, mats):
         return [m.raw.view(torch.float32).view(m.shape)[3, 5].item() for m in mats]
