@@ -119,8 +119,8 @@ class ExpertCache:
         self.set_free: list = [None, None]  # per prefetch set: event after the last read of its slots
         self.reading: dict[int, int] = {}  # layer -> the prefetch set its step reads
         self.prefetch_hits = 0  # chosen experts that a prefetch had copied
-        self.driver = DriverCopies.open() if self.pool is not None and self.device.type == "cuda" else None
         self.prefetch_copied = 0  # experts copied ahead (hits or not)
+        self.driver = DriverCopies.open() if self.pool is not None and self.device.type == "cuda" else None
         self.layer_parts: dict[int, list] = {}  # layer -> _parts of its layout
         self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
         self.src_views: dict[tuple[int, int], tuple] = {}  # (layer, staging address) -> (views, bytes)
@@ -168,9 +168,10 @@ class ExpertCache:
         serving = {(i, e) for e in experts}
         if pre:
             self.reading[i] = i % 2
+        nbytes = sum(p[1] for p in self._parts(lay)) if self.pool is not None else 0  # an expert's bytes
         for e in ahead:  # predicted and copied ahead: kept as a copy would be (a device-to-device copy)
             self.prefetch_hits += 1
-            slot = self._put((i, e), None, serving, sum(p[1] for p in self._parts(lay)))
+            slot = self._put((i, e), None, serving, nbytes)
             if slot is not None:
                 self.pool[slot * self.slot : (slot + 1) * self.slot].copy_(
                     self.pool[pre[e] * self.slot : (pre[e] + 1) * self.slot])
@@ -185,8 +186,6 @@ class ExpertCache:
                     out[e] = tuple(mats)
                     moved += nbytes
             else:
-                parts = self._parts(lay)
-                nbytes = sum(p[1] for p in parts)
                 moved = nbytes * len(missing)
                 flight = iter(range(self.n_cached, self.n_cached + self.in_flight))
                 items = []  # (slot, expert): the pool's copies, issued at once

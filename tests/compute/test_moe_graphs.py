@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import ggufgen
-from layerstream.compute import runner as runner_mod
 from layerstream.compute.cpu_share import Balancer
 from layerstream.compute.experts import CpuExperts, ExpertCache, ExpertSet, max_in_flight, slot_bytes
 from layerstream.compute.model import EXPERT_TENSORS, SeqStep
