@@ -284,9 +284,14 @@ class StreamedLayers:
     def _prefetch_experts(self, j: int, experts: list[int]) -> None:
         """Copy layer j's predicted `experts` ahead, from its staging slot if it is announced
         (experts.py, NOTE [ expert prefetch ])."""
-        self.pump(False)
-        got = self.copies.get(j) if self.cuda else None
-        slot = got[1] if got is not None and got[0] is None else self.ready.get((self.step_no, j))
+        def staged():
+            got = self.copies.get(j) if self.cuda else None
+            return got[1] if got is not None and got[0] is None else self.ready.get((self.step_no, j))
+
+        slot = staged()
+        if slot is None:  # its announcement may be queued on the socket
+            self.pump(False)
+            slot = staged()
         if slot is None:  # not staged yet: the layer's fetch copies what it chooses
             self.tl.incr("expert_prefetch_unstaged")
             return
