@@ -77,6 +77,7 @@ class Plan:
                 f"{self.vram_slots} VRAM slots; {kv}; {self.step_tokens} tokens a step; prefetch {self.prefetch}; "
                 f"host cache {self.cache_layers} layers; device memory {_gib(self.device_bytes)}{budget}"
                 + ("; the streamed layers' attention and routers resident" if self.dense_resident else "")
+                + (f", {self.expert_prefetch} experts a layer copied ahead on a prediction" if self.expert_prefetch else "")
                 + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else ""))
 
     def breakdown(self) -> str:

@@ -144,8 +144,10 @@ def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     # and two sets of the next layer's predicted experts, twice a token's 8 each by default
     # (compute/experts.py, NOTE [ expert prefetch ]); they need its router on the device
     assert p.expert_prefetch == 16 and dict(p.parts)["experts copied ahead"] == 2 * 16 * per_expert
+    assert "routers resident, 16 experts a layer copied ahead on a prediction" in p.describe()
     off = plan((index, layouts), gib, expert_prefetch=0)
     assert off.expert_prefetch == 0 and dict(off.parts)["experts copied ahead"] == 0
+    assert "copied ahead" not in off.describe()
     assert len(off.resident) >= len(p.resident)
     with pytest.raises(ConfigError, match="--expert-prefetch 129: use 0 .off. to 128"):
         plan((index, layouts), gib, expert_prefetch=129)
