@@ -76,15 +76,15 @@ def merge_snapshots(snaps: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def stats_table(snaps: list[dict[str, Any]], wall_s: float, extra: dict[str, Any] | None = None) -> str:
     """The per-stage table `--stats` prints at exit."""
     tot = merge_snapshots(snaps)
-    rows = [f"{'stage':<12}{'count':>8}{'busy s':>10}{'GB':>10}{'GB/s':>9}{'ms each':>10}"]
-    for cat in ("read", "copy", "expert_copy", "dequant", "compute", "cpu_share", "cpu_pack", "step", "wait_layer",
-                "wait_copy"):
+    rows = [f"{'stage':<16}{'count':>8}{'busy s':>10}{'GB':>10}{'GB/s':>9}{'ms each':>10}"]
+    for cat in ("read", "copy", "expert_copy", "expert_prefetch", "dequant", "compute", "cpu_share", "cpu_pack",
+                "step", "wait_layer", "wait_copy", "wait_route"):
         if cat not in tot:
             continue
         t = tot[cat]
         gbs = f"{t['bytes'] / t['busy_s'] / 1e9:.2f}" if t["bytes"] and t["busy_s"] else "-"
         each = t["busy_s"] / t["count"] * 1e3 if t["count"] else 0.0
-        rows.append(f"{cat:<12}{int(t['count']):>8}{t['busy_s']:>10.3f}{t['bytes'] / 1e9:>10.3f}{gbs:>9}{each:>10.3f}")
+        rows.append(f"{cat:<16}{int(t['count']):>8}{t['busy_s']:>10.3f}{t['bytes'] / 1e9:>10.3f}{gbs:>9}{each:>10.3f}")
     busy = tot.get("compute", {}).get("busy_s", 0.0) + tot.get("dequant", {}).get("busy_s", 0.0)
     steps = tot.get("step", {}).get("busy_s", 0.0)
     line = f"wall time {wall_s:.3f} s"

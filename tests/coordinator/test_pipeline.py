@@ -263,6 +263,7 @@ def test_decode_copies_the_predicted_experts_ahead(tmp_path):
     assert off["prefetched"] == off["prefetch_hits"] == 0
     assert 0 < on["prefetch_hits"] <= on["prefetched"], on
     assert "copied ahead on the previous layer's prediction" in table, table
+    assert "\nexpert_prefetch " in table and "\nwait_route " in table, table  # their own rows of stages
     chosen = off["hits"] + off["misses"]
     assert on["hits"] + on["misses"] + on["prefetch_hits"] == chosen  # the same experts chosen
     layer = open_model(path).layers[0]
