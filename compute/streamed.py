@@ -284,19 +284,20 @@ class StreamedLayers:
     def _prefetch_experts(self, j: int, experts: list[int]) -> None:
         """Copy layer j's predicted `experts` ahead, from its staging slot if it is announced
         (experts.py, NOTE [ expert prefetch ])."""
-        def staged():
-            got = self.copies.get(j) if self.cuda else None
-            return got[1] if got is not None and got[0] is None else self.ready.get((self.step_no, j))
-
-        slot = staged()
+        slot = self._staged_slot(j)
         if slot is None:  # its announcement may be queued on the socket
             self.pump(False)
-            slot = staged()
+            slot = self._staged_slot(j)
         if slot is None:  # not staged yet: the layer's fetch copies what it chooses
             self.tl.incr("expert_prefetch_unstaged")
             return
         self.expert_cache.prefetch(j, experts, self.layouts[j], self.slot_array(slot),
                                    self.copy_stream if self.cuda else None)
+
+    def _staged_slot(self, j: int) -> int | None:
+        """The staging slot of this step's layer j, if it is announced (its copies issued or not)."""
+        got = self.copies.get(j) if self.cuda else None
+        return got[1] if got is not None and got[0] is None else self.ready.get((self.step_no, j))
 
     def _keep(self, i: int, raw: torch.Tensor) -> None:
         """Keep streamed layer i's tensors but its experts, copied out of `raw` (its bytes at slot
