@@ -121,6 +121,7 @@ class ExpertCache:
         self.prefetch_hits = 0  # chosen experts that a prefetch had copied
         self.prefetch_copied = 0  # experts copied ahead (hits or not)
         self.driver = DriverCopies.open() if self.pool is not None and self.device.type == "cuda" else None
+        self.pool_ptr = self.pool.data_ptr() if self.pool is not None else 0  # (the pool never moves)
         self.layer_parts: dict[int, list] = {}  # layer -> _parts of its layout
         self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
         self.src_views: dict[tuple[int, int], tuple] = {}  # (layer, staging address) -> (views, bytes)
@@ -147,8 +148,9 @@ class ExpertCache:
         a layer's fetch took 422 µs with views made each step, 203 µs with views made once)."""
         out, missing, ahead = {}, [], []
         pre, pre_event = self.prefetched.pop(i, ({}, None))
+        cur = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None  # (once a fetch)
         if pre_event is not None:  # its copies read this layer's staging slot: they come first
-            torch.cuda.current_stream(self.device).wait_event(pre_event)
+            cur.wait_event(pre_event)
         for e in experts:
             key = (i, e)
             self.tick += 1
@@ -196,13 +198,13 @@ class ExpertCache:
                         raise RuntimeError(f"layer {i}: more new experts in one step than the pool's {self.in_flight}")
                     items.append((slot, e))
                     out[e] = slot
-                self._copy(i, items, lay, host)
+                self._copy(i, items, lay, host, cur)
             self.bytes_moved += moved
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
-        if (missing or pre_event is not None) and self.device.type == "cuda":
+        if (missing or pre_event is not None) and cur is not None:
             ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
+            ev.record(cur)
             self.copied[i] = ev  # every copy out of the layer's staging slot is done after it
         return out
 
@@ -267,7 +269,7 @@ class ExpertCache:
         copies ]), else torch's copies from views made once."""
         parts = self._parts(lay)
         if self.driver is not None:
-            src, dst, groups = host.ctypes.data, self.pool.data_ptr(), self._groups(lay)
+            src, dst, groups = host.ctypes.data, self.pool_ptr, self._groups(lay)
             self.driver.issue([(dst + slot * self.slot + off, src + a + e * per, per, h, dp, sp)
                                for slot, e in items for a, per, off, h, dp, sp in groups],
                               (stream or torch.cuda.current_stream(self.device)).cuda_stream
