@@ -95,7 +95,7 @@ class ExpertCache:
         self.used = 0
         self.hits = self.misses = 0
         self.bytes_moved = 0
-        self.copied: dict[int, torch.cuda.Event] = {}  # layer -> event after its expert copies (CUDA)
+        self.stream = None  # the compute stream, set by the owner once a step (None: looked up)
         # NOTE [ the expert pool ]
         # Block experts (what the grouped kernel reads) live in one device buffer of equal slots,
         # `slot` bytes each: the cache's slots, then `in_flight` slots for the newcomers the cache
@@ -148,7 +148,7 @@ class ExpertCache:
         a layer's fetch took 422 µs with views made each step, 203 µs with views made once)."""
         out, missing, ahead = {}, [], []
         pre, pre_event = self.prefetched.pop(i, ({}, None))
-        cur = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None  # (once a fetch)
+        cur = self._stream() if self.device.type == "cuda" else None
         if pre_event is not None:  # its copies read this layer's staging slot: they come first
             cur.wait_event(pre_event)
         for e in experts:
@@ -174,10 +174,16 @@ class ExpertCache:
         for e in ahead:  # predicted and copied ahead: kept as a copy would be (a device-to-device copy)
             self.prefetch_hits += 1
             slot = self._put((i, e), None, serving, nbytes)
-            if slot is not None:
+            if slot is None:
+                out[e] = pre[e]
+                continue
+            if self.driver is not None:
+                self.driver.d2d(self.pool_ptr + slot * self.slot, self.pool_ptr + pre[e] * self.slot, self.slot,
+                                cur.cuda_stream if cur is not None else 0)
+            else:
                 self.pool[slot * self.slot : (slot + 1) * self.slot].copy_(
                     self.pool[pre[e] * self.slot : (pre[e] + 1) * self.slot])
-            out[e] = pre[e] if slot is None else slot
+            out[e] = slot
         if missing:
             t0 = time.monotonic_ns()
             if self.pool is None:
@@ -202,11 +208,11 @@ class ExpertCache:
             self.bytes_moved += moved
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
-        if (missing or pre_event is not None) and cur is not None:
-            ev = torch.cuda.Event()
-            ev.record(cur)
-            self.copied[i] = ev  # every copy out of the layer's staging slot is done after it
         return out
+
+    def _stream(self):
+        """The compute stream: the one set for this step, else the current one."""
+        return self.stream if self.stream is not None else torch.cuda.current_stream(self.device)
 
     def on_device(self, i: int, e: int) -> bool:
         """Whether layer i's expert e needs no copy after its router: cached, or copied ahead."""
@@ -248,13 +254,15 @@ class ExpertCache:
                     experts=len(want))
         return len(want)
 
-    def done(self, i: int) -> None:
-        """Layer i's work is enqueued: the prefetch set it read may be overwritten after it."""
+    def done(self, i: int, event=None) -> None:
+        """Layer i's work is enqueued, `event` recorded after it on the compute stream: the
+        prefetch set it read may be overwritten once that event has passed."""
         k = self.reading.pop(i, None)
         if k is not None and self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            self.set_free[k] = ev
+            if event is None:
+                event = torch.cuda.Event()
+                event.record(self._stream())
+            self.set_free[k] = event
 
     def drop_prefetched(self) -> None:
         """Forget copies ahead that no fetch took (a step that ended early), once they are done."""
@@ -272,8 +280,7 @@ class ExpertCache:
             src, dst, groups = host.ctypes.data, self.pool_ptr, self._groups(lay)
             self.driver.issue([(dst + slot * self.slot + off, src + a + e * per, per, h, dp, sp)
                                for slot, e in items for a, per, off, h, dp, sp in groups],
-                              (stream or torch.cuda.current_stream(self.device)).cuda_stream
-                              if self.device.type == "cuda" else 0)
+                              (stream or self._stream()).cuda_stream if self.device.type == "cuda" else 0)
             return
         view = self._sources(i, host)
         dsts = [self._dst(slot, off, per) for slot, e in items for t, per, off, _, _ in parts]
@@ -542,11 +549,12 @@ class ExpertSet:
     def fetch(self, experts: list[int]) -> dict[int, tuple]:
         return self.cache.fetch(self.i, experts, self.lay, self.host)
 
-    def grouped_offsets(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, tuple, list[int]]:
+    def grouped_offsets(self, ids: list[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        tuple, list[int]]:
         """Fetch the experts of the step's (token, choice) pairs `ids` but the CPU's share of the
         missing ones (NOTE [ CPU experts ]): the pool, each pair's gate, up and down byte offsets
-        from it ([3, len(ids)] int64 on the host; the CPU's pairs point at the pool's start), the
-        parts, and the CPU's experts."""
+        from it ([3, len(ids)] int64 on the host, written into `out` where it is given; the CPU's
+        pairs point at the pool's start), the parts, and the CPU's experts."""
         distinct = sorted(set(ids))
         cpu = []
         if self.cpu is not None and self.frac > 0:
@@ -557,19 +565,25 @@ class ExpertSet:
         slots = self.cache.fetch_slots(self.i, [e for e in distinct if e not in cpu] if cpu else distinct, self.lay,
                                        self.host)
         size, starts = self.cache.slot, self.offsets
-        offs = torch.tensor([[slots[e] * size + a if e in slots else 0 for e in ids] for a in starts], dtype=torch.int64)
-        return self.cache.pool, offs, self.parts, cpu
+        base = [slots[e] * size if e in slots else None for e in ids]
+        rows = [[0 if b is None else b + a for b in base] for a in starts]
+        if out is None:
+            return self.cache.pool, torch.tensor(rows, dtype=torch.int64), self.parts, cpu
+        view = out.numpy()  # (a pinned buffer: written in place, no tensor made)
+        for j, row in enumerate(rows):
+            view[j] = row
+        return self.cache.pool, out, self.parts, cpu
 
-    def prepare(self, ids: list[int], h: torch.Tensor, weight: torch.Tensor):
+    def prepare(self, ids: list[int], h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None):
         """A step's experts for the grouped launches, in the order that lets the CPU work while
         the copies run (NOTE [ CPU experts ]): the activations and weights go to the host first
         (a read after the fetch would wait for its copies), then the fetch. Returns the pairs'
         offsets (grouped_offsets), their keep weights ([T, k] on the host: 0 for the CPU's pairs;
         None without a CPU share), and a function computing the CPU's weighted sum ([T, n_embd]
-        float32 on the host; None when the CPU takes nothing)."""
+        float32 on the host; None when the CPU takes nothing). `out`: where the offsets go."""
         if self.cpu is not None and self.frac > 0:
             h_host, w_host = h.float().cpu(), weight.float().cpu()
-        _, offs, _, cpu = self.grouped_offsets(ids)
+        _, offs, _, cpu = self.grouped_offsets(ids, out)
         keep = None if self.cpu is None else \
             torch.tensor([0.0 if e in cpu else 1.0 for e in ids]).view(-1, weight.shape[1])
         run_cpu = (lambda: self.cpu.compute(self.i, self.lay, self.host, cpu, ids, h_host, w_host)) if cpu else None

@@ -133,6 +133,10 @@ class LayerSource(Protocol):
     def graph_ran(self, first: int, stop: int, start, end) -> None:
         """Layers first..stop-1 ran from a graph between CUDA events start and end (None: the
         layers' own events time them)."""
+    def moe_graph_key(self, i: int) -> bool | None:
+        """For a streamed MoE layer whose attention and router read only tensors that stay put,
+        whether its step also predicts the next layer's experts (its graphs' key); None for any
+        other layer (NOTE [ the next router early ])."""
 
 
 class ResidentLayers:
@@ -159,6 +163,9 @@ class ResidentLayers:
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
         pass
+
+    def moe_graph_key(self, i: int) -> None:
+        return None
 
 
 class GlobalWeights:
@@ -390,7 +397,18 @@ class ModelRunner:
     (graph A); then the host reads the chosen ids, the expert cache copies the missing experts
     into its pool and the pairs' byte offsets go into graph B's input; then its experts (graph
     B), which read the pool (experts.py, NOTE [ the expert pool ]). Those graphs share one copy
-    of the step's inputs per shape, filled once a step.
+    of the step's inputs per shape, filled once a step; graph B writes the layer's output back
+    into that copy, where the next layer's graph A reads it.
+
+    NOTE [ the next router early ]
+    The host's time bounds a streamed MoE layer at batch 1 (BENCHMARKS.md, issue 9): it waited
+    about 110 µs of a 560-µs layer for graph A, and the device waited for the host's bookkeeping
+    between layers (the layer's release, the next layer's announcement). So right after graph B
+    of layer i (and the next layer's copies ahead), graph A of layer i+1 is launched too, before
+    that bookkeeping, when layer i+1 is a streamed MoE layer whose attention and router read only
+    kept tensors (`LayerSource.moe_graph_key`) and its graphs exist: they need nothing that
+    layer(i+1) returns. The device then runs layer i+1's attention and router while the host
+    does the bookkeeping, and the host's wait for the chosen ids mostly vanishes.
     """
 
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
@@ -406,6 +424,7 @@ class ModelRunner:
         self.pool = self.capture_stream = None
         self.moe_graphs: dict[tuple[int, int, int], tuple] = {}  # (layer, batch, padded KV length) -> A, B
         self.moe_inputs: dict[tuple[int, int], tuple] = {}  # (batch, padded KV length) -> (x, meta, names, filled)
+        self._early = None  # the graph key of the layer whose graph A already ran (NOTE [ the next router early ])
         self._graph_step = False  # this step may replay graphs (a decode step within the limits)
         self.device, self.dtype = torch.device(device), dtype
         if self.device.type == "cuda":
@@ -444,6 +463,7 @@ class ModelRunner:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
         decode = all(len(s.tokens) == 1 for s in seqs)
+        self._early = None
         upto = self._graph_layers(seqs, decode)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
@@ -471,22 +491,29 @@ class ModelRunner:
         ex = w.get("experts")
         return self._graph_step and ex is not None and ex.dense_fixed and ex.grouped and self.kv.on_device(i)
 
-    def _moe_layer(self, i: int, w: LayerWeights, x: torch.Tensor, meta: StepMeta, k, v) -> torch.Tensor:
-        """Streamed MoE layer i through its graphs: attention and router, the host's fetch, experts."""
+    def _moe_layer(self, i: int, w: LayerWeights, x: torch.Tensor, meta: StepMeta, k, v, stop: int) -> torch.Tensor:
+        """Streamed MoE layer i through its graphs: attention and router, the host's fetch, experts;
+        then the next layer's attention and router, where they may run early (NOTE [ the next
+        router early ])."""
         T = x.shape[0]
         ex = w["experts"]
         key = (i, T, meta.kv_len, ex.next_router is not None)
         g = self.moe_graphs.get(key)
         s_x, s_meta = self._moe_inputs(x, meta)
-        s_x.copy_(x)
-        if g is None:
-            g = self.moe_graphs[key] = self._capture_moe(i, w, s_x, s_meta, k, v)
+        if self._early != key:
+            if x is not s_x:  # (graph B of the layer before wrote it there)
+                s_x.copy_(x)
+            if g is None:
+                x_in = s_x.clone()  # capturing graph B runs it once, writing s_x
+                g = self.moe_graphs[key] = self._capture_moe(i, w, s_x, s_meta, k, v)
+                s_x.copy_(x_in)
+            g[0].replay()
+        self._early = None
         graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g
-        graph_a.replay()
         ids = ex.read_ids(ids)  # the layer's host sync: its chosen experts, then those predicted for the next
         n = T * self.hp.n_expert_used
-        o, keep_host, run_cpu = ex.prepare(ids[:n], h, weight)
-        pinned[0].copy_(o)  # this layer's own pinned buffers: their last copies crossed a step ago
+        # into this layer's own pinned buffers: their last copies crossed a step ago
+        _, keep_host, run_cpu = ex.prepare(ids[:n], h, weight, out=pinned[0])
         offs.copy_(pinned[0], non_blocking=True)
         if keep is not None:  # captured with the CPU's share (NOTE [ CPU experts ])
             pinned[1].copy_(keep_host)
@@ -497,7 +524,21 @@ class ModelRunner:
             pinned[2].copy_(run_cpu())
             out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
+        if i + 1 < stop:
+            self._next_router_early(i + 1, T, meta.kv_len)
         return out
+
+    def _next_router_early(self, j: int, T: int, kv_len: int) -> None:
+        """Launch graph A of layer j now, if it is a streamed MoE layer that allows it and its
+        graphs exist (NOTE [ the next router early ]); its input is already in place."""
+        ahead = self.source.moe_graph_key(j)
+        if ahead is None or not self.kv.on_device(j):
+            return
+        key = (j, T, kv_len, ahead)
+        g = self.moe_graphs.get(key)
+        if g is not None:
+            g[0].replay()
+            self._early = key
 
     def _moe_inputs(self, x: torch.Tensor, meta: StepMeta) -> tuple:
         """The graphs' copy of the step's inputs for this shape, holding this step's meta."""
@@ -528,8 +569,8 @@ class ModelRunner:
         offs = torch.zeros(3, T * kk, dtype=torch.int64, device=self.device)  # slot 0 until the first fetch
         pool, parts = ex.cache.pool, ex.parts
         keep = None if ex.cpu is None else torch.ones(T, kk, dtype=torch.float32, device=self.device)
-        graph_b, out = self._capture(lambda: x1 + experts_grouped(h, weight if keep is None else weight * keep, pool,
-                                                                  offs, parts).to(x1.dtype))
+        graph_b, out = self._capture(lambda: s_x.copy_(x1 + experts_grouped(
+            h, weight if keep is None else weight * keep, pool, offs, parts).to(x1.dtype)))
         # pinned: the offsets, and with the CPU's share the pairs' weights and the CPU's sum
         pin = self.device.type == "cuda"
         pinned = (torch.empty(3, T * kk, dtype=torch.int64, pin_memory=pin),
@@ -588,7 +629,7 @@ class ModelRunner:
             w = self.source.fixed(i) if captured else self.source.layer(i)
             k, v, m = self.kv.layer(i, meta)
             if not captured and hp.n_expert and self._moe_graphed(i, w):
-                x = self._moe_layer(i, w, x, m, k, v)
+                x = self._moe_layer(i, w, x, m, k, v, stop)
             else:
                 x = layer_forward(hp, w, x, m, k, v, hp.is_swa(i))
             self.kv.write_back(i, m, k, v)

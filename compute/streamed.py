@@ -22,7 +22,8 @@ ahead, as usual; once its router has run, `moe_block` asks the layer's `ExpertSe
 experts the step's tokens chose (each once, whatever the batch), and only those missing from
 the device's `ExpertCache` (experts.py: the most often used stay) are copied, each a byte range
 of the 3-D expert tensors in the staging slot. The slot is therefore held until the layer's `release`
-(and given back once those copies are done, without the host waiting: `return_slots`). With a
+(and given back once the layer's work after those copies is done, without the host waiting:
+`return_slots`). With a
 CPU share, the CPU computes part of the missing experts from the same slot instead
 (experts.py, NOTE [ CPU experts ]). With the layers' routers kept, each layer's step also copies
 the next layer's predicted experts ahead (experts.py, NOTE [ expert prefetch ]). Prompt steps
@@ -206,9 +207,10 @@ class StreamedLayers:
         self.cpu_experts = cpu_experts if self.expert_cache is not None and self.expert_cache.pool is not None else None
         self.expert_frac = 0.0  # the CPU's share of this step's missing experts (NOTE [ CPU experts ])
         self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
-        self.returning: list[tuple] = []  # (copies' event, step, layer, staging slot) to give back once copied
+        self.returning: list[tuple] = []  # (event after the layer, step, layer, staging slot) to give back
         self.keep_dense = dense_resident and self.expert_cache is not None
         self.dense: dict[int, LayerWeights] = {}  # streamed MoE layer -> its tensors but the experts, on the device
+        self.expert_sets: dict[int, tuple] = {}  # kept layer -> (its key, its weights with their ExpertSet)
         self.share = share
         self.frac = 0.0  # the CPU's share of this step (0: the device computes every row)
         self.cpu_s, self.cpu_bytes = 0.0, 0  # the CPU share's work in this step
@@ -230,6 +232,7 @@ class StreamedLayers:
             self.gpu_events: list[tuple] = []
             self.layer_start: dict[int, torch.cuda.Event] = {}
             self.in_use: dict[int, int] = {}  # layer -> VRAM slot its blocks are read from
+            self.stream = torch.cuda.current_stream(self.device)  # the compute stream (looked up once a step)
 
     def set_step(self, step: int, tokens: int = 0) -> None:
         """The step whose LayerReady messages the next layers wait for, and its token count (which
@@ -242,6 +245,9 @@ class StreamedLayers:
         if self.expert_cache is not None and self.expert_cache.prefetched:
             self.expert_cache.drop_prefetched()  # (only a step that failed part-way leaves any)
         if self.cuda:  # the first streamed layers cross while the resident ones compute
+            self.stream = torch.cuda.current_stream(self.device)
+            if self.expert_cache is not None:
+                self.expert_cache.stream = self.stream
             self._issue_copies(0)
 
     def fixed(self, i: int) -> LayerWeights | None:
@@ -271,15 +277,33 @@ class StreamedLayers:
 
     def _with_experts(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
         """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
-        experts from the staging slot, which stays held until release(i)."""
+        experts from the staging slot, which stays held until release(i). A kept layer's are made
+        once per (staging slot, CPU share, prediction): the step's host time bounds decode."""
+        self.held[i] = slot
+        ahead = self._predicts(i)
+        key = (slot, self.expert_frac, ahead)
+        kept = i in self.dense
+        got = self.expert_sets.get(i) if kept else None
+        if got is not None and got[0] == key:
+            return got[1]
         w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}  # (the kept copy where there is one)
-        ahead = self.expert_cache.prefetch_slots and i + 1 < len(self.layouts) and self._kept(i + 1)
         w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot),
-                                 dense_fixed=i in self.dense, cpu=self.cpu_experts, frac=self.expert_frac,
+                                 dense_fixed=kept, cpu=self.cpu_experts, frac=self.expert_frac,
                                  next_router=self.dense[i + 1] if ahead else None,
                                  prefetch_next=functools.partial(self._prefetch_experts, i + 1) if ahead else None)
-        self.held[i] = slot
+        if kept:
+            self.expert_sets[i] = (key, w)
         return w
+
+    def _predicts(self, i: int) -> bool:
+        """Whether layer i's step predicts the next layer's experts and copies them ahead."""
+        return bool(self.expert_cache.prefetch_slots) and i + 1 < len(self.layouts) and self._kept(i + 1)
+
+    def moe_graph_key(self, i: int) -> bool | None:
+        """For a streamed MoE layer whose attention and router read only kept tensors in this
+        step (so they may run before layer(i) is asked for: runner.py, NOTE [ the next router
+        early ]), whether its step also predicts the next layer's experts; None for any other."""
+        return self._predicts(i) if self._kept(i) else None
 
     def _prefetch_experts(self, j: int, experts: list[int]) -> None:
         """Copy layer j's predicted `experts` ahead, from its staging slot if it is announced
@@ -333,7 +357,7 @@ class StreamedLayers:
         if i in self.resident:
             if self.cuda:
                 ev = torch.cuda.Event(enable_timing=True)
-                ev.record(torch.cuda.current_stream(self.device))
+                ev.record(self.stream)
                 self.layer_start[i] = ev
             return self.resident[i]
         lay = self.layouts[i]
@@ -343,7 +367,7 @@ class StreamedLayers:
             slot = self._wait_ready(i)
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             if self._kept(i):
-                return self._with_experts(i, dict(self.dense[i]), slot)
+                return self._with_experts(i, self.dense[i], slot)
             if self._experts_of(i):  # everything but the experts; they come when the router has run
                 part = self._dense_part(i)
                 with self.tl.span("copy", f"copy L{i}", nbytes=part.data_nbytes, layer=i):
@@ -382,9 +406,11 @@ class StreamedLayers:
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
         return self.ready.pop(key)
 
-    def _issue_copies(self, first: int) -> None:
-        """Start copies of announced layers first, first+1, ... into free VRAM slots, in order."""
-        self.pump(False)
+    def _issue_copies(self, first: int, pump: bool = True) -> None:
+        """Start copies of announced layers first, first+1, ... into free VRAM slots, in order
+        (`pump`: take in the queued announcements first)."""
+        if pump:
+            self.pump(False)
         for j in range(first, len(self.layouts)):
             if j in self.resident:
                 continue
@@ -417,9 +443,9 @@ class StreamedLayers:
             self.copies[j] = (k, slot, c0, c1, sum(n for _, n in ranges))
 
     def _layer_cuda(self, i: int, lay: LayerLayout) -> LayerWeights:
-        self._count_prefetch(i)
+        self._count_prefetch(i)  # (takes in the queued announcements)
         t0 = time.monotonic_ns()
-        self._issue_copies(i)
+        self._issue_copies(i, pump=False)
         while i not in self.copies:
             self.return_slots()  # the coordinator may be waiting for one of them
             self.pump(True)
@@ -428,9 +454,9 @@ class StreamedLayers:
         k, slot, c0, c1, copied = self.copies.pop(i)
         if k is None:  # a kept dense part: the layer starts at once
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record(torch.cuda.current_stream(self.device))
+            ev.record(self.stream)
             self.layer_start[i] = ev
-            return self._with_experts(i, dict(self.dense[i]), slot)
+            return self._with_experts(i, self.dense[i], slot)
         t0 = time.monotonic_ns()
         c1.synchronize()  # the staging slot may be reused once the copy is done
         self.tl.add("wait_copy", f"wait copy L{i}", t0, time.monotonic_ns() - t0)
@@ -439,7 +465,7 @@ class StreamedLayers:
         experts = self._experts_of(i)
         if not experts:
             self.layer_done(self.step_no, i, slot)
-        cur = torch.cuda.current_stream(self.device)
+        cur = self.stream
         cur.wait_event(c1)
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
@@ -465,15 +491,16 @@ class StreamedLayers:
         return w
 
     def return_slots(self, wait: bool = True) -> None:
-        """Give back the staging slots whose expert copies are done (`wait`: all of them, waiting
-        for the copies). The host never waits for a layer's expert copies before the next layer's
-        work is queued: only when it must wait for the coordinator, and at the step's end."""
+        """Give back the staging slots of the layers whose work is done, their expert copies
+        included (`wait`: all of them, waiting for the device). The host never waits for a layer's
+        expert copies before the next layer's work is queued: only when it must wait for the
+        coordinator, and at the step's end."""
         while self.returning:
             ev, step, i, slot = self.returning[0]
             if ev is not None and not wait and not ev.query():
                 return
             if ev is not None:
-                ev.synchronize()  # the copies, not the layer's math enqueued after them
+                ev.synchronize()  # the layer's work, its copies included
             self.returning.pop(0)
             self.layer_done(step, i, slot)
 
@@ -486,7 +513,7 @@ class StreamedLayers:
         if k is None:
             return
         ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
+        ev.record(self.stream)
         self._free_vram_slot(k, ev)
         self.tl.incr("early_slot")
         self._issue_copies(i + 1)
@@ -497,10 +524,14 @@ class StreamedLayers:
 
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
+        end = None
+        if self.cuda:  # one event: the layer's end for the trace, and what frees what it read
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(self.stream)
         slot = self.held.pop(i, None)
-        if slot is not None:  # its experts were read from the staging slot: it goes back once copied
-            self.expert_cache.done(i)
-            self.returning.append((self.expert_cache.copied.pop(i, None), self.step_no, i, slot))
+        if slot is not None:  # its experts were read from the staging slot: it goes back after them
+            self.expert_cache.done(i, end)  # (the copies out of it, on either stream, come before `end`)
+            self.returning.append((end, self.step_no, i, slot))
             self.return_slots(wait=False)
         if self.share is not None:
             sec, nbytes, t0 = self.share.meter.take()
@@ -511,9 +542,6 @@ class StreamedLayers:
         if not self.cuda:
             self.tl.add("compute", f"compute L{i}", self._t_layer, time.monotonic_ns() - self._t_layer, layer=i)
         else:
-            cur = torch.cuda.current_stream(self.device)
-            end = torch.cuda.Event(enable_timing=True)
-            end.record(cur)
             start = self.layer_start.pop(i, None)
             if start is not None:
                 self.gpu_events.append(("compute", i, start, end, 0))

@@ -55,6 +55,9 @@ class _Streamed:
     def graph_ran(self, first, stop, start, end):
         self.graphed = getattr(self, "graphed", 0) + stop - first
 
+    def moe_graph_key(self, i):
+        return None if self.prompt else self.ahead and i + 1 < len(self.layouts)
+
 
 class _Graph:
     def __init__(self, run, out):
@@ -80,6 +83,12 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False):
     if graphs:  # the CUDA-only switches, stood in for
         r._graph_layers = lambda seqs, decode: setattr(r, "_graph_step", decode) or 0
         r._capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
+        early = r._next_router_early
+
+        def count_early(*a):
+            early(*a)
+            src.early = getattr(src, "early", 0) + (r._early is not None)
+        r._next_router_early = count_early
     seqs = [[5, 17, 33], [9, 3]]
     src.prompt = True
     r.step([SeqStep(row=b, tokens=t, slots=list(range(len(t))), positions=list(range(len(t))),
@@ -93,19 +102,23 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False):
             steps.append(SeqStep(row=b, tokens=[(7 * p + b) % hp.n_vocab], slots=[p], positions=[p],
                                  kv_pos=list(range(p + 1))))
         logits.append(r.step(steps, "last"))
-    return torch.stack(logits), getattr(src, "graphed", 0), cpu, cache
+    return torch.stack(logits), getattr(src, "graphed", 0), cpu, cache, getattr(src, "early", 0)
 
 
 def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
-    """With and without the CPU's share of the experts (half of each step's missing ones)."""
+    """With and without the CPU's share of the experts (half of each step's missing ones), and
+    with the next layer's graph A launched early."""
     pytest.importorskip("triton")
     # Q4_0 (4-bit, which the CPU's experts need) is the block type the interpreter runs fastest
     path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
                                n_ff=64, n_expert=8, n_expert_used=2, seed=9)
-    want, _, _, _ = _decode(path, graphs=False, frac=0.0)
+    want, _, _, _, _ = _decode(path, graphs=False, frac=0.0)
     for frac, ahead in ((0.0, False), (0.5, False), (0.0, True), (0.5, True)):
-        got, graphed, cpu, cache = _decode(path, graphs=True, frac=frac, ahead=ahead)
+        got, graphed, cpu, cache, early = _decode(path, graphs=True, frac=frac, ahead=ahead)
         assert graphed == 2 * 3  # every decode step's two layers ran through the graph path
+        # layer 1's attention and router ran right after layer 0's experts once its graphs existed
+        # (NOTE [ the next router early ] in runner.py): in the second and third decode steps
+        assert early == 2
         if frac:
             assert cpu.computed > 0
         # with the prefetch, graph A also predicts layer 1's experts from layer 0 (NOTE [ expert prefetch ])
