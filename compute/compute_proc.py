@@ -22,6 +22,8 @@ from layerstream.proto.child import ChildLinks, run_child
 from layerstream.proto.messages import Forward, ForwardDone, LayerDone, LayerReady
 from layerstream.proto.timeline import Timeline
 
+DONE_BATCH = 4  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
+
 
 @dataclass(frozen=True)
 class ComputeConfig:
@@ -80,6 +82,8 @@ class ComputeWorker:
             reserve_scratch(self.device, self.dtype, model_scratch_elems(index))
         self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
+        self.done: list[list[int]] = []  # [layer, slot] given back, not yet sent (NOTE [ slots given back ])
+        self.done_step = 0
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
         resident = set(cfg.resident)
         self.share = self._make_share([lay for i, lay in enumerate(layouts) if i not in resident])
@@ -151,6 +155,8 @@ class ComputeWorker:
 
     def _pump(self, block: bool) -> None:
         """Take in one message (waiting for it when `block`), or all that are queued."""
+        if block:
+            self._send_done()  # the coordinator may be waiting for them
         while True:
             msg = self.links.recv(None if block else 0)
             if msg is None:
@@ -162,12 +168,29 @@ class ComputeWorker:
     def _take(self, msg) -> None:
         """Note a LayerReady (also one sent early for the next step); count anything else."""
         if isinstance(msg, LayerReady):
-            self.ready_slots[(msg.step, msg.layer)] = msg.slot
+            for layer, slot in msg.ready:
+                self.ready_slots[(msg.step, layer)] = slot
         else:  # a Forward in the middle of a step is out of order: counted and dropped
             self.tl.incr("unexpected_messages")
 
     def _layer_done(self, step: int, layer: int, slot: int) -> None:
-        self.links.send(LayerDone(step, layer, slot))
+        """NOTE [ slots given back ]
+        A streamed MoE layer's staging slot goes back after its work on the device, one layer or
+        more behind, and the coordinator does not wait for it: its layers sit in the host cache.
+        A decode step is bound by the host (BENCHMARKS.md, issue 9), and a cProfile of an H200
+        host's MoE decode gave an eighth of a streamed layer's host time to its two messages
+        (this one and the LayerReady it answers), so in expert steps slots go back DONE_BATCH at
+        a time, and the rest before compute waits for the coordinator and at the step's end.
+        Other steps give each slot back at once: a reader may be waiting for it."""
+        self.done.append([layer, slot])
+        self.done_step = step
+        if len(self.done) >= DONE_BATCH or not self.source.expert_step:
+            self._send_done()
+
+    def _send_done(self) -> None:
+        if self.done:
+            self.links.send(LayerDone(self.done_step, self.done))
+            self.done = []
 
     def stats(self) -> dict[str, Any]:
         snap = self.tl.snapshot()
@@ -221,6 +244,7 @@ class ComputeWorker:
         logits = self.runner.step(seqs, msg.want_logits)
         out = None if logits is None else logits.float().cpu().numpy()
         self.source.return_slots()
+        self._send_done()
         self.tl.add("step", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step, tokens=tokens)
         copy_s, copy_bytes = self._gpu_timeline()
         pass_s = (time.monotonic_ns() - t0) / 1e9

@@ -1,11 +1,12 @@
 """StreamedLayers: a LayerSource whose layers arrive in staging slots, announced by messages.
 
 NOTE [ slot ownership between compute and coordinator ]
-The coordinator announces `LayerReady(step, layer, slot)` once a reader (or the host cache)
-has the layer's bytes in staging slot `slot`. From then on the compute process owns that
-slot until it answers `LayerDone(step, layer, slot)`, which it does as soon as the layer's
-bytes are copied out of it (to VRAM on CUDA, to private memory on the CPU). The coordinator
-never reuses or evicts a slot it has announced and not got back.
+The coordinator announces `LayerReady(step, [[layer, slot], ...])` once a reader (or the host
+cache) has the layers' bytes in their staging slots. From then on the compute process owns
+such a slot until it gives it back in a `LayerDone(step, [[layer, slot], ...])`, which it does
+as soon as the layer's bytes are copied out of it (to VRAM on CUDA, to private memory on the
+CPU), or, in expert steps, a few at a time (compute_proc.py, NOTE [ slots given back ]). The
+coordinator never reuses or evicts a slot it has announced and not got back.
 
 On CUDA, copies of announced layers are issued ahead on their own stream into a ring of VRAM
 slots; the compute stream waits on each copy's event. With quantized weights the layer's

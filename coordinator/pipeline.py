@@ -302,8 +302,9 @@ class Pipeline:
                 return self._refuse(ident, f"ForwardDone with dtype {msg.dtype!r} shape {msg.shape} and "
                                            f"{nbytes} bytes of logits")
         elif isinstance(msg, LayerDone):
-            if not (0 <= msg.layer < self.hparams.n_layer and 0 <= msg.slot < self.plan.n_slots):
-                return self._refuse(ident, f"LayerDone for layer {msg.layer} slot {msg.slot}, out of range")
+            for layer, slot in msg.done:
+                if not (layer < self.hparams.n_layer and slot < self.plan.n_slots):
+                    return self._refuse(ident, f"LayerDone for layer {layer} slot {slot}, out of range")
         return True
 
     async def _dispatch(self, ident: str, msg, extra, on_control: bool) -> None:
@@ -322,7 +323,7 @@ class Pipeline:
         elif isinstance(msg, LayerStaged):
             await self._send_all(self.core.on_staged(ident, msg))
         elif isinstance(msg, LayerDone):
-            await self._send_all(self.core.on_layer_done(msg.layer, msg.slot))
+            await self._send_all(self.core.on_layer_done(msg.done))
         elif isinstance(msg, ForwardDone):
             if msg.step == self.core.step_no:
                 a = np.frombuffer(extra[0], dtype=msg.dtype).reshape(msg.shape) if extra else None

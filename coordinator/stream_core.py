@@ -88,8 +88,10 @@ class StreamCore:
         self.sched.on_staged(msg.layer)
         return self.advance()
 
-    def on_layer_done(self, layer: int, slot: int) -> list[Send]:
-        self.sched.on_done(layer, slot)
+    def on_layer_done(self, done: list[list[int]]) -> list[Send]:
+        """Compute gave these [layer, slot] back."""
+        for layer, slot in done:
+            self.sched.on_done(layer, slot)
         return self.advance()
 
     def on_read_failed(self, reader: str, req: int, error: str) -> list[Send]:
@@ -116,12 +118,15 @@ class StreamCore:
     def advance(self) -> list[Send]:
         """Announce staged layers to compute in order; issue loads for the upcoming ones."""
         out: list[Send] = []
+        ready = []
         while self.need and self.need[0] in self.sched.staged:
             layer = self.need.popleft()
             slot = self.sched.take(layer)
             if layer in self.plan.resident:
                 self.delivered.add(layer)
-            out.append(("compute", "compute", LayerReady(self.step_no, layer, slot)))
+            ready.append([layer, slot])
+        if ready:  # one message for all (compute's host time bounds MoE decode)
+            out.append(("compute", "compute", LayerReady(self.step_no, ready)))
         if self.step_no == 0:  # before the first pass: every layer once, resident ones too
             upcoming = [i for i in range(self.n_layer) if i not in self.delivered]
         else:

@@ -37,6 +37,7 @@ from .messages import (
     PROTOCOL_VERSION,
     WANT_LOGITS,
     ByteRange,
+    LayerSlot,
     Failed,
     Forward,
     ForwardDone,

@@ -67,6 +67,11 @@ def _field_error(cls: type[Message], values: Sequence[Any]) -> str | None:
         value = values[cls.FIELDS.index(name)]
         if value not in allowed:
             return f"{cls.__name__}.{name} must be one of {allowed}, got {value!r}"
+    for name in cls.LAYER_SLOTS:
+        for item in values[cls.FIELDS.index(name)]:
+            if not (isinstance(item, list) and len(item) == 2
+                    and all(type(v) is int and v >= 0 for v in item)):
+                return f"{cls.__name__}.{name} must hold [layer, slot] pairs of ints >= 0, got {item!r}"
     return None
 
 

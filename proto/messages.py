@@ -22,11 +22,12 @@ import types
 import typing
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: LayerDone and LayerReady carry lists of [layer, slot]
 
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
 # A layer whose bytes sit in a staging slot: [layer, slot].
+LayerSlot = list[int]
 
 WANT_LOGITS = ("last", "all", "none")
 
@@ -41,6 +42,8 @@ class Message:
     FIELD_TYPES: ClassVar[tuple[tuple[type, ...], ...]] = ()
     # Per field name, the values it may take (for small enumerations such as want_logits).
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # Fields that are lists of [layer, slot] pairs of ints >= 0 (checked item by item).
+    LAYER_SLOTS: ClassVar[tuple[str, ...]] = ()
 
 
 # tag -> message class, filled by @message.
@@ -188,11 +191,14 @@ class Forward(Message):
 
 @message(21)
 class LayerDone(Message):
-    """Compute to coordinator: finished with `layer`'s staging slot; it may be reused."""
+    """Compute to coordinator: finished with these layers' staging slots ([layer, slot] each); they
+    may be reused. Several go in one message where compute can wait (a streamed MoE layer's
+    slot): a message costs the compute process's host time, which bounds MoE decode."""
 
     step: int
-    layer: int
-    slot: int
+    done: list[LayerSlot]
+
+    LAYER_SLOTS: ClassVar[tuple[str, ...]] = ("done",)
 
 
 @message(22)
@@ -207,17 +213,20 @@ class ForwardDone(Message):
 
 @message(25)
 class LayerReady(Message):
-    """Coordinator to compute: `layer`'s bytes for `step` are staged in `slot`."""
+    """Coordinator to compute: these layers' bytes for `step` are staged ([layer, slot] each), all
+    that became ready at once in one message."""
 
     step: int
-    layer: int
-    slot: int
+    ready: list[LayerSlot]
+
+    LAYER_SLOTS: ClassVar[tuple[str, ...]] = ("ready",)
 
 
 __all__ = [
     "PROTOCOL_VERSION",
     "WANT_LOGITS",
     "ByteRange",
+    "LayerSlot",
     "Message",
     "MESSAGE_TYPES",
     "message",

@@ -537,8 +537,8 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
         bad = [("reader-0", ForwardDone(be.core.step_no, [1, 2], "float32", {}), [b"\0" * 8]),  # not the compute
                ("compute", ForwardDone(be.core.step_no, [1, 2], "O", {}), [b"\0" * 16]),  # object dtype
                ("compute", ForwardDone(be.core.step_no, [1, 9], "float32", {}), [b"\0" * 8]),  # size mismatch
-               ("compute", LayerDone(be.core.step_no, 10**6, 0), []),  # no such layer
-               ("stranger", LayerDone(be.core.step_no, 0, 0), [])]  # no child of this run
+               ("compute", LayerDone(be.core.step_no, [[10**6, 0]]), []),  # no such layer
+               ("stranger", LayerDone(be.core.step_no, [[0, 0]]), [])]  # no child of this run
         for ident, msg, extra in bad:
             be.loop.run_until_complete(be._dispatch(ident, msg, extra, False))
         assert be.bad.total == before + len(bad) and be.done is None

@@ -46,7 +46,7 @@ def test_loads_go_to_both_readers_and_a_layer_is_announced_once_both_parts_are_s
     assert core.on_staged("reader-0", staged(m, "reader-0")) == []  # half of layer 0
     core.begin_step()
     out = core.on_staged("reader-1", staged(m, "reader-1"))
-    assert ("compute", "compute", LayerReady(1, 0, m.slot)) in out
+    assert ("compute", "compute", LayerReady(1, [[0, m.slot]])) in out
     assert core.on_staged("reader-1", staged(m, "reader-1")) == []  # a retried read answering twice
 
 

@@ -43,8 +43,9 @@ SAMPLES = [
     LayerStaged(7, 12, 3, 544_000_000, 0.0123, "reader-0"),
     ReadFailed(7, 12, 3, "OSError: short read"),
     Forward(5, [[0, [1, 2, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]], [1, [4], [9], [9], list(range(10))]], "all"),
-    LayerDone(5, 12, 3),
-    LayerReady(5, 12, 3),
+    LayerDone(5, [[12, 3]]),
+    LayerDone(5, [[12, 3], [13, 0]]),
+    LayerReady(5, [[12, 3], [14, 1]]),
     ForwardDone(5, [2, 49152], "float32", {"forward_s": 0.8}),
     ForwardDone(6, [], "float32", {}),
 ]
@@ -111,7 +112,7 @@ def test_unknown_tag():
 
 def test_wrong_version():
     with pytest.raises(VersionMismatch, match=f"version 9 received, this process speaks {PROTOCOL_VERSION}"):
-        decode(frames_of(9, LayerDone.TAG, [1, 2, 3]))
+        decode(frames_of(9, LayerDone.TAG, [1, [[2, 3]]]))
 
 
 @pytest.mark.parametrize(
@@ -146,8 +147,12 @@ def test_non_list_body():
 @pytest.mark.parametrize(
     "tag, body, text",
     [
-        (LayerReady.TAG, [1, 2, "3"], "LayerReady.slot must be int, got str"),
-        (LayerReady.TAG, [1, 2, True], "LayerReady.slot must be int, got bool"),
+        (LayerReady.TAG, [1, 2], "LayerReady.ready must be list, got int"),
+        (LayerReady.TAG, [1, [[2, "3"]]], r"LayerReady.ready must hold \[layer, slot\] pairs of ints >= 0, got \[2, '3'\]"),
+        (LayerReady.TAG, [1, [[2, True]]], "LayerReady.ready must hold"),
+        (LayerDone.TAG, [1, [[2, 3, 4]]], "LayerDone.done must hold"),
+        (LayerDone.TAG, [1, [[-1, 3]]], "LayerDone.done must hold"),
+        (LayerDone.TAG, [1, [7]], "LayerDone.done must hold"),
         (LoadLayer.TAG, [1, 2, 3, {}], "LoadLayer.ranges must be list, got dict"),
         (ForwardDone.TAG, [1, [], 5, {}], "ForwardDone.dtype must be str, got int"),
         (Forward.TAG, [1, [], "some"], "Forward.want_logits must be one of"),
@@ -180,8 +185,8 @@ def test_ext_types_refused():
 def test_encode_refuses_bad_messages():
     with pytest.raises(EncodeError, match="not a registered message type: dict"):
         encode({"slot": 1})
-    with pytest.raises(EncodeError, match="LayerDone.slot must be int, got float"):
-        encode(LayerDone(1, 2, 3.0))
+    with pytest.raises(EncodeError, match="LayerDone.done must hold"):
+        encode(LayerDone(1, [[2, 3.0]]))
     with pytest.raises(EncodeError, match="cannot pack"):
         encode(Ready("r", "i", 1, {"x": object()}))
     with pytest.raises(EncodeError, match="want_logits"):
@@ -199,7 +204,7 @@ def test_counter_counts_and_rate_limits_logs(caplog):
         assert decode_or_none([b"junk"], counter, peer=b"reader-0") is None
         assert decode_or_none(frames_of(PROTOCOL_VERSION, 250, []), counter) is None
         assert decode_or_none(frames_of(3, 1, []), counter) is None
-        assert decode_or_none(encode(LayerDone(4, 0, 1)), counter) == LayerDone(4, 0, 1)
+        assert decode_or_none(encode(LayerDone(4, [[0, 1]])), counter) == LayerDone(4, [[0, 1]])
     assert counter.total == 3
     assert counter.by_kind == {"MalformedMessage": 1, "UnknownTag": 1, "VersionMismatch": 1}
     assert isinstance(counter.last_error, VersionMismatch)

@@ -12,6 +12,7 @@ from layerstream.proto import (
     ForwardDone,
     LayerStaged,
     LoadLayer,
+    PROTOCOL_VERSION,
     MalformedMessage,
     Ready,
     Shutdown,
@@ -63,7 +64,7 @@ def test_exchange_over_ipc(endpoints, pair):
 def test_garbage_frame_is_counted_and_survived(pair, caplog):
     router, dealer = pair
     counter = BadMessageCounter("coordinator.readers")
-    dealer.send_multipart([b"\x01\x0b", b"\xc1not msgpack"])
+    dealer.send_multipart([bytes((PROTOCOL_VERSION, 0x0B)), b"\xc1not msgpack"])
     dealer.send(b"garbage")
     dealer.send_multipart([b"\x07\x0b", b"\x90"])  # wrong version
     staged = LayerStaged(1, 0, 2, 4096, 0.001, "reader-0")
