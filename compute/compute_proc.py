@@ -22,7 +22,7 @@ from layerstream.proto.child import ChildLinks, run_child
 from layerstream.proto.messages import Forward, ForwardDone, LayerDone, LayerReady
 from layerstream.proto.timeline import Timeline
 
-DONE_BATCH = 4  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
+DONE_BATCH = 2  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,12 @@ class ComputeWorker:
         host's MoE decode gave an eighth of a streamed layer's host time to its two messages
         (this one and the LayerReady it answers), so in expert steps slots go back DONE_BATCH at
         a time, and the rest before compute waits for the coordinator and at the step's end.
-        Other steps give each slot back at once: a reader may be waiting for it."""
+        Each message lets the coordinator announce up to `prefetch` more cached layers at once
+        (stream_core.py), so announcements still run ahead of compute: a layer copies the next
+        layer's predicted experts only if that layer is announced. With 4 a message and
+        announcements one message late, they fell behind, and fewer experts were copied ahead
+        (H200, session 8, call 5: 36% of the chosen experts against 48%). Other steps give each
+        slot back at once: a reader may be waiting for it."""
         self.done.append([layer, slot])
         self.done_step = step
         if len(self.done) >= DONE_BATCH or not self.source.expert_step:

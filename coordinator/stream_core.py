@@ -115,22 +115,27 @@ class StreamCore:
         self.pending[load.req] = PendingRead(load, parts, set(parts))
         return [("readers", ident, msg) for ident, msg in parts.items() if ident in self.ready_readers]
 
-    def advance(self) -> list[Send]:
-        """Announce staged layers to compute in order; issue loads for the upcoming ones."""
-        out: list[Send] = []
+    def _announce(self) -> list[list[int]]:
+        """Lend the staged layers that come next in order to compute: their [layer, slot]."""
         ready = []
         while self.need and self.need[0] in self.sched.staged:
             layer = self.need.popleft()
-            slot = self.sched.take(layer)
+            ready.append([layer, self.sched.take(layer)])
             if layer in self.plan.resident:
                 self.delivered.add(layer)
-            ready.append([layer, slot])
-        if ready:  # one message for all (compute's host time bounds MoE decode)
-            out.append(("compute", "compute", LayerReady(self.step_no, ready)))
+        return ready
+
+    def advance(self) -> list[Send]:
+        """Announce staged layers to compute in order; issue loads for the upcoming ones."""
+        out: list[Send] = []
+        ready = self._announce()
         if self.step_no == 0:  # before the first pass: every layer once, resident ones too
             upcoming = [i for i in range(self.n_layer) if i not in self.delivered]
         else:
             upcoming = list(self.need)
         for load in self.sched.plan_loads(upcoming + self.cycle):
             out += self._issue(load)
+        ready += self._announce()  # host cache hits are staged at once: they need not wait for a message
+        if ready:  # one message for all (compute's host time bounds MoE decode)
+            out.insert(0, ("compute", "compute", LayerReady(self.step_no, ready)))
         return out

@@ -66,3 +66,33 @@ def test_a_restarted_reader_gets_the_parts_its_predecessor_left(plan):
     resent = core.reader_ready("reader-1", restarted=True)
     assert sorted(m.req for _, _, m in resent) == sorted(m.req for m in mine)
     assert all(link == "readers" and ident == "reader-1" for link, ident, _ in resent)
+
+
+def test_host_cache_hits_are_announced_at_once_several_in_one_message(tmp_path):
+    """A layer held in the host cache is staged as soon as it is among the next `prefetch`
+    needed; it is announced in the same message, with any others ready, not one message later
+    (a streamed MoE layer copies the next layer's experts ahead only once that layer is
+    announced: compute_proc.py, NOTE [ slots given back ])."""
+    index = open_model(ggufgen.write_model(tmp_path / "m.gguf", n_layer=6))
+    plan = make_plan(index, layer_layouts(index), vram_bytes=None, host_cache_bytes=None, dtype_bytes=4, ctx=64,
+                     max_seqs=1, resident_layers=0, prefetch=2)
+    assert plan.cache_layers == 6 and not plan.resident
+    core = StreamCore(plan, 6)
+    core.reader_ready("r", restarted=False)
+    pending = [m for _, _, m in core.set_reads([{"r": [[0, 100 * i, 10, 0]]} for i in range(6)])]
+    core.begin_step()
+    slots = {}
+    while pending:  # the first pass reads every layer into the cache; compute gives each back
+        m = pending.pop(0)
+        for _, _, x in core.on_staged("r", staged(m, "r")):
+            if isinstance(x, LayerReady):
+                for layer, slot in x.ready:
+                    slots[layer] = slot
+                    pending += [y for _, _, y in core.on_layer_done([[layer, slot]]) if isinstance(y, LoadLayer)]
+            elif isinstance(x, LoadLayer):
+                pending.append(x)
+    assert sorted(slots) == list(range(6))
+    out = core.begin_step()  # the next pass: the two staged ahead, and the next two, which hit the cache
+    assert out == [("compute", "compute", LayerReady(2, [[i, slots[i]] for i in range(4)]))]
+    out = core.on_layer_done([[0, slots[0]]])
+    assert out == [("compute", "compute", LayerReady(2, [[4, slots[4]], [5, slots[5]]]))]
