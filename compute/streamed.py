@@ -533,7 +533,8 @@ class StreamedLayers:
         if slot is not None:  # its experts were read from the staging slot: it goes back after them
             self.expert_cache.done(i, end)  # (the copies out of it, on either stream, come before `end`)
             self.returning.append((end, self.step_no, i, slot))
-            self.return_slots(wait=False)
+            if not self.cuda:  # (on CUDA the next layer() gives back what is done by then)
+                self.return_slots(wait=False)
         if self.share is not None:
             sec, nbytes, t0 = self.share.meter.take()
             if nbytes:
