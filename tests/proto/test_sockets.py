@@ -8,11 +8,11 @@ import zmq
 import zmq.asyncio
 
 from layerstream.proto import (
+    PROTOCOL_VERSION,
     BadMessageCounter,
     ForwardDone,
     LayerStaged,
     LoadLayer,
-    PROTOCOL_VERSION,
     MalformedMessage,
     Ready,
     Shutdown,
