@@ -56,6 +56,7 @@ class ComputeConfig:
     dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device
     expert_policy: str = "lfu"  # the expert cache's eviction (experts.ExpertCache)
     expert_prefetch: int = 0  # experts predicted and copied ahead a layer (experts.py, NOTE [ expert prefetch ])
+    done_batch: int = 1  # slots given back a message in expert steps (NOTE [ slots given back ])
 
 
 class ComputeWorker:
@@ -176,20 +177,22 @@ class ComputeWorker:
     def _layer_done(self, step: int, layer: int, slot: int) -> None:
         """NOTE [ slots given back ]
         A streamed MoE layer's staging slot goes back after its work on the device, one layer or
-        more behind, and the coordinator does not wait for it: its layers sit in the host cache.
+        more behind. Where the host cache holds every streamed layer (the plan says so:
+        `done_batch` > 1), no reader waits for a slot and the coordinator does not wait for it.
         A decode step is bound by the host (BENCHMARKS.md, issue 9), and a cProfile of an H200
         host's MoE decode gave an eighth of a streamed layer's host time to its two messages
-        (this one and the LayerReady it answers), so in expert steps slots go back DONE_BATCH at
-        a time, and the rest before compute waits for the coordinator and at the step's end.
+        (this one and the LayerReady it answers), so in expert steps slots then go back DONE_BATCH
+        at a time, and the rest before compute waits for the coordinator and at the step's end.
         Each message lets the coordinator announce up to `prefetch` more cached layers at once
         (stream_core.py), so announcements still run ahead of compute: a layer copies the next
         layer's predicted experts only if that layer is announced. With 4 a message and
         announcements one message late, they fell behind, and fewer experts were copied ahead
         (H200, session 8, call 5: 36% of the chosen experts against 48%). Other steps give each
-        slot back at once: a reader may be waiting for it."""
+        slot back at once, as do all steps where layers are read from disk: a reader may be
+        waiting for the slot."""
         self.done.append([layer, slot])
         self.done_step = step
-        if len(self.done) >= DONE_BATCH or not self.source.expert_step:
+        if len(self.done) >= self.cfg.done_batch or not self.source.expert_step:
             self._send_done()
 
     def _send_done(self) -> None:

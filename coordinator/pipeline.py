@@ -231,6 +231,7 @@ class Pipeline:
             cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, cpu_split=cfg.cpu_split, index=self.index,
             expert_cache_bytes=self.plan.expert_cache_bytes, dense_resident=self.plan.dense_resident,
             expert_policy=cfg.expert_policy, expert_prefetch=self.plan.expert_prefetch,
+            done_batch=compute_proc.DONE_BATCH if self.plan.cache_layers >= len(self.plan.streamed) else 1,
             cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
                                             and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))

@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from layerstream.compute.compute_proc import DONE_BATCH, ComputeWorker
 from layerstream.proto.messages import LayerDone, LayerReady
 from layerstream.proto.timeline import Timeline
@@ -18,9 +20,10 @@ class _Links:
         return self.incoming.pop(0) if self.incoming else None
 
 
-def _worker(expert_step: bool, incoming=()):
+def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w = object.__new__(ComputeWorker)  # the message logic only: no arena, no model
     w.links, w.source, w.tl = _Links(incoming), SimpleNamespace(expert_step=expert_step), Timeline("compute", "t")
+    w.cfg = SimpleNamespace(done_batch=done_batch)  # (the pipeline's: DONE_BATCH when every streamed layer is cached)
     w.done, w.done_step, w.ready_slots = [], 0, {}
     return w
 
@@ -38,8 +41,12 @@ def test_expert_steps_give_slots_back_a_few_at_a_time_and_before_waiting():
     assert w.links.sent[-1] == LayerDone(3, [[DONE_BATCH, 10 + DONE_BATCH]]) and w.done == []
 
 
-def test_other_steps_give_each_slot_back_at_once():
-    w = _worker(False)
+@pytest.mark.parametrize("expert_step, done_batch", [(False, DONE_BATCH), (True, 1)],
+                         ids=["whole-layer-step", "layers-read-from-disk"])
+def test_other_steps_give_each_slot_back_at_once(expert_step, done_batch):
+    """A reader may be waiting for the slot: in steps that stream whole layers, and wherever the
+    host cache does not hold every streamed layer."""
+    w = _worker(expert_step, done_batch=done_batch)
     w._layer_done(1, 0, 4)
     w._layer_done(1, 1, 5)
     assert w.links.sent == [LayerDone(1, [[0, 4]]), LayerDone(1, [[1, 5]])]
