@@ -49,11 +49,30 @@ def smollm_engine(smollm_path):
 
 def hf_from_gguf(path: str):
     """(model, tokenizer) of transformers, loaded from a GGUF file in float32: the independent
-    reference for real models."""
+    reference for real models.
+
+    transformers parses the file's metadata with gguf-py's reader three times: for the tokenizer,
+    the config and the weights. For Gemma 3's 262k-token vocabulary that took about 25 s each on
+    CI's 2 cores. The reader only reads, so here one parse serves the three (what transformers
+    computes from it is unchanged)."""
     transformers = pytest.importorskip("transformers")
+    import gguf
+
     folder, name = os.path.split(path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    parse, parsed = gguf.GGUFReader, {}
+
+    def reader(p, *args, **kwargs):
+        key = (os.fspath(p), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = parse(p, *args, **kwargs)
+        return parsed[key]
+
+    gguf.GGUFReader = reader
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    finally:
+        gguf.GGUFReader = parse
     model.eval()
     return model, tok
 

@@ -34,8 +34,15 @@ def gemma3_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def gemma3_engine(gemma3_path):
-    with Engine.load(gemma3_path, device="cpu", dtype="float32", ctx=256, max_seqs=2) as e:
+def gemma3_index(gemma3_path):
+    """The file's index, read once: gguf-py parses its 262k-token vocabulary in about 20 s."""
+    return open_model(gemma3_path)
+
+
+@pytest.fixture(scope="module")
+def gemma3_engine(gemma3_path, gemma3_index):
+    cfg = EngineConfig(model=gemma3_path, device="cpu", dtype="float32", ctx=256, max_seqs=2)
+    with Engine.open(cfg, index=gemma3_index) as e:
         yield e
 
 
@@ -52,8 +59,8 @@ def hf_gemma3(gemma3_path):
     return tok, forced
 
 
-def test_hparams_from_the_gguf(gemma3_path):
-    hp = open_model(gemma3_path).hparams
+def test_hparams_from_the_gguf(gemma3_index):
+    hp = gemma3_index.hparams
     assert (hp.arch, hp.n_layer, hp.n_embd, hp.head_dim, hp.swa_window) == ("gemma3", 18, 640, 256, 512)
     assert [i for i in range(18) if not hp.is_swa(i)] == [5, 11, 17]  # every 6th layer is global
     assert hp.rope_theta == 1e6 and hp.rope_theta_swa == 1e4
@@ -78,9 +85,9 @@ def test_teacher_forced_top1_and_logits_match_transformers(gemma3_engine, hf_gem
         assert (got - ref).abs().max().item() < 1e-3 * scale  # measured 1.9e-5 at scale 28
 
 
-def test_gemma3_streams_through_the_pipeline(gemma3_path, gemma3_engine):
+def test_gemma3_streams_through_the_pipeline(gemma3_index, gemma3_engine):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = "".join(gemma3_engine.generate("The capital of France is", params))
     cfg = EngineConfig(device="cpu", dtype="float32", ctx=256, max_seqs=2)
-    with Engine.open(cfg, PipelineConfig(resident_layers=0, step_tokens=16), index=open_model(gemma3_path)) as e:
+    with Engine.open(cfg, PipelineConfig(resident_layers=0, step_tokens=16), index=gemma3_index) as e:
         assert "".join(e.generate("The capital of France is", params)) == want
