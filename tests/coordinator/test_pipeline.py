@@ -246,7 +246,7 @@ def test_decode_copies_the_predicted_experts_ahead(tmp_path):
     path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q8_0", n_layer=3, n_expert=8,
                                n_expert_used=2, seed=5)
     prompts = [[5, 17, 33], [9, 3]]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     cache_gb = 2 * (3 * 128 * 68) / 2**30  # two of a layer's 8 experts: most of a step's are not cached
     with _engine(path, dtype="float32", weights="quantized") as e:
         want = e.generate_batch(prompts, params)
@@ -643,7 +643,7 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     pytest.importorskip("triton")
     path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q4_K", n_layer=2, n_embd=256,
                                n_ff=256, n_expert=8, n_expert_used=2, seed=7)
-    ids = [5, 17, 33, 80, 81, 90, 100, 7, 3, 25, 11, 42]
+    ids = [5, 17, 33, 80, 81, 90, 100, 7]
     with _engine(path, dtype="float32", weights="quantized") as e:
         want = e.logits(ids)
     pcfg = PipelineConfig(resident_layers=0, expert_cache_gb=2 * 3 * 256 * 144 / 2**30, cpu_share="0.5", step_tokens=1,
