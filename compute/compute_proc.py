@@ -117,8 +117,9 @@ class ComputeWorker:
             per = sum(lays[0].tensor(n).nbytes for n in EXPERT_TENSORS) // lays[0].tensor(EXPERT_TENSORS[0]).shape[0]
             t_cpu = cpu_share.measure_expert_s(n_ff, n_embd, dtype)
             cpu = per * ratio / t_cpu / 1e9  # as packed GB/s, which is what the balancer weighs
+            # (five passes a share: a decode pass takes tens of ms, and one share's passes differ)
             balancer = cpu_share.Balancer({b: cpu for b in cpu_share.BUCKETS}, cpu_share.measure_link_gbs(self.device),
-                                          1.0, ratio, 1.0, what=what)
+                                          1.0, ratio, 1.0, every=5, what=what)
         else:
             f = min(float(self.cfg.cpu_share), 1.0)
             balancer = cpu_share.Balancer({}, 0.0, 1.0, ratio, f, fixed=f, what=what)

@@ -272,14 +272,21 @@ def bucket(tokens: int) -> int | None:
     return next((b for b in BUCKETS if tokens <= b), None)
 
 
+# A share is kept only if its passes' median is this much below no share's: passes of one
+# setting differ by several per cent, and a share costs host memory and CPU time that no share
+# does not (BENCHMARKS.md, ninth session).
+SHARE_MARGIN = 0.05
+
+
 class Balancer:
     """The share per batch bucket: proposed from measured bandwidths, then chosen by timing passes.
 
     A share pays only while the pass waits on PCIe; where the device's own work or latency bounds
     the pass, the CPU's matmuls add to it. So each bucket times its first passes at the share the
     bandwidths propose, then at the share the rates those passes achieved propose (both sides
-    running at once, as in a pass), then at no share, `every` passes each, and keeps the fastest:
-    the share is never slower than none, as measured on this machine."""
+    running at once, as in a pass), then at no share, `every` passes each, and keeps the fastest
+    where it beats no share by SHARE_MARGIN: the share is never slower than none, as measured on
+    this machine."""
 
     def __init__(self, cpu_gbs: dict[int, float], link_gbs: float, int4_fraction: float, pack_ratio: float,
                  pack_frac: float, every: int = 3, fixed: float | None = None, what: str = "4-bit rows"):
@@ -334,8 +341,11 @@ class Balancer:
             g = g if g and abs(g - f) >= 0.05 else f / 2
             if cpu_rows(1 << 16, g):
                 self.trials[b].insert(0, g)
-        if not self.trials[b]:  # every share timed: keep the fastest
-            self.frac[b] = min(self.times[b], key=lambda k: statistics.median(self.times[b][k]))
+        if not self.trials[b]:  # every share timed: keep the fastest, if it is clearly faster than none
+            med = {k: statistics.median(v) for k, v in self.times[b].items()}
+            best = min(med, key=med.get)
+            none = med.get(0.0)
+            self.frac[b] = best if none is None or med[best] <= none * (1 - SHARE_MARGIN) else 0.0
 
     def describe(self) -> str:
         if self.fixed is not None:

@@ -549,17 +549,24 @@ class ExpertSet:
     def fetch(self, experts: list[int]) -> dict[int, tuple]:
         return self.cache.fetch(self.i, experts, self.lay, self.host)
 
-    def grouped_offsets(self, ids: list[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                        tuple, list[int]]:
+    def cpu_choice(self, ids: list[int]) -> list[int]:
+        """The CPU's experts among the step's (token, choice) pairs `ids`: its share of those not on
+        the device (NOTE [ CPU experts ]); [] without a share."""
+        if self.cpu is None or self.frac <= 0:
+            return []
+        missing = [e for e in sorted(set(ids)) if not self.cache.on_device(self.i, e)]
+        return self.cpu.choose(self.i, self.lay, missing, self.frac)
+
+    def grouped_offsets(self, ids: list[int], out: torch.Tensor | None = None,
+                        cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple, list[int]]:
         """Fetch the experts of the step's (token, choice) pairs `ids` but the CPU's share of the
-        missing ones (NOTE [ CPU experts ]): the pool, each pair's gate, up and down byte offsets
-        from it ([3, len(ids)] int64 on the host, written into `out` where it is given; the CPU's
-        pairs point at the pool's start), the parts, and the CPU's experts."""
+        missing ones (NOTE [ CPU experts ]; `cpu`: that share, when already chosen): the pool, each
+        pair's gate, up and down byte offsets from it ([3, len(ids)] int64 on the host, written into
+        `out` where it is given; the CPU's pairs point at the pool's start), the parts, and the
+        CPU's experts."""
         distinct = sorted(set(ids))
-        cpu = []
-        if self.cpu is not None and self.frac > 0:
-            missing = [e for e in distinct if not self.cache.on_device(self.i, e)]
-            cpu = self.cpu.choose(self.i, self.lay, missing, self.frac)
+        if cpu is None:
+            cpu = self.cpu_choice(ids)
         if cpu:
             self.cache.count(self.i, cpu)
         slots = self.cache.fetch_slots(self.i, [e for e in distinct if e not in cpu] if cpu else distinct, self.lay,
@@ -576,15 +583,20 @@ class ExpertSet:
 
     def prepare(self, ids: list[int], h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None):
         """A step's experts for the grouped launches, in the order that lets the CPU work while
-        the copies run (NOTE [ CPU experts ]): the activations and weights go to the host first
-        (a read after the fetch would wait for its copies), then the fetch. Returns the pairs'
-        offsets (grouped_offsets), their keep weights ([T, k] on the host: 0 for the CPU's pairs;
-        None without a CPU share), and a function computing the CPU's weighted sum ([T, n_embd]
-        float32 on the host; None when the CPU takes nothing). `out`: where the offsets go."""
-        if self.cpu is not None and self.frac > 0:
+        the copies run (NOTE [ CPU experts ]): the CPU's experts are chosen, and where there are
+        any, the activations and weights go to the host (a read after the fetch would wait for its
+        copies); then the fetch. Returns the pairs' offsets (grouped_offsets), their keep weights
+        ([T, k] on the host: 0 for the CPU's pairs; None where the CPU takes none of them), and a
+        function computing the CPU's weighted sum ([T, n_embd] float32 on the host; None when the
+        CPU takes nothing). Where the CPU takes nothing the layer costs no round trip to the host:
+        at batch 1 a share of about 30% of one or two missing experts rounds to none, and with that
+        round trip `--cpu-share auto` ran about 10% slower than no share; without it, as fast
+        (BENCHMARKS.md, ninth session). `out`: where the offsets go."""
+        cpu = self.cpu_choice(ids)
+        if cpu:
             h_host, w_host = h.float().cpu(), weight.float().cpu()
-        _, offs, _, cpu = self.grouped_offsets(ids, out)
-        keep = None if self.cpu is None else \
-            torch.tensor([0.0 if e in cpu else 1.0 for e in ids]).view(-1, weight.shape[1])
-        run_cpu = (lambda: self.cpu.compute(self.i, self.lay, self.host, cpu, ids, h_host, w_host)) if cpu else None
-        return offs, keep, run_cpu
+        _, offs, _, _ = self.grouped_offsets(ids, out, cpu)
+        if not cpu:
+            return offs, None, None
+        keep = torch.tensor([0.0 if e in cpu else 1.0 for e in ids]).view(-1, weight.shape[1])
+        return offs, keep, lambda: self.cpu.compute(self.i, self.lay, self.host, cpu, ids, h_host, w_host)

@@ -425,6 +425,7 @@ class ModelRunner:
         self.moe_graphs: dict[tuple[int, int, int], tuple] = {}  # (layer, batch, padded KV length) -> A, B
         self.moe_inputs: dict[tuple[int, int], tuple] = {}  # (batch, padded KV length) -> (x, meta, names, filled)
         self._early = None  # the graph key of the layer whose graph A already ran (NOTE [ the next router early ])
+        self._keep_ones: set = set()  # MoE graph keys whose device keep weights are all 1 (NOTE [ CPU experts ])
         self._graph_step = False  # this step may replay graphs (a decode step within the limits)
         self.device, self.dtype = torch.device(device), dtype
         if self.device.type == "cuda":
@@ -515,8 +516,15 @@ class ModelRunner:
         # into this layer's own pinned buffers: their last copies crossed a step ago
         _, keep_host, run_cpu = ex.prepare(ids[:n], h, weight, out=pinned[0])
         offs.copy_(pinned[0], non_blocking=True)
-        if keep is not None:  # captured with the CPU's share (NOTE [ CPU experts ])
-            pinned[1].copy_(keep_host)
+        if keep is not None and (keep_host is not None or key not in self._keep_ones):
+            # captured with the CPU's share (NOTE [ CPU experts ]): its pairs weigh 0 on the device;
+            # all 1 where it takes none (uploaded only when that changes)
+            if keep_host is None:
+                pinned[1].fill_(1.0)
+                self._keep_ones.add(key)
+            else:
+                pinned[1].copy_(keep_host)
+                self._keep_ones.discard(key)
             keep.copy_(pinned[1], non_blocking=True)
         graph_b.replay()
         ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])

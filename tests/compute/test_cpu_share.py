@@ -147,6 +147,11 @@ def test_balancer_keeps_the_share_only_where_passes_are_faster():
     bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
     assert _passes(bal, 1, lambda f: 1.0 + f) == 0.0
     assert set(bal.times[1]) >= {proposed, 0.0}
+    # a share within the noise of no share (2% faster) is not kept
+    bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    assert _passes(bal, 1, lambda f: 0.98 if f else 1.0) == 0.0
+    bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    assert _passes(bal, 1, lambda f: 0.9 if f else 1.0) > 0
     assert "chosen" in bal.describe()
     # a fixed share is never timed nor changed
     fixed = Balancer({}, 0.0, 0.8, ratio, pack_frac=0.5, fixed=0.5)

@@ -69,7 +69,7 @@ class _Graph:
             o.copy_(n)
 
 
-def _decode(path, graphs: bool, frac: float, ahead: bool = False):
+def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False):
     index = open_model(path)
     hp = index.hparams
     layouts = layer_layouts(index)
@@ -77,6 +77,13 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False):
     cache = ExpertCache(3 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, tl, "lfu",
                         slot_bytes(layouts), max_in_flight(hp.n_expert, hp.n_expert_used), 4 if ahead else 0)
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=frac), 1 << 30, torch.float32, tl) if frac else None
+    if alternate:  # the CPU takes its share of a layer's experts every other time it is asked, else none
+        choose, calls = cpu.choose, {}
+
+        def every_other(i, *a):
+            calls[i] = calls.get(i, 0) + 1
+            return choose(i, *a) if calls[i] % 2 else []
+        cpu.choose = every_other
     src = _Streamed(index, cache, cpu, frac, ahead)
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
                     ctx=64, max_seqs=2)
@@ -125,3 +132,16 @@ def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
         assert (cache.prefetch_copied > 0) == ahead and (cache.prefetch_hits > 0) == ahead
         assert (got.argmax(-1) == want.argmax(-1)).all(), frac
         assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), frac
+
+
+def test_graph_path_when_the_cpu_takes_experts_in_some_steps_only(tmp_path):
+    """A layer's graph B weighs the CPU's pairs 0 through its keep weights; where the CPU then
+    takes none, they must be 1 again (runner.py uploads them only when that changes)."""
+    pytest.importorskip("triton")
+    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
+                               n_ff=64, n_expert=8, n_expert_used=2, seed=9)
+    want, _, _, _, _ = _decode(path, graphs=False, frac=0.0)
+    got, graphed, cpu, _, _ = _decode(path, graphs=True, frac=1.0, alternate=True)
+    assert graphed == 2 * 3 and cpu.computed > 0
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
