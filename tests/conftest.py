@@ -13,6 +13,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    """Parsed GGUF headers go to a cache of the run's own (loader/gguf_index.py, NOTE [ the header
+    cache ]), not the user's, and child processes share it."""
+    import tempfile
+
+    if "LAYERSTREAM_CACHE_DIR" not in os.environ:
+        config._layerstream_cache = os.environ["LAYERSTREAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="layerstream-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    d = getattr(config, "_layerstream_cache", None)
+    if d:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked `gpu` when no CUDA device is visible."""
     if torch.cuda.is_available():

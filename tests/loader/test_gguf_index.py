@@ -315,3 +315,57 @@ def test_moe_layer_missing_an_expert_tensor_names_it(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf", arch="llama", n_expert=4, omit=["blk.1.ffn_down_exps.weight"])
     with pytest.raises(ModelError, match=r"blk\.1\.ffn_down_exps\.weight is missing"):
         open_model(path)
+
+
+# -- the header cache (NOTE [ the header cache ] in loader/gguf_index.py) ---------------------------
+
+def _same_types(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_types(x, y) for x, y in zip(a, b))
+    return True
+
+
+def test_header_cache_serves_a_second_open(smollm_path, tmp_path, monkeypatch):
+    """The second open of a file reads its parsed header from the cache, not gguf-py, and gives
+    the same index: metadata (values and their types: the vocabulary, merges, scores), tensor
+    table, hyperparameters."""
+    monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    first = open_model(smollm_path)
+    assert len(list((tmp_path / "cache" / "headers").iterdir())) == 1
+
+    def no_parse(*a, **k):
+        raise AssertionError("parsed again")
+    monkeypatch.setattr(gguf, "GGUFReader", no_parse)
+    second = open_model(smollm_path)
+    assert second.metadata == first.metadata and len(second.metadata["tokenizer.ggml.tokens"]) == 49152
+    assert all(_same_types(second.metadata[k], v) for k, v in first.metadata.items())
+    assert second.hparams == first.hparams and second.layers == first.layers and second.globals == first.globals
+
+
+def test_header_cache_follows_the_file(tmp_path, monkeypatch):
+    """A file written again at the same path is parsed again; a damaged cache entry is parsed
+    again and replaced; LAYERSTREAM_CACHE_DIR=0 caches nothing."""
+    monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    path = ggufgen.write_model(tmp_path / "m.gguf", n_layer=2)
+    assert open_model(path).hparams.n_layer == 2
+    ggufgen.write_model(tmp_path / "m.gguf", n_layer=3)
+    assert open_model(path).hparams.n_layer == 3
+    entries = sorted((tmp_path / "cache" / "headers").iterdir(), key=os.path.getmtime)
+    assert len(entries) == 2
+    entries[-1].write_bytes(b"\x92not msgpack")
+    parses = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(1) or real(*a, **k))
+    assert open_model(path).hparams.n_layer == 3 and parses == [1]
+    assert open_model(path).hparams.n_layer == 3 and parses == [1]  # the entry was rewritten
+    # truncating the file after it was cached still fails as a truncated file
+    ggufgen.truncate(path, -1)
+    with pytest.raises(ModelError, match="truncated"):
+        open_model(path)
+    monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", "0")
+    other = ggufgen.write_model(tmp_path / "o.gguf", n_layer=2)
+    open_model(other)
+    open_model(other)
+    assert len(parses) == 4 and len(list((tmp_path / "cache" / "headers").iterdir())) == 2
