@@ -199,9 +199,10 @@ def _check_extents(tensors: list[TensorInfo], path: str) -> None:
 # 262k-token vocabulary (Gemma 3's; 17 s for the 270M model on a 2-core machine), at every start.
 # So each file's parsed header (its metadata and tensor table) is kept in a cache directory as
 # msgpack, keyed by the file's real path, size, inode, change times and first MiB; a later open
-# reads it in well under a second. A cache entry that is missing, unreadable or of another format is parsed
-# again and rewritten; a file that changes gets a new key. LAYERSTREAM_CACHE_DIR sets the
-# directory (default: $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
+# reads it in well under a second. A cache entry that is missing, unreadable or of another
+# format is parsed again and rewritten; a file that changes gets a new key. The tensors' extents
+# are checked against the file either way. LAYERSTREAM_CACHE_DIR sets the directory (default:
+# $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
 HEADER_CACHE_FORMAT = 1
 
 
@@ -235,12 +236,12 @@ def _read_cached(cache: str, path: str) -> tuple[dict[str, Any], list[TensorInfo
     try:
         with open(cache, "rb") as fh:
             got = msgpack.unpackb(fh.read(), strict_map_key=False)
-        if got.get("format") != HEADER_CACHE_FORMAT:
+        if got.get("format") != HEADER_CACHE_FORMAT or not isinstance(got.get("metadata"), dict):
             return None
         tensors = [TensorInfo(name, qtype, tuple(shape), path, offset, nbytes)
                    for name, qtype, shape, offset, nbytes in got["tensors"]]
         return got["metadata"], tensors
-    except (OSError, ValueError, TypeError, KeyError, msgpack.UnpackException):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException):
         return None  # absent or damaged: parsed again
 
 
@@ -267,7 +268,10 @@ def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
     holds them (NOTE [ the header cache ]), else parsed by gguf-py and cached."""
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
-    cache = _cache_path(path)
+    try:
+        cache = _cache_path(path)
+    except OSError:
+        cache = None  # (an unreadable file: gguf-py's open says what is wrong)
     got = _read_cached(cache, path) if cache is not None else None
     if got is None:
         reader = _open_reader(path)
