@@ -266,12 +266,10 @@ def _write_cached(cache: str, md: dict[str, Any], tensors: list[TensorInfo]) -> 
 def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
     """One GGUF file's metadata (read_metadata) and tensor table, from the header cache where it
     holds them (NOTE [ the header cache ]), else parsed by gguf-py and cached."""
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
     try:
         cache = _cache_path(path)
     except OSError:
-        cache = None  # (an unreadable file: gguf-py's open says what is wrong)
+        cache = None  # (a missing or unreadable file: _open_reader says what is wrong)
     got = _read_cached(cache, path) if cache is not None else None
     if got is None:
         reader = _open_reader(path)
