@@ -1,9 +1,8 @@
-"""layerstream-bench: measure each stage on its own; `engine` times the whole model in one process."""
+"""bin/bench: measure each stage on its own (stage_bench.py); `engine` times the whole model in one process."""
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -12,18 +11,7 @@ import torch
 
 from layerstream.errors import LayerstreamError
 
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model from /proc/cpuinfo, with the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+from .stage_bench import add_stage_parsers, device_name
 
 
 def _sync(device: torch.device) -> None:
@@ -93,7 +81,7 @@ def print_table(rows: list[tuple[str, int, float, float]], args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="layerstream-bench", description="Measure layerstream's stages.")
+    p = argparse.ArgumentParser(prog="bin/bench", description="Measure layerstream's stages.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="STAGE")
     e = sub.add_parser("engine", help="the whole model resident in one process: prompt and decode tokens/s")
     e.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
@@ -107,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode batch sizes, comma separated (default 1,4,8)")
     e.add_argument("--reps", type=int, default=3, help="timed runs per figure; the median is reported (default 3)")
     e.set_defaults(func=lambda a: print_table(bench_engine(a), a))
-    from layerstream.coordinator.stage_bench import add_stage_parsers
-
     add_stage_parsers(sub)
     return p
 
@@ -117,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except LayerstreamError as e:
-        print(f"layerstream-bench: error: {e}", file=sys.stderr)
+    except (LayerstreamError, ValueError) as e:
+        print(f"bin/bench: error: {e}", file=sys.stderr)
         return 1
     return 0
 

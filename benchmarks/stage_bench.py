@@ -1,8 +1,7 @@
-"""Each stage of the streaming pipeline measured on its own: reader, transfer, dequant, compute, pipeline.
+"""The stages of the streaming pipeline measured one by one, and the whole pipeline and server.
 
 Every stage is a function of parsed arguments that prints a table of measured figures (median over
---reps). `add_stage_parsers(subparsers)` registers them as subcommands (of layerstream-bench);
-`python -m layerstream.coordinator.stage_bench STAGE ...` runs one on its own.
+--reps); `add_stage_parsers(subparsers)` registers them as subcommands of bin/bench (benchmarks/bench.py).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import mmap
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -709,9 +707,10 @@ def bench_serve(args) -> list[dict]:
         if not args.resident:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
                                   step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                                  cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads, vram_slots=args.vram_slots,
-                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
-                              expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch)
+                                  cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
+                                  vram_slots=args.vram_slots, expert_cache_gb=args.expert_cache_gb,
+                                  moe_dense=args.moe_dense, expert_policy=args.expert_policy,
+                                  expert_prefetch=args.expert_prefetch)
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -750,113 +749,6 @@ def bench_serve(args) -> list[dict]:
                         f"({_load()})", rows,
                         f"{args.prompt_tokens}-token prompts, {args.tokens} greedy tokens each (end of sequence "
                         "ignored); TTFT counts from the moment all clients start")
-    return rows
-
-
-# -- command line -----------------------------------------------------------------------------------------
-
-# -- cpu-worker: where the CPU share's matmuls run ------------------------------------------------
-#
-# Issue "CPU share", item 3: the CPU's FFN in the compute process (inline, as the engine runs it,
-# or handed to a thread) or in a process of its own that holds its packed copy. The compute
-# process waits for the FFN's output either way (the next layer needs it), so a worker can only
-# add its hand-off; what this measures is that hand-off, per FFN, beside the FFN's own time.
-
-def _ffn_layers(n_embd: int, n_ff: int, layers: int, seed: int) -> list:
-    """`layers` FFNs of random 4-bit values in aten's CPU int4 layout (gate, up, down)."""
-    from layerstream.compute.cpu_share import random_packed
-
-    g = torch.Generator().manual_seed(seed)
-    return [(random_packed(n_ff, n_embd, g), random_packed(n_ff, n_embd, g), random_packed(n_embd, n_ff, g))
-            for _ in range(layers)]
-
-
-def _ffn(mats, x: torch.Tensor) -> torch.Tensor:
-    from layerstream.compute.cpu_share import packed_swiglu
-
-    return packed_swiglu(*mats, x)
-
-
-def _cpu_worker(address: str, n_embd: int, n_ff: int, layers: int, seed: int, threads: int) -> None:
-    """The worker process: its own packed copy; each request is (layer, x bytes), each reply y's bytes."""
-    import msgpack
-    import zmq
-
-    torch.set_num_threads(threads)
-    ffns = _ffn_layers(n_embd, n_ff, layers, seed)
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.connect(address)
-    sock.send(b"ready")
-    while (msg := sock.recv()) != b"stop":
-        layer, raw = msgpack.unpackb(msg)
-        x = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).view(-1, n_embd)
-        sock.send(_ffn(ffns[layer], x).contiguous().view(torch.uint8).numpy().tobytes())
-    sock.close(linger=0)
-
-
-def bench_cpu_worker(args) -> list[dict]:
-    """One FFN of the CPU share at batch `-b`, computed inline, by a thread of this process, and
-    by a worker process (ZeroMQ, msgpack) with its own packed copy; layers in turn, so that
-    caches do not hold them. Every mode's output is checked against the inline one."""
-    import concurrent.futures
-
-    import msgpack
-    import zmq
-
-    from layerstream.compute.cpu_share import threads_default
-    from layerstream.loader.synth import resolve_shape
-
-    shape = resolve_shape(args.shape)
-    E, F, L = shape.n_embd, shape.n_ff, args.layers
-    threads = args.threads or threads_default()
-    torch.set_num_threads(threads)
-    ffns = _ffn_layers(E, F, L, args.seed)
-    nbytes = sum(m.nbytes for m in ffns[0])
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(args.batch, E, generator=g).to(torch.bfloat16) for _ in range(L)]
-    want = [_ffn(f, x) for f, x in zip(ffns, xs)]
-
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.PAIR)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    proc = mp.get_context("spawn").Process(target=_cpu_worker, daemon=True,
-                                           args=(f"tcp://127.0.0.1:{port}", E, F, L, args.seed, threads))
-    proc.start()
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        if not sock.poll(300_000) or sock.recv() != b"ready":
-            raise ValueError("the CPU worker process did not start within 300 s")
-
-        def by_process(i: int) -> torch.Tensor:
-            sock.send(msgpack.packb((i, xs[i].view(torch.uint8).numpy().tobytes())))
-            return torch.frombuffer(bytearray(sock.recv()), dtype=torch.bfloat16).view(args.batch, E)
-
-        modes = {"inline": lambda i: _ffn(ffns[i], xs[i]),
-                 "thread": lambda i: pool.submit(_ffn, ffns[i], xs[i]).result(),
-                 "process": by_process}
-        rows, base = [], None
-        for name, run in modes.items():
-            for i in range(L):  # warm-up, and the check
-                if not torch.equal(run(i), want[i]):
-                    raise ValueError(f"the {name} FFN of layer {i} differs from the inline one")
-            ts = []
-            for r in range(args.reps):
-                t0 = time.perf_counter()
-                run(r % L)
-                ts.append(time.perf_counter() - t0)
-            dt = statistics.median(ts)
-            base = dt if base is None else base
-            rows.append({"mode": name, "batch": args.batch, "ms/FFN": dt * 1e3, "GB/s": nbytes / dt / 1e9,
-                         "hand-off us": (dt - base) * 1e6, "reps": len(ts)})
-        sock.send(b"stop")
-    finally:
-        pool.shutdown()
-        proc.join(10)
-        if proc.is_alive():
-            proc.terminate()
-        sock.close(linger=0)
-    print_table(f"cpu-worker: the FFN of one {shape.name} layer ({nbytes / 1e6:.0f} MB packed), {threads} threads",
-                rows, f"median of the timed FFNs, {L} layers in turn; hand-off: the mode's time less inline's")
     return rows
 
 
@@ -970,7 +862,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_stage_parsers(sub) -> None:
-    """Register the stages reader, transfer, dequant, compute and pipeline as subcommands of `sub`."""
+    """Register the stages (reader, transfer, dequant, qmatmul, compute, kernels, pipeline, serve, experts) on `sub`."""
     p = sub.add_parser("reader", help="disk or page cache to the staging arena: cold and warm GB/s")
     _common(p, reps=3)
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
@@ -1045,15 +937,6 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=18080, help="port on 127.0.0.1 (default 18080)")
     p.set_defaults(func=bench_serve)
 
-    p = sub.add_parser("cpu-worker", help="the CPU share's FFN inline, in a thread, and in a worker process")
-    p.add_argument("--shape", default="llama-3.1-70b", help="a dense shape (default llama-3.1-70b)")
-    p.add_argument("--layers", type=int, default=4, help="FFNs packed and used in turn (default 4)")
-    p.add_argument("-b", "--batch", type=int, default=1, help="tokens (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPU share's)")
-    p.add_argument("--reps", type=int, default=20, help="timed FFNs a mode; the median is reported (default 20)")
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.set_defaults(func=bench_cpu_worker)
-
     p = sub.add_parser("experts", help="hit rates of the expert cache's policies (lfu, lru) on routing traces")
     p.add_argument("--shape", default="qwen3-30b-a3b", help="a mixture-of-experts shape (default qwen3-30b-a3b)")
     p.add_argument("--layers", type=int, default=None, help="streamed layers (default: the shape's)")
@@ -1065,19 +948,3 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--passes", type=int, default=100, help="decode passes simulated (default 100)")
     p.set_defaults(func=bench_experts)
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m layerstream.coordinator.stage_bench",
-                                description="Measure one stage of layerstream's streaming pipeline.")
-    add_stage_parsers(p.add_subparsers(dest="cmd", required=True, metavar="STAGE"))
-    args = p.parse_args(argv)
-    try:
-        args.func(args)
-    except (LayerstreamError, ValueError) as e:
-        print(f"stage_bench: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

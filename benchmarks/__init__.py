@@ -1,0 +1,1 @@
+"""layerstream's benchmarks: run from the repository (bin/bench), not installed with the package."""
