@@ -3,9 +3,20 @@
 Plain logic in the shape of vLLM's EngineCore: `add_request`, `abort`, `step() -> outputs`,
 usable in one process with a fake backend. Requests join and leave between steps. Each step
 carries the decode token of every running request, then chunks of waiting prompts, up to the
-step's token budget. A request that finishes or is aborted gives its KV row back at once.
-Each request samples with its own parameters and its own seeded generator, so a seed
-reproduces whatever else shares the batch.
+step's token budget (NOTE [ step size ]). A request that finishes or is aborted gives its KV row
+back at once. Each request samples with its own parameters and its own seeded generator, so a
+seed reproduces whatever else shares the batch. A request whose sampling fails is finished
+with an error and the others go on; when the backend's step fails, the requests of that step
+are finished with its error (reported by the next step) and the exception goes to the caller,
+which knows whether the backend can go on.
+
+NOTE [ step size ]
+The backend pads a step to B sequences times its longest chunk S (the attention's queries and
+mask are [B, S, ...]), and the plan sizes the step's scratch for max(step_tokens, max_seqs)
+tokens. So a step holds every running request's decode token (at most max_seqs) and prompt
+chunks of at most step_tokens tokens in all, and B * S stays within max(step_tokens, max_seqs):
+a long chunk beside many decoding sequences is cut shorter. A waiting request is admitted
+(takes a KV row) only in a step that carries its first chunk; the rest wait in the queue.
 
 NOTE [ prefix reuse ]
 A freed row keeps its KV until another sequence writes it, so the core remembers which tokens
@@ -32,10 +43,6 @@ from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
 
 
-class QueueFullError(LayerstreamError):
-    """More requests waiting than the core accepts (a server answers 429)."""
-
-
 class StepBackend(Protocol):
     def step(self, seqs: list[SeqStep], want: str) -> torch.Tensor | None: ...
 
@@ -48,9 +55,10 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "eos", "stop", "length", "abort", "context_full"
+    finish_reason: str | None = None  # "eos", "stop", "length", "abort", "context_full", "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None  # why, with finish_reason "error"
 
 
 class StopMatcher:
@@ -108,40 +116,44 @@ class EngineCore:
     """Schedules requests over a step backend: admission, chunking, sampling, stopping."""
 
     def __init__(self, backend: StepBackend, tokenizer: Tokenizer, n_vocab: int, *, max_seqs: int, ctx: int,
-                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4,
-                 max_queue: int | None = None):
+                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4):
         if step_tokens < 1:
             raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
-        self.on_context_full, self.sink_tokens, self.max_queue = on_context_full, sink_tokens, max_queue
+        self.on_context_full, self.sink_tokens = on_context_full, sink_tokens
+        self.pad_tokens = max(step_tokens, max_seqs)  # B * S of a step at most (NOTE [ step size ])
         self.free_rows = list(range(max_seqs))
         self.row_tokens: dict[int, list[int]] = {}  # free row -> tokens whose KV it still holds (NOTE above)
         self.reused_tokens = 0  # prompt tokens whose KV an earlier request left in its row
         self.waiting: deque[_Request] = deque()  # not yet holding a row
         self.running: list[_Request] = []  # holding a row: prefilling or decoding
-        self.aborted: list[RequestOutput] = []  # reported by the next step
+        self.aborted: list[RequestOutput] = []  # finished outside a step (abort, failed step): reported by the next
         self.steps = 0
 
     # -- rows (also lent to Engine's direct evaluation API) -------------------------------------
 
     def take_row(self) -> int:
         """A free row: one holding no reusable KV first, else the least recently freed."""
-        return self._take_row_for(())[0]
-
-    def _take_row_for(self, prompt) -> tuple[int, int]:
-        """The free row holding the longest prefix of `prompt`'s KV, and how many tokens of it
-        (at most all but the last: a step needs one token); else as take_row (NOTE [ prefix reuse ])."""
         if not self.free_rows:
             raise ConfigError(f"more than {self.max_seqs} sequences at once; raise --batch")
+        row, _ = self._row_for(())
+        self._claim(row)
+        return row
+
+    def _row_for(self, prompt) -> tuple[int, int]:
+        """The free row holding the longest prefix of `prompt`'s KV, and how many tokens of it
+        (at most all but the last: a step needs one token); else as take_row (NOTE [ prefix reuse ])."""
         row, n = next((r for r in self.free_rows if r not in self.row_tokens), self.free_rows[0]), 0
         for r in self.free_rows:
             m = _common_prefix(self.row_tokens.get(r, ()), prompt)
             if m > n:
                 row, n = r, m
+        return row, min(n, len(prompt) - 1)
+
+    def _claim(self, row: int) -> None:
         self.free_rows.remove(row)
         self.row_tokens.pop(row, None)
-        return row, min(n, len(prompt) - 1)
 
     def give_row(self, row: int, held: list[int] | None = None) -> None:
         """Free a row; `held`: the tokens whose KV it keeps at positions 0.. (reusable)."""
@@ -161,8 +173,6 @@ class EngineCore:
                                    "--on-context-full slide")
         if any(r.id == request_id for r in (*self.waiting, *self.running)):
             raise ConfigError(f"request id {request_id!r} is already in use")
-        if self.max_queue is not None and len(self.waiting) >= self.max_queue:
-            raise QueueFullError(f"{len(self.waiting)} requests are waiting, the most the queue holds")
         bad = [t for t in prompt if not 0 <= t < self.n_vocab]
         if bad:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
@@ -225,27 +235,47 @@ class EngineCore:
     # -- one step ---------------------------------------------------------------------------------
 
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
-        """Decode tokens of the running requests first, then prompt chunks, within the budget."""
-        while self.waiting and self.free_rows:  # admission: a free row, FIFO
-            r = self.waiting.popleft()
-            r.row, n = self._take_row_for(r.prompt)
-            r.ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
-            if n:  # the row holds these tokens' KV already, at the same positions
-                r.ring.append(n)
-                r.fed, r.tokens = n, r.prompt[:n]
-                self.reused_tokens += n
-            self.running.append(r)
+        """Decode tokens of the running requests first, then prompt chunks of the running, then of
+        waiting requests admitted while a row is free and the step has room (NOTE [ step size ])."""
         plan = [(r, [r.pending]) for r in self.running if r.pending is not None]
         room = max(self.step_tokens - len(plan), 0)
+        width = 1 if plan else 0  # the longest chunk so far
+
+        def chunk(r: _Request, fed: int, cap: int) -> int:
+            nonlocal room, width
+            n = min(len(r.prompt) - fed, room, cap, self.pad_tokens // (len(plan) + 1))
+            if n < 1 or (len(plan) + 1) * max(width, n) > self.pad_tokens:
+                return 0
+            room, width = room - n, max(width, n)
+            return n
+
         for r in self.running:
-            if r.pending is None and r.fed < len(r.prompt) and room > 0:
-                n = min(len(r.prompt) - r.fed, room, max(r.ring.max_chunk(), 1))
-                plan.append((r, r.prompt[r.fed : r.fed + n]))
-                room -= n
+            if r.pending is None and r.fed < len(r.prompt):
+                n = chunk(r, r.fed, max(r.ring.max_chunk(), 1))
+                if n:
+                    plan.append((r, r.prompt[r.fed : r.fed + n]))
+        while self.waiting and self.free_rows:  # admission: FIFO, as far as rows and the step's room go
+            r = self.waiting[0]
+            row, reused = self._row_for(r.prompt)
+            ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
+            if reused:  # the row holds these tokens' KV already, at the same positions
+                ring.append(reused)
+            n = chunk(r, reused, max(ring.max_chunk(), 1))
+            if not n:
+                break
+            self.waiting.popleft()
+            self._claim(row)
+            r.row, r.ring = row, ring
+            r.fed, r.tokens = reused, r.prompt[:reused]
+            self.reused_tokens += reused
+            self.running.append(r)
+            plan.append((r, r.prompt[reused : reused + n]))
         return plan
 
     def step(self) -> list[RequestOutput]:
-        """Run one backend step over the scheduled tokens; returns what each request produced."""
+        """Run one backend step over the scheduled tokens; returns what each request produced.
+        A request whose sampling fails finishes with finish_reason "error"; when the backend
+        fails, the step's requests do so too (reported by the next step) and the error is raised."""
         outs, self.aborted = self.aborted, []
         plan, steps = [], []
         for r, toks in self._schedule():
@@ -259,7 +289,12 @@ class EngineCore:
         if not steps:
             return outs
         self.steps += 1
-        logits = self.backend.step(steps, "last")
+        try:
+            logits = self.backend.step(steps, "last")
+        except Exception as e:
+            why = _reason(e)
+            self.aborted = outs + [self._finish(r, "error", error=why, keep=False) for r, _ in plan]
+            raise
         for i, (r, toks) in enumerate(plan):
             r.tokens += toks
             if r.pending is not None:
@@ -268,8 +303,11 @@ class EngineCore:
                 r.fed += len(toks)
                 if r.fed < len(r.prompt):
                     continue  # the prompt goes on next step: no token to sample yet
-            tok = int(r.sampler.sample(logits[i : i + 1], [r.tokens])[0])
-            out = self._accept(r, tok)
+            try:
+                tok = int(r.sampler.sample(logits[i : i + 1], [r.tokens])[0])
+                out = self._accept(r, tok)
+            except Exception as e:  # this request's parameters or logits: it alone ends
+                out = self._finish(r, "error", error=f"sampling failed: {_reason(e)}", keep=False)
             if out is not None:
                 outs.append(out)
         return outs
@@ -288,16 +326,23 @@ class EngineCore:
         r.pending = tok
         return RequestOutput(r.id, text, [tok], prompt_tokens=len(r.prompt), completion_tokens=len(r.generated))
 
-    def _free(self, r: _Request) -> None:
-        """Give the request's row back, noting the tokens whose KV it holds (if its ring never evicted)."""
+    def _free(self, r: _Request, keep: bool = True) -> None:
+        """Give the request's row back, noting the tokens whose KV it holds (if its ring never
+        evicted and `keep`: a failed step may have left its KV half written)."""
         if r.row is not None:
-            self.give_row(r.row, list(r.tokens) if r.ring.total == r.ring.count else None)
+            self.give_row(r.row, list(r.tokens) if keep and r.ring.total == r.ring.count else None)
             r.row = None
 
-    def _finish(self, r: _Request, reason: str, text: str = "", toks: list[int] | None = None) -> RequestOutput:
+    def _finish(self, r: _Request, reason: str, text: str = "", toks: list[int] | None = None,
+                error: str | None = None, keep: bool = True) -> RequestOutput:
         self.running.remove(r)
-        self._free(r)
-        return RequestOutput(r.id, text, toks or [], True, reason, len(r.prompt), len(r.generated))
+        self._free(r, keep)
+        return RequestOutput(r.id, text, toks or [], True, reason, len(r.prompt), len(r.generated), error)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one line: a LayerstreamError's own message, else its type and message."""
+    return str(e) if isinstance(e, LayerstreamError) else f"{type(e).__name__}: {e}"
 
 
 def _common_prefix(a, b) -> int:

@@ -7,7 +7,7 @@ import torch
 
 import ggufgen
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.core import EngineCore, QueueFullError
+from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ContextFullError
 from layerstream.loader.gguf_index import open_model
@@ -140,12 +140,10 @@ def test_stop_strings_eos_and_lengths_per_request(tokenizer):
 
 
 def test_limits_are_refused_before_any_step(tokenizer):
-    c = core(tokenizer, ctx=16, max_queue=1)
+    c = core(tokenizer, ctx=16)
     with pytest.raises(ContextFullError, match="prompt is 16 tokens"):
         c.add_request("big", list(range(1, 17)), GREEDY)
     c.add_request("a", [1], GREEDY)
-    with pytest.raises(QueueFullError):
-        c.add_request("b", [1], GREEDY)
     with pytest.raises(Exception, match="already in use"):
         c.add_request("a", [1], GREEDY)
     assert c.backend.steps == []
@@ -180,3 +178,71 @@ def test_a_prompt_reuses_the_kv_a_freed_row_holds(tokenizer):
     s.add_request("long", list(range(1, 15)), GREEDY)
     run(s)
     assert not s.row_tokens
+
+
+def test_steps_stay_within_the_planned_size_under_many_clients(tokenizer):
+    """32 requests of 128-token prompts at 32 rows and a 512-token step: no step carries more
+    than max(step_tokens, max_seqs) tokens or rows, nor pads to more than that (sequences times
+    the longest chunk, as the backend pads it); every answer is the one it gets alone."""
+    prompts = [[(7 * i + j) % (V - 1) + 1 for j in range(128)] for i in range(32)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    c = core(tokenizer, max_seqs=32, ctx=256, step_tokens=512)
+    for i, p in enumerate(prompts):
+        c.add_request(f"r{i}", p, params)
+    got = run(c)
+    for st in c.backend.steps:
+        assert len(st) <= 32 and sum(len(t) for _, t, _ in st) <= 512
+        assert len(st) * max(len(t) for _, t, _ in st) <= 512, [len(t) for _, t, _ in st]
+    for i in (0, 17, 31):
+        alone = core(tokenizer, max_seqs=1, ctx=256, step_tokens=512)
+        alone.add_request("x", prompts[i], params)
+        assert [o.token_ids for o in got[f"r{i}"]] == [o.token_ids for o in run(alone)["x"]]
+
+
+def test_a_request_takes_a_row_only_in_a_step_that_carries_its_prompt(tokenizer):
+    c = core(tokenizer, max_seqs=4, step_tokens=8)
+    for i in range(4):
+        c.add_request(f"r{i}", [i + 1] * 8, GREEDY)
+    c.step()
+    assert [r.id for r in c.running] == ["r0"] and len(c.waiting) == 3 and len(c.free_rows) == 3
+    run(c)
+    assert sorted(c.free_rows) == [0, 1, 2, 3]
+
+
+def test_a_request_whose_sampling_fails_ends_alone(tokenizer):
+    """A seed beyond 64 bits fails in the sampler's generator: that request ends with an
+    error naming why, the one beside it finishes normally, and the core serves the next."""
+    c = core(tokenizer)
+    c.add_request("bad", [1, 2, 3], SamplingParams(temperature=1.0, seed=2**64, max_tokens=4))
+    c.add_request("good", [4, 5], GREEDY)
+    got = run(c)
+    assert got["bad"][-1].finish_reason == "error" and "sampling failed" in got["bad"][-1].error
+    assert got["good"][-1].finish_reason == "length" and sum(len(o.token_ids) for o in got["good"]) == 5
+    c.add_request("next", [6], GREEDY)
+    assert run(c)["next"][-1].finish_reason == "length"
+    assert sorted(c.free_rows) == [0, 1]
+
+
+def test_a_failed_backend_step_fails_its_requests_and_the_core_goes_on(tokenizer):
+    class Flaky(FakeBackend):
+        fail_at = 2
+
+        def step(self, seqs, want):
+            if len(self.steps) == self.fail_at:
+                self.steps.append(None)
+                raise RuntimeError("out of memory")
+            return super().step(seqs, want)
+
+    c = core(tokenizer)
+    c.backend = Flaky()
+    c.add_request("a", [1, 2, 3], GREEDY)
+    c.add_request("b", [4, 5], GREEDY)
+    c.step(), c.step()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        c.step()
+    outs = {o.request_id: o for o in c.step()}
+    assert {k: (o.finish_reason, o.error) for k, o in outs.items()} == {
+        "a": ("error", "RuntimeError: out of memory"), "b": ("error", "RuntimeError: out of memory")}
+    assert not c.has_unfinished() and sorted(c.free_rows) == [0, 1] and not c.row_tokens
+    c.add_request("next", [6], GREEDY)
+    assert run(c)["next"][-1].finish_reason == "length"
