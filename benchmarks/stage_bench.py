@@ -297,7 +297,7 @@ def bench_transfer(args) -> list[dict]:
             dt = _median_s(copy, args.reps, device)
             rows.append({"source": "shm arena", "path": "CPU memcpy (the CPU pipeline's copy stage)",
                          "MB": size / 2**20, "slots": n, "s": dt, "GB/s": total / dt / GB, "reps": args.reps})
-        del hosts
+        hosts.clear()  # the arena's memory is unmapped when it closes: no view may outlive it
     print_table(f"transfer: staging -> {device_name(device)} ({_load()})", rows,
                 f"{n} slots of {size / 2**20:.1f} MiB per timed pass; median of {args.reps}")
     return rows
