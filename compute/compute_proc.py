@@ -19,7 +19,7 @@ from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.child import ChildLinks, run_child
-from layerstream.proto.messages import Forward, ForwardDone, LayerDone, LayerReady
+from layerstream.proto.messages import ArenaDesc, Forward, ForwardDone, LayerDone, LayerReady
 from layerstream.proto.timeline import Timeline
 
 DONE_BATCH = 2  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
@@ -38,7 +38,7 @@ class ComputeConfig:
     resident: tuple[int, ...]  # layers kept on the device after their first load
     vram_slots: int  # VRAM ring slots for streamed layers
     kv_device_layers: int  # layers 0..n-1 whose KV stays on the device; the rest in host memory
-    arena: dict[str, Any]
+    arena: ArenaDesc
     layouts: list[Any]  # LayerLayout.to_wire() per layer
     endpoints: dict[str, Any]
     parent_pid: int
@@ -69,7 +69,7 @@ class ComputeWorker:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = getattr(torch, cfg.dtype)
-        self.arena = Arena.attach(cfg.arena["name"], cfg.arena["n_slots"], cfg.arena["slot_bytes"])
+        self.arena = Arena.from_wire(cfg.arena)
         self.registered = False
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -244,7 +244,7 @@ class ComputeWorker:
         return copy_s, copy_bytes
 
     def forward(self, msg: Forward):
-        seqs = [SeqStep(row=r, tokens=t, slots=s, positions=p, kv_pos=k) for r, t, s, p, k in msg.seqs]
+        seqs = [SeqStep(s.row, s.tokens, s.slots, s.positions, s.kv_pos) for s in msg.seqs]
         tokens = sum(len(s.tokens) for s in seqs)
         self.source.set_step(msg.step, tokens)
         if self.source.expert_step:

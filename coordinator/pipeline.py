@@ -27,7 +27,9 @@ import torch
 import zmq
 import zmq.asyncio
 
-from layerstream.compute import compute_proc, cpu_share
+from layerstream.compute import compute_proc
+from layerstream.compute.cpu import config as cpu_config
+from layerstream.compute.cpu import sizing as cpu_sizing
 from layerstream.compute.model import SeqStep
 from layerstream.coordinator.plan import GiB, Plan, fit_budget, fit_cpu_share, make_plan
 from layerstream.coordinator.stream_core import StreamCore
@@ -39,9 +41,9 @@ from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.reader import readers_for
 from layerstream.proto.addresses import cleanup_run_dir, make_endpoints, make_run_dir
-from layerstream.proto.codec import BadMessageCounter, ProtocolError, encode
+from layerstream.proto.codec import BadMessageCounter, ProtocolError, encode, from_wire
 from layerstream.proto.messages import (
-    Failed, Forward, ForwardDone, LayerDone, LayerStaged, ReadFailed, Ready, Shutdown,
+    ArenaDesc, Failed, Forward, ForwardSeq, ForwardDone, LayerDone, LayerStaged, ReadFailed, Ready, Shutdown,
     StatsReply, StatsRequest,
 )
 from layerstream.proto.timeline import Timeline, stats_table, write_chrome_trace
@@ -76,13 +78,13 @@ class PipelineConfig:
     trace: bool = False
     ready_timeout_s: float = 180.0
     stall_timeout_s: float = 120.0  # a step with no message from the compute process for so long ends the run
-    # the CPU's share of the streamed layers (compute/cpu_share.py): 0 (default), auto (timed and
+    # the CPU's share of the streamed layers (compute/cpu/): 0 (default), auto (timed and
     # chosen per batch size on CUDA: faster on a 70B, with host memory and packing time to pay,
     # BENCHMARKS.md) or a fraction
     cpu_share: str = "0"
     cpu_split: str = "layers"  # what the share splits: "layers" (whole FFN matrices of some layers) or "rows"
     vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (plan.make_plan; default 2)
-    cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu_share.threads_default)
+    cpu_threads: int | None = None  # CPU threads of the compute process (default: cpu/sizing.threads_default)
     expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
     moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
     expert_policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
@@ -137,8 +139,8 @@ class Pipeline:
         if self.cpu_share == "auto" and device.type != "cuda":
             self.cpu_share = "0"  # on a CPU-only machine the "device" is the CPU already
         self.cpu_pack_max = AUTO_PACK_MAX if self.cpu_share == "auto" else float(self.cpu_share)
-        if cfg.cpu_split not in cpu_share.SPLITS:
-            raise ConfigError(f"--cpu-split {cfg.cpu_split!r}: use one of {', '.join(cpu_share.SPLITS)}")
+        if cfg.cpu_split not in cpu_sizing.SPLITS:
+            raise ConfigError(f"--cpu-split {cfg.cpu_split!r}: use one of {', '.join(cpu_sizing.SPLITS)}")
         if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
             raise ConfigError(f"--cpu-threads {cfg.cpu_threads}: must be at least 1")
         vram = None if cfg.vram_gb is None else int(cfg.vram_gb * GiB)
@@ -158,7 +160,7 @@ class Pipeline:
                                           cfg.cpu_split)
         if not self.cpu_pack_max:
             self.cpu_share = "0"
-        self.plan = dataclasses.replace(self.plan, cpu_share_bytes=cpu_share.packed_bytes(
+        self.plan = dataclasses.replace(self.plan, cpu_share_bytes=cpu_sizing.packed_bytes(
             [self.layouts[i] for i in self.plan.streamed], self.cpu_pack_max, cfg.cpu_split))
         self.step_tokens = self.plan.step_tokens
         log.info("plan: %s", self.plan.describe())
@@ -215,7 +217,7 @@ class Pipeline:
         st = self.sup.start("staging", "staging", staging_proc.main, staging_proc.StagingConfig(
             "staging", self.plan.n_slots, self.plan.slot_bytes, eps("readers"), pid))
         await self._wait_ready([st.ident])
-        self.arena = st.ready
+        self.arena = from_wire(ArenaDesc, st.ready.get("arena"))
         files = tuple(self.index.files)
         self.reader_ids = []
         for r in range(self.reader_plan.n_readers):
@@ -228,11 +230,12 @@ class Pipeline:
             ctx=self.ctx, max_seqs=self.max_seqs, resident=self.plan.resident, vram_slots=self.plan.vram_slots,
             kv_device_layers=self.plan.kv_device_layers, weights=self.weights, budget_bytes=self.plan.budget_bytes,
             step_tokens=self.plan.step_tokens, arena=self.arena, layouts=[lay.to_wire() for lay in self.layouts],
-            cpu_share=self.cpu_share, cpu_pack_max=self.cpu_pack_max, cpu_split=cfg.cpu_split, index=self.index,
+            cpu_share=cpu_config.parse_cpu_share(self.cpu_share, cfg.cpu_split).with_pack_max(self.cpu_pack_max),
+            index=self.index,
             expert_cache_bytes=self.plan.expert_cache_bytes, dense_resident=self.plan.dense_resident,
             expert_policy=cfg.expert_policy, expert_prefetch=self.plan.expert_prefetch,
             done_batch=compute_proc.DONE_BATCH if self.plan.cache_layers >= len(self.plan.streamed) else 1,
-            cpu_threads=cfg.cpu_threads or (cpu_share.threads_default() if self.cpu_share != "0" and self.plan.streamed
+            cpu_threads=cfg.cpu_threads or (cpu_sizing.threads_default() if self.cpu_share != "0" and self.plan.streamed
                                             and self.device.type == "cuda" else None),
             endpoints=eps("compute"), parent_pid=pid, trace=cfg.trace, sliding=self.sliding))
         await self._wait_ready(self.reader_ids + ["compute"])
@@ -376,7 +379,7 @@ class Pipeline:
                     await self._serve(100)
             err = c.last_error
             if c.role == "staging" and getattr(self, "arena", None):
-                remove_orphan(self.arena["name"])  # its own cleanup never ran
+                remove_orphan(self.arena.name)  # its own cleanup never ran
             if code == -signal.SIGBUS:
                 err = (err or "") + (f"SIGBUS: a memory-mapped model file shrank or vanished during the run "
                                      f"({', '.join(self.index.files)}); check the file and do not rewrite it while it runs")
@@ -399,7 +402,7 @@ class Pipeline:
     async def _step(self, seqs: list[SeqStep], want: str):
         self.done = None
         announce = self.core.begin_step()
-        wire = [[s.row, s.tokens, s.slots, s.positions, s.kv_pos] for s in seqs]
+        wire = [ForwardSeq(s.row, s.tokens, s.slots, s.positions, s.kv_pos) for s in seqs]
         await self._send("compute", "compute", Forward(self.core.step_no, wire, want))
         await self._send_all(announce)
         self.heard["compute"] = time.monotonic()

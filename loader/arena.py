@@ -1,7 +1,7 @@
 """The staging arena: a POSIX shared-memory segment of equal, page-aligned slots.
 
 NOTE [ arena ownership ]
-One process (the supervisor) creates the arena and is the only one that unlinks it;
+One process (staging) creates the arena and is the only one that unlinks it;
 readers and the compute process attach by name and only map it. Python's resource
 tracker (3.11, 3.12) registers every SharedMemory it opens, attached ones too, and unlinks
 them when the process exits; worse, `spawn` children share their parent's tracker, so an
@@ -9,13 +9,19 @@ attached child that unregistered afterwards would also cancel the owner's regist
 Attaching therefore never registers (`track=False` on 3.13+, the register call suppressed
 while opening before that). The owner stays registered, so even a SIGKILLed owner's
 segment is unlinked by the tracker; a normal exit or an exception is handled by a
-finalizer that unlinks at interpreter exit.
+finalizer that unlinks at interpreter exit. A SIGKILL of the whole process group takes the
+tracker too: the segment's name carries its creator's pid (`layerstream-PID-xxxxxxxx`), and
+every `Arena.create` first removes this user's segments whose creator is gone
+(`sweep_orphans`). The creator lives as long as the segment is in use (staging for a run),
+so a segment whose creator is gone is nobody's.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import stat
 import sys
 import threading
 import weakref
@@ -25,10 +31,12 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from layerstream.errors import ConfigError, PipelineError
+from layerstream.proto.messages import ArenaDesc
 
 PREFIX = "layerstream-"
 PAGE = 4096
 SHM_DIR = "/dev/shm"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[0-9a-f]{8}")  # what Arena.create names a segment
 
 _attach_lock = threading.Lock()
 
@@ -44,6 +52,41 @@ def shm_free_bytes(path: str = SHM_DIR) -> int | None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink this user's segments named by Arena.create whose creator process is gone (NOTE
+    [ arena ownership ]); returns their names. Other names, other users' segments and those of
+    live processes are left alone."""
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:  # no /dev/shm here: nothing of ours can be in it
+        return []
+    removed = []
+    for name in names:
+        m = _NAME.fullmatch(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            st = os.lstat(path)
+            if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
+                continue
+            os.unlink(path)
+        except OSError:  # gone meanwhile (its run's coordinator removed it), or not ours to remove
+            continue
+        removed.append(name)
+    return removed
 
 
 def remove_orphan(name: str) -> None:
@@ -134,6 +177,7 @@ class Arena:
             raise ConfigError(f"arena needs at least one slot of at least one byte (got {n_slots} x {slot_bytes})")
         slot_bytes = -(-slot_bytes // PAGE) * PAGE
         need = n_slots * slot_bytes
+        sweep_orphans()  # (before the space check: a killed run's segment holds space)
         free = shm_free_bytes()
         if free is not None and need > free:
             raise ConfigError(
@@ -163,12 +207,13 @@ class Arena:
         return cls(shm, n_slots, slot_bytes, owner=False)
 
     @classmethod
-    def from_wire(cls, d: dict) -> "Arena":
-        return cls.attach(d["name"], d["n_slots"], d["slot_bytes"])
+    def from_wire(cls, desc: ArenaDesc) -> "Arena":
+        """Attach to the arena that `desc` (from describe(), in another process) names."""
+        return cls.attach(desc.name, desc.n_slots, desc.slot_bytes)
 
-    def describe(self) -> dict:
-        """What another process needs to attach: {'name', 'n_slots', 'slot_bytes'}."""
-        return {"name": self.name, "n_slots": self.n_slots, "slot_bytes": self.slot_bytes}
+    def describe(self) -> ArenaDesc:
+        """What another process needs to attach."""
+        return ArenaDesc(self.name, self.n_slots, self.slot_bytes)
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,7 @@ from layerstream.loader.arena import Arena
 from layerstream.loader.layout import ReadRange
 from layerstream.loader.reader import LayerReader
 from layerstream.proto.child import ChildLinks, run_child
-from layerstream.proto.messages import LayerStaged, LoadLayer, ReadFailed
+from layerstream.proto.messages import ArenaDesc, LayerStaged, LoadLayer, ReadFailed
 from layerstream.proto.timeline import Timeline
 
 
@@ -20,7 +20,7 @@ class ReaderConfig:
     files: tuple[str, ...]  # the model's files; LoadLayer ranges name them by index
     serve: tuple[str, ...]  # the files this reader opens
     direct: bool
-    arena: dict[str, Any]
+    arena: ArenaDesc
     endpoints: dict[str, Any]
     parent_pid: int
     trace: bool = False
@@ -39,7 +39,7 @@ def main(cfg: ReaderConfig) -> None:
 
     def body(links: ChildLinks) -> None:
         state["links"] = links
-        arena = Arena.attach(cfg.arena["name"], cfg.arena["n_slots"], cfg.arena["slot_bytes"])
+        arena = Arena.from_wire(cfg.arena)
         reader = LayerReader(list(cfg.serve), direct=cfg.direct)
         try:
             links.ready({"files": len(cfg.serve)})

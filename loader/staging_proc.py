@@ -2,7 +2,8 @@
 
 NOTE [ who owns the arena ]
 The arena outlives any reader or compute process that dies, and goes when the run ends:
-this process creates it, reports its name in Ready, and unlinks it when told to shut down,
+this process creates it (removing those of killed runs first: NOTE [ arena ownership ] in
+arena.py), reports its ArenaDesc in Ready, and unlinks it when told to shut down,
 when the coordinator is gone (parent watchdog), or when it is terminated (SIGTERM runs the
 same cleanup). The host cache's policy lives in the coordinator's scheduler beside the
 prefetch logic (it is bookkeeping over slot ids), which saves a message hop per layer.
@@ -16,6 +17,7 @@ from typing import Any
 
 from layerstream.loader.arena import Arena
 from layerstream.proto.child import ChildLinks, ShutdownRequested, run_child
+from layerstream.proto.codec import to_wire
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ def main(cfg: StagingConfig) -> None:
 
     def body(links: ChildLinks) -> None:
         with Arena.create(cfg.n_slots, cfg.slot_bytes) as arena:
-            links.ready(arena.describe())
+            links.ready({"arena": to_wire(arena.describe())})
             while True:
                 links.recv()  # nothing to do but stay alive and answer control messages
 

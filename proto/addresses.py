@@ -169,10 +169,11 @@ class Endpoints:
     compute: str  # coordinator ROUTER <- each compute process's DEALER: Forward / LayerDone ...
 
     def for_role(self, role: str) -> tuple[str, str]:
-        """(control address, work address) that a child of this role connects to."""
-        work = {"reader": self.readers, "compute": self.compute}.get(role)
+        """(control address, work address) that a child of this role connects to (staging, which
+        has no work of its own to hear, takes the readers' link)."""
+        work = {"reader": self.readers, "staging": self.readers, "compute": self.compute}.get(role)
         if work is None:
-            raise AddressError(f"no endpoints for role {role!r}: expected 'reader' or 'compute'")
+            raise AddressError(f"no endpoints for role {role!r}: expected 'staging', 'reader' or 'compute'")
         return self.control, work
 
     def bound(self, **addresses: str) -> Endpoints:

@@ -7,6 +7,10 @@ NOTE [ message rules ]
   PROTOCOL_VERSION.
 - Use lists, not tuples, inside fields: msgpack gives lists back, and a message compares equal
   to its round trip only if it was built with lists.
+- A record nested in a field (a Forward's sequences, the arena's description) is a `@struct`:
+  a frozen dataclass of plain fields, sent as a positional list like a message. A field
+  `list[S]` of a struct S, or `list[int]`, is checked item by item when decoded (arity and
+  types), so a receiver never meets a record of the wrong shape.
 - Weights and KV never travel in messages: readers write into shared-memory staging slots and
   messages carry slot handles. Other bulk data (logits, small tensors) may ride as extra raw
   frames next to a message (see `codec.encode(msg, extra=...)`).
@@ -22,7 +26,10 @@ import types
 import typing
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 2  # 2: LayerDone and LayerReady carry lists of [layer, slot]
+# 2: LayerDone and LayerReady carry lists of [layer, slot]
+# 3: Forward.seqs holds ForwardSeq records, checked item by item; list[int] fields are checked
+#    item by item; staging's Ready carries its arena as an ArenaDesc record
+PROTOCOL_VERSION = 3
 
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
@@ -44,6 +51,17 @@ class Message:
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {}
     # Fields that are lists of [layer, slot] pairs of ints >= 0 (checked item by item).
     LAYER_SLOTS: ClassVar[tuple[str, ...]] = ()
+    # Per field, the type of a list's items that is checked when decoded (int or a Struct), else None.
+    ITEM_TYPES: ClassVar[tuple[type | None, ...]] = ()
+
+
+class Struct:
+    """Base of a record nested in a message field: plain fields, sent as a positional list."""
+
+    __slots__ = ()
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+    FIELD_TYPES: ClassVar[tuple[tuple[type, ...], ...]] = ()
+    ITEM_TYPES: ClassVar[tuple[type | None, ...]] = ()
 
 
 # tag -> message class, filled by @message.
@@ -67,6 +85,35 @@ def _accepted_types(hint: Any) -> tuple[type, ...]:
     return (base,)
 
 
+def _item_type(hint: Any) -> type | None:
+    """For a `list[int]` or `list[SomeStruct]` field, the item type the codec checks; else None."""
+    if typing.get_origin(hint) is not list:
+        return None
+    (item,) = typing.get_args(hint) or (None,)
+    if item is int or (isinstance(item, type) and issubclass(item, Struct)):
+        return item
+    return None
+
+
+def _typed(cls: type) -> type:
+    """Make cls a frozen slotted dataclass and record its field names and checked types."""
+    cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+    hints = typing.get_type_hints(cls, globals())
+    fields = dataclasses.fields(cls)
+    cls.FIELDS = tuple(f.name for f in fields)
+    cls.FIELD_TYPES = tuple(_accepted_types(hints[f.name]) for f in fields)
+    cls.ITEM_TYPES = tuple(_item_type(hints[f.name]) for f in fields)
+    return cls
+
+
+@typing.dataclass_transform(frozen_default=True)
+def struct(cls: type) -> type:
+    """Declare a record type nested in messages (a subclass of Struct)."""
+    if not issubclass(cls, Struct):
+        raise TypeError(f"{cls.__name__}: a @struct must subclass Struct")
+    return _typed(cls)
+
+
 @typing.dataclass_transform(frozen_default=True)
 def message(tag: int):
     """Declare a message type: makes the class a frozen slotted dataclass and registers its tag."""
@@ -76,16 +123,36 @@ def message(tag: int):
             raise ValueError(f"{cls.__name__}: tag {tag} does not fit in one byte (1..255)")
         if tag in MESSAGE_TYPES:
             raise ValueError(f"{cls.__name__}: tag {tag} already used by {MESSAGE_TYPES[tag].__name__}")
-        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
-        hints = typing.get_type_hints(cls, globals())
-        fields = dataclasses.fields(cls)
+        cls = _typed(cls)
         cls.TAG = tag
-        cls.FIELDS = tuple(f.name for f in fields)
-        cls.FIELD_TYPES = tuple(_accepted_types(hints[f.name]) for f in fields)
         MESSAGE_TYPES[tag] = cls
         return cls
 
     return wrap
+
+
+# ---- records nested in messages ----
+
+
+@struct
+class ForwardSeq(Struct):
+    """One sequence's part of a Forward: its KV row, new tokens with their slots and positions,
+    and the position each of its KV slots holds after the writes (-1: empty)."""
+
+    row: int
+    tokens: list[int]
+    slots: list[int]
+    positions: list[int]
+    kv_pos: list[int]
+
+
+@struct
+class ArenaDesc(Struct):
+    """What a process needs to attach to the staging arena (loader/arena.py)."""
+
+    name: str
+    n_slots: int
+    slot_bytes: int
 
 
 # ---- lifecycle: every child <-> coordinator (control link) ----
@@ -93,7 +160,8 @@ def message(tag: int):
 
 @message(1)
 class Ready(Message):
-    """Child to coordinator: started and ready for work; `info` says what it holds (device, slots...)."""
+    """Child to coordinator: started and ready for work; `info` says what it holds (device, slots;
+    staging's is {"arena": ArenaDesc as a list})."""
 
     role: str
     ident: str
@@ -180,10 +248,10 @@ class ReadFailed(Message):
 
 @message(20)
 class Forward(Message):
-    """Coordinator to compute: run one step; each seq is [row, tokens, slots, positions, kv_pos]."""
+    """Coordinator to compute: run one step over these sequences."""
 
     step: int
-    seqs: list[list[Any]]
+    seqs: list[ForwardSeq]
     want_logits: str = "last"
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"want_logits": WANT_LOGITS}
@@ -228,6 +296,10 @@ __all__ = [
     "ByteRange",
     "LayerSlot",
     "Message",
+    "Struct",
+    "struct",
+    "ForwardSeq",
+    "ArenaDesc",
     "MESSAGE_TYPES",
     "message",
     "Ready",

@@ -1,8 +1,8 @@
-"""ROUTER/DEALER helpers: make sockets (LINGER 0), send and receive messages, blocking or asyncio.
+"""ROUTER/DEALER helpers: make sockets (LINGER 0), send and receive messages.
 
-The coordinator binds ROUTERs and children connect DEALERs (see NOTE in addresses.py). The same
-functions serve plain `zmq` sockets (children's blocking loops) and `zmq.asyncio` sockets (the
-coordinator): the `async_*` variants await where the plain ones block.
+The coordinator binds ROUTERs and children connect DEALERs (see NOTE in addresses.py). The
+send and receive helpers serve the children's blocking loops; the coordinator's asyncio loop
+awaits its `zmq.asyncio` sockets itself (coordinator/links.py).
 """
 
 from __future__ import annotations
@@ -111,11 +111,6 @@ def send_msg(sock: zmq.Socket, msg: Message, ident: str | bytes | None = None, e
     sock.send_multipart(_frames(sock, msg, ident, extra), copy=not extra)
 
 
-async def async_send_msg(sock: Any, msg: Message, ident: str | bytes | None = None, extra: Sequence[Buffer] = ()) -> None:
-    """send_msg for a zmq.asyncio socket."""
-    await sock.send_multipart(_frames(sock, msg, ident, extra), copy=not extra)
-
-
 def _unwrap(sock: zmq.Socket, frames: list[Any], counter: BadMessageCounter | None) -> Envelope | None:
     ident = None
     if sock.type == zmq.ROUTER:
@@ -152,19 +147,6 @@ def recv_envelope(
             return env
 
 
-async def async_recv_envelope(
-    sock: Any, timeout_ms: int | None, counter: BadMessageCounter | None = None, copy: bool = True
-) -> Envelope | None:
-    """recv_envelope for a zmq.asyncio socket."""
-    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-    while True:
-        if not await sock.poll(_remaining_ms(deadline), zmq.POLLIN):
-            return None
-        env = _unwrap(sock, await sock.recv_multipart(copy=copy), counter)
-        if env is not None:
-            return env
-
-
 def _result(env: Envelope | None) -> Any:
     if env is None:
         return None
@@ -176,20 +158,12 @@ def recv_msg(sock: zmq.Socket, timeout_ms: int | None, counter: BadMessageCounte
     return _result(recv_envelope(sock, timeout_ms, counter))
 
 
-async def async_recv_msg(sock: Any, timeout_ms: int | None, counter: BadMessageCounter | None = None) -> Any:
-    """recv_msg for a zmq.asyncio socket."""
-    return _result(await async_recv_envelope(sock, timeout_ms, counter))
-
-
 __all__ = [
     "Curve",
     "Envelope",
     "make_router",
     "make_dealer",
     "send_msg",
-    "async_send_msg",
     "recv_envelope",
-    "async_recv_envelope",
     "recv_msg",
-    "async_recv_msg",
 ]

@@ -574,7 +574,7 @@ def test_staging_killed_is_a_clear_error_and_its_segment_goes(model):
     """The coordinator removes a dead staging process's segment itself (and takes it off the
     resource tracker's list, which would otherwise warn of a leak at exit)."""
     with _engine(model, PipelineConfig(resident_layers=0)) as e:
-        name = e.backend.arena["name"]
+        name = e.backend.arena.name
         assert os.path.exists(f"/dev/shm/{name}")
         os.kill(e.backend.sup.children["staging"].proc.pid, signal.SIGKILL)
         time.sleep(0.2)
@@ -625,7 +625,7 @@ def test_unclosed_engine_over_the_pipeline_cleans_up_at_exit(model):
         "if __name__ == '__main__':\n"
         f"    cfg = EngineConfig(model={model!r}, device='cpu', ctx=64)\n"
         "    e = Engine.open(cfg, PipelineConfig(resident_layers=0))\n"
-        "    print(e.backend.run_dir, e.backend.arena['name'], flush=True)\n"
+        "    print(e.backend.run_dir, e.backend.arena.name, flush=True)\n"
     )
     r = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        cwd=tempfile.gettempdir())

@@ -1,25 +1,30 @@
 """Arena: create, attach from other processes, unlink, and the /dev/shm space check."""
 
+import contextlib
 import glob
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
 from layerstream.errors import ConfigError, PipelineError
 from layerstream.loader import arena as arena_mod
-from layerstream.loader.arena import Arena
+from layerstream.loader.arena import Arena, sweep_orphans
+from layerstream.proto.messages import ArenaDesc
 
 pytestmark = pytest.mark.timeout(60)
 
 # Runs in a spawn child through exec (a test module is not importable by name there).
 CHILD = """
 from layerstream.loader.arena import Arena
-a = Arena.attach(desc["name"], desc["n_slots"], desc["slot_bytes"])
+from layerstream.proto.messages import ArenaDesc
+a = Arena.from_wire(desc)
 arr = a.slot_array(1)
 arr[:] = 7
 arr[:16] = range(16)
@@ -46,7 +51,7 @@ def test_create_slots_aligned_and_views():
             a.slot_view(3)
         del arr
         v.release()
-        assert a.describe() == {"name": a.name, "n_slots": 3, "slot_bytes": 8192}
+        assert a.describe() == ArenaDesc(a.name, 3, 8192)
     assert not os.path.exists(_shm_path(a.name))
 
 
@@ -73,7 +78,7 @@ def test_spawn_child_attaches_writes_and_does_not_unlink():
 def test_independent_process_attach_neither_unlinks_nor_warns():
     """A process with its own resource tracker (not a multiprocessing child) attaches and exits."""
     with Arena.create(2, 4096) as a:
-        code = "desc = " + repr(a.describe()) + "\n" + CHILD
+        code = CHILD.replace("a = ", "desc = " + repr(a.describe()) + "\na = ", 1)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         assert "leaked" not in r.stderr and "Warning" not in r.stderr, r.stderr
@@ -134,3 +139,55 @@ def test_dev_shm_space_check(monkeypatch):
     assert "needs 8.0 MiB" in msg and "4.0 MiB free" in msg and "/dev/shm" in msg
     assert glob.glob(f"/dev/shm/layerstream-{os.getpid()}-*") == []
     Arena.create(1, 4096).__exit__(None, None, None)  # fits
+
+
+def _dead_pid() -> int:
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(p.stdout)
+
+
+def test_a_segment_left_by_a_killed_process_group_goes_at_the_next_create():
+    """A SIGKILL of a run's whole process group takes the resource tracker with it, so nothing
+    unlinks the segment; the next Arena.create (a later run's staging) removes it."""
+    code = textwrap.dedent("""
+        import time
+        from layerstream.loader.arena import Arena
+        a = Arena.create(1, 4096)
+        print(a.name, flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        name = p.stdout.readline().strip()
+        assert name.startswith("layerstream-") and os.path.exists(_shm_path(name))
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+        time.sleep(0.3)  # (its tracker is gone too: nothing is left to unlink it)
+        assert os.path.exists(_shm_path(name)), "the killed run's segment went by itself"
+        with Arena.create(1, 4096):
+            assert not os.path.exists(_shm_path(name))
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_shm_path(name))
+
+
+def test_sweep_removes_only_our_segments_whose_creator_is_gone(tmp_path, monkeypatch):
+    dead, live = _dead_pid(), os.getpid()
+    names = {f"layerstream-{dead}-0123abcd": True,  # ours, creator gone: removed
+             f"layerstream-{live}-0123abcd": False,  # creator alive
+             f"layerstream-{dead}-made-by-hand": False,  # not a name Arena.create makes
+             f"other-{dead}-0123abcd": False,
+             "layerstream-x-0123abcd": False}
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    os.symlink(tmp_path / f"other-{dead}-0123abcd", tmp_path / f"layerstream-{dead}-89abcdef")
+    assert sweep_orphans(str(tmp_path)) == [n for n, gone in names.items() if gone]
+    left = set(os.listdir(tmp_path))
+    assert left == {n for n, gone in names.items() if not gone} | {f"layerstream-{dead}-89abcdef"}
+    (tmp_path / f"layerstream-{dead}-0123abcd").write_bytes(b"x")
+    uid = os.getuid()
+    monkeypatch.setattr(arena_mod.os, "getuid", lambda: uid + 1)  # another user's segment
+    assert sweep_orphans(str(tmp_path)) == []
+    assert sweep_orphans(str(tmp_path / "missing")) == []

@@ -103,6 +103,7 @@ def test_ipc_endpoints(tmp_path):
         assert getattr(eps, name) == f"ipc://{tmp_path}/{name}.sock"
     assert eps.for_role("reader") == (eps.control, eps.readers)
     assert eps.for_role("compute") == (eps.control, eps.compute)
+    assert eps.for_role("staging") == (eps.control, eps.readers)
     assert eps.as_dict()["run_dir"] == str(tmp_path)
     with pytest.raises(AddressError, match="no endpoints for role"):
         eps.for_role("tokenizer")

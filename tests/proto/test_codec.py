@@ -28,9 +28,12 @@ from layerstream.proto import (
     VersionMismatch,
     decode,
     decode_extra,
-    decode_or_none,
+    ArenaDesc,
+    ForwardSeq,
     encode,
+    from_wire,
     peek_tag,
+    to_wire,
 )
 
 SAMPLES = [
@@ -42,7 +45,8 @@ SAMPLES = [
     LoadLayer(7, 12, 3, [[0, 4096, 1 << 33, 0], [1, 0, 512, 1 << 33]]),
     LayerStaged(7, 12, 3, 544_000_000, 0.0123, "reader-0"),
     ReadFailed(7, 12, 3, "OSError: short read"),
-    Forward(5, [[0, [1, 2, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]], [1, [4], [9], [9], list(range(10))]], "all"),
+    Forward(5, [ForwardSeq(0, [1, 2, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]),
+                ForwardSeq(1, [4], [9], [9], list(range(10)))], "all"),
     LayerDone(5, [[12, 3]]),
     LayerDone(5, [[12, 3], [13, 0]]),
     LayerReady(5, [[12, 3], [14, 1]]),
@@ -164,6 +168,56 @@ def test_wrong_field_types(tag, body, text):
         decode(frames_of(PROTOCOL_VERSION, tag, body))
 
 
+SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1]]  # a Forward's sequence as it travels
+
+
+@pytest.mark.parametrize(
+    "seqs, text",
+    [
+        ([SEQ[:4]], r"Forward.seqs\[0\] must be a ForwardSeq list of 5 fields \(row, tokens, slots, positions, kv_pos\)"),
+        ([SEQ + [7]], r"Forward.seqs\[0\] must be a ForwardSeq list of 5 fields"),
+        ([SEQ, 3], r"Forward.seqs\[1\] must be a ForwardSeq list of 5 fields .* got 3"),
+        ([{"row": 0}], r"Forward.seqs\[0\] must be a ForwardSeq list"),
+        ([["0", *SEQ[1:]]], r"Forward.seqs\[0\]: ForwardSeq.row must be int, got str"),
+        ([[True, *SEQ[1:]]], r"Forward.seqs\[0\]: ForwardSeq.row must be int, got bool"),
+        ([[0, 5, *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must be list, got int"),
+        ([[0, [1, 2.5], *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must hold ints, got 2.5"),
+        ([SEQ[:4] + [[0, None]]], r"Forward.seqs\[0\]: ForwardSeq.kv_pos must hold ints, got None"),
+    ],
+    ids=["too-few", "too-many", "not-a-list", "a-map", "str-row", "bool-row", "int-tokens", "float-token",
+         "none-kv-pos"],
+)
+def test_forward_seq_of_wrong_arity_or_type_is_refused(seqs, text):
+    """Forward.seqs holds ForwardSeq records: the codec refuses one of the wrong arity or types,
+    naming the sequence and the field."""
+    with pytest.raises(MalformedMessage, match=text):
+        decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, seqs, "last"]))
+    ok = decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, [SEQ], "last"]))
+    assert ok.seqs == [ForwardSeq(*SEQ)] and ok.seqs[0].tokens == [1, 2]
+
+
+def test_encode_refuses_a_forward_whose_seqs_are_not_records():
+    with pytest.raises(EncodeError, match=r"Forward.seqs\[0\] must be a ForwardSeq, got list"):
+        encode(Forward(1, [SEQ], "last"))
+    with pytest.raises(EncodeError, match="ForwardSeq.row must be int, got str"):
+        encode(Forward(1, [ForwardSeq("0", [1], [0], [0], [0])], "last"))
+
+
+def test_int_lists_are_checked_item_by_item():
+    with pytest.raises(MalformedMessage, match=r"ForwardDone.shape must hold ints, got '2'"):
+        decode(frames_of(PROTOCOL_VERSION, ForwardDone.TAG, [1, [1, "2"], "float32", {}]))
+
+
+def test_arena_description_travels_as_a_checked_record():
+    desc = ArenaDesc("layerstream-1-ab", 3, 8192)
+    assert to_wire(desc) == ["layerstream-1-ab", 3, 8192]
+    assert from_wire(ArenaDesc, msgpack.unpackb(msgpack.packb(to_wire(desc)))) == desc
+    for bad, text in ((["x", 3], "ArenaDesc must be a list of 3 fields"), ({"name": "x"}, "got {'name': 'x'}"),
+                      (["x", "3", 8192], "ArenaDesc.n_slots must be int, got str"), (None, "got None")):
+        with pytest.raises(MalformedMessage, match=text):
+            from_wire(ArenaDesc, bad)
+
+
 def test_float_field_takes_int():
     msg = decode(frames_of(PROTOCOL_VERSION, LayerStaged.TAG, [1, 2, 3, 4, 0, "r"]))
     assert msg.read_s == 0
@@ -201,10 +255,10 @@ def test_errors_share_a_base():
 def test_counter_counts_and_rate_limits_logs(caplog):
     counter = BadMessageCounter("test-recv", log_every_s=60.0)
     with caplog.at_level(logging.WARNING, logger="layerstream.proto.codec"):
-        assert decode_or_none([b"junk"], counter, peer=b"reader-0") is None
-        assert decode_or_none(frames_of(PROTOCOL_VERSION, 250, []), counter) is None
-        assert decode_or_none(frames_of(3, 1, []), counter) is None
-        assert decode_or_none(encode(LayerDone(4, [[0, 1]])), counter) == LayerDone(4, [[0, 1]])
+        assert counter.decode([b"junk"], peer=b"reader-0") is None
+        assert counter.decode(frames_of(PROTOCOL_VERSION, 250, [])) is None
+        assert counter.decode(frames_of(PROTOCOL_VERSION - 1, 1, [])) is None
+        assert counter.decode(encode(LayerDone(4, [[0, 1]]))).msg == LayerDone(4, [[0, 1]])
     assert counter.total == 3
     assert counter.by_kind == {"MalformedMessage": 1, "UnknownTag": 1, "VersionMismatch": 1}
     assert isinstance(counter.last_error, VersionMismatch)

@@ -1,11 +1,9 @@
-"""A real ROUTER/DEALER pair over ipc in a private run dir, blocking and asyncio."""
+"""A real ROUTER/DEALER pair over ipc in a private run dir."""
 
-import asyncio
 import os
 
 import pytest
 import zmq
-import zmq.asyncio
 
 from layerstream.proto import (
     PROTOCOL_VERSION,
@@ -16,8 +14,6 @@ from layerstream.proto import (
     MalformedMessage,
     Ready,
     Shutdown,
-    async_recv_msg,
-    async_send_msg,
     make_dealer,
     make_endpoints,
     make_router,
@@ -95,26 +91,3 @@ def test_extra_frames_and_router_needs_ident(pair):
         send_msg(dealer, Shutdown("x"), ident=b"x")
     with pytest.raises(zmq.ZMQError):  # ROUTER_MANDATORY: unknown peers are an error, not a silent drop
         send_msg(router, Shutdown("x"), ident=b"nobody")
-
-
-def test_asyncio_pair(endpoints):
-    async def run():
-        ctx = zmq.asyncio.Context()
-        router, address = make_router(ctx, endpoints.control)
-        dealer = make_dealer(ctx, address, "compute-0")
-        try:
-            counter = BadMessageCounter("async")
-            await dealer.send(b"junk")
-            await async_send_msg(dealer, Shutdown("bye"))
-            ident, msg = await async_recv_msg(router, TIMEOUT_MS, counter)
-            assert (ident, msg) == (b"compute-0", Shutdown("bye"))
-            assert counter.total == 1
-            await async_send_msg(router, Shutdown("done"), ident=ident)
-            assert await async_recv_msg(dealer, TIMEOUT_MS) == Shutdown("done")
-            assert await async_recv_msg(dealer, 10) is None
-        finally:
-            dealer.close()
-            router.close()
-            ctx.term()
-
-    asyncio.run(asyncio.wait_for(run(), 10))
