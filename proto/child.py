@@ -6,7 +6,10 @@ A child connects two DEALERs with its identity: `control` (lifecycle, stats) and
 deadline. Bad frames on either link are counted and logged, never fatal. The child ends when
 it gets `Shutdown`, when its parent process is gone (watchdog on the parent's pid), or on an
 error, which it reports as a `Failed` message (error and traceback as data) before exiting
-non-zero. Sockets close with linger 0.
+non-zero. Sockets close with linger 0, except after a Failed: a child that fails at once
+(staging when the arena cannot be made) may still be connecting, and linger 0 would drop the
+queued frame, so its error never reached the launcher. It lingers up to FAILED_LINGER_MS for
+the frame to go out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import zmq
 from .codec import BadMessageCounter
 from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
 from .sockets import Curve, make_dealer, recv_envelope, send_msg
+
+
+FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame to go out
 
 
 class ShutdownRequested(Exception):
@@ -86,9 +92,10 @@ class ChildLinks:
         except zmq.ZMQError:
             pass
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close both links; `linger_ms` lets queued frames (a Failed) go out first."""
         for s in (self.control, self.work):
-            s.close(linger=0)
+            s.close(linger=linger_ms)
         self.ctx.term()
 
 
@@ -111,5 +118,5 @@ def run_child(role: str, ident: str, endpoints: dict[str, Any], parent_pid: int,
         links.fail(role, e)
         code = 1
     finally:
-        links.close()
+        links.close(FAILED_LINGER_MS if code else 0)
     sys.exit(code)
