@@ -650,7 +650,7 @@ def bench_experts(args) -> list[dict]:
     from gguf import GGMLQuantizationType as QT
 
     from layerstream.compute.experts import EXPERT_POLICIES, ExpertCache
-    from layerstream.compute.model import EXPERT_TENSORS
+    from layerstream.compute.expert_layout import EXPERT_TENSORS
     from layerstream.loader.layout import LayerLayout, SlotTensor
     from layerstream.loader.synth import resolve_shape
     from layerstream.proto.timeline import Timeline

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from layerstream.compute import cpu_share
-from layerstream.compute.experts import CpuExperts
-from layerstream.compute.model import EXPERT_TENSORS, SeqStep
+from layerstream.compute.cpu.config import CpuShareConfig
+from layerstream.compute.cpu.factory import make_cpu_parts
+from layerstream.compute.model import SeqStep
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
 from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
-from layerstream.compute.streamed import CpuShare, StreamedLayers
+from layerstream.compute.streamed import StreamedLayers
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
@@ -47,9 +47,7 @@ class ComputeConfig:
     weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see runner.keeps_quantized
     budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
     step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
-    cpu_share: str = "0"  # the CPU's share of the streamed layers (cpu_split): "auto", or a fraction ("0": none)
-    cpu_pack_max: float = 0.0  # the largest share packed (the plan counts its host memory)
-    cpu_split: str = "layers"  # what the share splits: whole FFN matrices of some layers, or rows of all (cpu_share.py)
+    cpu_share: CpuShareConfig = CpuShareConfig()  # the CPU's share of the streamed layers (compute/cpu/)
     cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)
     index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
     expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
@@ -87,8 +85,9 @@ class ComputeWorker:
         self.done_step = 0
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
         resident = set(cfg.resident)
-        self.share = self._make_share([lay for i, lay in enumerate(layouts) if i not in resident])
-        self.cpu_experts = self._make_cpu_experts([lay for i, lay in enumerate(layouts) if i not in resident])
+        cpu = make_cpu_parts(cfg.cpu_share, [lay for i, lay in enumerate(layouts) if i not in resident],
+                             self.device, self.dtype, self.tl)
+        self.share, self.cpu_experts = cpu.share, cpu.experts
         self.source = StreamedLayers(
             layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
             self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
@@ -101,53 +100,6 @@ class ComputeWorker:
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
                                   graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0)
-
-    def _make_cpu_experts(self, streamed: list[LayerLayout]) -> CpuExperts | None:
-        """The CPU's share of a decode step's missing streamed experts (NOTE [ CPU experts ] in
-        experts.py): fixed, or on CUDA proposed from one expert's CPU time and the link's GB/s
-        measured here, then chosen from the passes' own timings."""
-        lays = cpu_share.expert_int4_layers(streamed)
-        what = "missing experts of a decode step"
-        if self.cfg.cpu_share == "0" or not self.cfg.cpu_pack_max or not lays:
-            return None
-        ratio = cpu_share.pack_ratio()
-        dtype = torch.bfloat16 if self.device.type == "cuda" else self.dtype
-        if self.cfg.cpu_share == "auto":
-            _, n_ff, n_embd = lays[0].tensor("ffn_gate_exps.weight").shape
-            per = sum(lays[0].tensor(n).nbytes for n in EXPERT_TENSORS) // lays[0].tensor(EXPERT_TENSORS[0]).shape[0]
-            t_cpu = cpu_share.measure_expert_s(n_ff, n_embd, dtype)
-            cpu = per * ratio / t_cpu / 1e9  # as packed GB/s, which is what the balancer weighs
-            # (five passes a share: a decode pass takes tens of ms, and one share's passes differ)
-            balancer = cpu_share.Balancer({b: cpu for b in cpu_share.BUCKETS}, cpu_share.measure_link_gbs(self.device),
-                                          1.0, ratio, 1.0, every=5, what=what)
-        else:
-            f = min(float(self.cfg.cpu_share), 1.0)
-            balancer = cpu_share.Balancer({}, 0.0, 1.0, ratio, f, fixed=f, what=what)
-        return CpuExperts(balancer, cpu_share.expert_packed_bytes(lays), dtype, self.tl)
-
-    def _make_share(self, streamed: list[LayerLayout]) -> CpuShare | None:
-        """The CPU share (NOTE [ the CPU share ]): a fixed fraction, or on CUDA balanced from the
-        CPU's int4 GB/s and the link's GB/s measured here, then from the passes' own timings.
-        Only layers without experts are split (a MoE layer's share is its experts)."""
-        streamed = cpu_share.row_layers(streamed)
-        layers = self.cfg.cpu_split == "layers"
-        c = cpu_share.ffn_int4_fraction(streamed) if layers else cpu_share.int4_fraction(streamed)
-        what = "layers' 4-bit FFN matrices" if layers else "4-bit rows"
-        if self.cfg.cpu_share == "0" or not c or not self.cfg.cpu_pack_max:
-            return None
-        ratio = cpu_share.pack_ratio()
-        if self.cfg.cpu_share == "auto":
-            cpu, link = cpu_share.measure_cpu_gbs(), cpu_share.measure_link_gbs(self.device)
-            f1 = cpu_share.balanced_frac(cpu[1], link, c, ratio)
-            pack = min(self.cfg.cpu_pack_max, 1.25 * f1)
-            balancer = cpu_share.Balancer(cpu, link, c, ratio, pack, what=what)
-        else:
-            pack = min(float(self.cfg.cpu_share), self.cfg.cpu_pack_max)
-            balancer = cpu_share.Balancer({}, 0.0, c, ratio, pack, fixed=pack, what=what)
-        if not pack:
-            return None
-        dtype = torch.bfloat16 if self.device.type == "cuda" else self.dtype
-        return CpuShare(balancer, pack, dtype, self.tl, self.cfg.cpu_split, streamed)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""

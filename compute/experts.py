@@ -1,5 +1,5 @@
-"""The device's cache of streamed experts (NOTE [ expert streaming ] in streamed.py): which
-steps fetch only their chosen experts, what the cache keeps, and what a layer's math sees."""
+"""The device's cache of streamed experts (NOTE [ expert streaming ] in streamed.py): what the
+cache keeps, and what a layer's math sees."""
 
 from __future__ import annotations
 
@@ -11,55 +11,13 @@ from collections import Counter, OrderedDict
 import numpy as np
 import torch
 
-from layerstream.compute.cpu_share import Balancer, Meter, PackedRows, expert_int4_layers, pack_rows, packed_swiglu
+from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.expert_layout import expert_bytes, expert_parts
 from layerstream.compute.h2d import DriverCopies
-from layerstream.compute.model import EXPERT_TENSORS
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.runner import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
-
-
-def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
-    """Whether a step of `tokens` tokens fetches only its chosen experts rather than whole layers:
-    while the experts it is expected to touch, E * (1 - (1 - k/E)^T) with uniform routing, are at
-    most half of them (a prompt touches nearly all: whole layers stream faster)."""
-    if not n_expert:
-        return False
-    return n_expert * (1 - (1 - n_used / n_expert) ** tokens) <= n_expert / 2
-
-
-def max_in_flight(n_expert: int, n_used: int) -> int:
-    """Experts one layer of the largest expert step can choose: what a step may hold on the
-    device beyond the cache (the newcomers the cache does not keep serve their step and go)."""
-    t_max = max(t for t in range(1, n_expert + 1) if streams_experts(n_expert, n_used, t))
-    return min(n_expert, n_used * t_max)
-
-
-ALIGN = 256  # an expert's gate, up and down each start at a multiple of this in its pool slot
-
-
-def _parts(lay: LayerLayout) -> list[tuple[object, int, int, int, int]]:
-    """(tensor, bytes an expert, offset in a pool slot, rows, cols) of each expert tensor of a layer."""
-    out, off = [], 0
-    for name in EXPERT_TENSORS:
-        t = lay.tensor(name)
-        n_exp, rows, cols = t.shape
-        per = t.nbytes // n_exp
-        out.append((t, per, off, rows, cols))
-        off += -(-per // ALIGN) * ALIGN
-    return out
-
-
-def _expert_bytes(host, t, per: int, e: int):
-    """Expert e's bytes of expert tensor t (`per` bytes an expert) in a layer's staging bytes."""
-    return host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per]
-
-
-def slot_bytes(layouts: list[LayerLayout]) -> int:
-    """Bytes of one expert's pool slot: the largest expert (gate, up and down) of any layer."""
-    return max((sum(-(-p[1] // ALIGN) * ALIGN for p in _parts(lay)) for lay in layouts
-                if any(t.name == EXPERT_TENSORS[0] for t in lay.tensors)), default=0)
 
 
 EXPERT_POLICIES = ("lfu", "lru")
@@ -122,7 +80,7 @@ class ExpertCache:
         self.prefetch_copied = 0  # experts copied ahead (hits or not)
         self.driver = DriverCopies.open() if self.pool is not None and self.device.type == "cuda" else None
         self.pool_ptr = self.pool.data_ptr() if self.pool is not None else 0  # (the pool never moves)
-        self.layer_parts: dict[int, list] = {}  # layer -> _parts of its layout
+        self.layer_parts: dict[int, list] = {}  # layer -> expert_parts of its layout
         self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
         self.src_views: dict[tuple[int, int], tuple] = {}  # (layer, staging address) -> (views, bytes)
         self.kernel_parts: dict[int, tuple] = {}  # layer -> ExpertSet.parts
@@ -332,7 +290,7 @@ class ExpertCache:
         def src(e: int, j: int, t, per: int) -> torch.Tensor:
             v = views[0].get((e, j))
             if v is None:
-                v = views[0][(e, j)] = _expert_bytes(views[1], t, per, e)
+                v = views[0][(e, j)] = expert_bytes(views[1], t, per, e)
             return v
 
         return src
@@ -346,8 +304,8 @@ class ExpertCache:
     def _tensors(self, e: int, lay: LayerLayout, host: np.ndarray) -> tuple[list, int]:
         """Expert e's gate, up and down as tensors of their own (dense, or blocks off the pool)."""
         mats, nbytes = [], 0
-        for t, per, _, rows, cols in _parts(lay):  # expert e of each [E, N, K] tensor: one byte range
-            raw = torch.from_numpy(_expert_bytes(host, t, per, e))
+        for t, per, _, rows, cols in expert_parts(lay):  # expert e of each [E, N, K] tensor: one byte range
+            raw = torch.from_numpy(expert_bytes(host, t, per, e))
             raw = raw.to(self.device, non_blocking=True) if self.device.type == "cuda" else raw.clone()
             mats.append(device_weight(raw, dataclasses.replace(t, shape=(rows, cols), nbytes=per),
                                       self.dtype, self.quantized))
@@ -357,7 +315,7 @@ class ExpertCache:
     def _parts(self, lay: LayerLayout) -> list:
         got = self.layer_parts.get(lay.layer)
         if got is None:
-            got = self.layer_parts[lay.layer] = _parts(lay)
+            got = self.layer_parts[lay.layer] = expert_parts(lay)
         return got
 
     def _stamp(self, key) -> None:
@@ -400,104 +358,6 @@ class ExpertCache:
         return slot
 
 
-class CpuExperts:
-    """The CPU's share of a decode step's streamed experts.
-
-    NOTE [ CPU experts ]
-    Expert streaming moves only the chosen experts, but they cannot cross PCIe before the router
-    has run, so each layer waits for its copies (BENCHMARKS.md: 0.24 ms of a 0.72 ms layer, at
-    773 MB a token). The host's DRAM can feed the CPU at the same time (measured on an H200 host:
-    46 GB/s of int4 matmul beside 51 GB/s of copies). So, with `--cpu-share`, a share of each
-    step's missing experts (those not in the device cache) is computed on the CPU, straight from
-    the staging bytes, while the copy engine moves the others and the device computes them: the
-    CPU's experts are left out of the device's grouped launches (their pairs weigh 0 there) and
-    their weighted sum is added on the device afterwards.
-    - Only layers whose gate, up and down are 4-bit (Q4_0, Q4_1, Q4_K) take part: aten's int4
-      matmul holds them exactly but for the bf16 rounding of the scales (cpu_share.py). Others
-      (Q6_K down in part of a Q4_K_M file) stay on the device.
-    - An expert is packed the first time the CPU takes it, and kept, within `budget` bytes of
-      host memory (the plan counts every 4-bit expert as packed); past it, only packed experts
-      go to the CPU.
-    - The share per batch bucket is fixed, or chosen by `Balancer` from timed passes (never
-      slower than none, as with the rows of dense layers).
-    """
-
-    def __init__(self, balancer: Balancer, budget: int, dtype: torch.dtype, timeline: Timeline):
-        self.balancer, self.budget, self.dtype, self.tl = balancer, budget, dtype, timeline
-        self.packed: dict[tuple[int, int], tuple[PackedRows, PackedRows, PackedRows]] = {}
-        self.packed_bytes = 0
-        self.meter = Meter()
-        self.computed = 0  # experts computed by the CPU (counting each layer's once a step)
-        self.packing = Meter()  # packing time and bytes since the last take_pack_s()
-        self._eligible: dict[int, bool] = {}
-
-    def eligible(self, i: int, lay: LayerLayout) -> bool:
-        got = self._eligible.get(i)
-        if got is None:
-            got = self._eligible[i] = bool(expert_int4_layers([lay]))
-        return got
-
-    def take_pack_s(self) -> float:
-        """Seconds spent packing experts since the last call: a one-off cost, which the balancer
-        leaves out of a pass's time (measured on an H200 host: 7.5 to 17.6 ms an expert of the
-        Qwen3-30B-A3B shape, tens of experts a pass while the share is new)."""
-        return self.packing.take()[0]
-
-    def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
-        """The CPU's experts among a step's `missing` ones of layer i at share `frac`: packed ones
-        first, then ones that still fit the budget."""
-        n = int(frac * len(missing))  # rounded down: a lone expert copies faster than the CPU computes it
-        if not n or not self.eligible(i, lay):
-            return []
-        have = [e for e in missing if (i, e) in self.packed]
-        if len(have) < n and self.packed_bytes < self.budget:
-            have += [e for e in missing if (i, e) not in self.packed][: n - len(have)]
-        return sorted(have[:n])
-
-    def _experts(self, i: int, e: int, lay: LayerLayout, host: np.ndarray) -> tuple:
-        got = self.packed.get((i, e))
-        if got is None:
-            mats = []
-            t0 = time.monotonic_ns()
-            with self.tl.span("cpu_pack", f"pack L{i} E{e}", layer=i):
-                for t, per, _, rows, cols in _parts(lay):
-                    raw = torch.from_numpy(_expert_bytes(host, t, per, e))
-                    mats.append(pack_rows(raw, t.qtype, rows, cols, self.dtype))
-            got = self.packed[(i, e)] = tuple(mats)
-            nbytes = sum(m.nbytes for m in got)
-            self.packing.add(t0, time.monotonic_ns() - t0, nbytes)
-            self.packed_bytes += nbytes
-        return got
-
-    def compute(self, i: int, lay: LayerLayout, host: np.ndarray, experts: list[int], ids: list[int],
-                h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """sum over the step's (token, choice) pairs whose expert is one of `experts` of weight *
-        expert(h[token]): [T, n_embd] float32 on the host. ids: each pair's expert (row-major
-        [T, k]); h, weight: [T, n_embd] and [T, k] on the host."""
-        T, k = weight.shape
-        out = torch.zeros(T, h.shape[1], dtype=torch.float32)
-        mats = [self._experts(i, e, lay, host) for e in experts]  # (packing is not the CPU share's time)
-        t0 = time.monotonic_ns()
-        pairs: dict[int, list[int]] = {e: [] for e in experts}
-        for p, e in enumerate(ids):
-            if e in pairs:
-                pairs[e].append(p)
-        x_all, w_flat = h.to(self.dtype), weight.flatten()
-        nbytes = 0
-        for e, (g, u, d) in zip(experts, mats):
-            ps = pairs[e]
-            rows = torch.tensor([p // k for p in ps])
-            x = x_all[rows] if T > 1 else x_all
-            y = packed_swiglu(g, u, d, x)
-            out.index_add_(0, rows, y.float() * w_flat[ps].unsqueeze(-1))
-            nbytes += g.nbytes + u.nbytes + d.nbytes
-        dt = time.monotonic_ns() - t0
-        self.meter.add(t0, dt, nbytes)
-        self.computed += len(experts)
-        self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
-        return out
-
-
 class ExpertSet:
     """What moe_block sees of a layer whose experts stream: `fetch(ids)` -> {expert: (gate, up, down)}.
     `dense_fixed`: the layer's other tensors stay at fixed device addresses (kept, not in a
@@ -535,7 +395,7 @@ class ExpertSet:
         """(qtype, rows, cols) of an expert's gate, up and down."""
         got = self.cache.kernel_parts.get(self.i)
         if got is None:
-            got = self.cache.kernel_parts[self.i] = tuple((p[0].qtype, p[3], p[4]) for p in _parts(self.lay))
+            got = self.cache.kernel_parts[self.i] = tuple((p[0].qtype, p[3], p[4]) for p in expert_parts(self.lay))
         return got
 
     @property
@@ -543,7 +403,7 @@ class ExpertSet:
         """Where an expert's gate, up and down start in its pool slot."""
         got = self.cache.part_offsets.get(self.i)
         if got is None:
-            got = self.cache.part_offsets[self.i] = tuple(p[2] for p in _parts(self.lay))
+            got = self.cache.part_offsets[self.i] = tuple(p[2] for p in expert_parts(self.lay))
         return got
 
     def fetch(self, experts: list[int]) -> dict[int, tuple]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.compute.qlinear import (EXPERT_SCRATCH_MAX_ELEMS, FUSED_TYPES, QuantWeight,  # noqa: F401
                                          dequantized_experts, grouped_matmul, grouped_mm_dtype, linear, linear_many,
                                          scratch_cap)
@@ -182,7 +183,7 @@ def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
     gate, up, down = w["ffn_gate.weight"], w["ffn_up.weight"], w["ffn_down.weight"]
     act = _ACTS.get(hp.ffn_act, F.silu)
-    if all(getattr(m, "cpu_only", False) for m in (gate, up, down)):  # the CPU's whole (cpu_share.py)
+    if all(getattr(m, "cpu_only", False) for m in (gate, up, down)):  # the CPU's whole (cpu/split.py)
         y = gate.ffn(h, up, down, act)
     else:
         g, u = linear_many(h, [gate, up])
@@ -190,9 +191,6 @@ def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     if "post_ffw_norm.weight" in w:
         y = rms_norm(y, w["post_ffw_norm.weight"], hp.norm_eps)
     return x + y
-
-
-EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")  # [E, N, K] each
 
 
 def expert(w: "torch.Tensor | QuantWeight", e: int, n_expert: int) -> "torch.Tensor | QuantWeight":

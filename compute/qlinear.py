@@ -116,7 +116,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     """x [T, K] @ w^T (+ bias) -> [T, N] in x's dtype, for dense or quantized w."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    if not isinstance(w, QuantWeight):  # a matrix split between the device and the CPU (cpu_share.py)
+    if not isinstance(w, QuantWeight):  # a matrix split between the device and the CPU (cpu/split.py)
         return w.linear(x, bias)
     N, K = w.shape
     if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
@@ -134,14 +134,13 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
 
 def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[torch.Tensor]:
     """`linear` of one input by several matrices; where some are split with the CPU
-    (cpu_share.SplitWeight), their CPU parts share one wait for x and run while every device
-    part runs (cpu_share.split_linear)."""
+    (cpu/split.py's SplitWeight), the first split one runs them all, so that their CPU parts
+    share one wait for x and run while every device part runs."""
     biases = biases or [None] * len(ws)
-    if all(isinstance(w, (torch.Tensor, QuantWeight)) for w in ws):
+    split = next((w for w in ws if not isinstance(w, (torch.Tensor, QuantWeight))), None)
+    if split is None:
         return [linear(x, w, b) for w, b in zip(ws, biases)]
-    from layerstream.compute.cpu_share import split_linear
-
-    return split_linear(x, ws, biases)
+    return split.linear_many(x, ws, biases)
 
 
 def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, w_off: torch.Tensor,

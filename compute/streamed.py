@@ -26,7 +26,7 @@ of the 3-D expert tensors in the staging slot. The slot is therefore held until 
 (and given back once the layer's work after those copies is done, without the host waiting:
 `return_slots`). With a
 CPU share, the CPU computes part of the missing experts from the same slot instead
-(experts.py, NOTE [ CPU experts ]). With the layers' routers kept, each layer's step also copies
+(cpu/experts.py, NOTE [ CPU experts ]). With the layers' routers kept, each layer's step also copies
 the next layer's predicted experts ahead (experts.py, NOTE [ expert prefetch ]). Prompt steps
 touch nearly every expert: their layers stream whole.
 
@@ -44,12 +44,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from layerstream.compute.cpu_share import (FFN_MATRICES, INT4_TYPES, Balancer, Meter, PackedRows, SplitWeight,
-                                           cpu_layers, cpu_rows, ffn_int4, pack_rows)
-from layerstream.compute.experts import CpuExperts, ExpertCache, ExpertSet, max_in_flight, streams_experts
-from layerstream.compute.experts import slot_bytes as expert_slot
-from layerstream.compute.model import EXPERT_TENSORS, LayerWeights
-from layerstream.compute.qlinear import QuantWeight
+from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.cpu.share import CpuShare, copy_ranges
+from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, streams_experts
+from layerstream.compute.expert_layout import slot_bytes as expert_slot
+from layerstream.compute.experts import ExpertCache, ExpertSet
+from layerstream.compute.model import LayerWeights
 from layerstream.compute.runner import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
@@ -62,130 +62,9 @@ def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool
             for t in layout.tensors}
 
 
-class CpuShare:
-    """The CPU share of the streamed layers (NOTE [ the CPU share ] in cpu_share.py): the packed
-    weights of each layer, made when it is first staged, and the balancer that picks the share.
-    `split` "layers": whole 4-bit FFN matrices of some layers (`streamed`: the streamed layers,
-    which it chooses from); "rows": the last rows of every 4-bit matrix."""
-
-    def __init__(self, balancer: Balancer, pack_frac: float, dtype: torch.dtype, timeline: Timeline,
-                 split: str = "rows", streamed: list[LayerLayout] | None = None):
-        self.balancer, self.pack_frac, self.dtype, self.tl = balancer, pack_frac, dtype, timeline
-        self.split_by = split
-        self.streamed = streamed or []
-        self.packed: dict[int, dict[str, PackedRows]] = {}
-        self.meter = Meter()
-        self._rows: dict[tuple[int, float], dict[str, int]] = {}
-        self._ranges: dict[tuple[int, float], list[tuple[int, int]]] = {}
-        self._layers: dict[float, frozenset[int]] = {}
-        self._early: dict[tuple[int, float], bool] = {}
-        self.packing = Meter()  # packing time and bytes since the last take_pack_s()
-
-    def take_pack_s(self) -> float:
-        """Seconds spent packing since the last call: a one-off cost, which the balancer leaves
-        out of a pass's time (on the 70B, 22 GiB packed in 44 s in all, over the first passes)."""
-        return self.packing.take()[0]
-
-    def cpu_layers(self, frac: float) -> frozenset[int]:
-        """The "layers" split: the layers the CPU takes at share `frac`, among those packed."""
-        got = self._layers.get(frac)
-        if got is None:
-            packed = cpu_layers(self.streamed, self.pack_frac)
-            got = self._layers[frac] = frozenset(cpu_layers(self.streamed, frac, within=packed))
-        return got
-
-    def _matrices(self, lay: LayerLayout, frac: float):
-        """The matrices of layer `lay` the CPU takes part of at share `frac`, with its rows of each."""
-        if self.split_by == "layers":
-            return [(t, t.shape[0]) for t in ffn_int4(lay)] if lay.layer in self.cpu_layers(frac) else []
-        return [(t, cpu_rows(t.shape[0], frac)) for t in lay.tensors if t.qtype in INT4_TYPES and len(t.shape) == 2]
-
-    def pack(self, i: int, lay: LayerLayout, slot: np.ndarray) -> None:
-        """Pack layer i's CPU rows out of its staging slot, once."""
-        if i in self.packed:
-            return
-        out = {}
-        t0 = time.monotonic_ns()
-        with self.tl.span("cpu_pack", f"pack L{i}", layer=i):
-            for t, n in self._matrices(lay, self.pack_frac):
-                if n:
-                    N, K = t.shape
-                    rb = t.nbytes // N
-                    raw = torch.from_numpy(slot[t.slot_offset + (N - n) * rb : t.slot_offset + t.nbytes])
-                    out[t.name] = pack_rows(raw, t.qtype, n, K, self.dtype)
-        self.packed[i] = out
-        self.packing.add(t0, time.monotonic_ns() - t0, sum(p.nbytes for p in out.values()))
-
-    def rows(self, i: int, lay: LayerLayout, frac: float) -> dict[str, int]:
-        """CPU rows of each split matrix of layer i at share `frac` (worked out once per share)."""
-        key = (i, frac)
-        r = self._rows.get(key)
-        if r is None:
-            r = {t.name: n for t, n in self._matrices(lay, frac) if n}
-            self._rows[key] = r
-            self._ranges[key] = copy_ranges(lay, r) if r else [(0, lay.nbytes)]
-        return r
-
-    def ranges(self, i: int, lay: LayerLayout, frac: float) -> list[tuple[int, int]]:
-        """The slot ranges the device needs of layer i at share `frac` (see copy_ranges)."""
-        self.rows(i, lay, frac)
-        return self._ranges[(i, frac)]
-
-    def split(self, i: int, w: LayerWeights, rows: dict[str, int], on_host=None) -> LayerWeights:
-        """Layer weights with each split matrix's device rows and the CPU's packed tail; `on_host`
-        is called once the CPU has the FFN's input, where the CPU computes the whole FFN."""
-        w = dict(w)
-        for name, n_cpu in rows.items():
-            full = w[name]
-            N = full.shape[0]
-            n_dev = N - n_cpu
-            if isinstance(full, QuantWeight):
-                dev = QuantWeight(full.raw[: n_dev * (full.nbytes // N)], full.qtype, (n_dev, full.shape[1]))
-            else:
-                dev = full[:n_dev]
-            w[name] = SplitWeight(dev if n_dev else None, self.packed[i][name].tail(n_cpu), self.meter,
-                                  on_host if name == FFN_MATRICES[0] else None)
-        return w
-
-    def early_slot(self, i: int, lay: LayerLayout, frac: float) -> bool:
-        """`whole_ffn` of layer i at share `frac`, worked out once per share (a streamed layer asks
-        at every step)."""
-        key = (i, frac)
-        got = self._early.get(key)
-        if got is None:
-            got = self._early[key] = self.whole_ffn(lay, self.rows(i, lay, frac))
-        return got
-
-    @staticmethod
-    def whole_ffn(lay: LayerLayout, rows: dict[str, int]) -> bool:
-        """Whether the CPU computes layer `lay`'s whole FFN at these rows, and the layer reads no
-        weight after it: once the host has the FFN's input, the device is done with the layer's
-        weights (NOTE [ early slot ] in StreamedLayers)."""
-        names = {t.name: t for t in lay.tensors}
-        return all(n in names and rows.get(n) == names[n].shape[0] for n in FFN_MATRICES) and \
-            "post_ffw_norm.weight" not in names
-
-
 def _without_experts(lay: LayerLayout) -> list[tuple[int, int]]:
     """The slot ranges of every tensor of a layer but its experts."""
     return copy_ranges(lay, {t.name: t.shape[0] for t in lay.tensors if t.name in EXPERT_TENSORS})
-
-
-def copy_ranges(lay: LayerLayout, rows: dict[str, int], gap: int = 4096) -> list[tuple[int, int]]:
-    """The (slot offset, bytes) ranges of a layer the device needs when `rows` of its matrices are
-    the CPU's (the last rows: each matrix's device part is a prefix of its bytes); ranges closer
-    than `gap` are copied as one."""
-    out: list[list[int]] = []
-    for t in lay.tensors:
-        n_cpu = rows.get(t.name, 0)
-        nb = t.nbytes - n_cpu * (t.nbytes // t.shape[0]) if n_cpu else t.nbytes
-        if not nb:
-            continue
-        if out and t.slot_offset - (out[-1][0] + out[-1][1]) < gap:
-            out[-1][1] = t.slot_offset + nb - out[-1][0]
-        else:
-            out.append([t.slot_offset, nb])
-    return [(a, b) for a, b in out]
 
 
 class StreamedLayers:

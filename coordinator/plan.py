@@ -21,7 +21,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from layerstream.compute.model import ATTN_TEMP_BYTES, EXPERT_TENSORS
+from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.compute.model import ATTN_TEMP_BYTES
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, HEAD_CHUNK, model_scratch_elems
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
@@ -180,7 +181,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     if hp.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
     if experts:
-        from layerstream.compute.experts import max_in_flight, slot_bytes as expert_slot
+        from layerstream.compute.expert_layout import max_in_flight, slot_bytes as expert_slot
 
         # a step's chosen experts that the cache does not keep are on the device until its layer
         # is done: at most every expert the largest expert step can choose in one layer, each in
@@ -234,7 +235,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             # from its slot, so slot A is free again once layer i is computed, which at decode
             # batch sizes is long before the copy of layer i+1 into slot B ends; when compute is the
             # longer of the two, compute bounds the pass and the copy waits without cost.
-            # With a CPU share (compute/cpu_share.py) a CPU layer's matmuls are long, and a third
+            # With a CPU share (compute/cpu/) a CPU layer's matmuls are long, and a third
             # slot lets the copy engine run one layer further ahead meanwhile (--vram-slots).
             slots = vram_slots or 2
             # KV first (the host path moves it every pass), then as many layers as fit
@@ -284,7 +285,7 @@ def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, expl
     cache that no longer holds the streamed layers costs far more than the share saves: measured,
     a 70B pass went from 0.66 s to 3.3 s). Returns the largest share up to `pack_frac` whose
     packed rows fit half the memory left; an explicit share that does not fit is a ConfigError."""
-    from layerstream.compute.cpu_share import packed_bytes
+    from layerstream.compute.cpu.sizing import packed_bytes
 
     if not pack_frac or not plan.streamed:
         return 0.0

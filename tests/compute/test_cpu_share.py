@@ -7,12 +7,13 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
-from layerstream.compute import cpu_share
-from layerstream.compute.cpu_share import (
-    Balancer, Meter, SplitWeight, balanced_frac, bucket, cpu_rows, int4_parts, pack_rows,
-)
+from layerstream.compute.cpu import balancer, packing, sizing
+from layerstream.compute.cpu import split as cpu_split
+from layerstream.compute.cpu.balancer import Balancer, balanced_frac, bucket
+from layerstream.compute.cpu.packing import cpu_rows, int4_parts, pack_rows
+from layerstream.compute.cpu.share import CpuShare, copy_ranges
+from layerstream.compute.cpu.split import Meter, SplitWeight
 from layerstream.compute.qlinear import QuantWeight, linear
-from layerstream.compute.streamed import copy_ranges
 from layerstream.loader.layout import LayerLayout, SlotTensor
 from layerstream.proto.timeline import Timeline
 
@@ -94,13 +95,13 @@ def test_copy_ranges_cover_device_rows_only():
 
 def test_cpu_rows_are_aligned_and_bounded():
     assert cpu_rows(8192, 0.5) == 4096
-    assert cpu_rows(1000, 0.5) % cpu_share.ROW_ALIGN == 0
+    assert cpu_rows(1000, 0.5) % packing.ROW_ALIGN == 0
     assert cpu_rows(100, 0.3) == 0
     assert cpu_rows(4096, 1.0) == 4096
 
 
 def test_balanced_share_equalises_both_sides():
-    cpu, link, c, ratio = 70.0, 55.0, 0.8, cpu_share.pack_ratio()
+    cpu, link, c, ratio = 70.0, 55.0, 0.8, packing.pack_ratio()
     f = balanced_frac(cpu, link, c, ratio)
     S = 1.0  # a layer's bytes
     t_link = (1 - f * c) * S / link
@@ -111,7 +112,7 @@ def test_balanced_share_equalises_both_sides():
 
 
 def test_balancer_proposes_less_for_larger_batches():
-    ratio = cpu_share.pack_ratio()
+    ratio = packing.pack_ratio()
     bal = Balancer({1: 70.0, 2: 50.0, 4: 30.0, 8: 10.0}, 55.0, 0.8, ratio, pack_frac=0.9)
     shares = [bal.share(b) for b in (1, 2, 4, 8)]
     assert shares == sorted(shares, reverse=True) and shares[0] > shares[-1] > 0
@@ -125,13 +126,13 @@ def _passes(bal, tokens, seconds_at):
         f = bal.share(tokens)
         cpu_bytes = int(f * 1e9)
         bal.observe(tokens, seconds_at(f), cpu_bytes / 35e9 if f else 0.0, cpu_bytes, 1.0, int(55e9))
-        if not bal.trials[cpu_share.bucket(tokens)]:
+        if not bal.trials[balancer.bucket(tokens)]:
             return bal.share(tokens)
     raise AssertionError("the balancer never settled")
 
 
 def test_balancer_keeps_the_share_only_where_passes_are_faster():
-    ratio = cpu_share.pack_ratio()
+    ratio = packing.pack_ratio()
     proposed = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2).share(1)
     # PCIe-bound passes: time falls with the share -> the best share timed is kept
     bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
@@ -160,28 +161,28 @@ def test_balancer_keeps_the_share_only_where_passes_are_faster():
 
 
 def test_tails_slice_holds_for_this_torch():
-    assert cpu_share.tails_slice()
+    assert packing.tails_slice()
 
 
 def test_the_direct_int4_layout_is_atens():
-    """pack_rows builds aten's CPU int4 layout with uint8 ops (cpu_share._layout); it must be the
+    """pack_rows builds aten's CPU int4 layout with uint8 ops (packing._layout); it must be the
     bytes aten's own packing gives, which the CPU matmul reads."""
-    assert cpu_share.layout_matches()
-    q = torch.randint(0, 16, (3 * cpu_share.ROW_ALIGN, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    assert packing.layout_matches()
+    q = torch.randint(0, 16, (3 * packing.ROW_ALIGN, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    assert torch.equal(cpu_share.int4_pack(q), want)
-    assert torch.equal(cpu_share._layout(q), want)
+    assert torch.equal(packing.int4_pack(q), want)
+    assert torch.equal(packing._layout(q), want)
 
 
 def test_packed_bytes_counts_only_4bit_matrices():
     q4 = SlotTensor("ffn_up.weight", int(QT.Q4_K), (1024, 512), 0, 1024 * 2 * 144, "f", 0)
     q6 = SlotTensor("ffn_down.weight", int(QT.Q6_K), (512, 1024), q4.nbytes, 512 * 4 * 210, "f", 0)
     lay = LayerLayout(0, (q4, q6), q4.nbytes + q6.nbytes)
-    assert cpu_share.packed_bytes([lay], 0.5, "rows") == 512 * (512 // 2 + 512 // 32 * 4)
+    assert sizing.packed_bytes([lay], 0.5, "rows") == 512 * (512 // 2 + 512 // 32 * 4)
     # the "layers" split: every row of the layer's 4-bit FFN matrices, once the share takes the layer
-    assert cpu_share.packed_bytes([lay], 1.0) == 1024 * (512 // 2 + 512 // 32 * 4)
-    assert cpu_share.packed_bytes([lay], 0.4) == 0  # 0.4 of one layer rounds to none
-    assert cpu_share.int4_fraction([lay]) == pytest.approx(q4.nbytes / (q4.nbytes + q6.nbytes))
+    assert sizing.packed_bytes([lay], 1.0) == 1024 * (512 // 2 + 512 // 32 * 4)
+    assert sizing.packed_bytes([lay], 0.4) == 0  # 0.4 of one layer rounds to none
+    assert sizing.int4_fraction([lay]) == pytest.approx(q4.nbytes / (q4.nbytes + q6.nbytes))
 
 
 def test_packed_bytes_count_every_4bit_expert_of_layers_whose_experts_are_all_4bit():
@@ -202,21 +203,19 @@ def test_packed_bytes_count_every_4bit_expert_of_layers_whose_experts_are_all_4b
     # a 4-bit attention matrix beside the experts: a MoE layer's share is its experts, not its rows
     attn = SlotTensor("attn_q.weight", int(QT.Q4_K), (K, K), q6.nbytes, K * K // 256 * 144, "f", 0)
     q6 = LayerLayout(1, (*q6.tensors, attn), q6.nbytes + attn.nbytes)
-    assert cpu_share.row_layers([q4, q6]) == [] and cpu_share.int4_fraction(cpu_share.row_layers([q6])) == 0
-    assert cpu_share.expert_int4_layers([q4, q6]) == [q4]
+    assert sizing.row_layers([q4, q6]) == [] and sizing.int4_fraction(sizing.row_layers([q6])) == 0
+    assert sizing.expert_int4_layers([q4, q6]) == [q4]
     per_matrix = E * N * (K // 2 + K // 32 * 4)  # (N x K and K x N pack to the same bytes)
-    assert cpu_share.expert_packed_bytes([q4, q6]) == 3 * per_matrix
-    assert cpu_share.packed_bytes([q4, q6], 0.3) == 3 * per_matrix and cpu_share.packed_bytes([q4, q6], 0) == 0
+    assert sizing.expert_packed_bytes([q4, q6]) == 3 * per_matrix
+    assert sizing.packed_bytes([q4, q6], 0.3) == 3 * per_matrix and sizing.packed_bytes([q4, q6], 0) == 0
     # the CPU's time for one expert of that shape, as the balancer's start measures it
-    assert 0 < cpu_share.measure_expert_s(N, K, torch.float32, reps=2) < 1
+    assert 0 < balancer.measure_expert_s(N, K, torch.float32, reps=2) < 1
 
 
 def test_quantweight_device_rows_are_a_prefix():
     # the device's part of a split quantized matrix is a view of its first rows' blocks
     raw = torch.from_numpy(blocks(QT.Q4_K, 128, 256).reshape(-1))
     w = QuantWeight(raw, int(QT.Q4_K), (128, 256))
-    from layerstream.compute.streamed import CpuShare
-
     share = CpuShare(Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=0.5), 0.5, torch.float32, Timeline("compute", "t"))
     lay = LayerLayout(0, (SlotTensor("ffn_up.weight", int(QT.Q4_K), (128, 256), 0, raw.numel(), "f", 0),), raw.numel())
     share.pack(0, lay, raw.numpy())
@@ -225,7 +224,6 @@ def test_quantweight_device_rows_are_a_prefix():
     split = share.split(0, {"ffn_up.weight": w}, rows)["ffn_up.weight"]
     assert split.dev.shape == (64, 256) and split.dev.raw.data_ptr() == raw.data_ptr()
     assert split.cpu.rows == 64
-
 
 
 def test_matrices_of_one_input_share_one_wait_and_join_each():
@@ -256,8 +254,6 @@ def test_the_layers_split_takes_whole_ffn_matrices_of_layers_spread_evenly():
     """NOTE [ the CPU share ], split "layers": a share takes the 4-bit FFN matrices of that share
     of the layers (attention and other types stay on the device), spread evenly, and a smaller
     share chooses among the layers packed for the largest; only the rest of a layer is copied."""
-    from layerstream.compute.streamed import CpuShare
-
     def layer(i, up_type=QT.Q4_K):
         ts, off = [], 0
         for name, qt, shape in (("attn_q.weight", QT.Q4_K, (256, 256)), ("ffn_gate.weight", QT.Q4_K, (512, 256)),
@@ -268,10 +264,10 @@ def test_the_layers_split_takes_whole_ffn_matrices_of_layers_spread_evenly():
         return LayerLayout(i, tuple(ts), off)
 
     lays = [layer(i) for i in range(8)] + [layer(8, QT.Q8_0)]
-    assert cpu_share.cpu_layers(lays, 0.5) == [0, 2, 4, 6, 8]  # 9 layers with a 4-bit FFN matrix: 5 of them
-    assert cpu_share.cpu_layers(lays, 0.25) == [2, 6]
-    assert cpu_share.cpu_layers(lays, 0.25, within=[0, 4, 8]) == [0, 8]
-    assert cpu_share.cpu_layers(lays, 0) == [] and cpu_share.cpu_layers(lays, 1) == list(range(9))
+    assert sizing.cpu_layers(lays, 0.5) == [0, 2, 4, 6, 8]  # 9 layers with a 4-bit FFN matrix: 5 of them
+    assert sizing.cpu_layers(lays, 0.25) == [2, 6]
+    assert sizing.cpu_layers(lays, 0.25, within=[0, 4, 8]) == [0, 8]
+    assert sizing.cpu_layers(lays, 0) == [] and sizing.cpu_layers(lays, 1) == list(range(9))
     share = CpuShare(Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=0.5), 0.5, torch.float32, Timeline("compute", "t"),
                      "layers", lays)
     assert share.cpu_layers(0.5) == {0, 2, 4, 6, 8} and share.cpu_layers(0.25) == {2, 6}  # (a subset of the packed)
@@ -312,7 +308,7 @@ def test_a_cpu_layers_ffn_runs_whole_on_the_cpu_against_float64(act, monkeypatch
     def matmul_by_matmul(*a):
         raise AssertionError("the FFN went matmul by matmul")
 
-    monkeypatch.setattr(cpu_share, "split_linear", matmul_by_matmul)
+    monkeypatch.setattr(cpu_split, "split_linear", matmul_by_matmul)
     called = []  # NOTE [ early slot ]: the gate's on_host runs once, before the CPU's matmuls
     w["ffn_gate.weight"] = SplitWeight(None, w["ffn_gate.weight"].cpu, meter,
                                        lambda: called.append(meter.nbytes))
@@ -326,3 +322,21 @@ def test_a_cpu_layers_ffn_runs_whole_on_the_cpu_against_float64(act, monkeypatch
     assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
     sec, nbytes, _ = meter.take()
     assert nbytes == sum(m.cpu.nbytes for n, m in w.items() if n != "ffn_norm.weight")  # one pass over the three
+
+
+def test_cpu_share_is_parsed_once_into_a_typed_config():
+    from layerstream.compute.cpu.config import AUTO_PACK_MAX, CpuShareConfig, parse_cpu_share
+    from layerstream.errors import ConfigError
+
+    auto = parse_cpu_share(" Auto ", "rows")
+    assert auto.auto and auto.split == "rows" and auto.pack_max == AUTO_PACK_MAX and str(auto) == "auto"
+    assert auto.for_device("cpu") == CpuShareConfig(split="rows") and auto.for_device("cuda") == auto
+    assert parse_cpu_share("off").off and parse_cpu_share("0").off and str(parse_cpu_share("0")) == "0"
+    half = parse_cpu_share("0.5")
+    assert (half.fraction, half.pack_max, str(half)) == (0.5, 0.5, "0.5") and not half.off
+    assert half.with_pack_max(0.25).pack_max == 0.25 and half.with_pack_max(0).off  # nothing fits: none
+    for bad in ("1.5", "-0.1", "half", "nan"):
+        with pytest.raises(ConfigError, match="--cpu-share"):
+            parse_cpu_share(bad)
+    with pytest.raises(ConfigError, match="--cpu-split 'columns'"):
+        parse_cpu_share("0.5", "columns")

@@ -5,7 +5,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from layerstream.compute.experts import ExpertCache, streams_experts
+from layerstream.compute.expert_layout import ALIGN, expert_parts, slot_bytes, streams_experts
+from layerstream.compute.experts import ExpertCache, ExpertSet
 from layerstream.loader.layout import LayerLayout, SlotTensor
 from layerstream.proto.timeline import Timeline
 
@@ -112,8 +113,6 @@ def test_an_experts_alike_parts_go_as_one_2d_copy():
     """NOTE [ driver copies ]: parts of the same bytes, evenly spaced in staging and in the pool
     slot, are one copy of several rows; a part of other bytes (a Q6_K down beside Q4_K gate and
     up) is a copy of its own."""
-    from layerstream.compute.experts import _parts
-
     lay, _ = _layer(n_expert=4, rows=8, cols=16)
     cache = ExpertCache(0, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu", 4096)
     per = 8 * 16 * 4
@@ -121,7 +120,7 @@ def test_an_experts_alike_parts_go_as_one_2d_copy():
     t = list(lay.tensors)
     t[2] = SlotTensor(t[2].name, t[2].qtype, (4, 8, 8), t[2].slot_offset, 4 * 8 * 8 * 4, "f", 0)  # down: half the bytes
     odd = LayerLayout(1, tuple(t), t[2].slot_offset + t[2].nbytes)
-    offs = [p[2] for p in _parts(odd)]
+    offs = [p[2] for p in expert_parts(odd)]
     assert cache._groups(odd) == [(0, per, 0, 2, offs[1], 4 * per), (t[2].slot_offset, 8 * 8 * 4, offs[2], 1, 0, 0)]
 
 
@@ -132,7 +131,6 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
     slots, then in-flight slots for newcomers it does not keep. Every fetch of three experts
     evicts and reuses slots; each expert it returns, and each one still cached, must hold its own
     bytes, and the grouped kernel's offsets from the pool must point at them."""
-    from layerstream.compute.experts import ALIGN, ExpertSet, _parts, slot_bytes
     from layerstream.compute.qlinear import QuantWeight
 
     lay, host = _layer(n_expert=8, rows=8, cols=16)
@@ -157,7 +155,7 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
             check(e, got[e])
         for (_, e), entry in cache.entries.items():  # a cached expert's own slot holds its bytes
             check(e, [QuantWeight(cache.pool[entry[4] * slot + off : entry[4] * slot + off + per], t.qtype, (r, c))
-                      for t, per, off, r, c in _parts(lay)])
+                      for t, per, off, r, c in expert_parts(lay)])
         assert len(cache.entries) <= 2 and len(set(entry[4] for entry in cache.entries.values())) == len(cache.entries)
     assert cache.hits > 0 and cache.misses > 60
     if driver:
@@ -177,7 +175,6 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
     slot it admits them to, by a copy on the device), copies only the others, and each returned
     slot holds its expert's bytes. The next layer's set is another: layer i+1's prefetch, issued
     before layer i's fetch, leaves layer i's experts in place."""
-    from layerstream.compute.experts import ExpertSet, _parts, slot_bytes
     from layerstream.compute.qlinear import QuantWeight
 
     lay, host = _layer(n_expert=8, rows=8, cols=16)
@@ -204,13 +201,13 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
     got = cache.fetch(0, [4, 7], lay, host)  # 4 copied ahead, 7 not; 6 copied ahead for nothing
     assert value(4, got[4]) == want(4) and value(7, got[7]) == want(7)
     assert (cache.hits, cache.prefetch_hits, cache.misses, cache.prefetch_copied) == (0, 1, 1, 4)
-    per = sum(p[1] for p in _parts(lay))
+    per = sum(p[1] for p in expert_parts(lay))
     assert cache.bytes_moved == 5 * per  # 4 ahead + 1 after the router
     assert (0, 4) in cache.entries  # admitted as a copy would be: its cache slot holds its bytes
     s4 = cache.entries[(0, 4)][4]
     assert s4 < cache.n_cached
     mats = [QuantWeight(cache.pool[s4 * slot + off : s4 * slot + off + n], t.qtype, (r, c))
-            for t, n, off, r, c in _parts(lay)]
+            for t, n, off, r, c in expert_parts(lay)]
     assert value(4, mats) == want(4)
     cache.done(0)
     got = cache.fetch(1, [5, 4], lay1, host1)  # both copied ahead, layer 0's set did not touch them
@@ -235,8 +232,8 @@ def test_cpu_experts_match_the_float64_reference():
     import ggufgen
     from gguf.quants import dequantize
 
-    from layerstream.compute.cpu_share import Balancer
-    from layerstream.compute.experts import CpuExperts
+    from layerstream.compute.cpu.balancer import Balancer
+    from layerstream.compute.cpu.experts import CpuExperts
 
     rng = np.random.default_rng(3)
     E, n_ff, n_embd = 4, 256, 256

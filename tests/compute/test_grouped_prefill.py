@@ -12,7 +12,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from layerstream.compute import model, qlinear
-from layerstream.compute.model import EXPERT_TENSORS, moe_block
+from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.compute.model import moe_block
 from layerstream.compute.qlinear import QuantWeight
 
 E, K, N = 10, 64, 96  # experts, n_embd, n_ff

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import ggufgen
-from layerstream.compute.cpu_share import Balancer
-from layerstream.compute.experts import CpuExperts, ExpertCache, ExpertSet, max_in_flight, slot_bytes
-from layerstream.compute.model import EXPERT_TENSORS, SeqStep
+from layerstream.compute.cpu.balancer import Balancer
+from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes
+from layerstream.compute.experts import ExpertCache, ExpertSet
+from layerstream.compute.model import SeqStep
 from layerstream.compute.runner import GlobalWeights, ModelRunner, load_tensor
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts

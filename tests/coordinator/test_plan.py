@@ -107,7 +107,7 @@ def test_bad_prefetch_and_step_tokens_are_refused(l8):
 
 
 def test_cpu_share_takes_memory_after_the_host_cache_never_from_it(l70, monkeypatch):
-    from layerstream.compute.cpu_share import packed_bytes
+    from layerstream.compute.cpu.sizing import packed_bytes
     from layerstream.coordinator import plan as plan_mod
 
     index, layouts = l70

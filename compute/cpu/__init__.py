@@ -1,0 +1,3 @@
+"""The CPU's share of the streamed layers: packing, split weights, the balancer, sizing for the
+plan, the CPU's experts, and the one factory the compute process calls (NOTE [ the CPU share ]
+in share.py, NOTE [ CPU experts ] in experts.py)."""

@@ -1,0 +1,167 @@
+"""How much the CPU takes: the share per batch bucket, proposed from measured bandwidths, then
+chosen by timing the run's own passes (NOTE [ the CPU share ] in cpu/share.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from layerstream.compute.cpu.packing import cpu_rows, packed_swiglu, random_packed
+
+MAX_TOKENS = 8  # tokens of a step above which the CPU computes nothing (its int4 GEMV stops paying)
+BUCKETS = (1, 2, 4, 8)  # batch sizes the share is balanced for (a step takes the next bucket up)
+
+
+def balanced_frac(cpu_gbs: float, link_gbs: float, int4_fraction: float, pack_ratio: float) -> float:
+    """The share of each 4-bit matrix's rows for the CPU that makes both sides take equal time.
+
+    A layer of S bytes, of which `int4_fraction` are 4-bit matrices: the device's part moves
+    (1 - f * c) * S bytes over the link, the CPU reads f * c * S * pack_ratio packed bytes;
+    equal times give f = 1 / (c * (1 + pack_ratio * link / cpu))."""
+    if cpu_gbs <= 0 or int4_fraction <= 0:
+        return 0.0
+    return min(1.0, 1.0 / (int4_fraction * (1.0 + pack_ratio * link_gbs / cpu_gbs)))
+
+
+def bucket(tokens: int) -> int | None:
+    """The batch bucket a step of `tokens` tokens is balanced in; None above MAX_TOKENS."""
+    return next((b for b in BUCKETS if tokens <= b), None)
+
+
+# A share is kept only if its passes' median is this much below no share's: passes of one
+# setting differ by several per cent, and a share costs host memory and CPU time that no share
+# does not.
+SHARE_MARGIN = 0.05
+
+
+class Balancer:
+    """The share per batch bucket: proposed from measured bandwidths, then chosen by timing passes.
+
+    A share pays only while the pass waits on PCIe; where the device's own work or latency bounds
+    the pass, the CPU's matmuls add to it. So each bucket times its first passes at the share the
+    bandwidths propose, then at the share the rates those passes achieved propose (both sides
+    running at once, as in a pass), then at no share, `every` passes each, and keeps the fastest
+    where it beats no share by SHARE_MARGIN: the share is never slower than none, as measured on
+    this machine."""
+
+    def __init__(self, cpu_gbs: dict[int, float], link_gbs: float, int4_fraction: float, pack_ratio: float,
+                 pack_frac: float, every: int = 3, fixed: float | None = None, what: str = "4-bit rows"):
+        self.link_gbs, self.c, self.ratio, self.pack_frac, self.every = link_gbs, int4_fraction, pack_ratio, \
+            pack_frac, every
+        self.cpu_gbs = dict(cpu_gbs)
+        self.fixed = fixed
+        self.what = what  # what the share is a share of, for describe()
+        self.frac = {b: self._frac(self.cpu_gbs.get(b, 0.0), link_gbs) for b in BUCKETS}
+        # shares still to time per bucket, and the pass seconds of each share timed
+        self.trials: dict[int, list[float]] = {b: ([f, 0.0] if f else []) for b, f in self.frac.items()}
+        self.times: dict[int, dict[float, list[float]]] = {b: {} for b in BUCKETS}
+        self.rates: dict[int, list[tuple[float, int, float, int]]] = {b: [] for b in BUCKETS}
+        self.warm: set[int] = set()  # buckets whose first pass has been seen (and left out)
+
+    def _frac(self, cpu_gbs: float, link_gbs: float) -> float:
+        if self.fixed is not None:
+            return min(self.fixed, self.pack_frac)
+        f = balanced_frac(cpu_gbs, link_gbs, self.c, self.ratio)
+        return min(f, self.pack_frac) if f >= 0.02 else 0.0
+
+    def share(self, tokens: int) -> float:
+        b = bucket(tokens)
+        if b is None:
+            return 0.0
+        trials = self.trials[b]
+        return trials[0] if trials else self.frac[b]
+
+    def observe(self, tokens: int, pass_s: float, cpu_s: float, cpu_bytes: int, link_s: float,
+                link_bytes: int) -> None:
+        """One pass of `tokens` tokens took `pass_s`; the CPU read `cpu_bytes` in `cpu_s`, the link
+        moved `link_bytes` in `link_s`."""
+        b = bucket(tokens)
+        if b is None or self.fixed is not None or not self.trials[b]:
+            return
+        if b not in self.warm:  # a bucket's first pass reads layers into the host cache and captures graphs
+            self.warm.add(b)
+            return
+        f = self.trials[b][0]
+        self.times[b].setdefault(f, []).append(pass_s)
+        if f and cpu_s > 0 and link_s > 0:
+            self.rates[b].append((cpu_s, cpu_bytes, link_s, link_bytes))
+        if len(self.times[b][f]) < self.every:
+            return
+        self.trials[b].pop(0)
+        seen = self.rates[b]
+        if f and seen and len(self.times[b]) == 1:  # after the first share: what its passes achieved
+            cpu = sum(x[1] for x in seen) / sum(x[0] for x in seen) / 1e9
+            self.link_gbs = sum(x[3] for x in seen) / sum(x[2] for x in seen) / 1e9
+            self.cpu_gbs[b] = cpu
+            g = self._frac(cpu, self.link_gbs)
+            g = g if g and abs(g - f) >= 0.05 else f / 2
+            if cpu_rows(1 << 16, g):
+                self.trials[b].insert(0, g)
+        if not self.trials[b]:  # every share timed: keep the fastest, if it is clearly faster than none
+            med = {k: statistics.median(v) for k, v in self.times[b].items()}
+            best = min(med, key=med.get)
+            none = med.get(0.0)
+            self.frac[b] = best if none is None or med[best] <= none * (1 - SHARE_MARGIN) else 0.0
+
+    def describe(self) -> str:
+        if self.fixed is not None:
+            return f"CPU share fixed at {self.pack_frac:.0%} of the {self.what}, batches up to {MAX_TOKENS}"
+
+        def one(b: int) -> str:
+            timed = ", ".join(f"{k:.0%} {statistics.median(v) * 1e3:.0f} ms" for k, v in sorted(self.times[b].items()))
+            state = "timing" if self.trials[b] else "chosen"
+            return f"batch {b}: {self.frac[b]:.0%} {state} (CPU {self.cpu_gbs.get(b, 0):.0f} GB/s" + \
+                (f"; passes {timed})" if timed else ")")
+
+        return f"CPU share of the {self.what}: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s"
+
+
+def measure_cpu_gbs(K: int = 8192, N: int = 8192, reps: int = 5) -> dict[int, float]:
+    """The CPU's int4 matmul GB/s of packed bytes at each bucket's batch size (median of reps)."""
+    g = torch.Generator().manual_seed(0)
+    p = random_packed(N, K, g)
+    out = {}
+    for b in BUCKETS:
+        x = torch.randn(b, K, generator=g).to(torch.bfloat16)
+        p.matmul(x)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            p.matmul(x)
+            ts.append(time.perf_counter() - t0)
+        out[b] = p.nbytes / sorted(ts)[len(ts) // 2] / 1e9
+    return out
+
+
+def measure_link_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Pinned host-to-device copy GB/s."""
+    h = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    d = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    d.copy_(h, non_blocking=True)
+    torch.cuda.synchronize(device)
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        d.copy_(h, non_blocking=True)
+        torch.cuda.synchronize(device)
+        ts.append(time.perf_counter() - t0)
+    return nbytes / min(ts) / 1e9
+
+
+def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16, reps: int = 9) -> float:
+    """Seconds the CPU takes for one expert at batch 1 (int4 gate, up and down of an n_ff x n_embd
+    SwiGLU), the median of reps over 16 experts in turn (NOTE [ CPU experts ] in cpu/experts.py)."""
+    g = torch.Generator().manual_seed(0)
+    experts = [(random_packed(n_ff, n_embd, g, dtype), random_packed(n_ff, n_embd, g, dtype),
+                random_packed(n_embd, n_ff, g, dtype)) for _ in range(16)]
+    x = torch.randn(1, n_embd, generator=g).to(dtype)
+    ts = []
+    for r in range(reps + 1):
+        t0 = time.perf_counter()
+        for gate, up, down in experts:
+            packed_swiglu(gate, up, down, x)
+        if r:  # the first round warms up
+            ts.append((time.perf_counter() - t0) / len(experts))
+    return sorted(ts)[len(ts) // 2]

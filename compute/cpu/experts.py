@@ -1,0 +1,114 @@
+"""The CPU's share of a decode step's streamed experts, computed from their staging bytes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from layerstream.compute.cpu.balancer import Balancer
+from layerstream.compute.cpu.packing import PackedRows, pack_rows, packed_swiglu
+from layerstream.compute.cpu.sizing import expert_int4_layers
+from layerstream.compute.cpu.split import Meter
+from layerstream.compute.expert_layout import expert_bytes, expert_parts
+from layerstream.loader.layout import LayerLayout
+from layerstream.proto.timeline import Timeline
+
+
+class CpuExperts:
+    """The CPU's share of a decode step's streamed experts.
+
+    NOTE [ CPU experts ]
+    Expert streaming moves only the chosen experts, but they cannot cross PCIe before the router
+    has run, so each layer waits for its copies (BENCHMARKS.md: 0.24 ms of a 0.72 ms layer, at
+    773 MB a token). The host's DRAM can feed the CPU at the same time (measured on an H200 host:
+    46 GB/s of int4 matmul beside 51 GB/s of copies). So, with `--cpu-share`, a share of each
+    step's missing experts (those not in the device cache) is computed on the CPU, straight from
+    the staging bytes, while the copy engine moves the others and the device computes them: the
+    CPU's experts are left out of the device's grouped launches (their pairs weigh 0 there) and
+    their weighted sum is added on the device afterwards.
+    - Only layers whose gate, up and down are 4-bit (Q4_0, Q4_1, Q4_K) take part: aten's int4
+      matmul holds them exactly but for the bf16 rounding of the scales (cpu/packing.py). Others
+      (Q6_K down in part of a Q4_K_M file) stay on the device.
+    - An expert is packed the first time the CPU takes it, and kept, within `budget` bytes of
+      host memory (the plan counts every 4-bit expert as packed); past it, only packed experts
+      go to the CPU.
+    - The share per batch bucket is fixed, or chosen by `Balancer` from timed passes (never
+      slower than none, as with the rows of dense layers).
+    """
+
+    def __init__(self, balancer: Balancer, budget: int, dtype: torch.dtype, timeline: Timeline):
+        self.balancer, self.budget, self.dtype, self.tl = balancer, budget, dtype, timeline
+        self.packed: dict[tuple[int, int], tuple[PackedRows, PackedRows, PackedRows]] = {}
+        self.packed_bytes = 0
+        self.meter = Meter()
+        self.computed = 0  # experts computed by the CPU (counting each layer's once a step)
+        self.packing = Meter()  # packing time and bytes since the last take_pack_s()
+        self._eligible: dict[int, bool] = {}
+
+    def eligible(self, i: int, lay: LayerLayout) -> bool:
+        got = self._eligible.get(i)
+        if got is None:
+            got = self._eligible[i] = bool(expert_int4_layers([lay]))
+        return got
+
+    def take_pack_s(self) -> float:
+        """Seconds spent packing experts since the last call: a one-off cost, which the balancer
+        leaves out of a pass's time (measured on an H200 host: 7.5 to 17.6 ms an expert of the
+        Qwen3-30B-A3B shape, tens of experts a pass while the share is new)."""
+        return self.packing.take()[0]
+
+    def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
+        """The CPU's experts among a step's `missing` ones of layer i at share `frac`: packed ones
+        first, then ones that still fit the budget."""
+        n = int(frac * len(missing))  # rounded down: a lone expert copies faster than the CPU computes it
+        if not n or not self.eligible(i, lay):
+            return []
+        have = [e for e in missing if (i, e) in self.packed]
+        if len(have) < n and self.packed_bytes < self.budget:
+            have += [e for e in missing if (i, e) not in self.packed][: n - len(have)]
+        return sorted(have[:n])
+
+    def _experts(self, i: int, e: int, lay: LayerLayout, host: np.ndarray) -> tuple:
+        got = self.packed.get((i, e))
+        if got is None:
+            mats = []
+            t0 = time.monotonic_ns()
+            with self.tl.span("cpu_pack", f"pack L{i} E{e}", layer=i):
+                for t, per, _, rows, cols in expert_parts(lay):
+                    raw = torch.from_numpy(expert_bytes(host, t, per, e))
+                    mats.append(pack_rows(raw, t.qtype, rows, cols, self.dtype))
+            got = self.packed[(i, e)] = tuple(mats)
+            nbytes = sum(m.nbytes for m in got)
+            self.packing.add(t0, time.monotonic_ns() - t0, nbytes)
+            self.packed_bytes += nbytes
+        return got
+
+    def compute(self, i: int, lay: LayerLayout, host: np.ndarray, experts: list[int], ids: list[int],
+                h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """sum over the step's (token, choice) pairs whose expert is one of `experts` of weight *
+        expert(h[token]): [T, n_embd] float32 on the host. ids: each pair's expert (row-major
+        [T, k]); h, weight: [T, n_embd] and [T, k] on the host."""
+        T, k = weight.shape
+        out = torch.zeros(T, h.shape[1], dtype=torch.float32)
+        mats = [self._experts(i, e, lay, host) for e in experts]  # (packing is not the CPU share's time)
+        t0 = time.monotonic_ns()
+        pairs: dict[int, list[int]] = {e: [] for e in experts}
+        for p, e in enumerate(ids):
+            if e in pairs:
+                pairs[e].append(p)
+        x_all, w_flat = h.to(self.dtype), weight.flatten()
+        nbytes = 0
+        for e, (g, u, d) in zip(experts, mats):
+            ps = pairs[e]
+            rows = torch.tensor([p // k for p in ps])
+            x = x_all[rows] if T > 1 else x_all
+            y = packed_swiglu(g, u, d, x)
+            out.index_add_(0, rows, y.float() * w_flat[ps].unsqueeze(-1))
+            nbytes += g.nbytes + u.nbytes + d.nbytes
+        dt = time.monotonic_ns() - t0
+        self.meter.add(t0, dt, nbytes)
+        self.computed += len(experts)
+        self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
+        return out

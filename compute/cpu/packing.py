@@ -1,0 +1,141 @@
+"""Packing 4-bit GGUF rows into aten's CPU int4 layout, and the CPU's matmuls on them."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+
+INT4_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q4_K))
+GROUP = 32  # values per (scale, zero): every 4-bit type's sub-block
+ROW_ALIGN = 64  # CPU rows come in multiples of this: aten's CPU int4 pack holds rows in blocks of 64,
+# so a tail of a packed matrix is a row slice only at such a boundary (tails_slice() checks it)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[..., 2] uint8 -> float32 (little-endian half)."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def int4_parts(raw: torch.Tensor, qtype: int, n: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n rows of 4-bit blocks -> (q [n, K] uint8 in 0..15, scale [n, K/32], zero [n, K/32]) in
+    float32, with value = (q - 8) * scale + zero."""
+    if qtype == QT.Q4_K:
+        b = raw.view(n, K // 256, 144)
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        s = b[..., 4:16]  # (uint8 throughout: a mixed int and float product costs several times more)
+        sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1).float()
+        m = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1).float()
+        qs = b[..., 16:].reshape(n, K // 256, 4, 1, 32)
+        q = torch.cat([qs & 15, qs >> 4], 3).reshape(n, K)  # a chunk of 64: 32 low, 32 high
+        scale = (d.unsqueeze(-1) * sc).reshape(n, K // GROUP)
+        zero = (8 * d.unsqueeze(-1) * sc - dmin.unsqueeze(-1) * m).reshape(n, K // GROUP)
+        return q, scale, zero
+    bs = 18 if qtype == QT.Q4_0 else 20
+    b = raw.view(n, K // 32, bs)
+    d = _f16(b[..., 0:2])
+    qs = b[..., bs - 16:].unsqueeze(2)
+    q = torch.cat([qs & 15, qs >> 4], 2).reshape(n, K)
+    if qtype == QT.Q4_0:
+        return q, d, torch.zeros_like(d)
+    return q, d, _f16(b[..., 2:4]) + 8 * d
+
+
+@dataclass
+class PackedRows:
+    """Rows of a matrix in aten's CPU int4 layout; `tail(n)` is its last n rows (cached)."""
+
+    w: torch.Tensor  # [n, K / 2] uint8
+    sz: torch.Tensor  # [K / 32, n, 2] scale and zero
+    _tails: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() + self.sz.numel() * self.sz.element_size()
+
+    def tail(self, n: int) -> "PackedRows":
+        if n == self.rows:
+            return self
+        if n % ROW_ALIGN or not tails_slice():
+            raise ValueError(f"no tail of {n} rows of a packed matrix of {self.rows}")
+        t = self._tails.get(n)
+        if t is None:
+            self._tails.clear()  # one share in use at a time
+            t = self._tails[n] = PackedRows(self.w[self.rows - n:], self.sz[:, self.rows - n:].contiguous())
+        return t
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.sz.dtype), self.w, GROUP, self.sz)
+
+
+@functools.cache
+def tails_slice() -> bool:
+    """Whether the last rows of a packed matrix (from a ROW_ALIGN boundary) are the packing of
+    those rows: true of the layouts measured (torch 2.11, 2.13); checked once per process, as
+    the layout is aten's own. Without it the share cannot shrink below the packed rows."""
+    q = torch.randint(0, 16, (3 * ROW_ALIGN, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return torch.equal(whole[ROW_ALIGN:], torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[ROW_ALIGN:], 1))
+
+
+def _layout(q: torch.Tensor) -> torch.Tensor:
+    """aten's CPU int4 layout of q [N, K] (uint8 in 0..15, N a multiple of 64), in uint8 ops:
+    each 64 rows are K x 32 bytes, byte (k, j) holding row j's value k in its low nibble and
+    row j + 32's in its high one."""
+    N, K = q.shape
+    qb = q.view(N // ROW_ALIGN, 2, ROW_ALIGN // 2, K)
+    return (qb[:, 0] | (qb[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
+
+
+@functools.cache
+def layout_matches() -> bool:
+    """Whether `_layout` is aten's packing (`_convert_weight_to_int4pack_for_cpu`): true of the
+    layouts read (torch 2.13); checked once per process, as the layout is aten's own."""
+    q = torch.randint(0, 16, (2 * ROW_ALIGN, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.equal(_layout(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] (uint8 in 0..15) in aten's CPU int4 layout: built directly where `_layout` is
+    aten's (several times faster than widening q to int32 for aten's own packing), else by aten."""
+    if q.shape[0] % ROW_ALIGN == 0 and layout_matches():
+        return _layout(q)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+def pack_rows(raw: torch.Tensor, qtype: int, n: int, K: int, dtype: torch.dtype) -> PackedRows:
+    """Repack n rows of 4-bit GGUF blocks (host bytes) for the CPU's int4 matmul."""
+    q, scale, zero = int4_parts(raw, qtype, n, K)
+    w = int4_pack(q)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).to(dtype).contiguous()
+    return PackedRows(w, sz)
+
+
+def cpu_rows(N: int, frac: float) -> int:
+    """Rows of an N-row matrix the CPU computes at share `frac` (a multiple of ROW_ALIGN)."""
+    return min(N, int(N * frac) // ROW_ALIGN * ROW_ALIGN)
+
+
+def random_packed(N: int, K: int, g: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> PackedRows:
+    """An [N, K] matrix of random 4-bit values and small scales in the CPU's packed form (for
+    timing the CPU's matmuls: measured at start, and by layerstream-bench cpu-worker)."""
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+    return PackedRows(int4_pack(q), (torch.rand(K // GROUP, N, 2, generator=g) / 64).to(dtype))
+
+
+def packed_swiglu(gate: PackedRows, up: PackedRows, down: PackedRows, x: torch.Tensor, act=F.silu) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) on the CPU's packed matrices: an FFN or an expert."""
+    return down.matmul(act(gate.matmul(x)) * up.matmul(x))
+
+
+def pack_ratio() -> float:
+    """Packed CPU bytes per GGUF byte of Q4_K (4 bits + a bf16 scale and zero per 32 values,
+    against 4.5 bits): the other 4-bit types are within a few percent."""
+    return (0.5 + 4 / GROUP) / (144 / 256)

@@ -1,0 +1,48 @@
+"""Where a MoE layer's experts sit in its staging bytes and in the device's pool, and which steps
+fetch only their chosen experts (NOTE [ expert streaming ] in streamed.py)."""
+
+from __future__ import annotations
+
+from layerstream.loader.layout import LayerLayout
+
+EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")  # [E, N, K] each
+ALIGN = 256  # an expert's gate, up and down each start at a multiple of this in its pool slot
+
+
+def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
+    """Whether a step of `tokens` tokens fetches only its chosen experts rather than whole layers:
+    while the experts it is expected to touch, E * (1 - (1 - k/E)^T) with uniform routing, are at
+    most half of them (a prompt touches nearly all: whole layers stream faster)."""
+    if not n_expert:
+        return False
+    return n_expert * (1 - (1 - n_used / n_expert) ** tokens) <= n_expert / 2
+
+
+def max_in_flight(n_expert: int, n_used: int) -> int:
+    """Experts one layer of the largest expert step can choose: what a step may hold on the
+    device beyond the cache (the newcomers the cache does not keep serve their step and go)."""
+    t_max = max(t for t in range(1, n_expert + 1) if streams_experts(n_expert, n_used, t))
+    return min(n_expert, n_used * t_max)
+
+
+def expert_parts(lay: LayerLayout) -> list[tuple[object, int, int, int, int]]:
+    """(tensor, bytes an expert, offset in a pool slot, rows, cols) of each expert tensor of a layer."""
+    out, off = [], 0
+    for name in EXPERT_TENSORS:
+        t = lay.tensor(name)
+        n_exp, rows, cols = t.shape
+        per = t.nbytes // n_exp
+        out.append((t, per, off, rows, cols))
+        off += -(-per // ALIGN) * ALIGN
+    return out
+
+
+def expert_bytes(host, t, per: int, e: int):
+    """Expert e's bytes of expert tensor t (`per` bytes an expert) in a layer's staging bytes."""
+    return host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per]
+
+
+def slot_bytes(layouts: list[LayerLayout]) -> int:
+    """Bytes of one expert's pool slot: the largest expert (gate, up and down) of any layer."""
+    return max((sum(-(-p[1] // ALIGN) * ALIGN for p in expert_parts(lay)) for lay in layouts
+                if any(t.name == EXPERT_TENSORS[0] for t in lay.tensors)), default=0)
