@@ -1,126 +1,36 @@
-"""Chat templates: the Jinja template a GGUF file carries, rendered in jinja2's immutable sandbox."""
+"""Chat templates: the Jinja template a GGUF file carries, rendered in a bounded sandbox (chat_sandbox.py)."""
 
 from __future__ import annotations
 
-import json
 import re
-import time
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import SecurityError
 
+from layerstream.coordinator.chat_sandbox import (
+    MAX_OUTPUT,
+    BoundedSandbox,
+    GenerationTag,
+    LimitExceeded,
+    TemplateRaised,
+)
 from layerstream.errors import ModelError
 
 if TYPE_CHECKING:
     from layerstream.coordinator.tokenizer import Tokenizer
 
-
-class _TemplateRaised(jinja2.TemplateError):
-    """What a template's `raise_exception(msg)` raises."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    """`tojson` as chat templates expect it: no HTML escaping, non-ASCII kept."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
-
-
-class _LimitExceeded(SecurityError):
-    """A hostile template's render went past a size, time or loop limit."""
-
-
 MAX_SOURCE = 256 * 1024  # bytes of template source
-MAX_OUTPUT = 4 * 1024 * 1024  # characters of rendered prompt (also the largest string a template may build)
-MAX_RANGE_TOTAL = 1_000_000  # range() elements over one render
-RENDER_SECONDS = 2.0
-
-
-class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with limits a hostile template cannot pass.
-
-    NOTE [ hostile chat templates ]
-    The template comes from the GGUF file: untrusted. Jinja's optimizer folds constant
-    expressions at compile time, outside the sandbox (`{{ 'a' * 4000000000 }}` took 15 GB), so it
-    is off; string and list products, sums and powers are checked for size before they are made;
-    every call, attribute and item access checks a render deadline; range() counts its elements
-    over the whole render; the output is generated in pieces and cut at MAX_OUTPUT.
-    """
-
-    intercepted_binops = frozenset({"*", "**", "+"})
-
-    def __init__(self, **kw):
-        super().__init__(optimized=False, **kw)
-        self.deadline = float("inf")
-        self.range_left = MAX_RANGE_TOTAL
-        self.globals["range"] = self._range
-
-    def _tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _LimitExceeded(f"rendering took longer than {RENDER_SECONDS:g} s")
-
-    def _range(self, *args):
-        r = range(*args)
-        self.range_left -= len(r)
-        if self.range_left < 0:
-            raise _LimitExceeded(f"loops over more than {MAX_RANGE_TOTAL} range() elements")
-        return r
-
-    def call_binop(self, context, operator, left, right):
-        self._tick()
-        sized = (str, list, tuple)
-        if operator == "*":
-            n, k = (left, right) if isinstance(left, sized) else (right, left)
-            if isinstance(n, sized) and isinstance(k, int) and len(n) * k > MAX_OUTPUT:
-                raise _LimitExceeded(f"a product of {len(n) * k} elements")
-        elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
-            if len(left) + len(right) > MAX_OUTPUT:
-                raise _LimitExceeded(f"a sum of {len(left) + len(right)} elements")
-        elif operator == "**" and isinstance(right, int) and abs(right) > 64:
-            raise _LimitExceeded(f"a power of {right}")
-        return super().call_binop(context, operator, left, right)
-
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
-        __self._tick()
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_OUTPUT:
-                raise _LimitExceeded(f"a call with the argument {a}")
-        return super().call(__context, __obj, *args, **kwargs)
-
-    def getattr(self, obj, attribute):
-        self._tick()
-        return super().getattr(obj, attribute)
-
-    def getitem(self, obj, argument):
-        self._tick()
-        return super().getitem(obj, argument)
+MAX_ERROR = 300  # characters of a template's error text that reach the one-line error
+BASE_ROLES = ("system", "user", "assistant")
+OPTIONAL_ROLES = ("tool", "ipython", "developer", "function")  # accepted where the template names them
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    text = str(e)[:MAX_ERROR + 1].strip().splitlines()  # a template's message can be megabytes long
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= MAX_ERROR else line[:MAX_ERROR] + "..."
 
 
 class ChatTemplate:
@@ -133,13 +43,22 @@ class ChatTemplate:
         self.source = template_str
         self._template = None
         self._tokens = dict(special_tokens, bos_token=bos_token, eos_token=eos_token)
+        named = set(re.findall(r"""["']([a-z]+)["']""", template_str))
+        self.roles = BASE_ROLES + tuple(r for r in OPTIONAL_ROLES if r in named)
+
+    def check_roles(self, messages: list[dict[str, Any]]) -> None:
+        """Refuse a message whose role the template does not take (a role never carries token text)."""
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in self.roles:
+                shown = repr(role)[:60] if isinstance(role, str) else type(role).__name__
+                raise ModelError(f"message {i} has role {shown}; this model's chat template takes the roles "
+                                 f"{', '.join(self.roles)}")
 
     def _compiled(self):
         if self._template is None:
-            env = self._env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
-                                              extensions=[jinja2.ext.loopcontrols, _GenerationTag])
-            env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
-            env.filters["tojson"] = _tojson
+            env = self._env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                                             extensions=[jinja2.ext.loopcontrols, GenerationTag])
             try:
                 self._template = env.from_string(self.source)
             except jinja2.TemplateSyntaxError as e:
@@ -152,8 +71,11 @@ class ChatTemplate:
     def from_metadata(cls, md: dict[str, Any], tokenizer: "Tokenizer") -> "ChatTemplate | None":
         """The file's `tokenizer.chat_template`, or None when it has none."""
         source = md.get("tokenizer.chat_template")
-        if not source:
+        if source is None or source == "":
             return None
+        if not isinstance(source, str):
+            raise ModelError(f"metadata tokenizer.chat_template is {type(source).__name__}, expected a string; "
+                             "the file is corrupt or was not written by a known converter")
 
         def text(token_id: int | None) -> str:
             return tokenizer.token_to_piece(token_id) if token_id is not None else ""
@@ -164,19 +86,19 @@ class ChatTemplate:
         """The prompt for `messages` (dicts with "role" and "content"); `extra` reaches the template (e.g. tools)."""
         template = self._compiled()
         env = self._env
-        env.deadline, env.range_left = time.monotonic() + RENDER_SECONDS, MAX_RANGE_TOTAL
+        env.start()
         out, size = [], 0
         try:
             for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
                                            **self._tokens, **extra):
                 size += len(piece)
                 if size > MAX_OUTPUT:
-                    raise _LimitExceeded(f"the prompt grew past {MAX_OUTPUT} characters")
-                env._tick()
+                    raise LimitExceeded(f"the prompt grew past {MAX_OUTPUT} characters")
+                env.tick()
                 out.append(piece)
-        except _TemplateRaised as e:
+        except TemplateRaised as e:
             raise ModelError(f"chat template refused the conversation: {_one_line(e)}") from None
-        except _LimitExceeded as e:
+        except LimitExceeded as e:
             raise ModelError(f"chat template stopped: {_one_line(e)}") from None
         except SecurityError as e:
             raise ModelError(f"chat template tried an unsafe operation: {_one_line(e)}") from None
@@ -191,7 +113,8 @@ class ChatTemplate:
     def render_segments(self, messages: list[dict[str, Any]], **kw: Any) -> list[tuple[str, bool]]:
         """The prompt as (text, from_template) pieces: message contents come out as pieces of
         their own (from_template False), so that they can be tokenized without special-token
-        parsing: a user's `<|im_start|>` stays text (no role injection)."""
+        parsing: a user's `<|im_start|>` stays text (no role injection); roles are checked first."""
+        self.check_roles(messages)
         marks = [f"\uE000{i}\uE001" for i in range(len(messages))]
         masked = [dict(m, content=mark) if isinstance(m.get("content"), str) else m
                   for m, mark in zip(messages, marks)]
