@@ -11,7 +11,7 @@ import torch
 
 from layerstream.errors import LayerstreamError
 
-from .stage_bench import add_stage_parsers, device_name
+from .stage_bench import add_stage_parsers, device_name, time_decode
 
 
 def _sync(device: torch.device) -> None:
@@ -61,8 +61,8 @@ def bench_engine(args) -> list[tuple[str, int, float, float]]:
         t = _median_time(prefill, args.reps, dev)
         rows.append(("prefill", 1, args.prompt_tokens / t, 1e3 * t))
         for B in batches:
-            runs = [sum(engine.core.time_decode([ids(args.decode_prompt) for _ in range(B)], args.decode_tokens,
-                                                lambda: _sync(dev)))
+            runs = [sum(time_decode(engine.core, [ids(args.decode_prompt) for _ in range(B)], args.decode_tokens,
+                                    lambda: _sync(dev)))
                     for _ in range(args.reps + 1)]
             t = statistics.median(runs[1:])  # the first run warms up
             rows.append(("decode", B, B * args.decode_tokens / t, 1e3 * t / args.decode_tokens))

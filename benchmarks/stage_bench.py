@@ -130,6 +130,37 @@ def _median_s(fn, reps: int, device: torch.device, stream=None, warmup: int = 1)
     return statistics.median(times)
 
 
+def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -> list[float]:
+    """Seconds of each of `steps` decode steps of len(prompts) sequences on an engine core, after
+    their prefill (greedy, end of sequence ignored); the requests are aborted afterwards."""
+    from layerstream.compute.sampling import SamplingParams
+
+    # a sequence whose prefill ends first decodes while the others' prefill runs: room for those tokens
+    params = SamplingParams(temperature=0, max_tokens=steps + 1 + sum(map(len, prompts)), ignore_eos=True)
+    names = [f"bench-{i}" for i in range(len(prompts))]
+    for n, p in zip(names, prompts):
+        core.add_request(n, p, params)
+    started: set[str] = set()
+    while len(started) < len(names):  # prefill: until every request has its first token
+        started |= {o.request_id for o in core.step() if o.token_ids}
+    times = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            outs = core.step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            ran = len({o.request_id for o in outs if o.token_ids} & set(names))
+            if ran < len(names):  # a step of fewer sequences would time another batch size
+                raise ValueError(f"a decode step ran {ran} of {len(names)} sequences (a step holds "
+                                 f"{core.step_tokens} tokens, a sequence {core.ctx}): raise either")
+    finally:
+        for n in names:
+            core.abort(n)
+        core.step()  # reports the aborted requests; nothing else is queued, so it runs no pass
+    return times
+
+
 # -- reader: disk or page cache to staging -----------------------------------------------------------
 
 _libc = None
@@ -556,11 +587,11 @@ def bench_pipeline(args) -> list[dict]:
                              "x floor": dt / floor if floor else float("nan"), "reps": len(times)})
 
             core = engine.core
-            core.time_decode([ids(4) for _ in range(max(batches))], 1)  # warm-up: every layer loaded once
+            time_decode(core, [ids(4) for _ in range(max(batches))], 1)  # warm-up: every layer loaded once
             for B in batches:
                 if args.warm_passes:  # untimed: e.g. the CPU share's balancer times its choices
-                    core.time_decode([ids(4) for _ in range(B)], args.warm_passes)
-                row("decode", B, B, core.time_decode([ids(4) for _ in range(B)], args.reps))
+                    time_decode(core, [ids(4) for _ in range(B)], args.warm_passes)
+                row("decode", B, B, time_decode(core, [ids(4) for _ in range(B)], args.reps))
             times = []
             for _ in range(args.reps if args.tokens else 0):
                 t0 = time.perf_counter()
@@ -714,7 +745,7 @@ def bench_serve(args) -> list[dict]:
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
-            engine.core.time_decode([rng.integers(0, V, size=4).tolist()], 1)  # warm-up: every layer once
+            time_decode(engine.core, [rng.integers(0, V, size=4).tolist()], 1)  # warm-up: every layer once
 
             def row(path: str, C: int, wall: float, ttft: list[float], n: int) -> dict:
                 r = {"clients": C, "path": path, "tokens": n, "wall s": wall, "tokens/s": n / wall,
