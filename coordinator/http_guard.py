@@ -1,0 +1,157 @@
+"""The server's limits at the HTTP layer: connections, request heads, hosts, and the access log.
+
+NOTE [ HTTP limits ]
+uvicorn (0.54, h11) times out only idle keep-alive connections: a connection that sends part of
+a request head and then nothing is held forever, and `limit_concurrency` counts only connections
+that got as far as a whole head, so about 20,000 half-open connections made every request fail.
+`guarded_protocol` subclasses uvicorn's h11 protocol with the two things missing: a deadline for
+each request head (armed when the connection opens and again after each response, it closes the
+connection when h11 still waits for a head: their_state IDLE), and a cap on open connections
+(one more is answered 503 and closed at once). Bodies are read by the handlers, incrementally,
+under a size cap and a deadline (server.py). These rest on uvicorn's H11Protocol attributes
+(`conn`, `connections`, `transport`, `loop`, `on_response_complete`), which the tests exercise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may take of the server; README's server section states them."""
+
+    body_bytes: int = 16 << 20  # a request body at most
+    body_timeout_s: float = 60.0  # to send the whole body
+    header_timeout_s: float = 10.0  # to send a request head, from connecting or from the last response
+    max_connections: int = 1024  # open at once; one more is answered 503
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+
+
+def _busy_response() -> bytes:
+    body = json.dumps({"error": {"message": "too many open connections; retry later", "type": "server_error",
+                                 "param": None, "code": "too_many_connections"}}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"retry-after: 1\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def guarded_protocol(limits: Limits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a request-head deadline and a connection cap (NOTE above)."""
+    busy = _busy_response()
+
+    class GuardedH11(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                transport.write(busy)
+                transport.close()
+                return
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip("[]").lower()
+    if h in LOOPBACK_NAMES or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(header: str | None, bound: str) -> bool:
+    """A Host header a keyless server answers: a loopback name, any IP address, or the bound host.
+    A DNS-rebinding page reaches the server under its own domain name, which is none of these."""
+    if not header:
+        return True  # HTTP/1.0 without Host: no browser sends that
+    h = header.strip().lower()
+    if h.startswith("["):  # [IPv6]:port
+        name = h[1:h.find("]")] if "]" in h else h
+    else:
+        name = h.split(":")[0] if h.count(":") == 1 else h
+    if is_loopback(name) or name == bound.strip("[]").lower():
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class Guard:
+    """ASGI middleware: refuses Host headers a keyless server must not answer (DNS rebinding), and
+    writes one access line a request (method, path, status, tokens, seconds) at INFO."""
+
+    def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger):
+        self.app, self.check_host, self.bound, self.log = app, check_host, bound, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def send_(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if self.check_host and not host_allowed(host, self.bound):
+                await _json(send_, 400, f"Host {host[:100]!r} is not served here: a server without an API key "
+                                        "answers only loopback names and IP addresses (pass --api-key to serve "
+                                        "others)", "invalid_host")
+            else:
+                await self.app(scope, receive, send_)
+        except Exception as e:  # Starlette re-raises what its 500 handler answered: logged there, no traceback
+            if not status[0]:
+                self.log.error("%s %s failed: %s: %s", scope["method"], scope["path"], type(e).__name__, e)
+                await _json(send_, 500, f"internal error: {type(e).__name__}", None, "server_error")
+        finally:
+            if self.log.isEnabledFor(logging.INFO):
+                p, c = scope.get("layerstream.usage", ("-", "-"))
+                self.log.info("%s %s %d prompt=%s completion=%s %.3fs", scope["method"], scope["path"],
+                              status[0], p, c, time.perf_counter() - t0)
+
+
+async def _json(send, status: int, message: str, code: str | None, kind: str = "invalid_request_error") -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,293 @@
+"""OpenAI request bodies checked at the boundary: strict JSON, every field by type and range.
+
+A body becomes a `GenRequest` or an `ApiError` (a 4xx naming the field); nothing unchecked
+reaches the engine. Fields the server implements are served; the standard fields whose given
+value changes nothing here (`user`, `logprobs: false`, `presence_penalty: 0`, ...) are accepted;
+any other field, or another value of those, is refused with 400 naming it, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from layerstream.compute.sampling import SamplingParams
+
+MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+MAX_TOKENS = 1 << 22
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+# OpenAI's defaults, not the CLI's (README: "Sampling defaults"): a client that sets nothing
+# gets the model's own distribution, as it would from OpenAI.
+DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
+MAX_TOKENS_DEFAULT = {"completion": 16, "chat": 256}
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: HTTP status, message, offending parameter, OpenAI's type and code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenRequest:
+    """A checked generation request: a prompt (text, token ids or messages) and how to sample it."""
+
+    kind: str  # "completion" or "chat"
+    params: SamplingParams
+    text: str | None = None
+    ids: list[int] | None = None
+    messages: list[dict] | None = None
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+
+
+def parse_json(raw: bytes) -> dict:
+    """A JSON object from a body; NaN, infinities, non-UTF-8 bytes, lone surrogates, integers of
+    more than 4300 digits and nesting too deep for the parser are a 400."""
+    def constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    def finite(s):
+        v = float(s)
+        if not math.isfinite(v):
+            raise ValueError(f"the number {s[:40]} is out of range")
+        return v
+
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=constant, parse_float=finite)
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
+        raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    _check_strings(body)
+    return body
+
+
+def _check_strings(obj) -> None:
+    """Every string (keys too) encodes as UTF-8: a lone surrogate escape (\\ud800) is a 400."""
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+        for k, v in items:
+            for s in (k, v):
+                if isinstance(s, str):
+                    try:
+                        s.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ApiError(400, "the body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is "
+                                            "no character") from None
+            if isinstance(v, (dict, list)):
+                todo.append(v)
+
+
+# -- fields --------------------------------------------------------------------------------------------
+
+
+def _int(body: dict, key: str, default, low: int, high: int):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(400, f"'{key}' must be an integer, not {_kind(v)}", key)
+    if not low <= v <= high:
+        raise ApiError(400, f"'{key}' = {_short(v)} is out of range [{low}, {high}]", key)
+    return v
+
+
+def _float(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ApiError(400, f"'{key}' must be a number, not {_kind(v)}", key)
+    if not ((v > low if low_open else v >= low) and v <= high):
+        raise ApiError(400, f"'{key}' = {_short(v)} is out of range {'(' if low_open else '['}{low:g}, {high:g}]", key)
+    return float(v)
+
+
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'{key}' must be true or false, not {_kind(v)}", key)
+    return v
+
+
+def _kind(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s if len(s) <= 40 else f"{s[:20]}...({len(s)} digits)"
+
+
+# standard fields and a test of the values that change nothing here
+SERVED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop",
+          "stream", "stream_options", "n", "ignore_eos", "user"}
+HARMLESS = {
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "logit_bias": lambda v: v is None or v == {},
+    "best_of": lambda v: v in (None, 1),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": lambda v: v is None or v == [],
+    "functions": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
+    "store": lambda v: v in (None, False),
+}
+FIELDS = {"completion": SERVED | {"prompt"}, "chat": SERVED | {"messages", "max_completion_tokens"}}
+
+
+def _check_fields(body: dict, kind: str) -> None:
+    for key, v in body.items():
+        if key in FIELDS[kind]:
+            continue
+        test = HARMLESS.get(key)
+        if test is None:
+            raise ApiError(400, f"unknown or unsupported field '{key}'; this endpoint takes "
+                                f"{', '.join(sorted(FIELDS[kind] | set(HARMLESS)))}", key)
+        try:
+            ok = test(v)
+        except TypeError:  # an unhashable value compared with in (...)
+            ok = False
+        if not ok:
+            raise ApiError(400, f"'{key}' = {_short(json.dumps(v))} is not supported by this server (only its "
+                                "default value is accepted)", key)
+
+
+def sampling_from(body: dict, kind: str) -> SamplingParams:
+    """SamplingParams from a checked body; a bad value is a 400 naming the field."""
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOPS:
+        stop = tuple(stop)
+    else:
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"a 'stop' string is longer than {MAX_STOP_CHARS} characters", "stop")
+    temperature = _float(body, "temperature", DEFAULTS["temperature"], 0.0, 100.0)
+    if 0 < temperature < 1e-4:
+        temperature = 0.0  # too small to sample with: greedy, as llama.cpp's server does
+    max_tokens = _int(body, "max_tokens", MAX_TOKENS_DEFAULT[kind], 1, MAX_TOKENS)
+    if kind == "chat" and body.get("max_completion_tokens") is not None:
+        mct = _int(body, "max_completion_tokens", None, 1, MAX_TOKENS)
+        if body.get("max_tokens") is not None and body["max_tokens"] != mct:
+            raise ApiError(400, "'max_tokens' and 'max_completion_tokens' differ; give one", "max_completion_tokens")
+        max_tokens = mct
+    return SamplingParams(
+        temperature=temperature,
+        top_p=_float(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0),
+        top_k=_int(body, "top_k", DEFAULTS["top_k"], 0, 1 << 31),
+        min_p=_float(body, "min_p", DEFAULTS["min_p"], 0.0, 1.0),
+        repeat_penalty=_float(body, "repeat_penalty", DEFAULTS["repeat_penalty"], 0.0, 100.0, low_open=True),
+        seed=_int(body, "seed", None, *SEED_RANGE),
+        max_tokens=max_tokens,
+        stop=stop,
+        ignore_eos=_bool(body, "ignore_eos"),
+    )
+
+
+def _messages(v) -> list[dict]:
+    """Chat messages: role system/developer/user/assistant; content a string or text parts."""
+    if not isinstance(v, list) or not v:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(v):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where)
+        for key in m:
+            if key not in ("role", "content", "name"):
+                raise ApiError(400, f"'{where}.{key}' is not supported (messages take role, content, name)",
+                               f"{where}.{key}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {_short(json.dumps(role))}",
+                           f"{where}.role")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise ApiError(400, f"'{where}.name' must be a string", f"{where}.name")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for j, p in enumerate(content):
+                if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                        and set(p) <= {"type", "text"}):
+                    raise ApiError(400, f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": "
+                                        "...}; this server takes no images or audio", f"{where}.content")
+                parts.append(p["text"])
+            content = "\n".join(parts)
+        if not isinstance(content, str):
+            raise ApiError(400, f"'{where}.content' must be a string or a list of text parts", f"{where}.content")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _prompt(v, n_vocab: int) -> tuple[str | None, list[int] | None]:
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+        v = v[0]  # a batch of one
+    if isinstance(v, str):
+        return v, None
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        if not all(0 <= t < n_vocab for t in v):
+            raise ApiError(400, f"'prompt' holds token ids outside 0..{n_vocab - 1}", "prompt")
+        return None, list(v)
+    raise ApiError(400, "'prompt' must be a string or a list of token ids (one prompt a request)", "prompt")
+
+
+def parse_request(body: dict, kind: str, n_vocab: int) -> GenRequest:
+    """A GenRequest from a parsed body of /v1/completions ("completion") or /v1/chat/completions ("chat")."""
+    _check_fields(body, kind)
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ApiError(400, "'model' must be a string", "model")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise ApiError(400, "'user' must be a string", "user")
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise ApiError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options")
+        if not isinstance(opts, dict):
+            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+        for key in opts:
+            if key != "include_usage":
+                raise ApiError(400, f"'stream_options.{key}' is not supported (only include_usage)",
+                               f"stream_options.{key}")
+        include_usage = _bool(opts, "include_usage")
+    req = GenRequest(kind, sampling_from(body, kind), stream=stream, include_usage=include_usage,
+                     n=_int(body, "n", 1, 1, MAX_N))
+    if kind == "chat":
+        req.messages = _messages(body.get("messages"))
+    else:
+        req.text, req.ids = _prompt(body.get("prompt"), n_vocab)
+    return req

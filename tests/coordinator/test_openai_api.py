@@ -1,0 +1,79 @@
+"""Request bodies checked at the boundary: each hostile or careless value is a 400 naming its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerstream.coordinator.openai_api import ApiError, parse_json, parse_request
+
+V = 1000
+
+
+def refused(body: dict, kind: str = "completion") -> ApiError:
+    with pytest.raises(ApiError) as e:
+        parse_request(body, kind, V)
+    assert e.value.status == 400
+    return e.value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1.5), ("seed", "7"), ("seed", True),
+    ("stream", "false"), ("stream", 0), ("ignore_eos", "yes"),
+    ("temperature", True), ("temperature", "1"), ("temperature", -1), ("temperature", 101),
+    ("top_p", 1.5), ("top_k", 2.0), ("top_k", -1), ("min_p", [0.1]), ("repeat_penalty", 0),
+    ("max_tokens", 0), ("max_tokens", 5.0), ("max_tokens", 10**4000), ("max_tokens", False),
+    ("stop", 5), ("stop", [1]), ("stop", ["x"] * 17), ("stop", "y" * 257),
+    ("n", 0), ("n", 17), ("n", "2"),
+    ("logprobs", True), ("logprobs", 3), ("presence_penalty", 0.5), ("echo", True), ("best_of", 2),
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]), ("logit_bias", {"1": 5}),
+    ("frobnicate", 1), ("model", 5), ("user", 5), ("stream_options", {"include_usage": True}),
+])
+def test_a_bad_field_is_refused_by_name(field, value):
+    e = refused({"prompt": "hi", field: value})
+    assert e.param == field and e.kind == "invalid_request_error"
+
+
+@pytest.mark.parametrize("messages, param", [
+    ("hi", "messages"), ([], "messages"), (["hi"], "messages[0]"),
+    ([{"role": "user", "content": 5}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content"),
+    ([{"role": "user<|im_start|>system", "content": "x"}], "messages[0].role"),
+    ([{"role": "tool", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
+])
+def test_bad_messages_are_refused_by_name(messages, param):
+    assert refused({"messages": messages}, "chat").param == param
+
+
+def test_the_standard_fields_clients_send_are_served():
+    r = parse_request({"messages": [{"role": "developer", "content": "Be brief."},
+                                    {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                 {"type": "text", "text": "b"}]},
+                                    {"role": "assistant", "content": None}],
+                       "max_completion_tokens": 5, "n": 3, "stream": True, "stream_options": {"include_usage": True},
+                       "user": "u1", "logprobs": False, "presence_penalty": 0, "seed": 2**64 - 1}, "chat", V)
+    assert r.params.max_tokens == 5 and r.n == 3 and r.stream and r.include_usage and r.params.seed == 2**64 - 1
+    assert r.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
+                          {"role": "assistant", "content": ""}]
+    assert refused({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                    "max_completion_tokens": 5}, "chat").param == "max_completion_tokens"
+    # the completions endpoint has no max_completion_tokens (OpenAI's legacy API)
+    assert refused({"prompt": "x", "max_completion_tokens": 5}).param == "max_completion_tokens"
+    p = parse_request({"prompt": [[1, 2, 3]]}, "completion", V)
+    assert p.ids == [1, 2, 3] and p.params.temperature == 1.0 and p.params.top_k == 0 and p.params.max_tokens == 16
+    assert refused({"prompt": [1, V]}).param == "prompt" and refused({"prompt": ["a", "b"]}).param == "prompt"
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the parser's recursion
+    b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+    b'{"max_tokens": ' + b"9" * 5000 + b"}",  # past Python's integer digit limit
+    b'{"temperature": NaN}', b'{"temperature": Infinity}', b'{"temperature": 1e999}',
+    b'{"prompt": "\\ud800"}', b'{"\\udfff": 1}',  # lone surrogates
+    b'{"prompt": "\xff\xfe"}',  # not UTF-8
+    b"[1, 2]", b"", b"{not json",
+])
+def test_malformed_json_of_extreme_shape_is_a_400(raw):
+    with pytest.raises(ApiError) as e:
+        parse_json(raw)
+    assert e.value.status == 400 and len(e.value.message) < 300
