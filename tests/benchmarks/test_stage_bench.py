@@ -104,3 +104,17 @@ def test_bin_bench_runs_from_anywhere_and_fails_in_one_line(tmp_path):
     r = subprocess.run([str(launcher), "experts", "--shape", "llama-3.1-8b"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and r.stderr == "bin/bench: error: --shape llama-3.1-8b has no experts\n", r
+
+
+def test_time_decode_times_each_step_of_the_whole_batch_and_leaves_the_core_empty(tiny):
+    """One time a step, every step holding every sequence; afterwards no request is left, so the
+    core is ready for the next measurement (or for a server)."""
+    from layerstream.coordinator.engine import Engine
+
+    with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=3) as e:
+        times = stage_bench.time_decode(e.core, [[1, 2, 3], [4, 5], [6]], 4)
+        assert len(times) == 4 and all(t > 0 for t in times)
+        assert not e.core.has_unfinished()
+    with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=3, prefill_chunk=1) as e:
+        with pytest.raises(ValueError, match="ran 1 of 3 sequences"):  # a step of 1 token holds 1 sequence
+            stage_bench.time_decode(e.core, [[1], [2], [3]], 2)
