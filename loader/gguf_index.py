@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from layerstream.errors import ModelError
+from layerstream.loader.header_scan import scan_header
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 NEOX_ARCHS = ("qwen2", "qwen3", "qwen3moe", "gemma3")  # llama.cpp's converter permutes Q/K for llama: NORM rotation
@@ -156,6 +157,7 @@ def _open_reader(path: str):
         magic = fh.read(4)
     if magic != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); pass a .gguf model file")
+    scan_header(path)  # counts and lengths against the file, before gguf-py trusts them
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError, IndexError, struct errors on damage
@@ -201,9 +203,12 @@ def _check_extents(tensors: list[TensorInfo], path: str) -> None:
 # msgpack, keyed by the file's real path, size, inode, change times and first MiB; a later open
 # reads it in well under a second. A cache entry that is missing, unreadable or of another
 # format is parsed again and rewritten; a file that changes gets a new key. The tensors' extents
-# are checked against the file either way. LAYERSTREAM_CACHE_DIR sets the directory (default:
+# are checked against the file either way. A header whose entry would pass MAX_CACHE_ENTRY is not
+# cached (real ones are a few MB; NOTE [ header sizes ] bounds what a parse may hold), and an entry
+# that large is not read. LAYERSTREAM_CACHE_DIR sets the directory (default:
 # $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
-HEADER_CACHE_FORMAT = 1
+HEADER_CACHE_FORMAT = 2  # 2: headers checked by scan_header before they are cached
+MAX_CACHE_ENTRY = 64 << 20
 
 
 def _cache_dir() -> str | None:
@@ -235,6 +240,8 @@ def _read_cached(cache: str, path: str) -> tuple[dict[str, Any], list[TensorInfo
 
     try:
         with open(cache, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size > MAX_CACHE_ENTRY:
+                return None
             got = msgpack.unpackb(fh.read(), strict_map_key=False)
         if got.get("format") != HEADER_CACHE_FORMAT or not isinstance(got.get("metadata"), dict):
             return None
@@ -252,9 +259,12 @@ def _write_cached(cache: str, md: dict[str, Any], tensors: list[TensorInfo]) -> 
             "tensors": [[t.name, t.qtype, list(t.shape), t.offset, t.nbytes] for t in tensors]}
     tmp = f"{cache}.{os.getpid()}.tmp"
     try:
+        packed = msgpack.packb(body)
+        if len(packed) > MAX_CACHE_ENTRY:
+            return
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(tmp, "wb") as fh:
-            fh.write(msgpack.packb(body))
+            fh.write(packed)
         os.replace(tmp, cache)  # (whole or not at all, for a reader in another process)
     except (OSError, TypeError, ValueError):
         try:

@@ -1,0 +1,175 @@
+"""A bounded first pass over a GGUF header: every count and length is checked against the bytes the
+file has (and against limits no real model comes near) before gguf-py parses it."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from layerstream.errors import ModelError
+
+# NOTE [ header sizes ]
+# gguf-py trusts the counts and lengths a header claims: an array that claims 2^60 elements grows
+# its parse without end, and a 2 GB string is read, decoded and cached whole. This pass walks the
+# header with struct over a memory map (no copy), checks that each length fits in the bytes left,
+# and refuses values no converter writes: a value over MAX_VALUE_BYTES (the largest real ones, a
+# 262k-token vocabulary and its merges, are under 10 MB), a string array over MAX_ARRAY_STRINGS
+# (gguf-py keeps two views per string), more than MAX_KV keys or MAX_TENSORS tensors, more than
+# MAX_DIMS dimensions. A tensor's data must lie inside the file too.
+MAX_VALUE_BYTES = 64 << 20
+MAX_HEADER_BYTES = 256 << 20
+MAX_ARRAY_STRINGS = 1 << 21
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 20
+MAX_NAME = 1 << 16  # bytes of a key or tensor name
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 4  # arrays of arrays
+
+_SCALARS = {0: ("uint8", 1), 1: ("int8", 1), 2: ("uint16", 2), 3: ("int16", 2), 4: ("uint32", 4), 5: ("int32", 4),
+            6: ("float32", 4), 7: ("bool", 1), 10: ("uint64", 8), 11: ("int64", 8), 12: ("float64", 8)}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads a GGUF header from a buffer, refusing any length past the buffer's end."""
+
+    def __init__(self, buf, order: str, path: str):
+        self.buf, self.order, self.path, self.pos, self.header = buf, order, path, 0, 0
+
+    def fail(self, what: str) -> ModelError:
+        return ModelError(f"{self.path}: corrupt GGUF header: {what}; re-download or re-convert the file")
+
+    def need(self, n: int, what: str) -> None:
+        left = len(self.buf) - self.pos
+        if n > left:
+            raise self.fail(f"{what} needs {n} bytes at byte {self.pos}, but the file has {left} left")
+
+    def skip(self, n: int, what: str) -> None:
+        self.need(n, what)
+        self.pos += n
+
+    def uint(self, size: int, what: str) -> int:
+        self.need(size, what)
+        (v,) = struct.unpack_from(self.order + ("I" if size == 4 else "Q"), self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def string(self, what: str, limit: int) -> int:
+        """Skip a string; its length."""
+        n = self.uint(8, what)
+        if n > limit:
+            raise self.fail(f"{what} claims {n} bytes, over the {limit} allowed")
+        self.skip(n, what)
+        return n
+
+    def name(self, what: str) -> str:
+        n = self.uint(8, what)
+        if n > MAX_NAME:
+            raise self.fail(f"{what} claims a name of {n} bytes, over the {MAX_NAME} allowed")
+        self.need(n, what)
+        text = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
+        self.pos += n
+        return text
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> int:
+        """Skip one metadata value of type `vtype`; the bytes it takes."""
+        start = self.pos
+        if vtype in _SCALARS:
+            self.skip(_SCALARS[vtype][1], what)
+        elif vtype == _STRING:
+            self.string(f"{what} (a string)", MAX_VALUE_BYTES)
+        elif vtype == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise self.fail(f"{what} nests arrays more than {MAX_NESTING} deep")
+            etype, count = self.uint(4, what), self.uint(8, what)
+            if etype in _SCALARS:
+                kind, size = _SCALARS[etype]
+                if count * size > MAX_VALUE_BYTES:
+                    raise self.fail(f"{what} claims an array of {count} {kind} elements ({count * size} bytes), "
+                                    f"over the {MAX_VALUE_BYTES} a metadata value may hold")
+                self.skip(count * size, f"{what} (an array of {count} {kind})")
+            elif etype in (_STRING, _ARRAY):
+                least = 8 if etype == _STRING else 12  # a string's length; an array's type and count
+                if etype == _STRING and count > MAX_ARRAY_STRINGS:
+                    raise self.fail(f"{what} claims an array of {count} strings, over the {MAX_ARRAY_STRINGS} allowed")
+                self.need(count * least, f"{what} (an array of {count} {'strings' if etype == _STRING else 'arrays'})")
+                for _ in range(count):
+                    if etype == _STRING:
+                        self.string(f"{what} (a string in an array)", MAX_VALUE_BYTES)
+                    else:
+                        self.value(_ARRAY, what, depth + 1)
+                    if self.pos - start > MAX_VALUE_BYTES:
+                        raise self.fail(f"{what} holds more than the {MAX_VALUE_BYTES} bytes a metadata value may hold")
+            else:
+                raise self.fail(f"{what} is an array of unknown element type {etype}")
+        else:
+            raise self.fail(f"{what} has unknown value type {vtype}")
+        return self.pos - start
+
+
+def scan_header(path: str) -> None:
+    """Check a GGUF file's header sizes against the file (NOTE [ header sizes ]); one line naming
+    the file and the field where one does not fit. Versions gguf-py does not read are left to it."""
+    import gguf
+
+    size = os.path.getsize(path)
+    if size < 24:
+        raise ModelError(f"{path}: truncated GGUF file ({size} bytes, shorter than a header); re-download the file")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        (version,) = struct.unpack_from("<I", buf, 4)
+        order = "<"
+        if not version & 0xFFFF:  # written on a machine of the other byte order (as gguf-py tells)
+            order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+        if version not in (2, 3):
+            return
+        c = _Cursor(buf, order, path)
+        c.pos = 8
+        n_tensors, n_kv = c.uint(8, "the tensor count"), c.uint(8, "the key count")
+        if n_kv > MAX_KV:
+            raise c.fail(f"the header claims {n_kv} metadata keys, over the {MAX_KV} allowed")
+        if n_tensors > MAX_TENSORS:
+            raise c.fail(f"the header claims {n_tensors} tensors, over the {MAX_TENSORS} allowed")
+        c.need(n_kv * 13, f"{n_kv} metadata keys")  # a key's length, type and a one-byte value at least
+        alignment, total = 32, 0
+        for i in range(n_kv):
+            key = c.name(f"metadata key {i}")
+            vtype = c.uint(4, f"metadata key {key!r}")
+            if key == "general.alignment" and vtype == 4:
+                alignment = struct.unpack_from(order + "I", buf, c.pos)[0] if c.pos + 4 <= size else 32
+            total += c.value(vtype, f"metadata key {key!r}")
+            if total > MAX_HEADER_BYTES:
+                raise c.fail(f"the metadata holds more than {MAX_HEADER_BYTES} bytes (at key {key!r})")
+        c.need(n_tensors * 24, f"{n_tensors} tensor entries")  # a name's length, dims, type and offset at least
+        tensors = []
+        for i in range(n_tensors):
+            name = c.name(f"tensor {i}'s name")
+            n_dims = c.uint(4, f"tensor {name!r}")
+            if n_dims > MAX_DIMS:
+                raise c.fail(f"tensor {name!r} claims {n_dims} dimensions, over the {MAX_DIMS} allowed")
+            dims = [c.uint(8, f"tensor {name!r}'s shape") for _ in range(n_dims)]
+            qtype, offset = c.uint(4, f"tensor {name!r}'s type"), c.uint(8, f"tensor {name!r}'s offset")
+            tensors.append((name, dims, qtype, offset))
+        if not alignment or alignment & (alignment - 1):
+            return  # gguf-py says what is wrong with it
+        data = -(-c.pos // alignment) * alignment
+        for name, dims, qtype, offset in tensors:
+            block = gguf.GGML_QUANT_SIZES.get(_qtype(qtype))
+            if block is None:
+                continue  # an unknown type: gguf-py (or the loader) names it
+            n = 1
+            for d in dims:
+                n *= d
+            nbytes = n // block[0] * block[1]
+            if data + offset + nbytes > size:
+                raise ModelError(f"{path}: truncated: tensor {name} ends at byte {data + offset + nbytes} "
+                                 f"but the file has {size}; re-download the file")
+
+
+def _qtype(value: int):
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(value)
+    except ValueError:
+        return None
