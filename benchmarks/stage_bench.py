@@ -22,7 +22,7 @@ import torch
 from layerstream.errors import LayerstreamError
 
 GB = 1e9
-FLOOR_GBS = 54.0  # host-to-GPU pinned copy on the lent H100 (DESIGN.md, "Physical limits")
+FLOOR_GBS = 54.0  # host-to-GPU pinned copy on the lent H100 (BENCHMARKS.md, "Measured limits")
 
 
 # -- shared helpers --------------------------------------------------------------------------------
@@ -680,8 +680,8 @@ def bench_experts(args) -> list[dict]:
     bookkeeping of the real ExpertCache over tiny stand-in experts, no device involved."""
     from gguf import GGMLQuantizationType as QT
 
-    from layerstream.compute.experts import EXPERT_POLICIES, ExpertCache
     from layerstream.compute.expert_layout import EXPERT_TENSORS
+    from layerstream.compute.experts import EXPERT_POLICIES, ExpertCache
     from layerstream.loader.layout import LayerLayout, SlotTensor
     from layerstream.loader.synth import resolve_shape
     from layerstream.proto.timeline import Timeline
