@@ -133,94 +133,247 @@ def _part(raw, halfs, rowb, kb, ok_r, nblk, QT: tl.constexpr, P: tl.constexpr, G
         return (d * sc.to(tl.float32)) * q.to(tl.float32), h * 128 + P * 32 + (g % 2) * 16 + j, g >= 0
 
 
+# Fused matmul (decode and small batches).
+#
+# NOTE [ the fused matmul ]
+# A decode matmul reads each weight byte once and does a few operations a value: it is bound by
+# the bytes in flight and by the arithmetic a value costs, not by multiplies. So:
+# - A program owns BN whole rows of W (and MR rows of x) and walks all of K, KB chunks of 256
+#   values at a time: no split-K partials and no second launch, and with BN of 1 or 2 rows a
+#   matrix of 1024 rows or more gives every multiprocessor many programs, each with BN * KB
+#   blocks of loads in flight (one wide load each: the tile of a part reads contiguous bytes).
+# - Each quant byte is loaded once and every part (nibble, bit pair) is taken from it.
+# - A quant q of b bits becomes a float without a conversion instruction: the bits
+#   0x3F800000 | q << (23 - b) are the float f = 1 + q / 2^b, and the run's scale and offset
+#   fold into one fused multiply-add, w = f * (2^b * s) - (2^b * s + offset); the products then
+#   sum elementwise into a [MR, BN, runs, L] accumulator reduced once, at the end.
+# - MR rows of activations share each weight value (batched decode, speculative verification:
+#   the weights are read once for up to 16 rows); DOT multiplies on the tensor cores instead
+#   (tl.dot, BN >= 16), for larger batches.
+# The runs are those of NOTE [ parts of a chunk ]: R = KB * G runs of L values a part.
+
+
 @triton.jit
-def _row_dot(xrow, raw, halfs, rowb, ok_r, nblk, k_lo, k_hi, QT: tl.constexpr, NPARTS: tl.constexpr,
-             G: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
-    """[BN] float32: one row of activations (xrow, K values) times the BN weight rows at byte
-    offsets rowb, over chunks k_lo..k_hi-1, on the CUDA cores (the decode matmuls' inner loop)."""
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for kb in range(k_lo, k_hi):
-        for p in tl.static_range(NPARTS):
-            w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
-            xv = tl.load(xrow + kb * 256 + e, mask=ok, other=0).to(tl.float32)
-            acc += tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
+def _mac(acc, w, xv, DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += x . w over one part: w [BN, R, L] float32, xv [MR, R, L]; acc [MR, BN, R, L], or
+    [MR, BN] through tl.dot."""
+    if DOT:
+        BN: tl.constexpr = w.shape[0]
+        MR: tl.constexpr = xv.shape[0]
+        V: tl.constexpr = w.shape[1] * w.shape[2]
+        if DOT_F32:
+            acc += tl.dot(tl.reshape(xv, (MR, V)).to(tl.float32), tl.trans(tl.reshape(w, (BN, V))),
+                          input_precision=DOT_PRECISION)
+        else:
+            acc += tl.dot(tl.reshape(xv, (MR, V)).to(tl.float16), tl.trans(tl.reshape(w, (BN, V)).to(tl.float16)))
+    else:
+        acc += w[None, :, :, :] * xv.to(tl.float32)[:, None, :, :]
     return acc
 
 
 @triton.jit
-def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, nblk, row_bytes, sxm, som, sos,
-                   QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr = "ieee"):
-    """out[s, M, N] = x[M, K] @ dequant(raw[N, K])^T over split s of the chunks (+ bias on split 0).
+def _f(bits):
+    """Float from the mantissa bits of a quant: 0x3F800000 | bits (the caller shifted q there)."""
+    return (bits | 0x3F800000).to(tl.float32, bitcast=True)
 
-    BM == 1 multiplies and sums on the CUDA cores; BM > 1 uses tl.dot, on float16 operands (or,
-    DOT_F32, float32 ones: at full precision ("ieee") for float32 runs, as TF32 ("tf32") for
-    bfloat16 runs, whose activations may exceed float16's range (Gemma 3's do). TF32 keeps
-    float32's range; these kernels are bound by the weights' bytes, not by the dot's rate).
-    """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
+
+@triton.jit
+def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.constexpr, KB: tl.constexpr,
+                DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += x . W over KB chunks of 256 values: chunk kb0 + c * PH + ph for c < KB, PH the type's
+    phase count (PHASES: 16 * PH bytes hold whole blocks, so each phase's loads align alike and
+    stay wide), for the activation rows at xr [MR, 1, 1] (mask xok) and the weight rows at byte
+    offsets rowb [BN, 1, 1]. Chunks at or past n_chunks (blocks past nblk) count as zero."""
+    if QT == 12 or QT == 13:  # Q4_K / Q5_K: d | dmin | 12 B scales | (qh 32 B) | qs 128 B
+        c = tl.arange(0, KB * 4)[None, :, None]
+        j = tl.arange(0, 32)[None, None, :]
+        kb = kb0 + c // 4
+        g = c % 4
+        okb = kb < n_chunks
+        base = rowb + kb * (144 if QT == 12 else 176)  # [BN, R, 1]
+        qb = tl.load(raw + base + (16 if QT == 12 else 48) + g * 32 + j, mask=okb, other=0).to(tl.int32)
+        d = tl.load(halfs + base // 2, mask=okb, other=0).to(tl.float32)
+        dmin = tl.load(halfs + base // 2 + 1, mask=okb, other=0).to(tl.float32)
+        if QT == 13:
+            qh = tl.load(raw + base + 16 + j, mask=okb, other=0).to(tl.int32)
+        xo = kb * 256 + g * 64 + j  # [1, R, 32]: the low nibbles' values; the high ones' are 32 on
+        for P in tl.static_range(2):
+            sub = 2 * g + P  # [1, R, 1] sub-block of 32 values
+            # s[i] = byte 4 + i; sub < 4: sc = s[sub] & 63, mn = s[sub+4] & 63; sub >= 4:
+            # sc = (s[sub+4] & 15) | (s[sub-4] >> 6) << 4, mn = (s[sub+4] >> 4) | (s[sub] >> 6) << 4
+            lo = sub < 4
+            a = tl.load(raw + base + 4 + sub, mask=okb, other=0).to(tl.int32)
+            b = tl.load(raw + base + 8 + sub, mask=okb, other=0).to(tl.int32)
+            c4 = tl.load(raw + base + sub, mask=okb & ~lo, other=0).to(tl.int32)
+            sc = tl.where(lo, a & 63, (b & 15) | ((c4 >> 6) << 4)).to(tl.float32)
+            mn = tl.where(lo, b & 63, (b >> 4) | ((a >> 6) << 4)).to(tl.float32)
+            nib = (qb >> (4 * P)) & 15
+            if QT == 12:  # f = 1 + q/16
+                s = d * sc * 16.0
+                w = _f(nib << 19) * s - (s + dmin * mn)
+            else:  # f = 1 + q/32, q = nibble | bit `sub` of qh[j] << 4
+                s = d * sc * 32.0
+                w = _f((nib << 18) | (((qh >> sub) & 1) << 22)) * s - (s + dmin * mn)
+            xv = tl.load(xr + xo + 32 * P, mask=xok & okb, other=0)
+            acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+    elif QT == 14:  # Q6_K: ql 128 B | qh 64 B | 16 x int8 scales | d; run g: half h, quarter r
+        c = tl.arange(0, KB * 8)[None, :, None]
+        j = tl.arange(0, 16)[None, None, :]
+        kb = kb0 + (c // 8) * 8 + ph
+        g = c % 8
+        h = g // 4
+        r = g % 4
+        okb = kb < n_chunks
+        base = rowb + kb * 210
+        ql = tl.load(raw + base + g * 16 + j, mask=okb, other=0).to(tl.int32)
+        qh = tl.load(raw + base + 128 + h * 32 + (r % 2) * 16 + j, mask=okb, other=0).to(tl.int32)
+        d = tl.load(halfs + base // 2 + 104, mask=okb, other=0).to(tl.float32)
+        xo = kb * 256 + h * 128 + r * 16 + j
+        for P in tl.static_range(2):
+            sc = tl.load(raw + base + 192 + h * 8 + P * 4 + r, mask=okb, other=0).to(tl.int8, bitcast=True)
+            s = d * sc.to(tl.float32) * 64.0  # f = 1 + q/64, w = d * sc * (q - 32)
+            q6 = (((ql >> (4 * P)) & 15) << 17) | (((qh >> (2 * (2 * P + r // 2))) & 3) << 21)
+            w = _f(q6) * s - 1.5 * s
+            xv = tl.load(xr + xo + 64 * P, mask=xok & okb, other=0)
+            acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+    elif QT == 10 or QT == 11:
+        # Q2_K: 16 B scales (low nibble scale, high min) | qs 64 B | d | dmin
+        # Q3_K: hmask 32 B | qs 64 B | 12 B scales (16 x 6 bits) | d
+        PH: tl.constexpr = 4 if QT == 10 else 8
+        c = tl.arange(0, KB * 4)[None, :, None]
+        j = tl.arange(0, 16)[None, None, :]
+        kb = kb0 + (c // 4) * PH + ph
+        g = c % 4
+        h = g // 2
+        okb = kb < n_chunks
+        base = rowb + kb * (84 if QT == 10 else 110)
+        qb = tl.load(raw + base + (16 if QT == 10 else 32) + g * 16 + j, mask=okb, other=0).to(tl.int32)
+        if QT == 10:
+            d = tl.load(halfs + base // 2 + 40, mask=okb, other=0).to(tl.float32)
+            dmin = tl.load(halfs + base // 2 + 41, mask=okb, other=0).to(tl.float32)
+        else:
+            hm = tl.load(raw + base + (g % 2) * 16 + j, mask=okb, other=0).to(tl.int32)
+            d = tl.load(halfs + base // 2 + 54, mask=okb, other=0).to(tl.float32)
+        for P in tl.static_range(4):
+            if QT == 10:
+                sb = tl.load(raw + base + h * 8 + P * 2 + g % 2, mask=okb, other=0).to(tl.int32)
+                s = d * (sb & 15).to(tl.float32) * 4.0  # f = 1 + q/4
+                w = _f(((qb >> (2 * P)) & 3) << 21) * s - (s + dmin * (sb >> 4).to(tl.float32))
+            else:
+                i = h * 8 + P * 2 + g % 2  # scale index 0..15
+                slo = (tl.load(raw + base + 96 + i % 8, mask=okb, other=0).to(tl.int32) >> (4 * (i // 8))) & 15
+                shi = (tl.load(raw + base + 104 + i % 4, mask=okb, other=0).to(tl.int32) >> (2 * (i // 4))) & 3
+                s = d * ((slo | (shi << 4)) - 32).to(tl.float32) * 8.0  # f = 1 + u/8, q = u - 4
+                u = ((qb >> (2 * P)) & 3) | (((hm >> (h * 4 + P)) & 1) << 2)
+                w = _f(u << 20) * s - 1.5 * s
+            xv = tl.load(xr + kb * 256 + h * 128 + P * 32 + (g % 2) * 16 + j, mask=xok & okb, other=0)
+            acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+    else:
+        # 32-value blocks, the 8 of a chunk one at a time (block r of chunk kb0 + c: 8 blocks hold
+        # a multiple of 16 bytes). Q8_0: d f16 | 32 x int8. Q4_0 / Q4_1 / Q5_0 / Q5_1: d f16 |
+        # (m f16) | (qh 4 B) | 16 B nibbles, part 0 the low nibbles, 1 the high.
+        FIVE: tl.constexpr = QT == 6 or QT == 7
+        HAS_MIN: tl.constexpr = QT == 3 or QT == 7
+        TS: tl.constexpr = 34 if QT == 8 else 18 + 2 * HAS_MIN + 4 * FIVE
+        QO: tl.constexpr = 2 if QT == 8 else TS - 16
+        LB: tl.constexpr = 32 if QT == 8 else 16
+        c = tl.arange(0, KB)[None, :, None]
+        j = tl.arange(0, LB)[None, None, :]
+        kb = kb0 + c
+        for r in tl.static_range(8):
+            blk = kb * 8 + r
+            okb = blk < nblk
+            base = rowb + kb * (8 * TS) + r * TS
+            qb = tl.load(raw + base + QO + j, mask=okb, other=0).to(tl.int32)
+            d = tl.load(halfs + base // 2, mask=okb, other=0).to(tl.float32)
+            if QT == 8:
+                s = d * 256.0  # f = 1 + u/256, u = q + 128
+                w = _f((qb ^ 0x80) << 15) * s - 1.5 * s
+                xv = tl.load(xr + blk * 32 + j, mask=xok & okb, other=0)
+                acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+            else:
+                if HAS_MIN:
+                    off = tl.load(halfs + base // 2 + 1, mask=okb, other=0).to(tl.float32)
+                for P in tl.static_range(2):
+                    nib = (qb >> (4 * P)) & 15
+                    if FIVE:  # value P*16+j takes bit P*16+j of the little-endian qh before the nibbles
+                        hb = (tl.load(raw + base + QO - 4 + 2 * P + j // 8, mask=okb, other=0).to(tl.int32)
+                              >> (j % 8)) & 1
+                        s = d * 32.0  # f = 1 + q/32
+                        w = _f((nib << 18) | (hb << 22)) * s - (s - off if HAS_MIN else 1.5 * s)
+                    else:
+                        s = d * 16.0  # f = 1 + q/16
+                        w = _f(nib << 19) * s - (s - off if HAS_MIN else 1.5 * s)
+                    xv = tl.load(xr + blk * 32 + P * 16 + j, mask=xok & okb, other=0)
+                    acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+    return acc
+
+
+# qtype id -> (phases PH, runs a chunk R, run length L) of _chunks_mac's tiles: a step covers
+# KB * PH chunks, a tile [BN, KB * R, L]
+PHASES = {2: (1, 1, 16), 3: (1, 1, 16), 6: (1, 1, 16), 7: (1, 1, 16), 8: (1, 1, 32),
+          10: (4, 4, 16), 11: (8, 4, 16), 12: (1, 4, 32), 13: (1, 4, 32), 14: (8, 8, 16)}
+
+
+@triton.jit
+def _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, QT: tl.constexpr, PH: tl.constexpr,
+              R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr,
+              DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[MR, BN] float32: activation rows rm (of M; x's rows sxm apart) times the BN weight rows at
+    byte offsets rowb [BN, 1, 1], over all of K (NOTE [ the fused matmul ])."""
+    xr = x + rm.to(tl.int64)[:, None, None] * sxm
+    xok = (rm < M)[:, None, None]
+    if DOT:
+        acc = tl.zeros((MR, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((MR, BN, KB * R, L), dtype=tl.float32)
+    for it in range(0, tl.cdiv(n_chunks, KB * PH)):
+        kb0 = it * (KB * PH)  # a multiple of KB * PH, as the alignment of the loads needs
+        for ph in tl.static_range(PH):
+            acc = _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT, KB, DOT, DOT_F32,
+                              DOT_PRECISION)
+    if not DOT:
+        acc = tl.sum(tl.sum(acc, axis=3), axis=2)
+    return acc
+
+
+@triton.jit
+def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, nblk, row_bytes, sxm, som,
+                   QT: tl.constexpr, PH: tl.constexpr, R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr,
+                   MR: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """out[M, N] = x[M, K] @ dequant(raw[N, K])^T (+ bias): BN rows of W by MR rows of x a program.
+
+    DOT multiplies on the tensor cores, on float16 operands (or, DOT_F32, float32 ones: at full
+    precision ("ieee") for float32 runs, as TF32 ("tf32") for bfloat16 runs, whose activations
+    may exceed float16's range (Gemma 3's do); TF32 keeps float32's range)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.program_id(1) * MR + tl.arange(0, MR)
     ok_n = rn < N
-    ok_r = ok_n[:, None, None]
-    rowb = rn[:, None, None].to(tl.int64) * row_bytes
-    k_lo = split * chunks_per_split
-    k_hi = tl.minimum(k_lo + chunks_per_split, n_chunks)
-    if BM == 1:
-        acc = _row_dot(x + pid_m * sxm, raw, halfs, rowb, ok_r, nblk, k_lo, k_hi, QT, NPARTS, G, L, BN)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(k_lo, k_hi):
-            for p in tl.static_range(NPARTS):
-                w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
-                xv = tl.load(x + rm[:, None, None] * sxm + (kb * 256 + e)[None, :, :],
-                             mask=(rm[:, None, None] < M) & ok[None, :, :], other=0)
-                if DOT_F32:
-                    acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float32),
-                                  tl.trans(tl.reshape(w, (BN, G * L))), input_precision=DOT_PRECISION)
-                else:
-                    acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float16),
-                                  tl.trans(tl.reshape(w, (BN, G * L)).to(tl.float16)))
+    rowb = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_bytes  # past-the-end rows read the last
+    acc = _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, QT, PH, R, L, KB, MR, BN, DOT, DOT_F32,
+                    DOT_PRECISION)
     if HAS_BIAS:
-        b = tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32) * (split == 0).to(tl.float32)
-        acc += b[None, :] if BM > 1 else b
-    out += split * sos
-    if BM == 1:
-        tl.store(out + pid_m * som + rn, acc.to(out.dtype.element_ty), mask=ok_n)
-    else:
-        tl.store(out + rm[:, None] * som + rn[None, :], acc.to(out.dtype.element_ty),
-                 mask=(rm[:, None] < M) & ok_n[None, :])
+        acc += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[None, :]
+    tl.store(out + rm.to(tl.int64)[:, None] * som + rn[None, :], acc.to(out.dtype.element_ty),
+             mask=(rm < M)[:, None] & ok_n[None, :])
 
 
 @triton.jit
 def _grouped_kernel(x, raw, halfs, out, w_off, x_row, N, n_chunks, nblk, row_bytes, sxm, som,
-                    QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
+                    QT: tl.constexpr, PH: tl.constexpr, R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr,
+                    BN: tl.constexpr):
     """out[grp, N] = x[x_row[grp], K] @ dequant(W_grp)^T, where W_grp is a [N, K] matrix of blocks
     starting w_off[grp] bytes from raw: many matrices of one type and shape in one launch (the
-    experts a step chose). One row of activations a group, on the CUDA cores, K not split."""
-    pid_n = tl.program_id(0)
+    experts a step chose). One row of activations a group."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
     grp = tl.program_id(1)
-    rn = pid_n * BN + tl.arange(0, BN)
     ok_n = rn < N
-    ok_r = ok_n[:, None, None]
-    rowb = tl.load(w_off + grp) + rn[:, None, None].to(tl.int64) * row_bytes
-    xr = tl.load(x_row + grp).to(tl.int64)
-    acc = _row_dot(x + xr * sxm, raw, halfs, rowb, ok_r, nblk, 0, n_chunks, QT, NPARTS, G, L, BN)
-    tl.store(out + grp.to(tl.int64) * som + rn, acc.to(out.dtype.element_ty), mask=ok_n)
-
-
-@triton.jit
-def _sum_splits_kernel(part, out, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum over s of part[s, i], in split order (deterministic), cast to out's dtype."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < n
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        acc += tl.load(part + s * n + i, mask=ok, other=0)
-    tl.store(out + i, acc.to(out.dtype.element_ty), mask=ok)
+    rowb = tl.load(w_off + grp) + tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_bytes
+    xr = tl.load(x_row + grp)
+    acc = _rows_dot(x, sxm, xr + tl.arange(0, 1), xr + 1, raw, halfs, rowb, n_chunks, nblk, QT, PH, R, L, KB, 1, BN,
+                    False, False, "ieee")
+    tl.store(out + grp.to(tl.int64) * som + rn[None, :], acc.to(out.dtype.element_ty), mask=ok_n[None, :])
 
 
 @triton.jit
@@ -260,40 +413,33 @@ def dequantize_into(raw: torch.Tensor, qtype: int, N: int, K: int, out: torch.Te
     return out
 
 
-# Enough programs to keep every multiprocessor's loads in flight: a decode matmul is a few MB
-# read once, and one program walking a whole row at a time leaves the memory system idle.
-TARGET_PROGRAMS = 4096
+# Tuned on an H200 (BENCHMARKS.md, "quantized matmul"); see _config.
+MAX_ACC = 32  # float32 accumulator elements a thread may hold (64 spilled for Q6_K at 16 rows)
 
 
-def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, splits) for a [M, N] output, from the sweep on an H200 recorded in
-    BENCHMARKS.md: one warp on 4 rows (8 for head-sized N) per program, K split until about
-    TARGET_PROGRAMS programs run; two rows of activations are cheaper as two programs reading
-    the same weights (the second read hits L2) than as a padded tl.dot, which wins from 3 rows."""
-    if M <= 2:
-        BM, BN, warps = 1, (8 if N >= 32768 else 4), 1
-    else:
-        BM, BN, warps = 16, 32, 4
+def _config(M: int, N: int, n_chunks: int, qtype: int) -> tuple[int, int, int, int, int]:
+    """(MR, BN, KB, num_warps, DOT) for x [M, K] by a [N, K] matrix of `qtype`: the CUDA cores for
+    up to 16 rows of activations, all of them in each program (each weight read once), BN whole
+    rows of W a program; KB tiles of chunks a step, as many as keep the accumulator in registers."""
+    PH, R, L = PHASES[qtype]
     if INTERPRET:  # programs run one after another in Python: fewer, larger ones (numpy-wide)
-        BN = 64
-    tiles = triton.cdiv(N, BN) * (M if BM == 1 else triton.cdiv(M, BM))
-    splits = max(1, min(n_chunks // 2, triton.cdiv(TARGET_PROGRAMS, tiles)))
-    if not INTERPRET and not torch.cuda.is_current_stream_capturing():
-        # NOTE: launched one by one (the streaming pipeline), a call costs ~35 us of Python and
-        # Triton launch overhead, more than the split saves; the summing kernel doubles it
-        # (measured on the H200: 4096x4096 Q4_K 35 us eager unsplit, 53 us split in 4). CUDA
-        # graphs (the resident engine's decode) replay without launch cost: there, split.
-        splits = 1
-    return BM, BN, warps, splits
+        return (min(16, triton.next_power_of_2(M)), 64, 2, 1, 0)
+    if M > 16:
+        return (16, 32, 1, 4, 1)
+    MR = triton.next_power_of_2(M)
+    BN, warps = (2, 2) if MR <= 2 else (2, 4)
+    KB = 16
+    while KB > 1 and (MR * BN * KB * R * L > MAX_ACC * 32 * warps or KB * PH > n_chunks):
+        KB //= 2
+    return MR, BN, KB, warps, 0
 
 
 def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
-           bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) for W [N, K] given as GGUF blocks: a new [M, N] tensor in x's dtype.
 
-    The chunks of K are split over `splits` programs per output tile; their float32 partials are
-    summed in a fixed order by a second kernel (deterministic, unlike atomics). `config`
-    (BM, BN, num_warps, splits) overrides the tuned choice, for benchmarks.
+    One launch, each output written once by one program (deterministic). `config` (MR, BN, KB,
+    num_warps, DOT) overrides the tuned choice, for tests and benchmarks.
     """
     _check(raw, qtype, N, K)
     if x.stride(-1) != 1:
@@ -301,43 +447,42 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     M = x.shape[0]
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
-    BM, BN, warps, splits = config or _config(M, N, n_chunks)
-    splits = max(1, min(splits, n_chunks))
-    per_split = triton.cdiv(n_chunks, splits)
-    splits = triton.cdiv(n_chunks, per_split)
+    MR, BN, KB, warps, dot = config or _config(M, N, n_chunks, qtype)
+    PH, R, Lr = PHASES[qtype]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    part = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, BN), M if BM == 1 else triton.cdiv(M, BM), splits)
+    grid = (triton.cdiv(N, BN), triton.cdiv(M, MR))
     kw = {} if INTERPRET else {"num_warps": warps}
-    _matmul_kernel[grid](x, raw, raw.view(torch.float16), part, bias if bias is not None else out,
-                         M, N, n_chunks, per_split, nblk, row_bytes, x.stride(0), N, M * N,
-                         QT=qtype, NPARTS=nparts, G=G, L=L, BM=BM, BN=BN, HAS_BIAS=bias is not None,
-                         DOT_F32=x.dtype != torch.float16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                         **kw)
-    if splits > 1:
-        n = M * N
-        _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=splits, BLOCK=1024)
+    _matmul_kernel[grid](x, raw, raw.view(torch.float16), out, bias if bias is not None else out,
+                         M, N, n_chunks, nblk, row_bytes, x.stride(0), N,
+                         QT=qtype, PH=PH, R=R, L=Lr, KB=KB, MR=MR, BN=BN, HAS_BIAS=bias is not None, DOT=bool(dot),
+                         DOT_F32=x.dtype != torch.float16,
+                         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **kw)
     return out
 
 
 def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, w_off: torch.Tensor,
-                   x_row: torch.Tensor) -> torch.Tensor:
+                   x_row: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """out[g] = x[x_row[g]] @ W_g^T for every group g in one launch, W_g the [N, K] matrix of
     `qtype` blocks that starts w_off[g] bytes after raw's first byte: a new [len(w_off), N]
     tensor in x's dtype. w_off (int64, even) and x_row (int32) are on x's device; an offset may
     point into another allocation of that device (the expert cache's entries), which raw only
-    anchors."""
+    anchors. `config` (BN, KB, num_warps) overrides the default."""
     if raw.dtype != torch.uint8 or raw.storage_offset() % 2 or K % GEOMETRY[qtype][1]:
         raise ValueError(f"grouped blocks of type {qtype} need uint8 bytes at an even offset and K ({K}) "
                          f"a multiple of {GEOMETRY[qtype][1]}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
+    n_chunks = triton.cdiv(K, 256)
     n = w_off.numel()
     out = torch.empty(n, N, dtype=x.dtype, device=x.device)
-    BN = 64 if INTERPRET else 4
-    kw = {} if INTERPRET else {"num_warps": 1}
+    if config is None:
+        _, BN, KB, warps, _ = _config(1, N, n_chunks, qtype)
+    else:
+        BN, KB, warps = config
+    PH, R, Lr = PHASES[qtype]
+    kw = {} if INTERPRET else {"num_warps": warps}
     _grouped_kernel[(triton.cdiv(N, BN), n)](x, raw, raw.view(torch.float16), out, w_off, x_row, N,
-                                             triton.cdiv(K, 256), nblk, row_bytes, x.stride(0), N,
-                                             QT=qtype, NPARTS=nparts, G=G, L=L, BN=BN, **kw)
+                                             n_chunks, nblk, row_bytes, x.stride(0), N,
+                                             QT=qtype, PH=PH, R=R, L=Lr, KB=KB, BN=BN, **kw)
     return out
