@@ -497,7 +497,8 @@ def bench_qmatmul(args) -> list[dict]:
 # -- compute: the layers' forward with weights resident -------------------------------------------------
 
 def bench_compute(args) -> list[dict]:
-    from layerstream.compute.model import SeqStep, build_step_meta, layer_forward, rope_inv_freq
+    from layerstream.compute.block import layer_forward
+    from layerstream.compute.model import SeqStep, build_step_meta, rope_inv_freq
     from layerstream.compute.runner import ResidentLayers, keeps_quantized
 
     device = _device(args)

@@ -14,6 +14,7 @@ import torch
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.expert_layout import expert_bytes, expert_parts
 from layerstream.compute.h2d import DriverCopies
+from layerstream.compute.moe import experts_grouped
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.compute.runner import device_weight
 from layerstream.loader.layout import LayerLayout
@@ -181,7 +182,7 @@ class ExpertCache:
         A streamed MoE layer's experts cannot cross PCIe before its router has run, so the copy
         engine idles through the layer's attention, its router and the host's sync, and the
         device idles through the copies. The router of the next layer, applied to this layer's
-        expert input (model.predict_next), predicts the next layer's choice; those experts that
+        expert input (moe.predict_next), predicts the next layer's choice; those experts that
         are not cached are copied now, on a side stream (`stream`; None: at once), into one of two
         sets of slots past the in-flight ones (the next layer's set; the other is the current
         layer's). Layer i's fetch then serves a predicted expert from its set like a cache hit,
@@ -359,7 +360,8 @@ class ExpertCache:
 
 
 class ExpertSet:
-    """What moe_block sees of a layer whose experts stream: `fetch(ids)` -> {expert: (gate, up, down)}.
+    """What moe_block sees of a layer whose experts stream (a moe.ExpertSource): `fetch(ids)` ->
+    {expert: (gate, up, down)}, or `grouped_sum` through the pool.
     `dense_fixed`: the layer's other tensors stay at fixed device addresses (kept, not in a
     VRAM slot), so a CUDA graph may hold its attention and router (runner.py)."""
 
@@ -408,6 +410,21 @@ class ExpertSet:
 
     def fetch(self, experts: list[int]) -> dict[int, tuple]:
         return self.cache.fetch(self.i, experts, self.lay, self.host)
+
+    def grouped_sum(self, h: torch.Tensor, weight: torch.Tensor, chosen: torch.Tensor,
+                    pred: torch.Tensor | None = None) -> torch.Tensor:
+        """moe.ExpertSource.grouped_sum: the chosen experts' cache entries, by address (NOTE
+        [ grouped experts ] in moe.py); the predicted ones copied ahead while the device computes."""
+        flat = chosen.flatten()
+        ids = self.read_ids(flat if pred is None else torch.cat((flat, pred.flatten())))  # the host sync of this layer
+        offs, keep, run_cpu = self.prepare(ids[: flat.numel()], h, weight)
+        out = experts_grouped(h, weight if keep is None else weight * keep.to(h.device, non_blocking=True),
+                              self.cache.pool, offs.to(h.device), self.parts)
+        self.prefetch(ids[flat.numel() :])  # while the device computes (NOTE [ expert prefetch ])
+        if run_cpu is None:
+            return out
+        # the device's experts are launched first, then the CPU computes its own (NOTE [ CPU experts ])
+        return out + run_cpu().to(h.device, non_blocking=True)
 
     def cpu_choice(self, ids: list[int]) -> list[int]:
         """The CPU's experts among the step's (token, choice) pairs `ids`: its share of those not on

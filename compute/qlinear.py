@@ -95,11 +95,10 @@ def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Non
 # Largest dequantized piece of one matrix (128 MiB in fp16): larger ones go in row chunks, which
 # keeps the prompt path's scratch small while each chunk's GEMM stays large enough for cuBLAS.
 SCRATCH_MAX_ELEMS = 8192 * 8192
-# The same for a prompt's experts, dequantized some experts at a time (model.py, NOTE [ grouped
-# prefill ]): fewer, larger runs cost fewer launches. Measured on an H200, the Qwen3-30B-A3B
-# shape, a 512-token prompt at 4 GiB: 1,244 tok/s at 64M values (13 experts a run), 1,488 at
-# 128M, 1,502 at 256M; at 8 GiB 1,508, 1,527, 1,684 (BENCHMARKS.md, sixth session). 256M values
-# (512 MiB in fp16) also hold one of Mixtral's experts (176M).
+# The same for a prompt's experts, dequantized some experts at a time (moe.py, NOTE [ grouped
+# prefill ]): fewer, larger runs cost fewer launches (measured fastest at 256M values of the
+# sizes tried, BENCHMARKS.md). 256M values (512 MiB in fp16) also hold one of Mixtral's experts
+# (176M).
 EXPERT_SCRATCH_MAX_ELEMS = 4 * SCRATCH_MAX_ELEMS
 
 
@@ -152,7 +151,7 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
 def scratch_elems(layer_shapes) -> int:
     """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
     head, larger, goes in row chunks of that size) up to SCRATCH_MAX_ELEMS, and [E, N, K] expert
-    tensors (dequantized some experts at a time, model.py NOTE [ grouped prefill ]) up to
+    tensors (dequantized some experts at a time, moe.py NOTE [ grouped prefill ]) up to
     EXPERT_SCRATCH_MAX_ELEMS."""
     def cap(s) -> int:
         most = EXPERT_SCRATCH_MAX_ELEMS if len(s) == 3 else SCRATCH_MAX_ELEMS

@@ -13,21 +13,10 @@ import torch
 
 from layerstream.compute.dequant import check_supported, dequantize
 from layerstream.compute.qlinear import FUSED_TYPES, HEAD_CHUNK, QuantWeight, have_triton
-from layerstream.compute.model import (
-    GROUPED_MAX_TOKENS,
-    LayerWeights,
-    SeqStep,
-    StepMeta,
-    _grouped,
-    attention_block,
-    build_step_meta,
-    experts_grouped,
-    head_forward,
-    layer_forward,
-    moe_route,
-    predict_next,
-    rope_inv_freq,
-)
+from layerstream.compute.block import layer_forward
+from layerstream.compute.model import (LayerWeights, SeqStep, StepMeta, attention_block, build_step_meta, head_forward,
+                                       rope_inv_freq)
+from layerstream.compute.moe import GROUPED_MAX_TOKENS, experts_grouped, moe_route, predict_next, runs_grouped
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import HParams, ModelIndex, TensorInfo
 
@@ -391,7 +380,7 @@ class ModelRunner:
     (with batch-32 graphs, 8B at 4 GiB ran out of memory at the budget on an H200, one 20 MiB
     allocation short), and at larger batches launches weigh less.
     A mixture-of-experts layer is captured with the others when its experts are resident blocks:
-    the grouped kernels find the chosen experts on the device (model.py, NOTE [ grouped
+    the grouped kernels find the chosen experts on the device (moe.py, NOTE [ grouped
     experts ]). A streamed MoE layer whose other tensors are kept on the device (`ExpertSet.
     dense_fixed`) runs as two graphs of its own around the host's part: its attention and router
     (graph A); then the host reads the chosen ids, the expert cache copies the missing experts
@@ -453,7 +442,7 @@ class ModelRunner:
             return 0
         n = 0
         while n < self.hp.n_layer and self.kv.on_device(n) and (w := self.source.fixed(n)) is not None \
-                and (not self.hp.n_expert or _grouped(w)):
+                and (not self.hp.n_expert or runs_grouped(w)):
             n += 1
         return n
 

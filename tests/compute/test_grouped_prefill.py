@@ -1,4 +1,4 @@
-"""NOTE [ grouped prefill ] (model.py): a prompt step's experts as batched GEMMs over the pairs
+"""NOTE [ grouped prefill ] (moe.py): a prompt step's experts as batched GEMMs over the pairs
 sorted by expert, against float64 over gguf-py's dequantization, with as many experts at a time
 as the scratch holds, experts no token chose, runs cut where padding would grow, and the
 one-by-one path where an expert does not fit."""
@@ -11,9 +11,9 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
-from layerstream.compute import model, qlinear
+from layerstream.compute import moe, qlinear
 from layerstream.compute.expert_layout import EXPERT_TENSORS
-from layerstream.compute.model import moe_block
+from layerstream.compute.moe import moe_block
 from layerstream.compute.qlinear import QuantWeight
 
 E, K, N = 10, 64, 96  # experts, n_embd, n_ff
@@ -57,17 +57,17 @@ def test_grouped_prefill_against_float64(run, pad, quantized, grouped, monkeypat
     w = {n: (q if quantized else ref.float()) for n, (q, ref) in mats.items()}
     per = 3 * N * K
     if run is not None:
-        monkeypatch.setattr(model, "scratch_cap", lambda *a: run * per + per // 2)
-    if grouped and model.grouped_mm_dtype("cpu", torch.float32) is None:
+        monkeypatch.setattr(moe, "scratch_cap", lambda *a: run * per + per // 2)
+    if grouped and moe.grouped_mm_dtype("cpu", torch.float32) is None:
         pytest.skip("this torch has no grouped GEMM on the CPU")
     if not grouped:
-        monkeypatch.setattr(model, "grouped_mm_dtype", lambda *a: None)
+        monkeypatch.setattr(moe, "grouped_mm_dtype", lambda *a: None)
     if pad is not None:
-        monkeypatch.setattr(model, "_pad_rows", lambda *a: pad)
+        monkeypatch.setattr(moe, "_pad_rows", lambda *a: pad)
     calls = []
-    real = model.dequantized_experts
-    monkeypatch.setattr(model, "dequantized_experts", lambda *a: calls.append(a[2:4]) or real(*a))
-    got = model._experts_prefill(hp, w, h, weight, chosen)
+    real = moe.dequantized_experts
+    monkeypatch.setattr(moe, "dequantized_experts", lambda *a: calls.append(a[2:4]) or real(*a))
+    got = moe._experts_prefill(hp, w, h, weight, chosen)
     want = _reference(h, weight, chosen, {n: ref for n, (_, ref) in mats.items()})
     assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
     if quantized:  # as many experts at a time as the scratch holds; none for expert E - 1 alone
@@ -77,11 +77,11 @@ def test_grouped_prefill_against_float64(run, pad, quantized, grouped, monkeypat
 
 def test_runs_bound_the_padding_of_skewed_routing():
     counts = [3, 0, 40, 2, 2, 0, 0, 5]
-    assert model._runs(counts, 0, 8, 1000) == [(0, 8)]
-    assert model._runs(counts, 0, 8, 80) == [(0, 2), (2, 4), (4, 8)]  # 3 experts padded to 40 would be 120
-    assert model._runs(counts, 0, 8, 10) == [(0, 2), (2, 3), (3, 7), (7, 8)]  # 40 alone
-    assert model._runs(counts, 4, 7, 100) == [(4, 7)]
-    assert model._runs([0, 0], 0, 2, 5) == []
+    assert moe._runs(counts, 0, 8, 1000) == [(0, 8)]
+    assert moe._runs(counts, 0, 8, 80) == [(0, 2), (2, 4), (4, 8)]  # 3 experts padded to 40 would be 120
+    assert moe._runs(counts, 0, 8, 10) == [(0, 2), (2, 3), (3, 7), (7, 8)]  # 40 alone
+    assert moe._runs(counts, 4, 7, 100) == [(4, 7)]
+    assert moe._runs([0, 0], 0, 2, 5) == []
 
 
 def test_an_expert_larger_than_the_scratch_goes_one_by_one(monkeypatch):
@@ -94,15 +94,15 @@ def test_an_expert_larger_than_the_scratch_goes_one_by_one(monkeypatch):
     weight = torch.full((T, 2), 0.5)
     hp = SimpleNamespace(n_expert=E, n_expert_used=2)
     w = {n: q for n, (q, _) in mats.items()}
-    monkeypatch.setattr(model, "scratch_cap", lambda *a: 3 * N * K - 1)
-    assert model._experts_prefill(hp, w, h, weight, chosen) is None
+    monkeypatch.setattr(moe, "scratch_cap", lambda *a: 3 * N * K - 1)
+    assert moe._experts_prefill(hp, w, h, weight, chosen) is None
     hp = SimpleNamespace(n_expert=E, n_expert_used=2, norm_eps=1e-6, expert_norm=False)
     w["ffn_norm.weight"] = torch.ones(K)
     w["ffn_gate_inp.weight"] = torch.from_numpy(rng.standard_normal((E, K)).astype(np.float32))
     x = h
     got = moe_block(hp, w, x)  # falls back to one expert at a time
     hn = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
-    wt, ch = model.route(hp, hn @ w["ffn_gate_inp.weight"].T)
+    wt, ch = moe.route(hp, hn @ w["ffn_gate_inp.weight"].T)
     want = x.double() + _reference(hn, wt, ch, {n: ref for n, (_, ref) in mats.items()})
     assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
 

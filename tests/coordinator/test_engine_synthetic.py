@@ -151,7 +151,7 @@ def test_quantized_experts_match_reference(tmp_path, monkeypatch):
     every chosen expert in grouped launches; larger ones, and these when the limit is lowered,
     one expert at a time."""
     pytest.importorskip("triton")
-    from layerstream.compute import model, qkernels
+    from layerstream.compute import moe, qkernels
 
     calls = []
     grouped = qkernels.grouped_matmul
@@ -166,7 +166,7 @@ def test_quantized_experts_match_reference(tmp_path, monkeypatch):
         assert calls == [2 * 8 * 2, 8 * 2]  # gate and up of 8 tokens x 2 choices in one launch, then down
         s = e._new_seq()
         steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:2]]
-        monkeypatch.setattr(model, "GROUPED_MAX_TOKENS", 0)
+        monkeypatch.setattr(moe, "GROUPED_MAX_TOKENS", 0)
         steps += [e._feed([s], [[t]], "last")[0] for t in TOKENS[2:4]]
         _assert_close(torch.stack(steps), ref[:4], "qwen3moe quantized, decode grouped then one by one")
         assert len(calls) == 2 + 2 * 2
