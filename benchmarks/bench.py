@@ -80,8 +80,15 @@ def print_table(rows: list[tuple[str, int, float, float]], args) -> None:
           f"{args.decode_prompt}; median of {args.reps} runs)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bin/bench", description="Measure layerstream's stages.")
+    p = _Parser(prog="bin/bench", description="Measure layerstream's stages.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="STAGE")
     e = sub.add_parser("engine", help="the whole model resident in one process: prompt and decode tokens/s")
     e.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")

@@ -118,3 +118,14 @@ def test_time_decode_times_each_step_of_the_whole_batch_and_leaves_the_core_empt
     with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=3, prefill_chunk=1) as e:
         with pytest.raises(ValueError, match="ran 1 of 3 sequences"):  # a step of 1 token holds 1 sequence
             stage_bench.time_decode(e.core, [[1], [2], [3]], 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nosuch"], "bin/bench: error: argument STAGE: invalid choice: 'nosuch'"),
+    (["pipeline", "--reps", "x"], "bin/bench pipeline: error: argument --reps: invalid int value: 'x'"),
+])
+def test_argument_errors_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
