@@ -20,10 +20,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
-from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import AddedToken, Regex, Tokenizer as _HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from layerstream.errors import ModelError
+from layerstream.loader.metadata import meta
 
 log = logging.getLogger(__name__)
 
@@ -154,25 +154,25 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, md: dict[str, Any]) -> "Tokenizer":
         """Build from a GGUF metadata dict (`ModelIndex.metadata` or `read_metadata`)."""
-        kind = md.get("tokenizer.ggml.model")
-        tokens = md.get("tokenizer.ggml.tokens")
+        kind = meta(md, "tokenizer.ggml.model", str, None)
+        tokens = meta(md, "tokenizer.ggml.tokens", list, None, items=str)
         if not tokens:
             raise ModelError("the model file has no tokenizer (tokenizer.ggml.tokens is missing)")
         tokens = list(tokens)
         n = len(tokens)
-        types = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+        types = list(meta(md, "tokenizer.ggml.token_type", list, None, items=int) or [NORMAL] * n)
         if len(types) != n:
             raise ModelError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
 
         def token_id(key: str) -> int | None:
-            v = md.get(f"tokenizer.ggml.{key}")
-            return int(v) if v is not None and 0 <= int(v) < n else None
+            v = meta(md, f"tokenizer.ggml.{key}", int, None)
+            return v if v is not None and 0 <= v < n else None
 
         if kind == "gpt2":
             hf, pre = _build_byte_level(md, tokens, types)
             add_bos_default, add_space_prefix = pre.add_bos, False
         elif kind == "llama":
-            add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+            add_space_prefix = bool(meta(md, "tokenizer.ggml.add_space_prefix", bool, True))
             hf = _build_sentencepiece(md, tokens, types, token_id("unknown_token_id"), add_space_prefix)
             add_bos_default = True
         else:
@@ -182,8 +182,8 @@ class Tokenizer:
         eos_ids = {i for i in (eos_id, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
         eos_ids |= {i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in _EOG_TEXTS}
         return cls(hf, tokens, types, kind=kind, bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids,
-                   add_bos=bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos_id is not None,
-                   add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)) and eos_id is not None,
+                   add_bos=bool(meta(md, "tokenizer.ggml.add_bos_token", bool, add_bos_default)) and bos_id is not None,
+                   add_eos=bool(meta(md, "tokenizer.ggml.add_eos_token", bool, False)) and eos_id is not None,
                    add_space_prefix=add_space_prefix)
 
     # ---- encoding -----------------------------------------------------------------------------
@@ -299,12 +299,12 @@ def _finish(hf: _HFTokenizer, tokens: list[str], types: list[int]) -> _HFTokeniz
 
 
 def _build_byte_level(md: dict, tokens: list[str], types: list[int]) -> tuple[_HFTokenizer, _PreType]:
-    pre_name = md.get("tokenizer.ggml.pre") or "default"
+    pre_name = meta(md, "tokenizer.ggml.pre", str, None) or "default"
     pre = _PRE_TYPES.get(pre_name)
     if pre is None:
         log.warning("tokenizer.ggml.pre %r is unknown; splitting text as GPT-2 does", pre_name)
         pre = _PRE_TYPES["gpt2"]
-    merges_raw = md.get("tokenizer.ggml.merges")
+    merges_raw = meta(md, "tokenizer.ggml.merges", list, None, items=str)
     if merges_raw is None:
         raise ModelError("a gpt2 tokenizer needs tokenizer.ggml.merges, which the file lacks")
     alphabet = set(_CHAR_TO_BYTE)
@@ -330,7 +330,7 @@ def _build_byte_level(md: dict, tokens: list[str], types: list[int]) -> tuple[_H
 
 def _build_sentencepiece(md: dict, tokens: list[str], types: list[int], unk_id: int | None,
                          add_space_prefix: bool) -> _HFTokenizer:
-    scores = md.get("tokenizer.ggml.scores")
+    scores = meta(md, "tokenizer.ggml.scores", list, None, items=float)
     if scores is None or len(scores) != len(tokens):
         raise ModelError("a llama (SentencePiece) tokenizer needs tokenizer.ggml.scores, one per token")
     vocab: dict[str, int] = {}

@@ -12,6 +12,7 @@ import numpy as np
 
 from layerstream.errors import ModelError
 from layerstream.loader.header_scan import scan_header
+from layerstream.loader.metadata import REQUIRED, meta
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 NEOX_ARCHS = ("qwen2", "qwen3", "qwen3moe", "gemma3")  # llama.cpp's converter permutes Q/K for llama: NORM rotation
@@ -290,58 +291,59 @@ def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
     return got
 
 
-def _get(md: dict, key: str, default: Any = ModelError, path: str = "") -> Any:
-    if key in md:
-        return md[key]
-    if default is ModelError:
-        raise ModelError(f"{path}: metadata key {key!r} is missing; the file was not written by a known converter")
-    return default
-
-
 def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> HParams:
-    arch = _get(md, "general.architecture", path=path)
+    arch = meta(md, "general.architecture", str, path=path)
     if arch not in SUPPORTED_ARCHS:
         raise ModelError(
             f"{path}: unsupported architecture {arch!r}; layerstream runs {', '.join(SUPPORTED_ARCHS)}"
         )
-    g = lambda k, d=ModelError: _get(md, f"{arch}.{k}", d, path)  # noqa: E731
-    n_embd = int(g("embedding_length"))
-    n_head = int(g("attention.head_count"))
+
+    def g(k: str, want: type, d: Any = REQUIRED, items: type | None = None) -> Any:
+        return meta(md, f"{arch}.{k}", want, d, items=items, path=path)
+
+    def ints(k: str, d: Any) -> Any:
+        """An integer, or one a layer (a list of integers)."""
+        return g(k, list, items=int) if isinstance(md.get(f"{arch}.{k}"), list) else g(k, int, d)
+
+    n_embd = g("embedding_length", int)
+    n_head = g("attention.head_count", int)
     if n_head <= 0:
         raise ModelError(f"{path}: metadata {arch}.attention.head_count = {n_head} is out of range; the file is "
                          "corrupt or was not written by a known converter")
-    n_head_kv = g("attention.head_count_kv", n_head)
+    n_head_kv = ints("attention.head_count_kv", n_head)
     if isinstance(n_head_kv, list):
         if len(set(n_head_kv)) != 1:
-            raise ModelError(f"{path}: per-layer KV head counts {sorted(set(n_head_kv))} are not supported")
+            raise ModelError(f"{path}: per-layer KV head counts {sorted(set(n_head_kv))[:8]} are not supported")
         n_head_kv = n_head_kv[0]
-    head_dim = int(g("attention.key_length", n_embd // n_head))
+    head_dim = g("attention.key_length", int, n_embd // n_head)
     emb = tensors.get("token_embd.weight")
-    n_vocab = int(g("vocab_size", 0)) or (emb.shape[0] if emb else len(md.get("tokenizer.ggml.tokens", [])))
-    scale_type = g("rope.scaling.type", "none")
+    n_vocab = g("vocab_size", int, 0) or (emb.shape[0] if emb else len(meta(md, "tokenizer.ggml.tokens", list, [],
+                                                                             path=path)))
+    scale_type = g("rope.scaling.type", str, "none")
     rope_scale = 1.0
     if scale_type == "linear":
-        rope_scale = float(g("rope.scaling.factor", 1.0))
-    elif scale_type not in ("none", None):
+        rope_scale = float(g("rope.scaling.factor", float, 1.0))
+    elif scale_type != "none":
         raise ModelError(f"{path}: RoPE scaling {scale_type!r} is not supported (only linear and Llama 3 rope_freqs)")
-    n_layer = int(g("block_count"))
+    n_layer = g("block_count", int)
     moe: dict[str, Any] = {}
-    n_expert = int(g("expert_count", 0) or 0)
+    n_expert = g("expert_count", int, 0)
     if n_expert or arch == "qwen3moe":
-        moe = dict(n_expert=n_expert, n_expert_used=int(g("expert_used_count", 0) or 0),
-                   n_ff_exp=int(g("expert_feed_forward_length", 0) or g("feed_forward_length", 0)),
-                   expert_norm=bool(g("expert_weights_norm", True)))
+        moe = dict(n_expert=n_expert, n_expert_used=g("expert_used_count", int, 0),
+                   n_ff_exp=g("expert_feed_forward_length", int, 0) or g("feed_forward_length", int, 0),
+                   expert_norm=bool(g("expert_weights_norm", bool, True)))
     gemma: dict[str, Any] = {}
     if arch == "gemma3":
-        pattern = g("attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
-        if isinstance(pattern, list):  # newer converters: one flag a layer
-            swa = tuple(bool(x) for x in pattern[:n_layer])
+        key = "attention.sliding_window_pattern"
+        if isinstance(md.get(f"{arch}.{key}"), list):  # newer converters: one flag a layer
+            swa = tuple(bool(x) for x in g(key, list, items=bool)[:n_layer])
         else:
-            swa = tuple((i + 1) % int(pattern) != 0 for i in range(n_layer)) if int(pattern) > 0 else ()
+            pattern = g(key, int, GEMMA3_SWA_PATTERN)
+            swa = tuple((i + 1) % pattern != 0 for i in range(n_layer)) if pattern > 0 else ()
         n_head_ = n_head
         gemma = dict(
-            swa_window=int(g("attention.sliding_window", 0) or 0), swa_layers=swa,
-            rope_theta_swa=float(g("rope.freq_base_swa", GEMMA3_ROPE_BASE_SWA)),
+            swa_window=g("attention.sliding_window", int, 0), swa_layers=swa,
+            rope_theta_swa=float(g("rope.freq_base_swa", float, GEMMA3_ROPE_BASE_SWA)),
             embed_scale=math.sqrt(n_embd), ffn_act="gelu_tanh",
             # llama.cpp: query_pre_attn_scalar is the head size, but n_embd / n_head for the 27B (62 layers)
             attn_scale=1 / math.sqrt(n_embd / n_head_ if n_layer == 62 else head_dim),
@@ -353,16 +355,16 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
         n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
-        n_head_kv=int(n_head_kv),
+        n_head_kv=n_head_kv,
         head_dim=head_dim,
-        n_ff=int(g("feed_forward_length")),
+        n_ff=g("feed_forward_length", int),
         n_vocab=n_vocab,
-        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(g("rope.freq_base", 10000.0)),
-        rope_dim=int(g("rope.dimension_count", head_dim)),
+        norm_eps=float(g("attention.layer_norm_rms_epsilon", float, 1e-5)),
+        rope_theta=float(g("rope.freq_base", float, 10000.0)),
+        rope_dim=g("rope.dimension_count", int, head_dim),
         rope_neox=arch in NEOX_ARCHS,
         rope_scale=rope_scale,
-        context_length=int(g("context_length", 4096)),
+        context_length=g("context_length", int, 4096),
         tied_output="output.weight" not in tensors,
         has_rope_freqs="rope_freqs.weight" in tensors,
         **gemma,
@@ -427,7 +429,7 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
     files = split_files(path)
     headers = [read_header(f) for f in files]
     md = headers[0][0]
-    count = int(md.get("split.count", 1) or 1)
+    count = meta(md, "split.count", int, 1, path=path) or 1
     if count > 1 and len(files) == 1:
         raise ModelError(
             f"{path}: part of a {count}-part split model, but its name does not end in -00001-of-{count:05d}.gguf; "
@@ -438,8 +440,8 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
         for t in tensors:
             all_tensors[t.name] = t
     if len(files) > 1:
-        want = md.get("split.tensors.count")
-        if want is not None and int(want) != len(all_tensors):
+        want = meta(md, "split.tensors.count", int, None, path=path)
+        if want is not None and want != len(all_tensors):
             raise ModelError(f"{path}: split model lists {want} tensors but its parts hold {len(all_tensors)}")
     hp = _hparams(md, all_tensors, path)
     _check_hparams(hp, all_tensors, path)

@@ -282,9 +282,11 @@ def write_missing_tensor(path: str | os.PathLike, tensor: str = "blk.1.ffn_up.we
     return write_model(path, omit=(tensor,), **kw)
 
 
-def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: dict, drop: Sequence[str] = ()) -> str:
+def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: dict, drop: Sequence[str] = (),
+                     vtypes: dict | None = None) -> str:
     """Copy the model at `path` to `out` with metadata `changes` ({key: value}, written with the
-    original key's value type; a new key as a uint32 or string) and without the keys in `drop`."""
+    original key's value type; a new key as a uint32 or string) and without the keys in `drop`.
+    vtypes: {key: GGUFValueType, or (ARRAY, element type)} writes a change with another type."""
     reader = gguf.GGUFReader(os.fspath(path))
     arch = str(reader.fields["general.architecture"].contents())
     w = gguf.GGUFWriter(os.fspath(out), arch)
@@ -293,7 +295,11 @@ def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: d
         f = reader.fields.get(key)
         vtype = f.types[0] if f is not None else (
             gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32)
-        w.add_key_value(key, value, vtype)
+        vtype = (vtypes or {}).get(key, vtype)
+        if isinstance(vtype, tuple):
+            w.add_key_value(key, value, vtype[0], sub_type=vtype[1])
+        else:
+            w.add_key_value(key, value, vtype)
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()

@@ -155,6 +155,27 @@ def test_bad_metadata_is_model_error():
         Tokenizer.from_metadata(_gpt2_md(None) | {"tokenizer.ggml.model": "llama"})
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("tokenizer.ggml.model", 2, "a string"),
+    ("tokenizer.ggml.tokens", 400, "a list of strings"),
+    ("tokenizer.ggml.tokens", list(range(400)), "a list of strings"),
+    ("tokenizer.ggml.token_type", ["1"] * 400, "a list of integers"),
+    ("tokenizer.ggml.merges", [1, 2], "a list of strings"),
+    ("tokenizer.ggml.merges", "a b", "a list of strings"),
+    ("tokenizer.ggml.bos_token_id", "1", "an integer"),
+    ("tokenizer.ggml.eos_token_id", 2.0, "an integer"),
+    ("tokenizer.ggml.add_bos_token", "yes", "a boolean"),
+    ("tokenizer.ggml.pre", 5, "a string"),
+])
+def test_tokenizer_metadata_of_the_wrong_type_is_one_line(key, value, expected):
+    with pytest.raises(ModelError, match=rf"^metadata {key} is .*, expected {expected};") as e:
+        Tokenizer.from_metadata(_gpt2_md("gpt2") | {key: value})
+    assert "\n" not in str(e.value)
+    md = _gpt2_md(None) | {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": ["0"] * 400}
+    with pytest.raises(ModelError, match="tokenizer.ggml.scores is a list of 400 .*, expected a list of numbers"):
+        Tokenizer.from_metadata(md)
+
+
 # ---- SentencePiece ("llama") ---------------------------------------------------------------------
 
 SPM_PIECES = [  # (piece, score); merges go best merged score first, as llama.cpp's SPM tokenizer does

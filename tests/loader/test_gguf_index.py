@@ -3,11 +3,11 @@
 import os
 
 import gguf
-import ggufgen
 import numpy as np
 import pytest
-import reference
 
+import ggufgen
+import reference
 from layerstream.errors import ModelError
 from layerstream.loader.gguf_index import open_model
 
@@ -370,3 +370,32 @@ def test_header_cache_follows_the_file(tmp_path, monkeypatch):
     open_model(other)
     open_model(other)
     assert len(parses) == 3 and len(list((tmp_path / "cache" / "headers").iterdir())) == 2
+
+
+VT = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("key,value,vtype,match", [
+    ("llama.embedding_length", "sixty-four", VT.STRING, r"llama\.embedding_length is str 'sixty-four', expected an integer"),
+    ("llama.block_count", 2.5, VT.FLOAT32, r"llama\.block_count is float 2\.5, expected an integer"),
+    ("llama.block_count", True, VT.BOOL, r"llama\.block_count is bool True, expected an integer"),
+    ("llama.context_length", [256], (VT.ARRAY, VT.UINT32), r"llama\.context_length is a list of 1 \(int\), expected an int"),
+    ("llama.rope.freq_base", "1e4", VT.STRING, r"llama\.rope\.freq_base is str '1e4', expected a number"),
+    ("llama.attention.layer_norm_rms_epsilon", [1.0], (VT.ARRAY, VT.FLOAT32), r"rms_epsilon is a list of 1 .*a number"),
+    ("llama.attention.head_count_kv", ["2", "2"], (VT.ARRAY, VT.STRING), r"head_count_kv is a list of 2 \(str\), expected "
+                                                                         r"a list of integers"),
+    ("llama.rope.scaling.type", 1, VT.UINT32, r"llama\.rope\.scaling\.type is int 1, expected a string"),
+    ("general.architecture", 7, VT.UINT32, r"general\.architecture is int 7, expected a string"),
+    ("split.count", "two", VT.STRING, r"split\.count is str 'two', expected an integer"),
+    ("gemma3.attention.sliding_window_pattern", ["a"], (VT.ARRAY, VT.STRING), r"sliding_window_pattern is a list of 1 "
+                                                                             r"\(str\), expected a list of booleans"),
+    ("gemma3.attention.sliding_window", "4", VT.STRING, r"sliding_window is str '4', expected an integer"),
+    ("qwen3moe.expert_weights_norm", "yes", VT.STRING, r"expert_weights_norm is str 'yes', expected a boolean"),
+])
+def test_metadata_of_the_wrong_type_is_one_line_naming_key_and_type(tmp_path, key, value, vtype, match):
+    arch = key.split(".")[0] if key.split(".")[0] in ggufgen.ARCHS else "llama"
+    src = ggufgen.write_model(tmp_path / "ok.gguf", arch=arch)
+    bad = ggufgen.rewrite_metadata(src, tmp_path / "bad.gguf", {key: value}, vtypes={key: vtype})
+    with pytest.raises(ModelError, match=match) as e:
+        open_model(bad)
+    assert str(e.value).startswith(f"{bad}: ") and "\n" not in str(e.value)
