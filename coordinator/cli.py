@@ -1,112 +1,23 @@
-"""bin/run-pipeline: generate text from a GGUF model, or measure a text's perplexity."""
+"""bin/run-pipeline: generate text from a GGUF model, chat with it, serve it, or measure a text's perplexity."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import re
 import signal
 import sys
+import threading
+import time
 
-from layerstream.errors import LayerstreamError
+from layerstream.coordinator.args import PROG, UsageError, build_parser, check_args, read_api_key
+from layerstream.errors import ConfigError, LayerstreamError
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="run-pipeline",
-        description="Generate text from a GGUF model, streaming its layers through a small GPU budget.",
-    )
-    p.add_argument("prompt", nargs="*", help="prompt text (with --chat and no prompt: an interactive chat)")
-    p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model (default: SmolLM2-135M-Instruct)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens; 1 disables (default 1.0)")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    g = p.add_argument_group("prompting")
-    g.add_argument("--chat", action="store_true", help="apply the model's chat template; interactive without a prompt")
-    g.add_argument("--system", default=None, help="system message for --chat")
-    g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file instead of generating")
-    g = p.add_argument_group("engine")
-    g.add_argument("--ctx", type=int, default=None, help="KV ring capacity in tokens per sequence (default min(model's, 4096))")
-    g.add_argument("--on-context-full", choices=["error", "slide"], default="error",
-                   help="when a sequence outgrows --ctx: stop with an error, or slide a window keeping sink tokens")
-    g.add_argument("--sink-tokens", type=int, default=4, help="tokens kept at the start when sliding (default 4)")
-    g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute precision (default float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions, else float32)")
-    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
-    g.add_argument("--single-process", action="store_true",
-                   help="run the whole model in this process (the reference engine) instead of the pipeline")
-    g.add_argument("--batch", type=int, default=1, help="sequences the engine holds at once (default 1)")
-    g.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
-    g = p.add_argument_group("server (OpenAI-compatible HTTP API)")
-    g.add_argument("--serve", action="store_true", help="serve /v1/completions, /v1/chat/completions, /v1/models, "
-                                                        "/health and /metrics instead of generating once")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
-    g.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 (default 256)")
-    g = p.add_argument_group("streaming pipeline")
-    g.add_argument("--vram-gb", type=float, default=None,
-                   help="compute-device memory budget in GiB; layers that do not fit stream through it (default on "
-                        "CUDA: the GPU's free memory less 1 GiB; on the CPU: no limit)")
-    g.add_argument("--step-tokens", type=int, default=None,
-                   help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
-    g.add_argument("--cpu-share", default="0", metavar="F|auto|0",
-                   help="share of the streamed layers the CPU computes from host RAM while the rest crosses PCIe "
-                        "(see --cpu-split; of a mixture-of-experts decode step: of the chosen experts not in the "
-                        "device cache); auto times shares per batch size and keeps the fastest (CUDA only). "
-                        "Default 0 (BENCHMARKS.md: auto made a 70B at 8 GiB 1.25x faster, using host RAM and "
-                        "packing time in the first passes)")
-    g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
-                   help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
-                        "(layers, default) or the last rows of every 4-bit matrix (rows)")
-    g.add_argument("--vram-slots", type=int, default=None,
-                   help="VRAM slots the streamed layers cross through under a budget (default 2; a CPU share may "
-                        "gain from 3: the copies run further ahead while the CPU computes)")
-    g.add_argument("--cpu-threads", type=int, default=None,
-                   help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up)")
-    g.add_argument("--expert-cache-gb", type=float, default=None,
-                   help="device memory for a mixture-of-experts model's streamed experts: decode steps copy only the "
-                        "experts the router chose (default: one layer's slot)")
-    g.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu",
-                   help="which streamed experts the device cache keeps: the most often used (lfu, default) or the "
-                        "most recently used (lru)")
-    g.add_argument("--expert-prefetch", type=int, default=None, metavar="N",
-                   help="a mixture-of-experts decode step predicts each streamed layer's experts from the layer before "
-                        "and copies up to N of them ahead (default: twice the experts a token uses; 0: off)")
-    g.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
-                   help="a mixture-of-experts model's attention, router and norms of streamed layers: kept on the "
-                        "device when they fit, so decode copies only the chosen experts (default, as llama.cpp's "
-                        "-ot exps=CPU), or streamed with their layer")
-    g.add_argument("--host-cache-gb", type=float, default=None,
-                   help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
-    g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
-    g.add_argument("--reader-dir", action="append", default=[], metavar="DIR",
-                   help="the directory (drive) each reader serves, once per reader, for split models across drives")
-    g.add_argument("--direct-io", action="store_true", help="read with O_DIRECT, bypassing the page cache")
-    g.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
-    g.add_argument("--kv-on-host", action="store_true", default=None,
-                   help="keep the KV cache in host memory and stream it with its layer")
-    g.add_argument("--resident-layers", type=int, default=None, help="override the plan: keep this many layers resident")
-    g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ZeroMQ transport between processes")
-    g.add_argument("--stall-timeout", type=float, default=120.0,
-                   help="seconds a step may wait on the compute process without a message before the run ends (120)")
-    g.add_argument("--stats", action="store_true", help="print a per-stage table at exit")
-    g.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON timeline of the run")
-    return p
+SERVE_BATCH = 8  # the rows --serve holds by default where they fit
+SERVE_BATCH_MAX = 64  # and at most, where the budget holds more
 
 
 def _die(msg: str, code: int = 1) -> None:
-    print(f"run-pipeline: error: {msg}", file=sys.stderr)
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -120,82 +31,89 @@ def _sampling(args):
     )
 
 
-MAX_BATCH = 4096
-MAX_READERS = 64
-MAX_CTX = 1 << 22
-
-
-def _check_args(args) -> None:
-    """Every option checked before a model is opened or a process started: one line each."""
-    import math
-
-    def finite(name: str, v: float | None, low: float, high: float, low_open: bool = False) -> None:
-        if v is not None and not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
-            _die(f"--{name} {v}: must be a finite number {'above' if low_open else 'from'} {low:g}"
-                 f"{' and at most' if low_open else ' to'} {high:g}")
-
-    def ints(name: str, v: int | None, low: int, high: int) -> None:
-        if v is not None and not low <= v <= high:
-            _die(f"--{name} {v}: must be from {low} to {high}")
-
-    ints("max-tokens", args.max_tokens, 1, MAX_CTX)
-    finite("temperature", args.temperature, 0.0, 100.0)
-    if 0 < args.temperature < 1e-4:
-        _die(f"--temperature {args.temperature}: too small to sample with; use 0 for greedy decoding")
-    finite("top-p", args.top_p, 0.0, 1.0)  # as SamplingParams: 0 keeps the best token only
-    finite("min-p", args.min_p, 0.0, 1.0)
-    finite("repeat-penalty", args.repeat_penalty, 0.0, 100.0, low_open=True)
-    ints("top-k", args.top_k, 0, 1 << 31)
-    ints("repeat-last-n", args.repeat_last_n, 0, MAX_CTX)
-    ints("ctx", args.ctx, 2, MAX_CTX)
-    ints("batch", args.batch, 1, MAX_BATCH)
-    ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)
-    ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
-    ints("readers", args.readers, 1, MAX_READERS)
-    ints("prefetch", args.prefetch, 1, 1 << 16)
-    ints("resident-layers", args.resident_layers, 0, 1 << 16)
-    ints("step-tokens", args.step_tokens, 1, MAX_CTX)
-    ints("cpu-threads", args.cpu_threads, 1, 4096)
-    ints("vram-slots", args.vram_slots, 2, 16)
-    from layerstream.coordinator.pipeline import parse_cpu_share
-    from layerstream.errors import ConfigError
-
-    try:
-        parse_cpu_share(args.cpu_share)
-    except ConfigError as e:
-        _die(str(e))
-    finite("vram-gb", args.vram_gb, 0.0, 1 << 20, low_open=True)
-    finite("host-cache-gb", args.host_cache_gb, 0.0, 1 << 20)
-    finite("expert-cache-gb", args.expert_cache_gb, 0.0, 1 << 20)
-    finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
-    if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
-        _die(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
-    for name in ("model", "perplexity"):
-        path = getattr(args, name)
-        if path and not os.path.isfile(path):
-            _die(f"--{name} {path}: no such file")
-        if path and not os.access(path, os.R_OK):
-            _die(f"--{name} {path}: not readable (check its permissions)")
-    if args.perplexity and os.path.getsize(args.perplexity) == 0:
-        _die(f"--perplexity {args.perplexity}: the file is empty")
-    if args.trace:
-        d = os.path.dirname(os.path.abspath(args.trace))
-        if not os.path.isdir(d) or not os.access(d, os.W_OK):
-            _die(f"--trace {args.trace}: cannot write there (no such directory, or not writable)")
-    ints("port", args.port, 0, 65535)
-    ints("max-queue", args.max_queue, 1, 1 << 20)
-    if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
-        _die("no prompt given; pass the prompt text, or --chat for an interactive chat")
-
-
-def open_engine(args):
-    """The engine the options ask for: the streaming pipeline, or everything in this process."""
-    from layerstream.coordinator.engine import Engine, EngineConfig
+def check_model(args):
+    """The model's header, read (through the header cache) before anything loads or starts:
+    architecture and hyperparameters, tensor types, and a chat template where --chat needs one."""
     from layerstream.loader.default_model import default_model_path
     from layerstream.loader.gguf_index import open_model
 
-    index = open_model(args.model or default_model_path())
+    path = args.model or default_model_path()
+    index = open_model(path)
+    if args.chat:
+        source = index.metadata.get("tokenizer.chat_template")
+        if not isinstance(source, str) or not source.strip():
+            why = "has no chat template" if source is None else "has a chat template that is not text"
+            raise ConfigError(f"--chat: {os.path.basename(path)} {why} (tokenizer.chat_template; a base model, not "
+                              "an instruct one?); run without --chat")
+    from layerstream.compute.weights import check_model_quants
+
+    check_model_quants(index)
+    return index
+
+
+def _mem_available() -> int:
+    """Host memory available for new allocations (MemAvailable), in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def serve_batch(args, index, ctx: int) -> tuple[int, str]:
+    """--serve's default --batch: a pass costs about the same for one row as for many, so as many
+    rows as the budget holds, up to SERVE_BATCH_MAX, and SERVE_BATCH where they fit; never more
+    rows than half the host's available memory holds KV for. Returns (rows, why)."""
+    import torch
+
+    from layerstream.compute.device import keeps_quantized, resolve_device, resolve_dtype
+
+    hp = index.hparams
+    device = resolve_device(args.device)
+    dtype_bytes = torch.finfo(resolve_dtype(args.dtype, device, hp.arch)).bits // 8
+    kv_row = 2 * hp.n_layer * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes
+    host_rows = max(1, _mem_available() // 2 // kv_row)
+    if args.single_process or args.vram_gb is None and device.type == "cpu":
+        rows = min(SERVE_BATCH, host_rows)
+        if device.type == "cuda":
+            rows = max(1, min(rows, torch.cuda.mem_get_info(device)[0] // 2 // kv_row))
+        return rows, "the --serve default" + ("" if rows == SERVE_BATCH else ", bounded by free memory")
+    from layerstream.coordinator.plan import GiB, fit_budget, make_plan
+    from layerstream.loader.layout import layer_layouts
+
+    vram = int(args.vram_gb * GiB) if args.vram_gb is not None else fit_budget(device)
+    layouts = layer_layouts(index)
+    for rows in (64, 32, 16, 8, 4, 2, 1):
+        if rows > min(SERVE_BATCH_MAX, host_rows) and rows > 1:
+            continue
+        try:
+            plan = make_plan(index, layouts, vram_bytes=vram, host_cache_bytes=0, dtype_bytes=dtype_bytes, ctx=ctx,
+                             max_seqs=rows, quantized=keeps_quantized(device), step_tokens=args.step_tokens,
+                             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers,
+                             max_prefetch=hp.n_layer, vram_slots=args.vram_slots,
+                             expert_cache_bytes=None if args.expert_cache_gb is None else int(args.expert_cache_gb * GiB),
+                             moe_dense=args.moe_dense, expert_prefetch=args.expert_prefetch)
+        except ConfigError:
+            continue
+        # beyond SERVE_BATCH only while every layer's KV stays on the device (no pass moves KV)
+        if rows <= SERVE_BATCH or plan.kv_device_layers == hp.n_layer:
+            return rows, "the --serve default: the rows the plan's budget holds"
+    return 1, "the --serve default: the plan's budget holds one row"
+
+
+def open_engine(args, index, progress: bool):
+    """The engine the options ask for: the streaming pipeline, or everything in this process."""
+    from layerstream.coordinator.engine import Engine, EngineConfig
+
     ctx = args.ctx or min(index.hparams.context_length, 4096)
+    if args.batch is None:
+        args.batch = 1
+        if args.serve:
+            args.batch, why = serve_batch(args, index, ctx)
+            print(f"layerstream: --batch {args.batch} ({why}; give --batch to choose)", file=sys.stderr, flush=True)
     cfg = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=args.batch,
         on_context_full=args.on_context_full, sink_tokens=args.sink_tokens, prefill_chunk=args.prefill_chunk,
@@ -215,7 +133,48 @@ def open_engine(args):
             moe_dense=args.moe_dense, expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch,
             trace=bool(args.trace),
         )
-    return Engine.open(cfg, pcfg, index=index, progress=sys.stderr.isatty())
+    elif args.cpu_threads:
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
+    if pcfg is None:  # the single-process engine has a bar of its own, layer by layer
+        return Engine.open(cfg, None, index=index, progress=progress)
+    # NOTE: the pipeline reports no progress while its processes load; an elapsed line until it can
+    with Elapsed(f"loading {os.path.basename(index.path)}", sys.stderr if progress else None):
+        return Engine.open(cfg, pcfg, index=index)
+
+
+class Elapsed:
+    """A line that counts seconds on a terminal while something that reports no progress runs;
+    gone when it ends. Nothing at all without a terminal (stream None)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, what: str, stream, interval: float = 0.2):
+        self.what, self.stream, self.interval = what, stream, interval
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.stream is not None:
+            self.t0 = time.monotonic()
+            self.thread = threading.Thread(target=self._run, name="elapsed", daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        while not self.done.wait(self.interval if i else 0):
+            self.stream.write(f"\r{self.what} {self.FRAMES[i % 4]} {time.monotonic() - self.t0:.1f} s")
+            self.stream.flush()
+            i += 1
+
+    def __exit__(self, *exc):
+        if self.thread is not None:
+            self.done.set()
+            self.thread.join()
+            self.stream.write("\r\x1b[K")  # the line is erased: what follows starts clean
+            self.stream.flush()
 
 
 def _report(engine, args) -> None:
@@ -230,56 +189,59 @@ def _report(engine, args) -> None:
         print(f"trace: {n} events written to {args.trace}", file=sys.stderr)
 
 
-def _print_stream(pieces) -> None:
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
-def _interactive_chat(engine, params, system) -> None:
-    messages = [{"role": "system", "content": system}] if system else []
-    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        ids = engine.encode_chat(messages)
-        reply = ""
-        for piece in engine.generate(ids, params):
-            reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": reply})
+def _print_stream(pieces, out) -> None:
+    """The reply on stdout, ended by a newline; an error after partial text leaves the line ended
+    first, so that the error line starts on a line of its own."""
+    last = ""
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+            last = piece
+    except BaseException:
+        if last and not last.endswith("\n"):
+            try:
+                out.write("\n")
+                out.flush()
+            except OSError:
+                pass
+        raise
+    out.write("\n")
+    out.flush()
 
 
 def run(args) -> int:
     # bytes that are not UTF-8 (argv keeps them as surrogates, stdin would raise) become U+FFFD
     args.prompt = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in args.prompt]
-    if args.system:
-        args.system = args.system.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    for name in ("prompt_opt", "system"):
+        if getattr(args, name):
+            setattr(args, name, getattr(args, name).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     sys.stdin.reconfigure(errors="replace")
-    _check_args(args)
+    check_args(args)
+    api_key = read_api_key(args, os.environ) if args.serve else None
+    terminal = sys.stderr.isatty()
+    index = check_model(args)
     params = _sampling(args)
-    with open_engine(args) as engine:
+    from layerstream.coordinator.turn import Rates
+
+    rates = Rates()
+    t0 = time.monotonic()
+    with open_engine(args, index, progress=terminal) as engine:
+        load_s = time.monotonic() - t0
         try:
-            return _run_engine(engine, args, params)
+            return _run_engine(engine, args, params, api_key, rates)
         finally:
             _report(engine, args)
+            if (args.stats or terminal) and rates.sampled:
+                print(rates.line(load_s), file=sys.stderr)
 
 
-def _run_engine(engine, args, params) -> int:
+def _run_engine(engine, args, params, api_key, rates) -> int:
     if args.serve:
         from layerstream.coordinator.server import serve
         from layerstream.loader.default_model import default_model_path
 
-        return serve(engine, args.model or default_model_path(), args.host, args.port, args.api_key, args.max_queue)
+        return serve(engine, args.model or default_model_path(), args.host, args.port, api_key, args.max_queue)
     if args.perplexity:
         with open(args.perplexity, encoding="utf-8", errors="replace") as f:
             text = f.read()
@@ -288,13 +250,16 @@ def _run_engine(engine, args, params) -> int:
         return 0
     prompt = " ".join(args.prompt)
     if args.chat and not prompt:
-        if engine.chat_template is None:
-            _die("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
-        _interactive_chat(engine, params, args.system)
-        return 0
-    if not prompt:
-        _die("no prompt given; pass the prompt text, or --chat for an interactive chat")
-    _print_stream(engine.generate(prompt, params, chat=args.chat, system=args.system))
+        from layerstream.coordinator.repl import chat
+
+        return chat(engine, params, args.system, rates_each=args.stats, total=rates)
+    from layerstream.coordinator.turn import Turn
+
+    turn = Turn(engine, engine.encode(prompt, chat=args.chat, system=args.system), params)
+    try:
+        _print_stream(turn.pieces(), sys.stdout)
+    finally:
+        rates.add(turn.rates)
     return 0
 
 
@@ -307,19 +272,24 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        _die(f"{e} (see {PROG} --help)", 2)
     signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return run(args)
+    except UsageError as e:
+        _die(str(e), 2)
     except LayerstreamError as e:
         _die(str(e))
     except _Terminated:
-        print("\nrun-pipeline: terminated", file=sys.stderr)
+        print(f"\n{PROG}: terminated", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("\nrun-pipeline: interrupted", file=sys.stderr)
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,11 @@ from layerstream.coordinator.engine import Engine
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 
 
-def run_pipeline(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """bin/run-pipeline in the reference (single-process) mode; the pipeline will become the default."""
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+def run_pipeline(*args: str, timeout: float = 120, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """bin/run-pipeline in the reference (single-process) mode, its output captured (no terminal)."""
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {}))
     return subprocess.run([str(LAUNCHER), "--single-process", *args], capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", timeout=timeout, env=env)
+                          encoding="utf-8", errors="replace", timeout=timeout, env=env, cwd=cwd)
 
 
 def _bad_model(tmp_path: Path, kind: str) -> tuple[Path, str]:
@@ -66,7 +67,7 @@ def test_bad_model_gives_one_error_line(tmp_path, kind):
 def test_bad_option_gives_one_error_line(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     r = run_pipeline("-m", path, "--max-tokens", "0", "hello")
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert r.stderr.splitlines() == ["run-pipeline: error: --max-tokens 0: must be from 1 to 4194304"]
 
 
@@ -85,6 +86,17 @@ def test_bad_option_gives_one_error_line(tmp_path):
     (["--cpu-threads", "0"], "--cpu-threads 0: must be from 1"),
     (["--trace", "/nonexistent-dir/t.json"], "--trace /nonexistent-dir/t.json: cannot write there"),
     ([], "no prompt given"),
+    # issue 25: each printed a traceback, the usage block, or a figure such as 1.04858e+06
+    (["--vram-gb", "-1"], "--vram-gb -1: give the device memory budget in GiB, above 0"),
+    (["--vram-gb", "1e9"], "--vram-gb 1000000000: must be a finite number above 0 and at most 1048576"),
+    (["--chat", "--perplexity", "README.md"], "--chat and --perplexity do not go together"),
+    (["--serve", "--perplexity", "README.md"], "--serve and --perplexity do not go together"),
+    (["--system", "be brief"], "--system needs --chat"),
+    (["-p", "hi"], "the prompt is given twice"),
+    (["--api-key-file", "/nonexistent-dir/key"], "--api-key-file /nonexistent-dir/key: no such file"),
+    # issue 23: an over-long seed and a trace path that is a directory, refused before generating
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be from 0 to {2 ** 64 - 1}"),
+    (["--trace", "/tmp"], "--trace /tmp: is a directory"),
 ])
 def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, words):
     """Each was a traceback, or an error only after the processes had started (probe, issue 10)."""
@@ -92,8 +104,9 @@ def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, w
 
     path = ggufgen.write_model(tmp_path / "m.gguf")
     t0 = time.monotonic()
-    r = run_pipeline("-m", path, *args, *([] if args == [] else ["hello"]))
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    r = run_pipeline("-m", path, *args, *([] if args == [] or "--perplexity" in args else ["hello"]),
+                     cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("run-pipeline: error: ") and words in lines[0], r.stderr
     assert time.monotonic() - t0 < 30
@@ -149,21 +162,342 @@ def test_perplexity_of_missing_file(tmp_path):
     assert r.stderr.splitlines() == [f"run-pipeline: error: --perplexity {tmp_path / 'absent.txt'}: no such file"]
 
 
-def test_interactive_chat_keeps_the_conversation(smollm_engine, monkeypatch, capsys):
-    from layerstream.compute.sampling import SamplingParams
-    from layerstream.coordinator import cli
+def _chat_model(tmp_path: Path, **kw) -> str:
+    """A tiny model with a ChatML chat template (ggufgen writes none)."""
+    plain = ggufgen.write_model(tmp_path / "plain.gguf", **kw)
+    return ggufgen.rewrite_metadata(plain, tmp_path / "chat.gguf", {"tokenizer.chat_template": CHATML})
 
-    lines = iter(["My name is Ada.", "What is my name?", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    prompts, real = [], smollm_engine.generate
 
-    def generate(ids, params):
-        prompts.append(smollm_engine.tokenizer.decode(ids))
-        yield from real(ids, params)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-    monkeypatch.setattr(smollm_engine, "generate", generate)
-    cli._interactive_chat(smollm_engine, SamplingParams(temperature=0, max_tokens=12), None)
-    first_reply = capsys.readouterr().out.split("\n")[0]
-    assert len(prompts) == 2
-    assert "My name is Ada." in prompts[1] and first_reply.strip() in prompts[1]
-    assert prompts[1].rstrip().endswith("assistant")  # the generation prompt of the template
+
+@pytest.mark.parametrize("args,words", [
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["-n", "x"], "argument -n/--max-tokens: invalid int value: 'x'"),
+    (["-cnv"], "unknown option -cnv (one dash takes one letter"),  # llama.cpp's, read as -c nv before
+    (["-fa", "on"], "unknown option -fa"),
+])
+def test_command_line_errors_are_one_line_with_a_hint(args, words):
+    """Issue 25: argparse printed its 26-line usage block."""
+    r = subprocess.run([str(LAUNCHER), *args, "hello"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"run-pipeline: error: {words}") and lines[0].endswith("(see run-pipeline --help)")
+
+
+def test_version_and_llama_cpp_short_options():
+    from layerstream.coordinator.args import build_parser
+
+    r = subprocess.run([str(LAUNCHER), "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and re.fullmatch(r"run-pipeline \(layerstream\) \d+\.\d+\.\d+\S*\n", r.stdout), r.stdout
+    a = build_parser().parse_args(["-ngl", "10", "-c", "64", "-t", "3", "-s", "7", "-p", "hi", "-sys", "be brief"])
+    assert (a.resident_layers, a.max_tokens, a.ctx, a.cpu_threads, a.seed) == (10, 256, 64, 3, 7)
+    assert (a.prompt_opt, a.system) == ("hi", "be brief")
+    a = build_parser().parse_args(["-n64", "-vv", "--n-gpu-layers", "99", "--", "-ngl", "words"])
+    assert (a.max_tokens, a.resident_layers, a.prompt) == (64, 99, ["-ngl", "words"])
+
+
+def test_option_checks_come_before_torch_is_imported():
+    """A bad option is refused in a fraction of a second, not after torch's import (issue 25)."""
+    code = ("import sys\nfrom layerstream.coordinator.cli import main\n"
+            "try:\n    main(['--vram-gb', '-1', 'hi'])\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)\n")
+    for args in (["--vram-gb", "-1", "hi"], ["--seed", str(2 ** 70), "hi"], ["--cpu-share", "0", "-m", "/", "hi"]):
+        r = subprocess.run([sys.executable, "-c", code.replace("['--vram-gb', '-1', 'hi']", repr(args))],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout == "2 False\n", (args, r.stdout, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and "run-pipeline: error: " in r.stderr
+
+
+def test_chat_on_a_model_without_a_template_fails_before_anything_starts(tmp_path):
+    """Issue 25: Gemma 3 270M base (no chat template) failed only after the whole load."""
+    path = ggufgen.write_model(tmp_path / "base.gguf")
+    for mode in ([], ["--single-process"]):
+        r = subprocess.run([str(LAUNCHER), *mode, "-m", path, "-v", "--chat", "--device", "cpu", "hello"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.splitlines()[-1] == ("run-pipeline: error: --chat: base.gguf has no chat template "
+                                             "(tokenizer.chat_template; a base model, not an instruct one?); "
+                                             "run without --chat"), r.stderr
+        assert "plan:" not in r.stderr  # the pipeline logs its plan before it starts a process
+        assert "loading layers" not in r.stderr
+
+
+def test_context_full_error_starts_on_a_line_of_its_own(tmp_path):
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    r = run_pipeline("-m", path, "--device", "cpu", "--ctx", "12", "-n", "50", "--ignore-eos", "--temperature", "0",
+                     "hello")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stdout and r.stdout.endswith("\n")  # the partial text, its line ended
+    assert r.stderr.splitlines() == ["run-pipeline: error: the sequence reached the context size (12 tokens); "
+                                     "raise --ctx or pass --on-context-full slide"]
+
+
+def test_stats_prints_prompt_and_decode_rates(tmp_path):
+    """Issue 24 item 5; the counts against the tokenizer and the options, the rates from their times."""
+    path = ggufgen.write_model(tmp_path / "m.gguf", arch="qwen3")
+    r = run_pipeline("-m", path, "--device", "cpu", "--stats", "-n", "6", "--ignore-eos", "--temperature", "0",
+                     "hello", "world")
+    assert r.returncode == 0, r.stderr
+    m = re.fullmatch(r"load (\d+\.\d) s; prompt: (\d+) tokens in (\d+\.\d\d) s, (\d+\.\d) tokens/s; "
+                     r"decode: (\d+) tokens in (\d+\.\d\d) s, (\d+\.\d) tokens/s", r.stderr.splitlines()[-1])
+    assert m, r.stderr
+    with Engine.load(path, device="cpu", ctx=256) as e:
+        n_prompt = len(e.tokenizer.encode("hello world"))
+        want = "".join(e.generate("hello world", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
+    assert int(m[2]) == n_prompt and int(m[5]) == 6
+    assert float(m[4]) == pytest.approx(n_prompt / float(m[3]), rel=0.1, abs=1.0)
+    assert float(m[7]) == pytest.approx(5 / float(m[6]), rel=0.1, abs=1.0)  # the 5 after the first token
+    assert r.stdout == want + "\n"  # stdout holds the text alone
+    r = run_pipeline("-m", path, "--device", "cpu", "-n", "2", "hello")
+    assert r.returncode == 0 and r.stderr == ""  # no terminal, no --stats: no figures
+
+
+def test_elapsed_line_only_on_a_terminal():
+    import io
+    import time
+
+    from layerstream.coordinator.cli import Elapsed
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    t = Terminal()
+    with Elapsed("loading m.gguf", t, interval=0.01):
+        time.sleep(0.1)
+    shown = t.getvalue()
+    assert shown.startswith("\rloading m.gguf | 0.0 s") and shown.endswith("\r\x1b[K")
+    assert shown.count("\r") >= 4  # redrawn while it waits
+    with Elapsed("loading m.gguf", None):
+        pass
+
+
+class _Lines:
+    """A LineReader's stand-in: `KeyboardInterrupt` in the list is a Ctrl-C at the prompt."""
+
+    person = False
+
+    def __init__(self, lines):
+        self.lines = iter(lines)
+        self.typed = ""
+
+    def read(self, prompt):
+        line = next(self.lines, None)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tmp_path_factory):
+    path = _chat_model(tmp_path_factory.mktemp("chat"))
+    with Engine.load(path, device="cpu", ctx=512) as e:
+        yield e
+
+
+def test_chat_keeps_the_conversation_and_its_commands(chat_engine, monkeypatch):
+    import io
+
+    from layerstream.coordinator.repl import chat
+
+    seen, real = [], chat_engine.encode_chat
+    monkeypatch.setattr(chat_engine, "encode_chat", lambda msgs: seen.append(msgs) or real(msgs))
+    out, err = io.StringIO(), io.StringIO()
+    params = SamplingParams(temperature=0, max_tokens=4)
+    lines = ["My name is Ada.", "", "What is my name?", "/system Be brief.", "/clear", "Hi", "/nope", "/bye", "never"]
+    assert chat(chat_engine, params, None, reader=_Lines(lines), out=out, err=err) == 0
+    assert len(seen) == 3  # empty lines and commands go to no model; /bye ends before "never"
+    replies = out.getvalue().split("\n")
+    assert seen[1] == [{"role": "user", "content": "My name is Ada."},
+                       {"role": "assistant", "content": replies[0]},
+                       {"role": "user", "content": "What is my name?"}]
+    assert seen[2] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert "conversation cleared (2 turns forgotten)" in err.getvalue()
+    assert "unknown command /nope; /help lists the commands" in err.getvalue()
+    assert "> " not in out.getvalue()
+    # Ctrl-D ends with 0; two Ctrl-C in a row at the prompt end with 130, one does not
+    assert chat(chat_engine, params, reader=_Lines([KeyboardInterrupt, "/bye"]), out=out, err=err) == 0
+    assert chat(chat_engine, params, reader=_Lines([KeyboardInterrupt, KeyboardInterrupt]), out=out, err=err) == 130
+    assert chat(chat_engine, params, reader=_Lines([]), out=out, err=err) == 0
+    assert not chat_engine.core.has_unfinished() and len(chat_engine.core.free_rows) == chat_engine.core.max_seqs
+
+
+def test_chat_prompt_goes_to_a_terminal_never_into_piped_output():
+    import io
+
+    from layerstream.coordinator.repl import LineReader
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out, err = io.StringIO(), Tty()
+    r = LineReader(stdin=Tty("hello\n"), stdout=out, stderr=err)  # typed at a terminal, stdout piped
+    assert r.read("> ") == "hello" and r.read("> ") is None
+    assert out.getvalue() == "" and err.getvalue() == "> > "
+    err = io.StringIO()
+    r = LineReader(stdin=io.StringIO("hello\n"), stdout=out, stderr=err)  # all piped: no prompt at all
+    assert r.read("> ") == "hello" and out.getvalue() == err.getvalue() == ""
+
+
+class _Pty:
+    """A command on a pseudo-terminal of its own (its controlling terminal: \\x03 is Ctrl-C)."""
+
+    def __init__(self, argv):
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execv(argv[0], argv)
+        self.buf = b""
+
+    def expect(self, pattern: bytes, timeout: float = 60) -> re.Match:
+        import select
+        import time
+
+        deadline, rx = time.monotonic() + timeout, re.compile(pattern)
+        while not (m := rx.search(self.buf)):
+            left = deadline - time.monotonic()
+            assert left > 0, f"{pattern!r} not seen in {timeout} s; the terminal shows {self.buf[-2000:]!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    data = os.read(self.fd, 65536)
+                except OSError:  # the child is gone
+                    data = b""
+                assert data, f"{pattern!r} not seen before the end; the terminal shows {self.buf[-2000:]!r}"
+                self.buf += data
+        self.buf = self.buf[m.end():]
+        return m
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def wait(self, timeout: float = 30) -> int:
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            if select.select([self.fd], [], [], 0.05)[0]:  # what it writes as it ends (a full terminal blocks it)
+                try:
+                    self.buf += os.read(self.fd, 65536)
+                except OSError:
+                    pass
+        os.kill(self.pid, 9)
+        raise AssertionError(f"still running {timeout} s later; the terminal shows {self.buf[-2000:]!r}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_reply_and_keeps_the_conversation(tmp_path):
+    """Issue 25: Ctrl-C during a reply ended the chat and lost the conversation. On a terminal:
+    Ctrl-C stops the reply, the prompt comes back, the next turn sees the first (the prompt's
+    token count, from the per-reply --stats line), /clear forgets it; two Ctrl-C in a row quit."""
+    path = _chat_model(tmp_path, context_length=4096)
+    p = _Pty([str(LAUNCHER), "--single-process", "-m", path, "--device", "cpu", "--chat", "--stats",
+              "-n", "4000", "--ignore-eos", "--ctx", "4096"])
+    stats = rb"prompt: (\d+) tokens(?: \(and (\d+) reused\))? in"
+    try:
+        p.expect(rb"> ", timeout=120)
+
+        def turn(text: bytes) -> int:
+            p.send(text + b"\r")
+            p.expect(re.escape(text) + rb"\r\n")
+            p.expect(rb"[\s\S]{24}")  # the reply is under way (4000 tokens: far from its end)
+            p.send(b"\x03")
+            p.expect(rb"\[reply stopped; Ctrl-C again to quit\]")
+            m = p.expect(stats)
+            p.expect(rb"> ")
+            return int(m[1]) + int(m[2] or 0)
+
+        with Engine.load(path, device="cpu", ctx=256) as e:
+            alone = len(e.encode_chat([{"role": "user", "content": "hello"}]))
+            after_empty_reply = len(e.encode_chat([{"role": "user", "content": "hello"},
+                                                   {"role": "assistant", "content": ""},
+                                                   {"role": "user", "content": "hello"}]))
+        assert turn(b"hello") == alone
+        assert turn(b"hello") > after_empty_reply  # the first turn and its partial reply are kept
+        p.send(b"/clear\r")
+        p.expect(rb"conversation cleared \(2 turns forgotten\)")
+        p.expect(rb"> ")
+        assert turn(b"hello") == alone  # and /clear forgot them
+        p.send(b"\x03")  # the Ctrl-C that stopped the reply, then this one: the chat ends
+        assert p.wait() == 130
+    finally:
+        if p.pid:
+            try:
+                os.kill(p.pid, 9)
+                os.waitpid(p.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def test_api_key_from_a_file_or_the_environment(tmp_path):
+    from layerstream.coordinator.args import UsageError, build_parser, check_args, read_api_key
+
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+
+    def parse(*a):
+        args = build_parser().parse_args(["--serve", *a])
+        check_args(args)
+        return args
+
+    assert read_api_key(parse("--api-key-file", str(key)), {"LAYERSTREAM_API_KEY": "env"}) == "s3cret"
+    assert read_api_key(parse("--api-key", "cli"), {"LAYERSTREAM_API_KEY": "env"}) == "cli"
+    assert read_api_key(parse(), {"LAYERSTREAM_API_KEY": "env"}) == "env"
+    assert read_api_key(parse(), {}) is None
+    key.write_text("\n")
+    with pytest.raises(UsageError, match=f"--api-key-file {key}: the key is empty"):
+        read_api_key(parse("--api-key-file", str(key)), {})
+    with pytest.raises(UsageError, match="--api-key and --api-key-file both given"):
+        parse("--api-key", "a", "--api-key-file", str(key))
+
+
+@pytest.mark.slow
+def test_serve_defaults_to_a_batch_that_fills_passes_and_reads_the_key_from_the_environment(tmp_path):
+    """Issue 25: --serve held one row by default; issue 23: the key only on the command line."""
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([str(LAUNCHER), "--single-process", "--serve", "-m", path, "--device", "cpu",
+                          "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, LAYERSTREAM_API_KEY="from-env"), start_new_session=True)
+    try:
+        line = p.stderr.readline()
+        assert line == "layerstream: --batch 8 (the --serve default; give --batch to choose)\n", line
+        url = f"http://127.0.0.1:{port}/v1/models"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                raise AssertionError("served without the key")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+                time.sleep(0.2)
+        req = urllib.request.Request(url, headers={"Authorization": "Bearer from-env"})
+        assert json.load(urllib.request.urlopen(req, timeout=5))["data"]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)

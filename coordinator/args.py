@@ -1,0 +1,299 @@
+"""run-pipeline's options: the parser, and every check that needs no model and no torch."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+
+PROG = "run-pipeline"
+MAX_BATCH = 4096
+MAX_READERS = 64
+MAX_CTX = 1 << 22
+MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
+SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
+
+
+class UsageError(Exception):
+    """A command line that cannot run: reported as one line, exit status 2."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("layerstream")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block is for --help, not for a typo."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        _refuse_glued_words(self, argv)
+        return super().parse_args(argv, namespace)
+
+
+def _refuse_glued_words(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A single dash and several letters that name no option (llama.cpp's `-cnv`, `-fa`) would be
+    read by argparse as a one-letter option and its value (`-n` with "gl"): refused by name."""
+    known = set(parser._option_string_actions)
+    flags = {s[1] for s, a in parser._option_string_actions.items()
+             if len(s) == 2 and s[0] == "-" and a.nargs == 0}  # letters that take no value: `-vv` is fine
+    for a in argv:
+        if a == "--":
+            return
+        if re.fullmatch(r"-[A-Za-z][A-Za-z-]+", a) and a not in known and not set(a[1:]) <= flags:
+            raise UsageError(f"unknown option {a} (one dash takes one letter, as -n 64; long options take two, "
+                             "as --max-tokens 64)")
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        prog=PROG, allow_abbrev=False,
+        description="Generate text from a GGUF model, streaming its layers through a small GPU budget.",
+        epilog="Exit status: 0 done, 1 an error in the model or the run, 2 a command line that cannot run, "
+               "130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+    )
+    p.add_argument("prompt", nargs="*", help="prompt text (with --chat and no prompt: an interactive chat)")
+    p.add_argument("-p", "--prompt", dest="prompt_opt", metavar="TEXT",
+                   help="prompt text, as an option (instead of the words above)")
+    p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--version", action="version", version=f"{PROG} (layerstream) {_version()}")
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens; 1 disables (default 1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
+    g.add_argument("-s", "--seed", type=int, default=None,
+                   help=f"random seed for reproducible sampling, 0 to {SEED_MAX} (-1: a fresh one, the default)")
+    g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g = p.add_argument_group("prompting")
+    g.add_argument("--chat", action="store_true",
+                   help="apply the model's chat template; interactive without a prompt (/help lists its commands)")
+    g.add_argument("-sys", "--system", default=None, help="system message for --chat")
+    g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file instead of generating")
+    g = p.add_argument_group("engine")
+    g.add_argument("-c", "--ctx", type=int, default=None, help="KV ring capacity in tokens per sequence (default min(model's, 4096))")
+    g.add_argument("--on-context-full", choices=["error", "slide"], default="error",
+                   help="when a sequence outgrows --ctx: stop with an error, or slide a window keeping sink tokens")
+    g.add_argument("--sink-tokens", type=int, default=4, help="tokens kept at the start when sliding (default 4)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute precision (default float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions, else float32)")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
+    g.add_argument("--single-process", action="store_true",
+                   help="run the whole model in this process (the reference engine) instead of the pipeline")
+    g.add_argument("--batch", type=int, default=None,
+                   help="sequences the engine holds at once (default 1; with --serve, as many as the plan's budget "
+                        "holds, 8 where they fit)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    g.add_argument("--stats", action="store_true",
+                   help="print the prompt and decode rates (tokens/s), and the pipeline's per-stage table, at exit "
+                        "(the rates are printed on a terminal anyway)")
+    g = p.add_argument_group("server (OpenAI-compatible HTTP API)")
+    g.add_argument("--serve", action="store_true", help="serve /v1/completions, /v1/chat/completions, /v1/models, "
+                                                        "/health and /metrics instead of generating once")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 request (ps shows it: prefer "
+                        "--api-key-file or LAYERSTREAM_API_KEY)")
+    g.add_argument("--api-key-file", metavar="FILE", default=None,
+                   help="read the API key from the first line of FILE")
+    g.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 (default 256)")
+    g = p.add_argument_group("streaming pipeline")
+    g.add_argument("--vram-gb", type=float, default=None,
+                   help="compute-device memory budget in GiB; layers that do not fit stream through it (default on "
+                        "CUDA: the GPU's free memory less 1 GiB; on the CPU: no limit)")
+    g.add_argument("--step-tokens", type=int, default=None,
+                   help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
+    g.add_argument("--cpu-share", default="0", metavar="F|auto|0",
+                   help="share of the streamed layers the CPU computes from host RAM while the rest crosses PCIe "
+                        "(see --cpu-split; of a mixture-of-experts decode step: of the chosen experts not in the "
+                        "device cache); auto times shares per batch size and keeps the fastest (CUDA only). "
+                        "Default 0 (BENCHMARKS.md: auto made a 70B at 8 GiB 1.25x faster, using host RAM and "
+                        "packing time in the first passes)")
+    g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
+                   help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
+                        "(layers, default) or the last rows of every 4-bit matrix (rows)")
+    g.add_argument("--vram-slots", type=int, default=None,
+                   help="VRAM slots the streamed layers cross through under a budget (default 2; a CPU share may "
+                        "gain from 3: the copies run further ahead while the CPU computes)")
+    g.add_argument("-t", "--cpu-threads", type=int, default=None,
+                   help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up; "
+                        "with --single-process: torch's default)")
+    g.add_argument("--expert-cache-gb", type=float, default=None,
+                   help="device memory for a mixture-of-experts model's streamed experts: decode steps copy only the "
+                        "experts the router chose (default: one layer's slot)")
+    g.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu",
+                   help="which streamed experts the device cache keeps: the most often used (lfu, default) or the "
+                        "most recently used (lru)")
+    g.add_argument("--expert-prefetch", type=int, default=None, metavar="N",
+                   help="a mixture-of-experts decode step predicts each streamed layer's experts from the layer before "
+                        "and copies up to N of them ahead (default: twice the experts a token uses; 0: off)")
+    g.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
+                   help="a mixture-of-experts model's attention, router and norms of streamed layers: kept on the "
+                        "device when they fit, so decode copies only the chosen experts (default, as llama.cpp's "
+                        "-ot exps=CPU), or streamed with their layer")
+    g.add_argument("--host-cache-gb", type=float, default=None,
+                   help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
+    g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    g.add_argument("--reader-dir", action="append", default=[], metavar="DIR",
+                   help="the directory (drive) each reader serves, once per reader, for split models across drives")
+    g.add_argument("--direct-io", action="store_true", help="read with O_DIRECT, bypassing the page cache")
+    g.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
+    g.add_argument("--kv-on-host", action="store_true", default=None,
+                   help="keep the KV cache in host memory and stream it with its layer")
+    g.add_argument("-ngl", "--n-gpu-layers", "--resident-layers", dest="resident_layers", type=int, default=None,
+                   metavar="N", help="override the plan: keep N layers resident (as llama.cpp's -ngl; more than the "
+                                     "model has keeps them all), stream the rest")
+    g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ZeroMQ transport between processes")
+    g.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="seconds a step may wait on the compute process without a message before the run ends (120)")
+    g.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON timeline of the run")
+    return p
+
+
+def _num(v: float) -> str:
+    """A number as the user would write it: 4, 0.5, 1048576 (never 1.04858e+06)."""
+    return str(int(v)) if math.isfinite(v) and v == int(v) and abs(v) < 1 << 53 else repr(v)
+
+
+def _path_problem(path: str, what: str = "file") -> str | None:
+    """Why a file to read cannot be read, or None."""
+    if os.path.isdir(path):
+        return "is a directory; give the .gguf file inside it" if what == "model" else "is a directory, not a file"
+    if not os.path.exists(path):
+        return "no such file"
+    if not os.path.isfile(path):
+        return "is not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable (check its permissions)"
+    return None
+
+
+def check_args(args) -> None:
+    """Every option checked before a model is opened, torch imported or a process started: raises
+    UsageError with one line. Fills in what follows from the options (the prompt, the seed)."""
+    def fail(msg: str):
+        raise UsageError(msg)
+
+    def finite(name: str, v: float | None, low: float, high: float, low_open: bool = False) -> None:
+        if v is not None and not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            fail(f"--{name} {_num(v)}: must be a finite number {'above' if low_open else 'from'} {_num(low)}"
+                 f"{' and at most' if low_open else ' to'} {_num(high)}")
+
+    def ints(name: str, v: int | None, low: int, high: int) -> None:
+        if v is not None and not low <= v <= high:
+            fail(f"--{name} {v}: must be from {low} to {high}")
+
+    if args.prompt_opt is not None:
+        if args.prompt:
+            fail("the prompt is given twice (-p and as words); give it once")
+        args.prompt = [args.prompt_opt]
+    modes = [m for m, on in (("--serve", args.serve), ("--perplexity", args.perplexity)) if on]
+    if len(modes) > 1:
+        fail(f"{' and '.join(modes)} do not go together; give one")
+    if args.perplexity and args.chat:
+        fail("--chat and --perplexity do not go together: perplexity scores plain text; drop --chat")
+    if (args.serve or args.perplexity) and " ".join(args.prompt).strip():
+        fail(f"{modes[0]} takes no prompt text; drop the prompt")
+    if args.system is not None and not args.chat:
+        fail("--system needs --chat (the system message goes through the chat template)")
+    ints("max-tokens", args.max_tokens, 1, MAX_CTX)
+    finite("temperature", args.temperature, 0.0, 100.0)
+    if 0 < args.temperature < 1e-4:
+        fail(f"--temperature {args.temperature}: too small to sample with; use 0 for greedy decoding")
+    finite("top-p", args.top_p, 0.0, 1.0)  # as SamplingParams: 0 keeps the best token only
+    finite("min-p", args.min_p, 0.0, 1.0)
+    finite("repeat-penalty", args.repeat_penalty, 0.0, 100.0, low_open=True)
+    ints("top-k", args.top_k, 0, 1 << 31)
+    ints("repeat-last-n", args.repeat_last_n, 0, MAX_CTX)
+    if args.seed == -1:
+        args.seed = None  # as llama.cpp: -1 asks for a fresh seed
+    ints("seed", args.seed, 0, SEED_MAX)
+    ints("ctx", args.ctx, 2, MAX_CTX)
+    ints("batch", args.batch, 1, MAX_BATCH)
+    ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)
+    ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
+    ints("readers", args.readers, 1, MAX_READERS)
+    ints("prefetch", args.prefetch, 1, 1 << 16)
+    ints("resident-layers", args.resident_layers, 0, 1 << 16)
+    ints("step-tokens", args.step_tokens, 1, MAX_CTX)
+    ints("cpu-threads", args.cpu_threads, 1, 4096)
+    ints("vram-slots", args.vram_slots, 2, 16)
+    ints("expert-prefetch", args.expert_prefetch, 0, 1 << 16)
+    if args.vram_gb is not None and math.isfinite(args.vram_gb) and args.vram_gb <= 0:
+        fail(f"--vram-gb {_num(args.vram_gb)}: give the device memory budget in GiB, above 0 (for example "
+             "--vram-gb 4); leave it out for the whole free memory")
+    finite("vram-gb", args.vram_gb, 0.0, MAX_GB, low_open=True)
+    finite("host-cache-gb", args.host_cache_gb, 0.0, MAX_GB)
+    finite("expert-cache-gb", args.expert_cache_gb, 0.0, MAX_GB)
+    finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
+    if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
+        fail(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
+    for name in ("model", "perplexity", "api_key_file"):
+        path = getattr(args, name)
+        why = path and _path_problem(path, name)
+        if why:
+            fail(f"--{name.replace('_', '-')} {path}: {why}")
+    if args.perplexity and os.path.getsize(args.perplexity) == 0:
+        fail(f"--perplexity {args.perplexity}: the file is empty")
+    if args.trace:
+        d = os.path.dirname(os.path.abspath(args.trace))
+        if os.path.isdir(args.trace):
+            fail(f"--trace {args.trace}: is a directory; give a file name, for example {os.path.join(args.trace, 'trace.json')}")
+        if os.path.exists(args.trace) and not (os.path.isfile(args.trace) and os.access(args.trace, os.W_OK)):
+            fail(f"--trace {args.trace}: exists and cannot be written")
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            fail(f"--trace {args.trace}: cannot write there (no such directory, or not writable)")
+    ints("port", args.port, 0, 65535)
+    ints("max-queue", args.max_queue, 1, 1 << 20)
+    if args.api_key is not None and args.api_key_file is not None:
+        fail("--api-key and --api-key-file both given; give one")
+    if (args.api_key is not None or args.api_key_file is not None) and not args.serve:
+        fail("--api-key and --api-key-file are options of --serve")
+    if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
+        fail("no prompt given; pass the prompt text, or --chat for an interactive chat")
+    if args.cpu_share != "0":  # (its parser sits beside the pipeline, which imports torch)
+        from layerstream.coordinator.pipeline import parse_cpu_share
+        from layerstream.errors import ConfigError
+
+        try:
+            parse_cpu_share(args.cpu_share)
+        except ConfigError as e:
+            fail(str(e))
+
+
+def read_api_key(args, environ) -> str | None:
+    """The server's key: --api-key, else the first line of --api-key-file, else LAYERSTREAM_API_KEY."""
+    if args.api_key is not None:
+        key, where = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror or e})") from None
+        where = f"--api-key-file {args.api_key_file}"
+    elif environ.get("LAYERSTREAM_API_KEY") is not None:
+        key, where = environ["LAYERSTREAM_API_KEY"], "LAYERSTREAM_API_KEY"
+    else:
+        return None
+    if not key.strip():
+        raise UsageError(f"{where}: the key is empty")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise UsageError(f"{where}: the key holds spaces or control characters; use printable characters only")
+    return key

@@ -1,0 +1,198 @@
+"""The interactive chat of `run-pipeline --chat`: a conversation, its commands, and the terminal.
+
+Ctrl-C during a reply stops the reply between steps (never inside one, where the pipeline has a
+message in flight) and returns to the prompt. The text shown so far stays in the conversation
+as the assistant's turn, so the next turn sees what the user saw; a reply stopped before any
+text drops the user's turn with it (readline's history still has the line). Two Ctrl-C in a
+row (the one that stopped a reply counts), Ctrl-D or /bye end the chat.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from layerstream.coordinator.turn import Rates, Turn
+from layerstream.errors import ContextFullError, LayerstreamError
+
+HELP = """commands:
+  /bye          end the chat (as Ctrl-D)
+  /clear        forget the conversation (the system message stays)
+  /system TEXT  set the system message (/system alone removes it)
+  /help         this list
+Ctrl-C stops a reply; twice in a row, it ends the chat."""
+
+
+@dataclass
+class Conversation:
+    """The messages so far and the slash commands that change them."""
+
+    system: str | None = None
+    turns: list[dict] = field(default_factory=list)
+
+    def messages(self, user: str | None = None) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns + ([{"role": "user", "content": user}] if user is not None else [])
+
+    def add(self, user: str, reply: str) -> None:
+        self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+    def command(self, line: str) -> tuple[str, str]:
+        """A slash command: ("quit", ""), or ("say", what to tell the user)."""
+        name, _, rest = line.strip().partition(" ")
+        if name == "/bye":
+            return "quit", ""
+        if name == "/clear":
+            n = len(self.turns) // 2
+            self.turns.clear()
+            return "say", f"conversation cleared ({n} turn{'' if n == 1 else 's'} forgotten)"
+        if name == "/system":
+            self.system = rest.strip() or None
+            return "say", "system message set" if self.system else "system message removed"
+        if name in ("/help", "/?"):
+            return "say", HELP
+        return "say", f"unknown command {name}; /help lists the commands"
+
+
+class LineReader:
+    """Lines from stdin: through readline (editing, history) when a person types at a terminal; the
+    prompt only where a person sees it, never into piped output."""
+
+    def __init__(self, stdin=None, stdout=None, stderr=None):
+        self.stdin, self.stdout, self.stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+        self.person = _isatty(self.stdin)
+        # input() edits with readline only when stdin and stdout are both terminals, and writes
+        # its prompt to stdout: so only then
+        self.use_input = self.person and _isatty(self.stdout) and self.stdin is sys.stdin and self.stdout is sys.stdout
+        if self.use_input:
+            try:
+                import readline  # noqa: F401 - loading it gives input() line editing and history
+            except ImportError:  # a Python built without it: plain lines
+                pass
+
+    def read(self, prompt: str) -> str | None:
+        """One line without its newline; None at the end of input (Ctrl-D). A Ctrl-C raises
+        KeyboardInterrupt, with `typed` set to the text it threw away."""
+        self.typed = ""
+        if self.use_input:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+            except KeyboardInterrupt:
+                self.typed = _line_buffer()
+                raise
+        if self.person and _isatty(self.stderr):
+            self.stderr.write(prompt)
+            self.stderr.flush()
+        line = self.stdin.readline()
+        return line.rstrip("\r\n") if line else None
+
+
+def _line_buffer() -> str:
+    try:
+        import readline
+
+        return readline.get_line_buffer()
+    except ImportError:
+        return ""
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _StopOnCtrlC:
+    """While a reply runs: the first Ctrl-C asks it to stop after the current step, a second one
+    interrupts at once (a step that hangs never traps the user)."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __enter__(self):
+        try:
+            self.old = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default
+            self.old = None
+        return self
+
+    def _on_sigint(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def chat(engine, params, system: str | None = None, *, rates_each: bool = False, total: Rates | None = None,
+         reader: LineReader | None = None, out=None, err=None) -> int:
+    """The chat loop; returns the exit status (0 for /bye and Ctrl-D, 130 for two Ctrl-C)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    reader = reader or LineReader(stdout=out, stderr=err)
+    conv = Conversation(system)
+    total = total if total is not None else Rates()
+    if reader.person:
+        err.write("Chat with the model; /help lists the commands, Ctrl-D or /bye ends it.\n")
+    ctrl_c = False  # the last thing the user did was a Ctrl-C
+    while True:
+        try:
+            line = reader.read("> ")
+        except KeyboardInterrupt:
+            if getattr(reader, "typed", ""):  # a line thrown away, as a shell does: never a quit
+                ctrl_c = False
+                err.write("\n")
+                continue
+            if ctrl_c:
+                err.write("\n")
+                return 130
+            ctrl_c = True
+            err.write("\n(Ctrl-C again, Ctrl-D or /bye to quit)\n")
+            continue
+        if line is None:
+            if reader.person:
+                err.write("\n")
+            return 0
+        ctrl_c = False
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("/"):
+            what, text = conv.command(line)
+            if what == "quit":
+                return 0
+            err.write(text + "\n")
+            continue
+        try:
+            ids = engine.encode_chat(conv.messages(line))
+        except LayerstreamError as e:
+            err.write(f"run-pipeline: {e}\n")
+            continue
+        turn = Turn(engine, ids, params)
+        reply = ""
+        try:
+            with _StopOnCtrlC() as sigint:
+                for piece in turn.pieces(stop=lambda: sigint.pressed):
+                    reply += piece
+                    out.write(piece)
+                    out.flush()
+        except ContextFullError:
+            out.write("\n")
+            out.flush()
+            err.write(f"run-pipeline: the conversation reached the context size ({engine.cfg.ctx} tokens); "
+                      "/clear starts over (or restart with a larger --ctx)\n")
+            continue
+        out.write("\n")
+        out.flush()
+        if turn.stopped:
+            ctrl_c = True
+            err.write("[reply stopped; Ctrl-C again to quit]\n")
+        if reply or not turn.stopped:
+            conv.add(line, reply)
+        total.add(turn.rates)
+        if rates_each:
+            err.write(turn.rates.line() + "\n")

@@ -1,0 +1,90 @@
+"""One request through the engine core, timed: the generation loop of the CLI and of its chat."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from layerstream.errors import ContextFullError
+
+
+@dataclass
+class Rates:
+    """Prompt and decode figures of one or more requests, as llama.cpp and Ollama print them."""
+
+    prompt_tokens: int = 0  # prompt tokens computed
+    reused_tokens: int = 0  # prompt tokens whose KV an earlier request left in the row (not computed)
+    prompt_s: float = 0.0  # from the request's submission to its first sampled token
+    sampled: int = 0  # tokens sampled (an end-of-sequence token included)
+    decode_s: float = 0.0  # from the first sampled token to the last: the prompt excluded
+
+    def add(self, other: "Rates") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.reused_tokens += other.reused_tokens
+        self.prompt_s += other.prompt_s
+        self.sampled += other.sampled
+        self.decode_s += other.decode_s
+
+    def line(self, load_s: float | None = None) -> str:
+        def rate(n: int, s: float) -> str:
+            return f"{n / s:.1f} tokens/s" if n > 0 and s > 0 else "n/a"
+
+        # the first sampled token ends the prompt's time; the decode rate counts the ones after it
+        decode_n = max(self.sampled - 1, 0)
+        load = "" if load_s is None else f"load {load_s:.1f} s; "
+        reused = f" (and {self.reused_tokens} reused)" if self.reused_tokens else ""
+        return (f"{load}prompt: {self.prompt_tokens} tokens{reused} in {self.prompt_s:.2f} s, "
+                f"{rate(self.prompt_tokens, self.prompt_s)}; decode: {self.sampled} tokens in "
+                f"{self.decode_s:.2f} s, {rate(decode_n, self.decode_s)}")
+
+
+class Turn:
+    """Generates one reply through `engine.core`; `stop()` ends it between steps, and the
+    request is aborted in the core (its row freed) however the reply ends."""
+
+    _count = 0
+
+    def __init__(self, engine, ids: list[int], params):
+        Turn._count += 1
+        self.engine, self.ids, self.params = engine, ids, params
+        self.request_id = f"cli-{Turn._count}"
+        self.rates = Rates()
+        self.finish_reason: str | None = None
+        self.stopped = False
+
+    def pieces(self, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """The reply's text, piece by piece; ends early (stopped = True) once stop() says so."""
+        core = self.engine.core
+        reused = getattr(core, "reused_tokens", 0)
+        t0 = time.perf_counter()
+        t_first = t_last = None
+        core.add_request(self.request_id, self.ids, self.params)
+        try:
+            while core.has_unfinished():
+                if stop():
+                    self.stopped = True
+                    return
+                for out in core.step():
+                    if out.request_id != self.request_id:
+                        continue
+                    if out.token_ids or out.finish_reason == "eos":
+                        t_last = time.perf_counter()
+                        t_first = t_first or t_last
+                        self.rates.sampled += 1
+                    if t_first is not None and not self.rates.prompt_tokens:
+                        self.rates.reused_tokens = getattr(core, "reused_tokens", 0) - reused
+                        self.rates.prompt_tokens = len(self.ids) - self.rates.reused_tokens
+                        self.rates.prompt_s = t_first - t0
+                    if out.text:
+                        yield out.text
+                    if out.finished:
+                        self.finish_reason = out.finish_reason
+                        if out.finish_reason == "context_full" and self.engine.cfg.on_context_full == "error":
+                            raise ContextFullError(f"the sequence reached the context size ({self.engine.cfg.ctx} "
+                                                   "tokens); raise --ctx or pass --on-context-full slide")
+        finally:
+            if t_first is not None:
+                self.rates.decode_s = t_last - t_first
+            core.abort(self.request_id)  # a reply stopped or failed gives its row back
+            core.aborted.clear()  # (its report is for nobody: one request at a time here)
