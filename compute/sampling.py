@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layerstream.errors import ConfigError
+from layerstream.errors import ConfigError, ModelError
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,18 @@ class Sampler:
         return torch.where(seen, penalized, logits)
 
     def sample(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
-        """Next token per row. logits: [B, V] (any float dtype, CPU or CUDA); returns [B] long."""
+        """Next token per row. logits: [B, V] (any float dtype, CPU or CUDA); returns [B] long on the
+        host. A row whose logits are not finite (NaN weights, an overflowing dtype) raises ModelError;
+        the check rides on the one transfer that brings the tokens to the host."""
         B, V = logits.shape
         if len(histories) != B:
             raise ValueError(f"{len(histories)} histories for {B} rows of logits")
         P = self.params
         x = self.penalize(logits.float(), histories)  # [B, V]
+        best = x.amax(dim=-1)  # [B]: NaN and +inf carry through the max; -inf: no token is possible
         if P.temperature == 0:
-            return x.argmax(dim=-1)
+            return self._checked(x.argmax(dim=-1), best, histories)
+        x = torch.where(torch.isfinite(best)[:, None], x, 0.0)  # a broken row draws harmlessly, then is refused
 
         # Candidates sorted by logit, best first: [B, K]
         if 0 < P.top_k < V:
@@ -108,4 +112,17 @@ class Sampler:
         vals = torch.where(keep, (vals - vals[:, :1]) / P.temperature, float("-inf"))  # max first: no overflow
         probs = torch.softmax(vals, dim=-1)
         pick = torch.multinomial(probs, 1, generator=self.generator(logits.device))  # [B, 1]
-        return idx.gather(-1, pick).squeeze(-1)
+        return self._checked(idx.gather(-1, pick).squeeze(-1), best, histories)
+
+    @staticmethod
+    def _checked(tokens: torch.Tensor, best: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
+        """tokens [B] on the host, after one transfer of tokens and row maxima; ModelError for a
+        row whose maximum is not finite."""
+        host = torch.stack([tokens.double(), best.double()]).cpu()  # [2, B] (ids < 2^53: exact)
+        for b, m in enumerate(host[1].tolist()):
+            if not math.isfinite(m):
+                what = "NaN" if math.isnan(m) else "infinite" if m > 0 else "no finite"
+                raise ModelError(f"the model produced {what} logits at token {len(histories[b])}: its weights may "
+                                 "be corrupt (re-download or re-convert the model file), or its activations "
+                                 "overflow the --dtype")
+        return host[0].long()

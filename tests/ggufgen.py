@@ -307,3 +307,16 @@ def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: d
     w.write_tensors_to_file()
     w.close()
     return os.fspath(out)
+
+
+def poison(path: str | os.PathLike, tensor: str = "output_norm.weight", value: float = float("nan")) -> str:
+    """Overwrite one float32 tensor of the file in place with `value` (NaN weights: a corrupt file)."""
+    path = os.fspath(path)
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.name == tensor)
+    if t.tensor_type != QT.F32:
+        raise ValueError(f"{tensor} is {t.tensor_type.name}; poison() writes float32 tensors")
+    with open(path, "r+b") as fh:
+        fh.seek(int(t.data_offset))
+        fh.write(np.full(int(t.n_elements), value, dtype=np.float32).tobytes())
+    return path
