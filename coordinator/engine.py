@@ -19,7 +19,7 @@ from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.kv_ring import KVRing
 from layerstream.coordinator.tokenizer import Tokenizer
-from layerstream.errors import ConfigError, ContextFullError
+from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 
 
@@ -264,6 +264,8 @@ class Engine:
                         yield i, out.text
                     if out.finished:
                         reasons[i] = out.finish_reason
+                        if out.finish_reason == "error":  # this request's own failure (e.g. NaN logits)
+                            raise LayerstreamError(out.error or "the request failed")
                         if out.finish_reason == "context_full" and self.cfg.on_context_full == "error":
                             raise ContextFullError(f"the sequence reached the context size ({self.cfg.ctx} tokens); "
                                                    "raise --ctx or pass --on-context-full slide")
