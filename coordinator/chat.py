@@ -107,7 +107,7 @@ class ChatTemplate:
         except Exception as e:  # a template bug or messages of an unexpected shape
             raise ModelError(f"chat template failed: {type(e).__name__}: {_one_line(e)}") from None
         finally:
-            env.deadline = float("inf")
+            env.finish()
         return "".join(out)
 
     def render_segments(self, messages: list[dict[str, Any]], **kw: Any) -> list[tuple[str, bool]]:

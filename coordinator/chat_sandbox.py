@@ -8,6 +8,7 @@ import inspect
 import json
 import re
 import string
+import threading
 import time
 import types
 from datetime import datetime
@@ -255,9 +256,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, **kw: Any):
         super().__init__(optimized=False, **kw)
-        self.deadline = float("inf")
-        self.range_left = MAX_RANGE_TOTAL
-        self.loop_left = MAX_LOOP_STEPS
+        self._budget = threading.local()  # one render's limits: renders in other threads keep their own
         self.globals.pop("lipsum", None)  # builds text of any length from two numbers
         self.globals.update(range=self._range, raise_exception=_raise_exception, strftime_now=_strftime_now)
         self.filters["tojson"] = _tojson
@@ -267,15 +266,26 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self._own = (self._range, self._checked_concat, self._checked_loop)  # check their own arguments
 
     def start(self) -> None:
-        """Arm the limits for one render."""
-        self.deadline = time.monotonic() + RENDER_SECONDS
-        self.range_left, self.loop_left = MAX_RANGE_TOTAL, MAX_LOOP_STEPS
+        """Arm the limits for one render (in this thread)."""
+        b = self._budget
+        b.deadline, b.range_left, b.loop_left = time.monotonic() + RENDER_SECONDS, MAX_RANGE_TOTAL, MAX_LOOP_STEPS
+
+    def finish(self) -> None:
+        """Disarm the deadline (a later compile folds constants without one)."""
+        self._budget.deadline = float("inf")
+
+    def _left(self, name: str, n: int) -> int:
+        """Take n from this render's budget `name`; what is left."""
+        b = self._budget
+        left = getattr(b, name, MAX_RANGE_TOTAL if name == "range_left" else MAX_LOOP_STEPS) - n
+        setattr(b, name, left)
+        return left
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         return _Guards().visit(super()._parse(source, name, filename))
 
     def tick(self) -> None:
-        if time.monotonic() > self.deadline:
+        if time.monotonic() > getattr(self._budget, "deadline", float("inf")):
             raise LimitExceeded(f"rendering took longer than {RENDER_SECONDS:g} s")
 
     @staticmethod
@@ -285,8 +295,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def _range(self, *args: Any) -> range:
         r = range(*args)
-        self.range_left -= len(r)
-        if self.range_left < 0:
+        if self._left("range_left", len(r)) < 0:
             raise LimitExceeded(f"loops over more than {MAX_RANGE_TOTAL} range() elements")
         return r
 
@@ -294,8 +303,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         for i, x in enumerate(iterable):
             if not i & 1023:
                 self.tick()
-            self.loop_left -= 1
-            if self.loop_left < 0:
+            if self._left("loop_left", 1) < 0:
                 raise LimitExceeded(f"loops run more than {MAX_LOOP_STEPS} times")
             yield x
 
