@@ -81,7 +81,7 @@ def model_for(args):
 
 
 def _device(args) -> torch.device:
-    from layerstream.compute.runner import resolve_device
+    from layerstream.compute.device import resolve_device
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -90,7 +90,7 @@ def _device(args) -> torch.device:
 
 
 def _dtype(args, device):
-    from layerstream.compute.runner import resolve_dtype
+    from layerstream.compute.device import resolve_dtype
 
     return resolve_dtype(args.dtype, device)
 
@@ -499,7 +499,8 @@ def bench_qmatmul(args) -> list[dict]:
 def bench_compute(args) -> list[dict]:
     from layerstream.compute.block import layer_forward
     from layerstream.compute.model import SeqStep, build_step_meta, rope_inv_freq
-    from layerstream.compute.runner import ResidentLayers, keeps_quantized
+    from layerstream.compute.device import keeps_quantized
+    from layerstream.compute.weights import ResidentLayers
 
     device = _device(args)
     dtype = _dtype(args, device)

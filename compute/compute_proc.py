@@ -13,8 +13,10 @@ from layerstream.compute.cpu.config import CpuShareConfig
 from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.model import SeqStep
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
-from layerstream.compute.runner import GlobalWeights, ModelRunner, keeps_quantized
+from layerstream.compute.device import keeps_quantized
+from layerstream.compute.runner import ModelRunner
 from layerstream.compute.streamed import StreamedLayers
+from layerstream.compute.weights import GlobalWeights
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
@@ -44,7 +46,7 @@ class ComputeConfig:
     parent_pid: int
     trace: bool = False
     sliding: bool = False  # the KV ring slides: K is stored unrotated
-    weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see runner.keeps_quantized
+    weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see device.keeps_quantized
     budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
     step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
     cpu_share: CpuShareConfig = CpuShareConfig()  # the CPU's share of the streamed layers (compute/cpu/)

@@ -16,7 +16,7 @@ from layerstream.compute.expert_layout import expert_bytes, expert_parts
 from layerstream.compute.h2d import DriverCopies
 from layerstream.compute.moe import experts_grouped
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
-from layerstream.compute.runner import device_weight
+from layerstream.compute.weights import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
 
@@ -60,7 +60,7 @@ class ExpertCache:
         # `slot` bytes each: the cache's slots, then `in_flight` slots for the newcomers the cache
         # does not keep. Copies land in place, with no allocation, and every expert sits at a
         # byte offset from one fixed anchor, the pool, so a CUDA graph can read whichever experts
-        # a step chose from offsets in a tensor (runner.py, NOTE [ decode graphs ]). A fetch never
+        # a step chose from offsets in a tensor (graphs.py, NOTE [ decode graphs ]). A fetch never
         # evicts an expert that the same fetch serves. Dense experts (dequantized) are tensors of
         # their own, as before.
         self.slot = slot if quantized else 0
@@ -363,7 +363,7 @@ class ExpertSet:
     """What moe_block sees of a layer whose experts stream (a moe.ExpertSource): `fetch(ids)` ->
     {expert: (gate, up, down)}, or `grouped_sum` through the pool.
     `dense_fixed`: the layer's other tensors stay at fixed device addresses (kept, not in a
-    VRAM slot), so a CUDA graph may hold its attention and router (runner.py)."""
+    VRAM slot), so a CUDA graph may hold its attention and router (graphs.py)."""
 
     def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray, dense_fixed: bool = False,
                  cpu: CpuExperts | None = None, frac: float = 0.0, next_router: dict | None = None,

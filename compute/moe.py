@@ -260,7 +260,7 @@ def experts_grouped(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor,
     """The weighted sum of each token's chosen experts (NOTE [ grouped experts ]): `offs` [3, T * k]
     holds the byte offsets from `anchor` of each (token, choice) pair's gate, up and down blocks,
     `parts` their (qtype, rows, cols). Three launches at most, no host sync: a CUDA graph may
-    hold it (runner.py, NOTE [ decode graphs ])."""
+    hold it (graphs.py, NOTE [ decode graphs ])."""
     T, k = weight.shape
     dev = h.device
     (gq, N, K), (uq, _, _), (dq, Nd, Kd) = parts

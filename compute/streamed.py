@@ -50,7 +50,7 @@ from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, str
 from layerstream.compute.expert_layout import slot_bytes as expert_slot
 from layerstream.compute.experts import ExpertCache, ExpertSet
 from layerstream.compute.model import LayerWeights
-from layerstream.compute.runner import device_weight
+from layerstream.compute.weights import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
 
@@ -131,7 +131,7 @@ class StreamedLayers:
             self._issue_copies(0)
 
     def fixed(self, i: int) -> LayerWeights | None:
-        """A resident layer's weights, once loaded (NOTE [ decode graphs ] in runner.py)."""
+        """A resident layer's weights, once loaded (NOTE [ decode graphs ] in graphs.py)."""
         return self.resident.get(i)
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
@@ -181,7 +181,7 @@ class StreamedLayers:
 
     def moe_graph_key(self, i: int) -> bool | None:
         """For a streamed MoE layer whose attention and router read only kept tensors in this
-        step (so they may run before layer(i) is asked for: runner.py, NOTE [ the next router
+        step (so they may run before layer(i) is asked for: graphs.py, NOTE [ the next router
         early ]), whether its step also predicts the next layer's experts; None for any other."""
         return self._predicts(i) if self._kept(i) else None
 

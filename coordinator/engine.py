@@ -13,7 +13,7 @@ from typing import Iterator, Protocol
 import torch
 
 from layerstream.compute.model import SeqStep
-from layerstream.compute.runner import resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
+from layerstream.compute.device import resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
@@ -49,8 +49,9 @@ class EngineConfig:
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
     """A ModelRunner with every layer resident: the single-process engine."""
-    from layerstream.compute.runner import (GlobalWeights, ModelRunner, ResidentLayers, check_model_quants,
-                                            keeps_quantized)
+    from layerstream.compute.device import keeps_quantized
+    from layerstream.compute.runner import ModelRunner
+    from layerstream.compute.weights import GlobalWeights, ResidentLayers, check_model_quants
 
     check_model_quants(index)
     device = resolve_device(cfg.device)

@@ -132,7 +132,7 @@ class Pipeline:
         if cfg.reader_dirs and len(cfg.reader_dirs) != cfg.readers:
             raise ConfigError(f"--reader-dir given {len(cfg.reader_dirs)} times for --readers {cfg.readers}; give one per reader")
         self.reader_plan = readers_for(index.files, cfg.readers, list(cfg.reader_dirs) or None)
-        from layerstream.compute.runner import keeps_quantized
+        from layerstream.compute.device import keeps_quantized
 
         self.weights = weights
         self.cpu_share = parse_cpu_share(cfg.cpu_share)
@@ -497,8 +497,8 @@ class Pipeline:
 
 
 def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
-    from layerstream.compute.runner import check_model_quants
-    from layerstream.compute.runner import resolve_device, resolve_dtype
+    from layerstream.compute.device import resolve_device, resolve_dtype
+    from layerstream.compute.weights import check_model_quants
 
     check_model_quants(index)
     device = resolve_device(ecfg.device)

@@ -1,4 +1,4 @@
-"""The streamed MoE layer's two graphs (NOTE [ decode graphs ] in runner.py) on the CPU: CUDA
+"""The streamed MoE layer's two graphs (NOTE [ decode graphs ] in graphs.py) on the CPU: CUDA
 graphs stood in for by functions that replay into the tensors their capture returned, so the
 host's part (the fetch, the offsets, the CPU's experts and their weights) is checked in CI
 against the same layers run eagerly."""
@@ -13,7 +13,8 @@ from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes
 from layerstream.compute.experts import ExpertCache, ExpertSet
 from layerstream.compute.model import SeqStep
-from layerstream.compute.runner import GlobalWeights, ModelRunner, load_tensor
+from layerstream.compute.runner import ModelRunner
+from layerstream.compute.weights import GlobalWeights, load_tensor
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
 from layerstream.proto.timeline import Timeline
@@ -90,14 +91,14 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
                     ctx=64, max_seqs=2)
     if graphs:  # the CUDA-only switches, stood in for
-        r._graph_layers = lambda seqs, decode: setattr(r, "_graph_step", decode) or 0
-        r._capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
-        early = r._next_router_early
+        r._graph_layers = lambda seqs, decode: r.moe_graphs.start_step(decode) or 0
+        r.capture.capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
+        early = r.moe_graphs._next_router_early
 
         def count_early(*a):
             early(*a)
-            src.early = getattr(src, "early", 0) + (r._early is not None)
-        r._next_router_early = count_early
+            src.early = getattr(src, "early", 0) + (r.moe_graphs.early is not None)
+        r.moe_graphs._next_router_early = count_early
     seqs = [[5, 17, 33], [9, 3]]
     src.prompt = True
     r.step([SeqStep(row=b, tokens=t, slots=list(range(len(t))), positions=list(range(len(t))),
@@ -126,7 +127,7 @@ def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
         got, graphed, cpu, cache, early = _decode(path, graphs=True, frac=frac, ahead=ahead)
         assert graphed == 2 * 3  # every decode step's two layers ran through the graph path
         # layer 1's attention and router ran right after layer 0's experts once its graphs existed
-        # (NOTE [ the next router early ] in runner.py): in the second and third decode steps
+        # (NOTE [ the next router early ] in graphs.py): in the second and third decode steps
         assert early == 2
         if frac:
             assert cpu.computed > 0
@@ -138,7 +139,7 @@ def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
 
 def test_graph_path_when_the_cpu_takes_experts_in_some_steps_only(tmp_path):
     """A layer's graph B weighs the CPU's pairs 0 through its keep weights; where the CPU then
-    takes none, they must be 1 again (runner.py uploads them only when that changes)."""
+    takes none, they must be 1 again (graphs.py uploads them only when that changes)."""
     pytest.importorskip("triton")
     path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
                                n_ff=64, n_expert=8, n_expert_used=2, seed=9)

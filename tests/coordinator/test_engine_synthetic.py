@@ -191,7 +191,7 @@ def test_attention_in_groups_matches_reference(tmp_path, monkeypatch):
 def test_gemma3_defaults_to_bfloat16_where_the_default_is_float16(tmp_path):
     """Gemma 3's activations exceed float16's range (the real 270M's logits are NaN in float16):
     CUDA's float16 default becomes bfloat16 for it, and an explicit float16 is refused in one line."""
-    from layerstream.compute.runner import resolve_dtype
+    from layerstream.compute.device import resolve_dtype
     from layerstream.errors import ConfigError
 
     cuda = torch.device("cuda")

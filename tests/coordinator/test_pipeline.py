@@ -91,7 +91,7 @@ def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     from layerstream.coordinator.plan import GiB, make_plan
     from layerstream.loader.layout import layer_layouts
 
-    from layerstream.compute.runner import default_dtype
+    from layerstream.compute.device import default_dtype
 
     nb = torch.finfo(default_dtype(torch.device("cpu"))).bits // 8  # the engine's dtype
     layouts = layer_layouts(index)

@@ -1,0 +1,77 @@
+"""The compute device and dtype from the command line, and the form weights take on it."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from layerstream.compute.qlinear import have_triton
+from layerstream.errors import ConfigError
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions (half the bytes of
+    float32 to read per token: measured 32 against 17 tokens/s on SmolLM2, 2 cores), else float32."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+
+
+# Architectures whose activations exceed float16's range: Gemma 3 270M's logits are NaN in
+# float16, and match float32's top-1 in bfloat16 (measured on the CPU, 60 positions).
+FLOAT16_OVERFLOWS = frozenset({"gemma3"})
+
+
+def resolve_dtype(name: str | None, device: torch.device, arch: str | None = None) -> torch.dtype:
+    """--dtype, or the device's default (default_dtype; bfloat16 instead of float16 for an
+    architecture in FLOAT16_OVERFLOWS, which refuses float16)."""
+    if name is None:
+        dtype = default_dtype(device)
+        return torch.bfloat16 if dtype == torch.float16 and arch in FLOAT16_OVERFLOWS else dtype
+    try:
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise ConfigError(f"--dtype {name}: use float32, float16 or bfloat16") from None
+    if dtype == torch.float16 and arch in FLOAT16_OVERFLOWS:
+        raise ConfigError(f"--dtype float16: {arch}'s activations exceed float16's range (its logits become NaN); "
+                          "use bfloat16 (its default) or float32")
+    return dtype
+
+
+def keeps_quantized(device, weights: str = "auto") -> bool:
+    """Whether matrices stay as GGUF blocks on `device`: on CUDA with Triton ("auto"), or when
+    asked ("quantized"; on the CPU that runs the kernels under Triton's interpreter, for tests).
+    On the CPU the fastest form is the dequantized one (torch's CPU GEMV on bf16)."""
+    if weights not in ("auto", "quantized", "dense"):
+        raise ValueError(f"weights={weights!r}: use auto, quantized or dense")
+    cuda = torch.device(device).type == "cuda"
+    if weights == "auto":
+        return cuda and have_triton()
+    if weights == "quantized" and not (have_triton() and (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ConfigError("quantized weights need Triton and a CUDA device (on the CPU only under Triton's "
+                          "interpreter, TRITON_INTERPRET=1, for tests); use the default weights")
+    return weights == "quantized"

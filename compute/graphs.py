@@ -1,0 +1,229 @@
+"""CUDA graphs of decode steps: the leading layers whose weights stay put, and a streamed MoE
+layer's two graphs around the host's expert fetch.
+
+NOTE [ decode graphs ]
+A decode step launches about 24 kernels a layer (8B), each costing more to launch from Python
+than to run, so decode steps replay CUDA graphs, captured once per (batch, padded KV length).
+The graph covers the leading layers whose weights stay put (`LayerSource.fixed`) and whose KV is
+on the device: every layer and the head in the in-VRAM engine; the resident layers in the
+streaming pipeline, whose streamed layers then run eagerly from their VRAM slots. All graphs
+share one memory pool and one capture stream (`GraphCapture`); each graph's output is consumed
+before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only steps of
+up to FUSED_MIN_OF_TYPES sequences are captured: their matmuls are the fused kernels
+(qlinear.FUSED_MIN_OF_TYPES), whereas cuBLAS takes a workspace for each new stream (graphs of
+larger batches ran out of memory at the budget), and at larger batches launches weigh less.
+A mixture-of-experts layer is captured with the others when its experts are resident blocks:
+the grouped kernels find the chosen experts on the device (moe.py, NOTE [ grouped experts ]).
+A streamed MoE layer whose other tensors are kept on the device (`ExpertSet.dense_fixed`) runs
+as two graphs of its own around the host's part (`MoeGraphs`): its attention and router (graph
+A); then the host reads the chosen ids, the expert cache copies the missing experts into its
+pool and the pairs' byte offsets go into graph B's input; then its experts (graph B), which read
+the pool (experts.py, NOTE [ the expert pool ]). Those graphs share one copy of the step's inputs
+per shape, filled once a step; graph B writes the layer's output back into that copy, where the
+next layer's graph A reads it.
+
+NOTE [ the next router early ]
+The host's time bounds a streamed MoE layer at batch 1: it waited a fifth of the layer for graph
+A, and the device waited for the host's bookkeeping between layers (the layer's release, the
+next layer's announcement). So right after graph B of layer i (and the next layer's copies
+ahead), graph A of layer i+1 is launched too, before that bookkeeping, when layer i+1 is a
+streamed MoE layer whose attention and router read only kept tensors
+(`LayerSource.moe_graph_key`) and its graphs exist: they need nothing that layer(i+1) returns.
+The device then runs layer i+1's attention and router while the host does the bookkeeping, and
+the host's wait for the chosen ids mostly vanishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from layerstream.compute.model import LayerWeights, SeqStep, StepMeta, attention_block
+from layerstream.compute.moe import experts_grouped, moe_route, predict_next
+from layerstream.loader.gguf_index import HParams
+
+
+def static_meta(meta: StepMeta) -> tuple[StepMeta, list[str]]:
+    """A graph's own copy of a step's meta, and the names of its tensor fields (its inputs)."""
+    names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
+    return dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names}), names
+
+
+def fill_meta(s_meta: StepMeta, meta: StepMeta, names: list[str]) -> None:
+    """The step's inputs into a graph's own tensors."""
+    for name in names:
+        getattr(s_meta, name).copy_(getattr(meta, name))
+
+
+class GraphCapture:
+    """CUDA graphs captured into one memory pool from one side stream, shared by a runner's graphs."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.pool = self.stream = None
+
+    def capture(self, run):
+        """A CUDA graph of run() (after one warm-up run outside it) and the outputs it writes."""
+        if self.pool is None:
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
+        side = self.stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            out = run()
+        return graph, out
+
+
+class LayerGraphs:
+    """Layers 0..upto-1 (and the head) of decode steps, one graph per (layers, batch, padded KV
+    length); `forward(x, meta, upto, head, seqs)` is what a graph holds."""
+
+    def __init__(self, capture: GraphCapture, source, forward: Callable[..., torch.Tensor]):
+        self.capture, self.source, self.forward = capture, source, forward
+        self.graphs: dict[tuple[int, int, int], tuple] = {}  # (layers, batch, padded KV length) -> graph
+
+    def replay(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool) -> torch.Tensor:
+        """Layers 0..upto-1 (and the head) through the graph captured for this shape: their output,
+        a new tensor."""
+        key = (upto + head, len(seqs), meta.kv_len)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(x, meta, seqs, upto, head)
+        graph, s_x, s_meta, s_out, names = g
+        s_x.copy_(x)
+        fill_meta(s_meta, meta, names)
+        cur = torch.cuda.current_stream(self.capture.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(cur)
+        graph.replay()
+        end.record(cur)
+        self.source.graph_ran(0, upto, start, end)
+        return s_out.clone()
+
+    def _capture(self, x, meta, seqs, upto: int, head: bool):
+        s_x = x.clone()
+        s_meta, names = static_meta(meta)
+        graph, s_out = self.capture.capture(lambda: self.forward(s_x, s_meta, upto, head, seqs))
+        return graph, s_x, s_meta, s_out, names
+
+
+class MoeGraphs:
+    """Streamed MoE layers' graphs A and B (NOTE [ decode graphs ]), and the next layer's graph A
+    launched early (NOTE [ the next router early ])."""
+
+    def __init__(self, hp: HParams, source, kv, capture: GraphCapture):
+        self.hp, self.source, self.kv, self.capture = hp, source, kv, capture
+        self.device = capture.device
+        self.graphs: dict[tuple[int, int, int, bool], tuple] = {}  # (layer, batch, padded KV length, ahead) -> A, B
+        self.inputs: dict[tuple[int, int], tuple] = {}  # (batch, padded KV length) -> (x, meta, names, filled)
+        self.early = None  # the graph key of the layer whose graph A already ran (NOTE [ the next router early ])
+        self.keep_ones: set = set()  # graph keys whose device keep weights are all 1 (NOTE [ CPU experts ])
+        self.on = False  # this step may replay graphs (a decode step within the limits)
+
+    def start_step(self, on: bool) -> None:
+        """A new step, which may replay graphs (`on`) or not."""
+        self.on, self.early = on, None
+
+    def runs(self, i: int, w: LayerWeights) -> bool:
+        """Whether streamed MoE layer i runs as its two graphs in this step (NOTE [ decode graphs ])."""
+        ex = w.get("experts")
+        return self.on and ex is not None and ex.dense_fixed and ex.grouped and self.kv.on_device(i)
+
+    def layer(self, i: int, w: LayerWeights, x: torch.Tensor, meta: StepMeta, k, v, stop: int) -> torch.Tensor:
+        """Streamed MoE layer i through its graphs: attention and router, the host's fetch, experts;
+        then the next layer's attention and router, where they may run early (NOTE [ the next
+        router early ])."""
+        T = x.shape[0]
+        ex = w["experts"]
+        key = (i, T, meta.kv_len, ex.next_router is not None)
+        g = self.graphs.get(key)
+        s_x, s_meta = self._inputs(x, meta)
+        if self.early != key:
+            if x is not s_x:  # (graph B of the layer before wrote it there)
+                s_x.copy_(x)
+            if g is None:
+                x_in = s_x.clone()  # capturing graph B runs it once, writing s_x
+                g = self.graphs[key] = self._capture_ab(i, w, s_x, s_meta, k, v)
+                s_x.copy_(x_in)
+            g[0].replay()
+        self.early = None
+        graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g
+        ids = ex.read_ids(ids)  # the layer's host sync: its chosen experts, then those predicted for the next
+        n = T * self.hp.n_expert_used
+        # into this layer's own pinned buffers: their last copies crossed a step ago
+        _, keep_host, run_cpu = ex.prepare(ids[:n], h, weight, out=pinned[0])
+        offs.copy_(pinned[0], non_blocking=True)
+        if keep is not None and (keep_host is not None or key not in self.keep_ones):
+            # captured with the CPU's share (NOTE [ CPU experts ]): its pairs weigh 0 on the device;
+            # all 1 where it takes none (uploaded only when that changes)
+            if keep_host is None:
+                pinned[1].fill_(1.0)
+                self.keep_ones.add(key)
+            else:
+                pinned[1].copy_(keep_host)
+                self.keep_ones.discard(key)
+            keep.copy_(pinned[1], non_blocking=True)
+        graph_b.replay()
+        ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])
+        if run_cpu is not None:  # while the device computes its experts
+            pinned[2].copy_(run_cpu())
+            out.add_(pinned[2].to(self.device, non_blocking=True))
+        self.source.graph_ran(i, i + 1, None, None)
+        if i + 1 < stop:
+            self._next_router_early(i + 1, T, meta.kv_len)
+        return out
+
+    def _next_router_early(self, j: int, T: int, kv_len: int) -> None:
+        """Launch graph A of layer j now, if it is a streamed MoE layer that allows it and its
+        graphs exist (NOTE [ the next router early ]); its input is already in place."""
+        ahead = self.source.moe_graph_key(j)
+        if ahead is None or not self.kv.on_device(j):
+            return
+        key = (j, T, kv_len, ahead)
+        g = self.graphs.get(key)
+        if g is not None:
+            g[0].replay()
+            self.early = key
+
+    def _inputs(self, x: torch.Tensor, meta: StepMeta) -> tuple:
+        """The graphs' copy of the step's inputs for this shape, holding this step's meta."""
+        key = (x.shape[0], meta.kv_len)
+        got = self.inputs.get(key)
+        if got is None:
+            got = self.inputs[key] = (x.clone(), *static_meta(meta), meta)
+        s_x, s_meta, names, filled = got
+        if filled is not meta:  # once a step
+            fill_meta(s_meta, meta, names)
+            self.inputs[key] = (s_x, s_meta, names, meta)
+        return s_x, s_meta
+
+    def _capture_ab(self, i: int, w: LayerWeights, s_x, s_meta, k, v) -> tuple:
+        hp, ex = self.hp, w["experts"]
+        T, kk = s_x.shape[0], hp.n_expert_used
+
+        def part_a():
+            x1 = attention_block(hp, w, s_x, s_meta, k, v, hp.is_swa(i))
+            h, weight, chosen = moe_route(hp, w, x1)
+            ids = chosen.flatten()
+            if ex.next_router is not None:  # NOTE [ expert prefetch ] in experts.py
+                ids = torch.cat((ids, predict_next(hp, ex.next_router, x1).flatten()))
+            return x1, h, weight, ids
+
+        graph_a, outs_a = self.capture.capture(part_a)
+        x1, h, weight, _ = outs_a
+        offs = torch.zeros(3, T * kk, dtype=torch.int64, device=self.device)  # slot 0 until the first fetch
+        pool, parts = ex.cache.pool, ex.parts
+        keep = None if ex.cpu is None else torch.ones(T, kk, dtype=torch.float32, device=self.device)
+        graph_b, out = self.capture.capture(lambda: s_x.copy_(x1 + experts_grouped(
+            h, weight if keep is None else weight * keep, pool, offs, parts).to(x1.dtype)))
+        # pinned: the offsets, and with the CPU's share the pairs' weights and the CPU's sum
+        pin = self.device.type == "cuda"
+        pinned = (torch.empty(3, T * kk, dtype=torch.int64, pin_memory=pin),
+                  *((None, None) if keep is None else (torch.empty(T, kk, dtype=torch.float32, pin_memory=pin),
+                                                       torch.empty(T, x1.shape[1], dtype=torch.float32, pin_memory=pin))))
+        return graph_a, graph_b, outs_a, offs, pinned, keep, out
