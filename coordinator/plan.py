@@ -17,13 +17,14 @@ if the plan undercounted, a step fails with an out-of-memory error instead of ov
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 
 from layerstream.compute.expert_layout import EXPERT_TENSORS
-from layerstream.compute.model import ATTN_TEMP_BYTES
-from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, HEAD_CHUNK, model_scratch_elems
+from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK, model_scratch_elems
+from layerstream.coordinator import memory
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout
@@ -31,8 +32,13 @@ from layerstream.loader.layout import LayerLayout
 GiB = 1 << 30
 MiB = 1 << 20
 SLOT_ROUND = 1 << 16
-SLACK_FRACTION = 0.04  # the caching allocator's rounding and fragmentation
-SLACK_MIN = 128 * MiB
+# beyond what the plan counts tensor by tensor, with the allocator's rounding (memory.py): a margin
+# for what it does not model (tensors of a few KiB made per layer, the streams' events)
+SLACK_FRACTION = 0.002
+SLACK_MIN = 16 * MiB
+MOE_GRAPHS = 64 * MiB  # a MoE model's streamed layers' decode graphs, one pair a layer and shape
+STEP_TOKENS = 512  # the largest step the plan makes unless --step-tokens asks for more
+DECODE_GAIN = 0.05  # a smaller step, or host KV, is taken where decode passes move this share fewer bytes
 
 
 def _gib(n: float) -> str:
@@ -59,6 +65,12 @@ class Plan:
     expert_cache_bytes: int = 0  # device memory for streamed experts (mixture-of-experts models)
     dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device (NOTE below)
     expert_prefetch: int = 0  # experts a layer copied ahead of its router, in each of two sets of slots
+    kv_rows: int = 1  # sequences whose KV the plan holds (the server admits this many at once)
+    host_parts: tuple[tuple[str, int], ...] = ()  # host memory the plan takes, by item (NOTE [ host memory ])
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(v for _, v in self.host_parts)
 
     @property
     def n_slots(self) -> int:
@@ -111,34 +123,149 @@ def fit_budget(device) -> int:
 
 
 def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return memory.mem_available()
 
 
-def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_seqs: int,
-                 quantized: bool, want_all: bool = True) -> int:
-    """Device bytes of one forward step's temporaries for T tokens (T >= max_seqs)."""
-    hp = index.hparams
-    E, F, V = hp.n_embd, hp.n_ff, hp.n_vocab
-    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
-    # residual, norm, q/k/v, attention output, gate, up, their product and the down output
-    act = T * (4 * E + H * D + 2 * Hkv * D + 3 * F) * dtype_bytes
-    # attention: its temporaries in groups bounded by ATTN_TEMP_BYTES (model.py), the step's
-    # mask (bool, and additive in the compute dtype) and the softmax statistics
-    attn = ATTN_TEMP_BYTES + max(T * ctx, max_seqs * ctx) * (dtype_bytes + 1) + hp.n_head * T * 4
-    rows = min(T, HEAD_CHUNK) if want_all else max_seqs
-    logits = rows * V * (dtype_bytes + 4) + T * E * dtype_bytes
-    dq = 0
-    if quantized and T > FUSED_MIN_OF_TYPES:
-        dq = model_scratch_elems(index) * dtype_bytes
-    partials = 64 * MiB  # split-K partial sums of the fused kernels, RoPE tables, step metadata
-    return act + attn + logits + dq + partials
+@dataclass(frozen=True, eq=False)
+class Sizes:
+    """What the plan weighs for one model at one dtype, device and context (see make_plan)."""
+
+    index: ModelIndex
+    layouts: list[LayerLayout]
+    e: int  # bytes of the compute dtype
+    ctx: int
+    max_seqs: int
+    quantized: bool
+    cuda: bool  # the caching allocator's rounding applies (NOTE [ the caching allocator's rounding ])
+    sliding: bool
+
+    @functools.cached_property
+    def slot_bytes(self) -> int:
+        return -(-max(lay.nbytes for lay in self.layouts) // SLOT_ROUND) * SLOT_ROUND
+
+    def _dense(self, t) -> int:
+        return math.prod(t.shape) * self.e
+
+    def _kept_as_blocks(self, t) -> bool:
+        return self.quantized and len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES
+
+    def layer_allocs(self, i: int) -> list[int]:
+        """A resident layer's device allocations in their order: its bytes as one copy when the
+        weights stay blocks, then every tensor the fused kernels do not read, dequantized."""
+        out = [self.layouts[i].nbytes] if self.quantized else []
+        return out + [self._dense(t) for t in self.index.layers[i].values() if not self._kept_as_blocks(t)]
+
+    @functools.cached_property
+    def layer_dense(self) -> list[int]:
+        """Each layer's tensors in the compute dtype (a streamed layer's working copy without blocks)."""
+        return [sum(self._dense(t) for t in self.index.layers[i].values()) for i in range(len(self.layouts))]
+
+    @functools.cached_property
+    def resident_prefix(self) -> list[int]:
+        """resident_prefix[r]: the device bytes the first r resident layers hold, the allocator's rounding included."""
+        allocs: list[int] = []
+        out = [0]
+        for i in range(len(self.layouts)):
+            allocs += self.layer_allocs(i)
+            out.append(memory.reserved_bytes(allocs, self.cuda))
+        return out
+
+    @functools.cached_property
+    def head(self) -> int:
+        g = self.index.globals
+        out = g.get("output.weight") or g["token_embd.weight"]
+        sizes = [self._dense(g["output_norm.weight"]), out.nbytes if self._kept_as_blocks(out) else self._dense(out)]
+        return memory.reserved_bytes(sizes, self.cuda)
+
+    @functools.cached_property
+    def kv_tensor(self) -> int:
+        """One layer's K (or V): [rows, ctx, n_head_kv, head_dim] in the compute dtype."""
+        hp = self.index.hparams
+        return self.max_seqs * self.ctx * hp.n_head_kv * hp.head_dim * self.e
+
+    @property
+    def kv_layer(self) -> int:
+        return 2 * self.kv_tensor
+
+    def kv(self, k: int) -> int:
+        """The KV of k layers on the device (every K, then every V: runner's DeviceKV)."""
+        return memory.reserved_bytes([self.kv_tensor] * (2 * k), self.cuda)
+
+    def host_kv_in_flight(self) -> int:
+        """Two device buffers for the host KV layers (CUDA), or a gathered copy of one layer's (CPU)."""
+        if self.cuda:
+            return memory.reserved_bytes([self.kv_tensor] * 4)
+        return self.kv_layer
+
+    def slots(self, n: int, streamed: bool) -> int:
+        """The streamed layers' VRAM slots (CUDA: one even when every layer is resident, which loads
+        them); with dense weights the streamed layer's dequantized copy, two at once; on the CPU each
+        streamed layer is copied out of its staging slot and dequantized (the layer before's
+        tensors still held meanwhile)."""
+        if not self.cuda:
+            return self.slot_bytes + 2 * max(self.layer_dense) if streamed else 0
+        ring = memory.reserved_bytes([max(lay.nbytes for lay in self.layouts)] * max(n, 1))
+        return ring + (memory.reserved_bytes([max(self.layer_dense)] * 2) if streamed and not self.quantized else 0)
+
+    @functools.cache  # noqa: B019 - one Sizes per plan
+    def step(self, T: int) -> int:
+        """The step's short-lived tensors with what the allocator keeps for them (memory.step_peak)."""
+        peak, largest = memory.step_peak(self.index.hparams, T, e=self.e, ctx=self.ctx, max_seqs=self.max_seqs,
+                                         quantized=self.quantized, cuda=self.cuda, sliding=self.sliding,
+                                         fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK)
+        return memory.transient_reserve(peak, largest, self.cuda)
+
+    def dequant_scratch(self, T: int) -> int:
+        """The prompt path's dequantization buffer, reserved at start (compute_proc.py)."""
+        if self.cuda and self.quantized and max(T, self.max_seqs) > FUSED_MIN_OF_TYPES:
+            return memory.reserved_bytes([model_scratch_elems(self.index) * self.e])
+        return 0
+
+    @functools.cached_property
+    def dense_matrices(self) -> bool:
+        """Whether some matrix runs through F.linear (not blocks the fused kernels read)."""
+        ts = [t for layer in self.index.layers for t in layer.values() if len(t.shape) >= 2]
+        return any(not self._kept_as_blocks(t) for t in ts)
+
+    def cublas(self, T: int) -> int:
+        """cuBLAS's workspaces: the compute stream's where a step may run cuBLAS (a dequantized
+        matmul, attention's general path, a dense matrix), and the graph capture stream's where a
+        captured decode step does (a MoE router, a dense matrix)."""
+        if not self.cuda:
+            return 0
+        hp = self.index.hparams
+        in_graph = self.quantized and bool(hp.n_expert or self.dense_matrices)
+        main = T >= 2 or not self.quantized or in_graph or self.sliding
+        return memory.CUBLAS_WORKSPACE * (int(main) + int(in_graph))
+
+    @functools.cache  # noqa: B019
+    def graphs(self, all_resident: bool) -> int:
+        """CUDA graphs of decode steps (runner.py, NOTE [ decode graphs ]): their private pool holds a
+        captured step's tensors and each captured shape's outputs (logits where the head is
+        captured too), and the capture's warm-up leaves its tensors cached on the capture stream."""
+        if not (self.cuda and self.quantized):
+            return 0
+        hp = self.index.hparams
+        bg = max(1, min(self.max_seqs, FUSED_MIN_OF_TYPES))
+        peak, largest = memory.step_peak(hp, bg, e=self.e, ctx=self.ctx, max_seqs=bg, quantized=True, cuda=True,
+                                         sliding=self.sliding, fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK)
+        outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
+                for _ in range(memory.kv_buckets(self.ctx))]
+        moe = MOE_GRAPHS if hp.n_expert else 0  # the streamed MoE layers' graphs, one pair a layer and shape
+        return 2 * memory.transient_reserve(peak, largest) + memory.reserved_bytes(outs) + moe
+
+    def link_bytes(self, r: int, kv_dev: int) -> int:
+        """Bytes a decode pass moves over the link: the streamed layers, and the host KV layers'
+        caches at a full context."""
+        n = len(self.layouts)
+        return sum(lay.nbytes for lay in self.layouts[r:]) + (n - min(kv_dev, n)) * self.kv_layer
+
+
+def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool,
+                 cuda: bool = True, sliding: bool = False) -> int:
+    """Device bytes of one forward step's short-lived tensors for T tokens a step, as the allocator keeps them."""
+    s = Sizes(index, [], dtype_bytes, ctx, max_seqs, quantized, cuda, sliding)
+    return s.step(max(T, max_seqs))
 
 
 def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | None, host_cache_bytes: int | None,
@@ -146,34 +273,27 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
               prefetch: int | None = None, kv_on_host: bool | None = None,
               resident_layers: int | None = None, max_prefetch: int | None = None,
               expert_cache_bytes: int | None = None, moe_dense: str = "resident",
-              vram_slots: int | None = None, expert_prefetch: int | None = None) -> Plan:
+              vram_slots: int | None = None, expert_prefetch: int | None = None,
+              device_type: str | None = None, sliding: bool = False, host_bytes: int | None = None) -> Plan:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
-    vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below)."""
+    vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below).
+    device_type: "cuda" or "cpu" (None: CUDA where the weights stay quantized); `sliding`: the KV
+    ring slides (decode then takes attention's general path); host_bytes: the host memory
+    available (None: MemAvailable), which the plan's host side must fit (NOTE [ host memory ])."""
     if vram_slots is not None and not 2 <= vram_slots <= 16:
         raise ConfigError(f"--vram-slots {vram_slots}: give 2 to 16")
     hp = index.hparams
     n = hp.n_layer
-    raw = [lay.nbytes for lay in layouts]
-    slot_bytes = -(-max(raw) // SLOT_ROUND) * SLOT_ROUND
-    if quantized:
-        weights = raw
-    else:
-        weights = [sum(math.prod(t.shape) for t in index.layers[i].values()) * dtype_bytes for i in range(n)]
-    g = index.globals
-    out = g.get("output.weight") or g["token_embd.weight"]
-    head = (out.nbytes if quantized and len(out.shape) == 2 else math.prod(out.shape) * dtype_bytes) \
-        + hp.n_embd * dtype_bytes
-    kv_layer = 2 * max_seqs * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes
+    cuda = quantized if device_type is None else device_type == "cuda"
+    sz = Sizes(index, layouts, dtype_bytes, ctx, max_seqs, quantized, cuda, sliding)
+    slot_bytes = sz.slot_bytes
+    kv_layer = sz.kv_layer
     if step_tokens is not None and step_tokens < 1:
         raise ConfigError(f"--step-tokens {step_tokens}: must be at least 1")
 
-    def scratch(T: int) -> int:
-        return step_scratch(index, max(T, max_seqs), dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=max_seqs,
-                            quantized=quantized)
-
     def slack(total: int) -> int:
-        return max(SLACK_MIN, int(total * SLACK_FRACTION))
+        return SLACK_MIN + int(total * SLACK_FRACTION)
 
     # a mixture-of-experts model's decode steps fetch only their chosen experts into a cache of
     # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default
@@ -201,17 +321,49 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
                  if t.name not in EXPERT_TENSORS) for lay in layouts] if experts and moe_dense == "resident" else []
 
     def fit(T: int, slots: int, r: int, kv_dev: int, keep_dense: bool = False) -> tuple[int, list[tuple[str, int]]]:
-        parts = [("head", head), ("resident layers", sum(weights[:r])), ("layer slots", slots * slot_bytes),
+        parts = [("head", sz.head), ("resident layers", sz.resident_prefix[r]), ("layer slots", sz.slots(slots, r < n)),
                  ("expert cache", experts if r < n else 0), ("experts in flight", in_flight if r < n else 0),
                  ("streamed layers' attention", sum(dense[r:]) if keep_dense else 0),
                  ("experts copied ahead", ahead if keep_dense else 0),
-                 ("KV", kv_dev * kv_layer), ("host KV in flight", 2 * kv_layer if kv_dev < n else 0),
-                 ("step scratch", scratch(T))]
+                 ("KV", sz.kv(kv_dev)), ("host KV in flight", sz.host_kv_in_flight() if kv_dev < n else 0),
+                 ("step scratch", sz.step(max(T, max_seqs))), ("dequantization scratch", sz.dequant_scratch(T)),
+                 ("cuBLAS workspace", sz.cublas(max(T, max_seqs))), ("decode graphs", sz.graphs(r == n))]
         used = sum(v for _, v in parts)
         parts.append(("slack", slack(used)))
         return used + slack(used), parts
 
-    T = step_tokens or 512
+    def fits(T: int, slots: int, r: int, kv_dev: int, keep_dense: bool = False) -> bool:
+        return fit(T, slots, r, kv_dev, keep_dense)[0] <= vram_bytes
+
+    def most(lo: int, hi: int, ok) -> int:
+        """The largest x in [lo, hi] with ok(x), ok being monotone and ok(lo) assumed."""
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+        return lo
+
+    def residency(T: int, slots: int) -> tuple[int, int, bool]:
+        """(resident layers, layers whose KV is on the device, streamed MoE layers' dense parts kept)
+        for steps of T tokens (NOTE [ KV or layers first ])."""
+        # KV first (the host path moves it every pass), then as many layers as fit
+        kv_dev = 0 if kv_on_host else most(0, n, lambda k: fits(T, slots, 0, k))
+        if kv_on_host is False and kv_dev < n:
+            raise ConfigError(f"--vram-gb {vram_bytes / GiB:.2f}: the KV cache ({_gib(n * kv_layer)}) does not "
+                              "fit on the device; drop the KV placement option or lower --ctx or --batch")
+        # then the streamed MoE layers' attention and routers, then as many whole layers as fit
+        keep_dense = bool(dense) and fits(T, slots, 0, kv_dev, True)
+        if resident_layers is not None:
+            return max(0, min(n, resident_layers)), kv_dev, keep_dense
+        r = most(0, n, lambda x: fits(T, slots, x, kv_dev, keep_dense))
+        if kv_on_host is None and not dense:
+            # layers first: the KV of the resident layers only, then of as many streamed ones as fit
+            r2 = most(0, n, lambda x: fits(T, slots, x, x))
+            kv2 = most(r2, n, lambda k: fits(T, slots, r2, k))
+            if sz.link_bytes(r2, kv2) <= (1 - DECODE_GAIN) * sz.link_bytes(r, kv_dev):
+                return r2, kv2, False
+        return r, kv_dev, keep_dense
+
+    T = step_tokens or STEP_TOKENS
     if vram_bytes is None:  # no limit: everything on the device
         r = n if resident_layers is None else max(0, min(n, resident_layers))
         slots = 4 if r < n else 0  # no budget to save: copies issued further ahead
@@ -219,44 +371,43 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         keep_dense = bool(dense) and r < n
         total, parts = fit(T, slots, r, kv_dev, keep_dense)
     else:
-        if step_tokens is None:  # the largest step of 64..512 tokens that leaves room to stream
-            while T > 64 and fit(T, 2, 0, 0)[0] > vram_bytes:
-                T //= 2
-        least, parts = fit(T, 2, 0, 0)
-        if least > vram_bytes:
+        # NOTE: two VRAM slots keep the copy engine busy: a streamed layer is computed straight
+        # from its slot, so slot A is free again once layer i is computed, which at decode
+        # batch sizes is long before the copy of layer i+1 into slot B ends; when compute is the
+        # longer of the two, compute bounds the pass and the copy waits without cost.
+        # With a CPU share (compute/cpu/) a CPU layer's matmuls are long, and a third
+        # slot lets the copy engine run one layer further ahead meanwhile (--vram-slots).
+        slots = vram_slots or 2
+        # NOTE [ step tokens ]: the largest step of up to 512 tokens that leaves room to stream;
+        # then, where a smaller step moves at least DECODE_GAIN fewer bytes a decode pass (more
+        # layers resident, or their KV), the largest step that moves as few: a decode-only plan
+        # (one token a sequence a step) needs no dequantization buffer, no cuBLAS and no attention
+        # temporaries beyond the decode kernel's, and prompts are then fed in chunks of that size
+        # (--step-tokens sets it outright)
+        candidates = [T] if step_tokens is not None else _step_candidates(max_seqs)
+        fitting = [t for t in candidates if fits(t, 2, 0, 0)]
+        if not fitting:
+            T = candidates[-1]
+            least, parts = fit(T, 2, 0, 0)
             raise ConfigError(
                 f"--vram-gb {vram_bytes / GiB:.2f} is too small for {os.path.basename(index.path)} with "
                 f"{T} tokens a step: it needs at least {_gib(least)} ({', '.join(f'{k} {_gib(v)}' for k, v in parts if v)})"
                 f"; raise --vram-gb, or lower --step-tokens, --batch or --ctx")
-        if resident_layers is None and kv_on_host is not True and fit(T, 0, n, n)[0] <= vram_bytes:
-            r, slots, kv_dev, keep_dense = n, 0, n, False
+        every = resident_layers is None and kv_on_host is not True
+        full = [t for t in fitting if every and fits(t, 0, n, n)]
+        if full:
+            T, r, kv_dev, keep_dense = full[0], n, n, False
         else:
-            # NOTE: two VRAM slots keep the copy engine busy: a streamed layer is computed straight
-            # from its slot, so slot A is free again once layer i is computed, which at decode
-            # batch sizes is long before the copy of layer i+1 into slot B ends; when compute is the
-            # longer of the two, compute bounds the pass and the copy waits without cost.
-            # With a CPU share (compute/cpu/) a CPU layer's matmuls are long, and a third
-            # slot lets the copy engine run one layer further ahead meanwhile (--vram-slots).
-            slots = vram_slots or 2
-            # KV first (the host path moves it every pass), then as many layers as fit
-            kv_dev = 0
-            if not kv_on_host:
-                while kv_dev < n and fit(T, slots, 0, kv_dev + 1)[0] <= vram_bytes:
-                    kv_dev += 1
-                if kv_on_host is False and kv_dev < n:
-                    raise ConfigError(f"--vram-gb {vram_bytes / GiB:.2f}: the KV cache ({_gib(n * kv_layer)}) does not "
-                                      "fit on the device; drop the KV placement option or lower --ctx or --batch")
-            # then the streamed MoE layers' attention and routers, then as many whole layers as fit
-            keep_dense = bool(dense) and fit(T, slots, 0, kv_dev, True)[0] <= vram_bytes
-            if resident_layers is None:
-                r = 0
-                while r < n and fit(T, slots, r + 1, kv_dev, keep_dense)[0] <= vram_bytes:
-                    r += 1
-            else:
-                r = max(0, min(n, resident_layers))
-            if r == n:
-                slots = 0
-            keep_dense = keep_dense and r < n
+            got = {t: residency(t, slots) for t in fitting}
+            moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
+            T = fitting[0]
+            least_moved = min(moved.values())
+            if least_moved <= (1 - DECODE_GAIN) * moved[T]:
+                T = next(t for t in fitting if moved[t] == least_moved)
+            r, kv_dev, keep_dense = got[T]
+        if r == n:
+            slots = 0
+        keep_dense = keep_dense and r < n
         total, parts = fit(T, slots, r, kv_dev, keep_dense)
         if total > vram_bytes:
             raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {vram_bytes / GiB:.2f}: the plan needs "
@@ -270,13 +421,72 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     if max_prefetch is not None and prefetch > max_prefetch:
         raise ConfigError(f"--prefetch {prefetch}: at most {max_prefetch} (the model's layer count)")
     stream_slots = prefetch + 1
+    host = host_needs(n_slots=stream_slots, slot_bytes=slot_bytes, host_kv=(n - kv_dev) * kv_layer,
+                      device=0 if cuda else total)
+    avail = _mem_available() if host_bytes is None else host_bytes
     loads = len(streamed)
     if host_cache_bytes is None:
-        host_cache_bytes = min(loads * slot_bytes, _mem_available() // 2)
+        host_cache_bytes = min(loads * slot_bytes, max(0, avail - sum(v for _, v in host)) // 2)
     cache_layers = min(loads, host_cache_bytes // slot_bytes)
+    host.append(("host cache", cache_layers * slot_bytes))
+    check_host(host, avail, index)
     return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
                 total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
-                dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0)
+                dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0,
+                kv_rows=max_seqs, host_parts=tuple(host))
+
+
+def _step_candidates(max_seqs: int) -> list[int]:
+    """Step sizes the plan tries, largest first: STEP_TOKENS halved down to the batch (a decode
+    step holds a token of every sequence)."""
+    out, t = [], STEP_TOKENS
+    while t > max_seqs:
+        out.append(t)
+        t //= 2
+    return out + [max(1, max_seqs)] if max_seqs <= STEP_TOKENS else [max_seqs]
+
+
+# NOTE [ host memory ]
+# What the plan puts in host memory: the staging slots and the host cache (one shared-memory
+# arena), the KV of the layers whose KV is not on the device (pinned on CUDA), and, where the
+# compute device is the CPU, everything the device holds. Each must fit what the host has free
+# (MemAvailable) before any of it is allocated: an option that cannot fit is one line naming what
+# it needs and what to lower, not a machine swapping or killed. The host cache takes half of what
+# is left by default; the CPU share packs from what the cache leaves (fit_cpu_share).
+def host_needs(*, n_slots: int, slot_bytes: int, host_kv: int, device: int) -> list[tuple[str, int]]:
+    return [("staging slots", n_slots * slot_bytes), ("KV in host memory", host_kv), ("the CPU device's memory", device)]
+
+
+def check_host(parts: list[tuple[str, int]], avail: int, index: ModelIndex) -> None:
+    """Refuse a plan whose host side does not fit the available host memory (NOTE [ host memory ])."""
+    need = sum(v for _, v in parts)
+    if need > avail:
+        what = ", ".join(f"{k} {_gib(v)}" for k, v in parts if v)
+        raise ConfigError(f"{os.path.basename(index.path)} with these options needs {_gib(need)} of host memory ({what}); "
+                          f"{_gib(avail)} is available: lower --ctx or --batch"
+                          + (", or --host-cache-gb" if dict(parts).get("host cache") else "")
+                          + (", or give --vram-gb" if dict(parts).get("the CPU device's memory") else ""))
+
+
+def largest_batch(index: ModelIndex, layouts: list[LayerLayout], *, most: int = 64, kv_on_device_above: int = 8,
+                  **plan_kw) -> int:
+    """The most sequences (KV rows) the budgets hold, up to `most`: the largest batch whose plan
+    fits; above `kv_on_device_above` only while every layer's KV stays on the device (no pass
+    moves KV). plan_kw: make_plan's other arguments (max_seqs aside). ConfigError where not even
+    one sequence fits (the plan's own message)."""
+    def ok(rows: int) -> bool:
+        try:
+            p = make_plan(index, layouts, max_seqs=rows, **plan_kw)
+        except ConfigError:
+            return False
+        return rows <= kv_on_device_above or p.kv_device_layers == index.hparams.n_layer
+
+    make_plan(index, layouts, max_seqs=1, **plan_kw)  # raises the plan's own error
+    lo, hi = 1, max(1, most)
+    while lo < hi:  # plans hold fewer layers as rows grow: feasibility falls once
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
 
 def fit_cpu_share(plan: Plan, layouts: list[LayerLayout], pack_frac: float, explicit: bool,

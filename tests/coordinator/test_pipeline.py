@@ -97,15 +97,17 @@ def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     layouts = layer_layouts(index)
     full = make_plan(index, layouts, vram_bytes=None, host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2)
     assert full.resident == (0, 1, 2, 3) and not full.streamed
-    # the budget of the fixed part, two VRAM slots and two dense layers
+    # the budget of the fixed part, the streamed layers' working copies and one dense layer (on the
+    # CPU a streamed layer costs its bytes and two dequantized copies: all four resident cost more)
     dense = sum(t.shape[0] * (t.shape[1] if len(t.shape) > 1 else 1) * nb for t in index.layers[0].values())
     probe = make_plan(index, layouts, vram_bytes=10 * GiB, host_cache_bytes=None, dtype_bytes=nb, ctx=64,
-                      max_seqs=2, resident_layers=0)
-    budget = probe.device_bytes + 2 * dense + 1024
-    plan = make_plan(index, layouts, vram_bytes=budget, host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2)
-    assert plan.resident == (0, 1) and plan.streamed == (2, 3)
-    with _engine(model, PipelineConfig(vram_gb=budget / GiB)) as e:
-        assert e.backend.plan.resident == (0, 1)
+                      max_seqs=2, resident_layers=0, step_tokens=64)
+    budget = probe.device_bytes + dense + 4096
+    plan = make_plan(index, layouts, vram_bytes=budget, host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2,
+                     step_tokens=64)
+    assert plan.resident == (0,) and plan.streamed == (1, 2, 3)
+    with _engine(model, PipelineConfig(vram_gb=budget / GiB, step_tokens=64)) as e:
+        assert e.backend.plan.resident == (0,)
         assert _generate(e) == reference
 
 

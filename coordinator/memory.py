@@ -1,0 +1,212 @@
+"""The plan's memory arithmetic: what one forward step allocates, what torch's caching allocator
+keeps for it, and how much host memory is free.
+
+NOTE [ the caching allocator's rounding ]
+torch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp; the sizes in c10's allocator
+config) rounds every request up to 512 bytes. Requests up to 1 MiB are cut from 2 MiB segments
+(the small pool); from 1 MiB to 10 MiB, from 20 MiB segments, several to a segment, best fit; from
+10 MiB on, each gets a segment of its own rounded up to 2 MiB. A freed block stays cached for later
+requests of its stream; when a request would pass the cap (set_per_process_memory_fraction) the
+allocator first hands every wholly free segment back to the driver and tries again. So what stays
+reserved beyond the live tensors is (1) the rounding and unfilled parts of the segments that hold
+long-lived tensors, which `reserved_bytes` works out for them in their order of allocation, and
+(2) for the step's short-lived tensors, the segments a live block pins: `transient_reserve` adds a
+partly used segment of each pool and 2 MiB of rounding for each large block to the step's peak.
+Two figures are not the allocator's: cuBLAS keeps a workspace for every stream it runs on
+(CUBLAS_WORKSPACE; torch's default is 32 MiB on Hopper, 8 MiB before), allocated once through the
+same allocator, and CUDA graphs keep a private pool (what a captured decode step allocates, and its
+outputs, one set per captured shape). tests/coordinator/test_gpu.py measures the peak against the
+budget on a device (test_peak_device_memory_stays_within_the_budget).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from layerstream.compute.model import ATTN_TEMP_BYTES
+from layerstream.loader.gguf_index import HParams
+
+MiB = 1 << 20
+BLOCK = 512
+SMALL_SIZE = 1 * MiB  # the largest request of the small pool
+SMALL_SEGMENT = 2 * MiB
+LARGE_SEGMENT = 20 * MiB  # shared by requests from SMALL_SIZE up to MIN_LARGE_ALLOC
+MIN_LARGE_ALLOC = 10 * MiB
+ROUND_LARGE = 2 * MiB
+CUBLAS_WORKSPACE = 32 * MiB + 4 * MiB  # cuBLAS's per-stream workspace on Hopper, and cuBLASLt's
+DECODE_PROGRAMS = 512  # attn_kernels.TARGET_PROGRAMS on a GPU: the decode kernel's split of the slots
+DECODE_BLOCK = 32  # attn_kernels.BL
+
+
+def _up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def reserved_bytes(sizes, cuda: bool = True) -> int:
+    """What the caching allocator reserves for long-lived tensors of `sizes` bytes, allocated in
+    this order and never freed (NOTE above); on the CPU, their sum."""
+    if not cuda:
+        return sum(sizes)
+    small: list[int] = []  # free bytes left in each small segment
+    large: list[int] = []  # the same for the 20 MiB segments
+    total = 0
+    for s in sizes:
+        if s <= 0:
+            continue
+        s = _up(s, BLOCK)
+        if s >= MIN_LARGE_ALLOC:
+            total += _up(s, ROUND_LARGE)
+            continue
+        pool, seg = (small, SMALL_SEGMENT) if s <= SMALL_SIZE else (large, LARGE_SEGMENT)
+        fits = [i for i, free in enumerate(pool) if free >= s]
+        if fits:
+            i = min(fits, key=pool.__getitem__)  # best fit
+        else:
+            total += seg
+            pool.append(seg)
+            i = len(pool) - 1
+        pool[i] -= s
+        if pool is large and pool[i] <= SMALL_SIZE:
+            pool[i] = 0  # a large block is split only where more than 1 MiB remains
+    return total
+
+
+def transient_reserve(peak: int, largest: int, cuda: bool = True) -> int:
+    """Reserved bytes for short-lived tensors of `peak` bytes live at once, none over `largest`
+    (NOTE above): the peak, a partly used segment of each pool, and 2 MiB of rounding for each
+    block of 10 MiB or more that can be live at once."""
+    if not cuda or peak <= 0:
+        return max(peak, 0)
+    extra = SMALL_SEGMENT
+    if largest > SMALL_SIZE:
+        extra += LARGE_SEGMENT
+    if largest >= MIN_LARGE_ALLOC:
+        extra += ROUND_LARGE * min(8, -(-peak // MIN_LARGE_ALLOC))
+    return peak + extra
+
+
+def attention_groups(hp: HParams, B: int, S: int, L: int, e: int) -> tuple[int, int]:
+    """The sequences and query rows attention takes at once on its general path: model.py's
+    grouping under ATTN_TEMP_BYTES, worked out as it does."""
+    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    per_seq = L * (3 * H + 2 * Hkv) * D * e
+    per_row = H * L * 4
+    bc = max(1, min(B, ATTN_TEMP_BYTES // max(1, per_seq + S * per_row)))
+    sc = S if bc > 1 else max(1, min(S, (ATTN_TEMP_BYTES - per_seq) // per_row))
+    return (1 if sc < S else bc), sc
+
+
+def general_attention(hp: HParams, B: int, S: int, L: int, e: int, cuda: bool) -> tuple[int, int]:
+    """(bytes, largest tensor) of attention's general path for B sequences of S query rows over L
+    slots: each group gathers its rows' K and V; scaled_dot_product_attention under a boolean
+    mask runs the math kernel, which on CUDA computes half-precision inputs in float32 and expands
+    K and V to every head for grouped queries; it keeps the scores, the masked scores and their
+    softmax for each query row, and the float mask."""
+    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    bc, sc = attention_groups(hp, B, S, L, e)
+    up = 4 if cuda else e
+    kv = L * D * (2 * Hkv * e + 2 * Hkv * up + 2 * H * up)  # gathered, in float32, expanded
+    q = sc * H * D * (e + 2 * up)  # gathered queries, in float32, the output in float32
+    rows = sc * L * (3 * H * 4 + 4)
+    group = bc * (kv + q + rows)
+    outs = 2 * B * S * H * D * e  # every group's output, then in packed order
+    largest = max(bc * L * D * 2 * H * up // 2, bc * sc * L * H * 4, B * S * H * D * e)
+    return group + outs, largest
+
+
+def decode_attention(hp: HParams, T: int, L: int, e: int) -> int:
+    """Bytes of attn_kernels.decode_attention for T one-token queries over L slots: its output and
+    the partial softmaxes of its split of the slots."""
+    H, D = hp.n_head, hp.head_dim
+    n_split = max(1, min(-(-L // DECODE_BLOCK), -(-DECODE_PROGRAMS // (T * H))))
+    parts = T * H * n_split * (1 << (D - 1).bit_length()) * 4 + 2 * T * H * n_split * 4 if n_split > 1 else 0
+    return T * H * D * e + parts
+
+
+def activations(hp: HParams, T: int, e: int, cuda: bool) -> tuple[int, int]:
+    """(bytes, largest tensor) of one layer's activations for T tokens: the residual stream, the
+    norm, q/k/v and the rotated q, attention's output, gate, up, the activation, its product and
+    the down output; a MoE layer's router, the pairs' activations and outputs; on the CPU the
+    norm's float32 copies."""
+    E, F, H, Hkv, D = hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim
+    if hp.n_expert:
+        F = hp.n_ff_exp or F
+    act = T * (4 * E + 2 * H * D + 2 * Hkv * D + 4 * F) * e
+    largest = T * max(E, H * D, F) * e
+    if hp.n_expert:
+        k = hp.n_expert_used
+        act += T * (2 * hp.n_expert * 4 + E * 4 + k * (2 * E + 3 * F) * e + k * E * 4)
+        largest = max(largest, T * k * max(E, F) * max(e, 4))
+    if not cuda:
+        act += 2 * T * E * 4
+    return act, largest
+
+
+def step_meta(hp: HParams, B: int, S: int, T: int, L: int, e: int, sliding: bool) -> int:
+    """Bytes of a step's StepMeta on the device: masks, RoPE tables and index tensors."""
+    masks = B * S * L * (2 if hp.swa_window else 1)
+    rope = T * hp.rope_dim * e * (2 if hp.swa_window else 1)
+    if sliding:  # K rotated at read time: tables for every slot
+        rope += B * L * hp.rope_dim * e * (2 if hp.swa_window else 1)
+    return masks + rope + 8 * (4 * T + 3 * B + B * S) + 64 * 1024
+
+
+def head(hp: HParams, rows: int, e: int) -> tuple[int, int]:
+    """(bytes, largest tensor) of the final norm and output head for `rows` rows: the normed rows,
+    the logits in the compute dtype and in float32, and, on the dequantizing path, the head's row
+    chunks' products beside the output."""
+    V = hp.n_vocab
+    return rows * (hp.n_embd * e + V * (2 * e + 4)), rows * V * 4
+
+
+def mem_available() -> int:
+    """Host memory free for new allocations: /proc/meminfo's MemAvailable (half the physical
+    memory where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def kv_buckets(ctx: int) -> int:
+    """Padded KV lengths a decode graph is captured for (runner._kv_len): 256, 512, ... up to ctx."""
+    return 1 + max(0, math.ceil(math.log2(max(ctx, 256) / 256)))
+
+
+def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized: bool, cuda: bool,
+              sliding: bool = False, fused_max: int = 0, head_chunk: int = 64) -> tuple[int, int]:
+    """(bytes, largest tensor) of the short-lived tensors of the largest step a plan of T tokens a
+    step runs: a decode step of every sequence, and, where T allows a sequence several tokens, a
+    prompt chunk (alone, or beside the other sequences' decode tokens). Decode attention reads the
+    cache in place where Triton runs the matmuls and K is stored rotated (attn_kernels.py); other
+    steps take attention's general path. Every position's logits are counted, `head_chunk` rows
+    at a time on CUDA (evaluation runs on the same plan); `fused_max`: the most rows the fused
+    kernels take (above it, matmuls dequantize and their row chunks are assembled)."""
+    L = ctx
+    B = max(1, min(max_seqs, T))
+    kinds = [(B, 1)]  # (sequences, query rows of the longest)
+    if T >= 2:
+        kinds.append((1, T))
+        if B > 1 and T > B:
+            kinds.append((B, T - B + 1))
+    peak = largest = 0
+    for b, s in kinds:
+        toks = b if s == 1 else min(T, (b - 1) + s)
+        act, big = activations(hp, toks, e, cuda)
+        if quantized and toks > fused_max:  # a dequantized matmul's row chunks beside its output
+            act += toks * max(hp.n_embd, hp.n_ff_exp or hp.n_ff) * e
+        if s == 1 and quantized and not sliding:
+            attn, abig = decode_attention(hp, toks, L, e), toks * hp.n_head * hp.head_dim * e
+        else:
+            attn, abig = general_attention(hp, b, s, L, e, cuda)
+        rows = min(toks, head_chunk) if cuda else toks
+        hb, hbig = head(hp, rows, e)
+        meta = step_meta(hp, b, s, toks, L, e, sliding)
+        peak = max(peak, meta + max(act + attn, toks * hp.n_embd * e + hb))
+        largest = max(largest, big, abig, hbig)
+    return peak, largest

@@ -1,0 +1,145 @@
+"""The plan's step arithmetic, the caching allocator's rounding, host memory and the batch the budget
+holds (synthetic indexes of real shapes, and the default model's own index; nothing is allocated)."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerstream.coordinator import memory
+from layerstream.coordinator.plan import GiB, largest_batch, make_plan, step_scratch
+from layerstream.errors import ConfigError
+from layerstream.loader.gguf_index import open_model
+from layerstream.loader.layout import layer_layouts
+from layerstream.loader.synth import shaped_index
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def l8():
+    index = shaped_index("llama-3.1-8b")
+    return index, layer_layouts(index)
+
+
+@pytest.fixture(scope="module")
+def l70():
+    index = shaped_index("llama-3.1-70b")
+    return index, layer_layouts(index)
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path):
+    index = open_model(smollm_path)
+    return index, layer_layouts(index)
+
+
+def plan(model, gib, **kw):
+    index, layouts = model
+    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True) | kw
+    return make_plan(index, layouts, vram_bytes=None if gib is None else int(gib * GiB), **kw)
+
+
+@pytest.mark.parametrize("sizes,want", [
+    ([100], 2 * MiB),  # the small pool's 2 MiB segment
+    ([512] * 4096, 2 * MiB), ([512] * 4097, 4 * MiB),  # 512-byte blocks, 4096 to a small segment
+    ([MiB, MiB], 2 * MiB), ([MiB + 1], 20 * MiB),  # above 1 MiB: the 20 MiB segments
+    ([8 * MiB] * 2, 20 * MiB), ([8 * MiB] * 3, 40 * MiB),  # two 8 MiB KV tensors a segment, 4 MiB left over
+    ([9 * MiB, 2 * MiB, 9 * MiB], 20 * MiB), ([9 * MiB, 3 * MiB, 9 * MiB], 40 * MiB),  # one segment's 20 MiB
+    ([int(9.5 * MiB)] * 2, 20 * MiB),  # the second takes the 10.5 MiB left whole (1 MiB is not split off)
+    ([10 * MiB], 10 * MiB), ([10 * MiB + 1], 12 * MiB), ([132 * MiB + 512], 134 * MiB),  # own segments
+])
+def test_the_caching_allocators_rounding(sizes, want):
+    assert memory.reserved_bytes(sizes) == want
+    assert memory.reserved_bytes(sizes, cuda=False) == sum(sizes)
+
+
+def test_8b_at_4_gib_keeps_as_many_layers_as_llama_cpp(l8):
+    """Issue 24's targets (batch 1): at least 25 of 32 layers at --ctx 512 and 22 at --ctx 4096; the
+    old plan kept 21 and 17 (a flat 256 MiB of attention temporaries and 128 MiB of slack)."""
+    short, long = plan(l8, 4, ctx=512), plan(l8, 4, ctx=4096)
+    assert len(short.resident) >= 25, (short.describe(), short.breakdown())
+    assert len(long.resident) >= 22, (long.describe(), long.breakdown())
+    for p in (short, long):
+        assert p.device_bytes <= 4 * GiB and sum(v for _, v in p.parts) == p.device_bytes
+        # a decode-only plan: one token a step, no dequantization buffer, no cuBLAS workspace
+        assert p.step_tokens == 1
+        parts = dict(p.parts)
+        assert parts["dequantization scratch"] == 0 and parts["cuBLAS workspace"] == 0
+        assert parts["step scratch"] < 8 * MiB
+    # at 4096 the streamed layers' KV goes to host memory: a resident layer (125 MiB) costs more
+    # link bytes a pass than the 16 MiB of KV of each streamed layer
+    assert long.kv_device_layers == len(long.resident) and "in host memory" in long.describe()
+    # an explicit --step-tokens keeps its prompt chunks, and pays for them in layers
+    prompts = plan(l8, 4, ctx=512, step_tokens=512)
+    assert prompts.step_tokens == 512 and dict(prompts.parts)["dequantization scratch"] > 100 * MiB
+    assert 21 <= len(prompts.resident) < len(short.resident)
+
+
+def test_70b_at_8_gib_keeps_its_prompt_steps(l70):
+    """One layer more would save 1.4% of a pass: the plan keeps 512-token steps and its KV on the device."""
+    for ctx, least in ((512, 10), (4096, 7)):
+        p = plan(l70, 8, ctx=ctx)
+        assert p.step_tokens == 512 and p.kv_device_layers == 80 and len(p.resident) >= least, p.describe()
+
+
+def test_smollm2_at_0_15_gib_keeps_24_layers_as_blocks(smollm):
+    """Refused before ("needs at least 0.51 GiB") though its quantized layers take about 66 MB."""
+    p = plan(smollm, 0.15, ctx=512)
+    assert len(p.resident) >= 24 and p.device_bytes <= 0.15 * GiB, (p.describe(), p.breakdown())
+
+
+def test_step_scratch_follows_tokens_context_and_the_attention_path(l8):
+    index, _ = l8
+    hp = index.hparams
+
+    def s(T, ctx, **kw):
+        return step_scratch(index, T, dtype_bytes=2, ctx=ctx, max_seqs=1, quantized=True, **kw)
+
+    # decode reads the cache in place: a few MiB whatever the context
+    assert s(1, 4096) < 4 * MiB and s(1, 4096) - s(1, 512) < MiB
+    # a sliding ring takes the general path, which gathers K and V and expands them to every head in
+    # float32: 2 * 32 heads * 4096 slots * 128 * 4 bytes = 128 MiB at least
+    assert s(1, 4096, sliding=True) >= 2 * hp.n_head * 4096 * hp.head_dim * 4
+    # prompt steps: more tokens, more context, more bytes; every position's logits, 64 rows at a time
+    assert s(2, 512) < s(64, 512) < s(512, 512) < s(512, 4096)
+    assert s(64, 512) >= 64 * hp.n_vocab * 4
+
+
+def test_host_memory_is_planned_before_anything_is_allocated(smollm):
+    """Issue 23: --ctx 4194304 or --batch 4096 on the CPU allocated past 10 GB with no refusal."""
+    index, layouts = smollm
+    cpu = dict(vram_bytes=None, host_cache_bytes=None, dtype_bytes=2, quantized=False, device_type="cpu")
+    kv_row = 2 * 30 * 3 * 64 * 2  # bytes of one token's KV over the 30 layers
+    with pytest.raises(ConfigError, match=r"needs \d+\.\d\d GiB of host memory \(.*the CPU device's memory "
+                                          r"(\d+\.\d\d) GiB.*\); 8\.00 GiB is available: lower --ctx or --batch"):
+        make_plan(index, layouts, ctx=4194304, max_seqs=1, host_bytes=8 * GiB, **cpu)
+    with pytest.raises(ConfigError, match="is available: lower --ctx or --batch"):
+        make_plan(index, layouts, ctx=4096, max_seqs=4096, host_bytes=8 * GiB, **cpu)
+    ok = make_plan(index, layouts, ctx=4096, max_seqs=4, host_bytes=8 * GiB, **cpu)
+    assert ok.host_bytes <= 8 * GiB and dict(ok.host_parts)["the CPU device's memory"] >= 4 * 4096 * kv_row
+    # on a GPU the KV of the layers that do not fit goes to pinned host memory: checked too
+    with pytest.raises(ConfigError, match=r"KV in host memory (\d+\.\d\d) GiB"):
+        make_plan(index, layouts, vram_bytes=2 * GiB, host_cache_bytes=0, dtype_bytes=2, quantized=True,
+                  ctx=1 << 16, max_seqs=1, kv_on_host=True, host_bytes=GiB)
+    # the host cache takes half of what is left by default, and an explicit one that does not fit is refused
+    p = make_plan(index, layouts, vram_bytes=GiB // 10, host_cache_bytes=None, dtype_bytes=2, quantized=True,
+                  ctx=512, max_seqs=1, host_bytes=GiB)
+    assert p.host_bytes <= GiB
+    with pytest.raises(ConfigError, match="--host-cache-gb"):
+        make_plan(index, layouts, vram_bytes=GiB // 10, host_cache_bytes=60 << 20, dtype_bytes=2, quantized=True,
+                  ctx=512, max_seqs=1, host_bytes=70 << 20)
+
+
+def test_largest_batch_is_the_most_rows_whose_plan_fits(l8):
+    kw = dict(vram_bytes=16 * GiB, host_cache_bytes=0, dtype_bytes=2, ctx=4096, quantized=True)
+    b = largest_batch(*l8, most=64, **kw)
+    assert 8 <= b < 64
+    p = make_plan(*l8, max_seqs=b, **kw)
+    assert p.kv_rows == b and p.kv_device_layers == 32 and p.step_tokens >= b
+    over = make_plan(*l8, max_seqs=b + 1, **kw)
+    assert over.kv_device_layers < 32  # one row more would move KV every pass
+    assert largest_batch(*l8, most=4, **kw) == 4
+    small = dict(kw, vram_bytes=4 * GiB)
+    assert 1 <= largest_batch(*l8, **small) <= 8
+    with pytest.raises(ConfigError, match="too small"):
+        largest_batch(*l8, **dict(kw, vram_bytes=GiB // 4))
