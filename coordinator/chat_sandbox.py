@@ -38,8 +38,8 @@ class TemplateRaised(jinja2.TemplateError):
     """What a template's `raise_exception(msg)` raises."""
 
 
-def _raise_exception(message: str) -> None:
-    raise TemplateRaised(message)
+def _raise_exception(message: Any) -> None:
+    raise TemplateRaised(message if isinstance(message, str) else _bounded_str(message))
 
 
 def _strftime_now(fmt: str) -> str:
@@ -101,6 +101,16 @@ def measure(obj: Any, budget: int = MAX_OUTPUT) -> tuple[int, int, int]:
 def _size(obj: Any) -> int:
     chars, items, _ = measure(obj)
     return chars + items
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset, Namespace)
+
+
+def _bounded_str(value: Any) -> str:
+    """str(value), refused where the value is too large to show (a repr escapes a character in at most 6)."""
+    if isinstance(value, _CONTAINERS) and _size(value) > MAX_OUTPUT:
+        raise LimitExceeded(f"a value of more than {MAX_OUTPUT} characters and elements made into text")
+    return str(value)
 
 
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)", re.S)
@@ -223,12 +233,22 @@ def _str_method_size(method: str, s: str, args: tuple, kwargs: dict) -> int:
 
 
 class _Guards(NodeTransformer):
-    """Rewrites `a ~ b` and `{% for %}` loops to call the environment's checked versions."""
+    """Rewrites `a ~ b`, `{% for %}` loops and list, tuple and dict literals to call the environment's
+    checked versions."""
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
         return nodes.Call(nodes.EnvironmentAttribute("checked_concat"), [nodes.List(node.nodes)], [], None, None,
                           lineno=node.lineno)
+
+    def _checked(self, node: nodes.Expr) -> nodes.Node:
+        self.generic_visit(node)
+        return nodes.Call(nodes.EnvironmentAttribute("checked_value"), [node], [], None, None, lineno=node.lineno)
+
+    visit_List = visit_Dict = _checked
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:
+        return self._checked(node) if node.ctx == "load" else node  # (not an assignment's target)
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
@@ -246,24 +266,27 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     large value checks, before it runs, the size it would make: `*`, `+`, `%` and `**` (call_binop),
     the str methods that grow strings and str.format (call, wrap_str_format), every filter (wrapped,
     with a size rule for those that grow their input), `~` and block captures (checked_concat,
-    concat). Jinja evaluates constant expressions at compile time, outside the sandbox hooks: the
-    optimizer is off, and the folding that remains (an output's constant filters) calls the same
-    wrapped filters. Every check also tests a render deadline; range() and for loops count their
-    elements over the whole render; the output is generated in pieces and cut at MAX_OUTPUT.
+    concat). Values built without an operator (list, tuple and dict literals, calls' results, a
+    filter's input) are measured, and so is a value before it is made into text (finalize), so
+    no value in a render grows past MAX_OUTPUT characters and elements. Jinja evaluates constant
+    expressions at compile time, outside the sandbox hooks: the optimizer is off, and the folding
+    that remains (an output's constant filters) calls the same wrapped filters. Every check also
+    tests a render deadline; range() and for loops count their elements over the whole render.
     """
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, **kw: Any):
-        super().__init__(optimized=False, **kw)
+        super().__init__(optimized=False, finalize=_bounded_str, **kw)
         self._budget = threading.local()  # one render's limits: renders in other threads keep their own
         self.globals.pop("lipsum", None)  # builds text of any length from two numbers
         self.globals.update(range=self._range, raise_exception=_raise_exception, strftime_now=_strftime_now)
         self.filters["tojson"] = _tojson
         self.filters = {name: self._checked_filter(name, f) for name, f in self.filters.items()}
         self.concat = self._concat
-        self.checked_concat, self.checked_loop = self._checked_concat, self._checked_loop
-        self._own = (self._range, self._checked_concat, self._checked_loop)  # check their own arguments
+        self.checked_concat, self.checked_loop, self.checked_value = (self._checked_concat, self._checked_loop,
+                                                                      self._checked_value)
+        self._own = (self._range, self._checked_concat, self._checked_loop, self._checked_value)  # check their own
 
     def start(self) -> None:
         """Arm the limits for one render (in this thread)."""
@@ -308,7 +331,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             yield x
 
     def _checked_concat(self, parts: list) -> str:
-        return self._concat([str(p) for p in parts])
+        return self._concat([_bounded_str(p) for p in parts])
+
+    def _checked_value(self, value: Any) -> Any:
+        """A list, tuple or dict the template built (a literal or a call's result), measured."""
+        if _size(value) > MAX_OUTPUT:  # (measured only as far as the limit)
+            raise LimitExceeded(f"a value of more than {MAX_OUTPUT} characters and elements")
+        return value
 
     def _concat(self, parts: Any) -> str:
         parts = _listed(parts)
@@ -353,6 +382,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def _checked_result(self, out: Any) -> Any:
         if isinstance(out, str):
             self._check_size(len(out), "a string")
+        elif isinstance(out, _CONTAINERS):
+            self._checked_value(out)
         return out
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
@@ -389,6 +420,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             self.tick()
             first, args = args[:skip], args[skip:]
             self._check_args(args, kwargs)
+            if args and isinstance(args[0], _CONTAINERS):  # (most filters make text of their input)
+                self._checked_value(args[0])
             if size_of is not None and sig is not None:
                 try:
                     bound = sig.bind(*args, **kwargs)

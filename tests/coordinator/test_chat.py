@@ -117,7 +117,7 @@ HOSTILE = [
     ("{% set s = 'x' * 4000000 %}{{ s|replace('x', 'xy') }}", "filter replace's result"),
     ("{% set ns = namespace(s='x' * 4000) %}{% for i in range(30) %}{% set ns.s = ns.s|replace('x', 'xx') %}"
      "{% endfor %}", "filter replace's result"),
-    ("{% set s = 'x' * 4000000 %}{{ [s, s, s]|join(s) }}", "filter join's result"),
+    ("{% set s = 'x' * 4000000 %}{{ ['a', 'b', 'c']|join(s) }}", "filter join's result"),
     ("{% set s = 'x' * 4000000 %}{{ s.join(['a', 'b', 'c']) }}", "str.join"),
     ("{{ ('\t' * 4000000).expandtabs(4000000) }}", "str.expandtabs"),
     ("{% set s = 'x' * 4000000 %}{{ [s] * 1000 }}", "a product of 4000001000"),
@@ -134,6 +134,19 @@ HOSTILE = [
     ("{% set ns = namespace(x=1) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x|tojson }}",
      "nested more than"),
     ("{{ range(10)|slice(4000000)|list|length }}", "range"),
+    # values built without an operator: literals, calls, namespace attributes; then made into text
+    ("{% set s = 'x' * 4000000 %}{% set l = [s, s, s, s, s, s, s, s, s, s] %}{{ l|map('upper')|list|length }}",
+     "a value of more than 4194304 characters and elements$"),
+    ("{% set s = 'x' * 4000000 %}{{ dict(a=s, b=s) }}", "a value of more than"),
+    ("{% set s = 'x' * 2000000 %}{% set ns = namespace() %}{% set ns.a = s %}{% set ns.b = s %}{% set ns.c = s %}"
+     "{{ ns }}", "made into text"),
+    ("{% set s = 'x' * 2000000 %}{% set ns = namespace(a=s) %}{% set ns.b = s %}{% set ns.c = s %}{{ '' ~ ns }}",
+     "made into text"),
+    ("{% set s = 'x' * 2000000 %}{% set ns = namespace(a=s) %}{% set ns.b = s %}{% set ns.c = s %}{{ ns|string }}",
+     "a value of more than"),
+    ("{% set s = 'x' * 2000000 %}{% set ns = namespace(a=s) %}{% set ns.b = s %}{% set ns.c = s %}"
+     "{{ raise_exception(ns) }}", "made into text"),
+    ("{% macro m() %}{{ varargs }}{% endmacro %}{% set s = 'x' * 2000000 %}{{ m(s, s, s) }}", "made into text"),
     ("{% set ns = namespace(x=10) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}", "-bit numbers"),
     ("{% set s = 'ab' * 2000000 %}{% for c in s %}{% for d in s %}{% endfor %}{% endfor %}", "loops run more"),
     ("{{ lipsum(4000000) }}", "lipsum' is undefined"),
