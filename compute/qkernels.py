@@ -313,22 +313,42 @@ def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.
 # KB * PH chunks, a tile [BN, KB * R, L]
 PHASES = {2: (1, 1, 16), 3: (1, 1, 16), 6: (1, 1, 16), 7: (1, 1, 16), 8: (1, 1, 32),
           10: (4, 4, 16), 11: (8, 4, 16), 12: (1, 4, 32), 13: (1, 4, 32), 14: (8, 8, 16)}
+# Steps prefetched ahead on a GPU (_prefetch; Triton's interpreter has no inline assembly)
+PREFETCH = 0 if INTERPRET else 2
 
 
 @triton.jit
-def _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, QT: tl.constexpr, PH: tl.constexpr,
+def _prefetch(raw, rowb, kb, row_bytes, CB: tl.constexpr, NCH: tl.constexpr):
+    """Ask L2 for the bytes of chunks kb..kb+NCH-1 (CB bytes each) of the rows at rowb [BN, 1, 1]:
+    one prefetch a 128-byte line, no registers held, so a program keeps the next steps' bytes in
+    flight while it computes (NOTE [ the fused matmul ]). Past the row's end it asks for the last line."""
+    NL: tl.constexpr = triton.next_power_of_2((NCH * CB + 127) // 128)
+    off = tl.minimum(kb * CB + tl.arange(0, NL)[None, None, :] * 128, row_bytes - 1)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [raw + rowb + off],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, row_bytes, QT: tl.constexpr, PH: tl.constexpr,
               R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr,
-              DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, PF: tl.constexpr,
+              CB: tl.constexpr):
     """[MR, BN] float32: activation rows rm (of M; x's rows sxm apart) times the BN weight rows at
-    byte offsets rowb [BN, 1, 1], over all of K (NOTE [ the fused matmul ])."""
+    byte offsets rowb [BN, 1, 1], over all of K (NOTE [ the fused matmul ]). PF > 0 prefetches
+    the weights PF steps ahead (CB bytes a chunk)."""
     xr = x + rm.to(tl.int64)[:, None, None] * sxm
     xok = (rm < M)[:, None, None]
     if DOT:
         acc = tl.zeros((MR, BN), dtype=tl.float32)
     else:
         acc = tl.zeros((MR, BN, KB * R, L), dtype=tl.float32)
-    for it in range(0, tl.cdiv(n_chunks, KB * PH)):
-        kb0 = it * (KB * PH)  # a multiple of KB * PH, as the alignment of the loads needs
+    STEP: tl.constexpr = KB * PH
+    if PF > 0:
+        _prefetch(raw, rowb, 0, row_bytes, CB, PF * STEP)
+    for it in range(0, tl.cdiv(n_chunks, STEP)):
+        kb0 = it * STEP  # a multiple of KB * PH, as the alignment of the loads needs
+        if PF > 0:
+            _prefetch(raw, rowb, kb0 + PF * STEP, row_bytes, CB, STEP)
         for ph in tl.static_range(PH):
             acc = _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT, KB, DOT, DOT_F32,
                               DOT_PRECISION)
@@ -341,7 +361,7 @@ def _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, QT: tl.constexpr,
 def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, nblk, row_bytes, sxm, som,
                    QT: tl.constexpr, PH: tl.constexpr, R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr,
                    MR: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, PF: tl.constexpr, CB: tl.constexpr):
     """out[M, N] = x[M, K] @ dequant(raw[N, K])^T (+ bias): BN rows of W by MR rows of x a program.
 
     DOT multiplies on the tensor cores, on float16 operands (or, DOT_F32, float32 ones: at full
@@ -351,8 +371,8 @@ def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, nblk, row_bytes, sx
     rm = tl.program_id(1) * MR + tl.arange(0, MR)
     ok_n = rn < N
     rowb = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_bytes  # past-the-end rows read the last
-    acc = _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, QT, PH, R, L, KB, MR, BN, DOT, DOT_F32,
-                    DOT_PRECISION)
+    acc = _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, row_bytes, QT, PH, R, L, KB, MR, BN, DOT,
+                    DOT_F32, DOT_PRECISION, PF, CB)
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[None, :]
     tl.store(out + rm.to(tl.int64)[:, None] * som + rn[None, :], acc.to(out.dtype.element_ty),
@@ -362,7 +382,7 @@ def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, nblk, row_bytes, sx
 @triton.jit
 def _grouped_kernel(x, raw, halfs, out, w_off, x_row, N, n_chunks, nblk, row_bytes, sxm, som,
                     QT: tl.constexpr, PH: tl.constexpr, R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr,
-                    BN: tl.constexpr):
+                    BN: tl.constexpr, PF: tl.constexpr, CB: tl.constexpr):
     """out[grp, N] = x[x_row[grp], K] @ dequant(W_grp)^T, where W_grp is a [N, K] matrix of blocks
     starting w_off[grp] bytes from raw: many matrices of one type and shape in one launch (the
     experts a step chose). One row of activations a group."""
@@ -371,8 +391,8 @@ def _grouped_kernel(x, raw, halfs, out, w_off, x_row, N, n_chunks, nblk, row_byt
     ok_n = rn < N
     rowb = tl.load(w_off + grp) + tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_bytes
     xr = tl.load(x_row + grp)
-    acc = _rows_dot(x, sxm, xr + tl.arange(0, 1), xr + 1, raw, halfs, rowb, n_chunks, nblk, QT, PH, R, L, KB, 1, BN,
-                    False, False, "ieee")
+    acc = _rows_dot(x, sxm, xr + tl.arange(0, 1), xr + 1, raw, halfs, rowb, n_chunks, nblk, row_bytes, QT, PH, R, L,
+                    KB, 1, BN, False, False, "ieee", PF, CB)
     tl.store(out + grp.to(tl.int64) * som + rn[None, :], acc.to(out.dtype.element_ty), mask=ok_n[None, :])
 
 
@@ -447,7 +467,8 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     M = x.shape[0]
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
-    MR, BN, KB, warps, dot = config or _config(M, N, n_chunks, qtype)
+    MR, BN, KB, warps, dot, *rest = config or _config(M, N, n_chunks, qtype)
+    pf = rest[0] if rest else PREFETCH
     PH, R, Lr = PHASES[qtype]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, BN), triton.cdiv(M, MR))
@@ -455,6 +476,7 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     _matmul_kernel[grid](x, raw, raw.view(torch.float16), out, bias if bias is not None else out,
                          M, N, n_chunks, nblk, row_bytes, x.stride(0), N,
                          QT=qtype, PH=PH, R=R, L=Lr, KB=KB, MR=MR, BN=BN, HAS_BIAS=bias is not None, DOT=bool(dot),
+                         PF=pf, CB=GEOMETRY[qtype][0] * 256 // GEOMETRY[qtype][1],
                          DOT_F32=x.dtype != torch.float16,
                          DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **kw)
     return out
@@ -484,5 +506,6 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
     kw = {} if INTERPRET else {"num_warps": warps}
     _grouped_kernel[(triton.cdiv(N, BN), n)](x, raw, raw.view(torch.float16), out, w_off, x_row, N,
                                              n_chunks, nblk, row_bytes, x.stride(0), N,
-                                             QT=qtype, PH=PH, R=R, L=Lr, KB=KB, BN=BN, **kw)
+                                             QT=qtype, PH=PH, R=R, L=Lr, KB=KB, BN=BN, PF=PREFETCH,
+                                             CB=ts * 256 // GEOMETRY[qtype][1], **kw)
     return out
