@@ -12,6 +12,7 @@ import threading
 import time
 import types
 from datetime import datetime
+from itertools import compress, repeat
 from typing import Any, Callable
 
 import jinja2
@@ -66,6 +67,7 @@ class GenerationTag(jinja2.ext.Extension):
 
 
 MAX_DEPTH = 200  # nesting of lists and maps a template may build
+_FLAT = (str, int, float, type(None))  # elements measured without a walk
 
 
 def measure(obj: Any, budget: int = MAX_OUTPUT) -> tuple[int, int, int]:
@@ -86,6 +88,12 @@ def measure(obj: Any, budget: int = MAX_OUTPUT) -> tuple[int, int, int]:
         inner = x._Namespace__attrs if isinstance(x, Namespace) else x
         kids = ([v for kv in inner.items() for v in kv] if isinstance(inner, dict)
                 else inner if isinstance(inner, (list, tuple, set, frozenset)) else ())
+        if len(kids) > budget:
+            return 0, 1 + len(kids), 1  # past the limit already
+        if isinstance(kids, (list, tuple)) and all(map(isinstance, kids, repeat(_FLAT))):  # (at C speed)
+            memo[key] = (sum(map(len, compress(kids, map(isinstance, kids, repeat(str))))), 1 + len(kids),
+                         1 if kids else 0)
+            return memo[key]
         chars, items, depth = 0, 1, 0
         for v in kids:
             c, i, dv = walk(v, d + 1)
@@ -280,6 +288,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(optimized=False, finalize=_bounded_str, **kw)
         self._budget = threading.local()  # one render's limits: renders in other threads keep their own
         self.globals.pop("lipsum", None)  # builds text of any length from two numbers
+        self.filters.pop("urlize", None)  # ~100 bytes of working memory a character; no chat template uses it
         self.globals.update(range=self._range, raise_exception=_raise_exception, strftime_now=_strftime_now)
         self.filters["tojson"] = _tojson
         self.filters = {name: self._checked_filter(name, f) for name, f in self.filters.items()}

@@ -120,7 +120,7 @@ HOSTILE = [
     ("{% set s = 'x' * 4000000 %}{{ ['a', 'b', 'c']|join(s) }}", "filter join's result"),
     ("{% set s = 'x' * 4000000 %}{{ s.join(['a', 'b', 'c']) }}", "str.join"),
     ("{{ ('\t' * 4000000).expandtabs(4000000) }}", "str.expandtabs"),
-    ("{% set s = 'x' * 4000000 %}{{ [s] * 1000 }}", "a product of 4000001000"),
+    ("{% set s = 'x' * 4000000 %}{{ [s] * 1000 }}", "a product of 400000[0-9]000 elements"),
     ("{% set s = 'x' * 4000000 %}{% set ns = namespace(s=s) %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
      "{% endfor %}", "a string of 8000000"),
     ("{% set s = 'x' * 4000000 %}{% set t %}{% for i in range(1000) %}{{ s }}{% endfor %}{% endset %}{{ t }}",
@@ -150,6 +150,8 @@ HOSTILE = [
     ("{% set ns = namespace(x=10) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}", "-bit numbers"),
     ("{% set s = 'ab' * 2000000 %}{% for c in s %}{% for d in s %}{% endfor %}{% endfor %}", "loops run more"),
     ("{{ lipsum(4000000) }}", "lipsum' is undefined"),
+    ("{{ ('www.' * 1000000)|urlize }}", "No filter named 'urlize'"),
+    ("{{ ('x' * 4000000)|list|length }}", "a value of more than"),
     ("{{ strftime_now('%c' * 2000000) }}", "strftime format"),
     ("{{ raise_exception('x' * 4000000) }}", "refused the conversation: x{300}[.][.][.]$"),
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "range"),
