@@ -278,3 +278,14 @@ def test_a_chat_template_of_the_wrong_type_is_one_line(smol):
     for value in (42, ["a"], 1.5):
         with pytest.raises(ModelError, match=r"metadata tokenizer.chat_template is \w+, expected a string"):
             ChatTemplate.from_metadata(dict(md, **{"tokenizer.chat_template": value}), tk)
+
+
+def test_a_model_whose_template_is_a_number_fails_to_load_in_one_line(tmp_path):
+    import ggufgen
+    from layerstream.coordinator.engine import Engine
+
+    src = ggufgen.write_model(tmp_path / "m.gguf")
+    bad = ggufgen.rewrite_metadata(src, tmp_path / "bad.gguf", {"tokenizer.chat_template": 7})
+    with pytest.raises(ModelError, match=r"^metadata tokenizer.chat_template is int, expected a string") as e:
+        Engine.load(bad, device="cpu", ctx=64)
+    assert "\n" not in str(e.value)
