@@ -498,8 +498,8 @@ def bench_qmatmul(args) -> list[dict]:
 
 def bench_compute(args) -> list[dict]:
     from layerstream.compute.block import layer_forward
-    from layerstream.compute.model import SeqStep, build_step_meta, rope_inv_freq
     from layerstream.compute.device import keeps_quantized
+    from layerstream.compute.model import SeqStep, build_step_meta, rope_inv_freq
     from layerstream.compute.weights import ResidentLayers
 
     device = _device(args)
