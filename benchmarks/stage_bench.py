@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from layerstream.compute.device import resolve_device
 from layerstream.errors import LayerstreamError
 
 GB = 1e9
@@ -81,8 +82,6 @@ def model_for(args):
 
 
 def _device(args) -> torch.device:
-    from layerstream.compute.device import resolve_device
-
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
 
@@ -555,6 +554,7 @@ def bench_pipeline(args) -> list[dict]:
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
     from layerstream.coordinator.pipeline import PipelineConfig
+    from layerstream.loader.layout import layer_layouts
 
     batches = sorted(set(args.batch))
     with model_for(args) as index:
@@ -574,7 +574,7 @@ def bench_pipeline(args) -> list[dict]:
             backend = engine.backend
             plan = backend.plan
             print(f"plan: {plan.describe()}\nplan, device memory: {plan.breakdown()}", flush=True)
-            streamed = sum(lay.nbytes for i, lay in enumerate(backend.layouts) if i not in set(plan.resident))
+            streamed = sum(lay.nbytes for i, lay in enumerate(layer_layouts(index)) if i not in set(plan.resident))
             floor = streamed / (args.floor_gbs * GB)
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -605,7 +605,7 @@ def bench_pipeline(args) -> list[dict]:
                 row("prompt", 1, args.tokens, times)
             snaps = backend.collect_stats()
             print_table(f"pipeline: {os.path.basename(index.path)} ({index.hparams.n_layer} layers) on "
-                        f"{device_name(backend.device)} ({_load()})", rows,
+                        f"{device_name(resolve_device(args.device))} ({_load()})", rows,
                         f"plan: {plan.describe()}\nfloor = streamed bytes / {args.floor_gbs:g} GB/s; "
                         f"median of the timed passes after a warm-up")
             print(backend.stats_table(snaps))
@@ -778,7 +778,7 @@ def bench_serve(args) -> list[dict]:
                     thread.join(timeout=60)
                 r["vs engine"] = r["tokens/s"] / bare["tokens/s"]
             name = os.path.basename(index.path)
-            print_table(f"serve: {name} ({index.hparams.n_layer} layers) on {device_name(engine.backend.device)} "
+            print_table(f"serve: {name} ({index.hparams.n_layer} layers) on {device_name(resolve_device(args.device))} "
                         f"({_load()})", rows,
                         f"{args.prompt_tokens}-token prompts, {args.tokens} greedy tokens each (end of sequence "
                         "ignored); TTFT counts from the moment all clients start")
