@@ -133,42 +133,121 @@ def _part(raw, halfs, rowb, kb, ok_r, nblk, QT: tl.constexpr, P: tl.constexpr, G
         return (d * sc.to(tl.float32)) * q.to(tl.float32), h * 128 + P * 32 + (g % 2) * 16 + j, g >= 0
 
 
-# Fused matmul (decode and small batches).
-#
-# NOTE [ the fused matmul ]
-# A decode matmul reads each weight byte once and does a few operations a value: it is bound by
-# the bytes in flight and by the arithmetic a value costs, not by multiplies. So:
-# - A program owns BN whole rows of W (and MR rows of x) and walks all of K, KB chunks of 256
-#   values at a time: no split-K partials and no second launch, and with BN of 1 or 2 rows a
-#   matrix of 1024 rows or more gives every multiprocessor many programs, each with BN * KB
-#   blocks of loads in flight (one wide load each: the tile of a part reads contiguous bytes).
+@triton.jit
+def _row_dot(xrow, raw, halfs, rowb, ok_r, nblk, k_lo, k_hi, QT: tl.constexpr, NPARTS: tl.constexpr,
+             G: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
+    """[BN] float32: one row of activations (xrow, K values) times the BN weight rows at byte
+    offsets rowb, over chunks k_lo..k_hi-1, on the CUDA cores (the decode matmuls' inner loop)."""
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for kb in range(k_lo, k_hi):
+        for p in tl.static_range(NPARTS):
+            w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
+            xv = tl.load(xrow + kb * 256 + e, mask=ok, other=0).to(tl.float32)
+            acc += tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)
+    return acc
+
+
+@triton.jit
+def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, chunks_per_split, nblk, row_bytes, sxm, som, sos,
+                   QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr = "ieee"):
+    """out[s, M, N] = x[M, K] @ dequant(raw[N, K])^T over split s of the chunks (+ bias on split 0).
+
+    BM == 1 multiplies and sums on the CUDA cores; BM > 1 uses tl.dot, on float16 operands (or,
+    DOT_F32, float32 ones: at full precision ("ieee") for float32 runs, as TF32 ("tf32") for
+    bfloat16 runs, whose activations may exceed float16's range (Gemma 3's do). TF32 keeps
+    float32's range; these kernels are bound by the weights' bytes, not by the dot's rate).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    ok_n = rn < N
+    ok_r = ok_n[:, None, None]
+    rowb = rn[:, None, None].to(tl.int64) * row_bytes
+    k_lo = split * chunks_per_split
+    k_hi = tl.minimum(k_lo + chunks_per_split, n_chunks)
+    if BM == 1:
+        acc = _row_dot(x + pid_m * sxm, raw, halfs, rowb, ok_r, nblk, k_lo, k_hi, QT, NPARTS, G, L, BN)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(k_lo, k_hi):
+            for p in tl.static_range(NPARTS):
+                w, e, ok = _part(raw, halfs, rowb, kb, ok_r, nblk, QT, p, G, L)
+                xv = tl.load(x + rm[:, None, None] * sxm + (kb * 256 + e)[None, :, :],
+                             mask=(rm[:, None, None] < M) & ok[None, :, :], other=0)
+                if DOT_F32:
+                    acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float32),
+                                  tl.trans(tl.reshape(w, (BN, G * L))), input_precision=DOT_PRECISION)
+                else:
+                    acc += tl.dot(tl.reshape(xv, (BM, G * L)).to(tl.float16),
+                                  tl.trans(tl.reshape(w, (BN, G * L)).to(tl.float16)))
+    if HAS_BIAS:
+        b = tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32) * (split == 0).to(tl.float32)
+        acc += b[None, :] if BM > 1 else b
+    out += split * sos
+    if BM == 1:
+        tl.store(out + pid_m * som + rn, acc.to(out.dtype.element_ty), mask=ok_n)
+    else:
+        tl.store(out + rm[:, None] * som + rn[None, :], acc.to(out.dtype.element_ty),
+                 mask=(rm[:, None] < M) & ok_n[None, :])
+
+
+@triton.jit
+def _grouped_kernel(x, raw, halfs, out, w_off, x_row, N, n_chunks, nblk, row_bytes, sxm, som,
+                    QT: tl.constexpr, NPARTS: tl.constexpr, G: tl.constexpr, L: tl.constexpr, BN: tl.constexpr):
+    """out[grp, N] = x[x_row[grp], K] @ dequant(W_grp)^T, where W_grp is a [N, K] matrix of blocks
+    starting w_off[grp] bytes from raw: many matrices of one type and shape in one launch (the
+    experts a step chose). One row of activations a group, on the CUDA cores, K not split."""
+    pid_n = tl.program_id(0)
+    grp = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    ok_n = rn < N
+    ok_r = ok_n[:, None, None]
+    rowb = tl.load(w_off + grp) + rn[:, None, None].to(tl.int64) * row_bytes
+    xr = tl.load(x_row + grp).to(tl.int64)
+    acc = _row_dot(x + xr * sxm, raw, halfs, rowb, ok_r, nblk, 0, n_chunks, QT, NPARTS, G, L, BN)
+    tl.store(out + grp.to(tl.int64) * som + rn, acc.to(out.dtype.element_ty), mask=ok_n)
+
+
+@triton.jit
+def _sum_splits_kernel(part, out, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum over s of part[s, i], in split order (deterministic), cast to out's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(part + s * n + i, mask=ok, other=0)
+    tl.store(out + i, acc.to(out.dtype.element_ty), mask=ok)
+
+
+# NOTE [ the fused matmul by whole rows ]
+# `_rows_kernel` is the second fused matmul: a program owns BN whole rows of W and MR rows of x
+# and walks all of K, KB chunk tiles a step, so there are no split-K partials and no second
+# launch, and each weight is read once for all MR rows (small batches, speculative verification).
 # - Each quant byte is loaded once and every part (nibble, bit pair) is taken from it.
 # - A quant q of b bits becomes a float without a conversion instruction: the bits
 #   0x3F800000 | q << (23 - b) are the float f = 1 + q / 2^b, and the run's scale and offset
-#   fold into one fused multiply-add, w = f * (2^b * s) - (2^b * s + offset); the products then
-#   sum elementwise into a [MR, BN, runs, L] accumulator reduced once, at the end.
-# - MR rows of activations share each weight value (batched decode, speculative verification:
-#   the weights are read once for up to 16 rows); DOT multiplies on the tensor cores instead
-#   (tl.dot, BN >= 16), for larger batches.
+#   fold into one fused multiply-add, w = f * (2^b * s) - (2^b * s + offset); the products
+#   sum elementwise into a [MR, BN, runs, L] accumulator, reduced once at the end.
+# - Loads of a tile align alike in every step: a step covers KB * PH chunks, PH (PHASES) the
+#   chunks whose bytes make a multiple of 16 (Q6_K's 210-byte blocks: 8), each phase a static
+#   offset; so Q6_K's loads are up to 16 bytes wide where a chunk at a time gave 2.
+# Measured on an H200 (CUDA graphs, the 8B's matrices, 2026-12-01) against `_matmul_kernel`
+# with its split-K: faster for Q5_K at 1 to 4 rows (1.2 to 1.6x) and Q6_K at 1 and 2 rows
+# where K <= 8192 (1.05 to 1.5x; the 128256-row head 421 -> 346 us), slower for Q4_K and Q8_0
+# (17 us against 12 on 4096x4096 Q4_K): the kernel is held back by occupancy (96 to 150
+# registers a thread) and each program's load-then-compute steps; prefetching the next steps
+# into L2 did not change it. `_choose` takes the faster kernel per type and batch.
 # The runs are those of NOTE [ parts of a chunk ]: R = KB * G runs of L values a part.
 
 
 @triton.jit
-def _mac(acc, w, xv, DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc += x . w over one part: w [BN, R, L] float32, xv [MR, R, L]; acc [MR, BN, R, L], or
-    [MR, BN] through tl.dot."""
-    if DOT:
-        BN: tl.constexpr = w.shape[0]
-        MR: tl.constexpr = xv.shape[0]
-        V: tl.constexpr = w.shape[1] * w.shape[2]
-        if DOT_F32:
-            acc += tl.dot(tl.reshape(xv, (MR, V)).to(tl.float32), tl.trans(tl.reshape(w, (BN, V))),
-                          input_precision=DOT_PRECISION)
-        else:
-            acc += tl.dot(tl.reshape(xv, (MR, V)).to(tl.float16), tl.trans(tl.reshape(w, (BN, V)).to(tl.float16)))
-    else:
-        acc += w[None, :, :, :] * xv.to(tl.float32)[:, None, :, :]
-    return acc
+def _mac(acc, w, xv):
+    """acc [MR, BN, R, L] += w [BN, R, L] * x [MR, R, L], elementwise (summed once, at the end)."""
+    return acc + w[None, :, :, :] * xv.to(tl.float32)[:, None, :, :]
 
 
 @triton.jit
@@ -178,8 +257,7 @@ def _f(bits):
 
 
 @triton.jit
-def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.constexpr, KB: tl.constexpr,
-                DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.constexpr, KB: tl.constexpr):
     """acc += x . W over KB chunks of 256 values: chunk kb0 + c * PH + ph for c < KB, PH the type's
     phase count (PHASES: 16 * PH bytes hold whole blocks, so each phase's loads align alike and
     stay wide), for the activation rows at xr [MR, 1, 1] (mask xok) and the weight rows at byte
@@ -215,7 +293,7 @@ def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.
                 s = d * sc * 32.0
                 w = _f((nib << 18) | (((qh >> sub) & 1) << 22)) * s - (s + dmin * mn)
             xv = tl.load(xr + xo + 32 * P, mask=xok & okb, other=0)
-            acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+            acc = _mac(acc, w, xv)
     elif QT == 14:  # Q6_K: ql 128 B | qh 64 B | 16 x int8 scales | d; run g: half h, quarter r
         c = tl.arange(0, KB * 8)[None, :, None]
         j = tl.arange(0, 16)[None, None, :]
@@ -235,7 +313,7 @@ def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.
             q6 = (((ql >> (4 * P)) & 15) << 17) | (((qh >> (2 * (2 * P + r // 2))) & 3) << 21)
             w = _f(q6) * s - 1.5 * s
             xv = tl.load(xr + xo + 64 * P, mask=xok & okb, other=0)
-            acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+            acc = _mac(acc, w, xv)
     elif QT == 10 or QT == 11:
         # Q2_K: 16 B scales (low nibble scale, high min) | qs 64 B | d | dmin
         # Q3_K: hmask 32 B | qs 64 B | 12 B scales (16 x 6 bits) | d
@@ -267,7 +345,7 @@ def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.
                 u = ((qb >> (2 * P)) & 3) | (((hm >> (h * 4 + P)) & 1) << 2)
                 w = _f(u << 20) * s - 1.5 * s
             xv = tl.load(xr + kb * 256 + h * 128 + P * 32 + (g % 2) * 16 + j, mask=xok & okb, other=0)
-            acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+            acc = _mac(acc, w, xv)
     else:
         # 32-value blocks, the 8 of a chunk one at a time (block r of chunk kb0 + c: 8 blocks hold
         # a multiple of 16 bytes). Q8_0: d f16 | 32 x int8. Q4_0 / Q4_1 / Q5_0 / Q5_1: d f16 |
@@ -290,7 +368,7 @@ def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.
                 s = d * 256.0  # f = 1 + u/256, u = q + 128
                 w = _f((qb ^ 0x80) << 15) * s - 1.5 * s
                 xv = tl.load(xr + blk * 32 + j, mask=xok & okb, other=0)
-                acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+                acc = _mac(acc, w, xv)
             else:
                 if HAS_MIN:
                     off = tl.load(halfs + base // 2 + 1, mask=okb, other=0).to(tl.float32)
@@ -305,7 +383,7 @@ def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.
                         s = d * 16.0  # f = 1 + q/16
                         w = _f(nib << 19) * s - (s - off if HAS_MIN else 1.5 * s)
                     xv = tl.load(xr + blk * 32 + P * 16 + j, mask=xok & okb, other=0)
-                    acc = _mac(acc, w, xv, DOT, DOT_F32, DOT_PRECISION)
+                    acc = _mac(acc, w, xv)
     return acc
 
 
@@ -313,87 +391,31 @@ def _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT: tl.
 # KB * PH chunks, a tile [BN, KB * R, L]
 PHASES = {2: (1, 1, 16), 3: (1, 1, 16), 6: (1, 1, 16), 7: (1, 1, 16), 8: (1, 1, 32),
           10: (4, 4, 16), 11: (8, 4, 16), 12: (1, 4, 32), 13: (1, 4, 32), 14: (8, 8, 16)}
-# Steps prefetched ahead on a GPU (_prefetch; Triton's interpreter has no inline assembly)
-PREFETCH = 0 if INTERPRET else 2
 
 
 @triton.jit
-def _prefetch(raw, rowb, kb, row_bytes, CB: tl.constexpr, NCH: tl.constexpr):
-    """Ask L2 for the bytes of chunks kb..kb+NCH-1 (CB bytes each) of the rows at rowb [BN, 1, 1]:
-    one prefetch a 128-byte line, no registers held, so a program keeps the next steps' bytes in
-    flight while it computes (NOTE [ the fused matmul ]). Past the row's end it asks for the last line."""
-    NL: tl.constexpr = triton.next_power_of_2((NCH * CB + 127) // 128)
-    off = tl.minimum(kb * CB + tl.arange(0, NL)[None, None, :] * 128, row_bytes - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [raw + rowb + off],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, row_bytes, QT: tl.constexpr, PH: tl.constexpr,
-              R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr,
-              DOT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, PF: tl.constexpr,
-              CB: tl.constexpr):
-    """[MR, BN] float32: activation rows rm (of M; x's rows sxm apart) times the BN weight rows at
-    byte offsets rowb [BN, 1, 1], over all of K (NOTE [ the fused matmul ]). PF > 0 prefetches
-    the weights PF steps ahead (CB bytes a chunk)."""
-    xr = x + rm.to(tl.int64)[:, None, None] * sxm
-    xok = (rm < M)[:, None, None]
-    if DOT:
-        acc = tl.zeros((MR, BN), dtype=tl.float32)
-    else:
-        acc = tl.zeros((MR, BN, KB * R, L), dtype=tl.float32)
-    STEP: tl.constexpr = KB * PH
-    if PF > 0:
-        _prefetch(raw, rowb, 0, row_bytes, CB, PF * STEP)
-    for it in range(0, tl.cdiv(n_chunks, STEP)):
-        kb0 = it * STEP  # a multiple of KB * PH, as the alignment of the loads needs
-        if PF > 0:
-            _prefetch(raw, rowb, kb0 + PF * STEP, row_bytes, CB, STEP)
-        for ph in tl.static_range(PH):
-            acc = _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT, KB, DOT, DOT_F32,
-                              DOT_PRECISION)
-    if not DOT:
-        acc = tl.sum(tl.sum(acc, axis=3), axis=2)
-    return acc
-
-
-@triton.jit
-def _matmul_kernel(x, raw, halfs, out, bias, M, N, n_chunks, nblk, row_bytes, sxm, som,
-                   QT: tl.constexpr, PH: tl.constexpr, R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr,
-                   MR: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, PF: tl.constexpr, CB: tl.constexpr):
-    """out[M, N] = x[M, K] @ dequant(raw[N, K])^T (+ bias): BN rows of W by MR rows of x a program.
-
-    DOT multiplies on the tensor cores, on float16 operands (or, DOT_F32, float32 ones: at full
-    precision ("ieee") for float32 runs, as TF32 ("tf32") for bfloat16 runs, whose activations
-    may exceed float16's range (Gemma 3's do); TF32 keeps float32's range)."""
+def _rows_kernel(x, raw, halfs, out, bias, M, N, n_chunks, nblk, row_bytes, sxm, som,
+                 QT: tl.constexpr, PH: tl.constexpr, R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr,
+                 MR: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[M, N] = x[M, K] @ dequant(raw[N, K])^T (+ bias): BN whole rows of W by MR rows of x a
+    program, on the CUDA cores (NOTE [ the fused matmul ])."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.program_id(1) * MR + tl.arange(0, MR)
     ok_n = rn < N
     rowb = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_bytes  # past-the-end rows read the last
-    acc = _rows_dot(x, sxm, rm, M, raw, halfs, rowb, n_chunks, nblk, row_bytes, QT, PH, R, L, KB, MR, BN, DOT,
-                    DOT_F32, DOT_PRECISION, PF, CB)
+    xr = x + rm.to(tl.int64)[:, None, None] * sxm
+    xok = (rm < M)[:, None, None]
+    acc = tl.zeros((MR, BN, KB * R, L), dtype=tl.float32)
+    STEP: tl.constexpr = KB * PH
+    for it in range(0, tl.cdiv(n_chunks, STEP)):
+        kb0 = it * STEP  # a multiple of KB * PH, as the alignment of the loads needs
+        for ph in tl.static_range(PH):
+            acc = _chunks_mac(acc, xr, xok, raw, halfs, rowb, kb0, ph, n_chunks, nblk, QT, KB)
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [MR, BN]
     if HAS_BIAS:
-        acc += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[None, :]
-    tl.store(out + rm.to(tl.int64)[:, None] * som + rn[None, :], acc.to(out.dtype.element_ty),
+        y += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[None, :]
+    tl.store(out + rm.to(tl.int64)[:, None] * som + rn[None, :], y.to(out.dtype.element_ty),
              mask=(rm < M)[:, None] & ok_n[None, :])
-
-
-@triton.jit
-def _grouped_kernel(x, raw, halfs, out, w_off, x_row, N, n_chunks, nblk, row_bytes, sxm, som,
-                    QT: tl.constexpr, PH: tl.constexpr, R: tl.constexpr, L: tl.constexpr, KB: tl.constexpr,
-                    BN: tl.constexpr, PF: tl.constexpr, CB: tl.constexpr):
-    """out[grp, N] = x[x_row[grp], K] @ dequant(W_grp)^T, where W_grp is a [N, K] matrix of blocks
-    starting w_off[grp] bytes from raw: many matrices of one type and shape in one launch (the
-    experts a step chose). One row of activations a group."""
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    grp = tl.program_id(1)
-    ok_n = rn < N
-    rowb = tl.load(w_off + grp) + tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_bytes
-    xr = tl.load(x_row + grp)
-    acc = _rows_dot(x, sxm, xr + tl.arange(0, 1), xr + 1, raw, halfs, rowb, n_chunks, nblk, row_bytes, QT, PH, R, L,
-                    KB, 1, BN, False, False, "ieee", PF, CB)
-    tl.store(out + grp.to(tl.int64) * som + rn[None, :], acc.to(out.dtype.element_ty), mask=ok_n[None, :])
 
 
 @triton.jit
@@ -433,33 +455,55 @@ def dequantize_into(raw: torch.Tensor, qtype: int, N: int, K: int, out: torch.Te
     return out
 
 
-# Tuned on an H200 (BENCHMARKS.md, "quantized matmul"); see _config.
-MAX_ACC = 32  # float32 accumulator elements a thread may hold (64 spilled for Q6_K at 16 rows)
+# Enough programs to keep every multiprocessor's loads in flight: a decode matmul is a few MB
+# read once, and one program walking a whole row at a time leaves the memory system idle.
+TARGET_PROGRAMS = 4096
 
 
-def _config(M: int, N: int, n_chunks: int, qtype: int) -> tuple[int, int, int, int, int]:
-    """(MR, BN, KB, num_warps, DOT) for x [M, K] by a [N, K] matrix of `qtype`: the CUDA cores for
-    up to 16 rows of activations, all of them in each program (each weight read once), BN whole
-    rows of W a program; KB tiles of chunks a step, as many as keep the accumulator in registers."""
-    PH, R, L = PHASES[qtype]
+def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, splits) for a [M, N] output, from the sweep on an H200 recorded in
+    BENCHMARKS.md: one warp on 4 rows (8 for head-sized N) per program, K split until about
+    TARGET_PROGRAMS programs run; two rows of activations are cheaper as two programs reading
+    the same weights (the second read hits L2) than as a padded tl.dot, which wins from 3 rows."""
+    if M <= 2:
+        BM, BN, warps = 1, (8 if N >= 32768 else 4), 1
+    else:
+        BM, BN, warps = 16, 32, 4
     if INTERPRET:  # programs run one after another in Python: fewer, larger ones (numpy-wide)
-        return (min(16, triton.next_power_of_2(M)), 64, 2, 1, 0)
-    if M > 16:
-        return (16, 32, 1, 4, 1)
-    MR = triton.next_power_of_2(M)
-    BN, warps = (2, 2) if MR <= 2 else (2, 4)
-    KB = 16
-    while KB > 1 and (MR * BN * KB * R * L > MAX_ACC * 32 * warps or KB * PH > n_chunks):
-        KB //= 2
-    return MR, BN, KB, warps, 0
+        BN = 64
+    tiles = triton.cdiv(N, BN) * (M if BM == 1 else triton.cdiv(M, BM))
+    splits = max(1, min(n_chunks // 2, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    if not INTERPRET and not torch.cuda.is_current_stream_capturing():
+        # NOTE: launched one by one (the streaming pipeline), a call costs ~35 us of Python and
+        # Triton launch overhead, more than the split saves; the summing kernel doubles it
+        # (measured on the H200: 4096x4096 Q4_K 35 us eager unsplit, 53 us split in 4). CUDA
+        # graphs (the resident engine's decode) replay without launch cost: there, split.
+        splits = 1
+    return BM, BN, warps, splits
+
+
+def _choose(M: int, N: int, K: int, qtype: int) -> tuple:
+    """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`: ("rows", MR, BN,
+    KB, num_warps) where `_rows_kernel` measured faster than `_matmul_kernel` on an H200 (NOTE
+    [ the fused matmul by whole rows ]; the figures in BENCHMARKS.md), else the latter's
+    (BM, BN, num_warps, splits). Triton's interpreter takes numpy-wide programs: BN of 64."""
+    if qtype == 13 and M <= 4:  # Q5_K
+        cfg = {1: (1, 2, 2, 1), 2: (2, 2, 2, 2)}.get(M, (4, 2, 4, 4))
+    elif qtype == 14 and (M == 2 or (M == 1 and K <= 8192)):  # Q6_K
+        cfg = (2, 4, 1, 4) if M == 2 else (1, 2, 2, 2) if N <= 4096 else (1, 4, 2, 4)
+    else:
+        return _config(M, N, triton.cdiv(K, 256))
+    return ("rows", cfg[0], 64 if INTERPRET else cfg[1], *cfg[2:])
 
 
 def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
-           bias: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) for W [N, K] given as GGUF blocks: a new [M, N] tensor in x's dtype.
 
-    One launch, each output written once by one program (deterministic). `config` (MR, BN, KB,
-    num_warps, DOT) overrides the tuned choice, for tests and benchmarks.
+    Either kernel writes each output once, in a fixed order (deterministic). `config` overrides
+    `_choose`, for tests and benchmarks: (BM, BN, num_warps, splits) for `_matmul_kernel`, whose
+    chunks of K are split over `splits` programs per output tile and their float32 partials
+    summed by a second kernel; ("rows", MR, BN, KB, num_warps) for `_rows_kernel`.
     """
     _check(raw, qtype, N, K)
     if x.stride(-1) != 1:
@@ -467,45 +511,53 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     M = x.shape[0]
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
-    MR, BN, KB, warps, dot, *rest = config or _config(M, N, n_chunks, qtype)
-    pf = rest[0] if rest else PREFETCH
-    PH, R, Lr = PHASES[qtype]
+    config = config or _choose(M, N, K, qtype)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, BN), triton.cdiv(M, MR))
+    if config[0] == "rows":
+        _, MR, BN, KB, warps = config
+        PH, R, Lr = PHASES[qtype]
+        kw = {} if INTERPRET else {"num_warps": warps}
+        _rows_kernel[(triton.cdiv(N, BN), triton.cdiv(M, MR))](
+            x, raw, raw.view(torch.float16), out, bias if bias is not None else out, M, N, n_chunks, nblk,
+            row_bytes, x.stride(0), N, QT=qtype, PH=PH, R=R, L=Lr, KB=KB, MR=MR, BN=BN, HAS_BIAS=bias is not None,
+            **kw)
+        return out
+    BM, BN, warps, splits = config
+    splits = max(1, min(splits, n_chunks))
+    per_split = triton.cdiv(n_chunks, splits)
+    splits = triton.cdiv(n_chunks, per_split)
+    part = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, BN), M if BM == 1 else triton.cdiv(M, BM), splits)
     kw = {} if INTERPRET else {"num_warps": warps}
-    _matmul_kernel[grid](x, raw, raw.view(torch.float16), out, bias if bias is not None else out,
-                         M, N, n_chunks, nblk, row_bytes, x.stride(0), N,
-                         QT=qtype, PH=PH, R=R, L=Lr, KB=KB, MR=MR, BN=BN, HAS_BIAS=bias is not None, DOT=bool(dot),
-                         PF=pf, CB=GEOMETRY[qtype][0] * 256 // GEOMETRY[qtype][1],
-                         DOT_F32=x.dtype != torch.float16,
-                         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **kw)
+    _matmul_kernel[grid](x, raw, raw.view(torch.float16), part, bias if bias is not None else out,
+                         M, N, n_chunks, per_split, nblk, row_bytes, x.stride(0), N, M * N,
+                         QT=qtype, NPARTS=nparts, G=G, L=L, BM=BM, BN=BN, HAS_BIAS=bias is not None,
+                         DOT_F32=x.dtype != torch.float16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                         **kw)
+    if splits > 1:
+        n = M * N
+        _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=splits, BLOCK=1024)
     return out
 
 
 def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, w_off: torch.Tensor,
-                   x_row: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                   x_row: torch.Tensor) -> torch.Tensor:
     """out[g] = x[x_row[g]] @ W_g^T for every group g in one launch, W_g the [N, K] matrix of
     `qtype` blocks that starts w_off[g] bytes after raw's first byte: a new [len(w_off), N]
     tensor in x's dtype. w_off (int64, even) and x_row (int32) are on x's device; an offset may
     point into another allocation of that device (the expert cache's entries), which raw only
-    anchors. `config` (BN, KB, num_warps) overrides the default."""
+    anchors."""
     if raw.dtype != torch.uint8 or raw.storage_offset() % 2 or K % GEOMETRY[qtype][1]:
         raise ValueError(f"grouped blocks of type {qtype} need uint8 bytes at an even offset and K ({K}) "
                          f"a multiple of {GEOMETRY[qtype][1]}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
-    n_chunks = triton.cdiv(K, 256)
     n = w_off.numel()
     out = torch.empty(n, N, dtype=x.dtype, device=x.device)
-    if config is None:
-        _, BN, KB, warps, _ = _config(1, N, n_chunks, qtype)
-    else:
-        BN, KB, warps = config
-    PH, R, Lr = PHASES[qtype]
-    kw = {} if INTERPRET else {"num_warps": warps}
+    BN = 64 if INTERPRET else 4
+    kw = {} if INTERPRET else {"num_warps": 1}
     _grouped_kernel[(triton.cdiv(N, BN), n)](x, raw, raw.view(torch.float16), out, w_off, x_row, N,
-                                             n_chunks, nblk, row_bytes, x.stride(0), N,
-                                             QT=qtype, PH=PH, R=R, L=Lr, KB=KB, BN=BN, PF=PREFETCH,
-                                             CB=ts * 256 // GEOMETRY[qtype][1], **kw)
+                                             triton.cdiv(K, 256), nblk, row_bytes, x.stride(0), N,
+                                             QT=qtype, NPARTS=nparts, G=G, L=L, BN=BN, **kw)
     return out
