@@ -134,15 +134,15 @@ class ComputeWorker:
         A streamed MoE layer's staging slot goes back after its work on the device, one layer or
         more behind. Where the host cache holds every streamed layer (the plan says so:
         `done_batch` > 1), no reader waits for a slot and the coordinator does not wait for it.
-        A decode step is bound by the host (BENCHMARKS.md, issue 9), and a cProfile of an H200
-        host's MoE decode gave an eighth of a streamed layer's host time to its two messages
+        A MoE decode step is bound by the host, and a profile of it gave an eighth of a streamed
+        layer's host time to its two messages
         (this one and the LayerReady it answers), so in expert steps slots then go back DONE_BATCH
         at a time, and the rest before compute waits for the coordinator and at the step's end.
         Each message lets the coordinator announce up to `prefetch` more cached layers at once
         (stream_core.py), so announcements still run ahead of compute: a layer copies the next
         layer's predicted experts only if that layer is announced. With 4 a message and
         announcements one message late, they fell behind, and fewer experts were copied ahead
-        (H200, session 8, call 5: 36% of the chosen experts against 48%). Other steps give each
+        (a third of the chosen experts against a half). Other steps give each
         slot back at once, as do all steps where layers are read from disk: a reader may be
         waiting for the slot."""
         self.done.append([layer, slot])

@@ -67,8 +67,8 @@ class ExpertCache:
         self.n_cached = capacity_bytes // self.slot if self.slot else 0
         # zeros: a pair the CPU takes reads the pool's start with weight 0 (NOTE [ CPU experts ]),
         # which must be finite before any expert lands there (zero blocks are zero matrices)
-        # NOTE [ expert prefetch ]: past the in-flight slots, two sets of `prefetch` slots for the
-        # experts predicted for the next layer, copied ahead on a side stream
+        # past the in-flight slots, two sets of `prefetch` slots for the experts predicted for the
+        # next layer, copied ahead on a side stream (NOTE [ expert prefetch ])
         self.prefetch_slots = prefetch if self.slot else 0
         self.pool = torch.zeros((self.n_cached + in_flight + 2 * self.prefetch_slots) * self.slot, dtype=torch.uint8,
                                 device=device) if self.slot else None
@@ -103,8 +103,8 @@ class ExpertCache:
 
     def _fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, object]:
         """Layer i's `experts`: {expert: pool slot} with a pool, else {expert: (gate, up, down)}.
-        The missing ones are copied, in one call with a pool, from views made once (H200 traces:
-        a layer's fetch took 422 µs with views made each step, 203 µs with views made once)."""
+        The missing ones are copied, in one call with a pool, from views made once (making them
+        each step doubled a layer's fetch time)."""
         out, missing, ahead = {}, [], []
         pre, pre_event = self.prefetched.pop(i, ({}, None))
         cur = self._stream() if self.device.type == "cuda" else None
@@ -467,8 +467,8 @@ class ExpertSet:
         function computing the CPU's weighted sum ([T, n_embd] float32 on the host; None when the
         CPU takes nothing). Where the CPU takes nothing the layer costs no round trip to the host:
         at batch 1 a share of about 30% of one or two missing experts rounds to none, and with that
-        round trip `--cpu-share auto` ran about 10% slower than no share; without it, as fast
-        (BENCHMARKS.md, ninth session). `out`: where the offsets go."""
+        round trip `--cpu-share auto` ran about 10% slower than no share; without it, as fast.
+        `out`: where the offsets go."""
         cpu = self.cpu_choice(ids)
         if cpu:
             h_host, w_host = h.float().cpu(), weight.float().cpu()

@@ -4,8 +4,7 @@ NOTE [ driver copies ]
 A streamed MoE layer's fetch copies each missing expert's gate, up and down: three byte ranges of
 pinned staging memory an expert, 20-odd copies a layer at batch 1, each issued from Python. Through
 torch (`copy_` or `torch._foreach_copy_`, which loops over `copy_` for host sources) a copy costs
-the host about 8 to 10 µs to issue (H200 host, --trace: a layer's fetch took 149 µs for about 18
-copies, the prefetch's issue 239 µs for 24), and the host's time is the decode step's bound. The
+the host about 8 to 10 µs to issue, and the host's time is the decode step's bound. The
 driver's cuMemcpyHtoDAsync, called through ctypes with the addresses worked out once, does the
 same copy on the same stream, and where an expert's parts are alike (the same bytes each, evenly
 spaced in staging and in the pool slot: gate and up, and down too when it has their type) they

@@ -22,7 +22,7 @@ LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "att
 ATTN_TEMP_BYTES = 256 << 20  # attention temporaries of one group of sequences / query rows
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepMeta:
     """What every layer of one forward step needs to know about the batch (built once a step)."""
 
@@ -45,9 +45,10 @@ class StepMeta:
     cos_k_swa: torch.Tensor | None = None
     sin_k_swa: torch.Tensor | None = None
     mask_swa: torch.Tensor | None = None
-    # Triton kernels of attn_kernels.py, where Triton runs the matmuls (the runner sets them):
-    # RoPE with the cache write in one launch, and, when every sequence adds one token and K is
-    # stored rotated, attention read from the cache in place (NOTE [ decode attention ])
+    # Triton kernels of attn_kernels.py, where Triton runs the matmuls (build_step_meta's
+    # `triton_attention`): RoPE with the cache write in one launch, and, when every sequence adds
+    # one token and K is stored rotated, attention read from the cache in place (NOTE [ decode
+    # attention ])
     rope_kernel: bool = False
     decode_kernel: bool = False
 
@@ -90,8 +91,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 @functools.cache
 def _attn_kernels():
-    """compute.attn_kernels, imported on first use (it needs Triton, which the runner has checked
-    before it sets meta.rope_kernel or meta.decode_kernel)."""
+    """compute.attn_kernels, imported on first use (it needs Triton, which the caller of
+    build_step_meta has checked before it asks for the kernels: `triton_attention`)."""
     from layerstream.compute import attn_kernels
 
     return attn_kernels
@@ -198,12 +199,14 @@ def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torc
 
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
                     dtype: torch.dtype, kv_len: int | None = None, rotate_k_at_read: bool = True,
-                    inv_freq_swa: torch.Tensor | None = None) -> StepMeta:
+                    inv_freq_swa: torch.Tensor | None = None, triton_attention: bool = False) -> StepMeta:
     """Pack the step's sequences; positions come from the KV ring of each sequence.
 
     kv_len pads the attended slots to a fixed length (masked), for captured CUDA graphs. With
     local layers (hp.swa_window), their mask also hides keys `swa_window` or more positions
-    back, and their RoPE tables come from `inv_freq_swa`, unscaled.
+    back, and their RoPE tables come from `inv_freq_swa`, unscaled. `triton_attention`: attention
+    through attn_kernels.py (its decode kernel where every sequence adds one token and K is stored
+    rotated).
     """
     B = len(seqs)
     S = max(len(s.slots) for s in seqs)
@@ -253,6 +256,8 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         cos_k=None if cos_k is None else to(cos_k), sin_k=None if sin_k is None else to(sin_k),
         mask=to(mask[:, None]),
         **swa,
+        rope_kernel=triton_attention,
+        decode_kernel=triton_attention and all(len(s.tokens) == 1 for s in seqs) and not rotate_k_at_read,
     )
 
 

@@ -72,9 +72,7 @@ class ModelRunner:
         upto = self._graph_layers(seqs, decode)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
-                               inv_freq_swa=self.inv_freq_swa)
-        meta.rope_kernel = self.triton_attention
-        meta.decode_kernel = self.triton_attention and decode and not self.sliding
+                               inv_freq_swa=self.inv_freq_swa, triton_attention=self.triton_attention)
         x = self.glob.embed(torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long))
         if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
             x = x * self.hp.embed_scale

@@ -388,7 +388,7 @@ class StreamedLayers:
         """NOTE [ early slot ]: a layer whose whole FFN is the CPU's reads its VRAM slot for the last
         time before the FFN. The CPU's FFN waits for the device to get there (its input), so the
         slot is free then, not at release(): the next copy runs while the CPU computes, where it
-        would wait for the CPU to finish (the 70B's figures: BENCHMARKS.md, sixth session)."""
+        would wait for the CPU to finish."""
         k = self.in_use.pop(i, None)
         if k is None:
             return
