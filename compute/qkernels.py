@@ -485,8 +485,9 @@ def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
 def _choose(M: int, N: int, K: int, qtype: int) -> tuple:
     """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`: ("rows", MR, BN,
     KB, num_warps) where `_rows_kernel` measured faster than `_matmul_kernel` on an H200 (NOTE
-    [ the fused matmul by whole rows ]; the figures in BENCHMARKS.md), else the latter's
-    (BM, BN, num_warps, splits). Triton's interpreter takes numpy-wide programs: BN of 64."""
+    [ the fused matmul by whole rows ]: the best of a sweep on the 8B's four matrix shapes and
+    the head, in CUDA graphs), else the latter's (BM, BN, num_warps, splits). Triton's
+    interpreter takes numpy-wide programs: BN of 64."""
     if qtype == 13 and M <= 4:  # Q5_K
         cfg = {1: (1, 2, 2, 1), 2: (2, 2, 2, 2)}.get(M, (4, 2, 4, 4))
     elif qtype == 14 and (M == 2 or (M == 1 and K <= 8192)):  # Q6_K
