@@ -9,8 +9,10 @@ sends what it returns. So the retry and restart rules are testable in one proces
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from layerstream.coordinator.plan import Plan
 from layerstream.coordinator.scheduler import Load, Scheduler
@@ -30,14 +32,15 @@ class PendingRead:
     load: Load
     parts: dict[str, LoadLayer]  # reader ident -> its LoadLayer
     left: set[str]  # readers that have not staged their part yet
+    issued: float  # when it was sent last (the clock's time), for the stall watchdog
     tries: int = 1
 
 
 class StreamCore:
     """Prefetch, host-cache and retry decisions of one pipeline run."""
 
-    def __init__(self, plan: Plan, n_layer: int):
-        self.plan, self.n_layer = plan, n_layer
+    def __init__(self, plan: Plan, n_layer: int, clock: Callable[[], float] = time.monotonic):
+        self.plan, self.n_layer, self.clock = plan, n_layer, clock
         self.sched = Scheduler(plan.n_slots, plan.prefetch,
                                HostCache(plan.cache_layers * plan.slot_bytes, plan.slot_bytes, "static"),
                                no_cache=frozenset(plan.resident))
@@ -48,6 +51,7 @@ class StreamCore:
         self.delivered: set[int] = set()  # resident layers the compute process holds
         self.cycle = [i for i in range(n_layer) if i not in set(plan.resident)]
         self.pending: dict[int, PendingRead] = {}  # req -> the read in flight
+        self.loaded: set[int] = set()  # layers read once at least (the start's progress)
         self.failure: str | None = None
 
     def set_reads(self, reads: list[dict[str, list]]) -> list[Send]:
@@ -86,6 +90,7 @@ class StreamCore:
             return []
         del self.pending[msg.req]
         self.sched.on_staged(msg.layer)
+        self.loaded.add(msg.layer)
         return self.advance()
 
     def on_layer_done(self, done: list[list[int]]) -> list[Send]:
@@ -98,6 +103,16 @@ class StreamCore:
         p = self.pending.get(req)
         return [] if p is None else self._retry(p, reader, error)
 
+    def blocking_read(self) -> PendingRead | None:
+        """The read in flight that compute waits for, if any: that of the next layer it needs, or,
+        where compute holds no slot (so it can only be waiting), the oldest one."""
+        if not self.need:
+            return None
+        mine = [p for p in self.pending.values() if p.load.layer == self.need[0]]
+        if not mine and not self.sched.lent and self.pending:
+            mine = [min(self.pending.values(), key=lambda p: p.issued)]
+        return mine[0] if mine else None
+
     # -- decisions -----------------------------------------------------------------------------------
 
     def _retry(self, p: PendingRead, reader: str, why: str) -> list[Send]:
@@ -107,12 +122,13 @@ class StreamCore:
             self.failure = f"reading layer {p.load.layer} failed twice: {why}"
             return []
         log.warning("read of layer %d failed (%s); retrying once", p.load.layer, why)
+        p.issued = self.clock()
         return [("readers", reader, p.parts[reader])]
 
     def _issue(self, load: Load) -> list[Send]:
         parts = {ident: LoadLayer(load.req, load.layer, load.slot, ranges)
                  for ident, ranges in self.reads[load.layer].items()}
-        self.pending[load.req] = PendingRead(load, parts, set(parts))
+        self.pending[load.req] = PendingRead(load, parts, set(parts), self.clock())
         return [("readers", ident, msg) for ident, msg in parts.items() if ident in self.ready_readers]
 
     def _announce(self) -> list[list[int]]:

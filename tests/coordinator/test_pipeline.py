@@ -6,6 +6,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,7 +335,7 @@ def test_garbage_frames_are_counted_and_the_run_goes_on(model, reference):
         be = e.backend
         ctx = zmq.Context()
         try:
-            for addr in (be.ep.control, be.ep.readers, be.ep.compute):
+            for addr in (be.links.ep.control, be.links.ep.readers, be.links.ep.compute):
                 s = ctx.socket(zmq.DEALER)
                 s.setsockopt(zmq.LINGER, 2000)  # let the frames go out before close
                 s.connect(addr)
@@ -344,16 +345,16 @@ def test_garbage_frames_are_counted_and_the_run_goes_on(model, reference):
                 s.close()
             # and to each child, through the coordinator's sockets
             async def relay():
-                await be.socks["compute"].send_multipart([b"compute", b"\x01"])
-                await be.socks["readers"].send_multipart([b"reader-0", bytes([1, 10]), b"\xc1"])
-                await be.socks["control"].send_multipart([b"staging", bytes([7, 1]), b""])
+                await be.links.socks["compute"].send_multipart([b"compute", b"\x01"])
+                await be.links.socks["readers"].send_multipart([b"reader-0", bytes([1, 10]), b"\xc1"])
+                await be.links.socks["control"].send_multipart([b"staging", bytes([7, 1]), b""])
 
             be.loop.run_until_complete(relay())
         finally:
             ctx.term()
         assert _generate(e) == reference
         snaps = be.collect_stats()
-        assert be.bad.total >= 9
+        assert be.links.bad.total >= 9
         by = {s["ident"]: s.get("bad_messages", {}).get("bad_messages", 0) for s in snaps if "ident" in s}
         assert by["compute"] >= 1 and by["reader-0"] >= 1
 
@@ -511,11 +512,12 @@ def test_foreign_peer_on_tcp_cannot_end_or_steer_the_run(model, reference):
 
     with _engine(model, PipelineConfig(resident_layers=0, transport="tcp")) as e:
         be = e.backend
-        assert be.curve is not None and be.socks["control"].getsockopt(zmq.MAXMSGSIZE) == be.max_msg_in
-        bad_before = be.bad.total
+        assert be.links.curve is not None
+        assert be.links.socks["control"].getsockopt(zmq.MAXMSGSIZE) == be.launch.max_msg_in
+        bad_before = be.links.bad.total
         ctx = zmq.Context()
         try:
-            for addr in (be.ep.control, be.ep.readers, be.ep.compute):
+            for addr in (be.links.ep.control, be.links.ep.readers, be.links.ep.compute):
                 s = ctx.socket(zmq.DEALER)
                 s.setsockopt(zmq.LINGER, 500)
                 s.setsockopt(zmq.IDENTITY, b"stranger")
@@ -527,7 +529,7 @@ def test_foreign_peer_on_tcp_cannot_end_or_steer_the_run(model, reference):
             ctx.term()
         assert _generate(e) == reference
         assert be.failure is None
-        assert be.bad.total == bad_before, "the stranger's messages reached the coordinator"
+        assert be.links.bad.total == bad_before, "the stranger's messages reached the coordinator"
 
 
 def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, reference):
@@ -535,22 +537,22 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
 
     with _engine(model, PipelineConfig(resident_layers=0)) as e:
         be = e.backend
-        before = be.bad.total
+        before = be.links.bad.total
         bad = [("reader-0", ForwardDone(be.core.step_no, [1, 2], "float32", {}), [b"\0" * 8]),  # not the compute
                ("compute", ForwardDone(be.core.step_no, [1, 2], "O", {}), [b"\0" * 16]),  # object dtype
                ("compute", ForwardDone(be.core.step_no, [1, 9], "float32", {}), [b"\0" * 8]),  # size mismatch
                ("compute", LayerDone(be.core.step_no, [[10**6, 0]]), []),  # no such layer
                ("stranger", LayerDone(be.core.step_no, [[0, 0]]), [])]  # no child of this run
         for ident, msg, extra in bad:
-            be.loop.run_until_complete(be._dispatch(ident, msg, extra, False))
-        assert be.bad.total == before + len(bad) and be.done is None
+            be.loop.run_until_complete(be.dispatch(ident, msg, extra, False))
+        assert be.links.bad.total == before + len(bad) and be.done is None
         # a frame above the bound on the coordinator's sockets is dropped by libzmq; the run goes on
         ctx = zmq.Context()
         try:
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 2000)
-            s.connect(be.ep.control)
-            s.send(b"\1" * (be.max_msg_in + 1))
+            s.connect(be.links.ep.control)
+            s.send(b"\1" * (be.launch.max_msg_in + 1))
             s.close()
         finally:
             ctx.term()
@@ -570,6 +572,95 @@ def test_stalled_compute_process_ends_the_run_with_a_line_naming_it(model):
         finally:
             with contextlib.suppress(ProcessLookupError):  # the failed run may have stopped it already
                 os.kill(pid, signal.SIGCONT)
+
+
+def test_stalled_reader_is_blamed_not_the_compute_process(model):
+    """The watchdog names the stage that is behind: with the reader stopped (SIGSTOP), compute
+    waits for a layer whose read is outstanding, and the line names the reader, the layer and
+    the staging slot, not the compute process."""
+    pcfg = PipelineConfig(resident_layers=0, host_cache_gb=0, prefetch=1, stall_timeout_s=2)
+    with _engine(model, pcfg) as e:
+        pid = e.backend.sup.children["reader-0"].proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(PipelineError, match=r"^the reader process reader-0 did not read layer \d into staging "
+                                                    r"slot \d for 2 s while the compute process waited for it .*"
+                                                    r"--stall-timeout") as err:
+                e.generate_batch([PROMPTS[0]], GREEDY)
+            assert time.monotonic() - t0 < 15
+            assert "compute process sent nothing" not in str(err.value) and "\n" not in str(err.value)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+_SHM_FULL = """
+import multiprocessing.shared_memory as _sm
+_init = _sm.SharedMemory.__init__
+def _full(self, name=None, create=False, size=0, *a, **k):
+    if create:
+        raise OSError(28, "No space left on device")
+    _init(self, name, create, size, *a, **k)
+_sm.SharedMemory.__init__ = _full
+"""
+
+
+def test_staging_that_cannot_make_its_arena_fails_the_start_with_its_own_error(model, tmp_path, monkeypatch):
+    """Staging fails at once, while its links may still be connecting: each of several starts
+    ends in one line that names the staging process and gives its own error."""
+    (tmp_path / "sitecustomize.py").write_text(_SHM_FULL)  # in the spawned children only
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for _ in range(3):
+        with pytest.raises(PipelineError) as err:
+            _engine(model, PipelineConfig(resident_layers=0))
+        line = str(err.value)
+        assert re.match(r"the staging process (failed|staging died \(exit code 1\)): ConfigError: cannot create a "
+                        r".* shared-memory segment layerstream-\d+-[0-9a-f]+: \[Errno 28\] No space left on device$",
+                        line), line
+
+
+def test_a_run_killed_with_its_process_group_leaves_no_segment_after_the_next_start(model):
+    """SIGKILL of a run's whole process group (its resource tracker too) leaves its segment;
+    the next run's start removes it (and the autouse fixture sees nothing left)."""
+    import tempfile
+
+    script = (
+        "import time\n"
+        "from layerstream.coordinator.engine import Engine, EngineConfig\n"
+        "from layerstream.coordinator.pipeline import PipelineConfig\n"
+        "if __name__ == '__main__':\n"
+        f"    cfg = EngineConfig(model={model!r}, device='cpu', ctx=64)\n"
+        "    e = Engine.open(cfg, PipelineConfig(resident_layers=0))\n"
+        "    print(e.backend.arena.name, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                         cwd=tempfile.gettempdir())
+    try:
+        name = p.stdout.readline().strip()
+        assert name.startswith("layerstream-"), name
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+        time.sleep(0.5)
+        assert os.path.exists(f"/dev/shm/{name}"), "the killed run's segment went by itself"
+        with _engine(model, PipelineConfig(resident_layers=0)):
+            assert not os.path.exists(f"/dev/shm/{name}")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_progress_hook_follows_the_start_and_the_first_read_of_every_layer(model, reference):
+    """on_progress(done, total, what): the children as they report ready, then the layers as the
+    first pass reads each once; each stage counts up to its total."""
+    seen = []
+    pcfg = PipelineConfig(resident_layers=0, readers=2, on_progress=lambda d, t, w: seen.append((w, d, t)))
+    with _engine(model, pcfg) as e:
+        assert [x for x in seen if x[0] == "processes"] == [("processes", d, 4) for d in range(5)]
+        assert _generate(e)[0] == reference[0]
+    layers = [(d, t) for w, d, t in seen if w == "layers"]
+    assert layers == [(d, 4) for d in range(5)], seen
 
 
 def test_staging_killed_is_a_clear_error_and_its_segment_goes(model):
@@ -604,12 +695,12 @@ def test_model_file_truncated_during_a_run_names_the_file(tmp_path):
 def test_bad_tokenizer_found_after_start_leaves_nothing_behind(model, tmp_path, monkeypatch):
     """The tokenizer is read once the processes run: its error still stops them and removes the
     run directory (the autouse fixture checks processes and segments)."""
-    from layerstream.coordinator import pipeline
+    from layerstream.coordinator import links
     from layerstream.errors import ModelError
 
     made = []
-    real = pipeline.make_run_dir
-    monkeypatch.setattr(pipeline, "make_run_dir", lambda *a: made.append(real(*a)) or made[-1])
+    real = links.make_run_dir
+    monkeypatch.setattr(links, "make_run_dir", lambda *a: made.append(real(*a)) or made[-1])
     bad = ggufgen.rewrite_metadata(model, tmp_path / "no-merges.gguf", {}, drop=("tokenizer.ggml.merges",))
     with pytest.raises(ModelError):
         _engine(bad, PipelineConfig(resident_layers=0))
@@ -627,7 +718,7 @@ def test_unclosed_engine_over_the_pipeline_cleans_up_at_exit(model):
         "if __name__ == '__main__':\n"
         f"    cfg = EngineConfig(model={model!r}, device='cpu', ctx=64)\n"
         "    e = Engine.open(cfg, PipelineConfig(resident_layers=0))\n"
-        "    print(e.backend.run_dir, e.backend.arena.name, flush=True)\n"
+        "    print(e.backend.links.run_dir, e.backend.arena.name, flush=True)\n"
     )
     r = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        cwd=tempfile.gettempdir())

@@ -96,3 +96,26 @@ def test_host_cache_hits_are_announced_at_once_several_in_one_message(tmp_path):
     assert out == [("compute", "compute", LayerReady(2, [[i, slots[i]] for i in range(4)]))]
     out = core.on_layer_done([[0, slots[0]]])
     assert out == [("compute", "compute", LayerReady(2, [[4, slots[4]], [5, slots[5]]]))]
+
+
+def test_the_read_compute_waits_for_is_that_of_its_next_layer_and_knows_when_it_was_sent(plan):
+    """The stall watchdog blames the readers that owe the read of the layer compute needs next
+    (NOTE in pipeline.py, Pipeline._watchdog); a retried read counts from its retry."""
+    now = [100.0]
+    core = StreamCore(plan, 3, clock=lambda: now[0])
+    for r in READERS:
+        core.reader_ready(r, restarted=False)
+    sends = core.set_reads([{r: [[0, 100 * i + k, 10, k * 10]] for k, r in enumerate(READERS)} for i in range(3)])
+    assert core.blocking_read() is None  # no step: compute waits for nothing
+    core.begin_step()
+    p = core.blocking_read()
+    assert p.load.layer == 0 and p.left == set(READERS) and p.issued == 100.0
+    m = next(m for i, m in loads(sends) if m.layer == 0 and i == "reader-0")
+    core.on_staged("reader-0", staged(m, "reader-0"))
+    assert core.blocking_read().left == {"reader-1"}  # the reader that has not staged its part
+    now[0] = 130.0
+    core.on_read_failed("reader-1", m.req, "EIO")
+    assert core.blocking_read().issued == 130.0
+    out = core.on_staged("reader-1", staged(m, "reader-1"))
+    assert any(isinstance(x, LayerReady) for _, _, x in out)
+    assert core.blocking_read().load.layer == 1 and core.loaded == {0}

@@ -1,0 +1,125 @@
+"""What a pipeline run starts: the plan, the readers' share of the files, each child's config.
+
+`make_launch` decides everything that is fixed for a run before a process starts (plan.py's
+residency plan, the CPU share that fits, which reader reads what); `Launch` then makes the
+configs the staging, reader and compute processes are spawned with, and the reads of each
+layer as they go on the wire. Pipeline (pipeline.py) only starts them and runs the messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from layerstream.compute import compute_proc
+from layerstream.compute.cpu.config import CpuShareConfig
+from layerstream.compute.cpu.sizing import packed_bytes, threads_default
+from layerstream.coordinator.pipeline_config import PipelineConfig
+from layerstream.coordinator.plan import GiB, Plan, fit_budget, fit_cpu_share, make_plan
+from layerstream.loader import reader_proc, staging_proc
+from layerstream.loader.gguf_index import ModelIndex
+from layerstream.loader.layout import LayerLayout, layer_layouts
+from layerstream.loader.reader import ReaderPlan, readers_for
+from layerstream.proto.messages import ArenaDesc, ByteRange
+
+log = logging.getLogger("layerstream.pipeline")
+
+# per layer: reader ident -> its ranges ([file index, offset, nbytes, slot offset] each)
+LayerReads = dict[str, list[ByteRange]]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A run's fixed decisions: the model, its device and sizes, the plan and the CPU share."""
+
+    index: ModelIndex
+    device: torch.device
+    dtype: torch.dtype
+    ctx: int
+    max_seqs: int
+    cfg: PipelineConfig
+    sliding: bool  # the KV ring slides (--on-context-full slide)
+    weights: str  # auto, quantized or dense (compute/device.py, keeps_quantized)
+    layouts: tuple[LayerLayout, ...]
+    readers: ReaderPlan
+    plan: Plan
+    cpu: CpuShareConfig  # the CPU share this run packs: the plan's fit of cfg.cpu
+
+    @property
+    def reader_ids(self) -> list[str]:
+        return [f"reader-{r}" for r in range(self.readers.n_readers)]
+
+    @property
+    def max_msg_in(self) -> int:
+        """The largest message a child may send: a step's logits (float32), or a traced run's stats."""
+        return max(self.plan.step_tokens, self.max_seqs) * self.index.hparams.n_vocab * 4 + (64 << 20)
+
+    @property
+    def max_msg_out(self) -> int:
+        """The largest message to a child: a Forward of step_tokens tokens with every sequence's
+        slot positions."""
+        return (self.plan.step_tokens * 3 + self.max_seqs * (self.ctx + 8)) * 9 + (4 << 20)
+
+    def staging_config(self, endpoints: dict, parent_pid: int) -> staging_proc.StagingConfig:
+        return staging_proc.StagingConfig("staging", self.plan.n_slots, self.plan.slot_bytes, endpoints, parent_pid)
+
+    def reader_config(self, r: int, arena: ArenaDesc, endpoints: dict, parent_pid: int) -> reader_proc.ReaderConfig:
+        return reader_proc.ReaderConfig(self.reader_ids[r], tuple(self.index.files), tuple(self.readers.files[r]),
+                                        self.cfg.direct, arena, endpoints, parent_pid, self.cfg.trace)
+
+    def compute_config(self, arena: ArenaDesc, endpoints: dict, parent_pid: int) -> compute_proc.ComputeConfig:
+        plan, cfg = self.plan, self.cfg
+        threads = cfg.cpu_threads or (threads_default() if not self.cpu.off and plan.streamed
+                                      and self.device.type == "cuda" else None)
+        return compute_proc.ComputeConfig(
+            ident="compute", model_path=self.index.path, device=str(self.device),
+            dtype=str(self.dtype).split(".")[-1], ctx=self.ctx, max_seqs=self.max_seqs, resident=plan.resident,
+            vram_slots=plan.vram_slots, kv_device_layers=plan.kv_device_layers, weights=self.weights,
+            budget_bytes=plan.budget_bytes, step_tokens=plan.step_tokens, arena=arena,
+            layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu, index=self.index,
+            expert_cache_bytes=plan.expert_cache_bytes, dense_resident=plan.dense_resident,
+            expert_policy=cfg.expert_policy, expert_prefetch=plan.expert_prefetch,
+            done_batch=compute_proc.DONE_BATCH if plan.cache_layers >= len(plan.streamed) else 1,
+            cpu_threads=threads, endpoints=endpoints, parent_pid=parent_pid, trace=cfg.trace, sliding=self.sliding)
+
+    def reads(self) -> list[LayerReads]:
+        """Each layer's reads, per reader, as they go on the wire (fixed for the run)."""
+        fidx = {f: i for i, f in enumerate(self.index.files)}
+        ids = self.reader_ids
+        return [{ids[r]: [[fidx[x.file], x.file_offset, x.nbytes, x.slot_offset] for x in rr]
+                 for r, rr in self.readers.split(i, lay.ranges()).items()}
+                for i, lay in enumerate(self.layouts)]
+
+
+def _gib(x: float | None) -> int | None:
+    return None if x is None else int(x * GiB)
+
+
+def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx: int, max_seqs: int,
+                cfg: PipelineConfig, sliding: bool = False, weights: str = "auto") -> Launch:
+    """Plan the run (ConfigError where the budgets cannot work)."""
+    from layerstream.compute.device import keeps_quantized
+
+    layouts = layer_layouts(index)
+    readers = readers_for(index.files, cfg.readers, list(cfg.reader_dirs) or None)
+    vram = _gib(cfg.vram_gb)
+    if vram is None and device.type == "cuda":
+        vram = fit_budget(device)  # fit by default: a model larger than the GPU streams
+    plan = make_plan(
+        index, layouts, vram_bytes=vram, host_cache_bytes=_gib(cfg.host_cache_gb),
+        dtype_bytes=torch.finfo(dtype).bits // 8, ctx=ctx, max_seqs=max_seqs, prefetch=cfg.prefetch,
+        kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
+        quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
+        max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.expert_cache_gb),
+        moe_dense=cfg.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.expert_prefetch,
+    )
+    cpu = cfg.cpu.for_device(device.type)
+    cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))
+    streamed = [layouts[i] for i in plan.streamed]
+    plan = dataclasses.replace(plan, cpu_share_bytes=packed_bytes(streamed, cpu.pack_max, cpu.split))
+    log.info("plan: %s", plan.describe())
+    log.info("plan, device memory: %s", plan.breakdown())
+    return Launch(index, device, dtype, ctx, max_seqs, cfg, sliding, weights, tuple(layouts), readers, plan, cpu)
