@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
+
+from layerstream.proto.child import spawned
 
 
 @dataclass
@@ -41,9 +45,13 @@ class Supervisor:
         atexit.register(self.kill_all)
 
     def start(self, role: str, ident: str, target, cfg) -> Child:
+        """Spawn target(cfg) through proto.child.spawned, which reports a failure to import the
+        target or to unpickle cfg to the coordinator (cfg.endpoints) like any other."""
         c = self.children.get(ident) or Child(role, ident, target, cfg)
         c.ready, c.expected_exit, c.links_heard = None, False, set()
-        c.proc = self.mp.Process(target=target, args=(cfg,), name=f"layerstream-{ident}", daemon=True)
+        args = (role, ident, getattr(cfg, "endpoints", None), getattr(cfg, "parent_pid", os.getpid()),
+                f"{target.__module__}:{target.__qualname__}", bytes(ForkingPickler.dumps(cfg)))
+        c.proc = self.mp.Process(target=spawned, args=args, name=f"layerstream-{ident}", daemon=True)
         c.proc.start()
         self.children[ident] = c
         return c

@@ -14,8 +14,10 @@ the frame to go out.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pickle
 import signal
 import sys
 from typing import Any, Callable
@@ -99,16 +101,41 @@ class ChildLinks:
         self.ctx.term()
 
 
+def _connect(role: str, ident: str, endpoints: dict[str, Any], parent_pid: int,
+             stats: Callable[[], dict[str, Any]] | None = None) -> ChildLinks:
+    curve = endpoints.get("curve")
+    return ChildLinks(role, ident, endpoints["control"], endpoints["work"], parent_pid, stats,
+                      curve=None if curve is None else Curve(*curve), max_msg=endpoints.get("max_msg"))
+
+
+def spawned(role: str, ident: str, endpoints: dict[str, Any] | None, parent_pid: int, target: str,
+            cfg: bytes) -> None:
+    """Every child's spawn target: imports its entry point ("module:function") and unpickles its
+    config here, inside the harness, so that a failure there (a broken install, a module that
+    cannot import) reaches the coordinator as a Failed too, not as a traceback on stderr."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (see run_child)
+    try:
+        module, _, name = target.partition(":")
+        main = getattr(importlib.import_module(module), name)
+        config = pickle.loads(cfg)  # (the spawn pipe's bytes: pickle never crosses a socket)
+    except BaseException as e:  # noqa: BLE001 - reported as data, like any error of a child
+        if endpoints is None:
+            print(f"{role} {ident}: {type(e).__name__}: {e}", file=sys.stderr)
+        else:
+            links = _connect(role, ident, endpoints, parent_pid)
+            links.fail(f"{role} start", e)
+            links.close(FAILED_LINGER_MS)
+        sys.exit(1)
+    main(config)
+
+
 def run_child(role: str, ident: str, endpoints: dict[str, Any], parent_pid: int,
               body: Callable[[ChildLinks], None], stats: Callable[[], dict[str, Any]] | None = None) -> None:
     """Run `body(links)` as a pipeline child; report errors as Failed; exit 0 on Shutdown."""
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} {ident}: %(message)s")
-    control, work = endpoints["control"], endpoints["work"]
-    curve = endpoints.get("curve")
-    links = ChildLinks(role, ident, control, work, parent_pid, stats,
-                       curve=None if curve is None else Curve(*curve), max_msg=endpoints.get("max_msg"))
+    links = _connect(role, ident, endpoints, parent_pid, stats)
     code = 0
     try:
         body(links)

@@ -2,6 +2,8 @@
 
 import time
 
+import zmq
+
 from layerstream.coordinator.supervisor import Supervisor
 
 
@@ -20,3 +22,38 @@ def test_a_child_the_shutdown_could_not_reach_is_terminated_at_once():
         assert time.monotonic() - t0 >= 1.0 and asked.proc.exitcode is not None  # waited, then terminated
     finally:
         sup.kill_all()
+
+
+def _entry(cfg) -> None:
+    """A child's entry point (its module is renamed below: the child cannot import it)."""
+
+
+def test_a_child_that_cannot_import_its_entry_point_reports_the_error():
+    """A failure before the child's own code runs (importing its module, unpickling its config)
+    reaches the coordinator as a Failed naming the error, not as a traceback on stderr."""
+    import os
+    import types
+
+    from layerstream.proto import Failed, make_router, recv_msg, temporary_run_dir
+
+    with temporary_run_dir() as run_dir:
+        ctx = zmq.Context()
+        router, control = make_router(ctx, f"ipc://{run_dir}/control.sock")
+        entry = types.FunctionType(_entry.__code__, {}, "_entry")
+        entry.__module__ = "layerstream_no_such_module"
+        cfg = types.SimpleNamespace(endpoints={"control": control, "work": f"ipc://{run_dir}/work.sock"},
+                                    parent_pid=os.getpid())
+        sup = Supervisor()
+        try:
+            c = sup.start("compute", "compute", entry, cfg)
+            got = recv_msg(router, 20000)
+            assert got is not None, "the child's failure never reached the coordinator"
+            ident, msg = got
+            assert ident == b"compute" and isinstance(msg, Failed)
+            assert msg.error == "ModuleNotFoundError: No module named 'layerstream_no_such_module'"
+            c.proc.join(10)
+            assert c.proc.exitcode == 1
+        finally:
+            sup.kill_all()
+            router.close(linger=0)
+            ctx.term()
