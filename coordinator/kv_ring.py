@@ -13,6 +13,12 @@ from __future__ import annotations
 from layerstream.errors import ConfigError, ContextFullError
 
 
+def context_full(ctx: int) -> ContextFullError:
+    """The one error for a sequence that outgrew its KV ring (every caller raises this one)."""
+    return ContextFullError(f"the sequence reached the context size ({ctx} tokens); "
+                            "raise --ctx or pass --on-context-full slide")
+
+
 class KVRing:
     """Slot bookkeeping of one sequence's KV ring of fixed capacity."""
 
@@ -38,10 +44,7 @@ class KVRing:
         """Reserve slots for n new tokens; returns (slots, positions) of the new tokens."""
         if self.count + n > self.cap:
             if self.mode == "error":
-                raise ContextFullError(
-                    f"the sequence reached the context size ({self.cap} tokens); "
-                    "raise --ctx or pass --on-context-full slide"
-                )
+                raise context_full(self.cap)
             if n > self.window:
                 raise ValueError(f"chunk of {n} tokens is larger than the ring window {self.window}")
         free = self.cap - self.count
