@@ -40,8 +40,18 @@ from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.reader import ReaderPlan
 from layerstream.proto.codec import ProtocolError, from_wire
 from layerstream.proto.messages import (
-    ArenaDesc, Failed, Forward, ForwardDone, ForwardSeq, LayerDone, LayerStaged, ReadFailed, Ready, Shutdown,
-    StatsReply, StatsRequest,
+    ArenaDesc,
+    Failed,
+    Forward,
+    ForwardDone,
+    ForwardSeq,
+    LayerDone,
+    LayerStaged,
+    ReadFailed,
+    Ready,
+    Shutdown,
+    StatsReply,
+    StatsRequest,
 )
 from layerstream.proto.timeline import Timeline, write_chrome_trace
 

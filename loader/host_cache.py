@@ -88,7 +88,7 @@ class HostCache:
     def _victim(self) -> int | None:
         if self.policy == "static":
             return None
-        return next((l for l in self._slots if not self._pins.get(l)), None)
+        return next((x for x in self._slots if not self._pins.get(x)), None)
 
     def pin(self, layer: int) -> None:
         """Keep `layer` from eviction while compute reads its slot (pins nest)."""

@@ -28,7 +28,6 @@ from .codec import BadMessageCounter
 from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
 from .sockets import Curve, make_dealer, recv_envelope, send_msg
 
-
 FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame to go out
 
 

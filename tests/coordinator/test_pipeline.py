@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-
 import time
 
 import pytest
@@ -18,13 +17,13 @@ import torch
 import zmq
 
 import ggufgen
-from procs import leaked, segments
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig
 from layerstream.errors import ContextFullError, PipelineError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
+from procs import leaked, segments
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,10 +88,9 @@ def test_pipeline_matches_single_process(model, reference, pcfg):
 
 def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     index = open_model(model)
+    from layerstream.compute.device import default_dtype
     from layerstream.coordinator.plan import GiB, make_plan
     from layerstream.loader.layout import layer_layouts
-
-    from layerstream.compute.device import default_dtype
 
     nb = torch.finfo(default_dtype(torch.device("cpu"))).bits // 8  # the engine's dtype
     layouts = layer_layouts(index)

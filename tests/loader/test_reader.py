@@ -69,7 +69,7 @@ def all_layouts(index):
 
 def test_layout_invariants(model):
     layouts = all_layouts(model)
-    assert [l.layer for l in layouts] == list(range(N_LAYER)) + [GLOBALS]
+    assert [lay.layer for lay in layouts] == list(range(N_LAYER)) + [GLOBALS]
     assert {t.name for t in layouts[0].tensors} == set(model.layers[0])
     assert {t.name for t in layouts[-1].tensors} == {"token_embd.weight", "output_norm.weight"}
     for lay in layouts:
@@ -83,7 +83,7 @@ def test_layout_invariants(model):
         rs = lay.ranges()
         assert sum(r.nbytes for r in rs) >= lay.data_nbytes
     # a block's tensors are contiguous in the file: one read fills the slot
-    assert all(len(l.ranges()) == 1 for l in layouts[:N_LAYER])
+    assert all(len(lay.ranges()) == 1 for lay in layouts[:N_LAYER])
     # the globals are far apart in the file (token_embd first, output_norm last): two runs
     assert len(layouts[-1].ranges()) == 2
 
@@ -113,7 +113,7 @@ def test_read_every_layer_into_slots(model, direct):
                 assert np.array_equal(arr[t.slot_offset : t.slot_offset + t.nbytes], want), (lay.layer, t.name)
             del arr
         st = rd.stats()
-        assert st["bytes"] > 0 and st["busy_s"] > 0 and st["reads"] >= sum(len(l.ranges()) for l in layouts)
+        assert st["bytes"] > 0 and st["busy_s"] > 0 and st["reads"] >= sum(len(lay.ranges()) for lay in layouts)
         # tmp_path is on ext4 here; where a filesystem refuses O_DIRECT the reader falls back (tested below)
         assert (st["direct_bytes"] > 0) == direct
 
