@@ -13,9 +13,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any
 
-# Chrome-trace categories: the four kinds of pipeline work, plus waiting.
-KINDS = ("read", "copy", "dequant", "compute")
-
 
 class Timeline:
     """Per-process recorder: `span()` times work of a category; events are kept when tracing."""
