@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from layerstream.errors import ContextFullError
+from layerstream.errors import ContextFullError, LayerstreamError
 
 
 @dataclass
@@ -80,6 +80,8 @@ class Turn:
                         yield out.text
                     if out.finished:
                         self.finish_reason = out.finish_reason
+                        if out.finish_reason == "error":  # this request's own failure (e.g. NaN logits)
+                            raise LayerstreamError(out.error or "the request failed")
                         if out.finish_reason == "context_full" and self.engine.cfg.on_context_full == "error":
                             raise ContextFullError(f"the sequence reached the context size ({self.engine.cfg.ctx} "
                                                    "tokens); raise --ctx or pass --on-context-full slide")
