@@ -194,6 +194,14 @@ ORDINARY = [
     "|{{ 'long text here'|truncate(9) }}|{{ [3, 1, 2]|sort|join(',') }}|{{ range(7)|batch(3, 0)|list }}"
     "|{{ range(7)|slice(3)|list }}|{{ [[1], [2, 3]]|sum(start=[]) }}|{{ range(5)|sum }}|{{ 'ab' * 3 }}"
     "|{{ [1] + [2] }}|{{ 2 ** 10 }}|{{ 7 % 3 }}|{{ 'a' ~ 1 ~ none ~ 2.5 }}|{{ 'x'.ljust(4) }}|{{ ','.join(['p', 'q']) }}",
+    "{%- set ns = namespace(multi_step=true, last=messages|length - 1) %}{%- for m in messages[::-1] %}"
+    "{%- set index = (messages|length - 1) - loop.index0 %}{%- if ns.multi_step and m.role == 'user' %}"
+    "{%- set ns.multi_step = false %}{%- set ns.last = index %}{%- endif %}{%- endfor %}{{ ns.last }}"
+    "{%- for i in range(messages|length - 1, -1, -1) %}{{ messages[i].content.split(' ')[-1].lstrip('W') }}"
+    "{%- if (messages[i].role == 'user') != (i % 2 == 0) %}!{% endif %}{% endfor %}"
+    "{{ tools|tojson(indent=4) }}{% if tools is defined and tools is not string %}{{ tools|first|length }}{% endif %}"
+    "{{ messages|selectattr('role', 'in', ['user', 'system'])|map(attribute='role')|join(',') }}"
+    "{{ '<tool_call>\\n{\"name\": \"' + tools[0].name + '\", \"arguments\": ' + tools[0].args|tojson + '}' }}",
     "{% set t %}{% for m in messages %}{{ m.content }};{% endfor %}{% endset %}{{ t|length }}{{ t }}"
     "{% for m in messages %}{% for c in m.content %}{% if loop.first %}{{ c }}{% endif %}{% endfor %}{% else %}none"
     "{% endfor %}{{ messages|selectattr('role', 'equalto', 'user')|list|length }}{{ [1, 2]|pprint }}",
@@ -209,8 +217,10 @@ def test_ordinary_templates_render_as_in_jinjas_sandbox(source):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = _tojson
     messages = CONVERSATIONS[1] + CONVERSATIONS[2]
-    want = env.from_string(source).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
-    assert ChatTemplate(source).render(messages) == want
+    tools = [{"name": "get_weather", "args": {"city": "Paris", "units": ["C", "F"]}}]
+    want = env.from_string(source).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="",
+                                          tools=tools)
+    assert ChatTemplate(source).render(messages, tools=tools) == want
 
 
 def test_smollm2_template_renders_as_in_jinjas_sandbox(smol):
