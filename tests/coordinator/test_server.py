@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import logging
 import os
 import signal
 import socket
@@ -61,6 +64,7 @@ def server():
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
     yield client, client.models.list().data[0].id
     assert _stop(p) == 143  # graceful: in-flight requests finish, then 128 + SIGTERM as the CLI
+    assert "Traceback" not in p.stderr.read()
 
 
 def _engine_text(engine, prompt_ids, max_tokens) -> str:
@@ -178,6 +182,59 @@ def test_errors_are_openai_shaped(server):
     with urllib.request.urlopen(f"{base}/metrics", timeout=30) as m:
         metrics = m.read().decode()
     assert "layerstream_generated_tokens_total" in metrics and "layerstream_pass_seconds_bucket" in metrics
+
+
+def test_the_openai_fields_clients_send_are_served(server, smollm_engine):
+    """Issue 25: max_completion_tokens, stream_options.include_usage, content as text parts, n,
+    GET /v1/models/{id}, and OpenAI's error `code`, through the official client."""
+    client, model = server
+    msgs = [{"role": "user", "content": "Name a fruit."}]
+    r = client.chat.completions.create(model=model, messages=msgs, max_completion_tokens=5, temperature=0)
+    assert r.usage.completion_tokens <= 5
+    assert r.choices[0].message.content == _engine_text(smollm_engine, smollm_engine.encode_chat(msgs), 5)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a fruit."}]}]
+    assert client.chat.completions.create(model=model, messages=parts, max_completion_tokens=5,
+                                          temperature=0).choices[0].message.content == r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=5, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=8, seed=7, extra_body={"ignore_eos": True})
+    two = client.completions.create(n=2, **kw)
+    assert sorted(c.index for c in two.choices) == [0, 1] and two.choices[0].text != two.choices[1].text
+    assert two.choices[0].text == client.completions.create(**kw).choices[0].text  # choice 0 has the seed
+    assert two.choices[1].text == client.completions.create(**kw | {"seed": 8}).choices[0].text  # 1 the next
+    prompt_tokens = len(smollm_engine.tokenizer.encode("Once upon a time"))
+    assert (two.usage.prompt_tokens, two.usage.completion_tokens) == (prompt_tokens, 16)  # the prompt once
+    streamed = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0, n=2,
+                                                   stream=True))
+    for i in (0, 1):
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i) == \
+            _engine_text(smollm_engine, smollm_engine.encode_chat(msgs), 4)
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="word " * 600, max_tokens=2)
+    assert e.value.code == "context_length_exceeded" and e.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=msgs, max_tokens=2, logprobs=True)
+    assert e.value.param == "logprobs"
+
+
+def test_a_non_loopback_host_without_a_key_warns_and_ctrl_c_exits_130():
+    """One exit rule: 128 + the signal after the drain, Ctrl-C (SIGINT) as SIGTERM (143)."""
+    p, url = _start("--single-process", "--host", "0.0.0.0")
+    p.send_signal(signal.SIGINT)
+    try:
+        assert p.wait(timeout=60) == 130
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err = p.stderr.read()
+    assert "warning: serving on 0.0.0.0 without an API key" in err and "Traceback" not in err
 
 
 def test_aborted_stream_frees_its_row_and_a_full_queue_is_429():
@@ -322,3 +379,298 @@ def test_requests_arriving_together_share_the_first_pass_from_idle():
     finally:
         w.stop()
         w.join(5)
+
+
+# -- the server in this process, over its own SmolLM2 engine (2 rows, ctx 512) -----------------------
+
+
+
+class _Records(logging.Handler):
+    """Every log record of the server and of uvicorn, to look for tracebacks and access lines."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def live(smollm_path):
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from layerstream.coordinator.engine import Engine
+    from layerstream.coordinator.http_guard import Limits
+    from layerstream.coordinator.server import Server, uvicorn_config
+
+    engine = Engine.load(smollm_path, device="cpu", dtype="float32", ctx=512, max_seqs=2)
+    limits = Limits(body_bytes=4 << 20, body_timeout_s=10, header_timeout_s=1.0, max_connections=40)
+    server = Server(engine, "smollm", None, max_queue=6, limits=limits)
+    port = _free_port()
+    http_server = uvicorn.Server(uvicorn_config(server, "127.0.0.1", port, grace_s=5))
+    records = _Records()
+    loggers = [logging.getLogger(n) for n in ("layerstream.server", "uvicorn", "uvicorn.error")]
+    for lg in loggers:
+        lg.addHandler(records)
+    level = loggers[0].level
+    loggers[0].setLevel(logging.INFO)  # the access log, as -v sets it
+    thread = threading.Thread(target=http_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not http_server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield SimpleNamespace(port=port, server=server, engine=engine, records=records.records)
+    finally:
+        http_server.should_exit = True
+        thread.join(30)
+        for lg in loggers:
+            lg.removeHandler(records)
+        loggers[0].setLevel(level)
+        engine.close()
+    assert not [r for r in records.records if r.exc_info], "a traceback in the server's log"
+
+
+def _call(port: int, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 120):
+    """(status, parsed JSON or text, headers) of one request on a fresh connection."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        h = {"Content-Type": "application/json"} if data is not None else {}
+        c.request(method, path, body=data, headers=h | (headers or {}))
+        r = c.getresponse()
+        raw = r.read()
+        try:
+            return r.status, json.loads(raw), dict(r.getheaders())
+        except ValueError:
+            return r.status, raw.decode(errors="replace"), dict(r.getheaders())
+    finally:
+        c.close()
+
+
+def _healthy(live) -> None:
+    status, body, _ = _call(live.port, "GET", "/health", timeout=10)
+    assert status == 200 and body["status"] == "ok"
+    status, body, _ = _call(live.port, "POST", "/v1/completions",
+                            {"prompt": "The sky is", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop"), body
+
+
+def test_hostile_bodies_are_400s_and_the_server_goes_on(live):
+    """Each field checked by type and range at the boundary (issue 23: a seed of 2**64 killed the
+    engine thread; "stream": "false" streamed; extreme JSON gave 500 with a traceback)."""
+    cases = [
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": "x", "stream": "false"}, "stream"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "stop": 5}, "stop"),
+        ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+        ({"prompt": "x", "logprobs": 5}, "logprobs"),
+    ]
+    for body, param in cases:
+        status, got, _ = _call(live.port, "POST", "/v1/completions", body)
+        assert status == 400 and got["error"]["param"] == param and got["error"]["type"] == "invalid_request_error"
+    for raw in (b"[" * 200_000, b'{"max_tokens": ' + b"9" * 6000 + b"}", b'{"prompt": "\\ud800 x"}',
+                b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "temperature": 1e999}'):
+        status, got, _ = _call(live.port, "POST", "/v1/completions", raw)
+        assert status == 400 and got["error"]["code"] is None, got
+    status, got, _ = _call(live.port, "POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": {"text": "x"}}]})
+    assert status == 400 and got["error"]["param"] == "messages[0].content"
+    _healthy(live)
+
+
+def test_a_failed_step_answers_500_and_the_next_request_is_served(live):
+    core = live.engine.core
+    real = core.backend
+
+    class Failing:
+        def step(self, seqs, want):
+            core.backend = real
+            raise RuntimeError("injected step failure")
+
+    core.backend = Failing()
+    try:
+        status, got, _ = _call(live.port, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 3})
+    finally:
+        core.backend = real
+    assert status == 500 and "injected step failure" in got["error"]["message"]
+    assert got["error"]["type"] == "server_error"
+    _healthy(live)
+    assert sorted(core.free_rows) == [0, 1]
+
+
+def _metric(live, name: str) -> float:
+    _, text, _ = _call(live.port, "GET", "/metrics", timeout=10)
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name))
+
+
+def test_a_client_gone_from_a_plain_request_frees_its_row(live):
+    """Not streamed: the handler watches the connection and aborts when it closes (issue 23:
+    the row generated 3,000 more tokens and the next request waited 254 s)."""
+    aborted = _metric(live, 'layerstream_finished_requests_total{reason="abort"}')
+    body = json.dumps({"prompt": "Count: 1, 2,", "max_tokens": 400, "temperature": 0, "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", live.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 60
+    while _metric(live, "layerstream_running_sequences") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(live, "layerstream_running_sequences") == 1
+    s.close()
+    while _metric(live, 'layerstream_finished_requests_total{reason="abort"}') == aborted \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(live, 'layerstream_finished_requests_total{reason="abort"}') == aborted + 1
+    assert _metric(live, "layerstream_running_sequences") == 0
+    _healthy(live)
+
+
+def test_a_huge_chunked_body_is_refused_before_it_is_read(live):
+    s = socket.create_connection(("127.0.0.1", live.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"%x\r\n%s\r\n" % (1 << 16, b" " * (1 << 16))
+    sent, reply = 0, b""
+    s.settimeout(0.05)
+    try:
+        while sent < 256 << 20:  # 64 times the cap
+            try:
+                s.sendall(piece)
+                sent += 1 << 16
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                reply += s.recv(4096)
+            except (socket.timeout, BlockingIOError):
+                continue
+            if reply:
+                break
+        s.settimeout(10)
+        while b"\r\n\r\n" not in reply:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    finally:
+        s.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent < 64 << 20  # the server answered long before the client was done
+    status, got, _ = _call(live.port, "POST", "/v1/completions", b"x" * 100, {"Content-Length": str(5 << 20)})
+    assert status == 413
+
+
+def test_half_sent_request_heads_time_out_and_connections_are_capped(live):
+    """NOTE [ HTTP limits ]: 60 connections that never finish their request head; past the cap
+    (40) they are answered 503 at once, the rest are closed after the head deadline (1 s)."""
+    socks = []
+    for _ in range(60):
+        s = socket.create_connection(("127.0.0.1", live.port))
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localh")
+        socks.append(s)
+    try:
+        answers = []
+        for s in socks:
+            s.settimeout(15)
+            got = b""
+            try:
+                while chunk := s.recv(4096):
+                    got += chunk
+            except ConnectionResetError:
+                pass
+            answers.append(got)
+        busy = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert len(busy) >= 20 and all(a in (b"",) or a.startswith(b"HTTP/1.1 503") for a in answers)
+    finally:
+        for s in socks:
+            s.close()
+    _healthy(live)
+
+
+def test_health_answers_while_a_huge_prompt_is_refused(live):
+    """A 2.6 MB prompt: more bytes than 512 tokens can hold, refused untokenized; /health, asked
+    over and over meanwhile, answers at once (issue 23: a 15 MB prompt held every client for 15 s
+    while the event loop tokenized it)."""
+    result = {}
+    words = " ".join(f"word{i}" for i in range(250_000)).encode()
+    post = threading.Thread(target=lambda: result.update(r=_call(live.port, "POST", "/v1/completions",
+                                                                   b'{"prompt": "' + words + b'"}')))
+    post.start()
+    # the longest time between two answers: the tokenizer holds the GIL, so a prompt tokenized
+    # on the loop stalls this thread too, and the gap shows it
+    gaps, last = [], time.monotonic()
+    while post.is_alive() or not gaps:
+        status, _, _ = _call(live.port, "GET", "/health", timeout=60)
+        assert status == 200
+        gaps.append(time.monotonic() - last)
+        last = time.monotonic()
+        time.sleep(0.02)
+    post.join(120)
+    assert max(gaps) < 3, max(gaps)  # tokenizing it on the loop held /health for 10 s here
+    status, got, _ = result["r"]
+    assert status == 400 and got["error"]["code"] == "context_length_exceeded" and got["error"]["param"] == "prompt"
+
+
+def test_a_keyless_server_refuses_foreign_hosts_and_non_json_posts(live):
+    status, got, _ = _call(live.port, "GET", "/v1/models", headers={"Host": "attacker.example:80"})
+    assert status == 400 and got["error"]["code"] == "invalid_host"
+    for host in ("localhost:1234", "127.0.0.1", "[::1]:8080", "192.168.0.7"):
+        assert _call(live.port, "GET", "/v1/models", headers={"Host": host})[0] == 200
+    form = b'{"prompt": "x", "max_tokens": 2}'
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        c = http.client.HTTPConnection("127.0.0.1", live.port, timeout=30)
+        c.putrequest("POST", "/v1/completions")
+        if ctype:
+            c.putheader("Content-Type", ctype)
+        c.putheader("Content-Length", str(len(form)))
+        c.endheaders(form)
+        r = c.getresponse()
+        assert r.status == 415 and json.loads(r.read())["error"]["code"] == "unsupported_media_type"
+        c.close()
+
+
+def test_every_route_answers_json_and_models_by_id(live):
+    status, got, _ = _call(live.port, "GET", "/no/such/route")
+    assert status == 404 and got["error"]["code"] == "not_found"
+    status, got, headers = _call(live.port, "GET", "/v1/completions")
+    assert status == 405 and got["error"]["code"] == "method_not_allowed" and "POST" in headers.get("allow", "")
+    status, got, _ = _call(live.port, "GET", "/v1/models/smollm")
+    assert status == 200 and got["id"] == "smollm" and got["object"] == "model"
+    status, got, _ = _call(live.port, "GET", "/v1/models/gpt-4")
+    assert status == 404 and got["error"]["code"] == "model_not_found"
+
+
+def test_an_access_line_a_request_at_info(live):
+    _call(live.port, "POST", "/v1/completions", {"prompt": "One, two,", "max_tokens": 2, "temperature": 0,
+                                                  "ignore_eos": True})
+    lines = [r.getMessage() for r in live.records if r.name == "layerstream.server"]
+    assert any(ln.startswith("POST /v1/completions 200 prompt=4 completion=2 ") and ln.endswith("s")
+               for ln in lines), lines[-5:]
+
+
+def test_sixteen_clients_with_long_prompts_are_served_or_refused(live):
+    """2 rows, a queue of 6, 16 clients at once with prompts near and past the context (512): each
+    is answered, or refused with 429 (queue) or 400 (too long); the server is healthy after."""
+    prompts = [" ".join(["lorem ipsum dolor"] * (60 + 40 * (i % 4))) for i in range(16)]
+    got: dict[int, tuple] = {}
+
+    def ask(i):
+        got[i] = _call(live.port, "POST", "/v1/completions", {"prompt": prompts[i], "max_tokens": 4,
+                                                                "temperature": 0})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    statuses = [got[i][0] for i in range(16)]
+    assert set(statuses) <= {200, 400, 429} and 200 in statuses, statuses
+    for i, (status, body, _) in got.items():
+        if status == 400:
+            assert body["error"]["code"] == "context_length_exceeded"
+        if status == 429:
+            assert body["error"]["type"] == "rate_limit_error"
+    _healthy(live)
