@@ -482,19 +482,20 @@ def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
     return BM, BN, warps, splits
 
 
-def _choose(M: int, N: int, K: int, qtype: int) -> tuple:
+def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:
     """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`: ("rows", MR, BN,
     KB, num_warps) where `_rows_kernel` measured faster than `_matmul_kernel` on an H200 (NOTE
     [ the fused matmul by whole rows ]: the best of a sweep on the 8B's four matrix shapes and
     the head, in CUDA graphs), else the latter's (BM, BN, num_warps, splits). Triton's
-    interpreter takes numpy-wide programs: BN of 64."""
-    if qtype == 13 and M <= 4:  # Q5_K
+    interpreter takes the latter always: its numpy-wide programs do the rows kernel's masked
+    phases in full (Q6_K at K = 512: 2.5x slower)."""
+    if not interpret and qtype == 13 and M <= 4:  # Q5_K
         cfg = {1: (1, 2, 2, 1), 2: (2, 2, 2, 2)}.get(M, (4, 2, 4, 4))
-    elif qtype == 14 and (M == 2 or (M == 1 and K <= 8192)):  # Q6_K
+    elif not interpret and qtype == 14 and (M == 2 or (M == 1 and K <= 8192)):  # Q6_K
         cfg = (2, 4, 1, 4) if M == 2 else (1, 2, 2, 2) if N <= 4096 else (1, 4, 2, 4)
     else:
         return _config(M, N, triton.cdiv(K, 256))
-    return ("rows", cfg[0], 64 if INTERPRET else cfg[1], *cfg[2:])
+    return ("rows", *cfg)
 
 
 def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,

@@ -102,19 +102,24 @@ def test_rows_kernel_matches_dequantize_then_linear(qt):
 
 
 def test_choose_takes_the_rows_kernel_where_it_measured_faster():
-    """Q5_K up to 4 rows and Q6_K at 1 row (K up to 8192) or 2 go to `_rows_kernel`; the rest,
-    Q6_K's 14336-wide rows at 1 row among them, to the split-K kernel; both give the same product."""
-    rows = lambda M, N, K, qt: qkernels._choose(M, N, K, int(qt))[0] == "rows"  # noqa: E731
+    """On a GPU, Q5_K up to 4 rows and Q6_K at 1 row (K up to 8192) or 2 go to `_rows_kernel`;
+    the rest, Q6_K's 14336-wide rows at 1 row among them, and everything under Triton's
+    interpreter, to the split-K kernel; both give the same product."""
+    rows = lambda M, N, K, qt: qkernels._choose(M, N, K, int(qt), interpret=False)[0] == "rows"  # noqa: E731
+    assert qkernels._choose(1, 4096, 4096, int(QT.Q5_K), interpret=True)[0] != "rows"
     assert all(rows(M, 4096, 4096, QT.Q5_K) for M in (1, 2, 3, 4)) and not rows(5, 4096, 4096, QT.Q5_K)
     assert rows(1, 4096, 4096, QT.Q6_K) and rows(1, 128256, 4096, QT.Q6_K) and rows(2, 4096, 14336, QT.Q6_K)
     assert not rows(1, 4096, 14336, QT.Q6_K) and not rows(4, 4096, 4096, QT.Q6_K)
     assert not any(rows(M, 4096, 4096, qt) for M in (1, 2, 4) for qt in (QT.Q4_K, QT.Q8_0, QT.Q4_0))
     rng = np.random.default_rng(9)
     N, K = 9, 512
-    raw = torch.from_numpy(random_blocks(rng, QT.Q6_K, N, K).reshape(-1).copy())
-    x = torch.randn(2, K)
-    torch.testing.assert_close(qkernels.matmul(x, raw, int(QT.Q6_K), N, K),
-                               qkernels.matmul(x, raw, int(QT.Q6_K), N, K, config=(1, 8, 1, 1)), rtol=1e-5, atol=1e-5)
+    b = random_blocks(rng, QT.Q6_K, N, K)
+    raw = torch.from_numpy(b.reshape(-1).copy())
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(9))
+    ref = x.double() @ torch.from_numpy(gguf_dequantize(b.reshape(-1), QT.Q6_K)).reshape(N, K).double().T
+    for config in (("rows", 2, 4, 1, 1), (1, 8, 1, 1)):
+        y = qkernels.matmul(x, raw, int(QT.Q6_K), N, K, config=config)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5, config
 
 
 @pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
