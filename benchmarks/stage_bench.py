@@ -683,7 +683,8 @@ def bench_experts(args) -> list[dict]:
     from gguf import GGMLQuantizationType as QT
 
     from layerstream.compute.expert_layout import EXPERT_TENSORS
-    from layerstream.compute.experts import EXPERT_POLICIES, ExpertCache
+    from layerstream.compute.expert_policy import EXPERT_POLICIES
+    from layerstream.compute.experts import ExpertCache
     from layerstream.loader.layout import LayerLayout, SlotTensor
     from layerstream.loader.synth import resolve_shape
     from layerstream.proto.timeline import Timeline

@@ -20,7 +20,7 @@ from layerstream.compute.weights import GlobalWeights
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
-from layerstream.proto.child import ChildLinks, run_child
+from layerstream.proto.child import ChildEndpoints, ChildLinks, run_child
 from layerstream.proto.messages import ArenaDesc, Forward, ForwardDone, LayerDone, LayerReady
 from layerstream.proto.timeline import Timeline
 
@@ -42,7 +42,7 @@ class ComputeConfig:
     kv_device_layers: int  # layers 0..n-1 whose KV stays on the device; the rest in host memory
     arena: ArenaDesc
     layouts: list[Any]  # LayerLayout.to_wire() per layer
-    endpoints: dict[str, Any]
+    endpoints: ChildEndpoints
     parent_pid: int
     trace: bool = False
     sliding: bool = False  # the KV ring slides: K is stored unrotated
@@ -163,8 +163,8 @@ class ComputeWorker:
             snap["device_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
         cache = self.source.expert_cache
         if cache is not None:
-            snap["experts"] = {"policy": cache.policy, "hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes_moved,
-                               "prefetch_hits": cache.prefetch_hits, "prefetched": cache.prefetch_copied,
+            snap["experts"] = {"policy": cache.kept.policy, "hits": cache.hits, "misses": cache.misses,
+                               "bytes": cache.bytes_moved, "prefetch_hits": cache.ahead.hits, "prefetched": cache.ahead.copied,
                                "steps": self.expert_steps, "tokens": self.expert_tokens}
         if self.cpu_experts is not None:
             ce = self.cpu_experts

@@ -46,3 +46,32 @@ def slot_bytes(layouts: list[LayerLayout]) -> int:
     """Bytes of one expert's pool slot: the largest expert (gate, up and down) of any layer."""
     return max((sum(-(-p[1] // ALIGN) * ALIGN for p in expert_parts(lay)) for lay in layouts
                 if any(t.name == EXPERT_TENSORS[0] for t in lay.tensors)), default=0)
+
+
+class LayerParts:
+    """expert_parts of each layer, and what the grouped kernel reads of them, worked out once a layer."""
+
+    def __init__(self):
+        self.parts: dict[int, list] = {}  # layer -> expert_parts of its layout
+        self.kernel: dict[int, tuple] = {}  # layer -> (qtype, rows, cols) of gate, up and down
+        self.offsets: dict[int, tuple] = {}  # layer -> where gate, up and down start in a pool slot
+
+    def of(self, lay: LayerLayout) -> list:
+        got = self.parts.get(lay.layer)
+        if got is None:
+            got = self.parts[lay.layer] = expert_parts(lay)
+        return got
+
+    def kernel_parts(self, i: int, lay: LayerLayout) -> tuple:
+        """(qtype, rows, cols) of an expert's gate, up and down."""
+        got = self.kernel.get(i)
+        if got is None:
+            got = self.kernel[i] = tuple((p[0].qtype, p[3], p[4]) for p in expert_parts(lay))
+        return got
+
+    def slot_offsets(self, i: int, lay: LayerLayout) -> tuple[int, int, int]:
+        """Where an expert's gate, up and down start in its pool slot."""
+        got = self.offsets.get(i)
+        if got is None:
+            got = self.offsets[i] = tuple(p[2] for p in expert_parts(lay))
+        return got

@@ -122,7 +122,7 @@ class StreamedLayers:
         self.expert_step = self.expert_cache is not None and streams_experts(self.n_expert, self.n_expert_used, tokens)
         self.expert_frac = self.cpu_experts.balancer.share(tokens) if self.expert_step and self.cpu_experts else 0.0
         self.cpu_s, self.cpu_bytes = 0.0, 0
-        if self.expert_cache is not None and self.expert_cache.prefetched:
+        if self.expert_cache is not None and self.expert_cache.ahead.layers:
             self.expert_cache.drop_prefetched()  # (only a step that failed part-way leaves any)
         if self.cuda:  # the first streamed layers cross while the resident ones compute
             self.stream = torch.cuda.current_stream(self.device)

@@ -36,7 +36,7 @@ def test_fetch_copies_the_right_bytes_and_keeps_the_most_recent(policy):
     cache.fetch(0, [1], lay, host)  # 1 is now the most recent and the most used, 3 the least of both
     cache.fetch(0, [2], lay, host)  # full: lru drops 3 for 2; lfu keeps 3 (used as often as 2)
     kept = 2 if policy == "lru" else 3
-    assert set(k[1] for k in cache.entries) == {1, kept}
+    assert set(k[1] for k in cache.kept.entries) == {1, kept}
     assert (cache.hits, cache.misses) == (1, 3)
     host[:] = 0  # a hit reads nothing from the staging bytes
     assert cache.fetch(0, [kept], lay, host)[kept][0][0, 0].item() == 100 * kept
@@ -66,7 +66,7 @@ def test_lfu_keeps_what_lru_evicts_in_a_cycle_of_layers():
             for layer in range(8):
                 cache.fetch(layer, sorted(rng.choice(16, 4, replace=False).tolist()), lay, host)
         rates[policy] = cache.hits / (cache.hits + cache.misses)
-        assert cache.used <= cache.capacity and len(cache.entries) <= 16
+        assert cache.kept.used <= cache.kept.capacity and len(cache.kept.entries) <= 16
     assert rates["lru"] < 0.03
     assert 0.09 < rates["lfu"] < 0.16  # uniform routing: about the share of experts cached (1/8)
 
@@ -77,13 +77,13 @@ def test_lfu_keeps_the_experts_used_most():
         cache.fetch(0, [0, 1], lay, host)  # 0 and 1: used 5 times each
     for e in (2, 3, 4, 5, 6, 7, 2):
         cache.fetch(0, [e], lay, host)  # newcomers used once or twice: served, not kept
-    assert set(cache.entries) == {(0, 0), (0, 1)}
+    assert set(cache.kept.entries) == {(0, 0), (0, 1)}
     cache.fetch(0, [2], lay, host)
     cache.fetch(0, [2, 3, 4], lay, host)
     cache.fetch(0, [2], lay, host)  # 2 is used five times now, as often as 0 and 1: still not kept
-    assert set(cache.entries) == {(0, 0), (0, 1)}
+    assert set(cache.kept.entries) == {(0, 0), (0, 1)}
     cache.fetch(0, [2], lay, host)  # six: it replaces the less recent of 0 and 1
-    assert set(cache.entries) == {(0, 1), (0, 2)}
+    assert set(cache.kept.entries) == {(0, 1), (0, 2)}
     with pytest.raises(ValueError, match="policy 'fifo'"):
         _cache(8, 2, "fifo")
 
@@ -116,12 +116,12 @@ def test_an_experts_alike_parts_go_as_one_2d_copy():
     lay, _ = _layer(n_expert=4, rows=8, cols=16)
     cache = ExpertCache(0, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu", 4096)
     per = 8 * 16 * 4
-    assert cache._groups(lay) == [(0, per, 0, 3, per, 4 * per)]  # gate, up and down alike
+    assert cache.store.groups(lay, expert_parts(lay)) == [(0, per, 0, 3, per, 4 * per)]  # gate, up and down alike
     t = list(lay.tensors)
     t[2] = SlotTensor(t[2].name, t[2].qtype, (4, 8, 8), t[2].slot_offset, 4 * 8 * 8 * 4, "f", 0)  # down: half the bytes
     odd = LayerLayout(1, tuple(t), t[2].slot_offset + t[2].nbytes)
     offs = [p[2] for p in expert_parts(odd)]
-    assert cache._groups(odd) == [(0, per, 0, 2, offs[1], 4 * per), (t[2].slot_offset, 8 * 8 * 4, offs[2], 1, 0, 0)]
+    assert cache.store.groups(odd, expert_parts(odd)) == [(0, per, 0, 2, offs[1], 4 * per), (t[2].slot_offset, 8 * 8 * 4, offs[2], 1, 0, 0)]
 
 
 @pytest.mark.parametrize("driver", [False, True], ids=["torch-copies", "driver-copies"])
@@ -140,7 +140,7 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
                         slot, in_flight=3)
     assert cache.pool.numel() == 5 * slot
     if driver:
-        cache.driver = _HostDriver()
+        cache.store.driver = _HostDriver()
 
     def check(e, mats):
         for k, m in enumerate(mats):
@@ -153,13 +153,13 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
         got = cache.fetch(0, ids, lay, host)
         for e in ids:
             check(e, got[e])
-        for (_, e), entry in cache.entries.items():  # a cached expert's own slot holds its bytes
+        for (_, e), entry in cache.kept.entries.items():  # a cached expert's own slot holds its bytes
             check(e, [QuantWeight(cache.pool[entry[4] * slot + off : entry[4] * slot + off + per], t.qtype, (r, c))
                       for t, per, off, r, c in expert_parts(lay)])
-        assert len(cache.entries) <= 2 and len(set(entry[4] for entry in cache.entries.values())) == len(cache.entries)
+        assert len(cache.kept.entries) <= 2 and len(set(entry[4] for entry in cache.kept.entries.values())) == len(cache.kept.entries)
     assert cache.hits > 0 and cache.misses > 60
     if driver:
-        assert cache.driver.calls == cache.misses  # one 2-D copy an expert: its three parts are alike
+        assert cache.store.driver.calls == cache.misses  # one 2-D copy an expert: its three parts are alike
     pool, offs, parts, cpu = ExpertSet(cache, 0, lay, host).grouped_offsets([5, 2, 5])
     assert offs.shape == (3, 3) and parts == ((int(QT.F32), 8, 16),) * 3 and cpu == []
     for col, e in enumerate([5, 2, 5]):
@@ -187,7 +187,7 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
                         slot, in_flight=3, prefetch=2)
     assert cache.pool.numel() == (2 + 3 + 2 * 2) * slot
     if driver:
-        cache.driver = _HostDriver()
+        cache.store.driver = _HostDriver()
 
     def value(e, mats):
         return [m.raw.view(torch.float32).view(m.shape)[3, 5].item() for m in mats]
@@ -200,19 +200,19 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
     assert cache.prefetch(1, [4, 5], lay1, host1) == 2  # the next layer's, in the other set
     got = cache.fetch(0, [4, 7], lay, host)  # 4 copied ahead, 7 not; 6 copied ahead for nothing
     assert value(4, got[4]) == want(4) and value(7, got[7]) == want(7)
-    assert (cache.hits, cache.prefetch_hits, cache.misses, cache.prefetch_copied) == (0, 1, 1, 4)
+    assert (cache.hits, cache.ahead.hits, cache.misses, cache.ahead.copied) == (0, 1, 1, 4)
     per = sum(p[1] for p in expert_parts(lay))
     assert cache.bytes_moved == 5 * per  # 4 ahead + 1 after the router
-    assert (0, 4) in cache.entries  # admitted as a copy would be: its cache slot holds its bytes
-    s4 = cache.entries[(0, 4)][4]
-    assert s4 < cache.n_cached
+    assert (0, 4) in cache.kept.entries  # admitted as a copy would be: its cache slot holds its bytes
+    s4 = cache.kept.entries[(0, 4)][4]
+    assert s4 < cache.store.cached
     mats = [QuantWeight(cache.pool[s4 * slot + off : s4 * slot + off + n], t.qtype, (r, c))
             for t, n, off, r, c in expert_parts(lay)]
     assert value(4, mats) == want(4)
     cache.done(0)
     got = cache.fetch(1, [5, 4], lay1, host1)  # both copied ahead, layer 0's set did not touch them
     assert value(5, got[5]) == want(5, 10000) and value(4, got[4]) == want(4, 10000)
-    assert cache.prefetch_hits == 3 and cache.misses == 1 and not cache.prefetched
+    assert cache.ahead.hits == 3 and cache.misses == 1 and not cache.ahead.layers
     # the grouped kernel's offsets point at a prefetched expert's bytes as at a fetched one's
     cache.prefetch(0, [2], lay, host)
     pool, offs, _, _ = ExpertSet(cache, 0, lay, host).grouped_offsets([2, 7])
@@ -222,7 +222,7 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
             assert v[3, 5].item() == pytest.approx(1000 * k + 100 * e + 3 + 0.05)
     cache.prefetch(1, [1], lay1, host1)
     cache.drop_prefetched()  # a step that ended early: nothing left to serve
-    assert not cache.prefetched and not cache.on_device(1, 1)
+    assert not cache.ahead.layers and not cache.on_device(1, 1)
 
 
 def test_cpu_experts_match_the_float64_reference():

@@ -132,7 +132,7 @@ def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
         if frac:
             assert cpu.computed > 0
         # with the prefetch, graph A also predicts layer 1's experts from layer 0 (NOTE [ expert prefetch ])
-        assert (cache.prefetch_copied > 0) == ahead and (cache.prefetch_hits > 0) == ahead
+        assert (cache.ahead.copied > 0) == ahead and (cache.ahead.hits > 0) == ahead
         assert (got.argmax(-1) == want.argmax(-1)).all(), frac
         assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), frac
 

@@ -1,0 +1,136 @@
+"""The device buffer that holds streamed block experts, and the copies into it.
+
+NOTE [ the expert pool ]
+Block experts (what the grouped kernel reads) live in one device buffer of equal slots, `slot`
+bytes each: the cache's slots, then `in_flight` slots for the newcomers the cache does not keep,
+then two sets of `prefetch` slots for the experts predicted for the next layer, copied ahead on
+a side stream (NOTE [ expert prefetch ] in experts.py). Copies land in place, with no
+allocation, and every expert sits at a byte offset from one fixed anchor, the pool, so a CUDA
+graph can read whichever experts a step chose from offsets in a tensor (graphs.py, NOTE [ decode
+graphs ]). A fetch never evicts an expert that the same fetch serves. Dense experts
+(dequantized) are tensors of their own, outside the pool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from layerstream.compute.expert_layout import expert_bytes
+from layerstream.compute.h2d import DriverCopies
+from layerstream.loader.layout import LayerLayout
+
+
+class ExpertPool:
+    """One device buffer of `cached` + `in_flight` + 2 * `prefetch` slots of `slot` bytes, and the
+    copies into it: through the driver where it is at hand (h2d.py, NOTE [ driver copies ]), else
+    torch's copies from views made once."""
+
+    def __init__(self, slot: int, cached: int, in_flight: int, prefetch: int, device: torch.device):
+        self.slot, self.cached, self.in_flight, self.prefetch = slot, cached, in_flight, prefetch
+        self.device = device
+        # zeros: a pair the CPU takes reads the pool's start with weight 0 (NOTE [ CPU experts ]),
+        # which must be finite before any expert lands there (zero blocks are zero matrices)
+        self.buf = torch.zeros((cached + in_flight + 2 * prefetch) * slot, dtype=torch.uint8, device=device)
+        self.ptr = self.buf.data_ptr()  # (the pool never moves)
+        self.driver = DriverCopies.open() if self.device.type == "cuda" else None
+        self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
+        self.src_views: dict[tuple[int, int], tuple] = {}  # (layer, staging address) -> (views, bytes)
+        self.copy_groups: dict[int, list] = {}  # layer -> groups
+
+    def flight(self):
+        """The in-flight slots, in order (for one fetch's newcomers)."""
+        return iter(range(self.cached, self.cached + self.in_flight))
+
+    def prefetch_base(self, k: int) -> int:
+        """The first slot of prefetch set k (0 or 1)."""
+        return self.cached + self.in_flight + k * self.prefetch
+
+    def move(self, dst: int, src: int, stream) -> None:
+        """Copy slot `src` into slot `dst` on the device, on `stream` (None: the current one)."""
+        if self.driver is not None:
+            self.driver.d2d(self.ptr + dst * self.slot, self.ptr + src * self.slot, self.slot,
+                            stream.cuda_stream if stream is not None else 0)
+        else:
+            self.buf[dst * self.slot : (dst + 1) * self.slot].copy_(self.buf[src * self.slot : (src + 1) * self.slot])
+
+    def copy(self, i: int, items: list[tuple[int, int]], lay: LayerLayout, host: np.ndarray, parts: list,
+             stream, driver_stream, n_layers: int) -> None:
+        """Copy each (pool slot, expert) of layer i (`parts`: its expert_parts) out of its staging
+        bytes `host`, on `stream` (None: the current one; the driver's copies go on
+        `driver_stream()` then); `n_layers`: layers seen, which bounds the views kept."""
+        if self.driver is not None:
+            src, dst, groups = host.ctypes.data, self.ptr, self.groups(lay, parts)
+            self.driver.issue([(dst + slot * self.slot + off, src + a + e * per, per, h, dp, sp)
+                               for slot, e in items for a, per, off, h, dp, sp in groups],
+                              (stream or driver_stream()).cuda_stream if self.device.type == "cuda" else 0)
+            return
+        view = self._sources(i, host, n_layers)
+        dsts = [self.dst(slot, off, per) for slot, e in items for t, per, off, _, _ in parts]
+        srcs = [view(e, j, t, per) for slot, e in items for j, (t, per, _, _, _) in enumerate(parts)]
+        if stream is None:
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+        else:
+            with torch.cuda.stream(stream):
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
+
+    def groups(self, lay: LayerLayout, parts: list) -> list[tuple[int, int, int, int, int, int]]:
+        """An expert's parts as the driver's copies (h2d.py, NOTE [ driver copies ]): runs of parts
+        of the same bytes, evenly spaced in staging and in the pool slot, each as (staging offset
+        of the first part's expert 0, bytes a part, offset in the slot, parts, slot pitch,
+        staging pitch)."""
+        got = self.copy_groups.get(lay.layer)
+        if got is None:
+            got = []
+            for t, per, off, _, _ in parts:
+                if got:
+                    a, p, o, h, dp, sp = got[-1]
+                    step, dstep = t.slot_offset - a - (h - 1) * sp, off - o - (h - 1) * dp
+                    if p == per and (h == 1 or (step, dstep) == (sp, dp)) and step >= per and dstep >= per:
+                        got[-1] = (a, p, o, h + 1, dstep, step)
+                        continue
+                got.append((t.slot_offset, per, off, 1, 0, 0))
+            self.copy_groups[lay.layer] = got
+        return got
+
+    def dst(self, slot: int, off: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` bytes at `off` in pool slot `slot`: a part of an expert, as a view made once."""
+        key = (slot, off, nbytes)
+        v = self.dst_views.get(key)
+        if v is None:
+            base = slot * self.slot + off
+            v = self.dst_views[key] = self.buf[base : base + nbytes]
+        return v
+
+    def _sources(self, i: int, host: np.ndarray, n_layers: int):
+        """A function (e, j, tensor, bytes an expert) -> expert e's part j in layer i's staging
+        bytes `host`, as views made once per (layer, staging address)."""
+        key = (i, host.ctypes.data)
+        views = self.src_views.get(key)
+        if views is None:
+            if len(self.src_views) > 4 * (n_layers + 1):
+                self.src_views.clear()  # staging slots were reassigned: start over
+            views = self.src_views[key] = ({}, torch.from_numpy(host))
+
+        def src(e: int, j: int, t, per: int) -> torch.Tensor:
+            v = views[0].get((e, j))
+            if v is None:
+                v = views[0][(e, j)] = expert_bytes(views[1], t, per, e)
+            return v
+
+        return src
+
+
+class PrefetchSets:
+    """The experts copied ahead for each layer (NOTE [ expert prefetch ] in experts.py), which
+    set of slots each layer's step reads, and when each set may be overwritten."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[dict[int, int], object]] = {}  # layer -> ({expert: slot}, copies' event)
+        self.set_free: list = [None, None]  # per set: event after the last read of its slots
+        self.reading: dict[int, int] = {}  # layer -> the set its step reads
+        self.hits = 0  # chosen experts that a prefetch had copied
+        self.copied = 0  # experts copied ahead (hits or not)
+
+    def has(self, i: int, e: int) -> bool:
+        return e in self.layers.get(i, ({},))[0]
