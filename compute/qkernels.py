@@ -236,11 +236,12 @@ def _sum_splits_kernel(part, out, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
 #   chunks whose bytes make a multiple of 16 (Q6_K's 210-byte blocks: 8), each phase a static
 #   offset; so Q6_K's loads are up to 16 bytes wide where a chunk at a time gave 2.
 # Measured on an H200 (CUDA graphs, the 8B's matrices, 2026-12-01) against `_matmul_kernel`
-# with its split-K: faster for Q5_K at 1 to 4 rows (1.2 to 1.6x) and Q6_K at 1 and 2 rows
-# where K <= 8192 (1.05 to 1.5x; the 128256-row head 421 -> 346 us), slower for Q4_K and Q8_0
-# (17 us against 12 on 4096x4096 Q4_K): the kernel is held back by occupancy (96 to 150
-# registers a thread) and each program's load-then-compute steps; prefetching the next steps
-# into L2 did not change it. `_choose` takes the faster kernel per type and batch.
+# with its split-K: faster for Q5_K at 1 to 4 rows (1.1 to 1.5x), Q6_K at 2 rows (1.1 to 1.4x)
+# and at 1 row on rows of 4096 values with 8192 or more of them (1.06x; the 128256-row head
+# 418 -> 374 us); not faster for Q6_K's other single rows, slower for Q4_K and Q8_0 (17 us
+# against 12 on 4096x4096 Q4_K). It is held back by occupancy (96 to 150 registers a thread,
+# a layout conversion through shared memory a part) and each program's load-then-compute
+# steps; prefetching the next steps into L2 changed nothing. `_choose` takes the faster kernel.
 # The runs are those of NOTE [ parts of a chunk ]: R = KB * G runs of L values a part.
 
 
@@ -490,9 +491,9 @@ def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> 
     interpreter takes the latter always: its numpy-wide programs do the rows kernel's masked
     phases in full (Q6_K at K = 512: 2.5x slower)."""
     if not interpret and qtype == 13 and M <= 4:  # Q5_K
-        cfg = {1: (1, 2, 2, 1), 2: (2, 2, 2, 2)}.get(M, (4, 2, 4, 4))
-    elif not interpret and qtype == 14 and (M == 2 or (M == 1 and K <= 8192)):  # Q6_K
-        cfg = (2, 4, 1, 4) if M == 2 else (1, 2, 2, 2) if N <= 4096 else (1, 4, 2, 4)
+        cfg = (4, 2, 4, 4) if M > 2 else (2, 2, 2, 2) if M == 2 else (1, 2, 4, 2) if N <= 2048 else (1, 2, 2, 1)
+    elif not interpret and qtype == 14 and (M == 2 or (M == 1 and N >= 8192 and K <= 8192)):  # Q6_K
+        cfg = (1, 4, 2, 4) if M == 1 else (2, 2, 2, 2) if K <= 8192 else (2, 4, 1, 4)
     else:
         return _config(M, N, triton.cdiv(K, 256))
     return ("rows", *cfg)

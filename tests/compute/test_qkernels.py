@@ -102,14 +102,14 @@ def test_rows_kernel_matches_dequantize_then_linear(qt):
 
 
 def test_choose_takes_the_rows_kernel_where_it_measured_faster():
-    """On a GPU, Q5_K up to 4 rows and Q6_K at 1 row (K up to 8192) or 2 go to `_rows_kernel`;
-    the rest, Q6_K's 14336-wide rows at 1 row among them, and everything under Triton's
-    interpreter, to the split-K kernel; both give the same product."""
+    """On a GPU, Q5_K up to 4 rows, Q6_K at 2 rows and Q6_K at 1 row of the head's or the gate's
+    shape go to `_rows_kernel`; the rest, and everything under Triton's interpreter, to the
+    split-K kernel; both give the product within float32 rounding."""
     rows = lambda M, N, K, qt: qkernels._choose(M, N, K, int(qt), interpret=False)[0] == "rows"  # noqa: E731
     assert qkernels._choose(1, 4096, 4096, int(QT.Q5_K), interpret=True)[0] != "rows"
-    assert all(rows(M, 4096, 4096, QT.Q5_K) for M in (1, 2, 3, 4)) and not rows(5, 4096, 4096, QT.Q5_K)
-    assert rows(1, 4096, 4096, QT.Q6_K) and rows(1, 128256, 4096, QT.Q6_K) and rows(2, 4096, 14336, QT.Q6_K)
-    assert not rows(1, 4096, 14336, QT.Q6_K) and not rows(4, 4096, 4096, QT.Q6_K)
+    assert all(rows(M, N, 4096, QT.Q5_K) for M in (1, 2, 3, 4) for N in (1024, 4096)) and not rows(5, 4096, 4096, QT.Q5_K)
+    assert rows(1, 14336, 4096, QT.Q6_K) and rows(1, 128256, 4096, QT.Q6_K) and rows(2, 4096, 14336, QT.Q6_K)
+    assert not rows(1, 4096, 4096, QT.Q6_K) and not rows(1, 4096, 14336, QT.Q6_K) and not rows(4, 4096, 4096, QT.Q6_K)
     assert not any(rows(M, 4096, 4096, qt) for M in (1, 2, 4) for qt in (QT.Q4_K, QT.Q8_0, QT.Q4_0))
     rng = np.random.default_rng(9)
     N, K = 9, 512
@@ -198,7 +198,8 @@ def test_bad_blocks_are_refused():
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_full_size_on_cuda(qt):
     """Llama-3.1-8B matrix sizes, compiled: bit-exact dequantization, matmul within fp16 rounding
-    (through either kernel, as `_choose` picks: Q5_K and Q6_K at 1, 2 and 4 rows take the rows kernel)."""
+    (through either kernel, as `_choose` picks: Q5_K at 1 to 4 rows, Q6_K at 2 and on 14339 rows at 1 take
+    the rows kernel)."""
     rng = np.random.default_rng(200 + int(qt))
     for N, K in [(4096, 4096), (1024, 4096), (14336 + 3, 4096)]:
         b = random_blocks(rng, qt, N, K)
