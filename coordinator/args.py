@@ -267,12 +267,12 @@ def check_args(args) -> None:
         fail("--api-key and --api-key-file are options of --serve")
     if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
         fail("no prompt given; pass the prompt text, or --chat for an interactive chat")
-    if args.cpu_share != "0":  # (its parser sits beside the pipeline, which imports torch)
-        from layerstream.coordinator.pipeline import parse_cpu_share
+    if args.cpu_share != "0":  # (its parser's package imports torch)
+        from layerstream.coordinator.pipeline_config import parse_cpu_share
         from layerstream.errors import ConfigError
 
         try:
-            parse_cpu_share(args.cpu_share)
+            parse_cpu_share(args.cpu_share, args.cpu_split)
         except ConfigError as e:
             fail(str(e))
 

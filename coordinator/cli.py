@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
 from layerstream.coordinator.args import PROG, UsageError, build_parser, check_args, read_api_key
@@ -51,57 +50,51 @@ def check_model(args):
     return index
 
 
-def _mem_available() -> int:
-    """Host memory available for new allocations (MemAvailable), in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-
-
 def serve_batch(args, index, ctx: int) -> tuple[int, str]:
     """--serve's default --batch: a pass costs about the same for one row as for many, so as many
-    rows as the budget holds, up to SERVE_BATCH_MAX, and SERVE_BATCH where they fit; never more
-    rows than half the host's available memory holds KV for. Returns (rows, why)."""
+    rows as the budgets hold, up to SERVE_BATCH_MAX, and at least SERVE_BATCH where they fit
+    (beyond it only while every layer's KV stays on the device); host memory bounds them too.
+    Returns (rows, why)."""
     import torch
 
     from layerstream.compute.device import keeps_quantized, resolve_device, resolve_dtype
+    from layerstream.coordinator import plan
 
     hp = index.hparams
     device = resolve_device(args.device)
     dtype_bytes = torch.finfo(resolve_dtype(args.dtype, device, hp.arch)).bits // 8
-    kv_row = 2 * hp.n_layer * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes
-    host_rows = max(1, _mem_available() // 2 // kv_row)
-    if args.single_process or args.vram_gb is None and device.type == "cpu":
-        rows = min(SERVE_BATCH, host_rows)
-        if device.type == "cuda":
-            rows = max(1, min(rows, torch.cuda.mem_get_info(device)[0] // 2 // kv_row))
+    if args.single_process:
+        rows = SERVE_BATCH
+        while rows > 1:  # everything in this process: its KV must fit the host's or the device's memory
+            try:
+                if device.type == "cpu":
+                    plan.check_local_host(index, dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=rows,
+                                          step_tokens=args.prefill_chunk)
+                elif 2 * hp.n_layer * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes * rows \
+                        > torch.cuda.mem_get_info(device)[0] // 2:
+                    raise ConfigError("too many rows")
+                break
+            except ConfigError:
+                rows //= 2
         return rows, "the --serve default" + ("" if rows == SERVE_BATCH else ", bounded by free memory")
-    from layerstream.coordinator.plan import GiB, fit_budget, make_plan
     from layerstream.loader.layout import layer_layouts
 
-    vram = int(args.vram_gb * GiB) if args.vram_gb is not None else fit_budget(device)
-    layouts = layer_layouts(index)
-    for rows in (64, 32, 16, 8, 4, 2, 1):
-        if rows > min(SERVE_BATCH_MAX, host_rows) and rows > 1:
-            continue
-        try:
-            plan = make_plan(index, layouts, vram_bytes=vram, host_cache_bytes=0, dtype_bytes=dtype_bytes, ctx=ctx,
-                             max_seqs=rows, quantized=keeps_quantized(device), step_tokens=args.step_tokens,
-                             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers,
-                             max_prefetch=hp.n_layer, vram_slots=args.vram_slots,
-                             expert_cache_bytes=None if args.expert_cache_gb is None else int(args.expert_cache_gb * GiB),
-                             moe_dense=args.moe_dense, expert_prefetch=args.expert_prefetch)
-        except ConfigError:
-            continue
-        # beyond SERVE_BATCH only while every layer's KV stays on the device (no pass moves KV)
-        if rows <= SERVE_BATCH or plan.kv_device_layers == hp.n_layer:
-            return rows, "the --serve default: the rows the plan's budget holds"
-    return 1, "the --serve default: the plan's budget holds one row"
+    def gib(v: float | None) -> int | None:
+        return None if v is None else int(v * plan.GiB)
+
+    vram = gib(args.vram_gb)
+    if vram is None and device.type == "cuda":
+        vram = plan.fit_budget(device)  # as the pipeline takes it
+    rows = plan.largest_batch(
+        index, layer_layouts(index), most=SERVE_BATCH if vram is None else SERVE_BATCH_MAX,
+        kv_on_device_above=SERVE_BATCH, vram_bytes=vram, host_cache_bytes=gib(args.host_cache_gb),
+        dtype_bytes=dtype_bytes, ctx=ctx, prefetch=args.prefetch, kv_on_host=args.kv_on_host,
+        resident_layers=args.resident_layers, quantized=keeps_quantized(device), step_tokens=args.step_tokens,
+        max_prefetch=hp.n_layer, expert_cache_bytes=gib(args.expert_cache_gb), moe_dense=args.moe_dense,
+        vram_slots=args.vram_slots, expert_prefetch=args.expert_prefetch)
+    if vram is None:
+        return rows, "the --serve default" + ("" if rows == SERVE_BATCH else ", bounded by host memory")
+    return rows, "the --serve default: the rows the plan's budget holds"
 
 
 def open_engine(args, index, progress: bool):
@@ -122,6 +115,9 @@ def open_engine(args, index, progress: bool):
     if not args.single_process:
         from layerstream.coordinator.pipeline import PipelineConfig
 
+        # a server's first pass comes with its first request, among the server's own lines
+        stages = ("processes",) if args.serve else ("processes", "layers")
+
         pcfg = PipelineConfig(
             readers=args.readers, reader_dirs=tuple(args.reader_dir), direct=args.direct_io,
             vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
@@ -131,50 +127,40 @@ def open_engine(args, index, progress: bool):
             vram_slots=args.vram_slots,
             expert_cache_gb=args.expert_cache_gb,
             moe_dense=args.moe_dense, expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch,
-            trace=bool(args.trace),
+            trace=bool(args.trace), on_progress=LoadProgress(sys.stderr, stages=stages) if progress else None,
         )
     elif args.cpu_threads:
         import torch
 
         torch.set_num_threads(args.cpu_threads)
-    if pcfg is None:  # the single-process engine has a bar of its own, layer by layer
-        return Engine.open(cfg, None, index=index, progress=progress)
-    # NOTE: the pipeline reports no progress while its processes load; an elapsed line until it can
-    with Elapsed(f"loading {os.path.basename(index.path)}", sys.stderr if progress else None):
-        return Engine.open(cfg, pcfg, index=index)
+    # the single-process engine draws a bar of its own, layer by layer
+    return Engine.open(cfg, pcfg, index=index, progress=progress and pcfg is None)
 
 
-class Elapsed:
-    """A line that counts seconds on a terminal while something that reports no progress runs;
-    gone when it ends. Nothing at all without a terminal (stream None)."""
+class LoadProgress:
+    """The pipeline's on_progress(done, total, what) as bars on a terminal: its processes
+    starting, then the first pass reading every layer (and filling the host cache)."""
 
-    FRAMES = "|/-\\"
+    LABELS = {"processes": "starting processes", "layers": "reading layers"}
 
-    def __init__(self, what: str, stream, interval: float = 0.2):
-        self.what, self.stream, self.interval = what, stream, interval
-        self.done = threading.Event()
-        self.thread: threading.Thread | None = None
+    def __init__(self, stream, mininterval: float = 0.1, stages: tuple[str, ...] = ("processes", "layers")):
+        self.stream, self.mininterval, self.stages, self.bars = stream, mininterval, stages, {}
 
-    def __enter__(self):
-        if self.stream is not None:
-            self.t0 = time.monotonic()
-            self.thread = threading.Thread(target=self._run, name="elapsed", daemon=True)
-            self.thread.start()
-        return self
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if what not in self.stages:
+            return
+        bar = self.bars.get(what)
+        if bar is None:
+            if what == "layers" and not done:  # (read in the first pass: drawn once it starts, not over a prompt)
+                return
+            from tqdm import tqdm
 
-    def _run(self) -> None:
-        i = 0
-        while not self.done.wait(self.interval if i else 0):
-            self.stream.write(f"\r{self.what} {self.FRAMES[i % 4]} {time.monotonic() - self.t0:.1f} s")
-            self.stream.flush()
-            i += 1
-
-    def __exit__(self, *exc):
-        if self.thread is not None:
-            self.done.set()
-            self.thread.join()
-            self.stream.write("\r\x1b[K")  # the line is erased: what follows starts clean
-            self.stream.flush()
+            bar = self.bars[what] = tqdm(total=total, desc=self.LABELS.get(what, what), leave=False, file=self.stream,
+                                         mininterval=self.mininterval, bar_format="{desc}: {n}/{total} {bar} {elapsed}")
+        if not bar.disable and done > bar.n:
+            bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
 
 def _report(engine, args) -> None:

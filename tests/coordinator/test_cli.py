@@ -255,24 +255,30 @@ def test_stats_prints_prompt_and_decode_rates(tmp_path):
     assert r.returncode == 0 and r.stderr == ""  # no terminal, no --stats: no figures
 
 
-def test_elapsed_line_only_on_a_terminal():
+def test_load_progress_draws_the_pipelines_stages_on_a_terminal():
+    """The pipeline's on_progress(done, total, what) hook as bars (issue 25: 7 to 30 s of silence)."""
     import io
-    import time
 
-    from layerstream.coordinator.cli import Elapsed
+    from layerstream.coordinator.cli import LoadProgress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     t = Terminal()
-    with Elapsed("loading m.gguf", t, interval=0.01):
-        time.sleep(0.1)
+    show = LoadProgress(t, mininterval=0)
+    for done in range(4):
+        show(done, 3, "processes")
+    show(0, 30, "layers")
+    assert "reading layers" not in t.getvalue()  # not before the first pass reads (a chat's prompt may be up)
+    show(12, 30, "layers")
     shown = t.getvalue()
-    assert shown.startswith("\rloading m.gguf | 0.0 s") and shown.endswith("\r\x1b[K")
-    assert shown.count("\r") >= 4  # redrawn while it waits
-    with Elapsed("loading m.gguf", None):
-        pass
+    assert "starting processes: 0/3" in shown and "starting processes: 2/3" in shown
+    assert "reading layers: 12/30" in shown
+    assert show.bars["processes"].disable and not show.bars["layers"].disable  # the finished one is closed
+    serving = LoadProgress(Terminal(), mininterval=0, stages=("processes",))
+    serving(1, 30, "layers")
+    assert not serving.bars and serving.stream.getvalue() == ""
 
 
 class _Lines:
@@ -478,6 +484,9 @@ def test_serve_defaults_to_a_batch_that_fills_passes_and_reads_the_key_from_the_
                           "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, LAYERSTREAM_API_KEY="from-env"), start_new_session=True)
     try:
+        import select
+
+        assert select.select([p.stderr], [], [], 60)[0], "nothing on stderr in 60 s"
         line = p.stderr.readline()
         assert line == "layerstream: --batch 8 (the --serve default; give --batch to choose)\n", line
         url = f"http://127.0.0.1:{port}/v1/models"
