@@ -487,12 +487,14 @@ def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> 
     """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`: ("rows", MR, BN,
     KB, num_warps) where `_rows_kernel` measured faster than `_matmul_kernel` on an H200 (NOTE
     [ the fused matmul by whole rows ]: the best of a sweep on the 8B's four matrix shapes and
-    the head, in CUDA graphs), else the latter's (BM, BN, num_warps, splits). Triton's
-    interpreter takes the latter always: its numpy-wide programs do the rows kernel's masked
-    phases in full (Q6_K at K = 512: 2.5x slower)."""
-    if not interpret and qtype == 13 and M <= 4:  # Q5_K
+    the head, in CUDA graphs; no matrix smaller than 1024 x 4096 was measured, and those keep
+    the split-K kernel, whose splits give small matrices their programs), else the latter's
+    (BM, BN, num_warps, splits). Triton's interpreter takes the latter always: its numpy-wide
+    programs do the rows kernel's masked phases in full (Q6_K at K = 512: 2.5x slower)."""
+    measured = not interpret and N >= 1024 and K >= 4096  # smaller matrices keep today's kernel
+    if measured and qtype == 13 and M <= 4:  # Q5_K
         cfg = (4, 2, 4, 4) if M > 2 else (2, 2, 2, 2) if M == 2 else (1, 2, 4, 2) if N <= 2048 else (1, 2, 2, 1)
-    elif not interpret and qtype == 14 and (M == 2 or (M == 1 and N >= 8192 and K <= 8192)):  # Q6_K
+    elif measured and qtype == 14 and (M == 2 or (M == 1 and N >= 8192 and K <= 8192)):  # Q6_K
         cfg = (1, 4, 2, 4) if M == 1 else (2, 2, 2, 2) if K <= 8192 else (2, 4, 1, 4)
     else:
         return _config(M, N, triton.cdiv(K, 256))

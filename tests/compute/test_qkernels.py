@@ -102,15 +102,17 @@ def test_rows_kernel_matches_dequantize_then_linear(qt):
 
 
 def test_choose_takes_the_rows_kernel_where_it_measured_faster():
-    """On a GPU, Q5_K up to 4 rows, Q6_K at 2 rows and Q6_K at 1 row of the head's or the gate's
-    shape go to `_rows_kernel`; the rest, and everything under Triton's interpreter, to the
-    split-K kernel; both give the product within float32 rounding."""
+    """On a GPU, for matrices of at least 1024 x 4096, Q5_K up to 4 rows, Q6_K at 2 rows and Q6_K
+    at 1 row of the head's or the gate's shape go to `_rows_kernel`; the rest, and everything
+    under Triton's interpreter, to the split-K kernel; both give the product within float32
+    rounding."""
     rows = lambda M, N, K, qt: qkernels._choose(M, N, K, int(qt), interpret=False)[0] == "rows"  # noqa: E731
     assert qkernels._choose(1, 4096, 4096, int(QT.Q5_K), interpret=True)[0] != "rows"
     assert all(rows(M, N, 4096, QT.Q5_K) for M in (1, 2, 3, 4) for N in (1024, 4096)) and not rows(5, 4096, 4096, QT.Q5_K)
     assert rows(1, 14336, 4096, QT.Q6_K) and rows(1, 128256, 4096, QT.Q6_K) and rows(2, 4096, 14336, QT.Q6_K)
     assert not rows(1, 4096, 4096, QT.Q6_K) and not rows(1, 4096, 14336, QT.Q6_K) and not rows(4, 4096, 4096, QT.Q6_K)
     assert not any(rows(M, 4096, 4096, qt) for M in (1, 2, 4) for qt in (QT.Q4_K, QT.Q8_0, QT.Q4_0))
+    assert not rows(2, 576, 1536, QT.Q6_K) and not rows(1, 960, 4096, QT.Q5_K)  # smaller than any measured
     rng = np.random.default_rng(9)
     N, K = 9, 512
     b = random_blocks(rng, QT.Q6_K, N, K)
