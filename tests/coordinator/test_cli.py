@@ -510,3 +510,32 @@ def test_serve_defaults_to_a_batch_that_fills_passes_and_reads_the_key_from_the_
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_ctx_and_batch_beyond_host_memory_are_one_line(tmp_path):
+    """Issue 23: --ctx 4194304 or --batch 4096 on the CPU allocated past 10 GB with no refusal;
+    the plan's host-memory check reaches the user as one line, in both modes, before any process."""
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    for mode in (["--single-process"], []):
+        r = subprocess.run([str(LAUNCHER), *mode, "-m", path, "--device", "cpu", "--ctx", "4194304", "--batch", "4096",
+                            "hello"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stdout == "", r.stderr
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("run-pipeline: error: m.gguf with these options needs "), r.stderr
+        assert "of host memory" in lines[0] and "lower --ctx or --batch" in lines[0]
+
+
+def test_serve_batch_holds_what_the_budget_holds(tmp_path):
+    """--serve's default rows: 8 on the CPU without a budget (or in one process); under a budget that
+    holds every layer's KV for 64 rows of a tiny model (a few MiB), 64; the chosen plan fits."""
+    from layerstream.coordinator.args import build_parser
+    from layerstream.coordinator.cli import serve_batch
+    from layerstream.loader.gguf_index import open_model
+
+    index = open_model(ggufgen.write_model(tmp_path / "m.gguf"))
+
+    def rows(*opts):
+        return serve_batch(build_parser().parse_args(["--serve", "--device", "cpu", *opts]), index, 256)[0]
+
+    assert rows() == 8 and rows("--single-process") == 8
+    assert rows("--vram-gb", "1") == 64
