@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -160,6 +160,30 @@ class EngineCore:
         self.free_rows.append(row)
         if held:
             self.row_tokens[row] = held
+
+    def score(self, tokens: list[int], on_logits: Callable[[int, torch.Tensor], None]) -> None:
+        """Feed `tokens` as one sequence for evaluation (no sampling): chunks within the step's size
+        (NOTE [ step size ]), each step's logits of every position passed on at once as
+        on_logits(position of its first row, [n, V]), never kept; the row is given back with its KV
+        recorded for reuse (NOTE [ prefix reuse ]). Runs between requests, not beside them."""
+        if self.running or self.waiting:
+            raise ConfigError("evaluation runs while no request is in flight")
+        if not tokens:
+            raise ValueError("score() needs at least one token")
+        row = self.take_row()
+        ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
+        fed, held = 0, None
+        try:
+            while fed < len(tokens):
+                n = min(len(tokens) - fed, self.step_tokens, max(ring.max_chunk(), 1))
+                slots, pos = ring.append(n)
+                self.steps += 1
+                on_logits(fed, self.backend.step([SeqStep(row, tokens[fed : fed + n], slots, pos,
+                                                          ring.slot_positions())], "all"))
+                fed += n
+            held = list(tokens) if ring.total == ring.count else None  # (a failed step keeps no record)
+        finally:
+            self.give_row(row, held)
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -7,17 +7,16 @@ streaming pipeline's client, which sends the same steps to the compute process.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
 
-from layerstream.compute.model import SeqStep
 from layerstream.compute.device import resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
+from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
-from layerstream.coordinator.kv_ring import KVRing
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
@@ -56,6 +55,11 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
     check_model_quants(index)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, index.hparams.arch)
+    if device.type == "cpu":  # refused before anything is allocated (plan.py, NOTE [ host memory ])
+        from layerstream.coordinator.plan import check_local_host
+
+        check_local_host(index, dtype_bytes=dtype.itemsize, ctx=cfg.ctx, max_seqs=cfg.max_seqs,
+                         step_tokens=cfg.prefill_chunk)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -73,16 +77,26 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
     return runner
 
 
-@dataclass
-class Sequence:
-    """One sequence in flight: its cache row, ring, tokens and sampling state."""
+# NOTE [ streamed perplexity ]
+# A window's logits [T, V] in float64 took 5.9 GB for a 135M model on 100 KB of text (T = 4096,
+# V = 49152, then its log-softmax). The engine core hands each step's logits over as the step
+# returns them (EngineCore.score), and each is reduced at once to the negative log-likelihood of
+# its rows' next tokens, in float64 a few rows at a time: the memory is one step's logits,
+# whatever the window and the text.
+NLL_ROWS = 64  # rows of logits taken to float64 at once
 
-    row: int
-    ring: KVRing
-    tokens: list[int] = field(default_factory=list)  # every token fed so far
-    generated: list[int] = field(default_factory=list)
-    done: bool = False
-    finish_reason: str | None = None
+
+def window_nll(logits: torch.Tensor, chunk: list[int], at: int, first: int) -> float:
+    """Sum of -log p(chunk[p + 1]) over the positions p = at.. of `logits` [n, V] that are scored
+    (first <= p < len(chunk) - 1), by logsumexp in float64."""
+    lo, hi = max(at, first), min(at + logits.shape[0], len(chunk) - 1)
+    total = 0.0
+    for p0 in range(lo, hi, NLL_ROWS):
+        p1 = min(hi, p0 + NLL_ROWS)
+        rows = logits[p0 - at : p1 - at].double()
+        tgt = torch.tensor(chunk[p0 + 1 : p1 + 1], device=rows.device)
+        total += (torch.logsumexp(rows, dim=-1) - rows.gather(1, tgt[:, None])[:, 0]).sum().item()
+    return total
 
 
 class Engine:
@@ -133,53 +147,6 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
-    # -- sequences ---------------------------------------------------------------------------
-
-    def _new_seq(self) -> Sequence:
-        ring = KVRing(self.cfg.ctx, self.cfg.sink_tokens, self.cfg.on_context_full)
-        return Sequence(row=self.core.take_row(), ring=ring)
-
-    def _free_seq(self, s: Sequence) -> None:
-        self.core.give_row(s.row)
-
-    def _feed(self, seqs: list[Sequence], chunks: list[list[int]], want: str) -> torch.Tensor | None:
-        """One backend step feeding chunks[i] to seqs[i]; each chunk must fit its ring's max_chunk."""
-        steps = []
-        for s, toks in zip(seqs, chunks):
-            slots, pos = s.ring.append(len(toks))
-            s.tokens += toks
-            steps.append(SeqStep(row=s.row, tokens=toks, slots=slots, positions=pos, kv_pos=s.ring.slot_positions()))
-        return self.backend.step(steps, want)
-
-    def _prefill(self, seqs: list[Sequence], prompts: list[list[int]], want: str = "last") -> torch.Tensor:
-        """Feed whole prompts in chunks; returns logits of the last token of each (or all positions)."""
-        pending = [list(p) for p in prompts]
-        out_all: list[list[torch.Tensor]] = [[] for _ in seqs]
-        last: list[torch.Tensor | None] = [None] * len(seqs)
-        step_tokens = self.step_tokens
-        while any(pending):
-            idx, chunks, room = [], [], step_tokens  # the tokens of one step stay within the plan's budget
-            for i, p in enumerate(pending):
-                if not p or room <= 0:
-                    continue
-                n = min(len(p), room, max(seqs[i].ring.max_chunk(), 1))
-                idx.append(i)
-                chunks.append(p[:n])
-                pending[i] = p[n:]
-                room -= n
-            logits = self._feed([seqs[i] for i in idx], chunks, "all" if want == "all" else "last")
-            if want == "all":
-                off = 0
-                for i, c in zip(idx, chunks):
-                    out_all[i].append(logits[off : off + len(c)])
-                    off += len(c)
-            else:
-                for j, i in enumerate(idx):
-                    last[i] = logits[j]
-        if want == "all":
-            return [torch.cat(o) for o in out_all]
-        return torch.stack(last)
-
     # -- public API ----------------------------------------------------------------------------
 
     def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -203,14 +170,18 @@ class Engine:
         """Logits [T, V] (float32, CPU) of every position of a token sequence, for evaluation."""
         if not tokens:
             raise ValueError("logits() needs at least one token")
-        s = self._new_seq()
-        try:
-            return self._prefill([s], [tokens], want="all")[0].float().cpu()
-        finally:
-            self._free_seq(s)
+        out = torch.empty(len(tokens), self.hparams.n_vocab, dtype=torch.float32)
+
+        def keep(at: int, lg: torch.Tensor) -> None:
+            out[at : at + lg.shape[0]] = lg
+
+        self.core.score(tokens, keep)
+        return out
 
     def perplexity(self, text: str, window: int | None = None) -> tuple[float, int]:
-        """Perplexity of a text over non-overlapping windows (as llama-perplexity): (ppl, tokens scored)."""
+        """Perplexity of a text over non-overlapping windows (as llama-perplexity): (ppl, tokens
+        scored). Each step's logits are reduced to their tokens' negative log-likelihoods as they
+        come (NOTE [ streamed perplexity ]); only those are kept."""
         ids = self.tokenizer.encode(text)
         window = min(window or self.cfg.ctx, self.cfg.ctx)
         if len(ids) < 2:
@@ -220,12 +191,15 @@ class Engine:
             chunk = ids[start : start + window]
             if len(chunk) < 2:
                 break
-            lg = self.logits(chunk)
-            lp = torch.log_softmax(lg[:-1].double(), dim=-1)
-            tgt = torch.tensor(chunk[1:])
             # score only the second half of each window, as llama-perplexity does, when it is long
             first = len(chunk) // 2 if len(chunk) >= 64 else 0
-            nll -= lp[first:].gather(1, tgt[first:, None]).sum().item()
+            total = [0.0]
+
+            def add(at: int, lg: torch.Tensor, chunk=chunk, first=first, total=total) -> None:
+                total[0] += window_nll(lg, chunk, at, first)
+
+            self.core.score(chunk, add)
+            nll += total[0]
             n += len(chunk) - 1 - first
         return math.exp(nll / n), n
 

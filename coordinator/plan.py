@@ -158,7 +158,7 @@ class Sizes:
     @functools.cached_property
     def layer_dense(self) -> list[int]:
         """Each layer's tensors in the compute dtype (a streamed layer's working copy without blocks)."""
-        return [sum(self._dense(t) for t in self.index.layers[i].values()) for i in range(len(self.layouts))]
+        return [sum(self._dense(t) for t in layer.values()) for layer in self.index.layers]
 
     @functools.cached_property
     def resident_prefix(self) -> list[int]:
@@ -464,8 +464,21 @@ def check_host(parts: list[tuple[str, int]], avail: int, index: ModelIndex) -> N
         what = ", ".join(f"{k} {_gib(v)}" for k, v in parts if v)
         raise ConfigError(f"{os.path.basename(index.path)} with these options needs {_gib(need)} of host memory ({what}); "
                           f"{_gib(avail)} is available: lower --ctx or --batch"
-                          + (", or --host-cache-gb" if dict(parts).get("host cache") else "")
-                          + (", or give --vram-gb" if dict(parts).get("the CPU device's memory") else ""))
+                          + (", or --host-cache-gb" if dict(parts).get("host cache") else ""))
+
+
+def check_local_host(index: ModelIndex, *, dtype_bytes: int, ctx: int, max_seqs: int, step_tokens: int,
+                     host_bytes: int | None = None) -> int:
+    """The single-process engine on the CPU: its dequantized weights, token embedding and head,
+    every layer's KV and a step's tensors must fit the host's available memory (NOTE [ host
+    memory ]); returns the bytes it needs, or raises the plan's one line."""
+    sz = Sizes(index, [], dtype_bytes, ctx, max_seqs, False, False, False)
+    g = index.globals
+    head = sum(math.prod(t.shape) * dtype_bytes for k, t in g.items() if k != "rope_freqs.weight")
+    parts = [("weights", sum(sz.layer_dense) + head), ("KV", index.hparams.n_layer * sz.kv_layer),
+             ("step", sz.step(max(step_tokens, max_seqs)))]
+    check_host(parts, _mem_available() if host_bytes is None else host_bytes, index)
+    return sum(v for _, v in parts)
 
 
 def largest_batch(index: ModelIndex, layouts: list[LayerLayout], *, most: int = 64, kv_on_device_above: int = 8,
