@@ -208,6 +208,9 @@ def check_args(args) -> None:
         fail(f"{' and '.join(modes)} do not go together; give one")
     if args.perplexity and args.chat:
         fail("--chat and --perplexity do not go together: perplexity scores plain text; drop --chat")
+    if args.serve and args.chat:
+        fail("--chat and --serve do not go together: the server applies the chat template to each "
+             "/v1/chat/completions request; drop --chat")
     if (args.serve or args.perplexity) and " ".join(args.prompt).strip():
         fail(f"{modes[0]} takes no prompt text; drop the prompt")
     if args.system is not None and not args.chat:

@@ -91,6 +91,7 @@ def test_bad_option_gives_one_error_line(tmp_path):
     (["--vram-gb", "1e9"], "--vram-gb 1000000000: must be a finite number above 0 and at most 1048576"),
     (["--chat", "--perplexity", "README.md"], "--chat and --perplexity do not go together"),
     (["--serve", "--perplexity", "README.md"], "--serve and --perplexity do not go together"),
+    (["--serve", "--chat"], "--chat and --serve do not go together"),
     (["--system", "be brief"], "--system needs --chat"),
     (["-p", "hi"], "the prompt is given twice"),
     (["--api-key-file", "/nonexistent-dir/key"], "--api-key-file /nonexistent-dir/key: no such file"),
@@ -104,7 +105,7 @@ def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, w
 
     path = ggufgen.write_model(tmp_path / "m.gguf")
     t0 = time.monotonic()
-    r = run_pipeline("-m", path, *args, *([] if args == [] or "--perplexity" in args else ["hello"]),
+    r = run_pipeline("-m", path, *args, *([] if args == [] or {"--perplexity", "--serve"} & set(args) else ["hello"]),
                      cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.splitlines()
