@@ -17,16 +17,14 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import secrets
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -34,188 +32,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.core import RequestOutput
+from layerstream.coordinator.engine_worker import EngineWorker, Metrics, _Failure
 from layerstream.coordinator.http_guard import Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.openai_api import SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
 from layerstream.errors import LayerstreamError
 
 log = logging.getLogger("layerstream.server")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "abort": "abort"}
-
-
-@dataclass
-class _Failure:
-    """A request that could not run: refused when added (400), or the engine failed (503)."""
-
-    message: str
-    status: int = 400
-
-
-class EngineWorker(threading.Thread):
-    """The engine's own thread: takes add/abort commands, steps the core, hands out outputs.
-
-    NOTE: a pass costs about the same for one sequence as for many, and a request that misses
-    one waits a whole pass (0.7 s for a 70B at 8 GiB). So when a request wakes an idle engine,
-    the first pass waits for the requests arriving with it: until none has come for `gather_gap_s`,
-    and at most a quarter of the last pass's time. A burst of clients then shares its first pass,
-    as it does when the bare engine is given its requests at once. A lone request waits only
-    `gather_gap_s`.
-
-    A step that fails fails its own requests (the core reports them with finish_reason "error")
-    and the worker goes on, unless the backend is closed (a pipeline process died): then the
-    engine has failed, and every request is answered 503 until a restart.
-    """
-
-    GATHER_GAP_S = 0.005
-    GATHER_PASS_SHARE = 0.25
-    GATHER_FIRST_S = 0.02  # the most it waits before any pass has been timed
-
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop, metrics: "Metrics", max_queue: int,
-                 gather_gap_s: float = GATHER_GAP_S, gather_first_s: float = GATHER_FIRST_S):
-        super().__init__(name="layerstream-engine", daemon=True)
-        self.engine, self.core, self.loop, self.metrics = engine, engine.core, loop, metrics
-        self.max_queue = max_queue  # requests waiting for a row at most: the one queue limit
-        self.gather_gap_s, self.gather_first_s = gather_gap_s, gather_first_s
-        self.last_pass_s: float | None = None
-        self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.outputs: dict[str, asyncio.Queue] = {}
-        self.pending_adds = 0
-        self.failure: str | None = None
-        self.stopping = threading.Event()
-
-    def queued(self) -> int:
-        return self.pending_adds + len(self.core.waiting)
-
-    def submit(self, rids: list[str] | str, prompt: list[int], params, q: asyncio.Queue | None = None) -> asyncio.Queue:
-        """Queue requests (one a choice) whose outputs go to one asyncio queue; 503/429 at once."""
-        rids = [rids] if isinstance(rids, str) else rids
-        params = params if isinstance(params, list) else [params] * len(rids)
-        if self.failure:
-            raise ApiError(503, f"the engine failed: {self.failure}", kind="server_error")
-        if self.queued() + len(rids) > self.max_queue:
-            raise ApiError(429, f"{self.queued()} requests are waiting, the most this server queues is "
-                                f"{self.max_queue}; retry later", kind="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": "1"})
-        q = q if q is not None else asyncio.Queue()
-        for rid, p in zip(rids, params):
-            self.outputs[rid] = q
-            self.pending_adds += 1
-            self.commands.put(("add", rid, prompt, p))
-        return q
-
-    def abort(self, rid: str) -> None:
-        self.commands.put(("abort", rid))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.commands.put(("wake",))
-
-    def _post(self, rid: str, item) -> None:
-        q = self.outputs.get(rid)
-        if q is not None:
-            self.loop.call_soon_threadsafe(q.put_nowait, item)
-
-    def _apply(self, cmd) -> None:
-        if cmd[0] == "add":
-            _, rid, prompt, params = cmd
-            self.pending_adds -= 1
-            try:
-                self.core.add_request(rid, prompt, params)
-            except LayerstreamError as e:
-                self._post(rid, _Failure(str(e)))
-                self.outputs.pop(rid, None)
-        elif cmd[0] == "abort":
-            self.core.abort(cmd[1])
-            self.outputs.pop(cmd[1], None)
-
-    def _take_commands(self, block: bool) -> None:
-        try:
-            cmd = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._apply(cmd)
-            try:
-                cmd = self.commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _gather(self) -> None:
-        """From idle: take the requests arriving with the first (see the class NOTE)."""
-        cap = self.gather_first_s if self.last_pass_s is None else self.GATHER_PASS_SHARE * self.last_pass_s
-        deadline = time.perf_counter() + cap
-        while not self.stopping.is_set():
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return
-            try:
-                cmd = self.commands.get(timeout=min(self.gather_gap_s, left))
-            except queue.Empty:
-                return
-            self._apply(cmd)
-
-    def _step(self) -> list[RequestOutput]:
-        """One core step; a failed one is logged and its requests come out of the next (class NOTE)."""
-        try:
-            return self.core.step()
-        except Exception as e:
-            if getattr(self.engine, "backend", None) is not None and getattr(self.engine.backend, "closed", False):
-                raise  # the backend cannot go on: the engine has failed
-            why = str(e) if isinstance(e, LayerstreamError) else f"{type(e).__name__}: {e}"
-            log.error("a step failed, its requests are answered 500: %s", why)
-            return []
-
-    def run(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                idle = not self.core.has_unfinished()
-                self._take_commands(block=idle)
-                if not self.core.has_unfinished():
-                    continue
-                if idle:
-                    self._gather()
-                t0 = time.perf_counter()
-                outs = self._step()
-                self.last_pass_s = time.perf_counter() - t0
-                self.metrics.step(self.last_pass_s, outs, self.core)
-                for o in outs:
-                    self._post(o.request_id, o)
-                    if o.finished:
-                        self.outputs.pop(o.request_id, None)
-        except BaseException as e:  # noqa: BLE001 - the engine is gone: every waiting client is told
-            self.failure = f"{type(e).__name__}: {e}" if not isinstance(e, LayerstreamError) else str(e)
-            log.error("engine failed: %s", self.failure)
-            for rid in list(self.outputs):
-                self._post(rid, _Failure(self.failure, 503))
-
-
-class Metrics:
-    """Prometheus gauges and counters of the engine (one registry a server)."""
-
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.queue = Gauge("layerstream_queue_length", "requests waiting for a KV row", registry=r)
-        self.running = Gauge("layerstream_running_sequences", "sequences holding a KV row", registry=r)
-        self.pass_s = Histogram("layerstream_pass_seconds", "seconds of one engine step (a forward pass)", registry=r,
-                                buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
-        self.tokens = Counter("layerstream_generated_tokens", "tokens generated", registry=r)
-        self.requests = Counter("layerstream_finished_requests", "requests finished, by reason", ["reason"],
-                                registry=r)
-        self.reused = Counter("layerstream_prefix_reused_tokens",
-                              "prompt tokens whose KV an earlier request left in its row (not prefilled again)", registry=r)
-        self._reused_seen = 0
-
-    def step(self, seconds: float, outs: list[RequestOutput], core) -> None:
-        self.pass_s.observe(seconds)
-        self.tokens.inc(sum(len(o.token_ids) for o in outs))
-        for o in outs:
-            if o.finished:
-                self.requests.labels(o.finish_reason or "unknown").inc()
-        self.queue.set(len(core.waiting))
-        self.running.set(len(core.running))
-        self.reused.inc(core.reused_tokens - self._reused_seen)
-        self._reused_seen = core.reused_tokens
 
 
 class Server:

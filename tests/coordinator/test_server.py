@@ -328,7 +328,7 @@ class _TimedCore:
 
     def __init__(self, pass_s: float):
         self.pass_s, self.held, self.passes = pass_s, [], []
-        self.waiting, self.running, self.reused_tokens = [], [], 0
+        self.waiting, self.running, self.reused_tokens, self.steps = [], [], 0, 0
 
     def add_request(self, rid, prompt, params):
         self.held.append(rid)
@@ -343,6 +343,7 @@ class _TimedCore:
         from layerstream.coordinator.core import RequestOutput
 
         self.passes.append(self.held)
+        self.steps += 1
         outs = [RequestOutput(r, "", [], True, "length", 1, 0) for r in self.held]
         self.held = []
         time.sleep(self.pass_s)
@@ -674,3 +675,60 @@ def test_sixteen_clients_with_long_prompts_are_served_or_refused(live):
         if status == 429:
             assert body["error"]["type"] == "rate_limit_error"
     _healthy(live)
+
+
+def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_row(tmp_path):
+    """A failed step answers its own requests (finish_reason "error") and the next is served; three
+    failed steps in a row (a device left unusable) fail the engine: 503 from then on."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import ggufgen
+    import torch
+
+    from layerstream.coordinator.core import EngineCore, RequestOutput
+    from layerstream.coordinator.openai_api import ApiError
+    from layerstream.coordinator.server import EngineWorker, Metrics
+    from layerstream.coordinator.tokenizer import Tokenizer
+    from layerstream.loader.gguf_index import open_model
+
+    tok = Tokenizer.from_metadata(open_model(ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256)).metadata)
+
+    class Backend:
+        fail = 0  # steps left to fail
+
+        def step(self, seqs, want):
+            if self.fail:
+                self.fail -= 1
+                raise RuntimeError("device fault")
+            return torch.zeros(len(seqs), 256)
+
+    backend = Backend()
+    core = EngineCore(backend, tok, 256, max_seqs=2, ctx=32, step_tokens=8)
+    loop = asyncio.new_event_loop()
+    w = EngineWorker(SimpleNamespace(core=core, backend=backend), loop, Metrics(), max_queue=8)
+    w.start()
+
+    async def answer(rid):
+        q = w.submit(rid, [1, 2], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        while True:
+            item = await asyncio.wait_for(q.get(), 30)
+            if not isinstance(item, RequestOutput) or item.finished:
+                return item
+
+    try:
+        backend.fail = 1
+        got = loop.run_until_complete(answer("a"))
+        assert got.finish_reason == "error" and "device fault" in got.error and w.failure is None
+        assert loop.run_until_complete(answer("b")).finish_reason == "length"
+        backend.fail = 3
+        for rid in ("c", "d"):
+            assert loop.run_until_complete(answer(rid)).finish_reason == "error"
+        assert loop.run_until_complete(answer("e")).status == 503 and "device fault" in w.failure
+        with pytest.raises(ApiError) as e:
+            w.submit("f", [1], SamplingParams())
+        assert e.value.status == 503
+    finally:
+        w.stop()
+        w.join(5)
+        loop.close()
