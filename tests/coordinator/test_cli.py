@@ -402,12 +402,14 @@ class _Pty:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_reply_and_keeps_the_conversation(tmp_path):
+@pytest.mark.parametrize("mode", [["--single-process"], []], ids=["single-process", "pipeline"])
+def test_ctrl_c_stops_a_reply_and_keeps_the_conversation(tmp_path, mode):
     """Issue 25: Ctrl-C during a reply ended the chat and lost the conversation. On a terminal:
     Ctrl-C stops the reply, the prompt comes back, the next turn sees the first (the prompt's
-    token count, from the per-reply --stats line), /clear forgets it; two Ctrl-C in a row quit."""
+    token count, from the per-reply --stats line), /clear forgets it; two Ctrl-C in a row quit.
+    In the pipeline too, where the Ctrl-C arrives while its event loop waits on a step."""
     path = _chat_model(tmp_path, context_length=4096)
-    p = _Pty([str(LAUNCHER), "--single-process", "-m", path, "--device", "cpu", "--chat", "--stats",
+    p = _Pty([str(LAUNCHER), *mode, "-m", path, "--device", "cpu", "--chat", "--stats",
               "-n", "4000", "--ignore-eos", "--ctx", "4096"])
     stats = rb"prompt: (\d+) tokens(?: \(and (\d+) reused\))? in"
     try:
