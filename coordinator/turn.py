@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from layerstream.errors import ContextFullError, LayerstreamError
+from layerstream.coordinator.kv_ring import context_full
+from layerstream.errors import LayerstreamError
 
 
 @dataclass
@@ -83,8 +84,7 @@ class Turn:
                         if out.finish_reason == "error":  # this request's own failure (e.g. NaN logits)
                             raise LayerstreamError(out.error or "the request failed")
                         if out.finish_reason == "context_full" and self.engine.cfg.on_context_full == "error":
-                            raise ContextFullError(f"the sequence reached the context size ({self.engine.cfg.ctx} "
-                                                   "tokens); raise --ctx or pass --on-context-full slide")
+                            raise context_full(self.engine.cfg.ctx)
         finally:
             if t_first is not None:
                 self.rates.decode_s = t_last - t_first
