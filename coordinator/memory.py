@@ -179,18 +179,20 @@ def kv_buckets(ctx: int) -> int:
 
 
 def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized: bool, cuda: bool,
-              sliding: bool = False, fused_max: int = 0, head_chunk: int = 64) -> tuple[int, int]:
+              sliding: bool = False, fused_max: int = 0, head_chunk: int = 64,
+              decode_only: bool = False) -> tuple[int, int]:
     """(bytes, largest tensor) of the short-lived tensors of the largest step a plan of T tokens a
     step runs: a decode step of every sequence, and, where T allows a sequence several tokens, a
     prompt chunk (alone, or beside the other sequences' decode tokens). Decode attention reads the
     cache in place where Triton runs the matmuls and K is stored rotated (attn_kernels.py); other
     steps take attention's general path. Every position's logits are counted, `head_chunk` rows
     at a time on CUDA (evaluation runs on the same plan); `fused_max`: the most rows the fused
-    kernels take (above it, matmuls dequantize and their row chunks are assembled)."""
+    kernels take (above it, matmuls dequantize and their row chunks are assembled); `decode_only`:
+    the decode step alone (what a CUDA graph captures)."""
     L = ctx
     B = max(1, min(max_seqs, T))
     kinds = [(B, 1)]  # (sequences, query rows of the longest)
-    if T >= 2:
+    if T >= 2 and not decode_only:
         kinds.append((1, T))
         if B > 1 and T > B:
             kinds.append((B, T - B + 1))

@@ -248,7 +248,8 @@ class Sizes:
         hp = self.index.hparams
         bg = max(1, min(self.max_seqs, FUSED_MIN_OF_TYPES))
         peak, largest = memory.step_peak(hp, bg, e=self.e, ctx=self.ctx, max_seqs=bg, quantized=True, cuda=True,
-                                         sliding=self.sliding, fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK)
+                                         sliding=self.sliding, fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK,
+                                         decode_only=True)
         outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
                 for _ in range(memory.kv_buckets(self.ctx))]
         moe = MOE_GRAPHS if hp.n_expert else 0  # the streamed MoE layers' graphs, one pair a layer and shape

@@ -143,3 +143,18 @@ def test_largest_batch_is_the_most_rows_whose_plan_fits(l8):
     assert 1 <= largest_batch(*l8, **small) <= 8
     with pytest.raises(ConfigError, match="too small"):
         largest_batch(*l8, **dict(kw, vram_bytes=GiB // 4))
+
+
+def test_the_gpu_budget_grid_covers_different_plans():
+    """test_gpu.py's grid (the budget guarantee measured on a device) spans streamed-only, split-KV,
+    partly and fully resident plans, decode-only and prompt-sized steps."""
+    index = shaped_index("llama-3.1-8b", n_layer=4)
+    layouts = layer_layouts(index)
+    seen = set()
+    for gib, batch in [(1.0, 1), (1.1, 8), (1.3, 4), (1.5, 16), (2.5, 1)]:
+        p = make_plan(index, layouts, vram_bytes=int(gib * GiB), host_cache_bytes=0, dtype_bytes=2, ctx=1280,
+                      max_seqs=batch, quantized=True, host_bytes=64 * GiB)
+        assert p.device_bytes <= gib * GiB
+        seen.add((len(p.resident), p.kv_device_layers, p.step_tokens))
+    assert {r for r, _, _ in seen} >= {0, 1, 2, 4} and any(kv < 4 for _, kv, _ in seen)
+    assert {t for _, _, t in seen} >= {1, 512}
