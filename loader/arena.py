@@ -55,13 +55,19 @@ def _gib(n: int) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process pid runs; a zombie (killed, not yet reaped) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]  # (the name before it may hold spaces)
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:

@@ -191,3 +191,17 @@ def test_sweep_removes_only_our_segments_whose_creator_is_gone(tmp_path, monkeyp
     monkeypatch.setattr(arena_mod.os, "getuid", lambda: uid + 1)  # another user's segment
     assert sweep_orphans(str(tmp_path)) == []
     assert sweep_orphans(str(tmp_path / "missing")) == []
+
+
+def test_sweep_takes_a_killed_creator_not_yet_reaped_for_gone(tmp_path):
+    """A creator killed with its process group may linger as a zombie until it is reaped: its
+    segment is nobody's already."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{p.pid}/stat").read().rpartition(")")[2].split()[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)  # exited, not waited for: a zombie
+    try:
+        (tmp_path / f"layerstream-{p.pid}-0123abcd").write_bytes(b"x")
+        assert sweep_orphans(str(tmp_path)) == [f"layerstream-{p.pid}-0123abcd"]
+    finally:
+        p.wait()
