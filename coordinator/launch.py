@@ -23,6 +23,7 @@ from layerstream.loader import reader_proc, staging_proc
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout, layer_layouts
 from layerstream.loader.reader import ReaderPlan, readers_for
+from layerstream.proto.child import ChildEndpoints
 from layerstream.proto.messages import ArenaDesc, ByteRange
 
 log = logging.getLogger("layerstream.pipeline")
@@ -63,14 +64,14 @@ class Launch:
         slot positions."""
         return (self.plan.step_tokens * 3 + self.max_seqs * (self.ctx + 8)) * 9 + (4 << 20)
 
-    def staging_config(self, endpoints: dict, parent_pid: int) -> staging_proc.StagingConfig:
+    def staging_config(self, endpoints: ChildEndpoints, parent_pid: int) -> staging_proc.StagingConfig:
         return staging_proc.StagingConfig("staging", self.plan.n_slots, self.plan.slot_bytes, endpoints, parent_pid)
 
-    def reader_config(self, r: int, arena: ArenaDesc, endpoints: dict, parent_pid: int) -> reader_proc.ReaderConfig:
+    def reader_config(self, r: int, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> reader_proc.ReaderConfig:
         return reader_proc.ReaderConfig(self.reader_ids[r], tuple(self.index.files), tuple(self.readers.files[r]),
                                         self.cfg.direct, arena, endpoints, parent_pid, self.cfg.trace)
 
-    def compute_config(self, arena: ArenaDesc, endpoints: dict, parent_pid: int) -> compute_proc.ComputeConfig:
+    def compute_config(self, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> compute_proc.ComputeConfig:
         plan, cfg = self.plan, self.cfg
         threads = cfg.cpu_threads or (threads_default() if not self.cpu.off and plan.streamed
                                       and self.device.type == "cuda" else None)

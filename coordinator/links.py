@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from layerstream.proto.addresses import ENDPOINT_NAMES, cleanup_run_dir, make_endpoints, make_run_dir
+from layerstream.proto.child import ChildEndpoints
 from layerstream.proto.codec import BadMessageCounter, Decoded, encode
 from layerstream.proto.messages import Message
 from layerstream.proto.sockets import Curve, make_router
@@ -47,11 +48,10 @@ class CoordinatorLinks:
             self.close()
             raise
 
-    def endpoints_for(self, role: str) -> dict:
+    def endpoints_for(self, role: str) -> ChildEndpoints:
         """What a child of `role` connects to, with the run's message bound and CURVE keys."""
         control, work = self.ep.for_role(role)
-        return {"control": control, "work": work, "max_msg": self.max_msg_out,
-                "curve": None if self.curve is None else tuple(self.curve.for_client())}
+        return ChildEndpoints(control, work, self.max_msg_out, None if self.curve is None else self.curve.for_client())
 
     def watch(self, fd: int) -> None:
         """Wake `wait` when fd is readable (a child's sentinel: it exited)."""

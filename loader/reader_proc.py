@@ -9,7 +9,7 @@ from typing import Any
 from layerstream.loader.arena import Arena
 from layerstream.loader.layout import ReadRange
 from layerstream.loader.reader import LayerReader
-from layerstream.proto.child import ChildLinks, run_child
+from layerstream.proto.child import ChildEndpoints, ChildLinks, run_child
 from layerstream.proto.messages import ArenaDesc, LayerStaged, LoadLayer, ReadFailed
 from layerstream.proto.timeline import Timeline
 
@@ -21,7 +21,7 @@ class ReaderConfig:
     serve: tuple[str, ...]  # the files this reader opens
     direct: bool
     arena: ArenaDesc
-    endpoints: dict[str, Any]
+    endpoints: ChildEndpoints
     parent_pid: int
     trace: bool = False
 

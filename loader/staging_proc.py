@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
-from typing import Any
 
 from layerstream.loader.arena import Arena
-from layerstream.proto.child import ChildLinks, ShutdownRequested, run_child
+from layerstream.proto.child import ChildEndpoints, ChildLinks, ShutdownRequested, run_child
 from layerstream.proto.codec import to_wire
 
 
@@ -25,7 +24,7 @@ class StagingConfig:
     ident: str
     n_slots: int
     slot_bytes: int
-    endpoints: dict[str, Any]
+    endpoints: ChildEndpoints
     parent_pid: int
 
 

@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
@@ -29,6 +30,17 @@ from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
 from .sockets import Curve, make_dealer, recv_envelope, send_msg
 
 FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame to go out
+
+
+@dataclass(frozen=True)
+class ChildEndpoints:
+    """What a child connects to (NOTE [ who binds, who connects ] in addresses.py): its control and
+    work links, the run's bound on a message, and the CURVE keys it needs on tcp."""
+
+    control: str
+    work: str
+    max_msg: int | None = None
+    curve: Curve | None = None  # Curve.for_client(): no server secret
 
 
 class ShutdownRequested(Exception):
@@ -100,14 +112,13 @@ class ChildLinks:
         self.ctx.term()
 
 
-def _connect(role: str, ident: str, endpoints: dict[str, Any], parent_pid: int,
+def _connect(role: str, ident: str, endpoints: ChildEndpoints, parent_pid: int,
              stats: Callable[[], dict[str, Any]] | None = None) -> ChildLinks:
-    curve = endpoints.get("curve")
-    return ChildLinks(role, ident, endpoints["control"], endpoints["work"], parent_pid, stats,
-                      curve=None if curve is None else Curve(*curve), max_msg=endpoints.get("max_msg"))
+    return ChildLinks(role, ident, endpoints.control, endpoints.work, parent_pid, stats,
+                      curve=endpoints.curve, max_msg=endpoints.max_msg)
 
 
-def spawned(role: str, ident: str, endpoints: dict[str, Any] | None, parent_pid: int, target: str,
+def spawned(role: str, ident: str, endpoints: ChildEndpoints | None, parent_pid: int, target: str,
             cfg: bytes) -> None:
     """Every child's spawn target: imports its entry point ("module:function") and unpickles its
     config here, inside the harness, so that a failure there (a broken install, a module that
@@ -128,7 +139,7 @@ def spawned(role: str, ident: str, endpoints: dict[str, Any] | None, parent_pid:
     main(config)
 
 
-def run_child(role: str, ident: str, endpoints: dict[str, Any], parent_pid: int,
+def run_child(role: str, ident: str, endpoints: ChildEndpoints, parent_pid: int,
               body: Callable[[ChildLinks], None], stats: Callable[[], dict[str, Any]] | None = None) -> None:
     """Run `body(links)` as a pipeline child; report errors as Failed; exit 0 on Shutdown."""
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.

@@ -35,13 +35,14 @@ def test_a_child_that_cannot_import_its_entry_point_reports_the_error():
     import types
 
     from layerstream.proto import Failed, make_router, recv_msg, temporary_run_dir
+    from layerstream.proto.child import ChildEndpoints
 
     with temporary_run_dir() as run_dir:
         ctx = zmq.Context()
         router, control = make_router(ctx, f"ipc://{run_dir}/control.sock")
         entry = types.FunctionType(_entry.__code__, {}, "_entry")
         entry.__module__ = "layerstream_no_such_module"
-        cfg = types.SimpleNamespace(endpoints={"control": control, "work": f"ipc://{run_dir}/work.sock"},
+        cfg = types.SimpleNamespace(endpoints=ChildEndpoints(control, f"ipc://{run_dir}/work.sock"),
                                     parent_pid=os.getpid())
         sup = Supervisor()
         try:

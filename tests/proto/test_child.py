@@ -13,12 +13,12 @@ from layerstream.proto import Failed, make_router, recv_msg, temporary_run_dir
 pytestmark = pytest.mark.timeout(60)
 
 FAILING_CHILD = """
-from layerstream.proto.child import run_child
+from layerstream.proto.child import ChildEndpoints, run_child
 
 def body(links):
     raise ValueError("staging arena needs 8 GiB, /dev/shm has 1 GiB free")
 
-run_child("staging", "staging", {{"control": {control!r}, "work": {work!r}}}, {parent}, body)
+run_child("staging", "staging", ChildEndpoints({control!r}, {work!r}), {parent}, body)
 """
 
 
