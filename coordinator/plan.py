@@ -403,7 +403,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
             T = fitting[0]
             least_moved = min(moved.values())
-            if least_moved <= (1 - DECODE_GAIN) * moved[T]:
+            if least_moved <= (1 - DECODE_GAIN) * moved[T] and not hp.n_expert:  # (MoE decode copies experts only)
                 T = next(t for t in fitting if moved[t] == least_moved)
             r, kv_dev, keep_dense = got[T]
         if r == n:

@@ -144,6 +144,7 @@ def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     layouts = layer_layouts(index)
     p = plan((index, layouts), gib)
     assert p.streamed and p.device_bytes <= gib * GiB
+    assert p.step_tokens == 512  # decode copies only the chosen experts: no smaller step for more layers
     assert dict(p.parts)["layer slots"] == ring(layouts, 2)  # a layer's 128 experts stream as one slot
     # the streamed layers keep their attention, router and norms on the device: each layer's
     # tensors but its three expert tensors, a small part of the layer
