@@ -375,7 +375,7 @@ def bench_dequant(args) -> list[dict]:
     from gguf import GGMLQuantizationType as QT
 
     from layerstream.compute.dequant import dequantize
-    from layerstream.compute.streamed import layer_weights
+    from layerstream.compute.weights import layer_weights
     from layerstream.loader.layout import layer_layouts
 
     device = _device(args)

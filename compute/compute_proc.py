@@ -14,6 +14,7 @@ from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.model import SeqStep
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
 from layerstream.compute.device import keeps_quantized
+from layerstream.compute.expert_stream import make_expert_stream
 from layerstream.compute.runner import ModelRunner
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.compute.weights import GlobalWeights
@@ -90,13 +91,14 @@ class ComputeWorker:
         cpu = make_cpu_parts(cfg.cpu_share, [lay for i, lay in enumerate(layouts) if i not in resident],
                              self.device, self.dtype, self.tl)
         self.share, self.cpu_experts = cpu.share, cpu.experts
-        self.source = StreamedLayers(
-            layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
-            self.device, self.dtype, set(cfg.resident), cfg.vram_slots, self.tl, quantized=quantized,
-            share=self.share, experts=(index.hparams.n_expert, index.hparams.n_expert_used),
-            expert_cache_bytes=cfg.expert_cache_bytes, dense_resident=cfg.dense_resident,
-            expert_policy=cfg.expert_policy, cpu_experts=self.cpu_experts, expert_prefetch=cfg.expert_prefetch,
-        )
+        hp = index.hparams
+        experts = make_expert_stream(layouts, resident, (hp.n_expert, hp.n_expert_used), cfg.expert_cache_bytes,
+                                     cfg.dense_resident, cfg.expert_policy, cfg.expert_prefetch, self.cpu_experts,
+                                     self.device, self.dtype, quantized, self.tl, self.arena.slot_array,
+                                     self._layer_done)
+        self.source = StreamedLayers(layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
+                                     self.device, self.dtype, resident, cfg.vram_slots, self.tl, quantized=quantized,
+                                     share=self.share, experts=experts)
         self.expert_steps = self.expert_tokens = 0
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
@@ -179,7 +181,7 @@ class ComputeWorker:
     def _gpu_timeline(self) -> tuple[float, int]:
         """Turn the step's CUDA event pairs into timeline intervals (one sync per step); returns
         the seconds and bytes of the step's host-to-device copies."""
-        evs = self.source.gpu_events if self.device.type == "cuda" else []
+        evs = self.source.ring.gpu_events if self.device.type == "cuda" else []
         copy_s, copy_bytes = 0.0, 0
         if not evs:
             return copy_s, copy_bytes

@@ -15,24 +15,8 @@ the layer's last kernel (the copy stream waits on the event recorded at `release
 weights, only after the dequantization that read it. The host waits only for copy events,
 never for the compute stream, so kernels of earlier layers keep the GPU busy while it waits.
 
-NOTE [ expert streaming ]
-A decode token of a mixture-of-experts model uses n_expert_used of n_expert experts a layer
-(Qwen3-30B-A3B: 8 of 128), so in steps whose tokens are expected to touch at most half the
-experts (`streams_experts`), a streamed MoE layer copies everything but its expert tensors
-ahead, as usual; once its router has run, `moe_block` asks the layer's `ExpertSet` for the
-experts the step's tokens chose (each once, whatever the batch), and only those missing from
-the device's `ExpertCache` (experts.py: the most often used stay) are copied, each a byte range
-of the 3-D expert tensors in the staging slot. The slot is therefore held until the layer's `release`
-(and given back once the layer's work after those copies is done, without the host waiting:
-`return_slots`). With a
-CPU share, the CPU computes part of the missing experts from the same slot instead
-(cpu/experts.py, NOTE [ CPU experts ]). With the layers' routers kept, each layer's step also copies
-the next layer's predicted experts ahead (experts.py, NOTE [ expert prefetch ]). Prompt steps
-touch nearly every expert: their layers stream whole.
-
-With `dense_resident` (the plan's, when they fit) a streamed MoE layer keeps its own device copy
-of every tensor but its experts from its first load on, so its expert steps copy nothing ahead:
-no VRAM slot is taken, and the staging slot is held only for the chosen experts' bytes.
+Expert steps of MoE layers (NOTE [ expert streaming ]) are expert_stream.py's; the CPU's share
+of the others, cpu/share.py's (NOTE [ the CPU share ]).
 """
 
 from __future__ import annotations
@@ -44,27 +28,38 @@ from typing import Callable
 import numpy as np
 import torch
 
-from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.cpu.share import CpuShare, copy_ranges
-from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, streams_experts
-from layerstream.compute.expert_layout import slot_bytes as expert_slot
-from layerstream.compute.experts import ExpertCache, ExpertSet
+from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.compute.expert_stream import ExpertStream
 from layerstream.compute.model import LayerWeights
-from layerstream.compute.weights import device_weight
+from layerstream.compute.weights import layer_weights
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
-
-
-def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool = False) -> LayerWeights:
-    """A layer's tensors from its slot bytes (uint8, on the target device): matrices as views of
-    their blocks when `quantized`, the rest (and everything otherwise) dequantized."""
-    return {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes], t, dtype, quantized)
-            for t in layout.tensors}
 
 
 def _without_experts(lay: LayerLayout) -> list[tuple[int, int]]:
     """The slot ranges of every tensor of a layer but its experts."""
     return copy_ranges(lay, {t.name: t.shape[0] for t in lay.tensors if t.name in EXPERT_TENSORS})
+
+
+class VramRing:
+    """The ring of VRAM slots that announced layers are copied into on their own stream, and the
+    events that say when a slot may be overwritten (CUDA only)."""
+
+    def __init__(self, device: torch.device, nbytes: int, n_slots: int):
+        self.vram = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(max(n_slots, 1))]
+        self.copy_stream = torch.cuda.Stream(device)
+        self.freed = [None] * len(self.vram)  # event: dequant done reading that VRAM slot
+        self.free_vram = list(range(len(self.vram)))
+        self.copies: dict[int, tuple] = {}  # layer -> (vram slot, staging slot, c0, c1, bytes copied)
+        self.gpu_events: list[tuple] = []
+        self.layer_start: dict[int, torch.cuda.Event] = {}
+        self.in_use: dict[int, int] = {}  # layer -> VRAM slot its blocks are read from
+        self.stream = torch.cuda.current_stream(device)  # the compute stream (looked up once a step)
+
+    def free_slot(self, k: int, event) -> None:
+        self.freed[k] = event  # the copy stream waits on it before overwriting slot k
+        self.free_vram.append(k)
 
 
 class StreamedLayers:
@@ -74,23 +69,9 @@ class StreamedLayers:
                  ready: dict[tuple[int, int], int], pump: Callable[[bool], None],
                  layer_done: Callable[[int, int, int], None],
                  device, dtype, resident: set[int], vram_slots: int, timeline: Timeline,
-                 quantized: bool = False, share: CpuShare | None = None,
-                 experts: tuple[int, int] = (0, 0), expert_cache_bytes: int = 0, dense_resident: bool = False,
-                 expert_policy: str = "lfu", cpu_experts: CpuExperts | None = None, expert_prefetch: int = 0):
+                 quantized: bool = False, share: CpuShare | None = None, experts: ExpertStream | None = None):
         self.layouts = layouts
-        self.n_expert, self.n_expert_used = experts
-        self.expert_cache = ExpertCache(expert_cache_bytes, device, dtype, quantized, timeline, expert_policy,
-                                        expert_slot(layouts), max_in_flight(*experts),
-                                        expert_prefetch if dense_resident else 0) \
-            if experts[0] and expert_cache_bytes else None
-        self.expert_step = False  # this step fetches only the chosen experts of streamed MoE layers
-        self.cpu_experts = cpu_experts if self.expert_cache is not None and self.expert_cache.pool is not None else None
-        self.expert_frac = 0.0  # the CPU's share of this step's missing experts (NOTE [ CPU experts ])
-        self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
-        self.returning: list[tuple] = []  # (event after the layer, step, layer, staging slot) to give back
-        self.keep_dense = dense_resident and self.expert_cache is not None
-        self.dense: dict[int, LayerWeights] = {}  # streamed MoE layer -> its tensors but the experts, on the device
-        self.expert_sets: dict[int, tuple] = {}  # kept layer -> (its key, its weights with their ExpertSet)
+        self.experts = experts  # expert steps of MoE layers (None: their layers stream whole)
         self.share = share
         self.frac = 0.0  # the CPU's share of this step (0: the device computes every row)
         self.cpu_s, self.cpu_bytes = 0.0, 0  # the CPU share's work in this step
@@ -102,32 +83,30 @@ class StreamedLayers:
         self.tl = timeline
         self.step_no = 0
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            nbytes = max(lay.nbytes for lay in layouts)
-            self.vram = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(max(vram_slots, 1))]
-            self.copy_stream = torch.cuda.Stream(self.device)
-            self.freed = [None] * len(self.vram)  # event: dequant done reading that VRAM slot
-            self.free_vram = list(range(len(self.vram)))
-            self.copies: dict[int, tuple] = {}  # layer -> (vram slot, staging slot, c0, c1)
-            self.gpu_events: list[tuple] = []
-            self.layer_start: dict[int, torch.cuda.Event] = {}
-            self.in_use: dict[int, int] = {}  # layer -> VRAM slot its blocks are read from
-            self.stream = torch.cuda.current_stream(self.device)  # the compute stream (looked up once a step)
+        self.ring = VramRing(self.device, max(lay.nbytes for lay in layouts), vram_slots) if self.cuda else None
+
+    @property
+    def expert_step(self) -> bool:
+        """Whether this step fetches only the chosen experts of streamed MoE layers."""
+        return self.experts is not None and self.experts.step
+
+    @property
+    def expert_cache(self):
+        """The device's expert cache (None: none)."""
+        return self.experts.cache if self.experts is not None else None
 
     def set_step(self, step: int, tokens: int = 0) -> None:
         """The step whose LayerReady messages the next layers wait for, and its token count (which
         sets the CPU's share)."""
         self.step_no = step
         self.frac = self.share.balancer.share(tokens) if self.share is not None else 0.0
-        self.expert_step = self.expert_cache is not None and streams_experts(self.n_expert, self.n_expert_used, tokens)
-        self.expert_frac = self.cpu_experts.balancer.share(tokens) if self.expert_step and self.cpu_experts else 0.0
+        if self.experts is not None:
+            self.experts.set_step(tokens)
         self.cpu_s, self.cpu_bytes = 0.0, 0
-        if self.expert_cache is not None and self.expert_cache.ahead.layers:
-            self.expert_cache.drop_prefetched()  # (only a step that failed part-way leaves any)
         if self.cuda:  # the first streamed layers cross while the resident ones compute
-            self.stream = torch.cuda.current_stream(self.device)
-            if self.expert_cache is not None:
-                self.expert_cache.stream = self.stream
+            self.ring.stream = torch.cuda.current_stream(self.device)
+            if self.experts is not None:
+                self.experts.cache.stream = self.ring.stream
             self._issue_copies(0)
 
     def fixed(self, i: int) -> LayerWeights | None:
@@ -136,7 +115,7 @@ class StreamedLayers:
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
         if start is not None:
-            self.gpu_events.append(("compute", first, start, end, 0))
+            self.ring.gpu_events.append(("compute", first, start, end, 0))
         self.tl.incr("graph_layers", stop - first)
 
     def _rows(self, i: int) -> dict[str, int]:
@@ -147,43 +126,24 @@ class StreamedLayers:
 
     def _experts_of(self, i: int) -> bool:
         """Whether layer i fetches only its chosen experts in this step."""
-        return self.expert_step and i not in self.resident_ids
+        return self.experts is not None and self.experts.of(i)
 
-    @functools.cache  # noqa: B019 - one entry a layer, for the life of the run
-    def _dense_part(self, i: int) -> LayerLayout:
-        """Layer i's layout without its expert tensors (what is copied before the router runs)."""
-        lay = self.layouts[i]
-        return LayerLayout(lay.layer, tuple(t for t in lay.tensors if t.name not in EXPERT_TENSORS), lay.nbytes)
+    def _kept(self, i: int) -> bool:
+        """Whether layer i's expert step needs nothing copied ahead (its dense part is kept)."""
+        return self.experts is not None and self.experts.kept(i)
+
+    def _keep(self, i: int, raw: torch.Tensor) -> None:
+        if self.experts is not None:
+            self.experts.keep(i, raw)
 
     def _with_experts(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
-        """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
-        experts from the staging slot, which stays held until release(i). A kept layer's are made
-        once per (staging slot, CPU share, prediction): the step's host time bounds decode."""
-        self.held[i] = slot
-        ahead = self._predicts(i)
-        key = (slot, self.expert_frac, ahead)
-        kept = i in self.dense
-        got = self.expert_sets.get(i) if kept else None
-        if got is not None and got[0] == key:
-            return got[1]
-        w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}  # (the kept copy where there is one)
-        w["experts"] = ExpertSet(self.expert_cache, i, self.layouts[i], self.slot_array(slot),
-                                 dense_fixed=kept, cpu=self.cpu_experts, frac=self.expert_frac,
-                                 next_router=self.dense[i + 1] if ahead else None,
-                                 prefetch_next=functools.partial(self._prefetch_experts, i + 1) if ahead else None)
-        if kept:
-            self.expert_sets[i] = (key, w)
-        return w
-
-    def _predicts(self, i: int) -> bool:
-        """Whether layer i's step predicts the next layer's experts and copies them ahead."""
-        return bool(self.expert_cache.prefetch_slots) and i + 1 < len(self.layouts) and self._kept(i + 1)
+        return self.experts.with_experts(i, w, slot, self._prefetch_experts)
 
     def moe_graph_key(self, i: int) -> bool | None:
         """For a streamed MoE layer whose attention and router read only kept tensors in this
         step (so they may run before layer(i) is asked for: graphs.py, NOTE [ the next router
         early ]), whether its step also predicts the next layer's experts; None for any other."""
-        return self._predicts(i) if self._kept(i) else None
+        return self.experts.graph_key(i) if self.experts is not None else None
 
     def _prefetch_experts(self, j: int, experts: list[int]) -> None:
         """Copy layer j's predicted `experts` ahead, from its staging slot if it is announced
@@ -195,29 +155,13 @@ class StreamedLayers:
         if slot is None:  # not staged yet: the layer's fetch copies what it chooses
             self.tl.incr("expert_prefetch_unstaged")
             return
-        self.expert_cache.prefetch(j, experts, self.layouts[j], self.slot_array(slot),
-                                   self.copy_stream if self.cuda else None)
+        self.experts.cache.prefetch(j, experts, self.layouts[j], self.slot_array(slot),
+                                    self.ring.copy_stream if self.cuda else None)
 
     def _staged_slot(self, j: int) -> int | None:
         """The staging slot of this step's layer j, if it is announced (its copies issued or not)."""
-        got = self.copies.get(j) if self.cuda else None
+        got = self.ring.copies.get(j) if self.cuda else None
         return got[1] if got is not None and got[0] is None else self.ready.get((self.step_no, j))
-
-    def _keep(self, i: int, raw: torch.Tensor) -> None:
-        """Keep streamed layer i's tensors but its experts, copied out of `raw` (its bytes at slot
-        offsets, on the device), for its later expert steps."""
-        if self.keep_dense and i not in self.resident_ids and i not in self.dense:
-            self.dense[i] = {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes].clone(), t, self.dtype,
-                                                   self.quantized) for t in self._dense_part(i).tensors}
-
-    def _dense_weights(self, i: int, raw: torch.Tensor) -> LayerWeights:
-        """Layer i's tensors but its experts: the kept copy if there is one, else views of `raw`."""
-        kept = self.dense.get(i)
-        return dict(kept) if kept is not None else layer_weights(raw, self._dense_part(i), self.dtype, self.quantized)
-
-    def _kept(self, i: int) -> bool:
-        """Whether layer i's expert step needs nothing copied ahead (its dense part is kept)."""
-        return self._experts_of(i) and i in self.dense
 
     def _split(self, i: int, w: LayerWeights, slot: int) -> LayerWeights:
         """Pack layer i's CPU rows (first time, from its staging slot) and split its matrices."""
@@ -237,8 +181,8 @@ class StreamedLayers:
         if i in self.resident:
             if self.cuda:
                 ev = torch.cuda.Event(enable_timing=True)
-                ev.record(self.stream)
-                self.layer_start[i] = ev
+                ev.record(self.ring.stream)
+                self.ring.layer_start[i] = ev
             return self.resident[i]
         lay = self.layouts[i]
         if self.cuda:
@@ -247,16 +191,16 @@ class StreamedLayers:
             slot = self._wait_ready(i)
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             if self._kept(i):
-                return self._with_experts(i, self.dense[i], slot)
+                return self._with_experts(i, self.experts.dense[i], slot)
             if self._experts_of(i):  # everything but the experts; they come when the router has run
-                part = self._dense_part(i)
+                part = self.experts.dense_part(i)
                 with self.tl.span("copy", f"copy L{i}", nbytes=part.data_nbytes, layer=i):
                     local = torch.empty_like(host)  # the non-expert tensors only, at their slot offsets
                     for a, n in _without_experts(lay):
                         local[a : a + n] = host[a : a + n]
                 self._keep(i, local)
                 with self.tl.span("dequant", f"dequant L{i}", nbytes=part.data_nbytes, layer=i):
-                    w = self._with_experts(i, self._dense_weights(i, local), slot)
+                    w = self._with_experts(i, self.experts.dense_weights(i, local), slot)
                 return w
             with self.tl.span("copy", f"copy L{i}", nbytes=lay.nbytes, layer=i):
                 local = host.clone()
@@ -266,14 +210,14 @@ class StreamedLayers:
             self.layer_done(self.step_no, i, slot)
         if i in self.resident_ids:
             if self.cuda and self.quantized:  # its own copy: the VRAM slot goes back to the ring
-                w = layer_weights(self.vram[self.in_use[i]][: lay.nbytes].clone(), lay, self.dtype, True)
+                w = layer_weights(self.ring.vram[self.ring.in_use[i]][: lay.nbytes].clone(), lay, self.dtype, True)
             self.resident[i] = w
         return w
 
     def _count_prefetch(self, i: int) -> None:
         """Whether layer i was announced (or already copying) before compute asked for it."""
         self.pump(False)  # take in what is queued on the socket
-        ahead = (self.step_no, i) in self.ready or (self.cuda and i in self.copies)
+        ahead = (self.step_no, i) in self.ready or (self.cuda and i in self.ring.copies)
         self.tl.incr("prefetch_hit" if ahead else "prefetch_miss")
 
     def _wait_ready(self, i: int) -> int:
@@ -294,49 +238,49 @@ class StreamedLayers:
         for j in range(first, len(self.layouts)):
             if j in self.resident:
                 continue
-            if j in self.copies:
+            if j in self.ring.copies:
                 continue
             key = (self.step_no, j)
             if key not in self.ready:
                 break
             if self._kept(j):  # nothing to copy ahead: its experts come from the staging slot
-                self.copies[j] = (None, self.ready.pop(key), None, None, 0)
+                self.ring.copies[j] = (None, self.ready.pop(key), None, None, 0)
                 continue
-            if not self.free_vram:
+            if not self.ring.free_vram:
                 break
-            slot, k = self.ready.pop(key), self.free_vram.pop(0)
+            slot, k = self.ready.pop(key), self.ring.free_vram.pop(0)
             lay = self.layouts[j]
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
-            cs = self.copy_stream
+            cs = self.ring.copy_stream
             c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             split = self.frac and j not in self.resident_ids
             ranges = self.share.ranges(j, lay, self.frac) if split else [(0, lay.nbytes)]
             if self._experts_of(j):  # the experts come after the router, those chosen only
                 ranges = _without_experts(lay)
             with torch.cuda.stream(cs):
-                if self.freed[k] is not None:
-                    cs.wait_event(self.freed[k])  # the dequantization that read slot k has run
+                if self.ring.freed[k] is not None:
+                    cs.wait_event(self.ring.freed[k])  # the dequantization that read slot k has run
                 c0.record(cs)
                 for a, n in ranges:  # with a CPU share, only the device's rows cross PCIe
-                    self.vram[k][a : a + n].copy_(host[a : a + n], non_blocking=True)
+                    self.ring.vram[k][a : a + n].copy_(host[a : a + n], non_blocking=True)
                 c1.record(cs)
-            self.copies[j] = (k, slot, c0, c1, sum(n for _, n in ranges))
+            self.ring.copies[j] = (k, slot, c0, c1, sum(n for _, n in ranges))
 
     def _layer_cuda(self, i: int, lay: LayerLayout) -> LayerWeights:
         self._count_prefetch(i)  # (takes in the queued announcements)
         t0 = time.monotonic_ns()
         self._issue_copies(i, pump=False)
-        while i not in self.copies:
+        while i not in self.ring.copies:
             self.return_slots()  # the coordinator may be waiting for one of them
             self.pump(True)
             self._issue_copies(i)
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
-        k, slot, c0, c1, copied = self.copies.pop(i)
+        k, slot, c0, c1, copied = self.ring.copies.pop(i)
         if k is None:  # a kept dense part: the layer starts at once
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record(self.stream)
-            self.layer_start[i] = ev
-            return self._with_experts(i, self.dense[i], slot)
+            ev.record(self.ring.stream)
+            self.ring.layer_start[i] = ev
+            return self._with_experts(i, self.experts.dense[i], slot)
         t0 = time.monotonic_ns()
         c1.synchronize()  # the staging slot may be reused once the copy is done
         self.tl.add("wait_copy", f"wait copy L{i}", t0, time.monotonic_ns() - t0)
@@ -345,75 +289,59 @@ class StreamedLayers:
         experts = self._experts_of(i)
         if not experts:
             self.layer_done(self.step_no, i, slot)
-        cur = self.stream
+        cur = self.ring.stream
         cur.wait_event(c1)
         d0, d1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         d0.record(cur)
-        self.layer_start[i] = d0
+        self.ring.layer_start[i] = d0
         rows = self._rows(i)
         if experts or not rows:  # (a split layer's slot holds only the device's rows)
-            self._keep(i, self.vram[k])
+            self._keep(i, self.ring.vram[k])
         if experts:
-            w = self._with_experts(i, self._dense_weights(i, self.vram[k]), slot)
+            w = self._with_experts(i, self.experts.dense_weights(i, self.ring.vram[k]), slot)
         else:
-            w = layer_weights(self.vram[k], lay, self.dtype, self.quantized)
+            w = layer_weights(self.ring.vram[k], lay, self.dtype, self.quantized)
         if rows:
             early = self.quantized and self.share.early_slot(i, lay, self.frac)
             w = self.share.split(i, w, rows, functools.partial(self._free_early, i) if early else None)
         d1.record(cur)
-        self.gpu_events.append(("copy", i, c0, c1, copied))
+        self.ring.gpu_events.append(("copy", i, c0, c1, copied))
         if self.quantized:  # the matmuls read the slot: it is free after the layer (release)
-            self.in_use[i] = k
+            self.ring.in_use[i] = k
         else:
-            self.gpu_events.append(("dequant", i, d0, d1, lay.data_nbytes))
-            self._free_vram_slot(k, d1)  # dequantize wrote fresh tensors
+            self.ring.gpu_events.append(("dequant", i, d0, d1, lay.data_nbytes))
+            self.ring.free_slot(k, d1)  # dequantize wrote fresh tensors
             self._issue_copies(i + 1)  # the freed slot takes the next announced layer at once
         return w
 
     def return_slots(self, wait: bool = True) -> None:
-        """Give back the staging slots of the layers whose work is done, their expert copies
-        included (`wait`: all of them, waiting for the device). The host never waits for a layer's
-        expert copies before the next layer's work is queued: only when it must wait for the
-        coordinator, and at the step's end."""
-        while self.returning:
-            ev, step, i, slot = self.returning[0]
-            if ev is not None and not wait and not ev.query():
-                return
-            if ev is not None:
-                ev.synchronize()  # the layer's work, its copies included
-            self.returning.pop(0)
-            self.layer_done(step, i, slot)
+        """Give back the staging slots held for experts whose layers' work is done
+        (ExpertStream.return_slots; `wait`: all of them, waiting for the device)."""
+        if self.experts is not None:
+            self.experts.return_slots(wait)
 
     def _free_early(self, i: int) -> None:
         """NOTE [ early slot ]: a layer whose whole FFN is the CPU's reads its VRAM slot for the last
         time before the FFN. The CPU's FFN waits for the device to get there (its input), so the
         slot is free then, not at release(): the next copy runs while the CPU computes, where it
         would wait for the CPU to finish."""
-        k = self.in_use.pop(i, None)
+        k = self.ring.in_use.pop(i, None)
         if k is None:
             return
         ev = torch.cuda.Event()
-        ev.record(self.stream)
-        self._free_vram_slot(k, ev)
+        ev.record(self.ring.stream)
+        self.ring.free_slot(k, ev)
         self.tl.incr("early_slot")
         self._issue_copies(i + 1)
-
-    def _free_vram_slot(self, k: int, event) -> None:
-        self.freed[k] = event  # the copy stream waits on it before overwriting slot k
-        self.free_vram.append(k)
 
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
         end = None
         if self.cuda:  # one event: the layer's end for the trace, and what frees what it read
             end = torch.cuda.Event(enable_timing=True)
-            end.record(self.stream)
-        slot = self.held.pop(i, None)
-        if slot is not None:  # its experts were read from the staging slot: it goes back after them
-            self.expert_cache.done(i, end)  # (the copies out of it, on either stream, come before `end`)
-            self.returning.append((end, self.step_no, i, slot))
-            if not self.cuda:  # (on CUDA the next layer() gives back what is done by then)
-                self.return_slots(wait=False)
+            end.record(self.ring.stream)
+        if self.experts is not None:
+            self.experts.release(i, end, self.step_no, self.cuda)
         if self.share is not None:
             sec, nbytes, t0 = self.share.meter.take()
             if nbytes:
@@ -423,10 +351,10 @@ class StreamedLayers:
         if not self.cuda:
             self.tl.add("compute", f"compute L{i}", self._t_layer, time.monotonic_ns() - self._t_layer, layer=i)
         else:
-            start = self.layer_start.pop(i, None)
+            start = self.ring.layer_start.pop(i, None)
             if start is not None:
-                self.gpu_events.append(("compute", i, start, end, 0))
-            k = self.in_use.pop(i, None)
+                self.ring.gpu_events.append(("compute", i, start, end, 0))
+            k = self.ring.in_use.pop(i, None)
             if k is not None:
-                self._free_vram_slot(k, end)
+                self.ring.free_slot(k, end)
                 self._issue_copies(i + 1)

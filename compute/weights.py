@@ -13,6 +13,7 @@ from layerstream.compute.dequant import check_supported, dequantize
 from layerstream.compute.model import LayerWeights
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
 from layerstream.loader.gguf_index import ModelIndex, TensorInfo
+from layerstream.loader.layout import LayerLayout
 
 
 def check_model_quants(index: ModelIndex) -> None:
@@ -31,6 +32,13 @@ def device_weight(raw: torch.Tensor, t, dtype, quantized: bool):
         # experts [E, N, K] as one [E * N, K] matrix: expert e is rows e*N..(e+1)*N, a byte range
         return QuantWeight(raw, t.qtype, (math.prod(t.shape[:-1]), t.shape[-1]))
     return dequantize(raw, t.qtype, t.shape, t.name, dtype)
+
+
+def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool = False) -> LayerWeights:
+    """A layer's tensors from its slot bytes (uint8, on the target device): matrices as views of
+    their blocks when `quantized`, the rest (and everything otherwise) dequantized."""
+    return {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes], t, dtype, quantized)
+            for t in layout.tensors}
 
 
 def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype, quantized: bool = False):

@@ -1,0 +1,158 @@
+"""Expert steps of the streamed MoE layers: which steps fetch only their chosen experts, the
+staging slots held for them, the layers' kept dense parts, and the ExpertSet each layer's math sees.
+
+NOTE [ expert streaming ]
+A decode token of a mixture-of-experts model uses n_expert_used of n_expert experts a layer
+(Qwen3-30B-A3B: 8 of 128), so in steps whose tokens are expected to touch at most half the
+experts (`streams_experts`), a streamed MoE layer copies everything but its expert tensors
+ahead, as usual; once its router has run, `moe_block` asks the layer's `ExpertSet` for the
+experts the step's tokens chose (each once, whatever the batch), and only those missing from
+the device's `ExpertCache` (experts.py: the most often used stay) are copied, each a byte range
+of the 3-D expert tensors in the staging slot. The slot is therefore held until the layer's
+`release` (and given back once the layer's work after those copies is done, without the host
+waiting: `return_slots`). With a CPU share, the CPU computes part of the missing experts from the
+same slot instead (cpu/experts.py, NOTE [ CPU experts ]). With the layers' routers kept, each
+layer's step also copies the next layer's predicted experts ahead (experts.py, NOTE [ expert
+prefetch ]). Prompt steps touch nearly every expert: their layers stream whole.
+
+With `dense_resident` (the plan's, when they fit) a streamed MoE layer keeps its own device copy
+of every tensor but its experts from its first load on, so its expert steps copy nothing ahead:
+no VRAM slot is taken, and the staging slot is held only for the chosen experts' bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+import torch
+
+from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes, streams_experts
+from layerstream.compute.experts import ExpertCache, ExpertSet
+from layerstream.compute.model import LayerWeights
+from layerstream.compute.weights import device_weight, layer_weights
+from layerstream.loader.layout import LayerLayout
+from layerstream.proto.timeline import Timeline
+
+
+def make_expert_stream(layouts: list[LayerLayout], resident: set[int], experts: tuple[int, int], cache_bytes: int,
+                       dense_resident: bool, policy: str, prefetch: int, cpu: CpuExperts | None, device, dtype,
+                       quantized: bool, timeline: Timeline, slot_array: Callable[[int], np.ndarray],
+                       layer_done: Callable[[int, int, int], None]) -> "ExpertStream | None":
+    """The expert steps of a model with `experts` (n_expert, n_expert_used) and a device cache of
+    `cache_bytes`; None where its layers stream whole (no experts, or no cache)."""
+    if not (experts[0] and cache_bytes):
+        return None
+    cache = ExpertCache(cache_bytes, torch.device(device), dtype, quantized, timeline, policy, slot_bytes(layouts),
+                        max_in_flight(*experts), prefetch if dense_resident else 0)
+    return ExpertStream(cache, layouts, resident, experts, dtype, quantized, slot_array, layer_done,
+                        keep_dense=dense_resident, cpu=cpu)
+
+
+class ExpertStream:
+    """The streamed MoE layers' expert steps (NOTE [ expert streaming ]) over `cache`; `slot_array`
+    gives a staging slot's bytes, `layer_done(step, layer, slot)` gives a slot back."""
+
+    def __init__(self, cache: ExpertCache, layouts: list[LayerLayout], resident: set[int], experts: tuple[int, int],
+                 dtype, quantized: bool, slot_array: Callable[[int], np.ndarray],
+                 layer_done: Callable[[int, int, int], None], keep_dense: bool = False, cpu: CpuExperts | None = None):
+        self.cache, self.layouts, self.resident_ids = cache, layouts, set(resident)
+        self.n_expert, self.n_expert_used = experts
+        self.dtype, self.quantized, self.slot_array, self.layer_done = dtype, quantized, slot_array, layer_done
+        self.keep_dense = keep_dense
+        self.cpu = cpu if cache.pool is not None else None
+        self.step = False  # this step fetches only the chosen experts of streamed MoE layers
+        self.frac = 0.0  # the CPU's share of this step's missing experts (NOTE [ CPU experts ])
+        self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
+        self.returning: list[tuple] = []  # (event after the layer, step, layer, staging slot) to give back
+        self.dense: dict[int, LayerWeights] = {}  # streamed MoE layer -> its tensors but the experts, on the device
+        self.sets: dict[int, tuple] = {}  # kept layer -> (its key, its weights with their ExpertSet)
+
+    def set_step(self, tokens: int) -> None:
+        """A step of `tokens` tokens: whether it fetches only the chosen experts, and the CPU's share."""
+        self.step = streams_experts(self.n_expert, self.n_expert_used, tokens)
+        self.frac = self.cpu.balancer.share(tokens) if self.step and self.cpu else 0.0
+        if self.cache.ahead.layers:
+            self.cache.drop_prefetched()  # (only a step that failed part-way leaves any)
+
+    def of(self, i: int) -> bool:
+        """Whether layer i fetches only its chosen experts in this step."""
+        return self.step and i not in self.resident_ids
+
+    @functools.cache  # noqa: B019 - one entry a layer, for the life of the run
+    def dense_part(self, i: int) -> LayerLayout:
+        """Layer i's layout without its expert tensors (what is copied before the router runs)."""
+        lay = self.layouts[i]
+        return LayerLayout(lay.layer, tuple(t for t in lay.tensors if t.name not in EXPERT_TENSORS), lay.nbytes)
+
+    def with_experts(self, i: int, w: LayerWeights, slot: int, prefetch: Callable[[int, list[int]], None]) -> LayerWeights:
+        """The layer's weights without its expert tensors, and an ExpertSet that fetches the chosen
+        experts from the staging slot, which stays held until release(i); `prefetch(j, experts)`
+        copies layer j's predicted experts ahead. A kept layer's are made once per (staging slot,
+        CPU share, prediction): the step's host time bounds decode."""
+        self.held[i] = slot
+        ahead = self.predicts(i)
+        key = (slot, self.frac, ahead)
+        kept = i in self.dense
+        got = self.sets.get(i) if kept else None
+        if got is not None and got[0] == key:
+            return got[1]
+        w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}  # (the kept copy where there is one)
+        w["experts"] = ExpertSet(self.cache, i, self.layouts[i], self.slot_array(slot),
+                                 dense_fixed=kept, cpu=self.cpu, frac=self.frac,
+                                 next_router=self.dense[i + 1] if ahead else None,
+                                 prefetch_next=functools.partial(prefetch, i + 1) if ahead else None)
+        if kept:
+            self.sets[i] = (key, w)
+        return w
+
+    def predicts(self, i: int) -> bool:
+        """Whether layer i's step predicts the next layer's experts and copies them ahead."""
+        return bool(self.cache.prefetch_slots) and i + 1 < len(self.layouts) and self.kept(i + 1)
+
+    def graph_key(self, i: int) -> bool | None:
+        """LayerSource.moe_graph_key: for a layer whose attention and router read only kept tensors
+        in this step, whether its step also predicts the next layer's experts; None for any other."""
+        return self.predicts(i) if self.kept(i) else None
+
+    def keep(self, i: int, raw: torch.Tensor) -> None:
+        """Keep streamed layer i's tensors but its experts, copied out of `raw` (its bytes at slot
+        offsets, on the device), for its later expert steps."""
+        if self.keep_dense and i not in self.resident_ids and i not in self.dense:
+            self.dense[i] = {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes].clone(), t, self.dtype,
+                                                   self.quantized) for t in self.dense_part(i).tensors}
+
+    def dense_weights(self, i: int, raw: torch.Tensor) -> LayerWeights:
+        """Layer i's tensors but its experts: the kept copy if there is one, else views of `raw`."""
+        kept = self.dense.get(i)
+        return dict(kept) if kept is not None else layer_weights(raw, self.dense_part(i), self.dtype, self.quantized)
+
+    def kept(self, i: int) -> bool:
+        """Whether layer i's expert step needs nothing copied ahead (its dense part is kept)."""
+        return self.of(i) and i in self.dense
+
+    def release(self, i: int, end, step: int, cuda: bool) -> None:
+        """Layer i's work is enqueued (`end`: the event after it on CUDA): its staging slot, held
+        for its experts, goes back after them."""
+        slot = self.held.pop(i, None)
+        if slot is not None:  # its experts were read from the staging slot: it goes back after them
+            self.cache.done(i, end)  # (the copies out of it, on either stream, come before `end`)
+            self.returning.append((end, step, i, slot))
+            if not cuda:  # (on CUDA the next layer() gives back what is done by then)
+                self.return_slots(wait=False)
+
+    def return_slots(self, wait: bool = True) -> None:
+        """Give back the staging slots of the layers whose work is done, their expert copies
+        included (`wait`: all of them, waiting for the device). The host never waits for a layer's
+        expert copies before the next layer's work is queued: only when it must wait for the
+        coordinator, and at the step's end."""
+        while self.returning:
+            ev, step, i, slot = self.returning[0]
+            if ev is not None and not wait and not ev.query():
+                return
+            if ev is not None:
+                ev.synchronize()  # the layer's work, its copies included
+            self.returning.pop(0)
+            self.layer_done(step, i, slot)
