@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
+from layerstream.compute.qlinear import FUSED_TYPES, have_triton
 from layerstream.errors import ModelError, UnsupportedQuantError
 
 # blocks: (n, type_size) uint8 -> (n, block_size) float32
@@ -80,8 +81,6 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], name: str 
     if not raw.is_contiguous() or raw.storage_offset() % 4:
         raw = raw.clone()
     if fused and raw.is_cuda:
-        from layerstream.compute.qlinear import FUSED_TYPES, have_triton
-
         if qtype in FUSED_TYPES and have_triton():
             from layerstream.compute import qkernels
 

@@ -21,8 +21,9 @@ class CpuExperts:
 
     NOTE [ CPU experts ]
     Expert streaming moves only the chosen experts, but they cannot cross PCIe before the router
-    has run, so each layer waits for its copies (a third of a streamed layer's time). The host's DRAM can feed the CPU at the same time (measured on an H200 host:
-    46 GB/s of int4 matmul beside 51 GB/s of copies). So, with `--cpu-share`, a share of each
+    has run, so each layer waits for its copies (a third of a streamed layer's time). The host's
+    DRAM can feed the CPU at the same time (measured on an H200 host: 46 GB/s of int4 matmul
+    beside 51 GB/s of copies). So, with `--cpu-share`, a share of each
     step's missing experts (those not in the device cache) is computed on the CPU, straight from
     the staging bytes, while the copy engine moves the others and the device computes them: the
     CPU's experts are left out of the device's grouped launches (their pairs weigh 0 there) and
