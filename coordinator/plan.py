@@ -422,7 +422,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     if max_prefetch is not None and prefetch > max_prefetch:
         raise ConfigError(f"--prefetch {prefetch}: at most {max_prefetch} (the model's layer count)")
     stream_slots = prefetch + 1
-    host = host_needs(n_slots=stream_slots, slot_bytes=slot_bytes, host_kv=(n - kv_dev) * kv_layer,
+    # on CUDA the host KV is made, then pinned as a copy (kv.HostKV): both are held a while
+    host = host_needs(n_slots=stream_slots, slot_bytes=slot_bytes, host_kv=(n - kv_dev) * kv_layer * (1 + cuda),
                       device=0 if cuda else total)
     avail = _mem_available() if host_bytes is None else host_bytes
     loads = len(streamed)
