@@ -1,5 +1,6 @@
 """The plan's memory arithmetic: what one forward step allocates, what torch's caching allocator
-keeps for it, and how much host memory is free.
+keeps for it, what each part of a plan takes on the device (`Sizes`), and how much host memory is
+free.
 
 NOTE [ the caching allocator's rounding ]
 torch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp; the sizes in c10's allocator
@@ -21,11 +22,15 @@ budget on a device (test_peak_device_memory_stays_within_the_budget).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from dataclasses import dataclass
 
 from layerstream.compute.model import ATTN_TEMP_BYTES
-from layerstream.loader.gguf_index import HParams
+from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK, model_scratch_elems
+from layerstream.loader.gguf_index import HParams, ModelIndex
+from layerstream.loader.layout import LayerLayout
 
 MiB = 1 << 20
 BLOCK = 512
@@ -37,6 +42,8 @@ ROUND_LARGE = 2 * MiB
 CUBLAS_WORKSPACE = 32 * MiB + 4 * MiB  # cuBLAS's per-stream workspace on Hopper, and cuBLASLt's
 DECODE_PROGRAMS = 512  # attn_kernels.TARGET_PROGRAMS on a GPU: the decode kernel's split of the slots
 DECODE_BLOCK = 32  # attn_kernels.BL
+SLOT_ROUND = 1 << 16  # staging slots' size is a multiple of it
+MOE_GRAPHS = 64 * MiB  # a MoE model's streamed layers' decode graphs, one pair a layer and shape
 
 
 def _up(n: int, m: int) -> int:
@@ -212,3 +219,146 @@ def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized
         peak = max(peak, meta + max(act + attn, toks * hp.n_embd * e + hb))
         largest = max(largest, big, abig, hbig)
     return peak, largest
+
+
+@dataclass(frozen=True, eq=False)
+class Sizes:
+    """What the plan weighs for one model at one dtype, device and context (see make_plan)."""
+
+    index: ModelIndex
+    layouts: list[LayerLayout]
+    e: int  # bytes of the compute dtype
+    ctx: int
+    max_seqs: int
+    quantized: bool
+    cuda: bool  # the caching allocator's rounding applies (NOTE [ the caching allocator's rounding ])
+    sliding: bool
+
+    @functools.cached_property
+    def slot_bytes(self) -> int:
+        return -(-max(lay.nbytes for lay in self.layouts) // SLOT_ROUND) * SLOT_ROUND
+
+    def _dense(self, t) -> int:
+        return math.prod(t.shape) * self.e
+
+    def _kept_as_blocks(self, t) -> bool:
+        return self.quantized and len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES
+
+    def layer_allocs(self, i: int) -> list[int]:
+        """A resident layer's device allocations in their order: its bytes as one copy when the
+        weights stay blocks, then every tensor the fused kernels do not read, dequantized."""
+        out = [self.layouts[i].nbytes] if self.quantized else []
+        return out + [self._dense(t) for t in self.index.layers[i].values() if not self._kept_as_blocks(t)]
+
+    @functools.cached_property
+    def layer_dense(self) -> list[int]:
+        """Each layer's tensors in the compute dtype (a streamed layer's working copy without blocks)."""
+        return [sum(self._dense(t) for t in layer.values()) for layer in self.index.layers]
+
+    @functools.cached_property
+    def resident_prefix(self) -> list[int]:
+        """resident_prefix[r]: the device bytes the first r resident layers hold, the allocator's rounding included."""
+        allocs: list[int] = []
+        out = [0]
+        for i in range(len(self.layouts)):
+            allocs += self.layer_allocs(i)
+            out.append(reserved_bytes(allocs, self.cuda))
+        return out
+
+    @functools.cached_property
+    def head(self) -> int:
+        g = self.index.globals
+        out = g.get("output.weight") or g["token_embd.weight"]
+        sizes = [self._dense(g["output_norm.weight"]), out.nbytes if self._kept_as_blocks(out) else self._dense(out)]
+        return reserved_bytes(sizes, self.cuda)
+
+    @functools.cached_property
+    def kv_tensor(self) -> int:
+        """One layer's K (or V): [rows, ctx, n_head_kv, head_dim] in the compute dtype."""
+        hp = self.index.hparams
+        return self.max_seqs * self.ctx * hp.n_head_kv * hp.head_dim * self.e
+
+    @property
+    def kv_layer(self) -> int:
+        return 2 * self.kv_tensor
+
+    def kv(self, k: int) -> int:
+        """The KV of k layers on the device (every K, then every V: runner's DeviceKV)."""
+        return reserved_bytes([self.kv_tensor] * (2 * k), self.cuda)
+
+    def host_kv_in_flight(self) -> int:
+        """Two device buffers for the host KV layers (CUDA), or a gathered copy of one layer's (CPU)."""
+        if self.cuda:
+            return reserved_bytes([self.kv_tensor] * 4)
+        return self.kv_layer
+
+    def slots(self, n: int, streamed: bool) -> int:
+        """The streamed layers' VRAM slots (CUDA: one even when every layer is resident, which loads
+        them); with dense weights the streamed layer's dequantized copy, two at once; on the CPU each
+        streamed layer is copied out of its staging slot and dequantized (the layer before's
+        tensors still held meanwhile)."""
+        if not self.cuda:
+            return self.slot_bytes + 2 * max(self.layer_dense) if streamed else 0
+        ring = reserved_bytes([max(lay.nbytes for lay in self.layouts)] * max(n, 1))
+        return ring + (reserved_bytes([max(self.layer_dense)] * 2) if streamed and not self.quantized else 0)
+
+    @functools.cache  # noqa: B019 - one Sizes per plan
+    def step(self, T: int) -> int:
+        """The step's short-lived tensors with what the allocator keeps for them (step_peak)."""
+        peak, largest = step_peak(self.index.hparams, T, e=self.e, ctx=self.ctx, max_seqs=self.max_seqs,
+                                         quantized=self.quantized, cuda=self.cuda, sliding=self.sliding,
+                                         fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK)
+        return transient_reserve(peak, largest, self.cuda)
+
+    def dequant_scratch(self, T: int) -> int:
+        """The prompt path's dequantization buffer, reserved at start (compute_proc.py)."""
+        if self.cuda and self.quantized and max(T, self.max_seqs) > FUSED_MIN_OF_TYPES:
+            return reserved_bytes([model_scratch_elems(self.index) * self.e])
+        return 0
+
+    @functools.cached_property
+    def dense_matrices(self) -> bool:
+        """Whether some matrix runs through F.linear (not blocks the fused kernels read)."""
+        ts = [t for layer in self.index.layers for t in layer.values() if len(t.shape) >= 2]
+        return any(not self._kept_as_blocks(t) for t in ts)
+
+    def cublas(self, T: int) -> int:
+        """cuBLAS's workspaces: the compute stream's where a step may run cuBLAS (a dequantized
+        matmul, attention's general path, a dense matrix), and the graph capture stream's where a
+        captured decode step does (a MoE router, a dense matrix)."""
+        if not self.cuda:
+            return 0
+        hp = self.index.hparams
+        in_graph = self.quantized and bool(hp.n_expert or self.dense_matrices)
+        main = T >= 2 or not self.quantized or in_graph or self.sliding
+        return CUBLAS_WORKSPACE * (int(main) + int(in_graph))
+
+    @functools.cache  # noqa: B019
+    def graphs(self, all_resident: bool) -> int:
+        """CUDA graphs of decode steps (runner.py, NOTE [ decode graphs ]): their private pool holds a
+        captured step's tensors and each captured shape's outputs (logits where the head is
+        captured too), and the capture's warm-up leaves its tensors cached on the capture stream."""
+        if not (self.cuda and self.quantized):
+            return 0
+        hp = self.index.hparams
+        bg = max(1, min(self.max_seqs, FUSED_MIN_OF_TYPES))
+        peak, largest = step_peak(hp, bg, e=self.e, ctx=self.ctx, max_seqs=bg, quantized=True, cuda=True,
+                                         sliding=self.sliding, fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK,
+                                         decode_only=True)
+        outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
+                for _ in range(kv_buckets(self.ctx))]
+        moe = MOE_GRAPHS if hp.n_expert else 0  # the streamed MoE layers' graphs, one pair a layer and shape
+        return 2 * transient_reserve(peak, largest) + reserved_bytes(outs) + moe
+
+    def link_bytes(self, r: int, kv_dev: int) -> int:
+        """Bytes a decode pass moves over the link: the streamed layers, and the host KV layers'
+        caches at a full context."""
+        n = len(self.layouts)
+        return sum(lay.nbytes for lay in self.layouts[r:]) + (n - min(kv_dev, n)) * self.kv_layer
+
+
+def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool,
+                 cuda: bool = True, sliding: bool = False) -> int:
+    """Device bytes of one forward step's short-lived tensors for T tokens a step, as the allocator keeps them."""
+    s = Sizes(index, [], dtype_bytes, ctx, max_seqs, quantized, cuda, sliding)
+    return s.step(max(T, max_seqs))

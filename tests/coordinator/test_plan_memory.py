@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from layerstream.coordinator import memory
-from layerstream.coordinator.plan import GiB, largest_batch, make_plan, step_scratch
+from layerstream.coordinator.memory import step_scratch
+from layerstream.coordinator.plan import GiB, largest_batch, make_plan
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
