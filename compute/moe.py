@@ -14,8 +14,16 @@ import torch.nn.functional as F
 
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.compute.model import LayerWeights, rms_norm
-from layerstream.compute.qlinear import (EXPERT_SCRATCH_MAX_ELEMS, FUSED_TYPES, QuantWeight, dequantized_experts,
-                                         grouped_matmul, grouped_mm_dtype, linear, scratch_cap)
+from layerstream.compute.qlinear import (
+    EXPERT_SCRATCH_MAX_ELEMS,
+    FUSED_TYPES,
+    QuantWeight,
+    dequantized_experts,
+    grouped_matmul,
+    grouped_mm_dtype,
+    linear,
+    scratch_cap,
+)
 from layerstream.loader.gguf_index import HParams
 
 # Decode steps of up to this many tokens run a MoE layer's chosen experts as grouped launches

@@ -11,8 +11,13 @@ from layerstream.compute.cpu.config import CpuShareConfig
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.cpu.packing import pack_ratio
 from layerstream.compute.cpu.share import CpuShare
-from layerstream.compute.cpu.sizing import (expert_int4_layers, expert_packed_bytes, ffn_int4_fraction,
-                                            int4_fraction, row_layers)
+from layerstream.compute.cpu.sizing import (
+    expert_int4_layers,
+    expert_packed_bytes,
+    ffn_int4_fraction,
+    int4_fraction,
+    row_layers,
+)
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline

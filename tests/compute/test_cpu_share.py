@@ -4,11 +4,9 @@ the device's copy ranges, and the balance of the share."""
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QT
-from gguf import quants
+from gguf import GGMLQuantizationType as QT, quants
 
-from layerstream.compute.cpu import balancer, packing, sizing
-from layerstream.compute.cpu import split as cpu_split
+from layerstream.compute.cpu import balancer, packing, sizing, split as cpu_split
 from layerstream.compute.cpu.balancer import Balancer, balanced_frac, bucket
 from layerstream.compute.cpu.packing import cpu_rows, int4_parts, pack_rows
 from layerstream.compute.cpu.share import CpuShare, copy_ranges
@@ -233,7 +231,7 @@ def test_matrices_of_one_input_share_one_wait_and_join_each():
     K = 256
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, K, generator=g)
-    mats, want, ws, biases = [], [], [], []
+    want, ws, biases = [], [], []
     for i, (n, n_cpu) in enumerate([(192, 64), (128, 0), (64, 64)]):
         raw = blocks(QT.Q4_0, n, K, seed=10 + i)
         dense = torch.from_numpy(quants.dequantize(raw, QT.Q4_0).reshape(n, K))

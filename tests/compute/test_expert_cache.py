@@ -229,9 +229,9 @@ def test_cpu_experts_match_the_float64_reference():
     """NOTE [ CPU experts ]: the CPU's share of a step's experts, from Q4_K staging bytes packed
     for aten's int4 matmul, against float64 SwiGLU over gguf-py's dequantization; only the
     chosen pairs of the CPU's experts count, weighted."""
-    import ggufgen
     from gguf.quants import dequantize
 
+    import ggufgen
     from layerstream.compute.cpu.balancer import Balancer
     from layerstream.compute.cpu.experts import CpuExperts
 

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QT
-from gguf import quants
+from gguf import GGMLQuantizationType as QT, quants
 
 from layerstream.compute import moe, qlinear
 from layerstream.compute.expert_layout import EXPERT_TENSORS
