@@ -34,7 +34,8 @@ MiB = 1 << 20
 SLACK_FRACTION = 0.002
 SLACK_MIN = 16 * MiB
 STEP_TOKENS = 512  # the largest step the plan makes unless --step-tokens asks for more
-DECODE_GAIN = 0.05  # a smaller step, or host KV, is taken where decode passes move this share fewer bytes
+DECODE_GAIN = 0.05  # host KV is taken, or a smaller step named, where decode passes move this share fewer bytes
+PROMPT_STEP_COST = 2.0  # a prompt-sized step is kept while its decode passes move at most this many times the least
 
 
 def _gib(n: float) -> str:
@@ -63,6 +64,7 @@ class Plan:
     expert_prefetch: int = 0  # experts a layer copied ahead of its router, in each of two sets of slots
     kv_rows: int = 1  # sequences whose KV the plan holds (the server admits this many at once)
     host_parts: tuple[tuple[str, int], ...] = ()  # host memory the plan takes, by item (NOTE [ host memory ])
+    smaller_step: tuple[int, int] | None = None  # a step size that keeps more layers, and how many (NOTE [ step tokens ])
 
     @property
     def host_bytes(self) -> int:
@@ -87,7 +89,9 @@ class Plan:
                 f"host cache {self.cache_layers} layers; device memory {_gib(self.device_bytes)}{budget}"
                 + ("; the streamed layers' attention and routers resident" if self.dense_resident else "")
                 + (f", {self.expert_prefetch} experts a layer copied ahead on a prediction" if self.expert_prefetch else "")
-                + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else ""))
+                + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else "")
+                + (f"; --step-tokens {self.smaller_step[0]} would keep {self.smaller_step[1]} layers resident "
+                   "(faster decode, prompts fed in that many tokens a pass)" if self.smaller_step else ""))
 
     def breakdown(self) -> str:
         return ", ".join(f"{k} {_gib(v)}" for k, v in self.parts if v)
@@ -218,6 +222,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         return r, kv_dev, keep_dense
 
     T = step_tokens or STEP_TOKENS
+    smaller_step = None  # (tokens a step, resident layers) of a decode-sized step (NOTE [ step tokens ])
     if vram_bytes is None:  # no limit: everything on the device
         r = n if resident_layers is None else max(0, min(n, resident_layers))
         slots = 4 if r < n else 0  # no budget to save: copies issued further ahead
@@ -232,12 +237,16 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         # With a CPU share (compute/cpu/) a CPU layer's matmuls are long, and a third
         # slot lets the copy engine run one layer further ahead meanwhile (--vram-slots).
         slots = vram_slots or 2
-        # NOTE [ step tokens ]: the largest step of up to 512 tokens that leaves room to stream;
-        # then, where a smaller step moves at least DECODE_GAIN fewer bytes a decode pass (more
-        # layers resident, or their KV), the largest step that moves as few: a decode-only plan
-        # (one token a sequence a step) needs no dequantization buffer, no cuBLAS and no attention
-        # temporaries beyond the decode kernel's, and prompts are then fed in chunks of that size
-        # (--step-tokens sets it outright)
+        # NOTE [ step tokens ]: by default the largest step of up to 512 tokens that leaves room to
+        # stream, since a prompt is fed in chunks of the step and every chunk is a pass over the
+        # streamed layers. A smaller step needs less scratch (a one-token step needs no
+        # dequantization buffer, no cuBLAS and no attention temporaries beyond the decode kernel's)
+        # and so keeps more layers resident, which speeds decode but multiplies a prompt's passes
+        # (8B at 4 GiB: 26 layers instead of 23, but 512 passes for a 512-token prompt instead of
+        # one). So the plan takes the largest step whose decode passes move at most
+        # PROMPT_STEP_COST times the bytes of the step that moves fewest (a budget so small that a
+        # prompt-sized step leaves few layers resident gets the decode-sized step), and where a
+        # smaller step would move at least DECODE_GAIN fewer, its line says so (`smaller_step`).
         candidates = [T] if step_tokens is not None else _step_candidates(max_seqs)
         fitting = [t for t in candidates if fits(t, 2, 0, 0)]
         if not fitting:
@@ -252,13 +261,17 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         if full:
             T, r, kv_dev, keep_dense = full[0], n, n, False
         else:
-            got = {t: residency(t, slots) for t in fitting}
-            moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
             T = fitting[0]
-            least_moved = min(moved.values())
-            if least_moved <= (1 - DECODE_GAIN) * moved[T] and not hp.n_expert:  # (MoE decode copies experts only)
-                T = next(t for t in fitting if moved[t] == least_moved)
-            r, kv_dev, keep_dense = got[T]
+            r, kv_dev, keep_dense = residency(T, slots)
+            if step_tokens is None and len(fitting) > 1 and not hp.n_expert:  # (MoE decode copies experts only)
+                got = {t: residency(t, slots) for t in fitting}
+                moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
+                least = min(moved.values())
+                T = next(t for t in fitting if moved[t] <= PROMPT_STEP_COST * least)
+                r, kv_dev, keep_dense = got[T]
+                small = next(t for t in fitting if moved[t] == least)
+                if small != T and least <= (1 - DECODE_GAIN) * moved[T]:
+                    smaller_step = (small, got[small][0])
         if r == n:
             slots = 0
         keep_dense = keep_dense and r < n
@@ -288,7 +301,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
                 total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
                 dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0,
-                kv_rows=max_seqs, host_parts=tuple(host))
+                kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step)
 
 
 def _step_candidates(max_seqs: int) -> list[int]:

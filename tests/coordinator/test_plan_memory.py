@@ -54,10 +54,11 @@ def test_the_caching_allocators_rounding(sizes, want):
     assert memory.reserved_bytes(sizes, cuda=False) == sum(sizes)
 
 
-def test_8b_at_4_gib_keeps_as_many_layers_as_llama_cpp(l8):
-    """Issue 24's targets (batch 1): at least 25 of 32 layers at --ctx 512 and 22 at --ctx 4096; the
-    old plan kept 21 and 17 (a flat 256 MiB of attention temporaries and 128 MiB of slack)."""
-    short, long = plan(l8, 4, ctx=512), plan(l8, 4, ctx=4096)
+def test_8b_at_4_gib_keeps_as_many_layers_as_llama_cpp_with_decode_sized_steps(l8):
+    """Issue 24's targets (batch 1): at least 25 of 32 layers at --ctx 512 and 22 at --ctx 4096 with
+    one-token steps; the old plan kept 21 and 17 (a flat 256 MiB of attention temporaries and 128
+    MiB of slack). By default the plan keeps prompt-sized steps and its line names the smaller step."""
+    short, long = plan(l8, 4, ctx=512, step_tokens=1), plan(l8, 4, ctx=4096, step_tokens=1)
     assert len(short.resident) >= 25, (short.describe(), short.breakdown())
     assert len(long.resident) >= 22, (long.describe(), long.breakdown())
     for p in (short, long):
@@ -70,10 +71,14 @@ def test_8b_at_4_gib_keeps_as_many_layers_as_llama_cpp(l8):
     # at 4096 the streamed layers' KV goes to host memory: a resident layer (125 MiB) costs more
     # link bytes a pass than the 16 MiB of KV of each streamed layer
     assert long.kv_device_layers == len(long.resident) and "in host memory" in long.describe()
-    # an explicit --step-tokens keeps its prompt chunks, and pays for them in layers
-    prompts = plan(l8, 4, ctx=512, step_tokens=512)
+    # the default keeps 512-token prompt chunks (a prompt's passes), pays for them in layers, and
+    # says what the decode-sized step would keep (NOTE [ step tokens ])
+    prompts = plan(l8, 4, ctx=512)
     assert prompts.step_tokens == 512 and dict(prompts.parts)["dequantization scratch"] > 100 * MiB
     assert 21 <= len(prompts.resident) < len(short.resident)
+    assert prompts.smaller_step == (1, len(short.resident))
+    assert f"--step-tokens 1 would keep {len(short.resident)} layers resident" in prompts.describe()
+    assert plan(l8, 4, ctx=512, step_tokens=512).smaller_step is None  # asked for: no hint
 
 
 def test_70b_at_8_gib_keeps_its_prompt_steps(l70):
@@ -152,7 +157,7 @@ def test_the_gpu_budget_grid_covers_different_plans():
     index = shaped_index("llama-3.1-8b", n_layer=4)
     layouts = layer_layouts(index)
     seen = set()
-    for gib, batch in [(1.0, 1), (1.1, 8), (1.3, 4), (1.5, 16), (2.5, 1)]:
+    for gib, batch in [(1.0, 1), (1.1, 8), (1.2, 4), (1.5, 16), (2.5, 1), (1.1, 1)]:
         p = make_plan(index, layouts, vram_bytes=int(gib * GiB), host_cache_bytes=0, dtype_bytes=2, ctx=1280,
                       max_seqs=batch, quantized=True, host_bytes=64 * GiB)
         assert p.device_bytes <= gib * GiB
