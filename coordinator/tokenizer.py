@@ -196,7 +196,9 @@ class Tokenizer:
         """Token ids of `text`; BOS/EOS as the file asks when `add_special`; control tokens whole when `parse_special`."""
         with self._hf_lock:
             self._hf.encode_special_tokens = not parse_special
-            ids = self._hf.encode(text, add_special_tokens=False).ids if text else []
+            # encode_batch releases the GIL while it runs (encode holds it), so a long prompt
+            # tokenized in a server's worker thread does not stall its event loop
+            ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids if text else []
         if add_special and self.add_bos:
             ids.insert(0, self.bos_id)
         if add_special and self.add_eos:

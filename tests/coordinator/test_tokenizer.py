@@ -305,3 +305,26 @@ def test_spm_leading_space_round_trip(spm):
         ids = spm.encode(text, add_special=False)
         assert spm.decode(ids) == text
         assert "".join(_stream(spm, ids)) == text
+
+
+def test_encoding_a_long_text_lets_other_threads_run(smol):
+    """A server tokenizes prompts in worker threads: encoding must release the GIL, or a long prompt
+    stalls the event loop (and /health) for the whole encode."""
+    import threading
+    import time
+
+    text = "The quick brown fox jumps over the lazy dog. " * 40_000  # 1.8 MB
+    t0 = time.perf_counter()
+    smol.encode(text)
+    alone = time.perf_counter() - t0
+    worker = threading.Thread(target=smol.encode, args=(text,))
+    gaps, last = [], time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    worker.join()
+    # holding the GIL, the main thread would wait out the whole encode in one gap
+    assert max(gaps) < alone / 3, (max(gaps), alone)
