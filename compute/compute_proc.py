@@ -217,8 +217,8 @@ class ComputeWorker:
             sec, nbytes, _ = self.cpu_experts.meter.take()  # (a pass's packing is a one-off: left out)
             self.cpu_experts.balancer.observe(tokens, pass_s - self.cpu_experts.take_pack_s(), sec, nbytes, 0.0, 0)
         elif self.share is not None:
-            self.share.balancer.observe(tokens, pass_s - self.share.take_pack_s(), self.source.cpu_s,
-                                        self.source.cpu_bytes, copy_s, copy_bytes)
+            self.share.balancer.observe(tokens, pass_s - self.share.take_pack_s(), self.share.step_s,
+                                        self.share.step_bytes, copy_s, copy_bytes)
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(msg.step, shape, "float32", {}), extra=[] if out is None else [out.data])
 

@@ -72,9 +72,7 @@ class StreamedLayers:
                  quantized: bool = False, share: CpuShare | None = None, experts: ExpertStream | None = None):
         self.layouts = layouts
         self.experts = experts  # expert steps of MoE layers (None: their layers stream whole)
-        self.share = share
-        self.frac = 0.0  # the CPU's share of this step (0: the device computes every row)
-        self.cpu_s, self.cpu_bytes = 0.0, 0  # the CPU share's work in this step
+        self.share = share  # the CPU's share of the layers without experts (None: none)
         self.slot_array, self.ready, self.pump, self.layer_done = slot_array, ready, pump, layer_done
         self.device, self.dtype = torch.device(device), dtype
         self.quantized = quantized
@@ -99,10 +97,10 @@ class StreamedLayers:
         """The step whose LayerReady messages the next layers wait for, and its token count (which
         sets the CPU's share)."""
         self.step_no = step
-        self.frac = self.share.balancer.share(tokens) if self.share is not None else 0.0
+        if self.share is not None:
+            self.share.set_step(tokens)
         if self.experts is not None:
             self.experts.set_step(tokens)
-        self.cpu_s, self.cpu_bytes = 0.0, 0
         if self.cuda:  # the first streamed layers cross while the resident ones compute
             self.ring.stream = torch.cuda.current_stream(self.device)
             if self.experts is not None:
@@ -120,9 +118,9 @@ class StreamedLayers:
 
     def _rows(self, i: int) -> dict[str, int]:
         """The CPU's rows of layer i in this step (none for resident layers)."""
-        if not self.frac or i in self.resident_ids:
+        if self.share is None or not self.share.frac or i in self.resident_ids:
             return {}
-        return self.share.rows(i, self.layouts[i], self.frac)
+        return self.share.rows(i, self.layouts[i], self.share.frac)
 
     def _experts_of(self, i: int) -> bool:
         """Whether layer i fetches only its chosen experts in this step."""
@@ -253,8 +251,8 @@ class StreamedLayers:
             host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
             cs = self.ring.copy_stream
             c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            split = self.frac and j not in self.resident_ids
-            ranges = self.share.ranges(j, lay, self.frac) if split else [(0, lay.nbytes)]
+            split = self.share is not None and self.share.frac and j not in self.resident_ids
+            ranges = self.share.ranges(j, lay, self.share.frac) if split else [(0, lay.nbytes)]
             if self._experts_of(j):  # the experts come after the router, those chosen only
                 ranges = _without_experts(lay)
             with torch.cuda.stream(cs):
@@ -302,7 +300,7 @@ class StreamedLayers:
         else:
             w = layer_weights(self.ring.vram[k], lay, self.dtype, self.quantized)
         if rows:
-            early = self.quantized and self.share.early_slot(i, lay, self.frac)
+            early = self.quantized and self.share.early_slot(i, lay, self.share.frac)
             w = self.share.split(i, w, rows, functools.partial(self._free_early, i) if early else None)
         d1.record(cur)
         self.ring.gpu_events.append(("copy", i, c0, c1, copied))
@@ -343,11 +341,7 @@ class StreamedLayers:
         if self.experts is not None:
             self.experts.release(i, end, self.step_no, self.cuda)
         if self.share is not None:
-            sec, nbytes, t0 = self.share.meter.take()
-            if nbytes:
-                self.tl.add("cpu_share", f"cpu L{i}", t0, int(sec * 1e9), nbytes, layer=i)
-                self.cpu_s += sec
-                self.cpu_bytes += nbytes
+            self.share.account(i, self.tl)
         if not self.cuda:
             self.tl.add("compute", f"compute L{i}", self._t_layer, time.monotonic_ns() - self._t_layer, layer=i)
         else:

@@ -68,6 +68,21 @@ class CpuShare:
         self._layers: dict[float, frozenset[int]] = {}
         self._early: dict[tuple[int, float], bool] = {}
         self.packing = Meter()  # packing time and bytes since the last take_pack_s()
+        self.frac = 0.0  # this step's share (0: the device computes every row)
+        self.step_s, self.step_bytes = 0.0, 0  # the CPU's work in this step
+
+    def set_step(self, tokens: int) -> None:
+        """A step of `tokens` tokens: the balancer's share for it, and no work yet."""
+        self.frac = self.balancer.share(tokens)
+        self.step_s, self.step_bytes = 0.0, 0
+
+    def account(self, i: int, timeline: Timeline) -> None:
+        """Layer i is done: the CPU's work on it goes into the step's and the timeline."""
+        sec, nbytes, t0 = self.meter.take()
+        if nbytes:
+            timeline.add("cpu_share", f"cpu L{i}", t0, int(sec * 1e9), nbytes, layer=i)
+            self.step_s += sec
+            self.step_bytes += nbytes
 
     def take_pack_s(self) -> float:
         """Seconds spent packing since the last call: a one-off cost, which the balancer leaves

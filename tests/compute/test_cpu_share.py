@@ -338,3 +338,16 @@ def test_cpu_share_is_parsed_once_into_a_typed_config():
             parse_cpu_share(bad)
     with pytest.raises(ConfigError, match="--cpu-split 'columns'"):
         parse_cpu_share("0.5", "columns")
+
+
+def test_the_share_keeps_its_steps_fraction_and_the_cpus_work():
+    share = CpuShare(Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=0.5), 0.5, torch.float32, Timeline("compute", "t"))
+    share.set_step(1)
+    assert share.frac == 0.5 and (share.step_s, share.step_bytes) == (0.0, 0)
+    tl = Timeline("compute", "t")
+    share.meter.add(0, 2_000_000, 4096)
+    share.account(3, tl)
+    share.account(4, tl)  # nothing read since: nothing added
+    assert share.step_s == pytest.approx(0.002) and share.step_bytes == 4096
+    share.set_step(64)  # above MAX_TOKENS the CPU takes nothing, and a new step starts from none
+    assert share.frac == 0.0 and (share.step_s, share.step_bytes) == (0.0, 0)
