@@ -8,8 +8,10 @@ import torch
 
 import ggufgen
 import reference
+from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine
+from layerstream.coordinator.kv_ring import KVRing
 from layerstream.errors import ContextFullError
 
 ARCHS = {  # name -> write_model arguments
@@ -35,6 +37,23 @@ def _write(tmp_path, arch: str, qtype: str, **kw) -> str:
     return ggufgen.write_model(tmp_path / f"{arch}-{qtype}.gguf", qtype=QTYPES[qtype], **ARCHS[arch], **size, **kw)
 
 
+class _Seq:
+    """A sequence fed by hand through the backend: its KV row and ring (the core lends the row)."""
+
+    def __init__(self, e: Engine):
+        self.row = e.core.take_row()
+        self.ring = KVRing(e.cfg.ctx, e.cfg.sink_tokens, e.cfg.on_context_full)
+
+
+def _feed(e: Engine, seqs: list[_Seq], chunks: list[list[int]], want: str):
+    """One backend step feeding chunks[i] to seqs[i] (each within its ring's max_chunk)."""
+    steps = []
+    for s, toks in zip(seqs, chunks):
+        slots, pos = s.ring.append(len(toks))
+        steps.append(SeqStep(row=s.row, tokens=toks, slots=slots, positions=pos, kv_pos=s.ring.slot_positions()))
+    return e.backend.step(steps, want)
+
+
 def _load(path, **kw) -> Engine:
     kw = dict(device="cpu", dtype="float32", ctx=64, max_seqs=2) | kw
     return Engine.load(str(path), **kw)
@@ -55,10 +74,10 @@ def test_logits_match_reference(tmp_path, arch, qtype):
     with _load(path) as e:
         _assert_close(e.logits(TOKENS), ref, f"{arch}/{qtype} whole sequence")
         # token by token through the KV cache, two sequences interleaved in one batch
-        a, b = e._new_seq(), e._new_seq()
+        a, b = _Seq(e), _Seq(e)
         steps = []
         for t in TOKENS:
-            steps.append(e._feed([a, b], [[t], [TOKENS[0]]], "last")[0])
+            steps.append(_feed(e, [a, b], [[t], [TOKENS[0]]], "last")[0])
         _assert_close(torch.stack(steps), ref, f"{arch}/{qtype} incremental")
 
 
@@ -90,9 +109,9 @@ def test_slide_keeps_sinks_and_recent_window(tmp_path):
     path = _write(tmp_path, "llama", "F32", n_layer=1)
     seq = (TOKENS * 3)[:40]
     with _load(path, ctx=16, on_context_full="slide", sink_tokens=4) as e:
-        s = e._new_seq()
+        s = _Seq(e)
         for n, t in enumerate(seq, 1):
-            got = e._feed([s], [[t]], "last")[0]
+            got = _feed(e, [s], [[t]], "last")[0]
             held = seq[:n] if n <= 16 else seq[:4] + seq[n - 12 : n]
             ref = reference.reference_logits(path, held)[-1]
             _assert_close(got[None], ref[None], f"after {n} tokens")
@@ -135,12 +154,12 @@ def test_quantized_weights_match_reference(tmp_path, arch, monkeypatch):
         assert any(type(w).__name__ == "QuantWeight" for w in e.backend.source.weights[0].values())
         _assert_close(e.logits(TOKENS), ref, f"{arch} quantized, whole sequence (prompt path)")
         assert not calls  # prompts take scaled_dot_product_attention
-        s = e._new_seq()
-        steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:4]]
+        s = _Seq(e)
+        steps = [_feed(e, [s], [[t]], "last")[0] for t in TOKENS[:4]]
         _assert_close(torch.stack(steps), ref[:4], f"{arch} quantized, token by token (fused kernels)")
         assert calls == [1] * 2 * 4  # 2 layers, 4 steps
-        s2 = e._new_seq()  # joins at position 0 while s goes on at 4
-        both = [e._feed([s, s2], [[TOKENS[4 + j]], [TOKENS[j]]], "last") for j in range(2)]
+        s2 = _Seq(e)  # joins at position 0 while s goes on at 4
+        both = [_feed(e, [s, s2], [[TOKENS[4 + j]], [TOKENS[j]]], "last") for j in range(2)]
         _assert_close(torch.cat(both), ref[[4, 0, 5, 1]], f"{arch} quantized, two sequences at different positions")
         assert calls[-4:] == [2] * 4
 
@@ -164,10 +183,10 @@ def test_quantized_experts_match_reference(tmp_path, monkeypatch):
         assert not calls
         _assert_close(e.logits(TOKENS[:8]), ref[:8], "qwen3moe quantized, 8 tokens (grouped)")
         assert calls == [2 * 8 * 2, 8 * 2]  # gate and up of 8 tokens x 2 choices in one launch, then down
-        s = e._new_seq()
-        steps = [e._feed([s], [[t]], "last")[0] for t in TOKENS[:2]]
+        s = _Seq(e)
+        steps = [_feed(e, [s], [[t]], "last")[0] for t in TOKENS[:2]]
         monkeypatch.setattr(moe, "GROUPED_MAX_TOKENS", 0)
-        steps += [e._feed([s], [[t]], "last")[0] for t in TOKENS[2:4]]
+        steps += [_feed(e, [s], [[t]], "last")[0] for t in TOKENS[2:4]]
         _assert_close(torch.stack(steps), ref[:4], "qwen3moe quantized, decode grouped then one by one")
         assert len(calls) == 2 + 2 * 2
 
@@ -182,8 +201,8 @@ def test_attention_in_groups_matches_reference(tmp_path, monkeypatch):
     with _load(path, max_seqs=3) as e:
         monkeypatch.setattr(model, "ATTN_TEMP_BYTES", 3000)  # a few query rows, one sequence a group
         _assert_close(e.logits(TOKENS), ref, "query rows in groups")
-        a, b, c = e._new_seq(), e._new_seq(), e._new_seq()
-        got = e._feed([a, b, c], [TOKENS[:5], TOKENS[:3], TOKENS[:7]], "last")
+        a, b, c = _Seq(e), _Seq(e), _Seq(e)
+        got = _feed(e, [a, b, c], [TOKENS[:5], TOKENS[:3], TOKENS[:7]], "last")
         for row, n in zip(got, (5, 3, 7)):
             _assert_close(row[None], reference.reference_logits(path, TOKENS[:n])[-1:], f"{n} tokens in a batch")
 
