@@ -90,9 +90,14 @@ class Sampler:
             raise ValueError(f"{len(histories)} histories for {B} rows of logits")
         P = self.params
         x = self.penalize(logits.float(), histories)  # [B, V]
-        best = x.amax(dim=-1)  # [B]: NaN and +inf carry through the max; -inf: no token is possible
+        # [B]: each row's largest logit, NaN where the row holds one (argmax takes NaN as the
+        # largest), +inf likewise, -inf where no token is possible. Through argmax, not amax:
+        # on the CPU amax of a [1, V] row ran about 100 times slower than argmax (8 ms against
+        # 80 us) while other processes kept the cores busy, and the coordinator samples there.
+        top = x.argmax(dim=-1)
+        best = x.gather(-1, top[:, None]).squeeze(-1)
         if P.temperature == 0:
-            return self._checked(x.argmax(dim=-1), best, histories)
+            return self._checked(top, best, histories)
         x = torch.where(torch.isfinite(best)[:, None], x, 0.0)  # a broken row draws harmlessly, then is refused
 
         # Candidates sorted by logit, best first: [B, K]
