@@ -161,6 +161,8 @@ def _open_reader(path: str):
     scan_header(path)  # counts and lengths against the file, before gguf-py trusts them
     try:
         return gguf.GGUFReader(path, "r")
+    except MemoryError:
+        raise  # not damage: read_header says so
     except Exception as e:  # gguf raises ValueError, IndexError, struct errors on damage
         raise ModelError(
             f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e}); re-download or re-convert the file"
@@ -283,8 +285,12 @@ def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
         cache = None  # (a missing or unreadable file: _open_reader says what is wrong)
     got = _read_cached(cache, path) if cache is not None else None
     if got is None:
-        reader = _open_reader(path)
-        got = read_metadata(reader), _tensors_of(reader, path)
+        try:
+            reader = _open_reader(path)
+            got = read_metadata(reader), _tensors_of(reader, path)
+        except MemoryError:  # within the scan's limits (NOTE [ header sizes ]) but past this process's memory
+            raise ModelError(f"{path}: the GGUF header does not fit in the memory this process may take; free "
+                             "memory or raise its limit") from None
         if cache is not None:
             _write_cached(cache, *got)
     _check_extents(got[1], path)

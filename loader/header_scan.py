@@ -17,9 +17,19 @@ from layerstream.errors import ModelError
 # 262k-token vocabulary and its merges, are under 10 MB), a string array over MAX_ARRAY_STRINGS
 # (gguf-py keeps two views per string), more than MAX_KV keys or MAX_TENSORS tensors, more than
 # MAX_DIMS dimensions. A tensor's data must lie inside the file too.
+# Bytes in the file are not what a parse costs: gguf-py makes numpy views for every array element
+# (two for a string), and read_metadata a Python object, about 1.6 KB a string and 0.75 KB a number
+# measured (gguf 0.17): 2,000,000 empty strings, 16 MB of file, took 3.2 GB and 36 s. So the arrays of
+# the whole header may hold MAX_ARRAY_ELEMENTS elements and an estimated MAX_PARSE_BYTES of parsed
+# objects (PARSE_COST a element, rounded up from those figures). The largest real vocabularies come
+# well under both: Gemma 3's 262,144 tokens, scores and types are 786k elements and about 0.9 GB;
+# Llama 4's 202k tokens, 440k merges and types about 0.85M elements and 1.3 GB.
 MAX_VALUE_BYTES = 64 << 20
 MAX_HEADER_BYTES = 256 << 20
 MAX_ARRAY_STRINGS = 1 << 21
+MAX_ARRAY_ELEMENTS = 1 << 21
+MAX_PARSE_BYTES = 2 << 30
+PARSE_COST = {"string": 1700, "number": 800}  # bytes a parsed element takes (gguf-py's views, the list)
 MAX_KV = 1 << 16
 MAX_TENSORS = 1 << 20
 MAX_NAME = 1 << 16  # bytes of a key or tensor name
@@ -36,6 +46,7 @@ class _Cursor:
 
     def __init__(self, buf, order: str, path: str):
         self.buf, self.order, self.path, self.pos, self.header = buf, order, path, 0, 0
+        self.elements, self.parse_bytes = 0, 0  # over every array of the header (NOTE [ header sizes ])
 
     def fail(self, what: str) -> ModelError:
         return ModelError(f"{self.path}: corrupt GGUF header: {what}; re-download or re-convert the file")
@@ -72,6 +83,20 @@ class _Cursor:
         self.pos += n
         return text
 
+    def count(self, n: int, cost: int, what: str) -> None:
+        """Add n array elements of `cost` parsed bytes each to the header's totals; refuse past their limits."""
+        self.elements += n
+        self.parse_bytes += n * cost
+        why = None
+        if self.elements > MAX_ARRAY_ELEMENTS:
+            why = f"{self.elements} elements, over the {MAX_ARRAY_ELEMENTS} allowed"
+        elif self.parse_bytes > MAX_PARSE_BYTES:
+            why = (f"about {self.parse_bytes / (1 << 30):.1f} GiB once parsed, over the {MAX_PARSE_BYTES >> 30} GiB "
+                   "allowed")
+        if why:
+            raise ModelError(f"{self.path}: GGUF header too large to read: {what} ({n} elements) brings its arrays "
+                             f"to {why}; no converter writes a header that large")
+
     def value(self, vtype: int, what: str, depth: int = 0) -> int:
         """Skip one metadata value of type `vtype`; the bytes it takes."""
         start = self.pos
@@ -89,11 +114,13 @@ class _Cursor:
                     raise self.fail(f"{what} claims an array of {count} {kind} elements ({count * size} bytes), "
                                     f"over the {MAX_VALUE_BYTES} a metadata value may hold")
                 self.skip(count * size, f"{what} (an array of {count} {kind})")
+                self.count(count, PARSE_COST["number"], what)
             elif etype in (_STRING, _ARRAY):
                 least = 8 if etype == _STRING else 12  # a string's length; an array's type and count
                 if etype == _STRING and count > MAX_ARRAY_STRINGS:
                     raise self.fail(f"{what} claims an array of {count} strings, over the {MAX_ARRAY_STRINGS} allowed")
                 self.need(count * least, f"{what} (an array of {count} {'strings' if etype == _STRING else 'arrays'})")
+                self.count(count, PARSE_COST["string" if etype == _STRING else "number"], what)
                 for _ in range(count):
                     if etype == _STRING:
                         self.string(f"{what} (a string in an array)", MAX_VALUE_BYTES)

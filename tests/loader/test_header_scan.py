@@ -64,6 +64,20 @@ CRAFTED = {
     "tensor of 9 dimensions": ([ARCH], {"tensors": [tensor("w", [2] * 9)]}, r"tensor 'w' claims 9 dimensions"),
     "tensor data past the end": ([ARCH], {"tensors": [tensor("w", [1 << 20, 1 << 20])]},
                                  r"truncated: tensor w ends at byte \d+ but the file has \d+"),
+    # within each value's limits, but gguf-py makes objects a element (probe: 3.2 GB and 36 s for
+    # one such key; three took 8 GB and read "corrupt or truncated GGUF file (MemoryError: )")
+    "2,000,000 empty strings": ([ARCH, kv("general.tags", ARRAY, struct.pack("<IQ", STRING, 2_000_000)
+                                          + bytes(8 * 2_000_000))], {},
+                                r"header too large to read: metadata key 'general.tags' \(2000000 elements\) brings "
+                                r"its arrays to about 3.2 GiB once parsed, over the 2 GiB allowed"),
+    "three keys of 1,000,000 empty strings": (
+        [ARCH] + [kv(f"general.tags{i}", ARRAY, struct.pack("<IQ", STRING, 1_000_000) + bytes(8 * 1_000_000))
+                  for i in range(3)], {},
+        r"metadata key 'general.tags1' \(1000000 elements\) brings its arrays to about 3.2 GiB once parsed"),
+    "1,100,000 bytes in each of two arrays": (
+        [ARCH] + [kv(f"general.b{i}", ARRAY, struct.pack("<IQ", 0, 1_100_000) + bytes(1_100_000)) for i in range(2)],
+        {}, r"metadata key 'general.b1' \(1100000 elements\) brings its arrays to 2200000 elements, over the "
+            r"2097152 allowed"),
 }
 
 
@@ -85,6 +99,24 @@ def test_crafted_header_sizes_are_one_line_in_bounded_memory(tmp_path, case):
     line = got.lines[0]
     assert line.startswith(f"{path}: ") and re.search(match, line), line
     assert got.seconds < 10
+
+
+def test_the_largest_real_vocabularies_pass_the_scan(tmp_path):
+    """Gemma 3's 262,144 tokens with scores and types, and Llama 3's 128,256 tokens with 280,147
+    merges, in one header: within the arrays' element and parse-size limits."""
+    from layerstream.loader.header_scan import scan_header
+
+    def strings(n: int) -> bytes:
+        return struct.pack("<IQ", STRING, n) + b"".join(s(f"tok{i}") for i in range(n))
+
+    def numbers(n: int) -> bytes:
+        return struct.pack("<IQ", U32, n) + bytes(4 * n)
+
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(header([ARCH, kv("a.tokens", ARRAY, strings(262_144)), kv("a.scores", ARRAY, numbers(262_144)),
+                             kv("a.token_type", ARRAY, numbers(262_144)), kv("b.tokens", ARRAY, strings(128_256)),
+                             kv("b.merges", ARRAY, strings(280_147)), kv("b.token_type", ARRAY, numbers(128_256))]))
+    scan_header(str(path))
 
 
 def test_a_real_2gb_string_is_refused_and_never_cached(tmp_path, monkeypatch):
