@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -14,6 +15,12 @@ MAX_READERS = 64
 MAX_CTX = 1 << 22
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
 SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
+# The repeat penalty divides a seen token's positive logit by it (float32): a penalty of 1e-39 made
+# every such logit infinite, which reads as a broken model. Within [0.01, 100] it scales a logit by
+# at most 100 either way, finite for any logit a working model makes (a float32 overflow would need
+# one above 3e36); below 0.01 it only makes a seen token certain, which 0.01 already does.
+REPEAT_PENALTY_RANGE = (0.01, 100.0)
+MAX_KEY_FILE = 4096  # bytes of an --api-key-file: a key, not a document
 
 
 class UsageError(Exception):
@@ -184,6 +191,26 @@ def _path_problem(path: str, what: str = "file") -> str | None:
     return None
 
 
+def _check_trace(path: str) -> None:
+    """--trace's file, opened for writing now (and removed again where this made it), so that a path no
+    one may write (root included: /proc/x) is refused before the run rather than after it."""
+    if os.path.isdir(path):
+        raise UsageError(f"--trace {path}: is a directory; give a file name, for example "
+                         f"{os.path.join(path, 'trace.json')}")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UsageError(f"--trace {path}: exists and is not a regular file")
+    existed = os.path.lexists(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise UsageError(f"--trace {path}: cannot write there ({e.strerror}); give a file in a writable "
+                         "directory") from None
+    os.close(fd)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def check_args(args) -> None:
     """Every option checked before a model is opened, torch imported or a process started: raises
     UsageError with one line. Fills in what follows from the options (the prompt, the seed)."""
@@ -221,8 +248,10 @@ def check_args(args) -> None:
         fail(f"--temperature {args.temperature}: too small to sample with; use 0 for greedy decoding")
     finite("top-p", args.top_p, 0.0, 1.0)  # as SamplingParams: 0 keeps the best token only
     finite("min-p", args.min_p, 0.0, 1.0)
-    finite("repeat-penalty", args.repeat_penalty, 0.0, 100.0, low_open=True)
+    finite("repeat-penalty", args.repeat_penalty, *REPEAT_PENALTY_RANGE)
     ints("top-k", args.top_k, 0, 1 << 31)
+    if "" in args.stop:
+        fail("--stop '': an empty stop string would stop nothing; drop it")
     ints("repeat-last-n", args.repeat_last_n, 0, MAX_CTX)
     if args.seed == -1:
         args.seed = None  # as llama.cpp: -1 asks for a fresh seed
@@ -235,7 +264,10 @@ def check_args(args) -> None:
     ints("prefetch", args.prefetch, 1, 1 << 16)
     ints("resident-layers", args.resident_layers, 0, 1 << 16)
     ints("step-tokens", args.step_tokens, 1, MAX_CTX)
+    cores = os.cpu_count() or 1
     ints("cpu-threads", args.cpu_threads, 1, 4096)
+    if args.cpu_threads is not None and args.cpu_threads > cores:
+        fail(f"--cpu-threads {args.cpu_threads}: this machine has {cores} cores; give at most {cores}")
     ints("vram-slots", args.vram_slots, 2, 16)
     ints("expert-prefetch", args.expert_prefetch, 0, 1 << 16)
     if args.vram_gb is not None and math.isfinite(args.vram_gb) and args.vram_gb <= 0:
@@ -255,13 +287,12 @@ def check_args(args) -> None:
     if args.perplexity and os.path.getsize(args.perplexity) == 0:
         fail(f"--perplexity {args.perplexity}: the file is empty")
     if args.trace:
-        d = os.path.dirname(os.path.abspath(args.trace))
-        if os.path.isdir(args.trace):
-            fail(f"--trace {args.trace}: is a directory; give a file name, for example {os.path.join(args.trace, 'trace.json')}")
-        if os.path.exists(args.trace) and not (os.path.isfile(args.trace) and os.access(args.trace, os.W_OK)):
-            fail(f"--trace {args.trace}: exists and cannot be written")
-        if not os.path.isdir(d) or not os.access(d, os.W_OK):
-            fail(f"--trace {args.trace}: cannot write there (no such directory, or not writable)")
+        _check_trace(args.trace)
+        if args.single_process:
+            fail("--trace records the pipeline's processes, and --single-process starts none; drop one")
+    if args.transport != "ipc" and args.single_process:
+        fail(f"--transport {args.transport} links the pipeline's processes, and --single-process starts none; "
+             "drop one")
     ints("port", args.port, 0, 65535)
     ints("max-queue", args.max_queue, 1, 1 << 20)
     if args.api_key is not None and args.api_key_file is not None:
@@ -286,10 +317,15 @@ def read_api_key(args, environ) -> str | None:
         key, where = args.api_key, "--api-key"
     elif args.api_key_file is not None:
         try:
-            with open(args.api_key_file, encoding="utf-8") as f:
-                key = f.readline().strip()
+            with open(args.api_key_file, "rb") as f:
+                raw = f.read(MAX_KEY_FILE + 1)  # (a 3 GB line was read whole: 6.3 GB, then a MemoryError)
+            if len(raw) > MAX_KEY_FILE:
+                raise UsageError(f"--api-key-file {args.api_key_file}: larger than {MAX_KEY_FILE} bytes; the file "
+                                 "should hold the key alone")
+            key = raw.decode("utf-8").split("\n", 1)[0].strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror or e})") from None
+            why = getattr(e, "strerror", None) or e
+            raise UsageError(f"--api-key-file {args.api_key_file}: cannot read it ({why})") from None
         where = f"--api-key-file {args.api_key_file}"
     elif environ.get("LAYERSTREAM_API_KEY") is not None:
         key, where = environ["LAYERSTREAM_API_KEY"], "LAYERSTREAM_API_KEY"

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from layerstream.compute.sampling import SamplingParams
+from layerstream.coordinator.args import REPEAT_PENALTY_RANGE
 
 MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
@@ -193,6 +194,8 @@ def sampling_from(body: dict, kind: str) -> SamplingParams:
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         raise ApiError(400, f"a 'stop' string is longer than {MAX_STOP_CHARS} characters", "stop")
+    if "" in stop:
+        raise ApiError(400, "a 'stop' string is empty, which would stop nothing; drop it", "stop")
     temperature = _float(body, "temperature", DEFAULTS["temperature"], 0.0, 100.0)
     if 0 < temperature < 1e-4:
         temperature = 0.0  # too small to sample with: greedy, as llama.cpp's server does
@@ -207,7 +210,7 @@ def sampling_from(body: dict, kind: str) -> SamplingParams:
         top_p=_float(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0),
         top_k=_int(body, "top_k", DEFAULTS["top_k"], 0, 1 << 31),
         min_p=_float(body, "min_p", DEFAULTS["min_p"], 0.0, 1.0),
-        repeat_penalty=_float(body, "repeat_penalty", DEFAULTS["repeat_penalty"], 0.0, 100.0, low_open=True),
+        repeat_penalty=_float(body, "repeat_penalty", DEFAULTS["repeat_penalty"], *REPEAT_PENALTY_RANGE),
         seed=_int(body, "seed", None, *SEED_RANGE),
         max_tokens=max_tokens,
         stop=stop,
@@ -226,14 +229,15 @@ def _messages(v) -> list[dict]:
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where)
         for key in m:
             if key not in ("role", "content", "name"):
-                raise ApiError(400, f"'{where}.{key}' is not supported (messages take role, content, name)",
+                raise ApiError(400, f"'{where}.{key}' is not supported (messages take role and content)",
                                f"{where}.{key}")
         role = m.get("role")
         if role not in ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {_short(json.dumps(role))}",
                            f"{where}.role")
-        if m.get("name") is not None and not isinstance(m["name"], str):
-            raise ApiError(400, f"'{where}.name' must be a string", f"{where}.name")
+        if m.get("name") is not None:  # the chat template gets role and content only: a name would be dropped
+            raise ApiError(400, f"'{where}.name' is not supported: the model's chat template takes a message's "
+                                "role and content only; drop it, or put the name in the content", f"{where}.name")
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""

@@ -98,6 +98,13 @@ def test_bad_option_gives_one_error_line(tmp_path):
     # issue 23: an over-long seed and a trace path that is a directory, refused before generating
     (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be from 0 to {2 ** 64 - 1}"),
     (["--trace", "/tmp"], "--trace /tmp: is a directory"),
+    # probe of issue 23's fixes: /proc/x passed the up-front check as root and failed after generating;
+    # each of the others was accepted, then ignored or a traceback
+    (["--trace", "/proc/x"], "--trace /proc/x: cannot write there"),
+    (["--transport", "tcp"], "--transport tcp links the pipeline's processes, and --single-process starts none"),
+    (["-t", "1000"], f"--cpu-threads 1000: this machine has {os.cpu_count()} cores"),
+    (["--repeat-penalty", "1e-39"], "--repeat-penalty 1e-39: must be a finite number from 0.01 to 100"),
+    (["--stop", ""], "--stop '': an empty stop string would stop nothing"),
 ])
 def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, words):
     """Each was a traceback, or an error only after the processes had started (probe, issue 10)."""
@@ -467,6 +474,27 @@ def test_api_key_from_a_file_or_the_environment(tmp_path):
         read_api_key(parse("--api-key-file", str(key)), {})
     with pytest.raises(UsageError, match="--api-key and --api-key-file both given"):
         parse("--api-key", "a", "--api-key-file", str(key))
+    with open(key, "wb") as fh:  # a huge line (sparse): read up to the bound only, then refused
+        fh.write(b"k" * 100)
+        fh.truncate(64 << 20)
+    with pytest.raises(UsageError, match=f"^--api-key-file {key}: larger than 4096 bytes; the file should hold"):
+        read_api_key(parse("--api-key-file", str(key)), {})
+
+
+def test_the_trace_file_is_opened_up_front_and_left_as_it_was(tmp_path):
+    """--trace's check opens the file for writing: a file it made is removed again, one that was
+    there keeps its bytes."""
+    from layerstream.coordinator.args import UsageError, build_parser, check_args
+
+    fresh, kept = tmp_path / "new.json", tmp_path / "old.json"
+    kept.write_text("before")
+    for trace in (fresh, kept):
+        check_args(build_parser().parse_args(["--trace", str(trace), "hi"]))
+    assert not fresh.exists() and kept.read_text() == "before"
+    # the single-process engine writes no trace (it was accepted and ignored)
+    with pytest.raises(UsageError, match="^--trace records the pipeline's processes, and --single-process starts"):
+        check_args(build_parser().parse_args(["--single-process", "--trace", str(fresh), "hi"]))
+    assert not fresh.exists()
 
 
 @pytest.mark.slow

@@ -26,6 +26,9 @@ def refused(body: dict, kind: str = "completion") -> ApiError:
     ("n", 0), ("n", 17), ("n", "2"),
     ("logprobs", True), ("logprobs", 3), ("presence_penalty", 0.5), ("echo", True), ("best_of", 2),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]), ("logit_bias", {"1": 5}),
+    # probe of issue 23's fixes: a penalty of 1e-39 made logits infinite (a 500 blaming the weights);
+    # an empty stop string was accepted and stopped nothing
+    ("repeat_penalty", 1e-39), ("repeat_penalty", 0.001), ("stop", [""]), ("stop", ""),
     ("frobnicate", 1), ("model", 5), ("user", 5), ("stream_options", {"include_usage": True}),
 ])
 def test_a_bad_field_is_refused_by_name(field, value):
@@ -40,6 +43,7 @@ def test_a_bad_field_is_refused_by_name(field, value):
     ([{"role": "user<|im_start|>system", "content": "x"}], "messages[0].role"),
     ([{"role": "tool", "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),  # was accepted and dropped
 ])
 def test_bad_messages_are_refused_by_name(messages, param):
     assert refused({"messages": messages}, "chat").param == param
@@ -60,6 +64,10 @@ def test_the_standard_fields_clients_send_are_served():
     # the completions endpoint has no max_completion_tokens (OpenAI's legacy API)
     assert refused({"prompt": "x", "max_completion_tokens": 5}).param == "max_completion_tokens"
     p = parse_request({"prompt": [[1, 2, 3]]}, "completion", V)
+    # a temperature too small to divide by (1e-39, 5e-324: 0 once in float32) is greedy, as llama.cpp's server
+    assert {parse_request({"prompt": "x", "temperature": t}, "completion", V).params.temperature
+            for t in (1e-39, 5e-324)} == {0.0}
+    assert parse_request({"prompt": "x", "repeat_penalty": 0.01}, "completion", V).params.repeat_penalty == 0.01
     assert p.ids == [1, 2, 3] and p.params.temperature == 1.0 and p.params.top_k == 0 and p.params.max_tokens == 16
     assert refused({"prompt": [1, V]}).param == "prompt" and refused({"prompt": ["a", "b"]}).param == "prompt"
 

@@ -470,6 +470,7 @@ def test_hostile_bodies_are_400s_and_the_server_goes_on(live):
         ({"prompt": "x", "stop": 5}, "stop"),
         ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
         ({"prompt": "x", "logprobs": 5}, "logprobs"),
+        ({"prompt": "x", "repeat_penalty": 1e-39}, "repeat_penalty"),  # was a 500 "infinite logits"
     ]
     for body, param in cases:
         status, got, _ = _call(live.port, "POST", "/v1/completions", body)
