@@ -171,7 +171,10 @@ def _report(engine, args) -> None:
     if args.stats:
         print(engine.backend.stats_table(snaps), file=sys.stderr)
     if args.trace:
-        n = engine.backend.write_trace(args.trace, snaps)
+        try:
+            n = engine.backend.write_trace(args.trace, snaps)
+        except OSError as e:  # checked up front (args._check_trace); a disk can still fill meanwhile
+            raise ConfigError(f"--trace {args.trace}: cannot write it ({e.strerror or e})") from None
         print(f"trace: {n} events written to {args.trace}", file=sys.stderr)
 
 

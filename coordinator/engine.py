@@ -18,7 +18,7 @@ from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.tokenizer import Tokenizer
-from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
+from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 
 
@@ -86,16 +86,25 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
 NLL_ROWS = 64  # rows of logits taken to float64 at once
 
 
-def window_nll(logits: torch.Tensor, chunk: list[int], at: int, first: int) -> float:
+def window_nll(logits: torch.Tensor, chunk: list[int], at: int, first: int, base: int = 0) -> float:
     """Sum of -log p(chunk[p + 1]) over the positions p = at.. of `logits` [n, V] that are scored
-    (first <= p < len(chunk) - 1), by logsumexp in float64."""
+    (first <= p < len(chunk) - 1), by logsumexp in float64. ModelError where a row's logits are not
+    finite (NaN weights: the perplexity would read nan); `base` is chunk[0]'s place in the text."""
     lo, hi = max(at, first), min(at + logits.shape[0], len(chunk) - 1)
     total = 0.0
     for p0 in range(lo, hi, NLL_ROWS):
         p1 = min(hi, p0 + NLL_ROWS)
         rows = logits[p0 - at : p1 - at].double()
         tgt = torch.tensor(chunk[p0 + 1 : p1 + 1], device=rows.device)
-        total += (torch.logsumexp(rows, dim=-1) - rows.gather(1, tgt[:, None])[:, 0]).sum().item()
+        nll = torch.logsumexp(rows, dim=-1) - rows.gather(1, tgt[:, None])[:, 0]  # [p1 - p0]
+        part = nll.sum().item()
+        if not math.isfinite(part):
+            bad = int((~torch.isfinite(rows)).any(dim=-1).int().argmax())  # the first row that is not finite
+            what = "NaN" if torch.isnan(rows).any() else "infinite"
+            raise ModelError(f"the model produced {what} logits at token {base + p0 + bad}: its weights may be "
+                             "corrupt (re-download or re-convert the model file), or its activations overflow the "
+                             "--dtype")
+        total += part
     return total
 
 
@@ -195,8 +204,8 @@ class Engine:
             first = len(chunk) // 2 if len(chunk) >= 64 else 0
             total = [0.0]
 
-            def add(at: int, lg: torch.Tensor, chunk=chunk, first=first, total=total) -> None:
-                total[0] += window_nll(lg, chunk, at, first)
+            def add(at: int, lg: torch.Tensor, chunk=chunk, first=first, total=total, base=start) -> None:
+                total[0] += window_nll(lg, chunk, at, first, base)
 
             self.core.score(chunk, add)
             nll += total[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,3 +41,18 @@ def test_command_line_prints_one_line_and_fails(nan_model, temperature):
     assert r.returncode != 0 and "\0" not in r.stdout and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "NaN logits at token" in errors[0] and "weights may be corrupt" in errors[0], r.stderr
+
+
+def test_perplexity_of_nan_weights_is_one_line_and_fails(nan_model, tmp_path):
+    """It printed 'perplexity: nan over N tokens' and exited 0."""
+    with Engine.load(nan_model, device="cpu", ctx=256) as e:
+        with pytest.raises(LayerstreamError, match=r"^the model produced NaN logits at token 0: its weights may be"):
+            e.perplexity("one two three four five six seven")
+    text = tmp_path / "text.txt"
+    text.write_text("one two three four five six seven eight nine ten " * 4)
+    r = subprocess.run([str(LAUNCHER), "--single-process", "-m", nan_model, "--perplexity", str(text),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and re.match(r"run-pipeline: error: the model produced NaN logits at token \d+: ", lines[0])
