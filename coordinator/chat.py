@@ -25,6 +25,7 @@ MAX_SOURCE = 256 * 1024  # bytes of template source
 MAX_ERROR = 300  # characters of a template's error text that reach the one-line error
 BASE_ROLES = ("system", "user", "assistant")
 OPTIONAL_ROLES = ("tool", "ipython", "developer", "function")  # accepted where the template names them
+_TWIN_FIRST = 0xF0000  # twins: the characters of control tokens' texts, each as a private-use character
 
 
 def _one_line(e: BaseException) -> str:
@@ -37,7 +38,8 @@ class ChatTemplate:
     """A chat template, compiled on first use (a model whose template is broken still completes
     plain prompts); `render` turns a message list into the prompt text, within the limits above."""
 
-    def __init__(self, template_str: str, bos_token: str = "", eos_token: str = "", **special_tokens: str):
+    def __init__(self, template_str: str, bos_token: str = "", eos_token: str = "", controls: tuple[str, ...] = (),
+                 **special_tokens: str):
         if len(template_str.encode("utf-8", "replace")) > MAX_SOURCE:
             raise ModelError(f"chat template is {len(template_str)} characters, over the {MAX_SOURCE} allowed")
         self.source = template_str
@@ -45,6 +47,13 @@ class ChatTemplate:
         self._tokens = dict(special_tokens, bos_token=bos_token, eos_token=eos_token)
         named = set(re.findall(r"""["']([a-z]+)["']""", template_str))
         self.roles = BASE_ROLES + tuple(r for r in OPTIONAL_ROLES if r in named)
+        # the texts the tokenizer reads as control tokens, which a message's content must not make
+        texts = sorted({t for t in controls if t}, key=len, reverse=True)
+        self._controls = re.compile("|".join(map(re.escape, texts))) if texts else None
+        alphabet = sorted(set("".join(texts)))
+        self._twin = str.maketrans({c: chr(_TWIN_FIRST + k) for k, c in enumerate(alphabet)})
+        self._untwin = str.maketrans({chr(_TWIN_FIRST + k): c for k, c in enumerate(alphabet)})
+        self._twins = re.compile(f"[{chr(_TWIN_FIRST)}-{chr(_TWIN_FIRST + max(len(alphabet) - 1, 0))}]+")
 
     def check_roles(self, messages: list[dict[str, Any]]) -> None:
         """Refuse a message whose role the template does not take (a role never carries token text)."""
@@ -80,7 +89,8 @@ class ChatTemplate:
         def text(token_id: int | None) -> str:
             return tokenizer.token_to_piece(token_id) if token_id is not None else ""
 
-        return cls(source, text(tokenizer.bos_id), text(tokenizer.eos_id))
+        controls = tuple(tokenizer.token_to_piece(i) for i in range(tokenizer.vocab_size) if tokenizer.is_control(i))
+        return cls(source, text(tokenizer.bos_id), text(tokenizer.eos_id), controls)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         """The prompt for `messages` (dicts with "role" and "content"); `extra` reaches the template (e.g. tools)."""
@@ -111,22 +121,70 @@ class ChatTemplate:
         return "".join(out)
 
     def render_segments(self, messages: list[dict[str, Any]], **kw: Any) -> list[tuple[str, bool]]:
-        """The prompt as (text, from_template) pieces: message contents come out as pieces of
-        their own (from_template False), so that they can be tokenized without special-token
-        parsing: a user's `<|im_start|>` stays text (no role injection); roles are checked first."""
+        """The prompt as (text, from_template) pieces, joined exactly the text `render` gives: the
+        text of a message's content comes out in pieces of its own (from_template False), so that
+        it is tokenized without special-token parsing: a user's `<|im_start|>` stays text (no role
+        injection). Roles are checked first. NOTE [ content spans ] says how the pieces are found."""
         self.check_roles(messages)
+        text = self.render(messages, **kw)
+        contents = [m["content"] if isinstance(m.get("content"), str) else None for m in messages]
+        pieces = self._placed(messages, contents, text, kw)
+        if pieces is None:
+            pieces = self._twinned(messages, contents, text, kw)
+        return [(t, tmpl) for t, tmpl in pieces if t]
+
+    # NOTE [ content spans ]
+    # The render itself must see the real contents: templates trim them (Llama 3), test them
+    # (`startswith('<think>')`) and cut them (Qwen3's `split('</think>')`), so the pieces are
+    # found afterwards, in two ways, each checked against the real render:
+    # - placed: render again with each content swapped for a mark; where putting the contents
+    #   back in place of the marks gives the real text exactly, the template copied each content
+    #   whole, and the marks show where. Most templates and messages take this way.
+    # - twinned: otherwise (the template changed or tested a content), only the control-token
+    #   texts inside contents matter: render again with each of their characters swapped for a
+    #   private-use twin that no template names. Where swapping the twins back gives the real
+    #   text, the twins' places are exactly the characters of the contents' control-token texts
+    #   (whole, or cut by the template), and those become text pieces. Where it does not, the
+    #   template treated a content's control-token text differently from text, and the
+    #   conversation is refused: no choice of pieces would be both exact and safe.
+    # Left open: the twinned way does not see a control token made only by joining two pieces
+    # of content (`<|im_` then `start|>`) in a template that also changes contents.
+
+    def _placed(self, messages, contents, text, kw) -> list[tuple[str, bool]] | None:
         marks = [f"\uE000{i}\uE001" for i in range(len(messages))]
-        masked = [dict(m, content=mark) if isinstance(m.get("content"), str) else m
-                  for m, mark in zip(messages, marks)]
-        text = self.render(masked, **kw)
-        by_mark = {mark: m["content"] for m, mark in zip(messages, marks) if isinstance(m.get("content"), str)}
+        masked = [dict(m, content=mark) if c is not None else m for m, c, mark in zip(messages, contents, marks)]
+        try:
+            shape = self.render(masked, **kw)
+        except ModelError:
+            return None  # (a template that tests a content may refuse a mark)
+        by_mark = {mark: c for c, mark in zip(contents, marks) if c is not None}
         pieces: list[tuple[str, bool]] = []
         pos = 0
-        for hit in re.finditer("\uE000\\d+\uE001", text):
-            if hit.group() not in by_mark:
-                continue
-            pieces.append((text[pos:hit.start()], True))
-            pieces.append((by_mark[hit.group()], False))
+        for hit in re.finditer("\uE000\\d+\uE001", shape):
+            if hit.group() in by_mark:
+                pieces += [(shape[pos:hit.start()], True), (by_mark[hit.group()], False)]
+                pos = hit.end()
+        pieces.append((shape[pos:], True))
+        return pieces if "".join(t for t, _ in pieces) == text else None
+
+    def _twinned(self, messages, contents, text, kw) -> list[tuple[str, bool]]:
+        found = [self._controls.search(c) if c is not None and self._controls else None for c in contents]
+        if not any(found):
+            return [(text, True)]  # no content holds a control token's text
+        twinned = [dict(m, content=self._controls.sub(lambda h: h.group().translate(self._twin), c))
+                   if c is not None else m for m, c in zip(messages, contents)]
+        try:
+            shape = self.render(twinned, **kw)
+        except ModelError:
+            shape = None
+        if shape is None or shape.translate(self._untwin) != text:
+            i = next(i for i, f in enumerate(found) if f)
+            raise ModelError(f"message {i}'s content holds the control token {found[i].group()[:40]!r}, which this "
+                             "model's chat template treats differently from text; remove it from the message")
+        pieces: list[tuple[str, bool]] = []
+        pos = 0
+        for hit in self._twins.finditer(shape):
+            pieces += [(text[pos:hit.start()], True), (text[hit.start():hit.end()], False)]
             pos = hit.end()
         pieces.append((text[pos:], True))
-        return [(t, tmpl) for t, tmpl in pieces if t]
+        return pieces
