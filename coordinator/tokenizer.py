@@ -166,7 +166,10 @@ class Tokenizer:
 
         def token_id(key: str) -> int | None:
             v = meta(md, f"tokenizer.ggml.{key}", int, None)
-            return v if v is not None and 0 <= v < n else None
+            if v is not None and not 0 <= v < n and key in ("bos_token_id", "eos_token_id"):
+                raise ModelError(f"tokenizer.ggml.{key} = {v} is outside the vocabulary of {n} tokens; the file is "
+                                 "corrupt or was not written by a known converter")
+            return v if v is not None and 0 <= v < n else None  # (others out of range: llama.cpp ignores them)
 
         if kind == "gpt2":
             hf, pre = _build_byte_level(md, tokens, types)
@@ -317,11 +320,18 @@ def _build_byte_level(md: dict, tokens: list[str], types: list[int]) -> tuple[_H
         vocab[t] = i
         if ty in (CONTROL, USER_DEFINED) and not set(t) <= alphabet:
             vocab.setdefault(_byte_level_spelling(t), i)
-    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    merges = []
+    for i, m in enumerate(merges_raw):
+        cut = m.find(" ", 1)  # as llama.cpp: the first space after the first character
+        if cut < 0 or cut == len(m) - 1:
+            raise ModelError(f"tokenizer.ggml.merges[{i}] = {m[:40]!r} is not two pieces separated by a space; "
+                             "the file is corrupt or was not written by a known converter")
+        merges.append((m[:cut], m[cut + 1:]))
     try:
         model = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges, fuse_unk=False)
-    except Exception as e:
-        raise ModelError(f"tokenizer: the BPE vocabulary and merges do not fit together ({e})") from None
+    except Exception as e:  # (the library's message can run to several lines)
+        raise ModelError(f"tokenizer: the BPE vocabulary and merges do not fit together "
+                         f"({' '.join(str(e).split())[:200]})") from None
     hf = _HFTokenizer(model)
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.splits]

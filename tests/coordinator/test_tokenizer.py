@@ -176,6 +176,21 @@ def test_tokenizer_metadata_of_the_wrong_type_is_one_line(key, value, expected):
         Tokenizer.from_metadata(md)
 
 
+@pytest.mark.parametrize("extra, expected", [
+    # the tokenizers library's error ran to four lines; a merge without its space reached it
+    ({"tokenizer.ggml.merges": ["ab"]}, r"^tokenizer.ggml.merges\[0\] = 'ab' is not two pieces separated by a space"),
+    ({"tokenizer.ggml.merges": ["a "]}, r"^tokenizer.ggml.merges\[0\] = 'a ' is not two pieces"),
+    ({"tokenizer.ggml.merges": ["zz\u0101 qq\u0101"]}, r"^tokenizer: the BPE vocabulary and merges do not fit"),
+    # ids outside the vocabulary were taken silently (generation never met its end)
+    ({"tokenizer.ggml.eos_token_id": 10**9}, r"^tokenizer.ggml.eos_token_id = 1000000000 is outside the vocabulary"),
+    ({"tokenizer.ggml.bos_token_id": -5}, r"^tokenizer.ggml.bos_token_id = -5 is outside the vocabulary of 400 tokens"),
+])
+def test_malformed_tokenizer_metadata_is_one_line(extra, expected):
+    with pytest.raises(ModelError, match=expected) as e:
+        Tokenizer.from_metadata(_gpt2_md("gpt2") | extra)
+    assert "\n" not in str(e.value)
+
+
 # ---- SentencePiece ("llama") ---------------------------------------------------------------------
 
 SPM_PIECES = [  # (piece, score); merges go best merged score first, as llama.cpp's SPM tokenizer does
