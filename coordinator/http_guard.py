@@ -8,7 +8,12 @@ that got as far as a whole head, so about 20,000 half-open connections made ever
 each request head (armed when the connection opens and again after each response, it closes the
 connection when h11 still waits for a head: their_state IDLE), and a cap on open connections
 (one more is answered 503 and closed at once). Bodies are read by the handlers, incrementally,
-under a size cap and a deadline (server.py). These rest on uvicorn's H11Protocol attributes
+under a size cap and a deadline (server.py), and all connections' bodies together under
+`bodies_bytes` (BodyBudget): a declared Content-Length is taken from it before a byte is read, a
+chunked body as it comes, and given back once the body is parsed, so a body that would pass it is
+answered 503 at once (60 connections each holding a 15 MB body one byte short took 850 MB, 15 GB at
+the connection cap). uvicorn buffers at most 64 KiB of a body the handler has not read yet
+(its flow control pauses the socket). These rest on uvicorn's H11Protocol attributes
 (`conn`, `connections`, `transport`, `loop`, `on_response_complete`), which the tests exercise.
 """
 
@@ -34,7 +39,26 @@ class Limits:
     body_timeout_s: float = 60.0  # to send the whole body
     header_timeout_s: float = 10.0  # to send a request head, from connecting or from the last response
     max_connections: int = 1024  # open at once; one more is answered 503
+    bodies_bytes: int = 256 << 20  # request bodies held at once, all connections together; past it 503
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+
+
+class BodyBudget:
+    """Bytes of request bodies the server holds at once, across connections (NOTE above); used on the
+    event loop only."""
+
+    def __init__(self, total: int):
+        self.total, self.held = total, 0
+
+    def take(self, n: int) -> bool:
+        """Hold n more bytes, or False (holding nothing more) where that would pass the total."""
+        if self.held + n > self.total:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
 
 
 def _busy_response() -> bytes:

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import EngineWorker, Metrics, _Failure
-from layerstream.coordinator.http_guard import Guard, Limits, guarded_protocol, is_loopback
+from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.openai_api import SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
 from layerstream.errors import LayerstreamError
 
@@ -48,6 +48,7 @@ class Server:
                  limits: Limits = Limits(), host: str = "127.0.0.1"):
         self.engine, self.model_id, self.api_key, self.max_queue = engine, model_id, api_key, max_queue
         self.limits = limits
+        self.bodies = BodyBudget(limits.bodies_bytes)
         self.metrics = Metrics()
         self.worker: EngineWorker | None = None
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="layerstream-parse")  # bodies and prompts
@@ -95,13 +96,15 @@ class Server:
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
             return
-        got = request.headers.get("authorization", "")
-        if not secrets.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235: "bearer" is Bearer); the key is not
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error", code="invalid_api_key")
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, read as it comes: 415 unless JSON, 413 past the size cap, 408 past the deadline."""
+    async def _read_body(self, request: Request) -> tuple[bytes, int]:
+        """The body, read as it comes, and the bytes it holds of the server's BodyBudget (the caller gives
+        them back): 415 unless JSON, 413 past the size cap, 503 past the budget, 408 past the deadline."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise ApiError(415, f"the body must be JSON, sent with 'Content-Type: application/json' (got "
@@ -110,24 +113,38 @@ class Server:
         declared = request.headers.get("content-length", "")
         too_big = ApiError(413, f"the request body is larger than {cap >> 20} MiB", code="request_too_large",
                            headers={"Connection": "close"})
+        busy = ApiError(503, f"the server holds {self.limits.bodies_bytes >> 20} MiB of request bodies already; "
+                             "retry later", kind="server_error", code="server_busy",
+                        headers={"Connection": "close", "Retry-After": "1"})
         if declared.isdigit() and int(declared) > cap:
             raise too_big
+        held = int(declared) if declared.isdigit() else 0
+        if not self.bodies.take(held):
+            raise busy
         chunks, size = [], 0
 
         async def read():
-            nonlocal size
+            nonlocal size, held
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > cap:
                     raise too_big
+                if size > held:  # a chunked body, taken from the budget as it comes
+                    if not self.bodies.take(size - held):
+                        raise busy
+                    held = size
                 chunks.append(chunk)
 
         try:
             await asyncio.wait_for(read(), self.limits.body_timeout_s)
         except asyncio.TimeoutError:
+            self.bodies.give(held)
             raise ApiError(408, f"the body did not arrive within {self.limits.body_timeout_s:g} s",
                            code="request_timeout", headers={"Connection": "close"}) from None
-        return b"".join(chunks)
+        except BaseException:
+            self.bodies.give(held)
+            raise
+        return b"".join(chunks), held
 
     def _prepare(self, raw: bytes, kind: str) -> tuple[GenRequest, list[int]]:
         """Parse, check and tokenize a body (in the pool: off the event loop)."""
@@ -171,8 +188,12 @@ class Server:
         """Check, submit one request a choice, then stream (SSE) or collect; chunk(i, text, reason) -> dict,
         final(texts, reasons, usage) -> dict."""
         self._auth(request)
-        raw = await self._read_body(request)
-        req, ids = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, raw, kind)
+        raw, held = await self._read_body(request)
+        try:
+            req, ids = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, raw, kind)
+        finally:
+            self.bodies.give(held)
+            del raw  # (the prompt lives on in req and ids)
         rids = [f"cmpl-{secrets.token_hex(12)}" for _ in range(req.n)]
         q = self.worker.submit(rids, ids, self._choice_params(req.params, req.n))
         index = {rid: i for i, rid in enumerate(rids)}
@@ -260,6 +281,10 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.model_id})
 
     async def prometheus(self, request: Request) -> Response:
+        try:
+            self._auth(request)  # with a key, the counters are the key holder's too (README: security)
+        except ApiError as e:
+            return self._error(e)
         return Response(generate_latest(self.metrics.registry), media_type="text/plain; version=0.0.4")
 
     def _model_card(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -91,7 +92,8 @@ def test_the_next_chat_turn_reuses_the_conversations_kv(server, smollm_engine):
     client, model = server
 
     def reused() -> float:
-        req = urllib.request.Request(str(client.base_url).replace("/v1/", "/metrics"))
+        req = urllib.request.Request(str(client.base_url).replace("/v1/", "/metrics"),
+                                     headers={"Authorization": f"Bearer {KEY}"})
         text = urllib.request.urlopen(req, timeout=30).read().decode()
         return float(next(ln.split()[-1] for ln in text.splitlines()
                           if ln.startswith("layerstream_prefix_reused_tokens_total")))
@@ -179,9 +181,18 @@ def test_errors_are_openai_shaped(server):
     assert bad.value.code == 400 and json.loads(bad.value.read())["error"]["type"] == "invalid_request_error"
     with urllib.request.urlopen(f"{base}/health", timeout=30) as health:
         assert json.loads(health.read())["status"] == "ok"
-    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as m:
-        metrics = m.read().decode()
-    assert "layerstream_generated_tokens_total" in metrics and "layerstream_pass_seconds_bucket" in metrics
+    # a keyed server keeps /metrics behind its key (it was open); the scheme is case-insensitive (RFC
+    # 7235: 'bearer' got 401), the key is not
+    for auth in (None, f"Bearer {KEY.upper()}", f"Basic {KEY}"):
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/metrics", headers={"Authorization": auth} if auth
+                                                          else {}), timeout=30)
+        assert denied.value.code == 401 and json.loads(denied.value.read())["error"]["code"] == "invalid_api_key"
+    for auth in (f"bearer {KEY}", f"BEARER  {KEY}"):
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/metrics", headers={"Authorization": auth}),
+                                    timeout=30) as m:
+            metrics = m.read().decode()
+        assert "layerstream_generated_tokens_total" in metrics and "layerstream_pass_seconds_bucket" in metrics
 
 
 def test_the_openai_fields_clients_send_are_served(server, smollm_engine):
@@ -408,7 +419,8 @@ def live(smollm_path):
     from layerstream.coordinator.server import Server, uvicorn_config
 
     engine = Engine.load(smollm_path, device="cpu", dtype="float32", ctx=512, max_seqs=2)
-    limits = Limits(body_bytes=4 << 20, body_timeout_s=10, header_timeout_s=1.0, max_connections=40)
+    limits = Limits(body_bytes=4 << 20, body_timeout_s=10, header_timeout_s=1.0, max_connections=40,
+                    bodies_bytes=6 << 20)
     server = Server(engine, "smollm", None, max_queue=6, limits=limits)
     port = _free_port()
     http_server = uvicorn.Server(uvicorn_config(server, "127.0.0.1", port, grace_s=5))
@@ -563,6 +575,58 @@ def test_a_huge_chunked_body_is_refused_before_it_is_read(live):
     assert sent < 64 << 20  # the server answered long before the client was done
     status, got, _ = _call(live.port, "POST", "/v1/completions", b"x" * 100, {"Content-Length": str(5 << 20)})
     assert status == 413
+
+
+def _post_head(port: int, length: int | None) -> socket.socket:
+    """A connection that has sent a completion request's head (Content-Length, or chunked) and no body."""
+    s = socket.create_connection(("127.0.0.1", port))
+    size = b"Content-Length: %d" % length if length is not None else b"Transfer-Encoding: chunked"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" + size
+              + b"\r\n\r\n")
+    return s
+
+
+def _reply(s: socket.socket, timeout: float = 5) -> bytes:
+    s.settimeout(timeout)
+    got = b""
+    try:
+        while b"\r\n\r\n" not in got and (chunk := s.recv(4096)):
+            got += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return got
+
+
+def test_bodies_across_connections_are_held_within_one_budget(live):
+    """NOTE [ HTTP limits ]: 6 MiB of bodies at once. A 4 MB body in flight (its head sent, 1 MB of it
+    so far) leaves room for neither a declared 3 MB body nor a chunked one past 2.3 MB: each is answered
+    503 at once, unread (the probe's 60 connections of 15 MB each took 850 MB); once the first client
+    goes, a 3 MB body is served."""
+    first = _post_head(live.port, 4_000_000)
+    first.sendall(b" " * 1_000_000)
+    try:
+        time.sleep(0.5)
+        second = _post_head(live.port, 3_000_000)
+        assert _reply(second).startswith(b"HTTP/1.1 503"), "a declared body past the budget was not refused at once"
+        second.close()
+        third = _post_head(live.port, None)
+        piece = b"%x\r\n%s\r\n" % (1 << 16, b" " * (1 << 16))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(40):  # 2.6 MB
+                third.sendall(piece)
+        assert _reply(third).startswith(b"HTTP/1.1 503")
+        third.close()
+    finally:
+        first.close()
+    deadline = time.monotonic() + 10
+    while live.server.bodies.held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live.server.bodies.held == 0
+    body = b'{"prompt": "The sky is", "max_tokens": 2, "temperature": 0}' + b" " * 3_000_000
+    status, got, _ = _call(live.port, "POST", "/v1/completions", body)
+    assert status == 200 and got["usage"]["completion_tokens"] == 2, got
+    assert live.server.bodies.held == 0
+    _healthy(live)
 
 
 def test_half_sent_request_heads_time_out_and_connections_are_capped(live):
