@@ -217,44 +217,12 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.aborted)
 
-    # -- timing helpers for benchmarks (the public API, no private state) ----------------------------
-
     def run_to_completion(self) -> list[RequestOutput]:
         """Step until every request has finished; the outputs in order."""
         outs: list[RequestOutput] = []
         while self.has_unfinished():
             outs += self.step()
         return outs
-
-    def time_decode(self, prompts: list[list[int]], steps: int, sync=lambda: None) -> list[float]:
-        """Seconds of each of `steps` decode steps of len(prompts) sequences, after their prefill
-        (greedy, end-of-sequence ignored); the requests are gone afterwards."""
-        import time
-
-        # (a sequence whose prefill ends first decodes while the others' prefill runs: room for those tokens)
-        params = SamplingParams(temperature=0, max_tokens=steps + 1 + sum(map(len, prompts)), ignore_eos=True)
-        names = [f"bench-{i}" for i in range(len(prompts))]
-        for n, p in zip(names, prompts):
-            self.add_request(n, p, params)
-        started: set[str] = set()
-        while len(started) < len(names):  # prefill: until every request has its first token
-            started |= {o.request_id for o in self.step() if o.token_ids}
-        times = []
-        try:
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                outs = self.step()
-                sync()
-                times.append(time.perf_counter() - t0)
-                ran = len({o.request_id for o in outs if o.token_ids} & set(names))
-                if ran < len(names):  # a step of fewer sequences would time another batch size
-                    raise ValueError(f"a decode step ran {ran} of {len(names)} sequences (a step holds "
-                                     f"{self.step_tokens} tokens, a sequence {self.ctx}): raise either")
-        finally:
-            for n in names:
-                self.abort(n)
-            self.aborted.clear()
-        return times
 
     # -- one step ---------------------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ def cpu_rows(N: int, frac: float) -> int:
 
 def random_packed(N: int, K: int, g: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> PackedRows:
     """An [N, K] matrix of random 4-bit values and small scales in the CPU's packed form (for
-    timing the CPU's matmuls: measured at start, and by layerstream-bench cpu-worker)."""
+    timing the CPU's matmuls: measured at start)."""
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
     return PackedRows(int4_pack(q), (torch.rand(K // GROUP, N, 2, generator=g) / 64).to(dtype))
 
