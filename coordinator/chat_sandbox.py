@@ -23,12 +23,20 @@ from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 
 MAX_OUTPUT = 4 * 1024 * 1024  # characters of rendered prompt (also the largest value a template may build)
+MAX_RENDER_TOTAL = 16 * MAX_OUTPUT  # characters and elements of all the values one render builds
+MAX_FILTER_WORK = 10_000_000  # steps one filter may take (a step: about a character copied)
 MAX_RANGE_TOTAL = 1_000_000  # range() elements over one render
 MAX_LOOP_STEPS = 1_000_000  # for-loop iterations over one render
 MAX_INT_BITS = 1 << 16  # the largest integer a template may compute
 MAX_JSON_INDENT = 16
 MAX_STRFTIME = 256  # characters of a strftime_now format
 RENDER_SECONDS = 2.0
+_clock = threading.local()  # this thread's render deadline: measuring and filters test it as they go
+
+
+def _tick() -> None:
+    if time.monotonic() > getattr(_clock, "deadline", float("inf")):
+        raise LimitExceeded(f"rendering took longer than {RENDER_SECONDS:g} s")
 
 
 class LimitExceeded(SecurityError):
@@ -79,6 +87,10 @@ def measure(obj: Any, budget: int = MAX_OUTPUT) -> tuple[int, int, int]:
     def walk(x: Any, d: int) -> tuple[int, int, int]:
         if isinstance(x, (str, bytes)):
             return len(x), 0, 0
+        if type(x) is Sized:
+            return x.measured
+        if not len(memo) & 4095:
+            _tick()
         if d > MAX_DEPTH:
             raise LimitExceeded(f"a value nested more than {MAX_DEPTH} deep")
         key = id(x)
@@ -104,6 +116,19 @@ def measure(obj: Any, budget: int = MAX_OUTPUT) -> tuple[int, int, int]:
         return memo[key]
 
     return walk(obj, 0)
+
+
+class Sized(list):
+    """A list a filter made whose measure was worked out as it was made (batch, slice): measuring
+    it again costs nothing (the sandbox keeps lists immutable)."""
+
+    measured: tuple[int, int, int]
+
+
+def _sized(items: list, measured: tuple[int, int, int]) -> Sized:
+    out = Sized(items)
+    out.measured = measured
+    return out
 
 
 def _size(obj: Any) -> int:
@@ -170,6 +195,36 @@ def _wordwrap_size(s: str, width: Any, wrapstring: str) -> int:
     return len(s) + lines * len(wrapstring)
 
 
+def _wordwrap_work(s: str, width: Any) -> int:
+    """About the steps textwrap takes: one a character, a few a line, and for a word longer than a
+    line its rest copied at every cut (quadratic: 1.9 M characters at width 1 took 32 s)."""
+    w = max(width if isinstance(width, int) else 1, 1)
+    long_words = sum(len(x) * len(x) for x in re.findall(f"\\S{{{w + 1},}}", s)) // (w * 6000)
+    return len(s) + 8 * _wordwrap_size(s, w, "") + long_words
+
+
+def _grouped(a: dict, count: str) -> tuple[int, int, int, int]:
+    """(characters, elements, depth, groups) of batch's or slice's result: every element of the
+    input, in `a[count]`-many lists (batch: lists of that length), filled where asked."""
+    value, n = a["value"], a[count] if isinstance(a[count], int) else 1
+    chars, items, depth = measure(value)
+    items = len(value) if isinstance(value, str) else items
+    if count == "slices":
+        groups, fill = n, n  # (a slice gets at most one filler)
+    else:
+        groups, fill = (-(-len(value) // n) if n > 0 else 1), n  # (the last batch gets up to linecount)
+    fill = fill if a["fill_with"] is not None else 0
+    return chars, items + groups + fill + 1, depth + 1, groups
+
+
+def _ticking(items: Any):
+    """`items`, testing the render deadline as a filter walks them."""
+    for i, x in enumerate(items):
+        if not i & 1023:
+            _tick()
+        yield x
+
+
 def _replace_size(s: str, old: str, new: str, count: int | None) -> int:
     hits = s.count(old) if old else len(s) + 1
     if count is not None and count >= 0:
@@ -216,13 +271,18 @@ _FILTER_SIZES: dict[str, Callable[[dict], int]] = {
     "join": lambda a: _join_size(str(a["d"]), a["value"]),
     "replace": lambda a: _replace_size(str(a["s"]), str(a["old"]), str(a["new"]), a["count"]),
     "wordwrap": lambda a: _wordwrap_size(str(a["s"]), a["width"], str(a["wrapstring"] or "\n")),
-    "slice": lambda a: a["slices"] if isinstance(a["slices"], int) else 0,
+    "batch": lambda a: sum(_grouped(a, "linecount")[:2]),
+    "slice": lambda a: sum(_grouped(a, "slices")[:2]),
     "sum": lambda a: (_size(a["iterable"]) * len(a["iterable"]) if isinstance(a["start"], (list, tuple, str))
                       else 0),
     "pprint": lambda a: _pprint_size(a["value"]),
     "tojson": lambda a: _json_size(a["value"], a["indent"], a["separators"]),
 }
-_FILTER_ITERABLES = {"join": "value", "sum": "iterable"}  # arguments measured, so listed first
+_FILTER_ITERABLES = {"join": "value", "sum": "iterable", "batch": "value", "slice": "value"}  # listed first
+_FILTER_WORK: dict[str, Callable[[dict], int]] = {"wordwrap": lambda a: _wordwrap_work(str(a["s"]), a["width"])}
+_GROUPING = {"batch": "linecount", "slice": "slices"}  # their results are made whole, with their measure
+_WALKING = frozenset({"groupby", "unique", "map", "select", "reject", "selectattr", "rejectattr", "sort", "sum",
+                      "min", "max", "list"})  # walk any iterable in python: given one that tests the deadline
 
 
 def _str_method_size(method: str, s: str, args: tuple, kwargs: dict) -> int:
@@ -280,6 +340,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     expressions at compile time, outside the sandbox hooks: the optimizer is off, and the folding
     that remains (an output's constant filters) calls the same wrapped filters. Every check also
     tests a render deadline; range() and for loops count their elements over the whole render.
+    Every value built also counts into the render's total (MAX_RENDER_TOTAL), so many values
+    within the limit cannot add up to gigabytes. Work that grows faster than its result is
+    bounded before it runs (wordwrap's long words: _FILTER_WORK; batch and slice: their result's
+    measure, worked out from their input's), and what a filter walks in python (its input, an
+    attribute per element, a value being measured) tests the deadline as it goes.
     """
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
@@ -297,19 +362,22 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                                                                       self._checked_value)
         self._own = (self._range, self._checked_concat, self._checked_loop, self._checked_value)  # check their own
 
+    _FULL = {"range_left": MAX_RANGE_TOTAL, "loop_left": MAX_LOOP_STEPS, "total_left": MAX_RENDER_TOTAL}
+
     def start(self) -> None:
         """Arm the limits for one render (in this thread)."""
-        b = self._budget
-        b.deadline, b.range_left, b.loop_left = time.monotonic() + RENDER_SECONDS, MAX_RANGE_TOTAL, MAX_LOOP_STEPS
+        _clock.deadline = time.monotonic() + RENDER_SECONDS
+        for name, full in self._FULL.items():
+            setattr(self._budget, name, full)
 
     def finish(self) -> None:
         """Disarm the deadline (a later compile folds constants without one)."""
-        self._budget.deadline = float("inf")
+        _clock.deadline = float("inf")
 
     def _left(self, name: str, n: int) -> int:
         """Take n from this render's budget `name`; what is left."""
         b = self._budget
-        left = getattr(b, name, MAX_RANGE_TOTAL if name == "range_left" else MAX_LOOP_STEPS) - n
+        left = getattr(b, name, self._FULL[name]) - n
         setattr(b, name, left)
         return left
 
@@ -317,13 +385,28 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return _Guards().visit(super()._parse(source, name, filename))
 
     def tick(self) -> None:
-        if time.monotonic() > getattr(self._budget, "deadline", float("inf")):
-            raise LimitExceeded(f"rendering took longer than {RENDER_SECONDS:g} s")
+        _tick()
 
     @staticmethod
     def _check_size(size: int, what: str, unit: str = "characters") -> None:
         if size > MAX_OUTPUT:
             raise LimitExceeded(f"{what} of {size} {unit} (at most {MAX_OUTPUT})")
+
+    def _grow(self, size: int, what: str, unit: str = "characters") -> None:
+        """Check a value the render builds, and count it into the render's total: many values,
+        each within MAX_OUTPUT, must not add up to gigabytes (a value held and then dropped is
+        counted too: the total bounds the work as well as the memory)."""
+        self._check_size(size, what, unit)
+        if self._left("total_left", size) < 0:
+            raise LimitExceeded(f"the template built more than {MAX_RENDER_TOTAL} characters and elements in all")
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _tick()  # (filters that take an attribute, e.g. groupby, look it up for every element)
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _tick()
+        return super().getattr(obj, attribute)
 
     def _range(self, *args: Any) -> range:
         r = range(*args)
@@ -342,15 +425,19 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def _checked_concat(self, parts: list) -> str:
         return self._concat([_bounded_str(p) for p in parts])
 
-    def _checked_value(self, value: Any) -> Any:
-        """A list, tuple or dict the template built (a literal or a call's result), measured."""
-        if _size(value) > MAX_OUTPUT:  # (measured only as far as the limit)
+    def _checked_value(self, value: Any, built: bool = True) -> Any:
+        """A list, tuple or dict, measured: one the template built (a literal or a call's result)
+        counts into the render's total, one it was given (a filter's input) does not."""
+        size = _size(value)
+        if size > MAX_OUTPUT:  # (measured only as far as the limit)
             raise LimitExceeded(f"a value of more than {MAX_OUTPUT} characters and elements")
+        if built:
+            self._grow(size, "a value", "characters and elements")
         return value
 
     def _concat(self, parts: Any) -> str:
         parts = _listed(parts)
-        self._check_size(sum(len(p) for p in parts), "a string")
+        self._grow(sum(len(p) for p in parts), "a string")
         return "".join(parts)
 
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
@@ -359,16 +446,16 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if operator == "*":
             n, k = (left, right) if isinstance(left, sized) else (right, left)
             if isinstance(n, sized) and isinstance(k, int):
-                self._check_size(_size(n) * k, "a product", "elements")
+                self._grow(_size(n) * k, "a product", "elements")
             elif isinstance(n, int) and isinstance(k, int) and n.bit_length() + k.bit_length() > MAX_INT_BITS:
                 raise LimitExceeded(f"a product of {n.bit_length()}- and {k.bit_length()}-bit numbers")
         elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
-            self._check_size(_size(left) + _size(right), "a sum", "elements")
+            self._grow(_size(left) + _size(right), "a sum", "elements")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int):
             if right > 0 and abs(left) > 1 and left.bit_length() * right > MAX_INT_BITS:
                 raise LimitExceeded(f"a power of {right}")
         elif operator == "%" and isinstance(left, str):
-            self._check_size(_percent_size(left, right), "a formatted string")
+            self._grow(_percent_size(left, right), "a formatted string")
         return super().call_binop(context, operator, left, right)
 
     def _check_args(self, args: tuple, kwargs: dict) -> None:
@@ -390,7 +477,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def _checked_result(self, out: Any) -> Any:
         if isinstance(out, str):
-            self._check_size(len(out), "a string")
+            self._grow(len(out), "a string")
         elif isinstance(out, _CONTAINERS):
             self._checked_value(out)
         return out
@@ -407,7 +494,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 self._check_size(_format_size(fmt, (), args[0]), "a formatted string")
             else:
                 self._check_size(_format_size(fmt, args, kwargs), "a formatted string")
-            return wrapper(*args, **kwargs)
+            return self._checked_result(wrapper(*args, **kwargs))
 
         return functools.update_wrapper(checked, value)
 
@@ -430,7 +517,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             first, args = args[:skip], args[skip:]
             self._check_args(args, kwargs)
             if args and isinstance(args[0], _CONTAINERS):  # (most filters make text of their input)
-                self._checked_value(args[0])
+                self._checked_value(args[0], built=False)
+            if name in _WALKING and args and not (hasattr(args[0], "__len__") and len(args[0]) <= 4096):
+                args = (_ticking(args[0]), *args[1:])
             if size_of is not None and sig is not None:
                 try:
                     bound = sig.bind(*args, **kwargs)
@@ -443,6 +532,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 if name == "slice":
                     self._range(0, a["slices"] if isinstance(a["slices"], int) else 0)
                 self._check_size(size_of(a), f"the filter {name}'s result")
+                work = _FILTER_WORK[name](a) if name in _FILTER_WORK else 0
+                if work > MAX_FILTER_WORK:
+                    raise LimitExceeded(f"the filter {name} would take about {work} steps (at most {MAX_FILTER_WORK})")
+                if name in _GROUPING:
+                    measured = _grouped(a, _GROUPING[name])[:3]
+                    a["value"] = _ticking(a["value"])
+                    return self._checked_result(_sized(list(f(*first, *bound.args, **bound.kwargs)), measured))
                 args, kwargs = bound.args, bound.kwargs
             return self._checked_result(f(*first, *args, **kwargs))
 

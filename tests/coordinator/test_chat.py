@@ -161,6 +161,18 @@ HOSTILE = [
     ("{{ 2 ** 100000000 }}", "a power of 100000000"),
     ("{% for i in range(99999) %}{{ 'y' * 1000 }}{% endfor %}", "grew past"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deeply"),
+    # many values, each within the limit, add up: the render's total is bounded (200 of these took 3 GB)
+    ("".join(f"{{% set v{i} = '😀' * 4000000 %}}" for i in range(200)), "built more than 67108864 .* in all$"),
+    ("{% macro f(n) %}{% set s = '😀' * 4000000 %}{{ f(n + 1) }}{{ s|length }}{% endmacro %}{{ f(0) }}", "in all$"),
+    ("{% macro m(i) %}{{ '😀' * 3000000 }}{% endmacro %}{% set ns = namespace() %}{% set ns.a = m(1) %}"
+     "{% set ns.b = m(2) %}" + "".join(f"{{% set w{i} = m({i}) %}}" for i in range(200)), "in all$"),
+    # filters whose work grows faster than their result are refused before they run (wordwrap: 32 s)
+    ("{{ ('x' * 1900000)|wordwrap(1) }}", "filter wordwrap would take about [0-9]+ steps"),
+    ("{{ ('x' * 1900000)|batch(1)|batch(1)|batch(1)|batch(1)|batch(1)|list|length }}", "filter batch's result of"),
+    ("{{ (range(1000000)|list)|batch(1)|batch(1)|batch(1)|batch(1)|batch(1)|list|length }}",
+     "filter batch's result of|longer than 2 s"),
+    ("{{ ('x' * 2000000)|slice(1000000)|list|length }}", "filter slice's result of"),
+    ("{{ (range(1000000)|list)|groupby('real')|list|length }}", "longer than 2 s"),  # (its key: every element)
 ]
 
 
