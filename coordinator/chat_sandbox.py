@@ -280,6 +280,11 @@ _FILTER_SIZES: dict[str, Callable[[dict], int]] = {
 }
 _FILTER_ITERABLES = {"join": "value", "sum": "iterable", "batch": "value", "slice": "value"}  # listed first
 _FILTER_WORK: dict[str, Callable[[dict], int]] = {"wordwrap": lambda a: _wordwrap_work(str(a["s"]), a["width"])}
+# Filters that never make text of a whole container they are given: its measure is not needed (the
+# messages were measured at every `messages|length`, which made a template like Qwen3's quadratic).
+_TEXTLESS = frozenset({"length", "count", "first", "last", "random", "select", "reject", "selectattr", "rejectattr",
+                       "map", "sort", "unique", "min", "max", "list", "reverse", "default", "d", "attr", "items",
+                       "dictsort", "groupby", "batch", "slice"})
 _GROUPING = {"batch": "linecount", "slice": "slices"}  # their results are made whole, with their measure
 _WALKING = frozenset({"groupby", "unique", "map", "select", "reject", "selectattr", "rejectattr", "sort", "sum",
                       "min", "max", "list"})  # walk any iterable in python: given one that tests the deadline
@@ -516,7 +521,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             self.tick()
             first, args = args[:skip], args[skip:]
             self._check_args(args, kwargs)
-            if args and isinstance(args[0], _CONTAINERS):  # (most filters make text of their input)
+            if args and isinstance(args[0], _CONTAINERS) and name not in _TEXTLESS:  # (most make text of it)
                 self._checked_value(args[0], built=False)
             if name in _WALKING and args and not (hasattr(args[0], "__len__") and len(args[0]) <= 4096):
                 args = (_ticking(args[0]), *args[1:])
