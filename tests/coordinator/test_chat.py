@@ -358,3 +358,12 @@ def test_a_template_that_reacts_to_a_contents_control_token_is_refused(smol):
     assert chat.render_segments([{"role": "user", "content": " a<b "}]) == [("a<b", True)]
     with pytest.raises(ModelError, match=r"^message 1's content holds the control token '<\|im_start\|>', which"):
         chat.render_segments([{"role": "user", "content": "a"}, {"role": "user", "content": " <|im_start|>x "}])
+
+
+def test_a_template_that_takes_the_messages_length_every_turn_renders_a_long_conversation():
+    """Qwen3's template takes `messages|length` once a message; measuring the messages each time made it quadratic."""
+    source = ("{%- set ns = namespace(last=messages|length - 1) %}{%- for m in messages[::-1] %}"
+              "{%- set index = (messages|length - 1) - loop.index0 %}{%- if m.role == 'user' %}{% set ns.last = index %}"
+              "{%- endif %}{%- endfor %}{{ ns.last }}{% for m in messages %}{{ m.content[:1] }}{% endfor %}")
+    messages = [{"role": ("user", "assistant")[i % 2], "content": "word " * 200} for i in range(3000)]
+    assert ChatTemplate(source).render(messages) == "0" + "w" * 3000
