@@ -115,7 +115,10 @@ class Engine:
         self.index, self.backend, self.cfg = index, backend, cfg
         self.hparams = index.hparams
         try:
-            self.tokenizer = Tokenizer.from_metadata(index.metadata)
+            try:
+                self.tokenizer = Tokenizer.from_metadata(index.metadata)
+            except ModelError as e:  # (the tokenizer sees metadata, not the file: its errors get the file's name)
+                raise ModelError(f"{index.path}: {e}") from None
             self.chat_template = ChatTemplate.from_metadata(index.metadata, self.tokenizer)
         except BaseException:  # a bad tokenizer in the file: nothing left running
             backend.close()

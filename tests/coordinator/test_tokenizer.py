@@ -191,6 +191,18 @@ def test_malformed_tokenizer_metadata_is_one_line(extra, expected):
     assert "\n" not in str(e.value)
 
 
+def test_a_model_whose_eos_is_outside_its_vocabulary_fails_to_load_naming_the_file(tmp_path):
+    import re
+
+    import ggufgen
+    from layerstream.coordinator.engine import Engine
+
+    bad = ggufgen.rewrite_metadata(ggufgen.write_model(tmp_path / "m.gguf"), tmp_path / "bad.gguf",
+                                   {"tokenizer.ggml.eos_token_id": 10**9})
+    with pytest.raises(ModelError, match=rf"^{re.escape(bad)}: tokenizer.ggml.eos_token_id = 1000000000 is outside"):
+        Engine.load(bad, device="cpu", ctx=64)
+
+
 # ---- SentencePiece ("llama") ---------------------------------------------------------------------
 
 SPM_PIECES = [  # (piece, score); merges go best merged score first, as llama.cpp's SPM tokenizer does
