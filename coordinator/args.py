@@ -80,7 +80,7 @@ def build_parser() -> Parser:
     g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
     g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens; 1 disables (default 1.0)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens, 0.01 to 100; 1 disables (default 1.0)")
     g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
     g.add_argument("-s", "--seed", type=int, default=None,
                    help=f"random seed for reproducible sampling, 0 to {SEED_MAX} (-1: a fresh one, the default)")
@@ -118,7 +118,7 @@ def build_parser() -> Parser:
                    help="require 'Authorization: Bearer KEY' on every /v1 request (ps shows it: prefer "
                         "--api-key-file or LAYERSTREAM_API_KEY)")
     g.add_argument("--api-key-file", metavar="FILE", default=None,
-                   help="read the API key from the first line of FILE")
+                   help="read the API key from the first line of FILE (4 KiB at most)")
     g.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 (default 256)")
     g = p.add_argument_group("streaming pipeline")
     g.add_argument("--vram-gb", type=float, default=None,
