@@ -367,3 +367,14 @@ def test_a_template_that_takes_the_messages_length_every_turn_renders_a_long_con
               "{%- endif %}{%- endfor %}{{ ns.last }}{% for m in messages %}{{ m.content[:1] }}{% endfor %}")
     messages = [{"role": ("user", "assistant")[i % 2], "content": "word " * 200} for i in range(3000)]
     assert ChatTemplate(source).render(messages) == "0" + "w" * 3000
+
+
+def test_contents_are_searched_for_many_control_tokens_as_the_tokenizer_would_match_them():
+    """Thousands of control tokens (Gemma's `<unusedN>`): the longest match at each place, found quickly."""
+    controls = tuple(f"<unused{i}>" for i in range(6000)) + ("<|im", "<|im_start|>", "<s>", "</s>", "<" + "ab" * 150 + ">")
+    chat = ChatTemplate("{% for m in messages %}[{{ m.content|trim }}]{% endfor %}", controls=controls)
+    content = " <|im_start|>x<unused123><unused12>y<s></s><|im_<" + "ab" * 150 + "> "
+    segments = chat.render_segments([{"role": "user", "content": "<div>a</div> " * 200000}, {"role": "user", "content": content}])
+    assert "".join(t for t, _ in segments) == "[" + ("<div>a</div> " * 200000).strip() + "][" + content.strip() + "]"
+    assert [t for t, tmpl in segments if not tmpl] == ["<|im_start|>", "<unused123><unused12>", "<s></s><|im",
+                                                       "<" + "ab" * 150 + ">"]
