@@ -10,6 +10,8 @@ import torch
 
 from layerstream.errors import ConfigError, ModelError
 
+TINY = torch.finfo(torch.float32).tiny  # temperatures below it sample greedily
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -43,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < TINY or self.top_k == 1
 
 
 class Sampler:
@@ -96,7 +98,7 @@ class Sampler:
         # 80 us) while other processes kept the cores busy, and the coordinator samples there.
         top = x.argmax(dim=-1)
         best = x.gather(-1, top[:, None]).squeeze(-1)
-        if P.temperature == 0:
+        if P.temperature < TINY:  # (a temperature below float32's smallest normal is 0 to the division)
             return self._checked(top, best, histories)
         x = torch.where(torch.isfinite(best)[:, None], x, 0.0)  # a broken row draws harmlessly, then is refused
 

@@ -183,3 +183,12 @@ def test_non_finite_logits_are_one_line_naming_the_token(params, bad, what):
     good = Sampler(params, 50).sample(logits[[0, 2]], [[1], []])
     assert good.device.type == "cpu" and good.dtype == torch.long and good.shape == (2,)
     assert not torch.isfinite(logits[1]).all() and torch.isfinite(logits[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("t", [1e-46, 5e-324])
+def test_a_temperature_that_float32_rounds_to_zero_is_greedy(t):
+    """Below float32's smallest normal the division by T was 0 / 0: NaN probabilities, then a
+    'NaN logits' error that blamed the weights."""
+    logits = torch.tensor([[10.0, 9.0, -5.0]] * 4)
+    s = Sampler(SamplingParams(temperature=t, **OFF, seed=0), 3)
+    assert s.sample(logits, [[]] * 4).tolist() == [0] * 4
