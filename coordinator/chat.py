@@ -25,7 +25,8 @@ MAX_SOURCE = 256 * 1024  # bytes of template source
 MAX_ERROR = 300  # characters of a template's error text that reach the one-line error
 BASE_ROLES = ("system", "user", "assistant")
 OPTIONAL_ROLES = ("tool", "ipython", "developer", "function")  # accepted where the template names them
-_TWIN_FIRST = 0xF0000  # twins: the characters of control tokens' texts, each as a private-use character
+_TWIN_FIRST = 0xF0000  # twins: characters of contents, each as a private-use character
+_TWIN_ROOM = 0x10FFFD - _TWIN_FIRST  # (planes 15 and 16)
 
 
 MAX_TRIE_TEXT = 200  # control-token texts longer than this are matched as plain alternatives (trie depth)
@@ -52,6 +53,17 @@ def _texts_pattern(texts: list[str]) -> str:
 
     longer = sorted((t for t in texts if len(t) > MAX_TRIE_TEXT), key=len, reverse=True)
     return "|".join([*map(re.escape, longer), emit(trie)] if trie else map(re.escape, longer))
+
+
+def _split(text: str, hits) -> list[tuple[str, bool]]:
+    """`text` in (piece, from_template) pieces: the places of `hits` (in a render of the same length) are not."""
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for hit in hits:
+        pieces += [(text[pos:hit.start()], True), (text[hit.start():hit.end()], False)]
+        pos = hit.end()
+    pieces.append((text[pos:], True))
+    return pieces
 
 
 def _one_line(e: BaseException) -> str:
@@ -156,25 +168,31 @@ class ChatTemplate:
         contents = [m["content"] if isinstance(m.get("content"), str) else None for m in messages]
         pieces = self._placed(messages, contents, text, kw)
         if pieces is None:
+            pieces = self._disguised(messages, contents, text, kw)
+        if pieces is None:
             pieces = self._twinned(messages, contents, text, kw)
         return [(t, tmpl) for t, tmpl in pieces if t]
 
     # NOTE [ content spans ]
     # The render itself must see the real contents: templates trim them (Llama 3), test them
     # (`startswith('<think>')`) and cut them (Qwen3's `split('</think>')`), so the pieces are
-    # found afterwards, in two ways, each checked against the real render:
+    # found afterwards, in the first of three ways that checks out against the real render:
     # - placed: render again with each content swapped for a mark; where putting the contents
     #   back in place of the marks gives the real text exactly, the template copied each content
     #   whole, and the marks show where. Most templates and messages take this way.
-    # - twinned: otherwise (the template changed or tested a content), only the control-token
+    # - disguised: otherwise, render with every character of the contents but whitespace swapped
+    #   for a private-use twin (one a distinct character). Where swapping back gives the real text,
+    #   the template kept or trimmed the contents (Llama 3's `|trim`), and the twins, with the
+    #   whitespace between them, are the contents' text.
+    # - twinned: otherwise (the template tested or cut a content's text), only the control-token
     #   texts inside contents matter: render again with each of their characters swapped for a
     #   private-use twin that no template names. Where swapping the twins back gives the real
     #   text, the twins' places are exactly the characters of the contents' control-token texts
     #   (whole, or cut by the template), and those become text pieces. Where it does not, the
     #   template treated a content's control-token text differently from text, and the
     #   conversation is refused: no choice of pieces would be both exact and safe.
-    # Left open: the twinned way does not see a control token made only by joining two pieces
-    # of content (`<|im_` then `start|>`) in a template that also changes contents.
+    # Left open: the twinned way (only) does not see a control token made by joining two pieces
+    # of content (`<|im_` then `start|>`) in a template that also tests or cuts contents.
 
     def _placed(self, messages, contents, text, kw) -> list[tuple[str, bool]] | None:
         marks = [f"\uE000{i}\uE001" for i in range(len(messages))]
@@ -193,6 +211,22 @@ class ChatTemplate:
         pieces.append((shape[pos:], True))
         return pieces if "".join(t for t, _ in pieces) == text else None
 
+    def _disguised(self, messages, contents, text, kw) -> list[tuple[str, bool]] | None:
+        shown = sorted(c for c in set().union(*(c for c in contents if c)) if not c.isspace())
+        if not shown or len(shown) > _TWIN_ROOM or max(shown) >= chr(_TWIN_FIRST):
+            return None  # (too many distinct characters to twin, or some already twins)
+        there = str.maketrans({c: chr(_TWIN_FIRST + k) for k, c in enumerate(shown)})
+        back = str.maketrans({chr(_TWIN_FIRST + k): c for k, c in enumerate(shown)})
+        disguised = [dict(m, content=c.translate(there)) if c is not None else m for m, c in zip(messages, contents)]
+        try:
+            shape = self.render(disguised, **kw)
+        except ModelError:
+            return None
+        if shape.translate(back) != text:
+            return None
+        twin = f"{chr(_TWIN_FIRST)}-{chr(_TWIN_FIRST + len(shown) - 1)}"
+        return _split(text, re.finditer(f"[{twin}](?:[{twin}\\s]*[{twin}])?", shape))
+
     def _twinned(self, messages, contents, text, kw) -> list[tuple[str, bool]]:
         found = [self._controls.search(c) if c is not None and self._controls else None for c in contents]
         if not any(found):
@@ -207,10 +241,4 @@ class ChatTemplate:
             i = next(i for i, f in enumerate(found) if f)
             raise ModelError(f"message {i}'s content holds the control token {found[i].group()[:40]!r}, which this "
                              "model's chat template treats differently from text; remove it from the message")
-        pieces: list[tuple[str, bool]] = []
-        pos = 0
-        for hit in self._twins.finditer(shape):
-            pieces += [(text[pos:hit.start()], True), (text[hit.start():hit.end()], False)]
-            pos = hit.end()
-        pieces.append((text[pos:], True))
-        return pieces
+        return _split(text, self._twins.finditer(shape))
