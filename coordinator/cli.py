@@ -9,6 +9,7 @@ import sys
 import time
 
 from layerstream.coordinator.args import PROG, UsageError, build_parser, check_args, read_api_key
+from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.errors import ConfigError, LayerstreamError
 
 SERVE_BATCH = 8  # the rows --serve holds by default where they fit
@@ -99,6 +100,7 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
 
 def open_engine(args, index, progress: bool):
     """The engine the options ask for: the streaming pipeline, or everything in this process."""
+    start_thread_pools(args.cpu_threads if args.single_process else None)  # torch's and tokenizers'
     from layerstream.coordinator.engine import Engine, EngineConfig
 
     ctx = args.ctx or min(index.hparams.context_length, 4096)
@@ -129,10 +131,6 @@ def open_engine(args, index, progress: bool):
             moe_dense=args.moe_dense, expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch,
             trace=bool(args.trace), on_progress=LoadProgress(sys.stderr, stages=stages) if progress else None,
         )
-    elif args.cpu_threads:
-        import torch
-
-        torch.set_num_threads(args.cpu_threads)
     # the single-process engine draws a bar of its own, layer by layer
     return Engine.open(cfg, pcfg, index=index, progress=progress and pcfg is None)
 
@@ -155,6 +153,8 @@ class LoadProgress:
                 return
             from tqdm import tqdm
 
+            # no monitor thread (NOTE [ SIGINT and threads ] in sigmask.py)
+            tqdm.monitor_interval = 0
             bar = self.bars[what] = tqdm(total=total, desc=self.LABELS.get(what, what), leave=False, file=self.stream,
                                          mininterval=self.mininterval, bar_format="{desc}: {n}/{total} {bar} {elapsed}")
         if not bar.disable and done > bar.n:
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         _die(f"{e} (see {PROG} --help)", 2)
+    start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
     signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

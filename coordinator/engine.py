@@ -64,6 +64,7 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
     if progress:
         from tqdm import tqdm
 
+        tqdm.monitor_interval = 0  # no monitor thread (NOTE [ SIGINT and threads ] in sigmask.py)
         bar = tqdm(total=index.hparams.n_layer, desc="loading layers", unit="layer", leave=False)
     try:
         quantized = keeps_quantized(device, cfg.weights)
