@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from procs import leaked, segments
 
 openai = pytest.importorskip("openai")
@@ -748,9 +749,9 @@ def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_ro
     import asyncio
     from types import SimpleNamespace
 
-    import ggufgen
     import torch
 
+    import ggufgen
     from layerstream.coordinator.core import EngineCore, RequestOutput
     from layerstream.coordinator.openai_api import ApiError
     from layerstream.coordinator.server import EngineWorker, Metrics
