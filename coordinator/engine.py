@@ -17,8 +17,9 @@ from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
+from layerstream.coordinator.kv_ring import context_full
 from layerstream.coordinator.tokenizer import Tokenizer
-from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, ModelError
+from layerstream.errors import ConfigError, LayerstreamError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 
 
@@ -255,8 +256,7 @@ class Engine:
                         if out.finish_reason == "error":  # this request's own failure (e.g. NaN logits)
                             raise LayerstreamError(out.error or "the request failed")
                         if out.finish_reason == "context_full" and self.cfg.on_context_full == "error":
-                            raise ContextFullError(f"the sequence reached the context size ({self.cfg.ctx} tokens); "
-                                                   "raise --ctx or pass --on-context-full slide")
+                            raise context_full(self.cfg.ctx)
             self.finish_reasons = reasons
         finally:
             for n in names:  # a consumer that stopped early, or an error: rows go back
