@@ -33,7 +33,8 @@ def ring(layouts, n: int) -> int:
 
 def plan(model, gib, **kw):
     index, layouts = model
-    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True) | kw
+    # (the host's memory as a large machine's: these check the device's arithmetic, not this host's RAM)
+    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True, host_bytes=512 * GiB) | kw
     return make_plan(index, layouts, vram_bytes=None if gib is None else int(gib * GiB), **kw)
 
 

@@ -36,7 +36,8 @@ def smollm(smollm_path):
 
 def plan(model, gib, **kw):
     index, layouts = model
-    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True) | kw
+    # (the host's memory as a large machine's: these check the device's arithmetic, not this host's RAM)
+    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True, host_bytes=512 * GiB) | kw
     return make_plan(index, layouts, vram_bytes=None if gib is None else int(gib * GiB), **kw)
 
 
@@ -137,7 +138,7 @@ def test_host_memory_is_planned_before_anything_is_allocated(smollm):
 
 
 def test_largest_batch_is_the_most_rows_whose_plan_fits(l8):
-    kw = dict(vram_bytes=16 * GiB, host_cache_bytes=0, dtype_bytes=2, ctx=4096, quantized=True)
+    kw = dict(vram_bytes=16 * GiB, host_cache_bytes=0, dtype_bytes=2, ctx=4096, quantized=True, host_bytes=512 * GiB)
     b = largest_batch(*l8, most=64, **kw)
     assert 8 <= b < 64
     p = make_plan(*l8, max_seqs=b, **kw)
