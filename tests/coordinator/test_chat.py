@@ -7,8 +7,8 @@ import re
 
 import gguf
 import pytest
-from bounded import run_bounded
 
+from bounded import run_bounded
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ModelError

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from layerstream.coordinator.plan import GiB, make_plan
+from layerstream.coordinator.plan import GiB
 from layerstream.errors import ConfigError
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.synth import shaped_index
-
-
-@pytest.fixture(scope="module")
-def l70():
-    index = shaped_index("llama-3.1-70b")
-    return index, layer_layouts(index)
-
-
-@pytest.fixture(scope="module")
-def l8():
-    index = shaped_index("llama-3.1-8b")
-    return index, layer_layouts(index)
+from plans import plan
 
 
 def seg(nbytes: int) -> int:
@@ -30,12 +19,6 @@ def seg(nbytes: int) -> int:
 def ring(layouts, n: int) -> int:
     return n * seg(max(lay.nbytes for lay in layouts))
 
-
-def plan(model, gib, **kw):
-    index, layouts = model
-    # (the host's memory as a large machine's: these check the device's arithmetic, not this host's RAM)
-    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True, host_bytes=512 * GiB) | kw
-    return make_plan(index, layouts, vram_bytes=None if gib is None else int(gib * GiB), **kw)
 
 
 def test_parts_add_up_and_stay_within_the_budget(l70):

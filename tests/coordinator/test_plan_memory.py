@@ -12,20 +12,11 @@ from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.synth import shaped_index
+from plans import plan
 
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def l8():
-    index = shaped_index("llama-3.1-8b")
-    return index, layer_layouts(index)
-
-
-@pytest.fixture(scope="module")
-def l70():
-    index = shaped_index("llama-3.1-70b")
-    return index, layer_layouts(index)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +24,6 @@ def smollm(smollm_path):
     index = open_model(smollm_path)
     return index, layer_layouts(index)
 
-
-def plan(model, gib, **kw):
-    index, layouts = model
-    # (the host's memory as a large machine's: these check the device's arithmetic, not this host's RAM)
-    kw = dict(host_cache_bytes=0, dtype_bytes=2, ctx=4096, max_seqs=1, quantized=True, host_bytes=512 * GiB) | kw
-    return make_plan(index, layouts, vram_bytes=None if gib is None else int(gib * GiB), **kw)
 
 
 @pytest.mark.parametrize("sizes,want", [

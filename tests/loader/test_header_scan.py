@@ -7,9 +7,9 @@ import re
 import struct
 
 import pytest
-from bounded import run_bounded
 
 import ggufgen
+from bounded import run_bounded
 from layerstream.errors import ModelError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.header_scan import MAX_VALUE_BYTES
