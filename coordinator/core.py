@@ -38,7 +38,7 @@ import torch
 
 from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import Sampler, SamplingParams
-from layerstream.coordinator.kv_ring import KVRing
+from layerstream.coordinator.kv_ring import KVRing, context_full
 from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
 
@@ -59,6 +59,14 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # why, with finish_reason "error"
+
+    def raise_for_failure(self, on_context_full: str, ctx: int) -> None:
+        """Raise what a caller that runs one reply at a time reports: the request's own failure
+        (e.g. NaN logits), or a full context when the run asked for an error there."""
+        if self.finish_reason == "error":
+            raise LayerstreamError(self.error or "the request failed")
+        if self.finish_reason == "context_full" and on_context_full == "error":
+            raise context_full(ctx)
 
 
 class StopMatcher:

@@ -17,9 +17,8 @@ from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
-from layerstream.coordinator.kv_ring import context_full
 from layerstream.coordinator.tokenizer import Tokenizer
-from layerstream.errors import ConfigError, LayerstreamError, ModelError
+from layerstream.errors import ConfigError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 
 
@@ -253,10 +252,7 @@ class Engine:
                         yield i, out.text
                     if out.finished:
                         reasons[i] = out.finish_reason
-                        if out.finish_reason == "error":  # this request's own failure (e.g. NaN logits)
-                            raise LayerstreamError(out.error or "the request failed")
-                        if out.finish_reason == "context_full" and self.cfg.on_context_full == "error":
-                            raise context_full(self.cfg.ctx)
+                        out.raise_for_failure(self.cfg.on_context_full, self.cfg.ctx)
             self.finish_reasons = reasons
         finally:
             for n in names:  # a consumer that stopped early, or an error: rows go back

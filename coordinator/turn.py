@@ -6,9 +6,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from layerstream.coordinator.kv_ring import context_full
-from layerstream.errors import LayerstreamError
-
 
 @dataclass
 class Rates:
@@ -81,10 +78,7 @@ class Turn:
                         yield out.text
                     if out.finished:
                         self.finish_reason = out.finish_reason
-                        if out.finish_reason == "error":  # this request's own failure (e.g. NaN logits)
-                            raise LayerstreamError(out.error or "the request failed")
-                        if out.finish_reason == "context_full" and self.engine.cfg.on_context_full == "error":
-                            raise context_full(self.engine.cfg.ctx)
+                        out.raise_for_failure(self.engine.cfg.on_context_full, self.engine.cfg.ctx)
         finally:
             if t_first is not None:
                 self.rates.decode_s = t_last - t_first
