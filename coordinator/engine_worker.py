@@ -10,7 +10,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -19,14 +18,6 @@ from layerstream.coordinator.openai_api import ApiError
 from layerstream.errors import LayerstreamError
 
 log = logging.getLogger("layerstream.server")
-
-
-@dataclass
-class _Failure:
-    """A request that could not run: refused when added (400), or the engine failed (503)."""
-
-    message: str
-    status: int = 400
 
 
 class EngineWorker(threading.Thread):
@@ -105,7 +96,8 @@ class EngineWorker(threading.Thread):
                 self.core.add_request(rid, prompt, params)
             except Exception as e:  # refused (a LayerstreamError: 400), or a fault of this request alone
                 bad = isinstance(e, LayerstreamError)
-                self._post(rid, _Failure(str(e) if bad else f"{type(e).__name__}: {e}", 400 if bad else 500))
+                self._post(rid, ApiError(400, str(e)) if bad else
+                           ApiError(500, f"{type(e).__name__}: {e}", kind="server_error"))
                 self.outputs.pop(rid, None)
         elif cmd[0] == "abort":
             self.core.abort(cmd[1])
@@ -175,7 +167,7 @@ class EngineWorker(threading.Thread):
             self.failure = f"{type(e).__name__}: {e}" if not isinstance(e, LayerstreamError) else str(e)
             log.error("engine failed: %s", self.failure)
             for rid in list(self.outputs):
-                self._post(rid, _Failure(self.failure, 503))
+                self._post(rid, ApiError(503, self.failure, kind="server_error"))
 
 
 class Metrics:

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.engine_worker import EngineWorker, Metrics, _Failure
+from layerstream.coordinator.engine_worker import EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.openai_api import SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
 from layerstream.errors import LayerstreamError
@@ -205,9 +205,8 @@ class Server:
             try:
                 while left:
                     item = await q.get()
-                    if isinstance(item, _Failure):
-                        raise ApiError(item.status, item.message,
-                                       kind="server_error" if item.status >= 500 else "invalid_request_error")
+                    if isinstance(item, ApiError):  # refused when added, or the engine failed
+                        raise item
                     if item.finish_reason == "error":
                         raise ApiError(500, f"the request failed: {item.error}", kind="server_error")
                     if item.finished:
