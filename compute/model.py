@@ -12,6 +12,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -226,7 +227,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         q_index[b, :n] = torch.arange(t, t + n)
         q_valid[b, :n] = True
         q_pos[b, :n] = torch.tensor(s.positions)
-        kv_pos[b, : len(s.kv_pos)] = torch.tensor(s.kv_pos)
+        kv_pos[b, : len(s.kv_pos)] = torch.from_numpy(np.array(s.kv_pos, dtype=np.int64))  # (numpy converts a long list far faster)
         t += n
     out_index = q_valid.flatten().nonzero().flatten()  # on the host: no device sync
     mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, L]
