@@ -15,12 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from layerstream.compute.qlinear import QuantWeight, linear, linear_many
 from layerstream.loader.gguf_index import HParams
 
 LayerWeights = dict[str, "torch.Tensor | QuantWeight"]  # short GGUF names: "attn_q.weight", ...
-ATTN_TEMP_BYTES = 256 << 20  # attention temporaries of one group of sequences / query rows
+# attention's general path: the temporaries of one group of sequences / query rows at most
+# (NOTE [ attention's temporaries ]; the plan counts them through attention_bytes)
+ATTN_TEMP_BYTES = 64 << 20
+BIAS_ALIGN = 16  # the memory-efficient kernel's alignment of the mask's rows (elements)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,95 @@ def _attn_kernels():
     return attn_kernels
 
 
+# NOTE [ attention's temporaries ]
+# The general path (prompts, mixed steps, a sliding ring, the CPU) gathers each sequence's K and V
+# and runs scaled_dot_product_attention under the step's boolean mask. Given that mask and grouped
+# queries, torch on CUDA takes its math kernel, which computes half precision in float32, expands
+# K and V to every query head and keeps three [H, S, L] float32 score tensors: 600 MiB for one
+# 512-token chunk of an 8B at a 4096-token context. Instead the query heads that share a KV head
+# are folded into its query rows ([b, Hkv, G * s, D], G = H / Hkv), so K and V are read as they
+# lie, and the mask becomes an additive bias in the compute dtype, its rows padded to BIAS_ALIGN
+# elements; on CUDA the memory-efficient kernel then runs (pinned: cuDNN's and flash's are not
+# asked), whose only temporaries are its output and, for heads over 128 wide, a float32
+# accumulator. attention_temps counts what a group holds per sequence and per query row on the
+# path taken; groups of sequences and of query rows keep it under ATTN_TEMP_BYTES.
+def attention_path(hp: HParams, e: int, cuda: bool, bf16_unsupported: bool = False) -> str:
+    """"folded" (query heads folded into rows, a float bias; the memory-efficient kernel on CUDA)
+    or "math" (CUDA's math kernel, where the efficient one cannot take the head size or dtype):
+    e bytes of the compute dtype; `bf16_unsupported`: bfloat16 on a GPU older than sm80."""
+    if not cuda:
+        return "folded"
+    return "math" if hp.head_dim % (4 if e == 4 else 8) or bf16_unsupported else "folded"
+
+
+def attention_temps(hp: HParams, L: int, e: int, path: str, sliding: bool) -> tuple[int, int]:
+    """(bytes per sequence, bytes per query row) attention's general path holds at once for a group
+    of sequences over L slots (NOTE [ attention's temporaries ])."""
+    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    per_seq = 2 * L * Hkv * D * e  # K and V gathered
+    if sliding:  # K rotated at read time: the rotated halves and their concatenation
+        per_seq += 3 * L * Hkv * D * e
+    if path == "math":  # K and V in float32, expanded to every head; the scores, masked, their softmax
+        per_seq += L * D * (2 * Hkv * 4 + 2 * H * 4)
+        return per_seq, H * D * (e + 2 * 4) + L * (3 * H * 4 + 4 + 1)
+    Lp = -(-L // BIAS_ALIGN) * BIAS_ALIGN
+    G = H // Hkv
+    # the gathered and the folded queries, the negated mask, the bias, the output (and its float32
+    # accumulator for heads over 128)
+    return per_seq, 3 * H * D * e + L + G * Lp * e + (H * D * 4 if D > 128 else 0)
+
+
+def attention_groups(hp: HParams, B: int, S: int, L: int, e: int, path: str, sliding: bool,
+                     cap: int | None = None) -> tuple[int, int]:
+    """(sequences, query rows) attention's general path takes at once: as many as keep a group's
+    temporaries under `cap` (default ATTN_TEMP_BYTES), one sequence and one row at least."""
+    cap = ATTN_TEMP_BYTES if cap is None else cap
+    per_seq, per_row = attention_temps(hp, L, e, path, sliding)
+    bc = max(1, min(B, cap // max(1, per_seq + S * per_row)))
+    sc = S if bc > 1 else max(1, min(S, (cap - per_seq) // per_row))
+    return (1 if sc < S else bc), sc
+
+
+def attention_bytes(hp: HParams, B: int, S: int, T: int, L: int, e: int, path: str, sliding: bool,
+                    cap: int | None = None) -> tuple[int, int]:
+    """(bytes, largest tensor) of attention's general path for B sequences of up to S query rows
+    (T in all) over L slots: one group's temporaries, the padded output and its packed rows."""
+    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    bc, sc = attention_groups(hp, B, S, L, e, path, sliding, cap)
+    per_seq, per_row = attention_temps(hp, L, e, path, sliding)
+    out = B * S * H * D * e + T * H * D * e
+    if path == "math":
+        largest = max(bc * L * H * D * 4, bc * sc * L * H * 4)
+    else:
+        largest = max(bc * L * Hkv * D * e, bc * sc * (H // Hkv) * (-(-L // BIAS_ALIGN) * BIAS_ALIGN) * e)
+    return bc * (per_seq + sc * per_row) + out, max(largest, B * S * H * D * e)
+
+
+def _sdpa(Q: torch.Tensor, Kt: torch.Tensor, Vt: torch.Tensor, mask: torch.Tensor, scale: float | None,
+          path: str, out: torch.Tensor) -> None:
+    """Attention of queries Q [b, s, H, D] over Kt, Vt [b, Hkv, L, D] under mask [b, 1, s, L] (bool,
+    True where a query may attend), written into out [b, s, H * D] (NOTE [ attention's temporaries ])."""
+    b, s, H, D = Q.shape
+    Hkv, L = Kt.shape[1], Kt.shape[2]
+    if path == "math":
+        o = F.scaled_dot_product_attention(Q.transpose(1, 2), Kt, Vt, attn_mask=mask, enable_gqa=(H != Hkv),
+                                           scale=scale)  # [b, H, s, D]
+        out.view(b, s, H, D).copy_(o.transpose(1, 2))
+        return
+    G = H // Hkv
+    Qf = Q.view(b, s, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(b, Hkv, G * s, D)  # row g * s + i: head hk * G + g
+    Lp = -(-L // BIAS_ALIGN) * BIAS_ALIGN
+    bias = torch.zeros(b, 1, G, s, Lp, dtype=Q.dtype, device=Q.device)[..., :L]
+    bias.masked_fill_(mask.logical_not().unsqueeze(2), float("-inf"))  # every folded row takes its query's mask
+    bias = bias.view(b, 1, G * s, L)
+    if Q.is_cuda:
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            o = F.scaled_dot_product_attention(Qf, Kt, Vt, attn_mask=bias, scale=scale)  # [b, Hkv, G * s, D]
+    else:
+        o = F.scaled_dot_product_attention(Qf, Kt, Vt, attn_mask=bias, scale=scale)
+    out.view(b, s, Hkv, G, D).copy_(o.view(b, Hkv, G, s, D).permute(0, 3, 1, 2, 4))
+
+
 def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, swa: bool = False) -> torch.Tensor:
     """Self-attention of the packed tokens x [T, E]; writes their K/V into the caches.
@@ -137,34 +230,26 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
 
     B, S = meta.q_index.shape
     L = meta.kv_len
-    # NOTE: attention's temporaries grow with B * L (K/V gathered, then expanded to every head for
-    # grouped queries) and with S * L (scores, when the math kernel runs): groups of sequences
-    # and of query rows keep them under ATTN_TEMP_BYTES, which the plan counts.
-    per_seq = L * (3 * H + 2 * Hkv) * D * x.element_size()
-    per_row = H * L * 4
-    bc = max(1, min(B, ATTN_TEMP_BYTES // max(1, per_seq + S * per_row)))
-    sc = S if bc > 1 else max(1, min(S, (ATTN_TEMP_BYTES - per_seq) // per_row))
-    if sc < S:
-        bc = 1
-    full = (meta.rows, meta.q_index, mask_all, cos_k_all, sin_k_all)
+    e = x.element_size()
+    path = attention_path(hp, e, x.is_cuda, x.dtype == torch.bfloat16 and x.is_cuda
+                          and torch.cuda.get_device_capability(x.device)[0] < 8)
+    bc, sc = attention_groups(hp, B, S, L, e, path, cos_k_all is not None)
     scale = hp.attn_scale or None
-    groups = [full] if bc == B else [tuple(None if t is None else t[b0:b0 + bc] for t in full)
-                                     for b0 in range(0, B, bc)]
-    outs = []
-    for rows, q_index, mask, cos_k, sin_k in groups:
+    o = torch.empty(B, S, H * D, dtype=x.dtype, device=x.device)  # every group's output, in padded order
+    for b0 in range(0, B, bc):
+        b1 = min(B, b0 + bc)
+        rows = meta.rows[b0:b1]
         K = k_cache[rows, :L].to(x.dtype)  # [b, L, Hkv, D]
         V = v_cache[rows, :L].to(x.dtype)
-        if cos_k is not None:
-            K = apply_rope(K, cos_k, sin_k, hp.rope_neox)
-        Q, Kt, Vt = q[q_index].transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2)  # [b, H, S, D], [b, Hkv, L, D]
-        if sc == S:
-            outs.append(F.scaled_dot_product_attention(Q, Kt, Vt, attn_mask=mask, enable_gqa=(H != Hkv), scale=scale))
-        else:
-            outs.append(torch.cat([F.scaled_dot_product_attention(
-                Q[:, :, s0:s0 + sc], Kt, Vt, attn_mask=mask[:, :, s0:s0 + sc], enable_gqa=(H != Hkv), scale=scale)
-                for s0 in range(0, S, sc)], dim=2))
-    o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [B, H, S, D]
-    o = o.transpose(1, 2).reshape(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
+        if cos_k_all is not None:
+            K = apply_rope(K, cos_k_all[b0:b1], sin_k_all[b0:b1], hp.rope_neox)
+        Kt, Vt = K.transpose(1, 2), V.transpose(1, 2)  # [b, Hkv, L, D]
+        for s0 in range(0, S, sc):
+            s1 = min(S, s0 + sc)
+            Q = q[meta.q_index[b0:b1, s0:s1]]  # [b, s, H, D]
+            mask = mask_all[b0:b1, :, s0:s1]  # [b, 1, s, L]
+            _sdpa(Q, Kt, Vt, mask, scale, path, o[b0:b1, s0:s1])
+    o = o.view(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
     return _attn_out(hp, w, x, o)
 
 
@@ -187,7 +272,8 @@ def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         y = gate.ffn(h, up, down, act)
     else:
         g, u = linear_many(h, [gate, up])
-        y = linear(act(g) * u, down)
+        a = F.silu(g, inplace=True) if act is F.silu else act(g)  # in place where it can be: [T, F] fewer
+        y = linear(a.mul_(u), down)
     if "post_ffw_norm.weight" in w:
         y = rms_norm(y, w["post_ffw_norm.weight"], hp.norm_eps)
     return x + y

@@ -92,14 +92,25 @@ def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Non
     _reserved[(torch.device(device), dtype)] = numel
 
 
-# Largest dequantized piece of one matrix (128 MiB in fp16): larger ones go in row chunks, which
-# keeps the prompt path's scratch small while each chunk's GEMM stays large enough for cuBLAS.
-SCRATCH_MAX_ELEMS = 8192 * 8192
+# Largest dequantized piece of one layer matrix (32 MiB in fp16): larger ones are dequantized and
+# multiplied in row chunks, each product written into its columns of the output, which keeps the
+# prompt path's scratch (reserved for the whole run, counted by the plan) small while each chunk's
+# GEMM stays large enough for cuBLAS (Llama-3.1-8B: 4096 rows of gate and up, 1024 of down). The
+# chunk also fits an H100/H200's L2 cache, where the GEMM reads what the dequantization wrote.
+SCRATCH_MAX_ELEMS = 4096 * 4096
+CHUNK_ROUND = 256  # a chunk of more rows than this takes a multiple of it (whole GEMM tiles)
 # The same for a prompt's experts, dequantized some experts at a time (moe.py, NOTE [ grouped
 # prefill ]): fewer, larger runs cost fewer launches (measured fastest at 256M values of the
 # sizes tried, BENCHMARKS.md). 256M values (512 MiB in fp16) also hold one of Mixtral's experts
 # (176M).
-EXPERT_SCRATCH_MAX_ELEMS = 4 * SCRATCH_MAX_ELEMS
+EXPERT_SCRATCH_MAX_ELEMS = 16 * 4096 * 4096
+
+
+def chunk_rows(N: int, K: int, cap: int) -> int:
+    """Rows of an [N, K] matrix dequantized at once into a scratch of `cap` elements (all of them
+    where they fit)."""
+    rows = max(1, min(N, cap // K))
+    return rows - rows % CHUNK_ROUND if CHUNK_ROUND < rows < N else rows
 
 
 def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
@@ -120,15 +131,20 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     N, K = w.shape
     if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
         return _kernels().matmul(x, w.raw, w.qtype, N, K, bias)
-    cap = _reserved.get((w.device, x.dtype), SCRATCH_MAX_ELEMS)
-    step = max(1, min(N, cap // K))
+    step = chunk_rows(N, K, _reserved.get((w.device, x.dtype), SCRATCH_MAX_ELEMS))
     if step >= N:
         return F.linear(x, dequantized(w, x.dtype), bias)
-    out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
-        out[:, r0:r1] = F.linear(x, dequantized(w, x.dtype, slice(r0, r1)), None if bias is None else bias[r0:r1])
-    return out
+        wt = dequantized(w, x.dtype, slice(r0, r1)).t()  # [K, r1 - r0]
+        if bias is None:  # the product goes straight into its columns of out (cuBLAS's leading dimension)
+            torch.mm(x2, wt, out=out[:, r0:r1])
+        else:
+            torch.addmm(bias[r0:r1], x2, wt, out=out[:, r0:r1])
+    return out.view(*lead, N)
 
 
 def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[torch.Tensor]:
@@ -149,13 +165,14 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
 
 
 def scratch_elems(layer_shapes) -> int:
-    """Scratch elements the prompt path needs: the largest of the layers' [N, K] matrices (the
-    head, larger, goes in row chunks of that size) up to SCRATCH_MAX_ELEMS, and [E, N, K] expert
-    tensors (dequantized some experts at a time, moe.py NOTE [ grouped prefill ]) up to
-    EXPERT_SCRATCH_MAX_ELEMS."""
+    """Scratch elements the prompt path needs: the largest row chunk of the layers' [N, K] matrices
+    (chunk_rows under SCRATCH_MAX_ELEMS; the head, larger, goes in chunks of what is reserved), and
+    [E, N, K] expert tensors (dequantized some experts at a time, moe.py NOTE [ grouped prefill ])
+    up to EXPERT_SCRATCH_MAX_ELEMS."""
     def cap(s) -> int:
-        most = EXPERT_SCRATCH_MAX_ELEMS if len(s) == 3 else SCRATCH_MAX_ELEMS
-        return min(math.prod(s), max(1, most // s[-1]) * s[-1])
+        if len(s) == 3:
+            return min(math.prod(s), max(1, EXPERT_SCRATCH_MAX_ELEMS // s[-1]) * s[-1])
+        return chunk_rows(s[0], s[1], SCRATCH_MAX_ELEMS) * s[1]
 
     return max((cap(s) for s in layer_shapes), default=0)
 

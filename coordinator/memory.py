@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from layerstream.compute.model import ATTN_TEMP_BYTES
+from layerstream.compute.model import attention_bytes, attention_path
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK, model_scratch_elems
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
@@ -93,35 +93,6 @@ def transient_reserve(peak: int, largest: int, cuda: bool = True) -> int:
     return peak + extra
 
 
-def attention_groups(hp: HParams, B: int, S: int, L: int, e: int) -> tuple[int, int]:
-    """The sequences and query rows attention takes at once on its general path: model.py's
-    grouping under ATTN_TEMP_BYTES, worked out as it does."""
-    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
-    per_seq = L * (3 * H + 2 * Hkv) * D * e
-    per_row = H * L * 4
-    bc = max(1, min(B, ATTN_TEMP_BYTES // max(1, per_seq + S * per_row)))
-    sc = S if bc > 1 else max(1, min(S, (ATTN_TEMP_BYTES - per_seq) // per_row))
-    return (1 if sc < S else bc), sc
-
-
-def general_attention(hp: HParams, B: int, S: int, L: int, e: int, cuda: bool) -> tuple[int, int]:
-    """(bytes, largest tensor) of attention's general path for B sequences of S query rows over L
-    slots: each group gathers its rows' K and V; scaled_dot_product_attention under a boolean
-    mask runs the math kernel, which on CUDA computes half-precision inputs in float32 and expands
-    K and V to every head for grouped queries; it keeps the scores, the masked scores and their
-    softmax for each query row, and the float mask."""
-    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
-    bc, sc = attention_groups(hp, B, S, L, e)
-    up = 4 if cuda else e
-    kv = L * D * (2 * Hkv * e + 2 * Hkv * up + 2 * H * up)  # gathered, in float32, expanded
-    q = sc * H * D * (e + 2 * up)  # gathered queries, in float32, the output in float32
-    rows = sc * L * (3 * H * 4 + 4)
-    group = bc * (kv + q + rows)
-    outs = 2 * B * S * H * D * e  # every group's output, then in packed order
-    largest = max(bc * L * D * 2 * H * up // 2, bc * sc * L * H * 4, B * S * H * D * e)
-    return group + outs, largest
-
-
 def decode_attention(hp: HParams, T: int, L: int, e: int) -> int:
     """Bytes of attn_kernels.decode_attention for T one-token queries over L slots: its output and
     the partial softmaxes of its split of the slots."""
@@ -131,23 +102,26 @@ def decode_attention(hp: HParams, T: int, L: int, e: int) -> int:
     return T * H * D * e + parts
 
 
-def activations(hp: HParams, T: int, e: int, cuda: bool) -> tuple[int, int]:
-    """(bytes, largest tensor) of one layer's activations for T tokens: the residual stream, the
-    norm, q/k/v and the rotated q, attention's output, gate, up, the activation, its product and
-    the down output; a MoE layer's router, the pairs' activations and outputs; on the CPU the
-    norm's float32 copies."""
+def activations(hp: HParams, T: int, e: int, cuda: bool) -> tuple[int, int, int]:
+    """(bytes while attention runs, bytes while the FFN runs, largest tensor) of one layer's
+    activations for T tokens. Attention: the residual stream, the norm, q/k/v and the rotated q,
+    attention's output, its projection (and norm) and the sum; the FFN: the residual stream, the
+    norm, gate, up, the activation (silu in place), the down output (and norm) and the sum; a MoE
+    layer's router, the pairs' activations and outputs; on the CPU the norm's float32 copies."""
     E, F, H, Hkv, D = hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim
     if hp.n_expert:
         F = hp.n_ff_exp or F
-    act = T * (4 * E + 2 * H * D + 2 * Hkv * D + 4 * F) * e
+    attn = T * (5 * E + 3 * H * D + 2 * Hkv * D) * e
+    ffn = T * (5 * E + 3 * F) * e  # (the activation and its product in place where the activation allows)
     largest = T * max(E, H * D, F) * e
     if hp.n_expert:
         k = hp.n_expert_used
-        act += T * (2 * hp.n_expert * 4 + E * 4 + k * (2 * E + 3 * F) * e + k * E * 4)
+        ffn += T * (2 * hp.n_expert * 4 + E * 4 + k * (2 * E + 3 * F) * e + k * E * 4)
         largest = max(largest, T * k * max(E, F) * max(e, 4))
     if not cuda:
-        act += 2 * T * E * 4
-    return act, largest
+        attn += 2 * T * E * 4
+        ffn += 2 * T * E * 4
+    return attn, ffn, largest
 
 
 def step_meta(hp: HParams, B: int, S: int, T: int, L: int, e: int, sliding: bool) -> int:
@@ -161,10 +135,10 @@ def step_meta(hp: HParams, B: int, S: int, T: int, L: int, e: int, sliding: bool
 
 def head(hp: HParams, rows: int, e: int) -> tuple[int, int]:
     """(bytes, largest tensor) of the final norm and output head for `rows` rows: the normed rows,
-    the logits in the compute dtype and in float32, and, on the dequantizing path, the head's row
-    chunks' products beside the output."""
+    the logits in the compute dtype (the dequantizing path writes its row chunks' products into
+    them) and in float32."""
     V = hp.n_vocab
-    return rows * (hp.n_embd * e + V * (2 * e + 4)), rows * V * 4
+    return rows * (hp.n_embd * e + V * (e + 4)), rows * V * 4
 
 
 def mem_available() -> int:
@@ -186,16 +160,16 @@ def kv_buckets(ctx: int) -> int:
 
 
 def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized: bool, cuda: bool,
-              sliding: bool = False, fused_max: int = 0, head_chunk: int = 64,
-              decode_only: bool = False) -> tuple[int, int]:
+              sliding: bool = False, head_chunk: int = 64, decode_only: bool = False) -> tuple[int, int]:
     """(bytes, largest tensor) of the short-lived tensors of the largest step a plan of T tokens a
     step runs: a decode step of every sequence, and, where T allows a sequence several tokens, a
     prompt chunk (alone, or beside the other sequences' decode tokens). Decode attention reads the
     cache in place where Triton runs the matmuls and K is stored rotated (attn_kernels.py); other
-    steps take attention's general path. Every position's logits are counted, `head_chunk` rows
-    at a time on CUDA (evaluation runs on the same plan); `fused_max`: the most rows the fused
-    kernels take (above it, matmuls dequantize and their row chunks are assembled); `decode_only`:
-    the decode step alone (what a CUDA graph captures)."""
+    steps take attention's general path (NOTE [ attention's temporaries ] in compute/model.py).
+    A layer's attention and its FFN are never live at once; a dequantized matmul writes its row
+    chunks' products into its output (qlinear.linear). Every position's logits are counted,
+    `head_chunk` rows at a time on CUDA (evaluation runs on the same plan); `decode_only`: the
+    decode step alone (what a CUDA graph captures)."""
     L = ctx
     B = max(1, min(max_seqs, T))
     kinds = [(B, 1)]  # (sequences, query rows of the longest)
@@ -204,19 +178,18 @@ def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized
         if B > 1 and T > B:
             kinds.append((B, T - B + 1))
     peak = largest = 0
+    path = attention_path(hp, e, cuda)
     for b, s in kinds:
         toks = b if s == 1 else min(T, (b - 1) + s)
-        act, big = activations(hp, toks, e, cuda)
-        if quantized and toks > fused_max:  # a dequantized matmul's row chunks beside its output
-            act += toks * max(hp.n_embd, hp.n_ff_exp or hp.n_ff) * e
+        attn_act, ffn_act, big = activations(hp, toks, e, cuda)
         if s == 1 and quantized and not sliding:
             attn, abig = decode_attention(hp, toks, L, e), toks * hp.n_head * hp.head_dim * e
         else:
-            attn, abig = general_attention(hp, b, s, L, e, cuda)
+            attn, abig = attention_bytes(hp, b, s, toks, L, e, path, sliding)
         rows = min(toks, head_chunk) if cuda else toks
         hb, hbig = head(hp, rows, e)
         meta = step_meta(hp, b, s, toks, L, e, sliding)
-        peak = max(peak, meta + max(act + attn, toks * hp.n_embd * e + hb))
+        peak = max(peak, meta + max(attn_act + attn, ffn_act, toks * hp.n_embd * e + hb))
         largest = max(largest, big, abig, hbig)
     return peak, largest
 
@@ -283,13 +256,13 @@ class Sizes:
         return 2 * self.kv_tensor
 
     def kv(self, k: int) -> int:
-        """The KV of k layers on the device (every K, then every V: runner's DeviceKV)."""
-        return reserved_bytes([self.kv_tensor] * (2 * k), self.cuda)
+        """The KV of k layers on the device (one allocation: kv.DeviceKV)."""
+        return reserved_bytes([self.kv_tensor * 2 * k], self.cuda)
 
     def host_kv_in_flight(self) -> int:
-        """Two device buffers for the host KV layers (CUDA), or a gathered copy of one layer's (CPU)."""
+        """Two device buffers for the host KV layers (CUDA, one allocation), or a gathered copy of one layer's (CPU)."""
         if self.cuda:
-            return reserved_bytes([self.kv_tensor] * 4)
+            return reserved_bytes([self.kv_tensor * 4])
         return self.kv_layer
 
     def slots(self, n: int, streamed: bool) -> int:
@@ -307,7 +280,7 @@ class Sizes:
         """The step's short-lived tensors with what the allocator keeps for them (step_peak)."""
         peak, largest = step_peak(self.index.hparams, T, e=self.e, ctx=self.ctx, max_seqs=self.max_seqs,
                                          quantized=self.quantized, cuda=self.cuda, sliding=self.sliding,
-                                         fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK)
+                                         head_chunk=HEAD_CHUNK)
         return transient_reserve(peak, largest, self.cuda)
 
     def dequant_scratch(self, T: int) -> int:
@@ -343,7 +316,7 @@ class Sizes:
         hp = self.index.hparams
         bg = max(1, min(self.max_seqs, FUSED_MIN_OF_TYPES))
         peak, largest = step_peak(hp, bg, e=self.e, ctx=self.ctx, max_seqs=bg, quantized=True, cuda=True,
-                                         sliding=self.sliding, fused_max=FUSED_MIN_OF_TYPES, head_chunk=HEAD_CHUNK,
+                                         sliding=self.sliding, head_chunk=HEAD_CHUNK,
                                          decode_only=True)
         outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
                 for _ in range(kv_buckets(self.ctx))]

@@ -217,7 +217,9 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             # layers first: the KV of the resident layers only, then of as many streamed ones as fit
             r2 = most(0, n, lambda x: fits(T, slots, x, x))
             kv2 = most(r2, n, lambda k: fits(T, slots, r2, k))
-            if sz.link_bytes(r2, kv2) <= (1 - DECODE_GAIN) * sz.link_bytes(r, kv_dev):
+            # (at a full context; below it the host KV layers move only their filled slots, so
+            # layers first wins a tie)
+            if sz.link_bytes(r2, kv2) <= sz.link_bytes(r, kv_dev) and r2 > r:
                 return r2, kv2, False
         return r, kv_dev, keep_dense
 

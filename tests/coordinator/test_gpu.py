@@ -92,11 +92,11 @@ def test_cuda_graph_decode_matches_eager(model, tmp_path, arch):
                                     n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=6)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with _engine(model, dtype="float16") as e:
-        e.backend.use_graphs = False
+        e.backend.runner.use_graphs = False
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
     with _engine(model, dtype="float16") as e:
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
-        assert e.backend.layer_graphs.graphs, "decode steps did not use a captured graph"
+        assert e.backend.runner.layer_graphs.graphs, "decode steps did not use a captured graph"
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,12 @@ def test_peak_device_memory_stays_within_the_budget(shaped):
 
     rng = np.random.default_rng(0)
     seen = set()
-    # the 4-layer 8B shape at ctx 1280 (plan arithmetic, tests/coordinator/test_plan_memory.py): 1.0 GiB
-    # streams every layer, its KV in host memory, in 64-token steps; 1.1 GiB at batch 8 streams every
-    # layer with the KV of one on the device; 1.2 GiB at batch 4 keeps 2 in 4-token steps; 1.5 GiB at
-    # batch 16 keeps 1; 2.5 GiB keeps all four in 512-token steps; 1.1 GiB at batch 1 in one-token steps
-    for vram_gb, batch, prompt in [(1.0, 1, 700), (1.1, 8, 40), (1.2, 4, 1100), (1.5, 16, 300), (2.5, 1, 600), (1.1, 1, 200)]:
+    # the 4-layer 8B shape at ctx 1280 (plan arithmetic, tests/coordinator/test_plan_memory.py): 0.9 GiB
+    # at batch 4 streams every layer, its KV in host memory, in 32-token steps; 1.1 GiB at batch 8 streams
+    # every layer with the KV of one on the device; 1.25 GiB at batch 4 keeps 2; 1.5 GiB at batch 16
+    # keeps 1; 2.5 GiB keeps all four in 512-token steps; 1.1 GiB at batch 1 in one-token steps
+    for vram_gb, batch, prompt in [(0.9, 4, 700), (1.1, 8, 40), (1.25, 4, 1100), (1.5, 16, 300), (2.5, 1, 600),
+                                   (1.1, 1, 200)]:
         index = open_model(shaped)
         cfg = EngineConfig(device="cuda", dtype="float16", ctx=1280, max_seqs=batch)
         with Engine.open(cfg, PipelineConfig(vram_gb=vram_gb), index=index) as e:

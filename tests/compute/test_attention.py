@@ -1,0 +1,91 @@
+"""Attention's general path (compute/model.py, NOTE [ attention's temporaries ]): the folded grouped
+queries and the math kernel against a float64 reference, its groups under the cap, and the bytes
+the plan counts for it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerstream.compute import model
+from layerstream.compute.model import _sdpa, attention_bytes, attention_groups, attention_path, attention_temps
+from layerstream.loader.synth import shaped_index
+
+MiB = 1 << 20
+
+
+def _reference(Q, K, V, mask):
+    """Float64 attention of Q [b, s, H, D] over K, V [b, Hkv, L, D], each KV head serving H / Hkv query heads."""
+    b, s, H, D = Q.shape
+    G = H // K.shape[1]
+    Kd, Vd = K.double().repeat_interleave(G, 1), V.double().repeat_interleave(G, 1)
+    p = ((Q.double().transpose(1, 2) @ Kd.transpose(-1, -2)) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+    return (p.softmax(-1) @ Vd).transpose(1, 2).reshape(b, s, H * D)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("b,s,H,Hkv,D,L", [(2, 5, 8, 2, 16, 37), (1, 3, 9, 3, 64, 130), (3, 1, 4, 4, 32, 20)])
+@pytest.mark.parametrize("path", ["folded", "math"])
+def test_both_paths_match_the_float64_reference(dtype, tol, b, s, H, Hkv, D, L, path):
+    """Grouped queries (4 and 3 to a KV head, and none), slots not a multiple of the bias's alignment."""
+    g = torch.Generator().manual_seed(b * 100 + L)
+    Q = torch.randn(b, s, H, D, generator=g).to(dtype)
+    K, V = (torch.randn(b, Hkv, L, D, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(b, 1, s, L, generator=g) > 0.3
+    mask[..., 0] = True
+    out = torch.full((b, s, H * D), float("nan"), dtype=dtype)
+    _sdpa(Q, K, V, mask, None, path, out)
+    torch.testing.assert_close(out.double(), _reference(Q, K, V, mask), rtol=tol, atol=tol)
+
+
+def test_groups_keep_the_temporaries_under_the_cap():
+    hp = shaped_index("llama-3.1-8b", n_layer=1).hparams
+    per_seq, per_row = attention_temps(hp, 4096, 2, "folded", False)
+    assert per_seq == 2 * 4096 * 8 * 128 * 2  # K and V gathered as they lie, not expanded to 32 heads
+    # a 512-token chunk at 4096 in one group: tens of MiB (the math kernel's: about 600 MiB)
+    bc, sc = attention_groups(hp, 1, 512, 4096, 2, "folded", False)
+    assert (bc, sc) == (1, 512) and per_seq + 512 * per_row < model.ATTN_TEMP_BYTES
+    m_seq, m_row = attention_temps(hp, 4096, 2, "math", False)
+    assert m_seq + 512 * m_row > 500 * MiB
+    # under a smaller cap, fewer query rows a group; many sequences, fewer of them a group
+    for cap in (24 * MiB, 40 * MiB):
+        bc, sc = attention_groups(hp, 1, 512, 4096, 2, "folded", False, cap)
+        assert bc == 1 and sc < 512 and per_seq + sc * per_row <= cap < per_seq + (sc + 1) * per_row
+    bc, sc = attention_groups(hp, 64, 1, 4096, 2, "folded", False)
+    assert sc == 1 and 1 < bc < 64 and bc * (per_seq + per_row) <= model.ATTN_TEMP_BYTES
+    total, largest = attention_bytes(hp, 64, 1, 64, 4096, 2, "folded", False)
+    assert total <= model.ATTN_TEMP_BYTES + 2 * 64 * 4096 * 2 and largest >= bc * per_seq // 2
+
+
+def test_the_math_kernel_only_where_the_efficient_one_cannot_run():
+    hp = shaped_index("llama-3.1-8b", n_layer=1).hparams
+    assert attention_path(hp, 2, True) == attention_path(hp, 2, False) == "folded"
+    assert attention_path(hp, 2, True, bf16_unsupported=True) == "math"
+    odd = type(hp)(**{**hp.__dict__, "head_dim": 20})  # (not a multiple of 8: the efficient kernel refuses it)
+    assert attention_path(odd, 2, True) == "math" and attention_path(odd, 4, True) == "folded"
+
+
+@pytest.mark.gpu
+def test_device_temporaries_stay_within_what_the_plan_counts():
+    """A 512-token chunk of the 8B over 4096 slots on CUDA: the gathered K and V, the folded queries,
+    the bias and the memory-efficient kernel's output, measured, within attention_bytes."""
+    hp = shaped_index("llama-3.1-8b", n_layer=1).hparams
+    dev, dt = torch.device("cuda"), torch.float16
+    H, Hkv, D, S, L = hp.n_head, hp.n_head_kv, hp.head_dim, 512, 4096
+    k_cache, v_cache = (torch.randn(1, L, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+    q = torch.randn(S, H, D, device=dev, dtype=dt)
+    mask = torch.ones(1, 1, S, L, dtype=torch.bool, device=dev).tril(L - S)
+    rows = torch.zeros(1, dtype=torch.long, device=dev)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = torch.empty(1, S, H * D, device=dev, dtype=dt)
+    K, V = k_cache[rows, :L], v_cache[rows, :L]
+    _sdpa(q[None], K.transpose(1, 2), V.transpose(1, 2), mask, None, attention_path(hp, 2, True), out)
+    packed = out.view(S, H * D)[torch.arange(S, device=dev)]
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated(dev) - base
+    counted, _ = attention_bytes(hp, 1, S, S, L, 2, "folded", False)
+    assert packed.isfinite().all() and used <= counted, (used / MiB, counted / MiB)
