@@ -12,6 +12,7 @@ import sys
 PROG = "run-pipeline"
 MAX_BATCH = 4096
 MAX_READERS = 64
+MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not imported to check options)
 MAX_CTX = 1 << 22
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
 SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
@@ -157,6 +158,8 @@ def build_parser() -> Parser:
     g.add_argument("--host-cache-gb", type=float, default=None,
                    help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
     g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    g.add_argument("--read-threads", type=int, default=None, metavar="N",
+                   help="threads each reader reads a layer's pieces with (default: half the cores, 2 to 8, shared among the readers)")
     g.add_argument("--reader-dir", action="append", default=[], metavar="DIR",
                    help="the directory (drive) each reader serves, once per reader, for split models across drives")
     g.add_argument("--direct-io", action="store_true", help="read with O_DIRECT, bypassing the page cache")
@@ -261,6 +264,7 @@ def check_args(args) -> None:
     ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)
     ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
     ints("readers", args.readers, 1, MAX_READERS)
+    ints("read-threads", args.read_threads, 1, MAX_READ_THREADS)
     ints("prefetch", args.prefetch, 1, 1 << 16)
     ints("resident-layers", args.resident_layers, 0, 1 << 16)
     ints("step-tokens", args.step_tokens, 1, MAX_CTX)

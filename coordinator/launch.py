@@ -22,7 +22,7 @@ from layerstream.coordinator.plan import GiB, Plan, fit_budget, fit_cpu_share, m
 from layerstream.loader import reader_proc, staging_proc
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout, layer_layouts
-from layerstream.loader.reader import ReaderPlan, readers_for
+from layerstream.loader.reader import ReaderPlan, default_threads, readers_for
 from layerstream.proto.child import ChildEndpoints
 from layerstream.proto.messages import ArenaDesc, ByteRange
 
@@ -50,6 +50,12 @@ class Launch:
     cpu: CpuShareConfig  # the CPU share this run packs: the plan's fit of cfg.cpu
 
     @property
+    def read_threads(self) -> int:
+        """Each reader's threads: as asked, else the default's share among the readers, 2 at least
+        (NOTE [ parallel reads ])."""
+        return self.cfg.read_threads or max(2, default_threads() // self.readers.n_readers)
+
+    @property
     def reader_ids(self) -> list[str]:
         return [f"reader-{r}" for r in range(self.readers.n_readers)]
 
@@ -65,11 +71,13 @@ class Launch:
         return (self.plan.step_tokens * 3 + self.max_seqs * (self.ctx + 8)) * 9 + (4 << 20)
 
     def staging_config(self, endpoints: ChildEndpoints, parent_pid: int) -> staging_proc.StagingConfig:
-        return staging_proc.StagingConfig("staging", self.plan.n_slots, self.plan.slot_bytes, endpoints, parent_pid)
+        return staging_proc.StagingConfig("staging", self.plan.n_slots, self.plan.slot_bytes, endpoints, parent_pid,
+                                          populate_threads=default_threads())
 
     def reader_config(self, r: int, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> reader_proc.ReaderConfig:
         return reader_proc.ReaderConfig(self.reader_ids[r], tuple(self.index.files), tuple(self.readers.files[r]),
-                                        self.cfg.direct, arena, endpoints, parent_pid, self.cfg.trace)
+                                        self.cfg.direct, self.read_threads, arena, endpoints, parent_pid,
+                                        self.cfg.trace)
 
     def compute_config(self, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> compute_proc.ComputeConfig:
         plan, cfg = self.plan, self.cfg

@@ -21,6 +21,7 @@ class PipelineConfig:
 
     readers: int = 1
     reader_dirs: tuple[str, ...] = ()
+    read_threads: int | None = None  # threads of each reader (None: loader/reader.py's default_threads)
     direct: bool = False
     vram_gb: float | None = None
     host_cache_gb: float | None = None
@@ -53,6 +54,8 @@ class PipelineConfig:
         if self.reader_dirs and len(self.reader_dirs) != self.readers:
             raise ConfigError(f"--reader-dir given {len(self.reader_dirs)} times for --readers {self.readers}; "
                               "give one per reader")
+        if self.read_threads is not None and self.read_threads < 1:
+            raise ConfigError(f"--read-threads {self.read_threads}: must be at least 1")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"--cpu-threads {self.cpu_threads}: must be at least 1")
         if self.transport not in TRANSPORTS:

@@ -20,6 +20,7 @@ class ReaderConfig:
     files: tuple[str, ...]  # the model's files; LoadLayer ranges name them by index
     serve: tuple[str, ...]  # the files this reader opens
     direct: bool
+    threads: int  # read threads (NOTE [ parallel reads ] in reader.py)
     arena: ArenaDesc
     endpoints: ChildEndpoints
     parent_pid: int
@@ -40,7 +41,7 @@ def main(cfg: ReaderConfig) -> None:
     def body(links: ChildLinks) -> None:
         state["links"] = links
         arena = Arena.from_wire(cfg.arena)
-        reader = LayerReader(list(cfg.serve), direct=cfg.direct)
+        reader = LayerReader(list(cfg.serve), direct=cfg.direct, threads=cfg.threads)
         try:
             links.ready({"files": len(cfg.serve)})
             while True:

@@ -2,6 +2,8 @@
 
 import errno
 import os
+import threading
+import time
 
 import msgpack
 import numpy as np
@@ -97,10 +99,18 @@ def test_layout_wire_roundtrip(model):
         assert back.tensor(name) == lay.tensor(name) and name in back
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Pieces of two pages, so that a tiny model's layer is read in several pieces at once."""
+    monkeypatch.setattr(reader_mod, "CHUNK", 2 * 4096)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("direct", [False, True])
-def test_read_every_layer_into_slots(model, direct):
+def test_read_every_layer_into_slots(model, direct, threads, small_chunks):
     layouts = all_layouts(model)
-    with Arena.create(len(layouts), max(lay.nbytes for lay in layouts)) as arena, LayerReader(model.files, direct=direct) as rd:
+    with Arena.create(len(layouts), max(lay.nbytes for lay in layouts)) as arena, \
+            LayerReader(model.files, direct=direct, threads=threads) as rd:
         for slot, lay in enumerate(layouts):
             arena.slot_array(slot)[:] = 0xEE
             n = rd.read_into(lay.ranges(), arena.slot_view(slot))
@@ -171,18 +181,79 @@ def test_direct_falls_back_when_read_refuses(model, monkeypatch, recwarn):
     rd.close()
 
 
+@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("direct", [False, True])
-def test_truncated_file_is_a_model_error(model, direct):
+def test_truncated_file_is_a_model_error(model, direct, threads, small_chunks):
     lay = layer_layouts(model)[N_LAYER - 1]
     r = lay.ranges()[0]
     cut = r.file_offset + r.nbytes // 2
-    with LayerReader(model.files, direct=direct) as rd, Arena.create(1, lay.nbytes) as arena:
+    with LayerReader(model.files, direct=direct, threads=threads) as rd, Arena.create(1, lay.nbytes) as arena:
         os.truncate(r.file, cut)  # truncated under the reader
         with pytest.raises(ModelError) as e:
             rd.read_into(lay.ranges(), arena.slot_view(0))
     msg = str(e.value)
     assert r.file in msg and "truncated" in msg and f"offset {r.file_offset}" in msg
     assert f"ends at byte {cut}" in msg or direct  # O_DIRECT sees the end rounded to a page
+
+
+def test_a_layer_is_read_by_several_threads_at_once(model, small_chunks, monkeypatch):
+    """Pieces of one layer are in flight on different threads at the same time (NOTE [ parallel reads ])."""
+    real_preadv = os.preadv
+    lock = threading.Lock()
+    now, most, threads = [0], [0], set()
+
+    def slow(fd, bufs, off):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            threads.add(threading.get_ident())
+        time.sleep(0.01)
+        try:
+            return real_preadv(fd, bufs, off)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(reader_mod.os, "preadv", slow)
+    lay = layer_layouts(model)[1]
+    with LayerReader(model.files, threads=3) as rd, Arena.create(1, lay.nbytes) as arena:
+        rd.read_into(lay.ranges(), arena.slot_view(0))
+        t = lay.tensor("ffn_down.weight")
+        assert np.array_equal(arena.slot_array(0)[t.slot_offset : t.slot_offset + t.nbytes],
+                              model.tensor_bytes(model.layers[1]["ffn_down.weight"]))
+    assert most[0] == 3 and len(threads) == 3
+
+
+def test_a_failed_piece_waits_for_the_others(model, small_chunks, monkeypatch):
+    """read_into raises only after every other piece of the call is done: none writes into the
+    slot once it is handed back."""
+    lay = layer_layouts(model)[0]
+    first = lay.ranges()[0].file_offset
+    real_preadv = os.preadv
+    finished = []
+
+    def fail_first(fd, bufs, off):
+        if off == first:
+            raise OSError(errno.EIO, "Input/output error")
+        time.sleep(0.02)
+        n = real_preadv(fd, bufs, off)
+        finished.append(off)
+        return n
+
+    monkeypatch.setattr(reader_mod.os, "preadv", fail_first)
+    with LayerReader(model.files, threads=4) as rd, Arena.create(1, lay.nbytes) as arena:
+        pieces = sum(-(-r.nbytes // reader_mod.CHUNK) for r in lay.ranges())
+        with pytest.raises(ModelError, match=f"read error at byte {first}: Input/output error"):
+            rd.read_into(lay.ranges(), arena.slot_view(0))
+        done = len(finished)
+        time.sleep(0.1)
+        assert done == len(finished) == pieces - 1
+
+
+def test_default_threads_follow_the_cores():
+    assert [reader_mod.default_threads(c) for c in (1, 2, 4, 16, 64)] == [2, 2, 2, 8, 8]
+    with pytest.raises(ConfigError, match="--read-threads 0"):
+        LayerReader([], threads=0)
 
 
 def test_range_outside_slot_and_unknown_file(model):
