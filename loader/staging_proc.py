@@ -12,6 +12,7 @@ prefetch logic (it is bookkeeping over slot ids), which saves a message hop per 
 from __future__ import annotations
 
 import signal
+import threading
 from dataclasses import dataclass
 
 from layerstream.loader.arena import Arena
@@ -26,6 +27,7 @@ class StagingConfig:
     slot_bytes: int
     endpoints: ChildEndpoints
     parent_pid: int
+    populate_threads: int = 0  # threads that make the arena's pages at start (0: none)
 
 
 def main(cfg: StagingConfig) -> None:
@@ -39,7 +41,18 @@ def main(cfg: StagingConfig) -> None:
     def body(links: ChildLinks) -> None:
         with Arena.create(cfg.n_slots, cfg.slot_bytes) as arena:
             links.ready({"arena": to_wire(arena.describe())})
-            while True:
-                links.recv()  # nothing to do but stay alive and answer control messages
+            # its pages are made while the others start (NOTE [ populating the arena ] in arena.py)
+            stop = threading.Event()
+            filler = threading.Thread(target=arena.populate, args=(cfg.populate_threads, stop),
+                                      name="arena-populate", daemon=True)
+            if cfg.populate_threads:
+                filler.start()
+            try:
+                while True:
+                    links.recv()  # nothing to do but stay alive and answer control messages
+            finally:
+                stop.set()
+                if filler.is_alive():
+                    filler.join(5.0)  # (a chunk's madvise is short) before the mapping goes
 
     run_child("staging", cfg.ident, cfg.endpoints, cfg.parent_pid, body)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -53,6 +54,34 @@ def test_create_slots_aligned_and_views():
         v.release()
         assert a.describe() == ArenaDesc(a.name, 3, 8192)
     assert not os.path.exists(_shm_path(a.name))
+
+
+def _allocated(a: Arena) -> int:
+    """Bytes of the segment that hold pages (the tmpfs file's blocks)."""
+    return os.stat(_shm_path(a.name)).st_blocks * 512
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_populate_makes_every_page_and_keeps_what_is_written(monkeypatch):
+    """NOTE [ populating the arena ]: the pages exist after populate(), in pieces spread over the
+    threads, and bytes already written stay as they were."""
+    monkeypatch.setattr(arena_mod, "POPULATE_CHUNK", 64 << 10)
+    with Arena.create(4, 1 << 20) as a:
+        arr = a.slot_array(2)
+        arr[:4096] = 5
+        assert _allocated(a) == 4096  # one page touched, the rest not yet made
+        if a.populate(3) == 0:
+            pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14)")
+        assert _allocated(a) == a.nbytes
+        assert (arr[:4096] == 5).all() and not arr[4096:].any()
+        del arr
+
+
+def test_populate_stops_when_asked():
+    stop = threading.Event()
+    stop.set()
+    with Arena.create(2, 1 << 20) as a:
+        assert a.populate(2, stop) == 0 and _allocated(a) == 0
 
 
 def test_spawn_child_attaches_writes_and_does_not_unlink():
