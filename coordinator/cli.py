@@ -10,7 +10,7 @@ import time
 
 from layerstream.coordinator.args import PROG, UsageError, build_parser, check_args, read_api_key
 from layerstream.coordinator.sigmask import start_thread_pools
-from layerstream.errors import ConfigError, LayerstreamError
+from layerstream.errors import ConfigError, LayerstreamError, ModelError
 
 SERVE_BATCH = 8  # the rows --serve holds by default where they fit
 SERVE_BATCH_MAX = 64  # and at most, where the budget holds more
@@ -35,20 +35,34 @@ def check_model(args):
     """The model's header, read (through the header cache) before anything loads or starts:
     architecture and hyperparameters, tensor types, and a chat template where --chat needs one."""
     from layerstream.loader.default_model import default_model_path
-    from layerstream.loader.gguf_index import open_model
+    from layerstream.loader.gguf_index import header_cached, open_model
+    from layerstream.loader.header_scan import find_string
 
     path = args.model or default_model_path()
+    if args.chat and os.path.isfile(path) and not header_cached(path):
+        # the one key, before gguf-py parses the whole header (seconds for a large vocabulary)
+        try:
+            source = find_string(path, "tokenizer.chat_template")
+        except (OSError, ModelError):
+            pass  # open_model says what is wrong with the file
+        else:
+            _require_template(source, path)
     index = open_model(path)
     if args.chat:
-        source = index.metadata.get("tokenizer.chat_template")
-        if not isinstance(source, str) or not source.strip():
-            why = "has no chat template" if source is None else "has a chat template that is not text"
-            raise ConfigError(f"--chat: {os.path.basename(path)} {why} (tokenizer.chat_template; a base model, not "
-                              "an instruct one?); run without --chat")
+        _require_template(index.metadata.get("tokenizer.chat_template"), path)
     from layerstream.compute.weights import check_model_quants
 
     check_model_quants(index)
     return index
+
+
+def _require_template(source, path: str) -> None:
+    """--chat needs the model's chat template as text."""
+    if isinstance(source, str) and source.strip():
+        return
+    why = "has no chat template" if source is None else "has a chat template that is not text"
+    raise ConfigError(f"--chat: {os.path.basename(path)} {why} (tokenizer.chat_template; a base model, not "
+                      "an instruct one?); run without --chat")
 
 
 def serve_batch(args, index, ctx: int) -> tuple[int, str]:
@@ -121,7 +135,8 @@ def open_engine(args, index, progress: bool):
         stages = ("processes",) if args.serve else ("processes", "layers")
 
         pcfg = PipelineConfig(
-            readers=args.readers, reader_dirs=tuple(args.reader_dir), direct=args.direct_io,
+            readers=args.readers, reader_dirs=tuple(args.reader_dir), read_threads=args.read_threads,
+            direct=args.direct_io,
             vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
             kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
             step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,

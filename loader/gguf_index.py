@@ -276,6 +276,15 @@ def _write_cached(cache: str, md: dict[str, Any], tensors: list[TensorInfo]) -> 
             pass  # a cache that cannot be written costs a parse next time, nothing else
 
 
+def header_cached(path: str) -> bool:
+    """Whether the header cache holds an entry for the file as it is now (NOTE [ the header cache ])."""
+    try:
+        cache = _cache_path(path)
+    except OSError:
+        return False
+    return cache is not None and os.path.isfile(cache)
+
+
 def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
     """One GGUF file's metadata (read_metadata) and tensor table, from the header cache where it
     holds them (NOTE [ the header cache ]), else parsed by gguf-py and cached."""

@@ -193,6 +193,38 @@ def scan_header(path: str) -> None:
                                  f"but the file has {size}; re-download the file")
 
 
+NOT_TEXT = object()  # find_string's answer for a key whose value is not a string
+
+
+def find_string(path: str, key: str) -> str | object | None:
+    """One metadata key's value, read by walking the header as scan_header does (within its
+    limits) and decoding only that value: the string, NOT_TEXT for a value of another type, None
+    where the key is absent. A fraction of a second where gguf-py's parse of a large vocabulary
+    takes many (Gemma 3: 0.4 s against 17 to 24 s on a 2-core machine). ModelError on a header
+    that does not hold together; OSError where the file cannot be read."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size < 24 or fh.read(4) != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
+            c = _Cursor(buf, order, path)
+            c.pos = 16
+            n_kv = c.uint(8, "the key count")
+            if n_kv > MAX_KV:
+                raise c.fail(f"the header claims {n_kv} metadata keys, over the {MAX_KV} allowed")
+            for i in range(n_kv):
+                name = c.name(f"metadata key {i}")
+                vtype = c.uint(4, f"metadata key {name!r}")
+                if name == key:
+                    if vtype != _STRING:
+                        return NOT_TEXT
+                    start = c.pos + 8
+                    n = c.string(f"metadata key {name!r} (a string)", MAX_VALUE_BYTES)
+                    return bytes(buf[start:start + n]).decode("utf-8", "replace")
+                c.value(vtype, f"metadata key {name!r}")
+    return None
+
+
 def _qtype(value: int):
     import gguf
 

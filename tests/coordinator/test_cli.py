@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -231,6 +232,31 @@ def test_chat_on_a_model_without_a_template_fails_before_anything_starts(tmp_pat
                                              "run without --chat"), r.stderr
         assert "plan:" not in r.stderr  # the pipeline logs its plan before it starts a process
         assert "loading layers" not in r.stderr
+
+
+def test_chat_without_a_template_is_refused_from_the_one_key_with_a_cold_header_cache(tmp_path, monkeypatch, capsys):
+    """Issue 25: with no parsed header cached, --chat on a template-less model waited for gguf-py's
+    whole parse (17 to 24 s for Gemma 3); the key alone is read now, and the header never parsed."""
+    import gguf
+
+    from layerstream.coordinator import cli
+    from layerstream.coordinator.args import build_parser
+
+    base = ggufgen.write_model(tmp_path / "base.gguf")
+    chat = _chat_model(tmp_path)
+    monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    parsed = []
+    real_reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parsed.append(a[0]) or real_reader(*a, **k))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-m", base, "--chat", "--device", "cpu", "hello"])
+    assert e.value.code == 1 and parsed == []
+    assert capsys.readouterr().err == ("run-pipeline: error: --chat: base.gguf has no chat template "
+                                       "(tokenizer.chat_template; a base model, not an instruct one?); "
+                                       "run without --chat\n")
+    index = cli.check_model(build_parser().parse_args(["-m", chat, "--chat", "hello"]))  # a template: opens
+    assert parsed == [chat] and index.metadata["tokenizer.chat_template"] == CHATML
 
 
 def test_context_full_error_starts_on_a_line_of_its_own(tmp_path):

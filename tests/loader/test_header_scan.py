@@ -168,3 +168,25 @@ def test_real_models_pass_the_scan(smollm_path, tmp_path):
         p = tmp_path / "short.gguf"
         p.write_bytes(b"GGUF" + bytes(8))
         open_model(p)
+
+
+def test_find_string_reads_one_key_as_gguf_py_does(smollm_path, tmp_path):
+    """find_string walks to one key and decodes only its value: the same text gguf-py's reader
+    gives for the key, None for an absent one, NOT_TEXT for another type."""
+    import gguf
+
+    from layerstream.loader.header_scan import NOT_TEXT, find_string
+
+    reader = gguf.GGUFReader(smollm_path)
+    want = reader.fields["tokenizer.chat_template"].contents()
+    assert want and find_string(smollm_path, "tokenizer.chat_template") == want
+    assert find_string(smollm_path, "general.architecture") == "llama"
+    assert find_string(smollm_path, "llama.block_count") is NOT_TEXT
+    assert find_string(smollm_path, "no.such.key") is None
+    crafted = tmp_path / "crafted.gguf"
+    crafted.write_bytes(header([kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 3) + s("a") + s("bc")
+                                   + s("d")), kv("tokenizer.chat_template", STRING, s("{{ x }}"))]))
+    assert find_string(str(crafted), "tokenizer.chat_template") == "{{ x }}"
+    crafted.write_bytes(header([kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 2 ** 40))]))
+    with pytest.raises(ModelError, match="crafted.gguf: corrupt GGUF header"):
+        find_string(str(crafted), "tokenizer.chat_template")
