@@ -63,8 +63,9 @@ class ModelRunner:
         return n
 
     @torch.inference_mode()
-    def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
-        """Run all layers over the new tokens of `seqs`; logits of the last ("last") or every ("all") token."""
+    def step(self, seqs: list[SeqStep], want: str = "last", last_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run all layers over the new tokens of `seqs`; logits of the last ("last") or every ("all") token.
+        A token -1 is its row's last sampled id, read from `last_ids` [max_seqs] on the device."""
         for s in seqs:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
@@ -73,7 +74,7 @@ class ModelRunner:
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
                                inv_freq_swa=self.inv_freq_swa, triton_attention=self.triton_attention)
-        x = self.glob.embed(torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long))
+        x = self.glob.embed(self._token_ids(seqs, last_ids))
         if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
             x = x * self.hp.embed_scale
         if upto == self.hp.n_layer and want == "last":  # the whole step, head included
@@ -81,6 +82,19 @@ class ModelRunner:
         if upto:
             x = self.layer_graphs.replay(x, meta, seqs, upto, head=False)
         return self._forward(x, meta, seqs, want, start=upto)
+
+    def _token_ids(self, seqs: list[SeqStep], last_ids: torch.Tensor | None) -> torch.Tensor:
+        """The step's token ids [T]: on the host where all are known, else on the device, a -1 taken
+        from its row's entry of `last_ids` (no host sync: the sampled id never left the device)."""
+        flat = [t for s in seqs for t in s.tokens]
+        toks = torch.tensor(flat, dtype=torch.long)
+        if min(flat) >= 0:
+            return toks
+        if last_ids is None:
+            raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
+        rows = torch.tensor([s.row for s in seqs for _ in s.tokens], dtype=torch.long)
+        both = torch.stack([toks, rows]).to(last_ids.device, non_blocking=True)  # [2, T]: one copy
+        return torch.where(both[0] < 0, last_ids[both[1]], both[0])
 
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
         """The attended KV length, padded (masked) so that kernels and graphs see few shapes:

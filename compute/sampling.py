@@ -1,4 +1,9 @@
-"""Batched token sampling in llama.cpp's default order: penalty, top-k, top-p, min-p, temperature, draw."""
+"""Token sampling in llama.cpp's default order (penalty, top-k, top-p, min-p, temperature, draw),
+as torch ops on the logits' own device: no host round trip until the ids are read back.
+
+`draw` is the one implementation. `Sampler` runs it for a batch with the histories given on the
+host (tests, references); `RowSamplers` keeps each KV row's request state where the logits are
+(its seeded generator and a window of recent tokens for the penalty) for the compute side."""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import torch
 from layerstream.errors import ConfigError, ModelError
 
 TINY = torch.finfo(torch.float32).tiny  # temperatures below it sample greedily
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator takes (negative seeds wrap)
+# per-row codes of a step's logits (`bad`): finite, or what the row's largest logit is
+FINITE, NAN, INF, NO_FINITE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -42,19 +50,82 @@ class SamplingParams:
             raise ConfigError(f"repeat_last_n={self.repeat_last_n}: must be >= -1 (-1 means the whole history)")
         if self.max_tokens < 0:
             raise ConfigError(f"max_tokens={self.max_tokens}: must be >= 0")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed={self.seed}: must be in {SEED_MIN}..{SEED_MAX} (a 64-bit seed)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < TINY or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        return self.repeat_penalty != 1.0 and self.repeat_last_n != 0
+
+
+def fresh_seed(params: SamplingParams) -> int:
+    """The request's seed as a generator takes it (0..2^64-1): its own, else a fresh one."""
+    return (params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)) % (1 << 64)
+
+
+def non_finite_error(code: int, at: int) -> ModelError:
+    """The error of a row whose logits are not finite (`code` from `bad_codes`), at its token `at`."""
+    what = {NAN: "NaN", INF: "infinite", NO_FINITE: "no finite"}[code]
+    return ModelError(f"the model produced {what} logits at token {at}: its weights may "
+                      "be corrupt (re-download or re-convert the model file), or its activations "
+                      "overflow the --dtype")
+
+
+def bad_codes(best: torch.Tensor) -> torch.Tensor:
+    """[B] int8 per row: FINITE, or NAN / INF / NO_FINITE for a largest logit that is not finite."""
+    code = torch.where(torch.isnan(best), NAN, torch.where(best == float("inf"), INF, NO_FINITE))
+    return torch.where(torch.isfinite(best), FINITE, code).to(torch.int8)
+
+
+def penalize(x: torch.Tensor, seen: torch.Tensor, p: float) -> torch.Tensor:
+    """The repetition penalty on the tokens `seen` [B, V] bool of x [B, V] float."""
+    return torch.where(seen, torch.where(x > 0, x / p, x * p), x)
+
+
+def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row of x [B, V] float32 (penalized already) on x's device, and each row's
+    largest logit (NaN where the row holds one, -inf where no token is possible): ([B] long, [B])."""
+    V = x.shape[-1]
+    # Through argmax, not amax: on the CPU amax of a [1, V] row ran about 100 times slower than
+    # argmax (8 ms against 80 us) while other processes kept the cores busy.
+    top = x.argmax(dim=-1)  # (argmax takes NaN as the largest)
+    best = x.gather(-1, top[:, None]).squeeze(-1)
+    if P.temperature < TINY:  # (a temperature below float32's smallest normal is 0 to the division)
+        return top, best
+    x = torch.where(torch.isfinite(best)[:, None], x, 0.0)  # a broken row draws harmlessly, then is refused
+
+    # Candidates sorted by logit, best first: [B, K]
+    if 0 < P.top_k < V:
+        vals, idx = torch.topk(x, P.top_k, dim=-1)
+    else:
+        vals, idx = torch.sort(x, dim=-1, descending=True)
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep[:, 1:] = vals[:, 1:] > float("-inf")
+    if P.top_p < 1.0:
+        probs = torch.softmax(vals, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the better candidates
+        keep &= before < P.top_p  # smallest prefix whose mass reaches top_p
+    if P.min_p > 0.0:
+        keep &= vals >= vals[:, :1] + math.log(P.min_p)  # p >= min_p * p_max
+    keep[:, 0] = True  # min_keep = 1
+    vals = torch.where(keep, (vals - vals[:, :1]) / P.temperature, float("-inf"))  # max first: no overflow
+    probs = torch.softmax(vals, dim=-1)
+    pick = torch.multinomial(probs, 1, generator=gen)  # [B, 1]
+    return idx.gather(-1, pick).squeeze(-1), best
+
 
 class Sampler:
-    """Draws one token per row of a logits batch; one seeded generator per device, so runs repeat."""
+    """Draws one token per row of a logits batch with histories given on the host; one seeded
+    generator per device, so runs repeat (the reference of RowSamplers)."""
 
     def __init__(self, params: SamplingParams, vocab_size: int):
         self.params = params
         self.vocab_size = vocab_size
-        self.seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
+        self.seed = fresh_seed(params)
         self._gens: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -67,7 +138,7 @@ class Sampler:
     def penalize(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
         """Apply the repetition penalty to the tokens in each row's recent history. logits: [B, V] float."""
         p, n = self.params.repeat_penalty, self.params.repeat_last_n
-        if p == 1.0 or n == 0:
+        if not self.params.penalized:
             return logits
         V = logits.shape[-1]
         rows, toks = [], []
@@ -80,8 +151,7 @@ class Sampler:
         dev = logits.device
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)  # [B, V]
         seen[torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(toks).to(dev, non_blocking=True)] = True
-        penalized = torch.where(logits > 0, logits / p, logits * p)
-        return torch.where(seen, penalized, logits)
+        return penalize(logits, seen, p)
 
     def sample(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
         """Next token per row. logits: [B, V] (any float dtype, CPU or CUDA); returns [B] long on the
@@ -90,46 +160,94 @@ class Sampler:
         B, V = logits.shape
         if len(histories) != B:
             raise ValueError(f"{len(histories)} histories for {B} rows of logits")
-        P = self.params
         x = self.penalize(logits.float(), histories)  # [B, V]
-        # [B]: each row's largest logit, NaN where the row holds one (argmax takes NaN as the
-        # largest), +inf likewise, -inf where no token is possible. Through argmax, not amax:
-        # on the CPU amax of a [1, V] row ran about 100 times slower than argmax (8 ms against
-        # 80 us) while other processes kept the cores busy, and the coordinator samples there.
-        top = x.argmax(dim=-1)
-        best = x.gather(-1, top[:, None]).squeeze(-1)
-        if P.temperature < TINY:  # (a temperature below float32's smallest normal is 0 to the division)
-            return self._checked(top, best, histories)
-        x = torch.where(torch.isfinite(best)[:, None], x, 0.0)  # a broken row draws harmlessly, then is refused
+        tokens, best = draw(x, self.params, None if self.params.temperature < TINY else self.generator(logits.device))
+        host = torch.stack([tokens, bad_codes(best).long()]).cpu()  # [2, B]
+        for b, code in enumerate(host[1].tolist()):
+            if code != FINITE:
+                raise non_finite_error(code, len(histories[b]))
+        return host[0]
 
-        # Candidates sorted by logit, best first: [B, K]
-        if 0 < P.top_k < V:
-            vals, idx = torch.topk(x, P.top_k, dim=-1)
-        else:
-            vals, idx = torch.sort(x, dim=-1, descending=True)
-        keep = torch.ones_like(vals, dtype=torch.bool)
-        keep[:, 1:] = vals[:, 1:] > float("-inf")
-        if P.top_p < 1.0:
-            probs = torch.softmax(vals, dim=-1)
-            before = torch.cumsum(probs, dim=-1) - probs  # mass of the better candidates
-            keep &= before < P.top_p  # smallest prefix whose mass reaches top_p
-        if P.min_p > 0.0:
-            keep &= vals >= vals[:, :1] + math.log(P.min_p)  # p >= min_p * p_max
-        keep[:, 0] = True  # min_keep = 1
-        vals = torch.where(keep, (vals - vals[:, :1]) / P.temperature, float("-inf"))  # max first: no overflow
-        probs = torch.softmax(vals, dim=-1)
-        pick = torch.multinomial(probs, 1, generator=self.generator(logits.device))  # [B, 1]
-        return self._checked(idx.gather(-1, pick).squeeze(-1), best, histories)
 
-    @staticmethod
-    def _checked(tokens: torch.Tensor, best: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
-        """tokens [B] on the host, after one transfer of tokens and row maxima; ModelError for a
-        row whose maximum is not finite."""
-        host = torch.stack([tokens.double(), best.double()]).cpu()  # [2, B] (ids < 2^53: exact)
-        for b, m in enumerate(host[1].tolist()):
-            if not math.isfinite(m):
-                what = "NaN" if math.isnan(m) else "infinite" if m > 0 else "no finite"
-                raise ModelError(f"the model produced {what} logits at token {len(histories[b])}: its weights may "
-                                 "be corrupt (re-download or re-convert the model file), or its activations "
-                                 "overflow the --dtype")
-        return host[0].long()
+class RowState:
+    """One request's sampler where the logits are: its parameters, its seeded generator, and the
+    tokens the penalty looks at (a ring of the last repeat_last_n ids, or every id seen for -1)."""
+
+    def __init__(self, params: SamplingParams, seed: int, history: list[int], V: int, device: torch.device):
+        self.params, self.V = params, V
+        self.gen = None
+        if params.temperature >= TINY:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(seed)
+        n = params.repeat_last_n
+        self.window = self.seen = None
+        self.count = 0  # ids written to the window so far
+        if not params.penalized:
+            return
+        if n < 0:  # the whole history: a mask of the ids seen, [V + 1] (V: the slot of nothing)
+            self.seen = torch.zeros(V + 1, dtype=torch.bool)
+            self.seen[torch.tensor([t for t in history if 0 <= t < V], dtype=torch.long)] = True
+            self.seen = self.seen.to(device)
+        else:  # the last n ids, V where none yet
+            tail = [t if 0 <= t < V else V for t in history[-n:]]
+            self.window = torch.tensor(tail + [V] * (n - len(tail)), dtype=torch.long).to(device)
+            self.count = len(tail) % n
+
+    def mask(self) -> torch.Tensor | None:
+        """[1, V] bool: the tokens the penalty applies to, or None where it is off."""
+        if self.seen is not None:
+            return self.seen[None, : self.V]
+        if self.window is not None:
+            seen = torch.zeros(self.V + 1, dtype=torch.bool, device=self.window.device)
+            return seen.scatter_(0, self.window, True)[None, : self.V]
+        return None
+
+    def push(self, tok: torch.Tensor) -> None:
+        """Note a sampled id (a 0-d or [1] device tensor) in the window; no sync."""
+        if self.seen is not None:
+            self.seen.index_fill_(0, tok.reshape(1), True)
+        elif self.window is not None:
+            self.window[self.count : self.count + 1] = tok.reshape(1)
+            self.count = (self.count + 1) % len(self.window)
+
+
+class RowSamplers:
+    """Each KV row's sampler state on the compute side; samples a step's rows where the logits are.
+    Rows sampling greedily without a penalty go through one argmax; the others row by row, each
+    with its own generator, so a seed reproduces whatever else shares the batch."""
+
+    def __init__(self, V: int, device: torch.device):
+        self.V, self.device = V, torch.device(device)
+        self.rows: dict[int, RowState] = {}
+
+    def start(self, row: int, params: SamplingParams, seed: int, history: list[int]) -> None:
+        """A new request takes the row: its sampler starts from the prompt's tail `history`."""
+        self.rows[row] = RowState(params, seed, history, self.V, self.device)
+
+    def sample(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next id per row of logits [B, V] (row b belongs to KV row rows[b]): ([B] long, [B] int8
+        bad codes), both on the logits' device, without a host sync."""
+        B = logits.shape[0]
+        missing = [r for r in rows if r not in self.rows]
+        if missing:
+            raise ValueError(f"KV row {missing[0]} samples before its request started (no sampler state)")
+        states = [self.rows[r] for r in rows]
+        plain = [b for b, s in enumerate(states) if s.gen is None and not s.params.penalized]
+        ids, best = [None] * B, [None] * B
+        if plain:
+            x = logits[plain].float() if len(plain) < B else logits.float()
+            t, m = draw(x, states[plain[0]].params, None)
+            for k, b in enumerate(plain):
+                ids[b], best[b] = t[k : k + 1], m[k : k + 1]
+        for b, s in enumerate(states):
+            if ids[b] is not None:
+                continue
+            x = logits[b : b + 1].float()
+            seen = s.mask()
+            if seen is not None:
+                x = penalize(x, seen, s.params.repeat_penalty)
+            ids[b], best[b] = draw(x, s.params, s.gen)
+        out, top = torch.cat(ids), torch.cat(best)
+        for b, s in enumerate(states):
+            s.push(out[b : b + 1])
+        return out, bad_codes(top)

@@ -3,12 +3,25 @@
 Plain logic in the shape of vLLM's EngineCore: `add_request`, `abort`, `step() -> outputs`,
 usable in one process with a fake backend. Requests join and leave between steps. Each step
 carries the decode token of every running request, then chunks of waiting prompts, up to the
-step's token budget (NOTE [ step size ]). A request that finishes or is aborted gives its KV row
-back at once. Each request samples with its own parameters and its own seeded generator, so a
-seed reproduces whatever else shares the batch. A request whose sampling fails is finished
-with an error and the others go on; when the backend's step fails, the requests of that step
-are finished with its error (reported by the next step) and the exception goes to the caller,
-which knows whether the backend can go on.
+step's token budget (NOTE [ step size ]). The backend samples where the logits are, each request
+with its own parameters and its own seeded generator (sent with its first chunk), so a seed
+reproduces whatever else shares the batch; the core gets ids back, one step behind (NOTE [ one
+step behind ]). A request whose logits are not finite is finished with an error and the others
+go on; when the backend's step fails, the requests of the steps in flight are finished with its
+error (reported by the next step) and the exception goes to the caller, which knows whether the
+backend can go on.
+
+NOTE [ one step behind ]
+`step()` submits step n + 1 before it collects step n's ids: n + 1 is built from what the core
+knew after n - 1, every request that samples in n continuing with the token -1 (the id n samples,
+which the backend feeds on its device). So the GPU runs n + 1 while the core detokenizes n and
+checks its stops. A request that ends at n (EOS, a stop string, max_tokens, its context full)
+had one more token computed in n + 1: that token is discarded (never shown, never counted, not
+in the prefix-reuse record), and the request's row is given back only once n + 1 is collected,
+so a new request never takes a row the backend still writes. Where n surely ends a request
+(its max_tokens reached by n's token, its ring full), n + 1 leaves it out. An aborted request
+frees its row likewise, after the steps in flight that carry it. With `lookahead` off, each
+step is submitted and collected in turn (the reference the tests compare against).
 
 NOTE [ step size ]
 The backend pads a step to B sequences times its longest chunk S (the attention's queries and
@@ -37,14 +50,23 @@ from typing import Callable, Protocol
 import torch
 
 from layerstream.compute.model import SeqStep
-from layerstream.compute.sampling import Sampler, SamplingParams
+from layerstream.compute.sampling import FINITE, SamplingParams, fresh_seed, non_finite_error
+from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.kv_ring import KVRing, context_full
 from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
+from layerstream.proto.messages import SamplerStart
 
 
 class StepBackend(Protocol):
+    """Runs steps: `submit` starts one (sampling the sequences flagged in `sample`, new requests'
+    samplers in `starts`), `collect` gives the oldest submitted one's result; `step` is both at
+    once, returning logits (evaluation); `discard` forgets the steps in flight after a failure."""
+
+    def submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str) -> None: ...
+    def collect(self) -> StepResult: ...
     def step(self, seqs: list[SeqStep], want: str) -> torch.Tensor | None: ...
+    def discard(self) -> None: ...
 
 
 @dataclass
@@ -104,32 +126,57 @@ class StopMatcher:
         return out
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     id: str
     prompt: list[int]
     params: SamplingParams
-    sampler: Sampler
+    seed: int
     decoder: StreamDecoder
     stops: StopMatcher
     row: int | None = None
     ring: KVRing | None = None
-    fed: int = 0  # prompt tokens fed so far
-    tokens: list[int] = field(default_factory=list)  # every token fed (the penalty's history)
+    fed: int = 0  # prompt tokens fed so far (counted when submitted)
+    started: bool = False  # its sampler was sent (with its first chunk)
     generated: list[int] = field(default_factory=list)
-    pending: int | None = None  # sampled and not yet fed
+    sampled: int = 0  # ids collected (an EOS included)
+    pending: int | None = None  # collected and not yet fed
+    ahead: int = 0  # ids sampled in steps in flight
+    inflight: int = 0  # steps in flight that carry it
+    full: bool = False  # its ring has no room for the id in flight: it ends with that one
+    done: bool = False  # finished or aborted; its row goes back once no step in flight carries it
+    held: list[int] | None = None  # the record its row keeps (NOTE [ prefix reuse ]), until then
+
+    def history(self) -> list[int]:
+        """The prompt's tail the repetition penalty looks at (sent once, with its sampler)."""
+        n = self.params.repeat_last_n
+        return [] if not self.params.penalized else list(self.prompt if n < 0 else self.prompt[-n:])
+
+    def fed_tokens(self) -> list[int]:
+        """The tokens whose KV its row holds at positions 0.. (ids of steps in flight left out)."""
+        if self.fed < len(self.prompt):
+            return self.prompt[: self.fed]
+        return self.prompt + self.generated[: max(self.sampled - 1, 0)]  # the last id was never fed
+
+
+@dataclass
+class _Step:
+    """A step in flight: per sequence its request, its tokens and whether it samples."""
+
+    plan: list[tuple[_Request, list[int], bool]]
 
 
 class EngineCore:
-    """Schedules requests over a step backend: admission, chunking, sampling, stopping."""
+    """Schedules requests over a step backend: admission, chunking, stopping."""
 
     def __init__(self, backend: StepBackend, tokenizer: Tokenizer, n_vocab: int, *, max_seqs: int, ctx: int,
-                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4):
+                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4, lookahead: bool = True):
         if step_tokens < 1:
             raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
         self.on_context_full, self.sink_tokens = on_context_full, sink_tokens
+        self.lookahead = lookahead  # NOTE [ one step behind ]
         self.pad_tokens = max(step_tokens, max_seqs)  # B * S of a step at most (NOTE [ step size ])
         self.free_rows = list(range(max_seqs))
         self.row_tokens: dict[int, list[int]] = {}  # free row -> tokens whose KV it still holds (NOTE above)
@@ -137,6 +184,7 @@ class EngineCore:
         self.waiting: deque[_Request] = deque()  # not yet holding a row
         self.running: list[_Request] = []  # holding a row: prefilling or decoding
         self.aborted: list[RequestOutput] = []  # finished outside a step (abort, failed step): reported by the next
+        self.inflight: deque[_Step] = deque()  # submitted, not yet collected (NOTE [ one step behind ])
         self.steps = 0
 
     # -- rows (also lent to Engine's direct evaluation API) -------------------------------------
@@ -178,6 +226,10 @@ class EngineCore:
             raise ConfigError("evaluation runs while no request is in flight")
         if not tokens:
             raise ValueError("score() needs at least one token")
+        while self.inflight:  # the discarded tokens of requests that ended (NOTE [ one step behind ])
+            outs, self.aborted = self.aborted, []
+            self._collect(outs)
+            self.aborted = outs
         row = self.take_row()
         ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
         fed, held = 0, None
@@ -208,22 +260,22 @@ class EngineCore:
         bad = [t for t in prompt if not 0 <= t < self.n_vocab]
         if bad:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        self.waiting.append(_Request(request_id, list(prompt), params, Sampler(params, self.n_vocab),
+        self.waiting.append(_Request(request_id, list(prompt), params, fresh_seed(params),
                                      StreamDecoder(self.tokenizer), StopMatcher(params.stop)))
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request, waiting or running; its row is free for the next step."""
+        """Drop a request, waiting or running; its row is free once no step in flight carries it."""
         for q in (self.waiting, self.running):
             for r in list(q):
                 if r.id == request_id:
                     q.remove(r)
-                    self._free(r)
+                    self._end(r)
                     self.aborted.append(RequestOutput(r.id, "", [], True, "abort", len(r.prompt), len(r.generated)))
                     return True
         return False
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.aborted)
+        return bool(self.waiting or self.running or self.aborted or self.inflight)
 
     def run_to_completion(self) -> list[RequestOutput]:
         """Step until every request has finished; the outputs in order."""
@@ -234,10 +286,21 @@ class EngineCore:
 
     # -- one step ---------------------------------------------------------------------------------
 
+    def _decode_token(self, r: _Request) -> int | None:
+        """The token a decoding request feeds next: its collected id, -1 for the id a step in
+        flight samples, None where it feeds none (NOTE [ one step behind ])."""
+        if r.ahead:
+            sure_end = r.full or len(r.generated) + r.ahead >= r.params.max_tokens
+            return None if sure_end else -1
+        return r.pending
+
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
         """Decode tokens of the running requests first, then prompt chunks of the running, then of
         waiting requests admitted while a row is free and the step has room (NOTE [ step size ])."""
-        plan = [(r, [r.pending]) for r in self.running if r.pending is not None]
+        plan = []
+        for r in self.running:
+            if r.fed == len(r.prompt) and (tok := self._decode_token(r)) is not None:
+                plan.append((r, [tok]))
         room = max(self.step_tokens - len(plan), 0)
         width = 1 if plan else 0  # the longest chunk so far
 
@@ -250,7 +313,7 @@ class EngineCore:
             return n
 
         for r in self.running:
-            if r.pending is None and r.fed < len(r.prompt):
+            if r.fed < len(r.prompt):
                 n = chunk(r, r.fed, max(r.ring.max_chunk(), 1))
                 if n:
                     plan.append((r, r.prompt[r.fed : r.fed + n]))
@@ -265,54 +328,114 @@ class EngineCore:
                 break
             self.waiting.popleft()
             self._claim(row)
-            r.row, r.ring = row, ring
-            r.fed, r.tokens = reused, r.prompt[:reused]
+            r.row, r.ring, r.fed = row, ring, reused
             self.reused_tokens += reused
             self.running.append(r)
             plan.append((r, r.prompt[reused : reused + n]))
         return plan
 
     def step(self) -> list[RequestOutput]:
-        """Run one backend step over the scheduled tokens; returns what each request produced.
-        A request whose sampling fails finishes with finish_reason "error"; when the backend
-        fails, the step's requests do so too (reported by the next step) and the error is raised."""
+        """Submit the next step and collect the oldest in flight (NOTE [ one step behind ]);
+        returns what each request produced. A request whose logits are not finite finishes with
+        finish_reason "error"; when the backend fails, the requests of the steps in flight do so
+        too (reported by the next step) and the error is raised."""
         outs, self.aborted = self.aborted, []
-        plan, steps = [], []
+        if not self.inflight and not self._submit(outs):
+            return outs
+        if self.lookahead:
+            self._submit(outs)
+        self._collect(outs)
+        return outs
+
+    def _submit(self, outs: list[RequestOutput]) -> bool:
+        """Send the scheduled tokens as one backend step; False when there is nothing to run."""
+        plan, seqs, sample, starts = [], [], [], []
         for r, toks in self._schedule():
             try:
                 slots, pos = r.ring.append(len(toks))
             except ContextFullError:
-                outs.append(self._finish(r, "context_full"))
+                if r.ahead:
+                    r.full = True  # it ends with the id in flight (after that one is shown)
+                else:
+                    outs.append(self._finish(r, "context_full"))
                 continue
-            steps.append(SeqStep(row=r.row, tokens=toks, slots=slots, positions=pos, kv_pos=r.ring.slot_positions()))
-            plan.append((r, toks))
-        if not steps:
-            return outs
-        self.steps += 1
-        try:
-            logits = self.backend.step(steps, "last")
-        except Exception as e:
-            why = _reason(e)
-            self.aborted = outs + [self._finish(r, "error", error=why, keep=False) for r, _ in plan]
-            raise
-        for i, (r, toks) in enumerate(plan):
-            r.tokens += toks
-            if r.pending is not None:
-                r.pending = None
-            else:
+            decode = r.fed == len(r.prompt)
+            if not decode:
                 r.fed += len(toks)
-                if r.fed < len(r.prompt):
-                    continue  # the prompt goes on next step: no token to sample yet
-            try:
-                tok = int(r.sampler.sample(logits[i : i + 1], [r.tokens])[0])
-                out = self._accept(r, tok)
-            except Exception as e:  # this request's parameters or logits: it alone ends
-                out = self._finish(r, "error", error=f"sampling failed: {_reason(e)}", keep=False)
-            if out is not None:
-                outs.append(out)
-        return outs
+            samples = decode or r.fed == len(r.prompt)
+            if not r.started:
+                P = r.params
+                starts.append(SamplerStart(r.row, float(P.temperature), P.top_k, float(P.top_p), float(P.min_p),
+                                           float(P.repeat_penalty), P.repeat_last_n, r.seed, r.history()))
+                r.started = True
+            r.pending = None
+            r.inflight += 1
+            r.ahead += samples
+            seqs.append(SeqStep(row=r.row, tokens=toks, slots=slots, positions=pos, kv_pos=r.ring.slot_positions()))
+            sample.append(samples)
+            plan.append((r, toks, samples))
+        if not seqs:
+            return False
+        self.steps += 1
+        self.inflight.append(_Step(plan))
+        try:
+            self.backend.submit(seqs, sample, starts, "none")
+        except Exception as e:
+            self._fail(e, outs)
+            raise
+        return True
 
-    def _accept(self, r: _Request, tok: int) -> RequestOutput | None:
+    def _collect(self, outs: list[RequestOutput]) -> None:
+        """The oldest step in flight's ids: each request's token taken (or discarded, for one
+        that ended meanwhile), its text and whether it ends here, added to `outs`."""
+        step = self.inflight[0]
+        try:
+            res = self.backend.collect()
+        except Exception as e:
+            self._fail(e, outs)
+            raise
+        self.inflight.popleft()
+        for i, (r, _, samples) in enumerate(step.plan):
+            r.inflight -= 1
+            r.ahead -= samples
+            if r.done:  # its id is discarded (NOTE [ one step behind ])
+                self._release(r)
+                continue
+            if not samples:
+                continue  # the prompt goes on next step: no token yet
+            at = len(r.prompt) + r.sampled  # the tokens its id follows
+            r.sampled += 1
+            if res.bad[i] != FINITE:
+                why = f"sampling failed: {non_finite_error(res.bad[i], at)}"
+                outs.append(self._finish(r, "error", error=why, keep=False))
+                continue
+            out = self._accept(r, res.ids[i])
+            if out.finished:
+                outs.append(out)
+            elif r.full:
+                outs += [out, self._finish(r, "context_full")]
+            else:
+                outs.append(out)
+
+    def _fail(self, e: Exception, outs: list[RequestOutput]) -> None:
+        """A backend call failed: every request of the steps in flight ends with its error, their
+        rows free at once (nothing in flight is collected), reported by the next step."""
+        why = _reason(e)
+        reqs = list(dict.fromkeys(r for st in self.inflight for r, _, _ in st.plan))
+        self.inflight.clear()
+        discard = getattr(self.backend, "discard", None)
+        if discard is not None:
+            discard()
+        for r in reqs:
+            r.inflight, r.ahead = 0, 0
+            if r.done:  # (aborted with a chunk in flight: its KV may be half written)
+                r.held = None
+                self._release(r)
+            else:
+                outs.append(self._finish(r, "error", error=why, keep=False))
+        self.aborted = outs
+
+    def _accept(self, r: _Request, tok: int) -> RequestOutput:
         """Take a sampled token: the text it adds, and whether the request ends here."""
         eos = not r.params.ignore_eos and tok in self.tokenizer.eos_ids
         if eos:
@@ -326,17 +449,24 @@ class EngineCore:
         r.pending = tok
         return RequestOutput(r.id, text, [tok], prompt_tokens=len(r.prompt), completion_tokens=len(r.generated))
 
-    def _free(self, r: _Request, keep: bool = True) -> None:
-        """Give the request's row back, noting the tokens whose KV it holds (if its ring never
-        evicted and `keep`: a failed step may have left its KV half written)."""
+    def _end(self, r: _Request, keep: bool = True) -> None:
+        """The request is over: its row goes back now, or once no step in flight carries it, noting
+        the tokens whose KV it holds (if its ring never evicted and `keep`: a failed step may have
+        left its KV half written)."""
+        r.done = True
         if r.row is not None:
-            self.give_row(r.row, list(r.tokens) if keep and r.ring.total == r.ring.count else None)
+            r.held = r.fed_tokens() if keep and r.ring.total == r.ring.count else None
+            self._release(r)
+
+    def _release(self, r: _Request) -> None:
+        if r.row is not None and not r.inflight:
+            self.give_row(r.row, r.held)
             r.row = None
 
     def _finish(self, r: _Request, reason: str, text: str = "", toks: list[int] | None = None,
                 error: str | None = None, keep: bool = True) -> RequestOutput:
         self.running.remove(r)
-        self._free(r, keep)
+        self._end(r, keep)
         return RequestOutput(r.id, text, toks or [], True, reason, len(r.prompt), len(r.generated), error)
 
 

@@ -7,6 +7,7 @@ streaming pipeline's client, which sends the same steps to the compute process.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -15,20 +16,65 @@ import torch
 from layerstream.compute.device import resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
 from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
+from layerstream.compute.stepper import Launched, Stepper, StepResult
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ConfigError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
+from layerstream.proto.messages import SamplerStart
 
 
 class StepBackend(Protocol):
+    """What the engine core steps (core.StepBackend), and what the engine asks of it besides."""
+
     hparams: HParams
     max_seqs: int
     ctx: int
 
+    def submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str) -> None: ...
+    def collect(self) -> StepResult: ...
     def step(self, seqs: list[SeqStep], want: str) -> torch.Tensor | None: ...
+    def discard(self) -> None: ...
     def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The single-process step backend: a ModelRunner (or anything with its `step`, `max_seqs`
+    and `device`) whose steps sample on its device and are read back later (NOTE [ ids one step
+    behind ] in compute/stepper.py): asynchronous on CUDA, synchronous on the CPU."""
+
+    def __init__(self, runner, n_vocab: int):
+        self.runner = runner
+        self.max_seqs, self.device = runner.max_seqs, runner.device
+        self.hparams, self.ctx = getattr(runner, "hp", None), getattr(runner, "ctx", None)
+        self.dtype = getattr(runner, "dtype", None)
+        self.stepper = Stepper(runner.step, n_vocab, runner.max_seqs, runner.device)
+        self.inflight: deque[Launched] = deque()
+
+    def submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str = "none") -> None:
+        self.inflight.append(self.stepper.launch(seqs, sample, starts, want))
+
+    def collect(self) -> StepResult:
+        if not self.inflight:
+            raise RuntimeError("collect() with no step in flight")
+        return self.stepper.result(self.inflight.popleft())
+
+    def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
+        """One step without sampling, its logits on the host (evaluation)."""
+        if self.inflight:
+            raise RuntimeError("step() while steps are in flight")
+        self.submit(seqs, [False] * len(seqs), [], want)
+        return self.collect().logits
+
+    def discard(self) -> None:
+        self.inflight.clear()
+
+    def close(self) -> None:
+        self.inflight.clear()
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass(frozen=True)
@@ -46,7 +92,7 @@ class EngineConfig:
     weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
 
 
-def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
+def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
     """A ModelRunner with every layer resident: the single-process engine."""
     from layerstream.compute.device import keeps_quantized
     from layerstream.compute.runner import ModelRunner
@@ -75,7 +121,7 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False):
             bar.close()
     runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs,
                          sliding=cfg.on_context_full == "slide", triton_attention=quantized)
-    return runner
+    return LocalBackend(runner, index.hparams.n_vocab)
 
 
 # NOTE [ streamed perplexity ]

@@ -51,6 +51,7 @@ from .messages import (
     Message,
     ReadFailed,
     Ready,
+    SamplerStart,
     Shutdown,
     StatsReply,
     StatsRequest,

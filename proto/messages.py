@@ -29,7 +29,9 @@ from typing import Any, ClassVar
 # 2: LayerDone and LayerReady carry lists of [layer, slot]
 # 3: Forward.seqs holds ForwardSeq records, checked item by item; list[int] fields are checked
 #    item by item; staging's Ready carries its arena as an ArenaDesc record
-PROTOCOL_VERSION = 3
+# 4: the compute side samples: ForwardSeq.sample, Forward.starts (SamplerStart records),
+#    ForwardDone.ids and .bad (a decode token -1 is its row's last sampled id)
+PROTOCOL_VERSION = 4
 
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
@@ -140,10 +142,27 @@ class ForwardSeq(Struct):
     and the position each of its KV slots holds after the writes (-1: empty)."""
 
     row: int
-    tokens: list[int]
+    tokens: list[int]  # -1: the row's last sampled id, which never left the compute side
     slots: list[int]
     positions: list[int]
     kv_pos: list[int]
+    sample: bool = False  # draw the next token from the last one's logits
+
+
+@struct
+class SamplerStart(Struct):
+    """A request's sampler, sent with its first chunk: the compute side keeps it for its KV row
+    (the seeded generator, and the prompt's tail the repetition penalty looks at)."""
+
+    row: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    seed: int  # 0..2^64-1
+    history: list[int]
 
 
 @struct
@@ -252,7 +271,8 @@ class Forward(Message):
 
     step: int
     seqs: list[ForwardSeq]
-    want_logits: str = "last"
+    want_logits: str = "last"  # the logits sent back (sampling uses the last ones whatever this says)
+    starts: list[SamplerStart] = dataclasses.field(default_factory=list)
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"want_logits": WANT_LOGITS}
 
@@ -271,12 +291,16 @@ class LayerDone(Message):
 
 @message(22)
 class ForwardDone(Message):
-    """Compute to coordinator: step finished; the logits ride as one extra raw frame of `dtype`."""
+    """Compute to coordinator: step finished; per sequence the id it sampled (-1: none) and its
+    logits' code (0: finite; sampling.NAN, INF, NO_FINITE); logits, when asked, ride as one extra
+    raw frame of `dtype`."""
 
     step: int
     shape: list[int]
     dtype: str
     stats: dict[str, Any]
+    ids: list[int] = dataclasses.field(default_factory=list)
+    bad: list[int] = dataclasses.field(default_factory=list)
 
 
 @message(25)
@@ -299,6 +323,7 @@ __all__ = [
     "Struct",
     "struct",
     "ForwardSeq",
+    "SamplerStart",
     "ArenaDesc",
     "MESSAGE_TYPES",
     "message",

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import ggufgen
-from layerstream.compute.sampling import SamplingParams
+from layerstream.compute.sampling import Sampler, SamplingParams
 from layerstream.coordinator.core import EngineCore
+from layerstream.coordinator.engine import LocalBackend
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ContextFullError
 from layerstream.loader.gguf_index import open_model
@@ -15,21 +16,37 @@ from layerstream.loader.gguf_index import open_model
 V = 256
 
 
-class FakeBackend:
-    """Logits that depend only on a sequence's own last token and position (as a real model's
-    depend only on its own tokens), recording every step."""
+def fake_logits(token: int, position: int) -> torch.Tensor:
+    """[V]: logits that depend only on a sequence's own last token and position (as a real
+    model's depend only on its own tokens)."""
+    g = torch.Generator().manual_seed(token * 7919 + position)
+    return torch.randn(V, generator=g) * 3
 
-    def __init__(self):
+
+class FakeModel:
+    """A runner of fake_logits, recording every step with its tokens as fed (a -1 resolved from
+    the ids the step before sampled, as the runner does on its device)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, max_seqs: int = 64):
+        self.max_seqs = max_seqs
         self.steps: list[list] = []
 
-    def step(self, seqs, want):
-        assert want == "last"
-        self.steps.append([(s.row, list(s.tokens), list(s.positions)) for s in seqs])
-        rows = []
-        for s in seqs:
-            g = torch.Generator().manual_seed(s.tokens[-1] * 7919 + s.positions[-1])
-            rows.append(torch.randn(V, generator=g) * 3)
-        return torch.stack(rows)
+    def step(self, seqs, want, last_ids=None):
+        assert want in ("last", "none")
+        toks = [[int(last_ids[s.row]) if t < 0 else t for t in s.tokens] for s in seqs]
+        self.steps.append([(s.row, t, list(s.positions)) for s, t in zip(seqs, toks)])
+        if want == "none":
+            return None
+        return torch.stack([self.logits(t[-1], s.positions[-1]) for s, t in zip(seqs, toks)])
+
+    def logits(self, token: int, position: int) -> torch.Tensor:
+        return fake_logits(token, position)
+
+
+def FakeBackend(model=None) -> LocalBackend:
+    return LocalBackend(model or FakeModel(), V)
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +71,22 @@ def run(c: EngineCore) -> dict[str, list]:
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
 
-def test_admission_waits_for_a_free_row_and_takes_it_once_freed(tokenizer):
-    c = core(tokenizer)
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_admission_waits_for_a_free_row_and_takes_it_once_freed(tokenizer, lookahead):
+    c = core(tokenizer, lookahead=lookahead)
     for i, n in enumerate((3, 4, 5)):
         c.add_request(f"r{i}", list(range(1, n + 1)), SamplingParams(temperature=0, max_tokens=2 + i, ignore_eos=True))
     c.step()
     assert [r.id for r in c.running] == ["r0", "r1"] and [r.id for r in c.waiting] == ["r2"]
     got = run(c)
     assert all(got[k][-1].finished and got[k][-1].finish_reason == "length" for k in ("r0", "r1", "r2"))
-    steps = c.backend.steps
+    steps = c.backend.runner.steps
     # r2's prompt starts with r0's [1, 2, 3], whose KV r0's row still holds: only [4, 5] is fed
     first_r2, row_r2 = next((i, row) for i, st in enumerate(steps) for row, t, pos in st if t == [4, 5] and pos == [3, 4])
     last_r0 = max(i for i, st in enumerate(steps) if any(row == 0 for row, _, _ in st) and i < first_r2)
-    assert row_r2 == 0 and first_r2 == last_r0 + 1  # r0's row, in the step after r0 finished
+    # r0's row, in the first step submitted after the one where r0 finished was collected: with
+    # the lookahead, the step after r0's last was built before r0's last id came back
+    assert row_r2 == 0 and first_r2 == last_r0 + (2 if lookahead else 1)
     assert c.reused_tokens == 3
     assert sorted(c.free_rows) == [0, 1]
 
@@ -78,26 +98,39 @@ def test_prompts_are_chunked_to_the_token_budget_after_decode_tokens(tokenizer):
         c.step()
     c.add_request("short", [9, 9, 9], GREEDY)
     run(c)
-    for st in c.backend.steps:
+    for st in c.backend.runner.steps:
         assert sum(len(t) for _, t, _ in st) <= 8
-    chunks = [t for st in c.backend.steps for _, t, _ in st if len(t) > 1 or t[0] != 9]
+    chunks = [t for st in c.backend.runner.steps for _, t, _ in st if len(t) > 1 or t[0] != 9]
     assert [len(t) for t in chunks[:3]] == [8, 8, 4]  # 20 prompt tokens in chunks of the budget
     # a decode token of the running request shares the step with the new prompt's chunk
-    mixed = [st for st in c.backend.steps if len(st) == 2]
+    mixed = [st for st in c.backend.runner.steps if len(st) == 2]
     assert mixed and any(len(t) == 1 for _, t, _ in mixed[0]) and any(t == [9, 9, 9] for _, t, _ in mixed[0])
 
 
-def test_abort_frees_the_row_at_once(tokenizer):
-    c = core(tokenizer, max_seqs=1)
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_abort_frees_the_row_once_no_step_in_flight_carries_it(tokenizer, lookahead):
+    """Stepping in turn, an aborted request's row goes to the next request in the next step; one
+    step behind, a step in flight still writes it: the row is free once that step is collected,
+    and the next request's prompt is fed only in a step after the last one carrying the aborted
+    request (NOTE [ one step behind ])."""
+    c = core(tokenizer, max_seqs=1, lookahead=lookahead)
     c.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
     c.add_request("b", [4, 5], GREEDY)
     c.step()
     assert c.abort("a") and not c.abort("nobody")
+    assert c.free_rows == ([] if lookahead else [0])
     outs = c.step()
     assert any(o.request_id == "a" and o.finish_reason == "abort" for o in outs)
-    assert [r.id for r in c.running] == ["b"]  # b took a's row in the same step
+    assert not any(o.request_id == "a" and o.token_ids for o in outs)  # its id in flight is discarded
+    if lookahead:
+        assert [r.id for r in c.running] == [] and c.free_rows == [0]  # freed by the collect
+        c.step()
+    assert [r.id for r in c.running] == ["b"]  # b took a's row
     got = run(c)
     assert got["b"][-1].finish_reason == "length"
+    steps = c.backend.runner.steps  # a's prompt, then its decode token (in flight when aborted) first
+    first_b = next(i for i, st in enumerate(steps) if any(t == [4, 5] for _, t, _ in st))
+    assert first_b == (2 if lookahead else 1) and len(steps[first_b]) == 1 and c.free_rows == [0]
 
 
 def test_seeded_sampling_reproduces_whatever_shares_the_batch(tokenizer):
@@ -127,14 +160,14 @@ def test_stop_strings_eos_and_lengths_per_request(tokenizer):
     assert sum(len(o.token_ids) for o in got["short"]) == 1 and got["short"][-1].completion_tokens == 1
     assert sum(len(o.token_ids) for o in got["long"]) == 7 and got["long"][-1].prompt_tokens == 2
 
-    class EosBackend(FakeBackend):
-        def step(self, seqs, want):
-            out = super().step(seqs, want)
-            out[:, eos] = 1e4  # every request's first pick is end-of-sequence
+    class EosModel(FakeModel):
+        def logits(self, token, position):
+            out = super().logits(token, position)
+            out[eos] = 1e4  # every request's first pick is end-of-sequence
             return out
 
     c = core(tokenizer)
-    c.backend = EosBackend()
+    c.backend = FakeBackend(EosModel())
     c.add_request("e", [3], SamplingParams(temperature=0, max_tokens=9))
     assert run(c)["e"][-1].finish_reason == "eos"
 
@@ -146,7 +179,7 @@ def test_limits_are_refused_before_any_step(tokenizer):
     c.add_request("a", [1], GREEDY)
     with pytest.raises(Exception, match="already in use"):
         c.add_request("a", [1], GREEDY)
-    assert c.backend.steps == []
+    assert c.backend.runner.steps == []
 
 
 def test_a_prompt_reuses_the_kv_a_freed_row_holds(tokenizer):
@@ -158,18 +191,18 @@ def test_a_prompt_reuses_the_kv_a_freed_row_holds(tokenizer):
     c.add_request("t1", turn1, GREEDY)
     got = run(c)["t1"]
     reply = [t for o in got for t in o.token_ids]
-    row1 = c.backend.steps[0][0][0]
+    row1 = c.backend.runner.steps[0][0][0]
     for i in range(2):  # unrelated requests meanwhile take the rows that hold nothing
         c.add_request(f"other{i}", [200 + i, 3], GREEDY)
         run(c)
     assert c.row_tokens[row1] == turn1 + reply[:-1]  # the last sampled token was never fed
     turn2 = turn1 + reply + [40, 41]
-    c.backend.steps.clear()
+    c.backend.runner.steps.clear()
     c.add_request("t2", turn2, GREEDY)
     fresh = core(tokenizer, max_seqs=3, step_tokens=64)
     fresh.add_request("t2", turn2, GREEDY)
     assert [o.token_ids for o in run(c)["t2"]] == [o.token_ids for o in run(fresh)["t2"]]
-    row, toks, pos = c.backend.steps[0][0]
+    row, toks, pos = c.backend.runner.steps[0][0]
     n = len(turn1) + len(reply) - 1
     assert row == row1 and toks == turn2[n:] and pos == list(range(n, len(turn2)))
     assert c.reused_tokens == n
@@ -190,7 +223,7 @@ def test_steps_stay_within_the_planned_size_under_many_clients(tokenizer):
     for i, p in enumerate(prompts):
         c.add_request(f"r{i}", p, params)
     got = run(c)
-    for st in c.backend.steps:
+    for st in c.backend.runner.steps:
         assert len(st) <= 32 and sum(len(t) for _, t, _ in st) <= 512
         assert len(st) * max(len(t) for _, t, _ in st) <= 512, [len(t) for _, t, _ in st]
     for i in (0, 17, 31):
@@ -199,42 +232,60 @@ def test_steps_stay_within_the_planned_size_under_many_clients(tokenizer):
         assert [o.token_ids for o in got[f"r{i}"]] == [o.token_ids for o in run(alone)["x"]]
 
 
-def test_a_request_takes_a_row_only_in_a_step_that_carries_its_prompt(tokenizer):
-    c = core(tokenizer, max_seqs=4, step_tokens=8)
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_a_request_takes_a_row_only_in_a_step_that_carries_its_prompt(tokenizer, lookahead):
+    c = core(tokenizer, max_seqs=4, step_tokens=8, lookahead=lookahead)
     for i in range(4):
         c.add_request(f"r{i}", [i + 1] * 8, GREEDY)
-    c.step()
-    assert [r.id for r in c.running] == ["r0"] and len(c.waiting) == 3 and len(c.free_rows) == 3
+    c.step()  # one step submitted, and the next one too with the lookahead: one prompt each
+    n = 2 if lookahead else 1
+    assert [r.id for r in c.running] == ["r0", "r1"][:n] and len(c.waiting) == 4 - n and len(c.free_rows) == 4 - n
     run(c)
     assert sorted(c.free_rows) == [0, 1, 2, 3]
 
 
-def test_a_request_whose_sampling_fails_ends_alone(tokenizer):
-    """A seed beyond 64 bits fails in the sampler's generator: that request ends with an
-    error naming why, the one beside it finishes normally, and the core serves the next."""
-    c = core(tokenizer)
-    c.add_request("bad", [1, 2, 3], SamplingParams(temperature=1.0, seed=2**64, max_tokens=4))
-    c.add_request("good", [4, 5], GREEDY)
+@pytest.mark.parametrize("lookahead", [True, False])
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, seed=3, max_tokens=5, repeat_penalty=1.2)])
+def test_a_request_whose_logits_are_not_finite_ends_alone(tokenizer, lookahead, params):
+    """A row of NaN logits (the device sampler flags it beside the ids) ends its request with the
+    error the host sampler gave, naming the token; the one beside it finishes normally, and the
+    core serves the next."""
+
+    class NanModel(FakeModel):
+        def logits(self, token, position):
+            out = super().logits(token, position)
+            if position == 4:  # after "bad"'s second generated token ("good" samples from 5 on)
+                out[7] = float("nan")
+            return out
+
+    c = core(tokenizer, lookahead=lookahead)
+    c.backend = FakeBackend(NanModel())
+    c.add_request("bad", [1, 2, 3], params)
+    c.add_request("good", [4, 5, 6, 7, 8, 9], GREEDY)
     got = run(c)
-    assert got["bad"][-1].finish_reason == "error" and "sampling failed" in got["bad"][-1].error
+    assert got["bad"][-1].finish_reason == "error" and got["bad"][-1].error == (
+        "sampling failed: the model produced NaN logits at token 5: its weights may be corrupt (re-download or "
+        "re-convert the model file), or its activations overflow the --dtype")
+    assert sum(len(o.token_ids) for o in got["bad"]) == 2  # two tokens were shown, then it failed
     assert got["good"][-1].finish_reason == "length" and sum(len(o.token_ids) for o in got["good"]) == 5
-    c.add_request("next", [6], GREEDY)
+    c.add_request("next", [6] * 6, GREEDY)
     assert run(c)["next"][-1].finish_reason == "length"
     assert sorted(c.free_rows) == [0, 1]
 
 
-def test_a_failed_backend_step_fails_its_requests_and_the_core_goes_on(tokenizer):
-    class Flaky(FakeBackend):
-        fail_at = 2
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_a_failed_backend_step_fails_its_requests_and_the_core_goes_on(tokenizer, lookahead):
+    class Flaky(FakeModel):
+        fail_at = 3 if lookahead else 2  # the third step() call submits it
 
-        def step(self, seqs, want):
+        def step(self, seqs, want, last_ids=None):
             if len(self.steps) == self.fail_at:
                 self.steps.append(None)
                 raise RuntimeError("out of memory")
-            return super().step(seqs, want)
+            return super().step(seqs, want, last_ids)
 
-    c = core(tokenizer)
-    c.backend = Flaky()
+    c = core(tokenizer, lookahead=lookahead)
+    c.backend = FakeBackend(Flaky())
     c.add_request("a", [1, 2, 3], GREEDY)
     c.add_request("b", [4, 5], GREEDY)
     c.step(), c.step()
@@ -246,3 +297,114 @@ def test_a_failed_backend_step_fails_its_requests_and_the_core_goes_on(tokenizer
     assert not c.has_unfinished() and sorted(c.free_rows) == [0, 1] and not c.row_tokens
     c.add_request("next", [6], GREEDY)
     assert run(c)["next"][-1].finish_reason == "length"
+
+
+def reference_ids(prompt: list[int], params: SamplingParams, eos: int) -> list[int]:
+    """The ids of one request as the core sampled them before it sampled on the device: the
+    host sampler over each step's logits, the history every token fed, one step at a time."""
+    s, hist, out = Sampler(params, V), list(prompt), []
+    while True:
+        t = int(s.sample(fake_logits(hist[-1], len(hist) - 1)[None], [hist])[0])
+        out.append(t)
+        if (t == eos and not params.ignore_eos) or len(out) >= params.max_tokens:
+            return out
+        hist.append(t)
+
+
+MIXED = {  # prompt, parameters: greedy, seeded, every filter, the penalty over windows and the whole history
+    "greedy": ([1, 2, 3], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)),
+    "penalized": ([4, 5], SamplingParams(temperature=0, repeat_penalty=1.5, repeat_last_n=3, max_tokens=11,
+                                         ignore_eos=True)),
+    "seeded": ([9] * 5, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7, max_tokens=12,
+                                       ignore_eos=True)),
+    "filters": ([7, 8, 9, 10], SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, seed=-3,
+                                              repeat_penalty=1.3, repeat_last_n=-1, max_tokens=10, ignore_eos=True)),
+    "one": ([11, 12], SamplingParams(temperature=1.5, seed=2**64 - 1, max_tokens=1, ignore_eos=True)),
+    "eos": ([13, 14], SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=5, max_tokens=40)),
+}
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_ids_are_the_host_samplers_for_greedy_seeded_and_filtered_requests(tokenizer, lookahead):
+    """Sampling where the logits are gives every request of a mixed batch the ids the host
+    sampler gave it alone (its own generator, its own history), stepping in turn or one step
+    behind."""
+    eos = next(iter(tokenizer.eos_ids))
+    c = core(tokenizer, max_seqs=4, step_tokens=6, lookahead=lookahead)
+    for name, (prompt, params) in MIXED.items():
+        c.add_request(name, prompt, params)
+    got = run(c)
+    for name, (prompt, params) in MIXED.items():
+        ids = [t for o in got[name] for t in o.token_ids]
+        want = reference_ids(prompt, params, eos)
+        if got[name][-1].finish_reason == "eos":
+            want = want[:-1]  # an EOS is not shown
+        assert ids == want, name
+    assert len(got["one"][0].token_ids) == 1 and got["one"][-1].finish_reason == "length"
+
+
+def outputs(c: EngineCore) -> dict[str, list]:
+    return {k: [(o.text, o.token_ids, o.finished, o.finish_reason, o.completion_tokens) for o in v]
+            for k, v in run(c).items()}
+
+
+def test_stops_eos_and_lengths_end_on_the_same_token_one_step_behind(tokenizer):
+    """Stop strings, EOS, max_tokens and a full context end each request on the same token, with the
+    same text, counts and prefix-reuse records, whether the core steps in turn or one step behind;
+    one step behind, a request that ended had one more token computed, never shown."""
+    eos = next(iter(tokenizer.eos_ids))
+
+    class EosAt7(FakeModel):
+        def logits(self, token, position):
+            out = super().logits(token, position)
+            out[eos] += 1e4 * (position == 7)  # the 6th id of "eos"; requests that ignore it take it as text
+            return out
+
+    probe = core(tokenizer, lookahead=False)
+    probe.backend = FakeBackend(EosAt7())
+    probe.add_request("p", [30, 31, 32], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    text = "".join(o.text for o in run(probe)["p"])
+    k = len(text) // 2
+    stop = text[k : k + 2]
+    assert text.find(stop) == k and len(stop) == 2  # (the fake model's text holds it once)
+    reqs = {
+        "stop": ([30, 31, 32], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=(stop, "\uffff"))),
+        "length": ([40, 41], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+        "eos": ([13, 14, 15], MIXED["eos"][1]),
+        "full": (list(range(50, 66)), SamplingParams(temperature=0.8, seed=1, max_tokens=40, ignore_eos=True)),
+    }
+    runs = {}
+    for lookahead in (False, True):
+        c = core(tokenizer, max_seqs=4, ctx=24, lookahead=lookahead)
+        c.backend = FakeBackend(EosAt7())
+        for name, (prompt, params) in reqs.items():
+            c.add_request(name, prompt, params)
+        runs[lookahead] = (outputs(c), dict(c.row_tokens), c.backend.runner.steps)
+    (old, rows_old, steps_old), (new, rows_new, steps_new) = runs[False], runs[True]
+    assert new == old and rows_new == rows_old
+    assert "".join(t for t, *_ in old["stop"]) == text[:k] and old["stop"][-1][3] == "stop"
+    assert [o[3] for o in (old["length"][-1], old["eos"][-1], old["full"][-1])] == ["length", "eos", "context_full"]
+    assert old["full"][-1][4] == 24 - 16 + 1  # 8 tokens fed after its prompt, and the one sampled last
+    assert [len(o[1]) for o in old["eos"]] == [1] * 5 + [0]  # its 6th id, the EOS, is not shown
+    fed = lambda steps: sum(len(t) for st in steps for _, t, _ in st)  # noqa: E731
+    assert fed(steps_new) == fed(steps_old) + 2  # the stop's and the EOS's discarded tokens
+
+
+def test_a_decode_token_is_fed_as_the_rows_last_sampled_id(tokenizer):
+    """One step behind, decode tokens travel as -1: the backend feeds each row's last sampled id;
+    stepping in turn, the core sends the ids it collected."""
+    seen = []
+
+    class Spy(FakeModel):
+        def step(self, seqs, want, last_ids=None):
+            seen.append([list(s.tokens) for s in seqs])
+            return super().step(seqs, want, last_ids)
+
+    for lookahead in (True, False):
+        seen.clear()
+        c = core(tokenizer, lookahead=lookahead)
+        c.backend = FakeBackend(Spy())
+        c.add_request("a", [1, 2, 3], GREEDY)
+        ids = [t for o in run(c)["a"] for t in o.token_ids]
+        decode = [toks for st in seen[1:] for toks in st]
+        assert decode == ([[-1]] * 4 if lookahead else [[t] for t in ids[:-1]])

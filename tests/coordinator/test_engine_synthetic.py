@@ -151,7 +151,7 @@ def test_quantized_weights_match_reference(tmp_path, arch, monkeypatch):
     path = _write(tmp_path, arch, "mixed", n_layer=2)
     ref = reference.reference_logits(path, TOKENS)
     with _load(path, weights="quantized", max_seqs=2) as e:
-        assert any(type(w).__name__ == "QuantWeight" for w in e.backend.source.weights[0].values())
+        assert any(type(w).__name__ == "QuantWeight" for w in e.backend.runner.source.weights[0].values())
         _assert_close(e.logits(TOKENS), ref, f"{arch} quantized, whole sequence (prompt path)")
         assert not calls  # prompts take scaled_dot_product_attention
         s = _Seq(e)
@@ -178,7 +178,7 @@ def test_quantized_experts_match_reference(tmp_path, monkeypatch):
     path = _write(tmp_path, "qwen3moe", "Q8_0", n_layer=1)
     ref = reference.reference_logits(path, TOKENS[:12])
     with _load(path, weights="quantized", max_seqs=1) as e:
-        assert type(e.backend.source.weights[0]["ffn_up_exps.weight"]).__name__ == "QuantWeight"
+        assert type(e.backend.runner.source.weights[0]["ffn_up_exps.weight"]).__name__ == "QuantWeight"
         _assert_close(e.logits(TOKENS[:12]), ref, "qwen3moe quantized, prompt path (one expert at a time)")
         assert not calls
         _assert_close(e.logits(TOKENS[:8]), ref[:8], "qwen3moe quantized, 8 tokens (grouped)")

@@ -23,6 +23,7 @@ from layerstream.proto import (
     ProtocolError,
     ReadFailed,
     Ready,
+    SamplerStart,
     Shutdown,
     StatsReply,
     StatsRequest,
@@ -47,11 +48,14 @@ SAMPLES = [
     ReadFailed(7, 12, 3, "OSError: short read"),
     Forward(5, [ForwardSeq(0, [1, 2, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]),
                 ForwardSeq(1, [4], [9], [9], list(range(10)))], "all"),
+    Forward(6, [ForwardSeq(0, [-1], [3], [3], [0, 1, 2, 3], True), ForwardSeq(1, [7, 8], [0, 1], [0, 1], [0, 1], True)],
+            "none", [SamplerStart(1, 0.8, 40, 0.95, 0.05, 1.1, 64, (1 << 64) - 1, [7, 8])]),
     LayerDone(5, [[12, 3]]),
     LayerDone(5, [[12, 3], [13, 0]]),
     LayerReady(5, [[12, 3], [14, 1]]),
     ForwardDone(5, [2, 49152], "float32", {"forward_s": 0.8}),
     ForwardDone(6, [], "float32", {}),
+    ForwardDone(7, [], "float32", {}, [12, -1, 3], [0, 0, 1]),
 ]
 
 
@@ -158,8 +162,12 @@ def test_non_list_body():
         (LayerDone.TAG, [1, [[-1, 3]]], "LayerDone.done must hold"),
         (LayerDone.TAG, [1, [7]], "LayerDone.done must hold"),
         (LoadLayer.TAG, [1, 2, 3, {}], "LoadLayer.ranges must be list, got dict"),
-        (ForwardDone.TAG, [1, [], 5, {}], "ForwardDone.dtype must be str, got int"),
-        (Forward.TAG, [1, [], "some"], "Forward.want_logits must be one of"),
+        (ForwardDone.TAG, [1, [], 5, {}, [], []], "ForwardDone.dtype must be str, got int"),
+        (ForwardDone.TAG, [1, [], "float32", {}, [3, 1.5], [0, 0]], "ForwardDone.ids must hold ints, got 1.5"),
+        (Forward.TAG, [1, [], "some", []], "Forward.want_logits must be one of"),
+        (Forward.TAG, [1, [], "last", [[0, 0.8, 40]]], r"Forward.starts\[0\] must be a SamplerStart list of 9 fields"),
+        (Forward.TAG, [1, [], "last", [[0, 0.8, 40, 0.9, 0.05, 1.1, 64, "7", []]]],
+         r"Forward.starts\[0\]: SamplerStart.seed must be int, got str"),
         (Shutdown.TAG, [b"bytes"], "Shutdown.reason must be str, got bytes"),
     ],
 )
@@ -168,31 +176,33 @@ def test_wrong_field_types(tag, body, text):
         decode(frames_of(PROTOCOL_VERSION, tag, body))
 
 
-SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1]]  # a Forward's sequence as it travels
+SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1], False]  # a Forward's sequence as it travels
 
 
 @pytest.mark.parametrize(
     "seqs, text",
     [
-        ([SEQ[:4]], r"Forward.seqs\[0\] must be a ForwardSeq list of 5 fields \(row, tokens, slots, positions, kv_pos\)"),
-        ([SEQ + [7]], r"Forward.seqs\[0\] must be a ForwardSeq list of 5 fields"),
-        ([SEQ, 3], r"Forward.seqs\[1\] must be a ForwardSeq list of 5 fields .* got 3"),
+        ([SEQ[:5]], r"Forward.seqs\[0\] must be a ForwardSeq list of 6 fields \(row, tokens, slots, positions, kv_pos, "
+                    r"sample\)"),
+        ([SEQ + [7]], r"Forward.seqs\[0\] must be a ForwardSeq list of 6 fields"),
+        ([SEQ, 3], r"Forward.seqs\[1\] must be a ForwardSeq list of 6 fields .* got 3"),
         ([{"row": 0}], r"Forward.seqs\[0\] must be a ForwardSeq list"),
         ([["0", *SEQ[1:]]], r"Forward.seqs\[0\]: ForwardSeq.row must be int, got str"),
         ([[True, *SEQ[1:]]], r"Forward.seqs\[0\]: ForwardSeq.row must be int, got bool"),
         ([[0, 5, *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must be list, got int"),
         ([[0, [1, 2.5], *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must hold ints, got 2.5"),
-        ([SEQ[:4] + [[0, None]]], r"Forward.seqs\[0\]: ForwardSeq.kv_pos must hold ints, got None"),
+        ([SEQ[:4] + [[0, None], False]], r"Forward.seqs\[0\]: ForwardSeq.kv_pos must hold ints, got None"),
+        ([SEQ[:5] + [1]], r"Forward.seqs\[0\]: ForwardSeq.sample must be bool, got int"),
     ],
     ids=["too-few", "too-many", "not-a-list", "a-map", "str-row", "bool-row", "int-tokens", "float-token",
-         "none-kv-pos"],
+         "none-kv-pos", "int-sample"],
 )
 def test_forward_seq_of_wrong_arity_or_type_is_refused(seqs, text):
     """Forward.seqs holds ForwardSeq records: the codec refuses one of the wrong arity or types,
     naming the sequence and the field."""
     with pytest.raises(MalformedMessage, match=text):
-        decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, seqs, "last"]))
-    ok = decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, [SEQ], "last"]))
+        decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, seqs, "last", []]))
+    ok = decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, [SEQ], "last", []]))
     assert ok.seqs == [ForwardSeq(*SEQ)] and ok.seqs[0].tokens == [1, 2]
 
 
@@ -205,7 +215,7 @@ def test_encode_refuses_a_forward_whose_seqs_are_not_records():
 
 def test_int_lists_are_checked_item_by_item():
     with pytest.raises(MalformedMessage, match=r"ForwardDone.shape must hold ints, got '2'"):
-        decode(frames_of(PROTOCOL_VERSION, ForwardDone.TAG, [1, [1, "2"], "float32", {}]))
+        decode(frames_of(PROTOCOL_VERSION, ForwardDone.TAG, [1, [1, "2"], "float32", {}, [], []]))
 
 
 def test_arena_description_travels_as_a_checked_record():

@@ -1,0 +1,110 @@
+"""A step launched where the logits are: sampling on their device, the ids back to the host
+through one pinned copy and an event, so the host never waits for the GPU to build the next step.
+
+NOTE [ ids one step behind ]
+A decode token whose id the coordinator does not know yet travels as -1: the runner takes it
+from `last_ids` [max_seqs], the ids the previous step sampled, on the device. So step n + 1 is
+launched while step n still runs, and the host reads step n's ids (and its per-row "not
+finite" codes) once n's event has completed. On the CPU the same calls run synchronously.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from layerstream.compute.model import SeqStep
+from layerstream.compute.sampling import RowSamplers, SamplingParams
+from layerstream.proto.messages import SamplerStart
+
+# step(seqs, want, last_ids) -> logits [B, V] ("last"), [T, V] ("all") or None ("none")
+StepFn = Callable[[list[SeqStep], str, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class StepResult:
+    """What a step gave the host: per sequence its sampled id (-1 where it sampled none) and
+    its logits' code (sampling.FINITE or what is wrong), and the logits when asked."""
+
+    ids: list[int]
+    bad: list[int]
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class Launched:
+    """A step on its way: where its ids land on the host and the event that says they did."""
+
+    n: int  # sequences
+    host: torch.Tensor | None  # [2, n] int64: ids, bad codes (pinned on CUDA)
+    event: torch.cuda.Event | None
+    logits: torch.Tensor | None
+
+
+def params_of(s: SamplerStart) -> SamplingParams:
+    """The sampling parameters a SamplerStart carries."""
+    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                          repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n, seed=s.seed)
+
+
+class Stepper:
+    """Launches steps of a runner with sampling on its device; reads their ids back later."""
+
+    def __init__(self, step: StepFn, n_vocab: int, max_seqs: int, device):
+        self.step_fn, self.device = step, torch.device(device)
+        self.samplers = RowSamplers(n_vocab, self.device)
+        self.last_ids = torch.zeros(max_seqs, dtype=torch.long, device=self.device)  # NOTE above
+
+    def launch(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str) -> Launched:
+        """Start a step: new requests' samplers, the forward pass, sampling of the sequences that
+        `sample`, the ids' copy to the host; logits come back only when `want` asks ("last", "all")."""
+        if len(sample) != len(seqs):
+            raise ValueError(f"{len(sample)} sampling flags for {len(seqs)} sequences")
+        picks = [b for b, on in enumerate(sample) if on]
+        if picks and want == "all":
+            raise ValueError("a step that samples returns the last tokens' logits, not every token's")
+        for st in starts:
+            self.samplers.start(st.row, params_of(st), st.seed, list(st.history))
+        logits = self.step_fn(seqs, "last" if picks else want, self.last_ids)
+        n = len(seqs)
+        host = event = None
+        if picks:
+            ids, bad = self.samplers.sample(logits if len(picks) == n else logits[picks], [seqs[b].row for b in picks])
+            rows = torch.tensor([seqs[b].row for b in picks], dtype=torch.long).to(self.device, non_blocking=True)
+            self.last_ids.index_copy_(0, rows, ids)
+            out = torch.full((2, n), -1, dtype=torch.long, device=self.device)  # [2, n]: ids, bad codes
+            out[1] = 0
+            if len(picks) == n:
+                out[0], out[1] = ids, bad
+            else:
+                at = torch.tensor(picks, dtype=torch.long).to(self.device, non_blocking=True)
+                out[0].index_copy_(0, at, ids)
+                out[1].index_copy_(0, at, bad.long())
+            if self.device.type == "cuda":
+                host = torch.empty((2, n), dtype=torch.long, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = out
+        kept = None if want == "none" or logits is None else logits
+        return Launched(n, host, event, kept)
+
+    @staticmethod
+    def done(launched: Launched) -> bool:
+        """Whether the step's ids are on the host (never blocks)."""
+        return launched.event is None or launched.event.query()
+
+    @staticmethod
+    def result(launched: Launched) -> StepResult:
+        """The step's ids, codes and asked-for logits on the host (waits for its event)."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        if launched.host is None:
+            ids, bad = [-1] * launched.n, [0] * launched.n
+        else:
+            ids, bad = launched.host.tolist()
+        lg = launched.logits
+        return StepResult(ids, bad, None if lg is None else lg.float().cpu())
