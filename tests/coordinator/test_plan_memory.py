@@ -110,6 +110,20 @@ def test_step_scratch_follows_tokens_context_and_the_attention_path(l8):
     # prompt steps: more tokens, more context, more bytes; every position's logits, 64 rows at a time
     assert s(2, 512) < s(64, 512) < s(512, 512) < s(512, 4096)
     assert s(64, 512) >= 64 * hp.n_vocab * 4
+    # a 512-token chunk at 4096: attention's folded path holds tens of MiB (the math kernel's float32
+    # scores and expanded K/V took about 600 MiB), so the FFN's and the head's tensors weigh as much
+    assert s(512, 4096) - s(512, 512) < 64 * MiB and s(512, 4096) < 160 * MiB
+
+
+def test_70b_step_scratch_at_a_long_context(l70):
+    """The 70B's 512-token chunk at 4096 (64 query heads, 8 KV heads): its attention in two groups of
+    query rows under the cap; 0.68 GiB of step scratch before, under 0.2 GiB now."""
+    index, _ = l70
+
+    def s(T, ctx):
+        return step_scratch(index, T, dtype_bytes=2, ctx=ctx, max_seqs=1, quantized=True)
+
+    assert s(512, 4096) < 0.2 * GiB and s(512, 4096) - s(512, 512) < 64 * MiB
 
 
 def test_host_memory_is_planned_before_anything_is_allocated(smollm):
