@@ -207,56 +207,81 @@ def drop_cache(files) -> None:
             os.close(fd)
 
 
-def _reader_worker(r: int, files, direct: bool, arena_desc: dict, jobs, results) -> None:
-    """Reader r: per job, read its share of the layers (round-robin) into its own slot; report times."""
+def _reader_worker(r: int, files, direct: bool, threads: int, jobs, results) -> None:
+    """Reader r: per job (an arena and its share of the layers as (slot, ranges)), read each layer
+    into its slot; report bytes and times."""
     from layerstream.loader.arena import Arena
     from layerstream.loader.reader import LayerReader
 
-    arena = Arena.from_wire(arena_desc)
+    arenas: dict[str, Arena] = {}
     try:
-        with LayerReader(files, direct) as rd:
+        with LayerReader(files, direct, threads) as rd:
             while (job := jobs.get()) is not None:
+                desc, share = job
+                if desc.name not in arenas:
+                    arenas[desc.name] = Arena.from_wire(desc)
+                arena = arenas[desc.name]
                 t0 = time.monotonic()
                 n = 0
-                with arena.slot_view(r) as view:
-                    for ranges in job:
+                for slot, ranges in share:
+                    with arena.slot_view(slot) as view:
                         n += rd.read_into(ranges, view)
                 results.put((r, n, t0, time.monotonic()))
     except BaseException as e:  # noqa: BLE001 - reported to the parent as data
         results.put((r, -1, repr(e), 0.0))
     finally:
-        arena.close()
+        for a in arenas.values():
+            a.close()
 
 
 def bench_reader(args) -> list[dict]:
+    """cold and warm: each reader reads its layers into one slot of its own, again and again (the
+    page cache, or the drive, to memory already mapped); fill: every layer into a slot of its own in
+    a new arena, as the first pass fills the host cache (the slots' pages are new: allocated as
+    they are written)."""
     from layerstream.loader.arena import Arena
     from layerstream.loader.layout import layer_layouts
+    from layerstream.loader.reader import default_threads
 
     with model_for(args) as index:
         layouts = layer_layouts(index)
         n = args.readers
-        arena = Arena.create(n, max(lay.nbytes for lay in layouts))
+        threads = args.threads or max(2, default_threads() // n)
+        slot_bytes = max(lay.nbytes for lay in layouts)
+        arena = Arena.create(n, slot_bytes)
         ctx = mp.get_context("spawn")
         jobs = [ctx.Queue() for _ in range(n)]
         results = ctx.Queue()
-        procs = [ctx.Process(target=_reader_worker, args=(r, index.files, args.direct, arena.describe(), jobs[r], results),
+        procs = [ctx.Process(target=_reader_worker, args=(r, index.files, args.direct, threads, jobs[r], results),
                              daemon=True) for r in range(n)]
-        shares = [[lay.ranges() for lay in layouts[r::n]] for r in range(n)]
         for p in procs:
             p.start()
 
-        def one_pass() -> tuple[int, float]:
+        def one_pass(into: Arena | None = None) -> tuple[int, float]:
             for r in range(n):
-                jobs[r].put(shares[r])
+                if into is None:  # reader r's layers, one after another into its slot r
+                    jobs[r].put((arena.describe(), [(r, lay.ranges()) for lay in layouts[r::n]]))
+                else:  # layer i into slot i
+                    jobs[r].put((into.describe(), [(i, layouts[i].ranges()) for i in range(r, len(layouts), n)]))
             got = [results.get(timeout=600) for _ in range(n)]
             bad = [g for g in got if g[1] < 0]
             if bad:
                 raise LayerstreamError(f"reader {bad[0][0]} failed: {bad[0][2]}")
             return sum(g[1] for g in got), max(g[3] for g in got) - min(g[2] for g in got)
 
+        populate_s = []
+
+        def fill_pass(populate: bool) -> tuple[int, float]:
+            with Arena.create(len(layouts), slot_bytes) as fresh:
+                if populate:  # as the staging process does at start (NOTE [ populating the arena ])
+                    t0 = time.monotonic()
+                    fresh.populate(default_threads())
+                    populate_s.append(time.monotonic() - t0)
+                return one_pass(fresh)
+
         rows, cold_cached = [], []
         try:
-            for mode in ("cold", "warm"):
+            for mode in args.modes.split(","):
                 times, nbytes = [], 0
                 for _ in range(args.reps):
                     if mode == "cold":
@@ -265,10 +290,11 @@ def bench_reader(args) -> list[dict]:
                             f if (f := page_cache_fraction(x)) is not None else float("nan") for x in index.files))
                     elif not times:
                         one_pass()  # warm the page cache (and the readers)
-                    nbytes, dt = one_pass()
+                    nbytes, dt = fill_pass(mode == "populated") if mode in ("fill", "populated") else one_pass()
                     times.append(dt)
                 dt = statistics.median(times)
-                rows.append({"mode": mode, "readers": n, "io": "O_DIRECT" if args.direct else "buffered",
+                rows.append({"mode": mode, "readers": n, "threads": threads,
+                             "io": "O_DIRECT" if args.direct else "buffered",
                              "GB": nbytes / GB, "s": dt, "GB/s": nbytes / dt / GB,
                              "ms/layer": dt / len(layouts) * 1e3, "reps": args.reps})
         finally:
@@ -280,16 +306,22 @@ def bench_reader(args) -> list[dict]:
                     p.kill()
             arena.close()
             arena.unlink()
-        cached = statistics.fmean(cold_cached) if cold_cached else float("nan")
-        verdict = ("looks cold" if cached < 0.05 else
-                   "NOT cold: the kernel kept the pages (tmpfs, or dirty/locked pages; drop caches needs root)")
-        if cached != cached:  # nan
-            verdict = "page-cache residency unknown (mincore failed)"
-        print_table(
-            f"reader: {os.path.basename(index.path)} ({len(layouts)} layers), disk/page cache -> staging arena "
-            f"({_load()})", rows,
-            f"cold = after posix_fadvise(DONTNEED): {cached:.0%} of the file still cached before reading, {verdict}; "
-            f"median of {args.reps}")
+        notes = []
+        if cold_cached:
+            cached = statistics.fmean(cold_cached)
+            verdict = ("looks cold" if cached < 0.05 else
+                       "NOT cold: the kernel kept the pages (tmpfs, or dirty/locked pages; drop caches needs root)")
+            if cached != cached:  # nan
+                verdict = "page-cache residency unknown (mincore failed)"
+            notes.append(f"cold = after posix_fadvise(DONTNEED): {cached:.0%} of the file still cached before "
+                         f"reading, {verdict}")
+        notes.append("fill = every layer into a new arena's own slot (the host cache's first fill)")
+        if populate_s:
+            t = statistics.median(populate_s)
+            notes.append(f"populated = the same after the arena's pages were made on {default_threads()} threads in "
+                         f"{t:.3f} s ({len(layouts) * slot_bytes / t / GB:.2f} GB/s), not counted")
+        print_table(f"reader: {os.path.basename(index.path)} ({len(layouts)} layers), disk/page cache -> staging "
+                    f"arena ({_load()})", rows, "; ".join(notes) + f"; median of {args.reps}")
     return rows
 
 
@@ -897,9 +929,13 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 def add_stage_parsers(sub) -> None:
     """Register the stages (reader, transfer, dequant, qmatmul, compute, kernels, pipeline, serve, experts) on `sub`."""
-    p = sub.add_parser("reader", help="disk or page cache to the staging arena: cold and warm GB/s")
+    p = sub.add_parser("reader", help="disk or page cache to the staging arena: cold, warm and first-fill GB/s")
     _common(p, reps=3)
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of each reader (default: run-pipeline's, half the cores shared among the readers)")
+    p.add_argument("--modes", default="cold,warm,fill,populated",
+                   help="which passes to time, of cold, warm, fill, populated (default all)")
     p.add_argument("--direct", action="store_true", help="read with O_DIRECT")
     p.set_defaults(func=bench_reader)
 

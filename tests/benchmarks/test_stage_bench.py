@@ -21,8 +21,13 @@ def run(capsys, *argv) -> str:
 
 
 def test_reader(tiny, capsys):
-    out = run(capsys, "reader", "-m", tiny, "--reps", "1", "--readers", "2")
+    out = run(capsys, "reader", "-m", tiny, "--reps", "1", "--readers", "2", "--threads", "3")
     assert "cold" in out and "warm" in out and "GB/s" in out and "posix_fadvise" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split()[:1] in (["cold"], ["warm"], ["fill"], ["populated"]) and line.split()[1].isdigit()}
+    assert set(rows) == {"cold", "warm", "fill", "populated"}
+    assert all(r[1:3] == ["2", "3"] for r in rows.values())  # readers, threads
+    assert "populated = the same after the arena's pages were made" in out
 
 
 def test_transfer_is_a_cpu_memcpy(capsys):
