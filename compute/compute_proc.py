@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from layerstream.compute.expert_stream import make_expert_stream
 from layerstream.compute.model import SeqStep
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
 from layerstream.compute.runner import ModelRunner
+from layerstream.compute.stepper import Launched, Stepper
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.compute.weights import GlobalWeights
 from layerstream.loader.arena import Arena
@@ -26,6 +28,7 @@ from layerstream.proto.messages import ArenaDesc, Forward, ForwardDone, LayerDon
 from layerstream.proto.timeline import Timeline
 
 DONE_BATCH = 2  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
+POLL_S = 1e-4  # how often the loop looks at the step on the device and the socket while both are idle
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,24 @@ class ComputeConfig:
     done_batch: int = 1  # slots given back a message in expert steps (NOTE [ slots given back ])
 
 
+@dataclass
+class _InFlight:
+    """A step launched on the device, not yet answered: what its ForwardDone and timings need."""
+
+    step: int
+    tokens: int
+    want: str
+    rows: list[int]  # per sequence: its KV row where it samples, else -1
+    launched: Launched
+    t0: int  # when its launch began (monotonic ns)
+    events: list = field(default_factory=list)  # its CUDA event pairs (streamed.py)
+    observed: tuple = ()  # the CPU share's figures of its launch
+
+
 class ComputeWorker:
-    """The compute role's logic over its links: one Forward at a time, layers as they are staged."""
+    """The compute role's logic over its links: Forwards launched in turn, the next one while the
+    last still runs on the device, layers as they are staged (NOTE [ ids one step behind ] in
+    stepper.py)."""
 
     def __init__(self, cfg: ComputeConfig, links: ChildLinks):
         self.cfg, self.links = cfg, links
@@ -104,6 +123,10 @@ class ComputeWorker:
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
                                   graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0)
+        self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
+        self.queued: deque[Forward] = deque()  # taken in, not yet launched
+        self.inflight: deque[_InFlight] = deque()  # launched, ForwardDone not yet sent
+        self.host_ids: dict[int, int] = {}  # KV row -> the id it sampled last, once read back
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""
@@ -112,7 +135,9 @@ class ComputeWorker:
         self.registered = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
 
     def _pump(self, block: bool) -> None:
-        """Take in one message (waiting for it when `block`), or all that are queued."""
+        """Answer the steps the device finished; take in one message (waiting for it when `block`),
+        or all that are queued."""
+        self._answer_finished()
         if block:
             self._send_done()  # the coordinator may be waiting for them
         while True:
@@ -124,11 +149,14 @@ class ComputeWorker:
                 return
 
     def _take(self, msg) -> None:
-        """Note a LayerReady (also one sent early for the next step); count anything else."""
+        """Note a LayerReady (also one sent early for the next step) or queue a Forward (one that
+        comes while a step runs is launched next); count anything else."""
         if isinstance(msg, LayerReady):
             for layer, slot in msg.ready:
                 self.ready_slots[(msg.step, layer)] = slot
-        else:  # a Forward in the middle of a step is out of order: counted and dropped
+        elif isinstance(msg, Forward):
+            self.queued.append(msg)
+        else:
             self.tl.incr("unexpected_messages")
 
     def _layer_done(self, step: int, layer: int, slot: int) -> None:
@@ -178,57 +206,104 @@ class ComputeWorker:
                                  f"packed {sum(p.nbytes for d in self.share.packed.values() for p in d.values()) / 2**30:.2f} GiB")
         return snap
 
-    def _gpu_timeline(self) -> tuple[float, int]:
-        """Turn the step's CUDA event pairs into timeline intervals (one sync per step); returns
-        the seconds and bytes of the step's host-to-device copies."""
-        evs = self.source.ring.gpu_events if self.device.type == "cuda" else []
+    def _gpu_timeline(self, evs: list, end) -> tuple[float, int]:
+        """Turn a finished step's CUDA event pairs into timeline intervals, placed against its end
+        event (complete: no sync); returns the seconds and bytes of its host-to-device copies."""
         copy_s, copy_bytes = 0.0, 0
         if not evs:
             return copy_s, copy_bytes
-        torch.cuda.synchronize(self.device)
-        ref = torch.cuda.Event(enable_timing=True)
-        ref.record()
-        ref.synchronize()
-        ref_ns = time.monotonic_ns()
+        end.synchronize()
+        ref_ns = time.monotonic_ns()  # (when its end was seen: a little after it happened)
         for cat, layer, a, b, nbytes in evs:
-            t0 = ref_ns - int(a.elapsed_time(ref) * 1e6)
+            t0 = ref_ns - int(a.elapsed_time(end) * 1e6)
             dur = int(a.elapsed_time(b) * 1e6)
             self.tl.add(cat, f"{cat} L{layer}", t0, dur, nbytes, layer=layer)
             if cat == "copy":
                 copy_s, copy_bytes = copy_s + dur / 1e9, copy_bytes + nbytes
-        evs.clear()
         return copy_s, copy_bytes
 
-    def forward(self, msg: Forward):
+    def _resolve(self, msg: Forward) -> list[SeqStep]:
+        """The step's sequences; where the token embedding is a host gather, a -1 token becomes
+        its row's last id on the host (after the steps in flight are answered: an in-process sync,
+        no round trip to the coordinator)."""
         seqs = [SeqStep(s.row, s.tokens, s.slots, s.positions, s.kv_pos) for s in msg.seqs]
+        if self.glob.embd_dev is not None or all(t >= 0 for s in msg.seqs for t in s.tokens):
+            return seqs
+        while self.inflight:
+            self._answer(self.inflight.popleft())
+        for s in seqs:
+            if any(t < 0 for t in s.tokens):
+                if s.row not in self.host_ids:
+                    raise ValueError(f"step {msg.step}: KV row {s.row} feeds its last sampled id, but it sampled none")
+                s.tokens = [self.host_ids[s.row] if t < 0 else t for t in s.tokens]
+        return seqs
+
+    def launch(self, msg: Forward) -> None:
+        """Start one step on the device (on the CPU: run it); its ForwardDone goes once it is done."""
+        t0 = time.monotonic_ns()
+        seqs = self._resolve(msg)
         tokens = sum(len(s.tokens) for s in seqs)
         self.source.set_step(msg.step, tokens)
         if self.source.expert_step:
             self.expert_steps, self.expert_tokens = self.expert_steps + 1, self.expert_tokens + tokens
-        t0 = time.monotonic_ns()
-        logits = self.runner.step(seqs, msg.want_logits)
-        out = None if logits is None else logits.float().cpu().numpy()
+        launched = self.stepper.launch(seqs, [s.sample for s in msg.seqs], msg.starts, msg.want_logits)
         self.source.return_slots()
         self._send_done()
-        self.tl.add("step", f"step {msg.step}", t0, time.monotonic_ns() - t0, step=msg.step, tokens=tokens)
-        copy_s, copy_bytes = self._gpu_timeline()
-        pass_s = (time.monotonic_ns() - t0) / 1e9
+        evs = self.source.ring.gpu_events if self.device.type == "cuda" else []
+        step = _InFlight(msg.step, tokens, msg.want_logits, [s.row if s.sample else -1 for s in msg.seqs], launched,
+                         t0, list(evs))
+        evs.clear()
         if self.source.expert_step and self.cpu_experts is not None:  # (its dense layers are not split)
             sec, nbytes, _ = self.cpu_experts.meter.take()  # (a pass's packing is a one-off: left out)
-            self.cpu_experts.balancer.observe(tokens, pass_s - self.cpu_experts.take_pack_s(), sec, nbytes, 0.0, 0)
+            step.observed = ("experts", sec, nbytes, self.cpu_experts.take_pack_s())
         elif self.share is not None:
-            self.share.balancer.observe(tokens, pass_s - self.share.take_pack_s(), self.share.step_s,
-                                        self.share.step_bytes, copy_s, copy_bytes)
+            step.observed = ("share", self.share.step_s, self.share.step_bytes, self.share.take_pack_s())
+        self.inflight.append(step)
+
+    def _answer_finished(self) -> None:
+        """Send ForwardDone for every step in flight the device has finished, oldest first."""
+        while self.inflight and Stepper.done(self.inflight[0].launched):
+            self._answer(self.inflight.popleft())
+
+    def _answer(self, st: _InFlight) -> None:
+        """Read a step's ids back (waiting for it) and send its ForwardDone; feed the balancers."""
+        res = Stepper.result(st.launched)
+        for row, tok in zip(st.rows, res.ids):
+            if row >= 0:
+                self.host_ids[row] = tok
+        now = time.monotonic_ns()
+        self.tl.add("step", f"step {st.step}", st.t0, now - st.t0, step=st.step, tokens=st.tokens)
+        copy_s, copy_bytes = self._gpu_timeline(st.events, st.launched.event)
+        pass_s = (now - st.t0) / 1e9
+        if st.observed and st.observed[0] == "experts":
+            _, sec, nbytes, pack_s = st.observed
+            self.cpu_experts.balancer.observe(st.tokens, pass_s - pack_s, sec, nbytes, 0.0, 0)
+        elif st.observed:
+            _, step_s, step_bytes, pack_s = st.observed
+            self.share.balancer.observe(st.tokens, pass_s - pack_s, step_s, step_bytes, copy_s, copy_bytes)
+        out = None if res.logits is None else res.logits.numpy()
         shape = [] if out is None else list(out.shape)
-        self.links.send(ForwardDone(msg.step, shape, "float32", {}), extra=[] if out is None else [out.data])
+        self.links.send(ForwardDone(st.step, shape, "float32", {}, res.ids, res.bad),
+                        extra=[] if out is None else [out.data])
 
     def run(self) -> None:
+        """Launch Forwards as they come, the next before the last is done; answer each once done."""
         self.links.ready({"pinned": self.registered, "device": str(self.device)})
         while True:
-            msg = self.links.recv()
-            if isinstance(msg, Forward):
-                self.forward(msg)
-            elif msg is not None:
+            if self.queued:
+                self.launch(self.queued.popleft())
+                continue
+            if self.inflight:
+                self._answer_finished()
+                if not self.inflight:
+                    continue
+                msg = self.links.recv(0)
+                if msg is None:
+                    time.sleep(POLL_S)
+                    continue
+            else:
+                msg = self.links.recv()
+            if msg is not None:
                 self._take(msg)
 
     def close(self) -> None:

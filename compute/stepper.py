@@ -85,10 +85,11 @@ class Stepper:
             if self.device.type == "cuda":
                 host = torch.empty((2, n), dtype=torch.long, pin_memory=True)
                 host.copy_(out, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
             else:
                 host = out
+        if self.device.type == "cuda":  # the step's end: its ids' copy, else its last kernel
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
         kept = None if want == "none" or logits is None else logits
         return Launched(n, host, event, kept)
 

@@ -1,8 +1,11 @@
 """The streaming pipeline's coordinator loop: its children, their messages, the watchdog, a step.
 
-`Pipeline` is a step backend for `Engine` (the same API as the in-process `ModelRunner`): each
-`step()` sends a Forward to the compute process and then feeds it layers, asking readers for
-the bytes of upcoming layers `prefetch` ahead, across the end of one pass into the next. What
+`Pipeline` is a step backend for `Engine` (the same API as the in-process `LocalBackend`): each
+`submit()` sends a Forward to the compute process, which samples on its side, and `collect()`
+feeds it layers until the oldest step's ids come back, asking readers for the bytes of upcoming
+layers `prefetch` ahead, across the end of one pass into the next. Two steps may be in flight
+(NOTE [ one step behind ] in core.py): the next step's layers are announced once every layer of
+the step before is (StreamCore holds one step's order at a time). What
 the run starts is decided before (launch.py: the plan and the children's configs); the
 scheduling decisions are `StreamCore`'s (stream_core.py), plain logic fed decoded messages;
 the sockets are links.py's. This class dispatches messages, watches the children and stops
@@ -19,6 +22,7 @@ import math
 import os
 import signal
 import time
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -26,6 +30,8 @@ import torch
 
 from layerstream.compute import compute_proc
 from layerstream.compute.model import SeqStep
+from layerstream.compute.sampling import NO_FINITE
+from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.launch import Launch, make_launch
 from layerstream.coordinator.links import CoordinatorLinks
 from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_share
@@ -49,6 +55,7 @@ from layerstream.proto.messages import (
     LayerStaged,
     ReadFailed,
     Ready,
+    SamplerStart,
     Shutdown,
     StatsReply,
     StatsRequest,
@@ -84,13 +91,16 @@ class Pipeline:
         self.launch, self.cfg = launch, launch.cfg
         self.tl = Timeline("coordinator", "0", trace=self.cfg.trace)
         self.core = StreamCore(launch.plan, launch.index.hparams.n_layer)  # the scheduling; this class is its loop
-        self.sup = Supervisor()
+        self.sup = Supervisor(self.cfg.warm)
         self.loop = new_loop()
         self.links: CoordinatorLinks | None = None
         self.arena: ArenaDesc | None = None
         self.closed = False
         self.failure: str | None = None
-        self.done: tuple[np.ndarray | None] | None = None  # the step's logits, once ForwardDone came
+        self.next_step = 1  # the number of the next Forward
+        self.expected: dict[int, int] = {}  # step in flight -> its sequences
+        self.unbegun: deque[int] = deque()  # steps sent whose layers StreamCore does not order yet
+        self.results: dict[int, StepResult] = {}  # ForwardDone of a step in flight, not yet collected
         self.stats_replies: dict[str, Snapshot] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
         self.reported: dict[str, int] = {}  # what -> done, as last given to cfg.on_progress
@@ -181,6 +191,7 @@ class Pipeline:
                 wake = at if wake is None else min(wake, at)
             exited = await self.links.wait(None if wake is None else wake - now)
             await self._serve()
+            await self._begin_steps()
             if exited:
                 await self._check_children()
 
@@ -227,6 +238,12 @@ class Pipeline:
                     msg.shape != [] if not extra else len(msg.shape) != 2 or math.prod(msg.shape) * 4 != nbytes):
                 return self._refuse(ident, f"ForwardDone with dtype {msg.dtype!r} shape {msg.shape} and "
                                            f"{nbytes} bytes of logits")
+            V = self.launch.index.hparams.n_vocab
+            n = self.expected.get(msg.step, len(msg.ids))
+            if not (len(msg.ids) == len(msg.bad) == n and all(-1 <= t < V for t in msg.ids)
+                    and all(0 <= c <= NO_FINITE for c in msg.bad)):
+                return self._refuse(ident, f"ForwardDone of step {msg.step} with {len(msg.ids)} ids and {len(msg.bad)} "
+                                           f"codes for {n} sequences, or out of range")
         elif isinstance(msg, LayerDone):
             for layer, slot in msg.done:
                 if not (layer < self.launch.index.hparams.n_layer and slot < self.plan.n_slots):
@@ -253,8 +270,10 @@ class Pipeline:
         elif isinstance(msg, LayerDone):
             await self._send_all(self.core.on_layer_done(msg.done))
         elif isinstance(msg, ForwardDone):
-            if msg.step == self.core.step_no:
-                self.done = (np.frombuffer(extra[0], dtype=msg.dtype).reshape(msg.shape) if extra else None,)
+            if msg.step in self.expected and msg.step not in self.results:  # (else stale: dropped)
+                logits = np.frombuffer(extra[0], dtype=msg.dtype).reshape(msg.shape) if extra else None
+                self.results[msg.step] = StepResult(list(msg.ids), list(msg.bad),
+                                                    None if logits is None else torch.from_numpy(logits.copy()))
         elif isinstance(msg, ReadFailed):
             await self._send_all(self.core.on_read_failed(ident, msg.req, msg.error))
         elif isinstance(msg, Failed):
@@ -305,25 +324,64 @@ class Pipeline:
 
     # -- the step backend API ----------------------------------------------------------------------
 
-    def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
+    def _call(self, coro):
+        """Run one backend call's coroutine on the loop; a PipelineError stops the run."""
         if self.closed:
+            coro.close()
             raise PipelineError(self.failure or "the pipeline is closed")
         try:
-            return self.loop.run_until_complete(self._step(seqs, want))
+            return self.loop.run_until_complete(coro)
         except PipelineError:
             self.close()
             raise
 
-    async def _step(self, seqs: list[SeqStep], want: str):
-        self.done = None
-        announce = self.core.begin_step()
-        wire = [ForwardSeq(s.row, s.tokens, s.slots, s.positions, s.kv_pos) for s in seqs]
-        await self.links.send("compute", "compute", Forward(self.core.step_no, wire, want))
-        await self._send_all(announce)
-        self.heard["compute"] = time.monotonic()
-        await self._run_until(lambda: self.done is not None, stall=self.cfg.stall_timeout_s)
-        (a,) = self.done
-        return None if a is None else torch.from_numpy(a.copy())
+    def submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str = "none") -> None:
+        """Send one step to the compute process (sampling the flagged sequences there)."""
+        self._call(self._submit(seqs, sample, starts, want))
+
+    def collect(self) -> StepResult:
+        """The oldest step in flight's ids (and logits when asked), once its ForwardDone came."""
+        if not self.expected:
+            raise PipelineError("collect() with no step in flight")
+        return self._call(self._collect())
+
+    def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
+        """One step without sampling, its logits on the host (evaluation)."""
+        self.submit(seqs, [False] * len(seqs), [], want)
+        return self.collect().logits
+
+    def discard(self) -> None:
+        """Forget the steps in flight (after a failure, which also closed the run)."""
+        self.expected.clear()
+        self.results.clear()
+
+    async def _submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str) -> None:
+        n, self.next_step = self.next_step, self.next_step + 1
+        wire = [ForwardSeq(s.row, s.tokens, s.slots, s.positions, s.kv_pos, bool(f)) for s, f in zip(seqs, sample)]
+        await self.links.send("compute", "compute", Forward(n, wire, want, starts))
+        if not self.expected:
+            self.heard["compute"] = time.monotonic()  # (the watchdog counts from the first step sent)
+        self.expected[n] = len(seqs)
+        self.unbegun.append(n)
+        await self._begin_steps()
+
+    async def _begin_steps(self) -> None:
+        """Let StreamCore order the next sent step's layers once it announced every layer of the
+        step before (it holds one step's order at a time)."""
+        while self.unbegun and not self.core.need:
+            n = self.unbegun.popleft()
+            announce = self.core.begin_step()
+            if self.core.step_no != n:
+                raise PipelineError(f"internal: step {n} sent, but the layer schedule is at step {self.core.step_no}")
+            await self._send_all(announce)
+
+    async def _collect(self) -> StepResult:
+        n = min(self.expected)
+        await self._run_until(lambda: n in self.results, stall=self.cfg.stall_timeout_s)
+        del self.expected[n]
+        if self.expected:
+            self.heard["compute"] = time.monotonic()  # (the next step's turn starts now)
+        return self.results.pop(n)
 
     # -- stats and stop ------------------------------------------------------------------------------
 

@@ -1,11 +1,14 @@
 """The compute process's messages to the coordinator (compute_proc.py)."""
 
+from collections import deque
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from layerstream.compute.compute_proc import DONE_BATCH, ComputeWorker
-from layerstream.proto.messages import LayerDone, LayerReady
+from layerstream.compute.compute_proc import DONE_BATCH, ComputeWorker, _InFlight
+from layerstream.compute.stepper import Launched
+from layerstream.proto.messages import Forward, ForwardDone, ForwardSeq, LayerDone, LayerReady
 from layerstream.proto.timeline import Timeline
 
 
@@ -25,6 +28,7 @@ def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w.links, w.source, w.tl = _Links(incoming), SimpleNamespace(expert_step=expert_step), Timeline("compute", "t")
     w.cfg = SimpleNamespace(done_batch=done_batch)  # (the pipeline's: DONE_BATCH when every streamed layer is cached)
     w.done, w.done_step, w.ready_slots = [], 0, {}
+    w.queued, w.inflight, w.host_ids = deque(), deque(), {}
     return w
 
 
@@ -50,3 +54,53 @@ def test_other_steps_give_each_slot_back_at_once(expert_step, done_batch):
     w._layer_done(1, 0, 4)
     w._layer_done(1, 1, 5)
     assert w.links.sent == [LayerDone(1, [[0, 4]]), LayerDone(1, [[1, 5]])]
+
+
+class _Event:
+    """A CUDA event's two calls, finished when the test says so."""
+
+    def __init__(self):
+        self.finished = False
+
+    def query(self) -> bool:
+        return self.finished
+
+    def synchronize(self) -> None:
+        self.finished = True
+
+
+def _in_flight(step: int, rows: list[int], ids: list[int], bad: list[int]) -> _InFlight:
+    host = torch.tensor([ids, bad], dtype=torch.long)
+    return _InFlight(step, len(rows), "none", rows, Launched(len(rows), host, _Event(), None), 0)
+
+
+def test_a_forward_during_a_step_is_queued_and_a_finished_step_is_answered_between_layers():
+    """NOTE [ ids one step behind ]: a Forward that comes while a step runs is launched next (it was
+    dropped as out of order); the step on the device is answered as soon as it is done, also
+    while the next one waits for its layers (_pump), with its ids and codes."""
+    nxt = Forward(8, [ForwardSeq(0, [-1], [5], [5], list(range(6)), True)], "none")
+    w = _worker(False, incoming=[nxt])
+    w.inflight.append(_in_flight(7, [0, -1], [42, -1], [0, 0]))
+    w._pump(False)
+    assert list(w.queued) == [nxt] and w.links.sent == [] and not w.tl.snapshot()["count"].get("unexpected_messages")
+    w.inflight[0].launched.event.finished = True
+    w._pump(False)
+    assert w.links.sent == [ForwardDone(7, [], "float32", {}, [42, -1], [0, 0])] and not w.inflight
+    assert w.host_ids == {0: 42}
+
+
+def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps_in_flight():
+    """Where the token embedding is a host gather, a -1 token becomes its row's last sampled id on
+    the compute side: the steps in flight are answered first (their ForwardDone goes out), then
+    the id is read from what they gave; no round trip to the coordinator."""
+    w = _worker(False)
+    w.glob = SimpleNamespace(embd_dev=None)
+    w.inflight.append(_in_flight(3, [1, 2], [11, 12], [0, 1]))
+    seqs = w._resolve(Forward(4, [ForwardSeq(2, [-1], [9], [9], list(range(10)), True),
+                                  ForwardSeq(0, [5, 6], [0, 1], [0, 1], [0, 1], True)], "none"))
+    assert [s.tokens for s in seqs] == [[12], [5, 6]]
+    assert w.links.sent == [ForwardDone(3, [], "float32", {}, [11, 12], [0, 1])]
+    with pytest.raises(ValueError, match="KV row 3 feeds its last sampled id, but it sampled none"):
+        w._resolve(Forward(5, [ForwardSeq(3, [-1], [0], [0], [0], True)], "none"))
+    w.glob = SimpleNamespace(embd_dev=torch.zeros(1))  # on the device: the runner reads it there
+    assert w._resolve(Forward(6, [ForwardSeq(3, [-1], [0], [0], [0], True)], "none"))[0].tokens == [-1]

@@ -192,3 +192,169 @@ def test_a_temperature_that_float32_rounds_to_zero_is_greedy(t):
     logits = torch.tensor([[10.0, 9.0, -5.0]] * 4)
     s = Sampler(SamplingParams(temperature=t, **OFF, seed=0), 3)
     assert s.sample(logits, [[]] * 4).tolist() == [0] * 4
+
+
+# -- RowSamplers: each KV row's sampler where the logits are, against the host path ---------------
+
+PARAMS = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.0, repeat_penalty=1.4, repeat_last_n=4),
+    SamplingParams(seed=11),
+    SamplingParams(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, seed=2**64 - 1, repeat_penalty=1.2),
+    SamplingParams(temperature=0.6, top_k=5, top_p=1.0, min_p=0.1, seed=-7, repeat_penalty=0.8, repeat_last_n=-1),
+    SamplingParams(temperature=2.0, top_k=1, seed=3),
+]
+
+
+def test_row_samplers_give_the_host_samplers_ids_step_after_step():
+    """Every row of a mixed batch, sampled where the logits are with its own generator and its
+    penalty window kept there (filled from the prompt's tail, then each sampled id), draws the
+    ids the host sampler draws for that row alone over its history, step after step."""
+    from layerstream.compute.sampling import RowSamplers, fresh_seed
+
+    V, steps = 40, 25
+    g = torch.Generator().manual_seed(0)
+    prompts = [[int(t) for t in torch.randint(0, V, (3 + 2 * b,), generator=g)] for b in range(len(PARAMS))]
+    rows = [5, 0, 3, 1, 4, 2]  # KV rows in another order than the batch's
+    dev = RowSamplers(V, torch.device("cpu"))
+    host = [Sampler(p, V) for p in PARAMS]
+    for b, p in enumerate(PARAMS):
+        dev.start(rows[b], p, fresh_seed(p), list(prompts[b]) if p.penalized else [])
+    hist = [list(p) for p in prompts]
+    for _ in range(steps):
+        logits = torch.randn(len(PARAMS), V, generator=g) * 3
+        ids, bad = dev.sample(logits, rows)
+        want = [int(host[b].sample(logits[b : b + 1], [hist[b]])[0]) for b in range(len(PARAMS))]
+        assert ids.tolist() == want and bad.tolist() == [0] * len(PARAMS)
+        for b, t in enumerate(want):
+            hist[b].append(t)
+
+
+def test_row_samplers_flag_rows_that_are_not_finite_and_sample_the_rest():
+    from layerstream.compute.sampling import INF, NAN, NO_FINITE, RowSamplers
+
+    dev = RowSamplers(6, torch.device("cpu"))
+    for r, p in enumerate([SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(temperature=0),
+                           SamplingParams(seed=2, repeat_penalty=1.1)]):
+        dev.start(r, p, 1, [1, 2])
+    x = torch.randn(4, 6)
+    x[0, 2], x[1, 3], x[3] = float("nan"), float("inf"), float("-inf")
+    ids, bad = dev.sample(x, [0, 1, 2, 3])
+    assert bad.tolist() == [NAN, INF, 0, NO_FINITE] and ids[2] == x[2].argmax()
+    with pytest.raises(ValueError, match="KV row 9 samples before its request started"):
+        dev.sample(x[:1], [9])
+
+
+def reference_probs(logits: list[float], p: SamplingParams, seen: set[int] = frozenset()) -> list[float]:
+    """llama.cpp's chain in float64, written from its definition: penalty on the tokens seen,
+    top-k, top-p (the smallest prefix whose mass reaches p), min-p (p >= min_p * p_max), then the
+    temperature over what is left."""
+    x = [(v / p.repeat_penalty if v > 0 else v * p.repeat_penalty) if i in seen else v for i, v in enumerate(logits)]
+    order = sorted(range(len(x)), key=lambda i: -x[i])
+    if p.top_k > 0:
+        order = order[: p.top_k]
+
+    def softmax(ids, t=1.0):
+        m = max(x[i] for i in ids)
+        e = {i: math.exp((x[i] - m) / t) for i in ids}
+        z = sum(e.values())
+        return {i: v / z for i, v in e.items()}
+
+    if p.top_p < 1:
+        q, kept, mass = softmax(order), [], 0.0
+        for i in order:
+            kept.append(i)
+            mass += q[i]
+            if mass >= p.top_p:
+                break
+        order = kept
+    if p.min_p > 0:
+        q = softmax(order)
+        top = max(q.values())
+        order = [i for i in order if q[i] >= p.min_p * top]
+    q = softmax(order, p.temperature)
+    return [q.get(i, 0.0) for i in range(len(x))]
+
+
+@pytest.mark.parametrize("params, seen", [
+    (SamplingParams(temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, seed=1), set()),
+    (SamplingParams(temperature=1.0, top_k=4, top_p=1.0, min_p=0.0, seed=2), set()),
+    (SamplingParams(temperature=1.0, top_k=0, top_p=0.7, min_p=0.0, seed=3), set()),
+    (SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.3, seed=4), set()),
+    (SamplingParams(temperature=1.8, top_k=6, top_p=0.9, min_p=0.05, seed=5), set()),
+    (SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=6, repeat_penalty=1.6), {0, 3, 5}),
+], ids=["temperature", "top-k", "top-p", "min-p", "all-filters", "repetition-penalty"])
+def test_each_filter_draws_from_the_float64_reference_distribution(params, seen):
+    """The sampler's draws (one shared implementation: draw) follow llama.cpp's distribution
+    computed in float64 from its definition: the same support, frequencies within 4.5 sigma."""
+    from layerstream.compute.sampling import RowSamplers, draw, penalize
+
+    logits = [2.0, 1.6, 1.1, 0.9, 0.4, -0.3, -1.0, -2.5]
+    V, n = len(logits), 8000
+    want = torch.tensor(reference_probs(logits, params, seen), dtype=torch.float64)
+    x = torch.tensor([logits], dtype=torch.float32).expand(n, V).contiguous()
+    if seen:
+        mask = torch.zeros(n, V, dtype=torch.bool)
+        mask[:, sorted(seen)] = True
+        x = penalize(x, mask, params.repeat_penalty)
+    ids, _ = draw(x, params, torch.Generator().manual_seed(params.seed))
+    freq = torch.bincount(ids, minlength=V).double() / n
+    assert set(ids.tolist()) == {i for i in range(V) if want[i] > 0}
+    assert (freq - want).abs().le(4.5 * torch.sqrt(want * (1 - want) / n) + 1e-12).all(), (freq, want)
+    # a row's own sampler (its penalty from the history it was started with) draws the same way
+    dev = RowSamplers(V, torch.device("cpu"))
+    dev.start(0, params, params.seed, sorted(seen))
+    row = [dev.sample(torch.tensor([logits]), [0])[0].item() for _ in range(400)]
+    assert set(row) <= {i for i in range(V) if want[i] > 0}
+
+
+def test_a_seed_beyond_64_bits_is_refused_with_its_range():
+    with pytest.raises(ConfigError, match=r"seed=18446744073709551616: must be in -9223372036854775808\.\.18446744073709551615"):
+        SamplingParams(seed=2**64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_row_samplers_and_the_stepper_give_the_host_samplers_ids():
+    """On CUDA, each row's generator and penalty window live on the device and draw what the host
+    sampler draws over the same CUDA logits (its generator on that device); the stepper's ids come
+    back through the pinned buffer once its event completes."""
+    from layerstream.compute.model import SeqStep
+    from layerstream.compute.sampling import RowSamplers, fresh_seed
+    from layerstream.compute.stepper import Stepper
+    from layerstream.proto.messages import SamplerStart
+
+    V, dev = 300, torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = list(range(len(PARAMS)))
+    samplers = RowSamplers(V, dev)
+    host = [Sampler(p, V) for p in PARAMS]
+    for b, p in enumerate(PARAMS):
+        samplers.start(b, p, fresh_seed(p), [1, 2, 3] if p.penalized else [])
+    hist = [[1, 2, 3] for _ in PARAMS]
+    for _ in range(10):
+        logits = torch.randn(len(PARAMS), V, generator=g, device=dev) * 3
+        ids, _ = samplers.sample(logits, rows)
+        want = [int(host[b].sample(logits[b : b + 1], [hist[b]])[0]) for b in rows]
+        assert ids.tolist() == want
+        for b, t in enumerate(want):
+            hist[b].append(t)
+
+    table = torch.randn(V, V, generator=g, device=dev)  # logits of the next token: a row of the last one's
+
+    def step(seqs, want, last_ids):
+        toks = torch.tensor([s.tokens[-1] for s in seqs], device=dev)
+        toks = torch.where(toks < 0, last_ids[torch.tensor([s.row for s in seqs], device=dev)], toks)
+        return table[toks]
+
+    st = Stepper(step, V, 4, dev)
+    ids, tok = [], 5
+    l0 = st.launch([SeqStep(0, [tok], [0], [0], [0])], [True], [SamplerStart(0, 0.0, 40, 0.95, 0.05, 1.0, 64, 1, [])],
+                   "none")
+    launched = [l0] + [st.launch([SeqStep(0, [-1], [k], [k], list(range(k + 1)))], [True], [], "none")
+                       for k in range(1, 6)]
+    for lch in launched:
+        ids += Stepper.result(lch).ids
+    for got in ids:
+        tok = int(table[tok].argmax())
+        assert got == tok
