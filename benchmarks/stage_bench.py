@@ -131,7 +131,9 @@ def _median_s(fn, reps: int, device: torch.device, stream=None, warmup: int = 1)
 
 def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -> list[float]:
     """Seconds of each of `steps` decode steps of len(prompts) sequences on an engine core, after
-    their prefill (greedy, end of sequence ignored); the requests are aborted afterwards."""
+    their prefill (greedy, end of sequence ignored): the CLI's own path, sampling on the device,
+    ids one step behind (core.py, NOTE [ one step behind ]), detokenizing and stop checks; the
+    requests are aborted afterwards."""
     from layerstream.compute.sampling import SamplingParams
 
     # a sequence whose prefill ends first decodes while the others' prefill runs: room for those tokens
@@ -156,7 +158,8 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -
     finally:
         for n in names:
             core.abort(n)
-        core.step()  # reports the aborted requests; nothing else is queued, so it runs no pass
+        while core.has_unfinished():  # reports the aborted requests, collects the step in flight
+            core.step()
     return times
 
 
@@ -842,7 +845,7 @@ def bench_kernels(args) -> None:
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype,
                            ctx=args.context + 2 * args.steps + 16, max_seqs=1)  # 3 + 2 x steps + 10 decoded
         with Engine.open(cfg, index=index) as eng:
-            r, V, n = eng.backend, eng.hparams.n_vocab, args.context
+            r, V, n = eng.backend.runner, eng.hparams.n_vocab, args.context  # the bare runner: no sampling
             cuda = r.device.type == "cuda"
             sync = torch.cuda.synchronize if cuda else (lambda: None)
             r.step([SeqStep(0, [(7 * i) % V for i in range(n)], list(range(n)), list(range(n)), list(range(n)))], "none")
@@ -865,6 +868,9 @@ def bench_kernels(args) -> None:
             t0 = time.perf_counter()
             decode(args.steps, each=True)
             dt_each = (time.perf_counter() - t0) / args.steps
+            # the CLI's path: the engine core, sampling on the device, detokenizing (a fresh prefill of
+            # the same context in the same row), timed from its second decode step on
+            core_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
             k = 10
             with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
                 decode(k)
@@ -882,7 +888,8 @@ def bench_kernels(args) -> None:
     print(f"kernels: {os.path.basename(index.path)} on {device_name(r.device)}, {str(r.dtype).split('.')[-1]}, "
           f"decode batch 1 after {n} tokens: {dt * 1e3:.2f} ms a token ({1 / dt:.1f} tokens/s) back to back, "
           f"{dt_each * 1e3:.2f} ms ({1 / dt_each:.1f} tokens/s) reading each token back (the difference: "
-          f"host time not overlapped)")
+          f"host time not overlapped); {core_s * 1e3:.2f} ms ({1 / core_s:.1f} tokens/s) through the engine "
+          f"core (sampling on the device, ids one step behind, detokenizing: the CLI's path, median)")
     print(f"{'device' if cuda else 'CPU'} time {total / k / 1e3:.2f} ms a token in "
           f"{sum(c for c, _ in agg.values()) / k:.0f} {'kernels' if cuda else 'operators'}")
     print(f"{'us/token':>9} {'calls/token':>11}  name")
