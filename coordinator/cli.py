@@ -34,6 +34,14 @@ def _sampling(args):
 def check_model(args):
     """The model's header, read (through the header cache) before anything loads or starts:
     architecture and hyperparameters, tensor types, and a chat template where --chat needs one."""
+    index = check_header(args)
+    check_quants(index)
+    return index
+
+
+def check_header(args):
+    """The model's header: architecture and hyperparameters, and a chat template where --chat
+    needs one (torch is not imported)."""
     from layerstream.loader.default_model import default_model_path
     from layerstream.loader.gguf_index import header_cached, open_model
     from layerstream.loader.header_scan import find_string
@@ -50,10 +58,14 @@ def check_model(args):
     index = open_model(path)
     if args.chat:
         _require_template(index.metadata.get("tokenizer.chat_template"), path)
+    return index
+
+
+def check_quants(index) -> None:
+    """Every tensor's type is one the engine computes with (imports torch)."""
     from layerstream.compute.weights import check_model_quants
 
     check_model_quants(index)
-    return index
 
 
 def _require_template(source, path: str) -> None:
@@ -112,8 +124,9 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
     return rows, "the --serve default: the rows the plan's budget holds"
 
 
-def open_engine(args, index, progress: bool):
-    """The engine the options ask for: the streaming pipeline, or everything in this process."""
+def open_engine(args, index, progress: bool, warm=None):
+    """The engine the options ask for: the streaming pipeline (its children taken from `warm`
+    where given), or everything in this process."""
     start_thread_pools(args.cpu_threads if args.single_process else None)  # torch's and tokenizers'
     from layerstream.coordinator.engine import Engine, EngineConfig
 
@@ -145,6 +158,7 @@ def open_engine(args, index, progress: bool):
             expert_cache_gb=args.expert_cache_gb,
             moe_dense=args.moe_dense, expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch,
             trace=bool(args.trace), on_progress=LoadProgress(sys.stderr, stages=stages) if progress else None,
+            warm=warm,
         )
     # the single-process engine draws a bar of its own, layer by layer
     return Engine.open(cfg, pcfg, index=index, progress=progress and pcfg is None)
@@ -224,20 +238,32 @@ def run(args) -> int:
     check_args(args)
     api_key = read_api_key(args, os.environ) if args.serve else None
     terminal = sys.stderr.isatty()
-    index = check_model(args)
-    params = _sampling(args)
-    from layerstream.coordinator.turn import Rates
+    index = check_header(args)
+    warm = None
+    if not args.single_process:  # the children import while this process checks and plans (NOTE [ warm starts ])
+        from layerstream.coordinator.supervisor import WarmStarts
 
-    rates = Rates()
-    t0 = time.monotonic()
-    with open_engine(args, index, progress=terminal) as engine:
-        load_s = time.monotonic() - t0
-        try:
-            return _run_engine(engine, args, params, api_key, rates)
-        finally:
-            _report(engine, args)
-            if (args.stats or terminal) and rates.sampled:
-                print(rates.line(load_s), file=sys.stderr)
+        warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
+    try:
+        check_quants(index)
+        params = _sampling(args)
+        from layerstream.coordinator.turn import Rates
+
+        rates = Rates()
+        t0 = time.monotonic()
+        with open_engine(args, index, progress=terminal, warm=warm) as engine:
+            load_s = time.monotonic() - t0
+            if warm is not None:
+                warm.close()  # (those the run did not take)
+            try:
+                return _run_engine(engine, args, params, api_key, rates)
+            finally:
+                _report(engine, args)
+                if (args.stats or terminal) and rates.sampled:
+                    print(rates.line(load_s), file=sys.stderr)
+    finally:
+        if warm is not None:
+            warm.close()
 
 
 def _run_engine(engine, args, params, api_key, rates) -> int:

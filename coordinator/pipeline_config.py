@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.errors import ConfigError
@@ -46,6 +46,8 @@ class PipelineConfig:
     expert_policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
     expert_prefetch: int | None = None  # experts predicted and copied ahead a layer (None: the plan's default; 0: off)
     on_progress: ProgressHook | None = field(default=None, compare=False)  # see ProgressHook
+    # processes spawned ahead for the children (supervisor.WarmStarts, NOTE [ warm starts ]); None: spawn each
+    warm: Any = field(default=None, compare=False, repr=False)
     cpu: CpuShareConfig = field(init=False, repr=False)  # cpu_share and cpu_split, parsed
 
     def __post_init__(self) -> None:

@@ -7,13 +7,25 @@ starting, when a run is interrupted early) gets SIGTERM at once: waiting for it 
 Readers and compute stop before staging, because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
 SIGTERM, or when its parent is gone). Children ignore SIGINT: a Ctrl-C in the terminal
 reaches the whole process group, and only the coordinator decides how to stop.
+
+NOTE [ warm starts ]
+A spawned child starts a Python and imports its role's modules before it can run: for compute,
+torch and the compute stack, seconds that the launcher has just spent on its own import of
+torch (for the quant-type checks and the plan). So the launcher may spawn each child ahead, as
+soon as the model's header is read (`WarmStarts`): the process imports its role's modules and
+waits on a pipe for what `spawned` takes (the config is known once the plan is made). A warm
+process that gets nothing (a check failed, the run ended) sees the pipe close and exits, or
+is terminated with the launcher. Nothing of the model is read or mapped before its config comes.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib
 import multiprocessing as mp
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
@@ -36,12 +48,87 @@ class Child:
     last_error: str | None = None
 
 
+# what a warm process of each role imports while it waits (NOTE [ warm starts ])
+WARM_MODULES = {
+    "staging": ("layerstream.loader.staging_proc",),
+    "reader": ("layerstream.loader.reader_proc",),
+    "compute": ("layerstream.compute.compute_proc",),
+}
+
+
+def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
+    """A warm process: import `modules`, then run as `spawned` with what comes on `conn` (exit
+    quietly when the pipe closes first)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (as every child: NOTE [ shutdown order ])
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except BaseException:  # noqa: BLE001 - spawned imports it again and reports the error as data
+            break
+    try:
+        args = conn.recv()
+    except (EOFError, OSError):
+        sys.exit(0)
+    finally:
+        conn.close()
+    spawned(*args)
+
+
+class WarmStarts:
+    """Processes spawned ahead for a run's children, by role (NOTE [ warm starts ])."""
+
+    def __init__(self, roles: dict[str, int]):
+        """roles: how many processes of each role to start now."""
+        ctx = mp.get_context("spawn")
+        self.waiting: dict[str, list[tuple[Any, Any]]] = {}
+        for role, n in roles.items():
+            for _ in range(n):
+                theirs, ours = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=warm_child, args=(role, WARM_MODULES.get(role, ()), theirs),
+                                   name=f"layerstream-{role}", daemon=True)
+                proc.start()
+                theirs.close()
+                self.waiting.setdefault(role, []).append((proc, ours))
+
+    def take(self, role: str, args: tuple):
+        """A waiting process of `role` given `spawned`'s arguments, or None where none is left."""
+        while self.waiting.get(role):
+            proc, conn = self.waiting[role].pop(0)
+            try:
+                conn.send(args)
+                return proc
+            except OSError:  # it died meanwhile
+                proc.join(0)
+            finally:
+                conn.close()
+        return None
+
+    def close(self) -> None:
+        """Let the processes that got nothing go: their pipe closes, and those still importing are terminated."""
+        procs = [p for waiting in self.waiting.values() for p, _ in waiting]
+        for waiting in self.waiting.values():
+            for _, conn in waiting:
+                conn.close()
+        self.waiting = {}
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        _join_all(procs, 2.0)
+
+    def __enter__(self) -> "WarmStarts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Supervisor:
     """Owns the child processes (spawned, daemonic) and their shutdown."""
 
-    def __init__(self):
+    def __init__(self, warm: WarmStarts | None = None):
         self.mp = mp.get_context("spawn")
         self.children: dict[str, Child] = {}
+        self.warm = warm  # processes spawned ahead, taken first (a restarted child is spawned anew)
         atexit.register(self.kill_all)
 
     def start(self, role: str, ident: str, target, cfg) -> Child:
@@ -51,8 +138,12 @@ class Supervisor:
         c.ready, c.expected_exit, c.links_heard = None, False, set()
         args = (role, ident, getattr(cfg, "endpoints", None), getattr(cfg, "parent_pid", os.getpid()),
                 f"{target.__module__}:{target.__qualname__}", bytes(ForkingPickler.dumps(cfg)))
-        c.proc = self.mp.Process(target=spawned, args=args, name=f"layerstream-{ident}", daemon=True)
-        c.proc.start()
+        warm = self.warm.take(role, args) if self.warm is not None and not c.restarts else None
+        if warm is not None:
+            c.proc = warm
+        else:
+            c.proc = self.mp.Process(target=spawned, args=args, name=f"layerstream-{ident}", daemon=True)
+            c.proc.start()
         self.children[ident] = c
         return c
 
@@ -83,6 +174,8 @@ class Supervisor:
 
     def kill_all(self) -> None:
         """Last resort (atexit): nothing of the run may outlive the coordinator."""
+        if self.warm is not None:
+            self.warm.close()
         order = [i for i, c in self.children.items() if c.role != "staging"]
         order += [i for i, c in self.children.items() if c.role == "staging"]
         self.stop(order, 0.0)

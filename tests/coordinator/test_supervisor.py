@@ -58,3 +58,45 @@ def test_a_child_that_cannot_import_its_entry_point_reports_the_error():
             sup.kill_all()
             router.close(linger=0)
             ctx.term()
+
+
+def _wait_for(path, seconds: float = 30.0) -> bool:
+    end = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    return path.exists()
+
+
+def test_a_warm_process_imports_ahead_then_runs_the_child_it_is_given(tmp_path, monkeypatch):
+    """NOTE [ warm starts ]: the process spawned ahead imports its role's modules before any config
+    exists, and the child started later runs in it (no second spawn)."""
+    import os
+
+    from layerstream.coordinator import supervisor
+
+    imported, ran = tmp_path / "imported", tmp_path / "ran"
+    (tmp_path / "warm_marker_mod.py").write_text(f"import os\nos.mkdir({str(imported)!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # (a spawned child starts with this sys.path)
+    monkeypatch.setitem(supervisor.WARM_MODULES, "reader", ("warm_marker_mod",))
+    with supervisor.WarmStarts({"reader": 1}) as warm:
+        (proc, _), = warm.waiting["reader"]
+        assert _wait_for(imported) and not ran.exists()
+        sup = Supervisor(warm)
+        try:
+            c = sup.start("reader", "r0", os.mkdir, str(ran))  # the child's entry point and config
+            assert c.proc is proc and _wait_for(ran)
+            c.proc.join(10)
+            assert c.proc.exitcode == 0 and warm.waiting["reader"] == []
+            assert sup.start("reader", "r1", os.mkdir, str(tmp_path / "spawned")).proc is not proc  # none left
+        finally:
+            sup.kill_all()
+
+
+def test_warm_processes_that_get_nothing_exit_when_let_go():
+    from layerstream.coordinator.supervisor import WarmStarts
+
+    warm = WarmStarts({"reader": 2, "staging": 1})
+    procs = [p for waiting in warm.waiting.values() for p, _ in waiting]
+    t0 = time.monotonic()
+    warm.close()
+    assert time.monotonic() - t0 < 5.0 and all(p.exitcode is not None for p in procs)
