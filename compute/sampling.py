@@ -114,7 +114,11 @@ def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None) -> tup
     keep[:, 0] = True  # min_keep = 1
     vals = torch.where(keep, (vals - vals[:, :1]) / P.temperature, float("-inf"))  # max first: no overflow
     probs = torch.softmax(vals, dim=-1)
-    pick = torch.multinomial(probs, 1, generator=gen)  # [B, 1]
+    # torch.multinomial(probs, 1) draws argmax(probs / q), q ~ Exp(1), after checking probs with
+    # two .item() calls: a host sync each. The draw without the checks takes the same ids from
+    # the same generator state (tests/compute/test_sampling.py), and never stalls the host.
+    q = torch.empty_like(probs).exponential_(1, generator=gen)
+    pick = (probs / q).argmax(dim=-1, keepdim=True)  # [B, 1]
     return idx.gather(-1, pick).squeeze(-1), best
 
 
@@ -169,6 +173,11 @@ class Sampler:
         return host[0]
 
 
+def rows_of(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] without a host sync (indexing a CUDA tensor with a list copies it synchronously)."""
+    return x.index_select(0, torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=True))
+
+
 class RowState:
     """One request's sampler where the logits are: its parameters, its seeded generator, and the
     tokens the penalty looks at (a ring of the last repeat_last_n ids, or every id seen for -1)."""
@@ -187,10 +196,10 @@ class RowState:
         if n < 0:  # the whole history: a mask of the ids seen, [V + 1] (V: the slot of nothing)
             self.seen = torch.zeros(V + 1, dtype=torch.bool)
             self.seen[torch.tensor([t for t in history if 0 <= t < V], dtype=torch.long)] = True
-            self.seen = self.seen.to(device)
+            self.seen = self.seen.to(device, non_blocking=True)
         else:  # the last n ids, V where none yet
             tail = [t if 0 <= t < V else V for t in history[-n:]]
-            self.window = torch.tensor(tail + [V] * (n - len(tail)), dtype=torch.long).to(device)
+            self.window = torch.tensor(tail + [V] * (n - len(tail)), dtype=torch.long).to(device, non_blocking=True)
             self.count = len(tail) % n
 
     def mask(self) -> torch.Tensor | None:
@@ -235,7 +244,7 @@ class RowSamplers:
         plain = [b for b, s in enumerate(states) if s.gen is None and not s.params.penalized]
         ids, best = [None] * B, [None] * B
         if plain:
-            x = logits[plain].float() if len(plain) < B else logits.float()
+            x = logits.float() if len(plain) == B else rows_of(logits, plain).float()
             t, m = draw(x, states[plain[0]].params, None)
             for k, b in enumerate(plain):
                 ids[b], best[b] = t[k : k + 1], m[k : k + 1]

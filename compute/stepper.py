@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from layerstream.compute.model import SeqStep
-from layerstream.compute.sampling import RowSamplers, SamplingParams
+from layerstream.compute.sampling import RowSamplers, SamplingParams, rows_of
 from layerstream.proto.messages import SamplerStart
 
 # step(seqs, want, last_ids) -> logits [B, V] ("last"), [T, V] ("all") or None ("none")
@@ -71,7 +71,8 @@ class Stepper:
         n = len(seqs)
         host = event = None
         if picks:
-            ids, bad = self.samplers.sample(logits if len(picks) == n else logits[picks], [seqs[b].row for b in picks])
+            ids, bad = self.samplers.sample(logits if len(picks) == n else rows_of(logits, picks),
+                                            [seqs[b].row for b in picks])
             rows = torch.tensor([seqs[b].row for b in picks], dtype=torch.long).to(self.device, non_blocking=True)
             self.last_ids.index_copy_(0, rows, ids)
             out = torch.full((2, n), -1, dtype=torch.long, device=self.device)  # [2, n]: ids, bad codes
@@ -90,7 +91,9 @@ class Stepper:
         if self.device.type == "cuda":  # the step's end: its ids' copy, else its last kernel
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-        kept = None if want == "none" or logits is None else logits
+        # logits asked for are read now (a graph's output buffer is the next step's too): evaluation
+        # steps are collected at once anyway
+        kept = None if want == "none" or logits is None else logits.to("cpu", torch.float32)
         return Launched(n, host, event, kept)
 
     @staticmethod
@@ -107,5 +110,4 @@ class Stepper:
             ids, bad = [-1] * launched.n, [0] * launched.n
         else:
             ids, bad = launched.host.tolist()
-        lg = launched.logits
-        return StepResult(ids, bad, None if lg is None else lg.float().cpu())
+        return StepResult(ids, bad, launched.logits)

@@ -358,3 +358,34 @@ def test_cuda_row_samplers_and_the_stepper_give_the_host_samplers_ids():
     for got in ids:
         tok = int(table[tok].argmax())
         assert got == tok
+
+
+def old_host_sample(x: torch.Tensor, P: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """The host path's draw as it was before sampling moved where the logits are (torch.multinomial
+    over the filtered, tempered candidates): the reference for draw()."""
+    V = x.shape[-1]
+    vals, idx = torch.topk(x, P.top_k, dim=-1) if 0 < P.top_k < V else torch.sort(x, dim=-1, descending=True)
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    keep[:, 1:] = vals[:, 1:] > float("-inf")
+    if P.top_p < 1.0:
+        probs = torch.softmax(vals, dim=-1)
+        keep &= torch.cumsum(probs, dim=-1) - probs < P.top_p
+    if P.min_p > 0.0:
+        keep &= vals >= vals[:, :1] + math.log(P.min_p)
+    keep[:, 0] = True
+    probs = torch.softmax(torch.where(keep, (vals - vals[:, :1]) / P.temperature, float("-inf")), dim=-1)
+    return idx.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
+
+
+@pytest.mark.parametrize("params", PARAMS[2:5], ids=["defaults", "top-p", "top-k-min-p"])
+def test_the_draw_gives_the_old_host_paths_ids_from_the_same_generator_state(params):
+    """draw() takes torch.multinomial's ids (argmax of probs over Exp(1) noise) without its checks'
+    two host syncs: the same ids from the same generator, left in the same state, step after step."""
+    from layerstream.compute.sampling import draw
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for _ in range(40):
+        x = torch.randn(3, 64, generator=g) * 2
+        assert torch.equal(draw(x, params, a)[0], old_host_sample(x, params, b))
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
