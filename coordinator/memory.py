@@ -182,6 +182,8 @@ def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized
     for b, s in kinds:
         toks = b if s == 1 else min(T, (b - 1) + s)
         attn_act, ffn_act, big = activations(hp, toks, e, cuda)
+        if hp.n_expert and quantized and toks > FUSED_MIN_OF_TYPES:  # (kept for the experts' prompt path, moe.py)
+            ffn_act += toks * max(hp.n_embd, hp.n_ff_exp or hp.n_ff) * e
         if s == 1 and quantized and not sliding:
             attn, abig = decode_attention(hp, toks, L, e), toks * hp.n_head * hp.head_dim * e
         else:
