@@ -34,7 +34,7 @@ MiB = 1 << 20
 SLACK_FRACTION = 0.002
 SLACK_MIN = 16 * MiB
 STEP_TOKENS = 512  # the largest step the plan makes unless --step-tokens asks for more
-DECODE_GAIN = 0.05  # host KV is taken, or a smaller step named, where decode passes move this share fewer bytes
+DECODE_GAIN = 0.05  # a smaller step is named where its decode passes move this share fewer bytes
 PROMPT_STEP_COST = 2.0  # a prompt-sized step is kept while its decode passes move at most this many times the least
 
 
@@ -200,6 +200,14 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
         return lo
 
+    # NOTE [ KV or layers first ]
+    # A layer whose KV is in host memory moves its filled slots over the link every pass; a streamed
+    # layer moves its weights. The plan fits the KV first (every layer's on the device, then as many
+    # layers as fit) and, where more layers fit with only theirs and as many streamed layers' KV as
+    # room remains, it takes those layers when a pass at a full context moves no more bytes: below
+    # a full context the host KV layers move fewer (8B at 4 GiB, --ctx 4096: 22 layers and the KV
+    # of 24 rather than 21 and all 32, the same bytes at 4096 tokens). llama.cpp's -ngl keeps the
+    # KV of the layers it offloads only, likewise.
     def residency(T: int, slots: int) -> tuple[int, int, bool]:
         """(resident layers, layers whose KV is on the device, streamed MoE layers' dense parts kept)
         for steps of T tokens (NOTE [ KV or layers first ])."""
@@ -217,8 +225,6 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             # layers first: the KV of the resident layers only, then of as many streamed ones as fit
             r2 = most(0, n, lambda x: fits(T, slots, x, x))
             kv2 = most(r2, n, lambda k: fits(T, slots, r2, k))
-            # (at a full context; below it the host KV layers move only their filled slots, so
-            # layers first wins a tie)
             if sz.link_bytes(r2, kv2) <= sz.link_bytes(r, kv_dev) and r2 > r:
                 return r2, kv2, False
         return r, kv_dev, keep_dense
