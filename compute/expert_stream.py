@@ -73,7 +73,7 @@ class ExpertStream:
     def set_step(self, tokens: int) -> None:
         """A step of `tokens` tokens: whether it fetches only the chosen experts, and the CPU's share."""
         self.step = streams_experts(self.n_expert, self.n_expert_used, tokens)
-        self.frac = self.cpu.balancer.share(tokens) if self.step and self.cpu else 0.0
+        self.frac = self.cpu.set_step(tokens) if self.step and self.cpu else 0.0
         if self.cache.ahead.layers:
             self.cache.drop_prefetched()  # (only a step that failed part-way leaves any)
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from layerstream.compute.cpu.packing import cpu_rows, packed_swiglu, random_packed
+from layerstream.compute.cpu.packing import INT4_TYPES, DenseRows, cpu_rows, packed_swiglu, random_packed
 
 MAX_TOKENS = 8  # tokens of a step above which the CPU computes nothing (its int4 GEMV stops paying)
 BUCKETS = (1, 2, 4, 8)  # batch sizes the share is balanced for (a step takes the next bucket up)
@@ -44,14 +44,17 @@ class Balancer:
     bandwidths propose, then at the share the rates those passes achieved propose (both sides
     running at once, as in a pass), then at no share, `every` passes each, and keeps the fastest
     where it beats no share by SHARE_MARGIN: the share is never slower than none, as measured on
-    this machine."""
+    this machine. `propose`: the share each bucket times first, instead of the bandwidths'
+    (the CPU's experts: 1, each layer's count then left to their cost model, cpu/expert_split.py);
+    `detail`: more for describe()."""
 
     def __init__(self, cpu_gbs: dict[int, float], link_gbs: float, int4_fraction: float, pack_ratio: float,
-                 pack_frac: float, every: int = 3, fixed: float | None = None, what: str = "4-bit rows"):
+                 pack_frac: float, every: int = 3, fixed: float | None = None, what: str = "4-bit rows",
+                 propose: float | None = None, detail=None):
         self.link_gbs, self.c, self.ratio, self.pack_frac, self.every = link_gbs, int4_fraction, pack_ratio, \
             pack_frac, every
         self.cpu_gbs = dict(cpu_gbs)
-        self.fixed = fixed
+        self.fixed, self.propose, self.detail = fixed, propose, detail
         self.what = what  # what the share is a share of, for describe()
         self.frac = {b: self._frac(self.cpu_gbs.get(b, 0.0), link_gbs) for b in BUCKETS}
         # shares still to time per bucket, and the pass seconds of each share timed
@@ -63,6 +66,8 @@ class Balancer:
     def _frac(self, cpu_gbs: float, link_gbs: float) -> float:
         if self.fixed is not None:
             return min(self.fixed, self.pack_frac)
+        if self.propose is not None:
+            return min(self.propose, self.pack_frac)
         f = balanced_frac(cpu_gbs, link_gbs, self.c, self.ratio)
         return min(f, self.pack_frac) if f >= 0.02 else 0.0
 
@@ -91,7 +96,7 @@ class Balancer:
             return
         self.trials[b].pop(0)
         seen = self.rates[b]
-        if f and seen and len(self.times[b]) == 1:  # after the first share: what its passes achieved
+        if f and seen and len(self.times[b]) == 1 and self.propose is None:  # after the first share: what its passes achieved
             cpu = sum(x[1] for x in seen) / sum(x[0] for x in seen) / 1e9
             self.link_gbs = sum(x[3] for x in seen) / sum(x[2] for x in seen) / 1e9
             self.cpu_gbs[b] = cpu
@@ -115,7 +120,8 @@ class Balancer:
             return f"batch {b}: {self.frac[b]:.0%} {state} (CPU {self.cpu_gbs.get(b, 0):.0f} GB/s" + \
                 (f"; passes {timed})" if timed else ")")
 
-        return f"CPU share of the {self.what}: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s"
+        more = f"; {self.detail()}" if self.detail is not None else ""
+        return f"CPU share of the {self.what}: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s{more}"
 
 
 def measure_cpu_gbs(K: int = 8192, N: int = 8192, reps: int = 5) -> dict[int, float]:
@@ -150,13 +156,22 @@ def measure_link_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     return nbytes / min(ts) / 1e9
 
 
-def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16, reps: int = 9) -> float:
-    """Seconds the CPU takes for one expert at batch 1 (int4 gate, up and down of an n_ff x n_embd
-    SwiGLU), the median of reps over 16 experts in turn (NOTE [ CPU experts ] in cpu/experts.py)."""
+def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16, reps: int = 9,
+                     qtypes: tuple[int, int, int] | None = None, rows: int = 1) -> float:
+    """Seconds the CPU takes for one expert of `rows` tokens (gate, up and down of an n_ff x n_embd
+    SwiGLU, each int4-packed or, where its type in `qtypes` is not 4-bit, dense; None: all
+    int4), the median of reps over 16 experts in turn (NOTE [ CPU experts ] in cpu/experts.py)."""
     g = torch.Generator().manual_seed(0)
-    experts = [(random_packed(n_ff, n_embd, g, dtype), random_packed(n_ff, n_embd, g, dtype),
-                random_packed(n_embd, n_ff, g, dtype)) for _ in range(16)]
-    x = torch.randn(1, n_embd, generator=g).to(dtype)
+    kinds = qtypes or (next(iter(INT4_TYPES)),) * 3
+
+    def mat(q: int, N: int, K: int):
+        if q in INT4_TYPES:
+            return random_packed(N, K, g, dtype)
+        return DenseRows((torch.randn(N, K, generator=g) / 64).to(dtype))
+
+    experts = [(mat(kinds[0], n_ff, n_embd), mat(kinds[1], n_ff, n_embd), mat(kinds[2], n_embd, n_ff))
+               for _ in range(16)]
+    x = torch.randn(rows, n_embd, generator=g).to(dtype)
     ts = []
     for r in range(reps + 1):
         t0 = time.perf_counter()
@@ -164,4 +179,22 @@ def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16
             packed_swiglu(gate, up, down, x)
         if r:  # the first round warms up
             ts.append((time.perf_counter() - t0) / len(experts))
+    return sorted(ts)[len(ts) // 2]
+
+
+def measure_round_trip_s(device: torch.device, n_embd: int, tokens: int = 8, reps: int = 9) -> float:
+    """Seconds of what the CPU's experts add to a layer beside their compute: activations
+    [tokens, n_embd] to the host and their sum back (median of reps; 0 off CUDA)."""
+    if device.type != "cuda":
+        return 0.0
+    x = torch.randn(tokens, n_embd, device=device)
+    ts = []
+    for r in range(reps + 1):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        y = x.cpu().to(device, non_blocking=True)
+        torch.cuda.synchronize(device)
+        if r:
+            ts.append(time.perf_counter() - t0)
+    del y
     return sorted(ts)[len(ts) // 2]

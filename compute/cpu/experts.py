@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu.balancer import Balancer
-from layerstream.compute.cpu.packing import PackedRows, pack_rows, packed_swiglu
-from layerstream.compute.cpu.sizing import expert_int4_layers
+from layerstream.compute.cpu.expert_split import ExpertSplit
+from layerstream.compute.cpu.packing import cpu_matrix, packed_swiglu
+from layerstream.compute.cpu.sizing import expert_cpu_layers
 from layerstream.compute.cpu.split import Meter
 from layerstream.compute.expert_layout import expert_bytes, expert_parts
 from layerstream.loader.layout import LayerLayout
@@ -28,19 +29,27 @@ class CpuExperts:
     the staging bytes, while the copy engine moves the others and the device computes them: the
     CPU's experts are left out of the device's grouped launches (their pairs weigh 0 there) and
     their weighted sum is added on the device afterwards.
-    - Only layers whose gate, up and down are 4-bit (Q4_0, Q4_1, Q4_K) take part: aten's int4
-      matmul holds them exactly but for the bf16 rounding of the scales (cpu/packing.py). Others
-      (Q6_K down in part of a Q4_K_M file) stay on the device.
+    - 4-bit matrices (Q4_0, Q4_1, Q4_K) go to aten's int4 matmul, exact but for the rounding of
+      their scales to the CPU's dtype (cpu/packing.py); the other block types (a Q4_K_M file's
+      Q6_K downs, Q5_K, Q8_0, ...) are dequantized once into the CPU's dtype (DenseRows), exact
+      but for the rounding of each value. A layer takes part when all three are of these types.
     - An expert is packed the first time the CPU takes it, and kept, within `budget` bytes of
-      host memory (the plan counts every 4-bit expert as packed); past it, only packed experts
-      go to the CPU.
-    - The share per batch bucket is fixed, or chosen by `Balancer` from timed passes (never
-      slower than none, as with the rows of dense layers).
+      host memory (the plan counts every expert of those layers as packed); past it, only
+      packed experts go to the CPU.
+    - The CPU computes each of its experts once for all of its tokens (their rows gathered).
+    - The share per batch bucket is fixed (that fraction of each layer's missing experts), or,
+      with `split` (`--cpu-share auto`), each layer's count comes from the experts' cost model
+      (NOTE [ the experts' split ]) while `Balancer` times passes with it against passes without
+      any, and keeps it only where it is faster (never slower than none, as with the rows of
+      dense layers).
     """
 
-    def __init__(self, balancer: Balancer, budget: int, dtype: torch.dtype, timeline: Timeline):
+    def __init__(self, balancer: Balancer, budget: int, dtype: torch.dtype, timeline: Timeline,
+                 split: ExpertSplit | None = None, clock=time.monotonic_ns):
         self.balancer, self.budget, self.dtype, self.tl = balancer, budget, dtype, timeline
-        self.packed: dict[tuple[int, int], tuple[PackedRows, PackedRows, PackedRows]] = {}
+        self.split, self.clock = split, clock  # (clock: nanoseconds, a stand-in in tests)
+        self.tokens = 1  # tokens of this step (set_step)
+        self.packed: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> gate, up, down in the CPU's form
         self.packed_bytes = 0
         self.meter = Meter()
         self.computed = 0  # experts computed by the CPU (counting each layer's once a step)
@@ -50,8 +59,13 @@ class CpuExperts:
     def eligible(self, i: int, lay: LayerLayout) -> bool:
         got = self._eligible.get(i)
         if got is None:
-            got = self._eligible[i] = bool(expert_int4_layers([lay]))
+            got = self._eligible[i] = bool(expert_cpu_layers([lay]))
         return got
+
+    def set_step(self, tokens: int) -> float:
+        """A decode step of `tokens` tokens: its share (the balancer's)."""
+        self.tokens = tokens
+        return self.balancer.share(tokens)
 
     def take_pack_s(self) -> float:
         """Seconds spent packing experts since the last call: a one-off cost, which the balancer
@@ -60,9 +74,12 @@ class CpuExperts:
         return self.packing.take()[0]
 
     def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
-        """The CPU's experts among a step's `missing` ones of layer i at share `frac`: packed ones
-        first, then ones that still fit the budget."""
-        n = int(frac * len(missing))  # rounded down: a lone expert copies faster than the CPU computes it
+        """The CPU's experts among a step's `missing` ones of layer i at share `frac` (with a cost
+        model: as many as it gives, up to that share): packed ones first, then ones that still fit
+        the budget."""
+        n = int(frac * len(missing) + 1e-9)  # rounded down: a lone expert copies faster than the CPU computes it
+        if n and self.split is not None:
+            n = min(n, self.split.count(self.tokens, len(missing)))
         if not n or not self.eligible(i, lay):
             return []
         have = [e for e in missing if (i, e) in self.packed]
@@ -74,14 +91,14 @@ class CpuExperts:
         got = self.packed.get((i, e))
         if got is None:
             mats = []
-            t0 = time.monotonic_ns()
+            t0 = self.clock()
             with self.tl.span("cpu_pack", f"pack L{i} E{e}", layer=i):
                 for t, per, _, rows, cols in expert_parts(lay):
                     raw = torch.from_numpy(expert_bytes(host, t, per, e))
-                    mats.append(pack_rows(raw, t.qtype, rows, cols, self.dtype))
+                    mats.append(cpu_matrix(raw, t.qtype, rows, cols, self.dtype))
             got = self.packed[(i, e)] = tuple(mats)
             nbytes = sum(m.nbytes for m in got)
-            self.packing.add(t0, time.monotonic_ns() - t0, nbytes)
+            self.packing.add(t0, self.clock() - t0, nbytes)
             self.packed_bytes += nbytes
         return got
 
@@ -93,7 +110,7 @@ class CpuExperts:
         T, k = weight.shape
         out = torch.zeros(T, h.shape[1], dtype=torch.float32)
         mats = [self._experts(i, e, lay, host) for e in experts]  # (packing is not the CPU share's time)
-        t0 = time.monotonic_ns()
+        t0 = self.clock()
         pairs: dict[int, list[int]] = {e: [] for e in experts}
         for p, e in enumerate(ids):
             if e in pairs:
@@ -107,8 +124,10 @@ class CpuExperts:
             y = packed_swiglu(g, u, d, x)
             out.index_add_(0, rows, y.float() * w_flat[ps].unsqueeze(-1))
             nbytes += g.nbytes + u.nbytes + d.nbytes
-        dt = time.monotonic_ns() - t0
+        dt = self.clock() - t0
         self.meter.add(t0, dt, nbytes)
+        if self.split is not None:
+            self.split.observe(self.tokens, len(experts), dt / 1e9)
         self.computed += len(experts)
         self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
         return out

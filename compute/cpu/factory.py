@@ -8,11 +8,12 @@ import torch
 
 from layerstream.compute.cpu import balancer as bal
 from layerstream.compute.cpu.config import CpuShareConfig
+from layerstream.compute.cpu.expert_split import ExpertSplit
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.cpu.packing import pack_ratio
 from layerstream.compute.cpu.share import CpuShare
 from layerstream.compute.cpu.sizing import (
-    expert_int4_layers,
+    expert_cpu_layers,
     expert_packed_bytes,
     ffn_int4_fraction,
     int4_fraction,
@@ -43,25 +44,31 @@ def make_cpu_parts(cfg: CpuShareConfig, streamed: list[LayerLayout], device: tor
 def _make_experts(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torch.device, dtype: torch.dtype,
                   timeline: Timeline) -> CpuExperts | None:
     """The CPU's share of a decode step's missing streamed experts (NOTE [ CPU experts ] in
-    cpu/experts.py): fixed, or on CUDA proposed from one expert's CPU time and the link's GB/s
-    measured here, then chosen from the passes' own timings."""
-    lays = expert_int4_layers(streamed)
+    cpu/experts.py): a fixed fraction of each layer's, or on CUDA a count per layer and step from
+    the experts' cost model (NOTE [ the experts' split ]: one expert's CPU time, the link's GB/s
+    and the host's round trip measured here, the CPU's time then followed in the run), kept where
+    the passes' own timings show it faster than none."""
+    lays = expert_cpu_layers(streamed)
     what = "missing experts of a decode step"
     if cfg.off or not cfg.pack_max or not lays:
         return None
     ratio = pack_ratio()
+    split = None
     if cfg.auto:
-        _, n_ff, n_embd = lays[0].tensor("ffn_gate_exps.weight").shape
-        per = sum(lays[0].tensor(n).nbytes for n in EXPERT_TENSORS) // lays[0].tensor(EXPERT_TENSORS[0]).shape[0]
-        t_cpu = bal.measure_expert_s(n_ff, n_embd, dtype)
-        cpu = per * ratio / t_cpu / 1e9  # as packed GB/s, which is what the balancer weighs
+        lay = lays[0]
+        _, n_ff, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
+        per = sum(lay.tensor(n).nbytes for n in EXPERT_TENSORS) // lay.tensor(EXPERT_TENSORS[0]).shape[0]
+        t_cpu = bal.measure_expert_s(n_ff, n_embd, dtype, qtypes=tuple(lay.tensor(n).qtype for n in EXPERT_TENSORS))
+        link = bal.measure_link_gbs(device)
+        split = ExpertSplit({b: t_cpu for b in bal.BUCKETS}, per / (link * 1e9),
+                            bal.measure_round_trip_s(device, n_embd))
         # (five passes a share: a decode pass takes tens of ms, and one share's passes differ)
-        balancer = bal.Balancer({b: cpu for b in bal.BUCKETS}, bal.measure_link_gbs(device), 1.0, ratio, 1.0,
-                                every=5, what=what)
+        balancer = bal.Balancer({}, link, 1.0, ratio, 1.0, every=5, what=what, propose=1.0, detail=split.describe)
     else:
         f = min(cfg.fraction, 1.0)
         balancer = bal.Balancer({}, 0.0, 1.0, ratio, f, fixed=f, what=what)
-    return CpuExperts(balancer, expert_packed_bytes(lays), dtype, timeline)
+    size = torch.empty((), dtype=dtype).element_size()
+    return CpuExperts(balancer, expert_packed_bytes(lays, size), dtype, timeline, split)
 
 
 def _make_share(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torch.device, dtype: torch.dtype,

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
+from layerstream.compute.dequant import dequantize
+
 INT4_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q4_K))
+# block types the CPU computes from a dequantized copy (no int4 form holds them exactly: Q6_K's
+# 6-bit values with a scale per 16, Q8_0's 8-bit ones, ...; DenseRows)
+DENSE_TYPES = frozenset(int(t) for t in (QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q5_K, QT.Q6_K))
+CPU_TYPES = INT4_TYPES | DENSE_TYPES
 GROUP = 32  # values per (scale, zero): every 4-bit type's sub-block
 ROW_ALIGN = 64  # CPU rows come in multiples of this: aten's CPU int4 pack holds rows in blocks of 64,
 # so a tail of a packed matrix is a row slice only at such a boundary (tails_slice() checks it)
@@ -108,6 +114,42 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor:
     if q.shape[0] % ROW_ALIGN == 0 and layout_matches():
         return _layout(q)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+@dataclass
+class DenseRows:
+    """Rows of a matrix dequantized once into the CPU's dtype: how the CPU computes block types
+    that have no exact int4 form (DENSE_TYPES). Exact but for the rounding of each value to that
+    dtype (bf16: a relative error of at most 2**-9 a value; float32: none beyond float32's own),
+    and read as dense rows (bf16: 2 bytes a value against Q6_K's 0.82)."""
+
+    w: torch.Tensor  # [n, K] in the CPU's dtype
+
+    @property
+    def rows(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.w.dtype), self.w)
+
+
+def cpu_matrix(raw: torch.Tensor, qtype: int, n: int, K: int, dtype: torch.dtype) -> "PackedRows | DenseRows":
+    """n rows of GGUF blocks (host bytes) in the form the CPU computes them: aten's int4 layout for
+    the 4-bit types, a dequantized copy for the other block types (CPU_TYPES)."""
+    if qtype in INT4_TYPES:
+        return pack_rows(raw, qtype, n, K, dtype)
+    if qtype not in DENSE_TYPES:
+        raise ValueError(f"the CPU computes no {QT(qtype).name} matrices")
+    return DenseRows(dequantize(raw.contiguous(), qtype, (n, K), dtype=dtype, fused=False))
+
+
+def cpu_matrix_bytes(qtype: int, n: int, K: int, dtype_size: int = 2) -> int:
+    """Host bytes of `cpu_matrix` of an [n, K] matrix of `qtype` (dense values of `dtype_size` bytes)."""
+    return n * (K // 2 + K // GROUP * 4) if qtype in INT4_TYPES else n * K * dtype_size
 
 
 def pack_rows(raw: torch.Tensor, qtype: int, n: int, K: int, dtype: torch.dtype) -> PackedRows:

@@ -5,31 +5,33 @@ from __future__ import annotations
 
 import os
 
-from layerstream.compute.cpu.packing import GROUP, INT4_TYPES, cpu_rows
+from layerstream.compute.cpu.packing import CPU_TYPES, GROUP, INT4_TYPES, cpu_matrix_bytes, cpu_rows
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 
 SPLITS = ("layers", "rows")
 FFN_MATRICES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
-def expert_int4_layers(layouts) -> list:
-    """The layers whose experts the CPU can take: gate, up and down all 4-bit."""
+def expert_cpu_layers(layouts) -> list:
+    """The layers whose experts the CPU can take: gate, up and down each of a type it computes
+    (4-bit packed, or the other block types dequantized: a Q4_K_M file's Q6_K downs)."""
     out = []
     for lay in layouts:
         ts = {t.name: t for t in lay.tensors if t.name in EXPERT_TENSORS}
-        if len(ts) == 3 and all(t.qtype in INT4_TYPES for t in ts.values()):
+        if len(ts) == 3 and all(t.qtype in CPU_TYPES for t in ts.values()):
             out.append(lay)
     return out
 
 
-def expert_packed_bytes(layouts) -> int:
-    """Host bytes of every 4-bit expert of these layers, packed (what the CPU's experts may take)."""
+def expert_packed_bytes(layouts, dtype_size: int = 2) -> int:
+    """Host bytes of every expert of these layers in the CPU's form (what the CPU's experts may
+    take): 4-bit matrices packed, others dequantized into values of `dtype_size` bytes."""
     n = 0
-    for lay in expert_int4_layers(layouts):
+    for lay in expert_cpu_layers(layouts):
         for t in lay.tensors:
             if t.name in EXPERT_TENSORS:
                 E, N, K = t.shape
-                n += E * N * (K // 2 + K // GROUP * 4)
+                n += E * cpu_matrix_bytes(t.qtype, N, K, dtype_size)
     return n
 
 

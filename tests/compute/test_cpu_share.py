@@ -183,31 +183,35 @@ def test_packed_bytes_counts_only_4bit_matrices():
     assert sizing.int4_fraction([lay]) == pytest.approx(q4.nbytes / (q4.nbytes + q6.nbytes))
 
 
-def test_packed_bytes_count_every_4bit_expert_of_layers_whose_experts_are_all_4bit():
-    """NOTE [ CPU experts ]: a layer takes part when gate, up and down are all 4-bit; then any
-    share may pack each of its experts in time, so the plan counts them all."""
+def test_packed_bytes_count_every_expert_of_layers_whose_experts_the_cpu_computes():
+    """NOTE [ CPU experts ]: a layer takes part when gate, up and down are each 4-bit or another
+    block type the CPU dequantizes (a Q4_K_M file's Q6_K downs); then any share may pack each of
+    its experts in time, so the plan counts them all: 4-bit packed, the others dense."""
     E, N, K = 8, 256, 512
 
     def layer(down_type, i):
         ts, off = [], 0
         for name, qt, shape in (("ffn_gate_exps.weight", QT.Q4_K, (E, N, K)), ("ffn_up_exps.weight", QT.Q4_K, (E, N, K)),
                                 ("ffn_down_exps.weight", down_type, (E, K, N))):
-            nbytes = E * shape[1] * shape[2] // 256 * (144 if qt == QT.Q4_K else 210)
+            nbytes = E * shape[1] * shape[2] // 256 * {QT.Q4_K: 144, QT.Q6_K: 210, QT.IQ4_XS: 136}[qt]
             ts.append(SlotTensor(name, int(qt), shape, off, nbytes, "f", 0))
             off += nbytes
         return LayerLayout(i, tuple(ts), off)
 
-    q4, q6 = layer(QT.Q4_K, 0), layer(QT.Q6_K, 1)
+    q4, q6, iq = layer(QT.Q4_K, 0), layer(QT.Q6_K, 1), layer(QT.IQ4_XS, 2)
     # a 4-bit attention matrix beside the experts: a MoE layer's share is its experts, not its rows
     attn = SlotTensor("attn_q.weight", int(QT.Q4_K), (K, K), q6.nbytes, K * K // 256 * 144, "f", 0)
     q6 = LayerLayout(1, (*q6.tensors, attn), q6.nbytes + attn.nbytes)
     assert sizing.row_layers([q4, q6]) == [] and sizing.int4_fraction(sizing.row_layers([q6])) == 0
-    assert sizing.expert_int4_layers([q4, q6]) == [q4]
+    assert sizing.expert_cpu_layers([q4, q6, iq]) == [q4, q6]  # (no CPU form of IQ4_XS)
     per_matrix = E * N * (K // 2 + K // 32 * 4)  # (N x K and K x N pack to the same bytes)
-    assert sizing.expert_packed_bytes([q4, q6]) == 3 * per_matrix
-    assert sizing.packed_bytes([q4, q6], 0.3) == 3 * per_matrix and sizing.packed_bytes([q4, q6], 0) == 0
+    dense = E * K * N * 2  # a Q6_K down dequantized to bf16
+    assert sizing.expert_packed_bytes([q4, q6, iq]) == 3 * per_matrix + 2 * per_matrix + dense
+    assert sizing.expert_packed_bytes([q6], 4) == 2 * per_matrix + 2 * dense  # (float32 on a CPU-only machine)
+    assert sizing.packed_bytes([q4, q6], 0.3) == 5 * per_matrix + dense and sizing.packed_bytes([q4, q6], 0) == 0
     # the CPU's time for one expert of that shape, as the balancer's start measures it
     assert 0 < balancer.measure_expert_s(N, K, torch.float32, reps=2) < 1
+    assert 0 < balancer.measure_expert_s(N, K, torch.float32, reps=2, qtypes=(QT.Q4_K, QT.Q4_K, QT.Q6_K), rows=3) < 1
 
 
 def test_quantweight_device_rows_are_a_prefix():
