@@ -241,9 +241,10 @@ def run(args) -> int:
     index = check_header(args)
     warm = None
     if not args.single_process:  # the children import while this process checks and plans (NOTE [ warm starts ])
-        from layerstream.coordinator.supervisor import WarmStarts
+        from layerstream.coordinator.supervisor import WarmStarts, warm_starts_pay
 
-        warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
+        if warm_starts_pay():
+            warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
     try:
         check_quants(index)
         params = _sampling(args)

@@ -16,6 +16,10 @@ soon as the model's header is read (`WarmStarts`): the process imports its role'
 waits on a pipe for what `spawned` takes (the config is known once the plan is made). A warm
 process that gets nothing (a check failed, the run ended) sees the pipe close and exits, or
 is terminated with the launcher. Nothing of the model is read or mapped before its config comes.
+The imports overlap only where cores are free for them: on a 2-core machine the children's imports
+slowed the launcher's own (a refused quant type took 5.6 to 6.1 s instead of 2.6 to 3.2, on a busy
+machine), so warm
+starts are taken from WARM_MIN_CPUS cores up.
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ class Child:
     expected_exit: bool = False
     links_heard: set = field(default_factory=set)
     last_error: str | None = None
+
+
+WARM_MIN_CPUS = 4
+
+
+def warm_starts_pay(cpus: int | None = None) -> bool:
+    """Whether this machine has the cores for children to import beside the launcher (NOTE [ warm starts ])."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpus >= WARM_MIN_CPUS
 
 
 # what a warm process of each role imports while it waits (NOTE [ warm starts ])

@@ -100,3 +100,9 @@ def test_warm_processes_that_get_nothing_exit_when_let_go():
     t0 = time.monotonic()
     warm.close()
     assert time.monotonic() - t0 < 5.0 and all(p.exitcode is not None for p in procs)
+
+
+def test_warm_starts_are_taken_where_cores_are_free():
+    from layerstream.coordinator.supervisor import warm_starts_pay
+
+    assert [warm_starts_pay(c) for c in (1, 2, 3, 4, 16)] == [False, False, False, True, True]
