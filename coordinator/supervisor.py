@@ -18,8 +18,7 @@ process that gets nothing (a check failed, the run ended) sees the pipe close an
 is terminated with the launcher. Nothing of the model is read or mapped before its config comes.
 The imports overlap only where cores are free for them: on a 2-core machine the children's imports
 slowed the launcher's own (a refused quant type took 5.6 to 6.1 s instead of 2.6 to 3.2, on a busy
-machine), so warm
-starts are taken from WARM_MIN_CPUS cores up.
+machine), so warm starts are taken from WARM_MIN_CPUS cores up.
 """
 
 from __future__ import annotations
