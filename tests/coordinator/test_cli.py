@@ -151,6 +151,38 @@ def test_good_run_prints_the_engines_text(tmp_path):
     assert r.stdout == want + "\n"
 
 
+def test_a_pipeline_run_takes_its_children_from_the_warm_starts(tmp_path, monkeypatch, capsys):
+    """NOTE [ warm starts ]: with warm starts on (this machine may have too few cores for them by
+    default), every child of the run is a process spawned ahead, and the text is the reference
+    engine's."""
+    from layerstream.coordinator import cli, supervisor
+
+    path = ggufgen.write_model(tmp_path / "m.gguf", arch="qwen3")
+    monkeypatch.setattr(supervisor, "WARM_MIN_CPUS", 1)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
+    spawned, taken = [], []
+    real_init, real_take = supervisor.WarmStarts.__init__, supervisor.WarmStarts.take
+
+    def init(self, roles):
+        spawned.append(dict(roles))
+        real_init(self, roles)
+
+    def take(self, role, args):
+        proc = real_take(self, role, args)
+        taken.append((role, proc is not None))
+        return proc
+
+    monkeypatch.setattr(supervisor.WarmStarts, "__init__", init)
+    monkeypatch.setattr(supervisor.WarmStarts, "take", take)
+    assert cli.main(["-m", path, "-n", "8", "--temperature", "0", "--device", "cpu", "--readers", "2",
+                     "hello", "world"]) == 0
+    with Engine.load(path, device="cpu", ctx=256) as e:
+        want = "".join(e.generate("hello world", SamplingParams(temperature=0, max_tokens=8)))
+    assert want and capsys.readouterr().out == want + "\n"
+    assert spawned == [{"staging": 1, "reader": 2, "compute": 1}]
+    assert sorted(taken) == [("compute", True), ("reader", True), ("reader", True), ("staging", True)]
+
+
 def test_perplexity_option(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     text = tmp_path / "t.txt"
