@@ -291,7 +291,7 @@ class Engine:
         try:
             for n, p in zip(names, ids):
                 self.core.add_request(n, p, params)
-            while self.core.has_unfinished():
+            while any(r is None for r in reasons) and self.core.has_unfinished():  # (NOTE in turn.py)
                 for out in self.core.step():
                     i = index[out.request_id]
                     if out.text:

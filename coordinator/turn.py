@@ -59,7 +59,9 @@ class Turn:
         t_first = t_last = None
         core.add_request(self.request_id, self.ids, self.params)
         try:
-            while core.has_unfinished():
+            # until the reply ends: a step still in flight (its token discarded, core.py NOTE [ one step
+            # behind ]) is collected by the next step the core runs, so the prompt comes back at once
+            while self.finish_reason is None and core.has_unfinished():
                 if stop():
                     self.stopped = True
                     return

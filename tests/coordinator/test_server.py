@@ -503,9 +503,11 @@ def test_a_failed_step_answers_500_and_the_next_request_is_served(live):
     real = core.backend
 
     class Failing:
-        def step(self, seqs, want):
+        def submit(self, *args):
             core.backend = real
             raise RuntimeError("injected step failure")
+
+        collect = submit
 
     core.backend = Failing()
     try:
@@ -753,6 +755,7 @@ def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_ro
 
     import ggufgen
     from layerstream.coordinator.core import EngineCore, RequestOutput
+    from layerstream.coordinator.engine import LocalBackend
     from layerstream.coordinator.openai_api import ApiError
     from layerstream.coordinator.server import EngineWorker, Metrics
     from layerstream.coordinator.tokenizer import Tokenizer
@@ -760,16 +763,18 @@ def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_ro
 
     tok = Tokenizer.from_metadata(open_model(ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256)).metadata)
 
-    class Backend:
+    class Model:
         fail = 0  # steps left to fail
+        max_seqs, device = 2, torch.device("cpu")
 
-        def step(self, seqs, want):
+        def step(self, seqs, want, last_ids=None):
             if self.fail:
                 self.fail -= 1
                 raise RuntimeError("device fault")
             return torch.zeros(len(seqs), 256)
 
-    backend = Backend()
+    model = Model()
+    backend = LocalBackend(model, 256)
     core = EngineCore(backend, tok, 256, max_seqs=2, ctx=32, step_tokens=8)
     loop = asyncio.new_event_loop()
     w = EngineWorker(SimpleNamespace(core=core, backend=backend), loop, Metrics(), max_queue=8)
@@ -783,11 +788,11 @@ def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_ro
                 return item
 
     try:
-        backend.fail = 1
+        model.fail = 1
         got = loop.run_until_complete(answer("a"))
         assert got.finish_reason == "error" and "device fault" in got.error and w.failure is None
         assert loop.run_until_complete(answer("b")).finish_reason == "length"
-        backend.fail = 3
+        model.fail = 3
         for rid in ("c", "d"):
             assert loop.run_until_complete(answer(rid)).finish_reason == "error"
         assert loop.run_until_complete(answer("e")).status == 503 and "device fault" in w.failure
