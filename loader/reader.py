@@ -9,9 +9,10 @@ land exactly at `slot_offset`: no bounce buffer, no copy. A range that breaks th
 (hand-made) or a destination that is not page-aligned is read buffered instead.
 
 NOTE [ parallel reads ]
-One thread copying from the page cache into a staging slot moves 1.4 to 2.5 GB/s on the
-machines measured (a fresh slot's pages are allocated as they are written; BENCHMARKS.md),
-where the page cache and a fast drive serve several times that to several threads at once.
+One thread filling new staging slots from the page cache moved 0.6 to 1.4 GB/s on this
+project's CPU and 2.1 to 2.8 GB/s on the GPU machine (a new slot's pages are made as they are
+written; BENCHMARKS.md, "Start-up"), where the page cache and a fast drive serve several threads
+at once.
 So a reader splits each range into pieces of CHUNK bytes (page-aligned for O_DIRECT) and
 reads them on `threads` threads: os.preadv releases the GIL. read_into returns only once
 every piece is done or has failed, so no thread writes into a slot after it is handed on.
