@@ -86,6 +86,28 @@ def test_pipeline_matches_single_process(model, reference, pcfg):
         assert _generate(e) == reference
 
 
+SEEDED = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repeat_penalty=1.3, repeat_last_n=8, seed=123,
+                        max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("pcfg", [PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0), PipelineConfig()],
+                         ids=["streamed-prefetch1-no-cache", "resident"])
+def test_seeded_sampling_and_stops_on_the_compute_side_match_the_single_process_engine(model, pcfg):
+    """The compute process samples (each request's generator and penalty window kept there) and
+    feeds each decode step the id it sampled before; two steps are in flight (core.py, NOTE [ one
+    step behind ]): seeded, filtered and penalized text, and a stop string, end as in one process."""
+    with _engine(model) as e:
+        want = e.generate_batch([list(p) for p in PROMPTS], SEEDED)
+        stop = want[0][4:6]
+        stopped = SamplingParams(**{**SEEDED.__dict__, "stop": (stop,)})
+        want_stopped = e.generate_batch([list(p) for p in PROMPTS], stopped)
+    assert want_stopped[0] == want[0][: want[0].find(stop)]
+    with _engine(model, pcfg) as e:
+        assert e.generate_batch([list(p) for p in PROMPTS], SEEDED) == want
+        assert e.generate_batch([list(p) for p in PROMPTS], stopped) == want_stopped
+        assert e.finish_reasons[0] == "stop"
+
+
 def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     index = open_model(model)
     from layerstream.compute.device import default_dtype
