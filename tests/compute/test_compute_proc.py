@@ -104,3 +104,38 @@ def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps
         w._resolve(Forward(5, [ForwardSeq(3, [-1], [0], [0], [0], True)], "none"))
     w.glob = SimpleNamespace(embd_dev=torch.zeros(1))  # on the device: the runner reads it there
     assert w._resolve(Forward(6, [ForwardSeq(3, [-1], [0], [0], [0], True)], "none"))[0].tokens == [-1]
+
+
+def test_the_loop_launches_the_next_forward_before_the_step_in_flight_is_done():
+    """The compute loop takes a Forward that is queued while a step runs on the device and launches
+    it at once (the GPU never waits for the host between them); each ForwardDone goes, in order,
+    once its step is done."""
+    fwd = [Forward(k, [ForwardSeq(0, [-1], [k], [k], list(range(k + 1)), True)], "none") for k in (1, 2)]
+
+    class Stop(Exception):
+        pass
+
+    w = _worker(False, incoming=fwd)
+    events, log = [], []
+
+    def recv(timeout=None):
+        if w.links.incoming:
+            return w.links.incoming.pop(0)
+        if any(not e.finished for e in events):  # the device finishes once nothing else is queued
+            for e in events:
+                e.finished = True
+            return None
+        raise Stop
+
+    def launch(msg):
+        log.append(f"launch {msg.step}")
+        st = _in_flight(msg.step, [0], [40 + msg.step], [0])
+        events.append(st.launched.event)
+        w.inflight.append(st)
+
+    w.links.recv, w.links.ready, w.launch = recv, lambda info: None, launch
+    w.registered, w.device = False, torch.device("cpu")
+    w.links.send = lambda msg, extra=None: log.append(f"done {msg.step} {msg.ids}")
+    with pytest.raises(Stop):
+        w.run()
+    assert log == ["launch 1", "launch 2", "done 1 [41]", "done 2 [42]"]
