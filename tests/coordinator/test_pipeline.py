@@ -561,6 +561,9 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
         bad = [("reader-0", ForwardDone(be.core.step_no, [1, 2], "float32", {}), [b"\0" * 8]),  # not the compute
                ("compute", ForwardDone(be.core.step_no, [1, 2], "O", {}), [b"\0" * 16]),  # object dtype
                ("compute", ForwardDone(be.core.step_no, [1, 9], "float32", {}), [b"\0" * 8]),  # size mismatch
+               ("compute", ForwardDone(be.core.step_no, [], "float32", {}, [5, 6], [0]), []),  # ids without codes
+               ("compute", ForwardDone(be.core.step_no, [], "float32", {}, [10**6], [0]), []),  # no such token
+               ("compute", ForwardDone(be.core.step_no, [], "float32", {}, [5], [9]), []),  # no such code
                ("compute", LayerDone(be.core.step_no, [[10**6, 0]]), []),  # no such layer
                ("stranger", LayerDone(be.core.step_no, [[0, 0]]), [])]  # no child of this run
         for ident, msg, extra in bad:
