@@ -19,10 +19,11 @@ def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
 
 
 def max_in_flight(n_expert: int, n_used: int) -> int:
-    """Experts one layer of the largest expert step can choose: what a step may hold on the
-    device beyond the cache (the newcomers the cache does not keep serve their step and go)."""
+    """Pool slots a step may hold on the device beyond the cache: the experts one layer of the
+    largest expert step can choose (the newcomers the cache does not keep serve their step and
+    go), and the slot of zeros that the CPU's pairs read (NOTE [ the expert pool ])."""
     t_max = max(t for t in range(1, n_expert + 1) if streams_experts(n_expert, n_used, t))
-    return min(n_expert, n_used * t_max)
+    return min(n_expert, n_used * t_max) + 1
 
 
 def expert_parts(lay: LayerLayout) -> list[tuple[object, int, int, int, int]]:

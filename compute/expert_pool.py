@@ -2,12 +2,15 @@
 
 NOTE [ the expert pool ]
 Block experts (what the grouped kernel reads) live in one device buffer of equal slots, `slot`
-bytes each: the cache's slots, then `in_flight` slots for the newcomers the cache does not keep,
-then two sets of `prefetch` slots for the experts predicted for the next layer, copied ahead on
+bytes each: the cache's slots, then `in_flight` slots for the newcomers the cache does not keep
+(the last of them, `zero`, is never written), then two sets of `prefetch` slots for the experts predicted for the next layer, copied ahead on
 a side stream (NOTE [ expert prefetch ] in experts.py). Copies land in place, with no
 allocation, and every expert sits at a byte offset from one fixed anchor, the pool, so a CUDA
 graph can read whichever experts a step chose from offsets in a tensor (graphs.py, NOTE [ decode
-graphs ]). A fetch never evicts an expert that the same fetch serves. Dense experts
+graphs ]). A fetch never evicts an expert that the same fetch serves. The (token, choice) pairs
+the CPU computes stay in the grouped launches with weight 0 (NOTE [ CPU experts ]), reading the
+slot of zeros: zero blocks of every type are zero matrices, while another slot's bytes read as
+another type (a Q4_K gate read as a Q6_K down) may hold an infinite scale, and 0 * inf is NaN. Dense experts
 (dequantized) are tensors of their own, outside the pool.
 """
 
@@ -22,15 +25,15 @@ from layerstream.loader.layout import LayerLayout
 
 
 class ExpertPool:
-    """One device buffer of `cached` + `in_flight` + 2 * `prefetch` slots of `slot` bytes, and the
+    """One device buffer of `cached` + `in_flight` + 2 * `prefetch` slots of `slot` bytes (the last
+    in-flight slot the slot of zeros), and the
     copies into it: through the driver where it is at hand (h2d.py, NOTE [ driver copies ]), else
     torch's copies from views made once."""
 
     def __init__(self, slot: int, cached: int, in_flight: int, prefetch: int, device: torch.device):
         self.slot, self.cached, self.in_flight, self.prefetch = slot, cached, in_flight, prefetch
         self.device = device
-        # zeros: a pair the CPU takes reads the pool's start with weight 0 (NOTE [ CPU experts ]),
-        # which must be finite before any expert lands there (zero blocks are zero matrices)
+        self.zero = cached + in_flight - 1 if in_flight else None  # the slot of zeros (None: the pool's start)
         self.buf = torch.zeros((cached + in_flight + 2 * prefetch) * slot, dtype=torch.uint8, device=device)
         self.ptr = self.buf.data_ptr()  # (the pool never moves)
         self.driver = DriverCopies.open() if self.device.type == "cuda" else None
@@ -39,8 +42,8 @@ class ExpertPool:
         self.copy_groups: dict[int, list] = {}  # layer -> groups
 
     def flight(self):
-        """The in-flight slots, in order (for one fetch's newcomers)."""
-        return iter(range(self.cached, self.cached + self.in_flight))
+        """The in-flight slots but the slot of zeros, in order (for one fetch's newcomers)."""
+        return iter(range(self.cached, self.cached + max(0, self.in_flight - 1)))
 
     def prefetch_base(self, k: int) -> int:
         """The first slot of prefetch set k (0 or 1)."""

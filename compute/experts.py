@@ -117,7 +117,7 @@ class ExpertCache:
                     slot = next(flight, None) if slot is None else slot
                     if slot is None:
                         raise RuntimeError(f"layer {i}: more new experts in one step than the pool's "
-                                           f"{self.store.in_flight}")
+                                           f"{self.store.in_flight - 1}")
                     items.append((slot, e))
                     out[e] = slot
                 self._copy(i, items, lay, host, cur)
@@ -283,8 +283,8 @@ class ExpertSet:
         """Fetch the experts of the step's (token, choice) pairs `ids` but the CPU's share of the
         missing ones (NOTE [ CPU experts ]; `cpu`: that share, when already chosen): the pool, each
         pair's gate, up and down byte offsets from it ([3, len(ids)] int64 on the host, written into
-        `out` where it is given; the CPU's pairs point at the pool's start), the parts, and the
-        CPU's experts."""
+        `out` where it is given; the CPU's pairs point at the slot of zeros, NOTE [ the expert
+        pool ]), the parts, and the CPU's experts."""
         distinct = sorted(set(ids))
         if cpu is None:
             cpu = self.cpu_choice(ids)
@@ -292,9 +292,9 @@ class ExpertSet:
             self.cache.count(self.i, cpu)
         slots = self.cache.fetch_slots(self.i, [e for e in distinct if e not in cpu] if cpu else distinct, self.lay,
                                        self.host)
-        size, starts = self.cache.slot, self.offsets
+        size, starts, zero = self.cache.slot, self.offsets, self.cache.store.zero
         base = [slots[e] * size if e in slots else None for e in ids]
-        rows = [[0 if b is None else b + a for b in base] for a in starts]
+        rows = [[(0 if zero is None else zero * size + a) if b is None else b + a for b in base] for a in starts]
         if out is None:
             return self.cache.pool, torch.tensor(rows, dtype=torch.int64), self.parts, cpu
         view = out.numpy()  # (a pinned buffer: written in place, no tensor made)

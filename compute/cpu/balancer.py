@@ -117,8 +117,9 @@ class Balancer:
         def one(b: int) -> str:
             timed = ", ".join(f"{k:.0%} {statistics.median(v) * 1e3:.0f} ms" for k, v in sorted(self.times[b].items()))
             state = "timing" if self.trials[b] else "chosen"
-            return f"batch {b}: {self.frac[b]:.0%} {state} (CPU {self.cpu_gbs.get(b, 0):.0f} GB/s" + \
-                (f"; passes {timed})" if timed else ")")
+            cpu = f"CPU {self.cpu_gbs[b]:.0f} GB/s" if self.cpu_gbs.get(b) else ""
+            more = "; ".join(x for x in (cpu, f"passes {timed}" if timed else "") if x)
+            return f"batch {b}: {self.frac[b]:.0%} {state}" + (f" ({more})" if more else "")
 
         more = f"; {self.detail()}" if self.detail is not None else ""
         return f"CPU share of the {self.what}: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s{more}"

@@ -137,8 +137,8 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
     slot = slot_bytes([lay])
     assert slot % ALIGN == 0 and slot >= 3 * 8 * 16 * 4
     cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), policy,
-                        slot, in_flight=3)
-    assert cache.pool.numel() == 5 * slot
+                        slot, in_flight=4)  # (three newcomers, and the slot of zeros)
+    assert cache.pool.numel() == 6 * slot
     if driver:
         cache.store.driver = _HostDriver()
 
@@ -166,6 +166,14 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
         for k in range(3):
             v = pool[offs[k, col] : offs[k, col] + 8 * 16 * 4].view(torch.float32).view(8, 16)
             assert v[7, 1].item() == pytest.approx(1000 * k + 100 * e + 7 + 0.01)
+    # the slot of zeros, never written, is what the CPU's pairs read (with weight 0): each part's
+    # own offset in it (NOTE [ the expert pool ])
+    z = cache.store.zero
+    assert z == 2 + 3 and not cache.pool[z * slot : (z + 1) * slot].any()
+    cache.fetch(0, [0, 1, 2], lay, host)  # three newcomers: the other in-flight slots hold them
+    assert not cache.pool[z * slot : (z + 1) * slot].any()
+    _, offs, _, _ = ExpertSet(cache, 0, lay, host).grouped_offsets([5, 2], cpu=[2])
+    assert offs[:, 1].tolist() == [z * slot + p[2] for p in expert_parts(lay)]
 
 
 @pytest.mark.parametrize("driver", [False, True], ids=["torch-copies", "driver-copies"])
@@ -184,8 +192,8 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
     host1 = host1.view(np.uint8)
     slot = slot_bytes([lay])
     cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu",
-                        slot, in_flight=3, prefetch=2)
-    assert cache.pool.numel() == (2 + 3 + 2 * 2) * slot
+                        slot, in_flight=4, prefetch=2)
+    assert cache.pool.numel() == (2 + 4 + 2 * 2) * slot
     if driver:
         cache.store.driver = _HostDriver()
 

@@ -1,0 +1,174 @@
+"""A streamed MoE layer's missing experts split between the CPU and the copies (NOTE [ CPU experts ],
+NOTE [ the experts' split ]): decoding a tiny qwen3moe and a tiny Mixtral with their Q4_K_M
+experts (Q4_K gate and up, Q6_K down) gives the resident engine's tokens and logits with every
+missing expert on the CPU, none, and a share, at batch 1 and 4; the cost model's choices."""
+
+import numpy as np
+import pytest
+import torch
+
+import ggufgen
+from layerstream.compute.cpu.balancer import Balancer
+from layerstream.compute.cpu.expert_split import ExpertSplit
+from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes, streams_experts
+from layerstream.compute.experts import ExpertCache, ExpertSet
+from layerstream.compute.model import SeqStep
+from layerstream.compute.runner import ModelRunner
+from layerstream.compute.weights import GlobalWeights, load_tensor
+from layerstream.loader.gguf_index import open_model
+from layerstream.loader.layout import layer_layouts
+from layerstream.proto.timeline import Timeline
+
+# a Q4_K_M file's expert types; the other matrices dense (Triton's interpreter runs only the grouped experts)
+EXPERT_TYPES = {"ffn_gate_exps.weight": "Q4_K", "ffn_up_exps.weight": "Q4_K", "ffn_down_exps.weight": "Q6_K", "*": "F32"}
+
+
+class _Layers:
+    """A LayerSource: whole resident layers (`streamed` False), or layers whose experts come
+    through an ExpertSet from the layer's bytes on the host, as the pipeline's streamed layers."""
+
+    def __init__(self, index, cache=None, cpu=None, frac=0.0):
+        self.layouts = layer_layouts(index)
+        self.whole = {i: {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()}
+                      for i in range(len(self.layouts))}
+        self.host = {}
+        for i, lay in enumerate(self.layouts):
+            host = np.zeros(lay.nbytes, dtype=np.uint8)
+            for t in lay.tensors:
+                host[t.slot_offset : t.slot_offset + t.nbytes] = index.tensor_bytes(index.layers[i][t.name])
+            self.host[i] = host
+        self.cache, self.cpu, self.frac = cache, cpu, frac
+        self.streamed = False
+
+    def layer(self, i):
+        if not self.streamed:
+            return self.whole[i]
+        dense = {n: w for n, w in self.whole[i].items() if n not in EXPERT_TENSORS}
+        return dict(dense, experts=ExpertSet(self.cache, i, self.layouts[i], self.host[i], cpu=self.cpu,
+                                             frac=self.frac))
+
+    def release(self, i):
+        pass
+
+    def fixed(self, i):
+        return None
+
+    def graph_ran(self, first, stop, start, end):
+        pass
+
+    def moe_graph_key(self, i):
+        return None
+
+
+def _greedy(path, batch, frac=None, steps=3):
+    """Greedy decode of `batch` sequences: the logits of each step [steps, batch, n_vocab] and the
+    layers' source. frac None: resident layers; else streamed experts, the CPU taking that share
+    of each layer's missing ones (0: none, every missing expert copied)."""
+    index = open_model(path)
+    hp = index.hparams
+    assert streams_experts(hp.n_expert, hp.n_expert_used, batch)  # (as the pipeline's expert steps)
+    layouts = layer_layouts(index)
+    tl = Timeline("compute", "t")
+    cache = ExpertCache(2 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, tl, "lfu",
+                        slot_bytes(layouts), max_in_flight(hp.n_expert, hp.n_expert_used))
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=frac), 1 << 30, torch.float32, tl) if frac else None
+    src = _Layers(index, cache, cpu, frac or 0.0)
+    r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
+                    ctx=64, max_seqs=batch)
+    seqs = [[5 + b, 17, 33 + 2 * b][: 2 + b % 2] for b in range(batch)]
+    r.step([SeqStep(row=b, tokens=t, slots=list(range(len(t))), positions=list(range(len(t))),
+                    kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "none")
+    src.streamed = frac is not None  # decode steps fetch only their chosen experts (a prompt streams whole layers)
+    out, last = [], [t[-1] for t in seqs]
+    for _ in range(steps):
+        if cpu is not None:
+            cpu.set_step(batch)
+        lg = r.step([SeqStep(row=b, tokens=[last[b]], slots=[len(t)], positions=[len(t)], kv_pos=list(range(len(t) + 1)))
+                     for b, t in enumerate(seqs)], "last")
+        out.append(lg)
+        last = lg.argmax(-1).tolist()
+        for b, t in enumerate(seqs):
+            t.append(last[b])
+    return torch.stack(out), src
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])  # llama with experts: Mixtral's layout
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cpu_and_copies_split_gives_the_resident_engines_tokens(tmp_path, arch, batch):
+    pytest.importorskip("triton")  # the device's grouped experts (Triton's interpreter on the CPU)
+    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch=arch, qtype=EXPERT_TYPES, n_layer=2, n_embd=256,
+                               n_head=2, n_head_kv=1, n_ff=256, n_vocab=256, n_expert=16, n_expert_used=2, seed=5)
+    want, _ = _greedy(path, batch)
+    for frac in (1.0, 0.0, 0.5):  # every missing expert on the CPU, none, half
+        got, src = _greedy(path, batch, frac)
+        assert torch.equal(got.argmax(-1), want.argmax(-1)), frac  # the same tokens, step after step
+        assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), frac
+        cache, cpu = src.cache, src.cpu
+        if frac == 1.0:  # nothing copied: the CPU computed each missing expert
+            assert cache.bytes_moved == 0 and cache.misses == 0 and cpu.computed > 0
+        elif frac == 0.0:
+            assert cache.misses > 0 and cpu is None
+        else:
+            assert cache.misses > 0 and cpu.computed > 0
+
+
+def test_the_split_model_copies_all_where_the_cpu_is_slower_and_halves_where_timed_equal():
+    """NOTE [ the experts' split ]: the count per layer minimises the slower side's time."""
+    s = ExpertSplit({1: 100e-6, 8: 100e-6}, link_s=100e-6)
+    assert s.count(1, 8) == 4 and s.count(1, 7) == 3 and s.count(1, 1) == 0  # (a tie: the fewest on the CPU)
+    slow = ExpertSplit({1: 1e-3}, link_s=100e-6)
+    assert slow.count(1, 8) == 0  # one CPU expert costs more than the eight copies
+    assert slow.count(1, 20) == 1  # (twenty copies cost more than one CPU expert)
+    fast = ExpertSplit({1: 50e-6}, link_s=100e-6)
+    assert fast.count(1, 6) == 4  # max(4 * 50, 2 * 100) us
+    assert ExpertSplit({1: 50e-6}, link_s=100e-6, host_s=1e-3).count(1, 6) == 0  # the round trip costs more
+    assert s.count(16, 8) == 0  # above the balancer's largest bucket: the CPU takes none
+
+
+def test_the_cpus_measured_time_at_each_batch_size_moves_the_split():
+    """CpuExperts times its work (a stand-in clock here) into the model, per batch bucket: a
+    CPU as fast as a copy takes half a layer's missing experts; once timed ten times slower,
+    none at that batch size, while the other batch sizes keep their own timings."""
+
+    class Clock:
+        def __init__(self):
+            self.t, self.step = 0, 0
+
+        def __call__(self):
+            self.t += self.step
+            return self.t
+
+    clock = Clock()
+    split = ExpertSplit({1: 100e-6, 4: 100e-6}, link_s=100e-6, weight=1.0)
+    E, n = 8, 64
+    g = torch.Generator().manual_seed(0)
+    lay, host = _int4_layer(E, n, g)
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 30, torch.float32, Timeline("compute", "t"),
+                     split, clock)
+    cpu.set_step(4)
+    assert cpu.choose(0, lay, list(range(8)), 1.0) == [0, 1, 2, 3]
+    h, w = torch.randn(4, n, generator=g), torch.rand(4, 2, generator=g)
+    ids = [0, 1, 2, 3, 0, 2, 1, 3]
+    cpu.compute(0, lay, host, [0, 1, 2, 3], ids, h, w)  # packing first: the clock stands still
+    clock.step = 4 * 1_000_000  # each call 4 ms later: 1 ms an expert of four
+    cpu.compute(0, lay, host, [0, 1, 2, 3], ids, h, w)
+    assert split.cpu_s[4] == pytest.approx(1e-3)
+    assert cpu.choose(0, lay, list(range(8)), 1.0) == []  # ten times a copy: every missing expert copied
+    cpu.set_step(1)
+    assert cpu.choose(0, lay, list(range(8)), 1.0) == [0, 1, 2, 3]  # batch 1's own timing
+    assert cpu.choose(0, lay, list(range(8)), 0.25) == [0, 1]  # and never past the balancer's share
+
+
+def _int4_layer(E, n, g):
+    """A layer of E experts of random Q4_0 blocks, n x n each: its layout and bytes."""
+    from gguf import GGMLQuantizationType as QT
+
+    from layerstream.loader.layout import LayerLayout, SlotTensor
+
+    per = n * n // 32 * 18
+    tensors = tuple(SlotTensor(name, int(QT.Q4_0), (E, n, n), j * E * per, E * per, "f", 0)
+                    for j, name in enumerate(EXPERT_TENSORS))
+    blocks = torch.randint(0, 256, (3 * E * n * n // 32, 18), dtype=torch.uint8, generator=g)
+    blocks[:, :2] = torch.tensor([0x00, 0x20], dtype=torch.uint8)  # d = 2**-7 (fp16 0x2000)
+    return LayerLayout(0, tensors, 3 * E * per), blocks.reshape(-1).numpy()
