@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from layerstream.compute import qgemv
 from layerstream.compute.qkernels_rows import PHASES, rows_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -289,14 +290,37 @@ def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
     return BM, BN, warps, splits
 
 
+def _gemv_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
+    """("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel where it measured faster than the other
+    kernels on an H200 (the 8B's matrices in CUDA graphs, BENCHMARKS.md "GEMV"), else None: one or
+    two rows of x for every type, 3 and 4 for Q4_K (Q5_K's and Q6_K's rows kernel and Q8_0's split-K
+    stay ahead there), on matrices of at least 1024 x 4096 (smaller ones were not measured). One warp
+    a program, its 32 lanes on 8 chunks; on fewer rows of W, two warps on 16 chunks."""
+    if N < 1024 or K < 4096:
+        return None
+    if M == 1:
+        return ("gemv", 1, 1, 8, 1) if N >= 2048 else ("gemv", 1, 1, 16, 2)
+    if M == 2:
+        return ("gemv", 2, 2, 8, 1) if N >= 4096 else ("gemv", 2, 1, 8, 1)
+    if M <= 4 and qtype == 12:
+        return ("gemv", 4, 4, 8, 1) if N >= 4096 else ("gemv", 2, 4, 8, 1)
+    return None
+
+
 def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:
-    """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`: ("rows", MR, BN,
-    KB, num_warps) where `rows_kernel` measured faster than `_matmul_kernel` on an H200 (NOTE
-    [ the fused matmul by whole rows ] in qkernels_rows.py: the best of a sweep on the 8B's four matrix shapes and
-    the head, in CUDA graphs; no matrix smaller than 1024 x 4096 was measured, and those keep
-    the split-K kernel, whose splits give small matrices their programs), else the latter's
-    (BM, BN, num_warps, splits). Triton's interpreter takes the latter always: its numpy-wide
-    programs do the rows kernel's masked phases in full (Q6_K at K = 512: 2.5x slower)."""
+    """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`: `_gemv_config`'s for
+    qgemv's types (Q4_K, Q5_K, Q6_K, Q8_0) where it has one, on a GPU; else `_rows_or_split`'s."""
+    gemv = None if interpret or qtype not in qgemv.WORD_BYTES else _gemv_config(M, N, K, qtype)
+    return gemv if gemv is not None else _rows_or_split(M, N, K, qtype, interpret)
+
+
+def _rows_or_split(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:
+    """("rows", MR, BN, KB, num_warps) where `rows_kernel` measured faster than `_matmul_kernel` on
+    an H200 (NOTE [ the fused matmul by whole rows ] in qkernels_rows.py: the best of a sweep on the
+    8B's four matrix shapes and the head, in CUDA graphs; no matrix smaller than 1024 x 4096 was
+    measured, and those keep the split-K kernel, whose splits give small matrices their programs),
+    else the latter's (BM, BN, num_warps, splits). Triton's interpreter takes the latter always: its
+    numpy-wide programs do the rows kernel's masked phases in full (Q6_K at K = 512: 2.5x slower)."""
     measured = not interpret and N >= 1024 and K >= 4096  # smaller matrices keep today's kernel
     if measured and qtype == 13 and M <= 4:  # Q5_K
         cfg = (4, 2, 4, 4) if M > 2 else (2, 2, 2, 2) if M == 2 else (1, 2, 4, 2) if N <= 2048 else (1, 2, 2, 1)
@@ -311,10 +335,11 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
            bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) for W [N, K] given as GGUF blocks: a new [M, N] tensor in x's dtype.
 
-    Either kernel writes each output once, in a fixed order (deterministic). `config` overrides
+    Every kernel writes each output once, in a fixed order (deterministic). `config` overrides
     `_choose`, for tests and benchmarks: (BM, BN, num_warps, splits) for `_matmul_kernel`, whose
     chunks of K are split over `splits` programs per output tile and their float32 partials
-    summed by a second kernel; ("rows", MR, BN, KB, num_warps) for `rows_kernel` (qkernels_rows.py).
+    summed by a second kernel; ("rows", MR, BN, KB, num_warps) for `rows_kernel` (qkernels_rows.py);
+    ("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel (Q4_K, Q5_K, Q6_K, Q8_0).
     """
     _check(raw, qtype, N, K)
     if x.stride(-1) != 1:
@@ -323,6 +348,11 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
     config = config or _choose(M, N, K, qtype)
+    if config[0] == "gemv" and not qgemv.supports(raw, qtype):  # words not 4-aligned: the other kernels
+        config = _rows_or_split(M, N, K, qtype)
+    if config[0] == "gemv":
+        _, MR, BN, KB, warps = config
+        return qgemv.gemv(x, raw, qtype, N, K, row_bytes, nblk, bias, MR, BN, KB, warps, INTERPRET)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if config[0] == "rows":
         _, MR, BN, KB, warps = config

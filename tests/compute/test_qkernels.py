@@ -102,12 +102,12 @@ def test_rows_kernel_matches_dequantize_then_linear(qt):
 
 
 def test_choose_takes_the_rows_kernel_where_it_measured_faster():
-    """On a GPU, for matrices of at least 1024 x 4096, Q5_K up to 4 rows, Q6_K at 2 rows and Q6_K
-    at 1 row of the head's or the gate's shape go to `_rows_kernel`; the rest, and everything
-    under Triton's interpreter, to the split-K kernel; both give the product within float32
-    rounding."""
-    rows = lambda M, N, K, qt: qkernels._choose(M, N, K, int(qt), interpret=False)[0] == "rows"  # noqa: E731
-    assert qkernels._choose(1, 4096, 4096, int(QT.Q5_K), interpret=True)[0] != "rows"
+    """Where qgemv's kernel is not taken, on a GPU, for matrices of at least 1024 x 4096, Q5_K up to
+    4 rows, Q6_K at 2 rows and Q6_K at 1 row of the head's or the gate's shape go to `_rows_kernel`;
+    the rest, and everything under Triton's interpreter, to the split-K kernel; both give the
+    product within float32 rounding."""
+    rows = lambda M, N, K, qt: qkernels._rows_or_split(M, N, K, int(qt), interpret=False)[0] == "rows"  # noqa: E731
+    assert qkernels._rows_or_split(1, 4096, 4096, int(QT.Q5_K), interpret=True)[0] != "rows"
     assert all(rows(M, N, 4096, QT.Q5_K) for M in (1, 2, 3, 4) for N in (1024, 4096)) and not rows(5, 4096, 4096, QT.Q5_K)
     assert rows(1, 14336, 4096, QT.Q6_K) and rows(1, 128256, 4096, QT.Q6_K) and rows(2, 4096, 14336, QT.Q6_K)
     assert not rows(1, 4096, 4096, QT.Q6_K) and not rows(1, 4096, 14336, QT.Q6_K) and not rows(4, 4096, 4096, QT.Q6_K)
