@@ -91,21 +91,21 @@ def test_choose_takes_gemv_where_it_measured_faster():
 def test_gemv_full_size_on_cuda(qt):
     """The 8B's K (4096, and 14336: 56 chunks, in masked steps of 16), compiled, 1 to 4 rows, in
     the configuration `_choose` picks (the other kernels on 333 rows, and at 3 or 4 rows but for
-    Q4_K) and in two others (2 rows of W on two warps: a masked last program on 333 and 1027 rows):
-    within float16 output rounding of float64, float32 activations within float32 rounding,
-    bfloat16 ones within theirs, and the same bits on a second call."""
+    Q4_K), on one warp, and with 2 rows of W on two warps at one row (a masked last program on 333
+    and 1027 rows): within float16 output rounding of float64, float32 activations within float32
+    rounding, bfloat16 ones within theirs, and the same bits on a second call."""
     rng = np.random.default_rng(900 + int(qt))
     for N, K in [(4096, 4096), (333, 4096), (1027, 14336)]:
         b = random_blocks(rng, qt, N, K)
         raw = torch.from_numpy(b.reshape(-1).copy()).cuda()
         ref_w = reference(b, qt, N, K).cuda()
-        for M, dt in ((1, torch.float16), (2, torch.float16), (3, torch.float16), (4, torch.float16),
-                      (1, torch.float32), (2, torch.bfloat16)):
+        cases = [(M, torch.float16, (None, ("gemv", 1 << (M - 1).bit_length(), 1, 8, 1))) for M in (1, 2, 3, 4)]
+        cases += [(1, torch.float16, (("gemv", 1, 2, 16, 2),)), (1, torch.float32, (None,)), (2, torch.bfloat16, (None,))]
+        for M, dt, configs in cases:
             x = torch.randn(M, K, device="cuda", dtype=dt)
             ref = x.double() @ ref_w.T
             tol = {torch.float16: 2e-3, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dt]
-            MR = 1 << (M - 1).bit_length()
-            for config in (None, ("gemv", MR, 1, 8, 1), ("gemv", MR, 2, 16, 2)):
+            for config in configs:
                 y = qkernels.matmul(x, raw, int(qt), N, K, config=config)
                 err = rel_err(y, ref)
                 assert err < tol, f"{qt.name} [{N}, {K}] M={M} {dt} {config}: rel err {err:.2e}"
