@@ -27,7 +27,8 @@ import triton.language as tl
 # 418 -> 374 us); not faster for Q6_K's other single rows, slower for Q4_K and Q8_0 (17 us
 # against 12 on 4096x4096 Q4_K). It is held back by occupancy (96 to 150 registers a thread,
 # a layout conversion through shared memory a part) and each program's load-then-compute
-# steps; prefetching the next steps into L2 changed nothing. `_choose` takes the faster kernel.
+# steps; prefetching the next steps into L2 changed nothing. `_rows_or_split` takes the faster kernel
+# (where qgemv.py's, faster still at 1 and 2 rows, is not taken).
 # The runs are those of NOTE [ parts of a chunk ]: R = KB * G runs of L values a part.
 
 
