@@ -289,7 +289,52 @@ class _Planned:
         return math.prod(self.shape) // block * type_size
 
 
-def _plan(shape: ModelShape, mix: str) -> list[_Planned]:
+# NOTE [ skewed routing ]
+# Real MoE models route with skew: on DeepSeekMoE (64 routed experts, 6 a token) "very few
+# experts handle over 50% of routing decisions" in English, French and code (Chaudhari et al.,
+# "MoE Lens - An Expert Is All You Need", ICLR 2025 workshop on sparsity in LLMs,
+# https://www.iclr.cc/virtual/2025/33536). A random router routes uniformly, the worst case for
+# the device's expert cache. `--route-skew F` makes a random tenth of each layer's experts (the
+# "hot" ones, HOT_SHARE) take about F of the layer's routing decisions (uniform: a tenth; 0.5
+# stands for MoE Lens' figure): their router rows are scaled by one factor, found by bisection
+# so that on independent normal router inputs the hot experts hold F of the top-k choices. A
+# larger row spreads its logit, so it tops the others more often; the share is bounded (a hot
+# expert still loses whenever its logit is negative), and a wanted share past the bound is
+# refused. The model's own activations are not independent normals: the share a run sees is
+# what its `--stats` hit rates report.
+HOT_SHARE = 0.1
+_SKEW_SAMPLES = 4096
+
+
+def _hot_share(z: np.ndarray, hot: np.ndarray, n_used: int, a: float) -> float:
+    """The share of top-`n_used` choices over rows of logits z [S, E] that go to `hot` experts once
+    their logits are scaled by a."""
+    s = np.ones(z.shape[1])
+    s[hot] = a
+    top = np.argpartition(-(z * s), n_used - 1, axis=1)[:, :n_used]
+    return float(np.isin(top, hot).mean())
+
+
+def router_scales(n_expert: int, n_used: int, skew: float, rng: np.random.Generator) -> np.ndarray:
+    """Row scales [n_expert] of a router that make a random HOT_SHARE of the experts take `skew` of
+    the routing decisions (NOTE [ skewed routing ]); ValueError where no scale gives it."""
+    n_hot = max(1, round(HOT_SHARE * n_expert))
+    hot = rng.choice(n_expert, n_hot, replace=False)
+    z = np.random.default_rng(0).standard_normal((_SKEW_SAMPLES, n_expert))  # (a fixed calibration sample)
+    lo, hi = 1.0, 256.0
+    base, top = _hot_share(z, hot, n_used, lo), _hot_share(z, hot, n_used, hi)
+    if not base <= skew <= top:
+        raise ValueError(f"--route-skew {skew:g}: with {n_used} of {n_expert} experts a token, the hottest "
+                         f"{n_hot} can take from {base:.2f} to {top:.2f} of the routing decisions")
+    for _ in range(40):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if _hot_share(z, hot, n_used, mid) < skew else (lo, mid)
+    s = np.ones(n_expert)
+    s[hot] = (lo * hi) ** 0.5
+    return s
+
+
+def _plan(shape: ModelShape, mix: str, route_skew: float = 0.0) -> list[_Planned]:
     """Every tensor of the model in file order (llama.cpp's), with a generator for its data."""
     out: list[_Planned] = []
     L = shape.n_layer
@@ -315,8 +360,14 @@ def _plan(shape: ModelShape, mix: str) -> list[_Planned]:
 
     def router(name: str) -> None:  # llama.cpp leaves ffn_gate_inp unquantized
         n, e = shape.n_embd, shape.n_expert
-        out.append(_Planned(name, QT.F32, (e, n), lambda rng: (rng.standard_normal((e, n)) / math.sqrt(n))
-                            .astype(np.float32)))
+
+        def make(rng: np.random.Generator) -> np.ndarray:
+            w = rng.standard_normal((e, n)) / math.sqrt(n)
+            if route_skew:  # NOTE [ skewed routing ]
+                w *= router_scales(e, shape.n_expert_used, route_skew, rng)[:, None]
+            return w.astype(np.float32)
+
+        out.append(_Planned(name, QT.F32, (e, n), make))
 
     hd = shape.head_dim
     q_dim, kv_dim = shape.n_head * hd, shape.n_head_kv * hd
@@ -388,10 +439,12 @@ def resolve_shape(shape: str | ModelShape, n_layer: int | None = None) -> ModelS
 
 
 def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama-3.1-8b", n_layer: int | None = None,
-                       quant: str = "Q4_K_M", seed: int = 0, progress: bool = False) -> str:
+                       quant: str = "Q4_K_M", seed: int = 0, progress: bool = False, route_skew: float = 0.0) -> str:
     """Write a random-weight GGUF of `shape` (a SHAPES name or a ModelShape) and return its path.
 
-    n_layer overrides the shape's layer count; quant is a llama.cpp-like mix: Q4_K_M, Q8_0 or F16.
+    n_layer overrides the shape's layer count; quant is a llama.cpp-like mix: Q4_K_M, Q8_0 or F16;
+    route_skew: the share of each MoE layer's routing decisions its hot tenth of experts takes
+    (NOTE [ skewed routing ]; 0: a random router, uniform).
     Tensors are generated and written one at a time (bounded memory); tensor i draws from its own
     random stream (seed, i), so a file with fewer layers holds the same first layers.
     """
@@ -399,7 +452,11 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
     shape = resolve_shape(shape, n_layer)
     if quant not in QUANT_MIXES:
         raise ValueError(f"quant mix {quant!r}: use one of {', '.join(QUANT_MIXES)}")
-    tensors = _plan(shape, quant)
+    if route_skew:
+        if not shape.n_expert:
+            raise ValueError(f"--route-skew: shape {shape.name} has no experts to route")
+        router_scales(shape.n_expert, shape.n_expert_used, route_skew, np.random.default_rng(0))  # (refused before writing)
+    tensors = _plan(shape, quant, route_skew)
 
     w = gguf.GGUFWriter(path, shape.arch)
     w.add_name(f"synthetic {shape.name} {quant}")
@@ -464,10 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
     p.add_argument("--quant", choices=QUANT_MIXES, default="Q4_K_M", help="quant mix, as llama.cpp's (default Q4_K_M)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--route-skew", type=float, default=0.0, metavar="F",
+                   help="mixture-of-experts shapes: a tenth of each layer's experts take about F of its routing "
+                        "decisions (0.5: as measured on DeepSeekMoE; default 0: uniform)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        write_shaped_model(args.out, args.shape, args.layers, args.quant, args.seed, progress=True)
+        write_shaped_model(args.out, args.shape, args.layers, args.quant, args.seed, progress=True,
+                           route_skew=args.route_skew)
     except (ValueError, OSError) as e:
         print(f"synth: error: {e}", file=sys.stderr)
         return 1

@@ -107,3 +107,45 @@ def test_moe_shape_matches_its_index_and_runs(tmp_path):
     # the full shape: about 18.6 GB at Q4_K_M, as llama.cpp's file of Qwen3-30B-A3B
     full = shaped_index("qwen3-30b-a3b")
     assert 17e9 < full.total_nbytes() < 20e9
+
+
+def _hot_share_of(W: np.ndarray, n_used: int, hot: np.ndarray, seed: int) -> float:
+    """The share of top-`n_used` choices of router W [E, n] over independent normal inputs that go
+    to `hot` experts (an estimate independent of the calibration's sample)."""
+    h = np.random.default_rng(seed).standard_normal((4000, W.shape[1]))
+    top = np.argpartition(-(h @ W.T), n_used - 1, axis=1)[:, :n_used]
+    return float(np.isin(top, hot).mean())
+
+
+@pytest.mark.parametrize("skew", [0.3, 0.5])
+def test_route_skew_gives_a_tenth_of_the_experts_the_stated_share(skew):
+    """NOTE [ skewed routing ]: the Qwen3-30B-A3B router's shape (8 of 128 experts, rows of 2048)."""
+    from layerstream.loader.synth import router_scales
+
+    E, k, n = 128, 8, 2048
+    s = router_scales(E, k, skew, np.random.default_rng(1))
+    hot = np.flatnonzero(s != 1)
+    assert len(hot) == 13 and (s[hot] > 1).all()
+    W = np.random.default_rng(2).standard_normal((E, n)) / math.sqrt(n)
+    assert abs(_hot_share_of(W * s[:, None], k, hot, 3) - skew) < 0.03
+    assert abs(_hot_share_of(W, k, hot, 3) - 13 / 128) < 0.03  # unscaled: uniform
+    with pytest.raises(ValueError, match="0.10 to 0.7"):
+        router_scales(E, k, 0.95, np.random.default_rng(1))  # past what scaling rows can give
+
+
+def test_synth_writes_skewed_routers_and_refuses_what_it_cannot(tmp_path, capsys):
+    path = write_shaped_model(tmp_path / "skew.gguf", TINY_MOE, route_skew=0.2)
+    idx = open_model(path)
+    for i in range(TINY_MOE.n_layer):
+        t = idx.layers[i]["ffn_gate_inp.weight"]
+        W = np.frombuffer(idx.tensor_bytes(t), dtype=np.float32).reshape(8, 256).astype(np.float64)
+        norms = np.linalg.norm(W, axis=1)
+        hot = np.array([norms.argmax()])  # one hot expert of 8, its row scaled up
+        assert norms[hot[0]] > 1.5 * np.median(norms)
+        assert abs(_hot_share_of(W, 2, hot, 5) - 0.2) < 0.03  # (uniform: 0.125)
+    assert main([str(tmp_path / "x.gguf"), "--shape", "smollm2-135m", "--layers", "1", "--route-skew", "0.5"]) == 1
+    assert "has no experts" in capsys.readouterr().err
+    assert main([str(tmp_path / "y.gguf"), "--shape", "qwen3-30b-a3b", "--layers", "1", "--route-skew", "0.99"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("synth: error: --route-skew 0.99") and err.count("\n") == 1
+    assert not (tmp_path / "y.gguf").exists()  # refused before writing
