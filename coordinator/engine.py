@@ -90,6 +90,7 @@ class EngineConfig:
     sink_tokens: int = 4
     prefill_chunk: int = 512
     weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
+    lookahead: bool = True  # submit a step before the last one's ids are read (core.py, NOTE [ one step behind ])
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
@@ -173,7 +174,7 @@ class Engine:
         self.step_tokens = min(cfg.prefill_chunk, getattr(backend, "step_tokens", None) or cfg.prefill_chunk)
         self.core = EngineCore(backend, self.tokenizer, index.hparams.n_vocab, max_seqs=cfg.max_seqs, ctx=cfg.ctx,
                                step_tokens=self.step_tokens, on_context_full=cfg.on_context_full,
-                               sink_tokens=cfg.sink_tokens)
+                               sink_tokens=cfg.sink_tokens, lookahead=cfg.lookahead)
         self._batches = 0
 
     @classmethod

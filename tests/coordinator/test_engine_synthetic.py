@@ -126,6 +126,30 @@ def test_slide_generation_runs_past_ctx(tmp_path):
         assert out
 
 
+def test_one_step_behind_gives_the_text_of_stepping_in_turn(tmp_path):
+    """The runner feeds a decode token -1 from the id its step before sampled, on its device:
+    seeded and greedy batches over a sliding ring, and a stop string, end as when the core reads
+    each step's ids before it builds the next (core.py, NOTE [ one step behind ])."""
+    path = _write(tmp_path, "qwen2", "Q8_0")
+    prompts = [TOKENS[:10], TOKENS[3:9]]
+    params = [SamplingParams(temperature=0.8, seed=1, max_tokens=30, repeat_penalty=1.2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    got = {}
+    for lookahead in (False, True):
+        with _load(path, ctx=16, on_context_full="slide", sink_tokens=4, lookahead=lookahead) as e:
+            fed = []
+            step = e.backend.stepper.step_fn
+            e.backend.stepper.step_fn = lambda seqs, want, last: fed.extend(t for s in seqs for t in s.tokens) or \
+                step(seqs, want, last)
+            texts = [e.generate_batch(prompts, p) for p in params]
+            stop = texts[0][0][5:7]
+            stopped = e.generate_batch(prompts, SamplingParams(**{**params[0].__dict__, "stop": (stop,)}))
+            got[lookahead] = texts, stopped, e.finish_reasons
+            assert (-1 in fed) == lookahead
+    assert got[True] == got[False]
+    assert got[True][1][0] == got[True][0][0][0][: got[True][0][0][0].find(stop)] and got[True][2][0] == "stop"
+
+
 def test_context_full_error(tmp_path):
     path = _write(tmp_path, "llama", "Q8_0")
     with _load(path, ctx=16, on_context_full="error") as e:
