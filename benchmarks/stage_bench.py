@@ -871,6 +871,9 @@ def bench_kernels(args) -> None:
             # the CLI's path: the engine core, sampling on the device, detokenizing (a fresh prefill of
             # the same context in the same row), timed from its second decode step on
             core_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
+            eng.core.lookahead = False  # the same, each step's ids read before the next step is built
+            turn_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
+            eng.core.lookahead = True
             k = 10
             with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
                 decode(k)
@@ -889,7 +892,8 @@ def bench_kernels(args) -> None:
           f"decode batch 1 after {n} tokens: {dt * 1e3:.2f} ms a token ({1 / dt:.1f} tokens/s) back to back, "
           f"{dt_each * 1e3:.2f} ms ({1 / dt_each:.1f} tokens/s) reading each token back (the difference: "
           f"host time not overlapped); {core_s * 1e3:.2f} ms ({1 / core_s:.1f} tokens/s) through the engine "
-          f"core (sampling on the device, ids one step behind, detokenizing: the CLI's path, median)")
+          f"core (sampling on the device, ids one step behind, detokenizing: the CLI's path, median), "
+          f"{turn_s * 1e3:.2f} ms ({1 / turn_s:.1f} tokens/s) with each step's ids read before the next")
     print(f"{'device' if cuda else 'CPU'} time {total / k / 1e3:.2f} ms a token in "
           f"{sum(c for c, _ in agg.values()) / k:.0f} {'kernels' if cuda else 'operators'}")
     print(f"{'us/token':>9} {'calls/token':>11}  name")
