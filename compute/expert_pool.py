@@ -3,15 +3,16 @@
 NOTE [ the expert pool ]
 Block experts (what the grouped kernel reads) live in one device buffer of equal slots, `slot`
 bytes each: the cache's slots, then `in_flight` slots for the newcomers the cache does not keep
-(the last of them, `zero`, is never written), then two sets of `prefetch` slots for the experts predicted for the next layer, copied ahead on
-a side stream (NOTE [ expert prefetch ] in experts.py). Copies land in place, with no
-allocation, and every expert sits at a byte offset from one fixed anchor, the pool, so a CUDA
-graph can read whichever experts a step chose from offsets in a tensor (graphs.py, NOTE [ decode
-graphs ]). A fetch never evicts an expert that the same fetch serves. The (token, choice) pairs
-the CPU computes stay in the grouped launches with weight 0 (NOTE [ CPU experts ]), reading the
-slot of zeros: zero blocks of every type are zero matrices, while another slot's bytes read as
-another type (a Q4_K gate read as a Q6_K down) may hold an infinite scale, and 0 * inf is NaN. Dense experts
-(dequantized) are tensors of their own, outside the pool.
+(the last of them, `zero`, is never written), then two sets of `prefetch` slots for the experts
+predicted for the next layer, copied ahead on a side stream (NOTE [ expert prefetch ] in
+experts.py). Copies land in place, with no allocation, and every expert sits at a byte offset
+from one fixed anchor, the pool, so a CUDA graph can read whichever experts a step chose from
+offsets in a tensor (graphs.py, NOTE [ decode graphs ]). A fetch never evicts an expert that the
+same fetch serves. The (token, choice) pairs the CPU computes stay in the grouped launches with
+weight 0 (NOTE [ CPU experts ]), reading the slot of zeros: zero blocks of every type are zero
+matrices, while another slot's bytes read as another type (a Q4_K gate read as a Q6_K down) may
+hold an infinite scale, and 0 * inf is NaN. Dense experts (dequantized) are tensors of their own,
+outside the pool.
 """
 
 from __future__ import annotations
