@@ -108,22 +108,26 @@ class CpuExperts:
         expert(h[token]): [T, n_embd] float32 on the host. ids: each pair's expert (row-major
         [T, k]); h, weight: [T, n_embd] and [T, k] on the host."""
         T, k = weight.shape
-        out = torch.zeros(T, h.shape[1], dtype=torch.float32)
         mats = [self._experts(i, e, lay, host) for e in experts]  # (packing is not the CPU share's time)
         t0 = self.clock()
         pairs: dict[int, list[int]] = {e: [] for e in experts}
         for p, e in enumerate(ids):
             if e in pairs:
                 pairs[e].append(p)
-        x_all, w_flat = h.to(self.dtype), weight.flatten()
-        nbytes = 0
+        order = [p for e in experts for p in pairs[e]]  # the CPU's pairs, by expert
+        x_all = h.to(self.dtype)
+        if T > 1:  # one gather and one weighted sum a layer, not one an expert (host time bounds decode)
+            rows = torch.tensor([p // k for p in order])
+            x_all = x_all[rows]
+        ys, a, nbytes = [], 0, 0
         for e, (g, u, d) in zip(experts, mats):
-            ps = pairs[e]
-            rows = torch.tensor([p // k for p in ps])
-            x = x_all[rows] if T > 1 else x_all
-            y = packed_swiglu(g, u, d, x)
-            out.index_add_(0, rows, y.float() * w_flat[ps].unsqueeze(-1))
+            b = a + len(pairs[e])
+            ys.append(packed_swiglu(g, u, d, x_all[a:b] if T > 1 else x_all))  # each expert once for its tokens
+            a = b
             nbytes += g.nbytes + u.nbytes + d.nbytes
+        y = torch.cat(ys).float() * weight.flatten()[order].unsqueeze(-1)  # [pairs, n_embd]
+        out = y.sum(0, keepdim=True) if T == 1 else \
+            torch.zeros(T, h.shape[1], dtype=torch.float32).index_add_(0, rows, y)
         dt = self.clock() - t0
         self.meter.add(t0, dt, nbytes)
         if self.split is not None:
