@@ -408,3 +408,34 @@ def test_a_decode_token_is_fed_as_the_rows_last_sampled_id(tokenizer):
         ids = [t for o in run(c)["a"] for t in o.token_ids]
         decode = [toks for st in seen[1:] for toks in st]
         assert decode == ([[-1]] * 4 if lookahead else [[t] for t in ids[:-1]])
+
+
+def test_the_next_turn_finds_its_prefix_in_a_row_a_step_in_flight_still_holds(tokenizer):
+    """A reply ends (EOS) while its discarded token is in flight and another row is free: the next
+    turn, queued at once, waits for that step to be collected and takes the ended reply's row with
+    its conversation's KV, instead of the free row that holds nothing (NOTE [ prefix reuse ])."""
+    eos = next(iter(tokenizer.eos_ids))
+
+    class EosAt24(FakeModel):
+        def logits(self, token, position):
+            out = super().logits(token, position)
+            out[eos] += 1e4 * (position == 24)
+            return out
+
+    c = core(tokenizer, max_seqs=2, step_tokens=64)
+    c.backend = FakeBackend(EosAt24())
+    turn1 = list(range(10, 30))
+    c.add_request("t1", turn1, SamplingParams(temperature=0, max_tokens=50))
+    reply = []
+    while True:
+        outs = c.step()
+        reply += [t for o in outs for t in o.token_ids]
+        if any(o.finished for o in outs):
+            break
+    assert outs[-1].finish_reason == "eos" and c.inflight  # its token after the EOS is still in flight
+    turn2 = turn1 + reply + [40, 41]
+    c.add_request("t2", turn2, GREEDY)
+    run(c)
+    row1, n = c.backend.runner.steps[0][0][0], len(turn1) + len(reply)
+    fed = [(row, pos[0]) for st in c.backend.runner.steps for row, t, pos in st if t == turn2[n:]]
+    assert fed == [(row1, n)] and c.reused_tokens == n
