@@ -18,9 +18,9 @@ which the backend feeds on its device). So the GPU runs n + 1 while the core det
 checks its stops. A request that ends at n (EOS, a stop string, max_tokens, its context full)
 had one more token computed in n + 1: that token is discarded (never shown, never counted, not
 in the prefix-reuse record), and the request's row is given back only once n + 1 is collected,
-so a new request never takes a row the backend still writes; while a request waits for a row
-and such a step is in flight, the core collects it before it submits the next, so the waiting
-request may find its prefix there (the next turn of a chat). Where n surely ends a request (its
+so a new request never takes a row the backend still writes; where the next waiting request
+would take a free row though that one holds a longer prefix of its prompt (the next turn of a
+chat), the core collects the step before it submits the next. Where n surely ends a request (its
 max_tokens reached by n's token, its ring full), n + 1 leaves it out. An aborted request
 frees its row likewise, after the steps in flight that carry it. With `lookahead` off, each
 step is submitted and collected in turn (the reference the tests compare against).
@@ -288,15 +288,21 @@ class EngineCore:
         outs, self.aborted = self.aborted, []
         if not self.inflight and not self._submit(outs):
             return outs
-        if self.lookahead and not (self.waiting and self._releasing()):
+        if self.lookahead and not self._prefix_in_flight():
             self._submit(outs)
         self._collect(outs)
         return outs
 
-    def _releasing(self) -> bool:
-        """Whether a step in flight carries a request that ended: its row is free once that step is
-        collected, so a waiting request is admitted after (it may find its prefix there)."""
-        return any(r.done for st in self.inflight for r, _, _ in st.plan)
+    def _prefix_in_flight(self) -> bool:
+        """Whether the next waiting request would take a free row now, though a row that a step in
+        flight still holds (an ended request's) keeps a longer prefix of its prompt: then that step
+        is collected first (NOTE [ one step behind ])."""
+        if not (self.waiting and self.free_rows):
+            return False  # (no row to take now: it is admitted once a collect frees one anyway)
+        prompt = self.waiting[0].prompt
+        have = self._row_for(prompt)[1]
+        return any(r.done and r.held and min(_common_prefix(r.held, prompt), len(prompt) - 1) > have
+                   for st in self.inflight for r, _, _ in st.plan)
 
     def _submit(self, outs: list[RequestOutput]) -> bool:
         """Send the scheduled tokens as one backend step; False when there is nothing to run."""
