@@ -99,6 +99,12 @@ def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Non
 # chunk also fits an H100/H200's L2 cache, where the GEMM reads what the dequantization wrote.
 SCRATCH_MAX_ELEMS = 4096 * 4096
 CHUNK_ROUND = 256  # a chunk of more rows than this takes a multiple of it (whole GEMM tiles)
+# Where no scratch was reserved (the single-process engine: every layer resident, no budget to
+# share), a matrix is dequantized whole up to this (128 MiB in fp16: every matrix of an 8B layer).
+# A resident prompt step is bound by the host's launches: in 4096 x 4096 chunks an 8B's 512-token
+# step launched 16 dequantizations and 16 matmuls a layer where 7 and 7 do, and took longer on
+# the wall clock although the device's time fell (BENCHMARKS.md, "Prompt steps in chunks").
+UNPLANNED_MAX_ELEMS = 8192 * 8192
 # The same for a prompt's experts, dequantized some experts at a time (moe.py, NOTE [ grouped
 # prefill ]): fewer, larger runs cost fewer launches (measured fastest at 256M values of the
 # sizes tried, BENCHMARKS.md). 256M values (512 MiB in fp16) also hold one of Mixtral's experts
@@ -131,7 +137,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     N, K = w.shape
     if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
         return _kernels().matmul(x, w.raw, w.qtype, N, K, bias)
-    step = chunk_rows(N, K, _reserved.get((w.device, x.dtype), SCRATCH_MAX_ELEMS))
+    step = chunk_rows(N, K, _reserved.get((w.device, x.dtype), UNPLANNED_MAX_ELEMS))
     if step >= N:
         return F.linear(x, dequantized(w, x.dtype), bias)
     lead = x.shape[:-1]

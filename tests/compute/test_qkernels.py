@@ -183,12 +183,12 @@ def test_linear_dispatch_prompt_path_uses_the_scratch():
     ref_w = torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K)
     x = torch.randn(qlinear.FUSED_MAX_TOKENS + 5, K)
     torch.testing.assert_close(linear(x, w), x @ ref_w.T, rtol=1e-5, atol=1e-5)
-    old = qlinear.SCRATCH_MAX_ELEMS
-    qlinear.SCRATCH_MAX_ELEMS = 16 * K  # 16 rows per chunk: three chunks
+    old = qlinear.UNPLANNED_MAX_ELEMS
+    qlinear.UNPLANNED_MAX_ELEMS = 16 * K  # 16 rows per chunk: three chunks
     try:
         torch.testing.assert_close(linear(x, w), x @ ref_w.T, rtol=1e-5, atol=1e-5)
     finally:
-        qlinear.SCRATCH_MAX_ELEMS = old
+        qlinear.UNPLANNED_MAX_ELEMS = old
 
 
 def test_bad_blocks_are_refused():

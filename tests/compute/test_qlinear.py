@@ -46,7 +46,7 @@ def test_linear_in_row_chunks_matches_the_float64_product(monkeypatch, cap_rows,
     x = torch.randn(qlinear.FUSED_MAX_TOKENS + 3, K)
     bv = torch.randn(N) if bias else None
     if cap_rows is not None:
-        monkeypatch.setattr(qlinear, "SCRATCH_MAX_ELEMS", cap_rows * K)
+        monkeypatch.setattr(qlinear, "UNPLANNED_MAX_ELEMS", cap_rows * K)
     calls = []
     real = qlinear.dequantized
     monkeypatch.setattr(qlinear, "dequantized", lambda *a, **k: calls.append(a[2] if len(a) > 2 else None) or real(*a, **k))
