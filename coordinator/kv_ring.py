@@ -6,6 +6,13 @@ slots 0..sink-1 and the rest form a ring; positions are the tokens' order within
 (StreamingLLM), so they stay below the capacity however long the generation runs. As they
 change while the ring slides, K is then stored before RoPE and rotated at read time with the
 positions given here.
+
+NOTE [ rollback ]
+Speculative decoding appends drafted tokens and takes the rejected ones back (`rollback`): the
+count and total go back, so their slots are written again by the next tokens and never attended
+before that (a step attends slots 0..count-1 only). A chunk that evicts overwrites older tokens'
+slots, which a rollback could not restore: drafts go only where `room(n)` says n tokens fit
+without evicting, and a rollback of tokens appended while the ring evicted is refused.
 """
 
 from __future__ import annotations
@@ -57,6 +64,19 @@ class KVRing:
         self.total += n
         first = self.count - n
         return slots, list(range(first, self.count))
+
+    def room(self, n: int) -> bool:
+        """Whether n more tokens fit without evicting (nor a full ring's error): so they can be
+        rolled back (NOTE [ rollback ])."""
+        return self.count + n <= self.cap
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens appended (rejected drafts); only where no eviction happened."""
+        if not 0 <= n <= self.count or self.total != self.count:
+            raise ValueError(f"cannot roll back {n} of {self.count} tokens of a ring that evicted "
+                             f"{self.total - self.count} (NOTE [ rollback ])")
+        self.count -= n
+        self.total -= n
 
     def slot_positions(self) -> list[int]:
         """Position held by each physical slot 0..count-1."""

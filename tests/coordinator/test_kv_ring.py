@@ -106,3 +106,29 @@ def test_constructor_errors():
     with pytest.raises(ConfigError):
         KVRing(8, sink=-1, mode="slide")
     KVRing(8, sink=6, mode="slide")  # a window of 2 is the least
+
+
+@pytest.mark.parametrize("mode", ["error", "slide"])
+def test_rollback_gives_the_rejected_slots_and_positions_back(mode):
+    r = KVRing(16, sink=2, mode=mode)
+    r.append(5)
+    assert r.room(4)
+    assert r.append(4) == ([5, 6, 7, 8], [5, 6, 7, 8])  # a token and 3 drafts
+    r.rollback(2)  # two drafts rejected: slots 7, 8 are written again by the next tokens
+    assert (r.count, r.total) == (7, 7) and r.slot_positions() == list(range(7))
+    assert r.append(2) == ([7, 8], [7, 8])
+    r.rollback(0)
+    assert r.count == 9
+
+
+def test_a_ring_that_would_evict_has_no_room_and_refuses_a_rollback():
+    r = KVRing(8, sink=2, mode="slide")
+    r.append(6)
+    assert r.room(2) and not r.room(3)
+    r.append(3)  # evicts the oldest window token
+    assert not r.room(1)
+    with pytest.raises(ValueError, match="evicted 1"):
+        r.rollback(1)
+    assert (r.count, r.total) == (8, 9)  # (refused: nothing changed)
+    with pytest.raises(ValueError):
+        KVRing(8).rollback(1)  # more than it holds
