@@ -89,7 +89,6 @@ def penalize(x: torch.Tensor, seen: torch.Tensor, p: float) -> torch.Tensor:
 def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row of x [B, V] float32 (penalized already) on x's device, and each row's
     largest logit (NaN where the row holds one, -inf where no token is possible): ([B] long, [B])."""
-    V = x.shape[-1]
     # Through argmax, not amax: on the CPU amax of a [1, V] row ran about 100 times slower than
     # argmax (8 ms against 80 us) while other processes kept the cores busy.
     top = x.argmax(dim=-1)  # (argmax takes NaN as the largest)
@@ -97,8 +96,19 @@ def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None) -> tup
     if P.temperature < TINY:  # (a temperature below float32's smallest normal is 0 to the division)
         return top, best
     x = torch.where(torch.isfinite(best)[:, None], x, 0.0)  # a broken row draws harmlessly, then is refused
+    probs, idx = candidates(x, P)  # [B, K]
+    # torch.multinomial(probs, 1) draws argmax(probs / q), q ~ Exp(1), after checking probs with
+    # two .item() calls: a host sync each. The draw without the checks takes the same ids from
+    # the same generator state (tests/compute/test_sampling.py), and never stalls the host.
+    q = torch.empty_like(probs).exponential_(1, generator=gen)
+    pick = (probs / q).argmax(dim=-1, keepdim=True)  # [B, 1]
+    return idx.gather(-1, pick).squeeze(-1), best
 
-    # Candidates sorted by logit, best first: [B, K]
+
+def candidates(x: torch.Tensor, P: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target distribution of each row of x [B, V] (finite, penalized already) after top-k,
+    top-p, min-p and the temperature: (probabilities [B, K], their token ids [B, K]), best first."""
+    V = x.shape[-1]
     if 0 < P.top_k < V:
         vals, idx = torch.topk(x, P.top_k, dim=-1)
     else:
@@ -113,13 +123,35 @@ def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None) -> tup
         keep &= vals >= vals[:, :1] + math.log(P.min_p)  # p >= min_p * p_max
     keep[:, 0] = True  # min_keep = 1
     vals = torch.where(keep, (vals - vals[:, :1]) / P.temperature, float("-inf"))  # max first: no overflow
-    probs = torch.softmax(vals, dim=-1)
-    # torch.multinomial(probs, 1) draws argmax(probs / q), q ~ Exp(1), after checking probs with
-    # two .item() calls: a host sync each. The draw without the checks takes the same ids from
-    # the same generator state (tests/compute/test_sampling.py), and never stalls the host.
-    q = torch.empty_like(probs).exponential_(1, generator=gen)
-    pick = (probs / q).argmax(dim=-1, keepdim=True)  # [B, 1]
-    return idx.gather(-1, pick).squeeze(-1), best
+    return torch.softmax(vals, dim=-1), idx
+
+
+def verify(x: torch.Tensor, drafts: torch.Tensor, P: SamplingParams, gen: torch.Generator | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NOTE [ speculative sampling ]
+    The ids of a chunk [t, d1..dn] that verifies n drafted tokens: x [n + 1, V] float32 holds the
+    logits after t, d1, .., dn (penalized already), drafts [n] the drafts, both on one device.
+    Row i < n gives d(i+1) where it is accepted, else a token drawn in its place; row n the token
+    after dn. The caller takes the drafts while they equal the rows' ids, then the next id.
+    Greedy: each row's argmax, so the output is the argmax's, token for token. Sampling: a draft
+    d comes from a deterministic proposer, so (Leviathan et al., Chen et al.) it is accepted with
+    probability p(d), p the target's distribution after every filter and the temperature; else
+    a token is drawn from p with d removed, renormalised: each token then comes out with
+    probability p exactly. Returns ([n + 1] long ids, [n + 1] largest logits) as `draw` does."""
+    n = drafts.shape[0]
+    top = x.argmax(dim=-1)
+    best = x.gather(-1, top[:, None]).squeeze(-1)
+    if P.temperature < TINY:
+        return top, best
+    probs, idx = candidates(torch.where(torch.isfinite(best)[:, None], x, 0.0), P)  # [n + 1, K]
+    hit = idx[:n] == drafts[:, None]  # [n, K]
+    p_d = (probs[:n] * hit).sum(dim=-1)  # [n]: each draft's probability
+    u = torch.rand(n, generator=gen, device=x.device)
+    rest = torch.cat([torch.where(hit, 0.0, probs[:n]), probs[n:]])  # [n + 1, K]: without the draft
+    q = torch.empty_like(rest).exponential_(1, generator=gen)
+    ids = idx.gather(-1, (rest / q).argmax(dim=-1, keepdim=True)).squeeze(-1)  # (argmax(r / q) draws from r / sum r)
+    take = torch.cat([u < p_d, torch.zeros(1, dtype=torch.bool, device=x.device)])
+    return torch.where(take, torch.cat([drafts, ids[n:]]), ids), best
 
 
 class Sampler:
@@ -211,6 +243,35 @@ class RowState:
             return seen.scatter_(0, self.window, True)[None, : self.V]
         return None
 
+    def masks(self, drafts: torch.Tensor) -> torch.Tensor | None:
+        """[n + 1, V] bool: the penalty's tokens after t, d1, .., dn of a chunk verifying the n
+        `drafts` (each row's history holds the drafts before it), or None where it is off."""
+        n, V = drafts.shape[0], self.V
+        if self.seen is not None:
+            before = torch.arange(n + 1, device=drafts.device)[:, None] > torch.arange(n, device=drafts.device)
+            m = torch.zeros(n + 1, V + 1, dtype=torch.bool, device=drafts.device)
+            m.scatter_(1, torch.where(before, drafts[None, :], V), True)  # [n + 1, n]: d1..di in row i
+            return (m | self.seen[None])[:, :V]
+        if self.window is not None:
+            W = len(self.window)
+            ext = torch.cat([self.window.roll(-self.count), drafts])  # oldest first, then the drafts
+            at = torch.arange(W, device=ext.device)[None, :] + torch.arange(n + 1, device=ext.device)[:, None]
+            m = torch.zeros(n + 1, V + 1, dtype=torch.bool, device=ext.device)
+            return m.scatter_(1, ext[at], True)[:, :V]  # row i: the last W ids once d1..di are in
+        return None
+
+    def accept(self, ids: torch.Tensor, k: torch.Tensor) -> None:
+        """Note the ids a verification gave, ids[0..k] (k: a 0-d device tensor, the drafts
+        accepted) in the penalty's window; no sync."""
+        if self.seen is not None:
+            keep = torch.arange(len(ids), device=ids.device) <= k
+            self.seen.index_fill_(0, torch.where(keep, ids, self.V), True)  # (V: the slot of nothing)
+        elif self.window is not None:
+            W = len(self.window)
+            ext = torch.cat([self.window.roll(-self.count), ids])
+            self.window = ext[torch.arange(W, device=ext.device) + k + 1]  # the last W once ids[0..k] are in
+            self.count = 0
+
     def push(self, tok: torch.Tensor) -> None:
         """Note a sampled id (a 0-d or [1] device tensor) in the window; no sync."""
         if self.seen is not None:
@@ -260,3 +321,22 @@ class RowSamplers:
         for b, s in enumerate(states):
             s.push(out[b : b + 1])
         return out, bad_codes(top)
+
+    def verify(self, logits: torch.Tensor, row: int, drafts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sequence's chunk verifying n drafts (NOTE [ speculative sampling ]): logits [n + 1, V]
+        after its last n + 1 tokens, drafts [n] long on their device. Returns, without a host sync,
+        the id after the accepted drafts [1], how many were accepted [1] and the chunk's bad code [1]
+        (the worst of its rows)."""
+        s = self.rows.get(row)
+        if s is None:
+            raise ValueError(f"KV row {row} samples before its request started (no sampler state)")
+        x = logits.float()
+        seen = s.masks(drafts)
+        if seen is not None:
+            x = penalize(x, seen, s.params.repeat_penalty)
+        ids, best = verify(x, drafts, s.params, s.gen)
+        n = drafts.shape[0]
+        k = (ids[:n] == drafts).long().cumprod(0).sum()  # 0-d: the drafts taken, in order
+        s.accept(ids, k)
+        return ids[k].reshape(1), k.reshape(1), bad_codes(best).max().reshape(1)

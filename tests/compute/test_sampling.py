@@ -389,3 +389,77 @@ def test_the_draw_gives_the_old_host_paths_ids_from_the_same_generator_state(par
         x = torch.randn(3, 64, generator=g) * 2
         assert torch.equal(draw(x, params, a)[0], old_host_sample(x, params, b))
     assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
+
+
+def chi2_pvalue(counts: torch.Tensor, p: torch.Tensor) -> float:
+    """Pearson's chi-square test of counts [K] against probabilities p [K] (all > 0): its p-value,
+    the regularized upper incomplete gamma function of the statistic."""
+    n = counts.sum()
+    stat = ((counts - n * p) ** 2 / (n * p)).sum()
+    df = len(p) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+    SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05),
+], ids=["plain", "filtered"])
+def test_verifying_a_draft_keeps_the_targets_distribution(params):
+    """NOTE [ speculative sampling ]: over many seeds, the first token a verification gives (the
+    draft where accepted, else the token drawn in its place) follows the target's distribution
+    (float64 reference, chi-square), and so does the token after an accepted draft."""
+    from layerstream.compute.sampling import RowSamplers
+
+    l0 = [1.2, 2.0, 0.4, 1.5, -0.3, 0.9, -1.0, 0.1]  # after the chunk's first token
+    l1 = [0.2, -0.5, 1.7, 0.3, 1.1, -2.0, 0.8, 1.4]  # after the draft d1
+    d1, d2 = 3, 4  # d1: neither the best nor unlikely; d2 the second best of l1
+    V, n = len(l0), 3000
+    x = torch.tensor([l0, l1, [0.0] * V])
+    drafts = torch.tensor([d1, d2])
+    first, second = torch.zeros(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
+    for seed in range(n):
+        rs = RowSamplers(V, torch.device("cpu"))
+        rs.start(0, params, seed, [])
+        last, k, bad = rs.verify(x, 0, drafts)
+        got = drafts[: int(k)].tolist() + last.tolist()
+        first[got[0]] += 1
+        if got[0] == d1:
+            second[got[1]] += 1
+        assert int(bad) == 0 and (int(k) == 0 or got[0] == d1)
+    for counts, logits in ((first, l0), (second, l1)):
+        want = torch.tensor(reference_probs(logits, params, set()), dtype=torch.float64)
+        on = want > 0
+        assert counts[~on].sum() == 0  # never a token the filters drop
+        assert chi2_pvalue(counts[on], want[on]) > 1e-4, (counts / counts.sum(), want)
+    assert 0.1 < second.sum() / n < 0.9  # both branches were taken
+
+
+@pytest.mark.parametrize("last_n", [3, -1, 0], ids=["window", "whole-history", "no-penalty"])
+@pytest.mark.parametrize("drafts", [[5, 2, 7], [9, 9, 9], [5, 2, 9]], ids=["all", "none", "two"])
+def test_greedy_verification_is_the_step_by_step_argmax_with_the_penalty_on_the_way(last_n, drafts):
+    """A greedy chunk verifying drafts gives what sampling one token at a time gives along the
+    accepted drafts: the same accepted count, the same next id, and the same penalty state after."""
+    from layerstream.compute.sampling import RowSamplers
+
+    V = 12
+    P = SamplingParams(temperature=0, repeat_penalty=1.5 if last_n else 1.0, repeat_last_n=last_n)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, V, generator=g)
+    x[0, 5] = x[1, 2] = x[2, 7] = 6.0  # the argmax along the drafts [5, 2, 7] before any penalty
+    x[1, 5] = x[2, 5] = 5.5  # the runner-up where 5 is not penalized: the penalty decides
+    spec, step = RowSamplers(V, "cpu"), RowSamplers(V, "cpu")
+    for rs in (spec, step):
+        rs.start(0, P, 1, [1, 2, 3])  # 2 is penalized from the start (window of 3: [1, 2, 3])
+    last, k, _ = spec.verify(x, 0, torch.tensor(drafts))
+    ids = []
+    for i in range(4):
+        t = int(step.sample(x[i : i + 1], [0])[0][0])
+        ids.append(t)
+        if i == 3 or t != drafts[i]:
+            break
+    assert int(k) == len(ids) - 1 and int(last) == ids[-1]
+    after = torch.randn(1, V, generator=g)
+    after[0, [1, 2, 3, 5, 7]] = 4.0  # the next id tells which of these the penalty still holds
+    assert spec.sample(after, [0])[0].tolist() == step.sample(after, [0])[0].tolist()
+    if last_n:
+        assert torch.equal(spec.rows[0].mask(), step.rows[0].mask())
