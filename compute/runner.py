@@ -63,8 +63,10 @@ class ModelRunner:
         return n
 
     @torch.inference_mode()
-    def step(self, seqs: list[SeqStep], want: str = "last", last_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run all layers over the new tokens of `seqs`; logits of the last ("last") or every ("all") token.
+    def step(self, seqs: list[SeqStep], want: str = "last", last_ids: torch.Tensor | None = None,
+             tails: list[int] | None = None) -> torch.Tensor | None:
+        """Run all layers over the new tokens of `seqs`; logits of the last ("last") or every ("all") token;
+        with `tails` and "last", of each sequence's last tails[b] tokens (a chunk verifying drafts), in order.
         A token -1 is its row's last sampled id, read from `last_ids` [max_seqs] on the device."""
         for s in seqs:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
@@ -77,11 +79,11 @@ class ModelRunner:
         x = self.glob.embed(self._token_ids(seqs, last_ids))
         if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
             x = x * self.hp.embed_scale
-        if upto == self.hp.n_layer and want == "last":  # the whole step, head included
+        if upto == self.hp.n_layer and want == "last" and tails is None:  # the whole step, head included
             return self.layer_graphs.replay(x, meta, seqs, upto, head=True)
         if upto:
             x = self.layer_graphs.replay(x, meta, seqs, upto, head=False)
-        return self._forward(x, meta, seqs, want, start=upto)
+        return self._forward(x, meta, seqs, want, start=upto, tails=tails)
 
     def _token_ids(self, seqs: list[SeqStep], last_ids: torch.Tensor | None) -> torch.Tensor:
         """The step's token ids [T]: on the host where all are known, else on the device, a -1 taken
@@ -124,19 +126,25 @@ class ModelRunner:
                 self.source.release(i)
         return x
 
-    def _last(self, x: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
-        """The rows of each sequence's last new token."""
+    def _last(self, x: torch.Tensor, seqs: list[SeqStep], tails: list[int] | None = None) -> torch.Tensor:
+        """The rows of each sequence's last new token (its last tails[b] tokens, with `tails`)."""
         if x.shape[0] == len(seqs):
             return x
-        ends = torch.tensor(np.cumsum([len(s.tokens) for s in seqs]) - 1, device=self.device)
-        return x[ends]
+        ends = np.cumsum([len(s.tokens) for s in seqs])
+        if tails is None:
+            return x[torch.tensor(ends - 1, device=self.device)]
+        if any(not 1 <= t <= len(s.tokens) for s, t in zip(seqs, tails)) or len(tails) != len(seqs):
+            raise ValueError(f"logits of the last {tails} tokens of sequences of {[len(s.tokens) for s in seqs]}")
+        rows = [r for e, t in zip(ends.tolist(), tails) for r in range(e - t, e)]
+        return x.index_select(0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
 
-    def _forward(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str, start: int = 0):
+    def _forward(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str, start: int = 0,
+                 tails: list[int] | None = None):
         x = self._layers(x, meta, start, self.hp.n_layer)
         if want == "none":
             return None
         if want == "last":
-            x = self._last(x, seqs)
+            x = self._last(x, seqs, tails)
         if x.shape[0] <= HEAD_CHUNK or self.device.type != "cuda":
             return head_forward(self.hp, x, self.glob.norm, self.glob.head)
         # every position's logits (evaluation): rows in chunks, each copied out, so the device

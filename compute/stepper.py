@@ -19,18 +19,21 @@ from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import RowSamplers, SamplingParams, rows_of
 from layerstream.proto.messages import SamplerStart
 
-# step(seqs, want, last_ids) -> logits [B, V] ("last"), [T, V] ("all") or None ("none")
+# step(seqs, want, last_ids[, tails]) -> logits [B, V] ("last"; [sum(tails), V] with tails), [T, V]
+# ("all") or None ("none")
 StepFn = Callable[[list[SeqStep], str, torch.Tensor], torch.Tensor | None]
 
 
 @dataclass
 class StepResult:
-    """What a step gave the host: per sequence its sampled id (-1 where it sampled none) and
-    its logits' code (sampling.FINITE or what is wrong), and the logits when asked."""
+    """What a step gave the host: per sequence its sampled id (-1 where it sampled none; after a
+    verified chunk, the id after its accepted drafts), its logits' code (sampling.FINITE or what is
+    wrong) and how many of its drafts were accepted, and the logits when asked."""
 
     ids: list[int]
     bad: list[int]
     logits: torch.Tensor | None = None
+    accepted: list[int] | None = None  # None: no drafts (0 each)
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Launched:
     """A step on its way: where its ids land on the host and the event that says they did."""
 
     n: int  # sequences
-    host: torch.Tensor | None  # [2, n] int64: ids, bad codes (pinned on CUDA)
+    host: torch.Tensor | None  # [3, n] int64: ids, bad codes, drafts accepted (pinned on CUDA)
     event: torch.cuda.Event | None
     logits: torch.Tensor | None
 
@@ -57,34 +60,59 @@ class Stepper:
         self.samplers = RowSamplers(n_vocab, self.device)
         self.last_ids = torch.zeros(max_seqs, dtype=torch.long, device=self.device)  # NOTE above
 
-    def launch(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str) -> Launched:
+    def launch(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> Launched:
         """Start a step: new requests' samplers, the forward pass, sampling of the sequences that
-        `sample`, the ids' copy to the host; logits come back only when `want` asks ("last", "all")."""
+        `sample` (1: after the last token; k > 1: the chunk's last k - 1 tokens are drafts to
+        verify, NOTE [ speculative sampling ] in sampling.py), the ids' copy to the host; logits
+        come back only when `want` asks ("last", "all")."""
         if len(sample) != len(seqs):
             raise ValueError(f"{len(sample)} sampling flags for {len(seqs)} sequences")
-        picks = [b for b, on in enumerate(sample) if on]
-        if picks and want == "all":
+        k = [int(f) for f in sample]
+        picks = [b for b, f in enumerate(k) if f == 1]
+        checks = [b for b, f in enumerate(k) if f > 1]
+        if (picks or checks) and want == "all":
             raise ValueError("a step that samples returns the last tokens' logits, not every token's")
         for st in starts:
             self.samplers.start(st.row, params_of(st), st.seed, list(st.history))
-        logits = self.step_fn(seqs, "last" if picks else want, self.last_ids)
+        if checks:
+            tails = [max(f, 1) for f in k]
+            logits = self.step_fn(seqs, "last", self.last_ids, tails=tails)
+            at = [sum(tails[:b]) for b in range(len(seqs))]  # each sequence's first row of logits
+        else:
+            logits = self.step_fn(seqs, "last" if picks else want, self.last_ids)
+            at = list(range(len(seqs)))
         n = len(seqs)
         host = event = None
-        if picks:
-            ids, bad = self.samplers.sample(logits if len(picks) == n else rows_of(logits, picks),
+        if picks or checks:
+            out = torch.zeros((3, n), dtype=torch.long, device=self.device)  # [3, n]: ids, bad codes, drafts accepted
+            out[0] = -1
+            done, ids, bad, acc = [], [], [], []
+            if picks:
+                i, c = self.samplers.sample(logits if len(picks) == logits.shape[0] else rows_of(logits, [at[b] for b in picks]),
                                             [seqs[b].row for b in picks])
-            rows = torch.tensor([seqs[b].row for b in picks], dtype=torch.long).to(self.device, non_blocking=True)
+                done, ids, bad = list(picks), [i], [c.long()]
+                acc.append(torch.zeros(len(picks), dtype=torch.long, device=self.device))
+            for b in checks:
+                drafts = seqs[b].tokens[len(seqs[b].tokens) - k[b] + 1 :]
+                if len(seqs[b].tokens) < k[b] or min(drafts) < 0:
+                    raise ValueError(f"KV row {seqs[b].row}: {k[b] - 1} drafts to verify in a chunk of {seqs[b].tokens}")
+                i, a, c = self.samplers.verify(logits[at[b] : at[b] + k[b]], seqs[b].row,
+                                               torch.tensor(drafts, dtype=torch.long).to(self.device, non_blocking=True))
+                done.append(b)
+                ids.append(i)
+                bad.append(c.long())
+                acc.append(a)
+            ids, bad, acc = torch.cat(ids), torch.cat(bad), torch.cat(acc)
+            rows = torch.tensor([seqs[b].row for b in done], dtype=torch.long).to(self.device, non_blocking=True)
             self.last_ids.index_copy_(0, rows, ids)
-            out = torch.full((2, n), -1, dtype=torch.long, device=self.device)  # [2, n]: ids, bad codes
-            out[1] = 0
-            if len(picks) == n:
-                out[0], out[1] = ids, bad
+            if done == list(range(n)):
+                out[0], out[1], out[2] = ids, bad, acc
             else:
-                at = torch.tensor(picks, dtype=torch.long).to(self.device, non_blocking=True)
-                out[0].index_copy_(0, at, ids)
-                out[1].index_copy_(0, at, bad.long())
+                where = torch.tensor(done, dtype=torch.long).to(self.device, non_blocking=True)
+                for r, v in enumerate((ids, bad, acc)):
+                    out[r].index_copy_(0, where, v)
             if self.device.type == "cuda":
-                host = torch.empty((2, n), dtype=torch.long, pin_memory=True)
+                host = torch.empty((3, n), dtype=torch.long, pin_memory=True)
                 host.copy_(out, non_blocking=True)
             else:
                 host = out
@@ -107,7 +135,7 @@ class Stepper:
         if launched.event is not None:
             launched.event.synchronize()
         if launched.host is None:
-            ids, bad = [-1] * launched.n, [0] * launched.n
+            ids, bad, acc = [-1] * launched.n, [0] * launched.n, [0] * launched.n
         else:
-            ids, bad = launched.host.tolist()
-        return StepResult(ids, bad, launched.logits)
+            ids, bad, acc = launched.host.tolist()
+        return StepResult(ids, bad, launched.logits, acc)
