@@ -283,7 +283,7 @@ class ComputeWorker:
             self.share.balancer.observe(st.tokens, pass_s - pack_s, step_s, step_bytes, copy_s, copy_bytes)
         out = None if res.logits is None else res.logits.numpy()
         shape = [] if out is None else list(out.shape)
-        self.links.send(ForwardDone(st.step, shape, "float32", {}, res.ids, res.bad),
+        self.links.send(ForwardDone(st.step, shape, "float32", {}, res.ids, res.bad, res.accepted or []),
                         extra=[] if out is None else [out.data])
 
     def run(self) -> None:

@@ -35,6 +35,7 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
+    lookup: int | None = None  # tokens drafted a step by prompt lookup; None: the engine's default, 0: off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -50,6 +51,8 @@ class SamplingParams:
             raise ConfigError(f"repeat_last_n={self.repeat_last_n}: must be >= -1 (-1 means the whole history)")
         if self.max_tokens < 0:
             raise ConfigError(f"max_tokens={self.max_tokens}: must be >= 0")
+        if self.lookup is not None and self.lookup < 0:
+            raise ConfigError(f"lookup={self.lookup}: must be >= 0 (0 turns prompt lookup off)")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed={self.seed}: must be in {SEED_MIN}..{SEED_MAX} (a 64-bit seed)")
 

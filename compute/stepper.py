@@ -138,4 +138,4 @@ class Stepper:
             ids, bad, acc = [-1] * launched.n, [0] * launched.n, [0] * launched.n
         else:
             ids, bad, acc = launched.host.tolist()
-        return StepResult(ids, bad, launched.logits, acc)
+        return StepResult(ids, bad, launched.logits, acc if any(acc) else None)

@@ -41,6 +41,18 @@ next turn of a chat finds its whole conversation so far, and a common system pro
 whenever a row that held it is free. Rows without such a record are taken first, then the
 least recently freed, so recent prefixes last longest. The KV is not copied between rows: a
 prefix held by a running request is not shared.
+
+NOTE [ speculative decoding ]
+A request with prompt lookup (SamplingParams.lookup, else the engine's default) decodes a
+chunk [its last id, d1..dn]: drafts from lookup.py, verified in the same step as everything
+else (the backend samples every position of the chunk, sampling.py NOTE [ speculative
+sampling ]). The backend gives the drafts accepted, k, and the id after them: the request
+takes d1..dk and that id, and its ring rolls the n - k rejected positions back (kv_ring.py
+NOTE [ rollback ]). Its next chunk starts at a position known only once the step is collected,
+so such a request never rides one step ahead: while it may draft, `step()` submits the next
+step only after collecting the last (no lookahead), and drafts go only where its ring has room
+without evicting and its max_tokens leaves room. The drafts of a step's sequences share the
+step's padded size (NOTE [ step size ]) before prompt chunks do.
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import FINITE, SamplingParams, fresh_seed, non_finite_error
 from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.kv_ring import KVRing
+from layerstream.coordinator.lookup import LookupStats, PromptLookup
 from layerstream.coordinator.outputs import RequestOutput, StopMatcher
 from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
@@ -92,6 +105,9 @@ class _Request:
     full: bool = False  # its ring has no room for the id in flight: it ends with that one
     done: bool = False  # finished or aborted; its row goes back once no step in flight carries it
     held: list[int] | None = None  # the record its row keeps (NOTE [ prefix reuse ]), until then
+    lookup: PromptLookup | None = None  # its drafts' source (NOTE [ speculative decoding ]); None: no drafts
+    n_draft: int = 0  # tokens drafted a step at most
+    verifying: bool = False  # a step in flight verifies its drafts: where its next token goes is not known yet
 
     def history(self) -> list[int]:
         """The prompt's tail the repetition penalty looks at (sent once, with its sampler)."""
@@ -107,18 +123,24 @@ class _Request:
 
 @dataclass
 class _Step:
-    """A step in flight: per sequence its request, its tokens and whether it samples."""
+    """A step in flight: per sequence its request, its tokens, how many positions it samples (0,
+    1, or 1 + its drafts) and whether it decodes (else a prompt chunk)."""
 
-    plan: list[tuple[_Request, list[int], bool]]
+    plan: list[tuple[_Request, list[int], int, bool]]
 
 
 class EngineCore:
     """Schedules requests over a step backend: admission, chunking, stopping."""
 
     def __init__(self, backend: StepBackend, tokenizer: Tokenizer, n_vocab: int, *, max_seqs: int, ctx: int,
-                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4, lookahead: bool = True):
+                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4, lookahead: bool = True,
+                 lookup: int = 0):
         if step_tokens < 1:
             raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
+        if lookup < 0:
+            raise ConfigError(f"--lookup {lookup}: must be >= 0 (0 turns prompt lookup off)")
+        self.lookup = lookup  # tokens drafted a step where a request does not say (NOTE [ speculative decoding ])
+        self.spec = LookupStats()
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
         self.on_context_full, self.sink_tokens = on_context_full, sink_tokens
@@ -206,8 +228,12 @@ class EngineCore:
         bad = [t for t in prompt if not 0 <= t < self.n_vocab]
         if bad:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        self.waiting.append(_Request(request_id, list(prompt), params, fresh_seed(params),
-                                     StreamDecoder(self.tokenizer), StopMatcher(params.stop)))
+        r = _Request(request_id, list(prompt), params, fresh_seed(params), StreamDecoder(self.tokenizer),
+                     StopMatcher(params.stop))
+        r.n_draft = self.lookup if params.lookup is None else params.lookup
+        if r.n_draft:
+            r.lookup = PromptLookup(r.prompt)
+        self.waiting.append(r)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request, waiting or running; its row is free once no step in flight carries it."""
@@ -234,21 +260,38 @@ class EngineCore:
 
     def _decode_token(self, r: _Request) -> int | None:
         """The token a decoding request feeds next: its collected id, -1 for the id a step in
-        flight samples, None where it feeds none (NOTE [ one step behind ])."""
+        flight samples, None where it feeds none (NOTE [ one step behind ]), or waits for that id
+        to draft from (NOTE [ speculative decoding ])."""
         if r.ahead:
             sure_end = r.full or len(r.generated) + r.ahead >= r.params.max_tokens
-            return None if sure_end else -1
+            return None if sure_end or r.verifying or self._draft_room(r) else -1
         return r.pending
+
+    def _draft_room(self, r: _Request) -> int:
+        """How many tokens a decoding request may draft after its next one: its lookup's count, as
+        far as its max_tokens and its ring without evicting go (NOTE [ rollback ] in kv_ring.py)."""
+        if r.lookup is None or r.fed < len(r.prompt) or r.done:
+            return 0
+        return max(min(r.n_draft, r.params.max_tokens - len(r.generated) - 1, r.ring.cap - r.ring.count - 1), 0)
+
+    def _drafts(self, r: _Request, tok: int, most: int) -> list[int]:
+        """The drafts that follow `tok` (up to `most`), where the request drafts."""
+        n = min(self._draft_room(r), most)
+        return r.lookup.propose(n) if n > 0 and tok >= 0 else []
 
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
         """Decode tokens of the running requests first, then prompt chunks of the running, then of
         waiting requests admitted while a row is free and the step has room (NOTE [ step size ])."""
+        dec = [(r, tok) for r in self.running if r.fed == len(r.prompt) and (tok := self._decode_token(r)) is not None]
+        most = self.pad_tokens // max(len(dec), 1) - 1  # drafts a sequence, so that B * S fits the step
+        spare = self.step_tokens - len(dec)
         plan = []
-        for r in self.running:
-            if r.fed == len(r.prompt) and (tok := self._decode_token(r)) is not None:
-                plan.append((r, [tok]))
-        room = max(self.step_tokens - len(plan), 0)
-        width = 1 if plan else 0  # the longest chunk so far
+        for r, tok in dec:
+            d = self._drafts(r, tok, min(most, spare))
+            spare -= len(d)
+            plan.append((r, [tok] + d))
+        room = max(self.step_tokens - sum(len(t) for _, t in plan), 0)
+        width = max((len(t) for _, t in plan), default=0)  # the longest chunk so far
 
         def chunk(r: _Request, fed: int, cap: int) -> int:
             nonlocal room, width
@@ -288,7 +331,8 @@ class EngineCore:
         outs, self.aborted = self.aborted, []
         if not self.inflight and not self._submit(outs):
             return outs
-        if self.lookahead and not self._prefix_in_flight():
+        if self.lookahead and not self._prefix_in_flight() and \
+                not any(r.verifying or self._draft_room(r) for r in self.running):
             self._submit(outs)
         self._collect(outs)
         return outs
@@ -302,7 +346,7 @@ class EngineCore:
         prompt = self.waiting[0].prompt
         have = self._row_for(prompt)[1]
         return any(r.done and r.held and min(_common_prefix(r.held, prompt), len(prompt) - 1) > have
-                   for st in self.inflight for r, _, _ in st.plan)
+                   for st in self.inflight for r, *_ in st.plan)
 
     def _submit(self, outs: list[RequestOutput]) -> bool:
         """Send the scheduled tokens as one backend step; False when there is nothing to run."""
@@ -319,7 +363,7 @@ class EngineCore:
             decode = r.fed == len(r.prompt)
             if not decode:
                 r.fed += len(toks)
-            samples = decode or r.fed == len(r.prompt)
+            samples = len(toks) if decode else int(r.fed == len(r.prompt))  # > 1: drafts to verify
             if not r.started:
                 P = r.params
                 starts.append(SamplerStart(r.row, float(P.temperature), P.top_k, float(P.top_p), float(P.min_p),
@@ -327,10 +371,11 @@ class EngineCore:
                 r.started = True
             r.pending = None
             r.inflight += 1
-            r.ahead += samples
+            r.ahead += bool(samples)
+            r.verifying = samples > 1
             seqs.append(SeqStep(row=r.row, tokens=toks, slots=slots, positions=pos, kv_pos=r.ring.slot_positions()))
             sample.append(samples)
-            plan.append((r, toks, samples))
+            plan.append((r, toks, samples, decode))
         if not seqs:
             return False
         self.steps += 1
@@ -352,9 +397,10 @@ class EngineCore:
             self._fail(e, outs)
             raise
         self.inflight.popleft()
-        for i, (r, _, samples) in enumerate(step.plan):
+        for i, (r, toks, samples, decode) in enumerate(step.plan):
             r.inflight -= 1
-            r.ahead -= samples
+            r.ahead -= bool(samples)
+            r.verifying = r.verifying and samples < 2
             if r.done:  # its id is discarded (NOTE [ one step behind ])
                 self._release(r)
                 continue
@@ -366,7 +412,10 @@ class EngineCore:
                 why = f"sampling failed: {non_finite_error(res.bad[i], at)}"
                 outs.append(self._finish(r, "error", error=why, keep=False))
                 continue
-            out = self._accept(r, res.ids[i])
+            if r.lookup is not None and decode:
+                out = self._verified(r, toks[1:], res.ids[i], res.accepted[i] if res.accepted else 0)
+            else:
+                out = self._accept(r, res.ids[i])
             if out.finished:
                 outs.append(out)
             elif r.full:
@@ -374,17 +423,38 @@ class EngineCore:
             else:
                 outs.append(out)
 
+    def _verified(self, r: _Request, drafts: list[int], last: int, k: int) -> RequestOutput:
+        """A decode chunk's result (NOTE [ speculative decoding ]): its first k drafts and the id
+        after them taken in turn, up to one that ends the request; the rejected drafts' positions
+        rolled back. One output for all of them."""
+        if not 0 <= k <= len(drafts):
+            raise LayerstreamError(f"internal: {k} of {len(drafts)} drafts accepted")
+        r.ring.rollback(len(drafts) - k)
+        st = self.spec
+        st.passes, st.drafted, st.accepted = st.passes + 1, st.drafted + len(drafts), st.accepted + k
+        text, ids = "", []
+        for j, tok in enumerate(drafts[:k] + [last]):
+            if j:
+                r.sampled += 1  # (the first was counted by the caller)
+            out = self._accept(r, tok)
+            text, ids = text + out.text, ids + out.token_ids
+            st.tokens += 1
+            if out.finished:
+                break
+        out.text, out.token_ids = text, ids
+        return out
+
     def _fail(self, e: Exception, outs: list[RequestOutput]) -> None:
         """A backend call failed: every request of the steps in flight ends with its error, their
         rows free at once (nothing in flight is collected), reported by the next step."""
         why = _reason(e)
-        reqs = list(dict.fromkeys(r for st in self.inflight for r, _, _ in st.plan))
+        reqs = list(dict.fromkeys(r for st in self.inflight for r, *_ in st.plan))
         self.inflight.clear()
         discard = getattr(self.backend, "discard", None)
         if discard is not None:
             discard()
         for r in reqs:
-            r.inflight, r.ahead = 0, 0
+            r.inflight, r.ahead, r.verifying = 0, 0, False
             if r.done:  # (aborted with a chunk in flight: its KV may be half written)
                 r.held = None
                 self._release(r)
@@ -398,6 +468,8 @@ class EngineCore:
         if eos:
             return self._finish(r, "eos", r.stops.flush(r.decoder.flush()))
         r.generated.append(tok)
+        if r.lookup is not None:
+            r.lookup.extend([tok])
         text, hit = r.stops.push(r.decoder.push(tok))
         if hit:
             return self._finish(r, "stop", text, [tok])

@@ -72,7 +72,9 @@ class KVRing:
 
     def rollback(self, n: int) -> None:
         """Forget the last n tokens appended (rejected drafts); only where no eviction happened."""
-        if not 0 <= n <= self.count or self.total != self.count:
+        if n == 0:
+            return
+        if not 0 < n <= self.count or self.total != self.count:
             raise ValueError(f"cannot roll back {n} of {self.count} tokens of a ring that evicted "
                              f"{self.total - self.count} (NOTE [ rollback ])")
         self.count -= n

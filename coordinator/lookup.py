@@ -9,6 +9,8 @@ and answers that quote a retrieved text).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 NGRAM_MAX = 3  # the longest suffix looked for
 NGRAM_MIN = 1  # the shortest
 
@@ -44,3 +46,24 @@ class PromptLookup:
             if at is not None:  # (the suffix itself has no follower yet, so `at` is an earlier one)
                 return self.tokens[at : at + k]
         return []
+
+
+@dataclass
+class LookupStats:
+    """Speculation over a run: decode passes of sequences that may draft, the tokens they gave,
+    the drafted tokens sent and those accepted."""
+
+    passes: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def since(self, before: "LookupStats") -> "LookupStats":
+        return LookupStats(self.passes - before.passes, self.tokens - before.tokens,
+                           self.drafted - before.drafted, self.accepted - before.accepted)
+
+    def line(self) -> str:
+        rate = f"{self.accepted / self.drafted:.0%}" if self.drafted else "n/a"
+        per = f"{self.tokens / self.passes:.2f}" if self.passes else "n/a"
+        return (f"lookup: {self.accepted} of {self.drafted} drafted tokens accepted ({rate}); "
+                f"{per} tokens a pass over {self.passes} passes")

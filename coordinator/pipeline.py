@@ -241,9 +241,10 @@ class Pipeline:
             V = self.launch.index.hparams.n_vocab
             n = self.expected.get(msg.step, len(msg.ids))
             if not (len(msg.ids) == len(msg.bad) == n and all(-1 <= t < V for t in msg.ids)
-                    and all(0 <= c <= NO_FINITE for c in msg.bad)):
-                return self._refuse(ident, f"ForwardDone of step {msg.step} with {len(msg.ids)} ids and {len(msg.bad)} "
-                                           f"codes for {n} sequences, or out of range")
+                    and all(0 <= c <= NO_FINITE for c in msg.bad) and len(msg.accepted) in (0, n)
+                    and all(0 <= a <= self.launch.plan.step_tokens for a in msg.accepted)):
+                return self._refuse(ident, f"ForwardDone of step {msg.step} with {len(msg.ids)} ids, {len(msg.bad)} "
+                                           f"codes and {len(msg.accepted)} draft counts for {n} sequences, or out of range")
         elif isinstance(msg, LayerDone):
             for layer, slot in msg.done:
                 if not (layer < self.launch.index.hparams.n_layer and slot < self.plan.n_slots):
@@ -273,7 +274,8 @@ class Pipeline:
             if msg.step in self.expected and msg.step not in self.results:  # (else stale: dropped)
                 logits = np.frombuffer(extra[0], dtype=msg.dtype).reshape(msg.shape) if extra else None
                 self.results[msg.step] = StepResult(list(msg.ids), list(msg.bad),
-                                                    None if logits is None else torch.from_numpy(logits.copy()))
+                                                    None if logits is None else torch.from_numpy(logits.copy()),
+                                                    list(msg.accepted) or None)
         elif isinstance(msg, ReadFailed):
             await self._send_all(self.core.on_read_failed(ident, msg.req, msg.error))
         elif isinstance(msg, Failed):
@@ -335,8 +337,9 @@ class Pipeline:
             self.close()
             raise
 
-    def submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str = "none") -> None:
-        """Send one step to the compute process (sampling the flagged sequences there)."""
+    def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:
+        """Send one step to the compute process (sampling the flagged sequences there; a count k > 1
+        verifies the chunk's last k - 1 tokens as drafts)."""
         self._call(self._submit(seqs, sample, starts, want))
 
     def collect(self) -> StepResult:
@@ -355,9 +358,9 @@ class Pipeline:
         self.expected.clear()
         self.results.clear()
 
-    async def _submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str) -> None:
+    async def _submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None:
         n, self.next_step = self.next_step, self.next_step + 1
-        wire = [ForwardSeq(s.row, s.tokens, s.slots, s.positions, s.kv_pos, bool(f)) for s, f in zip(seqs, sample)]
+        wire = [ForwardSeq(s.row, s.tokens, s.slots, s.positions, s.kv_pos, int(f)) for s, f in zip(seqs, sample)]
         await self.links.send("compute", "compute", Forward(n, wire, want, starts))
         if not self.expected:
             self.heard["compute"] = time.monotonic()  # (the watchdog counts from the first step sent)

@@ -31,7 +31,9 @@ from typing import Any, ClassVar
 #    item by item; staging's Ready carries its arena as an ArenaDesc record
 # 4: the compute side samples: ForwardSeq.sample, Forward.starts (SamplerStart records),
 #    ForwardDone.ids and .bad (a decode token -1 is its row's last sampled id)
-PROTOCOL_VERSION = 4
+# 5: ForwardSeq.sample is a count (k > 1 verifies the chunk's last k - 1 tokens as drafts);
+#    ForwardDone.accepted: per sequence, the drafts accepted
+PROTOCOL_VERSION = 5
 
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
@@ -146,7 +148,7 @@ class ForwardSeq(Struct):
     slots: list[int]
     positions: list[int]
     kv_pos: list[int]
-    sample: bool = False  # draw the next token from the last one's logits
+    sample: int = 0  # 1: draw the next token from the last one's logits; k > 1: verify the last k - 1 tokens (drafts)
 
 
 @struct
@@ -291,9 +293,10 @@ class LayerDone(Message):
 
 @message(22)
 class ForwardDone(Message):
-    """Compute to coordinator: step finished; per sequence the id it sampled (-1: none) and its
-    logits' code (0: finite; sampling.NAN, INF, NO_FINITE); logits, when asked, ride as one extra
-    raw frame of `dtype`."""
+    """Compute to coordinator: step finished; per sequence the id it sampled (-1: none; after a
+    verified chunk, the id after its accepted drafts), its logits' code (0: finite; sampling.NAN,
+    INF, NO_FINITE) and the drafts it accepted; logits, when asked, ride as one extra raw frame of
+    `dtype`."""
 
     step: int
     shape: list[int]
@@ -301,6 +304,7 @@ class ForwardDone(Message):
     stats: dict[str, Any]
     ids: list[int] = dataclasses.field(default_factory=list)
     bad: list[int] = dataclasses.field(default_factory=list)
+    accepted: list[int] = dataclasses.field(default_factory=list)
 
 
 @message(25)

@@ -70,7 +70,7 @@ class _Event:
 
 
 def _in_flight(step: int, rows: list[int], ids: list[int], bad: list[int]) -> _InFlight:
-    host = torch.tensor([ids, bad], dtype=torch.long)
+    host = torch.tensor([ids, bad, [0] * len(ids)], dtype=torch.long)  # ids, codes, drafts accepted
     return _InFlight(step, len(rows), "none", rows, Launched(len(rows), host, _Event(), None), 0)
 
 

@@ -48,7 +48,7 @@ SAMPLES = [
     ReadFailed(7, 12, 3, "OSError: short read"),
     Forward(5, [ForwardSeq(0, [1, 2, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]),
                 ForwardSeq(1, [4], [9], [9], list(range(10)))], "all"),
-    Forward(6, [ForwardSeq(0, [-1], [3], [3], [0, 1, 2, 3], True), ForwardSeq(1, [7, 8], [0, 1], [0, 1], [0, 1], True)],
+    Forward(6, [ForwardSeq(0, [-1], [3], [3], [0, 1, 2, 3], 1), ForwardSeq(1, [7, 8], [0, 1], [0, 1], [0, 1], 2)],
             "none", [SamplerStart(1, 0.8, 40, 0.95, 0.05, 1.1, 64, (1 << 64) - 1, [7, 8])]),
     LayerDone(5, [[12, 3]]),
     LayerDone(5, [[12, 3], [13, 0]]),
@@ -56,6 +56,7 @@ SAMPLES = [
     ForwardDone(5, [2, 49152], "float32", {"forward_s": 0.8}),
     ForwardDone(6, [], "float32", {}),
     ForwardDone(7, [], "float32", {}, [12, -1, 3], [0, 0, 1]),
+    ForwardDone(8, [], "float32", {}, [12, -1, 3], [0, 0, 1], [0, 0, 4]),
 ]
 
 
@@ -162,8 +163,8 @@ def test_non_list_body():
         (LayerDone.TAG, [1, [[-1, 3]]], "LayerDone.done must hold"),
         (LayerDone.TAG, [1, [7]], "LayerDone.done must hold"),
         (LoadLayer.TAG, [1, 2, 3, {}], "LoadLayer.ranges must be list, got dict"),
-        (ForwardDone.TAG, [1, [], 5, {}, [], []], "ForwardDone.dtype must be str, got int"),
-        (ForwardDone.TAG, [1, [], "float32", {}, [3, 1.5], [0, 0]], "ForwardDone.ids must hold ints, got 1.5"),
+        (ForwardDone.TAG, [1, [], 5, {}, [], [], []], "ForwardDone.dtype must be str, got int"),
+        (ForwardDone.TAG, [1, [], "float32", {}, [3, 1.5], [0, 0], []], "ForwardDone.ids must hold ints, got 1.5"),
         (Forward.TAG, [1, [], "some", []], "Forward.want_logits must be one of"),
         (Forward.TAG, [1, [], "last", [[0, 0.8, 40]]], r"Forward.starts\[0\] must be a SamplerStart list of 9 fields"),
         (Forward.TAG, [1, [], "last", [[0, 0.8, 40, 0.9, 0.05, 1.1, 64, "7", []]]],
@@ -176,7 +177,7 @@ def test_wrong_field_types(tag, body, text):
         decode(frames_of(PROTOCOL_VERSION, tag, body))
 
 
-SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1], False]  # a Forward's sequence as it travels
+SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1], 0]  # a Forward's sequence as it travels
 
 
 @pytest.mark.parametrize(
@@ -191,11 +192,11 @@ SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1], False]  # a Forward's sequence as it t
         ([[True, *SEQ[1:]]], r"Forward.seqs\[0\]: ForwardSeq.row must be int, got bool"),
         ([[0, 5, *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must be list, got int"),
         ([[0, [1, 2.5], *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must hold ints, got 2.5"),
-        ([SEQ[:4] + [[0, None], False]], r"Forward.seqs\[0\]: ForwardSeq.kv_pos must hold ints, got None"),
-        ([SEQ[:5] + [1]], r"Forward.seqs\[0\]: ForwardSeq.sample must be bool, got int"),
+        ([SEQ[:4] + [[0, None], 0]], r"Forward.seqs\[0\]: ForwardSeq.kv_pos must hold ints, got None"),
+        ([SEQ[:5] + [True]], r"Forward.seqs\[0\]: ForwardSeq.sample must be int, got bool"),
     ],
     ids=["too-few", "too-many", "not-a-list", "a-map", "str-row", "bool-row", "int-tokens", "float-token",
-         "none-kv-pos", "int-sample"],
+         "none-kv-pos", "bool-sample"],
 )
 def test_forward_seq_of_wrong_arity_or_type_is_refused(seqs, text):
     """Forward.seqs holds ForwardSeq records: the codec refuses one of the wrong arity or types,
@@ -215,7 +216,7 @@ def test_encode_refuses_a_forward_whose_seqs_are_not_records():
 
 def test_int_lists_are_checked_item_by_item():
     with pytest.raises(MalformedMessage, match=r"ForwardDone.shape must hold ints, got '2'"):
-        decode(frames_of(PROTOCOL_VERSION, ForwardDone.TAG, [1, [1, "2"], "float32", {}, [], []]))
+        decode(frames_of(PROTOCOL_VERSION, ForwardDone.TAG, [1, [1, "2"], "float32", {}, [], [], []]))
 
 
 def test_arena_description_travels_as_a_checked_record():
