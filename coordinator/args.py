@@ -101,6 +101,9 @@ def build_parser() -> Parser:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute precision (default float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions, else float32)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
+    g.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="speculative decoding by prompt lookup: up to N tokens a step drafted from n-gram matches in "
+                        "the prompt and the reply, verified in one pass; the output is the same (default 0: off)")
     g.add_argument("--single-process", action="store_true",
                    help="run the whole model in this process (the reference engine) instead of the pipeline")
     g.add_argument("--batch", type=int, default=None,
@@ -262,6 +265,7 @@ def check_args(args) -> None:
     ints("ctx", args.ctx, 2, MAX_CTX)
     ints("batch", args.batch, 1, MAX_BATCH)
     ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)
+    ints("lookup", args.lookup, 0, MAX_CTX)
     ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
     ints("readers", args.readers, 1, MAX_READERS)
     ints("read-threads", args.read_threads, 1, MAX_READ_THREADS)
