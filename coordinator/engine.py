@@ -32,7 +32,7 @@ class StepBackend(Protocol):
     max_seqs: int
     ctx: int
 
-    def submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str) -> None: ...
+    def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None: ...
     def collect(self) -> StepResult: ...
     def step(self, seqs: list[SeqStep], want: str) -> torch.Tensor | None: ...
     def discard(self) -> None: ...
@@ -52,7 +52,7 @@ class LocalBackend:
         self.stepper = Stepper(runner.step, n_vocab, runner.max_seqs, runner.device)
         self.inflight: deque[Launched] = deque()
 
-    def submit(self, seqs: list[SeqStep], sample: list[bool], starts: list[SamplerStart], want: str = "none") -> None:
+    def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:
         self.inflight.append(self.stepper.launch(seqs, sample, starts, want))
 
     def collect(self) -> StepResult:
@@ -91,6 +91,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
     lookahead: bool = True  # submit a step before the last one's ids are read (core.py, NOTE [ one step behind ])
+    lookup: int = 0  # tokens drafted a step by prompt lookup where a request does not say (core.py, NOTE [ speculative decoding ])
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
@@ -174,7 +175,7 @@ class Engine:
         self.step_tokens = min(cfg.prefill_chunk, getattr(backend, "step_tokens", None) or cfg.prefill_chunk)
         self.core = EngineCore(backend, self.tokenizer, index.hparams.n_vocab, max_seqs=cfg.max_seqs, ctx=cfg.ctx,
                                step_tokens=self.step_tokens, on_context_full=cfg.on_context_full,
-                               sink_tokens=cfg.sink_tokens, lookahead=cfg.lookahead)
+                               sink_tokens=cfg.sink_tokens, lookahead=cfg.lookahead, lookup=cfg.lookup)
         self._batches = 0
 
     @classmethod

@@ -58,6 +58,10 @@ class LookupStats:
     drafted: int = 0
     accepted: int = 0
 
+    def plus(self, other: "LookupStats") -> "LookupStats":
+        return LookupStats(self.passes + other.passes, self.tokens + other.tokens,
+                           self.drafted + other.drafted, self.accepted + other.accepted)
+
     def since(self, before: "LookupStats") -> "LookupStats":
         return LookupStats(self.passes - before.passes, self.tokens - before.tokens,
                            self.drafted - before.drafted, self.accepted - before.accepted)

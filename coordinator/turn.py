@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from layerstream.coordinator.lookup import LookupStats
+
 
 @dataclass
 class Rates:
@@ -16,6 +18,7 @@ class Rates:
     prompt_s: float = 0.0  # from the request's submission to its first sampled token
     sampled: int = 0  # tokens sampled (an end-of-sequence token included)
     decode_s: float = 0.0  # from the first sampled token to the last: the prompt excluded
+    lookup: LookupStats | None = None  # speculation by prompt lookup, where on
 
     def add(self, other: "Rates") -> None:
         self.prompt_tokens += other.prompt_tokens
@@ -23,6 +26,8 @@ class Rates:
         self.prompt_s += other.prompt_s
         self.sampled += other.sampled
         self.decode_s += other.decode_s
+        if other.lookup is not None:
+            self.lookup = other.lookup if self.lookup is None else self.lookup.plus(other.lookup)
 
     def line(self, load_s: float | None = None) -> str:
         def rate(n: int, s: float) -> str:
@@ -34,7 +39,8 @@ class Rates:
         reused = f" (and {self.reused_tokens} reused)" if self.reused_tokens else ""
         return (f"{load}prompt: {self.prompt_tokens} tokens{reused} in {self.prompt_s:.2f} s, "
                 f"{rate(self.prompt_tokens, self.prompt_s)}; decode: {self.sampled} tokens in "
-                f"{self.decode_s:.2f} s, {rate(decode_n, self.decode_s)}")
+                f"{self.decode_s:.2f} s, {rate(decode_n, self.decode_s)}"
+                + (f"; {self.lookup.line()}" if self.lookup is not None and self.lookup.passes else ""))
 
 
 class Turn:
@@ -55,6 +61,8 @@ class Turn:
         """The reply's text, piece by piece; ends early (stopped = True) once stop() says so."""
         core = self.engine.core
         reused = getattr(core, "reused_tokens", 0)
+        spec = getattr(core, "spec", None)
+        spec0 = None if spec is None else LookupStats(**vars(spec))
         t0 = time.perf_counter()
         t_first = t_last = None
         core.add_request(self.request_id, self.ids, self.params)
@@ -71,7 +79,7 @@ class Turn:
                     if out.token_ids or out.finish_reason == "eos":
                         t_last = time.perf_counter()
                         t_first = t_first or t_last
-                        self.rates.sampled += 1
+                        self.rates.sampled += len(out.token_ids) + (out.finish_reason == "eos")  # (drafts: several)
                     if t_first is not None and not self.rates.prompt_tokens:
                         self.rates.reused_tokens = getattr(core, "reused_tokens", 0) - reused
                         self.rates.prompt_tokens = len(self.ids) - self.rates.reused_tokens
@@ -84,5 +92,7 @@ class Turn:
         finally:
             if t_first is not None:
                 self.rates.decode_s = t_last - t_first
+            if spec0 is not None and spec.passes > spec0.passes:
+                self.rates.lookup = spec.since(spec0)
             core.abort(self.request_id)  # a reply stopped or failed gives its row back
             core.aborted.clear()  # (its report is for nobody: one request at a time here)

@@ -1,0 +1,61 @@
+"""Prompt lookup through the single-process engine on the CPU: greedy text with lookup equal to
+the text without, on the real SmolLM2 and on tiny synthetic models (a sliding ring included)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import ggufgen
+from layerstream.compute.sampling import SamplingParams
+from layerstream.coordinator.engine import Engine
+from layerstream.coordinator.turn import Turn
+
+EDIT = ("Rewrite the sentence with 'quick' replaced by 'slow'.\nSentence: The quick brown fox jumps over the lazy "
+        "dog near the quick river bank.\nRewritten: The slow brown fox jumps over the")
+CODE = ("def area(width, height):\n    return width * height\n\n\ndef volume(width, height, depth):\n"
+        "    return width * height * depth\n\n\ndef perimeter(width, height):\n    return")
+SUMMARY = ("Text: The museum opens at nine in the morning and closes at six in the evening. Tickets cost "
+           "twelve euros for adults and six euros for children.\nSummary: The museum opens at nine")
+
+
+def greedy(n: int, lookup: int | None = None) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, lookup=lookup)
+
+
+def test_smollm_greedy_text_with_lookup_is_the_text_without(smollm_engine):
+    e = smollm_engine
+    prompts = [EDIT, CODE, SUMMARY]
+    want = e.generate_batch(prompts, greedy(40, 0))
+    before = dataclasses.replace(e.core.spec)
+    got = e.generate_batch(prompts, greedy(40, 5))
+    spec = e.core.spec.since(before)
+    assert got == want
+    assert spec.accepted > 0 and spec.tokens > spec.passes  # drafts were taken: fewer passes than tokens
+    assert spec.accepted < spec.drafted  # and some were rejected and rolled back
+    one = [e.generate_batch([p], greedy(40, 5))[0] for p in prompts]  # one at a time (batch 1)
+    assert one == want
+
+
+def test_a_turn_reports_the_lookup_rates(smollm_engine):
+    t = Turn(smollm_engine, smollm_engine.encode(CODE), greedy(30, 4))
+    text = "".join(t.pieces())
+    assert text and t.rates.sampled == 30
+    line = t.rates.line()
+    assert "lookup:" in line and "drafted tokens accepted" in line and "tokens a pass" in line, line
+    assert t.rates.lookup.tokens == 29  # (the first token comes with the prompt's pass)
+
+
+@pytest.mark.parametrize("ring", [dict(ctx=64), dict(ctx=16, on_context_full="slide", sink_tokens=4)],
+                         ids=["error", "slide"])
+def test_synthetic_greedy_text_with_lookup_is_the_text_without(tmp_path, ring):
+    path = ggufgen.write_model(tmp_path / "m.gguf", qtype="Q8_0")
+    prompts = [[5, 77, 200, 13, 77, 200, 42, 5, 77], [9, 9, 31, 9, 9, 31, 9]]
+    with Engine.load(str(path), device="cpu", dtype="float32", max_seqs=2, lookup=4, **ring) as e:
+        got = e.generate_batch(prompts, greedy(30))  # the engine's default: 4 drafts a step
+        drafted = e.core.spec.drafted
+        off = e.generate_batch(prompts, greedy(30, 0))  # a request turns it off
+        assert e.core.spec.drafted == drafted > 0
+    with Engine.load(str(path), device="cpu", dtype="float32", max_seqs=2, **ring) as e:
+        assert e.generate_batch(prompts, greedy(30)) == got == off
