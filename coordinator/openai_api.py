@@ -18,6 +18,7 @@ from layerstream.coordinator.args import REPEAT_PENALTY_RANGE
 MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_TOKENS = 1 << 22
+MAX_LOOKUP = 1 << 12  # drafted tokens a step a request may ask for (a step holds fewer anyway)
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -144,7 +145,7 @@ def _short(v) -> str:
 
 # standard fields and a test of the values that change nothing here
 SERVED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop",
-          "stream", "stream_options", "n", "ignore_eos", "user"}
+          "stream", "stream_options", "n", "ignore_eos", "user", "lookup"}
 HARMLESS = {
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v in (None, 0),
@@ -215,6 +216,7 @@ def sampling_from(body: dict, kind: str) -> SamplingParams:
         max_tokens=max_tokens,
         stop=stop,
         ignore_eos=_bool(body, "ignore_eos"),
+        lookup=_int(body, "lookup", None, 0, MAX_LOOKUP),  # prompt lookup's drafts a step; 0: off; absent: --lookup's
     )
 
 

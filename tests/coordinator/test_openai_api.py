@@ -30,6 +30,7 @@ def refused(body: dict, kind: str = "completion") -> ApiError:
     # an empty stop string was accepted and stopped nothing
     ("repeat_penalty", 1e-39), ("repeat_penalty", 0.001), ("stop", [""]), ("stop", ""),
     ("frobnicate", 1), ("model", 5), ("user", 5), ("stream_options", {"include_usage": True}),
+    ("lookup", -1), ("lookup", 1.5), ("lookup", True), ("lookup", 5000),
 ])
 def test_a_bad_field_is_refused_by_name(field, value):
     e = refused({"prompt": "hi", field: value})
@@ -70,6 +71,9 @@ def test_the_standard_fields_clients_send_are_served():
     assert parse_request({"prompt": "x", "repeat_penalty": 0.01}, "completion", V).params.repeat_penalty == 0.01
     assert p.ids == [1, 2, 3] and p.params.temperature == 1.0 and p.params.top_k == 0 and p.params.max_tokens == 16
     assert refused({"prompt": [1, V]}).param == "prompt" and refused({"prompt": ["a", "b"]}).param == "prompt"
+    # prompt lookup: a request may turn it off (0) or ask for its own count; absent, the server's --lookup
+    assert [parse_request({"prompt": "x", **kw}, "completion", V).params.lookup
+            for kw in ({}, {"lookup": 0}, {"lookup": 6})] == [None, 0, 6]
 
 
 @pytest.mark.parametrize("raw", [

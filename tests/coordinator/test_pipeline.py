@@ -775,3 +775,16 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     assert "4-bit rows" not in table, table  # a MoE layer's share is its experts: its attention is not split
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() == 1.0
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
+
+
+def test_prompt_lookup_over_the_pipeline_gives_the_single_process_text(model, reference):
+    """Drafts verified on the compute side (protocol 5: a sample count per sequence, the drafts
+    accepted back): greedy text is the text without lookup, and seeded, penalized sampling with
+    lookup gives the single-process engine's text with lookup."""
+    prompts = [list(p) + list(p) for p in PROMPTS]  # repeats: lookup finds drafts
+    with _engine(model, lookup=4) as e:
+        seeded = e.generate_batch(prompts, SEEDED)
+    with _engine(model, PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0), lookup=4) as e:
+        assert _generate(e) == reference
+        assert e.generate_batch(prompts, SEEDED) == seeded
+        assert e.core.spec.drafted > 0
