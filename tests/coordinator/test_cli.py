@@ -630,3 +630,21 @@ def test_serve_batch_holds_what_the_budget_holds(tmp_path):
 
     assert rows() == 8 and rows("--single-process") == 8
     assert rows("--vram-gb", "1") == 64
+
+
+def test_lookup_prints_the_same_text_and_its_rates_with_stats():
+    """bin/run-pipeline --lookup 4 (the streaming pipeline): the greedy text without lookup, and
+    --stats names the drafts accepted and the tokens a pass; a negative count is one line, exit 2."""
+    prompt = ("Copy this list exactly: apples, pears, plums, cherries, apples, pears, plums, cherries. "
+              "Copy: apples, pears,")
+    common = ["--device", "cpu", "--dtype", "float32", "-n", "24", "--temperature", "0", "--stats", prompt]
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    off, on = (subprocess.run([str(LAUNCHER), *extra, *common], capture_output=True, text=True, timeout=180, env=env)
+               for extra in ([], ["--lookup", "4"]))
+    assert off.returncode == on.returncode == 0, on.stderr
+    assert on.stdout == off.stdout and on.stdout.strip()
+    line = next(ln for ln in on.stderr.splitlines() if "lookup:" in ln)
+    assert "drafted tokens accepted" in line and "tokens a pass" in line
+    assert "lookup:" not in off.stderr
+    r = run_pipeline("--lookup", "-1", "hi")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--lookup -1: must be from 0 to 4194304")
