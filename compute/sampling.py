@@ -272,7 +272,7 @@ class RowState:
         elif self.window is not None:
             W = len(self.window)
             ext = torch.cat([self.window.roll(-self.count), ids])
-            self.window = ext[torch.arange(W, device=ext.device) + k + 1]  # the last W once ids[0..k] are in
+            self.window = ext.index_select(0, torch.arange(W, device=ext.device) + k + 1)  # the last W once ids[0..k] are in
             self.count = 0
 
     def push(self, tok: torch.Tensor) -> None:
@@ -342,4 +342,4 @@ class RowSamplers:
         n = drafts.shape[0]
         k = (ids[:n] == drafts).long().cumprod(0).sum()  # 0-d: the drafts taken, in order
         s.accept(ids, k)
-        return ids[k].reshape(1), k.reshape(1), bad_codes(best).max().reshape(1)
+        return ids.gather(0, k.reshape(1)), k.reshape(1), bad_codes(best).max().reshape(1)

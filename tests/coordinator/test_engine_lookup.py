@@ -57,5 +57,10 @@ def test_synthetic_greedy_text_with_lookup_is_the_text_without(tmp_path, ring):
         drafted = e.core.spec.drafted
         off = e.generate_batch(prompts, greedy(30, 0))  # a request turns it off
         assert e.core.spec.drafted == drafted > 0
+    penalized = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repeat_penalty=1.3, repeat_last_n=8)
+    with Engine.load(str(path), device="cpu", dtype="float32", max_seqs=2, lookup=4, **ring) as e:
+        with_penalty = e.generate_batch(prompts, penalized)  # the penalty's window along the drafts
+        assert e.core.spec.drafted > 0 or "slide" in ring.values()  # (16 slots fill before a match)
     with Engine.load(str(path), device="cpu", dtype="float32", max_seqs=2, **ring) as e:
         assert e.generate_batch(prompts, greedy(30)) == got == off
+        assert e.generate_batch(prompts, penalized) == with_penalty
