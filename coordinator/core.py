@@ -44,11 +44,11 @@ prefix held by a running request is not shared.
 
 NOTE [ speculative decoding ]
 A request with prompt lookup (SamplingParams.lookup, else the engine's default) decodes a
-chunk [its last id, d1..dn]: drafts from lookup.py, verified in the same step as everything
-else (the backend samples every position of the chunk, sampling.py NOTE [ speculative
-sampling ]). The backend gives the drafts accepted, k, and the id after them: the request
-takes d1..dk and that id, and its ring rolls the n - k rejected positions back (kv_ring.py
-NOTE [ rollback ]). Its next chunk starts at a position known only once the step is collected,
+chunk [its last id, d1..dn]: drafts from lookup.py (or a draft model's, draft.py), verified in
+the same step as everything else (the backend samples every position of the chunk, sampling.py
+NOTE [ speculative sampling ]). The backend gives the drafts accepted, k, and the id after
+them: the request takes d1..dk and that id, and its ring rolls the n - k rejected positions
+back (kv_ring.py NOTE [ rollback ]). Its next chunk starts at a position known only once the step is collected,
 so such a request never rides one step ahead: while it may draft, `step()` submits the next
 step only after collecting the last (no lookahead), and drafts go only where its ring has room
 without evicting and its max_tokens leaves room. The drafts of a step's sequences share the
@@ -105,7 +105,7 @@ class _Request:
     full: bool = False  # its ring has no room for the id in flight: it ends with that one
     done: bool = False  # finished or aborted; its row goes back once no step in flight carries it
     held: list[int] | None = None  # the record its row keeps (NOTE [ prefix reuse ]), until then
-    lookup: PromptLookup | None = None  # its drafts' source (NOTE [ speculative decoding ]); None: no drafts
+    drafter: PromptLookup | None = None  # its drafts' source (NOTE [ speculative decoding ]); None: no drafts
     n_draft: int = 0  # tokens drafted a step at most
     verifying: bool = False  # a step in flight verifies its drafts: where its next token goes is not known yet
 
@@ -134,12 +134,13 @@ class EngineCore:
 
     def __init__(self, backend: StepBackend, tokenizer: Tokenizer, n_vocab: int, *, max_seqs: int, ctx: int,
                  step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4, lookahead: bool = True,
-                 lookup: int = 0):
+                 lookup: int = 0, draft=None):
         if step_tokens < 1:
             raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
         if lookup < 0:
             raise ConfigError(f"--lookup {lookup}: must be >= 0 (0 turns prompt lookup off)")
         self.lookup = lookup  # tokens drafted a step where a request does not say (NOTE [ speculative decoding ])
+        self.draft = draft  # a draft model's DraftModel (draft.py), else drafts come from prompt lookup
         self.spec = LookupStats()
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
@@ -232,7 +233,7 @@ class EngineCore:
                      StopMatcher(params.stop))
         r.n_draft = self.lookup if params.lookup is None else params.lookup
         if r.n_draft:
-            r.lookup = PromptLookup(r.prompt)
+            r.drafter = PromptLookup(r.prompt) if self.draft is None else self.draft.proposer(r.prompt)
         self.waiting.append(r)
 
     def abort(self, request_id: str) -> bool:
@@ -270,14 +271,14 @@ class EngineCore:
     def _draft_room(self, r: _Request) -> int:
         """How many tokens a decoding request may draft after its next one: its lookup's count, as
         far as its max_tokens and its ring without evicting go (NOTE [ rollback ] in kv_ring.py)."""
-        if r.lookup is None or r.fed < len(r.prompt) or r.done:
+        if r.drafter is None or r.fed < len(r.prompt) or r.done:
             return 0
         return max(min(r.n_draft, r.params.max_tokens - len(r.generated) - 1, r.ring.cap - r.ring.count - 1), 0)
 
     def _drafts(self, r: _Request, tok: int, most: int) -> list[int]:
         """The drafts that follow `tok` (up to `most`), where the request drafts."""
         n = min(self._draft_room(r), most)
-        return r.lookup.propose(n) if n > 0 and tok >= 0 else []
+        return r.drafter.propose(n) if n > 0 and tok >= 0 else []
 
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
         """Decode tokens of the running requests first, then prompt chunks of the running, then of
@@ -412,7 +413,7 @@ class EngineCore:
                 why = f"sampling failed: {non_finite_error(res.bad[i], at)}"
                 outs.append(self._finish(r, "error", error=why, keep=False))
                 continue
-            if r.lookup is not None and decode:
+            if r.drafter is not None and decode:
                 out = self._verified(r, toks[1:], res.ids[i], res.accepted[i] if res.accepted else 0)
             else:
                 out = self._accept(r, res.ids[i])
@@ -468,8 +469,8 @@ class EngineCore:
         if eos:
             return self._finish(r, "eos", r.stops.flush(r.decoder.flush()))
         r.generated.append(tok)
-        if r.lookup is not None:
-            r.lookup.extend([tok])
+        if r.drafter is not None:
+            r.drafter.extend([tok])
         text, hit = r.stops.push(r.decoder.push(tok))
         if hit:
             return self._finish(r, "stop", text, [tok])
@@ -483,6 +484,8 @@ class EngineCore:
         the tokens whose KV it holds (if its ring never evicted and `keep`: a failed step may have
         left its KV half written)."""
         r.done = True
+        if r.drafter is not None and hasattr(r.drafter, "close"):
+            r.drafter.close()  # (a draft model's row)
         if r.row is not None:
             r.held = r.fed_tokens() if keep and r.ring.total == r.ring.count else None
             self._release(r)

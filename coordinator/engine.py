@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
 import torch
@@ -92,6 +92,8 @@ class EngineConfig:
     weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
     lookahead: bool = True  # submit a step before the last one's ids are read (core.py, NOTE [ one step behind ])
     lookup: int = 0  # tokens drafted a step by prompt lookup where a request does not say (core.py, NOTE [ speculative decoding ])
+    draft_model: str | None = None  # a GGUF with the model's vocabulary that drafts instead (draft.py)
+    draft_tokens: int = 4  # tokens the draft model drafts a step where a request does not say
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
@@ -124,6 +126,20 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) 
     runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs,
                          sliding=cfg.on_context_full == "slide", triton_attention=quantized)
     return LocalBackend(runner, index.hparams.n_vocab)
+
+
+def draft_model(index: ModelIndex, cfg: EngineConfig):
+    """The draft model of `cfg.draft_model`, resident in this process on the engine's device, once
+    its vocabulary is checked against the model's (draft.py, NOTE [ draft model ]). Its memory is
+    not in a pipeline's plan: give --vram-gb room for it."""
+    from layerstream.coordinator.draft import DraftModel, check_vocab
+
+    if cfg.draft_tokens < 1:
+        raise ConfigError(f"--draft-tokens {cfg.draft_tokens}: must be at least 1")
+    draft = open_model(cfg.draft_model)
+    check_vocab(index, draft)
+    be = local_backend(draft, replace(cfg, model=cfg.draft_model, on_context_full="error"))
+    return DraftModel(be.runner, cfg.ctx, cfg.max_seqs, cfg.prefill_chunk)
 
 
 # NOTE [ streamed perplexity ]
@@ -160,8 +176,9 @@ def window_nll(logits: torch.Tensor, chunk: list[int], at: int, first: int, base
 class Engine:
     """Tokenize, run steps, sample; usable in one process or over the streaming pipeline."""
 
-    def __init__(self, index: ModelIndex, backend: StepBackend, cfg: EngineConfig):
+    def __init__(self, index: ModelIndex, backend: StepBackend, cfg: EngineConfig, draft=None):
         self.index, self.backend, self.cfg = index, backend, cfg
+        self.draft = draft  # a DraftModel (draft.py), or None
         self.hparams = index.hparams
         try:
             try:
@@ -175,7 +192,8 @@ class Engine:
         self.step_tokens = min(cfg.prefill_chunk, getattr(backend, "step_tokens", None) or cfg.prefill_chunk)
         self.core = EngineCore(backend, self.tokenizer, index.hparams.n_vocab, max_seqs=cfg.max_seqs, ctx=cfg.ctx,
                                step_tokens=self.step_tokens, on_context_full=cfg.on_context_full,
-                               sink_tokens=cfg.sink_tokens, lookahead=cfg.lookahead, lookup=cfg.lookup)
+                               sink_tokens=cfg.sink_tokens, lookahead=cfg.lookahead,
+                               lookup=cfg.draft_tokens if draft is not None else cfg.lookup, draft=draft)
         self._batches = 0
 
     @classmethod
@@ -197,10 +215,19 @@ class Engine:
             from layerstream.coordinator.pipeline import pipeline_backend
 
             backend = pipeline_backend(index, cfg, pipeline)
-        return cls(index, backend, cfg)
+        draft = None
+        try:
+            if cfg.draft_model is not None:
+                draft = draft_model(index, cfg)
+            return cls(index, backend, cfg, draft)
+        except BaseException:
+            backend.close()
+            raise
 
     def close(self) -> None:
         self.backend.close()
+        if self.draft is not None:
+            self.draft.runner.close()
 
     def __enter__(self):
         return self
