@@ -104,6 +104,10 @@ def build_parser() -> Parser:
     g.add_argument("--lookup", type=int, default=0, metavar="N",
                    help="speculative decoding by prompt lookup: up to N tokens a step drafted from n-gram matches in "
                         "the prompt and the reply, verified in one pass; the output is the same (default 0: off)")
+    g.add_argument("--draft-model", metavar="FILE", default=None,
+                   help="speculative decoding by a small GGUF with the model's vocabulary, resident beside it, "
+                        "drafting --draft-tokens tokens a step (instead of --lookup)")
+    g.add_argument("--draft-tokens", type=int, default=4, metavar="N", help="tokens --draft-model drafts a step (4)")
     g.add_argument("--single-process", action="store_true",
                    help="run the whole model in this process (the reference engine) instead of the pipeline")
     g.add_argument("--batch", type=int, default=None,
@@ -266,6 +270,9 @@ def check_args(args) -> None:
     ints("batch", args.batch, 1, MAX_BATCH)
     ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)
     ints("lookup", args.lookup, 0, MAX_CTX)
+    ints("draft-tokens", args.draft_tokens, 1, MAX_CTX)
+    if args.draft_model and args.lookup:
+        fail("--draft-model and --lookup both draft; give one")
     ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
     ints("readers", args.readers, 1, MAX_READERS)
     ints("read-threads", args.read_threads, 1, MAX_READ_THREADS)
@@ -287,7 +294,7 @@ def check_args(args) -> None:
     finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
     if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
         fail(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
-    for name in ("model", "perplexity", "api_key_file"):
+    for name in ("model", "perplexity", "api_key_file", "draft_model"):
         path = getattr(args, name)
         why = path and _path_problem(path, name)
         if why:
