@@ -69,5 +69,5 @@ class LookupStats:
     def line(self) -> str:
         rate = f"{self.accepted / self.drafted:.0%}" if self.drafted else "n/a"
         per = f"{self.tokens / self.passes:.2f}" if self.passes else "n/a"
-        return (f"lookup: {self.accepted} of {self.drafted} drafted tokens accepted ({rate}); "
+        return (f"drafts: {self.accepted} of {self.drafted} drafted tokens accepted ({rate}); "
                 f"{per} tokens a pass over {self.passes} passes")

@@ -648,8 +648,31 @@ def test_lookup_prints_the_same_text_and_its_rates_with_stats():
                for extra in ([], ["--lookup", "4"]))
     assert off.returncode == on.returncode == 0, on.stderr
     assert on.stdout == off.stdout and on.stdout.strip()
-    line = next(ln for ln in on.stderr.splitlines() if "lookup:" in ln)
+    line = next(ln for ln in on.stderr.splitlines() if "drafts:" in ln)
     assert "drafted tokens accepted" in line and "tokens a pass" in line
-    assert "lookup:" not in off.stderr
+    assert "drafts:" not in off.stderr
     r = run_pipeline("--lookup", "-1", "hi")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--lookup -1: must be from 0 to 4194304")
+
+
+def test_draft_model_gives_the_same_text_and_a_draft_of_another_vocabulary_is_one_line(tmp_path):
+    """--draft-model with the model itself (the pipeline): every draft accepted, the text without
+    drafts; a draft whose vocabulary differs: one line naming both files, exit 1."""
+    from layerstream.loader.default_model import default_model_path
+
+    model = default_model_path()
+    common = ["--device", "cpu", "--dtype", "float32", "-n", "16", "--temperature", "0", "--stats", "Water boils at"]
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    off, on = (subprocess.run([str(LAUNCHER), *extra, *common], capture_output=True, text=True, timeout=180, env=env)
+               for extra in ([], ["--draft-model", model]))
+    assert off.returncode == on.returncode == 0, on.stderr
+    assert on.stdout == off.stdout and on.stdout.strip()
+    line = next(ln for ln in on.stderr.splitlines() if "drafts:" in ln)
+    assert "(100%)" in line
+    other = ggufgen.write_model(tmp_path / "other.gguf", n_vocab=300)
+    r = run_pipeline("--device", "cpu", "--draft-model", str(other), "hi")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and "other.gguf" in err[0] and model in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_pipeline("--draft-model", str(other), "--lookup", "2", "hi")
+    assert r.returncode == 2 and "give one" in r.stderr

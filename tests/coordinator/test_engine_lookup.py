@@ -43,7 +43,7 @@ def test_a_turn_reports_the_lookup_rates(smollm_engine):
     text = "".join(t.pieces())
     assert text and t.rates.sampled == 30
     line = t.rates.line()
-    assert "lookup:" in line and "drafted tokens accepted" in line and "tokens a pass" in line, line
+    assert "drafts:" in line and "drafted tokens accepted" in line and "tokens a pass" in line, line
     assert t.rates.lookup.tokens == 29  # (the first token comes with the prompt's pass)
 
 
