@@ -48,10 +48,10 @@ chunk [its last id, d1..dn]: drafts from lookup.py (or a draft model's, draft.py
 the same step as everything else (the backend samples every position of the chunk, sampling.py
 NOTE [ speculative sampling ]). The backend gives the drafts accepted, k, and the id after
 them: the request takes d1..dk and that id, and its ring rolls the n - k rejected positions
-back (kv_ring.py NOTE [ rollback ]). Its next chunk starts at a position known only once the step is collected,
-so such a request never rides one step ahead: while it may draft, `step()` submits the next
-step only after collecting the last (no lookahead), and drafts go only where its ring has room
-without evicting and its max_tokens leaves room. The drafts of a step's sequences share the
+back (kv_ring.py NOTE [ rollback ]). Its next chunk starts at a position known only once the
+step is collected, so such a request never rides one step ahead: while it may draft, `step()`
+submits the next step only after collecting the last (no lookahead), and drafts go only where
+its ring has room without evicting and its max_tokens leaves room. The drafts of a step's sequences share the
 step's padded size (NOTE [ step size ]) before prompt chunks do.
 """
 
@@ -76,8 +76,9 @@ from layerstream.proto.messages import SamplerStart
 
 class StepBackend(Protocol):
     """Runs steps: `submit` starts one (sampling the sequences flagged in `sample`, a count k > 1
-    verifying the chunk's last k - 1 tokens as drafts; new requests' samplers in `starts`), `collect` gives the oldest submitted one's result; `step` is both at
-    once, returning logits (evaluation); `discard` forgets the steps in flight after a failure."""
+    verifying the chunk's last k - 1 tokens as drafts; new requests' samplers in `starts`),
+    `collect` gives the oldest submitted one's result; `step` is both at once, returning logits
+    (evaluation); `discard` forgets the steps in flight after a failure."""
 
     def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None: ...
     def collect(self) -> StepResult: ...
@@ -105,7 +106,7 @@ class _Request:
     full: bool = False  # its ring has no room for the id in flight: it ends with that one
     done: bool = False  # finished or aborted; its row goes back once no step in flight carries it
     held: list[int] | None = None  # the record its row keeps (NOTE [ prefix reuse ]), until then
-    drafter: PromptLookup | None = None  # its drafts' source (NOTE [ speculative decoding ]); None: no drafts
+    drafter: PromptLookup | None = None  # its drafts' source (or a draft.DraftProposer); None: no drafts
     n_draft: int = 0  # tokens drafted a step at most
     verifying: bool = False  # a step in flight verifies its drafts: where its next token goes is not known yet
 
@@ -283,7 +284,8 @@ class EngineCore:
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
         """Decode tokens of the running requests first, then prompt chunks of the running, then of
         waiting requests admitted while a row is free and the step has room (NOTE [ step size ])."""
-        dec = [(r, tok) for r in self.running if r.fed == len(r.prompt) and (tok := self._decode_token(r)) is not None]
+        dec = [(r, tok) for r in self.running
+               if r.fed == len(r.prompt) and (tok := self._decode_token(r)) is not None]
         most = self.pad_tokens // max(len(dec), 1) - 1  # drafts a sequence, so that B * S fits the step
         spare = self.step_tokens - len(dec)
         plan = []

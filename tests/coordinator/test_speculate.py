@@ -5,8 +5,6 @@ sampled distribution kept."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
