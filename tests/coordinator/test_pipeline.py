@@ -777,14 +777,17 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
 
 
-def test_prompt_lookup_over_the_pipeline_gives_the_single_process_text(model, reference):
+@pytest.mark.parametrize("pcfg", [PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0),
+                                  PipelineConfig(resident_layers=1, kv_on_host=True)], ids=["streamed", "kv-on-host"])
+def test_prompt_lookup_over_the_pipeline_gives_the_single_process_text(model, reference, pcfg):
     """Drafts verified on the compute side (protocol 5: a sample count per sequence, the drafts
-    accepted back): greedy text is the text without lookup, and seeded, penalized sampling with
-    lookup gives the single-process engine's text with lookup."""
+    accepted back), rejected positions rolled back in device or host KV: greedy text is the text
+    without lookup, and seeded, penalized sampling with lookup gives the single-process engine's
+    text with lookup."""
     prompts = [list(p) + list(p) for p in PROMPTS]  # repeats: lookup finds drafts
     with _engine(model, lookup=4) as e:
         seeded = e.generate_batch(prompts, SEEDED)
-    with _engine(model, PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0), lookup=4) as e:
+    with _engine(model, pcfg, lookup=4) as e:
         assert _generate(e) == reference
         assert e.generate_batch(prompts, SEEDED) == seeded
         assert e.core.spec.drafted > 0
