@@ -272,7 +272,8 @@ class RowState:
         elif self.window is not None:
             W = len(self.window)
             ext = torch.cat([self.window.roll(-self.count), ids])
-            self.window = ext.index_select(0, torch.arange(W, device=ext.device) + k + 1)  # the last W once ids[0..k] are in
+            # the last W ids once ids[0..k] are in
+            self.window = ext.index_select(0, torch.arange(W, device=ext.device) + k + 1)
             self.count = 0
 
     def push(self, tok: torch.Tensor) -> None:

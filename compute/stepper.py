@@ -88,16 +88,17 @@ class Stepper:
             out[0] = -1
             done, ids, bad, acc = [], [], [], []
             if picks:
-                i, c = self.samplers.sample(logits if len(picks) == logits.shape[0] else rows_of(logits, [at[b] for b in picks]),
-                                            [seqs[b].row for b in picks])
+                x = logits if len(picks) == logits.shape[0] else rows_of(logits, [at[b] for b in picks])
+                i, c = self.samplers.sample(x, [seqs[b].row for b in picks])
                 done, ids, bad = list(picks), [i], [c.long()]
                 acc.append(torch.zeros(len(picks), dtype=torch.long, device=self.device))
             for b in checks:
                 drafts = seqs[b].tokens[len(seqs[b].tokens) - k[b] + 1 :]
                 if len(seqs[b].tokens) < k[b] or min(drafts) < 0:
-                    raise ValueError(f"KV row {seqs[b].row}: {k[b] - 1} drafts to verify in a chunk of {seqs[b].tokens}")
-                i, a, c = self.samplers.verify(logits[at[b] : at[b] + k[b]], seqs[b].row,
-                                               torch.tensor(drafts, dtype=torch.long).to(self.device, non_blocking=True))
+                    raise ValueError(f"KV row {seqs[b].row}: {k[b] - 1} drafts to verify in a chunk of "
+                                     f"{seqs[b].tokens}")
+                d = torch.tensor(drafts, dtype=torch.long).to(self.device, non_blocking=True)
+                i, a, c = self.samplers.verify(logits[at[b] : at[b] + k[b]], seqs[b].row, d)
                 done.append(b)
                 ids.append(i)
                 bad.append(c.long())

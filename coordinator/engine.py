@@ -91,7 +91,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
     lookahead: bool = True  # submit a step before the last one's ids are read (core.py, NOTE [ one step behind ])
-    lookup: int = 0  # tokens drafted a step by prompt lookup where a request does not say (core.py, NOTE [ speculative decoding ])
+    lookup: int = 0  # tokens prompt lookup drafts a step, where a request does not say (NOTE in core.py)
     draft_model: str | None = None  # a GGUF with the model's vocabulary that drafts instead (draft.py)
     draft_tokens: int = 4  # tokens the draft model drafts a step where a request does not say
 
