@@ -85,14 +85,18 @@ def test_completion_and_chat_answer_as_the_engine_does(server, smollm_engine):
     assert r.choices[0].message.role == "assistant"
 
 
-def test_a_server_with_lookup_answers_as_the_engine_without_and_a_request_may_turn_it_off(smollm_engine):
-    """--lookup 4: greedy answers through the openai client equal the engine's text without lookup,
-    with lookup on (the server's default) and off (a request's "lookup": 0)."""
+@pytest.mark.parametrize("drafts", ["lookup", "draft-model"])
+def test_a_server_with_drafts_answers_as_the_engine_without_and_a_request_may_turn_them_off(smollm_engine,
+                                                                                            smollm_path, drafts):
+    """--lookup 4, or the model as its own --draft-model: greedy answers through the openai client
+    equal the engine's text without drafts, with drafts on (the server's default) and off (a
+    request's "lookup": 0)."""
     prompt = ("Fix the typo: 'The quick brown fox jumpd over the lazy dog.'\n"
               "Fixed: 'The quick brown fox jumped over the lazy dog.'\nFix the typo: 'The lazy dog slept "
               "in the sun all day.' has no typo, so: 'The")
     want = _engine_text(smollm_engine, smollm_engine.tokenizer.encode(prompt), 30)
-    p, url = _start("--single-process", "--batch", "2", "--lookup", "4")
+    p, url = _start("--single-process", "--batch", "2",
+                    *(["--lookup", "4"] if drafts == "lookup" else ["--draft-model", smollm_path]))
     try:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
