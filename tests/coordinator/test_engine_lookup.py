@@ -64,3 +64,23 @@ def test_synthetic_greedy_text_with_lookup_is_the_text_without(tmp_path, ring):
     with Engine.load(str(path), device="cpu", dtype="float32", max_seqs=2, **ring) as e:
         assert e.generate_batch(prompts, greedy(30)) == got == off
         assert e.generate_batch(prompts, penalized) == with_penalty
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_lookup_text_is_the_models_greedy_text_but_for_near_ties(smollm_path, dtype):
+    """On CUDA a verified chunk runs other kernels than a one-token step (GGUF blocks, fused GEMV
+    or dequantized matmuls), so the text with lookup is checked against the model's own logits,
+    teacher forced: every token is their argmax, but where the top two are within rounding."""
+    import torch
+
+    with Engine.load(smollm_path, device="cuda", dtype=dtype, ctx=512, lookup=4) as e:
+        for text in (EDIT, CODE):
+            ids = e.encode(text)
+            e.core.add_request("r", ids, greedy(40))
+            got = [t for o in e.core.run_to_completion() for t in o.token_ids]
+            logits = e.logits(ids + got)[len(ids) - 1 : -1]  # [40, V]: the logits each token follows
+            top = logits.topk(2, dim=-1)
+            tie = (top.values[:, 0] - top.values[:, 1]) < (1e-3 if dtype == "float32" else 0.1)
+            assert bool(((top.indices[:, 0] == torch.tensor(got)) | tie).all())
+        assert e.core.spec.accepted > 0
