@@ -463,3 +463,27 @@ def test_greedy_verification_is_the_step_by_step_argmax_with_the_penalty_on_the_
     assert spec.sample(after, [0])[0].tolist() == step.sample(after, [0])[0].tolist()
     if last_n:
         assert torch.equal(spec.rows[0].mask(), step.rows[0].mask())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("last_n", [3, -1, 0])
+def test_cuda_verification_gives_the_host_verifications_ids_greedy_and_keeps_drafts_in_the_support(last_n):
+    """RowSamplers.verify on CUDA: greedy, the CPU's ids and accepted count (the penalty's window
+    along the drafts included); sampling, an accepted draft is in the filters' support."""
+    from layerstream.compute.sampling import RowSamplers
+
+    g = torch.Generator().manual_seed(5)
+    x, drafts = torch.randn(5, 50, generator=g), torch.tensor([3, 7, 7, 1])
+    x[0, 3] = x[1, 7] = 9.0  # the first two drafts are the argmax
+    P = SamplingParams(temperature=0, repeat_penalty=1.4 if last_n else 1.0, repeat_last_n=last_n)
+    got = []
+    for dev in ("cpu", "cuda"):
+        rs = RowSamplers(50, dev)
+        rs.start(2, P, 1, [3, 4])
+        got.append([t.item() for t in rs.verify(x.to(dev), 2, drafts.to(dev))])
+    assert got[0] == got[1] and got[0][1] >= 1
+    rs = RowSamplers(50, "cuda")
+    rs.start(0, SamplingParams(temperature=1.0, top_k=5, seed=3), 3, [])
+    for _ in range(50):
+        last, k, bad = rs.verify(x.cuda(), 0, drafts.cuda())
+        assert int(bad) == 0 and last.item() in x[int(k)].topk(5).indices.tolist()
