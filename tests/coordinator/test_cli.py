@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -426,6 +427,11 @@ class _Pty:
 
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
+            # SIGINT as a terminal gives it: a background job (`.ci/run &`) runs with SIGINT
+            # ignored, which would stay ignored across exec and leave Ctrl-C without effect (a
+            # mask blocking it likewise)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             os.execv(argv[0], argv)
         self.buf = b""
 

@@ -32,11 +32,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _sigint_default() -> None:
+    """In the server before exec: SIGINT as a terminal gives it. A shell runs a background job
+    (`.ci/run &`) with SIGINT ignored, which stays ignored across exec, and Python then installs
+    no Ctrl-C handler: the test of Ctrl-C's exit status would see the server carry on. A mask
+    that blocks it would be inherited likewise."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _start(*args: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     p = subprocess.Popen([str(LAUNCHER), "--serve", "--port", str(port), "--device", "cpu", "--dtype", "float32",
                           "--ctx", "512", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=_sigint_default)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
