@@ -151,7 +151,7 @@ def test_the_cpus_measured_time_at_each_batch_size_moves_the_split():
     h, w = torch.randn(4, n, generator=g), torch.rand(4, 2, generator=g)
     ids = [0, 1, 2, 3, 0, 2, 1, 3]
     cpu.compute(0, lay, host, [0, 1, 2, 3], ids, h, w)  # packing first: the clock stands still
-    clock.step = 4 * 1_000_000  # each call 4 ms later: 1 ms an expert of four
+    clock.step = 4 * 1_000_000  # each reading 4 ms after the last: 1 ms an expert of four
     cpu.compute(0, lay, host, [0, 1, 2, 3], ids, h, w)
     assert split.cpu_s[4] == pytest.approx(1e-3)
     assert cpu.choose(0, lay, list(range(8)), 1.0) == []  # ten times a copy: every missing expert copied
