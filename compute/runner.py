@@ -12,6 +12,7 @@ from layerstream.compute.kv import make_kv
 from layerstream.compute.model import SeqStep, StepMeta, build_step_meta, head_forward, rope_inv_freq
 from layerstream.compute.moe import GROUPED_MAX_TOKENS, runs_grouped
 from layerstream.compute.qlinear import HEAD_CHUNK
+from layerstream.compute.sampling import rows_of
 from layerstream.compute.weights import GlobalWeights, LayerSource
 from layerstream.loader.gguf_index import HParams
 
@@ -132,11 +133,11 @@ class ModelRunner:
             return x
         ends = np.cumsum([len(s.tokens) for s in seqs])
         if tails is None:
-            return x[torch.tensor(ends - 1, device=self.device)]
+            return rows_of(x, (ends - 1).tolist())  # (torch.tensor(..., device=cuda) would wait for the GPU)
         if any(not 1 <= t <= len(s.tokens) for s, t in zip(seqs, tails)) or len(tails) != len(seqs):
             raise ValueError(f"logits of the last {tails} tokens of sequences of {[len(s.tokens) for s in seqs]}")
         rows = [r for e, t in zip(ends.tolist(), tails) for r in range(e - t, e)]
-        return x.index_select(0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
+        return rows_of(x, rows)
 
     def _forward(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], want: str, start: int = 0,
                  tails: list[int] | None = None):

@@ -197,9 +197,7 @@ class EngineCore:
         if not tokens:
             raise ValueError("score() needs at least one token")
         while self.inflight:  # the discarded tokens of requests that ended (NOTE [ one step behind ])
-            outs, self.aborted = self.aborted, []
-            self._collect(outs)
-            self.aborted = outs
+            self._collect(self.aborted)
         row = self.take_row()
         ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
         fed, held = 0, None
