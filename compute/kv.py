@@ -15,9 +15,14 @@ from layerstream.loader.gguf_index import HParams
 class DeviceKV:
     """KV caches in device memory: [rows, ctx, n_head_kv, head_dim] for each of `layers`."""
 
-    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype, layers: Iterable[int] | None = None):
+    def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype, layers: Iterable[int] | None = None,
+                 pin: bool = False):
         shape = (rows, ctx, hp.n_head_kv, hp.head_dim)
         ids = list(range(hp.n_layer) if layers is None else layers)
+        if pin:  # host memory pinned for the copies: a tensor a layer, made pinned (no pageable copy first)
+            self.k = {i: torch.zeros(shape, dtype=dtype, pin_memory=True) for i in ids}
+            self.v = {i: torch.zeros(shape, dtype=dtype, pin_memory=True) for i in ids}
+            return
         # one allocation (the caching allocator rounds it once; a tensor per K and V of 8 MiB took
         # 10 MiB each in its shared 20 MiB segments); each layer's K and V a contiguous view of it
         kv = torch.zeros((len(ids), 2, *shape), dtype=dtype, device=device)
@@ -50,15 +55,13 @@ class HostKV(DeviceKV):
     """
 
     def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype, layers: Iterable[int] | None = None):
-        super().__init__(hp, rows, ctx, "cpu", dtype, layers)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        super().__init__(hp, rows, ctx, "cpu", dtype, layers, pin=self.cuda)
         order = sorted(self.k)
         self.next_layer = dict(zip(order, order[1:]))  # host layer -> the next one (fetched ahead)
         self._meta_key = None
         if self.cuda:
-            self.k = {i: t.pin_memory() for i, t in self.k.items()}
-            self.v = {i: t.pin_memory() for i, t in self.v.items()}
             shape = (rows, ctx, hp.n_head_kv, hp.head_dim)
             bufs = torch.empty((2, 2, *shape), dtype=dtype, device=device)  # one allocation, as DeviceKV's
             self.bufs = [(bufs[b, 0], bufs[b, 1]) for b in range(2)]

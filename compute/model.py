@@ -181,8 +181,8 @@ def _sdpa(Q: torch.Tensor, Kt: torch.Tensor, Vt: torch.Tensor, mask: torch.Tenso
     G = H // Hkv
     Qf = Q.view(b, s, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(b, Hkv, G * s, D)  # row g * s + i: head hk * G + g
     Lp = -(-L // BIAS_ALIGN) * BIAS_ALIGN
-    bias = torch.zeros(b, 1, G, s, Lp, dtype=Q.dtype, device=Q.device)[..., :L]
-    bias.masked_fill_(mask.logical_not().unsqueeze(2), float("-inf"))  # every folded row takes its query's mask
+    bias = torch.full((b, 1, G, s, Lp), float("-inf"), dtype=Q.dtype, device=Q.device)[..., :L]
+    bias.masked_fill_(mask.unsqueeze(2), 0.0)  # every folded row takes its query's mask
     bias = bias.view(b, 1, G * s, L)
     if Q.is_cuda:
         with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):

@@ -137,7 +137,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     N, K = w.shape
     if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
         return _kernels().matmul(x, w.raw, w.qtype, N, K, bias)
-    step = chunk_rows(N, K, _reserved.get((w.device, x.dtype), UNPLANNED_MAX_ELEMS))
+    step = chunk_rows(N, K, scratch_cap(w.device, x.dtype, UNPLANNED_MAX_ELEMS))
     if step >= N:
         return F.linear(x, dequantized(w, x.dtype), bias)
     lead = x.shape[:-1]
