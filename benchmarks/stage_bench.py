@@ -533,7 +533,7 @@ def bench_qmatmul(args) -> list[dict]:
 def bench_compute(args) -> list[dict]:
     from layerstream.compute.block import layer_forward
     from layerstream.compute.device import keeps_quantized
-    from layerstream.compute.model import SeqStep, build_step_meta, rope_inv_freq
+    from layerstream.compute.step_meta import SeqStep, build_step_meta, rope_inv_freq
     from layerstream.compute.weights import ResidentLayers
 
     device = _device(args)
@@ -838,7 +838,7 @@ def bench_kernels(args) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from layerstream.compute.model import SeqStep
+    from layerstream.compute.step_meta import SeqStep
     from layerstream.coordinator.engine import Engine, EngineConfig
 
     with model_for(args) as index:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from layerstream.compute.model import LayerWeights, StepMeta, attention_block, ffn_block
+from layerstream.compute.model import LayerWeights, attention_block, ffn_block
 from layerstream.compute.moe import moe_block
+from layerstream.compute.step_meta import StepMeta
 from layerstream.loader.gguf_index import HParams
 
 

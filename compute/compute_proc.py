@@ -14,9 +14,9 @@ from layerstream.compute.cpu.config import CpuShareConfig
 from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.device import keeps_quantized
 from layerstream.compute.expert_stream import make_expert_stream
-from layerstream.compute.model import SeqStep
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
 from layerstream.compute.runner import ModelRunner
+from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.compute.weights import GlobalWeights

@@ -40,8 +40,9 @@ from typing import Callable
 
 import torch
 
-from layerstream.compute.model import LayerWeights, SeqStep, StepMeta, attention_block
+from layerstream.compute.model import LayerWeights, attention_block
 from layerstream.compute.moe import experts_grouped, moe_route, predict_next
+from layerstream.compute.step_meta import SeqStep, StepMeta
 from layerstream.loader.gguf_index import HParams
 
 

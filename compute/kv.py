@@ -8,7 +8,7 @@ from typing import Iterable
 
 import torch
 
-from layerstream.compute.model import StepMeta
+from layerstream.compute.step_meta import StepMeta
 from layerstream.loader.gguf_index import HParams
 
 

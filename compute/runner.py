@@ -9,10 +9,11 @@ import torch
 from layerstream.compute.block import layer_forward
 from layerstream.compute.graphs import GraphCapture, LayerGraphs, MoeGraphs
 from layerstream.compute.kv import make_kv
-from layerstream.compute.model import SeqStep, StepMeta, build_step_meta, head_forward, rope_inv_freq
+from layerstream.compute.model import head_forward
 from layerstream.compute.moe import GROUPED_MAX_TOKENS, runs_grouped
 from layerstream.compute.qlinear import HEAD_CHUNK
 from layerstream.compute.sampling import rows_of
+from layerstream.compute.step_meta import SeqStep, StepMeta, build_step_meta, rope_inv_freq
 from layerstream.compute.weights import GlobalWeights, LayerSource
 from layerstream.loader.gguf_index import HParams
 

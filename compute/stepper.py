@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import RowSamplers, SamplingParams, rows_of
+from layerstream.compute.step_meta import SeqStep
 from layerstream.proto.messages import SamplerStart
 
 # step(seqs, want, last_ids[, tails]) -> logits [B, V] ("last"; [sum(tails), V] with tails), [T, V]

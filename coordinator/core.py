@@ -63,8 +63,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import FINITE, SamplingParams, fresh_seed, non_finite_error
+from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.kv_ring import KVRing
 from layerstream.coordinator.lookup import LookupStats, PromptLookup

@@ -13,7 +13,7 @@ sampling ]). The draft's ring never slides: it drafts as far as its capacity goe
 
 from __future__ import annotations
 
-from layerstream.compute.model import SeqStep
+from layerstream.compute.step_meta import SeqStep
 from layerstream.coordinator.kv_ring import KVRing
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex

@@ -14,8 +14,8 @@ from typing import Iterator, Protocol
 import torch
 
 from layerstream.compute.device import resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
-from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
+from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper, StepResult
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore

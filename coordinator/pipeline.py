@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from layerstream.compute import compute_proc
-from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import NO_FINITE
+from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.launch import Launch, make_launch
 from layerstream.coordinator.links import CoordinatorLinks

@@ -12,8 +12,8 @@ from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes
 from layerstream.compute.experts import ExpertCache, ExpertSet
-from layerstream.compute.model import SeqStep
 from layerstream.compute.runner import ModelRunner
+from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.weights import GlobalWeights, load_tensor
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts

@@ -319,8 +319,8 @@ def test_cuda_row_samplers_and_the_stepper_give_the_host_samplers_ids():
     """On CUDA, each row's generator and penalty window live on the device and draw what the host
     sampler draws over the same CUDA logits (its generator on that device); the stepper's ids come
     back through the pinned buffer once its event completes."""
-    from layerstream.compute.model import SeqStep
     from layerstream.compute.sampling import RowSamplers, fresh_seed
+    from layerstream.compute.step_meta import SeqStep
     from layerstream.compute.stepper import Stepper
     from layerstream.proto.messages import SamplerStart
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from layerstream.compute.model import SeqStep, build_step_meta, rope_inv_freq
+from layerstream.compute.step_meta import SeqStep, build_step_meta, rope_inv_freq
 
 HP = SimpleNamespace(rope_dim=8, rope_theta=10000.0, rope_scale=1.0, swa_window=0)
 

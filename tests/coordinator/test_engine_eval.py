@@ -16,8 +16,8 @@ import weakref
 import pytest
 import torch
 
-from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
+from layerstream.compute.step_meta import SeqStep
 from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig
 from layerstream.errors import ConfigError

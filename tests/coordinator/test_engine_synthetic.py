@@ -8,8 +8,8 @@ import torch
 
 import ggufgen
 import reference
-from layerstream.compute.model import SeqStep
 from layerstream.compute.sampling import SamplingParams
+from layerstream.compute.step_meta import SeqStep
 from layerstream.coordinator.engine import Engine
 from layerstream.coordinator.kv_ring import KVRing
 from layerstream.errors import ContextFullError
