@@ -42,17 +42,8 @@ whenever a row that held it is free. Rows without such a record are taken first,
 least recently freed, so recent prefixes last longest. The KV is not copied between rows: a
 prefix held by a running request is not shared.
 
-NOTE [ speculative decoding ]
-A request with prompt lookup (SamplingParams.lookup, else the engine's default) decodes a
-chunk [its last id, d1..dn]: drafts from lookup.py (or a draft model's, draft.py), verified in
-the same step as everything else (the backend samples every position of the chunk, sampling.py
-NOTE [ speculative sampling ]). The backend gives the drafts accepted, k, and the id after
-them: the request takes d1..dk and that id, and its ring rolls the n - k rejected positions
-back (kv_ring.py NOTE [ rollback ]). Its next chunk starts at a position known only once the
-step is collected, so such a request never rides one step ahead: while it may draft, `step()`
-submits the next step only after collecting the last (no lookahead), and drafts go only where
-its ring has room without evicting and its max_tokens leaves room. The drafts of a step's sequences share the
-step's padded size (NOTE [ step size ]) before prompt chunks do.
+Speculative decoding (drafts and their verification) lives in speculation.py
+(NOTE [ speculative decoding ]).
 """
 
 from __future__ import annotations
@@ -67,8 +58,8 @@ from layerstream.compute.sampling import FINITE, SamplingParams, fresh_seed, non
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.kv_ring import KVRing
-from layerstream.coordinator.lookup import LookupStats, PromptLookup
 from layerstream.coordinator.outputs import RequestOutput, StopMatcher
+from layerstream.coordinator.speculation import RequestDrafts, Speculation
 from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
 from layerstream.proto.messages import SamplerStart
@@ -106,9 +97,7 @@ class _Request:
     full: bool = False  # its ring has no room for the id in flight: it ends with that one
     done: bool = False  # finished or aborted; its row goes back once no step in flight carries it
     held: list[int] | None = None  # the record its row keeps (NOTE [ prefix reuse ]), until then
-    drafter: PromptLookup | None = None  # its drafts' source (or a draft.DraftProposer); None: no drafts
-    n_draft: int = 0  # tokens drafted a step at most
-    verifying: bool = False  # a step in flight verifies its drafts: where its next token goes is not known yet
+    drafts: RequestDrafts | None = None  # None: it drafts nothing (speculation.py)
 
     def history(self) -> list[int]:
         """The prompt's tail the repetition penalty looks at (sent once, with its sampler)."""
@@ -138,11 +127,8 @@ class EngineCore:
                  lookup: int = 0, draft=None):
         if step_tokens < 1:
             raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
-        if lookup < 0:
-            raise ConfigError(f"--lookup {lookup}: must be >= 0 (0 turns prompt lookup off)")
-        self.lookup = lookup  # tokens drafted a step where a request does not say (NOTE [ speculative decoding ])
-        self.draft = draft  # a draft model's DraftModel (draft.py), else drafts come from prompt lookup
-        self.spec = LookupStats()
+        self.speculation = Speculation(lookup, draft)  # (NOTE [ speculative decoding ])
+        self.spec = self.speculation.stats
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
         self.on_context_full, self.sink_tokens = on_context_full, sink_tokens
@@ -230,9 +216,7 @@ class EngineCore:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         r = _Request(request_id, list(prompt), params, fresh_seed(params), StreamDecoder(self.tokenizer),
                      StopMatcher(params.stop))
-        r.n_draft = self.lookup if params.lookup is None else params.lookup
-        if r.n_draft:
-            r.drafter = PromptLookup(r.prompt) if self.draft is None else self.draft.proposer(r.prompt)
+        r.drafts = self.speculation.start(r.prompt, params)
         self.waiting.append(r)
 
     def abort(self, request_id: str) -> bool:
@@ -264,20 +248,8 @@ class EngineCore:
         to draft from (NOTE [ speculative decoding ])."""
         if r.ahead:
             sure_end = r.full or len(r.generated) + r.ahead >= r.params.max_tokens
-            return None if sure_end or r.verifying or self._draft_room(r) else -1
+            return None if sure_end or self.speculation.holds_back(r) else -1
         return r.pending
-
-    def _draft_room(self, r: _Request) -> int:
-        """How many tokens a decoding request may draft after its next one: its lookup's count, as
-        far as its max_tokens and its ring without evicting go (NOTE [ rollback ] in kv_ring.py)."""
-        if r.drafter is None or r.fed < len(r.prompt) or r.done:
-            return 0
-        return max(min(r.n_draft, r.params.max_tokens - len(r.generated) - 1, r.ring.cap - r.ring.count - 1), 0)
-
-    def _drafts(self, r: _Request, tok: int, most: int) -> list[int]:
-        """The drafts that follow `tok` (up to `most`), where the request drafts."""
-        n = min(self._draft_room(r), most)
-        return r.drafter.propose(n) if n > 0 and tok >= 0 else []
 
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
         """Decode tokens of the running requests first, then prompt chunks of the running, then of
@@ -288,7 +260,7 @@ class EngineCore:
         spare = self.step_tokens - len(dec)
         plan = []
         for r, tok in dec:
-            d = self._drafts(r, tok, min(most, spare))
+            d = self.speculation.propose(r, tok, min(most, spare))
             spare -= len(d)
             plan.append((r, [tok] + d))
         room = max(self.step_tokens - sum(len(t) for _, t in plan), 0)
@@ -333,7 +305,7 @@ class EngineCore:
         if not self.inflight and not self._submit(outs):
             return outs
         if self.lookahead and not self._prefix_in_flight() and \
-                not any(r.verifying or self._draft_room(r) for r in self.running):
+                not any(self.speculation.holds_back(r) for r in self.running):
             self._submit(outs)
         self._collect(outs)
         return outs
@@ -373,7 +345,8 @@ class EngineCore:
             r.pending = None
             r.inflight += 1
             r.ahead += bool(samples)
-            r.verifying = samples > 1
+            if r.drafts is not None:
+                r.drafts.verifying = samples > 1
             seqs.append(SeqStep(row=r.row, tokens=toks, slots=slots, positions=pos, kv_pos=r.ring.slot_positions()))
             sample.append(samples)
             plan.append((r, toks, samples, decode))
@@ -401,7 +374,8 @@ class EngineCore:
         for i, (r, toks, samples, decode) in enumerate(step.plan):
             r.inflight -= 1
             r.ahead -= bool(samples)
-            r.verifying = r.verifying and samples < 2
+            if r.drafts is not None and samples > 1:
+                r.drafts.verifying = False
             if r.done:  # its id is discarded (NOTE [ one step behind ])
                 self._release(r)
                 continue
@@ -413,8 +387,9 @@ class EngineCore:
                 why = f"sampling failed: {non_finite_error(res.bad[i], at)}"
                 outs.append(self._finish(r, "error", error=why, keep=False))
                 continue
-            if r.drafter is not None and decode:
-                out = self._verified(r, toks[1:], res.ids[i], res.accepted[i] if res.accepted else 0)
+            if r.drafts is not None and decode:
+                out = self.speculation.verified(r, toks[1:], res.ids[i], res.accepted[i] if res.accepted else 0,
+                                                lambda tok, r=r: self._accept(r, tok))
             else:
                 out = self._accept(r, res.ids[i])
             if out.finished:
@@ -423,27 +398,6 @@ class EngineCore:
                 outs += [out, self._finish(r, "context_full")]
             else:
                 outs.append(out)
-
-    def _verified(self, r: _Request, drafts: list[int], last: int, k: int) -> RequestOutput:
-        """A decode chunk's result (NOTE [ speculative decoding ]): its first k drafts and the id
-        after them taken in turn, up to one that ends the request; the rejected drafts' positions
-        rolled back. One output for all of them."""
-        if not 0 <= k <= len(drafts):
-            raise LayerstreamError(f"internal: {k} of {len(drafts)} drafts accepted")
-        r.ring.rollback(len(drafts) - k)
-        st = self.spec
-        st.passes, st.drafted, st.accepted = st.passes + 1, st.drafted + len(drafts), st.accepted + k
-        text, ids = "", []
-        for j, tok in enumerate(drafts[:k] + [last]):
-            if j:
-                r.sampled += 1  # (the first was counted by the caller)
-            out = self._accept(r, tok)
-            text, ids = text + out.text, ids + out.token_ids
-            st.tokens += 1
-            if out.finished:
-                break
-        out.text, out.token_ids = text, ids
-        return out
 
     def _fail(self, e: Exception, outs: list[RequestOutput]) -> None:
         """A backend call failed: every request of the steps in flight ends with its error, their
@@ -455,7 +409,9 @@ class EngineCore:
         if discard is not None:
             discard()
         for r in reqs:
-            r.inflight, r.ahead, r.verifying = 0, 0, False
+            r.inflight, r.ahead = 0, 0
+            if r.drafts is not None:
+                r.drafts.verifying = False
             if r.done:  # (aborted with a chunk in flight: its KV may be half written)
                 r.held = None
                 self._release(r)
@@ -469,8 +425,8 @@ class EngineCore:
         if eos:
             return self._finish(r, "eos", r.stops.flush(r.decoder.flush()))
         r.generated.append(tok)
-        if r.drafter is not None:
-            r.drafter.extend([tok])
+        if r.drafts is not None:
+            r.drafts.extend([tok])
         text, hit = r.stops.push(r.decoder.push(tok))
         if hit:
             return self._finish(r, "stop", text, [tok])
@@ -484,8 +440,8 @@ class EngineCore:
         the tokens whose KV it holds (if its ring never evicted and `keep`: a failed step may have
         left its KV half written)."""
         r.done = True
-        if r.drafter is not None and hasattr(r.drafter, "close"):
-            r.drafter.close()  # (a draft model's row)
+        if r.drafts is not None:
+            r.drafts.close()
         if r.row is not None:
             r.held = r.fed_tokens() if keep and r.ring.total == r.ring.count else None
             self._release(r)
