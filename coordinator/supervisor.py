@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
+from layerstream.cpus import usable_cpus
 from layerstream.proto.child import spawned
 
 
@@ -57,7 +58,7 @@ WARM_MIN_CPUS = 4
 def warm_starts_pay(cpus: int | None = None) -> bool:
     """Whether this machine has the cores for children to import beside the launcher (NOTE [ warm starts ])."""
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = usable_cpus()
     return cpus >= WARM_MIN_CPUS
 
 

@@ -30,6 +30,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from layerstream.cpus import usable_cpus
 from layerstream.errors import ConfigError, ModelError
 from layerstream.loader.layout import ALIGN, ReadRange, align_down, align_up
 
@@ -54,7 +55,7 @@ def default_threads(cpus: int | None = None) -> int:
     (NOTE [ parallel reads ]; the reads of a start or of a pass beyond the host cache come while
     compute waits for them)."""
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = usable_cpus()
     return max(2, min(8, cpus // 2))
 
 
