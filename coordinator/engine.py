@@ -130,8 +130,8 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) 
 
 def draft_model(index: ModelIndex, cfg: EngineConfig):
     """The draft model of `cfg.draft_model`, resident in this process on the engine's device, once
-    its vocabulary is checked against the model's (draft.py, NOTE [ draft model ]). Its memory is
-    not in a pipeline's plan: give --vram-gb room for it."""
+    its vocabulary is checked against the model's (draft.py, NOTE [ draft model ]). A pipeline's plan
+    takes its memory off --vram-gb (plan.py, draft_memory)."""
     from layerstream.coordinator.draft import DraftModel, check_vocab
 
     if cfg.draft_tokens < 1:

@@ -108,8 +108,8 @@ def _gib(x: float | None) -> int | None:
 
 
 def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx: int, max_seqs: int,
-                cfg: PipelineConfig, sliding: bool = False, weights: str = "auto") -> Launch:
-    """Plan the run (ConfigError where the budgets cannot work)."""
+                cfg: PipelineConfig, sliding: bool = False, weights: str = "auto", draft=None) -> Launch:
+    """Plan the run (ConfigError where the budgets cannot work); `draft`: a draft model's plan.DraftMemory."""
     from layerstream.compute.device import keeps_quantized
 
     layouts = layer_layouts(index)
@@ -123,7 +123,7 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
         kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
         quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
         max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.expert_cache_gb),
-        moe_dense=cfg.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.expert_prefetch,
+        moe_dense=cfg.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.expert_prefetch, draft=draft,
     )
     cpu = cfg.cpu.for_device(device.type)
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))

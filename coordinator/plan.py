@@ -13,6 +13,9 @@ thirtieth of a Qwen3-30B-A3B layer), so that a decode step copies only the chose
 llama.cpp users keep them with `-ot exps=CPU`. The compute process caps torch's allocator at the budget
 (`set_per_process_memory_fraction`), so the peak reserved memory never exceeds `--vram-gb`:
 if the plan undercounted, a step fails with an out-of-memory error instead of overrunning.
+A draft model (coordinator/draft.py, NOTE [ the draft on the device ]) runs in the coordinator's
+process on the same device: its weights, KV and scratch (`DraftMemory`) come off the budget
+first, and the compute process's cap is what is left, so that both stay within `--vram-gb`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 from dataclasses import dataclass
 
 from layerstream.compute.expert_layout import EXPERT_TENSORS
-from layerstream.coordinator.memory import Sizes, mem_available
+from layerstream.coordinator.memory import Sizes, mem_available, reserved_bytes
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout
@@ -40,6 +43,26 @@ PROMPT_STEP_COST = 2.0  # a prompt-sized step is kept while its decode passes mo
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class DraftMemory:
+    """A draft model's device memory by item (`draft_memory`), taken off the budget before the plan."""
+
+    path: str
+    parts: tuple[tuple[str, int], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(v for _, v in self.parts)
+
+    def line(self) -> str:
+        what = ", ".join(f"{k} {_gib(v)}" for k, v in self.parts if v)
+        return f"the draft model {os.path.basename(self.path)} takes {_gib(self.total)} ({what})"
+
+    def refusal(self, vram_bytes: int, target: str) -> str:
+        return (f"--vram-gb {vram_bytes / GiB:.2f}: {self.line()}, which leaves nothing for {os.path.basename(target)}; "
+                "raise --vram-gb, lower --ctx or --batch, or take a smaller --draft-model")
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,7 @@ class Plan:
     kv_rows: int = 1  # sequences whose KV the plan holds (the server admits this many at once)
     host_parts: tuple[tuple[str, int], ...] = ()  # host memory the plan takes, by item (NOTE [ host memory ])
     smaller_step: tuple[int, int] | None = None  # a step size that keeps more layers, and how many (NOTE [ step tokens ])
+    draft: DraftMemory | None = None  # a draft model's memory, off the budget before the rest (NOTE above)
 
     @property
     def host_bytes(self) -> int:
@@ -91,10 +115,12 @@ class Plan:
                 + (f", {self.expert_prefetch} experts a layer copied ahead on a prediction" if self.expert_prefetch else "")
                 + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else "")
                 + (f"; --step-tokens {self.smaller_step[0]} would keep {self.smaller_step[1]} layers resident "
-                   "(faster decode, prompts fed in that many tokens a pass)" if self.smaller_step else ""))
+                   "(faster decode, prompts fed in that many tokens a pass)" if self.smaller_step else "")
+                + (f"; {self.draft.line()}, beside it" if self.draft else ""))
 
     def breakdown(self) -> str:
-        return ", ".join(f"{k} {_gib(v)}" for k, v in self.parts if v)
+        draft = [(f"draft model's {k}", v) for k, v in self.draft.parts] if self.draft else []
+        return ", ".join(f"{k} {_gib(v)}" for k, v in [*self.parts, *draft] if v)
 
 
 FIT_MARGIN = 1 * GiB  # left free when the budget is the device's free memory (as llama.cpp's --fit)
@@ -132,13 +158,19 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
               resident_layers: int | None = None, max_prefetch: int | None = None,
               expert_cache_bytes: int | None = None, moe_dense: str = "resident",
               vram_slots: int | None = None, expert_prefetch: int | None = None,
-              device_type: str | None = None, sliding: bool = False, host_bytes: int | None = None) -> Plan:
+              device_type: str | None = None, sliding: bool = False, host_bytes: int | None = None,
+              draft: DraftMemory | None = None) -> Plan:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
     vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below).
     device_type: "cuda" or "cpu" (None: CUDA where the weights stay quantized); `sliding`: the KV
     ring slides (decode then takes attention's general path); host_bytes: the host memory
-    available (None: MemAvailable), which the plan's host side must fit (NOTE [ host memory ])."""
+    available (None: MemAvailable), which the plan's host side must fit (NOTE [ host memory ]);
+    `draft`: a draft model's memory, taken off vram_bytes first (NOTE [ the plan counts every byte ])."""
+    if draft is not None and vram_bytes is not None:
+        if draft.total >= vram_bytes:
+            raise ConfigError(draft.refusal(vram_bytes, index.path))
+        vram_bytes -= draft.total
     if vram_slots is not None and not 2 <= vram_slots <= 16:
         raise ConfigError(f"--vram-slots {vram_slots}: give 2 to 16")
     hp = index.hparams
@@ -263,7 +295,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             raise ConfigError(
                 f"--vram-gb {vram_bytes / GiB:.2f} is too small for {os.path.basename(index.path)} with "
                 f"{T} tokens a step: it needs at least {_gib(least)} ({', '.join(f'{k} {_gib(v)}' for k, v in parts if v)})"
-                f"; raise --vram-gb, or lower --step-tokens, --batch or --ctx")
+                + (f" beside the draft model's {_gib(draft.total)}" if draft else "")
+                + "; raise --vram-gb, or lower --step-tokens, --batch or --ctx")
         every = resident_layers is None and kv_on_host is not True
         full = [t for t in fitting if every and fits(t, 0, n, n)]
         if full:
@@ -309,7 +342,41 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
                 total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
                 dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0,
-                kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step)
+                kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step, draft=draft)
+
+
+def draft_memory(draft: ModelIndex, *, dtype_bytes: int, ctx: int, max_seqs: int, step_tokens: int,
+                 quantized: bool, cuda: bool = True) -> DraftMemory:
+    """A draft model's device memory as engine.local_backend makes it: every layer resident, its
+    head and norm, its token embedding (on the device, where a token -1 is gathered), the KV of
+    max_seqs rows at ctx, one step of step_tokens tokens (scratch, dequantization buffer, cuBLAS),
+    its decode graphs, and the allocator's slack (NOTE [ the caching allocator's rounding ])."""
+    from layerstream.loader.layout import layer_layouts
+
+    sz = Sizes(draft, layer_layouts(draft), dtype_bytes, ctx, max_seqs, quantized, cuda, False)
+    g, T = draft.globals, max(step_tokens, max_seqs)
+    emb = g["token_embd.weight"]
+    untied = "output.weight" in g  # (tied: the head is the embedding, counted once in sz.head)
+    embed = reserved_bytes([emb.nbytes if sz._kept_as_blocks(emb) else sz._dense(emb)], cuda) if untied else 0
+    parts = [("weights", sz.resident_prefix[draft.hparams.n_layer] + sz.head + embed),
+             ("KV", sz.kv(draft.hparams.n_layer)),
+             ("step scratch", sz.step(T) + sz.dequant_scratch(T) + sz.cublas(T) + sz.graphs(True))]
+    used = sum(v for _, v in parts)
+    return DraftMemory(draft.path, (*parts, ("slack", SLACK_MIN + int(used * SLACK_FRACTION))))
+
+
+def draft_memory_for(ecfg, device, dtype) -> DraftMemory | None:
+    """The memory of the engine config's --draft-model on `device` in `dtype` (None without one)."""
+    if not getattr(ecfg, "draft_model", None):
+        return None
+    import torch
+
+    from layerstream.compute.device import keeps_quantized
+    from layerstream.loader.gguf_index import open_model
+
+    return draft_memory(open_model(ecfg.draft_model), dtype_bytes=dtype.itemsize, ctx=ecfg.ctx,
+                        max_seqs=ecfg.max_seqs, step_tokens=ecfg.prefill_chunk,
+                        quantized=keeps_quantized(device, ecfg.weights), cuda=torch.device(device).type == "cuda")
 
 
 def _step_candidates(max_seqs: int) -> list[int]:

@@ -214,6 +214,8 @@ class ModelShape:
 SHAPES: dict[str, ModelShape] = {
     "llama-3.1-8b": ModelShape("llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, 500000.0, True, 131072),
     "llama-3.1-70b": ModelShape("llama-3.1-70b", 8192, 28672, 80, 64, 8, 128256, 500000.0, True, 131072),
+    # the draft of the Llama 3.1 shapes: their vocabulary, a tied head
+    "llama-3.2-1b": ModelShape("llama-3.2-1b", 2048, 8192, 16, 32, 8, 128256, 500000.0, True, 131072, tied=True),
     "smollm2-135m": ModelShape("smollm2-135m", 576, 1536, 30, 9, 3, 49152, 100000.0, False, 8192),
     # 128 experts of 768 rows, 8 a token; q/k norms; head size 128 (not 2048 / 32)
     "qwen3-30b-a3b": ModelShape("qwen3-30b-a3b", 2048, 6144, 48, 32, 4, 151936, 1000000.0, False, 40960, 1e-6,
