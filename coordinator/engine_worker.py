@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -33,7 +34,8 @@ class EngineWorker(threading.Thread):
     A step that fails fails its own requests (the core reports them with finish_reason "error")
     and the worker goes on, unless the backend is closed (a pipeline process died) or
     MAX_FAILED_STEPS steps in a row failed (a device left unusable): then the engine has failed,
-    and every request is answered 503 until a restart.
+    every request is answered 503, and `on_failure` is called on the loop (the server stops and
+    exits non-zero, so that whatever supervises it starts it again).
     """
 
     MAX_FAILED_STEPS = 3
@@ -43,7 +45,8 @@ class EngineWorker(threading.Thread):
     GATHER_FIRST_S = 0.02  # the most it waits before any pass has been timed
 
     def __init__(self, engine, loop: asyncio.AbstractEventLoop, metrics: "Metrics", max_queue: int,
-                 gather_gap_s: float = GATHER_GAP_S, gather_first_s: float = GATHER_FIRST_S):
+                 gather_gap_s: float = GATHER_GAP_S, gather_first_s: float = GATHER_FIRST_S,
+                 on_failure: Callable[[], None] | None = None):
         super().__init__(name="layerstream-engine", daemon=True)
         self.engine, self.core, self.loop, self.metrics = engine, engine.core, loop, metrics
         self.max_queue = max_queue  # requests waiting for a row at most: the one queue limit
@@ -53,6 +56,7 @@ class EngineWorker(threading.Thread):
         self.outputs: dict[str, asyncio.Queue] = {}
         self.pending_adds = 0
         self.failure: str | None = None
+        self.on_failure = on_failure
         self.failed_steps = 0  # in a row
         self.stopping = threading.Event()
 
@@ -168,6 +172,8 @@ class EngineWorker(threading.Thread):
             log.error("engine failed: %s", self.failure)
             for rid in list(self.outputs):
                 self._post(rid, ApiError(503, self.failure, kind="server_error"))
+            if self.on_failure is not None:
+                self.loop.call_soon_threadsafe(self.on_failure)
 
 
 class Metrics:

@@ -35,7 +35,7 @@ from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.openai_api import SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
-from layerstream.errors import LayerstreamError
+from layerstream.errors import LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "abort": "abort"}
@@ -51,6 +51,7 @@ class Server:
         self.bodies = BodyBudget(limits.bodies_bytes)
         self.metrics = Metrics()
         self.worker: EngineWorker | None = None
+        self.on_failure = None  # called on the loop once the engine has failed (serve: stop, exit non-zero)
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="layerstream-parse")  # bodies and prompts
         self.created = int(time.time())
         self.max_prompt_bytes = engine.cfg.ctx * _longest_piece(engine)
@@ -66,7 +67,8 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
-        self.worker = EngineWorker(self.engine, asyncio.get_running_loop(), self.metrics, self.max_queue)
+        self.worker = EngineWorker(self.engine, asyncio.get_running_loop(), self.metrics, self.max_queue,
+                                   on_failure=lambda: self.on_failure and self.on_failure())
         self.worker.start()
         yield
         self.worker.stop()
@@ -364,12 +366,18 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     """Serve until SIGTERM or SIGINT: then stop accepting, let requests finish within `grace_s`.
 
     The exit status is the CLI's rule for both: uvicorn re-raises the signal once it has drained,
-    and the CLI exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
+    and the CLI exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM). Where the engine fails
+    (a pipeline process died; steps failing in a row), its clients are answered 503 and the server
+    stops the same way, then raises PipelineError saying why (the CLI: one line, exit 1)."""
     model_id = os.path.basename(model_path).removesuffix(".gguf")
     if not api_key and not is_loopback(host):
         print(f"layerstream: warning: serving on {host} without an API key: anyone who can reach port {port} can "
               "use the model; give a key with --api-key-file FILE or LAYERSTREAM_API_KEY", file=sys.stderr, flush=True)
     server = Server(engine, model_id, api_key or None, max_queue, limits, host)
     print(f"layerstream: serving {model_id} on http://{host}:{port}/v1", flush=True)
-    uvicorn.Server(uvicorn_config(server, host, port, grace_s)).run()
+    http = uvicorn.Server(uvicorn_config(server, host, port, grace_s))
+    server.on_failure = lambda: setattr(http, "should_exit", True)
+    http.run()
+    if server.worker is not None and server.worker.failure:
+        raise PipelineError(f"the server stopped: the engine failed: {server.worker.failure}")
     return 0

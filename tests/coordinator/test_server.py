@@ -342,7 +342,11 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     assert "Traceback" not in p.stderr.read()
 
 
-def test_failed_pipeline_answers_503_and_health_says_why():
+def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
+    """A pipeline process gone (the engine cannot go on): the request in hand is answered 503
+    naming the dead child, then the server stops by itself with one line and exit status 1 (so a
+    supervisor starts it again), leaving nothing behind."""
+    before = segments()
     p, url = _start("--resident-layers", "0")
     try:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
@@ -355,15 +359,15 @@ def test_failed_pipeline_answers_503_and_health_says_why():
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model=model, prompt="Hi", max_tokens=3)
         assert e.value.status_code == 503 and "died" in e.value.body["message"]
-        import json
-        import urllib.error
-        import urllib.request
-
-        with pytest.raises(urllib.error.HTTPError) as h:
-            urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30)
-        assert h.value.code == 503 and "died" in json.loads(h.value.read())["error"]
+        assert p.wait(timeout=60) == 1
+        err = p.stderr.read()
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("run-pipeline: error: the server stopped: the engine failed:") and "died" in last, err
+        assert not leaked(before)
     finally:
-        _stop(p)
+        if p.poll() is None:
+            _stop(p)
 
 
 class _TimedCore:
@@ -809,7 +813,9 @@ def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_ro
     backend = LocalBackend(model, 256)
     core = EngineCore(backend, tok, 256, max_seqs=2, ctx=32, step_tokens=8)
     loop = asyncio.new_event_loop()
-    w = EngineWorker(SimpleNamespace(core=core, backend=backend), loop, Metrics(), max_queue=8)
+    failed = []
+    w = EngineWorker(SimpleNamespace(core=core, backend=backend), loop, Metrics(), max_queue=8,
+                     on_failure=lambda: failed.append(w.failure))
     w.start()
 
     async def answer(rid):
@@ -827,7 +833,10 @@ def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_ro
         model.fail = 3
         for rid in ("c", "d"):
             assert loop.run_until_complete(answer(rid)).finish_reason == "error"
+        assert not failed
         assert loop.run_until_complete(answer("e")).status == 503 and "device fault" in w.failure
+        loop.run_until_complete(asyncio.sleep(0.1))
+        assert failed == [w.failure]  # the server is told once, to stop and exit non-zero
         with pytest.raises(ApiError) as e:
             w.submit("f", [1], SamplingParams())
         assert e.value.status == 503
