@@ -1,0 +1,161 @@
+"""The CPU's matmuls straight from GGUF blocks (qdot.c): built on first use with the system's C
+compiler, cached by source and CPU under the user's cache folder, loaded with ctypes (which
+releases the GIL during a call); where it cannot build or load, `library()` is None and callers
+keep aten's int4 matmul or dequantized rows (NOTE [ native blocks ] in cpu/packing.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("qdot.c")
+NATIVE_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K))
+MAX_TOKENS = 16  # rows of x a call is meant for (each weight row is dotted with all of them from L1)
+_BLOCK = {int(QT.Q4_0): (32, 18), int(QT.Q4_1): (32, 20), int(QT.Q8_0): (32, 34), int(QT.Q4_K): (256, 144),
+          int(QT.Q5_K): (256, 176), int(QT.Q6_K): (256, 210)}
+
+
+class Job(ctypes.Structure):
+    """One matmul of a call (qdot.c's qdot_job)."""
+
+    _fields_ = [("qtype", ctypes.c_int), ("w", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("x", ctypes.c_void_p), ("x_bf16", ctypes.c_int), ("T", ctypes.c_int64), ("y", ctypes.c_void_p)]
+
+
+def row_bytes(qtype: int, K: int) -> int:
+    """Bytes of one row of K values of `qtype`."""
+    bk, bs = _BLOCK[qtype]
+    return K // bk * bs
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: the user's cache folder (XDG's rule), per user."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "layerstream" / "native"
+
+
+def compiler() -> str | None:
+    """The system's C compiler, or None."""
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the machine and the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags.strip()}"
+
+
+def _build(cc: str, out: Path) -> None:
+    """Compile qdot.c into `out` atomically (a temporary name, then a rename: racing processes
+    each build and the last rename wins, with identical bytes)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    base = [cc, "-O3", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lpthread", "-lm"]
+    try:
+        for extra in (["-march=native"], []):  # (a compiler without -march=native builds the plain path)
+            r = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return
+        raise OSError(f"{cc} failed: {r.stderr.strip()[-300:]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library_path(cc: str) -> Path:
+    """The cached library for this source, compiler and CPU."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{cc}\0{_cpu_id()}".encode())
+    return cache_dir() / f"qdot-{h.hexdigest()[:20]}.so"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """qdot.c built and loaded (once a process), or None where it cannot be (no compiler, a failed
+    build or load): then the CPU keeps today's path, and says so once at debug level."""
+    cc = compiler()
+    if cc is None:
+        log.debug("native CPU kernel: no C compiler found; the CPU share uses aten's int4 matmul")
+        return None
+    try:
+        path = library_path(cc)
+        if not path.exists():
+            _build(cc, path)
+        lib = ctypes.CDLL(str(path))
+        lib.qdot_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.qdot_run.restype = ctypes.c_int
+        lib.qdot_isa.restype = ctypes.c_int
+        return lib
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("native CPU kernel unavailable (%s); the CPU share uses aten's int4 matmul", e)
+        return None
+
+
+def available() -> bool:
+    """Whether the native kernel is built and loaded in this process."""
+    return library() is not None
+
+
+def isa() -> str:
+    """The vector path the library was compiled with."""
+    lib = library()
+    return "none" if lib is None else ("plain C", "AVX2", "AVX2+VNNI")[lib.qdot_isa()]
+
+
+def _threads(threads: int | None) -> int:
+    return threads or torch.get_num_threads()
+
+
+def matmuls(jobs: list[tuple[torch.Tensor, int, int, int, torch.Tensor]], threads: int | None = None,
+            plain: bool = False) -> list[torch.Tensor]:
+    """[x @ W.T for each (raw, qtype, N, K, x)] in one call (the rows of every job split across
+    `threads`): raw the N rows' blocks (uint8, contiguous), x [T, K] float32 or bf16 on the host;
+    each result [T, N] float32. plain: the C path only (tests compare it with the vector one)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernel is not available")
+    arr = (Job * len(jobs))()
+    keep, out = [], []
+    for j, (raw, qtype, N, K, x) in enumerate(jobs):
+        if qtype not in NATIVE_TYPES:
+            raise ValueError(f"the native CPU kernel has no {QT(qtype).name} matmul")
+        if raw.dtype != torch.uint8 or not raw.is_contiguous() or raw.numel() < N * row_bytes(qtype, K):
+            raise ValueError(f"raw rows of {QT(qtype).name}: need {N * row_bytes(qtype, K)} contiguous bytes")
+        x = x.reshape(-1, K)
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], N, dtype=torch.float32)
+        keep.append(x)
+        out.append(y)
+        arr[j] = Job(qtype, raw.data_ptr(), N, K, x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0],
+                     y.data_ptr())
+    rc = lib.qdot_run(arr, len(jobs), _threads(threads), int(plain))
+    if rc:
+        raise ValueError(f"native CPU kernel refused the call (code {rc}: -1 type, -2 K not whole blocks, -3 memory)")
+    return out
+
+
+def linear(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, threads: int | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] float32, W the N rows of `qtype` blocks in `raw` (host bytes)."""
+    return matmuls([(raw, qtype, N, K, x)], threads)[0].view(*x.shape[:-1], N)
