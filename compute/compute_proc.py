@@ -13,6 +13,7 @@ import torch
 from layerstream.compute.cpu.config import CpuShareConfig
 from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.device import keeps_quantized
+from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_stream import make_expert_stream
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
 from layerstream.compute.runner import ModelRunner
@@ -119,10 +120,11 @@ class ComputeWorker:
                                      self.device, self.dtype, resident, cfg.vram_slots, self.tl, quantized=quantized,
                                      share=self.share, experts=experts)
         self.expert_steps = self.expert_tokens = 0
+        self.embed = mapped_embedding(self.glob, self.device, self.dtype)  # NOTE [ the embedding on the device ]
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
-                                  graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0)
+                                  graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0, embed=self.embed)
         self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
         self.queued: deque[Forward] = deque()  # taken in, not yet launched
         self.inflight: deque[_InFlight] = deque()  # launched, ForwardDone not yet sent
@@ -223,11 +225,12 @@ class ComputeWorker:
         return copy_s, copy_bytes
 
     def _resolve(self, msg: Forward) -> list[SeqStep]:
-        """The step's sequences; where the token embedding is a host gather, a -1 token becomes
-        its row's last id on the host (after the steps in flight are answered: an in-process sync,
-        no round trip to the coordinator)."""
+        """The step's sequences; a -1 token is its row's last sampled id, which the runner takes on
+        the device (NOTE [ the embedding on the device ]); only where the embedding stays a host
+        gather does it become that id on the host, after the steps in flight are answered (an
+        in-process sync, no round trip to the coordinator)."""
         seqs = [SeqStep(s.row, s.tokens, s.slots, s.positions, s.kv_pos) for s in msg.seqs]
-        if self.glob.embd_dev is not None or all(t >= 0 for s in msg.seqs for t in s.tokens):
+        if self.embed is not None or self.glob.embd_dev is not None or all(t >= 0 for s in msg.seqs for t in s.tokens):
             return seqs
         while self.inflight:
             self._answer(self.inflight.popleft())

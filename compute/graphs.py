@@ -47,13 +47,31 @@ from layerstream.loader.gguf_index import HParams
 
 
 def static_meta(meta: StepMeta) -> tuple[StepMeta, list[str]]:
-    """A graph's own copy of a step's meta, and the names of its tensor fields (its inputs)."""
-    names = [f.name for f in dataclasses.fields(StepMeta) if isinstance(getattr(meta, f.name), torch.Tensor)]
-    return dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names}), names
+    """A graph's own copy of a step's meta (its inputs), and the names of the tensor fields that
+    fill_meta copies one by one: none but those set apart from the step's buffer (NOTE [ one
+    buffer a step ] in step_meta.py), every one where there is no buffer."""
+    names = [f.name for f in dataclasses.fields(StepMeta) if f.name not in ("buf", "host_buf")
+             and isinstance(getattr(meta, f.name), torch.Tensor)]
+    if meta.buf is None:
+        return dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names}), names
+    buf, own = meta.buf.clone(), {}
+    loose = []
+    for name in names:
+        t = getattr(meta, name)
+        off = t.data_ptr() - meta.buf.data_ptr()
+        if t.device == buf.device and t.is_contiguous() and 0 <= off <= buf.numel() - t.nbytes:
+            own[name] = buf[off : off + t.nbytes].view(t.dtype).view(t.shape)
+        else:
+            own[name], loose = t.clone(), loose + [name]
+    return dataclasses.replace(meta, buf=buf, host_buf=None, **own), loose
 
 
 def fill_meta(s_meta: StepMeta, meta: StepMeta, names: list[str]) -> None:
-    """The step's inputs into a graph's own tensors."""
+    """The step's inputs into a graph's own tensors: its buffer in one copy, then `names`."""
+    if s_meta.buf is not None:
+        if meta.layout != s_meta.layout:
+            raise ValueError("internal: a step's meta laid out otherwise than the graph it replays")
+        s_meta.buf.copy_(meta.buf)
     for name in names:
         getattr(s_meta, name).copy_(getattr(meta, name))
 

@@ -79,9 +79,9 @@ class HostKV(DeviceKV):
         """The step's meta re-indexed onto a gathered [B, kv_len] cache (rows become 0..B-1)."""
         if self._meta_key is not meta:
             self._meta_key = meta
-            self._rows = meta.rows.cpu()
+            self._rows = meta.on_host("rows")  # (from the step's host buffer: .cpu() waited for the device)
             self._row_list = self._rows.tolist()
-            self._tok_row, self._tok_slot = meta.tok_row.cpu(), meta.tok_slot.cpu()
+            self._tok_row, self._tok_slot = meta.on_host("tok_row"), meta.on_host("tok_slot")
             self._local_meta = dataclasses.replace(
                 meta, rows=torch.arange(len(self._rows), device=meta.rows.device), tok_row=meta.tok_b)
         return self._local_meta

@@ -3,6 +3,8 @@ replay CUDA graphs (graphs.py)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -24,8 +26,11 @@ class ModelRunner:
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
                  ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
                  sliding: bool = False, kv_device_layers: int | None = None, triton_attention: bool = False,
-                 graph_max_tokens: int | None = None):
+                 graph_max_tokens: int | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.hp, self.glob, self.source = hp, glob, source
+        # ids [T] on the device -> [T, E]: the pipeline's gather from host memory on the device
+        # (embedding.py); else glob.embed
+        self.embed = embed
         self.sliding = sliding  # positions in the cache change: K is stored unrotated
         self.use_graphs = use_graphs
         self.triton_attention = triton_attention  # attn_kernels.py: RoPE and cache writes, decode attention
@@ -78,7 +83,8 @@ class ModelRunner:
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
                                inv_freq_swa=self.inv_freq_swa, triton_attention=self.triton_attention)
-        x = self.glob.embed(self._token_ids(seqs, last_ids))
+        ids = self._token_ids(meta, last_ids)
+        x = self.embed(ids) if self.embed is not None else self.glob.embed(ids)
         if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
             x = x * self.hp.embed_scale
         if upto == self.hp.n_layer and want == "last" and tails is None:  # the whole step, head included
@@ -87,18 +93,17 @@ class ModelRunner:
             x = self.layer_graphs.replay(x, meta, seqs, upto, head=False)
         return self._forward(x, meta, seqs, want, start=upto, tails=tails)
 
-    def _token_ids(self, seqs: list[SeqStep], last_ids: torch.Tensor | None) -> torch.Tensor:
-        """The step's token ids [T]: on the host where all are known, else on the device, a -1 taken
-        from its row's entry of `last_ids` (no host sync: the sampled id never left the device)."""
-        flat = [t for s in seqs for t in s.tokens]
-        toks = torch.tensor(flat, dtype=torch.long)
-        if min(flat) >= 0:
-            return toks
+    def _token_ids(self, meta: StepMeta, last_ids: torch.Tensor | None) -> torch.Tensor:
+        """The step's token ids [T]: on the device, a -1 taken from its row's entry of `last_ids`
+        (no host sync: the sampled id never left the device); where the embedding is a host gather
+        and every id is known, the host's copy."""
+        if self.embed is None and self.glob.embd_dev is None and meta.ids_known:
+            return meta.on_host("tok_id")
+        if meta.ids_known:
+            return meta.tok_id
         if last_ids is None:
             raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
-        rows = torch.tensor([s.row for s in seqs for _ in s.tokens], dtype=torch.long)
-        both = torch.stack([toks, rows]).to(last_ids.device, non_blocking=True)  # [2, T]: one copy
-        return torch.where(both[0] < 0, last_ids[both[1]], both[0])
+        return torch.where(meta.tok_id < 0, last_ids.index_select(0, meta.tok_row), meta.tok_id)
 
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
         """The attended KV length, padded (masked) so that kernels and graphs see few shapes:

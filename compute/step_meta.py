@@ -3,6 +3,7 @@ positions, RoPE tables and attention masks (StepMeta), built from each sequence'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,11 +11,20 @@ import torch
 
 from layerstream.loader.gguf_index import HParams
 
+ALIGN = 16  # bytes: each part of the step's buffer starts at a multiple (any dtype's view is aligned)
 
+
+# NOTE [ one buffer a step ]
+# A step's meta is a dozen small tensors. Copied one by one from pageable memory, each cost a
+# driver call that stages the bytes; built in one pinned buffer, they cross in one copy that
+# never waits, and a captured graph's copy of them is refreshed by one device copy too
+# (graphs.fill_meta). The fields are views of `buf` (the device's copy); `host_buf` holds the
+# same bytes on the host, where `on_host` reads a field without waiting for the device.
 @dataclass(frozen=True)
 class StepMeta:
     """What every layer of one forward step needs to know about the batch (built once a step)."""
 
+    tok_id: torch.Tensor  # [T] each new token's id; -1: its row's last sampled id (NOTE [ ids one step behind ])
     tok_row: torch.Tensor  # [T] KV-cache row (sequence slot) of each new token
     tok_b: torch.Tensor  # [T] batch index of each new token
     tok_slot: torch.Tensor  # [T] physical KV slot each new token writes
@@ -40,6 +50,18 @@ class StepMeta:
     # attention ])
     rope_kernel: bool = False
     decode_kernel: bool = False
+    ids_known: bool = True  # no token of tok_id is -1
+    buf: torch.Tensor | None = None  # [bytes] uint8 on the device: every field above is a view of it
+    host_buf: torch.Tensor | None = None  # the same bytes on the host (pinned on CUDA)
+    layout: tuple = ()  # where each field lies in buf: metas of one layout fill each other's buf
+
+    def on_host(self, name: str) -> torch.Tensor:
+        """Field `name`'s host copy (from host_buf: no device sync)."""
+        t = getattr(self, name)
+        off = -1 if self.buf is None or t.device.type == "cpu" else t.data_ptr() - self.buf.data_ptr()
+        if not 0 <= off <= self.buf.numel() - t.nbytes:  # (a field set apart from the buffer)
+            return t.cpu()
+        return self.host_buf[off : off + t.nbytes].view(t.dtype).view(t.shape)
 
 
 @dataclass
@@ -68,6 +90,23 @@ def rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: 
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
+class _Layout:
+    """Where each part of a step's meta lies in its one buffer (ALIGN-aligned byte offsets)."""
+
+    def __init__(self):
+        self.parts: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}  # name -> dtype, shape, offset
+        self.size = 0
+
+    def add(self, name: str, dtype: torch.dtype, *shape: int) -> None:
+        self.parts[name] = (dtype, shape, self.size)
+        self.size += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every part as a view of `buf` [size] uint8."""
+        return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+                for name, (dt, shape, off) in self.parts.items()}
+
+
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
                     dtype: torch.dtype, kv_len: int | None = None, rotate_k_at_read: bool = True,
                     inv_freq_swa: torch.Tensor | None = None, triton_attention: bool = False) -> StepMeta:
@@ -77,56 +116,70 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     local layers (hp.swa_window), their mask also hides keys `swa_window` or more positions
     back, and their RoPE tables come from `inv_freq_swa`, unscaled. `triton_attention`: attention
     through attn_kernels.py (its decode kernel where every sequence adds one token and K is stored
-    rotated).
+    rotated). Every tensor is built in one host buffer (pinned for a CUDA device) and reaches the
+    device in one copy (NOTE [ one buffer a step ]).
     """
     B = len(seqs)
-    S = max(len(s.slots) for s in seqs)
+    lens = [len(s.slots) for s in seqs]
+    S, T = max(lens), sum(lens)
     L = max(kv_len or 0, max(len(s.kv_pos) for s in seqs))
-    tok_row, tok_b, tok_slot, tok_pos = [], [], [], []
-    q_index = torch.zeros(B, S, dtype=torch.long)
-    q_valid = torch.zeros(B, S, dtype=torch.bool)
-    q_pos = torch.full((B, S), -1, dtype=torch.long)
-    kv_pos = torch.full((B, L), -1, dtype=torch.long)
+    R = inv_freq.shape[0]  # rope_dim / 2
+    swa = bool(hp.swa_window)
+    lay = _Layout()
+    for name in ("tok_id", "tok_row", "tok_b", "tok_slot", "out_index"):
+        lay.add(name, torch.long, T)
+    lay.add("rows", torch.long, B)
+    lay.add("q_index", torch.long, B, S)
+    lay.add("q_valid", torch.bool, B, S)
+    lay.add("mask", torch.bool, B, 1, S, L)
+    tables = [("cos_q", "sin_q", T)] + ([("cos_k", "sin_k", B, L)] if rotate_k_at_read else [])
+    if swa:
+        lay.add("mask_swa", torch.bool, B, 1, S, L)
+        tables += [("cos_q_swa", "sin_q_swa", T)] + ([("cos_k_swa", "sin_k_swa", B, L)] if rotate_k_at_read else [])
+    for cos, sin, *shape in tables:
+        lay.add(cos, dtype, *shape, R)
+        lay.add(sin, dtype, *shape, R)
+    cuda = device.type == "cuda"
+    host_buf = torch.empty(max(lay.size, ALIGN), dtype=torch.uint8, pin_memory=cuda)
+    h = lay.views(host_buf)
+    n = {k: v.numpy() for k, v in h.items() if v.dtype in (torch.long, torch.bool)}  # numpy views of the same bytes
+    n["q_index"][:] = 0
+    n["q_valid"][:] = False
+    q_pos = np.full((B, S), -1, dtype=np.int64)
+    kv_pos = np.full((B, L), -1, dtype=np.int64)
     t = 0
     for b, s in enumerate(seqs):
-        n = len(s.slots)
-        tok_row += [s.row] * n
-        tok_b += [b] * n
-        tok_slot += s.slots
-        tok_pos += s.positions
-        q_index[b, :n] = torch.arange(t, t + n)
-        q_valid[b, :n] = True
-        q_pos[b, :n] = torch.tensor(s.positions)
-        kv_pos[b, : len(s.kv_pos)] = torch.from_numpy(np.array(s.kv_pos, dtype=np.int64))  # (numpy converts a long list far faster)
-        t += n
-    out_index = q_valid.flatten().nonzero().flatten()  # on the host: no device sync
+        k = lens[b]
+        n["tok_id"][t : t + k] = s.tokens
+        n["tok_row"][t : t + k] = s.row
+        n["tok_b"][t : t + k] = b
+        n["tok_slot"][t : t + k] = s.slots
+        n["q_index"][b, :k] = np.arange(t, t + k)
+        n["q_valid"][b, :k] = True
+        q_pos[b, :k] = s.positions
+        kv_pos[b, : len(s.kv_pos)] = np.array(s.kv_pos, dtype=np.int64)  # (numpy converts a long list far faster)
+        t += k
+    n["rows"][:] = [s.row for s in seqs]
+    n["out_index"][:] = np.flatnonzero(n["q_valid"])
     mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, L]
-    mask |= ~q_valid[:, :, None]  # padded queries see everything (finite; dropped later)
-    tok_pos_t = torch.tensor(tok_pos, dtype=torch.long)
-    cos_q, sin_q = rope_tables(inv_freq, tok_pos_t, hp.rope_scale, dtype)
-    cos_k = sin_k = None
-    if rotate_k_at_read:
-        cos_k, sin_k = rope_tables(inv_freq, kv_pos.clamp(min=0), hp.rope_scale, dtype)
-    to = lambda a: a.to(device, non_blocking=True)  # noqa: E731
-    swa = {}
-    if hp.swa_window:
+    mask |= ~n["q_valid"][:, :, None]  # padded queries see everything (finite; dropped later)
+    n["mask"][:, 0] = mask
+    tok_pos = torch.from_numpy(q_pos[n["q_valid"]])  # [T], in packed order
+    kv_at = torch.from_numpy(kv_pos).clamp(min=0)
+    for cos, sin, *shape in tables:
+        local = cos.endswith("_swa")
+        inv, scale = (inv_freq_swa, 1.0) if local else (inv_freq, hp.rope_scale)
+        c, si = rope_tables(inv, tok_pos if len(shape) == 1 else kv_at, scale, dtype)
+        h[cos].copy_(c)
+        h[sin].copy_(si)
+    if swa:
         near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.swa_window
-        cq, sq = rope_tables(inv_freq_swa, tok_pos_t, 1.0, dtype)
-        swa = dict(cos_q_swa=to(cq), sin_q_swa=to(sq), mask_swa=to(((mask & near) | ~q_valid[:, :, None])[:, None]))
-        if rotate_k_at_read:
-            ck, sk = rope_tables(inv_freq_swa, kv_pos.clamp(min=0), 1.0, dtype)
-            swa |= dict(cos_k_swa=to(ck), sin_k_swa=to(sk))
+        n["mask_swa"][:, 0] = (mask & near) | ~n["q_valid"][:, :, None]
+    buf = host_buf.to(device, non_blocking=True) if cuda else host_buf  # the one copy
+    d = lay.views(buf)
     return StepMeta(
-        tok_row=to(torch.tensor(tok_row, dtype=torch.long)),
-        tok_b=to(torch.tensor(tok_b, dtype=torch.long)),
-        tok_slot=to(torch.tensor(tok_slot, dtype=torch.long)),
-        q_index=to(q_index), q_valid=to(q_valid), out_index=to(out_index),
-        rows=to(torch.tensor([s.row for s in seqs], dtype=torch.long)),
-        kv_len=L,
-        cos_q=to(cos_q), sin_q=to(sin_q),
-        cos_k=None if cos_k is None else to(cos_k), sin_k=None if sin_k is None else to(sin_k),
-        mask=to(mask[:, None]),
-        **swa,
+        **{"cos_k": None, "sin_k": None, **d}, kv_len=L,
         rope_kernel=triton_attention,
-        decode_kernel=triton_attention and all(len(s.tokens) == 1 for s in seqs) and not rotate_k_at_read,
+        decode_kernel=triton_attention and all(k == 1 for k in lens) and not rotate_k_at_read,
+        ids_known=bool(n["tok_id"].min() >= 0), buf=buf, host_buf=host_buf, layout=tuple((k, v[2]) for k, v in lay.parts.items()) + ((L, lay.size),),
     )

@@ -94,7 +94,7 @@ def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps
     the compute side: the steps in flight are answered first (their ForwardDone goes out), then
     the id is read from what they gave; no round trip to the coordinator."""
     w = _worker(False)
-    w.glob = SimpleNamespace(embd_dev=None)
+    w.glob, w.embed = SimpleNamespace(embd_dev=None), None  # (mapped_embedding gave None)
     w.inflight.append(_in_flight(3, [1, 2], [11, 12], [0, 1]))
     seqs = w._resolve(Forward(4, [ForwardSeq(2, [-1], [9], [9], list(range(10)), True),
                                   ForwardSeq(0, [5, 6], [0, 1], [0, 1], [0, 1], True)], "none"))
@@ -104,6 +104,10 @@ def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps
         w._resolve(Forward(5, [ForwardSeq(3, [-1], [0], [0], [0], True)], "none"))
     w.glob = SimpleNamespace(embd_dev=torch.zeros(1))  # on the device: the runner reads it there
     assert w._resolve(Forward(6, [ForwardSeq(3, [-1], [0], [0], [0], True)], "none"))[0].tokens == [-1]
+    w.glob, w.embed = SimpleNamespace(embd_dev=None), object()  # gathered on the device from host memory
+    w.inflight.append(_in_flight(7, [3], [13], [0]))
+    assert w._resolve(Forward(8, [ForwardSeq(3, [-1], [0], [0], [0], True)], "none"))[0].tokens == [-1]
+    assert len(w.inflight) == 1  # nothing waited for
 
 
 def test_the_loop_launches_the_next_forward_before_the_step_in_flight_is_done():
