@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from layerstream.compute.qlinear import QuantWeight, linear, linear_many
+from layerstream.compute.qlinear import QuantWeight, glu, have_triton, linear, linear_many
 from layerstream.compute.step_meta import StepMeta
 from layerstream.loader.gguf_index import HParams
 
@@ -40,8 +40,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
     return torch.cat((out, xpass), dim=-1) if xpass.shape[-1] else out
 
 
+# Rows up to which a CUDA RMSNorm takes norm_kernels' kernel (one program a row, decode's few rows).
+NORM_KERNEL_MAX_ROWS = 16
+
+
+@functools.cache
+def _norm_kernels():
+    """compute.norm_kernels, imported on first use (it needs Triton)."""
+    from layerstream.compute import norm_kernels
+
+    return norm_kernels
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if x.is_cuda:  # one fused kernel (it computes in float32 inside)
+        if x.dim() == 2 and x.shape[0] <= NORM_KERNEL_MAX_ROWS and w.dtype == x.dtype and have_triton():
+            return _norm_kernels().rms_norm(x, w, eps)
         return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -208,9 +222,10 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
 
 def _attn_out(hp: HParams, w: LayerWeights, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """The residual stream after attention's output o [T, H * D] is projected (and normed)."""
+    if "post_attention_norm.weight" not in w:  # the residual added in the matmul's epilogue where it can be
+        return linear(o, w["attn_output.weight"], w.get("attn_output.bias"), residual=x)
     o = linear(o, w["attn_output.weight"], w.get("attn_output.bias"))
-    if "post_attention_norm.weight" in w:  # gemma3: the block's output is normed before the residual
-        o = rms_norm(o, w["post_attention_norm.weight"], hp.norm_eps)
+    o = rms_norm(o, w["post_attention_norm.weight"], hp.norm_eps)  # gemma3: normed before the residual
     return x + o
 
 
@@ -224,9 +239,14 @@ def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     if all(getattr(m, "cpu_only", False) for m in (gate, up, down)):  # the CPU's whole (cpu/split.py)
         y = gate.ffn(h, up, down, act)
     else:
-        g, u = linear_many(h, [gate, up])
-        a = F.silu(g, inplace=True) if act is F.silu else act(g)  # in place where it can be: [T, F] fewer
-        y = linear(a.mul_(u), down)
+        a = glu(h, gate, up) if act is F.silu else None  # one launch for decode's rows
+        if a is None:
+            g, u = linear_many(h, [gate, up])
+            a = F.silu(g, inplace=True) if act is F.silu else act(g)  # in place where it can be: [T, F] fewer
+            a = a.mul_(u)
+        if "post_ffw_norm.weight" not in w:
+            return linear(a, down, residual=x)
+        y = linear(a, down)
     if "post_ffw_norm.weight" in w:
         y = rms_norm(y, w["post_ffw_norm.weight"], hp.norm_eps)
     return x + y

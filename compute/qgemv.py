@@ -216,6 +216,108 @@ def gemv_kernel(x, w32, w16, raw8, halfs, out, bias, M, N, n_chunks, nblk, row_w
              mask=(rm < M)[:, None] & ok_n[None, :])
 
 
+# NOTE [ several matrices a launch ]
+# A decode layer's q, k and v (and gate and up) read one x: gemv_many_kernel takes up to three
+# matrices of one type and K where they lie (no copy), as word offsets from one base, and picks
+# each program's matrix (its segment) from the program id; each matrix's output is its own
+# contiguous [M, N_s] piece of one buffer, so the callers get the same tensors as from separate
+# launches, with the same arithmetic (bit-identical). GLU pairs rows instead: program i walks
+# row block i of gate and of up in one loop and writes SiLU(gate) * up, each rounded to x's dtype
+# first as the separate ops round them; RES adds a residual in the epilogue, rounded the same way
+# (o and down: x + linear(...)). A layer of an 8B then launches 3 or 4 matrices where it launched
+# 7 and no separate SiLU, product or residual add.
+@triton.jit
+def gemv_many_kernel(x, w32, w16, raw8, halfs, out, res, M, n_chunks, nblk, row_words, sxm,
+                     off0, off1, off2, n0, n1, n2, p1, p2, o1, o2,
+                     QT: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
+                     EVEN: tl.constexpr, X_EVEN: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr):
+    """out (flat) = the [M, N_s] products x @ dequant(W_s)^T of segments s = 0..2 (W_s: n_s rows at
+    word offset off_s of the blocks, programs p_s.. and output elements o_s..; NOTE [ several
+    matrices a launch ]); GLU: SiLU(x @ W_0^T) * (x @ W_1^T) [M, n0]; HAS_RES: + res [M, n0]."""
+    pid = tl.program_id(0)
+    seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
+    first = tl.where(seg == 0, 0, tl.where(seg == 1, p1, p2))
+    N = tl.where(seg == 0, n0, tl.where(seg == 1, n1, n2))
+    off = tl.where(seg == 0, off0, tl.where(seg == 1, off1, off2)).to(tl.int64)
+    obase = tl.where(seg == 0, 0, tl.where(seg == 1, o1, o2)).to(tl.int64)
+    rn = (pid - first) * BN + tl.arange(0, BN)
+    rm = tl.program_id(1) * MR + tl.arange(0, MR)
+    ok_n = rn < N
+    rows = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_words  # past-the-end rows read the last
+    xr = x + rm.to(tl.int64)[:, None, None] * sxm
+    xok = (rm < M)[:, None, None] | X_EVEN
+    acc = tl.zeros((MR, BN, KB * 4, 1), dtype=tl.float32)
+    if GLU:
+        acc_u = tl.zeros((MR, BN, KB * 4, 1), dtype=tl.float32)
+    for kb0 in range(0, n_chunks, KB):
+        acc = _step(acc, xr, xok, w32, w16, raw8, halfs, off + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
+        if GLU:
+            acc_u = _step(acc_u, xr, xok, w32, w16, raw8, halfs, off1.to(tl.int64) + rows, kb0, n_chunks, nblk,
+                          QT, KB, EVEN)
+    dt = out.dtype.element_ty
+    y = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)  # [MR, BN], rounded as a separate launch's
+    mask = (rm < M)[:, None] & ok_n[None, :]
+    o = obase + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    if GLU:
+        u = tl.sum(tl.sum(acc_u, axis=3), axis=2).to(dt).to(tl.float32)
+        y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
+    if HAS_RES:
+        y += tl.load(res + o, mask=mask, other=0).to(tl.float32)
+    tl.store(out + o, y.to(dt), mask=mask)
+
+
+def many_supported(raws: list[torch.Tensor], qtype: int) -> bool:
+    """Whether gemv_many_kernel takes these matrices' blocks from one base: each `supports`, and
+    their distances from the first whole words."""
+    wb = WORD_BYTES.get(qtype)
+    return (wb is not None and all(supports(r, qtype) for r in raws)
+            and all((r.data_ptr() - raws[0].data_ptr()) % wb == 0 for r in raws))
+
+
+def gemv_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[int], K: int, row_bytes: int,
+              nblk: int, MR: int, BN: int, KB: int, warps: int, interpret: bool, glu: bool = False,
+              residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """x [M, K] by 1 to 3 matrices of one type (their blocks `raws`, [Ns[s], K] each; the caller
+    checked `many_supported`) in one launch: the [M, N_s] products (NOTE [ several matrices a
+    launch ]); `glu`: [SiLU(x @ W_0^T) * (x @ W_1^T)] (Ns equal); `residual` [M, N_0]: added to the
+    one product."""
+    S = len(raws)
+    if not 1 <= S <= 3 or (glu and (S != 2 or Ns[0] != Ns[1])) or (residual is not None and S != 1 and not glu):
+        raise ValueError(f"gemv_many takes 1 to 3 matrices (2 of one shape with glu, a residual with one); got {Ns}")
+    M = x.shape[0]
+    wb = WORD_BYTES[qtype]
+    n_chunks = triton.cdiv(K, 256)
+    base = raws[0]
+    offs = [(r.data_ptr() - base.data_ptr()) // wb for r in raws] + [0] * (3 - S)
+    n = list(Ns) + [1] * (3 - S)
+    progs = [triton.cdiv(v, BN) for v in Ns] + [0] * (3 - S)
+    if glu:  # programs over the gate's rows only; each walks the up rows too
+        progs = [progs[0], 0, 0]
+    never = 1 << 30  # the first program of a segment that is not there
+    p1 = progs[0] if progs[1] else never
+    p2 = progs[0] + progs[1] if progs[2] else never
+    o1, o2 = M * n[0], M * (n[0] + n[1])
+    total = M * Ns[0] if glu else M * sum(Ns)
+    out = torch.empty(total, dtype=x.dtype, device=x.device)
+    words = base.view(torch.int32 if wb == 4 else torch.int16)
+    kw = {} if interpret else {"num_warps": warps}
+    res = residual if residual is not None else out
+    if residual is not None and (residual.shape != (M, Ns[0]) or not residual.is_contiguous() or residual.dtype != x.dtype):
+        raise ValueError(f"gemv_many's residual must be a contiguous [{M}, {Ns[0]}] tensor of x's dtype")
+    gemv_many_kernel[(sum(progs), triton.cdiv(M, MR))](
+        x, words, words, base, base.view(torch.float16), out, res, M, n_chunks, nblk, row_bytes // wb, x.stride(0),
+        offs[0], offs[1], offs[2], n[0], n[1], n[2], p1, p2, o1, o2,
+        QT=qtype, MR=MR, BN=BN, KB=KB, EVEN=n_chunks % KB == 0 and K % 256 == 0, X_EVEN=M % MR == 0,
+        GLU=glu, HAS_RES=residual is not None, **kw)
+    if glu:
+        return [out.view(M, Ns[0])]
+    outs, at = [], 0
+    for v in Ns:
+        outs.append(out[at:at + M * v].view(M, v))
+        at += M * v
+    return outs
+
+
 def supports(raw: torch.Tensor, qtype: int) -> bool:
     """Whether gemv_kernel takes these blocks: its types, with words aligned (Q4_K / Q5_K: 4 bytes)."""
     return qtype in WORD_BYTES and (WORD_BYTES[qtype] == 2 or raw.storage_offset() % 4 == 0)

@@ -402,3 +402,30 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
                                              triton.cdiv(K, 256), nblk, row_bytes, x.stride(0), N,
                                              QT=qtype, NPARTS=nparts, G=G, L=L, BN=BN, **kw)
     return out
+
+
+def _many_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
+    """`_gemv_config` for a launch of several matrices walking N rows in all (None under Triton's
+    interpreter, which takes one matrix a launch: its programs run one after another)."""
+    return None if INTERPRET else _gemv_config(M, N, K, qtype)
+
+
+def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[int], K: int, glu: bool = False,
+                residual: torch.Tensor | None = None, config: tuple | None = None) -> list[torch.Tensor] | None:
+    """x [M, K] by 1 to 3 [Ns[s], K] matrices of `qtype` blocks in one launch of
+    qgemv.gemv_many_kernel (NOTE [ several matrices a launch ]): their products, or with `glu`
+    [SiLU(x @ W_0^T) * (x @ W_1^T)], with `residual` [residual + x @ W_0^T]; None where that kernel
+    does not take them (its types, aligned words, a configuration measured for M rows), and the
+    caller launches each matrix. `config`: ("gemv", MR, BN, KB, num_warps), for tests."""
+    if qtype not in qgemv.WORD_BYTES or x.dim() != 2 or not qgemv.many_supported(raws, qtype):
+        return None
+    for raw, n in zip(raws, Ns):
+        _check(raw, qtype, n, K)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    config = config or _many_config(x.shape[0], sum(Ns), K, qtype)
+    if config is None or config[0] != "gemv":
+        return None
+    _, MR, BN, KB, warps = config
+    ts, nblk, row_bytes = _geometry(qtype, K)[:3]
+    return qgemv.gemv_many(x, raws, qtype, Ns, K, row_bytes, nblk, MR, BN, KB, warps, INTERPRET, glu, residual)

@@ -128,8 +128,21 @@ def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -
     return _kernels().dequantize_into(w.raw[r0 * row_bytes : r1 * row_bytes], w.qtype, r1 - r0, K, out)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w^T (+ bias) -> [T, N] in x's dtype, for dense or quantized w."""
+def _fused_rows(x: torch.Tensor, ws) -> bool:
+    """Whether x's rows go to the fused kernels for all of these quantized matrices of one type."""
+    return x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(ws[0].qtype, FUSED_MAX_TOKENS)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w^T (+ bias) -> [T, N] in x's dtype, for dense or quantized w; `residual` [T, N]:
+    residual + that, in the matmul's epilogue where the fused kernel takes it (decode's o and down)."""
+    if residual is not None:
+        if bias is None and isinstance(w, QuantWeight) and _fused_rows(x, [w]):
+            out = _kernels().matmul_many(x, [w.raw], w.qtype, [w.shape[0]], w.shape[1], residual=residual)
+            if out is not None:
+                return out[0]
+        return residual + linear(x, w, bias)
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if not isinstance(w, QuantWeight):  # a matrix split between the device and the CPU (cpu/split.py)
@@ -159,9 +172,31 @@ def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[t
     share one wait for x and run while every device part runs."""
     biases = biases or [None] * len(ws)
     split = next((w for w in ws if not isinstance(w, (torch.Tensor, QuantWeight))), None)
-    if split is None:
-        return [linear(x, w, b) for w, b in zip(ws, biases)]
-    return split.linear_many(x, ws, biases)
+    if split is not None:
+        return split.linear_many(x, ws, biases)
+    out: list = [None] * len(ws)
+    if all(isinstance(w, QuantWeight) for w in ws) and all(b is None for b in biases):
+        # those of one type and K in one launch each (NOTE [ several matrices a launch ] in qgemv.py)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, w in enumerate(ws):
+            groups.setdefault((w.qtype, w.shape[1]), []).append(i)
+        for (qtype, K), idx in groups.items():
+            if len(idx) < 2 or len(idx) > 3 or not _fused_rows(x, [ws[i] for i in idx]):
+                continue
+            ys = _kernels().matmul_many(x, [ws[i].raw for i in idx], qtype, [ws[i].shape[0] for i in idx], K)
+            for i, y in zip(idx, ys or []):
+                out[i] = y
+    return [y if y is not None else linear(x, w, b) for y, w, b in zip(out, ws, biases)]
+
+
+def glu(x: torch.Tensor, gate, up) -> torch.Tensor | None:
+    """SiLU(x @ gate^T) * (x @ up^T) in one launch, gate and up rows paired in each program, where
+    the fused kernel takes them (decode rows, one type); else None (the caller runs the ops)."""
+    if not (isinstance(gate, QuantWeight) and isinstance(up, QuantWeight)) or gate.qtype != up.qtype \
+            or gate.shape != up.shape or not _fused_rows(x, [gate]):
+        return None
+    y = _kernels().matmul_many(x, [gate.raw, up.raw], gate.qtype, [gate.shape[0], up.shape[0]], gate.shape[1], glu=True)
+    return None if y is None else y[0]
 
 
 def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, w_off: torch.Tensor,
