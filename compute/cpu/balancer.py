@@ -7,8 +7,9 @@ import statistics
 import time
 
 import torch
+from gguf import GGMLQuantizationType as QT
 
-from layerstream.compute.cpu.packing import INT4_TYPES, DenseRows, cpu_rows, packed_swiglu, random_packed
+from layerstream.compute.cpu.packing import INT4_TYPES, cpu_rows, packed_swiglu, random_cpu_matrix
 
 MAX_TOKENS = 8  # tokens of a step above which the CPU computes nothing (its int4 GEMV stops paying)
 BUCKETS = (1, 2, 4, 8)  # batch sizes the share is balanced for (a step takes the next bucket up)
@@ -126,9 +127,10 @@ class Balancer:
 
 
 def measure_cpu_gbs(K: int = 8192, N: int = 8192, reps: int = 5) -> dict[int, float]:
-    """The CPU's int4 matmul GB/s of packed bytes at each bucket's batch size (median of reps)."""
+    """The CPU's Q4_K matmul GB/s of the bytes it reads (blocks, or aten's int4 layout) at each
+    bucket's batch size (median of reps)."""
     g = torch.Generator().manual_seed(0)
-    p = random_packed(N, K, g)
+    p = random_cpu_matrix(int(QT.Q4_K), N, K, g)
     out = {}
     for b in BUCKETS:
         x = torch.randn(b, K, generator=g).to(torch.bfloat16)
@@ -166,9 +168,7 @@ def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16
     kinds = qtypes or (next(iter(INT4_TYPES)),) * 3
 
     def mat(q: int, N: int, K: int):
-        if q in INT4_TYPES:
-            return random_packed(N, K, g, dtype)
-        return DenseRows((torch.randn(N, K, generator=g) / 64).to(dtype))
+        return random_cpu_matrix(q, N, K, g, dtype)
 
     experts = [(mat(kinds[0], n_ff, n_embd), mat(kinds[1], n_ff, n_embd), mat(kinds[2], n_embd, n_ff))
                for _ in range(16)]

@@ -9,7 +9,7 @@ import torch
 
 from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.expert_split import ExpertSplit
-from layerstream.compute.cpu.packing import cpu_matrix, packed_swiglu
+from layerstream.compute.cpu.packing import cpu_matrix, swiglu_many
 from layerstream.compute.cpu.sizing import expert_cpu_layers
 from layerstream.compute.cpu.split import Meter
 from layerstream.compute.expert_layout import expert_bytes, expert_parts
@@ -119,13 +119,13 @@ class CpuExperts:
         if T > 1:  # one gather and one weighted sum a layer, not one an expert (host time bounds decode)
             rows = torch.tensor([p // k for p in order])
             x_all = x_all[rows]
-        ys, a, nbytes = [], 0, 0
+        xs, a, nbytes = [], 0, 0
         for e, (g, u, d) in zip(experts, mats):
             b = a + len(pairs[e])
-            ys.append(packed_swiglu(g, u, d, x_all[a:b] if T > 1 else x_all))  # each expert once for its tokens
+            xs.append(x_all[a:b] if T > 1 else x_all)  # each expert once for its tokens
             a = b
             nbytes += g.nbytes + u.nbytes + d.nbytes
-        y = torch.cat(ys).float() * weight.flatten()[order].unsqueeze(-1)  # [pairs, n_embd]
+        y = torch.cat(swiglu_many(list(mats), xs)).float() * weight.flatten()[order].unsqueeze(-1)  # [pairs, n_embd]
         out = y.sum(0, keepdim=True) if T == 1 else \
             torch.zeros(T, h.shape[1], dtype=torch.float32).index_add_(0, rows, y)
         dt = self.clock() - t0

@@ -1,4 +1,17 @@
-"""Packing 4-bit GGUF rows into aten's CPU int4 layout, and the CPU's matmuls on them."""
+"""The CPU's form of GGUF rows and its matmuls on them: the blocks themselves where the native
+kernel is built (BlockRows), else 4-bit rows repacked into aten's CPU int4 layout (PackedRows)
+and other block types dequantized (DenseRows).
+
+NOTE [ native blocks ]
+aten's int4 matmul needs its own layout (a repacked copy, 11% larger than Q4_K's blocks, made
+in the compute process at tens of ms a matrix) and takes only 4-bit types; Q6_K, Q5_K and
+Q8_0 went to a dequantized copy read at 2 bytes a value. The native kernel (cpu/qdot.c via
+cpu/native.py) reads the file's blocks as they are, every type of NATIVE_TYPES, so the CPU's
+copy of its rows is the rows' own bytes (copied out of the staging slot, which is reused) and
+its matmul reads the fewest bytes there are. Where the kernel cannot be built, everything
+stays as it was (`native_blocks()` False), in the plan's sizing as in the compute process.
+x is rounded to int8 blocks of 32 per call (a relative error of about 0.5% a dot product against
+float64, against bf16's 0.4% a value), which the tests bound."""
 
 from __future__ import annotations
 
@@ -9,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
+from layerstream.compute.cpu import native
 from layerstream.compute.dequant import dequantize
 
 INT4_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q4_K))
@@ -137,9 +151,63 @@ class DenseRows:
         return F.linear(x.to(self.w.dtype), self.w)
 
 
-def cpu_matrix(raw: torch.Tensor, qtype: int, n: int, K: int, dtype: torch.dtype) -> "PackedRows | DenseRows":
-    """n rows of GGUF blocks (host bytes) in the form the CPU computes them: aten's int4 layout for
-    the 4-bit types, a dequantized copy for the other block types (CPU_TYPES)."""
+@dataclass
+class BlockRows:
+    """Rows of a matrix in their GGUF blocks (a private copy), computed by the native kernel
+    (NOTE [ native blocks ]); `tail(n)` is its last n rows, a view."""
+
+    raw: torch.Tensor  # [n * row_bytes] uint8
+    qtype: int
+    K: int
+
+    @property
+    def rows(self) -> int:
+        return self.raw.numel() // native.row_bytes(self.qtype, self.K)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def tail(self, n: int) -> "BlockRows":
+        if n == self.rows:
+            return self
+        if not 0 < n < self.rows:
+            raise ValueError(f"no tail of {n} rows of a matrix of {self.rows}")
+        return BlockRows(self.raw[(self.rows - n) * native.row_bytes(self.qtype, self.K):], self.qtype, self.K)
+
+    def job(self, x: torch.Tensor) -> tuple:
+        """This matmul for native.matmuls."""
+        return (self.raw, self.qtype, self.rows, self.K, x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, rows] float32."""
+        return native.matmuls([self.job(x)])[0]
+
+
+def native_blocks() -> bool:
+    """Whether the CPU computes from the blocks themselves (the native kernel is built and loaded)."""
+    return native.available()
+
+
+def cpu_types() -> frozenset[int]:
+    """Block types the CPU computes: the native kernel's and the dequantized ones, or without it
+    the 4-bit ones packed and the others dequantized."""
+    return CPU_TYPES | native.NATIVE_TYPES if native_blocks() else CPU_TYPES
+
+
+def split_types() -> frozenset[int]:
+    """Block types whose rows the CPU share takes from dense layers: every type the native kernel
+    reads, or without it the 4-bit ones (a dequantized copy reads 2 to 3.5 times the bytes)."""
+    return native.NATIVE_TYPES if native_blocks() else INT4_TYPES
+
+
+def cpu_matrix(raw: torch.Tensor, qtype: int, n: int, K: int,
+               dtype: torch.dtype) -> "BlockRows | PackedRows | DenseRows":
+    """n rows of GGUF blocks (host bytes) in the form the CPU computes them: the blocks (copied)
+    where the native kernel reads them, else aten's int4 layout for the 4-bit types and a
+    dequantized copy for the other block types (CPU_TYPES)."""
+    if qtype in native.NATIVE_TYPES and native_blocks():
+        return BlockRows(raw[: n * native.row_bytes(qtype, K)].clone(), qtype, K)
     if qtype in INT4_TYPES:
         return pack_rows(raw, qtype, n, K, dtype)
     if qtype not in DENSE_TYPES:
@@ -149,6 +217,8 @@ def cpu_matrix(raw: torch.Tensor, qtype: int, n: int, K: int, dtype: torch.dtype
 
 def cpu_matrix_bytes(qtype: int, n: int, K: int, dtype_size: int = 2) -> int:
     """Host bytes of `cpu_matrix` of an [n, K] matrix of `qtype` (dense values of `dtype_size` bytes)."""
+    if qtype in native.NATIVE_TYPES and native_blocks():
+        return n * native.row_bytes(qtype, K)
     return n * (K // 2 + K // GROUP * 4) if qtype in INT4_TYPES else n * K * dtype_size
 
 
@@ -172,12 +242,41 @@ def random_packed(N: int, K: int, g: torch.Generator, dtype: torch.dtype = torch
     return PackedRows(int4_pack(q), (torch.rand(K // GROUP, N, 2, generator=g) / 64).to(dtype))
 
 
-def packed_swiglu(gate: PackedRows, up: PackedRows, down: PackedRows, x: torch.Tensor, act=F.silu) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) on the CPU's packed matrices: an FFN or an expert."""
+def random_cpu_matrix(qtype: int, N: int, K: int, g: torch.Generator,
+                      dtype: torch.dtype = torch.bfloat16) -> "BlockRows | PackedRows | DenseRows":
+    """An [N, K] matrix of `qtype` in the CPU's form with random values (for timing the CPU's
+    matmuls at start): blocks of random bytes with small scales where the native kernel reads them."""
+    if qtype in native.NATIVE_TYPES and native_blocks():
+        raw = torch.randint(0, 256, (N * native.row_bytes(qtype, K),), dtype=torch.uint8, generator=g)
+        return BlockRows(raw, qtype, K)
+    if qtype in INT4_TYPES:
+        return random_packed(N, K, g, dtype)
+    return DenseRows((torch.randn(N, K, generator=g) / 64).to(dtype))
+
+
+def packed_swiglu(gate, up, down, x: torch.Tensor, act=F.silu) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) on the CPU's matrices: an FFN or an expert (gate and up in one
+    native call where both are blocks)."""
+    if isinstance(gate, BlockRows) and isinstance(up, BlockRows):
+        g, u = native.matmuls([gate.job(x), up.job(x)])
+        return down.matmul(act(g) * u)
     return down.matmul(act(gate.matmul(x)) * up.matmul(x))
 
 
+def swiglu_many(mats: list[tuple], xs: list[torch.Tensor], act=F.silu) -> list[torch.Tensor]:
+    """packed_swiglu of several experts (gate, up, down) on their inputs: where every matrix is
+    blocks, all gates and ups in one native call and all downs in another (each call splits its
+    rows over the threads: a small expert alone keeps few of them busy)."""
+    if not all(isinstance(m, BlockRows) for ms in mats for m in ms):
+        return [packed_swiglu(g, u, d, x, act) for (g, u, d), x in zip(mats, xs)]
+    gu = native.matmuls([j for (g, u, _), x in zip(mats, xs) for j in (g.job(x), u.job(x))])
+    hs = [act(gu[2 * e]) * gu[2 * e + 1] for e in range(len(mats))]
+    return native.matmuls([d.job(h) for (_, _, d), h in zip(mats, hs)])
+
+
 def pack_ratio() -> float:
-    """Packed CPU bytes per GGUF byte of Q4_K (4 bits + a bf16 scale and zero per 32 values,
-    against 4.5 bits): the other 4-bit types are within a few percent."""
+    """CPU bytes per GGUF byte: 1 for blocks read natively; packed Q4_K, 4 bits + a bf16 scale and
+    zero per 32 values against 4.5 bits (the other 4-bit types are within a few percent)."""
+    if native_blocks():
+        return 1.0
     return (0.5 + 4 / GROUP) / (144 / 256)

@@ -5,16 +5,16 @@ NOTE [ the CPU share ]
 Streaming alone is bound by PCIe, while the host's DRAM bandwidth sits idle. So each streamed
 layer's 4-bit matrices are split by output rows: rows [0, n_dev) are copied to the device and
 computed there with the block kernels; rows [n_dev, N) never cross PCIe and are computed by
-the CPU (aten's int4 matmul, `_weight_int4pack_mm_for_cpu`, which reads packed nibbles at
-DRAM speed). Only activations cross between the two, a few KB a matmul, and the outputs are
+the CPU (the native kernel on the blocks, or aten's int4 matmul on packed nibbles, at DRAM
+speed). Only activations cross between the two, a few KB a matmul, and the outputs are
 joined on the device.
 
-- The CPU's rows are repacked once, when the layer is first staged, into aten's int4 layout
-  with one (scale, zero) per 32 values: w = (q - 8) * scale + zero. Q4_0, Q4_1 and Q4_K are
-  exactly that form (Q4_K: scale = d * sc, zero = 8 * d * sc - dmin * m), so the only loss is
-  the rounding of scale and zero to the CPU dtype (bf16 beside a GPU, the compute dtype on a
-  CPU-only machine). Other types (Q6_K, Q5_K, Q8_0, ...) have no exact int4 form and stay on
-  the device; the split of the 4-bit matrices makes up for them.
+- The CPU's rows are copied once, when the layer is first staged, out of its staging slot:
+  as their GGUF blocks where the native kernel is built (every type it reads: Q4_0, Q4_1,
+  Q8_0, Q4_K, Q5_K, Q6_K; NOTE [ native blocks ] in cpu/packing.py), else repacked into aten's
+  int4 layout with one (scale, zero) per 32 values, w = (q - 8) * scale + zero, which holds
+  Q4_0, Q4_1 and Q4_K exactly (Q4_K: scale = d * sc, zero = 8 * d * sc - dmin * m) but for the
+  rounding of scale and zero to the CPU dtype; without the kernel other types stay on the device.
 - Rows are packed for the largest share the run may use (`pack_frac`); a smaller share uses the
   tail of the packed rows, so re-balancing never repacks.
 - The share per batch size comes from bandwidths measured at start, then from the timings of
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu.balancer import Balancer
-from layerstream.compute.cpu.packing import INT4_TYPES, PackedRows, cpu_rows, pack_rows
+from layerstream.compute.cpu.packing import cpu_matrix, cpu_rows, split_types
 from layerstream.compute.cpu.sizing import FFN_MATRICES, cpu_layers, ffn_int4
 from layerstream.compute.cpu.split import Meter, SplitWeight
 from layerstream.compute.model import LayerWeights
@@ -61,7 +61,7 @@ class CpuShare:
         self.balancer, self.pack_frac, self.dtype, self.tl = balancer, pack_frac, dtype, timeline
         self.split_by = split
         self.streamed = streamed or []
-        self.packed: dict[int, dict[str, PackedRows]] = {}
+        self.packed: dict[int, dict] = {}  # layer -> matrix name -> its CPU rows (packing.cpu_matrix)
         self.meter = Meter()
         self._rows: dict[tuple[int, float], dict[str, int]] = {}
         self._ranges: dict[tuple[int, float], list[tuple[int, int]]] = {}
@@ -101,7 +101,8 @@ class CpuShare:
         """The matrices of layer `lay` the CPU takes part of at share `frac`, with its rows of each."""
         if self.split_by == "layers":
             return [(t, t.shape[0]) for t in ffn_int4(lay)] if lay.layer in self.cpu_layers(frac) else []
-        return [(t, cpu_rows(t.shape[0], frac)) for t in lay.tensors if t.qtype in INT4_TYPES and len(t.shape) == 2]
+        types = split_types()
+        return [(t, cpu_rows(t.shape[0], frac)) for t in lay.tensors if t.qtype in types and len(t.shape) == 2]
 
     def pack(self, i: int, lay: LayerLayout, slot: np.ndarray) -> None:
         """Pack layer i's CPU rows out of its staging slot, once."""
@@ -115,7 +116,7 @@ class CpuShare:
                     N, K = t.shape
                     rb = t.nbytes // N
                     raw = torch.from_numpy(slot[t.slot_offset + (N - n) * rb : t.slot_offset + t.nbytes])
-                    out[t.name] = pack_rows(raw, t.qtype, n, K, self.dtype)
+                    out[t.name] = cpu_matrix(raw, t.qtype, n, K, self.dtype)
         self.packed[i] = out
         self.packing.add(t0, time.monotonic_ns() - t0, sum(p.nbytes for p in out.values()))
 

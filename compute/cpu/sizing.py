@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from layerstream.compute.cpu.packing import CPU_TYPES, GROUP, INT4_TYPES, cpu_matrix_bytes, cpu_rows
+from layerstream.compute.cpu.packing import cpu_matrix_bytes, cpu_rows, cpu_types, split_types
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 
 SPLITS = ("layers", "rows")
@@ -15,10 +15,10 @@ FFN_MATRICES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 def expert_cpu_layers(layouts) -> list:
     """The layers whose experts the CPU can take: gate, up and down each of a type it computes
     (4-bit packed, or the other block types dequantized: a Q4_K_M file's Q6_K downs)."""
-    out = []
+    out, types = [], cpu_types()
     for lay in layouts:
         ts = {t.name: t for t in lay.tensors if t.name in EXPERT_TENSORS}
-        if len(ts) == 3 and all(t.qtype in CPU_TYPES for t in ts.values()):
+        if len(ts) == 3 and all(t.qtype in types for t in ts.values()):
             out.append(lay)
     return out
 
@@ -36,15 +36,19 @@ def expert_packed_bytes(layouts, dtype_size: int = 2) -> int:
 
 
 def int4_fraction(layouts) -> float:
-    """The share of the layers' bytes that are 4-bit matrices (what the CPU can take)."""
+    """The share of the layers' bytes that are matrices the CPU share can take (split_types: every
+    type the native kernel reads, or without it the 4-bit ones)."""
     total = sum(t.nbytes for lay in layouts for t in lay.tensors)
-    int4 = sum(t.nbytes for lay in layouts for t in lay.tensors if t.qtype in INT4_TYPES and len(t.shape) == 2)
+    types = split_types()
+    int4 = sum(t.nbytes for lay in layouts for t in lay.tensors if t.qtype in types and len(t.shape) == 2)
     return int4 / total if total else 0.0
 
 
 def ffn_int4(lay) -> list:
-    """The 4-bit FFN matrices of a layer (what the CPU takes of a layer in the "layers" split)."""
-    return [t for t in lay.tensors if t.name in FFN_MATRICES and t.qtype in INT4_TYPES and len(t.shape) == 2]
+    """The FFN matrices of a layer the CPU can take (split_types; what it takes of a layer in the
+    "layers" split)."""
+    types = split_types()
+    return [t for t in lay.tensors if t.name in FFN_MATRICES and t.qtype in types and len(t.shape) == 2]
 
 
 def cpu_layers(layouts, frac: float, within: list[int] | None = None) -> list[int]:
@@ -78,13 +82,14 @@ def packed_bytes(layouts, frac: float, split: str = "layers") -> int:
     n = expert_packed_bytes(layouts) if frac else 0
     if split == "layers":
         chosen = set(cpu_layers(layouts, frac))
-        return n + sum(t.shape[0] * (t.shape[1] // 2 + t.shape[1] // GROUP * 4)
+        return n + sum(cpu_matrix_bytes(t.qtype, t.shape[0], t.shape[1])
                        for lay in layouts if lay.layer in chosen for t in ffn_int4(lay))
+    types = split_types()
     for lay in row_layers(layouts):
         for t in lay.tensors:
-            if t.qtype in INT4_TYPES and len(t.shape) == 2:
+            if t.qtype in types and len(t.shape) == 2:
                 N, K = t.shape
-                n += cpu_rows(N, frac) * (K // 2 + K // GROUP * 4)
+                n += cpu_matrix_bytes(t.qtype, cpu_rows(N, frac), K)
     return n
 
 

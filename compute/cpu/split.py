@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from layerstream.compute.cpu.packing import PackedRows, packed_swiglu
+from layerstream.compute.cpu import native
+from layerstream.compute.cpu.packing import BlockRows, PackedRows, packed_swiglu
 from layerstream.compute.qlinear import linear
 
 
@@ -77,14 +78,22 @@ def split_linear(x: torch.Tensor, ws: list, biases: list) -> list[torch.Tensor]:
             dev.append(None if w.dev is None else linear(x, w.dev, None if b is None else b[:n_dev]))
         else:
             dev.append(linear(x, w, b))
+    blocks = [w for w in ws if isinstance(w, SplitWeight) and isinstance(w.cpu, BlockRows)]
+    if blocks:  # the device computes its parts meanwhile; the CPU's blocks in one native call
+        t0 = time.monotonic_ns()
+        ys = iter(native.matmuls([w.cpu.job(x_cpu) for w in blocks]))
+        blocks[0].meter.add(t0, time.monotonic_ns() - t0, sum(w.cpu.nbytes for w in blocks))
     out = []
     for w, b, y_dev in zip(ws, biases, dev):  # the device computes y_dev meanwhile
         if not isinstance(w, SplitWeight):
             out.append(y_dev)
             continue
-        t0 = time.monotonic_ns()
-        y_cpu = w.cpu.matmul(x_cpu)
-        w.meter.add(t0, time.monotonic_ns() - t0, w.cpu.nbytes)
+        if isinstance(w.cpu, BlockRows):
+            y_cpu = next(ys)
+        else:
+            t0 = time.monotonic_ns()
+            y_cpu = w.cpu.matmul(x_cpu)
+            w.meter.add(t0, time.monotonic_ns() - t0, w.cpu.nbytes)
         y_cpu = y_cpu.to(x.device, x.dtype)
         if b is not None:
             y_cpu = y_cpu + b[b.shape[0] - y_cpu.shape[-1]:]

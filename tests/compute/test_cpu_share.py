@@ -6,7 +6,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT, quants
 
-from layerstream.compute.cpu import balancer, packing, sizing, split as cpu_split
+from layerstream.compute.cpu import balancer, native, packing, sizing, split as cpu_split
 from layerstream.compute.cpu.balancer import Balancer, balanced_frac, bucket
 from layerstream.compute.cpu.packing import cpu_rows, int4_parts, pack_rows
 from layerstream.compute.cpu.share import CpuShare, copy_ranges
@@ -16,13 +16,22 @@ from layerstream.loader.layout import LayerLayout, SlotTensor
 from layerstream.proto.timeline import Timeline
 
 
+@pytest.fixture
+def aten_only(monkeypatch):
+    """The native kernel unavailable (as without a compiler): the CPU packs int4 for aten."""
+    monkeypatch.setattr(native, "library", lambda: None)
+
+
 def blocks(qt: QT, n: int, K: int, seed: int = 0) -> np.ndarray:
     """n rows of valid blocks: gguf-py's quantizer where it has one, else random bytes with small scales."""
     rng = np.random.default_rng(seed)
-    if qt != QT.Q4_K:
+    if qt not in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
         return quants.quantize(rng.standard_normal((n, K)).astype(np.float32), qt)
-    raw = rng.integers(0, 256, (n, K // 256, 144), dtype=np.uint8)
-    raw[..., 0:4] = (rng.random((n, K // 256, 2)) * 0.01).astype(np.float16).view(np.uint8).reshape(n, K // 256, 4)
+    bs = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}[qt]
+    raw = rng.integers(0, 256, (n, K // 256, bs), dtype=np.uint8)
+    scales = slice(208, 210) if qt == QT.Q6_K else slice(0, 4)  # (d, and dmin for Q4_K and Q5_K)
+    k = scales.stop - scales.start
+    raw[..., scales] = (rng.random((n, K // 256, k // 2)) * 0.01).astype(np.float16).view(np.uint8).reshape(n, K // 256, k)
     return raw.reshape(n, -1)
 
 
@@ -172,7 +181,7 @@ def test_the_direct_int4_layout_is_atens():
     assert torch.equal(packing._layout(q), want)
 
 
-def test_packed_bytes_counts_only_4bit_matrices():
+def test_packed_bytes_counts_only_4bit_matrices(aten_only):
     q4 = SlotTensor("ffn_up.weight", int(QT.Q4_K), (1024, 512), 0, 1024 * 2 * 144, "f", 0)
     q6 = SlotTensor("ffn_down.weight", int(QT.Q6_K), (512, 1024), q4.nbytes, 512 * 4 * 210, "f", 0)
     lay = LayerLayout(0, (q4, q6), q4.nbytes + q6.nbytes)
@@ -183,7 +192,7 @@ def test_packed_bytes_counts_only_4bit_matrices():
     assert sizing.int4_fraction([lay]) == pytest.approx(q4.nbytes / (q4.nbytes + q6.nbytes))
 
 
-def test_packed_bytes_count_every_expert_of_layers_whose_experts_the_cpu_computes():
+def test_packed_bytes_count_every_expert_of_layers_whose_experts_the_cpu_computes(aten_only):
     """NOTE [ CPU experts ]: a layer takes part when gate, up and down are each 4-bit or another
     block type the CPU dequantizes (a Q4_K_M file's Q6_K downs); then any share may pack each of
     its experts in time, so the plan counts them all: 4-bit packed, the others dense."""
@@ -252,7 +261,7 @@ def test_matrices_of_one_input_share_one_wait_and_join_each():
         assert (got.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
-def test_the_layers_split_takes_whole_ffn_matrices_of_layers_spread_evenly():
+def test_the_layers_split_takes_whole_ffn_matrices_of_layers_spread_evenly(aten_only):
     """NOTE [ the CPU share ], split "layers": a share takes the 4-bit FFN matrices of that share
     of the layers (attention and other types stay on the device), spread evenly, and a smaller
     share chooses among the layers packed for the largest; only the rest of a layer is copied."""
@@ -355,3 +364,60 @@ def test_the_share_keeps_its_steps_fraction_and_the_cpus_work():
     assert share.step_s == pytest.approx(0.002) and share.step_bytes == 4096
     share.set_step(64)  # above MAX_TOKENS the CPU takes nothing, and a new step starts from none
     assert share.frac == 0.0 and (share.step_s, share.step_bytes) == (0.0, 0)
+
+
+def test_with_the_native_kernel_the_share_takes_every_block_type_it_reads_as_its_own_bytes():
+    """NOTE [ native blocks ]: the CPU's rows are the blocks themselves (the plan counts their own
+    bytes), Q6_K and Q8_0 matrices split like the 4-bit ones, and a layer whose gate and up are
+    Q4_K and down Q6_K goes wholly to the CPU (its early slot)."""
+    if not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    q4 = SlotTensor("ffn_up.weight", int(QT.Q4_K), (1024, 512), 0, 1024 * 2 * 144, "f", 0)
+    q6 = SlotTensor("ffn_down.weight", int(QT.Q6_K), (512, 1024), q4.nbytes, 512 * 4 * 210, "f", 0)
+    lay = LayerLayout(0, (q4, q6), q4.nbytes + q6.nbytes)
+    assert sizing.packed_bytes([lay], 0.5, "rows") == 512 * 2 * 144 + 256 * 4 * 210
+    assert sizing.packed_bytes([lay], 1.0) == q4.nbytes + q6.nbytes
+    assert sizing.int4_fraction([lay]) == 1.0
+    raw = np.concatenate([blocks(QT.Q4_K, 1024, 512, 1).reshape(-1), blocks(QT.Q6_K, 512, 1024, 2).reshape(-1)])
+    share = CpuShare(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1.0, torch.float32, Timeline("compute", "t"),
+                     "layers", [lay])
+    share.pack(0, lay, raw)
+    rows = share.rows(0, lay, 1.0)
+    assert rows == {"ffn_up.weight": 1024, "ffn_down.weight": 512}
+    got = share.packed[0]
+    assert all(isinstance(m, packing.BlockRows) for m in got.values())
+    assert got["ffn_down.weight"].raw.numpy().tobytes() == raw[q6.slot_offset:].tobytes()  # the blocks as they are
+    raw[:] = 0  # (the staging slot is reused: the CPU's rows are its own copy)
+    assert got["ffn_up.weight"].raw.max().item() > 0
+    full = {"ffn_gate.weight": 512, "ffn_up.weight": 1024, "ffn_down.weight": 512}
+    gate = SlotTensor("ffn_gate.weight", int(QT.Q4_K), (1024, 512), 0, q4.nbytes, "f", 0)
+    assert share.whole_ffn(LayerLayout(0, (gate, q4, q6), lay.nbytes), dict(full, **{"ffn_gate.weight": 1024}))
+
+
+@pytest.mark.parametrize("kernel", ["native", "aten"])
+def test_split_rows_of_q4k_and_q6k_against_float64(kernel, monkeypatch):
+    """A split matrix's CPU rows through linear_many, with the kernel and without it (where the
+    Q6_K matrix cannot be split and stays whole on the device)."""
+    from layerstream.compute.qlinear import linear_many
+
+    if kernel == "aten":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    K = 512
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, K, generator=g)
+    ws, want = [], []
+    for qt, n in ((QT.Q4_K, 192), (QT.Q6_K, 131)):
+        raw = blocks(qt, n, K, seed=int(qt))
+        dense = torch.from_numpy(quants.dequantize(raw, qt).reshape(n, K))
+        want.append(x.double() @ dense.double().T)
+        n_cpu = 64 if int(qt) in packing.split_types() else 0
+        cpu = packing.cpu_matrix(torch.from_numpy(raw[n - n_cpu:].reshape(-1)), int(qt), n_cpu, K, torch.float32) \
+            if n_cpu else None
+        ws.append(SplitWeight(dense[: n - n_cpu], cpu, Meter()) if n_cpu else dense)
+    assert isinstance(ws[1], SplitWeight) == (kernel == "native")
+    tol = 2e-2 if kernel == "native" else 1e-4  # (x rounded to int8 blocks of 32 by the kernel)
+    for got, ref in zip(linear_many(x, ws, [None, None]), want):
+        assert got.shape == ref.shape
+        assert (got.double() - ref).abs().max().item() < tol * ref.abs().max().item()

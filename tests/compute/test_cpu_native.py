@@ -1,0 +1,123 @@
+"""The native CPU kernel (compute/cpu/qdot.c) against float64 over gguf-py's dequantizer, each
+type it reads, its plain C path beside the vector one, and the fallback where it cannot build."""
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT, quants
+
+from layerstream.compute.cpu import native, packing
+
+TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+
+
+@pytest.fixture(autouse=True)
+def _needs_compiler():
+    if not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+
+
+def rows(qt: QT, n: int, K: int, seed: int) -> np.ndarray:
+    """n rows of blocks: gguf-py's quantizer where it has one, else random bytes with small scales
+    (every bit pattern of the values, the high bits included)."""
+    rng = np.random.default_rng(seed)
+    if qt in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
+        return quants.quantize(rng.standard_normal((n, K)).astype(np.float32), qt)
+    bs = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}[qt]
+    raw = rng.integers(0, 256, (n, K // 256, bs), dtype=np.uint8)
+    at = slice(208, 210) if qt == QT.Q6_K else slice(0, 4)
+    k = at.stop - at.start
+    raw[..., at] = (rng.random((n, K // 256, k // 2)) * 0.02).astype(np.float16).view(np.uint8).reshape(n, K // 256, k)
+    return raw.reshape(n, -1)
+
+
+def exact_x(T: int, K: int, g: torch.Generator) -> torch.Tensor:
+    """x the kernel's int8 blocks hold exactly: integers in -127..127 times 2**-6, each block of 32
+    reaching 127 (so its scale is 2**-6)."""
+    q = torch.randint(-127, 128, (T, K), generator=g)
+    q[:, ::32] = 127
+    return q.float() * 2.0**-6
+
+
+@pytest.mark.parametrize("qt", TYPES)
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_each_type_matches_float64_over_gguf_dequantize(qt, T):
+    N, K = 67, 768  # (an odd N; K three super-blocks, and 24 blocks of 32: a remainder after groups of 8)
+    raw = rows(qt, N, K, seed=int(qt) + T)
+    w = torch.from_numpy(quants.dequantize(raw, qt).reshape(N, K)).double()
+    g = torch.Generator().manual_seed(T)
+    flat = torch.from_numpy(raw.reshape(-1))
+    x = exact_x(T, K, g)
+    want = x.double() @ w.T
+    for plain in (False, True):  # the vector path and the plain C one (aarch64's)
+        got = native.matmuls([(flat, int(qt), N, K, x)], threads=2, plain=plain)[0]
+        assert got.shape == (T, N) and got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() < 2e-6 * want.abs().max().item(), plain
+    # any x: its rounding to int8 blocks bounds the error (half a step of amax / 127 a value)
+    xg = torch.randn(T, K, generator=g)
+    want = xg.double() @ w.T
+    err = (native.linear(xg, flat, int(qt), N, K).double() - want).abs()
+    bound = (w.abs().sum(1) * xg.abs().view(T, -1, 32).amax(-1).max() / 254).max().item()  # worst case a row
+    assert err.max().item() < bound
+    assert err.max().item() < 2e-2 * want.abs().max().item()
+    # bf16 x: the same as its float32 values
+    xb = xg.bfloat16()
+    assert torch.equal(native.linear(xb, flat, int(qt), N, K), native.linear(xb.float(), flat, int(qt), N, K))
+
+
+def test_one_call_of_several_jobs_and_threads_gives_each_jobs_rows():
+    K = 512
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = exact_x(2, K, g), exact_x(2, K, g)
+    jobs, want = [], []
+    for i, (qt, n, x) in enumerate([(QT.Q4_K, 33, x1), (QT.Q6_K, 7, x1), (QT.Q8_0, 130, x2)]):
+        raw = rows(qt, n, K, seed=i)
+        jobs.append((torch.from_numpy(raw.reshape(-1)), int(qt), n, K, x))
+        want.append(x.double() @ torch.from_numpy(quants.dequantize(raw, qt).reshape(n, K)).double().T)
+    for threads in (1, 2, 5):
+        for got, ref in zip(native.matmuls(jobs, threads=threads), want):
+            assert (got.double() - ref).abs().max().item() < 2e-6 * ref.abs().max().item()
+
+
+def test_bad_calls_say_what_was_wrong():
+    raw = torch.zeros(10 * 144, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no IQ4_XS"):
+        native.linear(torch.zeros(1, 256), raw, int(QT.IQ4_XS), 10, 256)
+    with pytest.raises(ValueError, match="contiguous bytes"):
+        native.linear(torch.zeros(1, 256), raw[:100], int(QT.Q4_K), 10, 256)
+    with pytest.raises(ValueError, match="K not whole blocks"):
+        native.linear(torch.zeros(1, 128), raw, int(QT.Q4_K), 10, 128)
+
+
+def test_a_build_lands_atomically_in_its_cache_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path / "cache")
+    path = native.library_path(native.compiler())
+    assert path.parent == tmp_path / "cache" and path.name.startswith("qdot-")
+    native._build(native.compiler(), path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # (no temporary left)
+    assert ctypes.CDLL(str(path)).qdot_isa() in (0, 1, 2)
+
+
+def test_without_a_compiler_the_cpu_keeps_atens_int4_and_dequantized_rows(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    native.library.cache_clear()
+    try:
+        with caplog.at_level("DEBUG", logger=native.__name__):
+            assert not native.available() and native.isa() == "none"
+        assert [r.levelname for r in caplog.records] == ["DEBUG"]
+        raw = torch.from_numpy(rows(QT.Q4_K, 64, 256, 0).reshape(-1))
+        assert isinstance(packing.cpu_matrix(raw, int(QT.Q4_K), 64, 256, torch.float32), packing.PackedRows)
+        raw6 = torch.from_numpy(rows(QT.Q6_K, 64, 256, 0).reshape(-1))
+        assert isinstance(packing.cpu_matrix(raw6, int(QT.Q6_K), 64, 256, torch.float32), packing.DenseRows)
+        assert packing.split_types() == packing.INT4_TYPES and packing.pack_ratio() > 1
+        with pytest.raises(RuntimeError, match="not available"):
+            native.linear(torch.zeros(1, 256), raw, int(QT.Q4_K), 64, 256)
+        # a compiler that fails: the same fallback
+        monkeypatch.setattr(native, "compiler", lambda: "/bin/false")
+        monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
+        native.library.cache_clear()
+        assert not native.available()
+    finally:
+        native.library.cache_clear()  # (the next caller loads it again, the compiler restored)
