@@ -1,0 +1,71 @@
+"""bin/bench cpu-kernel: the CPU's matmul GB/s of the bytes it reads: the native kernel on GGUF
+blocks (compute/cpu/qdot.c) against aten's int4 layout and a dequantized bf16 matmul."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+
+from layerstream.compute.cpu import native
+from layerstream.compute.cpu.packing import BlockRows, random_packed
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768)]  # [N, K]: the 8B's, the MoE experts'
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_cpu_kernel(args) -> None:
+    """One row per (shape, path, type, tokens, threads): microseconds and GB/s of the bytes read."""
+    if not native.available():
+        print("bin/bench cpu-kernel: the native kernel is not built here (no C compiler?); aten's rows only")
+    types = [QT[t.strip()] for t in args.types.split(",")]
+    threads_all = args.threads or sorted({1, max(1, torch.get_num_threads() // 2), torch.get_num_threads()})
+    g = torch.Generator().manual_seed(0)
+    print(f"native: {native.isa()}; torch threads {torch.get_num_threads()}")
+    print(f"{'N x K':>12} {'path':>12} {'T':>3} {'thr':>4} {'us':>9} {'GB/s':>7}")
+    saved = torch.get_num_threads()
+    try:
+        for N, K in SHAPES:
+            mats = []
+            if native.available():
+                for qt in types:
+                    if K % 256 == 0 or qt in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
+                        raw = torch.randint(0, 256, (N * native.row_bytes(int(qt), K),), dtype=torch.uint8, generator=g)
+                        mats.append((f"native {qt.name}", BlockRows(raw, int(qt), K)))
+            mats.append(("aten int4", random_packed(N, K, g)))
+            dense = (torch.randn(N, K, generator=g) / 64).bfloat16()
+            for T in args.tokens:
+                x = torch.randn(T, K, generator=g).bfloat16()
+                for th in threads_all:
+                    torch.set_num_threads(th)
+                    for name, m in mats:
+                        s = _median_s(lambda: m.matmul(x) if name.startswith("aten") else
+                                      native.matmuls([m.job(x)], threads=th), args.reps)
+                        print(f"{N:>6}x{K:<5} {name:>12} {T:>3} {th:>4} {s * 1e6:>9.0f} {m.nbytes / s / 1e9:>7.1f}")
+                    s = _median_s(lambda: F.linear(x, dense), args.reps)
+                    print(f"{N:>6}x{K:<5} {'bf16 dense':>12} {T:>3} {th:>4} {s * 1e6:>9.0f} {dense.numel() * 2 / s / 1e9:>7.1f}")
+    finally:
+        torch.set_num_threads(saved)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("cpu-kernel", help="the CPU's matmuls: native kernel on GGUF blocks vs aten int4 vs bf16")
+    p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K,Q4_0", help="block types, comma separated")
+    p.add_argument("-t", "--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
+                   help="rows of x, comma separated (default 1,8)")
+    p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="thread counts, comma separated (default 1, half and all of torch's)")
+    p.add_argument("--reps", type=int, default=10, help="timed runs per figure; the median (default 10)")
+    p.set_defaults(func=bench_cpu_kernel)
