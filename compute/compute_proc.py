@@ -74,6 +74,8 @@ class _InFlight:
     rows: list[int]  # per sequence: its KV row where it samples, else -1
     launched: Launched
     t0: int  # when its launch began (monotonic ns)
+    own_s: float | None = None  # the step's own seconds on the CPU (its launch ran it); None: from start
+    start: Any = None  # CUDA event recorded as its launch began: where the device starts it
     events: list = field(default_factory=list)  # its CUDA event pairs (streamed.py)
     observed: tuple = ()  # the CPU share's figures of its launch
 
@@ -249,12 +251,16 @@ class ComputeWorker:
         self.source.set_step(msg.step, tokens)
         if self.source.expert_step:
             self.expert_steps, self.expert_tokens = self.expert_steps + 1, self.expert_tokens + tokens
+        start = None
+        if self.device.type == "cuda":  # the step's own time starts where the device reaches it
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         launched = self.stepper.launch(seqs, [s.sample for s in msg.seqs], msg.starts, msg.want_logits)
         self.source.return_slots()
         self._send_done()
         evs = self.source.ring.gpu_events if self.device.type == "cuda" else []
         step = _InFlight(msg.step, tokens, msg.want_logits, [s.row if s.sample else -1 for s in msg.seqs], launched,
-                         t0, list(evs))
+                         t0, None if start is not None else (time.monotonic_ns() - t0) / 1e9, start, list(evs))
         evs.clear()
         if self.source.expert_step and self.cpu_experts is not None:  # (its dense layers are not split)
             sec, nbytes, _ = self.cpu_experts.meter.take()  # (a pass's packing is a one-off: left out)
@@ -277,7 +283,7 @@ class ComputeWorker:
         now = time.monotonic_ns()
         self.tl.add("step", f"step {st.step}", st.t0, now - st.t0, step=st.step, tokens=st.tokens)
         copy_s, copy_bytes = self._gpu_timeline(st.events, st.launched.event)
-        pass_s = (now - st.t0) / 1e9
+        pass_s = self._own_s(st, now)
         if st.observed and st.observed[0] == "experts":
             _, sec, nbytes, pack_s = st.observed
             self.cpu_experts.balancer.observe(st.tokens, pass_s - pack_s, sec, nbytes, 0.0, 0)
@@ -288,6 +294,16 @@ class ComputeWorker:
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(st.step, shape, "float32", {}, res.ids, res.bad, res.accepted or []),
                         extra=[] if out is None else [out.data])
+
+    @staticmethod
+    def _own_s(st: _InFlight, now: int) -> float:
+        """The step's own seconds, for the balancers: from where the device began it to its end
+        event, not from its launch, which the step before may still hold up (two in flight)."""
+        if st.own_s is not None:
+            return st.own_s
+        if st.start is not None and st.launched.event is not None:
+            return st.start.elapsed_time(st.launched.event) / 1e3  # (the end event is complete: no wait)
+        return (now - st.t0) / 1e9
 
     def run(self) -> None:
         """Launch Forwards as they come, the next before the last is done; answer each once done."""

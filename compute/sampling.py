@@ -84,6 +84,13 @@ def bad_codes(best: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(best), FINITE, code).to(torch.int8)
 
 
+def bad_code(best: float) -> int:
+    """bad_codes of one row's largest logit, on the host."""
+    if math.isfinite(best):
+        return FINITE
+    return NAN if math.isnan(best) else INF if best > 0 else NO_FINITE
+
+
 def penalize(x: torch.Tensor, seen: torch.Tensor, p: float) -> torch.Tensor:
     """The repetition penalty on the tokens `seen` [B, V] bool of x [B, V] float."""
     return torch.where(seen, torch.where(x > 0, x / p, x * p), x)

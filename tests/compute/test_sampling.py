@@ -487,3 +487,41 @@ def test_cuda_verification_gives_the_host_verifications_ids_greedy_and_keeps_dra
     for _ in range(50):
         last, k, bad = rs.verify(x.cuda(), 0, drafts.cuda())
         assert int(bad) == 0 and last.item() in x[int(k)].topk(5).indices.tolist()
+
+
+def test_an_all_greedy_step_gives_the_general_paths_ids_codes_and_rows_next_ids():
+    """Stepper's greedy path (argmax and the largest logit to the host, the codes made there)
+    gives the ids and not-finite codes of RowSamplers.sample, feeds each row's next step the same
+    id (rows out of order too), and lends its pinned buffer to one step at a time."""
+    from layerstream.compute.sampling import FINITE, INF, NAN, NO_FINITE, RowSamplers, bad_codes
+    from layerstream.compute.step_meta import SeqStep
+    from layerstream.compute.stepper import Stepper
+    from layerstream.proto.messages import SamplerStart
+
+    V, g = 50, torch.Generator().manual_seed(4)
+    logits = torch.randn(4, V, generator=g)
+    logits[1, 7] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 9] = float("inf")
+    seen = []
+
+    def step(seqs, want, last_ids):
+        seen.append(last_ids.clone())
+        return logits[: len(seqs)].clone()
+
+    rows = [3, 0, 2, 1]
+    st = Stepper(step, V, 4, "cpu")
+    starts = [SamplerStart(r, 0.0, 40, 0.95, 0.05, 1.0, 64, 1, []) for r in rows]  # greedy, no penalty
+    seqs = [SeqStep(r, [5], [0], [0], [0]) for r in rows]
+    first = st.launch(seqs, [1] * 4, starts, "none")
+    assert first.best is not None  # the greedy path ran
+    ref = RowSamplers(V, "cpu")
+    for s in starts:
+        ref.start(s.row, SamplingParams(temperature=0.0), 1, [])
+    want_ids, want_codes = ref.sample(logits, rows)
+    res = Stepper.result(first)
+    assert res.ids == want_ids.tolist() and res.bad == bad_codes(logits.max(-1).values).tolist()
+    assert res.bad == [FINITE, NAN, NO_FINITE, INF] and res.accepted is None
+    assert len(st.pool) == 1  # given back once read
+    second = st.launch([SeqStep(r, [-1], [1], [1], [0, 1]) for r in rows], [1] * 4, [], "none")
+    assert seen[-1][rows].tolist() == res.ids and second.buf is first.buf and not st.pool
