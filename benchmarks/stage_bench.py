@@ -595,7 +595,8 @@ def bench_pipeline(args) -> list[dict]:
     with model_for(args) as index:
         # a decode sequence: its prompt (4), the tokens it decodes while the batch's other prompts
         # prefill (step budget below the batch's prompts), then the timed or warm passes
-        ctx = max(args.tokens, 4 + 4 * max(batches) + max(args.reps, args.warm_passes)) + 8
+        ctx = max(args.tokens, 4 + 4 * max(batches) + max(args.reps, args.warm_passes),
+                  GENERATE_PROMPT + args.generate_tokens) + 8
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
                            prefill_chunk=max(args.tokens, *batches))  # (a decode step holds every sequence)
         pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
@@ -629,6 +630,8 @@ def bench_pipeline(args) -> list[dict]:
                 if args.warm_passes:  # untimed: e.g. the CPU share's balancer times its choices
                     time_decode(core, [ids(4) for _ in range(B)], args.warm_passes)
                 row("decode", B, B, time_decode(core, [ids(4) for _ in range(B)], args.reps))
+            if args.generate_tokens > 1:  # run-pipeline's own path on the same plan: the text as the CLI streams it
+                row("generate", 1, 1, [time_generate(engine, ids(GENERATE_PROMPT), args.generate_tokens)])
             times = []
             for _ in range(args.reps if args.tokens else 0):
                 t0 = time.perf_counter()
@@ -648,6 +651,21 @@ def bench_pipeline(args) -> list[dict]:
                 n = backend.write_trace(args.trace, snaps)
                 print(f"trace: {n} events written to {args.trace}")
     return rows
+
+
+GENERATE_PROMPT = 39  # tokens: the prompt of BENCHMARKS.md's run-pipeline command
+
+
+def time_generate(engine, prompt: list[int], n: int) -> float:
+    """Seconds a token of one greedy generation of `n` tokens through Engine.generate, the path
+    run-pipeline prints from (the engine core, sampling on the device, detokenizing, the text
+    pieces), from its first piece to its last, as run-pipeline's --stats decode rate counts."""
+    from layerstream.compute.sampling import SamplingParams
+
+    t_first = None
+    for _ in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)):
+        t_first = t_first or time.perf_counter()
+    return (time.perf_counter() - t_first) / (n - 1)
 
 
 # -- serve: the HTTP server against the bare engine -------------------------------------------------
@@ -1005,6 +1023,9 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON of the timed passes")
     p.add_argument("--warm-passes", type=int, default=0,
                    help="untimed decode passes at each batch size before the timed ones (default 0)")
+    p.add_argument("--generate-tokens", type=int, default=256,
+                   help="tokens of the `generate` row: one generation through run-pipeline's own path, after a "
+                        f"{GENERATE_PROMPT}-token prompt, on the same plan (0: none; default 256)")
     p.set_defaults(func=bench_pipeline)
 
     p = sub.add_parser("serve", help="the HTTP server under N concurrent streaming clients, beside the bare engine")

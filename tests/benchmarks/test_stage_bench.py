@@ -71,8 +71,10 @@ def test_compute_on_a_shape(capsys):
 def test_pipeline(tiny, capsys, tmp_path):
     trace = tmp_path / "t.json"
     out = run(capsys, "pipeline", "-m", tiny, "--device", "cpu", "--reps", "1", "--tokens", "8",
-              "--resident-layers", "0", "-b", "1,2", "--trace", str(trace))
+              "--resident-layers", "0", "-b", "1,2", "--trace", str(trace), "--generate-tokens", "6")
     assert "x floor" in out and "streamed" in out and "wall time" in out and trace.exists()
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("generate"))  # run-pipeline's path
+    assert row[1:3] == ["1", "1"] and float(row[4]) > 0, row
 
 
 @pytest.mark.timeout(120)
