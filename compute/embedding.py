@@ -65,10 +65,11 @@ def mapped_embedding(glob, device: torch.device, dtype: torch.dtype) -> DeviceEm
     try:
         host = torch.empty(rows.shape, dtype=torch.uint8, pin_memory=True)
         host.numpy()[:] = rows
-        table = torch.as_tensor(_Mapped(host), device=device)
+        table = torch.as_tensor(_Mapped(host))  # (no device given: torch never copies it there)
+        if table.device != device or table.data_ptr() != host.data_ptr():
+            raise RuntimeError(f"the pinned table maps to {table.device}, not {device}")
         probe = torch.tensor([0, rows.shape[0] // 2, rows.shape[0] - 1], dtype=torch.long)
-        got = table.index_select(0, probe.to(device)).cpu()
-        if table.device != device or not torch.equal(got, host[probe]):
+        if not torch.equal(table.index_select(0, probe.to(device)).cpu(), host[probe]):
             raise RuntimeError("the device read other bytes than the host table holds")
     except (RuntimeError, TypeError, ValueError) as e:
         log.warning("the token embedding stays a host gather (decode steps wait for the last ids): %s", e)
