@@ -43,3 +43,18 @@ def test_a_step_fed_its_last_sampled_ids_on_the_device_gives_the_logits_of_the_k
         r.step(prompt, "none")
     want = runs[0].step(known, "last")
     assert torch.equal(runs[1].step(decode, "last", last), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_device_reads_the_pinned_table_in_place(index):
+    """On CUDA the table stays in pinned host memory (no device bytes for it) and the rows the
+    device gathers by ids on the device, dequantized there, are the host gather's."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    glob = GlobalWeights(index, dev, torch.float16, quantized=True)
+    before = torch.cuda.memory_allocated(dev)
+    emb = mapped_embedding(glob, dev, torch.float16)
+    assert emb is not None and torch.cuda.memory_allocated(dev) == before
+    assert emb.table.device == dev and emb.table.data_ptr() == emb.host.data_ptr()
+    ids = torch.tensor([1, index.hparams.n_vocab - 1, 1], device=dev)
+    assert torch.equal(emb(ids).cpu(), glob.embed(ids.cpu()).cpu())
