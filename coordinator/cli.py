@@ -329,5 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The command's entry point: main(), then the process ends without the interpreter's teardown
+    (supervisor.py, NOTE [ quick exits ])."""
+    try:
+        code = main()
+    except SystemExit as e:  # (argparse's --help, an argument error, _die)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    from layerstream.coordinator.supervisor import quick_exit
+
+    quick_exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -19,12 +19,22 @@ is terminated with the launcher. Nothing of the model is read or mapped before i
 The imports overlap only where cores are free for them: on a 2-core machine the children's imports
 slowed the launcher's own (a refused quant type took 5.6 to 6.1 s instead of 2.6 to 3.2, on a busy
 machine), so warm starts are taken from WARM_MIN_CPUS cores up.
+
+NOTE [ quick exits ]
+A process that imported torch spends about a second in the interpreter's teardown (freeing its
+modules) once its work is done: 1.1 to 1.5 s on the 2-core CPU, for the compute process and for
+the launcher alike. The launcher waits for the compute process's teardown when it stops the
+pipeline, and the user waits for the launcher's, after the answer is out. So both end through
+`quick_exit`: atexit's callbacks run (logging's flush; in the launcher the supervisor's last
+resort), stdio is flushed, and the process ends with os._exit. A child's own cleanup (links
+closed, the arena unlinked, threads joined) has run by then, in run_child and its role's body.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -70,6 +80,29 @@ WARM_MODULES = {
 }
 
 
+def quick_exit(code: int) -> None:
+    """End the process with `code` without the interpreter's teardown (NOTE [ quick exits ])."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):  # (a closed pipe: what was written is gone anyway)
+            pass
+    os._exit(code)
+
+
+def child_main(*args) -> None:
+    """Every child's process target: proto.child's `spawned(*args)`, then a quick exit with the
+    status it ends with (NOTE [ quick exits ])."""
+    code = 0
+    try:
+        spawned(*args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    quick_exit(code)
+
+
 def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
     """A warm process: import `modules`, then run as `spawned` with what comes on `conn` (exit
     quietly when the pipe closes first)."""
@@ -82,10 +115,10 @@ def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
     try:
         args = conn.recv()
     except (EOFError, OSError):
-        sys.exit(0)
+        quick_exit(0)
     finally:
         conn.close()
-    spawned(*args)
+    child_main(*args)
 
 
 class WarmStarts:
@@ -95,6 +128,7 @@ class WarmStarts:
         """roles: how many processes of each role to start now."""
         ctx = mp.get_context("spawn")
         self.waiting: dict[str, list[tuple[Any, Any]]] = {}
+        self.closed = False
         for role, n in roles.items():
             for _ in range(n):
                 theirs, ours = ctx.Pipe(duplex=False)
@@ -118,7 +152,11 @@ class WarmStarts:
         return None
 
     def close(self) -> None:
-        """Let the processes that got nothing go: their pipe closes, and those still importing are terminated."""
+        """Let the processes that got nothing go: their pipe closes, and those still importing are
+        terminated (once: the launcher calls it when its run has started, on its way out, and at exit)."""
+        if self.closed:
+            return
+        self.closed = True
         procs = [p for waiting in self.waiting.values() for p, _ in waiting]
         for waiting in self.waiting.values():
             for _, conn in waiting:
@@ -156,7 +194,7 @@ class Supervisor:
         if warm is not None:
             c.proc = warm
         else:
-            c.proc = self.mp.Process(target=spawned, args=args, name=f"layerstream-{ident}", daemon=True)
+            c.proc = self.mp.Process(target=child_main, args=args, name=f"layerstream-{ident}", daemon=True)
             c.proc.start()
         self.children[ident] = c
         return c

@@ -106,3 +106,60 @@ def test_warm_starts_are_taken_where_cores_are_free():
     from layerstream.coordinator.supervisor import warm_starts_pay
 
     assert [warm_starts_pay(c) for c in (1, 2, 3, 4, 16)] == [False, False, False, True, True]
+
+
+# a child's body: an atexit callback, and an object whose finalizer runs only in the interpreter's teardown
+_PROBE = """
+import atexit, builtins, sys
+class _Probe:
+    def __del__(self, open=open, path=PATH):
+        with open(path, "a") as f:
+            f.write("teardown\\n")
+builtins._layerstream_probe = _Probe()
+atexit.register(lambda: open(PATH, "a").write("atexit\\n"))
+print("unflushed", end="")
+sys.exit(3)
+"""
+
+
+def test_a_child_ends_with_its_status_after_atexit_without_the_interpreters_teardown(tmp_path):
+    """NOTE [ quick exits ]: the compute process's teardown (a second with torch) held up every
+    run's stop; a child now ends at once, its status and atexit's callbacks kept."""
+    import multiprocessing as mp
+    import pickle
+
+    from layerstream.coordinator.supervisor import child_main
+
+    path = tmp_path / "probe"
+    path.write_text("")
+    code = _PROBE.replace("PATH", repr(str(path)))
+    p = mp.get_context("spawn").Process(target=child_main,
+                                        args=("reader", "r0", None, 0, "builtins:exec", pickle.dumps(code)))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 3
+    assert path.read_text().split() == ["atexit"]
+
+
+def test_the_command_ends_with_its_status_and_its_output_flushed_without_the_teardown(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "probe"
+    path.write_text("")
+    code = _PROBE.replace("PATH", repr(str(path))).replace("sys.exit(3)", "")
+    code += "from layerstream.coordinator.supervisor import quick_exit\nquick_exit(5)\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 5 and r.stdout == "unflushed" and r.stderr == ""
+    assert path.read_text().split() == ["atexit"]
+
+
+def test_warm_starts_let_go_once():
+    from layerstream.coordinator.supervisor import WarmStarts
+
+    warm = WarmStarts({"reader": 1})
+    (proc, _), = warm.waiting["reader"]
+    warm.close()
+    assert proc.exitcode is not None and warm.closed
+    warm.close()  # (the launcher's way out and atexit's last resort call it again: nothing left to do)
+    assert warm.waiting == {}
