@@ -44,6 +44,8 @@ def bench_cpu_kernel(args) -> None:
                     if K % 256 == 0 or qt in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
                         raw = torch.randint(0, 256, (N * native.row_bytes(int(qt), K),), dtype=torch.uint8, generator=g)
                         mats.append((f"native {qt.name}", BlockRows(raw, int(qt), K)))
+                        if qt == types[0]:  # (x as one int8 row a token: half the integer work, 0.5% off)
+                            mats.append((f"x1 {qt.name}", BlockRows(raw, int(qt), K)))
             mats.append(("aten int4", random_packed(N, K, g)))
             dense = (torch.randn(N, K, generator=g) / 64).bfloat16()
             for T in args.tokens:
@@ -52,7 +54,8 @@ def bench_cpu_kernel(args) -> None:
                     torch.set_num_threads(th)
                     for name, m in mats:
                         s = _median_s(lambda: m.matmul(x) if name.startswith("aten") else
-                                      native.matmuls([m.job(x)], threads=th), args.reps)
+                                      native.matmuls([m.job(x)], threads=th, levels=1 if name.startswith("x1") else
+                                                     native.LEVELS), args.reps)
                         print(f"{N:>6}x{K:<5} {name:>12} {T:>3} {th:>4} {s * 1e6:>9.0f} {m.nbytes / s / 1e9:>7.1f}")
                     s = _median_s(lambda: F.linear(x, dense), args.reps)
                     print(f"{N:>6}x{K:<5} {'bf16 dense':>12} {T:>3} {th:>4} {s * 1e6:>9.0f} {dense.numel() * 2 / s / 1e9:>7.1f}")

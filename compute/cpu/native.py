@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("qdot.c")
 NATIVE_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K))
 MAX_TOKENS = 16  # rows of x a call is meant for (each weight row is dotted with all of them from L1)
+# x as two int8 rows a token (its values, then their residual): the CPU's rows then agree with
+# float32 to about 1e-5 (one int8 row: about 0.5% a dot product, 2% of SmolLM2's largest logit
+# with half its rows on the CPU), for twice the integer work, which a memory-bound call hides
+LEVELS = 2
 _BLOCK = {int(QT.Q4_0): (32, 18), int(QT.Q4_1): (32, 20), int(QT.Q8_0): (32, 34), int(QT.Q4_K): (256, 144),
           int(QT.Q5_K): (256, 176), int(QT.Q6_K): (256, 210)}
 
@@ -102,7 +106,7 @@ def library() -> ctypes.CDLL | None:
         if not path.exists():
             _build(cc, path)
         lib = ctypes.CDLL(str(path))
-        lib.qdot_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.qdot_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.qdot_run.restype = ctypes.c_int
         lib.qdot_isa.restype = ctypes.c_int
         return lib
@@ -127,10 +131,11 @@ def _threads(threads: int | None) -> int:
 
 
 def matmuls(jobs: list[tuple[torch.Tensor, int, int, int, torch.Tensor]], threads: int | None = None,
-            plain: bool = False) -> list[torch.Tensor]:
+            plain: bool = False, levels: int = LEVELS) -> list[torch.Tensor]:
     """[x @ W.T for each (raw, qtype, N, K, x)] in one call (the rows of every job split across
     `threads`): raw the N rows' blocks (uint8, contiguous), x [T, K] float32 or bf16 on the host;
-    each result [T, N] float32. plain: the C path only (tests compare it with the vector one)."""
+    each result [T, N] float32. plain: the C path only (tests compare it with the vector one);
+    levels: int8 rows of x a token (1 or 2, LEVELS)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU kernel is not available")
@@ -150,7 +155,7 @@ def matmuls(jobs: list[tuple[torch.Tensor, int, int, int, torch.Tensor]], thread
         out.append(y)
         arr[j] = Job(qtype, raw.data_ptr(), N, K, x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0],
                      y.data_ptr())
-    rc = lib.qdot_run(arr, len(jobs), _threads(threads), int(plain))
+    rc = lib.qdot_run(arr, len(jobs), _threads(threads), int(plain), levels)
     if rc:
         raise ValueError(f"native CPU kernel refused the call (code {rc}: -1 type, -2 K not whole blocks, -3 memory)")
     return out

@@ -85,29 +85,41 @@ static inline float x_at(const void *x, int bf16, int64_t i) {
     return f;
 }
 
-/* one token's K values of x into int8 blocks */
-static void quantize_row(const void *x, int bf16, int64_t off, int64_t K, int8_t *q, float *d, float *ds,
-                         int16_t *s16) {
+/* one block of 32 values into int8 (q, its scale d, d * sum q, the sums of each 16); with
+ * `residual`, v is left holding what the int8 values miss (v - q * d) */
+static inline void quantize_block(float *v, int8_t *q, float *d, float *ds, int16_t *s16, int residual) {
+    float amax = 0.f;
+    for (int i = 0; i < QK; i++) {
+        float a = fabsf(v[i]);
+        amax = a > amax ? a : amax;
+    }
+    float db = amax / 127.f, id = db > 0.f ? 127.f / amax : 0.f;
+    int s0 = 0, s1 = 0;
+    for (int i = 0; i < QK; i++) {
+        int qi = (int)nearbyintf(v[i] * id);
+        qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
+        q[i] = (int8_t)qi;
+        if (i < 16) s0 += qi; else s1 += qi;
+        if (residual) v[i] -= (float)qi * db;
+    }
+    *d = db;
+    *ds = db * (float)(s0 + s1);
+    s16[0] = (int16_t)s0;
+    s16[1] = (int16_t)s1;
+}
+
+/* one token's K values of x into `levels` rows of int8 blocks (row offsets `at`, then `at + 1`):
+ * the values, then (levels 2) what the first row misses, so that the two rows' sum holds x to
+ * about 2**-14 of each block's largest value */
+static void quantize_row(const void *x, int bf16, int64_t off, int64_t K, const xq_t *o, int64_t at, int levels) {
     float v[QK];
     for (int64_t b = 0; b < K / QK; b++) {
-        float amax = 0.f;
-        for (int i = 0; i < QK; i++) {
-            v[i] = x_at(x, bf16, off + b * QK + i);
-            float a = fabsf(v[i]);
-            amax = a > amax ? a : amax;
+        for (int i = 0; i < QK; i++) v[i] = x_at(x, bf16, off + b * QK + i);
+        for (int l = 0; l < levels; l++) {
+            int64_t r = at + l;
+            quantize_block(v, o->q + r * K + b * QK, o->d + r * (K / 32) + b, o->ds + r * (K / 32) + b,
+                           o->s16 + r * (K / 16) + 2 * b, l + 1 < levels);
         }
-        float db = amax / 127.f, id = db > 0.f ? 127.f / amax : 0.f;
-        int s0 = 0, s1 = 0;
-        for (int i = 0; i < QK; i++) {
-            int qi = (int)nearbyintf(v[i] * id);
-            qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
-            q[b * QK + i] = (int8_t)qi;
-            if (i < 16) s0 += qi; else s1 += qi;
-        }
-        d[b] = db;
-        ds[b] = db * (float)(s0 + s1);
-        s16[2 * b] = (int16_t)s0;
-        s16[2 * b + 1] = (int16_t)s1;
     }
 }
 
@@ -566,6 +578,7 @@ typedef struct {
     int64_t *row_bytes;
     dot_fn *fn;
     row_fn *vec; /* NULL entries: the plain dot, token by token */
+    int levels;  /* int8 rows of x per token (2: the values and their residual) */
 } call_t;
 
 /* whether job j reads the x of job j - 1 (then it shares its quantization) */
@@ -585,9 +598,7 @@ static void quantize_task(void *p, int i, int n) {
         if (same_x(c->jobs, j)) continue;
         for (int64_t t = 0; t < jb->T; t++, k++) {
             if (k < lo || k >= hi) continue;
-            int64_t K = jb->K;
-            quantize_row(jb->x, jb->x_bf16, t * K, K, c->xq[j].q + t * K, c->xq[j].d + t * (K / 32),
-                         c->xq[j].ds + t * (K / 32), c->xq[j].s16 + t * (K / 16));
+            quantize_row(jb->x, jb->x_bf16, t * jb->K, jb->K, &c->xq[j], t * c->levels, c->levels);
         }
     }
 }
@@ -602,18 +613,26 @@ static void rows_task(void *p, int i, int n) {
         const qdot_job *jb = &c->jobs[j];
         const xq_t *x = &c->xq[j];
         int64_t K = jb->K, r0 = (lo > a ? lo : a) - a, r1 = (hi < b ? hi : b) - a;
+        const int64_t T2 = jb->T * c->levels;
+        float tmp[32];
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *row = jb->w + r * c->row_bytes[j];
-            if (c->vec[j]) {
-                for (int64_t t0 = 0; t0 < jb->T; t0 += 16) { /* (a row kernel keeps 16 tokens' sums) */
-                    xq_t v = {x->q + t0 * K, x->d + t0 * (K / 32), x->ds + t0 * (K / 32), x->s16 + t0 * (K / 16)};
-                    c->vec[j](row, &v, jb->T - t0 < 16 ? jb->T - t0 : 16, K, jb->y + t0 * jb->N + r, jb->N);
+            for (int64_t t0 = 0; t0 < T2; t0 += 32) { /* (a row kernel keeps 16 tokens' sums) */
+                int64_t n = T2 - t0 < 32 ? T2 - t0 : 32;
+                for (int64_t h = 0; h < n; h += 16) {
+                    int64_t t = t0 + h, m = n - h < 16 ? n - h : 16;
+                    if (c->vec[j]) {
+                        xq_t v = {x->q + t * K, x->d + t * (K / 32), x->ds + t * (K / 32), x->s16 + t * (K / 16)};
+                        c->vec[j](row, &v, m, K, tmp + h, 1);
+                    } else {
+                        for (int64_t u = 0; u < m; u++)
+                            tmp[h + u] = c->fn[j](row, x->q + (t + u) * K, x->d + (t + u) * (K / 32),
+                                                  x->ds + (t + u) * (K / 32), x->s16 + (t + u) * (K / 16), K);
+                    }
                 }
-                continue;
+                for (int64_t u = 0; u < n; u += c->levels) /* (32 is a whole number of tokens' rows) */
+                    jb->y[(t0 + u) / c->levels * jb->N + r] = c->levels == 2 ? tmp[u] + tmp[u + 1] : tmp[u];
             }
-            for (int64_t t = 0; t < jb->T; t++)
-                jb->y[t * jb->N + r] = c->fn[j](row, x->q + t * K, x->d + t * (K / 32), x->ds + t * (K / 32),
-                                                x->s16 + t * (K / 16), K);
         }
     }
 }
@@ -621,11 +640,14 @@ static void rows_task(void *p, int i, int n) {
 static __thread void *scratch;
 static __thread size_t scratch_size;
 
-/* Runs n_jobs matmuls on `threads` threads (the caller's included). plain: the C path only (tests).
+/* Runs n_jobs matmuls on `threads` threads (the caller's included). plain: the C path only (tests);
+ * levels: 1, x rounded to int8 blocks (a relative error of about 0.5% a dot product), or 2, its
+ * residual rounded too and dotted as well (about 2**-14 of it, twice the integer work). 
  * Returns 0, or -1 for a type it has no kernel for, -2 for a K that is not a whole number of blocks,
  * -3 when out of memory. */
-int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain) {
+int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int levels) {
     if (n_jobs <= 0) return 0;
+    if (levels != 2) levels = 1;
     size_t need = 0;
     int64_t row_start[n_jobs + 1], row_bytes[n_jobs];
     dot_fn fn[n_jobs];
@@ -638,7 +660,7 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain) {
         if (plain) vec[j] = NULL;
         row_start[j + 1] = row_start[j] + jobs[j].N;
         if (!same_x(jobs, j)) {
-            size_t TK = (size_t)(jobs[j].T * jobs[j].K);
+            size_t TK = (size_t)(jobs[j].T * levels * jobs[j].K);
             need += TK + TK / 32 * 8 + TK / 16 * 2 + 64;
         }
     }
@@ -654,20 +676,20 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain) {
             xq[j] = xq[j - 1];
             continue;
         }
-        int64_t TK = jobs[j].T * jobs[j].K;
+        int64_t TK = jobs[j].T * levels * jobs[j].K;
         xq[j].d = (float *)s; s += TK / 32 * 4;
         xq[j].ds = (float *)s; s += TK / 32 * 4;
         xq[j].s16 = (int16_t *)s; s += TK / 16 * 2;
         xq[j].q = (int8_t *)s; s += TK;
         s = (char *)(((uintptr_t)s + 63) & ~(uintptr_t)63);
     }
-    call_t c = {jobs, n_jobs, xq, row_start, row_bytes, fn, vec};
+    call_t c = {jobs, n_jobs, xq, row_start, row_bytes, fn, vec, levels};
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     pthread_mutex_lock(&pool_mu);
     int64_t toks = 0;
     for (int j = 0; j < n_jobs; j++) toks += jobs[j].T;
-    dispatch(quantize_task, &c, toks * jobs[0].K >= 65536 ? threads : 1);
+    dispatch(quantize_task, &c, toks * levels * jobs[0].K >= 65536 ? threads : 1);
     int64_t rows = row_start[n_jobs];
     dispatch(rows_task, &c, rows < threads * 4 ? (int)(rows / 4 > 1 ? rows / 4 : 1) : threads);
     pthread_mutex_unlock(&pool_mu);

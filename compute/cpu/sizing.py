@@ -3,10 +3,9 @@ its packed weights need."""
 
 from __future__ import annotations
 
-import os
-
 from layerstream.compute.cpu.packing import cpu_matrix_bytes, cpu_rows, cpu_types, split_types
 from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.cpus import usable_cpus
 
 SPLITS = ("layers", "rows")
 FFN_MATRICES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -96,5 +95,5 @@ def packed_bytes(layouts, frac: float, split: str = "layers") -> int:
 def threads_default() -> int:
     """CPU threads for the share: measured on a 16-core host, 12 threads read 73 GB/s and 8 read
     50 (int4, batch 1); the other processes (readers, coordinator) keep the rest."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    n = usable_cpus()
     return max(1, n - 4) if n >= 8 else max(1, n - 1)
