@@ -531,8 +531,21 @@ static void *worker_main(void *p) {
     return NULL;
 }
 
+/* a forked child has none of the parent's workers: it starts its own pool */
+static void pool_after_fork(void) {
+    n_workers = 0;
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_mutex_init(&wake_mu, NULL);
+    pthread_cond_init(&wake_cv, NULL);
+}
+
 /* run fn(arg, i, n) for i in 0..n-1, i = 0 on the calling thread; returns n actually used */
 static int dispatch(task_fn fn, void *arg, int n) {
+    static int registered;
+    if (!registered) {
+        registered = 1;
+        pthread_atfork(NULL, NULL, pool_after_fork);
+    }
     while (n_workers < n - 1 && n_workers < MAX_THREADS - 1) {
         pthread_t t;
         pthread_attr_t a;

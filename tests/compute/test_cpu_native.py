@@ -123,3 +123,19 @@ def test_without_a_compiler_the_cpu_keeps_atens_int4_and_dequantized_rows(monkey
         assert not native.available()
     finally:
         native.library.cache_clear()  # (the next caller loads it again, the compiler restored)
+
+
+def test_a_forked_child_computes_with_its_own_threads():
+    """The pool's workers do not survive fork(): a child starts its own (it would wait forever on
+    the parent's)."""
+    import os
+
+    raw = torch.from_numpy(rows(QT.Q4_K, 64, 256, 0).reshape(-1))
+    x = torch.randn(2, 256)
+    want = native.linear(x, raw, int(QT.Q4_K), 64, 256, threads=2)  # (the parent's pool started)
+    pid = os.fork()
+    if pid == 0:
+        ok = torch.equal(native.linear(x, raw, int(QT.Q4_K), 64, 256, threads=2), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
