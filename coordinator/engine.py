@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
@@ -19,6 +20,7 @@ from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper, StepResult
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
+from layerstream.coordinator.sigmask import sigint_blocked
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ConfigError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
@@ -173,19 +175,25 @@ def window_nll(logits: torch.Tensor, chunk: list[int], at: int, first: int, base
     return total
 
 
+def text_side(index: ModelIndex) -> tuple[Tokenizer, ChatTemplate | None]:
+    """The model's tokenizer and chat template, from its metadata."""
+    try:
+        tok = Tokenizer.from_metadata(index.metadata)
+    except ModelError as e:  # (the tokenizer sees metadata, not the file: its errors get the file's name)
+        raise ModelError(f"{index.path}: {e}") from None
+    return tok, ChatTemplate.from_metadata(index.metadata, tok)
+
+
 class Engine:
     """Tokenize, run steps, sample; usable in one process or over the streaming pipeline."""
 
-    def __init__(self, index: ModelIndex, backend: StepBackend, cfg: EngineConfig, draft=None):
+    def __init__(self, index: ModelIndex, backend: StepBackend, cfg: EngineConfig, draft=None, text=None):
+        """`text`: a Future of text_side(index), where Engine.open made it beside the backend's start."""
         self.index, self.backend, self.cfg = index, backend, cfg
         self.draft = draft  # a DraftModel (draft.py), or None
         self.hparams = index.hparams
         try:
-            try:
-                self.tokenizer = Tokenizer.from_metadata(index.metadata)
-            except ModelError as e:  # (the tokenizer sees metadata, not the file: its errors get the file's name)
-                raise ModelError(f"{index.path}: {e}") from None
-            self.chat_template = ChatTemplate.from_metadata(index.metadata, self.tokenizer)
+            self.tokenizer, self.chat_template = text.result() if text is not None else text_side(index)
         except BaseException:  # a bad tokenizer in the file: nothing left running
             backend.close()
             raise
@@ -209,17 +217,27 @@ class Engine:
             from layerstream.loader.default_model import default_model_path
 
             index = open_model(cfg.model or default_model_path())
+        text = None
         if pipeline is None:
             backend = local_backend(index, cfg, progress=progress)
         else:
             from layerstream.coordinator.pipeline import pipeline_backend
 
-            backend = pipeline_backend(index, cfg, pipeline)
+            # the tokenizer is built while the pipeline's processes start (they wait on sockets)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="layerstream-tokenizer")
+            with sigint_blocked():  # (NOTE [ SIGINT and threads ])
+                text = pool.submit(text_side, index)
+            pool.shutdown(wait=False)  # (the thread ends with its one task)
+            try:
+                backend = pipeline_backend(index, cfg, pipeline)
+            except BaseException:
+                text.cancel()
+                raise
         draft = None
         try:
             if cfg.draft_model is not None:
                 draft = draft_model(index, cfg)
-            return cls(index, backend, cfg, draft)
+            return cls(index, backend, cfg, draft, text)
         except BaseException:
             backend.close()
             raise

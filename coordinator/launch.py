@@ -88,11 +88,17 @@ class Launch:
             dtype=str(self.dtype).split(".")[-1], ctx=self.ctx, max_seqs=self.max_seqs, resident=plan.resident,
             vram_slots=plan.vram_slots, kv_device_layers=plan.kv_device_layers, weights=self.weights,
             budget_bytes=plan.budget_bytes, step_tokens=plan.step_tokens, arena=arena,
-            layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu, index=self.index,
+            layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu, index=self._compute_index(),
             expert_cache_bytes=plan.expert_cache_bytes, dense_resident=plan.dense_resident,
             expert_policy=cfg.expert_policy, expert_prefetch=plan.expert_prefetch,
             done_batch=compute_proc.DONE_BATCH if plan.cache_layers >= len(plan.streamed) else 1,
             cpu_threads=threads, endpoints=endpoints, parent_pid=parent_pid, trace=cfg.trace, sliding=self.sliding)
+
+    def _compute_index(self) -> ModelIndex:
+        """The index as the compute process gets it: without the tokenizer's metadata, which it never
+        reads (Gemma 3's 262k-token vocabulary made a 5 MiB config to pickle and unpickle at start)."""
+        return dataclasses.replace(self.index, metadata={k: v for k, v in self.index.metadata.items()
+                                                         if not k.startswith("tokenizer.")})
 
     def reads(self) -> list[LayerReads]:
         """Each layer's reads, per reader, as they go on the wire (fixed for the run)."""

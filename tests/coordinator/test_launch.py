@@ -1,0 +1,45 @@
+"""What a pipeline run starts with: the children's configs (coordinator/launch.py) and the engine's
+text side built beside the processes' start (coordinator/engine.py)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import ggufgen
+from layerstream.coordinator.engine import Engine, EngineConfig
+from layerstream.coordinator.launch import make_launch
+from layerstream.coordinator.pipeline import PipelineConfig
+from layerstream.errors import ModelError
+from layerstream.loader.gguf_index import open_model
+from layerstream.proto.child import ChildEndpoints
+from layerstream.proto.messages import ArenaDesc
+from procs import leaked, segments
+
+
+def test_the_compute_process_gets_the_index_without_the_tokenizers_metadata(tmp_path):
+    index = open_model(ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256))
+    assert any(k.startswith("tokenizer.") for k in index.metadata)
+    la = make_launch(index, torch.device("cpu"), torch.float32, 64, 1, PipelineConfig())
+    cfg = la.compute_config(ArenaDesc("x", 1, 4096), ChildEndpoints("ipc:///x", "ipc:///y"), 1)
+    sent = pickle.loads(pickle.dumps(cfg)).index
+    assert not any(k.startswith("tokenizer.") for k in sent.metadata)
+    assert sent.metadata == {k: v for k, v in index.metadata.items() if not k.startswith("tokenizer.")}
+    assert sent.hparams == index.hparams and sent.layers == index.layers and sent.globals == index.globals
+    assert any(k.startswith("tokenizer.") for k in index.metadata)  # (the launcher's own index is untouched)
+
+
+def test_a_bad_tokenizer_over_the_pipeline_is_one_error_naming_the_file_and_leaves_nothing(tmp_path):
+    """The tokenizer is built while the processes start: its error still comes as the file's,
+    after the pipeline is stopped."""
+
+    path = ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256)
+    index = open_model(path)
+    index.metadata["tokenizer.ggml.model"] = "no-such-tokenizer"
+    before = segments()
+    with pytest.raises(ModelError) as e:
+        Engine.open(EngineConfig(model=path, device="cpu", dtype="float32", ctx=64), PipelineConfig(), index=index)
+    assert str(e.value).startswith(f"{path}: ") and "no-such-tokenizer" in str(e.value)
+    assert not leaked(before)
