@@ -279,29 +279,23 @@ class Arena:
         """Allocate the segment's pages now, on `threads` threads (NOTE [ populating the arena ]);
         returns the bytes done (less where `stop` was set, or the kernel cannot populate)."""
         base, size = self._base_address(), self.nbytes
-        step = POPULATE_CHUNK
-        todo = iter(range(0, size, step))
-        lock = threading.Lock()
-        done = [0]
+        step, n_threads = POPULATE_CHUNK, max(1, threads)
+        done = [0] * n_threads  # bytes each thread made: thread i takes chunks i, i + n_threads, ... (no lock)
 
-        def work() -> None:
-            while stop is None or not stop.is_set():
-                with lock:
-                    lo = next(todo, None)
-                if lo is None:
-                    return
+        def work(i: int) -> None:
+            for lo in range(i * step, size, n_threads * step):
                 n = min(step, size - lo)
-                if not _populate_write(base + lo, n):
+                if (stop is not None and stop.is_set()) or not _populate_write(base + lo, n):
                     return
-                with lock:
-                    done[0] += n
+                done[i] += n
 
-        pool = [threading.Thread(target=work, name=f"arena-populate-{i}", daemon=True) for i in range(max(1, threads))]
+        pool = [threading.Thread(target=work, args=(i,), name=f"arena-populate-{i}", daemon=True)
+                for i in range(n_threads)]
         for t in pool:
             t.start()
         for t in pool:
             t.join()
-        return done[0]
+        return sum(done)
 
     def close(self) -> None:
         """Unmap the segment in this process (at once, or when the last slot view or array dies)."""

@@ -77,6 +77,22 @@ def test_populate_makes_every_page_and_keeps_what_is_written(monkeypatch):
         del arr
 
 
+def test_populate_covers_each_chunk_once_spread_over_its_threads(monkeypatch):
+    """Each thread takes its own stripe of chunks (no lock between them): every chunk once, the
+    last one short, every thread at work, the bytes returned the segment's."""
+    calls = []
+    monkeypatch.setattr(arena_mod, "POPULATE_CHUNK", 64 << 10)
+    monkeypatch.setattr(arena_mod, "_populate_write",
+                        lambda addr, n: calls.append((addr, n, threading.current_thread().name)) or True)
+    with Arena.create(3, (1 << 20) + 4096) as a:
+        base = a.slot_address(0)
+        assert a.populate(3) == a.nbytes
+        spans = sorted((addr - base, n) for addr, n, _ in calls)
+        step = 64 << 10
+        assert spans == [(lo, min(step, a.nbytes - lo)) for lo in range(0, a.nbytes, step)]
+        assert len({name for *_, name in calls}) == 3
+
+
 def test_populate_stops_when_asked():
     stop = threading.Event()
     stop.set()
