@@ -11,6 +11,7 @@ import torch
 
 from layerstream.loader.gguf_index import HParams
 
+_NP = {torch.long: np.int64, torch.bool: np.bool_}
 ALIGN = 16  # bytes: each part of the step's buffer starts at a multiple (any dtype's view is aligned)
 
 
@@ -101,10 +102,15 @@ class _Layout:
         self.parts[name] = (dtype, shape, self.size)
         self.size += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
 
-    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every part as a view of `buf` [size] uint8."""
+    def views(self, buf: torch.Tensor, floats: bool = False) -> dict[str, torch.Tensor]:
+        """Every part (`floats`: the floating ones only) as a view of `buf` [size] uint8."""
         return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(dt).view(shape)
-                for name, (dt, shape, off) in self.parts.items()}
+                for name, (dt, shape, off) in self.parts.items() if not floats or dt.is_floating_point}
+
+    def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
+        """The integer and boolean parts as numpy views of `buf` [size] uint8."""
+        return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(_NP[dt]).reshape(shape)
+                for name, (dt, shape, off) in self.parts.items() if dt in _NP}
 
 
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
@@ -141,8 +147,8 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         lay.add(sin, dtype, *shape, R)
     cuda = device.type == "cuda"
     host_buf = torch.empty(max(lay.size, ALIGN), dtype=torch.uint8, pin_memory=cuda)
-    h = lay.views(host_buf)
-    n = {k: v.numpy() for k, v in h.items() if v.dtype in (torch.long, torch.bool)}  # numpy views of the same bytes
+    n = lay.numpy_views(host_buf.numpy())  # the integer and boolean parts (numpy: cheaper to make and fill)
+    h = {k: torch.from_numpy(v) for k, v in n.items()} | lay.views(host_buf, floats=True)
     n["q_index"][:] = 0
     n["q_valid"][:] = False
     q_pos = np.full((B, S), -1, dtype=np.int64)
@@ -176,7 +182,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.swa_window
         n["mask_swa"][:, 0] = (mask & near) | ~n["q_valid"][:, :, None]
     buf = host_buf.to(device, non_blocking=True) if cuda else host_buf  # the one copy
-    d = lay.views(buf)
+    d = lay.views(buf) if cuda else h
     return StepMeta(
         **{"cos_k": None, "sin_k": None, **d}, kv_len=L,
         rope_kernel=triton_attention,
