@@ -19,6 +19,8 @@ class PromptLookup:
     """One sequence's n-gram index: for every n-gram seen, where the token after its latest
     occurrence is; `propose` drafts from the longest suffix found."""
 
+    cheap = True  # asking costs nothing: a paused sequence still asks (NOTE [ draft policy ])
+
     def __init__(self, tokens: list[int], ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN):
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError(f"n-gram sizes {ngram_min}..{ngram_max}: need 1 <= min <= max")

@@ -17,10 +17,11 @@ sequences share the step's padded size (core.py NOTE [ step size ]) before promp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from layerstream.compute.sampling import SamplingParams
+from layerstream.coordinator.draft_policy import DraftPolicy
 from layerstream.coordinator.lookup import LookupStats, PromptLookup
 from layerstream.coordinator.outputs import RequestOutput
 from layerstream.errors import ConfigError, LayerstreamError
@@ -29,15 +30,27 @@ from layerstream.errors import ConfigError, LayerstreamError
 @dataclass(eq=False)
 class RequestDrafts:
     """One request's drafting: its source (a PromptLookup or a draft.DraftProposer), the tokens it
-    drafts a step at most, and whether a step in flight verifies its drafts (where its next token
-    goes is not known until that step is collected)."""
+    drafts a step at most, how many it drafts next (its DraftPolicy, NOTE [ draft policy ]), and
+    whether a step in flight verifies its drafts (where its next token goes is not known until that
+    step is collected)."""
 
     source: object
     most: int
     verifying: bool = False
+    adaptive: bool = True  # the policy shortens and pauses drafts (else always `most`)
+    policy: DraftPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = DraftPolicy(self.most, self.adaptive)
 
     def extend(self, tokens: list[int]) -> None:
-        self.source.extend(tokens)
+        """Accepted tokens; while paused, a free source that would have drafted one resumes drafting."""
+        for t in tokens:
+            if self.policy.wait and getattr(self.source, "cheap", False) and self.source.propose(1) == [t]:
+                self.policy.matched()
+            else:
+                self.policy.tick()
+            self.source.extend([t])
 
     def close(self) -> None:
         if hasattr(self.source, "close"):
@@ -55,20 +68,23 @@ class Speculation:
         self.lookup = lookup  # tokens drafted a step where a request does not say
         self.draft = draft  # a draft model's DraftModel (draft.py), else drafts come from prompt lookup
         self.stats = LookupStats()
+        self.adaptive = True  # requests' drafts follow NOTE [ draft policy ] (off: always their count)
 
     def start(self, prompt: list[int], params: SamplingParams) -> RequestDrafts | None:
         """A new request's drafting, or None where it drafts nothing."""
         n = self.lookup if params.lookup is None else params.lookup
         if not n:
             return None
-        return RequestDrafts(PromptLookup(prompt) if self.draft is None else self.draft.proposer(prompt), n)
+        return RequestDrafts(PromptLookup(prompt) if self.draft is None else self.draft.proposer(prompt), n,
+                             adaptive=self.adaptive)
 
     def room(self, r) -> int:
-        """How many tokens a decoding request may draft after its next one: its count, as far as its
-        max_tokens and its ring without evicting go (NOTE [ rollback ] in kv_ring.py)."""
+        """How many tokens a decoding request may draft after its next one: its policy's length (NOTE
+        [ draft policy ]), as far as its max_tokens and its ring without evicting go (NOTE [ rollback ]
+        in kv_ring.py)."""
         if r.drafts is None or r.fed < len(r.prompt) or r.done:
             return 0
-        return max(min(r.drafts.most, r.params.max_tokens - len(r.generated) - 1, r.ring.cap - r.ring.count - 1), 0)
+        return max(min(r.drafts.policy.length(), r.params.max_tokens - len(r.generated) - 1, r.ring.cap - r.ring.count - 1), 0)
 
     def holds_back(self, r) -> bool:
         """Whether the request keeps the next step from riding ahead (NOTE above)."""
@@ -77,7 +93,12 @@ class Speculation:
     def propose(self, r, tok: int, most: int) -> list[int]:
         """The drafts that follow `tok` (up to `most`), where the request drafts."""
         n = min(self.room(r), most)
-        return r.drafts.source.propose(n) if n > 0 and tok >= 0 else []
+        if n < 1 or tok < 0:
+            return []
+        out = r.drafts.source.propose(n)
+        if not out:
+            r.drafts.policy.missed()  # (NOTE [ draft policy ])
+        return out
 
     def verified(self, r, drafts: list[int], last: int, k: int,
                  accept: Callable[[int], RequestOutput]) -> RequestOutput:
@@ -87,6 +108,7 @@ class Speculation:
         if not 0 <= k <= len(drafts):
             raise LayerstreamError(f"internal: {k} of {len(drafts)} drafts accepted")
         r.ring.rollback(len(drafts) - k)
+        r.drafts.policy.record(len(drafts), k)
         st = self.stats
         st.passes, st.drafted, st.accepted = st.passes + 1, st.drafted + len(drafts), st.accepted + k
         text, ids = "", []

@@ -59,7 +59,9 @@ def tokenizer(tmp_path_factory):
 def run(tokenizer, prompts, params, logits=fake_logits, **kw):
     """Every prompt to the end: (per request its outputs, the core, the model)."""
     model = FakeModel(logits)
+    adaptive = kw.pop("adaptive", False)  # (the mechanics here: drafts as asked; test_draft_policy.py for the policy)
     c = EngineCore(LocalBackend(model, V), tokenizer, V, **(dict(max_seqs=2, ctx=64, step_tokens=16) | kw))
+    c.speculation.adaptive = adaptive
     for i, (p, sp) in enumerate(zip(prompts, params)):
         c.add_request(f"r{i}", p, sp)
     got: dict[str, list] = {}
