@@ -1,0 +1,42 @@
+"""bin/bench spec on the CPU with tiny models: the target's passes by tokens verified, the draft's
+time a token, and tokens/s at each acceptance worked out from them."""
+
+import pytest
+
+from benchmarks import bench, spec_bench
+from layerstream.loader.synth import ModelShape, write_shaped_model
+
+TARGET = ModelShape("tiny", n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=2, n_vocab=300, context_length=512)
+DRAFT = ModelShape("tiny-draft", n_embd=128, n_ff=256, n_layer=1, n_head=2, n_head_kv=1, n_vocab=300, context_length=512)
+
+
+@pytest.mark.timeout(180)
+def test_spec_stage_prints_passes_draft_costs_and_the_rates_they_give(tmp_path, capsys):
+    target = write_shaped_model(tmp_path / "t.gguf", TARGET)
+    draft = write_shaped_model(tmp_path / "d.gguf", DRAFT)
+    args = bench.build_parser().parse_args(["spec", "-m", target, "--draft-model", draft, "--device", "cpu",
+                                            "--dtype", "float32", "--reps", "1", "--verify", "2,4",
+                                            "--resident-layers", "0"])
+    got = args.func(args)
+    out = capsys.readouterr().out
+    assert "the draft model d.gguf takes" in out  # the plan counted it
+    assert set(got["passes"]) == {1, 2, 4} and all(s > 0 for s in got["passes"].values())
+    assert set(got["draft"]) == {1, 3} and all(s > 0 for s in got["draft"].values())
+    for row in got["rates"]:
+        a = row["acceptance"]
+        assert row["no drafts"] == pytest.approx(1 / got["passes"][1])
+        for k in (1, 3):
+            tokens = sum(a ** i for i in range(k + 1))  # the target's token and each draft taken in turn
+            cost = got["passes"][k + 1] + k * got["draft"][k]
+            assert row[f"k={k}"] == pytest.approx(tokens / cost)
+        best = max([(row["no drafts"], 0)] + [(row[f"k={k}"], k) for k in (1, 3)])[1]
+        assert row["best k"] == best
+    assert "tokens a pass" in out and "s/token" in out and "acceptance" in out
+
+
+def test_a_draft_of_another_vocabulary_is_an_error_line(tmp_path, capsys):
+    target = write_shaped_model(tmp_path / "t.gguf", TARGET)
+    other = write_shaped_model(tmp_path / "o.gguf", ModelShape("o", 128, 256, 1, 2, 1, 400, context_length=512))
+    assert bench.main(["spec", "-m", target, "--draft-model", other, "--device", "cpu", "--reps", "1"]) == 1
+    assert "the draft has 400 tokens, the target 300" in capsys.readouterr().err
+    assert spec_bench.expected_tokens(0.5, 2) == 1.75
