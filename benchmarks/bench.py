@@ -12,6 +12,7 @@ import torch
 from layerstream.errors import LayerstreamError
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
+from .spec_bench import add_spec_parser
 from .stage_bench import add_stage_parsers, device_name, time_decode
 
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reps", type=int, default=3, help="timed runs per figure; the median is reported (default 3)")
     e.set_defaults(func=lambda a: print_table(bench_engine(a), a))
     add_stage_parsers(sub)
+    add_spec_parser(sub)
     add_cpu_kernel_parser(sub)
     return p
 
