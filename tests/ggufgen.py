@@ -12,14 +12,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize
 
-from layerstream.loader.synth import (  # noqa: F401 - re-exported for the tests
-    F16_FIELDS,
-    add_tokenizer,
-    as_qtype,
-    bytes_to_unicode,
-    random_quant_blocks,
-    tokenizer_vocab,
-)
+from layerstream.loader.synth_blocks import F16_FIELDS, as_qtype, random_quant_blocks  # noqa: F401 - re-exported
+from layerstream.loader.synth_vocab import add_tokenizer, bytes_to_unicode, tokenizer_vocab  # noqa: F401 - re-exported
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe")
 SPLIT_NAME = "{prefix}-{no:05d}-of-{count:05d}.gguf"  # llama.cpp's gguf-split naming

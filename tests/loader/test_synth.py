@@ -8,7 +8,9 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from layerstream.loader.gguf_index import open_model
-from layerstream.loader.synth import SHAPES, ModelShape, main, random_quant_blocks, tensor_type, write_shaped_model
+from layerstream.loader.synth import main, write_shaped_model
+from layerstream.loader.synth_blocks import random_quant_blocks
+from layerstream.loader.synth_shapes import SHAPES, ModelShape, tensor_type
 
 TINY = ModelShape("tiny", n_embd=256, n_ff=512, n_layer=3, n_head=4, n_head_kv=2, n_vocab=300,
                   rope_theta=500000.0, rope_freqs=True, context_length=512)
@@ -120,7 +122,7 @@ def _hot_share_of(W: np.ndarray, n_used: int, hot: np.ndarray, seed: int) -> flo
 @pytest.mark.parametrize("skew", [0.3, 0.5])
 def test_route_skew_gives_a_tenth_of_the_experts_the_stated_share(skew):
     """NOTE [ skewed routing ]: the Qwen3-30B-A3B router's shape (8 of 128 experts, rows of 2048)."""
-    from layerstream.loader.synth import router_scales
+    from layerstream.loader.synth_routing import router_scales
 
     E, k, n = 128, 8, 2048
     s = router_scales(E, k, skew, np.random.default_rng(1))
