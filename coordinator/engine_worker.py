@@ -192,6 +192,13 @@ class Metrics:
         self.reused = Counter("layerstream_prefix_reused_tokens",
                               "prompt tokens whose KV an earlier request left in its row (not prefilled again)", registry=r)
         self._reused_seen = 0
+        # speculative decoding (lookup.LookupStats): acceptance = accepted / drafted, tokens a pass =
+        # spec tokens / spec passes, the drafting's share = draft seconds over the passes' seconds
+        self.spec = {k: Counter(f"layerstream_spec_{k}", help_, registry=r) for k, help_ in (
+            ("passes", "decode passes of sequences that may draft"), ("tokens", "tokens those passes gave"),
+            ("drafted", "drafted tokens sent to be verified"), ("accepted", "drafted tokens accepted"),
+            ("draft_s", "seconds spent proposing drafts"))}
+        self._spec_seen: dict[str, float] = dict.fromkeys(self.spec, 0)
 
     def step(self, seconds: float, outs: list[RequestOutput], core) -> None:
         self.pass_s.observe(seconds)
@@ -203,5 +210,10 @@ class Metrics:
         self.running.set(len(core.running))
         self.reused.inc(core.reused_tokens - self._reused_seen)
         self._reused_seen = core.reused_tokens
+        spec = getattr(core, "spec", None)
+        for k, c in self.spec.items() if spec is not None else ():
+            now = getattr(spec, k)
+            c.inc(now - self._spec_seen[k])
+            self._spec_seen[k] = now
 
 

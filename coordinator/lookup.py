@@ -59,17 +59,20 @@ class LookupStats:
     tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    draft_s: float = 0.0  # seconds spent proposing (a draft model's steps and their read-back)
 
     def plus(self, other: "LookupStats") -> "LookupStats":
-        return LookupStats(self.passes + other.passes, self.tokens + other.tokens,
-                           self.drafted + other.drafted, self.accepted + other.accepted)
+        return LookupStats(self.passes + other.passes, self.tokens + other.tokens, self.drafted + other.drafted,
+                           self.accepted + other.accepted, self.draft_s + other.draft_s)
 
     def since(self, before: "LookupStats") -> "LookupStats":
-        return LookupStats(self.passes - before.passes, self.tokens - before.tokens,
-                           self.drafted - before.drafted, self.accepted - before.accepted)
+        return LookupStats(self.passes - before.passes, self.tokens - before.tokens, self.drafted - before.drafted,
+                           self.accepted - before.accepted, self.draft_s - before.draft_s)
 
-    def line(self) -> str:
+    def line(self, decode_s: float | None = None) -> str:
+        """The --stats line; with `decode_s`, the drafting's share of that time."""
         rate = f"{self.accepted / self.drafted:.0%}" if self.drafted else "n/a"
         per = f"{self.tokens / self.passes:.2f}" if self.passes else "n/a"
+        share = f" ({self.draft_s / decode_s:.0%} of the decode)" if decode_s else ""
         return (f"drafts: {self.accepted} of {self.drafted} drafted tokens accepted ({rate}); "
-                f"{per} tokens a pass over {self.passes} passes")
+                f"{per} tokens a pass over {self.passes} passes; drafting {self.draft_s:.2f} s{share}")

@@ -17,6 +17,7 @@ sequences share the step's padded size (core.py NOTE [ step size ]) before promp
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -95,7 +96,9 @@ class Speculation:
         n = min(self.room(r), most)
         if n < 1 or tok < 0:
             return []
+        t0 = time.perf_counter()
         out = r.drafts.source.propose(n)
+        self.stats.draft_s += time.perf_counter() - t0
         if not out:
             r.drafts.policy.missed()  # (NOTE [ draft policy ])
         return out

@@ -40,7 +40,7 @@ class Rates:
         return (f"{load}prompt: {self.prompt_tokens} tokens{reused} in {self.prompt_s:.2f} s, "
                 f"{rate(self.prompt_tokens, self.prompt_s)}; decode: {self.sampled} tokens in "
                 f"{self.decode_s:.2f} s, {rate(decode_n, self.decode_s)}"
-                + (f"; {self.lookup.line()}" if self.lookup is not None and self.lookup.passes else ""))
+                + (f"; {self.lookup.line(self.decode_s)}" if self.lookup is not None and self.lookup.passes else ""))
 
 
 class Turn:
