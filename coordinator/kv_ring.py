@@ -12,7 +12,11 @@ Speculative decoding appends drafted tokens and takes the rejected ones back (`r
 count and total go back, so their slots are written again by the next tokens and never attended
 before that (a step attends slots 0..count-1 only). A chunk that evicts overwrites older tokens'
 slots, which a rollback could not restore: drafts go only where `room(n)` says n tokens fit
-without evicting, and a rollback of tokens appended while the ring evicted is refused.
+without evicting, and a rollback of tokens appended while the ring evicted is refused. So a
+sliding ring drafts nothing once it is full: restoring the evicted tokens is impossible, and
+marking the rejected drafts' slots empty instead would leave a smaller window at other positions
+than decoding one token at a time gives (every position moves with each token once it slides),
+so the text would differ from the text without drafts.
 """
 
 from __future__ import annotations
