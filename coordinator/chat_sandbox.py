@@ -19,13 +19,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from layerstream.coordinator.chat_sizes import (
-    _CONTAINERS,
-    _FILTER_ITERABLES,
-    _FILTER_SIZES,
-    _FILTER_WORK,
-    _GROUPING,
-    _TEXTLESS,
-    _WALKING,
+    CONTAINERS,
+    FILTER_ITERABLES,
+    FILTER_SIZES,
+    FILTER_WORK,
+    GROUPING,
     MAX_FILTER_WORK,
     MAX_INT_BITS,
     MAX_LOOP_STEPS,
@@ -34,18 +32,20 @@ from layerstream.coordinator.chat_sizes import (
     MAX_RENDER_TOTAL,
     MAX_STRFTIME,
     RENDER_SECONDS,
+    TEXTLESS,
+    WALKING,
     LimitExceeded,
-    _bounded_str,
-    _clock,
-    _format_size,
-    _grouped,
-    _listed,
-    _percent_size,
-    _size,
-    _sized,
-    _str_method_size,
-    _tick,
-    _ticking,
+    as_listed,
+    bounded_str,
+    check_deadline,
+    deadline_checked,
+    format_size,
+    grouped_size,
+    percent_size,
+    render_clock,
+    str_method_size,
+    total_size,
+    with_measure,
 )
 
 
@@ -54,7 +54,7 @@ class TemplateRaised(jinja2.TemplateError):
 
 
 def _raise_exception(message: Any) -> None:
-    raise TemplateRaised(message if isinstance(message, str) else _bounded_str(message))
+    raise TemplateRaised(message if isinstance(message, str) else bounded_str(message))
 
 
 def _strftime_now(fmt: str) -> str:
@@ -122,7 +122,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     tests a render deadline; range() and for loops count their elements over the whole render.
     Every value built also counts into the render's total (MAX_RENDER_TOTAL), so many values
     within the limit cannot add up to gigabytes. Work that grows faster than its result is
-    bounded before it runs (wordwrap's long words: _FILTER_WORK; batch and slice: their result's
+    bounded before it runs (wordwrap's long words: FILTER_WORK; batch and slice: their result's
     measure, worked out from their input's), and what a filter walks in python (its input, an
     attribute per element, a value being measured) tests the deadline as it goes.
     """
@@ -130,7 +130,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self, **kw: Any):
-        super().__init__(optimized=False, finalize=_bounded_str, **kw)
+        super().__init__(optimized=False, finalize=bounded_str, **kw)
         self._budget = threading.local()  # one render's limits: renders in other threads keep their own
         self.globals.pop("lipsum", None)  # builds text of any length from two numbers
         self.filters.pop("urlize", None)  # ~100 bytes of working memory a character; no chat template uses it
@@ -146,13 +146,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def start(self) -> None:
         """Arm the limits for one render (in this thread)."""
-        _clock.deadline = time.monotonic() + RENDER_SECONDS
+        render_clock.deadline = time.monotonic() + RENDER_SECONDS
         for name, full in self._FULL.items():
             setattr(self._budget, name, full)
 
     def finish(self) -> None:
         """Disarm the deadline (a later compile folds constants without one)."""
-        _clock.deadline = float("inf")
+        render_clock.deadline = float("inf")
 
     def _left(self, name: str, n: int) -> int:
         """Take n from this render's budget `name`; what is left."""
@@ -165,7 +165,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return _Guards().visit(super()._parse(source, name, filename))
 
     def tick(self) -> None:
-        _tick()
+        check_deadline()
 
     @staticmethod
     def _check_size(size: int, what: str, unit: str = "characters") -> None:
@@ -181,11 +181,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             raise LimitExceeded(f"the template built more than {MAX_RENDER_TOTAL} characters and elements in all")
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        _tick()  # (filters that take an attribute, e.g. groupby, look it up for every element)
+        check_deadline()  # (filters that take an attribute, e.g. groupby, look it up for every element)
         return super().getitem(obj, argument)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        _tick()
+        check_deadline()
         return super().getattr(obj, attribute)
 
     def _range(self, *args: Any) -> range:
@@ -203,12 +203,12 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             yield x
 
     def _checked_concat(self, parts: list) -> str:
-        return self._concat([_bounded_str(p) for p in parts])
+        return self._concat([bounded_str(p) for p in parts])
 
     def _checked_value(self, value: Any, built: bool = True) -> Any:
         """A list, tuple or dict, measured: one the template built (a literal or a call's result)
         counts into the render's total, one it was given (a filter's input) does not."""
-        size = _size(value)
+        size = total_size(value)
         if size > MAX_OUTPUT:  # (measured only as far as the limit)
             raise LimitExceeded(f"a value of more than {MAX_OUTPUT} characters and elements")
         if built:
@@ -216,7 +216,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return value
 
     def _concat(self, parts: Any) -> str:
-        parts = _listed(parts)
+        parts = as_listed(parts)
         self._grow(sum(len(p) for p in parts), "a string")
         return "".join(parts)
 
@@ -226,16 +226,16 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if operator == "*":
             n, k = (left, right) if isinstance(left, sized) else (right, left)
             if isinstance(n, sized) and isinstance(k, int):
-                self._grow(_size(n) * k, "a product", "elements")
+                self._grow(total_size(n) * k, "a product", "elements")
             elif isinstance(n, int) and isinstance(k, int) and n.bit_length() + k.bit_length() > MAX_INT_BITS:
                 raise LimitExceeded(f"a product of {n.bit_length()}- and {k.bit_length()}-bit numbers")
         elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
-            self._grow(_size(left) + _size(right), "a sum", "elements")
+            self._grow(total_size(left) + total_size(right), "a sum", "elements")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int):
             if right > 0 and abs(left) > 1 and left.bit_length() * right > MAX_INT_BITS:
                 raise LimitExceeded(f"a power of {right}")
         elif operator == "%" and isinstance(left, str):
-            self._grow(_percent_size(left, right), "a formatted string")
+            self._grow(percent_size(left, right), "a formatted string")
         return super().call_binop(context, operator, left, right)
 
     def _check_args(self, args: tuple, kwargs: dict) -> None:
@@ -251,14 +251,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str) and isinstance(__obj, types.BuiltinMethodType):
             if __obj.__name__ == "join" and args:
-                args = (_listed(args[0]), *args[1:])
-            __self._check_size(_str_method_size(__obj.__name__, owner, args, kwargs), f"a str.{__obj.__name__}()")
+                args = (as_listed(args[0]), *args[1:])
+            __self._check_size(str_method_size(__obj.__name__, owner, args, kwargs), f"a str.{__obj.__name__}()")
         return __self._checked_result(super().call(__context, __obj, *args, **kwargs))
 
     def _checked_result(self, out: Any) -> Any:
         if isinstance(out, str):
             self._grow(len(out), "a string")
-        elif isinstance(out, _CONTAINERS):
+        elif isinstance(out, CONTAINERS):
             self._checked_value(out)
         return out
 
@@ -271,17 +271,17 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         def checked(*args: Any, **kwargs: Any) -> str:
             self.tick()
             if is_map and len(args) == 1 and isinstance(args[0], dict):
-                self._check_size(_format_size(fmt, (), args[0]), "a formatted string")
+                self._check_size(format_size(fmt, (), args[0]), "a formatted string")
             else:
-                self._check_size(_format_size(fmt, args, kwargs), "a formatted string")
+                self._check_size(format_size(fmt, args, kwargs), "a formatted string")
             return self._checked_result(wrapper(*args, **kwargs))
 
         return functools.update_wrapper(checked, value)
 
     def _checked_filter(self, name: str, f: Callable) -> Callable:
         """`f` checking its arguments, and where it can grow its input the size it would make."""
-        size_of = _FILTER_SIZES.get(name)
-        listed = _FILTER_ITERABLES.get(name)
+        size_of = FILTER_SIZES.get(name)
+        listed = FILTER_ITERABLES.get(name)
         skip = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0  # eval context or environment first
         try:
             params = list(inspect.signature(f).parameters.values())
@@ -296,10 +296,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             self.tick()
             first, args = args[:skip], args[skip:]
             self._check_args(args, kwargs)
-            if args and isinstance(args[0], _CONTAINERS) and name not in _TEXTLESS:  # (most make text of it)
+            if args and isinstance(args[0], CONTAINERS) and name not in TEXTLESS:  # (most make text of it)
                 self._checked_value(args[0], built=False)
-            if name in _WALKING and args and not (hasattr(args[0], "__len__") and len(args[0]) <= 4096):
-                args = (_ticking(args[0]), *args[1:])
+            if name in WALKING and args and not (hasattr(args[0], "__len__") and len(args[0]) <= 4096):
+                args = (deadline_checked(args[0]), *args[1:])
             if size_of is not None and sig is not None:
                 try:
                     bound = sig.bind(*args, **kwargs)
@@ -308,17 +308,17 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 bound.apply_defaults()
                 a = bound.arguments
                 if listed is not None:
-                    a[listed] = _listed(a[listed])
+                    a[listed] = as_listed(a[listed])
                 if name == "slice":
                     self._range(0, a["slices"] if isinstance(a["slices"], int) else 0)
                 self._check_size(size_of(a), f"the filter {name}'s result")
-                work = _FILTER_WORK[name](a) if name in _FILTER_WORK else 0
+                work = FILTER_WORK[name](a) if name in FILTER_WORK else 0
                 if work > MAX_FILTER_WORK:
                     raise LimitExceeded(f"the filter {name} would take about {work} steps (at most {MAX_FILTER_WORK})")
-                if name in _GROUPING:
-                    measured = _grouped(a, _GROUPING[name])[:3]
-                    a["value"] = _ticking(a["value"])
-                    return self._checked_result(_sized(list(f(*first, *bound.args, **bound.kwargs)), measured))
+                if name in GROUPING:
+                    measured = grouped_size(a, GROUPING[name])[:3]
+                    a["value"] = deadline_checked(a["value"])
+                    return self._checked_result(with_measure(list(f(*first, *bound.args, **bound.kwargs)), measured))
                 args, kwargs = bound.args, bound.kwargs
             return self._checked_result(f(*first, *args, **kwargs))
 

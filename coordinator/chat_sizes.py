@@ -23,11 +23,11 @@ MAX_INT_BITS = 1 << 16  # the largest integer a template may compute
 MAX_JSON_INDENT = 16
 MAX_STRFTIME = 256  # characters of a strftime_now format
 RENDER_SECONDS = 2.0
-_clock = threading.local()  # this thread's render deadline: measuring and filters test it as they go
+render_clock = threading.local()  # this thread's render deadline: measuring and filters test it as they go
 
 
-def _tick() -> None:
-    if time.monotonic() > getattr(_clock, "deadline", float("inf")):
+def check_deadline() -> None:
+    if time.monotonic() > getattr(render_clock, "deadline", float("inf")):
         raise LimitExceeded(f"rendering took longer than {RENDER_SECONDS:g} s")
 
 
@@ -51,7 +51,7 @@ def measure(obj: Any, budget: int = MAX_OUTPUT) -> tuple[int, int, int]:
         if type(x) is Sized:
             return x.measured
         if not len(memo) & 4095:
-            _tick()
+            check_deadline()
         if d > MAX_DEPTH:
             raise LimitExceeded(f"a value nested more than {MAX_DEPTH} deep")
         key = id(x)
@@ -86,23 +86,23 @@ class Sized(list):
     measured: tuple[int, int, int]
 
 
-def _sized(items: list, measured: tuple[int, int, int]) -> Sized:
+def with_measure(items: list, measured: tuple[int, int, int]) -> Sized:
     out = Sized(items)
     out.measured = measured
     return out
 
 
-def _size(obj: Any) -> int:
+def total_size(obj: Any) -> int:
     chars, items, _ = measure(obj)
     return chars + items
 
 
-_CONTAINERS = (list, tuple, dict, set, frozenset, Namespace)
+CONTAINERS = (list, tuple, dict, set, frozenset, Namespace)
 
 
-def _bounded_str(value: Any) -> str:
+def bounded_str(value: Any) -> str:
     """str(value), refused where the value is too large to show (a repr escapes a character in at most 6)."""
-    if isinstance(value, _CONTAINERS) and _size(value) > MAX_OUTPUT:
+    if isinstance(value, CONTAINERS) and total_size(value) > MAX_OUTPUT:
         raise LimitExceeded(f"a value of more than {MAX_OUTPUT} characters and elements made into text")
     return str(value)
 
@@ -112,10 +112,10 @@ _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hl
 
 def _shown_size(values: tuple, as_repr: bool) -> int:
     """The longest str() (or repr()) of `values`: a repr escapes a character in at most 6."""
-    return max((len(v) if isinstance(v, str) and not as_repr else _size(v) * 6 for v in values), default=0)
+    return max((len(v) if isinstance(v, str) and not as_repr else total_size(v) * 6 for v in values), default=0)
 
 
-def _percent_size(fmt: str, args: Any) -> int:
+def percent_size(fmt: str, args: Any) -> int:
     """An upper bound on the length of `fmt % args`."""
     values = tuple(args.values()) if isinstance(args, dict) else args if isinstance(args, tuple) else (args,)
     specs = _PERCENT_SPEC.findall(fmt)
@@ -131,7 +131,7 @@ def _percent_size(fmt: str, args: Any) -> int:
     return total
 
 
-def _format_size(fmt: str, args: tuple, kwargs: dict) -> int:
+def format_size(fmt: str, args: tuple, kwargs: dict) -> int:
     """An upper bound on the length of `fmt.format(*args, **kwargs)`."""
     values = (*args, *kwargs.values())
     try:
@@ -164,7 +164,7 @@ def _wordwrap_work(s: str, width: Any) -> int:
     return len(s) + 8 * _wordwrap_size(s, w, "") + long_words
 
 
-def _grouped(a: dict, count: str) -> tuple[int, int, int, int]:
+def grouped_size(a: dict, count: str) -> tuple[int, int, int, int]:
     """(characters, elements, depth, groups) of batch's or slice's result: every element of the
     input, in `a[count]`-many lists (batch: lists of that length), filled where asked."""
     value, n = a["value"], a[count] if isinstance(a[count], int) else 1
@@ -178,11 +178,11 @@ def _grouped(a: dict, count: str) -> tuple[int, int, int, int]:
     return chars, items + groups + fill + 1, depth + 1, groups
 
 
-def _ticking(items: Any):
+def deadline_checked(items: Any):
     """`items`, testing the render deadline as a filter walks them."""
     for i, x in enumerate(items):
         if not i & 1023:
-            _tick()
+            check_deadline()
         yield x
 
 
@@ -194,10 +194,10 @@ def _replace_size(s: str, old: str, new: str, count: int | None) -> int:
 
 
 def _join_size(sep: str, items: list) -> int:
-    return _size(items) + len(sep) * max(len(items) - 1, 0)
+    return total_size(items) + len(sep) * max(len(items) - 1, 0)
 
 
-def _listed(x: Any) -> Any:
+def as_listed(x: Any) -> Any:
     """A one-shot iterable (generator, map) as a list, so it can be measured and still used."""
     return x if isinstance(x, (str, list, tuple, dict, set, frozenset)) else list(x)
 
@@ -224,34 +224,34 @@ def _pprint_size(value: Any) -> int:
 
 
 # The size a filter would produce, from its bound arguments (names as jinja2.filters has them).
-_FILTER_SIZES: dict[str, Callable[[dict], int]] = {
+FILTER_SIZES: dict[str, Callable[[dict], int]] = {
     "center": lambda a: max(len(str(a["value"])), a["width"] if isinstance(a["width"], int) else 0),
     "indent": lambda a: len(str(a["s"])) + (str(a["s"]).count("\n") + 1) * (
         len(a["width"]) if isinstance(a["width"], str) else a["width"] if isinstance(a["width"], int) else 0),
-    "format": lambda a: _percent_size(str(a["value"]), a["kwargs"] or a["args"]),
+    "format": lambda a: percent_size(str(a["value"]), a["kwargs"] or a["args"]),
     "join": lambda a: _join_size(str(a["d"]), a["value"]),
     "replace": lambda a: _replace_size(str(a["s"]), str(a["old"]), str(a["new"]), a["count"]),
     "wordwrap": lambda a: _wordwrap_size(str(a["s"]), a["width"], str(a["wrapstring"] or "\n")),
-    "batch": lambda a: sum(_grouped(a, "linecount")[:2]),
-    "slice": lambda a: sum(_grouped(a, "slices")[:2]),
-    "sum": lambda a: (_size(a["iterable"]) * len(a["iterable"]) if isinstance(a["start"], (list, tuple, str))
+    "batch": lambda a: sum(grouped_size(a, "linecount")[:2]),
+    "slice": lambda a: sum(grouped_size(a, "slices")[:2]),
+    "sum": lambda a: (total_size(a["iterable"]) * len(a["iterable"]) if isinstance(a["start"], (list, tuple, str))
                       else 0),
     "pprint": lambda a: _pprint_size(a["value"]),
     "tojson": lambda a: _json_size(a["value"], a["indent"], a["separators"]),
 }
-_FILTER_ITERABLES = {"join": "value", "sum": "iterable", "batch": "value", "slice": "value"}  # listed first
-_FILTER_WORK: dict[str, Callable[[dict], int]] = {"wordwrap": lambda a: _wordwrap_work(str(a["s"]), a["width"])}
+FILTER_ITERABLES = {"join": "value", "sum": "iterable", "batch": "value", "slice": "value"}  # listed first
+FILTER_WORK: dict[str, Callable[[dict], int]] = {"wordwrap": lambda a: _wordwrap_work(str(a["s"]), a["width"])}
 # Filters that never make text of a whole container they are given: its measure is not needed (the
 # messages were measured at every `messages|length`, which made a template like Qwen3's quadratic).
-_TEXTLESS = frozenset({"length", "count", "first", "last", "random", "select", "reject", "selectattr", "rejectattr",
+TEXTLESS = frozenset({"length", "count", "first", "last", "random", "select", "reject", "selectattr", "rejectattr",
                        "map", "sort", "unique", "min", "max", "list", "reverse", "default", "d", "attr", "items",
                        "dictsort", "groupby", "batch", "slice"})
-_GROUPING = {"batch": "linecount", "slice": "slices"}  # their results are made whole, with their measure
-_WALKING = frozenset({"groupby", "unique", "map", "select", "reject", "selectattr", "rejectattr", "sort", "sum",
+GROUPING = {"batch": "linecount", "slice": "slices"}  # their results are made whole, with their measure
+WALKING = frozenset({"groupby", "unique", "map", "select", "reject", "selectattr", "rejectattr", "sort", "sum",
                       "min", "max", "list"})  # walk any iterable in python: given one that tests the deadline
 
 
-def _str_method_size(method: str, s: str, args: tuple, kwargs: dict) -> int:
+def str_method_size(method: str, s: str, args: tuple, kwargs: dict) -> int:
     """An upper bound on the length of `s.method(*args)` for the str methods that can grow a string."""
     a = (*args, *kwargs.values())
     if method == "replace" and len(a) >= 2:
