@@ -221,7 +221,8 @@ def gemv_kernel(x, w32, w16, raw8, halfs, out, bias, M, N, n_chunks, nblk, row_w
 # matrices of one type and K where they lie (no copy), as word offsets from one base, and picks
 # each program's matrix (its segment) from the program id; each matrix's output is its own
 # contiguous [M, N_s] piece of one buffer, so the callers get the same tensors as from separate
-# launches, with the same arithmetic (bit-identical). GLU pairs rows instead: program i walks
+# launches, bit-identical to a separate launch in the same configuration (the launch's configuration
+# is chosen for all its rows, so a small matrix may sum its lanes in another order than alone). GLU pairs rows instead: program i walks
 # row block i of gate and of up in one loop and writes SiLU(gate) * up, each rounded to x's dtype
 # first as the separate ops round them; RES adds a residual in the epilogue, rounded the same way
 # (o and down: x + linear(...)). A layer of an 8B then launches 3 or 4 matrices where it launched

@@ -162,8 +162,9 @@ def test_layer_code_takes_one_launch_where_configured(monkeypatch):
 @pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
 def test_on_cuda_at_8b_size_one_launch_is_the_separate_launches(qt):
     """Compiled, at an 8B layer's sizes and the configuration chosen for 1 and 2 rows: q/k/v-like
-    products bit for bit as separate launches, gate and up with SiLU within float16's rounding of the
-    separate ops, down with the residual bit for bit as the separate add."""
+    products bit for bit as separate launches in the launch's configuration (chosen for all its rows:
+    k and v alone would take another, which sums in another order), gate and up with SiLU within
+    float16's rounding of the separate ops, down with the residual bit for bit as the separate add."""
     rng = np.random.default_rng(1)
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(1)
@@ -175,8 +176,9 @@ def test_on_cuda_at_8b_size_one_launch_is_the_separate_launches(qt):
         x = torch.randn(M, E, generator=gen).half().to(dev)
         ys = qkernels.matmul_many(x, [mats["q"], mats["k"], mats["v"]], int(qt), [E, 1024, 1024], E)
         assert ys is not None
+        config = qkernels._many_config(M, E + 2048, E, int(qt))
         for y, n, r in zip(ys, "qkv", (E, 1024, 1024)):
-            assert torch.equal(y, qkernels.matmul(x, mats[n], int(qt), r, E))
+            assert torch.equal(y, qkernels.matmul(x, mats[n], int(qt), r, E, config=config))
         (a,) = qkernels.matmul_many(x, [mats["g"], mats["u"]], int(qt), [Fd, Fd], E, glu=True)
         g, u = (qkernels.matmul(x, mats[n], int(qt), Fd, E) for n in "gu")
         assert torch.allclose(a.float(), (F.silu(g) * u).float(), rtol=2e-3, atol=1e-3)
