@@ -130,7 +130,7 @@ class Stepper:
             launched.logits = None if want == "none" else logits.to("cpu", torch.float32)
             if self.device.type == "cuda":
                 launched.event = torch.cuda.Event(enable_timing=True)
-                launched.event.record()
+                launched.event.record(torch.cuda.current_stream(self.device))  # (not the current device's)
             return launched
         buf = None
         if picks or checks:
@@ -170,7 +170,7 @@ class Stepper:
                 host = out
         if self.device.type == "cuda":  # the step's end: its ids' copy, else its last kernel
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
         # logits asked for are read now (a graph's output buffer is the next step's too): evaluation
         # steps are collected at once anyway
         kept = None if want == "none" or logits is None else logits.to("cpu", torch.float32)
