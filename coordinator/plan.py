@@ -329,9 +329,13 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     if max_prefetch is not None and prefetch > max_prefetch:
         raise ConfigError(f"--prefetch {prefetch}: at most {max_prefetch} (the model's layer count)")
     stream_slots = prefetch + 1
-    # on CUDA the host KV is made, then pinned as a copy (kv.HostKV): both are held a while
-    host = host_needs(n_slots=stream_slots, slot_bytes=slot_bytes, host_kv=(n - kv_dev) * kv_layer * (1 + cuda),
+    # on CUDA pinned tensors (each layer's K and V, kv.HostKV; the embedding table the device reads,
+    # compute/embedding.py) take their size rounded up to a power of two (torch's pinned allocator)
+    host = host_needs(n_slots=stream_slots, slot_bytes=slot_bytes,
+                      host_kv=(n - kv_dev) * (2 * pinned_bytes(kv_layer // 2) if cuda else kv_layer),
                       device=0 if cuda else total)
+    if cuda:
+        host.append(("token embedding (pinned)", pinned_bytes(index.globals["token_embd.weight"].nbytes)))
     avail = _mem_available() if host_bytes is None else host_bytes
     loads = len(streamed)
     if host_cache_bytes is None:
@@ -396,6 +400,11 @@ def _step_candidates(max_seqs: int) -> list[int]:
 # (MemAvailable) before any of it is allocated: an option that cannot fit is one line naming what
 # it needs and what to lower, not a machine swapping or killed. The host cache takes half of what
 # is left by default; the CPU share packs from what the cache leaves (fit_cpu_share).
+def pinned_bytes(n: int) -> int:
+    """Host memory a pinned tensor of n bytes holds: torch's pinned allocator rounds to a power of two."""
+    return 1 << max(0, n - 1).bit_length() if n > 0 else 0
+
+
 def host_needs(*, n_slots: int, slot_bytes: int, host_kv: int, device: int) -> list[tuple[str, int]]:
     return [("staging slots", n_slots * slot_bytes), ("KV in host memory", host_kv), ("the CPU device's memory", device)]
 

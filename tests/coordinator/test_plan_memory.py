@@ -180,3 +180,19 @@ def test_the_gpu_budget_grid_covers_different_plans():
     assert {r for r, _, _ in seen} >= {0, 1, 2, 4} and any(kv < 4 for _, kv, _ in seen)
     assert any(r == kv == 0 for r, kv, _ in seen)  # every layer streamed, its KV in host memory
     assert {t for _, _, t in seen} >= {1, 512}
+
+
+def test_pinned_host_memory_is_counted_as_torch_holds_it(l8):
+    """On CUDA the host KV (a pinned tensor for each layer's K and V) and the embedding table the
+    device reads in place (compute/embedding.py) take their sizes rounded up to a power of two."""
+    index, _ = l8
+    p = plan(l8, 4, ctx=4096)
+    parts = dict(p.host_parts)
+    emb = index.globals["token_embd.weight"].nbytes  # 128256 x 4096 Q4_K: 282 MB -> 512 MiB pinned
+    assert parts["token embedding (pinned)"] == 512 * MiB > emb
+    n_host = index.hparams.n_layer - p.kv_device_layers
+    assert n_host > 0
+    half = 4096 * 8 * 128 * 2  # one layer's K (or V): ctx x KV heads x head dim x 2 bytes, 8 MiB
+    assert parts["KV in host memory"] == n_host * 2 * half
+    cpu = plan(l8, None, ctx=512, device_type="cpu", quantized=False)
+    assert "token embedding (pinned)" not in dict(cpu.host_parts)
