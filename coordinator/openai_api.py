@@ -216,7 +216,8 @@ def sampling_from(body: dict, kind: str) -> SamplingParams:
         max_tokens=max_tokens,
         stop=stop,
         ignore_eos=_bool(body, "ignore_eos"),
-        lookup=_int(body, "lookup", None, 0, MAX_LOOKUP),  # prompt lookup's drafts a step; 0: off; absent: --lookup's
+        # drafts a step, prompt lookup's or the draft model's; 0: none; absent: --lookup's or --draft-tokens'
+        lookup=_int(body, "lookup", None, 0, MAX_LOOKUP),
     )
 
 

@@ -69,7 +69,9 @@ class Speculation:
         self.lookup = lookup  # tokens drafted a step where a request does not say
         self.draft = draft  # a draft model's DraftModel (draft.py), else drafts come from prompt lookup
         self.stats = LookupStats()
-        self.adaptive = True  # requests' drafts follow NOTE [ draft policy ] (off: always their count)
+        # requests started from now on follow NOTE [ draft policy ] (off: always their count; the Python
+        # API's switch, engine.core.speculation.adaptive)
+        self.adaptive = True
 
     def start(self, prompt: list[int], params: SamplingParams) -> RequestDrafts | None:
         """A new request's drafting, or None where it drafts nothing."""

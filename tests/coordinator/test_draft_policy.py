@@ -99,3 +99,26 @@ def test_accepted_drafts_never_pause(tokenizer):  # noqa: F811
     G = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     spec, c, _ = run(tokenizer, PROMPTS[:1], [G], cyclic_logits, ctx=96, lookup=4, adaptive=True)
     assert c.spec.accepted == c.spec.drafted > 0 and c.spec.passes < c.spec.tokens / 2
+
+
+def test_the_python_api_turns_the_policy_off_for_the_requests_after(tmp_path):
+    """`engine.core.speculation.adaptive = False`: each pass drafts as many as the request may, even
+    where a poor draft model (another model of the vocabulary) has nearly every draft rejected;
+    with the policy on, drafting pauses. The text is the same either way."""
+    import ggufgen
+    from layerstream.coordinator.engine import Engine
+
+    target = ggufgen.write_model(tmp_path / "t.gguf", qtype="Q8_0", seed=1)
+    draft = ggufgen.write_model(tmp_path / "d.gguf", qtype="Q8_0", seed=2, n_layer=1)
+    G = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with Engine.load(str(target), device="cpu", dtype="float32", ctx=96, draft_model=str(draft), draft_tokens=4) as e:
+        assert e.core.speculation.adaptive  # the default
+        want = e.generate_batch([[5, 77, 200, 13]], G)
+        on = e.core.spec.since(type(e.core.spec)())
+        e.core.speculation.adaptive = False
+        assert e.generate_batch([[5, 77, 200, 13]], G) == want
+        off = e.core.spec.since(on)
+    assert on.accepted < on.drafted / 4 and off.accepted < off.drafted / 4  # (a poor draft)
+    # fixed: 4 drafts a pass but where max_tokens leaves room for fewer (its last 4 passes: 3, 2, 1, 0)
+    assert off.drafted >= 4 * (off.passes - 3) and off.passes == off.tokens - off.accepted
+    assert on.drafted < off.drafted / 3  # adaptive: paused after two poor verifications, probing later
