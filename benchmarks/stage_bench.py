@@ -585,6 +585,13 @@ def bench_compute(args) -> list[dict]:
 
 # -- pipeline: the whole streaming pipeline --------------------------------------------------------------
 
+def _expert_options(args):
+    """The pipeline's expert streaming options from the bench's flags."""
+    from layerstream.coordinator.pipeline_config import ExpertOptions
+
+    return ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch)
+
+
 def bench_pipeline(args) -> list[dict]:
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
@@ -603,8 +610,7 @@ def bench_pipeline(args) -> list[dict]:
                               host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
                               resident_layers=args.resident_layers, trace=bool(args.trace),
                               cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads, vram_slots=args.vram_slots,
-                              expert_cache_gb=args.expert_cache_gb, moe_dense=args.moe_dense,
-                              expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch)
+                              experts=_expert_options(args))
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -795,9 +801,7 @@ def bench_serve(args) -> list[dict]:
             pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
                                   step_tokens=args.step_tokens, resident_layers=args.resident_layers,
                                   cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
-                                  vram_slots=args.vram_slots, expert_cache_gb=args.expert_cache_gb,
-                                  moe_dense=args.moe_dense, expert_policy=args.expert_policy,
-                                  expert_prefetch=args.expert_prefetch)
+                                  vram_slots=args.vram_slots, experts=_expert_options(args))
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)

@@ -10,13 +10,14 @@ from typing import Any
 
 import torch
 
-from layerstream.compute.cpu.config import CpuShareConfig
+from layerstream.compute.compute_config import ComputeConfig
 from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.device import keeps_quantized
 from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_stream import make_expert_stream
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
 from layerstream.compute.runner import ModelRunner
+from layerstream.compute.slot_returns import SlotReturns
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper
 from layerstream.compute.streamed import StreamedLayers
@@ -24,44 +25,11 @@ from layerstream.compute.weights import GlobalWeights
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
-from layerstream.proto.child import ChildEndpoints, ChildLinks, run_child
-from layerstream.proto.messages import ArenaDesc, Forward, ForwardDone, LayerDone, LayerReady
+from layerstream.proto.child import ChildLinks, run_child
+from layerstream.proto.messages import Forward, ForwardDone, LayerReady
 from layerstream.proto.timeline import Timeline
 
-DONE_BATCH = 2  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
 POLL_S = 1e-4  # how often the loop looks at the step on the device and the socket while both are idle
-
-
-@dataclass(frozen=True)
-class ComputeConfig:
-    """Everything the compute process needs, built once by the coordinator."""
-
-    ident: str
-    model_path: str
-    device: str
-    dtype: str
-    ctx: int
-    max_seqs: int
-    resident: tuple[int, ...]  # layers kept on the device after their first load
-    vram_slots: int  # VRAM ring slots for streamed layers
-    kv_device_layers: int  # layers 0..n-1 whose KV stays on the device; the rest in host memory
-    arena: ArenaDesc
-    layouts: list[Any]  # LayerLayout.to_wire() per layer
-    endpoints: ChildEndpoints
-    parent_pid: int
-    trace: bool = False
-    sliding: bool = False  # the KV ring slides: K is stored unrotated
-    weights: str = "auto"  # auto (blocks on CUDA), quantized or dense: see device.keeps_quantized
-    budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
-    step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
-    cpu_share: CpuShareConfig = CpuShareConfig()  # the CPU's share of the streamed layers (compute/cpu/)
-    cpu_threads: int | None = None  # torch's CPU threads (default: all cores but one)
-    index: Any = None  # the coordinator's ModelIndex (parsed once; None: open model_path here)
-    expert_cache_bytes: int = 0  # device memory for streamed experts (0: experts stream with their layer)
-    dense_resident: bool = False  # streamed MoE layers keep all but their experts on the device
-    expert_policy: str = "lfu"  # the expert cache's eviction (experts.ExpertCache)
-    expert_prefetch: int = 0  # experts predicted and copied ahead a layer (experts.py, NOTE [ expert prefetch ])
-    done_batch: int = 1  # slots given back a message in expert steps (NOTE [ slots given back ])
 
 
 @dataclass
@@ -80,6 +48,17 @@ class _InFlight:
     observed: tuple = ()  # the CPU share's figures of its launch
 
 
+@dataclass
+class StepCount:
+    """Steps and their tokens, counted."""
+
+    steps: int = 0
+    tokens: int = 0
+
+    def add(self, tokens: int) -> None:
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+
 class ComputeWorker:
     """The compute role's logic over its links: Forwards launched in turn, the next one while the
     last still runs on the device, layers as they are staged (NOTE [ ids one step behind ] in
@@ -91,40 +70,39 @@ class ComputeWorker:
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = getattr(torch, cfg.dtype)
+        dtype = getattr(torch, cfg.dtype)
+        plan = cfg.plan
         self.arena = Arena.from_wire(cfg.arena)
         self.registered = False
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            if cfg.budget_bytes is not None:  # NOTE [ the plan counts every byte ] in plan.py
+            if plan.budget_bytes is not None:  # NOTE [ the plan counts every byte ] in plan.py
                 total = torch.cuda.get_device_properties(self.device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.budget_bytes / total), self.device)
+                torch.cuda.set_per_process_memory_fraction(min(1.0, plan.budget_bytes / total), self.device)
             self._register_arena()
         index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
         quantized = keeps_quantized(self.device, cfg.weights)
-        if quantized and self.device.type == "cuda" and max(cfg.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
-            reserve_scratch(self.device, self.dtype, model_scratch_elems(index))
-        self.glob = GlobalWeights(index, self.device, self.dtype, quantized=quantized)
+        if quantized and self.device.type == "cuda" and max(plan.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
+            reserve_scratch(self.device, dtype, model_scratch_elems(index))
+        self.glob = GlobalWeights(index, self.device, dtype, quantized=quantized)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
-        self.done: list[list[int]] = []  # [layer, slot] given back, not yet sent (NOTE [ slots given back ])
-        self.done_step = 0
+        self.returns = SlotReturns(links.send, cfg.experts.done_batch)
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
-        resident = set(cfg.resident)
-        cpu = make_cpu_parts(cfg.cpu_share, [lay for i, lay in enumerate(layouts) if i not in resident],
-                             self.device, self.dtype, self.tl)
-        self.share, self.cpu_experts = cpu.share, cpu.experts
-        hp = index.hparams
-        experts = make_expert_stream(layouts, resident, (hp.n_expert, hp.n_expert_used), cfg.expert_cache_bytes,
-                                     cfg.dense_resident, cfg.expert_policy, cfg.expert_prefetch, self.cpu_experts,
-                                     self.device, self.dtype, quantized, self.tl, self.arena.slot_array,
+        resident = set(plan.resident)
+        self.cpu = make_cpu_parts(cfg.cpu_share, [lay for i, lay in enumerate(layouts) if i not in resident],
+                                  self.device, dtype, self.tl)
+        hp, ex = index.hparams, cfg.experts
+        experts = make_expert_stream(layouts, resident, (hp.n_expert, hp.n_expert_used), ex.cache_bytes,
+                                     ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
+                                     self.device, dtype, quantized, self.tl, self.arena.slot_array,
                                      self._layer_done)
         self.source = StreamedLayers(layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
-                                     self.device, self.dtype, resident, cfg.vram_slots, self.tl, quantized=quantized,
-                                     share=self.share, experts=experts)
-        self.expert_steps = self.expert_tokens = 0
-        self.embed = mapped_embedding(self.glob, self.device, self.dtype)  # NOTE [ the embedding on the device ]
-        self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, self.dtype,
-                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=cfg.kv_device_layers,
+                                     self.device, dtype, resident, plan.vram_slots, self.tl, quantized=quantized,
+                                     share=self.cpu.share, experts=experts)
+        self.expert_count = StepCount()  # the steps that fetched only the chosen experts
+        self.embed = mapped_embedding(self.glob, self.device, dtype)  # NOTE [ the embedding on the device ]
+        self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, dtype,
+                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
                                   graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0, embed=self.embed)
         self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
@@ -143,7 +121,7 @@ class ComputeWorker:
         or all that are queued."""
         self._answer_finished()
         if block:
-            self._send_done()  # the coordinator may be waiting for them
+            self.returns.flush()  # the coordinator may be waiting for them
         while True:
             msg = self.links.recv(None if block else 0)
             if msg is None:
@@ -164,30 +142,8 @@ class ComputeWorker:
             self.tl.incr("unexpected_messages")
 
     def _layer_done(self, step: int, layer: int, slot: int) -> None:
-        """NOTE [ slots given back ]
-        A streamed MoE layer's staging slot goes back after its work on the device, one layer or
-        more behind. Where the host cache holds every streamed layer (the plan says so:
-        `done_batch` > 1), no reader waits for a slot and the coordinator does not wait for it.
-        A MoE decode step is bound by the host, and a profile of it gave an eighth of a streamed
-        layer's host time to its two messages
-        (this one and the LayerReady it answers), so in expert steps slots then go back DONE_BATCH
-        at a time, and the rest before compute waits for the coordinator and at the step's end.
-        Each message lets the coordinator announce up to `prefetch` more cached layers at once
-        (stream_core.py), so announcements still run ahead of compute: a layer copies the next
-        layer's predicted experts only if that layer is announced. With 4 a message and
-        announcements one message late, they fell behind, and fewer experts were copied ahead
-        (a third of the chosen experts against a half). Other steps give each
-        slot back at once, as do all steps where layers are read from disk: a reader may be
-        waiting for the slot."""
-        self.done.append([layer, slot])
-        self.done_step = step
-        if len(self.done) >= self.cfg.done_batch or not self.source.expert_step:
-            self._send_done()
-
-    def _send_done(self) -> None:
-        if self.done:
-            self.links.send(LayerDone(self.done_step, self.done))
-            self.done = []
+        """Give a staging slot back (NOTE [ slots given back ] in slot_returns.py)."""
+        self.returns.add(step, layer, slot, batched=self.source.expert_step)
 
     def stats(self) -> dict[str, Any]:
         snap = self.tl.snapshot()
@@ -199,15 +155,16 @@ class ComputeWorker:
         if cache is not None:
             snap["experts"] = {"policy": cache.kept.policy, "hits": cache.hits, "misses": cache.misses,
                                "bytes": cache.bytes_moved, "prefetch_hits": cache.ahead.hits, "prefetched": cache.ahead.copied,
-                               "steps": self.expert_steps, "tokens": self.expert_tokens}
-        if self.cpu_experts is not None:
-            ce = self.cpu_experts
+                               "steps": self.expert_count.steps, "tokens": self.expert_count.tokens}
+        if self.cpu.experts is not None:
+            ce = self.cpu.experts
             snap["experts"]["cpu"] = ce.computed
             snap["cpu_experts"] = (f"{ce.balancer.describe()}; {ce.computed} computed; "
                                    f"packed {ce.packed_bytes / 2**30:.2f} GiB")
-        if self.share is not None:
-            snap["cpu_share"] = (f"{self.share.balancer.describe()}; {torch.get_num_threads()} threads; "
-                                 f"packed {sum(p.nbytes for d in self.share.packed.values() for p in d.values()) / 2**30:.2f} GiB")
+        share = self.cpu.share
+        if share is not None:
+            snap["cpu_share"] = (f"{share.balancer.describe()}; {torch.get_num_threads()} threads; "
+                                 f"packed {sum(p.nbytes for d in share.packed.values() for p in d.values()) / 2**30:.2f} GiB")
         return snap
 
     def _gpu_timeline(self, evs: list, end) -> tuple[float, int]:
@@ -250,23 +207,24 @@ class ComputeWorker:
         tokens = sum(len(s.tokens) for s in seqs)
         self.source.set_step(msg.step, tokens)
         if self.source.expert_step:
-            self.expert_steps, self.expert_tokens = self.expert_steps + 1, self.expert_tokens + tokens
+            self.expert_count.add(tokens)
         start = None
         if self.device.type == "cuda":  # the step's own time starts where the device reaches it
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         launched = self.stepper.launch(seqs, [s.sample for s in msg.seqs], msg.starts, msg.want_logits)
         self.source.return_slots()
-        self._send_done()
+        self.returns.flush()
         evs = self.source.ring.gpu_events if self.device.type == "cuda" else []
         step = _InFlight(msg.step, tokens, msg.want_logits, [s.row if s.sample else -1 for s in msg.seqs], launched,
                          t0, None if start is not None else (time.monotonic_ns() - t0) / 1e9, start, list(evs))
         evs.clear()
-        if self.source.expert_step and self.cpu_experts is not None:  # (its dense layers are not split)
-            sec, nbytes, _ = self.cpu_experts.meter.take()  # (a pass's packing is a one-off: left out)
-            step.observed = ("experts", sec, nbytes, self.cpu_experts.take_pack_s())
-        elif self.share is not None:
-            step.observed = ("share", self.share.step_s, self.share.step_bytes, self.share.take_pack_s())
+        ce, share = self.cpu.experts, self.cpu.share
+        if self.source.expert_step and ce is not None:  # (its dense layers are not split)
+            sec, nbytes, _ = ce.meter.take()  # (a pass's packing is a one-off: left out)
+            step.observed = ("experts", sec, nbytes, ce.take_pack_s())
+        elif share is not None:
+            step.observed = ("share", share.step_s, share.step_bytes, share.take_pack_s())
         self.inflight.append(step)
 
     def _answer_finished(self) -> None:
@@ -286,10 +244,10 @@ class ComputeWorker:
         pass_s = self._own_s(st, now)
         if st.observed and st.observed[0] == "experts":
             _, sec, nbytes, pack_s = st.observed
-            self.cpu_experts.balancer.observe(st.tokens, pass_s - pack_s, sec, nbytes, 0.0, 0)
+            self.cpu.experts.balancer.observe(st.tokens, pass_s - pack_s, sec, nbytes, 0.0, 0)
         elif st.observed:
             _, step_s, step_bytes, pack_s = st.observed
-            self.share.balancer.observe(st.tokens, pass_s - pack_s, step_s, step_bytes, copy_s, copy_bytes)
+            self.cpu.share.balancer.observe(st.tokens, pass_s - pack_s, step_s, step_bytes, copy_s, copy_bytes)
         out = None if res.logits is None else res.logits.numpy()
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(st.step, shape, "float32", {}, res.ids, res.bad, res.accepted or []),

@@ -144,6 +144,7 @@ def open_engine(args, index, progress: bool, warm=None):
     pcfg = None
     if not args.single_process:
         from layerstream.coordinator.pipeline import PipelineConfig
+        from layerstream.coordinator.pipeline_config import ExpertOptions
 
         # a server's first pass comes with its first request, among the server's own lines
         stages = ("processes",) if args.serve else ("processes", "layers")
@@ -156,8 +157,7 @@ def open_engine(args, index, progress: bool, warm=None):
             step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
             cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
             vram_slots=args.vram_slots,
-            expert_cache_gb=args.expert_cache_gb,
-            moe_dense=args.moe_dense, expert_policy=args.expert_policy, expert_prefetch=args.expert_prefetch,
+            experts=ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch),
             trace=bool(args.trace), on_progress=LoadProgress(sys.stderr, stages=stages) if progress else None,
             warm=warm,
         )

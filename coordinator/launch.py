@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from layerstream.compute import compute_proc
+from layerstream.compute.compute_config import ComputeConfig, DevicePlan, ExpertStreamConfig
 from layerstream.compute.cpu.config import CpuShareConfig
 from layerstream.compute.cpu.sizing import packed_bytes, threads_default
+from layerstream.compute.slot_returns import DONE_BATCH
 from layerstream.coordinator.pipeline_config import PipelineConfig
 from layerstream.coordinator.plan import GiB, Plan, fit_budget, fit_cpu_share, make_plan
 from layerstream.loader import reader_proc, staging_proc
@@ -79,20 +80,21 @@ class Launch:
                                         self.cfg.direct, self.read_threads, arena, endpoints, parent_pid,
                                         self.cfg.trace)
 
-    def compute_config(self, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> compute_proc.ComputeConfig:
+    def compute_config(self, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> ComputeConfig:
         plan, cfg = self.plan, self.cfg
         threads = cfg.cpu_threads or (threads_default() if not self.cpu.off and plan.streamed
                                       and self.device.type == "cuda" else None)
-        return compute_proc.ComputeConfig(
+        on_device = DevicePlan(plan.resident, plan.vram_slots, plan.kv_device_layers, plan.budget_bytes,
+                               plan.step_tokens)
+        experts = ExpertStreamConfig(plan.expert_cache_bytes, plan.dense_resident, cfg.experts.policy,
+                                     plan.expert_prefetch,
+                                     DONE_BATCH if plan.cache_layers >= len(plan.streamed) else 1)
+        return ComputeConfig(
             ident="compute", model_path=self.index.path, device=str(self.device),
-            dtype=str(self.dtype).split(".")[-1], ctx=self.ctx, max_seqs=self.max_seqs, resident=plan.resident,
-            vram_slots=plan.vram_slots, kv_device_layers=plan.kv_device_layers, weights=self.weights,
-            budget_bytes=plan.budget_bytes, step_tokens=plan.step_tokens, arena=arena,
-            layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu, index=self._compute_index(),
-            expert_cache_bytes=plan.expert_cache_bytes, dense_resident=plan.dense_resident,
-            expert_policy=cfg.expert_policy, expert_prefetch=plan.expert_prefetch,
-            done_batch=compute_proc.DONE_BATCH if plan.cache_layers >= len(plan.streamed) else 1,
-            cpu_threads=threads, endpoints=endpoints, parent_pid=parent_pid, trace=cfg.trace, sliding=self.sliding)
+            dtype=str(self.dtype).split(".")[-1], ctx=self.ctx, max_seqs=self.max_seqs, plan=on_device,
+            weights=self.weights, arena=arena, layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu,
+            index=self._compute_index(), experts=experts, cpu_threads=threads, endpoints=endpoints,
+            parent_pid=parent_pid, trace=cfg.trace, sliding=self.sliding)
 
     def _compute_index(self) -> ModelIndex:
         """The index as the compute process gets it: without the tokenizer's metadata, which it never
@@ -128,8 +130,8 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
         dtype_bytes=torch.finfo(dtype).bits // 8, ctx=ctx, max_seqs=max_seqs, prefetch=cfg.prefetch,
         kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
         quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
-        max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.expert_cache_gb),
-        moe_dense=cfg.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.expert_prefetch, draft=draft,
+        max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.experts.cache_gb),
+        moe_dense=cfg.experts.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.experts.prefetch, draft=draft,
     )
     cpu = cfg.cpu.for_device(device.type)
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))

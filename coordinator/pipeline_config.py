@@ -16,6 +16,16 @@ TRANSPORTS = ("ipc", "tcp")
 
 
 @dataclass(frozen=True)
+class ExpertOptions:
+    """How streamed mixture-of-experts layers' experts reach the device (--expert-cache-gb, ...)."""
+
+    cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
+    moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
+    policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
+    prefetch: int | None = None  # experts predicted and copied ahead a layer (None: the plan's default; 0: off)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Budgets and process options of the streaming pipeline (errors in them: ConfigError, at once)."""
 
@@ -41,10 +51,7 @@ class PipelineConfig:
     cpu_split: str = "layers"
     vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (plan.make_plan; default 2)
     cpu_threads: int | None = None  # CPU threads of the compute process (default: compute/cpu/sizing.py)
-    expert_cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot)
-    moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
-    expert_policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
-    expert_prefetch: int | None = None  # experts predicted and copied ahead a layer (None: the plan's default; 0: off)
+    experts: ExpertOptions = ExpertOptions()  # how streamed MoE layers' experts reach the device
     on_progress: ProgressHook | None = field(default=None, compare=False)  # see ProgressHook
     # processes spawned ahead for the children (supervisor.WarmStarts, NOTE [ warm starts ]); None: spawn each
     warm: Any = field(default=None, compare=False, repr=False)
@@ -68,4 +75,4 @@ class PipelineConfig:
         object.__setattr__(self, "cpu", parse_cpu_share(self.cpu_share, self.cpu_split))
 
 
-__all__ = ["PipelineConfig", "ProgressHook", "CpuShareConfig", "parse_cpu_share"]
+__all__ = ["ExpertOptions", "PipelineConfig", "ProgressHook", "CpuShareConfig", "parse_cpu_share"]

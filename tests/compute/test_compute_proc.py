@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from layerstream.compute.compute_proc import DONE_BATCH, ComputeWorker, _InFlight
+from layerstream.compute.compute_proc import ComputeWorker, _InFlight
+from layerstream.compute.slot_returns import DONE_BATCH, SlotReturns
 from layerstream.compute.stepper import Launched
 from layerstream.proto.messages import Forward, ForwardDone, ForwardSeq, LayerDone, LayerReady
 from layerstream.proto.timeline import Timeline
@@ -26,8 +27,9 @@ class _Links:
 def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w = object.__new__(ComputeWorker)  # the message logic only: no arena, no model
     w.links, w.source, w.tl = _Links(incoming), SimpleNamespace(expert_step=expert_step), Timeline("compute", "t")
-    w.cfg = SimpleNamespace(done_batch=done_batch)  # (the pipeline's: DONE_BATCH when every streamed layer is cached)
-    w.done, w.done_step, w.ready_slots = [], 0, {}
+    # (the pipeline's done_batch: DONE_BATCH when every streamed layer is cached)
+    w.returns = SlotReturns(lambda msg: w.links.send(msg), done_batch)
+    w.ready_slots = {}
     w.queued, w.inflight, w.host_ids = deque(), deque(), {}
     return w
 
@@ -42,7 +44,7 @@ def test_expert_steps_give_slots_back_a_few_at_a_time_and_before_waiting():
     w._pump(False)  # taking in what is queued sends nothing
     assert len(w.links.sent) == 1 and w.ready_slots == {(3, 7): 1, (3, 8): 2}
     w._pump(True)  # about to wait: the last one goes first
-    assert w.links.sent[-1] == LayerDone(3, [[DONE_BATCH, 10 + DONE_BATCH]]) and w.done == []
+    assert w.links.sent[-1] == LayerDone(3, [[DONE_BATCH, 10 + DONE_BATCH]]) and w.returns.pending == []
 
 
 @pytest.mark.parametrize("expert_step, done_batch", [(False, DONE_BATCH), (True, 1)],
@@ -151,7 +153,8 @@ def test_the_balancer_sees_the_step_own_time_not_the_time_until_it_was_answered(
     from its launch to its answer."""
     seen = []
     w = _worker(False)
-    w.share = SimpleNamespace(balancer=SimpleNamespace(observe=lambda *a: seen.append(a)))
+    w.cpu = SimpleNamespace(share=SimpleNamespace(balancer=SimpleNamespace(observe=lambda *a: seen.append(a))),
+                            experts=None)
     st = _in_flight(4, [0], [42], [0])
     st.t0, st.own_s, st.observed = 0, 0.025, ("share", 0.01, 1000, 0.005)  # launched long ago, ran 25 ms
     w._answer(st)

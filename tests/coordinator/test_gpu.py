@@ -13,6 +13,7 @@ import reference
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig
+from layerstream.coordinator.pipeline_config import ExpertOptions
 from layerstream.loader.gguf_index import open_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
@@ -184,7 +185,7 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     with _engine(path, dtype="float16") as e:
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
-    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=0.002, moe_dense=moe_dense),
+    with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(0.002, moe_dense)),
                  dtype="float16") as e:
         assert e.backend.plan.dense_resident == (moe_dense == "resident")
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
@@ -210,7 +211,7 @@ def test_cpu_experts_on_cuda_agree_with_the_single_process_engine(tmp_path):
     ids = TOKENS * 2
     with _engine(path, dtype="float16") as e:
         want = e.logits(ids)
-    pcfg = PipelineConfig(resident_layers=0, expert_cache_gb=0.002, cpu_share="0.5", step_tokens=1)
+    pcfg = PipelineConfig(resident_layers=0, experts=ExpertOptions(0.002), cpu_share="0.5", step_tokens=1)
     with _engine(path, pcfg, dtype="float16") as e:
         got = e.logits(ids)
         snaps = e.backend.collect_stats()

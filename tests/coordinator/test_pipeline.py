@@ -20,6 +20,7 @@ import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig
+from layerstream.coordinator.pipeline_config import ExpertOptions
 from layerstream.errors import ContextFullError, PipelineError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
@@ -216,7 +217,7 @@ def test_decode_fetches_only_chosen_experts(tmp_path, arch, kw, cache_gb, moe_de
     prompts = [[5, 17, 33, 80], [9, 3]]
     with _engine(path, dtype="float32") as e:
         want = e.generate_batch(prompts, GREEDY)
-    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb, moe_dense=moe_dense),
+    with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(cache_gb, moe_dense)),
                  dtype="float32") as e:
         assert e.backend.plan.dense_resident == (moe_dense == "resident")
         assert e.generate_batch(prompts, GREEDY) == want
@@ -252,7 +253,7 @@ def test_streamed_experts_as_blocks_run_grouped(tmp_path):
     # of a step's experts are cached, others served and dropped
     with _engine(path, dtype="float32", weights="quantized") as e:
         want = e.generate_batch(prompts, params)
-    with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb), dtype="float32",
+    with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(cache_gb)), dtype="float32",
                  weights="quantized") as e:
         assert e.generate_batch(prompts, params) == want
         ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
@@ -275,7 +276,7 @@ def test_decode_copies_the_predicted_experts_ahead(tmp_path):
         want = e.generate_batch(prompts, params)
     got = {}
     for ahead in (0, 3):
-        with _engine(path, PipelineConfig(resident_layers=0, expert_cache_gb=cache_gb, expert_prefetch=ahead),
+        with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(cache_gb, prefetch=ahead)),
                      dtype="float32", weights="quantized") as e:
             assert e.backend.plan.expert_prefetch == ahead
             assert e.generate_batch(prompts, params) == want
@@ -762,8 +763,9 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     ids = [5, 17, 33, 80, 81, 90, 100, 7]
     with _engine(path, dtype="float32", weights="quantized") as e:
         want = e.logits(ids)
-    pcfg = PipelineConfig(resident_layers=0, expert_cache_gb=2 * 3 * 256 * 144 / 2**30, cpu_share="0.5", step_tokens=1,
-                          expert_prefetch=0)  # (experts copied ahead are not missing: the CPU would take fewer)
+    # (prefetch off: experts copied ahead are not missing, and the CPU would take fewer)
+    pcfg = PipelineConfig(resident_layers=0, cpu_share="0.5", step_tokens=1,
+                          experts=ExpertOptions(2 * 3 * 256 * 144 / 2**30, prefetch=0))
     with _engine(path, pcfg, dtype="float32", weights="quantized") as e:
         got = e.logits(ids)
         snaps = e.backend.collect_stats()

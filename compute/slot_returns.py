@@ -1,0 +1,44 @@
+"""Staging slots the compute process gives back to the coordinator (LayerDone), one or a few a message."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from layerstream.proto.messages import LayerDone
+
+DONE_BATCH = 2  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
+
+
+class SlotReturns:
+    """NOTE [ slots given back ]
+    A streamed MoE layer's staging slot goes back after its work on the device, one layer or
+    more behind. Where the host cache holds every streamed layer (the plan says so:
+    `done_batch` > 1), no reader waits for a slot and the coordinator does not wait for it.
+    A MoE decode step is bound by the host, and a profile of it gave an eighth of a streamed
+    layer's host time to its two messages (this one and the LayerReady it answers), so in
+    expert steps slots then go back DONE_BATCH at a time, and the rest before compute waits for
+    the coordinator and at the step's end. Each message lets the coordinator announce up to
+    `prefetch` more cached layers at once (stream_core.py), so announcements still run ahead of
+    compute: a layer copies the next layer's predicted experts only if that layer is announced.
+    With 4 a message and announcements one message late, they fell behind, and fewer experts
+    were copied ahead (a third of the chosen experts against a half). Other steps give each
+    slot back at once, as do all steps where layers are read from disk: a reader may be
+    waiting for the slot."""
+
+    def __init__(self, send: Callable[[LayerDone], None], batch: int = 1):
+        self.send, self.batch = send, batch
+        self.pending: list[list[int]] = []  # [layer, slot] given back, not yet sent
+        self.step = 0
+
+    def add(self, step: int, layer: int, slot: int, batched: bool) -> None:
+        """Give `slot` back; held until `batch` are pending where `batched` (an expert step)."""
+        self.pending.append([layer, slot])
+        self.step = step
+        if len(self.pending) >= self.batch or not batched:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is pending, if anything."""
+        if self.pending:
+            self.send(LayerDone(self.step, self.pending))
+            self.pending = []
