@@ -12,7 +12,7 @@ import torch
 
 from layerstream.compute.compute_config import ComputeConfig
 from layerstream.compute.cpu.factory import make_cpu_parts
-from layerstream.compute.device import keeps_quantized
+from layerstream.compute.device import weights_form
 from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_stream import make_expert_stream
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
@@ -81,10 +81,11 @@ class ComputeWorker:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, plan.budget_bytes / total), self.device)
             self._register_arena()
         index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
-        quantized = keeps_quantized(self.device, cfg.weights)
+        form = weights_form(self.device, cfg.weights)
+        quantized = form == "triton"  # the Triton kernels' blocks (their attention, graphs and experts' paths)
         if quantized and self.device.type == "cuda" and max(plan.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
             reserve_scratch(self.device, dtype, model_scratch_elems(index))
-        self.glob = GlobalWeights(index, self.device, dtype, quantized=quantized)
+        self.glob = GlobalWeights(index, self.device, dtype, quantized=form)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         self.returns = SlotReturns(links.send, cfg.experts.done_batch)
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
@@ -97,7 +98,7 @@ class ComputeWorker:
                                      self.device, dtype, quantized, self.tl, self.arena.slot_array,
                                      self._layer_done)
         self.source = StreamedLayers(layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
-                                     self.device, dtype, resident, plan.vram_slots, self.tl, quantized=quantized,
+                                     self.device, dtype, resident, plan.vram_slots, self.tl, quantized=form,
                                      share=self.cpu.share, experts=experts)
         self.expert_count = StepCount()  # the steps that fetched only the chosen experts
         self.embed = mapped_embedding(self.glob, self.device, dtype)  # NOTE [ the embedding on the device ]

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from layerstream.compute.cpu import native
 from layerstream.compute.qlinear import have_triton
 from layerstream.errors import ConfigError
 
@@ -62,16 +63,33 @@ def resolve_dtype(name: str | None, device: torch.device, arch: str | None = Non
     return dtype
 
 
-def keeps_quantized(device, weights: str = "auto") -> bool:
-    """Whether matrices stay as GGUF blocks on `device`: on CUDA with Triton ("auto"), or when
-    asked ("quantized"; on the CPU that runs the kernels under Triton's interpreter, for tests).
-    On the CPU the fastest form is the dequantized one (torch's CPU GEMV on bf16)."""
-    if weights not in ("auto", "quantized", "dense"):
-        raise ValueError(f"weights={weights!r}: use auto, quantized or dense")
+WEIGHTS = ("auto", "quantized", "native", "dense")
+
+
+def weights_form(device, weights: str = "auto") -> str:
+    """How matrices are held and multiplied on `device`: "triton" (GGUF blocks read by the Triton
+    kernels: on CUDA, or on the CPU when asked, "quantized", under Triton's interpreter, for
+    tests), "native" (blocks read by the CPU's native kernel, cpu/native.py; the CPU's "auto" where
+    it is built, NOTE [ native blocks on the CPU device ] in qlinear.py) or "dense" (dequantized
+    into the compute dtype: CUDA without Triton, the CPU without the native kernel, or asked)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}")
     cuda = torch.device(device).type == "cuda"
     if weights == "auto":
-        return cuda and have_triton()
+        if cuda:
+            return "triton" if have_triton() else "dense"
+        return "native" if native.available() else "dense"
     if weights == "quantized" and not (have_triton() and (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
         raise ConfigError("quantized weights need Triton and a CUDA device (on the CPU only under Triton's "
                           "interpreter, TRITON_INTERPRET=1, for tests); use the default weights")
-    return weights == "quantized"
+    if weights == "native" and (cuda or not native.available()):
+        raise ConfigError("native weights are the CPU's, and need its native kernel built (a C compiler: "
+                          f"cc, gcc or clang; {'the device is CUDA' if cuda else 'none could build it'}); "
+                          "use the default weights")
+    return {"quantized": "triton", "native": "native", "dense": "dense"}[weights]
+
+
+def keeps_quantized(device, weights: str = "auto") -> bool:
+    """Whether matrices stay as GGUF blocks on `device` (weights_form is "triton" or "native"): what
+    the plan counts."""
+    return weights_form(device, weights) != "dense"

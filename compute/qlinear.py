@@ -8,6 +8,12 @@ or a view into a streamed layer's VRAM slot). `linear` multiplies by it:
   (prompts are bound by arithmetic; the dequantization costs a pass over the blocks).
 Dense tensors go straight to `F.linear`, so resident, streamed, quantized and dense weights all
 run through the same model code.
+
+On the CPU a QuantWeight made `native` is multiplied by the native kernel (compute/cpu/native.py)
+for up to native.MAX_TOKENS rows, every matrix of one `linear_many` or `glu` in one call (NOTE
+[ native blocks on the CPU device ]); more rows dequantize row chunks with dequant.py's torch ops
+for `F.linear`. A QuantWeight that is not `native` runs the Triton kernels (on the CPU only under
+Triton's interpreter, for tests).
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ HEAD_CHUNK = 64
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """A [N, K] matrix as contiguous GGUF blocks (uint8) on its device."""
+    """A [N, K] matrix as contiguous GGUF blocks (uint8) on its device; `native`: multiplied by the
+    CPU's native kernel (host bytes of a type it reads), else by the Triton kernels."""
 
     raw: torch.Tensor
     qtype: int
     shape: tuple[int, int]
+    native: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +69,22 @@ def have_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def _native():
+    """compute.cpu.native, imported on first use."""
+    from layerstream.compute.cpu import native
+
+    return native
+
+
+@functools.cache
+def _dequant():
+    """compute.dequant (which imports this module), on first use."""
+    from layerstream.compute import dequant
+
+    return dequant
 
 
 @functools.cache
@@ -128,6 +152,63 @@ def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -
     return _kernels().dequantize_into(w.raw[r0 * row_bytes : r1 * row_bytes], w.qtype, r1 - r0, K, out)
 
 
+# NOTE [ native blocks on the CPU device ]
+# On the CPU a matrix kept as its GGUF blocks is read at 4.5 to 8.5 bits a value where a
+# dequantized copy is read at 16 (bf16) or 32, and a plan under a budget holds three to seven
+# times the layers. The native kernel (cpu/qdot.c) multiplies up to native.MAX_TOKENS rows straight
+# from the blocks. Each call has a fixed cost (the threads' hand-off, x made int8) as large as a
+# small matrix's product (576 x 576), so the matrices that one input multiplies (q, k and v; gate
+# and up) go in one call. Its integer dots grow with the rows while a float GEMM reads the weights
+# once for all of them, so more rows (prompts) dequantize row chunks of CPU_CHUNK_ELEMS values
+# with dequant.py's torch ops (the Triton kernels are the GPU's) for F.linear; the chunk's
+# temporaries hold CPU_DEQUANT_BYTES a value (its bit fields, float32 values, their cast), which
+# the plan counts.
+CPU_CHUNK_ELEMS = 1 << 20
+CPU_DEQUANT_BYTES = 8
+
+
+def _native_rows(x: torch.Tensor, ws) -> bool:
+    """Whether x's rows go to the native kernel for all of these matrices (NOTE [ native blocks on
+    the CPU device ])."""
+    return all(isinstance(w, QuantWeight) and w.native for w in ws) and \
+        x.numel() // x.shape[-1] <= _native().MAX_TOKENS
+
+
+def _native_out(x: torch.Tensor, y: torch.Tensor, N: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The native kernel's float32 rows y [T, N] as x's lead shape and dtype, the bias added."""
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], N).to(x.dtype)
+
+
+def _native_many(x: torch.Tensor, ws: list[QuantWeight]) -> list[torch.Tensor]:
+    """[x @ w^T for w in ws] by the native kernel in one call, each [T, N] float32."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    return _native().matmuls([(w.raw, w.qtype, w.shape[0], K, x2) for w in ws])
+
+
+def _cpu_dequantized_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ w^T for a native matrix and more rows than the kernel takes: row chunks
+    dequantized by torch ops, each product written into its columns of the output."""
+    N, K = w.shape
+    deq = _dequant().dequantize
+    row_bytes = w.nbytes // N
+    step = chunk_rows(N, K, CPU_CHUNK_ELEMS)
+    if step >= N:
+        return F.linear(x, deq(w.raw, w.qtype, (N, K), dtype=x.dtype), bias)
+    x2 = x.reshape(-1, K)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype)
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        wt = deq(w.raw[r0 * row_bytes : r1 * row_bytes], w.qtype, (r1 - r0, K), dtype=x.dtype).t()  # [K, r1 - r0]
+        if bias is None:
+            torch.mm(x2, wt, out=out[:, r0:r1])
+        else:
+            torch.addmm(bias[r0:r1], x2, wt, out=out[:, r0:r1])
+    return out.view(*x.shape[:-1], N)
+
+
 def _fused_rows(x: torch.Tensor, ws) -> bool:
     """Whether x's rows go to the fused kernels for all of these quantized matrices of one type."""
     return x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(ws[0].qtype, FUSED_MAX_TOKENS)
@@ -138,7 +219,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     """x [T, K] @ w^T (+ bias) -> [T, N] in x's dtype, for dense or quantized w; `residual` [T, N]:
     residual + that, in the matmul's epilogue where the fused kernel takes it (decode's o and down)."""
     if residual is not None:
-        if bias is None and isinstance(w, QuantWeight) and _fused_rows(x, [w]):
+        if bias is None and isinstance(w, QuantWeight) and not w.native and _fused_rows(x, [w]):
             out = _kernels().matmul_many(x, [w.raw], w.qtype, [w.shape[0]], w.shape[1], residual=residual)
             if out is not None:
                 return out[0]
@@ -148,6 +229,10 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     if not isinstance(w, QuantWeight):  # a matrix split between the device and the CPU (cpu/split.py)
         return w.linear(x, bias)
     N, K = w.shape
+    if w.native:
+        if _native_rows(x, [w]):
+            return _native_out(x, _native_many(x, [w])[0], N, bias)
+        return _cpu_dequantized_linear(x, w, bias)
     if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
         return _kernels().matmul(x, w.raw, w.qtype, N, K, bias)
     step = chunk_rows(N, K, scratch_cap(w.device, x.dtype, UNPLANNED_MAX_ELEMS))
@@ -175,7 +260,11 @@ def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[t
     if split is not None:
         return split.linear_many(x, ws, biases)
     out: list = [None] * len(ws)
-    if all(isinstance(w, QuantWeight) for w in ws) and all(b is None for b in biases):
+    native = [i for i, w in enumerate(ws) if isinstance(w, QuantWeight) and w.native]
+    if native and _native_rows(x, [ws[i] for i in native]):  # one native call for them all, of any types
+        for i, y in zip(native, _native_many(x, [ws[i] for i in native])):
+            out[i] = _native_out(x, y, ws[i].shape[0], biases[i])
+    elif all(isinstance(w, QuantWeight) and not w.native for w in ws) and all(b is None for b in biases):
         # those of one type and K in one launch each (NOTE [ several matrices a launch ] in qgemv.py)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, w in enumerate(ws):
@@ -191,9 +280,16 @@ def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[t
 
 def glu(x: torch.Tensor, gate, up) -> torch.Tensor | None:
     """SiLU(x @ gate^T) * (x @ up^T) in one launch, gate and up rows paired in each program, where
-    the fused kernel takes them (decode rows, one type); else None (the caller runs the ops)."""
-    if not (isinstance(gate, QuantWeight) and isinstance(up, QuantWeight)) or gate.qtype != up.qtype \
-            or gate.shape != up.shape or not _fused_rows(x, [gate]):
+    the fused kernel takes them (decode rows, one type), or gate and up in one native call on the
+    CPU; else None (the caller runs the ops)."""
+    if not (isinstance(gate, QuantWeight) and isinstance(up, QuantWeight)) or gate.shape != up.shape:
+        return None
+    if gate.native or up.native:
+        if not _native_rows(x, [gate, up]):
+            return None
+        g, u = _native_many(x, [gate, up])
+        return F.silu(g, inplace=True).mul_(u).view(*x.shape[:-1], gate.shape[0]).to(x.dtype)
+    if gate.qtype != up.qtype or not _fused_rows(x, [gate]):
         return None
     y = _kernels().matmul_many(x, [gate.raw, up.raw], gate.qtype, [gate.shape[0], up.shape[0]], gate.shape[1], glu=True)
     return None if y is None else y[0]

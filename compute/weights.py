@@ -9,6 +9,7 @@ from typing import Iterable, Protocol
 import numpy as np
 import torch
 
+from layerstream.compute.cpu.native import NATIVE_TYPES
 from layerstream.compute.dequant import check_supported, dequantize
 from layerstream.compute.model import LayerWeights
 from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
@@ -25,23 +26,37 @@ def check_model_quants(index: ModelIndex) -> None:
             check_supported(t.qtype, t.name)
 
 
-def device_weight(raw: torch.Tensor, t, dtype, quantized: bool):
-    """A tensor from its bytes on the target device: a QuantWeight view for a block-quantized
-    matrix when `quantized`, else dequantized into `dtype` (norms, biases, dense matrices)."""
-    if quantized and len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES:
+def weight_form(quantized: bool | str) -> str:
+    """The form of weights_form (compute/device.py) that `quantized` names: a form itself, or a
+    bool (True: the Triton kernels' blocks, False: dense)."""
+    if isinstance(quantized, str):
+        if quantized not in ("triton", "native", "dense"):
+            raise ValueError(f"weights form {quantized!r}: use triton, native or dense")
+        return quantized
+    return "triton" if quantized else "dense"
+
+
+def device_weight(raw: torch.Tensor, t, dtype, quantized: bool | str):
+    """A tensor from its bytes on the target device: a QuantWeight view of a block-quantized
+    matrix where the form (weight_form) computes from blocks, else dequantized into `dtype` (norms,
+    biases, dense matrices; under "native" also expert tensors and the types its kernel lacks)."""
+    form = weight_form(quantized)
+    if form == "triton" and len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES:
         # experts [E, N, K] as one [E * N, K] matrix: expert e is rows e*N..(e+1)*N, a byte range
         return QuantWeight(raw, t.qtype, (math.prod(t.shape[:-1]), t.shape[-1]))
+    if form == "native" and len(t.shape) == 2 and t.qtype in NATIVE_TYPES and raw.device.type == "cpu":
+        return QuantWeight(raw.contiguous(), t.qtype, tuple(t.shape), native=True)
     return dequantize(raw, t.qtype, t.shape, t.name, dtype)
 
 
-def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool = False) -> LayerWeights:
+def layer_weights(raw: torch.Tensor, layout: LayerLayout, dtype, quantized: bool | str = False) -> LayerWeights:
     """A layer's tensors from its slot bytes (uint8, on the target device): matrices as views of
-    their blocks when `quantized`, the rest (and everything otherwise) dequantized."""
+    their blocks where the form `quantized` keeps them (device_weight), the rest dequantized."""
     return {t.name: device_weight(raw[t.slot_offset : t.slot_offset + t.nbytes], t, dtype, quantized)
             for t in layout.tensors}
 
 
-def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype, quantized: bool = False):
+def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype, quantized: bool | str = False):
     """One tensor of the file on `device` (its bytes copied there first), see `device_weight`."""
     raw = torch.from_numpy(np.ascontiguousarray(index.tensor_bytes(t)))
     return device_weight(raw.to(device, non_blocking=True), t, dtype, quantized)
@@ -65,11 +80,11 @@ class LayerSource(Protocol):
 
 
 class ResidentLayers:
-    """Every layer loaded once and kept on the device (as blocks when `quantized`): the in-VRAM
-    engine and the reference."""
+    """Every layer loaded once and kept on the device (as blocks where the form `quantized` keeps
+    them, device_weight): the in-VRAM engine and the reference."""
 
     def __init__(self, index: ModelIndex, device, dtype, layers: Iterable[int] | None = None, progress=None,
-                 quantized: bool = False):
+                 quantized: bool | str = False):
         self.weights: dict[int, LayerWeights] = {}
         for i in layers if layers is not None else range(index.hparams.n_layer):
             self.weights[i] = {name: load_tensor(index, t, device, dtype, quantized)
@@ -94,11 +109,12 @@ class ResidentLayers:
 
 
 class GlobalWeights:
-    """Output norm and head on the device (the head as blocks when `quantized`), rope frequency
-    factors; the token embedding stays on the host and is a row gather (only the rows of the
+    """Output norm and head on the device (the head as blocks where the form `quantized` keeps
+    it, device_weight), rope frequency factors; the token embedding stays on the host and is a row gather (only the rows of the
     step's tokens are dequantized), or with `embed_on_device` a gather on the device."""
 
-    def __init__(self, index: ModelIndex, device, dtype, embed_on_device: bool = False, quantized: bool = False):
+    def __init__(self, index: ModelIndex, device, dtype, embed_on_device: bool = False,
+                 quantized: bool | str = False):
         g = index.globals
         self.device, self.dtype = torch.device(device), dtype
         emb = self.embd_info = g["token_embd.weight"]
@@ -117,11 +133,13 @@ class GlobalWeights:
     def embed(self, toks: torch.Tensor) -> torch.Tensor:
         """Rows of the token embedding for token ids toks [T] -> [T, E] on the device."""
         if isinstance(self.embd_dev, QuantWeight):  # gather the rows' blocks, dequantize them
-            from layerstream.compute import qkernels
-
             q = self.embd_dev
             V, E = q.shape
             rows = q.raw.view(V, -1)[toks.to(self.device, non_blocking=True)].reshape(-1)
+            if q.native:  # torch's ops on the CPU, through float32 as the host gather
+                return dequantize(rows, q.qtype, (len(toks), E), self.embd_info.name).to(self.dtype)
+            from layerstream.compute import qkernels
+
             out = torch.empty(len(toks), E, dtype=self.dtype, device=self.device)
             return qkernels.dequantize_into(rows, q.qtype, len(toks), E, out)
         if self.embd_dev is not None:

@@ -116,7 +116,8 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
         index, layer_layouts(index), most=SERVE_BATCH if vram is None else SERVE_BATCH_MAX,
         kv_on_device_above=SERVE_BATCH, vram_bytes=vram, host_cache_bytes=gib(args.host_cache_gb),
         dtype_bytes=dtype_bytes, ctx=ctx, prefetch=args.prefetch, kv_on_host=args.kv_on_host,
-        resident_layers=args.resident_layers, quantized=keeps_quantized(device), step_tokens=args.step_tokens,
+        resident_layers=args.resident_layers, quantized=keeps_quantized(device), device_type=device.type,
+        step_tokens=args.step_tokens,
         max_prefetch=hp.n_layer, expert_cache_bytes=gib(args.expert_cache_gb), moe_dense=args.moe_dense,
         vram_slots=args.vram_slots, expert_prefetch=args.expert_prefetch)
     if vram is None:

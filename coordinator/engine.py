@@ -91,7 +91,7 @@ class EngineConfig:
     on_context_full: str = "error"
     sink_tokens: int = 4
     prefill_chunk: int = 512
-    weights: str = "auto"  # auto (GGUF blocks on CUDA, dequantized on the CPU), quantized or dense
+    weights: str = "auto"  # auto, quantized (Triton blocks), native (the CPU kernel's blocks) or dense: device.weights_form
     lookahead: bool = True  # submit a step before the last one's ids are read (core.py, NOTE [ one step behind ])
     lookup: int = 0  # tokens prompt lookup drafts a step, where a request does not say (NOTE in core.py)
     draft_model: str | None = None  # a GGUF with the model's vocabulary that drafts instead (draft.py)
@@ -100,7 +100,7 @@ class EngineConfig:
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
     """A ModelRunner with every layer resident: the single-process engine."""
-    from layerstream.compute.device import keeps_quantized
+    from layerstream.compute.device import weights_form
     from layerstream.compute.runner import ModelRunner
     from layerstream.compute.weights import GlobalWeights, ResidentLayers, check_model_quants
 
@@ -119,14 +119,14 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) 
         tqdm.monitor_interval = 0  # no monitor thread (NOTE [ SIGINT and threads ] in sigmask.py)
         bar = tqdm(total=index.hparams.n_layer, desc="loading layers", unit="layer", leave=False)
     try:
-        quantized = keeps_quantized(device, cfg.weights)
+        quantized = weights_form(device, cfg.weights)
         glob = GlobalWeights(index, device, dtype, embed_on_device=True, quantized=quantized)
         layers = ResidentLayers(index, device, dtype, progress=bar.update if bar else None, quantized=quantized)
     finally:
         if bar:
             bar.close()
     runner = ModelRunner(index.hparams, glob, layers, device, dtype, ctx=cfg.ctx, max_seqs=cfg.max_seqs,
-                         sliding=cfg.on_context_full == "slide", triton_attention=quantized)
+                         sliding=cfg.on_context_full == "slide", triton_attention=quantized == "triton")
     return LocalBackend(runner, index.hparams.n_vocab)
 
 

@@ -129,7 +129,7 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
         index, layouts, vram_bytes=vram, host_cache_bytes=_gib(cfg.host_cache_gb),
         dtype_bytes=torch.finfo(dtype).bits // 8, ctx=ctx, max_seqs=max_seqs, prefetch=cfg.prefetch,
         kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
-        quantized=keeps_quantized(device, weights), step_tokens=cfg.step_tokens,
+        quantized=keeps_quantized(device, weights), device_type=device.type, step_tokens=cfg.step_tokens,
         max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.experts.cache_gb),
         moe_dense=cfg.experts.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.experts.prefetch, draft=draft,
     )

@@ -27,8 +27,10 @@ import math
 import os
 from dataclasses import dataclass
 
+from layerstream.compute.cpu.native import MAX_TOKENS as NATIVE_MAX_TOKENS, NATIVE_TYPES
 from layerstream.compute.model import attention_bytes, attention_path
-from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK, model_scratch_elems
+from layerstream.compute.qlinear import (CPU_CHUNK_ELEMS, CPU_DEQUANT_BYTES, FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK,
+                                         model_scratch_elems)
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
 
@@ -217,6 +219,8 @@ class Sizes:
         return math.prod(t.shape) * self.e
 
     def _kept_as_blocks(self, t) -> bool:
+        if not self.cuda:  # the native kernel's matrices (qlinear.py, NOTE [ native blocks on the CPU device ])
+            return self.quantized and len(t.shape) == 2 and t.qtype in NATIVE_TYPES
         return self.quantized and len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES
 
     def layer_allocs(self, i: int) -> list[int]:
@@ -273,6 +277,9 @@ class Sizes:
         streamed layer is copied out of its staging slot and dequantized (the layer before's
         tensors still held meanwhile)."""
         if not self.cuda:
+            if streamed and self.quantized:  # the copy is the weights (blocks), the layer before's still held
+                return 2 * (self.slot_bytes + max(sum(self._dense(t) for t in layer.values() if not self._kept_as_blocks(t))
+                                                  for layer in self.index.layers))
             return self.slot_bytes + 2 * max(self.layer_dense) if streamed else 0
         ring = reserved_bytes([max(lay.nbytes for lay in self.layouts)] * max(n, 1))
         return ring + (reserved_bytes([max(self.layer_dense)] * 2) if streamed and not self.quantized else 0)
@@ -289,6 +296,8 @@ class Sizes:
         """The prompt path's dequantization buffer, reserved at start (compute_proc.py)."""
         if self.cuda and self.quantized and max(T, self.max_seqs) > FUSED_MIN_OF_TYPES:
             return reserved_bytes([model_scratch_elems(self.index) * self.e])
+        if not self.cuda and self.quantized and max(T, self.max_seqs) > NATIVE_MAX_TOKENS:  # a row chunk's temporaries
+            return CPU_CHUNK_ELEMS * CPU_DEQUANT_BYTES
         return 0
 
     @functools.cached_property
