@@ -532,7 +532,7 @@ def bench_qmatmul(args) -> list[dict]:
 
 def bench_compute(args) -> list[dict]:
     from layerstream.compute.block import layer_forward
-    from layerstream.compute.device import keeps_quantized
+    from layerstream.compute.device import weights_form
     from layerstream.compute.step_meta import SeqStep, build_step_meta, rope_inv_freq
     from layerstream.compute.weights import ResidentLayers
 
@@ -541,7 +541,7 @@ def bench_compute(args) -> list[dict]:
     with model_for(args) as index:
         hp = index.hparams
         held = list(range(min(args.sample_layers, hp.n_layer)))
-        weights = ResidentLayers(index, device, dtype, layers=held, quantized=keeps_quantized(device)).weights
+        weights = ResidentLayers(index, device, dtype, layers=held, quantized=weights_form(device)).weights
         rf = index.globals.get("rope_freqs.weight")
         inv_freq = rope_inv_freq(hp, None if rf is None else torch.from_numpy(
             np.array(index.tensor_bytes(rf)).view(np.float32).copy()))
