@@ -25,17 +25,17 @@ def top_k(logits: torch.Tensor) -> torch.Tensor:
 def pvalue(counts: dict, expected: dict) -> float:
     """Pearson's chi-square p-value of observed pair counts against expected ones; cells expected
     under 5 times are pooled into one."""
-    O, E, pool_o, pool_e = [], [], 0.0, 0.0
+    seen, want, pool_o, pool_e = [], [], 0.0, 0.0
     for cell, e in expected.items():
         if e >= 5:
-            O.append(counts.get(cell, 0)), E.append(e)
+            seen.append(counts.get(cell, 0)), want.append(e)
         else:
             pool_o, pool_e = pool_o + counts.get(cell, 0), pool_e + e
     if pool_e > 0:
-        O.append(pool_o), E.append(pool_e)
-    O, E = torch.tensor(O, dtype=torch.float64), torch.tensor(E, dtype=torch.float64)
-    stat = ((O - E) ** 2 / E).sum()
-    return float(torch.special.gammaincc(torch.tensor((len(E) - 1) / 2, dtype=torch.float64), stat / 2))
+        seen.append(pool_o), want.append(pool_e)
+    obs, exp = torch.tensor(seen, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(exp) - 1) / 2, dtype=torch.float64), stat / 2))
 
 
 def test_seeded_sampling_with_a_draft_model_keeps_the_targets_distribution(tmp_path):
