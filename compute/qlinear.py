@@ -10,7 +10,7 @@ Dense tensors go straight to `F.linear`, so resident, streamed, quantized and de
 run through the same model code.
 
 On the CPU a QuantWeight made `native` is multiplied by the native kernel (compute/cpu/native.py)
-for up to native.MAX_TOKENS rows, every matrix of one `linear_many` or `glu` in one call (NOTE
+for up to NATIVE_MAX_ROWS rows, every matrix of one `linear_many` or `glu` in one call (NOTE
 [ native blocks on the CPU device ]); more rows dequantize row chunks with dequant.py's torch ops
 for `F.linear`. A QuantWeight that is not `native` runs the Triton kernels (on the CPU only under
 Triton's interpreter, for tests).
@@ -159,19 +159,29 @@ def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -
 # from the blocks. Each call has a fixed cost (the threads' hand-off, x made int8) as large as a
 # small matrix's product (576 x 576), so the matrices that one input multiplies (q, k and v; gate
 # and up) go in one call. Its integer dots grow with the rows while a float GEMM reads the weights
-# once for all of them, so more rows (prompts) dequantize row chunks of CPU_CHUNK_ELEMS values
-# with dequant.py's torch ops (the Triton kernels are the GPU's) for F.linear; the chunk's
-# temporaries hold CPU_DEQUANT_BYTES a value (its bit fields, float32 values, their cast), which
-# the plan counts.
+# once for all of them, so prompt-sized steps (over NATIVE_MAX_ROWS rows) dequantize row chunks
+# of CPU_CHUNK_ELEMS values with dequant.py's torch ops (the Triton kernels are the GPU's) for
+# F.linear; the chunk's temporaries hold CPU_DEQUANT_BYTES a value (its bit fields, float32
+# values, their cast), which the plan counts. Up to NATIVE_MAX_ROWS rows go to the kernel
+# native.MAX_TOKENS at a time: a row's result does not depend on the other rows of its call, so
+# a token gives the same logits in a one-token step, in a batch, in a small prompt chunk or among
+# drafted tokens being verified (greedy text with prompt lookup is the text without it), where
+# the two paths differ by the kernel's rounding of x (about 1e-5 a dot product).
 CPU_CHUNK_ELEMS = 1 << 20
 CPU_DEQUANT_BYTES = 8
+NATIVE_MAX_ROWS = 64
+
+
+def cpu_chunk_elems(shapes) -> int:
+    """Values of the largest row chunk the CPU's prompt path dequantizes among these [N, K]
+    matrices (NOTE [ native blocks on the CPU device ])."""
+    return max((chunk_rows(N, K, CPU_CHUNK_ELEMS) * K for N, K in shapes), default=0)
 
 
 def _native_rows(x: torch.Tensor, ws) -> bool:
     """Whether x's rows go to the native kernel for all of these matrices (NOTE [ native blocks on
     the CPU device ])."""
-    return all(isinstance(w, QuantWeight) and w.native for w in ws) and \
-        x.numel() // x.shape[-1] <= _native().MAX_TOKENS
+    return all(isinstance(w, QuantWeight) and w.native for w in ws) and x.numel() // x.shape[-1] <= NATIVE_MAX_ROWS
 
 
 def _native_out(x: torch.Tensor, y: torch.Tensor, N: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -182,10 +192,15 @@ def _native_out(x: torch.Tensor, y: torch.Tensor, N: int, bias: torch.Tensor | N
 
 
 def _native_many(x: torch.Tensor, ws: list[QuantWeight]) -> list[torch.Tensor]:
-    """[x @ w^T for w in ws] by the native kernel in one call, each [T, N] float32."""
+    """[x @ w^T for w in ws] by the native kernel, one call a native.MAX_TOKENS rows, each [T, N] float32."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    return _native().matmuls([(w.raw, w.qtype, w.shape[0], K, x2) for w in ws])
+    step = _native().MAX_TOKENS
+    if x2.shape[0] <= step:
+        return _native().matmuls([(w.raw, w.qtype, w.shape[0], K, x2) for w in ws])
+    parts = [_native().matmuls([(w.raw, w.qtype, w.shape[0], K, x2[r : r + step]) for w in ws])
+             for r in range(0, x2.shape[0], step)]
+    return [torch.cat(ys) for ys in zip(*parts)]
 
 
 def _cpu_dequantized_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -27,10 +27,10 @@ import math
 import os
 from dataclasses import dataclass
 
-from layerstream.compute.cpu.native import MAX_TOKENS as NATIVE_MAX_TOKENS, NATIVE_TYPES
+from layerstream.compute.cpu.native import NATIVE_TYPES
 from layerstream.compute.model import attention_bytes, attention_path
-from layerstream.compute.qlinear import (CPU_CHUNK_ELEMS, CPU_DEQUANT_BYTES, FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK,
-                                         model_scratch_elems)
+from layerstream.compute.qlinear import (CPU_DEQUANT_BYTES, FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK, NATIVE_MAX_ROWS,
+                                         cpu_chunk_elems, model_scratch_elems)
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
 
@@ -296,8 +296,10 @@ class Sizes:
         """The prompt path's dequantization buffer, reserved at start (compute_proc.py)."""
         if self.cuda and self.quantized and max(T, self.max_seqs) > FUSED_MIN_OF_TYPES:
             return reserved_bytes([model_scratch_elems(self.index) * self.e])
-        if not self.cuda and self.quantized and max(T, self.max_seqs) > NATIVE_MAX_TOKENS:  # a row chunk's temporaries
-            return CPU_CHUNK_ELEMS * CPU_DEQUANT_BYTES
+        if not self.cuda and self.quantized and max(T, self.max_seqs) > NATIVE_MAX_ROWS:  # a row chunk's temporaries
+            g = self.index.globals
+            mats = [t for layer in self.index.layers for t in layer.values()] + [g.get("output.weight") or g["token_embd.weight"]]
+            return cpu_chunk_elems(t.shape for t in mats if self._kept_as_blocks(t)) * CPU_DEQUANT_BYTES
         return 0
 
     @functools.cached_property

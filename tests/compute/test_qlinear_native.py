@@ -47,9 +47,10 @@ def native_calls(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("qt", TYPES)
-@pytest.mark.parametrize("T", [1, 3, 16, 40])
+@pytest.mark.parametrize("T", [1, 3, 16, 40, 70])
 def test_linear_on_cpu_blocks_matches_float64_over_gguf_dequantize(qt, T, native_calls):
-    """Up to native.MAX_TOKENS rows one native call, more the dequantized rows (no native call)."""
+    """Up to native.MAX_TOKENS rows one native call, up to NATIVE_MAX_ROWS a call each
+    native.MAX_TOKENS, more the dequantized rows (no native call)."""
     N, K = 67, 512
     w, ref = native_weight(qt, N, K, seed=int(qt) * 7 + T)
     x = exact_x(T, K, torch.Generator().manual_seed(T))
@@ -58,7 +59,9 @@ def test_linear_on_cpu_blocks_matches_float64_over_gguf_dequantize(qt, T, native
     got = linear(x, w, bias)
     assert got.shape == (T, N) and got.dtype == torch.float32
     assert (got.double() - want).abs().max().item() < 2e-5 * want.abs().max().item()
-    assert native_calls == ([1] if T <= native.MAX_TOKENS else [])
+    assert native_calls == {1: [1], 3: [1], 16: [1], 40: [1, 1, 1], 70: []}[T]
+    if T <= qlinear.NATIVE_MAX_ROWS:  # a row's result is the same whatever rows share its step
+        assert torch.equal(linear(x[-1:], w, bias), got[-1:])
     # bf16 activations come back bf16 (the float32 product rounded once)
     xb = x.bfloat16()
     got_b = linear(xb, w)
@@ -68,7 +71,7 @@ def test_linear_on_cpu_blocks_matches_float64_over_gguf_dequantize(qt, T, native
 
 @needs_kernel
 def test_prompt_rows_dequantize_in_row_chunks_written_into_their_columns(monkeypatch):
-    N, K, T = 600, 256, 40
+    N, K, T = 600, 256, qlinear.NATIVE_MAX_ROWS + 1
     w, ref = native_weight(QT.Q4_K, N, K, seed=5)
     x = exact_x(T, K, torch.Generator().manual_seed(2))
     monkeypatch.setattr(qlinear, "CPU_CHUNK_ELEMS", 300 * K)  # chunks of 256 rows: 256, 256, 88
@@ -99,12 +102,13 @@ def test_linear_many_multiplies_every_native_matrix_in_one_call(native_calls):
             want = x.double() @ ref.T + (0 if b is None else b.double())
             assert y.shape == (T, w.shape[0]) and (y.double() - want).abs().max().item() < 2e-5 * want.abs().max().item()
             assert torch.equal(y, linear(x, w, b))  # one call or one each: the same rows
-    native_calls.clear()
-    x = exact_x(40, K, torch.Generator().manual_seed(0))
-    for y, (w, ref), b in zip(linear_many(x, [w for w, _ in ws], biases), ws, biases):
-        want = x.double() @ ref.T + (0 if b is None else b.double())
-        assert (y.double() - want).abs().max().item() < 2e-5 * want.abs().max().item()
-    assert native_calls == []
+    for T, calls in ((40, [3, 3, 3]), (qlinear.NATIVE_MAX_ROWS + 1, [])):  # 16 rows a call; prompts dequantized
+        native_calls.clear()
+        x = exact_x(T, K, torch.Generator().manual_seed(0))
+        for y, (w, ref), b in zip(linear_many(x, [w for w, _ in ws], biases), ws, biases):
+            want = x.double() @ ref.T + (0 if b is None else b.double())
+            assert (y.double() - want).abs().max().item() < 2e-5 * want.abs().max().item()
+        assert native_calls == calls
 
 
 @needs_kernel
@@ -119,7 +123,7 @@ def test_glu_takes_gate_and_up_in_one_native_call(native_calls):
         got = glu(x, gate, up)
         assert native_calls == [2] and got.shape == (T, N)
         assert (got.double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
-    assert glu(exact_x(17, K, torch.Generator()), gate, up) is None  # prompt rows: the caller's linear_many
+    assert glu(exact_x(qlinear.NATIVE_MAX_ROWS + 1, K, torch.Generator()), gate, up) is None  # prompt rows: the caller's
 
 
 @needs_kernel
@@ -195,10 +199,10 @@ def test_the_engine_on_native_blocks_gives_the_dense_engines_greedy_tokens(smoll
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
     prompts = ["The capital of France is", "Water boils at a temperature of"]
     assert smollm_engine.generate_batch(prompts, greedy) == dense_engine.generate_batch(prompts, greedy)
-    # a prompt of at most native.MAX_TOKENS rows is one native step: its logits within the kernel's
-    # rounding of x (about 1e-5 a dot product) of the dense ones
+    # a prompt of at most NATIVE_MAX_ROWS rows goes to the native kernel: its logits within the
+    # kernel's rounding of x (about 1e-5 a dot product) of the dense ones
     ids = smollm_engine.encode("The three primary colours are")
-    assert len(ids) <= native.MAX_TOKENS
+    assert len(ids) <= qlinear.NATIVE_MAX_ROWS
     got, want = smollm_engine.logits(ids), dense_engine.logits(ids)
     assert (got - want).abs().max().item() < 1e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
 
@@ -224,6 +228,10 @@ def test_the_plan_counts_blocks_for_the_cpu_and_keeps_24_of_smollm2s_30_layers_a
         norms = sum(t.shape[0] * e for layer in index.layers for t in layer.values() if len(t.shape) == 1)
         assert sz.resident_prefix[30] == sum(lay.nbytes for lay in layouts) + norms  # the blocks, the norms dense
         assert sz.head == index.globals["token_embd.weight"].nbytes + 576 * e
+        # prompt steps: the largest row chunk's temporaries (the head's 1792 rows); decode steps none
+        chunk = qlinear.chunk_rows(49152, 576, qlinear.CPU_CHUNK_ELEMS) * 576
+        assert chunk <= qlinear.CPU_CHUNK_ELEMS and sz.dequant_scratch(128) == chunk * qlinear.CPU_DEQUANT_BYTES
+        assert sz.dequant_scratch(qlinear.NATIVE_MAX_ROWS) == 0
 
 
 def test_the_cpus_plan_counts_as_blocks_only_what_the_native_kernel_reads():

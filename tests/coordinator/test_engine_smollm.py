@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from layerstream.compute.device import keeps_quantized
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine
 
@@ -77,11 +76,7 @@ def test_chunked_prefill_gives_same_logits(smollm_engine, hf_forced):
     e = smollm_engine
     chunked = Engine(e.index, e.backend, dataclasses.replace(e.cfg, prefill_chunk=5))
     ids = hf_forced[0][0]
-    # chunks of 5 rows go through the native kernel's int8 rows where it is built (about 1e-5 a dot
-    # product, compute/cpu/native.py LEVELS: 4e-3 of logits up to 30 measured), the whole prompt
-    # through dequantized rows; a chunking error (a position, a mask) moves logits by whole units
-    tol = 1e-2 if keeps_quantized("cpu") else 1e-4
-    torch.testing.assert_close(chunked.logits(ids), e.logits(ids), atol=tol, rtol=tol)
+    torch.testing.assert_close(chunked.logits(ids), e.logits(ids), atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_generation_follows_argmax_of_logits(smollm_engine):

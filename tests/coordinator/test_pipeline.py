@@ -111,7 +111,8 @@ def test_seeded_sampling_and_stops_on_the_compute_side_match_the_single_process_
 
 def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     index = open_model(model)
-    from layerstream.compute.device import default_dtype
+    from layerstream.compute.device import default_dtype, keeps_quantized
+    from layerstream.coordinator.memory import Sizes
     from layerstream.coordinator.plan import GiB, make_plan
     from layerstream.loader.layout import layer_layouts
 
@@ -119,14 +120,15 @@ def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     layouts = layer_layouts(index)
     full = make_plan(index, layouts, vram_bytes=None, host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2)
     assert full.resident == (0, 1, 2, 3) and not full.streamed
-    # the budget of the fixed part, the streamed layers' working copies and one dense layer (on the
-    # CPU a streamed layer costs its bytes and two dequantized copies: all four resident cost more)
-    dense = sum(t.shape[0] * (t.shape[1] if len(t.shape) > 1 else 1) * nb for t in index.layers[0].values())
-    probe = make_plan(index, layouts, vram_bytes=10 * GiB, host_cache_bytes=None, dtype_bytes=nb, ctx=64,
-                      max_seqs=2, resident_layers=0, step_tokens=64)
-    budget = probe.device_bytes + dense + 4096
-    plan = make_plan(index, layouts, vram_bytes=budget, host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2,
-                     step_tokens=64)
+    # the budget of the fixed part, the streamed layers' working copies and one resident layer, in
+    # the CPU's form of weights (its blocks with the native kernel, else dequantized: on the CPU a
+    # streamed layer then costs its bytes and two dequantized copies, all four resident cost more)
+    kw = dict(host_cache_bytes=None, dtype_bytes=nb, ctx=64, max_seqs=2, quantized=keeps_quantized("cpu"),
+              device_type="cpu")
+    one = Sizes(index, layouts, nb, 64, 2, kw["quantized"], False, False).resident_prefix[1]
+    probe = make_plan(index, layouts, vram_bytes=10 * GiB, resident_layers=0, step_tokens=64, **kw)
+    budget = probe.device_bytes + one + 4096
+    plan = make_plan(index, layouts, vram_bytes=budget, step_tokens=64, **kw)
     assert plan.resident == (0,) and plan.streamed == (1, 2, 3)
     with _engine(model, PipelineConfig(vram_gb=budget / GiB, step_tokens=64)) as e:
         assert e.backend.plan.resident == (0,)
