@@ -245,10 +245,10 @@ class ComputeWorker:
         pass_s = self._own_s(st, now)
         if st.observed and st.observed[0] == "experts":
             _, sec, nbytes, pack_s = st.observed
-            self.cpu.experts.balancer.observe(st.tokens, pass_s - pack_s, sec, nbytes, 0.0, 0)
+            self.cpu.experts.balancer.observe(st.tokens, max(0.0, pass_s - pack_s), sec, nbytes, 0.0, 0)
         elif st.observed:
             _, step_s, step_bytes, pack_s = st.observed
-            self.cpu.share.balancer.observe(st.tokens, pass_s - pack_s, step_s, step_bytes, copy_s, copy_bytes)
+            self.cpu.share.balancer.observe(st.tokens, max(0.0, pass_s - pack_s), step_s, step_bytes, copy_s, copy_bytes)
         out = None if res.logits is None else res.logits.numpy()
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(st.step, shape, "float32", {}, res.ids, res.bad, res.accepted or []),
@@ -257,7 +257,9 @@ class ComputeWorker:
     @staticmethod
     def _own_s(st: _InFlight, now: int) -> float:
         """The step's own seconds, for the balancers: from where the device began it to its end
-        event, not from its launch, which the step before may still hold up (two in flight)."""
+        event, not from its launch, which the step before may still hold up (two in flight). (The
+        host's packing time the callers take off may have overlapped the step before on the device,
+        so they clamp the difference at 0.)"""
         if st.own_s is not None:
             return st.own_s
         if st.start is not None and st.launched.event is not None:

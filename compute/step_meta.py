@@ -59,6 +59,8 @@ class StepMeta:
     def on_host(self, name: str) -> torch.Tensor:
         """Field `name`'s host copy (from host_buf: no device sync)."""
         t = getattr(self, name)
+        if self.host_buf is None:  # a graph's own copy of the metadata (graphs.static_meta) has none
+            return t.cpu()
         off = -1 if self.buf is None or t.device.type == "cpu" else t.data_ptr() - self.buf.data_ptr()
         if not 0 <= off <= self.buf.numel() - t.nbytes:  # (a field set apart from the buffer)
             return t.cpu()
