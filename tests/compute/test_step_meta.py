@@ -127,8 +127,6 @@ def test_the_one_buffer_holds_what_the_separate_tensors_held(hp, rotate, dtype):
 def test_a_graphs_copy_without_host_bytes_reads_its_fields_from_the_device():
     """graphs.static_meta keeps `buf` but drops `host_buf`: on_host then copies from the device
     (it indexed None before)."""
-    import dataclasses
-
     m = build_step_meta(HP, rope_inv_freq(HP), MIXED, torch.device("cuda"), torch.float16, kv_len=16)
     g = dataclasses.replace(m, host_buf=None)
     assert torch.equal(g.on_host("tok_row"), m.tok_row.cpu())
