@@ -9,14 +9,29 @@ bit. Pure torch ops: no host syncs, no Python loop over blocks, runs on CPU and 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from layerstream.compute.qlinear import FUSED_TYPES, have_triton
 from layerstream.errors import ModelError, UnsupportedQuantError
+
+# Block types the Triton kernels of qkernels.py handle (Triton is imported lazily).
+FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
+                                         QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K))
+
+
+@functools.cache
+def have_triton() -> bool:
+    """Whether Triton is importable (CUDA installs have it; CPU installs only with the test extra)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 # blocks: (n, type_size) uint8 -> (n, block_size) float32
 BlockFn = Callable[[torch.Tensor], torch.Tensor]

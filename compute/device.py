@@ -8,7 +8,7 @@ import os
 import torch
 
 from layerstream.compute.cpu import native
-from layerstream.compute.qlinear import have_triton
+from layerstream.compute.dequant import have_triton
 from layerstream.errors import ConfigError
 
 

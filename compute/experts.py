@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.dequant import FUSED_TYPES
 from layerstream.compute.expert_layout import LayerParts, expert_bytes, expert_parts
 from layerstream.compute.expert_policy import ExpertPolicy
 from layerstream.compute.expert_pool import ExpertPool, PrefetchSets
 from layerstream.compute.moe import experts_grouped
-from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
+from layerstream.compute.qlinear import QuantWeight
 from layerstream.compute.weights import device_weight
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline

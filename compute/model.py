@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from layerstream.compute.qlinear import QuantWeight, glu, have_triton, linear, linear_many
+from layerstream.compute.dequant import have_triton
+from layerstream.compute.qlinear import QuantWeight, glu, linear, linear_many
 from layerstream.compute.step_meta import StepMeta
 from layerstream.loader.gguf_index import HParams
 

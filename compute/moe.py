@@ -12,11 +12,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from layerstream.compute.dequant import FUSED_TYPES
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.compute.model import LayerWeights, rms_norm
 from layerstream.compute.qlinear import (
     EXPERT_SCRATCH_MAX_ELEMS,
-    FUSED_TYPES,
     QuantWeight,
     dequantized_experts,
     grouped_matmul,

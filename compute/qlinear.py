@@ -26,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
-# Block types the Triton kernels of qkernels.py handle (this module imports Triton lazily).
-FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
-                                         QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K))
+from layerstream.compute.dequant import dequantize
 
 # Rows of activations up to which the fused kernel is at least as fast as dequantize + cuBLAS,
 # per type, measured on an H200 with Llama-3.1-8B's matrices inside CUDA graphs (BENCHMARKS.md,
@@ -62,29 +60,11 @@ class QuantWeight:
 
 
 @functools.cache
-def have_triton() -> bool:
-    """Whether Triton is importable (CUDA installs have it; CPU installs only with the test extra)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
 def _native():
     """compute.cpu.native, imported on first use."""
     from layerstream.compute.cpu import native
 
     return native
-
-
-@functools.cache
-def _dequant():
-    """compute.dequant (which imports this module), on first use."""
-    from layerstream.compute import dequant
-
-    return dequant
 
 
 @functools.cache
@@ -207,7 +187,7 @@ def _cpu_dequantized_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor 
     """x [..., K] @ w^T for a native matrix and more rows than the kernel takes: row chunks
     dequantized by torch ops, each product written into its columns of the output."""
     N, K = w.shape
-    deq = _dequant().dequantize
+    deq = dequantize
     row_bytes = w.nbytes // N
     step = chunk_rows(N, K, CPU_CHUNK_ELEMS)
     if step >= N:

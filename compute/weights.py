@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu.native import NATIVE_TYPES
-from layerstream.compute.dequant import check_supported, dequantize
+from layerstream.compute.dequant import FUSED_TYPES, check_supported, dequantize
 from layerstream.compute.model import LayerWeights
-from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight
+from layerstream.compute.qlinear import QuantWeight
 from layerstream.loader.gguf_index import ModelIndex, TensorInfo
 from layerstream.loader.layout import LayerLayout
 

@@ -28,9 +28,16 @@ import os
 from dataclasses import dataclass
 
 from layerstream.compute.cpu.native import NATIVE_TYPES
+from layerstream.compute.dequant import FUSED_TYPES
 from layerstream.compute.model import attention_bytes, attention_path
-from layerstream.compute.qlinear import (CPU_DEQUANT_BYTES, FUSED_MIN_OF_TYPES, FUSED_TYPES, HEAD_CHUNK, NATIVE_MAX_ROWS,
-                                         cpu_chunk_elems, model_scratch_elems)
+from layerstream.compute.qlinear import (
+    CPU_DEQUANT_BYTES,
+    FUSED_MIN_OF_TYPES,
+    HEAD_CHUNK,
+    NATIVE_MAX_ROWS,
+    cpu_chunk_elems,
+    model_scratch_elems,
+)
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
 
@@ -215,10 +222,10 @@ class Sizes:
     def slot_bytes(self) -> int:
         return -(-max(lay.nbytes for lay in self.layouts) // SLOT_ROUND) * SLOT_ROUND
 
-    def _dense(self, t) -> int:
+    def dense_bytes(self, t) -> int:
         return math.prod(t.shape) * self.e
 
-    def _kept_as_blocks(self, t) -> bool:
+    def kept_as_blocks(self, t) -> bool:
         if not self.cuda:  # the native kernel's matrices (qlinear.py, NOTE [ native blocks on the CPU device ])
             return self.quantized and len(t.shape) == 2 and t.qtype in NATIVE_TYPES
         return self.quantized and len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES
@@ -227,12 +234,12 @@ class Sizes:
         """A resident layer's device allocations in their order: its bytes as one copy when the
         weights stay blocks, then every tensor the fused kernels do not read, dequantized."""
         out = [self.layouts[i].nbytes] if self.quantized else []
-        return out + [self._dense(t) for t in self.index.layers[i].values() if not self._kept_as_blocks(t)]
+        return out + [self.dense_bytes(t) for t in self.index.layers[i].values() if not self.kept_as_blocks(t)]
 
     @functools.cached_property
     def layer_dense(self) -> list[int]:
         """Each layer's tensors in the compute dtype (a streamed layer's working copy without blocks)."""
-        return [sum(self._dense(t) for t in layer.values()) for layer in self.index.layers]
+        return [sum(self.dense_bytes(t) for t in layer.values()) for layer in self.index.layers]
 
     @functools.cached_property
     def resident_prefix(self) -> list[int]:
@@ -248,7 +255,7 @@ class Sizes:
     def head(self) -> int:
         g = self.index.globals
         out = g.get("output.weight") or g["token_embd.weight"]
-        sizes = [self._dense(g["output_norm.weight"]), out.nbytes if self._kept_as_blocks(out) else self._dense(out)]
+        sizes = [self.dense_bytes(g["output_norm.weight"]), out.nbytes if self.kept_as_blocks(out) else self.dense_bytes(out)]
         return reserved_bytes(sizes, self.cuda)
 
     @functools.cached_property
@@ -278,7 +285,7 @@ class Sizes:
         tensors still held meanwhile)."""
         if not self.cuda:
             if streamed and self.quantized:  # the copy is the weights (blocks), the layer before's still held
-                return 2 * (self.slot_bytes + max(sum(self._dense(t) for t in layer.values() if not self._kept_as_blocks(t))
+                return 2 * (self.slot_bytes + max(sum(self.dense_bytes(t) for t in layer.values() if not self.kept_as_blocks(t))
                                                   for layer in self.index.layers))
             return self.slot_bytes + 2 * max(self.layer_dense) if streamed else 0
         ring = reserved_bytes([max(lay.nbytes for lay in self.layouts)] * max(n, 1))
@@ -299,14 +306,14 @@ class Sizes:
         if not self.cuda and self.quantized and max(T, self.max_seqs) > NATIVE_MAX_ROWS:  # a row chunk's temporaries
             g = self.index.globals
             mats = [t for layer in self.index.layers for t in layer.values()] + [g.get("output.weight") or g["token_embd.weight"]]
-            return cpu_chunk_elems(t.shape for t in mats if self._kept_as_blocks(t)) * CPU_DEQUANT_BYTES
+            return cpu_chunk_elems(t.shape for t in mats if self.kept_as_blocks(t)) * CPU_DEQUANT_BYTES
         return 0
 
     @functools.cached_property
     def dense_matrices(self) -> bool:
         """Whether some matrix runs through F.linear (not blocks the fused kernels read)."""
         ts = [t for layer in self.index.layers for t in layer.values() if len(t.shape) >= 2]
-        return any(not self._kept_as_blocks(t) for t in ts)
+        return any(not self.kept_as_blocks(t) for t in ts)
 
     def cublas(self, T: int) -> int:
         """cuBLAS's workspaces: the compute stream's where a step may run cuBLAS (a dequantized

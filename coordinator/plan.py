@@ -361,7 +361,7 @@ def draft_memory(draft: ModelIndex, *, dtype_bytes: int, ctx: int, max_seqs: int
     g, T = draft.globals, max(step_tokens, max_seqs)
     emb = g["token_embd.weight"]
     untied = "output.weight" in g  # (tied: the head is the embedding, counted once in sz.head)
-    embed = reserved_bytes([emb.nbytes if sz._kept_as_blocks(emb) else sz._dense(emb)], cuda) if untied else 0
+    embed = reserved_bytes([emb.nbytes if sz.kept_as_blocks(emb) else sz.dense_bytes(emb)], cuda) if untied else 0
     parts = [("weights", sz.resident_prefix[draft.hparams.n_layer] + sz.head + embed),
              ("KV", sz.kv(draft.hparams.n_layer)),
              ("step scratch", sz.step(T) + sz.dequant_scratch(T) + sz.cublas(T) + sz.graphs(True))]

@@ -14,7 +14,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 pytest.importorskip("triton")
 from layerstream.compute import qkernels  # noqa: E402
-from layerstream.compute.qlinear import FUSED_TYPES, QuantWeight, linear  # noqa: E402
+from layerstream.compute.dequant import FUSED_TYPES
+from layerstream.compute.qlinear import QuantWeight, linear  # noqa: E402
 
 # byte offsets of the fp16 fields of each block, set to small finite values
 HALF_FIELDS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],

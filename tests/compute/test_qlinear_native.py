@@ -76,9 +76,8 @@ def test_prompt_rows_dequantize_in_row_chunks_written_into_their_columns(monkeyp
     x = exact_x(T, K, torch.Generator().manual_seed(2))
     monkeypatch.setattr(qlinear, "CPU_CHUNK_ELEMS", 300 * K)  # chunks of 256 rows: 256, 256, 88
     spans = []
-    real = qlinear._dequant().dequantize
-    monkeypatch.setattr(qlinear, "_dequant", lambda: SimpleNamespace(
-        dequantize=lambda raw, qt, shape, **k: spans.append(shape[0]) or real(raw, qt, shape, **k)))
+    real = qlinear.dequantize
+    monkeypatch.setattr(qlinear, "dequantize", lambda raw, qt, shape, **k: spans.append(shape[0]) or real(raw, qt, shape, **k))
     for bias in (None, torch.randn(N)):
         spans.clear()
         got = linear(x, w, bias)
@@ -241,4 +240,4 @@ def test_the_cpus_plan_counts_as_blocks_only_what_the_native_kernel_reads():
     for qt, shape, on_cpu in [(QT.Q4_K, (8, 256), True), (QT.Q8_0, (8, 256), True), (QT.Q5_0, (8, 256), False),
                               (QT.Q4_K, (2, 8, 256), False)]:
         t = SimpleNamespace(qtype=int(qt), shape=shape)
-        assert cpu._kept_as_blocks(t) == on_cpu and cuda._kept_as_blocks(t)
+        assert cpu.kept_as_blocks(t) == on_cpu and cuda.kept_as_blocks(t)
