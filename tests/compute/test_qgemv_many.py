@@ -9,22 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize as gguf_dequantize
 
 pytest.importorskip("triton")
 from layerstream.compute import model, qgemv, qkernels, qlinear  # noqa: E402
 from layerstream.compute.qlinear import QuantWeight  # noqa: E402
+from tests.compute.test_qgemv import TYPES, reference, rel_err  # noqa: E402
 from tests.compute.test_qkernels import random_blocks  # noqa: E402
-
-TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0]
-
-
-def reference(b: np.ndarray, qt: QT, N: int, K: int) -> torch.Tensor:
-    return torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K).double()
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
 def in_one_store(blocks: list[np.ndarray], order: list[int]) -> list[torch.Tensor]:
