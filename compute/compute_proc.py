@@ -1,7 +1,34 @@
-"""The compute process: maps the staging arena, runs forward steps, keeps the KV cache."""
+"""The compute process: maps the staging arena, runs forward steps, keeps the KV cache.
+
+NOTE [ a failed step ]
+A step that raises (an out-of-memory error on a burst of prefills, a bad input, any exception
+in a layer) fails alone: the process answers it with StepFailed and goes on, and the coordinator
+fails that step's requests. What ends the process is what ends a process: a Shutdown, a broken
+link, the parent gone, an error while cleaning up after the step (the device left unusable: the
+coordinator then sees it die). After a failed step:
+- the device finishes everything queued (the steps before it are answered; no copy reads a
+  staging slot any more); after an out-of-memory error the CUDA cache is emptied;
+- the layer source forgets the step's half-done state (streamed.py, `abandon`): VRAM ring slots,
+  copies issued ahead, events, the experts' held slots (and their cache, whose entries may name
+  copies never issued);
+- every staging slot of the step goes back, including those of its layers not yet announced:
+  the coordinator announces every layer of a step in order before it starts the next step's
+  order (stream_core.py), so the process waits for the rest of the step's announcements and
+  gives each slot back at once. A resident layer is announced once in the run: one that the step
+  had not loaded yet is loaded then. The next step then starts clean, and readers and the
+  coordinator's schedule go on unchanged (what the failed step asked for is read as it would
+  have been).
+The step sent behind a failed one (two are in flight: NOTE [ one step behind ] in core.py) may
+feed its rows the ids the failed step never sampled and attend to the KV it left half written.
+The rule: a Forward sent before the coordinator knew of the failure fails too, without running
+(`Forward.failed` is the last failed step the coordinator had passed on; the process fails every
+Forward whose `failed` is older than the last step that raised here). The engine core fails the
+requests of every step in flight when one fails, so no result of such a step is ever wanted.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -9,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import zmq
 
 from layerstream.compute.compute_config import ComputeConfig
 from layerstream.compute.cpu.factory import make_cpu_parts
@@ -25,9 +53,11 @@ from layerstream.compute.weights import GlobalWeights
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
-from layerstream.proto.child import ChildLinks, run_child
-from layerstream.proto.messages import Forward, ForwardDone, LayerReady
+from layerstream.proto.child import ChildLinks, ShutdownRequested, run_child
+from layerstream.proto.messages import Forward, ForwardDone, LayerReady, StepFailed
 from layerstream.proto.timeline import Timeline
+
+log = logging.getLogger("layerstream.compute")
 
 POLL_S = 1e-4  # how often the loop looks at the step on the device and the socket while both are idle
 
@@ -110,6 +140,8 @@ class ComputeWorker:
         self.queued: deque[Forward] = deque()  # taken in, not yet launched
         self.inflight: deque[_InFlight] = deque()  # launched, ForwardDone not yet sent
         self.host_ids: dict[int, int] = {}  # KV row -> the id it sampled last, once read back
+        self.announced: dict[int, set[int]] = {}  # step -> its layers announced so far (NOTE [ a failed step ])
+        self.last_raised = 0  # the last step that raised here (NOTE [ a failed step ])
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""
@@ -137,6 +169,8 @@ class ComputeWorker:
         if isinstance(msg, LayerReady):
             for layer, slot in msg.ready:
                 self.ready_slots[(msg.step, layer)] = slot
+            self.returns.lend(msg.step, msg.ready)
+            self.announced.setdefault(msg.step, set()).update(layer for layer, _ in msg.ready)
         elif isinstance(msg, Forward):
             self.queued.append(msg)
         else:
@@ -228,6 +262,53 @@ class ComputeWorker:
             step.observed = ("share", share.step_s, share.step_bytes, share.take_pack_s())
         self.inflight.append(step)
 
+    def _launch(self, msg: Forward) -> None:
+        """Launch a step, or answer it with StepFailed where it raises or was sent before the
+        coordinator knew of the last failure here (NOTE [ a failed step ])."""
+        if msg.failed < self.last_raised:
+            self._fail_step(msg.step, f"step {self.last_raised} before it failed", oom=False)
+            return
+        try:
+            self.launch(msg)
+            return
+        except (ShutdownRequested, zmq.ZMQError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the step's own failure: its requests fail, the process goes on
+            self.last_raised = msg.step
+            why = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+            oom = isinstance(e, torch.OutOfMemoryError)
+        # (here, not in the except clause: its traceback holds the step's tensors until then)
+        log.warning("step %d failed, its requests fail: %s", msg.step, why)
+        self._fail_step(msg.step, why, oom)
+
+    def _fail_step(self, n: int, why: str, oom: bool) -> None:
+        """Clean up after step n (NOTE [ a failed step ]) and answer it with StepFailed."""
+        self.tl.incr("steps_failed")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        while self.inflight:  # (finished: the device ran everything queued)
+            self._answer(self.inflight.popleft())
+        self.source.abandon(n, reset_experts=n == self.last_raised)
+        if oom and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # (its blocks are cached but free now: the next step may need them whole)
+        for j in range(len(self.source.layouts)):  # the rest of its slots, as they are announced
+            if j in self.source.resident:
+                continue  # loaded in an earlier step (or in this one): not announced again
+            while j not in self.announced.get(n, ()):
+                self._pump(True)
+            slot = self.ready_slots.pop((n, j), None)
+            slot = self.returns.lent.get((n, j)) if slot is None else slot
+            if slot is None:
+                continue  # given back during the step
+            if j in self.source.resident_ids:
+                self.ready_slots[(n, j)] = slot
+                self.source.load_resident(j)
+            else:
+                self._layer_done(n, j, slot)
+        self.announced.pop(n, None)
+        self.returns.flush()
+        self.links.send(StepFailed(n, why))
+
     def _answer_finished(self) -> None:
         """Send ForwardDone for every step in flight the device has finished, oldest first."""
         while self.inflight and Stepper.done(self.inflight[0].launched):
@@ -236,6 +317,7 @@ class ComputeWorker:
     def _answer(self, st: _InFlight) -> None:
         """Read a step's ids back (waiting for it) and send its ForwardDone; feed the balancers."""
         res = Stepper.result(st.launched)
+        self.announced.pop(st.step, None)
         for row, tok in zip(st.rows, res.ids):
             if row >= 0:
                 self.host_ids[row] = tok
@@ -271,7 +353,7 @@ class ComputeWorker:
         self.links.ready({"pinned": self.registered, "device": str(self.device)})
         while True:
             if self.queued:
-                self.launch(self.queued.popleft())
+                self._launch(self.queued.popleft())
                 continue
             if self.inflight:
                 self._answer_finished()

@@ -23,15 +23,25 @@ class SlotReturns:
     With 4 a message and announcements one message late, they fell behind, and fewer experts
     were copied ahead (a third of the chosen experts against a half). Other steps give each
     slot back at once, as do all steps where layers are read from disk: a reader may be
-    waiting for the slot."""
+    waiting for the slot.
+
+    `lent` keeps every slot announced and not yet given back, so that a failed step gives back
+    what its layers still held (NOTE [ a failed step ] in compute_proc.py)."""
 
     def __init__(self, send: Callable[[LayerDone], None], batch: int = 1):
         self.send, self.batch = send, batch
         self.pending: list[list[int]] = []  # [layer, slot] given back, not yet sent
         self.step = 0
+        self.lent: dict[tuple[int, int], int] = {}  # (step, layer) -> its staging slot, announced, not given back
+
+    def lend(self, step: int, ready: list[list[int]]) -> None:
+        """A LayerReady's [layer, slot] pairs of `step`: the compute process holds them now."""
+        for layer, slot in ready:
+            self.lent[(step, layer)] = slot
 
     def add(self, step: int, layer: int, slot: int, batched: bool) -> None:
         """Give `slot` back; held until `batch` are pending where `batched` (an expert step)."""
+        self.lent.pop((step, layer), None)
         self.pending.append([layer, slot])
         self.step = step
         if len(self.pending) >= self.batch or not batched:

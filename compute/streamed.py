@@ -30,6 +30,7 @@ import torch
 
 from layerstream.compute.cpu.share import CpuShare, copy_ranges
 from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.compute.expert_policy import ExpertPolicy
 from layerstream.compute.expert_stream import ExpertStream
 from layerstream.compute.model import LayerWeights
 from layerstream.compute.weights import layer_weights
@@ -331,6 +332,50 @@ class StreamedLayers:
         self.ring.free_slot(k, ev)
         self.tl.incr("early_slot")
         self._issue_copies(i + 1)
+
+    def abandon(self, step: int, reset_experts: bool) -> None:
+        """Forget what `step` left half-done, once the device has run everything queued (NOTE [ a
+        failed step ] in compute_proc.py): layers whose copies were issued ahead go back to `ready`
+        (their staging slots still lent), the VRAM slots those and the layer in use held are free,
+        the step's events go, the experts' staging slots go back; with `reset_experts` (the step
+        raised) the expert cache starts empty, since an entry may name a copy never issued."""
+        self.step_no = step
+        if self.cuda:
+            r = self.ring
+            for j, (k, slot, *_) in r.copies.items():
+                self.ready[(step, j)] = slot
+                if k is not None:
+                    r.free_slot(k, None)
+            for k in r.in_use.values():
+                r.free_slot(k, None)
+            r.copies.clear()
+            r.in_use.clear()
+            r.layer_start.clear()
+            r.gpu_events.clear()
+        if self.share is not None:
+            self.share.meter.take()  # (the failed layer's CPU work is no later layer's)
+        ex = self.experts
+        if ex is None:
+            return
+        ex.return_slots(wait=True)
+        for i, slot in ex.held.items():
+            self.layer_done(step, i, slot)
+        ex.held.clear()
+        if reset_experts:
+            c = ex.cache
+            c.kept = ExpertPolicy(c.kept.capacity, c.kept.policy, c.kept.slots)
+            c.ahead.layers.clear()
+            c.ahead.reading.clear()
+            ex.sets.clear()
+
+    def load_resident(self, i: int) -> None:
+        """Load resident layer i out of its announced staging slot without running it: the
+        coordinator announces a resident layer once, so a failed step still loads it."""
+        self.layer(i)
+        self.release(i)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.abandon(self.step_no, False)  # (copies it issued for later layers go back to `ready`)
 
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""

@@ -10,7 +10,9 @@ the run starts is decided before (launch.py: the plan and the children's configs
 scheduling decisions are `StreamCore`'s (stream_core.py), plain logic fed decoded messages;
 the sockets are links.py's. This class dispatches messages, watches the children and stops
 them. Its asyncio loop (uvloop) runs inside `step()` and during start and stop, and sleeps
-until a message, a child's exit or a deadline wakes it.
+until a message, a child's exit or a deadline wakes it. A step that fails in the compute process
+(StepFailed) is raised from collect() as StepError and the run goes on (NOTE [ a failed step ] in
+compute_proc.py); a child's death ends the run.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from layerstream.coordinator.plan import Plan
 from layerstream.coordinator.stats import Snapshot, format_stats
 from layerstream.coordinator.stream_core import Send, StreamCore
 from layerstream.coordinator.supervisor import Child, Supervisor
-from layerstream.errors import PipelineError
+from layerstream.errors import LayerstreamError, PipelineError
 from layerstream.loader import reader_proc, staging_proc
 from layerstream.loader.arena import remove_orphan
 from layerstream.loader.gguf_index import ModelIndex
@@ -59,6 +61,7 @@ from layerstream.proto.messages import (
     Shutdown,
     StatsReply,
     StatsRequest,
+    StepFailed,
 )
 from layerstream.proto.timeline import Timeline, write_chrome_trace
 
@@ -71,8 +74,13 @@ SENDERS = {
     ReadFailed: {"reader"},
     LayerDone: {"compute"},
     ForwardDone: {"compute"},
+    StepFailed: {"compute"},
 }
 STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected"
+
+
+class StepError(LayerstreamError):
+    """A step failed in the compute process: its requests fail, the run goes on."""
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -101,6 +109,8 @@ class Pipeline:
         self.expected: dict[int, int] = {}  # step in flight -> its sequences
         self.unbegun: deque[int] = deque()  # steps sent whose layers StreamCore does not order yet
         self.results: dict[int, StepResult] = {}  # ForwardDone of a step in flight, not yet collected
+        self.failed_steps: dict[int, str] = {}  # StepFailed of a step in flight, not yet collected: its error
+        self.known_failed = 0  # the last step whose failure collect() raised (Forward.failed)
         self.stats_replies: dict[str, Snapshot] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
         self.reported: dict[str, int] = {}  # what -> done, as last given to cfg.on_progress
@@ -270,6 +280,9 @@ class Pipeline:
             self._progress("layers", len(self.core.loaded))
         elif isinstance(msg, LayerDone):
             await self._send_all(self.core.on_layer_done(msg.done))
+        elif isinstance(msg, StepFailed):
+            if msg.step in self.expected and msg.step not in self.results:  # (else a step discarded: dropped)
+                self.failed_steps[msg.step] = msg.error
         elif isinstance(msg, ForwardDone):
             if msg.step in self.expected and msg.step not in self.results:  # (else stale: dropped)
                 logits = np.frombuffer(extra[0], dtype=msg.dtype).reshape(msg.shape) if extra else None
@@ -354,14 +367,17 @@ class Pipeline:
         return self.collect().logits
 
     def discard(self) -> None:
-        """Forget the steps in flight (after a failure, which also closed the run)."""
+        """Forget the steps in flight (after a failure: the core failed their requests); the
+        compute process still takes their layers' slots and answers them, and those answers are
+        dropped (NOTE [ a failed step ] in compute_proc.py)."""
         self.expected.clear()
         self.results.clear()
+        self.failed_steps.clear()
 
     async def _submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None:
         n, self.next_step = self.next_step, self.next_step + 1
         wire = [ForwardSeq(s.row, s.tokens, s.slots, s.positions, s.kv_pos, int(f)) for s, f in zip(seqs, sample)]
-        await self.links.send("compute", "compute", Forward(n, wire, want, starts))
+        await self.links.send("compute", "compute", Forward(n, wire, want, starts, self.known_failed))
         if not self.expected:
             self.heard["compute"] = time.monotonic()  # (the watchdog counts from the first step sent)
         self.expected[n] = len(seqs)
@@ -380,10 +396,13 @@ class Pipeline:
 
     async def _collect(self) -> StepResult:
         n = min(self.expected)
-        await self._run_until(lambda: n in self.results, stall=self.cfg.stall_timeout_s)
+        await self._run_until(lambda: n in self.results or n in self.failed_steps, stall=self.cfg.stall_timeout_s)
         del self.expected[n]
         if self.expected:
             self.heard["compute"] = time.monotonic()  # (the next step's turn starts now)
+        if n in self.failed_steps:
+            self.known_failed = n
+            raise StepError(f"step {n} failed in the compute process: {self.failed_steps.pop(n)}")
         return self.results.pop(n)
 
     # -- stats and stop ------------------------------------------------------------------------------
@@ -458,4 +477,4 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     return Pipeline(launch)
 
 
-__all__ = ["Pipeline", "PipelineConfig", "parse_cpu_share", "pipeline_backend"]
+__all__ = ["Pipeline", "PipelineConfig", "StepError", "parse_cpu_share", "pipeline_backend"]

@@ -55,6 +55,7 @@ from .messages import (
     Shutdown,
     StatsReply,
     StatsRequest,
+    StepFailed,
     Struct,
     message,
     struct,

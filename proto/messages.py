@@ -33,7 +33,8 @@ from typing import Any, ClassVar
 #    ForwardDone.ids and .bad (a decode token -1 is its row's last sampled id)
 # 5: ForwardSeq.sample is a count (k > 1 verifies the chunk's last k - 1 tokens as drafts);
 #    ForwardDone.accepted: per sequence, the drafts accepted
-PROTOCOL_VERSION = 5
+# 6: StepFailed (a step that raised in the compute process; the run goes on); Forward.failed
+PROTOCOL_VERSION = 6
 
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
@@ -275,6 +276,9 @@ class Forward(Message):
     seqs: list[ForwardSeq]
     want_logits: str = "last"  # the logits sent back (sampling uses the last ones whatever this says)
     starts: list[SamplerStart] = dataclasses.field(default_factory=list)
+    # the last step whose StepFailed the coordinator had passed on when it sent this one (0: none):
+    # a step sent before it knew of a failure fails too (NOTE [ a failed step ] in compute_proc.py)
+    failed: int = 0
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"want_logits": WANT_LOGITS}
 
@@ -305,6 +309,16 @@ class ForwardDone(Message):
     ids: list[int] = dataclasses.field(default_factory=list)
     bad: list[int] = dataclasses.field(default_factory=list)
     accepted: list[int] = dataclasses.field(default_factory=list)
+
+
+@message(23)
+class StepFailed(Message):
+    """Compute to coordinator: the step raised (an out-of-memory error, a bad input) or was sent
+    before the coordinator knew that an earlier one did; its requests fail, the process goes on
+    (NOTE [ a failed step ] in compute_proc.py). `error`: one line."""
+
+    step: int
+    error: str
 
 
 @message(25)
@@ -342,5 +356,6 @@ __all__ = [
     "Forward",
     "LayerDone",
     "ForwardDone",
+    "StepFailed",
     "LayerReady",
 ]

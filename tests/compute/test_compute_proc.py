@@ -9,7 +9,7 @@ import torch
 from layerstream.compute.compute_proc import ComputeWorker, _InFlight
 from layerstream.compute.slot_returns import DONE_BATCH, SlotReturns
 from layerstream.compute.stepper import Launched
-from layerstream.proto.messages import Forward, ForwardDone, ForwardSeq, LayerDone, LayerReady
+from layerstream.proto.messages import Forward, ForwardDone, ForwardSeq, LayerDone, LayerReady, StepFailed
 from layerstream.proto.timeline import Timeline
 
 
@@ -31,6 +31,7 @@ def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w.returns = SlotReturns(lambda msg: w.links.send(msg), done_batch)
     w.ready_slots = {}
     w.queued, w.inflight, w.host_ids = deque(), deque(), {}
+    w.announced, w.last_raised = {}, 0
     return w
 
 
@@ -159,3 +160,46 @@ def test_the_balancer_sees_the_step_own_time_not_the_time_until_it_was_answered(
     st.t0, st.own_s, st.observed = 0, 0.025, ("share", 0.01, 1000, 0.005)  # launched long ago, ran 25 ms
     w._answer(st)
     assert seen == [(1, 0.025 - 0.005, 0.01, 1000, 0.0, 0)]
+
+
+def test_a_step_that_raises_gives_back_every_slot_of_its_step_and_the_step_behind_it_fails_unrun():
+    """NOTE [ a failed step ]: the step in flight before it is answered first; the failed step's
+    slots go back, those it held (taken, not given back), those announced and not taken, and
+    those announced after the failure, while a resident layer it had not loaded is loaded; the
+    step sent before the coordinator knew fails too, without running; the next one runs."""
+    w = _worker(False, incoming=[LayerReady(5, [[3, 12]]),
+                                 Forward(6, [ForwardSeq(0, [-1], [5], [5], list(range(6)), True)], "none"),
+                                 LayerReady(6, [[2, 13], [3, 14]])])
+    w.device, events = torch.device("cpu"), []
+    sent = w.links.sent
+
+    def load_resident(j):  # as StreamedLayers.layer() does: the slot goes back once copied out
+        w.source.resident[j] = {}
+        w._layer_done(w.source.step, j, w.ready_slots.pop((w.source.step, j)))
+
+    def abandon(n, reset_experts):
+        w.source.step = n
+        events.append(("abandon", n, reset_experts))
+
+    w.source = SimpleNamespace(expert_step=False, layouts=[None] * 4, resident={0: {}}, resident_ids={0, 1},
+                               abandon=abandon, load_resident=load_resident, step=0)
+    w._take(LayerReady(5, [[1, 10], [2, 11]]))
+    del w.ready_slots[(5, 2)]  # layer 2 taken by the step when it raised
+
+    def launch(msg):
+        events.append(("launch", msg.step))
+        if msg.step == 5:
+            raise RuntimeError("boom\nsecond line")
+
+    w.launch = launch
+    w.inflight.append(_in_flight(4, [0], [42], [0]))
+    w._launch(Forward(5, [ForwardSeq(0, [9, 9], [0, 1], [0, 1], [0, 1], True)], "none"))
+    assert sent == [ForwardDone(4, [], "float32", {}, [42], [0]), LayerDone(5, [[1, 10]]), LayerDone(5, [[2, 11]]),
+                    LayerDone(5, [[3, 12]]), StepFailed(5, "RuntimeError: boom")]
+    w._pump(False)
+    w._launch(w.queued.popleft())  # sent before the coordinator knew: fails without running
+    assert sent[5:] == [LayerDone(6, [[2, 13]]), LayerDone(6, [[3, 14]]), StepFailed(6, "step 5 before it failed")]
+    w._launch(Forward(7, [ForwardSeq(0, [4], [6], [6], list(range(7)), True)], "none", failed=5))
+    assert events == [("launch", 5), ("abandon", 5, True), ("abandon", 6, False), ("launch", 7)]
+    assert w.returns.lent == {} and w.ready_slots == {} and w.announced == {}
+    assert w.tl.snapshot()["count"]["steps_failed"] == 2

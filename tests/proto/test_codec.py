@@ -27,6 +27,7 @@ from layerstream.proto import (
     Shutdown,
     StatsReply,
     StatsRequest,
+    StepFailed,
     UnknownTag,
     VersionMismatch,
     decode,
@@ -49,7 +50,7 @@ SAMPLES = [
     Forward(5, [ForwardSeq(0, [1, 2, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]),
                 ForwardSeq(1, [4], [9], [9], list(range(10)))], "all"),
     Forward(6, [ForwardSeq(0, [-1], [3], [3], [0, 1, 2, 3], 1), ForwardSeq(1, [7, 8], [0, 1], [0, 1], [0, 1], 2)],
-            "none", [SamplerStart(1, 0.8, 40, 0.95, 0.05, 1.1, 64, (1 << 64) - 1, [7, 8])]),
+            "none", [SamplerStart(1, 0.8, 40, 0.95, 0.05, 1.1, 64, (1 << 64) - 1, [7, 8])], 4),
     LayerDone(5, [[12, 3]]),
     LayerDone(5, [[12, 3], [13, 0]]),
     LayerReady(5, [[12, 3], [14, 1]]),
@@ -57,6 +58,7 @@ SAMPLES = [
     ForwardDone(6, [], "float32", {}),
     ForwardDone(7, [], "float32", {}, [12, -1, 3], [0, 0, 1]),
     ForwardDone(8, [], "float32", {}, [12, -1, 3], [0, 0, 1], [0, 0, 4]),
+    StepFailed(9, "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
 ]
 
 
@@ -165,11 +167,13 @@ def test_non_list_body():
         (LoadLayer.TAG, [1, 2, 3, {}], "LoadLayer.ranges must be list, got dict"),
         (ForwardDone.TAG, [1, [], 5, {}, [], [], []], "ForwardDone.dtype must be str, got int"),
         (ForwardDone.TAG, [1, [], "float32", {}, [3, 1.5], [0, 0], []], "ForwardDone.ids must hold ints, got 1.5"),
-        (Forward.TAG, [1, [], "some", []], "Forward.want_logits must be one of"),
-        (Forward.TAG, [1, [], "last", [[0, 0.8, 40]]], r"Forward.starts\[0\] must be a SamplerStart list of 9 fields"),
-        (Forward.TAG, [1, [], "last", [[0, 0.8, 40, 0.9, 0.05, 1.1, 64, "7", []]]],
+        (Forward.TAG, [1, [], "some", [], 0], "Forward.want_logits must be one of"),
+        (Forward.TAG, [1, [], "last", [[0, 0.8, 40]], 0], r"Forward.starts\[0\] must be a SamplerStart list of 9 fields"),
+        (Forward.TAG, [1, [], "last", [[0, 0.8, 40, 0.9, 0.05, 1.1, 64, "7", []]], 0],
          r"Forward.starts\[0\]: SamplerStart.seed must be int, got str"),
         (Shutdown.TAG, [b"bytes"], "Shutdown.reason must be str, got bytes"),
+        (Forward.TAG, [1, [], "last", [], "3"], "Forward.failed must be int, got str"),
+        (StepFailed.TAG, [1, None], "StepFailed.error must be str, got NoneType"),
     ],
 )
 def test_wrong_field_types(tag, body, text):
@@ -202,8 +206,8 @@ def test_forward_seq_of_wrong_arity_or_type_is_refused(seqs, text):
     """Forward.seqs holds ForwardSeq records: the codec refuses one of the wrong arity or types,
     naming the sequence and the field."""
     with pytest.raises(MalformedMessage, match=text):
-        decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, seqs, "last", []]))
-    ok = decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, [SEQ], "last", []]))
+        decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, seqs, "last", [], 0]))
+    ok = decode(frames_of(PROTOCOL_VERSION, Forward.TAG, [1, [SEQ], "last", [], 0]))
     assert ok.seqs == [ForwardSeq(*SEQ)] and ok.seqs[0].tokens == [1, 2]
 
 

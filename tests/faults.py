@@ -1,0 +1,77 @@
+"""A fault injected into the compute process of pipeline runs, for tests.
+
+`install` writes a `sitecustomize.py` into a folder put on PYTHONPATH: every process started
+after that (the spawned pipeline children, a launcher and its children) imports it at start,
+and it patches the compute role's module once that is imported. The patched compute process
+raises torch.OutOfMemoryError at layer `layer` of every step whose chunk of some sequence starts
+with two `poison` tokens (a prompt chunk; decode steps carry one token a sequence): "before"
+layer() is asked for it (its slot not yet taken), or "after" it returned (the layer in use).
+Nothing of this is in the product: the hook exists only in the test's processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+_SITE = '''
+import importlib.abc
+import importlib.util
+import sys
+
+POISON, LAYER, WHEN = {poison}, {layer}, {when!r}
+
+
+def _patch(mod):
+    import torch
+
+    launch = mod.ComputeWorker.launch
+
+    def faulty(self, msg):
+        if not any(s.tokens[:2] == [POISON, POISON] for s in msg.seqs):
+            return launch(self, msg)
+        src = self.source
+        real = src.layer
+
+        def layer(i):
+            if i == LAYER and WHEN == "after":
+                real(i)
+            if i == LAYER:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected at layer {{i}} of step {{msg.step}})")
+            return real(i)
+
+        src.layer = layer
+        try:
+            return launch(self, msg)
+        finally:
+            del src.layer
+
+    mod.ComputeWorker.launch = faulty
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "layerstream.compute.compute_proc":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Finder())
+'''
+
+
+def install(folder, monkeypatch, poison: int, layer: int, when: str = "before") -> None:
+    """Put the fault's sitecustomize.py in `folder` and `folder` first on PYTHONPATH (for the
+    processes started from now on, until the test ends)."""
+    if when not in ("before", "after"):
+        raise ValueError(f"when={when!r}: 'before' or 'after'")
+    (folder / "sitecustomize.py").write_text(_SITE.format(poison=poison, layer=layer, when=when))
+    monkeypatch.setenv("PYTHONPATH", f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
