@@ -22,11 +22,13 @@ from gguf import GGMLQuantizationType as QT
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qdot.c")
+HEADERS = (Path(__file__).with_name("qdot_lanes.h"),)  # (what qdot.c includes: part of the cache key)
 NATIVE_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K))
-MAX_TOKENS = 16  # rows of x a call is meant for (each weight row is dotted with all of them from L1)
-# x as two int8 rows a token (its values, then their residual): the CPU's rows then agree with
-# float32 to about 1e-5 (one int8 row: about 0.5% a dot product, 2% of SmolLM2's largest logit
-# with half its rows on the CPU), for twice the integer work, which a memory-bound call hides
+MAX_TOKENS = 16  # rows of x a call is meant for (each weight group is unpacked once for all of them)
+# x in int16 steps of 1/(127 * 256) of each block's largest value (levels 2: the precision of an
+# int8 row and its int8 residual): the CPU's rows then agree with float32 to about 1e-5 (127
+# steps, levels 1: about 0.5% a dot product, 2% of SmolLM2's largest logit with half its rows
+# on the CPU), for the same integer work
 LEVELS = 2
 _BLOCK = {int(QT.Q4_0): (32, 18), int(QT.Q4_1): (32, 20), int(QT.Q8_0): (32, 34), int(QT.Q4_K): (256, 144),
           int(QT.Q5_K): (256, 176), int(QT.Q6_K): (256, 210)}
@@ -67,15 +69,17 @@ def _cpu_id() -> str:
     return f"{platform.machine()} {flags.strip()}"
 
 
-def _build(cc: str, out: Path) -> None:
+def _build(cc: str, out: Path, arch: tuple[list[str], ...] = (["-march=native"], [])) -> None:
     """Compile qdot.c into `out` atomically (a temporary name, then a rename: racing processes
-    each build and the last rename wins, with identical bytes)."""
+    each build and the last rename wins, with identical bytes), with the first of `arch`'s flag
+    lists that compiles (by default the host's vector paths, else the plain one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    base = [cc, "-O3", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lpthread", "-lm"]
+    # (no floating contraction: every path rounds alike, NOTE [ one rounding for every path ] in qdot.c)
+    base = [cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lpthread", "-lm"]
     try:
-        for extra in (["-march=native"], []):  # (a compiler without -march=native builds the plain path)
+        for extra in arch:
             r = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True, timeout=120)
             if r.returncode == 0:
                 os.replace(tmp, out)
@@ -89,8 +93,19 @@ def _build(cc: str, out: Path) -> None:
 def library_path(cc: str) -> Path:
     """The cached library for this source, compiler and CPU."""
     h = hashlib.sha256(SOURCE.read_bytes())
+    for p in HEADERS:
+        h.update(p.read_bytes())
     h.update(f"{cc}\0{_cpu_id()}".encode())
     return cache_dir() / f"qdot-{h.hexdigest()[:20]}.so"
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library, its functions typed."""
+    lib = ctypes.CDLL(str(path))
+    lib.qdot_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.qdot_run.restype = ctypes.c_int
+    lib.qdot_isa.restype = ctypes.c_int
+    return lib
 
 
 @functools.cache
@@ -105,11 +120,7 @@ def library() -> ctypes.CDLL | None:
         path = library_path(cc)
         if not path.exists():
             _build(cc, path)
-        lib = ctypes.CDLL(str(path))
-        lib.qdot_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.qdot_run.restype = ctypes.c_int
-        lib.qdot_isa.restype = ctypes.c_int
-        return lib
+        return load(path)
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("native CPU kernel unavailable (%s); the CPU share uses aten's int4 matmul", e)
         return None
@@ -131,12 +142,12 @@ def _threads(threads: int | None) -> int:
 
 
 def matmuls(jobs: list[tuple[torch.Tensor, int, int, int, torch.Tensor]], threads: int | None = None,
-            plain: bool = False, levels: int = LEVELS) -> list[torch.Tensor]:
+            plain: bool = False, levels: int = LEVELS, lib: ctypes.CDLL | None = None) -> list[torch.Tensor]:
     """[x @ W.T for each (raw, qtype, N, K, x)] in one call (the rows of every job split across
     `threads`): raw the N rows' blocks (uint8, contiguous), x [T, K] float32 or bf16 on the host;
-    each result [T, N] float32. plain: the C path only (tests compare it with the vector one);
-    levels: int8 rows of x a token (1 or 2, LEVELS)."""
-    lib = library()
+    each result [T, N] float32. plain: the C path only (the same bits as the vector ones); levels:
+    x's precision (1 or 2, LEVELS); lib: another build of the kernel (tests), else library()."""
+    lib = lib or library()
     if lib is None:
         raise RuntimeError("the native CPU kernel is not available")
     arr = (Job * len(jobs))()

@@ -1,17 +1,31 @@
 /* Matmuls straight from GGUF blocks on the CPU: y[T, N] = x[T, K] @ W[N, K].T, W in its file's
- * blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0), x float32 or bf16, T small (decode, 1 to 16).
+ * blocks (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0), x float32 or bf16, T small (decode, 1 to 64).
  *
- * x is quantized once per call to int8 blocks of 32 with a float scale (and the sums of each 16
- * of its int8 values); a row's block then dots with x's blocks in integers (AVX2 multiply-add of
- * unsigned by signed bytes, AVX-VNNI / AVX512-VNNI where the compiler has them), and the block
- * scales apply in float. Weight values are kept unsigned (Q4_0: q in 0..15 for q - 8; Q6_K: 0..63
- * for q - 32): the offset times x's block sum is taken off once per block. The error is that of
- * x's rounding to int8 (half a step of amax / 127 per value); the weights are read exactly.
+ * x is quantized once per call to int16 blocks of 32 with a float scale: 127 steps of the block's
+ * largest value (levels 1), or 256 times finer (levels 2: the precision of an int8 row and its
+ * int8 residual, in one integer pass). A weight row is read a group of 256 values at a time (a
+ * K-quant's super-block, eight blocks of the others) and unpacked once into signed int16 values
+ * and per-block float scales and mins (grp_t); every token of the call is dotted with that group,
+ * so each type is only an unpacking, and three dots serve them all: plain C (any architecture),
+ * AVX2 token by token (a few tokens: x as two signed bytes, xh and xl, dotted with the weights'
+ * unsigned bytes, each block's sums reduced across lanes), and tokens in the lanes of a vector
+ * (from the type's lanes_min tokens: a pair of int16 weights is broadcast and dotted with 8, or
+ * with AVX-512 16, tokens' pairs at once, no reduction, and four rows share each load of x;
+ * qdot_lanes.h). AVX-VNNI / AVX512-VNNI's dots (vpdpbusd, vpdpwssd) replace AVX2's
+ * multiply-adds where compiled in.
+ *
+ * NOTE [ one rounding for every path ]
+ * A block's integer sums are exact in any order, and its float term is
+ * fma(hi, s2 * dx, lo * (s * dx)) (Q6_K: a scale per 16) or fma(lo + hi, s * dx, mn * ds); a
+ * group's 8 terms are added in one tree ((t0+t4)+(t2+t6))+((t1+t5)+(t3+t7)) (hsum8's order), and
+ * the groups in order. The library is built without floating contraction (native.py), so the
+ * plain, token and lanes paths give the same bits, and a token's row does not depend on the
+ * other tokens of its call (qlinear.py relies on it: NOTE [ native blocks on the CPU device ]).
  *
  * Work: the caller's thread and a small pool of pthreads (grown to the largest count asked)
  * split the rows of every job of a call evenly, so a layer's gate and up, or several experts,
- * take one dispatch; each row is read once and dotted with all T rows of x from L1.
- * The pool's workers spin briefly after a call, then sleep on a condition variable. */
+ * take one dispatch. The pool's workers spin briefly after a call, then sleep on a condition
+ * variable. */
 
 #include <math.h>
 #include <pthread.h>
@@ -26,7 +40,7 @@
 #endif
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q5_K = 13, T_Q4_K = 12, T_Q6_K = 14 };
-#define QK 32     /* x's int8 block */
+#define G 256         /* values of a group */
 #define MAX_THREADS 256
 
 typedef struct {
@@ -39,12 +53,26 @@ typedef struct {
     float *y;         /* [T, N] float32 */
 } qdot_job;
 
-/* x of one job, quantized: per token, K int8 values, K/32 scales, K/32 scaled sums, K/16 sums */
+/* a row's group of 256 values, unpacked: the values as signed int16; per block of 32 the scale of
+ * its values (s; Q6_K: s of the first 16, s2 of the last 16) and what multiplies x's block sum
+ * (mn: the block's min, 0 where the type has none). Blocks past a row's end are zero. */
 typedef struct {
-    int8_t *q;
-    float *d;    /* [T, K/32] */
-    float *ds;   /* [T, K/32] d * sum of the block's int8 values */
-    int16_t *s16;/* [T, K/16] sums of each 16 int8 values */
+    int16_t w[G];
+    float s[8], s2[8], mn[8];
+} __attribute__((aligned(32))) grp_t;
+
+/* x of one job, quantized (Kp: K rounded up to a group), each integer X as 256 * xh + xl (both
+ * signed bytes) in the token layout: xh, xl [T][Kp], sx (X's sum over each block) and sx16 (over
+ * its first 16) [T][Kp/32]. Lanes layout (lanes: the vector's int32 lanes, 8 or 16), per chunk of
+ * two vectors of tokens (Tp of them, padded with zero tokens to a whole vector): q [Kp/2][Tp][2]
+ * int16 (a token's pairs 4 bytes from the next token's). d (the block's scale) and ds (d * sx):
+ * [T][Kp/32], or [Kp/32][Tp] in lanes. */
+typedef struct {
+    int8_t *xh, *xl;
+    int32_t *sx, *sx16;
+    int16_t *q;
+    float *d, *ds;
+    int lanes; /* 0: the token layout */
 } xq_t;
 
 static inline float f16_to_f32(uint16_t h) {
@@ -85,43 +113,56 @@ static inline float x_at(const void *x, int bf16, int64_t i) {
     return f;
 }
 
-/* one block of 32 values into int8 (q, its scale d, d * sum q, the sums of each 16); with
- * `residual`, v is left holding what the int8 values miss (v - q * d) */
-static inline void quantize_block(float *v, int8_t *q, float *d, float *ds, int16_t *s16, int residual) {
-    float amax = 0.f;
-    for (int i = 0; i < QK; i++) {
+/* block b of one token's K values (x NULL: a padding token of zeros) as integers of `steps` steps
+ * of its largest value; returns their scale, their sum in *sum, the first 16's in *sum16 */
+static float quantize_block(const void *x, int bf16, int64_t off, int64_t K, int64_t b, int steps, int *X,
+                            int *sum, int *sum16) {
+    float v[32], amax = 0.f;
+    for (int i = 0; i < 32; i++) {
+        v[i] = x && b * 32 + i < K ? x_at(x, bf16, off + b * 32 + i) : 0.f;
         float a = fabsf(v[i]);
         amax = a > amax ? a : amax;
     }
-    float db = amax / 127.f, id = db > 0.f ? 127.f / amax : 0.f;
-    int s0 = 0, s1 = 0;
-    for (int i = 0; i < QK; i++) {
+    float id = amax > 0.f ? (float)steps / amax : 0.f;
+    *sum = *sum16 = 0;
+    for (int i = 0; i < 32; i++) {
         int qi = (int)nearbyintf(v[i] * id);
-        qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
-        q[i] = (int8_t)qi;
-        if (i < 16) s0 += qi; else s1 += qi;
-        if (residual) v[i] -= (float)qi * db;
+        X[i] = qi > steps ? steps : qi < -steps ? -steps : qi;
+        *sum += X[i];
+        if (i == 15) *sum16 = *sum;
     }
-    *d = db;
-    *ds = db * (float)(s0 + s1);
-    s16[0] = (int16_t)s0;
-    s16[1] = (int16_t)s1;
+    return amax / (float)steps;
 }
 
-/* one token's K values of x into `levels` rows of int8 blocks (row offsets `at`, then `at + 1`):
- * the values, then (levels 2) what the first row misses, so that the two rows' sum holds x to
- * about 2**-14 of each block's largest value */
-static void quantize_row(const void *x, int bf16, int64_t off, int64_t K, const xq_t *o, int64_t at, int levels) {
-    float v[QK];
-    for (int64_t b = 0; b < K / QK; b++) {
-        for (int i = 0; i < QK; i++) v[i] = x_at(x, bf16, off + b * QK + i);
-        for (int l = 0; l < levels; l++) {
-            int64_t r = at + l;
-            quantize_block(v, o->q + r * K + b * QK, o->d + r * (K / 32) + b, o->ds + r * (K / 32) + b,
-                           o->s16 + r * (K / 16) + 2 * b, l + 1 < levels);
+/* one token into the token layout (at its row's xh, xl, sx, sx16, d, ds) */
+static void quantize_tokens_row(const void *x, int bf16, int64_t off, int64_t K, int64_t Kp, int steps, int8_t *xh,
+                                int8_t *xl, int32_t *sx, int32_t *sx16, float *d, float *ds) {
+    for (int64_t b = 0; b < Kp / 32; b++) {
+        int X[32], sum, sum16;
+        d[b] = quantize_block(x, bf16, off, K, b, steps, X, &sum, &sum16);
+        ds[b] = d[b] * (float)sum;
+        sx[b] = sum;
+        sx16[b] = sum16;
+        for (int i = 0; i < 32; i++) { /* (|X| <= 127 * 256: xh in -127..127, xl in -128..127) */
+            int h = (X[i] + 128) >> 8;
+            xh[b * 32 + i] = (int8_t)h;
+            xl[b * 32 + i] = (int8_t)(X[i] - 256 * h);
         }
     }
 }
+
+/* one token into the lanes layout (its lane of a chunk of Tp tokens: q, d, ds at the lane) */
+static void quantize_lanes_row(const void *x, int bf16, int64_t off, int64_t K, int64_t Kp, int steps, int16_t *q,
+                               float *d, float *ds, int64_t Tp) {
+    for (int64_t b = 0; b < Kp / 32; b++) {
+        int X[32], sum, sum16;
+        d[b * Tp] = quantize_block(x, bf16, off, K, b, steps, X, &sum, &sum16);
+        ds[b * Tp] = d[b * Tp] * (float)sum;
+        for (int i = 0; i < 32; i++) q[((b * 32 + i) >> 1) * Tp * 2 + (i & 1)] = (int16_t)X[i];
+    }
+}
+
+/* ---------- each type's group: scales (shared), values (plain C and AVX2) ---------- */
 
 /* Q4_K / Q5_K: 8 six-bit scales and mins from their 12 bytes */
 static inline void scales_k4(const uint8_t *s, uint8_t *sc, uint8_t *m) {
@@ -133,134 +174,242 @@ static inline void scales_k4(const uint8_t *s, uint8_t *sc, uint8_t *m) {
     }
 }
 
-/* ---------- plain C: the reference path of every type (any architecture) ---------- */
-
-static float dot_q4_0_c(const uint8_t *w, const int8_t *q, const float *d, const float *ds, const int16_t *s16,
-                        int64_t K) {
-    (void)s16;
-    float acc = 0.f;
-    for (int64_t b = 0; b < K / 32; b++, w += 18) {
-        int s = 0;
-        for (int l = 0; l < 16; l++) s += (w[2 + l] & 15) * q[b * 32 + l] + (w[2 + l] >> 4) * q[b * 32 + l + 16];
-        float dw = rd_f16(w);
-        acc += dw * (d[b] * (float)s - 8.f * ds[b]);
+/* blocks of 32 (Q4_0, Q4_1, Q8_0): nb blocks of bs bytes, the scale first, Q4_1's min after it */
+static void scales_b32(const uint8_t *w, int nb, int bs, int has_min, grp_t *g) {
+    for (int k = 0; k < 8; k++) {
+        int in = k < nb;
+        g->s[k] = g->s2[k] = in ? rd_f16(w + k * bs) : 0.f;
+        g->mn[k] = in && has_min ? rd_f16(w + k * bs + 2) : 0.f;
+        if (!in) memset(g->w + 32 * k, 0, 64);
     }
-    return acc;
 }
 
-static float dot_q4_1_c(const uint8_t *w, const int8_t *q, const float *d, const float *ds, const int16_t *s16,
-                        int64_t K) {
-    (void)s16;
-    float acc = 0.f;
-    for (int64_t b = 0; b < K / 32; b++, w += 20) {
-        int s = 0;
-        for (int l = 0; l < 16; l++) s += (w[4 + l] & 15) * q[b * 32 + l] + (w[4 + l] >> 4) * q[b * 32 + l + 16];
-        acc += rd_f16(w) * d[b] * (float)s + rd_f16(w + 2) * ds[b];
-    }
-    return acc;
-}
-
-static float dot_q8_0_c(const uint8_t *w, const int8_t *q, const float *d, const float *ds, const int16_t *s16,
-                        int64_t K) {
-    (void)ds; (void)s16;
-    float acc = 0.f;
-    for (int64_t b = 0; b < K / 32; b++, w += 34) {
-        const int8_t *wq = (const int8_t *)(w + 2);
-        int s = 0;
-        for (int l = 0; l < 32; l++) s += wq[l] * q[b * 32 + l];
-        acc += rd_f16(w) * d[b] * (float)s;
-    }
-    return acc;
-}
-
-static float dot_q4_k_c(const uint8_t *w, const int8_t *q, const float *d, const float *ds, const int16_t *s16,
-                        int64_t K) {
-    (void)s16;
-    float acc = 0.f;
+static void scales_k45(const uint8_t *w, grp_t *g) {
     uint8_t sc[8], m[8];
-    for (int64_t sb = 0; sb < K / 256; sb++, w += 144) {
-        float dw = rd_f16(w), dmin = rd_f16(w + 2);
-        scales_k4(w + 4, sc, m);
-        const uint8_t *qs = w + 16;
-        for (int j = 0; j < 4; j++) {
-            int64_t b = sb * 8 + 2 * j;
-            int lo = 0, hi = 0;
-            for (int l = 0; l < 32; l++) {
-                lo += (qs[32 * j + l] & 15) * q[b * 32 + l];
-                hi += (qs[32 * j + l] >> 4) * q[(b + 1) * 32 + l];
-            }
-            acc += dw * (sc[2 * j] * d[b] * (float)lo + sc[2 * j + 1] * d[b + 1] * (float)hi);
-            acc -= dmin * (m[2 * j] * ds[b] + m[2 * j + 1] * ds[b + 1]);
-        }
-    }
-    return acc;
-}
-
-static float dot_q5_k_c(const uint8_t *w, const int8_t *q, const float *d, const float *ds, const int16_t *s16,
-                        int64_t K) {
-    (void)s16;
-    float acc = 0.f;
-    uint8_t sc[8], m[8];
-    for (int64_t sb = 0; sb < K / 256; sb++, w += 176) {
-        float dw = rd_f16(w), dmin = rd_f16(w + 2);
-        scales_k4(w + 4, sc, m);
-        const uint8_t *qh = w + 16, *qs = w + 48;
-        for (int j = 0; j < 4; j++) {
-            int64_t b = sb * 8 + 2 * j;
-            int lo = 0, hi = 0;
-            for (int l = 0; l < 32; l++) {
-                int vl = (qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4);
-                int vh = (qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
-                lo += vl * q[b * 32 + l];
-                hi += vh * q[(b + 1) * 32 + l];
-            }
-            acc += dw * (sc[2 * j] * d[b] * (float)lo + sc[2 * j + 1] * d[b + 1] * (float)hi);
-            acc -= dmin * (m[2 * j] * ds[b] + m[2 * j + 1] * ds[b + 1]);
-        }
-    }
-    return acc;
-}
-
-static float dot_q6_k_c(const uint8_t *w, const int8_t *q, const float *d, const float *ds, const int16_t *s16,
-                        int64_t K) {
-    (void)ds;
-    float acc = 0.f;
-    for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
-        const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
-        float dw = rd_f16(w + 208);
-        for (int h = 0; h < 2; h++) {
-            for (int g = 0; g < 4; g++) {
-                int64_t b = sb * 8 + h * 4 + g;
-                int s0 = 0, s1 = 0;
-                for (int l = 0; l < 32; l++) {
-                    uint8_t lq = ql[64 * h + 32 * (g & 1) + l];
-                    int v = ((g < 2) ? (lq & 15) : (lq >> 4)) | (((qh[32 * h + l] >> (2 * g)) & 3) << 4);
-                    if (l < 16) s0 += v * q[b * 32 + l]; else s1 += v * q[b * 32 + l];
-                }
-                int j = h * 8 + g * 2;
-                int isum = sc[j] * (s0 - 32 * s16[2 * b]) + sc[j + 1] * (s1 - 32 * s16[2 * b + 1]);
-                acc += dw * d[b] * (float)isum;
-            }
-        }
-    }
-    return acc;
-}
-
-/* ---------- AVX2 (with VNNI where compiled for it): a row against all T tokens ---------- */
-
-#if defined(__AVX2__)
-/* 8 int32 sums of 4 products of unsigned a by signed b */
-static inline __m256i mul_sum_u8_i8(__m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+    float dw = rd_f16(w), dmin = rd_f16(w + 2);
+    scales_k4(w + 4, sc, m);
+#if defined(__AVX2__) /* (the same products, eight at a time) */
+    __m256 s = _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc))));
+    __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m))));
+    _mm256_store_ps(g->s, s);
+    _mm256_store_ps(g->s2, s);
+    _mm256_store_ps(g->mn, _mm256_xor_ps(mn, _mm256_set1_ps(-0.f)));
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+    for (int k = 0; k < 8; k++) {
+        g->s[k] = g->s2[k] = dw * (float)sc[k];
+        g->mn[k] = -(dmin * (float)m[k]);
+    }
 #endif
 }
 
+static void scales_q6_k(const uint8_t *w, grp_t *g) {
+    const int8_t *sc = (const int8_t *)(w + 192);
+    float dw = rd_f16(w + 208);
+    for (int k = 0; k < 8; k++) {
+        g->s[k] = dw * (float)sc[2 * k];
+        g->s2[k] = dw * (float)sc[2 * k + 1];
+        g->mn[k] = 0.f;
+    }
+}
+
+static void unpack_q4_0_c(const uint8_t *w, int nb, grp_t *g) {
+    scales_b32(w, nb, 18, 0, g);
+    for (int k = 0; k < nb; k++)
+        for (int l = 0; l < 16; l++) {
+            g->w[32 * k + l] = (int16_t)((w[18 * k + 2 + l] & 15) - 8);
+            g->w[32 * k + 16 + l] = (int16_t)((w[18 * k + 2 + l] >> 4) - 8);
+        }
+}
+
+static void unpack_q4_1_c(const uint8_t *w, int nb, grp_t *g) {
+    scales_b32(w, nb, 20, 1, g);
+    for (int k = 0; k < nb; k++)
+        for (int l = 0; l < 16; l++) {
+            g->w[32 * k + l] = w[20 * k + 4 + l] & 15;
+            g->w[32 * k + 16 + l] = w[20 * k + 4 + l] >> 4;
+        }
+}
+
+static void unpack_q8_0_c(const uint8_t *w, int nb, grp_t *g) {
+    scales_b32(w, nb, 34, 0, g);
+    for (int k = 0; k < nb; k++)
+        for (int l = 0; l < 32; l++) g->w[32 * k + l] = (int8_t)w[34 * k + 2 + l];
+}
+
+static void unpack_q4_k_c(const uint8_t *w, int nb, grp_t *g) {
+    (void)nb;
+    scales_k45(w, g);
+    const uint8_t *qs = w + 16;
+    for (int j = 0; j < 4; j++)
+        for (int l = 0; l < 32; l++) {
+            g->w[64 * j + l] = qs[32 * j + l] & 15;
+            g->w[64 * j + 32 + l] = qs[32 * j + l] >> 4;
+        }
+}
+
+static void unpack_q5_k_c(const uint8_t *w, int nb, grp_t *g) {
+    (void)nb;
+    scales_k45(w, g);
+    const uint8_t *qh = w + 16, *qs = w + 48;
+    for (int j = 0; j < 4; j++)
+        for (int l = 0; l < 32; l++) {
+            g->w[64 * j + l] = (int16_t)((qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4));
+            g->w[64 * j + 32 + l] = (int16_t)((qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4));
+        }
+}
+
+static void unpack_q6_k_c(const uint8_t *w, int nb, grp_t *g) {
+    (void)nb;
+    scales_q6_k(w, g);
+    const uint8_t *ql = w, *qh = w + 128;
+    for (int h = 0; h < 2; h++)
+        for (int q = 0; q < 4; q++)
+            for (int l = 0; l < 32; l++) {
+                uint8_t lq = ql[64 * h + 32 * (q & 1) + l];
+                int v = ((q < 2) ? (lq & 15) : (lq >> 4)) | (((qh[32 * h + l] >> (2 * q)) & 3) << 4);
+                g->w[128 * h + 32 * q + l] = (int16_t)(v - 32);
+            }
+}
+
+#if defined(__AVX2__)
+static inline __m256i ld(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* 32 signed bytes -> 32 int16 at dst */
+static inline void st16(int16_t *dst, __m256i v) {
+    _mm256_store_si256((__m256i *)dst, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)));
+    _mm256_store_si256((__m256i *)(dst + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)));
+}
+
+/* 16 bytes of nibbles -> 32 bytes: the low nibbles, then the high ones */
+static inline __m256i nibbles16(const uint8_t *p) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+}
+
+static void unpack_q4_0_avx2(const uint8_t *w, int nb, grp_t *g) {
+    scales_b32(w, nb, 18, 0, g);
+    for (int k = 0; k < nb; k++) st16(g->w + 32 * k, _mm256_sub_epi8(nibbles16(w + 18 * k + 2), _mm256_set1_epi8(8)));
+}
+
+static void unpack_q4_1_avx2(const uint8_t *w, int nb, grp_t *g) {
+    scales_b32(w, nb, 20, 1, g);
+    for (int k = 0; k < nb; k++) st16(g->w + 32 * k, nibbles16(w + 20 * k + 4));
+}
+
+static void unpack_q8_0_avx2(const uint8_t *w, int nb, grp_t *g) {
+    scales_b32(w, nb, 34, 0, g);
+    for (int k = 0; k < nb; k++) st16(g->w + 32 * k, ld(w + 34 * k + 2));
+}
+
+static inline void unpack_k45_avx2(const uint8_t *w, grp_t *g, int hb) {
+    scales_k45(w, g);
+    const __m256i low = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
+    const uint8_t *qs = w + (hb ? 48 : 16);
+    __m256i qh = hb ? ld(w + 16) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        __m256i qv = ld(qs + 32 * j);
+        __m256i lo = _mm256_and_si256(qv, low), hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), low);
+        if (hb) {
+            __m256i bl = _mm256_set1_epi8((char)(1 << (2 * j))), bh = _mm256_set1_epi8((char)(1 << (2 * j + 1)));
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), sixteen));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), sixteen));
+        }
+        st16(g->w + 64 * j, lo);
+        st16(g->w + 64 * j + 32, hi);
+    }
+}
+
+static void unpack_q4_k_avx2(const uint8_t *w, int nb, grp_t *g) { (void)nb; unpack_k45_avx2(w, g, 0); }
+static void unpack_q5_k_avx2(const uint8_t *w, int nb, grp_t *g) { (void)nb; unpack_k45_avx2(w, g, 1); }
+
+static void unpack_q6_k_avx2(const uint8_t *w, int nb, grp_t *g) {
+    (void)nb;
+    scales_q6_k(w, g);
+    const __m256i low = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; h++) {
+        __m256i ql0 = ld(w + 64 * h), ql1 = ld(w + 64 * h + 32), qh = ld(w + 128 + 32 * h);
+        __m256i o[4];
+        o[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
+        o[1] = _mm256_or_si256(_mm256_and_si256(ql1, low),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), three), 4));
+        o[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), three), 4));
+        o[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), three), 4));
+        for (int q = 0; q < 4; q++) st16(g->w + 128 * h + 32 * q, _mm256_sub_epi8(o[q], off));
+    }
+}
+#endif
+
+typedef void (*unpack_fn)(const uint8_t *w, int nb, grp_t *g); /* nb: blocks of 32 in the group */
+
+typedef struct {
+    int bk, bs;  /* values and bytes of a block */
+    int split;   /* a scale per 16 values (Q6_K) */
+    unpack_fn c, vec; /* vec NULL: no vector path compiled */
+    int which;   /* the token path's index (rows_tok) */
+    int lanes_min; /* tokens from which the vector path puts them in lanes: below it the token path,
+                    * whose time grows with each token, is faster (a Zen 5 core, bin/bench cpu-kernel;
+                    * types whose int16 unpacking costs more switch later) */
+} qtype_t;
+
+static const qtype_t *type_of(int qtype) {
+#if defined(__AVX2__)
+#define V(f) f
+#else
+#define V(f) NULL
+#endif
+    static const qtype_t q4_0 = {32, 18, 0, unpack_q4_0_c, V(unpack_q4_0_avx2), 0, 7};
+    static const qtype_t q4_1 = {32, 20, 0, unpack_q4_1_c, V(unpack_q4_1_avx2), 1, 7};
+    static const qtype_t q8_0 = {32, 34, 0, unpack_q8_0_c, V(unpack_q8_0_avx2), 2, 8};
+    static const qtype_t q4_k = {256, 144, 0, unpack_q4_k_c, V(unpack_q4_k_avx2), 3, 7};
+    static const qtype_t q5_k = {256, 176, 0, unpack_q5_k_c, V(unpack_q5_k_avx2), 4, 8};
+    static const qtype_t q6_k = {256, 210, 1, unpack_q6_k_c, V(unpack_q6_k_avx2), 5, 5};
+#undef V
+    switch (qtype) {
+    case T_Q4_0: return &q4_0;
+    case T_Q4_1: return &q4_1;
+    case T_Q8_0: return &q8_0;
+    case T_Q4_K: return &q4_k;
+    case T_Q5_K: return &q5_k;
+    case T_Q6_K: return &q6_k;
+    default: return NULL;
+    }
+}
+
+/* ---------- the dots of a group with x (NOTE [ one rounding for every path ]) ---------- */
+
+static inline float tree8(const float *t) { return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7])); }
+
+/* plain C: one token's x at the group (token layout) */
+static float group_c(const grp_t *g, const int8_t *xh, const int8_t *xl, const float *d, const float *ds, int split) {
+    float t[8];
+    for (int k = 0; k < 8; k++) {
+        int32_t lo = 0, hi = 0;
+        for (int l = 0; l < 16; l++) {
+            int a = 32 * k + l, b = a + 16;
+            lo += g->w[a] * (256 * xh[a] + xl[a]);
+            hi += g->w[b] * (256 * xh[b] + xl[b]);
+        }
+        float sdx = g->s[k] * d[k];
+        t[k] = split ? fmaf((float)hi, g->s2[k] * d[k], (float)lo * sdx) : fmaf((float)(lo + hi), sdx, g->mn[k] * ds[k]);
+    }
+    return tree8(t);
+}
+
+#if defined(__AVX2__)
+/* acc + the sums of each 2 products of int16 a and b, in 8 int32 lanes */
+static inline __m256i dot2(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+/* tree8 of the lanes */
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -276,205 +425,225 @@ static inline __m256i reduce8(const __m256i *p) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(b03, b47, 0x20), _mm256_permute2x128_si256(b03, b47, 0x31));
 }
 
-static inline __m256i ld(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline __m256 ldf(const float *p) { return _mm256_loadu_ps(p); }
 
-/* 16 bytes of nibbles -> 32 bytes: the low nibbles, then the high ones */
-static inline __m256i nibbles16(const uint8_t *p) {
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+/* acc + the sums of each 4 products of unsigned bytes a and signed bytes b, in 8 int32 lanes */
+static inline __m256i dot4(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define DOT4_WIDE 1 /* dot4 takes any unsigned byte (AVX2's pairs saturate at int16 above 127 * 128 each) */
+#else
+#define DOT4_WIDE 0
+#endif
+
+/* lo = the sum of each p[j]'s lanes 0-3 (its block's first 16 values), hi = lanes 4-7 */
+static inline void reduce8_halves(const __m256i *p, __m256i *lo, __m256i *hi) {
+    __m256i a01 = _mm256_hadd_epi32(p[0], p[1]), a23 = _mm256_hadd_epi32(p[2], p[3]);
+    __m256i a45 = _mm256_hadd_epi32(p[4], p[5]), a67 = _mm256_hadd_epi32(p[6], p[7]);
+    __m256i b03 = _mm256_hadd_epi32(a01, a23), b47 = _mm256_hadd_epi32(a45, a67);
+    *lo = _mm256_permute2x128_si256(b03, b47, 0x20);
+    *hi = _mm256_permute2x128_si256(b03, b47, 0x31);
 }
 
-static inline __m256 f16x8(const uint8_t *w, int stride) { /* 8 halves `stride` bytes apart */
-    uint16_t h[8];
-    for (int k = 0; k < 8; k++) memcpy(&h[k], w + k * stride, 2);
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
-}
+/* A group for the token path: its 8 blocks as unsigned bytes wu (the values plus 1 << sh, sh 0
+ * for none), the scales in g. Q8_0 where dot4 is not wide keeps its signed bytes (sh -1). */
+typedef struct {
+    __m256i wu[8];
+    int sh;
+} grpb_t;
 
-static inline __m256 u8x8(const uint8_t *v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)v))); }
-
-#define XQ(t) (x->q + (t) * K)
-#define XD(t) (x->d + (t) * (K / 32))
-#define XDS(t) (x->ds + (t) * (K / 32))
-#define XS16(t) (x->s16 + (t) * (K / 16))
-
-/* Q4_0, Q4_1, Q8_0: eight blocks (256 values) at a time, the rest block by block in plain C */
-static void row_q4_0_avx2(const uint8_t *w, const xq_t *x, int64_t T, int64_t K, float *y, int64_t N) {
-    __m256 acc[16];
-    for (int64_t t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    int64_t nb = K / 32, n8 = nb / 8 * 8;
-    for (int64_t b = 0; b < n8; b += 8) {
-        const uint8_t *wb = w + b * 18;
-        __m256i v[8], p[8];
-        for (int k = 0; k < 8; k++) v[k] = nibbles16(wb + k * 18 + 2);
-        __m256 dw = f16x8(wb, 18), dw8 = _mm256_mul_ps(dw, _mm256_set1_ps(8.f));
-        for (int64_t t = 0; t < T; t++) {
-            for (int k = 0; k < 8; k++) p[k] = mul_sum_u8_i8(v[k], ld(XQ(t) + (b + k) * 32));
-            __m256 s = _mm256_cvtepi32_ps(reduce8(p));
-            acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw, _mm256_loadu_ps(XD(t) + b)), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(dw8, _mm256_loadu_ps(XDS(t) + b), acc[t]);
-        }
+static inline void bytes_b32(const uint8_t *w, int nb, int which, grpb_t *b, grp_t *g) {
+    int bs = which == 0 ? 18 : which == 1 ? 20 : 34;
+    scales_b32(w, nb, bs, which == 1, g);
+    for (int k = 0; k < 8; k++) {
+        if (k >= nb) b->wu[k] = _mm256_setzero_si256();
+        else if (which == 2) b->wu[k] = DOT4_WIDE ? _mm256_xor_si256(ld(w + 34 * k + 2), _mm256_set1_epi8((char)0x80)) : ld(w + 34 * k + 2);
+        else b->wu[k] = nibbles16(w + bs * k + (which ? 4 : 2));
     }
-    for (int64_t t = 0; t < T; t++)
-        y[t * N] = hsum8(acc[t]) + (nb > n8 ? dot_q4_0_c(w + n8 * 18, XQ(t) + n8 * 32, XD(t) + n8, XDS(t) + n8,
-                                                       XS16(t) + n8 * 2, (nb - n8) * 32) : 0.f);
+    b->sh = which == 0 ? 3 : which == 1 ? 0 : DOT4_WIDE ? 7 : -1;
 }
 
-static void row_q4_1_avx2(const uint8_t *w, const xq_t *x, int64_t T, int64_t K, float *y, int64_t N) {
-    __m256 acc[16];
-    for (int64_t t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    int64_t nb = K / 32, n8 = nb / 8 * 8;
-    for (int64_t b = 0; b < n8; b += 8) {
-        const uint8_t *wb = w + b * 20;
-        __m256i v[8], p[8];
-        for (int k = 0; k < 8; k++) v[k] = nibbles16(wb + k * 20 + 4);
-        __m256 dw = f16x8(wb, 20), mw = f16x8(wb + 2, 20);
-        for (int64_t t = 0; t < T; t++) {
-            for (int k = 0; k < 8; k++) p[k] = mul_sum_u8_i8(v[k], ld(XQ(t) + (b + k) * 32));
-            __m256 s = _mm256_cvtepi32_ps(reduce8(p));
-            acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw, _mm256_loadu_ps(XD(t) + b)), acc[t]);
-            acc[t] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(XDS(t) + b), acc[t]);
-        }
-    }
-    for (int64_t t = 0; t < T; t++)
-        y[t * N] = hsum8(acc[t]) + (nb > n8 ? dot_q4_1_c(w + n8 * 20, XQ(t) + n8 * 32, XD(t) + n8, XDS(t) + n8,
-                                                       XS16(t) + n8 * 2, (nb - n8) * 32) : 0.f);
-}
-
-static void row_q8_0_avx2(const uint8_t *w, const xq_t *x, int64_t T, int64_t K, float *y, int64_t N) {
-    __m256 acc[16];
-    for (int64_t t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    int64_t nb = K / 32, n8 = nb / 8 * 8;
-    for (int64_t b = 0; b < n8; b += 8) {
-        const uint8_t *wb = w + b * 34;
-        __m256i v[8], a[8], p[8];
-        for (int k = 0; k < 8; k++) {
-            v[k] = ld(wb + k * 34 + 2);
-            a[k] = _mm256_sign_epi8(v[k], v[k]);
-        }
-        __m256 dw = f16x8(wb, 34);
-        for (int64_t t = 0; t < T; t++) {
-            for (int k = 0; k < 8; k++) p[k] = mul_sum_u8_i8(a[k], _mm256_sign_epi8(ld(XQ(t) + (b + k) * 32), v[k]));
-            __m256 s = _mm256_cvtepi32_ps(reduce8(p));
-            acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw, _mm256_loadu_ps(XD(t) + b)), acc[t]);
-        }
-    }
-    for (int64_t t = 0; t < T; t++)
-        y[t * N] = hsum8(acc[t]) + (nb > n8 ? dot_q8_0_c(w + n8 * 34, XQ(t) + n8 * 32, XD(t) + n8, XDS(t) + n8,
-                                                       XS16(t) + n8 * 2, (nb - n8) * 32) : 0.f);
-}
-
-/* Q4_K (hb 0) and Q5_K (hb 1): a super-block's 8 sub-blocks unpacked once, then each token */
-static inline void row_k45(const uint8_t *w, const xq_t *x, int64_t T, int64_t K, float *y, int64_t N, int hb) {
-    __m256 acc[16];
-    for (int64_t t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+static inline void bytes_k45(const uint8_t *w, int hb, grpb_t *b, grp_t *g) {
+    scales_k45(w, g);
     const __m256i low = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
-    const int64_t bs = hb ? 176 : 144;
-    uint8_t sc[8], m[8];
-    for (int64_t sb = 0; sb < K / 256; sb++, w += bs) {
-        scales_k4(w + 4, sc, m);
-        __m256 scv = _mm256_mul_ps(_mm256_set1_ps(rd_f16(w)), u8x8(sc));
-        __m256 mv = _mm256_mul_ps(_mm256_set1_ps(rd_f16(w + 2)), u8x8(m));
-        __m256i v[8], p[8];
-        const uint8_t *qs = w + (hb ? 48 : 16);
-        __m256i qh = hb ? ld(w + 16) : _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            __m256i qv = ld(qs + 32 * j);
-            v[2 * j] = _mm256_and_si256(qv, low);
-            v[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(qv, 4), low);
-            if (hb) {
-                __m256i bl = _mm256_set1_epi8((char)(1 << (2 * j))), bh = _mm256_set1_epi8((char)(1 << (2 * j + 1)));
-                v[2 * j] = _mm256_or_si256(v[2 * j], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), sixteen));
-                v[2 * j + 1] = _mm256_or_si256(v[2 * j + 1],
-                                               _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), sixteen));
+    const uint8_t *qs = w + (hb ? 48 : 16);
+    __m256i qh = hb ? ld(w + 16) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        __m256i qv = ld(qs + 32 * j);
+        __m256i lo = _mm256_and_si256(qv, low), hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), low);
+        if (hb) {
+            __m256i bl = _mm256_set1_epi8((char)(1 << (2 * j))), bh = _mm256_set1_epi8((char)(1 << (2 * j + 1)));
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), sixteen));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), sixteen));
+        }
+        b->wu[2 * j] = lo;
+        b->wu[2 * j + 1] = hi;
+    }
+    b->sh = 0;
+}
+
+static inline void bytes_q6_k(const uint8_t *w, grpb_t *b, grp_t *g) {
+    scales_q6_k(w, g);
+    const __m256i low = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        __m256i ql0 = ld(w + 64 * h), ql1 = ld(w + 64 * h + 32), qh = ld(w + 128 + 32 * h);
+        __m256i *o = b->wu + 4 * h;
+        o[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
+        o[1] = _mm256_or_si256(_mm256_and_si256(ql1, low),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), three), 4));
+        o[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), three), 4));
+        o[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), three), 4));
+    }
+    b->sh = 5;
+}
+
+/* group_c's value for one token (x at the group, token layout): each block's integer sum is
+ * 256 * (wu . xh) + (wu . xl) less its offset times x's sum, exactly group_c's */
+static inline float group_tok(const grpb_t *b, const grp_t *g, const int8_t *xh, const int8_t *xl, const int32_t *sx,
+                              const int32_t *sx16, const float *d, const float *ds, int split) {
+    const __m256i z = _mm256_setzero_si256();
+    __m256i p[8];
+    for (int k = 0; k < 8; k++) {
+        if (b->sh >= 0) {
+            p[k] = dot4(_mm256_slli_epi32(dot4(z, b->wu[k], ld(xh + 32 * k)), 8), b->wu[k], ld(xl + 32 * k));
+        } else { /* signed bytes: |w| by x's signs for xh; xl (which may be -128) in int16 */
+            __m256i a = _mm256_sign_epi8(b->wu[k], b->wu[k]), l = ld(xl + 32 * k);
+            __m256i pl = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(b->wu[k])), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(l))),
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(b->wu[k], 1)),
+                                  _mm256_cvtepi8_epi16(_mm256_extracti128_si256(l, 1))));
+            p[k] = _mm256_add_epi32(_mm256_slli_epi32(dot4(z, a, _mm256_sign_epi8(ld(xh + 32 * k), b->wu[k])), 8), pl);
+        }
+    }
+    __m256 sdx = _mm256_mul_ps(ldf(g->s), ldf(d)), t;
+    __m128i sh = _mm_cvtsi32_si128(b->sh > 0 ? b->sh : 0);
+    if (split) {
+        __m256i lo, hi, s16 = ld(sx16);
+        reduce8_halves(p, &lo, &hi);
+        lo = _mm256_sub_epi32(lo, _mm256_sll_epi32(s16, sh));
+        hi = _mm256_sub_epi32(hi, _mm256_sll_epi32(_mm256_sub_epi32(ld(sx), s16), sh));
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(ldf(g->s2), ldf(d)), _mm256_mul_ps(_mm256_cvtepi32_ps(lo), sdx));
+    } else {
+        __m256i isum = reduce8(p);
+        if (b->sh > 0) isum = _mm256_sub_epi32(isum, _mm256_sll_epi32(ld(sx), sh));
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sdx, _mm256_mul_ps(ldf(g->mn), ldf(ds)));
+    }
+    return hsum8(t);
+}
+
+/* the token path of one type (which: 0..5 = Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) over rows
+ * [r0, r1) and tokens [t0, t0 + tn) (tn <= 64) */
+static inline __attribute__((always_inline)) void rows_tok(const uint8_t *w, int64_t rb, int64_t gbytes, int64_t K,
+                                                           int64_t Kp, const xq_t *x, int64_t t0, int64_t tn,
+                                                           int64_t r0, int64_t r1, float *y, int64_t N, int which) {
+    float acc[64];
+    grpb_t b;
+    grp_t g;
+    int64_t nb = K / 32, kb = Kp / 32;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t t = 0; t < tn; t++) acc[t] = 0.f;
+        for (int64_t gi = 0; gi < Kp / G; gi++) {
+            const uint8_t *wg = w + r * rb + gi * gbytes;
+            int n = nb - gi * 8 < 8 ? (int)(nb - gi * 8) : 8;
+            if (which < 3) bytes_b32(wg, n, which, &b, &g);
+            else if (which < 5) bytes_k45(wg, which == 4, &b, &g);
+            else bytes_q6_k(wg, &b, &g);
+            for (int64_t t = 0; t < tn; t++) {
+                int64_t u = t0 + t, o = u * kb + gi * 8;
+                acc[t] += group_tok(&b, &g, x->xh + u * Kp + gi * G, x->xl + u * Kp + gi * G, x->sx + o, x->sx16 + o,
+                                    x->d + o, x->ds + o, which == 5);
             }
         }
-        for (int64_t t = 0; t < T; t++) {
-            const int8_t *xq = XQ(t) + sb * 256;
-            for (int k = 0; k < 8; k++) p[k] = mul_sum_u8_i8(v[k], ld(xq + 32 * k));
-            __m256 s = _mm256_cvtepi32_ps(reduce8(p));
-            acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(scv, _mm256_loadu_ps(XD(t) + sb * 8)), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(mv, _mm256_loadu_ps(XDS(t) + sb * 8), acc[t]);
-        }
+        for (int64_t t = 0; t < tn; t++) y[(t0 + t) * N + r] = acc[t];
     }
-    for (int64_t t = 0; t < T; t++) y[t * N] = hsum8(acc[t]);
 }
 
-static void row_q4_k_avx2(const uint8_t *w, const xq_t *x, int64_t T, int64_t K, float *y, int64_t N) {
-    row_k45(w, x, T, K, y, N, 0);
-}
-
-static void row_q5_k_avx2(const uint8_t *w, const xq_t *x, int64_t T, int64_t K, float *y, int64_t N) {
-    row_k45(w, x, T, K, y, N, 1);
-}
-
-static void row_q6_k_avx2(const uint8_t *w, const xq_t *x, int64_t T, int64_t K, float *y, int64_t N) {
-    __m256 acc[16];
-    for (int64_t t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3);
-    for (int64_t sb = 0; sb < K / 256; sb++, w += 210) {
-        const int8_t *sc = (const int8_t *)(w + 192);
-        __m256 dw = _mm256_set1_ps(rd_f16(w + 208));
-        __m256i v[8], s16[8], p[8];
-        for (int h = 0; h < 2; h++) {
-            __m256i ql0 = ld(w + 64 * h), ql1 = ld(w + 64 * h + 32), qh = ld(w + 128 + 32 * h);
-            __m256i *o = v + 4 * h;
-            o[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
-            o[1] = _mm256_or_si256(_mm256_and_si256(ql1, low),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), three), 4));
-            o[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), three), 4));
-            o[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), three), 4));
-        }
-        for (int k = 0; k < 8; k++) /* int16 lanes 0-7 take the first 16 values' scale, 8-15 the last 16's */
-            s16[k] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * k + 1]), _mm_set1_epi16(sc[2 * k]));
-        __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
-        for (int64_t t = 0; t < T; t++) {
-            const int8_t *xq = XQ(t) + sb * 256;
-            for (int k = 0; k < 8; k++) p[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(v[k], ld(xq + 32 * k)), s16[k]);
-            /* lane b: sc[2b] * sum16[2b] + sc[2b + 1] * sum16[2b + 1], the offset's 32 times it */
-            __m256i corr = _mm256_madd_epi16(ld(XS16(t) + sb * 16), scw);
-            __m256i r = _mm256_sub_epi32(reduce8(p), _mm256_slli_epi32(corr, 5));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), _mm256_mul_ps(dw, _mm256_loadu_ps(XD(t) + sb * 8)), acc[t]);
-        }
+typedef void (*tok_fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const xq_t *, int64_t, int64_t, int64_t,
+                       int64_t, float *, int64_t);
+#define TOK(name, which)                                                                                            \
+    static void tok_##name(const uint8_t *w, int64_t rb, int64_t gb, int64_t K, int64_t Kp, const xq_t *x, int64_t t0, \
+                           int64_t tn, int64_t r0, int64_t r1, float *y, int64_t N) {                               \
+        rows_tok(w, rb, gb, K, Kp, x, t0, tn, r0, r1, y, N, which);                                                 \
     }
-    for (int64_t t = 0; t < T; t++) y[t * N] = hsum8(acc[t]);
+TOK(q4_0, 0) TOK(q4_1, 1) TOK(q8_0, 2) TOK(q4_k, 3) TOK(q5_k, 4) TOK(q6_k, 5)
+static const tok_fn tok_fns[6] = {tok_q4_0, tok_q4_1, tok_q8_0, tok_q4_k, tok_q5_k, tok_q6_k};
+
+typedef void (*lanes_fn)(const uint8_t *, int64_t, const qtype_t *, int64_t, int64_t, const int16_t *, const float *,
+                         const float *, int64_t, float *, int64_t);
+#define LANE_ROWS 4 /* weight rows a lanes tile (at most 2 x 4 accumulators: 16 of them for Q6_K) */
+
+#define LW 8
+#define VI __m256i
+#define VF __m256
+#define VZEROI _mm256_setzero_si256
+#define VZEROF _mm256_setzero_ps
+#define VSET1I _mm256_set1_epi32
+#define VSET1F _mm256_set1_ps
+#define VLDI(p) _mm256_loadu_si256((const __m256i *)(p))
+#define VLDF _mm256_loadu_ps
+#define VSTF _mm256_storeu_ps
+#define VDOT2 dot2
+#define VCVT _mm256_cvtepi32_ps
+#define VMUL _mm256_mul_ps
+#define VADD _mm256_add_ps
+#define VFMA _mm256_fmadd_ps
+#include "qdot_lanes.h"
+#undef LW
+#undef VI
+#undef VF
+#undef VZEROI
+#undef VZEROF
+#undef VSET1I
+#undef VSET1F
+#undef VLDI
+#undef VLDF
+#undef VSTF
+#undef VDOT2
+#undef VCVT
+#undef VMUL
+#undef VADD
+#undef VFMA
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define LANES16 1 /* 16 tokens a vector for more than 8 of them */
+static inline __m512i dot2_16(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
 }
+#define LW 16
+#define VI __m512i
+#define VF __m512
+#define VZEROI _mm512_setzero_si512
+#define VZEROF _mm512_setzero_ps
+#define VSET1I _mm512_set1_epi32
+#define VSET1F _mm512_set1_ps
+#define VLDI(p) _mm512_loadu_si512((const void *)(p))
+#define VLDF _mm512_loadu_ps
+#define VSTF _mm512_storeu_ps
+#define VDOT2 dot2_16
+#define VCVT _mm512_cvtepi32_ps
+#define VMUL _mm512_mul_ps
+#define VADD _mm512_add_ps
+#define VFMA _mm512_fmadd_ps
+#include "qdot_lanes.h"
+#endif
 #endif
 
-typedef float (*dot_fn)(const uint8_t *, const int8_t *, const float *, const float *, const int16_t *, int64_t);
-typedef void (*row_fn)(const uint8_t *, const xq_t *, int64_t, int64_t, float *, int64_t);
-
-/* bytes of a row of K values, its plain dot, and its vector row kernel (NULL: none compiled) */
-static int type_info(int qtype, int64_t K, int64_t *row_bytes, dot_fn *fn, row_fn *vec) {
-    int64_t bs, bk;
-    dot_fn c;
-    row_fn v = NULL;
-    switch (qtype) {
-    case T_Q4_0: bs = 18; bk = 32; c = dot_q4_0_c; break;
-    case T_Q4_1: bs = 20; bk = 32; c = dot_q4_1_c; break;
-    case T_Q8_0: bs = 34; bk = 32; c = dot_q8_0_c; break;
-    case T_Q4_K: bs = 144; bk = 256; c = dot_q4_k_c; break;
-    case T_Q5_K: bs = 176; bk = 256; c = dot_q5_k_c; break;
-    case T_Q6_K: bs = 210; bk = 256; c = dot_q6_k_c; break;
-    default: return -1;
-    }
-    if (K <= 0 || K % bk) return -2;
-#if defined(__AVX2__)
-    switch (qtype) {
-    case T_Q4_0: v = row_q4_0_avx2; break;
-    case T_Q4_1: v = row_q4_1_avx2; break;
-    case T_Q8_0: v = row_q8_0_avx2; break;
-    case T_Q4_K: v = row_q4_k_avx2; break;
-    case T_Q5_K: v = row_q5_k_avx2; break;
-    case T_Q6_K: v = row_q6_k_avx2; break;
-    }
+#ifndef LANES16
+#define LANES16 0 /* (1 where qdot_lanes.h is included for 16 lanes) */
 #endif
-    *row_bytes = K / bk * bs;
-    *fn = c;
-    *vec = v;
-    return 0;
-}
 
 /* ---------- the pool ---------- */
 
@@ -588,11 +757,13 @@ typedef struct {
     int n_jobs;
     xq_t *xq;           /* per job (jobs of one x share their first's) */
     int64_t *row_start; /* [n_jobs + 1] prefix of rows */
-    int64_t *row_bytes;
-    dot_fn *fn;
-    row_fn *vec; /* NULL entries: the plain dot, token by token */
-    int levels;  /* int8 rows of x per token (2: the values and their residual) */
+    const qtype_t **ty;
+    int plain;          /* the C path only */
+    int steps;          /* x's integers per block: -steps..steps */
 } call_t;
+
+static inline int64_t kpad(int64_t K) { return (K + G - 1) / G * G; }
+static inline int64_t tpad(int64_t T, int lanes) { return lanes ? (T + lanes - 1) / lanes * lanes : T; }
 
 /* whether job j reads the x of job j - 1 (then it shares its quantization) */
 static inline int same_x(const qdot_job *jobs, int j) {
@@ -602,16 +773,79 @@ static inline int same_x(const qdot_job *jobs, int j) {
 
 static void quantize_task(void *p, int i, int n) {
     call_t *c = (call_t *)p;
-    /* (job, token) pairs split across threads */
+    /* (job, token) pairs split across threads, a lanes layout's padding tokens included */
     int64_t total = 0;
-    for (int j = 0; j < c->n_jobs; j++) total += same_x(c->jobs, j) ? 0 : c->jobs[j].T;
+    for (int j = 0; j < c->n_jobs; j++) total += same_x(c->jobs, j) ? 0 : tpad(c->jobs[j].T, c->xq[j].lanes);
     int64_t lo = total * i / n, hi = total * (i + 1) / n, k = 0;
     for (int j = 0; j < c->n_jobs; j++) {
         const qdot_job *jb = &c->jobs[j];
+        const xq_t *x = &c->xq[j];
         if (same_x(c->jobs, j)) continue;
-        for (int64_t t = 0; t < jb->T; t++, k++) {
+        int64_t Kp = kpad(jb->K), Tq = tpad(jb->T, x->lanes);
+        for (int64_t t = 0; t < Tq; t++, k++) {
             if (k < lo || k >= hi) continue;
-            quantize_row(jb->x, jb->x_bf16, t * jb->K, jb->K, &c->xq[j], t * c->levels, c->levels);
+            const void *src = t < jb->T ? jb->x : NULL;
+            int64_t kb = Kp / 32;
+            if (x->lanes) {
+                int64_t ch = 2 * x->lanes, c0 = t / ch * ch, Tp = Tq - c0 < ch ? Tq - c0 : ch;
+                quantize_lanes_row(src, jb->x_bf16, t * jb->K, jb->K, Kp, c->steps, x->q + c0 * Kp + (t - c0) * 2,
+                                   x->d + c0 * kb + (t - c0), x->ds + c0 * kb + (t - c0), Tp);
+            } else {
+                quantize_tokens_row(src, jb->x_bf16, t * jb->K, jb->K, Kp, c->steps, x->xh + t * Kp, x->xl + t * Kp,
+                                    x->sx + t * kb, x->sx16 + t * kb, x->d + t * kb, x->ds + t * kb);
+            }
+        }
+    }
+}
+
+/* rows [r0, r1) of job j */
+static void job_rows(const call_t *c, int j, int64_t r0, int64_t r1) {
+    const qdot_job *jb = &c->jobs[j];
+    const xq_t *x = &c->xq[j];
+    const qtype_t *ty = c->ty[j];
+    int64_t K = jb->K, Kp = kpad(K), T = jb->T, N = jb->N, rb = K / ty->bk * ty->bs, nb = K / 32;
+    int64_t gbytes = G / ty->bk * ty->bs;
+#if defined(__AVX2__)
+    if (x->lanes) {
+        const lanes_fn(*fns)[2] = lanes_fns8;
+#if LANES16
+        if (x->lanes == 16) fns = lanes_fns16;
+#endif
+        for (int64_t c0 = 0; c0 < T; c0 += 2 * x->lanes) {
+            int64_t Tc = T - c0 < 2 * x->lanes ? T - c0 : 2 * x->lanes;
+            int NV = (int)((Tc + x->lanes - 1) / x->lanes);
+            const int16_t *q = x->q + c0 * Kp;
+            const float *d = x->d + c0 * (Kp / 32), *ds = x->ds + c0 * (Kp / 32);
+            for (int64_t r = r0; r < r1;) {
+                int R = r + LANE_ROWS <= r1 ? LANE_ROWS : 1;
+                fns[R > 1][NV - 1](jb->w + r * rb, rb, ty, K, Kp, q, d, ds, Tc, jb->y + c0 * N + r, N);
+                r += R;
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t t0 = 0; t0 < T; t0 += 64) {
+        int64_t tn = T - t0 < 64 ? T - t0 : 64;
+#if defined(__AVX2__)
+        if (ty->vec && !c->plain) {
+            tok_fns[ty->which](jb->w, rb, gbytes, K, Kp, x, t0, tn, r0, r1, jb->y, N);
+            continue;
+        }
+#endif
+        grp_t g;
+        float acc[64];
+        for (int64_t r = r0; r < r1; r++) {
+            for (int64_t t = 0; t < tn; t++) acc[t] = 0.f;
+            for (int64_t gi = 0; gi < Kp / G; gi++) {
+                ty->c(jb->w + r * rb + gi * gbytes, nb - gi * 8 < 8 ? (int)(nb - gi * 8) : 8, &g);
+                for (int64_t t = 0; t < tn; t++) {
+                    int64_t u = t0 + t;
+                    acc[t] += group_c(&g, x->xh + u * Kp + gi * G, x->xl + u * Kp + gi * G, x->d + u * (Kp / 32) + gi * 8,
+                                      x->ds + u * (Kp / 32) + gi * 8, ty->split);
+                }
+            }
+            for (int64_t t = 0; t < tn; t++) jb->y[(t0 + t) * N + r] = acc[t];
         }
     }
 }
@@ -623,58 +857,34 @@ static void rows_task(void *p, int i, int n) {
     for (int j = 0; j < c->n_jobs && lo < hi; j++) {
         int64_t a = c->row_start[j], b = c->row_start[j + 1];
         if (hi <= a || lo >= b) continue;
-        const qdot_job *jb = &c->jobs[j];
-        const xq_t *x = &c->xq[j];
-        int64_t K = jb->K, r0 = (lo > a ? lo : a) - a, r1 = (hi < b ? hi : b) - a;
-        const int64_t T2 = jb->T * c->levels;
-        float tmp[32];
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *row = jb->w + r * c->row_bytes[j];
-            for (int64_t t0 = 0; t0 < T2; t0 += 32) { /* (a row kernel keeps 16 tokens' sums) */
-                int64_t n = T2 - t0 < 32 ? T2 - t0 : 32;
-                for (int64_t h = 0; h < n; h += 16) {
-                    int64_t t = t0 + h, m = n - h < 16 ? n - h : 16;
-                    if (c->vec[j]) {
-                        xq_t v = {x->q + t * K, x->d + t * (K / 32), x->ds + t * (K / 32), x->s16 + t * (K / 16)};
-                        c->vec[j](row, &v, m, K, tmp + h, 1);
-                    } else {
-                        for (int64_t u = 0; u < m; u++)
-                            tmp[h + u] = c->fn[j](row, x->q + (t + u) * K, x->d + (t + u) * (K / 32),
-                                                  x->ds + (t + u) * (K / 32), x->s16 + (t + u) * (K / 16), K);
-                    }
-                }
-                for (int64_t u = 0; u < n; u += c->levels) /* (32 is a whole number of tokens' rows) */
-                    jb->y[(t0 + u) / c->levels * jb->N + r] = c->levels == 2 ? tmp[u] + tmp[u + 1] : tmp[u];
-            }
-        }
+        job_rows(c, j, (lo > a ? lo : a) - a, (hi < b ? hi : b) - a);
     }
 }
 
 static __thread void *scratch;
 static __thread size_t scratch_size;
 
-/* Runs n_jobs matmuls on `threads` threads (the caller's included). plain: the C path only (tests);
- * levels: 1, x rounded to int8 blocks (a relative error of about 0.5% a dot product), or 2, its
- * residual rounded too and dotted as well (about 2**-14 of it, twice the integer work). 
+/* Runs n_jobs matmuls on `threads` threads (the caller's included). plain: the C path only (tests;
+ * the same bits as the vector paths); levels: 1, x in 127 steps a block (a relative error of about
+ * 0.5% a dot product), or 2, in 256 times finer ones (about 2**-15 of it, the same integer work).
  * Returns 0, or -1 for a type it has no kernel for, -2 for a K that is not a whole number of blocks,
  * -3 when out of memory. */
 int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int levels) {
     if (n_jobs <= 0) return 0;
-    if (levels != 2) levels = 1;
     size_t need = 0;
-    int64_t row_start[n_jobs + 1], row_bytes[n_jobs];
-    dot_fn fn[n_jobs];
-    row_fn vec[n_jobs];
+    int64_t row_start[n_jobs + 1];
+    const qtype_t *ty[n_jobs];
     xq_t xq[n_jobs];
     row_start[0] = 0;
     for (int j = 0; j < n_jobs; j++) {
-        int rc = type_info(jobs[j].qtype, jobs[j].K, &row_bytes[j], &fn[j], &vec[j]);
-        if (rc) return rc;
-        if (plain) vec[j] = NULL;
+        ty[j] = type_of(jobs[j].qtype);
+        if (!ty[j]) return -1;
+        if (jobs[j].K <= 0 || jobs[j].K % ty[j]->bk) return -2;
         row_start[j + 1] = row_start[j] + jobs[j].N;
+        xq[j].lanes = plain || !ty[j]->vec || jobs[j].T < ty[j]->lanes_min ? 0 : LANES16 && jobs[j].T > 8 ? 16 : 8;
         if (!same_x(jobs, j)) {
-            size_t TK = (size_t)(jobs[j].T * levels * jobs[j].K);
-            need += TK + TK / 32 * 8 + TK / 16 * 2 + 64;
+            size_t TK = (size_t)(tpad(jobs[j].T, xq[j].lanes) * kpad(jobs[j].K));
+            need += TK * 2 + TK / 32 * 16 + 64;
         }
     }
     if (need > scratch_size) {
@@ -689,20 +899,24 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
             xq[j] = xq[j - 1];
             continue;
         }
-        int64_t TK = jobs[j].T * levels * jobs[j].K;
+        int64_t TK = tpad(jobs[j].T, xq[j].lanes) * kpad(jobs[j].K);
         xq[j].d = (float *)s; s += TK / 32 * 4;
         xq[j].ds = (float *)s; s += TK / 32 * 4;
-        xq[j].s16 = (int16_t *)s; s += TK / 16 * 2;
-        xq[j].q = (int8_t *)s; s += TK;
+        xq[j].sx = (int32_t *)s; s += TK / 32 * 4;
+        xq[j].sx16 = (int32_t *)s; s += TK / 32 * 4;
+        xq[j].q = (int16_t *)s; /* (lanes: int16 pairs; tokens: xh, then xl) */
+        xq[j].xh = (int8_t *)s;
+        xq[j].xl = (int8_t *)s + TK;
+        s += TK * 2;
         s = (char *)(((uintptr_t)s + 63) & ~(uintptr_t)63);
     }
-    call_t c = {jobs, n_jobs, xq, row_start, row_bytes, fn, vec, levels};
+    call_t c = {jobs, n_jobs, xq, row_start, ty, plain, levels == 2 ? 127 * 256 : 127};
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     pthread_mutex_lock(&pool_mu);
     int64_t toks = 0;
     for (int j = 0; j < n_jobs; j++) toks += jobs[j].T;
-    dispatch(quantize_task, &c, toks * levels * jobs[0].K >= 65536 ? threads : 1);
+    dispatch(quantize_task, &c, toks * jobs[0].K >= 32768 ? threads : 1);
     int64_t rows = row_start[n_jobs];
     dispatch(rows_task, &c, rows < threads * 4 ? (int)(rows / 4 > 1 ? rows / 4 : 1) : threads);
     pthread_mutex_unlock(&pool_mu);

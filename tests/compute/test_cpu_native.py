@@ -1,7 +1,10 @@
 """The native CPU kernel (compute/cpu/qdot.c) against float64 over gguf-py's dequantizer, each
-type it reads, its plain C path beside the vector one, and the fallback where it cannot build."""
+type it reads, its paths (plain C, token by token, tokens in lanes; builds for other vector
+instruction sets) giving the same bits, and the fallback where it cannot build."""
 
 import ctypes
+import platform
+import subprocess
 
 import numpy as np
 import pytest
@@ -42,7 +45,7 @@ def exact_x(T: int, K: int, g: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qt", TYPES)
-@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("T", [1, 3, 7, 16])
 def test_each_type_matches_float64_over_gguf_dequantize(qt, T):
     N, K = 67, 768  # (an odd N; K three super-blocks, and 24 blocks of 32: a remainder after groups of 8)
     raw = rows(qt, N, K, seed=int(qt) + T)
@@ -67,6 +70,67 @@ def test_each_type_matches_float64_over_gguf_dequantize(qt, T):
     # bf16 x: the same as its float32 values
     xb = xg.bfloat16()
     assert torch.equal(native.linear(xb, flat, int(qt), N, K), native.linear(xb.float(), flat, int(qt), N, K))
+
+
+def same_bits_cases(lib=None):
+    """(what, got, want) for each type and count of tokens: the vector paths of `lib` (else this
+    host's build) against this host's plain C path, both levels."""
+    for qt in TYPES:
+        N, K = 37, (576 if qt in (QT.Q4_0, QT.Q4_1, QT.Q8_0) else 512)  # (a row's last group 2 blocks of 8)
+        raw = torch.from_numpy(rows(qt, N, K, seed=int(qt)).reshape(-1))
+        for T in (1, 2, 5, 7, 8, 9, 16, 17, 33):  # (the token path, lanes of 8 and 16, a chunk and a half)
+            x = torch.randn(T, K, generator=torch.Generator().manual_seed(T))
+            for levels in (1, 2):
+                got = native.matmuls([(raw, int(qt), N, K, x)], threads=2, levels=levels, lib=lib)[0]
+                want = native.matmuls([(raw, int(qt), N, K, x)], threads=1, plain=True, levels=levels)[0]
+                yield f"{qt.name} T={T} levels={levels}", got, want
+
+
+def test_every_path_and_every_count_of_tokens_gives_the_same_bits():
+    """NOTE [ one rounding for every path ] in qdot.c: the plain, token and lanes paths, and a row
+    alone or among others of its call."""
+    for what, got, want in same_bits_cases():
+        assert torch.equal(got, want), what
+    qt, N, K = QT.Q4_K, 37, 512
+    raw = torch.from_numpy(rows(qt, N, K, seed=3).reshape(-1))
+    x = torch.randn(33, K)
+    alone = torch.cat([native.linear(x[t : t + 1], raw, int(qt), N, K) for t in range(33)])
+    for T in (2, 5, 7, 9, 16, 33):
+        assert torch.equal(native.linear(x[:T], raw, int(qt), N, K), alone[:T]), T
+
+
+# other vector paths than this host's: (the compiler's flags, the CPU flags they need to run)
+ARCHES = {
+    "AVX2 without VNNI": (["-march=haswell"], {"avx2", "fma", "f16c"}),
+    "AVX-VNNI": (["-march=haswell", "-mavxvnni"], {"avx2", "fma", "f16c", "avx_vnni"}),
+    "AVX-512 without VNNI": (["-march=skylake-avx512"], {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                                                          "avx512dq", "avx512cd"}),
+    "plain C": (["-march=x86-64"], set()),
+}
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next((ln for ln in f if ln.startswith("flags")), ":").split(":", 1)[1].split())
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+def test_builds_for_other_vector_paths_give_the_same_bits(arch, tmp_path):
+    """AVX2's saturating byte multiply-adds, the 8-lane path for more than 8 tokens, AVX-512
+    without VNNI: the bits of this host's plain C path."""
+    flags, needs = ARCHES[arch]
+    if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run a build for {arch}")
+    cc, probe = native.compiler(), tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    if subprocess.run([cc, *flags, "-o", str(tmp_path / "probe"), str(probe)], capture_output=True).returncode:
+        pytest.skip(f"{cc} does not take {' '.join(flags)}")
+    path = tmp_path / "qdot.so"
+    native._build(cc, path, arch=(flags,))  # (any failure here is the source's)
+    lib = native.load(path)
+    assert lib.qdot_isa() == {"plain C": 0, "AVX2 without VNNI": 1, "AVX-512 without VNNI": 1}.get(arch, 2)
+    for what, got, want in same_bits_cases(lib):
+        assert torch.equal(got, want), what
 
 
 def test_one_call_of_several_jobs_and_threads_gives_each_jobs_rows():
