@@ -21,6 +21,7 @@ import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig, StepError
+from layerstream.coordinator.pipeline_config import ExpertOptions
 from layerstream.loader.gguf_index import open_model
 from procs import leaked, segments
 
@@ -114,6 +115,27 @@ def test_a_first_step_that_fails_before_any_layer_still_loads_the_resident_ones(
             e.generate_batch([BAD], GREEDY)
         assert _texts(e) == reference
         assert _compute_count(e, "steps_failed") == 2  # (its first decode step was sent behind it)
+
+
+def test_an_expert_step_that_fails_with_a_layer_in_use_gives_its_slot_back_and_starts_a_fresh_cache(
+        tmp_path, monkeypatch):
+    """A MoE decode-sized step (its chosen experts only, the dense parts kept) that raises with a
+    layer's staging slot held for its experts: the slot goes back, the expert cache starts empty
+    (an entry may name a copy never issued), and the next requests give the one-process text."""
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", n_layer=3, n_expert=16, n_expert_used=2,
+                               seed=4)
+    prompts = [[5, 17, 33, 80], [9, 3]]
+    with Engine.open(EngineConfig(device="cpu", dtype="float32", ctx=64, max_seqs=2), index=open_model(path)) as e:
+        want = e.generate_batch(prompts, GREEDY)
+    faults.install(tmp_path, monkeypatch, POISON, 1, "after")
+    pcfg = PipelineConfig(resident_layers=0, experts=ExpertOptions(1.0, "resident"), stall_timeout_s=20)
+    with Engine.open(EngineConfig(device="cpu", dtype="float32", ctx=64, max_seqs=2), pcfg,
+                     index=open_model(path)) as e:
+        assert e.generate_batch(prompts, GREEDY) == want  # (the cache filled)
+        with pytest.raises(StepError, match=r"injected at layer 1 of step \d+\)$"):
+            e.generate_batch([[9, 3], [POISON, POISON]], GREEDY)  # 4 tokens: an expert step
+        assert e.generate_batch(prompts, GREEDY) == want
+        assert not e.backend.core.sched.lent
 
 
 def _free_port() -> int:
