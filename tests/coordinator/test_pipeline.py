@@ -556,7 +556,7 @@ def test_foreign_peer_on_tcp_cannot_end_or_steer_the_run(model, reference):
 
 
 def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, reference):
-    from layerstream.proto.messages import ForwardDone, LayerDone
+    from layerstream.proto.messages import ForwardDone, LayerDone, StepFailed
 
     with _engine(model, PipelineConfig(resident_layers=0)) as e:
         be = e.backend
@@ -568,10 +568,11 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
                ("compute", ForwardDone(be.core.step_no, [], "float32", {}, [10**6], [0]), []),  # no such token
                ("compute", ForwardDone(be.core.step_no, [], "float32", {}, [5], [9]), []),  # no such code
                ("compute", LayerDone(be.core.step_no, [[10**6, 0]]), []),  # no such layer
-               ("stranger", LayerDone(be.core.step_no, [[0, 0]]), [])]  # no child of this run
+               ("stranger", LayerDone(be.core.step_no, [[0, 0]]), []),  # no child of this run
+               ("reader-0", StepFailed(be.core.step_no, "x"), [])]  # not the compute
         for ident, msg, extra in bad:
             be.loop.run_until_complete(be.dispatch(ident, msg, extra, False))
-        assert be.links.bad.total == before + len(bad) and not be.results
+        assert be.links.bad.total == before + len(bad) and not be.results and not be.failed_steps
         # a frame above the bound on the coordinator's sockets is dropped by libzmq; the run goes on
         ctx = zmq.Context()
         try:
