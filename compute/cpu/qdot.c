@@ -174,8 +174,31 @@ static inline void scales_k4(const uint8_t *s, uint8_t *sc, uint8_t *m) {
     }
 }
 
+#if defined(__AVX2__) && defined(__F16C__)
+#define SCALES_VEC 1 /* scales built in registers and stored whole: a vector load of ones stored
+                      * a float at a time waits for the stores (no store-to-load forwarding) */
+/* 8 halves bs bytes apart, without a trip through memory */
+static inline __m256 f16x8(const uint8_t *p, int bs) {
+    uint16_t h[8];
+    for (int k = 0; k < 8; k++) memcpy(&h[k], p + k * bs, 2);
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], (short)h[4], (short)h[5],
+                                          (short)h[6], (short)h[7]));
+}
+#else
+#define SCALES_VEC 0
+#endif
+
 /* blocks of 32 (Q4_0, Q4_1, Q8_0): nb blocks of bs bytes, the scale first, Q4_1's min after it */
 static void scales_b32(const uint8_t *w, int nb, int bs, int has_min, grp_t *g) {
+#if SCALES_VEC
+    if (nb == 8) {
+        __m256 s = f16x8(w, bs);
+        _mm256_store_ps(g->s, s);
+        _mm256_store_ps(g->s2, s);
+        _mm256_store_ps(g->mn, has_min ? f16x8(w + 2, bs) : _mm256_setzero_ps());
+        return;
+    }
+#endif
     for (int k = 0; k < 8; k++) {
         int in = k < nb;
         g->s[k] = g->s2[k] = in ? rd_f16(w + k * bs) : 0.f;
@@ -185,16 +208,22 @@ static void scales_b32(const uint8_t *w, int nb, int bs, int has_min, grp_t *g) 
 }
 
 static void scales_k45(const uint8_t *w, grp_t *g) {
-    uint8_t sc[8], m[8];
     float dw = rd_f16(w), dmin = rd_f16(w + 2);
-    scales_k4(w + 4, sc, m);
-#if defined(__AVX2__) /* (the same products, eight at a time) */
-    __m256 s = _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc))));
-    __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m))));
+#if SCALES_VEC /* (scales_k4 on 32-bit words, in registers; the same products, eight at a time) */
+    uint32_t a, b, c;
+    memcpy(&a, w + 4, 4);
+    memcpy(&b, w + 8, 4);
+    memcpy(&c, w + 12, 4);
+    uint64_t sc = (a & 0x3f3f3f3fu) | (uint64_t)((c & 0x0f0f0f0fu) | ((a >> 6) & 0x03030303u) << 4) << 32;
+    uint64_t m = (b & 0x3f3f3f3fu) | (uint64_t)(((c >> 4) & 0x0f0f0f0fu) | ((b >> 6) & 0x03030303u) << 4) << 32;
+    __m256 s = _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc))));
+    __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)m))));
     _mm256_store_ps(g->s, s);
     _mm256_store_ps(g->s2, s);
     _mm256_store_ps(g->mn, _mm256_xor_ps(mn, _mm256_set1_ps(-0.f)));
 #else
+    uint8_t sc[8], m[8];
+    scales_k4(w + 4, sc, m);
     for (int k = 0; k < 8; k++) {
         g->s[k] = g->s2[k] = dw * (float)sc[k];
         g->mn[k] = -(dmin * (float)m[k]);
@@ -205,11 +234,20 @@ static void scales_k45(const uint8_t *w, grp_t *g) {
 static void scales_q6_k(const uint8_t *w, grp_t *g) {
     const int8_t *sc = (const int8_t *)(w + 192);
     float dw = rd_f16(w + 208);
+#if SCALES_VEC /* (the even scales, the first 16 values' of each block, then the odd ones) */
+    __m128i eo = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)sc),
+                                  _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    __m256 d8 = _mm256_set1_ps(dw);
+    _mm256_store_ps(g->s, _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eo))));
+    _mm256_store_ps(g->s2, _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(eo, 8)))));
+    _mm256_store_ps(g->mn, _mm256_setzero_ps());
+#else
     for (int k = 0; k < 8; k++) {
         g->s[k] = dw * (float)sc[2 * k];
         g->s2[k] = dw * (float)sc[2 * k + 1];
         g->mn[k] = 0.f;
     }
+#endif
 }
 
 static void unpack_q4_0_c(const uint8_t *w, int nb, grp_t *g) {
