@@ -76,7 +76,9 @@ def test_streamed_perplexity_equals_the_whole_window_computation(smollm_engine):
     spy = Spy(e.backend)
     chunked = Engine(e.index, spy, dataclasses.replace(e.cfg, prefill_chunk=48))
     got = chunked.perplexity(TEXT, window=128)
-    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)
+    # (rel 1e-4: steps of up to 64 rows multiply the CPU's blocks with x rounded to int8 rows, longer
+    # ones dequantize them, qlinear.py's NOTE [ native blocks on the CPU device ])
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-4)
     # every step went through the engine core, 48 positions at most, and no step's logits outlived
     # the next step (the old engine kept a whole window's)
     assert chunked.core.steps == len(spy.rows) and max(spy.rows) == 48 and spy.alive == 0
@@ -90,7 +92,10 @@ def test_logits_come_through_the_engine_core_in_steps(smollm_engine):
     chunked = Engine(e.index, spy, dataclasses.replace(e.cfg, prefill_chunk=32))
     got = chunked.logits(ids)
     assert spy.rows == [32, 32, 32, 4] and chunked.core.steps == 4
-    torch.testing.assert_close(got, e.logits(ids), atol=1e-4, rtol=1e-4)
+    # (atol 1e-2: 32-row steps and one 100-row step take the two CPU paths of NOTE [ native blocks on
+    # the CPU device ], which differ by x's int8 rounding, 5e-3 at most over 30 layers; a step's rows
+    # or positions mixed up would move logits by whole units)
+    torch.testing.assert_close(got, e.logits(ids), atol=1e-2, rtol=1e-3)
     chunked.core.add_request("r", ids[:5], SamplingParams(temperature=0, max_tokens=2))
     with pytest.raises(ConfigError, match="evaluation runs while no request is in flight"):
         chunked.logits(ids)
@@ -142,15 +147,23 @@ def test_options_that_cannot_fit_host_memory_are_one_line(args):
 
 @pytest.mark.timeout(600)
 def test_smollm2_through_the_pipeline_at_0_15_gib_answers_as_the_single_process_engine(smollm_path):
-    """Refused before (the plan asked 0.51 GiB). On the CPU the layers are kept dequantized (bfloat16
-    or float32, 3.3x or 6.5x their Q4_1 bytes), so 0.15 GiB holds fewer of them than a GPU's blocks
-    would (test_plan_memory.py: 24 or more there); the greedy answer is the same."""
+    """Refused before (the plan asked 0.51 GiB). On the CPU the layers are kept as their Q4_1 blocks
+    where the native kernel builds (else dequantized, 3.3x or 6.5x the bytes): issue 24's target, at
+    least 24 of 30 layers resident at 0.15 GiB; at 0.09 GiB some stream. The greedy answer is the same."""
     index = open_model(smollm_path)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompt = "The capital of France is"
     with Engine.open(EngineConfig(device="cpu", ctx=512), index=index) as e:
         want = e.generate_batch([prompt], params)
-    with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(vram_gb=0.15), index=index) as e:
+    from layerstream.compute.cpu import native
+
+    if native.available():
+        with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(vram_gb=0.15), index=index) as e:
+            plan = e.backend.plan
+            assert len(plan.resident) >= 24 and plan.device_bytes <= 0.15 * (1 << 30), plan.describe()
+            assert e.generate_batch([prompt], params) == want
+    gib = 0.09 if native.available() else 0.15
+    with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(vram_gb=gib), index=index) as e:
         plan = e.backend.plan
-        assert plan.streamed and plan.resident and plan.device_bytes <= 0.15 * (1 << 30), plan.describe()
+        assert plan.streamed and plan.resident and plan.device_bytes <= gib * (1 << 30), plan.describe()
         assert e.generate_batch([prompt], params) == want
