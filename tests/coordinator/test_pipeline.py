@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -26,31 +25,16 @@ from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
 from procs import leaked, segments
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_leftovers")]
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 PROMPTS = [[5, 17, 33, 80, 81, 90, 100], [200, 3, 9]]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    """Every test leaves no child process and no shared-memory segment of its own."""
-    before = segments()
-    yield
-    deadline = time.monotonic() + 5
-    while (multiprocessing.active_children() or leaked(before)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not multiprocessing.active_children(), "child processes left running"
-    assert not leaked(before), f"segments left in /dev/shm: {leaked(before)}"
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("pipe") / "tiny.gguf")
-    ggufgen.write_model(path, arch="llama", n_layer=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
-                        qtype=["Q8_0", "Q4_K", "Q6_K"], seed=3)
-    return path
+def model(tiny_llama):
+    return tiny_llama
 
 
 def _engine(path, pcfg=None, **kw):

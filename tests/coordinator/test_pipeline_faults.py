@@ -4,7 +4,6 @@ step ] in compute_proc.py). Faults are injected by tests/faults.py into the spaw
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -23,9 +22,8 @@ from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import PipelineConfig, StepError
 from layerstream.coordinator.pipeline_config import ExpertOptions
 from layerstream.loader.gguf_index import open_model
-from procs import leaked, segments
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_leftovers")]
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 PROMPTS = [[5, 17, 33, 80, 81, 90, 100], [200, 3, 9]]
@@ -37,23 +35,9 @@ PCFG = PipelineConfig(resident_layers=2, host_cache_gb=0, prefetch=1, stall_time
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 
 
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    before = segments()
-    yield
-    deadline = time.monotonic() + 5
-    while (multiprocessing.active_children() or leaked(before)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not multiprocessing.active_children(), "child processes left running"
-    assert not leaked(before), f"segments left in /dev/shm: {leaked(before)}"
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("faults") / "tiny.gguf")
-    ggufgen.write_model(path, arch="llama", n_layer=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
-                        qtype=["Q8_0", "Q4_K", "Q6_K"], seed=3)
-    return path
+def model(tiny_llama):
+    return tiny_llama
 
 
 def _engine(path, pcfg=None):
