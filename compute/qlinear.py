@@ -136,7 +136,7 @@ def dequantized(w: QuantWeight, dtype: torch.dtype, rows: slice | None = None) -
 # On the CPU a matrix kept as its GGUF blocks is read at 4.5 to 8.5 bits a value where a
 # dequantized copy is read at 16 (bf16) or 32, and a plan under a budget holds three to seven
 # times the layers. The native kernel (cpu/qdot.c) multiplies up to native.MAX_TOKENS rows straight
-# from the blocks. Each call has a fixed cost (the threads' hand-off, x made int8) as large as a
+# from the blocks. Each call has a fixed cost (the threads' hand-off, x made int16) as large as a
 # small matrix's product (576 x 576), so the matrices that one input multiplies (q, k and v; gate
 # and up) go in one call. Its integer dots grow with the rows while a float GEMM reads the weights
 # once for all of them, so prompt-sized steps (over NATIVE_MAX_ROWS rows) dequantize row chunks

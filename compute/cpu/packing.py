@@ -10,8 +10,8 @@ cpu/native.py) reads the file's blocks as they are, every type of NATIVE_TYPES, 
 copy of its rows is the rows' own bytes (copied out of the staging slot, which is reused) and
 its matmul reads the fewest bytes there are. Where the kernel cannot be built, everything
 stays as it was (`native_blocks()` False), in the plan's sizing as in the compute process.
-x is rounded to two int8 rows of blocks of 32 per call (native.LEVELS: the values and their
-residual), which agree with float32 to about 1e-5 of a dot product."""
+x is rounded per call to int16 steps of 1/(127 * 256) of each block of 32's largest value
+(native.LEVELS), which agree with float32 to about 1e-5 of a dot product."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def test_streamed_perplexity_equals_the_whole_window_computation(smollm_engine):
     spy = Spy(e.backend)
     chunked = Engine(e.index, spy, dataclasses.replace(e.cfg, prefill_chunk=48))
     got = chunked.perplexity(TEXT, window=128)
-    # (rel 1e-4: steps of up to 64 rows multiply the CPU's blocks with x rounded to int8 rows, longer
+    # (rel 1e-4: steps of up to 64 rows multiply the CPU's blocks with x rounded to int16 steps, longer
     # ones dequantize them, qlinear.py's NOTE [ native blocks on the CPU device ])
     assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-4)
     # every step went through the engine core, 48 positions at most, and no step's logits outlived
@@ -93,7 +93,7 @@ def test_logits_come_through_the_engine_core_in_steps(smollm_engine):
     got = chunked.logits(ids)
     assert spy.rows == [32, 32, 32, 4] and chunked.core.steps == 4
     # (atol 1e-2: 32-row steps and one 100-row step take the two CPU paths of NOTE [ native blocks on
-    # the CPU device ], which differ by x's int8 rounding, 5e-3 at most over 30 layers; a step's rows
+    # the CPU device ], which differ by x's int16 rounding, 5e-3 at most over 30 layers; a step's rows
     # or positions mixed up would move logits by whole units)
     torch.testing.assert_close(got, e.logits(ids), atol=1e-2, rtol=1e-3)
     chunked.core.add_request("r", ids[:5], SamplingParams(temperature=0, max_tokens=2))
