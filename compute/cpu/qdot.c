@@ -121,7 +121,7 @@ static float quantize_block(const void *x, int bf16, int64_t off, int64_t K, int
     for (int i = 0; i < 32; i++) {
         v[i] = x && b * 32 + i < K ? x_at(x, bf16, off + b * 32 + i) : 0.f;
         float a = fabsf(v[i]);
-        amax = a > amax ? a : amax;
+        amax = a > amax || a != a ? a : amax; /* a NaN stays: its scale, and so the dot, is NaN */
     }
     float id = amax > 0.f ? (float)steps / amax : 0.f;
     *sum = *sum16 = 0;

@@ -203,3 +203,23 @@ def test_a_forked_child_computes_with_its_own_threads():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("qt", TYPES)
+@pytest.mark.parametrize("T", [1, 9])  # the token path and the lanes path
+def test_a_nan_or_inf_in_x_makes_its_rows_outputs_nan(qt, T, _needs_compiler):
+    """A NaN in x fell out of the block's largest value, and its int16 became the clamp: finite
+    logits from NaN weights (tests/coordinator/test_nan_weights.py). Now the row's outputs are NaN
+    (an inf too), and the other rows are as before."""
+    N, K = 40, 512
+    raw = torch.from_numpy(rows(qt, N, K, seed=4).reshape(-1))
+    x = exact_x(T, K, torch.Generator().manual_seed(5))
+    want = native.linear(x, raw, int(qt), N, K)
+    bad = x.clone()
+    bad[0, 37] = float("nan")
+    bad[T - 1, 300] = float("inf") if T > 1 else bad[T - 1, 300]
+    got = native.linear(bad, raw, int(qt), N, K)
+    assert got[0].isnan().all()
+    if T > 1:
+        assert not got[T - 1].isfinite().any()
+        assert torch.equal(got[1 : T - 1], want[1 : T - 1])
