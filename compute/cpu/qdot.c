@@ -339,19 +339,25 @@ static void unpack_q8_0_avx2(const uint8_t *w, int nb, grp_t *g) {
     for (int k = 0; k < nb; k++) st16(g->w + 32 * k, ld(w + 34 * k + 2));
 }
 
+/* Q4_K / Q5_K (hb: the fifth bits) run j of a super-block: its 32 low and 32 high values as bytes */
+static inline void k45_run(const uint8_t *w, int hb, int j, __m256i *lo, __m256i *hi) {
+    const __m256i low = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
+    __m256i qv = ld(w + (hb ? 48 : 16) + 32 * j);
+    *lo = _mm256_and_si256(qv, low);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), low);
+    if (hb) {
+        __m256i qh = ld(w + 16);
+        __m256i bl = _mm256_set1_epi8((char)(1 << (2 * j))), bh = _mm256_set1_epi8((char)(1 << (2 * j + 1)));
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), sixteen));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), sixteen));
+    }
+}
+
 static inline void unpack_k45_avx2(const uint8_t *w, grp_t *g, int hb) {
     scales_k45(w, g);
-    const __m256i low = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
-    const uint8_t *qs = w + (hb ? 48 : 16);
-    __m256i qh = hb ? ld(w + 16) : _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) {
-        __m256i qv = ld(qs + 32 * j);
-        __m256i lo = _mm256_and_si256(qv, low), hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), low);
-        if (hb) {
-            __m256i bl = _mm256_set1_epi8((char)(1 << (2 * j))), bh = _mm256_set1_epi8((char)(1 << (2 * j + 1)));
-            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), sixteen));
-            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), sixteen));
-        }
+        __m256i lo, hi;
+        k45_run(w, hb, j, &lo, &hi);
         st16(g->w + 64 * j, lo);
         st16(g->w + 64 * j + 32, hi);
     }
@@ -360,20 +366,26 @@ static inline void unpack_k45_avx2(const uint8_t *w, grp_t *g, int hb) {
 static void unpack_q4_k_avx2(const uint8_t *w, int nb, grp_t *g) { (void)nb; unpack_k45_avx2(w, g, 0); }
 static void unpack_q5_k_avx2(const uint8_t *w, int nb, grp_t *g) { (void)nb; unpack_k45_avx2(w, g, 1); }
 
+/* Q6_K half h of a super-block: its four runs of 32 six-bit values (0..63) as bytes in o[0..3] */
+static inline void q6_half(const uint8_t *w, int h, __m256i *o) {
+    const __m256i low = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3);
+    __m256i ql0 = ld(w + 64 * h), ql1 = ld(w + 64 * h + 32), qh = ld(w + 128 + 32 * h);
+    o[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
+    o[1] = _mm256_or_si256(_mm256_and_si256(ql1, low),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), three), 4));
+    o[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), three), 4));
+    o[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), three), 4));
+}
+
 static void unpack_q6_k_avx2(const uint8_t *w, int nb, grp_t *g) {
     (void)nb;
     scales_q6_k(w, g);
-    const __m256i low = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    const __m256i off = _mm256_set1_epi8(32);
     for (int h = 0; h < 2; h++) {
-        __m256i ql0 = ld(w + 64 * h), ql1 = ld(w + 64 * h + 32), qh = ld(w + 128 + 32 * h);
         __m256i o[4];
-        o[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
-        o[1] = _mm256_or_si256(_mm256_and_si256(ql1, low),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), three), 4));
-        o[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), three), 4));
-        o[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), three), 4));
+        q6_half(w, h, o);
         for (int q = 0; q < 4; q++) st16(g->w + 128 * h + 32 * q, _mm256_sub_epi8(o[q], off));
     }
 }
@@ -510,37 +522,13 @@ static inline void bytes_b32(const uint8_t *w, int nb, int which, grpb_t *b, grp
 
 static inline void bytes_k45(const uint8_t *w, int hb, grpb_t *b, grp_t *g) {
     scales_k45(w, g);
-    const __m256i low = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
-    const uint8_t *qs = w + (hb ? 48 : 16);
-    __m256i qh = hb ? ld(w + 16) : _mm256_setzero_si256();
-    for (int j = 0; j < 4; j++) {
-        __m256i qv = ld(qs + 32 * j);
-        __m256i lo = _mm256_and_si256(qv, low), hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), low);
-        if (hb) {
-            __m256i bl = _mm256_set1_epi8((char)(1 << (2 * j))), bh = _mm256_set1_epi8((char)(1 << (2 * j + 1)));
-            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bl), bl), sixteen));
-            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bh), bh), sixteen));
-        }
-        b->wu[2 * j] = lo;
-        b->wu[2 * j + 1] = hi;
-    }
+    for (int j = 0; j < 4; j++) k45_run(w, hb, j, &b->wu[2 * j], &b->wu[2 * j + 1]);
     b->sh = 0;
 }
 
 static inline void bytes_q6_k(const uint8_t *w, grpb_t *b, grp_t *g) {
     scales_q6_k(w, g);
-    const __m256i low = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3);
-    for (int h = 0; h < 2; h++) {
-        __m256i ql0 = ld(w + 64 * h), ql1 = ld(w + 64 * h + 32), qh = ld(w + 128 + 32 * h);
-        __m256i *o = b->wu + 4 * h;
-        o[0] = _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
-        o[1] = _mm256_or_si256(_mm256_and_si256(ql1, low),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), three), 4));
-        o[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), three), 4));
-        o[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
-                               _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), three), 4));
-    }
+    for (int h = 0; h < 2; h++) q6_half(w, h, b->wu + 4 * h);
     b->sh = 5;
 }
 
