@@ -668,9 +668,11 @@ def time_generate(engine, prompt: list[int], n: int) -> float:
     pieces), from its first piece to its last, as run-pipeline's --stats decode rate counts."""
     from layerstream.compute.sampling import SamplingParams
 
-    t_first = None
+    t_start, t_first = time.perf_counter(), None
     for _ in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)):
         t_first = t_first or time.perf_counter()
+    if t_first is None:  # no text at all (a random model's ids may decode to nothing): time the whole call
+        return (time.perf_counter() - t_start) / n
     return (time.perf_counter() - t_first) / (n - 1)
 
 
