@@ -172,7 +172,7 @@ def test_on_cuda_at_8b_size_one_launch_is_the_separate_launches(qt):
         (a,) = qkernels.matmul_many(x, [mats["g"], mats["u"]], int(qt), [Fd, Fd], E, glu=True)
         g, u = (qkernels.matmul(x, mats[n], int(qt), Fd, E) for n in "gu")
         assert torch.allclose(a.float(), (F.silu(g) * u).float(), rtol=2e-3, atol=1e-3)
-        a = (a / a.float().abs().max()).half()
+        a = torch.randn(M, Fd, generator=gen).half().to(dev) * 0.1  # (gate*up of random blocks overflows float16)
         res = torch.randn(M, E, generator=gen).half().to(dev)
         (y,) = qkernels.matmul_many(a, [mats["d"]], int(qt), [E], Fd, residual=res)
         assert torch.equal(y, res + qkernels.matmul(a, mats["d"], int(qt), E, Fd))
