@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from layerstream.compute import qgemv
+from layerstream.compute import qgemv, qsmall
 from layerstream.compute.qkernels_rows import PHASES, rows_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -307,9 +307,28 @@ def _gemv_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     return None
 
 
+# Programs a launch of qsmall's kernel aims at (two per multiprocessor of an H200): fewer, and K is split.
+SMALL_PROGRAMS = 264
+
+
+def _small_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
+    """("small", MP, BN, num_warps, num_stages, splits) for qsmall.small_kernel where it measured
+    faster than the other kernels and dequantize + cuBLAS on an H200 (BENCHMARKS.md), else None."""
+    if qtype not in qsmall.TYPES or not 3 <= M <= 16 or N < 1024 or K < 4096:
+        return None
+    BN = 64
+    splits = max(1, min(4, triton.cdiv(SMALL_PROGRAMS, triton.cdiv(N, BN))))
+    return ("small", 16, BN, 4, 2, splits)
+
+
 def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:
-    """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`: `_gemv_config`'s for
-    qgemv's types (Q4_K, Q5_K, Q6_K, Q8_0) where it has one, on a GPU; else `_rows_or_split`'s."""
+    """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`, on a GPU:
+    `_small_config`'s where it has one, else `_gemv_config`'s for qgemv's types (Q4_K, Q5_K, Q6_K,
+    Q8_0) where it has one; else (and under Triton's interpreter) `_rows_or_split`'s."""
+    if not interpret:
+        small = _small_config(M, N, K, qtype)
+        if small is not None:
+            return small
     gemv = None if interpret or qtype not in qgemv.WORD_BYTES else _gemv_config(M, N, K, qtype)
     return gemv if gemv is not None else _rows_or_split(M, N, K, qtype, interpret)
 
@@ -339,7 +358,8 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     `_choose`, for tests and benchmarks: (BM, BN, num_warps, splits) for `_matmul_kernel`, whose
     chunks of K are split over `splits` programs per output tile and their float32 partials
     summed by a second kernel; ("rows", MR, BN, KB, num_warps) for `rows_kernel` (qkernels_rows.py);
-    ("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel (Q4_K, Q5_K, Q6_K, Q8_0).
+    ("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel (Q4_K, Q5_K, Q6_K, Q8_0); ("small", MP, BN,
+    num_warps, num_stages, splits) for qsmall.small_kernel (the same types, K a multiple of 256).
     """
     _check(raw, qtype, N, K)
     if x.stride(-1) != 1:
@@ -348,11 +368,14 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
     config = config or _choose(M, N, K, qtype)
-    if config[0] == "gemv" and not qgemv.supports(raw, qtype):  # words not 4-aligned: the other kernels
-        config = _rows_or_split(M, N, K, qtype)
+    if (config[0] == "gemv" and not qgemv.supports(raw, qtype)) or (config[0] == "small" and not qsmall.supports(raw, qtype, K)):
+        config = _rows_or_split(M, N, K, qtype)  # words not aligned: the other kernels
     if config[0] == "gemv":
         _, MR, BN, KB, warps = config
         return qgemv.gemv(x, raw, qtype, N, K, row_bytes, nblk, bias, MR, BN, KB, warps, INTERPRET)
+    if config[0] == "small":
+        _, MP, BN, warps, stages, splits = config
+        return qsmall.small_matmul(x, raw, qtype, N, K, bias, MP, BN, warps, stages, splits, INTERPRET)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if config[0] == "rows":
         _, MR, BN, KB, warps = config

@@ -14,7 +14,7 @@ its [BN, MP] product: acc += S * dot(q, x) - O * sum(x). float32 and bfloat16 ac
 float32 dot (q converted), at full precision ("ieee") or as TF32 ("tf32"; q and bfloat16's values
 are exact in TF32), as qkernels' `_matmul_kernel` does.
 
-Where N gives too few programs, K is split over SPLITS programs a tile; each stores its float32
+Where N gives too few programs, K is split over `splits` programs a tile; each stores its float32
 partial, and the last of them to arrive (a counter per tile, zeroed by the caller) sums all
 partials in split order and writes the output: one launch, the same bits on every call.
 
@@ -40,16 +40,17 @@ def _q_f16(q, OFF: tl.constexpr):
 @triton.jit
 def _run(acc, q, xt, S, O, OFF: tl.constexpr, HAS_OFF: tl.constexpr, DOT_F32: tl.constexpr,
          DOT_PRECISION: tl.constexpr):
-    """acc [BN, MP] += S * ((q - OFF) @ xt) - O * sum(xt) over one run: q [BN, R] int32 quants, xt [R, MP]
-    x's values (its padding rows 0), S and O [BN] float32."""
+    """acc [BN, MP] += w @ xt over one run, w = S * (q - OFF) - O [BN, R] from the int32 quants q and the
+    rows' float32 scales S and offsets O [BN], in float16 (float32 with DOT_F32); xt [R, MP] x's values."""
     if DOT_F32:
-        p = tl.dot((q - OFF).to(tl.float32), xt.to(tl.float32), input_precision=DOT_PRECISION)
-    else:
-        p = tl.dot(_q_f16(q, OFF), xt.to(tl.float16))
-    acc += p * S[:, None]
+        w = (q - OFF).to(tl.float32) * S[:, None]
+        if HAS_OFF:
+            w -= O[:, None]
+        return tl.dot(w, xt.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    w = _q_f16(q, OFF) * S.to(tl.float16)[:, None]
     if HAS_OFF:
-        acc -= O[:, None] * tl.sum(xt.to(tl.float32), axis=0)[None, :]
-    return acc
+        w -= O.to(tl.float16)[:, None]
+    return tl.dot(w, xt.to(tl.float16), acc)
 
 
 @triton.jit
@@ -122,12 +123,13 @@ def _chunk(acc, xk, xmask, raw8, w32, halfs, rowb, kb, QT: tl.constexpr, BN: tl.
     return acc
 
 
-@triton.jit
-def small_kernel(x, raw8, w32, halfs, out, bias, part, count, M, N, n_chunks, chunks_per_split, row_bytes, sxm,
-                 QT: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
+@triton.jit(do_not_specialize=["M", "n_chunks", "chunks_per_split", "splits"])
+def small_kernel(x, raw8, w32, halfs, out, bias, part, count, M, N, n_chunks, chunks_per_split, splits, row_bytes, sxm,
+                 QT: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """out[M, N] = x[M, K] @ dequant(W[N, K])^T (+ bias): BN rows of W by MP rows of x a program, over
-    split program_id(2) of K's chunks (NOTE [ runs on the tensor cores ])."""
+    split program_id(2) of K's chunks; SPLIT: K is split over `splits` programs (NOTE [ runs on the
+    tensor cores ])."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -145,14 +147,14 @@ def small_kernel(x, raw8, w32, halfs, out, bias, part, count, M, N, n_chunks, ch
         acc = _chunk(acc, xk, xmask, raw8, w32, halfs, rowb, kb, QT, BN, DOT_F32, DOT_PRECISION)
     o = rm.to(tl.int64)[None, :] * N + rn[:, None]  # [BN, MP] into out [M, N]
     mask = ok_n[:, None] & ok_m[None, :]
-    if SPLITS > 1:
-        # partials [SPLITS, M, N] float32; the last program of the tile to arrive sums them in split order
+    if SPLIT:
+        # partials [splits, M, N] float32; the last program of the tile to arrive sums them in split order
         tl.store(part + split * M * N + o, acc, mask=mask)
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(count + tile, 1, sem="acq_rel") == SPLITS - 1:
+        if tl.atomic_add(count + tile, 1, sem="acq_rel") == splits - 1:
             acc = tl.zeros((BN, MP), dtype=tl.float32)
-            for s in tl.static_range(SPLITS):
+            for s in range(splits):
                 acc += tl.load(part + s * M * N + o, mask=mask, other=0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[:, None]
@@ -185,8 +187,8 @@ def small_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
         part = count = out
     kw = {} if interpret else {"num_warps": warps, "num_stages": stages}
     small_kernel[grid](x, raw, raw.view(torch.int32) if TYPES[qtype][1] == 4 else raw, raw.view(torch.float16),
-                       out, bias if bias is not None else out, part, count, M, N, n_chunks, per_split,
-                       K // 256 * TYPES[qtype][0], x.stride(0), QT=qtype, MP=MP, BN=BN, SPLITS=splits,
+                       out, bias if bias is not None else out, part, count, M, N, n_chunks, per_split, splits,
+                       K // 256 * TYPES[qtype][0], x.stride(0), QT=qtype, MP=MP, BN=BN, SPLIT=splits > 1,
                        HAS_BIAS=bias is not None, DOT_F32=x.dtype != torch.float16,
                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **kw)
     return out
