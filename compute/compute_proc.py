@@ -135,7 +135,11 @@ class ComputeWorker:
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
-                                  graph_max_tokens=FUSED_MIN_OF_TYPES if quantized else 0, embed=self.embed)
+                                  # the decode graphs the plan counts (memory.Sizes.graphs): verified
+                                  # chunks' rows beyond them run eagerly (runner.py NOTE [ drafts
+                                  # verified as decode rows ])
+                                  graph_max_tokens=min(FUSED_MIN_OF_TYPES, cfg.max_seqs) if quantized else 0,
+                                  embed=self.embed)
         self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
         self.queued: deque[Forward] = deque()  # taken in, not yet launched
         self.inflight: deque[_InFlight] = deque()  # launched, ForwardDone not yet sent

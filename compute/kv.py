@@ -76,14 +76,24 @@ class HostKV(DeviceKV):
         return False
 
     def _local(self, meta: StepMeta):
-        """The step's meta re-indexed onto a gathered [B, kv_len] cache (rows become 0..B-1)."""
+        """The step's meta re-indexed onto a gathered [U, kv_len] cache of its U distinct rows: rows
+        become 0..U-1, in order of first appearance. Sequences that share a row (the decode rows of a
+        verified chunk, runner.py NOTE [ drafts verified as decode rows ]) share its gathered copy,
+        so each sees the K and V the others write there."""
         if self._meta_key is not meta:
             self._meta_key = meta
-            self._rows = meta.on_host("rows")  # (from the step's host buffer: .cpu() waited for the device)
-            self._row_list = self._rows.tolist()
+            rows = meta.on_host("rows").tolist()  # (from the step's host buffer: .cpu() waited for the device)
+            self._row_list = list(dict.fromkeys(rows))
+            self._rows = torch.tensor(self._row_list, dtype=torch.long)
             self._tok_row, self._tok_slot = meta.on_host("tok_row"), meta.on_host("tok_slot")
-            self._local_meta = dataclasses.replace(
-                meta, rows=torch.arange(len(self._rows), device=meta.rows.device), tok_row=meta.tok_b)
+            dev = meta.rows.device
+            if len(self._row_list) == len(rows):
+                local, tok_local = torch.arange(len(rows), device=dev), meta.tok_b
+            else:
+                at = {r: j for j, r in enumerate(self._row_list)}
+                local = torch.tensor([at[r] for r in rows], dtype=torch.long).to(dev, non_blocking=True)
+                tok_local = local.index_select(0, meta.tok_b)
+            self._local_meta = dataclasses.replace(meta, rows=local, tok_row=tok_local)
         return self._local_meta
 
     def _apply_pending(self, i: int) -> None:
@@ -127,7 +137,7 @@ class HostKV(DeviceKV):
         return kb[:B, :L], vb[:B, :L], local
 
     def write_back(self, i: int, meta: StepMeta, k, v) -> None:
-        tb, ts = meta.tok_b, meta.tok_slot
+        tb, ts = meta.tok_row, meta.tok_slot  # (meta is the local one: tok_row indexes the gathered rows)
         if not self.cuda:
             self.k[i][self._tok_row, self._tok_slot] = k[tb, ts]
             self.v[i][self._tok_row, self._tok_slot] = v[tb, ts]

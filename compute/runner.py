@@ -1,8 +1,28 @@
 """ModelRunner: runs forward steps over a source of layer weights and a KV store; decode steps
-replay CUDA graphs (graphs.py)."""
+replay CUDA graphs (graphs.py).
+
+NOTE [ drafts verified as decode rows ]
+A step that verifies drafts carries a chunk [last, d1..dn] of a sequence and wants the logits of
+each of its tokens. Run as a chunk it took the prompt path: eager launches, attention's general
+path. So where every sequence of such a step decodes (one token, or a chunk whose every token's
+logits are wanted) and the step holds at most `verify_rows` tokens in all, each token runs as a
+decode row of its own: token i of the chunk on the sequence's KV row at its slot and position,
+with the chunk's slot positions. Every layer writes all the rows' K and V before any row attends
+(one RoPE and cache-write launch, or the general path's indexed writes), and a row attends only
+to slots holding a position at most its own (the step's mask; the decode kernel's per-row
+lengths), so row i sees the rows before it and none after: the chunk's causal mask for free. The
+step is then a decode batch of T rows and replays the decode graphs of batch T where a decode
+batch of T would (`graph_max_tokens`: any batch in the single-process engine; in the pipeline
+only the batches its plan counts, up to --batch, so there a batch-1 chunk's rows run eagerly,
+with the decode attention kernel, until the plan counts graphs for them). It holds because a
+verified chunk never evicts (speculation.py: drafts only where the ring has room), so its
+positions run on from the ones before and none of its writes hides a slot an earlier row reads. The rows' logits come out in
+the chunk's order, as `tails` asks. Host KV gathers each KV row once for all its rows (kv.py).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -19,6 +39,11 @@ from layerstream.compute.step_meta import SeqStep, StepMeta, build_step_meta, ro
 from layerstream.compute.weights import GlobalWeights, LayerSource
 from layerstream.loader.gguf_index import HParams
 
+# tokens a verifying step holds at most to run as decode rows (NOTE [ drafts verified as decode
+# rows ]): the small batches whose matmuls read each weight once (qlinear's fused kernels); each
+# row reads its sequence's KV, so a longer chunk costs attention more than it saves in launches
+VERIFY_ROWS = 16
+
 
 class ModelRunner:
     """Forward steps for a batch of sequences over a layer source and a KV store."""
@@ -26,8 +51,11 @@ class ModelRunner:
     def __init__(self, hp: HParams, glob: GlobalWeights, source: LayerSource, device, dtype,
                  ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
                  sliding: bool = False, kv_device_layers: int | None = None, triton_attention: bool = False,
-                 graph_max_tokens: int | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 graph_max_tokens: int | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 verify_rows: int = VERIFY_ROWS):
         self.hp, self.glob, self.source = hp, glob, source
+        self.verify_rows = verify_rows  # NOTE above; 0: verified chunks always run as chunks
+        self.verify_paths: Counter[str] = Counter()  # verifying steps run as "rows" or as "chunks"
         # ids [T] on the device -> [T, E]: the pipeline's gather from host memory on the device
         # (embedding.py); else glob.embed
         self.embed = embed
@@ -78,6 +106,11 @@ class ModelRunner:
         for s in seqs:
             if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
                 raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
+        if tails is not None:
+            rows = self._as_rows(seqs, want, tails)
+            self.verify_paths["chunks" if rows is None else "rows"] += 1
+            if rows is not None:
+                seqs, tails = rows, None
         decode = all(len(s.tokens) == 1 for s in seqs)
         upto = self._graph_layers(seqs, decode)
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
@@ -92,6 +125,17 @@ class ModelRunner:
         if upto:
             x = self.layer_graphs.replay(x, meta, seqs, upto, head=False)
         return self._forward(x, meta, seqs, want, start=upto, tails=tails)
+
+    def _as_rows(self, seqs: list[SeqStep], want: str, tails: list[int]) -> list[SeqStep] | None:
+        """A verifying step's tokens as one-token decode rows, where it may run so (NOTE [ drafts
+        verified as decode rows ]); else None."""
+        if want != "last" or len(tails) != len(seqs) or sum(tails) > self.verify_rows:
+            return None
+        for s, t in zip(seqs, tails):
+            if t != len(s.tokens) or s.positions != list(range(s.positions[0], s.positions[0] + t)):
+                return None  # (a prompt chunk sampling its last token; a chunk whose positions jump)
+        return [SeqStep(s.row, [tok], [slot], [p], s.kv_pos)
+                for s in seqs for tok, slot, p in zip(s.tokens, s.slots, s.positions)]
 
     def _token_ids(self, meta: StepMeta, last_ids: torch.Tensor | None) -> torch.Tensor:
         """The step's token ids [T]: on the device, a -1 taken from its row's entry of `last_ids`

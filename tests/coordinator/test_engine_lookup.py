@@ -34,8 +34,12 @@ def test_smollm_greedy_text_with_lookup_is_the_text_without(smollm_engine):
     assert got == want
     assert spec.accepted > 0 and spec.tokens > spec.passes  # drafts were taken: fewer passes than tokens
     assert spec.accepted < spec.drafted  # and some were rejected and rolled back
+    paths = e.backend.runner.verify_paths
+    before = paths.copy()
     one = [e.generate_batch([p], greedy(40, 5))[0] for p in prompts]  # one at a time (batch 1)
     assert one == want
+    # batch 1 verified every chunk as decode rows (runner.py, NOTE [ drafts verified as decode rows ])
+    assert paths["rows"] > before["rows"] and paths["chunks"] == before["chunks"], (before, paths)
 
 
 def test_a_turn_reports_the_lookup_rates(smollm_engine):
@@ -58,6 +62,10 @@ def test_synthetic_greedy_text_with_lookup_is_the_text_without(tmp_path, ring):
         e.core.speculation.adaptive = False
         got = e.generate_batch(prompts, greedy(30))  # the engine's default: 4 drafts a step
         drafted = e.core.spec.drafted
+        # every verifying step ran as decode rows, none as a prompt-like chunk (runner.py, NOTE
+        # [ drafts verified as decode rows ])
+        paths = e.backend.runner.verify_paths
+        assert paths["rows"] > 0 and paths["chunks"] == 0, paths
         off = e.generate_batch(prompts, greedy(30, 0))  # a request turns it off
         assert e.core.spec.drafted == drafted > 0
     penalized = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repeat_penalty=1.3, repeat_last_n=8)

@@ -1,0 +1,98 @@
+"""A step verifying drafts runs as one-token decode rows (runner.py, NOTE [ drafts verified as
+decode rows ]): the logits of each row equal those of feeding the chunk one token a step, on every
+KV store (device, host, split) and with a sliding ring's K rotated at read time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ggufgen
+from layerstream.compute.runner import ModelRunner
+from layerstream.compute.step_meta import SeqStep
+from layerstream.compute.weights import GlobalWeights, ResidentLayers
+from layerstream.loader.gguf_index import open_model
+
+CTX = 32
+KV = {"device": {}, "host": {"kv_on_host": True}, "split": {"kv_device_layers": 1}, "sliding": {"sliding": True},
+      "kernels": {"triton_attention": True}}  # attn_kernels.py (Triton's interpreter on the CPU)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    path = tmp_path_factory.mktemp("verify") / "m.gguf"
+    ggufgen.write_model(path, n_layer=2, qtype="Q8_0", seed=3)
+    return open_model(str(path))
+
+
+def runner(index, **kw) -> ModelRunner:
+    hp = index.hparams
+    return ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32), ResidentLayers(index, "cpu", torch.float32),
+                       "cpu", torch.float32, ctx=CTX, max_seqs=3, **kw)
+
+
+class Rows:
+    """Slots 0.. of each KV row in order (no eviction), as KVRing hands them out."""
+
+    def __init__(self):
+        self.n: dict[int, int] = {}
+
+    def seq(self, row: int, tokens: list[int]) -> SeqStep:
+        p = self.n.get(row, 0)
+        self.n[row] = p + len(tokens)
+        pos = list(range(p, p + len(tokens)))
+        return SeqStep(row, tokens, pos, pos, list(range(p + len(tokens))))
+
+
+PROMPTS = {0: [5, 77, 200, 13, 77], 2: [9, 31, 8]}
+CHUNK = [200, 42, 5, 7]  # row 0: its last token and three drafts
+ONE = [11]  # row 2: a plain decode token beside it
+
+
+def prefill(r: ModelRunner, rows: Rows) -> None:
+    r.step([rows.seq(row, toks) for row, toks in PROMPTS.items()], "none")
+
+
+def one_token_steps(r: ModelRunner) -> torch.Tensor:
+    """The reference: the chunk fed one token a step (plain decode steps) beside row 2's token."""
+    rows = Rows()
+    prefill(r, rows)
+    out = []
+    for j, tok in enumerate(CHUNK):
+        seqs = [rows.seq(0, [tok])] + ([rows.seq(2, ONE)] if j == 0 else [])
+        out.append(r.step(seqs, "last")[:1] if j else r.step(seqs, "last"))
+    return torch.cat([out[0][:1], *out[1:], out[0][1:]])  # row 0's four, then row 2's
+
+
+def verified(r: ModelRunner) -> torch.Tensor:
+    rows = Rows()
+    prefill(r, rows)
+    return r.step([rows.seq(0, CHUNK), rows.seq(2, ONE)], "last", tails=[len(CHUNK), 1])
+
+
+@pytest.mark.parametrize("kv", list(KV))
+def test_a_verified_chunk_runs_as_decode_rows_with_the_logits_of_one_token_steps(index, kv):
+    want = one_token_steps(runner(index, **KV[kv]))
+    r = runner(index, **KV[kv])
+    got = verified(r)
+    assert r.verify_paths == {"rows": 1}
+    assert got.shape == want.shape == (len(CHUNK) + 1, index.hparams.n_vocab)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the rows wrote the chunk's KV where a chunk would: the next token's logits agree too
+    c = runner(index, verify_rows=0, **KV[kv])
+    torch.testing.assert_close(verified(c), want, rtol=1e-4, atol=1e-4)
+    assert c.verify_paths == {"chunks": 1}
+    nxt = [SeqStep(0, [3], [9], [9], list(range(10)))]
+    torch.testing.assert_close(r.step(nxt, "last"), c.step(nxt, "last"), rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_over_the_bound_or_with_a_prompt_chunk_runs_as_chunks(index):
+    r = runner(index, verify_rows=len(CHUNK))  # the chunk fits, with row 2's token it does not
+    want = one_token_steps(runner(index))
+    torch.testing.assert_close(verified(r), want, rtol=1e-4, atol=1e-4)
+    assert r.verify_paths == {"chunks": 1}
+    r = runner(index)
+    rows = Rows()
+    prefill(r, rows)
+    r.step([rows.seq(0, CHUNK), rows.seq(1, [4, 9, 2])], "last", tails=[len(CHUNK), 1])  # a prompt's last logits
+    assert r.verify_paths == {"chunks": 1}
