@@ -3,9 +3,12 @@ a proposed token, and the tokens/s they give at each acceptance rate.
 
     bin/bench spec --shape llama-3.1-8b --vram-gb 4 --draft-shape llama-3.2-1b
     bin/bench spec --shape llama-3.1-70b --vram-gb 8 --draft-shape llama-3.2-1b
+    bin/bench spec --shape llama-3.1-8b --in-process --verify 1,2,3,4,5,8,16
+
 
 The target runs as run-pipeline runs it (the streaming pipeline under --vram-gb, whose plan takes
-the draft's memory off the budget); each timed pass verifies T - 1 random drafts after one token
+the draft's memory off the budget), or with --in-process as the single-process engine runs it
+(every layer resident, decode graphs of any batch); each timed pass verifies T - 1 random drafts after one token
 (T = 1: a plain decode pass) on a row holding a short prompt, and the row is rolled back after it.
 The draft runs as --draft-model runs it (coordinator/draft.py: resident, greedy, on the device).
 Random weights accept nothing worth measuring, so acceptance is an input: a pass verifying k drafts
@@ -103,7 +106,7 @@ def time_draft(index, args, ctx: int, lengths: list[int]) -> dict[int, float]:
 
 
 def bench_spec(args) -> dict:
-    from layerstream.coordinator.engine import EngineConfig
+    from layerstream.coordinator.engine import EngineConfig, local_backend
     from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
 
     sizes = sorted(set(args.verify) | {1})
@@ -119,12 +122,17 @@ def bench_spec(args) -> dict:
                               cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
                               vram_slots=args.vram_slots)
         # the target alone, the draft not loaded beside it: the plan counts the draft's memory all the same
-        backend = pipeline_backend(index, cfg, pcfg)
+        backend = local_backend(index, cfg) if args.in_process else pipeline_backend(index, cfg, pcfg)
         try:
-            plan = backend.plan
-            print(f"plan: {plan.describe()}", flush=True)
+            if args.in_process:
+                print("the single-process engine: every layer resident", flush=True)
+            else:
+                print(f"plan: {backend.plan.describe()}", flush=True)
             row = 0
             passes = time_passes(backend, row, V, ctx, sizes, args.reps)
+            if args.in_process:  # how its verifying passes ran (runner.py, NOTE [ drafts verified as decode rows ])
+                print("verifying passes run as: " + ", ".join(f"{k} {v}" for k, v in
+                                                              sorted(backend.runner.verify_paths.items())), flush=True)
         finally:
             backend.close()
         where = device_name(resolve_device(args.device))
@@ -162,6 +170,8 @@ def add_spec_parser(sub) -> None:
     _device_args(p)
     _pipeline_args(p)
     p.add_argument("--prefetch", type=int, default=None, help="layers staged ahead (as run-pipeline)")
+    p.add_argument("--in-process", action="store_true",
+                   help="the target as the single-process engine (every layer resident) instead of the pipeline")
     p.add_argument("--verify", type=_ints, default=[1, 2, 4, 8, 16, 32], help="tokens a pass (default 1,2,4,8,16,32)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--draft-model", default=None, help="the draft's GGUF (the target's vocabulary)")

@@ -34,6 +34,17 @@ def test_spec_stage_prints_passes_draft_costs_and_the_rates_they_give(tmp_path, 
     assert "tokens a pass" in out and "s/token" in out and "acceptance" in out
 
 
+@pytest.mark.timeout(180)
+def test_in_process_the_passes_verify_their_drafts_as_decode_rows(tmp_path, capsys):
+    target = write_shaped_model(tmp_path / "t.gguf", TARGET)
+    args = bench.build_parser().parse_args(["spec", "-m", target, "--in-process", "--device", "cpu", "--dtype",
+                                            "float32", "--reps", "1", "--verify", "2,4,32"])
+    got = args.func(args)
+    assert set(got["passes"]) == {1, 2, 4, 32}
+    # 2 and 4 tokens (and their untimed first runs) as decode rows; 32 over runner.VERIFY_ROWS as chunks
+    assert "verifying passes run as: chunks 2, rows 4" in capsys.readouterr().out
+
+
 def test_a_draft_of_another_vocabulary_is_an_error_line(tmp_path, capsys):
     target = write_shaped_model(tmp_path / "t.gguf", TARGET)
     other = write_shaped_model(tmp_path / "o.gguf", ModelShape("o", 128, 256, 1, 2, 1, 400, context_length=512))
