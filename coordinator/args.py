@@ -108,6 +108,9 @@ def build_parser() -> Parser:
                    help="speculative decoding by a small GGUF with the model's vocabulary, resident beside it, "
                         "drafting --draft-tokens tokens a step (instead of --lookup)")
     g.add_argument("--draft-tokens", type=int, default=4, metavar="N", help="tokens --draft-model drafts a step (4)")
+    g.add_argument("--draft-policy", choices=["adaptive", "fixed"], default="adaptive",
+                   help="how many tokens a sequence drafts: adaptive (from its recent acceptance: fewer, or a "
+                        "pause, where drafts are rejected; the default) or fixed (always --lookup/--draft-tokens)")
     g.add_argument("--single-process", action="store_true",
                    help="run the whole model in this process (the reference engine) instead of the pipeline")
     g.add_argument("--batch", type=int, default=None,

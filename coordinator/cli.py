@@ -141,6 +141,7 @@ def open_engine(args, index, progress: bool, warm=None):
         model=args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=args.batch,
         on_context_full=args.on_context_full, sink_tokens=args.sink_tokens, prefill_chunk=args.prefill_chunk,
         lookup=args.lookup, draft_model=args.draft_model, draft_tokens=args.draft_tokens,
+        draft_policy=args.draft_policy,
     )
     pcfg = None
     if not args.single_process:

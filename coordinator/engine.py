@@ -96,6 +96,7 @@ class EngineConfig:
     lookup: int = 0  # tokens prompt lookup drafts a step, where a request does not say (NOTE in core.py)
     draft_model: str | None = None  # a GGUF with the model's vocabulary that drafts instead (draft.py)
     draft_tokens: int = 4  # tokens the draft model drafts a step where a request does not say
+    draft_policy: str = "adaptive"  # "fixed": always draft_tokens/lookup (draft_policy.py, NOTE [ draft policy ])
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
@@ -205,6 +206,7 @@ class Engine:
                                step_tokens=self.step_tokens, on_context_full=cfg.on_context_full,
                                sink_tokens=cfg.sink_tokens, lookahead=cfg.lookahead,
                                lookup=cfg.draft_tokens if draft is not None else cfg.lookup, draft=draft)
+        self.core.speculation.adaptive = cfg.draft_policy == "adaptive"
         self._batches = 0
 
     @classmethod
@@ -216,6 +218,8 @@ class Engine:
     def open(cls, cfg: EngineConfig, pipeline=None, index: ModelIndex | None = None, progress: bool = False) -> "Engine":
         """The one place an engine is assembled: the model index, then the backend (in this process,
         or the streaming pipeline when `pipeline` is a PipelineConfig), then the engine."""
+        if cfg.draft_policy not in ("adaptive", "fixed"):
+            raise ConfigError(f"--draft-policy {cfg.draft_policy!r}: give adaptive or fixed")
         if index is None:
             from layerstream.loader.default_model import default_model_path
 

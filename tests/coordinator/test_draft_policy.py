@@ -122,3 +122,24 @@ def test_the_python_api_turns_the_policy_off_for_the_requests_after(tmp_path):
     # fixed: 4 drafts a pass but where max_tokens leaves room for fewer (its last 4 passes: 3, 2, 1, 0)
     assert off.drafted >= 4 * (off.passes - 3) and off.passes == off.tokens - off.accepted
     assert on.drafted < off.drafted / 3  # adaptive: paused after two poor verifications, probing later
+
+
+def test_the_fixed_policy_of_the_engine_config_drafts_every_pass_and_a_bad_one_is_refused(tmp_path):
+    """EngineConfig.draft_policy (the CLI's and the server's --draft-policy): "fixed" drafts as many as
+    the request may every pass, however poor the drafts; a name other than adaptive or fixed is one line."""
+    import ggufgen
+    from layerstream.coordinator.engine import Engine
+    from layerstream.errors import ConfigError
+
+    target = ggufgen.write_model(tmp_path / "t.gguf", qtype="Q8_0", seed=1)
+    draft = ggufgen.write_model(tmp_path / "d.gguf", qtype="Q8_0", seed=2, n_layer=1)
+    G = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with Engine.load(str(target), device="cpu", dtype="float32", ctx=96, draft_model=str(draft), draft_tokens=4,
+                     draft_policy="fixed") as e:
+        assert not e.core.speculation.adaptive
+        e.generate_batch([[5, 77, 200, 13]], G)
+        s = e.core.spec
+    assert s.accepted < s.drafted / 4  # (a poor draft: the adaptive policy would pause)
+    assert s.drafted >= 4 * (s.passes - 3) and s.passes == s.tokens - s.accepted
+    with pytest.raises(ConfigError, match="^--draft-policy 'sometimes': give adaptive or fixed$"):
+        Engine.load(str(target), device="cpu", draft_policy="sometimes")
