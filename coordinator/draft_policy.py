@@ -1,8 +1,9 @@
 """How many tokens a sequence drafts next, from its recent acceptance.
 
 NOTE [ draft policy ]
-A step that verifies drafts costs more than a decode step even where none is accepted: the chunk
-is not a captured decode graph, the sequence does not ride one step ahead (core.py NOTE [ one
+A step that verifies drafts costs more than a decode step even where none is accepted: its k
+rows are a decode batch of k (runner.py NOTE [ drafts verified as decode rows ]; a longer chunk
+runs as a prompt-like chunk), the sequence does not ride one step ahead (core.py NOTE [ one
 step behind ]), and a draft model spends its own time on every proposal. So a sequence whose
 drafts are rejected stops drafting for a while, and one whose drafts are taken drafts further:
 - The rate a is the share of drafted tokens accepted over its last WINDOW verifications. A

@@ -6,7 +6,8 @@ NOTE [ speculative decoding ]
 A request with prompt lookup (SamplingParams.lookup, else the engine's default) decodes a
 chunk [its last id, d1..dn]: drafts from lookup.py (or a draft model's, draft.py), verified in
 the same step as everything else (the backend samples every position of the chunk, sampling.py
-NOTE [ speculative sampling ]). The backend gives the drafts accepted, k, and the id after
+NOTE [ speculative sampling ]; the runner runs the chunk's tokens as decode rows, runner.py
+NOTE [ drafts verified as decode rows ]). The backend gives the drafts accepted, k, and the id after
 them: the request takes d1..dk and that id, and its ring rolls the n - k rejected positions
 back (kv_ring.py NOTE [ rollback ]). Its next chunk starts at a position known only once the
 step is collected, so such a request never rides one step ahead: while it may draft, the core
