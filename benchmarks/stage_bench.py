@@ -547,7 +547,7 @@ def bench_compute(args) -> list[dict]:
             np.array(index.tensor_bytes(rf)).view(np.float32).copy()))
         batches = sorted(set(args.batch))
         ctx = max(args.tokens, args.decode_context + 1)
-        kshape = (max(batches), ctx, hp.n_head_kv, hp.head_dim)
+        kshape = (max(batches), ctx, hp.attn.n_head_kv, hp.attn.head_dim)
         K = [torch.zeros(kshape, dtype=dtype, device=device) for _ in held]
         V = [torch.zeros(kshape, dtype=dtype, device=device) for _ in held]
         g = torch.Generator().manual_seed(0)

@@ -14,4 +14,4 @@ def layer_forward(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMeta,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, swa: bool = False) -> torch.Tensor:
     """One transformer block on packed tokens x [T, E]; `swa`: a local (sliding-window) layer."""
     x = attention_block(hp, w, x, meta, k_cache, v_cache, swa)
-    return moe_block(hp, w, x) if hp.n_expert else ffn_block(hp, w, x)
+    return moe_block(hp, w, x) if hp.moe.n_expert else ffn_block(hp, w, x)

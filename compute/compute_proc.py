@@ -123,7 +123,7 @@ class ComputeWorker:
         self.cpu = make_cpu_parts(cfg.cpu_share, [lay for i, lay in enumerate(layouts) if i not in resident],
                                   self.device, dtype, self.tl)
         hp, ex = index.hparams, cfg.experts
-        experts = make_expert_stream(layouts, resident, (hp.n_expert, hp.n_expert_used), ex.cache_bytes,
+        experts = make_expert_stream(layouts, resident, (hp.moe.n_expert, hp.moe.n_expert_used), ex.cache_bytes,
                                      ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
                                      self.device, dtype, quantized, self.tl, self.arena.slot_array,
                                      self._layer_done)

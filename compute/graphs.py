@@ -173,7 +173,7 @@ class MoeGraphs:
         self.early = None
         graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g
         ids = ex.read_ids(ids)  # the layer's host sync: its chosen experts, then those predicted for the next
-        n = T * self.hp.n_expert_used
+        n = T * self.hp.moe.n_expert_used
         # into this layer's own pinned buffers: their last copies crossed a step ago
         _, keep_host, run_cpu = ex.prepare(ids[:n], h, weight, out=pinned[0])
         offs.copy_(pinned[0], non_blocking=True)
@@ -223,7 +223,7 @@ class MoeGraphs:
 
     def _capture_ab(self, i: int, w: LayerWeights, s_x, s_meta, k, v) -> tuple:
         hp, ex = self.hp, w["experts"]
-        T, kk = s_x.shape[0], hp.n_expert_used
+        T, kk = s_x.shape[0], hp.moe.n_expert_used
 
         def part_a():
             x1 = attention_block(hp, w, s_x, s_meta, k, v, hp.is_swa(i))

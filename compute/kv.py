@@ -17,7 +17,7 @@ class DeviceKV:
 
     def __init__(self, hp: HParams, rows: int, ctx: int, device, dtype, layers: Iterable[int] | None = None,
                  pin: bool = False):
-        shape = (rows, ctx, hp.n_head_kv, hp.head_dim)
+        shape = (rows, ctx, hp.attn.n_head_kv, hp.attn.head_dim)
         ids = list(range(hp.n_layer) if layers is None else layers)
         if pin:  # host memory pinned for the copies: a tensor a layer, made pinned (no pageable copy first)
             self.k = {i: torch.zeros(shape, dtype=dtype, pin_memory=True) for i in ids}
@@ -62,7 +62,7 @@ class HostKV(DeviceKV):
         self.next_layer = dict(zip(order, order[1:]))  # host layer -> the next one (fetched ahead)
         self._meta_key = None
         if self.cuda:
-            shape = (rows, ctx, hp.n_head_kv, hp.head_dim)
+            shape = (rows, ctx, hp.attn.n_head_kv, hp.attn.head_dim)
             bufs = torch.empty((2, 2, *shape), dtype=dtype, device=device)  # one allocation, as DeviceKV's
             self.bufs = [(bufs[b, 0], bufs[b, 1]) for b in range(2)]
             self.buf_free: list = [None, None]  # event: the attention that read buffer b has run

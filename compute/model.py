@@ -89,13 +89,13 @@ def attention_path(hp: HParams, e: int, cuda: bool, bf16_unsupported: bool = Fal
     e bytes of the compute dtype; `bf16_unsupported`: bfloat16 on a GPU older than sm80."""
     if not cuda:
         return "folded"
-    return "math" if hp.head_dim % (4 if e == 4 else 8) or bf16_unsupported else "folded"
+    return "math" if hp.attn.head_dim % (4 if e == 4 else 8) or bf16_unsupported else "folded"
 
 
 def attention_temps(hp: HParams, L: int, e: int, path: str, sliding: bool) -> tuple[int, int]:
     """(bytes per sequence, bytes per query row) attention's general path holds at once for a group
     of sequences over L slots (NOTE [ attention's temporaries ])."""
-    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    H, Hkv, D = hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim
     per_seq = 2 * L * Hkv * D * e  # K and V gathered
     if sliding:  # K rotated at read time: the rotated halves and their concatenation
         per_seq += 3 * L * Hkv * D * e
@@ -124,7 +124,7 @@ def attention_bytes(hp: HParams, B: int, S: int, T: int, L: int, e: int, path: s
                     cap: int | None = None) -> tuple[int, int]:
     """(bytes, largest tensor) of attention's general path for B sequences of up to S query rows
     (T in all) over L slots: one group's temporaries, the padded output and its packed rows."""
-    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    H, Hkv, D = hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim
     bc, sc = attention_groups(hp, B, S, L, e, path, sliding, cap)
     per_seq, per_row = attention_temps(hp, L, e, path, sliding)
     out = B * S * H * D * e + T * H * D * e
@@ -173,7 +173,7 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         (meta.cos_q_swa, meta.sin_q_swa, meta.cos_k_swa, meta.sin_k_swa, meta.mask_swa) if swa
         else (meta.cos_q, meta.sin_q, meta.cos_k, meta.sin_k, meta.mask))
     T = x.shape[0]
-    H, Hkv, D = hp.n_head, hp.n_head_kv, hp.head_dim
+    H, Hkv, D = hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim
     h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps)
     q, k, v = linear_many(h, [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]],
                           [w.get("attn_q.bias"), w.get("attn_k.bias"), w.get("attn_v.bias")])
@@ -184,16 +184,16 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     # positions never change without sliding (cos_k None): K is stored rotated, once
     if meta.rope_kernel:
         q = _attn_kernels().rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok_row, meta.tok_slot,
-                                           hp.rope_neox, rotate_k=cos_k_all is None)
+                                           hp.rope.neox, rotate_k=cos_k_all is None)
     else:
-        q = apply_rope(q, cos_q, sin_q, hp.rope_neox)
+        q = apply_rope(q, cos_q, sin_q, hp.rope.neox)
         if cos_k_all is None:
-            k = apply_rope(k, cos_q, sin_q, hp.rope_neox)
+            k = apply_rope(k, cos_q, sin_q, hp.rope.neox)
         k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
         v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
     if meta.decode_kernel and cos_k_all is None:  # token t is sequence t's only one
         o = _attn_kernels().decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.rows, meta.kv_len,
-                                             hp.attn_scale or 1 / math.sqrt(D))
+                                             hp.attn.scale or 1 / math.sqrt(D))
         return _attn_out(hp, w, x, o)
 
     B, S = meta.q_index.shape
@@ -202,7 +202,7 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     path = attention_path(hp, e, x.is_cuda, x.dtype == torch.bfloat16 and x.is_cuda
                           and torch.cuda.get_device_capability(x.device)[0] < 8)
     bc, sc = attention_groups(hp, B, S, L, e, path, cos_k_all is not None)
-    scale = hp.attn_scale or None
+    scale = hp.attn.scale or None
     o = torch.empty(B, S, H * D, dtype=x.dtype, device=x.device)  # every group's output, in padded order
     for b0 in range(0, B, bc):
         b1 = min(B, b0 + bc)
@@ -210,7 +210,7 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         K = k_cache[rows, :L].to(x.dtype)  # [b, L, Hkv, D]
         V = v_cache[rows, :L].to(x.dtype)
         if cos_k_all is not None:
-            K = apply_rope(K, cos_k_all[b0:b1], sin_k_all[b0:b1], hp.rope_neox)
+            K = apply_rope(K, cos_k_all[b0:b1], sin_k_all[b0:b1], hp.rope.neox)
         Kt, Vt = K.transpose(1, 2), V.transpose(1, 2)  # [b, Hkv, L, D]
         for s0 in range(0, S, sc):
             s1 = min(S, s0 + sc)

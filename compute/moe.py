@@ -63,8 +63,8 @@ def route(hp: HParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """The experts each token uses and their weights: softmax over all experts, the top
     n_expert_used, renormalised when the model says so (Mixtral's and Qwen3-MoE's routing)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    weight, chosen = probs.topk(hp.n_expert_used, dim=-1)
-    if hp.expert_norm:
+    weight, chosen = probs.topk(hp.moe.n_expert_used, dim=-1)
+    if hp.moe.expert_norm:
         weight = weight / weight.sum(-1, keepdim=True)
     return weight, chosen
 
@@ -142,7 +142,7 @@ def _experts_prefill(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torc
     """The weighted sum of each token's chosen experts as batched GEMMs (NOTE [ grouped prefill ]);
     None where a single expert's matrices do not fit the scratch."""
     mats = [w[n] for n in EXPERT_TENSORS]
-    E, k = hp.n_expert, hp.n_expert_used
+    E, k = hp.moe.n_expert, hp.moe.n_expert_used
     quant = isinstance(mats[0], QuantWeight)
     if quant:
         if not all(isinstance(m, QuantWeight) for m in mats):
@@ -213,13 +213,13 @@ def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: t
     # the (token, choice) pairs grouped by expert: one host sync a layer (the counts), not one an expert
     flat = chosen.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=hp.n_expert).tolist()
+    counts = torch.bincount(flat, minlength=hp.moe.n_expert).tolist()
     ids = [e for e, c in enumerate(counts) if c]
     if "experts" in w:  # streamed: only these experts are fetched (an ExpertSource)
         mats = w["experts"].fetch(ids)
     else:
-        mats = {e: tuple(expert(w[n], e, hp.n_expert) for n in EXPERT_TENSORS) for e in ids}
-    k = hp.n_expert_used
+        mats = {e: tuple(expert(w[n], e, hp.moe.n_expert) for n in EXPERT_TENSORS) for e in ids}
+    k = hp.moe.n_expert_used
     tok_all, wt_all = order // k, weight.flatten()[order, None]
     start = 0
     for e in ids:
@@ -257,9 +257,9 @@ def _resident_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: tor
     matrix, found on the device."""
     flat = chosen.flatten()
     anchor = w[EXPERT_TENSORS[0]].raw
-    offs = torch.stack([flat * (w[n].nbytes // hp.n_expert) + (w[n].raw.data_ptr() - anchor.data_ptr())
+    offs = torch.stack([flat * (w[n].nbytes // hp.moe.n_expert) + (w[n].raw.data_ptr() - anchor.data_ptr())
                         for n in EXPERT_TENSORS])
-    parts = tuple((w[n].qtype, w[n].shape[0] // hp.n_expert, w[n].shape[1]) for n in EXPERT_TENSORS)
+    parts = tuple((w[n].qtype, w[n].shape[0] // hp.moe.n_expert, w[n].shape[1]) for n in EXPERT_TENSORS)
     return experts_grouped(h, weight, anchor, offs, parts)
 
 

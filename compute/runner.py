@@ -71,7 +71,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.ctx, self.max_seqs = ctx, max_seqs
         self.inv_freq = rope_inv_freq(hp, glob.rope_freqs)
-        self.inv_freq_swa = rope_inv_freq(hp, None, hp.rope_theta_swa) if hp.swa_window else None
+        self.inv_freq_swa = rope_inv_freq(hp, None, hp.rope.theta_swa) if hp.attn.swa_window else None
         if kv_device_layers is None:
             kv_device_layers = 0 if kv_on_host else hp.n_layer
         self.kv = make_kv(hp, max_seqs, ctx, self.device, dtype, kv_device_layers)
@@ -87,13 +87,13 @@ class ModelRunner:
         graphs.py): 0 but for decode steps (one token a sequence) on CUDA."""
         on = (decode and self.use_graphs and self.device.type == "cuda"
               and (self.graph_max_tokens is None or len(seqs) <= self.graph_max_tokens)
-              and (not self.hp.n_expert or len(seqs) <= GROUPED_MAX_TOKENS))
+              and (not self.hp.moe.n_expert or len(seqs) <= GROUPED_MAX_TOKENS))
         self.moe_graphs.start_step(on)
         if not on:
             return 0
         n = 0
         while n < self.hp.n_layer and self.kv.on_device(n) and (w := self.source.fixed(n)) is not None \
-                and (not self.hp.n_expert or runs_grouped(w)):
+                and (not self.hp.moe.n_expert or runs_grouped(w)):
             n += 1
         return n
 
@@ -168,7 +168,7 @@ class ModelRunner:
         for i in range(start, stop):
             w = self.source.fixed(i) if captured else self.source.layer(i)
             k, v, m = self.kv.layer(i, meta)
-            if not captured and hp.n_expert and self.moe_graphs.runs(i, w):
+            if not captured and hp.moe.n_expert and self.moe_graphs.runs(i, w):
                 x = self.moe_graphs.layer(i, w, x, m, k, v, stop)
             else:
                 x = layer_forward(hp, w, x, m, k, v, hp.is_swa(i))

@@ -80,8 +80,8 @@ class SeqStep:
 
 def rope_inv_freq(hp: HParams, freq_factors: torch.Tensor | None = None, theta: float | None = None) -> torch.Tensor:
     """Inverse frequencies [rope_dim/2] in float64; Llama 3.1 factors divide them."""
-    i = torch.arange(0, hp.rope_dim, 2, dtype=torch.float64)
-    inv = (theta or hp.rope_theta) ** (-i / hp.rope_dim)
+    i = torch.arange(0, hp.rope.dim, 2, dtype=torch.float64)
+    inv = (theta or hp.rope.theta) ** (-i / hp.rope.dim)
     if freq_factors is not None:
         inv = inv / freq_factors.to(torch.float64).cpu()
     return inv
@@ -121,7 +121,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     """Pack the step's sequences; positions come from the KV ring of each sequence.
 
     kv_len pads the attended slots to a fixed length (masked), for captured CUDA graphs. With
-    local layers (hp.swa_window), their mask also hides keys `swa_window` or more positions
+    local layers (hp.attn.swa_window), their mask also hides keys `swa_window` or more positions
     back, and their RoPE tables come from `inv_freq_swa`, unscaled. `triton_attention`: attention
     through attn_kernels.py (its decode kernel where every sequence adds one token and K is stored
     rotated). Every tensor is built in one host buffer (pinned for a CUDA device) and reaches the
@@ -132,7 +132,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     S, T = max(lens), sum(lens)
     L = max(kv_len or 0, max(len(s.kv_pos) for s in seqs))
     R = inv_freq.shape[0]  # rope_dim / 2
-    swa = bool(hp.swa_window)
+    swa = bool(hp.attn.swa_window)
     lay = _Layout()
     for name in ("tok_id", "tok_row", "tok_b", "tok_slot", "out_index"):
         lay.add(name, torch.long, T)
@@ -176,12 +176,12 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     kv_at = torch.from_numpy(kv_pos).clamp(min=0)
     for cos, sin, *shape in tables:
         local = cos.endswith("_swa")
-        inv, scale = (inv_freq_swa, 1.0) if local else (inv_freq, hp.rope_scale)
+        inv, scale = (inv_freq_swa, 1.0) if local else (inv_freq, hp.rope.scale)
         c, si = rope_tables(inv, tok_pos if len(shape) == 1 else kv_at, scale, dtype)
         h[cos].copy_(c)
         h[sin].copy_(si)
     if swa:
-        near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.swa_window
+        near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.attn.swa_window
         n["mask_swa"][:, 0] = (mask & near) | ~n["q_valid"][:, :, None]
     buf = host_buf.to(device, non_blocking=True) if cuda else host_buf  # the one copy
     d = lay.views(buf) if cuda else h

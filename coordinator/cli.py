@@ -97,7 +97,7 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
                 if device.type == "cpu":
                     plan.check_local_host(index, dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=rows,
                                           step_tokens=args.prefill_chunk)
-                elif 2 * hp.n_layer * ctx * hp.n_head_kv * hp.head_dim * dtype_bytes * rows \
+                elif 2 * hp.n_layer * ctx * hp.attn.n_head_kv * hp.attn.head_dim * dtype_bytes * rows \
                         > torch.cuda.mem_get_info(device)[0] // 2:
                     raise ConfigError("too many rows")
                 break

@@ -105,7 +105,7 @@ def transient_reserve(peak: int, largest: int, cuda: bool = True) -> int:
 def decode_attention(hp: HParams, T: int, L: int, e: int) -> int:
     """Bytes of attn_kernels.decode_attention for T one-token queries over L slots: its output and
     the partial softmaxes of its split of the slots."""
-    H, D = hp.n_head, hp.head_dim
+    H, D = hp.attn.n_head, hp.attn.head_dim
     n_split = max(1, min(-(-L // DECODE_BLOCK), -(-DECODE_PROGRAMS // (T * H))))
     parts = T * H * n_split * (1 << (D - 1).bit_length()) * 4 + 2 * T * H * n_split * 4 if n_split > 1 else 0
     return T * H * D * e + parts
@@ -117,15 +117,15 @@ def activations(hp: HParams, T: int, e: int, cuda: bool) -> tuple[int, int, int]
     attention's output, its projection (and norm) and the sum; the FFN: the residual stream, the
     norm, gate, up, the activation (silu in place), the down output (and norm) and the sum; a MoE
     layer's router, the pairs' activations and outputs; on the CPU the norm's float32 copies."""
-    E, F, H, Hkv, D = hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim
-    if hp.n_expert:
-        F = hp.n_ff_exp or F
+    E, F, H, Hkv, D = hp.n_embd, hp.n_ff, hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim
+    if hp.moe.n_expert:
+        F = hp.moe.n_ff_exp or F
     attn = T * (5 * E + 3 * H * D + 2 * Hkv * D) * e
     ffn = T * (5 * E + 3 * F) * e  # (the activation and its product in place where the activation allows)
     largest = T * max(E, H * D, F) * e
-    if hp.n_expert:
-        k = hp.n_expert_used
-        ffn += T * (2 * hp.n_expert * 4 + E * 4 + k * (2 * E + 3 * F) * e + k * E * 4)
+    if hp.moe.n_expert:
+        k = hp.moe.n_expert_used
+        ffn += T * (2 * hp.moe.n_expert * 4 + E * 4 + k * (2 * E + 3 * F) * e + k * E * 4)
         largest = max(largest, T * k * max(E, F) * max(e, 4))
     if not cuda:
         attn += 2 * T * E * 4
@@ -135,10 +135,10 @@ def activations(hp: HParams, T: int, e: int, cuda: bool) -> tuple[int, int, int]
 
 def step_meta(hp: HParams, B: int, S: int, T: int, L: int, e: int, sliding: bool) -> int:
     """Bytes of a step's StepMeta on the device: masks, RoPE tables and index tensors."""
-    masks = B * S * L * (2 if hp.swa_window else 1)
-    rope = T * hp.rope_dim * e * (2 if hp.swa_window else 1)
+    masks = B * S * L * (2 if hp.attn.swa_window else 1)
+    rope = T * hp.rope.dim * e * (2 if hp.attn.swa_window else 1)
     if sliding:  # K rotated at read time: tables for every slot
-        rope += B * L * hp.rope_dim * e * (2 if hp.swa_window else 1)
+        rope += B * L * hp.rope.dim * e * (2 if hp.attn.swa_window else 1)
     return masks + rope + 8 * (4 * T + 3 * B + B * S) + 64 * 1024
 
 
@@ -191,10 +191,10 @@ def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized
     for b, s in kinds:
         toks = b if s == 1 else min(T, (b - 1) + s)
         attn_act, ffn_act, big = activations(hp, toks, e, cuda)
-        if hp.n_expert and quantized and toks > FUSED_MIN_OF_TYPES:  # (kept for the experts' prompt path, moe.py)
-            ffn_act += toks * max(hp.n_embd, hp.n_ff_exp or hp.n_ff) * e
+        if hp.moe.n_expert and quantized and toks > FUSED_MIN_OF_TYPES:  # (kept for the experts' prompt path, moe.py)
+            ffn_act += toks * max(hp.n_embd, hp.moe.n_ff_exp or hp.n_ff) * e
         if s == 1 and quantized and not sliding:
-            attn, abig = decode_attention(hp, toks, L, e), toks * hp.n_head * hp.head_dim * e
+            attn, abig = decode_attention(hp, toks, L, e), toks * hp.attn.n_head * hp.attn.head_dim * e
         else:
             attn, abig = attention_bytes(hp, b, s, toks, L, e, path, sliding)
         rows = min(toks, head_chunk) if cuda else toks
@@ -262,7 +262,7 @@ class Sizes:
     def kv_tensor(self) -> int:
         """One layer's K (or V): [rows, ctx, n_head_kv, head_dim] in the compute dtype."""
         hp = self.index.hparams
-        return self.max_seqs * self.ctx * hp.n_head_kv * hp.head_dim * self.e
+        return self.max_seqs * self.ctx * hp.attn.n_head_kv * hp.attn.head_dim * self.e
 
     @property
     def kv_layer(self) -> int:
@@ -322,7 +322,7 @@ class Sizes:
         if not self.cuda:
             return 0
         hp = self.index.hparams
-        in_graph = self.quantized and bool(hp.n_expert or self.dense_matrices)
+        in_graph = self.quantized and bool(hp.moe.n_expert or self.dense_matrices)
         main = T >= 2 or not self.quantized or in_graph or self.sliding
         return CUBLAS_WORKSPACE * (int(main) + int(in_graph))
 
@@ -340,7 +340,7 @@ class Sizes:
                                          decode_only=True)
         outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
                 for _ in range(kv_buckets(self.ctx))]
-        moe = MOE_GRAPHS if hp.n_expert else 0  # the streamed MoE layers' graphs, one pair a layer and shape
+        moe = MOE_GRAPHS if hp.moe.n_expert else 0  # the streamed MoE layers' graphs, one pair a layer and shape
         return 2 * transient_reserve(peak, largest) + reserved_bytes(outs) + moe
 
     def link_bytes(self, r: int, kv_dev: int) -> int:

@@ -188,7 +188,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     # a mixture-of-experts model's decode steps fetch only their chosen experts into a cache of
     # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default
     experts = in_flight = ahead = 0
-    if hp.n_expert:
+    if hp.moe.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
     if experts:
         from layerstream.compute.expert_layout import max_in_flight, slot_bytes as expert_slot
@@ -196,13 +196,13 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         # a step's chosen experts that the cache does not keep are on the device until its layer
         # is done: at most every expert the largest expert step can choose in one layer, each in
         # a slot of the expert pool (compute/experts.py, NOTE [ the expert pool ])
-        in_flight = max_in_flight(hp.n_expert, hp.n_expert_used) * expert_slot(layouts)
+        in_flight = max_in_flight(hp.moe.n_expert, hp.moe.n_expert_used) * expert_slot(layouts)
         # the next layer's predicted experts, copied ahead into two sets of slots (compute/
         # experts.py, NOTE [ expert prefetch ]): twice a token's choice each by default
         if expert_prefetch is None:
-            expert_prefetch = 2 * hp.n_expert_used
-        if not 0 <= expert_prefetch <= hp.n_expert:
-            raise ConfigError(f"--expert-prefetch {expert_prefetch}: use 0 (off) to {hp.n_expert} (the model's experts)")
+            expert_prefetch = 2 * hp.moe.n_expert_used
+        if not 0 <= expert_prefetch <= hp.moe.n_expert:
+            raise ConfigError(f"--expert-prefetch {expert_prefetch}: use 0 (off) to {hp.moe.n_expert} (the model's experts)")
         ahead = 2 * expert_prefetch * expert_slot(layouts)
     if moe_dense not in ("resident", "stream"):
         raise ConfigError(f"--moe-dense {moe_dense!r}: use resident or stream")
@@ -304,7 +304,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         else:
             T = fitting[0]
             r, kv_dev, keep_dense = residency(T, slots)
-            if step_tokens is None and len(fitting) > 1 and not hp.n_expert:  # (MoE decode copies experts only)
+            if step_tokens is None and len(fitting) > 1 and not hp.moe.n_expert:  # (MoE decode copies experts only)
                 got = {t: residency(t, slots) for t in fitting}
                 moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
                 least = min(moved.values())

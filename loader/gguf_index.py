@@ -55,46 +55,67 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """Attention's geometry: heads, head size, the q.k scale and the sliding window of local layers."""
+
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    scale: float = 0.0  # scale of q.k (0: 1 / sqrt(head_dim))
+    # Gemma 3 (the defaults leave the other architectures as they were):
+    swa_window: int = 0  # sliding-window attention span of the local layers (0: none)
+    swa_layers: tuple[bool, ...] = ()  # per layer: True where attention is local (sliding window)
+
+
+@dataclass(frozen=True)
+class RopeParams:
+    """Rotary position embedding: base, rotated dimensions, pairing and position scaling."""
+
+    theta: float
+    dim: int
+    neox: bool  # pairs (i, i + dim/2) rotate together (NEOX_ARCHS); else (2i, 2i + 1)
+    scale: float = 1.0  # linear position scaling (positions are divided by it)
+    has_freqs: bool = False  # Llama 3.1 frequency factors tensor "rope_freqs.weight"
+    theta_swa: float = 0.0  # RoPE base of the local layers (unscaled; Gemma 3)
+
+
+@dataclass(frozen=True)
+class MoeParams:
+    """Mixture of experts' routing (0 experts: a dense FFN)."""
+
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # rows of each expert's gate and up projections
+    expert_norm: bool = True  # the chosen experts' softmax weights renormalised to sum to 1
+
+
+@dataclass(frozen=True)
 class HParams:
     """Hyperparameters of a decoder-only transformer, read from GGUF metadata."""
 
     arch: str
     n_layer: int
     n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
     n_ff: int
     n_vocab: int
     norm_eps: float
-    rope_theta: float
-    rope_dim: int
-    rope_neox: bool
-    rope_scale: float = 1.0  # linear position scaling (positions are divided by it)
+    attn: AttentionShape
+    rope: RopeParams
+    moe: MoeParams = MoeParams()
     context_length: int = 4096
     tied_output: bool = False
-    has_rope_freqs: bool = False  # Llama 3.1 frequency factors tensor "rope_freqs.weight"
-    # Gemma 3 (defaults leave the other architectures as they were):
-    swa_window: int = 0  # sliding-window attention span of the local layers (0: none)
-    swa_layers: tuple[bool, ...] = ()  # per layer: True where attention is local (sliding window)
-    rope_theta_swa: float = 0.0  # RoPE base of the local layers (unscaled)
     embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(n_embd))
-    attn_scale: float = 0.0  # scale of q.k (0: 1 / sqrt(head_dim))
     ffn_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu_tanh (GeGLU)
-    # mixture of experts (0 experts: a dense FFN)
-    n_expert: int = 0
-    n_expert_used: int = 0
-    n_ff_exp: int = 0  # rows of each expert's gate and up projections
-    expert_norm: bool = True  # the chosen experts' softmax weights renormalised to sum to 1
 
     def layer_tensors(self) -> list[str]:
         """Tensors every layer of this model must have."""
-        names = [n for n in REQUIRED_LAYER_TENSORS[self.arch] if not (self.n_expert and n.startswith("ffn_")
+        moe = self.moe.n_expert
+        names = [n for n in REQUIRED_LAYER_TENSORS[self.arch] if not (moe and n.startswith("ffn_")
                                                                        and n != "ffn_norm.weight")]
-        return names + (MOE_TENSORS if self.n_expert else [])
+        return names + (MOE_TENSORS if moe else [])
 
     def is_swa(self, i: int) -> bool:
-        return bool(self.swa_layers) and self.swa_layers[i]
+        return bool(self.attn.swa_layers) and self.attn.swa_layers[i]
 
 
 @dataclass
@@ -341,13 +362,15 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
     elif scale_type != "none":
         raise ModelError(f"{path}: RoPE scaling {scale_type!r} is not supported (only linear and Llama 3 rope_freqs)")
     n_layer = g("block_count", int)
-    moe: dict[str, Any] = {}
+    moe = MoeParams()
     n_expert = g("expert_count", int, 0)
     if n_expert or arch == "qwen3moe":
-        moe = dict(n_expert=n_expert, n_expert_used=g("expert_used_count", int, 0),
-                   n_ff_exp=g("expert_feed_forward_length", int, 0) or g("feed_forward_length", int, 0),
-                   expert_norm=bool(g("expert_weights_norm", bool, True)))
+        moe = MoeParams(n_expert=n_expert, n_expert_used=g("expert_used_count", int, 0),
+                        n_ff_exp=g("expert_feed_forward_length", int, 0) or g("feed_forward_length", int, 0),
+                        expert_norm=bool(g("expert_weights_norm", bool, True)))
+    attn: dict[str, Any] = {}
     gemma: dict[str, Any] = {}
+    theta_swa = 0.0
     if arch == "gemma3":
         key = "attention.sliding_window_pattern"
         if isinstance(md.get(f"{arch}.{key}"), list):  # newer converters: one flag a layer
@@ -355,35 +378,29 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
         else:
             pattern = g(key, int, GEMMA3_SWA_PATTERN)
             swa = tuple((i + 1) % pattern != 0 for i in range(n_layer)) if pattern > 0 else ()
-        n_head_ = n_head
-        gemma = dict(
-            swa_window=g("attention.sliding_window", int, 0), swa_layers=swa,
-            rope_theta_swa=float(g("rope.freq_base_swa", float, GEMMA3_ROPE_BASE_SWA)),
-            embed_scale=math.sqrt(n_embd), ffn_act="gelu_tanh",
+        window = g("attention.sliding_window", int, 0)
+        attn = dict(
+            swa_window=window, swa_layers=swa if window else (),
             # llama.cpp: query_pre_attn_scalar is the head size, but n_embd / n_head for the 27B (62 layers)
-            attn_scale=1 / math.sqrt(n_embd / n_head_ if n_layer == 62 else head_dim),
+            scale=1 / math.sqrt(n_embd / n_head if n_layer == 62 else head_dim),
         )
-        if not gemma["swa_window"]:
-            gemma["swa_layers"] = ()
+        theta_swa = float(g("rope.freq_base_swa", float, GEMMA3_ROPE_BASE_SWA))
+        gemma = dict(embed_scale=math.sqrt(n_embd), ffn_act="gelu_tanh")
     return HParams(
         arch=arch,
         n_layer=n_layer,
         n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim=head_dim,
         n_ff=g("feed_forward_length", int),
         n_vocab=n_vocab,
         norm_eps=float(g("attention.layer_norm_rms_epsilon", float, 1e-5)),
-        rope_theta=float(g("rope.freq_base", float, 10000.0)),
-        rope_dim=g("rope.dimension_count", int, head_dim),
-        rope_neox=arch in NEOX_ARCHS,
-        rope_scale=rope_scale,
+        attn=AttentionShape(n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, **attn),
+        rope=RopeParams(theta=float(g("rope.freq_base", float, 10000.0)), dim=g("rope.dimension_count", int, head_dim),
+                        neox=arch in NEOX_ARCHS, scale=rope_scale, has_freqs="rope_freqs.weight" in tensors,
+                        theta_swa=theta_swa),
+        moe=moe,
         context_length=g("context_length", int, 4096),
         tied_output="output.weight" not in tensors,
-        has_rope_freqs="rope_freqs.weight" in tensors,
         **gemma,
-        **moe,
     )
 
 
@@ -396,36 +413,36 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
         return ModelError(f"{path}: metadata {a}.{key} = {value} {why}; the file is corrupt or was not "
                           "written by a known converter")
 
-    for key, v in [("block_count", hp.n_layer), ("embedding_length", hp.n_embd), ("attention.head_count", hp.n_head),
-                   ("attention.head_count_kv", hp.n_head_kv), ("attention.key_length", hp.head_dim),
+    for key, v in [("block_count", hp.n_layer), ("embedding_length", hp.n_embd), ("attention.head_count", hp.attn.n_head),
+                   ("attention.head_count_kv", hp.attn.n_head_kv), ("attention.key_length", hp.attn.head_dim),
                    ("feed_forward_length", hp.n_ff), ("vocab_size", hp.n_vocab), ("context_length", hp.context_length),
-                   ("rope.dimension_count", hp.rope_dim)]:
+                   ("rope.dimension_count", hp.rope.dim)]:
         if not 0 < v < 1 << 31:
             raise bad(key, v, "is out of range")
-    if hp.swa_layers and (len(hp.swa_layers) != hp.n_layer or not 0 < hp.swa_window < 1 << 31):
-        raise bad("attention.sliding_window", hp.swa_window, f"or its layer pattern ({len(hp.swa_layers)} layers) "
+    if hp.attn.swa_layers and (len(hp.attn.swa_layers) != hp.n_layer or not 0 < hp.attn.swa_window < 1 << 31):
+        raise bad("attention.sliding_window", hp.attn.swa_window, f"or its layer pattern ({len(hp.attn.swa_layers)} layers) "
                                                              "is out of range")
-    if hp.n_expert or a == "qwen3moe":
-        if not 0 < hp.n_expert < 1 << 16:
-            raise bad("expert_count", hp.n_expert, "is out of range")
-        if not 0 < hp.n_expert_used <= hp.n_expert:
-            raise bad("expert_used_count", hp.n_expert_used, f"is not from 1 to expert_count {hp.n_expert}")
+    if hp.moe.n_expert or a == "qwen3moe":
+        if not 0 < hp.moe.n_expert < 1 << 16:
+            raise bad("expert_count", hp.moe.n_expert, "is out of range")
+        if not 0 < hp.moe.n_expert_used <= hp.moe.n_expert:
+            raise bad("expert_used_count", hp.moe.n_expert_used, f"is not from 1 to expert_count {hp.moe.n_expert}")
         t = tensors.get("blk.0.ffn_up_exps.weight")
-        want = (hp.n_expert, hp.n_ff_exp, hp.n_embd)
+        want = (hp.moe.n_expert, hp.moe.n_ff_exp, hp.n_embd)
         if t is not None and tuple(t.shape) != want:
             raise ModelError(f"{path}: tensor blk.0.ffn_up_exps.weight has shape {list(t.shape)} where the metadata "
                              f"({a}.expert_count, expert_feed_forward_length, embedding_length) say {list(want)}")
-    if hp.n_head % hp.n_head_kv:
-        raise bad("attention.head_count_kv", hp.n_head_kv, f"does not divide head_count {hp.n_head}")
-    if hp.rope_dim > hp.head_dim or hp.rope_dim % 2:
-        raise bad("rope.dimension_count", hp.rope_dim, f"is odd or above the head size {hp.head_dim}")
-    if not (math.isfinite(hp.norm_eps) and hp.norm_eps > 0 and math.isfinite(hp.rope_theta) and hp.rope_theta > 0
-            and math.isfinite(hp.rope_scale) and hp.rope_scale > 0):
-        raise bad("attention.layer_norm_rms_epsilon / rope.freq_base", (hp.norm_eps, hp.rope_theta), "is not positive")
+    if hp.attn.n_head % hp.attn.n_head_kv:
+        raise bad("attention.head_count_kv", hp.attn.n_head_kv, f"does not divide head_count {hp.attn.n_head}")
+    if hp.rope.dim > hp.attn.head_dim or hp.rope.dim % 2:
+        raise bad("rope.dimension_count", hp.rope.dim, f"is odd or above the head size {hp.attn.head_dim}")
+    if not (math.isfinite(hp.norm_eps) and hp.norm_eps > 0 and math.isfinite(hp.rope.theta) and hp.rope.theta > 0
+            and math.isfinite(hp.rope.scale) and hp.rope.scale > 0):
+        raise bad("attention.layer_norm_rms_epsilon / rope.freq_base", (hp.norm_eps, hp.rope.theta), "is not positive")
     blocks = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
     if len(blocks) != hp.n_layer or blocks != set(range(hp.n_layer)):
         raise bad("block_count", hp.n_layer, f"does not match the {len(blocks)} blocks of tensors in the file")
-    shapes = {"attn_q.weight": (hp.n_head * hp.head_dim, hp.n_embd), "attn_k.weight": (hp.n_head_kv * hp.head_dim, hp.n_embd),
+    shapes = {"attn_q.weight": (hp.attn.n_head * hp.attn.head_dim, hp.n_embd), "attn_k.weight": (hp.attn.n_head_kv * hp.attn.head_dim, hp.n_embd),
               "ffn_up.weight": (hp.n_ff, hp.n_embd)}
     for name, want in shapes.items():
         t = tensors.get(f"blk.0.{name}")

@@ -125,7 +125,7 @@ def _plan(shape: ModelShape, mix: str, route_skew: float = 0.0) -> list[_Planned
 def shaped_index(shape: str | ModelShape, mix: str = "Q4_K_M", n_layer: int | None = None):
     """A ModelIndex of `shape` whose tensors lie in a file that is never written: for planning
     (sizes, layouts) at full scale without 40 GB on disk."""
-    from layerstream.loader.gguf_index import HParams, ModelIndex, TensorInfo
+    from layerstream.loader.gguf_index import AttentionShape, HParams, ModelIndex, MoeParams, RopeParams, TensorInfo
 
     shape = resolve_shape(shape, n_layer)
     path = f"/nonexistent/{shape.name}-{mix}.gguf"
@@ -139,10 +139,11 @@ def shaped_index(shape: str | ModelShape, mix: str = "Q4_K_M", n_layer: int | No
         else:
             glob[t.name] = info
     hd = shape.head_dim
-    hp = HParams(shape.arch, shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, hd, shape.n_ff, shape.n_vocab,
-                 shape.norm_eps, shape.rope_theta, hd, shape.arch != "llama", context_length=shape.context_length,
-                 tied_output=shape.tied, has_rope_freqs=shape.rope_freqs, n_expert=shape.n_expert,
-                 n_expert_used=shape.n_expert_used, n_ff_exp=shape.n_ff_exp)
+    hp = HParams(shape.arch, shape.n_layer, shape.n_embd, shape.n_ff, shape.n_vocab, shape.norm_eps,
+                 AttentionShape(shape.n_head, shape.n_head_kv, hd),
+                 RopeParams(shape.rope_theta, hd, shape.arch != "llama", has_freqs=shape.rope_freqs),
+                 MoeParams(shape.n_expert, shape.n_expert_used, shape.n_ff_exp),
+                 context_length=shape.context_length, tied_output=shape.tied)
     return ModelIndex(path, [path], {}, hp, layers, glob)
 
 

@@ -4,6 +4,7 @@ the plan counts for it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -63,7 +64,7 @@ def test_the_math_kernel_only_where_the_efficient_one_cannot_run():
     hp = shaped_index("llama-3.1-8b", n_layer=1).hparams
     assert attention_path(hp, 2, True) == attention_path(hp, 2, False) == "folded"
     assert attention_path(hp, 2, True, bf16_unsupported=True) == "math"
-    odd = type(hp)(**{**hp.__dict__, "head_dim": 20})  # (not a multiple of 8: the efficient kernel refuses it)
+    odd = dataclasses.replace(hp, attn=dataclasses.replace(hp.attn, head_dim=20))  # (not a multiple of 8: the efficient kernel refuses it)
     assert attention_path(odd, 2, True) == "math" and attention_path(odd, 4, True) == "folded"
 
 
@@ -73,7 +74,7 @@ def test_device_temporaries_stay_within_what_the_plan_counts():
     the bias and the memory-efficient kernel's output, measured, within attention_bytes."""
     hp = shaped_index("llama-3.1-8b", n_layer=1).hparams
     dev, dt = torch.device("cuda"), torch.float16
-    H, Hkv, D, S, L = hp.n_head, hp.n_head_kv, hp.head_dim, 512, 4096
+    H, Hkv, D, S, L = hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim, 512, 4096
     k_cache, v_cache = (torch.randn(1, L, Hkv, D, device=dev, dtype=dt) for _ in range(2))
     q = torch.randn(S, H, D, device=dev, dtype=dt)
     mask = torch.ones(1, 1, S, L, dtype=torch.bool, device=dev).tril(L - S)

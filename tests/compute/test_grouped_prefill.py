@@ -52,7 +52,7 @@ def test_grouped_prefill_against_float64(run, pad, quantized, grouped, monkeypat
     chosen = torch.from_numpy(rng.integers(0, E - 1, (T, 2)))  # expert E - 1 is never chosen
     chosen[:, 1] = (chosen[:, 0] + 1 + torch.from_numpy(rng.integers(0, E - 2, T))) % (E - 1)
     weight = torch.softmax(torch.from_numpy(rng.standard_normal((T, 2))).float(), -1)
-    hp = SimpleNamespace(n_expert=E, n_expert_used=2)
+    hp = SimpleNamespace(moe=SimpleNamespace(n_expert=E, n_expert_used=2))
     w = {n: (q if quantized else ref.float()) for n, (q, ref) in mats.items()}
     per = 3 * N * K
     if run is not None:
@@ -91,11 +91,11 @@ def test_an_expert_larger_than_the_scratch_goes_one_by_one(monkeypatch):
     h = torch.from_numpy(rng.standard_normal((T, K)).astype(np.float32))
     chosen = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1)
     weight = torch.full((T, 2), 0.5)
-    hp = SimpleNamespace(n_expert=E, n_expert_used=2)
+    hp = SimpleNamespace(moe=SimpleNamespace(n_expert=E, n_expert_used=2))
     w = {n: q for n, (q, _) in mats.items()}
     monkeypatch.setattr(moe, "scratch_cap", lambda *a: 3 * N * K - 1)
     assert moe._experts_prefill(hp, w, h, weight, chosen) is None
-    hp = SimpleNamespace(n_expert=E, n_expert_used=2, norm_eps=1e-6, expert_norm=False)
+    hp = SimpleNamespace(moe=SimpleNamespace(n_expert=E, n_expert_used=2, expert_norm=False), norm_eps=1e-6)
     w["ffn_norm.weight"] = torch.ones(K)
     w["ffn_gate_inp.weight"] = torch.from_numpy(rng.standard_normal((E, K)).astype(np.float32))
     x = h

@@ -78,7 +78,7 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
     layouts = layer_layouts(index)
     tl = Timeline("compute", "t")
     cache = ExpertCache(3 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, tl, "lfu",
-                        slot_bytes(layouts), max_in_flight(hp.n_expert, hp.n_expert_used), 4 if ahead else 0)
+                        slot_bytes(layouts), max_in_flight(hp.moe.n_expert, hp.moe.n_expert_used), 4 if ahead else 0)
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=frac), 1 << 30, torch.float32, tl) if frac else None
     if alternate:  # the CPU takes its share of a layer's experts every other time it is asked, else none
         choose, calls = cpu.choose, {}

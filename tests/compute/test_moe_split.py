@@ -68,11 +68,11 @@ def _greedy(path, batch, frac=None, steps=3):
     of each layer's missing ones (0: none, every missing expert copied)."""
     index = open_model(path)
     hp = index.hparams
-    assert streams_experts(hp.n_expert, hp.n_expert_used, batch)  # (as the pipeline's expert steps)
+    assert streams_experts(hp.moe.n_expert, hp.moe.n_expert_used, batch)  # (as the pipeline's expert steps)
     layouts = layer_layouts(index)
     tl = Timeline("compute", "t")
     cache = ExpertCache(2 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, tl, "lfu",
-                        slot_bytes(layouts), max_in_flight(hp.n_expert, hp.n_expert_used))
+                        slot_bytes(layouts), max_in_flight(hp.moe.n_expert, hp.moe.n_expert_used))
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=frac), 1 << 30, torch.float32, tl) if frac else None
     src = _Layers(index, cache, cpu, frac or 0.0)
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,

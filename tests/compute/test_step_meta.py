@@ -9,7 +9,7 @@ import torch
 
 from layerstream.compute.step_meta import SeqStep, build_step_meta, rope_inv_freq, rope_tables
 
-HP = SimpleNamespace(rope_dim=8, rope_theta=10000.0, rope_scale=1.0, swa_window=0)
+HP = SimpleNamespace(rope=SimpleNamespace(dim=8, theta=10000.0, scale=1.0), attn=SimpleNamespace(swa_window=0))
 
 
 def _meta(seqs, **kw):
@@ -63,14 +63,14 @@ def _separate_tensors(hp, inv_freq: torch.Tensor, seqs: list[SeqStep], device: t
     mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, L]
     mask |= ~q_valid[:, :, None]  # padded queries see everything (finite; dropped later)
     tok_pos_t = torch.tensor(tok_pos, dtype=torch.long)
-    cos_q, sin_q = rope_tables(inv_freq, tok_pos_t, hp.rope_scale, dtype)
+    cos_q, sin_q = rope_tables(inv_freq, tok_pos_t, hp.rope.scale, dtype)
     cos_k = sin_k = None
     if rotate_k_at_read:
-        cos_k, sin_k = rope_tables(inv_freq, kv_pos.clamp(min=0), hp.rope_scale, dtype)
+        cos_k, sin_k = rope_tables(inv_freq, kv_pos.clamp(min=0), hp.rope.scale, dtype)
     to = lambda a: a.to(device, non_blocking=True)  # noqa: E731
     swa = {}
-    if hp.swa_window:
-        near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.swa_window
+    if hp.attn.swa_window:
+        near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.attn.swa_window
         cq, sq = rope_tables(inv_freq_swa, tok_pos_t, 1.0, dtype)
         swa = dict(cos_q_swa=to(cq), sin_q_swa=to(sq), mask_swa=to(((mask & near) | ~q_valid[:, :, None])[:, None]))
         if rotate_k_at_read:
@@ -93,7 +93,7 @@ def _separate_tensors(hp, inv_freq: torch.Tensor, seqs: list[SeqStep], device: t
     )
 
 
-SWA_HP = SimpleNamespace(rope_dim=8, rope_theta=10000.0, rope_scale=2.0, swa_window=3)
+SWA_HP = SimpleNamespace(rope=SimpleNamespace(dim=8, theta=10000.0, scale=2.0), attn=SimpleNamespace(swa_window=3))
 MIXED = [SeqStep(row=2, tokens=[9, 4, 7], slots=[5, 6, 7], positions=[5, 6, 7], kv_pos=list(range(8))),
          SeqStep(row=0, tokens=[-1], slots=[2], positions=[2], kv_pos=[0, 1, 2]),
          SeqStep(row=3, tokens=[1, 2], slots=[0, 1], positions=[0, 1], kv_pos=[0, 1])]
@@ -107,7 +107,7 @@ def test_the_one_buffer_holds_what_the_separate_tensors_held(hp, rotate, dtype):
     made on its own (mixed prompt and decode rows, padding, a padded kv_len, local layers' tables
     and mask), and every field is a view of the one buffer."""
     inv, inv_swa = rope_inv_freq(hp), rope_inv_freq(hp, None, 1000.0)
-    kw = dict(kv_len=16, rotate_k_at_read=rotate, inv_freq_swa=inv_swa if hp.swa_window else None)
+    kw = dict(kv_len=16, rotate_k_at_read=rotate, inv_freq_swa=inv_swa if hp.attn.swa_window else None)
     m = build_step_meta(hp, inv, MIXED, torch.device("cpu"), dtype, **kw)
     want = _separate_tensors(hp, inv, MIXED, torch.device("cpu"), dtype, **kw)
     assert m.kv_len == want.pop("kv_len") == 16

@@ -61,9 +61,9 @@ def hf_gemma3(gemma3_path):
 
 def test_hparams_from_the_gguf(gemma3_index):
     hp = gemma3_index.hparams
-    assert (hp.arch, hp.n_layer, hp.n_embd, hp.head_dim, hp.swa_window) == ("gemma3", 18, 640, 256, 512)
+    assert (hp.arch, hp.n_layer, hp.n_embd, hp.attn.head_dim, hp.attn.swa_window) == ("gemma3", 18, 640, 256, 512)
     assert [i for i in range(18) if not hp.is_swa(i)] == [5, 11, 17]  # every 6th layer is global
-    assert hp.rope_theta == 1e6 and hp.rope_theta_swa == 1e4
+    assert hp.rope.theta == 1e6 and hp.rope.theta_swa == 1e4
     assert hp.tied_output and hp.ffn_act == "gelu_tanh" and hp.embed_scale == pytest.approx(640 ** 0.5)
 
 

@@ -105,8 +105,8 @@ def test_step_scratch_follows_tokens_context_and_the_attention_path(l8):
     assert s(1, 4096) < 4 * MiB and s(1, 4096) - s(1, 512) < MiB
     # a sliding ring takes the general path, which gathers K and V and rotates K: 5 * 8 MiB at 4096,
     # and no longer expands them to every head in float32 (2 * 32 heads * 4096 slots * 128 * 4 bytes)
-    kv = 4096 * hp.n_head_kv * hp.head_dim * 2
-    assert 5 * kv <= s(1, 4096, sliding=True) < 2 * hp.n_head * 4096 * hp.head_dim * 4
+    kv = 4096 * hp.attn.n_head_kv * hp.attn.head_dim * 2
+    assert 5 * kv <= s(1, 4096, sliding=True) < 2 * hp.attn.n_head * 4096 * hp.attn.head_dim * 4
     # prompt steps: more tokens, more context, more bytes; every position's logits, 64 rows at a time
     assert s(2, 512) < s(64, 512) < s(512, 512) < s(512, 4096)
     assert s(64, 512) >= 64 * hp.n_vocab * 4

@@ -28,17 +28,17 @@ def models(tmp_path_factory):
 
 def test_hparams_llama(models):
     hp = open_model(models["llama"]).hparams
-    assert (hp.arch, hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv) == ("llama", 2, 64, 4, 2)
-    assert (hp.head_dim, hp.n_ff, hp.n_vocab, hp.rope_dim) == (16, 128, 256, 16)
-    assert hp.rope_neox is False and hp.rope_theta == 10000.0 and hp.context_length == 256
+    assert (hp.arch, hp.n_layer, hp.n_embd, hp.attn.n_head, hp.attn.n_head_kv) == ("llama", 2, 64, 4, 2)
+    assert (hp.attn.head_dim, hp.n_ff, hp.n_vocab, hp.rope.dim) == (16, 128, 256, 16)
+    assert hp.rope.neox is False and hp.rope.theta == 10000.0 and hp.context_length == 256
     assert hp.norm_eps == pytest.approx(1e-5)
-    assert hp.has_rope_freqs and not hp.tied_output
+    assert hp.rope.has_freqs and not hp.tied_output
 
 
 def test_hparams_qwen2(models):
     m = open_model(models["qwen2"])
     hp = m.hparams
-    assert (hp.arch, hp.n_head, hp.n_head_kv, hp.head_dim, hp.rope_neox) == ("qwen2", 4, 4, 16, True)
+    assert (hp.arch, hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim, hp.rope.neox) == ("qwen2", 4, 4, 16, True)
     assert m.layers[0]["attn_q.bias"].shape == (64,)
     assert m.layers[1]["attn_k.bias"].shape == (64,)
 
@@ -46,8 +46,8 @@ def test_hparams_qwen2(models):
 def test_hparams_qwen3_head_dim_from_key_length(models):
     m = open_model(models["qwen3"])
     hp = m.hparams
-    assert (hp.arch, hp.n_layer, hp.head_dim, hp.rope_dim, hp.rope_neox) == ("qwen3", 3, 32, 32, True)
-    assert hp.head_dim != hp.n_embd // hp.n_head
+    assert (hp.arch, hp.n_layer, hp.attn.head_dim, hp.rope.dim, hp.rope.neox) == ("qwen3", 3, 32, 32, True)
+    assert hp.attn.head_dim != hp.n_embd // hp.attn.n_head
     assert m.layers[2]["attn_q_norm.weight"].shape == (32,)
     assert m.layers[0]["attn_q.weight"].shape == (4 * 32, 64)
     assert m.layers[0]["attn_output.weight"].shape == (64, 4 * 32)
@@ -55,7 +55,7 @@ def test_hparams_qwen3_head_dim_from_key_length(models):
 
 def test_tied_and_rope_freqs_detection(models):
     tied = open_model(models["llama_tied"]).hparams
-    assert tied.tied_output and not tied.has_rope_freqs
+    assert tied.tied_output and not tied.rope.has_freqs
     m = open_model(models["llama"])
     assert "output.weight" in m.globals and m.globals["rope_freqs.weight"].shape == (8,)
 
@@ -302,11 +302,11 @@ def test_hostile_hyperparameters_are_one_line_naming_the_key(tmp_path, key, valu
 
 def test_moe_and_gemma3_hyperparameters(tmp_path):
     hp = open_model(ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe")).hparams
-    assert (hp.n_expert, hp.n_expert_used, hp.n_ff_exp, hp.expert_norm) == (4, 2, 128, True)
+    assert (hp.moe.n_expert, hp.moe.n_expert_used, hp.moe.n_ff_exp, hp.moe.expert_norm) == (4, 2, 128, True)
     assert "ffn_up.weight" not in hp.layer_tensors() and "ffn_gate_inp.weight" in hp.layer_tensors()
     src = ggufgen.write_model(tmp_path / "gemma3.gguf", arch="gemma3", n_layer=3)
     hp = open_model(src).hparams
-    assert hp.swa_window == 4 and [hp.is_swa(i) for i in range(3)] == [True, True, False]
+    assert hp.attn.swa_window == 4 and [hp.is_swa(i) for i in range(3)] == [True, True, False]
     no_window = ggufgen.rewrite_metadata(src, tmp_path / "w0.gguf", {"gemma3.attention.sliding_window": 0})
     assert not open_model(no_window).hparams.is_swa(0)  # no window: every layer attends globally
 

@@ -20,9 +20,9 @@ def test_smollm2_shape_two_layers(tmp_path):
     path = write_shaped_model(tmp_path / "s.gguf", "smollm2-135m", n_layer=2)
     idx = open_model(path)
     hp, want = idx.hparams, SHAPES["smollm2-135m"]
-    assert (hp.arch, hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.n_vocab) == (
+    assert (hp.arch, hp.n_layer, hp.n_embd, hp.n_ff, hp.attn.n_head, hp.attn.n_head_kv, hp.n_vocab) == (
         "llama", 2, want.n_embd, want.n_ff, want.n_head, want.n_head_kv, want.n_vocab)
-    assert hp.rope_theta == want.rope_theta and not hp.has_rope_freqs
+    assert hp.rope.theta == want.rope_theta and not hp.rope.has_freqs
     # 576-wide rows do not fit 256-value K blocks: llama.cpp's fallbacks
     assert idx.layers[0]["attn_q.weight"].qtype == QT.Q5_0
     assert idx.layers[0]["ffn_down.weight"].qtype in (QT.Q4_K, QT.Q6_K)  # 1536-wide rows do
@@ -52,7 +52,7 @@ def test_tiny_shape_runs_in_the_engine(tmp_path, quant):
 
     path = write_shaped_model(tmp_path / f"t-{quant}.gguf", TINY, quant=quant)
     idx = open_model(path)
-    assert idx.hparams.has_rope_freqs and idx.hparams.n_layer == 3
+    assert idx.hparams.rope.has_freqs and idx.hparams.n_layer == 3
     sizes = [idx.layer_nbytes(i) for i in range(3)]
     if quant in ("Q4_K_M", "Q5_K_M"):  # llama.cpp gives the last eighth of the layers Q6_K attn_v and ffn_down
         assert sizes[2] > sizes[0] == sizes[1]
@@ -96,13 +96,13 @@ def test_moe_shape_matches_its_index_and_runs(tmp_path):
     path = write_shaped_model(tmp_path / "moe.gguf", TINY_MOE)
     idx, planned = open_model(path), shaped_index(TINY_MOE)
     hp = idx.hparams
-    assert (hp.arch, hp.n_expert, hp.n_expert_used, hp.n_ff_exp, hp.head_dim) == ("qwen3moe", 8, 2, 256, 128)
+    assert (hp.arch, hp.moe.n_expert, hp.moe.n_expert_used, hp.moe.n_ff_exp, hp.attn.head_dim) == ("qwen3moe", 8, 2, 256, 128)
     assert idx.layers[0]["ffn_up_exps.weight"].shape == (8, 256, 256)
     assert idx.layers[0]["ffn_gate_inp.weight"].qtype == QT.F32
     for i in range(2):
         assert {k: (t.shape, t.qtype, t.nbytes) for k, t in idx.layers[i].items()} == \
                {k: (t.shape, t.qtype, t.nbytes) for k, t in planned.layers[i].items()}
-    assert (planned.hparams.n_expert, planned.hparams.head_dim) == (8, 128)
+    assert (planned.hparams.moe.n_expert, planned.hparams.attn.head_dim) == (8, 128)
     with Engine.load(path, device="cpu", dtype="float32", ctx=32) as eng:
         lg = eng.logits([1, 2, 3, 4, 5])
     assert lg.shape == (5, 300) and torch.isfinite(lg).all()
