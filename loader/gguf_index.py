@@ -413,14 +413,15 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
         return ModelError(f"{path}: metadata {a}.{key} = {value} {why}; the file is corrupt or was not "
                           "written by a known converter")
 
-    for key, v in [("block_count", hp.n_layer), ("embedding_length", hp.n_embd), ("attention.head_count", hp.attn.n_head),
-                   ("attention.head_count_kv", hp.attn.n_head_kv), ("attention.key_length", hp.attn.head_dim),
+    at = hp.attn
+    for key, v in [("block_count", hp.n_layer), ("embedding_length", hp.n_embd), ("attention.head_count", at.n_head),
+                   ("attention.head_count_kv", at.n_head_kv), ("attention.key_length", at.head_dim),
                    ("feed_forward_length", hp.n_ff), ("vocab_size", hp.n_vocab), ("context_length", hp.context_length),
                    ("rope.dimension_count", hp.rope.dim)]:
         if not 0 < v < 1 << 31:
             raise bad(key, v, "is out of range")
-    if hp.attn.swa_layers and (len(hp.attn.swa_layers) != hp.n_layer or not 0 < hp.attn.swa_window < 1 << 31):
-        raise bad("attention.sliding_window", hp.attn.swa_window, f"or its layer pattern ({len(hp.attn.swa_layers)} layers) "
+    if at.swa_layers and (len(at.swa_layers) != hp.n_layer or not 0 < at.swa_window < 1 << 31):
+        raise bad("attention.sliding_window", at.swa_window, f"or its layer pattern ({len(at.swa_layers)} layers) "
                                                              "is out of range")
     if hp.moe.n_expert or a == "qwen3moe":
         if not 0 < hp.moe.n_expert < 1 << 16:
@@ -442,7 +443,7 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
     blocks = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
     if len(blocks) != hp.n_layer or blocks != set(range(hp.n_layer)):
         raise bad("block_count", hp.n_layer, f"does not match the {len(blocks)} blocks of tensors in the file")
-    shapes = {"attn_q.weight": (hp.attn.n_head * hp.attn.head_dim, hp.n_embd), "attn_k.weight": (hp.attn.n_head_kv * hp.attn.head_dim, hp.n_embd),
+    shapes = {"attn_q.weight": (at.n_head * at.head_dim, hp.n_embd), "attn_k.weight": (at.n_head_kv * at.head_dim, hp.n_embd),
               "ffn_up.weight": (hp.n_ff, hp.n_embd)}
     for name, want in shapes.items():
         t = tensors.get(f"blk.0.{name}")

@@ -64,7 +64,8 @@ def test_the_math_kernel_only_where_the_efficient_one_cannot_run():
     hp = shaped_index("llama-3.1-8b", n_layer=1).hparams
     assert attention_path(hp, 2, True) == attention_path(hp, 2, False) == "folded"
     assert attention_path(hp, 2, True, bf16_unsupported=True) == "math"
-    odd = dataclasses.replace(hp, attn=dataclasses.replace(hp.attn, head_dim=20))  # (not a multiple of 8: the efficient kernel refuses it)
+    # (a head size not a multiple of 8: the efficient kernel refuses it)
+    odd = dataclasses.replace(hp, attn=dataclasses.replace(hp.attn, head_dim=20))
     assert attention_path(odd, 2, True) == "math" and attention_path(odd, 4, True) == "folded"
 
 
