@@ -22,10 +22,10 @@
  * plain, token and lanes paths give the same bits, and a token's row does not depend on the
  * other tokens of its call (qlinear.py relies on it: NOTE [ native blocks on the CPU device ]).
  *
- * Work: the caller's thread and a small pool of pthreads (grown to the largest count asked)
- * split the rows of every job of a call evenly, so a layer's gate and up, or several experts,
- * take one dispatch. The pool's workers spin briefly after a call, then sleep on a condition
- * variable. */
+ * Work: the rows of every job of a call are cut into pieces that the caller's thread and a small
+ * pool of pthreads (grown to the largest count asked) claim one at a time (NOTE [ pieces claimed,
+ * not handed out ]), so a layer's gate and up, or several experts, take one dispatch. The pool's
+ * workers spin briefly after a call, then sleep on a condition variable. */
 
 #include <math.h>
 #include <pthread.h>
@@ -675,16 +675,27 @@ static inline __m512i dot2_16(__m512i acc, __m512i a, __m512i b) {
 
 typedef void (*task_fn)(void *arg, int i, int n);
 
+/* NOTE [ pieces claimed, not handed out ]
+ * A dispatch cuts its work into n pieces, and the caller and the pool's workers each claim the
+ * next piece until none is left; the caller then waits only for the pieces claimed to finish. A
+ * worker that is asleep, or descheduled by the other processes sharing the cores, claims nothing
+ * and delays nothing: with the rows split evenly by thread and a wait for every worker, one
+ * worker off its core held the whole call for a scheduler slice (milliseconds, against an
+ * expert's tens of microseconds). A claim is a compare-and-swap of `ticket`, which holds the
+ * dispatch's generation, its piece count and the next piece; a worker reads the call's function
+ * and argument only after claiming a piece of that generation, and the caller does not return
+ * (nor start another dispatch) before every piece is done, so a worker late for a dispatch finds
+ * its generation gone and touches nothing of it. */
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER; /* one call at a time */
 static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
-static int n_workers;           /* pool threads (the caller is thread 0) */
-static atomic_int generation;   /* bumped for each dispatch */
-static atomic_int pending;      /* workers still running the current dispatch */
+static int n_workers;                   /* pool threads (the caller takes pieces too) */
+static _Atomic uint64_t ticket;         /* generation << 32 | pieces << 16 | next piece */
+static atomic_int done;                 /* pieces finished in this generation */
 static task_fn cur_fn;
 static void *cur_arg;
-static int cur_n;
 
+#define MAX_PIECES 65535
 #define SPIN_NS 30000 /* a worker spins 30 us after a dispatch (back-to-back calls find it awake), then sleeps */
 
 static inline int64_t now_ns(void) {
@@ -701,27 +712,40 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-typedef struct { int me, seen; } worker_arg;
+static inline uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
+
+/* claim and run pieces of generation `gen` until none is left */
+static void take_pieces(uint32_t gen) {
+    uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
+    for (;;) {
+        int n = (int)((t >> 16) & 0xffff), i = (int)(t & 0xffff);
+        if (gen_of(t) != gen || i >= n) return;
+        if (!atomic_compare_exchange_weak_explicit(&ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
+            continue; /* (t reloaded) */
+        cur_fn(cur_arg, i, n);
+        atomic_fetch_add_explicit(&done, 1, memory_order_release);
+        t = atomic_load_explicit(&ticket, memory_order_acquire);
+    }
+}
 
 static void *worker_main(void *p) {
-    worker_arg wa = *(worker_arg *)p;
+    uint32_t seen = *(uint32_t *)p; /* (the generation at its creation: a dispatch after it is its first) */
     free(p);
-    int me = wa.me, seen = wa.seen; /* (the generation at its creation: a dispatch after it is its first) */
     for (;;) {
-        int g, spins = 0;
+        uint32_t g;
+        int spins = 0;
         int64_t until = now_ns() + SPIN_NS;
-        while ((g = atomic_load_explicit(&generation, memory_order_acquire)) == seen) {
+        while ((g = gen_of(atomic_load_explicit(&ticket, memory_order_acquire))) == seen) {
             cpu_relax();
             if (!(++spins & 63) && now_ns() > until) break;
         }
         if (g == seen) {
             pthread_mutex_lock(&wake_mu);
-            while ((g = atomic_load(&generation)) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
+            while ((g = gen_of(atomic_load(&ticket))) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
             pthread_mutex_unlock(&wake_mu);
         }
         seen = g;
-        if (me < cur_n) cur_fn(cur_arg, me, cur_n);
-        atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
+        take_pieces(g);
     }
     return NULL;
 }
@@ -734,46 +758,46 @@ static void pool_after_fork(void) {
     pthread_cond_init(&wake_cv, NULL);
 }
 
-/* run fn(arg, i, n) for i in 0..n-1, i = 0 on the calling thread; returns n actually used */
-static int dispatch(task_fn fn, void *arg, int n) {
+/* run fn(arg, i, n) for every piece i in 0..n-1 on up to `threads` threads, the caller's included
+ * (NOTE [ pieces claimed, not handed out ]) */
+static void dispatch(task_fn fn, void *arg, int n, int threads) {
     static int registered;
     if (!registered) {
         registered = 1;
         pthread_atfork(NULL, NULL, pool_after_fork);
     }
-    while (n_workers < n - 1 && n_workers < MAX_THREADS - 1) {
+    if (n > MAX_PIECES) n = MAX_PIECES;
+    if (threads > n) threads = n;
+    while (n_workers < threads - 1 && n_workers < MAX_THREADS - 1) {
         pthread_t t;
         pthread_attr_t a;
         pthread_attr_init(&a);
         pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-        worker_arg *wa = malloc(sizeof *wa);
-        if (!wa) break;
-        wa->me = n_workers + 1;
-        wa->seen = atomic_load(&generation);
-        int rc = pthread_create(&t, &a, worker_main, wa);
+        uint32_t *seen = malloc(sizeof *seen);
+        if (!seen) break;
+        *seen = gen_of(atomic_load(&ticket));
+        int rc = pthread_create(&t, &a, worker_main, seen);
         pthread_attr_destroy(&a);
         if (rc) {
-            free(wa);
+            free(seen);
             break;
         }
         n_workers++;
     }
-    if (n > n_workers + 1) n = n_workers + 1;
-    if (n <= 1) {
-        fn(arg, 0, 1);
-        return 1;
+    if (threads <= 1 || !n_workers) {
+        for (int i = 0; i < n; i++) fn(arg, i, n);
+        return;
     }
     cur_fn = fn;
     cur_arg = arg;
-    cur_n = n;
-    atomic_store(&pending, n_workers);
+    atomic_store_explicit(&done, 0, memory_order_relaxed);
+    uint32_t gen = gen_of(atomic_load(&ticket)) + 1;
     pthread_mutex_lock(&wake_mu);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    atomic_store_explicit(&ticket, (uint64_t)gen << 32 | (uint64_t)n << 16, memory_order_release);
     pthread_cond_broadcast(&wake_cv);
     pthread_mutex_unlock(&wake_mu);
-    fn(arg, 0, n);
-    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) cpu_relax();
-    return n;
+    take_pieces(gen);
+    while (atomic_load_explicit(&done, memory_order_acquire) < n) cpu_relax();
 }
 
 /* ---------- a call ---------- */
@@ -876,10 +900,16 @@ static void job_rows(const call_t *c, int j, int64_t r0, int64_t r1) {
     }
 }
 
+#define PIECE_ROWS 16
+#define PIECE_ALIGN 4 /* (LANE_ROWS) */
+#define PIECES_A_THREAD 4 /* (a thread late to a call leaves its share to the others in pieces this small) */
+
 static void rows_task(void *p, int i, int n) {
     call_t *c = (call_t *)p;
     int64_t total = c->row_start[c->n_jobs];
-    int64_t lo = total * i / n, hi = total * (i + 1) / n;
+    /* (piece edges at multiples of PIECE_ALIGN: a lanes tile's rows stay in one piece) */
+    int64_t lo = total * i / n / PIECE_ALIGN * PIECE_ALIGN;
+    int64_t hi = i == n - 1 ? total : total * (i + 1) / n / PIECE_ALIGN * PIECE_ALIGN;
     for (int j = 0; j < c->n_jobs && lo < hi; j++) {
         int64_t a = c->row_start[j], b = c->row_start[j + 1];
         if (hi <= a || lo >= b) continue;
@@ -942,9 +972,12 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
     pthread_mutex_lock(&pool_mu);
     int64_t toks = 0;
     for (int j = 0; j < n_jobs; j++) toks += jobs[j].T;
-    dispatch(quantize_task, &c, toks * jobs[0].K >= 32768 ? threads : 1);
+    dispatch(quantize_task, &c, toks * jobs[0].K >= 32768 ? threads : 1, threads);
     int64_t rows = row_start[n_jobs];
-    dispatch(rows_task, &c, rows < threads * 4 ? (int)(rows / 4 > 1 ? rows / 4 : 1) : threads);
+    /* pieces of at least PIECE_ROWS rows, about PIECES_A_THREAD a thread (NOTE [ pieces claimed, not handed out ]) */
+    int64_t pieces = threads > 1 ? rows / PIECE_ROWS : 1;
+    if (pieces > (int64_t)threads * PIECES_A_THREAD) pieces = (int64_t)threads * PIECES_A_THREAD;
+    dispatch(rows_task, &c, pieces > 1 ? (int)pieces : 1, threads);
     pthread_mutex_unlock(&pool_mu);
     return 0;
 }
