@@ -307,18 +307,20 @@ def _gemv_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     return None
 
 
-# Programs a launch of qsmall's kernel aims at (two per multiprocessor of an H200): fewer, and K is split.
-SMALL_PROGRAMS = 264
-
-
 def _small_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     """("small", MP, BN, num_warps, num_stages, splits) for qsmall.small_kernel where it measured
-    faster than the other kernels and dequantize + cuBLAS on an H200 (BENCHMARKS.md), else None."""
-    if qtype not in qsmall.TYPES or not 3 <= M <= 16 or N < 1024 or K < 4096:
+    faster than the other kernels and dequantize + cuBLAS on an H200 (the 8B's four matrices, 1024 to
+    14336 rows, in CUDA graphs; BENCHMARKS.md "Small batches on the tensor cores"), else None: Q4_K
+    from 3 rows, and at 2 rows on 4096 rows or more (qgemv's 2-row kernel stays ahead on 1024), Q6_K
+    from 3 rows (at 2, qgemv's), up to 16 rows; K split in 4 (the most measured, and the fastest
+    everywhere), 64 rows of W a program (Q4_K on 1024 rows, Q6_K on up to 4096: 32). Q5_K and
+    Q8_0, the head and the 70B's larger matrices were not measured and keep the other kernels."""
+    if qtype not in (12, 14) or not 2 <= M <= 16 or not 1024 <= N <= 16384 or not 4096 <= K <= 16384 or K % 256:
         return None
-    BN = 64
-    splits = max(1, min(4, triton.cdiv(SMALL_PROGRAMS, triton.cdiv(N, BN))))
-    return ("small", 16, BN, 4, 2, splits)
+    if M == 2 and (qtype == 14 or N < 4096):
+        return None
+    BN = (32 if N <= 2048 else 64) if qtype == 12 else (64 if N >= 8192 else 32)
+    return ("small", 16, BN, 4, 2, 4)
 
 
 def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:
@@ -429,8 +431,12 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
 
 def _many_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     """`_gemv_config` for a launch of several matrices walking N rows in all (None under Triton's
-    interpreter, which takes one matrix a launch: its programs run one after another)."""
-    return None if INTERPRET else _gemv_config(M, N, K, qtype)
+    interpreter, which takes one matrix a launch: its programs run one after another, and where
+    `_small_config` takes the rows of matrices of up to 14336 rows each (q, k, v; gate and up): each
+    matrix is then launched on qsmall's kernel)."""
+    if INTERPRET or _small_config(M, min(N, 14336), K, qtype) is not None:
+        return None
+    return _gemv_config(M, N, K, qtype)
 
 
 def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[int], K: int, glu: bool = False,

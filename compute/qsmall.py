@@ -38,7 +38,7 @@ def _q_f16(q, OFF: tl.constexpr):
 
 
 @triton.jit
-def _run(acc, q, xt, S, O, OFF: tl.constexpr, HAS_OFF: tl.constexpr, DOT_F32: tl.constexpr,
+def _run(acc, q, xt, S, O, OFF: tl.constexpr, HAS_OFF: tl.constexpr, DOT_F32: tl.constexpr,  # noqa: E741
          DOT_PRECISION: tl.constexpr):
     """acc [BN, MP] += w @ xt over one run, w = S * (q - OFF) - O [BN, R] from the int32 quants q and the
     rows' float32 scales S and offsets O [BN], in float16 (float32 with DOT_F32); xt [R, MP] x's values."""

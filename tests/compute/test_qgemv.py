@@ -73,9 +73,10 @@ def test_choose_takes_gemv_where_it_measured_faster():
     4; more rows, the other types, smaller matrices and Triton's interpreter keep the other kernels.
     A chosen configuration has 2 to 4 rows of x a program (1 alone) and a slice on every lane."""
     choose = lambda M, qt, N=4096, K=4096, interpret=False: qkernels._choose(M, N, K, int(qt), interpret=interpret)[0]  # noqa: E731
+    # (Q4_K from 2 rows on 4096 rows or more and Q6_K from 3 go to qsmall: test_qsmall.py)
     assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in TYPES for N in (1024, 14336, 128256)
-               for K in (4096, 14336))
-    assert choose(3, QT.Q4_K) == choose(4, QT.Q4_K, 1024) == "gemv"
+               for K in (4096, 14336) if (M, qt) != (2, QT.Q4_K) or N == 1024 or N == 128256)
+    assert qkernels._gemv_config(3, 4096, 4096, int(QT.Q4_K))[0] == qkernels._gemv_config(4, 1024, 4096, int(QT.Q4_K))[0] == "gemv"
     assert not any(choose(M, qt) == "gemv" for M in (3, 4) for qt in (QT.Q5_K, QT.Q6_K, QT.Q8_0))
     assert choose(5, QT.Q4_K) != "gemv" and choose(16, QT.Q6_K) != "gemv" and choose(1, QT.Q4_0) != "gemv"
     assert choose(1, QT.Q3_K) != "gemv" and choose(1, QT.Q4_K, interpret=True) != "gemv"

@@ -182,7 +182,7 @@ def test_linear_dispatch_prompt_path_uses_the_scratch():
     b = random_blocks(rng, qt, N, K)
     w = QuantWeight(torch.from_numpy(b.reshape(-1).copy()), int(qt), (N, K))
     ref_w = torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K)
-    x = torch.randn(qlinear.FUSED_MAX_TOKENS + 5, K)
+    x = torch.randn(qlinear.FUSED_MAX_TOKENS_BY_TYPE[int(qt)] + 5, K)
     torch.testing.assert_close(linear(x, w), x @ ref_w.T, rtol=1e-5, atol=1e-5)
     old = qlinear.UNPLANNED_MAX_ELEMS
     qlinear.UNPLANNED_MAX_ELEMS = 16 * K  # 16 rows per chunk: three chunks

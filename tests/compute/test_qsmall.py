@@ -70,26 +70,31 @@ def test_small_on_words_not_4_aligned_takes_the_other_kernel():
     assert rel_err(y, x.double() @ reference(b, QT.Q4_K, N, K).T) < 1e-5
 
 
-def test_choose_takes_small_where_it_measured_faster():
-    """On a GPU, on the 8B's matrices, its types from 3 to 16 rows; 1 and 2 rows, other types, smaller
-    matrices and Triton's interpreter keep the other kernels. K is split only where N alone gives
-    fewer than SMALL_PROGRAMS programs."""
+def test_choose_takes_small_where_it_measured_faster(monkeypatch):
+    """On a GPU, on the 8B's matrices: Q4_K and Q6_K from 3 to 16 rows, Q4_K at 2 rows on 4096 rows
+    or more; 1 row, 17, Q4_K's 2 rows on 1024, Q6_K's 2, the types not measured, smaller matrices
+    and Triton's interpreter keep the other kernels; the launches of several matrices (qgemv's
+    many kernel) are not taken where qsmall is, so each goes to it."""
     choose = lambda M, qt, N=4096, K=4096, interpret=False: qkernels._choose(M, N, K, int(qt), interpret=interpret)  # noqa: E731
     shapes = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
-    assert all(choose(M, qt, N, K)[0] == "small" for M in (3, 4, 8, 16) for qt in TYPES for N, K in shapes)
-    assert not any(choose(M, qt)[0] == "small" for M in (1, 2, 17) for qt in TYPES)
-    assert choose(8, QT.Q4_0)[0] != "small" and choose(8, QT.Q3_K)[0] != "small"
-    assert choose(8, QT.Q4_K, 576, 576)[0] != "small" and choose(8, QT.Q4_K, interpret=True)[0] != "small"
-    for N, K in shapes:
-        _, MP, BN, warps, stages, splits = choose(8, QT.Q4_K, N, K)
-        assert MP == 16 and (splits == 1) == (-(-N // BN) >= qkernels.SMALL_PROGRAMS)
+    assert all(choose(M, qt, N, K)[0] == "small" for M in (3, 4, 8, 16) for qt in (QT.Q4_K, QT.Q6_K) for N, K in shapes)
+    assert all(choose(2, QT.Q4_K, N, K)[0] == "small" for N, K in shapes if N >= 4096)
+    assert choose(2, QT.Q4_K, 1024)[0] == choose(2, QT.Q6_K)[0] == "gemv"
+    assert not any(choose(M, qt)[0] == "small" for M in (1, 17) for qt in TYPES)
+    assert not any(choose(M, qt)[0] == "small" for M in (2, 3, 8) for qt in (QT.Q5_K, QT.Q8_0, QT.Q4_0, QT.Q3_K))
+    assert choose(8, QT.Q4_K, 576, 4096)[0] != "small" and choose(8, QT.Q4_K, interpret=True)[0] != "small"
+    monkeypatch.setattr(qkernels, "INTERPRET", False)
+    assert qkernels._many_config(4, 2 * 14336, 4096, int(QT.Q4_K)) is None
+    assert qkernels._many_config(2, 2048, 4096, int(QT.Q6_K))[0] == "gemv"
+    assert choose(8, QT.Q4_K, 1024)[2] == 32 and choose(8, QT.Q4_K)[2] == 64
+    assert choose(8, QT.Q6_K)[2] == 32 and choose(8, QT.Q6_K, 14336)[2] == 64
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q6_K, QT.Q5_K, QT.Q8_0], ids=lambda t: t.name)
 def test_small_at_the_8b_shapes_on_cuda(qt):
-    """The 8B's four matrix shapes (and 1027 rows: a masked last program), compiled, in the
-    configuration `_choose` picks at 2 to 16 rows and in split and unsplit ones: within float16
+    """The 8B's matrix shapes (and 1027 rows: a masked last program), compiled, 3 to 16 rows, in the
+    configuration `_choose` picks and in split and unsplit ones (Q5_K and Q8_0, not dispatched, too): within float16
     output rounding of float64, float32 and bfloat16 activations within theirs, and the same bits
     on a second call (the split sum's order is fixed)."""
     rng = np.random.default_rng(950 + int(qt))
@@ -97,7 +102,7 @@ def test_small_at_the_8b_shapes_on_cuda(qt):
         b = random_blocks(rng, qt, N, K)
         raw = torch.from_numpy(b.reshape(-1).copy()).cuda()
         ref_w = reference(b, qt, N, K).cuda()
-        cases = [(M, torch.float16, None) for M in (3, 8, 16)]
+        cases = [(M, torch.float16, ("small", 16, 64, 4, 2, 4)) for M in (3, 8, 16)] + [(8, torch.float16, None)]
         cases += [(5, torch.float16, ("small", 16, 64, 4, 2, 4)), (16, torch.float16, ("small", 16, 128, 8, 2, 1)),
                   (4, torch.float32, ("small", 16, 64, 4, 2, 2)), (8, torch.bfloat16, ("small", 16, 64, 4, 2, 1))]
         for M, dt, config in cases:
