@@ -147,6 +147,36 @@ def test_one_call_of_several_jobs_and_threads_gives_each_jobs_rows():
             assert (got.double() - ref).abs().max().item() < 2e-6 * ref.abs().max().item()
 
 
+def test_pieces_claimed_by_any_threads_give_the_bits_of_one_thread():
+    """NOTE [ pieces claimed, not handed out ] in qdot.c: calls of many pieces (rows cut at 4, jobs
+    ending inside a piece), of more threads than pieces, after a larger pool and from two Python
+    threads at once (ctypes lets both into the library; one call runs at a time) give the bits of
+    one thread."""
+    import threading
+
+    K = 512
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, K, generator=g)
+    jobs = [(torch.from_numpy(rows(qt, n, K, seed=n).reshape(-1)), int(qt), n, K, x)
+            for qt, n in ((QT.Q4_K, 150), (QT.Q6_K, 3), (QT.Q8_0, 1021), (QT.Q4_K, 17))]
+    want = native.matmuls(jobs, threads=1)
+    for threads in (16, 2, 7, 64, 3):  # (1,191 rows: 74 pieces at most; 64 threads: more than the pieces)
+        assert all(torch.equal(a, b) for a, b in zip(native.matmuls(jobs, threads=threads), want)), threads
+    bad = []
+
+    def loop(threads):
+        for _ in range(40):
+            if not all(torch.equal(a, b) for a, b in zip(native.matmuls(jobs, threads=threads), want)):
+                bad.append(threads)
+
+    ts = [threading.Thread(target=loop, args=(n,)) for n in (4, 9)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not bad and not any(t.is_alive() for t in ts)
+
+
 def test_bad_calls_say_what_was_wrong():
     raw = torch.zeros(10 * 144, dtype=torch.uint8)
     with pytest.raises(ValueError, match="no IQ4_XS"):
