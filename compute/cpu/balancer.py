@@ -9,7 +9,7 @@ import time
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from layerstream.compute.cpu.packing import INT4_TYPES, cpu_rows, packed_swiglu, random_cpu_matrix
+from layerstream.compute.cpu.packing import cpu_rows, random_cpu_matrix
 
 MAX_TOKENS = 8  # tokens of a step above which the CPU computes nothing (its int4 GEMV stops paying)
 BUCKETS = (1, 2, 4, 8)  # batch sizes the share is balanced for (a step takes the next bucket up)
@@ -157,30 +157,6 @@ def measure_link_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
         torch.cuda.synchronize(device)
         ts.append(time.perf_counter() - t0)
     return nbytes / min(ts) / 1e9
-
-
-def measure_expert_s(n_ff: int, n_embd: int, dtype: torch.dtype = torch.bfloat16, reps: int = 9,
-                     qtypes: tuple[int, int, int] | None = None, rows: int = 1) -> float:
-    """Seconds the CPU takes for one expert of `rows` tokens (gate, up and down of an n_ff x n_embd
-    SwiGLU, each int4-packed or, where its type in `qtypes` is not 4-bit, dense; None: all
-    int4), the median of reps over 16 experts in turn (NOTE [ CPU experts ] in cpu/experts.py)."""
-    g = torch.Generator().manual_seed(0)
-    kinds = qtypes or (next(iter(INT4_TYPES)),) * 3
-
-    def mat(q: int, N: int, K: int):
-        return random_cpu_matrix(q, N, K, g, dtype)
-
-    experts = [(mat(kinds[0], n_ff, n_embd), mat(kinds[1], n_ff, n_embd), mat(kinds[2], n_embd, n_ff))
-               for _ in range(16)]
-    x = torch.randn(rows, n_embd, generator=g).to(dtype)
-    ts = []
-    for r in range(reps + 1):
-        t0 = time.perf_counter()
-        for gate, up, down in experts:
-            packed_swiglu(gate, up, down, x)
-        if r:  # the first round warms up
-            ts.append((time.perf_counter() - t0) / len(experts))
-    return sorted(ts)[len(ts) // 2]
 
 
 def measure_round_trip_s(device: torch.device, n_embd: int, tokens: int = 8, reps: int = 9) -> float:

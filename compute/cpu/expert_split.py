@@ -3,7 +3,12 @@ link's measured cost an expert at the step's batch size (NOTE [ the experts' spl
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 from layerstream.compute.cpu.balancer import bucket
+
+SEEN_MIN = 3  # the run's own timings of a bucket that replace its timing at start
 
 
 class ExpertSplit:
@@ -20,13 +25,19 @@ class ExpertSplit:
     seconds an expert; host_s: what the CPU's share adds to the layer (its activations to the
     host, its sum back). Each layer of a step takes the m that minimises this, the fewest on a
     tie: every expert copied where one CPU expert costs more than the copies it would save, an
-    even split where both are timed equal. cpu_s starts from a timing at start and follows the
-    CPU's own timings in the run (a moving average of `weight`); link_s from the link's GB/s
-    measured at start. Whether the split beats no CPU at all in whole passes (the CPU's work
+    even split where both are timed equal. cpu_s starts from a timing at start (cpu/calibrate.py:
+    warmed, the median of several, on the run's own path) and then follows the CPU's own timings
+    in the run: the median of the last `window` layers' at that bucket, once SEEN_MIN are in (with a
+    moving average, a few slow layers, a thread off its core, set the split for the next several:
+    on an H200 host the in-run figures read 1624 us an expert at batch 1 and 8165 us at batch 8,
+    from 15 experts computed in all). link_s comes from the link's GB/s measured at
+    start. Whether the split beats no CPU at all in whole passes (the CPU's work
     holds the host, which launches the device's next work) is the Balancer's to time."""
 
-    def __init__(self, cpu_s: dict[int, float], link_s: float, host_s: float = 0.0, weight: float = 0.25):
-        self.cpu_s, self.link_s, self.host_s, self.weight = dict(cpu_s), link_s, host_s, weight
+    def __init__(self, cpu_s: dict[int, float], link_s: float, host_s: float = 0.0, window: int = 15):
+        self.cpu_s, self.link_s, self.host_s, self.window = dict(cpu_s), link_s, host_s, window
+        self.start = dict(cpu_s)  # the timing at start, for describe()
+        self.seen: dict[int, deque[float]] = {}  # bucket -> the last `window` seconds an expert in the run
 
     def count(self, tokens: int, n: int) -> int:
         """The CPU's share of a layer's `n` missing experts in a step of `tokens` tokens."""
@@ -46,10 +57,16 @@ class ExpertSplit:
         b = bucket(tokens)
         if b is None or experts <= 0 or seconds <= 0:
             return
-        per = seconds / experts
-        old = self.cpu_s.get(b)
-        self.cpu_s[b] = per if not old else (1 - self.weight) * old + self.weight * per
+        seen = self.seen.setdefault(b, deque(maxlen=self.window))
+        seen.append(seconds / experts)
+        if len(seen) >= SEEN_MIN:
+            self.cpu_s[b] = statistics.median(seen)
 
     def describe(self) -> str:
-        cpu = ", ".join(f"batch {b} {s * 1e6:.0f}" for b, s in sorted(self.cpu_s.items()))
+        def one(b: int, s: float) -> str:
+            start, n = self.start.get(b), len(self.seen.get(b, ()))
+            more = f"at start {start * 1e6:.0f}" if start else "not timed at start"
+            return f"batch {b} {s * 1e6:.0f} ({more}; {n} layers timed)" if n else f"batch {b} {s * 1e6:.0f} ({more})"
+
+        cpu = ", ".join(one(b, s) for b, s in sorted(self.cpu_s.items()))
         return f"an expert on the CPU {cpu} us, copied {self.link_s * 1e6:.0f} us, round trip {self.host_s * 1e6:.0f} us"

@@ -7,9 +7,10 @@ import time
 import numpy as np
 import torch
 
+from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.expert_split import ExpertSplit
-from layerstream.compute.cpu.packing import cpu_matrix, swiglu_many
+from layerstream.compute.cpu.packing import BlockRows, cpu_matrix, native_blocks, swiglu_many
 from layerstream.compute.cpu.sizing import expert_cpu_layers
 from layerstream.compute.cpu.split import Meter
 from layerstream.compute.expert_layout import expert_bytes, expert_parts
@@ -29,13 +30,18 @@ class CpuExperts:
     the staging bytes, while the copy engine moves the others and the device computes them: the
     CPU's experts are left out of the device's grouped launches (their pairs weigh 0 there) and
     their weighted sum is added on the device afterwards.
-    - 4-bit matrices (Q4_0, Q4_1, Q4_K) go to aten's int4 matmul, exact but for the rounding of
-      their scales to the CPU's dtype (cpu/packing.py); the other block types (a Q4_K_M file's
-      Q6_K downs, Q5_K, Q8_0, ...) are dequantized once into the CPU's dtype (DenseRows), exact
-      but for the rounding of each value. A layer takes part when all three are of these types.
-    - An expert is packed the first time the CPU takes it, and kept, within `budget` bytes of
-      host memory (the plan counts every expert of those layers as packed); past it, only
-      packed experts go to the CPU.
+    - Where the native kernel reads all three matrices' block types (cpu/native.py), the CPU reads
+      each expert's blocks in place, in the layer's staging slot, which the step holds until the
+      layer's release (NOTE [ expert streaming ]): nothing is copied or packed, and the plan
+      counts no host memory for it. Copied out once, they cost a copy per expert on first use
+      and the plan 15.6 GiB of host memory for the Qwen3-30B-A3B shape, for the same reads.
+    - Without the native kernel, 4-bit matrices (Q4_0, Q4_1, Q4_K) go to aten's int4 matmul,
+      exact but for the rounding of their scales to the CPU's dtype (cpu/packing.py), and the
+      other block types (a Q4_K_M file's Q6_K downs, Q5_K, Q8_0, ...) are dequantized once into
+      the CPU's dtype (DenseRows). Such an expert is packed the first time the CPU takes it, and
+      kept, within `budget` bytes of host memory (the plan counts every expert of those layers
+      as packed); past it, only packed experts go to the CPU. A layer takes part when all three
+      of its expert matrices are of types the CPU computes.
     - The CPU computes each of its experts once for all of its tokens (their rows gathered).
     - The share per batch bucket is fixed (that fraction of each layer's missing experts), or,
       with `split` (`--cpu-share auto`), each layer's count comes from the experts' cost model
@@ -55,11 +61,20 @@ class CpuExperts:
         self.computed = 0  # experts computed by the CPU (counting each layer's once a step)
         self.packing = Meter()  # packing time and bytes since the last take_pack_s()
         self._eligible: dict[int, bool] = {}
+        self._in_place: dict[int, bool] = {}
 
     def eligible(self, i: int, lay: LayerLayout) -> bool:
         got = self._eligible.get(i)
         if got is None:
             got = self._eligible[i] = bool(expert_cpu_layers([lay]))
+        return got
+
+    def in_place(self, i: int, lay: LayerLayout) -> bool:
+        """Whether the CPU reads layer i's experts in place, as blocks (NOTE [ CPU experts ])."""
+        got = self._in_place.get(i)
+        if got is None:
+            got = self._in_place[i] = native_blocks() and all(
+                t.qtype in native.NATIVE_TYPES for t, *_ in expert_parts(lay))
         return got
 
     def set_step(self, tokens: int) -> float:
@@ -82,12 +97,19 @@ class CpuExperts:
             n = min(n, self.split.count(self.tokens, len(missing)))
         if not n or not self.eligible(i, lay):
             return []
+        if self.in_place(i, lay):
+            return sorted(missing[:n])
         have = [e for e in missing if (i, e) in self.packed]
         if len(have) < n and self.packed_bytes < self.budget:
             have += [e for e in missing if (i, e) not in self.packed][: n - len(have)]
         return sorted(have[:n])
 
-    def _experts(self, i: int, e: int, lay: LayerLayout, host: np.ndarray) -> tuple:
+    def _experts(self, i: int, e: int, lay: LayerLayout, host: np.ndarray, raw: torch.Tensor | None = None) -> tuple:
+        """Expert e's gate, up and down in the CPU's form: views of its blocks in `host` (`raw`: the
+        same bytes as a tensor) where it reads them in place, else its packed copy (made now)."""
+        if raw is not None:
+            return tuple(BlockRows(raw[t.slot_offset + e * per : t.slot_offset + (e + 1) * per], t.qtype, cols)
+                         for t, per, _, _, cols in expert_parts(lay))
         got = self.packed.get((i, e))
         if got is None:
             mats = []
@@ -108,8 +130,13 @@ class CpuExperts:
         expert(h[token]): [T, n_embd] float32 on the host. ids: each pair's expert (row-major
         [T, k]); h, weight: [T, n_embd] and [T, k] on the host."""
         T, k = weight.shape
-        mats = [self._experts(i, e, lay, host) for e in experts]  # (packing is not the CPU share's time)
         t0 = self.clock()
+        raw = torch.from_numpy(host) if self.in_place(i, lay) else None
+        if raw is None:  # (packing is not the CPU share's time)
+            mats = [self._experts(i, e, lay, host) for e in experts]
+            t0 = self.clock()
+        else:
+            mats = [self._experts(i, e, lay, host, raw) for e in experts]
         pairs: dict[int, list[int]] = {e: [] for e in experts}
         for p, e in enumerate(ids):
             if e in pairs:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from layerstream.compute.cpu import balancer as bal
+from layerstream.compute.cpu.calibrate import expert_seconds
 from layerstream.compute.cpu.config import CpuShareConfig
 from layerstream.compute.cpu.expert_split import ExpertSplit
 from layerstream.compute.cpu.experts import CpuExperts
@@ -33,21 +34,21 @@ class CpuParts:
 
 
 def make_cpu_parts(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torch.device, dtype: torch.dtype,
-                   timeline: Timeline) -> CpuParts:
+                   timeline: Timeline, n_used: int | None = None) -> CpuParts:
     """The CPU's parts over the `streamed` layers; the CPU computes in bf16 beside a GPU, in the
-    compute dtype on a CPU-only machine."""
+    compute dtype on a CPU-only machine. n_used: the experts a token uses (None: not known)."""
     cpu_dtype = torch.bfloat16 if device.type == "cuda" else dtype
     return CpuParts(_make_share(cfg, streamed, device, cpu_dtype, timeline),
-                    _make_experts(cfg, streamed, device, cpu_dtype, timeline))
+                    _make_experts(cfg, streamed, device, cpu_dtype, timeline, n_used))
 
 
 def _make_experts(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torch.device, dtype: torch.dtype,
-                  timeline: Timeline) -> CpuExperts | None:
+                  timeline: Timeline, n_used: int | None = None) -> CpuExperts | None:
     """The CPU's share of a decode step's missing streamed experts (NOTE [ CPU experts ] in
     cpu/experts.py): a fixed fraction of each layer's, or on CUDA a count per layer and step from
-    the experts' cost model (NOTE [ the experts' split ]: one expert's CPU time, the link's GB/s
-    and the host's round trip measured here, the CPU's time then followed in the run), kept where
-    the passes' own timings show it faster than none."""
+    the experts' cost model (NOTE [ the experts' split ]: an expert's CPU time at each batch size,
+    the link's GB/s and the host's round trip measured here, the CPU's time then followed in the
+    run), kept where the passes' own timings show it faster than none."""
     lays = expert_cpu_layers(streamed)
     what = "missing experts of a decode step"
     if cfg.off or not cfg.pack_max or not lays:
@@ -56,12 +57,11 @@ def _make_experts(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torc
     split = None
     if cfg.auto:
         lay = lays[0]
-        _, n_ff, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
-        per = sum(lay.tensor(n).nbytes for n in EXPERT_TENSORS) // lay.tensor(EXPERT_TENSORS[0]).shape[0]
-        t_cpu = bal.measure_expert_s(n_ff, n_embd, dtype, qtypes=tuple(lay.tensor(n).qtype for n in EXPERT_TENSORS))
+        E, _, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
+        per = sum(lay.tensor(n).nbytes for n in EXPERT_TENSORS) // E
+        t_cpu = expert_seconds(lay, dtype, n_used)
         link = bal.measure_link_gbs(device)
-        split = ExpertSplit({b: t_cpu for b in bal.BUCKETS}, per / (link * 1e9),
-                            bal.measure_round_trip_s(device, n_embd))
+        split = ExpertSplit(t_cpu, per / (link * 1e9), bal.measure_round_trip_s(device, n_embd))
         # (five passes a share: a decode pass takes tens of ms, and one share's passes differ)
         balancer = bal.Balancer({}, link, 1.0, ratio, 1.0, every=5, what=what, propose=1.0, detail=split.describe)
     else:

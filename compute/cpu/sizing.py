@@ -3,7 +3,8 @@ its packed weights need."""
 
 from __future__ import annotations
 
-from layerstream.compute.cpu.packing import cpu_matrix_bytes, cpu_rows, cpu_types, split_types
+from layerstream.compute.cpu import native
+from layerstream.compute.cpu.packing import cpu_matrix_bytes, cpu_rows, cpu_types, native_blocks, split_types
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.cpus import usable_cpus
 
@@ -24,13 +25,18 @@ def expert_cpu_layers(layouts) -> list:
 
 def expert_packed_bytes(layouts, dtype_size: int = 2) -> int:
     """Host bytes of every expert of these layers in the CPU's form (what the CPU's experts may
-    take): 4-bit matrices packed, others dequantized into values of `dtype_size` bytes."""
+    take): none where the native kernel reads all three of a layer's expert matrices in place
+    (NOTE [ CPU experts ] in cpu/experts.py), else 4-bit matrices packed, others dequantized into
+    values of `dtype_size` bytes."""
     n = 0
+    native_types = native.NATIVE_TYPES if native_blocks() else frozenset()
     for lay in expert_cpu_layers(layouts):
-        for t in lay.tensors:
-            if t.name in EXPERT_TENSORS:
-                E, N, K = t.shape
-                n += E * cpu_matrix_bytes(t.qtype, N, K, dtype_size)
+        ts = [t for t in lay.tensors if t.name in EXPERT_TENSORS]
+        if all(t.qtype in native_types for t in ts):
+            continue
+        for t in ts:
+            E, N, K = t.shape
+            n += E * cpu_matrix_bytes(t.qtype, N, K, dtype_size)
     return n
 
 

@@ -218,9 +218,30 @@ def test_packed_bytes_count_every_expert_of_layers_whose_experts_the_cpu_compute
     assert sizing.expert_packed_bytes([q4, q6, iq]) == 3 * per_matrix + 2 * per_matrix + dense
     assert sizing.expert_packed_bytes([q6], 4) == 2 * per_matrix + 2 * dense  # (float32 on a CPU-only machine)
     assert sizing.packed_bytes([q4, q6], 0.3) == 5 * per_matrix + dense and sizing.packed_bytes([q4, q6], 0) == 0
-    # the CPU's time for one expert of that shape, as the balancer's start measures it
-    assert 0 < balancer.measure_expert_s(N, K, torch.float32, reps=2) < 1
-    assert 0 < balancer.measure_expert_s(N, K, torch.float32, reps=2, qtypes=(QT.Q4_K, QT.Q4_K, QT.Q6_K), rows=3) < 1
+
+
+def test_with_the_native_kernel_experts_read_in_place_pack_nothing():
+    """NOTE [ CPU experts ]: where the native kernel reads a layer's three expert types, the CPU
+    reads the experts' blocks in the staging slot, and the plan counts no host memory for them; a
+    layer with a type it reads only dequantized (Q5_0) still counts its packed experts."""
+    if not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    E, N, K = 8, 256, 512
+
+    def layer(down_type, i):
+        ts, off = [], 0
+        for name, qt, shape in (("ffn_gate_exps.weight", QT.Q4_K, (E, N, K)), ("ffn_up_exps.weight", QT.Q4_K, (E, N, K)),
+                                ("ffn_down_exps.weight", down_type, (E, K, N))):
+            nbytes = E * shape[1] * shape[2] // 256 * {QT.Q4_K: 144, QT.Q6_K: 210, QT.Q5_0: 22 * 8}[qt]
+            ts.append(SlotTensor(name, int(qt), shape, off, nbytes, "f", 0))
+            off += nbytes
+        return LayerLayout(i, tuple(ts), off)
+
+    q6, q5 = layer(QT.Q6_K, 0), layer(QT.Q5_0, 1)
+    assert sizing.expert_cpu_layers([q6, q5]) == [q6, q5]
+    assert sizing.expert_packed_bytes([q6]) == 0 and sizing.packed_bytes([q6], 0.9) == 0
+    blocks = 2 * E * N * K // 256 * 144  # gate and up: the blocks copied out
+    assert sizing.expert_packed_bytes([q6, q5]) == blocks + E * K * N * 2  # (Q5_0 dequantized to bf16)
 
 
 def test_quantweight_device_rows_are_a_prefix():

@@ -278,9 +278,12 @@ def _swiglu_ref(ref, ids, k, h, weight, experts):
     ((QT.Q5_K, QT.Q8_0, QT.Q6_K), torch.float32, 1e-5),
     ((QT.Q4_K, QT.Q4_K, QT.Q6_K), torch.bfloat16, 2e-2),  # beside a GPU
 ])
-def test_cpu_experts_match_the_float64_reference(types, dtype, tol, kernel, monkeypatch):
+@pytest.mark.parametrize("T", [1, 8])
+def test_cpu_experts_match_the_float64_reference(types, dtype, tol, kernel, T, monkeypatch):
     """The CPU's share of a step's experts from their staging bytes against float64 SwiGLU over
-    gguf-py's dequantization; only the chosen pairs of the CPU's experts count, weighted."""
+    gguf-py's dequantization; only the chosen pairs of the CPU's experts count, weighted. With the
+    native kernel the blocks are read in place (nothing packed: the next slot's bytes are what it
+    computes); without it each expert is packed once."""
     from layerstream.compute.cpu import native
     from layerstream.compute.cpu.balancer import Balancer
     from layerstream.compute.cpu.experts import CpuExperts
@@ -293,20 +296,28 @@ def test_cpu_experts_match_the_float64_reference(types, dtype, tol, kernel, monk
         tol = max(tol, 2e-4)  # x rounded to int16 steps (NOTE above)
 
     rng = np.random.default_rng(3)
-    E, n_ff, n_embd = 4, 256, 256
+    E, n_ff, n_embd, k = 4, 256, 256, 2
     lay, host, ref = _expert_layer(rng, E, n_ff, n_embd, types)
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 30, dtype, Timeline("compute", "t"))
-    assert cpu.eligible(0, lay)
+    assert cpu.eligible(0, lay) and cpu.in_place(0, lay) == (kernel == "native")
     assert cpu.choose(0, lay, [0, 1, 2, 3], 0.5) == [0, 1] and cpu.choose(0, lay, [2], 0.5) == []
-    T, k = 3, 2
-    ids = [1, 3, 3, 0, 2, 1]  # [T, k]: token 0 chose 1 and 3, token 1 chose 3 and 0, token 2 chose 2 and 1
+    ids = [1, 3, 3, 0, 2, 1] if T == 1 else [1, 3, 3, 0, 2, 1, 0, 2, 3, 1, 1, 2, 0, 3, 2, 0]  # [T, k] (T = 1: the first pair)
+    ids = ids[: T * k]
     h = torch.from_numpy(rng.standard_normal((T, n_embd))).float()
     weight = torch.from_numpy(rng.random((T, k))).float()
     got = cpu.compute(0, lay, host, [1, 3], ids, h, weight)
     want = _swiglu_ref(ref, ids, k, h, weight, (1, 3))
     assert np.abs(got.double().numpy() - want).max() < tol * np.abs(want).max()
-    assert cpu.computed == 2 and len(cpu.packed) == 2 and cpu.packed_bytes > 0
-    assert cpu.meter.take()[1] == cpu.packed_bytes  # each expert's packed bytes read once, for all its tokens
+    per = sum(t.nbytes for t in lay.tensors) // E
+    assert cpu.computed == 2 and cpu.meter.take()[1] == 2 * (per if kernel == "native" else cpu.packed_bytes // 2)
+    if kernel == "native":  # each expert's blocks read once, for all its tokens, where they lie
+        assert not cpu.packed and cpu.packed_bytes == 0 and cpu.take_pack_s() == 0
+        lay2, host2, ref2 = _expert_layer(rng, E, n_ff, n_embd, types)  # another step's slot
+        got2 = cpu.compute(0, lay2, host2, [1, 3], ids, h, weight)
+        want2 = _swiglu_ref(ref2, ids, k, h, weight, (1, 3))
+        assert np.abs(got2.double().numpy() - want2).max() < tol * np.abs(want2).max()
+        return
+    assert len(cpu.packed) == 2 and cpu.packed_bytes > 0
     assert cpu.take_pack_s() > 0 and cpu.take_pack_s() == 0  # packing is timed apart (the balancer leaves it out)
     cpu.compute(0, lay, host, [1, 3], ids, h, weight)  # packed already: nothing to pack
     assert cpu.take_pack_s() == 0 and cpu.meter.take()[1] == cpu.packed_bytes

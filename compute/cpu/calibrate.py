@@ -1,0 +1,104 @@
+"""The CPU's seconds an expert at each batch bucket, timed at start on the run's own path
+(CpuExperts.compute over blocks of the model's expert types and shapes): where the experts' split
+starts (NOTE [ the experts' split ] in cpu/expert_split.py)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from layerstream.compute.cpu import native
+from layerstream.compute.cpu.balancer import BUCKETS, Balancer
+from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.loader.layout import LayerLayout, SlotTensor
+from layerstream.proto.timeline import Timeline
+
+WORKING_SET = 192 << 20  # bytes of experts cycled through: more than a host's last-level cache, as in a run
+CPU_EXPERTS = 4  # experts a timed layer gives the CPU (at batch 1, about half of 8 missing)
+# where each block type keeps its float16 scales (d, and dmin where it has one): set to 2**-7, so
+# that random blocks compute as real ones do (random bytes there make infinities and subnormals)
+_SCALES = {int(QT.Q4_0): (0,), int(QT.Q4_1): (0, 2), int(QT.Q8_0): (0,), int(QT.Q4_K): (0, 2),
+           int(QT.Q5_K): (0, 2), int(QT.Q6_K): (208,)}
+_BLOCK = {int(QT.Q4_0): (32, 18), int(QT.Q4_1): (32, 20), int(QT.Q8_0): (32, 34), int(QT.Q4_K): (256, 144),
+          int(QT.Q5_K): (256, 176), int(QT.Q6_K): (256, 210)}
+
+
+def tokens_an_expert(batch: int, n_expert: int, n_used: int | None) -> int:
+    """The tokens a chosen expert has in a step of `batch` tokens with uniform routing: the step's
+    pairs over its distinct experts, E * (1 - (1 - k/E)^T) (1 where k is not known)."""
+    if not n_used or not n_expert:
+        return 1
+    distinct = n_expert * (1 - (1 - n_used / n_expert) ** batch)
+    return max(1, min(batch, round(batch * n_used / distinct)))
+
+
+def random_expert_layer(lay: LayerLayout, n: int, seed: int = 0) -> tuple[LayerLayout, np.ndarray]:
+    """A layer of `n` experts of `lay`'s expert types and shapes, random blocks with sane scales:
+    its layout and bytes (one expert's random bytes repeated: the kernel's time does not depend on
+    the values)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, one, off = [], [], 0
+    for name in EXPERT_TENSORS:
+        t = lay.tensor(name)
+        _, N, K = t.shape
+        per = t.nbytes // t.shape[0]
+        b = torch.randint(0, 256, (per,), dtype=torch.uint8, generator=g).numpy()
+        bk, bs = _BLOCK[t.qtype]
+        blocks = b.reshape(-1, bs)
+        for at in _SCALES[t.qtype]:
+            blocks[:, at : at + 2] = (0x00, 0x20)  # (float16 2**-7, little-endian)
+        tensors.append(SlotTensor(name, t.qtype, (n, N, K), off, n * per, "f", 0))
+        one.append(b)
+        off += n * per
+    host = np.concatenate([np.tile(b, n) for b in one])
+    return LayerLayout(lay.layer, tuple(tensors), off), host
+
+
+def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = None, reps: int = 9,
+                   clock=time.perf_counter) -> dict[int, float]:
+    """{bucket: the CPU's seconds an expert} for layer `lay`'s experts read as blocks in place
+    (NOTE [ CPU experts ]): CpuExperts.compute of CPU_EXPERTS experts, each with its share of a
+    step's tokens (tokens_an_expert), on this process's threads; the experts cycle through
+    WORKING_SET bytes, so each is read from memory, as in a run. Warmed (the kernel loaded, its
+    threads started, its scratch grown), then the median of `reps` per bucket."""
+    from layerstream.compute.cpu.experts import CpuExperts
+
+    native.library()  # (built by the plan already; loaded here, outside the timings)
+    E, n_ff, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
+    per = sum(lay.tensor(n).nbytes for n in EXPERT_TENSORS) // E
+    n = max(2 * CPU_EXPERTS, min(16 * CPU_EXPERTS, math.ceil(WORKING_SET / per)))
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 62, dtype, Timeline("calibrate", "t"))
+    if not cpu.in_place(0, lay):  # packed copies (no native kernel): made first, as a run keeps them
+        n = 2 * CPU_EXPERTS
+    fake, host = random_expert_layer(lay, n)
+    if not cpu.in_place(0, fake):
+        for e in range(n):
+            cpu._experts(0, e, fake, host)
+    g = torch.Generator().manual_seed(1)
+    out, next_e = {}, 0
+    for b in BUCKETS:
+        r = tokens_an_expert(b, E, n_used)
+        k = math.ceil(CPU_EXPERTS * r / b)
+        ts = []
+        for rep in range(reps + 2):
+            experts = [(next_e + j) % n for j in range(CPU_EXPERTS)]
+            next_e = (next_e + CPU_EXPERTS) % n
+            rows = [[] for _ in range(b)]  # each expert's r pairs on r distinct tokens
+            for j, e in enumerate(experts):
+                for s in range(r):
+                    rows[(j * r + s) % b].append(e)
+            ids = [e for row in rows for e in row + [-1] * (k - len(row))]
+            h = torch.randn(b, n_embd, generator=g)
+            w = torch.rand(b, k, generator=g)
+            t0 = clock()
+            cpu.compute(0, fake, host, experts, ids, h, w)
+            dt = clock() - t0
+            if rep >= 2:  # (two rounds warm the bucket: the kernel's scratch, the lanes path)
+                ts.append(dt / CPU_EXPERTS)
+        out[b] = statistics.median(ts)
+    return out
