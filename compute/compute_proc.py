@@ -121,7 +121,7 @@ class ComputeWorker:
         layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
         resident = set(plan.resident)
         self.cpu = make_cpu_parts(cfg.cpu_share, [lay for i, lay in enumerate(layouts) if i not in resident],
-                                  self.device, dtype, self.tl)
+                                  self.device, dtype, self.tl, index.hparams.moe.n_expert_used)
         hp, ex = index.hparams, cfg.experts
         experts = make_expert_stream(layouts, resident, (hp.moe.n_expert, hp.moe.n_expert_used), ex.cache_bytes,
                                      ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
