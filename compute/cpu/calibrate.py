@@ -42,7 +42,9 @@ def random_expert_layer(lay: LayerLayout, n: int, seed: int = 0) -> tuple[LayerL
     its layout and bytes (one expert's random bytes repeated: the kernel's time does not depend on
     the values)."""
     g = torch.Generator().manual_seed(seed)
-    tensors, one, off = [], [], 0
+    total = sum(lay.tensor(name).nbytes // lay.tensor(name).shape[0] for name in EXPERT_TENSORS) * n
+    host = np.empty(total, dtype=np.uint8)
+    tensors, off = [], 0
     for name in EXPERT_TENSORS:
         t = lay.tensor(name)
         _, N, K = t.shape
@@ -53,9 +55,8 @@ def random_expert_layer(lay: LayerLayout, n: int, seed: int = 0) -> tuple[LayerL
         for at in _SCALES[t.qtype]:
             blocks[:, at : at + 2] = (0x00, 0x20)  # (float16 2**-7, little-endian)
         tensors.append(SlotTensor(name, t.qtype, (n, N, K), off, n * per, "f", 0))
-        one.append(b)
+        host[off : off + n * per].reshape(n, per)[:] = b
         off += n * per
-    host = np.concatenate([np.tile(b, n) for b in one])
     return LayerLayout(lay.layer, tuple(tensors), off), host
 
 
