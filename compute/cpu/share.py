@@ -144,7 +144,7 @@ class CpuShare:
             N = full.shape[0]
             n_dev = N - n_cpu
             if isinstance(full, QuantWeight):
-                dev = QuantWeight(full.raw[: n_dev * (full.nbytes // N)], full.qtype, (n_dev, full.shape[1]))
+                dev = QuantWeight(full.raw[: n_dev * (full.nbytes // N)], full.qtype, (n_dev, full.shape[1]), full.native)
             else:
                 dev = full[:n_dev]
             w[name] = SplitWeight(dev if n_dev else None, self.packed[i][name].tail(n_cpu), self.meter,
