@@ -37,6 +37,19 @@ def tokens_an_expert(batch: int, n_expert: int, n_used: int | None) -> int:
     return max(1, min(batch, round(batch * n_used / distinct)))
 
 
+def expert_layout(n_expert: int, n_ff: int, n_embd: int, qtypes: tuple[int, int, int], layer: int = 0) -> LayerLayout:
+    """The layout of a layer of `n_expert` experts (gate and up n_ff x n_embd, down n_embd x n_ff,
+    of `qtypes`), no other tensor: what expert_seconds times, for a shape without its file
+    (Qwen3-30B-A3B: 128, 768, 2048, (Q4_K, Q4_K, Q6_K))."""
+    tensors, off = [], 0
+    for name, qt, (r, c) in zip(EXPERT_TENSORS, qtypes, ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))):
+        bk, bs = _BLOCK[int(qt)]
+        nbytes = n_expert * r * (c // bk) * bs
+        tensors.append(SlotTensor(name, int(qt), (n_expert, r, c), off, nbytes, "f", 0))
+        off += nbytes
+    return LayerLayout(layer, tuple(tensors), off)
+
+
 def random_expert_layer(lay: LayerLayout, n: int, seed: int = 0) -> tuple[LayerLayout, np.ndarray]:
     """A layer of `n` experts of `lay`'s expert types and shapes, random blocks with sane scales:
     its layout and bytes (one expert's random bytes repeated: the kernel's time does not depend on

@@ -12,18 +12,21 @@ from layerstream.compute.cpu import calibrate, native
 from layerstream.compute.cpu.balancer import BUCKETS
 from layerstream.compute.cpu.expert_split import ExpertSplit
 from layerstream.compute.expert_layout import EXPERT_TENSORS
-from layerstream.loader.layout import LayerLayout, SlotTensor
 
 
 def _layer(E=8, N=256, K=512, types=(QT.Q4_K, QT.Q4_K, QT.Q6_K)):
     """A layout of E experts (gate and up N x K, down K x N) of `types`; no bytes."""
-    size = {QT.Q4_K: 144, QT.Q6_K: 210, QT.Q8_0: 34 * 8, QT.Q4_0: 18 * 8}
-    ts, off = [], 0
-    for name, qt, (r, c) in zip(EXPERT_TENSORS, types, ((N, K), (N, K), (K, N))):
-        nbytes = E * r * c // 256 * size[qt]
-        ts.append(SlotTensor(name, int(qt), (E, r, c), off, nbytes, "f", 0))
-        off += nbytes
-    return LayerLayout(3, tuple(ts), off)
+    return calibrate.expert_layout(E, N, K, tuple(int(t) for t in types), layer=3)
+
+
+def test_an_expert_layout_has_each_matrix_of_its_type_and_shape():
+    lay = _layer(types=(QT.Q4_K, QT.Q8_0, QT.Q6_K))
+    got = [(t.name, t.qtype, t.shape, t.slot_offset, t.nbytes) for t in lay.tensors]
+    q4, q8, q6 = 8 * 256 * 2 * 144, 8 * 256 * 16 * 34, 8 * 512 * 1 * 210
+    assert got == [(EXPERT_TENSORS[0], int(QT.Q4_K), (8, 256, 512), 0, q4),
+                   (EXPERT_TENSORS[1], int(QT.Q8_0), (8, 256, 512), q4, q8),
+                   (EXPERT_TENSORS[2], int(QT.Q6_K), (8, 512, 256), q4 + q8, q6)]
+    assert lay.nbytes == q4 + q8 + q6 and lay.layer == 3
 
 
 class Clock:
