@@ -107,7 +107,8 @@ def time_draft(index, args, ctx: int, lengths: list[int]) -> dict[int, float]:
 
 def bench_spec(args) -> dict:
     from layerstream.coordinator.engine import EngineConfig, local_backend
-    from layerstream.coordinator.pipeline import PipelineConfig, pipeline_backend
+    from layerstream.coordinator.pipeline import pipeline_backend
+    from layerstream.coordinator.pipeline_config import Budget, CpuOptions, PipelineConfig, ReaderOptions
 
     sizes = sorted(set(args.verify) | {1})
     ctx = PROMPT + max(sizes) + 8
@@ -117,10 +118,11 @@ def bench_spec(args) -> dict:
             raise ValueError(f"the draft has {dindex.hparams.n_vocab} tokens, the target {V}: give a draft of its vocabulary")
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=1,
                            draft_model=dindex.path if dindex is not None else None)
-        pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
-                              prefetch=args.prefetch, step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                              cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
-                              vram_slots=args.vram_slots)
+        pcfg = PipelineConfig(budget=Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
+                                            step_tokens=args.step_tokens, resident_layers=args.resident_layers,
+                                            vram_slots=args.vram_slots),
+                              readers=ReaderOptions(count=args.readers),
+                              cpu=CpuOptions(share=args.cpu_share, split=args.cpu_split, threads=args.cpu_threads))
         # the target alone, the draft not loaded beside it: the plan counts the draft's memory all the same
         backend = local_backend(index, cfg) if args.in_process else pipeline_backend(index, cfg, pcfg)
         try:

@@ -595,7 +595,13 @@ def _expert_options(args):
 def bench_pipeline(args) -> list[dict]:
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
-    from layerstream.coordinator.pipeline import PipelineConfig
+    from layerstream.coordinator.pipeline_config import (
+        Budget,
+        CpuOptions,
+        PipelineConfig,
+        ProcessOptions,
+        ReaderOptions,
+    )
     from layerstream.loader.layout import layer_layouts
 
     batches = sorted(set(args.batch))
@@ -606,11 +612,12 @@ def bench_pipeline(args) -> list[dict]:
                   GENERATE_PROMPT + args.generate_tokens) + 8
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
                            prefill_chunk=max(args.tokens, *batches))  # (a decode step holds every sequence)
-        pcfg = PipelineConfig(readers=args.readers, direct=args.direct, vram_gb=args.vram_gb,
-                              host_cache_gb=args.host_cache_gb, prefetch=args.prefetch, step_tokens=args.step_tokens,
-                              resident_layers=args.resident_layers, trace=bool(args.trace),
-                              cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads, vram_slots=args.vram_slots,
-                              experts=_expert_options(args))
+        pcfg = PipelineConfig(budget=Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
+                                            step_tokens=args.step_tokens, resident_layers=args.resident_layers,
+                                            vram_slots=args.vram_slots),
+                              readers=ReaderOptions(count=args.readers, direct=args.direct),
+                              cpu=CpuOptions(share=args.cpu_share, split=args.cpu_split, threads=args.cpu_threads),
+                              procs=ProcessOptions(trace=bool(args.trace)), experts=_expert_options(args))
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -788,7 +795,12 @@ def bench_serve(args) -> list[dict]:
     import uvicorn
 
     from layerstream.coordinator.engine import Engine, EngineConfig
-    from layerstream.coordinator.pipeline import PipelineConfig
+    from layerstream.coordinator.pipeline_config import (
+        Budget,
+        CpuOptions,
+        PipelineConfig,
+        ReaderOptions,
+    )
     from layerstream.coordinator.server import Server
 
     clients = sorted(set(args.clients))
@@ -800,10 +812,12 @@ def bench_serve(args) -> list[dict]:
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(clients))
         pcfg = None
         if not args.resident:
-            pcfg = PipelineConfig(readers=args.readers, vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
-                                  step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                                  cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
-                                  vram_slots=args.vram_slots, experts=_expert_options(args))
+            pcfg = PipelineConfig(budget=Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
+                                                step_tokens=args.step_tokens, resident_layers=args.resident_layers,
+                                                vram_slots=args.vram_slots),
+                                  readers=ReaderOptions(count=args.readers),
+                                  cpu=CpuOptions(share=args.cpu_share, split=args.cpu_split, threads=args.cpu_threads),
+                                  experts=_expert_options(args))
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)

@@ -145,23 +145,20 @@ def open_engine(args, index, progress: bool, warm=None):
     )
     pcfg = None
     if not args.single_process:
-        from layerstream.coordinator.pipeline import PipelineConfig
-        from layerstream.coordinator.pipeline_config import ExpertOptions
+        from layerstream.coordinator import pipeline_config as pc
 
         # a server's first pass comes with its first request, among the server's own lines
         stages = ("processes",) if args.serve else ("processes", "layers")
 
-        pcfg = PipelineConfig(
-            readers=args.readers, reader_dirs=tuple(args.reader_dir), read_threads=args.read_threads,
-            direct=args.direct_io,
-            vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
-            kv_on_host=args.kv_on_host, resident_layers=args.resident_layers, transport=args.transport,
-            step_tokens=args.step_tokens, stall_timeout_s=args.stall_timeout,
-            cpu_share=args.cpu_share, cpu_split=args.cpu_split, cpu_threads=args.cpu_threads,
-            vram_slots=args.vram_slots,
-            experts=ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch),
-            trace=bool(args.trace), on_progress=LoadProgress(sys.stderr, stages=stages) if progress else None,
-            warm=warm,
+        pcfg = pc.PipelineConfig(
+            budget=pc.Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, resident_layers=args.resident_layers,
+                             kv_on_host=args.kv_on_host, prefetch=args.prefetch, step_tokens=args.step_tokens,
+                             vram_slots=args.vram_slots),
+            readers=pc.ReaderOptions(args.readers, tuple(args.reader_dir), args.read_threads, args.direct_io),
+            cpu=pc.CpuOptions(args.cpu_share, args.cpu_split, args.cpu_threads),
+            experts=pc.ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch),
+            procs=pc.ProcessOptions(args.transport, trace=bool(args.trace), stall_timeout_s=args.stall_timeout),
+            on_progress=LoadProgress(sys.stderr, stages=stages) if progress else None, warm=warm,
         )
     # the single-process engine draws a bar of its own, layer by layer
     return Engine.open(cfg, pcfg, index=index, progress=progress and pcfg is None)

@@ -48,13 +48,13 @@ class Launch:
     layouts: tuple[LayerLayout, ...]
     readers: ReaderPlan
     plan: Plan
-    cpu: CpuShareConfig  # the CPU share this run packs: the plan's fit of cfg.cpu
+    cpu: CpuShareConfig  # the CPU share this run packs: the plan's fit of cfg.cpu.parsed
 
     @property
     def read_threads(self) -> int:
         """Each reader's threads: as asked, else the default's share among the readers, 2 at least
         (NOTE [ parallel reads ])."""
-        return self.cfg.read_threads or max(2, default_threads() // self.readers.n_readers)
+        return self.cfg.readers.threads or max(2, default_threads() // self.readers.n_readers)
 
     @property
     def reader_ids(self) -> list[str]:
@@ -77,12 +77,12 @@ class Launch:
 
     def reader_config(self, r: int, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> reader_proc.ReaderConfig:
         return reader_proc.ReaderConfig(self.reader_ids[r], tuple(self.index.files), tuple(self.readers.files[r]),
-                                        self.cfg.direct, self.read_threads, arena, endpoints, parent_pid,
-                                        self.cfg.trace)
+                                        self.cfg.readers.direct, self.read_threads, arena, endpoints, parent_pid,
+                                        self.cfg.procs.trace)
 
     def compute_config(self, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> ComputeConfig:
         plan, cfg = self.plan, self.cfg
-        threads = cfg.cpu_threads or (threads_default() if not self.cpu.off and plan.streamed
+        threads = cfg.cpu.threads or (threads_default() if not self.cpu.off and plan.streamed
                                       and self.device.type == "cuda" else None)
         on_device = DevicePlan(plan.resident, plan.vram_slots, plan.kv_device_layers, plan.budget_bytes,
                                plan.step_tokens)
@@ -94,7 +94,7 @@ class Launch:
             dtype=str(self.dtype).split(".")[-1], ctx=self.ctx, max_seqs=self.max_seqs, plan=on_device,
             weights=self.weights, arena=arena, layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu,
             index=self._compute_index(), experts=experts, cpu_threads=threads, endpoints=endpoints,
-            parent_pid=parent_pid, trace=cfg.trace, sliding=self.sliding)
+            parent_pid=parent_pid, trace=cfg.procs.trace, sliding=self.sliding)
 
     def _compute_index(self) -> ModelIndex:
         """The index as the compute process gets it: without the tokenizer's metadata, which it never
@@ -121,19 +121,21 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
     from layerstream.compute.device import keeps_quantized
 
     layouts = layer_layouts(index)
-    readers = readers_for(index.files, cfg.readers, list(cfg.reader_dirs) or None)
-    vram = _gib(cfg.vram_gb)
+    budget = cfg.budget
+    readers = readers_for(index.files, cfg.readers.count, list(cfg.readers.dirs) or None)
+    vram = _gib(budget.vram_gb)
     if vram is None and device.type == "cuda":
         vram = fit_budget(device)  # fit by default: a model larger than the GPU streams
     plan = make_plan(
-        index, layouts, vram_bytes=vram, host_cache_bytes=_gib(cfg.host_cache_gb),
-        dtype_bytes=torch.finfo(dtype).bits // 8, ctx=ctx, max_seqs=max_seqs, prefetch=cfg.prefetch,
-        kv_on_host=cfg.kv_on_host, resident_layers=cfg.resident_layers,
-        quantized=keeps_quantized(device, weights), device_type=device.type, step_tokens=cfg.step_tokens,
+        index, layouts, vram_bytes=vram, host_cache_bytes=_gib(budget.host_cache_gb),
+        dtype_bytes=torch.finfo(dtype).bits // 8, ctx=ctx, max_seqs=max_seqs, prefetch=budget.prefetch,
+        kv_on_host=budget.kv_on_host, resident_layers=budget.resident_layers,
+        quantized=keeps_quantized(device, weights), device_type=device.type, step_tokens=budget.step_tokens,
         max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.experts.cache_gb),
-        moe_dense=cfg.experts.moe_dense, vram_slots=cfg.vram_slots, expert_prefetch=cfg.experts.prefetch, draft=draft,
+        moe_dense=cfg.experts.moe_dense, vram_slots=budget.vram_slots, expert_prefetch=cfg.experts.prefetch,
+        draft=draft,
     )
-    cpu = cfg.cpu.for_device(device.type)
+    cpu = cfg.cpu.parsed.for_device(device.type)
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))
     streamed = [layouts[i] for i in plan.streamed]
     plan = dataclasses.replace(plan, cpu_share_bytes=packed_bytes(streamed, cpu.pack_max, cpu.split))

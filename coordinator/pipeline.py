@@ -97,7 +97,7 @@ class Pipeline:
 
     def __init__(self, launch: Launch):
         self.launch, self.cfg = launch, launch.cfg
-        self.tl = Timeline("coordinator", "0", trace=self.cfg.trace)
+        self.tl = Timeline("coordinator", "0", trace=self.cfg.procs.trace)
         self.core = StreamCore(launch.plan, launch.index.hparams.n_layer)  # the scheduling; this class is its loop
         self.sup = Supervisor(self.cfg.warm)
         self.loop = new_loop()
@@ -138,7 +138,8 @@ class Pipeline:
 
     async def _start(self) -> None:
         la, pid = self.launch, os.getpid()
-        self.links = links = CoordinatorLinks(self.cfg.transport, self.cfg.host, la.max_msg_in, la.max_msg_out)
+        procs = self.cfg.procs
+        self.links = links = CoordinatorLinks(procs.transport, procs.host, la.max_msg_in, la.max_msg_out)
         self._progress("processes", 0)
         st = self._start_child("staging", "staging", staging_proc.main,
                                la.staging_config(links.endpoints_for("staging"), pid))
@@ -166,7 +167,7 @@ class Pipeline:
         return c
 
     async def _wait_ready(self, idents: list[str]) -> None:
-        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        deadline = time.monotonic() + self.cfg.procs.ready_timeout_s
         await self._run_until(lambda: all(self.sup.children[i].ready is not None for i in idents),
                               deadline, f"start of {', '.join(idents)}")
 
@@ -190,7 +191,7 @@ class Pipeline:
                 raise PipelineError(self.failure)
             now = time.monotonic()
             if deadline is not None and now > deadline:
-                raise PipelineError(f"timed out waiting for the {what} after {self.cfg.ready_timeout_s:.0f} s; "
+                raise PipelineError(f"timed out waiting for the {what} after {self.cfg.procs.ready_timeout_s:.0f} s; "
                                     "run with -v to see what each process logged")
             wake = deadline
             if stall is not None:
@@ -396,7 +397,7 @@ class Pipeline:
 
     async def _collect(self) -> StepResult:
         n = min(self.expected)
-        await self._run_until(lambda: n in self.results or n in self.failed_steps, stall=self.cfg.stall_timeout_s)
+        await self._run_until(lambda: n in self.results or n in self.failed_steps, stall=self.cfg.procs.stall_timeout_s)
         del self.expected[n]
         if self.expected:
             self.heard["compute"] = time.monotonic()  # (the next step's turn starts now)

@@ -1,4 +1,4 @@
-"""The streaming pipeline's options: one frozen dataclass, checked and parsed once when made."""
+"""The streaming pipeline's options: frozen dataclasses by concept, checked and parsed once when made."""
 
 from __future__ import annotations
 
@@ -16,6 +16,55 @@ TRANSPORTS = ("ipc", "tcp")
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What the plan is given (plan.make_plan's inputs; None: the plan's default)."""
+
+    vram_gb: float | None = None
+    host_cache_gb: float | None = None
+    resident_layers: int | None = None
+    kv_on_host: bool | None = None
+    prefetch: int | None = None  # layers staged ahead of compute
+    step_tokens: int | None = None  # tokens of one forward step at most (default: from the budget)
+    vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (default 2)
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """The reader processes: how many, the folder each reads from, their threads, O_DIRECT."""
+
+    count: int = 1  # --readers
+    dirs: tuple[str, ...] = ()  # --reader-dir, one per reader (loader/layout.py, readers_for)
+    threads: int | None = None  # threads of each reader (None: loader/reader.py's default_threads)
+    direct: bool = False
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError(f"--readers {self.count}: must be at least 1")
+        if self.dirs and len(self.dirs) != self.count:
+            raise ConfigError(f"--reader-dir given {len(self.dirs)} times for --readers {self.count}; "
+                              "give one per reader")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--read-threads {self.threads}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    """The CPU's share of the streamed layers (compute/cpu/) and the compute process's threads."""
+
+    # 0 (default), auto (timed and chosen per batch size on CUDA) or a fraction; and what it splits:
+    # "layers" (whole FFN matrices of some layers) or "rows". Parsed once into `parsed`.
+    share: str = "0"
+    split: str = "layers"
+    threads: int | None = None  # CPU threads of the compute process (default: compute/cpu/sizing.py)
+    parsed: CpuShareConfig = field(init=False, repr=False)  # share and split, parsed
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--cpu-threads {self.threads}: must be at least 1")
+        object.__setattr__(self, "parsed", parse_cpu_share(self.share, self.split))
+
+
+@dataclass(frozen=True)
 class ExpertOptions:
     """How streamed mixture-of-experts layers' experts reach the device (--expert-cache-gb, ...)."""
 
@@ -26,53 +75,36 @@ class ExpertOptions:
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
-    """Budgets and process options of the streaming pipeline (errors in them: ConfigError, at once)."""
+class ProcessOptions:
+    """How the coordinator links to its children and watches them."""
 
-    readers: int = 1
-    reader_dirs: tuple[str, ...] = ()
-    read_threads: int | None = None  # threads of each reader (None: loader/reader.py's default_threads)
-    direct: bool = False
-    vram_gb: float | None = None
-    host_cache_gb: float | None = None
-    prefetch: int | None = None
-    kv_on_host: bool | None = None
-    resident_layers: int | None = None
-    step_tokens: int | None = None  # tokens of one forward step at most (default: from the budget)
     transport: str = "ipc"
     host: str = "127.0.0.1"
     trace: bool = False
     ready_timeout_s: float = 180.0
     stall_timeout_s: float = 120.0  # a pending step with no progress for so long ends the run
-    # the CPU's share of the streamed layers (compute/cpu/): 0 (default), auto (timed and chosen per
-    # batch size on CUDA) or a fraction; and what it splits: "layers" (whole FFN matrices of some
-    # layers) or "rows". Parsed once into `cpu`.
-    cpu_share: str = "0"
-    cpu_split: str = "layers"
-    vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (plan.make_plan; default 2)
-    cpu_threads: int | None = None  # CPU threads of the compute process (default: compute/cpu/sizing.py)
-    experts: ExpertOptions = ExpertOptions()  # how streamed MoE layers' experts reach the device
-    on_progress: ProgressHook | None = field(default=None, compare=False)  # see ProgressHook
-    # processes spawned ahead for the children (supervisor.WarmStarts, NOTE [ warm starts ]); None: spawn each
-    warm: Any = field(default=None, compare=False, repr=False)
-    cpu: CpuShareConfig = field(init=False, repr=False)  # cpu_share and cpu_split, parsed
 
     def __post_init__(self) -> None:
-        if self.readers < 1:
-            raise ConfigError(f"--readers {self.readers}: must be at least 1")
-        if self.reader_dirs and len(self.reader_dirs) != self.readers:
-            raise ConfigError(f"--reader-dir given {len(self.reader_dirs)} times for --readers {self.readers}; "
-                              "give one per reader")
-        if self.read_threads is not None and self.read_threads < 1:
-            raise ConfigError(f"--read-threads {self.read_threads}: must be at least 1")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ConfigError(f"--cpu-threads {self.cpu_threads}: must be at least 1")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport {self.transport!r}: use one of {', '.join(TRANSPORTS)}")
         for name in ("ready_timeout_s", "stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} {getattr(self, name)}: must be above 0 seconds")
-        object.__setattr__(self, "cpu", parse_cpu_share(self.cpu_share, self.cpu_split))
 
 
-__all__ = ["ExpertOptions", "PipelineConfig", "ProgressHook", "CpuShareConfig", "parse_cpu_share"]
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Budgets and process options of the streaming pipeline, by concept (errors in them: ConfigError, at once)."""
+
+    budget: Budget = Budget()
+    readers: ReaderOptions = ReaderOptions()
+    cpu: CpuOptions = CpuOptions()
+    experts: ExpertOptions = ExpertOptions()  # how streamed MoE layers' experts reach the device
+    procs: ProcessOptions = ProcessOptions()
+    on_progress: ProgressHook | None = field(default=None, compare=False)  # see ProgressHook
+    # processes spawned ahead for the children (supervisor.WarmStarts, NOTE [ warm starts ]); None: spawn each
+    warm: Any = field(default=None, compare=False, repr=False)
+
+
+__all__ = ["Budget", "CpuOptions", "CpuShareConfig", "ExpertOptions", "PipelineConfig", "ProcessOptions",
+           "ProgressHook", "ReaderOptions", "parse_cpu_share"]

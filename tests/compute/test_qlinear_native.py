@@ -212,14 +212,14 @@ def test_the_plan_counts_blocks_for_the_cpu_and_keeps_24_of_smollm2s_30_layers_a
     run-pipeline plans it: its layers counted as their blocks (Q4_1), the tied Q8_0 head too."""
     from layerstream.coordinator.launch import make_launch
     from layerstream.coordinator.memory import Sizes
-    from layerstream.coordinator.pipeline_config import PipelineConfig
+    from layerstream.coordinator.pipeline_config import Budget, PipelineConfig
     from layerstream.loader.gguf_index import open_model
     from layerstream.loader.layout import layer_layouts
 
     index = open_model(smollm_path)
     layouts = layer_layouts(index)
     for dtype in (torch.bfloat16, torch.float32):
-        plan = make_launch(index, torch.device("cpu"), dtype, 512, 1, PipelineConfig(vram_gb=0.15)).plan
+        plan = make_launch(index, torch.device("cpu"), dtype, 512, 1, PipelineConfig(budget=Budget(vram_gb=0.15))).plan
         assert len(plan.resident) >= 24, plan.describe()
         assert "decode graphs" not in plan.breakdown()  # planned for the CPU, not as CUDA
         e = dtype.itemsize

@@ -19,7 +19,7 @@ import torch
 from layerstream.compute.sampling import SamplingParams
 from layerstream.compute.step_meta import SeqStep
 from layerstream.coordinator.engine import Engine, EngineConfig
-from layerstream.coordinator.pipeline import PipelineConfig
+from layerstream.coordinator.pipeline_config import Budget, PipelineConfig
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import open_model
 
@@ -158,12 +158,12 @@ def test_smollm2_through_the_pipeline_at_0_15_gib_answers_as_the_single_process_
     from layerstream.compute.cpu import native
 
     if native.available():
-        with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(vram_gb=0.15), index=index) as e:
+        with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(budget=Budget(vram_gb=0.15)), index=index) as e:
             plan = e.backend.plan
             assert len(plan.resident) >= 24 and plan.device_bytes <= 0.15 * (1 << 30), plan.describe()
             assert e.generate_batch([prompt], params) == want
     gib = 0.09 if native.available() else 0.15
-    with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(vram_gb=gib), index=index) as e:
+    with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(budget=Budget(vram_gb=gib)), index=index) as e:
         plan = e.backend.plan
         assert plan.streamed and plan.resident and plan.device_bytes <= gib * (1 << 30), plan.describe()
         assert e.generate_batch([prompt], params) == want

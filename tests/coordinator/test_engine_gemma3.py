@@ -8,7 +8,7 @@ import torch
 
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
-from layerstream.coordinator.pipeline import PipelineConfig
+from layerstream.coordinator.pipeline_config import Budget, PipelineConfig
 from layerstream.loader.gguf_index import open_model
 
 pytestmark = pytest.mark.timeout(900)
@@ -89,5 +89,5 @@ def test_gemma3_streams_through_the_pipeline(gemma3_index, gemma3_engine):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = "".join(gemma3_engine.generate("The capital of France is", params))
     cfg = EngineConfig(device="cpu", dtype="float32", ctx=256, max_seqs=2)
-    with Engine.open(cfg, PipelineConfig(resident_layers=0, step_tokens=16), index=gemma3_index) as e:
+    with Engine.open(cfg, PipelineConfig(budget=Budget(resident_layers=0, step_tokens=16)), index=gemma3_index) as e:
         assert "".join(e.generate("The capital of France is", params)) == want

@@ -12,8 +12,14 @@ import ggufgen
 import reference
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
-from layerstream.coordinator.pipeline import PipelineConfig
-from layerstream.coordinator.pipeline_config import ExpertOptions
+from layerstream.coordinator.pipeline_config import (
+    Budget,
+    CpuOptions,
+    ExpertOptions,
+    PipelineConfig,
+    ProcessOptions,
+    ReaderOptions,
+)
 from layerstream.loader.gguf_index import open_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
@@ -56,7 +62,7 @@ def test_pipeline_on_cuda_streams_and_matches(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with _engine(model, dtype="float16") as e:
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
-    pcfg = PipelineConfig(resident_layers=1, kv_on_host=False, trace=True, host_cache_gb=0)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=1, kv_on_host=False, host_cache_gb=0), procs=ProcessOptions(trace=True))
     with _engine(model, pcfg, dtype="float16") as e:
         assert e.backend.plan.streamed, "the plan must stream layers for this test"
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
@@ -81,7 +87,7 @@ def test_pipeline_kv_on_host_matches_on_cuda(model):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     with _engine(model, dtype="float16") as e:
         want = e.generate_batch([TOKENS[:5]], params)
-    with _engine(model, PipelineConfig(resident_layers=0, kv_on_host=True, readers=2), dtype="float16") as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0, kv_on_host=True), readers=ReaderOptions(count=2)), dtype="float16") as e:
         assert e.generate_batch([TOKENS[:5]], params) == want
 
 
@@ -124,7 +130,7 @@ def test_peak_device_memory_stays_within_the_budget(shaped):
                                    (1.1, 1, 200)]:
         index = open_model(shaped)
         cfg = EngineConfig(device="cuda", dtype="float16", ctx=1280, max_seqs=batch)
-        with Engine.open(cfg, PipelineConfig(vram_gb=vram_gb), index=index) as e:
+        with Engine.open(cfg, PipelineConfig(budget=Budget(vram_gb=vram_gb)), index=index) as e:
             plan = e.backend.plan
             seen.add((len(plan.resident), plan.kv_device_layers))
             prompts = [rng.integers(0, 1000, prompt if b == 0 else 20).tolist() for b in range(batch)]
@@ -143,7 +149,7 @@ def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share, s
     ids = TOKENS * 2
     with _engine(model, dtype="float16") as e:
         want = e.logits(ids)
-    pcfg = PipelineConfig(resident_layers=0, cpu_share=share, cpu_split=split, step_tokens=4)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, step_tokens=4), cpu=CpuOptions(share=share, split=split))
     with _engine(model, pcfg, dtype="float16") as e:
         got = e.logits(ids)
         snaps = e.backend.collect_stats()
@@ -165,7 +171,7 @@ def test_cpu_ffn_layers_give_their_vram_slot_back_early_and_agree(tmp_path):
     ids = TOKENS * 2
     with _engine(path, dtype="float16") as e:
         want = e.logits(ids)
-    pcfg = PipelineConfig(resident_layers=0, cpu_share="1", cpu_split="layers", step_tokens=4, vram_slots=2)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, step_tokens=4, vram_slots=2), cpu=CpuOptions(share="1", split="layers"))
     with _engine(path, pcfg, dtype="float16") as e:
         got = e.logits(ids)
         snap = next(s for s in e.backend.collect_stats() if s.get("role") == "compute")
@@ -185,7 +191,7 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     with _engine(path, dtype="float16") as e:
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
-    with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(0.002, moe_dense)),
+    with _engine(path, PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, moe_dense)),
                  dtype="float16") as e:
         assert e.backend.plan.dense_resident == (moe_dense == "resident")
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
@@ -211,7 +217,7 @@ def test_cpu_experts_on_cuda_agree_with_the_single_process_engine(tmp_path):
     ids = TOKENS * 2
     with _engine(path, dtype="float16") as e:
         want = e.logits(ids)
-    pcfg = PipelineConfig(resident_layers=0, experts=ExpertOptions(0.002), cpu_share="0.5", step_tokens=1)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, step_tokens=1), cpu=CpuOptions(share="0.5"), experts=ExpertOptions(0.002))
     with _engine(path, pcfg, dtype="float16") as e:
         got = e.logits(ids)
         snaps = e.backend.collect_stats()

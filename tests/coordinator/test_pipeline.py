@@ -18,8 +18,14 @@ import zmq
 import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
-from layerstream.coordinator.pipeline import PipelineConfig
-from layerstream.coordinator.pipeline_config import ExpertOptions
+from layerstream.coordinator.pipeline_config import (
+    Budget,
+    CpuOptions,
+    ExpertOptions,
+    PipelineConfig,
+    ProcessOptions,
+    ReaderOptions,
+)
 from layerstream.errors import ContextFullError, PipelineError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
@@ -61,10 +67,11 @@ def reference(model):
 
 @pytest.mark.parametrize("pcfg", [
     PipelineConfig(),  # no budget: every layer resident after one pass
-    PipelineConfig(resident_layers=0),  # everything streamed, host cache holds all
-    PipelineConfig(resident_layers=2, readers=3, prefetch=4, kv_on_host=True, direct=True),
-    PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0, kv_on_host=True),
-    PipelineConfig(resident_layers=0, readers=2, prefetch=4, host_cache_gb=0, transport="tcp"),
+    PipelineConfig(budget=Budget(resident_layers=0)),  # everything streamed, host cache holds all
+    PipelineConfig(budget=Budget(resident_layers=2, prefetch=4, kv_on_host=True), readers=ReaderOptions(count=3, direct=True)),
+    PipelineConfig(budget=Budget(resident_layers=0, prefetch=1, host_cache_gb=0, kv_on_host=True)),
+    PipelineConfig(budget=Budget(resident_layers=0, prefetch=4, host_cache_gb=0), readers=ReaderOptions(count=2),
+                   procs=ProcessOptions(transport="tcp")),
 ], ids=["resident", "streamed", "2-resident-3-readers-kv-host-direct", "prefetch1-no-cache", "tcp-2-readers"])
 def test_pipeline_matches_single_process(model, reference, pcfg):
     with _engine(model, pcfg) as e:
@@ -75,7 +82,7 @@ SEEDED = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repeat
                         max_tokens=12, ignore_eos=True)
 
 
-@pytest.mark.parametrize("pcfg", [PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0), PipelineConfig()],
+@pytest.mark.parametrize("pcfg", [PipelineConfig(budget=Budget(resident_layers=0, prefetch=1, host_cache_gb=0)), PipelineConfig()],
                          ids=["streamed-prefetch1-no-cache", "resident"])
 def test_seeded_sampling_and_stops_on_the_compute_side_match_the_single_process_engine(model, pcfg):
     """The compute process samples (each request's generator and penalty window kept there) and
@@ -114,7 +121,7 @@ def test_vram_budget_for_two_layers_streams_the_rest(model, reference):
     budget = probe.device_bytes + one + 4096
     plan = make_plan(index, layouts, vram_bytes=budget, step_tokens=64, **kw)
     assert plan.resident == (0,) and plan.streamed == (1, 2, 3)
-    with _engine(model, PipelineConfig(vram_gb=budget / GiB, step_tokens=64)) as e:
+    with _engine(model, PipelineConfig(budget=Budget(vram_gb=budget / GiB, step_tokens=64))) as e:
         assert e.backend.plan.resident == (0,)
         assert _generate(e) == reference
 
@@ -123,7 +130,7 @@ def test_budget_too_small_is_a_clear_error(model):
     from layerstream.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--vram-gb .* too small"):
-        _engine(model, PipelineConfig(vram_gb=1e-6))
+        _engine(model, PipelineConfig(budget=Budget(vram_gb=1e-6)))
 
 
 def test_smollm_pipeline_matches_single_process(smollm_path):
@@ -131,7 +138,7 @@ def test_smollm_pipeline_matches_single_process(smollm_path):
     params = SamplingParams(temperature=0, max_tokens=16)
     with _engine(smollm_path, ctx=128) as e:
         want = "".join(e.generate(prompt, params))
-    with _engine(smollm_path, PipelineConfig(resident_layers=0, readers=2, kv_on_host=True), ctx=128) as e:
+    with _engine(smollm_path, PipelineConfig(budget=Budget(resident_layers=0, kv_on_host=True), readers=ReaderOptions(count=2)), ctx=128) as e:
         assert "".join(e.generate(prompt, params)) == want
 
 
@@ -146,7 +153,7 @@ def test_cpu_share_gives_the_same_tokens_on_mixed_types(model, split, monkeypatc
         want = _generate(e)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the pipeline's children inherit it
     for share in ("0.5", "1"):
-        pcfg = PipelineConfig(resident_layers=0, cpu_share=share, cpu_split=split, step_tokens=8)
+        pcfg = PipelineConfig(budget=Budget(resident_layers=0, step_tokens=8), cpu=CpuOptions(share=share, split=split))
         with _engine(model, pcfg, dtype="float32") as e:
             assert _generate(e) == want
             snaps = e.backend.collect_stats()
@@ -164,7 +171,7 @@ def test_cpu_share_on_smollm_agrees_with_the_single_process_engine(smollm_path, 
             "combined a screw press with movable metal type.")
     ids = smollm_engine.encode(text)
     want = smollm_engine.logits(ids)
-    with _engine(smollm_path, PipelineConfig(resident_layers=0, cpu_share="0.5", step_tokens=8), ctx=128,
+    with _engine(smollm_path, PipelineConfig(budget=Budget(resident_layers=0, step_tokens=8), cpu=CpuOptions(share="0.5")), ctx=128,
                  dtype="float32") as e:
         got = e.logits(ids)
         assert sum(s.get("bytes", {}).get("cpu_share", 0) for s in e.backend.collect_stats()) > 0
@@ -178,9 +185,9 @@ def test_cpu_share_option_is_checked(model):
 
     for bad in ("1.5", "-0.1", "half", "nan"):
         with pytest.raises(ConfigError, match="--cpu-share"):
-            _engine(model, PipelineConfig(cpu_share=bad))
+            _engine(model, PipelineConfig(cpu=CpuOptions(share=bad)))
     with pytest.raises(ConfigError, match="--cpu-split 'columns'"):
-        _engine(model, PipelineConfig(cpu_share="0.5", cpu_split="columns"))
+        _engine(model, PipelineConfig(cpu=CpuOptions(share="0.5", split="columns")))
 
 
 @pytest.mark.parametrize("arch,kw", [("qwen3moe", {}), ("mixtral", dict(arch="llama", n_expert=4)),
@@ -190,7 +197,7 @@ def test_moe_and_gemma3_stream_whole_layers(tmp_path, arch, kw):
     path = ggufgen.write_model(tmp_path / f"{arch}.gguf", **(dict(arch=arch) | kw), n_layer=3, seed=4)
     with _engine(path, dtype="float32") as e:
         want = _generate(e)
-    with _engine(path, PipelineConfig(resident_layers=0, readers=2), dtype="float32") as e:
+    with _engine(path, PipelineConfig(budget=Budget(resident_layers=0), readers=ReaderOptions(count=2)), dtype="float32") as e:
         assert _generate(e) == want
 
 
@@ -206,7 +213,7 @@ def test_decode_fetches_only_chosen_experts(tmp_path, arch, kw, cache_gb, moe_de
     prompts = [[5, 17, 33, 80], [9, 3]]
     with _engine(path, dtype="float32") as e:
         want = e.generate_batch(prompts, GREEDY)
-    with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(cache_gb, moe_dense)),
+    with _engine(path, PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(cache_gb, moe_dense)),
                  dtype="float32") as e:
         assert e.backend.plan.dense_resident == (moe_dense == "resident")
         assert e.generate_batch(prompts, GREEDY) == want
@@ -242,7 +249,7 @@ def test_streamed_experts_as_blocks_run_grouped(tmp_path):
     # of a step's experts are cached, others served and dropped
     with _engine(path, dtype="float32", weights="quantized") as e:
         want = e.generate_batch(prompts, params)
-    with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(cache_gb)), dtype="float32",
+    with _engine(path, PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(cache_gb)), dtype="float32",
                  weights="quantized") as e:
         assert e.generate_batch(prompts, params) == want
         ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
@@ -265,7 +272,7 @@ def test_decode_copies_the_predicted_experts_ahead(tmp_path):
         want = e.generate_batch(prompts, params)
     got = {}
     for ahead in (0, 3):
-        with _engine(path, PipelineConfig(resident_layers=0, experts=ExpertOptions(cache_gb, prefetch=ahead)),
+        with _engine(path, PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(cache_gb, prefetch=ahead)),
                      dtype="float32", weights="quantized") as e:
             assert e.backend.plan.expert_prefetch == ahead
             assert e.generate_batch(prompts, params) == want
@@ -297,7 +304,7 @@ def test_next_turn_reuses_the_kv_its_row_holds(model, kv_on_host):
         return [t for o in e.core.run_to_completion() for t in o.token_ids]
 
     turn1 = PROMPTS[0]
-    with _engine(model, PipelineConfig(resident_layers=1, kv_on_host=kv_on_host), dtype="float32") as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=1, kv_on_host=kv_on_host)), dtype="float32") as e:
         reply = turn(e, "t1", turn1)
         turn2 = turn1 + reply + [7, 8, 9]
         got = turn(e, "t2", turn2)
@@ -310,16 +317,16 @@ def test_sliding_window_in_pipeline(model):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with _engine(model, ctx=16, on_context_full="slide", sink_tokens=4) as e:
         want = e.generate_batch([PROMPTS[0]], params)
-    with _engine(model, PipelineConfig(resident_layers=0), ctx=16, on_context_full="slide", sink_tokens=4) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0)), ctx=16, on_context_full="slide", sink_tokens=4) as e:
         assert e.generate_batch([PROMPTS[0]], params) == want
         assert e.finish_reasons == ["length"]
-    with _engine(model, PipelineConfig(resident_layers=0), ctx=16, on_context_full="error") as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0)), ctx=16, on_context_full="error") as e:
         with pytest.raises(ContextFullError, match="context size"):
             e.generate_batch([PROMPTS[0]], params)
 
 
 def test_reader_killed_mid_generation_is_restarted(model, reference):
-    pcfg = PipelineConfig(resident_layers=0, host_cache_gb=0, prefetch=1)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0, prefetch=1))
     with _engine(model, pcfg) as e:
         reader = e.backend.sup.children["reader-0"].proc
         pieces = []
@@ -333,7 +340,7 @@ def test_reader_killed_mid_generation_is_restarted(model, reference):
 
 
 def test_compute_killed_is_a_clear_error(model):
-    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
         os.kill(e.backend.sup.children["compute"].proc.pid, signal.SIGKILL)
         time.sleep(0.2)
         with pytest.raises(PipelineError, match="compute process compute died"):
@@ -341,7 +348,7 @@ def test_compute_killed_is_a_clear_error(model):
 
 
 def test_garbage_frames_are_counted_and_the_run_goes_on(model, reference):
-    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
         be = e.backend
         ctx = zmq.Context()
         try:
@@ -370,7 +377,7 @@ def test_garbage_frames_are_counted_and_the_run_goes_on(model, reference):
 
 
 def test_trace_holds_reads_copies_dequant_and_compute(model, tmp_path):
-    with _engine(model, PipelineConfig(resident_layers=0, host_cache_gb=0, trace=True)) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0), procs=ProcessOptions(trace=True))) as e:
         e.generate_batch([PROMPTS[0]], GREEDY)
         snaps = e.backend.collect_stats()
         table = e.backend.stats_table(snaps)
@@ -507,7 +514,7 @@ def test_split_model_parts_on_two_drives_one_reader_each(model, reference, tmp_p
         os.replace(part, moved)
         os.symlink(moved, here / os.path.basename(part))
     first = str(here / os.path.basename(parts[0]))
-    pcfg = PipelineConfig(resident_layers=0, host_cache_gb=0, readers=2, reader_dirs=tuple(map(str, drives)))
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0), readers=ReaderOptions(count=2, dirs=tuple(map(str, drives))))
     with _engine(first, pcfg) as e:
         assert _generate(e) == reference
         plan = e.backend.reader_plan
@@ -520,7 +527,7 @@ def test_foreign_peer_on_tcp_cannot_end_or_steer_the_run(model, reference):
     from layerstream.proto.codec import encode
     from layerstream.proto.messages import Failed, ForwardDone
 
-    with _engine(model, PipelineConfig(resident_layers=0, transport="tcp")) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0), procs=ProcessOptions(transport="tcp"))) as e:
         be = e.backend
         assert be.links.curve is not None
         assert be.links.socks["control"].getsockopt(zmq.MAXMSGSIZE) == be.launch.max_msg_in
@@ -545,7 +552,7 @@ def test_foreign_peer_on_tcp_cannot_end_or_steer_the_run(model, reference):
 def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, reference):
     from layerstream.proto.messages import ForwardDone, LayerDone, StepFailed
 
-    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
         be = e.backend
         before = be.links.bad.total
         bad = [("reader-0", ForwardDone(be.core.step_no, [1, 2], "float32", {}), [b"\0" * 8]),  # not the compute
@@ -575,7 +582,7 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
 
 def test_stalled_compute_process_ends_the_run_with_a_line_naming_it(model):
     """The watchdog: a compute process stopped mid-run (SIGSTOP) no longer hangs the user."""
-    with _engine(model, PipelineConfig(resident_layers=0, stall_timeout_s=2)) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0), procs=ProcessOptions(stall_timeout_s=2))) as e:
         pid = e.backend.sup.children["compute"].proc.pid
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -592,7 +599,7 @@ def test_stalled_reader_is_blamed_not_the_compute_process(model):
     """The watchdog names the stage that is behind: with the reader stopped (SIGSTOP), compute
     waits for a layer whose read is outstanding, and the line names the reader, the layer and
     the staging slot, not the compute process."""
-    pcfg = PipelineConfig(resident_layers=0, host_cache_gb=0, prefetch=1, stall_timeout_s=2)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0, prefetch=1), procs=ProcessOptions(stall_timeout_s=2))
     with _engine(model, pcfg) as e:
         pid = e.backend.sup.children["reader-0"].proc.pid
         os.kill(pid, signal.SIGSTOP)
@@ -627,7 +634,7 @@ def test_staging_that_cannot_make_its_arena_fails_the_start_with_its_own_error(m
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     for _ in range(3):
         with pytest.raises(PipelineError) as err:
-            _engine(model, PipelineConfig(resident_layers=0))
+            _engine(model, PipelineConfig(budget=Budget(resident_layers=0)))
         line = str(err.value)
         assert re.match(r"the staging process (failed|staging died \(exit code 1\)): ConfigError: cannot create a "
                         r".* shared-memory segment layerstream-\d+-[0-9a-f]+: \[Errno 28\] No space left on device$",
@@ -642,10 +649,10 @@ def test_a_run_killed_with_its_process_group_leaves_no_segment_after_the_next_st
     script = (
         "import time\n"
         "from layerstream.coordinator.engine import Engine, EngineConfig\n"
-        "from layerstream.coordinator.pipeline import PipelineConfig\n"
+        "from layerstream.coordinator.pipeline_config import Budget, PipelineConfig\n"
         "if __name__ == '__main__':\n"
         f"    cfg = EngineConfig(model={model!r}, device='cpu', ctx=64)\n"
-        "    e = Engine.open(cfg, PipelineConfig(resident_layers=0))\n"
+        "    e = Engine.open(cfg, PipelineConfig(Budget(resident_layers=0)))\n"
         "    print(e.backend.arena.name, flush=True)\n"
         "    time.sleep(120)\n"
     )
@@ -658,7 +665,7 @@ def test_a_run_killed_with_its_process_group_leaves_no_segment_after_the_next_st
         p.wait(10)
         time.sleep(0.5)
         assert os.path.exists(f"/dev/shm/{name}"), "the killed run's segment went by itself"
-        with _engine(model, PipelineConfig(resident_layers=0)):
+        with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))):
             assert not os.path.exists(f"/dev/shm/{name}")
     finally:
         if p.poll() is None:
@@ -669,7 +676,7 @@ def test_progress_hook_follows_the_start_and_the_first_read_of_every_layer(model
     """on_progress(done, total, what): the children as they report ready, then the layers as the
     first pass reads each once; each stage counts up to its total."""
     seen = []
-    pcfg = PipelineConfig(resident_layers=0, readers=2, on_progress=lambda d, t, w: seen.append((w, d, t)))
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0), readers=ReaderOptions(count=2), on_progress=lambda d, t, w: seen.append((w, d, t)))
     with _engine(model, pcfg) as e:
         assert [x for x in seen if x[0] == "processes"] == [("processes", d, 4) for d in range(5)]
         assert _generate(e)[0] == reference[0]
@@ -680,7 +687,7 @@ def test_progress_hook_follows_the_start_and_the_first_read_of_every_layer(model
 def test_staging_killed_is_a_clear_error_and_its_segment_goes(model):
     """The coordinator removes a dead staging process's segment itself (and takes it off the
     resource tracker's list, which would otherwise warn of a leak at exit)."""
-    with _engine(model, PipelineConfig(resident_layers=0)) as e:
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
         name = e.backend.arena.name
         assert os.path.exists(f"/dev/shm/{name}")
         os.kill(e.backend.sup.children["staging"].proc.pid, signal.SIGKILL)
@@ -697,7 +704,7 @@ def test_model_file_truncated_during_a_run_names_the_file(tmp_path):
 
     path = str(tmp_path / "cut.gguf")
     ggufgen.write_model(path, arch="llama", n_layer=4, n_embd=256, n_ff=512, seed=3)
-    with _engine(path, PipelineConfig(resident_layers=0, host_cache_gb=0)) as e:
+    with _engine(path, PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0))) as e:
         e.generate_batch([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=2))
         os.truncate(path, 4096)
         with pytest.raises(PipelineError) as err:
@@ -717,7 +724,7 @@ def test_bad_tokenizer_found_after_start_leaves_nothing_behind(model, tmp_path, 
     monkeypatch.setattr(links, "make_run_dir", lambda *a: made.append(real(*a)) or made[-1])
     bad = ggufgen.rewrite_metadata(model, tmp_path / "no-merges.gguf", {}, drop=("tokenizer.ggml.merges",))
     with pytest.raises(ModelError):
-        _engine(bad, PipelineConfig(resident_layers=0))
+        _engine(bad, PipelineConfig(budget=Budget(resident_layers=0)))
     assert len(made) == 1 and not os.path.exists(made[0])
 
 
@@ -728,10 +735,10 @@ def test_unclosed_engine_over_the_pipeline_cleans_up_at_exit(model):
 
     script = (
         "from layerstream.coordinator.engine import Engine, EngineConfig\n"
-        "from layerstream.coordinator.pipeline import PipelineConfig\n"
+        "from layerstream.coordinator.pipeline_config import Budget, PipelineConfig\n"
         "if __name__ == '__main__':\n"
         f"    cfg = EngineConfig(model={model!r}, device='cpu', ctx=64)\n"
-        "    e = Engine.open(cfg, PipelineConfig(resident_layers=0))\n"
+        "    e = Engine.open(cfg, PipelineConfig(Budget(resident_layers=0)))\n"
         "    print(e.backend.links.run_dir, e.backend.arena.name, flush=True)\n"
     )
     r = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -754,7 +761,7 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     with _engine(path, dtype="float32", weights="quantized") as e:
         want = e.logits(ids)
     # (prefetch off: experts copied ahead are not missing, and the CPU would take fewer)
-    pcfg = PipelineConfig(resident_layers=0, cpu_share="0.5", step_tokens=1,
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, step_tokens=1), cpu=CpuOptions(share="0.5"),
                           experts=ExpertOptions(2 * 3 * 256 * 144 / 2**30, prefetch=0))
     with _engine(path, pcfg, dtype="float32", weights="quantized") as e:
         got = e.logits(ids)
@@ -769,8 +776,8 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("pcfg", [PipelineConfig(resident_layers=0, prefetch=1, host_cache_gb=0),
-                                  PipelineConfig(resident_layers=1, kv_on_host=True)], ids=["streamed", "kv-on-host"])
+@pytest.mark.parametrize("pcfg", [PipelineConfig(budget=Budget(resident_layers=0, prefetch=1, host_cache_gb=0)),
+                                  PipelineConfig(budget=Budget(resident_layers=1, kv_on_host=True))], ids=["streamed", "kv-on-host"])
 def test_prompt_lookup_over_the_pipeline_gives_the_single_process_text(model, reference, pcfg):
     """Drafts verified on the compute side (protocol 5: a sample count per sequence, the drafts
     accepted back), rejected positions rolled back in device or host KV: greedy text is the text

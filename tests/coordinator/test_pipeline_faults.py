@@ -19,8 +19,8 @@ import pytest
 import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
-from layerstream.coordinator.pipeline import PipelineConfig, StepError
-from layerstream.coordinator.pipeline_config import ExpertOptions
+from layerstream.coordinator.pipeline import StepError
+from layerstream.coordinator.pipeline_config import Budget, ExpertOptions, PipelineConfig, ProcessOptions
 from layerstream.loader.gguf_index import open_model
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_leftovers")]
@@ -31,7 +31,7 @@ POISON = 7
 BAD = [POISON, POISON, 40, 41, 42]
 # layers 0 and 1 resident, 2 and 3 streamed, read from disk at every pass into one slot ahead: the
 # staging path at a small budget; a stall ends the test in seconds, not at its timeout
-PCFG = PipelineConfig(resident_layers=2, host_cache_gb=0, prefetch=1, stall_timeout_s=20)
+PCFG = PipelineConfig(budget=Budget(resident_layers=2, host_cache_gb=0, prefetch=1), procs=ProcessOptions(stall_timeout_s=20))
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 
 
@@ -112,7 +112,7 @@ def test_an_expert_step_that_fails_with_a_layer_in_use_gives_its_slot_back_and_s
     with Engine.open(EngineConfig(device="cpu", dtype="float32", ctx=64, max_seqs=2), index=open_model(path)) as e:
         want = e.generate_batch(prompts, GREEDY)
     faults.install(tmp_path, monkeypatch, POISON, 1, "after")
-    pcfg = PipelineConfig(resident_layers=0, experts=ExpertOptions(1.0, "resident"), stall_timeout_s=20)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0), procs=ProcessOptions(stall_timeout_s=20), experts=ExpertOptions(1.0, "resident"))
     with Engine.open(EngineConfig(device="cpu", dtype="float32", ctx=64, max_seqs=2), pcfg,
                      index=open_model(path)) as e:
         assert e.generate_batch(prompts, GREEDY) == want  # (the cache filled)
