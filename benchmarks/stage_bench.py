@@ -133,7 +133,9 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -
     """Seconds of each of `steps` decode steps of len(prompts) sequences on an engine core, after
     their prefill (greedy, end of sequence ignored): the CLI's own path, sampling on the device,
     ids one step behind (core.py, NOTE [ one step behind ]), detokenizing and stop checks; the
-    requests are aborted afterwards."""
+    requests are aborted afterwards. A step's time runs from the last step's return to its own,
+    which returns once its ids are on the host; `sync` (the device's) is called only after the
+    last one: between steps it would drain the step in flight and time host and device in series."""
     from layerstream.compute.sampling import SamplingParams
 
     # a sequence whose prefill ends first decodes while the others' prefill runs: room for those tokens
@@ -145,12 +147,13 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -
     while len(started) < len(names):  # prefill: until every request has its first token
         started |= {o.request_id for o in core.step() if o.token_ids}
     times = []
+    t0 = time.perf_counter()
     try:
         for _ in range(steps):
-            t0 = time.perf_counter()
             outs = core.step()
-            sync()
-            times.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            t0 = t1
             ran = len({o.request_id for o in outs if o.token_ids} & set(names))
             if ran < len(names):  # a step of fewer sequences would time another batch size
                 raise ValueError(f"a decode step ran {ran} of {len(names)} sequences (a step holds "
@@ -160,6 +163,7 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -
             core.abort(n)
         while core.has_unfinished():  # reports the aborted requests, collects the step in flight
             core.step()
+        sync()
     return times
 
 

@@ -139,3 +139,20 @@ def test_argument_errors_are_one_line(capsys, argv, message):
         bench.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
+
+
+@pytest.mark.parametrize("lookahead, per_step", [(True, 3.0), (False, 4.0)])
+def test_time_decode_times_the_cores_steps_as_the_device_queue_runs_them(tiny, monkeypatch, lookahead, per_step):
+    """On a virtual device (1 s of host work and 3 s of device work a step), a decode step through
+    the engine core one step behind takes the device's 3 s: the host's second hides behind the
+    step in flight. The sync the caller gives is never called between steps (it drained the queue,
+    and the figure read 4 s, host and device in series, as stepping in turn does)."""
+    from layerstream.coordinator.engine import Engine
+    from virtual_device import VirtualClock, VirtualDevice
+
+    clock = VirtualClock()
+    monkeypatch.setattr(stage_bench, "time", clock)
+    with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=1, lookahead=lookahead) as e:
+        dev = e.core.backend = VirtualDevice(e.core.backend, clock, host_s=1.0, device_s=3.0)
+        times = stage_bench.time_decode(e.core, [[1, 2, 3]], 6, dev.synchronize)
+    assert times == [per_step] * 6
