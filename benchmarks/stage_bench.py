@@ -871,6 +871,22 @@ def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
 
+def _time_waits(backend) -> list[float]:
+    """Seconds each `collect` of `backend` takes from now on (the host's wait for a step's ids),
+    listed as they come; `del backend.collect` ends it."""
+    waits, collect = [], backend.collect
+
+    def timed():
+        t0 = time.perf_counter()
+        try:
+            return collect()
+        finally:
+            waits.append(time.perf_counter() - t0)
+
+    backend.collect = timed
+    return waits
+
+
 def bench_kernels(args) -> None:
     """The kernels a decode step of the in-VRAM engine launches and the device time each takes
     (torch.profiler; on the CPU, the operators and their CPU time), at batch 1 after a prompt of
@@ -912,7 +928,10 @@ def bench_kernels(args) -> None:
             dt_each = (time.perf_counter() - t0) / args.steps
             # the CLI's path: the engine core, sampling on the device, detokenizing (a fresh prefill of
             # the same context in the same row), timed from its second decode step on
+            waits = _time_waits(eng.core.backend)  # each step's wait for its ids: the device's time left over
             core_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
+            wait_s = statistics.median(waits)
+            del eng.core.backend.collect
             eng.core.lookahead = False  # the same, each step's ids read before the next step is built
             turn_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
             eng.core.lookahead = True
@@ -934,7 +953,8 @@ def bench_kernels(args) -> None:
           f"decode batch 1 after {n} tokens: {dt * 1e3:.2f} ms a token ({1 / dt:.1f} tokens/s) back to back, "
           f"{dt_each * 1e3:.2f} ms ({1 / dt_each:.1f} tokens/s) reading each token back (the difference: "
           f"host time not overlapped); {core_s * 1e3:.2f} ms ({1 / core_s:.1f} tokens/s) through the engine "
-          f"core (sampling on the device, ids one step behind, detokenizing: the CLI's path, median), "
+          f"core (sampling on the device, ids one step behind, detokenizing: the CLI's path, median; the "
+          f"host waited {wait_s * 1e3:.2f} ms of it for the ids, so its own work took {(core_s - wait_s) * 1e3:.2f} ms), "
           f"{turn_s * 1e3:.2f} ms ({1 / turn_s:.1f} tokens/s) with each step's ids read before the next")
     print(f"{'device' if cuda else 'CPU'} time {total / k / 1e3:.2f} ms a token in "
           f"{sum(c for c, _ in agg.values()) / k:.0f} {'kernels' if cuda else 'operators'}")

@@ -23,7 +23,10 @@ would take a free row though that one holds a longer prefix of its prompt (the n
 chat), the core collects the step before it submits the next. Where n surely ends a request (its
 max_tokens reached by n's token, its ring full), n + 1 leaves it out. An aborted request
 frees its row likewise, after the steps in flight that carry it. With `lookahead` off, each
-step is submitted and collected in turn (the reference the tests compare against).
+step is submitted and collected in turn (the reference the tests compare against). A caller that
+waits for the device between steps (torch.cuda.synchronize) drains step n + 1 and gets the host
+and the device in series again, as with `lookahead` off: the benches time a step from the last
+one's return to its own (stage_bench.time_decode).
 
 NOTE [ step size ]
 The backend pads a step to B sequences times its longest chunk S (the attention's queries and
