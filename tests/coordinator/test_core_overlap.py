@@ -4,6 +4,8 @@ waits for the device."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -120,8 +122,9 @@ def test_on_cuda_a_core_step_returns_while_the_device_still_runs_the_work_queued
         for lookahead in (True, False):
             c.lookahead = lookahead
             for rep in range(2):  # the first run captures the graphs of each batch (that waits)
-                for name in names:
-                    c.add_request(f"{name}{rep}", *REQUESTS[name])
+                for name in names:  # (no end of sequence: a batch of another size would capture its graphs)
+                    prompt, params = REQUESTS[name]
+                    c.add_request(f"{name}{rep}", prompt, replace(params, ignore_eos=True))
                 for _ in range(3):
                     c.step()  # prompts in, every request decoding
                 c.backend.submit = busy_then_submit if rep else submit
