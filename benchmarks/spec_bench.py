@@ -116,8 +116,12 @@ def bench_spec(args) -> dict:
         V = index.hparams.n_vocab
         if dindex is not None and dindex.hparams.n_vocab != V:
             raise ValueError(f"the draft has {dindex.hparams.n_vocab} tokens, the target {V}: give a draft of its vocabulary")
+        # drafting as many tokens as the largest pass verifies, so that the plan counts (and the compute
+        # process captures) the decode graphs of its rows, as run-pipeline's plan does for --draft-tokens
+        drafts = max(sizes) - 1
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=1,
-                           draft_model=dindex.path if dindex is not None else None)
+                           draft_model=dindex.path if dindex is not None else None, draft_tokens=max(1, drafts),
+                           lookup=0 if dindex is not None else drafts)
         pcfg = PipelineConfig(budget=Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
                                             step_tokens=args.step_tokens, resident_layers=args.resident_layers,
                                             vram_slots=args.vram_slots),

@@ -20,6 +20,7 @@ class DevicePlan:
     kv_device_layers: int = 0  # layers 0..n-1 whose KV stays on the device; the rest in host memory
     budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
     step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
+    graph_rows: int = 1  # decode steps of up to this many rows replay graphs (the plan counted their memory)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import zmq
 
-from layerstream.compute.compute_config import ComputeConfig
+from layerstream.compute.compute_config import ComputeConfig, DevicePlan
 from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.device import weights_form
 from layerstream.compute.embedding import mapped_embedding
@@ -76,6 +76,13 @@ class _InFlight:
     start: Any = None  # CUDA event recorded as its launch began: where the device starts it
     events: list = field(default_factory=list)  # its CUDA event pairs (streamed.py)
     observed: tuple = ()  # the CPU share's figures of its launch
+
+
+def graph_max_tokens(plan: DevicePlan, quantized: bool) -> int:
+    """The largest decode batch the runner captures: the plan's, whose memory it counted (memory.Sizes.graphs;
+    a verifying step's rows beyond it run eagerly: runner.py NOTE [ drafts verified as decode rows ]);
+    none without the Triton kernels' blocks."""
+    return plan.graph_rows if quantized else 0
 
 
 @dataclass
@@ -135,10 +142,7 @@ class ComputeWorker:
         self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
-                                  # the decode graphs the plan counts (memory.Sizes.graphs): verified
-                                  # chunks' rows beyond them run eagerly (runner.py NOTE [ drafts
-                                  # verified as decode rows ])
-                                  graph_max_tokens=min(FUSED_MIN_OF_TYPES, cfg.max_seqs) if quantized else 0,
+                                  graph_max_tokens=graph_max_tokens(plan, quantized),
                                   embed=self.embed)
         self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
         self.queued: deque[Forward] = deque()  # taken in, not yet launched

@@ -85,7 +85,7 @@ class Launch:
         threads = cfg.cpu.threads or (threads_default() if not self.cpu.off and plan.streamed
                                       and self.device.type == "cuda" else None)
         on_device = DevicePlan(plan.resident, plan.vram_slots, plan.kv_device_layers, plan.budget_bytes,
-                               plan.step_tokens)
+                               plan.step_tokens, plan.graph_rows)
         experts = ExpertStreamConfig(plan.expert_cache_bytes, plan.dense_resident, cfg.experts.policy,
                                      plan.expert_prefetch,
                                      DONE_BATCH if plan.cache_layers >= len(plan.streamed) else 1)
@@ -116,8 +116,10 @@ def _gib(x: float | None) -> int | None:
 
 
 def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx: int, max_seqs: int,
-                cfg: PipelineConfig, sliding: bool = False, weights: str = "auto", draft=None) -> Launch:
-    """Plan the run (ConfigError where the budgets cannot work); `draft`: a draft model's plan.DraftMemory."""
+                cfg: PipelineConfig, sliding: bool = False, weights: str = "auto", draft=None,
+                draft_tokens: int = 0) -> Launch:
+    """Plan the run (ConfigError where the budgets cannot work); `draft`: a draft model's plan.DraftMemory;
+    `draft_tokens`: the tokens a sequence drafts a step (the draft model's or prompt lookup's; 0: none)."""
     from layerstream.compute.device import keeps_quantized
 
     layouts = layer_layouts(index)
@@ -133,7 +135,7 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
         quantized=keeps_quantized(device, weights), device_type=device.type, step_tokens=budget.step_tokens,
         max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.experts.cache_gb),
         moe_dense=cfg.experts.moe_dense, vram_slots=budget.vram_slots, expert_prefetch=cfg.experts.prefetch,
-        draft=draft,
+        draft=draft, draft_tokens=draft_tokens,
     )
     cpu = cfg.cpu.parsed.for_device(device.type)
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))

@@ -30,14 +30,18 @@ from dataclasses import dataclass
 from layerstream.compute.cpu.native import NATIVE_TYPES
 from layerstream.compute.dequant import FUSED_TYPES
 from layerstream.compute.model import attention_bytes, attention_path
+from layerstream.compute.moe import GROUPED_MAX_TOKENS
 from layerstream.compute.qlinear import (
     CPU_DEQUANT_BYTES,
+    FUSED_MAX_TOKENS,
+    FUSED_MAX_TOKENS_BY_TYPE,
     FUSED_MIN_OF_TYPES,
     HEAD_CHUNK,
     NATIVE_MAX_ROWS,
     cpu_chunk_elems,
     model_scratch_elems,
 )
+from layerstream.compute.runner import VERIFY_ROWS
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
 
@@ -52,7 +56,12 @@ CUBLAS_WORKSPACE = 32 * MiB + 4 * MiB  # cuBLAS's per-stream workspace on Hopper
 DECODE_PROGRAMS = 512  # attn_kernels.TARGET_PROGRAMS on a GPU: the decode kernel's split of the slots
 DECODE_BLOCK = 32  # attn_kernels.BL
 SLOT_ROUND = 1 << 16  # staging slots' size is a multiple of it
-MOE_GRAPHS = 64 * MiB  # a MoE model's streamed layers' decode graphs, one pair a layer and shape
+MOE_GRAPHS = 64 * MiB  # a MoE model's streamed layers' decode graphs, one pair a layer and shape, batches 1..4
+# a captured matmul's float32 partial sums (compute/qkernels.py): qsmall's kernel splits K in 4 on
+# 2..16 rows of matrices of 1024..16384 x 4096..16384 (_small_config); the split-K kernel, under
+# capture, splits K until about TARGET_PROGRAMS programs run (_config)
+SMALL_SPLITS, SMALL_ROWS, SMALL_N, SMALL_K = 4, (2, 16), (1024, 16384), (4096, 16384)
+TARGET_PROGRAMS = 4096
 
 
 def _up(n: int, m: int) -> int:
@@ -140,6 +149,26 @@ def step_meta(hp: HParams, B: int, S: int, T: int, L: int, e: int, sliding: bool
     if sliding:  # K rotated at read time: tables for every slot
         rope += B * L * hp.rope.dim * e * (2 if hp.attn.swa_window else 1)
     return masks + rope + 8 * (4 * T + 3 * B + B * S) + 64 * 1024
+
+
+def captured_partials(hp: HParams, T: int) -> int:
+    """The largest float32 partial sums one matmul of T rows holds in a captured decode step (the
+    constants above; qgemv's one- and two-row kernels on the larger matrices hold none): over a
+    layer's matrices and the head, whatever their types (an upper bound)."""
+    E, F, H, Hkv, D, V = hp.n_embd, hp.n_ff, hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim, hp.n_vocab
+    if hp.moe.n_expert:
+        F = hp.moe.n_ff_exp or F
+    out = 0
+    for N, K in ((H * D, E), (Hkv * D, E), (E, H * D), (F, E), (E, F), (V, E)):
+        if SMALL_ROWS[0] <= T <= SMALL_ROWS[1] and SMALL_N[0] <= N <= SMALL_N[1] and SMALL_K[0] <= K <= SMALL_K[1]:
+            splits = SMALL_SPLITS
+        elif T <= 2 and N >= 1024 and K >= 4096:
+            continue  # qgemv's
+        else:
+            tiles = -(-N // ((8 if N >= 32768 else 4) if T <= 2 else 32)) * (T if T <= 2 else -(-T // 16))
+            splits = max(1, min(K // 256 // 2, -(-TARGET_PROGRAMS // tiles)))
+        out = max(out, splits * T * N * 4 if splits > 1 else 0)
+    return out
 
 
 def head(hp: HParams, rows: int, e: int) -> tuple[int, int]:
@@ -326,21 +355,52 @@ class Sizes:
         main = T >= 2 or not self.quantized or in_graph or self.sliding
         return CUBLAS_WORKSPACE * (int(main) + int(in_graph))
 
+    @functools.cached_property
+    def rows_graphed(self) -> int:
+        """The most rows a captured decode step may hold: every matrix it reads as blocks stays on a
+        fused kernel (qlinear's FUSED_MAX_TOKENS_BY_TYPE: no dequantization buffer or cuBLAS inside
+        a graph), a MoE layer on its grouped kernels, and a verifying step runs as rows up to
+        VERIFY_ROWS (runner.py, NOTE [ drafts verified as decode rows ])."""
+        g = self.index.globals
+        mats = [t for layer in self.index.layers for t in layer.values() if len(t.shape) == 2]
+        mats.append(g.get("output.weight") or g["token_embd.weight"])
+        most = min((FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS) for t in mats if self.kept_as_blocks(t)),
+                   default=FUSED_MAX_TOKENS)
+        if self.index.hparams.moe.n_expert:
+            most = min(most, GROUPED_MAX_TOKENS)
+        return max(1, min(VERIFY_ROWS, most))
+
+    def graph_rows(self, T: int, draft_tokens: int = 0) -> int:
+        """The largest decode batch the pipeline captures in graphs, for steps of T tokens (the plan
+        says it, compute_proc captures it): up to FUSED_MIN_OF_TYPES sequences (NOTE [ decode
+        graphs ] in graphs.py); where sequences draft `draft_tokens` tokens a step, a verifying
+        step's rows too (every sequence's chunk of 1 + drafts), up to `rows_graphed` and T."""
+        plain = max(1, min(self.max_seqs, FUSED_MIN_OF_TYPES))
+        if draft_tokens <= 0:
+            return plain
+        return max(plain, min(self.max_seqs * (1 + draft_tokens), self.rows_graphed, max(T, self.max_seqs)))
+
     @functools.cache  # noqa: B019
-    def graphs(self, all_resident: bool) -> int:
-        """CUDA graphs of decode steps (runner.py, NOTE [ decode graphs ]): their private pool holds a
-        captured step's tensors and each captured shape's outputs (logits where the head is
-        captured too), and the capture's warm-up leaves its tensors cached on the capture stream."""
+    def graphs(self, all_resident: bool, rows: int | None = None) -> int:
+        """CUDA graphs of decode steps of 1..rows sequences (default: graph_rows without drafts;
+        runner.py, NOTE [ decode graphs ]): their private pool holds a captured step's tensors (the
+        largest batch's, its matmuls' split partial sums among them) and each captured shape's
+        outputs (logits where the head is captured too), and the capture's warm-up leaves its
+        tensors cached on the capture stream."""
         if not (self.cuda and self.quantized):
             return 0
         hp = self.index.hparams
-        bg = max(1, min(self.max_seqs, FUSED_MIN_OF_TYPES))
+        bg = self.graph_rows(1) if rows is None else rows
         peak, largest = step_peak(hp, bg, e=self.e, ctx=self.ctx, max_seqs=bg, quantized=True, cuda=True,
-                                         sliding=self.sliding, head_chunk=HEAD_CHUNK,
-                                         decode_only=True)
+                                  sliding=self.sliding, head_chunk=HEAD_CHUNK, decode_only=True)
+        if bg > FUSED_MIN_OF_TYPES:  # (up to it, a few MiB at most: the plans without drafts keep to the slack)
+            parts = captured_partials(hp, bg)
+            peak, largest = peak + parts, max(largest, parts)
         outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
                 for _ in range(kv_buckets(self.ctx))]
-        moe = MOE_GRAPHS if hp.moe.n_expert else 0  # the streamed MoE layers' graphs, one pair a layer and shape
+        # the streamed MoE layers' graphs, one pair a layer and shape: MOE_GRAPHS for batches 1..4, and as much
+        # again for each further four
+        moe = MOE_GRAPHS * -(-bg // FUSED_MIN_OF_TYPES) if hp.moe.n_expert else 0
         return 2 * transient_reserve(peak, largest) + reserved_bytes(outs) + moe
 
     def link_bytes(self, r: int, kv_dev: int) -> int:

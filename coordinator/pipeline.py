@@ -468,13 +468,14 @@ class Pipeline:
 def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     from layerstream.compute.device import resolve_device, resolve_dtype
     from layerstream.compute.weights import check_model_quants
-    from layerstream.coordinator.plan import draft_memory_for
+    from layerstream.coordinator.plan import draft_memory_for, draft_tokens_for
 
     check_model_quants(index)
     device = resolve_device(ecfg.device)
     dtype = resolve_dtype(ecfg.dtype, device, index.hparams.arch)
     launch = make_launch(index, device, dtype, ecfg.ctx, ecfg.max_seqs, pcfg, sliding=ecfg.on_context_full == "slide",
-                         weights=ecfg.weights, draft=draft_memory_for(ecfg, device, dtype))
+                         weights=ecfg.weights, draft=draft_memory_for(ecfg, device, dtype),
+                         draft_tokens=draft_tokens_for(ecfg))
     return Pipeline(launch)
 
 

@@ -89,6 +89,7 @@ class Plan:
     host_parts: tuple[tuple[str, int], ...] = ()  # host memory the plan takes, by item (NOTE [ host memory ])
     smaller_step: tuple[int, int] | None = None  # a step size that keeps more layers, and how many (NOTE [ step tokens ])
     draft: DraftMemory | None = None  # a draft model's memory, off the budget before the rest (NOTE above)
+    graph_rows: int = 1  # decode steps of 1..graph_rows rows replay graphs (memory.Sizes.graph_rows; compute_proc reads it)
 
     @property
     def host_bytes(self) -> int:
@@ -116,6 +117,8 @@ class Plan:
                 + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else "")
                 + (f"; --step-tokens {self.smaller_step[0]} would keep {self.smaller_step[1]} layers resident "
                    "(faster decode, prompts fed in that many tokens a pass)" if self.smaller_step else "")
+                + (f"; decode graphs of up to {self.graph_rows} rows (a verifying step's tokens replay them)"
+                   if self.graph_rows > self.kv_rows else "")
                 + (f"; {self.draft.line()}, beside it" if self.draft else ""))
 
     def breakdown(self) -> str:
@@ -159,14 +162,16 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
               expert_cache_bytes: int | None = None, moe_dense: str = "resident",
               vram_slots: int | None = None, expert_prefetch: int | None = None,
               device_type: str | None = None, sliding: bool = False, host_bytes: int | None = None,
-              draft: DraftMemory | None = None) -> Plan:
+              draft: DraftMemory | None = None, draft_tokens: int = 0) -> Plan:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
     vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below).
     device_type: "cuda" or "cpu" (None: CUDA where the weights stay quantized); `sliding`: the KV
     ring slides (decode then takes attention's general path); host_bytes: the host memory
     available (None: MemAvailable), which the plan's host side must fit (NOTE [ host memory ]);
-    `draft`: a draft model's memory, taken off vram_bytes first (NOTE [ the plan counts every byte ])."""
+    `draft`: a draft model's memory, taken off vram_bytes first (NOTE [ the plan counts every byte ]);
+    `draft_tokens`: the tokens a sequence drafts a step (a draft model's or prompt lookup's; 0: none),
+    whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows)."""
     if draft is not None and vram_bytes is not None:
         if draft.total >= vram_bytes:
             raise ConfigError(draft.refusal(vram_bytes, index.path))
@@ -181,6 +186,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     kv_layer = sz.kv_layer
     if step_tokens is not None and step_tokens < 1:
         raise ConfigError(f"--step-tokens {step_tokens}: must be at least 1")
+    if draft_tokens < 0:
+        raise ConfigError(f"--draft-tokens {draft_tokens}: must be at least 0")
 
     def slack(total: int) -> int:
         return SLACK_MIN + int(total * SLACK_FRACTION)
@@ -217,7 +224,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
                  ("experts copied ahead", ahead if keep_dense else 0),
                  ("KV", sz.kv(kv_dev)), ("host KV in flight", sz.host_kv_in_flight() if kv_dev < n else 0),
                  ("step scratch", sz.step(max(T, max_seqs))), ("dequantization scratch", sz.dequant_scratch(T)),
-                 ("cuBLAS workspace", sz.cublas(max(T, max_seqs))), ("decode graphs", sz.graphs(r == n))]
+                 ("cuBLAS workspace", sz.cublas(max(T, max_seqs))),
+                 ("decode graphs", sz.graphs(r == n, sz.graph_rows(T, draft_tokens)))]
         used = sum(v for _, v in parts)
         parts.append(("slack", slack(used)))
         return used + slack(used), parts
@@ -346,7 +354,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
                 total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
                 dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0,
-                kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step, draft=draft)
+                kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step, draft=draft,
+                graph_rows=sz.graph_rows(T, draft_tokens) if cuda and quantized else 0)
 
 
 def draft_memory(draft: ModelIndex, *, dtype_bytes: int, ctx: int, max_seqs: int, step_tokens: int,
@@ -381,6 +390,14 @@ def draft_memory_for(ecfg, device, dtype) -> DraftMemory | None:
     return draft_memory(open_model(ecfg.draft_model), dtype_bytes=dtype.itemsize, ctx=ecfg.ctx,
                         max_seqs=ecfg.max_seqs, step_tokens=ecfg.prefill_chunk,
                         quantized=keeps_quantized(device, ecfg.weights), cuda=torch.device(device).type == "cuda")
+
+
+def draft_tokens_for(ecfg) -> int:
+    """The tokens a sequence drafts a step under the engine config, as the engine drafts them:
+    --draft-tokens with a --draft-model, else --lookup's (0: no drafting)."""
+    if getattr(ecfg, "draft_model", None):
+        return ecfg.draft_tokens
+    return getattr(ecfg, "lookup", 0) or 0
 
 
 def _step_candidates(max_seqs: int) -> list[int]:
