@@ -47,33 +47,34 @@ from layerstream.loader.gguf_index import HParams
 
 
 def static_meta(meta: StepMeta) -> tuple[StepMeta, list[str]]:
-    """A graph's own copy of a step's meta (its inputs), and the names of the tensor fields that
+    """A graph's own copy of a step's meta (its inputs), and the paths of the tensor fields that
     fill_meta copies one by one: none but those set apart from the step's buffer (NOTE [ one
     buffer a step ] in step_meta.py), every one where there is no buffer."""
-    names = [f.name for f in dataclasses.fields(StepMeta) if f.name not in ("buf", "host_buf")
-             and isinstance(getattr(meta, f.name), torch.Tensor)]
-    if meta.buf is None:
-        return dataclasses.replace(meta, **{name: getattr(meta, name).clone() for name in names}), names
-    buf, own = meta.buf.clone(), {}
+    fields = meta.tensors()
+    if meta.store is None:
+        return meta.with_tensors({name: t.clone() for name, t in fields.items()}), list(fields)
+    src = meta.store.buf
+    buf, own = src.clone(), {}
     loose = []
-    for name in names:
-        t = getattr(meta, name)
-        off = t.data_ptr() - meta.buf.data_ptr()
+    for name, t in fields.items():
+        off = t.data_ptr() - src.data_ptr()
         if t.device == buf.device and t.is_contiguous() and 0 <= off <= buf.numel() - t.nbytes:
             own[name] = buf[off : off + t.nbytes].view(t.dtype).view(t.shape)
         else:
             own[name], loose = t.clone(), loose + [name]
-    return dataclasses.replace(meta, buf=buf, host_buf=None, **own), loose
+    return meta.with_tensors(own, store=dataclasses.replace(meta.store, buf=buf, host_buf=None)), loose
 
 
 def fill_meta(s_meta: StepMeta, meta: StepMeta, names: list[str]) -> None:
     """The step's inputs into a graph's own tensors: its buffer in one copy, then `names`."""
-    if s_meta.buf is not None:
-        if meta.layout != s_meta.layout:
+    if s_meta.store is not None:
+        if meta.store is None or meta.store.layout != s_meta.store.layout:
             raise ValueError("internal: a step's meta laid out otherwise than the graph it replays")
-        s_meta.buf.copy_(meta.buf)
-    for name in names:
-        getattr(s_meta, name).copy_(getattr(meta, name))
+        s_meta.store.buf.copy_(meta.store.buf)
+    if names:
+        own, new = s_meta.tensors(), meta.tensors()
+        for name in names:
+            own[name].copy_(new[name])
 
 
 class GraphCapture:
@@ -109,7 +110,7 @@ class LayerGraphs:
     def replay(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool) -> torch.Tensor:
         """Layers 0..upto-1 (and the head) through the graph captured for this shape: their output,
         a new tensor."""
-        key = (upto + head, len(seqs), meta.kv_len)
+        key = (upto + head, len(seqs), meta.q.kv_len)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(x, meta, seqs, upto, head)
@@ -159,7 +160,7 @@ class MoeGraphs:
         router early ])."""
         T = x.shape[0]
         ex = w["experts"]
-        key = (i, T, meta.kv_len, ex.next_router is not None)
+        key = (i, T, meta.q.kv_len, ex.next_router is not None)
         g = self.graphs.get(key)
         s_x, s_meta = self._inputs(x, meta)
         if self.early != key:
@@ -194,7 +195,7 @@ class MoeGraphs:
             out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
         if i + 1 < stop:
-            self._next_router_early(i + 1, T, meta.kv_len)
+            self._next_router_early(i + 1, T, meta.q.kv_len)
         return out
 
     def _next_router_early(self, j: int, T: int, kv_len: int) -> None:
@@ -211,7 +212,7 @@ class MoeGraphs:
 
     def _inputs(self, x: torch.Tensor, meta: StepMeta) -> tuple:
         """The graphs' copy of the step's inputs for this shape, holding this step's meta."""
-        key = (x.shape[0], meta.kv_len)
+        key = (x.shape[0], meta.q.kv_len)
         got = self.inputs.get(key)
         if got is None:
             got = self.inputs[key] = (x.clone(), *static_meta(meta), meta)

@@ -3,7 +3,6 @@ layer, or the first layers on the device and the rest on the host."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable
 
 import torch
@@ -82,18 +81,18 @@ class HostKV(DeviceKV):
         so each sees the K and V the others write there."""
         if self._meta_key is not meta:
             self._meta_key = meta
-            rows = meta.on_host("rows").tolist()  # (from the step's host buffer: .cpu() waited for the device)
+            rows = meta.on_host(meta.q.rows).tolist()  # (from the step's host buffer: .cpu() waited for the device)
             self._row_list = list(dict.fromkeys(rows))
             self._rows = torch.tensor(self._row_list, dtype=torch.long)
-            self._tok_row, self._tok_slot = meta.on_host("tok_row"), meta.on_host("tok_slot")
-            dev = meta.rows.device
+            self._tok_row, self._tok_slot = meta.on_host(meta.tok.row), meta.on_host(meta.tok.slot)
+            dev = meta.q.rows.device
             if len(self._row_list) == len(rows):
-                local, tok_local = torch.arange(len(rows), device=dev), meta.tok_b
+                local, tok_local = torch.arange(len(rows), device=dev), meta.tok.b
             else:
                 at = {r: j for j, r in enumerate(self._row_list)}
                 local = torch.tensor([at[r] for r in rows], dtype=torch.long).to(dev, non_blocking=True)
-                tok_local = local.index_select(0, meta.tok_b)
-            self._local_meta = dataclasses.replace(meta, rows=local, tok_row=tok_local)
+                tok_local = local.index_select(0, meta.tok.b)
+            self._local_meta = meta.with_tensors({"q.rows": local, "tok.row": tok_local})
         return self._local_meta
 
     def _apply_pending(self, i: int) -> None:
@@ -122,7 +121,7 @@ class HostKV(DeviceKV):
 
     def layer(self, i: int, meta: StepMeta):
         local = self._local(meta)
-        L, B = meta.kv_len, len(self._row_list)
+        L, B = meta.q.kv_len, len(self._row_list)
         if not self.cuda:
             return self.k[i][self._rows, :L].clone(), self.v[i][self._rows, :L].clone(), local
         if i not in self.inflight:
@@ -137,7 +136,7 @@ class HostKV(DeviceKV):
         return kb[:B, :L], vb[:B, :L], local
 
     def write_back(self, i: int, meta: StepMeta, k, v) -> None:
-        tb, ts = meta.tok_row, meta.tok_slot  # (meta is the local one: tok_row indexes the gathered rows)
+        tb, ts = meta.tok.row, meta.tok.slot  # (meta is the local one: tok.row indexes the gathered rows)
         if not self.cuda:
             self.k[i][self._tok_row, self._tok_slot] = k[tb, ts]
             self.v[i][self._tok_row, self._tok_slot] = v[tb, ts]

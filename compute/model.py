@@ -166,12 +166,11 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
 
     k_cache, v_cache: [rows, cap, n_head_kv, head_dim]. With a sliding ring K is stored before
     RoPE and rotated at read time, since positions within the cache change as it slides
-    (StreamingLLM); otherwise (meta.cos_k None) it is stored rotated. A local layer (`swa`) takes
-    the step's sliding-window mask and its own RoPE tables.
+    (StreamingLLM); otherwise (meta.attn.cos_k None) it is stored rotated. A local layer (`swa`)
+    takes the step's sliding-window tables (meta.swa: its mask and its own RoPE tables).
     """
-    cos_q, sin_q, cos_k_all, sin_k_all, mask_all = (
-        (meta.cos_q_swa, meta.sin_q_swa, meta.cos_k_swa, meta.sin_k_swa, meta.mask_swa) if swa
-        else (meta.cos_q, meta.sin_q, meta.cos_k, meta.sin_k, meta.mask))
+    tab = meta.swa if swa else meta.attn
+    cos_q, sin_q, cos_k_all, sin_k_all, mask_all = tab.cos_q, tab.sin_q, tab.cos_k, tab.sin_k, tab.mask
     T = x.shape[0]
     H, Hkv, D = hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim
     h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps)
@@ -182,22 +181,22 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
     # positions never change without sliding (cos_k None): K is stored rotated, once
-    if meta.rope_kernel:
-        q = _attn_kernels().rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok_row, meta.tok_slot,
+    if meta.kernels.rope:
+        q = _attn_kernels().rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok.row, meta.tok.slot,
                                            hp.rope.neox, rotate_k=cos_k_all is None)
     else:
         q = apply_rope(q, cos_q, sin_q, hp.rope.neox)
         if cos_k_all is None:
             k = apply_rope(k, cos_q, sin_q, hp.rope.neox)
-        k_cache[meta.tok_row, meta.tok_slot] = k.to(k_cache.dtype)
-        v_cache[meta.tok_row, meta.tok_slot] = v.to(v_cache.dtype)
-    if meta.decode_kernel and cos_k_all is None:  # token t is sequence t's only one
-        o = _attn_kernels().decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.rows, meta.kv_len,
+        k_cache[meta.tok.row, meta.tok.slot] = k.to(k_cache.dtype)
+        v_cache[meta.tok.row, meta.tok.slot] = v.to(v_cache.dtype)
+    if meta.kernels.decode and cos_k_all is None:  # token t is sequence t's only one
+        o = _attn_kernels().decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.q.rows, meta.q.kv_len,
                                              hp.attn.scale or 1 / math.sqrt(D))
         return _attn_out(hp, w, x, o)
 
-    B, S = meta.q_index.shape
-    L = meta.kv_len
+    B, S = meta.q.index.shape
+    L = meta.q.kv_len
     e = x.element_size()
     path = attention_path(hp, e, x.is_cuda, x.dtype == torch.bfloat16 and x.is_cuda
                           and torch.cuda.get_device_capability(x.device)[0] < 8)
@@ -206,7 +205,7 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     o = torch.empty(B, S, H * D, dtype=x.dtype, device=x.device)  # every group's output, in padded order
     for b0 in range(0, B, bc):
         b1 = min(B, b0 + bc)
-        rows = meta.rows[b0:b1]
+        rows = meta.q.rows[b0:b1]
         K = k_cache[rows, :L].to(x.dtype)  # [b, L, Hkv, D]
         V = v_cache[rows, :L].to(x.dtype)
         if cos_k_all is not None:
@@ -214,10 +213,10 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         Kt, Vt = K.transpose(1, 2), V.transpose(1, 2)  # [b, Hkv, L, D]
         for s0 in range(0, S, sc):
             s1 = min(S, s0 + sc)
-            Q = q[meta.q_index[b0:b1, s0:s1]]  # [b, s, H, D]
+            Q = q[meta.q.index[b0:b1, s0:s1]]  # [b, s, H, D]
             mask = mask_all[b0:b1, :, s0:s1]  # [b, 1, s, L]
             _sdpa(Q, Kt, Vt, mask, scale, path, o[b0:b1, s0:s1])
-    o = o.view(B * S, H * D)[meta.out_index]  # back to packed order (no host sync)
+    o = o.view(B * S, H * D)[meta.q.out_index]  # back to packed order (no host sync)
     return _attn_out(hp, w, x, o)
 
 

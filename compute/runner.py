@@ -141,13 +141,13 @@ class ModelRunner:
         """The step's token ids [T]: on the device, a -1 taken from its row's entry of `last_ids`
         (no host sync: the sampled id never left the device); where the embedding is a host gather
         and every id is known, the host's copy."""
-        if self.embed is None and self.glob.embd_dev is None and meta.ids_known:
-            return meta.on_host("tok_id")
-        if meta.ids_known:
-            return meta.tok_id
+        if self.embed is None and self.glob.embd_dev is None and meta.tok.known:
+            return meta.on_host(meta.tok.id)
+        if meta.tok.known:
+            return meta.tok.id
         if last_ids is None:
             raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
-        return torch.where(meta.tok_id < 0, last_ids.index_select(0, meta.tok_row), meta.tok_id)
+        return torch.where(meta.tok.id < 0, last_ids.index_select(0, meta.tok.row), meta.tok.id)
 
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
         """The attended KV length, padded (masked) so that kernels and graphs see few shapes:

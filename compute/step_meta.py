@@ -3,6 +3,7 @@ positions, RoPE tables and attention masks (StepMeta), built from each sequence'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,52 +20,104 @@ ALIGN = 16  # bytes: each part of the step's buffer starts at a multiple (any dt
 # A step's meta is a dozen small tensors. Copied one by one from pageable memory, each cost a
 # driver call that stages the bytes; built in one pinned buffer, they cross in one copy that
 # never waits, and a captured graph's copy of them is refreshed by one device copy too
-# (graphs.fill_meta). The fields are views of `buf` (the device's copy); `host_buf` holds the
-# same bytes on the host, where `on_host` reads a field without waiting for the device.
+# (graphs.fill_meta). The tensor fields are views of `Storage.buf` (the device's copy);
+# `host_buf` holds the same bytes on the host, where `on_host` reads a field without waiting
+# for the device.
 @dataclass(frozen=True)
-class StepMeta:
-    """What every layer of one forward step needs to know about the batch (built once a step)."""
+class Tokens:
+    """The step's new tokens, packed: [T] each."""
 
-    tok_id: torch.Tensor  # [T] each new token's id; -1: its row's last sampled id (NOTE [ ids one step behind ])
-    tok_row: torch.Tensor  # [T] KV-cache row (sequence slot) of each new token
-    tok_b: torch.Tensor  # [T] batch index of each new token
-    tok_slot: torch.Tensor  # [T] physical KV slot each new token writes
-    q_index: torch.Tensor  # [B, S] index of each padded query into the packed tokens
-    q_valid: torch.Tensor  # [B, S] bool, False on padding
+    id: torch.Tensor  # each new token's id; -1: its row's last sampled id (NOTE [ ids one step behind ])
+    row: torch.Tensor  # KV-cache row (sequence slot) of each new token
+    b: torch.Tensor  # batch index of each new token
+    slot: torch.Tensor  # physical KV slot each new token writes
+    known: bool = True  # no id is -1
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The queries padded to [B, S], and the KV rows and length they attend."""
+
+    index: torch.Tensor  # [B, S] index of each padded query into the packed tokens
+    valid: torch.Tensor  # [B, S] bool, False on padding
     out_index: torch.Tensor  # [T] index of each packed token in the flattened [B*S] padded layout
     rows: torch.Tensor  # [B] KV-cache row of each sequence
     kv_len: int  # slots 0..kv_len-1 of the rows are read by attention
+
+
+@dataclass(frozen=True)
+class Tables:
+    """What one kind of layer attends with: its RoPE tables and its mask."""
+
     cos_q: torch.Tensor  # [T, rope_dim/2]
     sin_q: torch.Tensor
     cos_k: torch.Tensor | None  # [B, kv_len, rope_dim/2]; None when K is stored rotated
     sin_k: torch.Tensor | None
     mask: torch.Tensor  # [B, 1, S, kv_len] bool, True where a query may attend
-    # the local (sliding-window) layers' RoPE tables and mask (Gemma 3); None without such layers
-    cos_q_swa: torch.Tensor | None = None
-    sin_q_swa: torch.Tensor | None = None
-    cos_k_swa: torch.Tensor | None = None
-    sin_k_swa: torch.Tensor | None = None
-    mask_swa: torch.Tensor | None = None
-    # Triton kernels of attn_kernels.py, where Triton runs the matmuls (build_step_meta's
-    # `triton_attention`): RoPE with the cache write in one launch, and, when every sequence adds
-    # one token and K is stored rotated, attention read from the cache in place (NOTE [ decode
-    # attention ])
-    rope_kernel: bool = False
-    decode_kernel: bool = False
-    ids_known: bool = True  # no token of tok_id is -1
-    buf: torch.Tensor | None = None  # [bytes] uint8 on the device: every field above is a view of it
-    host_buf: torch.Tensor | None = None  # the same bytes on the host (pinned on CUDA)
-    layout: tuple = ()  # where each field lies in buf: metas of one layout fill each other's buf
 
-    def on_host(self, name: str) -> torch.Tensor:
-        """Field `name`'s host copy (from host_buf: no device sync)."""
-        t = getattr(self, name)
-        if self.host_buf is None:  # a graph's own copy of the metadata (graphs.static_meta) has none
+
+@dataclass(frozen=True)
+class Kernels:
+    """Triton kernels of attn_kernels.py, where Triton runs the matmuls (build_step_meta's
+    `triton_attention`): RoPE with the cache write in one launch, and, when every sequence adds
+    one token and K is stored rotated, attention read from the cache in place (NOTE [ decode
+    attention ])."""
+
+    rope: bool = False
+    decode: bool = False
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The one buffer every tensor field is a view of (NOTE [ one buffer a step ])."""
+
+    buf: torch.Tensor  # [bytes] uint8 on the device
+    host_buf: torch.Tensor | None  # the same bytes on the host (pinned on CUDA); None in a graph's copy
+    layout: tuple  # where each field lies in buf: metas of one layout fill each other's buf
+
+
+_TENSOR_GROUPS = ("tok", "q", "attn", "swa")
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """What every layer of one forward step needs to know about the batch (built once a step)."""
+
+    tok: Tokens
+    q: Queries
+    attn: Tables  # every layer's, but the local ones'
+    swa: Tables | None = None  # the local (sliding-window) layers' (Gemma 3); None without such layers
+    kernels: Kernels = Kernels()
+    store: Storage | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor field by its path ("tok.row"), the storage aside."""
+        out = {}
+        for g in _TENSOR_GROUPS:
+            part = getattr(self, g)
+            if part is not None:
+                out |= {f"{g}.{f.name}": t for f in dataclasses.fields(part)
+                        if isinstance(t := getattr(part, f.name), torch.Tensor)}
+        return out
+
+    def with_tensors(self, new: dict[str, torch.Tensor], **top) -> "StepMeta":
+        """A copy whose fields at `new`'s paths ("tok.row") hold its tensors; `top` replaces whole fields."""
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for path, t in new.items():
+            g, name = path.split(".")
+            groups.setdefault(g, {})[name] = t
+        return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), **kw)
+                                            for g, kw in groups.items()}, **top)
+
+    def on_host(self, t: torch.Tensor) -> torch.Tensor:
+        """Field t's host copy (from host_buf: no device sync)."""
+        if self.store is None or self.store.host_buf is None:  # a graph's own copy (graphs.static_meta)
             return t.cpu()
-        off = -1 if self.buf is None or t.device.type == "cpu" else t.data_ptr() - self.buf.data_ptr()
-        if not 0 <= off <= self.buf.numel() - t.nbytes:  # (a field set apart from the buffer)
+        buf = self.store.buf
+        off = -1 if t.device.type == "cpu" else t.data_ptr() - buf.data_ptr()
+        if not 0 <= off <= buf.numel() - t.nbytes:  # (a field set apart from the buffer)
             return t.cpu()
-        return self.host_buf[off : off + t.nbytes].view(t.dtype).view(t.shape)
+        return self.store.host_buf[off : off + t.nbytes].view(t.dtype).view(t.shape)
 
 
 @dataclass
@@ -186,8 +239,16 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     buf = host_buf.to(device, non_blocking=True) if cuda else host_buf  # the one copy
     d = lay.views(buf) if cuda else h
     return StepMeta(
-        **{"cos_k": None, "sin_k": None, **d}, kv_len=L,
-        rope_kernel=triton_attention,
-        decode_kernel=triton_attention and all(k == 1 for k in lens) and not rotate_k_at_read,
-        ids_known=bool(n["tok_id"].min() >= 0), buf=buf, host_buf=host_buf, layout=tuple((k, v[2]) for k, v in lay.parts.items()) + ((L, lay.size),),
+        tok=Tokens(d["tok_id"], d["tok_row"], d["tok_b"], d["tok_slot"], known=bool(n["tok_id"].min() >= 0)),
+        q=Queries(d["q_index"], d["q_valid"], d["out_index"], d["rows"], kv_len=L),
+        attn=_tables(d, ""), swa=_tables(d, "_swa") if swa else None,
+        kernels=Kernels(rope=triton_attention,
+                        decode=triton_attention and all(k == 1 for k in lens) and not rotate_k_at_read),
+        store=Storage(buf, host_buf, layout=tuple((k, v[2]) for k, v in lay.parts.items()) + ((L, lay.size),)),
     )
+
+
+def _tables(d: dict[str, torch.Tensor], suffix: str) -> Tables:
+    """One kind of layer's tables from the buffer's parts (`suffix` "_swa": the local layers')."""
+    return Tables(d[f"cos_q{suffix}"], d[f"sin_q{suffix}"], d.get(f"cos_k{suffix}"), d.get(f"sin_k{suffix}"),
+                  d[f"mask{suffix}"])

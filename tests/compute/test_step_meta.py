@@ -1,6 +1,7 @@
 """build_step_meta: the packed step's indices and the attention kernels it asks for, set once."""
 
 import dataclasses
+from operator import attrgetter
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,24 +21,24 @@ def test_step_meta_packs_tokens_and_sets_the_kernels_once():
     decode = [SeqStep(row=1, tokens=[5], slots=[3], positions=[3], kv_pos=[0, 1, 2, 3]),
               SeqStep(row=0, tokens=[7], slots=[1], positions=[1], kv_pos=[0, 1])]
     m = _meta(decode, rotate_k_at_read=False, triton_attention=True)
-    assert m.tok_row.tolist() == [1, 0] and m.tok_slot.tolist() == [3, 1] and m.kv_len == 4
-    assert m.mask[1, 0, 0].tolist() == [True, True, False, False]
-    assert m.rope_kernel and m.decode_kernel  # one token a sequence, K stored rotated
-    assert not _meta(decode, rotate_k_at_read=True, triton_attention=True).decode_kernel  # a sliding ring
+    assert m.tok.row.tolist() == [1, 0] and m.tok.slot.tolist() == [3, 1] and m.q.kv_len == 4
+    assert m.attn.mask[1, 0, 0].tolist() == [True, True, False, False]
+    assert m.kernels.rope and m.kernels.decode  # one token a sequence, K stored rotated
+    assert not _meta(decode, rotate_k_at_read=True, triton_attention=True).kernels.decode  # a sliding ring
     prompt = [SeqStep(row=0, tokens=[1, 2], slots=[0, 1], positions=[0, 1], kv_pos=[0, 1])]
     m = _meta(prompt, rotate_k_at_read=False, triton_attention=True)
-    assert m.rope_kernel and not m.decode_kernel
+    assert m.kernels.rope and not m.kernels.decode
     m = _meta(decode, rotate_k_at_read=False)
-    assert not m.rope_kernel and not m.decode_kernel
+    assert not m.kernels.rope and not m.kernels.decode
     with pytest.raises(dataclasses.FrozenInstanceError):  # nothing sets them afterwards
-        m.decode_kernel = True
+        m.kernels.decode = True
 
 
 def _separate_tensors(hp, inv_freq: torch.Tensor, seqs: list[SeqStep], device: torch.device,
                     dtype: torch.dtype, kv_len: int | None = None, rotate_k_at_read: bool = True,
                     inv_freq_swa: torch.Tensor | None = None, triton_attention: bool = False) -> dict:
     """The step's meta as build_step_meta made it before NOTE [ one buffer a step ]: each tensor
-    built and copied on its own (the reference for the packed build)."""
+    built and copied on its own (the reference for the packed build), by its path in StepMeta."""
     B = len(seqs)
     tok_id = [t for s in seqs for t in s.tokens]
     S = max(len(s.slots) for s in seqs)
@@ -72,25 +73,27 @@ def _separate_tensors(hp, inv_freq: torch.Tensor, seqs: list[SeqStep], device: t
     if hp.attn.swa_window:
         near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.attn.swa_window
         cq, sq = rope_tables(inv_freq_swa, tok_pos_t, 1.0, dtype)
-        swa = dict(cos_q_swa=to(cq), sin_q_swa=to(sq), mask_swa=to(((mask & near) | ~q_valid[:, :, None])[:, None]))
+        swa = {"swa.cos_q": to(cq), "swa.sin_q": to(sq), "swa.mask": to(((mask & near) | ~q_valid[:, :, None])[:, None]),
+               "swa.cos_k": None, "swa.sin_k": None}
         if rotate_k_at_read:
             ck, sk = rope_tables(inv_freq_swa, kv_pos.clamp(min=0), 1.0, dtype)
-            swa |= dict(cos_k_swa=to(ck), sin_k_swa=to(sk))
-    return dict(
-        tok_id=to(torch.tensor(tok_id, dtype=torch.long)),
-        tok_row=to(torch.tensor(tok_row, dtype=torch.long)),
-        tok_b=to(torch.tensor(tok_b, dtype=torch.long)),
-        tok_slot=to(torch.tensor(tok_slot, dtype=torch.long)),
-        q_index=to(q_index), q_valid=to(q_valid), out_index=to(out_index),
-        rows=to(torch.tensor([s.row for s in seqs], dtype=torch.long)),
-        kv_len=L,
-        cos_q=to(cos_q), sin_q=to(sin_q),
-        cos_k=None if cos_k is None else to(cos_k), sin_k=None if sin_k is None else to(sin_k),
-        mask=to(mask[:, None]),
+            swa |= {"swa.cos_k": to(ck), "swa.sin_k": to(sk)}
+    return {
+        "tok.id": to(torch.tensor(tok_id, dtype=torch.long)),
+        "tok.row": to(torch.tensor(tok_row, dtype=torch.long)),
+        "tok.b": to(torch.tensor(tok_b, dtype=torch.long)),
+        "tok.slot": to(torch.tensor(tok_slot, dtype=torch.long)),
+        "tok.known": min(tok_id) >= 0,
+        "q.index": to(q_index), "q.valid": to(q_valid), "q.out_index": to(out_index),
+        "q.rows": to(torch.tensor([s.row for s in seqs], dtype=torch.long)),
+        "q.kv_len": L,
+        "attn.cos_q": to(cos_q), "attn.sin_q": to(sin_q),
+        "attn.cos_k": None if cos_k is None else to(cos_k), "attn.sin_k": None if sin_k is None else to(sin_k),
+        "attn.mask": to(mask[:, None]),
         **swa,
-        rope_kernel=triton_attention,
-        decode_kernel=triton_attention and all(len(s.tokens) == 1 for s in seqs) and not rotate_k_at_read,
-    )
+        "kernels.rope": triton_attention,
+        "kernels.decode": triton_attention and all(len(s.tokens) == 1 for s in seqs) and not rotate_k_at_read,
+    }
 
 
 SWA_HP = SimpleNamespace(rope=SimpleNamespace(dim=8, theta=10000.0, scale=2.0), attn=SimpleNamespace(swa_window=3))
@@ -110,16 +113,52 @@ def test_the_one_buffer_holds_what_the_separate_tensors_held(hp, rotate, dtype):
     kw = dict(kv_len=16, rotate_k_at_read=rotate, inv_freq_swa=inv_swa if hp.attn.swa_window else None)
     m = build_step_meta(hp, inv, MIXED, torch.device("cpu"), dtype, **kw)
     want = _separate_tensors(hp, inv, MIXED, torch.device("cpu"), dtype, **kw)
-    assert m.kv_len == want.pop("kv_len") == 16
+    assert m.q.kv_len == want.pop("q.kv_len") == 16
+    if not hp.attn.swa_window:
+        assert m.swa is None
+    buf = m.store.buf
     for name, w in want.items():
-        got = getattr(m, name)
+        got = attrgetter(name)(m)
         if isinstance(w, torch.Tensor):
             assert got.dtype == w.dtype and torch.equal(got, w), name
-            assert m.buf.data_ptr() <= got.data_ptr() < m.buf.data_ptr() + m.buf.numel(), name
-            assert torch.equal(m.on_host(name), w), name
+            assert buf.data_ptr() <= got.data_ptr() < buf.data_ptr() + buf.numel(), name
+            assert torch.equal(m.on_host(got), w), name
         else:
             assert got == w, name
-    assert m.tok_id.tolist() == [9, 4, 7, -1, 1, 2]
+    assert m.tensors().keys() == {k for k, w in want.items() if isinstance(w, torch.Tensor)}  # (what a graph copies)
+    assert m.tok.id.tolist() == [9, 4, 7, -1, 1, 2] and not m.tok.known
+
+
+def test_a_graphs_copy_owns_its_buffer_and_a_fill_refreshes_it_in_place():
+    """graphs.static_meta: every tensor of the copy is a view of its own buffer (the addresses a
+    captured graph reads, nested groups included); fill_meta brings the next step's values to those
+    same addresses, and a field set apart from the buffer (HostKV's local rows) by its path."""
+    from layerstream.compute.graphs import fill_meta, static_meta
+
+    kw = dict(kv_len=16, rotate_k_at_read=True, inv_freq_swa=rope_inv_freq(SWA_HP, None, 1000.0))
+    inv = rope_inv_freq(SWA_HP)
+    first = build_step_meta(SWA_HP, inv, MIXED, torch.device("cpu"), torch.float32, **kw)
+    nxt = [SeqStep(row=1, tokens=[3, 8, 6], slots=[9, 10, 11], positions=[9, 10, 11], kv_pos=list(range(12))),
+           SeqStep(row=3, tokens=[5], slots=[4], positions=[4], kv_pos=[0, 1, 2, 3, 4]),
+           SeqStep(row=0, tokens=[2, 7], slots=[2, 3], positions=[2, 3], kv_pos=[0, 1, 2, 3])]
+    second = build_step_meta(SWA_HP, inv, nxt, torch.device("cpu"), torch.float32, **kw)
+    s, loose = static_meta(first)
+    buf = s.store.buf
+    assert loose == [] and s.store.host_buf is None and buf.data_ptr() != first.store.buf.data_ptr()
+    ptrs = {name: t.data_ptr() for name, t in s.tensors().items()}  # 4 of tok, 4 of q, 5 of each Tables
+    assert len(ptrs) == 18 and all(buf.data_ptr() <= p < buf.data_ptr() + buf.numel() for p in ptrs.values())
+    fill_meta(s, second, loose)
+    for name, t in s.tensors().items():
+        assert t.data_ptr() == ptrs[name] and torch.equal(t, attrgetter(name)(second)), name
+    assert s.q.kv_len == 16 and s.swa.mask.any() and not torch.equal(s.swa.mask, first.swa.mask)
+
+    apart, loose = static_meta(first.with_tensors({"q.rows": torch.tensor([0, 1, 2])}))
+    assert loose == ["q.rows"]
+    fill_meta(apart, second.with_tensors({"q.rows": torch.tensor([2, 1, 0])}), loose)
+    assert apart.q.rows.tolist() == [2, 1, 0] and torch.equal(apart.tok.row, second.tok.row)
+    other = build_step_meta(SWA_HP, inv, MIXED[:2], torch.device("cpu"), torch.float32, **kw)
+    with pytest.raises(ValueError, match="laid out otherwise"):
+        fill_meta(s, other, [])
 
 
 @pytest.mark.gpu
@@ -128,5 +167,5 @@ def test_a_graphs_copy_without_host_bytes_reads_its_fields_from_the_device():
     """graphs.static_meta keeps `buf` but drops `host_buf`: on_host then copies from the device
     (it indexed None before)."""
     m = build_step_meta(HP, rope_inv_freq(HP), MIXED, torch.device("cuda"), torch.float16, kv_len=16)
-    g = dataclasses.replace(m, host_buf=None)
-    assert torch.equal(g.on_host("tok_row"), m.tok_row.cpu())
+    g = dataclasses.replace(m, store=dataclasses.replace(m.store, host_buf=None))
+    assert torch.equal(g.on_host(g.tok.row), m.tok.row.cpu())
