@@ -80,8 +80,8 @@ def _require_template(source, path: str) -> None:
 def serve_batch(args, index, ctx: int) -> tuple[int, str]:
     """--serve's default --batch: a pass costs about the same for one row as for many, so as many
     rows as the budgets hold, up to SERVE_BATCH_MAX, and at least SERVE_BATCH where they fit
-    (beyond it only while every layer's KV stays on the device); host memory bounds them too.
-    Returns (rows, why)."""
+    (beyond it only while every layer's KV stays on the device); host memory bounds them too, and a
+    --draft-model's memory at each row count (its KV grows with the rows). Returns (rows, why)."""
     import torch
 
     from layerstream.compute.device import keeps_quantized, resolve_device, resolve_dtype
@@ -90,6 +90,11 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
     hp = index.hparams
     device = resolve_device(args.device)
     dtype_bytes = torch.finfo(resolve_dtype(args.dtype, device, hp.arch)).bits // 8
+    draft = None
+    if args.draft_model:
+        from layerstream.loader.gguf_index import open_model
+
+        draft = open_model(args.draft_model)
     if args.single_process:
         rows = SERVE_BATCH
         while rows > 1:  # everything in this process: its KV must fit the host's or the device's memory
@@ -97,8 +102,8 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
                 if device.type == "cpu":
                     plan.check_local_host(index, dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=rows,
                                           step_tokens=args.prefill_chunk)
-                elif 2 * hp.n_layer * ctx * hp.attn.n_head_kv * hp.attn.head_dim * dtype_bytes * rows \
-                        > torch.cuda.mem_get_info(device)[0] // 2:
+                elif sum(2 * h.n_layer * ctx * h.attn.n_head_kv * h.attn.head_dim * dtype_bytes * rows
+                         for h in (hp, *([draft.hparams] if draft else []))) > torch.cuda.mem_get_info(device)[0] // 2:
                     raise ConfigError("too many rows")
                 break
             except ConfigError:
@@ -112,12 +117,18 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
     vram = gib(args.vram_gb)
     if vram is None and device.type == "cuda":
         vram = plan.fit_budget(device)  # as the pipeline takes it
+    quantized = keeps_quantized(device)
+
+    def draft_for(rows: int) -> plan.DraftMemory:  # as pipeline_backend counts it (plan.draft_memory_for)
+        return plan.draft_memory(draft, dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=rows, step_tokens=args.prefill_chunk,
+                                 quantized=quantized, cuda=device.type == "cuda")
     rows = plan.largest_batch(
         index, layer_layouts(index), most=SERVE_BATCH if vram is None else SERVE_BATCH_MAX,
         kv_on_device_above=SERVE_BATCH, vram_bytes=vram, host_cache_bytes=gib(args.host_cache_gb),
         dtype_bytes=dtype_bytes, ctx=ctx, prefetch=args.prefetch, kv_on_host=args.kv_on_host,
-        resident_layers=args.resident_layers, quantized=keeps_quantized(device), device_type=device.type,
-        step_tokens=args.step_tokens,
+        resident_layers=args.resident_layers, quantized=quantized, device_type=device.type,
+        step_tokens=args.step_tokens, draft_for=draft_for if draft is not None else None,
+        draft_tokens=args.draft_tokens if draft is not None else args.lookup,
         max_prefetch=hp.n_layer, expert_cache_bytes=gib(args.expert_cache_gb), moe_dense=args.moe_dense,
         vram_slots=args.vram_slots, expert_prefetch=args.expert_prefetch)
     if vram is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.coordinator.memory import Sizes, mem_available, reserved_bytes
@@ -172,6 +173,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     `draft`: a draft model's memory, taken off vram_bytes first (NOTE [ the plan counts every byte ]);
     `draft_tokens`: the tokens a sequence drafts a step (a draft model's or prompt lookup's; 0: none),
     whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows)."""
+    budget = vram_bytes  # (the errors name --vram-gb as given)
     if draft is not None and vram_bytes is not None:
         if draft.total >= vram_bytes:
             raise ConfigError(draft.refusal(vram_bytes, index.path))
@@ -254,7 +256,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         # KV first (the host path moves it every pass), then as many layers as fit
         kv_dev = 0 if kv_on_host else most(0, n, lambda k: fits(T, slots, 0, k))
         if kv_on_host is False and kv_dev < n:
-            raise ConfigError(f"--vram-gb {vram_bytes / GiB:.2f}: the KV cache ({_gib(n * kv_layer)}) does not "
+            raise ConfigError(f"--vram-gb {budget / GiB:.2f}: the KV cache ({_gib(n * kv_layer)}) does not "
                               "fit on the device; drop the KV placement option or lower --ctx or --batch")
         # then the streamed MoE layers' attention and routers, then as many whole layers as fit
         keep_dense = bool(dense) and fits(T, slots, 0, kv_dev, True)
@@ -301,7 +303,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
             T = candidates[-1]
             least, parts = fit(T, 2, 0, 0)
             raise ConfigError(
-                f"--vram-gb {vram_bytes / GiB:.2f} is too small for {os.path.basename(index.path)} with "
+                f"--vram-gb {budget / GiB:.2f} is too small for {os.path.basename(index.path)} with "
                 f"{T} tokens a step: it needs at least {_gib(least)} ({', '.join(f'{k} {_gib(v)}' for k, v in parts if v)})"
                 + (f" beside the draft model's {_gib(draft.total)}" if draft else "")
                 + "; raise --vram-gb, or lower --step-tokens, --batch or --ctx")
@@ -326,7 +328,7 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
         keep_dense = keep_dense and r < n
         total, parts = fit(T, slots, r, kv_dev, keep_dense)
         if total > vram_bytes:
-            raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {vram_bytes / GiB:.2f}: the plan needs "
+            raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {budget / GiB:.2f}: the plan needs "
                               f"{_gib(total)}; lower --resident-layers")
     resident = tuple(range(r))
     streamed = tuple(range(r, n))
@@ -451,19 +453,23 @@ def check_local_host(index: ModelIndex, *, dtype_bytes: int, ctx: int, max_seqs:
 
 
 def largest_batch(index: ModelIndex, layouts: list[LayerLayout], *, most: int = 64, kv_on_device_above: int = 8,
-                  **plan_kw) -> int:
+                  draft_for: Callable[[int], DraftMemory] | None = None, **plan_kw) -> int:
     """The most sequences (KV rows) the budgets hold, up to `most`: the largest batch whose plan
     fits; above `kv_on_device_above` only while every layer's KV stays on the device (no pass
-    moves KV). plan_kw: make_plan's other arguments (max_seqs aside). ConfigError where not even
-    one sequence fits (the plan's own message)."""
+    moves KV). `draft_for(rows)`: a draft model's memory at that many rows (its KV grows with
+    them), taken off the budget of each plan tried. plan_kw: make_plan's other arguments
+    (max_seqs and draft aside). ConfigError where not even one sequence fits (the plan's own message)."""
+    def plan_of(rows: int) -> Plan:
+        return make_plan(index, layouts, max_seqs=rows, draft=draft_for(rows) if draft_for else None, **plan_kw)
+
     def ok(rows: int) -> bool:
         try:
-            p = make_plan(index, layouts, max_seqs=rows, **plan_kw)
+            p = plan_of(rows)
         except ConfigError:
             return False
         return rows <= kv_on_device_above or p.kv_device_layers == index.hparams.n_layer
 
-    make_plan(index, layouts, max_seqs=1, **plan_kw)  # raises the plan's own error
+    plan_of(1)  # raises the plan's own error
     lo, hi = 1, max(1, most)
     while lo < hi:  # plans hold fewer layers as rows grow: feasibility falls once
         mid = (lo + hi + 1) // 2
