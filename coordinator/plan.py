@@ -16,6 +16,10 @@ if the plan undercounted, a step fails with an out-of-memory error instead of ov
 A draft model (coordinator/draft.py, NOTE [ the draft on the device ]) runs in the coordinator's
 process on the same device: its weights, KV and scratch (`DraftMemory`) come off the budget
 first, and the compute process's cap is what is left, so that both stay within `--vram-gb`.
+With drafts (a draft model's or --lookup's), a verifying step of 1 + drafts tokens a sequence runs as
+decode rows (compute/runner.py, NOTE [ drafts verified as decode rows ]): the plan counts the decode
+graphs of those rows (memory.Sizes.graph_rows) and the compute process captures the batches it
+counted (`Plan.graph_rows`), no more.
 """
 
 from __future__ import annotations
