@@ -16,10 +16,8 @@ if the plan undercounted, a step fails with an out-of-memory error instead of ov
 A draft model (coordinator/draft.py, NOTE [ the draft on the device ]) runs in the coordinator's
 process on the same device: its weights, KV and scratch (`DraftMemory`) come off the budget
 first, and the compute process's cap is what is left, so that both stay within `--vram-gb`.
-With drafts (a draft model's or --lookup's), a verifying step of 1 + drafts tokens a sequence runs as
-decode rows (compute/runner.py, NOTE [ drafts verified as decode rows ]): the plan counts the decode
-graphs of those rows (memory.Sizes.graph_rows) and the compute process captures the batches it
-counted (`Plan.graph_rows`), no more.
+With drafts, a verifying step's 1 + drafts tokens run as decode rows (NOTE [ drafts verified as decode
+rows ] in runner.py): the plan counts their decode graphs, which the compute process captures (`graph_rows`).
 """
 
 from __future__ import annotations
@@ -399,8 +397,7 @@ def draft_memory_for(ecfg, device, dtype) -> DraftMemory | None:
 
 
 def draft_tokens_for(ecfg) -> int:
-    """The tokens a sequence drafts a step under the engine config, as the engine drafts them:
-    --draft-tokens with a --draft-model, else --lookup's (0: no drafting)."""
+    """Tokens a sequence drafts a step, as the engine drafts: --draft-tokens with a --draft-model, else --lookup."""
     if getattr(ecfg, "draft_model", None):
         return ecfg.draft_tokens
     return getattr(ecfg, "lookup", 0) or 0
