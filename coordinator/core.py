@@ -81,6 +81,17 @@ class StepBackend(Protocol):
 
 
 @dataclass(eq=False)
+class _Ids:
+    """A request's sampled ids on their way through the steps in flight (NOTE [ one step behind ])."""
+
+    sampled: int = 0  # ids collected (an EOS included)
+    pending: int | None = None  # collected and not yet fed
+    ahead: int = 0  # ids sampled in steps in flight
+    steps: int = 0  # steps in flight that carry it
+    full: bool = False  # its ring has no room for the id in flight: it ends with that one
+
+
+@dataclass(eq=False)
 class _Request:
     id: str
     prompt: list[int]
@@ -93,11 +104,7 @@ class _Request:
     fed: int = 0  # prompt tokens fed so far (counted when submitted)
     started: bool = False  # its sampler was sent (with its first chunk)
     generated: list[int] = field(default_factory=list)
-    sampled: int = 0  # ids collected (an EOS included)
-    pending: int | None = None  # collected and not yet fed
-    ahead: int = 0  # ids sampled in steps in flight
-    inflight: int = 0  # steps in flight that carry it
-    full: bool = False  # its ring has no room for the id in flight: it ends with that one
+    ids: _Ids = field(default_factory=_Ids)
     done: bool = False  # finished or aborted; its row goes back once no step in flight carries it
     held: list[int] | None = None  # the record its row keeps (NOTE [ prefix reuse ]), until then
     drafts: RequestDrafts | None = None  # None: it drafts nothing (speculation.py)
@@ -111,7 +118,7 @@ class _Request:
         """The tokens whose KV its row holds at positions 0.. (ids of steps in flight left out)."""
         if self.fed < len(self.prompt):
             return self.prompt[: self.fed]
-        return self.prompt + self.generated[: max(self.sampled - 1, 0)]  # the last id was never fed
+        return self.prompt + self.generated[: max(self.ids.sampled - 1, 0)]  # the last id was never fed
 
 
 @dataclass
@@ -249,10 +256,10 @@ class EngineCore:
         """The token a decoding request feeds next: its collected id, -1 for the id a step in
         flight samples, None where it feeds none (NOTE [ one step behind ]), or waits for that id
         to draft from (NOTE [ speculative decoding ])."""
-        if r.ahead:
-            sure_end = r.full or len(r.generated) + r.ahead >= r.params.max_tokens
+        if r.ids.ahead:
+            sure_end = r.ids.full or len(r.generated) + r.ids.ahead >= r.params.max_tokens
             return None if sure_end or self.speculation.holds_back(r) else -1
-        return r.pending
+        return r.ids.pending
 
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
         """Decode tokens of the running requests first, then prompt chunks of the running, then of
@@ -331,8 +338,8 @@ class EngineCore:
             try:
                 slots, pos = r.ring.append(len(toks))
             except ContextFullError:
-                if r.ahead:
-                    r.full = True  # it ends with the id in flight (after that one is shown)
+                if r.ids.ahead:
+                    r.ids.full = True  # it ends with the id in flight (after that one is shown)
                 else:
                     outs.append(self._finish(r, "context_full"))
                 continue
@@ -345,9 +352,9 @@ class EngineCore:
                 starts.append(SamplerStart(r.row, float(P.temperature), P.top_k, float(P.top_p), float(P.min_p),
                                            float(P.repeat_penalty), P.repeat_last_n, r.seed, r.history()))
                 r.started = True
-            r.pending = None
-            r.inflight += 1
-            r.ahead += bool(samples)
+            r.ids.pending = None
+            r.ids.steps += 1
+            r.ids.ahead += bool(samples)
             if r.drafts is not None:
                 r.drafts.verifying = samples > 1
             seqs.append(SeqStep(row=r.row, tokens=toks, slots=slots, positions=pos, kv_pos=r.ring.slot_positions()))
@@ -375,8 +382,8 @@ class EngineCore:
             raise
         self.inflight.popleft()
         for i, (r, toks, samples, decode) in enumerate(step.plan):
-            r.inflight -= 1
-            r.ahead -= bool(samples)
+            r.ids.steps -= 1
+            r.ids.ahead -= bool(samples)
             if r.drafts is not None and samples > 1:
                 r.drafts.verifying = False
             if r.done:  # its id is discarded (NOTE [ one step behind ])
@@ -384,8 +391,8 @@ class EngineCore:
                 continue
             if not samples:
                 continue  # the prompt goes on next step: no token yet
-            at = len(r.prompt) + r.sampled  # the tokens its id follows
-            r.sampled += 1
+            at = len(r.prompt) + r.ids.sampled  # the tokens its id follows
+            r.ids.sampled += 1
             if res.bad[i] != FINITE:
                 why = f"sampling failed: {non_finite_error(res.bad[i], at)}"
                 outs.append(self._finish(r, "error", error=why, keep=False))
@@ -397,7 +404,7 @@ class EngineCore:
                 out = self._accept(r, res.ids[i])
             if out.finished:
                 outs.append(out)
-            elif r.full:
+            elif r.ids.full:
                 outs += [out, self._finish(r, "context_full")]
             else:
                 outs.append(out)
@@ -412,7 +419,7 @@ class EngineCore:
         if discard is not None:
             discard()
         for r in reqs:
-            r.inflight, r.ahead = 0, 0
+            r.ids.steps, r.ids.ahead = 0, 0
             if r.drafts is not None:
                 r.drafts.verifying = False
             if r.done:  # (aborted with a chunk in flight: its KV may be half written)
@@ -435,7 +442,7 @@ class EngineCore:
             return self._finish(r, "stop", text, [tok])
         if len(r.generated) >= r.params.max_tokens:
             return self._finish(r, "length", text + r.stops.flush(r.decoder.flush()), [tok])
-        r.pending = tok
+        r.ids.pending = tok
         return RequestOutput(r.id, text, [tok], prompt_tokens=len(r.prompt), completion_tokens=len(r.generated))
 
     def _end(self, r: _Request, keep: bool = True) -> None:
@@ -450,7 +457,7 @@ class EngineCore:
             self._release(r)
 
     def _release(self, r: _Request) -> None:
-        if r.row is not None and not r.inflight:
+        if r.row is not None and not r.ids.steps:
             self.give_row(r.row, r.held)
             r.row = None
 

@@ -110,7 +110,7 @@ class Speculation:
                  accept: Callable[[int], RequestOutput]) -> RequestOutput:
         """A decode chunk's result: its first k drafts and the id after them taken in turn through
         `accept`, up to one that ends the request; the rejected drafts' positions rolled back. One
-        output for all of them (the first id was counted in `r.sampled` by the caller)."""
+        output for all of them (the first id was counted in `r.ids.sampled` by the caller)."""
         if not 0 <= k <= len(drafts):
             raise LayerstreamError(f"internal: {k} of {len(drafts)} drafts accepted")
         r.ring.rollback(len(drafts) - k)
@@ -120,7 +120,7 @@ class Speculation:
         text, ids = "", []
         for j, tok in enumerate(drafts[:k] + [last]):
             if j:
-                r.sampled += 1
+                r.ids.sampled += 1
             out = accept(tok)
             text, ids = text + out.text, ids + out.token_ids
             st.tokens += 1
