@@ -8,10 +8,12 @@ The graph covers the leading layers whose weights stay put (`LayerSource.fixed`)
 on the device: every layer and the head in the in-VRAM engine; the resident layers in the
 streaming pipeline, whose streamed layers then run eagerly from their VRAM slots. All graphs
 share one memory pool and one capture stream (`GraphCapture`); each graph's output is consumed
-before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only steps of
-up to FUSED_MIN_OF_TYPES sequences are captured: their matmuls are the fused kernels
-(qlinear.FUSED_MIN_OF_TYPES), whereas cuBLAS takes a workspace for each new stream (graphs of
-larger batches ran out of memory at the budget), and at larger batches launches weigh less.
+before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only the
+steps the plan counts are captured (`DevicePlan.graph_rows`): up to --batch rows, or 1 + the
+drafts where a verifying step's rows replay them, and never beyond the rows every matrix keeps a
+fused kernel for (qlinear's per-type limits), since cuBLAS takes a workspace for each new stream
+(graphs of larger batches ran out of memory at the budget) and at larger batches launches weigh
+less.
 A mixture-of-experts layer is captured with the others when its experts are resident blocks:
 the grouped kernels find the chosen experts on the device (moe.py, NOTE [ grouped experts ]).
 A streamed MoE layer whose other tensors are kept on the device (`ExpertSet.dense_fixed`) runs
