@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ggufgen
-from layerstream.compute.runner import ModelRunner
+from layerstream.compute.runner import VERIFY_ROWS, ModelRunner
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.weights import GlobalWeights, ResidentLayers
 from layerstream.loader.gguf_index import open_model
@@ -73,7 +73,7 @@ def verified(r: ModelRunner) -> torch.Tensor:
 @pytest.mark.parametrize("kv", list(KV))
 def test_a_verified_chunk_runs_as_decode_rows_with_the_logits_of_one_token_steps(index, kv):
     want = one_token_steps(runner(index, **KV[kv]))
-    r = runner(index, **KV[kv])
+    r = runner(index, verify_rows=VERIFY_ROWS, **KV[kv])  # (by default only the kernels' path takes rows)
     got = verified(r)
     assert r.verify_paths == {"rows": 1}
     assert got.shape == want.shape == (len(CHUNK) + 1, index.hparams.n_vocab)
@@ -91,8 +91,17 @@ def test_a_step_over_the_bound_or_with_a_prompt_chunk_runs_as_chunks(index):
     want = one_token_steps(runner(index))
     torch.testing.assert_close(verified(r), want, rtol=1e-4, atol=1e-4)
     assert r.verify_paths == {"chunks": 1}
-    r = runner(index)
+    r = runner(index, verify_rows=VERIFY_ROWS)
     rows = Rows()
     prefill(r, rows)
     r.step([rows.seq(0, CHUNK), rows.seq(1, [4, 9, 2])], "last", tails=[len(CHUNK), 1])  # a prompt's last logits
     assert r.verify_paths == {"chunks": 1}
+
+
+@pytest.mark.parametrize("kv", list(KV))
+def test_by_default_only_the_decode_kernels_path_verifies_as_rows(index, kv):
+    """Rows pay where the decode attention kernel reads the cache in place; the general path would
+    gather a row's whole K and V once per row, so there a verifying step stays one chunk."""
+    r = runner(index, **KV[kv])
+    verified(r)
+    assert r.verify_paths == ({"rows": 1} if kv == "kernels" else {"chunks": 1})
