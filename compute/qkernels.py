@@ -429,14 +429,13 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
     return out
 
 
-def _many_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
-    """`_gemv_config` for a launch of several matrices walking N rows in all (None under Triton's
-    interpreter, which takes one matrix a launch: its programs run one after another, and where
-    `_small_config` takes the rows of matrices of up to 14336 rows each (q, k, v; gate and up): each
-    matrix is then launched on qsmall's kernel)."""
-    if INTERPRET or _small_config(M, min(N, 14336), K, qtype) is not None:
+def _many_config(M: int, Ns: list[int], K: int, qtype: int) -> tuple | None:
+    """`_gemv_config` for a launch of several matrices of Ns rows (None under Triton's interpreter,
+    which takes one matrix a launch: its programs run one after another, and where `_small_config`
+    takes the rows of any of the matrices: each matrix is then launched on its own kernel)."""
+    if INTERPRET or any(_small_config(M, n, K, qtype) is not None for n in Ns):
         return None
-    return _gemv_config(M, N, K, qtype)
+    return _gemv_config(M, sum(Ns), K, qtype)
 
 
 def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[int], K: int, glu: bool = False,
@@ -452,7 +451,7 @@ def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[
         _check(raw, qtype, n, K)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    config = config or _many_config(x.shape[0], sum(Ns), K, qtype)
+    config = config or _many_config(x.shape[0], Ns, K, qtype)
     if config is None or config[0] != "gemv":
         return None
     _, MR, BN, KB, warps = config

@@ -31,9 +31,11 @@ from layerstream.compute.dequant import dequantize
 # Rows of activations up to which the fused kernels are at least as fast as dequantize + cuBLAS,
 # per type, measured on an H200 with Llama-3.1-8B's matrices inside CUDA graphs (BENCHMARKS.md,
 # "quantized matmul" and "Small batches on the tensor cores"): Q4_K and Q6_K take qsmall's
-# tensor-core kernel up to 16 rows (2 to 2.5x faster than dequantize + cuBLAS on the 8B's larger
-# matrices; Q6_K's 1024 x 4096 is the exception, 16 against 14 us); Q5_K's rows kernel loses to
-# cuBLAS from 5 rows. Types not measured take FUSED_MAX_TOKENS.
+# tensor-core kernel up to 16 rows (faster than dequantize + cuBLAS on the 8B's larger matrices,
+# Q6_K's 1024 x 4096 the exception); Q5_K's rows kernel loses to cuBLAS from 5 rows. Types not
+# measured take FUSED_MAX_TOKENS. Q4_K matrices outside qsmall's measured shapes (the 70B's FFN,
+# K of 2048) take the older fused kernels at 5 to 16 rows, whose speed there against cuBLAS was
+# not measured.
 FUSED_MAX_TOKENS = 8
 FUSED_MAX_TOKENS_BY_TYPE = {int(QT.Q4_K): 16, int(QT.Q5_K): 4, int(QT.Q6_K): 16}
 FUSED_MIN_OF_TYPES = min(FUSED_MAX_TOKENS, *FUSED_MAX_TOKENS_BY_TYPE.values())  # above it, the scratch is used

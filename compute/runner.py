@@ -56,8 +56,8 @@ class ModelRunner:
         self.hp, self.glob, self.source = hp, glob, source
         # NOTE above; 0: verified chunks always run as chunks. By default rows only where the decode
         # attention kernel reads the cache in place (Triton's attention, K stored rotated): the general
-        # path gathers a row's whole K and V for each of its rows, T copies of the context (on the CPU
-        # 5 drafts at 3,500 tokens took 414 ms as rows against 39 ms as a chunk)
+        # path gathers a row's whole K and V for each of its rows, T copies of the context (BENCHMARKS.md,
+        # "Verifying drafts on the CPU")
         self.verify_rows = verify_rows if verify_rows is not None else \
             VERIFY_ROWS if triton_attention and not sliding else 0
         self.verify_paths: Counter[str] = Counter()  # verifying steps run as "rows" or as "chunks"

@@ -28,9 +28,8 @@ class ExpertSplit:
     even split where both are timed equal. cpu_s starts from a timing at start (cpu/calibrate.py:
     warmed, the median of several, on the run's own path) and then follows the CPU's own timings
     in the run: the median of the last `window` layers' at that bucket, once SEEN_MIN are in (with a
-    moving average, a few slow layers, a thread off its core, set the split for the next several:
-    on an H200 host the in-run figures read 1624 us an expert at batch 1 and 8165 us at batch 8,
-    from 15 experts computed in all). link_s comes from the link's GB/s measured at
+    moving average, a few slow layers, a thread off its core, set the split for the next several).
+    link_s comes from the link's GB/s measured at
     start. Whether the split beats no CPU at all in whole passes (the CPU's work
     holds the host, which launches the device's next work) is the Balancer's to time."""
 

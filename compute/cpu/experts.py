@@ -33,8 +33,8 @@ class CpuExperts:
     - Where the native kernel reads all three matrices' block types (cpu/native.py), the CPU reads
       each expert's blocks in place, in the layer's staging slot, which the step holds until the
       layer's release (NOTE [ expert streaming ]): nothing is copied or packed, and the plan
-      counts no host memory for it. Copied out once, they cost a copy per expert on first use
-      and the plan 15.6 GiB of host memory for the Qwen3-30B-A3B shape, for the same reads.
+      counts no host memory for it (copied out, they would cost a copy per expert on first use
+      and host memory the size of the streamed experts, for the same reads).
     - Without the native kernel, 4-bit matrices (Q4_0, Q4_1, Q4_K) go to aten's int4 matmul,
       exact but for the rounding of their scales to the CPU's dtype (cpu/packing.py), and the
       other block types (a Q4_K_M file's Q6_K downs, Q5_K, Q8_0, ...) are dequantized once into
@@ -144,8 +144,7 @@ class CpuExperts:
         order = [p for e in experts for p in pairs[e]]  # the CPU's pairs, by expert
         # the host's part in numpy, which starts no threads: torch's index_add_ (a scatter_add) entered
         # an OpenMP parallel region at any size, whose barrier waits for every OpenMP thread while
-        # the native kernel's pool holds the cores (measured on this project's 2-core CPU at 2
-        # threads: 54 ms a call of [8, 2048], against 12 us alone)
+        # the native kernel's pool holds the cores (milliseconds a call where it alone takes microseconds)
         hx = h.float().numpy()  # (every form of the CPU's takes float32 x: the native kernel rounds it itself)
         rows = np.array([p // k for p in order], dtype=np.int64)  # each of the CPU's pairs' token
         x_all = torch.from_numpy(hx[rows]) if T > 1 else h.float()  # one gather a layer, not one an expert

@@ -114,7 +114,7 @@ def test_layer_code_takes_one_launch_where_configured(monkeypatch):
     """qlinear.linear_many groups the Q4_K q and k in one launch and runs the Q6_K v alone; glu runs
     gate and up in one launch; linear adds a residual in it; model.ffn_block gives what the separate
     ops give (the configuration that the interpreter lacks given here)."""
-    monkeypatch.setattr(qkernels, "_many_config", lambda M, N, K, qtype: ("gemv", 2, 64, 1, 1))
+    monkeypatch.setattr(qkernels, "_many_config", lambda M, Ns, K, qtype: ("gemv", 2, 64, 1, 1))
     launches = []
     real = qgemv.gemv_many
     monkeypatch.setattr(qgemv, "gemv_many", lambda *a, **k: launches.append(len(a[1])) or real(*a, **k))
@@ -166,7 +166,7 @@ def test_on_cuda_at_8b_size_one_launch_is_the_separate_launches(qt):
         x = torch.randn(M, E, generator=gen).half().to(dev)
         ys = qkernels.matmul_many(x, [mats["q"], mats["k"], mats["v"]], int(qt), [E, 1024, 1024], E)
         assert ys is not None
-        config = qkernels._many_config(M, E + 2048, E, int(qt))
+        config = qkernels._many_config(M, [E, 1024, 1024], E, int(qt))
         for y, n, r in zip(ys, "qkv", (E, 1024, 1024)):
             assert torch.equal(y, qkernels.matmul(x, mats[n], int(qt), r, E, config=config))
         (a,) = qkernels.matmul_many(x, [mats["g"], mats["u"]], int(qt), [Fd, Fd], E, glu=True)

@@ -84,8 +84,10 @@ def test_choose_takes_small_where_it_measured_faster(monkeypatch):
     assert not any(choose(M, qt)[0] == "small" for M in (2, 3, 8) for qt in (QT.Q5_K, QT.Q8_0, QT.Q4_0, QT.Q3_K))
     assert choose(8, QT.Q4_K, 576, 4096)[0] != "small" and choose(8, QT.Q4_K, interpret=True)[0] != "small"
     monkeypatch.setattr(qkernels, "INTERPRET", False)
-    assert qkernels._many_config(4, 2 * 14336, 4096, int(QT.Q4_K)) is None
-    assert qkernels._many_config(2, 2048, 4096, int(QT.Q6_K))[0] == "gemv"
+    assert qkernels._many_config(4, [14336, 14336], 4096, int(QT.Q4_K)) is None
+    assert qkernels._many_config(2, [1024, 1024], 4096, int(QT.Q6_K))[0] == "gemv"
+    # the 70B's gate and up (28672 rows each) are beyond qsmall's measured shapes: one GEMV launch
+    assert qkernels._many_config(2, [28672, 28672], 8192, int(QT.Q4_K))[0] == "gemv"
     assert choose(8, QT.Q4_K, 1024)[2] == 32 and choose(8, QT.Q4_K)[2] == 64
     assert choose(8, QT.Q6_K)[2] == 32 and choose(8, QT.Q6_K, 14336)[2] == 64
 

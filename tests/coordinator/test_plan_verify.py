@@ -18,7 +18,6 @@ from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.synth import shaped_index
 from layerstream.proto.child import ChildEndpoints
-from layerstream.proto.messages import ArenaDesc
 from plans import plan
 
 
@@ -27,7 +26,7 @@ def graphs(p) -> int:
 
 
 def test_a_drafting_plan_counts_graphs_up_to_its_verify_rows_and_prints_them(l8):
-    """8B at 4 GiB, batch 1: without drafts one batch is captured (7.6 MB of graphs); drafting 4
+    """8B at 4 GiB, batch 1: without drafts one batch is captured (under 10 MiB of graphs); drafting 4
     tokens, batches 1 to 5, whose pool holds a 5-row step with qsmall's split partials (4 splits of
     K, float32, over the FFN's 14336 rows) and each batch's hidden states at every KV bucket."""
     alone = plan(l8, 4, ctx=4096)
@@ -42,7 +41,7 @@ def test_a_drafting_plan_counts_graphs_up_to_its_verify_rows_and_prints_them(l8)
     outs = sum(range(1, 6)) * 4096 * 2 * buckets
     assert graphs(drafting) >= graphs(alone) + 2 * partials + outs
     assert f"decode graphs {graphs(drafting) / GiB:.2f} GiB" in drafting.breakdown()
-    # four rows, as S's arithmetic had it: about 52 MB (two 20 MiB segments of the transient's pool)
+    # four rows: about 52 MB (two 20 MiB segments of the transient's pool)
     assert 40e6 < graphs(plan(l8, 4, ctx=4096, draft_tokens=3)) < 60e6
 
 
@@ -77,7 +76,7 @@ def test_the_compute_process_captures_the_batches_the_plan_counted(tmp_path):
     decode batches only, min(4, --batch), whatever the plan counted)."""
     index = open_model(ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256))
     cfg = PipelineConfig(budget=Budget(vram_gb=1))
-    ends = ArenaDesc("x", 1, 4096), ChildEndpoints("ipc:///x", "ipc:///y"), 1
+    ends = ChildEndpoints("ipc:///x", "ipc:///y"), 1
     for ecfg, rows in ((EngineConfig(lookup=4), 5), (EngineConfig(draft_model="d.gguf", draft_tokens=6), 7),
                        (EngineConfig(), 1)):
         n = draft_tokens_for(ecfg)
