@@ -105,6 +105,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.qdot_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.qdot_run.restype = ctypes.c_int
     lib.qdot_isa.restype = ctypes.c_int
+    lib.qdot_claimers.restype = ctypes.c_int
     return lib
 
 

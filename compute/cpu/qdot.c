@@ -692,6 +692,8 @@ static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
 static int n_workers;                   /* pool threads (the caller takes pieces too) */
 static _Atomic uint64_t ticket;         /* generation << 32 | pieces << 16 | next piece */
 static atomic_int done;                 /* pieces finished in this generation */
+static atomic_int cur_threads;          /* the dispatch's threads, the caller's included: workers 0.. below it claim */
+static atomic_int claimers;             /* workers that claimed a piece of the last dispatch (qdot_claimers) */
 static task_fn cur_fn;
 static void *cur_arg;
 
@@ -714,22 +716,33 @@ static inline void cpu_relax(void) {
 
 static inline uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
 
-/* claim and run pieces of generation `gen` until none is left */
-static void take_pieces(uint32_t gen) {
+/* claim and run pieces of generation `gen` until none is left; a worker (not the caller) counts
+ * itself in `claimers` before its first piece is done, so the caller sees the count once all are */
+static void take_pieces(uint32_t gen, int worker) {
     uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
     for (;;) {
         int n = (int)((t >> 16) & 0xffff), i = (int)(t & 0xffff);
         if (gen_of(t) != gen || i >= n) return;
         if (!atomic_compare_exchange_weak_explicit(&ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
             continue; /* (t reloaded) */
+        if (worker) {
+            atomic_fetch_add_explicit(&claimers, 1, memory_order_relaxed);
+            worker = 0;
+        }
         cur_fn(cur_arg, i, n);
         atomic_fetch_add_explicit(&done, 1, memory_order_release);
         t = atomic_load_explicit(&ticket, memory_order_acquire);
     }
 }
 
+struct worker_start {
+    uint32_t seen; /* the generation at its creation: a dispatch after it is its first */
+    int index;     /* 0..n_workers-1: a dispatch of `threads` threads is claimed by workers below threads - 1 */
+};
+
 static void *worker_main(void *p) {
-    uint32_t seen = *(uint32_t *)p; /* (the generation at its creation: a dispatch after it is its first) */
+    struct worker_start ws = *(struct worker_start *)p;
+    uint32_t seen = ws.seen;
     free(p);
     for (;;) {
         uint32_t g;
@@ -745,7 +758,7 @@ static void *worker_main(void *p) {
             pthread_mutex_unlock(&wake_mu);
         }
         seen = g;
-        take_pieces(g);
+        if (ws.index < atomic_load_explicit(&cur_threads, memory_order_relaxed) - 1) take_pieces(g, 1);
     }
     return NULL;
 }
@@ -773,30 +786,33 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
         pthread_attr_t a;
         pthread_attr_init(&a);
         pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-        uint32_t *seen = malloc(sizeof *seen);
-        if (!seen) break;
-        *seen = gen_of(atomic_load(&ticket));
-        int rc = pthread_create(&t, &a, worker_main, seen);
+        struct worker_start *ws = malloc(sizeof *ws);
+        if (!ws) break;
+        ws->seen = gen_of(atomic_load(&ticket));
+        ws->index = n_workers;
+        int rc = pthread_create(&t, &a, worker_main, ws);
         pthread_attr_destroy(&a);
         if (rc) {
-            free(seen);
+            free(ws);
             break;
         }
         n_workers++;
     }
+    atomic_store_explicit(&claimers, 0, memory_order_relaxed); /* (published by the ticket's release) */
     if (threads <= 1 || !n_workers) {
         for (int i = 0; i < n; i++) fn(arg, i, n);
         return;
     }
     cur_fn = fn;
     cur_arg = arg;
+    atomic_store_explicit(&cur_threads, threads, memory_order_relaxed); /* (published by the ticket's release) */
     atomic_store_explicit(&done, 0, memory_order_relaxed);
     uint32_t gen = gen_of(atomic_load(&ticket)) + 1;
     pthread_mutex_lock(&wake_mu);
     atomic_store_explicit(&ticket, (uint64_t)gen << 32 | (uint64_t)n << 16, memory_order_release);
     pthread_cond_broadcast(&wake_cv);
     pthread_mutex_unlock(&wake_mu);
-    take_pieces(gen);
+    take_pieces(gen, 0);
     while (atomic_load_explicit(&done, memory_order_acquire) < n) cpu_relax();
 }
 
@@ -983,6 +999,9 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
 }
 
 /* The vector path compiled in: 0 plain C, 1 AVX2, 2 AVX2 with VNNI. */
+/* workers that claimed a piece of the last dispatch: at most its threads - 1 (for the tests) */
+int qdot_claimers(void) { return atomic_load(&claimers); }
+
 int qdot_isa(void) {
 #if defined(__AVX2__) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
     return 2;

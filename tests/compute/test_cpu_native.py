@@ -253,3 +253,20 @@ def test_a_nan_or_inf_in_x_makes_its_rows_outputs_nan(qt, T, _needs_compiler):
     if T > 1:
         assert not got[T - 1].isfinite().any()
         assert torch.equal(got[1 : T - 1], want[1 : T - 1])
+
+
+def test_a_call_of_fewer_threads_than_the_pool_runs_on_that_many():
+    """After a call has grown the pool to 15 workers, a call of 2 or 4 threads is claimed by at most
+    1 or 3 of them besides the caller (workers wake for every dispatch: each claims only where its
+    index is below the call's threads), and a call of 1 thread by none."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    K = 512
+    x = torch.randn(4, K, generator=torch.Generator().manual_seed(3))
+    jobs = [(torch.from_numpy(rows(QT.Q4_K, 4096, K, seed=1).reshape(-1)), int(QT.Q4_K), 4096, K, x)]
+    native.matmuls(jobs, threads=16)
+    for threads in (2, 4, 1, 2):
+        for _ in range(20):
+            native.matmuls(jobs, threads=threads)
+            assert lib.qdot_claimers() <= threads - 1, threads
