@@ -7,12 +7,12 @@ row of x. W is the dot's first operand ([BN, R] x [R, MP], "swap AB": the MMA's 
 the weight rows, the few rows of x its N). A chunk is cut into runs of R values that share one
 scale and whose quants are R contiguous bytes (Q4_K and Q5_K: a nibble of 32 bytes; Q6_K: a
 nibble of 16 ql bytes with 2 bits of qh; Q8_0: a block), and whose values are R contiguous
-values of x, so no operand is shuffled. The dot takes the run's integer quants q exactly (float16
+values of x, so no operand is shuffled. The run's integer quants q become float16 exactly (float16
 holds integers up to 2048: 1024 + q from the bits 0x6400 | q, less 1024, no conversion
-instruction), and the run's scale S and offset O (gguf's w = S * q - O, in float32) are applied to
-its [BN, MP] product: acc += S * dot(q, x) - O * sum(x). float32 and bfloat16 activations take a
-float32 dot (q converted), at full precision ("ieee") or as TF32 ("tf32"; q and bfloat16's values
-are exact in TF32), as qkernels' `_matmul_kernel` does.
+instruction), and the run's weights w = S * q - O (gguf's scale S and offset O) are made in float16
+(two roundings) and multiplied on the tensor cores into a float32 accumulator. float32 and
+bfloat16 activations take a float32 dot (w made in float32), at full precision ("ieee") or as TF32
+("tf32"), as qkernels' `_matmul_kernel` does.
 
 Where N gives too few programs, K is split over `splits` programs a tile; each stores its float32
 partial, and the last of them to arrive (a counter per tile, zeroed by the caller) sums all
