@@ -128,7 +128,7 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
         dtype_bytes=dtype_bytes, ctx=ctx, prefetch=args.prefetch, kv_on_host=args.kv_on_host,
         resident_layers=args.resident_layers, quantized=quantized, device_type=device.type,
         step_tokens=args.step_tokens, draft_for=draft_for if draft is not None else None,
-        draft_tokens=args.draft_tokens if draft is not None else args.lookup,
+        draft_tokens=plan.draft_tokens_for(args),
         max_prefetch=hp.n_layer, expert_cache_bytes=gib(args.expert_cache_gb), moe_dense=args.moe_dense,
         vram_slots=args.vram_slots, expert_prefetch=args.expert_prefetch)
     if vram is None:

@@ -396,11 +396,10 @@ def draft_memory_for(ecfg, device, dtype) -> DraftMemory | None:
                         quantized=keeps_quantized(device, ecfg.weights), cuda=torch.device(device).type == "cuda")
 
 
-def draft_tokens_for(ecfg) -> int:
-    """Tokens a sequence drafts a step, as the engine drafts: --draft-tokens with a --draft-model, else --lookup."""
-    if getattr(ecfg, "draft_model", None):
-        return ecfg.draft_tokens
-    return getattr(ecfg, "lookup", 0) or 0
+def draft_tokens_for(cfg) -> int:
+    """Tokens a sequence drafts a step, as the engine drafts: --draft-tokens with a --draft-model, else
+    --lookup (an EngineConfig, or run-pipeline's parsed arguments, which carry the same names)."""
+    return cfg.draft_tokens if cfg.draft_model else (cfg.lookup or 0)
 
 
 def _step_candidates(max_seqs: int) -> list[int]:
