@@ -1,4 +1,5 @@
-"""The compute process's config: built once by the coordinator (launch.py), pickled to the child at spawn."""
+"""The compute process's config: built once by the coordinator (launch.py), pickled to the child at spawn;
+the arena comes later, in a message (NOTE [ the arena after Ready ] in coordinator/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 from layerstream.compute.cpu.config import CpuShareConfig
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.proto.child import ChildEndpoints
-from layerstream.proto.messages import ArenaDesc
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class ComputeConfig:
     dtype: str
     ctx: int
     max_seqs: int
-    arena: ArenaDesc
     layouts: list[Any]  # LayerLayout.to_wire() per layer
     endpoints: ChildEndpoints
     parent_pid: int

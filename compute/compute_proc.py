@@ -54,7 +54,7 @@ from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.child import ChildLinks, ShutdownRequested, run_child
-from layerstream.proto.messages import Forward, ForwardDone, LayerReady, StepFailed
+from layerstream.proto.messages import ArenaDesc, AttachArena, Forward, ForwardDone, LayerReady, StepFailed
 from layerstream.proto.timeline import Timeline
 
 log = logging.getLogger("layerstream.compute")
@@ -107,49 +107,58 @@ class ComputeWorker:
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        dtype = getattr(torch, cfg.dtype)
+        self.dtype = dtype = getattr(torch, cfg.dtype)
         plan = cfg.plan
-        self.arena = Arena.from_wire(cfg.arena)
+        self.arena: Arena | None = None  # mapped when AttachArena comes (attach)
+        self.source: StreamedLayers | None = None
         self.registered = False
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # (the CUDA context is made here, while staging makes the arena)
             torch.cuda.set_device(self.device)
             if plan.budget_bytes is not None:  # NOTE [ the plan counts every byte ] in plan.py
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, plan.budget_bytes / total), self.device)
-            self._register_arena()
-        index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
-        form = weights_form(self.device, cfg.weights)
+        self.index = index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
+        self.form = form = weights_form(self.device, cfg.weights)
         quantized = form == "triton"  # the Triton kernels' blocks (their attention, graphs and experts' paths)
         if quantized and self.device.type == "cuda" and max(plan.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
             reserve_scratch(self.device, dtype, model_scratch_elems(index))
         self.glob = GlobalWeights(index, self.device, dtype, quantized=form)
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         self.returns = SlotReturns(links.send, cfg.experts.done_batch)
-        layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
+        self.layouts = layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
         resident = set(plan.resident)
         self.cpu = make_cpu_parts(cfg.cpu_share, [lay for i, lay in enumerate(layouts) if i not in resident],
                                   self.device, dtype, self.tl, index.hparams.moe.n_expert_used)
-        hp, ex = index.hparams, cfg.experts
-        experts = make_expert_stream(layouts, resident, (hp.moe.n_expert, hp.moe.n_expert_used), ex.cache_bytes,
-                                     ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
-                                     self.device, dtype, quantized, self.tl, self.arena.slot_array,
-                                     self._layer_done)
-        self.source = StreamedLayers(layouts, self.arena.slot_array, self.ready_slots, self._pump, self._layer_done,
-                                     self.device, dtype, resident, plan.vram_slots, self.tl, quantized=form,
-                                     share=self.cpu.share, experts=experts)
         self.expert_count = StepCount()  # the steps that fetched only the chosen experts
         self.embed = mapped_embedding(self.glob, self.device, dtype)  # NOTE [ the embedding on the device ]
-        self.runner = ModelRunner(index.hparams, self.glob, self.source, self.device, dtype,
-                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
-                                  sliding=cfg.sliding, triton_attention=quantized,
-                                  graph_max_tokens=graph_max_tokens(plan, quantized),
-                                  embed=self.embed)
-        self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
         self.queued: deque[Forward] = deque()  # taken in, not yet launched
         self.inflight: deque[_InFlight] = deque()  # launched, ForwardDone not yet sent
         self.host_ids: dict[int, int] = {}  # KV row -> the id it sampled last, once read back
         self.announced: dict[int, set[int]] = {}  # step -> its layers announced so far (NOTE [ a failed step ])
         self.last_raised = 0  # the last step that raised here (NOTE [ a failed step ])
+
+    def attach(self, arena: ArenaDesc) -> None:
+        """Map the staging arena (pinned on CUDA) and build what reads its slots: the layer source
+        and the runner over it (NOTE [ the arena after Ready ] in coordinator/pipeline.py)."""
+        cfg, plan, dtype, form = self.cfg, self.cfg.plan, self.dtype, self.form
+        quantized = form == "triton"
+        self.arena = Arena.from_wire(arena)
+        if self.device.type == "cuda":
+            self._register_arena()
+        hp, ex, resident = self.index.hparams, cfg.experts, set(plan.resident)
+        experts = make_expert_stream(self.layouts, resident, (hp.moe.n_expert, hp.moe.n_expert_used), ex.cache_bytes,
+                                     ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
+                                     self.device, dtype, quantized, self.tl, self.arena.slot_array,
+                                     self._layer_done)
+        self.source = StreamedLayers(self.layouts, self.arena.slot_array, self.ready_slots, self._pump,
+                                     self._layer_done, self.device, dtype, resident, plan.vram_slots, self.tl,
+                                     quantized=form, share=self.cpu.share, experts=experts)
+        self.runner = ModelRunner(hp, self.glob, self.source, self.device, dtype,
+                                  ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
+                                  sliding=cfg.sliding, triton_attention=quantized,
+                                  graph_max_tokens=graph_max_tokens(plan, quantized),
+                                  embed=self.embed)
+        self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""
@@ -194,7 +203,7 @@ class ComputeWorker:
         snap["pinned"] = self.registered
         if self.device.type == "cuda":
             snap["device_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
-        cache = self.source.expert_cache
+        cache = None if self.source is None else self.source.expert_cache
         if cache is not None:
             snap["experts"] = {"policy": cache.kept.policy, "hits": cache.hits, "misses": cache.misses,
                                "bytes": cache.bytes_moved, "prefetch_hits": cache.ahead.hits, "prefetched": cache.ahead.copied,
@@ -358,7 +367,13 @@ class ComputeWorker:
 
     def run(self) -> None:
         """Launch Forwards as they come, the next before the last is done; answer each once done."""
-        self.links.ready({"pinned": self.registered, "device": str(self.device)})
+        self.links.ready({"device": str(self.device)})
+        while self.source is None:  # (a message before the arena, which the coordinator never sends first, waits)
+            msg = self.links.recv()
+            if isinstance(msg, AttachArena):
+                self.attach(msg.desc)
+            elif msg is not None:
+                self._take(msg)
         while True:
             if self.queued:
                 self._launch(self.queued.popleft())
@@ -379,7 +394,8 @@ class ComputeWorker:
     def close(self) -> None:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.arena.slot_address(0))
-        self.arena.close()
+        if self.arena is not None:
+            self.arena.close()
 
 
 def main(cfg: ComputeConfig) -> None:

@@ -2,8 +2,9 @@
 
 `make_launch` decides everything that is fixed for a run before a process starts (plan.py's
 residency plan, the CPU share that fits, which reader reads what); `Launch` then makes the
-configs the staging, reader and compute processes are spawned with, and the reads of each
-layer as they go on the wire. Pipeline (pipeline.py) only starts them and runs the messages.
+configs the staging, reader and compute processes are spawned with (all at once: the arena
+comes to the others in a message, NOTE [ the arena after Ready ] in pipeline.py), and the reads
+of each layer as they go on the wire. Pipeline (pipeline.py) only starts them and runs the messages.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout, layer_layouts
 from layerstream.loader.reader import ReaderPlan, default_threads, readers_for
 from layerstream.proto.child import ChildEndpoints
-from layerstream.proto.messages import ArenaDesc, ByteRange
+from layerstream.proto.messages import ByteRange
 
 log = logging.getLogger("layerstream.pipeline")
 
@@ -75,12 +76,12 @@ class Launch:
         return staging_proc.StagingConfig("staging", self.plan.n_slots, self.plan.slot_bytes, endpoints, parent_pid,
                                           populate_threads=default_threads())
 
-    def reader_config(self, r: int, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> reader_proc.ReaderConfig:
+    def reader_config(self, r: int, endpoints: ChildEndpoints, parent_pid: int) -> reader_proc.ReaderConfig:
         return reader_proc.ReaderConfig(self.reader_ids[r], tuple(self.index.files), tuple(self.readers.files[r]),
-                                        self.cfg.readers.direct, self.read_threads, arena, endpoints, parent_pid,
+                                        self.cfg.readers.direct, self.read_threads, endpoints, parent_pid,
                                         self.cfg.procs.trace)
 
-    def compute_config(self, arena: ArenaDesc, endpoints: ChildEndpoints, parent_pid: int) -> ComputeConfig:
+    def compute_config(self, endpoints: ChildEndpoints, parent_pid: int) -> ComputeConfig:
         plan, cfg = self.plan, self.cfg
         threads = cfg.cpu.threads or (threads_default() if not self.cpu.off and plan.streamed
                                       and self.device.type == "cuda" else None)
@@ -92,7 +93,7 @@ class Launch:
         return ComputeConfig(
             ident="compute", model_path=self.index.path, device=str(self.device),
             dtype=str(self.dtype).split(".")[-1], ctx=self.ctx, max_seqs=self.max_seqs, plan=on_device,
-            weights=self.weights, arena=arena, layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu,
+            weights=self.weights, layouts=[lay.to_wire() for lay in self.layouts], cpu_share=self.cpu,
             index=self._compute_index(), experts=experts, cpu_threads=threads, endpoints=endpoints,
             parent_pid=parent_pid, trace=cfg.procs.trace, sliding=self.sliding)
 

@@ -49,6 +49,7 @@ from layerstream.loader.reader import ReaderPlan
 from layerstream.proto.codec import ProtocolError, from_wire
 from layerstream.proto.messages import (
     ArenaDesc,
+    AttachArena,
     Failed,
     Forward,
     ForwardDone,
@@ -136,24 +137,27 @@ class Pipeline:
 
     # -- start -----------------------------------------------------------------------------------
 
+    # NOTE [ the arena after Ready ]
+    # Every child starts at once: each pays a Python's start and its imports (compute: torch, and on
+    # CUDA its context and the resident globals), and none of that needs the arena, which staging
+    # makes. So the readers' and compute's configs carry no arena: a child connects, does its own
+    # start, and sends Ready; the coordinator answers with AttachArena on its work link once staging
+    # has described the arena (at once, or when staging's Ready comes), before any other work
+    # message to it (LoadLayer, LayerReady, Forward), and the child maps it first. A ROUTER routes
+    # only to a peer it has heard from, hence after Ready. A child that dies before or after the
+    # arena came is one death as before (_check_children); a restarted reader gets it again after
+    # its own Ready.
+
     async def _start(self) -> None:
         la, pid = self.launch, os.getpid()
         procs = self.cfg.procs
         self.links = links = CoordinatorLinks(procs.transport, procs.host, la.max_msg_in, la.max_msg_out)
         self._progress("processes", 0)
-        st = self._start_child("staging", "staging", staging_proc.main,
-                               la.staging_config(links.endpoints_for("staging"), pid))
-        await self._wait_ready([st.ident])
-        try:
-            self.arena = from_wire(ArenaDesc, st.ready.get("arena"))
-        except ProtocolError as e:
-            raise PipelineError(f"the staging process described its arena wrongly: {e}") from None
+        self._start_child("staging", "staging", staging_proc.main, la.staging_config(links.endpoints_for("staging"), pid))
         for r, ident in enumerate(la.reader_ids):
-            self._start_child("reader", ident, reader_proc.main,
-                              la.reader_config(r, self.arena, links.endpoints_for("reader"), pid))
-        self._start_child("compute", "compute", compute_proc.main,
-                          la.compute_config(self.arena, links.endpoints_for("compute"), pid))
-        await self._wait_ready(la.reader_ids + ["compute"])
+            self._start_child("reader", ident, reader_proc.main, la.reader_config(r, links.endpoints_for("reader"), pid))
+        self._start_child("compute", "compute", compute_proc.main, la.compute_config(links.endpoints_for("compute"), pid))
+        await self._wait_ready(["staging"] + la.reader_ids + ["compute"])
         self._progress("layers", 0)
         await self._send_all(self.core.set_reads(la.reads()))  # and start loading the first layers at once
 
@@ -274,6 +278,10 @@ class Pipeline:
                 return
             c.ready = msg.info
             self._progress("processes", sum(x.ready is not None for x in self.sup.children.values()))
+            if c.role == "staging":
+                await self._arena_described(msg.info)
+            elif self.arena is not None:
+                await self._attach(c)
             if c.role == "reader":
                 await self._send_all(self.core.reader_ready(ident, restarted=bool(c.restarts)))
         elif isinstance(msg, LayerStaged):
@@ -303,6 +311,21 @@ class Pipeline:
             self.stats_replies[msg.ident] = msg.stats
         else:
             self.tl.incr("unexpected_messages")
+
+    async def _arena_described(self, info: dict) -> None:
+        """Staging's Ready: its arena, sent to the children that are Ready already (NOTE [ the arena after Ready ])."""
+        try:
+            self.arena = from_wire(ArenaDesc, info.get("arena"))
+        except ProtocolError as e:
+            self.failure = self.failure or f"the staging process described its arena wrongly: {e}"
+            return
+        for c in list(self.sup.children.values()):
+            if c.role != "staging" and c.ready is not None:
+                await self._attach(c)
+
+    async def _attach(self, c: Child) -> None:
+        """Send a Ready reader or compute the arena, first on its work link (NOTE [ the arena after Ready ])."""
+        await self.links.send("readers" if c.role == "reader" else "compute", c.ident, AttachArena.of(self.arena))
 
     async def _send_all(self, sends: list[Send]) -> None:
         for link, ident, msg in sends:

@@ -1,4 +1,5 @@
-"""A reader process: reads layers' byte ranges from the GGUF file(s) into staging slots."""
+"""A reader process: reads layers' byte ranges from the GGUF file(s) into staging slots; it maps the
+arena when AttachArena comes (NOTE [ the arena after Ready ] in coordinator/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from layerstream.loader.arena import Arena
 from layerstream.loader.layout import ReadRange
 from layerstream.loader.reader import LayerReader
 from layerstream.proto.child import ChildEndpoints, ChildLinks, run_child
-from layerstream.proto.messages import ArenaDesc, LayerStaged, LoadLayer, ReadFailed
+from layerstream.proto.messages import AttachArena, LayerStaged, LoadLayer, ReadFailed
 from layerstream.proto.timeline import Timeline
 
 
@@ -21,7 +22,6 @@ class ReaderConfig:
     serve: tuple[str, ...]  # the files this reader opens
     direct: bool
     threads: int  # read threads (NOTE [ parallel reads ] in reader.py)
-    arena: ArenaDesc
     endpoints: ChildEndpoints
     parent_pid: int
     trace: bool = False
@@ -40,18 +40,23 @@ def main(cfg: ReaderConfig) -> None:
 
     def body(links: ChildLinks) -> None:
         state["links"] = links
-        arena = Arena.from_wire(cfg.arena)
+        arena: Arena | None = None
         reader = LayerReader(list(cfg.serve), direct=cfg.direct, threads=cfg.threads)
         try:
             links.ready({"files": len(cfg.serve)})
             while True:
                 msg = links.recv()
+                if isinstance(msg, AttachArena) and arena is None:
+                    arena = Arena.from_wire(msg.desc)
+                    continue
                 if not isinstance(msg, LoadLayer):
                     if msg is not None:
                         tl.incr("unexpected_messages")
                     continue
                 t0 = time.monotonic_ns()
                 try:
+                    if arena is None:
+                        raise RuntimeError(f"LoadLayer {msg.req} came before the arena (AttachArena)")
                     ranges = [ReadRange(cfg.files[f], off, n, so) for f, off, n, so in msg.ranges]
                     view = arena.slot_view(msg.slot)
                     try:
@@ -66,6 +71,7 @@ def main(cfg: ReaderConfig) -> None:
                 links.send(LayerStaged(msg.req, msg.layer, msg.slot, n, dt / 1e9, cfg.ident))
         finally:
             reader.close()
-            arena.close()
+            if arena is not None:
+                arena.close()
 
     run_child("reader", cfg.ident, cfg.endpoints, cfg.parent_pid, body, stats)

@@ -38,6 +38,7 @@ from .messages import (
     PROTOCOL_VERSION,
     WANT_LOGITS,
     ArenaDesc,
+    AttachArena,
     ByteRange,
     Failed,
     Forward,

@@ -34,7 +34,9 @@ from typing import Any, ClassVar
 # 5: ForwardSeq.sample is a count (k > 1 verifies the chunk's last k - 1 tokens as drafts);
 #    ForwardDone.accepted: per sequence, the drafts accepted
 # 6: StepFailed (a step that raised in the compute process; the run goes on); Forward.failed
-PROTOCOL_VERSION = 6
+# 7: AttachArena: readers and compute get the arena in a message, not in their config (they start
+#    beside staging: NOTE [ the arena after Ready ] in pipeline.py)
+PROTOCOL_VERSION = 7
 
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
@@ -216,6 +218,25 @@ class Failed(Message):
         return cls(role, ident, where, error, tb)
 
 
+@message(7)
+class AttachArena(Message):
+    """Coordinator to a reader or compute, on its work link: the staging arena to map, sent once
+    the child is Ready and staging has described the arena; before any other work message
+    (NOTE [ the arena after Ready ] in pipeline.py). The ArenaDesc's fields, each checked by the codec."""
+
+    name: str
+    n_slots: int
+    slot_bytes: int
+
+    @classmethod
+    def of(cls, arena: ArenaDesc) -> AttachArena:
+        return cls(arena.name, arena.n_slots, arena.slot_bytes)
+
+    @property
+    def desc(self) -> ArenaDesc:
+        return ArenaDesc(self.name, self.n_slots, self.slot_bytes)
+
+
 @message(5)
 class StatsRequest(Message):
     """Coordinator to child: send your counters."""
@@ -348,6 +369,7 @@ __all__ = [
     "Ready",
     "Shutdown",
     "Failed",
+    "AttachArena",
     "StatsRequest",
     "StatsReply",
     "LoadLayer",

@@ -15,7 +15,6 @@ from layerstream.coordinator.pipeline import PipelineConfig
 from layerstream.errors import ModelError
 from layerstream.loader.gguf_index import open_model
 from layerstream.proto.child import ChildEndpoints
-from layerstream.proto.messages import ArenaDesc
 from procs import leaked, segments
 
 
@@ -23,7 +22,7 @@ def test_the_compute_process_gets_the_index_without_the_tokenizers_metadata(tmp_
     index = open_model(ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256))
     assert any(k.startswith("tokenizer.") for k in index.metadata)
     la = make_launch(index, torch.device("cpu"), torch.float32, 64, 1, PipelineConfig())
-    cfg = la.compute_config(ArenaDesc("x", 1, 4096), ChildEndpoints("ipc:///x", "ipc:///y"), 1)
+    cfg = la.compute_config(ChildEndpoints("ipc:///x", "ipc:///y"), 1)
     sent = pickle.loads(pickle.dumps(cfg)).index
     assert not any(k.startswith("tokenizer.") for k in sent.metadata)
     assert sent.metadata == {k: v for k, v in index.metadata.items() if not k.startswith("tokenizer.")}

@@ -9,6 +9,7 @@ from layerstream.proto import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     ArenaDesc,
+    AttachArena,
     BadMessageCounter,
     EncodeError,
     Failed,
@@ -43,6 +44,7 @@ SAMPLES = [
     Shutdown("user asked"),
     Failed("reader", "reader-1", "LayerReader.read", "OSError: [Errno 5] I/O error", "Traceback ...\n"),
     StatsRequest(),
+    AttachArena("layerstream-1-ab", 3, 8192),
     StatsReply("compute", "compute-0", {"h2d_s": 0.25, "layers": 30, "per_layer": [0.1, 0.2]}),
     LoadLayer(7, 12, 3, [[0, 4096, 1 << 33, 0], [1, 0, 512, 1 << 33]]),
     LayerStaged(7, 12, 3, 544_000_000, 0.0123, "reader-0"),
@@ -174,6 +176,8 @@ def test_non_list_body():
         (Shutdown.TAG, [b"bytes"], "Shutdown.reason must be str, got bytes"),
         (Forward.TAG, [1, [], "last", [], "3"], "Forward.failed must be int, got str"),
         (StepFailed.TAG, [1, None], "StepFailed.error must be str, got NoneType"),
+        (AttachArena.TAG, ["x", "3", 8192], "AttachArena.n_slots must be int, got str"),
+        (AttachArena.TAG, [None, 3, 8192], "AttachArena.name must be str, got NoneType"),
     ],
 )
 def test_wrong_field_types(tag, body, text):
@@ -231,6 +235,8 @@ def test_arena_description_travels_as_a_checked_record():
                       (["x", "3", 8192], "ArenaDesc.n_slots must be int, got str"), (None, "got None")):
         with pytest.raises(MalformedMessage, match=text):
             from_wire(ArenaDesc, bad)
+    got = decode(encode(AttachArena.of(desc)))  # (readers and compute get it in a message)
+    assert type(got) is AttachArena and got.desc == desc
 
 
 def test_float_field_takes_int():

@@ -62,7 +62,7 @@ def test_garbage_frame_is_counted_and_survived(pair, caplog):
     counter = BadMessageCounter("coordinator.readers")
     dealer.send_multipart([bytes((PROTOCOL_VERSION, 0x0B)), b"\xc1not msgpack"])
     dealer.send(b"garbage")
-    dealer.send_multipart([b"\x07\x0b", b"\x90"])  # wrong version
+    dealer.send_multipart([bytes((PROTOCOL_VERSION + 1, 0x0B)), b"\x90"])  # wrong version
     staged = LayerStaged(1, 0, 2, 4096, 0.001, "reader-0")
     send_msg(dealer, staged)
     assert recv_msg(router, TIMEOUT_MS, counter) == (b"reader-0", staged)
