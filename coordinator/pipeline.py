@@ -138,15 +138,10 @@ class Pipeline:
     # -- start -----------------------------------------------------------------------------------
 
     # NOTE [ the arena after Ready ]
-    # Every child starts at once: each pays a Python's start and its imports (compute: torch, and on
-    # CUDA its context and the resident globals), and none of that needs the arena, which staging
-    # makes. So the readers' and compute's configs carry no arena: a child connects, does its own
-    # start, and sends Ready; the coordinator answers with AttachArena on its work link once staging
-    # has described the arena (at once, or when staging's Ready comes), before any other work
-    # message to it (LoadLayer, LayerReady, Forward), and the child maps it first. A ROUTER routes
-    # only to a peer it has heard from, hence after Ready. A child that dies before or after the
-    # arena came is one death as before (_check_children); a restarted reader gets it again after
-    # its own Ready.
+    # Every child is spawned at once: their starts (Python, imports; compute's torch, CUDA context,
+    # globals) need nothing of staging's arena. A reader or compute sends Ready once started and gets
+    # AttachArena on its work link as soon as staging has described the arena, before any other work
+    # message (a ROUTER routes only to a peer it has heard from); a restarted reader, after its Ready.
 
     async def _start(self) -> None:
         la, pid = self.launch, os.getpid()
