@@ -210,7 +210,7 @@ class ComputeWorker:
                                "steps": self.expert_count.steps, "tokens": self.expert_count.tokens}
         if self.cpu.experts is not None:
             ce = self.cpu.experts
-            snap["experts"]["cpu"] = ce.computed
+            snap.setdefault("experts", {})["cpu"] = ce.computed  # (before the arena came: no cache yet)
             snap["cpu_experts"] = (f"{ce.balancer.describe()}; {ce.computed} computed; "
                                    f"packed {ce.packed_bytes / 2**30:.2f} GiB")
         share = self.cpu.share

@@ -9,7 +9,17 @@ import torch
 from layerstream.compute.compute_proc import ComputeWorker, _InFlight
 from layerstream.compute.slot_returns import DONE_BATCH, SlotReturns
 from layerstream.compute.stepper import Launched
-from layerstream.proto.messages import Forward, ForwardDone, ForwardSeq, LayerDone, LayerReady, StepFailed
+from layerstream.proto.child import ShutdownRequested
+from layerstream.proto.messages import (
+    ArenaDesc,
+    AttachArena,
+    Forward,
+    ForwardDone,
+    ForwardSeq,
+    LayerDone,
+    LayerReady,
+    StepFailed,
+)
 from layerstream.proto.timeline import Timeline
 
 
@@ -203,3 +213,27 @@ def test_a_step_that_raises_gives_back_every_slot_of_its_step_and_the_step_behin
     assert events == [("launch", 5), ("abandon", 5, True), ("abandon", 6, False), ("launch", 7)]
     assert w.returns.lent == {} and w.ready_slots == {} and w.announced == {}
     assert w.tl.snapshot()["count"]["steps_failed"] == 2
+
+
+def test_the_worker_is_ready_before_the_arena_keeps_what_comes_first_and_maps_the_arena_when_it_comes():
+    """NOTE [ the arena after Ready ]: Ready goes first; a LayerReady or Forward that came before the
+    arena is kept, not run; AttachArena builds what reads the slots; stats answer meanwhile."""
+    fwd = Forward(1, [ForwardSeq(0, [5], [0], [0], [0], 1)])
+    w = _worker(False, incoming=[LayerReady(1, [[0, 2]]), fwd, AttachArena("layerstream-1-ab", 2, 4096)])
+    w.links.ready = lambda info: w.links.sent.append(("Ready", info))
+    w.links.bad = SimpleNamespace(stats=lambda: {})
+    w.source, w.registered, w.device = None, False, torch.device("cpu")
+    w.cpu = SimpleNamespace(experts=None, share=None)
+    attached = []
+
+    def attach(desc):
+        attached.append(desc)
+        raise ShutdownRequested("test")  # (the step loop would follow)
+
+    w.attach = attach
+    assert "experts" not in w.stats() and w.stats()["pinned"] is False
+    with pytest.raises(ShutdownRequested):
+        w.run()
+    assert w.links.sent == [("Ready", {"device": "cpu"})]
+    assert attached == [ArenaDesc("layerstream-1-ab", 2, 4096)]
+    assert list(w.queued) == [fwd] and w.ready_slots == {(1, 0): 2}
