@@ -34,6 +34,21 @@ WORD_BYTES = {12: 4, 13: 4, 14: 2, 8: 2}
 
 
 @triton.jit
+def k_scale_min(s0, s1, s2, sub: tl.constexpr):
+    """Q4_K's and Q5_K's 6-bit scale and minimum of sub-block `sub` (0..7) from the 12 scale bytes
+    as three little-endian words s0, s1, s2 (int32). s[i] = byte i: sub < 4: sc = s[sub] & 63,
+    mn = s[sub + 4] & 63; sub >= 4: sc = s[sub + 4] & 15 | (s[sub - 4] >> 6) << 4,
+    mn = s[sub + 4] >> 4 | (s[sub] >> 6) << 4."""
+    if sub < 4:
+        sc = (s0 >> (8 * sub)) & 63
+        mn = (s1 >> (8 * sub)) & 63
+    else:
+        sc = ((s2 >> (8 * sub - 32)) & 15) | (((s0 >> (8 * sub - 26)) & 3) << 4)
+        mn = ((s2 >> (8 * sub - 28)) & 15) | (((s1 >> (8 * sub - 26)) & 3) << 4)
+    return sc, mn
+
+
+@triton.jit
 def _mantissa(bits):
     """Float 1 + q / 2^b from bits = q << (23 - b) (no conversion instruction)."""
     return (bits | 0x3F800000).to(tl.float32, bitcast=True)
@@ -140,14 +155,7 @@ def _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk,
             b = tl.load(w32 + base + QO + g * 8 + q * 2 + 1, mask=okb, other=0)  # 8q + 4 .. 8q + 7
             for P in tl.static_range(2):
                 sub = 2 * g + P
-                # s[i] = byte i of the scales; sub < 4: sc = s[sub] & 63, mn = s[sub + 4] & 63; sub >= 4:
-                # sc = s[sub + 4] & 15 | (s[sub - 4] >> 6) << 4, mn = s[sub + 4] >> 4 | (s[sub] >> 6) << 4
-                if sub < 4:
-                    sc = (s0 >> (8 * sub)) & 63
-                    mn = (s1 >> (8 * sub)) & 63
-                else:
-                    sc = ((s2 >> (8 * sub - 32)) & 15) | (((s0 >> (8 * sub - 26)) & 3) << 4)
-                    mn = ((s2 >> (8 * sub - 28)) & 15) | (((s1 >> (8 * sub - 26)) & 3) << 4)
+                sc, mn = k_scale_min(s0, s1, s2, sub)
                 x0, x1, x2, x3, x4, x5, x6, x7 = _x_units(xr, xo0 + (g * 64 + P * 32), xok & okb)
                 if QT == 12:  # f = 1 + q / 16
                     S = d * sc.to(tl.float32) * 16.0

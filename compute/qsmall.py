@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from layerstream.compute.qgemv import k_scale_min
+
 # qtype id -> (bytes a block of 256 values: Q8_0's 8 blocks of 32, scale-word alignment in bytes)
 TYPES = {12: (144, 4), 13: (176, 4), 14: (210, 1), 8: (272, 1)}
 
@@ -79,14 +81,7 @@ def _chunk(acc, xk, xmask, raw8, w32, halfs, rowb, kb, QT: tl.constexpr, BN: tl.
             qb = tl.load(raw8 + base[:, None] + QO + g * 32 + j[None, :]).to(tl.int32)  # [BN, 32]
             for P in tl.static_range(2):
                 sub = 2 * g + P
-                # s[i] = byte i of the scales; sub < 4: sc = s[sub] & 63, mn = s[sub + 4] & 63; sub >= 4:
-                # sc = s[sub + 4] & 15 | (s[sub - 4] >> 6) << 4, mn = s[sub + 4] >> 4 | (s[sub] >> 6) << 4
-                if sub < 4:
-                    sc = (s0 >> (8 * sub)) & 63
-                    mn = (s1 >> (8 * sub)) & 63
-                else:
-                    sc = ((s2 >> (8 * sub - 32)) & 15) | (((s0 >> (8 * sub - 26)) & 3) << 4)
-                    mn = ((s2 >> (8 * sub - 28)) & 15) | (((s1 >> (8 * sub - 26)) & 3) << 4)
+                sc, mn = k_scale_min(s0, s1, s2, sub)
                 q = (qb >> (4 * P)) & 15
                 if QT == 13:
                     q = q | (((qh >> sub) & 1) << 4)

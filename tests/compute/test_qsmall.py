@@ -8,21 +8,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize as gguf_dequantize
 
 pytest.importorskip("triton")
 from layerstream.compute import qkernels, qsmall  # noqa: E402
+from tests.compute.test_qgemv import TYPES, reference, rel_err  # noqa: E402
 from tests.compute.test_qkernels import random_blocks  # noqa: E402
-
-TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0]
-
-
-def reference(b: np.ndarray, qt: QT, N: int, K: int) -> torch.Tensor:
-    return torch.from_numpy(gguf_dequantize(b.reshape(-1), qt)).reshape(N, K).double()
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
 def test_small_covers_the_types_it_claims():
