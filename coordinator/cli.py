@@ -136,10 +136,25 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
     return rows, "the --serve default: the rows the plan's budget holds"
 
 
+def coordinator_threads(args) -> int | None:
+    """torch's CPU threads in this process (None: its default). With --single-process, -t's. In the
+    pipeline a draft model on the CPU runs here beside the compute process's threads on the same
+    cores, and OpenMP's threads of the two processes, spinning after each parallel region, took the
+    cores from each other (BENCHMARKS.md, "A draft model on the CPU"): one thread here."""
+    if args.single_process:
+        return args.cpu_threads
+    if args.draft_model:
+        from layerstream.compute.device import resolve_device
+
+        if resolve_device(args.device).type == "cpu":
+            return 1
+    return None
+
+
 def open_engine(args, index, progress: bool, warm=None):
     """The engine the options ask for: the streaming pipeline (its children taken from `warm`
     where given), or everything in this process."""
-    start_thread_pools(args.cpu_threads if args.single_process else None)  # torch's and tokenizers'
+    start_thread_pools(coordinator_threads(args))  # torch's and tokenizers'
     from layerstream.coordinator.engine import Engine, EngineConfig
 
     ctx = args.ctx or min(index.hparams.context_length, 4096)
@@ -248,6 +263,19 @@ def run(args) -> int:
     sys.stdin.reconfigure(errors="replace")
     check_args(args)
     api_key = read_api_key(args, os.environ) if args.serve else None
+    sock = None
+    if args.serve:  # the port taken before the model loads: one in use is one line at once
+        from layerstream.coordinator.server import bound_socket
+
+        sock = bound_socket(args.host, args.port)
+    try:
+        return _run_checked(args, api_key, sock)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _run_checked(args, api_key, sock) -> int:
     terminal = sys.stderr.isatty()
     index = check_header(args)
     warm = None
@@ -268,7 +296,7 @@ def run(args) -> int:
             if warm is not None:
                 warm.close()  # (those the run did not take)
             try:
-                return _run_engine(engine, args, params, api_key, rates)
+                return _run_engine(engine, args, params, api_key, rates, sock)
             finally:
                 _report(engine, args)
                 if (args.stats or terminal) and rates.sampled:
@@ -278,12 +306,13 @@ def run(args) -> int:
             warm.close()
 
 
-def _run_engine(engine, args, params, api_key, rates) -> int:
+def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
     if args.serve:
         from layerstream.coordinator.server import serve
         from layerstream.loader.default_model import default_model_path
 
-        return serve(engine, args.model or default_model_path(), args.host, args.port, api_key, args.max_queue)
+        return serve(engine, args.model or default_model_path(), args.host, args.port, api_key, args.max_queue,
+                     sock=sock)
     if args.perplexity:
         with open(args.perplexity, encoding="utf-8", errors="replace") as f:
             text = f.read()

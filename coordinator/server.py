@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.openai_api import SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
-from layerstream.errors import LayerstreamError, PipelineError
+from layerstream.errors import ConfigError, LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "abort": "abort"}
@@ -361,14 +362,38 @@ def uvicorn_config(server: Server, host: str, port: int, grace_s: float = 30.0) 
                           timeout_graceful_shutdown=grace_s, lifespan="on", access_log=False)
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn to listen on, made before the model loads: a port in use
+    or a host that does not resolve is one line at once (ConfigError), and --port 0 gets its port."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"--host {host}: cannot listen there ({getattr(e, 'strerror', None) or e}); "
+                          "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); "
+                          "stop what holds it or give another --port") from None
+    return sock
+
+
 def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          max_queue: int = 256, grace_s: float = 30.0, limits: Limits = Limits()) -> int:
+          max_queue: int = 256, grace_s: float = 30.0, limits: Limits = Limits(),
+          sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM or SIGINT: then stop accepting, let requests finish within `grace_s`.
 
     The exit status is the CLI's rule for both: uvicorn re-raises the signal once it has drained,
     and the CLI exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM). Where the engine fails
     (a pipeline process died; steps failing in a row), its clients are answered 503 and the server
-    stops the same way, then raises PipelineError saying why (the CLI: one line, exit 1)."""
+    stops the same way, then raises PipelineError saying why (the CLI: one line, exit 1). `sock`:
+    bound_socket's (the CLI binds before the model loads), else one is bound here."""
+    sock = sock if sock is not None else bound_socket(host, port)
+    port = sock.getsockname()[1]  # (--port 0: the port the system gave)
     model_id = os.path.basename(model_path).removesuffix(".gguf")
     if not api_key and not is_loopback(host):
         print(f"layerstream: warning: serving on {host} without an API key: anyone who can reach port {port} can "
@@ -377,7 +402,7 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     print(f"layerstream: serving {model_id} on http://{host}:{port}/v1", flush=True)
     http = uvicorn.Server(uvicorn_config(server, host, port, grace_s))
     server.on_failure = lambda: setattr(http, "should_exit", True)
-    http.run()
+    http.run(sockets=[sock])
     if server.worker is not None and server.worker.failure:
         raise PipelineError(f"the server stopped: the engine failed: {server.worker.failure}")
     return 0

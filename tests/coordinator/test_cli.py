@@ -682,3 +682,20 @@ def test_draft_model_gives_the_same_text_and_a_draft_of_another_vocabulary_is_on
     assert "Traceback" not in r.stderr
     r = run_pipeline("--draft-model", str(other), "--lookup", "2", "hi")
     assert r.returncode == 2 and "give one" in r.stderr
+
+
+def test_a_draft_on_the_cpu_beside_the_pipeline_takes_one_thread_in_this_process():
+    """The draft model runs in the coordinator's process; on the CPU it shares the cores with the
+    compute process, so the coordinator keeps one torch thread; elsewhere -t's or torch's default."""
+    from types import SimpleNamespace
+
+    from layerstream.coordinator.cli import coordinator_threads
+
+    def args(**kw):
+        return SimpleNamespace(**({"single_process": False, "cpu_threads": None, "draft_model": None,
+                                   "device": "cpu"} | kw))
+
+    assert coordinator_threads(args(draft_model="d.gguf")) == 1
+    assert coordinator_threads(args()) is None
+    assert coordinator_threads(args(single_process=True, cpu_threads=3, draft_model="d.gguf")) == 3
+    assert coordinator_threads(args(single_process=True)) is None

@@ -844,3 +844,38 @@ def test_the_worker_goes_on_after_a_failed_step_and_gives_up_after_three_in_a_ro
         w.stop()
         w.join(5)
         loop.close()
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads_and_port_0_announces_its_port():
+    """--port held by another listener: one line naming it, exit 1, and nothing served (the port is
+    bound before the model loads, not by uvicorn after it); --port 0: the URL printed carries the
+    port the system gave, and it answers."""
+    import re
+    import urllib.request
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        p = subprocess.run([str(LAUNCHER), "--serve", "--port", str(port), "--device", "cpu", "--ctx", "256"],
+                           capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == "", (p.returncode, p.stdout)
+    assert p.stderr.count("\n") == 1 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
+    p = subprocess.Popen([str(LAUNCHER), "--serve", "--port", "0", "--single-process", "--device", "cpu", "--ctx", "256"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=_sigint_default)
+    try:
+        line = p.stdout.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)/v1$", line.strip())
+        assert m and int(m.group(1)) > 0, line
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/v1/models", timeout=5) as r:
+                    assert r.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+                time.sleep(0.3)
+    finally:
+        assert _stop(p) == 143
