@@ -69,6 +69,10 @@ class EngineWorker(threading.Thread):
         params = params if isinstance(params, list) else [params] * len(rids)
         if self.failure:
             raise ApiError(503, f"the engine failed: {self.failure}", kind="server_error")
+        if len(rids) > self.max_queue:  # (never admitted: a retry would be refused again)
+            raise ApiError(400, f"n={len(rids)} asks for more choices than this server queues at once "
+                                f"({self.max_queue}, --max-queue); ask for at most {self.max_queue}",
+                           param="n", code="invalid_value")
         if self.queued() + len(rids) > self.max_queue:
             raise ApiError(429, f"{self.queued()} requests are waiting, the most this server queues is "
                                 f"{self.max_queue}; retry later", kind="rate_limit_error", code="rate_limit_exceeded",

@@ -879,3 +879,20 @@ def test_a_port_in_use_is_one_line_before_the_model_loads_and_port_0_announces_i
                 time.sleep(0.3)
     finally:
         assert _stop(p) == 143
+
+
+def test_more_choices_than_the_queue_holds_is_400_not_a_429_to_retry():
+    """n above --max-queue could never be admitted: 400 naming n (a 429 asks the client to retry
+    for ever); n within it is queued."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from layerstream.coordinator.openai_api import ApiError
+    from layerstream.coordinator.server import EngineWorker, Metrics
+
+    w = EngineWorker(SimpleNamespace(core=_TimedCore(pass_s=0.01)), asyncio.new_event_loop(), Metrics(), max_queue=3)
+    with pytest.raises(ApiError) as e:
+        w.submit([f"a{i}" for i in range(4)], [1], None)
+    assert e.value.status == 400 and e.value.param == "n" and "--max-queue" in e.value.message
+    w.submit([f"b{i}" for i in range(3)], [1], None)  # (not started: it waits in the queue)
+    assert w.queued() == 3
