@@ -299,7 +299,7 @@ def check_args(args) -> None:
         fail(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
     for name in ("model", "perplexity", "api_key_file", "draft_model"):
         path = getattr(args, name)
-        why = path and _path_problem(path, name)
+        why = "an empty path; give a file" if path == "" else path and _path_problem(path, name)
         if why:
             fail(f"--{name.replace('_', '-')} {path}: {why}")
     if args.perplexity and os.path.getsize(args.perplexity) == 0:

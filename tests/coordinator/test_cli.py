@@ -108,6 +108,7 @@ def test_bad_option_gives_one_error_line(tmp_path):
     (["-t", "1000"], f"--cpu-threads 1000: this machine has {os.cpu_count()} cores"),
     (["--repeat-penalty", "1e-39"], "--repeat-penalty 1e-39: must be a finite number from 0.01 to 100"),
     (["--stop", ""], "--stop '': an empty stop string would stop nothing"),
+    (["--draft-model", ""], "--draft-model : an empty path; give a file"),  # (was "--model"'s message, exit 1)
 ])
 def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, words):
     """Each was a traceback, or an error only after the processes had started (probe, issue 10)."""
