@@ -103,7 +103,8 @@ def build_parser() -> Parser:
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
     g.add_argument("--lookup", type=int, default=0, metavar="N",
                    help="speculative decoding by prompt lookup: up to N tokens a step drafted from n-gram matches in "
-                        "the prompt and the reply, verified in one pass; the output is the same (default 0: off)")
+                        "the prompt and the reply, verified in one pass; the same output in float32 (in half precision a "
+                        "near-tie may go the other way, as batching may) (default 0: off)")
     g.add_argument("--draft-model", metavar="FILE", default=None,
                    help="speculative decoding by a small GGUF with the model's vocabulary, resident beside it, "
                         "drafting --draft-tokens tokens a step (instead of --lookup)")
