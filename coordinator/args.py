@@ -108,8 +108,8 @@ def build_parser() -> Parser:
     g.add_argument("--draft-model", metavar="FILE", default=None,
                    help="speculative decoding by a small GGUF with the model's vocabulary, resident beside it, "
                         "drafting --draft-tokens tokens a step (instead of --lookup)")
-    g.add_argument("--draft-tokens", type=int, default=4, metavar="N", help="tokens --draft-model drafts a step (4)")
-    g.add_argument("--draft-policy", choices=["adaptive", "fixed"], default="adaptive",
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="N", help="tokens --draft-model drafts a step (4)")
+    g.add_argument("--draft-policy", choices=["adaptive", "fixed"], default=None,
                    help="how many tokens a sequence drafts: adaptive (from its recent acceptance: fewer, or a "
                         "pause, where drafts are rejected; the default) or fixed (always --lookup/--draft-tokens)")
     g.add_argument("--single-process", action="store_true",
@@ -277,6 +277,15 @@ def check_args(args) -> None:
     ints("draft-tokens", args.draft_tokens, 1, MAX_CTX)
     if args.draft_model and args.lookup:
         fail("--draft-model and --lookup both draft; give one")
+    # options of drafting given where nothing drafts would do nothing: refused (a server's requests may
+    # ask for prompt lookup themselves, so --serve takes --draft-policy alone)
+    if args.draft_tokens is not None and not args.draft_model:
+        fail("--draft-tokens sets how many tokens --draft-model drafts; give --draft-model FILE too "
+             "(--lookup N gives its own count)")
+    if args.draft_policy is not None and not (args.draft_model or args.lookup or args.serve):
+        fail("--draft-policy needs drafting: give --draft-model FILE or --lookup N")
+    args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
+    args.draft_policy = args.draft_policy or "adaptive"
     ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
     ints("readers", args.readers, 1, MAX_READERS)
     ints("read-threads", args.read_threads, 1, MAX_READ_THREADS)

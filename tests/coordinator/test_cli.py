@@ -109,6 +109,10 @@ def test_bad_option_gives_one_error_line(tmp_path):
     (["--repeat-penalty", "1e-39"], "--repeat-penalty 1e-39: must be a finite number from 0.01 to 100"),
     (["--stop", ""], "--stop '': an empty stop string would stop nothing"),
     (["--draft-model", ""], "--draft-model : an empty path; give a file"),  # (was "--model"'s message, exit 1)
+    # options of drafting where nothing drafts were taken and ignored
+    (["--draft-tokens", "3"], "--draft-tokens sets how many tokens --draft-model drafts; give --draft-model FILE"),
+    (["--lookup", "2", "--draft-tokens", "3"], "--draft-tokens sets how many tokens --draft-model drafts"),
+    (["--draft-policy", "fixed"], "--draft-policy needs drafting: give --draft-model FILE or --lookup N"),
 ])
 def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, words):
     """Each was a traceback, or an error only after the processes had started (probe, issue 10)."""
