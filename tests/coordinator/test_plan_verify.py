@@ -89,15 +89,16 @@ def test_the_compute_process_captures_the_batches_the_plan_counted(tmp_path):
 def test_serve_batch_counts_the_drafts_memory_at_each_row_count(tmp_path):
     """--serve's default rows with --draft-model: the draft's KV and scratch grow with the rows and come
     off the same budget, so fewer rows fit; the rows chosen fit beside the draft, one more does not."""
-    from layerstream.coordinator.args import build_parser
+    from layerstream.coordinator.args import build_parser, check_args
     from layerstream.coordinator.cli import serve_batch
 
     path = ggufgen.write_model(tmp_path / "m.gguf")
     index = open_model(path)
 
     def rows(*opts):
-        return serve_batch(build_parser().parse_args(["--serve", "--device", "cpu", "--vram-gb", "0.05", *opts]),
-                           index, 256)[0]
+        args = build_parser().parse_args(["--serve", "--device", "cpu", "--vram-gb", "0.05", *opts])
+        check_args(args)  # (as the CLI does: it fills the drafting options' defaults)
+        return serve_batch(args, index, 256)[0]
 
     alone, beside = rows(), rows("--draft-model", path)
     assert alone == 64 and 1 <= beside < alone
