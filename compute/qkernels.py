@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from layerstream.compute import qgemv, qsmall
+from layerstream.compute.kernel_shapes import SMALL_SPLITS, TARGET_PROGRAMS, small_shape
 from layerstream.compute.qkernels_rows import PHASES, rows_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -263,9 +264,6 @@ def dequantize_into(raw: torch.Tensor, qtype: int, N: int, K: int, out: torch.Te
     return out
 
 
-# Enough programs to keep every multiprocessor's loads in flight: a decode matmul is a few MB
-# read once, and one program walking a whole row at a time leaves the memory system idle.
-TARGET_PROGRAMS = 4096
 
 
 def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
@@ -315,12 +313,12 @@ def _small_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     from 3 rows (at 2, qgemv's), up to 16 rows; K split in 4 (the most measured, and the fastest
     everywhere), 64 rows of W a program (Q4_K on 1024 rows, Q6_K on up to 4096: 32). Q5_K and
     Q8_0, the head and the 70B's larger matrices were not measured and keep the other kernels."""
-    if qtype not in (12, 14) or not 2 <= M <= 16 or not 1024 <= N <= 16384 or not 4096 <= K <= 16384 or K % 256:
+    if qtype not in (12, 14) or not small_shape(M, N, K):
         return None
     if M == 2 and (qtype == 14 or N < 4096):
         return None
     BN = (32 if N <= 2048 else 64) if qtype == 12 else (64 if N >= 8192 else 32)
-    return ("small", 16, BN, 4, 2, 4)
+    return ("small", 16, BN, 4, 2, SMALL_SPLITS)
 
 
 def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:

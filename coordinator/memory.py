@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from layerstream.compute.cpu.native import NATIVE_TYPES
 from layerstream.compute.dequant import FUSED_TYPES
+from layerstream.compute.kernel_shapes import SMALL_SPLITS, TARGET_PROGRAMS, small_shape
 from layerstream.compute.model import attention_bytes, attention_path
 from layerstream.compute.moe import GROUPED_MAX_TOKENS
 from layerstream.compute.qlinear import (
@@ -57,11 +58,6 @@ DECODE_PROGRAMS = 512  # attn_kernels.TARGET_PROGRAMS on a GPU: the decode kerne
 DECODE_BLOCK = 32  # attn_kernels.BL
 SLOT_ROUND = 1 << 16  # staging slots' size is a multiple of it
 MOE_GRAPHS = 64 * MiB  # a MoE model's streamed layers' decode graphs, one pair a layer and shape, batches 1..4
-# a captured matmul's float32 partial sums (compute/qkernels.py): qsmall's kernel splits K in 4 on
-# 2..16 rows of matrices of 1024..16384 x 4096..16384 (_small_config); the split-K kernel, under
-# capture, splits K until about TARGET_PROGRAMS programs run (_config)
-SMALL_SPLITS, SMALL_ROWS, SMALL_N, SMALL_K = 4, (2, 16), (1024, 16384), (4096, 16384)
-TARGET_PROGRAMS = 4096
 
 
 def _up(n: int, m: int) -> int:
@@ -152,15 +148,16 @@ def step_meta(hp: HParams, B: int, S: int, T: int, L: int, e: int, sliding: bool
 
 
 def captured_partials(hp: HParams, T: int) -> int:
-    """The largest float32 partial sums one matmul of T rows holds in a captured decode step (the
-    constants above; qgemv's one- and two-row kernels on the larger matrices hold none): over a
+    """The largest float32 partial sums one matmul of T rows holds in a captured decode step
+    (compute/kernel_shapes.py: qsmall's split of K on its shapes, the split-K kernel's until about
+    TARGET_PROGRAMS programs run; qgemv's one- and two-row kernels on the larger matrices hold none): over a
     layer's matrices and the head, whatever their types (an upper bound)."""
     E, F, H, Hkv, D, V = hp.n_embd, hp.n_ff, hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim, hp.n_vocab
     if hp.moe.n_expert:
         F = hp.moe.n_ff_exp or F
     out = 0
     for N, K in ((H * D, E), (Hkv * D, E), (E, H * D), (F, E), (E, F), (V, E)):
-        if SMALL_ROWS[0] <= T <= SMALL_ROWS[1] and SMALL_N[0] <= N <= SMALL_N[1] and SMALL_K[0] <= K <= SMALL_K[1]:
+        if small_shape(T, N, K):  # qsmall's kernel (qkernels._small_config)
             splits = SMALL_SPLITS
         elif T <= 2 and N >= 1024 and K >= 4096:
             continue  # qgemv's

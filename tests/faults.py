@@ -6,18 +6,15 @@ and it patches the compute role's module once that is imported. The patched comp
 raises torch.OutOfMemoryError at layer `layer` of every step whose chunk of some sequence starts
 with two `poison` tokens (a prompt chunk; decode steps carry one token a sequence): "before"
 layer() is asked for it (its slot not yet taken), or "after" it returned (the layer in use).
-Nothing of this is in the product: the hook exists only in the test's processes.
+Nothing of this is in the product: the hook exists only in the test's processes. `install_patch`
+does the same with any `_patch(module)` a test writes (test_pipeline_start.py's deaths).
 """
 
 from __future__ import annotations
 
 import os
 
-_SITE = '''
-import importlib.abc
-import importlib.util
-import sys
-
+_POISON = '''
 POISON, LAYER, WHEN = {poison}, {layer}, {when!r}
 
 
@@ -46,6 +43,13 @@ def _patch(mod):
             del src.layer
 
     mod.ComputeWorker.launch = faulty
+'''
+
+# imports the compute role's module, then hands it to the `_patch` above it
+_HOOK = '''
+import importlib.abc
+import importlib.util
+import sys
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -68,10 +72,16 @@ sys.meta_path.insert(0, _Finder())
 '''
 
 
-def install(folder, monkeypatch, poison: int, layer: int, when: str = "before") -> None:
-    """Put the fault's sitecustomize.py in `folder` and `folder` first on PYTHONPATH (for the
+def install_patch(folder, monkeypatch, patch: str) -> None:
+    """Put a sitecustomize.py in `folder` that runs `patch` (Python source defining `_patch(module)`)
+    on the compute role's module once it is imported, and `folder` first on PYTHONPATH (for the
     processes started from now on, until the test ends)."""
+    (folder / "sitecustomize.py").write_text(patch + _HOOK)
+    monkeypatch.setenv("PYTHONPATH", f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+def install(folder, monkeypatch, poison: int, layer: int, when: str = "before") -> None:
+    """The poisoned-step fault of the module's docstring, through install_patch."""
     if when not in ("before", "after"):
         raise ValueError(f"when={when!r}: 'before' or 'after'")
-    (folder / "sitecustomize.py").write_text(_SITE.format(poison=poison, layer=layer, when=when))
-    monkeypatch.setenv("PYTHONPATH", f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    install_patch(folder, monkeypatch, _POISON.format(poison=poison, layer=layer, when=when))

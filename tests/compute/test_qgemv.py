@@ -53,14 +53,19 @@ def test_gemv_matches_float64_over_gguf_dequantization(qt):
             assert err < 1e-5, f"{qt.name} [{N}, {K}] M={M} {config}: rel err {err:.2e}"
 
 
-def test_gemv_on_words_not_4_aligned_takes_the_other_kernel():
-    """Q4_K's words are loaded 4 bytes at a time: blocks that start 2 bytes into their storage (a
-    view) go to the split-K kernel instead, with the same product."""
-    rng = np.random.default_rng(3)
-    N, K = 6, 512
+def q4k_two_bytes_in(rng, N: int, K: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Random Q4_K blocks [N, K] (flat) and a storage holding them from its third byte on."""
     b = random_blocks(rng, QT.Q4_K, N, K).reshape(-1)
     store = torch.zeros(b.size + 2, dtype=torch.uint8)
     store[2:] = torch.from_numpy(b.copy())
+    return b, store
+
+
+def test_gemv_on_words_not_4_aligned_takes_the_other_kernel():
+    """Q4_K's words are loaded 4 bytes at a time: blocks that start 2 bytes into their storage (a
+    view) go to the split-K kernel instead, with the same product."""
+    N, K = 6, 512
+    b, store = q4k_two_bytes_in(np.random.default_rng(3), N, K)
     raw = store[2:]
     assert not qgemv.supports(raw, int(QT.Q4_K)) and qgemv.supports(store[4:], int(QT.Q4_K))
     x = torch.randn(2, K, generator=torch.Generator().manual_seed(3))

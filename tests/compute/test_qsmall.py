@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as QT
 
 pytest.importorskip("triton")
 from layerstream.compute import qkernels, qsmall  # noqa: E402
-from tests.compute.test_qgemv import TYPES, reference, rel_err  # noqa: E402
+from tests.compute.test_qgemv import TYPES, q4k_two_bytes_in, reference, rel_err  # noqa: E402
 from tests.compute.test_qkernels import random_blocks  # noqa: E402
 
 
@@ -48,11 +48,8 @@ def test_small_matches_float64_over_gguf_dequantization(qt):
 def test_small_on_words_not_4_aligned_takes_the_other_kernel():
     """Q4_K's scales are loaded as 32-bit words: blocks 2 bytes into their storage go to another kernel,
     with the same product."""
-    rng = np.random.default_rng(5)
     N, K = 6, 512
-    b = random_blocks(rng, QT.Q4_K, N, K).reshape(-1)
-    store = torch.zeros(b.size + 2, dtype=torch.uint8)
-    store[2:] = torch.from_numpy(b.copy())
+    b, store = q4k_two_bytes_in(np.random.default_rng(5), N, K)
     raw = store[2:]
     assert not qsmall.supports(raw, int(QT.Q4_K), K) and qsmall.supports(raw, int(QT.Q6_K), K)
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(5))

@@ -3,8 +3,7 @@ arena after Ready ] in pipeline.py), and a child that dies before or after it ca
 
 from __future__ import annotations
 
-import os
-
+import faults
 import pytest
 
 from layerstream.compute.sampling import SamplingParams
@@ -54,41 +53,23 @@ def test_readers_and_compute_are_spawned_before_staging_is_ready_and_the_run_giv
 
 
 _COMPUTE_DIES = """
-import importlib.abc
-import importlib.util
 import os
-import sys
 
 WHEN, CODE = {when!r}, {code}
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "layerstream.compute.compute_proc":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
+def _patch(module):
+    W = module.ComputeWorker
+    if WHEN == "before":  # in its own start: before its Ready, so before the arena
+        W.__init__ = lambda self, cfg, links: os._exit(CODE)
+    else:  # once it mapped the arena
+        attach = W.attach
 
-        def exec_module(module):
-            run(module)
-            W = module.ComputeWorker
-            if WHEN == "before":  # in its own start: before its Ready, so before the arena
-                W.__init__ = lambda self, cfg, links: os._exit(CODE)
-            else:  # once it mapped the arena
-                attach = W.attach
+        def dies(self, arena):
+            attach(self, arena)
+            os._exit(CODE)
 
-                def dies(self, arena):
-                    attach(self, arena)
-                    os._exit(CODE)
-
-                W.attach = dies
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _Finder())
+        W.attach = dies
 """
 
 
@@ -97,8 +78,7 @@ def test_a_compute_process_that_dies_before_or_after_the_arena_came_is_one_line_
         model, tmp_path, monkeypatch, when, code):
     """The line names the compute process and its exit code; no child and no segment is left (the
     fixture), staging's included."""
-    (tmp_path / "sitecustomize.py").write_text(_COMPUTE_DIES.format(when=when, code=code))  # the children's
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    faults.install_patch(tmp_path, monkeypatch, _COMPUTE_DIES.format(when=when, code=code))  # the children's
     with pytest.raises(PipelineError) as err:
         with _engine(model, PCFG) as e:  # (after: its death may be seen at the start or at the first step)
             "".join(e.generate(list(PROMPT), GREEDY))
