@@ -9,13 +9,19 @@ EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.w
 ALIGN = 256  # an expert's gate, up and down each start at a multiple of this in its pool slot
 
 
+def expected_experts(n_expert: int, n_used: int, tokens: int) -> float:
+    """The distinct experts a step of `tokens` tokens is expected to touch with uniform routing,
+    k of E a token: E * (1 - (1 - k/E)^T)."""
+    return n_expert * (1 - (1 - n_used / n_expert) ** tokens)
+
+
 def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
     """Whether a step of `tokens` tokens fetches only its chosen experts rather than whole layers:
-    while the experts it is expected to touch, E * (1 - (1 - k/E)^T) with uniform routing, are at
-    most half of them (a prompt touches nearly all: whole layers stream faster)."""
+    while the experts it is expected to touch (expected_experts) are at most half of them (a prompt
+    touches nearly all: whole layers stream faster)."""
     if not n_expert:
         return False
-    return n_expert * (1 - (1 - n_used / n_expert) ** tokens) <= n_expert / 2
+    return expected_experts(n_expert, n_used, tokens) <= n_expert / 2
 
 
 def max_in_flight(n_expert: int, n_used: int) -> int:

@@ -14,10 +14,10 @@ lengths), so row i sees the rows before it and none after: the chunk's causal ma
 step is then a decode batch of T rows and replays the decode graphs of batch T where a decode
 batch of T would (`graph_max_tokens`: any batch in the single-process engine; in the pipeline
 the batches its plan counts, which with drafting reach 1 + the drafts, up to the fused kernels'
-bound: NOTE [ the plan counts every byte ] in plan.py). It holds because a
-verified chunk never evicts (speculation.py: drafts only where the ring has room), so its
-positions run on from the ones before and none of its writes hides a slot an earlier row reads. The rows' logits come out in
-the chunk's order, as `tails` asks. Host KV gathers each KV row once for all its rows (kv.py).
+bound: NOTE [ the plan counts every byte ] in plan.py). It holds because a verified chunk never
+evicts (speculation.py: drafts only where the ring has room), so its positions run on from the
+ones before and none of its writes hides a slot an earlier row reads. The rows' logits come out
+in the chunk's order, as `tails` asks. Host KV gathers each KV row once for all its rows (kv.py).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -263,19 +264,16 @@ def run(args) -> int:
     sys.stdin.reconfigure(errors="replace")
     check_args(args)
     api_key = read_api_key(args, os.environ) if args.serve else None
-    sock = None
+    sock = contextlib.nullcontext()
     if args.serve:  # the port taken before the model loads: one in use is one line at once
         from layerstream.coordinator.server import bound_socket
 
         sock = bound_socket(args.host, args.port)
-    try:
-        return _run_checked(args, api_key, sock)
-    finally:
-        if sock is not None:
-            sock.close()
+    with sock:
+        return _run_bound(args, api_key, sock if args.serve else None)
 
 
-def _run_checked(args, api_key, sock) -> int:
+def _run_bound(args, api_key, sock) -> int:
     terminal = sys.stderr.isatty()
     index = check_header(args)
     warm = None

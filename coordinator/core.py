@@ -134,10 +134,10 @@ class EngineCore:
 
     def __init__(self, backend: StepBackend, tokenizer: Tokenizer, n_vocab: int, *, max_seqs: int, ctx: int,
                  step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4, lookahead: bool = True,
-                 lookup: int = 0, draft=None):
+                 lookup: int = 0, draft=None, adaptive: bool = True):
         if step_tokens < 1:
             raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
-        self.speculation = Speculation(lookup, draft)  # (NOTE [ speculative decoding ])
+        self.speculation = Speculation(lookup, draft, adaptive)  # (NOTE [ speculative decoding ])
         self.spec = self.speculation.stats
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens

@@ -64,7 +64,7 @@ class Speculation:
     a verifying step is collected; `stats` over the run. The core's requests are read for their
     `drafts`, `prompt`, `fed`, `done`, `params`, `generated`, `sampled` and `ring`."""
 
-    def __init__(self, lookup: int = 0, draft=None):
+    def __init__(self, lookup: int = 0, draft=None, adaptive: bool = True):
         if lookup < 0:
             raise ConfigError(f"--lookup {lookup}: must be >= 0 (0 turns prompt lookup off)")
         self.lookup = lookup  # tokens drafted a step where a request does not say
@@ -72,7 +72,7 @@ class Speculation:
         self.stats = LookupStats()
         # requests started from now on follow NOTE [ draft policy ] (off: always their count; the Python
         # API's switch, engine.core.speculation.adaptive)
-        self.adaptive = True
+        self.adaptive = adaptive
 
     def start(self, prompt: list[int], params: SamplingParams) -> RequestDrafts | None:
         """A new request's drafting, or None where it drafts nothing."""

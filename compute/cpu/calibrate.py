@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import BUCKETS, Balancer
-from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.expert_layout import EXPERT_TENSORS, expected_experts
 from layerstream.loader.layout import LayerLayout, SlotTensor
 from layerstream.proto.timeline import Timeline
 
@@ -24,16 +24,14 @@ CPU_EXPERTS = 4  # experts a timed layer gives the CPU (at batch 1, about half o
 # that random blocks compute as real ones do (random bytes there make infinities and subnormals)
 _SCALES = {int(QT.Q4_0): (0,), int(QT.Q4_1): (0, 2), int(QT.Q8_0): (0,), int(QT.Q4_K): (0, 2),
            int(QT.Q5_K): (0, 2), int(QT.Q6_K): (208,)}
-_BLOCK = {int(QT.Q4_0): (32, 18), int(QT.Q4_1): (32, 20), int(QT.Q8_0): (32, 34), int(QT.Q4_K): (256, 144),
-          int(QT.Q5_K): (256, 176), int(QT.Q6_K): (256, 210)}
 
 
 def tokens_an_expert(batch: int, n_expert: int, n_used: int | None) -> int:
     """The tokens a chosen expert has in a step of `batch` tokens with uniform routing: the step's
-    pairs over its distinct experts, E * (1 - (1 - k/E)^T) (1 where k is not known)."""
+    pairs over its distinct experts (expected_experts; 1 where k is not known)."""
     if not n_used or not n_expert:
         return 1
-    distinct = n_expert * (1 - (1 - n_used / n_expert) ** batch)
+    distinct = expected_experts(n_expert, n_used, batch)
     return max(1, min(batch, round(batch * n_used / distinct)))
 
 
@@ -43,7 +41,7 @@ def expert_layout(n_expert: int, n_ff: int, n_embd: int, qtypes: tuple[int, int,
     (Qwen3-30B-A3B: 128, 768, 2048, (Q4_K, Q4_K, Q6_K))."""
     tensors, off = [], 0
     for name, qt, (r, c) in zip(EXPERT_TENSORS, qtypes, ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))):
-        bk, bs = _BLOCK[int(qt)]
+        bk, bs = GGML_QUANT_SIZES[QT(int(qt))]
         nbytes = n_expert * r * (c // bk) * bs
         tensors.append(SlotTensor(name, int(qt), (n_expert, r, c), off, nbytes, "f", 0))
         off += nbytes
@@ -63,8 +61,7 @@ def random_expert_layer(lay: LayerLayout, n: int, seed: int = 0) -> tuple[LayerL
         _, N, K = t.shape
         per = t.nbytes // t.shape[0]
         b = torch.randint(0, 256, (per,), dtype=torch.uint8, generator=g).numpy()
-        bk, bs = _BLOCK[t.qtype]
-        blocks = b.reshape(-1, bs)
+        blocks = b.reshape(-1, GGML_QUANT_SIZES[QT(t.qtype)][1])
         for at in _SCALES[t.qtype]:
             blocks[:, at : at + 2] = (0x00, 0x20)  # (float16 2**-7, little-endian)
         tensors.append(SlotTensor(name, t.qtype, (n, N, K), off, n * per, "f", 0))
@@ -80,19 +77,16 @@ def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = No
     step's tokens (tokens_an_expert), on this process's threads; the experts cycle through
     WORKING_SET bytes, so each is read from memory, as in a run. Warmed (the kernel loaded, its
     threads started, its scratch grown), then the median of `reps` per bucket."""
-    from layerstream.compute.cpu.experts import CpuExperts
-
-    native.library()  # (built by the plan already; loaded here, outside the timings)
     E, n_ff, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
     per = sum(lay.tensor(n).nbytes for n in EXPERT_TENSORS) // E
     n = max(2 * CPU_EXPERTS, min(16 * CPU_EXPERTS, math.ceil(WORKING_SET / per)))
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 62, dtype, Timeline("calibrate", "t"))
-    if not cpu.in_place(0, lay):  # packed copies (no native kernel): made first, as a run keeps them
+    in_place = cpu.in_place(0, lay)  # (loads the native kernel, outside the timings)
+    if not in_place:  # packed copies (no native kernel): made first, as a run keeps them
         n = 2 * CPU_EXPERTS
     fake, host = random_expert_layer(lay, n)
-    if not cpu.in_place(0, fake):
-        for e in range(n):
-            cpu._experts(0, e, fake, host)
+    if not in_place:
+        cpu.pack(0, fake, host, range(n))
     g = torch.Generator().manual_seed(1)
     out, next_e = {}, 0
     for b in BUCKETS:

@@ -7,11 +7,10 @@ import time
 import numpy as np
 import torch
 
-from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.expert_split import ExpertSplit
-from layerstream.compute.cpu.packing import BlockRows, cpu_matrix, native_blocks, swiglu_many
-from layerstream.compute.cpu.sizing import expert_cpu_layers
+from layerstream.compute.cpu.packing import BlockRows, cpu_matrix, swiglu_many
+from layerstream.compute.cpu.sizing import expert_cpu_layers, experts_in_place
 from layerstream.compute.cpu.split import Meter
 from layerstream.compute.expert_layout import expert_bytes, expert_parts
 from layerstream.loader.layout import LayerLayout
@@ -73,8 +72,7 @@ class CpuExperts:
         """Whether the CPU reads layer i's experts in place, as blocks (NOTE [ CPU experts ])."""
         got = self._in_place.get(i)
         if got is None:
-            got = self._in_place[i] = native_blocks() and all(
-                t.qtype in native.NATIVE_TYPES for t, *_ in expert_parts(lay))
+            got = self._in_place[i] = experts_in_place(lay)
         return got
 
     def set_step(self, tokens: int) -> float:
@@ -104,18 +102,18 @@ class CpuExperts:
             have += [e for e in missing if (i, e) not in self.packed][: n - len(have)]
         return sorted(have[:n])
 
-    def _experts(self, i: int, e: int, lay: LayerLayout, host: np.ndarray, raw: torch.Tensor | None = None) -> tuple:
-        """Expert e's gate, up and down in the CPU's form: views of its blocks in `host` (`raw`: the
-        same bytes as a tensor) where it reads them in place, else its packed copy (made now)."""
+    def _experts(self, i: int, e: int, parts: list, host: np.ndarray, raw: torch.Tensor | None = None) -> tuple:
+        """Expert e's gate, up and down in the CPU's form (`parts`: the layer's expert_parts): views
+        of its blocks in `host` (`raw`: the same bytes as a tensor) where it reads them in place,
+        else its packed copy (made now)."""
         if raw is not None:
-            return tuple(BlockRows(raw[t.slot_offset + e * per : t.slot_offset + (e + 1) * per], t.qtype, cols)
-                         for t, per, _, _, cols in expert_parts(lay))
+            return tuple(BlockRows(expert_bytes(raw, t, per, e), t.qtype, cols) for t, per, _, _, cols in parts)
         got = self.packed.get((i, e))
         if got is None:
             mats = []
             t0 = self.clock()
             with self.tl.span("cpu_pack", f"pack L{i} E{e}", layer=i):
-                for t, per, _, rows, cols in expert_parts(lay):
+                for t, per, _, rows, cols in parts:
                     raw = torch.from_numpy(expert_bytes(host, t, per, e))
                     mats.append(cpu_matrix(raw, t.qtype, rows, cols, self.dtype))
             got = self.packed[(i, e)] = tuple(mats)
@@ -123,6 +121,12 @@ class CpuExperts:
             self.packing.add(t0, self.clock() - t0, nbytes)
             self.packed_bytes += nbytes
         return got
+
+    def pack(self, i: int, lay: LayerLayout, host: np.ndarray, experts) -> None:
+        """Make the packed copies of layer i's `experts` now (where they are not read in place)."""
+        parts = expert_parts(lay)
+        for e in experts:
+            self._experts(i, e, parts, host)
 
     def compute(self, i: int, lay: LayerLayout, host: np.ndarray, experts: list[int], ids: list[int],
                 h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -132,11 +136,12 @@ class CpuExperts:
         T, k = weight.shape
         t0 = self.clock()
         raw = torch.from_numpy(host) if self.in_place(i, lay) else None
+        parts = expert_parts(lay)  # (once a layer, not once an expert)
         if raw is None:  # (packing is not the CPU share's time)
-            mats = [self._experts(i, e, lay, host) for e in experts]
+            mats = [self._experts(i, e, parts, host) for e in experts]
             t0 = self.clock()
         else:
-            mats = [self._experts(i, e, lay, host, raw) for e in experts]
+            mats = [self._experts(i, e, parts, host, raw) for e in experts]
         pairs: dict[int, list[int]] = {e: [] for e in experts}
         for p, e in enumerate(ids):
             if e in pairs:

@@ -23,18 +23,23 @@ def expert_cpu_layers(layouts) -> list:
     return out
 
 
+def experts_in_place(lay) -> bool:
+    """Whether the CPU reads a layer's experts in place, as blocks: the native kernel reads all three
+    of its expert matrices' types (NOTE [ CPU experts ] in cpu/experts.py). The plan's sizing and
+    the running experts both ask this."""
+    return native_blocks() and all(t.qtype in native.NATIVE_TYPES for t in lay.tensors if t.name in EXPERT_TENSORS)
+
+
 def expert_packed_bytes(layouts, dtype_size: int = 2) -> int:
     """Host bytes of every expert of these layers in the CPU's form (what the CPU's experts may
     take): none where the native kernel reads all three of a layer's expert matrices in place
     (NOTE [ CPU experts ] in cpu/experts.py), else 4-bit matrices packed, others dequantized into
     values of `dtype_size` bytes."""
     n = 0
-    native_types = native.NATIVE_TYPES if native_blocks() else frozenset()
     for lay in expert_cpu_layers(layouts):
-        ts = [t for t in lay.tensors if t.name in EXPERT_TENSORS]
-        if all(t.qtype in native_types for t in ts):
+        if experts_in_place(lay):
             continue
-        for t in ts:
+        for t in (t for t in lay.tensors if t.name in EXPERT_TENSORS):
             E, N, K = t.shape
             n += E * cpu_matrix_bytes(t.qtype, N, K, dtype_size)
     return n

@@ -9,14 +9,9 @@ import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine
 from layerstream.errors import ConfigError
+from verify_paths import verify_path
 
 G = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-
-
-def verify_path(runner) -> str:
-    """How a verifying step runs on this ModelRunner: "rows" (one-token decode rows) where it takes
-    them, else "chunks" (runner.py, NOTE [ drafts verified as decode rows ])."""
-    return "rows" if runner.verify_rows else "chunks"
 
 
 def test_smollm_as_its_own_draft_accepts_its_proposals_and_gives_the_same_text(smollm_path, smollm_engine):

@@ -11,6 +11,7 @@ import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine
 from layerstream.coordinator.turn import Turn
+from verify_paths import verify_path
 
 EDIT = ("Rewrite the sentence with 'quick' replaced by 'slow'.\nSentence: The quick brown fox jumps over the lazy "
         "dog near the quick river bank.\nRewritten: The slow brown fox jumps over the")
@@ -18,12 +19,6 @@ CODE = ("def area(width, height):\n    return width * height\n\n\ndef volume(wid
         "    return width * height * depth\n\n\ndef perimeter(width, height):\n    return")
 SUMMARY = ("Text: The museum opens at nine in the morning and closes at six in the evening. Tickets cost "
            "twelve euros for adults and six euros for children.\nSummary: The museum opens at nine")
-
-
-def verify_path(runner) -> str:
-    """How a verifying step runs on this ModelRunner: "rows" (one-token decode rows) where it takes
-    them, else "chunks" (runner.py, NOTE [ drafts verified as decode rows ])."""
-    return "rows" if runner.verify_rows else "chunks"
 
 
 def greedy(n: int, lookup: int | None = None) -> SamplingParams:
