@@ -27,7 +27,8 @@ import numpy as np
 
 from layerstream.compute.device import resolve_device
 
-from .stage_bench import _common, _device_args, _ints, _pipeline_args, device_name, model_for, print_table
+from .flags import device_args, ints, model_args, pipeline_args, pipeline_config
+from .stage_bench import device_name, model_for, print_table
 
 RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 PROMPT = 32  # tokens a row holds before the timed passes
@@ -108,7 +109,6 @@ def time_draft(index, args, ctx: int, lengths: list[int]) -> dict[int, float]:
 def bench_spec(args) -> dict:
     from layerstream.coordinator.engine import EngineConfig, local_backend
     from layerstream.coordinator.pipeline import pipeline_backend
-    from layerstream.coordinator.pipeline_config import Budget, CpuOptions, PipelineConfig, ReaderOptions
 
     sizes = sorted(set(args.verify) | {1})
     ctx = PROMPT + max(sizes) + 8
@@ -122,11 +122,7 @@ def bench_spec(args) -> dict:
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=1,
                            draft_model=dindex.path if dindex is not None else None, draft_tokens=max(1, drafts),
                            lookup=0 if dindex is not None else drafts)
-        pcfg = PipelineConfig(budget=Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
-                                            step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                                            vram_slots=args.vram_slots),
-                              readers=ReaderOptions(count=args.readers),
-                              cpu=CpuOptions(share=args.cpu_share, split=args.cpu_split, threads=args.cpu_threads))
+        pcfg = pipeline_config(args)
         # the target alone, the draft not loaded beside it: the plan counts the draft's memory all the same
         backend = local_backend(index, cfg) if args.in_process else pipeline_backend(index, cfg, pcfg)
         try:
@@ -172,13 +168,12 @@ def add_spec_parser(sub) -> None:
     """Register the `spec` stage on bin/bench's subparsers."""
     p = sub.add_parser("spec", help="speculative decoding: target pass against tokens verified, the draft's cost, "
                                     "tokens/s at each acceptance")
-    _common(p, reps=3)
-    _device_args(p)
-    _pipeline_args(p)
-    p.add_argument("--prefetch", type=int, default=None, help="layers staged ahead (as run-pipeline)")
+    model_args(p, reps=3)
+    device_args(p)
+    pipeline_args(p)
     p.add_argument("--in-process", action="store_true",
                    help="the target as the single-process engine (every layer resident) instead of the pipeline")
-    p.add_argument("--verify", type=_ints, default=[1, 2, 4, 8, 16, 32], help="tokens a pass (default 1,2,4,8,16,32)")
+    p.add_argument("--verify", type=ints, default=[1, 2, 4, 8, 16, 32], help="tokens a pass (default 1,2,4,8,16,32)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--draft-model", default=None, help="the draft's GGUF (the target's vocabulary)")
     from layerstream.loader.synth import SHAPES

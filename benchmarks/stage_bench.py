@@ -6,7 +6,6 @@ Every stage is a function of parsed arguments that prints a table of measured fi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import mmap
@@ -21,6 +20,8 @@ import torch
 
 from layerstream.compute.device import resolve_device
 from layerstream.errors import LayerstreamError
+
+from .flags import device_args, floats, ints, model_args, pipeline_args, pipeline_config
 
 GB = 1e9
 FLOOR_GBS = 54.0  # host-to-GPU pinned copy on the lent H100 (BENCHMARKS.md, "Measured limits")
@@ -589,23 +590,9 @@ def bench_compute(args) -> list[dict]:
 
 # -- pipeline: the whole streaming pipeline --------------------------------------------------------------
 
-def _expert_options(args):
-    """The pipeline's expert streaming options from the bench's flags."""
-    from layerstream.coordinator.pipeline_config import ExpertOptions
-
-    return ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch)
-
-
 def bench_pipeline(args) -> list[dict]:
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
-    from layerstream.coordinator.pipeline_config import (
-        Budget,
-        CpuOptions,
-        PipelineConfig,
-        ProcessOptions,
-        ReaderOptions,
-    )
     from layerstream.loader.layout import layer_layouts
 
     batches = sorted(set(args.batch))
@@ -616,12 +603,7 @@ def bench_pipeline(args) -> list[dict]:
                   GENERATE_PROMPT + args.generate_tokens) + 8
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
                            prefill_chunk=max(args.tokens, *batches))  # (a decode step holds every sequence)
-        pcfg = PipelineConfig(budget=Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, prefetch=args.prefetch,
-                                            step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                                            vram_slots=args.vram_slots),
-                              readers=ReaderOptions(count=args.readers, direct=args.direct),
-                              cpu=CpuOptions(share=args.cpu_share, split=args.cpu_split, threads=args.cpu_threads),
-                              procs=ProcessOptions(trace=bool(args.trace)), experts=_expert_options(args))
+        pcfg = pipeline_config(args, direct=args.direct, trace=bool(args.trace))
         rows = []
         with Engine.open(cfg, pcfg, index=index) as engine:
             backend = engine.backend
@@ -799,12 +781,6 @@ def bench_serve(args) -> list[dict]:
     import uvicorn
 
     from layerstream.coordinator.engine import Engine, EngineConfig
-    from layerstream.coordinator.pipeline_config import (
-        Budget,
-        CpuOptions,
-        PipelineConfig,
-        ReaderOptions,
-    )
     from layerstream.coordinator.server import Server
 
     clients = sorted(set(args.clients))
@@ -816,12 +792,7 @@ def bench_serve(args) -> list[dict]:
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(clients))
         pcfg = None
         if not args.resident:
-            pcfg = PipelineConfig(budget=Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb,
-                                                step_tokens=args.step_tokens, resident_layers=args.resident_layers,
-                                                vram_slots=args.vram_slots),
-                                  readers=ReaderOptions(count=args.readers),
-                                  cpu=CpuOptions(share=args.cpu_share, split=args.cpu_split, threads=args.cpu_threads),
-                                  experts=_expert_options(args))
+            pcfg = pipeline_config(args)
         with Engine.open(cfg, pcfg, index=index) as engine:
             V = index.hparams.n_vocab
             rng = np.random.default_rng(0)
@@ -861,14 +832,6 @@ def bench_serve(args) -> list[dict]:
                         f"{args.prompt_tokens}-token prompts, {args.tokens} greedy tokens each (end of sequence "
                         "ignored); TTFT counts from the moment all clients start")
     return rows
-
-
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
 
 
 def _time_waits(backend) -> list[float]:
@@ -963,47 +926,10 @@ def bench_kernels(args) -> None:
         print(f"{us / k:9.1f} {c / k:11.1f}  {name[:100]}")
 
 
-def _common(p: argparse.ArgumentParser, reps: int = 5) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
-    from layerstream.loader.synth import SHAPES
-
-    p.add_argument("--shape", help=f"measure a synthetic model of this shape instead ({', '.join(SHAPES)}), written "
-                                   "to a temporary directory")
-    p.add_argument("--layers", type=int, default=None, help="layers of the --shape model (default: the shape's)")
-    p.add_argument("--quant", default="Q4_K_M", help="quant mix of the --shape model (Q4_K_M, Q5_K_M, Q8_0, F16)")
-    p.add_argument("--reps", type=int, default=reps, help=f"timed repetitions; the median is reported (default {reps})")
-
-
-def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GiB (as run-pipeline)")
-    p.add_argument("--resident-layers", type=int, default=None, help="keep this many layers resident (0: stream all)")
-    p.add_argument("--step-tokens", type=int, default=None, help="tokens of one forward step at most (as run-pipeline)")
-    p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
-    p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
-    p.add_argument("--cpu-share", default="0", help="the CPU's share of the streamed layers: auto, 0 or a fraction (default 0; as run-pipeline)")
-    p.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
-                   help="what --cpu-share splits: 4-bit FFN matrices of some layers, or rows of all (as run-pipeline)")
-    p.add_argument("--vram-slots", type=int, default=None, help="the streamed layers' VRAM slots (as run-pipeline)")
-    p.add_argument("--cpu-threads", type=int, default=None, help="CPU threads of the compute process")
-    p.add_argument("--expert-cache-gb", type=float, default=None, help="device memory for streamed experts")
-    p.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
-                   help="streamed MoE layers' attention and routers: resident (when they fit) or streamed")
-    p.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu", help="the expert cache's eviction")
-    p.add_argument("--expert-prefetch", type=int, default=None, metavar="N",
-                   help="experts predicted and copied ahead a streamed MoE layer (as run-pipeline; 0: off)")
-
-
-def _device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute precision (default float16 on CUDA; on the CPU as the engine picks)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads torch uses (default: torch's)")
-
-
 def add_stage_parsers(sub) -> None:
     """Register the stages (reader, transfer, dequant, qmatmul, compute, kernels, pipeline, serve, experts) on `sub`."""
     p = sub.add_parser("reader", help="disk or page cache to the staging arena: cold, warm and first-fill GB/s")
-    _common(p, reps=3)
+    model_args(p, reps=3)
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of each reader (default: run-pipeline's, half the cores shared among the readers)")
@@ -1013,55 +939,54 @@ def add_stage_parsers(sub) -> None:
     p.set_defaults(func=bench_reader)
 
     p = sub.add_parser("transfer", help="staging arena to the device (pinned, pageable); a memcpy on the CPU")
-    _common(p)
-    _device_args(p)
+    model_args(p)
+    device_args(p)
     p.add_argument("--slots", type=int, default=4, help="arena slots copied per timed pass (default 4)")
     p.add_argument("--size-mb", type=float, default=None,
                    help="slot size in MiB (default: the --model's largest layer, else 512)")
     p.set_defaults(func=bench_transfer)
 
     p = sub.add_parser("dequant", help="dequantize whole layers on the device: GB/s per quant type, ms per layer")
-    _common(p)
-    _device_args(p)
+    model_args(p)
+    device_args(p)
     p.add_argument("--sample-layers", type=int, default=2, help="first layers measured, plus the largest (default 2)")
     p.set_defaults(func=bench_dequant)
 
     p = sub.add_parser("qmatmul", help="matmuls on GGUF blocks: fused kernel against dequantize + cuBLAS")
-    _device_args(p)
+    device_args(p)
     p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K", help="block types, comma separated")
     p.add_argument("--shape-set", choices=sorted(QMATMUL_SHAPES), default="llama-3.1-8b", help="matrix shapes")
-    p.add_argument("-b", "--batch", type=_ints, default=[1, 2, 4, 8, 16, 32, 64], help="activation rows")
+    p.add_argument("-b", "--batch", type=ints, default=[1, 2, 4, 8, 16, 32, 64], help="activation rows")
     p.add_argument("--configs", default="", help="BMxBNxWARPSxSPLITS variants of the fused kernel to time, comma separated")
     p.add_argument("--buffers", type=int, default=4, help="weight copies rotated between calls (default 4)")
     p.add_argument("--reps", type=int, default=20, help="timed calls; the median is reported (default 20)")
     p.set_defaults(func=bench_qmatmul)
 
     p = sub.add_parser("compute", help="the layers' forward with weights resident: prompt and decode")
-    _common(p)
-    _device_args(p)
+    model_args(p)
+    device_args(p)
     p.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
-    p.add_argument("-b", "--batch", type=_ints, default=[1, 8, 32], help="decode batch sizes (default 1,8,32)")
+    p.add_argument("-b", "--batch", type=ints, default=[1, 8, 32], help="decode batch sizes (default 1,8,32)")
     p.add_argument("--decode-context", type=int, default=512, help="cached tokens per decoding sequence (default 512)")
     p.add_argument("--sample-layers", type=int, default=4,
                    help="layers held resident and cycled through to stand for every layer (default 4)")
     p.set_defaults(func=bench_compute)
 
     p = sub.add_parser("kernels", help="the kernels of a resident decode step and the device time of each")
-    _common(p)
-    _device_args(p)
+    model_args(p)
+    device_args(p)
     p.add_argument("--context", type=int, default=300, help="prompt tokens before decoding (default 300)")
     p.add_argument("--steps", type=int, default=50, help="decode steps timed (default 50)")
     p.add_argument("--top", type=int, default=25, help="kernels listed (default 25)")
     p.set_defaults(func=bench_kernels)
 
     p = sub.add_parser("pipeline", help="the whole streaming pipeline: seconds per pass against the PCIe floor")
-    _common(p)
-    _device_args(p)
+    model_args(p)
+    device_args(p)
     p.add_argument("--tokens", type=int, default=512, help="prompt length timed after decode (0: none; default 512)")
-    p.add_argument("-b", "--batch", type=_ints, default=[1], help="decode batch sizes (default 1)")
-    _pipeline_args(p)
+    p.add_argument("-b", "--batch", type=ints, default=[1], help="decode batch sizes (default 1)")
+    pipeline_args(p)
     p.add_argument("--direct", action="store_true", help="read with O_DIRECT")
-    p.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
     p.add_argument("--floor-gbs", type=float, default=FLOOR_GBS,
                    help=f"host-to-device GB/s of the floor (default {FLOOR_GBS:g}, the H100 pinned copy)")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON of the timed passes")
@@ -1073,11 +998,11 @@ def add_stage_parsers(sub) -> None:
     p.set_defaults(func=bench_pipeline)
 
     p = sub.add_parser("serve", help="the HTTP server under N concurrent streaming clients, beside the bare engine")
-    _common(p)
-    _device_args(p)
-    _pipeline_args(p)
+    model_args(p)
+    device_args(p)
+    pipeline_args(p)
     p.add_argument("--resident", action="store_true", help="the single-process engine instead of the pipeline")
-    p.add_argument("-c", "--clients", type=_ints, default=[1, 8], help="concurrent clients (default 1,8)")
+    p.add_argument("-c", "--clients", type=ints, default=[1, 8], help="concurrent clients (default 1,8)")
     p.add_argument("-p", "--prompt-tokens", type=int, default=32, help="prompt length of each client (default 32)")
     p.add_argument("--tokens", type=int, default=16, help="tokens each client generates (default 16)")
     p.add_argument("--port", type=int, default=18080, help="port on 127.0.0.1 (default 18080)")
@@ -1086,10 +1011,10 @@ def add_stage_parsers(sub) -> None:
     p = sub.add_parser("experts", help="hit rates of the expert cache's policies (lfu, lru) on routing traces")
     p.add_argument("--shape", default="qwen3-30b-a3b", help="a mixture-of-experts shape (default qwen3-30b-a3b)")
     p.add_argument("--layers", type=int, default=None, help="streamed layers (default: the shape's)")
-    p.add_argument("-b", "--batch", type=_ints, default=[1, 8], help="tokens a step (default 1,8)")
-    p.add_argument("--shares", type=_floats, default=[0.02, 0.1, 0.25, 0.5],
+    p.add_argument("-b", "--batch", type=ints, default=[1, 8], help="tokens a step (default 1,8)")
+    p.add_argument("--shares", type=floats, default=[0.02, 0.1, 0.25, 0.5],
                    help="cache sizes as shares of every expert (default 0.02,0.1,0.25,0.5)")
-    p.add_argument("--skew", type=_floats, default=[0.0, 1.0],
+    p.add_argument("--skew", type=floats, default=[0.0, 1.0],
                    help="routing skew: expert popularity ~ 1 / rank^skew, 0 uniform (default 0,1)")
     p.add_argument("--passes", type=int, default=100, help="decode passes simulated (default 100)")
     p.set_defaults(func=bench_experts)
