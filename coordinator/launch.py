@@ -144,4 +144,6 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
     plan = dataclasses.replace(plan, cpu_share_bytes=packed_bytes(streamed, cpu.pack_max, cpu.split))
     log.info("plan: %s", plan.describe())
     log.info("plan, device memory: %s", plan.breakdown())
+    if plan.draft is not None and plan.draft.cost is not None and plan.draft.cost.warns():
+        log.warning("%s; a larger --vram-gb keeps those layers, and --lookup drafts without memory", plan.draft.line())
     return Launch(index, device, dtype, ctx, max_seqs, cfg, sliding, weights, tuple(layouts), readers, plan, cpu)

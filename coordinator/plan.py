@@ -22,12 +22,14 @@ rows ] in runner.py): the plan counts their decode graphs, which the compute pro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.coordinator.draft_policy import expected_tokens
 from layerstream.coordinator.memory import Sizes, mem_available, reserved_bytes
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
@@ -48,12 +50,71 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+# NOTE [ what a draft costs the target ]
+# A draft model's memory comes off the budget before the target's plan (NOTE above), so the
+# target may keep fewer layers resident and stream more bytes every pass; a pass verifying k
+# drafts then has to give more tokens to pay. A streamed pass is bound by the bytes it moves
+# over the link (prompt and decode passes alike cost about their streamed bytes), so the cost of
+# a pass beside the draft against one without it is taken as the ratio of the bytes they move,
+# which bounds the time ratio from above (the resident layers' compute is the same in both). A
+# pass of k drafts gives 1 + a + .. + a^k tokens at acceptance a (draft_policy.expected_tokens),
+# so drafting pays above the a where that equals the ratio, before the draft's own time; where
+# the target streams nothing without the draft, a streamed pass costs many resident ones and
+# no acceptance pays. Where that rate is above WARN_ACCEPTANCE, the run warns: a same-family
+# small draft's acceptance often lies below it.
+WARN_ACCEPTANCE = 0.5
+
+
+@dataclass(frozen=True)
+class DraftCost:
+    """What a draft model takes from the target's plan (NOTE [ what a draft costs the target ])."""
+
+    layers_alone: int  # the target's resident layers without the draft
+    moved_alone: int  # bytes a decode pass moves over the link without it
+    layers: int  # ... and beside it
+    moved: int
+    drafts: int  # tokens a step drafts at most
+
+    @property
+    def evicts(self) -> bool:
+        return self.layers < self.layers_alone
+
+    def break_even(self) -> float | None:
+        """The acceptance rate above which `drafts` drafts a pass pay for the bytes moved beside the
+        draft (0.0: from any rate; None: at no rate)."""
+        if self.moved <= self.moved_alone:
+            return 0.0
+        if not self.moved_alone or not self.drafts:
+            return None
+        ratio = self.moved / self.moved_alone
+        if expected_tokens(1.0, self.drafts) < ratio:
+            return None
+        lo, hi = 0.0, 1.0  # expected_tokens rises with a
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if expected_tokens(mid, self.drafts) < ratio else (lo, mid)
+        return hi
+
+    def warns(self) -> bool:
+        a = self.break_even()
+        return self.evicts and (a is None or a > WARN_ACCEPTANCE)
+
+    def line(self) -> str:
+        a = self.break_even()
+        pays = (f"{self.drafts} drafts a step pay only above about {a:.0%} acceptance, before the draft's own time"
+                if a is not None else "without it nothing streams, and a streamed pass costs many resident ones"
+                if not self.moved_alone else f"{self.drafts} drafts a step cannot pay for that at any acceptance")
+        return (f"the target keeps {self.layers} layers resident instead of {self.layers_alone} and a decode pass "
+                f"moves {_gib(self.moved)} instead of {_gib(self.moved_alone)}: {pays}")
+
+
 @dataclass(frozen=True)
 class DraftMemory:
     """A draft model's device memory by item (`draft_memory`), taken off the budget before the plan."""
 
     path: str
     parts: tuple[tuple[str, int], ...]
+    cost: DraftCost | None = None  # what it takes from the target's plan (make_plan fills it in)
 
     @property
     def total(self) -> int:
@@ -61,7 +122,8 @@ class DraftMemory:
 
     def line(self) -> str:
         what = ", ".join(f"{k} {_gib(v)}" for k, v in self.parts if v)
-        return f"the draft model {os.path.basename(self.path)} takes {_gib(self.total)} ({what})"
+        cost = f"; {self.cost.line()}" if self.cost and self.cost.evicts else ""
+        return f"the draft model {os.path.basename(self.path)} takes {_gib(self.total)} ({what}){cost}"
 
     def refusal(self, vram_bytes: int, target: str) -> str:
         return (f"--vram-gb {vram_bytes / GiB:.2f}: {self.line()}, which leaves nothing for {os.path.basename(target)}; "
@@ -158,14 +220,25 @@ def _mem_available() -> int:
     return mem_available()
 
 
-def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | None, host_cache_bytes: int | None,
+def make_plan(index: ModelIndex, layouts: list[LayerLayout], **kw) -> Plan:
+    """The plan of `_fit` (its arguments); beside a draft model under a budget, with what the draft
+    takes from it (`DraftMemory.cost`, NOTE [ what a draft costs the target ])."""
+    plan, moved = _fit(index, layouts, **kw)
+    if plan.draft is None or kw.get("vram_bytes") is None:
+        return plan
+    alone, moved_alone = _fit(index, layouts, **(kw | {"draft": None, "draft_tokens": 0}))  # (fits: more room)
+    cost = DraftCost(len(alone.resident), moved_alone, len(plan.resident), moved, kw.get("draft_tokens", 0))
+    return dataclasses.replace(plan, draft=dataclasses.replace(plan.draft, cost=cost))
+
+
+def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | None, host_cache_bytes: int | None,
               dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool = False, step_tokens: int | None = None,
               prefetch: int | None = None, kv_on_host: bool | None = None,
               resident_layers: int | None = None, max_prefetch: int | None = None,
               expert_cache_bytes: int | None = None, moe_dense: str = "resident",
               vram_slots: int | None = None, expert_prefetch: int | None = None,
               device_type: str | None = None, sliding: bool = False, host_bytes: int | None = None,
-              draft: DraftMemory | None = None, draft_tokens: int = 0) -> Plan:
+              draft: DraftMemory | None = None, draft_tokens: int = 0) -> tuple[Plan, int]:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
     vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below).
@@ -174,7 +247,8 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     available (None: MemAvailable), which the plan's host side must fit (NOTE [ host memory ]);
     `draft`: a draft model's memory, taken off vram_bytes first (NOTE [ the plan counts every byte ]);
     `draft_tokens`: the tokens a sequence drafts a step (a draft model's or prompt lookup's; 0: none),
-    whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows)."""
+    whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows). Returns the plan and
+    the bytes a decode pass of it moves over the link."""
     budget = vram_bytes  # (the errors name --vram-gb as given)
     if draft is not None and vram_bytes is not None:
         if draft.total >= vram_bytes:
@@ -355,11 +429,12 @@ def make_plan(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int 
     cache_layers = min(loads, host_cache_bytes // slot_bytes)
     host.append(("host cache", cache_layers * slot_bytes))
     check_host(host, avail, index)
-    return Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
+    plan = Plan(resident, streamed, slots, kv_dev, prefetch, stream_slots, cache_layers, slot_bytes, T,
                 total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
                 dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0,
                 kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step, draft=draft,
                 graph_rows=sz.graph_rows(T, draft_tokens) if cuda and quantized else 0)
+    return plan, sz.link_bytes(r, kv_dev)
 
 
 def draft_memory(draft: ModelIndex, *, dtype_bytes: int, ctx: int, max_seqs: int, step_tokens: int,

@@ -72,3 +72,60 @@ def test_the_pipeline_refuses_a_draft_beyond_the_budget_in_one_line_before_start
                        env=dict(os.environ, PYTHONIOENCODING="utf-8"))
     err = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(err) == 1 and "the draft model" in err[0] and "--vram-gb 0.05" in err[0], r.stderr
+
+
+def _moved(model, p) -> int:
+    """Bytes a decode pass of plan p moves over the link: its streamed layers' blocks (the KV of
+    these plans stays on the device)."""
+    assert p.kv_device_layers == len(model[1])
+    return sum(model[1][i].nbytes for i in p.streamed)
+
+
+def test_the_plan_weighs_the_layers_a_draft_evicts_against_the_acceptance_that_pays(l8, d1):
+    """8B at 4 GiB beside the 1B: the layers and bytes of the plan without the draft, and the rate a
+    at which 4 drafts give as many tokens as the pass's bytes grow (1 + a + .. + a^4 = ratio)."""
+    dm = memory(d1, ctx=512)
+    alone, beside = plan(l8, 4, ctx=512), plan(l8, 4, ctx=512, draft=dm, draft_tokens=4)
+    c = beside.draft.cost
+    assert (c.layers_alone, c.layers, c.drafts) == (len(alone.resident), len(beside.resident), 4)
+    assert c.layers < c.layers_alone and (c.moved_alone, c.moved) == (_moved(l8, alone), _moved(l8, beside))
+    a, ratio = c.break_even(), c.moved / c.moved_alone
+    assert ratio > 1.5 and sum(a ** i for i in range(5)) == pytest.approx(ratio, rel=1e-6)
+    assert 0.5 < a < 0.75 and c.warns()
+    line = beside.describe()
+    assert f"keeps {c.layers} layers resident instead of {c.layers_alone}" in line
+    assert f"pay only above about {a:.0%} acceptance" in line
+    # 16 drafts a step pay from a lower rate: the same bytes, more tokens a pass at each rate
+    assert plan(l8, 4, ctx=512, draft=dm, draft_tokens=16).draft.cost.break_even() < a
+
+
+def test_a_draft_that_evicts_little_pays_from_a_low_rate_and_one_that_evicts_nothing_says_nothing(l8, l70, d1):
+    dm = memory(d1, ctx=512)
+    c = plan(l70, 8, ctx=512, draft=dm, draft_tokens=4).draft.cost  # 70B streams most of its layers either way
+    assert c.evicts and c.break_even() < 0.1 and not c.warns()
+    roomy = plan(l8, 8, ctx=512, draft=dm, draft_tokens=4)
+    assert not roomy.draft.cost.evicts and roomy.draft.cost.break_even() == 0.0 and not roomy.draft.cost.warns()
+    assert "instead of" not in roomy.describe()
+
+
+def test_a_draft_that_makes_a_resident_target_stream_warns(l8, d1):
+    """8B at 5 GiB: all 32 layers resident alone, some streamed beside the draft: no rate is given."""
+    dm = memory(d1, ctx=512)
+    assert not plan(l8, 5, ctx=512).streamed
+    c = plan(l8, 5, ctx=512, draft=dm, draft_tokens=4).draft.cost
+    assert c.evicts and c.moved_alone == 0 and c.break_even() is None and c.warns()
+    assert "without it nothing streams" in plan(l8, 5, ctx=512, draft=dm, draft_tokens=4).describe()
+
+
+def test_the_pipeline_warns_when_its_draft_makes_the_target_stream():
+    """SmolLM2 as its own draft on the CPU device at 0.5 GiB: alone every layer fits, beside the
+    draft none does; the run goes on and says so on stderr, once."""
+    from layerstream.loader.default_model import default_model_path
+
+    model = default_model_path()
+    r = subprocess.run([str(LAUNCHER), "--device", "cpu", "--vram-gb", "0.5", "--draft-model", model,
+                        "-n", "2", "--temperature", "0", "hi"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    warned = [ln for ln in r.stderr.splitlines() if "instead of" in ln]
+    assert r.returncode == 0 and len(warned) == 1, r.stderr
+    assert "keeps 0 layers resident instead of 30" in warned[0] and "without it nothing streams" in warned[0]
