@@ -130,13 +130,42 @@ def _median_s(fn, reps: int, device: torch.device, stream=None, warmup: int = 1)
     return statistics.median(times)
 
 
-def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -> list[float]:
+@contextlib.contextmanager
+def _collect_waits(backend, waits: list[float] | None):
+    """Inside, the seconds each `backend.collect` takes (the host's wait for a step's ids) are
+    appended to `waits` (None: nothing timed)."""
+    if waits is None:
+        yield
+        return
+    own, collect = vars(backend).get("collect"), backend.collect
+
+    def timed():
+        t0 = time.perf_counter()
+        try:
+            return collect()
+        finally:
+            waits.append(time.perf_counter() - t0)
+
+    backend.collect = timed
+    try:
+        yield
+    finally:
+        if own is None:
+            del backend.collect
+        else:
+            backend.collect = own
+
+
+def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None,
+                waits: list[float] | None = None) -> list[float]:
     """Seconds of each of `steps` decode steps of len(prompts) sequences on an engine core, after
     their prefill (greedy, end of sequence ignored): the CLI's own path, sampling on the device,
     ids one step behind (core.py, NOTE [ one step behind ]), detokenizing and stop checks; the
     requests are aborted afterwards. A step's time runs from the last step's return to its own,
     which returns once its ids are on the host; `sync` (the device's) is called only after the
-    last one: between steps it would drain the step in flight and time host and device in series."""
+    last one: between steps it would drain the step in flight and time host and device in series.
+    `waits`, where given, gets the host's wait for each timed step's ids (the backend's collect
+    in that step: a decode step's, never the prefill's nor the drain's)."""
     from layerstream.compute.sampling import SamplingParams
 
     # a sequence whose prefill ends first decodes while the others' prefill runs: room for those tokens
@@ -150,15 +179,16 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None) -
     times = []
     t0 = time.perf_counter()
     try:
-        for _ in range(steps):
-            outs = core.step()
-            t1 = time.perf_counter()
-            times.append(t1 - t0)
-            t0 = t1
-            ran = len({o.request_id for o in outs if o.token_ids} & set(names))
-            if ran < len(names):  # a step of fewer sequences would time another batch size
-                raise ValueError(f"a decode step ran {ran} of {len(names)} sequences (a step holds "
-                                 f"{core.step_tokens} tokens, a sequence {core.ctx}): raise either")
+        with _collect_waits(core.backend, waits):
+            for _ in range(steps):
+                outs = core.step()
+                t1 = time.perf_counter()
+                times.append(t1 - t0)
+                t0 = t1
+                ran = len({o.request_id for o in outs if o.token_ids} & set(names))
+                if ran < len(names):  # a step of fewer sequences would time another batch size
+                    raise ValueError(f"a decode step ran {ran} of {len(names)} sequences (a step holds "
+                                     f"{core.step_tokens} tokens, a sequence {core.ctx}): raise either")
     finally:
         for n in names:
             core.abort(n)
@@ -834,22 +864,6 @@ def bench_serve(args) -> list[dict]:
     return rows
 
 
-def _time_waits(backend) -> list[float]:
-    """Seconds each `collect` of `backend` takes from now on (the host's wait for a step's ids),
-    listed as they come; `del backend.collect` ends it."""
-    waits, collect = [], backend.collect
-
-    def timed():
-        t0 = time.perf_counter()
-        try:
-            return collect()
-        finally:
-            waits.append(time.perf_counter() - t0)
-
-    backend.collect = timed
-    return waits
-
-
 def bench_kernels(args) -> None:
     """The kernels a decode step of the in-VRAM engine launches and the device time each takes
     (torch.profiler; on the CPU, the operators and their CPU time), at batch 1 after a prompt of
@@ -891,10 +905,10 @@ def bench_kernels(args) -> None:
             dt_each = (time.perf_counter() - t0) / args.steps
             # the CLI's path: the engine core, sampling on the device, detokenizing (a fresh prefill of
             # the same context in the same row), timed from its second decode step on
-            waits = _time_waits(eng.core.backend)  # each step's wait for its ids: the device's time left over
-            core_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
+            waits: list[float] = []  # each decode step's wait for its ids: the device's time left over
+            core_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync,
+                                                   waits))
             wait_s = statistics.median(waits)
-            del eng.core.backend.collect
             eng.core.lookahead = False  # the same, each step's ids read before the next step is built
             turn_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
             eng.core.lookahead = True

@@ -157,3 +157,26 @@ def test_time_decode_times_the_cores_steps_as_the_device_queue_runs_them(tiny, m
         dev = e.core.backend = VirtualDevice(e.core.backend, clock, host_s=1.0, device_s=3.0)
         times = stage_bench.time_decode(e.core, [[1, 2, 3]], 6, dev.synchronize)
     assert times == [per_step] * 6
+
+
+def test_the_host_waits_time_decode_reports_are_its_decode_steps_only(tiny, monkeypatch):
+    """bin/bench kernels' "host waited" figure: on a virtual device where a step costs the host 1 s
+    and the device 3 s a decode step but 30 s a prefill, each timed decode step's ids come 2 s
+    after its launch's return (the host's second hidden behind the step in flight); the prefill's
+    29 s wait and the drain's are not among them."""
+    from layerstream.coordinator.engine import Engine
+    from virtual_device import VirtualClock, VirtualDevice
+
+    class PrefillCosts(VirtualDevice):
+        def submit(self, seqs, sample, starts, want="none"):
+            self.device_s = 30.0 if any(len(s.tokens) > 1 for s in seqs) else 3.0
+            super().submit(seqs, sample, starts, want)
+
+    clock = VirtualClock()
+    monkeypatch.setattr(stage_bench, "time", clock)
+    with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=1) as e:
+        dev = e.core.backend = PrefillCosts(e.core.backend, clock, host_s=1.0, device_s=3.0)
+        waits = []
+        times = stage_bench.time_decode(e.core, [[1, 2, 3, 4]], 5, dev.synchronize, waits)
+        assert "collect" not in vars(dev)  # the backend's own collect again
+    assert times == [3.0] * 5 and waits == [2.0] * 5
