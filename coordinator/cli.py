@@ -86,7 +86,7 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
     import torch
 
     from layerstream.compute.device import keeps_quantized, resolve_device, resolve_dtype
-    from layerstream.coordinator import plan
+    from layerstream.coordinator import draft_plan, plan
 
     hp = index.hparams
     device = resolve_device(args.device)
@@ -120,16 +120,16 @@ def serve_batch(args, index, ctx: int) -> tuple[int, str]:
         vram = plan.fit_budget(device)  # as the pipeline takes it
     quantized = keeps_quantized(device)
 
-    def draft_for(rows: int) -> plan.DraftMemory:  # as pipeline_backend counts it (plan.draft_memory_for)
-        return plan.draft_memory(draft, dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=rows, step_tokens=args.prefill_chunk,
-                                 quantized=quantized, cuda=device.type == "cuda")
+    def draft_for(rows: int) -> draft_plan.DraftMemory:  # as pipeline_backend counts it (draft_plan.draft_memory_for)
+        return draft_plan.draft_memory(draft, dtype_bytes=dtype_bytes, ctx=ctx, max_seqs=rows,
+                                       step_tokens=args.prefill_chunk, quantized=quantized, cuda=device.type == "cuda")
     rows = plan.largest_batch(
         index, layer_layouts(index), most=SERVE_BATCH if vram is None else SERVE_BATCH_MAX,
         kv_on_device_above=SERVE_BATCH, vram_bytes=vram, host_cache_bytes=gib(args.host_cache_gb),
         dtype_bytes=dtype_bytes, ctx=ctx, prefetch=args.prefetch, kv_on_host=args.kv_on_host,
         resident_layers=args.resident_layers, quantized=quantized, device_type=device.type,
         step_tokens=args.step_tokens, draft_for=draft_for if draft is not None else None,
-        draft_tokens=plan.draft_tokens_for(args),
+        draft_tokens=draft_plan.draft_tokens_for(args),
         max_prefetch=hp.n_layer, expert_cache_bytes=gib(args.expert_cache_gb), moe_dense=args.moe_dense,
         vram_slots=args.vram_slots, expert_prefetch=args.expert_prefetch)
     if vram is None:

@@ -202,7 +202,7 @@ class Engine:
             backend.close()
             raise
         self.step_tokens = min(cfg.prefill_chunk, getattr(backend, "step_tokens", None) or cfg.prefill_chunk)
-        from layerstream.coordinator.plan import draft_tokens_for  # (the rule the plan counts graphs by)
+        from layerstream.coordinator.draft_plan import draft_tokens_for  # (the rule the plan counts graphs by)
 
         self.core = EngineCore(backend, self.tokenizer, index.hparams.n_vocab, max_seqs=cfg.max_seqs, ctx=cfg.ctx,
                                step_tokens=self.step_tokens, on_context_full=cfg.on_context_full,

@@ -119,7 +119,7 @@ def _gib(x: float | None) -> int | None:
 def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx: int, max_seqs: int,
                 cfg: PipelineConfig, sliding: bool = False, weights: str = "auto", draft=None,
                 draft_tokens: int = 0) -> Launch:
-    """Plan the run (ConfigError where the budgets cannot work); `draft`: a draft model's plan.DraftMemory;
+    """Plan the run (ConfigError where the budgets cannot work); `draft`: a draft model's draft_plan.DraftMemory;
     `draft_tokens`: the tokens a sequence drafts a step (the draft model's or prompt lookup's; 0: none)."""
     from layerstream.compute.device import keeps_quantized
 

@@ -47,6 +47,10 @@ from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
 
 MiB = 1 << 20
+# beyond what the plan counts tensor by tensor, with the allocator's rounding (memory.py): a margin
+# for what it does not model (tensors of a few KiB made per layer, the streams' events)
+SLACK_FRACTION = 0.002
+SLACK_MIN = 16 * MiB
 BLOCK = 512
 SMALL_SIZE = 1 * MiB  # the largest request of the small pool
 SMALL_SEGMENT = 2 * MiB

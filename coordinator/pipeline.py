@@ -486,7 +486,7 @@ class Pipeline:
 def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     from layerstream.compute.device import resolve_device, resolve_dtype
     from layerstream.compute.weights import check_model_quants
-    from layerstream.coordinator.plan import draft_memory_for, draft_tokens_for
+    from layerstream.coordinator.draft_plan import draft_memory_for, draft_tokens_for
 
     check_model_quants(index)
     device = resolve_device(ecfg.device)

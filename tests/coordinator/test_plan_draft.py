@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from layerstream.coordinator.plan import GiB, MiB, draft_memory
+from layerstream.coordinator.draft_plan import draft_memory
+from layerstream.coordinator.plan import GiB, MiB
 from layerstream.errors import ConfigError
 from plans import plan, shaped
 

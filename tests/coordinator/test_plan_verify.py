@@ -9,10 +9,11 @@ import torch
 import ggufgen
 from layerstream.compute.compute_proc import graph_max_tokens
 from layerstream.compute.device import keeps_quantized, resolve_dtype
+from layerstream.coordinator.draft_plan import draft_memory, draft_tokens_for
 from layerstream.coordinator.engine import EngineConfig
 from layerstream.coordinator.launch import make_launch
 from layerstream.coordinator.pipeline_config import Budget, PipelineConfig
-from layerstream.coordinator.plan import GiB, MiB, draft_memory, draft_tokens_for, make_plan
+from layerstream.coordinator.plan import GiB, MiB, make_plan
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
