@@ -10,16 +10,20 @@ import time
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType as QT
 
 from layerstream.compute.cpu.balancer import BUCKETS, Balancer
 from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.cpu.packing import cpu_matrix_bytes
 from layerstream.compute.expert_layout import EXPERT_TENSORS, expected_experts
 from layerstream.loader.layout import LayerLayout, SlotTensor
 from layerstream.proto.timeline import Timeline
 
 WORKING_SET = 192 << 20  # bytes of experts cycled through: more than a host's last-level cache, as in a run
 CPU_EXPERTS = 4  # experts a timed layer gives the CPU (at batch 1, about half of 8 missing)
+# host bytes the timing holds at most (the experts' blocks and any packed copies): Mixtral 8x7B's
+# eight experts cycled whole would take 0.85 GiB, so wider experts are timed cut (timed_layout)
+MEMORY = 256 << 20
 # where each block type keeps its float16 scales (d, and dmin where it has one): set to 2**-7, so
 # that random blocks compute as real ones do (random bytes there make infinities and subnormals)
 _SCALES = {int(QT.Q4_0): (0,), int(QT.Q4_1): (0, 2), int(QT.Q8_0): (0,), int(QT.Q4_K): (0, 2),
@@ -70,22 +74,46 @@ def random_expert_layer(lay: LayerLayout, n: int, seed: int = 0) -> tuple[LayerL
     return LayerLayout(lay.layer, tuple(tensors), off), host
 
 
+def _expert_bytes(lay: LayerLayout) -> int:
+    return sum(lay.tensor(n).nbytes for n in EXPERT_TENSORS) // lay.tensor(EXPERT_TENSORS[0]).shape[0]
+
+
+def timed_layout(lay: LayerLayout, in_place: bool, dtype_size: int) -> tuple[LayerLayout, int]:
+    """The experts expert_seconds times for `lay` and how many it cycles through, holding at most
+    MEMORY bytes with their packed copies (none where read in place; else of `dtype_size`-byte
+    values): `lay`'s own, or where those do not fit, experts of the same types and model width
+    whose FFN width is cut to a multiple of QK_K (gate and up keep whole rows, fewer of them; down
+    keeps its rows, shorter). The kernels' time follows the bytes they read, so a cut expert's time
+    times the ratio of the bytes stands for a whole one's. (The bound holds for model widths up to
+    about 18,000 with packed float32 copies and 60,000 read in place: past that even the narrowest
+    cut is larger.)"""
+    E, n_ff, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
+    qtypes = tuple(lay.tensor(n).qtype for n in EXPERT_TENSORS)
+    for f in (n_ff, *range((n_ff - 1) // QK_K * QK_K, 0, -QK_K)):  # whole, then cut
+        cut = lay if f == n_ff else expert_layout(E, f, n_embd, qtypes, lay.layer)
+        per = _expert_bytes(cut)
+        n = max(2 * CPU_EXPERTS, min(16 * CPU_EXPERTS, math.ceil(WORKING_SET / per))) if in_place else 2 * CPU_EXPERTS
+        packed = 0 if in_place else sum(cpu_matrix_bytes(t.qtype, *t.shape[1:], dtype_size) for t in cut.tensors)
+        if n * (per + packed) <= MEMORY:
+            break
+    return cut, n
+
+
 def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = None, reps: int = 9,
                    clock=time.perf_counter) -> dict[int, float]:
     """{bucket: the CPU's seconds an expert} for layer `lay`'s experts read as blocks in place
     (NOTE [ CPU experts ]): CpuExperts.compute of CPU_EXPERTS experts, each with its share of a
     step's tokens (tokens_an_expert), on this process's threads; the experts cycle through
-    WORKING_SET bytes, so each is read from memory, as in a run. Warmed (the kernel loaded, its
-    threads started, its scratch grown), then the median of `reps` per bucket."""
-    E, n_ff, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
-    per = sum(lay.tensor(n).nbytes for n in EXPERT_TENSORS) // E
-    n = max(2 * CPU_EXPERTS, min(16 * CPU_EXPERTS, math.ceil(WORKING_SET / per)))
+    WORKING_SET bytes, so each is read from memory, as in a run, and the timing holds at most
+    MEMORY bytes (wide experts timed cut: timed_layout). Warmed (the kernel loaded, its threads
+    started, its scratch grown), then the median of `reps` per bucket."""
+    E, _, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 62, dtype, Timeline("calibrate", "t"))
     in_place = cpu.in_place(0, lay)  # (loads the native kernel, outside the timings)
+    timed, n = timed_layout(lay, in_place, torch.empty((), dtype=dtype).element_size())
+    scale = _expert_bytes(lay) / _expert_bytes(timed)  # a whole expert's bytes over a timed one's
+    fake, host = random_expert_layer(timed, n)
     if not in_place:  # packed copies (no native kernel): made first, as a run keeps them
-        n = 2 * CPU_EXPERTS
-    fake, host = random_expert_layer(lay, n)
-    if not in_place:
         cpu.pack(0, fake, host, range(n))
     g = torch.Generator().manual_seed(1)
     out, next_e = {}, 0
@@ -107,6 +135,6 @@ def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = No
             cpu.compute(0, fake, host, experts, ids, h, w)
             dt = clock() - t0
             if rep >= 2:  # (two rounds warm the bucket: the kernel's scratch, the lanes path)
-                ts.append(dt / CPU_EXPERTS)
+                ts.append(dt / CPU_EXPERTS * scale)
         out[b] = statistics.median(ts)
     return out

@@ -115,3 +115,57 @@ def test_stats_print_the_timing_at_start_and_the_runs_own():
     assert "batch 1 420 (at start 180; 3 layers timed)" in text
     assert "batch 8 300 (at start 300; 1 layers timed)" in text
     assert "copied 57 us, round trip 67 us" in text
+
+
+# Mixtral 8x7B's experts in a Q4_K_M file: 8 of them, gate and up 14336 x 4096 (Q4_K), down 4096 x 14336 (Q6_K)
+MIXTRAL = (8, 14336, 4096, (QT.Q4_K, QT.Q4_K, QT.Q6_K))
+
+
+@pytest.mark.parametrize("path", ["in place", "packed blocks", "int4 and dense"])
+def test_timing_mixtral_sized_experts_holds_at_most_256_mib(monkeypatch, path):
+    """Eight whole Mixtral experts would be 0.85 GiB of blocks (more with packed copies): the
+    timing at start holds at most 256 MiB of experts and their copies, on each of the CPU's paths
+    (the native kernel reading blocks in place; blocks copied; aten's int4 and dequantized float32
+    copies), and its figure is a timed expert's seconds times a whole expert's bytes over the timed
+    one's."""
+    from gguf import GGML_QUANT_SIZES
+
+    from layerstream.compute.cpu import experts as cpu_experts, packing
+
+    if not native.available() and path != "int4 and dense":
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    if path != "in place":
+        monkeypatch.setattr(cpu_experts, "experts_in_place", lambda lay: False)
+    if path == "int4 and dense":
+        monkeypatch.setattr(packing, "native_blocks", lambda: False)
+    made, held = [], []
+    real_random = calibrate.random_expert_layer
+
+    def random_layer(lay, n, seed=0):
+        made.append(real_random(lay, n, seed) + (n,))
+        return made[-1][:2]
+
+    class Recorded(calibrate.CpuExperts):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            held.append(self)
+
+    monkeypatch.setattr(calibrate, "random_expert_layer", random_layer)
+    monkeypatch.setattr(calibrate, "CpuExperts", Recorded)
+    E, n_ff, n_embd, types = MIXTRAL
+    lay = calibrate.expert_layout(E, n_ff, n_embd, tuple(int(t) for t in types))
+    per_call = 2e-3
+    got = calibrate.expert_seconds(lay, torch.float32, n_used=2, reps=1, clock=Clock([per_call]))
+    [(fake, host, n)], [cpu] = made, held
+    assert host.nbytes + cpu.packed_bytes <= 256 << 20, (host.nbytes, cpu.packed_bytes)
+    assert (cpu.packed_bytes > 0) == (path != "in place")
+    whole = 2 * n_ff * n_embd // 256 * GGML_QUANT_SIZES[QT.Q4_K][1] + n_embd * n_ff // 256 * GGML_QUANT_SIZES[QT.Q6_K][1]
+    timed = fake.nbytes // n
+    assert timed < whole and fake.tensor(EXPERT_TENSORS[2]).shape[1] == n_embd  # cut in the FFN's width only
+    assert got == {b: pytest.approx(per_call / calibrate.CPU_EXPERTS * whole / timed) for b in BUCKETS}
+
+
+def test_experts_that_fit_are_timed_whole():
+    """Qwen3-30B-A3B's experts (768 wide, 3 MB) fit: timed as they are, as many as it cycles at most."""
+    lay = calibrate.expert_layout(128, 768, 2048, (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K)))
+    assert calibrate.timed_layout(lay, in_place=True, dtype_size=2) == (lay, 16 * calibrate.CPU_EXPERTS)
