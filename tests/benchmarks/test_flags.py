@@ -4,16 +4,8 @@ each flag of run-pipeline's budgets, readers, CPU share and experts reaches the 
 import pytest
 
 from benchmarks import bench
-from layerstream.coordinator import pipeline as pipeline_mod
+from layerstream.coordinator import pipeline as pipeline_mod, pipeline_config as pc
 from layerstream.coordinator.engine import Engine
-from layerstream.coordinator.pipeline_config import (
-    Budget,
-    CpuOptions,
-    ExpertOptions,
-    PipelineConfig,
-    ProcessOptions,
-    ReaderOptions,
-)
 from layerstream.loader.synth import ModelShape, write_shaped_model
 
 TINY = ModelShape("tiny", n_embd=128, n_ff=256, n_layer=2, n_head=2, n_head_kv=1, n_vocab=300, context_length=512)
@@ -23,15 +15,15 @@ FLAGS = ["--vram-gb", "3.5", "--host-cache-gb", "2", "--resident-layers", "1", "
          "--expert-prefetch", "4"]
 
 
-def said(direct: bool = False, trace: bool = False) -> PipelineConfig:
+def said(direct: bool = False, trace: bool = False) -> pc.PipelineConfig:
     """The config FLAGS ask for, written out field by field."""
-    return PipelineConfig(
-        budget=Budget(vram_gb=3.5, host_cache_gb=2.0, resident_layers=1, kv_on_host=None, prefetch=3, step_tokens=64,
+    return pc.PipelineConfig(
+        budget=pc.Budget(vram_gb=3.5, host_cache_gb=2.0, resident_layers=1, kv_on_host=None, prefetch=3, step_tokens=64,
                       vram_slots=3),
-        readers=ReaderOptions(count=2, dirs=(), threads=None, direct=direct),
-        cpu=CpuOptions(share="0.25", split="rows", threads=3),
-        experts=ExpertOptions(cache_gb=1.5, moe_dense="stream", policy="lru", prefetch=4),
-        procs=ProcessOptions(trace=trace))
+        readers=pc.ReaderOptions(count=2, dirs=(), threads=None, direct=direct),
+        cpu=pc.CpuOptions(share="0.25", split="rows", threads=3),
+        experts=pc.ExpertOptions(cache_gb=1.5, moe_dense="stream", policy="lru", prefetch=4),
+        procs=pc.ProcessOptions(trace=trace))
 
 
 class Opened(Exception):
@@ -43,7 +35,7 @@ def tiny(tmp_path):
     return write_shaped_model(tmp_path / "tiny.gguf", TINY)
 
 
-def _started_with(monkeypatch, argv) -> PipelineConfig:
+def _started_with(monkeypatch, argv) -> pc.PipelineConfig:
     def engine_open(cfg, pcfg=None, **kw):
         raise Opened(pcfg)
 
@@ -74,4 +66,4 @@ def test_the_spec_stage_starts_the_pipeline_its_flags_say(tiny, monkeypatch):
 
 def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch):
     for stage in ("pipeline", "serve", "spec"):
-        assert _started_with(monkeypatch, [stage, "-m", tiny, "--device", "cpu"]) == PipelineConfig(), stage
+        assert _started_with(monkeypatch, [stage, "-m", tiny, "--device", "cpu"]) == pc.PipelineConfig(), stage
