@@ -37,6 +37,14 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Version(argparse.Action):
+    """--version, its package metadata read only when asked (importlib.metadata took 12 ms of every start)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{PROG} (layerstream) {_version()}")
+        parser.exit()
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the usage block is for --help, not for a typo."""
 
@@ -74,7 +82,7 @@ def build_parser() -> Parser:
     p.add_argument("-p", "--prompt", dest="prompt_opt", metavar="TEXT",
                    help="prompt text, as an option (instead of the words above)")
     p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--version", action="version", version=f"{PROG} (layerstream) {_version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
     g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
@@ -249,6 +257,10 @@ def check_args(args) -> None:
         fail(f"{' and '.join(modes)} do not go together; give one")
     if args.perplexity and args.chat:
         fail("--chat and --perplexity do not go together: perplexity scores plain text; drop --chat")
+    if args.perplexity and (args.draft_model or args.lookup):
+        fail(f"--perplexity and {'--draft-model' if args.draft_model else '--lookup'} do not go together: "
+             "perplexity scores the file's text and generates nothing to draft; drop "
+             f"{'--draft-model' if args.draft_model else '--lookup'}")
     if args.serve and args.chat:
         fail("--chat and --serve do not go together: the server applies the chat template to each "
              "/v1/chat/completions request; drop --chat")
@@ -329,14 +341,66 @@ def check_args(args) -> None:
         fail("--api-key and --api-key-file are options of --serve")
     if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
         fail("no prompt given; pass the prompt text, or --chat for an interactive chat")
-    if args.cpu_share != "0":  # (its parser's package imports torch)
+    share_off = args.cpu_share == "0"
+    if not share_off:  # (its parser's package imports torch)
         from layerstream.coordinator.pipeline_config import parse_cpu_share
         from layerstream.errors import ConfigError
 
         try:
-            parse_cpu_share(args.cpu_share, args.cpu_split)
+            share_off = parse_cpu_share(args.cpu_share, args.cpu_split).off
         except ConfigError as e:
             fail(str(e))
+        if not share_off and args.device == "cpu":
+            fail(cpu_share_on_cpu(args.cpu_share, "--device cpu"))
+    refuse_unused(args, share_off)
+
+
+# Options of one mode that others drop (compared with their defaults: given at the default they change nothing)
+SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed",
+            "stop", "ignore_eos")
+PIPELINE = ("vram_gb", "host_cache_gb", "resident_layers", "kv_on_host", "prefetch", "step_tokens", "vram_slots",
+            "readers", "read_threads", "reader_dir", "direct_io", "cpu_share", "cpu_split", "expert_cache_gb",
+            "expert_policy", "expert_prefetch", "moe_dense", "stall_timeout")
+SERVER = ("host", "port", "max_queue")
+
+
+def _given(args, names: tuple[str, ...]) -> list[str]:
+    """The options of `names` set to something other than their default, as the user spells them."""
+    p = build_parser()
+    flag = {a.dest: max(a.option_strings, key=len) for a in p._actions if a.option_strings}
+    return [flag[n] for n in names if getattr(args, n) != p.get_default(n)]
+
+
+def cpu_share_on_cpu(share: str, where: str) -> str:
+    """The error of a CPU share where the compute device is the CPU itself."""
+    return (f"--cpu-share {share}: the compute device is the CPU ({where}), so no share of the layers crosses "
+            "a link beside it; drop --cpu-share")
+
+
+def refuse_unused(args, share_off: bool) -> None:
+    """Options that the mode the command line asks for would take and drop, refused by name
+    (`share_off`: --cpu-share, parsed, is off)."""
+    def fail(names: tuple[str, ...], why: str) -> None:
+        given = _given(args, names)
+        if given:
+            many = len(given) > 1
+            raise UsageError(f"{', '.join(given)}: {why.format(does='do' if many else 'does')}; "
+                             f"drop {'them' if many else 'it'}")
+
+    if args.perplexity:
+        fail(SAMPLING, "{does} nothing with --perplexity, which scores the file's text and samples no token")
+    if args.serve:
+        fail(SAMPLING, "{does} nothing with --serve, which samples as each request's fields say (OpenAI's "
+                       "defaults where a request sets none)")
+    if share_off:
+        fail(("cpu_split",), "{does} nothing without a --cpu-share to split")
+    if args.single_process:
+        fail(PIPELINE, "{does} nothing with --single-process, which runs the model in this process without "
+                       "the streaming pipeline")
+    if args.on_context_full != "slide":
+        fail(("sink_tokens",), "{does} nothing unless the window slides (--on-context-full slide)")
+    if not args.serve:
+        fail(SERVER, "{does} nothing without --serve")
 
 
 def read_api_key(args, environ) -> str | None:

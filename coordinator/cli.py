@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from layerstream.coordinator.args import PROG, UsageError, build_parser, check_args, read_api_key
+from layerstream.coordinator.args import PROG, UsageError, build_parser, check_args, cpu_share_on_cpu, read_api_key
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 
@@ -67,6 +67,18 @@ def check_quants(index) -> None:
     from layerstream.compute.weights import check_model_quants
 
     check_model_quants(index)
+
+
+def check_device(args) -> None:
+    """What needs the device resolved (imports torch): a CPU share where no CUDA device is visible
+    and --device auto took the CPU (--device cpu is refused with the other options)."""
+    from layerstream.compute.device import resolve_device
+    from layerstream.coordinator.pipeline_config import parse_cpu_share
+
+    if args.single_process or parse_cpu_share(args.cpu_share, args.cpu_split).off:
+        return
+    if resolve_device(args.device).type == "cpu":
+        raise UsageError(cpu_share_on_cpu(args.cpu_share, "no CUDA device is visible"))
 
 
 def _require_template(source, path: str) -> None:
@@ -284,6 +296,7 @@ def _run_bound(args, api_key, sock) -> int:
             warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
     try:
         check_quants(index)
+        check_device(args)
         params = _sampling(args)
         from layerstream.coordinator.turn import Rates
 

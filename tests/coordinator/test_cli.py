@@ -113,6 +113,19 @@ def test_bad_option_gives_one_error_line(tmp_path):
     (["--draft-tokens", "3"], "--draft-tokens sets how many tokens --draft-model drafts; give --draft-model FILE"),
     (["--lookup", "2", "--draft-tokens", "3"], "--draft-tokens sets how many tokens --draft-model drafts"),
     (["--draft-policy", "fixed"], "--draft-policy needs drafting: give --draft-model FILE or --lookup N"),
+    # options a mode took and dropped (issue 25's probe): each ran as if it had not been given
+    (["--perplexity", "README.md", "--lookup", "2"], "--perplexity and --lookup do not go together"),
+    (["--perplexity", "README.md", "--draft-model", "README.md"], "--perplexity and --draft-model do not go together"),
+    (["--perplexity", "README.md", "--temperature", "0", "--seed", "3"],
+     "--temperature, --seed: do nothing with --perplexity"),
+    (["--serve", "-n", "5"], "--max-tokens: does nothing with --serve, which samples as each request's fields say"),
+    (["--vram-gb", "1"], "--vram-gb: does nothing with --single-process"),  # (run_pipeline gives --single-process)
+    (["--readers", "2", "--cpu-share", "0.5", "--kv-on-host"],
+     "--kv-on-host, --readers, --cpu-share: do nothing with --single-process"),
+    (["--cpu-share", "0.5", "--device", "cpu"], "--cpu-share 0.5: the compute device is the CPU (--device cpu)"),
+    (["--cpu-split", "rows"], "--cpu-split: does nothing without a --cpu-share to split"),
+    (["--sink-tokens", "8"], "--sink-tokens: does nothing unless the window slides (--on-context-full slide)"),
+    (["--port", "9000", "--max-queue", "3"], "--port, --max-queue: do nothing without --serve; drop them"),
 ])
 def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, words):
     """Each was a traceback, or an error only after the processes had started (probe, issue 10)."""
@@ -126,6 +139,34 @@ def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, w
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("run-pipeline: error: ") and words in lines[0], r.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_a_cpu_share_where_auto_takes_the_cpu_is_refused_before_any_process_starts(tmp_path, monkeypatch):
+    """--device auto on a machine without CUDA is the CPU, where --cpu-share computed beside nothing
+    (taken and ignored before); with CUDA visible the same options pass."""
+    import torch
+
+    from layerstream.coordinator.args import build_parser, check_args
+    from layerstream.coordinator.cli import UsageError, check_device
+
+    args = build_parser().parse_args(["--cpu-share", "0.5", "hi"])
+    check_args(args)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match=r"--cpu-share 0.5: the compute device is the CPU \(no CUDA device"):
+        check_device(args)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_device(args)
+    for off in ("0", "off"):
+        args = build_parser().parse_args(["--cpu-share", off, "hi"])
+        check_args(args)
+        check_device(args)
+    if not torch.cuda.is_available():  # the command itself, before any child: exit 2, one line
+        path = ggufgen.write_model(tmp_path / "m.gguf")
+        r = subprocess.run([str(LAUNCHER), "-m", path, "--cpu-share", "auto", "hi"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and r.stderr.splitlines() == [
+            "run-pipeline: error: --cpu-share auto: the compute device is the CPU (no CUDA device is visible), so no "
+            "share of the layers crosses a link beside it; drop --cpu-share"], r.stderr
 
 
 def test_empty_perplexity_file_and_long_prompt_are_refused_early(tmp_path):
