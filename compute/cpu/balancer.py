@@ -112,8 +112,9 @@ class Balancer:
             self.frac[b] = best if none is None or med[best] <= none * (1 - SHARE_MARGIN) else 0.0
 
     def describe(self) -> str:
+        """The share in words, after the label that names it (--stats: "CPU share: ...", "CPU experts: ...")."""
         if self.fixed is not None:
-            return f"CPU share fixed at {self.pack_frac:.0%} of the {self.what}, batches up to {MAX_TOKENS}"
+            return f"fixed at {self.pack_frac:.0%} of the {self.what}, batches up to {MAX_TOKENS}"
 
         def one(b: int) -> str:
             timed = ", ".join(f"{k:.0%} {statistics.median(v) * 1e3:.0f} ms" for k, v in sorted(self.times[b].items()))
@@ -123,7 +124,7 @@ class Balancer:
             return f"batch {b}: {self.frac[b]:.0%} {state}" + (f" ({more})" if more else "")
 
         more = f"; {self.detail()}" if self.detail is not None else ""
-        return f"CPU share of the {self.what}: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s{more}"
+        return f"timed per batch, of the {self.what}: {'; '.join(one(b) for b in BUCKETS)}; link {self.link_gbs:.0f} GB/s{more}"
 
 
 def measure_cpu_gbs(K: int = 8192, N: int = 8192, reps: int = 5) -> dict[int, float]:

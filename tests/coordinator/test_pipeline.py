@@ -160,7 +160,7 @@ def test_cpu_share_gives_the_same_tokens_on_mixed_types(model, split, monkeypatc
             work = {k: v for s in snaps for k, v in s.get("bytes", {}).items() if k == "cpu_share"}
             assert work.get("cpu_share", 0) > 0  # the CPU did compute its rows
             what = "layers' 4-bit FFN matrices" if split == "layers" else "4-bit rows"
-            assert f"CPU share fixed at {float(share):.0%} of the {what}" in e.backend.stats_table(snaps)
+            assert f"\nCPU share: fixed at {float(share):.0%} of the {what}" in e.backend.stats_table(snaps)
             assert e.backend.plan.cpu_share_bytes > 0
 
 
@@ -789,7 +789,7 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     ex = next(s["experts"] for s in snaps if s.get("experts"))
     assert ex["cpu"] >= 2 * (len(ids) - 1) // 2, ex  # about half of every one-token step's misses, 2 layers
     assert ex["misses"] > 0  # the device fetched the others
-    assert "CPU experts: CPU share fixed at 50% of the missing experts" in table, table
+    assert "\nCPU experts: fixed at 50% of the missing experts" in table, table
     assert "4-bit rows" not in table, table  # a MoE layer's share is its experts: its attention is not split
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() == 1.0
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
