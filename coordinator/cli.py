@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The command's entry point: main(), then the process ends without the interpreter's teardown
     (supervisor.py, NOTE [ quick exits ])."""
+    from layerstream.proctitle import set_process_name
+
+    set_process_name("layerstream", " ".join(sys.argv[1:]))  # (ps showed "python -c ..."; its options kept)
     try:
         code = main()
     except SystemExit as e:  # (argparse's --help, an argument error, _die)

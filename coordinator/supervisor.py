@@ -45,6 +45,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 from layerstream.cpus import usable_cpus
+from layerstream.proctitle import set_process_name
 from layerstream.proto.child import spawned
 
 
@@ -95,6 +96,7 @@ def quick_exit(code: int) -> None:
 def child_main(*args) -> None:
     """Every child's process target: proto.child's `spawned(*args)`, then a quick exit with the
     status it ends with (NOTE [ quick exits ])."""
+    set_process_name(f"layerstream-{args[1]}")  # (role, ident, ...): layerstream-compute, layerstream-reader-0
     code = 0
     try:
         spawned(*args)
@@ -107,6 +109,7 @@ def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
     """A warm process: import `modules`, then run as `spawned` with what comes on `conn` (exit
     quietly when the pipe closes first)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (as every child: NOTE [ shutdown order ])
+    set_process_name(f"layerstream-{role}")  # (child_main names it by its ident once it is given one)
     for m in modules:
         try:
             importlib.import_module(m)
