@@ -364,9 +364,8 @@ PIPELINE = ("vram_gb", "host_cache_gb", "resident_layers", "kv_on_host", "prefet
 SERVER = ("host", "port", "max_queue")
 
 
-def _given(args, names: tuple[str, ...]) -> list[str]:
-    """The options of `names` set to something other than their default, as the user spells them."""
-    p = build_parser()
+def _given(p: argparse.ArgumentParser, args, names: tuple[str, ...]) -> list[str]:
+    """The options of `names` set to something other than p's default, as the user spells them."""
     flag = {a.dest: max(a.option_strings, key=len) for a in p._actions if a.option_strings}
     return [flag[n] for n in names if getattr(args, n) != p.get_default(n)]
 
@@ -380,8 +379,10 @@ def cpu_share_on_cpu(share: str, where: str) -> str:
 def refuse_unused(args, share_off: bool) -> None:
     """Options that the mode the command line asks for would take and drop, refused by name
     (`share_off`: --cpu-share, parsed, is off)."""
+    parser = build_parser()
+
     def fail(names: tuple[str, ...], why: str) -> None:
-        given = _given(args, names)
+        given = _given(parser, args, names)
         if given:
             many = len(given) > 1
             raise UsageError(f"{', '.join(given)}: {why.format(does='do' if many else 'does')}; "
