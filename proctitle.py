@@ -16,7 +16,9 @@ def set_process_name(name: str, detail: str = "") -> None:
     except ImportError:  # (the comm alone)
         pass
     else:
-        setproctitle.setproctitle(f"{name} {detail}" if detail else name)
+        title = f"{name} {detail}" if detail else name
+        # (argv's bytes that are not UTF-8 come as surrogates, which setproctitle cannot encode)
+        setproctitle.setproctitle(title.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     _set_comm(name)  # (setproctitle's comm would be the title's first bytes, options included)
 
 
@@ -24,6 +26,6 @@ def _set_comm(name: str) -> None:
     """prctl(PR_SET_NAME): Linux only; elsewhere the name stays as it was."""
     try:
         libc = ctypes.CDLL(None)  # (the interpreter's own symbols, libc's among them: no library search)
-        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:COMM_BYTES]), 0, 0, 0)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode("utf-8", "surrogateescape")[:COMM_BYTES]), 0, 0, 0)
     except (OSError, AttributeError):
         pass
