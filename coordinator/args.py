@@ -83,7 +83,8 @@ def build_parser() -> Parser:
                    help="prompt text, as an option (instead of the words above)")
     p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling", "with --serve: what a request that does not set the field gets "
+                             "(else OpenAI's defaults)")
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
     g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
@@ -370,6 +371,14 @@ def _given(p: argparse.ArgumentParser, args, names: tuple[str, ...]) -> list[str
     return [flag[n] for n in names if getattr(args, n) != p.get_default(n)]
 
 
+def served_sampling(args) -> dict:
+    """The sampling options given with --serve (those set to other than their default), by
+    openai_api.DEFAULTS' keys: what requests that do not set them get (as llama-server's options)."""
+    p = build_parser()
+    return {n: tuple(getattr(args, n)) if n == "stop" else getattr(args, n)
+            for n in SAMPLING if getattr(args, n) != p.get_default(n)}
+
+
 def cpu_share_on_cpu(share: str, where: str) -> str:
     """The error of a CPU share where the compute device is the CPU itself."""
     return (f"--cpu-share {share}: the compute device is the CPU ({where}), so no share of the layers crosses "
@@ -390,9 +399,6 @@ def refuse_unused(args, share_off: bool) -> None:
 
     if args.perplexity:
         fail(SAMPLING, "{does} nothing with --perplexity, which scores the file's text and samples no token")
-    if args.serve:
-        fail(SAMPLING, "{does} nothing with --serve, which samples as each request's fields say (OpenAI's "
-                       "defaults where a request sets none)")
     if share_off:
         fail(("cpu_split",), "{does} nothing without a --cpu-share to split")
     if args.single_process:

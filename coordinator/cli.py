@@ -9,7 +9,8 @@ import signal
 import sys
 import time
 
-from layerstream.coordinator.args import PROG, UsageError, build_parser, check_args, cpu_share_on_cpu, read_api_key
+from layerstream.coordinator.args import (PROG, UsageError, build_parser, check_args, cpu_share_on_cpu, read_api_key,
+                                         served_sampling)
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 
@@ -322,8 +323,10 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         from layerstream.coordinator.server import serve
         from layerstream.loader.default_model import default_model_path
 
+        from layerstream.coordinator.openai_api import DEFAULTS
+
         return serve(engine, args.model or default_model_path(), args.host, args.port, api_key, args.max_queue,
-                     sock=sock)
+                     sock=sock, defaults=DEFAULTS | served_sampling(args))
     if args.perplexity:
         with open(args.perplexity, encoding="utf-8", errors="replace") as f:
             text = f.read()

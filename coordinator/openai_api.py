@@ -23,8 +23,10 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 # OpenAI's defaults, not the CLI's (README: "Sampling defaults"): a client that sets nothing
-# gets the model's own distribution, as it would from OpenAI.
-DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
+# gets the model's own distribution, as it would from OpenAI. run-pipeline's sampling options
+# given with --serve take their place (as llama-server's do): `defaults` of sampling_from.
+DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, repeat_last_n=64, seed=None,
+                stop=(), ignore_eos=False, max_tokens=None)  # max_tokens None: MAX_TOKENS_DEFAULT by kind
 MAX_TOKENS_DEFAULT = {"completion": 16, "chat": 256}
 
 
@@ -182,11 +184,13 @@ def _check_fields(body: dict, kind: str) -> None:
                                 "default value is accepted)", key)
 
 
-def sampling_from(body: dict, kind: str) -> SamplingParams:
-    """SamplingParams from a checked body; a bad value is a 400 naming the field."""
+def sampling_from(body: dict, kind: str, defaults: dict = DEFAULTS) -> SamplingParams:
+    """SamplingParams from a checked body, `defaults` (DEFAULTS' keys) for the fields it does not set;
+    a bad value is a 400 naming the field."""
+    d = defaults
     stop = body.get("stop")
     if stop is None:
-        stop = ()
+        stop = tuple(d["stop"])
     elif isinstance(stop, str):
         stop = (stop,)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOPS:
@@ -197,10 +201,10 @@ def sampling_from(body: dict, kind: str) -> SamplingParams:
         raise ApiError(400, f"a 'stop' string is longer than {MAX_STOP_CHARS} characters", "stop")
     if "" in stop:
         raise ApiError(400, "a 'stop' string is empty, which would stop nothing; drop it", "stop")
-    temperature = _float(body, "temperature", DEFAULTS["temperature"], 0.0, 100.0)
+    temperature = _float(body, "temperature", d["temperature"], 0.0, 100.0)
     if 0 < temperature < 1e-4:
         temperature = 0.0  # too small to sample with: greedy, as llama.cpp's server does
-    max_tokens = _int(body, "max_tokens", MAX_TOKENS_DEFAULT[kind], 1, MAX_TOKENS)
+    max_tokens = _int(body, "max_tokens", d["max_tokens"] or MAX_TOKENS_DEFAULT[kind], 1, MAX_TOKENS)
     if kind == "chat" and body.get("max_completion_tokens") is not None:
         mct = _int(body, "max_completion_tokens", None, 1, MAX_TOKENS)
         if body.get("max_tokens") is not None and body["max_tokens"] != mct:
@@ -208,14 +212,15 @@ def sampling_from(body: dict, kind: str) -> SamplingParams:
         max_tokens = mct
     return SamplingParams(
         temperature=temperature,
-        top_p=_float(body, "top_p", DEFAULTS["top_p"], 0.0, 1.0),
-        top_k=_int(body, "top_k", DEFAULTS["top_k"], 0, 1 << 31),
-        min_p=_float(body, "min_p", DEFAULTS["min_p"], 0.0, 1.0),
-        repeat_penalty=_float(body, "repeat_penalty", DEFAULTS["repeat_penalty"], *REPEAT_PENALTY_RANGE),
-        seed=_int(body, "seed", None, *SEED_RANGE),
+        top_p=_float(body, "top_p", d["top_p"], 0.0, 1.0),
+        top_k=_int(body, "top_k", d["top_k"], 0, 1 << 31),
+        min_p=_float(body, "min_p", d["min_p"], 0.0, 1.0),
+        repeat_penalty=_float(body, "repeat_penalty", d["repeat_penalty"], *REPEAT_PENALTY_RANGE),
+        repeat_last_n=d["repeat_last_n"],
+        seed=_int(body, "seed", d["seed"], *SEED_RANGE),
         max_tokens=max_tokens,
         stop=stop,
-        ignore_eos=_bool(body, "ignore_eos"),
+        ignore_eos=_bool(body, "ignore_eos", d["ignore_eos"]),
         # drafts a step, prompt lookup's or the draft model's; 0: none; absent: --lookup's or --draft-tokens'
         lookup=_int(body, "lookup", None, 0, MAX_LOOKUP),
     )
@@ -271,7 +276,7 @@ def _prompt(v, n_vocab: int) -> tuple[str | None, list[int] | None]:
     raise ApiError(400, "'prompt' must be a string or a list of token ids (one prompt a request)", "prompt")
 
 
-def parse_request(body: dict, kind: str, n_vocab: int) -> GenRequest:
+def parse_request(body: dict, kind: str, n_vocab: int, defaults: dict = DEFAULTS) -> GenRequest:
     """A GenRequest from a parsed body of /v1/completions ("completion") or /v1/chat/completions ("chat")."""
     _check_fields(body, kind)
     if body.get("model") is not None and not isinstance(body["model"], str):
@@ -291,7 +296,7 @@ def parse_request(body: dict, kind: str, n_vocab: int) -> GenRequest:
                 raise ApiError(400, f"'stream_options.{key}' is not supported (only include_usage)",
                                f"stream_options.{key}")
         include_usage = _bool(opts, "include_usage")
-    req = GenRequest(kind, sampling_from(body, kind), stream=stream, include_usage=include_usage,
+    req = GenRequest(kind, sampling_from(body, kind, defaults), stream=stream, include_usage=include_usage,
                      n=_int(body, "n", 1, 1, MAX_N))
     if kind == "chat":
         req.messages = _messages(body.get("messages"))

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
-from layerstream.coordinator.openai_api import SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
+from layerstream.coordinator.openai_api import DEFAULTS, SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
 from layerstream.errors import ConfigError, LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
@@ -46,8 +46,9 @@ class Server:
     """Routes and request handling; `app` is the ASGI application (behind the Guard middleware)."""
 
     def __init__(self, engine, model_id: str, api_key: str | None = None, max_queue: int = 256,
-                 limits: Limits = Limits(), host: str = "127.0.0.1"):
+                 limits: Limits = Limits(), host: str = "127.0.0.1", defaults: dict = DEFAULTS):
         self.engine, self.model_id, self.api_key, self.max_queue = engine, model_id, api_key, max_queue
+        self.defaults = defaults  # sampling for the fields a request does not set (openai_api.DEFAULTS' keys)
         self.limits = limits
         self.bodies = BodyBudget(limits.bodies_bytes)
         self.metrics = Metrics()
@@ -156,7 +157,7 @@ class Server:
         if isinstance(model, str) and model != self.model_id:
             raise ApiError(404, f"model {model[:100]!r} does not exist; this server runs {self.model_id!r}", "model",
                            code="model_not_found")
-        req = parse_request(body, kind, self.engine.hparams.n_vocab)
+        req = parse_request(body, kind, self.engine.hparams.n_vocab, self.defaults)
         ctx = self.engine.cfg.ctx
         where = "prompt" if kind == "completion" else "messages"
         size = sum(len(m["content"].encode()) for m in req.messages) if kind == "chat" else len((req.text or "").encode())
@@ -384,22 +385,25 @@ def bound_socket(host: str, port: int) -> socket.socket:
 
 def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_queue: int = 256, grace_s: float = 30.0, limits: Limits = Limits(),
-          sock: socket.socket | None = None) -> int:
+          sock: socket.socket | None = None, defaults: dict = DEFAULTS) -> int:
     """Serve until SIGTERM or SIGINT: then stop accepting, let requests finish within `grace_s`.
 
     The exit status is the CLI's rule for both: uvicorn re-raises the signal once it has drained,
     and the CLI exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM). Where the engine fails
     (a pipeline process died; steps failing in a row), its clients are answered 503 and the server
     stops the same way, then raises PipelineError saying why (the CLI: one line, exit 1). `sock`:
-    bound_socket's (the CLI binds before the model loads), else one is bound here."""
+    bound_socket's (the CLI binds before the model loads), else one is bound here. `defaults`: the
+    sampling of fields a request does not set (openai_api.DEFAULTS: OpenAI's)."""
     sock = sock if sock is not None else bound_socket(host, port)
     port = sock.getsockname()[1]  # (--port 0: the port the system gave)
     model_id = os.path.basename(model_path).removesuffix(".gguf")
     if not api_key and not is_loopback(host):
         print(f"layerstream: warning: serving on {host} without an API key: anyone who can reach port {port} can "
               "use the model; give a key with --api-key-file FILE or LAYERSTREAM_API_KEY", file=sys.stderr, flush=True)
-    server = Server(engine, model_id, api_key or None, max_queue, limits, host)
-    print(f"layerstream: serving {model_id} on http://{host}:{port}/v1", flush=True)
+    server = Server(engine, model_id, api_key or None, max_queue, limits, host, defaults)
+    changed = ", ".join(f"{k} {v!r}" for k, v in defaults.items() if v != DEFAULTS[k])
+    print(f"layerstream: serving {model_id} on http://{host}:{port}/v1"
+          + (f" (requests that do not set them get {changed})" if changed else ""), flush=True)
     http = uvicorn.Server(uvicorn_config(server, host, port, grace_s))
     server.on_failure = lambda: setattr(http, "should_exit", True)
     http.run(sockets=[sock])

@@ -118,7 +118,6 @@ def test_bad_option_gives_one_error_line(tmp_path):
     (["--perplexity", "README.md", "--draft-model", "README.md"], "--perplexity and --draft-model do not go together"),
     (["--perplexity", "README.md", "--temperature", "0", "--seed", "3"],
      "--temperature, --seed: do nothing with --perplexity"),
-    (["--serve", "-n", "5"], "--max-tokens: does nothing with --serve, which samples as each request's fields say"),
     (["--vram-gb", "1"], "--vram-gb: does nothing with --single-process"),  # (run_pipeline gives --single-process)
     (["--readers", "2", "--cpu-share", "0.5", "--kv-on-host"],
      "--kv-on-host, --readers, --cpu-share: do nothing with --single-process"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerstream.coordinator.openai_api import ApiError, parse_json, parse_request
+from layerstream.coordinator.openai_api import DEFAULTS, ApiError, parse_json, parse_request
 
 V = 1000
 
@@ -89,3 +89,24 @@ def test_malformed_json_of_extreme_shape_is_a_400(raw):
     with pytest.raises(ApiError) as e:
         parse_json(raw)
     assert e.value.status == 400 and len(e.value.message) < 300
+
+
+def test_the_servers_defaults_fill_the_fields_a_request_does_not_set():
+    """run-pipeline's sampling options given with --serve (args.served_sampling) take OpenAI's
+    defaults' place; what a request sets still wins."""
+    from layerstream.coordinator.args import build_parser, served_sampling
+
+    args = build_parser().parse_args(["--serve", "--temperature", "0.2", "--top-k", "20", "-n", "9", "--seed", "5",
+                                      "--stop", "END", "--repeat-last-n", "32", "--ignore-eos"])
+    given = served_sampling(args)
+    assert given == dict(temperature=0.2, top_k=20, max_tokens=9, seed=5, stop=("END",), repeat_last_n=32,
+                         ignore_eos=True)
+    assert served_sampling(build_parser().parse_args(["--serve"])) == {}
+    d = DEFAULTS | given
+    for kind, body in (("completion", {"prompt": "x"}), ("chat", {"messages": [{"role": "user", "content": "x"}]})):
+        q = parse_request(body, kind, V, d).params
+        assert (q.temperature, q.top_k, q.top_p, q.max_tokens, q.seed, q.stop, q.repeat_last_n, q.ignore_eos) == \
+               (0.2, 20, 1.0, 9, 5, ("END",), 32, True)
+    q = parse_request({"prompt": "x", "temperature": 1.5, "max_tokens": 4, "stop": "Q", "seed": 1,
+                       "ignore_eos": False}, "completion", V, d).params
+    assert (q.temperature, q.max_tokens, q.stop, q.seed, q.ignore_eos) == (1.5, 4, ("Q",), 1, False)

@@ -117,6 +117,27 @@ def test_a_server_with_drafts_answers_as_the_engine_without_and_a_request_may_tu
     assert "Traceback" not in p.stderr.read()
 
 
+def test_sampling_options_given_with_serve_are_the_requests_defaults(smollm_engine):
+    """`--serve --temperature 0 -n 7`, as llama-server's options: a request that sets neither is
+    greedy and takes 7 tokens (OpenAI's defaults would sample, 16 tokens); one that sets its own
+    max_tokens takes that; the start-up line names what changed."""
+    prompt = "The capital of France is"
+    want = _engine_text(smollm_engine, smollm_engine.tokenizer.encode(prompt), 7)
+    p, url = _start("--single-process", "--temperature", "0", "-n", "7")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        r = client.completions.create(model=model, prompt=prompt)
+        assert r.choices[0].text == want and r.usage.completion_tokens == 7
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=3)
+        assert r.usage.completion_tokens == 3 and want.startswith(r.choices[0].text)
+    finally:
+        assert _stop(p) == 143
+    out = p.stdout.read()
+    assert "requests that do not set them get temperature 0.0, max_tokens 7" in out, out
+    assert "Traceback" not in p.stderr.read()
+
+
 def test_the_next_chat_turn_reuses_the_conversations_kv(server, smollm_engine):
     """Turn two's prompt starts with turn one's, whose KV the freed row still holds: only the rest
     is prefilled (the metrics count the reused tokens), and the answer is the engine's."""
@@ -351,8 +372,8 @@ def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
     try:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
-        spawned = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "spawn_main"], capture_output=True,
-                                 text=True).stdout.split()
+        spawned = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "^layerstream-"], capture_output=True,
+                                 text=True).stdout.split()  # (the children's names: supervisor.child_main)
         assert spawned
         for pid in spawned:  # staging, reader and compute: the pipeline cannot go on
             os.kill(int(pid), signal.SIGKILL)
