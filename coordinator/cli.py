@@ -9,8 +9,15 @@ import signal
 import sys
 import time
 
-from layerstream.coordinator.args import (PROG, UsageError, build_parser, check_args, cpu_share_on_cpu, read_api_key,
-                                         served_sampling)
+from layerstream.coordinator.args import (
+    PROG,
+    UsageError,
+    build_parser,
+    check_args,
+    cpu_share_on_cpu,
+    read_api_key,
+    served_sampling,
+)
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 
@@ -320,10 +327,9 @@ def _run_bound(args, api_key, sock) -> int:
 
 def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
     if args.serve:
+        from layerstream.coordinator.openai_api import DEFAULTS
         from layerstream.coordinator.server import serve
         from layerstream.loader.default_model import default_model_path
-
-        from layerstream.coordinator.openai_api import DEFAULTS
 
         return serve(engine, args.model or default_model_path(), args.host, args.port, api_key, args.max_queue,
                      sock=sock, defaults=DEFAULTS | served_sampling(args))
