@@ -8,6 +8,14 @@ signal lands on it: taken by another thread, the Ctrl-C seemed lost until the ne
 launcher starts the thread pools of numpy (OpenBLAS), torch and tokenizers (Rayon) before
 anything else with SIGINT blocked (libzmq's I/O threads block every signal of their own
 accord), and tqdm runs without its monitor thread.
+
+NOTE [ SIGINT while a child starts ]
+A Ctrl-C reaches the whole process group, children included. A spawned child runs
+multiprocessing's bootstrap (unpickling its target, importing zmq) before any code of ours can
+ignore SIGINT, and a Ctrl-C there printed a KeyboardInterrupt traceback from spawn_main. So the
+launcher spawns with SIGINT blocked (`sigint_blocked`: a blocked signal stays blocked across
+fork and exec), and the child's entry ignores SIGINT before it unblocks it (`ignore_sigint`):
+a Ctrl-C pending meanwhile is dropped. In the launcher it is taken once the spawn is done.
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ def sigint_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_sigint() -> None:
+    """SIGINT ignored, then unblocked, in a child (NOTE [ SIGINT while a child starts ])."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def start_thread_pools(threads: int | None = None, torch: bool = True) -> None:

@@ -6,7 +6,9 @@ then waits, then SIGTERM, waits, then SIGKILL. A child the message could not rea
 starting, when a run is interrupted early) gets SIGTERM at once: waiting for it gains nothing.
 Readers and compute stop before staging, because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
 SIGTERM, or when its parent is gone). Children ignore SIGINT: a Ctrl-C in the terminal
-reaches the whole process group, and only the coordinator decides how to stop.
+reaches the whole process group, and only the coordinator decides how to stop (a child still
+in multiprocessing's bootstrap too: NOTE [ SIGINT while a child starts ] in sigmask.py). A child
+stopped before its body runs (a SIGTERM in staging's handler while it connects) exits quietly.
 
 NOTE [ warm starts ]
 A spawned child starts a Python and imports its role's modules before it can run: for compute,
@@ -44,9 +46,10 @@ from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
+from layerstream.coordinator.sigmask import ignore_sigint, sigint_blocked
 from layerstream.cpus import usable_cpus
 from layerstream.proctitle import set_process_name
-from layerstream.proto.child import spawned
+from layerstream.proto.child import ShutdownRequested, spawned
 
 
 @dataclass
@@ -81,6 +84,16 @@ WARM_MODULES = {
 }
 
 
+def _spawning():
+    """SIGINT blocked while children are spawned (NOTE [ SIGINT while a child starts ]). The
+    resource tracker, which multiprocessing starts with the first child, is started first:
+    its start unblocks SIGINT in this thread once it has spawned it."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    return sigint_blocked()
+
+
 def quick_exit(code: int) -> None:
     """End the process with `code` without the interpreter's teardown (NOTE [ quick exits ])."""
     atexit._run_exitfuncs()
@@ -96,19 +109,23 @@ def quick_exit(code: int) -> None:
 def child_main(*args) -> None:
     """Every child's process target: proto.child's `spawned(*args)`, then a quick exit with the
     status it ends with (NOTE [ quick exits ])."""
+    ignore_sigint()
     set_process_name(f"layerstream-{args[1]}")  # (role, ident, ...): layerstream-compute, layerstream-reader-0
     code = 0
     try:
         spawned(*args)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except ShutdownRequested:  # asked to stop before or after its body's own handling (NOTE [ shutdown order ])
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (a handler of its role raises: nothing is left to clean up)
     quick_exit(code)
 
 
 def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
     """A warm process: import `modules`, then run as `spawned` with what comes on `conn` (exit
     quietly when the pipe closes first)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (as every child: NOTE [ shutdown order ])
+    ignore_sigint()  # (as every child: NOTE [ shutdown order ])
     set_process_name(f"layerstream-{role}")  # (child_main names it by its ident once it is given one)
     for m in modules:
         try:
@@ -132,14 +149,19 @@ class WarmStarts:
         ctx = mp.get_context("spawn")
         self.waiting: dict[str, list[tuple[Any, Any]]] = {}
         self.closed = False
-        for role, n in roles.items():
-            for _ in range(n):
-                theirs, ours = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=warm_child, args=(role, WARM_MODULES.get(role, ()), theirs),
-                                   name=f"layerstream-{role}", daemon=True)
-                proc.start()
-                theirs.close()
-                self.waiting.setdefault(role, []).append((proc, ours))
+        try:
+            with _spawning():  # (a Ctrl-C is taken after the loop)
+                for role, n in roles.items():
+                    for _ in range(n):
+                        theirs, ours = ctx.Pipe(duplex=False)
+                        proc = ctx.Process(target=warm_child, args=(role, WARM_MODULES.get(role, ()), theirs),
+                                           name=f"layerstream-{role}", daemon=True)
+                        proc.start()
+                        theirs.close()
+                        self.waiting.setdefault(role, []).append((proc, ours))
+        except BaseException:  # (the caller never gets the object to close)
+            self.close()
+            raise
 
     def take(self, role: str, args: tuple):
         """A waiting process of `role` given `spawned`'s arguments, or None where none is left."""
@@ -196,10 +218,12 @@ class Supervisor:
         warm = self.warm.take(role, args) if self.warm is not None and not c.restarts else None
         if warm is not None:
             c.proc = warm
-        else:
+            self.children[ident] = c
+            return c
+        with _spawning():  # (a Ctrl-C is taken once the child is recorded)
             c.proc = self.mp.Process(target=child_main, args=args, name=f"layerstream-{ident}", daemon=True)
             c.proc.start()
-        self.children[ident] = c
+            self.children[ident] = c
         return c
 
     def dead(self) -> list[Child]:

@@ -1,0 +1,113 @@
+"""A run stopped while its children start: one line, 128 + the signal, nothing left
+(NOTE [ SIGINT while a child starts ] in coordinator/sigmask.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import ggufgen
+from layerstream.coordinator.supervisor import Supervisor
+from layerstream.proto.child import ShutdownRequested
+from procs import leaked, segments
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
+SIGINT_BIT = 1 << (signal.SIGINT - 1)
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return {}
+
+
+def _children(pid: int) -> list[int]:
+    """The processes under `pid` (any depth)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
+    kids: dict[int, list[int]] = {}
+    for line in out:
+        if line.strip():
+            p, pp = map(int, line.split())
+            kids.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            found.append(k)
+            todo.append(k)
+    return found
+
+
+def _bootstrapping(pid: int) -> list[int]:
+    """Spawned children inside multiprocessing's bootstrap: Python's SIGINT handler installed, not
+    yet named by our entry point (child_main names it first thing)."""
+    found = []
+    for k in _children(pid):
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                spawn = b"spawn_main" in f.read()
+        except OSError:
+            continue
+        st = _status(k)
+        if spawn and st and not st.get("Name", "").startswith("layerstream-") \
+                and int(st.get("SigCgt", "0"), 16) & SIGINT_BIT:
+            found.append(k)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+@pytest.mark.parametrize("nth,sig", [(1, signal.SIGINT), (2, signal.SIGINT), (3, signal.SIGINT), (2, signal.SIGTERM)],
+                         ids=["staging-int", "reader-int", "compute-int", "reader-term"])
+def test_a_signal_while_a_child_starts_prints_one_line(tmp_path, nth, sig):
+    """Probe of issue 25: a Ctrl-C (to the whole process group, as a terminal sends it) while a
+    child ran multiprocessing's bootstrap printed its KeyboardInterrupt traceback from spawn_main,
+    and a staging process terminated while it connected a ShutdownRequested one. The signal is
+    sent while the nth child is in that bootstrap."""
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    before = segments()
+    p = subprocess.Popen([str(LAUNCHER), "-m", path, "--device", "cpu", "-n", "2000", "--ignore-eos", "hello"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        seen: set[int] = set()
+        deadline = time.monotonic() + 90
+        while len(seen) < nth and p.poll() is None and time.monotonic() < deadline:
+            seen |= set(_bootstrapping(p.pid))
+            time.sleep(0.003)
+        assert len(seen) >= nth, f"never saw {nth} children starting; stderr: {p.communicate(timeout=60)[1]}"
+        kids = _children(p.pid)
+        os.killpg(p.pid, sig)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    word = "terminated" if sig == signal.SIGTERM else "interrupted"
+    assert [line for line in err.splitlines() if line.strip()] == [f"run-pipeline: {word}"], err
+    assert p.returncode == 128 + sig
+    time.sleep(0.5)
+    assert not [k for k in kids if _status(k) and _status(k).get("State", "").split()[0] != "Z"]
+    assert not leaked(before)
+
+
+def _stopped_at_once(cfg) -> None:
+    """A child's entry point that is told to stop before its body runs (staging's SIGTERM handler)."""
+    raise ShutdownRequested("terminated")
+
+
+def test_a_child_stopped_before_its_body_exits_quietly(capfd):
+    """A ShutdownRequested outside run_child's body (staging's SIGTERM handler raises it) printed a
+    'Process layerstream-staging: Traceback' and exited 1."""
+    sup = Supervisor()
+    try:
+        c = sup.start("staging", "staging", _stopped_at_once, None)
+        c.proc.join(60)
+        assert c.proc.exitcode == 0
+    finally:
+        sup.kill_all()
+    assert "Traceback" not in capfd.readouterr().err
