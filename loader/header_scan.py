@@ -135,21 +135,31 @@ class _Cursor:
         return self.pos - start
 
 
+def _byte_order(buf, path: str) -> str:
+    """The header's byte order ("<" or ">"); ModelError naming the version where gguf-py reads none
+    of that version (its own error named a Python exception and called the file corrupt)."""
+    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS as READ
+
+    order, (version,) = "<", struct.unpack_from("<I", buf, 4)
+    if not version & 0xFFFF:  # written on a machine of the other byte order (as gguf-py tells)
+        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+    if version not in READ:
+        known = " and ".join(map(str, sorted(READ)))
+        raise ModelError(f"{path}: GGUF version {version} is not supported (this build reads versions {known}); "
+                         "convert the model again with a llama.cpp that writes one of them")
+    return order
+
+
 def scan_header(path: str) -> None:
     """Check a GGUF file's header sizes against the file (NOTE [ header sizes ]); one line naming
-    the file and the field where one does not fit. Versions gguf-py does not read are left to it."""
+    the file and the field where one does not fit, or its GGUF version where gguf-py cannot read it."""
     import gguf
 
     size = os.path.getsize(path)
     if size < 24:
         raise ModelError(f"{path}: truncated GGUF file ({size} bytes, shorter than a header); re-download the file")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        (version,) = struct.unpack_from("<I", buf, 4)
-        order = "<"
-        if not version & 0xFFFF:  # written on a machine of the other byte order (as gguf-py tells)
-            order, version = ">", struct.unpack_from(">I", buf, 4)[0]
-        if version not in (2, 3):
-            return
+        order = _byte_order(buf, path)
         c = _Cursor(buf, order, path)
         c.pos = 8
         n_tensors, n_kv = c.uint(8, "the tensor count"), c.uint(8, "the key count")
@@ -206,8 +216,7 @@ def find_string(path: str, key: str) -> str | object | None:
         if os.fstat(fh.fileno()).st_size < 24 or fh.read(4) != b"GGUF":
             raise ModelError(f"{path}: not a GGUF file")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
-            c = _Cursor(buf, order, path)
+            c = _Cursor(buf, _byte_order(buf, path), path)
             c.pos = 16
             n_kv = c.uint(8, "the key count")
             if n_kv > MAX_KV:

@@ -190,3 +190,23 @@ def test_find_string_reads_one_key_as_gguf_py_does(smollm_path, tmp_path):
     crafted.write_bytes(header([kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 2 ** 40))]))
     with pytest.raises(ModelError, match="crafted.gguf: corrupt GGUF header"):
         find_string(str(crafted), "tokenizer.chat_template")
+
+
+@pytest.mark.parametrize("version,order", [(99, "<"), (1, "<"), (99, ">")])
+def test_a_gguf_version_gguf_py_cannot_read_is_named_not_called_corrupt(tmp_path, version, order):
+    """Probe of issue 25: version 99 read 'corrupt or truncated GGUF file (ValueError: Sorry, file
+    appears to be version 99 which we cannot handle)': a Python exception, and a newer format called damage."""
+    from layerstream.loader.header_scan import find_string
+
+    path = tmp_path / "v.gguf"
+    raw = bytearray(open(ggufgen.write_model(tmp_path / "m.gguf"), "rb").read())
+    raw[4:8] = struct.pack(f"{order}I", version)
+    path.write_bytes(bytes(raw))
+    want = (f"{path}: GGUF version {version} is not supported (this build reads versions 2 and 3); convert the "
+            "model again with a llama.cpp that writes one of them")
+    with pytest.raises(ModelError) as e:
+        open_model(str(path))
+    assert str(e.value) == want
+    with pytest.raises(ModelError) as e:  # (the chat template's quick look, before the whole header)
+        find_string(str(path), "tokenizer.chat_template")
+    assert str(e.value) == want
