@@ -141,22 +141,28 @@ def _kind(v) -> str:
 
 
 def _short(v) -> str:
+    """A value for an error message, cut to its first 20 characters where longer than 40."""
     s = str(v)
-    return s if len(s) <= 40 else f"{s[:20]}...({len(s)} digits)"
+    return s if len(s) <= 40 else f"{s[:20]}... ({len(s) - 20} more characters)"
 
 
-# standard fields and a test of the values that change nothing here
+# standard fields and a test of the values that change nothing here; each endpoint takes only its
+# own (OpenAI's completions API has no tools or response_format, its chat API no echo or suffix)
 SERVED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop",
           "stream", "stream_options", "n", "ignore_eos", "user", "lookup"}
-HARMLESS = {
+HARMLESS_BOTH = {
     "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
     "presence_penalty": lambda v: v in (None, 0),
     "frequency_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: v is None or v == {},
+}
+HARMLESS_COMPLETION = {
     "best_of": lambda v: v in (None, 1),
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
+}
+HARMLESS_CHAT = {
+    "top_logprobs": lambda v: v in (None, 0),
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],
     "functions": lambda v: v is None or v == [],
@@ -164,17 +170,22 @@ HARMLESS = {
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
     "store": lambda v: v in (None, False),
 }
+HARMLESS = {"completion": HARMLESS_BOTH | HARMLESS_COMPLETION, "chat": HARMLESS_BOTH | HARMLESS_CHAT}
 FIELDS = {"completion": SERVED | {"prompt"}, "chat": SERVED | {"messages", "max_completion_tokens"}}
+ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 def _check_fields(body: dict, kind: str) -> None:
     for key, v in body.items():
         if key in FIELDS[kind]:
             continue
-        test = HARMLESS.get(key)
+        test = HARMLESS[kind].get(key)
         if test is None:
-            raise ApiError(400, f"unknown or unsupported field '{key}'; this endpoint takes "
-                                f"{', '.join(sorted(FIELDS[kind] | set(HARMLESS)))}", key)
+            other = "chat" if kind == "completion" else "completion"
+            what = (f"'{key}' is a field of {ROUTES[other]}, not of {ROUTES[kind]}"
+                    if key in FIELDS[other] or key in HARMLESS[other] else f"unknown or unsupported field '{key}'")
+            takes = ", ".join(sorted(FIELDS[kind] | set(HARMLESS[kind])))
+            raise ApiError(400, f"{what}; {ROUTES[kind]} takes {takes}", key)
         try:
             ok = test(v)
         except TypeError:  # an unhashable value compared with in (...)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from layerstream.coordinator.openai_api import DEFAULTS, ApiError, parse_json, parse_request
@@ -110,3 +112,36 @@ def test_the_servers_defaults_fill_the_fields_a_request_does_not_set():
     q = parse_request({"prompt": "x", "temperature": 1.5, "max_tokens": 4, "stop": "Q", "seed": 1,
                        "ignore_eos": False}, "completion", V, d).params
     assert (q.temperature, q.max_tokens, q.stop, q.seed, q.ignore_eos) == (1.5, 4, ("Q",), 1, False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", []), ("tool_choice", "none"), ("functions", []), ("parallel_tool_calls", True),
+    ("response_format", {"type": "text"}), ("store", False), ("top_logprobs", 0), ("messages", []),
+    ("max_completion_tokens", 5),
+])
+def test_completions_refuse_the_chat_fields_by_name(field, value):
+    """OpenAI's completions API has no tools, response_format, ...: even their do-nothing values are
+    refused there, naming the endpoint they belong to (the chat endpoint takes them)."""
+    e = refused({"prompt": "hi", field: value})
+    assert e.param == field and "is a field of /v1/chat/completions, not of /v1/completions" in e.message
+    assert "tools" not in e.message.split(" takes ")[1]  # the fields it lists are its own
+    if field not in ("messages", "max_completion_tokens"):
+        parse_request({"messages": [{"role": "user", "content": "hi"}], field: value}, "chat", V)
+
+
+@pytest.mark.parametrize("field, value", [("echo", False), ("suffix", ""), ("best_of", 1), ("prompt", "x")])
+def test_chat_refuses_the_completion_fields_by_name(field, value):
+    e = refused({"messages": [{"role": "user", "content": "hi"}], field: value}, "chat")
+    assert e.param == field and "is a field of /v1/completions, not of /v1/chat/completions" in e.message
+    if field != "prompt":
+        parse_request({"prompt": "hi", field: value}, "completion", V)
+
+
+def test_a_long_value_in_an_error_is_cut_with_the_characters_left():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    e = refused({"messages": [{"role": "user", "content": "x"}], "tools": tools}, "chat")
+    shown = json.dumps(tools)
+    assert f"{shown[:20]}... ({len(shown) - 20} more characters) is not supported" in e.message
+    assert "digits" not in e.message
+    e = refused({"prompt": "x", "seed": 10**50})
+    assert f"= {str(10**50)[:20]}... ({51 - 20} more characters) is out of range" in e.message
