@@ -8,7 +8,8 @@ Two vocabulary kinds, named by `tokenizer.ggml.model` as llama.cpp names them:
   tokenizer merges the best-scoring bigram first), byte fallback to `<0xNN>` tokens, spaces as "▁".
 
 Decoding never goes through `tokenizers`: each token maps to its bytes here, so `decode` and
-`StreamDecoder` agree byte for byte and partial UTF-8 characters can be held back.
+`StreamDecoder` agree byte for byte and partial UTF-8 characters can be held back (where the ids end
+mid-character, `decode` shows a U+FFFD that `StreamDecoder` drops).
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenizer: `push(id)` returns only whole characters; joined output equals `decode`."""
+    """Incremental detokenizer: `push(id)` returns only whole characters; joined output equals `decode`
+    (less the U+FFFD of a character the ids leave unfinished)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self._tk = tokenizer
@@ -273,8 +275,13 @@ class StreamDecoder:
         return self._utf8.decode(piece)
 
     def flush(self) -> str:
-        """Whatever is held back; an unfinished character comes out as U+FFFD."""
-        return self._utf8.decode(b"", final=True)
+        """The end of the text: an unfinished character held back is dropped, not shown as U+FFFD.
+
+        Its tokens were cut off by max_tokens, EOS or a stop, so no byte that would finish it is
+        coming; a U+FFFD tells the reader nothing, and a text that ends in one is not what the model
+        would have written (llama-server drops the tail likewise). Everything else came out of push."""
+        self._utf8.reset()
+        return ""
 
 
 # ---- builders -------------------------------------------------------------------------------------

@@ -322,7 +322,8 @@ def test_stream_decoder_byte_tokens(spm):
 def test_stream_decoder_flush_and_invalid_bytes(spm):
     dec = StreamDecoder(spm)
     assert dec.push(3 + 0xE2) == "" and dec.push(3 + 0x82) == ""
-    assert dec.flush() == "\ufffd"  # an unfinished character comes out only at the end
+    assert dec.flush() == ""  # an unfinished character at the end is dropped, not shown as U+FFFD
+    assert dec.push(_spm_id("a")) == "a"  # (and forgotten: the next text starts clean)
     dec = StreamDecoder(spm)
     assert dec.push(3 + 0xE2) == "" and dec.push(_spm_id("a")) == "\ufffda"  # broken sequence: replaced, not held
 
