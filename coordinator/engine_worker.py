@@ -54,14 +54,22 @@ class EngineWorker(threading.Thread):
         self.last_pass_s: float | None = None
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.outputs: dict[str, asyncio.Queue] = {}
-        self.pending_adds = 0
         self.failure: str | None = None
         self.on_failure = on_failure
         self.failed_steps = 0  # in a row
         self.stopping = threading.Event()
+        self.closing = False  # abort_all was called: requests submitted from now on are refused (503)
+
+    def rows(self) -> int:
+        """Requests the engine runs at once (its KV rows)."""
+        return self.core.max_seqs
 
     def queued(self) -> int:
-        return self.pending_adds + len(self.core.waiting)
+        """Requests waiting beyond those the engine runs at once: every request submitted and not yet
+        answered (self.outputs: queued adds, waiting and running alike), less the engine's rows. The
+        core's own waiting list is no measure: a burst's requests sit there, or in the command queue,
+        for the pass or two before their rows are taken, though rows are free for them."""
+        return max(len(self.outputs) - self.rows(), 0)
 
     def submit(self, rids: list[str] | str, prompt: list[int], params, q: asyncio.Queue | None = None) -> asyncio.Queue:
         """Queue requests (one a choice) whose outputs go to one asyncio queue; 503/429 at once."""
@@ -69,23 +77,34 @@ class EngineWorker(threading.Thread):
         params = params if isinstance(params, list) else [params] * len(rids)
         if self.failure:
             raise ApiError(503, f"the engine failed: {self.failure}", kind="server_error")
-        if len(rids) > self.max_queue:  # (never admitted: a retry would be refused again)
-            raise ApiError(400, f"n={len(rids)} asks for more choices than this server queues at once "
-                                f"({self.max_queue}, --max-queue); ask for at most {self.max_queue}",
+        if self.closing:
+            raise ApiError(503, "the server is stopping", kind="server_error", code="server_stopping")
+        most = self.max_queue + self.rows()
+        if len(rids) > most:  # (never admitted: a retry would be refused again)
+            raise ApiError(400, f"n={len(rids)} asks for more choices than this server runs and queues at once "
+                                f"({self.rows()} rows, --max-queue {self.max_queue}); ask for at most {most}",
                            param="n", code="invalid_value")
-        if self.queued() + len(rids) > self.max_queue:
-            raise ApiError(429, f"{self.queued()} requests are waiting, the most this server queues is "
-                                f"{self.max_queue}; retry later", kind="rate_limit_error", code="rate_limit_exceeded",
+        waiting = max(len(self.outputs) + len(rids) - self.rows(), 0)
+        if waiting > self.max_queue:
+            now = self.queued()
+            raise ApiError(429, f"{now} {'request is' if now == 1 else 'requests are'} waiting beyond the "
+                                f"{self.rows()} this server runs at once, and it queues at most {self.max_queue} "
+                                "(--max-queue); retry later", kind="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"})
         q = q if q is not None else asyncio.Queue()
         for rid, p in zip(rids, params):
             self.outputs[rid] = q
-            self.pending_adds += 1
             self.commands.put(("add", rid, prompt, p))
         return q
 
     def abort(self, rid: str) -> None:
         self.commands.put(("abort", rid))
+
+    def abort_all(self) -> None:
+        """Abort every request (the server's grace ran out): each is answered with what it has, its
+        last output finish_reason "abort", after the step in flight; later submits are refused."""
+        self.closing = True
+        self.commands.put(("abort_all",))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -99,7 +118,6 @@ class EngineWorker(threading.Thread):
     def _apply(self, cmd) -> None:
         if cmd[0] == "add":
             _, rid, prompt, params = cmd
-            self.pending_adds -= 1
             try:
                 self.core.add_request(rid, prompt, params)
             except Exception as e:  # refused (a LayerstreamError: 400), or a fault of this request alone
@@ -110,6 +128,9 @@ class EngineWorker(threading.Thread):
         elif cmd[0] == "abort":
             self.core.abort(cmd[1])
             self.outputs.pop(cmd[1], None)
+        elif cmd[0] == "abort_all":  # (their outputs stay: the next step reports the aborts to them)
+            for rid in list(self.outputs):
+                self.core.abort(rid)
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -172,6 +193,9 @@ class EngineWorker(threading.Thread):
                     if o.finished:
                         self.outputs.pop(o.request_id, None)
         except BaseException as e:  # noqa: BLE001 - the engine is gone: every waiting client is told
+            if self.stopping.is_set():  # the server stops and closes the engine under a step: no failure
+                log.debug("the engine's step ended with the server: %s: %s", type(e).__name__, e)
+                return
             self.failure = f"{type(e).__name__}: {e}" if not isinstance(e, LayerstreamError) else str(e)
             log.error("engine failed: %s", self.failure)
             for rid in list(self.outputs):

@@ -8,7 +8,7 @@ that got as far as a whole head, so about 20,000 half-open connections made ever
 each request head (armed when the connection opens and again after each response, it closes the
 connection when h11 still waits for a head: their_state IDLE), and a cap on open connections
 (one more is answered 503 and closed at once). Bodies are read by the handlers, incrementally,
-under a size cap and a deadline (server.py), and all connections' bodies together under
+under a size cap, a deadline and a limit on a stall between pieces (server.py: 408, connection closed), and all connections' bodies together under
 `bodies_bytes` (BodyBudget): a declared Content-Length is taken from it before a byte is read, a
 chunked body as it comes, and given back once the body is parsed, so a body that would pass it is
 answered 503 at once (60 connections each holding a 15 MB body one byte short took 850 MB, 15 GB at
@@ -37,6 +37,10 @@ class Limits:
 
     body_bytes: int = 16 << 20  # a request body at most
     body_timeout_s: float = 60.0  # to send the whole body
+    # between two pieces of a body: a client that sends part of its body and then nothing holds a
+    # connection and its declared bytes of the budget; 30 s is far past any pause of a live client
+    # on a slow link (a TCP retransmission backs off to about 15 s after four losses)
+    body_stall_s: float = 30.0
     header_timeout_s: float = 10.0  # to send a request head, from connecting or from the last response
     max_connections: int = 1024  # open at once; one more is answered 503
     bodies_bytes: int = 256 << 20  # request bodies held at once, all connections together; past it 503

@@ -36,9 +36,11 @@ from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.openai_api import DEFAULTS, SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
+from layerstream.coordinator.server_stop import GRACE_S, GracefulServer
 from layerstream.errors import ConfigError, LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
+MAX_QUOTED = 100  # characters of a path an error message quotes
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "abort": "abort"}
 
 
@@ -84,12 +86,12 @@ class Server:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def _not_found(self, request: Request, exc: HTTPException) -> Response:
-        return self._error(ApiError(404, f"no route {request.method} {request.url.path}; this server serves "
+        return self._error(ApiError(404, f"no route {request.method[:20]} {_path(request)}; this server serves "
                                          "/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics",
                                     kind="invalid_request_error", code="not_found"))
 
     async def _not_allowed(self, request: Request, exc: HTTPException) -> Response:
-        return self._error(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+        return self._error(ApiError(405, f"{request.method[:20]} is not allowed on {_path(request)}",
                                     code="method_not_allowed", headers=dict(exc.headers or {})))
 
     async def _internal(self, request: Request, exc: Exception) -> Response:
@@ -108,7 +110,8 @@ class Server:
 
     async def _read_body(self, request: Request) -> tuple[bytes, int]:
         """The body, read as it comes, and the bytes it holds of the server's BodyBudget (the caller gives
-        them back): 415 unless JSON, 413 past the size cap, 503 past the budget, 408 past the deadline."""
+        them back): 415 unless JSON, 413 past the size cap, 503 past the budget, 408 past the deadline or
+        where it stalls."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise ApiError(415, f"the body must be JSON, sent with 'Content-Type: application/json' (got "
@@ -129,7 +132,15 @@ class Server:
 
         async def read():
             nonlocal size, held
-            async for chunk in request.stream():
+            pieces = request.stream().__aiter__()
+            while True:  # each piece within body_stall_s of the last (NOTE [ HTTP limits ])
+                try:
+                    chunk = await asyncio.wait_for(pieces.__anext__(), self.limits.body_stall_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise ApiError(408, f"the body stalled: no byte of it came for {self.limits.body_stall_s:g} s",
+                                   code="request_timeout", headers={"Connection": "close"}) from None
                 size += len(chunk)
                 if size > cap:
                     raise too_big
@@ -343,6 +354,13 @@ class Server:
         return await self._handle(request, "chat", chunk, final)
 
 
+def _path(request: Request) -> str:
+    """The request's path for an error message, at most MAX_QUOTED characters of it (a 100 KB URL is
+    not echoed back)."""
+    p = request.url.path
+    return p if len(p) <= MAX_QUOTED else f"{p[:MAX_QUOTED]}... ({len(p) - MAX_QUOTED} more characters)"
+
+
 def _longest_piece(engine) -> int:
     """Bytes of the vocabulary's longest token. A text of more than ctx times this many bytes has more
     than ctx tokens whatever it says, so it is refused untokenized: the tokenizer holds the GIL (and
@@ -355,8 +373,9 @@ def _longest_piece(engine) -> int:
     return longest
 
 
-def uvicorn_config(server: Server, host: str, port: int, grace_s: float = 30.0) -> uvicorn.Config:
-    """uvicorn's settings for a Server: its limits (NOTE [ HTTP limits ]), graceful stop within grace_s."""
+def uvicorn_config(server: Server, host: str, port: int, grace_s: float = GRACE_S) -> uvicorn.Config:
+    """uvicorn's settings for a Server: its limits (NOTE [ HTTP limits ]), graceful stop within grace_s
+    (GracefulServer stops it: NOTE [ server shutdown ])."""
     lim = server.limits
     return uvicorn.Config(server.app, host=host, port=port, loop="uvloop", http=guarded_protocol(lim),
                           log_level="warning", timeout_keep_alive=lim.keep_alive_s,
@@ -384,12 +403,13 @@ def bound_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          max_queue: int = 256, grace_s: float = 30.0, limits: Limits = Limits(),
+          max_queue: int = 256, grace_s: float = GRACE_S, limits: Limits = Limits(),
           sock: socket.socket | None = None, defaults: dict = DEFAULTS) -> int:
-    """Serve until SIGTERM or SIGINT: then stop accepting, let requests finish within `grace_s`.
+    """Serve until SIGTERM or SIGINT: then stop accepting, let requests finish within `grace_s`, and
+    end the rest with finish_reason "abort" (NOTE [ server shutdown ]; a second signal ends them at once).
 
-    The exit status is the CLI's rule for both: uvicorn re-raises the signal once it has drained,
-    and the CLI exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM). Where the engine fails
+    The exit status is the CLI's rule for both: uvicorn re-raises the first signal once it has
+    stopped, and the CLI exits 128 + its number (130 for Ctrl-C, 143 for SIGTERM). Where the engine fails
     (a pipeline process died; steps failing in a row), its clients are answered 503 and the server
     stops the same way, then raises PipelineError saying why (the CLI: one line, exit 1). `sock`:
     bound_socket's (the CLI binds before the model loads), else one is bound here. `defaults`: the
@@ -404,7 +424,7 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     changed = ", ".join(f"{k} {v!r}" for k, v in defaults.items() if v != DEFAULTS[k])
     print(f"layerstream: serving {model_id} on http://{host}:{port}/v1"
           + (f" (requests that do not set them get {changed})" if changed else ""), flush=True)
-    http = uvicorn.Server(uvicorn_config(server, host, port, grace_s))
+    http = GracefulServer(uvicorn_config(server, host, port, grace_s), lambda: server.worker, grace_s)
     server.on_failure = lambda: setattr(http, "should_exit", True)
     http.run(sockets=[sock])
     if server.worker is not None and server.worker.failure:

@@ -395,6 +395,8 @@ class _TimedCore:
     """A stand-in engine core: each step takes `pass_s` and finishes every request it holds,
     noting which requests shared it."""
 
+    max_seqs = 1  # rows
+
     def __init__(self, pass_s: float):
         self.pass_s, self.held, self.passes = pass_s, [], []
         self.waiting, self.running, self.reused_tokens, self.steps = [], [], 0, 0
@@ -477,8 +479,8 @@ def live(smollm_path):
     from layerstream.coordinator.server import Server, uvicorn_config
 
     engine = Engine.load(smollm_path, device="cpu", dtype="float32", ctx=512, max_seqs=2)
-    limits = Limits(body_bytes=4 << 20, body_timeout_s=10, header_timeout_s=1.0, max_connections=40,
-                    bodies_bytes=6 << 20)
+    limits = Limits(body_bytes=4 << 20, body_timeout_s=10, body_stall_s=1.0, header_timeout_s=1.0,
+                    max_connections=40, bodies_bytes=6 << 20)
     server = Server(engine, "smollm", None, max_queue=6, limits=limits)
     port = _free_port()
     http_server = uvicorn.Server(uvicorn_config(server, "127.0.0.1", port, grace_s=5))
@@ -903,8 +905,8 @@ def test_a_port_in_use_is_one_line_before_the_model_loads_and_port_0_announces_i
 
 
 def test_more_choices_than_the_queue_holds_is_400_not_a_429_to_retry():
-    """n above --max-queue could never be admitted: 400 naming n (a 429 asks the client to retry
-    for ever); n within it is queued."""
+    """n above the rows and --max-queue could never be admitted: 400 naming n (a 429 asks the client
+    to retry for ever); n within them is queued."""
     import asyncio
     from types import SimpleNamespace
 
@@ -913,7 +915,160 @@ def test_more_choices_than_the_queue_holds_is_400_not_a_429_to_retry():
 
     w = EngineWorker(SimpleNamespace(core=_TimedCore(pass_s=0.01)), asyncio.new_event_loop(), Metrics(), max_queue=3)
     with pytest.raises(ApiError) as e:
-        w.submit([f"a{i}" for i in range(4)], [1], None)
+        w.submit([f"a{i}" for i in range(5)], [1], None)  # 1 row + 3 queued at most
     assert e.value.status == 400 and e.value.param == "n" and "--max-queue" in e.value.message
-    w.submit([f"b{i}" for i in range(3)], [1], None)  # (not started: it waits in the queue)
+    w.submit([f"b{i}" for i in range(4)], [1], None)  # (not started: it waits in the queue)
     assert w.queued() == 3
+
+
+# -- stopping, the queue's count, stalled bodies, long paths, characters cut at the end ----------------
+
+
+def _sse_post(port: int, body: dict) -> http.client.HTTPResponse:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request("POST", "/v1/completions", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200
+    return r
+
+
+def _events(r: http.client.HTTPResponse, until: int | None = None) -> list[str]:
+    """The `data:` payloads of a stream, read until it ends (or `until` of them)."""
+    got = []
+    while until is None or len(got) < until:
+        line = r.readline()
+        if not line:
+            break
+        if line.startswith(b"data: "):
+            got.append(line[6:].decode().strip())
+    return got
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "double Ctrl-C"])
+def test_stopping_ends_requests_in_flight_with_abort_and_done(how):
+    """NOTE [ server shutdown ]: a stream of 4000 tokens and a plain request of 4000 in flight. SIGTERM:
+    one line on stderr (how many, how long), then after the grace each gets its end: the stream a last
+    chunk with finish_reason "abort" and `data: [DONE]`, the plain request 200 with its text so far and
+    "abort"; exit 143, no traceback, no "engine failed". A second Ctrl-C ends them at once, exit 130.
+    (The probe: 31 s of silence, a traceback, the stream cut without [DONE], curl exit 18.)"""
+    p, url = _start("--single-process", "--batch", "2", "--ctx", "4096")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    long = {"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+    try:
+        plain: dict = {}
+        t = threading.Thread(target=lambda: plain.update(r=_call(port, "POST", "/v1/completions", long)))
+        t.start()
+        stream = _sse_post(port, long | {"stream": True})
+        first = _events(stream, 3)
+        assert len(first) == 3 and all(json.loads(e)["choices"][0]["finish_reason"] is None for e in first)
+        sig = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
+        p.send_signal(sig)
+        if how == "double Ctrl-C":
+            time.sleep(1)
+            p.send_signal(signal.SIGINT)
+        rest = _events(stream)
+        t.join(60)
+        code = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert rest[-1] == "[DONE]", rest[-3:]
+    last = json.loads(rest[-2])
+    assert last["choices"][0]["finish_reason"] == "abort" and len(first + rest) > 5
+    status, body, _ = plain["r"]
+    assert status == 200 and body["choices"][0]["finish_reason"] == "abort", body
+    assert body["choices"][0]["text"] and 0 < body["usage"]["completion_tokens"] < 4000
+    err = p.stderr.read()
+    assert code == (143 if how == "SIGTERM" else 130), err
+    for bad in ("Traceback", "engine failed", "ERROR", "Exception"):
+        assert bad not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    stopping = [ln for ln in lines if "stopping" in ln]
+    assert stopping == ["layerstream: stopping: 2 requests in flight, given at most 5 s to finish; "
+                        + ("a second signal" if how == "SIGTERM" else "Ctrl-C again") + " ends them now"], err
+    assert len(lines) == 2 and lines[-1] in ("run-pipeline: terminated", "run-pipeline: interrupted"), err
+
+
+def test_max_queue_counts_the_requests_beyond_the_running_batch():
+    """2 rows and --max-queue 1: four requests at once are 2 running, 1 queued, and the fourth a
+    429 (the probe: the second one was refused, though a row was free for it), said in good grammar."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from layerstream.coordinator.openai_api import ApiError
+    from layerstream.coordinator.server import EngineWorker, Metrics
+
+    core = _TimedCore(pass_s=0.01)
+    core.max_seqs = 2  # rows
+    w = EngineWorker(SimpleNamespace(core=core), asyncio.new_event_loop(), Metrics(), max_queue=1)
+    for i in range(3):  # (not started: all still waiting in the command queue, as a burst's are)
+        w.submit(f"a{i}", [1], None)
+    assert w.queued() == 1
+    with pytest.raises(ApiError) as e:
+        w.submit("a3", [1], None)
+    assert e.value.status == 429
+    assert e.value.message.startswith("1 request is waiting beyond the 2 this server runs at once, and it "
+                                      "queues at most 1 (--max-queue)"), e.value.message
+    with pytest.raises(ApiError) as e:  # n choices: at most rows + queue, else never admitted
+        w.submit([f"b{i}" for i in range(4)], [1], None)
+    assert e.value.status == 400 and e.value.param == "n" and "at most 3" in e.value.message
+
+
+def test_a_stalled_body_is_answered_408_and_its_connection_closed(live):
+    """Content-Length 1000 and 5 bytes, then nothing: after the stall limit (1 s here, 30 s by default)
+    408 and the connection closed (the probe: 300 such connections all held for more than 60 s)."""
+    s = _post_head(live.port, 1000)
+    try:
+        s.sendall(b'{"pro')
+        t0 = time.monotonic()
+        reply = _reply(s, timeout=8)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert time.monotonic() - t0 < 8
+        s.settimeout(5)
+        rest = b""
+        while chunk := s.recv(4096):
+            rest += chunk
+        assert b"request_timeout" in reply + rest  # the body's code, then the end of the connection
+    finally:
+        s.close()
+    assert live.server.bodies.held == 0
+    _healthy(live)
+
+
+def test_a_404_quotes_a_bounded_part_of_a_long_path(live):
+    status, got, _ = _call(live.port, "GET", "/" + "a" * 100_000)
+    assert status == 404 and got["error"]["code"] == "not_found"
+    assert len(got["error"]["message"]) < 400 and "(99901 more characters)" in got["error"]["message"]
+
+
+def _cut_at_a_character(raw: bytes) -> str:
+    """The text of whole UTF-8 characters at the start of raw (at most 3 bytes dropped)."""
+    for cut in range(len(raw), len(raw) - 4, -1):
+        try:
+            return raw[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("not UTF-8")
+
+
+def test_a_text_cut_mid_character_drops_the_tail_in_the_server_and_the_cli(live, smollm_engine):
+    """The probe's emojis, 20 greedy tokens: the last token ends mid-character. The text, streamed
+    or not, and the CLI's (turn.Turn, the same core) is the whole characters of the tokens' bytes,
+    with no U+FFFD at the end (llama-server's rule)."""
+    from layerstream.coordinator.turn import Turn
+
+    prompt = "Here are some emojis: 😀🎉🔥"
+    params = SamplingParams(temperature=0, max_tokens=20)
+    core, tok = smollm_engine.core, smollm_engine.tokenizer
+    core.add_request("emoji", tok.encode(prompt), params)
+    ids = [t for o in core.run_to_completion() for t in o.token_ids]
+    assert len(ids) == 20 and tok.decode(ids).endswith("\ufffd"), "the case must end mid-character"
+    want = _cut_at_a_character(b"".join(tok.token_bytes(i) for i in ids))
+    assert want and "\ufffd" not in want
+    body = {"prompt": prompt, "max_tokens": 20, "temperature": 0}
+    status, got, _ = _call(live.port, "POST", "/v1/completions", body)
+    assert status == 200 and got["choices"][0]["text"] == want, got
+    events = _events(_sse_post(live.port, body | {"stream": True}))
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
+    assert "".join(Turn(smollm_engine, tok.encode(prompt), params).pieces()) == want

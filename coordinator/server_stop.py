@@ -1,0 +1,89 @@
+"""How the HTTP server stops: requests in flight finish within a grace, then the engine ends the rest.
+
+NOTE [ server shutdown ]
+On SIGTERM or a first Ctrl-C the server closes its listening socket and its idle connections and
+gives the requests in flight `grace_s` to finish, saying so once on stderr (how many, how long,
+Ctrl-C again to stop now). Once they are answered it stops; when the grace runs out, or on a second
+signal, the engine aborts what is left and each handler answers as usual, with the text it has and
+finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`). Connections whose
+client does not read that within ABORT_WAIT_S are dropped. Only then is the engine's thread stopped
+and joined (the lifespan's end), before the launcher closes the pipeline under it. uvicorn's own
+shutdown cancelled the handlers at the grace instead (a traceback each, the stream cut without
+[DONE]), and on a second Ctrl-C skipped the lifespan's end, so the engine thread stepped on while
+the pipeline closed (ZMQ errors, "engine failed"). This rests on uvicorn.Server's attributes
+(`servers`, `server_state`, `lifespan`, `_captured_signals`), which test_server.py exercises.
+
+finish_reason "abort" (vLLM's word for a request it ended) rather than an error: the openai clients
+read finish_reason as a plain string and keep the text, where a 503 makes them retry a server that
+is going away and drops the text generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from typing import Callable
+
+import uvicorn
+
+# Kubernetes kills a pod 30 s after its SIGTERM by default, `docker stop` after 10 s: a grace well
+# under both leaves time for the aborted requests to be answered before SIGKILL cuts every client
+# off. A stream of thousands of tokens finishes within no grace a supervisor allows (minutes on a
+# CPU), so the grace serves short requests; a longer one only delays the stop.
+GRACE_S = 5.0
+# handlers given to answer their aborts: the engine aborts after the step in flight (a pass of a
+# streamed 70B takes about a second)
+ABORT_WAIT_S = 3.0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, stopped as NOTE [ server shutdown ] says; `worker()` gives the engine's
+    EngineWorker (None before the lifespan starts it)."""
+
+    def __init__(self, config: uvicorn.Config, worker: Callable[[], object], grace_s: float = GRACE_S,
+                 err=sys.stderr):
+        super().__init__(config)
+        self.worker, self.grace_s, self.err = worker, grace_s, err
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self._captured_signals:  # the first signal sets the exit status (uvicorn raises it again)
+            self._captured_signals.append(sig)
+        if self.should_exit:
+            self.force_exit = True  # a second signal: stop the requests now
+        else:
+            self.should_exit = True
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle ones close now, busy ones after their response
+        tasks = self.server_state.tasks  # (one a request being answered)
+        if tasks and self._captured_signals and not self.force_exit:
+            n, again = len(tasks), "Ctrl-C again" if self._captured_signals[0] == signal.SIGINT else "a second signal"
+            print(f"layerstream: stopping: {n} request{'s' if n != 1 else ''} in flight, given at most "
+                  f"{self.grace_s:g} s to finish; {again} ends {'them' if n != 1 else 'it'} now",
+                  file=self.err, flush=True)
+        await _until(lambda: not tasks or self.force_exit, self.grace_s)
+        worker = self.worker()
+        if tasks and worker is not None:
+            worker.abort_all()
+            await _until(lambda: not tasks, ABORT_WAIT_S)
+        if tasks:  # clients that do not read their answers
+            for connection in list(self.server_state.connections):
+                connection.transport.abort()
+            await _until(lambda: not tasks, 1.0)
+        for t in list(tasks):  # (none seen: a handler whose connection is gone returns)
+            t.cancel()
+        await self.lifespan.shutdown()  # the engine's thread stopped and joined (Server.lifespan)
+
+
+async def _until(done: Callable[[], bool], timeout_s: float) -> None:
+    """Wait until done() or timeout_s, looking every 50 ms."""
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
