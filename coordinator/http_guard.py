@@ -169,13 +169,18 @@ class Guard:
                 await self.app(scope, receive, send_)
         except Exception as e:  # Starlette re-raises what its 500 handler answered: logged there, no traceback
             if not status[0]:
-                self.log.error("%s %s failed: %s: %s", scope["method"], scope["path"], type(e).__name__, e)
+                self.log.error("%s %s failed: %s: %s", scope["method"], _logged(scope["path"]), type(e).__name__, e)
                 await _json(send_, 500, f"internal error: {type(e).__name__}", None, "server_error")
         finally:
             if self.log.isEnabledFor(logging.INFO):
                 p, c = scope.get("layerstream.usage", ("-", "-"))
-                self.log.info("%s %s %d prompt=%s completion=%s %.3fs", scope["method"], scope["path"],
+                self.log.info("%s %s %d prompt=%s completion=%s %.3fs", scope["method"], _logged(scope["path"]),
                               status[0], p, c, time.perf_counter() - t0)
+
+
+def _logged(path: str, most: int = 200) -> str:
+    """A path for the log, cut to `most` characters (a 100 KB URL makes no log line of 100 KB)."""
+    return path if len(path) <= most else f"{path[:most]}...({len(path) - most} more)"
 
 
 async def _json(send, status: int, message: str, code: str | None, kind: str = "invalid_request_error") -> None:

@@ -1039,6 +1039,12 @@ def test_a_404_quotes_a_bounded_part_of_a_long_path(live):
     status, got, _ = _call(live.port, "GET", "/" + "a" * 100_000)
     assert status == 404 and got["error"]["code"] == "not_found"
     assert len(got["error"]["message"]) < 400 and "(99901 more characters)" in got["error"]["message"]
+    deadline = time.monotonic() + 5
+    while not (logged := [r.getMessage() for r in live.records
+                          if r.name == "layerstream.server" and " 404 " in r.getMessage()]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)  # (the access line is written once the answer is sent)
+    assert logged and len(logged[-1]) < 400, "the access line quotes a bounded part of the path too"
 
 
 def _cut_at_a_character(raw: bytes) -> str:
