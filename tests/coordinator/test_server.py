@@ -944,14 +944,16 @@ def _events(r: http.client.HTTPResponse, until: int | None = None) -> list[str]:
     return got
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "double Ctrl-C"])
-def test_stopping_ends_requests_in_flight_with_abort_and_done(how):
+@pytest.mark.parametrize("how, mode", [("SIGTERM", "one process"), ("double Ctrl-C", "one process"),
+                                       ("double Ctrl-C", "pipeline")])
+def test_stopping_ends_requests_in_flight_with_abort_and_done(how, mode):
     """NOTE [ server shutdown ]: a stream of 4000 tokens and a plain request of 4000 in flight. SIGTERM:
     one line on stderr (how many, how long), then after the grace each gets its end: the stream a last
     chunk with finish_reason "abort" and `data: [DONE]`, the plain request 200 with its text so far and
     "abort"; exit 143, no traceback, no "engine failed". A second Ctrl-C ends them at once, exit 130.
-    (The probe: 31 s of silence, a traceback, the stream cut without [DONE], curl exit 18.)"""
-    p, url = _start("--single-process", "--batch", "2", "--ctx", "4096")
+    (The probe: 31 s of silence, a traceback, the stream cut without [DONE], curl exit 18; with the
+    pipeline, a second Ctrl-C printed five tracebacks and "engine failed: ZMQError".)"""
+    p, url = _start(*(["--single-process"] if mode == "one process" else []), "--batch", "2", "--ctx", "4096")
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     long = {"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
     try:
