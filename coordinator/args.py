@@ -9,6 +9,8 @@ import os
 import re
 import sys
 
+from layerstream.coordinator.spelling import UsageError, refuse_foreign_options, refuse_glued_words, typed_options
+
 PROG = "run-pipeline"
 MAX_BATCH = 4096
 MAX_READERS = 64
@@ -22,10 +24,6 @@ SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
 # one above 3e36); below 0.01 it only makes a seen token certain, which 0.01 already does.
 REPEAT_PENALTY_RANGE = (0.01, 100.0)
 MAX_KEY_FILE = 4096  # bytes of an --api-key-file: a key, not a document
-
-
-class UsageError(Exception):
-    """A command line that cannot run: reported as one line, exit status 2."""
 
 
 def _version() -> str:
@@ -53,22 +51,21 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
-        _refuse_glued_words(self, argv)
-        return super().parse_args(argv, namespace)
+        refuse_foreign_options(argv)
+        refuse_glued_words(self, argv)
+        ns = super().parse_args(argv, namespace)
+        ns.typed = typed_options(self, argv)
+        return ns
 
 
-def _refuse_glued_words(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """A single dash and several letters that name no option (llama.cpp's `-cnv`, `-fa`) would be
-    read by argparse as a one-letter option and its value (`-n` with "gl"): refused by name."""
-    known = set(parser._option_string_actions)
-    flags = {s[1] for s, a in parser._option_string_actions.items()
-             if len(s) == 2 and s[0] == "-" and a.nargs == 0}  # letters that take no value: `-vv` is fine
-    for a in argv:
-        if a == "--":
-            return
-        if re.fullmatch(r"-[A-Za-z][A-Za-z-]+", a) and a not in known and not set(a[1:]) <= flags:
-            raise UsageError(f"unknown option {a} (one dash takes one letter, as -n 64; long options take two, "
-                             "as --max-tokens 64)")
+def shown(args, dest: str, value=None) -> str:
+    """An option and its value for a message, as the user typed them where known: `-ngl -1`."""
+    name, raw = getattr(args, "typed", {}).get(dest, (None, None))
+    if name is None:
+        name, raw = "--" + dest.replace("_", "-"), None
+    if raw is None:
+        raw = value if not isinstance(value, float) else _num(value)
+    return name if raw is None else f"{name} {raw}"
 
 
 def build_parser() -> Parser:
@@ -81,11 +78,13 @@ def build_parser() -> Parser:
     p.add_argument("prompt", nargs="*", help="prompt text (with --chat and no prompt: an interactive chat)")
     p.add_argument("-p", "--prompt", dest="prompt_opt", metavar="TEXT",
                    help="prompt text, as an option (instead of the words above)")
+    p.add_argument("-f", "--file", dest="prompt_file", metavar="FILE", help="read the prompt text from FILE")
     p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     g = p.add_argument_group("sampling", "with --serve: what a request that does not set the field gets "
                              "(else OpenAI's defaults)")
-    g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=256,
+                   help="tokens to generate at most (default 256)")
     g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
@@ -102,7 +101,8 @@ def build_parser() -> Parser:
     g.add_argument("-sys", "--system", default=None, help="system message for --chat")
     g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file instead of generating")
     g = p.add_argument_group("engine")
-    g.add_argument("-c", "--ctx", type=int, default=None, help="KV ring capacity in tokens per sequence (default min(model's, 4096))")
+    g.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=None,
+                   help="KV ring capacity in tokens per sequence (default min(model's, 4096))")
     g.add_argument("--on-context-full", choices=["error", "slide"], default="error",
                    help="when a sequence outgrows --ctx: stop with an error, or slide a window keeping sink tokens")
     g.add_argument("--sink-tokens", type=int, default=4, help="tokens kept at the start when sliding (default 4)")
@@ -126,7 +126,9 @@ def build_parser() -> Parser:
     g.add_argument("--batch", type=int, default=None,
                    help="sequences the engine holds at once (default 1; with --serve, as many as the plan's budget "
                         "holds, 8 where they fit)")
-    g.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="log to stderr the model's header, the plan, each process's start and stop, and each "
+                        "request's start and end with its rates (with --serve: a line per HTTP request)")
     g.add_argument("--stats", action="store_true",
                    help="print the prompt and decode rates (tokens/s), and the pipeline's per-stage table, at exit "
                         "(the rates are printed on a terminal anyway)")
@@ -159,7 +161,7 @@ def build_parser() -> Parser:
     g.add_argument("--vram-slots", type=int, default=None,
                    help="VRAM slots the streamed layers cross through under a budget (default 2; a CPU share may "
                         "gain from 3: the copies run further ahead while the CPU computes)")
-    g.add_argument("-t", "--cpu-threads", type=int, default=None,
+    g.add_argument("-t", "--cpu-threads", "--threads", dest="cpu_threads", type=int, default=None,
                    help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up; "
                         "with --single-process: torch's default)")
     g.add_argument("--expert-cache-gb", type=float, default=None,
@@ -214,6 +216,27 @@ def _path_problem(path: str, what: str = "file") -> str | None:
     return None
 
 
+MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
+
+
+def _read_prompt(option: str, path: str) -> str:
+    """-f's prompt text (bytes that are not UTF-8 become U+FFFD); UsageError naming the file."""
+    why = "an empty path; give a file" if path == "" else _path_problem(path)
+    if why:
+        raise UsageError(f"{option}: {why}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROMPT_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"{option}: cannot read it ({e.strerror})") from None
+    if len(raw) > MAX_PROMPT_FILE:
+        raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
+    text = raw.decode("utf-8", "replace")
+    if not text.strip():
+        raise UsageError(f"{option}: the file holds no prompt text")
+    return text
+
+
 def _check_trace(path: str) -> None:
     """--trace's file, opened for writing now (and removed again where this made it), so that a path no
     one may write (root included: /proc/x) is refused before the run rather than after it."""
@@ -240,14 +263,25 @@ def check_args(args) -> None:
     def fail(msg: str):
         raise UsageError(msg)
 
+    def opt(name: str, v=None) -> str:  # the option and its value as typed
+        return shown(args, name.replace("-", "_"), v)
+
     def finite(name: str, v: float | None, low: float, high: float, low_open: bool = False) -> None:
         if v is not None and not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
-            fail(f"--{name} {_num(v)}: must be a finite number {'above' if low_open else 'from'} {_num(low)}"
+            fail(f"{opt(name, v)}: must be a finite number {'above' if low_open else 'from'} {_num(low)}"
                  f"{' and at most' if low_open else ' to'} {_num(high)}")
 
     def ints(name: str, v: int | None, low: int, high: int) -> None:
         if v is not None and not low <= v <= high:
-            fail(f"--{name} {v}: must be from {low} to {high}")
+            fail(f"{opt(name, v)}: must be from {low} to {high}")
+
+    if args.model is None and args.prompt and args.prompt[0].lower().endswith(".gguf") \
+            and os.path.isfile(args.prompt[0]):
+        fail(f"{args.prompt[0]} is a model file given as the prompt; give the model with -m FILE")
+    if args.prompt_file is not None:
+        if args.prompt or args.prompt_opt is not None:
+            fail(f"{opt('prompt_file')}: the prompt is given twice (a file and as text); give it once")
+        args.prompt = [_read_prompt(opt("prompt_file"), args.prompt_file)]
 
     if args.prompt_opt is not None:
         if args.prompt:
@@ -272,7 +306,7 @@ def check_args(args) -> None:
     ints("max-tokens", args.max_tokens, 1, MAX_CTX)
     finite("temperature", args.temperature, 0.0, 100.0)
     if 0 < args.temperature < 1e-4:
-        fail(f"--temperature {args.temperature}: too small to sample with; use 0 for greedy decoding")
+        fail(f"{opt('temperature', args.temperature)}: too small to sample with; use 0 for greedy decoding")
     finite("top-p", args.top_p, 0.0, 1.0)  # as SamplingParams: 0 keeps the best token only
     finite("min-p", args.min_p, 0.0, 1.0)
     finite("repeat-penalty", args.repeat_penalty, *REPEAT_PENALTY_RANGE)
@@ -308,25 +342,32 @@ def check_args(args) -> None:
     cores = os.cpu_count() or 1
     ints("cpu-threads", args.cpu_threads, 1, 4096)
     if args.cpu_threads is not None and args.cpu_threads > cores:
-        fail(f"--cpu-threads {args.cpu_threads}: this machine has {cores} cores; give at most {cores}")
+        fail(f"{opt('cpu-threads', args.cpu_threads)}: this machine has {cores} cores; give at most {cores}")
     ints("vram-slots", args.vram_slots, 2, 16)
     ints("expert-prefetch", args.expert_prefetch, 0, 1 << 16)
     if args.vram_gb is not None and math.isfinite(args.vram_gb) and args.vram_gb <= 0:
-        fail(f"--vram-gb {_num(args.vram_gb)}: give the device memory budget in GiB, above 0 (for example "
+        fail(f"{opt('vram-gb', args.vram_gb)}: give the device memory budget in GiB, above 0 (for example "
              "--vram-gb 4); leave it out for the whole free memory")
     finite("vram-gb", args.vram_gb, 0.0, MAX_GB, low_open=True)
     finite("host-cache-gb", args.host_cache_gb, 0.0, MAX_GB)
     finite("expert-cache-gb", args.expert_cache_gb, 0.0, MAX_GB)
     finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
     if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
-        fail(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
+        fail(f"{opt('device')}: use auto, cpu, cuda or cuda:N")
     for name in ("model", "perplexity", "api_key_file", "draft_model"):
         path = getattr(args, name)
         why = "an empty path; give a file" if path == "" else path and _path_problem(path, name)
         if why:
-            fail(f"--{name.replace('_', '-')} {path}: {why}")
+            fail(f"{opt(name, path)}: {why}")
     if args.perplexity and os.path.getsize(args.perplexity) == 0:
         fail(f"--perplexity {args.perplexity}: the file is empty")
+    for d in args.reader_dir:
+        why = ("an empty path; give a directory" if d == "" else None if os.path.isdir(d)
+               else "is not a directory" if os.path.exists(d) else "no such directory")
+        if why:
+            fail(f"--reader-dir {d}: {why}")
+    if args.trace == "":
+        fail("--trace : an empty path; give a file")
     if args.trace:
         _check_trace(args.trace)
         if args.single_process:
@@ -365,10 +406,12 @@ PIPELINE = ("vram_gb", "host_cache_gb", "resident_layers", "kv_on_host", "prefet
 SERVER = ("host", "port", "max_queue")
 
 
-def _given(p: argparse.ArgumentParser, args, names: tuple[str, ...]) -> list[str]:
-    """The options of `names` set to something other than p's default, as the user spells them."""
+def given(p: argparse.ArgumentParser, args, names: tuple[str, ...]) -> list[str]:
+    """The options of `names` set to something other than p's default, as the user typed them (else
+    the longest spelling)."""
+    typed = getattr(args, "typed", {})
     flag = {a.dest: max(a.option_strings, key=len) for a in p._actions if a.option_strings}
-    return [flag[n] for n in names if getattr(args, n) != p.get_default(n)]
+    return [typed.get(n, (flag[n],))[0] for n in names if getattr(args, n) != p.get_default(n)]
 
 
 def served_sampling(args) -> dict:
@@ -391,10 +434,10 @@ def refuse_unused(args, share_off: bool) -> None:
     parser = build_parser()
 
     def fail(names: tuple[str, ...], why: str) -> None:
-        given = _given(parser, args, names)
-        if given:
-            many = len(given) > 1
-            raise UsageError(f"{', '.join(given)}: {why.format(does='do' if many else 'does')}; "
+        named = given(parser, args, names)
+        if named:
+            many = len(named) > 1
+            raise UsageError(f"{', '.join(named)}: {why.format(does='do' if many else 'does')}; "
                              f"drop {'them' if many else 'it'}")
 
     if args.perplexity:

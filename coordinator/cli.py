@@ -15,8 +15,10 @@ from layerstream.coordinator.args import (
     build_parser,
     check_args,
     cpu_share_on_cpu,
+    given,
     read_api_key,
     served_sampling,
+    shown,
 )
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
@@ -67,7 +69,36 @@ def check_header(args):
     index = open_model(path)
     if args.chat:
         _require_template(index.metadata.get("tokenizer.chat_template"), path)
+    check_with_header(args, index.hparams)
+    hp = index.hparams
+    logging.getLogger("layerstream.model").info(
+        "%s: %s, %d layers, width %d, %d tokens of context%s", path, hp.arch, hp.n_layer, hp.n_embd,
+        hp.context_length, f", {hp.moe.n_expert} experts ({hp.moe.n_expert_used} a token)" if hp.moe.n_expert else "")
     return index
+
+
+EXPERTS = ("expert_cache_gb", "expert_policy", "expert_prefetch", "moe_dense")
+
+
+def default_ctx(args, hp) -> int:
+    """The KV ring's capacity: --ctx, else the model's context up to 4096."""
+    return args.ctx or min(hp.context_length, 4096)
+
+
+def check_with_header(args, hp) -> None:
+    """The checks that need the model's hyperparameters `hp` (its header, read before any process
+    starts): UsageError with one line."""
+    ctx = default_ctx(args, hp)
+    if args.on_context_full == "slide" and not args.sink_tokens < ctx - 1:
+        where = "" if args.ctx else f" (the model's {hp.context_length} tokens, at most 4096)"
+        raise UsageError(f"{shown(args, 'sink_tokens', args.sink_tokens)}: must be below the context size {ctx}"
+                         f"{where} minus one, so that the window can slide; give fewer sink tokens or a larger --ctx")
+    if not hp.moe.n_expert:
+        refuse = given(build_parser(), args, EXPERTS)
+        if refuse:
+            many = len(refuse) > 1
+            raise UsageError(f"{', '.join(refuse)}: {'do' if many else 'does'} nothing with a dense model "
+                             f"({hp.arch}, no experts); drop {'them' if many else 'it'}")
 
 
 def check_quants(index) -> None:
@@ -178,7 +209,7 @@ def open_engine(args, index, progress: bool, warm=None):
     start_thread_pools(coordinator_threads(args))  # torch's and tokenizers'
     from layerstream.coordinator.engine import Engine, EngineConfig
 
-    ctx = args.ctx or min(index.hparams.context_length, 4096)
+    ctx = default_ctx(args, index.hparams)
     if args.batch is None:
         args.batch = 1
         if args.serve:

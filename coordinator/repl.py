@@ -5,6 +5,10 @@ message in flight) and returns to the prompt. The text shown so far stays in the
 as the assistant's turn, so the next turn sees what the user saw; a reply stopped before any
 text drops the user's turn with it (readline's history still has the line). Two Ctrl-C in a
 row (the one that stopped a reply counts), Ctrl-D or /bye end the chat.
+
+With stdin not a terminal (lines from a pipe or a file) no one can /clear a conversation that
+reached the context size: the first turn that fails ends the chat with status 1, the rest of the
+input unread (each later turn sent the same history again and printed the same partial text).
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ class _StopOnCtrlC:
 
 def chat(engine, params, system: str | None = None, *, rates_each: bool = False, total: Rates | None = None,
          reader: LineReader | None = None, out=None, err=None) -> int:
-    """The chat loop; returns the exit status (0 for /bye and Ctrl-D, 130 for two Ctrl-C)."""
+    """The chat loop; returns the exit status (0 for /bye and Ctrl-D, 130 for two Ctrl-C, 1 where a
+    turn failed with stdin not a terminal)."""
     out, err = out or sys.stdout, err or sys.stderr
     reader = reader or LineReader(stdout=out, stderr=err)
     conv = Conversation(system)
@@ -171,6 +176,8 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             ids = engine.encode_chat(conv.messages(line))
         except LayerstreamError as e:
             err.write(f"run-pipeline: {e}\n")
+            if not reader.person:
+                return 1
             continue
         turn = Turn(engine, ids, params)
         reply = ""
@@ -183,8 +190,11 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         except ContextFullError:
             out.write("\n")
             out.flush()
-            err.write(f"run-pipeline: the conversation reached the context size ({engine.cfg.ctx} tokens); "
-                      "/clear starts over (or restart with a larger --ctx)\n")
+            full = f"run-pipeline: the conversation reached the context size ({engine.cfg.ctx} tokens)"
+            if not reader.person:
+                err.write(f"{full}; the chat ends here (give a larger --ctx)\n")
+                return 1
+            err.write(f"{full}; /clear starts over (or restart with a larger --ctx)\n")
             continue
         out.write("\n")
         out.flush()

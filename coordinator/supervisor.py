@@ -51,6 +51,8 @@ from layerstream.cpus import usable_cpus
 from layerstream.proctitle import set_process_name
 from layerstream.proto.child import ShutdownRequested, spawned
 
+log = logging.getLogger("layerstream.pipeline")
+
 
 @dataclass
 class Child:
@@ -64,6 +66,7 @@ class Child:
     expected_exit: bool = False
     links_heard: set = field(default_factory=set)
     last_error: str | None = None
+    stop_logged: bool = False  # (-v's line, once)
 
 
 WARM_MIN_CPUS = 4
@@ -212,18 +215,20 @@ class Supervisor:
         """Spawn target(cfg) through proto.child.spawned, which reports a failure to import the
         target or to unpickle cfg to the coordinator (cfg.endpoints) like any other."""
         c = self.children.get(ident) or Child(role, ident, target, cfg)
-        c.ready, c.expected_exit, c.links_heard = None, False, set()
+        c.ready, c.expected_exit, c.links_heard, c.stop_logged = None, False, set(), False
         args = (role, ident, getattr(cfg, "endpoints", None), getattr(cfg, "parent_pid", os.getpid()),
                 f"{target.__module__}:{target.__qualname__}", bytes(ForkingPickler.dumps(cfg)))
         warm = self.warm.take(role, args) if self.warm is not None and not c.restarts else None
         if warm is not None:
             c.proc = warm
             self.children[ident] = c
+            log.info("%s: started (pid %d, spawned ahead)", ident, warm.pid)
             return c
         with _spawning():  # (a Ctrl-C is taken once the child is recorded)
             c.proc = self.mp.Process(target=child_main, args=args, name=f"layerstream-{ident}", daemon=True)
             c.proc.start()
             self.children[ident] = c
+        log.info("%s: started (pid %d)", ident, c.proc.pid)
         return c
 
     def dead(self) -> list[Child]:
@@ -250,6 +255,11 @@ class Supervisor:
             if p.exitcode is None:
                 p.kill()
         _join_all(procs, 1.0)
+        for i in idents:
+            c = self.children.get(i)
+            if c is not None and c.proc is not None and c.proc.exitcode is not None and not c.stop_logged:
+                c.stop_logged = True
+                log.info("%s: stopped (exit status %s)", i, c.proc.exitcode)
 
     def kill_all(self) -> None:
         """Last resort (atexit): nothing of the run may outlive the coordinator."""

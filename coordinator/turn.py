@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from layerstream.coordinator.lookup import LookupStats
+
+log = logging.getLogger("layerstream.request")
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Turn:
         t0 = time.perf_counter()
         t_first = t_last = None
         core.add_request(self.request_id, self.ids, self.params)
+        log.info("%s: started, %d prompt tokens", self.request_id, len(self.ids))
         try:
             # until the reply ends: a step still in flight (its token discarded, core.py NOTE [ one step
             # behind ]) is collected by the next step the core runs, so the prompt comes back at once
@@ -96,3 +100,5 @@ class Turn:
                 self.rates.lookup = spec.since(spec0)
             core.abort(self.request_id)  # a reply stopped or failed gives its row back
             core.aborted.clear()  # (its report is for nobody: one request at a time here)
+            log.info("%s: ended (%s); %s", self.request_id, "stopped" if self.stopped else self.finish_reason,
+                     self.rates.line())

@@ -91,7 +91,7 @@ def test_bad_option_gives_one_error_line(tmp_path):
     ([], "no prompt given"),
     # issue 25: each printed a traceback, the usage block, or a figure such as 1.04858e+06
     (["--vram-gb", "-1"], "--vram-gb -1: give the device memory budget in GiB, above 0"),
-    (["--vram-gb", "1e9"], "--vram-gb 1000000000: must be a finite number above 0 and at most 1048576"),
+    (["--vram-gb", "1e9"], "--vram-gb 1e9: must be a finite number above 0 and at most 1048576"),  # (as typed)
     (["--chat", "--perplexity", "README.md"], "--chat and --perplexity do not go together"),
     (["--serve", "--perplexity", "README.md"], "--serve and --perplexity do not go together"),
     (["--serve", "--chat"], "--chat and --serve do not go together"),
@@ -105,7 +105,7 @@ def test_bad_option_gives_one_error_line(tmp_path):
     # each of the others was accepted, then ignored or a traceback
     (["--trace", "/proc/x"], "--trace /proc/x: cannot write there"),
     (["--transport", "tcp"], "--transport tcp links the pipeline's processes, and --single-process starts none"),
-    (["-t", "1000"], f"--cpu-threads 1000: this machine has {os.cpu_count()} cores"),
+    (["-t", "1000"], f"-t 1000: this machine has {os.cpu_count()} cores"),  # (the option as typed)
     (["--repeat-penalty", "1e-39"], "--repeat-penalty 1e-39: must be a finite number from 0.01 to 100"),
     (["--stop", ""], "--stop '': an empty stop string would stop nothing"),
     (["--draft-model", ""], "--draft-model : an empty path; give a file"),  # (was "--model"'s message, exit 1)
@@ -262,7 +262,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 @pytest.mark.parametrize("args,words", [
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
-    (["-n", "x"], "argument -n/--max-tokens: invalid int value: 'x'"),
+    (["-n", "x"], "argument -n/--max-tokens/--n-predict: invalid int value: 'x'"),
     (["-cnv"], "unknown option -cnv (one dash takes one letter"),  # llama.cpp's, read as -c nv before
     (["-fa", "on"], "unknown option -fa"),
 ])

@@ -1,0 +1,74 @@
+"""How a command line is spelled: other tools' options, glued letters, and each option as typed."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+class UsageError(Exception):
+    """A command line that cannot run: reported as one line, exit status 2."""
+
+
+# Options of other tools whose meaning this command spells otherwise: (what they set, the option here).
+# argparse's "unrecognized arguments: -b" named no way forward.
+FOREIGN = {
+    "-b": ("llama.cpp's prompt tokens per step", "--prefill-chunk N"),
+    "--batch-size": ("llama.cpp's prompt tokens per step", "--prefill-chunk N"),
+    "-ub": ("llama.cpp's prompt tokens per step", "--prefill-chunk N"),
+    "--ubatch-size": ("llama.cpp's prompt tokens per step", "--prefill-chunk N"),
+    "-np": ("llama.cpp's sequences at once", "--batch N"),
+    "--parallel": ("llama.cpp's sequences at once", "--batch N"),
+    "--n-ctx": ("the context size", "--ctx N"),
+    "--max-model-len": ("vLLM's context size", "--ctx N"),
+    "--max-num-seqs": ("vLLM's sequences at once", "--batch N"),
+    "--gpu-memory-utilization": ("vLLM's share of the GPU's memory", "--vram-gb GiB"),
+    "--num-predict": ("Ollama's tokens to generate", "--max-tokens N"),
+}
+
+
+def refuse_foreign_options(argv: list[str]) -> None:
+    """An option of llama.cpp, vLLM or Ollama that this command spells otherwise: refused with a hint."""
+    for a in argv:
+        if a == "--":
+            return
+        name = a.split("=", 1)[0] if a.startswith("--") else a
+        if name in FOREIGN:
+            what, ours = FOREIGN[name]
+            raise UsageError(f"unknown option {name} ({what}); did you mean {ours}?")
+
+
+def typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Each option's destination -> (its name, its value) as the command line spelled them (the last
+    time given), so that an error names `-ngl -1` or `--temperature 1e309`, not what argparse made of them."""
+    actions = parser._option_string_actions
+    typed: dict[str, tuple[str, str | None]] = {}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            break
+        name, eq, value = a.partition("=") if a.startswith("--") else (a, "", "")
+        action = actions.get(name)
+        if action is None and len(a) > 2 and a[0] == "-" and a[1] != "-" and a[:2] in actions:
+            action, name, eq, value = actions[a[:2]], a[:2], "=", a[2:]  # glued: -n64
+        if action is not None and action.dest != "help":
+            if not eq and action.nargs != 0 and i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            typed[action.dest] = (name, value if eq or action.nargs != 0 else None)
+        i += 1
+    return typed
+
+
+def refuse_glued_words(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A single dash and several letters that name no option (llama.cpp's `-cnv`, `-fa`) would be
+    read by argparse as a one-letter option and its value (`-n` with "gl"): refused by name."""
+    known = set(parser._option_string_actions)
+    flags = {s[1] for s, a in parser._option_string_actions.items()
+             if len(s) == 2 and s[0] == "-" and a.nargs == 0}  # letters that take no value: `-vv` is fine
+    for a in argv:
+        if a == "--":
+            return
+        if re.fullmatch(r"-[A-Za-z][A-Za-z-]+", a) and a not in known and not set(a[1:]) <= flags:
+            raise UsageError(f"unknown option {a} (one dash takes one letter, as -n 64; long options take two, "
+                             "as --max-tokens 64)")

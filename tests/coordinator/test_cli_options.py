@@ -1,0 +1,145 @@
+"""run-pipeline's command line as a llama.cpp or vLLM user types it: other tools' spellings, errors
+that name what was typed, refusals (exit 2) before any process starts; piped chat; what -v logs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import ggufgen
+from layerstream.coordinator.args import UsageError, build_parser, check_args
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
+
+
+def _run(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCHER), *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+def _one_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The one error line of a refused command line, without its prefix."""
+    lines = r.stderr.splitlines()
+    assert r.returncode == code and len(lines) == 1 and lines[0].startswith("run-pipeline: error: "), r.stderr
+    return lines[0].removeprefix("run-pipeline: error: ")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return ggufgen.write_model(tmp_path_factory.mktemp("m") / "m.gguf")
+
+
+@pytest.mark.parametrize("args,line", [
+    # named as typed: these named --resident-layers, --temperature inf, --max-tokens
+    (["-ngl", "-1"], "-ngl -1: must be from 0 to 65536"),
+    (["--n-gpu-layers=-5"], "--n-gpu-layers -5: must be from 0 to 65536"),
+    (["--temperature", "1e309"], "--temperature 1e309: must be a finite number from 0 to 100"),
+    (["-n0"], "-n 0: must be from 1 to 4194304"),
+    (["--n-predict", "0"], "--n-predict 0: must be from 1 to 4194304"),
+    (["--threads", "100000"], "--threads 100000: must be from 1 to 4096"),
+    # accepted and doing nothing, or failing late with exit 1
+    (["--trace", ""], "--trace : an empty path; give a file"),
+    (["--reader-dir", "/nonexistent-dir"], "--reader-dir /nonexistent-dir: no such directory"),
+    (["--reader-dir", str(LAUNCHER)], f"--reader-dir {LAUNCHER}: is not a directory"),
+    (["-f", "/nonexistent-dir/p.txt"], "-f /nonexistent-dir/p.txt: no such file"),
+    # other tools' options: argparse said "unrecognized arguments"
+    (["--max-model-len", "128"], "unknown option --max-model-len (vLLM's context size); did you mean --ctx N?"),
+    (["-b", "512"], "unknown option -b (llama.cpp's prompt tokens per step); did you mean --prefill-chunk N?"),
+    (["--batch-size=512"], "unknown option --batch-size (llama.cpp's prompt tokens per step); did you mean "
+                           "--prefill-chunk N?"),
+    (["-np", "4"], "unknown option -np (llama.cpp's sequences at once); did you mean --batch N?"),
+])
+def test_refusals_name_what_was_typed(model, args, line):
+    assert _one_line(_run("-m", model, *args, *([] if "-f" in args else ["hello"]))).startswith(line)
+
+
+def test_llama_cpp_spellings_are_aliases():
+    """--ctx-size 128 -n 2 hi was 'unrecognized arguments: --ctx-size hi' (128 taken as the prompt)."""
+    a = build_parser().parse_args(["--ctx-size", "128", "--n-predict", "2", "--threads", "1", "hi"])
+    assert (a.ctx, a.max_tokens, a.cpu_threads, a.prompt) == (128, 2, 1, ["hi"])
+    a = build_parser().parse_args(["--", "-b", "--max-model-len"])  # words after -- are the prompt's
+    assert a.prompt == ["-b", "--max-model-len"]
+
+
+def test_the_prompt_from_a_file(tmp_path):
+    text = "Once upon a time\nthere was a file.\n"
+    (tmp_path / "p.txt").write_text(text)
+    a = build_parser().parse_args(["-f", str(tmp_path / "p.txt")])
+    check_args(a)
+    assert a.prompt == [text]
+    for twice in (["-f", str(tmp_path / "p.txt"), "words"], ["--file", str(tmp_path / "p.txt"), "-p", "x"]):
+        with pytest.raises(UsageError, match="the prompt is given twice"):
+            check_args(build_parser().parse_args(twice))
+    (tmp_path / "blank.txt").write_text(" \n")
+    with pytest.raises(UsageError, match="the file holds no prompt text"):
+        check_args(build_parser().parse_args(["-f", str(tmp_path / "blank.txt")]))
+
+
+def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
+    """`run-pipeline model.gguf -n 3` generated from the default model with the path as its prompt."""
+    assert _one_line(_run(model, "-n", "3")) == (f"{model} is a model file given as the prompt; give the model "
+                                                 "with -m FILE")
+    a = build_parser().parse_args(["-m", model, str(tmp_path / "absent.gguf"), "says"])  # a word that is no file
+    check_args(a)
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--on-context-full", "slide", "--sink-tokens", "5000", "-c", "64"],
+     "--sink-tokens 5000: must be below the context size 64 minus one"),
+    (["--on-context-full", "slide", "--sink-tokens", "255"],  # the model's 256 tokens
+     "--sink-tokens 255: must be below the context size 256 (the model's 256 tokens, at most 4096) minus one"),
+    (["--expert-policy", "lru"], "--expert-policy: does nothing with a dense model (llama, no experts); drop it"),
+    (["--expert-cache-gb", "1", "--moe-dense", "stream"],
+     "--expert-cache-gb, --moe-dense: do nothing with a dense model (llama, no experts); drop them"),
+])
+def test_options_the_header_refuses_exit_2_before_any_process_starts(model, args, line, monkeypatch):
+    """The sink tokens against the context exited 1 from the engine; the expert options on a dense
+    model were accepted and did nothing. Both are refused once the header is read."""
+    from layerstream.coordinator import cli, supervisor
+
+    assert _one_line(_run("-m", model, "--device", "cpu", *args, "hello")).startswith(line)
+    a = build_parser().parse_args(["-m", model, *args, "hello"])
+    check_args(a)
+    monkeypatch.setattr(supervisor.Supervisor, "start", lambda *a, **k: pytest.fail("a process started"))
+    with pytest.raises(UsageError, match=line.replace("(", r"\(").replace(")", r"\)")):
+        cli.check_header(a)
+
+
+def test_expert_options_pass_on_a_mixture_of_experts_model(tmp_path):
+    from layerstream.coordinator import cli
+
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe")
+    a = build_parser().parse_args(["-m", path, "--expert-policy", "lru", "--moe-dense", "stream", "hello"])
+    check_args(a)
+    cli.check_header(a)
+
+
+def test_piped_chat_ends_at_the_first_failed_turn_with_status_1(tmp_path):
+    """Probe of issue 25: piped turns that reached the context size each printed the same partial
+    text and its error, and the chat exited 0."""
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = ggufgen.rewrite_metadata(ggufgen.write_model(tmp_path / "plain.gguf"), tmp_path / "chat.gguf",
+                                    {"tokenizer.chat_template": chatml})
+    r = _run("--single-process", "-m", path, "--device", "cpu", "--chat", "-c", "48", "-n", "40", "--ignore-eos",
+             "--temperature", "0", stdin="Tell me about Rome\nAnd Greece?\nAnd Egypt?\n")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [
+        "run-pipeline: the conversation reached the context size (48 tokens); the chat ends here (give a larger --ctx)"]
+    assert r.stdout.count("\n") == 1  # one partial reply, its line ended
+
+
+def test_verbose_logs_each_stage(model):
+    """-v promised 'log what each stage does' and logged the two plan lines."""
+    r = _run("-v", "-m", model, "--device", "cpu", "-n", "3", "--temperature", "0", "hi")
+    assert r.returncode == 0, r.stderr
+    for words in (f"{model}: llama, 2 layers, width 64, 256 tokens of context", "plan: ", "staging: started (pid",
+                  "reader-0: started (pid", "compute: started (pid", "cli-1: started, ",
+                  "cli-1: ended (length); prompt: ", "compute: stopped (exit status 0)",
+                  "staging: stopped (exit status 0)"):
+        assert words in r.stderr, (words, r.stderr)
+    assert r.stderr.count("staging: stopped") == 1
+    quiet = _run("-m", model, "--device", "cpu", "-n", "3", "--temperature", "0", "hi")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
