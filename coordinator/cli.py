@@ -393,6 +393,25 @@ def _sigterm(signum, frame):
     raise _Terminated
 
 
+def _interrupts_sent_again(hook):
+    """sys.unraisablehook: an interrupt raised where Python cannot pass it on (in a weakref callback
+    or a __del__, where a signal's handler may run) was printed as 'Exception ignored' and lost, and
+    a server terminated as it started served on. It is sent again, from a thread a moment later (sent
+    from here, its handler ran in this hook, where it was lost again), to be raised where it can be."""
+    import threading
+
+    def unraisable(u) -> None:
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            sig = signal.SIGTERM if isinstance(u.exc_value, _Terminated) else signal.SIGINT
+            again = threading.Timer(0.01, os.kill, (os.getpid(), sig))
+            again.daemon = True
+            again.start()
+            return
+        hook(u)
+    unraisable.resends_interrupts = True
+    return unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -400,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         _die(f"{e} (see {PROG} --help)", 2)
     start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
     signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
+    if not getattr(sys.unraisablehook, "resends_interrupts", False):
+        sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -111,3 +111,34 @@ def test_a_child_stopped_before_its_body_exits_quietly(capfd):
     finally:
         sup.kill_all()
     assert "Traceback" not in capfd.readouterr().err
+
+
+LOST_IN_A_CALLBACK = """
+import gc, os, signal, sys, time, weakref
+from layerstream.coordinator import cli
+
+def run(args):
+    class Thing:
+        pass
+    t = Thing()
+    # a SIGTERM whose handler runs inside a weakref callback (as one did while the server started)
+    ref = weakref.ref(t, lambda r: cli._sigterm(signal.SIGTERM, None))
+    del t
+    gc.collect()
+    time.sleep(2)  # (where the signal sent again lands)
+    print("carried on", file=sys.stderr)
+    return 0
+
+cli.run = run
+sys.exit(cli.main(["hi"]))
+"""
+
+
+def test_a_sigterm_lost_in_a_callback_still_stops_the_run():
+    """A SIGTERM right after a --serve start sometimes raised in a weakref callback: Python printed
+    'Exception ignored in: <function WeakValueDictionary...>' with a traceback and the server served
+    on, never stopping (test_process_names' terminate timed out)."""
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", LOST_IN_A_CALLBACK], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 143 and r.stderr.split() == ["run-pipeline:", "terminated"], (r.returncode, r.stderr)
