@@ -22,11 +22,16 @@ def _cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions (half the bytes of
-    float32 to read per token: measured 32 against 17 tokens/s on SmolLM2, 2 cores), else float32."""
+def default_dtype(device: torch.device, weights: str = "auto") -> torch.dtype:
+    """float16 on CUDA. On the CPU float32 where the native kernel reads the weights as blocks: the
+    activations' dtype then costs no weight bytes (decode ran at the same speed in both), and
+    float32 keeps the residual stream exact, as llama.cpp's CPU path does (in bfloat16 SmolLM2's
+    greedy replies went astray). Where the weights are dequantized (no native kernel, or asked),
+    bfloat16 on a CPU with bf16 instructions, for half the bytes a token reads; else float32."""
     if device.type == "cuda":
         return torch.float16
+    if weights_form(device, weights) == "native":
+        return torch.float32
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
@@ -47,11 +52,11 @@ def resolve_device(name: str) -> torch.device:
 FLOAT16_OVERFLOWS = frozenset({"gemma3"})
 
 
-def resolve_dtype(name: str | None, device: torch.device, arch: str | None = None) -> torch.dtype:
-    """--dtype, or the device's default (default_dtype; bfloat16 instead of float16 for an
-    architecture in FLOAT16_OVERFLOWS, which refuses float16)."""
+def resolve_dtype(name: str | None, device: torch.device, arch: str | None = None, weights: str = "auto") -> torch.dtype:
+    """--dtype, or the device's default for the weights' form (default_dtype; bfloat16 instead of
+    float16 for an architecture in FLOAT16_OVERFLOWS, which refuses float16)."""
     if name is None:
-        dtype = default_dtype(device)
+        dtype = default_dtype(device, weights)
         return torch.bfloat16 if dtype == torch.float16 and arch in FLOAT16_OVERFLOWS else dtype
     try:
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]

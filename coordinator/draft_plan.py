@@ -72,7 +72,7 @@ class DraftCost:
         pays = (f"{self.drafts} drafts a step pay only above about {a:.0%} acceptance, before the draft's own time"
                 if a is not None else "without it nothing streams, and a streamed pass costs many resident ones"
                 if not self.moved_alone else f"{self.drafts} drafts a step cannot pay for that at any acceptance")
-        return (f"the target keeps {self.layers} layers resident instead of {self.layers_alone} and a decode pass "
+        return (f"the target keeps {self.layers} layer{'' if self.layers == 1 else 's'} resident instead of {self.layers_alone} and a decode pass "
                 f"moves {_gib(self.moved)} instead of {_gib(self.moved_alone)}: {pays}")
 
 

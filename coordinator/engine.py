@@ -110,7 +110,7 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) 
     if device.type == "cuda" and device.index is not None:
         # Triton launches on the current device, not its tensors': cuda:1 must be the current one
         torch.cuda.set_device(device)
-    dtype = resolve_dtype(cfg.dtype, device, index.hparams.arch)
+    dtype = resolve_dtype(cfg.dtype, device, index.hparams.arch, cfg.weights)
     if device.type == "cpu":  # refused before anything is allocated (plan.py, NOTE [ host memory ])
         from layerstream.coordinator.plan import check_local_host
 

@@ -490,7 +490,7 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
 
     check_model_quants(index)
     device = resolve_device(ecfg.device)
-    dtype = resolve_dtype(ecfg.dtype, device, index.hparams.arch)
+    dtype = resolve_dtype(ecfg.dtype, device, index.hparams.arch, ecfg.weights)
     launch = make_launch(index, device, dtype, ecfg.ctx, ecfg.max_seqs, pcfg, sliding=ecfg.on_context_full == "slide",
                          weights=ecfg.weights, draft=draft_memory_for(ecfg, device, dtype),
                          draft_tokens=draft_tokens_for(ecfg))

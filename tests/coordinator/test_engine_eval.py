@@ -149,7 +149,7 @@ def test_options_that_cannot_fit_host_memory_are_one_line(args):
 def test_smollm2_through_the_pipeline_at_0_15_gib_answers_as_the_single_process_engine(smollm_path):
     """Refused before (the plan asked 0.51 GiB). On the CPU the layers are kept as their Q4_1 blocks
     where the native kernel builds (else dequantized, 3.3x or 6.5x the bytes): issue 24's target, at
-    least 24 of 30 layers resident at 0.15 GiB; at 0.09 GiB some stream. The greedy answer is the same."""
+    least 24 of 30 layers resident at 0.15 GiB; at 0.11 GiB some stream. The greedy answer is the same."""
     index = open_model(smollm_path)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompt = "The capital of France is"
@@ -162,7 +162,7 @@ def test_smollm2_through_the_pipeline_at_0_15_gib_answers_as_the_single_process_
             plan = e.backend.plan
             assert len(plan.resident) >= 24 and plan.device_bytes <= 0.15 * (1 << 30), plan.describe()
             assert e.generate_batch([prompt], params) == want
-    gib = 0.09 if native.available() else 0.15
+    gib = 0.11 if native.available() else 0.15
     with Engine.open(EngineConfig(device="cpu", ctx=512), PipelineConfig(budget=Budget(vram_gb=gib)), index=index) as e:
         plan = e.backend.plan
         assert plan.streamed and plan.resident and plan.device_bytes <= gib * (1 << 30), plan.describe()

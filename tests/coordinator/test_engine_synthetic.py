@@ -245,3 +245,22 @@ def test_gemma3_defaults_to_bfloat16_where_the_default_is_float16(tmp_path):
     with pytest.raises(ConfigError, match=r"^--dtype float16: gemma3's activations exceed float16's range .* "
                                           r"use bfloat16 \(its default\) or float32$"):
         _load(path, dtype="float16")
+
+
+def test_the_cpus_default_dtype_is_float32_where_the_native_kernel_reads_the_blocks(monkeypatch):
+    """Blocks read by the native kernel: float32 activations cost no weight bytes, and keep the
+    residual stream exact (bfloat16's sent SmolLM2's greedy replies astray); dequantized weights
+    keep bfloat16 where the CPU has bf16 instructions, for half the bytes a token reads."""
+    from layerstream.compute import device as dev
+    from layerstream.compute.cpu import native
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "_cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(native, "available", lambda: True)
+    assert dev.resolve_dtype(None, cpu, "llama") == torch.float32
+    assert dev.resolve_dtype(None, cpu, "llama", "dense") == torch.bfloat16
+    assert dev.resolve_dtype("bfloat16", cpu, "llama") == torch.bfloat16
+    monkeypatch.setattr(native, "available", lambda: False)  # no C compiler: weights dequantized
+    assert dev.resolve_dtype(None, cpu, "llama") == torch.bfloat16
+    monkeypatch.setattr(dev, "_cpu_has_fast_bf16", lambda: False)
+    assert dev.resolve_dtype(None, cpu, "llama", "dense") == torch.float32
