@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -469,11 +470,20 @@ class Pipeline:
                         await self.links.send("control", i, Shutdown("run finished"), quiet=True):
                     asked.add(i)
 
+        task = None
         try:
             if self.links is not None and not self.loop.is_closed() and not self.loop.is_running():
-                self.loop.run_until_complete(asyncio.wait_for(ask_stop(), 1.0))
+                task = self.loop.create_task(ask_stop())
+                self.loop.run_until_complete(asyncio.wait_for(task, 1.0))
         except BaseException as e:  # noqa: BLE001 - stopping goes on whatever happened
             log.debug("asking children to stop failed: %s", e)
+        if task is not None:  # a signal that landed in it is not reported again when the task is collected
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self.loop.run_until_complete(task)
+            if task.done() and not task.cancelled():
+                task.exception()
         # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
         self.sup.stop(workers, 2.0, asked)
         self.sup.stop(["staging"], 2.0, asked)

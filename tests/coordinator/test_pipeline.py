@@ -809,3 +809,23 @@ def test_prompt_lookup_over_the_pipeline_gives_the_single_process_text(model, re
         assert _generate(e) == reference
         assert e.generate_batch(prompts, SEEDED) == seeded
         assert e.core.spec.drafted > 0
+
+
+def test_a_signal_while_the_children_are_asked_to_stop_is_not_reported_again(model, caplog):
+    """A Ctrl-C that lands in close's request to the children (timeout(1) sends a second SIGINT)
+    was logged again when the task holding it was collected: 'Task exception was never
+    retrieved'. Close goes on, stops the children, and leaves nothing to report."""
+    import gc
+    import logging
+
+    e = _engine(model, PipelineConfig(budget=Budget(resident_layers=0)))
+
+    async def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    e.backend.links.send = interrupted
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        e.close()
+        gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    assert all(c.proc.exitcode is not None for c in e.backend.sup.children.values())
