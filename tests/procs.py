@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
 
 
 def segments() -> set[str]:
@@ -25,3 +26,19 @@ def leaked(before: set[str]) -> set[str]:
     """New segments whose creator is gone: leaks. One whose creator still runs belongs to another
     run on this machine, not to the test."""
     return {s for s in segments() - before if not creator_alive(s)}
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, at any depth (from ps: /proc has no list of children)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
+    kids: dict[int, list[int]] = {}
+    for line in out:
+        if line.strip():
+            p, pp = map(int, line.split())
+            kids.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            found.append(k)
+            todo.append(k)
+    return found

@@ -15,7 +15,7 @@ import pytest
 import ggufgen
 from layerstream.coordinator.supervisor import Supervisor
 from layerstream.proto.child import ShutdownRequested
-from procs import leaked, segments
+from procs import descendants, leaked, segments
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 SIGINT_BIT = 1 << (signal.SIGINT - 1)
@@ -31,27 +31,11 @@ def _status(pid: int) -> dict[str, str]:
         return {}
 
 
-def _children(pid: int) -> list[int]:
-    """The processes under `pid` (any depth)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
-    kids: dict[int, list[int]] = {}
-    for line in out:
-        if line.strip():
-            p, pp = map(int, line.split())
-            kids.setdefault(pp, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            found.append(k)
-            todo.append(k)
-    return found
-
-
 def _bootstrapping(pid: int) -> list[int]:
     """Spawned children inside multiprocessing's bootstrap: Python's SIGINT handler installed, not
     yet named by our entry point (child_main names it first thing)."""
     found = []
-    for k in _children(pid):
+    for k in descendants(pid):
         try:
             with open(f"/proc/{k}/cmdline", "rb") as f:
                 spawn = b"spawn_main" in f.read()
@@ -88,7 +72,7 @@ def test_a_signal_while_a_child_starts_prints_one_line(tmp_path, nth, sig, warm)
             seen |= set(_bootstrapping(p.pid))
             time.sleep(0.003)
         assert len(seen) >= nth, f"never saw {nth} children starting; stderr: {p.communicate(timeout=60)[1]}"
-        kids = _children(p.pid)
+        kids = descendants(p.pid)
         os.killpg(p.pid, sig)
         err = p.communicate(timeout=60)[1]
     finally:

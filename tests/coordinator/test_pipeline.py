@@ -29,7 +29,7 @@ from layerstream.coordinator.pipeline_config import (
 from layerstream.errors import ContextFullError, PipelineError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
-from procs import leaked, segments
+from procs import descendants, leaked, segments
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_leftovers")]
 
@@ -409,21 +409,6 @@ def _launcher(model, *args):
     )
 
 
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
-    kids = {}
-    for line in out:
-        if line.strip():
-            p, pp = map(int, line.split())
-            kids.setdefault(pp, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            found.append(k)
-            todo.append(k)
-    return found
-
-
 _INTERRUPT_IN_PYRUN = """
 import ctypes
 
@@ -462,10 +447,10 @@ def test_launcher_stops_within_5_s_on_signal(model, sig):
     try:
         # wait until it generates (the pipeline is up)
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and len(_descendants(p.pid)) < 3:
+        while time.monotonic() < deadline and len(descendants(p.pid)) < 3:
             time.sleep(0.2)
         time.sleep(3)
-        kids = _descendants(p.pid)
+        kids = descendants(p.pid)
         assert kids, "the launcher started no processes"
         t0 = time.monotonic()
         p.send_signal(sig)
