@@ -17,9 +17,7 @@ compute_proc.py); a child's death ends the run.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
 import logging
 import math
 import os
@@ -35,6 +33,7 @@ from layerstream.compute import compute_proc
 from layerstream.compute.sampling import NO_FINITE
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
+from layerstream.coordinator.event_loop import new_loop, run_briefly
 from layerstream.coordinator.launch import Launch, make_launch
 from layerstream.coordinator.links import CoordinatorLinks
 from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_share
@@ -83,15 +82,6 @@ STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that i
 
 class StepError(LayerstreamError):
     """A step failed in the compute process: its requests fail, the run goes on."""
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # uvloop does not exist on Windows
-        return asyncio.new_event_loop()
 
 
 class Pipeline:
@@ -470,20 +460,8 @@ class Pipeline:
                         await self.links.send("control", i, Shutdown("run finished"), quiet=True):
                     asked.add(i)
 
-        task = None
-        try:
-            if self.links is not None and not self.loop.is_closed() and not self.loop.is_running():
-                task = self.loop.create_task(ask_stop())
-                self.loop.run_until_complete(asyncio.wait_for(task, 1.0))
-        except BaseException as e:  # noqa: BLE001 - stopping goes on whatever happened
-            log.debug("asking children to stop failed: %s", e)
-        if task is not None:  # a signal that landed in it is not reported again when the task is collected
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    self.loop.run_until_complete(task)
-            if task.done() and not task.cancelled():
-                task.exception()
+        if self.links is not None and not self.loop.is_closed() and not self.loop.is_running():
+            run_briefly(self.loop, ask_stop(), 1.0, "asking children to stop")
         # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
         self.sup.stop(workers, 2.0, asked)
         self.sup.stop(["staging"], 2.0, asked)
