@@ -13,7 +13,10 @@ finalizer that unlinks at interpreter exit. A SIGKILL of the whole process group
 tracker too: the segment's name carries its creator's pid (`layerstream-PID-xxxxxxxx`), and
 every `Arena.create` first removes this user's segments whose creator is gone
 (`sweep_orphans`). The creator lives as long as the segment is in use (staging for a run),
-so a segment whose creator is gone is nobody's.
+so a segment whose creator is gone is nobody's, once its run is gone too: the name also
+carries the creator's parent, and while that lives (the run's coordinator, whose staging was
+killed) the segment is left to it, which removes it and takes it off the resource tracker's
+list (another run's sweep would leave the tracker to warn of a leak at exit).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from layerstream.proto.messages import ArenaDesc
 PREFIX = "layerstream-"
 PAGE = 4096
 SHM_DIR = "/dev/shm"
-_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[0-9a-f]{8}")  # what Arena.create names a segment
+# what Arena.create names a segment: its creator's pid and its creator's parent's (-pPID; a name
+# without one, from an older version, is judged by its creator alone)
+_NAME = re.compile(re.escape(PREFIX) + r"(\d+)(?:-p(\d+))?-[0-9a-f]{8}")
 
 _attach_lock = threading.Lock()
 
@@ -100,9 +105,9 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink this user's segments named by Arena.create whose creator process is gone (NOTE
-    [ arena ownership ]); returns their names. Other names, other users' segments and those of
-    live processes are left alone."""
+    """Unlink this user's segments named by Arena.create whose creator and its parent are gone
+    (NOTE [ arena ownership ]); returns their names. Other names, other users' segments and
+    those of live runs are left alone."""
     try:
         names = os.listdir(shm_dir)
     except OSError:  # no /dev/shm here: nothing of ours can be in it
@@ -110,8 +115,8 @@ def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
     removed = []
     for name in names:
         m = _NAME.fullmatch(name)
-        if m is None or _alive(int(m.group(1))):
-            continue
+        if m is None or _alive(int(m.group(1))) or (m.group(2) and _alive(int(m.group(2)))):
+            continue  # (a run whose staging died while its coordinator lives: the coordinator removes it)
         path = os.path.join(shm_dir, name)
         try:
             st = os.lstat(path)
@@ -220,7 +225,7 @@ class Arena:
                 f"{_gib(free)} free; lower the host-cache size or the number of slots, or enlarge {SHM_DIR} "
                 f"(e.g. docker --shm-size, or mount -o remount,size=... {SHM_DIR})"
             )
-        name = name or f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        name = name or f"{PREFIX}{os.getpid()}-p{os.getppid()}-{secrets.token_hex(4)}"
         try:
             shm = SharedMemory(name=name, create=True, size=need)
         except FileExistsError:

@@ -193,14 +193,16 @@ def _dead_pid() -> int:
 
 def _killed_run_segment() -> str | None:
     """The name of a segment whose run's whole process group was SIGKILLed, while it is still in
-    /dev/shm; None if it went before it could be checked."""
-    code = textwrap.dedent("""
+    /dev/shm; None if it went before it could be checked. As in a run, the segment's creator
+    (staging) is the child of another process of the run (its coordinator)."""
+    creator = textwrap.dedent("""
         import time
         from layerstream.loader.arena import Arena
         a = Arena.create(1, 4096)
         print(a.name, flush=True)
         time.sleep(60)
     """)
+    code = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {creator!r}])\n"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         name = p.stdout.readline().strip()
@@ -236,6 +238,8 @@ def test_a_segment_left_by_a_killed_process_group_goes_at_the_next_create():
 def test_sweep_removes_only_our_segments_whose_creator_is_gone(tmp_path, monkeypatch):
     dead, live = _dead_pid(), os.getpid()
     names = {f"layerstream-{dead}-0123abcd": True,  # ours, creator gone: removed
+             f"layerstream-{dead}-p{dead}-4567abcd": True,  # creator and its parent (the run) gone
+             f"layerstream-{dead}-p{live}-0123abcd": False,  # the run's coordinator lives: it removes it
              f"layerstream-{live}-0123abcd": False,  # creator alive
              f"layerstream-{dead}-made-by-hand": False,  # not a name Arena.create makes
              f"other-{dead}-0123abcd": False,
@@ -243,7 +247,7 @@ def test_sweep_removes_only_our_segments_whose_creator_is_gone(tmp_path, monkeyp
     for n in names:
         (tmp_path / n).write_bytes(b"x")
     os.symlink(tmp_path / f"other-{dead}-0123abcd", tmp_path / f"layerstream-{dead}-89abcdef")
-    assert sweep_orphans(str(tmp_path)) == [n for n, gone in names.items() if gone]
+    assert sorted(sweep_orphans(str(tmp_path))) == sorted(n for n, gone in names.items() if gone)
     left = set(os.listdir(tmp_path))
     assert left == {n for n, gone in names.items() if not gone} | {f"layerstream-{dead}-89abcdef"}
     (tmp_path / f"layerstream-{dead}-0123abcd").write_bytes(b"x")
