@@ -622,7 +622,7 @@ def test_staging_that_cannot_make_its_arena_fails_the_start_with_its_own_error(m
             _engine(model, PipelineConfig(budget=Budget(resident_layers=0)))
         line = str(err.value)
         assert re.match(r"the staging process (failed|staging died \(exit code 1\)): ConfigError: cannot create a "
-                        r".* shared-memory segment layerstream-\d+-[0-9a-f]+: \[Errno 28\] No space left on device$",
+                        r".* shared-memory segment layerstream-\d+-p\d+-[0-9a-f]+: \[Errno 28\] No space left on device$",
                         line), line
 
 
