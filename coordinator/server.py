@@ -429,4 +429,6 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     http.run(sockets=[sock])
     if server.worker is not None and server.worker.failure:
         raise PipelineError(f"the server stopped: the engine failed: {server.worker.failure}")
+    if http._captured_signals:  # raised again and ignored (a background job's inherited SIGINT): the same status
+        return 128 + int(http._captured_signals[0])
     return 0

@@ -363,6 +363,32 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     assert "Traceback" not in p.stderr.read()
 
 
+def test_ctrl_c_stops_a_server_whose_sigint_is_ignored_with_status_130():
+    """A shell starts a background job with SIGINT ignored, which Python keeps: uvicorn's handler
+    takes the signal and raises it again once stopped, where it is ignored; the exit status is
+    still 130 (it was 0)."""
+    def ignored() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    port = _free_port()
+    p = subprocess.Popen([str(LAUNCHER), "--serve", "--port", str(port), "--device", "cpu", "--single-process",
+                          "--ctx", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, preexec_fn=ignored)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert p.poll() is None, p.stderr.read()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 130
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
     """A pipeline process gone (the engine cannot go on): the request in hand is answered 503
     naming the dead child, then the server stops by itself with one line and exit status 1 (so a
