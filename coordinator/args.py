@@ -415,11 +415,12 @@ def given(p: argparse.ArgumentParser, args, names: tuple[str, ...]) -> list[str]
 
 
 def served_sampling(args) -> dict:
-    """The sampling options given with --serve (those set to other than their default), by
-    openai_api.DEFAULTS' keys: what requests that do not set them get (as llama-server's options)."""
-    p = build_parser()
+    """The sampling options given with --serve (typed on the command line, even at the CLI's own
+    default, or set to other than it), by openai_api.DEFAULTS' keys: what requests that do not set
+    them get (as llama-server's options)."""
+    p, typed = build_parser(), getattr(args, "typed", {})
     return {n: tuple(getattr(args, n)) if n == "stop" else getattr(args, n)
-            for n in SAMPLING if getattr(args, n) != p.get_default(n)}
+            for n in SAMPLING if n in typed or getattr(args, n) != p.get_default(n)}
 
 
 def cpu_share_on_cpu(share: str, where: str) -> str:

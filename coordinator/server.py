@@ -421,7 +421,8 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
         print(f"layerstream: warning: serving on {host} without an API key: anyone who can reach port {port} can "
               "use the model; give a key with --api-key-file FILE or LAYERSTREAM_API_KEY", file=sys.stderr, flush=True)
     server = Server(engine, model_id, api_key or None, max_queue, limits, host, defaults)
-    changed = ", ".join(f"{k} {v!r}" for k, v in defaults.items() if v != DEFAULTS[k])
+    changed = ", ".join(f"{k} {json.dumps(list(v) if isinstance(v, tuple) else v)}"
+                        for k, v in defaults.items() if v != DEFAULTS[k])  # (as a request's JSON spells them)
     print(f"layerstream: serving {model_id} on http://{host}:{port}/v1"
           + (f" (requests that do not set them get {changed})" if changed else ""), flush=True)
     http = GracefulServer(uvicorn_config(server, host, port, grace_s), lambda: server.worker, grace_s)

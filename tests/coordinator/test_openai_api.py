@@ -104,6 +104,9 @@ def test_the_servers_defaults_fill_the_fields_a_request_does_not_set():
     assert given == dict(temperature=0.2, top_k=20, max_tokens=9, seed=5, stop=("END",), repeat_last_n=32,
                          ignore_eos=True)
     assert served_sampling(build_parser().parse_args(["--serve"])) == {}
+    # typed at the CLI's own defaults, they are still the requests' (OpenAI's differ: temperature 1, 16 tokens)
+    assert served_sampling(build_parser().parse_args(["--serve", "--temperature", "0.8", "-n", "256", "--top-k=40"])) \
+        == dict(temperature=0.8, max_tokens=256, top_k=40)
     d = DEFAULTS | given
     for kind, body in (("completion", {"prompt": "x"}), ("chat", {"messages": [{"role": "user", "content": "x"}]})):
         q = parse_request(body, kind, V, d).params
