@@ -47,11 +47,15 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the usage block is for --help, not for a typo."""
 
     def error(self, message: str):
+        m = re.match(r"argument (\S+?): expected one argument$", message)
+        if m:  # (argparse takes a value that starts with a dash for an option: `--stop -b`)
+            name = m.group(1).split("/")[-1]
+            message += f" (a value that starts with a dash is given with '=', as {name}=-x)"
         raise UsageError(message)
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
-        refuse_foreign_options(argv)
+        refuse_foreign_options(self, argv)
         refuse_glued_words(self, argv)
         ns = super().parse_args(argv, namespace)
         ns.typed = typed_options(self, argv)
@@ -275,9 +279,9 @@ def check_args(args) -> None:
         if v is not None and not low <= v <= high:
             fail(f"{opt(name, v)}: must be from {low} to {high}")
 
-    if args.model is None and args.prompt and args.prompt[0].lower().endswith(".gguf") \
-            and os.path.isfile(args.prompt[0]):
-        fail(f"{args.prompt[0]} is a model file given as the prompt; give the model with -m FILE")
+    if args.model is None and args.prompt and args.prompt[0].lower().endswith(".gguf") and " " not in args.prompt[0]:
+        why = "is a model file" if os.path.isfile(args.prompt[0]) else "names a model file (there is no such file)"
+        fail(f"{args.prompt[0]} {why} given as the prompt; give the model with -m FILE")
     if args.prompt_file is not None:
         if args.prompt or args.prompt_opt is not None:
             fail(f"{opt('prompt_file')}: the prompt is given twice (a file and as text); give it once")

@@ -27,11 +27,16 @@ FOREIGN = {
 }
 
 
-def refuse_foreign_options(argv: list[str]) -> None:
-    """An option of llama.cpp, vLLM or Ollama that this command spells otherwise: refused with a hint."""
-    for a in argv:
+def refuse_foreign_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An option of llama.cpp, vLLM or Ollama that this command spells otherwise: refused with a
+    hint (not the value of an option of ours that takes one: `--stop -b`)."""
+    actions = parser._option_string_actions
+    for i, a in enumerate(argv):
         if a == "--":
             return
+        before = actions.get(argv[i - 1]) if i else None
+        if before is not None and before.nargs != 0:
+            continue
         name = a.split("=", 1)[0] if a.startswith("--") else a
         if name in FOREIGN:
             what, ours = FOREIGN[name]

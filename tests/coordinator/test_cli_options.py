@@ -61,6 +61,11 @@ def test_llama_cpp_spellings_are_aliases():
     assert (a.ctx, a.max_tokens, a.cpu_threads, a.prompt) == (128, 2, 1, ["hi"])
     a = build_parser().parse_args(["--", "-b", "--max-model-len"])  # words after -- are the prompt's
     assert a.prompt == ["-b", "--max-model-len"]
+    # an option's value, not an option: argparse takes it for one, and the hint says how to give it
+    with pytest.raises(UsageError, match=r"^argument --stop: expected one argument \(a value that starts with a "
+                                         r"dash is given with '=', as --stop=-x\)$"):
+        build_parser().parse_args(["--stop", "-b", "hi"])
+    assert build_parser().parse_args(["--stop=-b", "hi"]).stop == ["-b"]
 
 
 def test_the_prompt_from_a_file(tmp_path):
@@ -81,8 +86,11 @@ def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
     """`run-pipeline model.gguf -n 3` generated from the default model with the path as its prompt."""
     assert _one_line(_run(model, "-n", "3")) == (f"{model} is a model file given as the prompt; give the model "
                                                  "with -m FILE")
-    a = build_parser().parse_args(["-m", model, str(tmp_path / "absent.gguf"), "says"])  # a word that is no file
+    a = build_parser().parse_args(["-m", model, str(tmp_path / "absent.gguf"), "says"])  # with -m: a word
     check_args(a)
+    with pytest.raises(UsageError, match=r"absent\.gguf names a model file \(there is no such file\) given as the "
+                                         r"prompt; give the model with -m FILE$"):  # a mistyped path: not a prompt
+        check_args(build_parser().parse_args([str(tmp_path / "absent.gguf"), "-n", "3"]))
 
 
 @pytest.mark.parametrize("args,line", [
