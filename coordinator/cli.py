@@ -389,8 +389,12 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM: stop like Ctrl-C, exit 143 (128 + SIGTERM)."""
 
 
+class _HungUp(_Terminated):
+    """SIGHUP (the terminal closed): stop as on SIGTERM, exit 129 (128 + SIGHUP)."""
+
+
 def _sigterm(signum, frame):
-    raise _Terminated
+    raise _HungUp if signum == getattr(signal, "SIGHUP", None) else _Terminated
 
 
 def _interrupts_sent_again(hook):
@@ -402,7 +406,8 @@ def _interrupts_sent_again(hook):
 
     def unraisable(u) -> None:
         if isinstance(u.exc_value, KeyboardInterrupt):
-            sig = signal.SIGTERM if isinstance(u.exc_value, _Terminated) else signal.SIGINT
+            sig = (signal.SIGHUP if isinstance(u.exc_value, _HungUp) else signal.SIGTERM
+                   if isinstance(u.exc_value, _Terminated) else signal.SIGINT)
             again = threading.Timer(0.01, os.kill, (os.getpid(), sig))
             again.daemon = True
             again.start()
@@ -419,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         _die(f"{e} (see {PROG} --help)", 2)
     start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
     signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
+    if hasattr(signal, "SIGHUP"):  # (at its default a closed terminal ended the launcher at once)
+        signal.signal(signal.SIGHUP, _sigterm)
     if not getattr(sys.unraisablehook, "resends_interrupts", False):
         sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -429,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         _die(str(e), 2)
     except LayerstreamError as e:
         _die(str(e))
+    except _HungUp:
+        print(f"\n{PROG}: hung up", file=sys.stderr)
+        return 129
     except _Terminated:
         print(f"\n{PROG}: terminated", file=sys.stderr)
         return 143

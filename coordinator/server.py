@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -427,7 +428,13 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
           + (f" (requests that do not set them get {changed})" if changed else ""), flush=True)
     http = GracefulServer(uvicorn_config(server, host, port, grace_s), lambda: server.worker, grace_s)
     server.on_failure = lambda: setattr(http, "should_exit", True)
-    http.run(sockets=[sock])
+    # a closed terminal (SIGHUP) stops the server as SIGTERM does (NOTE [ server shutdown ]): at its
+    # default it ended at once, its clients' streams cut
+    hup = signal.signal(signal.SIGHUP, http.handle_exit)
+    try:
+        http.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGHUP, hup)
     if server.worker is not None and server.worker.failure:
         raise PipelineError(f"the server stopped: the engine failed: {server.worker.failure}")
     if http._captured_signals:  # raised again and ignored (a background job's inherited SIGINT): the same status

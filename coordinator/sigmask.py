@@ -40,6 +40,8 @@ def sigint_blocked():
 def ignore_sigint() -> None:
     """SIGINT ignored, then unblocked, in a child (NOTE [ SIGINT while a child starts ])."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal's, likewise: the launcher decides how the run stops
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 

@@ -93,7 +93,18 @@ def _spawning():
     its start unblocks SIGINT in this thread once it has spawned it."""
     from multiprocessing import resource_tracker
 
-    resource_tracker.ensure_running()
+    # The tracker ignores SIGINT and SIGTERM itself, not SIGHUP, so it is started with SIGHUP ignored,
+    # which it inherits: a closed terminal's SIGHUP to the group killed it, and the tracker started
+    # again did not know the run's segment (a traceback at its unregistering).
+    try:
+        hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    except (AttributeError, ValueError):  # (no SIGHUP here, or not the main thread)
+        hup = None
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if hup is not None:
+            signal.signal(signal.SIGHUP, hup)
     return sigint_blocked()
 
 

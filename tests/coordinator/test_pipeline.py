@@ -439,8 +439,10 @@ def test_a_caught_ctrl_c_exits_130_from_the_launcher(tmp_path):
     assert p.returncode == 130, (p.returncode, p.stderr)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_launcher_stops_within_5_s_on_signal(model, sig):
+    """SIGHUP goes to the whole group, as a closed terminal sends it: the children ignore it (at
+    its default they died under the launcher) and the launcher stops them as on SIGTERM."""
     before = segments()
     p = _launcher(model, "--resident-layers", "0", "--host-cache-gb", "0", "-n", "100000", "--ignore-eos",
                   "--temperature", "1", "--ctx", "100000", "hello")
@@ -453,7 +455,10 @@ def test_launcher_stops_within_5_s_on_signal(model, sig):
         kids = descendants(p.pid)
         assert kids, "the launcher started no processes"
         t0 = time.monotonic()
-        p.send_signal(sig)
+        if sig == signal.SIGHUP:
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
         try:
             p.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -462,7 +467,7 @@ def test_launcher_stops_within_5_s_on_signal(model, sig):
             os.killpg(p.pid, signal.SIGKILL)
             pytest.fail(f"not stopped 10 s after {sig.name}; its stderr: {p.communicate()[1][-6000:]}")
         assert time.monotonic() - t0 < 5
-        assert p.returncode == (143 if sig == signal.SIGTERM else 130)  # 128 + the signal, as shells report
+        assert p.returncode == 128 + sig  # as shells report
         time.sleep(0.5)
         alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]
         assert not alive, f"processes left: {alive}"

@@ -363,6 +363,30 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     assert "Traceback" not in p.stderr.read()
 
 
+def test_a_closed_terminal_stops_the_server_as_sigterm_does():
+    """SIGHUP to the whole group (its terminal closed) with a stream in flight: the stream ends with
+    [DONE], the server exits 129, nothing is left (at its default the server ended at once)."""
+    import urllib.request
+
+    before = segments()
+    p, url = _start("--ctx", "256")
+    try:
+        req = urllib.request.Request(url + "/completions", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True,
+                                                      "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.readline()  # the stream started
+            os.killpg(p.pid, signal.SIGHUP)
+            body = r.read().decode()
+        assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "abort"' in body.replace('":"', '": "')
+        assert p.wait(timeout=30) == 129
+        assert "Traceback" not in p.stderr.read()
+        assert not leaked(before)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def test_ctrl_c_stops_a_server_whose_sigint_is_ignored_with_status_130():
     """A shell starts a background job with SIGINT ignored, which Python keeps: uvicorn's handler
     takes the signal and raises it again once stopped, where it is ignored; the exit status is
