@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import re
+import stat
 import sys
 
 from layerstream.coordinator.spelling import UsageError, refuse_foreign_options, refuse_glued_words, typed_options
@@ -224,12 +225,14 @@ MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4
 
 
 def _read_prompt(option: str, path: str) -> str:
-    """-f's prompt text (bytes that are not UTF-8 become U+FFFD); UsageError naming the file."""
-    why = "an empty path; give a file" if path == "" else _path_problem(path)
+    """-f's prompt text (bytes that are not UTF-8 become U+FFFD); `-`, a pipe or a terminal (as
+    /dev/stdin, <(...)) are read to their end; UsageError naming the file."""
+    piped = path == "-" or (os.path.exists(path) and stat.S_ISFIFO(os.stat(path).st_mode) | stat.S_ISCHR(os.stat(path).st_mode))
+    why = "an empty path; give a file" if path == "" else None if piped else _path_problem(path)
     if why:
         raise UsageError(f"{option}: {why}")
     try:
-        with open(path, "rb") as f:
+        with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
             raw = f.read(MAX_PROMPT_FILE + 1)
     except OSError as e:
         raise UsageError(f"{option}: cannot read it ({e.strerror})") from None

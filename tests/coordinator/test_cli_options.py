@@ -3,6 +3,7 @@ that name what was typed, refusals (exit 2) before any process starts; piped cha
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -151,3 +152,23 @@ def test_verbose_logs_each_stage(model):
     assert r.stderr.count("staging: stopped") == 1
     quiet = _run("-m", model, "--device", "cpu", "-n", "3", "--temperature", "0", "hi")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_the_prompt_file_may_be_standard_input_or_a_pipe(tmp_path, monkeypatch):
+    """`-f -`, `-f /dev/stdin` and `-f <(...)` (a pipe) are read to their end, as llama.cpp's -f
+    reads them; they were refused as 'no such file' or 'not a regular file'."""
+    import io
+    import threading
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("Two plus two is".encode())))
+    a = build_parser().parse_args(["-f", "-"])
+    check_args(a)
+    assert a.prompt == ["Two plus two is"]
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("The sky is"))
+    writer.start()
+    a = build_parser().parse_args(["--file", str(fifo)])
+    check_args(a)
+    writer.join(10)
+    assert a.prompt == ["The sky is"]
