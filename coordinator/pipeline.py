@@ -465,6 +465,8 @@ class Pipeline:
         # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
         self.sup.stop(workers, 2.0, asked)
         self.sup.stop(["staging"], 2.0, asked)
+        if self.arena is not None:  # a staging killed before it could (another child's death ended the run first)
+            remove_orphan(self.arena.name)
         if self.links is not None:
             self.links.close()
         if not self.loop.is_closed() and not self.loop.is_running():

@@ -819,3 +819,17 @@ def test_a_signal_while_the_children_are_asked_to_stop_is_not_reported_again(mod
         gc.collect()
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
     assert all(c.proc.exitcode is not None for c in e.backend.sup.children.values())
+
+
+def test_a_staging_killed_unnoticed_leaves_no_segment_after_close(model):
+    """Staging SIGKILLed and the run closed before the coordinator handled its death (another
+    child's death ended the run first): close removes the segment, so that the resource tracker
+    does not warn of a leak after the run's one line."""
+    e = _engine(model, PipelineConfig(budget=Budget(resident_layers=0)))
+    name = e.backend.arena.name
+    staging = e.backend.sup.children["staging"].proc
+    os.kill(staging.pid, signal.SIGKILL)
+    staging.join(10)
+    assert os.path.exists(f"/dev/shm/{name}")
+    e.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
