@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -68,4 +70,9 @@ def test_the_launcher_is_named_layerstream_with_its_options(tmp_path):
         assert str(p.pid) in pgrep
     finally:
         p.terminate()
-        p.communicate(timeout=30)
+        try:
+            p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # (a SIGTERM it lost: never left running after the test)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            pytest.fail("SIGTERM did not stop the launcher in 30 s")
