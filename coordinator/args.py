@@ -227,7 +227,8 @@ MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4
 def _read_prompt(option: str, path: str) -> str:
     """-f's prompt text (bytes that are not UTF-8 become U+FFFD); `-`, a pipe or a terminal (as
     /dev/stdin, <(...)) are read to their end; UsageError naming the file."""
-    piped = path == "-" or (os.path.exists(path) and stat.S_ISFIFO(os.stat(path).st_mode) | stat.S_ISCHR(os.stat(path).st_mode))
+    mode = os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
+    piped = path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
     why = "an empty path; give a file" if path == "" else None if piped else _path_problem(path)
     if why:
         raise UsageError(f"{option}: {why}")
