@@ -162,17 +162,32 @@ def test_on_cuda_at_8b_size_one_launch_is_the_separate_launches(qt):
     mats = {n: torch.from_numpy(random_blocks(rng, qt, r, c).reshape(-1).copy()).to(dev)
             for n, (r, c) in {"q": (E, E), "k": (1024, E), "v": (1024, E), "g": (Fd, E), "u": (Fd, E),
                               "d": (E, Fd)}.items()}
+    rows = {"q": E, "k": 1024, "v": 1024, "g": Fd, "u": Fd, "d": E}
+
+    def config(M, names, K):
+        """The dispatch's configuration; where qsmall takes one of the matrices (Q4_K at 2 rows) the
+        launch steps aside (None) and the test forces the GEMV configuration for those rows."""
+        Ns = [rows[n] for n in names]
+        chosen = qkernels._many_config(M, Ns, K, int(qt))
+        if chosen is None:
+            assert any(qkernels._small_config(M, n, K, int(qt)) for n in Ns)
+            assert qkernels.matmul_many(torch.zeros(M, K, dtype=torch.half, device=dev),
+                                        [mats[n] for n in names], int(qt), Ns, K) is None
+        return chosen or qkernels._gemv_config(M, sum(Ns), K, int(qt))
+
     for M in (1, 2):
         x = torch.randn(M, E, generator=gen).half().to(dev)
-        ys = qkernels.matmul_many(x, [mats["q"], mats["k"], mats["v"]], int(qt), [E, 1024, 1024], E)
+        c = config(M, "qkv", E)
+        ys = qkernels.matmul_many(x, [mats["q"], mats["k"], mats["v"]], int(qt), [E, 1024, 1024], E, config=c)
         assert ys is not None
-        config = qkernels._many_config(M, [E, 1024, 1024], E, int(qt))
         for y, n, r in zip(ys, "qkv", (E, 1024, 1024)):
-            assert torch.equal(y, qkernels.matmul(x, mats[n], int(qt), r, E, config=config))
-        (a,) = qkernels.matmul_many(x, [mats["g"], mats["u"]], int(qt), [Fd, Fd], E, glu=True)
+            assert torch.equal(y, qkernels.matmul(x, mats[n], int(qt), r, E, config=c))
+        (a,) = qkernels.matmul_many(x, [mats["g"], mats["u"]], int(qt), [Fd, Fd], E, glu=True,
+                                    config=config(M, "gu", E))
         g, u = (qkernels.matmul(x, mats[n], int(qt), Fd, E) for n in "gu")
         assert torch.allclose(a.float(), (F.silu(g) * u).float(), rtol=2e-3, atol=1e-3)
         a = torch.randn(M, Fd, generator=gen).half().to(dev) * 0.1  # (gate*up of random blocks overflows float16)
         res = torch.randn(M, E, generator=gen).half().to(dev)
-        (y,) = qkernels.matmul_many(a, [mats["d"]], int(qt), [E], Fd, residual=res)
-        assert torch.equal(y, res + qkernels.matmul(a, mats["d"], int(qt), E, Fd))
+        c = config(M, "d", Fd)
+        (y,) = qkernels.matmul_many(a, [mats["d"]], int(qt), [E], Fd, residual=res, config=c)
+        assert torch.equal(y, res + qkernels.matmul(a, mats["d"], int(qt), E, Fd, config=c))
