@@ -24,6 +24,10 @@ FOREIGN = {
     "--max-num-seqs": ("vLLM's sequences at once", "--batch N"),
     "--gpu-memory-utilization": ("vLLM's share of the GPU's memory", "--vram-gb GiB"),
     "--num-predict": ("Ollama's tokens to generate", "--max-tokens N"),
+    "-cnv": ("llama.cpp's conversation mode", "--chat"),
+    "--conversation": ("llama.cpp's conversation mode", "--chat"),
+    "-i": ("llama.cpp's interactive mode", "--chat"),
+    "--interactive": ("llama.cpp's interactive mode", "--chat"),
 }
 
 

@@ -263,7 +263,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 @pytest.mark.parametrize("args,words", [
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["-n", "x"], "argument -n/--max-tokens/--n-predict: invalid int value: 'x'"),
-    (["-cnv"], "unknown option -cnv (one dash takes one letter"),  # llama.cpp's, read as -c nv before
+    (["-ctk", "q8_0"], "unknown option -ctk (one dash takes one letter"),  # llama.cpp's, read as -c tk
     (["-fa", "on"], "unknown option -fa"),
 ])
 def test_command_line_errors_are_one_line_with_a_hint(args, words):

@@ -51,6 +51,10 @@ def model(tmp_path_factory):
     (["--batch-size=512"], "unknown option --batch-size (llama.cpp's prompt tokens per step); did you mean "
                            "--prefill-chunk N?"),
     (["-np", "4"], "unknown option -np (llama.cpp's sequences at once); did you mean --batch N?"),
+    # llama.cpp's conversation flag was refused as glued letters, with no way forward
+    (["-cnv"], "unknown option -cnv (llama.cpp's conversation mode); did you mean --chat?"),
+    (["--conversation"], "unknown option --conversation (llama.cpp's conversation mode); did you mean --chat?"),
+    (["-i"], "unknown option -i (llama.cpp's interactive mode); did you mean --chat?"),
 ])
 def test_refusals_name_what_was_typed(model, args, line):
     assert _one_line(_run("-m", model, *args, *([] if "-f" in args else ["hello"]))).startswith(line)
