@@ -151,7 +151,9 @@ def _short(v) -> str:
 SERVED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop",
           "stream", "stream_options", "n", "ignore_eos", "user", "lookup"}
 HARMLESS_BOTH = {
-    "logprobs": lambda v: v in (None, False),
+    # not 0: OpenAI answers logprobs 0 on /v1/completions with the sampled tokens' own log-probabilities
+    # (top_logprobs empty), which this server does not compute, as it refuses 1 to 5 (0 == False passed)
+    "logprobs": lambda v: v is None or v is False,
     "presence_penalty": lambda v: v in (None, 0),
     "frequency_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: v is None or v == {},
@@ -170,6 +172,7 @@ HARMLESS_CHAT = {
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
     "store": lambda v: v in (None, False),
 }
+UNSERVED = {"logprobs": "it returns no token log-probabilities; leave 'logprobs' out or give null"}
 HARMLESS = {"completion": HARMLESS_BOTH | HARMLESS_COMPLETION, "chat": HARMLESS_BOTH | HARMLESS_CHAT}
 FIELDS = {"completion": SERVED | {"prompt"}, "chat": SERVED | {"messages", "max_completion_tokens"}}
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -191,8 +194,8 @@ def _check_fields(body: dict, kind: str) -> None:
         except TypeError:  # an unhashable value compared with in (...)
             ok = False
         if not ok:
-            raise ApiError(400, f"'{key}' = {_short(json.dumps(v))} is not supported by this server (only its "
-                                "default value is accepted)", key)
+            why = UNSERVED.get(key, "only its default value is accepted")
+            raise ApiError(400, f"'{key}' = {_short(json.dumps(v))} is not supported by this server ({why})", key)
 
 
 def sampling_from(body: dict, kind: str, defaults: dict = DEFAULTS) -> SamplingParams:

@@ -148,3 +148,16 @@ def test_a_long_value_in_an_error_is_cut_with_the_characters_left():
     assert "digits" not in e.message
     e = refused({"prompt": "x", "seed": 10**50})
     assert f"= {str(10**50)[:20]}... ({51 - 20} more characters) is out of range" in e.message
+
+
+@pytest.mark.parametrize("kind, body", [("completion", {"prompt": "hi"}),
+                                        ("chat", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_logprobs_zero_is_refused_as_any_count_is(kind, body):
+    """OpenAI answers `"logprobs": 0` on /v1/completions with the sampled tokens' log-probabilities
+    (top_logprobs empty lists); this server computes none and refuses 1 to 5, but took 0 (0 == False)
+    and answered `"logprobs": null`. Only null and false, which ask for nothing, are accepted."""
+    for v in (0, 1, 5, True):
+        e = refused(body | {"logprobs": v}, kind)
+        assert e.param == "logprobs" and "returns no token log-probabilities" in e.message, e.message
+    for v in (None, False):
+        parse_request(body | {"logprobs": v}, kind, V)
