@@ -417,6 +417,17 @@ def _interrupts_sent_again(hook):
     return unraisable
 
 
+def _stopped(how: str) -> None:
+    """The one line of a run stopped by a signal. On a terminal it starts a line of its own (the
+    terminal's ^C, or the reply's text, may end the line the cursor is on); into a file or a pipe
+    no blank line goes before it."""
+    try:
+        lead = "\n" if sys.stderr.isatty() else ""
+    except (AttributeError, ValueError):  # (a closed or replaced stderr)
+        lead = ""
+    print(f"{lead}{PROG}: {how}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -437,13 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     except LayerstreamError as e:
         _die(str(e))
     except _HungUp:
-        print(f"\n{PROG}: hung up", file=sys.stderr)
+        _stopped("hung up")
         return 129
     except _Terminated:
-        print(f"\n{PROG}: terminated", file=sys.stderr)
+        _stopped("terminated")
         return 143
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        _stopped("interrupted")
         return 130
     except BrokenPipeError:
         return 0

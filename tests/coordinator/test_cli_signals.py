@@ -131,3 +131,41 @@ def test_a_sigterm_lost_in_a_callback_still_stops_the_run():
     on, never stopping (test_process_names' terminate timed out)."""
     r = subprocess.run([sys.executable, "-c", LOST_IN_A_CALLBACK], capture_output=True, text=True, timeout=60)
     assert r.returncode == 143 and r.stderr.split() == ["run-pipeline:", "terminated"], (r.returncode, r.stderr)
+
+
+STOPPED_BY = """
+import sys
+from layerstream.coordinator import cli
+
+def run(args):
+    raise {exc}
+
+cli.run = run
+sys.exit(cli.main(["hi"]))
+"""
+
+
+@pytest.mark.parametrize("exc,code,line", [("KeyboardInterrupt", 130, "interrupted"),
+                                           ("cli._Terminated", 143, "terminated"), ("cli._HungUp", 129, "hung up")])
+def test_a_stop_line_has_no_blank_line_before_it_off_a_terminal(exc, code, line):
+    """Probe of issue 25: into a file or a pipe, a blank line came before 'run-pipeline: interrupted'.
+    On a terminal the line still starts a line of its own (after the terminal's ^C)."""
+    snippet = STOPPED_BY.format(exc=exc)
+    r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (code, f"run-pipeline: {line}\n")
+    ours, theirs = os.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-c", snippet], stdout=subprocess.DEVNULL, stderr=theirs, timeout=60)
+        os.close(theirs)
+        shown = b""
+        while True:
+            try:
+                data = os.read(ours, 4096)
+            except OSError:  # (EIO: the terminal's other side is closed and drained)
+                break
+            if not data:
+                break
+            shown += data
+    finally:
+        os.close(ours)
+    assert (r.returncode, shown) == (code, f"\r\nrun-pipeline: {line}\r\n".encode())
