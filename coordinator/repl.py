@@ -9,6 +9,9 @@ row (the one that stopped a reply counts), Ctrl-D or /bye end the chat.
 With stdin not a terminal (lines from a pipe or a file) no one can /clear a conversation that
 reached the context size: the first turn that fails ends the chat with status 1, the rest of the
 input unread (each later turn sent the same history again and printed the same partial text).
+Nor is anyone at a prompt to press Ctrl-C twice: one Ctrl-C, during a reply or while a line is
+awaited, ends the chat as it ends a run without --chat (the reply's text so far kept, one line
+"interrupted", status 130); the end of the input after a stopped reply exited 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 
 from layerstream.coordinator.turn import Rates, Turn
 from layerstream.errors import ContextFullError, LayerstreamError
+
+INTERRUPTED = "run-pipeline: interrupted\n"
 
 HELP = """commands:
   /bye          end the chat (as Ctrl-D)
@@ -136,8 +141,8 @@ class _StopOnCtrlC:
 
 def chat(engine, params, system: str | None = None, *, rates_each: bool = False, total: Rates | None = None,
          reader: LineReader | None = None, out=None, err=None) -> int:
-    """The chat loop; returns the exit status (0 for /bye and Ctrl-D, 130 for two Ctrl-C, 1 where a
-    turn failed with stdin not a terminal)."""
+    """The chat loop; returns the exit status (0 for /bye and Ctrl-D, 130 for two Ctrl-C, or one with
+    stdin not a terminal, 1 where a turn failed with stdin not a terminal)."""
     out, err = out or sys.stdout, err or sys.stderr
     reader = reader or LineReader(stdout=out, stderr=err)
     conv = Conversation(system)
@@ -149,6 +154,9 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         try:
             line = reader.read("> ")
         except KeyboardInterrupt:
+            if not reader.person:
+                err.write(INTERRUPTED)
+                return 130
             if getattr(reader, "typed", ""):  # a line thrown away, as a shell does: never a quit
                 ctrl_c = False
                 err.write("\n")
@@ -198,6 +206,10 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             continue
         out.write("\n")
         out.flush()
+        if turn.stopped and not reader.person:
+            total.add(turn.rates)
+            err.write(INTERRUPTED)
+            return 130
         if turn.stopped:
             ctrl_c = True
             err.write("[reply stopped; Ctrl-C again to quit]\n")

@@ -412,6 +412,12 @@ class _Lines:
         return line
 
 
+class _Typed(_Lines):
+    """Lines typed by a person at a terminal: a Ctrl-C at the prompt asks before it quits."""
+
+    person = True
+
+
 @pytest.fixture(scope="module")
 def chat_engine(tmp_path_factory):
     path = _chat_model(tmp_path_factory.mktemp("chat"))
@@ -439,11 +445,38 @@ def test_chat_keeps_the_conversation_and_its_commands(chat_engine, monkeypatch):
     assert "conversation cleared (2 turns forgotten)" in err.getvalue()
     assert "unknown command /nope; /help lists the commands" in err.getvalue()
     assert "> " not in out.getvalue()
-    # Ctrl-D ends with 0; two Ctrl-C in a row at the prompt end with 130, one does not
-    assert chat(chat_engine, params, reader=_Lines([KeyboardInterrupt, "/bye"]), out=out, err=err) == 0
-    assert chat(chat_engine, params, reader=_Lines([KeyboardInterrupt, KeyboardInterrupt]), out=out, err=err) == 130
+    # Ctrl-D ends with 0; at a person's prompt two Ctrl-C in a row end with 130, one does not
+    assert chat(chat_engine, params, reader=_Typed([KeyboardInterrupt, "/bye"]), out=out, err=err) == 0
+    assert chat(chat_engine, params, reader=_Typed([KeyboardInterrupt, KeyboardInterrupt]), out=out, err=err) == 130
     assert chat(chat_engine, params, reader=_Lines([]), out=out, err=err) == 0
     assert not chat_engine.core.has_unfinished() and len(chat_engine.core.free_rows) == chat_engine.core.max_seqs
+
+
+class _CtrlCOnFirstText(io.StringIO):
+    """stdout that presses Ctrl-C (a real SIGINT to this process) once the reply's first text is written."""
+
+    def write(self, text):
+        if text and not self.getvalue():
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(text)
+
+
+def test_ctrl_c_in_a_chat_fed_by_a_pipe_ends_it_with_130(chat_engine):
+    """Probe of issue 25: `printf 'hi\\n' | run-pipeline --chat`, then Ctrl-C while it answered: the
+    reply stopped, the hint said 'Ctrl-C again to quit', the input ended and the chat exited 0. With
+    no person at a prompt, one Ctrl-C ends it as it ends a run without --chat: 130, one line."""
+    from layerstream.coordinator.repl import chat
+
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    out, err = _CtrlCOnFirstText(), io.StringIO()
+    assert chat(chat_engine, params, reader=_Lines(["hello", "never read"]), out=out, err=err) == 130
+    assert err.getvalue() == "run-pipeline: interrupted\n"
+    reply = out.getvalue()
+    assert reply.endswith("\n") and 0 < len(reply) and "\n" not in reply[:-1]  # its text so far, its line ended
+    # and a Ctrl-C while the next line is awaited from the pipe
+    err = io.StringIO()
+    assert chat(chat_engine, params, reader=_Lines([KeyboardInterrupt, "hello"]), out=out, err=err) == 130
+    assert err.getvalue() == "run-pipeline: interrupted\n"
 
 
 def test_chat_prompt_goes_to_a_terminal_never_into_piped_output():
