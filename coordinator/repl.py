@@ -187,6 +187,12 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             if not reader.person:
                 return 1
             continue
+        too_long = _too_long(engine, conv, line, ids, reader.person)
+        if too_long:
+            err.write(too_long + ("; the chat ends here\n" if not reader.person else "\n"))
+            if not reader.person:
+                return 1
+            continue
         turn = Turn(engine, ids, params)
         reply = ""
         try:
@@ -196,8 +202,9 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                     out.write(piece)
                     out.flush()
         except ContextFullError:
-            out.write("\n")
-            out.flush()
+            if reply:  # (the error's line after the reply's, not on it)
+                out.write("\n")
+                out.flush()
             full = f"run-pipeline: the conversation reached the context size ({engine.cfg.ctx} tokens)"
             if not reader.person:
                 err.write(f"{full}; the chat ends here (give a larger --ctx)\n")
@@ -218,3 +225,19 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         total.add(turn.rates)
         if rates_each:
             err.write(turn.rates.line() + "\n")
+
+
+def _too_long(engine, conv: Conversation, line: str, ids: list[int], person: bool) -> str | None:
+    """Why a turn of `ids` tokens (the conversation with `line`, through the chat template) cannot
+    run: no room left in the context for a reply; None where it fits. /clear is offered to a person
+    where the message alone would fit."""
+    ctx = engine.cfg.ctx
+    if engine.cfg.on_context_full != "error" or len(ids) < ctx:
+        return None
+    fix = f"run with a larger --ctx (--ctx-size), of more than {len(ids)} tokens to leave room for the reply"
+    if not conv.turns:
+        return f"run-pipeline: the message is {len(ids)} tokens with the chat template, and the context holds {ctx}; {fix}"
+    alone = len(engine.encode_chat(Conversation(conv.system).messages(line)))
+    clear = "/clear starts over, or " if person and alone < ctx else ""
+    return (f"run-pipeline: the conversation with this message is {len(ids)} tokens, and the context holds {ctx}; "
+            f"{clear}{fix}")

@@ -479,6 +479,38 @@ def test_ctrl_c_in_a_chat_fed_by_a_pipe_ends_it_with_130(chat_engine):
     assert err.getvalue() == "run-pipeline: interrupted\n"
 
 
+def test_a_chat_message_longer_than_the_context_says_how_long_and_what_to_do(chat_engine):
+    """Probe of issue 25: a first message longer than the context said 'the conversation reached the
+    context size (64 tokens)', after a blank line on stdout. It says the message's tokens (through the
+    chat template: counted here by the engine's own encode_chat), the context's, and --ctx; a later turn
+    that overflows offers /clear to a person where the message alone would fit."""
+    from layerstream.coordinator.repl import chat
+
+    params = SamplingParams(temperature=0, max_tokens=2)
+    ctx = chat_engine.cfg.ctx
+
+    def tokens(*texts: str) -> int:
+        return len(chat_engine.encode_chat([{"role": "user", "content": t} for t in texts]))
+
+    long = "word " * 400
+    n = tokens(long)
+    assert n >= ctx
+    for reader, code in ((_Lines([long, "hello"]), 1), (_Typed([long, "/bye"]), 0)):
+        out, err = io.StringIO(), io.StringIO()
+        assert chat(chat_engine, params, reader=reader, out=out, err=err) == code
+        line = (f"run-pipeline: the message is {n} tokens with the chat template, and the context holds {ctx}; "
+                f"run with a larger --ctx (--ctx-size), of more than {n} tokens to leave room for the reply")
+        assert line + ("; the chat ends here\n" if code else "\n") in err.getvalue(), err.getvalue()
+        assert out.getvalue() == ""  # no reply, no blank line
+    half = "word " * 1
+    while tokens(half + "word ") < ctx * 2 // 3:
+        half += "word "
+    out, err = io.StringIO(), io.StringIO()
+    assert chat(chat_engine, params, reader=_Typed([half, half, "/bye"]), out=out, err=err) == 0
+    assert "run-pipeline: the conversation with this message is " in err.getvalue()
+    assert f"and the context holds {ctx}; /clear starts over, or run with a larger --ctx (--ctx-size)" in err.getvalue()
+
+
 def test_chat_prompt_goes_to_a_terminal_never_into_piped_output():
     import io
 
