@@ -224,7 +224,8 @@ class EngineCore:
         bad = [t for t in prompt if not 0 <= t < self.n_vocab]
         if bad:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        r = _Request(request_id, list(prompt), params, fresh_seed(params), StreamDecoder(self.tokenizer),
+        # control tokens (one sampled past EOS with ignore_eos) are not shown, as llama.cpp renders none
+        r = _Request(request_id, list(prompt), params, fresh_seed(params), StreamDecoder(self.tokenizer, skip_special=True),
                      StopMatcher(params.stop))
         r.drafts = self.speculation.start(r.prompt, params)
         self.waiting.append(r)

@@ -439,3 +439,33 @@ def test_the_next_turn_finds_its_prefix_in_a_row_a_step_in_flight_still_holds(to
     row1, n = c.backend.runner.steps[0][0][0], len(turn1) + len(reply)
     fed = [(row, pos[0]) for st in c.backend.runner.steps for row, t, pos in st if t == turn2[n:]]
     assert fed == [(row1, n)] and c.reused_tokens == n
+
+
+class ScriptedModel(FakeModel):
+    """Greedy picks script[position] (the last one past its end)."""
+
+    def __init__(self, script: list[int]):
+        super().__init__()
+        self.script = script
+
+    def logits(self, token: int, position: int) -> torch.Tensor:
+        out = torch.zeros(V)
+        out[self.script[min(position, len(self.script) - 1)]] = 10.0
+        return out
+
+
+def test_control_tokens_generated_past_eos_are_not_shown(tokenizer):
+    """Probe of issue 25: with ignore_eos the text showed `<|im_end|>` and the next turn's
+    `<|im_start|>user`; llama.cpp renders no control token by default. Here the end-of-text and the
+    begin-of-text tokens come between letters: the text is the letters alone, their ids all returned."""
+    control = [i for i in range(V) if tokenizer.is_control(i)]
+    assert set(control) >= set(tokenizer.eos_ids) and len(control) >= 2
+    letters = tokenizer.encode("ab", add_special=False)
+    ids = [letters[0], control[0], control[1], letters[1]]
+    prompt = [1, 2]
+    c = EngineCore(FakeBackend(ScriptedModel([0] * (len(prompt) - 1) + ids)), tokenizer, V, max_seqs=1, ctx=64,
+                   step_tokens=8)
+    c.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=len(ids), ignore_eos=True))
+    outs = run(c)["r"]
+    assert [t for o in outs for t in o.token_ids] == ids
+    assert "".join(o.text for o in outs) == tokenizer.decode(ids, skip_special=True) == "ab"
