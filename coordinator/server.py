@@ -57,6 +57,8 @@ class Server:
         self.metrics = Metrics()
         self.worker: EngineWorker | None = None
         self.on_failure = None  # called on the loop once the engine has failed (serve: stop, exit non-zero)
+        self.body_reads: set[asyncio.Task] = set()  # bodies still arriving (end_requests ends them)
+        self.ending = False  # end_requests was called: the server stops
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="layerstream-parse")  # bodies and prompts
         self.created = int(time.time())
         self.max_prompt_bytes = engine.cfg.ctx * _longest_piece(engine)
@@ -79,6 +81,16 @@ class Server:
         self.worker.stop()
         self.worker.join(timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def end_requests(self) -> None:
+        """The stop's grace ran out (NOTE [ server shutdown ]): the engine aborts its requests, and a
+        body still arriving is answered 503 at once (a stalled upload held the stop for 3 s more, for
+        as long as the engine's aborts were given)."""
+        self.ending = True
+        if self.worker is not None:
+            self.worker.abort_all()
+        for t in list(self.body_reads):
+            t.cancel()
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -151,15 +163,25 @@ class Server:
                     held = size
                 chunks.append(chunk)
 
+        reading = asyncio.ensure_future(asyncio.wait_for(read(), self.limits.body_timeout_s))
+        self.body_reads.add(reading)
         try:
-            await asyncio.wait_for(read(), self.limits.body_timeout_s)
+            await reading
         except asyncio.TimeoutError:
             self.bodies.give(held)
             raise ApiError(408, f"the body did not arrive within {self.limits.body_timeout_s:g} s",
                            code="request_timeout", headers={"Connection": "close"}) from None
+        except asyncio.CancelledError:
+            self.bodies.give(held)
+            if self.ending and reading.cancelled() and not asyncio.current_task().cancelling():  # (end_requests)
+                raise ApiError(503, "the server is stopping", kind="server_error", code="server_stopping",
+                               headers={"Connection": "close"}) from None
+            raise
         except BaseException:
             self.bodies.give(held)
             raise
+        finally:
+            self.body_reads.discard(reading)
         return b"".join(chunks), held
 
     def _prepare(self, raw: bytes, kind: str) -> tuple[GenRequest, list[int]]:
@@ -426,7 +448,7 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
                         for k, v in defaults.items() if v != DEFAULTS[k])  # (as a request's JSON spells them)
     print(f"layerstream: serving {model_id} on http://{host}:{port}/v1"
           + (f" (requests that do not set them get {changed})" if changed else ""), flush=True)
-    http = GracefulServer(uvicorn_config(server, host, port, grace_s), lambda: server.worker, grace_s)
+    http = GracefulServer(uvicorn_config(server, host, port, grace_s), server.end_requests, grace_s)
     server.on_failure = lambda: setattr(http, "should_exit", True)
     # a closed terminal (SIGHUP) stops the server as SIGTERM does (NOTE [ server shutdown ]): at its
     # default it ended at once, its clients' streams cut

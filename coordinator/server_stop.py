@@ -5,12 +5,13 @@ On SIGTERM or a first Ctrl-C the server closes its listening socket and its idle
 gives the requests in flight `grace_s` to finish, saying so once on stderr (how many, how long,
 Ctrl-C again to stop now). Once they are answered it stops; when the grace runs out, or on a second
 signal, the engine aborts what is left and each handler answers as usual, with the text it has and
-finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`). Connections whose
-client does not read that within ABORT_WAIT_S are dropped. Only then is the engine's thread stopped
-and joined (the lifespan's end), before the launcher closes the pipeline under it. uvicorn's own
-shutdown cancelled the handlers at the grace instead (a traceback each, the stream cut without
-[DONE]), and on a second Ctrl-C skipped the lifespan's end, so the engine thread stepped on while
-the pipeline closed (ZMQ errors, "engine failed"). This rests on uvicorn.Server's attributes
+finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request whose body is
+still arriving is answered 503 then, so that a stalled upload never holds the stop past the grace.
+Connections whose client does not read that within ABORT_WAIT_S are dropped. Only then is the
+engine's thread stopped and joined (the lifespan's end), before the launcher closes the pipeline
+under it. uvicorn's own shutdown cancelled the handlers at the grace instead (a traceback each,
+the stream cut without [DONE]), and on a second Ctrl-C skipped the lifespan's end, so the engine
+thread stepped on while the pipeline closed (ZMQ errors, "engine failed"). This rests on uvicorn.Server's attributes
 (`servers`, `server_state`, `lifespan`, `_captured_signals`), which test_server.py exercises.
 
 finish_reason "abort" (vLLM's word for a request it ended) rather than an error: the openai clients
@@ -39,13 +40,13 @@ ABORT_WAIT_S = 3.0
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server, stopped as NOTE [ server shutdown ] says; `worker()` gives the engine's
-    EngineWorker (None before the lifespan starts it)."""
+    """uvicorn's server, stopped as NOTE [ server shutdown ] says; `end_requests()` (Server's) ends the
+    requests left when the grace runs out."""
 
-    def __init__(self, config: uvicorn.Config, worker: Callable[[], object], grace_s: float = GRACE_S,
+    def __init__(self, config: uvicorn.Config, end_requests: Callable[[], None], grace_s: float = GRACE_S,
                  err=sys.stderr):
         super().__init__(config)
-        self.worker, self.grace_s, self.err = worker, grace_s, err
+        self.end_requests, self.grace_s, self.err = end_requests, grace_s, err
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self._captured_signals:  # the first signal sets the exit status (uvicorn raises it again)
@@ -69,9 +70,8 @@ class GracefulServer(uvicorn.Server):
                   f"{self.grace_s:g} s to finish; {again} ends {'them' if n != 1 else 'it'} now",
                   file=self.err, flush=True)
         await _until(lambda: not tasks or self.force_exit, self.grace_s)
-        worker = self.worker()
-        if tasks and worker is not None:
-            worker.abort_all()
+        if tasks:
+            self.end_requests()
             await _until(lambda: not tasks, ABORT_WAIT_S)
         if tasks:  # clients that do not read their answers
             for connection in list(self.server_state.connections):

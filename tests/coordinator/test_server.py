@@ -1130,3 +1130,43 @@ def test_a_text_cut_mid_character_drops_the_tail_in_the_server_and_the_cli(live,
     assert events[-1] == "[DONE]"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
     assert "".join(Turn(smollm_engine, tok.encode(prompt), params).pieces()) == want
+
+
+def test_a_stalled_upload_does_not_hold_the_stop_past_its_grace():
+    """Probe of issue 25: a client that sent a request's head and half its body, then waited, held a
+    SIGTERM's stop for 3 s past the 5 s grace (the wait given to the engine's aborts). Now the body is
+    answered 503 'the server is stopping' when the grace runs out (1 s here), and the server stops then."""
+    import io
+    from types import SimpleNamespace
+
+    from layerstream.coordinator.http_guard import Limits
+    from layerstream.coordinator.server import Server, uvicorn_config
+    from layerstream.coordinator.server_stop import GracefulServer
+
+    engine = SimpleNamespace(core=_TimedCore(pass_s=0.01), cfg=SimpleNamespace(ctx=64), hparams=SimpleNamespace(n_vocab=4),
+                             tokenizer=SimpleNamespace(token_bytes=lambda i: b"x"), chat_template=None)
+    server = Server(engine, "m", None, limits=Limits(body_stall_s=30, body_timeout_s=60))
+    port, grace = _free_port(), 1.0
+    http = GracefulServer(uvicorn_config(server, "127.0.0.1", port, grace_s=grace), server.end_requests, grace,
+                          err=io.StringIO())
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not http.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s = _post_head(port, 1000)
+    try:
+        s.sendall(b'{"prompt": "hel')
+        time.sleep(0.3)  # (its handler reads the body by now)
+        t0 = time.monotonic()
+        http.handle_exit(signal.SIGTERM, None)
+        thread.join(30)
+        took = time.monotonic() - t0
+        reply = _reply(s)
+    finally:
+        s.close()
+        http.force_exit = http.should_exit = True
+        thread.join(10)
+    assert not thread.is_alive() and took < grace + 1.0, took
+    assert reply.startswith(b"HTTP/1.1 503") and b"connection: close" in reply.lower(), reply
+    assert server.bodies.held == 0 and not server.body_reads
