@@ -20,6 +20,21 @@ def pytest_configure(config):
 
     if "LAYERSTREAM_CACHE_DIR" not in os.environ:
         config._layerstream_cache = os.environ["LAYERSTREAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="layerstream-cache-")
+    _share_the_cores()
+
+
+def _share_the_cores() -> None:
+    """Under xdist (-n N) each worker computes on its share of the cores, not on all of them.
+
+    torch and the native kernel's pool (cpu/qdot.c, one call's pieces waited for by the caller)
+    start as many threads as there are cores; with every worker doing so, a worker's call waits
+    for a piece whose thread the other worker has pushed off its core, and the engine tests ran
+    2 to 10 times slower on CI's 2 cores (the same files: about 145 s one after another, 300 s
+    under -n 2). The kernel's several-thread path keeps its own tests (test_cpu_native.py passes
+    `threads` explicitly)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_unconfigure(config):
