@@ -170,8 +170,27 @@ def read_metadata(reader) -> dict[str, Any]:
     return {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def _open_reader(path: str):
+def _reader_class():
     import gguf
+    import numpy as np
+
+    class Reader(gguf.GGUFReader):
+        """gguf-py's reader over a plain ndarray view of its memmap (the memmap stays its base): the
+        parse's millions of slices went through np.memmap's Python-level __getitem__ and
+        __array_finalize__, most of a 128k-token vocabulary's parse."""
+
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, value):
+            self._plain = value.view(np.ndarray)
+
+    return Reader
+
+
+def _open_reader(path: str):
 
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
@@ -181,7 +200,7 @@ def _open_reader(path: str):
         raise ModelError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); pass a .gguf model file")
     scan_header(path)  # counts and lengths against the file, before gguf-py trusts them
     try:
-        return gguf.GGUFReader(path, "r")
+        return _reader_class()(path, "r")
     except MemoryError:
         raise  # not damage: read_header says so
     except Exception as e:  # gguf raises ValueError, IndexError, struct errors on damage

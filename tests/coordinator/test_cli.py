@@ -325,8 +325,8 @@ def test_chat_without_a_template_is_refused_from_the_one_key_with_a_cold_header_
     chat = _chat_model(tmp_path)
     monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", str(tmp_path / "cache"))
     parsed = []
-    real_reader = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parsed.append(a[0]) or real_reader(*a, **k))
+    real_init = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda *a, **k: parsed.append(a[1]) or real_init(*a, **k))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
     with pytest.raises(SystemExit) as e:
         cli.main(["-m", base, "--chat", "--device", "cpu", "hello"])

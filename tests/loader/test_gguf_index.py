@@ -356,8 +356,8 @@ def test_header_cache_follows_the_file(tmp_path, monkeypatch):
     assert len(entries) == 2
     entries[-1].write_bytes(b"\x92not msgpack")
     parses = []
-    real = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(1) or real(*a, **k))
+    real = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda *a, **k: parses.append(1) or real(*a, **k))
     assert open_model(path).hparams.n_layer == 3 and parses == [1]
     assert open_model(path).hparams.n_layer == 3 and parses == [1]  # the entry was rewritten
     # truncating the file after it was cached still fails as a truncated file
@@ -399,3 +399,17 @@ def test_metadata_of_the_wrong_type_is_one_line_naming_key_and_type(tmp_path, ke
     with pytest.raises(ModelError, match=match) as e:
         open_model(bad)
     assert str(e.value).startswith(f"{bad}: ") and "\n" not in str(e.value)
+
+
+def test_the_reader_over_a_plain_view_reads_what_gguf_py_reads(tmp_path):
+    """The header is parsed through a plain ndarray view of the memmap (np.memmap's Python-level
+    slicing made most of a large vocabulary's parse): every field and tensor as gguf-py's own reader."""
+    from layerstream.loader.gguf_index import _open_reader, read_metadata
+
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    fast, ref = _open_reader(path), gguf.GGUFReader(path)
+    assert type(fast.data) is np.ndarray and isinstance(ref.data, np.memmap)
+    assert read_metadata(fast) == read_metadata(ref) and fast.data_offset == ref.data_offset
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in fast.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ref.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(fast.tensors, ref.tensors))
