@@ -326,14 +326,14 @@ def run(args) -> int:
 
 def _run_bound(args, api_key, sock) -> int:
     terminal = sys.stderr.isatty()
-    index = check_header(args)
     warm = None
-    if not args.single_process:  # the children import while this process checks and plans (NOTE [ warm starts ])
+    if not args.single_process:  # the children import while this process parses, checks and plans (NOTE [ warm starts ])
         from layerstream.coordinator.supervisor import WarmStarts, warm_starts_pay
 
         if warm_starts_pay():
             warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
     try:
+        index = check_header(args)
         check_quants(index)
         check_device(args)
         params = _sampling(args)
