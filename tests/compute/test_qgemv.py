@@ -32,11 +32,12 @@ def test_gemv_covers_the_types_it_claims():
 def test_gemv_matches_float64_over_gguf_dequantization(qt):
     """1 to 16 rows of x, in program tiles of 1, 2, 4 or 16 rows (3 and 5 rows pad theirs), with
     a bias; K of 2 and 3 chunks walked 1 or 2 chunks a step (3 chunks in steps of 2: a masked
-    tail), and Q8_0's K not a multiple of 256 (blocks past the last masked); 13 and 5 rows of W
-    (one or two a program)."""
+    tail), and Q8_0's K not a multiple of 256 (blocks past the last masked); 5 and 3 rows of W
+    (one or two a program: at two the last program masked; the interpreter's time grows with the
+    programs, so the rows are the fewest that keep that)."""
     rng = np.random.default_rng(700 + int(qt))
     gen = torch.Generator().manual_seed(int(qt))
-    shapes = [(13, 512), (5, 768)] + ([(7, 96), (3, 576)] if GGML_QUANT_SIZES[qt][0] == 32 else [])
+    shapes = [(5, 512), (3, 768)] + ([(3, 96), (3, 576)] if GGML_QUANT_SIZES[qt][0] == 32 else [])
     for N, K in shapes:
         b = random_blocks(rng, qt, N, K)
         ref_w = reference(b, qt, N, K)
