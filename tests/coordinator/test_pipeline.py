@@ -259,16 +259,16 @@ def test_streamed_experts_as_blocks_run_grouped(tmp_path):
 def test_decode_copies_the_predicted_experts_ahead(tmp_path):
     """NOTE [ expert prefetch ]: each streamed layer's router, applied to the layer before's expert
     input, predicts its experts, which are copied ahead. Where they come from never changes the
-    tokens (those of the single-process engine, with the prefetch and without); the step's chosen
-    experts are the same (cached + copied ahead + copied after the router), and those copied
-    ahead are not copied again."""
+    tokens (those of the single-process engine on dequantized weights, with the prefetch and
+    without); the step's chosen experts are the same (cached + copied ahead + copied after the
+    router), and those copied ahead are not copied again."""
     pytest.importorskip("triton")
     path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q8_0", n_layer=3, n_expert=8,
                                n_expert_used=2, seed=5)
     prompts = [[5, 17, 33], [9, 3]]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     cache_gb = 2 * (3 * 128 * 68) / 2**30  # two of a layer's 8 experts: most of a step's are not cached
-    with _engine(path, dtype="float32", weights="quantized") as e:
+    with _engine(path, dtype="float32", weights="dense") as e:  # (dense: no Triton kernel, slow under the interpreter)
         want = e.generate_batch(prompts, params)
     got = {}
     for ahead in (0, 3):
@@ -762,12 +762,12 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     """NOTE [ CPU experts ]: with --cpu-share the CPU computes half of each decode step's missing
     experts (Q4_K, packed for aten's int4 matmul on first use) while the device fetches and
     computes the rest, whose grouped launches leave the CPU's pairs out. One-token steps, teacher
-    forced: the logits of the single-process engine."""
+    forced: the logits of the single-process engine (its weights dequantized)."""
     pytest.importorskip("triton")
     path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q4_K", n_layer=2, n_embd=256,
                                n_ff=256, n_expert=8, n_expert_used=2, seed=7)
     ids = [5, 17, 33, 80, 81, 90, 100, 7]
-    with _engine(path, dtype="float32", weights="quantized") as e:
+    with _engine(path, dtype="float32", weights="dense") as e:  # (dense: no Triton kernel, slow under the interpreter)
         want = e.logits(ids)
     # (prefetch off: experts copied ahead are not missing, and the CPU would take fewer)
     pcfg = PipelineConfig(budget=Budget(resident_layers=0, step_tokens=1), cpu=CpuOptions(share="0.5"),
