@@ -34,7 +34,9 @@ class _Streamed:
             for t in lay.tensors:
                 host[t.slot_offset : t.slot_offset + t.nbytes] = index.tensor_bytes(index.layers[i][t.name])
             self.host[i] = host
-        self.whole = {i: {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()}
+        # (a prompt's whole layers dequantized: the same in every run, and no Triton kernel, which
+        # the interpreter runs slowly)
+        self.whole = {i: {n: load_tensor(index, t, "cpu", torch.float32, False) for n, t in index.layers[i].items()}
                       for i in range(len(self.layouts))}
         self.cache, self.cpu, self.frac, self.ahead = cache, cpu, frac, ahead
         self.prompt = False  # a prompt step streams whole layers (as in the pipeline)
@@ -115,14 +117,20 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
     return torch.stack(logits), getattr(src, "graphed", 0), cpu, cache, getattr(src, "early", 0)
 
 
-def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
-    """With and without the CPU's share of the experts (half of each step's missing ones), and
-    with the next layer's graph A launched early."""
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    """The model and its eager decode's logits, which both tests compare with (the tests only read them)."""
     pytest.importorskip("triton")
     # Q4_0 (4-bit, which the CPU's experts need) is the block type the interpreter runs fastest
-    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
-                               n_ff=64, n_expert=8, n_expert_used=2, seed=9)
-    want, _, _, _, _ = _decode(path, graphs=False, frac=0.0)
+    path = ggufgen.write_model(str(tmp_path_factory.mktemp("moe") / "moe.gguf"), arch="qwen3moe", qtype="Q4_0",
+                               n_layer=2, n_embd=64, n_ff=64, n_expert=8, n_expert_used=2, seed=9)
+    return path, _decode(path, graphs=False, frac=0.0)[0]
+
+
+def test_streamed_moe_graph_path_matches_eager_layers(eager):
+    """With and without the CPU's share of the experts (half of each step's missing ones), and
+    with the next layer's graph A launched early."""
+    path, want = eager
     for frac, ahead in ((0.0, False), (0.5, False), (0.0, True), (0.5, True)):
         got, graphed, cpu, cache, early = _decode(path, graphs=True, frac=frac, ahead=ahead)
         assert graphed == 2 * 3  # every decode step's two layers ran through the graph path
@@ -137,13 +145,10 @@ def test_streamed_moe_graph_path_matches_eager_layers(tmp_path):
         assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), frac
 
 
-def test_graph_path_when_the_cpu_takes_experts_in_some_steps_only(tmp_path):
+def test_graph_path_when_the_cpu_takes_experts_in_some_steps_only(eager):
     """A layer's graph B weighs the CPU's pairs 0 through its keep weights; where the CPU then
     takes none, they must be 1 again (graphs.py uploads them only when that changes)."""
-    pytest.importorskip("triton")
-    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
-                               n_ff=64, n_expert=8, n_expert_used=2, seed=9)
-    want, _, _, _, _ = _decode(path, graphs=False, frac=0.0)
+    path, want = eager
     got, graphed, cpu, _, _ = _decode(path, graphs=True, frac=1.0, alternate=True)
     assert graphed == 2 * 3 and cpu.computed > 0
     assert (got.argmax(-1) == want.argmax(-1)).all()
