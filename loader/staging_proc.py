@@ -7,10 +7,20 @@ arena.py), reports its ArenaDesc in Ready, and unlinks it when told to shut down
 when the coordinator is gone (parent watchdog), or when it is terminated (SIGTERM runs the
 same cleanup). The host cache's policy lives in the coordinator's scheduler beside the
 prefetch logic (it is bookkeeping over slot ids), which saves a message hop per layer.
+
+A SIGTERM raises ShutdownRequested wherever the main thread is, so it is held back while the arena
+is made, until the context that unlinks it holds it (one that landed between the segment's
+registration with the resource tracker and its finalizer left the segment to the tracker, which
+warned of a leak after the run's one line), and once the process stops, further SIGTERMs (the
+shutdown ladder's second, when the first is slow to be taken) are ignored, so that no cleanup is
+cut short between the finalizer's detach and the unlink. Held back by a flag its handler reads, not
+by the signal mask: the kernel hands the signal to any thread that does not block it (numpy's
+OpenBLAS threads), and Python runs the handler in the main thread whatever its mask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from dataclasses import dataclass
@@ -32,27 +42,58 @@ class StagingConfig:
 
 def main(cfg: StagingConfig) -> None:
     """Process entry point (multiprocessing spawn target)."""
-
-    def on_term(signum, frame):
-        raise ShutdownRequested("terminated")
-
-    signal.signal(signal.SIGTERM, on_term)
+    term = _Term()
+    signal.signal(signal.SIGTERM, term)
 
     def body(links: ChildLinks) -> None:
-        with Arena.create(cfg.n_slots, cfg.slot_bytes) as arena:
-            links.ready({"arena": to_wire(arena.describe())})
+        with contextlib.ExitStack() as owned:
+            with term.held():  # (taken once the arena is owned: the module's docstring)
+                arena = owned.enter_context(Arena.create(cfg.n_slots, cfg.slot_bytes))
             # its pages are made while the others start (NOTE [ populating the arena ] in arena.py)
             stop = threading.Event()
             filler = threading.Thread(target=arena.populate, args=(cfg.populate_threads, stop),
                                       name="arena-populate", daemon=True)
-            if cfg.populate_threads:
-                filler.start()
             try:
+                links.ready({"arena": to_wire(arena.describe())})
+                if cfg.populate_threads:
+                    filler.start()  # (in the try: a SIGTERM taken as it returns still stops the thread first)
                 while True:
                     links.recv()  # nothing to do but stay alive and answer control messages
             finally:
+                term.stopping = True  # however asked to stop
                 stop.set()
                 if filler.is_alive():
                     filler.join(5.0)  # (a chunk's madvise is short) before the mapping goes
 
     run_child("staging", cfg.ident, cfg.endpoints, cfg.parent_pid, body)
+
+
+class _Term:
+    """The SIGTERM handler: ShutdownRequested, held back while `held()` and never twice (the module's
+    docstring)."""
+
+    def __init__(self):
+        self.holding = self.pending = self.stopping = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.stopping:
+            return
+        if self.holding:
+            self.pending = True
+            return
+        self._raise()
+
+    def _raise(self) -> None:
+        self.stopping = True
+        raise ShutdownRequested("terminated")
+
+    @contextlib.contextmanager
+    def held(self):
+        """A SIGTERM meanwhile is raised once the block is done (if it ends without an error)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            self._raise()
