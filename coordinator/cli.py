@@ -54,7 +54,8 @@ def check_header(args):
     """The model's header: architecture and hyperparameters, and a chat template where --chat
     needs one (torch is not imported)."""
     from layerstream.loader.default_model import default_model_path
-    from layerstream.loader.gguf_index import header_cached, open_model
+    from layerstream.loader.gguf_index import open_model
+    from layerstream.loader.header_cache import header_cached
     from layerstream.loader.header_scan import find_string
 
     path = args.model or default_model_path()

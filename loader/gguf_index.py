@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from layerstream.errors import ModelError
+from layerstream.loader import header_cache
 from layerstream.loader.header_scan import scan_header
 from layerstream.loader.metadata import REQUIRED, meta
 
@@ -239,101 +240,17 @@ def _check_extents(tensors: list[TensorInfo], path: str) -> None:
             )
 
 
-# NOTE [ the header cache ]
-# gguf-py's reader parses a metadata array one element at a time: about 15 to 20 s for a
-# 262k-token vocabulary (Gemma 3's; 17 s for the 270M model on a 2-core machine), at every start.
-# So each file's parsed header (its metadata and tensor table) is kept in a cache directory as
-# msgpack, keyed by the file's real path, size, inode, change times and first MiB; a later open
-# reads it in well under a second. A cache entry that is missing, unreadable or of another
-# format is parsed again and rewritten; a file that changes gets a new key. The tensors' extents
-# are checked against the file either way. A header whose entry would pass MAX_CACHE_ENTRY is not
-# cached (real ones are a few MB; NOTE [ header sizes ] bounds what a parse may hold), and an entry
-# that large is not read. LAYERSTREAM_CACHE_DIR sets the directory (default:
-# $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
-HEADER_CACHE_FORMAT = 2  # 2: headers checked by scan_header before they are cached
-MAX_CACHE_ENTRY = 64 << 20
-
-
-def _cache_dir() -> str | None:
-    d = os.environ.get("LAYERSTREAM_CACHE_DIR")
-    if d == "0":
-        return None
-    if not d:
-        d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                         "layerstream")
-    return os.path.join(d, "headers")
-
-
-def _cache_path(path: str) -> str | None:
-    import hashlib
-
-    d = _cache_dir()
-    if d is None:
-        return None
-    st = os.stat(path)
-    key = hashlib.sha256(f"{HEADER_CACHE_FORMAT}\0{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                         f"{st.st_ctime_ns}\0{st.st_ino}\0".encode())
-    with open(path, "rb") as fh:  # and the header's first bytes, where timestamps are coarse
-        key.update(fh.read(1 << 20))
-    return os.path.join(d, key.hexdigest()[:32] + ".msgpack")
-
-
-def _read_cached(cache: str, path: str) -> tuple[dict[str, Any], list[TensorInfo]] | None:
-    import msgpack
-
-    try:
-        with open(cache, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size > MAX_CACHE_ENTRY:
-                return None
-            got = msgpack.unpackb(fh.read(), strict_map_key=False)
-        if got.get("format") != HEADER_CACHE_FORMAT or not isinstance(got.get("metadata"), dict):
-            return None
-        tensors = [TensorInfo(name, qtype, tuple(shape), path, offset, nbytes)
-                   for name, qtype, shape, offset, nbytes in got["tensors"]]
-        return got["metadata"], tensors
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException):
-        return None  # absent or damaged: parsed again
-
-
-def _write_cached(cache: str, md: dict[str, Any], tensors: list[TensorInfo]) -> None:
-    import msgpack
-
-    body = {"format": HEADER_CACHE_FORMAT, "metadata": md,
-            "tensors": [[t.name, t.qtype, list(t.shape), t.offset, t.nbytes] for t in tensors]}
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    try:
-        packed = msgpack.packb(body)
-        if len(packed) > MAX_CACHE_ENTRY:
-            return
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(packed)
-        os.replace(tmp, cache)  # (whole or not at all, for a reader in another process)
-    except (OSError, TypeError, ValueError):
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # a cache that cannot be written costs a parse next time, nothing else
-
-
-def header_cached(path: str) -> bool:
-    """Whether the header cache holds an entry for the file as it is now (NOTE [ the header cache ])."""
-    try:
-        cache = _cache_path(path)
-    except OSError:
-        return False
-    return cache is not None and os.path.isfile(cache)
-
-
 def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
     """One GGUF file's metadata (read_metadata) and tensor table, from the header cache where it
-    holds them (NOTE [ the header cache ]), else parsed by gguf-py and cached."""
+    holds them (NOTE [ the header cache ] in header_cache.py), else parsed by gguf-py and cached."""
     try:
-        cache = _cache_path(path)
+        cache = header_cache.cache_path(path)
     except OSError:
         cache = None  # (a missing or unreadable file: _open_reader says what is wrong)
-    got = _read_cached(cache, path) if cache is not None else None
-    if got is None:
+    cached = header_cache.read_cached(cache) if cache is not None else None
+    got = cached and (cached[0], [TensorInfo(name, qtype, tuple(shape), path, offset, nbytes)
+                                  for name, qtype, shape, offset, nbytes in cached[1]])
+    if not got:
         try:
             reader = _open_reader(path)
             got = read_metadata(reader), _tensors_of(reader, path)
@@ -341,7 +258,8 @@ def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
             raise ModelError(f"{path}: the GGUF header does not fit in the memory this process may take; free "
                              "memory or raise its limit") from None
         if cache is not None:
-            _write_cached(cache, *got)
+            header_cache.write_cached(cache, got[0], [[t.name, t.qtype, list(t.shape), t.offset, t.nbytes]
+                                                      for t in got[1]])
     _check_extents(got[1], path)
     return got
 

@@ -317,7 +317,7 @@ def test_moe_layer_missing_an_expert_tensor_names_it(tmp_path):
         open_model(path)
 
 
-# -- the header cache (NOTE [ the header cache ] in loader/gguf_index.py) ---------------------------
+# -- the header cache (NOTE [ the header cache ] in loader/header_cache.py) ---------------------------
 
 def _same_types(a, b) -> bool:
     if type(a) is not type(b):
@@ -413,3 +413,22 @@ def test_the_reader_over_a_plain_view_reads_what_gguf_py_reads(tmp_path):
     assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in fast.tensors] == \
         [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ref.tensors]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(fast.tensors, ref.tensors))
+
+
+def test_a_header_cache_entry_with_damaged_rows_is_parsed_again(tmp_path, monkeypatch):
+    """A cache entry of the right format whose tensor rows are not [name, qtype, shape, offset,
+    nbytes] is taken as absent: the header is parsed again and the entry rewritten."""
+    import msgpack
+
+    from layerstream.loader import header_cache
+
+    monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    want = open_model(path).hparams
+    (entry,) = (tmp_path / "cache" / "headers").iterdir()
+    body = msgpack.unpackb(entry.read_bytes(), strict_map_key=False)
+    body["tensors"][0][2] = 7  # a shape that is not a list
+    entry.write_bytes(msgpack.packb(body))
+    assert header_cache.read_cached(str(entry)) is None
+    assert open_model(path).hparams == want
+    assert header_cache.read_cached(str(entry)) is not None

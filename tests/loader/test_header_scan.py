@@ -145,14 +145,14 @@ def test_a_real_2gb_string_is_refused_and_never_cached(tmp_path, monkeypatch):
 def test_the_header_cache_skips_an_entry_over_its_cap(tmp_path, monkeypatch):
     """A header that passes the scan but would make a cache entry over MAX_CACHE_ENTRY is parsed
     every time and never cached."""
-    import layerstream.loader.gguf_index as gi
+    import layerstream.loader.header_cache as hc
 
     monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", str(tmp_path / "cache"))
     src = ggufgen.write_model(tmp_path / "m.gguf")
-    monkeypatch.setattr(gi, "MAX_CACHE_ENTRY", 100)  # below this model's header
+    monkeypatch.setattr(hc, "MAX_CACHE_ENTRY", 100)  # below this model's header
     assert open_model(src).hparams.n_layer == 2
     assert not (tmp_path / "cache" / "headers").exists() or not list((tmp_path / "cache" / "headers").iterdir())
-    monkeypatch.setattr(gi, "MAX_CACHE_ENTRY", 64 << 20)
+    monkeypatch.setattr(hc, "MAX_CACHE_ENTRY", 64 << 20)
     assert open_model(src).hparams.n_layer == 2
     assert len(list((tmp_path / "cache" / "headers").iterdir())) == 1
 
