@@ -53,7 +53,7 @@ _attach_lock = threading.Lock()
 # cache is written once in the first pass, so that is the host cache's fill rate, and on CUDA
 # the compute process's cudaHostRegister of the whole arena allocates the pages it finds
 # missing in its own one thread. So the staging process allocates them ahead, on several
-# threads at once, right after it reports the arena (madvise MADV_POPULATE_WRITE, Linux 5.14:
+# threads at once, as it reports the arena (madvise MADV_POPULATE_WRITE, Linux 5.14:
 # it makes pages without writing to them, so it is safe beside readers already writing, and
 # a failure only leaves pages to be made on first touch, as before).
 POPULATE_CHUNK = 64 << 20

@@ -13,7 +13,8 @@ is made, until the context that unlinks it holds it (one that landed between the
 registration with the resource tracker and its finalizer left the segment to the tracker, which
 warned of a leak after the run's one line), and once the process stops, further SIGTERMs (the
 shutdown ladder's second, when the first is slow to be taken) are ignored, so that no cleanup is
-cut short between the finalizer's detach and the unlink. Held back by a flag its handler reads, not
+cut short between the finalizer's detach and the unlink (nor the wait for the thread that makes the
+arena's pages, which must end before the mapping goes). Held back by a flag its handler reads, not
 by the signal mask: the kernel hands the signal to any thread that does not block it (numpy's
 OpenBLAS threads), and Python runs the handler in the main thread whatever its mask.
 """
@@ -46,23 +47,25 @@ def main(cfg: StagingConfig) -> None:
     signal.signal(signal.SIGTERM, term)
 
     def body(links: ChildLinks) -> None:
+        stop, filler = threading.Event(), None
         with contextlib.ExitStack() as owned:
-            with term.held():  # (taken once the arena is owned: the module's docstring)
-                arena = owned.enter_context(Arena.create(cfg.n_slots, cfg.slot_bytes))
-            # its pages are made while the others start (NOTE [ populating the arena ] in arena.py)
-            stop = threading.Event()
-            filler = threading.Thread(target=arena.populate, args=(cfg.populate_threads, stop),
-                                      name="arena-populate", daemon=True)
             try:
+                # taken once the arena is owned and the thread that makes its pages is known to this
+                # block's end (the module's docstring; one raised inside Thread.start left it running
+                # over the closed arena: a traceback)
+                with term.held():
+                    arena = owned.enter_context(Arena.create(cfg.n_slots, cfg.slot_bytes))
+                    if cfg.populate_threads:  # its pages made while the others start (NOTE [ populating the arena ])
+                        filler = threading.Thread(target=arena.populate, args=(cfg.populate_threads, stop),
+                                                  name="arena-populate", daemon=True)
+                        filler.start()
                 links.ready({"arena": to_wire(arena.describe())})
-                if cfg.populate_threads:
-                    filler.start()  # (in the try: a SIGTERM taken as it returns still stops the thread first)
                 while True:
                     links.recv()  # nothing to do but stay alive and answer control messages
             finally:
                 term.stopping = True  # however asked to stop
                 stop.set()
-                if filler.is_alive():
+                if filler is not None:
                     filler.join(5.0)  # (a chunk's madvise is short) before the mapping goes
 
     run_child("staging", cfg.ident, cfg.endpoints, cfg.parent_pid, body)

@@ -12,7 +12,7 @@ import pytest
 # A staging process whose coordinator never answers (its parent_pid is not its parent: it stops
 # by itself within half a second), with a SIGTERM sent to itself at one point of the arena's life.
 STAGING = """
-import os, signal, sys
+import os, signal, sys, threading, time
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from layerstream.loader import staging_proc
@@ -26,24 +26,40 @@ if where == "registered":  # the segment made and registered, its finalizer not 
         register(name, rtype)
         os.kill(os.getpid(), signal.SIGTERM)
     resource_tracker.register = register_then_term
-else:  # the cleanup, under way after the stop, just before the segment's unlink: a second SIGTERM
+elif where == "unlinking":  # the cleanup, under way after the stop, just before the segment's unlink: a second SIGTERM
     unlink = SharedMemory.unlink
     def term_then_unlink(self):
         os.kill(os.getpid(), signal.SIGTERM)
         unlink(self)
     SharedMemory.unlink = term_then_unlink
+else:  # as the thread that makes the arena's pages starts (which then takes its time)
+    start, populate = threading.Thread.start, staging_proc.Arena.populate
+    def start_then_term(self):
+        start(self)
+        if self.name == "arena-populate":
+            os.kill(os.getpid(), signal.SIGTERM)
+    def slow_populate(self, threads, stop):  # (past the stop's start: the stop is set, or the arena closed)
+        deadline = time.monotonic() + 5
+        while not (stop.is_set() or self._closed) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return populate(self, threads, stop)
+    threading.Thread.start, staging_proc.Arena.populate = start_then_term, slow_populate
 endpoints = ChildEndpoints(f"ipc://{sys.argv[2]}/control", f"ipc://{sys.argv[2]}/work")
-staging_proc.main(staging_proc.StagingConfig("staging", 2, 4096, endpoints, parent_pid=-1))
+try:
+    staging_proc.main(staging_proc.StagingConfig("staging", 2, 4096, endpoints, parent_pid=-1, populate_threads=1))
+finally:
+    time.sleep(0.2)  # (a thread left running says what it met before the exit ends it)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX shared memory in /dev/shm, signal masks")
-@pytest.mark.parametrize("where", ["registered", "unlinking"])
+@pytest.mark.parametrize("where", ["registered", "unlinking", "populating"])
 def test_a_sigterm_anywhere_in_the_arenas_life_leaves_no_segment_and_no_tracker_warning(tmp_path, where):
     """Probe of issue 25: a Ctrl-C during start-up sometimes ended with the resource tracker's 'leaked
     shared_memory' warning after the run's one line. A SIGTERM that staging took between the segment's
     registration and its finalizer raised ShutdownRequested there, leaving the segment to the tracker;
-    a second one (the shutdown ladder's) in the cleanup cut it short after the finalizer's detach."""
+    a second one (the shutdown ladder's) in the cleanup cut it short after the finalizer's detach; one
+    as the arena's page-making thread started closed the arena under it (its TypeError's traceback)."""
     p = subprocess.Popen([sys.executable, "-c", STAGING, where, str(tmp_path)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=60)  # (the tracker's warning comes as its pipe closes, at the exit)
