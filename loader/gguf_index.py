@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -171,14 +172,14 @@ def read_metadata(reader) -> dict[str, Any]:
     return {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
+@functools.cache
 def _reader_class():
     import gguf
-    import numpy as np
 
     class Reader(gguf.GGUFReader):
         """gguf-py's reader over a plain ndarray view of its memmap (the memmap stays its base): the
-        parse's millions of slices went through np.memmap's Python-level __getitem__ and
-        __array_finalize__, most of a 128k-token vocabulary's parse."""
+        parse's slices, one per element of every metadata array, went through np.memmap's
+        Python-level __getitem__ and __array_finalize__, most of a large vocabulary's parse."""
 
         @property
         def data(self):
@@ -192,7 +193,6 @@ def _reader_class():
 
 
 def _open_reader(path: str):
-
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
     with open(path, "rb") as fh:
@@ -248,9 +248,10 @@ def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
     except OSError:
         cache = None  # (a missing or unreadable file: _open_reader says what is wrong)
     cached = header_cache.read_cached(cache) if cache is not None else None
-    got = cached and (cached[0], [TensorInfo(name, qtype, tuple(shape), path, offset, nbytes)
-                                  for name, qtype, shape, offset, nbytes in cached[1]])
-    if not got:
+    if cached is not None:
+        got = cached[0], [TensorInfo(name, qtype, tuple(shape), path, offset, nbytes)
+                          for name, qtype, shape, offset, nbytes in cached[1]]
+    else:
         try:
             reader = _open_reader(path)
             got = read_metadata(reader), _tensors_of(reader, path)

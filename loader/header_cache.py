@@ -7,21 +7,21 @@ import os
 from typing import Any
 
 # NOTE [ the header cache ]
-# gguf-py's reader parses a metadata array one element at a time: about 15 to 20 s for a
-# 262k-token vocabulary (Gemma 3's; 17 s for the 270M model on a 2-core machine), at every start.
-# So each file's parsed header (its metadata and tensor table) is kept in a cache directory as
-# msgpack, keyed by the file's real path, size, inode, change times and first MiB; a later open
-# reads it in well under a second. A cache entry that is missing, unreadable or of another
-# format is parsed again and rewritten; a file that changes gets a new key. The tensors' extents
-# are checked against the file either way. A header whose entry would pass MAX_CACHE_ENTRY is not
-# cached (real ones are a few MB; NOTE [ header sizes ] bounds what a parse may hold), and an entry
-# that large is not read. LAYERSTREAM_CACHE_DIR sets the directory (default:
-# $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
+# gguf-py's reader parses a metadata array one element at a time: seconds at every start for a large
+# vocabulary (BENCHMARKS.md, "The header's first parse"). So each file's parsed header (its metadata
+# and tensor table) is kept in a cache directory as msgpack, keyed by the file's real path, size,
+# inode, change times and first MiB; a later open reads it in well under a second. A cache entry
+# that is missing, unreadable or of another format is parsed again and rewritten; a file that
+# changes gets a new key. The tensors' extents are checked against the file either way. A header
+# whose entry would pass MAX_CACHE_ENTRY is not cached (real ones are a few MB;
+# NOTE [ header sizes ] bounds what a parse may hold), and an entry that large is not read.
+# LAYERSTREAM_CACHE_DIR sets the directory (default: $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
 HEADER_CACHE_FORMAT = 2  # 2: headers checked by scan_header before they are cached
 MAX_CACHE_ENTRY = 64 << 20
 
 
 def cache_dir() -> str | None:
+    """The entries' directory (NOTE [ the header cache ]), or None where the cache is off."""
     d = os.environ.get("LAYERSTREAM_CACHE_DIR")
     if d == "0":
         return None
@@ -32,6 +32,8 @@ def cache_dir() -> str | None:
 
 
 def cache_path(path: str) -> str | None:
+    """The entry of the file at `path` as it is now, or None where the cache is off (OSError where
+    the file cannot be read)."""
     import hashlib
 
     d = cache_dir()

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    """Parsed GGUF headers go to a cache of the run's own (loader/gguf_index.py, NOTE [ the header
+    """Parsed GGUF headers go to a cache of the run's own (loader/header_cache.py, NOTE [ the header
     cache ]), not the user's, and child processes share it."""
     import tempfile
 
@@ -29,12 +29,13 @@ def _share_the_cores() -> None:
     torch and the native kernel's pool (cpu/qdot.c, one call's pieces waited for by the caller)
     start as many threads as there are cores; with every worker doing so, a worker's call waits
     for a piece whose thread the other worker has pushed off its core, and the engine tests ran
-    2 to 10 times slower on CI's 2 cores (the same files: about 145 s one after another, 300 s
-    under -n 2). The kernel's several-thread path keeps its own tests (test_cpu_native.py passes
-    `threads` explicitly)."""
+    several times slower under -n 2 on CI's 2 cores than one after another. The kernel's
+    several-thread path keeps its own tests (test_cpu_native.py passes `threads` explicitly)."""
+    from layerstream.cpus import usable_cpus
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, usable_cpus() // workers))
 
 
 def pytest_unconfigure(config):

@@ -159,10 +159,9 @@ def test_on_cuda_at_8b_size_one_launch_is_the_separate_launches(qt):
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(1)
     E, Fd = 4096, 14336
-    mats = {n: torch.from_numpy(random_blocks(rng, qt, r, c).reshape(-1).copy()).to(dev)
-            for n, (r, c) in {"q": (E, E), "k": (1024, E), "v": (1024, E), "g": (Fd, E), "u": (Fd, E),
-                              "d": (E, Fd)}.items()}
-    rows = {"q": E, "k": 1024, "v": 1024, "g": Fd, "u": Fd, "d": E}
+    shapes = {"q": (E, E), "k": (1024, E), "v": (1024, E), "g": (Fd, E), "u": (Fd, E), "d": (E, Fd)}
+    mats = {n: torch.from_numpy(random_blocks(rng, qt, r, c).reshape(-1).copy()).to(dev) for n, (r, c) in shapes.items()}
+    rows = {n: r for n, (r, _) in shapes.items()}
 
     def config(M, names, K):
         """The dispatch's configuration; where qsmall takes one of the matrices (Q4_K at 2 rows) the
