@@ -72,22 +72,18 @@ def main(cfg: StagingConfig) -> None:
 
 
 class _Term:
-    """The SIGTERM handler: ShutdownRequested, held back while `held()` and never twice (the module's
-    docstring)."""
+    """The SIGTERM handler: ShutdownRequested, held back while `held()` and none once the cleanup runs
+    (`stopping`; the module's docstring)."""
 
     def __init__(self):
         self.holding = self.pending = self.stopping = False
 
     def __call__(self, signum, frame) -> None:
-        if self.stopping:
+        if self.stopping:  # (set by the cleanup itself: a SIGTERM raised but lost on its way there is raised again)
             return
         if self.holding:
             self.pending = True
             return
-        self._raise()
-
-    def _raise(self) -> None:
-        self.stopping = True
         raise ShutdownRequested("terminated")
 
     @contextlib.contextmanager
@@ -99,4 +95,4 @@ class _Term:
         finally:
             self.holding = False
         if self.pending:
-            self._raise()
+            raise ShutdownRequested("terminated")

@@ -43,8 +43,10 @@ class ChildEndpoints:
     curve: Curve | None = None  # Curve.for_client(): no server secret
 
 
-class ShutdownRequested(Exception):
-    """The coordinator asked this child to stop, or the parent is gone."""
+class ShutdownRequested(BaseException):
+    """The coordinator asked this child to stop, or the parent is gone. A BaseException, as
+    KeyboardInterrupt is: staging's SIGTERM handler raises it wherever the main thread is, and an
+    `except Exception` on its way (the codec's, around msgpack) would take it for a bad message."""
 
 
 class ChildLinks:
