@@ -314,11 +314,11 @@ class Arena:
         if not self.owner:
             raise PipelineError(f"arena {self.name} is attached, not owned: only its creator unlinks it")
         if self._finalizer is not None and self._finalizer.alive:
-            self._finalizer.detach()
             try:
                 self._shm.unlink()
             except FileNotFoundError:
                 pass
+            self._finalizer.detach()  # (after the unlink: one cut short leaves the segment to the finalizer)
 
     def __enter__(self) -> "Arena":
         return self

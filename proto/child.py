@@ -45,8 +45,8 @@ class ChildEndpoints:
 
 class ShutdownRequested(BaseException):
     """The coordinator asked this child to stop, or the parent is gone. A BaseException, as
-    KeyboardInterrupt is: staging's SIGTERM handler raises it wherever the main thread is, and an
-    `except Exception` on its way (the codec's, around msgpack) would take it for a bad message."""
+    KeyboardInterrupt is: a stop passes through any `except Exception` on its way (the codec's,
+    around msgpack, would take it for a bad message and drop it)."""
 
 
 class ChildLinks:

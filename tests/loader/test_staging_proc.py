@@ -4,13 +4,17 @@ whenever a SIGTERM lands."""
 from __future__ import annotations
 
 import glob
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-# A staging process whose coordinator never answers (its parent_pid is not its parent: it stops
-# by itself within half a second), with a SIGTERM sent to itself at one point of the arena's life.
+# A staging process whose coordinator never answers (with a parent_pid of -1, not its parent, it stops
+# by itself within half a second), with a SIGTERM sent to itself at one point of the arena's life
+# ("waiting": none, nothing patched; the test sends it).
 STAGING = """
 import os, signal, sys, threading, time
 from multiprocessing import resource_tracker
@@ -32,7 +36,7 @@ elif where == "unlinking":  # the cleanup, under way after the stop, just before
         os.kill(os.getpid(), signal.SIGTERM)
         unlink(self)
     SharedMemory.unlink = term_then_unlink
-else:  # as the thread that makes the arena's pages starts (which then takes its time)
+elif where == "populating":  # as the thread that makes the arena's pages starts (which then takes its time)
     start, populate = threading.Thread.start, staging_proc.Arena.populate
     def start_then_term(self):
         start(self)
@@ -46,13 +50,14 @@ else:  # as the thread that makes the arena's pages starts (which then takes its
     threading.Thread.start, staging_proc.Arena.populate = start_then_term, slow_populate
 endpoints = ChildEndpoints(f"ipc://{sys.argv[2]}/control", f"ipc://{sys.argv[2]}/work")
 try:
-    staging_proc.main(staging_proc.StagingConfig("staging", 2, 4096, endpoints, parent_pid=-1, populate_threads=1))
+    staging_proc.main(staging_proc.StagingConfig("staging", 2, 4096, endpoints, parent_pid=int(sys.argv[3]),
+                                                populate_threads=1))
 finally:
     time.sleep(0.2)  # (a thread left running says what it met before the exit ends it)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="POSIX shared memory in /dev/shm, signal masks")
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX shared memory in /dev/shm, POSIX signals")
 @pytest.mark.parametrize("where", ["registered", "unlinking", "populating"])
 def test_a_sigterm_anywhere_in_the_arenas_life_leaves_no_segment_and_no_tracker_warning(tmp_path, where):
     """Probe of issue 25: a Ctrl-C during start-up sometimes ended with the resource tracker's 'leaked
@@ -60,9 +65,35 @@ def test_a_sigterm_anywhere_in_the_arenas_life_leaves_no_segment_and_no_tracker_
     registration and its finalizer raised ShutdownRequested there, leaving the segment to the tracker;
     a second one (the shutdown ladder's) in the cleanup cut it short after the finalizer's detach; one
     as the arena's page-making thread started closed the arena under it (its TypeError's traceback)."""
-    p = subprocess.Popen([sys.executable, "-c", STAGING, where, str(tmp_path)], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", STAGING, where, str(tmp_path), "-1"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=60)  # (the tracker's warning comes as its pipe closes, at the exit)
     assert p.returncode == 0, err
     assert "leaked" not in err and "Traceback" not in err, err
     assert not glob.glob(f"/dev/shm/layerstream-{p.pid}-*")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX shared memory in /dev/shm, POSIX signals")
+def test_a_sigterm_stops_staging_well_before_the_shutdown_ladders_sigkill(tmp_path):
+    """A SIGTERM only sets a flag, which staging's loop reads between short waits: it must still stop
+    (exit 0, its segment unlinked) well inside the 1.5 s the shutdown ladder gives it before SIGKILL."""
+    p = subprocess.Popen([sys.executable, "-c", STAGING, "waiting", str(tmp_path), str(os.getpid())],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not glob.glob(f"/dev/shm/layerstream-{p.pid}-*"):  # (its SIGTERM handler is set by then)
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
+            time.sleep(0.05)
+        time.sleep(0.5)  # (into its loop's waits for a message)
+        p.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        while glob.glob(f"/dev/shm/layerstream-{p.pid}-*") and time.monotonic() < sent + 60:
+            time.sleep(0.01)
+        took = time.monotonic() - sent  # (to the unlink: the interpreter's exit after it is not staging's)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert took < 1.5, f"staging unlinked its arena {took:.2f} s after a SIGTERM"
