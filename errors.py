@@ -23,3 +23,15 @@ class PipelineError(LayerstreamError):
 
 class ContextFullError(LayerstreamError):
     """A sequence outgrew its KV ring and the run was asked to fail rather than slide."""
+
+
+class PromptTooLongError(ContextFullError):
+    """A prompt leaves no room in the context to generate (refused before it runs)."""
+
+    def __init__(self, tokens: int, ctx: int):
+        super().__init__(f"the prompt is {tokens} tokens, the context size ({ctx} tokens) leaves no room to "
+                         "generate; raise --ctx, shorten the prompt, or use --on-context-full slide")
+        self.tokens, self.ctx = tokens, ctx
+
+    def __reduce__(self):
+        return type(self), (self.tokens, self.ctx)

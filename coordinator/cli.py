@@ -422,10 +422,9 @@ def _stopped(how: str) -> None:
     """The one line of a run stopped by a signal. On a terminal it starts a line of its own (the
     terminal's ^C, or the reply's text, may end the line the cursor is on); into a file or a pipe
     no blank line goes before it."""
-    try:
-        lead = "\n" if sys.stderr.isatty() else ""
-    except (AttributeError, ValueError):  # (a closed or replaced stderr)
-        lead = ""
+    from layerstream.coordinator.repl import is_terminal
+
+    lead = "\n" if is_terminal(sys.stderr) else ""
     print(f"{lead}{PROG}: {how}", file=sys.stderr)
 
 

@@ -64,7 +64,7 @@ from layerstream.coordinator.kv_ring import KVRing
 from layerstream.coordinator.outputs import RequestOutput, StopMatcher
 from layerstream.coordinator.speculation import RequestDrafts, Speculation
 from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
-from layerstream.errors import ConfigError, ContextFullError, LayerstreamError
+from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, PromptTooLongError
 from layerstream.proto.messages import SamplerStart
 
 
@@ -216,9 +216,7 @@ class EngineCore:
         if not prompt:
             raise ConfigError("empty prompt: give at least one token of text")
         if self.on_context_full == "error" and len(prompt) >= self.ctx:
-            raise ContextFullError(f"the prompt is {len(prompt)} tokens, the context size ({self.ctx} tokens) "
-                                   "leaves no room to generate; raise --ctx, shorten the prompt, or use "
-                                   "--on-context-full slide")
+            raise PromptTooLongError(len(prompt), self.ctx)
         if any(r.id == request_id for r in (*self.waiting, *self.running)):
             raise ConfigError(f"request id {request_id!r} is already in use")
         bad = [t for t in prompt if not 0 <= t < self.n_vocab]

@@ -151,8 +151,8 @@ def _short(v) -> str:
 SERVED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop",
           "stream", "stream_options", "n", "ignore_eos", "user", "lookup"}
 HARMLESS_BOTH = {
-    # not 0: OpenAI answers logprobs 0 on /v1/completions with the sampled tokens' own log-probabilities
-    # (top_logprobs empty), which this server does not compute, as it refuses 1 to 5 (0 == False passed)
+    # not 0: OpenAI answers it on /v1/completions with the sampled tokens' log-probabilities, which this
+    # server does not compute (so refused as 1 to 5 are; 0 is compared as a number, not as False)
     "logprobs": lambda v: v is None or v is False,
     "presence_penalty": lambda v: v in (None, 0),
     "frequency_penalty": lambda v: v in (None, 0),

@@ -10,8 +10,8 @@ With stdin not a terminal (lines from a pipe or a file) no one can /clear a conv
 reached the context size: the first turn that fails ends the chat with status 1, the rest of the
 input unread (each later turn sent the same history again and printed the same partial text).
 Nor is anyone at a prompt to press Ctrl-C twice: one Ctrl-C, during a reply or while a line is
-awaited, ends the chat as it ends a run without --chat (the reply's text so far kept, one line
-"interrupted", status 130); the end of the input after a stopped reply exited 0.
+awaited, ends the chat as it ends a run without --chat (the reply's text so far kept; the
+KeyboardInterrupt goes on to the command, which prints its one line and exits 130).
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from layerstream.coordinator.turn import Rates, Turn
-from layerstream.errors import ContextFullError, LayerstreamError
-
-INTERRUPTED = "run-pipeline: interrupted\n"
+from layerstream.errors import ContextFullError, LayerstreamError, PromptTooLongError
 
 HELP = """commands:
   /bye          end the chat (as Ctrl-D)
@@ -70,10 +68,10 @@ class LineReader:
 
     def __init__(self, stdin=None, stdout=None, stderr=None):
         self.stdin, self.stdout, self.stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-        self.person = _isatty(self.stdin)
+        self.person = is_terminal(self.stdin)
         # input() edits with readline only when stdin and stdout are both terminals, and writes
         # its prompt to stdout: so only then
-        self.use_input = self.person and _isatty(self.stdout) and self.stdin is sys.stdin and self.stdout is sys.stdout
+        self.use_input = self.person and is_terminal(self.stdout) and self.stdin is sys.stdin and self.stdout is sys.stdout
         if self.use_input:
             try:
                 import readline  # noqa: F401 - loading it gives input() line editing and history
@@ -92,7 +90,7 @@ class LineReader:
             except KeyboardInterrupt:
                 self.typed = _line_buffer()
                 raise
-        if self.person and _isatty(self.stderr):
+        if self.person and is_terminal(self.stderr):
             self.stderr.write(prompt)
             self.stderr.flush()
         line = self.stdin.readline()
@@ -108,7 +106,8 @@ def _line_buffer() -> str:
         return ""
 
 
-def _isatty(stream) -> bool:
+def is_terminal(stream) -> bool:
+    """Whether `stream` is a terminal (False for a closed or replaced one)."""
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
@@ -141,8 +140,9 @@ class _StopOnCtrlC:
 
 def chat(engine, params, system: str | None = None, *, rates_each: bool = False, total: Rates | None = None,
          reader: LineReader | None = None, out=None, err=None) -> int:
-    """The chat loop; returns the exit status (0 for /bye and Ctrl-D, 130 for two Ctrl-C, or one with
-    stdin not a terminal, 1 where a turn failed with stdin not a terminal)."""
+    """The chat loop; returns the exit status (0 for /bye and Ctrl-D, 130 for two Ctrl-C at a person's
+    prompt, 1 where a turn failed with stdin not a terminal). With stdin not a terminal a Ctrl-C
+    raises KeyboardInterrupt on, as in a run without --chat."""
     out, err = out or sys.stdout, err or sys.stderr
     reader = reader or LineReader(stdout=out, stderr=err)
     conv = Conversation(system)
@@ -155,8 +155,7 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             line = reader.read("> ")
         except KeyboardInterrupt:
             if not reader.person:
-                err.write(INTERRUPTED)
-                return 130
+                raise
             if getattr(reader, "typed", ""):  # a line thrown away, as a shell does: never a quit
                 ctrl_c = False
                 err.write("\n")
@@ -187,12 +186,6 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             if not reader.person:
                 return 1
             continue
-        too_long = _too_long(engine, conv, line, ids, reader.person)
-        if too_long:
-            err.write(too_long + ("; the chat ends here\n" if not reader.person else "\n"))
-            if not reader.person:
-                return 1
-            continue
         turn = Turn(engine, ids, params)
         reply = ""
         try:
@@ -201,6 +194,11 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                     reply += piece
                     out.write(piece)
                     out.flush()
+        except PromptTooLongError as e:  # (refused before it ran: nothing was shown)
+            err.write(_too_long(engine, conv, line, e, reader.person) + ("; the chat ends here\n" if not reader.person else "\n"))
+            if not reader.person:
+                return 1
+            continue
         except ContextFullError:
             if reply:  # (the error's line after the reply's, not on it)
                 out.write("\n")
@@ -215,8 +213,7 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         out.flush()
         if turn.stopped and not reader.person:
             total.add(turn.rates)
-            err.write(INTERRUPTED)
-            return 130
+            raise KeyboardInterrupt
         if turn.stopped:
             ctrl_c = True
             err.write("[reply stopped; Ctrl-C again to quit]\n")
@@ -227,17 +224,13 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             err.write(turn.rates.line() + "\n")
 
 
-def _too_long(engine, conv: Conversation, line: str, ids: list[int], person: bool) -> str | None:
-    """Why a turn of `ids` tokens (the conversation with `line`, through the chat template) cannot
-    run: no room left in the context for a reply; None where it fits. /clear is offered to a person
-    where the message alone would fit."""
-    ctx = engine.cfg.ctx
-    if engine.cfg.on_context_full != "error" or len(ids) < ctx:
-        return None
-    fix = f"run with a larger --ctx (--ctx-size), of more than {len(ids)} tokens to leave room for the reply"
+def _too_long(engine, conv: Conversation, line: str, e: PromptTooLongError, person: bool) -> str:
+    """Why a turn (the conversation with `line`, through the chat template) was refused: no room left
+    in the context for a reply. /clear is offered to a person where the message alone would fit."""
+    fix = f"run with a larger --ctx (--ctx-size), of more than {e.tokens} tokens to leave room for the reply"
     if not conv.turns:
-        return f"run-pipeline: the message is {len(ids)} tokens with the chat template, and the context holds {ctx}; {fix}"
+        return f"run-pipeline: the message is {e.tokens} tokens with the chat template, and the context holds {e.ctx}; {fix}"
     alone = len(engine.encode_chat(Conversation(conv.system).messages(line)))
-    clear = "/clear starts over, or " if person and alone < ctx else ""
-    return (f"run-pipeline: the conversation with this message is {len(ids)} tokens, and the context holds {ctx}; "
+    clear = "/clear starts over, or " if person and alone < e.ctx else ""
+    return (f"run-pipeline: the conversation with this message is {e.tokens} tokens, and the context holds {e.ctx}; "
             f"{clear}{fix}")

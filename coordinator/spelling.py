@@ -70,7 +70,7 @@ def typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str,
 
 
 def refuse_glued_words(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """A single dash and several letters that name no option (llama.cpp's `-cnv`, `-fa`) would be
+    """A single dash and several letters that name no option (llama.cpp's `-fa`, `-sm`) would be
     read by argparse as a one-letter option and its value (`-n` with "gl"): refused by name."""
     known = set(parser._option_string_actions)
     flags = {s[1] for s, a in parser._option_string_actions.items()

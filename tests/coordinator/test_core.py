@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from layerstream.compute.sampling import Sampler, SamplingParams
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.engine import LocalBackend
 from layerstream.coordinator.tokenizer import Tokenizer
-from layerstream.errors import ContextFullError
+from layerstream.errors import ContextFullError, PromptTooLongError
 from layerstream.loader.gguf_index import open_model
 
 V = 256
@@ -174,8 +176,11 @@ def test_stop_strings_eos_and_lengths_per_request(tokenizer):
 
 def test_limits_are_refused_before_any_step(tokenizer):
     c = core(tokenizer, ctx=16)
-    with pytest.raises(ContextFullError, match="prompt is 16 tokens"):
+    with pytest.raises(PromptTooLongError, match="prompt is 16 tokens") as e:
         c.add_request("big", list(range(1, 17)), GREEDY)
+    assert isinstance(e.value, ContextFullError) and (e.value.tokens, e.value.ctx) == (16, 16)
+    again = pickle.loads(pickle.dumps(e.value))  # (an error that crosses a process boundary)
+    assert str(again) == str(e.value) and (again.tokens, again.ctx) == (16, 16)
     c.add_request("a", [1], GREEDY)
     with pytest.raises(Exception, match="already in use"):
         c.add_request("a", [1], GREEDY)
