@@ -83,9 +83,9 @@ class Server:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def end_requests(self) -> None:
-        """The stop's grace ran out (NOTE [ server shutdown ]): the engine aborts its requests, and a
-        body still arriving is answered 503 at once (a stalled upload held the stop for 3 s more, for
-        as long as the engine's aborts were given)."""
+        """The stop's grace ran out (NOTE [ server shutdown ]): the engine aborts its requests, and a body
+        still arriving, or one whose reading starts from now on, is answered 503 at once: the stop waits
+        past the grace only for the engine's aborts, never for a client's upload."""
         self.ending = True
         if self.worker is not None:
             self.worker.abort_all()
@@ -123,8 +123,10 @@ class Server:
 
     async def _read_body(self, request: Request) -> tuple[bytes, int]:
         """The body, read as it comes, and the bytes it holds of the server's BodyBudget (the caller gives
-        them back): 415 unless JSON, 413 past the size cap, 503 past the budget, 408 past the deadline or
-        where it stalls."""
+        them back): 415 unless JSON, 413 past the size cap, 503 past the budget or once the server stops
+        (end_requests), 408 past the deadline or where it stalls."""
+        if self.ending:
+            raise _stopping()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise ApiError(415, f"the body must be JSON, sent with 'Content-Type: application/json' (got "
@@ -167,18 +169,14 @@ class Server:
         self.body_reads.add(reading)
         try:
             await reading
-        except asyncio.TimeoutError:
+        except BaseException as e:
             self.bodies.give(held)
-            raise ApiError(408, f"the body did not arrive within {self.limits.body_timeout_s:g} s",
-                           code="request_timeout", headers={"Connection": "close"}) from None
-        except asyncio.CancelledError:
-            self.bodies.give(held)
-            if self.ending and reading.cancelled() and not asyncio.current_task().cancelling():  # (end_requests)
-                raise ApiError(503, "the server is stopping", kind="server_error", code="server_stopping",
-                               headers={"Connection": "close"}) from None
-            raise
-        except BaseException:
-            self.bodies.give(held)
+            if isinstance(e, asyncio.TimeoutError):
+                raise ApiError(408, f"the body did not arrive within {self.limits.body_timeout_s:g} s",
+                               code="request_timeout", headers={"Connection": "close"}) from None
+            if isinstance(e, asyncio.CancelledError) and self.ending and reading.cancelled() \
+                    and not asyncio.current_task().cancelling():  # (cancelled by end_requests, not this handler)
+                raise _stopping() from None
             raise
         finally:
             self.body_reads.discard(reading)
@@ -375,6 +373,12 @@ class Server:
                                 for i, (t, r) in enumerate(zip(texts, reasons))], "usage": usage}
 
         return await self._handle(request, "chat", chunk, final)
+
+
+def _stopping() -> ApiError:
+    """The 503 of a body read once the server stops (Server.end_requests)."""
+    return ApiError(503, "the server is stopping; send the request again once it is back (or to another server)",
+                    kind="server_error", code="server_stopping", headers={"Connection": "close"})
 
 
 def _path(request: Request) -> str:

@@ -6,7 +6,8 @@ gives the requests in flight `grace_s` to finish, saying so once on stderr (how 
 Ctrl-C again to stop now). Once they are answered it stops; when the grace runs out, or on a second
 signal, the engine aborts what is left and each handler answers as usual, with the text it has and
 finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request whose body is
-still arriving is answered 503 then, so that a stalled upload never holds the stop past the grace.
+still arriving, or is read only later, is answered 503 then, so that no upload holds the stop past
+the grace.
 Connections whose client does not read that within ABORT_WAIT_S are dropped. Only then is the
 engine's thread stopped and joined (the lifespan's end), before the launcher closes the pipeline
 under it. uvicorn's own shutdown cancelled the handlers at the grace instead (a traceback each,

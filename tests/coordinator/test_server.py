@@ -1132,10 +1132,10 @@ def test_a_text_cut_mid_character_drops_the_tail_in_the_server_and_the_cli(live,
     assert "".join(Turn(smollm_engine, tok.encode(prompt), params).pieces()) == want
 
 
-def test_a_stalled_upload_does_not_hold_the_stop_past_its_grace():
-    """Probe of issue 25: a client that sent a request's head and half its body, then waited, held a
-    SIGTERM's stop for 3 s past the 5 s grace (the wait given to the engine's aborts). Now the body is
-    answered 503 'the server is stopping' when the grace runs out (1 s here), and the server stops then."""
+@contextlib.contextmanager
+def _stopping_server(grace: float):
+    """A GracefulServer over a stand-in engine in a thread, bodies given 30 s between pieces and 60 s in
+    all; yields (Server, GracefulServer, thread, port) and stops it at the end, whatever happened."""
     import io
     from types import SimpleNamespace
 
@@ -1146,27 +1146,77 @@ def test_a_stalled_upload_does_not_hold_the_stop_past_its_grace():
     engine = SimpleNamespace(core=_TimedCore(pass_s=0.01), cfg=SimpleNamespace(ctx=64), hparams=SimpleNamespace(n_vocab=4),
                              tokenizer=SimpleNamespace(token_bytes=lambda i: b"x"), chat_template=None)
     server = Server(engine, "m", None, limits=Limits(body_stall_s=30, body_timeout_s=60))
-    port, grace = _free_port(), 1.0
+    port = _free_port()
     http = GracefulServer(uvicorn_config(server, "127.0.0.1", port, grace_s=grace), server.end_requests, grace,
                           err=io.StringIO())
     thread = threading.Thread(target=http.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not http.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    s = _post_head(port, 1000)
     try:
-        s.sendall(b'{"prompt": "hel')
-        time.sleep(0.3)  # (its handler reads the body by now)
-        t0 = time.monotonic()
-        http.handle_exit(signal.SIGTERM, None)
-        thread.join(30)
-        took = time.monotonic() - t0
-        reply = _reply(s)
+        _wait_for(lambda: http.started, "the server to start")
+        yield server, http, thread, port
     finally:
-        s.close()
         http.force_exit = http.should_exit = True
         thread.join(10)
-    assert not thread.is_alive() and took < grace + 1.0, took
+
+
+def _wait_for(done, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        time.sleep(0.02)
+
+
+def _whole_reply(s: socket.socket, timeout: float = 5) -> bytes:
+    """Everything the server sends until it closes the connection (or `timeout` passes)."""
+    s.settimeout(timeout)
+    got = b""
+    with contextlib.suppress(socket.timeout, ConnectionResetError):
+        while chunk := s.recv(4096):
+            got += chunk
+    return got
+
+
+def test_a_stalled_upload_does_not_hold_the_stop_past_its_grace():
+    """Probe of issue 25: a client that sent a request's head and half its body, then waited, held a
+    SIGTERM's stop for 3 s past the 5 s grace (the wait given to the engine's aborts). Now the body is
+    answered 503 'the server is stopping' when the grace runs out (1 s here), and the server stops then."""
+    from layerstream.coordinator.server_stop import ABORT_WAIT_S
+
+    grace = 1.0
+    with _stopping_server(grace) as (server, http, thread, port):
+        s = _post_head(port, 1000)
+        try:
+            s.sendall(b'{"prompt": "hel')
+            _wait_for(lambda: server.body_reads, "its handler to read the body")
+            t0 = time.monotonic()
+            http.handle_exit(signal.SIGTERM, None)
+            thread.join(30)
+            took = time.monotonic() - t0
+            reply = _whole_reply(s)
+        finally:
+            s.close()
+    # (the stop waited for the aborts, ABORT_WAIT_S, after the grace: at least grace + ABORT_WAIT_S)
+    assert not thread.is_alive() and took < grace + ABORT_WAIT_S, took
     assert reply.startswith(b"HTTP/1.1 503") and b"connection: close" in reply.lower(), reply
+    assert b"send the request again once it is back" in reply, reply
     assert server.bodies.held == 0 and not server.body_reads
+
+
+def test_a_body_whose_reading_starts_after_the_requests_were_ended_is_answered_503_at_once():
+    """A handler that reached its body only after end_requests ran (the grace out) was not among the
+    reads it ends: it waited for the body's stall limit (30 s here), then the stop dropped it."""
+    with _stopping_server(grace=1.0) as (server, http, thread, port):
+        server.end_requests()  # (no body being read yet: nothing to cancel on the server's loop)
+        s = _post_head(port, 1000)
+        try:
+            s.sendall(b'{"prompt": "hel')
+            reply = _whole_reply(s, timeout=10)
+        finally:
+            s.close()
+        assert reply.startswith(b"HTTP/1.1 503") and b"connection: close" in reply.lower(), reply
+        head, _, body = reply.partition(b"\r\n\r\n")
+        error = json.loads(body)["error"]
+        assert error["code"] == "server_stopping", error
+        assert error["message"] == ("the server is stopping; send the request again once it is back "
+                                    "(or to another server)"), error
+        assert server.bodies.held == 0 and not server.body_reads
