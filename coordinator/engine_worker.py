@@ -15,7 +15,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from layerstream.coordinator.core import RequestOutput
-from layerstream.coordinator.openai_api import ApiError
+from layerstream.coordinator.openai_api import STOPPING, ApiError
 from layerstream.errors import LayerstreamError
 
 log = logging.getLogger("layerstream.server")
@@ -78,7 +78,7 @@ class EngineWorker(threading.Thread):
         if self.failure:
             raise ApiError(503, f"the engine failed: {self.failure}", kind="server_error")
         if self.closing:
-            raise ApiError(503, "the server is stopping", kind="server_error", code="server_stopping")
+            raise ApiError(503, STOPPING, kind="server_error", code="server_stopping")
         most = self.max_queue + self.rows()
         if len(rids) > most:  # (never admitted: a retry would be refused again)
             raise ApiError(400, f"n={len(rids)} asks for more choices than this server runs and queues at once "

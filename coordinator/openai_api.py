@@ -30,6 +30,9 @@ DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1
 MAX_TOKENS_DEFAULT = {"completion": 16, "chat": 256}
 
 
+STOPPING = "the server is stopping; send the request again once it is back (or to another server)"
+
+
 class ApiError(Exception):
     """An OpenAI-style error: HTTP status, message, offending parameter, OpenAI's type and code."""
 

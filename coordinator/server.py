@@ -36,7 +36,15 @@ from starlette.routing import Route
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
-from layerstream.coordinator.openai_api import DEFAULTS, SEED_RANGE, ApiError, GenRequest, parse_json, parse_request
+from layerstream.coordinator.openai_api import (
+    DEFAULTS,
+    SEED_RANGE,
+    STOPPING,
+    ApiError,
+    GenRequest,
+    parse_json,
+    parse_request,
+)
 from layerstream.coordinator.server_stop import GRACE_S, GracefulServer
 from layerstream.errors import ConfigError, LayerstreamError, PipelineError
 
@@ -377,8 +385,7 @@ class Server:
 
 def _stopping() -> ApiError:
     """The 503 of a body read once the server stops (Server.end_requests)."""
-    return ApiError(503, "the server is stopping; send the request again once it is back (or to another server)",
-                    kind="server_error", code="server_stopping", headers={"Connection": "close"})
+    return ApiError(503, STOPPING, kind="server_error", code="server_stopping", headers={"Connection": "close"})
 
 
 def _path(request: Request) -> str:

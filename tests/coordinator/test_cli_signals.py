@@ -87,12 +87,13 @@ def test_a_signal_while_a_child_starts_prints_one_line(tmp_path, nth, sig, warm)
 
 
 def _stopped_at_once(cfg) -> None:
-    """A child's entry point that is told to stop before its body runs (staging's SIGTERM handler)."""
+    """A child's entry point that is told to stop before its body runs (a ShutdownRequested, as a
+    SIGTERM turns into in staging)."""
     raise ShutdownRequested("terminated")
 
 
 def test_a_child_stopped_before_its_body_exits_quietly(capfd):
-    """A ShutdownRequested outside run_child's body (staging's SIGTERM handler raises it) printed a
+    """A ShutdownRequested outside run_child's body (what a SIGTERM turns into in staging) printed a
     'Process layerstream-staging: Traceback' and exited 1."""
     sup = Supervisor()
     try:

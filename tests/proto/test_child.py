@@ -49,9 +49,9 @@ def test_a_child_that_fails_while_still_connecting_still_reports_its_error():
 
 
 def test_a_shutdown_raised_inside_a_decode_is_not_taken_for_a_bad_message(monkeypatch):
-    """Staging's SIGTERM handler raises ShutdownRequested wherever its main thread is; raised inside
-    the codec's `except Exception` around msgpack, it became a MalformedMessage (the message counted
-    as bad and dropped, the stop lost) while staging had already stopped listening for SIGTERM."""
+    """A ShutdownRequested raised inside the codec's `except Exception` around msgpack (as staging's
+    SIGTERM handler once raised it wherever its main thread was) became a MalformedMessage: the
+    message counted as bad and dropped, the stop lost. It is a BaseException, so it goes on."""
     from layerstream.proto import codec
     from layerstream.proto.child import ShutdownRequested
     from layerstream.proto.messages import Shutdown
