@@ -80,6 +80,19 @@ def smollm_engine(smollm_path):
     engine.close()
 
 
+@pytest.fixture
+def smollm_alone(smollm_path):
+    """An engine like smollm_engine of the test's own, for tests that put a second engine core over
+    its backend: two cores over one backend's KV rows each keep their own record of what the rows
+    hold (NOTE [ prefix reuse ] in core.py) and of the steps in flight, so the shared engine would
+    reuse a row the other core overwrote (another test's text then continued its prompt)."""
+    from layerstream.coordinator.engine import Engine
+
+    engine = Engine.load(smollm_path, device="cpu", dtype="float32", ctx=512, max_seqs=4)
+    yield engine
+    engine.close()
+
+
 def hf_from_gguf(path: str):
     """(model, tokenizer) of transformers, loaded from a GGUF file in float32: the independent
     reference for real models.

@@ -68,8 +68,8 @@ def _old_perplexity(e: Engine, ids: list[int], window: int) -> tuple[float, int]
     return math.exp(nll / n), n
 
 
-def test_streamed_perplexity_equals_the_whole_window_computation(smollm_engine):
-    e = smollm_engine
+def test_streamed_perplexity_equals_the_whole_window_computation(smollm_alone):
+    e = smollm_alone
     ids = e.tokenizer.encode(TEXT)
     assert len(ids) > 2 * 128  # three windows, the last one short
     want = _old_perplexity(e, ids, 128)
@@ -85,8 +85,8 @@ def test_streamed_perplexity_equals_the_whole_window_computation(smollm_engine):
     assert not chunked.core.running and sorted(chunked.core.free_rows) == list(range(e.cfg.max_seqs))
 
 
-def test_logits_come_through_the_engine_core_in_steps(smollm_engine):
-    e = smollm_engine
+def test_logits_come_through_the_engine_core_in_steps(smollm_alone):
+    e = smollm_alone
     ids = e.tokenizer.encode(TEXT)[:100]
     spy = Spy(e.backend)
     chunked = Engine(e.index, spy, dataclasses.replace(e.cfg, prefill_chunk=32))

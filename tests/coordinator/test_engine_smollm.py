@@ -72,8 +72,8 @@ def test_logits_close_to_transformers(smollm_engine, hf_forced):
         assert err < 1e-3 * scale, f"max abs diff {err} (logit scale {scale})"  # measured 4.6e-5 at scale 31
 
 
-def test_chunked_prefill_gives_same_logits(smollm_engine, hf_forced):
-    e = smollm_engine
+def test_chunked_prefill_gives_same_logits(smollm_alone, hf_forced):
+    e = smollm_alone
     chunked = Engine(e.index, e.backend, dataclasses.replace(e.cfg, prefill_chunk=5))
     ids = hf_forced[0][0]
     torch.testing.assert_close(chunked.logits(ids), e.logits(ids), atol=1e-4, rtol=1e-4)
