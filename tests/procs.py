@@ -1,10 +1,15 @@
-"""Helpers for tests that start processes: which shared-memory segments a run left behind."""
+"""Helpers for tests that start processes: which shared-memory segments a run left behind, and
+waiting for a server to listen."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import signal
+import socket
 import subprocess
+import time
 
 
 def segments() -> set[str]:
@@ -42,3 +47,44 @@ def descendants(pid: int) -> list[int]:
             found.append(k)
             todo.append(k)
     return found
+
+
+def wait_listening(p: subprocess.Popen, port: int, timeout: float = 120) -> None:
+    """Wait until the server process `p` accepts connections on 127.0.0.1:`port`; AssertionError
+    with its stderr where it exits first, or where `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert p.poll() is None, f"the server exited: {p.stderr.read()}"
+        assert time.monotonic() < deadline, f"the server did not listen in {timeout:g} s"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.3)
+
+
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Send `sig` to the server process `p` and return its exit status; its process group is killed
+    if it has not ended within `timeout` (which then raises subprocess.TimeoutExpired)."""
+    p.send_signal(sig)
+    try:
+        return p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@contextlib.contextmanager
+def serving(p: subprocess.Popen, port: int):
+    """The block runs once the server process `p` listens on `port` (wait_listening); its process
+    group is killed on the way out if it still runs (a test that fails leaves nothing running)."""
+    try:
+        wait_listening(p, port)
+        yield p
+    finally:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -4,11 +4,8 @@ step ] in compute_proc.py). Faults are injected by tests/faults.py into the spaw
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +19,7 @@ from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import StepError
 from layerstream.coordinator.pipeline_config import Budget, ExpertOptions, PipelineConfig, ProcessOptions
 from layerstream.loader.gguf_index import open_model
+from procs import serving, stop
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_leftovers")]
 
@@ -150,25 +148,11 @@ def test_the_pipeline_server_answers_a_failed_step_500_and_serves_the_next_reque
                           "--ctx", "64", "--batch", "2", "--resident-layers", "2", "--host-cache-gb", "0",
                           "--prefetch", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert p.poll() is None, p.stderr.read()
-            assert time.monotonic() < deadline, "the server did not start in 120 s"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.3)
+    with serving(p, port):
         status, got = _post(port, {"prompt": BAD, "max_tokens": 4, "temperature": 0})
         assert status == 500 and got["error"]["type"] == "server_error", got
         assert "failed in the compute process: OutOfMemoryError" in got["error"]["message"], got
         status, got = _post(port, {"prompt": PROMPTS[0], "max_tokens": GREEDY.max_tokens, "temperature": 0})
         assert status == 200 and got["choices"][0]["text"] == want, got
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=60) == 143
+        assert stop(p, timeout=60) == 143
         assert "Traceback" not in p.stderr.read()
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import leaked, segments
+from procs import leaked, segments, serving, stop, wait_listening
 
 openai = pytest.importorskip("openai")
 from layerstream.compute.sampling import SamplingParams  # noqa: E402
@@ -46,27 +46,13 @@ def _start(*args: str) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen([str(LAUNCHER), "--serve", "--port", str(port), "--device", "cpu", "--dtype", "float32",
                           "--ctx", "512", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, preexec_fn=_sigint_default)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise AssertionError(f"the server exited: {p.stderr.read()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return p, url
-        except OSError:
-            time.sleep(0.3)
-    p.kill()
-    raise AssertionError("the server did not start in 120 s")
-
-
-def _stop(p: subprocess.Popen) -> int:
-    p.send_signal(signal.SIGTERM)
     try:
-        return p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
+        wait_listening(p, port)
+    except AssertionError:
+        with contextlib.suppress(ProcessLookupError):  # (the group may be gone with the server)
             os.killpg(p.pid, signal.SIGKILL)
+        raise
+    return p, f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +60,7 @@ def server():
     p, url = _start("--single-process", "--batch", "8", "--api-key", KEY)
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
     yield client, client.models.list().data[0].id
-    assert _stop(p) == 143  # graceful: in-flight requests finish, then 128 + SIGTERM as the CLI
+    assert stop(p) == 143  # graceful: in-flight requests finish, then 128 + SIGTERM as the CLI
     assert "Traceback" not in p.stderr.read()
 
 
@@ -113,7 +99,7 @@ def test_a_server_with_drafts_answers_as_the_engine_without_and_a_request_may_tu
             r = client.completions.create(model=model, prompt=prompt, max_tokens=30, temperature=0, extra_body=extra)
             assert r.choices[0].text == want, extra
     finally:
-        assert _stop(p) == 143
+        assert stop(p) == 143
     assert "Traceback" not in p.stderr.read()
 
 
@@ -132,7 +118,7 @@ def test_sampling_options_given_with_serve_are_the_requests_defaults(smollm_engi
         r = client.completions.create(model=model, prompt=prompt, max_tokens=3)
         assert r.usage.completion_tokens == 3 and want.startswith(r.choices[0].text)
     finally:
-        assert _stop(p) == 143
+        assert stop(p) == 143
     out = p.stdout.read()
     assert "requests that do not set them get temperature 0.0, max_tokens 7" in out, out
     assert "Traceback" not in p.stderr.read()
@@ -329,7 +315,7 @@ def test_aborted_stream_frees_its_row_and_a_full_queue_is_429():
             t.join(120)
         assert "429" in results, results  # one running, one waiting, the third refused
     finally:
-        _stop(p)
+        stop(p)
 
 
 def _try(client, kw) -> str:
@@ -349,7 +335,7 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     assert client.completions.create(model=model, prompt="Hi", max_tokens=3, temperature=0).choices[0].text is not None
     kids = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
     assert len(kids) >= 3, "the pipeline's processes"
-    assert _stop(p) == 143
+    assert stop(p) == 143
 
     def alive() -> list[str]:  # not counting zombies the init process has yet to reap
         ps = subprocess.run(["ps", "-s", str(p.pid), "-o", "pid=,stat="], capture_output=True, text=True).stdout
@@ -398,19 +384,9 @@ def test_ctrl_c_stops_a_server_whose_sigint_is_ignored_with_status_130():
     p = subprocess.Popen([str(LAUNCHER), "--serve", "--port", str(port), "--device", "cpu", "--single-process",
                           "--ctx", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, preexec_fn=ignored)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert p.poll() is None, p.stderr.read()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            time.sleep(0.3)
-        p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=30) == 130
+    with serving(p, port):
+        assert stop(p, signal.SIGINT) == 130
         assert "Traceback" not in p.stderr.read()
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
@@ -438,7 +414,7 @@ def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
         assert not leaked(before)
     finally:
         if p.poll() is None:
-            _stop(p)
+            stop(p)
 
 
 class _TimedCore:
@@ -951,7 +927,7 @@ def test_a_port_in_use_is_one_line_before_the_model_loads_and_port_0_announces_i
                 assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
                 time.sleep(0.3)
     finally:
-        assert _stop(p) == 143
+        assert stop(p) == 143
 
 
 def test_more_choices_than_the_queue_holds_is_400_not_a_429_to_retry():
