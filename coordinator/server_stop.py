@@ -3,17 +3,17 @@
 NOTE [ server shutdown ]
 On SIGTERM or a first Ctrl-C the server closes its listening socket and its idle connections and
 gives the requests in flight `grace_s` to finish, saying so once on stderr (how many, how long,
-Ctrl-C again to stop now). Once they are answered it stops; when the grace runs out, or on a second
-signal, the engine aborts what is left and each handler answers as usual, with the text it has and
-finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request whose body is
-still arriving, or is read only later, is answered 503 then, so that no upload holds the stop past
-the grace.
-Connections whose client does not read that within ABORT_WAIT_S are dropped. Only then is the
-engine's thread stopped and joined (the lifespan's end), before the launcher closes the pipeline
-under it. uvicorn's own shutdown cancelled the handlers at the grace instead (a traceback each,
-the stream cut without [DONE]), and on a second Ctrl-C skipped the lifespan's end, so the engine
-thread stepped on while the pipeline closed (ZMQ errors, "engine failed"). This rests on uvicorn.Server's attributes
-(`servers`, `server_state`, `lifespan`, `_captured_signals`), which test_server.py exercises.
+Ctrl-C again to stop now). Once they are answered it stops; when the grace runs out, or on a
+second signal, the engine aborts what is left and each handler answers as usual, with the text it
+has and finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request
+whose body is still arriving, or is read only later, is answered 503 then, so that no upload holds
+the stop past the grace. Connections whose client does not read that within ABORT_WAIT_S are
+dropped. Only then is the engine's thread stopped and joined (the lifespan's end), before the
+launcher closes the pipeline under it. uvicorn's own shutdown cancelled the handlers at the grace
+instead (a traceback each, the stream cut without [DONE]), and on a second Ctrl-C skipped the
+lifespan's end, so the engine thread stepped on while the pipeline closed (ZMQ errors, "engine
+failed"). This rests on uvicorn.Server's attributes (`servers`, `server_state`, `lifespan`,
+`_captured_signals`), which test_server.py exercises.
 
 finish_reason "abort" (vLLM's word for a request it ended) rather than an error: the openai clients
 read finish_reason as a plain string and keep the text, where a 503 makes them retry a server that

@@ -12,13 +12,13 @@ stopped before its body runs (a SIGTERM in staging's handler while it connects) 
 
 NOTE [ warm starts ]
 A spawned child starts a Python and imports its role's modules before it can run: for compute,
-torch and the compute stack, seconds that the launcher has just spent on its own import of
-torch (for the quant-type checks and the plan). So the launcher may spawn each child ahead, as
-soon as its arguments are parsed (`WarmStarts`), before the model's header, whose parse takes
-seconds where a large vocabulary is not yet in the header cache: the process imports its role's
-modules and waits on a pipe for what `spawned` takes (the config is known once the plan is made). A warm
-process that gets nothing (a check failed, the run ended) sees the pipe close and exits, or
-is terminated with the launcher. Nothing of the model is read or mapped before its config comes.
+torch and the compute stack, seconds that the launcher has just spent on its own import of torch
+(for the quant-type checks and the plan). So the launcher may spawn each child ahead, as soon as
+its arguments are parsed (`WarmStarts`), before the model's header, whose parse takes seconds
+where a large vocabulary is not yet in the header cache: the process imports its role's modules
+and waits on a pipe for what `spawned` takes (the config is known once the plan is made). A warm
+process that gets nothing (a check failed, the run ended) sees the pipe close and exits, or is
+terminated with the launcher. Nothing of the model is read or mapped before its config comes.
 The imports overlap only where cores are free for them: on a 2-core machine the children's imports
 slowed the launcher's own (a refused quant type took 5.6 to 6.1 s instead of 2.6 to 3.2, on a busy
 machine), so warm starts are taken from WARM_MIN_CPUS cores up.

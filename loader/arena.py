@@ -10,7 +10,7 @@ Attaching therefore never registers (`track=False` on 3.13+, the register call s
 while opening before that). The owner stays registered, so even a SIGKILLed owner's
 segment is unlinked by the tracker; a normal exit or an exception is handled by a
 finalizer that unlinks at interpreter exit. A SIGKILL of the whole process group takes the
-tracker too: the segment's name carries its creator's pid (`layerstream-PID-xxxxxxxx`), and
+tracker too: the segment's name carries its creator's pid (`layerstream-PID-pPPID-xxxxxxxx`), and
 every `Arena.create` first removes this user's segments whose creator is gone
 (`sweep_orphans`). The creator lives as long as the segment is in use (staging for a run),
 so a segment whose creator is gone is nobody's, once its run is gone too: the name also
