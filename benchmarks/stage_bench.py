@@ -517,6 +517,22 @@ def _kernel_time(fn, reps: int, device: torch.device) -> float:
     return _median_s(g.replay, reps, device, warmup=2)
 
 
+def _kernel_config(text: str) -> tuple:
+    """A --configs entry: BMxBNxWARPSxSPLITS for the split-K kernel, or KIND:AxBx.. for another
+    of qkernels.matmul's configurations (gemv:1x1x8x1, rows:1x2x4x2, small:16x64x4x2x4)."""
+    kind, _, dims = text.rpartition(":")
+    values = tuple(int(v) for v in dims.split("x"))
+    return (kind, *values) if kind else values
+
+
+def _config_name(cfg: tuple | None) -> str:
+    """A configuration as --configs spells it ("auto": the dispatch's)."""
+    if cfg is None:
+        return "auto"
+    kind = f"{cfg[0]}:" if isinstance(cfg[0], str) else ""
+    return kind + "x".join(str(v) for v in cfg[1 if kind else 0:])
+
+
 def bench_qmatmul(args) -> list[dict]:
     """Fused dequant-matmul against dequantize-into-scratch + cuBLAS, per type, shape and batch."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
@@ -527,7 +543,7 @@ def bench_qmatmul(args) -> list[dict]:
     dtype = _dtype(args, device)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")] if args.configs else [None]
+    configs = [_kernel_config(c) for c in args.configs.split(",")] if args.configs else [None]
     for tname in args.types.split(","):
         qt = QT[tname]
         qk, ts = GGML_QUANT_SIZES[qt]
@@ -554,7 +570,7 @@ def bench_qmatmul(args) -> list[dict]:
                             qkernels.matmul(x, raws[j % len(raws)], int(qt), N, K, config=cfg)
                     t_e = _median_s(fused_run, args.reps, device, warmup=2) / QMATMUL_INNER
                     t_f = _kernel_time(fused_run, args.reps, device) / QMATMUL_INNER
-                    rows.append({"type": tname, "N": N, "K": K, "M": M, "config": "x".join(map(str, cfg)) if cfg else "auto",
+                    rows.append({"type": tname, "N": N, "K": K, "M": M, "config": _config_name(cfg),
                                  "fused us": t_f * 1e6, "fused GB/s": nbytes / t_f / GB, "eager us": t_e * 1e6,
                                  "dequant+mm us": t_dq * 1e6, "faster": "fused" if t_f < t_dq else "dequant+mm"})
     print_table(f"qmatmul: {args.shape_set} matrices on {device_name(device)}, {str(dtype).split('.')[-1]} "
@@ -971,7 +987,8 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K", help="block types, comma separated")
     p.add_argument("--shape-set", choices=sorted(QMATMUL_SHAPES), default="llama-3.1-8b", help="matrix shapes")
     p.add_argument("-b", "--batch", type=ints, default=[1, 2, 4, 8, 16, 32, 64], help="activation rows")
-    p.add_argument("--configs", default="", help="BMxBNxWARPSxSPLITS variants of the fused kernel to time, comma separated")
+    p.add_argument("--configs", default="", help="variants of the fused kernel to time, comma separated: "
+                   "BMxBNxWARPSxSPLITS (split-K) or KIND:AxBx.. (gemv:1x1x8x1; qkernels.matmul's configurations)")
     p.add_argument("--buffers", type=int, default=4, help="weight copies rotated between calls (default 4)")
     p.add_argument("--reps", type=int, default=20, help="timed calls; the median is reported (default 20)")
     p.set_defaults(func=bench_qmatmul)

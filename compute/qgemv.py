@@ -1,4 +1,5 @@
-"""The fused dequant-matmul for decode on K-quants and Q8_0: whole rows of W a program, no split-K.
+"""The fused dequant-matmul for decode on K-quants and the 32-value types (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0): whole rows of W a program, no split-K.
 
 NOTE [ slices of a row ]
 A program owns BN rows of W and MR rows of x (1 to 4: decode, small batches, verification) and
@@ -6,14 +7,16 @@ walks all of K, KB chunks of 256 values a step, so each weight is read once, eve
 written once, and there is no second launch (the split-K kernel's sum). Its lanes are the
 (chunk, slice) pairs of a step: a slice is 8 quant bytes of a 32-byte run that shares its
 scales, and static loops walk the runs of a chunk (Q4_K's 4 groups and 2 nibbles, Q6_K's halves,
-runs and nibbles, Q8_0's 8 blocks), so each scale is decoded with constant shifts. Words load 4
-bytes at a time where the blocks are 4-aligned (Q4_K, Q5_K), else 2 (Q6_K's 210-byte and Q8_0's
-34-byte blocks); each tensor is [BN, S, 1] or [MR, S, 8], one layout (Triton converts none of
+runs and nibbles, the 32-value types' 8 blocks), so each scale is decoded with constant shifts.
+Words load 4 bytes at a time where the blocks are 4-aligned (Q4_K, Q5_K), else 2 (Q6_K's 210-byte
+blocks, the 32-value types' 18 to 34); each tensor is [BN, S, 1] or [MR, S, 8], one layout (Triton converts none of
 them through shared memory). A quant q of b bits becomes the float f = 1 + q / 2^b from its bits
 (0x3F800000 | q << (23 - b): no conversion instruction), and with w = f * S - O for the run's
 scale S = 2^b * d * sc and offset O the dot of a slice is S * sum(f * x) - O * sum(x): one
 multiply-add a value and row, x loaded 8 values at once and split in registers. Q8_0 takes its
-int8 exactly (2^23 + q + 128 from the bits, less 2^23 + 128), its offset being zero.
+int8 exactly (2^23 + q + 128 from the bits, less 2^23 + 128), its offset being zero. A slice
+of Q4_0 to Q5_1 is 4 quant bytes, whose low and high nibbles are 4 values 16 apart, so x is loaded
+as two runs of 4 values.
 Measured on an H200 (BENCHMARKS.md, "GEMV"): 1.1 to 1.7 TB/s on the 8B's matrices at one row,
 1.3 to 2x the split-K kernel, and from 1.2x (Q6_K, 4 rows) to 3x at 2 rows. Slices of 16 bytes
 (half the scale work, 11% fewer instructions) and the nibble (or Q6_K's run, Q8_0's block) in
@@ -30,7 +33,7 @@ import triton
 import triton.language as tl
 
 # qtype id -> bytes a word of gemv_kernel's loads (4: aligned 32-bit words; 2: 16-bit ones)
-WORD_BYTES = {12: 4, 13: 4, 14: 2, 8: 2}
+WORD_BYTES = {12: 4, 13: 4, 14: 2, 8: 2, 2: 2, 3: 2, 6: 2, 7: 2}
 
 
 @triton.jit
@@ -118,6 +121,15 @@ def _q6(ql, qh, r: tl.constexpr, P: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
+def _q45(w, hb, P: tl.constexpr, B: tl.constexpr, FIVE: tl.constexpr):
+    """Q4_0's / Q4_1's f = 1 + q / 16 of nibble P of the byte at bit B of a 16-bit word; Q5_0's /
+    Q5_1's (FIVE) f = 1 + q / 32, its fifth bit the low bit of hb."""
+    if FIVE:
+        return _mantissa((((w >> (B + 4 * P)) & 15) << 18) | ((hb & 1) << 22))
+    return _mantissa(((w >> (B + 4 * P)) & 15) << 19)
+
+
+@triton.jit
 def _q8(qv, B: tl.constexpr):
     """Q8_0's int8 at bit B of a 16-bit word, exactly, as float32: 2^23 + (q + 128) from its bits, less
     2^23 + 128 (a subtraction, no conversion instruction)."""
@@ -187,7 +199,7 @@ def _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk,
                               _q6(ql3, qh3, r, P, 0), _q6(ql3, qh3, r, P, 8), x0, x1, x2, x3, x4, x5, x6, x7)
                     xs = (x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)
                     acc = _acc(acc, t, xs, S, 1.5 * S, True)  # w = d * sc * (q - 32)
-    else:
+    elif QT == 8:
         # Q8_0: d f16 | 32 x int8, 8 blocks (272 B) a chunk; slice q of block b = quants 8q .. 8q + 7
         for b in tl.static_range(8):
             okq = ((kb * 8 + b) < nblk) | EVEN
@@ -198,6 +210,43 @@ def _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk,
             t = _dot8(_q8(q0, 0), _q8(q0, 8), _q8(q1, 0), _q8(q1, 8), _q8(q2, 0), _q8(q2, 8), _q8(q3, 0), _q8(q3, 8),
                       x0, x1, x2, x3, x4, x5, x6, x7)
             acc = _acc(acc, t, t, d, d, False)
+    else:
+        # Q4_0, Q4_1, Q5_0, Q5_1: d f16 | (m f16, _1) | (qh 4 B, Q5) | 16 qs bytes, 32 values a block, 8
+        # blocks a chunk, read as 16-bit words (BW a block); slice q of block b = qs bytes
+        # 4q .. 4q + 3, whose low nibbles are values 4q + i and high ones 16 + 4q + i (i = 0..3), their
+        # fifth bits qh bits 4q + i and 16 + 4q + i. w = d * (q - 2^(b-1)) (_0) or d * q + m (_1) is
+        # S * f - O with S = 2^b * d: O = 1.5 * S (_0), S - m (_1)
+        FIVE: tl.constexpr = QT == 6 or QT == 7
+        MIN: tl.constexpr = QT == 3 or QT == 7
+        BW: tl.constexpr = 9 if QT == 2 else 10 if QT == 3 else 11 if QT == 6 else 12
+        QH: tl.constexpr = 1 if QT == 6 else 2
+        QS: tl.constexpr = 1 if QT == 2 else 2 if QT == 3 else 3 if QT == 6 else 4
+        j = tl.arange(0, 8)[None, None, :]
+        xo4 = kb * 256 + q * 4 + (j // 4) * 16 + j % 4  # [1, S, 8]: the slice's values in lane order
+        for b in tl.static_range(8):
+            okq = ((kb * 8 + b) < nblk) | EVEN
+            base = rowb + kb * (8 * BW) + b * BW  # [BN, S, 1] in 16-bit words
+            a = tl.load(w16 + base + QS + q * 2, mask=okq, other=0).to(tl.int32)  # qs bytes 4q, 4q + 1
+            c = tl.load(w16 + base + QS + q * 2 + 1, mask=okq, other=0).to(tl.int32)  # 4q + 2, 4q + 3
+            d = tl.load(halfs + base, mask=okq, other=0).to(tl.float32)
+            if FIVE:
+                hl = tl.load(w16 + base + QH, mask=okq, other=0).to(tl.int32) >> (q * 4)  # qh bits 4q ..
+                hh = tl.load(w16 + base + QH + 1, mask=okq, other=0).to(tl.int32) >> (q * 4)  # 16 + 4q ..
+                S = d * 32.0
+            else:
+                hl = a
+                hh = a
+                S = d * 16.0
+            if MIN:
+                off = S - tl.load(halfs + base + 1, mask=okq, other=0).to(tl.float32)
+            else:
+                off = 1.5 * S
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_units(xr, xo4 + b * 32, xok & okq)
+            t = _dot8(_q45(a, hl, 0, 0, FIVE), _q45(a, hl >> 1, 0, 8, FIVE), _q45(c, hl >> 2, 0, 0, FIVE),
+                      _q45(c, hl >> 3, 0, 8, FIVE), _q45(a, hh, 1, 0, FIVE), _q45(a, hh >> 1, 1, 8, FIVE),
+                      _q45(c, hh >> 2, 1, 0, FIVE), _q45(c, hh >> 3, 1, 8, FIVE), x0, x1, x2, x3, x4, x5, x6, x7)
+            xs = (x0 + x1) + (x2 + x3) + (x4 + x5) + (x6 + x7)
+            acc = _acc(acc, t, xs, S, off, True)
     return acc
 
 

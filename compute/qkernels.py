@@ -290,12 +290,14 @@ def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
 
 def _gemv_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     """("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel where it measured faster than the other
-    kernels on an H200 (the 8B's matrices in CUDA graphs, BENCHMARKS.md "GEMV"), else None: one or
-    two rows of x for every type, 3 and 4 for Q4_K (Q5_K's and Q6_K's rows kernel and Q8_0's split-K
-    stay ahead there), on matrices of at least 1024 x 4096 (smaller ones were not measured). One warp
-    a program, its 32 lanes on 8 chunks; on fewer rows of W, two warps on 16 chunks."""
+    kernels on an H200 (CUDA graphs, BENCHMARKS.md "GEMV"), else None: one or two rows of x for
+    every type, 3 and 4 for Q4_K (Q5_K's and Q6_K's rows kernel and Q8_0's split-K stay ahead there)
+    on matrices of at least 1024 x 4096 (the 8B's); on smaller ones (SmolLM2's, the 1B's and the
+    MoE's attention) one or two rows where K takes at most two steps, which saves the split-K
+    kernel's second launch that dominates a tiny matrix's time. One warp a program, its 32 lanes
+    on 8 chunks; on 1024 to 2047 rows of W, two warps on 16 chunks."""
     if N < 1024 or K < 4096:
-        return None
+        return ("gemv", M, 1, 8, 1) if M <= 2 and K <= 4096 else None
     if M == 1:
         return ("gemv", 1, 1, 8, 1) if N >= 2048 else ("gemv", 1, 1, 16, 2)
     if M == 2:

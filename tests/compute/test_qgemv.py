@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 from layerstream.compute import qgemv, qkernels  # noqa: E402
 from tests.compute.test_qkernels import random_blocks  # noqa: E402
 
-TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0]
+TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
 
 
 def reference(b: np.ndarray, qt: QT, N: int, K: int) -> torch.Tensor:
@@ -32,12 +32,14 @@ def test_gemv_covers_the_types_it_claims():
 def test_gemv_matches_float64_over_gguf_dequantization(qt):
     """1 to 16 rows of x, in program tiles of 1, 2, 4 or 16 rows (3 and 5 rows pad theirs), with
     a bias; K of 2 and 3 chunks walked 1 or 2 chunks a step (3 chunks in steps of 2: a masked
-    tail), and Q8_0's K not a multiple of 256 (blocks past the last masked); 5 and 3 rows of W
+    tail; for Q4_0 to Q5_1 at 576), and the 32-value types' K not a multiple of 256 (blocks past
+    the last masked); 5 and 3 rows of W
     (one or two a program: at two the last program masked; the interpreter's time grows with the
     programs, so the rows are the fewest that keep that)."""
     rng = np.random.default_rng(700 + int(qt))
     gen = torch.Generator().manual_seed(int(qt))
-    shapes = [(5, 512), (3, 768)] + ([(3, 96), (3, 576)] if GGML_QUANT_SIZES[qt][0] == 32 else [])
+    legacy = qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)  # one code path: its masked tail at 576 alone
+    shapes = [(5, 512)] + ([] if legacy else [(3, 768)]) + ([(3, 96), (3, 576)] if GGML_QUANT_SIZES[qt][0] == 32 else [])
     for N, K in shapes:
         b = random_blocks(rng, qt, N, K)
         ref_w = reference(b, qt, N, K)
@@ -76,17 +78,21 @@ def test_gemv_on_words_not_4_aligned_takes_the_other_kernel():
 
 def test_choose_takes_gemv_where_it_measured_faster():
     """On a GPU, on matrices of at least 1024 x 4096: qgemv's types at 1 and 2 rows, Q4_K at 3 and
-    4; more rows, the other types, smaller matrices and Triton's interpreter keep the other kernels.
-    A chosen configuration has 2 to 4 rows of x a program (1 alone) and a slice on every lane."""
+    4; on smaller ones 1 and 2 rows where K is at most 4096; more rows, the other types, K over 4096
+    on a small matrix and Triton's interpreter keep the other kernels. A chosen configuration has 2
+    to 4 rows of x a program (1 alone) and a slice on every lane."""
     choose = lambda M, qt, N=4096, K=4096, interpret=False: qkernels._choose(M, N, K, int(qt), interpret=interpret)[0]  # noqa: E731
     # (Q4_K from 2 rows on 4096 rows or more and Q6_K from 3 go to qsmall: test_qsmall.py)
     assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in TYPES for N in (1024, 14336, 128256)
                for K in (4096, 14336) if (M, qt) != (2, QT.Q4_K) or N == 1024 or N == 128256)
     assert qkernels._gemv_config(3, 4096, 4096, int(QT.Q4_K))[0] == qkernels._gemv_config(4, 1024, 4096, int(QT.Q4_K))[0] == "gemv"
     assert not any(choose(M, qt) == "gemv" for M in (3, 4) for qt in (QT.Q5_K, QT.Q6_K, QT.Q8_0))
-    assert choose(5, QT.Q4_K) != "gemv" and choose(16, QT.Q6_K) != "gemv" and choose(1, QT.Q4_0) != "gemv"
+    assert choose(5, QT.Q4_K) != "gemv" and choose(16, QT.Q6_K) != "gemv"
     assert choose(1, QT.Q3_K) != "gemv" and choose(1, QT.Q4_K, interpret=True) != "gemv"
-    assert choose(1, QT.Q4_K, 576, 4096) != "gemv" and choose(1, QT.Q8_0, 4096, 576) != "gemv"
+    # SmolLM2's matrices (K 576 and 1536, 192 to 49152 rows) and the MoE's K of 2048
+    assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in (QT.Q5_0, QT.Q8_0, QT.Q4_1, QT.Q6_K)
+               for N, K in ((576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 2048)))
+    assert choose(3, QT.Q5_0, 576, 576) != "gemv" and choose(1, QT.Q4_K, 576, 14336) != "gemv"
     for M in (1, 2, 3, 4):
         for N in (1024, 4096, 128256):
             _, MR, BN, KB, warps = qkernels._gemv_config(M, N, 4096, int(QT.Q4_K))
@@ -96,13 +102,15 @@ def test_choose_takes_gemv_where_it_measured_faster():
 @pytest.mark.gpu
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_gemv_full_size_on_cuda(qt):
-    """The 8B's K (4096, and 14336: 56 chunks, in masked steps of 16), compiled, 1 to 4 rows, in
+    """The 8B's K (4096, and 14336: 56 chunks, in masked steps of 16) and SmolLM2's (1536, and 576
+    for the 32-value types: a masked last step), compiled, 1 to 4 rows, in
     the configuration `_choose` picks (the other kernels on 333 rows, and at 3 or 4 rows but for
     Q4_K), on one warp, and with 2 rows of W on two warps at one row (a masked last program on 333
     and 1027 rows): within float16 output rounding of float64, float32 activations within float32
     rounding, bfloat16 ones within theirs, and the same bits on a second call."""
     rng = np.random.default_rng(900 + int(qt))
-    for N, K in [(4096, 4096), (333, 4096), (1027, 14336)]:
+    small = [(1536, 576), (49152, 576)] if GGML_QUANT_SIZES[qt][0] == 32 else []  # SmolLM2's K
+    for N, K in [(4096, 4096), (333, 4096), (1027, 14336), (576, 1536)] + small:
         b = random_blocks(rng, qt, N, K)
         raw = torch.from_numpy(b.reshape(-1).copy()).cuda()
         ref_w = reference(b, qt, N, K).cuda()

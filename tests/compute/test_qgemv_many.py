@@ -100,8 +100,8 @@ def test_what_one_launch_does_not_take():
     raw = torch.from_numpy(b.copy())
     x = torch.randn(1, K)
     assert qkernels.matmul_many(x, [raw, raw], int(QT.Q4_K), [N, N], K) is None  # no measured configuration here
-    q5 = torch.from_numpy(random_blocks(rng, QT.Q5_0, N, K).reshape(-1).copy())
-    assert qkernels.matmul_many(x, [q5, q5], int(QT.Q5_0), [N, N], K, config=("gemv", 1, 1, 1, 1)) is None
+    q3 = torch.from_numpy(random_blocks(rng, QT.Q3_K, N, K).reshape(-1).copy())
+    assert qkernels.matmul_many(x, [q3, q3], int(QT.Q3_K), [N, N], K, config=("gemv", 1, 1, 1, 1)) is None
     store = torch.zeros(2 * b.size + 6, dtype=torch.uint8)
     odd = [store[:b.size], store[b.size + 6:]]  # the second 2 bytes off a word
     assert not qgemv.many_supported(odd, int(QT.Q4_K))
