@@ -15,8 +15,11 @@ bfloat16 activations take a float32 dot (w made in float32), at full precision (
 ("tf32"), as qkernels' `_matmul_kernel` does.
 
 Where N gives too few programs, K is split over `splits` programs a tile; each stores its float32
-partial, and the last of them to arrive (a counter per tile, zeroed by the caller) sums all
-partials in split order and writes the output: one launch, the same bits on every call.
+partial, and the last of them to arrive (a counter per tile) sums all partials in split order,
+writes the output and sets its counter back to zero: one launch, the same bits on every call.
+The counters are one buffer a stream, zeroed once (`_tile_counters`): kernels on one stream run one
+after another, so each finds its counters zero, and no call launches a memset of its own (a
+captured decode step replayed one per matmul).
 
 Like qkernels.py's kernels, it runs on the CPU under Triton's interpreter for the tests.
 """
@@ -154,10 +157,25 @@ def small_kernel(x, raw8, w32, halfs, out, bias, part, count, M, N, n_chunks, ch
             if HAS_BIAS:
                 acc += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[:, None]
             tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count + tile, 0)  # ready for the next kernel on this stream
     else:
         if HAS_BIAS:
             acc += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[:, None]
         tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
+
+
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zero tile counters on `device` for the current stream (NOTE [ runs on the tensor
+    cores ]): one buffer a stream, grown where a call needs more."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _counters[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def supports(raw: torch.Tensor, qtype: int, K: int) -> bool:
@@ -177,7 +195,7 @@ def small_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     grid = (triton.cdiv(N, BN), triton.cdiv(M, MP), splits)
     if splits > 1:
         part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-        count = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
+        count = _tile_counters(x.device, grid[0] * grid[1])
     else:
         part = count = out
     kw = {} if interpret else {"num_warps": warps, "num_stages": stages}

@@ -11,8 +11,10 @@ from gguf import GGMLQuantizationType as QT
 
 pytest.importorskip("triton")
 from layerstream.compute import qkernels, qsmall  # noqa: E402
-from tests.compute.test_qgemv import TYPES, q4k_two_bytes_in, reference, rel_err  # noqa: E402
+from tests.compute.test_qgemv import q4k_two_bytes_in, reference, rel_err  # noqa: E402
 from tests.compute.test_qkernels import random_blocks  # noqa: E402
+
+TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0]
 
 
 def test_small_covers_the_types_it_claims():
@@ -43,6 +45,8 @@ def test_small_matches_float64_over_gguf_dequantization(qt):
                     assert y.shape == (M, N) and y.dtype == dt
                     err = rel_err(y, ref)
                     assert err < tol, f"{qt.name} [{N}, {K}] M={M} {dt} splits={s}: rel err {err:.2e}"
+                    # the tiles' counters are back to zero for the next call, which reuses them
+                    assert not qsmall._tile_counters(x.device, 1).any()
 
 
 def test_small_on_words_not_4_aligned_takes_the_other_kernel():
