@@ -112,6 +112,8 @@ class StreamedLayers:
         """A resident layer's weights, once loaded (NOTE [ decode graphs ] in graphs.py)."""
         return self.resident.get(i)
 
+    times_graphs = True  # the replays' events go into the compute timeline
+
     def graph_ran(self, first: int, stop: int, start, end) -> None:
         if start is not None:
             self.ring.gpu_events.append(("compute", first, start, end, 0))

@@ -65,6 +65,8 @@ def load_tensor(index: ModelIndex, t: TensorInfo, device, dtype, quantized: bool
 class LayerSource(Protocol):
     """Where ModelRunner gets each layer's weights for a step (resident or streamed)."""
 
+    times_graphs: bool  # graph_ran wants each replay's CUDA events (a timeline of the compute)
+
     def layer(self, i: int) -> LayerWeights: ...
     def release(self, i: int) -> None: ...
     def fixed(self, i: int) -> LayerWeights | None:
@@ -82,6 +84,8 @@ class LayerSource(Protocol):
 class ResidentLayers:
     """Every layer loaded once and kept on the device (as blocks where the form `quantized` keeps
     them, device_weight): the in-VRAM engine and the reference."""
+
+    times_graphs = False  # no timeline: two events a step cost the host's decode loop, which bounds a small model
 
     def __init__(self, index: ModelIndex, device, dtype, layers: Iterable[int] | None = None, progress=None,
                  quantized: bool | str = False):

@@ -54,6 +54,8 @@ class _Streamed:
     def release(self, i):
         pass
 
+    times_graphs = False
+
     def fixed(self, i):
         return None
 

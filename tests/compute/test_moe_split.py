@@ -54,6 +54,8 @@ class _Layers:
     def release(self, i):
         pass
 
+    times_graphs = False
+
     def fixed(self, i):
         return None
 
