@@ -146,6 +146,25 @@ def rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: 
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
+# (inverse frequencies' bytes, scale, dtype) -> cos, sin of positions 0..n-1 (rope_rows)
+_ROPE_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_rows(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: torch.dtype):
+    """rope_tables' cos and sin of the host positions `pos`, gathered from a table of every position
+    up to the largest asked (made by rope_tables once, grown by doubling): the same values, one
+    gather a step where a decode step's eight small operators cost the host more than the device's
+    whole step on a small model."""
+    if inv_freq.device.type != "cpu" or pos.device.type != "cpu":
+        return rope_tables(inv_freq, pos, scale, dtype)
+    key = (inv_freq.numpy().tobytes(), scale, dtype)
+    top = int(pos.max()) + 1 if pos.numel() else 1
+    got = _ROPE_ROWS.get(key)
+    if got is None or got[0].shape[0] < top:
+        got = _ROPE_ROWS[key] = rope_tables(inv_freq, torch.arange(max(1024, 1 << (top - 1).bit_length())), scale, dtype)
+    return got[0][pos], got[1][pos]
+
+
 class _Layout:
     """Where each part of a step's meta lies in its one buffer (ALIGN-aligned byte offsets)."""
 
@@ -230,7 +249,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     for cos, sin, *shape in tables:
         local = cos.endswith("_swa")
         inv, scale = (inv_freq_swa, 1.0) if local else (inv_freq, hp.rope.scale)
-        c, si = rope_tables(inv, tok_pos if len(shape) == 1 else kv_at, scale, dtype)
+        c, si = rope_rows(inv, tok_pos if len(shape) == 1 else kv_at, scale, dtype)
         h[cos].copy_(c)
         h[sin].copy_(si)
     if swa:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerstream.compute.step_meta import SeqStep, build_step_meta, rope_inv_freq, rope_tables
+from layerstream.compute.step_meta import SeqStep, build_step_meta, rope_inv_freq, rope_rows, rope_tables
 
 HP = SimpleNamespace(rope=SimpleNamespace(dim=8, theta=10000.0, scale=1.0), attn=SimpleNamespace(swa_window=0))
 
@@ -169,3 +169,13 @@ def test_a_graphs_copy_without_host_bytes_reads_its_fields_from_the_device():
     m = build_step_meta(HP, rope_inv_freq(HP), MIXED, torch.device("cuda"), torch.float16, kv_len=16)
     g = dataclasses.replace(m, store=dataclasses.replace(m.store, host_buf=None))
     assert torch.equal(g.on_host(g.tok.row), m.tok.row.cpu())
+
+
+def test_rope_rows_are_rope_tables_gathered_from_a_table_that_grows():
+    """The step's RoPE rows from the table of positions: the same bits as rope_tables, for a first
+    call that makes the table, positions past it (the table grown) and [B, L] positions."""
+    inv = rope_inv_freq(HP, theta=12345.0)  # inverse frequencies no other test's table holds
+    for pos in (torch.tensor([0, 7, 300]), torch.tensor([5000, 2]), torch.tensor([[1, 0, 4097], [9, 9, 9]])):
+        for dtype in (torch.float16, torch.float32):
+            got, want = rope_rows(inv, pos, 2.0, dtype), rope_tables(inv, pos, 2.0, dtype)
+            assert all(g.shape == w.shape and g.dtype == dtype and torch.equal(g, w) for g, w in zip(got, want))
