@@ -5,8 +5,9 @@ NOTE [ decode graphs ]
 A decode step launches about 24 kernels a layer (8B), each costing more to launch from Python
 than to run, so decode steps replay CUDA graphs, captured once per (batch, padded KV length).
 The graph covers the leading layers whose weights stay put (`LayerSource.fixed`) and whose KV is
-on the device: every layer and the head in the in-VRAM engine; the resident layers in the
-streaming pipeline, whose streamed layers then run eagerly from their VRAM slots. All graphs
+on the device: every layer and the head in the in-VRAM engine, whose graph embeds the step's ids
+too (the embedding's gather and dequantization were host launches every step); the resident
+layers in the streaming pipeline, whose streamed layers then run eagerly from their VRAM slots. All graphs
 share one memory pool and one capture stream (`GraphCapture`); each graph's output is consumed
 before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only the
 steps the plan counts are captured (`DevicePlan.graph_rows`): up to --batch rows, or 1 + the
@@ -103,21 +104,25 @@ class GraphCapture:
 
 class LayerGraphs:
     """Layers 0..upto-1 (and the head) of decode steps, one graph per (layers, batch, padded KV
-    length); `forward(x, meta, upto, head, seqs)` is what a graph holds."""
+    length, embedding); `forward(x, meta, upto, head, seqs, last_ids)` is what a graph holds."""
 
     def __init__(self, capture: GraphCapture, source, forward: Callable[..., torch.Tensor]):
         self.capture, self.source, self.forward = capture, source, forward
         self.graphs: dict[tuple[int, int, int], tuple] = {}  # (layers, batch, padded KV length) -> graph
 
-    def replay(self, x: torch.Tensor, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool) -> torch.Tensor:
+    def replay(self, x: torch.Tensor | None, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool,
+               last_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Layers 0..upto-1 (and the head) through the graph captured for this shape: their output,
-        a new tensor."""
-        key = (upto + head, len(seqs), meta.q.kv_len)
+        a new tensor. With x None the graph embeds the step's ids itself, a -1 read from `last_ids`
+        (a tensor that stays put: its address is part of the graph's key)."""
+        embeds = None if x is not None else 0 if last_ids is None else last_ids.data_ptr()
+        key = (upto + head, len(seqs), meta.q.kv_len, embeds)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(x, meta, seqs, upto, head)
+            g = self.graphs[key] = self._capture(x, meta, seqs, upto, head, last_ids)
         graph, s_x, s_meta, s_out, names = g
-        s_x.copy_(x)
+        if s_x is not None:
+            s_x.copy_(x)
         fill_meta(s_meta, meta, names)
         if not self.source.times_graphs:
             graph.replay()
@@ -131,10 +136,10 @@ class LayerGraphs:
         self.source.graph_ran(0, upto, start, end)
         return s_out.clone()
 
-    def _capture(self, x, meta, seqs, upto: int, head: bool):
-        s_x = x.clone()
+    def _capture(self, x, meta, seqs, upto: int, head: bool, last_ids):
+        s_x = None if x is None else x.clone()
         s_meta, names = static_meta(meta)
-        graph, s_out = self.capture.capture(lambda: self.forward(s_x, s_meta, upto, head, seqs))
+        graph, s_out = self.capture.capture(lambda: self.forward(s_x, s_meta, upto, head, seqs, last_ids))
         return graph, s_x, s_meta, s_out, names
 
 

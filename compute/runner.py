@@ -121,11 +121,14 @@ class ModelRunner:
         meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
                                inv_freq_swa=self.inv_freq_swa, triton_attention=self.triton_attention)
-        ids = self._token_ids(meta, last_ids)
-        x = self.embed(ids) if self.embed is not None else self.glob.embed(ids)
-        if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
-            x = x * self.hp.embed_scale
-        if upto == self.hp.n_layer and want == "last" and tails is None:  # the whole step, head included
+        whole = upto == self.hp.n_layer and want == "last" and tails is None  # the whole step, head included
+        if whole and self.embed is None and self.glob.embd_dev is not None:
+            if last_ids is None and not meta.tok.known:
+                raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
+            # the embedding in the graph too (NOTE [ decode graphs ] in graphs.py)
+            return self.layer_graphs.replay(None, meta, seqs, upto, head=True, last_ids=last_ids)
+        x = self._embedded(self._token_ids(meta, last_ids))
+        if whole:
             return self.layer_graphs.replay(x, meta, seqs, upto, head=True)
         if upto:
             x = self.layer_graphs.replay(x, meta, seqs, upto, head=False)
@@ -154,6 +157,13 @@ class ModelRunner:
             raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
         return torch.where(meta.tok.id < 0, last_ids.index_select(0, meta.tok.row), meta.tok.id)
 
+    def _embedded(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of token ids [T] that enter the first layer: [T, E]."""
+        x = self.embed(ids) if self.embed is not None else self.glob.embed(ids)
+        if self.hp.embed_scale != 1.0:  # gemma3: embeddings times sqrt(n_embd)
+            x = x * self.hp.embed_scale
+        return x
+
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
         """The attended KV length, padded (masked) so that kernels and graphs see few shapes:
         multiples of 256 for eager steps, powers of two (at least 256) for captured graphs."""
@@ -161,8 +171,15 @@ class ModelRunner:
         padded = max(256, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
         return min(self.ctx, padded)
 
-    def _captured(self, x: torch.Tensor, meta: StepMeta, upto: int, head: bool, seqs: list[SeqStep]) -> torch.Tensor:
-        """What a graph of layers 0..upto-1 (and the head) holds: their fixed weights over x."""
+    def _captured(self, x: torch.Tensor | None, meta: StepMeta, upto: int, head: bool, seqs: list[SeqStep],
+                  last_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """What a graph of layers 0..upto-1 (and the head) holds: their fixed weights over x, or
+        with x None over the embedded ids of meta, a -1 taken from `last_ids` on the device (the
+        static copy of the meta does not say which ids are known, so the choice is made on the device)."""
+        if x is None:
+            ids = meta.tok.id if last_ids is None else \
+                torch.where(meta.tok.id < 0, last_ids.index_select(0, meta.tok.row), meta.tok.id)
+            x = self._embedded(ids)
         y = self._layers(x, meta, 0, upto, captured=True)
         return head_forward(self.hp, self._last(y, seqs), self.glob.norm, self.glob.head) if head else y
 

@@ -93,7 +93,8 @@ def test_pipeline_kv_on_host_matches_on_cuda(model):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
 def test_cuda_graph_decode_matches_eager(model, tmp_path, arch):
-    """Decode steps replay graphs; a MoE model's layers too, their experts grouped on the device."""
+    """Decode steps replay graphs; a MoE model's layers too, their experts grouped on the device;
+    the in-VRAM engine's graphs embed the step's ids themselves (a -1 read from the sampled ids)."""
     if arch != "llama":
         model = ggufgen.write_model(str(tmp_path / f"{arch}.gguf"), arch=arch, n_layer=3, n_embd=256, n_ff=512,
                                     n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=6)
@@ -103,7 +104,9 @@ def test_cuda_graph_decode_matches_eager(model, tmp_path, arch):
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
     with _engine(model, dtype="float16") as e:
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
-        assert e.backend.runner.layer_graphs.graphs, "decode steps did not use a captured graph"
+        graphs = e.backend.runner.layer_graphs.graphs
+        assert graphs, "decode steps did not use a captured graph"
+        assert all(key[-1] is not None for key in graphs), "a graph took its input rows from the host's embedding"
 
 
 @pytest.fixture(scope="module")
