@@ -19,7 +19,11 @@ partial, and the last of them to arrive (a counter per tile) sums all partials i
 writes the output and sets its counter back to zero: one launch, the same bits on every call.
 The counters are one buffer a stream, zeroed once (`_tile_counters`): kernels on one stream run one
 after another, so each finds its counters zero, and no call launches a memset of its own (a
-captured decode step replayed one per matmul).
+captured decode step replayed one per matmul). A graph keeps the buffer of the stream it was
+captured on, so graphs captured on one stream must not replay at once on two (the engine's
+replay on its one stream). The buffer is never replaced (a graph holds its address): a call
+that needs more counters than it has, or that is captured before the stream has one (its zeroing
+would run only when the graph replays), zeroes counters of its own, as every call did before.
 
 Like qkernels.py's kernels, it runs on the CPU under Triton's interpreter for the tests.
 """
@@ -167,14 +171,19 @@ def small_kernel(x, raw8, w32, halfs, out, bias, part, count, M, N, n_chunks, ch
 _counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
+COUNTERS = 4096  # tiles of one stream's buffer (the dispatch's largest grid, 16384 rows of W by 32, has 512)
+
+
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zero tile counters on `device` for the current stream (NOTE [ runs on the tensor
-    cores ]): one buffer a stream, grown where a call needs more."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (device, stream)
+    """n zero tile counters on `device` for the current stream (NOTE [ runs on the tensor cores ]):
+    the stream's buffer, made once and kept, or counters of the call's own where it cannot serve."""
+    cuda = device.type == "cuda"
+    key = (device, torch.cuda.current_stream(device).stream_id if cuda else 0)
     buf = _counters.get(key)
+    if buf is None and not (cuda and torch.cuda.is_current_stream_capturing()):
+        buf = _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     if buf is None or buf.numel() < n:
-        buf = _counters[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        return torch.zeros(n, dtype=torch.int32, device=device)
     return buf
 
 

@@ -49,6 +49,16 @@ def test_small_matches_float64_over_gguf_dequantization(qt):
                     assert not qsmall._tile_counters(x.device, 1).any()
 
 
+def test_a_streams_tile_counters_are_one_buffer_never_replaced():
+    """Calls on a stream share its counters (a graph keeps their address); a call needing more
+    gets zeroed counters of its own and the stream's buffer stays."""
+    dev = torch.device("cpu")
+    buf = qsmall._tile_counters(dev, 1)
+    more = qsmall._tile_counters(dev, qsmall.COUNTERS + 1)
+    assert more.data_ptr() != buf.data_ptr() and more.numel() == qsmall.COUNTERS + 1 and not more.any()
+    assert qsmall._tile_counters(dev, qsmall.COUNTERS).data_ptr() == buf.data_ptr()
+
+
 def test_small_on_words_not_4_aligned_takes_the_other_kernel():
     """Q4_K's scales are loaded as 32-bit words: blocks 2 bytes into their storage go to another kernel,
     with the same product."""
