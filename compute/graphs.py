@@ -108,7 +108,8 @@ class LayerGraphs:
 
     def __init__(self, capture: GraphCapture, source, forward: Callable[..., torch.Tensor]):
         self.capture, self.source, self.forward = capture, source, forward
-        self.graphs: dict[tuple[int, int, int], tuple] = {}  # (layers, batch, padded KV length) -> graph
+        # (layers, batch, padded KV length, embedding: None, or the sampled ids' address) -> graph
+        self.graphs: dict[tuple[int, int, int, int | None], tuple] = {}
 
     def replay(self, x: torch.Tensor | None, meta: StepMeta, seqs: list[SeqStep], upto: int, head: bool,
                last_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,12 +5,13 @@ NOTE [ slices of a row ]
 A program owns BN rows of W and MR rows of x (1 to 4: decode, small batches, verification) and
 walks all of K, KB chunks of 256 values a step, so each weight is read once, every output is
 written once, and there is no second launch (the split-K kernel's sum). Its lanes are the
-(chunk, slice) pairs of a step: a slice is 8 quant bytes of a 32-byte run that shares its
-scales, and static loops walk the runs of a chunk (Q4_K's 4 groups and 2 nibbles, Q6_K's halves,
-runs and nibbles, the 32-value types' 8 blocks), so each scale is decoded with constant shifts.
-Words load 4 bytes at a time where the blocks are 4-aligned (Q4_K, Q5_K), else 2 (Q6_K's 210-byte
-blocks, the 32-value types' 18 to 34); each tensor is [BN, S, 1] or [MR, S, 8], one layout (Triton converts none of
-them through shared memory). A quant q of b bits becomes the float f = 1 + q / 2^b from its bits
+(chunk, slice) pairs of a step: a slice is 8 values' quants (8 bytes of a 32-byte run that
+shares its scales; 4 bytes of a 32-value block for Q4_0 to Q5_1), and static loops walk the runs
+of a chunk (Q4_K's 4 groups and 2 nibbles, Q6_K's halves, runs and nibbles, the 32-value types' 8
+blocks), so each scale is decoded with constant shifts. Words load 4 bytes at a time for Q4_K and
+Q5_K (their blocks 4-aligned), else 2 (Q6_K's 210-byte blocks, the 32-value types' 18 to 34);
+each tensor is [BN, S, 1] or [MR, S, 8], one layout (Triton converts none of them through shared
+memory). A quant q of b bits becomes the float f = 1 + q / 2^b from its bits
 (0x3F800000 | q << (23 - b): no conversion instruction), and with w = f * S - O for the run's
 scale S = 2^b * d * sc and offset O the dot of a slice is S * sum(f * x) - O * sum(x): one
 multiply-add a value and row, x loaded 8 values at once and split in registers. Q8_0 takes its

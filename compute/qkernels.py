@@ -292,12 +292,15 @@ def _gemv_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     """("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel where it measured faster than the other
     kernels on an H200 (CUDA graphs, BENCHMARKS.md "GEMV"), else None: one or two rows of x for
     every type, 3 and 4 for Q4_K (Q5_K's and Q6_K's rows kernel and Q8_0's split-K stay ahead there)
-    on matrices of at least 1024 x 4096 (the 8B's); on smaller ones (SmolLM2's, the 1B's and the
-    MoE's attention) one or two rows where K takes at most two steps, which saves the split-K
-    kernel's second launch that dominates a tiny matrix's time. One warp a program, its 32 lanes
-    on 8 chunks; on 1024 to 2047 rows of W, two warps on 16 chunks."""
+    on matrices of at least 1024 x 4096 (the 8B's; Q4_0 to Q5_1 there not measured, so not taken);
+    on smaller ones (SmolLM2's, the 1B's and the MoE's attention) one or two rows where K takes at
+    most two steps, which saves the split-K kernel's second launch that dominates a tiny matrix's
+    time. One warp a program, its 32 lanes on 8 chunks; on 1024 to 2047 rows of W, two warps on 16
+    chunks."""
     if N < 1024 or K < 4096:
-        return ("gemv", M, 1, 8, 1) if M <= 2 and K <= 4096 else None
+        return ("gemv", M, 1, 8, 1) if 1 <= M <= 2 and K <= 4096 else None
+    if qtype not in (12, 13, 14, 8):
+        return None
     if M == 1:
         return ("gemv", 1, 1, 8, 1) if N >= 2048 else ("gemv", 1, 1, 16, 2)
     if M == 2:
@@ -326,7 +329,7 @@ def _small_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
 def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:
     """The kernel and configuration for x [M, K] by a [N, K] matrix of `qtype`, on a GPU:
     `_small_config`'s where it has one, else `_gemv_config`'s for qgemv's types (Q4_K, Q5_K, Q6_K,
-    Q8_0) where it has one; else (and under Triton's interpreter) `_rows_or_split`'s."""
+    Q8_0, and Q4_0 to Q5_1) where it has one; else (and under Triton's interpreter) `_rows_or_split`'s."""
     if not interpret:
         small = _small_config(M, N, K, qtype)
         if small is not None:
@@ -360,8 +363,9 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     `_choose`, for tests and benchmarks: (BM, BN, num_warps, splits) for `_matmul_kernel`, whose
     chunks of K are split over `splits` programs per output tile and their float32 partials
     summed by a second kernel; ("rows", MR, BN, KB, num_warps) for `rows_kernel` (qkernels_rows.py);
-    ("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel (Q4_K, Q5_K, Q6_K, Q8_0); ("small", MP, BN,
-    num_warps, num_stages, splits) for qsmall.small_kernel (the same types, K a multiple of 256).
+    ("gemv", MR, BN, KB, num_warps) for qgemv.gemv_kernel (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0 to Q5_1);
+    ("small", MP, BN, num_warps, num_stages, splits) for qsmall.small_kernel (Q4_K, Q5_K, Q6_K, Q8_0,
+    K a multiple of 256).
     """
     _check(raw, qtype, N, K)
     if x.stride(-1) != 1:

@@ -1,4 +1,4 @@
-"""qgemv's whole-row fused matmul (Q4_K, Q5_K, Q6_K, Q8_0) against a float64 matmul over gguf-py's
+"""qgemv's whole-row fused matmul (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0 to Q5_1) against a float64 matmul over gguf-py's
 dequantization: under Triton's interpreter on tiny odd shapes here, compiled at full size on a GPU."""
 
 from __future__ import annotations
@@ -77,14 +77,16 @@ def test_gemv_on_words_not_4_aligned_takes_the_other_kernel():
 
 
 def test_choose_takes_gemv_where_it_measured_faster():
-    """On a GPU, on matrices of at least 1024 x 4096: qgemv's types at 1 and 2 rows, Q4_K at 3 and
-    4; on smaller ones 1 and 2 rows where K is at most 4096; more rows, the other types, K over 4096
-    on a small matrix and Triton's interpreter keep the other kernels. A chosen configuration has 2
+    """On a GPU, on matrices of at least 1024 x 4096: the measured types (Q4_K, Q5_K, Q6_K, Q8_0) at
+    1 and 2 rows, Q4_K at 3 and 4; on smaller ones every qgemv type at 1 and 2 rows where K is at
+    most 4096; more rows, the other types (Q4_0 to Q5_1 on the 8B's matrices too), K over 4096 on
+    a small matrix and Triton's interpreter keep the other kernels. A chosen configuration has 2
     to 4 rows of x a program (1 alone) and a slice on every lane."""
     choose = lambda M, qt, N=4096, K=4096, interpret=False: qkernels._choose(M, N, K, int(qt), interpret=interpret)[0]  # noqa: E731
     # (Q4_K from 2 rows on 4096 rows or more and Q6_K from 3 go to qsmall: test_qsmall.py)
-    assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in TYPES for N in (1024, 14336, 128256)
+    assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in TYPES[:4] for N in (1024, 14336, 128256)
                for K in (4096, 14336) if (M, qt) != (2, QT.Q4_K) or N == 1024 or N == 128256)
+    assert not any(choose(M, qt, 14336, 4096) == "gemv" for M in (1, 2) for qt in TYPES[4:])
     assert qkernels._gemv_config(3, 4096, 4096, int(QT.Q4_K))[0] == qkernels._gemv_config(4, 1024, 4096, int(QT.Q4_K))[0] == "gemv"
     assert not any(choose(M, qt) == "gemv" for M in (3, 4) for qt in (QT.Q5_K, QT.Q6_K, QT.Q8_0))
     assert choose(5, QT.Q4_K) != "gemv" and choose(16, QT.Q6_K) != "gemv"
@@ -93,6 +95,7 @@ def test_choose_takes_gemv_where_it_measured_faster():
     assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in (QT.Q5_0, QT.Q8_0, QT.Q4_1, QT.Q6_K)
                for N, K in ((576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 2048)))
     assert choose(3, QT.Q5_0, 576, 576) != "gemv" and choose(1, QT.Q4_K, 576, 14336) != "gemv"
+    assert qkernels._gemv_config(0, 576, 576, int(QT.Q5_0)) is None
     for M in (1, 2, 3, 4):
         for N in (1024, 4096, 128256):
             _, MR, BN, KB, warps = qkernels._gemv_config(M, N, 4096, int(QT.Q4_K))
@@ -103,11 +106,12 @@ def test_choose_takes_gemv_where_it_measured_faster():
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_gemv_full_size_on_cuda(qt):
     """The 8B's K (4096, and 14336: 56 chunks, in masked steps of 16) and SmolLM2's (1536, and 576
-    for the 32-value types: a masked last step), compiled, 1 to 4 rows, in
-    the configuration `_choose` picks (the other kernels on 333 rows, and at 3 or 4 rows but for
-    Q4_K), on one warp, and with 2 rows of W on two warps at one row (a masked last program on 333
-    and 1027 rows): within float16 output rounding of float64, float32 activations within float32
-    rounding, bfloat16 ones within theirs, and the same bits on a second call."""
+    for the 32-value types: a masked last step), compiled, 1 to 4 rows, in the configuration
+    `_choose` picks (the other kernels on 333 rows and for Q4_0 to Q5_1 on the 8B's matrices, and
+    at 3 or 4 rows but for Q4_K), and in the GEMV's on one warp, and with 2 rows of W on two warps
+    at one row (a masked last program on 333 and 1027 rows): within float16 output rounding of
+    float64, float32 activations within float32 rounding, bfloat16 ones within theirs, and the same
+    bits on a second call."""
     rng = np.random.default_rng(900 + int(qt))
     legacy = qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)  # (their one code path: fewer shapes)
     small = [(1536, 576)] if GGML_QUANT_SIZES[qt][0] == 32 else []  # SmolLM2's K
