@@ -520,8 +520,15 @@ def _kernel_time(fn, reps: int, device: torch.device) -> float:
 def _kernel_config(text: str) -> tuple:
     """A --configs entry: BMxBNxWARPSxSPLITS for the split-K kernel, or KIND:AxBx.. for another
     of qkernels.matmul's configurations (gemv:1x1x8x1, rows:1x2x4x2, small:16x64x4x2x4)."""
-    kind, _, dims = text.rpartition(":")
-    values = tuple(int(v) for v in dims.split("x"))
+    kind, _, dims = text.strip().rpartition(":")
+    sizes = {"": 4, "gemv": 4, "rows": 4, "small": 5}  # numbers each kind takes
+    try:
+        values = tuple(int(v) for v in dims.split("x"))
+    except ValueError:
+        values = ()
+    if len(values) != sizes.get(kind, -1):
+        raise ValueError(f"--configs {text!r}: write BMxBNxWARPSxSPLITS, gemv:MRxBNxKBxWARPS, rows:MRxBNxKBxWARPS "
+                         "or small:MPxBNxWARPSxSTAGESxSPLITS")
     return (kind, *values) if kind else values
 
 

@@ -180,3 +180,15 @@ def test_the_host_waits_time_decode_reports_are_its_decode_steps_only(tiny, monk
         times = stage_bench.time_decode(e.core, [[1, 2, 3, 4]], 5, dev.synchronize, waits)
         assert "collect" not in vars(dev)  # the backend's own collect again
     assert times == [3.0] * 5 and waits == [2.0] * 5
+
+
+def test_qmatmul_configs_are_read_by_kind_and_refused_with_one_line():
+    """--configs entries: the split-K kernel's four numbers, or KIND:.. with that kind's numbers,
+    spelled back as given; a wrong kind or count is a ValueError naming the entry."""
+    for text, cfg in (("1x4x1x3", (1, 4, 1, 3)), ("gemv:2x1x8x1", ("gemv", 2, 1, 8, 1)),
+                      (" small:16x64x4x2x4", ("small", 16, 64, 4, 2, 4))):
+        assert stage_bench._kernel_config(text) == cfg and stage_bench._config_name(cfg) == text.strip()
+    assert stage_bench._config_name(None) == "auto"
+    for bad in ("gmev:1x1x8x1", "gemv:1x1x8", "rows:1x2", "1x4"):
+        with pytest.raises(ValueError, match=f"--configs '{bad}'"):
+            stage_bench._kernel_config(bad)
