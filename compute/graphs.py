@@ -7,9 +7,9 @@ than to run, so decode steps replay CUDA graphs, captured once per (batch, padde
 The graph covers the leading layers whose weights stay put (`LayerSource.fixed`) and whose KV is
 on the device: every layer and the head in the in-VRAM engine, whose graph embeds the step's ids
 too (the embedding's gather and dequantization were host launches every step); the resident
-layers in the streaming pipeline, whose streamed layers then run eagerly from their VRAM slots. All graphs
-share one memory pool and one capture stream (`GraphCapture`); each graph's output is consumed
-before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only the
+layers in the streaming pipeline, whose streamed layers then run eagerly from their VRAM slots.
+All graphs share one memory pool and one capture stream (`GraphCapture`); each graph's output is
+consumed before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only the
 steps the plan counts are captured (`DevicePlan.graph_rows`): up to --batch rows, or 1 + the
 drafts where a verifying step's rows replay them, and never beyond the rows every matrix keeps a
 fused kernel for (qlinear's per-type limits), since cuBLAS takes a workspace for each new stream

@@ -168,10 +168,8 @@ def small_kernel(x, raw8, w32, halfs, out, bias, part, count, M, N, n_chunks, ch
         tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
 
 
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
 COUNTERS = 4096  # tiles of one stream's buffer (the dispatch's largest grid, 16384 rows of W by 32, has 512)
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, stream id) -> its counters
 
 
 def _tile_counters(device: torch.device, n: int) -> torch.Tensor:

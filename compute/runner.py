@@ -155,6 +155,11 @@ class ModelRunner:
             return meta.tok.id
         if last_ids is None:
             raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
+        return self._sampled_in(meta, last_ids)
+
+    @staticmethod
+    def _sampled_in(meta: StepMeta, last_ids: torch.Tensor) -> torch.Tensor:
+        """The step's ids [T] on the device, each -1 replaced by its row's entry of `last_ids`."""
         return torch.where(meta.tok.id < 0, last_ids.index_select(0, meta.tok.row), meta.tok.id)
 
     def _embedded(self, ids: torch.Tensor) -> torch.Tensor:
@@ -177,9 +182,7 @@ class ModelRunner:
         with x None over the embedded ids of meta, a -1 taken from `last_ids` on the device (the
         static copy of the meta does not say which ids are known, so the choice is made on the device)."""
         if x is None:
-            ids = meta.tok.id if last_ids is None else \
-                torch.where(meta.tok.id < 0, last_ids.index_select(0, meta.tok.row), meta.tok.id)
-            x = self._embedded(ids)
+            x = self._embedded(meta.tok.id if last_ids is None else self._sampled_in(meta, last_ids))
         y = self._layers(x, meta, 0, upto, captured=True)
         return head_forward(self.hp, self._last(y, seqs), self.glob.norm, self.glob.head) if head else y
 
