@@ -43,7 +43,7 @@ from layerstream.coordinator.stream_core import Send, StreamCore
 from layerstream.coordinator.supervisor import Child, Supervisor
 from layerstream.errors import LayerstreamError, PipelineError
 from layerstream.loader import reader_proc, staging_proc
-from layerstream.loader.arena import remove_orphan
+from layerstream.loader.arena import remove_orphan, segments_of
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.reader import ReaderPlan
 from layerstream.proto.codec import ProtocolError, from_wire
@@ -336,8 +336,8 @@ class Pipeline:
                 await self.links.wait(end - time.monotonic())
                 await self._serve()
             err = c.last_error
-            if c.role == "staging" and self.arena is not None:
-                remove_orphan(self.arena.name)  # its own cleanup never ran
+            if c.role == "staging":
+                self._remove_staging_segments(c)  # its own cleanup never ran
             if code == -signal.SIGBUS:
                 err = (err or "") + (f"SIGBUS: a memory-mapped model file shrank or vanished during the run "
                                      f"({', '.join(self.launch.index.files)}); check the file and do not rewrite "
@@ -444,6 +444,15 @@ class Pipeline:
     def write_trace(self, path: str, snaps: list[Snapshot]) -> int:
         return write_chrome_trace(path, snaps)
 
+    def _remove_staging_segments(self, staging) -> None:
+        """Remove the arena of a staging process that is gone (its own cleanup never ran): by the
+        name it reported, or, dead before it did, by the names that carry its pid and ours."""
+        if self.arena is not None:
+            remove_orphan(self.arena.name)
+        elif staging.proc is not None and staging.proc.pid is not None and staging.proc.exitcode is not None:
+            for name in segments_of(staging.proc.pid, os.getpid()):
+                remove_orphan(name)
+
     def close(self) -> None:
         """Stop every process (ask, wait, SIGTERM, SIGKILL), staging last; remove the run directory."""
         if self.closed:
@@ -465,8 +474,9 @@ class Pipeline:
         # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
         self.sup.stop(workers, 2.0, asked)
         self.sup.stop(["staging"], 2.0, asked)
-        if self.arena is not None:  # a staging killed before it could (another child's death ended the run first)
-            remove_orphan(self.arena.name)
+        staging = self.sup.children.get("staging")
+        if staging is not None:  # a staging killed before it could (another child's death ended the run first)
+            self._remove_staging_segments(staging)
         if self.links is not None:
             self.links.close()
         if not self.loop.is_closed() and not self.loop.is_running():

@@ -129,6 +129,17 @@ def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
     return removed
 
 
+def segments_of(pid: int, parent: int, shm_dir: str = SHM_DIR) -> list[str]:
+    """The segments that Arena.create made in process `pid` under `parent` (their names say so):
+    what a staging that died before it named its arena leaves for its run to remove."""
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:  # no /dev/shm here: nothing of ours can be in it
+        return []
+    return [n for n in names if (m := _NAME.fullmatch(n)) and int(m.group(1)) == pid and m.group(2)
+            and int(m.group(2)) == parent]
+
+
 def remove_orphan(name: str) -> None:
     """Unlink the segment of an owner that died (and take it off this process tree's resource
     tracker, which would otherwise report a leak at exit); a missing segment is fine."""

@@ -45,7 +45,7 @@ def _patch(mod):
     mod.ComputeWorker.launch = faulty
 '''
 
-# imports the compute role's module, then hands it to the `_patch` above it
+# imports a role's module (_MODULE), then hands it to the `_patch` above it
 _HOOK = '''
 import importlib.abc
 import importlib.util
@@ -54,7 +54,7 @@ import sys
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "layerstream.compute.compute_proc":
+        if name != _MODULE:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -72,11 +72,11 @@ sys.meta_path.insert(0, _Finder())
 '''
 
 
-def install_patch(folder, monkeypatch, patch: str) -> None:
+def install_patch(folder, monkeypatch, patch: str, module: str = "layerstream.compute.compute_proc") -> None:
     """Put a sitecustomize.py in `folder` that runs `patch` (Python source defining `_patch(module)`)
-    on the compute role's module once it is imported, and `folder` first on PYTHONPATH (for the
-    processes started from now on, until the test ends)."""
-    (folder / "sitecustomize.py").write_text(patch + _HOOK)
+    on a role's module (the compute role's by default) once it is imported, and `folder` first on
+    PYTHONPATH (for the processes started from now on, until the test ends)."""
+    (folder / "sitecustomize.py").write_text(patch + f"\n_MODULE = {module!r}\n" + _HOOK)
     monkeypatch.setenv("PYTHONPATH", f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
 

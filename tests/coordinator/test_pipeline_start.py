@@ -83,3 +83,31 @@ def test_a_compute_process_that_dies_before_or_after_the_arena_came_is_one_line_
         with _engine(model, PCFG) as e:  # (after: its death may be seen at the start or at the first step)
             "".join(e.generate(list(PROMPT), GREEDY))
     assert str(err.value) == f"the compute process compute died (exit code {code})"
+
+
+_STAGING_DIES = """
+import os
+import signal
+
+
+def _patch(module):
+    create = module.Arena.create
+
+    def dies(*a, **kw):  # its segment made, then killed before its Ready names it
+        arena = create(*a, **kw)
+        if os.path.exists("/dev/shm/" + arena.name):  # (else its plain exit fails the test's line)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    module.Arena.create = staticmethod(dies)
+"""
+
+
+def test_a_staging_killed_before_it_named_its_arena_is_one_line_and_its_segment_is_removed(model, tmp_path,
+                                                                                          monkeypatch):
+    """The run removes the segment by the names that carry staging's pid and its own (its Ready,
+    which names the arena, never came); the fixture finds none left."""
+    faults.install_patch(tmp_path, monkeypatch, _STAGING_DIES, module="layerstream.loader.staging_proc")
+    with pytest.raises(PipelineError) as err:
+        with _engine(model, PCFG) as e:
+            "".join(e.generate(list(PROMPT), GREEDY))
+    assert str(err.value) == "the staging process staging died (exit code -9)"
