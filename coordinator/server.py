@@ -246,11 +246,13 @@ class Server:
 
         async def outputs():
             left = set(rids)
+            made = dict.fromkeys(rids, 0)  # tokens each choice has produced so far (a cut stream's for the log)
             try:
                 while left:
                     item = await q.get()
                     if isinstance(item, ApiError):  # refused when added, or the engine failed
                         raise item
+                    made[item.request_id] += len(item.token_ids)
                     if item.finish_reason == "error":
                         raise ApiError(500, f"the request failed: {item.error}", kind="server_error")
                     if item.finished:
@@ -262,6 +264,9 @@ class Server:
             finally:
                 for rid in left:  # the client went away (or an error): their rows go back at once
                     self.worker.abort(rid)
+                if left:  # the access log counts what the unfinished choices produced too
+                    request.scope["layerstream.usage"] = (len(ids), usage["completion_tokens"]
+                                                          + sum(made[r] for r in left))
 
         if req.stream:
             def event(d: dict) -> str:

@@ -805,6 +805,32 @@ def test_an_access_line_a_request_at_info(live):
                for ln in lines), lines[-5:]
 
 
+def test_a_stream_cut_by_its_client_logs_the_tokens_it_produced(live):
+    """The access line of a stream the client closed counts the tokens sent before (was 0: only
+    finished choices were counted)."""
+    body = json.dumps({"prompt": "Count: 1, 2,", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
+    seen = len(live.records)
+    s = socket.create_connection(("127.0.0.1", live.port), timeout=60)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while got.count(b"data: ") < 6:
+        got += s.recv(4096)
+    s.close()
+    deadline = time.monotonic() + 60
+
+    def cut_lines():
+        return [r.getMessage() for r in live.records[seen:] if r.name == "layerstream.server"
+                and r.getMessage().startswith("POST /v1/completions 200 prompt=")]
+
+    while not cut_lines() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = cut_lines()
+    assert int(line.split("completion=")[1].split()[0]) >= 6, line
+    _healthy(live)
+
+
 def test_sixteen_clients_with_long_prompts_are_served_or_refused(live):
     """2 rows, a queue of 6, 16 clients at once with prompts near and past the context (512): each
     is answered, or refused with 429 (queue) or 400 (too long); the server is healthy after."""
