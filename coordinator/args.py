@@ -89,7 +89,8 @@ def build_parser() -> Parser:
     g = p.add_argument_group("sampling", "with --serve: what a request that does not set the field gets "
                              "(else OpenAI's defaults)")
     g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=256,
-                   help="tokens to generate at most (default 256)")
+                   help="tokens to generate at most; -1: until the end of sequence or a full context, as "
+                        "llama.cpp's (default 256)")
     g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
@@ -311,7 +312,13 @@ def check_args(args) -> None:
         fail(f"{modes[0]} takes no prompt text; drop the prompt")
     if args.system is not None and not args.chat:
         fail("--system needs --chat (the system message goes through the chat template)")
-    ints("max-tokens", args.max_tokens, 1, MAX_CTX)
+    if args.max_tokens == -1:  # llama.cpp's "until the end": the context bounds it (turn.Turn)
+        if args.serve:
+            fail(f"{opt('max-tokens', -1)}: the server's requests say how many tokens they want; give a number")
+        args.max_tokens = MAX_CTX
+    if args.max_tokens is not None and not 1 <= args.max_tokens <= MAX_CTX:
+        fail(f"{opt('max-tokens', args.max_tokens)}: must be from 1 to {MAX_CTX}, or -1 (until the end of "
+             "sequence or a full context)")
     finite("temperature", args.temperature, 0.0, 100.0)
     if 0 < args.temperature < 1e-4:
         fail(f"{opt('temperature', args.temperature)}: too small to sample with; use 0 for greedy decoding")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
+from layerstream.coordinator.args import MAX_CTX
 from layerstream.coordinator.lookup import LookupStats
 
 log = logging.getLogger("layerstream.request")
@@ -54,6 +55,9 @@ class Turn:
 
     def __init__(self, engine, ids: list[int], params):
         Turn._count += 1
+        if params.max_tokens >= MAX_CTX and engine.cfg.on_context_full == "error":
+            # -n -1: until the end of sequence, or the context's room, where the reply ends as at -n
+            params = replace(params, max_tokens=max(1, engine.cfg.ctx - len(ids)))
         self.engine, self.ids, self.params = engine, ids, params
         self.request_id = f"cli-{Turn._count}"
         self.rates = Rates()

@@ -71,7 +71,22 @@ def test_bad_option_gives_one_error_line(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     r = run_pipeline("-m", path, "--max-tokens", "0", "hello")
     assert r.returncode == 2
-    assert r.stderr.splitlines() == ["run-pipeline: error: --max-tokens 0: must be from 1 to 4194304"]
+    assert r.stderr.splitlines() == ["run-pipeline: error: --max-tokens 0: must be from 1 to 4194304, or -1 (until "
+                                     "the end of sequence or a full context)"]
+
+
+def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp_path):
+    """llama.cpp's -n -1: no cap but the context's room, the reply ending there with exit 0 (not the
+    context-full error); with --serve (whose requests say how many) one line and exit 2."""
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    r = run_pipeline("-m", path, "--ctx", "40", "-n", "-1", "--temperature", "0", "--ignore-eos", "--stats", "hello")
+    assert r.returncode == 0 and r.stdout, r.stderr
+    decoded = int(r.stderr.split("decode: ")[1].split()[0])
+    prompt = int(r.stderr.split("prompt: ")[1].split()[0])
+    assert prompt + decoded == 40, r.stderr
+    r = run_pipeline("-m", path, "--serve", "-n", "-1")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "run-pipeline: error: -n -1: the server's requests say how many tokens they want; give a number"]
 
 
 @pytest.mark.parametrize("args,words", [

@@ -37,8 +37,8 @@ def model(tmp_path_factory):
     (["-ngl", "-1"], "-ngl -1: must be from 0 to 65536"),
     (["--n-gpu-layers=-5"], "--n-gpu-layers -5: must be from 0 to 65536"),
     (["--temperature", "1e309"], "--temperature 1e309: must be a finite number from 0 to 100"),
-    (["-n0"], "-n 0: must be from 1 to 4194304"),
-    (["--n-predict", "0"], "--n-predict 0: must be from 1 to 4194304"),
+    (["-n0"], "-n 0: must be from 1 to 4194304, or -1 (until the end of sequence or a full context)"),
+    (["--n-predict", "0"], "--n-predict 0: must be from 1 to 4194304, or -1"),
     (["--threads", "100000"], "--threads 100000: must be from 1 to 4096"),
     # accepted and doing nothing, or failing late with exit 1
     (["--trace", ""], "--trace : an empty path; give a file"),
