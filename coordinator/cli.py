@@ -92,8 +92,13 @@ def check_with_header(args, hp) -> None:
     ctx = default_ctx(args, hp)
     if args.on_context_full == "slide" and not args.sink_tokens < ctx - 1:
         where = "" if args.ctx else f" (the model's {hp.context_length} tokens, at most 4096)"
-        raise UsageError(f"{shown(args, 'sink_tokens', args.sink_tokens)}: must be below the context size {ctx}"
-                         f"{where} minus one, so that the window can slide; give fewer sink tokens or a larger --ctx")
+        if args.sink_tokens == build_parser().get_default("sink_tokens"):  # not typed: name the context
+            raise UsageError(f"a context of {ctx} tokens{where} leaves a sliding window no room beside its "
+                             f"{args.sink_tokens} sink tokens (--sink-tokens' default); give --ctx {args.sink_tokens + 2} "
+                             "or more, or fewer --sink-tokens")
+        raise UsageError(f"{shown(args, 'sink_tokens', args.sink_tokens)}: must be at most {max(ctx - 2, 0)}, two "
+                         f"below the context size {ctx}{where}, so that the window can slide; give fewer sink tokens "
+                         "or a larger --ctx")
     if not hp.moe.n_expert:
         refuse = given(build_parser(), args, EXPERTS)
         if refuse:

@@ -41,8 +41,11 @@ class Rates:
         decode_n = max(self.sampled - 1, 0)
         load = "" if load_s is None else f"load {load_s:.1f} s; "
         reused = f" (and {self.reused_tokens} reused)" if self.reused_tokens else ""
-        return (f"{load}prompt: {self.prompt_tokens} tokens{reused} in {self.prompt_s:.2f} s, "
-                f"{rate(self.prompt_tokens, self.prompt_s)}; decode: {self.sampled} tokens in "
+        def tokens(n: int) -> str:
+            return f"{n} token{'' if n == 1 else 's'}"
+
+        return (f"{load}prompt: {tokens(self.prompt_tokens)}{reused} in {self.prompt_s:.2f} s, "
+                f"{rate(self.prompt_tokens, self.prompt_s)}; decode: {tokens(self.sampled)} in "
                 f"{self.decode_s:.2f} s, {rate(decode_n, self.decode_s)}"
                 + (f"; {self.lookup.line(self.decode_s)}" if self.lookup is not None and self.lookup.passes else ""))
 

@@ -100,9 +100,12 @@ def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
 
 @pytest.mark.parametrize("args,line", [
     (["--on-context-full", "slide", "--sink-tokens", "5000", "-c", "64"],
-     "--sink-tokens 5000: must be below the context size 64 minus one"),
+     "--sink-tokens 5000: must be at most 62, two below the context size 64, so that the window can slide"),
+    (["--on-context-full", "slide", "-c", "4"],  # the default 4 sink tokens, not typed
+     "a context of 4 tokens leaves a sliding window no room beside its 4 sink tokens (--sink-tokens' default); "
+     "give --ctx 6 or more, or fewer --sink-tokens"),
     (["--on-context-full", "slide", "--sink-tokens", "255"],  # the model's 256 tokens
-     "--sink-tokens 255: must be below the context size 256 (the model's 256 tokens, at most 4096) minus one"),
+     "--sink-tokens 255: must be at most 254, two below the context size 256 (the model's 256 tokens, at most 4096)"),
     (["--expert-policy", "lru"], "--expert-policy: does nothing with a dense model (llama, no experts); drop it"),
     (["--expert-cache-gb", "1", "--moe-dense", "stream"],
      "--expert-cache-gb, --moe-dense: do nothing with a dense model (llama, no experts); drop them"),
