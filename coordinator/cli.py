@@ -27,6 +27,9 @@ SERVE_BATCH = 8  # the rows --serve holds by default where they fit
 SERVE_BATCH_MAX = 64  # and at most, where the budget holds more
 
 
+PPL_FEW_TOKENS = 64  # tokens scored below which a perplexity comes with a warning
+
+
 def _die(msg: str, code: int = 1) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -373,8 +376,14 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
     if args.perplexity:
         with open(args.perplexity, encoding="utf-8", errors="replace") as f:
             text = f.read()
+        if "\ufffd" in text:  # (errors="replace": bytes that are not UTF-8)
+            print(f"{PROG}: warning: --perplexity {args.perplexity}: not UTF-8 text ({text.count(chr(0xFFFD))} "
+                  "characters replaced); the figure scores the replacements too", file=sys.stderr)
         ppl, n = engine.perplexity(text)
-        print(f"perplexity: {ppl:.4f} over {n} tokens")
+        if n < PPL_FEW_TOKENS:
+            print(f"{PROG}: warning: a perplexity over {n} token{'' if n == 1 else 's'} says little about a model "
+                  f"(llama-perplexity asks for two contexts' worth); give a longer text", file=sys.stderr)
+        print(f"perplexity: {ppl:.4f} over {n} token{'' if n == 1 else 's'}")
         return 0
     prompt = " ".join(args.prompt)
     if args.chat and not prompt:

@@ -194,6 +194,24 @@ def test_empty_perplexity_file_and_long_prompt_are_refused_early(tmp_path):
     assert "leaves no room to generate" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+def test_a_perplexity_of_few_tokens_or_of_bytes_not_text_comes_with_a_warning(tmp_path):
+    """A figure over fewer than PPL_FEW_TOKENS tokens, and one over bytes that are not UTF-8, is
+    printed with a one-line warning each (llama-perplexity refuses short texts); a long text none."""
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    short, binary, text = tmp_path / "short.txt", tmp_path / "b.bin", tmp_path / "long.txt"
+    short.write_text("hello world")
+    binary.write_bytes(bytes(range(128, 256)) * 2 + b" word" * 80)
+    text.write_text("the cat sat on the mat and " * 30)
+    warnings = {}
+    for f in (short, binary, text):
+        r = run_pipeline("--single-process", "-m", path, "--perplexity", str(f))
+        assert r.returncode == 0 and r.stdout.startswith("perplexity: "), r.stderr
+        warnings[f.name] = [ln for ln in r.stderr.splitlines() if ln.startswith("run-pipeline: warning:")]
+    assert len(warnings["short.txt"]) == 1 and "says little about a model" in warnings["short.txt"][0]
+    assert any("not UTF-8 text (256 characters replaced)" in ln for ln in warnings["b.bin"]), warnings["b.bin"]
+    assert warnings["long.txt"] == []
+
+
 def test_non_utf8_prompt_bytes_are_replaced_not_a_traceback(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     r = subprocess.run([str(LAUNCHER), "--single-process", "-m", path, "-n", "2", "--device", "cpu",
