@@ -25,8 +25,6 @@ from layerstream.errors import ConfigError, LayerstreamError, ModelError
 
 SERVE_BATCH = 8  # the rows --serve holds by default where they fit
 SERVE_BATCH_MAX = 64  # and at most, where the budget holds more
-
-
 PPL_FEW_TOKENS = 64  # tokens scored below which a perplexity comes with a warning
 
 
