@@ -246,13 +246,13 @@ class Server:
 
         async def outputs():
             left = set(rids)
-            made = dict.fromkeys(rids, 0)  # tokens each choice has produced so far (a cut stream's for the log)
+            made = dict.fromkeys(rids, 0)  # each choice's completion_tokens so far (a cut stream's, for the log)
             try:
                 while left:
                     item = await q.get()
                     if isinstance(item, ApiError):  # refused when added, or the engine failed
                         raise item
-                    made[item.request_id] += len(item.token_ids)
+                    made[item.request_id] = item.completion_tokens
                     if item.finish_reason == "error":
                         raise ApiError(500, f"the request failed: {item.error}", kind="server_error")
                     if item.finished:
