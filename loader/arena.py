@@ -104,18 +104,23 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink this user's segments named by Arena.create whose creator and its parent are gone
-    (NOTE [ arena ownership ]); returns their names. Other names, other users' segments and
-    those of live runs are left alone."""
+def _named(shm_dir: str) -> list[tuple[str, int, int | None]]:
+    """(name, creator pid, its parent's pid or None) of each segment in `shm_dir` named by Arena.create."""
     try:
         names = os.listdir(shm_dir)
     except OSError:  # no /dev/shm here: nothing of ours can be in it
         return []
+    return [(n, int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+            for n in names if (m := _NAME.fullmatch(n)) is not None]
+
+
+def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink this user's segments named by Arena.create whose creator and its parent are gone
+    (NOTE [ arena ownership ]); returns their names. Other names, other users' segments and
+    those of live runs are left alone."""
     removed = []
-    for name in names:
-        m = _NAME.fullmatch(name)
-        if m is None or _alive(int(m.group(1))) or (m.group(2) and _alive(int(m.group(2)))):
+    for name, creator, parent in _named(shm_dir):
+        if _alive(creator) or (parent is not None and _alive(parent)):
             continue  # (a run whose staging died while its coordinator lives: the coordinator removes it)
         path = os.path.join(shm_dir, name)
         try:
@@ -132,12 +137,7 @@ def sweep_orphans(shm_dir: str = SHM_DIR) -> list[str]:
 def segments_of(pid: int, parent: int, shm_dir: str = SHM_DIR) -> list[str]:
     """The segments that Arena.create made in process `pid` under `parent` (their names say so):
     what a staging that died before it named its arena leaves for its run to remove."""
-    try:
-        names = os.listdir(shm_dir)
-    except OSError:  # no /dev/shm here: nothing of ours can be in it
-        return []
-    return [n for n in names if (m := _NAME.fullmatch(n)) and int(m.group(1)) == pid and m.group(2)
-            and int(m.group(2)) == parent]
+    return [name for name, creator, up in _named(shm_dir) if (creator, up) == (pid, parent)]
 
 
 def remove_orphan(name: str) -> None:
