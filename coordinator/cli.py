@@ -377,11 +377,13 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         if "\ufffd" in text:  # (errors="replace": bytes that are not UTF-8)
             print(f"{PROG}: warning: --perplexity {args.perplexity}: not UTF-8 text ({text.count(chr(0xFFFD))} "
                   "characters replaced); the figure scores the replacements too", file=sys.stderr)
+        from layerstream.coordinator.turn import counted
+
         ppl, n = engine.perplexity(text)
         if n < PPL_FEW_TOKENS:
-            print(f"{PROG}: warning: a perplexity over {n} token{'' if n == 1 else 's'} says little about a model "
+            print(f"{PROG}: warning: a perplexity over {counted(n, 'token')} says little about a model "
                   f"(llama-perplexity asks for two contexts' worth); give a longer text", file=sys.stderr)
-        print(f"perplexity: {ppl:.4f} over {n} token{'' if n == 1 else 's'}")
+        print(f"perplexity: {ppl:.4f} over {counted(n, 'token')}")
         return 0
     prompt = " ".join(args.prompt)
     if args.chat and not prompt:

@@ -20,7 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from layerstream.coordinator.turn import Rates, Turn
+from layerstream.coordinator.turn import Rates, Turn, counted
 from layerstream.errors import ContextFullError, LayerstreamError, PromptTooLongError
 
 HELP = """commands:
@@ -53,7 +53,7 @@ class Conversation:
         if name == "/clear":
             n = len(self.turns) // 2
             self.turns.clear()
-            return "say", f"conversation cleared ({n} turn{'' if n == 1 else 's'} forgotten)"
+            return "say", f"conversation cleared ({counted(n, 'turn')} forgotten)"
         if name == "/system":
             self.system = rest.strip() or None
             return "say", "system message set" if self.system else "system message removed"

@@ -13,6 +13,11 @@ from layerstream.coordinator.lookup import LookupStats
 log = logging.getLogger("layerstream.request")
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 token', '2 tokens': n and the noun, plural but for one."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class Rates:
     """Prompt and decode figures of one or more requests, as llama.cpp and Ollama print them."""
@@ -41,11 +46,8 @@ class Rates:
         decode_n = max(self.sampled - 1, 0)
         load = "" if load_s is None else f"load {load_s:.1f} s; "
         reused = f" (and {self.reused_tokens} reused)" if self.reused_tokens else ""
-        def tokens(n: int) -> str:
-            return f"{n} token{'' if n == 1 else 's'}"
-
-        return (f"{load}prompt: {tokens(self.prompt_tokens)}{reused} in {self.prompt_s:.2f} s, "
-                f"{rate(self.prompt_tokens, self.prompt_s)}; decode: {tokens(self.sampled)} in "
+        return (f"{load}prompt: {counted(self.prompt_tokens, 'token')}{reused} in {self.prompt_s:.2f} s, "
+                f"{rate(self.prompt_tokens, self.prompt_s)}; decode: {counted(self.sampled, 'token')} in "
                 f"{self.decode_s:.2f} s, {rate(decode_n, self.decode_s)}"
                 + (f"; {self.lookup.line(self.decode_s)}" if self.lookup is not None and self.lookup.passes else ""))
 
