@@ -12,20 +12,25 @@ error (reported by the next step) and the exception goes to the caller, which kn
 backend can go on.
 
 NOTE [ one step behind ]
-`step()` submits step n + 1 before it collects step n's ids: n + 1 is built from what the core
-knew after n - 1, every request that samples in n continuing with the token -1 (the id n samples,
-which the backend feeds on its device). So the GPU runs n + 1 while the core detokenizes n and
-checks its stops. A request that ends at n (EOS, a stop string, max_tokens, its context full)
-had one more token computed in n + 1: that token is discarded (never shown, never counted, not
-in the prefix-reuse record), and the request's row is given back only once n + 1 is collected,
-so a new request never takes a row the backend still writes; where the next waiting request
-would take a free row though that one holds a longer prefix of its prompt (the next turn of a
-chat), the core collects the step before it submits the next. Where n surely ends a request (its
-max_tokens reached by n's token, its ring full), n + 1 leaves it out. An aborted request
-frees its row likewise, after the steps in flight that carry it. With `lookahead` off, each
-step is submitted and collected in turn (the reference the tests compare against). A caller that
-waits for the device between steps (torch.cuda.synchronize) drains step n + 1 and gets the host
-and the device in series again, as with `lookahead` off: the benches time a step from the last
+`step()` submits step n + 1 before it collects step n's ids: n + 1 is built from what the core knew
+after n - 1, every request that samples in n continuing with the token -1 (the id n samples, which
+the backend feeds on its device). So the GPU runs n + 1 while the core detokenizes n and checks its
+stops. A request that ends at n (EOS, a stop string, max_tokens, its context full) had one more
+token computed in n + 1: that token is discarded (never shown, never counted, not in the prefix-
+reuse record), and the request's row is given back only once n + 1 is collected, so a new request
+never takes a row the backend still writes; where the next waiting request would take a free row
+though that one holds a longer prefix of its prompt (the next turn of a chat), the core collects
+the step before it submits the next. Where n surely ends a request (its max_tokens reached by n's
+token, its ring full), n + 1 leaves it out. An aborted request frees its row likewise, after the
+steps in flight that carry it. With `lookahead` off, each step is submitted and collected in turn
+(the reference the tests compare against). Where the backend's round trip outlasts a step
+(`steps_ahead`: the pipeline of a model kept whole on the device, whose decode step takes under a
+millisecond while a Forward and its ForwardDone cross two sockets and the coordinator's loop),
+`lookahead` 2 keeps two steps submitted ahead of the one collected: n + 2 feeds -1 too (the id step
+n+1 samples on the device, in stream order), a request that ends at n had two more tokens computed
+and discarded, and one whose ring has no room ends after the last id in flight is shown. A caller
+that waits for the device between steps (torch.cuda.synchronize) drains step n + 1 and gets the
+host and the device in series again, as with `lookahead` off: the benches time a step from the last
 one's return to its own (stage_bench.time_decode).
 
 NOTE [ step size ]
@@ -44,6 +49,18 @@ next turn of a chat finds its whole conversation so far, and a common system pro
 whenever a row that held it is free. Rows without such a record are taken first, then the
 least recently freed, so recent prefixes last longest. The KV is not copied between rows: a
 prefix held by a running request is not shared.
+
+NOTE [ warm-up ]
+A process's first steps pay once for what later steps reuse: the device's libraries set up, each
+kernel loaded on its first launch, the decode graphs captured (graphs.py), the resident layers'
+first load. On a small model these outweigh a short reply's decode (SmolLM2 on an H200,
+BENCHMARKS.md): the first prompt and the first decode step each stalled for several hundred steps'
+time. So where the backend says it pays (`warm_up_pays`: on a GPU, where nothing streams), the
+engine runs at start, before any request, a chunk of two prompt tokens and one decode step after
+it, sampled with every filter on, on a free row, its ids discarded: the chat's first turn and the
+server's first request find the device ready. A request later given that row writes its KV from
+position 0 over the warm-up's before it attends to any slot (and the row keeps no prefix-reuse
+record), and sends its own sampler.
 
 Speculative decoding (drafts and their verification) lives in speculation.py
 (NOTE [ speculative decoding ]).
@@ -133,7 +150,7 @@ class EngineCore:
     """Schedules requests over a step backend: admission, chunking, stopping."""
 
     def __init__(self, backend: StepBackend, tokenizer: Tokenizer, n_vocab: int, *, max_seqs: int, ctx: int,
-                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4, lookahead: bool = True,
+                 step_tokens: int, on_context_full: str = "error", sink_tokens: int = 4, lookahead: int = 1,
                  lookup: int = 0, draft=None, adaptive: bool = True):
         if step_tokens < 1:
             raise ConfigError(f"step_tokens={step_tokens}: must be at least 1")
@@ -142,7 +159,7 @@ class EngineCore:
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
         self.on_context_full, self.sink_tokens = on_context_full, sink_tokens
-        self.lookahead = lookahead  # NOTE [ one step behind ]
+        self.lookahead = int(lookahead)  # steps submitted ahead of the one collected (NOTE [ one step behind ])
         self.pad_tokens = max(step_tokens, max_seqs)  # B * S of a step at most (NOTE [ step size ])
         self.free_rows = list(range(max_seqs))
         self.row_tokens: dict[int, list[int]] = {}  # free row -> tokens whose KV it still holds (NOTE above)
@@ -208,6 +225,19 @@ class EngineCore:
             held = list(tokens) if ring.total == ring.count else None  # (a failed step keeps no record)
         finally:
             self.give_row(row, held)
+
+    def warm_up(self) -> None:
+        """A prompt chunk and a decode step on a free row before any request, their ids discarded
+        (NOTE [ warm-up ])."""
+        if self.inflight or self.running or self.waiting or not self.free_rows:
+            raise ConfigError("the warm-up runs before any request")
+        row, n = self.free_rows[0], min(2, self.step_tokens, self.ctx - 1)
+        start = SamplerStart(row, 0.8, 40, 0.95, 0.05, 1.1, 64, 0, [])
+        self.backend.submit([SeqStep(row, [0] * n, list(range(n)), list(range(n)), list(range(n)))], [1], [start],
+                            "none")
+        self.backend.collect()
+        self.backend.submit([SeqStep(row, [-1], [n], [n], list(range(n + 1)))], [1], [], "none")
+        self.backend.collect()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -313,9 +343,10 @@ class EngineCore:
         outs, self.aborted = self.aborted, []
         if not self.inflight and not self._submit(outs):
             return outs
-        if self.lookahead and not self._prefix_in_flight() and \
+        while len(self.inflight) <= self.lookahead and not self._prefix_in_flight() and \
                 not any(self.speculation.holds_back(r) for r in self.running):
-            self._submit(outs)
+            if not self._submit(outs):
+                break
         self._collect(outs)
         return outs
 
@@ -403,7 +434,7 @@ class EngineCore:
                 out = self._accept(r, res.ids[i])
             if out.finished:
                 outs.append(out)
-            elif r.ids.full:
+            elif r.ids.full and not r.ids.ahead:  # (its last id in flight shown: the ring has no room for more)
                 outs += [out, self._finish(r, "context_full")]
             else:
                 outs.append(out)

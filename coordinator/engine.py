@@ -69,6 +69,11 @@ class LocalBackend:
         self.submit(seqs, [False] * len(seqs), [], want)
         return self.collect().logits
 
+    @property
+    def warm_up_pays(self) -> bool:
+        """Whether the engine runs its warm-up steps at start (NOTE [ warm-up ] in core.py): on a GPU."""
+        return self.device.type == "cuda"
+
     def discard(self) -> None:
         self.inflight.clear()
 
@@ -92,11 +97,12 @@ class EngineConfig:
     sink_tokens: int = 4
     prefill_chunk: int = 512
     weights: str = "auto"  # auto, quantized (Triton blocks), native (the CPU kernel's blocks) or dense: device.weights_form
-    lookahead: bool = True  # submit a step before the last one's ids are read (core.py, NOTE [ one step behind ])
+    lookahead: bool = True  # submit steps (the backend's steps_ahead) before the last one's ids are read (core.py, NOTE [ one step behind ])
     lookup: int = 0  # tokens prompt lookup drafts a step, where a request does not say (NOTE in core.py)
     draft_model: str | None = None  # a GGUF with the model's vocabulary that drafts instead (draft.py)
     draft_tokens: int = 4  # tokens the draft model drafts a step where a request does not say
     draft_policy: str = "adaptive"  # "fixed": always draft_tokens/lookup (draft_policy.py, NOTE [ draft policy ])
+    warm_up: bool | None = None  # a prompt chunk and a decode step at start (core.py, NOTE [ warm-up ]); None: where the backend says it pays
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
@@ -206,9 +212,12 @@ class Engine:
 
         self.core = EngineCore(backend, self.tokenizer, index.hparams.n_vocab, max_seqs=cfg.max_seqs, ctx=cfg.ctx,
                                step_tokens=self.step_tokens, on_context_full=cfg.on_context_full,
-                               sink_tokens=cfg.sink_tokens, lookahead=cfg.lookahead,
+                               sink_tokens=cfg.sink_tokens,
+                               lookahead=getattr(backend, "steps_ahead", 1) if cfg.lookahead else 0,
                                lookup=draft_tokens_for(cfg), draft=draft, adaptive=cfg.draft_policy == "adaptive")
         self._batches = 0
+        if cfg.warm_up if cfg.warm_up is not None else getattr(backend, "warm_up_pays", False):
+            self.core.warm_up()
 
     @classmethod
     def load(cls, model: str | None = None, progress: bool = False, **kw) -> "Engine":

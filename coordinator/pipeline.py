@@ -126,6 +126,20 @@ class Pipeline:
     def step_tokens(self) -> int:
         return self.launch.plan.step_tokens
 
+    @property
+    def steps_ahead(self) -> int:
+        """Steps the engine core submits ahead of the one it collects (NOTE [ one step behind ] in
+        core.py): 2 where every layer and its KV stay on the device (a decode step is shorter than a
+        Forward's round trip through the sockets and this loop), else 1."""
+        plan = self.launch.plan
+        return 2 if not plan.streamed and not plan.kv_on_host else 1
+
+    @property
+    def warm_up_pays(self) -> bool:
+        """Whether the engine runs its warm-up steps at start (NOTE [ warm-up ] in core.py): on a GPU,
+        where nothing streams (a streamed model's pass would read every streamed layer once more)."""
+        return self.launch.device.type == "cuda" and self.steps_ahead > 1
+
     # -- start -----------------------------------------------------------------------------------
 
     # NOTE [ the arena after Ready ]

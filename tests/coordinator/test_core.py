@@ -12,7 +12,7 @@ from layerstream.compute.sampling import Sampler, SamplingParams
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.engine import LocalBackend
 from layerstream.coordinator.tokenizer import Tokenizer
-from layerstream.errors import ContextFullError, PromptTooLongError
+from layerstream.errors import ConfigError, ContextFullError, PromptTooLongError
 from layerstream.loader.gguf_index import open_model
 
 V = 256
@@ -249,7 +249,7 @@ def test_a_request_takes_a_row_only_in_a_step_that_carries_its_prompt(tokenizer,
     assert sorted(c.free_rows) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("lookahead", [True, False])
+@pytest.mark.parametrize("lookahead", [True, False, 2])
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, seed=3, max_tokens=5, repeat_penalty=1.2)])
 def test_a_request_whose_logits_are_not_finite_ends_alone(tokenizer, lookahead, params):
     """A row of NaN logits (the device sampler flags it beside the ids) ends its request with the
@@ -329,11 +329,11 @@ MIXED = {  # prompt, parameters: greedy, seeded, every filter, the penalty over 
 }
 
 
-@pytest.mark.parametrize("lookahead", [True, False])
+@pytest.mark.parametrize("lookahead", [True, False, 2])
 def test_ids_are_the_host_samplers_for_greedy_seeded_and_filtered_requests(tokenizer, lookahead):
     """Sampling where the logits are gives every request of a mixed batch the ids the host
-    sampler gave it alone (its own generator, its own history), stepping in turn or one step
-    behind."""
+    sampler gave it alone (its own generator, its own history), stepping in turn, one step
+    behind or two."""
     eos = next(iter(tokenizer.eos_ids))
     c = core(tokenizer, max_seqs=4, step_tokens=6, lookahead=lookahead)
     for name, (prompt, params) in MIXED.items():
@@ -355,8 +355,8 @@ def outputs(c: EngineCore) -> dict[str, list]:
 
 def test_stops_eos_and_lengths_end_on_the_same_token_one_step_behind(tokenizer):
     """Stop strings, EOS, max_tokens and a full context end each request on the same token, with the
-    same text, counts and prefix-reuse records, whether the core steps in turn or one step behind;
-    one step behind, a request that ended had one more token computed, never shown."""
+    same text, counts and prefix-reuse records, whether the core steps in turn, one step behind or
+    two; a request that ended had one more token computed (two, two steps behind), never shown."""
     eos = next(iter(tokenizer.eos_ids))
 
     class EosAt7(FakeModel):
@@ -379,20 +379,22 @@ def test_stops_eos_and_lengths_end_on_the_same_token_one_step_behind(tokenizer):
         "full": (list(range(50, 66)), SamplingParams(temperature=0.8, seed=1, max_tokens=40, ignore_eos=True)),
     }
     runs = {}
-    for lookahead in (False, True):
+    for lookahead in (0, 1, 2):
         c = core(tokenizer, max_seqs=4, ctx=24, lookahead=lookahead)
         c.backend = FakeBackend(EosAt7())
         for name, (prompt, params) in reqs.items():
             c.add_request(name, prompt, params)
         runs[lookahead] = (outputs(c), dict(c.row_tokens), c.backend.runner.steps)
-    (old, rows_old, steps_old), (new, rows_new, steps_new) = runs[False], runs[True]
+    (old, rows_old, steps_old), (new, rows_new, steps_new), (two, rows_two, steps_two) = runs[0], runs[1], runs[2]
     assert new == old and rows_new == rows_old
+    assert two == old and rows_two == rows_old
     assert "".join(t for t, *_ in old["stop"]) == text[:k] and old["stop"][-1][3] == "stop"
     assert [o[3] for o in (old["length"][-1], old["eos"][-1], old["full"][-1])] == ["length", "eos", "context_full"]
     assert old["full"][-1][4] == 24 - 16 + 1  # 8 tokens fed after its prompt, and the one sampled last
     assert [len(o[1]) for o in old["eos"]] == [1] * 5 + [0]  # its 6th id, the EOS, is not shown
     fed = lambda steps: sum(len(t) for st in steps for _, t, _ in st)  # noqa: E731
     assert fed(steps_new) == fed(steps_old) + 2  # the stop's and the EOS's discarded tokens
+    assert fed(steps_two) == fed(steps_old) + 4
 
 
 def test_a_decode_token_is_fed_as_the_rows_last_sampled_id(tokenizer):
@@ -405,14 +407,16 @@ def test_a_decode_token_is_fed_as_the_rows_last_sampled_id(tokenizer):
             seen.append([list(s.tokens) for s in seqs])
             return super().step(seqs, want, last_ids)
 
-    for lookahead in (True, False):
+    got = {}
+    for lookahead in (1, 0, 2):
         seen.clear()
         c = core(tokenizer, lookahead=lookahead)
         c.backend = FakeBackend(Spy())
         c.add_request("a", [1, 2, 3], GREEDY)
-        ids = [t for o in run(c)["a"] for t in o.token_ids]
+        ids = got[lookahead] = [t for o in run(c)["a"] for t in o.token_ids]
         decode = [toks for st in seen[1:] for toks in st]
         assert decode == ([[-1]] * 4 if lookahead else [[t] for t in ids[:-1]])
+    assert got[2] == got[1] == got[0]
 
 
 def test_the_next_turn_finds_its_prefix_in_a_row_a_step_in_flight_still_holds(tokenizer):
@@ -474,3 +478,25 @@ def test_control_tokens_generated_past_eos_are_not_shown(tokenizer):
     outs = run(c)["r"]
     assert [t for o in outs for t in o.token_ids] == ids
     assert "".join(o.text for o in outs) == tokenizer.decode(ids, skip_special=True) == "ab"
+
+
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_the_warm_up_runs_a_chunk_and_a_decode_step_and_changes_no_output(tokenizer, lookahead):
+    """The warm-up (NOTE [ warm-up ]) runs two steps on the first free row before any request (a
+    two-token prompt chunk, then its sampled id fed as a decode token) and every request's ids
+    and rows are as without it; once a request is queued it is refused."""
+    got = {}
+    for warm in (False, True):
+        c = core(tokenizer, max_seqs=4, step_tokens=6, lookahead=lookahead)
+        if warm:
+            c.warm_up()
+            assert c.backend.runner.steps[:2] == [[(0, [0, 0], [0, 1])], [(0, [c.backend.runner.steps[1][0][1][0]], [2])]]
+            assert c.free_rows == [0, 1, 2, 3] and not c.inflight and c.steps == 0
+        for name, (prompt, params) in MIXED.items():
+            c.add_request(name, prompt, params)
+        got[warm] = {k: [(o.token_ids, o.finish_reason) for o in v] for k, v in run(c).items()}
+        if warm:
+            c.add_request("late", [1, 2], GREEDY)
+            with pytest.raises(ConfigError, match="before any request"):
+                c.warm_up()
+    assert got[True] == got[False]

@@ -109,6 +109,25 @@ def test_cuda_graph_decode_matches_eager(model, tmp_path, arch):
         assert all(key[-1] is not None for key in graphs), "a graph took its input rows from the host's embedding"
 
 
+def test_the_warm_up_captures_the_first_decode_graph_before_any_request(model):
+    """On a GPU the engine warms up at start (core.py, NOTE [ warm-up ]): the batch-1 decode graph
+    exists before any request, a reply's decode steps replay it (no capture of their own), and
+    replies, in one process and in a pipeline that streams nothing, are as without the warm-up."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with _engine(model, dtype="float16", warm_up=False) as e:
+        assert not e.backend.runner.layer_graphs.graphs
+        want = e.generate_batch([TOKENS[:7]], params)
+    with _engine(model, dtype="float16") as e:
+        graphs = e.backend.runner.layer_graphs.graphs
+        warmed = set(graphs)
+        assert [key[1] for key in warmed] == [1]
+        assert e.generate_batch([TOKENS[:7]], params) == want
+        assert set(graphs) == warmed
+    with _engine(model, PipelineConfig(), dtype="float16") as e:
+        assert e.backend.warm_up_pays and e.core.lookahead == 2
+        assert e.generate_batch([TOKENS[:7]], params) == want
+
+
 @pytest.fixture(scope="module")
 def shaped(tmp_path_factory):
     """Llama-3.1-8B's matrices (4096 x 14336, 128k vocabulary) in 4 layers: budgets of real scale."""
