@@ -398,15 +398,24 @@ class ComputeWorker:
             self.arena.close()
 
 
+def default_threads(cfg: ComputeConfig) -> int:
+    """torch's CPU threads in the compute process where --cpu-threads is not given. OpenMP threads
+    spin at barriers; sharing the cores with the coordinator and the readers, a compute process
+    using every core stalls each op (40 ms instead of 2 ms per dequantized tensor on 2 cores), so
+    one core is left to the other processes. On a GPU without a CPU share the process's own CPU
+    work is each step's bookkeeping, and its idle OpenMP threads slowed that work (SmolLM2's decode
+    through the pipeline on an H200, BENCHMARKS.md): one thread."""
+    if cfg.device.startswith("cuda") and cfg.cpu_share.off:
+        return 1
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def main(cfg: ComputeConfig) -> None:
     """Process entry point (multiprocessing spawn target)."""
     worker: list[ComputeWorker] = []
 
     def body(links: ChildLinks) -> None:
-        # NOTE: OpenMP threads spin at barriers; sharing the cores with the coordinator and the
-        # readers, a compute process using every core stalls each op (measured here: 40 ms instead
-        # of 2 ms per dequantized tensor on 2 cores). Leave one core to the other processes.
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(cfg.cpu_threads or default_threads(cfg))
         w = ComputeWorker(cfg, links)
         worker.append(w)
         try:

@@ -5,9 +5,11 @@ NOTE [ decode graphs ]
 A decode step launches about 24 kernels a layer (8B), each costing more to launch from Python
 than to run, so decode steps replay CUDA graphs, captured once per (batch, padded KV length).
 The graph covers the leading layers whose weights stay put (`LayerSource.fixed`) and whose KV is
-on the device: every layer and the head in the in-VRAM engine, whose graph embeds the step's ids
-too (the embedding's gather and dequantization were host launches every step); the resident
-layers in the streaming pipeline, whose streamed layers then run eagerly from their VRAM slots.
+on the device: every layer and the head in the in-VRAM engine and in a pipeline that streams
+nothing, whose graph embeds the step's ids too (the embedding's gather and dequantization were
+host launches every step; the pipeline's gather reads its pinned table in place, from the graph
+as from a launch: embedding.py); the resident layers in a pipeline that streams others, which
+then run eagerly from their VRAM slots.
 All graphs share one memory pool and one capture stream (`GraphCapture`); each graph's output is
 consumed before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only the
 steps the plan counts are captured (`DevicePlan.graph_rows`): up to --batch rows, or 1 + the

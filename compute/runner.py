@@ -122,7 +122,7 @@ class ModelRunner:
                                kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
                                inv_freq_swa=self.inv_freq_swa, triton_attention=self.triton_attention)
         whole = upto == self.hp.n_layer and want == "last" and tails is None  # the whole step, head included
-        if whole and self.embed is None and self.glob.embd_dev is not None:
+        if whole and (self.embed is not None or self.glob.embd_dev is not None):  # (not a host gather)
             if last_ids is None and not meta.tok.known:
                 raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
             # the embedding in the graph too (NOTE [ decode graphs ] in graphs.py)

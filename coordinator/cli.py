@@ -379,7 +379,10 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
                   "characters replaced); the figure scores the replacements too", file=sys.stderr)
         from layerstream.coordinator.turn import counted
 
-        ppl, n = engine.perplexity(text)
+        try:
+            ppl, n = engine.perplexity(text)
+        except ConfigError as e:
+            raise ConfigError(f"--perplexity {args.perplexity}: {e}; give a longer text") from None
         if n < PPL_FEW_TOKENS:
             print(f"{PROG}: warning: a perplexity over {counted(n, 'token')} says little about a model "
                   f"(llama-perplexity asks for two contexts' worth); give a longer text", file=sys.stderr)
