@@ -50,18 +50,6 @@ whenever a row that held it is free. Rows without such a record are taken first,
 least recently freed, so recent prefixes last longest. The KV is not copied between rows: a
 prefix held by a running request is not shared.
 
-NOTE [ warm-up ]
-A process's first steps pay once for what later steps reuse: the device's libraries set up, each
-kernel loaded on its first launch, the decode graphs captured (graphs.py), the resident layers'
-first load. On a small model these outweigh a short reply's decode (SmolLM2 on an H200,
-BENCHMARKS.md): the first prompt and the first decode step each stalled for several hundred steps'
-time. So where the backend says it pays (`warm_up_pays`: on a GPU, where nothing streams), the
-engine runs at start, before any request, a chunk of two prompt tokens and one decode step after
-it, sampled with every filter on, on a free row, its ids discarded: the chat's first turn and the
-server's first request find the device ready. A request later given that row writes its KV from
-position 0 over the warm-up's before it attends to any slot (and the row keeps no prefix-reuse
-record), and sends its own sampler.
-
 Speculative decoding (drafts and their verification) lives in speculation.py
 (NOTE [ speculative decoding ]).
 """
@@ -225,19 +213,6 @@ class EngineCore:
             held = list(tokens) if ring.total == ring.count else None  # (a failed step keeps no record)
         finally:
             self.give_row(row, held)
-
-    def warm_up(self) -> None:
-        """A prompt chunk and a decode step on a free row before any request, their ids discarded
-        (NOTE [ warm-up ])."""
-        if self.inflight or self.running or self.waiting or not self.free_rows:
-            raise ConfigError("the warm-up runs before any request")
-        row, n = self.free_rows[0], min(2, self.step_tokens, self.ctx - 1)
-        start = SamplerStart(row, 0.8, 40, 0.95, 0.05, 1.1, 64, 0, [])
-        self.backend.submit([SeqStep(row, [0] * n, list(range(n)), list(range(n)), list(range(n)))], [1], [start],
-                            "none")
-        self.backend.collect()
-        self.backend.submit([SeqStep(row, [-1], [n], [n], list(range(n + 1)))], [1], [], "none")
-        self.backend.collect()
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class LocalBackend:
 
     @property
     def warm_up_pays(self) -> bool:
-        """Whether the engine runs its warm-up steps at start (NOTE [ warm-up ] in core.py): on a GPU."""
+        """Whether the engine runs its warm-up steps at start (NOTE [ warm-up ] in warm_up.py): on a GPU."""
         return self.device.type == "cuda"
 
     def discard(self) -> None:
@@ -102,7 +102,7 @@ class EngineConfig:
     draft_model: str | None = None  # a GGUF with the model's vocabulary that drafts instead (draft.py)
     draft_tokens: int = 4  # tokens the draft model drafts a step where a request does not say
     draft_policy: str = "adaptive"  # "fixed": always draft_tokens/lookup (draft_policy.py, NOTE [ draft policy ])
-    warm_up: bool | None = None  # a prompt chunk and a decode step at start (core.py, NOTE [ warm-up ]); None: where the backend says it pays
+    warm_up: bool | None = None  # a prompt chunk and a decode step at start (warm_up.py, NOTE [ warm-up ]); None: where the backend says it pays
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
@@ -217,7 +217,9 @@ class Engine:
                                lookup=draft_tokens_for(cfg), draft=draft, adaptive=cfg.draft_policy == "adaptive")
         self._batches = 0
         if cfg.warm_up if cfg.warm_up is not None else getattr(backend, "warm_up_pays", False):
-            self.core.warm_up()
+            from layerstream.coordinator.warm_up import warm_up
+
+            warm_up(self.core)
 
     @classmethod
     def load(cls, model: str | None = None, progress: bool = False, **kw) -> "Engine":

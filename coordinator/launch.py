@@ -58,6 +58,19 @@ class Launch:
         return self.cfg.readers.threads or max(2, default_threads() // self.readers.n_readers)
 
     @property
+    def steps_ahead(self) -> int:
+        """Steps the engine core submits ahead of the one it collects (NOTE [ one step behind ] in
+        core.py): 2 where every layer and its KV stay on the device (a decode step is shorter than a
+        Forward's round trip through the sockets and the coordinator's loop), else 1."""
+        return 2 if not self.plan.streamed and not self.plan.kv_on_host else 1
+
+    @property
+    def warm_up_pays(self) -> bool:
+        """Whether the engine warms up at start (NOTE [ warm-up ] in warm_up.py): on a GPU, where nothing
+        streams (a streamed model's pass would read every streamed layer once more)."""
+        return self.device.type == "cuda" and self.steps_ahead > 1
+
+    @property
     def reader_ids(self) -> list[str]:
         return [f"reader-{r}" for r in range(self.readers.n_readers)]
 

@@ -95,8 +95,8 @@ class Pipeline:
         self.loop = new_loop()
         self.links: CoordinatorLinks | None = None
         self.arena: ArenaDesc | None = None
-        self.closed = False
-        self.failure: str | None = None
+        self.closed, self.failure = False, None  # (failure: why the run stopped, once it did)
+        self.steps_ahead, self.warm_up_pays = launch.steps_ahead, launch.warm_up_pays  # (the engine's, from the plan)
         self.next_step = 1  # the number of the next Forward
         self.expected: dict[int, int] = {}  # step in flight -> its sequences
         self.unbegun: deque[int] = deque()  # steps sent whose layers StreamCore does not order yet
@@ -125,20 +125,6 @@ class Pipeline:
     @property
     def step_tokens(self) -> int:
         return self.launch.plan.step_tokens
-
-    @property
-    def steps_ahead(self) -> int:
-        """Steps the engine core submits ahead of the one it collects (NOTE [ one step behind ] in
-        core.py): 2 where every layer and its KV stay on the device (a decode step is shorter than a
-        Forward's round trip through the sockets and this loop), else 1."""
-        plan = self.launch.plan
-        return 2 if not plan.streamed and not plan.kv_on_host else 1
-
-    @property
-    def warm_up_pays(self) -> bool:
-        """Whether the engine runs its warm-up steps at start (NOTE [ warm-up ] in core.py): on a GPU,
-        where nothing streams (a streamed model's pass would read every streamed layer once more)."""
-        return self.launch.device.type == "cuda" and self.steps_ahead > 1
 
     # -- start -----------------------------------------------------------------------------------
 

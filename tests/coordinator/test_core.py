@@ -12,6 +12,7 @@ from layerstream.compute.sampling import Sampler, SamplingParams
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.engine import LocalBackend
 from layerstream.coordinator.tokenizer import Tokenizer
+from layerstream.coordinator.warm_up import warm_up
 from layerstream.errors import ConfigError, ContextFullError, PromptTooLongError
 from layerstream.loader.gguf_index import open_model
 
@@ -482,14 +483,14 @@ def test_control_tokens_generated_past_eos_are_not_shown(tokenizer):
 
 @pytest.mark.parametrize("lookahead", [0, 1, 2])
 def test_the_warm_up_runs_a_chunk_and_a_decode_step_and_changes_no_output(tokenizer, lookahead):
-    """The warm-up (NOTE [ warm-up ]) runs two steps on the first free row before any request (a
+    """The warm-up (warm_up.py, NOTE [ warm-up ]) runs two steps on the first free row before any request (a
     two-token prompt chunk, then its sampled id fed as a decode token) and every request's ids
     and rows are as without it; once a request is queued it is refused."""
     got = {}
     for warm in (False, True):
         c = core(tokenizer, max_seqs=4, step_tokens=6, lookahead=lookahead)
         if warm:
-            c.warm_up()
+            warm_up(c)
             assert c.backend.runner.steps[:2] == [[(0, [0, 0], [0, 1])], [(0, [c.backend.runner.steps[1][0][1][0]], [2])]]
             assert c.free_rows == [0, 1, 2, 3] and not c.inflight and c.steps == 0
         for name, (prompt, params) in MIXED.items():
@@ -498,5 +499,5 @@ def test_the_warm_up_runs_a_chunk_and_a_decode_step_and_changes_no_output(tokeni
         if warm:
             c.add_request("late", [1, 2], GREEDY)
             with pytest.raises(ConfigError, match="before any request"):
-                c.warm_up()
+                warm_up(c)
     assert got[True] == got[False]

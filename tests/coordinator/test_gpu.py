@@ -110,7 +110,7 @@ def test_cuda_graph_decode_matches_eager(model, tmp_path, arch):
 
 
 def test_the_warm_up_captures_the_first_decode_graph_before_any_request(model):
-    """On a GPU the engine warms up at start (core.py, NOTE [ warm-up ]): the batch-1 decode graph
+    """On a GPU the engine warms up at start (warm_up.py, NOTE [ warm-up ]): the batch-1 decode graph
     exists before any request, a reply's decode steps replay it (no capture of their own), and
     replies, in one process and in a pipeline that streams nothing, are as without the warm-up."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -82,7 +82,7 @@ def test_pipeline_matches_single_process(model, reference, pcfg):
 
 @pytest.mark.parametrize("pcfg", [None, PipelineConfig()], ids=["single-process", "pipeline"])
 def test_the_warm_up_steps_leave_the_output_as_it_was(model, reference, pcfg):
-    """The warm-up (core.py, NOTE [ warm-up ]: a prompt chunk and a decode step on row 0, run on the
+    """The warm-up (warm_up.py, NOTE [ warm-up ]: a prompt chunk and a decode step on row 0, run on the
     CPU here as on a GPU) leaves every reply as without it, greedy and seeded, on the row it used."""
     with _engine(model, pcfg) as e:
         seeded = e.generate_batch([list(p) for p in PROMPTS], SEEDED)
