@@ -18,8 +18,8 @@ coordinator then sees it die). After a failed step:
   had not loaded yet is loaded then. The next step then starts clean, and readers and the
   coordinator's schedule go on unchanged (what the failed step asked for is read as it would
   have been).
-The step sent behind a failed one (two are in flight: NOTE [ one step behind ] in core.py) may
-feed its rows the ids the failed step never sampled and attend to the KV it left half written.
+The steps sent behind a failed one (one or two: NOTE [ one step behind ] in core.py) may feed
+their rows the ids the failed step never sampled and attend to the KV it left half written.
 The rule: a Forward sent before the coordinator knew of the failure fails too, without running
 (`Forward.failed` is the last failed step the coordinator had passed on; the process fails every
 Forward whose `failed` is older than the last step that raised here). The engine core fails the
@@ -398,24 +398,15 @@ class ComputeWorker:
             self.arena.close()
 
 
-def default_threads(cfg: ComputeConfig) -> int:
-    """torch's CPU threads in the compute process where --cpu-threads is not given. OpenMP threads
-    spin at barriers; sharing the cores with the coordinator and the readers, a compute process
-    using every core stalls each op (40 ms instead of 2 ms per dequantized tensor on 2 cores), so
-    one core is left to the other processes. On a GPU without a CPU share the process's own CPU
-    work is each step's bookkeeping, and its idle OpenMP threads slowed that work (SmolLM2's decode
-    through the pipeline on an H200, BENCHMARKS.md): one thread."""
-    if cfg.device.startswith("cuda") and cfg.cpu_share.off:
-        return 1
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
 def main(cfg: ComputeConfig) -> None:
     """Process entry point (multiprocessing spawn target)."""
     worker: list[ComputeWorker] = []
 
     def body(links: ChildLinks) -> None:
-        torch.set_num_threads(cfg.cpu_threads or default_threads(cfg))
+        # NOTE: OpenMP threads spin at barriers; sharing the cores with the coordinator and the
+        # readers, a compute process using every core stalls each op. Leave one core to the other
+        # processes (launch.compute_threads sets fewer where that measured faster).
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         w = ComputeWorker(cfg, links)
         worker.append(w)
         try:

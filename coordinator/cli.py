@@ -382,7 +382,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         try:
             ppl, n = engine.perplexity(text)
         except ConfigError as e:
-            raise ConfigError(f"--perplexity {args.perplexity}: {e}; give a longer text") from None
+            raise ConfigError(f"--perplexity {args.perplexity}: {e}") from None
         if n < PPL_FEW_TOKENS:
             print(f"{PROG}: warning: a perplexity over {counted(n, 'token')} says little about a model "
                   f"(llama-perplexity asks for two contexts' worth); give a longer text", file=sys.stderr)

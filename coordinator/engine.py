@@ -310,7 +310,8 @@ class Engine:
         ids = self.tokenizer.encode(text)
         window = min(window or self.cfg.ctx, self.cfg.ctx)
         if len(ids) < 2:
-            raise ConfigError(f"the text is {len(ids)} token{'' if len(ids) == 1 else 's'}; a perplexity needs at least 2")
+            raise ConfigError(f"the text is {len(ids)} token{'' if len(ids) == 1 else 's'}; a perplexity needs at least 2 "
+                              "(give a longer text)")
         nll, n = 0.0, 0
         for start in range(0, len(ids) - 1, window):
             chunk = ids[start : start + window]

@@ -34,6 +34,18 @@ log = logging.getLogger("layerstream.pipeline")
 LayerReads = dict[str, list[ByteRange]]
 
 
+def compute_threads(asked: int | None, cuda: bool, share_off: bool, streams: bool) -> int | None:
+    """torch's CPU threads in the compute process: as --cpu-threads asks; beside a GPU, with a CPU
+    share of streamed layers, threads_default(); on a GPU where nothing streams and the CPU computes
+    no share, 1 (the process's own CPU work is each step's bookkeeping, and idle OpenMP threads
+    slowed it: BENCHMARKS.md, R4); else None (the compute process's own default)."""
+    if asked:
+        return asked
+    if cuda and not share_off and streams:
+        return threads_default()
+    return 1 if cuda and share_off and not streams else None
+
+
 @dataclass(frozen=True)
 class Launch:
     """A run's fixed decisions: the model, its device and sizes, the plan and the CPU share."""
@@ -58,17 +70,23 @@ class Launch:
         return self.cfg.readers.threads or max(2, default_threads() // self.readers.n_readers)
 
     @property
+    def whole_on_gpu(self) -> bool:
+        """Every layer and its KV stay on a GPU: nothing streams."""
+        return self.device.type == "cuda" and not self.plan.streamed and not self.plan.kv_on_host
+
+    @property
     def steps_ahead(self) -> int:
         """Steps the engine core submits ahead of the one it collects (NOTE [ one step behind ] in
-        core.py): 2 where every layer and its KV stay on the device (a decode step is shorter than a
-        Forward's round trip through the sockets and the coordinator's loop), else 1."""
-        return 2 if not self.plan.streamed and not self.plan.kv_on_host else 1
+        core.py): 2 where the model is whole on a GPU (a small model's decode step can be shorter
+        than a Forward's round trip through the sockets and the coordinator's loop), else 1 (on the
+        CPU each step runs to its end, and a request's discarded step costs a whole pass)."""
+        return 2 if self.whole_on_gpu else 1
 
     @property
     def warm_up_pays(self) -> bool:
-        """Whether the engine warms up at start (NOTE [ warm-up ] in warm_up.py): on a GPU, where nothing
-        streams (a streamed model's pass would read every streamed layer once more)."""
-        return self.device.type == "cuda" and self.steps_ahead > 1
+        """Whether the engine warms up at start (NOTE [ warm-up ] in warm_up.py): where the model is
+        whole on a GPU (a streamed model's pass would read every streamed layer once more)."""
+        return self.whole_on_gpu
 
     @property
     def reader_ids(self) -> list[str]:
@@ -96,8 +114,7 @@ class Launch:
 
     def compute_config(self, endpoints: ChildEndpoints, parent_pid: int) -> ComputeConfig:
         plan, cfg = self.plan, self.cfg
-        threads = cfg.cpu.threads or (threads_default() if not self.cpu.off and plan.streamed
-                                      and self.device.type == "cuda" else None)
+        threads = compute_threads(cfg.cpu.threads, self.device.type == "cuda", self.cpu.off, bool(plan.streamed))
         on_device = DevicePlan(plan.resident, plan.vram_slots, plan.kv_device_layers, plan.budget_bytes,
                                plan.step_tokens, plan.graph_rows)
         experts = ExpertStreamConfig(plan.expert_cache_bytes, plan.dense_resident, cfg.experts.policy,

@@ -3,20 +3,21 @@
 NOTE [ warm-up ]
 A process's first steps pay once for what later steps reuse: the device's libraries set up, each
 kernel loaded on its first launch, the decode graphs captured (graphs.py), the resident layers'
-first load. On a small model these outweigh a short reply's decode (SmolLM2 on an H200,
-BENCHMARKS.md): the first prompt and the first decode step each stalled for several hundred steps'
-time. So where the backend says it pays (`warm_up_pays`: on a GPU, where nothing streams), the
-engine runs at start, before any request, a chunk of two prompt tokens and one decode step after
-it, sampled with every filter on, on a free row, its ids discarded: the chat's first turn and the
-server's first request find the device ready. A request later given that row writes its KV from
-position 0 over the warm-up's before it attends to any slot (and the row keeps no prefix-reuse
-record), and sends its own sampler.
+first load. On a small model these outweigh a short reply's decode: they stalled a reply's first
+token and its first decode step (BENCHMARKS.md, "SmolLM2 through run-pipeline"). So where the
+backend says it pays (`warm_up_pays`: on a GPU that holds every layer and its KV), the engine runs
+at start, before any request, a chunk of two prompt tokens and one decode step after it, sampled
+with every filter on, on a free row, its ids discarded: the chat's first turn and the server's
+first request find the device ready. A request later given that row writes its KV from position 0
+over the warm-up's before it attends to any slot (and the row keeps no prefix-reuse record), and
+sends its own sampler. It runs on a new engine core only: later, a row's prefix record would name
+KV that the warm-up overwrote.
 """
 
 from __future__ import annotations
 
 from layerstream.compute.step_meta import SeqStep
-from layerstream.errors import ConfigError
+from layerstream.errors import LayerstreamError
 from layerstream.proto.messages import SamplerStart
 
 # the warm-up's sampler: every filter on (the CLI's defaults), a fixed seed
@@ -26,12 +27,15 @@ WARM_SAMPLER = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_pe
 def warm_up(core) -> None:
     """Run a two-token prompt chunk and a decode step on the first free row of EngineCore `core`'s
     backend, before any request; their ids are discarded (NOTE above)."""
-    if core.has_unfinished() or not core.free_rows:
-        raise ConfigError("the warm-up runs before any request")
+    if core.has_unfinished() or core.steps or core.row_tokens or not core.free_rows:
+        raise RuntimeError("internal: the warm-up runs on a new engine core, before any request")
     row, n = core.free_rows[0], min(2, core.step_tokens, core.ctx - 1)
     start = SamplerStart(row=row, history=[], **WARM_SAMPLER)
     positions = list(range(n))
-    core.backend.submit([SeqStep(row, [0] * n, positions, positions, positions)], [1], [start], "none")
-    core.backend.collect()
-    core.backend.submit([SeqStep(row, [-1], [n], [n], positions + [n])], [1], [], "none")
-    core.backend.collect()
+    try:
+        core.backend.submit([SeqStep(row, [0] * n, positions, positions, positions)], [1], [start], "none")
+        core.backend.collect()
+        core.backend.submit([SeqStep(row, [-1], [n], [n], positions + [n])], [1], [], "none")
+        core.backend.collect()
+    except LayerstreamError as e:  # (a step that failed in the compute process: say when)
+        raise LayerstreamError(f"the engine's first steps (its warm-up at start) failed: {e}") from None

@@ -117,7 +117,8 @@ def _layout(q: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def layout_matches() -> bool:
     """Whether `_layout` is aten's packing (`_convert_weight_to_int4pack_for_cpu`): true of the
-    layouts read (torch 2.13); checked once per process, as the layout is aten's own."""
+    layouts read with torch 2.13 on AVX-512 hosts, not on an AVX2 one; checked once per process,
+    as the layout is aten's own."""
     q = torch.randint(0, 16, (2 * ROW_ALIGN, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return torch.equal(_layout(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
 

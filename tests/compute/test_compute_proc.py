@@ -238,15 +238,3 @@ def test_the_worker_is_ready_before_the_arena_keeps_what_comes_first_and_maps_th
     assert attached == [ArenaDesc("layerstream-1-ab", 2, 4096)]
     assert list(w.queued) == [fwd] and w.ready_slots == {(1, 0): 2}
 
-
-def test_the_compute_process_takes_one_cpu_thread_on_a_gpu_unless_the_cpu_computes_a_share(monkeypatch):
-    from layerstream.compute.compute_proc import default_threads
-    from layerstream.compute.cpu.config import CpuShareConfig
-
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
-    cfg = lambda device, share: SimpleNamespace(device=device, cpu_share=share)  # noqa: E731
-    assert default_threads(cfg("cuda", CpuShareConfig())) == 1
-    assert default_threads(cfg("cuda:1", CpuShareConfig())) == 1
-    assert default_threads(cfg("cuda", CpuShareConfig(auto=True))) == 15
-    assert default_threads(cfg("cuda", CpuShareConfig(fraction=0.3))) == 15
-    assert default_threads(cfg("cpu", CpuShareConfig())) == 15

@@ -189,6 +189,11 @@ def test_empty_perplexity_file_and_long_prompt_are_refused_early(tmp_path):
     empty.write_text("")
     r = run_pipeline("-m", path, "--perplexity", str(empty))
     assert r.returncode != 0 and r.stderr.splitlines() == [f"run-pipeline: error: --perplexity {empty}: the file is empty"]
+    one = tmp_path / "one.txt"
+    one.write_text("a")  # (one token, found once the model is loaded)
+    r = run_pipeline("-m", path, "--single-process", "--perplexity", str(one))
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"run-pipeline: error: --perplexity {one}: the text is 1 token; a perplexity needs at least 2 (give a longer text)"]
     r = run_pipeline("-m", path, "--ctx", "16", "-n", "4", "word " * 40)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "leaves no room to generate" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -13,7 +13,7 @@ from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.engine import LocalBackend
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.coordinator.warm_up import warm_up
-from layerstream.errors import ConfigError, ContextFullError, PromptTooLongError
+from layerstream.errors import ContextFullError, PromptTooLongError
 from layerstream.loader.gguf_index import open_model
 
 V = 256
@@ -483,21 +483,29 @@ def test_control_tokens_generated_past_eos_are_not_shown(tokenizer):
 
 @pytest.mark.parametrize("lookahead", [0, 1, 2])
 def test_the_warm_up_runs_a_chunk_and_a_decode_step_and_changes_no_output(tokenizer, lookahead):
-    """The warm-up (warm_up.py, NOTE [ warm-up ]) runs two steps on the first free row before any request (a
-    two-token prompt chunk, then its sampled id fed as a decode token) and every request's ids
-    and rows are as without it; once a request is queued it is refused."""
+    """The warm-up (warm_up.py, NOTE [ warm-up ]) runs two steps on the first free row before any
+    request (a two-token prompt chunk, then its sampled id fed as a decode token) and every
+    request's ids and finish reasons are as without it (this fake model's logits ignore the KV:
+    test_pipeline's warm-up test has a real one); once a request is queued, or rows hold prefix
+    records, it is refused."""
     got = {}
     for warm in (False, True):
         c = core(tokenizer, max_seqs=4, step_tokens=6, lookahead=lookahead)
         if warm:
+            fed = []  # each step's tokens as sent (a -1: the row's last sampled id)
+            step = c.backend.stepper.step_fn
+            c.backend.stepper.step_fn = lambda seqs, *a, **k: fed.append([list(s.tokens) for s in seqs]) or step(seqs, *a, **k)
             warm_up(c)
-            assert c.backend.runner.steps[:2] == [[(0, [0, 0], [0, 1])], [(0, [c.backend.runner.steps[1][0][1][0]], [2])]]
-            assert c.free_rows == [0, 1, 2, 3] and not c.inflight and c.steps == 0
+            assert fed == [[[0, 0]], [[-1]]]  # a chunk of two, then its sampled id fed on the device
+            assert [[(row, pos) for row, _, pos in st] for st in c.backend.runner.steps] == [[(0, [0, 1])], [(0, [2])]]
         for name, (prompt, params) in MIXED.items():
             c.add_request(name, prompt, params)
         got[warm] = {k: [(o.token_ids, o.finish_reason) for o in v] for k, v in run(c).items()}
         if warm:
             c.add_request("late", [1, 2], GREEDY)
-            with pytest.raises(ConfigError, match="before any request"):
+            with pytest.raises(RuntimeError, match="before any request"):
+                warm_up(c)
+            run(c)
+            with pytest.raises(RuntimeError, match="before any request"):  # (rows hold prefix records now)
                 warm_up(c)
     assert got[True] == got[False]

@@ -102,7 +102,7 @@ def test_cuda_graph_decode_matches_eager(model, tmp_path, arch):
     with _engine(model, dtype="float16") as e:
         e.backend.runner.use_graphs = False
         want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
-    with _engine(model, dtype="float16") as e:
+    with _engine(model, dtype="float16", warm_up=False) as e:  # (the warm-up would capture one first)
         assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
         graphs = e.backend.runner.layer_graphs.graphs
         assert graphs, "decode steps did not use a captured graph"
@@ -126,6 +126,23 @@ def test_the_warm_up_captures_the_first_decode_graph_before_any_request(model):
     with _engine(model, PipelineConfig(), dtype="float16") as e:
         assert e.backend.warm_up_pays and e.core.lookahead == 2
         assert e.generate_batch([TOKENS[:7]], params) == want
+
+
+def test_a_pipeline_that_streams_nothing_embeds_its_ids_in_the_decode_graph_and_matches(model):
+    """The pipeline's whole-step graph gathers the step's rows from its pinned table itself
+    (runner.py; NOTE [ decode graphs ] in graphs.py): two sequences, seeded and greedy, past the
+    first KV bucket (a second graph), as the single-process engine gives them."""
+    seeded = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7, max_tokens=300, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    prompts = [TOKENS[:7], TOKENS[:3]]
+    with _engine(model, ctx=512) as e:
+        want = [e.generate_batch(prompts, p) for p in (seeded, greedy)]
+    pcfg = PipelineConfig(procs=ProcessOptions(trace=True))
+    with _engine(model, pcfg, ctx=512) as e:
+        assert not e.backend.plan.streamed
+        assert [e.generate_batch(prompts, p) for p in (seeded, greedy)] == want
+        compute = next(s for s in e.backend.collect_stats() if s.get("role") == "compute")
+        assert compute["count"].get("graph_layers", 0) >= 500 * 6, compute["count"]  # (decode steps, every layer)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 import ggufgen
 from layerstream.coordinator.engine import Engine, EngineConfig
-from layerstream.coordinator.launch import make_launch
+from layerstream.coordinator.launch import compute_threads, make_launch
 from layerstream.coordinator.pipeline import PipelineConfig
 from layerstream.errors import ModelError
 from layerstream.loader.gguf_index import open_model
@@ -42,3 +42,20 @@ def test_a_bad_tokenizer_over_the_pipeline_is_one_error_naming_the_file_and_leav
         Engine.open(EngineConfig(model=path, device="cpu", dtype="float32", ctx=64), PipelineConfig(), index=index)
     assert str(e.value).startswith(f"{path}: ") and "no-such-tokenizer" in str(e.value)
     assert not leaked(before)
+
+
+def test_the_compute_process_takes_one_cpu_thread_where_a_gpu_holds_the_whole_model_and_the_cpu_computes_nothing(
+        monkeypatch):
+    monkeypatch.setattr("layerstream.coordinator.launch.threads_default", lambda: 12)
+    # (asked, cuda, share off, streams)
+    assert compute_threads(None, True, True, False) == 1
+    assert compute_threads(3, True, True, False) == 3  # --cpu-threads wins
+    assert compute_threads(None, True, False, True) == 12  # a CPU share of streamed layers beside the GPU
+    assert compute_threads(None, True, True, True) is None  # streamed, no share: the process's default
+    assert compute_threads(None, False, True, False) is None  # on the CPU: its default
+
+
+def test_two_steps_ahead_and_the_warm_up_only_where_a_gpu_holds_the_whole_model(tmp_path):
+    index = open_model(ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256))
+    la = make_launch(index, torch.device("cpu"), torch.float32, 64, 1, PipelineConfig())
+    assert not la.plan.streamed and (la.steps_ahead, la.warm_up_pays) == (1, False)  # (the CPU)

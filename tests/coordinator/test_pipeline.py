@@ -76,8 +76,7 @@ def reference(model):
 def test_pipeline_matches_single_process(model, reference, pcfg):
     with _engine(model, pcfg) as e:
         assert _generate(e) == reference
-        # two steps ahead where nothing streams (core.py, NOTE [ one step behind ])
-        assert e.core.lookahead == (2 if not e.backend.plan.streamed and not e.backend.plan.kv_on_host else 1)
+        assert e.core.lookahead == 1  # (two steps ahead only on a GPU: launch.Launch.steps_ahead)
 
 
 @pytest.mark.parametrize("pcfg", [None, PipelineConfig()], ids=["single-process", "pipeline"])
@@ -100,9 +99,8 @@ SEEDED = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repeat
                          ids=["streamed-prefetch1-no-cache", "resident"])
 def test_seeded_sampling_and_stops_on_the_compute_side_match_the_single_process_engine(model, pcfg):
     """The compute process samples (each request's generator and penalty window kept there) and
-    feeds each decode step the id it sampled before; two steps are in flight, three where nothing
-    streams (core.py, NOTE [ one step behind ]): seeded, filtered and penalized text, and a stop
-    string, end as in one process."""
+    feeds each decode step the id it sampled before; two steps are in flight (core.py, NOTE [ one
+    step behind ]): seeded, filtered and penalized text, and a stop string, end as in one process."""
     with _engine(model) as e:
         want = e.generate_batch([list(p) for p in PROMPTS], SEEDED)
         stop = want[0][4:6]
