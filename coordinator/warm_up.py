@@ -30,6 +30,8 @@ def warm_up(core) -> None:
     if core.has_unfinished() or core.steps or core.row_tokens or not core.free_rows:
         raise RuntimeError("internal: the warm-up runs on a new engine core, before any request")
     row, n = core.free_rows[0], min(2, core.step_tokens, core.ctx - 1)
+    if n < 1:
+        return  # (a context of one token has no room for a decode step)
     start = SamplerStart(row=row, history=[], **WARM_SAMPLER)
     positions = list(range(n))
     try:
