@@ -356,8 +356,7 @@ class EngineCore:
             samples = len(toks) if decode else int(r.fed == len(r.prompt))  # > 1: drafts to verify
             if not r.started:
                 P = r.params
-                starts.append(SamplerStart(r.row, float(P.temperature), P.top_k, float(P.top_p), float(P.min_p),
-                                           float(P.repeat_penalty), P.repeat_last_n, r.seed, r.history()))
+                starts.append(sampler_start(r.row, P, r.seed, r.history()))
                 r.started = True
             r.ids.pending = None
             r.ids.steps += 1
@@ -473,6 +472,12 @@ class EngineCore:
         self.running.remove(r)
         self._end(r, keep)
         return RequestOutput(r.id, text, toks or [], True, reason, len(r.prompt), len(r.generated), error)
+
+
+def sampler_start(row: int, P: SamplingParams, seed: int, history: list[int]) -> SamplerStart:
+    """The SamplerStart that carries a request's parameters to the side that samples."""
+    return SamplerStart(row, float(P.temperature), P.top_k, float(P.top_p), float(P.min_p), float(P.repeat_penalty),
+                        P.repeat_last_n, seed, history)
 
 
 def _reason(e: BaseException) -> str:

@@ -16,12 +16,13 @@ KV that the warm-up overwrote.
 
 from __future__ import annotations
 
+from layerstream.compute.sampling import SamplingParams
 from layerstream.compute.step_meta import SeqStep
+from layerstream.coordinator.core import sampler_start
 from layerstream.errors import LayerstreamError
-from layerstream.proto.messages import SamplerStart
 
-# the warm-up's sampler: every filter on (the CLI's defaults), a fixed seed
-WARM_SAMPLER = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, repeat_last_n=64, seed=0)
+# the warm-up's sampler: every filter on (the defaults, the repetition penalty too), a fixed seed
+WARM_PARAMS = SamplingParams(repeat_penalty=1.1)
 
 
 def warm_up(core) -> None:
@@ -32,7 +33,7 @@ def warm_up(core) -> None:
     row, n = core.free_rows[0], min(2, core.step_tokens, core.ctx - 1)
     if n < 1:
         return  # (a context of one token has no room for a decode step)
-    start = SamplerStart(row=row, history=[], **WARM_SAMPLER)
+    start = sampler_start(row, WARM_PARAMS, 0, [])
     positions = list(range(n))
     try:
         core.backend.submit([SeqStep(row, [0] * n, positions, positions, positions)], [1], [start], "none")
