@@ -10,7 +10,9 @@ the step's mask hides, with an online softmax in float32 (FlashAttention's recur
 contexts give too few programs for a GPU (Llama-3.1-8B at batch 1: 32 query heads), so the
 slots are split into chunks, each program keeping its running maximum, sum and weighted values,
 and a second launch combines the chunks (flash-decoding). The arithmetic is float32 throughout,
-so it agrees with the float64 reference as closely as the general path.
+so it agrees with the float64 reference as closely as the general path. A row is read only up to
+its slots in use (`used`, from the step's meta): a captured graph pads L to its own length
+(runner.GRAPH_KV_MIN and up), and the chunks past a short row's slots store empty parts at once.
 
 NOTE [ RoPE and the cache write ]
 Rotating q and k in torch takes a slice, four products, two sums and a concatenation for each,
@@ -38,11 +40,12 @@ TARGET_PROGRAMS = 32 if INTERPRET else 512
 
 
 @triton.jit
-def _decode_kernel(q, kc, vc, mask, rows, o, part_m, part_l, part_acc, sq_t, sq_h, sk_r, sk_l, sk_h,
+def _decode_kernel(q, kc, vc, mask, rows, used, o, part_m, part_l, part_acc, sq_t, sq_h, sk_r, sk_l, sk_h,
                    sv_r, sv_l, sv_h, sm_t, L, chunk, n_split, H, scale,
                    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
                    SPLIT: tl.constexpr):
-    """Query head h of token t over slots [s * chunk, (s + 1) * chunk) of its row."""
+    """Query head h of token t over slots [s * chunk, (s + 1) * chunk) of its row, up to the slots it
+    uses (`used`: a chunk past them stores an empty part, its max -inf)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -55,7 +58,7 @@ def _decode_kernel(q, kc, vc, mask, rows, o, part_m, part_l, part_acc, sq_t, sq_
     l_i = tl.sum(tl.zeros([BL], tl.float32), axis=0)
     acc = tl.zeros([BD], tl.float32)
     lo = s * chunk
-    hi = tl.minimum(lo + chunk, L)
+    hi = tl.minimum(tl.minimum(lo + chunk, L), tl.load(used + t).to(tl.int32))
     kbase = kc + row * sk_r + hk * sk_h
     vbase = vc + row * sv_r + hk * sv_h
     for l0 in range(lo, hi, BL):
@@ -101,11 +104,12 @@ def _combine_kernel(part_m, part_l, part_acc, o, n_split, H, D: tl.constexpr, BD
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
-                     rows: torch.Tensor, L: int, scale: float) -> torch.Tensor:
+                     rows: torch.Tensor, L: int, scale: float, used: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of T one-token queries q [T, H, D] over slots 0..L-1 of their cache rows:
     k_cache, v_cache [rows, cap, Hkv, D] (last dim contiguous), mask [T, >= L] (bool, True where
-    the query may attend; last dim contiguous), rows [T] (int64). A new [T, H * D] tensor in q's
-    dtype. Every query must see at least one slot."""
+    the query may attend; last dim contiguous), rows [T] (int64), used [T] (the slots in use in
+    each token's row: none further is read; default L). A new [T, H * D] tensor in q's dtype.
+    Every query must see at least one slot."""
     T, H, D = q.shape
     Hkv = k_cache.shape[2]
     if H % Hkv or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or mask.stride(-1) != 1 or q.stride(-1) != 1:
@@ -124,7 +128,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_m = part_l = part_acc = o
     m8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     kw = {} if INTERPRET else {"num_warps": 4}
-    _decode_kernel[(T, H, n_split)](q, k_cache, v_cache, m8, rows, o, part_m, part_l, part_acc,
+    if used is None:
+        used = torch.full((T,), L, dtype=torch.long, device=q.device)
+    _decode_kernel[(T, H, n_split)](q, k_cache, v_cache, m8, rows, used, o, part_m, part_l, part_acc,
                                     q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), m8.stride(0),
                                     L, chunk, n_split, H, scale,

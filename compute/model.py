@@ -192,7 +192,7 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         v_cache[meta.tok.row, meta.tok.slot] = v.to(v_cache.dtype)
     if meta.kernels.decode and cos_k_all is None:  # token t is sequence t's only one
         o = _attn_kernels().decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.q.rows, meta.q.kv_len,
-                                             hp.attn.scale or 1 / math.sqrt(D))
+                                             hp.attn.scale or 1 / math.sqrt(D), used=meta.q.used)
         return _attn_out(hp, w, x, o)
 
     B, S = meta.q.index.shape

@@ -43,6 +43,11 @@ from layerstream.loader.gguf_index import HParams
 # rows ]): the small batches whose matmuls read each weight once (qlinear's fused kernels); each
 # row reads its sequence's KV, so a longer chunk costs attention more than it saves in launches
 VERIFY_ROWS = 16
+# the shortest padded KV length a decode graph is captured for: each new length captures the whole
+# step again (the warm-up's one, then one at each doubling), which a chat's first replies paid in the
+# middle of their tokens; decode attention stops at each row's slots in use (attn_kernels.py), so a
+# graph padded past them reads no more of the cache
+GRAPH_KV_MIN = 1024
 
 
 class ModelRunner:
@@ -171,9 +176,9 @@ class ModelRunner:
 
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
         """The attended KV length, padded (masked) so that kernels and graphs see few shapes:
-        multiples of 256 for eager steps, powers of two (at least 256) for captured graphs."""
+        multiples of 256 for eager steps, powers of two (at least GRAPH_KV_MIN) for captured graphs."""
         L = max(len(s.kv_pos) for s in seqs)
-        padded = max(256, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
+        padded = max(GRAPH_KV_MIN, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
         return min(self.ctx, padded)
 
     def _captured(self, x: torch.Tensor | None, meta: StepMeta, upto: int, head: bool, seqs: list[SeqStep],

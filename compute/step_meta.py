@@ -42,6 +42,7 @@ class Queries:
     valid: torch.Tensor  # [B, S] bool, False on padding
     out_index: torch.Tensor  # [T] index of each packed token in the flattened [B*S] padded layout
     rows: torch.Tensor  # [B] KV-cache row of each sequence
+    used: torch.Tensor  # [B] slots in use in each row (len(kv_pos)): none further is attended
     kv_len: int  # slots 0..kv_len-1 of the rows are read by attention
 
 
@@ -209,6 +210,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     for name in ("tok_id", "tok_row", "tok_b", "tok_slot", "out_index"):
         lay.add(name, torch.long, T)
     lay.add("rows", torch.long, B)
+    lay.add("q_used", torch.long, B)
     lay.add("q_index", torch.long, B, S)
     lay.add("q_valid", torch.bool, B, S)
     lay.add("mask", torch.bool, B, 1, S, L)
@@ -240,6 +242,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         kv_pos[b, : len(s.kv_pos)] = np.array(s.kv_pos, dtype=np.int64)  # (numpy converts a long list far faster)
         t += k
     n["rows"][:] = [s.row for s in seqs]
+    n["q_used"][:] = [len(s.kv_pos) for s in seqs]
     n["out_index"][:] = np.flatnonzero(n["q_valid"])
     mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, L]
     mask |= ~n["q_valid"][:, :, None]  # padded queries see everything (finite; dropped later)
@@ -259,7 +262,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     d = lay.views(buf) if cuda else h
     return StepMeta(
         tok=Tokens(d["tok_id"], d["tok_row"], d["tok_b"], d["tok_slot"], known=bool(n["tok_id"].min() >= 0)),
-        q=Queries(d["q_index"], d["q_valid"], d["out_index"], d["rows"], kv_len=L),
+        q=Queries(d["q_index"], d["q_valid"], d["out_index"], d["rows"], d["q_used"], kv_len=L),
         attn=_tables(d, ""), swa=_tables(d, "_swa") if swa else None,
         kernels=Kernels(rope=triton_attention,
                         decode=triton_attention and all(k == 1 for k in lens) and not rotate_k_at_read),

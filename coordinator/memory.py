@@ -42,7 +42,7 @@ from layerstream.compute.qlinear import (
     cpu_chunk_elems,
     model_scratch_elems,
 )
-from layerstream.compute.runner import VERIFY_ROWS
+from layerstream.compute.runner import GRAPH_KV_MIN, VERIFY_ROWS
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
 
@@ -194,8 +194,9 @@ def mem_available() -> int:
 
 
 def kv_buckets(ctx: int) -> int:
-    """Padded KV lengths a decode graph is captured for (runner._kv_len): 256, 512, ... up to ctx."""
-    return 1 + max(0, math.ceil(math.log2(max(ctx, 256) / 256)))
+    """Padded KV lengths a decode graph is captured for (runner._kv_len): GRAPH_KV_MIN, twice that, ...
+    up to ctx."""
+    return 1 + max(0, math.ceil(math.log2(max(ctx, GRAPH_KV_MIN) / GRAPH_KV_MIN)))
 
 
 def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized: bool, cuda: bool,

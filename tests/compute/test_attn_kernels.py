@@ -52,6 +52,25 @@ def test_decode_attention_matches_float64(T, H, Hkv, D, L, dtype):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
+def test_decode_attention_reads_no_slot_past_each_rows_used_ones():
+    """A graph pads the attended length (runner.GRAPH_KV_MIN): each token's row is read only up to
+    its slots in use (`used`), whatever lies or the mask says past them (NaN here), the chunks past
+    them left empty; the result is attention over the used slots."""
+    g = torch.Generator().manual_seed(8)
+    L, T, H, D = 256, 3, 4, 32
+    k_cache, v_cache = torch.randn(3, L, 2, D, generator=g), torch.randn(3, L, 2, D, generator=g)
+    q = torch.randn(T, H, D, generator=g)
+    rows, used = torch.tensor([1, 2, 0]), torch.tensor([37, 150, 5])
+    mask = torch.ones(T, L, dtype=torch.bool)
+    for t in range(T):
+        k_cache[rows[t], used[t]:] = float("nan")
+        v_cache[rows[t], used[t]:] = float("nan")
+    out = attn_kernels.decode_attention(q, k_cache, v_cache, mask, rows, L, 0.2, used=used)
+    seen = torch.arange(L)[None, :] < used[:, None]
+    torch.testing.assert_close(out.double(), reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), seen, rows, L, 0.2),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_decode_attention_reads_strided_views():
     """A host-KV layer computes from a [:B, :L] view of a larger buffer, and the mask is a view of
     the step's [B, 1, S, L] mask."""

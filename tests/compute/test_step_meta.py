@@ -86,6 +86,7 @@ def _separate_tensors(hp, inv_freq: torch.Tensor, seqs: list[SeqStep], device: t
         "tok.known": min(tok_id) >= 0,
         "q.index": to(q_index), "q.valid": to(q_valid), "q.out_index": to(out_index),
         "q.rows": to(torch.tensor([s.row for s in seqs], dtype=torch.long)),
+        "q.used": to(torch.tensor([len(s.kv_pos) for s in seqs], dtype=torch.long)),
         "q.kv_len": L,
         "attn.cos_q": to(cos_q), "attn.sin_q": to(sin_q),
         "attn.cos_k": None if cos_k is None else to(cos_k), "attn.sin_k": None if sin_k is None else to(sin_k),
@@ -145,8 +146,8 @@ def test_a_graphs_copy_owns_its_buffer_and_a_fill_refreshes_it_in_place():
     s, loose = static_meta(first)
     buf = s.store.buf
     assert loose == [] and s.store.host_buf is None and buf.data_ptr() != first.store.buf.data_ptr()
-    ptrs = {name: t.data_ptr() for name, t in s.tensors().items()}  # 4 of tok, 4 of q, 5 of each Tables
-    assert len(ptrs) == 18 and all(buf.data_ptr() <= p < buf.data_ptr() + buf.numel() for p in ptrs.values())
+    ptrs = {name: t.data_ptr() for name, t in s.tensors().items()}  # 4 of tok, 5 of q, 5 of each Tables
+    assert len(ptrs) == 19 and all(buf.data_ptr() <= p < buf.data_ptr() + buf.numel() for p in ptrs.values())
     fill_meta(s, second, loose)
     for name, t in s.tensors().items():
         assert t.data_ptr() == ptrs[name] and torch.equal(t, attrgetter(name)(second)), name

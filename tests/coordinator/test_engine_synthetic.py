@@ -171,7 +171,7 @@ def test_quantized_weights_match_reference(tmp_path, arch, monkeypatch):
 
     calls = []
     decode = attn_kernels.decode_attention
-    monkeypatch.setattr(attn_kernels, "decode_attention", lambda q, *a: calls.append(q.shape[0]) or decode(q, *a))
+    monkeypatch.setattr(attn_kernels, "decode_attention", lambda q, *a, **kw: calls.append(q.shape[0]) or decode(q, *a, **kw))
     path = _write(tmp_path, arch, "mixed", n_layer=2)
     ref = reference.reference_logits(path, TOKENS)
     with _load(path, weights="quantized", max_seqs=2) as e:

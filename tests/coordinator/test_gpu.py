@@ -130,17 +130,18 @@ def test_the_warm_up_captures_the_first_decode_graph_before_any_request(model):
 
 def test_a_pipeline_that_streams_nothing_embeds_its_ids_in_the_decode_graph_and_matches(model):
     """The pipeline's whole-step graph gathers the step's rows from its pinned table itself
-    (runner.py; NOTE [ decode graphs ] in graphs.py): two sequences, seeded and greedy, past the
-    first KV bucket (a second graph), as the single-process engine gives them."""
+    (runner.py; NOTE [ decode graphs ] in graphs.py): one sequence seeded (its draw a graph too:
+    sample_graphs.py), then two sequences greedy past the first KV bucket (a second graph), as the
+    single-process engine gives them."""
     seeded = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7, max_tokens=300, ignore_eos=True)
-    greedy = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
-    prompts = [TOKENS[:7], TOKENS[:3]]
-    with _engine(model, ctx=512) as e:
-        want = [e.generate_batch(prompts, p) for p in (seeded, greedy)]
+    greedy = SamplingParams(temperature=0, max_tokens=1030, ignore_eos=True)
+    runs = [([TOKENS[:7]], seeded), ([TOKENS[:7], TOKENS[:3]], greedy)]
+    with _engine(model, ctx=2048) as e:
+        want = [e.generate_batch(prompts, p) for prompts, p in runs]
     pcfg = PipelineConfig(procs=ProcessOptions(trace=True))
-    with _engine(model, pcfg, ctx=512) as e:
+    with _engine(model, pcfg, ctx=2048) as e:
         assert not e.backend.plan.streamed
-        assert [e.generate_batch(prompts, p) for p in (seeded, greedy)] == want
+        assert [e.generate_batch(prompts, p) for prompts, p in runs] == want
         compute = next(s for s in e.backend.collect_stats() if s.get("role") == "compute")
         assert compute["count"].get("graph_layers", 0) >= 500 * 6, compute["count"]  # (decode steps, every layer)
 
