@@ -158,7 +158,9 @@ class ComputeWorker:
                                   sliding=cfg.sliding, triton_attention=quantized,
                                   graph_max_tokens=graph_max_tokens(plan, quantized),
                                   embed=self.embed)
-        self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device)
+        # one row's sampling graphs in the decode graphs' pool, where the plan counts it (memory.Sizes.graphs)
+        self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device,
+                               capture=self.runner.capture if graph_max_tokens(plan, quantized) else None)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""

@@ -96,9 +96,16 @@ def penalize(x: torch.Tensor, seen: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(seen, torch.where(x > 0, x / p, x * p), x)
 
 
-def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def noise_shape(B: int, V: int, P: SamplingParams) -> tuple[int, int]:
+    """The shape of the exponential noise `draw` takes for B rows of V logits: [B, candidates]."""
+    return (B, P.top_k if 0 < P.top_k < V else V)
+
+
+def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None,
+         noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row of x [B, V] float32 (penalized already) on x's device, and each row's
-    largest logit (NaN where the row holds one, -inf where no token is possible): ([B] long, [B])."""
+    largest logit (NaN where the row holds one, -inf where no token is possible): ([B] long, [B]).
+    `noise`: the draw's Exp(1) noise made already (noise_shape), instead of from `gen`."""
     # Through argmax, not amax: on the CPU amax of a [1, V] row ran about 100 times slower than
     # argmax (8 ms against 80 us) while other processes kept the cores busy.
     top = x.argmax(dim=-1)  # (argmax takes NaN as the largest)
@@ -110,7 +117,7 @@ def draw(x: torch.Tensor, P: SamplingParams, gen: torch.Generator | None) -> tup
     # torch.multinomial(probs, 1) draws argmax(probs / q), q ~ Exp(1), after checking probs with
     # two .item() calls: a host sync each. The draw without the checks takes the same ids from
     # the same generator state (tests/compute/test_sampling.py), and never stalls the host.
-    q = torch.empty_like(probs).exponential_(1, generator=gen)
+    q = torch.empty_like(probs).exponential_(1, generator=gen) if noise is None else noise
     pick = (probs / q).argmax(dim=-1, keepdim=True)  # [B, 1]
     return idx.gather(-1, pick).squeeze(-1), best
 

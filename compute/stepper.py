@@ -66,12 +66,19 @@ def params_of(s: SamplerStart) -> SamplingParams:
 class Stepper:
     """Launches steps of a runner with sampling on its device; reads their ids back later."""
 
-    def __init__(self, step: StepFn, n_vocab: int, max_seqs: int, device):
+    def __init__(self, step: StepFn, n_vocab: int, max_seqs: int, device, capture=None):
         self.step_fn, self.device = step, torch.device(device)
         self.samplers = RowSamplers(n_vocab, self.device)
         self.last_ids = torch.zeros(max_seqs, dtype=torch.long, device=self.device)  # NOTE above
         self.max_seqs = max_seqs
         self.pool: list[_HostBuf] = []  # pinned buffers of steps already read
+        # one row's draw as a graph (NOTE [ a row's sampling in a graph ]), captured by `capture` (the
+        # runner's GraphCapture) where one is given on CUDA
+        self.graphs = None
+        if capture is not None and self.device.type == "cuda":
+            from layerstream.compute.sample_graphs import SampleGraphs
+
+            self.graphs = SampleGraphs(capture, self.last_ids)
 
     def _host_buf(self) -> _HostBuf:
         return self.pool.pop() if self.pool else _HostBuf(self.max_seqs, self.device.type == "cuda")
@@ -132,6 +139,15 @@ class Stepper:
                 launched.event = torch.cuda.Event(enable_timing=True)
                 launched.event.record(torch.cuda.current_stream(self.device))  # (not the current device's)
             return launched
+        if self.graphs is not None and picks == [0] and n == 1 and self.graphs.takes(
+                state := self.samplers.rows.get(seqs[0].row), logits):
+            buf = self._host_buf()
+            host = buf.ids[:3].view(3, 1)
+            host.copy_(self.graphs.launch(logits, seqs[0].row, state), non_blocking=True)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            kept = None if want == "none" else logits.to("cpu", torch.float32)
+            return Launched(1, host, event, kept, buf=buf, pool=self.pool)
         buf = None
         if picks or checks:
             out = torch.zeros((3, n), dtype=torch.long, device=self.device)  # [3, n]: ids, bad codes, drafts accepted

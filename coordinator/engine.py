@@ -51,7 +51,9 @@ class LocalBackend:
         self.max_seqs, self.device = runner.max_seqs, runner.device
         self.hparams, self.ctx = getattr(runner, "hp", None), getattr(runner, "ctx", None)
         self.dtype = getattr(runner, "dtype", None)
-        self.stepper = Stepper(runner.step, n_vocab, runner.max_seqs, runner.device)
+        # one row's sampling graphs in the runner's graph pool, where it captures decode graphs
+        capture = getattr(runner, "capture", None) if getattr(runner, "use_graphs", False) else None
+        self.stepper = Stepper(runner.step, n_vocab, runner.max_seqs, runner.device, capture=capture)
         self.inflight: deque[Launched] = deque()
 
     def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:

@@ -43,6 +43,7 @@ from layerstream.compute.qlinear import (
     model_scratch_elems,
 )
 from layerstream.compute.runner import GRAPH_KV_MIN, VERIFY_ROWS
+from layerstream.compute.sample_graphs import KEEP as SAMPLE_GRAPHS_KEPT, MAX_K as SAMPLE_MAX_K
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
 
@@ -400,6 +401,10 @@ class Sizes:
             peak, largest = peak + parts, max(largest, parts)
         outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
                 for _ in range(kv_buckets(self.ctx))]
+        # one row's sampling graphs share the pool (compute/sample_graphs.py): a draw's temporaries (the logits
+        # in float32 and their finite copy, then top-k's few) and each kept graph's logits and noise, outside it
+        peak = max(peak, 8 * hp.n_vocab + 64 * SAMPLE_MAX_K)
+        outs += [hp.n_vocab * 4, SAMPLE_MAX_K * 4] * SAMPLE_GRAPHS_KEPT
         # the streamed MoE layers' graphs, one pair a layer and shape: MOE_GRAPHS for batches 1..4, and as much
         # again for each further four
         moe = MOE_GRAPHS * -(-bg // FUSED_MIN_OF_TYPES) if hp.moe.n_expert else 0

@@ -525,3 +525,60 @@ def test_an_all_greedy_step_gives_the_general_paths_ids_codes_and_rows_next_ids(
     assert len(st.pool) == 1  # given back once read
     second = st.launch([SeqStep(r, [-1], [1], [1], [0, 1]) for r in rows], [1] * 4, [], "none")
     assert seen[-1][rows].tolist() == res.ids and second.buf is first.buf and not st.pool
+
+
+@pytest.mark.parametrize("params", [SamplingParams(seed=3), SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+                                    SamplingParams(top_k=500, top_p=0.5)], ids=["cli", "server", "k-above-V"])
+def test_a_draw_given_its_noise_in_noise_shape_gives_the_generators_ids(params):
+    """A row's graph (NOTE [ a row's sampling in a graph ]) makes the draw's Exp(1) noise ahead, in
+    noise_shape, from the row's generator: draw() then gives the ids it draws from that generator
+    itself, step after step, and leaves the generator where it would be."""
+    from layerstream.compute.sampling import draw, noise_shape
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(30):
+        x = torch.randn(1, 300, generator=g) * 3
+        noise = torch.empty(noise_shape(1, 300, params)).exponential_(1, generator=b)
+        assert torch.equal(draw(x, params, a)[0], draw(x, params, None, noise=noise)[0])
+    assert torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("params", [SamplingParams(seed=11), SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=12),
+                                    SamplingParams(repeat_penalty=1.3, seed=13)], ids=["cli", "server", "penalty"])
+def test_a_rows_sampling_graph_gives_the_host_samplers_ids_and_feeds_the_next_step(params):
+    """One sequence sampling with a generator, no penalty and top-k on replays a graph of its draw
+    (NOTE [ a row's sampling in a graph ]); its ids are the host sampler's over the same CUDA logits,
+    the eager path's, and reach the next step through last_ids; a penalized row and top-k off keep
+    the eager path."""
+    from layerstream.compute.graphs import GraphCapture
+    from layerstream.compute.step_meta import SeqStep
+    from layerstream.compute.stepper import Stepper
+    from layerstream.proto.messages import SamplerStart
+
+    V, dev = 1000, torch.device("cuda")
+    table = torch.randn(V, V, generator=torch.Generator(device=dev).manual_seed(0), device=dev) * 4
+
+    def step(seqs, want, last_ids):
+        toks = torch.tensor([s.tokens[-1] for s in seqs], device=dev)
+        toks = torch.where(toks < 0, last_ids[torch.tensor([s.row for s in seqs], device=dev)], toks)
+        return table[toks]
+
+    def run(graphs: bool) -> tuple[list[int], Stepper]:
+        st = Stepper(step, V, 3, dev, capture=GraphCapture(dev) if graphs else None)
+        p = params
+        start = SamplerStart(2, p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.repeat_last_n, p.seed, [5])
+        out = [st.launch([SeqStep(2, [5], [0], [0], [0])], [1], [start], "none")]
+        out += [st.launch([SeqStep(2, [-1], [k], [k], list(range(k + 1)))], [1], [], "none") for k in range(1, 12)]
+        return [Stepper.result(x).ids[0] for x in out], st
+
+    got, st = run(True)
+    assert len(st.graphs.graphs) == (0 if params.penalized or params.top_k == 0 else 1)
+    assert got == run(False)[0]
+    host, hist, tok = Sampler(params, V), [5], 5
+    for want in got:
+        tok = int(host.sample(table[tok][None], [hist])[0])
+        hist.append(tok)
+        assert want == tok
