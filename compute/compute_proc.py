@@ -242,7 +242,7 @@ class ComputeWorker:
         the device (NOTE [ the embedding on the device ]); only where the embedding stays a host
         gather does it become that id on the host, after the steps in flight are answered (an
         in-process sync, no round trip to the coordinator)."""
-        seqs = [SeqStep(s.row, s.tokens, s.slots, s.positions, s.kv_pos) for s in msg.seqs]
+        seqs = [SeqStep(s.row, s.tokens, s.slots, s.positions, s.kv_positions()) for s in msg.seqs]
         if self.embed is not None or self.glob.embd_dev is not None or all(t >= 0 for s in msg.seqs for t in s.tokens):
             return seqs
         while self.inflight:

@@ -114,8 +114,9 @@ class ModelRunner:
         with `tails` and "last", of each sequence's last tails[b] tokens (a chunk verifying drafts), in order.
         A token -1 is its row's last sampled id, read from `last_ids` [max_seqs] on the device."""
         for s in seqs:
-            if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx:
-                raise ValueError(f"sequence row {s.row} or slots beyond the KV cache ({self.max_seqs} x {self.ctx})")
+            if not 0 <= s.row < self.max_seqs or max(s.slots, default=0) >= self.ctx or len(s.kv_pos) > self.ctx:
+                raise ValueError(f"sequence row {s.row}, its slots or its {len(s.kv_pos)} KV positions beyond the KV "
+                                 f"cache ({self.max_seqs} x {self.ctx})")
         if tails is not None:
             rows = self._as_rows(seqs, want, tails)
             self.verify_paths["chunks" if rows is None else "rows"] += 1

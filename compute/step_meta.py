@@ -4,6 +4,7 @@ positions, RoPE tables and attention masks (StepMeta), built from each sequence'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -129,7 +130,7 @@ class SeqStep:
     tokens: list[int]
     slots: list[int]  # physical slot of each new token
     positions: list[int]  # RoPE position of each new token
-    kv_pos: list[int]  # position held by each slot 0..n-1 after the writes (-1: empty)
+    kv_pos: list[int] | range  # position held by each slot 0..n-1 after the writes (-1: empty)
 
 
 def rope_inv_freq(hp: HParams, freq_factors: torch.Tensor | None = None, theta: float | None = None) -> torch.Tensor:
@@ -188,6 +189,25 @@ class _Layout:
                 for name, (dt, shape, off) in self.parts.items() if dt in _NP}
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(B: int, S: int, T: int, L: int, R: int, swa: bool, tables: tuple, dtype: torch.dtype) -> _Layout:
+    """The parts of a step's buffer for its shape (kept: a decode step's shape repeats every step)."""
+    lay = _Layout()
+    for name in ("tok_id", "tok_row", "tok_b", "tok_slot", "out_index"):
+        lay.add(name, torch.long, T)
+    lay.add("rows", torch.long, B)
+    lay.add("q_used", torch.long, B)
+    lay.add("q_index", torch.long, B, S)
+    lay.add("q_valid", torch.bool, B, S)
+    lay.add("mask", torch.bool, B, 1, S, L)
+    if swa:
+        lay.add("mask_swa", torch.bool, B, 1, S, L)
+    for cos, sin, *shape in tables:
+        lay.add(cos, dtype, *shape, R)
+        lay.add(sin, dtype, *shape, R)
+    return lay
+
+
 def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], device: torch.device,
                     dtype: torch.dtype, kv_len: int | None = None, rotate_k_at_read: bool = True,
                     inv_freq_swa: torch.Tensor | None = None, triton_attention: bool = False) -> StepMeta:
@@ -206,21 +226,10 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     L = max(kv_len or 0, max(len(s.kv_pos) for s in seqs))
     R = inv_freq.shape[0]  # rope_dim / 2
     swa = bool(hp.attn.swa_window)
-    lay = _Layout()
-    for name in ("tok_id", "tok_row", "tok_b", "tok_slot", "out_index"):
-        lay.add(name, torch.long, T)
-    lay.add("rows", torch.long, B)
-    lay.add("q_used", torch.long, B)
-    lay.add("q_index", torch.long, B, S)
-    lay.add("q_valid", torch.bool, B, S)
-    lay.add("mask", torch.bool, B, 1, S, L)
     tables = [("cos_q", "sin_q", T)] + ([("cos_k", "sin_k", B, L)] if rotate_k_at_read else [])
     if swa:
-        lay.add("mask_swa", torch.bool, B, 1, S, L)
         tables += [("cos_q_swa", "sin_q_swa", T)] + ([("cos_k_swa", "sin_k_swa", B, L)] if rotate_k_at_read else [])
-    for cos, sin, *shape in tables:
-        lay.add(cos, dtype, *shape, R)
-        lay.add(sin, dtype, *shape, R)
+    lay = _layout(B, S, T, L, R, swa, tuple(tables), dtype)
     cuda = device.type == "cuda"
     host_buf = torch.empty(max(lay.size, ALIGN), dtype=torch.uint8, pin_memory=cuda)
     n = lay.numpy_views(host_buf.numpy())  # the integer and boolean parts (numpy: cheaper to make and fill)
@@ -239,7 +248,8 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
         n["q_index"][b, :k] = np.arange(t, t + k)
         n["q_valid"][b, :k] = True
         q_pos[b, :k] = s.positions
-        kv_pos[b, : len(s.kv_pos)] = np.array(s.kv_pos, dtype=np.int64)  # (numpy converts a long list far faster)
+        kp = s.kv_pos  # a range (slot i holds position i) or a list (numpy converts a long list far faster)
+        kv_pos[b, : len(kp)] = np.arange(kp.start, kp.stop, kp.step) if isinstance(kp, range) else np.array(kp, dtype=np.int64)
         t += k
     n["rows"][:] = [s.row for s in seqs]
     n["q_used"][:] = [len(s.kv_pos) for s in seqs]
@@ -248,7 +258,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     mask |= ~n["q_valid"][:, :, None]  # padded queries see everything (finite; dropped later)
     n["mask"][:, 0] = mask
     tok_pos = torch.from_numpy(q_pos[n["q_valid"]])  # [T], in packed order
-    kv_at = torch.from_numpy(kv_pos).clamp(min=0)
+    kv_at = torch.from_numpy(kv_pos).clamp(min=0) if rotate_k_at_read else None
     for cos, sin, *shape in tables:
         local = cos.endswith("_swa")
         inv, scale = (inv_freq_swa, 1.0) if local else (inv_freq, hp.rope.scale)

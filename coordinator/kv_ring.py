@@ -84,10 +84,11 @@ class KVRing:
         self.count -= n
         self.total -= n
 
-    def slot_positions(self) -> list[int]:
-        """Position held by each physical slot 0..count-1."""
+    def slot_positions(self) -> list[int] | range:
+        """Position held by each physical slot 0..count-1: a range where slot i holds position i (a
+        ring that has not slid; a step's meta and message then do not grow with the context)."""
         if self.count < self.cap or self.start == 0:
-            return list(range(self.count))
+            return range(self.count)
         W, s0 = self.window, self.start
         # window slot p (ring index r = p - sink) holds logical index (r - start) mod W
         return list(range(self.sink)) + [self.sink + (r - s0) % W for r in range(W)]

@@ -386,7 +386,7 @@ class Pipeline:
 
     async def _submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None:
         n, self.next_step = self.next_step, self.next_step + 1
-        wire = [ForwardSeq(s.row, s.tokens, s.slots, s.positions, s.kv_pos, int(f)) for s, f in zip(seqs, sample)]
+        wire = [ForwardSeq.of(s.row, s.tokens, s.slots, s.positions, s.kv_pos, int(f)) for s, f in zip(seqs, sample)]
         await self.links.send("compute", "compute", Forward(n, wire, want, starts, self.known_failed))
         if not self.expected:
             self.heard["compute"] = time.monotonic()  # (the watchdog counts from the first step sent)

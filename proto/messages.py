@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 # 6: StepFailed (a step that raised in the compute process; the run goes on); Forward.failed
 # 7: AttachArena: readers and compute get the arena in a message, not in their config (they start
 #    beside staging: NOTE [ the arena after Ready ] in pipeline.py)
-PROTOCOL_VERSION = 7
+# 8: ForwardSeq.kv_count: a row whose slots hold positions 0..n-1 in order sends n, not the list
+PROTOCOL_VERSION = 8
 
 # A byte range that a reader copies into a staging slot: [file_index, offset, nbytes, slot_offset].
 ByteRange = list[int]
@@ -144,14 +145,29 @@ def message(tag: int):
 @struct
 class ForwardSeq(Struct):
     """One sequence's part of a Forward: its KV row, new tokens with their slots and positions,
-    and the position each of its KV slots holds after the writes (-1: empty)."""
+    and the position each of its KV slots holds after the writes (-1: empty): `kv_pos`, or, where
+    slots 0..n-1 hold positions 0..n-1 (a ring that has not slid: every step but a slid ring's),
+    `kv_count` n and no list, so a step's message and its decoding do not grow with the context."""
 
     row: int
     tokens: list[int]  # -1: the row's last sampled id, which never left the compute side
     slots: list[int]
     positions: list[int]
-    kv_pos: list[int]
+    kv_pos: list[int]  # (empty where kv_count >= 0)
     sample: int = 0  # 1: draw the next token from the last one's logits; k > 1: verify the last k - 1 tokens (drafts)
+    kv_count: int = -1  # >= 0: slots 0..kv_count-1 hold positions 0..kv_count-1
+
+    @classmethod
+    def of(cls, row: int, tokens: list[int], slots: list[int], positions: list[int], kv_pos, sample: int
+           ) -> "ForwardSeq":
+        """The record of a sequence whose slots hold `kv_pos` (a list, or a range from 0: kv_count)."""
+        if isinstance(kv_pos, range) and kv_pos.start == 0 and kv_pos.step == 1:
+            return cls(row, tokens, slots, positions, [], sample, len(kv_pos))
+        return cls(row, tokens, slots, positions, list(kv_pos), sample)
+
+    def kv_positions(self) -> list[int] | range:
+        """The position each KV slot holds: kv_pos, or range(kv_count)."""
+        return range(self.kv_count) if self.kv_count >= 0 else self.kv_pos
 
 
 @struct

@@ -105,3 +105,15 @@ def test_by_default_only_the_decode_kernels_path_verifies_as_rows(index, kv):
     r = runner(index, **KV[kv])
     verified(r)
     assert r.verify_paths == ({"rows": 1} if kv == "kernels" else {"chunks": 1})
+
+
+def test_a_row_whose_kv_positions_outrun_the_cache_is_refused_before_its_meta(index):
+    """A step's KV positions may come as a count (ForwardSeq.kv_count, a range here): one beyond
+    the cache is refused in one line before the step's meta is sized by it; a range within runs
+    as the list it stands for."""
+    r = runner(index)
+    with pytest.raises(ValueError, match=rf"row 0, its slots or its {10 ** 9} KV positions beyond the KV cache"):
+        r.step([SeqStep(0, [5], [0], [0], range(10 ** 9))], "last")
+    a = runner(index).step([SeqStep(0, [5, 9], [0, 1], [0, 1], range(2))], "last")
+    b = runner(index).step([SeqStep(0, [5, 9], [0, 1], [0, 1], [0, 1])], "last")
+    assert torch.equal(a, b)

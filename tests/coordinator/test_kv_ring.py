@@ -16,7 +16,7 @@ def test_error_mode_fills_slots_in_order():
     assert r.append(3) == ([0, 1, 2], [0, 1, 2])
     assert r.append(1) == ([3], [3])
     assert r.max_chunk() == 4
-    assert r.slot_positions() == [0, 1, 2, 3]
+    assert list(r.slot_positions()) == [0, 1, 2, 3]
     assert r.append(4) == ([4, 5, 6, 7], [4, 5, 6, 7])
     assert r.max_chunk() == 0
 
@@ -41,7 +41,7 @@ def test_slide_wraps_around_keeping_sinks():
     r = KVRing(8, sink=2, mode="slide")  # window of 6 slots: 2..7
     assert r.max_chunk() == 6
     assert r.append(8) == (list(range(8)), list(range(8)))
-    assert r.slot_positions() == list(range(8))
+    assert r.slot_positions() == range(8)
     # the oldest window token (slot 2) goes first; the new token takes the last position
     assert r.append(1) == ([2], [7])
     assert r.slot_positions() == [0, 1, 7, 2, 3, 4, 5, 6]
@@ -92,7 +92,7 @@ def test_slide_matches_a_list_model(cap, sink):
         held = list(range(min(sink, total))) + list(range(max(sink, total - (cap - sink)), total))
         assert sorted(slot_tok.values()) == held, "the ring holds the sinks and the newest tokens"
         assert pos == [held.index(t) for t in new]
-        assert r.slot_positions() == [held.index(slot_tok[s]) for s in range(r.count)]
+        assert list(r.slot_positions()) == [held.index(slot_tok[s]) for s in range(r.count)]
         assert all(0 <= p < cap for p in r.slot_positions())
         assert all(slot_tok[s] == s for s in range(min(sink, total))), "sink slots never move"
         assert len(set(slots)) == n
@@ -115,7 +115,7 @@ def test_rollback_gives_the_rejected_slots_and_positions_back(mode):
     assert r.room(4)
     assert r.append(4) == ([5, 6, 7, 8], [5, 6, 7, 8])  # a token and 3 drafts
     r.rollback(2)  # two drafts rejected: slots 7, 8 are written again by the next tokens
-    assert (r.count, r.total) == (7, 7) and r.slot_positions() == list(range(7))
+    assert (r.count, r.total) == (7, 7) and r.slot_positions() == range(7)
     assert r.append(2) == ([7, 8], [7, 8])
     r.rollback(0)
     assert r.count == 9

@@ -185,26 +185,27 @@ def test_wrong_field_types(tag, body, text):
         decode(frames_of(PROTOCOL_VERSION, tag, body))
 
 
-SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1], 0]  # a Forward's sequence as it travels
+SEQ = [0, [1, 2], [0, 1], [0, 1], [0, 1], 0, -1]  # a Forward's sequence as it travels
 
 
 @pytest.mark.parametrize(
     "seqs, text",
     [
-        ([SEQ[:5]], r"Forward.seqs\[0\] must be a ForwardSeq list of 6 fields \(row, tokens, slots, positions, kv_pos, "
-                    r"sample\)"),
-        ([SEQ + [7]], r"Forward.seqs\[0\] must be a ForwardSeq list of 6 fields"),
-        ([SEQ, 3], r"Forward.seqs\[1\] must be a ForwardSeq list of 6 fields .* got 3"),
+        ([SEQ[:6]], r"Forward.seqs\[0\] must be a ForwardSeq list of 7 fields \(row, tokens, slots, positions, kv_pos, "
+                    r"sample, kv_count\)"),
+        ([SEQ + [7]], r"Forward.seqs\[0\] must be a ForwardSeq list of 7 fields"),
+        ([SEQ, 3], r"Forward.seqs\[1\] must be a ForwardSeq list of 7 fields .* got 3"),
         ([{"row": 0}], r"Forward.seqs\[0\] must be a ForwardSeq list"),
         ([["0", *SEQ[1:]]], r"Forward.seqs\[0\]: ForwardSeq.row must be int, got str"),
         ([[True, *SEQ[1:]]], r"Forward.seqs\[0\]: ForwardSeq.row must be int, got bool"),
         ([[0, 5, *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must be list, got int"),
         ([[0, [1, 2.5], *SEQ[2:]]], r"Forward.seqs\[0\]: ForwardSeq.tokens must hold ints, got 2.5"),
-        ([SEQ[:4] + [[0, None], 0]], r"Forward.seqs\[0\]: ForwardSeq.kv_pos must hold ints, got None"),
-        ([SEQ[:5] + [True]], r"Forward.seqs\[0\]: ForwardSeq.sample must be int, got bool"),
+        ([SEQ[:4] + [[0, None], 0, -1]], r"Forward.seqs\[0\]: ForwardSeq.kv_pos must hold ints, got None"),
+        ([SEQ[:5] + [True, -1]], r"Forward.seqs\[0\]: ForwardSeq.sample must be int, got bool"),
+        ([SEQ[:6] + [2.0]], r"Forward.seqs\[0\]: ForwardSeq.kv_count must be int, got float"),
     ],
     ids=["too-few", "too-many", "not-a-list", "a-map", "str-row", "bool-row", "int-tokens", "float-token",
-         "none-kv-pos", "bool-sample"],
+         "none-kv-pos", "bool-sample", "float-kv-count"],
 )
 def test_forward_seq_of_wrong_arity_or_type_is_refused(seqs, text):
     """Forward.seqs holds ForwardSeq records: the codec refuses one of the wrong arity or types,
@@ -296,3 +297,15 @@ def test_counter_reports_suppressed_count(caplog):
         counter.decode([b"b"])
     assert len(caplog.records) == 2
     assert "2 bad in total" in caplog.records[1].getMessage()
+
+
+def test_a_sequence_whose_slots_hold_positions_in_order_travels_as_a_count():
+    """ForwardSeq.of: a ring that has not slid (slot i holds position i: a range) sends its count,
+    not the list, so a step's message does not grow with the context; a slid ring's list travels
+    whole; either comes back as the positions it stood for."""
+    whole = ForwardSeq.of(0, [-1], [4095], [4095], range(4096), 1)
+    assert whole.kv_pos == [] and whole.kv_count == 4096
+    back = decode(encode(Forward(1, [whole], "none")))
+    assert back.seqs[0].kv_positions() == range(4096)
+    slid = ForwardSeq.of(0, [-1], [2], [9], [0, 1, 9, 3, 4, 5, 6, 7], 1)
+    assert slid.kv_count == -1 and decode(encode(Forward(2, [slid], "none"))).seqs[0].kv_positions() == slid.kv_pos
