@@ -11,8 +11,10 @@ contexts give too few programs for a GPU (Llama-3.1-8B at batch 1: 32 query head
 slots are split into chunks, each program keeping its running maximum, sum and weighted values,
 and a second launch combines the chunks (flash-decoding). The arithmetic is float32 throughout,
 so it agrees with the float64 reference as closely as the general path. A row is read only up to
-its slots in use (`used`, from the step's meta): a captured graph pads L to its own length
-(runner.GRAPH_KV_MIN and up), and the chunks past a short row's slots store empty parts at once.
+its slots in use (`used`, from the step's meta), and its chunks split those slots, not L: a
+captured graph pads L to its own length (runner.GRAPH_KV_MIN and up), and a short row's slots
+still spread over every program (chunks of L's length left a 50-slot row to one program's serial
+blocks: 2.5% slower decode on the 8B shape, BENCHMARKS.md).
 
 NOTE [ RoPE and the cache write ]
 Rotating q and k in torch takes a slice, four products, two sums and a concatenation for each,
@@ -41,11 +43,11 @@ TARGET_PROGRAMS = 32 if INTERPRET else 512
 
 @triton.jit
 def _decode_kernel(q, kc, vc, mask, rows, used, o, part_m, part_l, part_acc, sq_t, sq_h, sk_r, sk_l, sk_h,
-                   sv_r, sv_l, sv_h, sm_t, L, chunk, n_split, H, scale,
+                   sv_r, sv_l, sv_h, sm_t, L, n_split, H, scale,
                    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
                    SPLIT: tl.constexpr):
-    """Query head h of token t over slots [s * chunk, (s + 1) * chunk) of its row, up to the slots it
-    uses (`used`: a chunk past them stores an empty part, its max -inf)."""
+    """Query head h of token t over chunk s of the slots its row uses (`used`, at most L), split in
+    n_split chunks of whole BL-slot blocks (a chunk past them stores an empty part, its max -inf)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -57,8 +59,10 @@ def _decode_kernel(q, kc, vc, mask, rows, used, o, part_m, part_l, part_acc, sq_
     m_i = tl.max(tl.full([BL], float("-inf"), tl.float32), axis=0)
     l_i = tl.sum(tl.zeros([BL], tl.float32), axis=0)
     acc = tl.zeros([BD], tl.float32)
+    u = tl.minimum(tl.load(used + t).to(tl.int32), L)
+    chunk = tl.cdiv(tl.cdiv(u, n_split), BL) * BL
     lo = s * chunk
-    hi = tl.minimum(tl.minimum(lo + chunk, L), tl.load(used + t).to(tl.int32))
+    hi = tl.minimum(lo + chunk, u)
     kbase = kc + row * sk_r + hk * sk_h
     vbase = vc + row * sv_r + hk * sv_h
     for l0 in range(lo, hi, BL):
@@ -115,9 +119,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if H % Hkv or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or mask.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError(f"decode attention needs H ({H}) a multiple of Hkv ({Hkv}) and contiguous last dims")
     BD = triton.next_power_of_2(D)
-    n_split = max(1, min(triton.cdiv(L, BL), triton.cdiv(TARGET_PROGRAMS, T * H)))
-    chunk = triton.cdiv(triton.cdiv(L, n_split), BL) * BL
-    n_split = triton.cdiv(L, chunk)
+    n_split = max(1, min(triton.cdiv(L, BL), triton.cdiv(TARGET_PROGRAMS, T * H)))  # (each token's chunks: its used slots')
     o = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
     split = n_split > 1
     if split:
@@ -133,7 +135,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_kernel[(T, H, n_split)](q, k_cache, v_cache, m8, rows, used, o, part_m, part_l, part_acc,
                                     q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), m8.stride(0),
-                                    L, chunk, n_split, H, scale,
+                                    L, n_split, H, scale,
                                     GROUP=H // Hkv, D=D, BD=BD, BL=BL, SPLIT=split, **kw)
     if split:
         _combine_kernel[(T, H)](part_m, part_l, part_acc, o, n_split, H, D=D, BD=BD,
