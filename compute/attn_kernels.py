@@ -13,8 +13,8 @@ and a second launch combines the chunks (flash-decoding). The arithmetic is floa
 so it agrees with the float64 reference as closely as the general path. A row is read only up to
 its slots in use (`used`, from the step's meta), and its chunks split those slots, not L: a
 captured graph pads L to its own length (runner.GRAPH_KV_MIN and up), and a short row's slots
-still spread over every program (chunks of L's length left a 50-slot row to one program's serial
-blocks: 2.5% slower decode on the 8B shape, BENCHMARKS.md).
+still spread over up to n_split programs, a BL block at least each (chunks of L's length left a
+50-slot row to one program's serial blocks: 2.5% slower decode on the 8B shape, BENCHMARKS.md).
 
 NOTE [ RoPE and the cache write ]
 Rotating q and k in torch takes a slice, four products, two sums and a concatenation for each,

@@ -43,11 +43,17 @@ from layerstream.loader.gguf_index import HParams
 # rows ]): the small batches whose matmuls read each weight once (qlinear's fused kernels); each
 # row reads its sequence's KV, so a longer chunk costs attention more than it saves in launches
 VERIFY_ROWS = 16
-# the shortest padded KV length a decode graph is captured for: each new length captures the whole
-# step again (the warm-up's one, then one at each doubling), which a chat's first replies paid in the
-# middle of their tokens; decode attention stops at each row's slots in use (attn_kernels.py), so a
-# graph padded past them reads no more of the cache
+# the shortest padded KV length a decode graph is captured for where decode attention is the Triton
+# kernel: each new length captures the whole step again (the warm-up's one, then one at each
+# doubling), which a chat's first replies paid in the middle of their tokens; that kernel stops at
+# each row's slots in use (attn_kernels.py), so a graph padded past them reads no more of the cache.
+# The general path (and a sliding ring's K rotated at read) gathers all L slots: 256 there.
 GRAPH_KV_MIN = 1024
+
+
+def graph_kv_min(triton_attention: bool, sliding: bool) -> int:
+    """The shortest padded KV length of a decode graph (GRAPH_KV_MIN where the decode kernel runs)."""
+    return GRAPH_KV_MIN if triton_attention and not sliding else 256
 
 
 class ModelRunner:
@@ -177,9 +183,10 @@ class ModelRunner:
 
     def _kv_len(self, seqs: list[SeqStep], graph: bool) -> int:
         """The attended KV length, padded (masked) so that kernels and graphs see few shapes:
-        multiples of 256 for eager steps, powers of two (at least GRAPH_KV_MIN) for captured graphs."""
+        multiples of 256 for eager steps, powers of two (at least graph_kv_min's) for captured graphs."""
         L = max(len(s.kv_pos) for s in seqs)
-        padded = max(GRAPH_KV_MIN, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
+        shortest = graph_kv_min(self.triton_attention, self.sliding)
+        padded = max(shortest, 1 << (L - 1).bit_length()) if graph else -(-L // 256) * 256
         return min(self.ctx, padded)
 
     def _captured(self, x: torch.Tensor | None, meta: StepMeta, upto: int, head: bool, seqs: list[SeqStep],

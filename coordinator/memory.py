@@ -42,7 +42,7 @@ from layerstream.compute.qlinear import (
     cpu_chunk_elems,
     model_scratch_elems,
 )
-from layerstream.compute.runner import GRAPH_KV_MIN, VERIFY_ROWS
+from layerstream.compute.runner import VERIFY_ROWS, graph_kv_min
 from layerstream.compute.sample_graphs import KEEP as SAMPLE_GRAPHS_KEPT, MAX_K as SAMPLE_MAX_K
 from layerstream.loader.gguf_index import HParams, ModelIndex
 from layerstream.loader.layout import LayerLayout
@@ -194,10 +194,10 @@ def mem_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def kv_buckets(ctx: int) -> int:
-    """Padded KV lengths a decode graph is captured for (runner._kv_len): GRAPH_KV_MIN, twice that, ...
-    up to ctx."""
-    return 1 + max(0, math.ceil(math.log2(max(ctx, GRAPH_KV_MIN) / GRAPH_KV_MIN)))
+def kv_buckets(ctx: int, shortest: int = 256) -> int:
+    """Padded KV lengths a decode graph is captured for (runner._kv_len): `shortest` (runner.graph_kv_min),
+    twice that, ... up to ctx."""
+    return 1 + max(0, math.ceil(math.log2(max(ctx, shortest) / shortest)))
 
 
 def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized: bool, cuda: bool,
@@ -400,7 +400,7 @@ class Sizes:
             parts = captured_partials(hp, bg)
             peak, largest = peak + parts, max(largest, parts)
         outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)
-                for _ in range(kv_buckets(self.ctx))]
+                for _ in range(kv_buckets(self.ctx, graph_kv_min(True, self.sliding)))]  # (quantized: Triton's attention)
         # one row's sampling graphs share the pool (compute/sample_graphs.py): a draw's temporaries (the logits
         # in float32 and their finite copy, then top-k's few) and each kept graph's logits and noise, outside it
         peak = max(peak, 8 * hp.n_vocab + 64 * SAMPLE_MAX_K)

@@ -21,8 +21,9 @@ from layerstream.compute.step_meta import SeqStep
 from layerstream.coordinator.core import sampler_start
 from layerstream.errors import LayerstreamError
 
-# the warm-up's sampler: every filter on (the defaults, the repetition penalty too), a fixed seed
-WARM_PARAMS = SamplingParams(repeat_penalty=1.1)
+# the warm-up's sampler: the CLI's defaults (every filter on), a fixed seed: its decode step captures
+# the sampling graph the CLI's replies replay (compute/sample_graphs.py); a penalty would take the eager path
+WARM_PARAMS = SamplingParams()
 
 
 def warm_up(core) -> None:

@@ -166,7 +166,11 @@ class ForwardSeq(Struct):
         return cls(row, tokens, slots, positions, list(kv_pos), sample)
 
     def kv_positions(self) -> list[int] | range:
-        """The position each KV slot holds: kv_pos, or range(kv_count)."""
+        """The position each KV slot holds: kv_pos, or range(kv_count); ValueError for a record that
+        gives both, or a count below -1."""
+        if self.kv_count < -1 or (self.kv_count >= 0 and self.kv_pos):
+            raise ValueError(f"ForwardSeq of row {self.row}: kv_count {self.kv_count} with {len(self.kv_pos)} "
+                             "kv_pos entries (a count >= 0 and no list, or -1 and the list)")
         return range(self.kv_count) if self.kv_count >= 0 else self.kv_pos
 
 

@@ -35,7 +35,7 @@ def test_gemv_matches_float64_over_gguf_dequantization(qt):
     2: a masked tail; for Q4_0 to Q5_1 at 576), and the 32-value types' K not a multiple of 256
     (blocks past the last masked); 5 and 3 rows of W (one or two a program: at two the last program
     masked; the interpreter's time grows with the programs, so the rows are the fewest that keep
-    that: 3 rows of x in tiles of 2 cost two thirds of the 5 they were)."""
+    that: 3 rows of x in tiles of 2 take two programs, 5 would take three)."""
     rng = np.random.default_rng(700 + int(qt))
     gen = torch.Generator().manual_seed(int(qt))
     legacy = qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)  # one code path: its masked tail at 576 alone

@@ -9,9 +9,11 @@ import torch
 import ggufgen
 from layerstream.compute.compute_proc import graph_max_tokens
 from layerstream.compute.device import keeps_quantized, resolve_dtype
+from layerstream.compute.runner import GRAPH_KV_MIN
 from layerstream.coordinator.draft_plan import draft_memory, draft_tokens_for
 from layerstream.coordinator.engine import EngineConfig
 from layerstream.coordinator.launch import make_launch
+from layerstream.coordinator.memory import kv_buckets
 from layerstream.coordinator.pipeline_config import Budget, PipelineConfig
 from layerstream.coordinator.plan import GiB, MiB, make_plan
 from layerstream.errors import ConfigError
@@ -38,7 +40,8 @@ def test_a_drafting_plan_counts_graphs_up_to_its_verify_rows_and_prints_them(l8)
     assert "decode graphs of up to 5 rows" in drafting.describe()
     assert sum(v for _, v in drafting.parts) == drafting.device_bytes <= 4 * GiB
     partials = 4 * 5 * 14336 * 4
-    buckets = 5  # KV lengths 256, 512, 1024, 2048, 4096
+    buckets = kv_buckets(4096, GRAPH_KV_MIN)
+    assert buckets == 3  # KV lengths 1024, 2048, 4096 (the decode kernel reads only the used slots)
     outs = sum(range(1, 6)) * 4096 * 2 * buckets
     assert graphs(drafting) >= graphs(alone) + 2 * partials + outs
     assert f"decode graphs {graphs(drafting) / GiB:.2f} GiB" in drafting.breakdown()

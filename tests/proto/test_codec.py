@@ -309,3 +309,6 @@ def test_a_sequence_whose_slots_hold_positions_in_order_travels_as_a_count():
     assert back.seqs[0].kv_positions() == range(4096)
     slid = ForwardSeq.of(0, [-1], [2], [9], [0, 1, 9, 3, 4, 5, 6, 7], 1)
     assert slid.kv_count == -1 and decode(encode(Forward(2, [slid], "none"))).seqs[0].kv_positions() == slid.kv_pos
+    for kv_pos, count in (([9, 9, 9], 5), ([], -7)):  # both at once, or a count below -1: refused, not guessed
+        with pytest.raises(ValueError, match=rf"ForwardSeq of row 0: kv_count {count} with {len(kv_pos)} kv_pos"):
+            ForwardSeq(0, [-1], [0], [0], kv_pos, 1, count).kv_positions()
