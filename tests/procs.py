@@ -27,10 +27,20 @@ def creator_alive(path: str) -> bool:
     return True
 
 
-def leaked(before: set[str]) -> set[str]:
+def made_under(path: str) -> int | None:
+    """The pid of the run whose child made a segment (layerstream-PID-pPARENT-...), or None."""
+    try:
+        return int(os.path.basename(path).split("-")[2].removeprefix("p"))
+    except (ValueError, IndexError):
+        return None
+
+
+def leaked(before: set[str], run: int | None = None) -> set[str]:
     """New segments whose creator is gone: leaks. One whose creator still runs belongs to another
-    run on this machine, not to the test."""
-    return {s for s in segments() - before if not creator_alive(s)}
+    run on this machine, not to the test; `run`: only the segments of that run (a launcher the test
+    started as a process), since another test's run may have a creator just killed and its segment
+    about to be removed (the pipeline tests kill staging on purpose)."""
+    return {s for s in segments() - before if not creator_alive(s) and (run is None or made_under(s) == run)}
 
 
 def descendants(pid: int) -> list[int]:

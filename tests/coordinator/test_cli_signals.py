@@ -83,7 +83,7 @@ def test_a_signal_while_a_child_starts_prints_one_line(tmp_path, nth, sig, warm)
     assert p.returncode == 128 + sig
     time.sleep(0.5)
     assert not [k for k in kids if _status(k) and _status(k).get("State", "").split()[0] != "Z"]
-    assert not leaked(before)
+    assert not leaked(before, run=p.pid)
 
 
 def _stopped_at_once(cfg) -> None:

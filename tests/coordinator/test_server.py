@@ -345,7 +345,7 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(), f"processes left: {alive()}"
-    assert not leaked(before)
+    assert not leaked(before, run=p.pid)
     assert "Traceback" not in p.stderr.read()
 
 
@@ -367,7 +367,7 @@ def test_a_closed_terminal_stops_the_server_as_sigterm_does():
         assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "abort"' in body.replace('":"', '": "')
         assert p.wait(timeout=30) == 129
         assert "Traceback" not in p.stderr.read()
-        assert not leaked(before)
+        assert not leaked(before, run=p.pid)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
@@ -411,7 +411,7 @@ def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
         assert "Traceback" not in err
         last = err.strip().splitlines()[-1]
         assert last.startswith("run-pipeline: error: the server stopped: the engine failed:") and "died" in last, err
-        assert not leaked(before)
+        assert not leaked(before, run=p.pid)
     finally:
         if p.poll() is None:
             stop(p)
