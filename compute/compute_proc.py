@@ -142,6 +142,7 @@ class ComputeWorker:
         and the runner over it (NOTE [ the arena after Ready ] in coordinator/pipeline.py)."""
         cfg, plan, dtype, form = self.cfg, self.cfg.plan, self.dtype, self.form
         quantized = form == "triton"
+        graphs = graph_max_tokens(plan, quantized)  # the decode batches captured (0: none)
         self.arena = Arena.from_wire(arena)
         if self.device.type == "cuda":
             self._register_arena()
@@ -156,11 +157,10 @@ class ComputeWorker:
         self.runner = ModelRunner(hp, self.glob, self.source, self.device, dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
-                                  graph_max_tokens=graph_max_tokens(plan, quantized),
-                                  embed=self.embed)
+                                  graph_max_tokens=graphs, embed=self.embed)
         # one row's sampling graphs in the decode graphs' pool, where the plan counts it (memory.Sizes.graphs)
         self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device,
-                               capture=self.runner.capture if graph_max_tokens(plan, quantized) else None)
+                               capture=self.runner.capture if graphs else None)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""

@@ -54,11 +54,9 @@ class SampleGraphs:
         V = logits.shape[1]
         key = (V, logits.dtype, P.top_k, P.temperature, P.top_p, P.min_p)
         g = self.graphs.get(key)
-        if g is None:
-            x = torch.empty_like(logits)
-            noise = torch.empty(noise_shape(1, V, P), dtype=torch.float32, device=logits.device)
-            x.copy_(logits)
-            noise.exponential_(1, generator=state.gen)
+        if g is None:  # (the capture's runs read placeholder inputs: the step's come below)
+            x = torch.zeros_like(logits)
+            noise = torch.ones(noise_shape(1, V, P), dtype=torch.float32, device=logits.device)
 
             def body() -> torch.Tensor:
                 ids, best = draw(x.float(), P, None, noise=noise)
@@ -70,9 +68,9 @@ class SampleGraphs:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(key)
-            g[1].copy_(logits)
-            g[2].exponential_(1, generator=state.gen)
-        graph, _, _, out = g
+        graph, x, noise, out = g
+        x.copy_(logits)
+        noise.exponential_(1, generator=state.gen)
         graph.replay()
         self.last_ids[row : row + 1].copy_(out[0])
         return out

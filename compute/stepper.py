@@ -139,45 +139,13 @@ class Stepper:
                 launched.event = torch.cuda.Event(enable_timing=True)
                 launched.event.record(torch.cuda.current_stream(self.device))  # (not the current device's)
             return launched
-        if self.graphs is not None and picks == [0] and n == 1 and self.graphs.takes(
-                state := self.samplers.rows.get(seqs[0].row), logits):
-            buf = self._host_buf()
-            host = buf.ids[:3].view(3, 1)
-            host.copy_(self.graphs.launch(logits, seqs[0].row, state), non_blocking=True)
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
-            kept = None if want == "none" else logits.to("cpu", torch.float32)
-            return Launched(1, host, event, kept, buf=buf, pool=self.pool)
         buf = None
         if picks or checks:
-            out = torch.zeros((3, n), dtype=torch.long, device=self.device)  # [3, n]: ids, bad codes, drafts accepted
-            out[0] = -1
-            done, ids, bad, acc = [], [], [], []
-            if picks:
-                x = logits if len(picks) == logits.shape[0] else rows_of(logits, [at[b] for b in picks])
-                i, c = self.samplers.sample(x, [seqs[b].row for b in picks])
-                done, ids, bad = list(picks), [i], [c.long()]
-                acc.append(torch.zeros(len(picks), dtype=torch.long, device=self.device))
-            for b in checks:
-                drafts = seqs[b].tokens[len(seqs[b].tokens) - k[b] + 1 :]
-                if len(seqs[b].tokens) < k[b] or min(drafts) < 0:
-                    raise ValueError(f"KV row {seqs[b].row}: {k[b] - 1} drafts to verify in a chunk of "
-                                     f"{seqs[b].tokens}")
-                d = torch.tensor(drafts, dtype=torch.long).to(self.device, non_blocking=True)
-                i, a, c = self.samplers.verify(logits[at[b] : at[b] + k[b]], seqs[b].row, d)
-                done.append(b)
-                ids.append(i)
-                bad.append(c.long())
-                acc.append(a)
-            ids, bad, acc = torch.cat(ids), torch.cat(bad), torch.cat(acc)
-            rows = torch.tensor([seqs[b].row for b in done], dtype=torch.long).to(self.device, non_blocking=True)
-            self.last_ids.index_copy_(0, rows, ids)
-            if done == list(range(n)):
-                out[0], out[1], out[2] = ids, bad, acc
+            if self.graphs is not None and picks == [0] and n == 1 and self.graphs.takes(
+                    state := self.samplers.rows.get(seqs[0].row), logits):
+                out = self.graphs.launch(logits, seqs[0].row, state)  # (NOTE [ a row's sampling in a graph ])
             else:
-                where = torch.tensor(done, dtype=torch.long).to(self.device, non_blocking=True)
-                for r, v in enumerate((ids, bad, acc)):
-                    out[r].index_copy_(0, where, v)
+                out = self._sampled(logits, seqs, k, picks, checks, at)
             if self.device.type == "cuda":
                 buf = self._host_buf()
                 host = buf.ids[: 3 * n].view(3, n)
@@ -191,6 +159,41 @@ class Stepper:
         # steps are collected at once anyway
         kept = None if want == "none" or logits is None else logits.to("cpu", torch.float32)
         return Launched(n, host, event, kept, buf=buf, pool=self.pool)
+
+    def _sampled(self, logits: torch.Tensor, seqs: list[SeqStep], k: list[int], picks: list[int],
+                 checks: list[int], at: list[int]) -> torch.Tensor:
+        """Sample the `picks` and verify the `checks` eagerly, each row with its own sampler: [3, n] long
+        on the device (ids, -1 where none; bad codes; drafts accepted), each id also in last_ids."""
+        n = len(seqs)
+        out = torch.zeros((3, n), dtype=torch.long, device=self.device)
+        out[0] = -1
+        done, ids, bad, acc = [], [], [], []
+        if picks:
+            x = logits if len(picks) == logits.shape[0] else rows_of(logits, [at[b] for b in picks])
+            i, c = self.samplers.sample(x, [seqs[b].row for b in picks])
+            done, ids, bad = list(picks), [i], [c.long()]
+            acc.append(torch.zeros(len(picks), dtype=torch.long, device=self.device))
+        for b in checks:
+            drafts = seqs[b].tokens[len(seqs[b].tokens) - k[b] + 1 :]
+            if len(seqs[b].tokens) < k[b] or min(drafts) < 0:
+                raise ValueError(f"KV row {seqs[b].row}: {k[b] - 1} drafts to verify in a chunk of "
+                                 f"{seqs[b].tokens}")
+            d = torch.tensor(drafts, dtype=torch.long).to(self.device, non_blocking=True)
+            i, a, c = self.samplers.verify(logits[at[b] : at[b] + k[b]], seqs[b].row, d)
+            done.append(b)
+            ids.append(i)
+            bad.append(c.long())
+            acc.append(a)
+        ids, bad, acc = torch.cat(ids), torch.cat(bad), torch.cat(acc)
+        rows = torch.tensor([seqs[b].row for b in done], dtype=torch.long).to(self.device, non_blocking=True)
+        self.last_ids.index_copy_(0, rows, ids)
+        if done == list(range(n)):
+            out[0], out[1], out[2] = ids, bad, acc
+        else:
+            where = torch.tensor(done, dtype=torch.long).to(self.device, non_blocking=True)
+            for r, v in enumerate((ids, bad, acc)):
+                out[r].index_copy_(0, where, v)
+        return out
 
     @staticmethod
     def done(launched: Launched) -> bool:

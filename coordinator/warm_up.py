@@ -36,10 +36,10 @@ def warm_up(core) -> None:
         return  # (a context of one token has no room for a decode step)
     start = sampler_start(row, WARM_PARAMS, 0, [])
     positions = list(range(n))
-    try:
-        core.backend.submit([SeqStep(row, [0] * n, positions, positions, positions)], [1], [start], "none")
+    try:  # (slot i holds position i: the KV positions as a range, as a ring that has not slid gives them)
+        core.backend.submit([SeqStep(row, [0] * n, positions, positions, range(n))], [1], [start], "none")
         core.backend.collect()
-        core.backend.submit([SeqStep(row, [-1], [n], [n], positions + [n])], [1], [], "none")
+        core.backend.submit([SeqStep(row, [-1], [n], [n], range(n + 1))], [1], [], "none")
         core.backend.collect()
     except LayerstreamError as e:  # (a step that failed in the compute process: say when)
         raise LayerstreamError(f"the engine's first steps (its warm-up at start) failed: {e}") from None
