@@ -40,7 +40,8 @@ import zmq
 
 from layerstream.compute.compute_config import ComputeConfig, DevicePlan
 from layerstream.compute.cpu.factory import make_cpu_parts
-from layerstream.compute.device import weights_form
+from layerstream.compute.dequant import have_triton
+from layerstream.compute.device import cuda_visible, weights_form
 from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_stream import make_expert_stream
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
@@ -112,6 +113,7 @@ class ComputeWorker:
         self.arena: Arena | None = None  # mapped when AttachArena comes (attach)
         self.source: StreamedLayers | None = None
         self.registered = False
+        t0 = time.monotonic()
         if self.device.type == "cuda":  # (the CUDA context is made here, while staging makes the arena)
             torch.cuda.set_device(self.device)
             if plan.budget_bytes is not None:  # NOTE [ the plan counts every byte ] in plan.py
@@ -122,7 +124,10 @@ class ComputeWorker:
         quantized = form == "triton"  # the Triton kernels' blocks (their attention, graphs and experts' paths)
         if quantized and self.device.type == "cuda" and max(plan.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
             reserve_scratch(self.device, dtype, model_scratch_elems(index))
+        t1 = time.monotonic()
         self.glob = GlobalWeights(index, self.device, dtype, quantized=form)
+        # what its start took past the imports, for the launcher's -v line (Ready's info)
+        self.start_s = {"device set-up": round(t1 - t0, 3), "global weights": round(time.monotonic() - t1, 3)}
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         self.returns = SlotReturns(links.send, cfg.experts.done_batch)
         self.layouts = layouts = [LayerLayout.from_wire(w) for w in cfg.layouts]
@@ -369,7 +374,7 @@ class ComputeWorker:
 
     def run(self) -> None:
         """Launch Forwards as they come, the next before the last is done; answer each once done."""
-        self.links.ready({"device": str(self.device)})
+        self.links.ready({"device": str(self.device), "start_s": self.start_s})
         while self.source is None:  # (a message before the arena, which the coordinator never sends first, waits)
             msg = self.links.recv()
             if isinstance(msg, AttachArena):
@@ -398,6 +403,19 @@ class ComputeWorker:
             torch.cuda.cudart().cudaHostUnregister(self.arena.slot_address(0))
         if self.arena is not None:
             self.arena.close()
+
+
+def prepare_warm() -> None:
+    """What a compute process spawned ahead does while the launcher plans (NOTE [ warm starts ] in
+    supervisor.py), where a CUDA device is visible: the Triton kernels' modules imported and the
+    CUDA driver started, which otherwise wait for the config (0.2 s each on the H200 machine)."""
+    if not cuda_visible():
+        return
+    if have_triton():
+        import layerstream.compute.attn_kernels  # noqa: F401
+        import layerstream.compute.norm_kernels  # noqa: F401
+        import layerstream.compute.qkernels  # noqa: F401
+    torch.cuda.init()
 
 
 def main(cfg: ComputeConfig) -> None:

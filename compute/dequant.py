@@ -10,6 +10,7 @@ bit. Pure torch ops: no host syncs, no Python loop over blocks, runs on CPU and 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from typing import Callable, Sequence
 
@@ -25,12 +26,11 @@ FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.
 
 @functools.cache
 def have_triton() -> bool:
-    """Whether Triton is importable (CUDA installs have it; CPU installs only with the test extra)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Triton is installed (CUDA installs have it; CPU installs only with the test extra):
+    found, not imported, so that the launcher's plan (device.weights_form) does not wait 0.2 to 0.4 s
+    for an import only the compute process needs (BENCHMARKS.md, "The 8B's start-up"); the compute
+    process imports it as its kernels load, or ahead in a warm start (compute_proc.prepare_warm)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 # blocks: (n, type_size) uint8 -> (n, block_size) float32

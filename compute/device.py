@@ -35,11 +35,18 @@ def default_dtype(device: torch.device, weights: str = "auto") -> torch.dtype:
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
+def cuda_visible() -> bool:
+    """Whether a CUDA device is visible, asked of NVML where it answers (torch.cuda.device_count):
+    torch.cuda.is_available() starts the CUDA driver (cuInit, 0.2 s on the H200 machine), which the
+    launcher, which never computes on the device, would wait for before its plan."""
+    return torch.cuda.device_count() > 0
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: "auto" is CUDA when one is visible, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cuda" if cuda_visible() else "cpu")
+    if name.startswith("cuda") and not cuda_visible():
         raise ConfigError(f"--device {name}: no CUDA device is visible; use --device cpu")
     try:
         return torch.device(name)

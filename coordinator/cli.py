@@ -313,7 +313,8 @@ def _print_stream(pieces, out) -> None:
     out.flush()
 
 
-def run(args) -> int:
+def run(args, warm=None) -> int:
+    """The checks, then the run; `warm`: the children spawned ahead (supervisor.WarmStarts) or None."""
     # bytes that are not UTF-8 (argv keeps them as surrogates, stdin would raise) become U+FFFD
     args.prompt = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in args.prompt]
     for name in ("prompt_opt", "system"):
@@ -328,39 +329,30 @@ def run(args) -> int:
 
         sock = bound_socket(args.host, args.port)
     with sock:
-        return _run_bound(args, api_key, sock if args.serve else None)
+        return _run_bound(args, api_key, sock if args.serve else None, warm)
 
 
-def _run_bound(args, api_key, sock) -> int:
+def _run_bound(args, api_key, sock, warm) -> int:
+    """`warm`: the children spawned ahead; main() lets go of those the run did not take, whatever happens."""
     terminal = sys.stderr.isatty()
-    warm = None
-    if not args.single_process:  # the children import while this process parses, checks and plans (NOTE [ warm starts ])
-        from layerstream.coordinator.supervisor import WarmStarts, warm_starts_pay
+    index = check_header(args)
+    check_quants(index)
+    check_device(args)
+    params = _sampling(args)
+    from layerstream.coordinator.turn import Rates
 
-        if warm_starts_pay():
-            warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
-    try:
-        index = check_header(args)
-        check_quants(index)
-        check_device(args)
-        params = _sampling(args)
-        from layerstream.coordinator.turn import Rates
-
-        rates = Rates()
-        t0 = time.monotonic()
-        with open_engine(args, index, progress=terminal, warm=warm) as engine:
-            load_s = time.monotonic() - t0
-            if warm is not None:
-                warm.close()  # (those the run did not take)
-            try:
-                return _run_engine(engine, args, params, api_key, rates, sock)
-            finally:
-                _report(engine, args)
-                if (args.stats or terminal) and rates.sampled:
-                    print(rates.line(load_s), file=sys.stderr)
-    finally:
+    rates = Rates()
+    t0 = time.monotonic()
+    with open_engine(args, index, progress=terminal, warm=warm) as engine:
+        load_s = time.monotonic() - t0
         if warm is not None:
-            warm.close()
+            warm.close()  # (those the run did not take)
+        try:
+            return _run_engine(engine, args, params, api_key, rates, sock)
+        finally:
+            _report(engine, args)
+            if (args.stats or terminal) and rates.sampled:
+                print(rates.line(load_s), file=sys.stderr)
 
 
 def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
@@ -450,16 +442,22 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         _die(f"{e} (see {PROG} --help)", 2)
-    start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
-    signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
-    if hasattr(signal, "SIGHUP"):  # (at its default a closed terminal ended the launcher at once)
-        signal.signal(signal.SIGHUP, _sigterm)
-    if not getattr(sys.unraisablehook, "resends_interrupts", False):
-        sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    warm = None
     try:
-        return run(args)
+        if not args.single_process:  # spawned first of all: they import while this process checks and plans
+            from layerstream.coordinator.supervisor import WarmStarts, warm_starts_pay  # (NOTE [ warm starts ])
+
+            if warm_starts_pay():
+                warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
+        start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
+        signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
+        if hasattr(signal, "SIGHUP"):  # (at its default a closed terminal ended the launcher at once)
+            signal.signal(signal.SIGHUP, _sigterm)
+        if not getattr(sys.unraisablehook, "resends_interrupts", False):
+            sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+        return run(args, warm)
     except UsageError as e:
         _die(str(e), 2)
     except LayerstreamError as e:
@@ -475,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        if warm is not None:
+            warm.close()
     return 0
 
 

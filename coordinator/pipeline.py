@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import signal
 import time
@@ -30,9 +29,9 @@ import numpy as np
 import torch
 
 from layerstream.compute import compute_proc
-from layerstream.compute.sampling import NO_FINITE
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
+from layerstream.coordinator.acceptance import refusal
 from layerstream.coordinator.event_loop import new_loop, run_briefly
 from layerstream.coordinator.launch import Launch, make_launch
 from layerstream.coordinator.links import CoordinatorLinks
@@ -68,15 +67,6 @@ from layerstream.proto.timeline import Timeline, write_chrome_trace
 
 log = logging.getLogger("layerstream.pipeline")
 
-# which child roles may send each message type to the coordinator (others are dropped)
-SENDERS = {
-    Ready: {"staging", "reader", "compute"},
-    LayerStaged: {"reader"},
-    ReadFailed: {"reader"},
-    LayerDone: {"compute"},
-    ForwardDone: {"compute"},
-    StepFailed: {"compute"},
-}
 STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected"
 
 
@@ -105,7 +95,7 @@ class Pipeline:
         self.known_failed = 0  # the last step whose failure collect() raised (Forward.failed)
         self.stats_replies: dict[str, Snapshot] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
-        self.reported: dict[str, int] = {}  # what -> done, as last given to cfg.on_progress
+        self.reported: dict[str, int] = {}  # what -> done, as last reported (cfg.on_progress, -v)
         self.t_start = time.monotonic()
         try:
             self.loop.run_until_complete(self._start())
@@ -133,6 +123,8 @@ class Pipeline:
     # globals) need nothing of staging's arena. A reader or compute sends Ready once started and gets
     # AttachArena on its work link as soon as staging has described the arena, before any other work
     # message (a ROUTER routes only to a peer it has heard from); a restarted reader, after its Ready.
+    # The readers start on the first pass's layers once they and staging are Ready, without waiting for
+    # compute, which starts last (torch): they fill the free slots meanwhile.
 
     async def _start(self) -> None:
         la, pid = self.launch, os.getpid()
@@ -143,9 +135,10 @@ class Pipeline:
         for r, ident in enumerate(la.reader_ids):
             self._start_child("reader", ident, reader_proc.main, la.reader_config(r, links.endpoints_for("reader"), pid))
         self._start_child("compute", "compute", compute_proc.main, la.compute_config(links.endpoints_for("compute"), pid))
-        await self._wait_ready(["staging"] + la.reader_ids + ["compute"])
+        await self._wait_ready(["staging"] + la.reader_ids)
         self._progress("layers", 0)
-        await self._send_all(self.core.set_reads(la.reads()))  # and start loading the first layers at once
+        await self._send_all(self.core.set_reads(la.reads()))
+        await self._wait_ready(["compute"])
 
     def _start_child(self, role: str, ident: str, target: Callable, cfg) -> Child:
         """Spawn (or respawn) a child; the loop wakes when it exits."""
@@ -162,10 +155,18 @@ class Pipeline:
                               deadline, f"start of {', '.join(idents)}")
 
     def _progress(self, what: str, done: int) -> None:
-        """Tell cfg.on_progress how far the start is: children ready, then layers read once."""
+        """Tell cfg.on_progress how far the start is: children ready, then layers read once (-v
+        logs when every layer was, and at what rate)."""
         total = len(self.launch.reader_ids) + 2 if what == "processes" else self.launch.index.hparams.n_layer
-        if self.cfg.on_progress is not None and self.reported.get(what, -1) < done <= total:
-            self.reported[what] = done
+        if not self.reported.get(what, -1) < done <= total:
+            return
+        self.reported[what] = done
+        if what == "layers" and done == total:
+            took = time.monotonic() - self.t_start
+            gb = sum(lay.data_nbytes for lay in self.launch.layouts) / 1e9
+            log.info("every layer read once %.2f s after the pipeline's start (%.2f GB; %.2f GB/s since the start)",
+                     took, gb, gb / max(took, 1e-9))
+        if self.cfg.on_progress is not None:
             self.cfg.on_progress(done, total, what)
 
     # -- the message loop ------------------------------------------------------------------------
@@ -220,37 +221,16 @@ class Pipeline:
             if dec is not None:
                 await self.dispatch(ident, dec.msg, dec.extra, on_control)
 
-    def _refuse(self, ident: str, why: str) -> bool:
-        """Count and drop a message that a peer may not send or whose fields are wrong."""
-        self.links.bad.record(ProtocolError(why), ident)
-        return False
-
     def _acceptable(self, ident: str, msg, extra) -> bool:
-        """Whether `msg` may come from `ident` (by its role) and its fields are in range."""
+        """Whether `msg` may come from `ident` (by its role) and its fields are in range (acceptance.py);
+        a message that may not is counted and dropped."""
         c = self.sup.children.get(ident)
-        if c is None:
-            return self._refuse(ident, f"{type(msg).__name__} from {ident!r}, which is no child of this run")
-        allowed = SENDERS.get(type(msg))
-        if allowed is not None and c.role not in allowed:
-            return self._refuse(ident, f"{type(msg).__name__} from the {c.role} {ident}, which never sends it")
-        if isinstance(msg, ForwardDone):
-            nbytes = len(memoryview(extra[0])) if extra else 0
-            if msg.dtype != "float32" or len(extra) > 1 or (
-                    msg.shape != [] if not extra else len(msg.shape) != 2 or math.prod(msg.shape) * 4 != nbytes):
-                return self._refuse(ident, f"ForwardDone with dtype {msg.dtype!r} shape {msg.shape} and "
-                                           f"{nbytes} bytes of logits")
-            V = self.launch.index.hparams.n_vocab
-            n = self.expected.get(msg.step, len(msg.ids))
-            if not (len(msg.ids) == len(msg.bad) == n and all(-1 <= t < V for t in msg.ids)
-                    and all(0 <= c <= NO_FINITE for c in msg.bad) and len(msg.accepted) in (0, n)
-                    and all(0 <= a <= self.launch.plan.step_tokens for a in msg.accepted)):
-                return self._refuse(ident, f"ForwardDone of step {msg.step} with {len(msg.ids)} ids, {len(msg.bad)} "
-                                           f"codes and {len(msg.accepted)} draft counts for {n} sequences, or out of range")
-        elif isinstance(msg, LayerDone):
-            for layer, slot in msg.done:
-                if not (layer < self.launch.index.hparams.n_layer and slot < self.plan.n_slots):
-                    return self._refuse(ident, f"LayerDone for layer {layer} slot {slot}, out of range")
-        return True
+        hp = self.launch.index.hparams
+        why = refusal(None if c is None else c.role, ident, msg, extra, expected=self.expected, n_vocab=hp.n_vocab,
+                      n_layer=hp.n_layer, n_slots=self.plan.n_slots, step_tokens=self.launch.plan.step_tokens)
+        if why is not None:
+            self.links.bad.record(ProtocolError(why), ident)
+        return why is None
 
     async def dispatch(self, ident: str, msg, extra, on_control: bool) -> None:
         """Act on one decoded message from child `ident`."""
@@ -263,6 +243,8 @@ class Pipeline:
             if len(c.links_heard) < 2:
                 return
             c.ready = msg.info
+            log.info("%s: ready %.2f s after the pipeline's start%s", ident, time.monotonic() - self.t_start,
+                     _start_parts(msg.info))
             self._progress("processes", sum(x.ready is not None for x in self.sup.children.values()))
             if c.role == "staging":
                 await self._arena_described(msg.info)
@@ -497,4 +479,13 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     return Pipeline(launch)
 
 
+def _start_parts(info: dict) -> str:
+    """A child's Ready info's "start_s" (what its start took, by part) for the -v line, or ""."""
+    parts = info.get("start_s")
+    if not isinstance(parts, dict) or not parts:
+        return ""
+    return " (" + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if isinstance(v, (int, float))) + ")"
+
+
 __all__ = ["Pipeline", "PipelineConfig", "StepError", "parse_cpu_share", "pipeline_backend"]
+

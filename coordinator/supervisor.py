@@ -142,11 +142,14 @@ def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
     quietly when the pipe closes first)."""
     ignore_sigint()  # (as every child: NOTE [ shutdown order ])
     set_process_name(f"layerstream-{role}")  # (child_main names it by its ident once it is given one)
-    for m in modules:
-        try:
+    try:
+        for m in modules:
             importlib.import_module(m)
-        except BaseException:  # noqa: BLE001 - spawned imports it again and reports the error as data
-            break
+        prepare = getattr(sys.modules[modules[-1]], "prepare_warm", None) if modules else None
+        if prepare is not None:  # the role's own work before its config (compute_proc.prepare_warm)
+            prepare()
+    except BaseException:  # noqa: BLE001 - spawned imports it again and reports the error as data
+        pass
     try:
         args = conn.recv()
     except (EOFError, OSError):

@@ -165,10 +165,10 @@ def test_a_cpu_share_where_auto_takes_the_cpu_is_refused_before_any_process_star
 
     args = build_parser().parse_args(["--cpu-share", "0.5", "hi"])
     check_args(args)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # (what device.cuda_visible asks)
     with pytest.raises(UsageError, match=r"--cpu-share 0.5: the compute device is the CPU \(no CUDA device"):
         check_device(args)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     check_device(args)
     for off in ("0", "off"):
         args = build_parser().parse_args(["--cpu-share", off, "hi"])

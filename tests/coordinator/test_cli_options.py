@@ -4,6 +4,7 @@ that name what was typed, refusals (exit 2) before any process starts; piped cha
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -154,10 +155,16 @@ def test_verbose_logs_each_stage(model):
     assert r.returncode == 0, r.stderr
     for words in (f"{model}: llama, 2 layers, width 64, 256 tokens of context", "plan: ", "staging: started (pid",
                   "reader-0: started (pid", "compute: started (pid", "cli-1: started, ",
+                  "staging: ready ", "reader-0: ready ", "every layer read once ",
                   "cli-1: ended (length); prompt: ", "compute: stopped (exit status 0)",
                   "staging: stopped (exit status 0)"):
         assert words in r.stderr, (words, r.stderr)
     assert r.stderr.count("staging: stopped") == 1
+    # what the compute process's start took, by part (its Ready), and the first read's rate
+    assert re.search(r"compute: ready \d+\.\d\d s after the pipeline's start \(device set-up \d+\.\d\d s, "
+                     r"global weights \d+\.\d\d s\)", r.stderr), r.stderr
+    assert re.search(r"every layer read once \d+\.\d\d s after the pipeline's start \(0\.\d\d GB; "
+                     r"\d+\.\d\d GB/s since the start\)", r.stderr), r.stderr
     quiet = _run("-m", model, "--device", "cpu", "-n", "3", "--temperature", "0", "hi")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 

@@ -52,6 +52,38 @@ def test_readers_and_compute_are_spawned_before_staging_is_ready_and_the_run_giv
     assert set(reads) == {"reader-0", "reader-1"} and all(n > 0 for n in reads.values()), reads
 
 
+_COMPUTE_STARTS_LATE = """
+import time
+
+
+def _patch(mod):
+    init = mod.ComputeWorker.__init__
+
+    def late(self, *a, **kw):
+        time.sleep(1.5)  # (as torch's import and the CUDA context hold a real compute process up)
+        init(self, *a, **kw)
+
+    mod.ComputeWorker.__init__ = late
+"""
+
+
+def test_the_readers_fill_the_free_slots_while_compute_still_starts_and_the_run_gives_the_one_process_text(
+        model, monkeypatch, tmp_path):
+    """The readers start on the first pass's layers once they and staging are Ready, not once compute
+    is (it starts last, torch's import and the device taking seconds): layers are read before
+    compute's Ready, as far as the free slots go, and the text is the one process's."""
+    with _engine(model) as e:
+        want = "".join(e.generate(list(PROMPT), GREEDY))
+    faults.install_patch(tmp_path, monkeypatch, _COMPUTE_STARTS_LATE)
+    seen = []
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0), readers=ReaderOptions(count=2),
+                          on_progress=lambda d, t, w: seen.append((w, d)))
+    with _engine(model, pcfg) as e:
+        ready = seen.index(("processes", 4))
+        assert ("layers", 1) in seen[:ready], seen  # read before compute was Ready
+        assert "".join(e.generate(list(PROMPT), GREEDY)) == want
+
+
 _COMPUTE_DIES = """
 import os
 

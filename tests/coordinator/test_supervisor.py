@@ -68,19 +68,21 @@ def _wait_for(path, seconds: float = 30.0) -> bool:
 
 
 def test_a_warm_process_imports_ahead_then_runs_the_child_it_is_given(tmp_path, monkeypatch):
-    """NOTE [ warm starts ]: the process spawned ahead imports its role's modules before any config
-    exists, and the child started later runs in it (no second spawn)."""
+    """NOTE [ warm starts ]: the process spawned ahead imports its role's modules and runs the last
+    one's `prepare_warm` before any config exists, and the child started later runs in it (no second
+    spawn)."""
     import os
 
     from layerstream.coordinator import supervisor
 
-    imported, ran = tmp_path / "imported", tmp_path / "ran"
-    (tmp_path / "warm_marker_mod.py").write_text(f"import os\nos.mkdir({str(imported)!r})\n")
+    imported, prepared, ran = tmp_path / "imported", tmp_path / "prepared", tmp_path / "ran"
+    (tmp_path / "warm_marker_mod.py").write_text(f"import os\nos.mkdir({str(imported)!r})\n\n\n"
+                                                 f"def prepare_warm():\n    os.mkdir({str(prepared)!r})\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # (a spawned child starts with this sys.path)
     monkeypatch.setitem(supervisor.WARM_MODULES, "reader", ("warm_marker_mod",))
     with supervisor.WarmStarts({"reader": 1}) as warm:
         (proc, _), = warm.waiting["reader"]
-        assert _wait_for(imported) and not ran.exists()
+        assert _wait_for(imported) and _wait_for(prepared) and not ran.exists()
         sup = Supervisor(warm)
         try:
             c = sup.start("reader", "r0", os.mkdir, str(ran))  # the child's entry point and config

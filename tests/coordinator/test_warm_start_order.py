@@ -1,5 +1,5 @@
-"""NOTE [ warm starts ]: the children are spawned before the model's header is parsed, and a model
-the header refuses lets them go."""
+"""NOTE [ warm starts ]: the children are spawned first of all, before the model's header is
+parsed, and a model the header refuses lets them go."""
 
 import io
 import sys
@@ -27,8 +27,14 @@ def _record(monkeypatch):
         events.append("header")
         return real_open(path)
 
+    def pools(*a, **kw):
+        events.append("numpy")
+        return real_pools(*a, **kw)
+
+    real_pools = cli.start_thread_pools
     monkeypatch.setattr(supervisor.WarmStarts, "__init__", init)
     monkeypatch.setattr(gguf_index, "open_model", open_model)
+    monkeypatch.setattr(cli, "start_thread_pools", pools)
     return events, procs
 
 
@@ -36,7 +42,8 @@ def test_the_children_are_spawned_before_the_header_is_parsed(tmp_path, monkeypa
     path = ggufgen.write_model(tmp_path / "m.gguf")
     events, procs = _record(monkeypatch)
     assert cli.main(["-m", path, "-n", "2", "--temperature", "0", "--device", "cpu", "hello"]) == 0
-    assert events == ["spawned", "header"] and capsys.readouterr().out.strip()
+    # spawned first of all: before numpy's import and its threads (cli._warm_starts), then the header
+    assert events[:3] == ["spawned", "numpy", "header"] and capsys.readouterr().out.strip()
     assert len(procs) == 3 and all(p.exitcode is not None for p in procs)
 
 
@@ -46,7 +53,7 @@ def test_a_corrupt_model_lets_the_warm_children_go(tmp_path, monkeypatch, capsys
     events, procs = _record(monkeypatch)
     with pytest.raises(SystemExit) as e:
         cli.main(["-m", str(bad), "--device", "cpu", "hello"])
-    assert e.value.code == 1 and events == ["spawned", "header"]
+    assert e.value.code == 1 and events == ["spawned", "numpy", "header"]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"run-pipeline: error: {bad}") and "GGUF" in err[0]
     assert procs and all(p.exitcode is not None for p in procs)
