@@ -779,7 +779,7 @@ def test_cpu_computes_a_share_of_the_streamed_experts(tmp_path):
     pytest.importorskip("triton")
     path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q4_K", n_layer=2, n_embd=256,
                                n_ff=256, n_expert=8, n_expert_used=2, seed=7)
-    ids = [5, 17, 33, 80, 81, 90, 100, 7]
+    ids = [5, 17, 33, 80, 81]  # (each one-token step runs the interpreter's grouped experts: the fewest that show the share)
     with _engine(path, dtype="float32", weights="dense") as e:  # (dense: no Triton kernel, slow under the interpreter)
         want = e.logits(ids)
     # (prefetch off: experts copied ahead are not missing, and the CPU would take fewer)
