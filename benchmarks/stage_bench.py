@@ -245,9 +245,13 @@ def drop_cache(files) -> None:
             os.close(fd)
 
 
-def _reader_worker(r: int, files, direct: bool, threads: int, jobs, results) -> None:
+def _reader_worker(r: int, files, direct: bool, threads: int, jobs, results, map_threads: int = 0) -> None:
     """Reader r: per job (an arena and its share of the layers as (slot, ranges)), read each layer
-    into its slot; report bytes and times."""
+    into its slot; report bytes and times. `map_threads`: map a new arena's pages into this process on
+    that many threads beside the reads, counted in the time: whether a reader should (a page staging
+    made is still missing from the reader's own page tables; NOTE [ populating the arena ])."""
+    import threading
+
     from layerstream.loader.arena import Arena
     from layerstream.loader.reader import LayerReader
 
@@ -256,10 +260,12 @@ def _reader_worker(r: int, files, direct: bool, threads: int, jobs, results) -> 
         with LayerReader(files, direct, threads) as rd:
             while (job := jobs.get()) is not None:
                 desc, share = job
+                t0 = time.monotonic()
                 if desc.name not in arenas:
                     arenas[desc.name] = Arena.from_wire(desc)
+                    if map_threads:
+                        threading.Thread(target=arenas[desc.name].populate, args=(map_threads,), daemon=True).start()
                 arena = arenas[desc.name]
-                t0 = time.monotonic()
                 n = 0
                 for slot, ranges in share:
                     with arena.slot_view(slot) as view:
@@ -290,7 +296,8 @@ def bench_reader(args) -> list[dict]:
         ctx = mp.get_context("spawn")
         jobs = [ctx.Queue() for _ in range(n)]
         results = ctx.Queue()
-        procs = [ctx.Process(target=_reader_worker, args=(r, index.files, args.direct, threads, jobs[r], results),
+        procs = [ctx.Process(target=_reader_worker, args=(r, index.files, args.direct, threads, jobs[r], results,
+                                                          args.map_threads),
                              daemon=True) for r in range(n)]
         for p in procs:
             p.start()
@@ -331,7 +338,7 @@ def bench_reader(args) -> list[dict]:
                     nbytes, dt = fill_pass(mode == "populated") if mode in ("fill", "populated") else one_pass()
                     times.append(dt)
                 dt = statistics.median(times)
-                rows.append({"mode": mode, "readers": n, "threads": threads,
+                rows.append({"mode": mode, "readers": n, "threads": threads, "map": args.map_threads,
                              "io": "O_DIRECT" if args.direct else "buffered",
                              "GB": nbytes / GB, "s": dt, "GB/s": nbytes / dt / GB,
                              "ms/layer": dt / len(layouts) * 1e3, "reps": args.reps})
@@ -968,6 +975,9 @@ def add_stage_parsers(sub) -> None:
     p = sub.add_parser("reader", help="disk or page cache to the staging arena: cold, warm and first-fill GB/s")
     model_args(p, reps=3)
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
+    p.add_argument("--map-threads", type=int, default=0,
+                   help="threads each reader maps a new arena's pages into its own page tables on, beside its "
+                        "reads (the pipeline's readers do not; default 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of each reader (default: run-pipeline's, half the cores shared among the readers)")
     p.add_argument("--modes", default="cold,warm,fill,populated",

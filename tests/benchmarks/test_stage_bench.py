@@ -27,8 +27,11 @@ def test_reader(tiny, capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.split()[:1] in (["cold"], ["warm"], ["fill"], ["populated"]) and line.split()[1].isdigit()}
     assert set(rows) == {"cold", "warm", "fill", "populated"}
-    assert all(r[1:3] == ["2", "3"] for r in rows.values())  # readers, threads
+    assert all(r[1:4] == ["2", "3", "0"] for r in rows.values())  # readers, threads, map threads
     assert "populated = the same after the arena's pages were made" in out
+    out = run(capsys, "reader", "-m", tiny, "--reps", "1", "--modes", "fill", "--map-threads", "2")
+    fill = [line.split() for line in out.splitlines() if line.split()[:1] == ["fill"]]
+    assert fill and fill[0][1:4] == ["1", fill[0][2], "2"] and float(fill[0][fill[0].index("buffered") + 3]) > 0
 
 
 def test_transfer_is_a_cpu_memcpy(capsys):
