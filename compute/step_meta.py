@@ -183,10 +183,18 @@ class _Layout:
         return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(dt).view(shape)
                 for name, (dt, shape, off) in self.parts.items() if not floats or dt.is_floating_point}
 
+    @functools.cached_property
+    def _record(self) -> np.dtype:
+        """The integer and boolean parts as the fields of one numpy record over the buffer."""
+        ints = {name: (dt, shape, off) for name, (dt, shape, off) in self.parts.items() if dt in _NP}
+        return np.dtype({"names": list(ints), "formats": [(_NP[dt], shape) for dt, shape, _ in ints.values()],
+                         "offsets": [off for _, _, off in ints.values()], "itemsize": self.size})
+
     def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
-        """The integer and boolean parts as numpy views of `buf` [size] uint8."""
-        return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(_NP[dt]).reshape(shape)
-                for name, (dt, shape, off) in self.parts.items() if dt in _NP}
+        """The integer and boolean parts as numpy views of `buf` [size] uint8 (one record's fields:
+        a view each, where slicing, viewing and reshaping each part took three)."""
+        rec = np.ndarray((), self._record, buffer=buf[: self.size])
+        return {name: rec[name] for name in self._record.names}
 
 
 @functools.lru_cache(maxsize=64)
@@ -233,7 +241,9 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     cuda = device.type == "cuda"
     host_buf = torch.empty(max(lay.size, ALIGN), dtype=torch.uint8, pin_memory=cuda)
     n = lay.numpy_views(host_buf.numpy())  # the integer and boolean parts (numpy: cheaper to make and fill)
-    h = {k: torch.from_numpy(v) for k, v in n.items()} | lay.views(host_buf, floats=True)
+    h = lay.views(host_buf, floats=True)  # (and on the CPU, where they are the step's tensors, the others)
+    if not cuda:
+        h |= {k: torch.from_numpy(v) for k, v in n.items()}
     n["q_index"][:] = 0
     n["q_valid"][:] = False
     q_pos = np.full((B, S), -1, dtype=np.int64)
