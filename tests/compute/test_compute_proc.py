@@ -41,7 +41,7 @@ def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w.returns = SlotReturns(lambda msg: w.links.send(msg), done_batch)
     w.ready_slots = {}
     w.queued, w.inflight, w.host_ids = deque(), deque(), {}
-    w.announced, w.last_raised = {}, 0
+    w.announced, w.last_raised, w.start_s = {}, 0, {}
     return w
 
 
@@ -234,7 +234,7 @@ def test_the_worker_is_ready_before_the_arena_keeps_what_comes_first_and_maps_th
     assert "experts" not in w.stats() and w.stats()["pinned"] is False
     with pytest.raises(ShutdownRequested):
         w.run()
-    assert w.links.sent == [("Ready", {"device": "cpu"})]
+    assert w.links.sent == [("Ready", {"device": "cpu", "start_s": {}})]  # (what its start took: none here)
     assert attached == [ArenaDesc("layerstream-1-ab", 2, 4096)]
     assert list(w.queued) == [fwd] and w.ready_slots == {(1, 0): 2}
 
