@@ -248,8 +248,9 @@ def drop_cache(files) -> None:
 def _reader_worker(r: int, files, direct: bool, threads: int, jobs, results, map_threads: int = 0) -> None:
     """Reader r: per job (an arena and its share of the layers as (slot, ranges)), read each layer
     into its slot; report bytes and times. `map_threads`: map a new arena's pages into this process on
-    that many threads beside the reads, counted in the time: whether a reader should (a page staging
-    made is still missing from the reader's own page tables; NOTE [ populating the arena ])."""
+    that many threads from the reads' start, beside them (the time ends with the reads; the mapping is
+    joined before the next job): whether a reader should (a page staging made is still missing from the
+    reader's own page tables; NOTE [ populating the arena ])."""
     import threading
 
     from layerstream.loader.arena import Arena
@@ -260,17 +261,22 @@ def _reader_worker(r: int, files, direct: bool, threads: int, jobs, results, map
         with LayerReader(files, direct, threads) as rd:
             while (job := jobs.get()) is not None:
                 desc, share = job
-                t0 = time.monotonic()
-                if desc.name not in arenas:
+                new = desc.name not in arenas
+                if new:
                     arenas[desc.name] = Arena.from_wire(desc)
-                    if map_threads:
-                        threading.Thread(target=arenas[desc.name].populate, args=(map_threads,), daemon=True).start()
-                arena = arenas[desc.name]
+                arena, mapper = arenas[desc.name], None
+                t0 = time.monotonic()
+                if new and map_threads:
+                    mapper = threading.Thread(target=arena.populate, args=(map_threads,), daemon=True)
+                    mapper.start()
                 n = 0
                 for slot, ranges in share:
                     with arena.slot_view(slot) as view:
                         n += rd.read_into(ranges, view)
-                results.put((r, n, t0, time.monotonic()))
+                t1 = time.monotonic()
+                if mapper is not None:
+                    mapper.join()
+                results.put((r, n, t0, t1))
     except BaseException as e:  # noqa: BLE001 - reported to the parent as data
         results.put((r, -1, repr(e), 0.0))
     finally:

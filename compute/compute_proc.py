@@ -41,7 +41,7 @@ import zmq
 from layerstream.compute.compute_config import ComputeConfig, DevicePlan
 from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.dequant import have_triton
-from layerstream.compute.device import cuda_visible, weights_form
+from layerstream.compute.device import computing_form, cuda_visible
 from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_stream import make_expert_stream
 from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
@@ -120,13 +120,13 @@ class ComputeWorker:
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, plan.budget_bytes / total), self.device)
         self.index = index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
-        self.form = form = weights_form(self.device, cfg.weights)
+        self.form = form = computing_form(self.device, cfg.weights)
         quantized = form == "triton"  # the Triton kernels' blocks (their attention, graphs and experts' paths)
         if quantized and self.device.type == "cuda" and max(plan.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
             reserve_scratch(self.device, dtype, model_scratch_elems(index))
         t1 = time.monotonic()
         self.glob = GlobalWeights(index, self.device, dtype, quantized=form)
-        # what its start took past the imports, for the launcher's -v line (Ready's info)
+        # two parts of its start, for the launcher's -v line (Ready's info)
         self.start_s = {"device set-up": round(t1 - t0, 3), "global weights": round(time.monotonic() - t1, 3)}
         self.ready_slots: dict[tuple[int, int], int] = {}  # (step, layer) -> staging slot
         self.returns = SlotReturns(links.send, cfg.experts.done_batch)
@@ -405,11 +405,12 @@ class ComputeWorker:
             self.arena.close()
 
 
-def prepare_warm() -> None:
+def prepare_warm(device: str = "auto") -> None:
     """What a compute process spawned ahead does while the launcher plans (NOTE [ warm starts ] in
-    supervisor.py), where a CUDA device is visible: the Triton kernels' modules imported and the
-    CUDA driver started, which otherwise wait for the config (0.2 s each on the H200 machine)."""
-    if not cuda_visible():
+    supervisor.py), unless --device is the CPU or no CUDA device is visible: the Triton kernels'
+    modules imported and the CUDA driver started, which would otherwise wait for the config
+    (BENCHMARKS.md, "The 8B's start-up")."""
+    if device == "cpu" or not cuda_visible():
         return
     if have_triton():
         import layerstream.compute.attn_kernels  # noqa: F401

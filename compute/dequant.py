@@ -26,10 +26,19 @@ FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.
 
 @functools.cache
 def have_triton() -> bool:
-    """Whether Triton is installed (CUDA installs have it; CPU installs only with the test extra):
-    found, not imported, so that the launcher's plan (device.weights_form) does not wait 0.2 to 0.4 s
-    for an import only the compute process needs (BENCHMARKS.md, "The 8B's start-up"); the compute
-    process imports it as its kernels load, or ahead in a warm start (compute_proc.prepare_warm)."""
+    """Whether Triton imports (CUDA installs have it; CPU installs only with the test extra)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether Triton is installed: found, not imported, for the launcher's plan (device.weights_form),
+    which would otherwise wait for an import it does not use (BENCHMARKS.md, "The 8B's start-up");
+    the compute process checks that it imports (compute_proc.ComputeWorker)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -8,7 +8,7 @@ import os
 import torch
 
 from layerstream.compute.cpu import native
-from layerstream.compute.dequant import have_triton
+from layerstream.compute.dequant import have_triton, triton_installed
 from layerstream.errors import ConfigError
 
 
@@ -37,8 +37,9 @@ def default_dtype(device: torch.device, weights: str = "auto") -> torch.dtype:
 
 def cuda_visible() -> bool:
     """Whether a CUDA device is visible, asked of NVML where it answers (torch.cuda.device_count):
-    torch.cuda.is_available() starts the CUDA driver (cuInit, 0.2 s on the H200 machine), which the
-    launcher, which never computes on the device, would wait for before its plan."""
+    torch.cuda.is_available() starts the CUDA driver, which the launcher's plan would wait for
+    (BENCHMARKS.md, "The 8B's start-up"). A device NVML sees whose driver cannot start fails where
+    it is first used, in one line (plan.fit_budget, the compute process's start)."""
     return torch.cuda.device_count() > 0
 
 
@@ -89,9 +90,9 @@ def weights_form(device, weights: str = "auto") -> str:
     cuda = torch.device(device).type == "cuda"
     if weights == "auto":
         if cuda:
-            return "triton" if have_triton() else "dense"
+            return "triton" if triton_installed() else "dense"
         return "native" if native.available() else "dense"
-    if weights == "quantized" and not (have_triton() and (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+    if weights == "quantized" and not (triton_installed() and (cuda or os.environ.get("TRITON_INTERPRET") == "1")):
         raise ConfigError("quantized weights need Triton and a CUDA device (on the CPU only under Triton's "
                           "interpreter, TRITON_INTERPRET=1, for tests); use the default weights")
     if weights == "native" and (cuda or not native.available()):
@@ -99,6 +100,16 @@ def weights_form(device, weights: str = "auto") -> str:
                           f"cc, gcc or clang; {'the device is CUDA' if cuda else 'none could build it'}); "
                           "use the default weights")
     return {"quantized": "triton", "native": "native", "dense": "dense"}[weights]
+
+
+def computing_form(device, weights: str = "auto") -> str:
+    """weights_form where the weights are computed with: there, a Triton that is found (all the plan
+    asks) must also import, or the run stops in one line."""
+    form = weights_form(device, weights)
+    if form == "triton" and not have_triton():
+        raise ConfigError("Triton is installed but does not import (python -c 'import triton' says why); "
+                          "reinstall it, or give --weights dense")
+    return form
 
 
 def keeps_quantized(device, weights: str = "auto") -> bool:

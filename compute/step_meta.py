@@ -191,8 +191,12 @@ class _Layout:
                          "offsets": [off for _, _, off in ints.values()], "itemsize": self.size})
 
     def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
-        """The integer and boolean parts as numpy views of `buf` [size] uint8 (one record's fields:
-        a view each, where slicing, viewing and reshaping each part took three)."""
+        """The integer and boolean parts as numpy views of `buf` [size] uint8: one record's fields (a
+        view each, where slicing, viewing and reshaping each part took three), but past numpy's
+        record size (a C int: a mask of 2 GiB) part by part."""
+        if self.size >= 1 << 31:
+            return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(_NP[dt]).reshape(shape)
+                    for name, (dt, shape, off) in self.parts.items() if dt in _NP}
         rec = np.ndarray((), self._record, buffer=buf[: self.size])
         return {name: rec[name] for name in self._record.names}
 

@@ -250,8 +250,8 @@ def open_engine(args, index, progress: bool, warm=None):
 
 
 class LoadProgress:
-    """The pipeline's on_progress(done, total, what) as bars on a terminal: its processes
-    starting, then the first pass reading every layer (and filling the host cache)."""
+    """The pipeline's on_progress(done, total, what) as bars on a terminal: its processes starting
+    and, begun before compute is ready, the first pass reading every layer (filling the host cache)."""
 
     LABELS = {"processes": "starting processes", "layers": "reading layers"}
 
@@ -313,8 +313,7 @@ def _print_stream(pieces, out) -> None:
     out.flush()
 
 
-def run(args, warm=None) -> int:
-    """The checks, then the run; `warm`: the children spawned ahead (supervisor.WarmStarts) or None."""
+def run(args) -> int:
     # bytes that are not UTF-8 (argv keeps them as surrogates, stdin would raise) become U+FFFD
     args.prompt = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in args.prompt]
     for name in ("prompt_opt", "system"):
@@ -324,16 +323,27 @@ def run(args, warm=None) -> int:
     check_args(args)
     api_key = read_api_key(args, os.environ) if args.serve else None
     sock = contextlib.nullcontext()
-    if args.serve:  # the port taken before the model loads: one in use is one line at once
-        from layerstream.coordinator.server import bound_socket
+    if args.serve:  # the port taken before anything loads or starts: one in use is one line at once
+        from layerstream.coordinator.listen import bound_socket
 
         sock = bound_socket(args.host, args.port)
-    with sock:
-        return _run_bound(args, api_key, sock if args.serve else None, warm)
+    warm = None
+    try:
+        with sock:
+            if not args.single_process:  # the children import while this process reads the header and plans
+                from layerstream.coordinator.supervisor import WarmStarts, warm_starts_pay  # (NOTE [ warm starts ])
+
+                if warm_starts_pay():
+                    warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1}, device=args.device)
+            start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
+            return _run_bound(args, api_key, sock if args.serve else None, warm)
+    finally:
+        if warm is not None:
+            warm.close()
 
 
 def _run_bound(args, api_key, sock, warm) -> int:
-    """`warm`: the children spawned ahead; main() lets go of those the run did not take, whatever happens."""
+    """`warm`: the children spawned ahead; run() lets go of those the run did not take, whatever happens."""
     terminal = sys.stderr.isatty()
     index = check_header(args)
     check_quants(index)
@@ -442,22 +452,15 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         _die(f"{e} (see {PROG} --help)", 2)
-    warm = None
+    signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
+    if hasattr(signal, "SIGHUP"):  # (at its default a closed terminal ended the launcher at once)
+        signal.signal(signal.SIGHUP, _sigterm)
+    if not getattr(sys.unraisablehook, "resends_interrupts", False):
+        sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        if not args.single_process:  # spawned first of all: they import while this process checks and plans
-            from layerstream.coordinator.supervisor import WarmStarts, warm_starts_pay  # (NOTE [ warm starts ])
-
-            if warm_starts_pay():
-                warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1})
-        start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
-        signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
-        if hasattr(signal, "SIGHUP"):  # (at its default a closed terminal ended the launcher at once)
-            signal.signal(signal.SIGHUP, _sigterm)
-        if not getattr(sys.unraisablehook, "resends_interrupts", False):
-            sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        return run(args, warm)
+        return run(args)
     except UsageError as e:
         _die(str(e), 2)
     except LayerstreamError as e:
@@ -473,9 +476,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    finally:
-        if warm is not None:
-            warm.close()
     return 0
 
 

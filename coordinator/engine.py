@@ -109,7 +109,7 @@ class EngineConfig:
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
     """A ModelRunner with every layer resident: the single-process engine."""
-    from layerstream.compute.device import weights_form
+    from layerstream.compute.device import computing_form
     from layerstream.compute.runner import ModelRunner
     from layerstream.compute.weights import GlobalWeights, ResidentLayers, check_model_quants
 
@@ -131,7 +131,7 @@ def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) 
         tqdm.monitor_interval = 0  # no monitor thread (NOTE [ SIGINT and threads ] in sigmask.py)
         bar = tqdm(total=index.hparams.n_layer, desc="loading layers", unit="layer", leave=False)
     try:
-        quantized = weights_form(device, cfg.weights)
+        quantized = computing_form(device, cfg.weights)
         glob = GlobalWeights(index, device, dtype, embed_on_device=True, quantized=quantized)
         layers = ResidentLayers(index, device, dtype, progress=bar.update if bar else None, quantized=quantized)
     finally:

@@ -135,10 +135,11 @@ class Pipeline:
         for r, ident in enumerate(la.reader_ids):
             self._start_child("reader", ident, reader_proc.main, la.reader_config(r, links.endpoints_for("reader"), pid))
         self._start_child("compute", "compute", compute_proc.main, la.compute_config(links.endpoints_for("compute"), pid))
-        await self._wait_ready(["staging"] + la.reader_ids)
+        deadline = time.monotonic() + procs.ready_timeout_s  # (one for the whole start)
+        await self._wait_ready(["staging"] + la.reader_ids, deadline)
         self._progress("layers", 0)
         await self._send_all(self.core.set_reads(la.reads()))
-        await self._wait_ready(["compute"])
+        await self._wait_ready(["compute"], deadline)
 
     def _start_child(self, role: str, ident: str, target: Callable, cfg) -> Child:
         """Spawn (or respawn) a child; the loop wakes when it exits."""
@@ -149,8 +150,8 @@ class Pipeline:
         self.links.watch(c.proc.sentinel)
         return c
 
-    async def _wait_ready(self, idents: list[str]) -> None:
-        deadline = time.monotonic() + self.cfg.procs.ready_timeout_s
+    async def _wait_ready(self, idents: list[str], deadline: float | None = None) -> None:
+        deadline = deadline or time.monotonic() + self.cfg.procs.ready_timeout_s
         await self._run_until(lambda: all(self.sup.children[i].ready is not None for i in idents),
                               deadline, f"start of {', '.join(idents)}")
 
@@ -488,4 +489,3 @@ def _start_parts(info: dict) -> str:
 
 
 __all__ = ["Pipeline", "PipelineConfig", "StepError", "parse_cpu_share", "pipeline_backend"]
-

@@ -115,7 +115,11 @@ def fit_budget(device) -> int:
     process); without NVML, 90% of its total memory less the margin."""
     import torch
 
-    props = torch.cuda.get_device_properties(device)
+    try:
+        props = torch.cuda.get_device_properties(device)
+    except RuntimeError as e:  # (a device NVML sees whose driver cannot start: device.cuda_visible)
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"the CUDA device could not start ({why}); update its driver, or give --device cpu") from None
     try:
         import pynvml
 

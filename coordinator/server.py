@@ -36,6 +36,7 @@ from starlette.routing import Route
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
+from layerstream.coordinator.listen import bound_socket
 from layerstream.coordinator.openai_api import (
     DEFAULTS,
     SEED_RANGE,
@@ -46,7 +47,7 @@ from layerstream.coordinator.openai_api import (
     parse_request,
 )
 from layerstream.coordinator.server_stop import GRACE_S, GracefulServer
-from layerstream.errors import ConfigError, LayerstreamError, PipelineError
+from layerstream.errors import LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
 MAX_QUOTED = 100  # characters of a path an error message quotes
@@ -419,26 +420,6 @@ def uvicorn_config(server: Server, host: str, port: int, grace_s: float = GRACE_
     return uvicorn.Config(server.app, host=host, port=port, loop="uvloop", http=guarded_protocol(lim),
                           log_level="warning", timeout_keep_alive=lim.keep_alive_s,
                           timeout_graceful_shutdown=grace_s, lifespan="on", access_log=False)
-
-
-def bound_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port for uvicorn to listen on, made before the model loads: a port in use
-    or a host that does not resolve is one line at once (ConfigError), and --port 0 gets its port."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except (OSError, UnicodeError) as e:
-        raise ConfigError(f"--host {host}: cannot listen there ({getattr(e, 'strerror', None) or e}); "
-                          "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); "
-                          "stop what holds it or give another --port") from None
-    return sock
 
 
 def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,

@@ -137,9 +137,10 @@ def child_main(*args) -> None:
     quick_exit(code)
 
 
-def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
-    """A warm process: import `modules`, then run as `spawned` with what comes on `conn` (exit
-    quietly when the pipe closes first)."""
+def warm_child(role: str, modules: tuple[str, ...], conn, device: str = "auto") -> None:
+    """A warm process: import `modules` and run the last one's `prepare_warm(device)` where it has
+    one (`device`: the run's --device), then run as `spawned` with what comes on `conn` (exit quietly
+    when the pipe closes first)."""
     ignore_sigint()  # (as every child: NOTE [ shutdown order ])
     set_process_name(f"layerstream-{role}")  # (child_main names it by its ident once it is given one)
     try:
@@ -147,9 +148,9 @@ def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
             importlib.import_module(m)
         prepare = getattr(sys.modules[modules[-1]], "prepare_warm", None) if modules else None
         if prepare is not None:  # the role's own work before its config (compute_proc.prepare_warm)
-            prepare()
-    except BaseException:  # noqa: BLE001 - spawned imports it again and reports the error as data
-        pass
+            prepare(device)
+    except BaseException:  # noqa: BLE001 - spawned imports it again and reports the error as data;
+        pass  # what prepare_warm did not finish, the role's start does (and reports)
     try:
         args = conn.recv()
     except (EOFError, OSError):
@@ -162,8 +163,8 @@ def warm_child(role: str, modules: tuple[str, ...], conn) -> None:
 class WarmStarts:
     """Processes spawned ahead for a run's children, by role (NOTE [ warm starts ])."""
 
-    def __init__(self, roles: dict[str, int]):
-        """roles: how many processes of each role to start now."""
+    def __init__(self, roles: dict[str, int], device: str = "auto"):
+        """roles: how many processes of each role to start now; `device`: the run's --device."""
         ctx = mp.get_context("spawn")
         self.waiting: dict[str, list[tuple[Any, Any]]] = {}
         self.closed = False
@@ -172,7 +173,7 @@ class WarmStarts:
                 for role, n in roles.items():
                     for _ in range(n):
                         theirs, ours = ctx.Pipe(duplex=False)
-                        proc = ctx.Process(target=warm_child, args=(role, WARM_MODULES.get(role, ()), theirs),
+                        proc = ctx.Process(target=warm_child, args=(role, WARM_MODULES.get(role, ()), theirs, device),
                                            name=f"layerstream-{role}", daemon=True)
                         proc.start()
                         theirs.close()

@@ -158,6 +158,20 @@ def test_weights_form_on_the_cpu(monkeypatch):
         weights_form("cpu", "native")
 
 
+def test_a_triton_found_but_not_importing_stops_the_computing_side_in_one_line(monkeypatch):
+    """weights_form (the launcher's plan) only finds Triton; where the weights are computed with,
+    computing_form checks it imports and says what to do where it does not."""
+    pytest.importorskip("triton")
+    from layerstream.compute import device
+
+    assert device.computing_form("cpu", "quantized") == weights_form("cpu", "quantized") == "triton"  # (TRITON_INTERPRET)
+    monkeypatch.setattr(device, "have_triton", lambda: False)
+    assert weights_form("cpu", "quantized") == "triton"
+    with pytest.raises(ConfigError, match=r"Triton is installed but does not import .* give --weights dense"):
+        device.computing_form("cpu", "quantized")
+    assert device.computing_form("cpu", "dense") == "dense"
+
+
 def test_without_the_kernel_the_default_model_loads_dense(smollm_path, monkeypatch):
     from layerstream.loader.gguf_index import open_model
 

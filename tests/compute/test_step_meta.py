@@ -180,3 +180,21 @@ def test_rope_rows_are_rope_tables_gathered_from_a_table_that_grows():
         for dtype in (torch.float16, torch.float32):
             got, want = rope_rows(inv, pos, 2.0, dtype), rope_tables(inv, pos, 2.0, dtype)
             assert all(g.shape == w.shape and g.dtype == dtype and torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("B, S, L", [(2, 3, 16), (1, 2048, 1 << 20)], ids=["small", "a 2 GiB mask"])
+def test_the_integer_parts_lie_where_the_layout_puts_them_at_any_size(B, S, L):
+    """_Layout.numpy_views: each integer or boolean part is a view of its own bytes of the buffer,
+    of its shape; past numpy's record size (a C int: here a 2 GiB mask) part by part. (np.empty of
+    2 GiB touches no page.)"""
+    from layerstream.compute.step_meta import _layout
+
+    lay = _layout(B, S, B * S, L, 4, False, (("cos_q", "sin_q", B * S),), torch.float32)
+    buf = np.empty(lay.size + 16, dtype=np.uint8)
+    views = lay.numpy_views(buf)
+    ints = {name: part for name, part in lay.parts.items() if not part[0].is_floating_point}
+    assert views.keys() == ints.keys()
+    base = buf.ctypes.data
+    for name, (dt, shape, off) in ints.items():
+        v = views[name]
+        assert v.shape == shape and v.itemsize == dt.itemsize and v.ctypes.data - base == off, name

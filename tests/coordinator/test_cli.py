@@ -248,9 +248,9 @@ def test_a_pipeline_run_takes_its_children_from_the_warm_starts(tmp_path, monkey
     spawned, taken = [], []
     real_init, real_take = supervisor.WarmStarts.__init__, supervisor.WarmStarts.take
 
-    def init(self, roles):
-        spawned.append(dict(roles))
-        real_init(self, roles)
+    def init(self, roles, device="auto"):
+        spawned.append((dict(roles), device))
+        real_init(self, roles, device)
 
     def take(self, role, args):
         proc = real_take(self, role, args)
@@ -264,7 +264,7 @@ def test_a_pipeline_run_takes_its_children_from_the_warm_starts(tmp_path, monkey
     with Engine.load(path, device="cpu", ctx=256) as e:
         want = "".join(e.generate("hello world", SamplingParams(temperature=0, max_tokens=8)))
     assert want and capsys.readouterr().out == want + "\n"
-    assert spawned == [{"staging": 1, "reader": 2, "compute": 1}]
+    assert spawned == [({"staging": 1, "reader": 2, "compute": 1}, "cpu")]  # (the warm compute is told --device)
     assert sorted(taken) == [("compute", True), ("reader", True), ("reader", True), ("staging", True)]
 
 

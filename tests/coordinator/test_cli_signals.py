@@ -109,7 +109,7 @@ LOST_IN_A_CALLBACK = """
 import gc, os, signal, sys, time, weakref
 from layerstream.coordinator import cli
 
-def run(args, warm=None):
+def run(args):
     class Thing:
         pass
     t = Thing()
@@ -138,7 +138,7 @@ STOPPED_BY = """
 import sys
 from layerstream.coordinator import cli
 
-def run(args, warm=None):
+def run(args):
     raise {exc}
 
 cli.run = run

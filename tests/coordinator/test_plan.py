@@ -158,3 +158,20 @@ def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     assert not k.dense_resident and k.device_bytes <= 4 * GiB
     with pytest.raises(ConfigError, match="--moe-dense 'all'"):
         plan((index, layouts), gib, moe_dense="all")
+
+
+def test_a_cuda_device_whose_driver_cannot_start_is_one_line(monkeypatch):
+    """--device auto takes CUDA where NVML sees a device (device.cuda_visible); where its driver then
+    cannot start, the budget's fit says so and what to do, instead of torch's traceback."""
+    import torch
+
+    from layerstream.coordinator.plan import fit_budget
+    from layerstream.errors import ConfigError
+
+    def fails(device):
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nmore")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", fails)
+    with pytest.raises(ConfigError, match=r"^the CUDA device could not start \(The NVIDIA driver on your system is "
+                                          r"too old \(found version 11040\)\.\); update its driver, or give --device cpu$"):
+        fit_budget(torch.device("cuda"))

@@ -75,14 +75,14 @@ def test_a_warm_process_imports_ahead_then_runs_the_child_it_is_given(tmp_path, 
 
     from layerstream.coordinator import supervisor
 
-    imported, prepared, ran = tmp_path / "imported", tmp_path / "prepared", tmp_path / "ran"
+    imported, prepared, ran = tmp_path / "imported", tmp_path / "prepared-", tmp_path / "ran"
     (tmp_path / "warm_marker_mod.py").write_text(f"import os\nos.mkdir({str(imported)!r})\n\n\n"
-                                                 f"def prepare_warm():\n    os.mkdir({str(prepared)!r})\n")
+                                                 f"def prepare_warm(device):\n    os.mkdir({str(prepared)!r} + device)\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # (a spawned child starts with this sys.path)
     monkeypatch.setitem(supervisor.WARM_MODULES, "reader", ("warm_marker_mod",))
-    with supervisor.WarmStarts({"reader": 1}) as warm:
+    with supervisor.WarmStarts({"reader": 1}, device="cpu") as warm:
         (proc, _), = warm.waiting["reader"]
-        assert _wait_for(imported) and _wait_for(prepared) and not ran.exists()
+        assert _wait_for(imported) and _wait_for(tmp_path / "prepared-cpu") and not ran.exists()
         sup = Supervisor(warm)
         try:
             c = sup.start("reader", "r0", os.mkdir, str(ran))  # the child's entry point and config

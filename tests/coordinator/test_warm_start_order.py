@@ -1,5 +1,6 @@
-"""NOTE [ warm starts ]: the children are spawned first of all, before the model's header is
-parsed, and a model the header refuses lets them go."""
+"""NOTE [ warm starts ]: the children are spawned once the options are checked, before numpy's
+import and the model's header, and a model the header refuses, or an option, lets them go or
+spawns none."""
 
 import io
 import sys
@@ -18,9 +19,9 @@ def _record(monkeypatch):
     events, procs = [], []
     real_init, real_open = supervisor.WarmStarts.__init__, gguf_index.open_model
 
-    def init(self, roles):
+    def init(self, roles, **kw):
         events.append("spawned")
-        real_init(self, roles)
+        real_init(self, roles, **kw)
         procs.extend(p for waiting in self.waiting.values() for p, _ in waiting)
 
     def open_model(path):
@@ -42,9 +43,27 @@ def test_the_children_are_spawned_before_the_header_is_parsed(tmp_path, monkeypa
     path = ggufgen.write_model(tmp_path / "m.gguf")
     events, procs = _record(monkeypatch)
     assert cli.main(["-m", path, "-n", "2", "--temperature", "0", "--device", "cpu", "hello"]) == 0
-    # spawned first of all: before numpy's import and its threads (cli._warm_starts), then the header
+    # spawned once the options are checked, before numpy's import and its threads (cli.run), then the header
     assert events[:3] == ["spawned", "numpy", "header"] and capsys.readouterr().out.strip()
     assert len(procs) == 3 and all(p.exitcode is not None for p in procs)
+
+
+def test_a_refused_option_or_a_port_in_use_spawns_nothing(tmp_path, monkeypatch, capsys):
+    """The options are checked and --serve's port bound before any child is spawned: --readers 5000
+    spawned 5000 processes before its refusal once the spawn came first."""
+    import socket
+
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    events, procs = _record(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-m", path, "--readers", "5000", "--device", "cpu", "hello"])
+    assert e.value.code == 2 and events == [] and "--readers" in capsys.readouterr().err
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(SystemExit) as e:
+            cli.main(["-m", path, "--serve", "--port", str(held.getsockname()[1]), "--device", "cpu"])
+    assert e.value.code == 1 and events == [] and "--port" in capsys.readouterr().err
 
 
 def test_a_corrupt_model_lets_the_warm_children_go(tmp_path, monkeypatch, capsys):
