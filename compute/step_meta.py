@@ -184,21 +184,18 @@ class _Layout:
                 for name, (dt, shape, off) in self.parts.items() if not floats or dt.is_floating_point}
 
     @functools.cached_property
-    def _record(self) -> np.dtype:
-        """The integer and boolean parts as the fields of one numpy record over the buffer."""
-        ints = {name: (dt, shape, off) for name, (dt, shape, off) in self.parts.items() if dt in _NP}
-        return np.dtype({"names": list(ints), "formats": [(_NP[dt], shape) for dt, shape, _ in ints.values()],
-                         "offsets": [off for _, _, off in ints.values()], "itemsize": self.size})
+    def _int_parts(self) -> list[tuple[str, type, int, int, tuple[int, ...]]]:
+        """The integer and boolean parts: name, numpy type, first element and count in the buffer
+        viewed as that type, shape (kept: a layout serves every step of its shape)."""
+        return [(name, _NP[dt], off // dt.itemsize, math.prod(shape), shape)
+                for name, (dt, shape, off) in self.parts.items() if dt in _NP]
 
     def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
-        """The integer and boolean parts as numpy views of `buf` [size] uint8: one record's fields (a
-        view each, where slicing, viewing and reshaping each part took three), but past numpy's
-        record size (a C int: a mask of 2 GiB) part by part."""
-        if self.size >= 1 << 31:
-            return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(_NP[dt]).reshape(shape)
-                    for name, (dt, shape, off) in self.parts.items() if dt in _NP}
-        rec = np.ndarray((), self._record, buffer=buf[: self.size])
-        return {name: rec[name] for name in self._record.names}
+        """The integer and boolean parts as numpy views of `buf` [size] uint8: the buffer viewed once
+        as each type, then a slice and a reshape a part (not each part's own slice, view and reshape:
+        this runs on the host every step)."""
+        typed = {t: buf[: self.size].view(t) for t in set(_NP.values())}
+        return {name: typed[t][i : i + n].reshape(shape) for name, t, i, n, shape in self._int_parts}
 
 
 @functools.lru_cache(maxsize=64)

@@ -185,8 +185,8 @@ def test_rope_rows_are_rope_tables_gathered_from_a_table_that_grows():
 @pytest.mark.parametrize("B, S, L", [(2, 3, 16), (1, 2048, 1 << 20)], ids=["small", "a 2 GiB mask"])
 def test_the_integer_parts_lie_where_the_layout_puts_them_at_any_size(B, S, L):
     """_Layout.numpy_views: each integer or boolean part is a view of its own bytes of the buffer,
-    of its shape; past numpy's record size (a C int: here a 2 GiB mask) part by part. (np.empty of
-    2 GiB touches no page.)"""
+    of its shape, a 2 GiB mask too (past what a numpy record over the buffer could index). (np.empty
+    of 2 GiB touches no page.)"""
     from layerstream.compute.step_meta import _layout
 
     lay = _layout(B, S, B * S, L, 4, False, (("cos_q", "sin_q", B * S),), torch.float32)
