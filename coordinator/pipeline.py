@@ -31,7 +31,7 @@ import torch
 from layerstream.compute import compute_proc
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
-from layerstream.coordinator.acceptance import refusal
+from layerstream.coordinator.acceptance import Acceptance
 from layerstream.coordinator.event_loop import new_loop, run_briefly
 from layerstream.coordinator.launch import Launch, make_launch
 from layerstream.coordinator.links import CoordinatorLinks
@@ -89,6 +89,8 @@ class Pipeline:
         self.steps_ahead, self.warm_up_pays = launch.steps_ahead, launch.warm_up_pays  # (the engine's, from the plan)
         self.next_step = 1  # the number of the next Forward
         self.expected: dict[int, int] = {}  # step in flight -> its sequences
+        hp = launch.index.hparams
+        self.accepts = Acceptance(self.expected, hp.n_vocab, hp.n_layer, launch.plan.n_slots, launch.plan.step_tokens)
         self.unbegun: deque[int] = deque()  # steps sent whose layers StreamCore does not order yet
         self.results: dict[int, StepResult] = {}  # ForwardDone of a step in flight, not yet collected
         self.failed_steps: dict[int, str] = {}  # StepFailed of a step in flight, not yet collected: its error
@@ -226,9 +228,7 @@ class Pipeline:
         """Whether `msg` may come from `ident` (by its role) and its fields are in range (acceptance.py);
         a message that may not is counted and dropped."""
         c = self.sup.children.get(ident)
-        hp = self.launch.index.hparams
-        why = refusal(None if c is None else c.role, ident, msg, extra, expected=self.expected, n_vocab=hp.n_vocab,
-                      n_layer=hp.n_layer, n_slots=self.plan.n_slots, step_tokens=self.launch.plan.step_tokens)
+        why = self.accepts.refusal(None if c is None else c.role, ident, msg, extra)
         if why is not None:
             self.links.bad.record(ProtocolError(why), ident)
         return why is None
