@@ -532,9 +532,9 @@ def _kernel_time(fn, reps: int, device: torch.device) -> float:
 
 def _kernel_config(text: str) -> tuple:
     """A --configs entry: BMxBNxWARPSxSPLITS for the split-K kernel, or KIND:AxBx.. for another
-    of qkernels.matmul's configurations (gemv:1x1x8x1, rows:1x2x4x2, small:16x64x4x2x4)."""
+    of qkernels.matmul's configurations (gemv:1x1x8x1, gemv8:1x1x8x1, rows:1x2x4x2, small:16x64x4x2x4)."""
     kind, _, dims = text.strip().rpartition(":")
-    sizes = {"": 4, "gemv": 4, "rows": 4, "small": 5}  # numbers each kind takes
+    sizes = {"": 4, "gemv": 4, "gemv8": 4, "rows": 4, "small": 5}  # numbers each kind takes
     try:
         values = tuple(int(v) for v in dims.split("x"))
     except ValueError:

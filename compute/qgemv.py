@@ -22,7 +22,8 @@ Measured on an H200 (BENCHMARKS.md, "GEMV"): 1.1 to 1.7 TB/s on the 8B's matrice
 1.3 to 2x the split-K kernel, and from 1.2x (Q6_K, 4 rows) to 3x at 2 rows. Slices of 16 bytes
 (half the scale work, 11% fewer instructions) and the nibble (or Q6_K's run, Q8_0's block) in
 the lanes (each warp's load of x on 4 lines of 128 bytes instead of 8) both measured slower,
-as did 2 rows of W a program at one row of x, and more warps on a row.
+as did 2 rows of W a program at one row of x, and more warps on a row. Q4_K at one row takes
+qgemv8.py's step on int8 x instead (NOTE [ int8 activations ]): 2.1 TB/s on the FFN's matrices.
 
 Like qkernels.py's kernels, it runs on the CPU under Triton's interpreter for the tests.
 """
@@ -33,23 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from layerstream.compute.qgemv8 import TYPES as X8_TYPES, k_scale_min, quantize_x, step8
+
 # qtype id -> bytes a word of gemv_kernel's loads (4: aligned 32-bit words; 2: 16-bit ones)
 WORD_BYTES = {12: 4, 13: 4, 14: 2, 8: 2, 2: 2, 3: 2, 6: 2, 7: 2}
-
-
-@triton.jit
-def k_scale_min(s0, s1, s2, sub: tl.constexpr):
-    """Q4_K's and Q5_K's 6-bit scale and minimum of sub-block `sub` (0..7) from the 12 scale bytes
-    as three little-endian words s0, s1, s2 (int32). s[i] = byte i: sub < 4: sc = s[sub] & 63,
-    mn = s[sub + 4] & 63; sub >= 4: sc = s[sub + 4] & 15 | (s[sub - 4] >> 6) << 4,
-    mn = s[sub + 4] >> 4 | (s[sub] >> 6) << 4."""
-    if sub < 4:
-        sc = (s0 >> (8 * sub)) & 63
-        mn = (s1 >> (8 * sub)) & 63
-    else:
-        sc = ((s2 >> (8 * sub - 32)) & 15) | (((s0 >> (8 * sub - 26)) & 3) << 4)
-        mn = ((s2 >> (8 * sub - 28)) & 15) | (((s1 >> (8 * sub - 26)) & 3) << 4)
-    return sc, mn
 
 
 @triton.jit
@@ -252,21 +240,27 @@ def _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk,
 
 
 @triton.jit
-def gemv_kernel(x, w32, w16, raw8, halfs, out, bias, M, N, n_chunks, nblk, row_words, sxm, som,
+def gemv_kernel(x, xds, w32, w16, raw8, halfs, out, bias, M, N, n_chunks, nblk, row_words, sxm, som,
                 QT: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
-                HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, X_EVEN: tl.constexpr):
+                HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, X_EVEN: tl.constexpr, X8: tl.constexpr,
+                ASM: tl.constexpr):
     """out[M, N] = x[M, K] @ dequant(W[N, K])^T (+ bias): BN whole rows of W by MR rows of x a
     program (NOTE [ slices of a row ]); EVEN: K is KB chunks a step exactly (no mask on K), X_EVEN:
-    M is MR rows a program exactly (no mask on x's rows)."""
+    M is MR rows a program exactly (no mask on x's rows); X8 (Q4_K): x is `quantize_x`'s int8 (as
+    32-bit words), xds its blocks' scales and sums (NOTE [ int8 activations ] in qgemv8.py; ASM: dp4a)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.program_id(1) * MR + tl.arange(0, MR)
     ok_n = rn < N
     rowb = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_words  # past-the-end rows read the last
-    xr = x + rm.to(tl.int64)[:, None, None] * sxm
+    xrow = rm.to(tl.int64)[:, None, None]
+    xr = x + xrow * sxm
     xok = (rm < M)[:, None, None] | X_EVEN
     acc = tl.zeros((MR, BN, KB * 4, 1), dtype=tl.float32)
     for kb0 in range(0, n_chunks, KB):
-        acc = _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk, QT, KB, EVEN)
+        if X8:
+            acc = step8(acc, xr, xds + xrow * (n_chunks * 16), xok, w32, rowb, kb0, n_chunks, KB, EVEN, ASM)
+        else:
+            acc = _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk, QT, KB, EVEN)
     y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [MR, BN]
     if HAS_BIAS:
         y += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[None, :]
@@ -286,33 +280,47 @@ def gemv_kernel(x, w32, w16, raw8, halfs, out, bias, M, N, n_chunks, nblk, row_w
 # (o and down: x + linear(...)). A layer of an 8B then launches 3 or 4 matrices where it launched
 # 7 and no separate SiLU, product or residual add.
 @triton.jit
-def gemv_many_kernel(x, w32, w16, raw8, halfs, out, res, M, n_chunks, nblk, row_words, sxm,
+def gemv_many_kernel(x, xds, w32, w16, raw8, halfs, out, res, M, n_chunks, nblk, row_words, sxm,
                      off0, off1, off2, n0, n1, n2, p1, p2, o1, o2,
                      QT: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
-                     EVEN: tl.constexpr, X_EVEN: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr):
+                     EVEN: tl.constexpr, X_EVEN: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                     X8: tl.constexpr, ASM: tl.constexpr, OFF4: tl.constexpr):
     """out (flat) = the [M, N_s] products x @ dequant(W_s)^T of segments s = 0..2 (W_s: n_s rows at
     word offset off_s of the blocks, programs p_s.. and output elements o_s..; NOTE [ several
-    matrices a launch ]); GLU: SiLU(x @ W_0^T) * (x @ W_1^T) [M, n0]; HAS_RES: + res [M, n0]."""
+    matrices a launch ]); GLU: SiLU(x @ W_0^T) * (x @ W_1^T) [M, n0]; HAS_RES: + res [M, n0]; X8: as
+    gemv_kernel's; OFF4: every off_s a multiple of 4 words (16-byte loads)."""
     pid = tl.program_id(0)
     seg = (pid >= p1).to(tl.int32) + (pid >= p2).to(tl.int32)
     first = tl.where(seg == 0, 0, tl.where(seg == 1, p1, p2))
     N = tl.where(seg == 0, n0, tl.where(seg == 1, n1, n2))
     off = tl.where(seg == 0, off0, tl.where(seg == 1, off1, off2)).to(tl.int64)
+    up = off1.to(tl.int64)  # (GLU: the up rows')
+    if OFF4:
+        off = tl.multiple_of(off, 4)
+        up = tl.multiple_of(up, 4)
     obase = tl.where(seg == 0, 0, tl.where(seg == 1, o1, o2)).to(tl.int64)
     rn = (pid - first) * BN + tl.arange(0, BN)
     rm = tl.program_id(1) * MR + tl.arange(0, MR)
     ok_n = rn < N
     rows = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_words  # past-the-end rows read the last
-    xr = x + rm.to(tl.int64)[:, None, None] * sxm
+    xrow = rm.to(tl.int64)[:, None, None]
+    xr = x + xrow * sxm
+    xdsr = xds + xrow * (n_chunks * 16)
     xok = (rm < M)[:, None, None] | X_EVEN
     acc = tl.zeros((MR, BN, KB * 4, 1), dtype=tl.float32)
     if GLU:
         acc_u = tl.zeros((MR, BN, KB * 4, 1), dtype=tl.float32)
     for kb0 in range(0, n_chunks, KB):
-        acc = _step(acc, xr, xok, w32, w16, raw8, halfs, off + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
+        if X8:
+            acc = step8(acc, xr, xdsr, xok, w32, off + rows, kb0, n_chunks, KB, EVEN, ASM)
+        else:
+            acc = _step(acc, xr, xok, w32, w16, raw8, halfs, off + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
         if GLU:
-            acc_u = _step(acc_u, xr, xok, w32, w16, raw8, halfs, off1.to(tl.int64) + rows, kb0, n_chunks, nblk,
-                          QT, KB, EVEN)
+            if X8:
+                acc_u = step8(acc_u, xr, xdsr, xok, w32, up + rows, kb0, n_chunks, KB, EVEN, ASM)
+            else:
+                acc_u = _step(acc_u, xr, xok, w32, w16, raw8, halfs, up + rows, kb0, n_chunks,
+                              nblk, QT, KB, EVEN)
     dt = out.dtype.element_ty
     y = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)  # [MR, BN], rounded as a separate launch's
     mask = (rm < M)[:, None] & ok_n[None, :]
@@ -335,11 +343,11 @@ def many_supported(raws: list[torch.Tensor], qtype: int) -> bool:
 
 def gemv_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[int], K: int, row_bytes: int,
               nblk: int, MR: int, BN: int, KB: int, warps: int, interpret: bool, glu: bool = False,
-              residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+              residual: torch.Tensor | None = None, x8: bool = False) -> list[torch.Tensor]:
     """x [M, K] by 1 to 3 matrices of one type (their blocks `raws`, [Ns[s], K] each; the caller
     checked `many_supported`) in one launch: the [M, N_s] products (NOTE [ several matrices a
     launch ]); `glu`: [SiLU(x @ W_0^T) * (x @ W_1^T)] (Ns equal); `residual` [M, N_0]: added to the
-    one product."""
+    one product; `x8`: on x quantized to int8 (NOTE [ int8 activations ] in qgemv8.py)."""
     S = len(raws)
     if not 1 <= S <= 3 or (glu and (S != 2 or Ns[0] != Ns[1])) or (residual is not None and S != 1 and not glu):
         raise ValueError(f"gemv_many takes 1 to 3 matrices (2 of one shape with glu, a residual with one); got {Ns}")
@@ -363,11 +371,12 @@ def gemv_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[in
     res = residual if residual is not None else out
     if residual is not None and (residual.shape != (M, Ns[0]) or not residual.is_contiguous() or residual.dtype != x.dtype):
         raise ValueError(f"gemv_many's residual must be a contiguous [{M}, {Ns[0]}] tensor of x's dtype")
+    xa, xds, sxm = _activations(x, qtype, K, x8, interpret)
     gemv_many_kernel[(sum(progs), triton.cdiv(M, MR))](
-        x, words, words, base, base.view(torch.float16), out, res, M, n_chunks, nblk, row_bytes // wb, x.stride(0),
+        xa, xds, words, words, base, base.view(torch.float16), out, res, M, n_chunks, nblk, row_bytes // wb, sxm,
         offs[0], offs[1], offs[2], n[0], n[1], n[2], p1, p2, o1, o2,
         QT=qtype, MR=MR, BN=BN, KB=KB, EVEN=n_chunks % KB == 0 and K % 256 == 0, X_EVEN=M % MR == 0,
-        GLU=glu, HAS_RES=residual is not None, **kw)
+        GLU=glu, HAS_RES=residual is not None, X8=x8, ASM=not interpret, OFF4=all(o % 4 == 0 for o in offs), **kw)
     if glu:
         return [out.view(M, Ns[0])]
     outs, at = [], 0
@@ -382,17 +391,31 @@ def supports(raw: torch.Tensor, qtype: int) -> bool:
     return qtype in WORD_BYTES and (WORD_BYTES[qtype] == 2 or raw.storage_offset() % 4 == 0)
 
 
+def _activations(x: torch.Tensor, qtype: int, K: int, x8: bool, interpret: bool) -> tuple:
+    """The kernels' x, xds and x's row stride: x itself, or with `x8` its int8 quantization as 32-bit
+    words and its blocks' scales and sums (qgemv8.quantize_x; Q4_K)."""
+    if not x8:
+        return x, x, x.stride(0)
+    if qtype not in X8_TYPES or K % 256:
+        raise ValueError(f"int8 activations take Q4_K with K a multiple of 256, not type {qtype} at K {K}")
+    xq, xds = quantize_x(x, interpret)
+    return xq.view(torch.int32), xds, K // 4
+
+
 def gemv(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, row_bytes: int, nblk: int,
-         bias: torch.Tensor | None, MR: int, BN: int, KB: int, warps: int, interpret: bool) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) by gemv_kernel (the caller checked the blocks): a new [M, N] tensor."""
+         bias: torch.Tensor | None, MR: int, BN: int, KB: int, warps: int, interpret: bool,
+         x8: bool = False) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) by gemv_kernel (the caller checked the blocks): a new [M, N] tensor;
+    `x8`: on x quantized to int8 (NOTE [ int8 activations ] in qgemv8.py)."""
     M = x.shape[0]
     wb = WORD_BYTES[qtype]
     n_chunks = triton.cdiv(K, 256)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     words = raw.view(torch.int32 if wb == 4 else torch.int16)
     kw = {} if interpret else {"num_warps": warps}
+    xa, xds, sxm = _activations(x, qtype, K, x8, interpret)
     gemv_kernel[(triton.cdiv(N, BN), triton.cdiv(M, MR))](
-        x, words, words, raw, raw.view(torch.float16), out, bias if bias is not None else out, M, N, n_chunks, nblk,
-        row_bytes // wb, x.stride(0), N, QT=qtype, MR=MR, BN=BN, KB=KB, HAS_BIAS=bias is not None,
-        EVEN=n_chunks % KB == 0 and K % 256 == 0, X_EVEN=M % MR == 0, **kw)
+        xa, xds, words, words, raw, raw.view(torch.float16), out, bias if bias is not None else out, M, N,
+        n_chunks, nblk, row_bytes // wb, sxm, N, QT=qtype, MR=MR, BN=BN, KB=KB, HAS_BIAS=bias is not None,
+        EVEN=n_chunks % KB == 0 and K % 256 == 0, X_EVEN=M % MR == 0, X8=x8, ASM=not interpret, **kw)
     return out

@@ -28,6 +28,7 @@ from layerstream.compute.kernel_shapes import SMALL_SPLITS, TARGET_PROGRAMS, sma
 from layerstream.compute.qkernels_rows import PHASES, rows_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV_KINDS = ("gemv", "gemv8")  # qgemv's configurations: on x as it is, on x quantized to int8 (qgemv8.py)
 
 # qtype id -> (bytes per block, values per block, parts per chunk, groups G, run length L)
 GEOMETRY = {
@@ -296,13 +297,17 @@ def _gemv_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     on smaller ones (SmolLM2's, the 1B's and the MoE's attention) one or two rows where K takes at
     most two steps, which saves the split-K kernel's second launch that dominates a tiny matrix's
     time. One warp a program, its 32 lanes on 8 chunks; on 1024 to 2047 rows of W, two warps on 16
-    chunks."""
+    chunks. ("gemv8", ...) for Q4_K at one row on 2048 rows or more: x quantized to int8
+    (qgemv8.py), 1.05x the float step on 4096 x 4096, 1.5x on the FFN's matrices and 1.8x on a Q4_K
+    head; on 1024 rows it measured 5% slower (BENCHMARKS.md, "GEMV on int8 activations")."""
     if N < 1024 or K < 4096:
         return ("gemv", M, 1, 8, 1) if 1 <= M <= 2 and K <= 4096 else None
     if qtype not in (12, 13, 14, 8):
         return None
     if M == 1:
-        return ("gemv", 1, 1, 8, 1) if N >= 2048 else ("gemv", 1, 1, 16, 2)
+        if N >= 2048:
+            return ("gemv8" if qtype in qgemv.X8_TYPES else "gemv", 1, 1, 8, 1)
+        return ("gemv", 1, 1, 16, 2)
     if M == 2:
         return ("gemv", 2, 2, 8, 1) if N >= 4096 else ("gemv", 2, 1, 8, 1)
     if M <= 4 and qtype == 12:
@@ -374,11 +379,11 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
     config = config or _choose(M, N, K, qtype)
-    if (config[0] == "gemv" and not qgemv.supports(raw, qtype)) or (config[0] == "small" and not qsmall.supports(raw, qtype, K)):
+    if (config[0] in GEMV_KINDS and not qgemv.supports(raw, qtype)) or (config[0] == "small" and not qsmall.supports(raw, qtype, K)):
         config = _rows_or_split(M, N, K, qtype)  # words not aligned: the other kernels
-    if config[0] == "gemv":
+    if config[0] in GEMV_KINDS:
         _, MR, BN, KB, warps = config
-        return qgemv.gemv(x, raw, qtype, N, K, row_bytes, nblk, bias, MR, BN, KB, warps, INTERPRET)
+        return qgemv.gemv(x, raw, qtype, N, K, row_bytes, nblk, bias, MR, BN, KB, warps, INTERPRET, config[0] == "gemv8")
     if config[0] == "small":
         _, MP, BN, warps, stages, splits = config
         return qsmall.small_matmul(x, raw, qtype, N, K, bias, MP, BN, warps, stages, splits, INTERPRET)
@@ -456,8 +461,9 @@ def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[
     if x.stride(-1) != 1:
         x = x.contiguous()
     config = config or _many_config(x.shape[0], Ns, K, qtype)
-    if config is None or config[0] != "gemv":
+    if config is None or config[0] not in GEMV_KINDS:
         return None
     _, MR, BN, KB, warps = config
     ts, nblk, row_bytes = _geometry(qtype, K)[:3]
-    return qgemv.gemv_many(x, raws, qtype, Ns, K, row_bytes, nblk, MR, BN, KB, warps, INTERPRET, glu, residual)
+    return qgemv.gemv_many(x, raws, qtype, Ns, K, row_bytes, nblk, MR, BN, KB, warps, INTERPRET, glu, residual,
+                           config[0] == "gemv8")

@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf.quants import dequantize as gguf_dequantize
 
 pytest.importorskip("triton")
-from layerstream.compute import qgemv, qkernels  # noqa: E402
+from layerstream.compute import qgemv, qgemv8, qkernels  # noqa: E402
 from tests.compute.test_qkernels import random_blocks  # noqa: E402
 
 TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
@@ -22,6 +22,17 @@ def reference(b: np.ndarray, qt: QT, N: int, K: int) -> torch.Tensor:
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def int8_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the GEMV on int8 activations reads it, written out here in float32 as
+    qgemv8.quantize_x's rule says: each block of 32 rounded (ties away from zero) to int8 steps of
+    max |x| / 127; float64 on x's device."""
+    v = x.float().reshape(x.shape[0], -1, 32)
+    dx = v.abs().amax(-1, keepdim=True) / 127.0
+    f = v * (1.0 / torch.where(dx > 0, dx, torch.ones_like(dx)))
+    q = torch.where(f >= 0, f + 0.5, f - 0.5).trunc()
+    return (q.double() * dx.double()).reshape(x.shape)
 
 
 def test_gemv_covers_the_types_it_claims():
@@ -55,6 +66,47 @@ def test_gemv_matches_float64_over_gguf_dequantization(qt):
             assert err < 1e-5, f"{qt.name} [{N}, {K}] M={M} {config}: rel err {err:.2e}"
 
 
+def test_quantize_x_is_int8_blocks_of_32_with_their_scales_and_sums():
+    """quantize_x against the rule written out (int8_x): int8 values, each block's scale and the sum
+    of its dequantized values; a row of zeros gives zeros (no NaN from its scale of 0)."""
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(5)) * torch.tensor([[1.0], [0.0], [30.0]])
+    xq, xds = qgemv8.quantize_x(x, interpret=True)
+    assert xq.dtype == torch.int8 and xds.shape == (3, 16, 2) and xds.dtype == torch.float32
+    xd, xs = xds[..., 0].double(), xds[..., 1].double()
+    want = int8_x(x)
+    got = xq.double().view(3, 16, 32) * xd[:, :, None]
+    assert torch.equal(got.view(3, 512), want)
+    assert torch.allclose(xd * 127, x.double().view(3, 16, 32).abs().amax(-1), rtol=1e-6)
+    assert torch.allclose(xs, want.view(3, 16, 32).sum(-1), rtol=1e-5, atol=1e-6)
+    assert not xq[1].any() and not xds[1].any()
+    assert (got.view(3, 512) - x.double()).abs().max() <= xd.max() / 2 * (1 + 1e-6)
+
+
+def test_gemv_on_int8_x_matches_float64_over_the_int8_x():
+    """The int8-activation step on Q4_K (qgemv8.step8: the dot's bytes summed as dp4a sums them), 1
+    and 3 rows of x in tiles of 1, 4 and 2, K of 3 chunks in masked steps of 2, 3 rows of W one or
+    two a program: within float32 rounding of float64 over gguf-py's W and the int8 x, and within the
+    int8 rounding (a few parts in a thousand) of x itself; other types refused."""
+    qt = QT.Q4_K
+    rng = np.random.default_rng(800 + int(qt))
+    gen = torch.Generator().manual_seed(int(qt))
+    N, K = 3, 768
+    b = random_blocks(rng, qt, N, K)
+    ref_w = reference(b, qt, N, K)
+    raw = torch.from_numpy(b.reshape(-1).copy())
+    for M, config in ((1, ("gemv8", 1, 2, 1, 1)), (3, ("gemv8", 4, 1, 2, 1)), (3, ("gemv8", 2, 2, 1, 1))):
+        x = torch.randn(M, K, generator=gen)
+        y = qkernels.matmul(x, raw, int(qt), N, K, config=config)
+        assert y.shape == (M, N) and y.dtype == x.dtype
+        err = rel_err(y, int8_x(x) @ ref_w.T)
+        assert err < 1e-5, f"{qt.name} M={M} {config}: rel err {err:.2e}"
+        assert rel_err(y, x.double() @ ref_w.T) < 2e-2
+    for other in (QT.Q6_K, QT.Q8_0):
+        blocks = torch.from_numpy(random_blocks(rng, other, 1, 256).reshape(-1).copy())
+        with pytest.raises(ValueError, match="int8 activations take Q4_K"):
+            qkernels.matmul(torch.randn(1, 256), blocks, int(other), 1, 256, config=("gemv8", 1, 1, 1, 1))
+
+
 def q4k_two_bytes_in(rng, N: int, K: int) -> tuple[np.ndarray, torch.Tensor]:
     """Random Q4_K blocks [N, K] (flat) and a storage holding them from its third byte on."""
     b = random_blocks(rng, QT.Q4_K, N, K).reshape(-1)
@@ -79,9 +131,19 @@ def test_choose_takes_gemv_where_it_measured_faster():
     """On a GPU, on matrices of at least 1024 x 4096: the measured types (Q4_K, Q5_K, Q6_K, Q8_0) at
     1 and 2 rows, Q4_K at 3 and 4; on smaller ones every qgemv type at 1 and 2 rows where K is at
     most 4096; more rows, the other types (Q4_0 to Q5_1 on the 8B's matrices too), K over 4096 on
-    a small matrix and Triton's interpreter keep the other kernels. A chosen configuration has 2
-    to 4 rows of x a program (1 alone) and a slice on every lane."""
-    choose = lambda M, qt, N=4096, K=4096, interpret=False: qkernels._choose(M, N, K, int(qt), interpret=interpret)[0]  # noqa: E731
+    a small matrix and Triton's interpreter keep the other kernels. At one row, Q4_K on 2048 rows
+    or more takes x as int8 ("gemv8", qgemv8.py). A chosen configuration has 2 to 4 rows of x a
+    program (1 alone) and a slice on every lane."""
+    def choose(M, qt, N=4096, K=4096, interpret=False):
+        kind = qkernels._choose(M, N, K, int(qt), interpret=interpret)[0]
+        if kind == "gemv8":
+            assert M == 1 and int(qt) in qgemv8.TYPES and N >= 2048 and K >= 4096, (M, qt, N, K)
+            return "gemv"
+        return kind
+
+    assert qkernels._choose(1, 14336, 4096, int(QT.Q4_K), interpret=False)[0] == "gemv8"
+    assert qkernels._choose(1, 4096, 14336, int(QT.Q6_K), interpret=False)[0] == "gemv"
+    assert qkernels._choose(1, 1024, 4096, int(QT.Q4_K), interpret=False)[0] == "gemv"
     # (Q4_K from 2 rows on 4096 rows or more and Q6_K from 3 go to qsmall: test_qsmall.py)
     assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in TYPES[:4] for N in (1024, 14336, 128256)
                for K in (4096, 14336) if (M, qt) != (2, QT.Q4_K) or N == 1024 or N == 128256)
@@ -110,7 +172,8 @@ def test_gemv_full_size_on_cuda(qt):
     at 3 or 4 rows but for Q4_K), and in the GEMV's on one warp, and with 2 rows of W on two warps
     at one row (a masked last program on 333 and 1027 rows): within float16 output rounding of
     float64, float32 activations within float32 rounding, bfloat16 ones within theirs, and the same
-    bits on a second call."""
+    bits on a second call. Q4_K also on int8 x (gemv8, which _choose takes at one row on the large
+    matrices), against float64 over the int8 x (int8_x)."""
     rng = np.random.default_rng(900 + int(qt))
     legacy = qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)  # (their one code path: fewer shapes)
     small = [(1536, 576)] if GGML_QUANT_SIZES[qt][0] == 32 else []  # SmolLM2's K
@@ -120,11 +183,15 @@ def test_gemv_full_size_on_cuda(qt):
         ref_w = reference(b, qt, N, K).cuda()
         cases = [(M, torch.float16, (None, ("gemv", 1 << (M - 1).bit_length(), 1, 8, 1))) for M in (1, 2, 3, 4)]
         cases += [(1, torch.float16, (("gemv", 1, 2, 16, 2),)), (1, torch.float32, (None,)), (2, torch.bfloat16, (None,))]
+        if int(qt) in qgemv8.TYPES:  # on int8 x: the configurations _choose takes at one row, and 2 rows
+            cases += [(1, torch.float16, (("gemv8", 1, 1, 8, 1), ("gemv8", 1, 1, 16, 2))),
+                      (2, torch.float16, (("gemv8", 2, 2, 8, 1),))]
         for M, dt, configs in cases:
             x = torch.randn(M, K, device="cuda", dtype=dt)
-            ref = x.double() @ ref_w.T
             tol = {torch.float16: 2e-3, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dt]
             for config in configs:
+                kind = (config or qkernels._choose(M, N, K, int(qt)))[0]
+                ref = (int8_x(x) if kind == "gemv8" else x.double()) @ ref_w.T
                 y = qkernels.matmul(x, raw, int(qt), N, K, config=config)
                 err = rel_err(y, ref)
                 assert err < tol, f"{qt.name} [{N}, {K}] M={M} {dt} {config}: rel err {err:.2e}"

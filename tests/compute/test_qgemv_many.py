@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 pytest.importorskip("triton")
 from layerstream.compute import model, qgemv, qkernels, qlinear  # noqa: E402
 from layerstream.compute.qlinear import QuantWeight  # noqa: E402
-from tests.compute.test_qgemv import TYPES, reference, rel_err  # noqa: E402
+from tests.compute.test_qgemv import TYPES, int8_x, reference, rel_err  # noqa: E402
 from tests.compute.test_qkernels import random_blocks  # noqa: E402
 
 
@@ -89,6 +89,30 @@ def test_residual_in_the_epilogue_is_the_separate_add():
     assert torch.equal(y, res + qkernels.matmul(x, raw, int(QT.Q4_K), N, K, config=cfg))
     with pytest.raises(ValueError, match="residual"):
         qkernels.matmul_many(x, [raw], int(QT.Q4_K), [N], K, residual=res[:, :4].contiguous(), config=cfg)
+
+
+def test_one_launch_on_int8_x_is_the_separate_launches():
+    """On int8 x (gemv8, Q4_K): q/k/v-like segments bit for bit as separate gemv8 launches and within float32
+    rounding of float64 over the int8 x; gate and up with SiLU, and one matrix with a residual, in
+    float16 as the separate launches and ops."""
+    qt = QT.Q4_K
+    rng = np.random.default_rng(60 + int(qt))
+    gen = torch.Generator().manual_seed(60)
+    K, Ns = 512, [5, 3, 4]
+    blocks = [random_blocks(rng, qt, n, K) for n in Ns]
+    raws = in_one_store(blocks, [1, 2, 0])
+    cfg = ("gemv8", 2, 4, 1, 1)
+    x = torch.randn(3, K, generator=gen)
+    for y, raw, n, b in zip(qkernels.matmul_many(x, raws, int(qt), Ns, K, config=cfg), raws, Ns, blocks):
+        assert torch.equal(y, qkernels.matmul(x, raw, int(qt), n, K, config=cfg))
+        assert rel_err(y, int8_x(x) @ reference(b, qt, n, K).T) < 1e-5
+    xh = x.half()
+    (a,) = qkernels.matmul_many(xh, [raws[0], raws[0]], int(qt), [5, 5], K, glu=True, config=cfg)  # gate = up
+    g = qkernels.matmul(xh, raws[0], int(qt), 5, K, config=cfg)
+    assert torch.allclose(a.float(), (F.silu(g) * g).float(), rtol=2e-3, atol=1e-4)
+    res = torch.randn(3, 5, generator=gen).half()
+    (y,) = qkernels.matmul_many(xh, [raws[0]], int(qt), [5], K, residual=res, config=cfg)
+    assert torch.equal(y, res + g)
 
 
 def test_what_one_launch_does_not_take():
