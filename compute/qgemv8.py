@@ -132,8 +132,9 @@ def quantize_x_kernel(x, xq, xds, n_blocks, sxm, BLOCKS: tl.constexpr):
     ok = blk < n_blocks
     offs = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
     v = tl.load(x + m.to(tl.int64) * sxm + offs, mask=ok[:, None], other=0).to(tl.float32)
-    dx = tl.max(tl.abs(v), axis=1) / 127.0
-    f = v * (1.0 / tl.where(dx > 0, dx, 1.0))[:, None]  # (a block of zeros: zeros)
+    # IEEE divisions (Triton's `/` on float32 is the approximate one), so that the rounding is the rule's
+    dx = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0)
+    f = v * tl.math.div_rn(1.0, tl.where(dx > 0, dx, 1.0))[:, None]  # (a block of zeros: zeros)
     qi = tl.where(f >= 0, f + 0.5, f - 0.5).to(tl.int32)  # truncation after +-0.5: ties away from zero
     row = m.to(tl.int64) * n_blocks
     tl.store(xq + row * 32 + offs, qi.to(tl.int8), mask=ok[:, None])

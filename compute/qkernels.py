@@ -343,6 +343,14 @@ def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> 
     return gemv if gemv is not None else _rows_or_split(M, N, K, qtype, interpret)
 
 
+def _float_x(config: tuple | None, x: torch.Tensor) -> tuple | None:
+    """A chosen configuration, with float32 x kept off int8 (gemv8 -> gemv): float32 activations are
+    asked for their precision, which x's rounding to int8 (a few parts in a thousand) would undo."""
+    if config is not None and config[0] == "gemv8" and x.dtype == torch.float32:
+        return ("gemv", *config[1:])
+    return config
+
+
 def _rows_or_split(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:
     """("rows", MR, BN, KB, num_warps) where `rows_kernel` measured faster than `_matmul_kernel` on
     an H200 (NOTE [ the fused matmul by whole rows ] in qkernels_rows.py: the best of a sweep on the
@@ -378,7 +386,7 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     M = x.shape[0]
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
-    config = config or _choose(M, N, K, qtype)
+    config = config or _float_x(_choose(M, N, K, qtype), x)
     if (config[0] in GEMV_KINDS and not qgemv.supports(raw, qtype)) or (config[0] == "small" and not qsmall.supports(raw, qtype, K)):
         config = _rows_or_split(M, N, K, qtype)  # words not aligned: the other kernels
     if config[0] in GEMV_KINDS:
@@ -460,7 +468,7 @@ def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[
         _check(raw, qtype, n, K)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    config = config or _many_config(x.shape[0], Ns, K, qtype)
+    config = config or _float_x(_many_config(x.shape[0], Ns, K, qtype), x)
     if config is None or config[0] not in GEMV_KINDS:
         return None
     _, MR, BN, KB, warps = config

@@ -11,7 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 pytest.importorskip("triton")
 from layerstream.compute import qgemv, qgemv8, qkernels  # noqa: E402
-from tests.compute.test_qkernels import random_blocks  # noqa: E402
+from tests.compute.test_qkernels import int8_x, random_blocks  # noqa: E402
 
 TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
 
@@ -22,17 +22,6 @@ def reference(b: np.ndarray, qt: QT, N: int, K: int) -> torch.Tensor:
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
-
-
-def int8_x(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the GEMV on int8 activations reads it, written out here in float32 as
-    qgemv8.quantize_x's rule says: each block of 32 rounded (ties away from zero) to int8 steps of
-    max |x| / 127; float64 on x's device."""
-    v = x.float().reshape(x.shape[0], -1, 32)
-    dx = v.abs().amax(-1, keepdim=True) / 127.0
-    f = v * (1.0 / torch.where(dx > 0, dx, torch.ones_like(dx)))
-    q = torch.where(f >= 0, f + 0.5, f - 0.5).trunc()
-    return (q.double() * dx.double()).reshape(x.shape)
 
 
 def test_gemv_covers_the_types_it_claims():
@@ -144,6 +133,11 @@ def test_choose_takes_gemv_where_it_measured_faster():
     assert qkernels._choose(1, 14336, 4096, int(QT.Q4_K), interpret=False)[0] == "gemv8"
     assert qkernels._choose(1, 4096, 14336, int(QT.Q6_K), interpret=False)[0] == "gemv"
     assert qkernels._choose(1, 1024, 4096, int(QT.Q4_K), interpret=False)[0] == "gemv"
+    # float32 activations keep the float step where the choice was int8's
+    cfg = qkernels._choose(1, 14336, 4096, int(QT.Q4_K), interpret=False)
+    assert qkernels._float_x(cfg, torch.zeros(1, 1, dtype=torch.float32)) == ("gemv", *cfg[1:])
+    assert qkernels._float_x(cfg, torch.zeros(1, 1, dtype=torch.float16)) == cfg
+    assert qkernels._float_x(None, torch.zeros(1, 1)) is None
     # (Q4_K from 2 rows on 4096 rows or more and Q6_K from 3 go to qsmall: test_qsmall.py)
     assert all(choose(M, qt, N, K) == "gemv" for M in (1, 2) for qt in TYPES[:4] for N in (1024, 14336, 128256)
                for K in (4096, 14336) if (M, qt) != (2, QT.Q4_K) or N == 1024 or N == 128256)
@@ -190,7 +184,7 @@ def test_gemv_full_size_on_cuda(qt):
             x = torch.randn(M, K, device="cuda", dtype=dt)
             tol = {torch.float16: 2e-3, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dt]
             for config in configs:
-                kind = (config or qkernels._choose(M, N, K, int(qt)))[0]
+                kind = (config or qkernels._float_x(qkernels._choose(M, N, K, int(qt)), x))[0]
                 ref = (int8_x(x) if kind == "gemv8" else x.double()) @ ref_w.T
                 y = qkernels.matmul(x, raw, int(qt), N, K, config=config)
                 err = rel_err(y, ref)

@@ -13,8 +13,8 @@ from gguf import GGMLQuantizationType as QT
 pytest.importorskip("triton")
 from layerstream.compute import model, qgemv, qkernels, qlinear  # noqa: E402
 from layerstream.compute.qlinear import QuantWeight  # noqa: E402
-from tests.compute.test_qgemv import TYPES, int8_x, reference, rel_err  # noqa: E402
-from tests.compute.test_qkernels import random_blocks  # noqa: E402
+from tests.compute.test_qgemv import TYPES, reference, rel_err  # noqa: E402
+from tests.compute.test_qkernels import int8_x, random_blocks  # noqa: E402
 
 
 def in_one_store(blocks: list[np.ndarray], order: list[int]) -> list[torch.Tensor]:
@@ -107,9 +107,10 @@ def test_one_launch_on_int8_x_is_the_separate_launches():
         assert torch.equal(y, qkernels.matmul(x, raw, int(qt), n, K, config=cfg))
         assert rel_err(y, int8_x(x) @ reference(b, qt, n, K).T) < 1e-5
     xh = x.half()
-    (a,) = qkernels.matmul_many(xh, [raws[0], raws[0]], int(qt), [5, 5], K, glu=True, config=cfg)  # gate = up
-    g = qkernels.matmul(xh, raws[0], int(qt), 5, K, config=cfg)
-    assert torch.allclose(a.float(), (F.silu(g) * g).float(), rtol=2e-3, atol=1e-4)
+    gate_up = in_one_store([blocks[0], random_blocks(rng, qt, 5, K)], [1, 0])
+    (a,) = qkernels.matmul_many(xh, gate_up, int(qt), [5, 5], K, glu=True, config=cfg)
+    g, u = (qkernels.matmul(xh, r, int(qt), 5, K, config=cfg) for r in gate_up)
+    assert torch.allclose(a.float(), (F.silu(g) * u).float(), rtol=2e-3, atol=1e-4)
     res = torch.randn(3, 5, generator=gen).half()
     (y,) = qkernels.matmul_many(xh, [raws[0]], int(qt), [5], K, residual=res, config=cfg)
     assert torch.equal(y, res + g)

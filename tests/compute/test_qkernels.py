@@ -32,6 +32,17 @@ def random_blocks(rng, qt: QT, N: int, K: int) -> np.ndarray:
     return b
 
 
+def int8_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the GEMV on int8 activations reads it, written out here in float32 as
+    qgemv8.quantize_x's rule says: each block of 32 rounded (ties away from zero) to int8 steps of
+    max |x| / 127; float64 on x's device."""
+    v = x.float().reshape(x.shape[0], -1, 32)
+    dx = v.abs().amax(-1, keepdim=True) / 127.0
+    f = v * (1.0 / torch.where(dx > 0, dx, torch.ones_like(dx)))
+    q = torch.where(f >= 0, f + 0.5, f - 0.5).trunc()
+    return (q.double() * dx.double()).reshape(x.shape)
+
+
 def shapes(qt: QT):
     """Odd row counts; K not a multiple of 256 for the 32-value types (a partial last chunk)."""
     out = [(13, 512), (33, 256), (1, 256)]
@@ -203,7 +214,7 @@ def test_bad_blocks_are_refused():
 def test_full_size_on_cuda(qt):
     """Llama-3.1-8B matrix sizes, compiled: bit-exact dequantization, matmul within fp16 rounding
     (through either kernel, as `_choose` picks: Q5_K at 1 to 4 rows, Q6_K at 2 and on 14339 rows at 1 take
-    the rows kernel)."""
+    the rows kernel; Q4_K at one row on 2048 rows or more takes int8 x, against float64 over it)."""
     rng = np.random.default_rng(200 + int(qt))
     for N, K in [(4096, 4096), (1024, 4096), (14336 + 3, 4096)]:
         b = random_blocks(rng, qt, N, K)
@@ -215,7 +226,8 @@ def test_full_size_on_cuda(qt):
         for M, dt in ((1, torch.float16), (2, torch.float16), (4, torch.float16), (16, torch.float16),
                       (16, torch.float32)):
             x = torch.randn(M, K, device="cuda", dtype=dt)
-            ref = x.double() @ ref_w.double().T
+            int8 = qkernels._float_x(qkernels._choose(M, N, K, int(qt)), x)[0] == "gemv8"  # (Q4_K at one row)
+            ref = (int8_x(x) if int8 else x.double()) @ ref_w.double().T
             y = qkernels.matmul(x, raw, int(qt), N, K)
             err = ((y.double() - ref).norm() / ref.norm()).item()
             assert err < (2e-3 if dt == torch.float16 else 1e-5), f"{qt.name} [{N}, {K}] M={M} {dt}: rel err {err:.2e}"
