@@ -22,8 +22,8 @@ Measured on an H200 (BENCHMARKS.md, "GEMV"): 1.1 to 1.7 TB/s on the 8B's matrice
 1.3 to 2x the split-K kernel, and from 1.2x (Q6_K, 4 rows) to 3x at 2 rows. Slices of 16 bytes
 (half the scale work, 11% fewer instructions) and the nibble (or Q6_K's run, Q8_0's block) in
 the lanes (each warp's load of x on 4 lines of 128 bytes instead of 8) both measured slower,
-as did 2 rows of W a program at one row of x, and more warps on a row. Q4_K at one row takes
-qgemv8.py's step on int8 x instead (NOTE [ int8 activations ]): 2.1 TB/s on the FFN's matrices.
+as did 2 rows of W a program at one row of x, and more warps on a row. Q4_K at one row on the
+larger matrices takes qgemv8.py's step on int8 x instead (NOTE [ int8 activations ]), faster there.
 
 Like qkernels.py's kernels, it runs on the CPU under Triton's interpreter for the tests.
 """
@@ -34,10 +34,25 @@ import torch
 import triton
 import triton.language as tl
 
-from layerstream.compute.qgemv8 import TYPES as X8_TYPES, k_scale_min, quantize_x, step8
+from layerstream.compute.qgemv8 import TYPES as X8_TYPES, quantize_x, step8
 
 # qtype id -> bytes a word of gemv_kernel's loads (4: aligned 32-bit words; 2: 16-bit ones)
 WORD_BYTES = {12: 4, 13: 4, 14: 2, 8: 2, 2: 2, 3: 2, 6: 2, 7: 2}
+
+
+@triton.jit
+def k_scale_min(s0, s1, s2, sub: tl.constexpr):
+    """Q4_K's and Q5_K's 6-bit scale and minimum of sub-block `sub` (0..7) from the 12 scale bytes
+    as three little-endian words s0, s1, s2 (int32). s[i] = byte i: sub < 4: sc = s[sub] & 63,
+    mn = s[sub + 4] & 63; sub >= 4: sc = s[sub + 4] & 15 | (s[sub - 4] >> 6) << 4,
+    mn = s[sub + 4] >> 4 | (s[sub] >> 6) << 4."""
+    if sub < 4:
+        sc = (s0 >> (8 * sub)) & 63
+        mn = (s1 >> (8 * sub)) & 63
+    else:
+        sc = ((s2 >> (8 * sub - 32)) & 15) | (((s0 >> (8 * sub - 26)) & 3) << 4)
+        mn = ((s2 >> (8 * sub - 28)) & 15) | (((s1 >> (8 * sub - 26)) & 3) << 4)
+    return sc, mn
 
 
 @triton.jit

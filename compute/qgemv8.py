@@ -3,16 +3,16 @@ instruction (dp4a), the way llama.cpp's mmvq reads K-quants.
 
 NOTE [ int8 activations ]
 Profiled on an H200 (BENCHMARKS.md, "GEMV on int8 activations"), qgemv's float step on Q4_K
-issues about 8.6 instructions a weight, keeps the SM's issue slots 64% busy and reads DRAM at
-30% of its peak: its loop is bound by instructions, not by memory. Here x is quantized once a
+keeps the SM's issue slots busier than DRAM: its loop is bound by instructions (several a weight
+to decode, convert and multiply), not by memory. Here x is quantized once a
 launch (`quantize_x`: int8 in blocks of 32 values, each block's float32 scale and the sum of its
 dequantized values, llama.cpp's q8_1 in float32), and a quant byte's nibble and its x are bytes
 of two 32-bit words: `dp4a` multiplies 4 pairs and adds them in one instruction. A lane takes a
 whole 32-byte group of a chunk (64 values, sub-blocks 2g and 2g + 1) where the float step's lanes
 take 8 bytes: its quants, its 64 int8 x and its two (scale, sum) pairs are 16-byte loads (7 a
 group), and a sub-block's dot is d * sc * (dx * isum) - dmin * m * sum(x). A first form on the
-float step's lanes (8 bytes, x in 4-byte loads, a scale and a sum of 8 per 8 values) ran 1.45x
-slower than the float step: 4 narrow loads per 8 weights.
+float step's lanes (8 bytes, x in 4-byte loads, a scale and a sum of 8 per 8 values) ran slower
+than the float step: 4 narrow loads per 8 weights.
 
 x rounded to int8 in blocks of 32 changes the product by the rounding of x (at most half a step
 of max |x| / 127 a value), as llama.cpp's decode does; the tests compare with float64 over
@@ -31,21 +31,6 @@ import triton.language as tl
 
 # block types with an int8-activation step here (Q4_K)
 TYPES = (12,)
-
-
-@triton.jit
-def k_scale_min(s0, s1, s2, sub: tl.constexpr):
-    """Q4_K's and Q5_K's 6-bit scale and minimum of sub-block `sub` (0..7) from the 12 scale bytes
-    as three little-endian words s0, s1, s2 (int32). s[i] = byte i: sub < 4: sc = s[sub] & 63,
-    mn = s[sub + 4] & 63; sub >= 4: sc = s[sub + 4] & 15 | (s[sub - 4] >> 6) << 4,
-    mn = s[sub + 4] >> 4 | (s[sub] >> 6) << 4."""
-    if sub < 4:
-        sc = (s0 >> (8 * sub)) & 63
-        mn = (s1 >> (8 * sub)) & 63
-    else:
-        sc = ((s2 >> (8 * sub - 32)) & 15) | (((s0 >> (8 * sub - 26)) & 3) << 4)
-        mn = ((s2 >> (8 * sub - 28)) & 15) | (((s1 >> (8 * sub - 26)) & 3) << 4)
-    return sc, mn
 
 
 @triton.jit
@@ -97,7 +82,7 @@ def step8(acc, xr, xdsr, xok, w32, rowb, kb0, n_chunks, KB: tl.constexpr, EVEN: 
     q0, q1, q2, q3 = _split4(tl.load(w32 + base + 4 + g * 8 + j, mask=okb, other=0))
     q4, q5, q6, q7 = _split4(tl.load(w32 + base + 8 + g * 8 + j, mask=okb, other=0))
     dx0, sx0, dx1, sx1 = _split4(tl.load(xdsr + kb * 16 + g * 4 + j, mask=ok, other=0.0))
-    # scale bytes of sub-blocks 2g, 2g + 1 (k_scale_min's rule with sub's byte, 2 * (g % 2) + P, a shift)
+    # scale bytes of sub-blocks 2g, 2g + 1 (qgemv.k_scale_min's rule, sub's byte 2 * (g % 2) + P a shift)
     sh = 16 * (g % 2)
     t0, t1, t2 = s0 >> sh, s1 >> sh, s2 >> sh
     hi = g >= 2

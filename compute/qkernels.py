@@ -298,8 +298,8 @@ def _gemv_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     most two steps, which saves the split-K kernel's second launch that dominates a tiny matrix's
     time. One warp a program, its 32 lanes on 8 chunks; on 1024 to 2047 rows of W, two warps on 16
     chunks. ("gemv8", ...) for Q4_K at one row on 2048 rows or more: x quantized to int8
-    (qgemv8.py), 1.05x the float step on 4096 x 4096, 1.5x on the FFN's matrices and 1.8x on a Q4_K
-    head; on 1024 rows it measured 5% slower (BENCHMARKS.md, "GEMV on int8 activations")."""
+    (qgemv8.py), faster there than the float step, slower on 1024 rows (BENCHMARKS.md, "GEMV on int8
+    activations")."""
     if N < 1024 or K < 4096:
         return ("gemv", M, 1, 8, 1) if 1 <= M <= 2 and K <= 4096 else None
     if qtype not in (12, 13, 14, 8):

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from layerstream.compute.qgemv8 import k_scale_min
+from layerstream.compute.qgemv import k_scale_min
 
 # qtype id -> (bytes a block of 256 values: Q8_0's 8 blocks of 32, scale-word alignment in bytes)
 TYPES = {12: (144, 4), 13: (176, 4), 14: (210, 1), 8: (272, 1)}

@@ -153,7 +153,8 @@ class Pipeline:
         return c
 
     async def _wait_ready(self, idents: list[str], deadline: float | None = None) -> None:
-        deadline = deadline or time.monotonic() + self.cfg.procs.ready_timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.cfg.procs.ready_timeout_s
         await self._run_until(lambda: all(self.sup.children[i].ready is not None for i in idents),
                               deadline, f"start of {', '.join(idents)}")
 
