@@ -41,7 +41,10 @@ BL = 32  # cached slots a program reads per iteration
 TARGET_PROGRAMS = 32 if INTERPRET else 512
 
 
-@triton.jit
+# The slot count and its split are plain arguments, not specialized (their divisibility would be):
+# a decode graph captured at a longer KV bucket then compiles nothing, where a new specialization
+# stalled the step that crossed the bucket (BENCHMARKS.md: SmolLM2 at 1,024 tokens).
+@triton.jit(do_not_specialize=["L", "n_split"])
 def _decode_kernel(q, kc, vc, mask, rows, used, o, part_m, part_l, part_acc, sq_t, sq_h, sk_r, sk_l, sk_h,
                    sv_r, sv_l, sv_h, sm_t, L, n_split, H, scale,
                    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
@@ -88,7 +91,7 @@ def _decode_kernel(q, kc, vc, mask, rows, used, o, part_m, part_l, part_acc, sq_
         tl.store(o + (t * H + h) * D + d, (acc / l_i).to(o.dtype.element_ty), mask=ok_d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_split"])
 def _combine_kernel(part_m, part_l, part_acc, o, n_split, H, D: tl.constexpr, BD: tl.constexpr,
                     BS: tl.constexpr):
     """Query head h of token t: its chunks' partial softmaxes weighted by exp(m_s - max m)."""
@@ -119,7 +122,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if H % Hkv or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or mask.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError(f"decode attention needs H ({H}) a multiple of Hkv ({Hkv}) and contiguous last dims")
     BD = triton.next_power_of_2(D)
-    n_split = max(1, min(triton.cdiv(L, BL), triton.cdiv(TARGET_PROGRAMS, T * H)))  # (each token's chunks: its used slots')
+    most = max(1, triton.cdiv(TARGET_PROGRAMS, T * H))  # (the split at any L: the combine's block, one compile)
+    n_split = max(1, min(triton.cdiv(L, BL), most))  # (each token's chunks: its used slots')
     o = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
     split = n_split > 1
     if split:
@@ -139,7 +143,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                     GROUP=H // Hkv, D=D, BD=BD, BL=BL, SPLIT=split, **kw)
     if split:
         _combine_kernel[(T, H)](part_m, part_l, part_acc, o, n_split, H, D=D, BD=BD,
-                                BS=triton.next_power_of_2(n_split))
+                                BS=triton.next_power_of_2(most))
     return o
 
 

@@ -15,6 +15,18 @@ the layer's last kernel (the copy stream waits on the event recorded at `release
 weights, only after the dequantization that read it. The host waits only for copy events,
 never for the compute stream, so kernels of earlier layers keep the GPU busy while it waits.
 
+NOTE [ copies across the step's end ]
+Once every streamed layer of step n has its copy issued, a VRAM slot that frees (the release of
+one of n's last layers) takes the first streamed layer of step n + 1, if the coordinator has
+announced it (it does once n's layers are all announced and n + 1 was sent: NOTE [ one step
+behind ] in coordinator/core.py). Without this the copy engine idled from the end of n's last
+copy until the host launched n + 1 (the last layer's compute, the head, the sampling, the next
+Forward's own host work), a fixed cost in every pass of a copy-bound plan (BENCHMARKS.md). Such
+a copy is held apart (`VramRing.ahead`) until `set_step(n + 1)`; a step that fails or is
+skipped puts it back into `ready` like the step's own (`abandon`). Only where a layer's copy does
+not depend on its step: no CPU share (the share, so the ranges copied, is chosen per step) and
+no expert steps.
+
 Expert steps of MoE layers (NOTE [ expert streaming ]) are expert_stream.py's; the CPU's share
 of the others, cpu/share.py's (NOTE [ the CPU share ]).
 """
@@ -53,6 +65,8 @@ class VramRing:
         self.freed = [None] * len(self.vram)  # event: dequant done reading that VRAM slot
         self.free_vram = list(range(len(self.vram)))
         self.copies: dict[int, tuple] = {}  # layer -> (vram slot, staging slot, c0, c1, bytes copied)
+        self.ahead: dict[int, tuple] = {}  # the same, copies for step `ahead_step` issued during the step before
+        self.ahead_step = -1
         self.gpu_events: list[tuple] = []
         self.layer_start: dict[int, torch.cuda.Event] = {}
         self.in_use: dict[int, int] = {}  # layer -> VRAM slot its blocks are read from
@@ -106,6 +120,7 @@ class StreamedLayers:
             self.ring.stream = torch.cuda.current_stream(self.device)
             if self.experts is not None:
                 self.experts.cache.stream = self.ring.stream
+            self._take_ahead(step)
             self._issue_copies(0)
 
     def fixed(self, i: int) -> LayerWeights | None:
@@ -233,7 +248,8 @@ class StreamedLayers:
 
     def _issue_copies(self, first: int, pump: bool = True) -> None:
         """Start copies of announced layers first, first+1, ... into free VRAM slots, in order
-        (`pump`: take in the queued announcements first)."""
+        (`pump`: take in the queued announcements first); once every layer of the step has its
+        copy, the next step's first layers (NOTE [ copies across the step's end ])."""
         if pump:
             self.pump(False)
         for j in range(first, len(self.layouts)):
@@ -243,29 +259,69 @@ class StreamedLayers:
                 continue
             key = (self.step_no, j)
             if key not in self.ready:
-                break
+                return
             if self._kept(j):  # nothing to copy ahead: its experts come from the staging slot
                 self.ring.copies[j] = (None, self.ready.pop(key), None, None, 0)
                 continue
             if not self.ring.free_vram:
-                break
-            slot, k = self.ready.pop(key), self.ring.free_vram.pop(0)
-            lay = self.layouts[j]
-            host = torch.from_numpy(self.slot_array(slot)[: lay.nbytes])
-            cs = self.ring.copy_stream
-            c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                return
             split = self.share is not None and self.share.frac and j not in self.resident_ids
-            ranges = self.share.ranges(j, lay, self.share.frac) if split else [(0, lay.nbytes)]
+            ranges = self.share.ranges(j, self.layouts[j], self.share.frac) if split else [(0, self.layouts[j].nbytes)]
             if self._experts_of(j):  # the experts come after the router, those chosen only
-                ranges = _without_experts(lay)
-            with torch.cuda.stream(cs):
-                if self.ring.freed[k] is not None:
-                    cs.wait_event(self.ring.freed[k])  # the dequantization that read slot k has run
-                c0.record(cs)
-                for a, n in ranges:  # with a CPU share, only the device's rows cross PCIe
-                    self.ring.vram[k][a : a + n].copy_(host[a : a + n], non_blocking=True)
-                c1.record(cs)
-            self.ring.copies[j] = (k, slot, c0, c1, sum(n for _, n in ranges))
+                ranges = _without_experts(self.layouts[j])
+            self.ring.copies[j] = self._start_copy(j, self.ready.pop(key), ranges)
+        self._issue_ahead()
+
+    def _issue_ahead(self) -> None:
+        """Copies of step n + 1's first streamed layers into the free VRAM slots, where they may
+        cross the step's end (NOTE [ copies across the step's end ])."""
+        r = self.ring
+        if self.share is not None or self.experts is not None or not r.free_vram:
+            return
+        if len(self.resident) < len(self.resident_ids):
+            return  # the first pass, which loads the resident layers through the ring
+        nxt = self.step_no + 1
+        if r.ahead and r.ahead_step != nxt:
+            return
+        for j in range(len(self.layouts)):
+            if j in self.resident or j in r.ahead:
+                continue
+            key = (nxt, j)
+            if key not in self.ready or not r.free_vram:
+                return
+            r.ahead[j] = self._start_copy(j, self.ready.pop(key), [(0, self.layouts[j].nbytes)])
+            r.ahead_step = nxt
+            self.tl.incr("copies_ahead")
+
+    def _take_ahead(self, step: int) -> None:
+        """At step `step`'s start: the copies issued for it during the step before become its own;
+        any issued for another step (one skipped) go back to `ready`."""
+        r = self.ring
+        if not r.ahead:
+            return
+        if r.ahead_step == step:
+            r.copies.update(r.ahead)
+        else:
+            for j, (k, slot, *_) in r.ahead.items():
+                self.ready[(r.ahead_step, j)] = slot
+                r.free_slot(k, None)  # (the copy stream runs the next copy into it after this one)
+        r.ahead.clear()
+
+    def _start_copy(self, j: int, slot: int, ranges: list[tuple[int, int]]) -> tuple:
+        """Copy `ranges` of layer j's staging slot into a free VRAM slot on the copy stream, after
+        the last reader of that VRAM slot: its `copies` entry."""
+        k = self.ring.free_vram.pop(0)
+        host = torch.from_numpy(self.slot_array(slot)[: self.layouts[j].nbytes])
+        cs = self.ring.copy_stream
+        c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(cs):
+            if self.ring.freed[k] is not None:
+                cs.wait_event(self.ring.freed[k])  # the dequantization that read slot k has run
+            c0.record(cs)
+            for a, n in ranges:  # with a CPU share, only the device's rows cross PCIe
+                self.ring.vram[k][a : a + n].copy_(host[a : a + n], non_blocking=True)
+            c1.record(cs)
+        return k, slot, c0, c1, sum(n for _, n in ranges)
 
     def _layer_cuda(self, i: int, lay: LayerLayout) -> LayerWeights:
         self._count_prefetch(i)  # (takes in the queued announcements)
@@ -348,6 +404,10 @@ class StreamedLayers:
                 self.ready[(step, j)] = slot
                 if k is not None:
                     r.free_slot(k, None)
+            for j, (k, slot, *_) in r.ahead.items():  # (issued for the step after the one running)
+                self.ready[(r.ahead_step, j)] = slot
+                r.free_slot(k, None)
+            r.ahead.clear()
             for k in r.in_use.values():
                 r.free_slot(k, None)
             r.copies.clear()

@@ -14,6 +14,7 @@ def _source(given_back: list):
     # layer 3 copied ahead into VRAM slot 0 from staging slot 7; layer 4's dense part kept (staging slot 8)
     ring.copies = {3: (0, 7, "c0", "c1", 10), 4: (None, 8, None, None, 0)}
     ring.in_use, ring.layer_start, ring.gpu_events = {2: 1}, {2: "d0"}, [("copy", 2, "c0", "c1", 10)]
+    ring.ahead, ring.ahead_step = {}, -1  # (no copy across the step's end with experts)
     kept = ExpertPolicy(1 << 20, "lfu", slots=4)
     kept.put((2, 5), None, set(), 100)
     ahead = PrefetchSets()
