@@ -23,9 +23,11 @@ behind ] in coordinator/core.py). Without this the copy engine idled from the en
 copy until the host launched n + 1 (the last layer's compute, the head, the sampling, the next
 Forward's own host work), a fixed cost in every pass of a copy-bound plan (BENCHMARKS.md). Such
 a copy is held apart (`VramRing.ahead`) until `set_step(n + 1)`; a step that fails or is
-skipped puts it back into `ready` like the step's own (`abandon`). Only where a layer's copy does
-not depend on its step: no CPU share (the share, so the ranges copied, is chosen per step) and
-no expert steps.
+skipped puts it back into `ready` like the step's own (`abandon`). Such a copy is the whole
+layer: right for any CPU share of the next step (a split layer's device rows are a prefix of each
+matrix's bytes, and its CPU rows are packed from the staging slot), so it is made only where this
+step takes no share (a step that does copies less). Not with expert steps, whose copies follow
+the router.
 
 Expert steps of MoE layers (NOTE [ expert streaming ]) are expert_stream.py's; the CPU's share
 of the others, cpu/share.py's (NOTE [ the CPU share ]).
@@ -276,7 +278,7 @@ class StreamedLayers:
         """Copies of step n + 1's first streamed layers into the free VRAM slots, where they may
         cross the step's end (NOTE [ copies across the step's end ])."""
         r = self.ring
-        if self.share is not None or self.experts is not None or not r.free_vram:
+        if (self.share is not None and self.share.frac) or self.experts is not None or not r.free_vram:
             return
         if len(self.resident) < len(self.resident_ids):
             return  # the first pass, which loads the resident layers through the ring

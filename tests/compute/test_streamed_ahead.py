@@ -86,8 +86,8 @@ def test_no_copy_crosses_with_a_cpu_share_experts_or_resident_layers_not_yet_loa
     for change in ("share", "experts", "loading"):
         src = _source()
         src.ready = {(4, 2): 12, (4, 3): 13, (4, 4): 14, (5, 2): 22}
-        if change == "share":
-            src.share = SimpleNamespace(frac=0.0)
+        if change == "share":  # (a share the balancer set to 0 for this step copies across: the last test)
+            src.share = SimpleNamespace(frac=0.3, rows=lambda i, lay, frac: {}, ranges=lambda j, lay, frac: [(0, 7)])
         elif change == "experts":
             src.experts = SimpleNamespace(of=lambda i: False, kept=lambda i: False)
         else:
@@ -122,3 +122,14 @@ def test_a_failed_or_skipped_step_gets_the_copies_back_as_announced():
     src._take_ahead(6)  # step 5 was answered unrun (NOTE [ a failed step ]): its copy is not step 6's
     assert src.ready[(5, 2)] == 22 and not src.ring.ahead and 2 not in src.ring.copies
     assert 0 in src.ring.free_vram
+
+
+def test_a_step_whose_share_is_none_copies_across_whole_layers():
+    src = _source()
+    src.share = SimpleNamespace(frac=0.0)
+    src.ready = {(4, 2): 12, (4, 3): 13, (4, 4): 14, (5, 2): 22}
+    src._issue_copies(0)
+    for i in (2, 3):
+        _take(src, i)
+        _release(src, i)
+    assert list(src.ring.ahead) == [2] and src.ring.ahead[2][4] == 102  # every byte of layer 2
