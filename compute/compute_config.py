@@ -21,6 +21,8 @@ class DevicePlan:
     budget_bytes: int | None = None  # the plan's device budget: torch's allocator is capped at it
     step_tokens: int = 512  # tokens of one step at most (sizes the prompt path's scratch)
     graph_rows: int = 1  # decode steps of up to this many rows replay graphs (the plan counted their memory)
+    logit_rows: int = 64  # rows of logits a step holds at once, wider heads in chunks (plan.py; 64: qlinear.HEAD_CHUNK)
+    dequant_scratch: bool = True  # reserve the prompt path's dequantization buffer (the plan counted it)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from layerstream.compute.dequant import have_triton
 from layerstream.compute.device import computing_form, cuda_visible
 from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_stream import make_expert_stream
-from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES, model_scratch_elems, reserve_scratch
+from layerstream.compute.qlinear import model_scratch_elems, reserve_scratch
 from layerstream.compute.runner import ModelRunner
 from layerstream.compute.slot_returns import SlotReturns
 from layerstream.compute.step_meta import SeqStep
@@ -122,7 +122,7 @@ class ComputeWorker:
         self.index = index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
         self.form = form = computing_form(self.device, cfg.weights)
         quantized = form == "triton"  # the Triton kernels' blocks (their attention, graphs and experts' paths)
-        if quantized and self.device.type == "cuda" and max(plan.step_tokens, cfg.max_seqs) > FUSED_MIN_OF_TYPES:
+        if quantized and self.device.type == "cuda" and plan.dequant_scratch:
             reserve_scratch(self.device, dtype, model_scratch_elems(index))
         t1 = time.monotonic()
         self.glob = GlobalWeights(index, self.device, dtype, quantized=form)
@@ -162,7 +162,7 @@ class ComputeWorker:
         self.runner = ModelRunner(hp, self.glob, self.source, self.device, dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,
-                                  graph_max_tokens=graphs, embed=self.embed)
+                                  graph_max_tokens=graphs, embed=self.embed, head_chunk=plan.logit_rows)
         # one row's sampling graphs in the decode graphs' pool, where the plan counts it (memory.Sizes.graphs)
         self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device,
                                capture=self.runner.capture if graphs else None)

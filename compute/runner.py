@@ -63,8 +63,9 @@ class ModelRunner:
                  ctx: int, max_seqs: int = 1, kv_on_host: bool = False, use_graphs: bool = True,
                  sliding: bool = False, kv_device_layers: int | None = None, triton_attention: bool = False,
                  graph_max_tokens: int | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 verify_rows: int | None = None):
+                 verify_rows: int | None = None, head_chunk: int = HEAD_CHUNK):
         self.hp, self.glob, self.source = hp, glob, source
+        self.head_chunk = head_chunk  # rows of logits at once (NOTE [ rows of logits ] in coordinator/memory.py)
         # NOTE above; 0: verified chunks always run as chunks. By default rows only where the decode
         # attention kernel reads the cache in place (Triton's attention, K stored rotated): the general
         # path gathers a row's whole K and V for each of its rows, T copies of the context (BENCHMARKS.md,
@@ -234,9 +235,10 @@ class ModelRunner:
             return None
         if want == "last":
             x = self._last(x, seqs, tails)
-        if x.shape[0] <= HEAD_CHUNK or self.device.type != "cuda":
+        n = self.head_chunk
+        if x.shape[0] <= n:
             return head_forward(self.hp, x, self.glob.norm, self.glob.head)
-        # every position's logits (evaluation): rows in chunks, each copied out, so the device
-        # holds HEAD_CHUNK rows of logits at most (plan.py counts that)
-        return torch.cat([head_forward(self.hp, x[r : r + HEAD_CHUNK], self.glob.norm, self.glob.head).cpu()
-                          for r in range(0, x.shape[0], HEAD_CHUNK)])
+        # more rows than the plan's (evaluation): in chunks, each copied out, so the device holds n
+        # rows of logits at most (memory.py counts that)
+        return torch.cat([head_forward(self.hp, x[r : r + n], self.glob.norm, self.glob.head).cpu()
+                          for r in range(0, x.shape[0], n)])

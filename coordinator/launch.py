@@ -116,7 +116,7 @@ class Launch:
         plan, cfg = self.plan, self.cfg
         threads = compute_threads(cfg.cpu.threads, self.device.type == "cuda", self.cpu.off, bool(plan.streamed))
         on_device = DevicePlan(plan.resident, plan.vram_slots, plan.kv_device_layers, plan.budget_bytes,
-                               plan.step_tokens, plan.graph_rows)
+                               plan.step_tokens, plan.graph_rows, plan.logit_rows, plan.dequant_scratch)
         experts = ExpertStreamConfig(plan.expert_cache_bytes, plan.dense_resident, cfg.experts.policy,
                                      plan.expert_prefetch,
                                      DONE_BATCH if plan.cache_layers >= len(plan.streamed) else 1)
@@ -166,7 +166,7 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
         quantized=keeps_quantized(device, weights), device_type=device.type, step_tokens=budget.step_tokens,
         max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.experts.cache_gb),
         moe_dense=cfg.experts.moe_dense, vram_slots=budget.vram_slots, expert_prefetch=cfg.experts.prefetch,
-        draft=draft, draft_tokens=draft_tokens,
+        draft=draft, draft_tokens=draft_tokens, evaluates=budget.evaluates,
     )
     cpu = cfg.cpu.parsed.for_device(device.type)
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))

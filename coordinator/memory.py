@@ -249,6 +249,22 @@ class Sizes:
     quantized: bool
     cuda: bool  # the caching allocator's rounding applies (NOTE [ the caching allocator's rounding ])
     sliding: bool
+    evaluates: bool = True  # steps may ask every position's logits (NOTE [ rows of logits ])
+    draft_tokens: int = 0  # tokens a sequence drafts a step (its verifying rows' logits)
+
+    # NOTE [ rows of logits ]
+    # A step that evaluates a text (perplexity) wants every position's logits: the runner computes
+    # them HEAD_CHUNK rows at a time. A run that only generates wants a row a sequence, and a
+    # verifying step 1 + drafts rows a sequence: that many, at most the step's tokens, is what it
+    # holds. The plan counts the run's rows (`logit_rows`) and the runner computes any wider head
+    # in chunks of it, so a generating run asked to evaluate stays within its budget, slower. At
+    # one row the float32 logits (half a MiB at a 128k vocabulary) also stay out of the allocator's
+    # large pool; 64 rows of them were most of a small step's scratch (8B at 4 GiB, 16-token steps).
+    def logit_rows(self, T: int) -> int:
+        """Rows of logits a step of T tokens holds on the device at once (NOTE [ rows of logits ])."""
+        if self.evaluates:
+            return HEAD_CHUNK
+        return max(1, min(T, self.max_seqs * (1 + self.draft_tokens)))
 
     @functools.cached_property
     def slot_bytes(self) -> int:
@@ -328,12 +344,24 @@ class Sizes:
         """The step's short-lived tensors with what the allocator keeps for them (step_peak)."""
         peak, largest = step_peak(self.index.hparams, T, e=self.e, ctx=self.ctx, max_seqs=self.max_seqs,
                                          quantized=self.quantized, cuda=self.cuda, sliding=self.sliding,
-                                         head_chunk=HEAD_CHUNK)
+                                         head_chunk=self.logit_rows(T))
         return transient_reserve(peak, largest, self.cuda)
 
+    @functools.cached_property
+    def fused_rows(self) -> int:
+        """The most rows of x every matrix this model reads as blocks takes on a fused kernel
+        (qlinear's FUSED_MAX_TOKENS_BY_TYPE, over the model's own types and its head): a step of up
+        to that many rows never dequantizes a matrix."""
+        g = self.index.globals
+        mats = [t for layer in self.index.layers for t in layer.values() if len(t.shape) == 2]
+        mats.append(g.get("output.weight") or g["token_embd.weight"])
+        return min((FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS) for t in mats if self.kept_as_blocks(t)),
+                   default=FUSED_MAX_TOKENS)
+
     def dequant_scratch(self, T: int) -> int:
-        """The prompt path's dequantization buffer, reserved at start (compute_proc.py)."""
-        if self.cuda and self.quantized and max(T, self.max_seqs) > FUSED_MIN_OF_TYPES:
+        """The prompt path's dequantization buffer, reserved at start (compute_proc.py) where a step
+        may dequantize (more rows than `fused_rows`)."""
+        if self.cuda and self.quantized and max(T, self.max_seqs) > self.fused_rows:
             return reserved_bytes([model_scratch_elems(self.index) * self.e])
         if not self.cuda and self.quantized and max(T, self.max_seqs) > NATIVE_MAX_ROWS:  # a row chunk's temporaries
             g = self.index.globals
@@ -364,11 +392,7 @@ class Sizes:
         fused kernel (qlinear's FUSED_MAX_TOKENS_BY_TYPE: no dequantization buffer or cuBLAS inside
         a graph), a MoE layer on its grouped kernels, and a verifying step runs as rows up to
         VERIFY_ROWS (runner.py, NOTE [ drafts verified as decode rows ])."""
-        g = self.index.globals
-        mats = [t for layer in self.index.layers for t in layer.values() if len(t.shape) == 2]
-        mats.append(g.get("output.weight") or g["token_embd.weight"])
-        most = min((FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS) for t in mats if self.kept_as_blocks(t)),
-                   default=FUSED_MAX_TOKENS)
+        most = self.fused_rows
         if self.index.hparams.moe.n_expert:
             most = min(most, GROUPED_MAX_TOKENS)
         return max(1, min(VERIFY_ROWS, most))

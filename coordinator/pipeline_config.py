@@ -26,6 +26,7 @@ class Budget:
     prefetch: int | None = None  # layers staged ahead of compute
     step_tokens: int | None = None  # tokens of one forward step at most (default: from the budget)
     vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (default 2)
+    evaluates: bool = True  # steps may ask every position's logits (perplexity); False: a run that only generates
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from layerstream.compute.expert_layout import EXPERT_TENSORS
+from layerstream.compute.qlinear import HEAD_CHUNK
 from layerstream.coordinator.draft_plan import DraftCost, DraftMemory
 from layerstream.coordinator.memory import SLACK_FRACTION, SLACK_MIN, Sizes, mem_available
 from layerstream.errors import ConfigError
@@ -71,6 +72,8 @@ class Plan:
     smaller_step: tuple[int, int] | None = None  # a step size that keeps more layers, and how many (NOTE [ step tokens ])
     draft: DraftMemory | None = None  # a draft model's memory, off the budget before the rest (NOTE above)
     graph_rows: int = 1  # decode steps of 1..graph_rows rows replay graphs (memory.Sizes.graph_rows; compute_proc reads it)
+    logit_rows: int = HEAD_CHUNK  # rows of logits a step holds at once (NOTE [ rows of logits ] in memory.py)
+    dequant_scratch: bool = True  # a step may dequantize a matrix: the compute process reserves the buffer counted
 
     @property
     def host_bytes(self) -> int:
@@ -158,7 +161,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
               expert_cache_bytes: int | None = None, moe_dense: str = "resident",
               vram_slots: int | None = None, expert_prefetch: int | None = None,
               device_type: str | None = None, sliding: bool = False, host_bytes: int | None = None,
-              draft: DraftMemory | None = None, draft_tokens: int = 0) -> tuple[Plan, int]:
+              draft: DraftMemory | None = None, draft_tokens: int = 0, evaluates: bool = True) -> tuple[Plan, int]:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
     vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below).
@@ -167,7 +170,9 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
     available (None: MemAvailable), which the plan's host side must fit (NOTE [ host memory ]);
     `draft`: a draft model's memory, taken off vram_bytes first (NOTE [ the plan counts every byte ]);
     `draft_tokens`: the tokens a sequence drafts a step (a draft model's or prompt lookup's; 0: none),
-    whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows). Returns the plan and
+    whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows); `evaluates`: steps
+    may ask every position's logits (False: the run only generates; NOTE [ rows of logits ] in
+    memory.py). Returns the plan and
     the bytes a decode pass of it moves over the link."""
     budget = vram_bytes  # (the errors name --vram-gb as given)
     if draft is not None and vram_bytes is not None:
@@ -179,7 +184,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
     hp = index.hparams
     n = hp.n_layer
     cuda = quantized if device_type is None else device_type == "cuda"
-    sz = Sizes(index, layouts, dtype_bytes, ctx, max_seqs, quantized, cuda, sliding)
+    sz = Sizes(index, layouts, dtype_bytes, ctx, max_seqs, quantized, cuda, sliding, evaluates, draft_tokens)
     slot_bytes = sz.slot_bytes
     kv_layer = sz.kv_layer
     if step_tokens is not None and step_tokens < 1:
@@ -353,7 +358,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 total, vram_bytes, tuple(parts), expert_cache_bytes=experts if streamed else 0,
                 dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0,
                 kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step, draft=draft,
-                graph_rows=sz.graph_rows(T, draft_tokens) if cuda and quantized else 0)
+                graph_rows=sz.graph_rows(T, draft_tokens) if cuda and quantized else 0,
+                logit_rows=sz.logit_rows(max(T, max_seqs)), dequant_scratch=sz.dequant_scratch(T) > 0)
     return plan, sz.link_bytes(r, kv_dev)
 
 

@@ -101,6 +101,22 @@ def test_logits_come_through_the_engine_core_in_steps(smollm_alone):
         chunked.logits(ids)
 
 
+def test_a_head_narrower_than_the_step_gives_the_same_logits_in_chunks(smollm_alone, monkeypatch):
+    """NOTE [ rows of logits ] in coordinator/memory.py: a run planned to generate holds a few rows of
+    logits; asked to evaluate, its runner computes the head that many rows at a time."""
+    from layerstream.compute import runner as runner_mod
+
+    e = smollm_alone
+    ids = e.tokenizer.encode(TEXT)[:40]
+    whole = e.logits(ids)
+    rows, head = [], runner_mod.head_forward
+    monkeypatch.setattr(runner_mod, "head_forward", lambda hp, x, *a: rows.append(x.shape[0]) or head(hp, x, *a))
+    monkeypatch.setattr(e.backend.runner, "head_chunk", 3)
+    chunked = e.logits(ids)
+    assert max(rows) == 3 and sum(rows) == len(ids)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+
+
 PEAK = textwrap.dedent("""
     import resource, sys
     from layerstream.coordinator.engine import Engine

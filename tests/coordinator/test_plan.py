@@ -175,3 +175,28 @@ def test_a_cuda_device_whose_driver_cannot_start_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"^the CUDA device could not start \(The NVIDIA driver on your system is "
                                           r"too old \(found version 11040\)\.\); update its driver, or give --device cpu$"):
         fit_budget(torch.device("cuda"))
+
+
+def test_a_step_within_the_fused_rows_keeps_no_dequantization_buffer(l8):
+    """The buffer is counted where a step may dequantize: above the fewest rows any of this model's
+    types takes on a fused kernel (the 8B's Q4_K and Q6_K: 16), not above the fewest of every type
+    (Q5_K's 4). At 4 GiB that buffer is the 26th layer."""
+    p16, p17 = plan(l8, 4, ctx=512, step_tokens=16), plan(l8, 4, ctx=512, step_tokens=17)
+    assert not p16.dequant_scratch and "dequantization scratch" not in {k for k, v in p16.parts if v}
+    assert p17.dequant_scratch and dict(p17.parts)["dequantization scratch"] > 0
+    assert len(p16.resident) == 26 and len(p17.resident) == 25, (p16.describe(), p17.describe())
+    default = plan(l8, 4, ctx=512)
+    assert len(default.resident) == 25 and default.smaller_step == (16, 26)
+    assert "--step-tokens 16 would keep 26 layers resident" in default.describe()
+
+
+def test_a_generating_run_counts_its_sampled_rows_of_logits(l8):
+    """NOTE [ rows of logits ]: HEAD_CHUNK rows where steps may evaluate, else a row a sequence (and
+    one a draft token), at most the step's tokens; the scratch follows."""
+    from layerstream.compute.qlinear import HEAD_CHUNK
+
+    ev, gen = plan(l8, 4, ctx=512, step_tokens=64), plan(l8, 4, ctx=512, step_tokens=64, evaluates=False)
+    assert ev.logit_rows == HEAD_CHUNK and gen.logit_rows == 1
+    assert dict(gen.parts)["step scratch"] < dict(ev.parts)["step scratch"]
+    assert plan(l8, 4, ctx=512, max_seqs=4, draft_tokens=3, evaluates=False).logit_rows == 16
+    assert plan(l8, 4, ctx=512, max_seqs=4, draft_tokens=3, step_tokens=8, evaluates=False).logit_rows == 8
