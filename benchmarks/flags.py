@@ -56,12 +56,14 @@ def pipeline_args(p: argparse.ArgumentParser) -> None:
 
 def pipeline_config(args, direct: bool = False, trace: bool = False):
     """The pipeline's options from pipeline_args' flags (O_DIRECT reads and the trace where the
-    stage offers them)."""
+    stage offers them). The stages only generate, so they plan as run-pipeline does without
+    --perplexity (NOTE [ rows of logits ] in coordinator/memory.py)."""
     from layerstream.coordinator import pipeline_config as pc
 
     return pc.PipelineConfig(
         budget=pc.Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, resident_layers=args.resident_layers,
-                         prefetch=args.prefetch, step_tokens=args.step_tokens, vram_slots=args.vram_slots),
+                         prefetch=args.prefetch, step_tokens=args.step_tokens, vram_slots=args.vram_slots,
+                         evaluates=False),
         readers=pc.ReaderOptions(count=args.readers, direct=direct),
         cpu=pc.CpuOptions(share=args.cpu_share, split=args.cpu_split, threads=args.cpu_threads),
         experts=pc.ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch),

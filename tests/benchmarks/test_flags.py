@@ -19,7 +19,7 @@ def said(direct: bool = False, trace: bool = False) -> pc.PipelineConfig:
     """The config FLAGS ask for, written out field by field."""
     return pc.PipelineConfig(
         budget=pc.Budget(vram_gb=3.5, host_cache_gb=2.0, resident_layers=1, kv_on_host=None, prefetch=3, step_tokens=64,
-                      vram_slots=3),
+                      vram_slots=3, evaluates=False),
         readers=pc.ReaderOptions(count=2, dirs=(), threads=None, direct=direct),
         cpu=pc.CpuOptions(share="0.25", split="rows", threads=3),
         experts=pc.ExpertOptions(cache_gb=1.5, moe_dense="stream", policy="lru", prefetch=4),
@@ -65,5 +65,7 @@ def test_the_spec_stage_starts_the_pipeline_its_flags_say(tiny, monkeypatch):
 
 
 def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch):
+    """(but for the rows of logits: the stages only generate, as run-pipeline without --perplexity)"""
     for stage in ("pipeline", "serve", "spec"):
-        assert _started_with(monkeypatch, [stage, "-m", tiny, "--device", "cpu"]) == pc.PipelineConfig(), stage
+        got = _started_with(monkeypatch, [stage, "-m", tiny, "--device", "cpu"])
+        assert got == pc.PipelineConfig(budget=pc.Budget(evaluates=False)), stage

@@ -268,6 +268,28 @@ def test_a_pipeline_run_takes_its_children_from_the_warm_starts(tmp_path, monkey
     assert sorted(taken) == [("compute", True), ("reader", True), ("reader", True), ("staging", True)]
 
 
+def test_only_perplexity_plans_for_every_position_s_logits(tmp_path, monkeypatch):
+    """NOTE [ rows of logits ] in coordinator/memory.py: a run that generates plans the rows it samples."""
+    from layerstream.coordinator import cli
+    from layerstream.errors import ConfigError
+
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox. " * 3)
+    seen = []
+
+    def engine_open(cfg, pcfg=None, **kw):
+        seen.append(pcfg.budget.evaluates)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(Engine, "open", staticmethod(engine_open))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
+    for argv in (["-m", path, "-n", "4", "--device", "cpu", "hello"], ["-m", path, "--perplexity", str(text), "--device", "cpu"]):
+        with pytest.raises(SystemExit, match="1"):
+            cli.main(argv)
+    assert seen == [False, True]
+
+
 def test_perplexity_option(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     text = tmp_path / "t.txt"
