@@ -236,9 +236,9 @@ class ModelRunner:
         if want == "last":
             x = self._last(x, seqs, tails)
         n = self.head_chunk
-        if x.shape[0] <= n:
+        if x.shape[0] <= n or want != "all":  # (sampled rows stay on the device, where their sampler runs)
             return head_forward(self.hp, x, self.glob.norm, self.glob.head)
-        # more rows than the plan's (evaluation): in chunks, each copied out, so the device holds n
-        # rows of logits at most (memory.py counts that)
+        # every position's logits (evaluation), more rows than the plan's: in chunks, each copied
+        # out, so the device holds n rows of logits at most (memory.py counts that)
         return torch.cat([head_forward(self.hp, x[r : r + n], self.glob.norm, self.glob.head).cpu()
                           for r in range(0, x.shape[0], n)])

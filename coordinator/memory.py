@@ -256,8 +256,11 @@ class Sizes:
     # A step that evaluates a text (perplexity) wants every position's logits: the runner computes
     # them HEAD_CHUNK rows at a time. A run that only generates wants a row a sequence, and a
     # verifying step 1 + drafts rows a sequence: that many, at most the step's tokens, is what it
-    # holds. The plan counts the run's rows (`logit_rows`) and the runner computes any wider head
-    # in chunks of it, so a generating run asked to evaluate stays within its budget, slower. At
+    # holds. The plan counts the run's rows (`logit_rows`) and the runner computes a wider head of
+    # every position in chunks of it, so a generating run asked to evaluate stays within its
+    # budget, slower; sampled rows are never chunked (their sampler runs on the device). So only
+    # a run whose drafts a step are known plans this way: the CLI without --perplexity or --serve
+    # (a server's request may ask for more drafts than the command line's) and the benches. At
     # one row the float32 logits (half a MiB at a 128k vocabulary) also stay out of the allocator's
     # large pool; 64 rows of them were most of a small step's scratch (8B at 4 GiB, 16-token steps).
     def logit_rows(self, T: int) -> int:
@@ -350,13 +353,15 @@ class Sizes:
     @functools.cached_property
     def fused_rows(self) -> int:
         """The most rows of x every matrix this model reads as blocks takes on a fused kernel
-        (qlinear's FUSED_MAX_TOKENS_BY_TYPE, over the model's own types and its head): a step of up
-        to that many rows never dequantizes a matrix."""
+        (qlinear's FUSED_MAX_TOKENS_BY_TYPE, over the model's own types, its experts' and its head's;
+        a mixture of experts' grouped kernels up to GROUPED_MAX_TOKENS, above which its prompt path
+        dequantizes the experts): a step of up to that many rows never dequantizes a matrix."""
         g = self.index.globals
-        mats = [t for layer in self.index.layers for t in layer.values() if len(t.shape) == 2]
+        mats = [t for layer in self.index.layers for t in layer.values() if len(t.shape) in (2, 3)]
         mats.append(g.get("output.weight") or g["token_embd.weight"])
-        return min((FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS) for t in mats if self.kept_as_blocks(t)),
+        most = min((FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS) for t in mats if self.kept_as_blocks(t)),
                    default=FUSED_MAX_TOKENS)
+        return min(most, GROUPED_MAX_TOKENS) if self.index.hparams.moe.n_expert else most
 
     def dequant_scratch(self, T: int) -> int:
         """The prompt path's dequantization buffer, reserved at start (compute_proc.py) where a step
@@ -392,10 +397,7 @@ class Sizes:
         fused kernel (qlinear's FUSED_MAX_TOKENS_BY_TYPE: no dequantization buffer or cuBLAS inside
         a graph), a MoE layer on its grouped kernels, and a verifying step runs as rows up to
         VERIFY_ROWS (runner.py, NOTE [ drafts verified as decode rows ])."""
-        most = self.fused_rows
-        if self.index.hparams.moe.n_expert:
-            most = min(most, GROUPED_MAX_TOKENS)
-        return max(1, min(VERIFY_ROWS, most))
+        return max(1, min(VERIFY_ROWS, self.fused_rows))
 
     def graph_rows(self, T: int, draft_tokens: int = 0) -> int:
         """The largest decode batch the pipeline captures in graphs, for steps of T tokens (the plan

@@ -284,10 +284,11 @@ def test_only_perplexity_plans_for_every_position_s_logits(tmp_path, monkeypatch
 
     monkeypatch.setattr(Engine, "open", staticmethod(engine_open))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
-    for argv in (["-m", path, "-n", "4", "--device", "cpu", "hello"], ["-m", path, "--perplexity", str(text), "--device", "cpu"]):
+    for argv in (["-m", path, "-n", "4", "--device", "cpu", "hello"], ["-m", path, "--perplexity", str(text), "--device", "cpu"],
+                 ["-m", path, "--serve", "--port", "0", "--device", "cpu"]):  # (a request may ask for more drafts)
         with pytest.raises(SystemExit, match="1"):
             cli.main(argv)
-    assert seen == [False, True]
+    assert seen == [False, True, True]
 
 
 def test_perplexity_option(tmp_path):

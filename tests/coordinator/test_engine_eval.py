@@ -115,6 +115,15 @@ def test_a_head_narrower_than_the_step_gives_the_same_logits_in_chunks(smollm_al
     chunked = e.logits(ids)
     assert max(rows) == 3 and sum(rows) == len(ids)
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    # sampled rows are never cut (their sampler reads them where they are): 4 sequences' last rows in one
+    rows.clear()
+    taken = [e.core.take_row() for _ in range(4)]
+    try:
+        seqs = [SeqStep(r, ids[:5 + r], list(range(5 + r)), list(range(5 + r)), list(range(5 + r))) for r in taken]
+        assert e.backend.step(seqs, "last").shape[0] == 4 and rows == [4]
+    finally:
+        for r in taken:
+            e.core.give_row(r)
 
 
 PEAK = textwrap.dedent("""

@@ -8,7 +8,7 @@ from layerstream.coordinator.plan import GiB
 from layerstream.errors import ConfigError
 from layerstream.loader.layout import layer_layouts
 from layerstream.loader.synth import shaped_index
-from plans import plan
+from plans import plan, shaped
 
 
 def seg(nbytes: int) -> int:
@@ -188,6 +188,15 @@ def test_a_step_within_the_fused_rows_keeps_no_dequantization_buffer(l8):
     default = plan(l8, 4, ctx=512)
     assert len(default.resident) == 25 and default.smaller_step == (16, 26)
     assert "--step-tokens 16 would keep 26 layers resident" in default.describe()
+
+
+def test_a_mixture_of_experts_keeps_the_buffer_above_its_grouped_kernels_rows():
+    """Its prompt path dequantizes the experts above GROUPED_MAX_TOKENS rows (compute/moe.py)."""
+    from layerstream.compute.moe import GROUPED_MAX_TOKENS
+
+    q = shaped("qwen3-30b-a3b")
+    at = {t: plan(q, 8, ctx=512, step_tokens=t, evaluates=False) for t in (GROUPED_MAX_TOKENS, GROUPED_MAX_TOKENS + 1)}
+    assert not at[GROUPED_MAX_TOKENS].dequant_scratch and at[GROUPED_MAX_TOKENS + 1].dequant_scratch
 
 
 def test_a_generating_run_counts_its_sampled_rows_of_logits(l8):
