@@ -101,7 +101,9 @@ def test_no_copy_crosses_with_a_cpu_share_experts_or_resident_layers_not_yet_loa
         assert not src.ring.ahead and (5, 2) in src.ready, change
 
 
-def test_a_failed_or_skipped_step_gets_the_copies_back_as_announced():
+def _one_copied_ahead():
+    """A 4-layer step 4 whose last layer's copy is issued and whose first streamed one is done: its
+    VRAM slot took step 5's layer 2."""
     src = _source()
     src.ready = {(4, 2): 12, (4, 3): 13, (5, 2): 22}
     src.layouts = src.layouts[:4]
@@ -109,16 +111,16 @@ def test_a_failed_or_skipped_step_gets_the_copies_back_as_announced():
     _take(src, 2)
     _release(src, 2)
     assert list(src.ring.ahead) == [2]
+    return src
+
+
+def test_a_failed_or_skipped_step_gets_the_copies_back_as_announced():
+    src = _one_copied_ahead()
     src.abandon(4, reset_experts=False)  # step 4 failed: step 5's copy goes back under step 5
     assert src.ready == {(4, 3): 13, (5, 2): 22} and not src.ring.ahead
     assert sorted(src.ring.free_vram) == [0, 1]
 
-    src = _source()
-    src.ready = {(4, 2): 12, (4, 3): 13, (5, 2): 22}
-    src.layouts = src.layouts[:4]
-    src._issue_copies(0)
-    _take(src, 2)
-    _release(src, 2)
+    src = _one_copied_ahead()
     src._take_ahead(6)  # step 5 was answered unrun (NOTE [ a failed step ]): its copy is not step 6's
     assert src.ready[(5, 2)] == 22 and not src.ring.ahead and 2 not in src.ring.copies
     assert 0 in src.ring.free_vram
