@@ -21,13 +21,12 @@ one of n's last layers) takes the first streamed layer of step n + 1, if the coo
 announced it (it does once n's layers are all announced and n + 1 was sent: NOTE [ one step
 behind ] in coordinator/core.py). Without this the copy engine idled from the end of n's last
 copy until the host launched n + 1 (the last layer's compute, the head, the sampling, the next
-Forward's own host work), a fixed cost in every pass of a copy-bound plan (BENCHMARKS.md). Such
-a copy is held apart (`VramRing.ahead`) until `set_step(n + 1)`; a step that fails or is
-skipped puts it back into `ready` like the step's own (`abandon`). Such a copy is the whole
-layer: right for any CPU share of the next step (a split layer's device rows are a prefix of each
-matrix's bytes, and its CPU rows are packed from the staging slot), so it is made only where this
-step takes no share (a step that does copies less). Not with expert steps, whose copies follow
-the router.
+Forward's own host work), a fixed cost in every pass of a copy-bound plan (BENCHMARKS.md). These
+copies are held apart (`VramRing.ahead`) until `set_step(n + 1)`; a step that fails or is
+skipped gives them back to `ready` like its own (`abandon`). Each is the whole layer: right for
+any CPU share of the next step (a split layer's device rows are a prefix of each matrix's bytes,
+and its CPU rows are packed from the staging slot), so they are made only where this step takes
+no share (a step that does copies less). Not with expert steps, whose copies follow the router.
 
 Expert steps of MoE layers (NOTE [ expert streaming ]) are expert_stream.py's; the CPU's share
 of the others, cpu/share.py's (NOTE [ the CPU share ]).
@@ -267,10 +266,11 @@ class StreamedLayers:
                 continue
             if not self.ring.free_vram:
                 return
+            lay = self.layouts[j]
             split = self.share is not None and self.share.frac and j not in self.resident_ids
-            ranges = self.share.ranges(j, self.layouts[j], self.share.frac) if split else [(0, self.layouts[j].nbytes)]
+            ranges = self.share.ranges(j, lay, self.share.frac) if split else [(0, lay.nbytes)]
             if self._experts_of(j):  # the experts come after the router, those chosen only
-                ranges = _without_experts(self.layouts[j])
+                ranges = _without_experts(lay)
             self.ring.copies[j] = self._start_copy(j, self.ready.pop(key), ranges)
         self._issue_ahead()
 
@@ -299,14 +299,19 @@ class StreamedLayers:
         """At step `step`'s start: the copies issued for it during the step before become its own;
         any issued for another step (one skipped) go back to `ready`."""
         r = self.ring
-        if not r.ahead:
-            return
         if r.ahead_step == step:
             r.copies.update(r.ahead)
+            r.ahead.clear()
         else:
-            for j, (k, slot, *_) in r.ahead.items():
-                self.ready[(r.ahead_step, j)] = slot
-                r.free_slot(k, None)  # (the copy stream runs the next copy into it after this one)
+            self._give_back_ahead()
+
+    def _give_back_ahead(self) -> None:
+        """The copies issued ahead go back to `ready` under their step, their VRAM slots free (a
+        copy into one runs after theirs on the copy stream)."""
+        r = self.ring
+        for j, (k, slot, *_) in r.ahead.items():
+            self.ready[(r.ahead_step, j)] = slot
+            r.free_slot(k, None)
         r.ahead.clear()
 
     def _start_copy(self, j: int, slot: int, ranges: list[tuple[int, int]]) -> tuple:
@@ -406,10 +411,7 @@ class StreamedLayers:
                 self.ready[(step, j)] = slot
                 if k is not None:
                     r.free_slot(k, None)
-            for j, (k, slot, *_) in r.ahead.items():  # (issued for the step after the one running)
-                self.ready[(r.ahead_step, j)] = slot
-                r.free_slot(k, None)
-            r.ahead.clear()
+            self._give_back_ahead()  # (issued for the step after the one running)
             for k in r.in_use.values():
                 r.free_slot(k, None)
             r.copies.clear()
