@@ -116,3 +116,27 @@ def keeps_quantized(device, weights: str = "auto") -> bool:
     """Whether matrices stay as GGUF blocks on `device` (weights_form is "triton" or "native"): what
     the plan counts."""
     return weights_form(device, weights) != "dense"
+
+
+def triton_cache_dir() -> str:
+    """Where Triton keeps compiled kernels, by its own rule (TRITON_CACHE_DIR, else TRITON_HOME or the
+    home folder's .triton/cache), without importing it."""
+    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache")
+
+
+def first_compile_note(form: str) -> str | None:
+    """A line for a run whose GPU kernels are not compiled yet on this machine (Triton's cache empty
+    or missing, as on a fresh install): its first steps compile them, silently, for tens of seconds
+    (BENCHMARKS.md: a fresh H200 machine's first SmolLM2 steps); None where it is not so."""
+    if form != "triton":
+        return None
+    d = triton_cache_dir()
+    try:
+        with os.scandir(d) as it:
+            if any(True for _ in it):
+                return None
+    except OSError:
+        pass
+    return (f"Triton's kernel cache ({d}) is empty: the first steps compile the GPU kernels, which takes tens "
+            "of seconds once on this machine (later runs load them)")

@@ -151,7 +151,7 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
                 draft_tokens: int = 0) -> Launch:
     """Plan the run (ConfigError where the budgets cannot work); `draft`: a draft model's draft_plan.DraftMemory;
     `draft_tokens`: the tokens a sequence drafts a step (the draft model's or prompt lookup's; 0: none)."""
-    from layerstream.compute.device import keeps_quantized
+    from layerstream.compute.device import first_compile_note, keeps_quantized, weights_form
 
     layouts = layer_layouts(index)
     budget = cfg.budget
@@ -174,6 +174,9 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
     plan = dataclasses.replace(plan, cpu_share_bytes=packed_bytes(streamed, cpu.pack_max, cpu.split))
     log.info("plan: %s", plan.describe())
     log.info("plan, device memory: %s", plan.breakdown())
+    note = first_compile_note(weights_form(device, weights)) if device.type == "cuda" else None
+    if note:
+        log.warning(note)
     if plan.draft is not None and plan.draft.cost is not None and plan.draft.cost.warns():
         log.warning("%s; a larger --vram-gb keeps those layers, and --lookup drafts without memory", plan.draft.line())
     return Launch(index, device, dtype, ctx, max_seqs, cfg, sliding, weights, tuple(layouts), readers, plan, cpu)

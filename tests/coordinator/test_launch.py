@@ -59,3 +59,23 @@ def test_two_steps_ahead_and_the_warm_up_only_where_a_gpu_holds_the_whole_model(
     index = open_model(ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256))
     la = make_launch(index, torch.device("cpu"), torch.float32, 64, 1, PipelineConfig())
     assert not la.plan.streamed and (la.steps_ahead, la.warm_up_pays) == (1, False)  # (the CPU)
+
+
+def test_a_run_without_compiled_kernels_says_its_first_steps_compile_them(tmp_path, monkeypatch):
+    """On a fresh machine Triton's cache is empty and the first steps compile for tens of seconds in
+    silence: the launcher says so once (device.first_compile_note), by Triton's own rule for the folder."""
+    from layerstream.compute.device import first_compile_note, triton_cache_dir
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    assert triton_cache_dir() == str(tmp_path / ".triton" / "cache")
+    assert str(tmp_path / ".triton" / "cache") in first_compile_note("triton")  # (missing)
+    cache = tmp_path / "c"
+    cache.mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    assert str(cache) in first_compile_note("triton")  # (empty)
+    (cache / "KERNELHASH").mkdir()
+    assert first_compile_note("triton") is None
+    for form in ("native", "dense"):
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "none"))
+        assert first_compile_note(form) is None
