@@ -238,7 +238,7 @@ def open_engine(args, index, progress: bool, warm=None):
         pcfg = pc.PipelineConfig(
             budget=pc.Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, resident_layers=args.resident_layers,
                              kv_on_host=args.kv_on_host, prefetch=args.prefetch, step_tokens=args.step_tokens,
-                             vram_slots=args.vram_slots, evaluates=bool(args.perplexity or args.serve)),
+                             vram_slots=args.vram_slots, **pc.budget_use(args)),
             readers=pc.ReaderOptions(args.readers, tuple(args.reader_dir), args.read_threads, args.direct_io),
             cpu=pc.CpuOptions(args.cpu_share, args.cpu_split, args.cpu_threads),
             experts=pc.ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch),

@@ -166,7 +166,7 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
         quantized=keeps_quantized(device, weights), device_type=device.type, step_tokens=budget.step_tokens,
         max_prefetch=index.hparams.n_layer, expert_cache_bytes=_gib(cfg.experts.cache_gb),
         moe_dense=cfg.experts.moe_dense, vram_slots=budget.vram_slots, expert_prefetch=cfg.experts.prefetch,
-        draft=draft, draft_tokens=draft_tokens, evaluates=budget.evaluates,
+        draft=draft, draft_tokens=draft_tokens, evaluates=budget.evaluates, job=budget.job,
     )
     cpu = cfg.cpu.parsed.for_device(device.type)
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))

@@ -27,6 +27,7 @@ class Budget:
     step_tokens: int | None = None  # tokens of one forward step at most (default: from the budget)
     vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (default 2)
     evaluates: bool = True  # steps may ask every position's logits (perplexity); False: a run that only generates
+    job: tuple[int, int] | None = None  # (prompt tokens, reply tokens) of a run that answers one known prompt
 
 
 @dataclass(frozen=True)
@@ -109,3 +110,20 @@ class PipelineConfig:
 
 __all__ = ["Budget", "CpuOptions", "CpuShareConfig", "ExpertOptions", "PipelineConfig", "ProcessOptions",
            "ProgressHook", "ReaderOptions", "parse_cpu_share"]
+
+
+BYTES_A_TOKEN = 4  # a prompt's tokens estimated from its UTF-8 bytes (English text: about four a token)
+
+
+def budget_use(args) -> dict:
+    """The Budget fields run-pipeline's options say about the run's use: whether steps may evaluate
+    every position (`--perplexity`; a server's request may ask for more drafts than the command
+    line's, so it keeps the evaluating plan's rows: NOTE [ rows of logits ] in memory.py), and the
+    job of a run that answers one prompt given on the command line without drafts: the prompt's
+    tokens, about, and -n's (at most 4096: past it the decode passes decide alone), for the plan's
+    step (NOTE [ step tokens ])."""
+    prompt = " ".join(args.prompt)
+    one = bool(prompt) and not (args.serve or args.perplexity or args.lookup or args.draft_model)
+    reply = min(args.max_tokens, 4096)  # (-n -1 is a whole context's: args maps it to the largest)
+    return {"evaluates": bool(args.perplexity or args.serve),
+            "job": (len(prompt.encode()) // BYTES_A_TOKEN + 16, reply) if one else None}

@@ -74,6 +74,7 @@ class Plan:
     graph_rows: int = 1  # decode steps of 1..graph_rows rows replay graphs (memory.Sizes.graph_rows; compute_proc reads it)
     logit_rows: int = HEAD_CHUNK  # rows of logits a step holds at once (NOTE [ rows of logits ] in memory.py)
     dequant_scratch: bool = True  # a step may dequantize a matrix: the compute process reserves the buffer counted
+    for_job: bool = False  # the step was chosen for a known prompt and reply (NOTE [ step tokens ])
 
     @property
     def host_bytes(self) -> int:
@@ -101,6 +102,8 @@ class Plan:
                 + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else "")
                 + (f"; --step-tokens {self.smaller_step[0]} would keep {self.smaller_step[1]} layers resident "
                    "(faster decode, prompts fed in that many tokens a pass)" if self.smaller_step else "")
+                + ("; the step chosen for this prompt and -n (a larger --step-tokens feeds long prompts faster)"
+                   if self.for_job else "")
                 + (f"; decode graphs of up to {self.graph_rows} rows (a verifying step's tokens replay them)"
                    if self.graph_rows > self.kv_rows else "")
                 + (f"; {self.draft.line()}, beside it" if self.draft else ""))
@@ -161,7 +164,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
               expert_cache_bytes: int | None = None, moe_dense: str = "resident",
               vram_slots: int | None = None, expert_prefetch: int | None = None,
               device_type: str | None = None, sliding: bool = False, host_bytes: int | None = None,
-              draft: DraftMemory | None = None, draft_tokens: int = 0, evaluates: bool = True) -> tuple[Plan, int]:
+              draft: DraftMemory | None = None, draft_tokens: int = 0, evaluates: bool = True,
+              job: tuple[int, int] | None = None) -> tuple[Plan, int]:
     """Fit the model into the budgets (see NOTE above); a budget too small for one step is a
     ConfigError naming the minimum. vram_bytes None means no limit (every layer resident).
     vram_slots: the streamed layers' VRAM slots under a budget (default 2, see the NOTE below).
@@ -172,7 +176,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
     `draft_tokens`: the tokens a sequence drafts a step (a draft model's or prompt lookup's; 0: none),
     whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows); `evaluates`: steps
     may ask every position's logits (False: the run only generates; NOTE [ rows of logits ] in
-    memory.py). Returns the plan and
+    memory.py); `job`: (prompt tokens, tokens to generate) of a run that answers one known prompt
+    (NOTE [ step tokens ]). Returns the plan and
     the bytes a decode pass of it moves over the link."""
     budget = vram_bytes  # (the errors name --vram-gb as given)
     if draft is not None and vram_bytes is not None:
@@ -274,6 +279,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
 
     T = step_tokens or STEP_TOKENS
     smaller_step = None  # (tokens a step, resident layers) of a decode-sized step (NOTE [ step tokens ])
+    for_job = False
     if vram_bytes is None:  # no limit: everything on the device
         r = n if resident_layers is None else max(0, min(n, resident_layers))
         slots = 4 if r < n else 0  # no budget to save: copies issued further ahead
@@ -298,6 +304,11 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         # PROMPT_STEP_COST times the bytes of the step that moves fewest (a budget so small that a
         # prompt-sized step leaves few layers resident gets the decode-sized step), and where a
         # smaller step would move at least DECODE_GAIN fewer, its line says so (`smaller_step`).
+        # A run that answers one known prompt (`job`: its tokens, about, and the reply's at most) on
+        # a GPU takes the step whose passes, the prompt's and the reply's, move the fewest bytes:
+        # every pass of a streamed plan is bound by its copies there (8B at 4 GiB, a 65-token prompt
+        # and 256 tokens: 16-token steps, 26 layers, 62 to 65 tok/s against 55 in 512-token steps,
+        # and a few more prompt passes; BENCHMARKS.md, "Current").
         candidates = [T] if step_tokens is not None else _step_candidates(max_seqs)
         fitting = [t for t in candidates if fits(t, 2, 0, 0)]
         if not fitting:
@@ -320,6 +331,10 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
                 least = min(moved.values())
                 T = next(t for t in fitting if moved[t] <= PROMPT_STEP_COST * least)
+                if job is not None and cuda:
+                    prompt, reply = job
+                    best = min(fitting, key=lambda t: ((-(-prompt // t) + reply) * moved[t], -t))
+                    T, for_job = best, best != T
                 r, kv_dev, keep_dense = got[T]
                 small = next(t for t in fitting if moved[t] == least)
                 if small != T and least <= (1 - DECODE_GAIN) * moved[T]:
@@ -359,7 +374,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 dense_resident=keep_dense, expert_prefetch=(expert_prefetch or 0) if keep_dense and experts else 0,
                 kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step, draft=draft,
                 graph_rows=sz.graph_rows(T, draft_tokens) if cuda and quantized else 0,
-                logit_rows=sz.logit_rows(max(T, max_seqs)), dequant_scratch=sz.dequant_scratch(T) > 0)
+                logit_rows=sz.logit_rows(max(T, max_seqs)), dequant_scratch=sz.dequant_scratch(T) > 0,
+                for_job=for_job)
     return plan, sz.link_bytes(r, kv_dev)
 
 

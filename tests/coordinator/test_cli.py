@@ -269,7 +269,8 @@ def test_a_pipeline_run_takes_its_children_from_the_warm_starts(tmp_path, monkey
 
 
 def test_only_perplexity_plans_for_every_position_s_logits(tmp_path, monkeypatch):
-    """NOTE [ rows of logits ] in coordinator/memory.py: a run that generates plans the rows it samples."""
+    """NOTE [ rows of logits ] in coordinator/memory.py: a run that generates plans the rows it samples;
+    one that answers a prompt given on the command line plans for it (NOTE [ step tokens ] in plan.py)."""
     from layerstream.coordinator import cli
     from layerstream.errors import ConfigError
 
@@ -279,16 +280,18 @@ def test_only_perplexity_plans_for_every_position_s_logits(tmp_path, monkeypatch
     seen = []
 
     def engine_open(cfg, pcfg=None, **kw):
-        seen.append(pcfg.budget.evaluates)
+        seen.append((pcfg.budget.evaluates, pcfg.budget.job))
         raise ConfigError("stop here")
 
     monkeypatch.setattr(Engine, "open", staticmethod(engine_open))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
     for argv in (["-m", path, "-n", "4", "--device", "cpu", "hello"], ["-m", path, "--perplexity", str(text), "--device", "cpu"],
-                 ["-m", path, "--serve", "--port", "0", "--device", "cpu"]):  # (a request may ask for more drafts)
+                 ["-m", path, "--serve", "--port", "0", "--device", "cpu"],  # (a request may ask for more drafts)
+                 ["-m", path, "-n", "-1", "--device", "cpu", "-p", "x" * 400], ["-m", path, "--lookup", "3", "--device", "cpu", "hi"]):
         with pytest.raises(SystemExit, match="1"):
             cli.main(argv)
-    assert seen == [False, True, True]
+    # (and the job of a run that answers one prompt without drafts: its tokens at four bytes each and -n's)
+    assert seen == [(False, (17, 4)), (True, None), (True, None), (False, (116, 4096)), (False, None)]
 
 
 def test_perplexity_option(tmp_path):

@@ -209,3 +209,15 @@ def test_a_generating_run_counts_its_sampled_rows_of_logits(l8):
     assert dict(gen.parts)["step scratch"] < dict(ev.parts)["step scratch"]
     assert plan(l8, 4, ctx=512, max_seqs=4, draft_tokens=3, evaluates=False).logit_rows == 16
     assert plan(l8, 4, ctx=512, max_seqs=4, draft_tokens=3, step_tokens=8, evaluates=False).logit_rows == 8
+
+
+def test_a_known_prompt_and_reply_take_the_step_whose_passes_move_fewest_bytes(l8):
+    """NOTE [ step tokens ]: 8B at 4 GiB, a short prompt and 256 tokens: 16-token steps keep 26 layers and
+    move fewer bytes in all than one 512-token prompt pass and 25 layers; a long document keeps large steps."""
+    short = plan(l8, 4, ctx=512, evaluates=False, job=(65, 256))
+    assert short.step_tokens == 16 and len(short.resident) == 26 and short.for_job and short.smaller_step is None
+    assert "chosen for this prompt and -n" in short.describe()
+    long = plan(l8, 4, ctx=4096, evaluates=False, job=(3000, 256))
+    assert long.step_tokens >= 256, long.describe()
+    assert plan(l8, 4, ctx=512, evaluates=False, job=(65, 256), step_tokens=512).step_tokens == 512  # (asked)
+    assert plan(l8, 4, ctx=512, evaluates=False, job=(65, 256), device_type="cpu", quantized=True).step_tokens == 512
