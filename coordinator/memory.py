@@ -436,11 +436,12 @@ class Sizes:
         moe = MOE_GRAPHS * -(-bg // FUSED_MIN_OF_TYPES) if hp.moe.n_expert else 0
         return 2 * transient_reserve(peak, largest) + reserved_bytes(outs) + moe
 
-    def link_bytes(self, r: int, kv_dev: int) -> int:
+    def link_bytes(self, r: int, kv_dev: int, tokens: int | None = None) -> int:
         """Bytes a decode pass moves over the link: the streamed layers, and the host KV layers'
-        caches at a full context."""
+        caches at a full context (`tokens`: at that many tokens of it)."""
         n = len(self.layouts)
-        return sum(lay.nbytes for lay in self.layouts[r:]) + (n - min(kv_dev, n)) * self.kv_layer
+        kv = self.kv_layer if tokens is None else self.kv_layer * min(tokens, self.ctx) // self.ctx
+        return sum(lay.nbytes for lay in self.layouts[r:]) + (n - min(kv_dev, n)) * kv
 
 
 def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool,

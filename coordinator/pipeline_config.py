@@ -119,11 +119,13 @@ def budget_use(args) -> dict:
     """The Budget fields run-pipeline's options say about the run's use: whether steps may evaluate
     every position (`--perplexity`; a server's request may ask for more drafts than the command
     line's, so it keeps the evaluating plan's rows: NOTE [ rows of logits ] in memory.py), and the
-    job of a run that answers one prompt given on the command line without drafts: the prompt's
-    tokens, about, and -n's (at most 4096: past it the decode passes decide alone), for the plan's
-    step (NOTE [ step tokens ])."""
+    job of a run that answers one prompt given on the command line without drafts, for the plan's
+    step (NOTE [ step tokens ]): the prompt's tokens, about (with --chat, its system message and
+    room for the chat template), and -n's, at most 4096 (past it the decode passes decide alone)."""
     prompt = " ".join(args.prompt)
     one = bool(prompt) and not (args.serve or args.perplexity or args.lookup or args.draft_model)
+    if args.chat:
+        prompt += args.system or ""
     reply = min(args.max_tokens, 4096)  # (-n -1 is a whole context's: args maps it to the largest)
     return {"evaluates": bool(args.perplexity or args.serve),
-            "job": (len(prompt.encode()) // BYTES_A_TOKEN + 16, reply) if one else None}
+            "job": (len(prompt.encode()) // BYTES_A_TOKEN + (48 if args.chat else 16), reply) if one else None}

@@ -102,8 +102,7 @@ class Plan:
                 + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else "")
                 + (f"; --step-tokens {self.smaller_step[0]} would keep {self.smaller_step[1]} layers resident "
                    "(faster decode, prompts fed in that many tokens a pass)" if self.smaller_step else "")
-                + ("; the step chosen for this prompt and -n (a larger --step-tokens feeds long prompts faster)"
-                   if self.for_job else "")
+                + ("; the step chosen for this prompt and -n (--step-tokens sets another)" if self.for_job else "")
                 + (f"; decode graphs of up to {self.graph_rows} rows (a verifying step's tokens replay them)"
                    if self.graph_rows > self.kv_rows else "")
                 + (f"; {self.draft.line()}, beside it" if self.draft else ""))
@@ -331,14 +330,15 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
                 least = min(moved.values())
                 T = next(t for t in fitting if moved[t] <= PROMPT_STEP_COST * least)
-                if job is not None and cuda:
+                if job is not None and cuda:  # (its KV at the job's length, not a full context's)
                     prompt, reply = job
-                    best = min(fitting, key=lambda t: ((-(-prompt // t) + reply) * moved[t], -t))
+                    cost = {t: (-(-prompt // t) + reply) * sz.link_bytes(*got[t][:2], prompt + reply) for t in fitting}
+                    best = min(fitting, key=lambda t: (cost[t], -t))
                     T, for_job = best, best != T
                 r, kv_dev, keep_dense = got[T]
                 small = next(t for t in fitting if moved[t] == least)
-                if small != T and least <= (1 - DECODE_GAIN) * moved[T]:
-                    smaller_step = (small, got[small][0])
+                if small != T and least <= (1 - DECODE_GAIN) * moved[T] and not (job is not None and cuda):
+                    smaller_step = (small, got[small][0])  # (a job's step is already the fewest bytes)
         if r == n:
             slots = 0
         keep_dense = keep_dense and r < n

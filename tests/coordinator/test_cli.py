@@ -292,6 +292,12 @@ def test_only_perplexity_plans_for_every_position_s_logits(tmp_path, monkeypatch
             cli.main(argv)
     # (and the job of a run that answers one prompt without drafts: its tokens at four bytes each and -n's)
     assert seen == [(False, (17, 4)), (True, None), (True, None), (False, (116, 4096)), (False, None)]
+    # --chat's system message goes in with the prompt, and the template takes room
+    from layerstream.coordinator.args import build_parser
+    from layerstream.coordinator.pipeline_config import budget_use
+
+    args = build_parser().parse_args(["--chat", "-sys", "y" * 800, "-n", "4", "hi"])
+    assert budget_use(args)["job"] == ((800 + 2) // 4 + 48, 4)
 
 
 def test_perplexity_option(tmp_path):

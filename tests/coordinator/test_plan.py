@@ -218,6 +218,10 @@ def test_a_known_prompt_and_reply_take_the_step_whose_passes_move_fewest_bytes(l
     assert short.step_tokens == 16 and len(short.resident) == 26 and short.for_job and short.smaller_step is None
     assert "chosen for this prompt and -n" in short.describe()
     long = plan(l8, 4, ctx=4096, evaluates=False, job=(3000, 256))
-    assert long.step_tokens >= 256, long.describe()
+    assert long.step_tokens >= 256 and long.smaller_step is None, long.describe()  # (no hint the job's cost refused)
+    # the host KV a job moves is its own length's, not a full context's: no layer given for KV the job never fills
+    default = plan(l8, 4, ctx=4096, evaluates=False)
+    for job in ((81, 256), (3000, 256)):
+        assert len(plan(l8, 4, ctx=4096, evaluates=False, job=job).resident) >= len(default.resident), job
     assert plan(l8, 4, ctx=512, evaluates=False, job=(65, 256), step_tokens=512).step_tokens == 512  # (asked)
     assert plan(l8, 4, ctx=512, evaluates=False, job=(65, 256), device_type="cpu", quantized=True).step_tokens == 512
