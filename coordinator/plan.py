@@ -305,9 +305,9 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         # smaller step would move at least DECODE_GAIN fewer, its line says so (`smaller_step`).
         # A run that answers one known prompt (`job`: its tokens, about, and the reply's at most) on
         # a GPU takes the step whose passes, the prompt's and the reply's, move the fewest bytes:
-        # every pass of a streamed plan is bound by its copies there (8B at 4 GiB, a 65-token prompt
-        # and 256 tokens: 16-token steps, 26 layers, 62 to 65 tok/s against 55 in 512-token steps,
-        # and a few more prompt passes; BENCHMARKS.md, "Current").
+        # every pass of a streamed plan is bound by its copies there, and a pass's host KV is the
+        # job's own length (8B at 4 GiB, a short prompt and 256 tokens: 16-token steps and 26 layers
+        # rather than 512-token steps and 25; BENCHMARKS.md, "Current").
         candidates = [T] if step_tokens is not None else _step_candidates(max_seqs)
         fitting = [t for t in candidates if fits(t, 2, 0, 0)]
         if not fitting:
