@@ -134,7 +134,7 @@ def first_compile_note(form: str) -> str | None:
     d = triton_cache_dir()
     try:
         with os.scandir(d) as it:
-            if any(True for _ in it):
+            if next(it, None) is not None:
                 return None
     except OSError:
         pass

@@ -330,14 +330,15 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 moved = {t: sz.link_bytes(got[t][0], got[t][1]) for t in fitting}
                 least = min(moved.values())
                 T = next(t for t in fitting if moved[t] <= PROMPT_STEP_COST * least)
-                if job is not None and cuda:  # (its KV at the job's length, not a full context's)
+                by_job = job is not None and cuda
+                if by_job:  # (its KV at the job's length, not a full context's)
                     prompt, reply = job
                     cost = {t: (-(-prompt // t) + reply) * sz.link_bytes(*got[t][:2], prompt + reply) for t in fitting}
                     best = min(fitting, key=lambda t: (cost[t], -t))
                     T, for_job = best, best != T
                 r, kv_dev, keep_dense = got[T]
                 small = next(t for t in fitting if moved[t] == least)
-                if small != T and least <= (1 - DECODE_GAIN) * moved[T] and not (job is not None and cuda):
+                if small != T and least <= (1 - DECODE_GAIN) * moved[T] and not by_job:
                     smaller_step = (small, got[small][0])  # (a job's step is already the fewest bytes)
         if r == n:
             slots = 0
