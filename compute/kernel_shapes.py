@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # qsmall's tensor-core kernel: the rows of x and the matrices measured (BENCHMARKS.md, "Small
 # batches on the tensor cores"), and its split of K
-SMALL_ROWS, SMALL_N, SMALL_K = (2, 16), (1024, 16384), (4096, 16384)
+SMALL_ROWS, SMALL_N, SMALL_K = (2, 32), (1024, 16384), (4096, 16384)
 SMALL_SPLITS = 4
 # Enough programs to keep every multiprocessor's loads in flight: a decode matmul is a few MB
 # read once, and one program walking a whole row at a time leaves the memory system idle (the

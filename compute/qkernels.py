@@ -320,15 +320,16 @@ def _small_config(M: int, N: int, K: int, qtype: int) -> tuple | None:
     faster than the other kernels and dequantize + cuBLAS on an H200 (the 8B's four matrices, 1024 to
     14336 rows, in CUDA graphs; BENCHMARKS.md "Small batches on the tensor cores"), else None: Q4_K
     from 3 rows, and at 2 rows on 4096 rows or more (qgemv's 2-row kernel stays ahead on 1024), Q6_K
-    from 3 rows (at 2, qgemv's), up to 16 rows; K split in 4 (the most measured, and the fastest
-    everywhere), 64 rows of W a program (Q4_K on 1024 rows, Q6_K on up to 4096: 32). Q5_K and
-    Q8_0, the head and the 70B's larger matrices were not measured and keep the other kernels."""
+    from 3 rows (at 2, qgemv's), up to 32 rows (x in a tile of 16 rows, above 16 of 32); K split in 4
+    (the most measured, and the fastest everywhere), 64 rows of W a program (Q4_K on 1024 rows, Q6_K
+    on up to 4096 and in the tile of 32: 32). Q5_K and Q8_0, the head and the 70B's larger matrices
+    were not measured and keep the other kernels."""
     if qtype not in (12, 14) or not small_shape(M, N, K):
         return None
     if M == 2 and (qtype == 14 or N < 4096):
         return None
-    BN = (32 if N <= 2048 else 64) if qtype == 12 else (64 if N >= 8192 else 32)
-    return ("small", 16, BN, 4, 2, SMALL_SPLITS)
+    BN = (32 if N <= 2048 else 64) if qtype == 12 else (64 if N >= 8192 and M <= 16 else 32)
+    return ("small", 16 if M <= 16 else 32, BN, 4, 2, SMALL_SPLITS)
 
 
 def _choose(M: int, N: int, K: int, qtype: int, interpret: bool = INTERPRET) -> tuple:

@@ -27,17 +27,22 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
 from layerstream.compute.dequant import dequantize
+from layerstream.compute.kernel_shapes import SMALL_ROWS, small_shape
 
 # Rows of activations up to which the fused kernels are at least as fast as dequantize + cuBLAS,
 # per type, measured on an H200 with Llama-3.1-8B's matrices inside CUDA graphs (BENCHMARKS.md,
 # "quantized matmul" and "Small batches on the tensor cores"): Q4_K and Q6_K take qsmall's
 # tensor-core kernel up to 16 rows (faster than dequantize + cuBLAS on the 8B's larger matrices,
-# Q6_K's 1024 x 4096 the exception); Q5_K's rows kernel loses to cuBLAS from 5 rows. Types not
-# measured take FUSED_MAX_TOKENS. Q4_K matrices outside qsmall's measured shapes (the 70B's FFN,
-# K of 2048) take the older fused kernels at 5 to 16 rows, whose speed there against cuBLAS was
-# not measured.
+# Q6_K's 1024 x 4096 the exception), and up to SMALL_ROWS[1] on the matrices qsmall was measured
+# on (`fused_max_rows`); Q5_K's rows kernel loses to cuBLAS from 5 rows. Types not measured take
+# FUSED_MAX_TOKENS. Q4_K matrices outside qsmall's measured shapes (the 70B's FFN, K of 2048)
+# take the older fused kernels at 5 to 16 rows, whose speed there against cuBLAS was not measured.
 FUSED_MAX_TOKENS = 8
 FUSED_MAX_TOKENS_BY_TYPE = {int(QT.Q4_K): 16, int(QT.Q5_K): 4, int(QT.Q6_K): 16}
+# qsmall's tile of 32 rows of x: Q4_K well ahead of dequantize + cuBLAS at 17 to 32 rows, Q6_K about
+# level with it (BENCHMARKS.md, "Small batches on the tensor cores"); what it buys is a step of up
+# to 32 tokens without the dequantization buffer, which on a tight budget is a resident layer
+SMALL_TILE_TYPES = frozenset((int(QT.Q4_K), int(QT.Q6_K)))
 FUSED_MIN_OF_TYPES = min(FUSED_MAX_TOKENS, *FUSED_MAX_TOKENS_BY_TYPE.values())  # above it, the scratch is used
 
 # Rows of logits computed at once when every position's logits are wanted (evaluation).
@@ -208,9 +213,16 @@ def _cpu_dequantized_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor 
     return out.view(*x.shape[:-1], N)
 
 
+def fused_max_rows(qtype: int, N: int, K: int) -> int:
+    """The most rows of x that an [N, K] matrix of `qtype` takes on a fused kernel on the GPU."""
+    if qtype in SMALL_TILE_TYPES and small_shape(SMALL_ROWS[1], N, K):
+        return SMALL_ROWS[1]
+    return FUSED_MAX_TOKENS_BY_TYPE.get(qtype, FUSED_MAX_TOKENS)
+
+
 def _fused_rows(x: torch.Tensor, ws) -> bool:
     """Whether x's rows go to the fused kernels for all of these quantized matrices of one type."""
-    return x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(ws[0].qtype, FUSED_MAX_TOKENS)
+    return x.dim() == 2 and all(x.shape[0] <= fused_max_rows(w.qtype, *w.shape) for w in ws)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None,
@@ -232,7 +244,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
         if _native_rows(x, [w]):
             return _native_out(x, _native_many(x, [w])[0], N, bias)
         return _cpu_dequantized_linear(x, w, bias)
-    if x.shape[0] <= FUSED_MAX_TOKENS_BY_TYPE.get(w.qtype, FUSED_MAX_TOKENS):
+    if x.shape[0] <= fused_max_rows(w.qtype, N, K):
         return _kernels().matmul(x, w.raw, w.qtype, N, K, bias)
     step = chunk_rows(N, K, scratch_cap(w.device, x.dtype, UNPLANNED_MAX_ELEMS))
     if step >= N:

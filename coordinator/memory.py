@@ -40,6 +40,7 @@ from layerstream.compute.qlinear import (
     HEAD_CHUNK,
     NATIVE_MAX_ROWS,
     cpu_chunk_elems,
+    fused_max_rows,
     model_scratch_elems,
 )
 from layerstream.compute.runner import VERIFY_ROWS, graph_kv_min
@@ -351,22 +352,35 @@ class Sizes:
         return transient_reserve(peak, largest, self.cuda)
 
     @functools.cached_property
-    def fused_rows(self) -> int:
-        """The most rows of x every matrix this model reads as blocks takes on a fused kernel
-        (qlinear's FUSED_MAX_TOKENS_BY_TYPE, over the model's own types, its experts' and its head's;
-        a mixture of experts' grouped kernels up to GROUPED_MAX_TOKENS, above which its prompt path
-        dequantizes the experts): a step of up to that many rows never dequantizes a matrix."""
+    def _fused_bounds(self) -> tuple[int, int]:
+        """The most rows of x that every layer matrix this model reads as blocks takes on a fused
+        kernel, and that its head does (qlinear.fused_max_rows, over the model's own types and shapes,
+        its experts' included; a mixture of experts' grouped kernels up to GROUPED_MAX_TOKENS, above
+        which its prompt path dequantizes the experts)."""
+        def most(mats) -> int:
+            return min((fused_max_rows(int(t.qtype), *t.shape) if len(t.shape) == 2
+                        else FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS)
+                        for t in mats if self.kept_as_blocks(t)), default=FUSED_MAX_TOKENS)
+
         g = self.index.globals
-        mats = [t for layer in self.index.layers for t in layer.values() if len(t.shape) in (2, 3)]
-        mats.append(g.get("output.weight") or g["token_embd.weight"])
-        most = min((FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS) for t in mats if self.kept_as_blocks(t)),
-                   default=FUSED_MAX_TOKENS)
-        return min(most, GROUPED_MAX_TOKENS) if self.index.hparams.moe.n_expert else most
+        layers = most(t for layer in self.index.layers for t in layer.values() if len(t.shape) in (2, 3))
+        if self.index.hparams.moe.n_expert:
+            layers = min(layers, GROUPED_MAX_TOKENS)
+        return layers, most([g.get("output.weight") or g["token_embd.weight"]])
+
+    @functools.cached_property
+    def fused_rows(self) -> int:
+        """The most rows a step may hold with every matrix, its head's included, on a fused kernel
+        (a captured step computes the head of each of its rows)."""
+        return min(self._fused_bounds)
 
     def dequant_scratch(self, T: int) -> int:
         """The prompt path's dequantization buffer, reserved at start (compute_proc.py) where a step
-        may dequantize (more rows than `fused_rows`)."""
-        if self.cuda and self.quantized and max(T, self.max_seqs) > self.fused_rows:
+        may dequantize: more rows than its layers' fused kernels take, or more rows of logits than
+        its head's do (a step's head reads only the rows it samples, NOTE [ rows of logits ])."""
+        rows = max(T, self.max_seqs)
+        layers, head = self._fused_bounds
+        if self.cuda and self.quantized and (rows > layers or min(rows, self.logit_rows(rows)) > head):
             return reserved_bytes([model_scratch_elems(self.index) * self.e])
         if not self.cuda and self.quantized and max(T, self.max_seqs) > NATIVE_MAX_ROWS:  # a row chunk's temporaries
             g = self.index.globals

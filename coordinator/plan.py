@@ -102,7 +102,7 @@ class Plan:
                 + (f"; CPU share packs up to {_gib(self.cpu_share_bytes)} of host memory" if self.cpu_share_bytes else "")
                 + (f"; --step-tokens {self.smaller_step[0]} would keep {self.smaller_step[1]} layers resident "
                    "(faster decode, prompts fed in that many tokens a pass)" if self.smaller_step else "")
-                + ("; the step chosen for this prompt and -n (--step-tokens sets another)" if self.for_job else "")
+                + ("; the step chosen for the prompts and -n this run expects (--step-tokens sets another)" if self.for_job else "")
                 + (f"; decode graphs of up to {self.graph_rows} rows (a verifying step's tokens replay them)"
                    if self.graph_rows > self.kv_rows else "")
                 + (f"; {self.draft.line()}, beside it" if self.draft else ""))

@@ -23,14 +23,14 @@ def test_small_covers_the_types_it_claims():
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_small_matches_float64_over_gguf_dequantization(qt):
-    """2, 3, 7 and 16 rows of x (a tile of 16, padded), 33 and 17 rows of W (not a multiple of BN = 16:
+    """2, 3, 7 and 16 rows of x (a tile of 16, padded), 17 and 32 in a tile of 32, 33 and 17 rows of W (not a multiple of BN = 16:
     a masked last program), K of 1 to 4 chunks, unsplit and split over 2 or 3 programs (the last to
     arrive sums them; 3 splits of 4 chunks: one split empty of chunks but for its partial), with a
     bias; float32 activations within float32 rounding, float16 ones within float16 rounding (the
     weights are scaled in float16 before the dot)."""
     rng = np.random.default_rng(800 + int(qt))
     gen = torch.Generator().manual_seed(int(qt))
-    for N, K, Ms, splits in ((33, 256, (2, 16), (1,)), (17, 512, (3,), (1, 2)), (17, 768, (7,), (2,)),
+    for N, K, Ms, splits in ((33, 256, (2, 16, 32), (1,)), (17, 512, (3, 17), (1, 2)), (17, 768, (7,), (2,)),
                              (17, 1024, (2,), (3,))):
         b = random_blocks(rng, qt, N, K)
         ref_w = reference(b, qt, N, K)
@@ -41,7 +41,7 @@ def test_small_matches_float64_over_gguf_dequantization(qt):
                 x = torch.randn(M, K, generator=gen).to(dt)
                 ref = x.double() @ ref_w.T + bias.to(dt).double()
                 for s in splits:
-                    y = qkernels.matmul(x, raw, int(qt), N, K, bias.to(dt), config=("small", 16, 16, 4, 2, s))
+                    y = qkernels.matmul(x, raw, int(qt), N, K, bias.to(dt), config=("small", 16 if M <= 16 else 32, 16, 4, 2, s))
                     assert y.shape == (M, N) and y.dtype == dt
                     err = rel_err(y, ref)
                     assert err < tol, f"{qt.name} [{N}, {K}] M={M} {dt} splits={s}: rel err {err:.2e}"
@@ -78,10 +78,11 @@ def test_choose_takes_small_where_it_measured_faster(monkeypatch):
     many kernel) are not taken where qsmall is, so each goes to it."""
     choose = lambda M, qt, N=4096, K=4096, interpret=False: qkernels._choose(M, N, K, int(qt), interpret=interpret)  # noqa: E731
     shapes = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
-    assert all(choose(M, qt, N, K)[0] == "small" for M in (3, 4, 8, 16) for qt in (QT.Q4_K, QT.Q6_K) for N, K in shapes)
+    assert all(choose(M, qt, N, K)[0] == "small" for M in (3, 4, 8, 16, 17, 32) for qt in (QT.Q4_K, QT.Q6_K) for N, K in shapes)
+    assert choose(16, QT.Q4_K)[1] == 16 and choose(17, QT.Q4_K)[1] == choose(32, QT.Q6_K)[1] == 32  # x's tile
     assert all(choose(2, QT.Q4_K, N, K)[0] == "small" for N, K in shapes if N >= 4096)
     assert choose(2, QT.Q4_K, 1024)[0] == choose(2, QT.Q6_K)[0] == "gemv"
-    assert not any(choose(M, qt)[0] == "small" for M in (1, 17) for qt in TYPES)
+    assert not any(choose(M, qt)[0] == "small" for M in (1, 33) for qt in TYPES)
     assert not any(choose(M, qt)[0] == "small" for M in (2, 3, 8) for qt in (QT.Q5_K, QT.Q8_0, QT.Q4_0, QT.Q3_K))
     assert choose(8, QT.Q4_K, 576, 4096)[0] != "small" and choose(8, QT.Q4_K, interpret=True)[0] != "small"
     monkeypatch.setattr(qkernels, "INTERPRET", False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from gguf import GGMLQuantizationType as QT
 
 from layerstream.coordinator.plan import GiB
 from layerstream.errors import ConfigError
@@ -179,15 +180,24 @@ def test_a_cuda_device_whose_driver_cannot_start_is_one_line(monkeypatch):
 
 def test_a_step_within_the_fused_rows_keeps_no_dequantization_buffer(l8):
     """The buffer is counted where a step may dequantize: above the fewest rows any of this model's
-    types takes on a fused kernel (the 8B's Q4_K and Q6_K: 16), not above the fewest of every type
-    (Q5_K's 4). At 4 GiB that buffer is the 26th layer."""
-    p16, p17 = plan(l8, 4, ctx=512, step_tokens=16), plan(l8, 4, ctx=512, step_tokens=17)
-    assert not p16.dequant_scratch and "dequantization scratch" not in {k for k, v in p16.parts if v}
-    assert p17.dequant_scratch and dict(p17.parts)["dequantization scratch"] > 0
-    assert len(p16.resident) == 26 and len(p17.resident) == 25, (p16.describe(), p17.describe())
-    default = plan(l8, 4, ctx=512)
-    assert len(default.resident) == 25 and default.smaller_step == (16, 26)
-    assert "--step-tokens 16 would keep 26 layers resident" in default.describe()
+    types takes on a fused kernel (the 8B's Q4_K and Q6_K: 32), not above the fewest of every type
+    (Q5_K's 4). At 4 GiB that buffer is the 26th layer of a run that generates."""
+    p32, p33 = (plan(l8, 4, ctx=512, step_tokens=t, evaluates=False) for t in (32, 33))
+    assert not p32.dequant_scratch and "dequantization scratch" not in {k for k, v in p32.parts if v}
+    assert p33.dequant_scratch and dict(p33.parts)["dequantization scratch"] > 0
+    assert len(p32.resident) == 26 and len(p33.resident) == 25, (p32.describe(), p33.describe())
+    default = plan(l8, 4, ctx=512, evaluates=False)
+    assert len(default.resident) == 25 and default.smaller_step == (32, 26)
+    assert "--step-tokens 32 would keep 26 layers resident" in default.describe()
+    assert len(plan(l8, 4, ctx=512, step_tokens=16).resident) == 26  # (an evaluating plan: 64 rows of logits at most)
+    # qsmall's 32-row tile covers the matrices it was measured on, not the head: an evaluating plan's
+    # 32-token step computes the head of its 32 rows, and keeps the buffer for it
+    assert plan(l8, 4, ctx=512, step_tokens=32).dequant_scratch
+    from layerstream.compute.qlinear import fused_max_rows
+
+    assert [fused_max_rows(int(QT.Q4_K), N, K) for N, K in ((14336, 4096), (4096, 14336), (1024, 4096))] == [32] * 3
+    assert fused_max_rows(int(QT.Q6_K), 128256, 4096) == fused_max_rows(int(QT.Q4_K), 28672, 8192) == 16  # (head, 70B FFN)
+    assert fused_max_rows(int(QT.Q5_K), 4096, 4096) == 4
 
 
 def test_a_mixture_of_experts_keeps_the_buffer_above_its_grouped_kernels_rows():
@@ -212,11 +222,12 @@ def test_a_generating_run_counts_its_sampled_rows_of_logits(l8):
 
 
 def test_a_known_prompt_and_reply_take_the_step_whose_passes_move_fewest_bytes(l8):
-    """NOTE [ step tokens ]: 8B at 4 GiB, a short prompt and 256 tokens: 16-token steps keep 26 layers and
-    move fewer bytes in all than one 512-token prompt pass and 25 layers; a long document keeps large steps."""
+    """NOTE [ step tokens ]: 8B at 4 GiB, a short prompt and 256 tokens: 32-token steps keep 26 layers and
+    move fewer bytes in all than one 512-token prompt pass and 25 layers (16-token steps keep as many but
+    take more passes); a long document keeps large steps."""
     short = plan(l8, 4, ctx=512, evaluates=False, job=(65, 256))
-    assert short.step_tokens == 16 and len(short.resident) == 26 and short.for_job and short.smaller_step is None
-    assert "chosen for this prompt and -n" in short.describe()
+    assert short.step_tokens == 32 and len(short.resident) == 26 and short.for_job and short.smaller_step is None
+    assert "chosen for the prompts and -n this run expects" in short.describe()
     long = plan(l8, 4, ctx=4096, evaluates=False, job=(3000, 256))
     assert long.step_tokens >= 256 and long.smaller_step is None, long.describe()  # (no hint the job's cost refused)
     # the host KV a job moves is its own length's, not a full context's: no layer given for KV the job never fills
