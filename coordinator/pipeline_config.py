@@ -113,19 +113,25 @@ __all__ = ["Budget", "CpuOptions", "CpuShareConfig", "ExpertOptions", "PipelineC
 
 
 BYTES_A_TOKEN = 4  # a prompt's tokens estimated from its UTF-8 bytes (English text: about four a token)
+# an interactive chat's turn, for its plan's step: the mean prompt of LMSYS-Chat-1M's million
+# conversations (Zheng et al. 2023, "LMSYS-Chat-1M", Table 1: 69.5 tokens a prompt); a turn's earlier
+# ones stay in the KV (turn.py's reused tokens), so a turn feeds only its own message
+CHAT_TURN_TOKENS = 70
 
 
 def budget_use(args) -> dict:
     """The Budget fields run-pipeline's options say about the run's use: whether steps may evaluate
     every position (`--perplexity`; a server's request may ask for more drafts than the command
     line's, so it keeps the evaluating plan's rows: NOTE [ rows of logits ] in memory.py), and the
-    job of a run that answers one prompt given on the command line without drafts, for the plan's
-    step (NOTE [ step tokens ]): the prompt's tokens, about (with --chat, its system message and
-    room for the chat template), and -n's, at most 4096 (past it the decode passes decide alone)."""
+    job the plan's step is chosen for (NOTE [ step tokens ]), without drafts: a prompt given on the
+    command line, or an interactive chat's typical turn (CHAT_TURN_TOKENS); its tokens, about (with
+    --chat, its system message and room for the chat template), and -n's, at most 4096 (past it the
+    decode passes decide alone)."""
     prompt = " ".join(args.prompt)
-    one = bool(prompt) and not (args.serve or args.perplexity or args.lookup or args.draft_model)
+    one = (bool(prompt) or args.chat) and not (args.serve or args.perplexity or args.lookup or args.draft_model)
+    tokens = len(prompt.encode()) // BYTES_A_TOKEN if prompt else CHAT_TURN_TOKENS
     if args.chat:
-        prompt += args.system or ""
+        tokens += len((args.system or "").encode()) // BYTES_A_TOKEN + 48
     reply = min(args.max_tokens, 4096)  # (-n -1 is a whole context's: args maps it to the largest)
     return {"evaluates": bool(args.perplexity or args.serve),
-            "job": (len(prompt.encode()) // BYTES_A_TOKEN + (48 if args.chat else 16), reply) if one else None}
+            "job": (tokens + (0 if args.chat else 16), reply) if one else None}

@@ -298,6 +298,11 @@ def test_only_perplexity_plans_for_every_position_s_logits(tmp_path, monkeypatch
 
     args = build_parser().parse_args(["--chat", "-sys", "y" * 800, "-n", "4", "hi"])
     assert budget_use(args)["job"] == ((800 + 2) // 4 + 48, 4)
+    # an interactive chat plans for a typical turn (its earlier turns stay in the KV); not with drafts
+    from layerstream.coordinator.pipeline_config import CHAT_TURN_TOKENS
+
+    assert budget_use(build_parser().parse_args(["--chat", "-n", "300"]))["job"] == (CHAT_TURN_TOKENS + 48, 300)
+    assert budget_use(build_parser().parse_args(["--chat", "--lookup", "3"]))["job"] is None
 
 
 def test_perplexity_option(tmp_path):
