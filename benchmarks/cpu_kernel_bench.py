@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +30,20 @@ def _time_s(fn, reps: int, stat: str) -> float:
 
 def bench_cpu_kernel(args) -> None:
     """One row per (shape, path, type, tokens, threads): microseconds and GB/s of the bytes read."""
-    if not native.available():
+    lib = native.load(Path(args.lib)) if args.lib else None
+    if lib is None and not native.available():
         print("bin/bench cpu-kernel: the native kernel is not built here (no C compiler?); aten's rows only")
     types = [QT[t.strip()] for t in args.types.split(",")]
     threads_all = args.threads or sorted({1, max(1, torch.get_num_threads() // 2), torch.get_num_threads()})
     g = torch.Generator().manual_seed(0)
-    print(f"native: {native.isa()}; torch threads {torch.get_num_threads()}")
+    isa = ("plain C", "AVX2", "AVX2+VNNI")[lib.qdot_isa()] if lib else native.isa()
+    print(f"native: {isa}{f' ({args.lib})' if lib else ''}, levels {args.levels}; torch threads {torch.get_num_threads()}")
     print(f"{'N x K':>12} {'path':>12} {'T':>3} {'thr':>4} {'us':>9} {'GB/s':>7}")
     saved = torch.get_num_threads()
     try:
         for N, K in args.shapes or SHAPES:
             mats = []
-            if native.available():
+            if lib or native.available():
                 for qt in types:
                     if K % 256 == 0 or qt in (QT.Q4_0, QT.Q4_1, QT.Q8_0):
                         raw = torch.randint(0, 256, (N * native.row_bytes(int(qt), K),), dtype=torch.uint8, generator=g)
@@ -54,7 +57,7 @@ def bench_cpu_kernel(args) -> None:
                     torch.set_num_threads(th)
                     for name, m in mats:
                         s = _time_s(lambda: m.matmul(x) if name.startswith("aten") else
-                                    native.matmuls([m.job(x)], threads=th), args.reps, args.stat)
+                                    native.matmuls([m.job(x)], threads=th, levels=args.levels, lib=lib), args.reps, args.stat)
                         print(f"{N:>6}x{K:<5} {name:>12} {T:>3} {th:>4} {s * 1e6:>9.0f} {m.nbytes / s / 1e9:>7.1f}")
                     if args.native_only:
                         continue
@@ -73,6 +76,10 @@ def add_parser(sub) -> None:
                    help="thread counts, comma separated (default 1, half and all of torch's)")
     p.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in nk.split("x")) for nk in s.split(",")], default=None,
                    help="matrices N x K, comma separated (default the 8B's and the MoE experts'; e.g. 1536x576)")
+    p.add_argument("--levels", type=int, choices=(1, 2), default=native.LEVELS,
+                   help=f"x's precision in the native kernel: 1 (127 steps a block) or 2 (default {native.LEVELS})")
+    p.add_argument("--lib", default=None,
+                   help="time this build of qdot.c instead of this source's (e.g. an older revision's, for a before/after)")
     p.add_argument("--native-only", action="store_true", help="the native kernel's rows only (no aten int4, no bf16)")
     p.add_argument("--reps", type=int, default=10, help="timed runs per figure (default 10)")
     p.add_argument("--stat", choices=("median", "best"), default="median",

@@ -28,7 +28,8 @@ MAX_TOKENS = 16  # rows of x a call is meant for (each weight group is unpacked 
 # x in int16 steps of 1/(127 * 256) of each block's largest value (levels 2: the precision of an
 # int8 row and its int8 residual): the CPU's rows then agree with float32 to about 1e-5 (127
 # steps, levels 1: about 0.5% a dot product, 2% of SmolLM2's largest logit with half its rows
-# on the CPU), for the same integer work
+# on the CPU; x in a byte a value, half the dots of levels 2: faster where the dots, not memory,
+# bound a call, `bin/bench cpu-kernel --levels 1`)
 LEVELS = 2
 _BLOCK = {int(QT.Q4_0): (32, 18), int(QT.Q4_1): (32, 20), int(QT.Q8_0): (32, 34), int(QT.Q4_K): (256, 144),
           int(QT.Q5_K): (256, 176), int(QT.Q6_K): (256, 210)}

@@ -8,11 +8,12 @@
  * and per-block float scales and mins (grp_t); every token of the call is dotted with that group,
  * so each type is only an unpacking, and three dots serve them all: plain C (any architecture),
  * AVX2 token by token (a few tokens: x as two signed bytes, xh and xl, dotted with the weights'
- * unsigned bytes, each block's sums reduced across lanes), and tokens in the lanes of a vector
- * (from the type's lanes_min tokens: a pair of int16 weights is broadcast and dotted with 8, or
- * with AVX-512 16, tokens' pairs at once, no reduction, and four rows share each load of x;
- * qdot_lanes.h). AVX-VNNI / AVX512-VNNI's dots (vpdpbusd, vpdpwssd) replace AVX2's
- * multiply-adds where compiled in.
+ * unsigned bytes, each block's sums reduced across lanes; levels 1, xl alone), and tokens in the
+ * lanes of a vector (from the type's lanes_min tokens: a pair of int16 weights is broadcast and
+ * dotted with 8, or with AVX-512 16, tokens' pairs at once, no reduction, and four rows share each
+ * load of x; qdot_lanes.h; levels 1, from LANES_MIN_BYTES tokens, 4 of the weights' unsigned bytes
+ * against 8 tokens' 4 bytes of x). AVX-VNNI / AVX512-VNNI's dots (vpdpbusd, vpdpwssd) replace
+ * AVX2's multiply-adds where compiled in.
  *
  * NOTE [ one rounding for every path ]
  * A block's integer sums are exact in any order, and its float term is
@@ -65,14 +66,17 @@ typedef struct {
  * signed bytes) in the token layout: xh, xl [T][Kp], sx (X's sum over each block) and sx16 (over
  * its first 16) [T][Kp/32]. Lanes layout (lanes: the vector's int32 lanes, 8 or 16), per chunk of
  * two vectors of tokens (Tp of them, padded with zero tokens to a whole vector): q [Kp/2][Tp][2]
- * int16 (a token's pairs 4 bytes from the next token's). d (the block's scale) and ds (d * sx):
- * [T][Kp/32], or [Kp/32][Tp] in lanes. */
+ * int16 (a token's pairs 4 bytes from the next token's), or where X fits a byte (bytes: levels 1,
+ * 8 lanes) qb [Kp/4][Tp][4] int8 (a token's quads 4 bytes from the next token's). d (the block's
+ * scale) and ds (d * sx), and for qb sx and sx16: [T][Kp/32], or [Kp/32][Tp] in lanes. */
 typedef struct {
     int8_t *xh, *xl;
     int32_t *sx, *sx16;
     int16_t *q;
+    int8_t *qb;
     float *d, *ds;
     int lanes; /* 0: the token layout */
+    int bytes; /* lanes: qb, not q */
 } xq_t;
 
 static inline float f16_to_f32(uint16_t h) {
@@ -159,6 +163,20 @@ static void quantize_lanes_row(const void *x, int bf16, int64_t off, int64_t K, 
         d[b * Tp] = quantize_block(x, bf16, off, K, b, steps, X, &sum, &sum16);
         ds[b * Tp] = d[b * Tp] * (float)sum;
         for (int i = 0; i < 32; i++) q[((b * 32 + i) >> 1) * Tp * 2 + (i & 1)] = (int16_t)X[i];
+    }
+}
+
+/* one token into the lanes layout in bytes (|X| <= 127: its lane of a chunk of Tp tokens: qb, sx,
+ * sx16, d, ds at the lane) */
+static void quantize_lanes_bytes_row(const void *x, int bf16, int64_t off, int64_t K, int64_t Kp, int steps,
+                                     int8_t *qb, int32_t *sx, int32_t *sx16, float *d, float *ds, int64_t Tp) {
+    for (int64_t b = 0; b < Kp / 32; b++) {
+        int X[32], sum, sum16;
+        d[b * Tp] = quantize_block(x, bf16, off, K, b, steps, X, &sum, &sum16);
+        ds[b * Tp] = d[b * Tp] * (float)sum;
+        sx[b * Tp] = sum;
+        sx16[b * Tp] = sum16;
+        for (int i = 0; i < 32; i++) qb[((b * 32 + i) >> 2) * Tp * 4 + (i & 3)] = (int8_t)X[i];
     }
 }
 
@@ -402,6 +420,10 @@ typedef struct {
                     * whose time grows with each token, is faster (a Zen 5 core, bin/bench cpu-kernel;
                     * types whose int16 unpacking costs more switch later) */
 } qtype_t;
+/* lanes_min where x is in bytes (levels 1), every type: there the token path of one byte and the
+ * lanes of bytes break even (each type at 5 tokens, a Zen 3 core with AVX2, bin/bench cpu-kernel
+ * --levels 1) */
+#define LANES_MIN_BYTES 5
 
 static const qtype_t *type_of(int qtype) {
 #if defined(__AVX2__)
@@ -533,13 +555,22 @@ static inline void bytes_q6_k(const uint8_t *w, grpb_t *b, grp_t *g) {
 }
 
 /* group_c's value for one token (x at the group, token layout): each block's integer sum is
- * 256 * (wu . xh) + (wu . xl) less its offset times x's sum, exactly group_c's */
-static inline float group_tok(const grpb_t *b, const grp_t *g, const int8_t *xh, const int8_t *xl, const int32_t *sx,
-                              const int32_t *sx16, const float *d, const float *ds, int split) {
+ * 256 * (wu . xh) + (wu . xl) less its offset times x's sum, exactly group_c's. one: x has at most
+ * 127 steps (levels 1), so every xh is 0 and the sum is wu . xl alone (the same integer: the xh
+ * dot, its load and its shift only added zeros). */
+static inline __attribute__((always_inline)) float group_tok(const grpb_t *b, const grp_t *g, const int8_t *xh,
+                                                             const int8_t *xl, const int32_t *sx, const int32_t *sx16,
+                                                             const float *d, const float *ds, int split,
+                                                             const int one) {
     const __m256i z = _mm256_setzero_si256();
     __m256i p[8];
     for (int k = 0; k < 8; k++) {
-        if (b->sh >= 0) {
+        if (one && b->sh >= 0) {
+            p[k] = dot4(z, b->wu[k], ld(xl + 32 * k));
+        } else if (one) { /* signed bytes, xl in -127..127 like xh: |w| by xl's signs (AVX2's pairs at most
+                           * 2 * 128 * 127, short of int16's saturation) */
+            p[k] = dot4(z, _mm256_sign_epi8(b->wu[k], b->wu[k]), _mm256_sign_epi8(ld(xl + 32 * k), b->wu[k]));
+        } else if (b->sh >= 0) {
             p[k] = dot4(_mm256_slli_epi32(dot4(z, b->wu[k], ld(xh + 32 * k)), 8), b->wu[k], ld(xl + 32 * k));
         } else { /* signed bytes: |w| by x's signs for xh; xl (which may be -128) in int16 */
             __m256i a = _mm256_sign_epi8(b->wu[k], b->wu[k]), l = ld(xl + 32 * k);
@@ -567,10 +598,11 @@ static inline float group_tok(const grpb_t *b, const grp_t *g, const int8_t *xh,
 }
 
 /* the token path of one type (which: 0..5 = Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) over rows
- * [r0, r1) and tokens [t0, t0 + tn) (tn <= 64) */
+ * [r0, r1) and tokens [t0, t0 + tn) (tn <= 64); one: x in one byte (group_tok) */
 static inline __attribute__((always_inline)) void rows_tok(const uint8_t *w, int64_t rb, int64_t gbytes, int64_t K,
                                                            int64_t Kp, const xq_t *x, int64_t t0, int64_t tn,
-                                                           int64_t r0, int64_t r1, float *y, int64_t N, int which) {
+                                                           int64_t r0, int64_t r1, float *y, int64_t N, int which,
+                                                           const int one) {
     float acc[64];
     grpb_t b;
     grp_t g;
@@ -586,7 +618,7 @@ static inline __attribute__((always_inline)) void rows_tok(const uint8_t *w, int
             for (int64_t t = 0; t < tn; t++) {
                 int64_t u = t0 + t, o = u * kb + gi * 8;
                 acc[t] += group_tok(&b, &g, x->xh + u * Kp + gi * G, x->xl + u * Kp + gi * G, x->sx + o, x->sx16 + o,
-                                    x->d + o, x->ds + o, which == 5);
+                                    x->d + o, x->ds + o, which == 5, one);
             }
         }
         for (int64_t t = 0; t < tn; t++) y[(t0 + t) * N + r] = acc[t];
@@ -595,17 +627,136 @@ static inline __attribute__((always_inline)) void rows_tok(const uint8_t *w, int
 
 typedef void (*tok_fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const xq_t *, int64_t, int64_t, int64_t,
                        int64_t, float *, int64_t);
-#define TOK(name, which)                                                                                            \
+#define TOK(name, which, one)                                                                                         \
     static void tok_##name(const uint8_t *w, int64_t rb, int64_t gb, int64_t K, int64_t Kp, const xq_t *x, int64_t t0, \
-                           int64_t tn, int64_t r0, int64_t r1, float *y, int64_t N) {                               \
-        rows_tok(w, rb, gb, K, Kp, x, t0, tn, r0, r1, y, N, which);                                                 \
+                           int64_t tn, int64_t r0, int64_t r1, float *y, int64_t N) {                                 \
+        rows_tok(w, rb, gb, K, Kp, x, t0, tn, r0, r1, y, N, which, one);                                              \
     }
-TOK(q4_0, 0) TOK(q4_1, 1) TOK(q8_0, 2) TOK(q4_k, 3) TOK(q5_k, 4) TOK(q6_k, 5)
-static const tok_fn tok_fns[6] = {tok_q4_0, tok_q4_1, tok_q8_0, tok_q4_k, tok_q5_k, tok_q6_k};
+TOK(q4_0, 0, 0) TOK(q4_1, 1, 0) TOK(q8_0, 2, 0) TOK(q4_k, 3, 0) TOK(q5_k, 4, 0) TOK(q6_k, 5, 0)
+TOK(q4_0_1, 0, 1) TOK(q4_1_1, 1, 1) TOK(q8_0_1, 2, 1) TOK(q4_k_1, 3, 1) TOK(q5_k_1, 4, 1) TOK(q6_k_1, 5, 1)
+/* [x in two bytes (levels 2), in one (at most 127 steps)][which] */
+static const tok_fn tok_fns[2][6] = {{tok_q4_0, tok_q4_1, tok_q8_0, tok_q4_k, tok_q5_k, tok_q6_k},
+                                     {tok_q4_0_1, tok_q4_1_1, tok_q8_0_1, tok_q4_k_1, tok_q5_k_1, tok_q6_k_1}};
 
 typedef void (*lanes_fn)(const uint8_t *, int64_t, const qtype_t *, int64_t, int64_t, const int16_t *, const float *,
                          const float *, int64_t, float *, int64_t);
 #define LANE_ROWS 4 /* weight rows a lanes tile (at most 2 x 4 accumulators: 16 of them for Q6_K) */
+
+/* ---------- the lanes path with x in bytes (levels 1) ----------
+ * Where every |X| <= 127, x in lanes takes a byte a value: each 4 of a row's unsigned bytes (the
+ * token path's grpb_t) are broadcast and dotted (dot4) with 8 tokens' 4 bytes at once, half the
+ * dots and broadcasts of the int16 lanes, and the offset comes off each block's sum once (sx, sx16
+ * in lanes), as in group_tok. A block's integer sums, and so its float terms (group_c's, in
+ * qdot_lanes.h's order), are the int16 lanes' exactly. Always 8 lanes: with AVX-512, 16 lanes of
+ * int16 pairs dot as many values an instruction as 8 of byte quads. */
+enum { LB_UNSIGNED, LB_SPLIT, LB_SIGNED }; /* the bytes' kind: unsigned, unsigned with a sum per 16 (Q6_K),
+                                           * Q8_0's signed ones where dot4 is not wide */
+
+/* R rows' groups (bytes bs, scales gs) against NV vectors of 8 tokens (x at the group: qb
+ * [64][NV * 8][4], sx, sx16, d, ds [8][NV * 8]); acc[r * NV + v] += the group's value of each lane */
+static inline __attribute__((always_inline)) void group_lanes_b(const grpb_t *bs, const grp_t *gs, const int R,
+                                                                const int NV, const int8_t *qb, const int32_t *sx,
+                                                                const int32_t *sx16, const float *d, const float *ds,
+                                                                const int kind, __m256 *acc) {
+    const int Tp = NV * 8;
+    const int off = bs[0].sh > 0; /* (the bytes are the values plus 1 << sh) */
+    const __m128i sh = _mm_cvtsi32_si128(off ? bs[0].sh : 0);
+    __m256 t[8][8];
+    for (int k = 0; k < 8; k++) {
+        __m256i lo[8], hi[8];
+        for (int j = 0; j < R * NV; j++) lo[j] = hi[j] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) { /* quad i of block k (Q6_K: its own sums for the last 4 quads) */
+            for (int r = 0; r < R; r++) {
+                int32_t pw;
+                memcpy(&pw, (const uint8_t *)&bs[r].wu[k] + 4 * i, 4);
+                __m256i wv = _mm256_set1_epi32(pw);
+                /* (signed bytes: |w| by x's signs, as group_tok; AVX2's pairs at most 2 * 128 * 127) */
+                __m256i wa = kind == LB_SIGNED ? _mm256_sign_epi8(wv, wv) : wv;
+                for (int v = 0; v < NV; v++) {
+                    __m256i xv = ld(qb + ((8 * k + i) * Tp + 8 * v) * 4);
+                    int j = r * NV + v;
+                    if (kind == LB_SIGNED) lo[j] = dot4(lo[j], wa, _mm256_sign_epi8(xv, wv));
+                    else if (kind == LB_SPLIT && i >= 4) hi[j] = dot4(hi[j], wv, xv);
+                    else lo[j] = dot4(lo[j], wv, xv);
+                }
+            }
+        }
+        for (int v = 0; v < NV; v++) {
+            __m256 dx = ldf(d + k * Tp + 8 * v);
+            __m256i s = ld(sx + k * Tp + 8 * v), s16 = ld(sx16 + k * Tp + 8 * v);
+            for (int r = 0; r < R; r++) {
+                int j = r * NV + v;
+                __m256 sdx = _mm256_mul_ps(_mm256_set1_ps(gs[r].s[k]), dx);
+                if (kind == LB_SPLIT) {
+                    __m256i l = _mm256_sub_epi32(lo[j], _mm256_sll_epi32(s16, sh));
+                    __m256i h = _mm256_sub_epi32(hi[j], _mm256_sll_epi32(_mm256_sub_epi32(s, s16), sh));
+                    t[k][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(_mm256_set1_ps(gs[r].s2[k]), dx),
+                                              _mm256_mul_ps(_mm256_cvtepi32_ps(l), sdx));
+                } else {
+                    __m256i l = kind == LB_SIGNED || !off ? lo[j] : _mm256_sub_epi32(lo[j], _mm256_sll_epi32(s, sh));
+                    t[k][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l), sdx,
+                                              _mm256_mul_ps(_mm256_set1_ps(gs[r].mn[k]), ldf(ds + k * Tp + 8 * v)));
+                }
+            }
+        }
+    }
+    for (int j = 0; j < R * NV; j++) {
+        __m256 a = _mm256_add_ps(_mm256_add_ps(t[0][j], t[4][j]), _mm256_add_ps(t[2][j], t[6][j]));
+        __m256 b = _mm256_add_ps(_mm256_add_ps(t[1][j], t[5][j]), _mm256_add_ps(t[3][j], t[7][j]));
+        acc[j] = _mm256_add_ps(acc[j], _mm256_add_ps(a, b));
+    }
+}
+
+/* rows [0, R) from w against one chunk of Tc tokens in lanes of bytes (NV vectors); y at the
+ * chunk's first token and the first row */
+static inline __attribute__((always_inline)) void rows_lanes_b(const uint8_t *w, int64_t rb, const qtype_t *ty,
+                                                               int64_t K, int64_t Kp, const int R, const int NV,
+                                                               const xq_t *x, int64_t c0, int64_t Tc, float *y,
+                                                               int64_t N) {
+    const int Tp = NV * 8, which = ty->which;
+    const int kind = which == 5 ? LB_SPLIT : which == 2 && !DOT4_WIDE ? LB_SIGNED : LB_UNSIGNED;
+    int64_t kb = Kp / 32, gbytes = G / ty->bk * ty->bs, nb = K / 32;
+    const int8_t *qb = x->qb + c0 * Kp;
+    const int32_t *sx = x->sx + c0 * kb, *sx16 = x->sx16 + c0 * kb;
+    const float *d = x->d + c0 * kb, *ds = x->ds + c0 * kb;
+    grpb_t bs[LANE_ROWS];
+    grp_t gs[LANE_ROWS];
+    __m256 acc[2 * LANE_ROWS];
+    for (int j = 0; j < R * NV; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < Kp / G; gi++) {
+        int n = nb - gi * 8 < 8 ? (int)(nb - gi * 8) : 8;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wg = w + r * rb + gi * gbytes;
+            if (which < 3) bytes_b32(wg, n, which, &bs[r], &gs[r]);
+            else if (which < 5) bytes_k45(wg, which == 4, &bs[r], &gs[r]);
+            else bytes_q6_k(wg, &bs[r], &gs[r]);
+        }
+        const int8_t *qg = qb + gi * G * Tp;
+        int64_t o = gi * 8 * Tp;
+        if (kind == LB_SPLIT) group_lanes_b(bs, gs, R, NV, qg, sx + o, sx16 + o, d + o, ds + o, LB_SPLIT, acc);
+        else if (kind == LB_SIGNED) group_lanes_b(bs, gs, R, NV, qg, sx + o, sx16 + o, d + o, ds + o, LB_SIGNED, acc);
+        else group_lanes_b(bs, gs, R, NV, qg, sx + o, sx16 + o, d + o, ds + o, LB_UNSIGNED, acc);
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) {
+            float o[8];
+            _mm256_storeu_ps(o, acc[r * NV + v]);
+            for (int l = 0; l < 8 && 8 * v + l < Tc; l++) y[(8 * v + l) * N + r] = o[l];
+        }
+}
+
+typedef void (*lanes_b_fn)(const uint8_t *, int64_t, const qtype_t *, int64_t, int64_t, const xq_t *, int64_t, int64_t,
+                           float *, int64_t);
+#define LANES_B(R, NV)                                                                                              \
+    static void lanes_b##R##NV(const uint8_t *w, int64_t rb, const qtype_t *ty, int64_t K, int64_t Kp, const xq_t *x, \
+                               int64_t c0, int64_t Tc, float *y, int64_t N) {                                       \
+        rows_lanes_b(w, rb, ty, K, Kp, R, NV, x, c0, Tc, y, N);                                                      \
+    }
+LANES_B(1, 1) LANES_B(1, 2) LANES_B(4, 1) LANES_B(4, 2)
+#undef LANES_B
+/* [one row, LANE_ROWS rows][one vector of tokens, two] */
+static const lanes_b_fn lanes_b_fns[2][2] = {{lanes_b11, lanes_b12}, {lanes_b41, lanes_b42}};
 
 #define LW 8
 #define VI __m256i
@@ -852,7 +1003,11 @@ static void quantize_task(void *p, int i, int n) {
             if (k < lo || k >= hi) continue;
             const void *src = t < jb->T ? jb->x : NULL;
             int64_t kb = Kp / 32;
-            if (x->lanes) {
+            if (x->lanes && x->bytes) {
+                int64_t ch = 2 * x->lanes, c0 = t / ch * ch, Tp = Tq - c0 < ch ? Tq - c0 : ch, o = c0 * kb + (t - c0);
+                quantize_lanes_bytes_row(src, jb->x_bf16, t * jb->K, jb->K, Kp, c->steps,
+                                         x->qb + c0 * Kp + (t - c0) * 4, x->sx + o, x->sx16 + o, x->d + o, x->ds + o, Tp);
+            } else if (x->lanes) {
                 int64_t ch = 2 * x->lanes, c0 = t / ch * ch, Tp = Tq - c0 < ch ? Tq - c0 : ch;
                 quantize_lanes_row(src, jb->x_bf16, t * jb->K, jb->K, Kp, c->steps, x->q + c0 * Kp + (t - c0) * 2,
                                    x->d + c0 * kb + (t - c0), x->ds + c0 * kb + (t - c0), Tp);
@@ -872,6 +1027,18 @@ static void job_rows(const call_t *c, int j, int64_t r0, int64_t r1) {
     int64_t K = jb->K, Kp = kpad(K), T = jb->T, N = jb->N, rb = K / ty->bk * ty->bs, nb = K / 32;
     int64_t gbytes = G / ty->bk * ty->bs;
 #if defined(__AVX2__)
+    if (x->lanes && x->bytes) { /* (lanes of 8, in chunks of two vectors) */
+        for (int64_t c0 = 0; c0 < T; c0 += 16) {
+            int64_t Tc = T - c0 < 16 ? T - c0 : 16;
+            int NV = (int)((Tc + 7) / 8);
+            for (int64_t r = r0; r < r1;) {
+                int R = r + LANE_ROWS <= r1 ? LANE_ROWS : 1;
+                lanes_b_fns[R > 1][NV - 1](jb->w + r * rb, rb, ty, K, Kp, x, c0, Tc, jb->y + c0 * N + r, N);
+                r += R;
+            }
+        }
+        return;
+    }
     if (x->lanes) {
         const lanes_fn(*fns)[2] = lanes_fns8;
 #if LANES16
@@ -895,7 +1062,7 @@ static void job_rows(const call_t *c, int j, int64_t r0, int64_t r1) {
         int64_t tn = T - t0 < 64 ? T - t0 : 64;
 #if defined(__AVX2__)
         if (ty->vec && !c->plain) {
-            tok_fns[ty->which](jb->w, rb, gbytes, K, Kp, x, t0, tn, r0, r1, jb->y, N);
+            tok_fns[c->steps <= 127][ty->which](jb->w, rb, gbytes, K, Kp, x, t0, tn, r0, r1, jb->y, N);
             continue;
         }
 #endif
@@ -938,7 +1105,8 @@ static __thread size_t scratch_size;
 
 /* Runs n_jobs matmuls on `threads` threads (the caller's included). plain: the C path only (tests;
  * the same bits as the vector paths); levels: 1, x in 127 steps a block (a relative error of about
- * 0.5% a dot product), or 2, in 256 times finer ones (about 2**-15 of it, the same integer work).
+ * 0.5% a dot product; a byte a value: the token path's dots of xl alone, then lanes of bytes), or
+ * 2, in 256 times finer ones (about 2**-15 of it, twice the dots).
  * Returns 0, or -1 for a type it has no kernel for, -2 for a K that is not a whole number of blocks,
  * -3 when out of memory. */
 int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int levels) {
@@ -953,7 +1121,11 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
         if (!ty[j]) return -1;
         if (jobs[j].K <= 0 || jobs[j].K % ty[j]->bk) return -2;
         row_start[j + 1] = row_start[j] + jobs[j].N;
-        xq[j].lanes = plain || !ty[j]->vec || jobs[j].T < ty[j]->lanes_min ? 0 : LANES16 && jobs[j].T > 8 ? 16 : 8;
+        /* (levels 1: x in bytes, in lanes of 8 from LANES_MIN_BYTES tokens) */
+        int bytes = levels != 2;
+        int lanes = !plain && ty[j]->vec && jobs[j].T >= (bytes ? LANES_MIN_BYTES : ty[j]->lanes_min);
+        xq[j].bytes = bytes && lanes;
+        xq[j].lanes = !lanes ? 0 : bytes || !LANES16 || jobs[j].T <= 8 ? 8 : 16;
         if (!same_x(jobs, j)) {
             size_t TK = (size_t)(tpad(jobs[j].T, xq[j].lanes) * kpad(jobs[j].K));
             need += TK * 2 + TK / 32 * 16 + 64;
@@ -976,7 +1148,8 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
         xq[j].ds = (float *)s; s += TK / 32 * 4;
         xq[j].sx = (int32_t *)s; s += TK / 32 * 4;
         xq[j].sx16 = (int32_t *)s; s += TK / 32 * 4;
-        xq[j].q = (int16_t *)s; /* (lanes: int16 pairs; tokens: xh, then xl) */
+        xq[j].q = (int16_t *)s; /* (lanes: int16 pairs, or bytes; tokens: xh, then xl) */
+        xq[j].qb = (int8_t *)s;
         xq[j].xh = (int8_t *)s;
         xq[j].xl = (int8_t *)s + TK;
         s += TK * 2;

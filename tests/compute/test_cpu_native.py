@@ -74,12 +74,21 @@ def test_each_type_matches_float64_over_gguf_dequantize(qt, T):
 
 def same_bits_cases(lib=None):
     """(what, got, want) for each type and count of tokens: the vector paths of `lib` (else this
-    host's build) against this host's plain C path, both levels."""
+    host's build) against this host's plain C path, both levels (levels 1: the token path's dots
+    of x's low bytes alone, then x in lanes of bytes). The extremes of the bytes dotted: Q8_0's
+    rows of -128 (no quantizer writes it) and of 127, against a token's blocks of x all at its
+    largest value, all one sign and in alternate signs."""
     for qt in TYPES:
         N, K = 37, (576 if qt in (QT.Q4_0, QT.Q4_1, QT.Q8_0) else 512)  # (a row's last group 2 blocks of 8)
-        raw = torch.from_numpy(rows(qt, N, K, seed=int(qt)).reshape(-1))
-        for T in (1, 2, 5, 7, 8, 9, 16, 17, 33):  # (the token path, lanes of 8 and 16, a chunk and a half)
+        r = rows(qt, N, K, seed=int(qt))
+        if qt == QT.Q8_0:
+            r.reshape(N, K // 32, 34)[0, :, 2:] = 0x80
+            r.reshape(N, K // 32, 34)[1, :, 2:] = 127
+        raw = torch.from_numpy(r.reshape(-1))
+        for T in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33):  # (the token path, lanes of 8 and 16, a chunk and more)
             x = torch.randn(T, K, generator=torch.Generator().manual_seed(T))
+            x[0, :32] = 3.0
+            x[0, 32:64:2], x[0, 33:64:2] = 3.0, -3.0
             for levels in (1, 2):
                 got = native.matmuls([(raw, int(qt), N, K, x)], threads=2, levels=levels, lib=lib)[0]
                 want = native.matmuls([(raw, int(qt), N, K, x)], threads=1, plain=True, levels=levels)[0]
@@ -94,9 +103,10 @@ def test_every_path_and_every_count_of_tokens_gives_the_same_bits():
     qt, N, K = QT.Q4_K, 37, 512
     raw = torch.from_numpy(rows(qt, N, K, seed=3).reshape(-1))
     x = torch.randn(33, K)
-    alone = torch.cat([native.linear(x[t : t + 1], raw, int(qt), N, K) for t in range(33)])
-    for T in (2, 5, 7, 9, 16, 33):
-        assert torch.equal(native.linear(x[:T], raw, int(qt), N, K), alone[:T]), T
+    for levels in (1, 2):
+        alone = torch.cat([native.matmuls([(raw, int(qt), N, K, x[t : t + 1])], levels=levels)[0] for t in range(33)])
+        for T in (2, 5, 7, 9, 16, 33):
+            assert torch.equal(native.matmuls([(raw, int(qt), N, K, x[:T])], levels=levels)[0], alone[:T]), (T, levels)
 
 
 # other vector paths than this host's: (the compiler's flags, the CPU flags they need to run)
@@ -237,18 +247,19 @@ def test_a_forked_child_computes_with_its_own_threads():
 
 @pytest.mark.parametrize("qt", TYPES)
 @pytest.mark.parametrize("T", [1, 9])  # the token path and the lanes path
-def test_a_nan_or_inf_in_x_makes_its_rows_outputs_nan(qt, T, _needs_compiler):
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_nan_or_inf_in_x_makes_its_rows_outputs_nan(qt, T, levels, _needs_compiler):
     """A NaN in x fell out of the block's largest value, and its int16 became the clamp: finite
     logits from NaN weights (tests/coordinator/test_nan_weights.py). Now the row's outputs are NaN
     (an inf too), and the other rows are as before."""
     N, K = 40, 512
     raw = torch.from_numpy(rows(qt, N, K, seed=4).reshape(-1))
     x = exact_x(T, K, torch.Generator().manual_seed(5))
-    want = native.linear(x, raw, int(qt), N, K)
+    want = native.matmuls([(raw, int(qt), N, K, x)], levels=levels)[0]
     bad = x.clone()
     bad[0, 37] = float("nan")
     bad[T - 1, 300] = float("inf") if T > 1 else bad[T - 1, 300]
-    got = native.linear(bad, raw, int(qt), N, K)
+    got = native.matmuls([(raw, int(qt), N, K, bad)], levels=levels)[0]
     assert got[0].isnan().all()
     if T > 1:
         assert not got[T - 1].isfinite().any()
