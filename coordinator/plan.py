@@ -303,11 +303,13 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         # PROMPT_STEP_COST times the bytes of the step that moves fewest (a budget so small that a
         # prompt-sized step leaves few layers resident gets the decode-sized step), and where a
         # smaller step would move at least DECODE_GAIN fewer, its line says so (`smaller_step`).
-        # A run that answers one known prompt (`job`: its tokens, about, and the reply's at most) on
-        # a GPU takes the step whose passes, the prompt's and the reply's, move the fewest bytes:
-        # every pass of a streamed plan is bound by its copies there, and a pass's host KV is the
-        # job's own length (8B at 4 GiB, a short prompt and 256 tokens: 16-token steps and 26 layers
-        # rather than 512-token steps and 25; BENCHMARKS.md, "Current").
+        # A run whose job is known (`job`: a prompt given on the command line, or a chat's typical
+        # turn, its tokens, about, and the reply's at most) on a GPU takes the step whose passes, the
+        # prompt's and the reply's, move the fewest bytes: a decode pass of a streamed plan is bound
+        # by its copies there, and a pass's host KV is the job's own length (8B at 4 GiB, a short
+        # prompt and 256 tokens: 32-token steps and 26 layers rather than 512-token steps and 25;
+        # BENCHMARKS.md, "Current"). A small step's prompt pass runs eagerly and costs more than its
+        # bytes, which this leaves out: it counts only where the prompt is long beside the reply.
         candidates = [T] if step_tokens is not None else _step_candidates(max_seqs)
         fitting = [t for t in candidates if fits(t, 2, 0, 0)]
         if not fitting:
