@@ -28,6 +28,7 @@ requests of every step in flight when one fails, so no result of such a step is 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -381,6 +382,7 @@ class ComputeWorker:
                 self.attach(msg.desc)
             elif msg is not None:
                 self._take(msg)
+        gc.freeze()  # (set up: NOTE [ start-up objects frozen ] in proto/child.py)
         while True:
             if self.queued:
                 self._launch(self.queued.popleft())

@@ -39,8 +39,7 @@ def _sampling(args):
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
-        max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-    )
+        max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
 def check_model(args):
@@ -225,8 +224,7 @@ def open_engine(args, index, progress: bool, warm=None):
     cfg = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=args.batch,
         on_context_full=args.on_context_full, sink_tokens=args.sink_tokens, prefill_chunk=args.prefill_chunk,
-        lookup=args.lookup, draft_model=args.draft_model, draft_tokens=args.draft_tokens,
-        draft_policy=args.draft_policy,
+        lookup=args.lookup, draft_model=args.draft_model, draft_tokens=args.draft_tokens, draft_policy=args.draft_policy,
     )
     pcfg = None
     if not args.single_process:
@@ -350,10 +348,11 @@ def _run_bound(args, api_key, sock, warm) -> int:
     check_device(args)
     params = _sampling(args)
     from layerstream.coordinator.turn import Rates
+    from layerstream.proto.child import settled
 
     rates = Rates()
     t0 = time.monotonic()
-    with open_engine(args, index, progress=terminal, warm=warm) as engine:
+    with open_engine(args, index, progress=terminal, warm=warm) as engine, settled():
         load_s = time.monotonic() - t0
         if warm is not None:
             warm.close()  # (those the run did not take)

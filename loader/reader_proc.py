@@ -3,6 +3,7 @@ arena when AttachArena comes (NOTE [ the arena after Ready ] in coordinator/pipe
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ def main(cfg: ReaderConfig) -> None:
         reader = LayerReader(list(cfg.serve), direct=cfg.direct, threads=cfg.threads)
         try:
             links.ready({"files": len(cfg.serve)})
+            gc.freeze()  # (set up: NOTE [ start-up objects frozen ] in proto/child.py)
             while True:
                 msg = links.recv()
                 if isinstance(msg, AttachArena) and arena is None:

@@ -14,6 +14,8 @@ the frame to go out.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -30,6 +32,25 @@ from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
 from .sockets import Curve, make_dealer, recv_envelope, send_msg
 
 FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame to go out
+
+
+# NOTE [ start-up objects frozen ]
+# A full collection of CPython's garbage collector walks every object it tracks, and a process that
+# imported torch holds a few hundred thousand: a collection in the middle of decoding stalled a
+# small model's token stream for as long as dozens of its steps (BENCHMARKS.md, "Current"). What
+# a process makes while it starts lives until it ends, so each long-lived process of a run freezes
+# those objects once it is ready (gc.freeze): later collections walk only what the run made since.
+# Garbage cycles left from the start stay (a collection to free them first would cost the pause
+# once more). The library's Engine leaves its caller's process as it is; run-pipeline unfreezes
+# when its run ends, so a caller of cli.main in-process gets its collector back whole.
+@contextlib.contextmanager
+def settled():
+    """Freeze the objects made so far (NOTE above) for the block's length."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass(frozen=True)

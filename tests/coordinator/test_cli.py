@@ -888,3 +888,24 @@ def test_a_draft_on_the_cpu_beside_the_pipeline_takes_one_thread_in_this_process
     assert coordinator_threads(args()) is None
     assert coordinator_threads(args(single_process=True, cpu_threads=3, draft_model="d.gguf")) == 3
     assert coordinator_threads(args(single_process=True)) is None
+
+
+def test_a_run_freezes_its_start_up_objects_until_it_ends(tmp_path, monkeypatch, capsys):
+    """NOTE [ start-up objects frozen ]: while the run generates, what its start made is out of the
+    collector's walks; when cli.main returns, an in-process caller has its collector back whole."""
+    import gc
+
+    from layerstream.coordinator import cli
+
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    run_engine, frozen = cli._run_engine, []
+
+    def spy(*a, **kw):
+        frozen.append(gc.get_freeze_count())
+        return run_engine(*a, **kw)
+
+    monkeypatch.setattr(cli, "_run_engine", spy)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))
+    assert gc.get_freeze_count() == 0
+    assert cli.main(["-m", path, "-n", "2", "--device", "cpu", "--single-process", "--temperature", "0", "hi"]) == 0
+    assert frozen and frozen[0] > 1000 and gc.get_freeze_count() == 0
