@@ -28,7 +28,6 @@ requests of every step in flight when one fails, so no result of such a step is 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -55,7 +54,7 @@ from layerstream.compute.weights import GlobalWeights
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
-from layerstream.proto.child import ChildLinks, ShutdownRequested, run_child
+from layerstream.proto.child import ChildLinks, ShutdownRequested, run_child, settle
 from layerstream.proto.messages import ArenaDesc, AttachArena, Forward, ForwardDone, LayerReady, StepFailed
 from layerstream.proto.timeline import Timeline
 
@@ -382,7 +381,7 @@ class ComputeWorker:
                 self.attach(msg.desc)
             elif msg is not None:
                 self._take(msg)
-        gc.freeze()  # (set up: NOTE [ start-up objects frozen ] in proto/child.py)
+        settle()  # (set up: NOTE [ start-up objects frozen ] in proto/child.py)
         while True:
             if self.queued:
                 self._launch(self.queued.popleft())

@@ -326,33 +326,34 @@ def run(args) -> int:
 
         sock = bound_socket(args.host, args.port)
     warm = None
+    from layerstream.proto.child import Settling
+
     try:
-        with sock:
+        with sock, Settling() as gcs:
             if not args.single_process:  # the children import while this process reads the header and plans
                 from layerstream.coordinator.supervisor import WarmStarts, warm_starts_pay  # (NOTE [ warm starts ])
 
                 if warm_starts_pay():
                     warm = WarmStarts({"staging": 1, "reader": args.readers, "compute": 1}, device=args.device)
             start_thread_pools(torch=False)  # numpy's, before anything else starts threads (NOTE [ SIGINT and threads ])
-            return _run_bound(args, api_key, sock if args.serve else None, warm)
+            return _run_bound(args, api_key, sock if args.serve else None, warm, gcs)
     finally:
         if warm is not None:
             warm.close()
 
 
-def _run_bound(args, api_key, sock, warm) -> int:
-    """`warm`: the children spawned ahead; run() lets go of those the run did not take, whatever happens."""
+def _run_bound(args, api_key, sock, warm, gcs) -> int:
+    """`warm`: the children spawned ahead (run() lets go of those the run did not take); `gcs`: proto.child.Settling."""
     terminal = sys.stderr.isatty()
     index = check_header(args)
     check_quants(index)
     check_device(args)
     params = _sampling(args)
     from layerstream.coordinator.turn import Rates
-    from layerstream.proto.child import settled
-
     rates = Rates()
     t0 = time.monotonic()
-    with open_engine(args, index, progress=terminal, warm=warm) as engine, settled():
+    with open_engine(args, index, progress=terminal, warm=warm) as engine:
+        gcs.ready()
         load_s = time.monotonic() - t0
         if warm is not None:
             warm.close()  # (those the run did not take)

@@ -3,7 +3,6 @@ arena when AttachArena comes (NOTE [ the arena after Ready ] in coordinator/pipe
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from layerstream.loader.arena import Arena
 from layerstream.loader.layout import ReadRange
 from layerstream.loader.reader import LayerReader
-from layerstream.proto.child import ChildEndpoints, ChildLinks, run_child
+from layerstream.proto.child import ChildEndpoints, ChildLinks, run_child, settle
 from layerstream.proto.messages import AttachArena, LayerStaged, LoadLayer, ReadFailed
 from layerstream.proto.timeline import Timeline
 
@@ -45,7 +44,7 @@ def main(cfg: ReaderConfig) -> None:
         reader = LayerReader(list(cfg.serve), direct=cfg.direct, threads=cfg.threads)
         try:
             links.ready({"files": len(cfg.serve)})
-            gc.freeze()  # (set up: NOTE [ start-up objects frozen ] in proto/child.py)
+            settle()  # (set up: NOTE [ start-up objects frozen ] in proto/child.py)
             while True:
                 msg = links.recv()
                 if isinstance(msg, AttachArena) and arena is None:

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 
 from layerstream.loader.arena import Arena
-from layerstream.proto.child import ChildEndpoints, ChildLinks, ShutdownRequested, run_child
+from layerstream.proto.child import ChildEndpoints, ChildLinks, ShutdownRequested, run_child, settle
 from layerstream.proto.codec import to_wire
 
 TERM_POLL_MS = 200  # the longest a SIGTERM waits to be seen by the main loop
@@ -53,6 +53,7 @@ def main(cfg: StagingConfig) -> None:
                                               name="arena-populate", daemon=True)
                     filler.start()
                 links.ready({"arena": to_wire(arena.describe())})
+                settle()  # (NOTE [ start-up objects frozen ] in proto/child.py)
                 while not term.requested:
                     links.recv(TERM_POLL_MS)  # nothing to do but stay alive and answer control messages
                 raise ShutdownRequested("terminated")

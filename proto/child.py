@@ -14,7 +14,6 @@ the frame to go out.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import logging
@@ -36,21 +35,39 @@ FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame t
 
 # NOTE [ start-up objects frozen ]
 # A full collection of CPython's garbage collector walks every object it tracks, and a process that
-# imported torch holds a few hundred thousand: a collection in the middle of decoding stalled a
-# small model's token stream for as long as dozens of its steps (BENCHMARKS.md, "Current"). What
-# a process makes while it starts lives until it ends, so each long-lived process of a run freezes
-# those objects once it is ready (gc.freeze): later collections walk only what the run made since.
-# Garbage cycles left from the start stay (a collection to free them first would cost the pause
-# once more). The library's Engine leaves its caller's process as it is; run-pipeline unfreezes
-# when its run ends, so a caller of cli.main in-process gets its collector back whole.
-@contextlib.contextmanager
-def settled():
-    """Freeze the objects made so far (NOTE above) for the block's length."""
-    gc.freeze()
-    try:
-        yield
-    finally:
+# imports torch makes a few hundred thousand: run-pipeline's own process ran three full collections
+# while it started (about 140 ms on this project's CPU), and each would stall a decode step if it
+# came later. What a process makes while it starts lives until it ends, so a run's processes start
+# with the collector off and, once ready, freeze those objects (gc.freeze) and turn it on: later
+# collections walk only what the run made since. Garbage cycles made while starting stay (a
+# collection to free them would cost the pause once more); they are the start's, bounded. The
+# library's Engine leaves its caller's process as it is; run-pipeline gives an in-process caller
+# its collector back as it was when the run ends.
+class Settling:
+    """The collector off from `with` until `ready()`, then the start's objects frozen (NOTE above);
+    on exit unfrozen, and on again if it was."""
+
+    def __enter__(self) -> "Settling":
+        self.was = gc.isenabled()
+        gc.disable()
+        return self
+
+    def ready(self) -> None:
+        gc.freeze()
+        if self.was:
+            gc.enable()
+
+    def __exit__(self, *exc) -> None:
         gc.unfreeze()
+        if self.was:
+            gc.enable()
+
+
+def settle() -> None:
+    """A pipeline child set up (run_child started it with the collector off): its objects frozen,
+    the collector on (NOTE [ start-up objects frozen ])."""
+    gc.freeze()
+    gc.enable()
 
 
 @dataclass(frozen=True)
@@ -168,6 +185,7 @@ def run_child(role: str, ident: str, endpoints: ChildEndpoints, parent_pid: int,
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} {ident}: %(message)s")
+    gc.disable()  # (until the body settles: NOTE [ start-up objects frozen ])
     links = _connect(role, ident, endpoints, parent_pid, stats)
     code = 0
     try:

@@ -891,21 +891,32 @@ def test_a_draft_on_the_cpu_beside_the_pipeline_takes_one_thread_in_this_process
 
 
 def test_a_run_freezes_its_start_up_objects_until_it_ends(tmp_path, monkeypatch, capsys):
-    """NOTE [ start-up objects frozen ]: while the run generates, what its start made is out of the
-    collector's walks; when cli.main returns, an in-process caller has its collector back whole."""
+    """NOTE [ start-up objects frozen ]: the collector is off while the run starts; while it generates,
+    what its start made is frozen out of the collector's walks and the collector is on; when cli.main
+    returns, or a start fails, an in-process caller has its collector back as it was."""
     import gc
 
     from layerstream.coordinator import cli
 
     path = ggufgen.write_model(tmp_path / "m.gguf")
-    run_engine, frozen = cli._run_engine, []
+    run_engine, open_engine, seen = cli._run_engine, cli.open_engine, []
 
-    def spy(*a, **kw):
-        frozen.append(gc.get_freeze_count())
+    def spy_run(*a, **kw):
+        seen.append(("run", gc.get_freeze_count(), gc.isenabled()))
         return run_engine(*a, **kw)
 
-    monkeypatch.setattr(cli, "_run_engine", spy)
+    def spy_open(*a, **kw):
+        seen.append(("open", gc.get_freeze_count(), gc.isenabled()))
+        return open_engine(*a, **kw)
+
+    monkeypatch.setattr(cli, "_run_engine", spy_run)
+    monkeypatch.setattr(cli, "open_engine", spy_open)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
     assert cli.main(["-m", path, "-n", "2", "--device", "cpu", "--single-process", "--temperature", "0", "hi"]) == 0
-    assert frozen and frozen[0] > 1000 and gc.get_freeze_count() == 0
+    assert seen[0] == ("open", 0, False) and seen[1][0] == "run" and seen[1][1] > 1000 and seen[1][2], seen
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    ggufgen.corrupt_magic(path)
+    with pytest.raises(SystemExit, match="1"):  # (the one line: not a GGUF file)
+        cli.main(["-m", path, "-n", "2", "--device", "cpu", "--single-process", "hi"])
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
