@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from layerstream.compute.cpu.native import NATIVE_TYPES
 from layerstream.compute.dequant import FUSED_TYPES
-from layerstream.compute.kernel_shapes import SMALL_SPLITS, TARGET_PROGRAMS, small_shape
+from layerstream.compute.kernel_shapes import SMALL_ROWS, SMALL_SPLITS, TARGET_PROGRAMS, small_shape
 from layerstream.compute.model import attention_bytes, attention_path
 from layerstream.compute.moe import GROUPED_MAX_TOKENS
 from layerstream.compute.qlinear import (
@@ -153,16 +153,18 @@ def step_meta(hp: HParams, B: int, S: int, T: int, L: int, e: int, sliding: bool
     return masks + rope + 8 * (4 * T + 3 * B + B * S) + 64 * 1024
 
 
-def captured_partials(hp: HParams, T: int) -> int:
-    """The largest float32 partial sums one matmul of T rows holds in a captured decode step
-    (compute/kernel_shapes.py: qsmall's split of K on its shapes, the split-K kernel's until about
-    TARGET_PROGRAMS programs run; qgemv's one- and two-row kernels on the larger matrices hold none): over a
-    layer's matrices and the head, whatever their types (an upper bound)."""
+def captured_partials(hp: HParams, T: int, part: str | None = None) -> int:
+    """The largest float32 partial sums one matmul of T rows holds, captured in a decode step or
+    launched eagerly (compute/kernel_shapes.py: qsmall's split of K on its shapes, the split-K
+    kernel's until about TARGET_PROGRAMS programs run; qgemv's one- and two-row kernels on the larger
+    matrices hold none): over a layer's matrices and the head, whatever their types (an upper bound);
+    `part`: "attn", "ffn" or "head" for that part's matrices only."""
     E, F, H, Hkv, D, V = hp.n_embd, hp.n_ff, hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim, hp.n_vocab
     if hp.moe.n_expert:
         F = hp.moe.n_ff_exp or F
     out = 0
-    for N, K in ((H * D, E), (Hkv * D, E), (E, H * D), (F, E), (E, F), (V, E)):
+    mats = {"attn": ((H * D, E), (Hkv * D, E), (E, H * D)), "ffn": ((F, E), (E, F)), "head": ((V, E),)}
+    for N, K in sum(mats.values(), ()) if part is None else mats[part]:
         if small_shape(T, N, K):  # qsmall's kernel (qkernels._small_config)
             splits = SMALL_SPLITS
         elif T <= 2 and N >= 1024 and K >= 4096:
@@ -233,8 +235,13 @@ def step_peak(hp: HParams, T: int, *, e: int, ctx: int, max_seqs: int, quantized
         rows = min(toks, head_chunk) if cuda else toks
         hb, hbig = head(hp, rows, e)
         meta = step_meta(hp, b, s, toks, L, e, sliding)
-        peak = max(peak, meta + max(attn_act + attn, ffn_act, toks * hp.n_embd * e + hb))
-        largest = max(largest, big, abig, hbig)
+        # an eager fused matmul's float32 partial sums, beside its phase's tensors (a graph's are
+        # counted with its pool: Sizes.graphs)
+        p_attn, p_ffn, p_head = (captured_partials(hp, toks, "attn"), captured_partials(hp, toks, "ffn"),
+                                 captured_partials(hp, rows, "head")) \
+            if cuda and quantized and toks <= SMALL_ROWS[1] and not decode_only else (0, 0, 0)
+        peak = max(peak, meta + max(attn_act + attn + p_attn, ffn_act + p_ffn, toks * hp.n_embd * e + hb + p_head))
+        largest = max(largest, big, abig, hbig, p_attn, p_ffn, p_head)
     return peak, largest
 
 
@@ -357,16 +364,18 @@ class Sizes:
         kernel, and that its head does (qlinear.fused_max_rows, over the model's own types and shapes,
         its experts' included; a mixture of experts' grouped kernels up to GROUPED_MAX_TOKENS, above
         which its prompt path dequantizes the experts)."""
-        def most(mats) -> int:
+        def most(mats, none: int) -> int:  # (none: where no matrix is kept as blocks)
             return min((fused_max_rows(int(t.qtype), *t.shape) if len(t.shape) == 2
                         else FUSED_MAX_TOKENS_BY_TYPE.get(int(t.qtype), FUSED_MAX_TOKENS)
-                        for t in mats if self.kept_as_blocks(t)), default=FUSED_MAX_TOKENS)
+                        for t in mats if self.kept_as_blocks(t)), default=none)
 
         g = self.index.globals
-        layers = most(t for layer in self.index.layers for t in layer.values() if len(t.shape) in (2, 3))
+        layers = most((t for layer in self.index.layers for t in layer.values() if len(t.shape) in (2, 3)),
+                      FUSED_MAX_TOKENS)
         if self.index.hparams.moe.n_expert:
             layers = min(layers, GROUPED_MAX_TOKENS)
-        return layers, most([g.get("output.weight") or g["token_embd.weight"]])
+        # a head not kept as blocks (F16, BF16, or a type dequantized at load) never dequantizes
+        return layers, most([g.get("output.weight") or g["token_embd.weight"]], 1 << 30)
 
     @functools.cached_property
     def fused_rows(self) -> int:

@@ -189,7 +189,10 @@ def test_a_step_within_the_fused_rows_keeps_no_dequantization_buffer(l8):
     default = plan(l8, 4, ctx=512, evaluates=False)
     assert len(default.resident) == 25 and default.smaller_step == (32, 26)
     assert "--step-tokens 32 would keep 26 layers resident" in default.describe()
-    assert len(plan(l8, 4, ctx=512, step_tokens=16).resident) == 26  # (an evaluating plan: 64 rows of logits at most)
+    assert len(plan(l8, 4, ctx=512, step_tokens=16, evaluates=False).resident) == 26
+    # an evaluating plan's head takes 16 rows of its steps, on the split-K kernel: its float32 partial
+    # sums (memory.captured_partials) take the 26th layer
+    assert len(plan(l8, 4, ctx=512, step_tokens=16).resident) == 25
     # qsmall's 32-row tile covers the matrices it was measured on, not the head: an evaluating plan's
     # 32-token step computes the head of its 32 rows, and keeps the buffer for it
     assert plan(l8, 4, ctx=512, step_tokens=32).dequant_scratch

@@ -196,3 +196,37 @@ def test_pinned_host_memory_is_counted_as_torch_holds_it(l8):
     assert parts["KV in host memory"] == n_host * 2 * half
     cpu = plan(l8, None, ctx=512, device_type="cpu", quantized=False)
     assert "token embedding (pinned)" not in dict(cpu.host_parts)
+
+
+def test_an_eager_fused_step_counts_its_partial_sums():
+    """qsmall splits K in SMALL_SPLITS launched eagerly too: a 32-token step of the 8B holds gate's
+    [4, 32, 14336] float32 partials beside the FFN's activations, and the step's largest tensor is
+    theirs (the allocator's large pool); a captured decode step leaves them to the graphs' pool."""
+    from layerstream.compute.kernel_shapes import SMALL_SPLITS
+    from layerstream.coordinator.memory import step_peak
+
+    hp = shaped_index("llama-3.1-8b").hparams
+    kw = dict(e=2, ctx=512, max_seqs=1, cuda=True, head_chunk=1)
+    peak, largest = step_peak(hp, 32, quantized=True, **kw)
+    assert largest == SMALL_SPLITS * 32 * hp.n_ff * 4
+    dense_peak, dense_largest = step_peak(hp, 32, quantized=False, **kw)  # (dense weights: cuBLAS, no partials)
+    assert dense_largest < largest and peak > dense_peak
+    assert step_peak(hp, 32, quantized=True, decode_only=True, **kw)[1] < largest
+
+
+def test_a_head_not_kept_as_blocks_bounds_no_step():
+    """A float16 head runs on cuBLAS and never dequantizes: the layers' fused rows bound the step
+    (32 on the 8B's Q4_K_M matrices), and an evaluating step of 16 rows keeps no dequantization buffer."""
+    import dataclasses
+
+    from gguf import GGMLQuantizationType as QT
+
+    from layerstream.coordinator.memory import Sizes
+
+    index = shaped_index("llama-3.1-8b")
+    head = index.globals["output.weight"]
+    index.globals["output.weight"] = dataclasses.replace(head, qtype=int(QT.F16), nbytes=head.shape[0] * head.shape[1] * 2)
+    f16 = Sizes(index, layer_layouts(index), 2, 512, 1, True, True, False)
+    q6 = Sizes(shaped_index("llama-3.1-8b"), layer_layouts(shaped_index("llama-3.1-8b")), 2, 512, 1, True, True, False)
+    assert (f16.fused_rows, q6.fused_rows) == (32, 16)
+    assert f16.dequant_scratch(16) == 0 and f16.dequant_scratch(33) > 0 and q6.dequant_scratch(32) > 0
