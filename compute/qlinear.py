@@ -39,9 +39,10 @@ from layerstream.compute.kernel_shapes import SMALL_ROWS, small_shape
 # take the older fused kernels at 5 to 16 rows, whose speed there against cuBLAS was not measured.
 FUSED_MAX_TOKENS = 8
 FUSED_MAX_TOKENS_BY_TYPE = {int(QT.Q4_K): 16, int(QT.Q5_K): 4, int(QT.Q6_K): 16}
-# qsmall's tile of 32 rows of x: Q4_K well ahead of dequantize + cuBLAS at 17 to 32 rows, Q6_K about
-# level with it (BENCHMARKS.md, "Small batches on the tensor cores"); what it buys is a step of up
-# to 32 tokens without the dequantization buffer, which on a tight budget is a resident layer
+# qsmall's tile of 32 rows of x: Q4_K well ahead of dequantize + cuBLAS at 17 to 32 rows, Q6_K level
+# with it on the larger matrices and behind on 1024 x 4096 (BENCHMARKS.md, "Current"); what it buys
+# is a step of up to 32 tokens without the dequantization buffer, which on a tight budget is a
+# resident layer (where a plan keeps the buffer anyway, Q6_K's smaller matrices lose a little)
 SMALL_TILE_TYPES = frozenset((int(QT.Q4_K), int(QT.Q6_K)))
 FUSED_MIN_OF_TYPES = min(FUSED_MAX_TOKENS, *FUSED_MAX_TOKENS_BY_TYPE.values())  # above it, the scratch is used
 

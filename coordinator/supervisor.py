@@ -36,6 +36,7 @@ closed, the arena unlinked, threads joined) has run by then, in run_child and it
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import logging
 import multiprocessing as mp
@@ -142,6 +143,7 @@ def warm_child(role: str, modules: tuple[str, ...], conn, device: str = "auto") 
     one (`device`: the run's --device), then run as `spawned` with what comes on `conn` (exit quietly
     when the pipe closes first)."""
     ignore_sigint()  # (as every child: NOTE [ shutdown order ])
+    gc.disable()  # (its imports too: NOTE [ start-up objects frozen ] in proto/child.py)
     set_process_name(f"layerstream-{role}")  # (child_main names it by its ident once it is given one)
     try:
         for m in modules:

@@ -36,8 +36,7 @@ FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame t
 # NOTE [ start-up objects frozen ]
 # A full collection of CPython's garbage collector walks every object it tracks, and a process that
 # imports torch makes a few hundred thousand: run-pipeline's own process ran three full collections
-# while it started (about 140 ms on this project's CPU), and each would stall a decode step if it
-# came later. What a process makes while it starts lives until it ends, so a run's processes start
+# while it started (BENCHMARKS.md, "Current"), and each would stall a decode step if it came later. What a process makes while it starts lives until it ends, so a run's processes start
 # with the collector off and, once ready, freeze those objects (gc.freeze) and turn it on: later
 # collections walk only what the run made since. Garbage cycles made while starting stay (a
 # collection to free them would cost the pause once more); they are the start's, bounded. The
@@ -45,20 +44,24 @@ FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame t
 # its collector back as it was when the run ends.
 class Settling:
     """The collector off from `with` until `ready()`, then the start's objects frozen (NOTE above);
-    on exit unfrozen, and on again if it was."""
+    on exit unfrozen, and on again if it was. A caller that froze objects of its own keeps them
+    frozen, and this freezes nothing (gc.unfreeze would give back the caller's too)."""
 
     def __enter__(self) -> "Settling":
-        self.was = gc.isenabled()
+        self.was, self.froze = gc.isenabled(), False
         gc.disable()
         return self
 
     def ready(self) -> None:
-        gc.freeze()
+        if not self.froze and gc.get_freeze_count() == 0:
+            gc.freeze()
+            self.froze = True
         if self.was:
             gc.enable()
 
     def __exit__(self, *exc) -> None:
-        gc.unfreeze()
+        if self.froze:
+            gc.unfreeze()
         if self.was:
             gc.enable()
 
@@ -164,6 +167,7 @@ def spawned(role: str, ident: str, endpoints: ChildEndpoints | None, parent_pid:
     config here, inside the harness, so that a failure there (a broken install, a module that
     cannot import) reaches the coordinator as a Failed too, not as a traceback on stderr."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (see run_child)
+    gc.disable()  # (its imports too: NOTE [ start-up objects frozen ])
     try:
         module, _, name = target.partition(":")
         main = getattr(importlib.import_module(module), name)

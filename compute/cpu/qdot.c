@@ -420,9 +420,8 @@ typedef struct {
                     * whose time grows with each token, is faster (a Zen 5 core, bin/bench cpu-kernel;
                     * types whose int16 unpacking costs more switch later) */
 } qtype_t;
-/* lanes_min where x is in bytes (levels 1), every type: there the token path of one byte and the
- * lanes of bytes break even (each type at 5 tokens, a Zen 3 core with AVX2, bin/bench cpu-kernel
- * --levels 1) */
+/* lanes_min where x is in bytes (levels 1), every type: where the token path of one byte and the
+ * lanes of bytes broke even (BENCHMARKS.md, "Current"; bin/bench cpu-kernel --levels 1) */
 #define LANES_MIN_BYTES 5
 
 static const qtype_t *type_of(int qtype) {

@@ -916,6 +916,13 @@ def test_a_run_freezes_its_start_up_objects_until_it_ends(tmp_path, monkeypatch,
     assert cli.main(["-m", path, "-n", "2", "--device", "cpu", "--single-process", "--temperature", "0", "hi"]) == 0
     assert seen[0] == ("open", 0, False) and seen[1][0] == "run" and seen[1][1] > 1000 and seen[1][2], seen
     assert gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.freeze()  # a caller's own frozen objects stay frozen
+    try:
+        mine = gc.get_freeze_count()
+        assert cli.main(["-m", path, "-n", "2", "--device", "cpu", "--single-process", "--temperature", "0", "hi"]) == 0
+        assert mine - 1000 < gc.get_freeze_count() <= mine and gc.isenabled()  # (less what died meanwhile)
+    finally:
+        gc.unfreeze()
     ggufgen.corrupt_magic(path)
     with pytest.raises(SystemExit, match="1"):  # (the one line: not a GGUF file)
         cli.main(["-m", path, "-n", "2", "--device", "cpu", "--single-process", "hi"])
