@@ -151,3 +151,19 @@ def test_synth_writes_skewed_routers_and_refuses_what_it_cannot(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("synth: error: --route-skew 0.99") and err.count("\n") == 1
     assert not (tmp_path / "y.gguf").exists()  # refused before writing
+
+
+def test_a_synthetic_model_chats(tmp_path):
+    """Its chat template (synth_vocab.CHAT_TEMPLATE) lets --chat run on a synthetic model, for the
+    benchmarks: two piped turns, each answered, the second with the first's KV reused."""
+    import subprocess
+    from pathlib import Path
+
+    path = write_shaped_model(tmp_path / "t.gguf", TINY)
+    launcher = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
+    r = subprocess.run([str(launcher), "--single-process", "-m", str(path), "--device", "cpu", "--chat", "-n", "4",
+                        "--temperature", "0", "--ignore-eos", "--stats"], input="hello there\nand again\n",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    turns = [line for line in r.stderr.splitlines() if line.startswith("prompt:")]
+    assert len(turns) == 2 and "reused" in turns[1] and all("decode: 4 tokens" in t for t in turns), r.stderr
