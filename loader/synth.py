@@ -35,7 +35,7 @@ from layerstream.loader.synth_shapes import (
     resolve_shape,
     tensor_type,
 )
-from layerstream.loader.synth_vocab import add_tokenizer
+from layerstream.loader.synth_vocab import CHAT_TEMPLATE, add_tokenizer
 
 __all__ = ["SHAPES", "ModelShape", "main", "resolve_shape", "shaped_index", "write_shaped_model"]
 
@@ -189,6 +189,7 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
         w.add_expert_used_count(shape.n_expert_used)
         w.add_expert_feed_forward_length(shape.n_ff_exp)
     add_tokenizer(w, shape.n_vocab)
+    w.add_chat_template(CHAT_TEMPLATE)
     for t in tensors:  # the table first (torch-order shapes; GGUFWriter reverses them) ...
         w.add_tensor_info(t.name, t.shape, np.float16 if t.qtype == QT.F16 else np.float32, t.nbytes, raw_dtype=t.qtype)
     w.write_header_to_file()

@@ -96,10 +96,10 @@ def add_tokenizer(w, n_vocab: int) -> None:
     w.add_bos_token_id(bos)
     w.add_eos_token_id(eos)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
 
 
-# A plain chat template (each turn its role, its text and the end-of-text token), so that --chat
-# and the server's chat completions run on a synthetic model as on an instruct one (benchmarks).
+# A plain chat template (each turn its role, its text and the end-of-text token), which synth's
+# models carry so that --chat and the server's chat completions run on them as on an instruct
+# model (benchmarks); the tests' own models (tests/ggufgen.py) stay base models, without one.
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
