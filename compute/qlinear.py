@@ -214,6 +214,7 @@ def _cpu_dequantized_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor 
     return out.view(*x.shape[:-1], N)
 
 
+@functools.cache  # (asked for every eager matmul: one lookup, as the type's bound was)
 def fused_max_rows(qtype: int, N: int, K: int) -> int:
     """The most rows of x that an [N, K] matrix of `qtype` takes on a fused kernel on the GPU."""
     if qtype in SMALL_TILE_TYPES and small_shape(SMALL_ROWS[1], N, K):

@@ -54,7 +54,7 @@ class Settling:
         return self
 
     def ready(self) -> None:
-        if not self.froze and gc.get_freeze_count() == 0:
+        if gc.get_freeze_count() == 0:
             gc.freeze()
             self.froze = True
         if self.was:
@@ -68,7 +68,7 @@ class Settling:
 
 
 def settle() -> None:
-    """A pipeline child set up (run_child started it with the collector off): its objects frozen,
+    """A pipeline child set up (spawned started it with the collector off): its objects frozen,
     the collector on (NOTE [ start-up objects frozen ])."""
     gc.freeze()
     gc.enable()
@@ -168,7 +168,7 @@ def spawned(role: str, ident: str, endpoints: ChildEndpoints | None, parent_pid:
     config here, inside the harness, so that a failure there (a broken install, a module that
     cannot import) reaches the coordinator as a Failed too, not as a traceback on stderr."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (see run_child)
-    gc.disable()  # (its imports too: NOTE [ start-up objects frozen ])
+    gc.disable()  # (until its body settles, its imports too: NOTE [ start-up objects frozen ])
     try:
         module, _, name = target.partition(":")
         main = getattr(importlib.import_module(module), name)
@@ -190,7 +190,6 @@ def run_child(role: str, ident: str, endpoints: ChildEndpoints, parent_pid: int,
     # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} {ident}: %(message)s")
-    gc.disable()  # (until the body settles: NOTE [ start-up objects frozen ])
     links = _connect(role, ident, endpoints, parent_pid, stats)
     code = 0
     try:
