@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.expert_split import ExpertSplit
 from layerstream.compute.cpu.packing import BlockRows, cpu_matrix, swiglu_many
@@ -135,38 +136,21 @@ class CpuExperts:
         [T, k]); h, weight: [T, n_embd] and [T, k] on the host."""
         T, k = weight.shape
         t0 = self.clock()
-        raw = torch.from_numpy(host) if self.in_place(i, lay) else None
         parts = expert_parts(lay)  # (once a layer, not once an expert)
-        if raw is None:  # (packing is not the CPU share's time)
+        in_place = self.in_place(i, lay)
+        if not in_place:  # (packing is not the CPU share's time)
             mats = [self._experts(i, e, parts, host) for e in experts]
             t0 = self.clock()
-        else:
-            mats = [self._experts(i, e, parts, host, raw) for e in experts]
         pairs: dict[int, list[int]] = {e: [] for e in experts}
         for p, e in enumerate(ids):
             if e in pairs:
                 pairs[e].append(p)
-        order = [p for e in experts for p in pairs[e]]  # the CPU's pairs, by expert
-        # the host's part in numpy, which starts no threads: torch's index_add_ (a scatter_add) entered
-        # an OpenMP parallel region at any size, whose barrier waits for every OpenMP thread while
-        # the native kernel's pool holds the cores (milliseconds a call where it alone takes microseconds)
-        hx = h.float().numpy()  # (every form of the CPU's takes float32 x: the native kernel rounds it itself)
-        rows = np.array([p // k for p in order], dtype=np.int64)  # each of the CPU's pairs' token
-        x_all = torch.from_numpy(hx[rows]) if T > 1 else h.float()  # one gather a layer, not one an expert
-        xs, a, nbytes = [], 0, 0
-        for e, (g, u, d) in zip(experts, mats):
-            b = a + len(pairs[e])
-            xs.append(x_all[a:b] if T > 1 else x_all)  # each expert once for its tokens
-            a = b
-            nbytes += g.nbytes + u.nbytes + d.nbytes
-        y = np.concatenate([t.float().numpy() for t in swiglu_many(list(mats), xs)])  # [pairs, n_embd]
-        y *= weight.float().numpy().reshape(-1)[order][:, None]
-        if T == 1:
-            out = y.sum(0, keepdims=True)
+        if in_place:
+            out = self._blocks_sum(host, parts, experts, pairs, k, h, weight)
+            nbytes = len(experts) * sum(per for _, per, *_ in parts)
         else:
-            out = np.zeros((T, hx.shape[1]), dtype=np.float32)
-            np.add.at(out, rows, y)
-        out = torch.from_numpy(out)
+            out = self._packed_sum(mats, experts, pairs, k, h, weight)
+            nbytes = sum(m.nbytes for ms in mats for m in ms)
         dt = self.clock() - t0
         self.meter.add(t0, dt, nbytes)
         if self.split is not None:
@@ -174,3 +158,41 @@ class CpuExperts:
         self.computed += len(experts)
         self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
         return out
+
+    @staticmethod
+    def _blocks_sum(host: np.ndarray, parts: list, experts: list[int], pairs: dict[int, list[int]], k: int,
+                  h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum from their blocks where they lie, in one native call (NOTE [ a
+        layer's experts in one call ] in qdot.c)."""
+        base = host.ctypes.data
+        w = [tuple(base + t.slot_offset + e * per for t, per, *_ in parts) for e in experts]
+        flat = weight.float().numpy().reshape(-1)
+        toks = [np.array([p // k for p in pairs[e]], dtype=np.int64) for e in experts]
+        wts = [flat[pairs[e]] for e in experts]
+        n_ff, n_embd = parts[0][3], parts[0][4]
+        return native.experts(w, tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h, toks, wts)
+
+    @staticmethod
+    def _packed_sum(mats: list[tuple], experts: list[int], pairs: dict[int, list[int]], k: int, h: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum from their packed copies (aten's int4 matmul, dense rows)."""
+        T = weight.shape[0]
+        order = [p for e in experts for p in pairs[e]]  # the CPU's pairs, by expert
+        # the host's part in numpy, which starts no threads: torch's index_add_ (a scatter_add) entered
+        # an OpenMP parallel region at any size, whose barrier waits for every OpenMP thread while
+        # the CPU's matmuls hold the cores (milliseconds a call where it alone takes microseconds)
+        hx = h.float().numpy()
+        rows = np.array([p // k for p in order], dtype=np.int64)  # each of the CPU's pairs' token
+        x_all = torch.from_numpy(hx[rows]) if T > 1 else h.float()  # one gather a layer, not one an expert
+        xs, a = [], 0
+        for e in experts:
+            b = a + len(pairs[e])
+            xs.append(x_all[a:b] if T > 1 else x_all)  # each expert once for its tokens
+            a = b
+        y = np.concatenate([t.float().numpy() for t in swiglu_many(list(mats), xs)])  # [pairs, n_embd]
+        y *= weight.float().numpy().reshape(-1)[order][:, None]
+        if T == 1:
+            return torch.from_numpy(y.sum(0, keepdims=True))
+        out = np.zeros((T, hx.shape[1]), dtype=np.float32)
+        np.add.at(out, rows, y)
+        return torch.from_numpy(out)

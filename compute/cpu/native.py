@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
@@ -40,6 +41,14 @@ class Job(ctypes.Structure):
 
     _fields_ = [("qtype", ctypes.c_int), ("w", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
                 ("x", ctypes.c_void_p), ("x_bf16", ctypes.c_int), ("T", ctypes.c_int64), ("y", ctypes.c_void_p)]
+
+
+class Expert(ctypes.Structure):
+    """One expert of a qdot_experts call: its gate's, up's and down's blocks, its tokens' rows and
+    their weights."""
+
+    _fields_ = [("w", ctypes.c_void_p * 3), ("n_tok", ctypes.c_int64), ("tok", ctypes.c_void_p),
+                ("wt", ctypes.c_void_p)]
 
 
 def row_bytes(qtype: int, K: int) -> int:
@@ -105,6 +114,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.qdot_run.argtypes = [ctypes.POINTER(Job), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.qdot_run.restype = ctypes.c_int
+    lib.qdot_experts.argtypes = [ctypes.POINTER(Expert), ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.c_int]
+    lib.qdot_experts.restype = ctypes.c_int
     lib.qdot_isa.restype = ctypes.c_int
     lib.qdot_claimers.restype = ctypes.c_int
     return lib
@@ -177,3 +190,34 @@ def matmuls(jobs: list[tuple[torch.Tensor, int, int, int, torch.Tensor]], thread
 def linear(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, threads: int | None = None) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N] float32, W the N rows of `qtype` blocks in `raw` (host bytes)."""
     return matmuls([(raw, qtype, N, K, x)], threads)[0].view(*x.shape[:-1], N)
+
+
+def experts(w: list[tuple[int, int, int]], qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: torch.Tensor,
+            toks: list[np.ndarray], wts: list[np.ndarray], threads: int | None = None, levels: int = LEVELS,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """A layer's experts in one call (NOTE [ a layer's experts in one call ] in qdot.c): [T, n_embd]
+    float32, the sum over the experts e and their tokens toks[e] (int64) of wts[e] (float32) *
+    down(SiLU(gate(x[t])) * up(x[t])). w[e]: the host addresses of expert e's gate, up and down
+    blocks (of `qtypes`; the caller keeps them alive); x [T, n_embd] on the host."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernel is not available")
+    if any(q not in NATIVE_TYPES for q in qtypes):
+        raise ValueError(f"the native CPU kernel has no {'/'.join(QT(q).name for q in qtypes)} experts")
+    x = x.reshape(-1, n_embd).float().contiguous()
+    out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
+    arr = (Expert * len(w))()
+    keep = []
+    for j, (ptrs, tok, wt) in enumerate(zip(w, toks, wts)):
+        tok, wt = np.ascontiguousarray(tok, dtype=np.int64), np.ascontiguousarray(wt, dtype=np.float32)
+        if len(tok) != len(wt):
+            raise ValueError(f"expert {j}: {len(tok)} tokens and {len(wt)} weights")
+        keep += (tok, wt)
+        arr[j] = Expert((ctypes.c_void_p * 3)(*ptrs), len(tok), tok.ctypes.data, wt.ctypes.data)
+    types = (ctypes.c_int * 3)(*qtypes)
+    rc = lib.qdot_experts(arr, len(w), types, n_ff, n_embd, x.data_ptr(), x.shape[0], out.data_ptr(),
+                          _threads(threads), levels)
+    if rc:
+        raise ValueError(f"native CPU kernel refused the experts (code {rc}: -1 type, -2 K not whole blocks, "
+                         "-3 memory, -4 a token outside x)")
+    return out

@@ -1183,3 +1183,83 @@ int qdot_isa(void) {
     return 0;
 #endif
 }
+
+/* ---------- a layer's experts in one call ---------- */
+
+/* NOTE [ a layer's experts in one call ]
+ * The CPU's share of a decode step's experts (cpu/experts.py) is a few experts of a few tokens
+ * each: a few hundred microseconds of dots, on the layer's critical path. Driven from Python as
+ * two matmul calls (every gate and up, then every down) with the activation, the tokens' gather
+ * and the weighted sum between them, the host's own work added about a third to it. So one call
+ * does all of it: each expert's tokens gathered, every gate and up in one dispatch (at one token,
+ * every expert's x is the same row and is quantized once), SiLU(gate) * up, every down in a
+ * second dispatch, and out[t] = the sum over the experts of weight * y, in the experts' order.
+ * The matmuls are qdot_run's, so their bits are the two calls' own. */
+typedef struct {
+    const uint8_t *w[3]; /* gate, up and down: the expert's rows of blocks */
+    int64_t n_tok;       /* its tokens in this call */
+    const int64_t *tok;  /* their rows of x and out */
+    const float *wt;     /* their weights */
+} qdot_expert;
+
+static __thread float *ex_buf;
+static __thread size_t ex_buf_size;
+
+/* out[T, n_embd] (float32, overwritten) = sum over the n experts ex and their tokens of weight *
+ * down(SiLU(gate(x[tok])) * up(x[tok])); qtypes: gate's, up's and down's block types; gate and
+ * up are n_ff x n_embd, down n_embd x n_ff. Returns qdot_run's codes, or -4 for a token outside
+ * 0..T-1. */
+int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, int64_t n_embd, const float *x,
+                 int64_t T, float *out, int threads, int levels) {
+    int64_t P = 0;
+    for (int e = 0; e < n; e++) {
+        for (int64_t p = 0; p < ex[e].n_tok; p++)
+            if (ex[e].tok[p] < 0 || ex[e].tok[p] >= T) return -4;
+        P += ex[e].n_tok;
+    }
+    memset(out, 0, (size_t)T * n_embd * sizeof(float));
+    if (!P) return 0;
+    size_t need = (size_t)P * (size_t)(2 * n_embd + 3 * n_ff);
+    if (need > ex_buf_size) {
+        free(ex_buf);
+        ex_buf = malloc(need * sizeof(float));
+        ex_buf_size = ex_buf ? need : 0;
+        if (!ex_buf) return -3;
+    }
+    float *xg = ex_buf, *g = xg + P * n_embd, *u = g + P * n_ff, *h = u + P * n_ff, *y = h + P * n_ff;
+    qdot_job *jobs = malloc(sizeof(qdot_job) * 2 * (size_t)n);
+    if (!jobs) return -3;
+    int64_t off = 0;
+    for (int e = 0; e < n; e++) {
+        int64_t m = ex[e].n_tok;
+        const float *xe = x; /* (one token: every expert reads x's row, quantized once: qdot_run's same_x) */
+        if (T > 1) {
+            for (int64_t p = 0; p < m; p++)
+                memcpy(xg + (off + p) * n_embd, x + ex[e].tok[p] * n_embd, n_embd * sizeof(float));
+            xe = xg + off * n_embd;
+        }
+        jobs[2 * e] = (qdot_job){qtypes[0], ex[e].w[0], n_ff, n_embd, xe, 0, m, g + off * n_ff};
+        jobs[2 * e + 1] = (qdot_job){qtypes[1], ex[e].w[1], n_ff, n_embd, xe, 0, m, u + off * n_ff};
+        off += m;
+    }
+    int rc = qdot_run(jobs, 2 * n, threads, 0, levels);
+    if (!rc) {
+        for (int64_t i = 0; i < P * n_ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        off = 0;
+        for (int e = 0; e < n; e++) {
+            jobs[e] = (qdot_job){qtypes[2], ex[e].w[2], n_embd, n_ff, h + off * n_ff, 0, ex[e].n_tok, y + off * n_embd};
+            off += ex[e].n_tok;
+        }
+        rc = qdot_run(jobs, n, threads, 0, levels);
+    }
+    free(jobs);
+    if (rc) return rc;
+    off = 0;
+    for (int e = 0; e < n; e++)
+        for (int64_t p = 0; p < ex[e].n_tok; p++, off++) {
+            float wt = ex[e].wt[p], *o = out + ex[e].tok[p] * n_embd;
+            const float *yy = y + off * n_embd;
+            for (int64_t c = 0; c < n_embd; c++) o[c] += wt * yy[c];
+        }
+    return 0;
+}

@@ -281,3 +281,39 @@ def test_a_call_of_fewer_threads_than_the_pool_runs_on_that_many():
         for _ in range(20):
             native.matmuls(jobs, threads=threads)
             assert lib.qdot_claimers() <= threads - 1, threads
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_a_layers_experts_in_one_call_match_float64_and_the_matmul_calls(T):
+    """NOTE [ a layer's experts in one call ]: out[t] = the sum over the experts that chose token t
+    of weight * down(SiLU(gate(x[t])) * up(x[t])), against float64 over gguf-py's dequantizer and
+    against the same matmuls driven one call at a time (Q4_K gate and up, Q6_K down: a Q4_K_M
+    file's experts); a token outside x is refused."""
+    n_ff, n_embd, E = 256, 512, 3
+    types = (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K))
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+    raws = [[rows(QT(q), N, K, seed=10 * e + j) for j, (q, (N, K)) in enumerate(zip(types, shapes))] for e in range(E)]
+    flat = [[torch.from_numpy(r.reshape(-1)) for r in ex] for ex in raws]
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, n_embd, generator=g)
+    rng = np.random.default_rng(T)
+    toks = [np.sort(rng.choice(T, size=max(1, T - e), replace=False)).astype(np.int64) for e in range(E)]
+    wts = [rng.random(len(t)).astype(np.float32) for t in toks]
+    got = native.experts([tuple(m.data_ptr() for m in ex) for ex in flat], types, n_ff, n_embd, x, toks, wts, threads=2)
+    want = torch.zeros(T, n_embd, dtype=torch.float64)
+    calls = torch.zeros(T, n_embd)
+    for ex, raw, tok, wt in zip(flat, raws, toks, wts):
+        gate, up, down = (torch.from_numpy(quants.dequantize(r, QT(q)).reshape(N, K)).double()
+                          for r, q, (N, K) in zip(raw, types, shapes))
+        xe = x[torch.from_numpy(tok)]
+        want[torch.from_numpy(tok)] += torch.from_numpy(wt).double()[:, None] * (
+            (torch.nn.functional.silu(xe.double() @ gate.T) * (xe.double() @ up.T)) @ down.T)
+        gu = native.matmuls([(ex[0], types[0], n_ff, n_embd, xe), (ex[1], types[1], n_ff, n_embd, xe)], threads=2)
+        y = native.matmuls([(ex[2], types[2], n_embd, n_ff, torch.nn.functional.silu(gu[0]) * gu[1])], threads=2)[0]
+        calls.index_add_(0, torch.from_numpy(tok), torch.from_numpy(wt)[:, None] * y)
+    assert got.shape == (T, n_embd) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() < 2e-4 * want.abs().max().item()
+    assert (got - calls).abs().max().item() <= 1e-6 * calls.abs().max().item()
+    with pytest.raises(ValueError, match="a token outside x"):
+        native.experts([tuple(m.data_ptr() for m in flat[0])], types, n_ff, n_embd, x, [np.array([T])],
+                       [np.ones(1, np.float32)], threads=2)
