@@ -103,7 +103,8 @@ class ExpertStream:
         w["experts"] = ExpertSet(self.cache, i, self.layouts[i], self.slot_array(slot),
                                  dense_fixed=kept, cpu=self.cpu, frac=self.frac,
                                  next_router=self.dense[i + 1] if ahead else None,
-                                 prefetch_next=functools.partial(prefetch, i + 1) if ahead else None)
+                                 prefetch_next=functools.partial(prefetch, i + 1) if ahead else None,
+                                 next_lay=self.layouts[i + 1] if ahead else None)
         if kept:
             self.sets[i] = (key, w)
         return w

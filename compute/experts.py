@@ -218,13 +218,14 @@ class ExpertSet:
 
     def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray, dense_fixed: bool = False,
                  cpu: CpuExperts | None = None, frac: float = 0.0, next_router: dict | None = None,
-                 prefetch_next=None):
+                 prefetch_next=None, next_lay: LayerLayout | None = None):
         self.cache, self.i, self.lay, self.host, self.dense_fixed = cache, i, lay, host, dense_fixed
         self.cpu, self.frac = cpu, frac  # the CPU's experts and its share of this step (NOTE [ CPU experts ])
         # the next layer's norm and router on the device, and what copies its predicted experts
         # ahead (NOTE [ expert prefetch ]); None: no prediction
         self.next_router = next_router if prefetch_next is not None else None
         self.prefetch_next = prefetch_next
+        self.next_lay = next_lay  # the next layer's layout, where it is predicted
 
     def read_ids(self, ids: torch.Tensor) -> list[int]:
         """The step's expert ids on the host: the layer's sync, which waits for its router (timed
@@ -235,8 +236,14 @@ class ExpertSet:
     def prefetch(self, predicted: list[int]) -> None:
         """Copy ahead the next layer's experts that the step's (token, choice) pairs `predicted`
         name, the most often named first (NOTE [ expert prefetch ])."""
-        if self.prefetch_next is not None and predicted:
-            self.prefetch_next([e for e, _ in Counter(predicted).most_common()])
+        if self.prefetch_next is None or not predicted:
+            return
+        order = [e for e, _ in Counter(predicted).most_common()]
+        if self.cpu is not None and self.frac > 0 and self.next_lay is not None:  # the CPU's, held back
+            j = self.i + 1
+            held = self.cpu.reserve(j, self.next_lay, [e for e in order if (j, e) not in self.cache.kept], self.frac)
+            order = [e for e in order if e not in held] if held else order
+        self.prefetch_next(order)
 
     @property
     def grouped(self) -> bool:
@@ -277,7 +284,9 @@ class ExpertSet:
         if self.cpu is None or self.frac <= 0:
             return []
         missing = [e for e in sorted(set(ids)) if not self.cache.on_device(self.i, e)]
-        return self.cpu.choose(self.i, self.lay, missing, self.frac)
+        held = set(self.cpu.take_reserved(self.i)).intersection(missing)  # (held back from the copy ahead)
+        rest = [e for e in missing if e not in held]
+        return sorted([*held, *self.cpu.choose(self.i, self.lay, rest, self.frac, len(held))])
 
     def grouped_offsets(self, ids: list[int], out: torch.Tensor | None = None,
                         cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple, list[int]]:

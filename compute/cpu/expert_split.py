@@ -38,15 +38,16 @@ class ExpertSplit:
         self.start = dict(cpu_s)  # the timing at start, for describe()
         self.seen: dict[int, deque[float]] = {}  # bucket -> the last `window` seconds an expert in the run
 
-    def count(self, tokens: int, n: int) -> int:
-        """The CPU's share of a layer's `n` missing experts in a step of `tokens` tokens."""
+    def count(self, tokens: int, n: int, already: int = 0) -> int:
+        """The CPU's share of a layer's `n` missing experts in a step of `tokens` tokens, beside
+        `already` experts it computes there (held back from the copy ahead)."""
         b = bucket(tokens)
         c = self.cpu_s.get(b) if b is not None else None
         if not n or not c or self.link_s <= 0:
             return 0
-        best, best_t = 0, n * self.link_s
+        best, best_t = 0, max(self.host_s + already * c if already else 0.0, n * self.link_s)
         for m in range(1, n + 1):
-            t = max(self.host_s + m * c, (n - m) * self.link_s)
+            t = max(self.host_s + (already + m) * c, (n - m) * self.link_s)
             if t < best_t:
                 best, best_t = m, t
         return best

@@ -43,6 +43,12 @@ class CpuExperts:
       as packed); past it, only packed experts go to the CPU. A layer takes part when all three
       of its expert matrices are of types the CPU computes.
     - The CPU computes each of its experts once for all of its tokens (their rows gathered).
+    - Where the next layer's experts are copied ahead on a prediction (NOTE [ expert prefetch ] in
+      experts.py), nearly every chosen expert is on the device by its router's time and none would
+      be left to the CPU: the copy engine alone would bound the layer. So the CPU's share is taken
+      from the prediction (`reserve`): the least named of the predicted experts that are not
+      cached are held back from the copy ahead, and the CPU computes those the router then
+      chooses, with its share of any the prediction missed.
     - The share per batch bucket is fixed (that fraction of each layer's missing experts), or,
       with `split` (`--cpu-share auto`), each layer's count comes from the experts' cost model
       (NOTE [ the experts' split ]) while `Balancer` times passes with it against passes without
@@ -60,6 +66,7 @@ class CpuExperts:
         self.meter = Meter()
         self.computed = 0  # experts computed by the CPU (counting each layer's once a step)
         self.packing = Meter()  # packing time and bytes since the last take_pack_s()
+        self.reserved: dict[int, list[int]] = {}  # layer -> predicted experts held back from the copy ahead
         self._eligible: dict[int, bool] = {}
         self._in_place: dict[int, bool] = {}
 
@@ -79,6 +86,7 @@ class CpuExperts:
     def set_step(self, tokens: int) -> float:
         """A decode step of `tokens` tokens: its share (the balancer's)."""
         self.tokens = tokens
+        self.reserved.clear()  # (a step that failed part-way may leave some)
         return self.balancer.share(tokens)
 
     def take_pack_s(self) -> float:
@@ -87,13 +95,30 @@ class CpuExperts:
         Qwen3-30B-A3B shape, tens of experts a pass while the share is new)."""
         return self.packing.take()[0]
 
-    def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float) -> list[int]:
-        """The CPU's experts among a step's `missing` ones of layer i at share `frac` (with a cost
-        model: as many as it gives, up to that share): packed ones first, then ones that still fit
-        the budget."""
-        n = int(frac * len(missing) + 1e-9)  # rounded down: a lone expert copies faster than the CPU computes it
-        if n and self.split is not None:
-            n = min(n, self.split.count(self.tokens, len(missing)))
+    def count(self, n: int, frac: float, already: int = 0) -> int:
+        """How many of n missing experts the CPU takes at share `frac`, beside `already` of its own
+        (with a cost model: as many as it gives, up to that share)."""
+        m = max(0, int(frac * (n + already) + 1e-9) - already)  # rounded down: a lone expert copies faster
+        if m and self.split is not None:
+            m = min(m, self.split.count(self.tokens, n, already))
+        return m
+
+    def reserve(self, i: int, lay: LayerLayout, new: list[int], frac: float) -> list[int]:
+        """Of layer i's predicted experts that are not cached, `new` (the most named first), those
+        held back from the copy ahead for the CPU (NOTE above): its share of them, the least named;
+        only where it reads the blocks in place."""
+        m = self.count(len(new), frac) if self.eligible(i, lay) and self.in_place(i, lay) else 0
+        self.reserved[i] = got = new[len(new) - m :] if m else []
+        return got
+
+    def take_reserved(self, i: int) -> list[int]:
+        """Layer i's experts held back for the CPU (reserve), once."""
+        return self.reserved.pop(i, [])
+
+    def choose(self, i: int, lay: LayerLayout, missing: list[int], frac: float, already: int = 0) -> list[int]:
+        """The CPU's experts among a step's `missing` ones of layer i at share `frac`, beside
+        `already` it holds: packed ones first, then ones that still fit the budget."""
+        n = self.count(len(missing), frac, already)
         if not n or not self.eligible(i, lay):
             return []
         if self.in_place(i, lay):

@@ -40,6 +40,7 @@ class _Streamed:
                       for i in range(len(self.layouts))}
         self.cache, self.cpu, self.frac, self.ahead = cache, cpu, frac, ahead
         self.prompt = False  # a prompt step streams whole layers (as in the pipeline)
+        self.asked = []  # the experts each prefetch was asked to copy ahead
 
     def layer(self, i):
         if self.prompt:
@@ -48,8 +49,9 @@ class _Streamed:
         return dict(self.dense[i], experts=ExpertSet(
             self.cache, i, self.layouts[i], self.host[i], dense_fixed=True, cpu=self.cpu, frac=self.frac,
             next_router=None if nxt is None else self.dense[nxt],
-            prefetch_next=None if nxt is None else lambda ex: self.cache.prefetch(nxt, ex, self.layouts[nxt],
-                                                                                   self.host[nxt])))
+            prefetch_next=None if nxt is None else lambda ex: self.asked.append(ex) or self.cache.prefetch(
+                nxt, ex, self.layouts[nxt], self.host[nxt]),
+            next_lay=None if nxt is None else self.layouts[nxt]))
 
     def release(self, i):
         pass
@@ -91,6 +93,9 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
             calls[i] = calls.get(i, 0) + 1
             return choose(i, *a) if calls[i] % 2 else []
         cpu.choose = every_other
+    if cpu is not None:  # the experts held back from the copy ahead for the CPU (NOTE [ CPU experts ])
+        reserve, cpu.held_back = cpu.reserve, []
+        cpu.reserve = lambda *a: (lambda got: cpu.held_back.append(got) or got)(reserve(*a))
     src = _Streamed(index, cache, cpu, frac, ahead)
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
                     ctx=64, max_seqs=2)
@@ -116,6 +121,8 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
             steps.append(SeqStep(row=b, tokens=[(7 * p + b) % hp.n_vocab], slots=[p], positions=[p],
                                  kv_pos=list(range(p + 1))))
         logits.append(r.step(steps, "last"))
+    if cpu is not None:
+        cpu.asked = src.asked
     return torch.stack(logits), getattr(src, "graphed", 0), cpu, cache, getattr(src, "early", 0)
 
 
@@ -141,6 +148,9 @@ def test_streamed_moe_graph_path_matches_eager_layers(eager):
         assert early == 2
         if frac:
             assert cpu.computed > 0
+            # with the prefetch, the CPU's share is held back from the copy ahead: never copied ahead
+            assert any(cpu.held_back) == ahead and len(cpu.held_back) == len(cpu.asked)
+            assert all(not set(held) & set(asked) for held, asked in zip(cpu.held_back, cpu.asked))
         # with the prefetch, graph A also predicts layer 1's experts from layer 0 (NOTE [ expert prefetch ])
         assert (cache.ahead.copied > 0) == ahead and (cache.ahead.hits > 0) == ahead
         assert (got.argmax(-1) == want.argmax(-1)).all(), frac

@@ -140,6 +140,9 @@ def test_the_split_model_copies_all_where_the_cpu_is_slower_and_halves_where_tim
     assert fast.count(1, 6) == 4  # max(4 * 50, 2 * 100) us
     assert ExpertSplit({1: 50e-6}, link_s=100e-6, host_s=1e-3).count(1, 6) == 0  # the round trip costs more
     assert s.count(16, 8) == 0  # above the balancer's largest bucket: the CPU takes none
+    # beside experts it already holds (held back from the copy ahead), the CPU takes fewer of the rest
+    assert s.count(1, 4, already=2) == 1 and s.count(1, 2, already=4) == 0  # max(3, 3); 4 on the CPU already
+    assert fast.count(1, 4, already=2) == 2  # max((2 + 2) * 50, 2 * 100) us
 
 
 def test_the_cpus_measured_time_at_each_batch_size_moves_the_split():
