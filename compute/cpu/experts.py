@@ -17,6 +17,8 @@ from layerstream.compute.expert_layout import expert_bytes, expert_parts
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
 
+SPIN_S = 0.002  # seconds the native kernel's workers stay awake after a call, in a step with a share
+
 
 class CpuExperts:
     """The CPU's share of a decode step's streamed experts.
@@ -87,7 +89,11 @@ class CpuExperts:
         """A decode step of `tokens` tokens: its share (the balancer's)."""
         self.tokens = tokens
         self.reserved.clear()  # (a step that failed part-way may leave some)
-        return self.balancer.share(tokens)
+        share = self.balancer.share(tokens)
+        # a call a layer: the native kernel's workers kept awake between them (waking them cost a
+        # lone expert's call more than its dots, in a pass on an H200 host)
+        native.spin(SPIN_S if share > 0 else 0.0)
+        return share
 
     def take_pack_s(self) -> float:
         """Seconds spent packing experts since the last call: a one-off cost, which the balancer

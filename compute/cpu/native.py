@@ -118,6 +118,8 @@ def load(path: Path) -> ctypes.CDLL:
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                  ctypes.c_int]
     lib.qdot_experts.restype = ctypes.c_int
+    lib.qdot_spin.argtypes = [ctypes.c_int64]
+    lib.qdot_spin.restype = None
     lib.qdot_isa.restype = ctypes.c_int
     lib.qdot_claimers.restype = ctypes.c_int
     return lib
@@ -139,6 +141,14 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("native CPU kernel unavailable (%s); the CPU share uses aten's int4 matmul", e)
         return None
+
+
+def spin(seconds: float) -> None:
+    """Keep the kernel's pool awake `seconds` after each call (0: its default, a few microseconds):
+    for calls that come once a layer, whose workers would otherwise sleep between them."""
+    lib = library()
+    if lib is not None:
+        lib.qdot_spin(int(seconds * 1e9))
 
 
 def available() -> bool:

@@ -849,6 +849,10 @@ static void *cur_arg;
 
 #define MAX_PIECES 65535
 #define SPIN_NS 30000 /* a worker spins 30 us after a dispatch (back-to-back calls find it awake), then sleeps */
+/* how long a worker spins after a dispatch (qdot_spin): SPIN_NS, or longer while calls come once
+ * a layer (the CPU's experts: NOTE [ a layer's experts in one call ]), since waking the sleeping
+ * workers cost a call more than its dots */
+static _Atomic int64_t spin_ns = SPIN_NS;
 
 static inline int64_t now_ns(void) {
     struct timespec ts;
@@ -897,7 +901,7 @@ static void *worker_main(void *p) {
     for (;;) {
         uint32_t g;
         int spins = 0;
-        int64_t until = now_ns() + SPIN_NS;
+        int64_t until = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
         while ((g = gen_of(atomic_load_explicit(&ticket, memory_order_acquire))) == seen) {
             cpu_relax();
             if (!(++spins & 63) && now_ns() > until) break;
@@ -1169,6 +1173,9 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
     pthread_mutex_unlock(&pool_mu);
     return 0;
 }
+
+/* Workers spin `ns` nanoseconds after each dispatch before they sleep (SPIN_NS where ns <= 0). */
+void qdot_spin(int64_t ns) { atomic_store(&spin_ns, ns > 0 ? ns : SPIN_NS); }
 
 /* The vector path compiled in: 0 plain C, 1 AVX2, 2 AVX2 with VNNI. */
 /* workers that claimed a piece of the last dispatch: at most its threads - 1 (for the tests) */
