@@ -199,3 +199,17 @@ def _int4_layer(E, n, g):
     blocks = torch.randint(0, 256, (3 * E * n * n // 32, 18), dtype=torch.uint8, generator=g)
     blocks[:, :2] = torch.tensor([0x00, 0x20], dtype=torch.uint8)  # d = 2**-7 (fp16 0x2000)
     return LayerLayout(0, tensors, 3 * E * per), blocks.reshape(-1).numpy()
+
+
+def test_a_step_with_a_share_keeps_the_native_kernels_workers_awake(monkeypatch):
+    """A call a layer: the kernel's workers spin SPIN_S between calls in a step where the CPU
+    takes experts, and go back to the kernel's own default (0) in one where it takes none."""
+    from layerstream.compute.cpu import experts as cpu_experts
+
+    spins = []
+    monkeypatch.setattr(native, "spin", spins.append)
+    tl = Timeline("compute", "t")
+    on = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=0.5), 1 << 30, torch.float32, tl)
+    off = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 0.0, fixed=0.0), 1 << 30, torch.float32, tl)
+    assert on.set_step(1) == 0.5 and off.set_step(1) == 0.0
+    assert spins == [cpu_experts.SPIN_S, 0.0] and cpu_experts.SPIN_S > 0
