@@ -10,7 +10,7 @@ import torch
 from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.expert_split import ExpertSplit
-from layerstream.compute.cpu.packing import BlockRows, cpu_matrix, swiglu_many
+from layerstream.compute.cpu.packing import cpu_matrix, swiglu_many
 from layerstream.compute.cpu.sizing import expert_cpu_layers, experts_in_place
 from layerstream.compute.cpu.split import Meter
 from layerstream.compute.expert_layout import expert_bytes, expert_parts
@@ -90,8 +90,8 @@ class CpuExperts:
         self.tokens = tokens
         self.reserved.clear()  # (a step that failed part-way may leave some)
         share = self.balancer.share(tokens)
-        # a call a layer: the native kernel's workers kept awake between them (waking them cost a
-        # lone expert's call more than its dots, in a pass on an H200 host)
+        # a call a layer: the native kernel's workers kept awake between them (where cores are few,
+        # waking them cost a lone expert's call more than its dots; an H200 host's 16 lost little)
         native.spin(SPIN_S if share > 0 else 0.0)
         return share
 
@@ -134,12 +134,9 @@ class CpuExperts:
             have += [e for e in missing if (i, e) not in self.packed][: n - len(have)]
         return sorted(have[:n])
 
-    def _experts(self, i: int, e: int, parts: list, host: np.ndarray, raw: torch.Tensor | None = None) -> tuple:
-        """Expert e's gate, up and down in the CPU's form (`parts`: the layer's expert_parts): views
-        of its blocks in `host` (`raw`: the same bytes as a tensor) where it reads them in place,
-        else its packed copy (made now)."""
-        if raw is not None:
-            return tuple(BlockRows(expert_bytes(raw, t, per, e), t.qtype, cols) for t, per, _, _, cols in parts)
+    def _experts(self, i: int, e: int, parts: list, host: np.ndarray) -> tuple:
+        """Expert e's gate, up and down packed in the CPU's form (`parts`: the layer's
+        expert_parts), made now where they are not yet (a layer not read in place)."""
         got = self.packed.get((i, e))
         if got is None:
             mats = []
@@ -192,7 +189,7 @@ class CpuExperts:
 
     @staticmethod
     def _blocks_sum(host: np.ndarray, parts: list, experts: list[int], pairs: dict[int, list[int]], k: int,
-                  h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                    h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The experts' weighted sum from their blocks where they lie, in one native call (NOTE [ a
         layer's experts in one call ] in qdot.c)."""
         base = host.ctypes.data
@@ -205,7 +202,7 @@ class CpuExperts:
 
     @staticmethod
     def _packed_sum(mats: list[tuple], experts: list[int], pairs: dict[int, list[int]], k: int, h: torch.Tensor,
-                weight: torch.Tensor) -> torch.Tensor:
+                    weight: torch.Tensor) -> torch.Tensor:
         """The experts' weighted sum from their packed copies (aten's int4 matmul, dense rows)."""
         T = weight.shape[0]
         order = [p for e in experts for p in pairs[e]]  # the CPU's pairs, by expert

@@ -850,8 +850,8 @@ static void *cur_arg;
 #define MAX_PIECES 65535
 #define SPIN_NS 30000 /* a worker spins 30 us after a dispatch (back-to-back calls find it awake), then sleeps */
 /* how long a worker spins after a dispatch (qdot_spin): SPIN_NS, or longer while calls come once
- * a layer (the CPU's experts: NOTE [ a layer's experts in one call ]), since waking the sleeping
- * workers cost a call more than its dots */
+ * a layer (the CPU's experts: NOTE [ a layer's experts in one call ]), since where cores are few
+ * waking the sleeping workers cost a lone expert's call more than its dots */
 static _Atomic int64_t spin_ns = SPIN_NS;
 
 static inline int64_t now_ns(void) {
@@ -1197,7 +1197,7 @@ int qdot_isa(void) {
  * The CPU's share of a decode step's experts (cpu/experts.py) is a few experts of a few tokens
  * each: a few hundred microseconds of dots, on the layer's critical path. Driven from Python as
  * two matmul calls (every gate and up, then every down) with the activation, the tokens' gather
- * and the weighted sum between them, the host's own work added about a third to it. So one call
+ * and the weighted sum between them, the host's own Python was a large part of a call. So one call
  * does all of it: each expert's tokens gathered, every gate and up in one dispatch (at one token,
  * every expert's x is the same row and is quantized once), SiLU(gate) * up, every down in a
  * second dispatch, and out[t] = the sum over the experts of weight * y, in the experts' order.
