@@ -67,6 +67,53 @@ def bench_cpu_kernel(args) -> None:
         torch.set_num_threads(saved)
 
 
+def bench_cpu_experts(args) -> None:
+    """--experts: a layer's CPU experts as a decode pass calls them, once a layer (`--gap-ms` apart),
+    each call on other experts of a working set larger than the host's caches: microseconds a call
+    through the run's path (CpuExperts.compute) and through the native call alone, and GB/s."""
+    from layerstream.compute.cpu.balancer import Balancer
+    from layerstream.compute.cpu.calibrate import expert_layout, random_expert_layer
+    from layerstream.compute.cpu.experts import CpuExperts
+    from layerstream.compute.expert_layout import expert_parts
+    from layerstream.proto.timeline import Timeline
+
+    n_ff, n_embd = (args.shapes or [(768, 2048)])[0]  # Qwen3-30B-A3B's
+    lay = expert_layout(128, n_ff, n_embd, (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K)))
+    per = sum(p[1] for p in expert_parts(lay))
+    pool = max(2 * max(args.experts), (256 << 20) // per)
+    fake, host = random_expert_layer(lay, pool)
+    parts = expert_parts(fake)  # (the pool's own offsets)
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 62, torch.bfloat16, Timeline("bench", "t"))
+    if not cpu.in_place(0, fake):
+        print("bin/bench cpu-kernel --experts: the native kernel is not built here")
+        return
+    print(f"experts {n_ff}x{n_embd} (Q4_K gate and up, Q6_K down, {per / 1e6:.2f} MB each), {pool} cycled, "
+          f"{torch.get_num_threads()} threads, calls {args.gap_ms:g} ms apart")
+    print(f"{'T':>3} {'experts':>7} {'path':>8} {'us a call':>10} {'us an expert':>13} {'GB/s':>6}")
+    g, nxt = torch.Generator().manual_seed(0), 0
+    for T in args.tokens:
+        h, w = torch.randn(T, n_embd, generator=g), torch.rand(T, 8, generator=g)
+        for n in args.experts:
+            for path in ("run", "native"):
+                ts = []
+                for rep in range(args.reps + 2):
+                    experts = [(nxt + j) % pool for j in range(n)]
+                    nxt = (nxt + n) % pool
+                    ids = [experts[(t * 8 + c) % n] if c < min(n, 8) else -1 for t in range(T) for c in range(8)]
+                    time.sleep(args.gap_ms / 1e3)
+                    t0 = time.perf_counter()
+                    if path == "run":
+                        cpu.compute(0, fake, host, experts, ids, h, w)
+                    else:
+                        base = host.ctypes.data
+                        native.experts([tuple(base + t.slot_offset + e * p for t, p, *_ in parts) for e in experts],
+                                       tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h,
+                                       [torch.arange(T).numpy()] * n, [torch.ones(T).numpy()] * n)
+                    ts.append(time.perf_counter() - t0)
+                s = (min if args.stat == "best" else statistics.median)(ts[2:])
+                print(f"{T:>3} {n:>7} {path:>8} {s * 1e6:>10.0f} {s / n * 1e6:>13.0f} {n * per / s / 1e9:>6.1f}")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("cpu-kernel", help="the CPU's matmuls: native kernel on GGUF blocks vs aten int4 vs bf16")
     p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K,Q4_0", help="block types, comma separated")
@@ -84,4 +131,9 @@ def add_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=10, help="timed runs per figure (default 10)")
     p.add_argument("--stat", choices=("median", "best"), default="median",
                    help="the runs' median, or their best (a machine others use) (default median)")
-    p.set_defaults(func=bench_cpu_kernel)
+    p.add_argument("--experts", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="time a layer's CPU experts instead, this many a call, comma separated (e.g. 1,2,4; "
+                        "--shapes gives n_ff x n_embd, default 768x2048)")
+    p.add_argument("--gap-ms", type=float, default=1.0,
+                   help="with --experts: milliseconds between calls, as a pass's layers space them (default 1)")
+    p.set_defaults(func=lambda a: bench_cpu_experts(a) if a.experts else bench_cpu_kernel(a))

@@ -196,3 +196,16 @@ def test_qmatmul_configs_are_read_by_kind_and_refused_with_one_line():
     for bad in ("gmev:1x1x8x1", "gemv:1x1x8", "rows:1x2", "1x4"):
         with pytest.raises(ValueError, match=f"--configs '{bad}'"):
             stage_bench._kernel_config(bad)
+
+
+def test_cpu_kernel_times_a_layers_experts_on_the_runs_path_and_alone(capsys):
+    from layerstream.compute.cpu import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    out = run(capsys, "cpu-kernel", "--experts", "1,2", "-t", "1,2", "--shapes", "256x512", "--reps", "1",
+              "--gap-ms", "0")
+    assert "experts 256x512" in out and "calls 0 ms apart" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[2:3] in (["run"], ["native"])]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(t, n, p) for t in "12" for n in "12" for p in ("run", "native")]
+    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)
