@@ -40,7 +40,7 @@ from layerstream.compute.kernel_shapes import SMALL_ROWS, small_shape
 FUSED_MAX_TOKENS = 8
 FUSED_MAX_TOKENS_BY_TYPE = {int(QT.Q4_K): 16, int(QT.Q5_K): 4, int(QT.Q6_K): 16}
 # qsmall's tile of 32 rows of x: Q4_K well ahead of dequantize + cuBLAS at 17 to 32 rows, Q6_K level
-# with it on the larger matrices and behind on 1024 x 4096 (BENCHMARKS.md, "Current"); what it buys
+# with it on the larger matrices and behind on 1024 x 4096 (BENCHMARKS.md, "Earlier: 32-token steps"); what it buys
 # is a step of up to 32 tokens without the dequantization buffer, which on a tight budget is a
 # resident layer (where a plan keeps the buffer anyway, Q6_K's smaller matrices lose a little)
 SMALL_TILE_TYPES = frozenset((int(QT.Q4_K), int(QT.Q6_K)))

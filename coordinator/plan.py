@@ -41,6 +41,11 @@ MiB = 1 << 20
 STEP_TOKENS = 512  # the largest step the plan makes unless --step-tokens asks for more
 DECODE_GAIN = 0.05  # a smaller step is named where its decode passes move this share fewer bytes
 PROMPT_STEP_COST = 2.0  # a prompt-sized step is kept while its decode passes move at most this many times the least
+# a known job's passes in seconds (NOTE [ step tokens ]): their bytes cross at the pinned link's rate, and a
+# prompt pass, run eagerly, takes at least its layers' launches from the host (both measured on an H200
+# host: BENCHMARKS.md, the link's rate and the 8B's 32-token prompt passes)
+LINK_BPS = 54e9
+EAGER_LAYER_S = 1.0e-3
 
 
 def _gib(n: float) -> str:
@@ -307,9 +312,10 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         # turn, its tokens, about, and the reply's at most) on a GPU takes the step whose passes, the
         # prompt's and the reply's, move the fewest bytes: a decode pass of a streamed plan is bound
         # by its copies there, and a pass's host KV is the job's own length (8B at 4 GiB, a short
-        # prompt and 256 tokens: 32-token steps and 26 layers rather than 512-token steps and 25;
-        # BENCHMARKS.md, "Current"). A small step's prompt pass runs eagerly and costs more than its
-        # bytes, which this leaves out: it counts only where the prompt is long beside the reply.
+        # prompt and 256 tokens: 32-token steps and 26 layers rather than 512-token steps and 25).
+        # A prompt pass runs eagerly and takes at least its layers' launches from the host
+        # (EAGER_LAYER_S), more than its bytes at a small step: so a prompt of about a thousand
+        # tokens before 256 takes large steps, where by bytes alone it took 32-token ones.
         candidates = [T] if step_tokens is not None else _step_candidates(max_seqs)
         fitting = [t for t in candidates if fits(t, 2, 0, 0)]
         if not fitting:
@@ -335,7 +341,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 by_job = job is not None and cuda
                 if by_job:  # (its KV at the job's length, not a full context's)
                     prompt, reply = job
-                    cost = {t: (-(-prompt // t) + reply) * sz.link_bytes(*got[t][:2], prompt + reply) for t in fitting}
+                    pass_s = {t: sz.link_bytes(*got[t][:2], prompt + reply) / LINK_BPS for t in fitting}
+                    cost = {t: -(-prompt // t) * max(pass_s[t], n * EAGER_LAYER_S) + reply * pass_s[t] for t in fitting}
                     best = min(fitting, key=lambda t: (cost[t], -t))
                     T, for_job = best, best != T
                 r, kv_dev, keep_dense = got[T]

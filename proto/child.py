@@ -36,7 +36,7 @@ FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame t
 # NOTE [ start-up objects frozen ]
 # A full collection of CPython's garbage collector walks every object it tracks, and a process that
 # imports torch makes a few hundred thousand: run-pipeline's own process ran three full collections
-# while it started (BENCHMARKS.md, "Current"), and each would stall a decode step if it came
+# while it started (BENCHMARKS.md, "Earlier: 32-token steps"), and each would stall a decode step if it came
 # later. What a process makes while it starts lives until it ends, so a run's processes start with
 # the collector off and, once ready, freeze those objects (gc.freeze) and turn it on: later
 # collections walk only what the run made since. Garbage cycles made while starting stay (a

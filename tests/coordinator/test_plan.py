@@ -238,4 +238,8 @@ def test_a_known_prompt_and_reply_take_the_step_whose_passes_move_fewest_bytes(l
     for job in ((81, 256), (3000, 256)):
         assert len(plan(l8, 4, ctx=4096, evaluates=False, job=job).resident) >= len(default.resident), job
     assert plan(l8, 4, ctx=512, evaluates=False, job=(65, 256), step_tokens=512).step_tokens == 512  # (asked)
+    # a prompt pass runs eagerly, its layers' launches at least: 400 tokens before 100 take one 512-token
+    # pass and a layer less rather than thirteen 32-token passes (by bytes alone: 32-token steps)
+    assert plan(l8, 4, ctx=512, evaluates=False, job=(400, 100)).step_tokens == 512
+    assert plan(l8, 4, ctx=512, evaluates=False, job=(300, 200)).step_tokens == 32
     assert plan(l8, 4, ctx=512, evaluates=False, job=(65, 256), device_type="cpu", quantized=True).step_tokens == 512
