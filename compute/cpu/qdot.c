@@ -1234,8 +1234,7 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
         if (!ex_buf) return -3;
     }
     float *xg = ex_buf, *g = xg + P * n_embd, *u = g + P * n_ff, *h = u + P * n_ff, *y = h + P * n_ff;
-    qdot_job *jobs = malloc(sizeof(qdot_job) * 2 * (size_t)n);
-    if (!jobs) return -3;
+    qdot_job jobs[2 * n]; /* (a layer's experts: a few kilobytes at most, as qdot_run's own arrays) */
     int64_t off = 0;
     for (int e = 0; e < n; e++) {
         int64_t m = ex[e].n_tok;
@@ -1259,7 +1258,6 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
         }
         rc = qdot_run(jobs, n, threads, 0, levels);
     }
-    free(jobs);
     if (rc) return rc;
     off = 0;
     for (int e = 0; e < n; e++)
