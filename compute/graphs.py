@@ -41,6 +41,7 @@ the host's wait for the chosen ids mostly vanishes.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import torch
@@ -184,7 +185,7 @@ class MoeGraphs:
                 x_in = s_x.clone()  # capturing graph B runs it once, writing s_x
                 g = self.graphs[key] = self._capture_ab(i, w, s_x, s_meta, k, v)
                 s_x.copy_(x_in)
-            g[0].replay()
+            self._launch(g[0], "A", i, ex.cache.tl)
         self.early = None
         graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g
         ids = ex.read_ids(ids)  # the layer's host sync: its chosen experts, then those predicted for the next
@@ -202,17 +203,17 @@ class MoeGraphs:
                 pinned[1].copy_(keep_host)
                 self.keep_ones.discard(key)
             keep.copy_(pinned[1], non_blocking=True)
-        graph_b.replay()
+        self._launch(graph_b, "B", i, ex.cache.tl)
         ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])
         if run_cpu is not None:  # while the device computes its experts
             pinned[2].copy_(run_cpu())
             out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
         if i + 1 < stop:
-            self._next_router_early(i + 1, T, meta.q.kv_len)
+            self._next_router_early(i + 1, T, meta.q.kv_len, ex.cache.tl)
         return out
 
-    def _next_router_early(self, j: int, T: int, kv_len: int) -> None:
+    def _next_router_early(self, j: int, T: int, kv_len: int, tl) -> None:
         """Launch graph A of layer j now, if it is a streamed MoE layer that allows it and its
         graphs exist (NOTE [ the next router early ]); its input is already in place."""
         ahead = self.source.moe_graph_key(j)
@@ -221,8 +222,16 @@ class MoeGraphs:
         key = (j, T, kv_len, ahead)
         g = self.graphs.get(key)
         if g is not None:
-            g[0].replay()
+            self._launch(g[0], "A", j, tl)
             self.early = key
+
+    @staticmethod
+    def _launch(graph, part: str, i: int, tl) -> None:
+        """Replay graph A or B of layer i, its host time kept as `moe_launch` (a launch that waits
+        for the device shows there, not as the device's time)."""
+        t0 = time.monotonic_ns()
+        graph.replay()
+        tl.add("moe_launch", f"launch {part} L{i}", t0, time.monotonic_ns() - t0, layer=i)
 
     def _inputs(self, x: torch.Tensor, meta: StepMeta) -> tuple:
         """The graphs' copy of the step's inputs for this shape, holding this step's meta."""
