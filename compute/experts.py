@@ -269,14 +269,14 @@ class ExpertSet:
         [ grouped experts ] in moe.py); the predicted ones copied ahead while the device computes."""
         flat = chosen.flatten()
         ids = self.read_ids(flat if pred is None else torch.cat((flat, pred.flatten())))  # the host sync of this layer
-        offs, keep, run_cpu = self.prepare(ids[: flat.numel()], h, weight)
+        offs, keep, cpu_sum = self.prepare(ids[: flat.numel()], h, weight)
         out = experts_grouped(h, weight if keep is None else weight * keep.to(h.device, non_blocking=True),
                               self.cache.pool, offs.to(h.device), self.parts)
         self.prefetch(ids[flat.numel() :])  # while the device computes (NOTE [ expert prefetch ])
-        if run_cpu is None:
+        if cpu_sum is None:
             return out
-        # the device's experts are launched first, then the CPU computes its own (NOTE [ CPU experts ])
-        return out + run_cpu().to(h.device, non_blocking=True)
+        # the device's experts are launched while the CPU computes its own (NOTE [ CPU experts ])
+        return out + cpu_sum().to(h.device, non_blocking=True)
 
     def cpu_choice(self, ids: list[int]) -> list[int]:
         """The CPU's experts among the step's (token, choice) pairs `ids`: its share of those not on
@@ -318,17 +318,21 @@ class ExpertSet:
         any, the activations and weights go to the host (a read after the fetch would wait for its
         copies); then the fetch. Returns the pairs' offsets (grouped_offsets), their keep weights
         ([T, k] on the host: 0 for the CPU's pairs; None where the CPU takes none of them), and a
-        function computing the CPU's weighted sum ([T, n_embd] float32 on the host; None when the
-        CPU takes nothing). Where the CPU takes nothing the layer costs no round trip to the host:
-        at batch 1 a share of about 30% of one or two missing experts rounds to none, and with that
-        round trip `--cpu-share auto` ran about 10% slower than no share; without it, as fast.
-        `out`: where the offsets go."""
+        function giving the CPU's weighted sum ([T, n_embd] float32 on the host; None when the
+        CPU takes nothing), which the CPU has begun before the fetch and computes meanwhile.
+        Where the CPU takes nothing the layer costs no round trip to the host (at batch 1 a share of
+        one or two missing experts often rounds to none, and that round trip made `--cpu-share
+        auto` slower than no share). `out`: where the offsets go."""
         cpu = self.cpu_choice(ids)
+        finish = None
         if cpu:  # (in one copy: each copy to the host waits for the device)
             hw = torch.cat((h.float().reshape(-1), weight.float().reshape(-1))).cpu()
             h_host, w_host = hw[: h.numel()].view(h.shape), hw[h.numel() :].view(weight.shape)
+            # the CPU begins before the fetch issues the copies (NOTE [ experts beside the device's work ]
+            # in qdot.c); the staging slot it reads is held until the layer's release, after its sum
+            finish = self.cpu.start(self.i, self.lay, self.host, cpu, ids, h_host, w_host)
         _, offs, _, _ = self.grouped_offsets(ids, out, cpu)
         if not cpu:
             return offs, None, None
         keep = torch.tensor([0.0 if e in cpu else 1.0 for e in ids]).view(-1, weight.shape[1])
-        return offs, keep, lambda: self.cpu.compute(self.i, self.lay, self.host, cpu, ids, h_host, w_host)
+        return offs, keep, finish

@@ -191,7 +191,7 @@ class MoeGraphs:
         ids = ex.read_ids(ids)  # the layer's host sync: its chosen experts, then those predicted for the next
         n = T * self.hp.moe.n_expert_used
         # into this layer's own pinned buffers: their last copies crossed a step ago
-        _, keep_host, run_cpu = ex.prepare(ids[:n], h, weight, out=pinned[0])
+        _, keep_host, cpu_sum = ex.prepare(ids[:n], h, weight, out=pinned[0])
         offs.copy_(pinned[0], non_blocking=True)
         if keep is not None and (keep_host is not None or key not in self.keep_ones):
             # captured with the CPU's share (NOTE [ CPU experts ]): its pairs weigh 0 on the device;
@@ -205,8 +205,8 @@ class MoeGraphs:
             keep.copy_(pinned[1], non_blocking=True)
         self._launch(graph_b, "B", i, ex.cache.tl)
         ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])
-        if run_cpu is not None:  # while the device computes its experts
-            pinned[2].copy_(run_cpu())
+        if cpu_sum is not None:  # begun in prepare, computed while the device's launches went out
+            pinned[2].copy_(cpu_sum())
             out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
         if i + 1 < stop:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -162,43 +163,62 @@ class CpuExperts:
         """sum over the step's (token, choice) pairs whose expert is one of `experts` of weight *
         expert(h[token]): [T, n_embd] float32 on the host. ids: each pair's expert (row-major
         [T, k]); h, weight: [T, n_embd] and [T, k] on the host."""
-        T, k = weight.shape
+        return self.start(i, lay, host, experts, ids, h, weight)()
+
+    def start(self, i: int, lay: LayerLayout, host: np.ndarray, experts: list[int], ids: list[int],
+              h: torch.Tensor, weight: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """As compute(), begun now and finished by the function returned, which gives the sum:
+        where the native kernel reads the blocks in place, the call runs on its own thread
+        meanwhile (NOTE [ experts beside the device's work ] in qdot.c), so the caller launches the
+        device's work before it waits; else the sum is computed here. `host` (the staging slot)
+        must stay unchanged until the sum is taken."""
+        k = weight.shape[1]
         t0 = self.clock()
         parts = expert_parts(lay)  # (once a layer, not once an expert)
-        in_place = self.in_place(i, lay)
-        if not in_place:  # (packing is not the CPU share's time)
-            mats = [self._experts(i, e, parts, host) for e in experts]
-            t0 = self.clock()
         pairs: dict[int, list[int]] = {e: [] for e in experts}
         for p, e in enumerate(ids):
             if e in pairs:
                 pairs[e].append(p)
-        if in_place:
-            out = self._blocks_sum(host, parts, experts, pairs, k, h, weight)
+        if self.in_place(i, lay):
+            wait = self._blocks_start(host, parts, experts, pairs, k, h, weight)
+            real = self.clock is time.monotonic_ns
+            prologue = self.clock() - t0 if real else 0
             nbytes = len(experts) * sum(per for _, per, *_ in parts)
-        else:
-            out = self._packed_sum(mats, experts, pairs, k, h, weight)
-            nbytes = sum(m.nbytes for ms in mats for m in ms)
-        dt = self.clock() - t0
+
+            def finish() -> torch.Tensor:
+                out, c0, c1 = wait()
+                # the host's part, then the kernel's on its thread (a caller that waits late adds
+                # nothing); a stand-in clock (tests) times the call from start to finish
+                dt = prologue + c1 - c0 if real else self.clock() - t0
+                self._observe(i, experts, nbytes, t0, dt)
+                return out
+            return finish
+        mats = [self._experts(i, e, parts, host) for e in experts]  # (packing is not the CPU share's time)
+        t0 = self.clock()
+        out = self._packed_sum(mats, experts, pairs, k, h, weight)
+        self._observe(i, experts, sum(m.nbytes for ms in mats for m in ms), t0, self.clock() - t0)
+        return lambda: out
+
+    def _observe(self, i: int, experts: list[int], nbytes: int, t0: int, dt: int) -> None:
+        """A call's time `dt` (nanoseconds from `t0`) for the meter, the cost model and the trace."""
         self.meter.add(t0, dt, nbytes)
         if self.split is not None:
             self.split.observe(self.tokens, len(experts), dt / 1e9)
         self.computed += len(experts)
         self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
-        return out
 
     @staticmethod
-    def _blocks_sum(host: np.ndarray, parts: list, experts: list[int], pairs: dict[int, list[int]], k: int,
-                    h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The experts' weighted sum from their blocks where they lie, in one native call (NOTE [ a
-        layer's experts in one call ] in qdot.c)."""
+    def _blocks_start(host: np.ndarray, parts: list, experts: list[int], pairs: dict[int, list[int]], k: int,
+                      h: torch.Tensor, weight: torch.Tensor):
+        """The experts' weighted sum from their blocks where they lie, in one native call started on
+        the kernel's thread (NOTE [ a layer's experts in one call ] in qdot.c): its wait()."""
         base = host.ctypes.data
         w = [tuple(base + t.slot_offset + e * per for t, per, *_ in parts) for e in experts]
         flat = weight.float().numpy().reshape(-1)
         toks = [np.array([p // k for p in pairs[e]], dtype=np.int64) for e in experts]
         wts = [flat[pairs[e]] for e in experts]
         n_ff, n_embd = parts[0][3], parts[0][4]
-        return native.experts(w, tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h, toks, wts)
+        return native.experts_start(w, tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h, toks, wts)
 
     @staticmethod
     def _packed_sum(mats: list[tuple], experts: list[int], pairs: dict[int, list[int]], k: int, h: torch.Tensor,

@@ -118,6 +118,10 @@ def load(path: Path) -> ctypes.CDLL:
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                  ctypes.c_int]
     lib.qdot_experts.restype = ctypes.c_int
+    lib.qdot_experts_start.argtypes = lib.qdot_experts.argtypes
+    lib.qdot_experts_start.restype = ctypes.c_int
+    lib.qdot_experts_wait.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    lib.qdot_experts_wait.restype = ctypes.c_int
     lib.qdot_spin.argtypes = [ctypes.c_int64]
     lib.qdot_spin.restype = None
     lib.qdot_isa.restype = ctypes.c_int
@@ -209,25 +213,69 @@ def experts(w: list[tuple[int, int, int]], qtypes: tuple[int, int, int], n_ff: i
     float32, the sum over the experts e and their tokens toks[e] (int64) of wts[e] (float32) *
     down(SiLU(gate(x[t])) * up(x[t])). w[e]: the host addresses of expert e's gate, up and down
     blocks (of `qtypes`; the caller keeps them alive); x [T, n_embd] on the host."""
-    lib = lib or library()
-    if lib is None:
-        raise RuntimeError("the native CPU kernel is not available")
-    if any(q not in NATIVE_TYPES for q in qtypes):
-        raise ValueError(f"the native CPU kernel has no {'/'.join(QT(q).name for q in qtypes)} experts")
-    x = x.reshape(-1, n_embd).float().contiguous()
-    out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
-    arr = (Expert * len(w))()
-    keep = []
-    for j, (ptrs, tok, wt) in enumerate(zip(w, toks, wts)):
-        tok, wt = np.ascontiguousarray(tok, dtype=np.int64), np.ascontiguousarray(wt, dtype=np.float32)
-        if len(tok) != len(wt):
-            raise ValueError(f"expert {j}: {len(tok)} tokens and {len(wt)} weights")
-        keep += (tok, wt)
-        arr[j] = Expert((ctypes.c_void_p * 3)(*ptrs), len(tok), tok.ctypes.data, wt.ctypes.data)
-    types = (ctypes.c_int * 3)(*qtypes)
-    rc = lib.qdot_experts(arr, len(w), types, n_ff, n_embd, x.data_ptr(), x.shape[0], out.data_ptr(),
-                          _threads(threads), levels)
-    if rc:
-        raise ValueError(f"native CPU kernel refused the experts (code {rc}: -1 type, -2 K not whole blocks, "
-                         "-3 memory, -4 a token outside x)")
-    return out
+    call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, toks, wts, threads, levels, lib)
+    call.check(call.lib.qdot_experts(*call.args))
+    return call.out
+
+
+def experts_start(w: list[tuple[int, int, int]], qtypes: tuple[int, int, int], n_ff: int, n_embd: int,
+                  x: torch.Tensor, toks: list[np.ndarray], wts: list[np.ndarray], threads: int | None = None,
+                  levels: int = LEVELS, lib: ctypes.CDLL | None = None):
+    """As experts(), started on the kernel's own thread (NOTE [ experts beside the device's work ] in
+    qdot.c): returns `wait()`, which waits for it and returns (the sum, its start and end in
+    time.monotonic_ns()'s clock). One call at a time."""
+    global _pending
+    call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, toks, wts, threads, levels, lib)
+    if _pending is not None:  # one left behind (a step that failed between start and wait): done first
+        try:
+            _pending()
+        except ValueError:
+            pass  # (its result was abandoned with its step)
+    t = (ctypes.c_int64 * 2)()
+
+    def wait() -> tuple[torch.Tensor, int, int]:
+        global _pending
+        if _pending is wait:  # (a second wait gives the same result)
+            _pending = None
+            call.rc = call.lib.qdot_experts_wait(t)  # (`call` holds what the kernel reads until now)
+        call.check(call.rc)
+        return call.out, t[0], t[1]
+
+    call.check(call.lib.qdot_experts_start(*call.args))
+    _pending = wait
+    return wait
+
+
+_pending = None  # the wait() of the call started and not yet waited for (experts_start)
+
+
+class _ExpertsCall:
+    """The arguments of a qdot_experts call, and what they point at, kept alive with them."""
+
+    def __init__(self, w, qtypes, n_ff, n_embd, x, toks, wts, threads, levels, lib):
+        self.lib = lib = lib or library()
+        if lib is None:
+            raise RuntimeError("the native CPU kernel is not available")
+        self.rc = -7  # (a started call's code, once waited for)
+        if any(q not in NATIVE_TYPES for q in qtypes):
+            raise ValueError(f"the native CPU kernel has no {'/'.join(QT(q).name for q in qtypes)} experts")
+        self.x = x = x.reshape(-1, n_embd).float().contiguous()
+        self.out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
+        arr = (Expert * len(w))()
+        self.keep = []
+        for j, (ptrs, tok, wt) in enumerate(zip(w, toks, wts)):
+            tok, wt = np.ascontiguousarray(tok, dtype=np.int64), np.ascontiguousarray(wt, dtype=np.float32)
+            if len(tok) != len(wt):
+                raise ValueError(f"expert {j}: {len(tok)} tokens and {len(wt)} weights")
+            self.keep += (tok, wt)
+            arr[j] = Expert((ctypes.c_void_p * 3)(*ptrs), len(tok), tok.ctypes.data, wt.ctypes.data)
+        self.arr, self.types = arr, (ctypes.c_int * 3)(*qtypes)
+        self.args = (arr, len(w), self.types, n_ff, n_embd, x.data_ptr(), x.shape[0], self.out.data_ptr(),
+                     _threads(threads), levels)
+
+    @staticmethod
+    def check(rc: int) -> None:
+        if rc:
+            raise ValueError(f"native CPU kernel refused the experts (code {rc}: -1 type, -2 K not whole blocks, "
+                             "-3 memory, -4 a token outside x, -5 a call started and not waited for, -6 no thread, "
+                             "-7 none started)")

@@ -1268,3 +1268,137 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
         }
     return 0;
 }
+
+/* ---------- a layer's experts, started now and waited for later ---------- */
+
+/* NOTE [ experts beside the device's work ]
+ * A layer's CPU experts run while the device computes its own and the copy engine moves the rest
+ * (cpu/experts.py, NOTE [ CPU experts ]), but called from the compute process's thread they held
+ * that thread: the launches after them (the device's experts, the next layer's copies ahead) waited
+ * for the CPU, and a launch that waited for the device (the traces of batch 8) held the CPU's start
+ * back in turn. So qdot_experts_start hands the call to a thread of its own and returns at once; the
+ * caller launches the device's work, then qdot_experts_wait returns the call's code and its start
+ * and end times. One call at a time: a start before the last one's wait is refused (-5). The
+ * caller keeps the call's arrays alive until its wait. */
+static pthread_mutex_t ax_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t ax_cv = PTHREAD_COND_INITIALIZER;
+static int ax_started;                 /* the leader thread exists */
+static atomic_int ax_state;            /* 0 idle, 1 queued, 2 running, 3 done (not yet waited for) */
+static int ax_rc;
+static int64_t ax_t0, ax_t1;
+static struct {
+    const qdot_expert *ex;
+    int n;
+    int qtypes[3];
+    int64_t n_ff, n_embd, T;
+    const float *x;
+    float *out;
+    int threads, levels;
+} ax_job;
+
+static void *ax_leader(void *p) {
+    (void)p;
+    pthread_mutex_lock(&ax_mu);
+    for (;;) {
+        if (ax_state != 1) { /* (awake as the pool's workers are: qdot_spin) */
+            pthread_mutex_unlock(&ax_mu);
+            int64_t until = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
+            for (int spins = 1; atomic_load(&ax_state) != 1; spins++) {
+                cpu_relax();
+                if (!(spins & 63) && now_ns() > until) break;
+            }
+            pthread_mutex_lock(&ax_mu);
+        }
+        while (ax_state != 1) pthread_cond_wait(&ax_cv, &ax_mu);
+        ax_state = 2;
+        pthread_mutex_unlock(&ax_mu);
+        int64_t t0 = now_ns();
+        int rc = qdot_experts(ax_job.ex, ax_job.n, ax_job.qtypes, ax_job.n_ff, ax_job.n_embd, ax_job.x, ax_job.T,
+                              ax_job.out, ax_job.threads, ax_job.levels);
+        int64_t t1 = now_ns();
+        pthread_mutex_lock(&ax_mu);
+        ax_rc = rc;
+        ax_t0 = t0;
+        ax_t1 = t1;
+        ax_state = 3;
+        pthread_cond_broadcast(&ax_cv);
+    }
+    return NULL;
+}
+
+/* a forked child has no leader thread: it starts its own */
+static void ax_after_fork(void) {
+    ax_started = 0;
+    ax_state = 0;
+    pthread_mutex_init(&ax_mu, NULL);
+    pthread_cond_init(&ax_cv, NULL);
+}
+
+/* Start qdot_experts(ex, n, qtypes, n_ff, n_embd, x, T, out, threads, levels) on the leader thread;
+ * 0, or -5 when a call is started and not yet waited for, -6 when the thread cannot start. */
+int qdot_experts_start(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, int64_t n_embd, const float *x,
+                       int64_t T, float *out, int threads, int levels) {
+    pthread_mutex_lock(&ax_mu);
+    if (ax_state != 0) {
+        pthread_mutex_unlock(&ax_mu);
+        return -5;
+    }
+    if (!ax_started) {
+        static int registered;
+        if (!registered) {
+            registered = 1;
+            pthread_atfork(NULL, NULL, ax_after_fork);
+        }
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &a, ax_leader, NULL);
+        pthread_attr_destroy(&a);
+        if (rc) {
+            pthread_mutex_unlock(&ax_mu);
+            return -6;
+        }
+        ax_started = 1;
+    }
+    ax_job.ex = ex;
+    ax_job.n = n;
+    for (int k = 0; k < 3; k++) ax_job.qtypes[k] = qtypes[k];
+    ax_job.n_ff = n_ff;
+    ax_job.n_embd = n_embd;
+    ax_job.x = x;
+    ax_job.T = T;
+    ax_job.out = out;
+    ax_job.threads = threads;
+    ax_job.levels = levels;
+    ax_state = 1;
+    pthread_cond_broadcast(&ax_cv);
+    pthread_mutex_unlock(&ax_mu);
+    return 0;
+}
+
+/* Wait for the started call: its code (qdot_experts'), and its start and end (CLOCK_MONOTONIC
+ * nanoseconds) in t[0], t[1]; -7 when no call was started. */
+int qdot_experts_wait(int64_t *t) {
+    pthread_mutex_lock(&ax_mu);
+    if (ax_state == 0) {
+        pthread_mutex_unlock(&ax_mu);
+        return -7;
+    }
+    if (ax_state != 3) { /* (a call about to end: a short spin, where waking on the condition costs more) */
+        pthread_mutex_unlock(&ax_mu);
+        int64_t until = now_ns() + 50000;
+        for (int spins = 1; atomic_load(&ax_state) != 3; spins++) {
+            cpu_relax();
+            if (!(spins & 63) && now_ns() > until) break;
+        }
+        pthread_mutex_lock(&ax_mu);
+    }
+    while (ax_state != 3) pthread_cond_wait(&ax_cv, &ax_mu);
+    int rc = ax_rc;
+    t[0] = ax_t0;
+    t[1] = ax_t1;
+    ax_state = 0;
+    pthread_mutex_unlock(&ax_mu);
+    return rc;
+}

@@ -317,3 +317,35 @@ def test_a_layers_experts_in_one_call_match_float64_and_the_matmul_calls(T):
     with pytest.raises(ValueError, match="a token outside x"):
         native.experts([tuple(m.data_ptr() for m in flat[0])], types, n_ff, n_embd, x, [np.array([T])],
                        [np.ones(1, np.float32)], threads=2)
+
+
+def test_experts_started_on_the_kernels_thread_give_the_calls_bits():
+    """NOTE [ experts beside the device's work ]: a call started returns at once and its wait gives
+    the synchronous call's very bits and the kernel's start and end times; a call left without its
+    wait (a step that failed between them) is waited for by the next start; the library itself
+    refuses a second start before the wait, and a wait with none started."""
+    import time
+
+    n_ff, n_embd, T = 256, 512, 3
+    types = (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K))
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+    flat = [[torch.from_numpy(rows(QT(q), N, K, seed=7 * e + j).reshape(-1)) for j, (q, (N, K)) in
+             enumerate(zip(types, shapes))] for e in range(2)]
+    w = [tuple(m.data_ptr() for m in ex) for ex in flat]
+    x = torch.randn(T, n_embd, generator=torch.Generator().manual_seed(3))
+    toks, wts = [np.array([0, 2]), np.array([1])], [np.array([0.25, 0.5], np.float32), np.array([1.0], np.float32)]
+    want = native.experts(w, types, n_ff, n_embd, x, toks, wts, threads=2)
+    t0 = time.monotonic_ns()
+    wait = native.experts_start(w, types, n_ff, n_embd, x, toks, wts, threads=2)
+    got, c0, c1 = wait()
+    assert torch.equal(got, want) and t0 <= c0 <= c1 <= time.monotonic_ns()
+    assert wait()[0] is got  # (a second wait: the same result)
+    native.experts_start(w[:1], types, n_ff, n_embd, x, toks[:1], wts[:1], threads=2)  # never waited for
+    again = native.experts_start(w, types, n_ff, n_embd, x, toks, wts, threads=2)
+    assert torch.equal(again()[0], want)
+    lib, call = native.library(), native._ExpertsCall(w, types, n_ff, n_embd, x, toks, wts, 2, native.LEVELS, None)
+    assert lib.qdot_experts_start(*call.args) == 0
+    assert lib.qdot_experts_start(*call.args) == -5
+    t = (ctypes.c_int64 * 2)()
+    assert lib.qdot_experts_wait(t) == 0 and torch.equal(call.out, want)
+    assert lib.qdot_experts_wait(t) == -7
