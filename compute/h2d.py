@@ -9,11 +9,7 @@ driver's cuMemcpyHtoDAsync, called through ctypes with the addresses worked out 
 same copy on the same stream, and where an expert's parts are alike (the same bytes each, evenly
 spaced in staging and in the pool slot: gate and up, and down too when it has their type) they
 go as one 2-D copy (cuMemcpy2DAsync), so an expert takes one or two calls, not three. Where the
-driver has cuMemcpyBatchAsync (CUDA 12.8 and later), all of a call's copies, a layer's missing
-or predicted experts, go in that one call instead, each 2-D copy as its rows: a streamed MoE
-layer issues two such calls at batch 1 (its misses, then the next layer's prediction), which took
-the host a few driver calls an expert. Where the batch is refused (an older driver), the
-one-by-one calls stay. Where the driver library is absent (a CPU-only machine) torch's copies stay."""
+driver library is absent (a CPU-only machine) torch's copies stay."""
 
 from __future__ import annotations
 
@@ -35,10 +31,6 @@ class DriverCopies:
         self._d2d.restype = ctypes.c_int
         self._desc = _Memcpy2D(srcMemoryType=_HOST, dstMemoryType=_DEVICE)
         self._desc_ref = ctypes.byref(self._desc)
-        self._batch, self._batch_fail_idx = _batch_copy(lib)
-        self._attrs = _MemcpyAttributes(srcAccessOrder=_ORDER_STREAM)  # (the staging bytes are read in stream order)
-        self._attrs_idx = ctypes.c_size_t(0)
-        self._fail = ctypes.c_size_t(0)
 
     @classmethod
     def open(cls) -> "DriverCopies | None":
@@ -52,8 +44,6 @@ class DriverCopies:
         """Enqueue every (dst, src, width, height, dst pitch, src pitch) copy on `stream` (a CUDA
         stream handle, as torch's `Stream.cuda_stream`): `height` rows of `width` bytes, one call
         (a 2-D copy where height > 1); src must stay valid until the stream has run them."""
-        if self._batch is not None and copies and self._issue_batch(copies, stream):
-            return
         f, f2, d, ref = self._copy, self._copy2d, self._desc, self._desc_ref
         for dst, src, n, h, dp, sp in copies:
             if h == 1:
@@ -64,75 +54,12 @@ class DriverCopies:
             if err:
                 raise RuntimeError(f"CUDA driver error {err} copying {h} x {n} bytes to the device")
 
-    def _issue_batch(self, copies: list[tuple[int, int, int, int, int, int]], stream: int) -> bool:
-        """`copies` in one cuMemcpyBatchAsync; False where the driver refuses it (it is not asked
-        again: the copies go one by one, this time and after)."""
-        dsts, srcs, sizes = flat_copies(copies)
-        n = len(dsts)
-        args = [(ctypes.c_uint64 * n)(*dsts), (ctypes.c_uint64 * n)(*srcs), (ctypes.c_size_t * n)(*sizes), n,
-                ctypes.byref(self._attrs), ctypes.byref(self._attrs_idx), 1]
-        if self._batch_fail_idx:
-            args.append(ctypes.byref(self._fail))
-        err = self._batch(*args, ctypes.c_void_p(stream))
-        if err:
-            self._batch = None  # (a refused batch copied nothing that the calls below do not copy again)
-            return False
-        return True
-
     def d2d(self, dst: int, src: int, n: int, stream: int) -> None:
         """Enqueue a copy of `n` bytes between two device addresses on `stream` (one call, where
         torch's slice-and-copy_ costs the host about 10 µs)."""
         err = self._d2d(dst, src, n, stream)
         if err:
             raise RuntimeError(f"CUDA driver error {err} copying {n} bytes on the device")
-
-
-def flat_copies(copies: list[tuple[int, int, int, int, int, int]]) -> tuple[list[int], list[int], list[int]]:
-    """(dst, src, width, height, dst pitch, src pitch) copies as one-row copies: their
-    destinations, sources and sizes, in order."""
-    dsts, srcs, sizes = [], [], []
-    for dst, src, n, h, dp, sp in copies:
-        if h == 1:
-            dsts.append(dst)
-            srcs.append(src)
-            sizes.append(n)
-            continue
-        for r in range(h):
-            dsts.append(dst + r * dp)
-            srcs.append(src + r * sp)
-            sizes.append(n)
-    return dsts, srcs, sizes
-
-
-def _batch_copy(lib: ctypes.CDLL):
-    """The driver's cuMemcpyBatchAsync and whether it takes a failure index (CUDA 12's form;
-    CUDA 13's `_v2` has none): (None, False) where the driver has neither."""
-    common = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-              ctypes.c_void_p, ctypes.c_size_t]
-    for name, fail_idx in (("cuMemcpyBatchAsync_v2", False), ("cuMemcpyBatchAsync", True)):
-        f = getattr(lib, name, None)
-        if f is None:
-            continue
-        f.argtypes = common + ([ctypes.c_void_p] if fail_idx else []) + [ctypes.c_void_p]
-        f.restype = ctypes.c_int
-        return f, fail_idx
-    return None, False
-
-
-class _MemLocation(ctypes.Structure):
-    """The driver's CUmemLocation."""
-
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _MemcpyAttributes(ctypes.Structure):
-    """The driver's CUmemcpyAttributes."""
-
-    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", _MemLocation), ("dstLocHint", _MemLocation),
-                ("flags", ctypes.c_uint)]
-
-
-_ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
 
 
 class _Memcpy2D(ctypes.Structure):

@@ -1,7 +1,5 @@
 """The device cache of streamed experts: what it copies, what it keeps, when a step streams experts."""
 
-import ctypes
-
 import numpy as np
 import pytest
 import torch
@@ -124,56 +122,6 @@ def test_an_experts_alike_parts_go_as_one_2d_copy():
     odd = LayerLayout(1, tuple(t), t[2].slot_offset + t[2].nbytes)
     offs = [p[2] for p in expert_parts(odd)]
     assert cache.store.groups(odd, expert_parts(odd)) == [(0, per, 0, 2, offs[1], 4 * per), (t[2].slot_offset, 8 * 8 * 4, offs[2], 1, 0, 0)]
-
-
-def test_a_batch_of_copies_is_each_copy_row_by_row():
-    """NOTE [ driver copies ]: a batch call takes one-row copies; a 2-D copy becomes its rows, at
-    each pitch, in order, so the batch lands the bytes the one-by-one calls land."""
-    from layerstream.compute.h2d import flat_copies
-
-    src = np.arange(256, dtype=np.uint8)
-    want, got = np.zeros(256, np.uint8), np.zeros(256, np.uint8)
-    copies = [(want.ctypes.data + 200, src.ctypes.data + 3, 5, 1, 0, 0),
-              (want.ctypes.data + 10, src.ctypes.data + 100, 6, 3, 40, 17)]
-    _HostDriver().issue(copies, 0)
-    g0, s0 = got.ctypes.data - want.ctypes.data, 0  # (the same copies into `got`)
-    dsts, srcs, sizes = flat_copies([(d + g0, s + s0, n, h, dp, sp) for d, s, n, h, dp, sp in copies])
-    assert sizes == [5, 6, 6, 6] and len(dsts) == len(srcs) == 4
-    for d, s, n in zip(dsts, srcs, sizes):
-        ctypes.memmove(d, s, n)
-    assert np.array_equal(got, want) and want[10:16].tolist() == list(range(100, 106))
-    assert want[90:96].tolist() == list(range(134, 140)) and want[200:205].tolist() == [3, 4, 5, 6, 7]
-
-
-@pytest.mark.gpu
-def test_the_drivers_batch_and_one_by_one_copies_land_the_same_bytes():
-    """On CUDA: DriverCopies.issue through cuMemcpyBatchAsync (where the driver has it) and through
-    the one-by-one calls put the same bytes where torch's own copies put them."""
-    from layerstream.compute.h2d import DriverCopies
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    drv = DriverCopies.open()
-    assert drv is not None
-    host = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8).pin_memory()
-    copies = [(a, b, n, h, dp, sp) for a, b, n, h, dp, sp in
-              [(0, 7, 4096, 1, 0, 0), (8192, 70000, 1000, 3, 2048, 300000), (500000, 900000, 1, 1, 0, 0)]]
-    want = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
-    for d, s, n, h, dp, sp in copies:
-        for r in range(h):
-            want[d + r * dp : d + r * dp + n].copy_(host[s + r * sp : s + r * sp + n])
-    batched = drv._batch is not None
-    for use_batch in ([True, False] if batched else [False]):
-        if not use_batch:
-            drv._batch = None
-        out = torch.zeros_like(want)
-        stream = torch.cuda.current_stream()
-        drv.issue([(out.data_ptr() + d, host.data_ptr() + s, n, h, dp, sp) for d, s, n, h, dp, sp in copies],
-                  stream.cuda_stream)
-        torch.cuda.synchronize()
-        assert torch.equal(out, want), use_batch
-        if use_batch:
-            assert drv._batch is not None  # (the driver took the batch)
 
 
 @pytest.mark.parametrize("driver", [False, True], ids=["torch-copies", "driver-copies"])
