@@ -72,6 +72,7 @@ class CpuExperts:
         self.reserved: dict[int, list[int]] = {}  # layer -> predicted experts held back from the copy ahead
         self._eligible: dict[int, bool] = {}
         self._in_place: dict[int, bool] = {}
+        self.spin = None  # the workers' spin last asked of the native kernel (set_step)
 
     def eligible(self, i: int, lay: LayerLayout) -> bool:
         got = self._eligible.get(i)
@@ -93,7 +94,10 @@ class CpuExperts:
         share = self.balancer.share(tokens)
         # a call a layer: the native kernel's workers kept awake between them (where cores are few,
         # waking them cost a lone expert's call more than its dots; an H200 host's 16 lost little)
-        native.spin(SPIN_S if share > 0 else 0.0)
+        spin = SPIN_S if share > 0 else 0.0
+        if spin != self.spin:  # (a library call only when it changes, not every step)
+            native.spin(spin)
+            self.spin = spin
         return share
 
     def take_pack_s(self) -> float:

@@ -917,22 +917,29 @@ static void *worker_main(void *p) {
     return NULL;
 }
 
-/* a forked child has none of the parent's workers: it starts its own pool */
+static void ax_after_fork(void);
+static void pool_after_fork(void);
+static void fork_handler_once(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* a forked child has none of the parent's threads: it starts its own pool and leader */
 static void pool_after_fork(void) {
     n_workers = 0;
     pthread_mutex_init(&pool_mu, NULL);
     pthread_mutex_init(&wake_mu, NULL);
     pthread_cond_init(&wake_cv, NULL);
+    ax_after_fork();
+}
+
+/* registers pool_after_fork once, before the first thread of either kind starts */
+static void register_fork(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, fork_handler_once);
 }
 
 /* run fn(arg, i, n) for every piece i in 0..n-1 on up to `threads` threads, the caller's included
  * (NOTE [ pieces claimed, not handed out ]) */
 static void dispatch(task_fn fn, void *arg, int n, int threads) {
-    static int registered;
-    if (!registered) {
-        registered = 1;
-        pthread_atfork(NULL, NULL, pool_after_fork);
-    }
+    register_fork();
     if (n > MAX_PIECES) n = MAX_PIECES;
     if (threads > n) threads = n;
     while (n_workers < threads - 1 && n_workers < MAX_THREADS - 1) {
@@ -1296,17 +1303,23 @@ static struct {
     int threads, levels;
 } ax_job;
 
+/* spin (without the lock) until ax_state is `want` or `ns` have passed; the caller then takes the
+ * lock and waits on the condition for what is left */
+static void ax_spin_for(int want, int64_t ns) {
+    int64_t until = now_ns() + ns;
+    for (int spins = 1; atomic_load(&ax_state) != want; spins++) {
+        cpu_relax();
+        if (!(spins & 63) && now_ns() > until) return;
+    }
+}
+
 static void *ax_leader(void *p) {
     (void)p;
     pthread_mutex_lock(&ax_mu);
     for (;;) {
         if (ax_state != 1) { /* (awake as the pool's workers are: qdot_spin) */
             pthread_mutex_unlock(&ax_mu);
-            int64_t until = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
-            for (int spins = 1; atomic_load(&ax_state) != 1; spins++) {
-                cpu_relax();
-                if (!(spins & 63) && now_ns() > until) break;
-            }
+            ax_spin_for(1, atomic_load_explicit(&spin_ns, memory_order_relaxed));
             pthread_mutex_lock(&ax_mu);
         }
         while (ax_state != 1) pthread_cond_wait(&ax_cv, &ax_mu);
@@ -1326,7 +1339,7 @@ static void *ax_leader(void *p) {
     return NULL;
 }
 
-/* a forked child has no leader thread: it starts its own */
+/* (pool_after_fork's part: a forked child has no leader thread) */
 static void ax_after_fork(void) {
     ax_started = 0;
     ax_state = 0;
@@ -1344,11 +1357,7 @@ int qdot_experts_start(const qdot_expert *ex, int n, const int *qtypes, int64_t 
         return -5;
     }
     if (!ax_started) {
-        static int registered;
-        if (!registered) {
-            registered = 1;
-            pthread_atfork(NULL, NULL, ax_after_fork);
-        }
+        register_fork();
         pthread_t t;
         pthread_attr_t a;
         pthread_attr_init(&a);
@@ -1387,11 +1396,7 @@ int qdot_experts_wait(int64_t *t) {
     }
     if (ax_state != 3) { /* (a call about to end: a short spin, where waking on the condition costs more) */
         pthread_mutex_unlock(&ax_mu);
-        int64_t until = now_ns() + 50000;
-        for (int spins = 1; atomic_load(&ax_state) != 3; spins++) {
-            cpu_relax();
-            if (!(spins & 63) && now_ns() > until) break;
-        }
+        ax_spin_for(3, 50000);
         pthread_mutex_lock(&ax_mu);
     }
     while (ax_state != 3) pthread_cond_wait(&ax_cv, &ax_mu);
