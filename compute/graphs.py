@@ -30,14 +30,12 @@ next layer's graph A reads it.
 NOTE [ the next router early ]
 The host's time bounds a streamed MoE layer at batch 1: it waited a fifth of the layer for graph
 A, and the device waited for the host's bookkeeping between layers (the layer's release, the
-next layer's announcement). So right after graph B of layer i, graph A of layer i+1 is launched
-too, before that bookkeeping, when layer i+1 is a streamed MoE layer whose attention and router
-read only kept tensors (`LayerSource.moe_graph_key`) and its graphs exist: they need nothing that
-layer(i+1) returns. The device then runs layer i+1's attention and router while the host does the
-bookkeeping, and the host's wait for the chosen ids mostly vanishes. Graph A goes before the host
-issues the next layer's copies ahead too (issuing them is a large part of the layer's host time in
-a profile, BENCHMARKS.md, during which a layer whose experts were all on the device left the device
-idle), except with a CPU share: graph A then reads the CPU's sum, added after those copies are issued.
+next layer's announcement). So right after graph B of layer i (and the next layer's copies
+ahead), graph A of layer i+1 is launched too, before that bookkeeping, when layer i+1 is a
+streamed MoE layer whose attention and router read only kept tensors
+(`LayerSource.moe_graph_key`) and its graphs exist: they need nothing that layer(i+1) returns.
+The device then runs layer i+1's attention and router while the host does the bookkeeping, and
+the host's wait for the chosen ids mostly vanishes.
 """
 
 from __future__ import annotations
@@ -206,15 +204,12 @@ class MoeGraphs:
                 self.keep_ones.discard(key)
             keep.copy_(pinned[1], non_blocking=True)
         self._launch(graph_b, "B", i, ex.cache.tl)
-        early = cpu_sum is None and i + 1 < stop
-        if early:  # the next router needs only graph B's output: it goes before the copies ahead
-            self._next_router_early(i + 1, T, meta.q.kv_len, ex.cache.tl)
         ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])
         if cpu_sum is not None:  # begun in prepare, computed while the device's launches went out
             pinned[2].copy_(cpu_sum())
             out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
-        if not early and i + 1 < stop:
+        if i + 1 < stop:
             self._next_router_early(i + 1, T, meta.q.kv_len, ex.cache.tl)
         return out
 
