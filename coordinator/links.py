@@ -1,8 +1,10 @@
-"""The coordinator's sockets: three bound ROUTERs that the asyncio loop awaits, never polls.
+"""The coordinator's sockets: three bound ROUTERs that the asyncio loop awaits, never polls in a loop.
 
-`CoordinatorLinks.wait` sleeps on the loop until a message is queued on any of the sockets, a
-watched file descriptor (a child process's sentinel, readable once it exits) is readable, or a
-timeout: the pipeline's loop wakes for work and for deaths, and for its deadlines only.
+`CoordinatorLinks.wait` returns at once where a message is queued (one zmq_poll of timeout 0), else
+sleeps on the loop until a message is queued on any of the sockets, a watched file descriptor (a
+child process's sentinel, readable once it exits) is readable, or a timeout: the pipeline's loop
+wakes for work and for deaths, and for its deadlines only. Receives and sends that need not wait
+go through the sockets themselves (`now`), not through the loop's futures.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class CoordinatorLinks:
         self.zctx = zmq.asyncio.Context()
         self.curve = Curve.new() if transport == "tcp" else None
         self.socks: dict[str, zmq.asyncio.Socket] = {}
+        # the same sockets without the loop, for the receives and sends that need not wait
+        self.now: dict[str, zmq.Socket] = {}
         self.poller = zmq.asyncio.Poller()
         self.bad = BadMessageCounter("coordinator", log)
         try:
@@ -42,6 +46,7 @@ class CoordinatorLinks:
             bound = {}
             for name in ENDPOINT_NAMES:
                 self.socks[name], bound[name] = make_router(self.zctx, getattr(ep, name), self.curve, max_msg_in)
+                self.now[name] = zmq.Socket.shadow(self.socks[name].underlying)
                 self.poller.register(self.socks[name], zmq.POLLIN)
             self.ep = ep.bound(**bound)
         except BaseException:
@@ -64,17 +69,24 @@ class CoordinatorLinks:
     async def wait(self, timeout_s: float | None) -> set[int]:
         """Sleep until a message is queued, a watched fd is readable, or timeout_s (None: no limit)
         has passed; returns the watched fds that are readable."""
-        ms = None if timeout_s is None else max(1, math.ceil(timeout_s * 1000))
-        events = await self.poller.poll(ms)
+        # what is queued already answers at once: a poll of timeout 0 is one zmq_poll, where the
+        # loop's poll registers a wake-up on every socket and descriptor and removes it again
+        # (much of the CLI's host time a decode step in a profile: BENCHMARKS.md)
+        events = await self.poller.poll(0)
+        if not events:
+            ms = None if timeout_s is None else max(1, math.ceil(timeout_s * 1000))
+            events = await self.poller.poll(ms)
         return {s for s, _ in events if isinstance(s, int)}
 
     async def drain(self) -> list[Received]:
-        """Every message queued now on the three sockets, without waiting."""
+        """Every message queued now on the three sockets, without waiting (each taken by the socket
+        itself: the loop's receive makes and settles a future a message, and one more per socket
+        to find it empty)."""
         out: list[Received] = []
-        for name, sock in self.socks.items():
-            while True:
+        for name, sock in self.now.items():
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 try:
-                    frames = await sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 ident = frames[0].decode(errors="replace")
@@ -84,8 +96,12 @@ class CoordinatorLinks:
     async def send(self, link: str, ident: str, msg: Message, quiet: bool = False) -> bool:
         """Send msg to child `ident`; False where it is not connected (gone, or still starting)."""
         log.debug("-> %s %s", ident, msg)
+        frames = [ident.encode()] + encode(msg)
         try:
-            await self.socks[link].send_multipart([ident.encode()] + encode(msg))
+            try:  # at once where the socket takes it (the loop's send makes a future a message)
+                self.now[link].send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:  # (its queue is full: wait for room on the loop)
+                await self.socks[link].send_multipart(frames)
             return True
         except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer is gone; the death check reports it
             (log.debug if quiet else log.warning)("could not send %s to %s: %s", type(msg).__name__, ident, e)
