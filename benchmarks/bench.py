@@ -12,6 +12,7 @@ import torch
 from layerstream.errors import LayerstreamError
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
+from .links_bench import add_parser as add_links_parser
 from .spec_bench import add_spec_parser
 from .stage_bench import add_stage_parsers, device_name, time_decode
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_parsers(sub)
     add_spec_parser(sub)
     add_cpu_kernel_parser(sub)
+    add_links_parser(sub)
     return p
 
 

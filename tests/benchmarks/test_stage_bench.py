@@ -209,3 +209,9 @@ def test_cpu_kernel_times_a_layers_experts_on_the_runs_path_and_alone(capsys):
     rows = [line.split() for line in out.splitlines() if line.split()[2:3] in (["run"], ["native"])]
     assert [(r[0], r[1], r[2]) for r in rows] == [(t, n, p) for t in "12" for n in "12" for p in ("run", "native")]
     assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+def test_links(capsys):
+    out = run(capsys, "links", "--rounds", "20")
+    rows = [line for line in out.splitlines() if re.match(r"(loop entry|send, wait, drain)", line)]
+    assert len(rows) == 3 and all(float(r.split()[-2]) > 0 for r in rows)

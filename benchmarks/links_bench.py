@@ -1,0 +1,102 @@
+"""bin/bench links: what the coordinator's sockets cost the host a decode step (coordinator/links.py):
+one round of a step's send, the wait for the compute process's answer and its drain, run on the
+pipeline's loop as `Pipeline._call` runs each backend call (one `run_until_complete`), with the
+answer already queued (the CLI's case when it is slower than the device) and with the answer
+coming while it waits; and the loop's entry alone."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+
+import uvloop
+import zmq
+
+from layerstream.coordinator.links import CoordinatorLinks
+from layerstream.proto.codec import encode
+from layerstream.proto.messages import Shutdown
+from layerstream.proto.sockets import make_dealer
+
+
+def _rounds(loop, links: CoordinatorLinks, child: zmq.Socket, n: int, queued: bool) -> list[float]:
+    """Seconds of each of n rounds; the child's answer queued before the round, or sent by a
+    thread once the round has sent its step."""
+    msg = encode(Shutdown("step"))
+
+    async def round_() -> None:
+        await links.send("compute", "compute", msg_out)
+        await links.wait(5.0)
+        if not await links.drain():
+            raise RuntimeError("the child's answer did not arrive")
+
+    msg_out = Shutdown("step")
+    stop = threading.Event()
+
+    def answer() -> None:  # the child: answers each step it is sent
+        while not stop.is_set():
+            if child.poll(100):
+                child.recv_multipart()
+                child.send_multipart(msg)
+
+    times = []
+    helper = None if queued else threading.Thread(target=answer, daemon=True)
+    if helper is not None:
+        helper.start()
+    try:
+        for _ in range(n):
+            if queued:
+                child.send_multipart(msg)
+                while not links.socks["compute"].getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    pass
+            t0 = time.perf_counter()
+            loop.run_until_complete(round_())
+            times.append(time.perf_counter() - t0)
+            if queued:
+                child.recv_multipart()
+    finally:
+        stop.set()
+        if helper is not None:
+            helper.join()
+    return times
+
+
+def bench_links(args) -> None:
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    links = CoordinatorLinks("ipc", "127.0.0.1", 1 << 20, 1 << 20)
+    ctx = zmq.Context()
+    child = make_dealer(ctx, links.ep.compute, "compute")
+    try:
+        child.send_multipart(encode(Shutdown("hello")))  # (the ROUTER learns the child's identity)
+        loop.run_until_complete(links.wait(5.0))
+        loop.run_until_complete(links.drain())
+
+        async def nothing() -> None:
+            return None
+        print(f"{'round':<34} {'median µs':>10} {'best µs':>8}  ({args.rounds} rounds each, after as many untimed)")
+        for label, fn in (("loop entry alone", lambda: [_entry(loop, nothing) for _ in range(args.rounds)]),
+                          ("send, wait, drain: answer queued", lambda: _rounds(loop, links, child, args.rounds, True)),
+                          ("send, wait, drain: answer comes", lambda: _rounds(loop, links, child, args.rounds, False))):
+            fn()  # (warm)
+            ts = fn()
+            print(f"{label:<34} {statistics.median(ts) * 1e6:>10.1f} {min(ts) * 1e6:>8.1f}")
+    finally:
+        child.close(0)
+        ctx.term()
+        links.close()
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _entry(loop, coro_fn) -> float:
+    t0 = time.perf_counter()
+    loop.run_until_complete(coro_fn())
+    return time.perf_counter() - t0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("links", help="the coordinator's sockets a decode step: a step's send, wait and drain on the loop")
+    p.add_argument("--rounds", type=int, default=2000, help="timed rounds per figure (default 2000)")
+    p.set_defaults(func=bench_links)
