@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -417,7 +418,33 @@ def prepare_warm(device: str = "auto") -> None:
         import layerstream.compute.attn_kernels  # noqa: F401
         import layerstream.compute.norm_kernels  # noqa: F401
         import layerstream.compute.qkernels  # noqa: F401
+        threading.Thread(target=warm_triton, name="ls-triton-warm", daemon=True).start()
     torch.cuda.init()
+
+
+def warm_triton() -> None:
+    """What Triton does on a process's first kernel launch, even with its cache full, done ahead (on
+    a thread of the warm compute process, beside the rest of its start): its cache key hashes
+    Triton's own sources and its library of hundreds of megabytes, and its launcher imports the
+    gluon language. A profile of run-pipeline on an H200 put both on the first step's path
+    (BENCHMARKS.md). A Triton without either, or a failure here, leaves them to that launch."""
+    try:
+        import importlib
+
+        import triton
+
+        try:
+            importlib.import_module("triton.experimental.gluon")
+        except ImportError:
+            pass
+        for where in ("triton.runtime.cache", "triton.compiler.compiler"):  # (Triton 3.x's homes of it)
+            key = getattr(importlib.import_module(where), "triton_key", None)
+            if key is not None:
+                key()
+                return
+        log.debug("Triton %s has no triton_key: its first launch computes its cache key", triton.__version__)
+    except Exception as e:  # noqa: BLE001 - only a head start: the first launch does the same and reports
+        log.debug("Triton's warm-up failed (%s); its first launch does it", e)
 
 
 def main(cfg: ComputeConfig) -> None:

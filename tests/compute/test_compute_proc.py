@@ -238,3 +238,23 @@ def test_the_worker_is_ready_before_the_arena_keeps_what_comes_first_and_maps_th
     assert attached == [ArenaDesc("layerstream-1-ab", 2, 4096)]
     assert list(w.queued) == [fwd] and w.ready_slots == {(1, 0): 2}
 
+
+
+def test_triton_warm_up_leaves_its_cache_key_made_and_never_raises(monkeypatch):
+    """compute_proc.warm_triton: what a first launch does (the gluon import, the cache key's
+    hashes) done ahead; a Triton that fails there leaves it to the first launch, silently."""
+    cache = pytest.importorskip("triton.runtime.cache")
+    from layerstream.compute import compute_proc
+
+    cache.triton_key.cache_clear()
+    compute_proc.warm_triton()
+    assert cache.triton_key.cache_info().currsize == 1
+    import importlib.util
+    import sys
+    if importlib.util.find_spec("triton.experimental") and importlib.util.find_spec("triton.experimental.gluon"):
+        assert "triton.experimental.gluon" in sys.modules
+
+    def broken():
+        raise OSError("libtriton unreadable")
+    monkeypatch.setattr(cache, "triton_key", broken)
+    compute_proc.warm_triton()  # (logged at debug, not raised)
