@@ -14,6 +14,7 @@ import torch
 from layerstream.loader.gguf_index import HParams
 
 _NP = {torch.long: np.int64, torch.bool: np.bool_}
+_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}  # a floating part's bits, by its itemsize
 ALIGN = 16  # bytes: each part of the step's buffer starts at a multiple (any dtype's view is aligned)
 
 
@@ -152,6 +153,18 @@ def rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: 
 _ROPE_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def _rope_table(inv_freq: torch.Tensor, top: int, scale: float, dtype: torch.dtype) -> tuple:
+    """The table of rope_tables' cos and sin for positions 0..n-1, n >= top (made once, grown by
+    doubling), and the same tables' bits as numpy arrays (`_BITS`)."""
+    key = (inv_freq.numpy().tobytes(), scale, dtype)
+    got = _ROPE_ROWS.get(key)
+    if got is None or got[0].shape[0] < top:
+        cos, sin = rope_tables(inv_freq, torch.arange(max(1024, 1 << (top - 1).bit_length())), scale, dtype)
+        bits = _BITS[dtype.itemsize]
+        got = _ROPE_ROWS[key] = (cos, sin, *(t.view(getattr(torch, np.dtype(bits).name)).numpy() for t in (cos, sin)))
+    return got
+
+
 def rope_rows(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: torch.dtype):
     """rope_tables' cos and sin of the host positions `pos`, gathered from a table of every position
     up to the largest asked (made by rope_tables once, grown by doubling): the same values, one
@@ -159,12 +172,18 @@ def rope_rows(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: to
     whole step on a small model."""
     if inv_freq.device.type != "cpu" or pos.device.type != "cpu":
         return rope_tables(inv_freq, pos, scale, dtype)
-    key = (inv_freq.numpy().tobytes(), scale, dtype)
-    top = int(pos.max()) + 1 if pos.numel() else 1
-    got = _ROPE_ROWS.get(key)
-    if got is None or got[0].shape[0] < top:
-        got = _ROPE_ROWS[key] = rope_tables(inv_freq, torch.arange(max(1024, 1 << (top - 1).bit_length())), scale, dtype)
+    got = _rope_table(inv_freq, int(pos.max()) + 1 if pos.numel() else 1, scale, dtype)
     return got[0][pos], got[1][pos]
+
+
+def rope_rows_into(inv_freq: torch.Tensor, pos: np.ndarray, scale: float, dtype: torch.dtype,
+                   cos: np.ndarray, sin: np.ndarray) -> None:
+    """rope_rows' cos and sin of the positions `pos` written into `cos` and `sin` [*pos.shape, R], a
+    step's buffer's parts as their bits (`_Layout.numpy_views`): the same bits, gathered by numpy
+    straight into the buffer (no tensor made, no copy)."""
+    got = _rope_table(inv_freq, int(pos.max()) + 1 if pos.size else 1, scale, dtype)
+    np.take(got[2], pos, axis=0, out=cos, mode="clip")  # (in range: the table covers them; "clip" writes
+    np.take(got[3], pos, axis=0, out=sin, mode="clip")  # into `out` directly, where "raise" buffers it)
 
 
 class _Layout:
@@ -178,24 +197,42 @@ class _Layout:
         self.parts[name] = (dtype, shape, self.size)
         self.size += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
 
-    def views(self, buf: torch.Tensor, floats: bool = False) -> dict[str, torch.Tensor]:
-        """Every part (`floats`: the floating ones only) as a view of `buf` [size] uint8."""
-        return {name: buf[off : off + math.prod(shape) * dt.itemsize].view(dt).view(shape)
-                for name, (dt, shape, off) in self.parts.items() if not floats or dt.is_floating_point}
+    @functools.cached_property
+    def key(self) -> tuple:
+        """Where each part lies: (name, offset) of each, in order."""
+        return tuple((k, v[2]) for k, v in self.parts.items())
 
     @functools.cached_property
-    def _int_parts(self) -> list[tuple[str, type, int, int, tuple[int, ...]]]:
-        """The integer and boolean parts: name, numpy type, first element and count in the buffer
-        viewed as that type, shape (kept: a layout serves every step of its shape)."""
-        return [(name, _NP[dt], off // dt.itemsize, math.prod(shape), shape)
-                for name, (dt, shape, off) in self.parts.items() if dt in _NP]
+    def _torch_parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...], tuple[int, ...], int]]:
+        """Every part: name, dtype, shape, contiguous strides, first element in the buffer viewed as
+        its dtype (kept: a layout serves every step of its shape)."""
+        out = []
+        for name, (dt, shape, off) in self.parts.items():
+            strides = tuple(math.prod(shape[k + 1:]) for k in range(len(shape)))
+            out.append((name, dt, shape, strides, off // dt.itemsize))
+        return out
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every part as a view of `buf` [size] uint8: the buffer viewed once as each dtype, then one
+        strided view a part (not each part's own slice, view and reshape: this runs every step)."""
+        typed = {dt: buf[: self.size].view(dt) for dt in {p[1] for p in self._torch_parts}}
+        return {name: typed[dt].as_strided(shape, strides, typed[dt].storage_offset() + i)
+                for name, dt, shape, strides, i in self._torch_parts}
+
+    @functools.cached_property
+    def _np_parts(self) -> list[tuple[str, type, int, int, tuple[int, ...]]]:
+        """Every part as numpy sees it: name, numpy type (an integer or boolean part's own, a
+        floating part's bits: `_BITS`), first element and count in the buffer viewed as that type,
+        shape (kept: a layout serves every step of its shape)."""
+        return [(name, _NP.get(dt) or _BITS[dt.itemsize], off // dt.itemsize, math.prod(shape), shape)
+                for name, (dt, shape, off) in self.parts.items()]
 
     def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
-        """The integer and boolean parts as numpy views of `buf` [size] uint8: the buffer viewed once
-        as each type, then a slice and a reshape a part (not each part's own slice, view and reshape:
-        this runs on the host every step)."""
-        typed = {t: buf[: self.size].view(t) for t in set(_NP.values())}
-        return {name: typed[t][i : i + n].reshape(shape) for name, t, i, n, shape in self._int_parts}
+        """Every part as a numpy view of `buf` [size] uint8 (a floating part as its bits): the buffer
+        viewed once as each type, then a slice and a reshape a part (not each part's own slice, view
+        and reshape: this runs on the host every step)."""
+        typed = {t: buf[: self.size].view(t) for t in {p[1] for p in self._np_parts}}
+        return {name: typed[t][i : i + n].reshape(shape) for name, t, i, n, shape in self._np_parts}
 
 
 @functools.lru_cache(maxsize=64)
@@ -241,10 +278,7 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     lay = _layout(B, S, T, L, R, swa, tuple(tables), dtype)
     cuda = device.type == "cuda"
     host_buf = torch.empty(max(lay.size, ALIGN), dtype=torch.uint8, pin_memory=cuda)
-    n = lay.numpy_views(host_buf.numpy())  # the integer and boolean parts (numpy: cheaper to make and fill)
-    h = lay.views(host_buf, floats=True)  # (and on the CPU, where they are the step's tensors, the others)
-    if not cuda:
-        h |= {k: torch.from_numpy(v) for k, v in n.items()}
+    n = lay.numpy_views(host_buf.numpy())  # every part, filled through numpy (cheaper to make and fill than tensors)
     n["q_index"][:] = 0
     n["q_valid"][:] = False
     q_pos = np.full((B, S), -1, dtype=np.int64)
@@ -265,29 +299,30 @@ def build_step_meta(hp: HParams, inv_freq: torch.Tensor, seqs: list["SeqStep"], 
     n["rows"][:] = [s.row for s in seqs]
     n["q_used"][:] = [len(s.kv_pos) for s in seqs]
     n["out_index"][:] = np.flatnonzero(n["q_valid"])
-    mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, L]
-    mask |= ~n["q_valid"][:, :, None]  # padded queries see everything (finite; dropped later)
-    n["mask"][:, 0] = mask
-    tok_pos = torch.from_numpy(q_pos[n["q_valid"]])  # [T], in packed order
-    kv_at = torch.from_numpy(kv_pos).clamp(min=0) if rotate_k_at_read else None
+    # a query sees the filled slots at or before it; padded queries see everything (finite; dropped
+    # later): one comparison written in place, positions read as unsigned, where an empty slot's and
+    # a padded query's -1 is the largest value (so an empty slot passes no real query, and a padded
+    # query passes every slot)
+    mask = n["mask"][:, 0]  # [B, S, L]
+    np.less_equal(kv_pos.view(np.uint64)[:, None, :], q_pos.view(np.uint64)[:, :, None], out=mask)
+    tok_pos = q_pos[n["q_valid"]]  # [T], in packed order
+    kv_at = np.maximum(kv_pos, 0) if rotate_k_at_read else None
     for cos, sin, *shape in tables:
         local = cos.endswith("_swa")
         inv, scale = (inv_freq_swa, 1.0) if local else (inv_freq, hp.rope.scale)
-        c, si = rope_rows(inv, tok_pos if len(shape) == 1 else kv_at, scale, dtype)
-        h[cos].copy_(c)
-        h[sin].copy_(si)
+        rope_rows_into(inv, tok_pos if len(shape) == 1 else kv_at, scale, dtype, n[cos], n[sin])
     if swa:
         near = (q_pos[:, :, None] - kv_pos[:, None, :]) < hp.attn.swa_window
         n["mask_swa"][:, 0] = (mask & near) | ~n["q_valid"][:, :, None]
     buf = host_buf.to(device, non_blocking=True) if cuda else host_buf  # the one copy
-    d = lay.views(buf) if cuda else h
+    d = lay.views(buf)  # (on the CPU the host's bytes are the step's tensors)
     return StepMeta(
         tok=Tokens(d["tok_id"], d["tok_row"], d["tok_b"], d["tok_slot"], known=bool(n["tok_id"].min() >= 0)),
         q=Queries(d["q_index"], d["q_valid"], d["out_index"], d["rows"], d["q_used"], kv_len=L),
         attn=_tables(d, ""), swa=_tables(d, "_swa") if swa else None,
         kernels=Kernels(rope=triton_attention,
                         decode=triton_attention and all(k == 1 for k in lens) and not rotate_k_at_read),
-        store=Storage(buf, host_buf, layout=tuple((k, v[2]) for k, v in lay.parts.items()) + ((L, lay.size),)),
+        store=Storage(buf, host_buf, layout=lay.key + ((L, lay.size),)),
     )
 
 

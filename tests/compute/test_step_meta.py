@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from layerstream.compute.step_meta import SeqStep, build_step_meta, rope_inv_freq, rope_rows, rope_tables
+from layerstream.compute.step_meta import (
+    SeqStep,
+    build_step_meta,
+    rope_inv_freq,
+    rope_rows,
+    rope_rows_into,
+    rope_tables,
+)
 
 HP = SimpleNamespace(rope=SimpleNamespace(dim=8, theta=10000.0, scale=1.0), attn=SimpleNamespace(swa_window=0))
 
@@ -177,24 +184,36 @@ def test_rope_rows_are_rope_tables_gathered_from_a_table_that_grows():
     call that makes the table, positions past it (the table grown) and [B, L] positions."""
     inv = rope_inv_freq(HP, theta=12345.0)  # inverse frequencies no other test's table holds
     for pos in (torch.tensor([0, 7, 300]), torch.tensor([5000, 2]), torch.tensor([[1, 0, 4097], [9, 9, 9]])):
-        for dtype in (torch.float16, torch.float32):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
             got, want = rope_rows(inv, pos, 2.0, dtype), rope_tables(inv, pos, 2.0, dtype)
             assert all(g.shape == w.shape and g.dtype == dtype and torch.equal(g, w) for g, w in zip(got, want))
+            # and straight into a buffer's parts, as their bits (build_step_meta's way)
+            into = [torch.full((*pos.shape, want[0].shape[-1]), float("nan"), dtype=dtype) for _ in range(2)]
+            bits = getattr(torch, f"int{8 * dtype.itemsize}")
+            rope_rows_into(inv, pos.numpy(), 2.0, dtype, *(t.view(bits).numpy() for t in into))
+            assert all(torch.equal(g, w) for g, w in zip(into, want))
+    inv = rope_inv_freq(HP, theta=23456.0)  # a first table made by rope_rows_into, grown by rope_rows
+    into = [np.zeros((2, 4), dtype=np.int16) for _ in range(2)]
+    rope_rows_into(inv, np.array([3, 2000]), 1.0, torch.float16, *into)
+    want = rope_tables(inv, torch.tensor([3, 2000]), 1.0, torch.float16)
+    assert all(torch.equal(torch.from_numpy(g).view(torch.float16), w) for g, w in zip(into, want))
+    assert all(torch.equal(g, w) for g, w in zip(rope_rows(inv, torch.tensor([9000]), 1.0, torch.float16),
+                                                 rope_tables(inv, torch.tensor([9000]), 1.0, torch.float16)))
 
 
 @pytest.mark.parametrize("B, S, L", [(2, 3, 16), (1, 2048, 1 << 20)], ids=["small", "a 2 GiB mask"])
-def test_the_integer_parts_lie_where_the_layout_puts_them_at_any_size(B, S, L):
-    """_Layout.numpy_views: each integer or boolean part is a view of its own bytes of the buffer,
-    of its shape, a 2 GiB mask too (past what a numpy record over the buffer could index). (np.empty
-    of 2 GiB touches no page.)"""
+def test_the_parts_lie_where_the_layout_puts_them_at_any_size(B, S, L):
+    """_Layout.numpy_views: each part is a view of its own bytes of the buffer, of its shape (a
+    floating part as integers of its size: its bits), a 2 GiB mask too (past what a numpy record
+    over the buffer could index). (np.empty of 2 GiB touches no page.)"""
     from layerstream.compute.step_meta import _layout
 
-    lay = _layout(B, S, B * S, L, 4, False, (("cos_q", "sin_q", B * S),), torch.float32)
+    lay = _layout(B, S, B * S, L, 4, False, (("cos_q", "sin_q", B * S),), torch.float16)
     buf = np.empty(lay.size + 16, dtype=np.uint8)
     views = lay.numpy_views(buf)
-    ints = {name: part for name, part in lay.parts.items() if not part[0].is_floating_point}
-    assert views.keys() == ints.keys()
+    assert views.keys() == lay.parts.keys()
     base = buf.ctypes.data
-    for name, (dt, shape, off) in ints.items():
+    for name, (dt, shape, off) in lay.parts.items():
         v = views[name]
         assert v.shape == shape and v.itemsize == dt.itemsize and v.ctypes.data - base == off, name
+        assert v.dtype.kind == ("b" if dt == torch.bool else "i"), name
