@@ -23,15 +23,14 @@ from layerstream.proto.sockets import make_dealer
 def _rounds(loop, links: CoordinatorLinks, child: zmq.Socket, n: int, queued: bool) -> list[float]:
     """Seconds of each of n rounds; the child's answer queued before the round, or sent by a
     thread once the round has sent its step."""
-    msg = encode(Shutdown("step"))
+    step, msg = Shutdown("step"), encode(Shutdown("answer"))  # (any small message stands in for both)
 
     async def round_() -> None:
-        await links.send("compute", "compute", msg_out)
+        await links.send("compute", "compute", step)
         await links.wait(5.0)
         if not await links.drain():
             raise RuntimeError("the child's answer did not arrive")
 
-    msg_out = Shutdown("step")
     stop = threading.Event()
 
     def answer() -> None:  # the child: answers each step it is sent
