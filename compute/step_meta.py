@@ -149,41 +149,26 @@ def rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: 
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-# (inverse frequencies' bytes, scale, dtype) -> cos, sin of positions 0..n-1 (rope_rows)
-_ROPE_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _rope_table(inv_freq: torch.Tensor, top: int, scale: float, dtype: torch.dtype) -> tuple:
-    """The table of rope_tables' cos and sin for positions 0..n-1, n >= top (made once, grown by
-    doubling), and the same tables' bits as numpy arrays (`_BITS`)."""
-    key = (inv_freq.numpy().tobytes(), scale, dtype)
-    got = _ROPE_ROWS.get(key)
-    if got is None or got[0].shape[0] < top:
-        cos, sin = rope_tables(inv_freq, torch.arange(max(1024, 1 << (top - 1).bit_length())), scale, dtype)
-        bits = _BITS[dtype.itemsize]
-        got = _ROPE_ROWS[key] = (cos, sin, *(t.view(getattr(torch, np.dtype(bits).name)).numpy() for t in (cos, sin)))
-    return got
-
-
-def rope_rows(inv_freq: torch.Tensor, pos: torch.Tensor, scale: float, dtype: torch.dtype):
-    """rope_tables' cos and sin of the host positions `pos`, gathered from a table of every position
-    up to the largest asked (made by rope_tables once, grown by doubling): the same values, one
-    gather a step where a decode step's eight small operators cost the host more than the device's
-    whole step on a small model."""
-    if inv_freq.device.type != "cpu" or pos.device.type != "cpu":
-        return rope_tables(inv_freq, pos, scale, dtype)
-    got = _rope_table(inv_freq, int(pos.max()) + 1 if pos.numel() else 1, scale, dtype)
-    return got[0][pos], got[1][pos]
+# (inverse frequencies' bytes, scale, dtype) -> the bits of cos and sin of positions 0..n-1 (rope_rows_into)
+_ROPE_ROWS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def rope_rows_into(inv_freq: torch.Tensor, pos: np.ndarray, scale: float, dtype: torch.dtype,
                    cos: np.ndarray, sin: np.ndarray) -> None:
-    """rope_rows' cos and sin of the positions `pos` written into `cos` and `sin` [*pos.shape, R], a
-    step's buffer's parts as their bits (`_Layout.numpy_views`): the same bits, gathered by numpy
-    straight into the buffer (no tensor made, no copy)."""
-    got = _rope_table(inv_freq, int(pos.max()) + 1 if pos.size else 1, scale, dtype)
-    np.take(got[2], pos, axis=0, out=cos, mode="clip")  # (in range: the table covers them; "clip" writes
-    np.take(got[3], pos, axis=0, out=sin, mode="clip")  # into `out` directly, where "raise" buffers it)
+    """rope_tables' cos and sin of the host positions `pos` written into `cos` and `sin` [*pos.shape,
+    R], a step's buffer's parts as their bits (`_Layout.numpy_views`), gathered from a table of every
+    position up to the largest asked (made by rope_tables once, grown by doubling): the same bits,
+    one gather a step straight into the buffer, where a decode step's eight small operators cost
+    the host more than the device's whole step on a small model."""
+    key = (inv_freq.numpy().tobytes(), scale, dtype)
+    top = int(pos.max()) + 1 if pos.size else 1
+    got = _ROPE_ROWS.get(key)
+    if got is None or got[0].shape[0] < top:
+        bits = getattr(torch, f"int{8 * dtype.itemsize}")  # (numpy has no bfloat16: the tables as their bits)
+        got = _ROPE_ROWS[key] = tuple(t.view(bits).numpy() for t in rope_tables(
+            inv_freq, torch.arange(max(1024, 1 << (top - 1).bit_length())), scale, dtype))
+    np.take(got[0], pos, axis=0, out=cos, mode="clip")  # (in range: the table covers them; "clip" writes
+    np.take(got[1], pos, axis=0, out=sin, mode="clip")  # into `out` directly, where "raise" buffers it)
 
 
 class _Layout:

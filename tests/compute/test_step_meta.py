@@ -12,7 +12,6 @@ from layerstream.compute.step_meta import (
     SeqStep,
     build_step_meta,
     rope_inv_freq,
-    rope_rows,
     rope_rows_into,
     rope_tables,
 )
@@ -180,25 +179,17 @@ def test_a_graphs_copy_without_host_bytes_reads_its_fields_from_the_device():
 
 
 def test_rope_rows_are_rope_tables_gathered_from_a_table_that_grows():
-    """The step's RoPE rows from the table of positions: the same bits as rope_tables, for a first
-    call that makes the table, positions past it (the table grown) and [B, L] positions."""
+    """The step's RoPE rows from the table of positions, written into a buffer's parts as their
+    bits (build_step_meta's way): the same bits as rope_tables, for a first call that makes the
+    table, positions past it (the table grown) and [B, L] positions."""
     inv = rope_inv_freq(HP, theta=12345.0)  # inverse frequencies no other test's table holds
     for pos in (torch.tensor([0, 7, 300]), torch.tensor([5000, 2]), torch.tensor([[1, 0, 4097], [9, 9, 9]])):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            got, want = rope_rows(inv, pos, 2.0, dtype), rope_tables(inv, pos, 2.0, dtype)
-            assert all(g.shape == w.shape and g.dtype == dtype and torch.equal(g, w) for g, w in zip(got, want))
-            # and straight into a buffer's parts, as their bits (build_step_meta's way)
+            want = rope_tables(inv, pos, 2.0, dtype)
             into = [torch.full((*pos.shape, want[0].shape[-1]), float("nan"), dtype=dtype) for _ in range(2)]
             bits = getattr(torch, f"int{8 * dtype.itemsize}")
             rope_rows_into(inv, pos.numpy(), 2.0, dtype, *(t.view(bits).numpy() for t in into))
-            assert all(torch.equal(g, w) for g, w in zip(into, want))
-    inv = rope_inv_freq(HP, theta=23456.0)  # a first table made by rope_rows_into, grown by rope_rows
-    into = [np.zeros((2, 4), dtype=np.int16) for _ in range(2)]
-    rope_rows_into(inv, np.array([3, 2000]), 1.0, torch.float16, *into)
-    want = rope_tables(inv, torch.tensor([3, 2000]), 1.0, torch.float16)
-    assert all(torch.equal(torch.from_numpy(g).view(torch.float16), w) for g, w in zip(into, want))
-    assert all(torch.equal(g, w) for g, w in zip(rope_rows(inv, torch.tensor([9000]), 1.0, torch.float16),
-                                                 rope_tables(inv, torch.tensor([9000]), 1.0, torch.float16)))
+            assert all(g.shape == w.shape and g.dtype == dtype and torch.equal(g, w) for g, w in zip(into, want))
 
 
 @pytest.mark.parametrize("B, S, L", [(2, 3, 16), (1, 2048, 1 << 20)], ids=["small", "a 2 GiB mask"])
