@@ -32,7 +32,7 @@ from layerstream.compute import compute_proc
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.acceptance import Acceptance
-from layerstream.coordinator.event_loop import new_loop, run_briefly
+from layerstream.coordinator.event_loop import new_loop, run_briefly, run_task
 from layerstream.coordinator.launch import Launch, make_launch
 from layerstream.coordinator.links import CoordinatorLinks
 from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_share
@@ -100,7 +100,7 @@ class Pipeline:
         self.reported: dict[str, int] = {}  # what -> done, as last reported (cfg.on_progress, -v)
         self.t_start = time.monotonic()
         try:
-            self.loop.run_until_complete(self._start())
+            run_task(self.loop, self._start())
         except BaseException:
             self.close()
             raise
@@ -339,7 +339,7 @@ class Pipeline:
             coro.close()
             raise PipelineError(self.failure or "the pipeline is closed")
         try:
-            return self.loop.run_until_complete(coro)
+            return run_task(self.loop, coro)
         except PipelineError:
             self.close()
             raise
@@ -417,7 +417,7 @@ class Pipeline:
             except PipelineError as e:
                 log.warning("%s", e)
 
-        self.loop.run_until_complete(ask())
+        run_task(self.loop, ask())
         snap = self.tl.snapshot()
         snap["count"].update({"prefetch_reads": self.core.sched.reads, "host_cache_hits": self.core.sched.hits})
         return list(self.stats_replies.values()) + [snap]
