@@ -1,8 +1,9 @@
 """bin/bench links: what the coordinator's sockets cost the host a decode step (coordinator/links.py):
-one round of a step's send, the wait for the compute process's answer and its drain, run on the
-pipeline's loop as `Pipeline._call` runs each backend call (one `run_until_complete`), with the
-answer already queued (the CLI's case when it is slower than the device) and with the answer
-coming while it waits; and the loop's entry alone."""
+one round of a step's send, the wait for the compute process's answer and its drain, as two backend
+calls (the step's submit and its collect) run as `Pipeline._call` runs them (`run_task`, NOTE [ backend
+calls without the loop ]) or each entering the loop (`run_until_complete`), with the answer already
+queued (the CLI's case when it is slower than the device) and with the answer coming while it waits;
+and the loop's entry alone."""
 
 from __future__ import annotations
 
@@ -14,19 +15,22 @@ import time
 import uvloop
 import zmq
 
+from layerstream.coordinator.event_loop import run_task
 from layerstream.coordinator.links import CoordinatorLinks
 from layerstream.proto.codec import encode
 from layerstream.proto.messages import Shutdown
 from layerstream.proto.sockets import make_dealer
 
 
-def _rounds(loop, links: CoordinatorLinks, child: zmq.Socket, n: int, queued: bool) -> list[float]:
-    """Seconds of each of n rounds; the child's answer queued before the round, or sent by a
-    thread once the round has sent its step."""
+def _rounds(loop, links: CoordinatorLinks, child: zmq.Socket, n: int, queued: bool, run) -> list[float]:
+    """Seconds of each of n rounds, each call run by `run(loop, coro)`; the child's answer queued
+    before the round, or sent by a thread once the round has sent its step."""
     step, msg = Shutdown("step"), encode(Shutdown("answer"))  # (any small message stands in for both)
 
-    async def round_() -> None:
+    async def submit() -> None:
         await links.send("compute", "compute", step)
+
+    async def collect() -> None:
         await links.wait(5.0)
         if not await links.drain():
             raise RuntimeError("the child's answer did not arrive")
@@ -50,7 +54,8 @@ def _rounds(loop, links: CoordinatorLinks, child: zmq.Socket, n: int, queued: bo
                 while not links.socks["compute"].getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     pass
             t0 = time.perf_counter()
-            loop.run_until_complete(round_())
+            run(loop, submit())
+            run(loop, collect())
             times.append(time.perf_counter() - t0)
             if queued:
                 child.recv_multipart()
@@ -74,10 +79,14 @@ def bench_links(args) -> None:
 
         async def nothing() -> None:
             return None
-        print(f"{'round':<34} {'median µs':>10} {'best µs':>8}  ({args.rounds} rounds each, after as many untimed)")
-        for label, fn in (("loop entry alone", lambda: [_entry(loop, nothing) for _ in range(args.rounds)]),
-                          ("send, wait, drain: answer queued", lambda: _rounds(loop, links, child, args.rounds, True)),
-                          ("send, wait, drain: answer comes", lambda: _rounds(loop, links, child, args.rounds, False))):
+        entered = type(loop).run_until_complete
+        rows = [("loop entry alone", lambda: [_entry(loop, nothing) for _ in range(args.rounds)])]
+        for how, run in (("run_task", run_task), ("loop entered", entered)):
+            rows += [(f"answer queued, {how}", lambda run=run: _rounds(loop, links, child, args.rounds, True, run)),
+                     (f"answer comes, {how}", lambda run=run: _rounds(loop, links, child, args.rounds, False, run))]
+        print(f"{'submit and collect':<34} {'median µs':>10} {'best µs':>8}  "
+              f"({args.rounds} rounds each, after as many untimed)")
+        for label, fn in rows:
             fn()  # (warm)
             ts = fn()
             print(f"{label:<34} {statistics.median(ts) * 1e6:>10.1f} {min(ts) * 1e6:>8.1f}")

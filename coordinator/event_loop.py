@@ -30,17 +30,60 @@ def run_briefly(loop: asyncio.AbstractEventLoop, coro, timeout: float, what: str
     settle(loop, task)
 
 
+# NOTE [ backend calls without the loop ]
+# Each backend call of the pipeline (a step's send, its answer's collection) is one coroutine, and
+# entering uvloop's run_until_complete in the main thread costs more than such a call's own work when
+# its answer is already queued (the loop sets up and removes its signal wake-up on each entry; see
+# `bin/bench links`). So run_task starts the coroutine itself, with the loop set as the running one
+# (so that it may make futures and ask for the loop), and enters the loop only if the coroutine waits:
+# then a task goes on from that wait as one started with the coroutine would have.
+
+
 def run_task(loop: asyncio.AbstractEventLoop, coro):
-    """`loop.run_until_complete(coro)`, except that a signal raised out of one of the loop's
-    callbacks (the handler's KeyboardInterrupt escapes `run_until_complete` and leaves the task
-    pending) settles the task before the signal goes on: otherwise the next run of the loop, the
-    stop's, would resume it, and its failure there would be reported as never retrieved."""
-    task = loop.create_task(coro)
+    """`loop.run_until_complete(coro)`, entering the loop only if `coro` waits (NOTE [ backend calls
+    without the loop ]). A signal raised out of one of the loop's callbacks (the handler's
+    KeyboardInterrupt escapes `run_until_complete` and leaves the task pending) settles the task
+    before the signal goes on: otherwise the next run of the loop, the stop's, would resume it, and
+    its failure there would be reported as never retrieved."""
+    if asyncio._get_running_loop() is not None:  # (inside a running loop: refused as run_until_complete does)
+        return loop.run_until_complete(coro)
+    asyncio._set_running_loop(loop)
+    try:
+        waiting = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    finally:
+        asyncio._set_running_loop(None)
+    task = loop.create_task(_go_on(coro, waiting))
     try:
         return loop.run_until_complete(task)
     except BaseException:
         settle(loop, task)
         raise
+
+
+async def _go_on(coro, waiting):
+    """Drive `coro` from its first wait, on `waiting` (a future, or None for a bare yield), as the task
+    that runs it would have: a future's outcome is read by the coroutine itself, and a cancel of
+    this task reaches it as a CancelledError where it waits."""
+    while True:
+        err = None
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False  # (set by the coroutine's yield; a future is awaited once)
+                await waiting
+        except BaseException as e:  # noqa: BLE001 - it reaches the coroutine below
+            err = e
+        try:
+            if err is None or (waiting is not None and waiting.done() and not waiting.cancelled()
+                               and waiting.exception() is err):
+                waiting = coro.send(None)  # (the future's result or error, given by the coroutine's own await)
+            else:
+                waiting = coro.throw(err)
+        except StopIteration as done:
+            return done.value
 
 
 def settle(loop: asyncio.AbstractEventLoop, task: asyncio.Task) -> None:

@@ -213,5 +213,7 @@ def test_cpu_kernel_times_a_layers_experts_on_the_runs_path_and_alone(capsys):
 
 def test_links(capsys):
     out = run(capsys, "links", "--rounds", "20")
-    rows = [line for line in out.splitlines() if re.match(r"(loop entry|send, wait, drain)", line)]
-    assert len(rows) == 3 and all(float(r.split()[-2]) > 0 for r in rows)
+    rows = [line for line in out.splitlines() if re.match(r"(loop entry|answer queued|answer comes)", line)]
+    assert [r[:34].strip() for r in rows] == ["loop entry alone"] + [
+        f"answer {when}, {how}" for how in ("run_task", "loop entered") for when in ("queued", "comes")]
+    assert all(float(r.split()[-2]) > 0 for r in rows)

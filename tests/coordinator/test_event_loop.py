@@ -60,3 +60,60 @@ def test_a_result_and_an_error_pass_through():
             run_task(loop, bad())
     finally:
         loop.close()
+
+
+def test_a_call_that_never_waits_does_not_enter_the_loop_and_one_that_waits_goes_on_there(monkeypatch):
+    """NOTE [ backend calls without the loop ]: the loop is entered only by a coroutine that waits; the
+    coroutine sees the loop as running before and after its first wait, and every later wait (a
+    future's result, its error, a bare yield, a timer) reaches it as a task would give it."""
+    loop = new_loop()
+    entered = []
+    real = type(loop).run_until_complete
+    monkeypatch.setattr(type(loop), "run_until_complete", lambda self, f: entered.append(1) or real(self, f))
+
+    async def queued():
+        assert asyncio.get_running_loop() is loop
+        return loop.create_future() is not None
+
+    async def waits():
+        assert asyncio.get_running_loop() is loop
+        f = loop.create_future()
+        loop.call_soon(f.set_result, 3)
+        got = await f
+        g = loop.create_future()
+        loop.call_soon(g.set_exception, KeyError("k"))
+        try:
+            await g
+        except KeyError:
+            got += 1
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
+        assert asyncio.get_running_loop() is loop
+        return got
+
+    try:
+        assert run_task(loop, queued()) is True and entered == []
+        assert asyncio._get_running_loop() is None  # (set for the call only)
+        assert run_task(loop, waits()) == 4 and len(entered) == 1
+    finally:
+        loop.close()
+
+
+def test_a_cancel_reaches_the_coroutine_where_it_waits():
+    loop = new_loop()
+    seen = []
+
+    async def waits():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    try:
+        loop.call_later(0.01, lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+        with pytest.raises(asyncio.CancelledError):
+            run_task(loop, waits())
+        assert seen == ["cancelled"]
+    finally:
+        loop.close()
