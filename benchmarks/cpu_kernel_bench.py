@@ -111,7 +111,8 @@ def bench_cpu_experts(args) -> None:
                                        [torch.arange(T).numpy()] * n, [torch.ones(T).numpy()] * n)
                     ts.append(time.perf_counter() - t0)
                 s = (min if args.stat == "best" else statistics.median)(ts[2:])
-                print(f"{T:>3} {n:>7} {path:>8} {s * 1e6:>10.0f} {s / n * 1e6:>13.0f} {n * per / s / 1e9:>6.3g}")  # (3 figures: a tiny shape on a busy machine is well below 0.1)
+                # (GB/s in 3 figures: a tiny shape on a busy machine is well below 0.1)
+                print(f"{T:>3} {n:>7} {path:>8} {s * 1e6:>10.0f} {s / n * 1e6:>13.0f} {n * per / s / 1e9:>6.3g}")
 
 
 def add_parser(sub) -> None:

@@ -7,7 +7,6 @@ and the loop's entry alone."""
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import threading
 import time
@@ -68,7 +67,6 @@ def _rounds(loop, links: CoordinatorLinks, child: zmq.Socket, n: int, queued: bo
 
 def bench_links(args) -> None:
     loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
     links = CoordinatorLinks("ipc", "127.0.0.1", 1 << 20, 1 << 20)
     ctx = zmq.Context()
     child = make_dealer(ctx, links.ep.compute, "compute")
@@ -94,7 +92,6 @@ def bench_links(args) -> None:
         child.close(0)
         ctx.term()
         links.close()
-        asyncio.set_event_loop(None)
         loop.close()
 
 

@@ -2,7 +2,7 @@
 
 The coordinator binds ROUTERs and children connect DEALERs (see NOTE in addresses.py). The
 send and receive helpers serve the children's blocking loops; the coordinator's asyncio loop
-awaits its `zmq.asyncio` sockets itself (coordinator/links.py).
+waits on its sockets' descriptors itself (coordinator/links.py).
 """
 
 from __future__ import annotations

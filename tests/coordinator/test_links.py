@@ -3,6 +3,7 @@ poll, what is not is still waited for, and sends go at once or say the peer is g
 
 import asyncio
 import os
+import threading
 import time
 
 import pytest
@@ -12,13 +13,13 @@ import zmq
 from layerstream.coordinator.links import CoordinatorLinks
 from layerstream.proto.codec import decode, encode
 from layerstream.proto.messages import Shutdown
-from layerstream.proto.sockets import make_dealer
+from layerstream.proto.sockets import make_dealer, make_router
 
 
 @pytest.fixture
 def linked():
     loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)  # (zmq.asyncio makes its futures on the current loop, as the pipeline's is)
+    asyncio.set_event_loop(loop)  # (the tests' asyncio.gather, called outside the loop, takes the current one)
     links = CoordinatorLinks("ipc", "127.0.0.1", 1 << 20, 1 << 20)
     ctx = zmq.Context()
     child = make_dealer(ctx, links.ep.compute, "compute")
@@ -86,3 +87,74 @@ def test_sends_reach_the_child_or_say_the_peer_is_gone(linked):
     assert loop.run_until_complete(links.send("compute", "compute", Shutdown("go")))
     assert child.poll(5000) and decode(child.recv_multipart()).reason == "go"
     assert not loop.run_until_complete(links.send("compute", "nobody", Shutdown("lost"), quiet=True))
+
+
+def test_a_watched_fd_wakes_the_wait_once_and_is_reported_by_every_later_wait(linked):
+    """NOTE [ the loop's wake-ups ]: a sentinel stays readable once its child exits; its reader
+    removes itself when it fires (no wake-up on every turn of the loop after), and every later
+    wait reports it at once until it is unwatched."""
+    loop, links, child = linked
+    r, w = os.pipe()
+    try:
+        links.watch(r)
+        assert loop.run_until_complete(links.wait(0.05)) == set()  # (the readers are on the loop now)
+
+        async def later():
+            await asyncio.sleep(0.05)
+            os.write(w, b"x")
+        got, _ = loop.run_until_complete(asyncio.gather(links.wait(30.0), later()))
+        assert got == {r} and r not in links.fds  # (its reader is gone)
+        t0 = time.monotonic()
+        assert loop.run_until_complete(links.wait(30.0)) == {r} and time.monotonic() - t0 < 1
+        links.unwatch(r)
+        assert loop.run_until_complete(links.wait(0.05)) == set()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_send_to_a_full_queue_waits_for_room_and_keeps_the_order(monkeypatch):
+    """A child that does not read fills its queue: the send waits on the loop (the other sends
+    behind it), and every message arrives, in order, once the child reads."""
+    import layerstream.coordinator.links as links_module
+
+    def small_router(ctx, *args, **kw):  # (a bound socket's connections take the bounds it had at bind)
+        ctx.setsockopt(zmq.SNDHWM, 1)
+        return make_router(ctx, *args, **kw)
+    monkeypatch.setattr(links_module, "make_router", small_router)
+    loop = uvloop.new_event_loop()
+    links = CoordinatorLinks("ipc", "127.0.0.1", 1 << 20, 1 << 24)
+    ctx = zmq.Context()
+    child = ctx.socket(zmq.DEALER)
+    child.setsockopt(zmq.RCVHWM, 1)  # (before it connects: a pipe takes the bounds it is made with)
+    child.setsockopt(zmq.IDENTITY, b"compute")
+    child.connect(links.ep.compute)
+    slept = []
+    sleep = links._sleep
+    links._sleep = lambda lp, t: slept.append(t) or sleep(lp, t)
+    got: list[str] = []
+
+    def read_late():
+        time.sleep(0.3)
+        while len(got) < 20 and child.poll(5000):
+            got.append(decode(child.recv_multipart()).reason[:3])
+    try:
+        child.send_multipart(encode(Shutdown("hello")))
+        _until_queued(links)
+        loop.run_until_complete(links.drain())
+        reader = threading.Thread(target=read_late)
+        reader.start()
+
+        async def flood():
+            for k in range(20):
+                assert await links.send("compute", "compute", Shutdown(f"{k:03d}" + "x" * 200_000))
+        t0 = time.monotonic()
+        loop.run_until_complete(flood())
+        reader.join(10)
+        assert got == [f"{k:03d}" for k in range(20)]
+        assert slept and time.monotonic() - t0 > 0.25  # (it waited for the reader)
+    finally:
+        child.close(0)
+        ctx.term()
+        links.close()
+        loop.close()

@@ -374,12 +374,9 @@ def test_garbage_frames_are_counted_and_the_run_goes_on(model, reference):
                 s.send_multipart([bytes([1, 250]), b"\x90"])  # unknown tag
                 s.close()
             # and to each child, through the coordinator's sockets
-            async def relay():
-                await be.links.socks["compute"].send_multipart([b"compute", b"\x01"])
-                await be.links.socks["readers"].send_multipart([b"reader-0", bytes([1, 10]), b"\xc1"])
-                await be.links.socks["control"].send_multipart([b"staging", bytes([7, 1]), b""])
-
-            be.loop.run_until_complete(relay())
+            be.links.socks["compute"].send_multipart([b"compute", b"\x01"])
+            be.links.socks["readers"].send_multipart([b"reader-0", bytes([1, 10]), b"\xc1"])
+            be.links.socks["control"].send_multipart([b"staging", bytes([7, 1]), b""])
         finally:
             ctx.term()
         assert _generate(e) == reference
