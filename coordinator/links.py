@@ -36,6 +36,7 @@ Received = tuple[str, Decoded | None, bool]
 # then on). A wake-up only ends the wait's sleep; what is queued is read by a zmq_poll.
 SEND_RETRY_S = 0.001  # a send refused for a full queue is tried again after this or a wake-up
 
+
 class CoordinatorLinks:
     """Binds the control, readers and compute ROUTERs of one run (NOTE [ who binds, who connects ])."""
 
