@@ -47,18 +47,29 @@ def run_task(loop: asyncio.AbstractEventLoop, coro):
     its failure there would be reported as never retrieved."""
     if asyncio._get_running_loop() is not None:  # (inside a running loop: refused as run_until_complete does)
         return loop.run_until_complete(coro)
-    asyncio._set_running_loop(loop)
-    try:
-        waiting = coro.send(None)
-    except StopIteration as done:
-        return done.value
-    finally:
-        asyncio._set_running_loop(None)
-    task = loop.create_task(_go_on(coro, waiting))
-    try:
+    go = task = None
+    try:  # (one try over it all: a signal's handler runs between any two steps, this one's too)
+        asyncio._set_running_loop(loop)
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            return done.value
+        finally:
+            asyncio._set_running_loop(None)
+        go = _go_on(coro, waiting)
+        task = loop.create_task(go)
         return loop.run_until_complete(task)
     except BaseException:
-        settle(loop, task)
+        if asyncio._get_running_loop() is loop:
+            asyncio._set_running_loop(None)
+        if task is None and go is not None:  # (made, perhaps scheduled, not yet named here)
+            task = next((t for t in asyncio.all_tasks(loop) if t.get_coro() is go), None)
+        if task is not None:
+            settle(loop, task)
+        elif go is not None:
+            go.close()
+        with contextlib.suppress(RuntimeError):  # (still suspended where a task never ran: its cleanup now)
+            coro.close()
         raise
 
 

@@ -138,7 +138,8 @@ class CoordinatorLinks:
             loop = self._on_loop()
             end = None if timeout_s is None else loop.time() + timeout_s
             while not events and (end is None or loop.time() < end):
-                await self._sleep(loop, None if end is None else end - loop.time())
+                # (at least the loop's timer resolution, a millisecond: a shorter timer fires at once)
+                await self._sleep(loop, None if end is None else max(end - loop.time(), 0.001))
                 events = self.poller.poll(0)
         return {s for s, _ in events if isinstance(s, int)}
 

@@ -5,14 +5,14 @@
 feeds it layers until the oldest step's ids come back, asking readers for the bytes of upcoming
 layers `prefetch` ahead, across the end of one pass into the next. Two steps may be in flight
 (NOTE [ one step behind ] in core.py): the next step's layers are announced once every layer of
-the step before is (StreamCore holds one step's order at a time). What
-the run starts is decided before (launch.py: the plan and the children's configs); the
-scheduling decisions are `StreamCore`'s (stream_core.py), plain logic fed decoded messages;
-the sockets are links.py's. This class dispatches messages, watches the children and stops
-them. Its asyncio loop (uvloop) runs inside `step()` and during start and stop, and sleeps
-until a message, a child's exit or a deadline wakes it. A step that fails in the compute process
-(StepFailed) is raised from collect() as StepError and the run goes on (NOTE [ a failed step ] in
-compute_proc.py); a child's death ends the run.
+the step before is (StreamCore holds one step's order at a time). What the run starts is decided
+before (launch.py: the plan and the children's configs); the scheduling decisions are
+`StreamCore`'s (stream_core.py), plain logic fed decoded messages; the sockets are links.py's.
+This class dispatches messages, watches the children and stops them. Its asyncio loop (uvloop)
+runs the calls that wait (event_loop.run_task), and sleeps until a message, a child's exit or a
+deadline wakes it. A step that fails in the compute process (StepFailed) is raised from collect()
+as StepError and the run goes on (NOTE [ a failed step ] in compute_proc.py); a child's death
+ends the run.
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ class Pipeline:
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
         self.reported: dict[str, int] = {}  # what -> done, as last reported (cfg.on_progress, -v)
         self.t_start = time.monotonic()
+        self.calling = False  # (see _run)
         try:
-            run_task(self.loop, self._start())
+            self._run(self._start())
         except BaseException:
             self.close()
             raise
@@ -153,8 +154,7 @@ class Pipeline:
         return c
 
     async def _wait_ready(self, idents: list[str], deadline: float | None = None) -> None:
-        if deadline is None:
-            deadline = time.monotonic() + self.cfg.procs.ready_timeout_s
+        deadline = time.monotonic() + self.cfg.procs.ready_timeout_s if deadline is None else deadline
         await self._run_until(lambda: all(self.sup.children[i].ready is not None for i in idents),
                               deadline, f"start of {', '.join(idents)}")
 
@@ -339,10 +339,19 @@ class Pipeline:
             coro.close()
             raise PipelineError(self.failure or "the pipeline is closed")
         try:
-            return run_task(self.loop, coro)
+            return self._run(coro)
         except PipelineError:
             self.close()
             raise
+
+    def _run(self, coro):
+        """run_task, marked: the loop runs only once a call waits, and close() on another thread (the
+        server's) must not run or close the loop under a call (NOTE [ backend calls without the loop ])."""
+        self.calling = True
+        try:
+            return run_task(self.loop, coro)
+        finally:
+            self.calling = False
 
     def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:
         """Send one step to the compute process (sampling the flagged sequences there; a count k > 1
@@ -417,7 +426,7 @@ class Pipeline:
             except PipelineError as e:
                 log.warning("%s", e)
 
-        run_task(self.loop, ask())
+        self._run(ask())
         snap = self.tl.snapshot()
         snap["count"].update({"prefetch_reads": self.core.sched.reads, "host_cache_hits": self.core.sched.hits})
         return list(self.stats_replies.values()) + [snap]
@@ -453,7 +462,8 @@ class Pipeline:
                         await self.links.send("control", i, Shutdown("run finished"), quiet=True):
                     asked.add(i)
 
-        if self.links is not None and not self.loop.is_closed() and not self.loop.is_running():
+        busy = self.calling or self.loop.is_running()  # (a call in progress on another thread)
+        if self.links is not None and not self.loop.is_closed() and not busy:
             run_briefly(self.loop, ask_stop(), 1.0, "asking children to stop")
         # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
         self.sup.stop(workers, 2.0, asked)
@@ -463,7 +473,7 @@ class Pipeline:
             self._remove_staging_segments(staging)
         if self.links is not None:
             self.links.close()
-        if not self.loop.is_closed() and not self.loop.is_running():
+        if not self.loop.is_closed() and not busy:
             self.loop.close()
 
 
@@ -476,15 +486,13 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     device = resolve_device(ecfg.device)
     dtype = resolve_dtype(ecfg.dtype, device, index.hparams.arch, ecfg.weights)
     launch = make_launch(index, device, dtype, ecfg.ctx, ecfg.max_seqs, pcfg, sliding=ecfg.on_context_full == "slide",
-                         weights=ecfg.weights, draft=draft_memory_for(ecfg, device, dtype),
-                         draft_tokens=draft_tokens_for(ecfg))
+                         weights=ecfg.weights, draft=draft_memory_for(ecfg, device, dtype), draft_tokens=draft_tokens_for(ecfg))
     return Pipeline(launch)
 
 
 def _start_parts(info: dict) -> str:
     """A child's Ready info's "start_s" (what its start took, by part) for the -v line, or ""."""
-    parts = info.get("start_s")
-    if not isinstance(parts, dict) or not parts:
+    if not isinstance(parts := info.get("start_s"), dict) or not parts:
         return ""
     return " (" + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if isinstance(v, (int, float))) + ")"
 

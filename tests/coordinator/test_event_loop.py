@@ -43,6 +43,74 @@ def test_a_signal_out_of_a_callback_settles_the_task_before_the_stop_runs_the_lo
         loop.close()
 
 
+@pytest.mark.parametrize("where", ["the running loop set", "the task made"])
+def test_a_signal_between_run_tasks_steps_leaves_no_running_loop_and_no_task(monkeypatch, caplog, where):
+    """A signal's handler runs between any two steps of run_task: right after the loop is set as the
+    running one (the stop's run of the loop would then be refused: 'another loop is running'), or
+    right after the task is made (it would run on in the stop's run and fail unseen)."""
+    loop = new_loop()
+    resumed = []
+
+    async def start():
+        await asyncio.sleep(0.01)
+        resumed.append(True)
+        raise RuntimeError("a child died")
+
+    if where == "the task made":
+        made = loop.create_task
+
+        def create_task(c, **kw):
+            made(c, **kw)
+            raise _Signal
+        monkeypatch.setattr(loop, "create_task", create_task)
+    else:
+        real = asyncio._set_running_loop
+
+        def set_running(lp):
+            real(lp)
+            if lp is not None:
+                raise _Signal
+        monkeypatch.setattr(asyncio, "_set_running_loop", set_running)
+    try:
+        with pytest.raises(_Signal):
+            run_task(loop, start())
+        monkeypatch.undo()
+        assert asyncio._get_running_loop() is None
+        stopped = []
+
+        async def stop():
+            stopped.append(True)
+        run_briefly(loop, stop(), 1.0, "the stop")
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            gc.collect()
+        assert stopped == [True] and not resumed
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    finally:
+        loop.close()
+
+
+def test_a_coroutine_whose_task_never_ran_is_closed_on_a_plain_asyncio_loop():
+    """On asyncio's own loop a signal from a callback queued before the task's first step escapes
+    before the task runs: its cancel never reaches the coroutine, which run_task closes instead (its
+    cleanup runs at once)."""
+    loop = asyncio.new_event_loop()
+    cleaned = []
+
+    async def start():
+        loop.call_soon(_raise_signal)
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaned.append(True)
+
+    try:
+        with pytest.raises(_Signal):
+            run_task(loop, start())
+        assert cleaned == [True]
+    finally:
+        loop.close()
+
+
 def test_a_result_and_an_error_pass_through():
     loop = new_loop()
 
