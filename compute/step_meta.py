@@ -197,10 +197,14 @@ class _Layout:
             out.append((name, dt, shape, strides, off // dt.itemsize))
         return out
 
+    @functools.cached_property
+    def _torch_dtypes(self) -> frozenset:
+        return frozenset(p[1] for p in self._torch_parts)
+
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every part as a view of `buf` [size] uint8: the buffer viewed once as each dtype, then one
         strided view a part (not each part's own slice, view and reshape: this runs every step)."""
-        typed = {dt: buf[: self.size].view(dt) for dt in {p[1] for p in self._torch_parts}}
+        typed = {dt: buf[: self.size].view(dt) for dt in self._torch_dtypes}
         return {name: typed[dt].as_strided(shape, strides, typed[dt].storage_offset() + i)
                 for name, dt, shape, strides, i in self._torch_parts}
 
@@ -212,11 +216,15 @@ class _Layout:
         return [(name, _NP.get(dt) or _BITS[dt.itemsize], off // dt.itemsize, math.prod(shape), shape)
                 for name, (dt, shape, off) in self.parts.items()]
 
+    @functools.cached_property
+    def _np_types(self) -> frozenset:
+        return frozenset(p[1] for p in self._np_parts)
+
     def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
         """Every part as a numpy view of `buf` [size] uint8 (a floating part as its bits): the buffer
         viewed once as each type, then a slice and a reshape a part (not each part's own slice, view
         and reshape: this runs on the host every step)."""
-        typed = {t: buf[: self.size].view(t) for t in {p[1] for p in self._np_parts}}
+        typed = {t: buf[: self.size].view(t) for t in self._np_types}
         return {name: typed[t][i : i + n].reshape(shape) for name, t, i, n, shape in self._np_parts}
 
 
