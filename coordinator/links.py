@@ -15,6 +15,7 @@ import logging
 
 import zmq
 
+from layerstream.errors import PipelineError
 from layerstream.proto.addresses import ENDPOINT_NAMES, cleanup_run_dir, make_endpoints, make_run_dir
 from layerstream.proto.child import ChildEndpoints
 from layerstream.proto.codec import BadMessageCounter, Decoded, encode
@@ -35,13 +36,16 @@ Received = tuple[str, Decoded | None, bool]
 # child's sentinel stays readable, and the zero-timeout poll before each wait reports it from
 # then on). A wake-up only ends the wait's sleep; what is queued is read by a zmq_poll.
 SEND_RETRY_S = 0.001  # a send refused for a full queue is tried again after this or a wake-up
+STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected"
 
 
 class CoordinatorLinks:
     """Binds the control, readers and compute ROUTERs of one run (NOTE [ who binds, who connects ])."""
 
-    def __init__(self, transport: str, host: str, max_msg_in: int, max_msg_out: int):
+    def __init__(self, transport: str, host: str, max_msg_in: int, max_msg_out: int,
+                 stall_s: float | None = None):
         self.max_msg_out = max_msg_out  # (the children's bound: they refuse larger messages)
+        self.stall_s = stall_s  # a send refused for a full queue for so long ends the run (None: never)
         self.run_dir = make_run_dir() if transport == "ipc" else None
         self.zctx = zmq.Context()
         self.curve = Curve.new() if transport == "tcp" else None
@@ -160,13 +164,19 @@ class CoordinatorLinks:
         """Send msg to child `ident`; False where it is not connected (gone, or still starting)."""
         log.debug("-> %s %s", ident, msg)
         frames = [ident.encode()] + encode(msg)
+        since = None
         try:
             while True:
                 try:
                     self.socks[link].send_multipart(frames, zmq.NOBLOCK)
                     return True
-                except zmq.Again:  # (the child's queue is full: it takes them as it goes)
-                    await self._sleep(self._on_loop(), SEND_RETRY_S)
+                except zmq.Again:  # (the child's queue is full: it takes them as it goes, unless it hangs)
+                    loop = self._on_loop()
+                    since = loop.time() if since is None else since
+                    if self.stall_s is not None and loop.time() - since > self.stall_s:
+                        raise PipelineError(f"the {ident} process took no message for {self.stall_s:g} s with its "
+                                            f"queue full {STALLED}") from None
+                    await self._sleep(loop, SEND_RETRY_S)
         except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer is gone; the death check reports it
             (log.debug if quiet else log.warning)("could not send %s to %s: %s", type(msg).__name__, ident, e)
             return False

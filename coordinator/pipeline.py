@@ -34,7 +34,7 @@ from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.acceptance import Acceptance
 from layerstream.coordinator.event_loop import new_loop, run_briefly, run_task
 from layerstream.coordinator.launch import Launch, make_launch
-from layerstream.coordinator.links import CoordinatorLinks
+from layerstream.coordinator.links import STALLED, CoordinatorLinks
 from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_share
 from layerstream.coordinator.plan import Plan
 from layerstream.coordinator.stats import Snapshot, format_stats
@@ -66,8 +66,6 @@ from layerstream.proto.messages import (
 from layerstream.proto.timeline import Timeline, write_chrome_trace
 
 log = logging.getLogger("layerstream.pipeline")
-
-STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected"
 
 
 class StepError(LayerstreamError):
@@ -132,7 +130,8 @@ class Pipeline:
     async def _start(self) -> None:
         la, pid = self.launch, os.getpid()
         procs = self.cfg.procs
-        self.links = links = CoordinatorLinks(procs.transport, procs.host, la.max_msg_in, la.max_msg_out)
+        self.links = links = CoordinatorLinks(procs.transport, procs.host, la.max_msg_in, la.max_msg_out,
+                                              procs.stall_timeout_s)
         self._progress("processes", 0)
         self._start_child("staging", "staging", staging_proc.main, la.staging_config(links.endpoints_for("staging"), pid))
         for r, ident in enumerate(la.reader_ids):
@@ -340,7 +339,8 @@ class Pipeline:
             raise PipelineError(self.failure or "the pipeline is closed")
         try:
             return self._run(coro)
-        except PipelineError:
+        except PipelineError as e:
+            self.failure = self.failure or str(e)
             self.close()
             raise
 

@@ -113,22 +113,28 @@ def test_a_watched_fd_wakes_the_wait_once_and_is_reported_by_every_later_wait(li
         os.close(w)
 
 
-def test_a_send_to_a_full_queue_waits_for_room_and_keeps_the_order(monkeypatch):
-    """A child that does not read fills its queue: the send waits on the loop (the other sends
-    behind it), and every message arrives, in order, once the child reads."""
+def _small_queues(monkeypatch, stall_s=None):
+    """Links whose compute child (a DEALER, returned with its context) holds one message at most."""
     import layerstream.coordinator.links as links_module
 
     def small_router(ctx, *args, **kw):  # (a bound socket's connections take the bounds it had at bind)
         ctx.setsockopt(zmq.SNDHWM, 1)
         return make_router(ctx, *args, **kw)
     monkeypatch.setattr(links_module, "make_router", small_router)
-    loop = uvloop.new_event_loop()
-    links = CoordinatorLinks("ipc", "127.0.0.1", 1 << 20, 1 << 24)
+    links = CoordinatorLinks("ipc", "127.0.0.1", 1 << 20, 1 << 24, stall_s)
     ctx = zmq.Context()
     child = ctx.socket(zmq.DEALER)
     child.setsockopt(zmq.RCVHWM, 1)  # (before it connects: a pipe takes the bounds it is made with)
     child.setsockopt(zmq.IDENTITY, b"compute")
     child.connect(links.ep.compute)
+    return links, ctx, child
+
+
+def test_a_send_to_a_full_queue_waits_for_room_and_keeps_the_order(monkeypatch):
+    """A child that does not read fills its queue: the send waits on the loop (the other sends
+    behind it), and every message arrives, in order, once the child reads."""
+    loop = uvloop.new_event_loop()
+    links, ctx, child = _small_queues(monkeypatch)
     slept = []
     sleep = links._sleep
     links._sleep = lambda lp, t: slept.append(t) or sleep(lp, t)
@@ -153,6 +159,32 @@ def test_a_send_to_a_full_queue_waits_for_room_and_keeps_the_order(monkeypatch):
         reader.join(10)
         assert got == [f"{k:03d}" for k in range(20)]
         assert slept and time.monotonic() - t0 > 0.25  # (it waited for the reader)
+    finally:
+        child.close(0)
+        ctx.term()
+        links.close()
+        loop.close()
+
+
+def test_a_send_to_a_child_that_never_reads_ends_the_run_after_the_stall_timeout(monkeypatch):
+    """A hung child's full queue does not hang the coordinator: the send gives up after stall_s
+    with a PipelineError naming the child and --stall-timeout; before that it kept waiting."""
+    from layerstream.errors import PipelineError
+
+    loop = uvloop.new_event_loop()
+    links, ctx, child = _small_queues(monkeypatch, stall_s=0.3)
+    try:
+        child.send_multipart(encode(Shutdown("hello")))
+        _until_queued(links)
+        loop.run_until_complete(links.drain())
+
+        async def flood():
+            for k in range(20):
+                await links.send("compute", "compute", Shutdown(f"{k:03d}" + "x" * 200_000))
+        t0 = time.monotonic()
+        with pytest.raises(PipelineError, match=r"the compute process took no message for 0.3 s .*--stall-timeout"):
+            loop.run_until_complete(flood())
+        assert 0.3 <= time.monotonic() - t0 < 5
     finally:
         child.close(0)
         ctx.term()
