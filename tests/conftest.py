@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -93,32 +94,52 @@ def smollm_alone(smollm_path):
     engine.close()
 
 
-def hf_from_gguf(path: str):
-    """(model, tokenizer) of transformers, loaded from a GGUF file in float32: the independent
-    reference for real models.
+@contextlib.contextmanager
+def quick_gguf_parse():
+    """transformers' GGUF loading, its results unchanged, in less time.
 
     transformers parses the file's metadata with gguf-py's reader three times: for the tokenizer,
     the config and the weights. For Gemma 3's 262k-token vocabulary that took about 25 s each on
-    CI's 2 cores. The reader only reads, so here one parse serves the three (what transformers
-    computes from it is unchanged)."""
-    transformers = pytest.importorskip("transformers")
+    CI's 2 cores. The reader only reads, so here one parse serves them all, and it runs over a
+    plain ndarray view of the file (the loader's reader class, whose byte ranges test_gguf_index
+    checks against gguf-py's own): on np.memmap every element of the vocabulary went through
+    memmap's Python-level indexing. transformers also asks gguf-py for the same tensor-name map
+    once per module of the model (397 times for SmolLM2, seconds of building one table): here it
+    is built once per architecture and depth."""
     import gguf
 
-    folder, name = os.path.split(path)
-    parse, parsed = gguf.GGUFReader, {}
+    from layerstream.loader.gguf_index import _reader_class
+
+    parse, name_map, parsed, maps = gguf.GGUFReader, gguf.get_tensor_name_map, {}, {}
+    plain = _reader_class()  # (made before gguf.GGUFReader is replaced below: it subclasses it)
 
     def reader(p, *args, **kwargs):
         key = (os.fspath(p), args, tuple(sorted(kwargs.items())))
         if key not in parsed:
-            parsed[key] = parse(p, *args, **kwargs)
+            parsed[key] = plain(p, *args, **kwargs)
         return parsed[key]
 
-    gguf.GGUFReader = reader
+    def tensor_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
     try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = parse, name_map
+
+
+def hf_from_gguf(path: str):
+    """(model, tokenizer) of transformers, loaded from a GGUF file in float32 (quick_gguf_parse):
+    the independent reference for real models."""
+    transformers = pytest.importorskip("transformers")
+
+    folder, name = os.path.split(path)
+    with quick_gguf_parse():
         tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    finally:
-        gguf.GGUFReader = parse
     model.eval()
     return model, tok
 

@@ -129,7 +129,7 @@ def test_a_head_narrower_than_the_step_gives_the_same_logits_in_chunks(smollm_al
 PEAK = textwrap.dedent("""
     import resource, sys
     from layerstream.coordinator.engine import Engine
-    e = Engine.load(None, device="cpu", dtype="float32", ctx=1024, max_seqs=1)
+    e = Engine.load(None, device="cpu", dtype="float32", ctx=512, max_seqs=1, prefill_chunk=128)
     text = open(sys.argv[1]).read()
     e.perplexity(text[:2000])  # the allocations every step makes, at their size
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -140,16 +140,18 @@ PEAK = textwrap.dedent("""
 
 @pytest.mark.timeout(900)
 def test_perplexity_memory_is_one_steps_logits_not_a_windows(tmp_path):
-    """Issue 23: 100 KB of text peaked at 5.9 GB. A 1024-token window's logits would be 0.2 GB in
-    float32 and twice that again in float64 with its log-softmax; one 512-token step's are 0.1 GB."""
+    """Issue 23: 100 KB of text peaked at 5.9 GB. A 512-token window's logits would be 0.1 GB in
+    float32 and twice that again in float64 with its log-softmax; one 128-token step's are 25 MB
+    (a window four steps long, as 1024-token windows in 512-token steps would be, at a quarter of
+    their compute)."""
     path = tmp_path / "text.txt"
-    path.write_text(TEXT * 4)  # 1,241 tokens: a whole 1024-token window and a short one
+    path.write_text(TEXT * 2)  # about 620 tokens: a whole 512-token window and a short one
     out = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, timeout=850,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     n, grew = map(int, out.stdout.split())
-    assert n > 512  # more than one window (a full window scores its second half, 511 tokens)
-    window = 1024 * 49152 * 4
+    assert n > 256  # more than one window (a full window scores its second half, 255 tokens)
+    window = 512 * 49152 * 4
     assert grew < 2 * window, f"peak grew by {grew / 2**20:.0f} MiB"
 
 

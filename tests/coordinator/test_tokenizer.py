@@ -54,8 +54,11 @@ def smol(smol_md) -> Tokenizer:
 @pytest.fixture(scope="module")
 def hf_smol():
     transformers = pytest.importorskip("transformers")
+    from conftest import quick_gguf_parse
+
     path = _smollm2_path()
-    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    with quick_gguf_parse():
+        return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
 # ---- SmolLM2 (gpt2 byte-level BPE, pre "smollm") --------------------------------------------------
@@ -285,7 +288,10 @@ def test_spm_byte_fallback(spm):
 
 def test_spm_matches_transformers_on_plain_text(spm, spm_gguf):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(spm_gguf), gguf_file=os.path.basename(spm_gguf))
+    from conftest import quick_gguf_parse
+
+    with quick_gguf_parse():
+        hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(spm_gguf), gguf_file=os.path.basename(spm_gguf))
     # transformers differs from llama.cpp on a leading space and after special tokens (see test_spm_by_hand)
     for text in ["hello world", "hello", "abc", "héllo 😀", "lo", "x", "hello  world wor", "bcab ab", ""]:
         assert spm.encode(text) == hf.encode(text), text
