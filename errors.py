@@ -21,6 +21,10 @@ class PipelineError(LayerstreamError):
     """A pipeline process died or failed; the message says which and why."""
 
 
+# the end of the line that names a stalled process (the pipeline's watchdog, a send to a full queue)
+STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected"
+
+
 class ContextFullError(LayerstreamError):
     """A sequence outgrew its KV ring and the run was asked to fail rather than slide."""
 

@@ -418,10 +418,10 @@ def _sigterm(signum, frame):
 
 
 def _interrupts_sent_again(hook):
-    """sys.unraisablehook: an interrupt raised where Python cannot pass it on (in a weakref callback
-    or a __del__, where a signal's handler may run) was printed as 'Exception ignored' and lost, and
-    a server terminated as it started served on. It is sent again, from a thread a moment later (sent
-    from here, its handler ran in this hook, where it was lost again), to be raised where it can be."""
+    """sys.unraisablehook: an interrupt raised where Python cannot pass it on (a weakref callback or a
+    __del__, where a signal's handler may run) was printed as 'Exception ignored' and lost, and a server
+    terminated as it started served on. It is sent again from a thread a moment later (from here its
+    handler ran in this hook, lost again), to be raised where it can be."""
     import threading
 
     def unraisable(u) -> None:
@@ -438,9 +438,10 @@ def _interrupts_sent_again(hook):
 
 
 def _stopped(how: str) -> None:
-    """The one line of a run stopped by a signal. On a terminal it starts a line of its own (the
-    terminal's ^C, or the reply's text, may end the line the cursor is on); into a file or a pipe
-    no blank line goes before it."""
+    """The one line of a run stopped by a signal (later ones are ignored: the run is over), on a line of
+    its own on a terminal (^C or the reply may end the cursor's line); none before it into a file."""
+    for s in {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}:
+        signal.signal(s, signal.SIG_IGN)
     from layerstream.coordinator.repl import is_terminal
 
     lead = "\n" if is_terminal(sys.stderr) else ""
@@ -480,8 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The command's entry point: main(), then the process ends without the interpreter's teardown
-    (supervisor.py, NOTE [ quick exits ])."""
+    """The command: main(), then an exit without the interpreter's teardown (NOTE [ quick exits ])."""
     from layerstream.proctitle import set_process_name
 
     set_process_name("layerstream", " ".join(sys.argv[1:]))  # (ps showed "python -c ..."; its options kept)

@@ -18,6 +18,31 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP held back for the block, then sent again (in the main thread; a
+    no-op elsewhere): a stop's clean-up runs whole. A second Ctrl-C that landed in it had cut the
+    children's stop short, leaving the staging segment to multiprocessing's tracker and the run
+    directory behind."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+        if got:
+            os.kill(os.getpid(), got[-1])
+
+
 def run_briefly(loop: asyncio.AbstractEventLoop, coro, timeout: float, what: str) -> None:
     """Run `coro` on `loop` for at most `timeout` s, whatever happens (a stop goes on after it):
     a failure, or a signal that lands in it, is logged at debug level, and its task's outcome is

@@ -15,7 +15,7 @@ import logging
 
 import zmq
 
-from layerstream.errors import PipelineError
+from layerstream.errors import STALLED, PipelineError
 from layerstream.proto.addresses import ENDPOINT_NAMES, cleanup_run_dir, make_endpoints, make_run_dir
 from layerstream.proto.child import ChildEndpoints
 from layerstream.proto.codec import BadMessageCounter, Decoded, encode
@@ -36,7 +36,6 @@ Received = tuple[str, Decoded | None, bool]
 # child's sentinel stays readable, and the zero-timeout poll before each wait reports it from
 # then on). A wake-up only ends the wait's sleep; what is queued is read by a zmq_poll.
 SEND_RETRY_S = 0.001  # a send refused for a full queue is tried again after this or a wake-up
-STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected"
 
 
 class CoordinatorLinks:

@@ -32,9 +32,9 @@ from layerstream.compute import compute_proc
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.acceptance import Acceptance
-from layerstream.coordinator.event_loop import new_loop, run_briefly, run_task
+from layerstream.coordinator.event_loop import new_loop, run_briefly, run_task, signals_deferred
 from layerstream.coordinator.launch import Launch, make_launch
-from layerstream.coordinator.links import STALLED, CoordinatorLinks
+from layerstream.coordinator.links import CoordinatorLinks
 from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_share
 from layerstream.coordinator.plan import Plan
 from layerstream.coordinator.stats import Snapshot, format_stats
@@ -66,6 +66,7 @@ from layerstream.proto.messages import (
 from layerstream.proto.timeline import Timeline, write_chrome_trace
 
 log = logging.getLogger("layerstream.pipeline")
+STALL_CONFIRM_S = 1.0  # the watchdog's last wait before a stall is reported (_run_until)
 
 
 class StepError(LayerstreamError):
@@ -178,7 +179,10 @@ class Pipeline:
                          stall: float | None = None) -> None:
         """Serve messages until cond(); with `stall` (seconds), a pending step that makes no
         progress for so long ends the run, naming the stage that is behind (the watchdog: a
-        stopped or hung process never hangs the user)."""
+        stopped or hung process never hangs the user). A verdict is kept only after one more wait
+        of up to STALL_CONFIRM_S with nothing from the stage blamed: this process may itself have
+        been stopped with its children (Ctrl-Z, then fg), and they go on once continued."""
+        confirm = None  # when a blame holds if nothing comes before
         while not cond():
             self.failure = self.failure or self.core.failure
             if self.failure:
@@ -189,34 +193,19 @@ class Pipeline:
                                     "run with -v to see what each process logged")
             wake = deadline
             if stall is not None:
-                blame, at = self._watchdog(now, stall)
-                if blame:
+                blame, at = self.core.stall_blame(self.heard.get("compute", now), now, stall)
+                if blame and confirm is not None and now >= confirm:
                     self.failure = blame
                     raise PipelineError(blame)
-                wake = at if wake is None else min(wake, at)
+                confirm = (confirm or now + min(stall, STALL_CONFIRM_S)) if blame else None
+                wake = min(x for x in (wake, confirm or at) if x is not None)
             exited = await self.links.wait(None if wake is None else wake - now)
+            if wake is not None and time.monotonic() - wake > STALL_CONFIRM_S:  # this process was stopped (and
+                self.heard = dict.fromkeys(self.heard, time.monotonic())  # its children with it?): count anew
             await self._serve()
             await self._begin_steps()
             if exited:
                 await self._check_children()
-
-    def _watchdog(self, now: float, timeout: float) -> tuple[str | None, float]:
-        """Who stalls the pending step, if anyone, and when to look again. Compute stalls when it
-        sent nothing for `timeout` s, unless it waits for a read: then the readers owing that read
-        stall once it is `timeout` s old (and compute has been quiet as long)."""
-        quiet = self.heard.get("compute", now)
-        read = self.core.blocking_read()
-        if read is None:
-            if now - quiet > timeout:
-                return f"the compute process sent nothing for {timeout:g} s while a step was pending {STALLED}", now
-            return None, quiet + timeout
-        since = max(quiet, read.issued)
-        if now - since <= timeout:
-            return None, since + timeout
-        late = sorted(read.left)
-        who = f"the reader process {late[0]}" if len(late) == 1 else f"the reader processes {', '.join(late)}"
-        return (f"{who} did not read layer {read.load.layer} into staging slot {read.load.slot} for {timeout:g} s "
-                f"while the compute process waited for it {STALLED}"), now
 
     async def _serve(self) -> None:
         for ident, dec, on_control in await self.links.drain():
@@ -447,7 +436,12 @@ class Pipeline:
                 remove_orphan(name)
 
     def close(self) -> None:
-        """Stop every process (ask, wait, SIGTERM, SIGKILL), staging last; remove the run directory."""
+        """Stop every process (ask, wait, SIGTERM, SIGKILL), staging last; remove the run directory
+        (whole: a signal meanwhile is held back until it is done, event_loop.signals_deferred)."""
+        with signals_deferred():
+            self._close()
+
+    def _close(self) -> None:
         if self.closed:
             return
         self.closed = True

@@ -170,3 +170,26 @@ def test_a_stop_line_has_no_blank_line_before_it_off_a_terminal(exc, code, line)
     finally:
         os.close(ours)
     assert (r.returncode, shown) == (code, f"\r\nrun-pipeline: {line}\r\n".encode())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_a_whole_group_stopped_and_continued_goes_on(tmp_path):
+    """Ctrl-Z, then fg: the launcher and its children stopped together for longer than
+    --stall-timeout are not a stall. The watchdog blamed compute from when it was last heard, before
+    the loop read what compute had sent as it stopped (a hostile-user probe); now a wait that
+    returns well past its deadline (this process was stopped) counts anew."""
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    p = subprocess.Popen([str(LAUNCHER), "-m", path, "--device", "cpu", "-n", "1000", "--ignore-eos", "--on-context-full", "slide",
+                          "--temperature", "0", "--stall-timeout", "2", "hello"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert p.stdout.read(64), "no output before the stop"  # (decoding)
+        os.killpg(p.pid, signal.SIGSTOP)
+        time.sleep(4)
+        os.killpg(p.pid, signal.SIGCONT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err.decode()
+    assert b"stalled" not in err

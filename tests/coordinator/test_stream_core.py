@@ -100,7 +100,7 @@ def test_host_cache_hits_are_announced_at_once_several_in_one_message(tmp_path):
 
 def test_the_read_compute_waits_for_is_that_of_its_next_layer_and_knows_when_it_was_sent(plan):
     """The stall watchdog blames the readers that owe the read of the layer compute needs next
-    (NOTE in pipeline.py, Pipeline._watchdog); a retried read counts from its retry."""
+    (StreamCore.stall_blame); a retried read counts from its retry."""
     now = [100.0]
     core = StreamCore(plan, 3, clock=lambda: now[0])
     for r in READERS:
