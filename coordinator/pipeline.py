@@ -42,7 +42,7 @@ from layerstream.coordinator.stream_core import Send, StreamCore
 from layerstream.coordinator.supervisor import Child, Supervisor
 from layerstream.errors import LayerstreamError, PipelineError
 from layerstream.loader import reader_proc, staging_proc
-from layerstream.loader.arena import remove_orphan, segments_of
+from layerstream.loader.arena import remove_staging_arena
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.reader import ReaderPlan
 from layerstream.proto.codec import ProtocolError, from_wire
@@ -309,7 +309,7 @@ class Pipeline:
                 await self._serve()
             err = c.last_error
             if c.role == "staging":
-                self._remove_staging_segments(c)  # its own cleanup never ran
+                remove_staging_arena(self.arena and self.arena.name, c.proc)  # its own cleanup never ran
             if code == -signal.SIGBUS:
                 err = (err or "") + (f"SIGBUS: a memory-mapped model file shrank or vanished during the run "
                                      f"({', '.join(self.launch.index.files)}); check the file and do not rewrite "
@@ -341,6 +341,8 @@ class Pipeline:
             return run_task(self.loop, coro)
         finally:
             self.calling = False
+            if self.closed:  # (by another thread, which left the sockets and the loop to this call)
+                self._release()
 
     def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:
         """Send one step to the compute process (sampling the flagged sequences there; a count k > 1
@@ -426,15 +428,6 @@ class Pipeline:
     def write_trace(self, path: str, snaps: list[Snapshot]) -> int:
         return write_chrome_trace(path, snaps)
 
-    def _remove_staging_segments(self, staging) -> None:
-        """Remove the arena of a staging process that is gone (its own cleanup never ran): by the
-        name it reported, or, dead before it did, by the names that carry its pid and ours."""
-        if self.arena is not None:
-            remove_orphan(self.arena.name)
-        elif staging.proc is not None and staging.proc.pid is not None and staging.proc.exitcode is not None:
-            for name in segments_of(staging.proc.pid, os.getpid()):
-                remove_orphan(name)
-
     def close(self) -> None:
         """Stop every process (ask, wait, SIGTERM, SIGKILL), staging last; remove the run directory
         (whole: a signal meanwhile is held back until it is done, event_loop.signals_deferred)."""
@@ -457,6 +450,8 @@ class Pipeline:
                     asked.add(i)
 
         busy = self.calling or self.loop.is_running()  # (a call in progress on another thread)
+        if busy:  # (it ends with this line once its wait wakes: the children are stopped below)
+            self.failure = self.failure or "the pipeline was closed while a call waited on it"
         if self.links is not None and not self.loop.is_closed() and not busy:
             run_briefly(self.loop, ask_stop(), 1.0, "asking children to stop")
         # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
@@ -464,10 +459,17 @@ class Pipeline:
         self.sup.stop(["staging"], 2.0, asked)
         staging = self.sup.children.get("staging")
         if staging is not None:  # a staging killed before it could (another child's death ended the run first)
-            self._remove_staging_segments(staging)
-        if self.links is not None:
-            self.links.close()
-        if not self.loop.is_closed() and not busy:
+            remove_staging_arena(self.arena and self.arena.name, staging.proc)
+        if not busy:
+            self._release()
+
+    def _release(self) -> None:
+        """The sockets and the loop closed once no call runs on them (where one did, at its end in _run:
+        closed under it, its sockets had raised a raw ZMQError in the caller)."""
+        links, self.links = self.links, None
+        if links is not None:
+            links.close()
+        if not self.loop.is_closed():
             self.loop.close()
 
 

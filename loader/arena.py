@@ -156,6 +156,16 @@ def remove_orphan(name: str) -> None:
         resource_tracker.unregister(shm._name, "shared_memory")
 
 
+def remove_staging_arena(name: str | None, proc) -> None:
+    """Remove the arena of a staging process `proc` that is gone (its own cleanup never ran): by the
+    name it reported, or, dead before it did, by the names that carry its pid and this process's."""
+    if name is not None:
+        remove_orphan(name)
+    elif proc is not None and proc.pid is not None and proc.exitcode is not None:
+        for segment in segments_of(proc.pid, os.getpid()):
+            remove_orphan(segment)
+
+
 def _open_untracked(name: str) -> SharedMemory:
     """Attach to an existing segment without registering it with the resource tracker."""
     if sys.version_info >= (3, 13):

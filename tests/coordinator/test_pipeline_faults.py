@@ -156,3 +156,36 @@ def test_the_pipeline_server_answers_a_failed_step_500_and_serves_the_next_reque
         assert status == 200 and got["choices"][0]["text"] == want, got
         assert stop(p, timeout=60) == 143
         assert "Traceback" not in p.stderr.read()
+
+
+def test_close_on_another_thread_fails_the_call_in_flight_with_one_line(model):
+    """An API user's close() while another thread generates (a hostile-user probe): the sockets were
+    closed under the waiting call, which raised a raw ZMQError ("Socket operation on non-socket").
+    Now the call ends with a PipelineError saying the pipeline was closed, and nothing is left."""
+    import threading
+    import time
+
+    from layerstream.errors import PipelineError
+
+    e = Engine.open(EngineConfig(device="cpu", ctx=64, max_seqs=2, on_context_full="slide"), PCFG,
+                    index=open_model(model))
+    got, pieces = [], []
+
+    def generate():
+        try:
+            for piece in e.generate("hello", SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)):
+                pieces.append(piece)
+        except BaseException as err:  # noqa: BLE001 - the test asserts what it was
+            got.append(err)
+    t = threading.Thread(target=generate)
+    t.start()
+    deadline = time.monotonic() + 60
+    while len(pieces) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pieces) >= 5, "no tokens before the close"
+    e.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert len(got) == 1 and isinstance(got[0], PipelineError), got
+    assert "closed" in str(got[0]) and "\n" not in str(got[0])
+    assert e.backend.links is None and e.backend.loop.is_closed()
