@@ -51,6 +51,7 @@ from layerstream.errors import LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
 MAX_QUOTED = 100  # characters of a path an error message quotes
+STUCK_S = 5.0  # how long a stop waits for the engine's thread before it stops the pipeline's processes under it
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "abort": "abort"}
 
 
@@ -88,6 +89,13 @@ class Server:
         self.worker.start()
         yield
         self.worker.stop()
+        self.worker.join(timeout=STUCK_S)
+        backend = self.engine.backend
+        if self.worker.is_alive() and getattr(backend, "calling", False):
+            # its call waits on a hung child (the watchdog would end it after --stall-timeout): the
+            # pipeline's close from here stops the children, and the call ends with one line
+            log.warning("the engine did not stop within %g s; stopping its processes", STUCK_S)
+            backend.close()
         self.worker.join(timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
 

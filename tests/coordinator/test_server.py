@@ -1222,3 +1222,36 @@ def test_a_body_whose_reading_starts_after_the_requests_were_ended_is_answered_5
         assert error["message"] == ("the server is stopping; send the request again once it is back "
                                     "(or to another server)"), error
         assert server.bodies.held == 0 and not server.body_reads
+
+
+def test_a_server_whose_compute_process_hangs_stops_within_seconds():
+    """SIGTERM with the compute process stopped (SIGSTOP) mid-stream (a hostile-user probe): the
+    stop waited for the engine's thread, stuck in its call until the watchdog's --stall-timeout
+    (37 s at its default). Now it stops the pipeline's processes after server.STUCK_S, and nothing
+    is left."""
+    import urllib.request
+
+    from procs import descendants
+
+    before = segments()
+    p, url = _start("--ctx", "256", "--resident-layers", "0")
+    try:
+        req = urllib.request.Request(url + "/completions", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True,
+                                                      "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.readline()  # the stream started
+            compute = [k for k in descendants(p.pid) if open(f"/proc/{k}/comm").read().startswith("layerstream-com")]
+            assert len(compute) == 1, compute
+            os.kill(compute[0], signal.SIGSTOP)
+            t0 = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            with contextlib.suppress(http.client.IncompleteRead):  # (the stream is cut: its ending is still to do)
+                r.read()
+        assert p.wait(timeout=25) == 143
+        assert time.monotonic() - t0 < 20
+        assert not leaked(before, run=p.pid)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
