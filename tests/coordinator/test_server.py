@@ -349,18 +349,23 @@ def test_sigterm_on_the_pipeline_server_leaves_nothing_behind():
     assert "Traceback" not in p.stderr.read()
 
 
+def _long_stream(url: str):
+    """A streamed completion of up to 4000 tokens, opened (urllib's response, a context manager)."""
+    import urllib.request
+
+    req = urllib.request.Request(url + "/completions", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True,
+                                                  "stream": True}).encode())
+    return urllib.request.urlopen(req, timeout=60)
+
+
 def test_a_closed_terminal_stops_the_server_as_sigterm_does():
     """SIGHUP to the whole group (its terminal closed) with a stream in flight: the stream ends with
     [DONE], the server exits 129, nothing is left (at its default the server ended at once)."""
-    import urllib.request
-
     before = segments()
     p, url = _start("--ctx", "256")
     try:
-        req = urllib.request.Request(url + "/completions", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True,
-                                                      "stream": True}).encode())
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with _long_stream(url) as r:
             r.readline()  # the stream started
             os.killpg(p.pid, signal.SIGHUP)
             body = r.read().decode()
@@ -1229,17 +1234,12 @@ def test_a_server_whose_compute_process_hangs_stops_within_seconds():
     stop waited for the engine's thread, stuck in its call until the watchdog's --stall-timeout
     (37 s at its default). Now it stops the pipeline's processes after server.STUCK_S, and nothing
     is left."""
-    import urllib.request
-
     from procs import descendants
 
     before = segments()
     p, url = _start("--ctx", "256", "--resident-layers", "0")
     try:
-        req = urllib.request.Request(url + "/completions", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True,
-                                                      "stream": True}).encode())
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with _long_stream(url) as r:
             r.readline()  # the stream started
             compute = [k for k in descendants(p.pid) if open(f"/proc/{k}/comm").read().startswith("layerstream-com")]
             assert len(compute) == 1, compute
