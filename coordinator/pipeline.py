@@ -198,7 +198,8 @@ class Pipeline:
                     self.failure = blame
                     raise PipelineError(blame)
                 confirm = (confirm or now + min(stall, STALL_CONFIRM_S)) if blame else None
-                wake = min(x for x in (wake, confirm or at) if x is not None)
+                at = confirm or at
+                wake = at if wake is None else min(wake, at)
             exited = await self.links.wait(None if wake is None else wake - now)
             if wake is not None and time.monotonic() - wake > STALL_CONFIRM_S:  # this process was stopped (and
                 self.heard = dict.fromkeys(self.heard, time.monotonic())  # its children with it?): count anew
