@@ -39,7 +39,7 @@ from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_sh
 from layerstream.coordinator.plan import Plan
 from layerstream.coordinator.stats import Snapshot, format_stats
 from layerstream.coordinator.stream_core import Send, StreamCore
-from layerstream.coordinator.supervisor import Child, Supervisor
+from layerstream.coordinator.supervisor import Child, Supervisor, start_parts
 from layerstream.errors import LayerstreamError, PipelineError
 from layerstream.loader import reader_proc, staging_proc
 from layerstream.loader.arena import remove_staging_arena
@@ -96,6 +96,7 @@ class Pipeline:
         self.known_failed = 0  # the last step whose failure collect() raised (Forward.failed)
         self.stats_replies: dict[str, Snapshot] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
+        self.hung: set[str] = set()  # the children the watchdog blamed: killed at once by close()
         self.reported: dict[str, int] = {}  # what -> done, as last reported (cfg.on_progress, -v)
         self.t_start = time.monotonic()
         self.calling = False  # (see _run)
@@ -156,7 +157,7 @@ class Pipeline:
     async def _wait_ready(self, idents: list[str], deadline: float | None = None) -> None:
         deadline = time.monotonic() + self.cfg.procs.ready_timeout_s if deadline is None else deadline
         await self._run_until(lambda: all(self.sup.children[i].ready is not None for i in idents),
-                              deadline, f"start of {', '.join(idents)}")
+                              deadline, f"start of {', '.join(idents)}", self.cfg.procs.stall_timeout_s, idents)
 
     def _progress(self, what: str, done: int) -> None:
         """Tell cfg.on_progress how far the start is: children ready, then layers read once (-v
@@ -176,12 +177,13 @@ class Pipeline:
     # -- the message loop ------------------------------------------------------------------------
 
     async def _run_until(self, cond: Callable[[], bool], deadline: float | None = None, what: str = "",
-                         stall: float | None = None) -> None:
+                         stall: float | None = None, starting: list[str] | None = None) -> None:
         """Serve messages until cond(); with `stall` (seconds), a pending step that makes no
         progress for so long ends the run, naming the stage that is behind (the watchdog: a
-        stopped or hung process never hangs the user). A verdict is kept only after one more wait
-        of up to STALL_CONFIRM_S with nothing from the stage blamed: this process may itself have
-        been stopped with its children (Ctrl-Z, then fg), and they go on once continued."""
+        stopped or hung process never hangs the user), as does a child of `starting` that is not
+        Ready and uses no CPU for so long (Supervisor.start_blame). A verdict is kept only after
+        one more wait of up to STALL_CONFIRM_S with nothing from the stage blamed: this process
+        may itself have been stopped with its children (Ctrl-Z, then fg), and they go on once continued."""
         confirm = None  # when a blame holds if nothing comes before
         while not cond():
             self.failure = self.failure or self.core.failure
@@ -193,9 +195,10 @@ class Pipeline:
                                     "run with -v to see what each process logged")
             wake = deadline
             if stall is not None:
-                blame, at = self.core.stall_blame(self.heard.get("compute", now), now, stall)
+                blame, at, who = self.sup.start_blame(starting, now, stall) if starting else \
+                    self.core.stall_blame(self.heard.get("compute", now), now, stall)
                 if blame and confirm is not None and now >= confirm:
-                    self.failure = blame
+                    self.failure, self.hung = blame, who
                     raise PipelineError(blame)
                 confirm = (confirm or now + min(stall, STALL_CONFIRM_S)) if blame else None
                 at = confirm or at
@@ -203,6 +206,7 @@ class Pipeline:
             exited = await self.links.wait(None if wake is None else wake - now)
             if wake is not None and time.monotonic() - wake > STALL_CONFIRM_S:  # this process was stopped (and
                 self.heard = dict.fromkeys(self.heard, time.monotonic())  # its children with it?): count anew
+                self.sup.count_anew(time.monotonic())
             await self._serve()
             await self._begin_steps()
             if exited:
@@ -235,7 +239,7 @@ class Pipeline:
                 return
             c.ready = msg.info
             log.info("%s: ready %.2f s after the pipeline's start%s", ident, time.monotonic() - self.t_start,
-                     _start_parts(msg.info))
+                     start_parts(msg.info))
             self._progress("processes", sum(x.ready is not None for x in self.sup.children.values()))
             if c.role == "staging":
                 await self._arena_described(msg.info)
@@ -316,7 +320,8 @@ class Pipeline:
                                      f"({', '.join(self.launch.index.files)}); check the file and do not rewrite "
                                      "it while it runs")
             self.failure = self.failure or (
-                f"the {c.role} process {c.ident} died (exit code {code})" + (f": {err}" if err else "")
+                f"the {c.role} process{'' if c.ident == c.role else ' ' + c.ident} died (exit code {code})"
+                + (f": {err}" if err else "")
                 + ("; it was restarted once already" if c.restarts else ""))
             raise PipelineError(self.failure)
 
@@ -368,6 +373,11 @@ class Pipeline:
         self.expected.clear()
         self.results.clear()
         self.failed_steps.clear()
+
+    def check(self) -> None:
+        """Between calls (an idle server): a child's death ends the run now, as in a call (a reader restarts)."""
+        if not self.closed and self.sup.dead():
+            self._call(self._check_children())
 
     async def _submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None:
         n, self.next_step = self.next_step, self.next_step + 1
@@ -446,7 +456,7 @@ class Pipeline:
         async def ask_stop():
             for i in workers + ["staging"]:
                 c = self.sup.children.get(i)
-                if c is not None and c.proc.exitcode is None and \
+                if c is not None and c.proc.exitcode is None and i not in self.hung and \
                         await self.links.send("control", i, Shutdown("run finished"), quiet=True):
                     asked.add(i)
 
@@ -456,8 +466,8 @@ class Pipeline:
         if self.links is not None and not self.loop.is_closed() and not busy:
             run_briefly(self.loop, ask_stop(), 1.0, "asking children to stop")
         # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
-        self.sup.stop(workers, 2.0, asked)
-        self.sup.stop(["staging"], 2.0, asked)
+        self.sup.stop(workers, 2.0, asked, self.hung)
+        self.sup.stop(["staging"], 2.0, asked, self.hung)
         staging = self.sup.children.get("staging")
         if staging is not None:  # a staging killed before it could (another child's death ended the run first)
             remove_staging_arena(self.arena and self.arena.name, staging.proc)
@@ -485,13 +495,6 @@ def pipeline_backend(index: ModelIndex, ecfg, pcfg: PipelineConfig) -> Pipeline:
     launch = make_launch(index, device, dtype, ecfg.ctx, ecfg.max_seqs, pcfg, sliding=ecfg.on_context_full == "slide",
                          weights=ecfg.weights, draft=draft_memory_for(ecfg, device, dtype), draft_tokens=draft_tokens_for(ecfg))
     return Pipeline(launch)
-
-
-def _start_parts(info: dict) -> str:
-    """A child's Ready info's "start_s" (what its start took, by part) for the -v line, or ""."""
-    if not isinstance(parts := info.get("start_s"), dict) or not parts:
-        return ""
-    return " (" + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if isinstance(v, (int, float))) + ")"
 
 
 __all__ = ["Pipeline", "PipelineConfig", "StepError", "parse_cpu_share", "pipeline_backend"]

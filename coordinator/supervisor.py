@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 from layerstream.coordinator.sigmask import ignore_sigint, sigint_blocked
 from layerstream.cpus import usable_cpus
+from layerstream.errors import STALLED
 from layerstream.proctitle import set_process_name
 from layerstream.proto.child import ShutdownRequested, spawned
 
@@ -69,6 +70,7 @@ class Child:
     links_heard: set = field(default_factory=set)
     last_error: str | None = None
     stop_logged: bool = False  # (-v's line, once)
+    cpu: tuple[float, float] = (-1.0, 0.0)  # its CPU seconds when last looked at, and since when (start_blame)
 
 
 WARM_MIN_CPUS = 4
@@ -234,6 +236,7 @@ class Supervisor:
         target or to unpickle cfg to the coordinator (cfg.endpoints) like any other."""
         c = self.children.get(ident) or Child(role, ident, target, cfg)
         c.ready, c.expected_exit, c.links_heard, c.stop_logged = None, False, set(), False
+        c.cpu = (-1.0, time.monotonic())
         args = (role, ident, getattr(cfg, "endpoints", None), getattr(cfg, "parent_pid", os.getpid()),
                 f"{target.__module__}:{target.__qualname__}", bytes(ForkingPickler.dumps(cfg)))
         warm = self.warm.take(role, args) if self.warm is not None and not c.restarts else None
@@ -254,16 +257,49 @@ class Supervisor:
         return [c for c in self.children.values()
                 if c.proc is not None and not c.expected_exit and c.proc.exitcode is not None]
 
-    def stop(self, idents: list[str], timeout: float, asked: set[str] | None = None) -> None:
+    def start_blame(self, idents: list[str], now: float, timeout: float) -> tuple[str | None, float, set[str]]:
+        """The start's watchdog (Pipeline._run_until), as StreamCore.stall_blame is a step's: a child of
+        `idents` not Ready yet stalls the start once it used no CPU for `timeout` s (stopped, or hung on a
+        lock or a read), where one importing torch or making a CUDA context keeps using it. Its verdict,
+        when to look again, and whom it blames. Where /proc does not say, only ready_timeout_s applies."""
+        late, at = [], now + timeout
+        for i in idents:
+            c = self.children.get(i)
+            cpu = None if c is None or c.ready is not None or c.proc is None else cpu_seconds(c.proc.pid)
+            if cpu is None:
+                continue
+            if cpu != c.cpu[0]:
+                c.cpu = (cpu, now)
+            if now - c.cpu[1] > timeout:
+                late.append(i)
+            at = min(at, c.cpu[1] + timeout)
+        if not late:
+            return None, at, set()
+        who = ", ".join(f"the {self.children[i].role} process" + ("" if i == self.children[i].role else f" {i}")
+                        for i in late)
+        return f"{who} used no CPU for {timeout:g} s of its start {STALLED}", now, set(late)
+
+    def count_anew(self, now: float) -> None:
+        """The coordinator itself was stopped (and its children with it?): their starts count from now."""
+        for c in self.children.values():
+            c.cpu = (c.cpu[0], now)
+
+    def stop(self, idents: list[str], timeout: float, asked: set[str] | None = None,
+             hung: frozenset[str] | set[str] = frozenset()) -> None:
         """Wait for children asked to stop (`asked`: those of idents that were; default all);
-        then SIGTERM; then SIGKILL. A child not asked gets SIGTERM at once."""
+        then SIGTERM; then SIGKILL. A child not asked gets SIGTERM at once; a `hung` one (the
+        watchdog's, stopped or deadlocked: SIGTERM would wait for it in vain) SIGKILL at once."""
         procs = [self.children[i].proc for i in idents if i in self.children and self.children[i].proc]
         for i in idents:
-            if i in self.children:
-                self.children[i].expected_exit = True
-                if asked is not None and i not in asked and self.children[i].proc is not None \
-                        and self.children[i].proc.exitcode is None:
-                    self.children[i].proc.terminate()
+            c = self.children.get(i)
+            if c is None:
+                continue
+            c.expected_exit = True
+            if c.proc is not None and c.proc.exitcode is None:
+                if i in hung:
+                    c.proc.kill()
+                elif asked is not None and i not in asked:
+                    c.proc.terminate()
         _join_all(procs, timeout)
         for p in procs:
             if p.exitcode is None:
@@ -286,6 +322,23 @@ class Supervisor:
         order = [i for i, c in self.children.items() if c.role != "staging"]
         order += [i for i, c in self.children.items() if c.role == "staging"]
         self.stop(order, 0.0)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """A process's CPU time so far, user and system (Linux's /proc), or None where that does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # (after the name, which may hold spaces)
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def start_parts(info: dict) -> str:
+    """A child's Ready info's "start_s" (what its start took, by part) for the -v line, or ""."""
+    if not isinstance(parts := info.get("start_s"), dict) or not parts:
+        return ""
+    return " (" + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if isinstance(v, (int, float))) + ")"
 
 
 def _join_all(procs, timeout: float) -> None:

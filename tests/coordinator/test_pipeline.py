@@ -356,7 +356,7 @@ def test_compute_killed_is_a_clear_error(model):
     with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
         os.kill(e.backend.sup.children["compute"].proc.pid, signal.SIGKILL)
         time.sleep(0.2)
-        with pytest.raises(PipelineError, match="compute process compute died"):
+        with pytest.raises(PipelineError, match="the compute process died"):
             e.generate_batch([PROMPTS[0]], GREEDY)
 
 
@@ -583,13 +583,23 @@ def test_messages_from_the_wrong_role_or_with_bad_fields_are_dropped(model, refe
 def test_stalled_compute_process_ends_the_run_with_a_line_naming_it(model):
     """The watchdog: a compute process stopped mid-run (SIGSTOP) no longer hangs the user."""
     with _engine(model, PipelineConfig(budget=Budget(resident_layers=0), procs=ProcessOptions(stall_timeout_s=2))) as e:
-        pid = e.backend.sup.children["compute"].proc.pid
+        be = e.backend
+        pid = be.sup.children["compute"].proc.pid
+        stop, took = be._close, []  # the stop after the verdict: SIGKILL for the stopped child, at once
+
+        def timed_stop():
+            t = time.monotonic()
+            stop()
+            took.append(time.monotonic() - t)
+        be._close = timed_stop
         os.kill(pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
             with pytest.raises(PipelineError, match=r"the compute process sent nothing for 2 s .*--stall-timeout"):
                 e.generate_batch([PROMPTS[0]], GREEDY)
             assert time.monotonic() - t0 < 15
+            # (it asked the stopped child to stop and waited, then SIGTERM and waited: 3.5 s and more)
+            assert took[0] < 3.0 and be.sup.children["compute"].proc.exitcode == -signal.SIGKILL, took
         finally:
             with contextlib.suppress(ProcessLookupError):  # the failed run may have stopped it already
                 os.kill(pid, signal.SIGCONT)
@@ -636,9 +646,36 @@ def test_staging_that_cannot_make_its_arena_fails_the_start_with_its_own_error(m
         with pytest.raises(PipelineError) as err:
             _engine(model, PipelineConfig(budget=Budget(resident_layers=0)))
         line = str(err.value)
-        assert re.match(r"the staging process (failed|staging died \(exit code 1\)): ConfigError: cannot create a "
+        assert re.match(r"the staging process (failed|died \(exit code 1\)): ConfigError: cannot create a "
                         r".* shared-memory segment layerstream-\d+-p\d+-[0-9a-f]+: \[Errno 28\] No space left on device$",
                         line), line
+
+
+_COMPUTE_ASLEEP = """
+import sys, time
+class _Asleep:  # the compute process's start hangs without using the CPU (a lock, a dead mount)
+    def find_spec(self, name, path=None, target=None):
+        if name == "layerstream.compute.compute_proc":
+            time.sleep(600)
+sys.meta_path.insert(0, _Asleep())
+"""
+
+
+def test_a_child_that_hangs_in_its_start_ends_it_after_the_stall_timeout(model, tmp_path, monkeypatch):
+    """A compute process that hangs before its Ready, using no CPU, ends the start after
+    --stall-timeout with one line naming it (a hostile-user probe: it waited for the start's
+    ready_timeout_s, 180 s at its default), and it is killed at once, not waited for."""
+    from layerstream.errors import STALLED
+
+    (tmp_path / "sitecustomize.py").write_text(_COMPUTE_ASLEEP)  # in the spawned children only
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    before = segments()
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        _engine(model, PipelineConfig(budget=Budget(resident_layers=0), procs=ProcessOptions(stall_timeout_s=2)))
+    assert str(err.value) == f"the compute process used no CPU for 2 s of its start {STALLED}"
+    assert time.monotonic() - t0 < 60
+    assert not leaked(before)
 
 
 def test_a_run_killed_with_its_process_group_leaves_no_segment_after_the_next_start(model):
@@ -711,7 +748,7 @@ def test_staging_killed_is_a_clear_error_and_its_segment_goes(model):
         assert os.path.exists(f"/dev/shm/{name}")
         os.kill(e.backend.sup.children["staging"].proc.pid, signal.SIGKILL)
         time.sleep(0.2)
-        with pytest.raises(PipelineError, match="staging process staging died"):
+        with pytest.raises(PipelineError, match="the staging process died"):
             e.generate_batch([PROMPTS[0]], GREEDY)
         assert not os.path.exists(f"/dev/shm/{name}")
 

@@ -114,7 +114,7 @@ def test_a_compute_process_that_dies_before_or_after_the_arena_came_is_one_line_
     with pytest.raises(PipelineError) as err:
         with _engine(model, PCFG) as e:  # (after: its death may be seen at the start or at the first step)
             "".join(e.generate(list(PROMPT), GREEDY))
-    assert str(err.value) == f"the compute process compute died (exit code {code})"
+    assert str(err.value) == f"the compute process died (exit code {code})"
 
 
 _STAGING_DIES = """
@@ -142,4 +142,4 @@ def test_a_staging_killed_before_it_named_its_arena_is_one_line_and_its_segment_
     with pytest.raises(PipelineError) as err:
         with _engine(model, PCFG) as e:
             "".join(e.generate(list(PROMPT), GREEDY))
-    assert str(err.value) == "the staging process staging died (exit code -9)"
+    assert str(err.value) == "the staging process died (exit code -9)"
