@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +20,13 @@ from layerstream.coordinator.openai_api import STOPPING, ApiError
 from layerstream.errors import LayerstreamError
 
 log = logging.getLogger("layerstream.server")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A request ended by the server, not the engine (EngineWorker.cut_all): finish_reason "abort"."""
+
+    request_id: str
 
 
 class EngineWorker(threading.Thread):
@@ -32,7 +40,8 @@ class EngineWorker(threading.Thread):
     `gather_gap_s`.
 
     A step that fails fails its own requests (the core reports them with finish_reason "error")
-    and the worker goes on, unless the backend is closed (a pipeline process died) or
+    and the worker goes on, unless the backend is closed (a pipeline process died, seen in a step
+    or, while idle, by its `check`) or
     MAX_FAILED_STEPS steps in a row failed (a device left unusable): then the engine has failed,
     every request is answered 503, and `on_failure` is called on the loop (the server stops and
     exits non-zero, so that whatever supervises it starts it again).
@@ -59,6 +68,8 @@ class EngineWorker(threading.Thread):
         self.failed_steps = 0  # in a row
         self.stopping = threading.Event()
         self.closing = False  # abort_all was called: requests submitted from now on are refused (503)
+        # the backend's look at its processes between steps (Pipeline.check), every half second while idle
+        self.check: Callable[[], None] | None = getattr(getattr(engine, "backend", None), "check", None)
 
     def rows(self) -> int:
         """Requests the engine runs at once (its KV rows)."""
@@ -105,6 +116,12 @@ class EngineWorker(threading.Thread):
         last output finish_reason "abort", after the step in flight; later submits are refused."""
         self.closing = True
         self.commands.put(("abort_all",))
+
+    def cut_all(self) -> None:
+        """On the loop, where the engine did not answer abort_all (stuck in a step): each request still
+        waiting gets a Cut, which its handler answers as the engine's abort (NOTE [ server shutdown ])."""
+        for rid, q in list(self.outputs.items()):
+            q.put_nowait(Cut(rid))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -181,6 +198,8 @@ class EngineWorker(threading.Thread):
                 idle = not self.core.has_unfinished()
                 self._take_commands(block=idle)
                 if not self.core.has_unfinished():
+                    if idle and self.check is not None:  # a child that died while idle fails the engine now
+                        self.check()
                     continue
                 if idle:
                     self._gather()

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.engine_worker import EngineWorker, Metrics
+from layerstream.coordinator.engine_worker import Cut, EngineWorker, Metrics
 from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.listen import bound_socket
 from layerstream.coordinator.openai_api import (
@@ -46,6 +46,7 @@ from layerstream.coordinator.openai_api import (
     parse_json,
     parse_request,
 )
+from layerstream.coordinator.outputs import RequestOutput
 from layerstream.coordinator.server_stop import GRACE_S, GracefulServer
 from layerstream.errors import LayerstreamError, PipelineError
 
@@ -108,6 +109,12 @@ class Server:
             self.worker.abort_all()
         for t in list(self.body_reads):
             t.cancel()
+
+    def cut_requests(self) -> None:
+        """The engine did not answer end_requests' aborts (its step hangs): the requests still waiting are
+        answered from here as the engine would, finish_reason "abort" (NOTE [ server shutdown ])."""
+        if self.worker is not None:
+            self.worker.cut_all()
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -261,6 +268,11 @@ class Server:
                     item = await q.get()
                     if isinstance(item, ApiError):  # refused when added, or the engine failed
                         raise item
+                    if isinstance(item, Cut):  # the server stops and the engine did not answer
+                        if item.request_id not in left:
+                            continue
+                        item = RequestOutput(item.request_id, "", [], True, "abort",
+                                             completion_tokens=made[item.request_id])
                     made[item.request_id] = item.completion_tokens
                     if item.finish_reason == "error":
                         raise ApiError(500, f"the request failed: {item.error}", kind="server_error")
@@ -453,7 +465,8 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
                         for k, v in defaults.items() if v != DEFAULTS[k])  # (as a request's JSON spells them)
     print(f"layerstream: serving {model_id} on http://{host}:{port}/v1"
           + (f" (requests that do not set them get {changed})" if changed else ""), flush=True)
-    http = GracefulServer(uvicorn_config(server, host, port, grace_s), server.end_requests, grace_s)
+    http = GracefulServer(uvicorn_config(server, host, port, grace_s), server.end_requests, grace_s,
+                          cut_requests=server.cut_requests)
     server.on_failure = lambda: setattr(http, "should_exit", True)
     # a closed terminal (SIGHUP) stops the server as SIGTERM does (NOTE [ server shutdown ]): at its
     # default it ended at once, its clients' streams cut

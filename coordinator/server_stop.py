@@ -7,8 +7,9 @@ Ctrl-C again to stop now). Once they are answered it stops; when the grace runs 
 second signal, the engine aborts what is left and each handler answers as usual, with the text it
 has and finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request
 whose body is still arriving, or is read only later, is answered 503 then, so that no upload holds
-the stop past the grace. Connections whose client does not read that within ABORT_WAIT_S are
-dropped. Only then is the engine's thread stopped and joined (the lifespan's end), before the
+the stop past the grace. Where the engine does not answer its aborts within ABORT_WAIT_S (stuck in
+a step on a hung process), the server answers them itself, the same way (`cut_requests`). Connections
+whose client does not read that within a second more are dropped. Only then is the engine's thread stopped and joined (the lifespan's end), before the
 launcher closes the pipeline under it. uvicorn's own shutdown cancelled the handlers at the grace
 instead (a traceback each, the stream cut without [DONE]), and on a second Ctrl-C skipped the
 lifespan's end, so the engine thread stepped on while the pipeline closed (ZMQ errors, "engine
@@ -45,9 +46,9 @@ class GracefulServer(uvicorn.Server):
     requests left when the grace runs out."""
 
     def __init__(self, config: uvicorn.Config, end_requests: Callable[[], None], grace_s: float = GRACE_S,
-                 err=sys.stderr):
+                 err=sys.stderr, cut_requests: Callable[[], None] | None = None):
         super().__init__(config)
-        self.end_requests, self.grace_s, self.err = end_requests, grace_s, err
+        self.end_requests, self.grace_s, self.err, self.cut_requests = end_requests, grace_s, err, cut_requests
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self._captured_signals:  # the first signal sets the exit status (uvicorn raises it again)
@@ -74,6 +75,9 @@ class GracefulServer(uvicorn.Server):
         if tasks:
             self.end_requests()
             await _until(lambda: not tasks, ABORT_WAIT_S)
+        if tasks and self.cut_requests is not None:  # the engine did not answer: its step hangs
+            self.cut_requests()
+            await _until(lambda: not tasks, 1.0)
         if tasks:  # clients that do not read their answers
             for connection in list(self.server_state.connections):
                 connection.transport.abort()

@@ -394,29 +394,60 @@ def test_ctrl_c_stops_a_server_whose_sigint_is_ignored_with_status_130():
         assert "Traceback" not in p.stderr.read()
 
 
+def _children(p: subprocess.Popen) -> dict[str, int]:
+    """The server's pipeline processes by the name supervisor.child_main gives them: pid."""
+    from procs import descendants
+
+    out = {}
+    for k in descendants(p.pid):
+        with contextlib.suppress(OSError):
+            out[open(f"/proc/{k}/comm").read().strip()] = k
+    return {name: pid for name, pid in out.items() if name.startswith("layerstream-")}
+
+
+def _exits_1_naming(p: subprocess.Popen, before: set[str], child: str) -> None:
+    """The server stopped by itself: exit status 1, its last line the engine's failure naming `child`
+    dead (so that a supervisor starts it again), no traceback, nothing left."""
+    assert p.wait(timeout=60) == 1
+    err = p.stderr.read()
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("run-pipeline: error: the server stopped: the engine failed: ") \
+        and f"the {child} process died" in last, err
+    assert not leaked(before, run=p.pid)
+
+
 def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
-    """A pipeline process gone (the engine cannot go on): the request in hand is answered 503
-    naming the dead child, then the server stops by itself with one line and exit status 1 (so a
-    supervisor starts it again), leaving nothing behind."""
+    """The compute process gone mid-stream (the engine cannot go on): the stream in hand is answered
+    with a 503 error event naming the dead child, then the server stops by itself with one line
+    and exit status 1, leaving nothing behind."""
     before = segments()
-    p, url = _start("--resident-layers", "0")
+    p, url = _start("--ctx", "256", "--resident-layers", "0")
     try:
-        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
-        model = client.models.list().data[0].id
-        spawned = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "^layerstream-"], capture_output=True,
-                                 text=True).stdout.split()  # (the children's names: supervisor.child_main)
-        assert spawned
-        for pid in spawned:  # staging, reader and compute: the pipeline cannot go on
-            os.kill(int(pid), signal.SIGKILL)
-        with pytest.raises(openai.InternalServerError) as e:
-            client.completions.create(model=model, prompt="Hi", max_tokens=3)
-        assert e.value.status_code == 503 and "died" in e.value.body["message"]
-        assert p.wait(timeout=60) == 1
-        err = p.stderr.read()
-        assert "Traceback" not in err
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("run-pipeline: error: the server stopped: the engine failed:") and "died" in last, err
-        assert not leaked(before, run=p.pid)
+        with _long_stream(url) as r:
+            r.readline()  # the stream started
+            os.kill(_children(p)["layerstream-com"], signal.SIGKILL)
+            body = r.read().decode()
+        err = json.loads(body.strip().splitlines()[-1].removeprefix("data: "))["error"]
+        assert err["type"] == "server_error" and "the compute process died" in err["message"], err
+        _exits_1_naming(p, before, "compute")
+    finally:
+        if p.poll() is None:
+            stop(p)
+
+
+def test_an_idle_server_whose_staging_dies_stops_at_once_saying_why():
+    """Staging killed while no request runs (a hostile-user probe): the server answered /health 200
+    and kept the dead staging's shared-memory segment until the next request, since the children's
+    exits were watched only during a step. Now the idle engine looks every half second: the server
+    stops by itself, exit status 1, its segment removed."""
+    before = segments()
+    p, url = _start("--ctx", "256")
+    try:
+        os.kill(_children(p)["layerstream-sta"], signal.SIGKILL)
+        t0 = time.monotonic()
+        _exits_1_naming(p, before, "staging")
+        assert time.monotonic() - t0 < 30
     finally:
         if p.poll() is None:
             stop(p)
@@ -1233,7 +1264,8 @@ def test_a_server_whose_compute_process_hangs_stops_within_seconds():
     """SIGTERM with the compute process stopped (SIGSTOP) mid-stream (a hostile-user probe): the
     stop waited for the engine's thread, stuck in its call until the watchdog's --stall-timeout
     (37 s at its default). Now it stops the pipeline's processes after server.STUCK_S, and nothing
-    is left."""
+    is left; the stream, cut before, ends as an aborted one does (its last chunk "abort", then [DONE]),
+    answered by the server where the engine does not answer (server_stop.ABORT_WAIT_S)."""
     from procs import descendants
 
     before = segments()
@@ -1246,8 +1278,8 @@ def test_a_server_whose_compute_process_hangs_stops_within_seconds():
             os.kill(compute[0], signal.SIGSTOP)
             t0 = time.monotonic()
             p.send_signal(signal.SIGTERM)
-            with contextlib.suppress(http.client.IncompleteRead):  # (the stream is cut: its ending is still to do)
-                r.read()
+            body = r.read().decode()
+        assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "abort"' in body.replace('":"', '": "')
         assert p.wait(timeout=25) == 143
         assert time.monotonic() - t0 < 20
         assert not leaked(before, run=p.pid)
