@@ -185,7 +185,9 @@ def test_peak_device_memory_stays_within_the_budget(shaped):
 def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share, split):
     """The CPU computes part of each streamed Q4_K matrix, or the Q4_K FFN matrices of part of the
     streamed layers (bf16 scales), while the GPU computes the rest from blocks (fp16):
-    teacher-forced top-1 against the resident CUDA engine."""
+    teacher-forced top-1 against the resident CUDA engine. `auto` proposes its first share from the
+    CPU's measured rate, which may be none on a machine busy with other tests (the GPU suite runs
+    8 at once): its run agrees and says what it timed, and a fixed share must reach the CPU."""
     ids = TOKENS * 2
     with _engine(model, dtype="float16") as e:
         want = e.logits(ids)
@@ -193,9 +195,12 @@ def test_cpu_share_on_cuda_agrees_with_the_single_process_engine(model, share, s
     with _engine(model, pcfg, dtype="float16") as e:
         got = e.logits(ids)
         snaps = e.backend.collect_stats()
-        assert sum(s.get("bytes", {}).get("cpu_share", 0) for s in snaps) > 0
         table = e.backend.stats_table(snaps)
-        assert "CPU share" in table and "cpu_share" in table
+        if share == "auto":
+            assert "CPU share: timed per batch" in table, table
+        else:
+            assert sum(s.get("bytes", {}).get("cpu_share", 0) for s in snaps) > 0
+            assert "CPU share" in table and "cpu_share" in table
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= 0.95, agree
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
