@@ -199,7 +199,8 @@ def build_parser() -> Parser:
                                      "model has keeps them all), stream the rest")
     g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ZeroMQ transport between processes")
     g.add_argument("--stall-timeout", type=float, default=120.0,
-                   help="seconds a step may wait on the compute process without a message before the run ends (120)")
+                   help="seconds a step may wait on the compute process without a message, or a child starting "
+                        "use no CPU, before the run ends (120)")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON timeline of the run")
     return p
 
