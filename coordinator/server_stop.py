@@ -7,10 +7,11 @@ Ctrl-C again to stop now). Once they are answered it stops; when the grace runs 
 second signal, the engine aborts what is left and each handler answers as usual, with the text it
 has and finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request
 whose body is still arriving, or is read only later, is answered 503 then, so that no upload holds
-the stop past the grace. Where the engine does not answer its aborts within ABORT_WAIT_S (stuck in
-a step on a hung process), the server answers them itself, the same way (`cut_requests`). Connections
-whose client does not read that within a second more are dropped. Only then is the engine's thread stopped and joined (the lifespan's end), before the
-launcher closes the pipeline under it. uvicorn's own shutdown cancelled the handlers at the grace
+the stop past the grace. Where the engine does not answer its aborts within ABORT_WAIT_S (stuck
+in a step on a hung process), the server answers them itself, the same way (`cut_requests`).
+Connections whose client does not read that within a second more are dropped. Only then is the
+engine's thread stopped and joined (the lifespan's end), before the launcher closes the pipeline
+under it. uvicorn's own shutdown cancelled the handlers at the grace
 instead (a traceback each, the stream cut without [DONE]), and on a second Ctrl-C skipped the
 lifespan's end, so the engine thread stepped on while the pipeline closed (ZMQ errors, "engine
 failed"). This rests on uvicorn.Server's attributes (`servers`, `server_state`, `lifespan`,
