@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -180,3 +181,26 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
     if plan.draft is not None and plan.draft.cost is not None and plan.draft.cost.warns():
         log.warning("%s; a larger --vram-gb keeps those layers, and --lookup drafts without memory", plan.draft.line())
     return Launch(index, device, dtype, ctx, max_seqs, cfg, sliding, weights, tuple(layouts), readers, plan, cpu)
+
+
+class StartProgress:
+    """How far a pipeline's start is, told to its PipelineConfig.on_progress: children ready, then
+    layers read once (-v logs when every layer was, and at what rate)."""
+
+    def __init__(self, launch: Launch, t_start: float):
+        self.launch, self.t_start = launch, t_start
+        self.reported: dict[str, int] = {}  # what -> done, as last reported
+
+    def __call__(self, what: str, done: int) -> None:
+        la = self.launch
+        total = len(la.reader_ids) + 2 if what == "processes" else la.index.hparams.n_layer
+        if not self.reported.get(what, -1) < done <= total:
+            return
+        self.reported[what] = done
+        if what == "layers" and done == total:
+            took = time.monotonic() - self.t_start
+            gb = sum(lay.data_nbytes for lay in la.layouts) / 1e9
+            log.info("every layer read once %.2f s after the pipeline's start (%.2f GB; %.2f GB/s since the start)",
+                     took, gb, gb / max(took, 1e-9))
+        if la.cfg.on_progress is not None:
+            la.cfg.on_progress(done, total, what)

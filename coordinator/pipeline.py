@@ -33,7 +33,7 @@ from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.acceptance import Acceptance
 from layerstream.coordinator.event_loop import new_loop, run_briefly, run_task, signals_deferred
-from layerstream.coordinator.launch import Launch, make_launch
+from layerstream.coordinator.launch import Launch, StartProgress, make_launch
 from layerstream.coordinator.links import CoordinatorLinks
 from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_share
 from layerstream.coordinator.plan import Plan
@@ -97,8 +97,8 @@ class Pipeline:
         self.stats_replies: dict[str, Snapshot] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
         self.hung: set[str] = set()  # the children the watchdog blamed: killed at once by close()
-        self.reported: dict[str, int] = {}  # what -> done, as last reported (cfg.on_progress, -v)
         self.t_start = time.monotonic()
+        self.progress = StartProgress(launch, self.t_start)
         self.calling = False  # (see _run)
         try:
             self._run(self._start())
@@ -134,14 +134,14 @@ class Pipeline:
         procs = self.cfg.procs
         self.links = links = CoordinatorLinks(procs.transport, procs.host, la.max_msg_in, la.max_msg_out,
                                               procs.stall_timeout_s)
-        self._progress("processes", 0)
+        self.progress("processes", 0)
         self._start_child("staging", "staging", staging_proc.main, la.staging_config(links.endpoints_for("staging"), pid))
         for r, ident in enumerate(la.reader_ids):
             self._start_child("reader", ident, reader_proc.main, la.reader_config(r, links.endpoints_for("reader"), pid))
         self._start_child("compute", "compute", compute_proc.main, la.compute_config(links.endpoints_for("compute"), pid))
         deadline = time.monotonic() + procs.ready_timeout_s  # (one for the whole start)
         await self._wait_ready(["staging"] + la.reader_ids, deadline)
-        self._progress("layers", 0)
+        self.progress("layers", 0)
         await self._send_all(self.core.set_reads(la.reads()))
         await self._wait_ready(["compute"], deadline)
 
@@ -158,21 +158,6 @@ class Pipeline:
         deadline = time.monotonic() + self.cfg.procs.ready_timeout_s if deadline is None else deadline
         await self._run_until(lambda: all(self.sup.children[i].ready is not None for i in idents),
                               deadline, f"start of {', '.join(idents)}", self.cfg.procs.stall_timeout_s, idents)
-
-    def _progress(self, what: str, done: int) -> None:
-        """Tell cfg.on_progress how far the start is: children ready, then layers read once (-v
-        logs when every layer was, and at what rate)."""
-        total = len(self.launch.reader_ids) + 2 if what == "processes" else self.launch.index.hparams.n_layer
-        if not self.reported.get(what, -1) < done <= total:
-            return
-        self.reported[what] = done
-        if what == "layers" and done == total:
-            took = time.monotonic() - self.t_start
-            gb = sum(lay.data_nbytes for lay in self.launch.layouts) / 1e9
-            log.info("every layer read once %.2f s after the pipeline's start (%.2f GB; %.2f GB/s since the start)",
-                     took, gb, gb / max(took, 1e-9))
-        if self.cfg.on_progress is not None:
-            self.cfg.on_progress(done, total, what)
 
     # -- the message loop ------------------------------------------------------------------------
 
@@ -240,7 +225,7 @@ class Pipeline:
             c.ready = msg.info
             log.info("%s: ready %.2f s after the pipeline's start%s", ident, time.monotonic() - self.t_start,
                      start_parts(msg.info))
-            self._progress("processes", sum(x.ready is not None for x in self.sup.children.values()))
+            self.progress("processes", sum(x.ready is not None for x in self.sup.children.values()))
             if c.role == "staging":
                 await self._arena_described(msg.info)
             elif self.arena is not None:
@@ -249,7 +234,7 @@ class Pipeline:
                 await self._send_all(self.core.reader_ready(ident, restarted=bool(c.restarts)))
         elif isinstance(msg, LayerStaged):
             await self._send_all(self.core.on_staged(ident, msg))
-            self._progress("layers", len(self.core.loaded))
+            self.progress("layers", len(self.core.loaded))
         elif isinstance(msg, LayerDone):
             await self._send_all(self.core.on_layer_done(msg.done))
         elif isinstance(msg, StepFailed):
