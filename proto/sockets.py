@@ -67,6 +67,10 @@ def make_router(ctx: zmq.Context, address: str, curve: Curve | None = None,
     try:
         _limits(sock, max_msg)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a restarted child connects under its old identity, maybe before this socket has dropped the
+        # dead one's pipe (it does so only when its own thread next touches the socket, which an idle
+        # server's does not): without handover the new connection is refused and its Ready lost
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if curve is not None:
             sock.curve_secretkey = curve.server_secret
             sock.curve_publickey = curve.server_public

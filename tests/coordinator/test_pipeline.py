@@ -352,6 +352,24 @@ def test_reader_killed_mid_generation_is_restarted(model, reference):
         assert e.backend.sup.children["reader-0"].proc.pid != reader.pid
 
 
+def test_reader_killed_between_calls_is_restarted_by_check_and_reads_again(model, reference):
+    """An idle server's look (Pipeline.check) restarts a reader killed between calls; the next call,
+    which must read every layer again, answers as before. The restarted reader's connection was
+    refused (its identity still held by the dead one's pipe, which the coordinator's socket drops
+    only when touched) and the call stalled on its reads (a hostile-user probe)."""
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0, prefetch=1), procs=ProcessOptions(stall_timeout_s=20))
+    with _engine(model, pcfg) as e:
+        assert "".join(e.generate(list(PROMPTS[0]), GREEDY)) == reference[0]
+        reader = e.backend.sup.children["reader-0"].proc
+        os.kill(reader.pid, signal.SIGKILL)
+        reader.join(10)
+        e.backend.check()
+        assert e.backend.sup.children["reader-0"].restarts == 1
+        time.sleep(1.0)  # (the new reader connects and says Ready while nothing reads the sockets)
+        assert "".join(e.generate(list(PROMPTS[1]), GREEDY)) == reference[1]
+        assert e.backend.sup.children["reader-0"].ready is not None
+
+
 def test_compute_killed_is_a_clear_error(model):
     with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
         os.kill(e.backend.sup.children["compute"].proc.pid, signal.SIGKILL)
