@@ -196,13 +196,21 @@ def test_signals_during_a_deferred_block_come_after_it():
 
     from layerstream.coordinator.event_loop import signals_deferred
 
-    before = signal.getsignal(signal.SIGINT)
+    # Ctrl-C's own handler and SIGINT unblocked, whatever the tests before left in this worker:
+    # once in CI (273fc36) nothing was raised, a state left by an earlier test the likely cause
+    # (not found; the test alone, and after the pipeline's signal tests, passes)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # (a handler runs between bytecodes: it would have raised here)
-            done.append(True)
-        time.sleep(1)  # (the signal sent again arrives while this sleeps)
-    assert done == [True] and signal.getsignal(signal.SIGINT) is before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # (a handler runs between bytecodes: it would have raised here)
+                done.append(True)
+            time.sleep(1)  # (the signal sent again arrives while this sleeps)
+        assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
