@@ -96,7 +96,7 @@ class Pipeline:
         self.known_failed = 0  # the last step whose failure collect() raised (Forward.failed)
         self.stats_replies: dict[str, Snapshot] = {}
         self.heard: dict[str, float] = {}  # child -> when its last message came (the watchdog)
-        self.hung: set[str] = set()  # the children the watchdog blamed: killed at once by close()
+        self.hung: frozenset[str] = frozenset()  # the children the watchdog blamed: killed at once by close()
         self.t_start = time.monotonic()
         self.progress = StartProgress(launch, self.t_start)
         self.calling = False  # (see _run)
@@ -305,8 +305,7 @@ class Pipeline:
                                      f"({', '.join(self.launch.index.files)}); check the file and do not rewrite "
                                      "it while it runs")
             self.failure = self.failure or (
-                f"the {c.role} process{'' if c.ident == c.role else ' ' + c.ident} died (exit code {code})"
-                + (f": {err}" if err else "")
+                f"{c.label} died (exit code {code})" + (f": {err}" if err else "")
                 + ("; it was restarted once already" if c.restarts else ""))
             raise PipelineError(self.failure)
 

@@ -114,7 +114,7 @@ class StreamCore:
             mine = [min(self.pending.values(), key=lambda p: p.issued)]
         return mine[0] if mine else None
 
-    def stall_blame(self, quiet: float, now: float, timeout: float) -> tuple[str | None, float, set[str]]:
+    def stall_blame(self, quiet: float, now: float, timeout: float) -> tuple[str | None, float, frozenset[str]]:
         """The watchdog's verdict on a pending step (Pipeline._run_until): who stalls it, if anyone,
         when to look again, and whom it blames. Compute (last heard at `quiet`) stalls when it sent
         nothing for `timeout` s, unless it waits for a read: then the readers owing that read stall
@@ -123,15 +123,15 @@ class StreamCore:
         if read is None:
             if now - quiet > timeout:
                 return f"the compute process sent nothing for {timeout:g} s while a step was pending {STALLED}", now, \
-                    {"compute"}
-            return None, quiet + timeout, set()
+                    frozenset({"compute"})
+            return None, quiet + timeout, frozenset()  # (per layer message: no new set)
         since = max(quiet, read.issued)
         if now - since <= timeout:
-            return None, since + timeout, set()
+            return None, since + timeout, frozenset()
         late = sorted(read.left)
         who = f"the reader process {late[0]}" if len(late) == 1 else f"the reader processes {', '.join(late)}"
         return (f"{who} did not read layer {read.load.layer} into staging slot {read.load.slot} for {timeout:g} s "
-                f"while the compute process waited for it {STALLED}"), now, set(late)
+                f"while the compute process waited for it {STALLED}"), now, frozenset(late)
 
     # -- decisions -----------------------------------------------------------------------------------
 

@@ -72,6 +72,11 @@ class Child:
     stop_logged: bool = False  # (-v's line, once)
     cpu: tuple[float, float] = (-1.0, 0.0)  # its CPU seconds when last looked at, and since when (start_blame)
 
+    @property
+    def label(self) -> str:
+        """How a line names it: "the compute process", "the reader process reader-0"."""
+        return f"the {self.role} process" + ("" if self.ident == self.role else f" {self.ident}")
+
 
 WARM_MIN_CPUS = 4
 
@@ -257,7 +262,7 @@ class Supervisor:
         return [c for c in self.children.values()
                 if c.proc is not None and not c.expected_exit and c.proc.exitcode is not None]
 
-    def start_blame(self, idents: list[str], now: float, timeout: float) -> tuple[str | None, float, set[str]]:
+    def start_blame(self, idents: list[str], now: float, timeout: float) -> tuple[str | None, float, frozenset[str]]:
         """The start's watchdog (Pipeline._run_until), as StreamCore.stall_blame is a step's: a child of
         `idents` not Ready yet stalls the start once it used no CPU for `timeout` s (stopped, or hung on a
         lock or a read), where one importing torch or making a CUDA context keeps using it. Its verdict,
@@ -274,10 +279,9 @@ class Supervisor:
                 late.append(i)
             at = min(at, c.cpu[1] + timeout)
         if not late:
-            return None, at, set()
-        who = ", ".join(f"the {self.children[i].role} process" + ("" if i == self.children[i].role else f" {i}")
-                        for i in late)
-        return f"{who} used no CPU for {timeout:g} s of its start {STALLED}", now, set(late)
+            return None, at, frozenset()
+        who = ", ".join(self.children[i].label for i in late)
+        return f"{who} used no CPU for {timeout:g} s of its start {STALLED}", now, frozenset(late)
 
     def count_anew(self, now: float) -> None:
         """The coordinator itself was stopped (and its children with it?): their starts count from now."""
@@ -285,7 +289,7 @@ class Supervisor:
             c.cpu = (c.cpu[0], now)
 
     def stop(self, idents: list[str], timeout: float, asked: set[str] | None = None,
-             hung: frozenset[str] | set[str] = frozenset()) -> None:
+             hung: frozenset[str] = frozenset()) -> None:
         """Wait for children asked to stop (`asked`: those of idents that were; default all);
         then SIGTERM; then SIGKILL. A child not asked gets SIGTERM at once; a `hung` one (the
         watchdog's, stopped or deadlocked: SIGTERM would wait for it in vain) SIGKILL at once."""

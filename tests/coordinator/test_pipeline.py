@@ -644,6 +644,13 @@ def test_stalled_reader_is_blamed_not_the_compute_process(model):
                 os.kill(pid, signal.SIGCONT)
 
 
+def _in_children(code: str, tmp_path, monkeypatch) -> None:
+    """`code` run at the start of every process spawned from now on (a sitecustomize on their PYTHONPATH),
+    not in this one."""
+    (tmp_path / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
 _SHM_FULL = """
 import multiprocessing.shared_memory as _sm
 _init = _sm.SharedMemory.__init__
@@ -658,8 +665,7 @@ _sm.SharedMemory.__init__ = _full
 def test_staging_that_cannot_make_its_arena_fails_the_start_with_its_own_error(model, tmp_path, monkeypatch):
     """Staging fails at once, while its links may still be connecting: each of several starts
     ends in one line that names the staging process and gives its own error."""
-    (tmp_path / "sitecustomize.py").write_text(_SHM_FULL)  # in the spawned children only
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    _in_children(_SHM_FULL, tmp_path, monkeypatch)
     for _ in range(3):
         with pytest.raises(PipelineError) as err:
             _engine(model, PipelineConfig(budget=Budget(resident_layers=0)))
@@ -685,8 +691,7 @@ def test_a_child_that_hangs_in_its_start_ends_it_after_the_stall_timeout(model, 
     ready_timeout_s, 180 s at its default), and it is killed at once, not waited for."""
     from layerstream.errors import STALLED
 
-    (tmp_path / "sitecustomize.py").write_text(_COMPUTE_ASLEEP)  # in the spawned children only
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    _in_children(_COMPUTE_ASLEEP, tmp_path, monkeypatch)
     before = segments()
     t0 = time.monotonic()
     with pytest.raises(PipelineError) as err:

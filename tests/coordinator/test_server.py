@@ -1266,14 +1266,12 @@ def test_a_server_whose_compute_process_hangs_stops_within_seconds():
     (37 s at its default). Now it stops the pipeline's processes after server.STUCK_S, and nothing
     is left; the stream, cut before, ends as an aborted one does (its last chunk "abort", then [DONE]),
     answered by the server where the engine does not answer (server_stop.ABORT_WAIT_S)."""
-    from procs import descendants
-
     before = segments()
     p, url = _start("--ctx", "256", "--resident-layers", "0")
     try:
         with _long_stream(url) as r:
             r.readline()  # the stream started
-            compute = [k for k in descendants(p.pid) if open(f"/proc/{k}/comm").read().startswith("layerstream-com")]
+            compute = [pid for name, pid in _children(p).items() if name == "layerstream-com"]
             assert len(compute) == 1, compute
             os.kill(compute[0], signal.SIGSTOP)
             t0 = time.monotonic()
