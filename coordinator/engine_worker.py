@@ -216,7 +216,8 @@ class EngineWorker(threading.Thread):
                 log.debug("the engine's step ended with the server: %s: %s", type(e).__name__, e)
                 return
             self.failure = f"{type(e).__name__}: {e}" if not isinstance(e, LayerstreamError) else str(e)
-            log.error("engine failed: %s", self.failure)
+            # the server's stop (on_failure) ends with the one line that says it: an error here was a second
+            log.log(logging.DEBUG if self.on_failure is not None else logging.ERROR, "engine failed: %s", self.failure)
             for rid in list(self.outputs):
                 self._post(rid, ApiError(503, self.failure, kind="server_error"))
             if self.on_failure is not None:

@@ -407,13 +407,15 @@ def _children(p: subprocess.Popen) -> dict[str, int]:
 
 def _exits_1_naming(p: subprocess.Popen, before: set[str], child: str) -> None:
     """The server stopped by itself: exit status 1, its last line the engine's failure naming `child`
-    dead (so that a supervisor starts it again), no traceback, nothing left."""
+    dead (so that a supervisor starts it again), and the only line that says so (the engine's log
+    said it too, a moment before), no traceback, nothing left."""
     assert p.wait(timeout=60) == 1
     err = p.stderr.read()
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("run-pipeline: error: the server stopped: the engine failed: ") \
         and f"the {child} process died" in last, err
+    assert [line for line in err.splitlines() if f"the {child} process died" in line] == [last], err
     assert not leaked(before, run=p.pid)
 
 
