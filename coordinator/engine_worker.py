@@ -70,6 +70,13 @@ class EngineWorker(threading.Thread):
         self.closing = False  # abort_all was called: requests submitted from now on are refused (503)
         # the backend's look at its processes between steps (Pipeline.check), every half second while idle
         self.check: Callable[[], None] | None = getattr(getattr(engine, "backend", None), "check", None)
+        # what the backend sees of its processes at once, from any thread (Pipeline.unwell)
+        self.unwell: Callable[[], str | None] | None = getattr(getattr(engine, "backend", None), "unwell", None)
+
+    def trouble(self) -> str | None:
+        """Why the engine cannot serve now, or None (the server's /health): its failure, or a process of its
+        backend dead or stopped, seen at once, before the idle check or a step fails the engine for it."""
+        return self.failure or (self.unwell() if self.unwell is not None else None)
 
     def rows(self) -> int:
         """Requests the engine runs at once (its KV rows)."""

@@ -363,6 +363,14 @@ class Pipeline:
         if not self.closed and self.sup.dead():
             self._call(self._check_children())
 
+    def unwell(self) -> str | None:
+        """Why the pipeline cannot serve now, or None, at once and from any thread (the server's /health):
+        its failure, set before close() stops the children, or a child dead or stopped (Supervisor.unwell),
+        which the idle check or a call's watchdog ends the run for only later."""
+        if self.failure or self.core.failure or self.closed:
+            return self.failure or self.core.failure or "the pipeline is closed"
+        return self.sup.unwell()
+
     async def _submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None:
         n, self.next_step = self.next_step, self.next_step + 1
         wire = [ForwardSeq.of(s.row, s.tokens, s.slots, s.positions, s.kv_pos, int(f)) for s, f in zip(seqs, sample)]

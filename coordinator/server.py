@@ -345,8 +345,9 @@ class Server:
     # -- endpoints ---------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        if self.worker is not None and self.worker.failure:
-            return JSONResponse({"status": "error", "error": self.worker.failure}, status_code=503)
+        why = self.worker.trouble() if self.worker is not None else None
+        if why:
+            return JSONResponse({"status": "error", "error": why}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.model_id})
 
     async def prometheus(self, request: Request) -> Response:

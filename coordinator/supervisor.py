@@ -283,6 +283,20 @@ class Supervisor:
         who = ", ".join(self.children[i].label for i in late)
         return f"{who} used no CPU for {timeout:g} s of its start {STALLED}", now, frozenset(late)
 
+    def unwell(self) -> str | None:
+        """What keeps a child from its part now, or None: one that died without being asked to stop, or one
+        stopped (SIGSTOP, a debugger: state T or t), which the watchdog blames only once a step waits on it.
+        Quick, and safe from another thread (the server's /health): a dead child's exit status is kept by
+        whichever thread looks first."""
+        for c in list(self.children.values()):
+            if c.proc is None or c.expected_exit:
+                continue
+            if (code := c.proc.exitcode) is not None:
+                return f"{c.label} died (exit code {code})"
+            if proc_state(c.proc.pid) in ("T", "t"):
+                return f"{c.label} is stopped (SIGSTOP or a debugger): it does nothing until continued (SIGCONT)"
+        return None
+
     def count_anew(self, now: float) -> None:
         """The coordinator itself was stopped (and its children with it?): their starts count from now."""
         for c in self.children.values():
@@ -328,14 +342,28 @@ class Supervisor:
         self.stop(order, 0.0)
 
 
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of a process's /proc/PID/stat after its name (state first), or None where that does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()  # (after the name, which may hold spaces)
+    except (OSError, IndexError):
+        return None
+
+
 def cpu_seconds(pid: int) -> float | None:
     """A process's CPU time so far, user and system (Linux's /proc), or None where that does not say."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()  # (after the name, which may hold spaces)
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        fields = _stat(pid)
+        return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
         return None
+
+
+def proc_state(pid: int) -> str | None:
+    """A process's state letter (R, S, D, T stopped, Z exited, ...; Linux's /proc), or None where that does not say."""
+    fields = _stat(pid)
+    return fields[0].decode(errors="replace") if fields else None
 
 
 def start_parts(info: dict) -> str:

@@ -455,6 +455,57 @@ def test_an_idle_server_whose_staging_dies_stops_at_once_saying_why():
             stop(p)
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter in /proc (T: stopped, Z: exited, not yet reaped), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _exited(pid: int) -> bool:
+    """Whether a process can be waited for by its parent: gone, or a zombie with no thread left but its
+    first (the first thread shows Z while the others are still being torn down)."""
+    try:
+        return os.listdir(f"/proc/{pid}/task") == [str(pid)] and _state(pid) == "Z"
+    except OSError:
+        return True
+
+
+def test_health_is_503_at_once_while_a_child_is_stopped_or_dead():
+    """A hostile-user probe: /health answered 200 while the compute process was stopped (SIGSTOP), and
+    for most of a second after staging died (the engine's failure was recorded only once the idle
+    check had seen the death, waited for the child's last words and stopped the pipeline). Now it asks
+    the pipeline itself: 503 naming the stopped process, 200 again once it is continued, and 503 as
+    soon as staging's death can be seen, before the server stops by itself."""
+    before = segments()
+    p, url = _start("--ctx", "256")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        kids = _children(p)
+        compute, staging = kids["layerstream-com"], kids["layerstream-sta"]
+        assert _call(port, "GET", "/health", timeout=10)[0] == 200
+        os.kill(compute, signal.SIGSTOP)
+        _wait_for(lambda: _state(compute) == "T", "the compute process to stop")
+        status, body, _ = _call(port, "GET", "/health", timeout=10)
+        assert status == 503 and body["status"] == "error" and "the compute process is stopped" in body["error"], body
+        os.kill(compute, signal.SIGCONT)
+        _wait_for(lambda: _state(compute) != "T", "the compute process to go on")
+        status, body, _ = _call(port, "GET", "/health", timeout=10)
+        assert status == 200 and body["status"] == "ok", body
+        os.kill(staging, signal.SIGKILL)
+        _wait_for(lambda: _exited(staging), "staging to die")
+        status, body, _ = _call(port, "GET", "/health", timeout=10)
+        assert status == 503 and "the staging process died (exit code -9)" in body["error"], body
+        _exits_1_naming(p, before, "staging")
+    finally:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGCONT)
+            stop(p)
+
+
 class _TimedCore:
     """A stand-in engine core: each step takes `pass_s` and finishes every request it holds,
     noting which requests shared it."""
