@@ -39,7 +39,7 @@ from layerstream.coordinator.pipeline_config import PipelineConfig, parse_cpu_sh
 from layerstream.coordinator.plan import Plan
 from layerstream.coordinator.stats import Snapshot, format_stats
 from layerstream.coordinator.stream_core import Send, StreamCore
-from layerstream.coordinator.supervisor import Child, Supervisor, start_parts
+from layerstream.coordinator.supervisor import ASK_WAIT_S, Child, Supervisor, start_parts
 from layerstream.errors import LayerstreamError, PipelineError
 from layerstream.loader import reader_proc, staging_proc
 from layerstream.loader.arena import remove_staging_arena
@@ -457,9 +457,11 @@ class Pipeline:
             self.failure = self.failure or "the pipeline was closed while a call waited on it"
         if self.links is not None and not self.loop.is_closed() and not busy:
             run_briefly(self.loop, ask_stop(), 1.0, "asking children to stop")
-        # a child that was not asked cannot stop by itself: it is terminated at once, not waited for
-        self.sup.stop(workers, 2.0, asked, self.hung)
-        self.sup.stop(["staging"], 2.0, asked, self.hung)
+        # a child that was not asked cannot stop by itself: it is terminated at once, not waited for; the
+        # others' ASK_WAIT_S counts from the Shutdown, which staging got with them
+        end = time.monotonic() + ASK_WAIT_S
+        self.sup.stop(workers, ASK_WAIT_S, asked, self.hung)
+        self.sup.stop(["staging"], max(0.0, end - time.monotonic()), asked, self.hung)
         staging = self.sup.children.get("staging")
         if staging is not None:  # a staging killed before it could (another child's death ended the run first)
             remove_staging_arena(self.arena and self.arena.name, staging.proc)

@@ -2,8 +2,13 @@
 
 NOTE [ shutdown order ]
 Stopping asks first (a Shutdown message, sent by the pipeline while its loop is healthy),
-then waits, then SIGTERM, waits, then SIGKILL. A child the message could not reach (one still
-starting, when a run is interrupted early) gets SIGTERM at once: waiting for it gains nothing.
+then waits ASK_WAIT_S, then SIGTERM, waits TERM_WAIT_S, then SIGKILL. A child the message could
+not reach (one still starting, when a run is interrupted early) gets SIGTERM at once: waiting for
+it gains nothing. A child found stopped (SIGSTOP, a debugger) while the ladder waits is killed at
+once: neither the message nor SIGTERM reaches it until it is continued, and the run's exit waited
+out both waits for it. The waits are short, since a stop by SIGTERM is as clean as one by the
+message: readers and compute hold nothing that outlives them, and staging unlinks its arena on
+SIGTERM too (or the pipeline does, where it was killed).
 Readers and compute stop before staging, because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
 SIGTERM, or when its parent is gone). Children ignore SIGINT: a Ctrl-C in the terminal
 reaches the whole process group, and only the coordinator decides how to stop (a child still
@@ -45,6 +50,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_any
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
@@ -79,6 +85,11 @@ class Child:
 
 
 WARM_MIN_CPUS = 4
+# A child's own stop (its links closed, staging's arena unlinked, quick_exit) takes a small part of
+# ASK_WAIT_S; one still running after it is not on its way out by itself. Staging reads a SIGTERM
+# within TERM_POLL_MS (staging_proc.py), well inside TERM_WAIT_S; readers and compute die of it.
+ASK_WAIT_S = 1.0
+TERM_WAIT_S = 0.5
 
 
 def warm_starts_pay(cpus: int | None = None) -> bool:
@@ -304,9 +315,10 @@ class Supervisor:
 
     def stop(self, idents: list[str], timeout: float, asked: set[str] | None = None,
              hung: frozenset[str] = frozenset()) -> None:
-        """Wait for children asked to stop (`asked`: those of idents that were; default all);
-        then SIGTERM; then SIGKILL. A child not asked gets SIGTERM at once; a `hung` one (the
-        watchdog's, stopped or deadlocked: SIGTERM would wait for it in vain) SIGKILL at once."""
+        """Wait up to `timeout` for children asked to stop (`asked`: those of idents that were; default
+        all); then SIGTERM; then SIGKILL. A child not asked gets SIGTERM at once; a `hung` one (the
+        watchdog's, stopped or deadlocked: SIGTERM would wait for it in vain), or one found stopped,
+        SIGKILL at once (NOTE [ shutdown order ])."""
         procs = [self.children[i].proc for i in idents if i in self.children and self.children[i].proc]
         for i in idents:
             c = self.children.get(i)
@@ -318,11 +330,11 @@ class Supervisor:
                     c.proc.kill()
                 elif asked is not None and i not in asked:
                     c.proc.terminate()
-        _join_all(procs, timeout)
+        _wait_stopping(procs, timeout)
         for p in procs:
             if p.exitcode is None:
                 p.terminate()
-        _join_all(procs, 1.5)
+        _wait_stopping(procs, TERM_WAIT_S)
         for p in procs:
             if p.exitcode is None:
                 p.kill()
@@ -371,6 +383,20 @@ def start_parts(info: dict) -> str:
     if not isinstance(parts := info.get("start_s"), dict) or not parts:
         return ""
     return " (" + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if isinstance(v, (int, float))) + ")"
+
+
+def _wait_stopping(procs, timeout: float) -> None:
+    """Wait until every process has exited, or for `timeout`; one found stopped meanwhile is killed at
+    once (NOTE [ shutdown order ])."""
+    end = time.monotonic() + timeout
+    while live := [p for p in procs if p.exitcode is None]:
+        for p in live:
+            if proc_state(p.pid) in ("T", "t"):
+                p.kill()
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        wait_any([p.sentinel for p in live], min(left, 0.05))
 
 
 def _join_all(procs, timeout: float) -> None:

@@ -13,7 +13,7 @@ A SIGTERM only sets a flag, which the main loop reads between short waits for a 
 handler wherever the main thread is could cut short any step of making or unlinking the arena
 (its registration with the resource tracker before its finalizer, the unlink) and leave the
 segment to the tracker, which warns of a leak after the run's one line. The wait keeps the stop
-well inside the shutdown ladder's 1.5 s between SIGTERM and SIGKILL (supervisor.py).
+well inside the shutdown ladder's TERM_WAIT_S between SIGTERM and SIGKILL (supervisor.py).
 """
 
 from __future__ import annotations

@@ -903,3 +903,55 @@ def test_a_staging_killed_unnoticed_leaves_no_segment_after_close(model):
     assert os.path.exists(f"/dev/shm/{name}")
     e.close()
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_close_kills_a_stopped_child_at_once_and_leaves_nothing(model, reference):
+    """A hostile-user probe: the reader and staging stopped (SIGSTOP) after a run that needed neither
+    any more (every layer resident). close() asked them to stop and waited 2 s, sent SIGTERM, which a
+    stopped process takes only once continued, and waited 1.5 s more before SIGKILL: 3.5 s at the end
+    of a successful run, for each. A stopped child is killed at once now; the arena goes with the
+    run, and no process is left (no_leftovers)."""
+    e = _engine(model, PipelineConfig())
+    try:
+        assert _generate(e) == reference
+        sup, name = e.backend.sup, e.backend.arena.name
+        for ident in ("reader-0", "staging"):
+            os.kill(sup.children[ident].proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        e.close()
+        took = time.monotonic() - t0
+    finally:
+        e.close()
+    assert took < 1.5, took
+    assert {i: c.proc.exitcode for i, c in sup.children.items()} == \
+        {"reader-0": -signal.SIGKILL, "staging": -signal.SIGKILL, "compute": 0}
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+_SLOW_EXIT = """
+import atexit, time
+def _slow():  # the reader's and staging's exits take long (a stuck close of a file on a dead mount)
+    with open("/proc/self/comm") as f:
+        if f.read().startswith(("layerstream-rea", "layerstream-sta")):
+            time.sleep(60)
+atexit.register(_slow)
+"""
+
+
+def test_close_does_not_wait_seconds_for_children_slow_to_exit(model, reference, tmp_path, monkeypatch):
+    """Children that take the Shutdown and then do not end (asleep in their exit) held close() 2 s
+    each before their SIGTERM, the readers' and compute's wait, then staging's: 4 s at the end of a
+    successful run. They are given one short wait from the Shutdown now, then terminated."""
+    _in_children(_SLOW_EXIT, tmp_path, monkeypatch)
+    e = _engine(model, PipelineConfig())
+    try:
+        assert _generate(e) == reference
+        sup = e.backend.sup
+        t0 = time.monotonic()
+        e.close()
+        took = time.monotonic() - t0
+    finally:
+        e.close()
+    assert took < 2.0, took
+    assert {i: c.proc.exitcode for i, c in sup.children.items()} == \
+        {"reader-0": -signal.SIGTERM, "staging": -signal.SIGTERM, "compute": 0}
