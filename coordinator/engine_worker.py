@@ -43,8 +43,9 @@ class EngineWorker(threading.Thread):
     and the worker goes on, unless the backend is closed (a pipeline process died, seen in a step
     or, while idle, by its `check`) or
     MAX_FAILED_STEPS steps in a row failed (a device left unusable): then the engine has failed,
-    every request is answered 503, and `on_failure` is called on the loop (the server stops and
-    exits non-zero, so that whatever supervises it starts it again).
+    every request is answered 503 (ended as a Cut where the server stops already), and `on_failure`
+    is called on the loop (the server stops and exits non-zero, so that whatever supervises it
+    starts it again).
     """
 
     MAX_FAILED_STEPS = 3
@@ -68,6 +69,7 @@ class EngineWorker(threading.Thread):
         self.failed_steps = 0  # in a row
         self.stopping = threading.Event()
         self.closing = False  # abort_all was called: requests submitted from now on are refused (503)
+        self.draining = False  # the server stops (Server.stop_began): a failure from now on ends requests as a Cut
         # the backend's look at its processes between steps (Pipeline.check), every half second while idle
         self.check: Callable[[], None] | None = getattr(getattr(engine, "backend", None), "check", None)
         # what the backend sees of its processes at once, from any thread (Pipeline.unwell)
@@ -223,12 +225,20 @@ class EngineWorker(threading.Thread):
                 log.debug("the engine's step ended with the server: %s: %s", type(e).__name__, e)
                 return
             self.failure = f"{type(e).__name__}: {e}" if not isinstance(e, LayerstreamError) else str(e)
-            # the server's stop (on_failure) ends with the one line that says it: an error here was a second
-            log.log(logging.DEBUG if self.on_failure is not None else logging.ERROR, "engine failed: %s", self.failure)
-            for rid in list(self.outputs):
-                self._post(rid, ApiError(503, self.failure, kind="server_error"))
-            if self.on_failure is not None:
-                self.loop.call_soon_threadsafe(self.on_failure)
+            self.loop.call_soon_threadsafe(self._failed)
+
+    def _failed(self) -> None:
+        """On the loop, once the engine failed: each request still waiting is answered 503, or, where the
+        server stops already (the watchdog's verdict within the stop's grace), ends as the stop ends the
+        others, a Cut (NOTE [ server shutdown ]); then on_failure."""
+        # the stop that on_failure starts ends with the one line that says it (serve raises it), where an error
+        # here was a second; a stop for a signal ends with its own line, and this one says why the engine failed
+        said = self.on_failure is not None and not self.draining
+        log.log(logging.DEBUG if said else logging.ERROR, "engine failed: %s", self.failure)
+        for rid, q in list(self.outputs.items()):
+            q.put_nowait(Cut(rid) if self.draining else ApiError(503, self.failure, kind="server_error"))
+        if self.on_failure is not None:
+            self.on_failure()
 
 
 class Metrics:

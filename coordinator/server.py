@@ -100,6 +100,12 @@ class Server:
         self.worker.join(timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def stop_began(self) -> None:
+        """The server stops (NOTE [ server shutdown ]): an engine that fails from now on ends the requests
+        left as the stop does, finish_reason "abort", not with an error event."""
+        if self.worker is not None:
+            self.worker.draining = True
+
     def end_requests(self) -> None:
         """The stop's grace ran out (NOTE [ server shutdown ]): the engine aborts its requests, and a body
         still arriving, or one whose reading starts from now on, is answered 503 at once: the stop waits
@@ -467,7 +473,7 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     print(f"layerstream: serving {model_id} on http://{host}:{port}/v1"
           + (f" (requests that do not set them get {changed})" if changed else ""), flush=True)
     http = GracefulServer(uvicorn_config(server, host, port, grace_s), server.end_requests, grace_s,
-                          cut_requests=server.cut_requests)
+                          cut_requests=server.cut_requests, stop_began=server.stop_began)
     server.on_failure = lambda: setattr(http, "should_exit", True)
     # a closed terminal (SIGHUP) stops the server as SIGTERM does (NOTE [ server shutdown ]): at its
     # default it ended at once, its clients' streams cut

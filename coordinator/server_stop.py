@@ -8,7 +8,9 @@ second signal, the engine aborts what is left and each handler answers as usual,
 has and finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request
 whose body is still arriving, or is read only later, is answered 503 then, so that no upload holds
 the stop past the grace. Where the engine does not answer its aborts within ABORT_WAIT_S (stuck
-in a step on a hung process), the server answers them itself, the same way (`cut_requests`).
+in a step on a hung process), the server answers them itself, the same way (`cut_requests`); and
+where the engine fails once the stop began (the watchdog's verdict on a hung process, within the
+grace), the requests left end the same way too, not with an error (`stop_began`).
 Connections whose client does not read that within a second more are dropped. Only then is the
 engine's thread stopped and joined (the lifespan's end), before the launcher closes the pipeline
 under it. uvicorn's own shutdown cancelled the handlers at the grace
@@ -47,9 +49,11 @@ class GracefulServer(uvicorn.Server):
     requests left when the grace runs out."""
 
     def __init__(self, config: uvicorn.Config, end_requests: Callable[[], None], grace_s: float = GRACE_S,
-                 err=sys.stderr, cut_requests: Callable[[], None] | None = None):
+                 err=sys.stderr, cut_requests: Callable[[], None] | None = None,
+                 stop_began: Callable[[], None] | None = None):
         super().__init__(config)
         self.end_requests, self.grace_s, self.err, self.cut_requests = end_requests, grace_s, err, cut_requests
+        self.stop_began = stop_began
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self._captured_signals:  # the first signal sets the exit status (uvicorn raises it again)
@@ -60,6 +64,8 @@ class GracefulServer(uvicorn.Server):
             self.should_exit = True
 
     async def shutdown(self, sockets=None) -> None:
+        if self.stop_began is not None:
+            self.stop_began()
         for server in self.servers:
             server.close()
         for sock in sockets or []:

@@ -1338,3 +1338,32 @@ def test_a_server_whose_compute_process_hangs_stops_within_seconds():
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def test_a_hung_pipeline_found_during_the_stop_ends_the_streams_as_aborted():
+    """A hostile-user probe: SIGTERM with the compute process stopped (SIGSTOP) mid-stream, and a
+    --stall-timeout short enough for the watchdog's verdict to come within the stop's grace: the
+    stream got an error event (the engine failed), where every other stream the stop ends gets its
+    last chunk "abort" and [DONE] (Cut). It ends as they do now; the server exits 143, the first
+    signal's status, and says the watchdog's verdict once, and nothing is left."""
+    before = segments()
+    p, url = _start("--ctx", "256", "--resident-layers", "0", "--stall-timeout", "2")
+    try:
+        with _long_stream(url) as r:
+            r.readline()  # the stream started
+            os.kill(_children(p)["layerstream-com"], signal.SIGSTOP)
+            p.send_signal(signal.SIGTERM)
+            body = r.read().decode()
+        assert '"error"' not in body, body[-500:]
+        assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "abort"' in body.replace('":"', '": "')
+        assert p.wait(timeout=30) == 143
+        err = p.stderr.read()
+        assert "Traceback" not in err
+        said = [line for line in err.splitlines() if "the compute process sent nothing for 2 s" in line]
+        assert len(said) == 1 and "engine failed: " in said[0], err
+        assert err.rstrip().endswith("run-pipeline: terminated"), err
+        assert not leaked(before, run=p.pid)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
