@@ -53,6 +53,7 @@ from layerstream.errors import LayerstreamError, PipelineError
 log = logging.getLogger("layerstream.server")
 MAX_QUOTED = 100  # characters of a path an error message quotes
 STUCK_S = 5.0  # how long a stop waits for the engine's thread before it stops the pipeline's processes under it
+HURRIED_S = 0.5  # the same after a second signal: a healthy engine's step ends within it, a hung one's never
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "abort": "abort"}
 
 
@@ -68,6 +69,7 @@ class Server:
         self.metrics = Metrics()
         self.worker: EngineWorker | None = None
         self.on_failure = None  # called on the loop once the engine has failed (serve: stop, exit non-zero)
+        self.hurried = lambda: False  # a second signal came (serve: GracefulServer.force_exit)
         self.body_reads: set[asyncio.Task] = set()  # bodies still arriving (end_requests ends them)
         self.ending = False  # end_requests was called: the server stops
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="layerstream-parse")  # bodies and prompts
@@ -90,12 +92,17 @@ class Server:
         self.worker.start()
         yield
         self.worker.stop()
-        self.worker.join(timeout=STUCK_S)
+        end = time.monotonic() + STUCK_S
+        while self.worker.is_alive() and time.monotonic() < end:
+            if self.hurried():  # a second signal: HURRIED_S at most from now
+                end = min(end, time.monotonic() + HURRIED_S)
+            self.worker.join(timeout=0.05)  # (in slices: a second signal's handler runs between them)
         backend = self.engine.backend
         if self.worker.is_alive() and getattr(backend, "calling", False):
             # its call waits on a hung child (the watchdog would end it after --stall-timeout): the
             # pipeline's close from here stops the children, and the call ends with one line
-            log.warning("the engine did not stop within %g s; stopping its processes", STUCK_S)
+            if not self.hurried():  # (a second signal asked for just that)
+                log.warning("the engine did not stop within %g s; stopping its processes", STUCK_S)
             backend.close()
         self.worker.join(timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -475,6 +482,7 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     http = GracefulServer(uvicorn_config(server, host, port, grace_s), server.end_requests, grace_s,
                           cut_requests=server.cut_requests, stop_began=server.stop_began)
     server.on_failure = lambda: setattr(http, "should_exit", True)
+    server.hurried = lambda: http.force_exit
     # a closed terminal (SIGHUP) stops the server as SIGTERM does (NOTE [ server shutdown ]): at its
     # default it ended at once, its clients' streams cut
     hup = signal.signal(signal.SIGHUP, http.handle_exit)

@@ -8,9 +8,11 @@ second signal, the engine aborts what is left and each handler answers as usual,
 has and finish_reason "abort" (a stream: a last chunk with it, then `data: [DONE]`); a request
 whose body is still arriving, or is read only later, is answered 503 then, so that no upload holds
 the stop past the grace. Where the engine does not answer its aborts within ABORT_WAIT_S (stuck
-in a step on a hung process), the server answers them itself, the same way (`cut_requests`); and
-where the engine fails once the stop began (the watchdog's verdict on a hung process, within the
-grace), the requests left end the same way too, not with an error (`stop_began`).
+in a step on a hung process), the server answers them itself, the same way (`cut_requests`). A
+second signal waits for neither: the server answers them at once, and the engine's thread is
+given HURRIED_S (server.py) instead of STUCK_S. Where the engine fails once the stop began (the
+watchdog's verdict on a hung process, within the grace), the requests left end the same way too,
+not with an error (`stop_began`).
 Connections whose client does not read that within a second more are dropped. Only then is the
 engine's thread stopped and joined (the lifespan's end), before the launcher closes the pipeline
 under it. uvicorn's own shutdown cancelled the handlers at the grace
@@ -81,8 +83,8 @@ class GracefulServer(uvicorn.Server):
         await _until(lambda: not tasks or self.force_exit, self.grace_s)
         if tasks:
             self.end_requests()
-            await _until(lambda: not tasks, ABORT_WAIT_S)
-        if tasks and self.cut_requests is not None:  # the engine did not answer: its step hangs
+            await _until(lambda: not tasks or self.force_exit, ABORT_WAIT_S)
+        if tasks and self.cut_requests is not None:  # the engine did not answer (its step hangs), or a second signal
             self.cut_requests()
             await _until(lambda: not tasks, 1.0)
         if tasks:  # clients that do not read their answers

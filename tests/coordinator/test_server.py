@@ -1367,3 +1367,33 @@ def test_a_hung_pipeline_found_during_the_stop_ends_the_streams_as_aborted():
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_a_server_whose_engine_hangs_at_once(sig):
+    """A hostile-user probe: a second SIGTERM (or Ctrl-C) while the stop's grace waits on a stream whose
+    compute process is stopped still waited for the engine's aborts (ABORT_WAIT_S), then for its
+    thread (STUCK_S): 8 s and more. A second signal ends the requests at once now, the stream with its
+    "abort" chunk and [DONE], and the server exits within seconds, 128 + the first signal."""
+    before = segments()
+    p, url = _start("--ctx", "256", "--resident-layers", "0")
+    try:
+        with _long_stream(url) as r:
+            r.readline()  # the stream started
+            compute = _children(p)["layerstream-com"]
+            os.kill(compute, signal.SIGSTOP)
+            p.send_signal(sig)
+            time.sleep(1)
+            t0 = time.monotonic()
+            p.send_signal(sig)
+            body = r.read().decode()
+            code = p.wait(timeout=30)
+            took = time.monotonic() - t0
+        assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "abort"' in body.replace('":"', '": "')
+        assert code == 128 + sig and took < 3, (code, took)
+        assert "Traceback" not in p.stderr.read()
+        assert not leaked(before, run=p.pid)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
