@@ -367,9 +367,8 @@ class Pipeline:
         """Why the pipeline cannot serve now, or None, at once and from any thread (the server's /health):
         its failure, set before close() stops the children, or a child dead or stopped (Supervisor.unwell),
         which the idle check or a call's watchdog ends the run for only later."""
-        if self.failure or self.core.failure or self.closed:
-            return self.failure or self.core.failure or "the pipeline is closed"
-        return self.sup.unwell()
+        return (self.failure or self.core.failure or ("the pipeline is closed" if self.closed else None)
+                or self.sup.unwell())
 
     async def _submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str) -> None:
         n, self.next_step = self.next_step, self.next_step + 1

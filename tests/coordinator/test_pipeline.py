@@ -905,23 +905,32 @@ def test_a_staging_killed_unnoticed_leaves_no_segment_after_close(model):
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
+def _close_after_a_run(model, reference, before=lambda sup: None):
+    """A run that answers right, `before(its Supervisor)`, then close(): the seconds close() took, the
+    Supervisor and the arena's name."""
+    e = _engine(model, PipelineConfig())
+    try:
+        assert _generate(e) == reference
+        sup, name = e.backend.sup, e.backend.arena.name
+        before(sup)
+        t0 = time.monotonic()
+        e.close()
+        return time.monotonic() - t0, sup, name
+    finally:
+        e.close()
+
+
 def test_close_kills_a_stopped_child_at_once_and_leaves_nothing(model, reference):
     """A hostile-user probe: the reader and staging stopped (SIGSTOP) after a run that needed neither
     any more (every layer resident). close() asked them to stop and waited 2 s, sent SIGTERM, which a
     stopped process takes only once continued, and waited 1.5 s more before SIGKILL: 3.5 s at the end
     of a successful run, for each. A stopped child is killed at once now; the arena goes with the
     run, and no process is left (no_leftovers)."""
-    e = _engine(model, PipelineConfig())
-    try:
-        assert _generate(e) == reference
-        sup, name = e.backend.sup, e.backend.arena.name
+    def stop_them(sup):
         for ident in ("reader-0", "staging"):
             os.kill(sup.children[ident].proc.pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        e.close()
-        took = time.monotonic() - t0
-    finally:
-        e.close()
+
+    took, sup, name = _close_after_a_run(model, reference, stop_them)
     assert took < 1.5, took
     assert {i: c.proc.exitcode for i, c in sup.children.items()} == \
         {"reader-0": -signal.SIGKILL, "staging": -signal.SIGKILL, "compute": 0}
@@ -943,15 +952,7 @@ def test_close_does_not_wait_seconds_for_children_slow_to_exit(model, reference,
     each before their SIGTERM, the readers' and compute's wait, then staging's: 4 s at the end of a
     successful run. They are given one short wait from the Shutdown now, then terminated."""
     _in_children(_SLOW_EXIT, tmp_path, monkeypatch)
-    e = _engine(model, PipelineConfig())
-    try:
-        assert _generate(e) == reference
-        sup = e.backend.sup
-        t0 = time.monotonic()
-        e.close()
-        took = time.monotonic() - t0
-    finally:
-        e.close()
+    took, sup, _ = _close_after_a_run(model, reference)
     assert took < 2.0, took
     assert {i: c.proc.exitcode for i, c in sup.children.items()} == \
         {"reader-0": -signal.SIGTERM, "staging": -signal.SIGTERM, "compute": 0}
