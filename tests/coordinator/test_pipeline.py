@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -338,7 +339,8 @@ def test_sliding_window_in_pipeline(model):
             e.generate_batch([PROMPTS[0]], params)
 
 
-def test_reader_killed_mid_generation_is_restarted(model, reference):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_reader_killed_mid_generation_is_restarted(model, reference, sig):
     pcfg = PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0, prefetch=1))
     with _engine(model, pcfg) as e:
         reader = e.backend.sup.children["reader-0"].proc
@@ -346,10 +348,38 @@ def test_reader_killed_mid_generation_is_restarted(model, reference):
         for n, piece in enumerate(e.generate(list(PROMPTS[0]), GREEDY)):
             pieces.append(piece)
             if n == 2:
-                os.kill(reader.pid, signal.SIGKILL)
+                os.kill(reader.pid, sig)
         assert "".join(pieces) == reference[0]
         assert e.backend.sup.children["reader-0"].restarts == 1
         assert e.backend.sup.children["reader-0"].proc.pid != reader.pid
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_stop_signal_that_reaches_this_process_late_is_not_taken_for_a_reader_death(model, caplog):
+    """A SIGTERM to the whole process group killed a reader, and this process, whose signal another
+    thread took a moment later, first logged the reader's death and restarted it (a run stopped by
+    SIGTERM printed that line before its own). Here the reader is killed and this process signalled
+    30 ms later: only the signal's handler is heard from."""
+    def on_term(_n, _f):
+        raise _Stopped
+
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0, host_cache_gb=0, prefetch=1))
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with _engine(model, pcfg) as e:
+            reader = e.backend.sup.children["reader-0"].proc
+            with pytest.raises(_Stopped):
+                for n, _piece in enumerate(e.generate(list(PROMPTS[0]), GREEDY)):
+                    if n == 2:
+                        os.kill(reader.pid, signal.SIGTERM)
+                        threading.Timer(0.03, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            assert e.backend.sup.children["reader-0"].restarts == 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert "restarting" not in caplog.text
 
 
 def test_reader_killed_between_calls_is_restarted_by_check_and_reads_again(model, reference):
