@@ -20,7 +20,7 @@ from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper, StepResult
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
-from layerstream.coordinator.sigmask import sigint_blocked
+from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.coordinator.tokenizer import Tokenizer
 from layerstream.errors import ConfigError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
@@ -246,7 +246,7 @@ class Engine:
 
             # the tokenizer is built while the pipeline's processes start (they wait on sockets)
             pool = ThreadPoolExecutor(1, thread_name_prefix="layerstream-tokenizer")
-            with sigint_blocked():  # (NOTE [ SIGINT and threads ])
+            with stop_signals_blocked():  # (NOTE [ SIGINT and threads ])
                 text = pool.submit(text_side, index)
             pool.shutdown(wait=False)  # (the thread ends with its one task)
             try:

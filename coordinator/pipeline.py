@@ -67,10 +67,6 @@ from layerstream.proto.timeline import Timeline, write_chrome_trace
 
 log = logging.getLogger("layerstream.pipeline")
 STALL_CONFIRM_S = 1.0  # the watchdog's last wait before a stall is reported (_run_until)
-# A child killed by a stop signal is restarted or reported only after this wait: a signal sent to the
-# whole process group reaches this process too, where another thread may take it a moment later.
-STOP_SIGNAL_GRACE_S = 0.25
-STOP_CODES = {-signal.SIGTERM, -signal.SIGINT, -getattr(signal, "SIGHUP", signal.SIGTERM)}
 
 
 class StepError(LayerstreamError):
@@ -291,9 +287,6 @@ class Pipeline:
         for c in self.sup.dead():
             code = c.proc.exitcode
             self.links.unwatch(c.proc.sentinel)
-            if code in STOP_CODES and not self.closed:
-                for _ in range(25):  # (this process's handler raises out of a sleep, before the line)
-                    time.sleep(STOP_SIGNAL_GRACE_S / 25)
             if c.role == "reader" and c.restarts == 0 and not self.closed:
                 log.warning("%s died (exit code %s); restarting it and retrying its reads", c.ident, code)
                 c.restarts += 1

@@ -1,4 +1,5 @@
-"""Threads that never take SIGINT, so that a Ctrl-C always reaches the main thread.
+"""Threads that never take SIGINT, so that a Ctrl-C always reaches the main thread; children that
+never take a stop signal sent to the whole process group.
 
 NOTE [ SIGINT and threads ]
 The kernel hands a process's SIGINT to any of its threads that does not block it, and a thread
@@ -10,12 +11,17 @@ anything else with SIGINT blocked (libzmq's I/O threads block every signal of th
 accord), and tqdm runs without its monitor thread.
 
 NOTE [ SIGINT while a child starts ]
-A Ctrl-C reaches the whole process group, children included. A spawned child runs
-multiprocessing's bootstrap (unpickling its target, importing zmq) before any code of ours can
-ignore SIGINT, and a Ctrl-C there printed a KeyboardInterrupt traceback from spawn_main. So the
-launcher spawns with SIGINT blocked (`sigint_blocked`: a blocked signal stays blocked across
-fork and exec), and the child's entry ignores SIGINT before it unblocks it (`ignore_sigint`):
-a Ctrl-C pending meanwhile is dropped. In the launcher it is taken once the spawn is done.
+A Ctrl-C reaches the whole process group, children included; so do a closed terminal's SIGHUP and
+a SIGTERM sent to the group (systemd's default stop, `timeout`, `kill -- -PGID`). Only the launcher
+decides how a run stops: a child that died of the group's SIGTERM cut the server's grace for the
+requests in flight short and was reported as a failure. So children ignore all three
+(STOP_SIGNALS), and the shutdown ladder terminates a child with TERMINATE, which no one sends to a
+group (NOTE [ shutdown order ] in supervisor.py). A spawned child runs multiprocessing's bootstrap
+(unpickling its target, importing zmq) before any code of ours can ignore them, and a Ctrl-C there
+printed a KeyboardInterrupt traceback from spawn_main. So the launcher spawns with them blocked
+(`stop_signals_blocked`: a blocked signal stays blocked across fork and exec), and the child's entry
+ignores them before it unblocks them (`ignore_stop_signals`): one pending meanwhile is dropped. In
+the launcher it is taken once the spawn is done.
 """
 
 from __future__ import annotations
@@ -23,34 +29,35 @@ from __future__ import annotations
 import contextlib
 import signal
 
+from layerstream.proto.signals import STOP_SIGNALS, TERMINATE
+
 
 @contextlib.contextmanager
-def sigint_blocked():
-    """SIGINT blocked in this thread meanwhile: threads started meanwhile keep it blocked."""
+def stop_signals_blocked():
+    """STOP_SIGNALS blocked in this thread meanwhile: threads started meanwhile keep them blocked."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def ignore_sigint() -> None:
-    """SIGINT ignored, then unblocked, in a child (NOTE [ SIGINT while a child starts ])."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "SIGHUP"):  # a closed terminal's, likewise: the launcher decides how the run stops
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def ignore_stop_signals() -> None:
+    """STOP_SIGNALS ignored, then unblocked, in a child (NOTE [ SIGINT while a child starts ])."""
+    for s in STOP_SIGNALS - {TERMINATE}:
+        signal.signal(s, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def start_thread_pools(threads: int | None = None, torch: bool = True) -> None:
     """Import numpy and, with `torch`, torch and tokenizers, and start their CPU threads with
     SIGINT blocked in them (the NOTE above); `threads`: torch's CPU threads (else its default).
     Again later it does what is not yet done."""
-    with sigint_blocked():
+    with stop_signals_blocked():
         import numpy  # noqa: F401 - OpenBLAS starts its threads as numpy loads
 
         if not torch:

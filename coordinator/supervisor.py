@@ -2,18 +2,19 @@
 
 NOTE [ shutdown order ]
 Stopping asks first (a Shutdown message, sent by the pipeline while its loop is healthy),
-then waits ASK_WAIT_S, then SIGTERM, waits TERM_WAIT_S, then SIGKILL. A child the message could
-not reach (one still starting, when a run is interrupted early) gets SIGTERM at once: waiting for
-it gains nothing. A child found stopped (SIGSTOP, a debugger) while the ladder waits is killed at
-once: neither the message nor SIGTERM reaches it until it is continued, and the run's exit waited
-out both waits for it. The waits are short, since a stop by SIGTERM is as clean as one by the
-message: readers and compute hold nothing that outlives them, and staging unlinks its arena on
-SIGTERM too (or the pipeline does, where it was killed).
+then waits ASK_WAIT_S, then TERMINATE (SIGUSR1), waits TERM_WAIT_S, then SIGKILL. A child the
+message could not reach (one still starting, when a run is interrupted early) gets TERMINATE at
+once: waiting for it gains nothing. A child found stopped (SIGSTOP, a debugger) while the ladder
+waits is killed at once: neither the message nor a signal reaches it until it is continued, and the
+run's exit waited out both waits for it. The waits are short, since a stop by TERMINATE is as clean
+as one by the message: readers and compute hold nothing that outlives them, and staging unlinks its
+arena on TERMINATE too (or the pipeline does, where it was killed).
 Readers and compute stop before staging, because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
-SIGTERM, or when its parent is gone). Children ignore SIGINT: a Ctrl-C in the terminal
-reaches the whole process group, and only the coordinator decides how to stop (a child still
-in multiprocessing's bootstrap too: NOTE [ SIGINT while a child starts ] in sigmask.py). A child
-stopped before its body runs (a SIGTERM in staging's handler while it connects) exits quietly.
+TERMINATE, or when its parent is gone). Children ignore SIGINT, SIGTERM and SIGHUP: a Ctrl-C, a
+closed terminal and a stop sent to the group reach the whole process group, and only the
+coordinator decides how to stop (a child still in multiprocessing's bootstrap too: NOTE [ SIGINT
+while a child starts ] in sigmask.py). A child stopped before its body runs (TERMINATE in staging's
+handler while it connects) exits quietly.
 
 NOTE [ warm starts ]
 A spawned child starts a Python and imports its role's modules before it can run: for compute,
@@ -54,11 +55,12 @@ from multiprocessing.connection import wait as wait_any
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
-from layerstream.coordinator.sigmask import ignore_sigint, sigint_blocked
+from layerstream.coordinator.sigmask import ignore_stop_signals, stop_signals_blocked
 from layerstream.cpus import usable_cpus
 from layerstream.errors import STALLED
 from layerstream.proctitle import set_process_name
 from layerstream.proto.child import ShutdownRequested, spawned
+from layerstream.proto.signals import TERMINATE
 
 log = logging.getLogger("layerstream.pipeline")
 
@@ -86,7 +88,7 @@ class Child:
 
 WARM_MIN_CPUS = 4
 # A child's own stop (its links closed, staging's arena unlinked, quick_exit) takes a small part of
-# ASK_WAIT_S; one still running after it is not on its way out by itself. Staging reads a SIGTERM
+# ASK_WAIT_S; one still running after it is not on its way out by itself. Staging reads TERMINATE
 # within TERM_POLL_MS (staging_proc.py), well inside TERM_WAIT_S; readers and compute die of it.
 ASK_WAIT_S = 1.0
 TERM_WAIT_S = 0.5
@@ -108,8 +110,8 @@ WARM_MODULES = {
 
 
 def _spawning():
-    """SIGINT blocked while children are spawned (NOTE [ SIGINT while a child starts ]). The
-    resource tracker, which multiprocessing starts with the first child, is started first:
+    """The stop signals blocked while children are spawned (NOTE [ SIGINT while a child starts ]).
+    The resource tracker, which multiprocessing starts with the first child, is started first:
     its start unblocks SIGINT in this thread once it has spawned it."""
     from multiprocessing import resource_tracker
 
@@ -125,7 +127,7 @@ def _spawning():
     finally:
         if hup is not None:
             signal.signal(signal.SIGHUP, hup)
-    return sigint_blocked()
+    return stop_signals_blocked()
 
 
 def quick_exit(code: int) -> None:
@@ -135,15 +137,24 @@ def quick_exit(code: int) -> None:
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
-        except (OSError, ValueError):  # (a closed pipe: what was written is gone anyway)
+        except (OSError, ValueError, AttributeError):  # (a closed pipe: what was written is gone anyway; none)
             pass
     os._exit(code)
+
+
+def _terminate(p) -> None:
+    """The ladder's TERMINATE to a child still running (the children ignore SIGTERM: NOTE [ shutdown order ])."""
+    if p.pid is not None and p.exitcode is None:
+        try:
+            os.kill(p.pid, TERMINATE)
+        except ProcessLookupError:  # (gone meanwhile)
+            pass
 
 
 def child_main(*args) -> None:
     """Every child's process target: proto.child's `spawned(*args)`, then a quick exit with the
     status it ends with (NOTE [ quick exits ])."""
-    ignore_sigint()
+    ignore_stop_signals()
     set_process_name(f"layerstream-{args[1]}")  # (role, ident, ...): layerstream-compute, layerstream-reader-0
     code = 0
     try:
@@ -152,7 +163,7 @@ def child_main(*args) -> None:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except ShutdownRequested:  # asked to stop before or after its body's own handling (NOTE [ shutdown order ])
         pass
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (a handler of its role raises: nothing is left to clean up)
+    signal.signal(TERMINATE, signal.SIG_DFL)  # (a handler of its role raises: nothing is left to clean up)
     quick_exit(code)
 
 
@@ -160,7 +171,7 @@ def warm_child(role: str, modules: tuple[str, ...], conn, device: str = "auto") 
     """A warm process: import `modules` and run the last one's `prepare_warm(device)` where it has
     one (`device`: the run's --device), then run as `spawned` with what comes on `conn` (exit quietly
     when the pipe closes first)."""
-    ignore_sigint()  # (as every child: NOTE [ shutdown order ])
+    ignore_stop_signals()  # (as every child: NOTE [ shutdown order ])
     gc.disable()  # (its imports too: NOTE [ start-up objects frozen ] in proto/child.py)
     set_process_name(f"layerstream-{role}")  # (child_main names it by its ident once it is given one)
     try:
@@ -227,8 +238,7 @@ class WarmStarts:
                 conn.close()
         self.waiting = {}
         for p in procs:
-            if p.exitcode is None:
-                p.terminate()
+            _terminate(p)
         _join_all(procs, 2.0)
 
     def __enter__(self) -> "WarmStarts":
@@ -316,8 +326,8 @@ class Supervisor:
     def stop(self, idents: list[str], timeout: float, asked: set[str] | None = None,
              hung: frozenset[str] = frozenset()) -> None:
         """Wait up to `timeout` for children asked to stop (`asked`: those of idents that were; default
-        all); then SIGTERM; then SIGKILL. A child not asked gets SIGTERM at once; a `hung` one (the
-        watchdog's, stopped or deadlocked: SIGTERM would wait for it in vain), or one found stopped,
+        all); then TERMINATE; then SIGKILL. A child not asked gets TERMINATE at once; a `hung` one (the
+        watchdog's, stopped or deadlocked: TERMINATE would wait for it in vain), or one found stopped,
         SIGKILL at once (NOTE [ shutdown order ])."""
         procs = [self.children[i].proc for i in idents if i in self.children and self.children[i].proc]
         for i in idents:
@@ -329,11 +339,10 @@ class Supervisor:
                 if i in hung:
                     c.proc.kill()
                 elif asked is not None and i not in asked:
-                    c.proc.terminate()
+                    _terminate(c.proc)
         _wait_stopping(procs, timeout)
         for p in procs:
-            if p.exitcode is None:
-                p.terminate()
+            _terminate(p)
         _wait_stopping(procs, TERM_WAIT_S)
         for p in procs:
             if p.exitcode is None:

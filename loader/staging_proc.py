@@ -4,16 +4,16 @@ NOTE [ who owns the arena ]
 The arena outlives any reader or compute process that dies, and goes when the run ends:
 this process creates it (removing those of killed runs first: NOTE [ arena ownership ] in
 arena.py), reports its ArenaDesc in Ready, and unlinks it when told to shut down,
-when the coordinator is gone (parent watchdog), or when it is terminated (SIGTERM runs the
-same cleanup). The host cache's policy lives in the coordinator's scheduler beside the
+when the coordinator is gone (parent watchdog), or when it is terminated (the shutdown ladder's
+TERMINATE, SIGUSR1, runs the same cleanup). The host cache's policy lives in the coordinator's scheduler beside the
 prefetch logic (it is bookkeeping over slot ids), which saves a message hop per layer.
 
-A SIGTERM only sets a flag, which the main loop reads between short waits for a message
+TERMINATE only sets a flag, which the main loop reads between short waits for a message
 (TERM_POLL_MS) and turns into ShutdownRequested there, its one place: an exception raised by the
 handler wherever the main thread is could cut short any step of making or unlinking the arena
 (its registration with the resource tracker before its finalizer, the unlink) and leave the
 segment to the tracker, which warns of a leak after the run's one line. The wait keeps the stop
-well inside the shutdown ladder's TERM_WAIT_S between SIGTERM and SIGKILL (supervisor.py).
+well inside the shutdown ladder's TERM_WAIT_S between TERMINATE and SIGKILL (supervisor.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from layerstream.loader.arena import Arena
 from layerstream.proto.child import ChildEndpoints, ChildLinks, ShutdownRequested, run_child, settle
 from layerstream.proto.codec import to_wire
+from layerstream.proto.signals import TERMINATE
 
-TERM_POLL_MS = 200  # the longest a SIGTERM waits to be seen by the main loop
+TERM_POLL_MS = 200  # the longest TERMINATE waits to be seen by the main loop
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class StagingConfig:
 def main(cfg: StagingConfig) -> None:
     """Process entry point (multiprocessing spawn target)."""
     term = _Term()
-    signal.signal(signal.SIGTERM, term)
+    signal.signal(TERMINATE, term)
 
     def body(links: ChildLinks) -> None:
         stop, filler = threading.Event(), None
@@ -66,8 +67,8 @@ def main(cfg: StagingConfig) -> None:
 
 
 class _Term:
-    """The SIGTERM handler: it only records the request (a plain attribute, no lock that a second
-    SIGTERM, run inside the first one's handler, could wait on forever)."""
+    """TERMINATE's handler: it only records the request (a plain attribute, no lock that a second
+    one, run inside the first one's handler, could wait on forever)."""
 
     requested = False
 

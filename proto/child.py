@@ -28,6 +28,7 @@ import zmq
 
 from .codec import BadMessageCounter
 from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
+from .signals import STOP_SIGNALS, TERMINATE
 from .sockets import Curve, make_dealer, recv_envelope, send_msg
 
 FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame to go out
@@ -167,7 +168,8 @@ def spawned(role: str, ident: str, endpoints: ChildEndpoints | None, parent_pid:
     """Every child's spawn target: imports its entry point ("module:function") and unpickles its
     config here, inside the harness, so that a failure there (a broken install, a module that
     cannot import) reaches the coordinator as a Failed too, not as a traceback on stderr."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (see run_child)
+    for s in STOP_SIGNALS - {TERMINATE}:  # (see run_child)
+        signal.signal(s, signal.SIG_IGN)
     gc.disable()  # (until its body settles, its imports too: NOTE [ start-up objects frozen ])
     try:
         module, _, name = target.partition(":")
@@ -187,8 +189,10 @@ def spawned(role: str, ident: str, endpoints: ChildEndpoints | None, parent_pid:
 def run_child(role: str, ident: str, endpoints: ChildEndpoints, parent_pid: int,
               body: Callable[[ChildLinks], None], stats: Callable[[], dict[str, Any]] | None = None) -> None:
     """Run `body(links)` as a pipeline child; report errors as Failed; exit 0 on Shutdown."""
-    # Ctrl-C reaches the whole process group; the coordinator alone decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, a closed terminal's SIGHUP and a stop sent to the group reach the whole process group;
+    # the coordinator alone decides how to stop (NOTE [ SIGINT while a child starts ] in sigmask.py).
+    for s in STOP_SIGNALS - {TERMINATE}:
+        signal.signal(s, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} {ident}: %(message)s")
     links = _connect(role, ident, endpoints, parent_pid, stats)
     code = 0
