@@ -40,7 +40,10 @@ class _Version(argparse.Action):
     """--version, its package metadata read only when asked (importlib.metadata took 12 ms of every start)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{PROG} (layerstream) {_version()}")
+        try:
+            print(f"{PROG} (layerstream) {_version()}")
+        except OSError as e:  # (a write that fails at once; one at the exit's flush is the command's to say)
+            parser.exit(1, f"{PROG}: error: cannot write the output ({e.strerror or e})\n")
         parser.exit()
 
 

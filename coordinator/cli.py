@@ -21,6 +21,7 @@ from layerstream.coordinator.args import (
     shown,
 )
 from layerstream.coordinator.sigmask import start_thread_pools
+from layerstream.coordinator.stdio import flush_stdout, open_standard_fds, print_stream
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 
 SERVE_BATCH = 8  # the rows --serve holds by default where they fit
@@ -290,27 +291,6 @@ def _report(engine, args) -> None:
         print(f"trace: {n} events written to {args.trace}", file=sys.stderr)
 
 
-def _print_stream(pieces, out) -> None:
-    """The reply on stdout, ended by a newline; an error after partial text leaves the line ended
-    first, so that the error line starts on a line of its own."""
-    last = ""
-    try:
-        for piece in pieces:
-            out.write(piece)
-            out.flush()
-            last = piece
-    except BaseException:
-        if last and not last.endswith("\n"):
-            try:
-                out.write("\n")
-                out.flush()
-            except OSError:
-                pass
-        raise
-    out.write("\n")
-    out.flush()
-
-
 def run(args) -> int:
     # bytes that are not UTF-8 (argv keeps them as surrogates, stdin would raise) become U+FFFD
     args.prompt = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in args.prompt]
@@ -399,7 +379,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
 
     turn = Turn(engine, engine.encode(prompt, chat=args.chat, system=args.system), params)
     try:
-        _print_stream(turn.pieces(), sys.stdout)
+        print_stream(turn.pieces(), sys.stdout)
     finally:
         rates.add(turn.rates)
     return 0
@@ -484,6 +464,7 @@ def entry() -> None:
     """The command: main(), then an exit without the interpreter's teardown (NOTE [ quick exits ])."""
     from layerstream.proctitle import set_process_name
 
+    open_standard_fds()
     set_process_name("layerstream", " ".join(sys.argv[1:]))  # (ps showed "python -c ..."; its options kept)
     try:
         code = main()
@@ -491,6 +472,10 @@ def entry() -> None:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
+    unwritten = flush_stdout()  # (what the buffer held: --version, the perplexity, into a full disk)
+    if unwritten:
+        print(f"{PROG}: error: {unwritten}", file=sys.stderr)
+        code = code or 1
     from layerstream.coordinator.supervisor import quick_exit
 
     quick_exit(code)

@@ -52,6 +52,7 @@ from layerstream.errors import LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
 MAX_QUOTED = 100  # characters of a path an error message quotes
+CTX = "context_length_exceeded"  # OpenAI's code for a prompt longer than the context
 STUCK_S = 5.0  # how long a stop waits for the engine's thread before it stops the pipeline's processes under it
 HURRIED_S = 0.5  # the same after a second signal: a healthy engine's step ends within it, a hung one's never
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "abort": "abort"}
@@ -155,8 +156,8 @@ class Server:
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 7235: "bearer" is Bearer); the key is not
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           kind="authentication_error", code="invalid_api_key")
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # (RFC 7235 asks it of a 401)
 
     async def _read_body(self, request: Request) -> tuple[bytes, int]:
         """The body, read as it comes, and the bytes it holds of the server's BodyBudget (the caller gives
@@ -227,12 +228,12 @@ class Server:
             raise ApiError(404, f"model {model[:100]!r} does not exist; this server runs {self.model_id!r}", "model",
                            code="model_not_found")
         req = parse_request(body, kind, self.engine.hparams.n_vocab, self.defaults)
-        ctx = self.engine.cfg.ctx
-        where = "prompt" if kind == "completion" else "messages"
+        ctx, where = self.engine.cfg.ctx, ("prompt" if kind == "completion" else "messages")
         size = sum(len(m["content"].encode()) for m in req.messages) if kind == "chat" else len((req.text or "").encode())
         if size > self.max_prompt_bytes:  # more tokens than the context holds, surely: not tokenized (_longest_piece)
-            raise ApiError(400, f"the prompt is {size} bytes, more than this server's context of {ctx} tokens can hold",
-                           where, code="context_length_exceeded")
+            raise ApiError(400, f"the prompt is {size} bytes, more than a context of {ctx} tokens holds", where, code=CTX)
+        if kind == "chat" and len(req.messages) >= ctx:  # (a token a message at least: refused before its render)
+            raise ApiError(400, f"{len(req.messages)} messages, more than a context of {ctx} tokens holds", where, code=CTX)
         if kind == "chat":
             if self.engine.chat_template is None:
                 raise ApiError(400, "this model's GGUF has no chat template; use /v1/completions", "messages")
@@ -246,7 +247,7 @@ class Server:
             raise ApiError(400, "the prompt is empty", where)
         if len(ids) >= ctx:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {ctx} tokens "
-                                "(the prompt must leave room to generate)", where, code="context_length_exceeded")
+                                "(the prompt must leave room to generate)", where, code=CTX)
         return req, ids
 
     @staticmethod
@@ -493,5 +494,7 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     if server.worker is not None and server.worker.failure:
         raise PipelineError(f"the server stopped: the engine failed: {server.worker.failure}")
     if http._captured_signals:  # raised again and ignored (a background job's inherited SIGINT): the same status
+        if http._captured_signals[0] == getattr(signal, "SIGHUP", None) and callable(hup):
+            hup(signal.SIGHUP, None)  # (uvicorn raised it again under its own handler) the CLI's: its one line
         return 128 + int(http._captured_signals[0])
     return 0

@@ -195,8 +195,11 @@ def _reader_class():
 def _open_reader(path: str):
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:  # (a failing disk or mount; read access was checked with the arguments)
+        raise ModelError(f"{path}: cannot read it ({e.strerror or e}); check the file and the disk it is on") from None
     if magic != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); pass a .gguf model file")
     scan_header(path)  # counts and lengths against the file, before gguf-py trusts them

@@ -228,6 +228,7 @@ def test_errors_are_openai_shaped(server):
             urllib.request.urlopen(urllib.request.Request(f"{base}/metrics", headers={"Authorization": auth} if auth
                                                           else {}), timeout=30)
         assert denied.value.code == 401 and json.loads(denied.value.read())["error"]["code"] == "invalid_api_key"
+        assert denied.value.headers["WWW-Authenticate"] == "Bearer"  # (RFC 7235: a 401 names its scheme)
     for auth in (f"bearer {KEY}", f"BEARER  {KEY}"):
         with urllib.request.urlopen(urllib.request.Request(f"{base}/metrics", headers={"Authorization": auth}),
                                     timeout=30) as m:
@@ -857,6 +858,21 @@ def test_health_answers_while_a_huge_prompt_is_refused(live):
     assert status == 400 and got["error"]["code"] == "context_length_exceeded" and got["error"]["param"] == "prompt"
 
 
+def test_a_chat_of_more_messages_than_the_context_holds_is_refused_before_its_render(live):
+    """A hostile-user probe: 50,000 empty messages (1.6 MB, no content bytes to count) were rendered
+    by the chat template for 2 to 3.4 s in the two-thread parse pool before their 400, and 30 such
+    requests held a plain "hi" back for 27 s. A message takes a token at least: more messages than
+    the context's tokens are refused before the render."""
+    for n in (50_000, 512):
+        status, got, _ = _call(live.port, "POST", "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": ""}] * n, "max_tokens": 1})
+        assert status == 400 and got["error"]["code"] == "context_length_exceeded", got
+        assert got["error"]["param"] == "messages" and got["error"]["message"].startswith(f"{n} messages"), got
+    status, got, _ = _call(live.port, "POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}] * 3, "max_tokens": 1})
+    assert status == 200, got
+
+
 def test_a_keyless_server_refuses_foreign_hosts_and_non_json_posts(live):
     status, got, _ = _call(live.port, "GET", "/v1/models", headers={"Host": "attacker.example:80"})
     assert status == 400 and got["error"]["code"] == "invalid_host"
@@ -1086,14 +1102,16 @@ def _events(r: http.client.HTTPResponse, until: int | None = None) -> list[str]:
 
 
 @pytest.mark.parametrize("how, mode", [("SIGTERM", "one process"), ("double Ctrl-C", "one process"),
-                                       ("double Ctrl-C", "pipeline")])
+                                       ("double Ctrl-C", "pipeline"), ("SIGTERM to the group", "pipeline")])
 def test_stopping_ends_requests_in_flight_with_abort_and_done(how, mode):
     """NOTE [ server shutdown ]: a stream of 4000 tokens and a plain request of 4000 in flight. SIGTERM:
     one line on stderr (how many, how long), then after the grace each gets its end: the stream a last
     chunk with finish_reason "abort" and `data: [DONE]`, the plain request 200 with its text so far and
     "abort"; exit 143, no traceback, no "engine failed". A second Ctrl-C ends them at once, exit 130.
     (The probe: 31 s of silence, a traceback, the stream cut without [DONE], curl exit 18; with the
-    pipeline, a second Ctrl-C printed five tracebacks and "engine failed: ZMQError".)"""
+    pipeline, a second Ctrl-C printed five tracebacks and "engine failed: ZMQError".) A SIGTERM to the
+    whole group (systemd's stop) gives the same grace: it killed the children at once, and the streams
+    ended within a second, after lines of a reader's death and restart and "engine failed"."""
     p, url = _start(*(["--single-process"] if mode == "one process" else []), "--batch", "2", "--ctx", "4096")
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     long = {"prompt": "Tell a story", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
@@ -1104,12 +1122,17 @@ def test_stopping_ends_requests_in_flight_with_abort_and_done(how, mode):
         stream = _sse_post(port, long | {"stream": True})
         first = _events(stream, 3)
         assert len(first) == 3 and all(json.loads(e)["choices"][0]["finish_reason"] is None for e in first)
-        sig = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
-        p.send_signal(sig)
+        sig = signal.SIGINT if how == "double Ctrl-C" else signal.SIGTERM
+        t0 = time.monotonic()
+        if how == "SIGTERM to the group":
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
         if how == "double Ctrl-C":
             time.sleep(1)
             p.send_signal(signal.SIGINT)
         rest = _events(stream)
+        took = time.monotonic() - t0
         t.join(60)
         code = p.wait(timeout=60)
     finally:
@@ -1122,13 +1145,14 @@ def test_stopping_ends_requests_in_flight_with_abort_and_done(how, mode):
     assert status == 200 and body["choices"][0]["finish_reason"] == "abort", body
     assert body["choices"][0]["text"] and 0 < body["usage"]["completion_tokens"] < 4000
     err = p.stderr.read()
-    assert code == (143 if how == "SIGTERM" else 130), err
+    assert code == (130 if how == "double Ctrl-C" else 143), err
+    assert (took < 4) if how == "double Ctrl-C" else (took > 4), took  # (the grace: 5 s)
     for bad in ("Traceback", "engine failed", "ERROR", "Exception"):
         assert bad not in err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     stopping = [ln for ln in lines if "stopping" in ln]
     assert stopping == ["layerstream: stopping: 2 requests in flight, given at most 5 s to finish; "
-                        + ("a second signal" if how == "SIGTERM" else "Ctrl-C again") + " ends them now"], err
+                        + ("Ctrl-C again" if how == "double Ctrl-C" else "a second signal") + " ends them now"], err
     assert len(lines) == 2 and lines[-1] in ("run-pipeline: terminated", "run-pipeline: interrupted"), err
 
 

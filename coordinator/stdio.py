@@ -1,0 +1,71 @@
+"""The command's standard streams: reopened where they were closed, and the reply written to
+stdout with a failure to write it said in one line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from layerstream.errors import LayerstreamError
+
+
+def open_standard_fds() -> None:
+    """A closed stdin, stdout or stderr (`<&-`, `>&-`) reopened on the null device. Left closed, its
+    number went to the next file or socket opened (libuv aborted on its loop's, a print could land in
+    a socket), and Python's sys.stdout was None (the children's exit and uvicorn's logging raised)."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)  # (the lowest free number: fd)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", errors="replace", closefd=False))
+
+
+def output_error(e: OSError) -> LayerstreamError:
+    return LayerstreamError(f"cannot write the output ({e.strerror or e}); check the disk or the file stdout goes to")
+
+
+def _write(out, text: str) -> None:
+    """`text` on `out`, flushed; a failure but a closed pipe's (the caller's `| head`: exit 0) as one line."""
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise output_error(e) from None
+
+
+def print_stream(pieces, out) -> None:
+    """The reply on stdout, ended by a newline; an error after partial text leaves the line ended
+    first, so that the error line starts on a line of its own."""
+    last = ""
+    try:
+        for piece in pieces:
+            _write(out, piece)
+            last = piece
+    except BaseException:
+        if last and not last.endswith("\n"):
+            with contextlib.suppress(OSError, LayerstreamError):
+                _write(out, "\n")
+        raise
+    _write(out, "\n")
+
+
+def flush_stdout() -> str | None:
+    """What went wrong writing what is left on stdout, else None (a closed pipe: nothing)."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return None
+    except OSError as e:
+        return str(output_error(e))
+    return None

@@ -1,0 +1,90 @@
+"""The command with its standard streams closed or failing (a hostile-user probe): a closed stdin or
+stdout is the null device, a write that fails is one line and exit 1, never a traceback or an abort."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ggufgen
+from procs import wait_listening
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
+linux = pytest.mark.skipif(sys.platform != "linux", reason="/dev/full, /proc")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return ggufgen.write_model(tmp_path_factory.mktemp("stdio") / "m.gguf")
+
+
+def _run(args, closed=(), stdout=subprocess.PIPE):
+    def close():
+        for fd in closed:
+            os.close(fd)
+    return subprocess.run([str(LAUNCHER), *args], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                          timeout=120, preexec_fn=close)
+
+
+def _lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("mode", [["--single-process"], []], ids=["one process", "pipeline"])
+def test_a_closed_stdin_or_stdout_is_the_null_device(model, mode):
+    """`<&-` raised AttributeError on sys.stdin (None) before anything ran; `>&-` gave each child's
+    traceback at its exit, then libuv's abort (exit 134) as its loop's socket took fd 1."""
+    args = [*mode, "-m", model, "--device", "cpu", "-n", "3", "--temperature", "0", "hello"]
+    r = _run(args, closed=(0,))
+    assert r.returncode == 0 and r.stdout.strip() and not r.stderr.strip(), r.stderr
+    r = _run(args, closed=(1,), stdout=None)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+@linux
+@pytest.mark.parametrize("mode", [["--single-process"], []], ids=["one process", "pipeline"])
+def test_a_reply_into_a_full_disk_is_one_line_and_exit_1(model, mode):
+    with open("/dev/full", "w") as full:
+        r = _run([*mode, "-m", model, "--device", "cpu", "-n", "3", "hello"], stdout=full)
+    assert r.returncode == 1, r.stderr
+    assert _lines(r.stderr) == ["run-pipeline: error: cannot write the output (No space left on device); check the "
+                                "disk or the file stdout goes to"], r.stderr
+
+
+@linux
+def test_version_into_a_full_disk_and_a_model_that_cannot_be_read_are_one_line(model):
+    with open("/dev/full", "w") as full:
+        r = _run(["--version"], stdout=full)
+    assert r.returncode == 1 and len(_lines(r.stderr)) == 1 and "cannot write the output" in r.stderr, r.stderr
+    r = _run(["-m", "/proc/self/mem", "-n", "1", "hi"])  # (a read that fails, as on a failing disk: EIO)
+    assert r.returncode == 1, r.stderr
+    assert _lines(r.stderr) == ["run-pipeline: error: /proc/self/mem: cannot read it (Input/output error); check the "
+                                "file and the disk it is on"], r.stderr
+
+
+def test_a_server_with_its_stdout_closed_serves_and_a_sighup_says_so(model):
+    """`--serve >&-` never started (uvicorn's logging set-up asked the None sys.stdout whether it was a
+    terminal); SIGHUP (a closed terminal) stopped a server with no line, where SIGTERM says "terminated"."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([str(LAUNCHER), "--serve", "--single-process", "--port", str(port), "-m", model,
+                          "--device", "cpu"], stdout=None, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, preexec_fn=lambda: os.close(1))
+    try:
+        wait_listening(p, port)
+        p.send_signal(signal.SIGHUP)
+        code = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err = p.stderr.read()
+    assert code == 129 and "Traceback" not in err, err
+    assert _lines(err)[-1] == "run-pipeline: hung up", err
