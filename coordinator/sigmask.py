@@ -20,7 +20,7 @@ group (NOTE [ shutdown order ] in supervisor.py). A spawned child runs multiproc
 (unpickling its target, importing zmq) before any code of ours can ignore them, and a Ctrl-C there
 printed a KeyboardInterrupt traceback from spawn_main. So the launcher spawns with them blocked
 (`stop_signals_blocked`: a blocked signal stays blocked across fork and exec), and the child's entry
-ignores them before it unblocks them (`ignore_stop_signals`): one pending meanwhile is dropped. In
+ignores them before it unblocks them (`proto.signals.ignore_stop_signals`): one pending meanwhile is dropped. In
 the launcher it is taken once the spawn is done.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import signal
 
-from layerstream.proto.signals import STOP_SIGNALS, TERMINATE
+from layerstream.proto.signals import STOP_SIGNALS
 
 
 @contextlib.contextmanager
@@ -43,14 +43,6 @@ def stop_signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def ignore_stop_signals() -> None:
-    """STOP_SIGNALS ignored, then unblocked, in a child (NOTE [ SIGINT while a child starts ])."""
-    for s in STOP_SIGNALS - {TERMINATE}:
-        signal.signal(s, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def start_thread_pools(threads: int | None = None, torch: bool = True) -> None:

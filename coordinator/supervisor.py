@@ -55,12 +55,12 @@ from multiprocessing.connection import wait as wait_any
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
-from layerstream.coordinator.sigmask import ignore_stop_signals, stop_signals_blocked
+from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.cpus import usable_cpus
 from layerstream.errors import STALLED
 from layerstream.proctitle import set_process_name
 from layerstream.proto.child import ShutdownRequested, spawned
-from layerstream.proto.signals import TERMINATE
+from layerstream.proto.signals import TERMINATE, ignore_stop_signals
 
 log = logging.getLogger("layerstream.pipeline")
 

@@ -19,7 +19,6 @@ import importlib
 import logging
 import os
 import pickle
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,7 +27,7 @@ import zmq
 
 from .codec import BadMessageCounter
 from .messages import Failed, Message, Ready, Shutdown, StatsReply, StatsRequest
-from .signals import STOP_SIGNALS, TERMINATE
+from .signals import ignore_stop_signals
 from .sockets import Curve, make_dealer, recv_envelope, send_msg
 
 FAILED_LINGER_MS = 3000  # how long a failing child waits for its Failed frame to go out
@@ -168,8 +167,7 @@ def spawned(role: str, ident: str, endpoints: ChildEndpoints | None, parent_pid:
     """Every child's spawn target: imports its entry point ("module:function") and unpickles its
     config here, inside the harness, so that a failure there (a broken install, a module that
     cannot import) reaches the coordinator as a Failed too, not as a traceback on stderr."""
-    for s in STOP_SIGNALS - {TERMINATE}:  # (see run_child)
-        signal.signal(s, signal.SIG_IGN)
+    ignore_stop_signals()  # (see run_child)
     gc.disable()  # (until its body settles, its imports too: NOTE [ start-up objects frozen ])
     try:
         module, _, name = target.partition(":")
@@ -191,8 +189,7 @@ def run_child(role: str, ident: str, endpoints: ChildEndpoints, parent_pid: int,
     """Run `body(links)` as a pipeline child; report errors as Failed; exit 0 on Shutdown."""
     # Ctrl-C, a closed terminal's SIGHUP and a stop sent to the group reach the whole process group;
     # the coordinator alone decides how to stop (NOTE [ SIGINT while a child starts ] in sigmask.py).
-    for s in STOP_SIGNALS - {TERMINATE}:
-        signal.signal(s, signal.SIG_IGN)
+    ignore_stop_signals()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} {ident}: %(message)s")
     links = _connect(role, ident, endpoints, parent_pid, stats)
     code = 0

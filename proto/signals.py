@@ -12,3 +12,12 @@ STOP_SIGNALS = frozenset(s for s in (signal.SIGINT, signal.SIGTERM, getattr(sign
 # the shutdown ladder's own signal to one child: its default action ends the process, and nothing sends
 # it to a group (SIGTERM where there is no SIGUSR1: children then take the group's too)
 TERMINATE = getattr(signal, "SIGUSR1", signal.SIGTERM)
+
+
+def ignore_stop_signals() -> None:
+    """STOP_SIGNALS ignored, then unblocked (a child spawned with them blocked: NOTE [ SIGINT while a
+    child starts ]): one pending meanwhile is dropped."""
+    for s in STOP_SIGNALS - {TERMINATE}:
+        signal.signal(s, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
