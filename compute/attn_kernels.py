@@ -23,6 +23,10 @@ for a few kilobytes at decode. `rope_and_store` does it in one: a program per (t
 rotates its pairs in float32 (q into a new tensor; k, unless the cache keeps it unrotated) and
 writes the token's k and v at (tok_row, tok_slot) in the cache's dtype.
 
+With `x8` decode attention also writes its output's int8 form for the Q4_K projection that follows
+(qgemv8.py, NOTE [ int8 activations ]; a program's head is D / 32 whole blocks): the step's
+quantization of o then costs no launch of its own.
+
 Like qkernels.py, these kernels run on the CPU under Triton's interpreter (TRITON_INTERPRET=1), which is
 how CI tests them.
 """
@@ -33,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from layerstream.compute.qgemv8 import attach_q8, q8_blocks, q8_buffers, store_q8
 from layerstream.compute.qkernels import INTERPRET
 
 BL = 32  # cached slots a program reads per iteration
@@ -41,14 +46,26 @@ BL = 32  # cached slots a program reads per iteration
 TARGET_PROGRAMS = 32 if INTERPRET else 512
 
 
+@triton.jit
+def _store_head(o, xq, xds, t, h, H, y, D: tl.constexpr, BD: tl.constexpr, X8: tl.constexpr):
+    """Head h of token t's output y [BD] (o's dtype) into o [T, H * D]; X8: and its int8 form, D / 32
+    blocks at block (t * H + h) * D / 32 of quantize_x's layout."""
+    d = tl.arange(0, BD)
+    tl.store(o + (t * H + h) * D + d, y, mask=d < D)
+    if X8:
+        qi, dx, sx = q8_blocks(tl.reshape(y.to(tl.float32), (BD // 32, 32)))
+        blk = tl.arange(0, BD // 32)
+        store_q8(xq, xds, (t * H + h).to(tl.int64) * (D // 32), blk, blk < D // 32, qi, dx, sx)
+
+
 # The slot count and its split are plain arguments, not specialized (their divisibility would be):
 # a decode graph captured at a longer KV bucket then compiles nothing, where a new specialization
 # stalled the step that crossed the bucket (BENCHMARKS.md: SmolLM2 at 1,024 tokens).
 @triton.jit(do_not_specialize=["L", "n_split"])
-def _decode_kernel(q, kc, vc, mask, rows, used, o, part_m, part_l, part_acc, sq_t, sq_h, sk_r, sk_l, sk_h,
+def _decode_kernel(q, kc, vc, mask, rows, used, o, xq, xds, part_m, part_l, part_acc, sq_t, sq_h, sk_r, sk_l, sk_h,
                    sv_r, sv_l, sv_h, sm_t, L, n_split, H, scale,
                    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
-                   SPLIT: tl.constexpr):
+                   SPLIT: tl.constexpr, X8: tl.constexpr):
     """Query head h of token t over chunk s of the slots its row uses (`used`, at most L), split in
     n_split chunks of whole BL-slot blocks (a chunk past them stores an empty part, its max -inf)."""
     t = tl.program_id(0)
@@ -88,12 +105,12 @@ def _decode_kernel(q, kc, vc, mask, rows, used, o, part_m, part_l, part_acc, sq_
         tl.store(part_l + i, l_i)
         tl.store(part_acc + i * BD + d, acc)
     else:
-        tl.store(o + (t * H + h) * D + d, (acc / l_i).to(o.dtype.element_ty), mask=ok_d)
+        _store_head(o, xq, xds, t, h, H, (acc / l_i).to(o.dtype.element_ty), D, BD, X8)
 
 
 @triton.jit(do_not_specialize=["n_split"])
-def _combine_kernel(part_m, part_l, part_acc, o, n_split, H, D: tl.constexpr, BD: tl.constexpr,
-                    BS: tl.constexpr):
+def _combine_kernel(part_m, part_l, part_acc, o, xq, xds, n_split, H, D: tl.constexpr, BD: tl.constexpr,
+                    BS: tl.constexpr, X8: tl.constexpr):
     """Query head h of token t: its chunks' partial softmaxes weighted by exp(m_s - max m)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -107,24 +124,29 @@ def _combine_kernel(part_m, part_l, part_acc, o, n_split, H, D: tl.constexpr, BD
     den = tl.sum(w * tl.load(part_l + base + s, mask=ok_s, other=0), axis=0)
     acc = tl.load(part_acc + (base + s[:, None]) * BD + d[None, :], mask=ok_s[:, None], other=0)
     num = tl.sum(w[:, None] * acc, axis=0)
-    tl.store(o + (t * H + h) * D + d, (num / den).to(o.dtype.element_ty), mask=d < D)
+    _store_head(o, xq, xds, t, h, H, (num / den).to(o.dtype.element_ty), D, BD, X8)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
-                     rows: torch.Tensor, L: int, scale: float, used: torch.Tensor | None = None) -> torch.Tensor:
+                     rows: torch.Tensor, L: int, scale: float, used: torch.Tensor | None = None,
+                     x8: bool = False) -> torch.Tensor:
     """Attention of T one-token queries q [T, H, D] over slots 0..L-1 of their cache rows:
     k_cache, v_cache [rows, cap, Hkv, D] (last dim contiguous), mask [T, >= L] (bool, True where
     the query may attend; last dim contiguous), rows [T] (int64), used [T] (the slots in use in
     each token's row: none further is read; default L). A new [T, H * D] tensor in q's dtype.
-    Every query must see at least one slot."""
+    Every query must see at least one slot. `x8` (H * D a multiple of 256, D of 32): the result
+    carries its int8 form (qgemv8.attach_q8)."""
     T, H, D = q.shape
     Hkv = k_cache.shape[2]
     if H % Hkv or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or mask.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError(f"decode attention needs H ({H}) a multiple of Hkv ({Hkv}) and contiguous last dims")
+    if x8 and (D % 32 or H * D % 256):
+        raise ValueError(f"decode attention's int8 form needs D a multiple of 32 and H * D of 256, not {H} x {D}")
     BD = triton.next_power_of_2(D)
     most = max(1, triton.cdiv(TARGET_PROGRAMS, T * H))  # (the split at any L: the combine's block, one compile)
     n_split = max(1, min(triton.cdiv(L, BL), most))  # (each token's chunks: its used slots')
     o = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
+    xq, xds = q8_buffers(T, H * D, q.device) if x8 else (o, o)
     split = n_split > 1
     if split:
         part_m = torch.empty(T * H * n_split, dtype=torch.float32, device=q.device)
@@ -136,14 +158,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kw = {} if INTERPRET else {"num_warps": 4}
     if used is None:
         used = torch.full((T,), L, dtype=torch.long, device=q.device)
-    _decode_kernel[(T, H, n_split)](q, k_cache, v_cache, m8, rows, used, o, part_m, part_l, part_acc,
+    _decode_kernel[(T, H, n_split)](q, k_cache, v_cache, m8, rows, used, o, xq, xds, part_m, part_l, part_acc,
                                     q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), m8.stride(0),
                                     L, n_split, H, scale,
-                                    GROUP=H // Hkv, D=D, BD=BD, BL=BL, SPLIT=split, **kw)
+                                    GROUP=H // Hkv, D=D, BD=BD, BL=BL, SPLIT=split, X8=x8, **kw)
     if split:
-        _combine_kernel[(T, H)](part_m, part_l, part_acc, o, n_split, H, D=D, BD=BD,
-                                BS=triton.next_power_of_2(most))
+        _combine_kernel[(T, H)](part_m, part_l, part_acc, o, xq, xds, n_split, H, D=D, BD=BD,
+                                BS=triton.next_power_of_2(most), X8=x8)
+    if x8:
+        attach_q8(o, xq, xds)
     return o
 
 

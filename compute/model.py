@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from layerstream.compute.dequant import have_triton
-from layerstream.compute.qlinear import QuantWeight, glu, linear, linear_many
+from layerstream.compute.qlinear import QuantWeight, glu, linear, linear_many, takes_int8_x
 from layerstream.compute.step_meta import StepMeta
 from layerstream.loader.gguf_index import HParams
 
@@ -53,10 +53,13 @@ def _norm_kernels():
     return norm_kernels
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, then: list | None = None) -> torch.Tensor:
+    """RMSNorm of x [..., E] by w [E]. `then`: the matrices the result goes to next; where they run on
+    int8 x (qlinear.takes_int8_x: decode's Q4_K), the norm's kernel emits that form in its launch."""
     if x.is_cuda:  # one fused kernel (it computes in float32 inside)
         if x.dim() == 2 and x.shape[0] <= NORM_KERNEL_MAX_ROWS and w.dtype == x.dtype and have_triton():
-            return _norm_kernels().rms_norm(x, w, eps)
+            x8 = bool(then) and x.shape[1] % 256 == 0 and takes_int8_x(x, then)
+            return _norm_kernels().rms_norm(x, w, eps, x8=x8)
         return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -173,9 +176,9 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     cos_q, sin_q, cos_k_all, sin_k_all, mask_all = tab.cos_q, tab.sin_q, tab.cos_k, tab.sin_k, tab.mask
     T = x.shape[0]
     H, Hkv, D = hp.attn.n_head, hp.attn.n_head_kv, hp.attn.head_dim
-    h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps)
-    q, k, v = linear_many(h, [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]],
-                          [w.get("attn_q.bias"), w.get("attn_k.bias"), w.get("attn_v.bias")])
+    qkv = [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]]
+    h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps, then=qkv)
+    q, k, v = linear_many(h, qkv, [w.get("attn_q.bias"), w.get("attn_k.bias"), w.get("attn_v.bias")])
     q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
     if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE
         q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
@@ -191,8 +194,9 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
         k_cache[meta.tok.row, meta.tok.slot] = k.to(k_cache.dtype)
         v_cache[meta.tok.row, meta.tok.slot] = v.to(v_cache.dtype)
     if meta.kernels.decode and cos_k_all is None:  # token t is sequence t's only one
+        x8 = D % 32 == 0 and H * D % 256 == 0 and takes_int8_x(x, [w["attn_output.weight"]])
         o = _attn_kernels().decode_attention(q, k_cache, v_cache, mask_all[:, 0, 0], meta.q.rows, meta.q.kv_len,
-                                             hp.attn.scale or 1 / math.sqrt(D), used=meta.q.used)
+                                             hp.attn.scale or 1 / math.sqrt(D), used=meta.q.used, x8=x8)
         return _attn_out(hp, w, x, o)
 
     B, S = meta.q.index.shape
@@ -233,8 +237,8 @@ _ACTS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tan
 
 
 def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps)
     gate, up, down = w["ffn_gate.weight"], w["ffn_up.weight"], w["ffn_down.weight"]
+    h = rms_norm(x, w["ffn_norm.weight"], hp.norm_eps, then=[gate, up])
     act = _ACTS.get(hp.ffn_act, F.silu)
     if all(getattr(m, "cpu_only", False) for m in (gate, up, down)):  # the CPU's whole (cpu/split.py)
         y = gate.ffn(h, up, down, act)
@@ -254,4 +258,4 @@ def ffn_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
 
 def head_forward(hp: HParams, x: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor) -> torch.Tensor:
     """Final RMSNorm and output head: x [N, E] -> logits [N, V] in float32."""
-    return linear(rms_norm(x, norm_w, hp.norm_eps), out_w).float()
+    return linear(rms_norm(x, norm_w, hp.norm_eps, then=[out_w]), out_w).float()

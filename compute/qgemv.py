@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from layerstream.compute.qgemv8 import TYPES as X8_TYPES, quantize_x, step8
+from layerstream.compute.qgemv8 import TYPES as X8_TYPES, q8_of, step8
 
 # qtype id -> bytes a word of gemv_kernel's loads (4: aligned 32-bit words; 2: 16-bit ones)
 WORD_BYTES = {12: 4, 13: 4, 14: 2, 8: 2, 2: 2, 3: 2, 6: 2, 7: 2}
@@ -408,12 +408,12 @@ def supports(raw: torch.Tensor, qtype: int) -> bool:
 
 def _activations(x: torch.Tensor, qtype: int, K: int, x8: bool, interpret: bool) -> tuple:
     """The kernels' x, xds and x's row stride: x itself, or with `x8` its int8 quantization as 32-bit
-    words and its blocks' scales and sums (qgemv8.quantize_x; Q4_K)."""
+    words and its blocks' scales and sums (qgemv8.quantize_x, or the form x carries: q8_of; Q4_K)."""
     if not x8:
         return x, x, x.stride(0)
     if qtype not in X8_TYPES or K % 256:
         raise ValueError(f"int8 activations take Q4_K with K a multiple of 256, not type {qtype} at K {K}")
-    xq, xds = quantize_x(x, interpret)
+    xq, xds = q8_of(x, interpret)
     return xq.view(torch.int32), xds, K // 4
 
 

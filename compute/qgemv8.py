@@ -109,22 +109,43 @@ def step8(acc, xr, xdsr, xok, w32, rowb, kb0, n_chunks, KB: tl.constexpr, EVEN: 
 
 
 @triton.jit
+def q8_blocks(v):
+    """v [B, 32] (float32) as int8 blocks of 32 (NOTE [ int8 activations ]): (q [B, 32] int32, each
+    block's scale dx = max |v| / 127 [B], the sum of its dequantized values [B]), q = round(v / dx)
+    with ties away from zero. One rule for quantize_x and the RMSNorm that emits its output's."""
+    # IEEE divisions (Triton's `/` on float32 is the approximate one), so that the rounding is the rule's
+    dx = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0)
+    f = v * tl.math.div_rn(1.0, tl.where(dx > 0, dx, 1.0))[:, None]  # (a block of zeros: zeros)
+    qi = tl.where(f >= 0, f + 0.5, f - 0.5).to(tl.int32)  # truncation after +-0.5: ties away from zero
+    return qi, dx, tl.sum(qi, axis=1).to(tl.float32) * dx
+
+
+@triton.jit
+def store_q8(xq, xds, row, blk, ok, qi, dx, sx):
+    """q8_blocks' blocks `blk` [B] of row `row` (int64) into quantize_x's layout: xq [M, K] int8 and
+    xds [M, K / 32, 2] float32, n_blocks = K / 32 a row; `ok` [B] masks blocks past the row."""
+    offs = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(xq + row * 32 + offs, qi.to(tl.int8), mask=ok[:, None])
+    tl.store(xds + (row + blk) * 2, dx, mask=ok)
+    tl.store(xds + (row + blk) * 2 + 1, sx, mask=ok)
+
+
+@triton.jit
 def quantize_x_kernel(x, xq, xds, n_blocks, sxm, BLOCKS: tl.constexpr):
-    """Row program_id(1) of x, blocks of 32 values BLOCKS at a time: xq = round(x / dx) (int8, ties
-    away from zero) for dx = max |x| / 127 of the block, and xds = the block's (dx, sum of dx * xq)."""
+    """Row program_id(1) of x, blocks of 32 values BLOCKS at a time, by q8_blocks."""
     m = tl.program_id(1)
     blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     ok = blk < n_blocks
     offs = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
     v = tl.load(x + m.to(tl.int64) * sxm + offs, mask=ok[:, None], other=0).to(tl.float32)
-    # IEEE divisions (Triton's `/` on float32 is the approximate one), so that the rounding is the rule's
-    dx = tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0)
-    f = v * tl.math.div_rn(1.0, tl.where(dx > 0, dx, 1.0))[:, None]  # (a block of zeros: zeros)
-    qi = tl.where(f >= 0, f + 0.5, f - 0.5).to(tl.int32)  # truncation after +-0.5: ties away from zero
-    row = m.to(tl.int64) * n_blocks
-    tl.store(xq + row * 32 + offs, qi.to(tl.int8), mask=ok[:, None])
-    tl.store(xds + (row + blk) * 2, dx, mask=ok)
-    tl.store(xds + (row + blk) * 2 + 1, tl.sum(qi, axis=1).to(tl.float32) * dx, mask=ok)
+    qi, dx, sx = q8_blocks(v)
+    store_q8(xq, xds, m.to(tl.int64) * n_blocks, blk, ok, qi, dx, sx)
+
+
+def q8_buffers(M: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (xq [M, K] int8, xds [M, K / 32, 2] float32) for quantize_x's layout."""
+    return (torch.empty(M, K, dtype=torch.int8, device=device),
+            torch.empty(M, K // 32, 2, dtype=torch.float32, device=device))
 
 
 def quantize_x(x: torch.Tensor, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,9 +153,25 @@ def quantize_x(x: torch.Tensor, interpret: bool) -> tuple[torch.Tensor, torch.Te
     values [M, K] and each block's (scale, sum of its dequantized values) [M, K / 32, 2], float32."""
     M, K = x.shape
     n_blocks = K // 32
-    xq = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    xds = torch.empty(M, n_blocks, 2, dtype=torch.float32, device=x.device)
+    xq, xds = q8_buffers(M, K, x.device)
     BLOCKS = 32
     kw = {} if interpret else {"num_warps": 4}
     quantize_x_kernel[(triton.cdiv(n_blocks, BLOCKS), M)](x, xq, xds, n_blocks, x.stride(0), BLOCKS=BLOCKS, **kw)
     return xq, xds
+
+
+# the attribute by which a tensor carries its own int8 form (`attach_q8`)
+_Q8_ATTR = "_layerstream_q8"
+
+
+def attach_q8(x: torch.Tensor, xq: torch.Tensor, xds: torch.Tensor) -> None:
+    """Let x [M, K] carry its quantize_x form, computed where x was made (the RMSNorm before a
+    decode step's Q4_K matmuls: one launch fewer each); the int8 matmuls then take it instead of
+    quantizing x again. x must not change in place afterwards."""
+    setattr(x, _Q8_ATTR, (xq, xds))
+
+
+def q8_of(x: torch.Tensor, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_x(x): the form x carries (`attach_q8`), or a new one."""
+    return getattr(x, _Q8_ATTR, None) or quantize_x(x, interpret)
+

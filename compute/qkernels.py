@@ -456,6 +456,17 @@ def _many_config(M: int, Ns: list[int], K: int, qtype: int) -> tuple | None:
     return _gemv_config(M, sum(Ns), K, qtype)
 
 
+def takes_int8_x(x: torch.Tensor, qtype: int, Ns: list[int], K: int) -> bool:
+    """Whether x [M, K] by these [Ns[s], K] matrices (one: matmul; several: matmul_many) would run on
+    x quantized to int8 (gemv8), so that the op making x may emit that form (norm_kernels' x8)."""
+    if INTERPRET:  # (gemv8 is a GPU choice: the interpreter's tests ask for it by `config`)
+        return False
+    M = x.shape[0]
+    c = _choose(M, Ns[0], K, qtype, interpret=False) if len(Ns) == 1 else _many_config(M, Ns, K, qtype)
+    c = _float_x(c, x)
+    return c is not None and c[0] == "gemv8"
+
+
 def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[int], K: int, glu: bool = False,
                 residual: torch.Tensor | None = None, config: tuple | None = None) -> list[torch.Tensor] | None:
     """x [M, K] by 1 to 3 [Ns[s], K] matrices of `qtype` blocks in one launch of

@@ -291,6 +291,27 @@ def linear_many(x: torch.Tensor, ws: list, biases: list | None = None) -> list[t
     return [y if y is not None else linear(x, w, b) for y, w, b in zip(out, ws, biases)]
 
 
+def takes_int8_x(x: torch.Tensor, ws: list) -> bool:
+    """Whether `linear_many` (or `linear`, `glu`) would run any of these matrices on x quantized to
+    int8 (qgemv8.py), so that whoever makes x may emit that form with it."""
+    if not all(isinstance(w, QuantWeight) and not w.native for w in ws) or x.dim() != 2:
+        return False
+    return _takes_int8_x(x.shape[0], x.dtype, tuple((w.qtype, w.shape) for w in ws))
+
+
+@functools.cache
+def _takes_int8_x(M: int, dtype: torch.dtype, shapes: tuple) -> bool:
+    """takes_int8_x by the matrices' (type, shape), cached (it runs before every decode norm of an
+    eager step); their groups as linear_many forms them: one type and K a launch, a group of one alone."""
+    if any(M > fused_max_rows(qtype, *shape) for qtype, shape in shapes):
+        return False
+    groups: dict[tuple[int, int], list[int]] = {}
+    for qtype, (N, K) in shapes:
+        groups.setdefault((qtype, K), []).append(N)
+    x = torch.empty(M, 0, dtype=dtype)  # (what the choice reads of x: its rows and dtype)
+    return any(len(Ns) <= 3 and _kernels().takes_int8_x(x, qtype, Ns, K) for (qtype, K), Ns in groups.items())
+
+
 def glu(x: torch.Tensor, gate, up) -> torch.Tensor | None:
     """SiLU(x @ gate^T) * (x @ up^T) in one launch, gate and up rows paired in each program, where
     the fused kernel takes them (decode rows, one type), or gate and up in one native call on the

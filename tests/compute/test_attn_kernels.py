@@ -91,6 +91,31 @@ def test_decode_attention_refuses_mismatched_heads():
                                       torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 4, 1.0)
 
 
+@pytest.mark.parametrize("T,H,D,L,dtype", [
+    (1, 8, 32, 20, torch.float16),     # one chunk: the decode kernel stores the heads
+    (2, 4, 64, 200, torch.bfloat16),   # split: the combine kernel stores them
+    (1, 8, 96, 70, torch.float32),     # D below its power of two: the blocks past it masked
+    (1, 4, 128, 40, torch.float16),    # the 8B's head width
+])
+def test_decode_attention_emits_quantize_x_of_its_output(T, H, D, L, dtype):
+    """x8: the output carries qgemv8.quantize_x(output) bit for bit, from either kernel that writes
+    the heads, and is itself the output without it; widths that are not whole blocks refused."""
+    from layerstream.compute import qgemv8
+
+    g = torch.Generator().manual_seed(H * D + L)
+    k_cache, v_cache = torch.randn(2, L, 2, D, generator=g).to(dtype), torch.randn(2, L, 2, D, generator=g).to(dtype)
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    rows, mask = torch.tensor([1, 0])[:T], torch.ones(T, L, dtype=torch.bool)
+    out = attn_kernels.decode_attention(q, k_cache, v_cache, mask, rows, L, 0.3, x8=True)
+    assert torch.equal(out, attn_kernels.decode_attention(q, k_cache, v_cache, mask, rows, L, 0.3))
+    xq, xds = qgemv8.q8_of(out, interpret=True)
+    want_q, want_ds = qgemv8.quantize_x(out, interpret=True)
+    assert torch.equal(xq, want_q) and torch.equal(xds, want_ds) and xq.any()
+    with pytest.raises(ValueError, match="int8 form needs D a multiple of 32 and H [*] D of 256, not 2 x 64"):
+        attn_kernels.decode_attention(torch.zeros(T, 2, 64), torch.zeros(2, L, 2, 64), torch.zeros(2, L, 2, 64),
+                                      mask, rows, L, 0.3, x8=True)
+
+
 @pytest.mark.parametrize("neox,rope_dim,rotate_k,dtype", [
     (False, 64, True, torch.float32),   # llama.cpp NORM pairs, the whole head
     (True, 32, True, torch.float32),    # NEOX pairs over half the head (the rest passes through)

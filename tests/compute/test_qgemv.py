@@ -96,6 +96,53 @@ def test_gemv_on_int8_x_matches_float64_over_the_int8_x():
             qkernels.matmul(torch.randn(1, 256), blocks, int(other), 1, 256, config=("gemv8", 1, 1, 1, 1))
 
 
+def test_a_carried_int8_form_is_taken_in_place_of_quantizing_again():
+    """qgemv8.attach_q8 (what the RMSNorm before a Q4_K matmul emits): the int8 matmuls, one matrix
+    a launch and several, take the form x carries, here another x's, which shows it is read and
+    not remade; a tensor without one is quantized as before."""
+    qt = QT.Q4_K
+    rng = np.random.default_rng(810)
+    gen = torch.Generator().manual_seed(810)
+    N, K = 3, 512
+    b = random_blocks(rng, qt, N, K)
+    ref_w = reference(b, qt, N, K)
+    raw = torch.from_numpy(b.reshape(-1).copy())
+    x, other = torch.randn(1, K, generator=gen), torch.randn(1, K, generator=gen)
+    plain = qkernels.matmul(x, raw, int(qt), N, K, config=("gemv8", 1, 1, 2, 1))
+    assert rel_err(plain, int8_x(x) @ ref_w.T) < 1e-5
+    qgemv8.attach_q8(x, *qgemv8.quantize_x(other, interpret=True))
+    y = qkernels.matmul(x, raw, int(qt), N, K, config=("gemv8", 1, 1, 2, 1))
+    assert rel_err(y, int8_x(other) @ ref_w.T) < 1e-5
+    y2, y3 = qkernels.matmul_many(x, [raw, raw], int(qt), [N, N], K, config=("gemv8", 1, 1, 2, 1))
+    assert torch.equal(y2, y) and torch.equal(y3, y)
+
+
+def test_takes_int8_x_where_the_gpu_choice_is_int8(monkeypatch, request):
+    """qlinear.takes_int8_x, which tells the RMSNorm to emit the int8 form: yes where a launch of the
+    matrices that follow would take gemv8 on a GPU (one row of half x, Q4_K on 2048 rows or more at
+    K 4096: q, k and v in one launch, v alone, the head), no for Q6_K alone, 1024 rows, float32 x,
+    two rows, the CPU's native matrices and under the interpreter (whose tests ask by `config`)."""
+    from layerstream.compute.qlinear import QuantWeight, _takes_int8_x, takes_int8_x
+
+    def qw(qt, N, K=4096, native=False):
+        return QuantWeight(torch.empty(0, dtype=torch.uint8), int(qt), (N, K), native)
+
+    x = torch.zeros(1, 4096, dtype=torch.float16)
+    _takes_int8_x.cache_clear()
+    assert not takes_int8_x(x, [qw(QT.Q4_K, 4096)])  # the interpreter (CI's CPU)
+    monkeypatch.setattr(qkernels, "INTERPRET", False)
+    _takes_int8_x.cache_clear()  # (its answers under the interpreter; cleared again after the test)
+    request.addfinalizer(_takes_int8_x.cache_clear)
+    qkv = [qw(QT.Q4_K, 4096), qw(QT.Q4_K, 1024), qw(QT.Q4_K, 1024)]
+    assert takes_int8_x(x, qkv)
+    assert takes_int8_x(x, [qw(QT.Q4_K, 4096), qw(QT.Q4_K, 1024), qw(QT.Q6_K, 1024)])  # q and k's launch
+    assert takes_int8_x(x, [qw(QT.Q4_K, 14336)] * 2) and takes_int8_x(x, [qw(QT.Q4_K, 128256)])
+    assert not takes_int8_x(x, [qw(QT.Q6_K, 128256)]) and not takes_int8_x(x, [qw(QT.Q4_K, 1024)])
+    assert not takes_int8_x(x.float(), qkv) and not takes_int8_x(torch.zeros(2, 4096, dtype=torch.float16), qkv)
+    assert not takes_int8_x(x, [qw(QT.Q4_K, 4096, native=True)])
+    assert not takes_int8_x(torch.zeros(1, 2048, dtype=torch.float16), [qw(QT.Q4_K, 4096, 2048)])
+
+
 def q4k_two_bytes_in(rng, N: int, K: int) -> tuple[np.ndarray, torch.Tensor]:
     """Random Q4_K blocks [N, K] (flat) and a storage holding them from its third byte on."""
     b = random_blocks(rng, QT.Q4_K, N, K).reshape(-1)
