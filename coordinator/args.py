@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
-import stat
 import sys
 
+from layerstream.coordinator.arg_files import check_trace, no_text, path_problem, read_prompt
 from layerstream.coordinator.spelling import UsageError, refuse_foreign_options, refuse_glued_words, typed_options
 
 PROG = "run-pipeline"
@@ -213,63 +212,6 @@ def _num(v: float) -> str:
     return str(int(v)) if math.isfinite(v) and v == int(v) and abs(v) < 1 << 53 else repr(v)
 
 
-def _path_problem(path: str, what: str = "file") -> str | None:
-    """Why a file to read cannot be read, or None."""
-    if os.path.isdir(path):
-        return "is a directory; give the .gguf file inside it" if what == "model" else "is a directory, not a file"
-    if not os.path.exists(path):
-        return "no such file"
-    if not os.path.isfile(path):
-        return "is not a regular file"
-    if not os.access(path, os.R_OK):
-        return "not readable (check its permissions)"
-    return None
-
-
-MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
-
-
-def _read_prompt(option: str, path: str) -> str:
-    """-f's prompt text (bytes that are not UTF-8 become U+FFFD); `-`, a pipe or a terminal (as
-    /dev/stdin, <(...)) are read to their end; UsageError naming the file."""
-    mode = os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
-    piped = path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
-    why = "an empty path; give a file" if path == "" else None if piped else _path_problem(path)
-    if why:
-        raise UsageError(f"{option}: {why}")
-    try:
-        with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
-            raw = f.read(MAX_PROMPT_FILE + 1)
-    except OSError as e:
-        raise UsageError(f"{option}: cannot read it ({e.strerror})") from None
-    if len(raw) > MAX_PROMPT_FILE:
-        raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
-    text = raw.decode("utf-8", "replace")
-    if not text.strip():
-        raise UsageError(f"{option}: the file holds no prompt text")
-    return text
-
-
-def _check_trace(path: str) -> None:
-    """--trace's file, opened for writing now (and removed again where this made it), so that a path no
-    one may write (root included: /proc/x) is refused before the run rather than after it."""
-    if os.path.isdir(path):
-        raise UsageError(f"--trace {path}: is a directory; give a file name, for example "
-                         f"{os.path.join(path, 'trace.json')}")
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise UsageError(f"--trace {path}: exists and is not a regular file")
-    existed = os.path.lexists(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
-    except OSError as e:
-        raise UsageError(f"--trace {path}: cannot write there ({e.strerror}); give a file in a writable "
-                         "directory") from None
-    os.close(fd)
-    if not existed:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
 def check_args(args) -> None:
     """Every option checked before a model is opened, torch imported or a process started: raises
     UsageError with one line. Fills in what follows from the options (the prompt, the seed)."""
@@ -294,7 +236,7 @@ def check_args(args) -> None:
     if args.prompt_file is not None:
         if args.prompt or args.prompt_opt is not None:
             fail(f"{opt('prompt_file')}: the prompt is given twice (a file and as text); give it once")
-        args.prompt = [_read_prompt(opt("prompt_file"), args.prompt_file)]
+        args.prompt = [read_prompt(opt("prompt_file"), args.prompt_file)]
 
     if args.prompt_opt is not None:
         if args.prompt:
@@ -375,11 +317,12 @@ def check_args(args) -> None:
         fail(f"{opt('device')}: use auto, cpu, cuda or cuda:N")
     for name in ("model", "perplexity", "api_key_file", "draft_model"):
         path = getattr(args, name)
-        why = "an empty path; give a file" if path == "" else path and _path_problem(path, name)
+        why = "an empty path; give a file" if path == "" else path and path_problem(path, name)
         if why:
             fail(f"{opt(name, path)}: {why}")
-    if args.perplexity and os.path.getsize(args.perplexity) == 0:
-        fail(f"--perplexity {args.perplexity}: the file is empty")
+    why = args.perplexity and no_text(args.perplexity)
+    if why:
+        fail(f"--perplexity {args.perplexity}: {why}")
     for d in args.reader_dir:
         why = ("an empty path; give a directory" if d == "" else None if os.path.isdir(d)
                else "is not a directory" if os.path.exists(d) else "no such directory")
@@ -388,7 +331,7 @@ def check_args(args) -> None:
     if args.trace == "":
         fail("--trace : an empty path; give a file")
     if args.trace:
-        _check_trace(args.trace)
+        check_trace(args.trace)
         if args.single_process:
             fail("--trace records the pipeline's processes, and --single-process starts none; drop one")
     if args.transport != "ipc" and args.single_process:

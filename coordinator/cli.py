@@ -286,7 +286,7 @@ def _report(engine, args) -> None:
     if args.trace:
         try:
             n = engine.backend.write_trace(args.trace, snaps)
-        except OSError as e:  # checked up front (args._check_trace); a disk can still fill meanwhile
+        except OSError as e:  # checked up front (arg_files.check_trace); a disk can still fill meanwhile
             raise ConfigError(f"--trace {args.trace}: cannot write it ({e.strerror or e})") from None
         print(f"trace: {n} events written to {args.trace}", file=sys.stderr)
 
@@ -354,8 +354,11 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         return serve(engine, args.model or default_model_path(), args.host, args.port, api_key, args.max_queue,
                      sock=sock, defaults=DEFAULTS | served_sampling(args))
     if args.perplexity:
-        with open(args.perplexity, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        try:
+            with open(args.perplexity, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as e:  # (checked up front: arg_files.no_text; a file can still fail to read)
+            raise ConfigError(f"--perplexity {args.perplexity}: cannot be read ({e.strerror or e})") from None
         if "\ufffd" in text:  # (errors="replace": bytes that are not UTF-8)
             print(f"{PROG}: warning: --perplexity {args.perplexity}: not UTF-8 text ({text.count(chr(0xFFFD))} "
                   "characters replaced); the figure scores the replacements too", file=sys.stderr)

@@ -189,6 +189,10 @@ def test_empty_perplexity_file_and_long_prompt_are_refused_early(tmp_path):
     empty.write_text("")
     r = run_pipeline("-m", path, "--perplexity", str(empty))
     assert r.returncode != 0 and r.stderr.splitlines() == [f"run-pipeline: error: --perplexity {empty}: the file is empty"]
+    if sys.platform == "linux":  # a size of 0 that is not empty: it cannot be read at its start
+        r = run_pipeline("-m", path, "--perplexity", "/proc/self/mem")
+        assert r.returncode == 2 and r.stderr.splitlines() == [
+            "run-pipeline: error: --perplexity /proc/self/mem: cannot be read (Input/output error)"], r.stderr
     one = tmp_path / "one.txt"
     one.write_text("a")  # (one token, found once the model is loaded)
     r = run_pipeline("-m", path, "--single-process", "--perplexity", str(one))
@@ -197,6 +201,20 @@ def test_empty_perplexity_file_and_long_prompt_are_refused_early(tmp_path):
     r = run_pipeline("-m", path, "--ctx", "16", "-n", "4", "word " * 40)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "leaves no room to generate" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_a_file_of_size_0_is_empty_only_when_it_reads_nothing(tmp_path):
+    """--perplexity's up-front check (arg_files.no_text): /proc's files report a size of 0, so the
+    size alone called /proc/self/stat "empty" (it holds text) and /proc/self/mem "empty" (it cannot
+    be read at its start: EIO)."""
+    from layerstream.coordinator.arg_files import no_text
+
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    assert no_text(str(empty)) == "the file is empty"
+    assert no_text("/proc/self/stat") is None
+    assert no_text("/proc/self/mem") == "cannot be read (Input/output error)"
 
 
 def test_a_perplexity_of_few_tokens_or_of_bytes_not_text_comes_with_a_warning(tmp_path):

@@ -88,3 +88,4 @@ def test_a_server_with_its_stdout_closed_serves_and_a_sighup_says_so(model):
     err = p.stderr.read()
     assert code == 129 and "Traceback" not in err, err
     assert _lines(err)[-1] == "run-pipeline: hung up", err
+

@@ -1,0 +1,80 @@
+"""The files run-pipeline's options name, checked or read before any model is opened: why one
+cannot be read, a prompt file's text, and --trace's file opened for writing once up front."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+
+from layerstream.coordinator.spelling import UsageError
+
+
+def path_problem(path: str, what: str = "file") -> str | None:
+    """Why a file to read cannot be read, or None."""
+    if os.path.isdir(path):
+        return "is a directory; give the .gguf file inside it" if what == "model" else "is a directory, not a file"
+    if not os.path.exists(path):
+        return "no such file"
+    if not os.path.isfile(path):
+        return "is not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable (check its permissions)"
+    return None
+
+
+def no_text(path: str) -> str | None:
+    """Why a regular file holds nothing to read ("the file is empty", or its read error), or None. A
+    size of 0 alone does not say: /proc's files report 0 and hold text (or refuse to be read)."""
+    if os.path.getsize(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return None if f.read(1) else "the file is empty"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
+MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
+
+
+def read_prompt(option: str, path: str) -> str:
+    """-f's prompt text (bytes that are not UTF-8 become U+FFFD); `-`, a pipe or a terminal (as
+    /dev/stdin, <(...)) are read to their end; UsageError naming the file."""
+    mode = os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
+    piped = path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+    why = "an empty path; give a file" if path == "" else None if piped else path_problem(path)
+    if why:
+        raise UsageError(f"{option}: {why}")
+    try:
+        with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
+            raw = f.read(MAX_PROMPT_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"{option}: cannot read it ({e.strerror})") from None
+    if len(raw) > MAX_PROMPT_FILE:
+        raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
+    text = raw.decode("utf-8", "replace")
+    if not text.strip():
+        raise UsageError(f"{option}: the file holds no prompt text")
+    return text
+
+
+def check_trace(path: str) -> None:
+    """--trace's file, opened for writing now (and removed again where this made it), so that a path no
+    one may write (root included: /proc/x) is refused before the run rather than after it."""
+    if os.path.isdir(path):
+        raise UsageError(f"--trace {path}: is a directory; give a file name, for example "
+                         f"{os.path.join(path, 'trace.json')}")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UsageError(f"--trace {path}: exists and is not a regular file")
+    existed = os.path.lexists(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise UsageError(f"--trace {path}: cannot write there ({e.strerror}); give a file in a writable "
+                         "directory") from None
+    os.close(fd)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
