@@ -143,7 +143,9 @@ def host_allowed(header: str | None, bound: str) -> bool:
 
 
 class Guard:
-    """ASGI middleware: refuses Host headers a keyless server must not answer (DNS rebinding), and
+    """ASGI middleware: refuses a request framed two ways (Content-Length and Transfer-Encoding, which a
+    proxy and this server could read differently) and Host headers a keyless server must not answer
+    (DNS rebinding), and
     writes one access line a request (method, path, status, tokens, seconds) at INFO."""
 
     def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger):
@@ -161,7 +163,11 @@ class Guard:
 
         try:
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
-            if self.check_host and not host_allowed(host, self.bound):
+            names = {k for k, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:  # (RFC 9112 6.3: request smuggling)
+                await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",
+                            "invalid_framing", close=True)
+            elif self.check_host and not host_allowed(host, self.bound):
                 await _json(send_, 400, f"Host {host[:100]!r} is not served here: a server without an API key "
                                         "answers only loopback names and IP addresses (pass --api-key to serve "
                                         "others)", "invalid_host")
@@ -183,8 +189,11 @@ def _logged(path: str, most: int = 200) -> str:
     return path if len(path) <= most else f"{path[:most]}...({len(path) - most} more)"
 
 
-async def _json(send, status: int, message: str, code: str | None, kind: str = "invalid_request_error") -> None:
+async def _json(send, status: int, message: str, code: str | None, kind: str = "invalid_request_error",
+                close: bool = False) -> None:
+    """An OpenAI-style JSON error; `close`: and the connection closed after it (its body left unread)."""
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": headers + [(b"connection", b"close")] * close})
     await send({"type": "http.response.body", "body": body})
