@@ -55,6 +55,21 @@ class _Planned:
         return math.prod(self.shape) // block * type_size
 
 
+# NOTE [ routing of random weights ]
+# Random Q and K score the keys nearly alike, so each query's attention output is close to the
+# mean of the values before it: nearly the same vector for every later token. With the token
+# embedding small beside the layers' outputs (as in a trained model, and at the gains the dense
+# shapes keep), that shared part grows layer by layer and soon dominates the residual stream, and
+# a random router then sends every token to much the same few experts: the "uniform" MoE shape
+# routed with more skew than `--route-skew 0.5` asks for in its deeper layers (BENCHMARKS.md,
+# "routing of the synthetic MoE"), which flattered the expert cache. So the mixture-of-experts
+# shapes take a large token embedding and a small attention output: each token's own embedding
+# stays the larger part of the stream through the layers, the router's inputs stay about as
+# independent as `router_scales` assumes, and uniform routing is uniform. The dense shapes keep
+# their gains: nothing in their speed depends on their activations.
+MOE_EMBD_GAIN, MOE_ATTN_OUT_GAIN = 20.0, 0.2
+
+
 def _plan(shape: ModelShape, mix: str, route_skew: float = 0.0) -> list[_Planned]:
     """Every tensor of the model in file order (llama.cpp's), with a generator for its data."""
     out: list[_Planned] = []
@@ -92,7 +107,8 @@ def _plan(shape: ModelShape, mix: str, route_skew: float = 0.0) -> list[_Planned
 
     hd = shape.head_dim
     q_dim, kv_dim = shape.n_head * hd, shape.n_head_kv * hd
-    mat("token_embd.weight", shape.n_vocab, shape.n_embd, gain=2.0)
+    embd_gain, out_gain = (MOE_EMBD_GAIN, MOE_ATTN_OUT_GAIN) if shape.n_expert else (2.0, 0.7)
+    mat("token_embd.weight", shape.n_vocab, shape.n_embd, gain=embd_gain)
     if shape.rope_freqs:
         factors = llama3_rope_factors(hd, shape.rope_theta)
         out.append(_Planned("rope_freqs.weight", QT.F32, (hd // 2,), lambda rng: factors))
@@ -105,7 +121,7 @@ def _plan(shape: ModelShape, mix: str, route_skew: float = 0.0) -> list[_Planned
         if shape.arch == "qwen3moe":
             vec(p + "attn_q_norm.weight", hd)
             vec(p + "attn_k_norm.weight", hd)
-        mat(p + "attn_output.weight", shape.n_embd, q_dim)
+        mat(p + "attn_output.weight", shape.n_embd, q_dim, gain=out_gain)
         vec(p + "ffn_norm.weight", shape.n_embd)
         if shape.n_expert:
             router(p + "ffn_gate_inp.weight")
