@@ -174,4 +174,3 @@ def attach_q8(x: torch.Tensor, xq: torch.Tensor, xds: torch.Tensor) -> None:
 def q8_of(x: torch.Tensor, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_x(x): the form x carries (`attach_q8`), or a new one."""
     return getattr(x, _Q8_ATTR, None) or quantize_x(x, interpret)
-
