@@ -72,12 +72,63 @@ def _busy_response() -> bytes:
             b"retry-after: 1\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+class _Recording(h11.Connection):
+    """h11's connection, keeping the protocol error it raised last (uvicorn's handler drops it)."""
+
+    error: h11.RemoteProtocolError | None = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as e:
+            self.error = e
+            raise
+
+
+# Statuses h11 hints for a request it cannot parse that a client reads as what it did wrong.
+_PARSE_STATUSES = {400: b"Bad Request", 413: b"Content Too Large", 414: b"URI Too Long",
+                   431: b"Request Header Fields Too Large"}
+LINGER_S = 2.0  # a refused request's unread bytes are read and dropped this long before the close
+
+
 def guarded_protocol(limits: Limits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a request-head deadline and a connection cap (NOTE above)."""
+    """uvicorn's h11 protocol with a request-head deadline, a connection cap (NOTE above), and
+    requests h11 cannot parse answered in OpenAI's JSON (uvicorn answers plain text) with h11's
+    status (431 for a head past its buffer), the connection half-closed and its unread bytes
+    dropped for LINGER_S before the close, so that the client reads the answer rather than a reset."""
     busy = _busy_response()
 
     class GuardedH11(H11Protocol):
         _head_timer = None
+        _lingering = False
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn.__class__ = _Recording
+
+        def data_received(self, data: bytes) -> None:
+            if not self._lingering:
+                super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            e = self.conn.error
+            status = e.error_status_hint if e is not None and e.error_status_hint in _PARSE_STATUSES else 400
+            body = json.dumps({"error": {"message": f"malformed HTTP request: {e or msg}", "type": "invalid_request_error",
+                                         "param": None, "code": "invalid_http_request"}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            try:
+                for event in (h11.Response(status_code=status, headers=headers, reason=_PARSE_STATUSES[status]),
+                              h11.Data(data=body), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
+            except h11.LocalProtocolError:  # an answer had begun: nothing more can be said on it
+                self.transport.close()
+                return
+            self._lingering = True
+            self.flow.resume_reading()  # (paused by a pipelined request: the drop reads on)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -144,7 +195,8 @@ def host_allowed(header: str | None, bound: str) -> bool:
 
 class Guard:
     """ASGI middleware: refuses a request framed two ways (Content-Length and Transfer-Encoding, which a
-    proxy and this server could read differently) and Host headers a keyless server must not answer
+    proxy and this server could read differently), a body in a Content-Encoding (gzip: it was read as
+    if plain), and Host headers a keyless server must not answer
     (DNS rebinding), and
     writes one access line a request (method, path, status, tokens, seconds) at INFO."""
 
@@ -163,10 +215,14 @@ class Guard:
 
         try:
             host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
-            names = {k for k, _ in scope["headers"]}
-            if b"content-length" in names and b"transfer-encoding" in names:  # (RFC 9112 6.3: request smuggling)
+            heads = dict(scope["headers"])
+            coding = heads.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+            if b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
                 await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",
                             "invalid_framing", close=True)
+            elif coding != "identity":  # (RFC 9110 15.5.16: a coding the server does not take is a 415)
+                await _json(send_, 415, f"the body is encoded (Content-Encoding: {coding[:40]}); send it as plain "
+                                        "JSON", "unsupported_media_type", close=True)
             elif self.check_host and not host_allowed(host, self.bound):
                 await _json(send_, 400, f"Host {host[:100]!r} is not served here: a server without an API key "
                                         "answers only loopback names and IP addresses (pass --api-key to serve "

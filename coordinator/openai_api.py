@@ -234,7 +234,7 @@ def sampling_from(body: dict, kind: str, defaults: dict = DEFAULTS) -> SamplingP
         min_p=_float(body, "min_p", d["min_p"], 0.0, 1.0),
         repeat_penalty=_float(body, "repeat_penalty", d["repeat_penalty"], *REPEAT_PENALTY_RANGE),
         repeat_last_n=d["repeat_last_n"],
-        seed=_int(body, "seed", d["seed"], *SEED_RANGE),
+        seed=None if (seed := _int(body, "seed", d["seed"], *SEED_RANGE)) == -1 else seed,  # -1: fresh, as the CLI's
         max_tokens=max_tokens,
         stop=stop,
         ignore_eos=_bool(body, "ignore_eos", d["ignore_eos"]),

@@ -60,6 +60,9 @@ def test_the_standard_fields_clients_send_are_served():
                        "max_completion_tokens": 5, "n": 3, "stream": True, "stream_options": {"include_usage": True},
                        "user": "u1", "logprobs": False, "presence_penalty": 0, "seed": 2**64 - 1}, "chat", V)
     assert r.params.max_tokens == 5 and r.n == 3 and r.stream and r.include_usage and r.params.seed == 2**64 - 1
+    # seed -1: a fresh one (None), as the CLI's -s -1 and llama-server's; other negatives are seeds
+    assert parse_request({"prompt": "x", "seed": -1}, "completion", V).params.seed is None
+    assert parse_request({"prompt": "x", "seed": -2}, "completion", V).params.seed == -2
     assert r.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
                           {"role": "assistant", "content": ""}]
     assert refused({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,

@@ -777,6 +777,50 @@ def test_a_request_framed_both_ways_is_refused_and_its_connection_closed(live):
     _healthy(live)
 
 
+def _raw_exchange(port: int, data: bytes) -> tuple[int, bytes, dict]:
+    """Send `data` on a new connection and read to its close: (status, head, JSON body)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    finally:
+        s.close()
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head.lower(), json.loads(rest)
+
+
+def test_requests_h11_cannot_parse_are_answered_in_json_and_read_to_the_end(live):
+    """uvicorn answered these in plain text ("Invalid HTTP request received."), and a head past
+    h11's buffer with a reset, no answer: now OpenAI's JSON with h11's status, the connection
+    closed after the client has sent what it had (LINGER_S); the server goes on."""
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    for data in (post + b"Content-Length: 46\r\nContent-Length: 5\r\n\r\n" + b" " * 46,  # two lengths
+                 post + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",  # a chunk size not hex
+                 b"GET /health HTTP/1.1\r\n\r\n"):  # HTTP/1.1 without Host
+        status, head, body = _raw_exchange(live.port, data)
+        assert status == 400 and b"content-type: application/json" in head and b"connection: close" in head, head
+        assert body["error"]["code"] == "invalid_http_request" and body["error"]["message"].startswith("malformed")
+    status, head, body = _raw_exchange(live.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nX: "
+                                                  + b"a" * 200_000 + b"\r\n\r\n")
+    assert status == 431 and body["error"]["code"] == "invalid_http_request", (status, body)
+    _healthy(live)
+
+
+def test_an_encoded_body_is_refused_not_read_as_plain_json(live):
+    """Content-Encoding: gzip was ignored (a plain body under it was served, a gzipped one read as bad
+    JSON): 415 naming the coding, the connection closed; identity is plain."""
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    req = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+           b"Content-Length: " + str(len(body)).encode() + b"\r\nContent-Encoding: %s\r\n\r\n" + body)
+    status, head, err = _raw_exchange(live.port, req % b"gzip")
+    assert status == 415 and "Content-Encoding: gzip" in err["error"]["message"], err
+    status, _, _ = _call(live.port, "POST", "/v1/completions", body, {"Content-Encoding": "identity"})
+    assert status == 200
+    _healthy(live)
+
+
 def _post_head(port: int, length: int | None) -> socket.socket:
     """A connection that has sent a completion request's head (Content-Length, or chunked) and no body."""
     s = socket.create_connection(("127.0.0.1", port))
