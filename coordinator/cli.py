@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         _die(f"{e} (see {PROG} --help)", 2)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (the launcher's early_signals had it)
     signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
     if hasattr(signal, "SIGHUP"):  # (at its default a closed terminal ended the launcher at once)
         signal.signal(signal.SIGHUP, _sigterm)

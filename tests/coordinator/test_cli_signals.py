@@ -193,3 +193,28 @@ def test_a_whole_group_stopped_and_continued_goes_on(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, err.decode()
     assert b"stalled" not in err
+
+
+@pytest.mark.parametrize("sig,line,code", [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143),
+                                           (signal.SIGHUP, "hung up", 129)])
+def test_a_stop_signal_during_the_imports_is_the_runs_one_line(sig, line, code):
+    """NOTE [ stopped while it starts ] (coordinator/early_signals.py): the handlers the launcher
+    installs before cli's imports. A signal there gave a KeyboardInterrupt traceback from inside an
+    import, or (SIGTERM, SIGHUP) a silent death; here the signal lands with the handlers in place."""
+    r = subprocess.run([sys.executable, "-c", "from layerstream.coordinator.early_signals import install\n"
+                        f"install()\nimport os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(30)"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (code, f"run-pipeline: {line}\n")
+
+
+@pytest.mark.parametrize("delay", [0.12, 0.25])
+def test_the_launcher_stopped_as_it_imports_says_so_in_one_line(delay, tmp_path):
+    """The launcher stopped a fraction of a second after its start, while it imports (a hostile
+    probe's traceback): SIGINT to its session ends it with the one line and 130, wherever it lands."""
+    p = subprocess.Popen([str(LAUNCHER), "-n", "4", "Hi"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    time.sleep(delay)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.splitlines()[-1:] == ["run-pipeline: interrupted"], (p.returncode, err)
+    assert "Traceback" not in err

@@ -1,0 +1,41 @@
+"""The launcher's first act: a stop signal that lands while run-pipeline is still importing is
+its one line and its status, as after (NOTE [ stopped while it starts ] below).
+
+NOTE [ stopped while it starts ]
+`cli.main` turns SIGINT, SIGTERM and SIGHUP into the run's one line ("interrupted", "terminated",
+"hung up") and 130 / 143 / 129. Its module's imports take a fifth of a second first, and a signal
+there met Python's defaults: a KeyboardInterrupt traceback from inside some import, or a silent
+death by SIGTERM or SIGHUP. Nothing exists yet to clean up then (no child, no segment, no file), so
+these handlers print the line and exit at once; main() replaces them with its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+PROG = "run-pipeline"  # (coordinator.args.PROG; that module is not imported here, it is what takes the time)
+_HOW = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+if hasattr(signal, "SIGHUP"):
+    _HOW[signal.SIGHUP] = "hung up"
+
+
+def _stop(signum, frame) -> None:
+    lead = "\n" if os.isatty(2) else ""  # (as cli._stopped: ^C may end the terminal's line)
+    os.write(2, f"{lead}{PROG}: {_HOW[signum]}\n".encode())
+    os._exit(128 + signum)
+
+
+def install() -> None:
+    """The handlers for the imports' time (NOTE above)."""
+    for s in _HOW:
+        signal.signal(s, _stop)
+
+
+def entry() -> None:
+    """run-pipeline's entry point (bin/run-pipeline's and the installed script's): these handlers,
+    then the command itself (cli.entry)."""
+    install()
+    from layerstream.coordinator.cli import entry as command
+
+    command()
