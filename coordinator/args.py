@@ -277,7 +277,8 @@ def check_args(args) -> None:
     ints("repeat-last-n", args.repeat_last_n, 0, MAX_CTX)
     if args.seed == -1:
         args.seed = None  # as llama.cpp: -1 asks for a fresh seed
-    ints("seed", args.seed, 0, SEED_MAX)
+    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
+        fail(f"{opt('seed')}: must be from 0 to {SEED_MAX}, or -1 for a fresh one")
     ints("ctx", args.ctx, 2, MAX_CTX)
     ints("batch", args.batch, 1, MAX_BATCH)
     ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)

@@ -16,6 +16,7 @@ KeyboardInterrupt goes on to the command, which prints its one line and exits 13
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -199,6 +200,12 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             if not reader.person:
                 return 1
             continue
+        except KeyboardInterrupt:  # SIGTERM, SIGHUP (cli's _Terminated): the command's line after the reply's
+            if reply:
+                with contextlib.suppress(OSError, ValueError):
+                    out.write("\n")
+                    out.flush()
+            raise
         except ContextFullError:
             if reply:  # (the error's line after the reply's, not on it)
                 out.write("\n")

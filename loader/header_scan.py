@@ -171,35 +171,41 @@ def scan_header(path: str) -> None:
         alignment, total = 32, 0
         for i in range(n_kv):
             key = c.name(f"metadata key {i}")
-            vtype = c.uint(4, f"metadata key {key!r}")
+            vtype = c.uint(4, f"metadata key {_shown(key)}")
             if key == "general.alignment" and vtype == 4:
                 alignment = struct.unpack_from(order + "I", buf, c.pos)[0] if c.pos + 4 <= size else 32
-            total += c.value(vtype, f"metadata key {key!r}")
+            total += c.value(vtype, f"metadata key {_shown(key)}")
             if total > MAX_HEADER_BYTES:
-                raise c.fail(f"the metadata holds more than {MAX_HEADER_BYTES} bytes (at key {key!r})")
+                raise c.fail(f"the metadata holds more than {MAX_HEADER_BYTES} bytes (at key {_shown(key)})")
         c.need(n_tensors * 24, f"{n_tensors} tensor entries")  # a name's length, dims, type and offset at least
         tensors = []
         for i in range(n_tensors):
             name = c.name(f"tensor {i}'s name")
-            n_dims = c.uint(4, f"tensor {name!r}")
+            shown = _shown(name)
+            n_dims = c.uint(4, f"tensor {shown}")
             if n_dims > MAX_DIMS:
-                raise c.fail(f"tensor {name!r} claims {n_dims} dimensions, over the {MAX_DIMS} allowed")
-            dims = [c.uint(8, f"tensor {name!r}'s shape") for _ in range(n_dims)]
-            qtype, offset = c.uint(4, f"tensor {name!r}'s type"), c.uint(8, f"tensor {name!r}'s offset")
+                raise c.fail(f"tensor {shown} claims {n_dims} dimensions, over the {MAX_DIMS} allowed")
+            dims = [c.uint(8, f"tensor {shown}'s shape") for _ in range(n_dims)]
+            qtype, offset = c.uint(4, f"tensor {shown}'s type"), c.uint(8, f"tensor {shown}'s offset")
             tensors.append((name, dims, qtype, offset))
         if not alignment or alignment & (alignment - 1):
             return  # gguf-py says what is wrong with it
         data = -(-c.pos // alignment) * alignment
         for name, dims, qtype, offset in tensors:
-            block = gguf.GGML_QUANT_SIZES.get(_qtype(qtype))
+            known = _qtype(qtype)
+            if known is None:  # (gguf-py's own error named numpy and no tensor)
+                raise ModelError(f"{path}: tensor {_shown(name, quote=False)} has quant type id {qtype}, which this gguf "
+                                 f"(gguf-py {_gguf_version()}) does not know: a newer type or a damaged file; "
+                                 "re-download or re-convert the file")
+            block = gguf.GGML_QUANT_SIZES.get(known)
             if block is None:
-                continue  # an unknown type: gguf-py (or the loader) names it
+                continue  # a known type without a block size: the loader names it
             n = 1
             for d in dims:
                 n *= d
             nbytes = n // block[0] * block[1]
             if data + offset + nbytes > size:
-                raise ModelError(f"{path}: truncated: tensor {name} ends at byte {data + offset + nbytes} "
+                raise ModelError(f"{path}: truncated: tensor {_shown(name, quote=False)} ends at byte {data + offset + nbytes} "
                                  f"but the file has {size}; re-download the file")
 
 
@@ -232,6 +238,23 @@ def find_string(path: str, key: str) -> str | object | None:
                     return bytes(buf[start:start + n]).decode("utf-8", "replace")
                 c.value(vtype, f"metadata key {name!r}")
     return None
+
+
+def _shown(name: str, most: int = 60, quote: bool = True) -> str:
+    """A key or tensor name for a message: quoted (or bare where `quote` is off and it is printable),
+    escaped where not printable, cut to `most` characters (a damaged length made a 15 KB error line
+    of the bytes that followed)."""
+    text = name if not quote and name.isprintable() else repr(name)
+    return text if len(text) <= most else f"{text[:most]}... ({len(name)} characters)"
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "unknown version"
 
 
 def _qtype(value: int):

@@ -608,6 +608,31 @@ def test_a_chat_message_longer_than_the_context_says_how_long_and_what_to_do(cha
     assert f"and the context holds {ctx}; /clear starts over, or run with a larger --ctx (--ctx-size)" in err.getvalue()
 
 
+def test_a_chat_stopped_by_sigterm_in_a_reply_ends_the_reply_s_line(chat_engine):
+    """SIGTERM or SIGHUP during a reply (cli's _Terminated, raised wherever the handler runs; here
+    as the third piece is written) left stdout without its newline, where Ctrl-C ended it: the
+    reply's line is ended, then the stop goes on to the command."""
+    import io
+
+    from layerstream.coordinator.cli import _Terminated
+    from layerstream.coordinator.repl import chat
+
+    class Stopped(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == 3:
+                raise _Terminated
+            return super().write(text)
+
+    out = Stopped()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with pytest.raises(_Terminated):
+        chat(chat_engine, params, None, reader=_Lines(["Hi"]), out=out, err=io.StringIO())
+    assert out.getvalue().endswith("\n") and out.getvalue().count("\n") == 1 and len(out.getvalue()) > 1
+
+
 def test_chat_prompt_goes_to_a_terminal_never_into_piped_output():
     import io
 

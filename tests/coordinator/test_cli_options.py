@@ -41,6 +41,7 @@ def model(tmp_path_factory):
     (["-n0"], "-n 0: must be from 1 to 4194304, or -1 (until the end of sequence or a full context)"),
     (["--n-predict", "0"], "--n-predict 0: must be from 1 to 4194304, or -1"),
     (["--threads", "100000"], "--threads 100000: must be from 1 to 4096"),
+    (["--seed", "-2"], "--seed -2: must be from 0 to 18446744073709551615, or -1 for a fresh one"),
     # accepted and doing nothing, or failing late with exit 1
     (["--trace", ""], "--trace : an empty path; give a file"),
     (["--reader-dir", "/nonexistent-dir"], "--reader-dir /nonexistent-dir: no such directory"),

@@ -210,3 +210,21 @@ def test_a_gguf_version_gguf_py_cannot_read_is_named_not_called_corrupt(tmp_path
     with pytest.raises(ModelError) as e:  # (the chat template's quick look, before the whole header)
         find_string(str(path), "tokenizer.chat_template")
     assert str(e.value) == want
+
+
+def test_a_damaged_key_length_and_an_unknown_tensor_type_are_short_lines_naming_them(tmp_path):
+    """A hostile probe's damage: a key's length raised to 5,000 swallowed the keys after it into the
+    key's name, and the error line held all 15 KB of them; a tensor type id gguf-py does not know was
+    named as numpy's ValueError, without the tensor. Now the name is cut and the tensor named."""
+    path = tmp_path / "k.gguf"
+    path.write_bytes(header([s("general.architecture", 5000) + struct.pack("<I", 8) + s("llama"),
+                             kv("general.name", STRING, s("x" * 6000))]))
+    with pytest.raises(ModelError) as e:
+        open_model(str(path))
+    msg = str(e.value)
+    assert len(msg) < 300 and "(5000 characters)" in msg and msg.startswith(f"{path}: "), msg
+    path = tmp_path / "t.gguf"
+    path.write_bytes(header([ARCH], [tensor("token_embd.weight", [32, 4], qtype=99)]))
+    with pytest.raises(ModelError, match=r": tensor token_embd.weight has quant type id 99, which this gguf "
+                                         r"\(gguf-py [^)]+\) does not know: a newer type or a damaged file"):
+        open_model(str(path))
