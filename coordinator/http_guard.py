@@ -196,9 +196,8 @@ def host_allowed(header: str | None, bound: str) -> bool:
 class Guard:
     """ASGI middleware: refuses a request framed two ways (Content-Length and Transfer-Encoding, which a
     proxy and this server could read differently), a body in a Content-Encoding (gzip: it was read as
-    if plain), and Host headers a keyless server must not answer
-    (DNS rebinding), and
-    writes one access line a request (method, path, status, tokens, seconds) at INFO."""
+    if plain), and Host headers a keyless server must not answer (DNS rebinding); writes one access
+    line a request (method, path, status, tokens, seconds) at INFO."""
 
     def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger):
         self.app, self.check_host, self.bound, self.log = app, check_host, bound, log
