@@ -755,30 +755,8 @@ def test_a_huge_chunked_body_is_refused_before_it_is_read(live):
     assert status == 413
 
 
-def test_a_request_framed_both_ways_is_refused_and_its_connection_closed(live):
-    """Content-Length beside Transfer-Encoding: chunked (h11 reads the chunks and ignores the length,
-    where a proxy in front may read the length: request smuggling). RFC 9112 lets a server refuse it
-    and asks that the connection close after: 400 naming both, then EOF; the server goes on."""
-    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
-    s = socket.create_connection(("127.0.0.1", live.port), timeout=30)
-    try:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-        reply = b""
-        while chunk := s.recv(4096):
-            reply += chunk
-    finally:
-        s.close()
-    head, _, rest = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower(), reply[:300]
-    err = json.loads(rest)["error"]
-    assert err["code"] == "invalid_framing" and "Content-Length and Transfer-Encoding" in err["message"]
-    _healthy(live)
-
-
 def _raw_exchange(port: int, data: bytes) -> tuple[int, bytes, dict]:
-    """Send `data` on a new connection and read to its close: (status, head, JSON body)."""
+    """Send `data` on a new connection and read to its close: (status, head lowercased, JSON body)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     try:
         s.sendall(data)
@@ -789,6 +767,21 @@ def _raw_exchange(port: int, data: bytes) -> tuple[int, bytes, dict]:
         s.close()
     head, _, rest = reply.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), head.lower(), json.loads(rest)
+
+
+def test_a_request_framed_both_ways_is_refused_and_its_connection_closed(live):
+    """Content-Length beside Transfer-Encoding: chunked (h11 reads the chunks and ignores the length,
+    where a proxy in front may read the length: request smuggling). RFC 9112 lets a server refuse it
+    and asks that the connection close after: 400 naming both, then EOF; the server goes on."""
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    status, head, reply = _raw_exchange(live.port, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                                        b"Content-Type: application/json\r\nContent-Length: 5\r\n"
+                                        b"Transfer-Encoding: chunked\r\n\r\n"
+                                        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert status == 400 and b"connection: close" in head, head
+    err = reply["error"]
+    assert err["code"] == "invalid_framing" and "Content-Length and Transfer-Encoding" in err["message"]
+    _healthy(live)
 
 
 def test_requests_h11_cannot_parse_are_answered_in_json_and_read_to_the_end(live):
