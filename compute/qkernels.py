@@ -456,14 +456,16 @@ def _many_config(M: int, Ns: list[int], K: int, qtype: int) -> tuple | None:
     return _gemv_config(M, sum(Ns), K, qtype)
 
 
+def _many_chosen(x: torch.Tensor, qtype: int, Ns: list[int], K: int) -> tuple | None:
+    """matmul_many's configuration for x [M, K] by [Ns[s], K] matrices, or None (each launched alone)."""
+    return _float_x(_many_config(x.shape[0], Ns, K, qtype), x)
+
+
 def takes_int8_x(x: torch.Tensor, qtype: int, Ns: list[int], K: int) -> bool:
-    """Whether x [M, K] by these [Ns[s], K] matrices (one: matmul; several: matmul_many) would run on
-    x quantized to int8 (gemv8), so that the op making x may emit that form (norm_kernels' x8)."""
-    if INTERPRET:  # (gemv8 is a GPU choice: the interpreter's tests ask for it by `config`)
-        return False
-    M = x.shape[0]
-    c = _choose(M, Ns[0], K, qtype, interpret=False) if len(Ns) == 1 else _many_config(M, Ns, K, qtype)
-    c = _float_x(c, x)
+    """Whether x [M, K] by these [Ns[s], K] matrices would run on x quantized to int8 (gemv8), so that
+    the op making x may emit that form (norm_kernels' x8). matmul_many's choice, which matmul's
+    agrees with on gemv8 for one matrix (both take it from _gemv_config, after _small_config)."""
+    c = _many_chosen(x, qtype, Ns, K)
     return c is not None and c[0] == "gemv8"
 
 
@@ -480,7 +482,7 @@ def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[
         _check(raw, qtype, n, K)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    config = config or _float_x(_many_config(x.shape[0], Ns, K, qtype), x)
+    config = config or _many_chosen(x, qtype, Ns, K)
     if config is None or config[0] not in GEMV_KINDS:
         return None
     _, MR, BN, KB, warps = config

@@ -213,8 +213,8 @@ class Guard:
             await send(msg)
 
         try:
-            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
             heads = dict(scope["headers"])
+            host = heads[b"host"].decode("latin-1") if b"host" in heads else None
             coding = heads.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
             if b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
                 await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",

@@ -16,11 +16,11 @@ KeyboardInterrupt goes on to the command, which prints its one line and exits 13
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 from dataclasses import dataclass, field
 
+from layerstream.coordinator.stdio import print_stream
 from layerstream.coordinator.turn import Rates, Turn, counted
 from layerstream.errors import ContextFullError, LayerstreamError, PromptTooLongError
 
@@ -188,36 +188,23 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                 return 1
             continue
         turn = Turn(engine, ids, params)
-        reply = ""
+        shown: list[str] = []
         try:
-            with _StopOnCtrlC() as sigint:
-                for piece in turn.pieces(stop=lambda: sigint.pressed):
-                    reply += piece
-                    out.write(piece)
-                    out.flush()
+            with _StopOnCtrlC() as sigint:  # (print_stream ends the reply's line whatever stops it)
+                print_stream(_kept(turn.pieces(stop=lambda: sigint.pressed), shown), out)
         except PromptTooLongError as e:  # (refused before it ran: nothing was shown)
             err.write(_too_long(engine, conv, line, e, reader.person) + ("; the chat ends here\n" if not reader.person else "\n"))
             if not reader.person:
                 return 1
             continue
-        except KeyboardInterrupt:  # SIGTERM, SIGHUP (cli's _Terminated): the command's line after the reply's
-            if reply:
-                with contextlib.suppress(OSError, ValueError):
-                    out.write("\n")
-                    out.flush()
-            raise
         except ContextFullError:
-            if reply:  # (the error's line after the reply's, not on it)
-                out.write("\n")
-                out.flush()
             full = f"run-pipeline: the conversation reached the context size ({engine.cfg.ctx} tokens)"
             if not reader.person:
                 err.write(f"{full}; the chat ends here (give a larger --ctx)\n")
                 return 1
             err.write(f"{full}; /clear starts over (or restart with a larger --ctx)\n")
             continue
-        out.write("\n")
-        out.flush()
+        reply = "".join(shown)
         if turn.stopped and not reader.person:
             total.add(turn.rates)
             raise KeyboardInterrupt
@@ -229,6 +216,13 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         total.add(turn.rates)
         if rates_each:
             err.write(turn.rates.line() + "\n")
+
+
+def _kept(pieces, into: list[str]):
+    """The pieces, each kept in `into` as it passes."""
+    for piece in pieces:
+        into.append(piece)
+        yield piece
 
 
 def _too_long(engine, conv: Conversation, line: str, e: PromptTooLongError, person: bool) -> str:

@@ -210,7 +210,7 @@ def test_a_stop_signal_during_the_imports_is_the_runs_one_line(sig, line, code):
 @pytest.mark.parametrize("delay", [0.12, 0.25])
 def test_the_launcher_stopped_as_it_imports_says_so_in_one_line(delay, tmp_path):
     """The launcher stopped a fraction of a second after its start, while it imports (a hostile
-    probe's traceback): SIGINT to its session ends it with the one line and 130, wherever it lands."""
+    probe's traceback): SIGINT to its process group ends it with the one line and 130, wherever it lands."""
     p = subprocess.Popen([str(LAUNCHER), "-n", "4", "Hi"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     time.sleep(delay)
