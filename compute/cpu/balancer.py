@@ -146,7 +146,10 @@ def measure_cpu_gbs(K: int = 8192, N: int = 8192, reps: int = 5) -> dict[int, fl
 
 
 def measure_link_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Pinned host-to-device copy GB/s."""
+    """Pinned host-to-device copy GB/s. The device buffer goes back to the driver: left in torch's
+    cache, the plan's later small allocations split its block, and what they leave of it, reserved
+    but too small for a resident layer, counts against the budget (a 70B whose plan filled its
+    budget failed its first step so)."""
     h = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     d = torch.empty(nbytes, dtype=torch.uint8, device=device)
     d.copy_(h, non_blocking=True)
@@ -157,6 +160,8 @@ def measure_link_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
         d.copy_(h, non_blocking=True)
         torch.cuda.synchronize(device)
         ts.append(time.perf_counter() - t0)
+    del d
+    torch.cuda.empty_cache()
     return nbytes / min(ts) / 1e9
 
 
