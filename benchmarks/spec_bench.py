@@ -92,6 +92,8 @@ def time_draft(index, args, ctx: int, lengths: list[int]) -> dict[int, float]:
     try:
         model = DraftModel(be.runner, ctx, 1, 512)
         p = model.proposer(np.random.default_rng(1).integers(0, index.hparams.n_vocab, PROMPT).tolist())
+        for k in lengths:  # untimed: the prompt's prefill, then the decode steps' first shapes (graphs captured)
+            p.propose(k)
         out = {}
         for k in lengths:
             times = []

@@ -53,3 +53,29 @@ def test_a_draft_of_another_vocabulary_is_an_error_line(tmp_path, capsys):
     assert bench.main(["spec", "-m", target, "--draft-model", other, "--device", "cpu", "--reps", "1"]) == 1
     assert "the draft has 400 tokens, the target 300" in capsys.readouterr().err
     assert spec_bench.expected_tokens(0.5, 2) == 1.75
+
+
+@pytest.mark.timeout(180)
+def test_the_drafts_first_proposals_are_not_timed(tmp_path, monkeypatch):
+    """The draft's first proposals prefill the prompt and, on CUDA, capture the decode graphs: the
+    first timed proposal of one token once held that capture (seconds, against a millisecond after).
+    Here the first two proposals are made slow; none of the draft's figures may show it."""
+    import argparse
+    import time
+
+    from layerstream.coordinator import draft
+    from layerstream.loader.gguf_index import open_model
+
+    real, calls = draft.DraftProposer.propose, []
+
+    def slow_at_first(self, k):
+        calls.append(k)
+        if len(calls) <= 2:
+            time.sleep(0.5)
+        return real(self, k)
+
+    monkeypatch.setattr(draft.DraftProposer, "propose", slow_at_first)
+    index = open_model(write_shaped_model(tmp_path / "d.gguf", DRAFT))
+    args = argparse.Namespace(device="cpu", dtype="float32", reps=2)
+    got = spec_bench.time_draft(index, args, 128, [1, 3])
+    assert set(got) == {1, 3} and all(0 < s < 0.1 for s in got.values()), got
