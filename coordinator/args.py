@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import re
 import sys
 
 from layerstream.coordinator.arg_files import check_trace, no_text, path_problem, read_prompt
-from layerstream.coordinator.spelling import UsageError, refuse_foreign_options, refuse_glued_words, typed_options
+from layerstream.coordinator.spelling import (
+    UsageError,
+    dashed_numbers_joined,
+    refuse_foreign_options,
+    refuse_glued_words,
+    typed_options,
+)
 
 PROG = "run-pipeline"
 MAX_BATCH = 4096
@@ -54,14 +61,25 @@ class Parser(argparse.ArgumentParser):
         if m:  # (argparse takes a value that starts with a dash for an option: `--stop -b`)
             name = m.group(1).split("/")[-1]
             message += f" (a value that starts with a dash is given with '=', as {name}=-x)"
+        m = re.match(r"argument (\S+?): invalid (int|float|choice)(?: value)?: ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")",
+                     message)
+        action = m and self._option_string_actions.get(m.group(1).split("/")[0])
+        if action:  # as the other options' errors: the option and its value as typed, and what it takes
+            name = getattr(self, "typed", {}).get(action.dest, (m.group(1).split("/")[-1],))[0]
+            *rest, last = map(str, action.choices or ("",))
+            expected = {"int": "must be a whole number, in decimal digits", "float": "must be a number",
+                        "choice": f"use {', '.join(rest)}{' or ' if rest else ''}{last}"}[m.group(2)]
+            message = f"{name} {ast.literal_eval(m.group(3))}: {expected}"
         raise UsageError(message)
 
     def parse_args(self, args=None, namespace=None):
-        argv = sys.argv[1:] if args is None else list(args)
+        typed = sys.argv[1:] if args is None else list(args)
+        argv = dashed_numbers_joined(self, typed)  # (`--temperature -inf`)
         refuse_foreign_options(self, argv)
         refuse_glued_words(self, argv)
+        self.typed = typed_options(self, typed)
         ns = super().parse_args(argv, namespace)
-        ns.typed = typed_options(self, argv)
+        ns.typed = self.typed
         return ns
 
 

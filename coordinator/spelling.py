@@ -81,3 +81,31 @@ def refuse_glued_words(parser: argparse.ArgumentParser, argv: list[str]) -> None
         if re.fullmatch(r"-[A-Za-z][A-Za-z-]+", a) and a not in known and not set(a[1:]) <= flags:
             raise UsageError(f"unknown option {a} (one dash takes one letter, as -n 64; long options take two, "
                              "as --max-tokens 64)")
+
+
+def dashed_numbers_joined(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with an option's value that starts with a dash and reads as a number joined to it with '='
+    (`--temperature -inf` as `--temperature=-inf`): argparse knows -1 and -0.5 for numbers, and took
+    -inf, -nan and -1e3 for options."""
+    actions = parser._option_string_actions
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        action = actions.get(a)
+        if action is not None and action.nargs is None and i + 1 < len(argv) and _dashed_number(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _dashed_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return s.startswith("-")

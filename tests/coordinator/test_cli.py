@@ -355,7 +355,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 @pytest.mark.parametrize("args,words", [
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
-    (["-n", "x"], "argument -n/--max-tokens/--n-predict: invalid int value: 'x'"),
+    (["-n", "x"], "-n x: must be a whole number, in decimal digits"),
     (["-ctk", "q8_0"], "unknown option -ctk (one dash takes one letter"),  # llama.cpp's, read as -c tk
     (["-fa", "on"], "unknown option -fa"),
 ])

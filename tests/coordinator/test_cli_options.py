@@ -3,6 +3,7 @@ that name what was typed, refusals (exit 2) before any process starts; piped cha
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -42,6 +43,13 @@ def model(tmp_path_factory):
     (["--n-predict", "0"], "--n-predict 0: must be from 1 to 4194304, or -1"),
     (["--threads", "100000"], "--threads 100000: must be from 1 to 4096"),
     (["--seed", "-2"], "--seed -2: must be from 0 to 18446744073709551615, or -1 for a fresh one"),
+    # a value argparse could not read: its own words, "argument -c/--ctx/--ctx-size: invalid int value: '0x10'"
+    (["--ctx", "0x10"], "--ctx 0x10: must be a whole number, in decimal digits"),
+    (["--temp", "x"], "--temp x: must be a number"),
+    (["--dtype", "f8"], "--dtype f8: use float32, float16 or bfloat16"),
+    # a dashed value that is no plain number: argparse took -inf for an option (refused as glued letters)
+    (["--temperature", "-inf"], "--temperature -inf: must be a finite number from 0 to 100"),
+    (["-ngl", "-nan"], "-ngl -nan: must be a whole number, in decimal digits"),
     # accepted and doing nothing, or failing late with exit 1
     (["--trace", ""], "--trace : an empty path; give a file"),
     (["--reader-dir", "/nonexistent-dir"], "--reader-dir /nonexistent-dir: no such directory"),
@@ -73,6 +81,10 @@ def test_llama_cpp_spellings_are_aliases():
                                          r"dash is given with '=', as --stop=-x\)$"):
         build_parser().parse_args(["--stop", "-b", "hi"])
     assert build_parser().parse_args(["--stop=-b", "hi"]).stop == ["-b"]
+    # a value that reads as a number is the option's, whatever its spelling: argparse knew -1 and -0.5 only
+    a = build_parser().parse_args(["--temp", "-inf", "-n", "-1", "--stop", "-1e3", "--min-p", "-nan", "--", "-inf"])
+    assert (a.temperature, a.max_tokens, a.stop, a.prompt) == (-math.inf, -1, ["-1e3"], ["-inf"])
+    assert math.isnan(a.min_p) and a.typed["temperature"] == ("--temp", "-inf")
 
 
 def test_the_prompt_from_a_file(tmp_path):
