@@ -30,6 +30,7 @@ HELP = """commands:
   /system TEXT  set the system message (/system alone removes it)
   /help         this list
 Ctrl-C stops a reply; twice in a row, it ends the chat."""
+ERROR = "run-pipeline: error: "  # the command's own error lines begin so (cli._die)
 
 
 @dataclass
@@ -183,7 +184,7 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         try:
             ids = engine.encode_chat(conv.messages(line))
         except LayerstreamError as e:
-            err.write(f"run-pipeline: {e}\n")
+            err.write(f"{ERROR}{e}\n")
             if not reader.person:
                 return 1
             continue
@@ -198,7 +199,7 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                 return 1
             continue
         except ContextFullError:
-            full = f"run-pipeline: the conversation reached the context size ({engine.cfg.ctx} tokens)"
+            full = f"{ERROR}the conversation reached the context size ({engine.cfg.ctx} tokens)"
             if not reader.person:
                 err.write(f"{full}; the chat ends here (give a larger --ctx)\n")
                 return 1
@@ -230,8 +231,8 @@ def _too_long(engine, conv: Conversation, line: str, e: PromptTooLongError, pers
     in the context for a reply. /clear is offered to a person where the message alone would fit."""
     fix = f"run with a larger --ctx (--ctx-size), of more than {e.tokens} tokens to leave room for the reply"
     if not conv.turns:
-        return f"run-pipeline: the message is {e.tokens} tokens with the chat template, and the context holds {e.ctx}; {fix}"
+        return f"{ERROR}the message is {e.tokens} tokens with the chat template, and the context holds {e.ctx}; {fix}"
     alone = len(engine.encode_chat(Conversation(conv.system).messages(line)))
     clear = "/clear starts over, or " if person and alone < e.ctx else ""
-    return (f"run-pipeline: the conversation with this message is {e.tokens} tokens, and the context holds {e.ctx}; "
+    return (f"{ERROR}the conversation with this message is {e.tokens} tokens, and the context holds {e.ctx}; "
             f"{clear}{fix}")

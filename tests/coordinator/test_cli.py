@@ -595,7 +595,7 @@ def test_a_chat_message_longer_than_the_context_says_how_long_and_what_to_do(cha
     for reader, code in ((_Lines([long, "hello"]), 1), (_Typed([long, "/bye"]), 0)):
         out, err = io.StringIO(), io.StringIO()
         assert chat(chat_engine, params, reader=reader, out=out, err=err) == code
-        line = (f"run-pipeline: the message is {n} tokens with the chat template, and the context holds {ctx}; "
+        line = (f"run-pipeline: error: the message is {n} tokens with the chat template, and the context holds {ctx}; "
                 f"run with a larger --ctx (--ctx-size), of more than {n} tokens to leave room for the reply")
         assert line + ("; the chat ends here\n" if code else "\n") in err.getvalue(), err.getvalue()
         assert out.getvalue() == ""  # no reply, no blank line
@@ -604,7 +604,7 @@ def test_a_chat_message_longer_than_the_context_says_how_long_and_what_to_do(cha
         half += "word "
     out, err = io.StringIO(), io.StringIO()
     assert chat(chat_engine, params, reader=_Typed([half, half, "/bye"]), out=out, err=err) == 0
-    assert "run-pipeline: the conversation with this message is " in err.getvalue()
+    assert "run-pipeline: error: the conversation with this message is " in err.getvalue()
     assert f"and the context holds {ctx}; /clear starts over, or run with a larger --ctx (--ctx-size)" in err.getvalue()
 
 

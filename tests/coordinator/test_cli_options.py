@@ -158,7 +158,8 @@ def test_piped_chat_ends_at_the_first_failed_turn_with_status_1(tmp_path):
              "--temperature", "0", stdin="Tell me about Rome\nAnd Greece?\nAnd Egypt?\n")
     assert r.returncode == 1, r.stderr
     assert r.stderr.splitlines() == [
-        "run-pipeline: the conversation reached the context size (96 tokens); the chat ends here (give a larger --ctx)"]
+        "run-pipeline: error: the conversation reached the context size (96 tokens); the chat ends here (give a larger "
+        "--ctx)"]
     assert r.stdout.count("\n") == 1  # one partial reply, its line ended
 
 
