@@ -53,6 +53,17 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Once(argparse.Action):
+    """A prompt option given a second time is refused: argparse kept the last and dropped the first unsaid."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            text = values if len(values) <= 40 else values[:40] + "..."
+            raise UsageError(f"{option_string} {text}: the prompt is given twice ({'/'.join(self.option_strings)} "
+                             "more than once); give it once")
+        setattr(namespace, self.dest, values)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the usage block is for --help, not for a typo."""
 
@@ -101,9 +112,10 @@ def build_parser() -> Parser:
                "130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
     )
     p.add_argument("prompt", nargs="*", help="prompt text (with --chat and no prompt: an interactive chat)")
-    p.add_argument("-p", "--prompt", dest="prompt_opt", metavar="TEXT",
+    p.add_argument("-p", "--prompt", dest="prompt_opt", metavar="TEXT", action=_Once,
                    help="prompt text, as an option (instead of the words above)")
-    p.add_argument("-f", "--file", dest="prompt_file", metavar="FILE", help="read the prompt text from FILE")
+    p.add_argument("-f", "--file", dest="prompt_file", metavar="FILE", action=_Once,
+                   help="read the prompt text from FILE")
     p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     g = p.add_argument_group("sampling", "with --serve: what a request that does not set the field gets "

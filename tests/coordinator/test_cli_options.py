@@ -55,6 +55,10 @@ def model(tmp_path_factory):
     (["--reader-dir", "/nonexistent-dir"], "--reader-dir /nonexistent-dir: no such directory"),
     (["--reader-dir", str(LAUNCHER)], f"--reader-dir {LAUNCHER}: is not a directory"),
     (["-f", "/nonexistent-dir/p.txt"], "-f /nonexistent-dir/p.txt: no such file"),
+    # the prompt option twice: argparse kept the last and dropped the first unsaid
+    (["-p", "Hi", "--prompt", "Bye"], "--prompt Bye: the prompt is given twice (-p/--prompt more than once); "
+                                      "give it once"),
+    (["-f", "a.txt", "-f", "b.txt"], "-f b.txt: the prompt is given twice (-f/--file more than once); give it once"),
     # other tools' options: argparse said "unrecognized arguments"
     (["--max-model-len", "128"], "unknown option --max-model-len (vLLM's context size); did you mean --ctx N?"),
     (["-b", "512"], "unknown option -b (llama.cpp's prompt tokens per step); did you mean --prefill-chunk N?"),
