@@ -376,6 +376,8 @@ def check_args(args) -> None:
         fail("--api-key and --api-key-file are options of --serve")
     if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
         fail("no prompt given; pass the prompt text, or --chat for an interactive chat")
+    if args.chat and args.prompt and not " ".join(args.prompt).strip():  # (--chat alone is the interactive chat)
+        fail("the prompt is blank; pass the prompt text, or leave it out for an interactive chat")
     share_off = args.cpu_share == "0"
     if not share_off:  # (its parser's package imports torch)
         from layerstream.coordinator.pipeline_config import parse_cpu_share

@@ -105,6 +105,19 @@ def test_the_prompt_from_a_file(tmp_path):
         check_args(build_parser().parse_args(["-f", str(tmp_path / "blank.txt")]))
 
 
+def test_a_blank_prompt_is_refused_with_chat_as_without():
+    """Probe of issue 25: `--chat "   "` sent the blank as the chat's message, where without --chat it
+    was refused; --chat with no prompt at all stays the interactive chat."""
+    assert _one_line(_run("--chat", "   ")) == ("the prompt is blank; pass the prompt text, or leave it out for an "
+                                             "interactive chat")
+    for argv in (["--chat", ""], ["--chat", "-p", " \n"], ["--chat", " ", "\t"]):
+        with pytest.raises(UsageError, match="^the prompt is blank"):
+            check_args(build_parser().parse_args(argv))
+    a = build_parser().parse_args(["--chat"])
+    check_args(a)
+    assert a.prompt == []
+
+
 def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
     """`run-pipeline model.gguf -n 3` generated from the default model with the path as its prompt."""
     assert _one_line(_run(model, "-n", "3")) == (f"{model} is a model file given as the prompt; give the model "
