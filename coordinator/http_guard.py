@@ -22,13 +22,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+ABSOLUTE_FORM = re.compile(rb"(?i)https?://([^/]*)")  # a request-target's scheme and authority (RFC 9112 3.2.2)
 
 
 @dataclass(frozen=True)
@@ -196,8 +199,9 @@ def host_allowed(header: str | None, bound: str) -> bool:
 class Guard:
     """ASGI middleware: refuses a request framed two ways (Content-Length and Transfer-Encoding, which a
     proxy and this server could read differently), a body in a Content-Encoding (gzip: it was read as
-    if plain), and Host headers a keyless server must not answer (DNS rebinding); writes one access
-    line a request (method, path, status, tokens, seconds) at INFO."""
+    if plain), and Host headers a keyless server must not answer (DNS rebinding); serves a target in
+    absolute form as its path (origin_form); writes one access line a request (method, path, status,
+    tokens, seconds) at INFO."""
 
     def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger):
         self.app, self.check_host, self.bound, self.log = app, check_host, bound, log
@@ -212,9 +216,11 @@ class Guard:
                 status[0] = msg["status"]
             await send(msg)
 
+        scope, authority = origin_form(scope)
         try:
             heads = dict(scope["headers"])
             host = heads[b"host"].decode("latin-1") if b"host" in heads else None
+            host = host if authority is None else authority  # (RFC 9112 3.2.2: the target's, not Host's)
             coding = heads.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
             if b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
                 await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",
@@ -237,6 +243,18 @@ class Guard:
                 p, c = scope.get("layerstream.usage", ("-", "-"))
                 self.log.info("%s %s %d prompt=%s completion=%s %.3fs", scope["method"], _logged(scope["path"]),
                               status[0], p, c, time.perf_counter() - t0)
+
+
+def origin_form(scope: dict) -> tuple[dict, str | None]:
+    """A request-target in absolute form (`GET http://host:port/health`, the form a proxy is sent, which
+    RFC 9112 3.2.2 has a server take too) as the path it names, and its authority, which stands for
+    the Host header; (scope, None) for a target in origin form. It was answered 404 naming the URL."""
+    m = ABSOLUTE_FORM.match(scope.get("raw_path") or b"")
+    if m is None:
+        return scope, None
+    raw = scope["raw_path"][m.end():] or b"/"
+    host = m.group(1).decode("latin-1").rpartition("@")[2]  # (a userinfo@ before the host is no part of it)
+    return scope | {"path": unquote(raw.decode("ascii")), "raw_path": raw}, host
 
 
 def _logged(path: str, most: int = 200) -> str:

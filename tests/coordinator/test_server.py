@@ -801,6 +801,20 @@ def test_requests_h11_cannot_parse_are_answered_in_json_and_read_to_the_end(live
     _healthy(live)
 
 
+def test_an_absolute_form_target_is_served_as_the_path_it_names(live):
+    """RFC 9112 3.2.2: a server takes `GET http://host:port/health` (the form a proxy is sent); it was
+    answered 404 naming the whole URL. The target's authority stands for Host, so a keyless server
+    refuses a name it does not answer there as in Host."""
+    get = b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    status, _, body = _raw_exchange(live.port, get % b"http://127.0.0.1:%d/health" % live.port)
+    assert status == 200 and body["status"] == "ok", body
+    status, _, body = _raw_exchange(live.port, get % b"HTTP://localhost/v1/models?x=1")
+    assert status == 200 and body["data"][0]["id"] == "smollm", body
+    status, _, body = _raw_exchange(live.port, get % b"http://rebound.example/health")
+    assert status == 400 and body["error"]["code"] == "invalid_host", body
+    _healthy(live)
+
+
 def test_an_encoded_body_is_refused_not_read_as_plain_json(live):
     """Content-Encoding: gzip was ignored (a plain body under it was served, a gzipped one read as bad
     JSON): 415 naming the coding, the connection closed; identity is plain."""
