@@ -55,8 +55,10 @@ def draft_index(args):
         yield open_model(args.draft_model) if args.draft_model else None
 
 
-def time_passes(backend, row: int, V: int, ctx: int, sizes: list[int], reps: int) -> dict[int, float]:
-    """Median seconds of a target pass of T tokens verifying T - 1 drafts, for each T of `sizes`."""
+def time_passes(backend, row: int, V: int, ctx: int, sizes: list[int], reps: int, warm: int = 0) -> dict[int, float]:
+    """Median seconds of a target pass of T tokens verifying T - 1 drafts, for each T of `sizes`,
+    after `warm` untimed passes of each T (a CPU share's balancer times its choices on the first
+    passes of each batch size: timed then, its trials are in the figures)."""
     from layerstream.compute.step_meta import SeqStep
     from layerstream.coordinator.kv_ring import KVRing
     from layerstream.proto.messages import SamplerStart
@@ -69,13 +71,13 @@ def time_passes(backend, row: int, V: int, ctx: int, sizes: list[int], reps: int
     out = {}
     for T in sizes:
         times = []
-        for i in range(reps + 1):  # the first of each size untimed (a new shape)
+        for i in range(-warm, reps + 1):  # the first of each size untimed (a new shape), the warm ones too
             slots, pos = ring.append(T)
             seq = SeqStep(row, rng.integers(0, V, T).tolist(), slots, pos, ring.slot_positions())
             t0 = time.perf_counter()
             backend.submit([seq], [T], starts, "none")
             backend.collect()
-            if i:
+            if i > 0:
                 times.append(time.perf_counter() - t0)
             starts = []
             ring.rollback(T)
@@ -133,7 +135,7 @@ def bench_spec(args) -> dict:
             else:
                 print(f"plan: {backend.plan.describe()}", flush=True)
             row = 0
-            passes = time_passes(backend, row, V, ctx, sizes, args.reps)
+            passes = time_passes(backend, row, V, ctx, sizes, args.reps, args.warm_passes)
             if args.in_process:  # how its verifying passes ran (runner.py, NOTE [ drafts verified as decode rows ])
                 print("verifying passes run as: " + ", ".join(f"{k} {v}" for k, v in
                                                               sorted(backend.runner.verify_paths.items())), flush=True)
@@ -176,6 +178,9 @@ def add_spec_parser(sub) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="the target as the single-process engine (every layer resident) instead of the pipeline")
     p.add_argument("--verify", type=ints, default=[1, 2, 4, 8, 16, 32], help="tokens a pass (default 1,2,4,8,16,32)")
+    p.add_argument("--warm-passes", type=int, default=0,
+                   help="untimed target passes at each --verify size before the timed ones (default 0; "
+                        "with --cpu-share auto, enough for its balancer to choose: about 12)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--draft-model", default=None, help="the draft's GGUF (the target's vocabulary)")
     from layerstream.loader.synth import SHAPES

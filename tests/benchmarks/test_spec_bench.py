@@ -79,3 +79,30 @@ def test_the_drafts_first_proposals_are_not_timed(tmp_path, monkeypatch):
     args = argparse.Namespace(device="cpu", dtype="float32", reps=2)
     got = spec_bench.time_draft(index, args, 128, [1, 3])
     assert set(got) == {1, 3} and all(0 < s < 0.1 for s in got.values()), got
+
+
+def test_warm_passes_run_untimed_before_each_sizes_timed_ones():
+    """--warm-passes: that many untimed passes of each size come before its timed ones (a CPU
+    share's balancer tries its shares on a batch size's first passes), and only the timed ones
+    make the median."""
+    import time
+
+    class Backend:  # the calls time_passes makes of a step backend, each pass's tokens kept
+        def __init__(self):
+            self.passes: list[int] = []
+
+        def step(self, seqs, mode):
+            pass
+
+        def submit(self, seqs, tokens, starts, mode):
+            self.passes.append(tokens[0])
+            if (len(self.passes) - 1) % 10 < 4:  # the first four passes of each size (warm, and the untimed first) slow
+                time.sleep(0.05)
+
+        def collect(self):
+            pass
+
+    be = Backend()
+    got = spec_bench.time_passes(be, 0, 300, 128, [1, 4], reps=6, warm=3)
+    assert be.passes == [1] * 10 + [4] * 10  # 3 warm, 1 untimed first, 6 timed a size
+    assert all(s < 0.04 for s in got.values()), got
