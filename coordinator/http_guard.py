@@ -76,13 +76,20 @@ def _busy_response() -> bytes:
 
 
 class _Recording(h11.Connection):
-    """h11's connection, keeping the protocol error it raised last (uvicorn's handler drops it)."""
+    """h11's connection, keeping the protocol error it raised last (uvicorn's handler drops it), and
+    refusing a request of an HTTP version other than 1.x as one: h11 parsed an HTTP/2 preface's first
+    line (`PRI * HTTP/2.0`) as a request, answered 404, and its `SM` line 400 after it."""
 
     error: h11.RemoteProtocolError | None = None
 
     def next_event(self):
         try:
-            return super().next_event()
+            event = super().next_event()
+            if isinstance(event, h11.Request) and not event.http_version.startswith(b"1."):
+                version = event.http_version.decode("ascii")
+                raise h11.RemoteProtocolError(f"HTTP/{version} is not served here: this server speaks HTTP/1.1; "
+                                              "send the request in HTTP/1.1", error_status_hint=505)
+            return event
         except h11.RemoteProtocolError as e:
             self.error = e
             raise
@@ -90,7 +97,7 @@ class _Recording(h11.Connection):
 
 # Statuses h11 hints for a request it cannot parse that a client reads as what it did wrong.
 _PARSE_STATUSES = {400: b"Bad Request", 413: b"Content Too Large", 414: b"URI Too Long",
-                   431: b"Request Header Fields Too Large"}
+                   431: b"Request Header Fields Too Large", 505: b"HTTP Version Not Supported"}
 LINGER_S = 2.0  # a refused request's unread bytes are read and dropped this long before the close
 
 
@@ -116,8 +123,9 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
         def send_400_response(self, msg: str) -> None:
             e = self.conn.error
             status = e.error_status_hint if e is not None and e.error_status_hint in _PARSE_STATUSES else 400
-            body = json.dumps({"error": {"message": f"malformed HTTP request: {e or msg}", "type": "invalid_request_error",
-                                         "param": None, "code": "invalid_http_request"}}).encode()
+            what = f"{e}" if status == 505 else f"malformed HTTP request: {e or msg}"
+            body = json.dumps({"error": {"message": what, "type": "invalid_request_error", "param": None,
+                                         "code": "invalid_http_request"}}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
             try:

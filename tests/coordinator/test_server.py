@@ -801,6 +801,19 @@ def test_requests_h11_cannot_parse_are_answered_in_json_and_read_to_the_end(live
     _healthy(live)
 
 
+def test_an_http2_preface_gets_one_answer_and_its_connection_closed(live):
+    """h11 read an HTTP/2 connection preface's first line (PRI * HTTP/2.0) as a request and answered
+    404, then its SM line 400: two answers. One 505 in OpenAI's JSON (a request of any HTTP version
+    but 1.x gets it), then EOF; the server goes on."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # (an empty SETTINGS frame, as a client sends next)
+    for data in (preface, preface + settings, b"GET /health HTTP/2.0\r\nHost: localhost\r\n\r\n"):
+        status, head, body = _raw_exchange(live.port, data)  # (its json.loads fails on a second answer)
+        assert status == 505 and b"connection: close" in head, head
+        assert body["error"]["message"].startswith("HTTP/2.0 is not served here: this server speaks HTTP/1.1")
+    _healthy(live)
+
+
 def test_an_absolute_form_target_is_served_as_the_path_it_names(live):
     """RFC 9112 3.2.2: a server takes `GET http://host:port/health` (the form a proxy is sent); it was
     answered 404 naming the whole URL. The target's authority stands for Host, so a keyless server
