@@ -20,6 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
+from layerstream.coordinator.args import PROG
 from layerstream.coordinator.stdio import print_stream
 from layerstream.coordinator.turn import Rates, Turn, counted
 from layerstream.errors import ContextFullError, LayerstreamError, PromptTooLongError
@@ -30,7 +31,7 @@ HELP = """commands:
   /system TEXT  set the system message (/system alone removes it)
   /help         this list
 Ctrl-C stops a reply; twice in a row, it ends the chat."""
-ERROR = "run-pipeline: error: "  # the command's own error lines begin so (cli._die)
+ERROR = f"{PROG}: error: "  # the command's own error lines begin so (cli._die)
 
 
 @dataclass
@@ -189,10 +190,9 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                 return 1
             continue
         turn = Turn(engine, ids, params)
-        shown: list[str] = []
         try:
             with _StopOnCtrlC() as sigint:  # (print_stream ends the reply's line whatever stops it)
-                print_stream(_kept(turn.pieces(stop=lambda: sigint.pressed), shown), out)
+                reply = print_stream(turn.pieces(stop=lambda: sigint.pressed), out)
         except PromptTooLongError as e:  # (refused before it ran: nothing was shown)
             err.write(_too_long(engine, conv, line, e, reader.person) + ("; the chat ends here\n" if not reader.person else "\n"))
             if not reader.person:
@@ -205,7 +205,6 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                 return 1
             err.write(f"{full}; /clear starts over (or restart with a larger --ctx)\n")
             continue
-        reply = "".join(shown)
         if turn.stopped and not reader.person:
             total.add(turn.rates)
             raise KeyboardInterrupt
@@ -217,13 +216,6 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         total.add(turn.rates)
         if rates_each:
             err.write(turn.rates.line() + "\n")
-
-
-def _kept(pieces, into: list[str]):
-    """The pieces, each kept in `into` as it passes."""
-    for piece in pieces:
-        into.append(piece)
-        yield piece
 
 
 def _too_long(engine, conv: Conversation, line: str, e: PromptTooLongError, person: bool) -> str:

@@ -43,20 +43,22 @@ def _write(out, text: str) -> None:
         raise output_error(e) from None
 
 
-def print_stream(pieces, out) -> None:
+def print_stream(pieces, out) -> str:
     """The reply on stdout, ended by a newline; an error after partial text leaves the line ended
-    first, so that the error line starts on a line of its own."""
-    last = ""
+    first, so that the error line starts on a line of its own. Returns the text printed (the newline
+    not counted)."""
+    shown: list[str] = []
     try:
         for piece in pieces:
             _write(out, piece)
-            last = piece
+            shown.append(piece)
     except BaseException:
-        if last and not last.endswith("\n"):
+        if shown and not shown[-1].endswith("\n"):
             with contextlib.suppress(OSError, LayerstreamError):
                 _write(out, "\n")
         raise
     _write(out, "\n")
+    return "".join(shown)
 
 
 def flush_stdout() -> str | None:
