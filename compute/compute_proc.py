@@ -215,6 +215,8 @@ class ComputeWorker:
         if cache is not None:
             snap["experts"] = {"policy": cache.kept.policy, "hits": cache.hits, "misses": cache.misses,
                                "bytes": cache.bytes_moved, "prefetch_hits": cache.ahead.hits, "prefetched": cache.ahead.copied,
+                               "prefetch_late": cache.ahead.late,
+                               "prefetch_limit": cache.ahead.limits / max(cache.ahead.issued, 1),
                                "steps": self.expert_count.steps, "tokens": self.expert_count.tokens}
         if self.cpu.experts is not None:
             ce = self.cpu.experts

@@ -127,14 +127,47 @@ class ExpertPool:
 
 class PrefetchSets:
     """The experts copied ahead for each layer (NOTE [ expert prefetch ] in experts.py), which
-    set of slots each layer's step reads, and when each set may be overwritten."""
+    set of slots each layer's step reads, when each set may be overwritten, and how many a layer
+    may copy (NOTE [ copies ahead that land in time ])."""
 
-    def __init__(self):
+    def __init__(self, slots: int = 0):
         self.layers: dict[int, tuple[dict[int, int], object]] = {}  # layer -> ({expert: slot}, copies' event)
         self.set_free: list = [None, None]  # per set: event after the last read of its slots
         self.reading: dict[int, int] = {}  # layer -> the set its step reads
         self.hits = 0  # chosen experts that a prefetch had copied
         self.copied = 0  # experts copied ahead (hits or not)
+        self.slots = slots  # each set's slots: the most a layer copies ahead
+        self.limit = slots  # the most the next layer copies ahead now
+        self.late = 0  # layers whose copies ahead had not landed when their misses were to be copied
+        self.limits = 0  # the sum of `limit` over the layers that copied ahead (its mean, with `issued`)
+        self.issued = 0  # layers that copied ahead
+
+    def landed(self, on_time: bool, misses: bool) -> None:
+        """NOTE [ copies ahead that land in time ]
+        A layer's copies ahead are issued after its graph B and must be on the device by the next
+        layer's fetch; there, that layer's missed experts are copied, on the compute stream, after
+        them (the same copy engine, in order). Copies ahead that are still running then delay the
+        misses, and with them the layer's experts, by their own time whether or not they were
+        chosen: a prediction's lower ranks then cost the chain more than they save. So the number a
+        layer copies ahead follows what lands in time: one more after a layer whose copies had all
+        landed by its fetch (`on_time`, its event passed), one fewer after a layer whose copies
+        had not and that had misses waiting behind them; a late layer with nothing missed changes
+        nothing. The predicted experts are copied best first (ExpertSet.prefetch), so the cut
+        drops the least likely. A prediction of 8 experts on the Qwen3-30B-A3B shape, all copied,
+        ran slower than its 5 best (BENCHMARKS.md)."""
+        if on_time:
+            self.limit = min(self.slots, self.limit + 1)
+        elif misses:
+            self.late += 1
+            self.limit = max(1, self.limit - 1)
+
+    def take(self, n: int) -> int:
+        """How many of `n` wanted experts a layer copies ahead now (at most `limit`)."""
+        n = min(n, self.limit)
+        if n:
+            self.limits += self.limit
+            self.issued += 1
+        return n
 
     def has(self, i: int, e: int) -> bool:
         return e in self.layers.get(i, ({},))[0]

@@ -35,7 +35,7 @@ class ExpertCache:
         n_cached = capacity_bytes // slot if slot else 0
         self.kept = ExpertPolicy(capacity_bytes, policy, n_cached if slot else None)
         self.store = ExpertPool(slot, n_cached, in_flight, prefetch, device) if slot else None
-        self.ahead = PrefetchSets()
+        self.ahead = PrefetchSets(prefetch)
         self.parts = LayerParts()
         self.hits = self.misses = 0
         self.bytes_moved = 0
@@ -76,6 +76,7 @@ class ExpertCache:
         out, missing, ahead = {}, [], []
         pre, pre_event = self.ahead.layers.pop(i, ({}, None))
         cur = self._stream() if self.device.type == "cuda" else None
+        on_time = pre_event is None or pre_event.query()  # (NOTE [ copies ahead that land in time ])
         if pre_event is not None:  # its copies read this layer's staging slot: they come first
             cur.wait_event(pre_event)
         for e in experts:
@@ -91,6 +92,7 @@ class ExpertCache:
         serving = {(i, e) for e in experts}
         if pre:
             self.ahead.reading[i] = i % 2
+            self.ahead.landed(on_time, bool(missing))
         nbytes = sum(p[1] for p in self.parts.of(lay)) if self.pool is not None else 0  # an expert's bytes
         for e in ahead:  # predicted and copied ahead: kept as a copy would be (a device-to-device copy)
             self.ahead.hits += 1
@@ -141,7 +143,8 @@ class ExpertCache:
         engine idles through the layer's attention, its router and the host's sync, and the
         device idles through the copies. The router of the next layer, applied to this layer's
         expert input (moe.predict_next), predicts the next layer's choice; those experts that
-        are not cached are copied now, on a side stream (`stream`; None: at once), into one of two
+        are not cached, best first and no more than land in time (NOTE [ copies ahead that land in
+        time ] in expert_pool.py), are copied now, on a side stream (`stream`; None: at once), into one of two
         sets of slots past the in-flight ones (the next layer's set; the other is the current
         layer's). Layer i's fetch then serves a predicted expert from its set like a cache hit,
         admitting it to the cache as a copy would be (a device-to-device copy), and copies only
@@ -150,7 +153,8 @@ class ExpertCache:
         bytes come from. Returns the experts copied."""
         if self.pool is None or not self.prefetch_slots:
             return 0
-        want = [e for e in experts if (i, e) not in self.kept][: self.prefetch_slots]
+        want = [e for e in experts if (i, e) not in self.kept]
+        want = want[: self.ahead.take(len(want))]  # (NOTE [ copies ahead that land in time ] in expert_pool.py)
         if not want:
             return 0
         t0 = time.monotonic_ns()

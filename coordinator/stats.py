@@ -29,11 +29,14 @@ class ExpertStats:
     prefetch_hits: int = 0  # chosen experts copied ahead on the previous layer's prediction
     prefetched: int = 0  # experts copied ahead
     cpu: int = 0  # experts the CPU computed
+    prefetch_late: int = 0  # layers whose copies ahead had not landed when their misses were copied
+    prefetch_limit: float = 0.0  # the mean of the most a layer copied ahead (NOTE [ copies ahead that land in time ])
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> ExpertStats:
         return cls(str(d.get("policy", "lfu")), int(d["hits"]), int(d["misses"]), int(d["bytes"]), int(d["steps"]),
-                   int(d["tokens"]), int(d.get("prefetch_hits", 0)), int(d.get("prefetched", 0)), int(d.get("cpu", 0)))
+                   int(d["tokens"]), int(d.get("prefetch_hits", 0)), int(d.get("prefetched", 0)), int(d.get("cpu", 0)),
+                   int(d.get("prefetch_late", 0)), float(d.get("prefetch_limit", 0.0)))
 
     def describe(self) -> str | None:
         n = self.hits + self.misses + self.prefetch_hits
@@ -41,7 +44,8 @@ class ExpertStats:
             return None
         ahead, copied = self.prefetch_hits, self.prefetched
         pre = (f"; {ahead} ({ahead / n:.0%}) copied ahead on the previous layer's prediction, of {copied} "
-               f"copied ahead ({ahead / max(copied, 1):.0%} used)") if copied else ""
+               f"copied ahead ({ahead / max(copied, 1):.0%} used; at most {self.prefetch_limit:.1f} a layer on "
+               f"average, late in {self.prefetch_late} layers)") if copied else ""
         return (f"{self.hits} of {n} fetched experts were in the device cache ({self.hits / n:.0%}, {self.policy}){pre}; "
                 f"{self.bytes / 1e6:.1f} MB moved over {self.steps} steps with expert streaming "
                 f"({self.bytes / max(self.tokens, 1) / 1e6:.2f} MB a token)")

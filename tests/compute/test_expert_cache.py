@@ -233,6 +233,74 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
     assert not cache.ahead.layers and not cache.on_device(1, 1)
 
 
+def test_copies_ahead_follow_what_lands_in_time():
+    """NOTE [ copies ahead that land in time ]: a layer copies ahead at most `limit` experts; a
+    layer whose copies were late with misses behind them lowers it by one (never below one), a
+    late layer with nothing missed leaves it, a layer whose copies had landed raises it back
+    towards the set's slots; the mean limit is kept for the run's stats."""
+    from layerstream.compute.expert_pool import PrefetchSets
+
+    s = PrefetchSets(4)
+    assert s.take(8) == 4 and s.take(2) == 2
+    s.landed(False, True)
+    assert s.take(8) == 3 and s.late == 1
+    s.landed(False, False)  # late, but nothing waited behind it
+    assert s.take(8) == 3 and s.late == 1
+    for _ in range(5):
+        s.landed(False, True)
+    assert s.limit == 1 and s.take(8) == 1
+    s.landed(True, True)
+    s.landed(True, False)
+    assert s.take(8) == 3
+    for _ in range(5):
+        s.landed(True, False)
+    assert s.limit == 4
+    assert s.take(0) == 0 and s.issued == 6 and s.limits == 4 + 4 + 3 + 3 + 1 + 3
+
+
+def test_a_lowered_limit_copies_the_best_ranked_experts_ahead():
+    """The copies ahead take the predicted experts in the order given (best first: ExpertSet.prefetch),
+    so a lowered limit drops the least likely, and the set's slots still bound them."""
+    lay, host = _layer(n_expert=8, rows=8, cols=16)
+    slot = slot_bytes([lay])
+    cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu",
+                        slot, in_flight=4, prefetch=3)
+    cache.ahead.limit = 1
+    assert cache.prefetch(0, [6, 4, 2], lay, host) == 1
+    assert cache.on_device(0, 6) and not cache.on_device(0, 4)
+    cache.ahead.layers.clear()
+    cache.ahead.limit = 3
+    assert cache.prefetch(0, [6, 4, 2, 1], lay, host) == 3 and not cache.on_device(0, 1)
+
+
+@pytest.mark.gpu
+def test_copies_ahead_still_running_at_the_fetch_lower_the_limit():
+    """NOTE [ copies ahead that land in time ], on CUDA: copies ahead held back on their stream
+    (the stream sleeps first) have not landed when the layer's fetch comes with a miss: the limit
+    drops by one; copies that landed raise it again."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = torch.device("cuda")
+    lay, host = _layer(n_expert=8, rows=8, cols=16)
+    host = torch.from_numpy(host).pin_memory().numpy()
+    slot = slot_bytes([lay])
+    cache = ExpertCache(2 * slot, dev, torch.float32, True, Timeline("compute", "t"), "lfu", slot, in_flight=4,
+                        prefetch=3)
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(400_000_000)  # cycles: a fifth of a second at the H200's clock
+    cache.prefetch(0, [6, 4], lay, host, stream=side)
+    cache.fetch(0, [6, 1], lay, host)  # 1 missed: copied after the late copies ahead
+    assert cache.ahead.limit == 2 and cache.ahead.late == 1
+    torch.cuda.synchronize()
+    cache.done(0)
+    cache.prefetch(1, [6], LayerLayout(1, lay.tensors, lay.nbytes), host, stream=side)
+    side.synchronize()
+    cache.fetch(1, [6, 2], LayerLayout(1, lay.tensors, lay.nbytes), host)
+    assert cache.ahead.limit == 3 and cache.ahead.late == 1
+    torch.cuda.synchronize()
+
+
 def _expert_layer(rng, E, n_ff, n_embd, types):
     """A layer of E experts of random blocks of `types` (gate, up, down): its layout, its bytes,
     and float64 [E, rows, cols] of each tensor through gguf-py's dequantizer."""
