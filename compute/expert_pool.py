@@ -139,8 +139,9 @@ class PrefetchSets:
         self.slots = slots  # each set's slots: the most a layer copies ahead
         self.limit = slots  # the most the next layer copies ahead now
         self.late = 0  # layers whose copies ahead had not landed when their misses were to be copied
-        self.limits = 0  # the sum of `limit` over the layers that copied ahead (its mean, with `issued`)
-        self.issued = 0  # layers that copied ahead
+        self.limits = 0  # the sum of `limit` over one-token steps' layers that copied ahead (its mean, with `issued`)
+        self.issued = 0  # one-token steps' layers that copied ahead
+        self.single = True  # this step has one token: its copies ahead follow `limit`
 
     def landed(self, on_time: bool, misses: bool) -> None:
         """NOTE [ copies ahead that land in time ]
@@ -154,7 +155,15 @@ class PrefetchSets:
         had not and that had misses waiting behind them; a late layer with nothing missed changes
         nothing. The predicted experts are copied best first (ExpertSet.prefetch), so the cut
         drops the least likely. A prediction of 8 experts on the Qwen3-30B-A3B shape, all copied,
-        ran slower than its 5 best (BENCHMARKS.md)."""
+        ran slower than its 5 best (BENCHMARKS.md).
+        Only steps of one token follow the limit (`single`, set each step). In a step of several
+        tokens the copies ahead are the most often predicted of the step's union, nearly all used,
+        and the link is busy with that union anyway: a late copy that is used delays the misses by
+        no more than their own copy would have, so cutting on lateness only moved bytes from ahead
+        of the router to after it, and batch 8 ran slower (BENCHMARKS.md). There each layer copies
+        ahead up to its set's slots."""
+        if not self.single:
+            return
         if on_time:
             self.limit = min(self.slots, self.limit + 1)
         elif misses:
@@ -162,9 +171,10 @@ class PrefetchSets:
             self.limit = max(1, self.limit - 1)
 
     def take(self, n: int) -> int:
-        """How many of `n` wanted experts a layer copies ahead now (at most `limit`)."""
-        n = min(n, self.limit)
-        if n:
+        """How many of `n` wanted experts a layer copies ahead now (at most `limit` in a step of one
+        token, else the set's slots)."""
+        n = min(n, self.limit if self.single else self.slots)
+        if n and self.single:
             self.limits += self.limit
             self.issued += 1
         return n

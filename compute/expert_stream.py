@@ -74,6 +74,7 @@ class ExpertStream:
         """A step of `tokens` tokens: whether it fetches only the chosen experts, and the CPU's share."""
         self.step = streams_experts(self.n_expert, self.n_expert_used, tokens)
         self.frac = self.cpu.set_step(tokens) if self.step and self.cpu else 0.0
+        self.cache.ahead.single = tokens == 1  # (NOTE [ copies ahead that land in time ] in expert_pool.py)
         if self.cache.ahead.layers:
             self.cache.drop_prefetched()  # (only a step that failed part-way leaves any)
 

@@ -256,6 +256,14 @@ def test_copies_ahead_follow_what_lands_in_time():
         s.landed(True, False)
     assert s.limit == 4
     assert s.take(0) == 0 and s.issued == 6 and s.limits == 4 + 4 + 3 + 3 + 1 + 3
+    # a step of several tokens copies up to the slots, and its late layers leave the limit alone
+    s.landed(False, True)
+    s.single = False
+    assert s.take(8) == 4 and s.issued == 6
+    s.landed(False, True)
+    assert s.limit == 3 and s.late == 7
+    s.single = True
+    assert s.take(8) == 3
 
 
 def test_a_lowered_limit_copies_the_best_ranked_experts_ahead():
@@ -271,6 +279,24 @@ def test_a_lowered_limit_copies_the_best_ranked_experts_ahead():
     cache.ahead.layers.clear()
     cache.ahead.limit = 3
     assert cache.prefetch(0, [6, 4, 2, 1], lay, host) == 3 and not cache.on_device(0, 1)
+
+
+def test_only_one_token_steps_follow_the_limit():
+    """ExpertStream.set_step: a step of one token follows the copies ahead's limit, a step of
+    several copies up to the set's slots (NOTE [ copies ahead that land in time ])."""
+    from layerstream.compute.expert_stream import ExpertStream
+
+    lay, host = _layer(n_expert=8, rows=8, cols=16)
+    slot = slot_bytes([lay])
+    cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu",
+                        slot, in_flight=4, prefetch=3)
+    stream = ExpertStream(cache, [lay], set(), (8, 2), torch.float32, True, lambda s: host, lambda *a: None)
+    cache.ahead.limit = 1
+    stream.set_step(2)
+    assert cache.prefetch(0, [6, 4, 2], lay, host) == 3
+    cache.ahead.layers.clear()
+    stream.set_step(1)
+    assert cache.prefetch(0, [6, 4, 2], lay, host) == 1
 
 
 @pytest.mark.gpu

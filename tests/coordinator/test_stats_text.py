@@ -42,5 +42,5 @@ def test_the_experts_line_says_how_many_a_layer_copied_ahead_and_how_often_late(
     text = format_stats([snap], 1.0, plan(shaped("qwen3-30b-a3b"), 4))
     line = next(v for k, _, v in (ln.partition(": ") for ln in text.splitlines()) if k == "experts")
     assert line == ("10 of 100 fetched experts were in the device cache (10%, lfu); 60 (60%) copied ahead on the "
-                    "previous layer's prediction, of 80 copied ahead (75% used; at most 5.2 a layer on average, "
-                    "late in 7 layers); 4.0 MB moved over 2 steps with expert streaming (2.00 MB a token)")
+                    "previous layer's prediction, of 80 copied ahead (75% used; at most 5.2 a layer on average in "
+                    "one-token steps, late in 7 layers); 4.0 MB moved over 2 steps with expert streaming (2.00 MB a token)")
