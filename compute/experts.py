@@ -144,9 +144,9 @@ class ExpertCache:
         device idles through the copies. The router of the next layer, applied to this layer's
         expert input (moe.predict_next), predicts the next layer's choice; those experts that
         are not cached, best first and no more than land in time (NOTE [ copies ahead that land in
-        time ] in expert_pool.py), are copied now, on a side stream (`stream`; None: at once), into one of two
-        sets of slots past the in-flight ones (the next layer's set; the other is the current
-        layer's). Layer i's fetch then serves a predicted expert from its set like a cache hit,
+        time ] in expert_pool.py), are copied now, on a side stream (`stream`; None: at once),
+        into one of two sets of slots past the in-flight ones (the next layer's set; the other is
+        the current layer's). Layer i's fetch then serves a predicted expert from its set like a cache hit,
         admitting it to the cache as a copy would be (a device-to-device copy), and copies only
         the experts the prediction missed. A set is overwritten only after the device's last read
         of it (`done`). The prediction never changes what is computed: only where an expert's

@@ -30,7 +30,7 @@ class ExpertStats:
     prefetched: int = 0  # experts copied ahead
     cpu: int = 0  # experts the CPU computed
     prefetch_late: int = 0  # layers whose copies ahead had not landed when their misses were copied
-    prefetch_limit: float = 0.0  # the mean of the most a layer of a one-token step copied ahead (NOTE [ copies ahead that land in time ])
+    prefetch_limit: float = 0.0  # the mean limit of one-token steps' copies ahead (0: none such)
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> ExpertStats:
@@ -43,9 +43,11 @@ class ExpertStats:
         if not n:
             return None
         ahead, copied = self.prefetch_hits, self.prefetched
+        # (NOTE [ copies ahead that land in time ] in compute/expert_pool.py: one-token steps only)
+        limit = (f"; at most {self.prefetch_limit:.1f} a layer on average in one-token steps, late in "
+                 f"{self.prefetch_late} layers") if self.prefetch_limit else ""
         pre = (f"; {ahead} ({ahead / n:.0%}) copied ahead on the previous layer's prediction, of {copied} "
-               f"copied ahead ({ahead / max(copied, 1):.0%} used; at most {self.prefetch_limit:.1f} a layer on "
-               f"average in one-token steps, late in {self.prefetch_late} layers)") if copied else ""
+               f"copied ahead ({ahead / max(copied, 1):.0%} used{limit})") if copied else ""
         return (f"{self.hits} of {n} fetched experts were in the device cache ({self.hits / n:.0%}, {self.policy}){pre}; "
                 f"{self.bytes / 1e6:.1f} MB moved over {self.steps} steps with expert streaming "
                 f"({self.bytes / max(self.tokens, 1) / 1e6:.2f} MB a token)")

@@ -33,14 +33,21 @@ def test_a_timed_cpu_share_is_named_once():
     assert all("CPU share" not in v and "CPU experts" not in v for v in lines.values()), lines
 
 
+def _experts_line(snap: dict) -> str:
+    text = format_stats([snap], 1.0, plan(shaped("qwen3-30b-a3b"), 4))
+    return next(v for k, _, v in (ln.partition(": ") for ln in text.splitlines()) if k == "experts")
+
+
 def test_the_experts_line_says_how_many_a_layer_copied_ahead_and_how_often_late():
     """The experts' line carries the copies ahead's mean limit and late layers (NOTE [ copies ahead
     that land in time ]) as compute_proc.stats sends them."""
     snap = {"role": "compute", "ident": "compute", "count": {},
             "experts": {"policy": "lfu", "hits": 10, "misses": 30, "bytes": 4_000_000, "steps": 2, "tokens": 2,
                         "prefetch_hits": 60, "prefetched": 80, "prefetch_late": 7, "prefetch_limit": 5.25}}
-    text = format_stats([snap], 1.0, plan(shaped("qwen3-30b-a3b"), 4))
-    line = next(v for k, _, v in (ln.partition(": ") for ln in text.splitlines()) if k == "experts")
+    line = _experts_line(snap)
     assert line == ("10 of 100 fetched experts were in the device cache (10%, lfu); 60 (60%) copied ahead on the "
                     "previous layer's prediction, of 80 copied ahead (75% used; at most 5.2 a layer on average in "
                     "one-token steps, late in 7 layers); 4.0 MB moved over 2 steps with expert streaming (2.00 MB a token)")
+    # steps of several tokens alone: no limit to speak of
+    snap["experts"].update(prefetch_late=0, prefetch_limit=0.0)
+    assert "(75% used); 4.0 MB moved" in _experts_line(snap)
