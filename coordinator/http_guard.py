@@ -48,6 +48,7 @@ class Limits:
     max_connections: int = 1024  # open at once; one more is answered 503
     bodies_bytes: int = 256 << 20  # request bodies held at once, all connections together; past it 503
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    head_bytes: int = 16 << 10  # a request head at most (h11's own limit holds only for a head still incomplete)
 
 
 class BodyBudget:
@@ -135,6 +136,10 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
             except h11.LocalProtocolError:  # an answer had begun: nothing more can be said on it
                 self.transport.close()
                 return
+            self._linger()
+
+        def _linger(self) -> None:
+            """Half-close, drop what the client still sends for LINGER_S, then close."""
             self._lingering = True
             self.flow.resume_reading()  # (paused by a pipelined request: the drop reads on)
             if self.transport.can_write_eof():
@@ -143,6 +148,10 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            # an answer that closes the connection while the client still sends its body (a 413, a 408)
+            # lingers too: closed with bytes unread, the connection was reset, and some clients read the
+            # reset instead of the answer
+            self.transport = _LingerOnClose(transport, self)
             if len(self.connections) > limits.max_connections:
                 transport.write(busy)
                 transport.close()
@@ -173,6 +182,24 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
                 self.transport.close()
 
     return GuardedH11
+
+
+class _LingerOnClose:
+    """A connection's transport whose close lingers (GuardedH11._linger) while the client is still
+    sending a request body; everything else is the transport's own."""
+
+    def __init__(self, transport, proto):
+        self._transport, self._proto = transport, proto
+
+    def close(self) -> None:
+        p = self._proto
+        if p.conn.their_state is h11.SEND_BODY and not p._lingering and not self._transport.is_closing():
+            p._linger()
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
 
 
 def is_loopback(host: str) -> bool:
@@ -211,8 +238,8 @@ class Guard:
     absolute form as its path (origin_form); writes one access line a request (method, path, status,
     tokens, seconds) at INFO."""
 
-    def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger):
-        self.app, self.check_host, self.bound, self.log = app, check_host, bound, log
+    def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger, head_bytes: int = Limits.head_bytes):
+        self.app, self.check_host, self.bound, self.log, self.head_bytes = app, check_host, bound, log, head_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -230,7 +257,13 @@ class Guard:
             host = heads[b"host"].decode("latin-1") if b"host" in heads else None
             host = host if authority is None else authority  # (RFC 9112 3.2.2: the target's, not Host's)
             coding = heads.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-            if b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
+            head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+                sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if head > self.head_bytes:  # (h11 refuses a longer head only while it is incomplete: one that came
+                # in one or two reads was taken whole)
+                await _json(send_, 431, f"the request head is {head} bytes, more than {self.head_bytes >> 10} KiB",
+                            "invalid_http_request", close=True)
+            elif b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
                 await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",
                             "invalid_framing", close=True)
             elif coding != "identity":  # (RFC 9110 15.5.16: a coding the server does not take is a 415)

@@ -153,27 +153,35 @@ def _short(v) -> str:
 # own (OpenAI's completions API has no tools or response_format, its chat API no echo or suffix)
 SERVED = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop",
           "stream", "stream_options", "n", "ignore_eos", "user", "lookup"}
+
+
+def _is(default, *types):
+    """A test that a value is null or `default` of one of `types` (JSON's false is not the number 0, nor
+    true 1: Python's bool is an int, and `in (None, 0)` took false for 0)."""
+    return lambda v: v is None or (type(v) in types and v == default)
+
+
 HARMLESS_BOTH = {
     # not 0: OpenAI answers it on /v1/completions with the sampled tokens' log-probabilities, which this
     # server does not compute (so refused as 1 to 5 are; 0 is compared as a number, not as False)
-    "logprobs": lambda v: v is None or v is False,
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "logit_bias": lambda v: v is None or v == {},
+    "logprobs": _is(False, bool),
+    "presence_penalty": _is(0, int, float),
+    "frequency_penalty": _is(0, int, float),
+    "logit_bias": _is({}, dict),
 }
 HARMLESS_COMPLETION = {
-    "best_of": lambda v: v in (None, 1),
-    "echo": lambda v: v in (None, False),
-    "suffix": lambda v: v in (None, ""),
+    "best_of": _is(1, int),
+    "echo": _is(False, bool),
+    "suffix": _is("", str),
 }
 HARMLESS_CHAT = {
-    "top_logprobs": lambda v: v in (None, 0),
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "tools": lambda v: v is None or v == [],
-    "functions": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v in (None, "none"),
+    "top_logprobs": _is(0, int),
+    "response_format": _is({"type": "text"}, dict),
+    "tools": _is([], list),
+    "functions": _is([], list),
+    "tool_choice": _is("none", str),
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
-    "store": lambda v: v in (None, False),
+    "store": _is(False, bool),
 }
 UNSERVED = {"logprobs": "it returns no token log-probabilities; leave 'logprobs' out or give null"}
 HARMLESS = {"completion": HARMLESS_BOTH | HARMLESS_COMPLETION, "chat": HARMLESS_BOTH | HARMLESS_CHAT}
@@ -192,11 +200,7 @@ def _check_fields(body: dict, kind: str) -> None:
                     if key in FIELDS[other] or key in HARMLESS[other] else f"unknown or unsupported field '{key}'")
             takes = ", ".join(sorted(FIELDS[kind] | set(HARMLESS[kind])))
             raise ApiError(400, f"{what}; {ROUTES[kind]} takes {takes}", key)
-        try:
-            ok = test(v)
-        except TypeError:  # an unhashable value compared with in (...)
-            ok = False
-        if not ok:
+        if not test(v):
             why = UNSERVED.get(key, "only its default value is accepted")
             raise ApiError(400, f"'{key}' = {_short(json.dumps(v))} is not supported by this server ({why})", key)
 
@@ -257,7 +261,7 @@ def _messages(v) -> list[dict]:
                 raise ApiError(400, f"'{where}.{key}' is not supported (messages take role and content)",
                                f"{where}.{key}")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # (a list or object is no key of ROLES: a 500 once)
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {_short(json.dumps(role))}",
                            f"{where}.role")
         if m.get("name") is not None:  # the chat template gets role and content only: a name would be dropped
@@ -267,6 +271,9 @@ def _messages(v) -> list[dict]:
         if content is None and role == "assistant":
             content = ""
         if isinstance(content, list):
+            if not content:  # (OpenAI's schema: at least one part)
+                raise ApiError(400, f"'{where}.content' is an empty list: give a string or at least one text part",
+                               f"{where}.content")
             parts = []
             for j, p in enumerate(content):
                 if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)

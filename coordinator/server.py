@@ -35,7 +35,8 @@ from starlette.routing import Route
 
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine_worker import Cut, EngineWorker, Metrics
-from layerstream.coordinator.http_guard import BodyBudget, Guard, Limits, guarded_protocol, is_loopback
+from layerstream.coordinator.http_body import BodyReader
+from layerstream.coordinator.http_guard import Guard, Limits, guarded_protocol, is_loopback
 from layerstream.coordinator.listen import bound_socket
 from layerstream.coordinator.openai_api import (
     DEFAULTS,
@@ -66,12 +67,12 @@ class Server:
         self.engine, self.model_id, self.api_key, self.max_queue = engine, model_id, api_key, max_queue
         self.defaults = defaults  # sampling for the fields a request does not set (openai_api.DEFAULTS' keys)
         self.limits = limits
-        self.bodies = BodyBudget(limits.bodies_bytes)
+        self.body = BodyReader(limits)
+        self.bodies, self.body_reads = self.body.budget, self.body.reads  # (bodies still arriving: end_requests ends them)
         self.metrics = Metrics()
         self.worker: EngineWorker | None = None
         self.on_failure = None  # called on the loop once the engine has failed (serve: stop, exit non-zero)
         self.hurried = lambda: False  # a second signal came (serve: GracefulServer.force_exit)
-        self.body_reads: set[asyncio.Task] = set()  # bodies still arriving (end_requests ends them)
         self.ending = False  # end_requests was called: the server stops
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="layerstream-parse")  # bodies and prompts
         self.created = int(time.time())
@@ -84,7 +85,9 @@ class Server:
             Route("/v1/models/{model_id:path}", self.model),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
-        ], lifespan=self.lifespan, exception_handlers=errors), check_host=api_key is None, bound=host, log=log)
+        ], lifespan=self.lifespan, exception_handlers=errors), check_host=api_key is None, bound=host, log=log,
+                         head_bytes=limits.head_bytes)
+        self.app.app.router.redirect_slashes = False  # (a 404: Starlette's 307, no body, to the client's Host)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -160,65 +163,15 @@ class Server:
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # (RFC 7235 asks it of a 401)
 
     async def _read_body(self, request: Request) -> tuple[bytes, int]:
-        """The body, read as it comes, and the bytes it holds of the server's BodyBudget (the caller gives
-        them back): 415 unless JSON, 413 past the size cap, 503 past the budget or once the server stops
-        (end_requests), 408 past the deadline or where it stalls."""
+        """BodyReader.read; 503 once the server stops (end_requests), a body still arriving included."""
         if self.ending:
             raise _stopping()
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, f"the body must be JSON, sent with 'Content-Type: application/json' (got "
-                                f"{ctype[:60] or 'none'!r})", code="unsupported_media_type")
-        cap = self.limits.body_bytes
-        declared = request.headers.get("content-length", "")
-        too_big = ApiError(413, f"the request body is larger than {cap >> 20} MiB", code="request_too_large",
-                           headers={"Connection": "close"})
-        busy = ApiError(503, f"the server holds {self.limits.bodies_bytes >> 20} MiB of request bodies already; "
-                             "retry later", kind="server_error", code="server_busy",
-                        headers={"Connection": "close", "Retry-After": "1"})
-        if declared.isdigit() and int(declared) > cap:
-            raise too_big
-        held = int(declared) if declared.isdigit() else 0
-        if not self.bodies.take(held):
-            raise busy
-        chunks, size = [], 0
-
-        async def read():
-            nonlocal size, held
-            pieces = request.stream().__aiter__()
-            while True:  # each piece within body_stall_s of the last (NOTE [ HTTP limits ])
-                try:
-                    chunk = await asyncio.wait_for(pieces.__anext__(), self.limits.body_stall_s)
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    raise ApiError(408, f"the body stalled: no byte of it came for {self.limits.body_stall_s:g} s",
-                                   code="request_timeout", headers={"Connection": "close"}) from None
-                size += len(chunk)
-                if size > cap:
-                    raise too_big
-                if size > held:  # a chunked body, taken from the budget as it comes
-                    if not self.bodies.take(size - held):
-                        raise busy
-                    held = size
-                chunks.append(chunk)
-
-        reading = asyncio.ensure_future(asyncio.wait_for(read(), self.limits.body_timeout_s))
-        self.body_reads.add(reading)
         try:
-            await reading
-        except BaseException as e:
-            self.bodies.give(held)
-            if isinstance(e, asyncio.TimeoutError):
-                raise ApiError(408, f"the body did not arrive within {self.limits.body_timeout_s:g} s",
-                               code="request_timeout", headers={"Connection": "close"}) from None
-            if isinstance(e, asyncio.CancelledError) and self.ending and reading.cancelled() \
-                    and not asyncio.current_task().cancelling():  # (cancelled by end_requests, not this handler)
+            return await self.body.read(request)
+        except asyncio.CancelledError:
+            if self.ending and not asyncio.current_task().cancelling():  # (by end_requests, not this handler's)
                 raise _stopping() from None
             raise
-        finally:
-            self.body_reads.discard(reading)
-        return b"".join(chunks), held
 
     def _prepare(self, raw: bytes, kind: str) -> tuple[GenRequest, list[int]]:
         """Parse, check and tokenize a body (in the pool: off the event loop)."""

@@ -33,6 +33,8 @@ def refused(body: dict, kind: str = "completion") -> ApiError:
     ("repeat_penalty", 1e-39), ("repeat_penalty", 0.001), ("stop", [""]), ("stop", ""),
     ("frobnicate", 1), ("model", 5), ("user", 5), ("stream_options", {"include_usage": True}),
     ("lookup", -1), ("lookup", 1.5), ("lookup", True), ("lookup", 5000),
+    # a probe's: JSON's false passed for the number 0 (Python's bool is an int), true for 1
+    ("presence_penalty", False), ("frequency_penalty", False), ("best_of", True), ("logit_bias", []),
 ])
 def test_a_bad_field_is_refused_by_name(field, value):
     e = refused({"prompt": "hi", field: value})
@@ -47,6 +49,9 @@ def test_a_bad_field_is_refused_by_name(field, value):
     ([{"role": "tool", "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
     ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),  # was accepted and dropped
+    ([{"role": ["user"], "content": "x"}], "messages[0].role"),  # a probe's: a 500 (unhashable) until now
+    ([{"role": {}, "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": []}], "messages[0].content"),  # was run as an empty message
 ])
 def test_bad_messages_are_refused_by_name(messages, param):
     assert refused({"messages": messages}, "chat").param == param
@@ -164,3 +169,18 @@ def test_logprobs_zero_is_refused_as_any_count_is(kind, body):
         assert e.param == "logprobs" and "returns no token log-probabilities" in e.message, e.message
     for v in (None, False):
         parse_request(body | {"logprobs": v}, kind, V)
+
+
+@pytest.mark.parametrize("kind, field, value", [
+    ("chat", "top_logprobs", False), ("chat", "store", 0), ("chat", "tool_choice", None),
+    ("completion", "echo", 0), ("completion", "suffix", None),
+])
+def test_a_default_is_taken_only_in_its_own_json_type(kind, field, value):
+    """A field taken only at its default takes the default in its JSON type: false is no 0 and 0 no
+    false (a probe's `"top_logprobs": false` and `"echo": 0` were answered 200), null is the default."""
+    body = {"prompt": "hi"} if kind == "completion" else {"messages": [{"role": "user", "content": "hi"}]}
+    if value is None:
+        parse_request(body | {field: value}, kind, V)
+        return
+    e = refused(body | {field: value}, kind)
+    assert e.param == field and "only its default value is accepted" in e.message

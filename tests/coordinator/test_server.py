@@ -801,6 +801,33 @@ def test_requests_h11_cannot_parse_are_answered_in_json_and_read_to_the_end(live
     _healthy(live)
 
 
+def test_a_head_past_16_kib_is_431_however_it_arrives(live):
+    """A probe's: h11 refuses a head past its buffer only while the head is incomplete, so a 70 KB head
+    sent in one write was served (200). The Guard measures the whole head: 431 in JSON, closed."""
+    status, head, body = _raw_exchange(live.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-A: "
+                                                  + b"a" * 70_000 + b"\r\n\r\n")
+    assert status == 431 and b"connection: close" in head and body["error"]["code"] == "invalid_http_request"
+    assert "more than 16 KiB" in body["error"]["message"]
+    status, got, _ = _call(live.port, "GET", "/health", headers={"X-A": "a" * 8000})  # within the limit
+    assert status == 200
+
+
+def test_a_413_reaches_a_client_still_sending_its_body(live):
+    """A probe's: a body declared past the cap is answered 413 at once with the connection closed;
+    closed with the body's bytes unread, the connection was reset and urllib read the reset
+    (ConnectionResetError), not the answer. Now the close lingers as h11's refusals do."""
+    import urllib.error
+    import urllib.request
+
+    big = json.dumps({"prompt": "a" * (24 << 20)}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{live.port}/v1/completions", big,
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 413 and json.loads(e.value.read())["error"]["code"] == "request_too_large"
+    _healthy(live)
+
+
 def test_an_http2_preface_gets_one_answer_and_its_connection_closed(live):
     """h11 read an HTTP/2 connection preface's first line (PRI * HTTP/2.0) as a request and answered
     404, then its SM line 400: two answers. One 505 in OpenAI's JSON (a request of any HTTP version
@@ -986,6 +1013,13 @@ def test_every_route_answers_json_and_models_by_id(live):
     assert status == 200 and got["id"] == "smollm" and got["object"] == "model"
     status, got, _ = _call(live.port, "GET", "/v1/models/gpt-4")
     assert status == 404 and got["error"]["code"] == "model_not_found"
+    # a probe's: a trailing slash was redirected (307, no body, its Location from the client's Host)
+    for method, path in (("GET", "/health/"), ("POST", "/v1/chat/completions/"), ("DELETE", "/metrics/")):
+        status, got, headers = _call(live.port, method, path, {} if method == "POST" else None,
+                                     headers={"Host": "evil.example"} if method == "GET" else None)
+        assert status in (400, 404) and "location" not in headers and got["error"]["code"] in ("not_found", "invalid_host")
+    status, got, _ = _call(live.port, "GET", "/health/")
+    assert status == 404 and got["error"]["code"] == "not_found"
 
 
 def test_an_access_line_a_request_at_info(live):
@@ -1289,9 +1323,9 @@ def test_a_stalled_body_is_answered_408_and_its_connection_closed(live):
 
 
 def test_a_404_quotes_a_bounded_part_of_a_long_path(live):
-    status, got, _ = _call(live.port, "GET", "/" + "a" * 100_000)
+    status, got, _ = _call(live.port, "GET", "/" + "a" * 15_000)  # (a head past 16 KiB is a 431)
     assert status == 404 and got["error"]["code"] == "not_found"
-    assert len(got["error"]["message"]) < 400 and "(99901 more characters)" in got["error"]["message"]
+    assert len(got["error"]["message"]) < 400 and "(14901 more characters)" in got["error"]["message"]
     deadline = time.monotonic() + 5
     while not (logged := [r.getMessage() for r in live.records
                           if r.name == "layerstream.server" and " 404 " in r.getMessage()]) \
