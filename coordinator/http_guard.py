@@ -8,7 +8,7 @@ that got as far as a whole head, so about 20,000 half-open connections made ever
 each request head (armed when the connection opens and again after each response, it closes the
 connection when h11 still waits for a head: their_state IDLE), and a cap on open connections
 (one more is answered 503 and closed at once). Bodies are read by the handlers, incrementally,
-under a size cap, a deadline and a limit on a stall between pieces (server.py: 408, connection closed), and all connections' bodies together under
+under a size cap, a deadline and a limit on a stall between pieces (http_body.py: 408, connection closed), and all connections' bodies together under
 `bodies_bytes` (BodyBudget): a declared Content-Length is taken from it before a byte is read, a
 chunked body as it comes, and given back once the body is parsed, so a body that would pass it is
 answered 503 at once (60 connections each holding a 15 MB body one byte short took 850 MB, 15 GB at
