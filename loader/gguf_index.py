@@ -168,8 +168,19 @@ def _field_value(f) -> Any:
     return v
 
 
-def read_metadata(reader) -> dict[str, Any]:
-    return {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+def read_metadata(reader, path: str = "the GGUF file") -> dict[str, Any]:
+    """The metadata, {key: value}; a string value that is not UTF-8 (as the GGUF format has them) is a
+    ModelError naming its key (gguf-py decodes each string when the value is read)."""
+    out = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            out[name] = _field_value(f)
+        except UnicodeDecodeError as e:
+            raise ModelError(f"{path}: corrupt GGUF file: metadata {name[:80]!r} holds a string that is not "
+                             f"UTF-8 ({e.reason} at byte {e.start}); re-download or re-convert the file") from None
+    return out
 
 
 @functools.cache
@@ -193,6 +204,8 @@ def _reader_class():
 
 
 def _open_reader(path: str):
+    if os.path.isdir(path):
+        raise ModelError(f"{path}: is a directory; give the .gguf file inside it")
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
     try:
@@ -257,7 +270,7 @@ def read_header(path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
     else:
         try:
             reader = _open_reader(path)
-            got = read_metadata(reader), _tensors_of(reader, path)
+            got = read_metadata(reader, path), _tensors_of(reader, path)
         except MemoryError:  # within the scan's limits (NOTE [ header sizes ]) but past this process's memory
             raise ModelError(f"{path}: the GGUF header does not fit in the memory this process may take; free "
                              "memory or raise its limit") from None
@@ -369,11 +382,6 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
             raise bad("expert_count", hp.moe.n_expert, "is out of range")
         if not 0 < hp.moe.n_expert_used <= hp.moe.n_expert:
             raise bad("expert_used_count", hp.moe.n_expert_used, f"is not from 1 to expert_count {hp.moe.n_expert}")
-        t = tensors.get("blk.0.ffn_up_exps.weight")
-        want = (hp.moe.n_expert, hp.moe.n_ff_exp, hp.n_embd)
-        if t is not None and tuple(t.shape) != want:
-            raise ModelError(f"{path}: tensor blk.0.ffn_up_exps.weight has shape {list(t.shape)} where the metadata "
-                             f"({a}.expert_count, expert_feed_forward_length, embedding_length) say {list(want)}")
     if hp.attn.n_head % hp.attn.n_head_kv:
         raise bad("attention.head_count_kv", hp.attn.n_head_kv, f"does not divide head_count {hp.attn.n_head}")
     if hp.rope.dim > hp.attn.head_dim or hp.rope.dim % 2:
@@ -384,13 +392,22 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
     blocks = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
     if len(blocks) != hp.n_layer or blocks != set(range(hp.n_layer)):
         raise bad("block_count", hp.n_layer, f"does not match the {len(blocks)} blocks of tensors in the file")
+    # every block's main tensors, as llama.cpp checks them at load: a shape the metadata does not give
+    # failed the first step, deep in a matmul (a probe's)
+    e, f_exp = hp.moe.n_expert, hp.moe.n_ff_exp
     shapes = {"attn_q.weight": (at.n_head * at.head_dim, hp.n_embd), "attn_k.weight": (at.n_head_kv * at.head_dim, hp.n_embd),
-              "ffn_up.weight": (hp.n_ff, hp.n_embd)}
-    for name, want in shapes.items():
-        t = tensors.get(f"blk.0.{name}")
-        if t is not None and tuple(t.shape) != want:
-            raise ModelError(f"{path}: tensor blk.0.{name} has shape {list(t.shape)} where the metadata "
-                             f"({a}.embedding_length, head counts, feed_forward_length) say {list(want)}")
+              "ffn_up.weight": (hp.n_ff, hp.n_embd), "ffn_up_exps.weight": (e, f_exp, hp.n_embd),
+              "attn_output.weight": (hp.n_embd, at.n_head * at.head_dim), "ffn_gate.weight": (hp.n_ff, hp.n_embd),
+              "ffn_down.weight": (hp.n_embd, hp.n_ff), "ffn_gate_exps.weight": (e, f_exp, hp.n_embd),
+              "ffn_down_exps.weight": (e, hp.n_embd, f_exp), "attn_norm.weight": (hp.n_embd,),
+              "ffn_norm.weight": (hp.n_embd,)}
+    for i in range(hp.n_layer):
+        for name, want in shapes.items():
+            t = tensors.get(f"blk.{i}.{name}")
+            if t is not None and tuple(t.shape) != want:
+                raise ModelError(f"{path}: tensor blk.{i}.{name} has shape {list(t.shape)} where the metadata "
+                                 f"({a}.embedding_length, head counts, feed_forward_length, experts) say {list(want)}; "
+                                 "the file is corrupt or was not written by a known converter")
     emb = tensors.get("token_embd.weight")
     if emb is not None and (emb.shape[-1] != hp.n_embd or emb.shape[0] < hp.n_vocab):
         raise bad("vocab_size", hp.n_vocab, f"or embedding_length {hp.n_embd} does not match token_embd "

@@ -163,6 +163,20 @@ def test_expert_options_pass_on_a_mixture_of_experts_model(tmp_path):
     cli.check_header(a)
 
 
+def test_more_experts_copied_ahead_than_the_model_has_exits_2_before_any_process_starts(tmp_path, monkeypatch):
+    """A probe's: `--expert-prefetch 17` on a model of 16 experts exited 1 from the plan; a usage error
+    of the command line exits 2, as `--expert-prefetch 100000000` and expert options on a dense model do."""
+    from layerstream.coordinator import cli, supervisor
+
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe")  # 4 experts
+    line = "--expert-prefetch 5: use 0 (off) to 4 (the model's experts)"
+    assert _one_line(_run("-m", path, "--device", "cpu", "--expert-prefetch", "5", "hello")) == line
+    monkeypatch.setattr(supervisor.Supervisor, "start", lambda *a, **k: pytest.fail("a process started"))
+    with pytest.raises(UsageError, match=r"--expert-prefetch 5: use 0 \(off\) to 4"):
+        cli.check_header(build_parser().parse_args(["-m", path, "--expert-prefetch", "5", "hello"]))
+    cli.check_header(build_parser().parse_args(["-m", path, "--expert-prefetch", "4", "hello"]))
+
+
 def test_piped_chat_ends_at_the_first_failed_turn_with_status_1(tmp_path):
     """Probe of issue 25: piped turns that reached the context size each printed the same partial
     text and its error, and the chat exited 0. (The first turn's 68 tokens through the template fit

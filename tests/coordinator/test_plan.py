@@ -76,8 +76,22 @@ def test_step_tokens_shrink_before_refusing(l70):
 
 
 def test_too_small_names_the_minimum(l70):
-    with pytest.raises(ConfigError, match=r"--vram-gb 0\.50 is too small .* needs at least \d+\.\d\d GiB \(head"):
+    with pytest.raises(ConfigError, match=r"--vram-gb 0\.5 is too small .* needs at least \d+\.\d\d GiB \(head"):
         plan(l70, 0.5)
+
+
+@pytest.mark.parametrize("gib", [0.0001, 0.022])
+def test_too_small_says_the_budget_as_given_and_a_minimum_that_plans(l8, gib):
+    """A probe's: '--vram-gb 0.00 is too small ... needs at least 0.02 GiB' for 0.0001, and 0.022
+    refused with 'needs at least 0.02': the budget as given, the minimum rounded up, so that it plans."""
+    import re
+
+    with pytest.raises(ConfigError) as e:
+        plan(l8, gib, ctx=512)
+    msg = str(e.value)
+    assert msg.startswith(f"--vram-gb {gib:g} is too small"), msg
+    least = float(re.search(r"needs at least (\d+\.\d\d) GiB", msg).group(1))
+    assert least > gib and plan(l8, least, ctx=512).device_bytes <= least * GiB
 
 
 def test_no_budget_keeps_everything_and_counts_it(l8):

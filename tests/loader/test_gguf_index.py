@@ -147,9 +147,50 @@ def test_wrong_magic(tmp_path):
     assert path in one_line(e)
 
 
+@pytest.mark.parametrize("key, needle", [("general.name", b"ggufgen-llama"), ("tokenizer.ggml.tokens", "Ă".encode())])
+def test_a_string_value_that_is_not_utf8_is_named(tmp_path, key, needle):
+    """A probe's: a metadata string with a byte that is no UTF-8 (gguf-py decodes it when read) ended
+    in a traceback; now one line naming the file and the key."""
+    path = ggufgen.write_model(tmp_path / "u.gguf")
+    raw = bytearray(open(path, "rb").read())
+    raw[raw.index(needle)] = 0xFF
+    open(path, "wb").write(raw)
+    with pytest.raises(ModelError) as e:
+        open_model(path)
+    msg = one_line(e)
+    assert path in msg and f"metadata '{key}'" in msg and "not UTF-8" in msg
+
+
+def test_a_later_blocks_tensor_of_another_shape_is_refused_at_load(tmp_path):
+    """A probe's: blk.1.ffn_gate's two dimensions swapped (its bytes as many) loaded, and the first step
+    failed deep in a matmul; every block's main tensors are checked against the metadata, as
+    llama.cpp does at load."""
+    import struct
+
+    path = ggufgen.write_model(tmp_path / "s.gguf", n_layer=2)
+    raw = bytearray(open(path, "rb").read())
+    name = b"blk.1.ffn_gate.weight"
+    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    d0, d1 = struct.unpack_from("<QQ", raw, at + 4)
+    assert n_dims == 2 and d0 != d1
+    struct.pack_into("<QQ", raw, at + 4, d1, d0)
+    open(path, "wb").write(raw)
+    with pytest.raises(ModelError) as e:
+        open_model(path)
+    assert f"tensor blk.1.ffn_gate.weight has shape [{d0}, {d1}] where the metadata" in one_line(e)
+
+
 def test_no_such_file(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         open_model(tmp_path / "absent.gguf")
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    """A probe's: `bin/bench engine -m DIR` said "no such model file" (run-pipeline's own check says
+    what this says)."""
+    with pytest.raises(ModelError, match=r"is a directory; give the \.gguf file inside it"):
+        open_model(str(tmp_path))
 
 
 def test_unknown_architecture(tmp_path):
