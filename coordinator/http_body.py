@@ -41,7 +41,7 @@ class BodyReader:
             raise busy
         chunks, size = [], 0
 
-        async def read(pieces):
+        async def pull(pieces):
             nonlocal size, held
             while True:  # each piece within body_stall_s of the last (NOTE [ HTTP limits ])
                 try:
@@ -60,7 +60,7 @@ class BodyReader:
                     held = size
                 chunks.append(chunk)
 
-        reading = asyncio.ensure_future(asyncio.wait_for(read(request.stream().__aiter__()), lim.body_timeout_s))
+        reading = asyncio.ensure_future(asyncio.wait_for(pull(request.stream().__aiter__()), lim.body_timeout_s))
         self.reads.add(reading)
         try:
             await reading
