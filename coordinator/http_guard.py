@@ -9,10 +9,12 @@ each request head (armed when the connection opens and again after each response
 connection when h11 still waits for a head: their_state IDLE), and a cap on open connections
 (one more is answered 503 and closed at once). Bodies are read by the handlers, incrementally,
 under a size cap, a deadline and a limit on a stall between pieces (http_body.py: 408, connection
-closed), and all connections' bodies together under `bodies_bytes` (BodyBudget): a declared
-Content-Length is taken from it before a byte is read, a chunked body as it comes, and given back
-once the body is parsed, so a body that would pass it is answered 503 at once (60 connections each holding a 15 MB body one byte short took 850 MB, 15 GB at
-the connection cap). uvicorn buffers at most 64 KiB of a body the handler has not read yet
+closed), and all connections' bodies together under `bodies_bytes` (BodyBudget): each body's bytes
+are taken from it as they come and given back once the body is parsed, and a body whose declared
+Content-Length would not fit beside the bytes held is answered 503 at once, unread (60 connections
+each holding a 15 MB body one byte short took 850 MB, 15 GB at the connection cap). A declared
+length is not itself taken: sixteen connections that each declared 16 MiB and sent a byte now and
+then held the whole budget, and every other POST was refused. uvicorn buffers at most 64 KiB of a body the handler has not read yet
 (its flow control pauses the socket). An answer that closes a connection whose body is still
 arriving (413, 408, 503) lingers as h11's own refusals do (half-closed, what still comes dropped for
 LINGER_S): closed with bytes unread, the connection was reset and a client read the reset, not the

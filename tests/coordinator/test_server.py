@@ -889,12 +889,23 @@ def _reply(s: socket.socket, timeout: float = 5) -> bytes:
 
 
 def test_bodies_across_connections_are_held_within_one_budget(live):
-    """NOTE [ HTTP limits ]: 6 MiB of bodies at once. A 4 MB body in flight (its head sent, 1 MB of it
-    so far) leaves room for neither a declared 3 MB body nor a chunked one past 2.3 MB: each is answered
-    503 at once, unread (the probe's 60 connections of 15 MB each took 850 MB); once the first client
-    goes, a 3 MB body is served."""
+    """NOTE [ HTTP limits ]: 6 MiB of bodies at once, counted as they arrive. A 4 MB body in flight (its
+    head sent, 3.8 MB of it so far) leaves room for neither a declared 3 MB body nor a chunked one past
+    2.5 MB: each is answered 503 (the declared one at once, unread; the probe's 60 connections of 15 MB
+    each took 850 MB); once the first client goes, a 3 MB body is served. Sixteen connections that
+    each declared 3 MB and sent nothing hold none of it (a probe's: they held the whole budget and
+    every other POST was refused)."""
+    idle = [_post_head(live.port, 3_000_000) for _ in range(16)]
+    try:
+        time.sleep(0.5)
+        body = b'{"prompt": "The sky is", "max_tokens": 2, "temperature": 0}' + b" " * 500_000
+        status, got, _ = _call(live.port, "POST", "/v1/completions", body)
+        assert status == 200, got
+    finally:
+        for s in idle:
+            s.close()
     first = _post_head(live.port, 4_000_000)
-    first.sendall(b" " * 1_000_000)
+    first.sendall(b" " * 3_800_000)
     try:
         time.sleep(0.5)
         second = _post_head(live.port, 3_000_000)
