@@ -53,6 +53,7 @@ from layerstream.errors import LayerstreamError, PipelineError
 
 log = logging.getLogger("layerstream.server")
 MAX_QUOTED = 100  # characters of a path an error message quotes
+LARGE_BODY = 1 << 20  # bytes from which a body is parsed in the large bodies' own thread (Server.large_pool)
 CTX = "context_length_exceeded"  # OpenAI's code for a prompt longer than the context
 STUCK_S = 5.0  # how long a stop waits for the engine's thread before it stops the pipeline's processes under it
 HURRIED_S = 0.5  # the same after a second signal: a healthy engine's step ends within it, a hung one's never
@@ -75,6 +76,9 @@ class Server:
         self.hurried = lambda: False  # a second signal came (serve: GracefulServer.force_exit)
         self.ending = False  # end_requests was called: the server stops
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="layerstream-parse")  # bodies and prompts
+        # bodies of LARGE_BODY bytes or more, one at a time in a thread of their own: a 16 MiB body of junk
+        # JSON takes seconds to parse, and two of them held both threads, so every small request waited (a probe's)
+        self.large_pool = ThreadPoolExecutor(1, thread_name_prefix="layerstream-parse-large")
         self.created = int(time.time())
         self.max_prompt_bytes = engine.cfg.ctx * _longest_piece(engine)
         errors = {404: self._not_found, 405: self._not_allowed, Exception: self._internal}
@@ -110,6 +114,7 @@ class Server:
             backend.close()
         self.worker.join(timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.large_pool.shutdown(wait=False, cancel_futures=True)
 
     def stop_began(self) -> None:
         """The server stops (NOTE [ server shutdown ]): an engine that fails from now on ends the requests
@@ -217,7 +222,8 @@ class Server:
         self._auth(request)
         raw, held = await self._read_body(request)
         try:
-            req, ids = await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, raw, kind)
+            pool = self.pool if len(raw) < LARGE_BODY else self.large_pool
+            req, ids = await asyncio.get_running_loop().run_in_executor(pool, self._prepare, raw, kind)
         finally:
             self.bodies.give(held)
             del raw  # (the prompt lives on in req and ids)

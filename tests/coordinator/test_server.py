@@ -1552,3 +1552,41 @@ def test_a_second_signal_stops_a_server_whose_engine_hangs_at_once(sig):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def test_large_bodies_parse_apart_so_small_requests_never_wait_behind_them(live, monkeypatch):
+    """A probe's: two 16 MiB bodies of junk JSON, seconds of parsing each, held both threads of the parse
+    pool, and a 2-token chat took 7.7 s. Bodies of LARGE_BODY bytes or more now parse one at a time in
+    a thread of their own: here two large ones are held in their parse while a small one is served."""
+    from layerstream.coordinator.server import LARGE_BODY
+
+    release, entered = threading.Event(), []
+    prepare = live.server._prepare
+
+    def held(raw, kind):
+        if len(raw) >= LARGE_BODY:
+            entered.append(len(raw))
+            release.wait(30)
+        return prepare(raw, kind)
+
+    monkeypatch.setattr(live.server, "_prepare", held)
+    body = b'{"prompt": "The sky is", "max_tokens": 1, "temperature": 0}' + b" " * (LARGE_BODY + 1000)
+    answers = []
+    large = [threading.Thread(target=lambda: answers.append(_call(live.port, "POST", "/v1/completions", body)[0]))
+             for _ in range(2)]
+    for t in large:
+        t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not entered and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert entered, "no large body reached its parse"
+        time.sleep(0.3)  # (the second large body's turn: in the large bodies' thread, behind the first)
+        status, got, _ = _call(live.port, "POST", "/v1/completions",
+                               {"prompt": "The sky is", "max_tokens": 2, "temperature": 0}, timeout=5)
+        assert status == 200, got
+    finally:
+        release.set()
+        for t in large:
+            t.join(60)
+    assert answers == [200, 200]
