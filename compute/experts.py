@@ -76,7 +76,8 @@ class ExpertCache:
         out, missing, ahead = {}, [], []
         pre, pre_event = self.ahead.layers.pop(i, ({}, None))
         cur = self._stream() if self.device.type == "cuda" else None
-        on_time = pre_event is None or pre_event.query()  # (NOTE [ copies ahead that land in time ])
+        # (NOTE [ copies ahead that land in time ]: one driver call a layer, in one-token steps only)
+        on_time = pre_event is None or not self.ahead.single or pre_event.query()
         if pre_event is not None:  # its copies read this layer's staging slot: they come first
             cur.wait_event(pre_event)
         for e in experts:

@@ -100,9 +100,8 @@ def check_with_header(args, hp) -> None:
         raise UsageError(f"{shown(args, 'sink_tokens', args.sink_tokens)}: must be at most {max(ctx - 2, 0)}, two "
                          f"below the context size {ctx}{where}, so that the window can slide; give fewer sink tokens "
                          "or a larger --ctx")
-    if hp.moe.n_expert and (args.expert_prefetch or 0) > hp.moe.n_expert:  # (a usage error: exit 2, as the others)
-        raise UsageError(f"{shown(args, 'expert_prefetch', args.expert_prefetch)}: use 0 (off) to {hp.moe.n_expert} "
-                         "(the model's experts)")
+    if hp.moe.n_expert and (why := hp.moe.prefetch_problem(args.expert_prefetch)):  # (exit 2, as the others)
+        raise UsageError(f"{shown(args, 'expert_prefetch', args.expert_prefetch)}: {why}")
     if not hp.moe.n_expert:
         refuse = given(build_parser(), args, EXPERTS)
         if refuse:

@@ -41,10 +41,10 @@ class BodyReader:
         # that each declared 16 MiB and sent nothing shut every other POST out)
         if declared.isdigit() and self.budget.held + int(declared) > self.budget.total:
             raise busy
-        chunks, size, held = [], 0, 0
+        chunks, held = [], 0  # (the bytes read, each taken from the budget as it comes)
 
         async def pull(pieces):
-            nonlocal size, held
+            nonlocal held
             while True:  # each piece within body_stall_s of the last (NOTE [ HTTP limits ])
                 try:
                     chunk = await asyncio.wait_for(pieces.__anext__(), lim.body_stall_s)
@@ -53,12 +53,11 @@ class BodyReader:
                 except asyncio.TimeoutError:
                     raise ApiError(408, f"the body stalled: no byte of it came for {lim.body_stall_s:g} s",
                                    code="request_timeout", headers={"Connection": "close"}) from None
-                size += len(chunk)
-                if size > lim.body_bytes:
+                if held + len(chunk) > lim.body_bytes:
                     raise too_big
                 if not self.budget.take(len(chunk)):
                     raise busy
-                held = size
+                held += len(chunk)
                 chunks.append(chunk)
 
         reading = asyncio.ensure_future(asyncio.wait_for(pull(request.stream().__aiter__()), lim.body_timeout_s))

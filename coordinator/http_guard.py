@@ -18,8 +18,8 @@ then held the whole budget, and every other POST was refused. uvicorn buffers at
 (its flow control pauses the socket). An answer that closes a connection whose body is still
 arriving (413, 408, 503) lingers as h11's own refusals do (half-closed, what still comes dropped for
 LINGER_S): closed with bytes unread, the connection was reset and a client read the reset, not the
-answer. A head past `head_bytes` is the Guard's 431, since h11 refuses only a head still
-incomplete. These rest on uvicorn's H11Protocol attributes
+answer. A head past `head_bytes` is a 431 from the same path as h11's own refusals (_Recording),
+since h11 refuses only a head still incomplete. These rest on uvicorn's H11Protocol attributes
 (`conn`, `connections`, `transport`, `loop`, `on_response_complete`), which the tests exercise.
 """
 
@@ -54,7 +54,7 @@ class Limits:
     max_connections: int = 1024  # open at once; one more is answered 503
     bodies_bytes: int = 256 << 20  # request bodies held at once, all connections together; past it 503
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
-    head_bytes: int = 16 << 10  # a request head at most (h11's own limit holds only for a head still incomplete)
+    head_bytes: int = 16 << 10  # a request head at most (_Recording: h11's own limit holds only while it is incomplete)
 
 
 class BodyBudget:
@@ -84,18 +84,26 @@ def _busy_response() -> bytes:
 
 class _Recording(h11.Connection):
     """h11's connection, keeping the protocol error it raised last (uvicorn's handler drops it), and
-    refusing a request of an HTTP version other than 1.x as one: h11 parsed an HTTP/2 preface's first
-    line (`PRI * HTTP/2.0`) as a request, answered 404, and its `SM` line 400 after it."""
+    refusing as one a request of an HTTP version other than 1.x (h11 parsed an HTTP/2 preface's first
+    line, `PRI * HTTP/2.0`, as a request, answered 404, and its `SM` line 400 after it) and a head past
+    `head_bytes` (h11's own limit holds only for a head still incomplete: one that came in one or two
+    reads was taken whole)."""
 
     error: h11.RemoteProtocolError | None = None
+    head_bytes: int = Limits.head_bytes
 
     def next_event(self):
         try:
             event = super().next_event()
-            if isinstance(event, h11.Request) and not event.http_version.startswith(b"1."):
-                version = event.http_version.decode("ascii")
-                raise h11.RemoteProtocolError(f"HTTP/{version} is not served here: this server speaks HTTP/1.1; "
-                                              "send the request in HTTP/1.1", error_status_hint=505)
+            if isinstance(event, h11.Request):
+                if not event.http_version.startswith(b"1."):
+                    version = event.http_version.decode("ascii")
+                    raise h11.RemoteProtocolError(f"HTTP/{version} is not served here: this server speaks HTTP/1.1; "
+                                                  "send the request in HTTP/1.1", error_status_hint=505)
+                head = len(event.method) + len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if head > self.head_bytes:
+                    raise h11.RemoteProtocolError(f"the request head is {head} bytes, more than "
+                                                  f"{self.head_bytes >> 10} KiB", error_status_hint=431)
             return event
         except h11.RemoteProtocolError as e:
             self.error = e
@@ -122,6 +130,7 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.conn.__class__ = _Recording
+            self.conn.head_bytes = limits.head_bytes
 
         def data_received(self, data: bytes) -> None:
             if not self._lingering:
@@ -244,8 +253,8 @@ class Guard:
     absolute form as its path (origin_form); writes one access line a request (method, path, status,
     tokens, seconds) at INFO."""
 
-    def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger, head_bytes: int = Limits.head_bytes):
-        self.app, self.check_host, self.bound, self.log, self.head_bytes = app, check_host, bound, log, head_bytes
+    def __init__(self, app, *, check_host: bool, bound: str, log: logging.Logger):
+        self.app, self.check_host, self.bound, self.log = app, check_host, bound, log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -263,13 +272,7 @@ class Guard:
             host = heads[b"host"].decode("latin-1") if b"host" in heads else None
             host = host if authority is None else authority  # (RFC 9112 3.2.2: the target's, not Host's)
             coding = heads.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-            head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
-                sum(len(k) + len(v) + 4 for k, v in scope["headers"])
-            if head > self.head_bytes:  # (h11 refuses a longer head only while it is incomplete: one that came
-                # in one or two reads was taken whole)
-                await _json(send_, 431, f"the request head is {head} bytes, more than {self.head_bytes >> 10} KiB",
-                            "invalid_http_request", close=True)
-            elif b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
+            if b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
                 await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",
                             "invalid_framing", close=True)
             elif coding != "identity":  # (RFC 9110 15.5.16: a coding the server does not take is a 415)

@@ -220,8 +220,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         # experts.py, NOTE [ expert prefetch ]): twice a token's choice each by default
         if expert_prefetch is None:
             expert_prefetch = 2 * hp.moe.n_expert_used
-        if not 0 <= expert_prefetch <= hp.moe.n_expert:
-            raise ConfigError(f"--expert-prefetch {expert_prefetch}: use 0 (off) to {hp.moe.n_expert} (the model's experts)")
+        if why := hp.moe.prefetch_problem(expert_prefetch):
+            raise ConfigError(f"--expert-prefetch {expert_prefetch}: {why}")
         ahead = 2 * expert_prefetch * expert_slot(layouts)
     if moe_dense not in ("resident", "stream"):
         raise ConfigError(f"--moe-dense {moe_dense!r}: use resident or stream")

@@ -89,8 +89,7 @@ class Server:
             Route("/v1/models/{model_id:path}", self.model),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
-        ], lifespan=self.lifespan, exception_handlers=errors), check_host=api_key is None, bound=host, log=log,
-                         head_bytes=limits.head_bytes)
+        ], lifespan=self.lifespan, exception_handlers=errors), check_host=api_key is None, bound=host, log=log)
         self.app.app.router.redirect_slashes = False  # (a 404: Starlette's 307, no body, to the client's Host)
 
     @contextlib.asynccontextmanager

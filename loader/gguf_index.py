@@ -90,6 +90,11 @@ class MoeParams:
     n_ff_exp: int = 0  # rows of each expert's gate and up projections
     expert_norm: bool = True  # the chosen experts' softmax weights renormalised to sum to 1
 
+    def prefetch_problem(self, n: int | None) -> str | None:
+        """Why `--expert-prefetch n` cannot be (0 turns it off, the model's experts are the most), or None;
+        the plan's check and the CLI's, which refuses it before any process starts (exit 2)."""
+        return None if n is None or 0 <= n <= self.n_expert else f"use 0 (off) to {self.n_expert} (the model's experts)"
+
 
 @dataclass(frozen=True)
 class HParams:
