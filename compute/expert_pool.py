@@ -125,10 +125,6 @@ class ExpertPool:
         return src
 
 
-RANK_SAMPLES = 64  # copies of a rank before its use decides (NOTE [ ranks worth copying ahead ])
-RANK_USE = 0.85  # the least share of a rank's copies ahead used for it to be worth copying
-
-
 class PrefetchSets:
     """The experts copied ahead for each layer (NOTE [ expert prefetch ] in experts.py), which
     set of slots each layer's step reads, when each set may be overwritten, and how many a layer
@@ -143,11 +139,9 @@ class PrefetchSets:
         self.slots = slots  # each set's slots: the most a layer copies ahead
         self.limit = slots  # the most the next layer copies ahead now
         self.late = 0  # layers whose copies ahead had not landed when their misses were to be copied
-        self.limits = 0  # the sum of the caps (`limit`, `useful`) over one-token steps' layers that copied ahead
+        self.limits = 0  # the sum of `limit` over one-token steps' layers that copied ahead (its mean, with `issued`)
         self.issued = 0  # one-token steps' layers that copied ahead
         self.single = True  # this step has one token: its copies ahead follow `limit`
-        self.rank_copied = [0] * slots  # one-token steps' copies ahead by rank (0: the best predicted)
-        self.rank_used = [0] * slots  # ... and of those, the ones the layer's router then chose
 
     def landed(self, on_time: bool, misses: bool) -> None:
         """NOTE [ copies ahead that land in time ]
@@ -176,40 +170,14 @@ class PrefetchSets:
             self.late += 1
             self.limit = max(1, self.limit - 1)
 
-    def used(self, ranked, chosen) -> None:
-        """NOTE [ ranks worth copying ahead ]
-        A one-token step's layer copied `ranked` ahead, best predicted first, and its router chose
-        `chosen`: each rank's copies and uses are counted. A copy ahead crosses the link whether or
-        not it is used, and at one token the link bounds the MoE shape's step, so a rank used
-        rarely costs more link time than it takes off the layer's chain: once a rank has
-        RANK_SAMPLES copies and is used in less than RANK_USE of them, no layer copies it or any
-        rank after it ahead (`useful`). A rank never copied stays allowed, so the lateness limit
-        above still finds how many land in time. On the Qwen3-30B-A3B shape with uniform routing
-        the prediction's best five were used 95 to 100% of the time and its last three about 70%,
-        and copying those three ran slower than leaving them (BENCHMARKS.md)."""
-        if not self.single:
-            return
-        for r, e in enumerate(ranked):
-            self.rank_copied[r] += 1
-            self.rank_used[r] += e in chosen
-
-    def useful(self) -> int:
-        """The ranks worth copying ahead in a one-token step (NOTE [ ranks worth copying ahead ])."""
-        for r, (n, u) in enumerate(zip(self.rank_copied, self.rank_used)):
-            if n >= RANK_SAMPLES and u < RANK_USE * n:
-                return r
-        return self.slots
-
     def take(self, n: int) -> int:
-        """How many of `n` wanted experts a layer copies ahead now (in a step of one token at most
-        `limit` and the ranks worth it, else the set's slots)."""
-        if not self.single:
-            return min(n, self.slots)
-        cap = min(self.limit, self.useful())
-        if n:
-            self.limits += cap
+        """How many of `n` wanted experts a layer copies ahead now (at most `limit` in a step of one
+        token, else the set's slots)."""
+        n = min(n, self.limit if self.single else self.slots)
+        if n and self.single:
+            self.limits += self.limit
             self.issued += 1
-        return min(n, cap)
+        return n
 
     def has(self, i: int, e: int) -> bool:
         return e in self.layers.get(i, ({},))[0]

@@ -94,7 +94,6 @@ class ExpertCache:
         if pre:
             self.ahead.reading[i] = i % 2
             self.ahead.landed(on_time, bool(missing))
-            self.ahead.used(pre, experts)
         nbytes = sum(p[1] for p in self.parts.of(lay)) if self.pool is not None else 0  # an expert's bytes
         for e in ahead:  # predicted and copied ahead: kept as a copy would be (a device-to-device copy)
             self.ahead.hits += 1

@@ -266,40 +266,6 @@ def test_copies_ahead_follow_what_lands_in_time():
     assert s.take(8) == 3
 
 
-def test_ranks_used_rarely_are_no_longer_copied_ahead():
-    """NOTE [ ranks worth copying ahead ]: once a rank has RANK_SAMPLES copies ahead in one-token
-    steps and was used in fewer than RANK_USE of them, neither it nor any rank after it is copied
-    ahead; ranks not yet sampled stay allowed; steps of several tokens count nothing and copy up
-    to the slots."""
-    from layerstream.compute.expert_pool import RANK_SAMPLES, RANK_USE, PrefetchSets
-
-    s = PrefetchSets(4)
-    used = int(RANK_USE * RANK_SAMPLES)  # rank 2 used just under the share
-    for n in range(RANK_SAMPLES - 1):
-        s.used([10, 11, 12], [10, 11] + ([12] if n < used else []) + [3])
-    assert s.useful() == 4 and s.take(8) == 4  # (one sample short)
-    s.used([10, 11, 12], [10, 11, 3])
-    assert s.rank_copied[:3] == [RANK_SAMPLES] * 3 and s.rank_used[2] == used < RANK_USE * RANK_SAMPLES
-    assert s.useful() == 2 and s.take(8) == 2 and s.take(1) == 1
-    s.limit = 1
-    assert s.take(8) == 1  # the lateness limit still bounds it
-    s.single = False
-    s.used([10, 11, 12], [])
-    assert s.take(8) == 4 and s.rank_copied[0] == RANK_SAMPLES
-
-
-def test_a_fetch_counts_the_ranks_its_copies_ahead_served():
-    """ExpertCache._fetch: in a one-token step each rank copied ahead for the layer is counted,
-    and used where the router chose it (NOTE [ ranks worth copying ahead ])."""
-    lay, host = _layer(n_expert=8, rows=8, cols=16)
-    slot = slot_bytes([lay])
-    cache = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu",
-                        slot, in_flight=4, prefetch=3)
-    assert cache.prefetch(0, [6, 4, 2], lay, host) == 3
-    cache.fetch(0, [2, 6], lay, host)  # ranks 0 and 2 used, rank 1 (expert 4) not
-    assert cache.ahead.rank_copied == [1, 1, 1] and cache.ahead.rank_used == [1, 0, 1]
-
-
 def test_a_lowered_limit_copies_the_best_ranked_experts_ahead():
     """The copies ahead take the predicted experts in the order given (best first: ExpertSet.prefetch),
     so a lowered limit drops the least likely, and the set's slots still bound them."""
