@@ -35,6 +35,11 @@ def bucket(tokens: int) -> int | None:
 # setting differ by several per cent, and a share costs host memory and CPU time that no share
 # does not.
 SHARE_MARGIN = 0.05
+# After a bucket's choice, its share and the other setting (none, or the best share timed) are
+# timed again after RECHECK_FIRST passes, and again at twice the interval while the choice holds,
+# up to RECHECK_MAX; a choice that changes starts the interval over.
+RECHECK_FIRST = 16
+RECHECK_MAX = 256
 
 
 class Balancer:
@@ -45,7 +50,13 @@ class Balancer:
     bandwidths propose, then at the share the rates those passes achieved propose (both sides
     running at once, as in a pass), then at no share, `every` passes each, and keeps the fastest
     where it beats no share by SHARE_MARGIN: the share is never slower than none, as measured on
-    this machine. `propose`: the share each bucket times first, instead of the bandwidths'
+    this machine. A choice is not final: a few passes of each setting are a noisy sample (runs of
+    one setting spread by 15% on an H200 host), and what a share costs moves with the run (the
+    experts' cost model learns the CPU's speed, the host's other work comes and goes; a batch-8
+    share chosen at 175 ms a pass against none's 189 then ran 243, BENCHMARKS.md). So the chosen
+    setting and the other are timed again after RECHECK_FIRST passes, then at doubling intervals
+    while the choice holds (each re-check costs `every` passes of the losing setting).
+    `propose`: the share each bucket times first, instead of the bandwidths'
     (the CPU's experts: 1, each layer's count then left to their cost model, cpu/expert_split.py);
     `detail`: more for describe()."""
 
@@ -63,6 +74,10 @@ class Balancer:
         self.times: dict[int, dict[float, list[float]]] = {b: {} for b in BUCKETS}
         self.rates: dict[int, list[tuple[float, int, float, int]]] = {b: [] for b in BUCKETS}
         self.warm: set[int] = set()  # buckets whose first pass has been seen (and left out)
+        self.other: dict[int, float] = {}  # chosen bucket -> the setting its re-check times beside the choice
+        self.interval: dict[int, int] = {}  # chosen bucket -> passes between its re-checks now
+        self.left: dict[int, int] = {}  # chosen bucket -> passes until its next re-check
+        self.rechecking: set[int] = set()  # buckets timing their choice and its other setting again
 
     def _frac(self, cpu_gbs: float, link_gbs: float) -> float:
         if self.fixed is not None:
@@ -84,7 +99,10 @@ class Balancer:
         """One pass of `tokens` tokens took `pass_s`; the CPU read `cpu_bytes` in `cpu_s`, the link
         moved `link_bytes` in `link_s`."""
         b = bucket(tokens)
-        if b is None or self.fixed is not None or not self.trials[b]:
+        if b is None or self.fixed is not None:
+            return
+        if not self.trials[b]:
+            self._count_down(b)
             return
         if b not in self.warm:  # a bucket's first pass reads layers into the host cache and captures graphs
             self.warm.add(b)
@@ -97,7 +115,8 @@ class Balancer:
             return
         self.trials[b].pop(0)
         seen = self.rates[b]
-        if f and seen and len(self.times[b]) == 1 and self.propose is None:  # after the first share: what its passes achieved
+        if f and seen and len(self.times[b]) == 1 and self.propose is None and b not in self.rechecking:
+            # after the first share: what its passes achieved
             cpu = sum(x[1] for x in seen) / sum(x[0] for x in seen) / 1e9
             self.link_gbs = sum(x[3] for x in seen) / sum(x[2] for x in seen) / 1e9
             self.cpu_gbs[b] = cpu
@@ -105,11 +124,37 @@ class Balancer:
             g = g if g and abs(g - f) >= 0.05 else f / 2
             if cpu_rows(1 << 16, g):
                 self.trials[b].insert(0, g)
-        if not self.trials[b]:  # every share timed: keep the fastest, if it is clearly faster than none
-            med = {k: statistics.median(v) for k, v in self.times[b].items()}
-            best = min(med, key=med.get)
-            none = med.get(0.0)
-            self.frac[b] = best if none is None or med[best] <= none * (1 - SHARE_MARGIN) else 0.0
+        if not self.trials[b]:
+            self._choose(b)
+
+    def _choose(self, b: int) -> None:
+        """Every setting of bucket b timed: keep the fastest share if it is clearly faster than none,
+        and set when the choice is timed again."""
+        med = {k: statistics.median(v) for k, v in self.times[b].items()}
+        best = min(med, key=med.get)
+        none = med.get(0.0)
+        before = self.frac[b]
+        self.frac[b] = best if none is None or med[best] <= none * (1 - SHARE_MARGIN) else 0.0
+        shares = {k: v for k, v in med.items() if k}
+        other = 0.0 if self.frac[b] else min(shares, key=shares.get) if shares else None
+        if other is None:  # (no share was ever timed: nothing to time again)
+            return
+        self.other[b] = other
+        held = b in self.rechecking and self.frac[b] == before
+        self.interval[b] = min(2 * self.interval[b], RECHECK_MAX) if held else RECHECK_FIRST
+        self.left[b] = self.interval[b]
+        self.rechecking.discard(b)
+
+    def _count_down(self, b: int) -> None:
+        """A pass of chosen bucket b: at the end of its interval, time its choice and the other setting
+        again (`every` passes each), fresh."""
+        if b not in self.other:
+            return
+        self.left[b] -= 1
+        if self.left[b] <= 0:
+            self.trials[b] = [self.frac[b], self.other[b]]
+            self.times[b] = {}
+            self.rechecking.add(b)
 
     def describe(self) -> str:
         """The share in words, after the label that names it (--stats: "CPU share: ...", "CPU experts: ...")."""
@@ -118,7 +163,7 @@ class Balancer:
 
         def one(b: int) -> str:
             timed = ", ".join(f"{k:.0%} {statistics.median(v) * 1e3:.0f} ms" for k, v in sorted(self.times[b].items()))
-            state = "timing" if self.trials[b] else "chosen"
+            state = "re-timing" if b in self.rechecking else "timing" if self.trials[b] else "chosen"
             cpu = f"CPU {self.cpu_gbs[b]:.0f} GB/s" if self.cpu_gbs.get(b) else ""
             more = "; ".join(x for x in (cpu, f"passes {timed}" if timed else "") if x)
             return f"batch {b}: {self.frac[b]:.0%} {state}" + (f" ({more})" if more else "")

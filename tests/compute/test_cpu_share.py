@@ -167,6 +167,50 @@ def test_balancer_keeps_the_share_only_where_passes_are_faster():
     assert fixed.share(1) == 0.5 and fixed.share(8) == 0.5 and fixed.share(64) == 0.0
 
 
+def test_a_chosen_share_is_timed_again_and_dropped_when_it_has_become_slower():
+    """Balancer: after a choice, the choice and the other setting are timed again after
+    RECHECK_FIRST passes, then at doubling intervals (up to RECHECK_MAX) while the choice holds; a
+    share that has become slower than none is dropped, and the interval starts over."""
+    ratio = packing.pack_ratio()
+    bal = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    slow = {"share": False}
+
+    def seconds(f):
+        return (1.3 if slow["share"] else 0.8) if f else 1.0
+
+    share = _passes(bal, 1, seconds)
+    assert share > 0 and bal.interval[1] == balancer.RECHECK_FIRST and bal.other[1] == 0.0
+
+    def run(n):
+        asked = []
+        for _ in range(n):
+            f = bal.share(1)
+            asked.append(f)
+            bal.observe(1, seconds(f), 0.0, 0, 1.0, 1)
+        return asked
+
+    asked = run(balancer.RECHECK_FIRST + 4)  # the interval, then both settings `every` passes each
+    assert asked[: balancer.RECHECK_FIRST] == [share] * balancer.RECHECK_FIRST
+    assert asked[balancer.RECHECK_FIRST :] == [share, share, 0.0, 0.0]
+    assert bal.share(1) == share and bal.interval[1] == 2 * balancer.RECHECK_FIRST  # held: twice as long
+    for _ in range(8):  # doubling up to the cap while the choice holds
+        run(bal.interval[1] + 4)
+    assert bal.interval[1] == balancer.RECHECK_MAX and bal.share(1) == share
+    slow["share"] = True  # the share now costs more than it saves
+    run(bal.left[1])
+    assert "re-timing" in bal.describe()
+    run(4)
+    assert bal.share(1) == 0.0 and bal.other[1] == share and bal.interval[1] == balancer.RECHECK_FIRST
+    slow["share"] = False  # and it comes back when it pays again
+    run(balancer.RECHECK_FIRST + 4)
+    assert bal.share(1) == share and "chosen" in bal.describe()
+    # a bucket that never timed a share (none proposed) is never timed again
+    none = Balancer({1: 0.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    for _ in range(100):
+        none.observe(1, 1.0, 0.0, 0, 1.0, 1)
+    assert none.share(1) == 0.0 and not none.trials[1] and 1 not in none.other
+
+
 def test_tails_slice_holds_for_this_torch():
     assert packing.tails_slice()
 
