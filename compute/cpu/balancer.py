@@ -50,12 +50,12 @@ class Balancer:
     bandwidths propose, then at the share the rates those passes achieved propose (both sides
     running at once, as in a pass), then at no share, `every` passes each, and keeps the fastest
     where it beats no share by SHARE_MARGIN: the share is never slower than none, as measured on
-    this machine. A choice is not final: a few passes of each setting are a noisy sample (runs of
-    one setting spread by 15% on an H200 host), and what a share costs moves with the run (the
-    experts' cost model learns the CPU's speed, the host's other work comes and goes; a batch-8
-    share chosen at 175 ms a pass against none's 189 then ran 243, BENCHMARKS.md). So the chosen
-    setting and the other are timed again after RECHECK_FIRST passes, then at doubling intervals
-    while the choice holds (each re-check costs `every` passes of the losing setting).
+    this machine. A choice is not final: a few passes of each setting are a noisy sample, and what
+    a share costs moves with the run (the experts' cost model learns the CPU's speed, the host's
+    other work comes and goes; an experts' share chosen at batch 8 from faster passes then ran
+    slower than none, BENCHMARKS.md). So the chosen setting and the other are timed again after
+    RECHECK_FIRST passes, then at doubling intervals while the choice holds (each re-check costs
+    `every` passes of the losing setting).
     `propose`: the share each bucket times first, instead of the bandwidths'
     (the CPU's experts: 1, each layer's count then left to their cost model, cpu/expert_split.py);
     `detail`: more for describe()."""
