@@ -18,6 +18,11 @@ from layerstream.coordinator.args import REPEAT_PENALTY_RANGE
 MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_TOKENS = 1 << 22
+# '[', '{' and ',' a body may hold: each is an array, an object or one more value to build. A probe's
+# 16 MiB of `[[], [], ...]` took seconds and 650 MB to parse before its unknown field was refused;
+# a body past this many is refused unparsed, and one under it parses in a fraction of a second. No
+# request that fits a context comes near it (its prompt would be tokens past any context's).
+MAX_JSON_VALUES = 1 << 20
 MAX_LOOKUP = 1 << 12  # drafted tokens a step a request may ask for (a step holds fewer anyway)
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -72,6 +77,10 @@ def parse_json(raw: bytes) -> dict:
             raise ValueError(f"the number {s[:40]} is out of range")
         return v
 
+    values = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    if values > MAX_JSON_VALUES:
+        raise ApiError(400, f"the body holds {values:,} '[', '{{' and ',', more than the {MAX_JSON_VALUES:,} "
+                            "a request may: too many JSON values for one request")
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=constant, parse_float=finite)
     except UnicodeDecodeError as e:
