@@ -19,9 +19,9 @@ MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_TOKENS = 1 << 22
 # '[', '{' and ',' a body may hold: each is an array, an object or one more value to build. A probe's
-# 16 MiB of `[[], [], ...]` took seconds and 650 MB to parse before its unknown field was refused;
-# a body past this many is refused unparsed, and one under it parses in a fraction of a second. No
-# request that fits a context comes near it (its prompt would be tokens past any context's).
+# largest body of empty arrays cost more time and memory to parse than any real request before its
+# unknown field was refused; a body past this many is refused unparsed. A real request holds far
+# fewer: a prompt of this many commas alone is hundreds of thousands of tokens.
 MAX_JSON_VALUES = 1 << 20
 MAX_LOOKUP = 1 << 12  # drafted tokens a step a request may ask for (a step holds fewer anyway)
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
