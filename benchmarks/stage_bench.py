@@ -787,6 +787,11 @@ def _bare_engine(core, prompts: list[list[int]], max_tokens: int) -> tuple[float
     return time.perf_counter() - t0, list(first.values()), n
 
 
+def _median_run(runs: list[tuple[float, list[float], int]]) -> tuple[float, list[float], int]:
+    """Of rounds (wall seconds, times to first token, tokens), the one of median wall time."""
+    return sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
+
+
 def _routes(rng: np.random.Generator, passes: int, layers: int, E: int, k: int, batch: int,
             skew: float) -> np.ndarray:
     """The experts each token of each layer of each pass chooses, [passes, layers, batch, k]:
@@ -876,10 +881,9 @@ def bench_serve(args) -> list[dict]:
                 rows (core.py, NOTE [ prefix reuse ]) would skip the prefill it is meant to time."""
                 return [rng.integers(0, V, size=args.prompt_tokens).tolist() for _ in range(C)]
 
-            for C in clients:
-                _bare_engine(engine.core, prompts(C), 2)  # untimed: kernels of this batch size compiled
-                bare = row("engine", C, *_bare_engine(engine.core, prompts(C), args.tokens))
-                # From here until it stops, the engine belongs to the server's worker thread.
+            def served(C: int) -> tuple[float, list[float], int]:
+                """One round through the HTTP server, started for it: the engine belongs to the
+                server's worker thread until it stops."""
                 http = uvicorn.Server(uvicorn.Config(Server(engine, "bench", max_queue=C).app, host="127.0.0.1",
                                                      port=args.port, log_level="warning", lifespan="on"))
                 thread = threading.Thread(target=http.run, daemon=True)
@@ -887,16 +891,30 @@ def bench_serve(args) -> list[dict]:
                 while not http.started and thread.is_alive():
                     time.sleep(0.05)
                 try:
-                    r = row("server", C, *_server_clients(args.port, prompts(C), args.tokens))
+                    return _server_clients(args.port, prompts(C), args.tokens)
                 finally:
                     http.should_exit = True
                     thread.join(timeout=60)
+
+            for C in clients:
+                # untimed, to the full length through both paths: the first round of a batch size
+                # captures graphs of every context it reaches, and the server samples in graphs of
+                # its own; timed alone, the path that ran first paid for them (BENCHMARKS.md, R7)
+                _bare_engine(engine.core, prompts(C), args.tokens)
+                served(C)
+                runs: dict[str, list] = {"engine": [], "server": []}
+                for _ in range(max(1, args.reps)):  # the two paths alternated, so a drift touches both
+                    runs["engine"].append(_bare_engine(engine.core, prompts(C), args.tokens))
+                    runs["server"].append(served(C))
+                bare = row("engine", C, *_median_run(runs["engine"]))
+                r = row("server", C, *_median_run(runs["server"]))
                 r["vs engine"] = r["tokens/s"] / bare["tokens/s"]
             name = os.path.basename(index.path)
             print_table(f"serve: {name} ({index.hparams.n_layer} layers) on {device_name(resolve_device(args.device))} "
                         f"({_load()})", rows,
                         f"{args.prompt_tokens}-token prompts, {args.tokens} greedy tokens each (end of sequence "
-                        "ignored); TTFT counts from the moment all clients start")
+                        f"ignored); TTFT counts from the moment all clients start; each row the round of median "
+                        f"wall time of {max(1, args.reps)}, the two paths alternated after an untimed round of each")
     return rows
 
 
@@ -1052,7 +1070,7 @@ def add_stage_parsers(sub) -> None:
     p.set_defaults(func=bench_pipeline)
 
     p = sub.add_parser("serve", help="the HTTP server under N concurrent streaming clients, beside the bare engine")
-    model_args(p)
+    model_args(p, reps=3)
     device_args(p)
     pipeline_args(p)
     p.add_argument("--resident", action="store_true", help="the single-process engine instead of the pipeline")

@@ -102,6 +102,38 @@ def test_experts_compares_the_cache_policies(capsys):
     assert capsys.readouterr().err.strip() == "bin/bench: error: --shape llama-3.1-8b has no experts"
 
 
+def test_serve_warms_both_paths_then_alternates_them_and_reports_the_median_round(tiny, capsys, monkeypatch):
+    """bin/bench serve: per client count, an untimed round through the engine and one through the
+    server (the first round of a batch size captures its graphs), then --reps rounds of each,
+    alternated; each row is the round of median wall time."""
+    import socket
+
+    order = []
+    bare, clients = stage_bench._bare_engine, stage_bench._server_clients
+
+    def engine_round(*a):
+        order.append("engine")
+        return bare(*a)
+
+    def server_round(*a):
+        order.append("server")
+        return clients(*a)
+
+    monkeypatch.setattr(stage_bench, "_bare_engine", engine_round)
+    monkeypatch.setattr(stage_bench, "_server_clients", server_round)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run(capsys, "serve", "-m", tiny, "--device", "cpu", "-c", "1", "-p", "4", "--tokens", "2", "--reps", "3",
+              "--port", str(port))
+    assert order == ["engine", "server"] * 4  # the untimed pair, then three timed
+    rows = [line.split() for line in out.splitlines() if line.split()[1:2] in (["engine"], ["server"])]
+    assert [r[:3] for r in rows] == [["1", "engine", "2"], ["1", "server", "2"]]
+    assert "the round of median wall time of 3, the two paths alternated" in out
+    runs = [(0.3, [0.1], 4), (0.1, [0.2], 4), (0.2, [0.3], 4)]
+    assert stage_bench._median_run(runs) == (0.2, [0.3], 4) and stage_bench._median_run(runs[:2]) == (0.1, [0.2], 4)
+
+
 def test_add_stage_parsers_registers_every_stage():
     p = argparse.ArgumentParser()
     stage_bench.add_stage_parsers(p.add_subparsers(dest="cmd"))
