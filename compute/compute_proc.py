@@ -284,9 +284,9 @@ class ComputeWorker:
         ce, share = self.cpu.experts, self.cpu.share
         if self.source.expert_step and ce is not None:  # (its dense layers are not split)
             sec, nbytes, _ = ce.meter.take()  # (a pass's packing is a one-off: left out)
-            step.observed = ("experts", sec, nbytes, ce.take_pack_s())
+            step.observed = ("experts", sec, nbytes, ce.take_pack_s(), ce.frac)
         elif share is not None:
-            step.observed = ("share", share.step_s, share.step_bytes, share.take_pack_s())
+            step.observed = ("share", share.step_s, share.step_bytes, share.take_pack_s(), share.frac)
         self.inflight.append(step)
 
     def _launch(self, msg: Forward) -> None:
@@ -353,11 +353,12 @@ class ComputeWorker:
         copy_s, copy_bytes = self._gpu_timeline(st.events, st.launched.event)
         pass_s = self._own_s(st, now)
         if st.observed and st.observed[0] == "experts":
-            _, sec, nbytes, pack_s = st.observed
-            self.cpu.experts.balancer.observe(st.tokens, max(0.0, pass_s - pack_s), sec, nbytes, 0.0, 0)
+            _, sec, nbytes, pack_s, frac = st.observed
+            self.cpu.experts.balancer.observe(st.tokens, max(0.0, pass_s - pack_s), sec, nbytes, 0.0, 0, frac)
         elif st.observed:
-            _, step_s, step_bytes, pack_s = st.observed
-            self.cpu.share.balancer.observe(st.tokens, max(0.0, pass_s - pack_s), step_s, step_bytes, copy_s, copy_bytes)
+            _, step_s, step_bytes, pack_s, frac = st.observed
+            self.cpu.share.balancer.observe(st.tokens, max(0.0, pass_s - pack_s), step_s, step_bytes, copy_s,
+                                            copy_bytes, frac)
         out = None if res.logits is None else res.logits.numpy()
         shape = [] if out is None else list(out.shape)
         self.links.send(ForwardDone(st.step, shape, "float32", {}, res.ids, res.bad, res.accepted or []),

@@ -95,9 +95,11 @@ class Balancer:
         return trials[0] if trials else self.frac[b]
 
     def observe(self, tokens: int, pass_s: float, cpu_s: float, cpu_bytes: int, link_s: float,
-                link_bytes: int) -> None:
+                link_bytes: int, share: float | None = None) -> None:
         """One pass of `tokens` tokens took `pass_s`; the CPU read `cpu_bytes` in `cpu_s`, the link
-        moved `link_bytes` in `link_s`."""
+        moved `link_bytes` in `link_s`; `share`: the share it ran at, where known. A pass is observed
+        once the next is launched, so the first after a change of setting ran at the one before:
+        such a pass counts for neither."""
         b = bucket(tokens)
         if b is None or self.fixed is not None:
             return
@@ -108,8 +110,10 @@ class Balancer:
             self.warm.add(b)
             return
         f = self.trials[b][0]
+        if share is not None and share != f:
+            return
         self.times[b].setdefault(f, []).append(pass_s)
-        if f and cpu_s > 0 and link_s > 0:
+        if f and cpu_s > 0 and link_s > 0 and b not in self.rechecking:  # (a re-check proposes nothing)
             self.rates[b].append((cpu_s, cpu_bytes, link_s, link_bytes))
         if len(self.times[b][f]) < self.every:
             return
@@ -129,21 +133,26 @@ class Balancer:
 
     def _choose(self, b: int) -> None:
         """Every setting of bucket b timed: keep the fastest share if it is clearly faster than none,
-        and set when the choice is timed again."""
+        and set when the choice is timed again. A re-check drops a chosen share only where none is
+        clearly faster (SHARE_MARGIN each way): a share within the passes' noise of none keeps
+        whichever was chosen, instead of flipping with each sample."""
         med = {k: statistics.median(v) for k, v in self.times[b].items()}
         best = min(med, key=med.get)
         none = med.get(0.0)
-        before = self.frac[b]
-        self.frac[b] = best if none is None or med[best] <= none * (1 - SHARE_MARGIN) else 0.0
+        before, rechecked = self.frac[b], b in self.rechecking
+        self.rechecking.discard(b)
+        if rechecked and before and before in med and none is not None:
+            self.frac[b] = 0.0 if none <= med[before] * (1 - SHARE_MARGIN) else before
+        else:
+            self.frac[b] = best if none is None or med[best] <= none * (1 - SHARE_MARGIN) else 0.0
         shares = {k: v for k, v in med.items() if k}
         other = 0.0 if self.frac[b] else min(shares, key=shares.get) if shares else None
         if other is None:  # (no share was ever timed: nothing to time again)
             return
         self.other[b] = other
-        held = b in self.rechecking and self.frac[b] == before
+        held = rechecked and self.frac[b] == before
         self.interval[b] = min(2 * self.interval[b], RECHECK_MAX) if held else RECHECK_FIRST
         self.left[b] = self.interval[b]
-        self.rechecking.discard(b)
 
     def _count_down(self, b: int) -> None:
         """A pass of chosen bucket b: at the end of its interval, time its choice and the other setting

@@ -64,6 +64,7 @@ class CpuExperts:
         self.balancer, self.budget, self.dtype, self.tl = balancer, budget, dtype, timeline
         self.split, self.clock = split, clock  # (clock: nanoseconds, a stand-in in tests)
         self.tokens = 1  # tokens of this step (set_step)
+        self.frac = 0.0  # this step's share (set_step), the balancer's to time
         self.packed: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> gate, up, down in the CPU's form
         self.packed_bytes = 0
         self.meter = Meter()
@@ -91,7 +92,7 @@ class CpuExperts:
         """A decode step of `tokens` tokens: its share (the balancer's)."""
         self.tokens = tokens
         self.reserved.clear()  # (a step that failed part-way may leave some)
-        share = self.balancer.share(tokens)
+        share = self.frac = self.balancer.share(tokens)
         # a call a layer: the native kernel's workers kept awake between them (where cores are few,
         # waking them cost a lone expert's call more than its dots; an H200 host's 16 lost little)
         spin = SPIN_S if share > 0 else 0.0

@@ -204,11 +204,34 @@ def test_a_chosen_share_is_timed_again_and_dropped_when_it_has_become_slower():
     slow["share"] = False  # and it comes back when it pays again
     run(balancer.RECHECK_FIRST + 4)
     assert bal.share(1) == share and "chosen" in bal.describe()
+    # within the margin either way a re-check keeps the choice: a share 2% slower than none stays
+    held = Balancer({1: 70.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
+    assert _passes(held, 1, lambda f: 0.8 if f else 1.0) > 0
+    for _ in range(balancer.RECHECK_FIRST + 4):
+        f = held.share(1)
+        held.observe(1, 1.02 if f else 1.0, 0.0, 0, 1.0, 1)
+    assert held.share(1) > 0 and held.interval[1] == 2 * balancer.RECHECK_FIRST
     # a bucket that never timed a share (none proposed) is never timed again
     none = Balancer({1: 0.0}, 55.0, 0.8, ratio, pack_frac=0.9, every=2)
     for _ in range(100):
         none.observe(1, 1.0, 0.0, 0, 1.0, 1)
     assert none.share(1) == 0.0 and not none.trials[1] and 1 not in none.other
+
+
+def test_a_pass_that_ran_at_another_share_than_the_one_being_timed_counts_for_neither():
+    """A pass is observed after the next is launched, so the first pass after a change of setting ran
+    at the setting before: given the share it ran at, the balancer leaves it out."""
+    bal = Balancer({1: 70.0}, 55.0, 0.8, packing.pack_ratio(), pack_frac=0.9, every=2)
+    f = bal.share(1)
+    bal.observe(1, 9.0, 0.0, 0, 1.0, 1, f)  # (a bucket's first pass: left out anyway)
+    bal.observe(1, 1.0, 0.0, 0, 1.0, 1, f)
+    bal.observe(1, 1.0, 0.0, 0, 1.0, 1, f)
+    g = bal.share(1)
+    assert g != f and bal.times[1] == {f: [1.0, 1.0]}
+    bal.observe(1, 5.0, 0.0, 0, 1.0, 1, f)  # launched at f, observed while g is timed: neither's
+    assert bal.times[1] == {f: [1.0, 1.0]}
+    bal.observe(1, 0.5, 0.0, 0, 1.0, 1, g)
+    assert bal.times[1] == {f: [1.0, 1.0], g: [0.5]}
 
 
 def test_tails_slice_holds_for_this_torch():
