@@ -18,11 +18,12 @@ from layerstream.coordinator.args import REPEAT_PENALTY_RANGE
 MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_TOKENS = 1 << 22
-# '[', '{' and ',' a body may hold: each is an array, an object or one more value to build. A probe's
-# largest body of empty arrays cost more time and memory to parse than any real request before its
-# unknown field was refused; a body past this many is refused unparsed. A real request holds far
-# fewer: a prompt of this many commas alone is hundreds of thousands of tokens.
-MAX_JSON_VALUES = 1 << 20
+# '[' and '{' a body may hold (inside strings too): each may be an array or an object to build, the
+# costly values to parse. A probe's largest body of empty arrays cost more time and memory to parse
+# than any real request before its unknown field was refused; a body past this many is refused
+# unparsed. Numbers and strings are cheap to parse and not counted, so a prompt of CSV or token ids
+# never meets it.
+MAX_JSON_CONTAINERS = 1 << 20
 MAX_LOOKUP = 1 << 12  # drafted tokens a step a request may ask for (a step holds fewer anyway)
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -77,10 +78,10 @@ def parse_json(raw: bytes) -> dict:
             raise ValueError(f"the number {s[:40]} is out of range")
         return v
 
-    values = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
-    if values > MAX_JSON_VALUES:
-        raise ApiError(400, f"the body holds {values:,} '[', '{{' and ',', more than the {MAX_JSON_VALUES:,} "
-                            "a request may: too many JSON values for one request")
+    opens = raw.count(b"[") + raw.count(b"{")
+    if opens > MAX_JSON_CONTAINERS:
+        raise ApiError(400, f"the body holds {opens:,} '[' and '{{' (strings included), more than the "
+                            f"{MAX_JSON_CONTAINERS:,} a request may: too many JSON arrays and objects")
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=constant, parse_float=finite)
     except UnicodeDecodeError as e:

@@ -101,22 +101,24 @@ def test_malformed_json_of_extreme_shape_is_a_400(raw):
     assert e.value.status == 400 and len(e.value.message) < 300
 
 
-def test_a_body_of_too_many_json_values_is_refused_unparsed(monkeypatch):
+def test_a_body_of_too_many_json_arrays_and_objects_is_refused_unparsed(monkeypatch):
     """A probe's 16 MiB of `[[], [], ...]` took seconds and 650 MB to parse: a body of more than
-    MAX_JSON_VALUES '[', '{' and ',' is a 400 before the parser sees it; one of that many, in a
-    prompt's text, still parses."""
+    MAX_JSON_CONTAINERS '[' and '{' is a 400 before the parser sees it; one of exactly that many
+    still parses, and commas (CSV, token ids) are not counted."""
     from layerstream.coordinator import openai_api
 
-    limit = openai_api.MAX_JSON_VALUES
-    junk = b'{"x": [' + b"[]," * limit + b"[]]}"
+    limit = openai_api.MAX_JSON_CONTAINERS
     real = openai_api.json.loads
     monkeypatch.setattr(openai_api.json, "loads", lambda *a, **k: pytest.fail("the junk body was parsed"))
-    with pytest.raises(ApiError) as e:
-        parse_json(junk)
-    assert e.value.status == 400 and f"{limit:,}" in e.value.message and len(e.value.message) < 200
+    for junk in (b'{"x": [' + b"[], " * limit + b"[]]}", b'{"prompt": "' + b"[" * limit + b'"}'):  # one over
+        with pytest.raises(ApiError) as e:
+            parse_json(junk)
+        assert e.value.status == 400 and f"{limit:,}" in e.value.message and len(e.value.message) < 200
     monkeypatch.setattr(openai_api.json, "loads", real)
-    text = b"[" * (limit - 2)  # (with the body's own '{' and ',': exactly the limit)
-    assert parse_json(b'{"prompt": "' + text + b'", "n": 1}') == {"prompt": text.decode(), "n": 1}
+    text = b"[" * (limit - 1) + b"," * (2 * limit)  # (with the body's own '{': exactly the limit)
+    assert parse_json(b'{"prompt": "' + text + b'"}') == {"prompt": text.decode()}
+    ids = list(range(2 * limit))
+    assert parse_json(json.dumps({"prompt": ids}).encode()) == {"prompt": ids}
 
 
 def test_the_servers_defaults_fill_the_fields_a_request_does_not_set():
