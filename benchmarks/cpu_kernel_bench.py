@@ -78,6 +78,7 @@ def bench_cpu_experts(args) -> None:
     from layerstream.proto.timeline import Timeline
 
     n_ff, n_embd = (args.shapes or [(768, 2048)])[0]  # Qwen3-30B-A3B's
+    lib = native.load(Path(args.lib)) if args.lib else None  # (the native path's build; `run` is the run's)
     lay = expert_layout(128, n_ff, n_embd, (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K)))
     per = sum(p[1] for p in expert_parts(lay))
     pool = max(2 * max(args.experts), (256 << 20) // per)
@@ -87,8 +88,19 @@ def bench_cpu_experts(args) -> None:
     if not cpu.in_place(0, fake):
         print("bin/bench cpu-kernel --experts: the native kernel is not built here")
         return
+    saved = torch.get_num_threads()
+    try:
+        for th in args.threads or [saved]:
+            torch.set_num_threads(th)  # (both paths' threads: native._threads, the CPU share's)
+            _experts_rows(args, cpu, fake, host, parts, per, pool, n_ff, n_embd, lib)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, n_embd: int, lib) -> None:
+    """bench_cpu_experts' rows at torch's threads now."""
     print(f"experts {n_ff}x{n_embd} (Q4_K gate and up, Q6_K down, {per / 1e6:.2f} MB each), {pool} cycled, "
-          f"{torch.get_num_threads()} threads, calls {args.gap_ms:g} ms apart")
+          f"{torch.get_num_threads()} threads, calls {args.gap_ms:g} ms apart" + (f"; native: {args.lib}" if lib else ""))
     print(f"{'T':>3} {'experts':>7} {'path':>8} {'us a call':>10} {'us an expert':>13} {'GB/s':>6}")
     g, nxt = torch.Generator().manual_seed(0), 0
     for T in args.tokens:
@@ -108,7 +120,7 @@ def bench_cpu_experts(args) -> None:
                         base = host.ctypes.data
                         native.experts([tuple(base + t.slot_offset + e * p for t, p, *_ in parts) for e in experts],
                                        tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h,
-                                       [torch.arange(T).numpy()] * n, [torch.ones(T).numpy()] * n)
+                                       [torch.arange(T).numpy()] * n, [torch.ones(T).numpy()] * n, lib=lib)
                     ts.append(time.perf_counter() - t0)
                 s = (min if args.stat == "best" else statistics.median)(ts[2:])
                 # (GB/s in 3 figures: a tiny shape on a busy machine is well below 0.1)
@@ -121,7 +133,7 @@ def add_parser(sub) -> None:
     p.add_argument("-t", "--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
                    help="rows of x, comma separated (default 1,8)")
     p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="thread counts, comma separated (default 1, half and all of torch's)")
+                   help="thread counts, comma separated (default 1, half and all of torch's; with --experts torch's)")
     p.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in nk.split("x")) for nk in s.split(",")], default=None,
                    help="matrices N x K, comma separated (default the 8B's and the MoE experts'; e.g. 1536x576)")
     p.add_argument("--levels", type=int, choices=(1, 2), default=native.LEVELS,

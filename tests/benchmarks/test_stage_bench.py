@@ -230,7 +230,7 @@ def test_qmatmul_configs_are_read_by_kind_and_refused_with_one_line():
             stage_bench._kernel_config(bad)
 
 
-def test_cpu_kernel_times_a_layers_experts_on_the_runs_path_and_alone(capsys):
+def test_cpu_kernel_times_a_layers_experts_on_the_runs_path_and_alone(capsys, monkeypatch):
     from layerstream.compute.cpu import native
 
     if not native.available():
@@ -241,6 +241,15 @@ def test_cpu_kernel_times_a_layers_experts_on_the_runs_path_and_alone(capsys):
     rows = [line.split() for line in out.splitlines() if line.split()[2:3] in (["run"], ["native"])]
     assert [(r[0], r[1], r[2]) for r in rows] == [(t, n, p) for t in "12" for n in "12" for p in ("run", "native")]
     assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)
+    # --threads gives a table a count; --lib times another build of the native kernel (here the
+    # run's own, loaded from its path)
+    libs, experts = [], native.experts
+    monkeypatch.setattr(native, "experts", lambda *a, lib=None, **k: libs.append(lib) or experts(*a, lib=lib, **k))
+    out = run(capsys, "cpu-kernel", "--experts", "1", "-t", "1", "--shapes", "256x512", "--reps", "1", "--gap-ms", "0",
+              "--threads", "1,2", "--lib", str(native.library_path(native.compiler())))
+    heads = [line for line in out.splitlines() if line.startswith("experts 256x512")]
+    assert [re.search(r"(\d+) threads", h)[1] for h in heads] == ["1", "2"] and all("; native: " in h for h in heads)
+    assert libs and all(lib is not None and lib is not native.library() for lib in libs)
 
 
 def test_links(capsys):
