@@ -898,8 +898,9 @@ def bench_serve(args) -> list[dict]:
 
             for C in clients:
                 # untimed, to the full length through both paths: the first round of a batch size
-                # captures graphs of every context it reaches, and the server samples in graphs of
-                # its own; timed alone, the path that ran first paid for them (BENCHMARKS.md, R7)
+                # may capture graphs for the longer contexts it reaches, and the server samples in
+                # graphs of its own; timed once each after a 2-token round, the two paths differed
+                # by factors either way (BENCHMARKS.md, R7)
                 _bare_engine(engine.core, prompts(C), args.tokens)
                 served(C)
                 runs: dict[str, list] = {"engine": [], "server": []}
