@@ -161,15 +161,16 @@ def test_the_loop_launches_the_next_forward_before_the_step_in_flight_is_done():
 def test_the_balancer_sees_the_step_own_time_not_the_time_until_it_was_answered():
     """With two steps in flight a step is answered after the next one's launch: the CPU share's
     balancer is given the step's own seconds (on the CPU: its launch, which ran it), not the time
-    from its launch to its answer."""
+    from its launch to its answer, and the share the step ran at (the balancer may be timing
+    another by then)."""
     seen = []
     w = _worker(False)
     w.cpu = SimpleNamespace(share=SimpleNamespace(balancer=SimpleNamespace(observe=lambda *a: seen.append(a))),
                             experts=None)
     st = _in_flight(4, [0], [42], [0])
-    st.t0, st.own_s, st.observed = 0, 0.025, ("share", 0.01, 1000, 0.005)  # launched long ago, ran 25 ms
+    st.t0, st.own_s, st.observed = 0, 0.025, ("share", 0.01, 1000, 0.005, 0.25)  # launched long ago, ran 25 ms
     w._answer(st)
-    assert seen == [(1, 0.025 - 0.005, 0.01, 1000, 0.0, 0)]
+    assert seen == [(1, 0.025 - 0.005, 0.01, 1000, 0.0, 0, 0.25)]
 
 
 def test_a_step_that_raises_gives_back_every_slot_of_its_step_and_the_step_behind_it_fails_unrun():
