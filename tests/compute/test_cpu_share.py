@@ -218,6 +218,35 @@ def test_a_chosen_share_is_timed_again_and_dropped_when_it_has_become_slower():
     assert none.share(1) == 0.0 and not none.trials[1] and 1 not in none.other
 
 
+def test_the_experts_balancer_re_times_each_batch_size_apart():
+    """The CPU experts' balancer (propose=1.0: the cost model's split or none, five passes each):
+    steps of another batch size between a bucket's passes leave its count and its re-check alone,
+    and each bucket re-times its own choice, with the share it ran at."""
+    bal = Balancer({}, 55.0, 1.0, 1.0, 1.0, every=5, propose=1.0)
+    seconds = {1: lambda f: 1.0 if f else 0.9, 8: lambda f: 0.5 if f else 1.0}  # batch 1: none; batch 8: the share
+
+    def step(tokens):
+        f = bal.share(tokens)
+        bal.observe(tokens, seconds[tokens](f), 0.0, 0, 0.0, 0, f)
+
+    for _ in range(40):  # interleaved, as a server's steps of one and of eight sequences may come
+        step(1)
+        step(8)
+    assert (bal.share(1), bal.share(8)) == (0.0, 1.0) and bal.other == {1: 1.0, 8: 0.0}
+    left = dict(bal.left)
+    for _ in range(3):
+        step(8)
+    assert bal.left[1] == left[1] and bal.left[8] == left[8] - 3
+    iv = bal.interval[8]
+    while 8 not in bal.rechecking:
+        step(8)
+    assert 1 not in bal.rechecking and bal.trials[8] == [1.0, 0.0] and bal.trials[1] == []
+    for _ in range(10):  # batch 8's re-check: five passes of each, batch 1's count untouched
+        step(8)
+    assert 8 not in bal.rechecking and bal.share(8) == 1.0 and bal.interval[8] == min(2 * iv, balancer.RECHECK_MAX)
+    assert bal.left[1] == left[1]
+
+
 def test_a_pass_that_ran_at_another_share_than_the_one_being_timed_counts_for_neither():
     """A pass is observed after the next is launched, so the first pass after a change of setting ran
     at the setting before: given the share it ran at, the balancer leaves it out."""
