@@ -722,17 +722,17 @@ GENERATE_PROMPT = 39  # tokens: the prompt of BENCHMARKS.md's run-pipeline comma
 
 
 def time_generate(engine, prompt: list[int], n: int) -> float:
-    """Seconds a token of one greedy generation of `n` tokens through Engine.generate, the path
-    run-pipeline prints from (the engine core, sampling on the device, detokenizing, the text
-    pieces), from its first piece to its last, as run-pipeline's --stats decode rate counts."""
+    """Seconds a token of one greedy generation of `n` tokens through run-pipeline's own Turn (the
+    engine core, sampling on the device, detokenizing, the text pieces), as its --stats decode rate
+    counts them: from the first sampled token to the last."""
     from layerstream.compute.sampling import SamplingParams
+    from layerstream.coordinator.turn import Turn
 
-    t_start, t_first = time.perf_counter(), None
-    for _ in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)):
-        t_first = t_first or time.perf_counter()
-    if t_first is None:  # no text at all (a random model's ids may decode to nothing): time the whole call
-        return (time.perf_counter() - t_start) / n
-    return (time.perf_counter() - t_first) / (n - 1)
+    turn = Turn(engine, prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    for _ in turn.pieces():
+        pass
+    r = turn.rates
+    return r.decode_s / max(r.sampled - 1, 1)
 
 
 # -- serve: the HTTP server against the bare engine -------------------------------------------------

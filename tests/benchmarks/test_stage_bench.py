@@ -167,6 +167,27 @@ def test_time_decode_times_each_step_of_the_whole_batch_and_leaves_the_core_empt
             stage_bench.time_decode(e.core, [[1], [2], [3]], 2)
 
 
+def test_the_generate_row_times_run_pipelines_turn_as_its_stats_count(tiny, monkeypatch):
+    """time_generate runs run-pipeline's own Turn and returns the seconds a token its --stats decode
+    rate counts (from the first sampled token to the last), leaving the core empty."""
+    from layerstream.coordinator import turn as turn_mod
+    from layerstream.coordinator.engine import Engine
+
+    seen = []
+    pieces = turn_mod.Turn.pieces
+
+    def spied(self, *a, **k):
+        yield from pieces(self, *a, **k)
+        seen.append(self.rates)
+
+    monkeypatch.setattr(turn_mod.Turn, "pieces", spied)
+    with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=1) as e:
+        s = stage_bench.time_generate(e, [1, 2, 3], 6)
+        assert not e.core.has_unfinished()
+    (r,) = seen
+    assert r.sampled == 6 and s == r.decode_s / 5 > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["nosuch"], "bin/bench: error: argument STAGE: invalid choice: 'nosuch'"),
     (["pipeline", "--reps", "x"], "bin/bench pipeline: error: argument --reps: invalid int value: 'x'"),
