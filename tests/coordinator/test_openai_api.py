@@ -102,7 +102,7 @@ def test_malformed_json_of_extreme_shape_is_a_400(raw):
 
 
 def test_a_body_of_too_many_json_arrays_and_objects_is_refused_unparsed(monkeypatch):
-    """A probe's 16 MiB of `[[], [], ...]` took seconds and 650 MB to parse: a body of more than
+    """A probe's largest body of `[[], [], ...]` was costly to parse before it was refused: a body of more than
     MAX_JSON_CONTAINERS '[' and '{' is a 400 before the parser sees it; one of exactly that many
     still parses, and commas (CSV, token ids) are not counted."""
     from layerstream.coordinator import openai_api
