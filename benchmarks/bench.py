@@ -12,6 +12,7 @@ import torch
 from layerstream.errors import LayerstreamError
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
+from .flags import problem
 from .links_bench import add_parser as add_links_parser
 from .spec_bench import add_spec_parser
 from .stage_bench import add_stage_parsers, device_name, time_decode
@@ -114,11 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    wrong = problem(args)
+    if wrong:  # (as argparse's own errors: one line, exit 2)
+        print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (LayerstreamError, ValueError) as e:
         print(f"bin/bench: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bin/bench: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -14,6 +14,57 @@ def floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
 
+# flags whose values are counts of at least one, of at least zero, and of more than zero, wherever a
+# stage has them (a zero or negative count divided by zero or made meaningless rows)
+AT_LEAST_ONE = ("reps", "passes", "decode_tokens", "prompt_tokens", "experts", "clients", "batch", "threads", "rounds",
+                "layers")
+AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms")
+POSITIVE = ("floor_gbs",)
+
+
+def problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a stage's parsed flags, in one line (None: nothing): counts out of range,
+    a port outside 1..65535, a --lib that is not a file, shares outside (0, 1], a skew not finite."""
+    import math
+    from pathlib import Path
+
+    def each(name):
+        v = getattr(args, name, None)
+        return [] if v is None else v if isinstance(v, list) else [v]
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in AT_LEAST_ONE:
+        bad = [v for v in each(name) if not v >= 1]
+        if bad:
+            return f"{flag(name)} {bad[0]:g}: give at least 1"
+    for name in AT_LEAST_ZERO:
+        bad = [v for v in each(name) if not v >= 0]
+        if bad:
+            return f"{flag(name)} {bad[0]:g}: give 0 or more"
+    for name in POSITIVE:
+        bad = [v for v in each(name) if not v > 0]
+        if bad:
+            return f"{flag(name)} {bad[0]:g}: give more than 0"
+    least = 1 if isinstance(getattr(args, "tokens", None), list) else 0  # (rows of x; or a prompt, 0: none)
+    bad = [t for t in each("tokens") if not t >= least]
+    if bad:
+        return f"--tokens {bad[0]}: give at least {least}"
+    port = getattr(args, "port", None)
+    if port is not None and not 1 <= port <= 65535:
+        return f"--port {port}: give a port from 1 to 65535"
+    lib = getattr(args, "lib", None)
+    if lib is not None and not Path(lib).is_file():
+        return f"--lib {lib}: no such file (give a build of compute/cpu/qdot.c)"
+    bad = [v for v in each("shares") if not 0 < v <= 1]
+    if bad:
+        return f"--shares {bad[0]:g}: give shares above 0 and at most 1"
+    if any(not (math.isfinite(v) and v >= 0) for v in each("skew")):
+        return "--skew: give finite values of 0 or more"
+    return None
+
+
 def model_args(p: argparse.ArgumentParser, reps: int = 5) -> None:
     """--model or a synthetic --shape (--layers, --quant), and --reps."""
     from layerstream.loader.synth import SHAPES

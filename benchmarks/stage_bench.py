@@ -787,6 +787,19 @@ def _bare_engine(core, prompts: list[list[int]], max_tokens: int) -> tuple[float
     return time.perf_counter() - t0, list(first.values()), n
 
 
+def _check_port(port: int) -> None:
+    """ValueError where 127.0.0.1:`port` cannot be bound (another server there would be timed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise ValueError(f"127.0.0.1:{port} cannot be bound for the bench's server ({e.strerror}); "
+                             "give another --port") from None
+
+
 def _median_run(runs: list[tuple[float, list[float], int]]) -> tuple[float, list[float], int]:
     """Of rounds (wall seconds, times to first token, tokens), the one of median wall time."""
     return sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
@@ -856,6 +869,7 @@ def bench_serve(args) -> list[dict]:
 
     clients = sorted(set(args.clients))
     rows = []
+    _check_port(args.port)  # (before the model loads: a port in use is one line at once)
     with model_for(args) as index:
         ctx = args.prompt_tokens + args.tokens + 8
         # prompts are chunked as run-pipeline chunks them (the plan's step, at most 512 tokens), so
@@ -890,6 +904,9 @@ def bench_serve(args) -> list[dict]:
                 thread.start()
                 while not http.started and thread.is_alive():
                     time.sleep(0.05)
+                if not http.started:  # (its bind failed: whatever else holds the port must not be timed)
+                    raise ValueError(f"the bench's server did not start on 127.0.0.1:{args.port} (in use?); "
+                                     "give another --port")
                 try:
                     return _server_clients(args.port, prompts(C), args.tokens)
                 finally:

@@ -134,6 +134,43 @@ def test_serve_warms_both_paths_then_alternates_them_and_reports_the_median_roun
     assert stage_bench._median_run(runs) == (0.2, [0.3], 4) and stage_bench._median_run(runs[:2]) == (0.1, [0.2], 4)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["cpu-kernel", "--experts", "0"], "--experts 0: give at least 1"),
+    (["cpu-kernel", "--threads", "2,0"], "--threads 0: give at least 1"),
+    (["cpu-kernel", "-t", "0"], "--tokens 0: give at least 1"),
+    (["cpu-kernel", "--lib", "/nonexistent.so"], "--lib /nonexistent.so: no such file"),
+    (["engine", "--decode-tokens", "0"], "--decode-tokens 0: give at least 1"),
+    (["pipeline", "--floor-gbs", "0"], "--floor-gbs 0: give more than 0"),
+    (["pipeline", "--reps", "0"], "--reps 0: give at least 1"),
+    (["pipeline", "--tokens", "-5"], "--tokens -5: give at least 0"),
+    (["serve", "-c", "0"], "--clients 0: give at least 1"),
+    (["serve", "--port", "99999"], "--port 99999: give a port from 1 to 65535"),
+    (["experts", "--shares", "0.5,2"], "--shares 2: give shares above 0 and at most 1"),
+    (["experts", "--skew", "nan"], "--skew: give finite values of 0 or more"),
+])
+def test_a_stage_refuses_counts_out_of_range_in_one_line_before_it_starts(argv, message, capsys):
+    """A hostile probe's: zero or negative counts divided by zero, hung (`serve -c 0`) or made
+    meaningless rows; now each is one line and exit 2, as argparse's own errors, before any work."""
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bin/bench {argv[0]}: error: {message}") and err.count("\n") == 1, err
+
+
+def test_serve_stops_where_its_server_cannot_bind(tiny, capsys):
+    """A probe's: with the port held by another server, the bench timed that one. It stops instead."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert bench.main(["serve", "-m", str(tiny), "--device", "cpu", "-c", "1", "-p", "4", "--tokens", "2",
+                           "--reps", "1", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"bin/bench: error: 127.0.0.1:{port} cannot be bound for the bench's server (Address already in use); "\
+                  "give another --port\n", err
+
+
 def test_add_stage_parsers_registers_every_stage():
     p = argparse.ArgumentParser()
     stage_bench.add_stage_parsers(p.add_subparsers(dest="cmd"))
