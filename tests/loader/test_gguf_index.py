@@ -181,6 +181,39 @@ def test_a_later_blocks_tensor_of_another_shape_is_refused_at_load(tmp_path):
     assert f"tensor blk.1.ffn_gate.weight has shape [{d0}, {d1}] where the metadata" in one_line(e)
 
 
+def _offset_field(raw: bytearray, name: bytes) -> int:
+    """Where tensor `name`'s data offset (relative to the data section) lies in a GGUF header."""
+    import struct
+
+    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    return at + 4 + 8 * n_dims + 4
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("overlap", "tensors blk.0.ffn_down.weight and blk.1.ffn_down.weight overlap"),
+    ("misalign", "tensor token_embd.weight's data at byte"),
+])
+def test_tensor_offsets_that_overlap_or_leave_the_alignment_are_refused_at_load(tmp_path, edit, needle):
+    """A probe's: one tensor's offset set to another's loaded and changed the text; token_embd shifted
+    by a byte ended in NaN logits at the first step. As llama.cpp does at load, the offsets are
+    checked: each at a multiple of the file's alignment, none overlapping another."""
+    import struct
+
+    path = ggufgen.write_model(tmp_path / "o.gguf", n_layer=2)
+    raw = bytearray(open(path, "rb").read())
+    if edit == "overlap":
+        src = struct.unpack_from("<Q", raw, _offset_field(raw, b"blk.0.ffn_down.weight"))[0]
+        struct.pack_into("<Q", raw, _offset_field(raw, b"blk.1.ffn_down.weight"), src)
+    else:
+        at = _offset_field(raw, b"token_embd.weight")
+        struct.pack_into("<Q", raw, at, struct.unpack_from("<Q", raw, at)[0] + 1)
+    open(path, "wb").write(raw)
+    with pytest.raises(ModelError) as e:
+        open_model(path)
+    assert needle in one_line(e) and "re-download or re-convert the file" in one_line(e)
+
+
 def test_no_such_file(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         open_model(tmp_path / "absent.gguf")
