@@ -16,7 +16,7 @@ from typing import Any
 # whose entry would pass MAX_CACHE_ENTRY is not cached (real ones are a few MB;
 # NOTE [ header sizes ] bounds what a parse may hold), and an entry that large is not read.
 # LAYERSTREAM_CACHE_DIR sets the directory (default: $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
-HEADER_CACHE_FORMAT = 2  # 2: headers checked by scan_header before they are cached
+HEADER_CACHE_FORMAT = 3  # 2: headers checked by scan_header before they are cached; 3: its tensors' layout too
 MAX_CACHE_ENTRY = 64 << 20
 
 

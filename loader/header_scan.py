@@ -191,6 +191,7 @@ def scan_header(path: str) -> None:
         if not alignment or alignment & (alignment - 1):
             return  # gguf-py says what is wrong with it
         data = -(-c.pos // alignment) * alignment
+        extents = []  # (start, bytes, name) of each tensor whose size its type gives
         for name, dims, qtype, offset in tensors:
             known = _qtype(qtype)
             if known is None:  # (gguf-py's own error named numpy and no tensor)
@@ -207,6 +208,24 @@ def scan_header(path: str) -> None:
             if data + offset + nbytes > size:
                 raise ModelError(f"{path}: truncated: tensor {_shown(name, quote=False)} ends at byte {data + offset + nbytes} "
                                  f"but the file has {size}; re-download the file")
+            extents.append((data + offset, nbytes, _shown(name, quote=False)))
+        _check_layout(extents, alignment, path)
+
+
+def _check_layout(extents: list[tuple[int, int, str]], alignment: int, path: str) -> None:
+    """Each tensor's data (start, bytes, name) at a multiple of the file's alignment (its data section
+    starts at one), and no two overlapping, as llama.cpp checks at load: a header whose offsets were
+    edited otherwise loaded, and read one tensor's bytes as another's (a probe's: text that changed,
+    or NaN logits at the first step)."""
+    last = None
+    for start, nbytes, name in sorted(extents, key=lambda x: x[0]):
+        if start % alignment:
+            raise ModelError(f"{path}: corrupt GGUF file: tensor {name}'s data at byte {start} is not a multiple of "
+                             f"the file's alignment ({alignment}); re-download or re-convert the file")
+        if last is not None and start < last[0] + last[1]:
+            raise ModelError(f"{path}: corrupt GGUF file: tensors {last[2]} and {name} overlap (bytes {start} to "
+                             f"{last[0] + last[1]}); re-download or re-convert the file")
+        last = (start, nbytes, name)
 
 
 NOT_TEXT = object()  # find_string's answer for a key whose value is not a string
