@@ -47,6 +47,29 @@ def read_prompt(option: str, path: str) -> str:
     why = "an empty path; give a file" if path == "" else None if piped else path_problem(path)
     if why:
         raise UsageError(f"{option}: {why}")
+    text = _read_text(option, path)
+    if not text.strip():
+        raise UsageError(f"{option}: the file holds no prompt text")
+    return text
+
+
+def piped_prompt() -> str | None:
+    """The prompt on standard input where that is a pipe or a file and no prompt was given
+    (`echo text | run-pipeline -m M`, as Ollama reads one), read to its end; None where standard
+    input is a terminal, /dev/null or closed, or holds only blanks."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
+        return None
+    text = _read_text("standard input", "-")
+    return text if text.strip() else None
+
+
+def _read_text(option: str, path: str) -> str:
+    """The file's text (`-`: standard input's), to its end, at most MAX_PROMPT_FILE bytes, less one
+    newline at its end (which a file's last line or `echo` adds), as llama.cpp's -f reads a prompt."""
     try:
         with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
             raw = f.read(MAX_PROMPT_FILE + 1)
@@ -54,10 +77,7 @@ def read_prompt(option: str, path: str) -> str:
         raise UsageError(f"{option}: cannot read it ({e.strerror})") from None
     if len(raw) > MAX_PROMPT_FILE:
         raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
-    text = raw.decode("utf-8", "replace")
-    if not text.strip():
-        raise UsageError(f"{option}: the file holds no prompt text")
-    return text
+    return raw.decode("utf-8", "replace").removesuffix("\n")
 
 
 def check_trace(path: str) -> None:

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from layerstream.coordinator.arg_files import check_trace, no_text, path_problem, read_prompt
+from layerstream.coordinator.arg_files import check_trace, no_text, path_problem, piped_prompt, read_prompt
 from layerstream.coordinator.spelling import (
     UsageError,
     dashed_numbers_joined,
@@ -111,7 +111,8 @@ def build_parser() -> Parser:
         epilog="Exit status: 0 done, 1 an error in the model or the run, 2 a command line that cannot run, "
                "130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
     )
-    p.add_argument("prompt", nargs="*", help="prompt text (with --chat and no prompt: an interactive chat)")
+    p.add_argument("prompt", nargs="*", help="prompt text (with --chat and no prompt: an interactive chat; without --chat and no "
+                   "prompt: the text piped in on standard input)")
     p.add_argument("-p", "--prompt", dest="prompt_opt", metavar="TEXT", action=_Once,
                    help="prompt text, as an option (instead of the words above)")
     p.add_argument("-f", "--file", dest="prompt_file", metavar="FILE", action=_Once,
@@ -272,6 +273,10 @@ def check_args(args) -> None:
         if args.prompt:
             fail("the prompt is given twice (-p and as words); give it once")
         args.prompt = [args.prompt_opt]
+    if not args.prompt and not (args.serve or args.perplexity or args.chat):
+        piped = piped_prompt()
+        if piped is not None:
+            args.prompt = [piped]
     modes = [m for m, on in (("--serve", args.serve), ("--perplexity", args.perplexity)) if on]
     if len(modes) > 1:
         fail(f"{' and '.join(modes)} do not go together; give one")
@@ -375,7 +380,7 @@ def check_args(args) -> None:
     if (args.api_key is not None or args.api_key_file is not None) and not args.serve:
         fail("--api-key and --api-key-file are options of --serve")
     if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
-        fail("no prompt given; pass the prompt text, or --chat for an interactive chat")
+        fail("no prompt given; pass the prompt text (or pipe it in), or --chat for an interactive chat")
     if args.chat and args.prompt and not " ".join(args.prompt).strip():  # (--chat alone is the interactive chat)
         fail("the prompt is blank; pass the prompt text, or leave it out for an interactive chat")
     share_off = args.cpu_share == "0"

@@ -24,7 +24,8 @@ def run_pipeline(*args: str, timeout: float = 120, cwd=None, env=None) -> subpro
     """bin/run-pipeline in the reference (single-process) mode, its output captured (no terminal)."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {}))
     return subprocess.run([str(LAUNCHER), "--single-process", *args], capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", timeout=timeout, env=env, cwd=cwd)
+                          encoding="utf-8", errors="replace", timeout=timeout, env=env, cwd=cwd,
+                          stdin=subprocess.DEVNULL)  # (a run given no prompt reads one piped in)
 
 
 def _bad_model(tmp_path: Path, kind: str) -> tuple[Path, str]:

@@ -96,13 +96,39 @@ def test_the_prompt_from_a_file(tmp_path):
     (tmp_path / "p.txt").write_text(text)
     a = build_parser().parse_args(["-f", str(tmp_path / "p.txt")])
     check_args(a)
-    assert a.prompt == [text]
+    assert a.prompt == [text[:-1]]  # less the file's last newline, as llama.cpp's -f reads it
+    (tmp_path / "two.txt").write_text("Q: why?\n\n")
+    a = build_parser().parse_args(["-f", str(tmp_path / "two.txt")])
+    check_args(a)
+    assert a.prompt == ["Q: why?\n"]  # (one newline only)
     for twice in (["-f", str(tmp_path / "p.txt"), "words"], ["--file", str(tmp_path / "p.txt"), "-p", "x"]):
         with pytest.raises(UsageError, match="the prompt is given twice"):
             check_args(build_parser().parse_args(twice))
     (tmp_path / "blank.txt").write_text(" \n")
     with pytest.raises(UsageError, match="the file holds no prompt text"):
         check_args(build_parser().parse_args(["-f", str(tmp_path / "blank.txt")]))
+
+
+def test_a_prompt_piped_in_is_read_when_none_is_given(model):
+    """A probe's: `echo text | run-pipeline -m M` was refused as 'no prompt given' (Ollama reads the
+    piped text as the prompt); the text piped in gives the same reply as the same words typed, and
+    standard input that is /dev/null or only blanks is still 'no prompt given'."""
+    args = ("-m", str(model), "--device", "cpu", "-n", "6", "--temperature", "0", "--ignore-eos")
+    typed = _run(*args, "The sky is")
+    piped = _run(*args, stdin="The sky is\n")  # (echo's newline dropped, as from -f)
+    assert typed.returncode == 0 and typed.stdout.strip(), typed.stderr
+    assert piped.returncode == 0 and piped.stdout == typed.stdout, piped.stderr
+    for stdin in (None, " \n"):  # /dev/null (the helper's default), blanks
+        assert _one_line(_run(*args, stdin=stdin)).startswith("no prompt given; pass the prompt text (or pipe it in)")
+    # with words given, standard input is not read (a pipe left open must not hold the run)
+    read_end, write_end = os.pipe()
+    try:
+        r = subprocess.run([str(LAUNCHER), *args, "The sky is"], stdin=read_end, capture_output=True, text=True,
+                           timeout=120)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert r.returncode == 0 and r.stdout == typed.stdout, r.stderr
 
 
 def test_a_blank_prompt_is_refused_with_chat_as_without():
