@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import stat
 import sys
 
@@ -39,16 +40,21 @@ def no_text(path: str) -> str | None:
 MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
 
 
-def read_prompt(option: str, path: str) -> str:
-    """-f's prompt text (bytes that are not UTF-8 become U+FFFD); `-`, a pipe or a terminal (as
-    /dev/stdin, <(...)) are read to their end; UsageError naming the file."""
+def prompt_file_problem(path: str) -> str | None:
+    """Why -f's file cannot be read, or None; `-`, a pipe or a terminal (as /dev/stdin, <(...)) are
+    read to their end (read_prompt), so they pass."""
     mode = os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
     piped = path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
-    why = "an empty path; give a file" if path == "" else None if piped else path_problem(path)
+    return "an empty path; give a file" if path == "" else None if piped else path_problem(path)
+
+
+def read_prompt(option: str, path: str) -> str:
+    """-f's prompt text (bytes that are not UTF-8 become U+FFFD); UsageError naming the file."""
+    why = prompt_file_problem(path)
     if why:
         raise UsageError(f"{option}: {why}")
     text = _read_text(option, path)
-    if not text.strip():
+    if _blank(text):
         raise UsageError(f"{option}: the file holds no prompt text")
     return text
 
@@ -64,20 +70,41 @@ def piped_prompt() -> str | None:
     if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
         return None
     text = _read_text("standard input", "-")
-    return text if text.strip() else None
+    return None if _blank(text) else text
+
+
+def _blank(text: str) -> bool:
+    return not text.replace("\0", "").strip()
 
 
 def _read_text(option: str, path: str) -> str:
     """The file's text (`-`: standard input's), to its end, at most MAX_PROMPT_FILE bytes, less one
-    newline at its end (which a file's last line or `echo` adds), as llama.cpp's -f reads a prompt."""
+    line end at its end (which a file's last line or `echo` adds; llama.cpp's -f drops a `\\n`)."""
     try:
         with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
-            raw = f.read(MAX_PROMPT_FILE + 1)
+            raw = _read_all(f, MAX_PROMPT_FILE + 1)
     except OSError as e:
         raise UsageError(f"{option}: cannot read it ({e.strerror})") from None
     if len(raw) > MAX_PROMPT_FILE:
         raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
-    return raw.decode("utf-8", "replace").removesuffix("\n")
+    text = raw.decode("utf-8", "replace")
+    return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def _read_all(f, limit: int) -> bytes:
+    """Up to `limit` bytes of f, to its end. A pipe its parent left non-blocking (as Node.js passes
+    one) answers None while its writer is slow, which is not its end: wait for it."""
+    chunks, n = [], 0
+    while n < limit:
+        b = f.read(limit - n)
+        if b is None:
+            select.select([f], [], [])
+            continue
+        if not b:
+            break
+        chunks.append(b)
+        n += len(b)
+    return b"".join(chunks)
 
 
 def check_trace(path: str) -> None:

@@ -9,7 +9,14 @@ import os
 import re
 import sys
 
-from layerstream.coordinator.arg_files import check_trace, no_text, path_problem, piped_prompt, read_prompt
+from layerstream.coordinator.arg_files import (
+    check_trace,
+    no_text,
+    path_problem,
+    piped_prompt,
+    prompt_file_problem,
+    read_prompt,
+)
 from layerstream.coordinator.spelling import (
     UsageError,
     dashed_numbers_joined,
@@ -264,19 +271,20 @@ def check_args(args) -> None:
     if args.model is None and args.prompt and args.prompt[0].lower().endswith(".gguf") and " " not in args.prompt[0]:
         why = "is a model file" if os.path.isfile(args.prompt[0]) else "names a model file (there is no such file)"
         fail(f"{args.prompt[0]} {why} given as the prompt; give the model with -m FILE")
+    stdin_word = args.prompt == ["-"] and args.prompt_file is None and args.prompt_opt is None  # (as cat's `-`)
+    if stdin_word:
+        args.prompt, args.prompt_file = [], "-"
     if args.prompt_file is not None:
         if args.prompt or args.prompt_opt is not None:
             fail(f"{opt('prompt_file')}: the prompt is given twice (a file and as text); give it once")
-        args.prompt = [read_prompt(opt("prompt_file"), args.prompt_file)]
+        why = prompt_file_problem(args.prompt_file)
+        if why:
+            fail(f"{opt('prompt_file')}: {why}")
 
     if args.prompt_opt is not None:
         if args.prompt:
             fail("the prompt is given twice (-p and as words); give it once")
         args.prompt = [args.prompt_opt]
-    if not args.prompt and not (args.serve or args.perplexity or args.chat):
-        piped = piped_prompt()
-        if piped is not None:
-            args.prompt = [piped]
     modes = [m for m, on in (("--serve", args.serve), ("--perplexity", args.perplexity)) if on]
     if len(modes) > 1:
         fail(f"{' and '.join(modes)} do not go together; give one")
@@ -289,7 +297,7 @@ def check_args(args) -> None:
     if args.serve and args.chat:
         fail("--chat and --serve do not go together: the server applies the chat template to each "
              "/v1/chat/completions request; drop --chat")
-    if (args.serve or args.perplexity) and " ".join(args.prompt).strip():
+    if (args.serve or args.perplexity) and (" ".join(args.prompt).strip() or args.prompt_file is not None):
         fail(f"{modes[0]} takes no prompt text; drop the prompt")
     if args.system is not None and not args.chat:
         fail("--system needs --chat (the system message goes through the chat template)")
@@ -379,8 +387,6 @@ def check_args(args) -> None:
         fail("--api-key and --api-key-file both given; give one")
     if (args.api_key is not None or args.api_key_file is not None) and not args.serve:
         fail("--api-key and --api-key-file are options of --serve")
-    if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
-        fail("no prompt given; pass the prompt text (or pipe it in), or --chat for an interactive chat")
     if args.chat and args.prompt and not " ".join(args.prompt).strip():  # (--chat alone is the interactive chat)
         fail("the prompt is blank; pass the prompt text, or leave it out for an interactive chat")
     share_off = args.cpu_share == "0"
@@ -395,6 +401,15 @@ def check_args(args) -> None:
         if not share_off and args.device == "cpu":
             fail(cpu_share_on_cpu(args.cpu_share, "--device cpu"))
     refuse_unused(args, share_off)
+    # the prompt's text read last: a file or a pipe can wait on its writer, and a command line that
+    # cannot run says so at once rather than after it
+    if args.prompt_file is not None:
+        args.prompt = [read_prompt("standard input" if stdin_word else opt("prompt_file"), args.prompt_file)]
+    elif not args.prompt and not (args.serve or args.perplexity or args.chat):
+        piped = piped_prompt()
+        args.prompt = [piped] if piped is not None else []
+    if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
+        fail("no prompt given; pass the prompt text (or pipe it in), or --chat for an interactive chat")
 
 
 # Options of one mode that others drop (compared with their defaults: given at the default they change nothing)

@@ -118,8 +118,11 @@ def test_a_prompt_piped_in_is_read_when_none_is_given(model):
     piped = _run(*args, stdin="The sky is\n")  # (echo's newline dropped, as from -f)
     assert typed.returncode == 0 and typed.stdout.strip(), typed.stderr
     assert piped.returncode == 0 and piped.stdout == typed.stdout, piped.stderr
-    for stdin in (None, " \n"):  # /dev/null (the helper's default), blanks
+    for stdin in (None, " \n", "\0\0\n"):  # /dev/null (the helper's default), blanks, NULs
         assert _one_line(_run(*args, stdin=stdin)).startswith("no prompt given; pass the prompt text (or pipe it in)")
+    # a probe's: a Windows line end kept its \r (another reply); a lone `-` was the prompt "-"
+    assert _run(*args, stdin="The sky is\r\n").stdout == typed.stdout
+    assert _run(*args, "-", stdin="The sky is").stdout == typed.stdout
     # with words given, standard input is not read (a pipe left open must not hold the run)
     read_end, write_end = os.pipe()
     try:
@@ -129,6 +132,46 @@ def test_a_prompt_piped_in_is_read_when_none_is_given(model):
         os.close(read_end)
         os.close(write_end)
     assert r.returncode == 0 and r.stdout == typed.stdout, r.stderr
+
+
+def test_a_piped_prompt_waits_for_a_slow_writer_and_never_holds_a_refusal(model):
+    """A probe's: a pipe its parent left non-blocking (as Node.js passes one) gave a traceback while
+    empty and cut the prompt where the writer paused; with a pipe left open, a command line that
+    cannot run waited for it instead of saying so."""
+    import fcntl
+    import threading
+    import time
+
+    args = ("-m", str(model), "--device", "cpu", "-n", "6", "--temperature", "0", "--ignore-eos")
+    typed = _run(*args, "The sky is")
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(read_end, fcntl.F_SETFL, fcntl.fcntl(read_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+    def write():
+        time.sleep(2)  # (the run has started and found the pipe empty)
+        os.write(write_end, b"The sky")
+        time.sleep(1)
+        os.write(write_end, b" is\n")
+        os.close(write_end)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        r = subprocess.run([str(LAUNCHER), *args], stdin=read_end, capture_output=True, text=True, timeout=120)
+    finally:
+        writer.join(10)
+        os.close(read_end)
+    assert r.returncode == 0 and r.stdout == typed.stdout, r.stderr
+    read_end, write_end = os.pipe()  # open for the run's whole length: nothing is ever written
+    try:
+        for bad, words in ((["--top-p", "5"], "--top-p 5: must be"), (["--system", "x"], "--system needs --chat"),
+                           (["-m", "/nonexistent.gguf"], "-m /nonexistent.gguf: no such file")):
+            r = subprocess.run([str(LAUNCHER), *args, *bad], stdin=read_end, capture_output=True, text=True,
+                               timeout=60)
+            assert _one_line(r).startswith(words), r.stderr
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_a_blank_prompt_is_refused_with_chat_as_without():
