@@ -8,6 +8,7 @@ host (tests, references); `RowSamplers` keeps each KV row's request state where 
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from dataclasses import dataclass
 
@@ -38,7 +39,21 @@ class SamplingParams:
     lookup: int | None = None  # tokens drafted a step by prompt lookup; None: the engine's default, 0: off
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "top_k", "repeat_last_n", "max_tokens",
+                     "seed", "lookup"):
+            whole = name not in ("temperature", "top_p", "min_p", "repeat_penalty")
+            v = getattr(self, name)
+            if not (v is None and name in ("seed", "lookup")) and (
+                    isinstance(v, bool) or not isinstance(v, numbers.Integral if whole else numbers.Real)):
+                raise ConfigError(f"{name}={v!r}: must be {'a whole number' if whole else 'a number'}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # (one string is one stop, not its letters)
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            stop = (stop,)
+        if not all(isinstance(t, str) and t for t in stop):
+            raise ConfigError(f"stop={self.stop!r}: give stop strings, each of at least one character")
+        object.__setattr__(self, "stop", stop)
         if not self.temperature >= 0:
             raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 means greedy)")
         if not 0 <= self.top_p <= 1:
@@ -49,8 +64,8 @@ class SamplingParams:
             raise ConfigError(f"repeat_penalty={self.repeat_penalty}: must be > 0 (1 means off)")
         if self.repeat_last_n < -1:
             raise ConfigError(f"repeat_last_n={self.repeat_last_n}: must be >= -1 (-1 means the whole history)")
-        if self.max_tokens < 0:
-            raise ConfigError(f"max_tokens={self.max_tokens}: must be >= 0")
+        if self.max_tokens < 1:  # (0 still sampled one token: the prompt's pass samples the first)
+            raise ConfigError(f"max_tokens={self.max_tokens}: must be >= 1")
         if self.lookup is not None and self.lookup < 0:
             raise ConfigError(f"lookup={self.lookup}: must be >= 0 (0 turns prompt lookup off)")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:

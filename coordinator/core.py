@@ -372,7 +372,7 @@ class EngineCore:
         self.inflight.append(_Step(plan))
         try:
             self.backend.submit(seqs, sample, starts, "none")
-        except Exception as e:
+        except BaseException as e:  # (Ctrl-C too: the step in flight here and not there broke the next call)
             self._fail(e, outs)
             raise
         return True
@@ -383,7 +383,7 @@ class EngineCore:
         step = self.inflight[0]
         try:
             res = self.backend.collect()
-        except Exception as e:
+        except BaseException as e:
             self._fail(e, outs)
             raise
         self.inflight.popleft()
@@ -415,7 +415,7 @@ class EngineCore:
             else:
                 outs.append(out)
 
-    def _fail(self, e: Exception, outs: list[RequestOutput]) -> None:
+    def _fail(self, e: BaseException, outs: list[RequestOutput]) -> None:
         """A backend call failed: every request of the steps in flight ends with its error, their
         rows free at once (nothing in flight is collected), reported by the next step."""
         why = _reason(e)

@@ -6,7 +6,12 @@ streaming pipeline's client, which sends the same steps to the compute process.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import os
+import re
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -22,7 +27,7 @@ from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.coordinator.tokenizer import Tokenizer
-from layerstream.errors import ConfigError, ModelError
+from layerstream.errors import ConfigError, LayerstreamError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 from layerstream.proto.messages import SamplerStart
 
@@ -105,6 +110,25 @@ class EngineConfig:
     draft_tokens: int = 4  # tokens the draft model drafts a step where a request does not say
     draft_policy: str = "adaptive"  # "fixed": always draft_tokens/lookup (draft_policy.py, NOTE [ draft policy ])
     warm_up: bool | None = None  # a prompt chunk and a decode step at start (warm_up.py, NOTE [ warm-up ]); None: where the backend says it pays
+
+    def __post_init__(self) -> None:
+        """A bad value refused here, in one line naming it (the CLI's own checks run before: args.py)."""
+        if self.model is not None:
+            if not isinstance(self.model, (str, os.PathLike)) or not os.fspath(self.model):
+                raise ConfigError(f"model={self.model!r}: give a GGUF file's path, or None for the default model")
+            object.__setattr__(self, "model", os.fspath(self.model))
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        for name, low in (("ctx", 2), ("max_seqs", 1), ("sink_tokens", 0), ("prefill_chunk", 1), ("lookup", 0),
+                          ("draft_tokens", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                raise ConfigError(f"{name}={v!r}: must be a whole number, at least {low}")
+        for name, ok in (("on_context_full", ("error", "slide")), ("draft_policy", ("adaptive", "fixed"))):
+            if getattr(self, name) not in ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: give {' or '.join(ok)}")
+        if self.on_context_full == "slide" and not self.sink_tokens < self.ctx - 1:
+            raise ConfigError(f"sink_tokens={self.sink_tokens}: must be below ctx ({self.ctx}) minus one")
 
 
 def local_backend(index: ModelIndex, cfg: EngineConfig, progress: bool = False) -> LocalBackend:
@@ -196,6 +220,20 @@ def text_side(index: ModelIndex) -> tuple[Tokenizer, ChatTemplate | None]:
     return tok, ChatTemplate.from_metadata(index.metadata, tok)
 
 
+def token_ids(tokens, n_vocab: int, what: str, text_ok: bool = False) -> list[int]:
+    """`tokens` as a list of ids, each in the vocabulary, else TypeError or ConfigError naming it."""
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens):
+        raise TypeError(f"{what}: give {'text (a str) or ' if text_ok else ''}a list of token ids (ints), "
+                        f"not {tokens!r:.60}")
+    if not tokens:
+        raise ConfigError(f"{what} is empty: give at least one token")
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+    return [int(t) for t in tokens]
+
+
 class Engine:
     """Tokenize, run steps, sample; usable in one process or over the streaming pipeline."""
 
@@ -218,6 +256,8 @@ class Engine:
                                lookahead=getattr(backend, "steps_ahead", 1) if cfg.lookahead else 0,
                                lookup=draft_tokens_for(cfg), draft=draft, adaptive=cfg.draft_policy == "adaptive")
         self._batches = 0
+        self.finish_reasons: list[str | None] = []  # the last batch's, by prompt
+        self._busy, self._closed = threading.Lock(), False
         if cfg.warm_up if cfg.warm_up is not None else getattr(backend, "warm_up_pays", False):
             from layerstream.coordinator.warm_up import warm_up
 
@@ -232,8 +272,6 @@ class Engine:
     def open(cls, cfg: EngineConfig, pipeline=None, index: ModelIndex | None = None, progress: bool = False) -> "Engine":
         """The one place an engine is assembled: the model index, then the backend (in this process,
         or the streaming pipeline when `pipeline` is a PipelineConfig), then the engine."""
-        if cfg.draft_policy not in ("adaptive", "fixed"):
-            raise ConfigError(f"--draft-policy {cfg.draft_policy!r}: give adaptive or fixed")
         if index is None:
             from layerstream.loader.default_model import default_model_path
 
@@ -264,6 +302,7 @@ class Engine:
             raise
 
     def close(self) -> None:
+        self._closed = True
         self.backend.close()
         if self.draft is not None:
             self.draft.runner.close()
@@ -274,9 +313,28 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
+    @contextlib.contextmanager
+    def _running(self):
+        """One generation or evaluation at a time: the engine core runs one batch, and a second
+        caller's requests and outputs mixed with the first's (KeyError, or another prompt's text)."""
+        if self._closed:
+            raise LayerstreamError("this engine is closed; load another")
+        if not self._busy.acquire(blocking=False):
+            raise LayerstreamError("this engine is already running a generation (another thread's, or a generator "
+                                   "not yet run to its end or closed); finish it first, or give each thread its own "
+                                   "engine")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
     # -- public API ----------------------------------------------------------------------------
 
     def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if not isinstance(text, str) or not isinstance(system, (str, type(None))):
+            bad = text if not isinstance(text, str) else system
+            raise TypeError(f"{'text' if bad is text else 'system'} must be a str, not {type(bad).__name__}")
+        text = re.sub("[\ud800-\udfff]", "\ufffd", text)  # a lone surrogate is no text the tokenizer takes
         if chat:
             if self.chat_template is None:
                 raise ConfigError("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
@@ -295,20 +353,24 @@ class Engine:
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Logits [T, V] (float32, CPU) of every position of a token sequence, for evaluation."""
-        if not tokens:
-            raise ValueError("logits() needs at least one token")
+        tokens = token_ids(tokens, self.hparams.n_vocab, "logits()")
         out = torch.empty(len(tokens), self.hparams.n_vocab, dtype=torch.float32)
 
         def keep(at: int, lg: torch.Tensor) -> None:
             out[at : at + lg.shape[0]] = lg
 
-        self.core.score(tokens, keep)
+        with self._running():
+            self.core.score(tokens, keep)
         return out
 
     def perplexity(self, text: str, window: int | None = None) -> tuple[float, int]:
         """Perplexity of a text over non-overlapping windows (as llama-perplexity): (ppl, tokens
         scored). Each step's logits are reduced to their tokens' negative log-likelihoods as they
         come (NOTE [ streamed perplexity ]); only those are kept."""
+        if not isinstance(text, str):
+            raise TypeError(f"perplexity() takes the text as a str, not {type(text).__name__}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 2):
+            raise ConfigError(f"window={window!r}: must be a whole number of tokens, at least 2")
         ids = self.tokenizer.encode(text)
         window = min(window or self.cfg.ctx, self.cfg.ctx)
         if len(ids) < 2:
@@ -326,7 +388,8 @@ class Engine:
             def add(at: int, lg: torch.Tensor, chunk=chunk, first=first, total=total, base=start) -> None:
                 total[0] += window_nll(lg, chunk, at, first, base)
 
-            self.core.score(chunk, add)
+            with self._running():
+                self.core.score(chunk, add)
             nll += total[0]
             n += len(chunk) - 1 - first
         return math.exp(nll / n), n
@@ -334,15 +397,21 @@ class Engine:
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False,
                  system: str | None = None) -> Iterator[str]:
         """Stream the text of one generation, piece by piece."""
-        ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat=chat, system=system)
-        for _, piece in self.generate_batch([ids], params, stream=True):
+        for _, piece in self.generate_batch([prompt], params, stream=True, chat=chat, system=system):
             yield piece
 
     def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None,
-                       stream: bool = False, chat: bool = False):
+                       stream: bool = False, chat: bool = False, system: str | None = None):
         """Generate for several prompts in one batch; yields (index, text piece) when streaming,
-        else returns the list of completions."""
-        it = self._generate_batch(prompts, params or SamplingParams(), chat)
+        else returns the list of completions. A prompt is text or a list of token ids."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"generate_batch() takes a list of prompts, not {type(prompts).__name__} (one prompt: "
+                            "generate(), or a list of one)")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+        ids = [self.encode(p, chat=chat, system=system) if isinstance(p, str)
+               else token_ids(p, self.hparams.n_vocab, "a prompt", text_ok=True) for p in prompts]
+        it = self._generate_batch(ids, params or SamplingParams())
         if stream:
             return it
         outs = [""] * len(prompts)
@@ -350,13 +419,17 @@ class Engine:
             outs[i] += piece
         return outs
 
-    def _generate_batch(self, prompts, params: SamplingParams, chat: bool) -> Iterator[tuple[int, str]]:
+    def _generate_batch(self, ids: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, str]]:
         """Every prompt as a request of the engine core, run until all finish."""
-        ids = [p if isinstance(p, list) else self.encode(p, chat=chat) for p in prompts]
+        with self._running():
+            yield from self._run_batch(ids, params)
+
+    def _run_batch(self, ids: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, str]]:
         self._batches += 1
         names = [f"batch{self._batches}-{i}" for i in range(len(ids))]
         index = {n: i for i, n in enumerate(names)}
         reasons: list[str | None] = [None] * len(ids)
+        self.finish_reasons = reasons  # (filled as they end: None where a prompt did not)
         try:
             for n, p in zip(names, ids):
                 self.core.add_request(n, p, params)
@@ -368,7 +441,6 @@ class Engine:
                     if out.finished:
                         reasons[i] = out.finish_reason
                         out.raise_for_failure(self.cfg.on_context_full, self.cfg.ctx)
-            self.finish_reasons = reasons
         finally:
             for n in names:  # a consumer that stopped early, or an error: rows go back
                 self.core.abort(n)

@@ -141,5 +141,5 @@ def test_the_fixed_policy_of_the_engine_config_drafts_every_pass_and_a_bad_one_i
         s = e.core.spec
     assert s.accepted < s.drafted / 4  # (a poor draft: the adaptive policy would pause)
     assert s.drafted >= 4 * (s.passes - 3) and s.passes == s.tokens - s.accepted
-    with pytest.raises(ConfigError, match="^--draft-policy 'sometimes': give adaptive or fixed$"):
+    with pytest.raises(ConfigError, match="^draft_policy='sometimes': give adaptive or fixed$"):
         Engine.load(str(target), device="cpu", draft_policy="sometimes")

@@ -1,0 +1,144 @@
+"""The Python API as a vLLM or llama-cpp-python user calls it, wrongly: each bad value refused at
+once with one line naming it (not a hang, a torch error at the first step, or another prompt's
+text), one generation at a time, an engine usable after Ctrl-C inside a step. From a hostile
+probe of the API; each case failed or hung on the code before."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import ggufgen
+from layerstream.compute.sampling import SamplingParams
+from layerstream.coordinator.engine import Engine, EngineConfig
+from layerstream.errors import ConfigError, LayerstreamError
+
+G = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+PROMPT = [5, 77, 200, 13]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(ggufgen.write_model(tmp_path_factory.mktemp("api") / "m.gguf", qtype="Q8_0"))
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(max_seqs=0), "max_seqs=0: must be a whole number, at least 1"),  # loaded, then its first batch hung
+    (dict(max_seqs=1.5), "max_seqs=1.5: must be a whole number"),
+    (dict(ctx=0), "ctx=0: must be a whole number, at least 2"),
+    (dict(ctx="512"), "ctx='512': must be a whole number"),
+    (dict(device="meta"), "device='meta': use auto, cpu, cuda or cuda:N"),
+    (dict(device=None), "device=None: use auto, cpu, cuda or cuda:N"),
+    (dict(on_context_full="x"), "on_context_full='x': give error or slide"),
+    (dict(on_context_full="slide", ctx=64, sink_tokens=1000), "sink_tokens=1000: must be below ctx (64) minus one"),
+    (dict(sink_tokens=-1), "sink_tokens=-1: must be a whole number, at least 0"),
+    (dict(model=""), "model='': give a GGUF file's path"),  # (it loaded the default model)
+    (dict(draft_policy="x"), "draft_policy='x': give adaptive or fixed"),
+])
+def test_a_bad_engine_setting_is_refused_before_loading(model, kw, words):
+    kw = {"model": model, "device": "cpu", **kw}
+    with pytest.raises(ConfigError) as e:
+        Engine.load(**kw)
+    assert str(e.value).startswith(words), e.value
+    with pytest.raises(ConfigError):
+        EngineConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(max_tokens=0), "max_tokens=0: must be >= 1"),  # (it sampled one token all the same)
+    (dict(top_k=1.5), "top_k=1.5: must be a whole number"),
+    (dict(top_k=float("nan")), "top_k=nan: must be a whole number"),  # (ran as if top-k were off)
+    (dict(seed=1.5), "seed=1.5: must be a whole number"),
+    (dict(max_tokens=None), "max_tokens=None: must be a whole number"),
+    (dict(temperature="0.5"), "temperature='0.5': must be a number"),
+    (dict(stop=None), "stop=None: give stop strings"),
+    (dict(stop=[1, 2]), "stop=[1, 2]: give stop strings"),
+    (dict(stop=["x", ""]), "stop=['x', '']: give stop strings, each of at least one character"),
+])
+def test_a_bad_sampling_value_is_refused(kw, words):
+    with pytest.raises(ConfigError) as e:
+        SamplingParams(**kw)
+    assert str(e.value).startswith(words), e.value
+
+
+def test_one_stop_string_is_one_stop_not_its_letters():
+    assert SamplingParams(stop="Paris").stop == ("Paris",)  # (it stopped at any of P, a, r, i, s)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+
+
+def test_bad_prompts_and_ids_are_refused_naming_what_was_given(model):
+    with Engine.load(model, device="cpu", ctx=64) as e:
+        with pytest.raises(TypeError, match="takes a list of prompts, not str"):
+            e.generate_batch("abc", G)  # (three prompts: 'a', 'b', 'c')
+        with pytest.raises(TypeError, match="params must be a SamplingParams, not dict"):
+            e.generate_batch([PROMPT], {"temperature": 0})
+        with pytest.raises(TypeError, match=r"a prompt: give text \(a str\) or a list of token ids"):
+            e.generate_batch([[1, 2.5]], G)  # (a float id was taken)
+        with pytest.raises(ConfigError, match=r"token id -1 is outside the vocabulary \(0..255\)"):
+            e.logits([1, -1])  # (the logits of the vocabulary's last entry)
+        with pytest.raises(TypeError, match=r"logits\(\): give a list of token ids"):
+            e.logits("hello")
+        with pytest.raises(TypeError, match="text must be a str, not int"):
+            e.encode(123)
+        with pytest.raises(ConfigError, match="window=1: must be a whole number of tokens, at least 2"):
+            e.perplexity("one two three four five six", window=1)  # (ZeroDivisionError)
+        assert e.generate_batch([tuple(PROMPT)], G) == e.generate_batch([PROMPT], G)  # ids as a tuple too
+
+
+def test_one_generation_at_a_time_and_none_after_close(model):
+    e = Engine.load(model, device="cpu", ctx=64, max_seqs=2)
+    want = e.generate_batch([PROMPT], G)
+    g = e.generate(PROMPT, G)
+    next(g)
+    with pytest.raises(LayerstreamError, match="already running a generation"):
+        e.generate_batch([PROMPT], G)  # (KeyError, and the open generator then yielded nothing)
+    with pytest.raises(LayerstreamError, match="already running a generation"):
+        e.logits(PROMPT)
+    g.close()
+    assert e.generate_batch([PROMPT], G) == want
+    got, refused, other = [], [], []
+
+    def worker():
+        for _ in range(4):
+            try:
+                got.append(e.generate_batch([PROMPT], G))
+            except LayerstreamError as x:
+                refused.append(str(x))
+            except Exception as x:  # (KeyError, RuntimeError, before)
+                other.append(repr(x))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not other and got and all(x == want for x in got), (other, got)  # (another prompt's text, before)
+    assert len(got) + len(refused) == 12
+    e.close()
+    with pytest.raises(LayerstreamError, match="this engine is closed"):
+        e.generate_batch([PROMPT], G)  # (it generated on)
+    e.close()  # (twice is fine)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_ctrl_c_inside_a_step_leaves_the_engine_usable(model, when):
+    """A KeyboardInterrupt landing inside the backend's submit (before or after the step is launched):
+    the next call raised 'collect() with no step in flight' (the core's record of the step kept, the
+    backend's not)."""
+    with Engine.load(model, device="cpu", ctx=64) as e:
+        want = e.generate_batch([PROMPT], G)
+        submit, calls = e.backend.submit, []
+
+        def interrupted(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                if when == "after":
+                    submit(*a, **kw)
+                raise KeyboardInterrupt
+            submit(*a, **kw)
+
+        e.backend.submit = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            e.generate_batch([PROMPT], G)
+        assert e.generate_batch([PROMPT], G) == want
