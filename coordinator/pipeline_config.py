@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,12 @@ class Budget:
     vram_slots: int | None = None  # the streamed layers' VRAM slots under a budget (default 2)
     evaluates: bool = True  # steps may ask every position's logits (perplexity); False: a run that only generates
     job: tuple[int, int] | None = None  # (prompt tokens, reply tokens) of a run that answers one known prompt
+
+    def __post_init__(self) -> None:
+        for name in ("vram_gb", "host_cache_gb"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1 << 20):
+                raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 (or None: the plan's default)")
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,8 @@ def _open_reader(path: str):
     if os.path.isdir(path):
         raise ModelError(f"{path}: is a directory; give the .gguf file inside it")
     if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
+        why = "is not a regular file" if os.path.exists(path) else "no such model file"  # (/dev/null: it exists)
+        raise ModelError(f"{path}: {why}; pass --model with the path of a .gguf file")
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)

@@ -142,3 +142,19 @@ def test_ctrl_c_inside_a_step_leaves_the_engine_usable(model, when):
         with pytest.raises(KeyboardInterrupt):
             e.generate_batch([PROMPT], G)
         assert e.generate_batch([PROMPT], G) == want
+
+
+@pytest.mark.parametrize("kw", [dict(vram_gb=float("nan")), dict(vram_gb="1"), dict(host_cache_gb=-1)])
+def test_a_bad_pipeline_budget_is_refused_when_made(kw):
+    """(NaN and "1" failed converting to bytes deep in the launch; -1 was reported in bytes)"""
+    from layerstream.coordinator.pipeline_config import Budget
+
+    with pytest.raises(ConfigError, match=rf"^{next(iter(kw))}=.*: give GiB as a finite number from 0"):
+        Budget(**kw)
+
+
+def test_a_model_path_that_is_no_regular_file_says_so():
+    from layerstream.errors import ModelError
+
+    with pytest.raises(ModelError, match="^/dev/null: is not a regular file; pass --model"):
+        Engine.load("/dev/null", device="cpu")  # (it said 'no such model file')
