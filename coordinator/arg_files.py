@@ -37,6 +37,18 @@ def no_text(path: str) -> str | None:
         return f"cannot be read ({e.strerror or e})"
 
 
+MAX_PERPLEXITY_FILE = 16 << 20  # --perplexity's text: tokenized whole first, its tokenizer's records many times its size
+
+
+def perplexity_problem(path: str) -> str | None:
+    """Why --perplexity's (readable) file cannot be scored, or None."""
+    size = os.path.getsize(path)
+    if size > MAX_PERPLEXITY_FILE:
+        return (f"{size / 2**20:.0f} MiB, over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is "
+                f"tokenized in memory first); score a part of it, e.g. head -c {MAX_PERPLEXITY_FILE >> 20}M FILE")
+    return no_text(path)
+
+
 MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
 
 

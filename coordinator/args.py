@@ -11,8 +11,8 @@ import sys
 
 from layerstream.coordinator.arg_files import (
     check_trace,
-    no_text,
     path_problem,
+    perplexity_problem,
     piped_prompt,
     prompt_file_problem,
     read_prompt,
@@ -364,7 +364,7 @@ def check_args(args) -> None:
         why = "an empty path; give a file" if path == "" else path and path_problem(path, name)
         if why:
             fail(f"{opt(name, path)}: {why}")
-    why = args.perplexity and no_text(args.perplexity)
+    why = args.perplexity and perplexity_problem(args.perplexity)
     if why:
         fail(f"--perplexity {args.perplexity}: {why}")
     for d in args.reader_dir:

@@ -13,8 +13,10 @@ head) however large the file. The tokenizer is synth_vocab.py's; skewed routers 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -235,6 +237,11 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
 
 
 
+class _Stopped(Exception):
+    def __init__(self, status: int):
+        self.status = status
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m layerstream.loader.synth",
                                 description="Write a random-weight GGUF of a real model's shape (for benchmarks).")
@@ -247,13 +254,37 @@ def main(argv: list[str] | None = None) -> int:
                    help="mixture-of-experts shapes: a tenth of each layer's experts take about F of its routing "
                         "decisions (0.5: as measured on DeepSeekMoE; default 0: uniform)")
     args = p.parse_args(argv)
+    if not args.out:
+        p.error("out: an empty path; give the .gguf file to write")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: must be 0 or more")
+    # written beside its name and renamed when whole: a run cut short (Ctrl-C, SIGTERM, a full disk)
+    # leaves no partial file that later reads as a damaged download
+    part = f"{args.out}.part{os.getpid()}"
+
+    def stop(signum, frame):
+        raise _Stopped(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     t0 = time.perf_counter()
     try:
-        write_shaped_model(args.out, args.shape, args.layers, args.quant, args.seed, progress=True,
+        write_shaped_model(part, args.shape, args.layers, args.quant, args.seed, progress=True,
                            route_skew=args.route_skew)
-    except (ValueError, OSError) as e:
+        os.replace(part, args.out)
+    except ValueError as e:  # (a value the shape cannot take: refused before writing)
         print(f"synth: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # (its own words name the part file, or nothing: a short write on a full disk)
+        print(f"synth: error: {args.out}: {e.strerror or e}; nothing written", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stopped) as e:
+        print(f"synth: {'interrupted' if isinstance(e, KeyboardInterrupt) else 'terminated'}; {args.out} not written",
+              file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else e.status
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
     dt = time.perf_counter() - t0
     size = os.path.getsize(args.out)
     shape = resolve_shape(args.shape, args.layers)

@@ -301,3 +301,15 @@ def test_the_prompt_file_may_be_standard_input_or_a_pipe(tmp_path, monkeypatch):
     check_args(a)
     writer.join(10)
     assert a.prompt == ["The sky is"]
+
+
+def test_a_perplexity_file_too_large_to_tokenize_is_refused_before_loading(tmp_path):
+    """A probe's: 300 MB of text grew the run to 24 GB tokenizing it, until the kernel killed it."""
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(17 << 20)  # (sparse: no disk)
+    with pytest.raises(UsageError, match=r"^--perplexity .*big.txt: 17 MiB, over the 16 MiB a run scores"):
+        check_args(build_parser().parse_args(["--perplexity", str(big)]))
+    with open(big, "r+b") as f:
+        f.truncate(16 << 20)
+    check_args(build_parser().parse_args(["--perplexity", str(big)]))  # (16 MiB of NULs: scored, not refused)

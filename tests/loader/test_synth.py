@@ -1,6 +1,7 @@
 """Synthetic models of real shapes: the index reads the right hparams and types; the engine runs them."""
 
 import math
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -216,3 +217,34 @@ def test_a_synthetic_model_chats(tmp_path):
     assert r.returncode == 0, r.stderr
     turns = [line for line in r.stderr.splitlines() if line.startswith("prompt:")]
     assert len(turns) == 2 and "reused" in turns[1] and all("decode: 4 tokens" in t for t in turns), r.stderr
+
+
+@pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_write_cut_short_leaves_no_file_and_says_so(tmp_path, sig, status, word):
+    """A probe's: Ctrl-C printed a traceback, and either signal left a partial file that later read
+    as a damaged download ('re-download the file')."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "big.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "layerstream.loader.synth", str(out), "--shape", "llama-3.1-8b"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.iterdir()) and time.monotonic() < deadline:  # (writing has begun)
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, err
+    assert err.splitlines()[-1] == f"synth: {word}; {out} not written" and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_refuses_a_negative_seed_and_an_empty_path_before_writing(tmp_path, capsys):
+    for argv, words in (([str(tmp_path / "s.gguf"), "--seed", "-1"], "--seed -1: must be 0 or more"),
+                        ([""], "out: an empty path")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
