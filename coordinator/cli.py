@@ -363,7 +363,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
             raise ConfigError(f"--perplexity {args.perplexity}: cannot be read ({e.strerror or e})") from None
         if "\ufffd" in text:  # (errors="replace": bytes that are not UTF-8)
             print(f"{PROG}: warning: --perplexity {args.perplexity}: not UTF-8 text ({text.count(chr(0xFFFD))} "
-                  "characters replaced); the figure scores the replacements too", file=sys.stderr)
+                  f"character{'s' if text.count(chr(0xFFFD)) > 1 else ''} replaced); the figure scores the replacements too", file=sys.stderr)
         from layerstream.coordinator.turn import counted
 
         try:

@@ -345,6 +345,12 @@ class Engine:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation through the model's chat template: the template's own text
         may make control tokens; message contents never do (no role injection)."""
+        if self.chat_template is None:
+            raise ConfigError("this model's GGUF has no tokenizer.chat_template: give it text, not messages")
+        if not isinstance(messages, (list, tuple)) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise TypeError(f"messages: give a list of dicts, each with a str 'role' and 'content', not {messages!r:.80}")
         ids: list[int] = []
         for text, from_template in self.chat_template.render_segments(messages,
                                                                       add_generation_prompt=add_generation_prompt):

@@ -150,6 +150,10 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
     reader = reader or LineReader(stdout=out, stderr=err)
     conv = Conversation(system)
     total = total if total is not None else Rates()
+    why = _system_too_long(engine, system)
+    if why:  # (refused before a line is read, where it was blamed on the first message)
+        err.write(f"{ERROR}{why}\n")
+        return 1
     if reader.person:
         err.write("Chat with the model; /help lists the commands, Ctrl-D or /bye ends it.\n")
     ctrl_c = False  # the last thing the user did was a Ctrl-C
@@ -222,9 +226,26 @@ def _too_long(engine, conv: Conversation, line: str, e: PromptTooLongError, pers
     """Why a turn (the conversation with `line`, through the chat template) was refused: no room left
     in the context for a reply. /clear is offered to a person where the message alone would fit."""
     fix = f"run with a larger --ctx (--ctx-size), of more than {e.tokens} tokens to leave room for the reply"
+    why = _system_too_long(engine, conv.system)
+    if why:
+        return f"{ERROR}{why}"
     if not conv.turns:
         return f"{ERROR}the message is {e.tokens} tokens with the chat template, and the context holds {e.ctx}; {fix}"
     alone = len(engine.encode_chat(Conversation(conv.system).messages(line)))
     clear = "/clear starts over, or " if person and alone < e.ctx else ""
     return (f"{ERROR}the conversation with this message is {e.tokens} tokens, and the context holds {e.ctx}; "
             f"{clear}{fix}")
+
+
+def _system_too_long(engine, system: str | None) -> str | None:
+    """Why the system message alone leaves no room in the context, or None."""
+    if not system:
+        return None
+    try:
+        n = len(engine.encode_chat([{"role": "system", "content": system}]))
+    except LayerstreamError:  # (a template that wants a user's message after it: the turn says what is wrong)
+        return None
+    if n < engine.cfg.ctx:
+        return None
+    return (f"the system message (--system or /system) is {n} tokens with the chat template, and the context "
+            f"holds {engine.cfg.ctx}; give a shorter one, or a larger --ctx (--ctx-size)")

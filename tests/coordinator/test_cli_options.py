@@ -313,3 +313,13 @@ def test_a_perplexity_file_too_large_to_tokenize_is_refused_before_loading(tmp_p
     with open(big, "r+b") as f:
         f.truncate(16 << 20)
     check_args(build_parser().parse_args(["--perplexity", str(big)]))  # (16 MiB of NULs: scored, not refused)
+
+
+def test_a_system_message_too_long_for_the_context_is_named_before_the_chat_starts():
+    """A probe's: it was reported as the first message's length, and only once a line was typed."""
+    r = _run("--device", "cpu", "--single-process", "--chat", "--ctx", "64", "-n", "4", "--system", "word " * 200,
+             stdin="hi\n")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert re.search(r"the system message \(--system or /system\) is \d+ tokens with the chat template, and the "
+                     r"context holds 64; give a shorter one, or a larger --ctx", lines[0]), r.stderr

@@ -158,3 +158,12 @@ def test_a_model_path_that_is_no_regular_file_says_so():
 
     with pytest.raises(ModelError, match="^/dev/null: is not a regular file; pass --model"):
         Engine.load("/dev/null", device="cpu")  # (it said 'no such model file')
+
+
+def test_chat_messages_of_the_wrong_shape_are_the_callers_error_not_the_models(smollm_engine):
+    """(a message without content, or with None or a list, was 'ModelError: chat template failed')"""
+    for bad in ([{"role": "user", "content": None}], [{"role": "user"}], [{"role": "user", "content": ["x"]}],
+                "hello", [("user", "hi")]):
+        with pytest.raises(TypeError, match="messages: give a list of dicts, each with a str 'role' and 'content'"):
+            smollm_engine.encode_chat(bad)
+    assert smollm_engine.encode_chat([{"role": "user", "content": "hi"}])  # (the template's own text and the message)
