@@ -382,6 +382,10 @@ class Engine:
         if len(ids) < 2:
             raise ConfigError(f"the text is {len(ids)} token{'' if len(ids) == 1 else 's'}; a perplexity needs at least 2 "
                               "(give a longer text)")
+        with self._running():  # (the whole text: another caller's requests between windows would stop it)
+            return self._perplexity(ids, window)
+
+    def _perplexity(self, ids: list[int], window: int) -> tuple[float, int]:
         nll, n = 0.0, 0
         for start in range(0, len(ids) - 1, window):
             chunk = ids[start : start + window]
@@ -394,8 +398,7 @@ class Engine:
             def add(at: int, lg: torch.Tensor, chunk=chunk, first=first, total=total, base=start) -> None:
                 total[0] += window_nll(lg, chunk, at, first, base)
 
-            with self._running():
-                self.core.score(chunk, add)
+            self.core.score(chunk, add)
             nll += total[0]
             n += len(chunk) - 1 - first
         return math.exp(nll / n), n
