@@ -44,7 +44,7 @@ def perplexity_problem(path: str) -> str | None:
     """Why --perplexity's (readable) file cannot be scored, or None."""
     size = os.path.getsize(path)
     if size > MAX_PERPLEXITY_FILE:
-        return (f"{size / 2**20:.0f} MiB, over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is "
+        return (f"{size / 2**20:.1f} MiB, over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is "
                 f"tokenized in memory first); score a part of it, e.g. head -c {MAX_PERPLEXITY_FILE >> 20}M FILE")
     return no_text(path)
 
@@ -96,7 +96,7 @@ def _read_text(option: str, path: str) -> str:
         with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
             raw = _read_all(f, MAX_PROMPT_FILE + 1)
     except OSError as e:
-        raise UsageError(f"{option}: cannot read it ({e.strerror})") from None
+        raise UsageError(f"{option}: cannot read it ({e.strerror or e})") from None
     if len(raw) > MAX_PROMPT_FILE:
         raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
     text = raw.decode("utf-8", "replace")

@@ -320,9 +320,9 @@ class Engine:
         if self._closed:
             raise LayerstreamError("this engine is closed; load another")
         if not self._busy.acquire(blocking=False):
-            raise LayerstreamError("this engine is already running a generation (another thread's, or a generator "
-                                   "not yet run to its end or closed); finish it first, or give each thread its own "
-                                   "engine")
+            raise LayerstreamError("this engine is already running a generation or an evaluation (another "
+                                   "thread's, or a generator not yet run to its end or closed); finish it first, or "
+                                   "give each thread its own engine")
         try:
             yield
         finally:

@@ -33,8 +33,9 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("vram_gb", "host_cache_gb"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1 << 20):
-                raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 (or None: the plan's default)")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1 << 20):
+                raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {1 << 20} (or None: the "
+                                  "plan's default)")
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def _too_long(engine, conv: Conversation, line: str, e: PromptTooLongError, pers
 
 def _system_too_long(engine, system: str | None) -> str | None:
     """Why the system message alone leaves no room in the context, or None."""
-    if not system:
+    if not system or engine.cfg.on_context_full != "error":  # (sliding, a long system message runs on)
         return None
     try:
         n = len(engine.encode_chat([{"role": "system", "content": system}]))

@@ -307,8 +307,8 @@ def test_a_perplexity_file_too_large_to_tokenize_is_refused_before_loading(tmp_p
     """A probe's: 300 MB of text grew the run to 24 GB tokenizing it, until the kernel killed it."""
     big = tmp_path / "big.txt"
     with open(big, "wb") as f:
-        f.truncate(17 << 20)  # (sparse: no disk)
-    with pytest.raises(UsageError, match=r"^--perplexity .*big.txt: 17 MiB, over the 16 MiB a run scores"):
+        f.truncate((16 << 20) + (100 << 10))  # (sparse: no disk)
+    with pytest.raises(UsageError, match=r"^--perplexity .*big.txt: 16.1 MiB, over the 16 MiB a run scores"):
         check_args(build_parser().parse_args(["--perplexity", str(big)]))
     with open(big, "r+b") as f:
         f.truncate(16 << 20)
@@ -323,3 +323,7 @@ def test_a_system_message_too_long_for_the_context_is_named_before_the_chat_star
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert re.search(r"the system message \(--system or /system\) is \d+ tokens with the chat template, and the "
                      r"context holds 64; give a shorter one, or a larger --ctx", lines[0]), r.stderr
+    # sliding, the context takes it (the review's: this was refused too)
+    r = _run("--device", "cpu", "--single-process", "--chat", "--ctx", "64", "-n", "4", "--on-context-full", "slide",
+             "--system", "word " * 200, stdin="hi\n")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr

@@ -149,8 +149,9 @@ def test_a_bad_pipeline_budget_is_refused_when_made(kw):
     """(NaN and "1" failed converting to bytes deep in the launch; -1 was reported in bytes)"""
     from layerstream.coordinator.pipeline_config import Budget
 
-    with pytest.raises(ConfigError, match=rf"^{next(iter(kw))}=.*: give GiB as a finite number from 0"):
+    with pytest.raises(ConfigError, match=rf"^{next(iter(kw))}=.*: give GiB as a finite number from 0 to 1048576"):
         Budget(**kw)
+    assert Budget(vram_gb=1 << 20).vram_gb == 1 << 20  # (the CLI's --vram-gb takes up to this: the review's)
 
 
 def test_a_model_path_that_is_no_regular_file_says_so():

@@ -228,14 +228,19 @@ def test_a_write_cut_short_leaves_no_file_and_says_so(tmp_path, sig, status, wor
     import time
 
     out = tmp_path / "big.gguf"
+    # (SIGINT as a terminal sends it, even where this test's runner ignores it and the child would inherit that)
     proc = subprocess.Popen([sys.executable, "-m", "layerstream.loader.synth", str(out), "--shape", "llama-3.1-8b"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.iterdir()) and time.monotonic() < deadline:  # (writing has begun)
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.iterdir()) and time.monotonic() < deadline:  # (writing has begun)
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == status, err
     assert err.splitlines()[-1] == f"synth: {word}; {out} not written" and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
