@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1590,3 +1591,41 @@ def test_large_bodies_parse_apart_so_small_requests_never_wait_behind_them(live,
         for t in large:
             t.join(60)
     assert answers == [200, 200]
+
+
+def test_a_mixture_of_experts_served_over_the_pipeline_answers_as_the_engine(tmp_path):
+    """Issue 27's MoE shape through the server: a tiny qwen3moe, no layer resident and an expert
+    cache of a few experts (so decode steps copy the chosen experts and evict), four clients at
+    once (as test_pipeline's test_decode_fetches_only_chosen_experts plans it); each greedy answer is
+    the single-process engine's, and the run's --stats counted expert steps."""
+    import ggufgen
+    from layerstream.coordinator.engine import Engine
+
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q8_0", n_layer=3, n_expert=16,
+                               n_expert_used=2, seed=4)
+    prompts = [[5, 17, 33, 80], [9, 3], [100, 101, 7], [42]]
+    with Engine.load(str(path), device="cpu", dtype="float32", ctx=512, max_seqs=4) as e:
+        want = [e.generate_batch([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0] for p in prompts]
+    p, url = _start("-m", str(path), "--batch", "4", "--resident-layers", "0", "--expert-cache-gb", "0.0002", "--stats")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        got: dict[int, str] = {}
+
+        def ask(i):
+            r = client.completions.create(model=model, prompt=prompts[i], max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            got[i] = r.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [got.get(i) for i in range(4)] == want
+    finally:
+        assert stop(p) == 143
+    err = p.stderr.read()
+    assert "Traceback" not in err, err
+    m = re.search(r"experts: \d+ of (\d+) fetched experts .* over (\d+) steps with expert streaming", err)
+    assert m and int(m[1]) > 0 and int(m[2]) >= 4, err[-2000:]  # (the decode steps copied chosen experts)
