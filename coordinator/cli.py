@@ -118,14 +118,19 @@ def check_quants(index) -> None:
 
 
 def check_device(args) -> None:
-    """What needs the device resolved (imports torch): a CPU share where no CUDA device is visible
-    and --device auto took the CPU (--device cpu is refused with the other options)."""
+    """What needs the device resolved (imports torch), as a command line that cannot run here (exit
+    2): --device cuda where no CUDA device is visible; a CPU share where --device auto took the CPU
+    (--device cpu is refused with the other options)."""
     from layerstream.compute.device import resolve_device
     from layerstream.coordinator.pipeline_config import parse_cpu_share
 
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:  # (it exited 1, as a failed run)
+        raise UsageError(str(e)) from None
     if args.single_process or parse_cpu_share(args.cpu_share, args.cpu_split).off:
         return
-    if resolve_device(args.device).type == "cpu":
+    if device.type == "cpu":
         raise UsageError(cpu_share_on_cpu(args.cpu_share, "no CUDA device is visible"))
 
 

@@ -182,6 +182,11 @@ def test_a_cpu_share_where_auto_takes_the_cpu_is_refused_before_any_process_star
         assert r.returncode == 2 and r.stderr.splitlines() == [
             "run-pipeline: error: --cpu-share auto: the compute device is the CPU (no CUDA device is visible), so no "
             "share of the layers crosses a link beside it; drop --cpu-share"], r.stderr
+        for device in ("cuda", "cuda:1"):  # (a probe's: exit 1, where other command lines that cannot run exit 2)
+            r = subprocess.run([str(LAUNCHER), "-m", path, "--device", device, "hi"], capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 2 and r.stderr.splitlines() == [
+                f"run-pipeline: error: --device {device}: no CUDA device is visible; use --device cpu"], r.stderr
 
 
 def test_empty_perplexity_file_and_long_prompt_are_refused_early(tmp_path):
