@@ -39,13 +39,13 @@ class SamplingParams:
     lookup: int | None = None  # tokens drafted a step by prompt lookup; None: the engine's default, 0: off
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "top_k", "repeat_last_n", "max_tokens",
-                     "seed", "lookup"):
-            whole = name not in ("temperature", "top_p", "min_p", "repeat_penalty")
-            v = getattr(self, name)
-            if not (v is None and name in ("seed", "lookup")) and (
-                    isinstance(v, bool) or not isinstance(v, numbers.Integral if whole else numbers.Real)):
-                raise ConfigError(f"{name}={v!r}: must be {'a whole number' if whole else 'a number'}")
+        for names, kind, what in ((("temperature", "top_p", "min_p", "repeat_penalty"), numbers.Real, "a number"),
+                                  (("top_k", "repeat_last_n", "max_tokens", "seed", "lookup"), numbers.Integral,
+                                   "a whole number")):
+            for name in names:
+                v = getattr(self, name)
+                if (v is not None or name not in ("seed", "lookup")) and (isinstance(v, bool) or not isinstance(v, kind)):
+                    raise ConfigError(f"{name}={v!r}: must be {what}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # (one string is one stop, not its letters)
         try:
             stop = tuple(stop)

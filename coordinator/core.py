@@ -70,7 +70,7 @@ from layerstream.compute.stepper import StepResult
 from layerstream.coordinator.kv_ring import KVRing
 from layerstream.coordinator.outputs import RequestOutput, StopMatcher
 from layerstream.coordinator.speculation import RequestDrafts, Speculation
-from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer
+from layerstream.coordinator.tokenizer import StreamDecoder, Tokenizer, token_ids
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, PromptTooLongError
 from layerstream.proto.messages import SamplerStart
 
@@ -226,9 +226,7 @@ class EngineCore:
             raise PromptTooLongError(len(prompt), self.ctx)
         if any(r.id == request_id for r in (*self.waiting, *self.running)):
             raise ConfigError(f"request id {request_id!r} is already in use")
-        bad = [t for t in prompt if not 0 <= t < self.n_vocab]
-        if bad:
-            raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        prompt = token_ids(prompt, self.n_vocab, "a prompt")
         # control tokens (one sampled past EOS with ignore_eos) are not shown, as llama.cpp renders none
         r = _Request(request_id, list(prompt), params, fresh_seed(params), StreamDecoder(self.tokenizer, skip_special=True),
                      StopMatcher(params.stop))

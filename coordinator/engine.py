@@ -26,7 +26,7 @@ from layerstream.compute.stepper import Launched, Stepper, StepResult
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.sigmask import stop_signals_blocked
-from layerstream.coordinator.tokenizer import Tokenizer
+from layerstream.coordinator.tokenizer import Tokenizer, token_ids
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 from layerstream.proto.messages import SamplerStart
@@ -218,20 +218,6 @@ def text_side(index: ModelIndex) -> tuple[Tokenizer, ChatTemplate | None]:
     except ModelError as e:  # (the tokenizer sees metadata, not the file: its errors get the file's name)
         raise ModelError(f"{index.path}: {e}") from None
     return tok, ChatTemplate.from_metadata(index.metadata, tok)
-
-
-def token_ids(tokens, n_vocab: int, what: str, text_ok: bool = False) -> list[int]:
-    """`tokens` as a list of ids, each in the vocabulary, else TypeError or ConfigError naming it."""
-    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)) or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens):
-        raise TypeError(f"{what}: give {'text (a str) or ' if text_ok else ''}a list of token ids (ints), "
-                        f"not {tokens!r:.60}")
-    if not tokens:
-        raise ConfigError(f"{what} is empty: give at least one token")
-    bad = [t for t in tokens if not 0 <= t < n_vocab]
-    if bad:
-        raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
-    return [int(t) for t in tokens]
 
 
 class Engine:

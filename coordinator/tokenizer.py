@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import numbers
 import re
 import threading
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any, Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer as _HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
-from layerstream.errors import ModelError
+from layerstream.errors import ConfigError, ModelError
 from layerstream.loader.metadata import meta
 
 log = logging.getLogger(__name__)
@@ -364,3 +365,17 @@ def _build_sentencepiece(md: dict, tokens: list[str], types: list[int], unk_id: 
     hf.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
                                    + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
     return _finish(hf, tokens, types)
+
+
+def token_ids(tokens, n_vocab: int, what: str, text_ok: bool = False) -> list[int]:
+    """`tokens` as a list of ids, each in the vocabulary, else TypeError or ConfigError naming it."""
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens):
+        raise TypeError(f"{what}: give {'text (a str) or ' if text_ok else ''}a list of token ids (ints), "
+                        f"not {tokens!r:.60}")
+    if not tokens:
+        raise ConfigError(f"{what} is empty: give at least one token")
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise ConfigError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+    return [int(t) for t in tokens]
