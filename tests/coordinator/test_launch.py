@@ -3,6 +3,7 @@ text side built beside the processes' start (coordinator/engine.py)."""
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -41,7 +42,7 @@ def test_a_bad_tokenizer_over_the_pipeline_is_one_error_naming_the_file_and_leav
     with pytest.raises(ModelError) as e:
         Engine.open(EngineConfig(model=path, device="cpu", dtype="float32", ctx=64), PipelineConfig(), index=index)
     assert str(e.value).startswith(f"{path}: ") and "no-such-tokenizer" in str(e.value)
-    assert not leaked(before)
+    assert not leaked(before, run=os.getpid())
 
 
 def test_the_compute_process_takes_one_cpu_thread_where_a_gpu_holds_the_whole_model_and_the_cpu_computes_nothing(
