@@ -46,6 +46,22 @@ def test_a_closed_stdin_or_stdout_is_the_null_device(model, mode):
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
+def test_a_directory_as_stdin_reads_as_the_null_device(model, tmp_path):
+    """`< dir` stopped CPython itself before any of this project's code ran ("Fatal Python error:
+    init_sys_streams", exit 1); it reads as a closed stdin: a prompt given runs, none is refused."""
+    args = ["--single-process", "-m", model, "--device", "cpu", "-n", "3", "--temperature", "0"]
+    d = os.open(tmp_path, os.O_RDONLY)  # (a directory opened for reading, as the shell's `<` opens it)
+    try:
+        ran = subprocess.run([str(LAUNCHER), *args, "hello"], stdin=d, capture_output=True, text=True, timeout=120)
+        none = subprocess.run([str(LAUNCHER), *args], stdin=d, capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(d)
+    assert ran.returncode == 0 and ran.stdout.strip() and not ran.stderr.strip(), ran.stderr
+    assert none.returncode == 2 and _lines(none.stderr) == [
+        "run-pipeline: error: no prompt given; pass the prompt text (or pipe it in), or --chat for an interactive chat"
+    ], none.stderr
+
+
 @linux
 @pytest.mark.parametrize("mode", [["--single-process"], []], ids=["one process", "pipeline"])
 def test_a_reply_into_a_full_disk_is_one_line_and_exit_1(model, mode):
