@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import time
@@ -113,8 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the bench is, so that it stops as on Ctrl-C: its `finally`s
+    remove its run's folder under /tmp and stop the processes it started (at the signals' defaults
+    the bench died at once and left both)."""
+
+
+def _stop_signal(signum, frame):
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _stop_signal)
     wrong = problem(args)
     if wrong:  # (as argparse's own errors: one line, exit 2)
         print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
@@ -124,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LayerstreamError, ValueError) as e:
         print(f"bin/bench: error: {e}", file=sys.stderr)
         return 1
+    except _Stopped as e:
+        signum = e.args[0]
+        print(f"bin/bench: {'terminated' if signum == signal.SIGTERM else 'hung up'}", file=sys.stderr)
+        return 128 + signum
     except KeyboardInterrupt:
         print("bin/bench: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,10 @@
 """Every stage of bin/bench runs on the CPU on a tiny model and prints its table."""
 
 import argparse
+import os
 import re
+import signal
+import time
 
 import pytest
 
@@ -316,3 +319,35 @@ def test_links(capsys):
     assert [r[:34].strip() for r in rows] == ["loop entry alone"] + [
         f"answer {when}, {how}" for how in ("run_task", "loop entered") for when in ("queued", "comes")]
     assert all(float(r.split()[-2]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_bench_stopped_by_sigterm_or_sighup_removes_its_folders_and_its_processes(tmp_path, sig):
+    """At the signals' defaults the bench died at once and left its run's folders under $TMPDIR (the
+    synthetic model, the sockets' folder) and, as a pipeline, its processes to the supervisor's
+    last-resort kill; now it stops as on Ctrl-C, with one line and 128 + the signal."""
+    import pathlib
+    import subprocess
+
+    from procs import descendants, leaked, segments
+
+    launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
+    before = segments()
+    p = subprocess.Popen([str(launcher), "pipeline", "--shape", "smollm2-135m", "--layers", "2", "--device", "cpu",
+                          "--resident-layers", "0", "--reps", "100000"], env=os.environ | {"TMPDIR": str(tmp_path)},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(descendants(p.pid)) < 3:  # (its pipeline runs)
+            time.sleep(0.2)
+        kids = descendants(p.pid)
+        assert len(kids) >= 3 and list(tmp_path.glob("layerstream-*")), p.stderr
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        assert p.returncode == 128 + sig and p.stderr.read().splitlines()[-1] == \
+            f"bin/bench: {'terminated' if sig == signal.SIGTERM else 'hung up'}"
+        alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]
+        assert not list(tmp_path.iterdir()) and not alive and not leaked(before, run=p.pid), alive
+    finally:
+        if p.poll() is None:
+            p.kill()
