@@ -1,4 +1,4 @@
-"""The CPU's seconds an expert at each batch bucket, timed at start on the run's own path
+"""The CPU's seconds for a layer's call of experts at each batch bucket, timed at start on the run's own path
 (CpuExperts.compute over blocks of the model's expert types and shapes): where the experts' split
 starts (NOTE [ the experts' split ] in cpu/expert_split.py)."""
 
@@ -13,6 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType as QT
 
 from layerstream.compute.cpu.balancer import BUCKETS, Balancer
+from layerstream.compute.cpu.expert_split import Cost, fit
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.cpu.packing import cpu_matrix_bytes
 from layerstream.compute.expert_layout import EXPERT_TENSORS, expected_experts
@@ -100,13 +101,15 @@ def timed_layout(lay: LayerLayout, in_place: bool, dtype_size: int) -> tuple[Lay
 
 
 def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = None, reps: int = 9,
-                   clock=time.perf_counter) -> dict[int, float]:
-    """{bucket: the CPU's seconds an expert} for layer `lay`'s experts read as blocks in place
-    (NOTE [ CPU experts ]): CpuExperts.compute of CPU_EXPERTS experts, each with its share of a
-    step's tokens (tokens_an_expert), on this process's threads; the experts cycle through
-    WORKING_SET bytes, so each is read from memory, as in a run, and the timing holds at most
-    MEMORY bytes (wide experts timed cut: timed_layout). Warmed (the kernel loaded, its threads
-    started, its scratch grown), then the median of `reps` per bucket."""
+                   clock=time.perf_counter) -> dict[int, Cost]:
+    """{bucket: the CPU's seconds for a call of m experts, fixed + m * each} for layer `lay`'s
+    experts read as blocks in place (NOTE [ CPU experts ]): CpuExperts.compute of CPU_EXPERTS
+    experts and of one, each with its share of a step's tokens (tokens_an_expert), on this
+    process's threads; the line through the two (NOTE [ the experts' split ]; no fixed part where
+    one expert's call costs no more an expert than the larger one). The experts cycle through WORKING_SET
+    bytes, so each is read from memory, as in a run, and the timing holds at most MEMORY bytes
+    (wide experts timed cut: timed_layout). Warmed (the kernel loaded, its threads started, its
+    scratch grown), then the median of `reps` per bucket and size."""
     E, _, n_embd = lay.tensor(EXPERT_TENSORS[0]).shape
     cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 62, dtype, Timeline("calibrate", "t"))
     in_place = cpu.in_place(0, lay)  # (loads the native kernel, outside the timings)
@@ -119,22 +122,25 @@ def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = No
     out, next_e = {}, 0
     for b in BUCKETS:
         r = tokens_an_expert(b, E, n_used)
-        k = math.ceil(CPU_EXPERTS * r / b)
-        ts = []
-        for rep in range(reps + 2):
-            experts = [(next_e + j) % n for j in range(CPU_EXPERTS)]
-            next_e = (next_e + CPU_EXPERTS) % n
-            rows = [[] for _ in range(b)]  # each expert's r pairs on r distinct tokens
-            for j, e in enumerate(experts):
-                for s in range(r):
-                    rows[(j * r + s) % b].append(e)
-            ids = [e for row in rows for e in row + [-1] * (k - len(row))]
-            h = torch.randn(b, n_embd, generator=g)
-            w = torch.rand(b, k, generator=g)
-            t0 = clock()
-            cpu.compute(0, fake, host, experts, ids, h, w)
-            dt = clock() - t0
-            if rep >= 2:  # (two rounds warm the bucket: the kernel's scratch, the lanes path)
-                ts.append(dt / CPU_EXPERTS * scale)
-        out[b] = statistics.median(ts)
+        call = {}
+        for m in (CPU_EXPERTS, 1):
+            k = math.ceil(m * r / b)
+            ts = []
+            for rep in range(reps + 2):
+                experts = [(next_e + j) % n for j in range(m)]
+                next_e = (next_e + m) % n
+                rows = [[] for _ in range(b)]  # each expert's r pairs on r distinct tokens
+                for j, e in enumerate(experts):
+                    for s in range(r):
+                        rows[(j * r + s) % b].append(e)
+                ids = [e for row in rows for e in row + [-1] * (k - len(row))]
+                h = torch.randn(b, n_embd, generator=g)
+                w = torch.rand(b, k, generator=g)
+                t0 = clock()
+                cpu.compute(0, fake, host, experts, ids, h, w)
+                dt = clock() - t0
+                if rep >= 2:  # (two rounds warm the bucket: the kernel's scratch, the lanes path)
+                    ts.append(dt * scale)
+            call[m] = statistics.median(ts)
+        out[b] = fit([(CPU_EXPERTS, call[CPU_EXPERTS], 1), (1, call[1], 1)]) or Cost(0.0, call[CPU_EXPERTS] / CPU_EXPERTS)
     return out

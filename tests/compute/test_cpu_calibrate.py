@@ -72,22 +72,30 @@ def test_random_experts_have_the_layers_types_and_shapes_and_finite_values(types
 
 
 def test_the_timing_at_start_is_warmed_and_the_median_of_the_timed_rounds():
-    """Each bucket's first two rounds (the kernel's scratch, threads, pages) are left out and the
-    median of the rest is kept: one slow round moves nothing."""
+    """Each bucket's first two rounds of each call size (the kernel's scratch, threads, pages) are
+    left out and the median of the rest is kept: one slow round moves nothing. A call of
+    CPU_EXPERTS experts and one of a single expert give the line: a fixed part and a part an expert."""
     if not native.available():
         pytest.skip("no C compiler: the native CPU kernel cannot be built here")
-    per_call = [1.0, 1.0, 4e-4, 4e-4, 9.0]  # seconds of a compute of calibrate.CPU_EXPERTS experts
-    got = calibrate.expert_seconds(_layer(), torch.float32, n_used=2, reps=3, clock=Clock(per_call))
-    assert got == {b: pytest.approx(4e-4 / calibrate.CPU_EXPERTS) for b in BUCKETS}
+    four = [1.0, 1.0, 4e-4, 4e-4, 9.0]  # seconds of a compute of calibrate.CPU_EXPERTS experts (reps=3: 5 calls)
+    one = [1.0, 1.0, 1.6e-4, 1.6e-4, 9.0]  # then of one expert
+    got = calibrate.expert_seconds(_layer(), torch.float32, n_used=2, reps=3, clock=Clock(four + one))
+    each = (4e-4 - 1.6e-4) / (calibrate.CPU_EXPERTS - 1)
+    assert sorted(got) == list(BUCKETS)
+    for c in got.values():
+        assert c.each == pytest.approx(each) and c.fixed == pytest.approx(1.6e-4 - each)
+    # one expert's call costing less an expert than the larger call: no fixed part (the line through 0)
+    got = calibrate.expert_seconds(_layer(), torch.float32, n_used=2, reps=1, clock=Clock([4e-4] * 3 + [0.5e-4] * 3))
+    assert all(c == (0.0, pytest.approx((4 * 4e-4 + 0.5e-4) / 17)) for c in got.values()), got
 
 
 def test_the_timing_at_start_runs_the_real_path_at_each_bucket():
-    """On this CPU (no stand-in clock): a positive time an expert at every bucket, from the
-    experts read in place as blocks."""
+    """On this CPU (no stand-in clock): a positive time for a call of one expert at every bucket,
+    from the experts read in place as blocks."""
     if not native.available():
         pytest.skip("no C compiler: the native CPU kernel cannot be built here")
     got = calibrate.expert_seconds(_layer(), torch.float32, n_used=2, reps=1)
-    assert sorted(got) == list(BUCKETS) and all(0 < s < 1 for s in got.values())
+    assert sorted(got) == list(BUCKETS) and all(0 < c.of(1) < 1 and c.each > 0 and c.fixed >= 0 for c in got.values())
 
 
 @pytest.mark.parametrize("cpu_us, link_us, on_cpu", [
@@ -162,7 +170,8 @@ def test_timing_mixtral_sized_experts_holds_at_most_256_mib(monkeypatch, path):
     whole = 2 * n_ff * n_embd // 256 * GGML_QUANT_SIZES[QT.Q4_K][1] + n_embd * n_ff // 256 * GGML_QUANT_SIZES[QT.Q6_K][1]
     timed = fake.nbytes // n
     assert timed < whole and fake.tensor(EXPERT_TENSORS[2]).shape[1] == n_embd  # cut in the FFN's width only
-    assert got == {b: pytest.approx(per_call / calibrate.CPU_EXPERTS * whole / timed) for b in BUCKETS}
+    # (every call the same time: no fixed part, each expert a quarter of a call of four)
+    assert got == {b: (0.0, pytest.approx(per_call / calibrate.CPU_EXPERTS * whole / timed)) for b in BUCKETS}
 
 
 def test_experts_that_fit_are_timed_whole():

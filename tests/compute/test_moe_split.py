@@ -10,7 +10,7 @@ import torch
 import ggufgen
 from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import Balancer
-from layerstream.compute.cpu.expert_split import ExpertSplit
+from layerstream.compute.cpu.expert_split import Cost, ExpertSplit
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes, streams_experts
 from layerstream.compute.experts import ExpertCache, ExpertSet
@@ -145,6 +145,29 @@ def test_the_split_model_copies_all_where_the_cpu_is_slower_and_halves_where_tim
     assert fast.count(1, 4, already=2) == 2  # max((2 + 2) * 50, 2 * 100) us
 
 
+def test_a_calls_fixed_cost_is_paid_once_and_fitted_from_the_runs_calls_of_two_sizes():
+    """NOTE [ the experts' split ]: a call of m experts costs fixed + m * each. With a fixed part the
+    CPU takes more experts or none, never a lone one that pays the whole fixed part; the run's calls
+    of two sizes, timed SEEN_MIN times each, give the line through their medians (a model of
+    seconds an expert took 80 us an expert from the calls of four, and 95 from the calls of two)."""
+    s = ExpertSplit({1: Cost(100e-6, 50e-6)}, link_s=60e-6)
+    assert s.count(1, 8) == 3  # max(100 + 3 * 50, 5 * 60) = 300 us; 2: 360, 4: 300 (a tie: the fewest)
+    assert s.count(1, 2) == 0  # one on the CPU: max(150, 60) against two copies' 120
+    # beside two it holds already, the fixed part is paid: one more, max(100 + 3 * 50, 5 * 60) against 6 * 60
+    assert s.count(1, 6, already=2) == 1
+    run = ExpertSplit({1: Cost(0.0, 100e-6)}, link_s=60e-6, window=15)  # (timed at start without a fixed part)
+    for _ in range(3):
+        run.observe(1, 4, 320e-6)  # 80 us an expert
+    assert run.cost[1] == (0.0, pytest.approx(80e-6))  # one size: the start's line scaled through it
+    run.observe(1, 2, 5e-3)  # one slow call of another size (a thread off its core) moves nothing
+    assert run.cost[1] == (0.0, pytest.approx(80e-6))
+    for _ in range(3):
+        run.observe(1, 2, 190e-6)  # (the size's median: 190 us, the slow call outvoted)
+    assert run.cost[1].each == pytest.approx(65e-6) and run.cost[1].fixed == pytest.approx(60e-6)
+    assert run.count(1, 8) == 3  # max(60 + 3 * 65, 5 * 60) = 300 us; 4: max(320, 240)
+    assert "batch 1 65 + 60 a call (at start 100; 7 layers timed)" in run.describe()
+
+
 def test_the_cpus_measured_time_at_each_batch_size_moves_the_split():
     """CpuExperts times its work (a stand-in clock here) into the model, per batch bucket: a
     CPU as fast as a copy takes half a layer's missing experts; once timed ten times slower in
@@ -175,12 +198,12 @@ def test_the_cpus_measured_time_at_each_batch_size_moves_the_split():
         cpu.compute(0, lay, host, [0, 1, 2, 3], ids, h, w)
     clock.step = 40_000_000  # one layer of 10 ms an expert (a thread off its core)
     cpu.compute(0, lay, host, [0, 1, 2, 3], ids, h, w)
-    assert split.cpu_s[4] == pytest.approx(100e-6)
+    assert split.cost[4].each == pytest.approx(100e-6)
     assert cpu.choose(0, lay, list(range(8)), 1.0) == [0, 1, 2, 3]  # still half
     clock.step = 4_000_000  # then 1 ms an expert, layer after layer
     for _ in range(3):
         cpu.compute(0, lay, host, [0, 1, 2, 3], ids, h, w)
-    assert split.cpu_s[4] == pytest.approx(1e-3)
+    assert split.cost[4].each == pytest.approx(1e-3)
     assert cpu.choose(0, lay, list(range(8)), 1.0) == []  # ten times a copy: every missing expert copied
     cpu.set_step(1)
     assert cpu.choose(0, lay, list(range(8)), 1.0) == [0, 1, 2, 3]  # batch 1's own timing
