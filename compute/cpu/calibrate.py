@@ -122,6 +122,7 @@ def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = No
     out, next_e = {}, 0
     for b in BUCKETS:
         r = tokens_an_expert(b, E, n_used)
+        cpu.set_step(b)  # (its workers kept awake between calls, as in a run's steps with a share)
         call = {}
         for m in (CPU_EXPERTS, 1):
             k = math.ceil(m * r / b)
