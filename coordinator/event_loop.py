@@ -19,11 +19,11 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 @contextlib.contextmanager
-def signals_deferred():
-    """Ctrl-C, SIGTERM and SIGHUP held back for the block, then sent again (in the main thread; a
-    no-op elsewhere): a stop's clean-up runs whole. A second Ctrl-C that landed in it had cut the
-    children's stop short, leaving the staging segment to multiprocessing's tracker and the run
-    directory behind."""
+def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP")):
+    """Ctrl-C, SIGTERM and SIGHUP (or those of `which`) held back for the block, then sent again (in
+    the main thread; a no-op elsewhere): a stop's clean-up runs whole. A second Ctrl-C that landed in
+    it had cut the children's stop short, leaving the staging segment to multiprocessing's tracker and
+    the run directory behind."""
     import os
     import signal
     import threading
@@ -32,7 +32,7 @@ def signals_deferred():
         yield
         return
     got: list[int] = []
-    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    sigs = [getattr(signal, name) for name in which if hasattr(signal, name)]
     old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in sigs}
     try:
         yield

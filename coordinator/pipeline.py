@@ -336,8 +336,11 @@ class Pipeline:
 
     def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:
         """Send one step to the compute process (sampling the flagged sequences there; a count k > 1
-        verifies the chunk's last k - 1 tokens as drafts)."""
-        self._call(self._submit(seqs, sample, starts, want))
+        verifies the chunk's last k - 1 tokens as drafts). A Ctrl-C meanwhile is raised once the
+        step is sent and recorded (its answer then dropped: discard); in its middle it left a step
+        numbered and not sent, or sent and not recorded, and the next step failed."""
+        with signals_deferred(("SIGINT",)):
+            self._call(self._submit(seqs, sample, starts, want))
 
     def collect(self) -> StepResult:
         """The oldest step in flight's ids (and logits when asked), once its ForwardDone came."""

@@ -979,3 +979,35 @@ def test_close_does_not_wait_seconds_for_children_slow_to_exit(model, reference,
     assert took < 2.0, took
     assert {i: c.proc.exitcode for i, c in sup.children.items()} == \
         {"reader-0": -TERMINATE, "staging": -TERMINATE, "compute": 0}
+
+
+@pytest.mark.parametrize("when", ["sent", "before"])
+def test_ctrl_c_inside_the_pipelines_submit_leaves_the_engine_usable(model, reference, when):
+    """A real SIGINT landing inside the pipeline's submit, just after a step's Forward went to the
+    compute process ("sent") or as it is about to go ("before"): the call raises KeyboardInterrupt
+    and the next call generates as before. (It closed the pipeline: the step's number was taken and
+    its Forward sent, but neither recorded, and the next step failed 'step n sent, but the layer
+    schedule is at step m'.)"""
+    from layerstream.proto.messages import Forward
+
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
+        links = e.backend.links
+        send, forwards = links.send, []
+
+        async def interrupted(link, ident, msg, quiet=False):
+            if isinstance(msg, Forward):
+                forwards.append(msg.step)
+                if len(forwards) == 3:
+                    if when == "before":
+                        os.kill(os.getpid(), signal.SIGINT)
+                    sent = await send(link, ident, msg, quiet)
+                    if when == "sent":
+                        os.kill(os.getpid(), signal.SIGINT)
+                    return sent
+            return await send(link, ident, msg, quiet)
+
+        links.send = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            e.generate_batch([list(p) for p in PROMPTS], GREEDY)
+        links.send = send
+        assert e.generate_batch([list(p) for p in PROMPTS], GREEDY) == reference[-1]
