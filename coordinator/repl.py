@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from layerstream.coordinator.args import PROG
+from layerstream.coordinator.chat_sizes import MAX_OUTPUT
 from layerstream.coordinator.stdio import print_stream
 from layerstream.coordinator.turn import Rates, Turn, counted
 from layerstream.errors import ContextFullError, LayerstreamError, PromptTooLongError
@@ -186,6 +187,12 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                 return 0
             err.write(text + "\n")
             continue
+        huge = _beyond_context(engine, line, "the message")
+        if huge:
+            err.write(f"{ERROR}{huge}" + ("; the chat ends here\n" if not reader.person else "\n"))
+            if not reader.person:
+                return 1
+            continue
         try:
             ids = engine.encode_chat(conv.messages(line))
         except LayerstreamError as e:
@@ -241,6 +248,9 @@ def _system_too_long(engine, system: str | None) -> str | None:
     """Why the system message alone leaves no room in the context, or None."""
     if not system or engine.cfg.on_context_full != "error":  # (sliding, a long system message runs on)
         return None
+    huge = _beyond_context(engine, system, "the system message (--system or /system)")
+    if huge:
+        return huge
     try:
         n = len(engine.encode_chat([{"role": "system", "content": system}]))
     except LayerstreamError:  # (a template that wants a user's message after it: the turn says what is wrong)
@@ -249,3 +259,23 @@ def _system_too_long(engine, system: str | None) -> str | None:
         return None
     return (f"the system message (--system or /system) is {n} tokens with the chat template, and the context "
             f"holds {engine.cfg.ctx}; give a shorter one, or a larger --ctx (--ctx-size)")
+
+
+# bytes of a turn tokenized whatever its size (a second or so on a 2-core CPU): past them, one too long
+# for the context is refused untokenized, and a shorter one is counted in tokens
+TOKENIZE_FREELY = 256 << 10
+
+
+def _beyond_context(engine, text: str, what: str) -> str | None:
+    """Why a long `text` cannot be a turn whatever it says, or None: past TOKENIZE_FREELY bytes, more
+    than the context's tokens can spell (Tokenizer.longest_piece; where the context does not slide),
+    or more characters than the chat template may render (MAX_OUTPUT). Such a text is not tokenized
+    or rendered: a 50 MB line took the tokenizer minutes, or stopped in the template's size limit
+    with that limit's words."""
+    size, ctx = len(text.encode("utf-8", "replace")), engine.cfg.ctx
+    if engine.cfg.on_context_full == "error" and size > max(TOKENIZE_FREELY, ctx * engine.tokenizer.longest_piece):
+        return (f"{what} is {size:,} bytes, more than a context of {ctx} tokens holds; give a shorter one, or a "
+                f"larger --ctx (--ctx-size)")
+    if len(text) > MAX_OUTPUT:
+        return f"{what} is {len(text):,} characters, more than a chat prompt may be ({MAX_OUTPUT:,}); give a shorter one"
+    return None

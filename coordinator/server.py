@@ -80,7 +80,7 @@ class Server:
         # JSON takes seconds to parse, and two of them held both threads, so every small request waited (a probe's)
         self.large_pool = ThreadPoolExecutor(1, thread_name_prefix="layerstream-parse-large")
         self.created = int(time.time())
-        self.max_prompt_bytes = engine.cfg.ctx * _longest_piece(engine)
+        self.max_prompt_bytes = engine.cfg.ctx * engine.tokenizer.longest_piece
         errors = {404: self._not_found, 405: self._not_allowed, Exception: self._internal}
         self.app = Guard(Starlette(routes=[
             Route("/health", self.health),
@@ -187,7 +187,7 @@ class Server:
         req = parse_request(body, kind, self.engine.hparams.n_vocab, self.defaults)
         ctx, where = self.engine.cfg.ctx, ("prompt" if kind == "completion" else "messages")
         size = sum(len(m["content"].encode()) for m in req.messages) if kind == "chat" else len((req.text or "").encode())
-        if size > self.max_prompt_bytes:  # more tokens than the context holds, surely: not tokenized (_longest_piece)
+        if size > self.max_prompt_bytes:  # more tokens than the context holds, surely: not tokenized (Tokenizer.longest_piece)
             raise ApiError(400, f"the prompt is {size} bytes, more than a context of {ctx} tokens holds", where, code=CTX)
         if kind == "chat" and len(req.messages) >= ctx:  # (a token a message at least: refused before its render)
             raise ApiError(400, f"{len(req.messages)} messages, more than a context of {ctx} tokens holds", where, code=CTX)
@@ -392,18 +392,6 @@ def _path(request: Request) -> str:
     not echoed back)."""
     p = request.url.path
     return p if len(p) <= MAX_QUOTED else f"{p[:MAX_QUOTED]}... ({len(p) - MAX_QUOTED} more characters)"
-
-
-def _longest_piece(engine) -> int:
-    """Bytes of the vocabulary's longest token. A text of more than ctx times this many bytes has more
-    than ctx tokens whatever it says, so it is refused untokenized: the tokenizer holds the GIL (and
-    so the event loop) while it runs, about 15 s for 1 MB on a 2-core CPU."""
-    tok = engine.tokenizer
-    longest = 1
-    for i in range(engine.hparams.n_vocab):
-        with contextlib.suppress(Exception):  # ids past the tokenizer's vocabulary hold no text
-            longest = max(longest, len(tok.token_bytes(i)))
-    return longest
 
 
 def uvicorn_config(server: Server, host: str, port: int, grace_s: float = GRACE_S) -> uvicorn.Config:

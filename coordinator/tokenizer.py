@@ -15,6 +15,8 @@ mid-character, `decode` shows a U+FFFD that `StreamDecoder` drops).
 from __future__ import annotations
 
 import codecs
+import contextlib
+import functools
 import logging
 import numbers
 import re
@@ -218,6 +220,17 @@ class Tokenizer:
         if piece is None:
             piece = self._piece_cache[token_id] = self._compute_piece(token_id)
         return piece
+
+    @functools.cached_property
+    def longest_piece(self) -> int:
+        """Bytes of the vocabulary's longest token (1 at least). A text of more than n times this many
+        bytes is more than n tokens whatever it says, so a text too long for a context is known
+        without tokenizing it (which holds the GIL: about 15 s for 1 MB on a 2-core CPU)."""
+        longest = 1
+        for i in range(len(self._tokens)):
+            with contextlib.suppress(Exception):  # (a piece that cannot be spelled holds no text)
+                longest = max(longest, len(self.token_bytes(i)))
+        return longest
 
     def token_to_piece(self, token_id: int) -> str:
         """Token `token_id` as text; a lone byte of a longer character shows as U+FFFD."""

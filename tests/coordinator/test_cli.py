@@ -582,6 +582,37 @@ def test_ctrl_c_in_a_chat_fed_by_a_pipe_ends_it_with_130(chat_engine):
     assert err.getvalue() == ""
 
 
+def test_a_chat_message_of_megabytes_is_refused_with_its_size_untokenized(chat_engine, monkeypatch):
+    """A probe's: a 50 MB line said 'chat template stopped: a sum of ... elements (at most ...)', the
+    template's own limit, after minutes of tokenizing. Past what tokenizes in a moment, a message longer
+    than the context's tokens can spell is refused by its size, untokenized; where the context slides
+    (it takes any length), one past what the chat template may render is refused by its characters."""
+    import dataclasses
+
+    from layerstream.coordinator.chat_sizes import MAX_OUTPUT
+    from layerstream.coordinator.repl import chat
+
+    huge = "word " * (1 << 20)  # (5 MiB)
+    encode, tokenized = chat_engine.tokenizer.encode, []
+    monkeypatch.setattr(chat_engine.tokenizer, "encode", lambda text, *a, **k: tokenized.append(len(text))
+                        or encode(text, *a, **k))
+    params = SamplingParams(temperature=0, max_tokens=2)
+    for reader, code in ((_Lines([huge, "hello"]), 1), (_Typed([huge, "/bye"]), 0)):
+        out, err = io.StringIO(), io.StringIO()
+        assert chat(chat_engine, params, reader=reader, out=out, err=err) == code
+        line = (f"run-pipeline: error: the message is {len(huge):,} bytes, more than a context of "
+                f"{chat_engine.cfg.ctx} tokens holds; give a shorter one, or a larger --ctx (--ctx-size)")
+        # (a person is greeted first)
+        assert err.getvalue().splitlines(keepends=True)[-1] == line + ("; the chat ends here\n" if code else "\n")
+        assert out.getvalue() == ""
+    monkeypatch.setattr(chat_engine, "cfg", dataclasses.replace(chat_engine.cfg, on_context_full="slide"))
+    err = io.StringIO()
+    assert chat(chat_engine, params, reader=_Lines([huge]), out=io.StringIO(), err=err) == 1
+    assert err.getvalue() == (f"run-pipeline: error: the message is {len(huge):,} characters, more than a chat "
+                              f"prompt may be ({MAX_OUTPUT:,}); give a shorter one; the chat ends here\n")
+    assert max(tokenized, default=0) < len(huge)
+
+
 def test_a_chat_message_longer_than_the_context_says_how_long_and_what_to_do(chat_engine):
     """Probe of issue 25: a first message longer than the context said 'the conversation reached the
     context size (64 tokens)', after a blank line on stdout. It says the message's tokens (through the

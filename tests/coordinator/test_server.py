@@ -1391,7 +1391,7 @@ def _stopping_server(grace: float):
     from layerstream.coordinator.server_stop import GracefulServer
 
     engine = SimpleNamespace(core=_TimedCore(pass_s=0.01), cfg=SimpleNamespace(ctx=64), hparams=SimpleNamespace(n_vocab=4),
-                             tokenizer=SimpleNamespace(token_bytes=lambda i: b"x"), chat_template=None)
+                             tokenizer=SimpleNamespace(longest_piece=1), chat_template=None)
     server = Server(engine, "m", None, limits=Limits(body_stall_s=30, body_timeout_s=60))
     port = _free_port()
     http = GracefulServer(uvicorn_config(server, "127.0.0.1", port, grace_s=grace), server.end_requests, grace,
