@@ -17,9 +17,10 @@ def floats(s: str) -> list[float]:
 # flags whose values are counts of at least one, of at least zero, and of more than zero, wherever a
 # stage has them (a zero or negative count divided by zero or made meaningless rows)
 AT_LEAST_ONE = ("reps", "passes", "decode_tokens", "prompt_tokens", "experts", "clients", "batch", "threads", "rounds",
-                "layers")
-AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms")
-POSITIVE = ("floor_gbs",)
+                "layers", "readers", "sample_layers", "steps", "buffers", "slots", "verify", "top", "context")
+AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms", "decode_context")
+POSITIVE = ("floor_gbs", "size_mb")
+FINITE = ("gap_ms", "size_mb", "floor_gbs")  # (inf overflowed a sleep or a buffer's size)
 
 
 def problem(args: argparse.Namespace) -> str | None:
@@ -47,6 +48,33 @@ def problem(args: argparse.Namespace) -> str | None:
         bad = [v for v in each(name) if not v > 0]
         if bad:
             return f"{flag(name)} {bad[0]:g}: give more than 0"
+    for name in FINITE:
+        bad = [v for v in each(name) if not math.isfinite(v)]
+        if bad:
+            return f"{flag(name)} {bad[0]:g}: give a finite number"
+    from layerstream.coordinator.args import MAX_READERS
+
+    if getattr(args, "readers", None) is not None and args.readers > MAX_READERS:  # (each a process of its own)
+        return f"--readers {args.readers}: give 1 to {MAX_READERS}"
+    types = getattr(args, "types", None)
+    if isinstance(types, str):
+        from gguf import GGMLQuantizationType as QT
+
+        if getattr(args, "cmd", None) == "cpu-kernel":  # (the native kernel's types)
+            from layerstream.compute.cpu.native import NATIVE_TYPES
+
+            known = sorted(QT(t).name for t in NATIVE_TYPES)
+        else:  # (qmatmul: the Triton kernels')
+            from layerstream.compute.dequant import FUSED_TYPES
+
+            known = sorted(QT(t).name for t in FUSED_TYPES)
+        bad = [t for t in types.split(",") if t.strip() not in known]
+        if bad or not types.strip(","):
+            return f"--types {types}: give block types of {', '.join(known)}, comma separated"
+    shapes = getattr(args, "shapes", None) or []
+    bad = [s for s in shapes if len(s) != 2 or min(s) < 1]
+    if bad:
+        return f"--shapes: give each as N x K, both at least 1 (e.g. 4096x4096), not {'x'.join(map(str, bad[0]))}"
     least = 1 if isinstance(getattr(args, "tokens", None), list) else 0  # (rows of x; or a prompt, 0: none)
     bad = [t for t in each("tokens") if not t >= least]
     if bad:

@@ -560,6 +560,8 @@ def bench_qmatmul(args) -> list[dict]:
     from layerstream.compute import qkernels
 
     device = _device(args)
+    if device.type != "cuda":  # (Triton's kernels: on a CPU it failed with Triton's "0 active drivers")
+        raise ValueError(f"qmatmul times the Triton kernels on a CUDA device; there is none here (--device {args.device})")
     dtype = _dtype(args, device)
     gen = torch.Generator().manual_seed(0)
     rows = []

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
+from layerstream.coordinator.args import MAX_READERS
 from layerstream.errors import ConfigError
 
 # on_progress(done, total, what): called while the pipeline starts ("processes") and while the
@@ -40,7 +41,9 @@ class Budget:
 
 @dataclass(frozen=True)
 class ReaderOptions:
-    """The reader processes: how many, the folder each reads from, their threads, O_DIRECT."""
+    """The reader processes: how many (at most MAX_READERS: each is a process of its own, about
+    160 MB; a thousand ran a machine out of memory), the folder each reads from, their threads,
+    O_DIRECT."""
 
     count: int = 1  # --readers
     dirs: tuple[str, ...] = ()  # --reader-dir, one per reader (loader/layout.py, readers_for)
@@ -48,8 +51,8 @@ class ReaderOptions:
     direct: bool = False
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ConfigError(f"--readers {self.count}: must be at least 1")
+        if not 1 <= self.count <= MAX_READERS:
+            raise ConfigError(f"--readers {self.count}: give 1 to {MAX_READERS}")
         if self.dirs and len(self.dirs) != self.count:
             raise ConfigError(f"--reader-dir given {len(self.dirs)} times for --readers {self.count}; "
                               "give one per reader")

@@ -4,6 +4,7 @@ so that a later open skips gguf-py's parse."""
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 # NOTE [ the header cache ]
@@ -40,6 +41,8 @@ def cache_path(path: str) -> str | None:
     if d is None:
         return None
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # (a FIFO, `-m <(zcat m.gguf.gz)`: reading it here waited forever)
+        raise OSError(f"{path}: not a regular file")
     key = hashlib.sha256(f"{HEADER_CACHE_FORMAT}\0{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0"
                          f"{st.st_ctime_ns}\0{st.st_ino}\0".encode())
     with open(path, "rb") as fh:  # and the header's first bytes, where timestamps are coarse

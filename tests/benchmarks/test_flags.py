@@ -69,3 +69,38 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     for stage in ("pipeline", "serve", "spec"):
         got = _started_with(monkeypatch, [stage, "-m", tiny, "--device", "cpu"])
         assert got == pc.PipelineConfig(budget=pc.Budget(evaluates=False)), stage
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["reader", "--readers", "1000"], "--readers 1000: give 1 to 64"),  # (a thousand processes ran the machine out of memory)
+    (["reader", "--readers", "0"], "--readers 0: give at least 1"),  # (ZeroDivisionError)
+    (["compute", "--sample-layers", "0"], "--sample-layers 0: give at least 1"),
+    (["kernels", "--steps", "0"], "--steps 0: give at least 1"),
+    (["qmatmul", "--buffers", "-1"], "--buffers -1: give at least 1"),
+    (["qmatmul", "--types", "Q4_K,bogus"], "--types Q4_K,bogus: give block types of Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, "
+                                           "Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, comma separated"),  # (KeyError)
+    (["cpu-kernel", "--types", "F32"], "--types F32: give block types of Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, "
+                                       "comma separated"),  # (KeyError: 0)
+    (["cpu-kernel", "--shapes", "0x0"], "--shapes: give each as N x K, both at least 1 (e.g. 4096x4096), not 0x0"),
+    (["cpu-kernel", "--shapes", "64"], "--shapes: give each as N x K, both at least 1 (e.g. 4096x4096), not 64"),
+    (["cpu-kernel", "--experts", "1", "--gap-ms", "inf"], "--gap-ms inf: give a finite number"),  # (OverflowError)
+    (["transfer", "--size-mb", "inf"], "--size-mb inf: give a finite number"),
+    (["spec", "--verify", "0"], "--verify 0: give at least 1"),
+])
+def test_a_stages_bad_counts_and_names_are_one_line_and_exit_2(argv, line, capsys):
+    """(each of these was a traceback, a hang of the machine, or a deep error: a probe's)"""
+    assert bench.main(argv) == 2
+    assert capsys.readouterr().err == f"bin/bench {argv[0]}: error: {line} (see bin/bench {argv[0]} --help)\n"
+
+
+def test_a_reader_count_past_the_bound_is_refused_by_the_pipelines_config_too():
+    """(the pipeline, serve and spec stages hand --readers to ReaderOptions, which took any count)"""
+    with pytest.raises(pc.ConfigError, match=r"^--readers 65: give 1 to 64$"):
+        pc.ReaderOptions(count=65)
+
+
+def test_qmatmul_without_a_cuda_device_says_so(capsys):
+    """(Triton's traceback, "0 active drivers", on any machine without CUDA)"""
+    assert bench.main(["qmatmul", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == ("bin/bench: error: qmatmul times the Triton kernels on a CUDA device; there is "
+                                       "none here (--device cpu)\n")

@@ -161,6 +161,22 @@ def test_a_model_path_that_is_no_regular_file_says_so():
         Engine.load("/dev/null", device="cpu")  # (it said 'no such model file')
 
 
+def test_a_fifo_as_the_model_is_refused_at_once(tmp_path):
+    """`-m <(zcat m.gguf.gz)`: the header cache read the pipe before the file's kind was checked, and
+    waited for a writer forever (a probe's). In a child, so that a hang fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "m.gguf"
+    os.mkfifo(fifo)
+    code = ("from layerstream.coordinator.engine import Engine\n"
+            "from layerstream.errors import ModelError\n"
+            f"try:\n    Engine.load({str(fifo)!r}, device='cpu')\nexcept ModelError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == f"{fifo}: is not a regular file; pass --model with the path of a .gguf file", r.stderr
+
+
 def test_chat_messages_of_the_wrong_shape_are_the_callers_error_not_the_models(smollm_engine):
     """(a message without content, or with None or a list, was 'ModelError: chat template failed')"""
     for bad in ([{"role": "user", "content": None}], [{"role": "user"}], [{"role": "user", "content": ["x"]}],
