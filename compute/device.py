@@ -50,9 +50,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not cuda_visible():
         raise ConfigError(f"--device {name}: no CUDA device is visible; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # (meta, mps: torch's names, not this engine's)
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 # Architectures whose activations exceed float16's range: Gemma 3 270M's logits are NaN in

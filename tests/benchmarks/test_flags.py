@@ -104,3 +104,10 @@ def test_qmatmul_without_a_cuda_device_says_so(capsys):
     assert bench.main(["qmatmul", "--device", "cpu"]) == 1
     assert capsys.readouterr().err == ("bin/bench: error: qmatmul times the Triton kernels on a CUDA device; there is "
                                        "none here (--device cpu)\n")
+
+
+@pytest.mark.parametrize("stage, device", [("dequant", "meta"), ("transfer", "mps")])
+def test_a_device_this_engine_does_not_run_on_is_refused(stage, device, capsys):
+    """(dequant on meta printed made-up figures; transfer on mps timed a CPU copy and reported it)"""
+    assert bench.main([stage, "--device", device]) == 1
+    assert capsys.readouterr().err == f"bin/bench: error: --device {device}: use auto, cpu, cuda or cuda:N\n"
