@@ -126,9 +126,6 @@ def _stop_signal(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_signal)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, _stop_signal)
     wrong = problem(args)
     if wrong:  # (as argparse's own errors: one line, exit 2)
         print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
@@ -148,5 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """bin/bench: the stop signals handled as the bench stops (_Stopped; SIGINT as KeyboardInterrupt,
+    in place of the launcher's early handlers, which exit at once), then main()."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _stop_signal)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -17,10 +17,12 @@ def floats(s: str) -> list[float]:
 # flags whose values are counts of at least one, of at least zero, and of more than zero, wherever a
 # stage has them (a zero or negative count divided by zero or made meaningless rows)
 AT_LEAST_ONE = ("reps", "passes", "decode_tokens", "prompt_tokens", "experts", "clients", "batch", "threads", "rounds",
-                "layers", "readers", "sample_layers", "steps", "buffers", "slots", "verify", "top", "context")
-AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms", "decode_context")
+                "layers", "readers", "sample_layers", "steps", "buffers", "slots", "verify", "top", "context",
+                "step_tokens", "prefetch", "vram_slots", "cpu_threads")
+AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms", "decode_context", "resident_layers",
+                 "expert_prefetch", "expert_cache_gb", "host_cache_gb")
 POSITIVE = ("floor_gbs", "size_mb")
-FINITE = ("gap_ms", "size_mb", "floor_gbs")  # (inf overflowed a sleep or a buffer's size)
+FINITE = ("gap_ms", "size_mb", "floor_gbs", "expert_cache_gb", "host_cache_gb")  # (inf overflowed a sleep or a buffer's size)
 
 
 def problem(args: argparse.Namespace) -> str | None:

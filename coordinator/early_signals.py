@@ -20,16 +20,15 @@ if hasattr(signal, "SIGHUP"):
     _HOW[signal.SIGHUP] = "hung up"
 
 
-def _stop(signum, frame) -> None:
-    lead = "\n" if os.isatty(2) else ""  # (as cli._stopped: ^C may end the terminal's line)
-    os.write(2, f"{lead}{PROG}: {_HOW[signum]}\n".encode())
-    os._exit(128 + signum)
+def install(prog: str = PROG) -> None:
+    """The handlers for the imports' time (NOTE above), naming `prog` (bin/bench's launcher's too)."""
+    def stop(signum, frame) -> None:
+        lead = "\n" if os.isatty(2) else ""  # (as cli._stopped: ^C may end the terminal's line)
+        os.write(2, f"{lead}{prog}: {_HOW[signum]}\n".encode())
+        os._exit(128 + signum)
 
-
-def install() -> None:
-    """The handlers for the imports' time (NOTE above)."""
     for s in _HOW:
-        signal.signal(s, _stop)
+        signal.signal(s, stop)
 
 
 def entry() -> None:

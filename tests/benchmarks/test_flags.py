@@ -86,6 +86,10 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["cpu-kernel", "--experts", "1", "--gap-ms", "inf"], "--gap-ms inf: give a finite number"),  # (OverflowError)
     (["transfer", "--size-mb", "inf"], "--size-mb inf: give a finite number"),
     (["spec", "--verify", "0"], "--verify 0: give at least 1"),
+    # run-pipeline's flags, which run-pipeline refuses: the bench ran -1 as 0, and NaN failed deep in the plan
+    (["pipeline", "--resident-layers", "-1"], "--resident-layers -1: give 0 or more"),
+    (["serve", "--expert-cache-gb", "nan"], "--expert-cache-gb nan: give 0 or more"),
+    (["spec", "--step-tokens", "0"], "--step-tokens 0: give at least 1"),
 ])
 def test_a_stages_bad_counts_and_names_are_one_line_and_exit_2(argv, line, capsys):
     """(each of these was a traceback, a hang of the machine, or a deep error: a probe's)"""

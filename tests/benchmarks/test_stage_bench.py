@@ -351,3 +351,18 @@ def test_a_bench_stopped_by_sigterm_or_sighup_removes_its_folders_and_its_proces
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_a_ctrl_c_while_the_bench_starts_is_its_one_line_and_130():
+    """(a Ctrl-C in its first second, while torch was imported, printed a KeyboardInterrupt traceback
+    and the bench died by the signal, status -2)"""
+    import pathlib
+    import subprocess
+
+    launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
+    p = subprocess.Popen([str(launcher), "links", "--rounds", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "bin/bench: interrupted" and "Traceback" not in err, err
