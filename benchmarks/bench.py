@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import statistics
 import sys
@@ -142,17 +143,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bin/bench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # (`| head`: what was wanted was read)
+        return 0
+    except OSError as e:  # (a table into a full disk: ENOSPC from a print)
+        from layerstream.coordinator.stdio import output_error
+
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) and e.filename is None
+        print(f"bin/bench: error: {output_error(e) if full else e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def entry() -> None:
-    """bin/bench: the stop signals handled as the bench stops (_Stopped; SIGINT as KeyboardInterrupt,
-    in place of the launcher's early handlers, which exit at once), then main()."""
+    """bin/bench: closed standard streams reopened on the null device, the stop signals handled as the
+    bench stops (_Stopped; SIGINT as KeyboardInterrupt, in place of the launcher's early handlers,
+    which exit at once), then main(), and what its output could not write said in one line."""
+    from layerstream.coordinator.stdio import flush_stdout, open_standard_fds
+
+    open_standard_fds()  # (`>&-`: libuv aborted on its loop's socket, which took the closed stdout's number)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_signal)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, _stop_signal)
-    sys.exit(main())
+    code = main()
+    unwritten = flush_stdout()  # (what the buffer still held, into a full disk)
+    if unwritten:
+        print(f"bin/bench: error: {unwritten}", file=sys.stderr)
+        code = code or 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

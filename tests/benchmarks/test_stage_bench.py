@@ -366,3 +366,21 @@ def test_a_ctrl_c_while_the_bench_starts_is_its_one_line_and_130():
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip().splitlines()[-1] == "bin/bench: interrupted" and "Traceback" not in err, err
+
+
+def test_a_bench_into_a_closed_stdout_runs_and_into_a_full_disk_says_so_in_one_line():
+    """(`>&-`: libuv aborted, status 134, as its loop's socket took the closed stdout's number;
+    `>/dev/full`: an OSError traceback from the table's print)"""
+    import pathlib
+    import subprocess
+
+    launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
+    r = subprocess.run([str(launcher), "links", "--rounds", "20"], stderr=subprocess.PIPE, text=True, timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([str(launcher), "links", "--rounds", "20"], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr == ("bin/bench: error: cannot write the output (No space left on "
+                                                  "device); check the disk or the file stdout goes to\n"), r.stderr
