@@ -11,6 +11,7 @@ import ctypes
 import mmap
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import tempfile
 import time
@@ -293,6 +294,9 @@ def bench_reader(args) -> list[dict]:
     from layerstream.loader.layout import layer_layouts
     from layerstream.loader.reader import default_threads
 
+    unknown = [m for m in args.modes.split(",") if m not in ("cold", "warm", "fill", "populated")]
+    if unknown or not args.modes.strip(","):
+        raise ValueError(f"--modes {args.modes}: give passes of cold, warm, fill, populated, comma separated")
     with model_for(args) as index:
         layouts = layer_layouts(index)
         n = args.readers
@@ -314,7 +318,15 @@ def bench_reader(args) -> list[dict]:
                     jobs[r].put((arena.describe(), [(r, lay.ranges()) for lay in layouts[r::n]]))
                 else:  # layer i into slot i
                     jobs[r].put((into.describe(), [(i, layouts[i].ranges()) for i in range(r, len(layouts), n)]))
-            got = [results.get(timeout=600) for _ in range(n)]
+            got = []
+            while len(got) < n:  # (a reader killed answers nothing: this waited 600 s, then a traceback)
+                try:
+                    got.append(results.get(timeout=0.5))
+                except queue.Empty:
+                    dead = next((r for r, p in enumerate(procs) if p.exitcode is not None), None)
+                    if dead is not None:
+                        raise LayerstreamError(f"reader {dead} died (exit code {procs[dead].exitcode}) during its "
+                                               "reads") from None
             bad = [g for g in got if g[1] < 0]
             if bad:
                 raise LayerstreamError(f"reader {bad[0][0]} failed: {bad[0][2]}")

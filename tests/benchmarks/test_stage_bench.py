@@ -384,3 +384,29 @@ def test_a_bench_into_a_closed_stdout_runs_and_into_a_full_disk_says_so_in_one_l
                                text=True, timeout=120)
         assert r.returncode == 1 and r.stderr == ("bin/bench: error: cannot write the output (No space left on "
                                                   "device); check the disk or the file stdout goes to\n"), r.stderr
+
+
+def test_a_reader_worker_killed_ends_the_reader_stage_at_once_in_one_line(tmp_path):
+    """(a killed reader answered nothing: the stage waited 600 s, then gave a queue.Empty traceback)"""
+    import pathlib
+    import subprocess
+
+    from procs import descendants
+
+    launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
+    p = subprocess.Popen([str(launcher), "reader", "--reps", "1000000", "--modes", "warm"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, worker = time.monotonic() + 90, None
+        while worker is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            worker = next((k for k in descendants(p.pid) if "spawn_main" in open(f"/proc/{k}/cmdline").read()), None)
+        assert worker is not None
+        time.sleep(1)  # (its reads under way)
+        os.kill(worker, signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 1 and err.strip().splitlines()[-1] == \
+            "bin/bench: error: reader 0 died (exit code -9) during its reads", err
+    finally:
+        if p.poll() is None:
+            p.kill()
