@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import signal
 import statistics
 import sys
@@ -126,12 +125,12 @@ def _stop_signal(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    wrong = problem(args)
-    if wrong:  # (as argparse's own errors: one line, exit 2)
-        print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
-        return 2
-    try:
+    try:  # (a stop signal while the flags are read and checked, too)
+        args = build_parser().parse_args(argv)
+        wrong = problem(args)
+        if wrong:  # (as argparse's own errors: one line, exit 2)
+            print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
+            return 2
         args.func(args)
     except (LayerstreamError, ValueError) as e:
         print(f"bin/bench: error: {e}", file=sys.stderr)
@@ -145,32 +144,64 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # (`| head`: what was wanted was read)
         return 0
-    except OSError as e:  # (a table into a full disk: ENOSPC from a print)
-        from layerstream.coordinator.stdio import output_error
-
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) and e.filename is None
-        print(f"bin/bench: error: {output_error(e) if full else e}", file=sys.stderr)
+    except OSError as e:  # (a file the stage writes or reads; stdout's own failures are _Output's)
+        print(f"bin/bench: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+class _Output:
+    """bin/bench's sys.stdout: a failure to write its tables (a full disk) raised as the command's
+    one-line output error, told apart from the OSErrors of the files a stage writes."""
+
+    def __init__(self, out):
+        self._out = out
+
+    def _guarded(self, fn, *a):
+        from layerstream.coordinator.stdio import output_error
+
+        try:
+            return fn(*a)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise output_error(e) from None
+
+    def write(self, text: str) -> int:
+        return self._guarded(self._out.write, text)
+
+    def flush(self) -> None:
+        self._guarded(self._out.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._out, name)
 
 
 def entry() -> None:
     """bin/bench: closed standard streams reopened on the null device, the stop signals handled as the
     bench stops (_Stopped; SIGINT as KeyboardInterrupt, in place of the launcher's early handlers,
-    which exit at once), then main(), and what its output could not write said in one line."""
+    which exit at once), then main(), what its output could not write said in one line, and an exit
+    without the interpreter's teardown (whose last flush of a closed pipe printed 'Exception ignored')."""
     from layerstream.coordinator.stdio import flush_stdout, open_standard_fds
+    from layerstream.coordinator.supervisor import quick_exit
 
     open_standard_fds()  # (`>&-`: libuv aborted on its loop's socket, which took the closed stdout's number)
+    out = sys.stdout
+    sys.stdout = _Output(out)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_signal)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, _stop_signal)
-    code = main()
+    try:
+        code = main()
+    except SystemExit as e:  # (argparse's --help and usage errors)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    sys.stdout = out
     unwritten = flush_stdout()  # (what the buffer still held, into a full disk)
     if unwritten:
         print(f"bin/bench: error: {unwritten}", file=sys.stderr)
         code = code or 1
-    sys.exit(code)
+    quick_exit(code)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ AT_LEAST_ONE = ("reps", "passes", "decode_tokens", "prompt_tokens", "experts", "
                 "layers", "readers", "sample_layers", "steps", "buffers", "slots", "verify", "top", "context",
                 "step_tokens", "prefetch", "vram_slots", "cpu_threads")
 AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms", "decode_context", "resident_layers",
-                 "expert_prefetch", "expert_cache_gb", "host_cache_gb")
+                 "expert_prefetch", "expert_cache_gb", "host_cache_gb", "vram_gb")
 POSITIVE = ("floor_gbs", "size_mb")
-FINITE = ("gap_ms", "size_mb", "floor_gbs", "expert_cache_gb", "host_cache_gb")  # (inf overflowed a sleep or a buffer's size)
+FINITE = ("gap_ms", "size_mb", "floor_gbs", "expert_cache_gb", "host_cache_gb", "vram_gb")  # (inf overflowed a sleep or a buffer's size)
 
 
 def problem(args: argparse.Namespace) -> str | None:
@@ -38,6 +38,10 @@ def problem(args: argparse.Namespace) -> str | None:
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
 
+    for name in FINITE:
+        bad = [v for v in each(name) if not math.isfinite(v)]
+        if bad:
+            return f"{flag(name)} {bad[0]:g}: give a finite number"
     for name in AT_LEAST_ONE:
         bad = [v for v in each(name) if not v >= 1]
         if bad:
@@ -50,10 +54,6 @@ def problem(args: argparse.Namespace) -> str | None:
         bad = [v for v in each(name) if not v > 0]
         if bad:
             return f"{flag(name)} {bad[0]:g}: give more than 0"
-    for name in FINITE:
-        bad = [v for v in each(name) if not math.isfinite(v)]
-        if bad:
-            return f"{flag(name)} {bad[0]:g}: give a finite number"
     from layerstream.coordinator.args import MAX_READERS
 
     if getattr(args, "readers", None) is not None and args.readers > MAX_READERS:  # (each a process of its own)

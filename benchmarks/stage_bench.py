@@ -319,14 +319,18 @@ def bench_reader(args) -> list[dict]:
                 else:  # layer i into slot i
                     jobs[r].put((into.describe(), [(i, layouts[i].ranges()) for i in range(r, len(layouts), n)]))
             got = []
-            while len(got) < n:  # (a reader killed answers nothing: this waited 600 s, then a traceback)
+            while len(got) < n:  # (a reader killed answers nothing: its death is watched for, not waited out)
                 try:
                     got.append(results.get(timeout=0.5))
                 except queue.Empty:
                     dead = next((r for r, p in enumerate(procs) if p.exitcode is not None), None)
                     if dead is not None:
-                        raise LayerstreamError(f"reader {dead} died (exit code {procs[dead].exitcode}) during its "
-                                               "reads") from None
+                        try:  # (one that failed and ended put its error first)
+                            got.append(results.get(timeout=1.0))
+                            continue
+                        except queue.Empty:
+                            raise LayerstreamError(f"reader {dead} died (exit code {procs[dead].exitcode}) during "
+                                                   "its reads") from None
             bad = [g for g in got if g[1] < 0]
             if bad:
                 raise LayerstreamError(f"reader {bad[0][0]} failed: {bad[0][2]}")

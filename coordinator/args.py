@@ -27,7 +27,7 @@ from layerstream.coordinator.spelling import (
 
 PROG = "run-pipeline"
 MAX_BATCH = 4096
-MAX_READERS = 64  # reader processes (pipeline_config.ReaderOptions's bound too)
+MAX_READERS = 64
 MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not imported to check options)
 MAX_CTX = 1 << 22
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import threading
 
 log = logging.getLogger("layerstream.pipeline")
 
@@ -19,21 +22,26 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 @contextlib.contextmanager
-def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP")):
+def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP"), second_at_once: bool = False):
     """Ctrl-C, SIGTERM and SIGHUP (or those of `which`) held back for the block, then sent again (in
     the main thread; a no-op elsewhere): a stop's clean-up runs whole. A second Ctrl-C that landed in
     it had cut the children's stop short, leaving the staging segment to multiprocessing's tracker and
-    the run directory behind."""
-    import os
-    import signal
-    import threading
-
+    the run directory behind. `second_at_once`: a signal that comes again meanwhile meets its own
+    handler at once (a block that may wait long: the person insists)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     got: list[int] = []
     sigs = [getattr(signal, name) for name in which if hasattr(signal, name)]
-    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in sigs}
+
+    def hold(n, frame):
+        if second_at_once and n in got and callable(old[n]):
+            got.clear()  # (not sent again: its handler runs now; the finally restores the handlers)
+            old[n](n, frame)
+            return
+        got.append(n)
+
+    old = {s: signal.signal(s, hold) for s in sigs}
     try:
         yield
     finally:

@@ -336,10 +336,9 @@ class Pipeline:
 
     def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:
         """Send one step to the compute process (sampling the flagged sequences there; a count k > 1
-        verifies the chunk's last k - 1 tokens as drafts). A Ctrl-C meanwhile is raised once the
-        step is sent and recorded (its answer then dropped: discard); in its middle it left a step
-        numbered and not sent, or sent and not recorded, and the next step failed."""
-        with signals_deferred(("SIGINT",)):
+        verifies the chunk's last k - 1 tokens as drafts). A Ctrl-C is held back until the step is
+        sent and recorded, which it would leave half done; a second goes through (a stalled send)."""
+        with signals_deferred(("SIGINT",), second_at_once=True):
             self._call(self._submit(seqs, sample, starts, want))
 
     def collect(self) -> StepResult:
@@ -349,9 +348,13 @@ class Pipeline:
         return self._call(self._collect())
 
     def step(self, seqs: list[SeqStep], want: str = "last") -> torch.Tensor | None:
-        """One step without sampling, its logits on the host (evaluation)."""
-        self.submit(seqs, [False] * len(seqs), [], want)
-        return self.collect().logits
+        """One step without sampling, its logits on the host (evaluation); interrupted, its answer dropped."""
+        try:
+            self.submit(seqs, [False] * len(seqs), [], want)
+            return self.collect().logits
+        except BaseException:
+            self.discard()
+            raise
 
     def discard(self) -> None:
         """Forget the steps in flight (after a failure: the core failed their requests); the

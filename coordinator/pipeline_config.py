@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
-from layerstream.coordinator.args import MAX_READERS
 from layerstream.errors import ConfigError
+
+# reader processes at most: args.MAX_READERS, run-pipeline's bound (args imports this module: not imported here)
+MAX_READERS = 64
 
 # on_progress(done, total, what): called while the pipeline starts ("processes") and while the
 # first pass reads every layer once ("layers"); done == total ends each stage.
@@ -41,8 +43,8 @@ class Budget:
 
 @dataclass(frozen=True)
 class ReaderOptions:
-    """The reader processes: how many (at most MAX_READERS: each is a process of its own, about
-    160 MB; a thousand ran a machine out of memory), the folder each reads from, their threads,
+    """The reader processes: how many (at most MAX_READERS: each is a process of its own, and an
+    unbounded count ran a machine out of memory), the folder each reads from, their threads,
     O_DIRECT."""
 
     count: int = 1  # --readers

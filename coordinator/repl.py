@@ -187,7 +187,8 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
                 return 0
             err.write(text + "\n")
             continue
-        huge = _beyond_context(engine, line, "the message")
+        huge = _beyond_context(engine, line, "the message") or (  # (and a /system just set)
+            conv.system and _beyond_context(engine, conv.system, "the system message (--system or /system)"))
         if huge:
             err.write(f"{ERROR}{huge}" + ("; the chat ends here\n" if not reader.person else "\n"))
             if not reader.person:
@@ -246,10 +247,10 @@ def _too_long(engine, conv: Conversation, line: str, e: PromptTooLongError, pers
 
 def _system_too_long(engine, system: str | None) -> str | None:
     """Why the system message alone leaves no room in the context, or None."""
-    if not system or engine.cfg.on_context_full != "error":  # (sliding, a long system message runs on)
+    if not system:
         return None
     huge = _beyond_context(engine, system, "the system message (--system or /system)")
-    if huge:
+    if huge or engine.cfg.on_context_full != "error":  # (sliding, a long system message runs on)
         return huge
     try:
         n = len(engine.encode_chat([{"role": "system", "content": system}]))
@@ -261,8 +262,8 @@ def _system_too_long(engine, system: str | None) -> str | None:
             f"holds {engine.cfg.ctx}; give a shorter one, or a larger --ctx (--ctx-size)")
 
 
-# bytes of a turn tokenized whatever its size (a second or so on a 2-core CPU): past them, one too long
-# for the context is refused untokenized, and a shorter one is counted in tokens
+# bytes of a turn tokenized whatever its size (the tokenizer's time is short beside a reply's): past
+# them, one too long for the context is refused untokenized, and a shorter one is counted in tokens
 TOKENIZE_FREELY = 256 << 10
 
 
@@ -270,10 +271,10 @@ def _beyond_context(engine, text: str, what: str) -> str | None:
     """Why a long `text` cannot be a turn whatever it says, or None: past TOKENIZE_FREELY bytes, more
     than the context's tokens can spell (Tokenizer.longest_piece; where the context does not slide),
     or more characters than the chat template may render (MAX_OUTPUT). Such a text is not tokenized
-    or rendered: a 50 MB line took the tokenizer minutes, or stopped in the template's size limit
-    with that limit's words."""
+    or rendered: tokenizing it took minutes, and the template then stopped at its own size limit,
+    in that limit's words."""
     size, ctx = len(text.encode("utf-8", "replace")), engine.cfg.ctx
-    if engine.cfg.on_context_full == "error" and size > max(TOKENIZE_FREELY, ctx * engine.tokenizer.longest_piece):
+    if engine.cfg.on_context_full == "error" and size > TOKENIZE_FREELY and size > ctx * engine.tokenizer.longest_piece:
         return (f"{what} is {size:,} bytes, more than a context of {ctx} tokens holds; give a shorter one, or a "
                 f"larger --ctx (--ctx-size)")
     if len(text) > MAX_OUTPUT:

@@ -225,7 +225,7 @@ class Tokenizer:
     def longest_piece(self) -> int:
         """Bytes of the vocabulary's longest token (1 at least). A text of more than n times this many
         bytes is more than n tokens whatever it says, so a text too long for a context is known
-        without tokenizing it (which holds the GIL: about 15 s for 1 MB on a 2-core CPU)."""
+        without tokenizing it (which holds the GIL, for seconds a megabyte)."""
         longest = 1
         for i in range(len(self._tokens)):
             with contextlib.suppress(Exception):  # (a piece that cannot be spelled holds no text)

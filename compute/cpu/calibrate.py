@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType as QT
 
+from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import BUCKETS, Balancer
 from layerstream.compute.cpu.expert_split import Cost, fit
 from layerstream.compute.cpu.experts import CpuExperts
@@ -141,7 +142,9 @@ def expert_seconds(lay: LayerLayout, dtype: torch.dtype, n_used: int | None = No
                 cpu.compute(0, fake, host, experts, ids, h, w)
                 dt = clock() - t0
                 if rep >= 2:  # (two rounds warm the bucket: the kernel's scratch, the lanes path)
-                    ts.append(dt * scale)
+                    ts.append(dt)
             call[m] = statistics.median(ts)
-        out[b] = fit([(CPU_EXPERTS, call[CPU_EXPERTS], 1), (1, call[1], 1)]) or Cost(0.0, call[CPU_EXPERTS] / CPU_EXPERTS)
+        line = fit([(CPU_EXPERTS, call[CPU_EXPERTS], 1), (1, call[1], 1)]) or Cost(0.0, call[CPU_EXPERTS] / CPU_EXPERTS)
+        out[b] = Cost(line.fixed, line.each * scale)  # (a cut expert's bytes scale its part, not the call's)
+    native.spin(0.0)  # (the workers' spin back to the kernel's default: the run's steps set their own)
     return out

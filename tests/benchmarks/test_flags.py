@@ -88,7 +88,7 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["spec", "--verify", "0"], "--verify 0: give at least 1"),
     # run-pipeline's flags, which run-pipeline refuses: the bench ran -1 as 0, and NaN failed deep in the plan
     (["pipeline", "--resident-layers", "-1"], "--resident-layers -1: give 0 or more"),
-    (["serve", "--expert-cache-gb", "nan"], "--expert-cache-gb nan: give 0 or more"),
+    (["serve", "--expert-cache-gb", "nan"], "--expert-cache-gb nan: give a finite number"),
     (["spec", "--step-tokens", "0"], "--step-tokens 0: give at least 1"),
 ])
 def test_a_stages_bad_counts_and_names_are_one_line_and_exit_2(argv, line, capsys):

@@ -146,8 +146,8 @@ def test_the_split_model_copies_all_where_the_cpu_is_slower_and_halves_where_tim
 
 
 def test_a_calls_fixed_cost_is_paid_once_and_fitted_from_the_runs_calls_of_two_sizes():
-    """NOTE [ the experts' split ]: a call of m experts costs fixed + m * each. With a fixed part the
-    CPU takes more experts or none, never a lone one that pays the whole fixed part; the run's calls
+    """NOTE [ the experts' split ]: a call of m experts costs fixed + m * each, the fixed part paid
+    once a call (beside experts the CPU already holds, not again); the run's calls
     of two sizes, timed SEEN_MIN times each, give the line through their medians (a model of
     seconds an expert took 80 us an expert from the calls of four, and 95 from the calls of two)."""
     s = ExpertSplit({1: Cost(100e-6, 50e-6)}, link_s=60e-6)

@@ -605,6 +605,12 @@ def test_a_chat_message_of_megabytes_is_refused_with_its_size_untokenized(chat_e
         # (a person is greeted first)
         assert err.getvalue().splitlines(keepends=True)[-1] == line + ("; the chat ends here\n" if code else "\n")
         assert out.getvalue() == ""
+    err = io.StringIO()  # (a /system of megabytes: named at the next line, not tokenized)
+    assert chat(chat_engine, params, reader=_Lines(["/system " + huge, "hello"]), out=io.StringIO(), err=err) == 1
+    assert err.getvalue().splitlines()[-1] == (f"run-pipeline: error: the system message (--system or /system) is "
+                                               f"{len(huge.strip()):,} bytes, more than a context of {chat_engine.cfg.ctx} "
+                                               "tokens holds; give a shorter one, or a larger --ctx (--ctx-size); the "
+                                               "chat ends here")
     monkeypatch.setattr(chat_engine, "cfg", dataclasses.replace(chat_engine.cfg, on_context_full="slide"))
     err = io.StringIO()
     assert chat(chat_engine, params, reader=_Lines([huge]), out=io.StringIO(), err=err) == 1

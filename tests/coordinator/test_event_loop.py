@@ -214,3 +214,30 @@ def test_signals_during_a_deferred_block_come_after_it():
     finally:
         signal.signal(signal.SIGINT, before)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def test_a_ctrl_c_held_back_is_raised_after_the_block_and_a_second_at_once_where_asked():
+    """(the pipeline's submit holds a Ctrl-C back while a step is sent and recorded; a send that waits
+    on a stalled compute process held a second one too, for up to --stall-timeout)"""
+    import os
+    import signal
+    import time
+
+    from layerstream.coordinator.event_loop import signals_deferred
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred(("SIGINT",), second_at_once=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            seen.append("held")
+        time.sleep(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred(("SIGINT",), second_at_once=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            seen.append("not reached")
+    time.sleep(0.05)  # (no third: the first is not sent again)
+    assert seen == ["held"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1011,3 +1011,27 @@ def test_ctrl_c_inside_the_pipelines_submit_leaves_the_engine_usable(model, refe
             e.generate_batch([list(p) for p in PROMPTS], GREEDY)
         links.send = send
         assert e.generate_batch([list(p) for p in PROMPTS], GREEDY) == reference[-1]
+
+
+def test_ctrl_c_inside_an_evaluation_step_leaves_no_answer_for_the_next(model):
+    """Scoring (Engine.logits) steps the pipeline itself: a Ctrl-C held back until its step was sent
+    and recorded left that step's answer to the next call's collect, which gave the old logits."""
+    from layerstream.proto.messages import Forward
+
+    ids = [5, 17, 33, 80]
+    with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
+        want = e.logits(ids)
+        links = e.backend.links
+        send = links.send
+
+        async def interrupted(link, ident, msg, quiet=False):
+            sent = await send(link, ident, msg, quiet)
+            if isinstance(msg, Forward):
+                os.kill(os.getpid(), signal.SIGINT)
+            return sent
+
+        links.send = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            e.logits([9, 9, 9])
+        links.send = send
+        assert torch.equal(e.logits(ids), want)

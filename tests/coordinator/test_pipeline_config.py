@@ -13,7 +13,7 @@ from layerstream.errors import ConfigError
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: ReaderOptions(count=0), "--readers 0: must be at least 1"),
+    (lambda: ReaderOptions(count=0), "--readers 0: give 1 to 64"),
     (lambda: ReaderOptions(count=2, dirs=("a",)), "--reader-dir given 1 times for --readers 2; give one per reader"),
     (lambda: ReaderOptions(threads=0), "--read-threads 0: must be at least 1"),
     (lambda: CpuOptions(threads=0), "--cpu-threads 0: must be at least 1"),
@@ -40,3 +40,10 @@ def test_the_groups_default_to_the_plan_s_defaults():
     assert cfg.budget.resident_layers == 0 and cfg.budget.vram_gb is None and cfg.readers.count == 1
     assert (cfg.procs.transport, cfg.cpu.share, cfg.experts.policy) == ("ipc", "0", "lfu")
     assert PipelineConfig() == PipelineConfig(Budget(), ReaderOptions(), CpuOptions())
+
+
+def test_the_reader_bound_is_run_pipelines():
+    """(two copies of one bound: args.py is read before torch is imported, and imports this module)"""
+    from layerstream.coordinator import args, pipeline_config
+
+    assert pipeline_config.MAX_READERS == args.MAX_READERS
