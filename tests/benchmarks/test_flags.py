@@ -90,6 +90,11 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["pipeline", "--resident-layers", "-1"], "--resident-layers -1: give 0 or more"),
     (["serve", "--expert-cache-gb", "nan"], "--expert-cache-gb nan: give a finite number"),
     (["spec", "--step-tokens", "0"], "--step-tokens 0: give at least 1"),
+    (["experts", "-b", "100000"], "-b 100000: give 1 to 4096 (run-pipeline's bound)"),  # (minutes, deaf to signals)
+    (["pipeline", "--vram-slots", "1"], "--vram-slots 1: give 2 to 16 (as run-pipeline)"),  # (refused by the plan, exit 1)
+    (["reader", "-m", "m.gguf", "--shape", "smollm2-135m"],  # (-m was ignored)
+     "-m m.gguf and --shape smollm2-135m: give one of them (a --shape model is written and measured)"),
+    (["reader", "--layers", "3"], "--layers 3: it sets a --shape model's layers; give --shape too"),  # (ignored)
 ])
 def test_a_stages_bad_counts_and_names_are_one_line_and_exit_2(argv, line, capsys):
     """(each of these was a traceback, a hang of the machine, or a deep error: a probe's)"""
