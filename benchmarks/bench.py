@@ -11,6 +11,7 @@ import time
 import torch
 
 from layerstream.errors import LayerstreamError
+from layerstream.proto.signals import HOW, Stopped, raise_stopped
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
 from .flags import problem
@@ -114,16 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the bench is, so that it stops as on Ctrl-C: its `finally`s
-    remove its run's folder under /tmp and stop the processes it started (at the signals' defaults
-    the bench died at once and left both)."""
-
-
-def _stop_signal(signum, frame):
-    raise _Stopped(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:  # (a stop signal while the flags are read and checked, too)
         args = build_parser().parse_args(argv)
@@ -135,13 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LayerstreamError, ValueError) as e:
         print(f"bin/bench: error: {e}", file=sys.stderr)
         return 1
-    except _Stopped as e:
-        signum = e.args[0]
-        print(f"bin/bench: {'terminated' if signum == signal.SIGTERM else 'hung up'}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # (Ctrl-C, or SIGTERM and SIGHUP as Stopped: its finallys ran)
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"bin/bench: {HOW[signum]}", file=sys.stderr)
         return 128 + signum
-    except KeyboardInterrupt:
-        print("bin/bench: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # (`| head`: what was wanted was read)
         return 0
     except OSError as e:  # (a file the stage writes or reads; stdout's own failures are _Output's)
@@ -179,7 +167,7 @@ class _Output:
 
 def entry() -> None:
     """bin/bench: closed standard streams reopened on the null device, the stop signals handled as the
-    bench stops (_Stopped; SIGINT as KeyboardInterrupt, in place of the launcher's early handlers,
+    bench stops (SIGTERM and SIGHUP as early_signals.Stopped, SIGINT as KeyboardInterrupt, in place of the launcher's early handlers,
     which exit at once), then main(), what its output could not write said in one line, and an exit
     without the interpreter's teardown (whose last flush of a closed pipe printed 'Exception ignored')."""
     from layerstream.coordinator.stdio import flush_stdout, open_standard_fds
@@ -189,9 +177,9 @@ def entry() -> None:
     out = sys.stdout
     sys.stdout = _Output(out)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _stop_signal)
+    signal.signal(signal.SIGTERM, raise_stopped)
     if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, _stop_signal)
+        signal.signal(signal.SIGHUP, raise_stopped)
     try:
         code = main()
     except SystemExit as e:  # (argparse's --help and usage errors)

@@ -14,20 +14,17 @@ from __future__ import annotations
 import os
 import signal
 
+from layerstream.proto.signals import HOW
+
 PROG = "run-pipeline"  # (coordinator.args.PROG; that module is not imported here, it is what takes the time)
-_HOW = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
-if hasattr(signal, "SIGHUP"):
-    _HOW[signal.SIGHUP] = "hung up"
-
-
 def install(prog: str = PROG) -> None:
     """The handlers for the imports' time (NOTE above), naming `prog` (bin/bench's launcher's too)."""
     def stop(signum, frame) -> None:
         lead = "\n" if os.isatty(2) else ""  # (as cli._stopped: ^C may end the terminal's line)
-        os.write(2, f"{lead}{prog}: {_HOW[signum]}\n".encode())
+        os.write(2, f"{lead}{prog}: {HOW[signum]}\n".encode())
         os._exit(128 + signum)
 
-    for s in _HOW:
+    for s in HOW:
         signal.signal(s, stop)
 
 

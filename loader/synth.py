@@ -38,6 +38,7 @@ from layerstream.loader.synth_shapes import (
     tensor_type,
 )
 from layerstream.loader.synth_vocab import CHAT_TEMPLATE, add_tokenizer
+from layerstream.proto.signals import HOW, Stopped, raise_stopped
 
 __all__ = ["SHAPES", "ModelShape", "main", "resolve_shape", "shaped_index", "write_shaped_model"]
 
@@ -237,11 +238,6 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
 
 
 
-class _Stopped(Exception):
-    def __init__(self, status: int):
-        self.status = status
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m layerstream.loader.synth",
                                 description="Write a random-weight GGUF of a real model's shape (for benchmarks).")
@@ -262,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     # leaves no partial file that later reads as a damaged download
     part = f"{args.out}.part{os.getpid()}"
 
-    def stop(signum, frame):
-        raise _Stopped(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, raise_stopped)
     t0 = time.perf_counter()
     try:
         write_shaped_model(part, args.shape, args.layers, args.quant, args.seed, progress=True,
@@ -277,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # (its own words name the part file, or nothing: a short write on a full disk)
         print(f"synth: error: {args.out}: {e.strerror or e}; nothing written", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, _Stopped) as e:
-        print(f"synth: {'interrupted' if isinstance(e, KeyboardInterrupt) else 'terminated'}; {args.out} not written",
-              file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else e.status
+    except KeyboardInterrupt as e:  # (Ctrl-C, or SIGTERM as Stopped)
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"synth: {HOW[signum]}; {args.out} not written", file=sys.stderr)
+        return 128 + signum
     finally:
         signal.signal(signal.SIGTERM, previous)
         with contextlib.suppress(FileNotFoundError):

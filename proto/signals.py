@@ -12,6 +12,25 @@ STOP_SIGNALS = frozenset(s for s in (signal.SIGINT, signal.SIGTERM, getattr(sign
 # the shutdown ladder's own signal to one child: its default action ends the process, and nothing sends
 # it to a group (SIGTERM where there is no SIGUSR1: children then take the group's too)
 TERMINATE = getattr(signal, "SIGUSR1", signal.SIGTERM)
+# a stop signal's word in a tool's last line (run-pipeline's, bin/bench's, synth's)
+HOW = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+if hasattr(signal, "SIGHUP"):
+    HOW[signal.SIGHUP] = "hung up"
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) raised where a tool runs, so that it stops as on Ctrl-C: its
+    `finally`s run (the files and processes it made are removed). `signum`: which; its status is
+    128 + signum and its word HOW[signum]."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    """A handler for SIGTERM and SIGHUP: Stopped, where the tool is."""
+    raise Stopped(signum)
 
 
 def ignore_stop_signals() -> None:
