@@ -338,16 +338,23 @@ def test_a_bench_stopped_by_sigterm_or_sighup_removes_its_folders_and_its_proces
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and len(descendants(p.pid)) < 3:  # (its pipeline runs)
+        while time.monotonic() < deadline and len(descendants(p.pid)) < 3:  # (its pipeline starts)
             time.sleep(0.2)
+        time.sleep(3)  # (and runs: its children past their start, as the launcher's signal test waits)
         kids = descendants(p.pid)
         assert len(kids) >= 3 and list(tmp_path.glob("layerstream-*")), p.stderr
         p.send_signal(sig)
         p.wait(timeout=30)
         assert p.returncode == 128 + sig and p.stderr.read().splitlines()[-1] == \
             f"bin/bench: {'terminated' if sig == signal.SIGTERM else 'hung up'}"
-        alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]
-        assert not list(tmp_path.iterdir()) and not alive and not leaked(before, run=p.pid), alive
+        def alive():  # (with their commands; the resource tracker ends once the bench's end closes its pipe)
+            return [(k, open(f"/proc/{k}/cmdline").read().replace("\0", " ")[:120]) for k in kids
+                    if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]
+
+        deadline = time.monotonic() + 5
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list(tmp_path.iterdir()) and not alive() and not leaked(before, run=p.pid), alive()
     finally:
         if p.poll() is None:
             p.kill()
