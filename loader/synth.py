@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -185,6 +186,7 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
             raise ValueError(f"--route-skew: shape {shape.name} has no experts to route")
         router_scales(shape.n_expert, shape.n_expert_used, route_skew, np.random.default_rng(0))  # (refused before writing)
     tensors = _plan(shape, quant, route_skew)
+    _check_space(path, shape, quant, sum(t.nbytes for t in tensors))
 
     w = gguf.GGUFWriter(path, shape.arch)
     w.add_name(f"synthetic {shape.name} {quant}")
@@ -236,6 +238,23 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
         w.close()
     return path
 
+
+HEADER_ROOM = 64 << 20  # (the table, the tokenizer and the alignment's padding: well under this)
+
+
+def _check_space(path: str, shape: ModelShape, quant: str, nbytes: int) -> None:
+    """Refuse, before a byte is written, a file its folder has no room for (a 70B shape is tens of
+    gigabytes: a full disk found near its end cost minutes and left the disk full meanwhile)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # (no such folder: the write itself says so, in its own words)
+        return
+    need = nbytes + HEADER_ROOM
+    if need > free:
+        raise ValueError(f"{shape.name} {quant} ({shape.n_layer} layers) needs {need / 1e9:.1f} GB and {folder} has "
+                         f"{free / 1e9:.1f} GB free; write it on a larger disk (for bin/bench, set TMPDIR) or give "
+                         f"fewer layers")
 
 
 def main(argv: list[str] | None = None) -> int:

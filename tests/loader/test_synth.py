@@ -253,3 +253,32 @@ def test_synth_refuses_a_negative_seed_and_an_empty_path_before_writing(tmp_path
             main(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_its_disk_has_no_room_for_is_refused_before_a_byte_is_written(tmp_path, capsys, monkeypatch):
+    """A probe's: bin/bench --shape llama-3.1-70b wrote 43 GB to the temporary folder with no
+    check, to find a full disk near the end. The free space is a stand-in, a little short of the
+    8B's size (its own tensors' bytes, from the index synth writes)."""
+    import shutil
+    from collections import namedtuple
+
+    from benchmarks import bench
+    from layerstream.loader.synth import shaped_index
+
+    index = shaped_index("llama-3.1-8b")
+    need = sum(t.nbytes for tensors in (*index.layers, index.globals) for t in tensors.values())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * need, 9 * need, need))
+    out = tmp_path / "8b.gguf"
+    assert main([str(out), "--shape", "llama-3.1-8b"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("synth: error: llama-3.1-8b Q4_K_M (32 layers) needs ") and " GB free; " in err, err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+    # the same check for bin/bench's own temporary model, which names TMPDIR
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert bench.main(["compute", "--shape", "llama-3.1-8b", "--device", "cpu", "--reps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bin/bench: error: llama-3.1-8b Q4_K_M (32 layers) needs ") and "TMPDIR" in err, err
+    assert list(tmp_path.iterdir()) == []
+    # a model that fits the stand-in's room is written
+    assert main([str(out), "--shape", "smollm2-135m", "--layers", "1"]) == 0 and out.stat().st_size > 0
