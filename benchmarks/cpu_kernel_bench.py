@@ -129,7 +129,8 @@ def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("cpu-kernel", help="the CPU's matmuls: native kernel on GGUF blocks vs aten int4 vs bf16")
-    p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K,Q4_0", help="block types, comma separated")
+    p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K,Q4_0", type=str.upper,
+                   help="block types, comma separated (q4_k as Q4_K)")
     p.add_argument("-t", "--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
                    help="rows of x, comma separated (default 1,8)")
     p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,

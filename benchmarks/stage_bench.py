@@ -1062,7 +1062,8 @@ def add_stage_parsers(sub) -> None:
 
     p = sub.add_parser("qmatmul", help="matmuls on GGUF blocks: fused kernel against dequantize + cuBLAS")
     device_args(p)
-    p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K", help="block types, comma separated")
+    p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K", type=str.upper,
+                   help="block types, comma separated (q4_k as Q4_K)")
     p.add_argument("--shape-set", choices=sorted(QMATMUL_SHAPES), default="llama-3.1-8b", help="matrix shapes")
     p.add_argument("-b", "--batch", type=ints, default=[1, 2, 4, 8, 16, 32, 64], help="activation rows")
     p.add_argument("--configs", default="", help="variants of the fused kernel to time, comma separated: "

@@ -77,7 +77,7 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["compute", "--sample-layers", "0"], "--sample-layers 0: give at least 1"),
     (["kernels", "--steps", "0"], "--steps 0: give at least 1"),
     (["qmatmul", "--buffers", "-1"], "--buffers -1: give at least 1"),
-    (["qmatmul", "--types", "Q4_K,bogus"], "--types Q4_K,bogus: give block types of Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, "
+    (["qmatmul", "--types", "Q4_K,bogus"], "--types Q4_K,BOGUS: give block types of Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, "
                                            "Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, comma separated"),  # (KeyError)
     (["cpu-kernel", "--types", "F32"], "--types F32: give block types of Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, "
                                        "comma separated"),  # (KeyError: 0)

@@ -417,3 +417,11 @@ def test_a_reader_worker_killed_ends_the_reader_stage_at_once_in_one_line(tmp_pa
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_cpu_kernel_takes_block_types_in_either_case(capsys):
+    """(q4_k was refused as unknown: llama.cpp's tools take types in lower case)"""
+    out = run(capsys, "cpu-kernel", "--types", "q4_k,Q6_k", "-t", "1", "--threads", "1", "--shapes", "256x512",
+              "--reps", "1")
+    paths = [" ".join(line.split()[1:3]) for line in out.splitlines() if line.split()[1:2] in (["native"], ["aten"])]
+    assert "native Q4_K" in paths and "native Q6_K" in paths, out
