@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.device import resolve_device
+from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.errors import LayerstreamError
 
 from .flags import device_args, floats, ints, model_args, pipeline_args, pipeline_config
@@ -257,7 +258,9 @@ def _reader_worker(r: int, files, direct: bool, threads: int, jobs, results, map
 
     from layerstream.loader.arena import Arena
     from layerstream.loader.reader import LayerReader
+    from layerstream.proto.signals import ignore_stop_signals
 
+    ignore_stop_signals()  # (the bench stops its readers; a group's Ctrl-C printed each one's traceback)
     arenas: dict[str, Arena] = {}
     try:
         with LayerReader(files, direct, threads) as rd:
@@ -310,8 +313,6 @@ def bench_reader(args) -> list[dict]:
         procs = [ctx.Process(target=_reader_worker, args=(r, index.files, args.direct, threads, jobs[r], results,
                                                           args.map_threads),
                              daemon=True) for r in range(n)]
-        for p in procs:
-            p.start()
 
         def one_pass(into: Arena | None = None) -> tuple[int, float]:
             for r in range(n):
@@ -349,6 +350,10 @@ def bench_reader(args) -> list[dict]:
 
         rows, cold_cached = [], []
         try:
+            # (the group's Ctrl-C is the bench's alone; its readers ignore it: NOTE [ SIGINT while a child starts ])
+            with stop_signals_blocked():
+                for p in procs:
+                    p.start()
             for mode in args.modes.split(","):
                 times, nbytes = [], 0
                 for _ in range(args.reps):
@@ -369,6 +374,8 @@ def bench_reader(args) -> list[dict]:
             for q in jobs:
                 q.put(None)
             for p in procs:
+                if p.pid is None:  # (stopped before it was started)
+                    continue
                 p.join(10)
                 if p.is_alive():
                     p.kill()

@@ -360,6 +360,35 @@ def test_a_bench_stopped_by_sigterm_or_sighup_removes_its_folders_and_its_proces
             p.kill()
 
 
+def test_a_groups_ctrl_c_while_the_readers_start_is_the_benchs_one_line(tmp_path, tiny):
+    """A probe's: a terminal's Ctrl-C reaches the whole group, and each reader process, still
+    importing its stage in multiprocessing's bootstrap, printed its own KeyboardInterrupt traceback.
+    The readers are spawned with the stop signals blocked and ignore them; the bench stops them."""
+    import pathlib
+    import subprocess
+
+    from procs import descendants
+
+    launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
+    p = subprocess.Popen([str(launcher), "reader", "-m", tiny, "--readers", "4", "--reps", "100000"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(descendants(p.pid)) < 3:  # (its readers are being spawned)
+            time.sleep(0.02)
+        kids = descendants(p.pid)
+        os.killpg(p.pid, signal.SIGINT)  # (as a terminal sends it: to the bench and its readers)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and err.strip().splitlines() == ["bin/bench: interrupted"], err
+        deadline = time.monotonic() + 15  # (readers finish their read, then end)
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{k}") for k in kids):
+            time.sleep(0.1)
+        assert not [k for k in kids if os.path.exists(f"/proc/{k}")]
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def test_a_ctrl_c_while_the_bench_starts_is_its_one_line_and_130():
     """(a Ctrl-C in its first second, while torch was imported, printed a KeyboardInterrupt traceback
     and the bench died by the signal, status -2)"""
