@@ -14,7 +14,7 @@ from layerstream.errors import LayerstreamError
 from layerstream.proto.signals import HOW, Stopped, raise_stopped
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
-from .flags import problem
+from .flags import context_problem, problem
 from .links_bench import add_parser as add_links_parser
 from .spec_bench import add_spec_parser
 from .stage_bench import add_stage_parsers, device_name, time_decode
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:  # (a stop signal while the flags are read and checked, too)
         args = build_parser().parse_args(argv)
-        wrong = problem(args)
+        wrong = problem(args) or context_problem(args)  # (the second reads the model's header)
         if wrong:  # (as argparse's own errors: one line, exit 2)
             print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
             return 2

@@ -4,6 +4,7 @@ options built from them once, for every stage that starts the pipeline (pipeline
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def ints(s: str) -> list[int]:
@@ -160,3 +161,53 @@ def pipeline_config(args, direct: bool = False, trace: bool = False):
         experts=pc.ExpertOptions(args.expert_cache_gb, args.moe_dense, args.expert_policy, args.expert_prefetch),
         procs=pc.ProcessOptions(trace=trace),
     )
+
+
+def _lengths(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """A stage's sequences as (its flags as typed, tokens): each must fit the model's context."""
+    a, cmd = args, getattr(args, "cmd", None)
+    if cmd == "engine":
+        return [(f"-p {a.prompt_tokens}", a.prompt_tokens),
+                (f"--decode-prompt {a.decode_prompt} + --decode-tokens {a.decode_tokens}", a.decode_prompt + a.decode_tokens)]
+    if cmd == "compute":
+        return [(f"--tokens {a.tokens}", a.tokens), (f"--decode-context {a.decode_context} + 1", a.decode_context + 1)]
+    if cmd == "kernels":
+        return [(f"--context {a.context} + --steps {a.steps}", a.context + a.steps)]
+    if cmd == "pipeline":
+        from .stage_bench import GENERATE_PROMPT
+
+        return [(f"--tokens {a.tokens}", a.tokens),
+                (f"its {GENERATE_PROMPT}-token prompt + --generate-tokens {a.generate_tokens}",
+                 GENERATE_PROMPT + a.generate_tokens)]
+    if cmd == "serve":
+        return [(f"-p {a.prompt_tokens} + --tokens {a.tokens}", a.prompt_tokens + a.tokens)]
+    if cmd == "spec":  # (the draft proposes as many tokens again, after the same prompt)
+        from .spec_bench import PROMPT
+
+        m = max(a.verify)
+        return [(f"its {PROMPT}-token prompt + twice --verify {m}", PROMPT + 2 * m)]
+    return []
+
+
+def context_problem(args: argparse.Namespace) -> str | None:
+    """A stage's sequence longer than its model's context, in one line (None: none is): such a
+    length ran for minutes with no output (and past the positions the model was trained for)."""
+    lengths = _lengths(args)
+    if not lengths:
+        return None
+    if getattr(args, "shape", None):
+        from layerstream.loader.synth_shapes import resolve_shape
+
+        shape = resolve_shape(args.shape, args.layers)
+        name, n_ctx = f"--shape {shape.name}", shape.context_length
+    else:
+        from layerstream.loader.default_model import default_model_path
+        from layerstream.loader.gguf_index import open_model
+
+        path = args.model or default_model_path()
+        name, n_ctx = os.path.basename(path), open_model(path).hparams.context_length
+    for what, n in lengths:
+        if n > n_ctx:
+            total = f" = {n} tokens" if "+" in what else ""
+            return f"{what}{total}: past the context of {name} ({n_ctx} tokens); give fewer"
+    return None

@@ -120,3 +120,45 @@ def test_a_device_this_engine_does_not_run_on_is_refused(stage, device, capsys):
     """(dequant on meta printed made-up figures; transfer on mps timed a CPU copy and reported it)"""
     assert bench.main([stage, "--device", device]) == 1
     assert capsys.readouterr().err == f"bin/bench: error: --device {device}: use auto, cpu, cuda or cuda:N\n"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["engine", "--decode-tokens", "100000"], "--decode-prompt 16 + --decode-tokens 100000 = 100016 tokens"),
+    (["engine", "-p", "8193"], "-p 8193"),
+    (["compute", "--tokens", "9000"], "--tokens 9000"),
+    (["compute", "--decode-context", "8192"], "--decode-context 8192 + 1 = 8193 tokens"),
+    (["kernels", "--context", "8150", "--steps", "50"], "--context 8150 + --steps 50 = 8200 tokens"),
+    (["pipeline", "--generate-tokens", "9000"], "its 39-token prompt + --generate-tokens 9000 = 9039 tokens"),
+    (["serve", "-p", "8000", "--tokens", "500"], "-p 8000 + --tokens 500 = 8500 tokens"),
+    (["spec", "--verify", "1,5000"], "its 32-token prompt + twice --verify 5000 = 10032 tokens"),
+])
+def test_a_sequence_past_the_models_context_is_one_line_and_exit_2(argv, line, capsys, tmp_path, monkeypatch):
+    """A probe's: `engine --decode-tokens 100000` ran for minutes with no output, and -p 100000 was
+    refused by host memory with a hint at flags the stage does not have (--ctx, --batch). A
+    --shape's context is its own (SmolLM2's 8192 tokens), and nothing is written for it."""
+    import os
+
+    from layerstream.loader.default_model import default_model_path
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    shape = argv[0] != "engine"  # (the engine stage runs a file: the default model, of the same context)
+    assert bench.main([*argv, *(["--shape", "smollm2-135m"] if shape else []), "--device", "cpu"]) == 2
+    name = "--shape smollm2-135m" if shape else os.path.basename(default_model_path())
+    assert capsys.readouterr().err == (f"bin/bench {argv[0]}: error: {line}: past the context of {name} "
+                                       f"(8192 tokens); give fewer (see bin/bench {argv[0]} --help)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sequence_that_fits_the_context_is_not_refused(tiny):
+    """(the bound is the model's own context, read from its header: the tiny model's)"""
+    import argparse
+
+    from benchmarks.flags import context_problem
+    from layerstream.loader.gguf_index import open_model
+
+    n_ctx = open_model(tiny).hparams.context_length
+    args = argparse.Namespace(cmd="engine", model=tiny, shape=None, prompt_tokens=n_ctx, decode_prompt=16,
+                              decode_tokens=n_ctx - 16)
+    assert context_problem(args) is None
+    args.decode_tokens += 1
+    assert context_problem(args).startswith(f"--decode-prompt 16 + --decode-tokens {n_ctx - 15} = {n_ctx + 1} tokens")
