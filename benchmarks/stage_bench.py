@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import statistics
+import sys
 import tempfile
 import time
 
@@ -962,6 +963,21 @@ def bench_serve(args) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _fd2_quiet():
+    """The process's standard error (file descriptor 2, where C++ libraries write) to the null device
+    meanwhile: for a library's chatter only, never around work that can fail."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def bench_kernels(args) -> None:
     """The kernels a decode step of the in-VRAM engine launches and the device time each takes
     (torch.profiler; on the CPU, the operators and their CPU time), at batch 1 after a prompt of
@@ -1011,9 +1027,15 @@ def bench_kernels(args) -> None:
             turn_s = statistics.median(time_decode(eng.core, [[(7 * i) % V for i in range(n)]], args.steps, sync))
             eng.core.lookahead = True
             k = 10
-            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+            with _fd2_quiet():  # (the profiler's own log lines, printed at its start and stop, not the table's)
+                prof.start()
+            try:
                 decode(k)
                 sync()
+            finally:
+                with _fd2_quiet():
+                    prof.stop()
     agg: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     if cuda:
         for e in prof.events():
