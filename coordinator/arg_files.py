@@ -71,15 +71,38 @@ def read_prompt(option: str, path: str) -> str:
     return text
 
 
+NO_PROMPT = "no prompt given; pass the prompt text (or pipe it in), or --chat for an interactive chat"
+
+
+def read_prompt_text(args) -> None:
+    """The prompt's text into args.prompt (checked args: args.check_args'): -f's file, or standard
+    input where no prompt was given; UsageError where there is none. Read last, after the model's
+    header too: a file or a pipe can wait on its writer, and a command line that cannot run says
+    so at once rather than after it."""
+    if args.prompt_file is not None:
+        args.prompt = [read_prompt(args.prompt_source, args.prompt_file)]
+    elif not args.prompt and not (args.serve or args.perplexity or args.chat):
+        piped = piped_prompt()
+        args.prompt = [piped] if piped is not None else []
+    if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
+        raise UsageError(NO_PROMPT)
+
+
+def stdin_readable() -> bool:
+    """Whether standard input is a pipe, a file or a socket (piped_prompt reads it), not a terminal,
+    /dev/null or closed."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
 def piped_prompt() -> str | None:
     """The prompt on standard input where that is a pipe or a file and no prompt was given
     (`echo text | run-pipeline -m M`, as Ollama reads one), read to its end; None where standard
     input is a terminal, /dev/null or closed, or holds only blanks."""
-    try:
-        mode = os.fstat(0).st_mode
-    except OSError:
-        return None
-    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
+    if not stdin_readable():
         return None
     text = _read_text("standard input", "-")
     return None if _blank(text) else text

@@ -10,12 +10,12 @@ import re
 import sys
 
 from layerstream.coordinator.arg_files import (
+    NO_PROMPT,
     check_trace,
     path_problem,
     perplexity_problem,
-    piped_prompt,
     prompt_file_problem,
-    read_prompt,
+    stdin_readable,
 )
 from layerstream.coordinator.spelling import (
     UsageError,
@@ -401,15 +401,11 @@ def check_args(args) -> None:
         if not share_off and args.device == "cpu":
             fail(cpu_share_on_cpu(args.cpu_share, "--device cpu"))
     refuse_unused(args, share_off)
-    # the prompt's text read last: a file or a pipe can wait on its writer, and a command line that
-    # cannot run says so at once rather than after it
-    if args.prompt_file is not None:
-        args.prompt = [read_prompt("standard input" if stdin_word else opt("prompt_file"), args.prompt_file)]
-    elif not args.prompt and not (args.serve or args.perplexity or args.chat):
-        piped = piped_prompt()
-        args.prompt = [piped] if piped is not None else []
-    if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
-        fail("no prompt given; pass the prompt text (or pipe it in), or --chat for an interactive chat")
+    # the prompt's text is read later, after the model's header is checked (arg_files.read_prompt_text)
+    args.prompt_source = "standard input" if stdin_word else opt("prompt_file")
+    wanted = not (args.serve or args.perplexity or args.chat)
+    if wanted and args.prompt_file is None and not " ".join(args.prompt).strip() and not stdin_readable():
+        fail(NO_PROMPT)
 
 
 # Options of one mode that others drop (compared with their defaults: given at the default they change nothing)

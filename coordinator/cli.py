@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 
+from layerstream.coordinator.arg_files import read_prompt_text
 from layerstream.coordinator.args import (
     PROG,
     UsageError,
@@ -335,6 +336,7 @@ def _run_bound(args, api_key, sock, warm, gcs) -> int:
     index = check_header(args)
     check_quants(index)
     check_device(args)
+    read_prompt_text(args)  # (last: a pipe can wait on its writer)
     params = _sampling(args)
     from layerstream.coordinator.turn import Rates
     rates = Rates()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import ggufgen
+from layerstream.coordinator.arg_files import read_prompt_text
 from layerstream.coordinator.args import UsageError, build_parser, check_args
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
@@ -91,22 +92,28 @@ def test_llama_cpp_spellings_are_aliases():
     assert math.isnan(a.min_p) and a.typed["temperature"] == ("--temp", "-inf")
 
 
+def _read(a) -> None:
+    """run-pipeline's checks of the flags, then its read of the prompt (after the model's header)."""
+    check_args(a)
+    read_prompt_text(a)
+
+
 def test_the_prompt_from_a_file(tmp_path):
     text = "Once upon a time\nthere was a file.\n"
     (tmp_path / "p.txt").write_text(text)
     a = build_parser().parse_args(["-f", str(tmp_path / "p.txt")])
-    check_args(a)
+    _read(a)
     assert a.prompt == [text[:-1]]  # less the file's last newline, as llama.cpp's -f reads it
     (tmp_path / "two.txt").write_text("Q: why?\n\n")
     a = build_parser().parse_args(["-f", str(tmp_path / "two.txt")])
-    check_args(a)
+    _read(a)
     assert a.prompt == ["Q: why?\n"]  # (one newline only)
     for twice in (["-f", str(tmp_path / "p.txt"), "words"], ["--file", str(tmp_path / "p.txt"), "-p", "x"]):
         with pytest.raises(UsageError, match="the prompt is given twice"):
             check_args(build_parser().parse_args(twice))
     (tmp_path / "blank.txt").write_text(" \n")
     with pytest.raises(UsageError, match="the file holds no prompt text"):
-        check_args(build_parser().parse_args(["-f", str(tmp_path / "blank.txt")]))
+        _read(build_parser().parse_args(["-f", str(tmp_path / "blank.txt")]))
 
 
 def test_a_prompt_piped_in_is_read_when_none_is_given(model):
@@ -162,13 +169,19 @@ def test_a_piped_prompt_waits_for_a_slow_writer_and_never_holds_a_refusal(model)
         writer.join(10)
         os.close(read_end)
     assert r.returncode == 0 and r.stdout == typed.stdout, r.stderr
+    truncated = Path(model).parent / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\3\0\0\0")
     read_end, write_end = os.pipe()  # open for the run's whole length: nothing is ever written
     try:
-        for bad, words in ((["--top-p", "5"], "--top-p 5: must be"), (["--system", "x"], "--system needs --chat"),
-                           (["-m", "/nonexistent.gguf"], "-m /nonexistent.gguf: no such file")):
+        for bad, words, code in ((["--top-p", "5"], "--top-p 5: must be", 2),
+                                 (["--system", "x"], "--system needs --chat", 2),
+                                 (["-m", "/nonexistent.gguf"], "-m /nonexistent.gguf: no such file", 2),
+                                 # (what needs the model's header: it was said only once the pipe closed)
+                                 (["--expert-cache-gb", "1"], "--expert-cache-gb: does nothing with a dense model", 2),
+                                 (["-m", str(truncated)], f"{truncated}: truncated GGUF file", 1)):
             r = subprocess.run([str(LAUNCHER), *args, *bad], stdin=read_end, capture_output=True, text=True,
                                timeout=60)
-            assert _one_line(r).startswith(words), r.stderr
+            assert _one_line(r, code).startswith(words), r.stderr
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -291,14 +304,14 @@ def test_the_prompt_file_may_be_standard_input_or_a_pipe(tmp_path, monkeypatch):
 
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("Two plus two is".encode())))
     a = build_parser().parse_args(["-f", "-"])
-    check_args(a)
+    _read(a)
     assert a.prompt == ["Two plus two is"]
     fifo = tmp_path / "p"
     os.mkfifo(fifo)
     writer = threading.Thread(target=lambda: fifo.write_text("The sky is"))
     writer.start()
     a = build_parser().parse_args(["--file", str(fifo)])
-    check_args(a)
+    _read(a)
     writer.join(10)
     assert a.prompt == ["The sky is"]
 
