@@ -55,16 +55,20 @@ def problem(args: argparse.Namespace) -> str | None:
         bad = [v for v in each(name) if not v > 0]
         if bad:
             return f"{flag(name)} {bad[0]:g}: give more than 0"
-    from layerstream.coordinator.args import MAX_BATCH, MAX_READERS
+    from layerstream.coordinator.args import MAX_BATCH, MAX_GB, PIPELINE_COUNTS
 
-    if getattr(args, "readers", None) is not None and args.readers > MAX_READERS:  # (each a process of its own)
-        return f"--readers {args.readers}: give 1 to {MAX_READERS}"
+    # run-pipeline's bounds (a thousand --readers, each a process, ran the machine out of memory)
+    for name, (low, high) in PIPELINE_COUNTS.items():
+        v = getattr(args, name, None)
+        if v is not None and not low <= v <= high:
+            return f"{flag(name)} {v}: give {low} to {high} (as run-pipeline)"
     bad = [b for b in each("batch") if b > MAX_BATCH]  # (-b 100000 grew for minutes past any stop signal)
     if bad:
         return f"-b {bad[0]}: give 1 to {MAX_BATCH} (run-pipeline's bound)"
-    slots = getattr(args, "vram_slots", None)
-    if slots is not None and not 2 <= slots <= 16:
-        return f"--vram-slots {slots}: give 2 to 16 (as run-pipeline)"
+    for name in ("vram_gb", "host_cache_gb", "expert_cache_gb"):
+        v = getattr(args, name, None)
+        if v is not None and v > MAX_GB:
+            return f"{flag(name)} {v:g}: give at most {MAX_GB} (as run-pipeline)"
     if getattr(args, "shape", None) and getattr(args, "model", None):
         return f"-m {args.model} and --shape {args.shape}: give one of them (a --shape model is written and measured)"
     if getattr(args, "layers", None) is not None and hasattr(args, "shape") and not args.shape:

@@ -32,6 +32,10 @@ MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not impo
 MAX_CTX = 1 << 22
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
 SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
+# the pipeline's counts and their bounds, as options of run-pipeline and of bin/bench's pipeline stages
+PIPELINE_COUNTS = {"readers": (1, MAX_READERS), "prefetch": (1, 1 << 16), "resident_layers": (0, 1 << 16),
+                   "step_tokens": (1, MAX_CTX), "cpu_threads": (1, 4096), "vram_slots": (2, 16),
+                   "expert_prefetch": (0, 1 << 16)}
 # The repeat penalty divides a seen token's positive logit by it (float32): a penalty of 1e-39 made
 # every such logit infinite, which reads as a broken model. Within [0.01, 100] it scales a logit by
 # at most 100 either way, finite for any logit a working model makes (a float32 overflow would need
@@ -339,17 +343,12 @@ def check_args(args) -> None:
     args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
     args.draft_policy = args.draft_policy or "adaptive"
     ints("sink-tokens", args.sink_tokens, 0, MAX_CTX)
-    ints("readers", args.readers, 1, MAX_READERS)
+    for name, (low, high) in PIPELINE_COUNTS.items():
+        ints(name, getattr(args, name), low, high)
     ints("read-threads", args.read_threads, 1, MAX_READ_THREADS)
-    ints("prefetch", args.prefetch, 1, 1 << 16)
-    ints("resident-layers", args.resident_layers, 0, 1 << 16)
-    ints("step-tokens", args.step_tokens, 1, MAX_CTX)
     cores = os.cpu_count() or 1
-    ints("cpu-threads", args.cpu_threads, 1, 4096)
     if args.cpu_threads is not None and args.cpu_threads > cores:
         fail(f"{opt('cpu-threads', args.cpu_threads)}: this machine has {cores} cores; give at most {cores}")
-    ints("vram-slots", args.vram_slots, 2, 16)
-    ints("expert-prefetch", args.expert_prefetch, 0, 1 << 16)
     if args.vram_gb is not None and math.isfinite(args.vram_gb) and args.vram_gb <= 0:
         fail(f"{opt('vram-gb', args.vram_gb)}: give the device memory budget in GiB, above 0 (for example "
              "--vram-gb 4); leave it out for the whole free memory")

@@ -72,7 +72,7 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["reader", "--readers", "1000"], "--readers 1000: give 1 to 64"),  # (a thousand processes ran the machine out of memory)
+    (["reader", "--readers", "1000"], "--readers 1000: give 1 to 64 (as run-pipeline)"),  # (a thousand processes ran the machine out of memory)
     (["reader", "--readers", "0"], "--readers 0: give at least 1"),  # (ZeroDivisionError)
     (["compute", "--sample-layers", "0"], "--sample-layers 0: give at least 1"),
     (["kernels", "--steps", "0"], "--steps 0: give at least 1"),
@@ -92,6 +92,8 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["spec", "--step-tokens", "0"], "--step-tokens 0: give at least 1"),
     (["experts", "-b", "100000"], "-b 100000: give 1 to 4096 (run-pipeline's bound)"),  # (minutes, deaf to signals)
     (["pipeline", "--vram-slots", "1"], "--vram-slots 1: give 2 to 16 (as run-pipeline)"),  # (refused by the plan, exit 1)
+    (["serve", "--prefetch", "100000"], "--prefetch 100000: give 1 to 65536 (as run-pipeline)"),
+    (["spec", "--host-cache-gb", "1e300"], "--host-cache-gb 1e+300: give at most 1048576 (as run-pipeline)"),
     (["reader", "-m", "m.gguf", "--shape", "smollm2-135m"],  # (-m was ignored)
      "-m m.gguf and --shape smollm2-135m: give one of them (a --shape model is written and measured)"),
     (["reader", "--layers", "3"], "--layers 3: it sets a --shape model's layers; give --shape too"),  # (ignored)
