@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from layerstream.compute.sampling import SamplingParams
@@ -24,6 +25,22 @@ MAX_TOKENS = 1 << 22
 # unparsed. Numbers and strings are cheap to parse and not counted, so a prompt of CSV or token ids
 # never meets it.
 MAX_JSON_CONTAINERS = 1 << 20
+# NOTE [ bodies of many arrays ]
+# Parsing holds the interpreter's lock, which a single-process server's engine needs between its
+# kernels: four clients sending bodies under a megabyte of empty arrays (each a tenth of a second
+# to parse and walk) slowed every other client's generation tens of times. A request needs few
+# arrays and objects outside its strings (its messages, their parts, a list of token ids, stop
+# strings): so a body of HEAVY_CONTAINERS '[' and '{' or more (strings included, a cheap count)
+# parses in the costly bodies' own thread, one at a time (Server.large_pool), and its arrays and
+# objects outside strings are counted first (its strings cut out, in C: about a millisecond a
+# megabyte): past MAX_STRUCTURE it is refused unparsed. A prompt of pasted code or JSON keeps its
+# brackets in a string and is not refused.
+HEAVY_CONTAINERS = 1 << 12
+MAX_STRUCTURE = 1 << 16
+JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+# a \u escape of a UTF-16 surrogate (D800-DFFF): only such escapes parse to a lone surrogate (raw
+# bytes that are not UTF-8 fail the decode), so the walk over every string runs only where one is
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_LOOKUP = 1 << 12  # drafted tokens a step a request may ask for (a step holds fewer anyway)
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -78,10 +95,15 @@ def parse_json(raw: bytes) -> dict:
             raise ValueError(f"the number {s[:40]} is out of range")
         return v
 
-    opens = raw.count(b"[") + raw.count(b"{")
+    opens = containers(raw)
     if opens > MAX_JSON_CONTAINERS:
         raise ApiError(400, f"the body holds {opens:,} '[' and '{{' (strings included), more than the "
                             f"{MAX_JSON_CONTAINERS:,} a request may: too many JSON arrays and objects")
+    if opens >= HEAVY_CONTAINERS:  # (NOTE [ bodies of many arrays ])
+        outside = containers(JSON_STRING.sub(b'""', raw))
+        if outside > MAX_STRUCTURE:
+            raise ApiError(400, f"the body holds {outside:,} JSON arrays and objects outside its strings, more than "
+                                f"the {MAX_STRUCTURE:,} a request may")
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=constant, parse_float=finite)
     except UnicodeDecodeError as e:
@@ -92,8 +114,14 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    _check_strings(body)
+    if SURROGATE_ESCAPE.search(raw):
+        _check_strings(body)
     return body
+
+
+def containers(raw: bytes) -> int:
+    """'[' and '{' in a body, strings included: at most the JSON arrays and objects it can hold."""
+    return raw.count(b"[") + raw.count(b"{")
 
 
 def _check_strings(obj) -> None:

@@ -40,10 +40,12 @@ from layerstream.coordinator.http_guard import Guard, Limits, guarded_protocol, 
 from layerstream.coordinator.listen import bound_socket
 from layerstream.coordinator.openai_api import (
     DEFAULTS,
+    HEAVY_CONTAINERS,
     SEED_RANGE,
     STOPPING,
     ApiError,
     GenRequest,
+    containers,
     parse_json,
     parse_request,
 )
@@ -76,8 +78,9 @@ class Server:
         self.hurried = lambda: False  # a second signal came (serve: GracefulServer.force_exit)
         self.ending = False  # end_requests was called: the server stops
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="layerstream-parse")  # bodies and prompts
-        # bodies of LARGE_BODY bytes or more, one at a time in a thread of their own: a 16 MiB body of junk
-        # JSON takes seconds to parse, and two of them held both threads, so every small request waited (a probe's)
+        # bodies of LARGE_BODY bytes or more, or of HEAVY_CONTAINERS arrays and objects, one at a time in a thread
+        # of their own: a 16 MiB body of junk JSON takes seconds to parse, and two of them held both threads, so
+        # every small request waited (a probe's)
         self.large_pool = ThreadPoolExecutor(1, thread_name_prefix="layerstream-parse-large")
         self.created = int(time.time())
         self.max_prompt_bytes = engine.cfg.ctx * engine.tokenizer.longest_piece
@@ -221,7 +224,8 @@ class Server:
         self._auth(request)
         raw, held = await self._read_body(request)
         try:
-            pool = self.pool if len(raw) < LARGE_BODY else self.large_pool
+            costly = len(raw) >= LARGE_BODY or containers(raw) >= HEAVY_CONTAINERS
+            pool = self.large_pool if costly else self.pool
             req, ids = await asyncio.get_running_loop().run_in_executor(pool, self._prepare, raw, kind)
         finally:
             self.bodies.give(held)

@@ -121,6 +121,39 @@ def test_a_body_of_too_many_json_arrays_and_objects_is_refused_unparsed(monkeypa
     assert parse_json(json.dumps({"prompt": ids}).encode()) == {"prompt": ids}
 
 
+def test_a_body_of_many_arrays_outside_its_strings_is_refused_unparsed_and_brackets_in_strings_are_not(monkeypatch):
+    """A probe's: four clients sending bodies under a megabyte of empty arrays (under
+    MAX_JSON_CONTAINERS) slowed a single-process server's generation tens of times, each parse
+    holding the interpreter's lock. Past MAX_STRUCTURE arrays and objects outside strings a body
+    is refused before the parser sees it (NOTE [ bodies of many arrays ]); a prompt holding as many
+    brackets in its text parses."""
+    from layerstream.coordinator import openai_api
+
+    limit = openai_api.MAX_STRUCTURE
+    real = openai_api.json.loads
+    monkeypatch.setattr(openai_api.json, "loads", lambda *a, **k: pytest.fail("the junk body was parsed"))
+    junk = b'{"prompt": "a \\" [[", "x": [' + b"[], " * limit + b"[]]}"  # (a string with an escaped quote too)
+    with pytest.raises(ApiError) as e:
+        parse_json(junk)
+    assert e.value.status == 400 and e.value.message == (
+        f"the body holds {limit + 3:,} JSON arrays and objects outside its strings, more than the {limit:,} a "
+        "request may")
+    monkeypatch.setattr(openai_api.json, "loads", real)
+    text = '{"a": [1, {"b": "]"}]}, \\"[' * limit  # (pasted JSON, escaped quotes and backslashes)
+    assert parse_json(json.dumps({"prompt": text, "stop": ["[", "{"]}).encode())["prompt"] == text
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}] * ((limit - 2) // 3)}
+    assert parse_json(json.dumps(body).encode()) == body  # (just under: three a message)
+
+
+def test_a_lone_surrogate_is_refused_and_its_lookalikes_are_not():
+    """(the walk over every string runs only where a surrogate's escape is in the body)"""
+    for raw in (b'{"prompt": "\\ud800"}', b'{"prompt": "a", "stop": ["\\uDFFF"]}', b'{"\\udbff": 1}'):
+        with pytest.raises(ApiError, match="lone UTF-16 surrogate"):
+            parse_json(raw)
+    assert parse_json(b'{"prompt": "\\ud83d\\ude00"}') == {"prompt": "\U0001f600"}  # (a pair: one character)
+    assert parse_json(b'{"prompt": "\\\\ud800"}') == {"prompt": "\\ud800"}  # (a backslash, then text)
+
+
 def test_the_servers_defaults_fill_the_fields_a_request_does_not_set():
     """run-pipeline's sampling options given with --serve (args.served_sampling) take OpenAI's
     defaults' place; what a request sets still wins."""

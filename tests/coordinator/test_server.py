@@ -1555,23 +1555,30 @@ def test_a_second_signal_stops_a_server_whose_engine_hangs_at_once(sig):
             p.wait()
 
 
-def test_large_bodies_parse_apart_so_small_requests_never_wait_behind_them(live, monkeypatch):
+@pytest.mark.parametrize("costly", ["bytes", "brackets"])
+def test_large_bodies_parse_apart_so_small_requests_never_wait_behind_them(live, monkeypatch, costly):
     """A probe's: two 16 MiB bodies of junk JSON, seconds of parsing each, held both threads of the parse
-    pool, and a 2-token chat took 7.7 s. Bodies of LARGE_BODY bytes or more now parse one at a time in
-    a thread of their own: here two large ones are held in their parse while a small one is served."""
+    pool, and a 2-token chat took 7.7 s. Bodies of LARGE_BODY bytes or more, or of HEAVY_CONTAINERS '['
+    and '{' (a later probe's bodies of many arrays, under a megabyte), now parse one at a time in a
+    thread of their own: here two such are held in their parse while a small one is served."""
+    from layerstream.coordinator.openai_api import HEAVY_CONTAINERS
     from layerstream.coordinator.server import LARGE_BODY
 
     release, entered = threading.Event(), []
     prepare = live.server._prepare
+    if costly == "bytes":
+        body = b'{"prompt": "The sky is", "max_tokens": 1, "temperature": 0}' + b" " * (LARGE_BODY + 1000)
+    else:
+        stops = ["[" * 256] * (HEAVY_CONTAINERS // 256)  # (as many as a request may: no prompt past the context)
+        body = json.dumps({"prompt": "The sky is", "max_tokens": 1, "temperature": 0, "stop": stops}).encode()
 
     def held(raw, kind):
-        if len(raw) >= LARGE_BODY:
+        if raw == body:
             entered.append(len(raw))
             release.wait(30)
         return prepare(raw, kind)
 
     monkeypatch.setattr(live.server, "_prepare", held)
-    body = b'{"prompt": "The sky is", "max_tokens": 1, "temperature": 0}' + b" " * (LARGE_BODY + 1000)
     answers = []
     large = [threading.Thread(target=lambda: answers.append(_call(live.port, "POST", "/v1/completions", body)[0]))
              for _ in range(2)]
