@@ -44,6 +44,10 @@ GRACE_S = 5.0
 # handlers given to answer their aborts: the engine aborts after the step in flight (a pass of a
 # streamed 70B takes about a second)
 ABORT_WAIT_S = 3.0
+# a signal's copy: the same signal again within this long is the first one reaching the server twice
+# (Ctrl-C or `kill -- -PGID` reaches the group, and `timeout` in it passes its own copy on), not a
+# second signal asking to stop at once, which a person's second Ctrl-C comes well after
+ECHO_S = 0.1
 
 
 class GracefulServer(uvicorn.Server):
@@ -58,8 +62,12 @@ class GracefulServer(uvicorn.Server):
         self.stop_began = stop_began
 
     def handle_exit(self, sig: int, frame) -> None:
+        now = time.monotonic()
         if not self._captured_signals:  # the first signal sets the exit status (uvicorn raises it again)
             self._captured_signals.append(sig)
+            self._first_at = now
+        elif sig == self._captured_signals[0] and now - self._first_at < ECHO_S:
+            return  # the first one's copy (a group's signal passed on by `timeout` too), not a second
         if self.should_exit:
             self.force_exit = True  # a second signal: stop the requests now
         else:

@@ -1288,6 +1288,31 @@ def test_stopping_ends_requests_in_flight_with_abort_and_done(how, mode):
     assert len(lines) == 2 and lines[-1] in ("run-pipeline: terminated", "run-pipeline: interrupted"), err
 
 
+def test_a_signals_copy_is_not_a_second_signal():
+    """A probe's: `timeout 600 run-pipeline --serve` stopped by Ctrl-C or `kill -- -PGID` got the
+    signal twice, the group's and the one `timeout` passes on, and took the copy for a second signal:
+    the requests in flight were cut at once, with no grace. The same signal again within ECHO_S is the
+    first one's copy; another signal, or the same one later, is a second."""
+    import uvicorn
+
+    from layerstream.coordinator.server_stop import ECHO_S, GracefulServer
+
+    def server():
+        return GracefulServer(uvicorn.Config(app=None), end_requests=lambda: None)
+
+    http = server()
+    http.handle_exit(signal.SIGTERM, None)
+    http.handle_exit(signal.SIGTERM, None)  # (the copy)
+    assert http.should_exit and not http.force_exit and http._captured_signals == [signal.SIGTERM]
+    time.sleep(ECHO_S * 1.5)
+    http.handle_exit(signal.SIGTERM, None)
+    assert http.force_exit
+    http = server()
+    http.handle_exit(signal.SIGINT, None)
+    http.handle_exit(signal.SIGTERM, None)  # (another signal: a second, however soon)
+    assert http.force_exit and http._captured_signals == [signal.SIGINT]
+
+
 def test_max_queue_counts_the_requests_beyond_the_running_batch():
     """2 rows and --max-queue 1: four requests at once are 2 running, 1 queued, and the fourth a
     429 (the probe: the second one was refused, though a row was free for it), said in good grammar."""
