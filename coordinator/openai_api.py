@@ -220,6 +220,16 @@ HARMLESS_CHAT = {
     "tool_choice": _is("none", str),
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
     "store": _is(False, bool),
+    # fields that change nothing a model without tools, audio or reasoning generates, where null or their
+    # default (what OpenAI's SDK sends from a default-built request; vLLM and llama.cpp's server ignore them)
+    "function_call": _is("none", str),
+    "service_tier": lambda v: v is None or v in ("auto", "default"),
+    "metadata": lambda v: v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+    "modalities": lambda v: v is None or v == ["text"],
+    "reasoning_effort": _is(None),
+    "prediction": _is(None),
+    "audio": _is(None),
+    "web_search_options": _is(None),
 }
 UNSERVED = {"logprobs": "it returns no token log-probabilities; leave 'logprobs' out or give null"}
 HARMLESS = {"completion": HARMLESS_BOTH | HARMLESS_COMPLETION, "chat": HARMLESS_BOTH | HARMLESS_CHAT}
@@ -285,6 +295,11 @@ def sampling_from(body: dict, kind: str, defaults: dict = DEFAULTS) -> SamplingP
     )
 
 
+# keys of an assistant's message as OpenAI's SDK returns it (`message.model_dump()`, passed back in the
+# next request), taken where null or empty: a reply's tool calls, refusal or audio would be a 400
+EMPTY_MESSAGE_KEYS = frozenset({"refusal", "tool_calls", "function_call", "audio", "annotations"})
+
+
 def _messages(v) -> list[dict]:
     """Chat messages: role system/developer/user/assistant; content a string or text parts."""
     if not isinstance(v, list) or not v:
@@ -295,7 +310,7 @@ def _messages(v) -> list[dict]:
         if not isinstance(m, dict):
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where)
         for key in m:
-            if key not in ("role", "content", "name"):
+            if key not in ("role", "content", "name") and not (key in EMPTY_MESSAGE_KEYS and m[key] in (None, [])):
                 raise ApiError(400, f"'{where}.{key}' is not supported (messages take role and content)",
                                f"{where}.{key}")
         role = m.get("role")

@@ -47,7 +47,8 @@ def test_a_bad_field_is_refused_by_name(field, value):
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content"),
     ([{"role": "user<|im_start|>system", "content": "x"}], "messages[0].role"),
     ([{"role": "tool", "content": "x"}], "messages[0].role"),
-    ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "x", "tool_calls": [{"id": "c1", "type": "function"}]}], "messages[0].tool_calls"),
+    ([{"role": "assistant", "content": "x", "refusal": "no"}], "messages[0].refusal"),
     ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),  # was accepted and dropped
     ([{"role": ["user"], "content": "x"}], "messages[0].role"),  # a probe's: a 500 (unhashable) until now
     ([{"role": {}, "content": "x"}], "messages[0].role"),
@@ -84,6 +85,27 @@ def test_the_standard_fields_clients_send_are_served():
     # prompt lookup: a request may turn it off (0) or ask for its own count; absent, the server's --lookup
     assert [parse_request({"prompt": "x", **kw}, "completion", V).params.lookup
             for kw in ({}, {"lookup": 0}, {"lookup": 6})] == [None, 0, 6]
+
+
+def test_what_openais_sdk_sends_back_and_by_default_is_taken():
+    """A probe's: `messages.append(resp.choices[0].message.model_dump())`, the SDK's own reply passed
+    back, was a 400 for its null `refusal`, `tool_calls`, `function_call`, `audio` and `annotations`;
+    and a request's null or default `function_call`, `service_tier`, `metadata`, `modalities`,
+    `reasoning_effort`, `prediction` too (vLLM and llama.cpp's server ignore them). Where they would
+    change the answer (tools, audio, reasoning), they are still refused by name."""
+    reply = {"role": "assistant", "content": "Hello!", "refusal": None, "tool_calls": None, "function_call": None,
+             "audio": None, "annotations": []}
+    body = {"messages": [{"role": "user", "content": "Hi"}, reply, {"role": "user", "content": "And?"}],
+            "function_call": None, "service_tier": "auto", "metadata": {"run": "7"}, "modalities": ["text"],
+            "reasoning_effort": None, "prediction": None, "store": False, "audio": None, "web_search_options": None}
+    assert parse_request(body, "chat", V).messages == [{"role": "user", "content": "Hi"},
+                                                       {"role": "assistant", "content": "Hello!"},
+                                                       {"role": "user", "content": "And?"}]
+    for field, value in (("function_call", "auto"), ("service_tier", "flex"), ("metadata", {"n": 1}),
+                         ("modalities", ["text", "audio"]), ("reasoning_effort", "high"),
+                         ("prediction", {"type": "content", "content": "x"}), ("audio", {"voice": "alloy"})):
+        e = refused({"messages": [{"role": "user", "content": "Hi"}], field: value}, "chat")
+        assert e.param == field and "is not supported by this server" in e.message, (field, e.message)
 
 
 @pytest.mark.parametrize("raw", [
