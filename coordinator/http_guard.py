@@ -139,7 +139,9 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
         def send_400_response(self, msg: str) -> None:
             e = self.conn.error
             status = e.error_status_hint if e is not None and e.error_status_hint in _PARSE_STATUSES else 400
-            what = f"{e}" if status == 505 else f"malformed HTTP request: {e or msg}"
+            # (h11 words a line it cannot parse as a bytearray's repr: quoted as text instead)
+            said = re.sub(r"bytearray\(b(['\"])(.*)\1\)", r"'\2'", str(e or msg))
+            what = said if status == 505 else f"malformed HTTP request: {said}"
             body = json.dumps({"error": {"message": what, "type": "invalid_request_error", "param": None,
                                          "code": "invalid_http_request"}}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -275,6 +277,10 @@ class Guard:
             if b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
                 await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",
                             "invalid_framing", close=True)
+            elif (scope["method"] == "POST" and b"content-length" not in heads
+                  and b"transfer-encoding" not in heads):  # (RFC 9110 15.5.12: a body of no length is a 411)
+                await _json(send_, 411, "the request has no Content-Length (nor a chunked body); send the body's "
+                                        "length", "length_required", close=True)
             elif coding != "identity":  # (RFC 9110 15.5.16: a coding the server does not take is a 415)
                 await _json(send_, 415, f"the body is encoded (Content-Encoding: {coding[:40]}); send it as plain "
                                         "JSON", "unsupported_media_type", close=True)

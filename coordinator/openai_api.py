@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 
 from layerstream.compute.sampling import SamplingParams
@@ -111,6 +112,8 @@ def parse_json(raw: bytes) -> dict:
     except RecursionError:
         raise ApiError(400, "the body is nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
+        if not isinstance(e, json.JSONDecodeError) and "digits" in str(e):  # (its words name sys.set_int_max_str_digits)
+            raise ApiError(400, f"the body holds a number of more than {sys.get_int_max_str_digits()} digits") from None
         raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")

@@ -163,6 +163,8 @@ class Server:
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
             return
+        if len(request.headers.getlist("authorization")) > 1:  # (the first one decided, silently)
+            raise ApiError(400, "the request has more than one Authorization header; send one", code="invalid_api_key")
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 7235: "bearer" is Bearer); the key is not
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):

@@ -123,6 +123,13 @@ def test_malformed_json_of_extreme_shape_is_a_400(raw):
     assert e.value.status == 400 and len(e.value.message) < 300
 
 
+def test_a_number_past_the_digit_limit_is_said_in_the_servers_words():
+    """(Python's own words told the client to call sys.set_int_max_str_digits)"""
+    with pytest.raises(ApiError) as e:
+        parse_json(b'{"max_tokens": ' + b"9" * 5000 + b"}")
+    assert e.value.message == "the body holds a number of more than 4300 digits"
+
+
 def test_a_body_of_too_many_json_arrays_and_objects_is_refused_unparsed(monkeypatch):
     """A probe's largest body of `[[], [], ...]` was costly to parse before it was refused: a body of more than
     MAX_JSON_CONTAINERS '[' and '{' is a 400 before the parser sees it; one of exactly that many

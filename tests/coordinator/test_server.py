@@ -237,6 +237,21 @@ def test_errors_are_openai_shaped(server):
         assert "layerstream_generated_tokens_total" in metrics and "layerstream_pass_seconds_bucket" in metrics
 
 
+def test_two_authorization_headers_are_a_400(server):
+    """A probe's: with two, the first decided (valid then wrong: 200; wrong then valid: 401)."""
+    client, _ = server
+    port = int(str(client.base_url).rstrip("/").rsplit(":", 1)[1].split("/")[0])
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for first, second in ((KEY, "wrong"), ("wrong", KEY)):
+        status, _, reply = _raw_exchange(port, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                                               b"Connection: close\r\nContent-Type: application/json\r\n"
+                                               b"Authorization: Bearer %s\r\nAuthorization: Bearer %s\r\n"
+                                               b"Content-Length: %d\r\n\r\n%s"
+                                         % (first.encode(), second.encode(), len(body), body))
+        assert status == 400 and reply["error"]["message"] == ("the request has more than one Authorization "
+                                                               "header; send one"), reply
+
+
 def test_the_openai_fields_clients_send_are_served(server, smollm_engine):
     """Issue 25: max_completion_tokens, stream_options.include_usage, content as text parts, n,
     GET /v1/models/{id}, and OpenAI's error `code`, through the official client."""
@@ -782,6 +797,21 @@ def test_a_request_framed_both_ways_is_refused_and_its_connection_closed(live):
     assert status == 400 and b"connection: close" in head, head
     err = reply["error"]
     assert err["code"] == "invalid_framing" and "Content-Length and Transfer-Encoding" in err["message"]
+    _healthy(live)
+
+
+def test_a_post_without_a_length_is_a_411_and_h11s_words_are_text(live):
+    """A probe's: a POST with neither Content-Length nor Transfer-Encoding was read as an empty body
+    (400 'not valid JSON: Expecting value'), where RFC 9110 has a 411; a request line h11 cannot parse
+    was quoted as a Python bytearray's repr."""
+    status, head, reply = _raw_exchange(live.port, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                                                   b"Content-Type: application/json\r\n\r\n")
+    assert status == 411 and b"connection: close" in head and reply["error"]["code"] == "length_required", reply
+    assert reply["error"]["message"] == ("the request has no Content-Length (nor a chunked body); send the "
+                                         "body's length")
+    status, head, reply = _raw_exchange(live.port, b"GET /v1/models\r\n\r\n")  # (no HTTP version)
+    assert status == 400 and "bytearray" not in reply["error"]["message"], reply
+    assert reply["error"]["message"] == "malformed HTTP request: illegal request line: 'GET /v1/models'", reply
     _healthy(live)
 
 
