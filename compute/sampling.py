@@ -17,6 +17,11 @@ import torch
 from layerstream.errors import ConfigError, ModelError
 
 TINY = torch.finfo(torch.float32).tiny  # temperatures below it sample greedily
+# run-pipeline's bounds (args.py: its MAX_CTX and REPEAT_PENALTY_RANGE, whose reasons are there; args
+# is read before torch, so it does not import this module: a test holds them equal)
+MAX_WINDOW = 1 << 22
+REPEAT_PENALTY_RANGE = (0.01, 100.0)
+MAX_TEMPERATURE = 100.0
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator takes (negative seeds wrap)
 # per-row codes of a step's logits (`bad`): finite, or what the row's largest logit is
 FINITE, NAN, INF, NO_FINITE = 0, 1, 2, 3
@@ -54,18 +59,20 @@ class SamplingParams:
         if not all(isinstance(t, str) and t for t in stop):
             raise ConfigError(f"stop={self.stop!r}: give stop strings, each of at least one character")
         object.__setattr__(self, "stop", stop)
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 means greedy)")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ConfigError(f"temperature={self.temperature}: must be from 0 to {MAX_TEMPERATURE:g} (0 means greedy)")
         if not 0 <= self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p}: must be in [0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ConfigError(f"min_p={self.min_p}: must be in [0, 1]")
-        if not self.repeat_penalty > 0:
-            raise ConfigError(f"repeat_penalty={self.repeat_penalty}: must be > 0 (1 means off)")
-        if self.repeat_last_n < -1:
-            raise ConfigError(f"repeat_last_n={self.repeat_last_n}: must be >= -1 (-1 means the whole history)")
-        if self.max_tokens < 1:  # (0 still sampled one token: the prompt's pass samples the first)
-            raise ConfigError(f"max_tokens={self.max_tokens}: must be >= 1")
+        low, high = REPEAT_PENALTY_RANGE
+        if not low <= self.repeat_penalty <= high:  # (1e-40 made a seen token's logit infinite: 'corrupt weights')
+            raise ConfigError(f"repeat_penalty={self.repeat_penalty}: must be from {low:g} to {high:g} (1 means off)")
+        if not -1 <= self.repeat_last_n <= MAX_WINDOW:  # (2**63 built a list of that many ids: MemoryError)
+            raise ConfigError(f"repeat_last_n={self.repeat_last_n}: must be from -1 to {MAX_WINDOW} (-1 means the "
+                              "whole history)")
+        if not 1 <= self.max_tokens <= MAX_WINDOW:  # (0 still sampled one token: the prompt's pass samples the first)
+            raise ConfigError(f"max_tokens={self.max_tokens}: must be from 1 to {MAX_WINDOW}")
         if self.lookup is not None and self.lookup < 0:
             raise ConfigError(f"lookup={self.lookup}: must be >= 0 (0 turns prompt lookup off)")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:

@@ -380,7 +380,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         if n < PPL_FEW_TOKENS:
             print(f"{PROG}: warning: a perplexity over {counted(n, 'token')} says little about a model "
                   f"(llama-perplexity asks for two contexts' worth); give a longer text", file=sys.stderr)
-        print(f"perplexity: {ppl:.4f} over {counted(n, 'token')}")
+        print_stream([f"perplexity: {ppl:.4f} over {counted(n, 'token')}"], sys.stdout)  # (a full disk: one line)
         return 0
     prompt = " ".join(args.prompt)
     if args.chat and not prompt:

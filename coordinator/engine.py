@@ -320,7 +320,6 @@ class Engine:
         if not isinstance(text, str) or not isinstance(system, (str, type(None))):
             bad = text if not isinstance(text, str) else system
             raise TypeError(f"{'text' if bad is text else 'system'} must be a str, not {type(bad).__name__}")
-        text = re.sub("[\ud800-\udfff]", "\ufffd", text)  # a lone surrogate is no text the tokenizer takes
         if chat:
             if self.chat_template is None:
                 raise ConfigError("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")

@@ -36,6 +36,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _SPACE = "\u2581"  # SentencePiece's "▁"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # no text the tokenizer takes: U+FFFD in its place
 
 # Pre-tokenizer regexes, as llama-vocab.cpp lists them per pre type. Several regexes apply in turn:
 # each one cuts the pieces the previous one left (matches and the gaps between them both kept).
@@ -205,6 +206,8 @@ class Tokenizer:
             self._hf.encode_special_tokens = not parse_special
             # encode_batch releases the GIL while it runs (encode holds it), so a long prompt
             # tokenized in a server's worker thread does not stall its event loop
+            # (a lone surrogate: from a chat template's own text, an API caller's message or system)
+            text = _LONE_SURROGATE.sub("\ufffd", text)
             ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids if text else []
         if add_special and self.add_bos:
             ids.insert(0, self.bos_id)

@@ -240,6 +240,9 @@ def split_files(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such model file; pass --model with the path of a .gguf file")
     count = int(m["count"])
+    if not 1 <= int(m["no"]) <= count:
+        raise ModelError(f"{path}: a split model's part name, but its numbers are not a part of a whole "
+                         "(gguf-split names parts -00001-of-0000N.gguf, N at least 1); rename the file")
     files = [f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:

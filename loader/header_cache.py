@@ -43,8 +43,9 @@ def cache_path(path: str) -> str | None:
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):  # (a FIFO, `-m <(zcat m.gguf.gz)`: reading it here waited forever)
         raise OSError(f"{path}: not a regular file")
+    # (the path as the file system's bytes: a name that is not UTF-8, as a Latin-1 one, stays encodable)
     key = hashlib.sha256(f"{HEADER_CACHE_FORMAT}\0{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                         f"{st.st_ctime_ns}\0{st.st_ino}\0".encode())
+                         f"{st.st_ctime_ns}\0{st.st_ino}\0".encode("utf-8", "surrogateescape"))
     with open(path, "rb") as fh:  # and the header's first bytes, where timestamps are coarse
         key.update(fh.read(1 << 20))
     return os.path.join(d, key.hexdigest()[:32] + ".msgpack")

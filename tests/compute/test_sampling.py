@@ -1,6 +1,7 @@
 """Sampler: greedy, top-k, top-p, min-p, repetition penalty, seeding, softmax frequencies."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -582,3 +583,27 @@ def test_a_rows_sampling_graph_gives_the_host_samplers_ids_and_feeds_the_next_st
         tok = int(host.sample(table[tok][None], [hist])[0])
         hist.append(tok)
         assert want == tok
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(repeat_last_n=2**63, repeat_penalty=1.1), "repeat_last_n=9223372036854775808: must be from -1 to 4194304"),
+    (dict(repeat_last_n=10**30), "repeat_last_n=1000000000000000000000000000000: must be from -1 to"),
+    (dict(repeat_penalty=1e-40), "repeat_penalty=1e-40: must be from 0.01 to 100"),
+    (dict(temperature=float("inf")), "temperature=inf: must be from 0 to 100"),
+    (dict(max_tokens=10**30), "max_tokens=1000000000000000000000000000000: must be from 1 to 4194304"),
+])
+def test_the_apis_sampling_params_take_run_pipelines_bounds(kw, words):
+    """A probe's: repeat_last_n=2**63 raised MemoryError building its window (2**25 already cost
+    0.4 GB), 10**30 an OverflowError; a repeat penalty of 1e-40 blamed the model's weights for the
+    infinite logits it made; temperature=inf was taken. The CLI refused each; the API now does too."""
+    with pytest.raises(ConfigError, match="^" + re.escape(words)):
+        SamplingParams(**kw)
+
+
+def test_the_sampling_bounds_are_run_pipelines():
+    """(two copies of each: args.py is read before torch is imported, and does not import this module)"""
+    from layerstream.compute import sampling
+    from layerstream.coordinator import args
+
+    assert (sampling.MAX_WINDOW, sampling.REPEAT_PENALTY_RANGE) == (args.MAX_CTX, args.REPEAT_PENALTY_RANGE)
+    assert sampling.MAX_TEMPERATURE == 100.0  # (check_args' finite("temperature", ..., 0.0, 100.0))
