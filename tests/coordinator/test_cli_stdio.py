@@ -73,6 +73,18 @@ def test_a_reply_into_a_full_disk_is_one_line_and_exit_1(model, mode):
 
 
 @linux
+def test_a_perplexity_into_a_full_disk_is_one_line_and_exit_1(model, tmp_path):
+    """(a probe's: an OSError traceback from its print)"""
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    with open("/dev/full", "w") as full:
+        r = _run(["--single-process", "-m", model, "--device", "cpu", "--perplexity", str(text)], stdout=full)
+    assert r.returncode == 1 and _lines(r.stderr)[-1] == (
+        "run-pipeline: error: cannot write the output (No space left on device); check the disk or the file stdout "
+        "goes to") and "Traceback" not in r.stderr, r.stderr
+
+
+@linux
 def test_version_into_a_full_disk_and_a_model_that_cannot_be_read_are_one_line(model):
     with open("/dev/full", "w") as full:
         r = _run(["--version"], stdout=full)

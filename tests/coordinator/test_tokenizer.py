@@ -74,6 +74,13 @@ def test_smollm2_round_trip(smol):
         assert smol.decode(smol.encode(text)) == text
 
 
+def test_a_lone_surrogate_is_tokenized_as_the_replacement_character(smol):
+    """A probe's: a chat template's own "\\udcff", or an API caller's message or system holding one,
+    reached the tokenizer, which raised a TypeError; every text now gives U+FFFD in its place."""
+    assert smol.encode("a\udcffb") == smol.encode("a\ufffdb")
+    assert smol.encode("\ud800", parse_special=False) == smol.encode("\ufffd")
+
+
 def test_smollm2_metadata(smol):
     assert smol.vocab_size == 49152
     assert (smol.bos_id, smol.eos_id, smol.add_bos, smol.add_eos) == (1, 2, False, False)

@@ -117,6 +117,20 @@ def test_split_missing_part(tmp_path):
         open_model(parts[0])
 
 
+def test_a_split_name_numbered_outside_its_whole_and_a_path_not_in_utf8_are_read_as_they_should(tmp_path):
+    """A probe's: m-00001-of-00000.gguf raised IndexError; a Latin-1 file name raised
+    UnicodeEncodeError from the header cache's key (llama.cpp opens such names)."""
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    for name in ("m-00001-of-00000.gguf", "m-00003-of-00002.gguf", "m-00000-of-00001.gguf"):
+        os.link(path, tmp_path / name)
+        with pytest.raises(ModelError, match=r"^.*: a split model's part name, but its numbers are not a part of a "
+                                             r"whole \(gguf-split names parts -00001-of-0000N\.gguf"):
+            open_model(str(tmp_path / name))
+    latin = os.fsdecode(bytes(tmp_path) + b"/mod\xe8le.gguf")  # (a surrogate escape in str, as argv gives it)
+    os.link(path, latin)
+    assert open_model(latin).hparams == open_model(path).hparams
+
+
 def test_split_tensor_count_mismatch(tmp_path):
     parts = ggufgen.split_model(ggufgen.write_model(tmp_path / "m.gguf"), 2)
     # replace part 2 with a part holding fewer tensors
