@@ -267,16 +267,29 @@ def _system_too_long(engine, system: str | None) -> str | None:
 TOKENIZE_FREELY = 256 << 10
 
 
-def _beyond_context(engine, text: str, what: str) -> str | None:
+def _beyond_context(engine, text: str, what: str, rendered: bool = True) -> str | None:
     """Why a long `text` cannot be a turn whatever it says, or None: past TOKENIZE_FREELY bytes, more
     than the context's tokens can spell (Tokenizer.longest_piece; where the context does not slide),
-    or more characters than the chat template may render (MAX_OUTPUT). Such a text is not tokenized
-    or rendered: tokenizing it took minutes, and the template then stopped at its own size limit,
-    in that limit's words."""
+    or, where the chat template renders it (`rendered`), more characters than it may render
+    (MAX_OUTPUT). Such a text is not tokenized or rendered: tokenizing it took minutes, and the
+    template then stopped at its own size limit, in that limit's words."""
     size, ctx = len(text.encode("utf-8", "replace")), engine.cfg.ctx
     if engine.cfg.on_context_full == "error" and size > TOKENIZE_FREELY and size > ctx * engine.tokenizer.longest_piece:
         return (f"{what} is {size:,} bytes, more than a context of {ctx} tokens holds; give a shorter one, or a "
                 f"larger --ctx (--ctx-size)")
-    if len(text) > MAX_OUTPUT:
+    if rendered and len(text) > MAX_OUTPUT:
         return f"{what} is {len(text):,} characters, more than a chat prompt may be ({MAX_OUTPUT:,}); give a shorter one"
     return None
+
+
+def prompt_within_context(engine, text: str, chat: bool) -> str:
+    """The one-shot prompt `text`, or ConfigError where it cannot fit the context whatever it says
+    (_beyond_context's rules): a 60 MB prompt file was tokenized whole for a minute, in 10 GB, to be
+    refused by its token count."""
+    from layerstream.errors import ConfigError
+
+    why = _beyond_context(engine, text, "the prompt", rendered=chat)
+    if why:
+        raise ConfigError(why)
+    return text
+

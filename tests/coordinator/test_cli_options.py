@@ -316,6 +316,17 @@ def test_the_prompt_file_may_be_standard_input_or_a_pipe(tmp_path, monkeypatch):
     assert a.prompt == ["The sky is"]
 
 
+def test_a_prompt_file_beyond_what_the_context_can_hold_is_refused_untokenized(tmp_path):
+    """A probe's: a 60 MB -f file was tokenized whole (57 s, 10.3 GB) to be refused by its token
+    count; as the chat's and the server's, its bytes are weighed first (Tokenizer.longest_piece)."""
+    big = tmp_path / "big.txt"
+    big.write_text("abc " * (1 << 18))  # (1 MiB: past TOKENIZE_FREELY, and far past 64 tokens' worth)
+    r = _run("--device", "cpu", "--single-process", "--ctx", "64", "-n", "2", "-f", str(big))
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "run-pipeline: error: the prompt is 1,048,576 bytes, more than a context of 64 tokens holds; give a shorter "
+        "one, or a larger --ctx (--ctx-size)"], r.stderr
+
+
 def test_a_perplexity_file_too_large_to_tokenize_is_refused_before_loading(tmp_path):
     """A probe's: 300 MB of text grew the run to 24 GB tokenizing it, until the kernel killed it."""
     big = tmp_path / "big.txt"
