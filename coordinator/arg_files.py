@@ -17,6 +17,11 @@ def path_problem(path: str, what: str = "file") -> str | None:
     if os.path.isdir(path):
         return "is a directory; give the .gguf file inside it" if what == "model" else "is a directory, not a file"
     if not os.path.exists(path):
+        if os.path.islink(path):  # (a link to nothing, or a loop of links: ELOOP)
+            try:
+                os.stat(path)
+            except OSError as e:
+                return f"a symbolic link that leads nowhere ({e.strerror})"
         return "no such file"
     if not os.path.isfile(path):
         return "is not a regular file"

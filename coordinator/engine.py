@@ -317,6 +317,8 @@ class Engine:
     # -- public API ----------------------------------------------------------------------------
 
     def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if self._closed:  # (README: a closed engine refuses every call; it tokenized on)
+            raise LayerstreamError("this engine is closed; load another")
         if not isinstance(text, str) or not isinstance(system, (str, type(None))):
             bad = text if not isinstance(text, str) else system
             raise TypeError(f"{'text' if bad is text else 'system'} must be a str, not {type(bad).__name__}")

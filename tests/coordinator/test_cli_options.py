@@ -316,6 +316,17 @@ def test_the_prompt_file_may_be_standard_input_or_a_pipe(tmp_path, monkeypatch):
     assert a.prompt == ["The sky is"]
 
 
+def test_a_link_that_leads_nowhere_is_said_so(tmp_path):
+    """(a loop of links and a dangling link were each 'no such file')"""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "d").symlink_to(tmp_path / "gone.gguf")
+    for flag, name, why in (("-m", "a", "Too many levels of symbolic links"), ("-f", "a", "Too many levels of "
+                            "symbolic links"), ("-m", "d", "No such file or directory")):
+        r = _run(flag, str(tmp_path / name), *(["hi"] if flag == "-m" else []))
+        assert _one_line(r) == f"{flag} {tmp_path / name}: a symbolic link that leads nowhere ({why})", r.stderr
+
+
 def test_a_prompt_file_beyond_what_the_context_can_hold_is_refused_untokenized(tmp_path):
     """A probe's: a 60 MB -f file was tokenized whole (57 s, 10.3 GB) to be refused by its token
     count; as the chat's and the server's, its bytes are weighed first (Tokenizer.longest_piece)."""

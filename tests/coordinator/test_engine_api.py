@@ -118,6 +118,8 @@ def test_one_generation_at_a_time_and_none_after_close(model):
     e.close()
     with pytest.raises(LayerstreamError, match="this engine is closed"):
         e.generate_batch([PROMPT], G)  # (it generated on)
+    with pytest.raises(LayerstreamError, match="this engine is closed"):
+        e.encode(PROMPT)  # (a probe's: it tokenized on, where the README says a closed engine refuses every call)
     e.close()  # (twice is fine)
 
 
