@@ -38,7 +38,9 @@ MAX_JSON_CONTAINERS = 1 << 20
 # brackets in a string and is not refused.
 HEAVY_CONTAINERS = 1 << 12
 MAX_STRUCTURE = 1 << 16
-JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+# (a string left open ends at the body's end: a pattern that needs its closing quote read to the end
+# again from every later quote, quadratic in the body, and the lock held meanwhile)
+JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.S)
 # a \u escape of a UTF-16 surrogate (D800-DFFF): only such escapes parse to a lone surrogate (raw
 # bytes that are not UTF-8 fail the decode), so the walk over every string runs only where one is
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

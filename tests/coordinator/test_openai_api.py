@@ -174,6 +174,27 @@ def test_a_body_of_many_arrays_outside_its_strings_is_refused_unparsed_and_brack
     assert parse_json(json.dumps(body).encode()) == body  # (just under: three a message)
 
 
+def test_a_body_with_a_string_left_open_is_answered_and_does_not_hang_the_server():
+    """A review's: cutting strings out with a pattern that needs each closing quote read a body of
+    '[' then an open quote and a megabyte of escaped quotes to its end again from every quote
+    (hours, the interpreter's lock held). A string left open now ends at the body's end."""
+    import threading
+
+    answers = []
+    for raw in (b"[" * 4096 + b'"' + b'\\"' * 500_000, b"[" * 4096 + b'"abc\\'):
+        t = threading.Thread(target=lambda raw=raw: answers.append(refused_json(raw)), daemon=True)
+        t.start()
+        t.join(60)  # (a hang's guard, not a timing: a linear cut takes milliseconds)
+        assert not t.is_alive(), "the body's strings were still being cut after 60 s"
+    assert [a.status for a in answers] == [400, 400]
+
+
+def refused_json(raw: bytes) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        parse_json(raw)
+    return e.value
+
+
 def test_a_lone_surrogate_is_refused_and_its_lookalikes_are_not():
     """(the walk over every string runs only where a surrogate's escape is in the body)"""
     for raw in (b'{"prompt": "\\ud800"}', b'{"prompt": "a", "stop": ["\\uDFFF"]}', b'{"\\udbff": 1}'):
