@@ -14,14 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from layerstream.compute.sampling_bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
 from layerstream.errors import ConfigError, ModelError
 
 TINY = torch.finfo(torch.float32).tiny  # temperatures below it sample greedily
-# run-pipeline's bounds (args.py: its MAX_CTX and REPEAT_PENALTY_RANGE, whose reasons are there; args
-# is read before torch, so it does not import this module: a test holds them equal)
-MAX_WINDOW = 1 << 22
-REPEAT_PENALTY_RANGE = (0.01, 100.0)
-MAX_TEMPERATURE = 100.0
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator takes (negative seeds wrap)
 # per-row codes of a step's logits (`bad`): finite, or what the row's largest logit is
 FINITE, NAN, INF, NO_FINITE = 0, 1, 2, 3

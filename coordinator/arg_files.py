@@ -21,7 +21,7 @@ def path_problem(path: str, what: str = "file") -> str | None:
             try:
                 os.stat(path)
             except OSError as e:
-                return f"a symbolic link that leads nowhere ({e.strerror})"
+                return f"a symbolic link whose target cannot be reached ({e.strerror})"
         return "no such file"
     if not os.path.isfile(path):
         return "is not a regular file"

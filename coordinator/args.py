@@ -9,6 +9,7 @@ import os
 import re
 import sys
 
+from layerstream.compute.sampling_bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
 from layerstream.coordinator.arg_files import (
     NO_PROMPT,
     check_trace,
@@ -29,18 +30,13 @@ PROG = "run-pipeline"
 MAX_BATCH = 4096
 MAX_READERS = 64
 MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not imported to check options)
-MAX_CTX = 1 << 22
+MAX_CTX = MAX_WINDOW
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
 SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
 # the pipeline's counts and their bounds, as options of run-pipeline and of bin/bench's pipeline stages
 PIPELINE_COUNTS = {"readers": (1, MAX_READERS), "prefetch": (1, 1 << 16), "resident_layers": (0, 1 << 16),
                    "step_tokens": (1, MAX_CTX), "cpu_threads": (1, 4096), "vram_slots": (2, 16),
                    "expert_prefetch": (0, 1 << 16)}
-# The repeat penalty divides a seen token's positive logit by it (float32): a penalty of 1e-39 made
-# every such logit infinite, which reads as a broken model. Within [0.01, 100] it scales a logit by
-# at most 100 either way, finite for any logit a working model makes (a float32 overflow would need
-# one above 3e36); below 0.01 it only makes a seen token certain, which 0.01 already does.
-REPEAT_PENALTY_RANGE = (0.01, 100.0)
 MAX_KEY_FILE = 4096  # bytes of an --api-key-file: a key, not a document
 
 
@@ -312,7 +308,7 @@ def check_args(args) -> None:
     if args.max_tokens is not None and not 1 <= args.max_tokens <= MAX_CTX:
         fail(f"{opt('max-tokens', args.max_tokens)}: must be from 1 to {MAX_CTX}, or -1 (until the end of "
              "sequence or a full context)")
-    finite("temperature", args.temperature, 0.0, 100.0)
+    finite("temperature", args.temperature, 0.0, MAX_TEMPERATURE)
     if 0 < args.temperature < 1e-4:
         fail(f"{opt('temperature', args.temperature)}: too small to sample with; use 0 for greedy decoding")
     finite("top-p", args.top_p, 0.0, 1.0)  # as SamplingParams: 0 keeps the best token only

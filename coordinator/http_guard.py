@@ -248,6 +248,9 @@ def host_allowed(header: str | None, bound: str) -> bool:
         return False
 
 
+BODY_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})  # (elsewhere a POST is a 404 or 405 as ever)
+
+
 class Guard:
     """ASGI middleware: refuses a request framed two ways (Content-Length and Transfer-Encoding, which a
     proxy and this server could read differently), a body in a Content-Encoding (gzip: it was read as
@@ -277,7 +280,7 @@ class Guard:
             if b"content-length" in heads and b"transfer-encoding" in heads:  # (RFC 9112 6.3: request smuggling)
                 await _json(send_, 400, "the request has both Content-Length and Transfer-Encoding; send one",
                             "invalid_framing", close=True)
-            elif (scope["method"] == "POST" and b"content-length" not in heads
+            elif (scope["method"] == "POST" and scope["path"] in BODY_ROUTES and b"content-length" not in heads
                   and b"transfer-encoding" not in heads):  # (RFC 9110 15.5.12: a body of no length is a 411)
                 await _json(send_, 411, "the request has no Content-Length (nor a chunked body); send the body's "
                                         "length", "length_required", close=True)

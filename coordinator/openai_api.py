@@ -15,11 +15,11 @@ import sys
 from dataclasses import dataclass
 
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.args import REPEAT_PENALTY_RANGE
+from layerstream.compute.sampling_bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
 
 MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
-MAX_TOKENS = 1 << 22
+MAX_TOKENS = MAX_WINDOW
 # '[' and '{' a body may hold (inside strings too): each may be an array or an object to build, the
 # costly values to parse. A probe's largest body of empty arrays cost more time and memory to parse
 # than any real request before its unknown field was refused; a body past this many is refused
@@ -28,14 +28,13 @@ MAX_TOKENS = 1 << 22
 MAX_JSON_CONTAINERS = 1 << 20
 # NOTE [ bodies of many arrays ]
 # Parsing holds the interpreter's lock, which a single-process server's engine needs between its
-# kernels: four clients sending bodies under a megabyte of empty arrays (each a tenth of a second
-# to parse and walk) slowed every other client's generation tens of times. A request needs few
-# arrays and objects outside its strings (its messages, their parts, a list of token ids, stop
-# strings): so a body of HEAVY_CONTAINERS '[' and '{' or more (strings included, a cheap count)
-# parses in the costly bodies' own thread, one at a time (Server.large_pool), and its arrays and
-# objects outside strings are counted first (its strings cut out, in C: about a millisecond a
-# megabyte): past MAX_STRUCTURE it is refused unparsed. A prompt of pasted code or JSON keeps its
-# brackets in a string and is not refused.
+# kernels: a few clients sending bodies under a megabyte of empty arrays, each costly to parse and
+# walk, slowed every other client's generation many times over. A request needs few arrays and
+# objects outside its strings (its messages, their parts, a list of token ids, stop strings): so a
+# body of HEAVY_CONTAINERS '[' and '{' or more (strings included, a cheap count) parses in the
+# costly bodies' own thread, one at a time (Server.large_pool), and its arrays and objects outside
+# strings are counted first (its strings cut out by one linear pass in C): past MAX_STRUCTURE it is
+# refused unparsed. A prompt of pasted code or JSON keeps its brackets in a string and is not refused.
 HEAVY_CONTAINERS = 1 << 12
 MAX_STRUCTURE = 1 << 16
 # (a string left open ends at the body's end: a pattern that needs its closing quote read to the end
@@ -275,7 +274,7 @@ def sampling_from(body: dict, kind: str, defaults: dict = DEFAULTS) -> SamplingP
         raise ApiError(400, f"a 'stop' string is longer than {MAX_STOP_CHARS} characters", "stop")
     if "" in stop:
         raise ApiError(400, "a 'stop' string is empty, which would stop nothing; drop it", "stop")
-    temperature = _float(body, "temperature", d["temperature"], 0.0, 100.0)
+    temperature = _float(body, "temperature", d["temperature"], 0.0, MAX_TEMPERATURE)
     if 0 < temperature < 1e-4:
         temperature = 0.0  # too small to sample with: greedy, as llama.cpp's server does
     max_tokens = _int(body, "max_tokens", d["max_tokens"] or MAX_TOKENS_DEFAULT[kind], 1, MAX_TOKENS)
@@ -316,8 +315,8 @@ def _messages(v) -> list[dict]:
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where)
         for key in m:
             if key not in ("role", "content", "name") and not (key in EMPTY_MESSAGE_KEYS and m[key] in (None, [])):
-                raise ApiError(400, f"'{where}.{key}' is not supported (messages take role and content)",
-                               f"{where}.{key}")
+                raise ApiError(400, f"'{where}.{key}' is not supported (messages take role and content; a reply's "
+                                    f"{', '.join(sorted(EMPTY_MESSAGE_KEYS))} only null or empty)", f"{where}.{key}")
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:  # (a list or object is no key of ROLES: a 500 once)
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {_short(json.dumps(role))}",

@@ -24,7 +24,7 @@ from layerstream.coordinator.args import PROG
 from layerstream.coordinator.chat_sizes import MAX_OUTPUT
 from layerstream.coordinator.stdio import print_stream
 from layerstream.coordinator.turn import Rates, Turn, counted
-from layerstream.errors import ContextFullError, LayerstreamError, PromptTooLongError
+from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, PromptTooLongError
 
 HELP = """commands:
   /bye          end the chat (as Ctrl-D)
@@ -284,12 +284,9 @@ def _beyond_context(engine, text: str, what: str, rendered: bool = True) -> str 
 
 def prompt_within_context(engine, text: str, chat: bool) -> str:
     """The one-shot prompt `text`, or ConfigError where it cannot fit the context whatever it says
-    (_beyond_context's rules): a 60 MB prompt file was tokenized whole for a minute, in 10 GB, to be
-    refused by its token count."""
-    from layerstream.errors import ConfigError
-
+    (_beyond_context's rules): a huge prompt file was tokenized whole, for long and in many
+    gigabytes, only to be refused by its token count."""
     why = _beyond_context(engine, text, "the prompt", rendered=chat)
     if why:
         raise ConfigError(why)
     return text
-

@@ -202,12 +202,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; BOS/EOS as the file asks when `add_special`; control tokens whole when `parse_special`."""
+        if not text.isascii():  # (a lone surrogate: from a chat template's own text, an API caller's message)
+            text = _LONE_SURROGATE.sub("\ufffd", text)
         with self._hf_lock:
             self._hf.encode_special_tokens = not parse_special
             # encode_batch releases the GIL while it runs (encode holds it), so a long prompt
             # tokenized in a server's worker thread does not stall its event loop
-            # (a lone surrogate: from a chat template's own text, an API caller's message or system)
-            text = _LONE_SURROGATE.sub("\ufffd", text)
             ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids if text else []
         if add_special and self.add_bos:
             ids.insert(0, self.bos_id)

@@ -243,8 +243,8 @@ HEADER_ROOM = 64 << 20  # (the table, the tokenizer and the alignment's padding:
 
 
 def _check_space(path: str, shape: ModelShape, quant: str, nbytes: int) -> None:
-    """Refuse, before a byte is written, a file its folder has no room for (a 70B shape is tens of
-    gigabytes: a full disk found near its end cost minutes and left the disk full meanwhile)."""
+    """Refuse, before a byte is written, a file its folder has no room for (a large shape's full disk,
+    found near its end, cost the whole write and left the disk full meanwhile)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         free = shutil.disk_usage(folder).free

@@ -1,6 +1,8 @@
 """The stages that start the pipeline (pipeline, serve, spec) hand it the options their flags say:
 each flag of run-pipeline's budgets, readers, CPU share and experts reaches the config."""
 
+import tempfile
+
 import pytest
 
 from benchmarks import bench
@@ -142,7 +144,7 @@ def test_a_sequence_past_the_models_context_is_one_line_and_exit_2(argv, line, c
 
     from layerstream.loader.default_model import default_model_path
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (where the bench writes)
     shape = argv[0] != "engine"  # (the engine stage runs a file: the default model, of the same context)
     assert bench.main([*argv, *(["--shape", "smollm2-135m"] if shape else []), "--device", "cpu"]) == 2
     name = "--shape smollm2-135m" if shape else os.path.basename(default_model_path())

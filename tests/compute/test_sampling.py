@@ -598,12 +598,3 @@ def test_the_apis_sampling_params_take_run_pipelines_bounds(kw, words):
     infinite logits it made; temperature=inf was taken. The CLI refused each; the API now does too."""
     with pytest.raises(ConfigError, match="^" + re.escape(words)):
         SamplingParams(**kw)
-
-
-def test_the_sampling_bounds_are_run_pipelines():
-    """(two copies of each: args.py is read before torch is imported, and does not import this module)"""
-    from layerstream.compute import sampling
-    from layerstream.coordinator import args
-
-    assert (sampling.MAX_WINDOW, sampling.REPEAT_PENALTY_RANGE) == (args.MAX_CTX, args.REPEAT_PENALTY_RANGE)
-    assert sampling.MAX_TEMPERATURE == 100.0  # (check_args' finite("temperature", ..., 0.0, 100.0))

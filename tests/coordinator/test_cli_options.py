@@ -324,7 +324,7 @@ def test_a_link_that_leads_nowhere_is_said_so(tmp_path):
     for flag, name, why in (("-m", "a", "Too many levels of symbolic links"), ("-f", "a", "Too many levels of "
                             "symbolic links"), ("-m", "d", "No such file or directory")):
         r = _run(flag, str(tmp_path / name), *(["hi"] if flag == "-m" else []))
-        assert _one_line(r) == f"{flag} {tmp_path / name}: a symbolic link that leads nowhere ({why})", r.stderr
+        assert _one_line(r) == f"{flag} {tmp_path / name}: a symbolic link whose target cannot be reached ({why})", r.stderr
 
 
 def test_a_prompt_file_beyond_what_the_context_can_hold_is_refused_untokenized(tmp_path):

@@ -809,6 +809,9 @@ def test_a_post_without_a_length_is_a_411_and_h11s_words_are_text(live):
     assert status == 411 and b"connection: close" in head and reply["error"]["code"] == "length_required", reply
     assert reply["error"]["message"] == ("the request has no Content-Length (nor a chunked body); send the "
                                          "body's length")
+    status, _, reply = _raw_exchange(live.port, b"POST /health HTTP/1.1\r\nHost: localhost\r\nConnection: close"
+                                                b"\r\n\r\n")  # (a route that takes no body: as ever)
+    assert status == 405, reply
     status, head, reply = _raw_exchange(live.port, b"GET /v1/models\r\n\r\n")  # (no HTTP version)
     assert status == 400 and "bytearray" not in reply["error"]["message"], reply
     assert reply["error"]["message"] == "malformed HTTP request: illegal request line: 'GET /v1/models'", reply

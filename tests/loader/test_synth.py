@@ -2,6 +2,7 @@
 
 import math
 import signal
+import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -275,7 +276,7 @@ def test_a_model_its_disk_has_no_room_for_is_refused_before_a_byte_is_written(tm
     assert err.startswith("synth: error: llama-3.1-8b Q4_K_M (32 layers) needs ") and " GB free; " in err, err
     assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
     # the same check for bin/bench's own temporary model, which names TMPDIR
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (where the bench writes)
     assert bench.main(["compute", "--shape", "llama-3.1-8b", "--device", "cpu", "--reps", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("bin/bench: error: llama-3.1-8b Q4_K_M (32 layers) needs ") and "TMPDIR" in err, err

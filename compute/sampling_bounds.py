@@ -1,0 +1,11 @@
+"""The bounds of sampling's values, shared by SamplingParams (sampling.py), run-pipeline's options
+(coordinator/args.py) and the server's fields (coordinator/openai_api.py); torch-free, since the
+options are checked before torch is imported."""
+
+MAX_WINDOW = 1 << 22  # tokens: a context, max_tokens, the repeat penalty's window at most
+MAX_TEMPERATURE = 100.0
+# The repeat penalty divides a seen token's positive logit by it (float32): a penalty of 1e-39 made
+# every such logit infinite, which reads as a broken model. Within [0.01, 100] it scales a logit by
+# at most 100 either way, finite for any logit a working model makes (a float32 overflow would need
+# one above 3e36); below 0.01 it only makes a seen token certain, which 0.01 already does.
+REPEAT_PENALTY_RANGE = (0.01, 100.0)
