@@ -13,17 +13,19 @@ from layerstream.compute.cpu.native import NATIVE_TYPES
 from layerstream.compute.dequant import FUSED_TYPES, check_supported, dequantize
 from layerstream.compute.model import LayerWeights
 from layerstream.compute.qlinear import QuantWeight
+from layerstream.errors import UnsupportedQuantError
 from layerstream.loader.gguf_index import ModelIndex, TensorInfo
 from layerstream.loader.layout import LayerLayout
 
 
 def check_model_quants(index: ModelIndex) -> None:
-    """Raise UnsupportedQuantError naming the first tensor whose type cannot be dequantized."""
-    for t in index.globals.values():
-        check_supported(t.qtype, t.name)
-    for layer in index.layers:
-        for t in layer.values():
+    """Raise UnsupportedQuantError naming the first tensor whose type cannot be dequantized, and its
+    file (as every other error about a model file does)."""
+    for t in (*index.globals.values(), *(t for layer in index.layers for t in layer.values())):
+        try:
             check_supported(t.qtype, t.name)
+        except UnsupportedQuantError as e:
+            raise UnsupportedQuantError(f"{t.file}: {e}") from None
 
 
 def weight_form(quantized: bool | str) -> str:

@@ -45,7 +45,7 @@ def _bad_model(tmp_path: Path, kind: str) -> tuple[Path, str]:
         return p, "mamba"
     if kind == "unsupported_quant":
         ggufgen.write_unsupported_quant(p, qtype="IQ2_XXS", tensor="blk.0.attn_q.weight")
-        return p, "blk.0.attn_q.weight is stored as IQ2_XXS"
+        return p, f"{p}: tensor blk.0.attn_q.weight is stored as IQ2_XXS"  # (the file named: a probe's)
     if kind == "missing_tensor":
         ggufgen.write_missing_tensor(p, tensor="blk.1.ffn_up.weight")
         return p, "blk.1.ffn_up.weight"
