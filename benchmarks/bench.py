@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from layerstream.coordinator.stdio import guarded
 from layerstream.errors import LayerstreamError
 from layerstream.proto.signals import HOW, Stopped, raise_stopped
 
@@ -145,21 +146,11 @@ class _Output:
     def __init__(self, out):
         self._out = out
 
-    def _guarded(self, fn, *a):
-        from layerstream.coordinator.stdio import output_error
-
-        try:
-            return fn(*a)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise output_error(e) from None
-
     def write(self, text: str) -> int:
-        return self._guarded(self._out.write, text)
+        return guarded(self._out.write, text)
 
     def flush(self) -> None:
-        self._guarded(self._out.flush)
+        guarded(self._out.flush)
 
     def __getattr__(self, name):
         return getattr(self._out, name)

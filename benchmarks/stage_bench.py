@@ -170,8 +170,8 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None,
     last one: between steps it would drain the step in flight and time host and device in series.
     `waits`, where given, gets the host's wait for each timed step's ids (the backend's collect
     in that step: a decode step's, never the prefill's nor the drain's)."""
+    from layerstream.bounds import MAX_WINDOW
     from layerstream.compute.sampling import SamplingParams
-    from layerstream.compute.sampling_bounds import MAX_WINDOW
 
     # a sequence whose prefill ends first decodes while the others' prefill runs: room for those tokens
     params = SamplingParams(temperature=0, max_tokens=min(steps + 1 + sum(map(len, prompts)), MAX_WINDOW),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layerstream.compute.sampling_bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
+from layerstream.bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
 from layerstream.errors import ConfigError, ModelError
 
 TINY = torch.finfo(torch.float32).tiny  # temperatures below it sample greedily

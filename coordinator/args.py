@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from layerstream.compute.sampling_bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
+from layerstream.bounds import MAX_READERS, MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
 from layerstream.coordinator.arg_files import (
     NO_PROMPT,
     check_trace,
@@ -28,7 +28,6 @@ from layerstream.coordinator.spelling import (
 
 PROG = "run-pipeline"
 MAX_BATCH = 4096
-MAX_READERS = 64
 MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not imported to check options)
 MAX_CTX = MAX_WINDOW
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact

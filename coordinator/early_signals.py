@@ -17,6 +17,8 @@ import signal
 from layerstream.proto.signals import HOW
 
 PROG = "run-pipeline"  # (coordinator.args.PROG; that module is not imported here, it is what takes the time)
+
+
 def install(prog: str = PROG) -> None:
     """The handlers for the imports' time (NOTE above), naming `prog` (bin/bench's launcher's too)."""
     def stop(signum, frame) -> None:

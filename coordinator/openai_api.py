@@ -14,8 +14,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+from layerstream.bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
 from layerstream.compute.sampling import SamplingParams
-from layerstream.compute.sampling_bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
 
 MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256

@@ -6,11 +6,9 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from layerstream.bounds import MAX_READERS
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.errors import ConfigError
-
-# reader processes at most: args.MAX_READERS, run-pipeline's bound (args imports this module: not imported here)
-MAX_READERS = 64
 
 # on_progress(done, total, what): called while the pipeline starts ("processes") and while the
 # first pass reads every layer once ("layers"); done == total ends each stage.

@@ -32,15 +32,25 @@ def output_error(e: OSError) -> LayerstreamError:
     return LayerstreamError(f"cannot write the output ({e.strerror or e}); check the disk or the file stdout goes to")
 
 
-def _write(out, text: str) -> None:
-    """`text` on `out`, flushed; a failure but a closed pipe's (the caller's `| head`: exit 0) as one line."""
+def guarded(fn, *args):
+    """fn(*args), a write to the output: its failure but a closed pipe's (the caller's `| head`: exit
+    0) raised as the command's one-line output error."""
     try:
-        out.write(text)
-        out.flush()
+        return fn(*args)
     except BrokenPipeError:
         raise
     except OSError as e:
         raise output_error(e) from None
+
+
+def _put(out, text: str) -> None:
+    out.write(text)
+    out.flush()
+
+
+def _write(out, text: str) -> None:
+    """`text` on `out`, flushed (guarded)."""
+    guarded(_put, out, text)
 
 
 def print_stream(pieces, out) -> str:

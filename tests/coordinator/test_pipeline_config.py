@@ -43,7 +43,7 @@ def test_the_groups_default_to_the_plan_s_defaults():
 
 
 def test_the_reader_bound_is_run_pipelines():
-    """(two copies of one bound: args.py is read before torch is imported, and imports this module)"""
+    """(one bound, layerstream.bounds', which both read: args.py before torch is imported)"""
     from layerstream.coordinator import args, pipeline_config
 
     assert pipeline_config.MAX_READERS == args.MAX_READERS

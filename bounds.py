@@ -1,6 +1,7 @@
-"""The bounds of sampling's values, shared by SamplingParams (sampling.py), run-pipeline's options
-(coordinator/args.py) and the server's fields (coordinator/openai_api.py); torch-free, since the
-options are checked before torch is imported."""
+"""Bounds that more than one layer checks: sampling's values (SamplingParams in compute/sampling.py,
+run-pipeline's options in coordinator/args.py, the server's fields in coordinator/openai_api.py) and
+the reader processes (args and coordinator/pipeline_config.py); torch-free, since the options are
+checked before torch is imported."""
 
 MAX_WINDOW = 1 << 22  # tokens: a context, max_tokens, the repeat penalty's window at most
 MAX_TEMPERATURE = 100.0
@@ -9,3 +10,4 @@ MAX_TEMPERATURE = 100.0
 # at most 100 either way, finite for any logit a working model makes (a float32 overflow would need
 # one above 3e36); below 0.01 it only makes a seen token certain, which 0.01 already does.
 REPEAT_PENALTY_RANGE = (0.01, 100.0)
+MAX_READERS = 64  # reader processes: each is a process of its own (a thousand ran a machine out of memory)
