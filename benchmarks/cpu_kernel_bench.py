@@ -7,6 +7,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
@@ -73,7 +74,7 @@ def bench_cpu_experts(args) -> None:
     through the run's path (CpuExperts.compute) and through the native call alone, and GB/s."""
     from layerstream.compute.cpu.balancer import Balancer
     from layerstream.compute.cpu.calibrate import expert_layout, random_expert_layer
-    from layerstream.compute.cpu.experts import CpuExperts
+    from layerstream.compute.cpu.experts import SPIN_S, CpuExperts
     from layerstream.compute.expert_layout import expert_parts
     from layerstream.proto.timeline import Timeline
 
@@ -89,12 +90,20 @@ def bench_cpu_experts(args) -> None:
         print("bin/bench cpu-kernel --experts: the native kernel is not built here")
         return
     saved = torch.get_num_threads()
+    # the kernel's threads kept awake between calls, as a decode step with a CPU share keeps them
+    # (CpuExperts.set_step): without it both paths timed waking them, and the run's path its own thread too
+    native.spin(SPIN_S)
+    if lib is not None:
+        lib.qdot_spin(int(SPIN_S * 1e9))
     try:
         for th in args.threads or [saved]:
             torch.set_num_threads(th)  # (both paths' threads: native._threads, the CPU share's)
             _experts_rows(args, cpu, fake, host, parts, per, pool, n_ff, n_embd, lib)
     finally:
         torch.set_num_threads(saved)
+        native.spin(0.0)  # (0: the library's default)
+        if lib is not None:
+            lib.qdot_spin(0)
 
 
 def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, n_embd: int, lib) -> None:
@@ -120,7 +129,7 @@ def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, 
                         base = host.ctypes.data
                         native.experts([tuple(base + t.slot_offset + e * p for t, p, *_ in parts) for e in experts],
                                        tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h,
-                                       [torch.arange(T).numpy()] * n, [torch.ones(T).numpy()] * n, lib=lib)
+                                       native.pairs([np.arange(T)] * n, [np.ones(T, np.float32)] * n), lib=lib)
                     ts.append(time.perf_counter() - t0)
                 s = (min if args.stat == "best" else statistics.median)(ts[2:])
                 # (GB/s in 3 figures: a tiny shape on a busy machine is well below 0.1)

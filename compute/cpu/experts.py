@@ -73,6 +73,7 @@ class CpuExperts:
         self.reserved: dict[int, list[int]] = {}  # layer -> predicted experts held back from the copy ahead
         self._eligible: dict[int, bool] = {}
         self._in_place: dict[int, bool] = {}
+        self._addr: dict[int, tuple] = {}  # layer -> its experts' addresses in place (_addresses)
         self.spin = None  # the workers' spin last asked of the native kernel (set_step)
 
     def eligible(self, i: int, lay: LayerLayout) -> bool:
@@ -179,16 +180,18 @@ class CpuExperts:
         must stay unchanged until the sum is taken."""
         k = weight.shape[1]
         t0 = self.clock()
-        parts = expert_parts(lay)  # (once a layer, not once an expert)
-        pairs: dict[int, list[int]] = {e: [] for e in experts}
-        for p, e in enumerate(ids):
-            if e in pairs:
-                pairs[e].append(p)
         if self.in_place(i, lay):
-            wait = self._blocks_start(host, parts, experts, pairs, k, h, weight)
+            addr, qtypes, n_ff, n_embd, per = self._addresses(i, lay)
+            # (numpy, not Python objects per expert or pair: the prologue is the call's fixed cost)
+            e = np.asarray(experts, dtype=np.int64)
+            hit = np.asarray(ids, dtype=np.int64)[None, :] == e[:, None]  # [experts, pairs]
+            which, p = np.nonzero(hit)  # each expert's pairs in order, experts in the call's order
+            got = native.Pairs(hit.sum(1), p // k, weight.float().numpy().reshape(-1)[p])
+            w = host.ctypes.data + addr[None, :] + e[:, None] * per[None, :]
+            wait = native.experts_start(w, qtypes, n_ff, n_embd, h, got)
             real = self.clock is time.monotonic_ns
             prologue = self.clock() - t0 if real else 0
-            nbytes = len(experts) * sum(per for _, per, *_ in parts)
+            nbytes = len(experts) * int(per.sum())
 
             def finish() -> torch.Tensor:
                 out, c0, c1 = wait()
@@ -198,6 +201,11 @@ class CpuExperts:
                 self._observe(i, experts, nbytes, t0, dt)
                 return out
             return finish
+        parts = expert_parts(lay)
+        pairs: dict[int, list[int]] = {e: [] for e in experts}
+        for p, e in enumerate(ids):
+            if e in pairs:
+                pairs[e].append(p)
         mats = [self._experts(i, e, parts, host) for e in experts]  # (packing is not the CPU share's time)
         t0 = self.clock()
         out = self._packed_sum(mats, experts, pairs, k, h, weight)
@@ -212,18 +220,17 @@ class CpuExperts:
         self.computed += len(experts)
         self.tl.add("cpu_experts", f"cpu experts L{i}", t0, dt, nbytes, layer=i, experts=len(experts))
 
-    @staticmethod
-    def _blocks_start(host: np.ndarray, parts: list, experts: list[int], pairs: dict[int, list[int]], k: int,
-                      h: torch.Tensor, weight: torch.Tensor):
-        """The experts' weighted sum from their blocks where they lie, in one native call started on
-        the kernel's thread (NOTE [ a layer's experts in one call ] in qdot.c): its wait()."""
-        base = host.ctypes.data
-        w = [tuple(base + t.slot_offset + e * per for t, per, *_ in parts) for e in experts]
-        flat = weight.float().numpy().reshape(-1)
-        toks = [np.array([p // k for p in pairs[e]], dtype=np.int64) for e in experts]
-        wts = [flat[pairs[e]] for e in experts]
-        n_ff, n_embd = parts[0][3], parts[0][4]
-        return native.experts_start(w, tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h, toks, wts)
+    def _addresses(self, i: int, lay: LayerLayout) -> tuple:
+        """Layer i's experts as the native call reads them in place: the slot offsets of expert 0's
+        gate, up and down and each one's bytes an expert ([3] int64 each), their types, n_ff and
+        n_embd (once a layer)."""
+        got = self._addr.get(i)
+        if got is None:
+            parts = expert_parts(lay)
+            got = self._addr[i] = (np.array([t.slot_offset for t, *_ in parts], dtype=np.int64),
+                                   tuple(t.qtype for t, *_ in parts), parts[0][3], parts[0][4],
+                                   np.array([per for _, per, *_ in parts], dtype=np.int64))
+        return got
 
     @staticmethod
     def _packed_sum(mats: list[tuple], experts: list[int], pairs: dict[int, list[int]], k: int, h: torch.Tensor,

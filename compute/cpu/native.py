@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -206,26 +207,45 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int, threa
     return matmuls([(raw, qtype, N, K, x)], threads)[0].view(*x.shape[:-1], N)
 
 
-def experts(w: list[tuple[int, int, int]], qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: torch.Tensor,
-            toks: list[np.ndarray], wts: list[np.ndarray], threads: int | None = None, levels: int = LEVELS,
-            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+class Pairs(NamedTuple):
+    """A qdot_experts call's (token, weight) pairs, grouped by expert in the call's order: counts
+    [n] int64 (each expert's pairs), tok [P] int64 (rows of x) and wt [P] float32."""
+
+    counts: np.ndarray
+    tok: np.ndarray
+    wt: np.ndarray
+
+
+def pairs(toks: list[np.ndarray], wts: list[np.ndarray]) -> Pairs:
+    """Pairs from each expert's tokens (int64) and their weights (float32)."""
+    for j, (tok, wt) in enumerate(zip(toks, wts, strict=True)):
+        if len(tok) != len(wt):
+            raise ValueError(f"expert {j}: {len(tok)} tokens and {len(wt)} weights")
+    counts = np.array([len(t) for t in toks], dtype=np.int64)
+    if not toks:
+        return Pairs(counts, np.empty(0, np.int64), np.empty(0, np.float32))
+    return Pairs(counts, np.concatenate(toks).astype(np.int64), np.concatenate(wts).astype(np.float32))
+
+
+def experts(w, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: torch.Tensor, got: Pairs,
+            threads: int | None = None, levels: int = LEVELS, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """A layer's experts in one call (NOTE [ a layer's experts in one call ] in qdot.c): [T, n_embd]
-    float32, the sum over the experts e and their tokens toks[e] (int64) of wts[e] (float32) *
-    down(SiLU(gate(x[t])) * up(x[t])). w[e]: the host addresses of expert e's gate, up and down
-    blocks (of `qtypes`; the caller keeps them alive); x [T, n_embd] on the host."""
-    call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, toks, wts, threads, levels, lib)
+    float32, the sum over the experts e and their pairs (token t, weight a) of a *
+    down(SiLU(gate(x[t])) * up(x[t])). w[e] (a sequence of 3-tuples, or an [n, 3] integer array):
+    the host addresses of expert e's gate, up and down blocks (of `qtypes`; the caller keeps them
+    alive); x [T, n_embd] on the host."""
+    call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, got, threads, levels, lib)
     call.check(call.lib.qdot_experts(*call.args))
     return call.out
 
 
-def experts_start(w: list[tuple[int, int, int]], qtypes: tuple[int, int, int], n_ff: int, n_embd: int,
-                  x: torch.Tensor, toks: list[np.ndarray], wts: list[np.ndarray], threads: int | None = None,
-                  levels: int = LEVELS, lib: ctypes.CDLL | None = None):
+def experts_start(w, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: torch.Tensor, got: Pairs,
+                  threads: int | None = None, levels: int = LEVELS, lib: ctypes.CDLL | None = None):
     """As experts(), started on the kernel's own thread (NOTE [ experts beside the device's work ] in
     qdot.c): returns `wait()`, which waits for it and returns (the sum, its start and end in
     time.monotonic_ns()'s clock). One call at a time."""
     global _pending
-    call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, toks, wts, threads, levels, lib)
+    call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, got, threads, levels, lib)
     if _pending is not None:  # one left behind (a step that failed between start and wait): done first
         try:
             _pending()
@@ -247,31 +267,44 @@ def experts_start(w: list[tuple[int, int, int]], qtypes: tuple[int, int, int], n
 
 
 _pending = None  # the wait() of the call started and not yet waited for (experts_start)
+_TYPES: dict[tuple[int, ...], ctypes.Array] = {}  # qtypes -> their C array (a few a model)
 
 
 class _ExpertsCall:
-    """The arguments of a qdot_experts call, and what they point at, kept alive with them."""
+    """The arguments of a qdot_experts call, and what they point at, kept alive with them.
 
-    def __init__(self, w, qtypes, n_ff, n_embd, x, toks, wts, threads, levels, lib):
+    The experts' table (qdot_expert: three addresses, a count and two addresses, each 8 bytes) is
+    written by numpy as an [n, 6] int64 array, not as a ctypes object per expert: a call comes once
+    a streamed layer, and Python objects per expert cost a lone expert's call more than its dots on
+    a fast host (BENCHMARKS.md, T1)."""
+
+    def __init__(self, w, qtypes, n_ff, n_embd, x, got: Pairs, threads, levels, lib):
         self.lib = lib = lib or library()
         if lib is None:
             raise RuntimeError("the native CPU kernel is not available")
         self.rc = -7  # (a started call's code, once waited for)
-        if any(q not in NATIVE_TYPES for q in qtypes):
-            raise ValueError(f"the native CPU kernel has no {'/'.join(QT(q).name for q in qtypes)} experts")
+        types = _TYPES.get(qtypes := tuple(qtypes))
+        if types is None:
+            if any(q not in NATIVE_TYPES for q in qtypes):
+                raise ValueError(f"the native CPU kernel has no {'/'.join(QT(q).name for q in qtypes)} experts")
+            types = _TYPES[qtypes] = (ctypes.c_int * 3)(*qtypes)
         self.x = x = x.reshape(-1, n_embd).float().contiguous()
         self.out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
-        arr = (Expert * len(w))()
-        self.keep = []
-        for j, (ptrs, tok, wt) in enumerate(zip(w, toks, wts)):
-            tok, wt = np.ascontiguousarray(tok, dtype=np.int64), np.ascontiguousarray(wt, dtype=np.float32)
-            if len(tok) != len(wt):
-                raise ValueError(f"expert {j}: {len(tok)} tokens and {len(wt)} weights")
-            self.keep += (tok, wt)
-            arr[j] = Expert((ctypes.c_void_p * 3)(*ptrs), len(tok), tok.ctypes.data, wt.ctypes.data)
-        self.arr, self.types = arr, (ctypes.c_int * 3)(*qtypes)
-        self.args = (arr, len(w), self.types, n_ff, n_embd, x.data_ptr(), x.shape[0], self.out.data_ptr(),
-                     _threads(threads), levels)
+        counts = np.ascontiguousarray(got.counts, dtype=np.int64)
+        self.tok = tok = np.ascontiguousarray(got.tok, dtype=np.int64)
+        self.wt = wt = np.ascontiguousarray(got.wt, dtype=np.float32)
+        n = len(counts)
+        if len(tok) != len(wt) or counts.sum() != len(tok) or (counts < 0).any():
+            raise ValueError(f"{n} experts' {int(counts.sum())} pairs: {len(tok)} tokens and {len(wt)} weights")
+        self.table = table = np.empty((n, 6), dtype=np.int64)
+        table[:, :3] = np.asarray(w, dtype=np.int64).reshape(n, 3)
+        table[:, 3] = counts
+        first = np.cumsum(counts) - counts  # each expert's first pair
+        table[:, 4] = tok.ctypes.data + 8 * first
+        table[:, 5] = wt.ctypes.data + 4 * first
+        self.types = types
+        self.args = (table.ctypes.data_as(ctypes.POINTER(Expert)), n, types, n_ff, n_embd, x.data_ptr(), x.shape[0],
+                     self.out.data_ptr(), _threads(threads), levels)
 
     @staticmethod
     def check(rc: int) -> None:

@@ -1245,8 +1245,10 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
     int64_t off = 0;
     for (int e = 0; e < n; e++) {
         int64_t m = ex[e].n_tok;
-        const float *xe = x; /* (one token: every expert reads x's row, quantized once: qdot_run's same_x) */
-        if (T > 1) {
+        /* one token named once by each expert: every expert reads x's row, quantized once (qdot_run's
+         * same_x); an expert that names a row twice, or of more than one, reads its rows gathered */
+        const float *xe = x;
+        if (T > 1 || m > 1) {
             for (int64_t p = 0; p < m; p++)
                 memcpy(xg + (off + p) * n_embd, x + ex[e].tok[p] * n_embd, n_embd * sizeof(float));
             xe = xg + off * n_embd;
@@ -1394,9 +1396,14 @@ int qdot_experts_wait(int64_t *t) {
         pthread_mutex_unlock(&ax_mu);
         return -7;
     }
-    if (ax_state != 3) { /* (a call about to end: a short spin, where waking on the condition costs more) */
+    if (ax_state != 3) {
+        /* a spin first, as long as the pool's workers spin between calls (qdot_spin): a step with a
+         * CPU share keeps them awake (milliseconds), and its caller, which waits here once a layer,
+         * then wakes at the call's end rather than when the scheduler finds it a core among them;
+         * otherwise a short one, for a call about to end */
+        int64_t ns = atomic_load_explicit(&spin_ns, memory_order_relaxed);
         pthread_mutex_unlock(&ax_mu);
-        ax_spin_for(3, 50000);
+        ax_spin_for(3, ns > 50000 ? ns : 50000);
         pthread_mutex_lock(&ax_mu);
     }
     while (ax_state != 3) pthread_cond_wait(&ax_cv, &ax_mu);

@@ -299,7 +299,8 @@ def test_a_layers_experts_in_one_call_match_float64_and_the_matmul_calls(T):
     rng = np.random.default_rng(T)
     toks = [np.sort(rng.choice(T, size=max(1, T - e), replace=False)).astype(np.int64) for e in range(E)]
     wts = [rng.random(len(t)).astype(np.float32) for t in toks]
-    got = native.experts([tuple(m.data_ptr() for m in ex) for ex in flat], types, n_ff, n_embd, x, toks, wts, threads=2)
+    got = native.experts([tuple(m.data_ptr() for m in ex) for ex in flat], types, n_ff, n_embd, x,
+                         native.pairs(toks, wts), threads=2)
     want = torch.zeros(T, n_embd, dtype=torch.float64)
     calls = torch.zeros(T, n_embd)
     for ex, raw, tok, wt in zip(flat, raws, toks, wts):
@@ -315,8 +316,50 @@ def test_a_layers_experts_in_one_call_match_float64_and_the_matmul_calls(T):
     assert (got.double() - want).abs().max().item() < 2e-4 * want.abs().max().item()
     assert (got - calls).abs().max().item() <= 1e-6 * calls.abs().max().item()
     with pytest.raises(ValueError, match="a token outside x"):
-        native.experts([tuple(m.data_ptr() for m in flat[0])], types, n_ff, n_embd, x, [np.array([T])],
-                       [np.ones(1, np.float32)], threads=2)
+        native.experts([tuple(m.data_ptr() for m in flat[0])], types, n_ff, n_embd, x,
+                       native.pairs([np.array([T])], [np.ones(1, np.float32)]), threads=2)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_the_runs_call_groups_each_experts_pairs_from_the_routers_ids_against_float64(T):
+    """CpuExperts.start reads the experts in place in the layer's staging bytes and builds the
+    call's table from the router's ids with numpy (native.Pairs): the experts given out of order,
+    ids naming experts that are not the CPU's and one expert twice for a token's other choice;
+    the sum against float64 over gguf-py's dequantizer, each expert's bytes its own."""
+    from layerstream.compute.cpu.balancer import Balancer
+    from layerstream.compute.cpu.calibrate import expert_layout
+    from layerstream.compute.cpu.experts import CpuExperts
+    from layerstream.compute.expert_layout import expert_parts
+    from layerstream.proto.timeline import Timeline
+
+    E, n_ff, n_embd, k = 12, 256, 512, 3
+    types = (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K))
+    lay = expert_layout(E, n_ff, n_embd, types)
+    host = np.zeros(lay.nbytes, dtype=np.uint8)
+    mats = {}
+    for j, (t, per, _, N, K) in enumerate(expert_parts(lay)):
+        for e in range(E):
+            raw = rows(QT(t.qtype), N, K, seed=100 * j + e)
+            host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per] = raw.reshape(-1)
+            mats[e, j] = torch.from_numpy(quants.dequantize(raw, QT(t.qtype)).reshape(N, K)).double()
+    rng = np.random.default_rng(T)
+    ids = [int(e) for e in rng.choice(E, size=T * k)]  # (a token may name an expert twice: a weight each)
+    ids[0] = ids[1] = 9
+    mine = [9, 2, 5, 7]  # the CPU's, out of order
+    x = torch.randn(T, n_embd, generator=torch.Generator().manual_seed(T))
+    weight = torch.rand(T, k, generator=torch.Generator().manual_seed(T + 1))
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, 1.0, fixed=1.0), 1 << 30, torch.float32, Timeline("compute", "t"))
+    assert cpu.in_place(0, lay)
+    got = cpu.compute(0, lay, host, mine, ids, x, weight)
+    want = torch.zeros(T, n_embd, dtype=torch.float64)
+    for p, e in enumerate(ids):
+        if e in mine:
+            xt = x[p // k].double()
+            y = (torch.nn.functional.silu(mats[e, 0] @ xt) * (mats[e, 1] @ xt)) @ mats[e, 2].T
+            want[p // k] += weight.reshape(-1)[p].double() * y
+    assert got.shape == (T, n_embd)
+    assert (got.double() - want).abs().max().item() < 2e-4 * want.abs().max().item()
+    assert cpu.computed == len(mine)
 
 
 def test_experts_started_on_the_kernels_thread_give_the_calls_bits():
@@ -334,16 +377,17 @@ def test_experts_started_on_the_kernels_thread_give_the_calls_bits():
     w = [tuple(m.data_ptr() for m in ex) for ex in flat]
     x = torch.randn(T, n_embd, generator=torch.Generator().manual_seed(3))
     toks, wts = [np.array([0, 2]), np.array([1])], [np.array([0.25, 0.5], np.float32), np.array([1.0], np.float32)]
-    want = native.experts(w, types, n_ff, n_embd, x, toks, wts, threads=2)
+    pr = native.pairs(toks, wts)
+    want = native.experts(w, types, n_ff, n_embd, x, pr, threads=2)
     t0 = time.monotonic_ns()
-    wait = native.experts_start(w, types, n_ff, n_embd, x, toks, wts, threads=2)
+    wait = native.experts_start(w, types, n_ff, n_embd, x, pr, threads=2)
     got, c0, c1 = wait()
     assert torch.equal(got, want) and t0 <= c0 <= c1 <= time.monotonic_ns()
     assert wait()[0] is got  # (a second wait: the same result)
-    native.experts_start(w[:1], types, n_ff, n_embd, x, toks[:1], wts[:1], threads=2)  # never waited for
-    again = native.experts_start(w, types, n_ff, n_embd, x, toks, wts, threads=2)
+    native.experts_start(w[:1], types, n_ff, n_embd, x, native.pairs(toks[:1], wts[:1]), threads=2)  # never waited for
+    again = native.experts_start(w, types, n_ff, n_embd, x, pr, threads=2)
     assert torch.equal(again()[0], want)
-    lib, call = native.library(), native._ExpertsCall(w, types, n_ff, n_embd, x, toks, wts, 2, native.LEVELS, None)
+    lib, call = native.library(), native._ExpertsCall(w, types, n_ff, n_embd, x, pr, 2, native.LEVELS, None)
     assert lib.qdot_experts_start(*call.args) == 0
     assert lib.qdot_experts_start(*call.args) == -5
     t = (ctypes.c_int64 * 2)()
