@@ -138,7 +138,8 @@ def build_parser() -> Parser:
     g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
     g.add_argument("-s", "--seed", type=int, default=None,
                    help=f"random seed for reproducible sampling, 0 to {SEED_MAX} (-1: a fresh one, the default)")
-    g.add_argument("--stop", action="append", default=[], help="stop when this string is generated (repeatable)")
+    g.add_argument("--stop", action="append", default=[],
+                   help=r"stop when this string is generated (repeatable; \n, \t, \r, \\ and \xHH read as llama.cpp's -r reads them)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     g = p.add_argument_group("prompting")
     g.add_argument("--chat", action="store_true",
@@ -244,6 +245,18 @@ def build_parser() -> Parser:
     return p
 
 
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[ntr\\'\"])")
+_ESCAPES = {b"n": b"\n", b"t": b"\t", b"r": b"\r"}
+
+
+def unescape(text: str) -> str:
+    """A stop string's escapes read as llama.cpp reads its reverse prompts' (`--stop '\\n'` is a newline;
+    \\xHH a byte of the UTF-8 text); any other backslash stays as it is."""
+    got = _ESCAPE.sub(lambda m: bytes([int(m[1][1:], 16)]) if m[1][:1] == b"x" else _ESCAPES.get(m[1], m[1]),
+                      text.encode("utf-8", "surrogateescape"))
+    return got.decode("utf-8", "replace")
+
+
 def _num(v: float) -> str:
     """A number as the user would write it: 4, 0.5, 1048576 (never 1.04858e+06)."""
     return str(int(v)) if math.isfinite(v) and v == int(v) and abs(v) < 1 << 53 else repr(v)
@@ -314,6 +327,7 @@ def check_args(args) -> None:
     finite("min-p", args.min_p, 0.0, 1.0)
     finite("repeat-penalty", args.repeat_penalty, *REPEAT_PENALTY_RANGE)
     ints("top-k", args.top_k, 0, 1 << 31)
+    args.stop = [unescape(s) for s in args.stop]
     if "" in args.stop:
         fail("--stop '': an empty stop string would stop nothing; drop it")
     ints("repeat-last-n", args.repeat_last_n, 0, MAX_CTX)

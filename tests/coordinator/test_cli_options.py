@@ -92,6 +92,16 @@ def test_llama_cpp_spellings_are_aliases():
     assert math.isnan(a.min_p) and a.typed["temperature"] == ("--temp", "-inf")
 
 
+def test_stop_strings_read_llama_cpps_escapes():
+    """`--stop '\\n'` stopped only at a backslash followed by n, where llama.cpp's -r reads a newline."""
+    a = build_parser().parse_args(["--stop", r"\n", "--stop", r"\\n", "--stop", r"\xc3\xa9!", "--stop", r"a\q\t",
+                                   "--stop", r"\xff", "hi"])
+    check_args(a)
+    assert a.stop == ["\n", "\\n", "é!", "a\\q\t", "\ufffd"]
+    with pytest.raises(UsageError, match="an empty stop string"):
+        check_args(build_parser().parse_args(["--stop", "", "hi"]))
+
+
 def _read(a) -> None:
     """run-pipeline's checks of the flags, then its read of the prompt (after the model's header)."""
     check_args(a)
