@@ -103,7 +103,7 @@ def _greedy(path, batch, frac=None, steps=3):
 # so each value of layout, batch and kernel appears rather than every combination: the layout's
 # routing and weights are the same at any batch, the batch's pairs per expert the same in either layout.
 @pytest.mark.parametrize("arch, batch, kernel", [("qwen3moe", 2, "native"), ("llama", 1, "native"),
-                                                 ("qwen3moe", 1, "aten")])
+                                                 ("qwen3moe", 1, "aten"), ("llama", 4, "native")])
 def test_cpu_and_copies_split_gives_the_resident_engines_tokens(tmp_path, arch, batch, kernel, monkeypatch):
     """kernel "native": the CPU reads the experts' blocks (cpu/qdot.c); "aten": the kernel
     unavailable, packed int4 and dequantized Q6_K. Every missing expert on the CPU, then half (the
