@@ -274,9 +274,9 @@ class _ExpertsCall:
     """The arguments of a qdot_experts call, and what they point at, kept alive with them.
 
     The experts' table (qdot_expert: three addresses, a count and two addresses, each 8 bytes) is
-    written by numpy as an [n, 6] int64 array, not as a ctypes object per expert: a call comes once
-    a streamed layer, and Python objects per expert cost a lone expert's call more than its dots on
-    a fast host (BENCHMARKS.md, T1)."""
+    written by numpy as an [n, 6] int64 array, not as ctypes objects per expert: a call comes once
+    a streamed layer, and the Python side's time grew with each expert of it (a batch's call holds
+    dozens), where numpy's barely grows."""
 
     def __init__(self, w, qtypes, n_ff, n_embd, x, got: Pairs, threads, levels, lib):
         self.lib = lib = lib or library()
