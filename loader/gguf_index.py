@@ -436,8 +436,18 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
             "keep the names gguf-split gave the parts and pass the first one"
         )
     all_tensors: dict[str, TensorInfo] = {}
-    for _, tensors in headers:
+    for j, (f, (part_md, tensors)) in enumerate(zip(files, headers)):
+        if len(files) > 1:  # each part's own numbers, as llama.cpp checks them: a part of another split
+            no, of = meta(part_md, "split.no", int, None, path=f), meta(part_md, "split.count", int, None, path=f)
+            if (no, of) != (j, len(files)):
+                said = "no split.no and split.count" if no is None or of is None else f"part {no + 1} of {of}"
+                raise ModelError(f"{f}: named part {j + 1} of {len(files)}, but its metadata says {said}; the parts "
+                                 "are not one gguf-split set: put the parts of one model, as gguf-split wrote them, "
+                                 "in one folder")
         for t in tensors:
+            if t.name in all_tensors:
+                raise ModelError(f"{f}: tensor {t.name} is also in {all_tensors[t.name].file}; the parts are not "
+                                 "one gguf-split set")
             all_tensors[t.name] = t
     if len(files) > 1:
         want = meta(md, "split.tensors.count", int, None, path=path)

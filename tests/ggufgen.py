@@ -282,8 +282,10 @@ def rewrite_metadata(path: str | os.PathLike, out: str | os.PathLike, changes: d
     original key's value type; a new key as a uint32 or string) and without the keys in `drop`.
     vtypes: {key: GGUFValueType, or (ARRAY, element type)} writes a change with another type."""
     reader = gguf.GGUFReader(os.fspath(path))
-    arch = str(reader.fields["general.architecture"].contents())
-    w = gguf.GGUFWriter(os.fspath(out), arch)
+    arch = reader.fields.get("general.architecture")
+    w = gguf.GGUFWriter(os.fspath(out), str(arch.contents()) if arch is not None else "llama")
+    if arch is None:  # (a split's later part: gguf-split writes no architecture there)
+        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
     _copy_kv(w, reader, skip=("general.architecture", *changes, *drop))
     for key, value in changes.items():
         f = reader.fields.get(key)

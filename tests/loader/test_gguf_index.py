@@ -1,6 +1,7 @@
 """open_model on synthetic GGUFs: hparams, byte ranges, split sets, bad input; reference forward sanity."""
 
 import os
+import shutil
 
 import gguf
 import numpy as np
@@ -131,12 +132,29 @@ def test_a_split_name_numbered_outside_its_whole_and_a_path_not_in_utf8_are_read
     assert open_model(latin).hparams == open_model(path).hparams
 
 
-def test_split_tensor_count_mismatch(tmp_path):
+def test_a_split_set_is_checked_by_each_parts_numbers_tensors_and_count(tmp_path):
+    """A probe's: parts were matched by their names alone, so a part of another split loaded, its
+    tensors taking the place of the set's (the last part's copy of a name won)."""
     parts = ggufgen.split_model(ggufgen.write_model(tmp_path / "m.gguf"), 2)
-    # replace part 2 with a part holding fewer tensors
     other = ggufgen.split_model(ggufgen.write_model(tmp_path / "o.gguf", n_layer=1), 2)
     os.replace(other[1], parts[1])
-    with pytest.raises(ModelError, match="tensors"):
+    with pytest.raises(ModelError, match=r"m-00002-of-00002\.gguf: tensor \S+ is also in \S+m-00001-of-00002\.gguf; "
+                                         r"the parts are not one gguf-split set$"):
+        open_model(parts[0])
+    parts = ggufgen.split_model(ggufgen.write_model(tmp_path / "n.gguf"), 3)
+    keep = tmp_path / "keep.gguf"
+    shutil.copy(parts[1], keep)
+    for change, drop, said in (({"split.no": 2}, (), "part 3 of 3"), ({"split.count": 4}, (), "part 2 of 4"),
+                               ({}, ("split.no",), "no split.no and split.count")):
+        ggufgen.rewrite_metadata(keep, parts[1], change, drop)
+        with pytest.raises(ModelError, match=rf"n-00002-of-00003\.gguf: named part 2 of 3, but its metadata says "
+                                             rf"{said}; the parts are not one gguf-split set"):
+            open_model(parts[0])
+    shutil.copy(keep, parts[1])
+    assert open_model(parts[0]).files == parts
+    ggufgen.rewrite_metadata(parts[0], keep, {"split.tensors.count": 999})
+    os.replace(keep, parts[0])
+    with pytest.raises(ModelError, match=r"split model lists 999 tensors but its parts hold \d+"):
         open_model(parts[0])
 
 
