@@ -24,6 +24,7 @@ from layerstream.coordinator.spelling import (
     refuse_foreign_options,
     refuse_glued_words,
     typed_options,
+    unescape,
 )
 
 PROG = "run-pipeline"
@@ -88,6 +89,13 @@ class Parser(argparse.ArgumentParser):
                         "choice": f"use {', '.join(rest)}{' or ' if rest else ''}{last}"}[m.group(2)]
             message = f"{name} {ast.literal_eval(m.group(3))}: {expected}"
         raise UsageError(message)
+
+    def print_help(self, file=None):
+        try:  # (argparse's own write drops an OSError: --help > /dev/full exited 0, the help unwritten)
+            (file or sys.stdout).write(self.format_help())
+            (file or sys.stdout).flush()
+        except OSError as e:
+            self.exit(1, f"{PROG}: error: cannot write the output ({e.strerror or e})\n")
 
     def parse_args(self, args=None, namespace=None):
         typed = sys.argv[1:] if args is None else list(args)
@@ -243,18 +251,6 @@ def build_parser() -> Parser:
                         "use no CPU, before the run ends (120)")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON timeline of the run")
     return p
-
-
-_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[ntr\\'\"])")
-_ESCAPES = {b"n": b"\n", b"t": b"\t", b"r": b"\r"}
-
-
-def unescape(text: str) -> str:
-    """A stop string's escapes read as llama.cpp reads its reverse prompts' (`--stop '\\n'` is a newline;
-    \\xHH a byte of the UTF-8 text); any other backslash stays as it is."""
-    got = _ESCAPE.sub(lambda m: bytes([int(m[1][1:], 16)]) if m[1][:1] == b"x" else _ESCAPES.get(m[1], m[1]),
-                      text.encode("utf-8", "surrogateescape"))
-    return got.decode("utf-8", "replace")
 
 
 def _num(v: float) -> str:

@@ -109,3 +109,15 @@ def _dashed_number(s: str) -> bool:
     except ValueError:
         return False
     return s.startswith("-")
+
+
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[ntr\\'\"])")
+_ESCAPES = {b"n": b"\n", b"t": b"\t", b"r": b"\r"}
+
+
+def unescape(text: str) -> str:
+    """A stop string's escapes read as llama.cpp reads its reverse prompts' (`--stop '\\n'` is a newline;
+    \\xHH a byte of the UTF-8 text); any other backslash stays as it is."""
+    got = _ESCAPE.sub(lambda m: bytes([int(m[1][1:], 16)]) if m[1][:1] == b"x" else _ESCAPES.get(m[1], m[1]),
+                      text.encode("utf-8", "surrogateescape"))
+    return got.decode("utf-8", "replace")
