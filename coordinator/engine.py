@@ -430,6 +430,8 @@ class Engine:
             for n, p in zip(names, ids):
                 self.core.add_request(n, p, params)
             while any(r is None for r in reasons) and self.core.has_unfinished():  # (NOTE in turn.py)
+                if self._closed:  # (close() from another thread: one process generated on to the end)
+                    raise LayerstreamError("this engine was closed during the generation")
                 for out in self.core.step():
                     i = index[out.request_id]
                     if out.text:

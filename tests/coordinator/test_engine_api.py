@@ -115,7 +115,18 @@ def test_one_generation_at_a_time_and_none_after_close(model):
         t.join(60)
     assert not other and got and all(x == want for x in got), (other, got)  # (another prompt's text, before)
     assert len(got) + len(refused) == 12
-    e.close()
+    # close() from another thread ends a generation under way at its next step (it generated to its end)
+    pieces, ended = [], []
+    g = e.generate(PROMPT, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    pieces.append(next(g))
+    closer = threading.Thread(target=e.close)
+    closer.start()
+    closer.join(30)
+    try:
+        pieces.extend(g)
+    except LayerstreamError as x:
+        ended.append(str(x))
+    assert ended == ["this engine was closed during the generation"] and len(pieces) < 60, (ended, len(pieces))
     with pytest.raises(LayerstreamError, match="this engine is closed"):
         e.generate_batch([PROMPT], G)  # (it generated on)
     with pytest.raises(LayerstreamError, match="this engine is closed"):
