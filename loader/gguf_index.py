@@ -367,9 +367,10 @@ def _hparams(md: dict[str, Any], tensors: dict[str, TensorInfo], path: str) -> H
     )
 
 
-def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> None:
-    """Untrusted metadata: each value positive, consistent with the others and with the tensors
-    the file holds, before anything is sized from it; a bad one is one line naming its key."""
+def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str, n_tokens: int) -> None:
+    """Untrusted metadata: each value positive, consistent with the others, with the tensors the
+    file holds and with its tokenizer's `n_tokens` (0: none), before anything is sized from it; a
+    bad one is one line naming its key."""
     a = hp.arch
 
     def bad(key: str, value, why: str) -> ModelError:
@@ -395,9 +396,10 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
         raise bad("attention.head_count_kv", hp.attn.n_head_kv, f"does not divide head_count {hp.attn.n_head}")
     if hp.rope.dim > hp.attn.head_dim or hp.rope.dim % 2:
         raise bad("rope.dimension_count", hp.rope.dim, f"is odd or above the head size {hp.attn.head_dim}")
-    if not (math.isfinite(hp.norm_eps) and hp.norm_eps > 0 and math.isfinite(hp.rope.theta) and hp.rope.theta > 0
-            and math.isfinite(hp.rope.scale) and hp.rope.scale > 0):
-        raise bad("attention.layer_norm_rms_epsilon / rope.freq_base", (hp.norm_eps, hp.rope.theta), "is not positive")
+    for key, v in [("attention.layer_norm_rms_epsilon", hp.norm_eps), ("rope.freq_base", hp.rope.theta),
+                   ("rope.scaling.factor", hp.rope.scale)] + [("rope.freq_base_swa", hp.rope.theta_swa)] * bool(at.swa_layers):
+        if not (math.isfinite(v) and v > 0):
+            raise bad(key, v, "is not a positive number")
     blocks = {int(m[1]) for m in map(_LAYER_RE.match, tensors) if m}
     if len(blocks) != hp.n_layer or blocks != set(range(hp.n_layer)):
         raise bad("block_count", hp.n_layer, f"does not match the {len(blocks)} blocks of tensors in the file")
@@ -417,10 +419,16 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> No
                 raise ModelError(f"{path}: tensor blk.{i}.{name} has shape {list(t.shape)} where the metadata "
                                  f"({a}.embedding_length, head counts, feed_forward_length, experts) say {list(want)}; "
                                  "the file is corrupt or was not written by a known converter")
-    emb = tensors.get("token_embd.weight")
-    if emb is not None and (emb.shape[-1] != hp.n_embd or emb.shape[0] < hp.n_vocab):
-        raise bad("vocab_size", hp.n_vocab, f"or embedding_length {hp.n_embd} does not match token_embd "
-                                             f"{list(emb.shape)}")
+    # the vocabulary: the tokenizer's tokens, the embedding's and the output's rows and vocab_size
+    # all one count, as llama.cpp checks them (more rows than tokens sampled ids the tokenizer cannot
+    # spell: a request's ValueError stopped the server; a probe's)
+    if n_tokens and n_tokens != hp.n_vocab:
+        raise bad("vocab_size", hp.n_vocab, f"does not match the tokenizer's {n_tokens} tokens (tokenizer.ggml.tokens)")
+    for name in ("token_embd.weight", "output.weight"):
+        t = tensors.get(name)
+        if t is not None and list(t.shape) != [hp.n_vocab, hp.n_embd]:
+            raise bad("vocab_size", hp.n_vocab, f"or embedding_length {hp.n_embd} does not match {name.split('.')[0]} "
+                                                 f"{list(t.shape)}")
 
 
 def open_model(path: str | os.PathLike) -> ModelIndex:
@@ -454,7 +462,7 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
         if want is not None and want != len(all_tensors):
             raise ModelError(f"{path}: split model lists {want} tensors but its parts hold {len(all_tensors)}")
     hp = _hparams(md, all_tensors, path)
-    _check_hparams(hp, all_tensors, path)
+    _check_hparams(hp, all_tensors, path, len(meta(md, "tokenizer.ggml.tokens", list, [], path=path)))
 
     layers: list[dict[str, TensorInfo]] = [{} for _ in range(hp.n_layer)]
     glob: dict[str, TensorInfo] = {}

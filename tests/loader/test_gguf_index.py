@@ -1,6 +1,7 @@
 """open_model on synthetic GGUFs: hparams, byte ranges, split sets, bad input; reference forward sanity."""
 
 import os
+import re
 import shutil
 
 import gguf
@@ -404,6 +405,40 @@ def test_hostile_hyperparameters_are_one_line_naming_the_key(tmp_path, key, valu
     with pytest.raises(ModelError, match=match) as e:
         open_model(bad)
     assert "\n" not in str(e.value)
+
+
+def test_a_vocabulary_of_two_sizes_and_a_bad_rope_factor_are_refused_at_load_naming_the_key(tmp_path):
+    """A probe's: an embedding of more rows than the tokenizer's tokens loaded, and sampled ids the
+    tokenizer could not spell (one request's ValueError stopped the server); vocab_size below the
+    tokens refused every prompt's ids; a rope scaling factor of 0 was said as the norm's epsilon and
+    the base; Gemma 3's local base was not checked (NaN logits blamed on the weights)."""
+    import gguf
+
+    from layerstream.loader.synth_vocab import tokenizer_vocab
+
+    tokens, types, merges, bos, eos = tokenizer_vocab(300)
+    big = ggufgen.write_model(tmp_path / "big.gguf", n_vocab=400)
+    short = ggufgen.rewrite_metadata(big, tmp_path / "short.gguf", {
+        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": bos, "tokenizer.ggml.eos_token_id": eos})
+    ok = ggufgen.write_model(tmp_path / "ok.gguf", n_vocab=300)
+    VT = gguf.GGUFValueType
+    cases = [(short, r"llama\.vocab_size = 400 does not match the tokenizer's 300 tokens"),
+             (ggufgen.rewrite_metadata(ok, tmp_path / "v.gguf", {"llama.vocab_size": 100}),
+              r"llama\.vocab_size = 100 does not match the tokenizer's 300 tokens")]
+    for factor in (0.0, float("nan")):
+        cases.append((ggufgen.rewrite_metadata(ok, tmp_path / f"r{factor}.gguf", {
+            "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": factor},
+            vtypes={"llama.rope.scaling.factor": VT.FLOAT32}), rf"llama\.rope\.scaling\.factor = {factor} is not a "))
+    gemma = ggufgen.write_model(tmp_path / "g.gguf", arch="gemma3", n_layer=3)
+    for base in (0.0, float("nan")):
+        cases.append((ggufgen.rewrite_metadata(gemma, tmp_path / f"gb{base}.gguf", {"gemma3.rope.freq_base_swa": base}),
+                      rf"gemma3\.rope\.freq_base_swa = {base} is not a positive number"))
+    for path, match in cases:
+        with pytest.raises(ModelError, match=rf"^{re.escape(str(path))}: metadata {match}") as e:
+            open_model(path)
+        assert "\n" not in str(e.value)
+    assert open_model(ok).hparams.n_vocab == 300
 
 
 def test_moe_and_gemma3_hyperparameters(tmp_path):
