@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import numbers
 import os
 import re
@@ -244,6 +245,7 @@ class Engine:
         self._batches = 0
         self.finish_reasons: list[str | None] = []  # the last batch's, by prompt
         self._busy, self._closed = threading.Lock(), False
+        self._pid = os.getpid()  # (a forked child holds a copy: _running refuses it)
         if cfg.warm_up if cfg.warm_up is not None else getattr(backend, "warm_up_pays", False):
             from layerstream.coordinator.warm_up import warm_up
 
@@ -258,6 +260,11 @@ class Engine:
     def open(cls, cfg: EngineConfig, pipeline=None, index: ModelIndex | None = None, progress: bool = False) -> "Engine":
         """The one place an engine is assembled: the model index, then the backend (in this process,
         or the streaming pipeline when `pipeline` is a PipelineConfig), then the engine."""
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # a script without a main guard, run again in each child of the pipeline as it starts:
+            # one line each, where multiprocessing's own RuntimeError printed a page from every child
+            raise SystemExit("layerstream: an engine was opened while a child process started (the script runs "
+                             "again in each child): put the code that opens it under if __name__ == \"__main__\":")
         if index is None:
             from layerstream.loader.default_model import default_model_path
 
@@ -289,6 +296,8 @@ class Engine:
 
     def close(self) -> None:
         self._closed = True
+        if os.getpid() != self._pid:  # (a forked child's copy: the parent's pipeline and memory stay the parent's)
+            return
         self.backend.close()
         if self.draft is not None:
             self.draft.runner.close()
@@ -305,6 +314,9 @@ class Engine:
         caller's requests and outputs mixed with the first's (KeyError, or another prompt's text)."""
         if self._closed:
             raise LayerstreamError("this engine is closed; load another")
+        if os.getpid() != self._pid:  # (the pipeline's sockets are the parent's: a forked child's call hung)
+            raise LayerstreamError(f"this engine was opened by process {self._pid}; a forked process cannot use it: "
+                                   "open an engine in the child, or fork before opening one")
         if not self._busy.acquire(blocking=False):
             raise LayerstreamError("this engine is already running a generation or an evaluation (another "
                                    "thread's, or a generator not yet run to its end or closed); finish it first, or "

@@ -5,6 +5,7 @@ probe of the API; each case failed or hung on the code before."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -197,3 +198,54 @@ def test_chat_messages_of_the_wrong_shape_are_the_callers_error_not_the_models(s
         with pytest.raises(TypeError, match="messages: give a list of dicts, each with a str 'role' and 'content'"):
             smollm_engine.encode_chat(bad)
     assert smollm_engine.encode_chat([{"role": "user", "content": "hi"}])  # (the template's own text and the message)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+@pytest.mark.timeout(60)
+def test_a_forked_child_cannot_use_its_parents_engine_and_its_close_leaves_the_parents(model):
+    """A probe's: a forked child's generation over the parent's pipeline hung past the stall timeout
+    with no message (the sockets are the parent's), and in one process it hung too (torch's threads
+    are the parent's); now its calls refuse at once, and its close() (a context manager's exit)
+    leaves the parent's engine running."""
+    e = Engine.load(model, device="cpu", ctx=64, max_seqs=2)
+    want = e.generate_batch([PROMPT], G)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what its call raised, then leave without the parent's teardown
+        try:
+            e.generate_batch([PROMPT], G)
+            said = "no error"
+        except LayerstreamError as x:
+            said = str(x)
+        except BaseException as x:  # noqa: BLE001 - the test reports what it was
+            said = repr(x)
+        e.close()
+        os.write(w, said.encode())
+        os._exit(0)
+    os.close(w)
+    said = os.read(r, 4096).decode()
+    os.close(r)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert said == (f"this engine was opened by process {os.getpid()}; a forked process cannot use it: open an "
+                    "engine in the child, or fork before opening one"), said
+    assert e.generate_batch([PROMPT], G) == want
+    e.close()
+
+
+def test_a_script_that_opens_a_pipeline_without_a_main_guard_says_so_in_one_line_a_child(model, tmp_path):
+    """A probe's: multiprocessing ran the script again in each child, whose Engine.open printed a
+    page of RuntimeError from each (about 250 lines); now each child says what to do in one line."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text("from layerstream.coordinator.engine import Engine, EngineConfig\n"
+                      "from layerstream.coordinator.pipeline_config import Budget, PipelineConfig\n"
+                      f"e = Engine.open(EngineConfig(model={model!r}, device='cpu', ctx=64), "
+                      "PipelineConfig(budget=Budget(host_cache_gb=0)))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    said = [line for line in r.stderr.splitlines() if line.startswith("layerstream: ")]
+    assert r.returncode == 1 and said and set(said) == {
+        "layerstream: an engine was opened while a child process started (the script runs again in each child): "
+        "put the code that opens it under if __name__ == \"__main__\":"}, r.stderr[-2000:]
+    assert "RuntimeError" not in r.stderr and "bootstrapping phase" not in r.stderr
