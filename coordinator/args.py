@@ -491,6 +491,7 @@ def read_api_key(args, environ) -> str | None:
         return None
     if not key.strip():
         raise UsageError(f"{where}: the key is empty")
-    if any(c.isspace() or not c.isprintable() for c in key):
-        raise UsageError(f"{where}: the key holds spaces or control characters; use printable characters only")
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in key):
+        raise UsageError(f"{where}: the key holds spaces, control characters or characters outside ASCII (which "
+                         "clients send in other encodings); use printable ASCII characters only")
     return key

@@ -249,9 +249,9 @@ def _check_fields(body: dict, kind: str) -> None:
         if test is None:
             other = "chat" if kind == "completion" else "completion"
             what = (f"'{key}' is a field of {ROUTES[other]}, not of {ROUTES[kind]}"
-                    if key in FIELDS[other] or key in HARMLESS[other] else f"unknown or unsupported field '{key}'")
+                    if key in FIELDS[other] or key in HARMLESS[other] else f"unknown or unsupported field '{_short(key)}'")
             takes = ", ".join(sorted(FIELDS[kind] | set(HARMLESS[kind])))
-            raise ApiError(400, f"{what}; {ROUTES[kind]} takes {takes}", key)
+            raise ApiError(400, f"{what}; {ROUTES[kind]} takes {takes}", _short(key))  # (a key of a megabyte, cut)
         if not test(v):
             why = UNSERVED.get(key, "only its default value is accepted")
             raise ApiError(400, f"'{key}' = {_short(json.dumps(v))} is not supported by this server ({why})", key)

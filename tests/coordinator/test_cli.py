@@ -818,6 +818,10 @@ def test_api_key_from_a_file_or_the_environment(tmp_path):
     key.write_text("\n")
     with pytest.raises(UsageError, match=f"--api-key-file {key}: the key is empty"):
         read_api_key(parse("--api-key-file", str(key)), {})
+    for bad in ("a b", "k\x07", "clé"):  # (a probe's: "é" was taken, then no client's UTF-8 header matched it)
+        with pytest.raises(UsageError, match=r"^--api-key: the key holds spaces, control characters or characters "
+                                             r"outside ASCII"):
+            read_api_key(parse("--api-key", bad), {})
     with pytest.raises(UsageError, match="--api-key and --api-key-file both given"):
         parse("--api-key", "a", "--api-key-file", str(key))
     with open(key, "wb") as fh:  # a huge line (sparse): read up to the bound only, then refused

@@ -287,3 +287,10 @@ def test_a_default_is_taken_only_in_its_own_json_type(kind, field, value):
         return
     e = refused(body | {field: value}, kind)
     assert e.param == field and "only its default value is accepted" in e.message
+
+
+def test_an_unknown_field_of_a_megabyte_is_named_cut():
+    """A probe's: a key of 1 MB came back whole in the message and the param, a reply of 2 MB."""
+    e = refused({"prompt": "hi", "k" * (1 << 20): 1})
+    assert len(e.message) < 2000 and len(e.param) < 100
+    assert "unknown or unsupported field 'kkkkkkkkkkkkkkkkkkkk... (1048556 more characters)'" in e.message
