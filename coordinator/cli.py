@@ -139,7 +139,8 @@ def _require_template(source, path: str) -> None:
     """--chat needs the model's chat template as text."""
     if isinstance(source, str) and source.strip():
         return
-    why = "has no chat template" if source is None else "has a chat template that is not text"
+    why = ("has no chat template" if source is None else "has an empty chat template" if isinstance(source, str)
+           else "has a chat template that is not text")
     raise ConfigError(f"--chat: {os.path.basename(path)} {why} (tokenizer.chat_template; a base model, not "
                       "an instruct one?); run without --chat")
 

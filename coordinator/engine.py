@@ -350,9 +350,12 @@ class Engine:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise TypeError(f"messages: give a list of dicts, each with a str 'role' and 'content', not {messages!r:.80}")
+        try:
+            segments = list(self.chat_template.render_segments(messages, add_generation_prompt=add_generation_prompt))
+        except ModelError as e:  # (the model's template, not the caller's messages: the file named)
+            raise ModelError(f"{os.path.basename(self.index.path)}: {e}") from None
         ids: list[int] = []
-        for text, from_template in self.chat_template.render_segments(messages,
-                                                                      add_generation_prompt=add_generation_prompt):
+        for text, from_template in segments:
             ids += self.tokenizer.encode(text, add_special=False, parse_special=from_template)
         return ids
 

@@ -437,6 +437,27 @@ def test_chat_without_a_template_is_refused_from_the_one_key_with_a_cold_header_
     assert parsed == [chat] and index.metadata["tokenizer.chat_template"] == CHATML
 
 
+def test_an_empty_chat_template_and_one_that_fails_are_said_as_the_models(tmp_path, monkeypatch, capsys):
+    """A probe's: an empty template was said to be "not text"; a template's own error at render
+    ("'foo' is undefined") named no file, and the server answered it as the client's."""
+    from layerstream.coordinator import cli
+    from layerstream.coordinator.engine import Engine
+    from layerstream.errors import ModelError
+
+    base = ggufgen.write_model(tmp_path / "base.gguf")
+    empty = ggufgen.rewrite_metadata(base, tmp_path / "empty.gguf", {"tokenizer.chat_template": ""})
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-m", empty, "--chat", "--device", "cpu", "hello"])
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        "run-pipeline: error: --chat: empty.gguf has an empty chat template (tokenizer.chat_template; a base model, "
+        "not an instruct one?); run without --chat\n")
+    bad = ggufgen.rewrite_metadata(base, tmp_path / "bad.gguf", {"tokenizer.chat_template": "{{ foo.bar }}"})
+    with Engine.load(bad, device="cpu", ctx=64) as engine:
+        with pytest.raises(ModelError, match=r"^bad\.gguf: chat template failed: UndefinedError: 'foo' is undefined$"):
+            engine.encode_chat([{"role": "user", "content": "hi"}])
+
+
 def test_context_full_error_starts_on_a_line_of_its_own(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     r = run_pipeline("-m", path, "--device", "cpu", "--ctx", "12", "-n", "50", "--ignore-eos", "--temperature", "0",
