@@ -20,7 +20,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from layerstream.compute.device import resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
+from layerstream.compute.device import WEIGHTS, resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
 from layerstream.compute.sampling import SamplingParams
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper, StepResult
@@ -128,6 +128,8 @@ class EngineConfig:
         for name, ok in (("on_context_full", ("error", "slide")), ("draft_policy", ("adaptive", "fixed"))):
             if getattr(self, name) not in ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: give {' or '.join(ok)}")
+        if self.weights not in WEIGHTS:  # (a ValueError from deep in the load, where the README promises ConfigError)
+            raise ConfigError(f"weights={self.weights!r}: use {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}")
         if self.on_context_full == "slide" and not self.sink_tokens < self.ctx - 1:
             raise ConfigError(f"sink_tokens={self.sink_tokens}: must be below ctx ({self.ctx}) minus one")
 

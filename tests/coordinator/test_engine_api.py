@@ -36,6 +36,7 @@ def model(tmp_path_factory):
     (dict(sink_tokens=-1), "sink_tokens=-1: must be a whole number, at least 0"),
     (dict(model=""), "model='': give a GGUF file's path"),  # (it loaded the default model)
     (dict(draft_policy="x"), "draft_policy='x': give adaptive or fixed"),
+    (dict(weights="x"), "weights='x': use auto, quantized, native or dense"),  # (a ValueError, a probe's)
 ])
 def test_a_bad_engine_setting_is_refused_before_loading(model, kw, words):
     kw = {"model": model, "device": "cpu", **kw}
