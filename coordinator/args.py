@@ -91,9 +91,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
     def print_help(self, file=None):
+        out = file or sys.stdout
+        if out is None:  # (`>&-`: nothing to write to, as argparse's own)
+            return
         try:  # (argparse's own write drops an OSError: --help > /dev/full exited 0, the help unwritten)
-            (file or sys.stdout).write(self.format_help())
-            (file or sys.stdout).flush()
+            out.write(self.format_help())
+            out.flush()
         except OSError as e:
             self.exit(1, f"{PROG}: error: cannot write the output ({e.strerror or e})\n")
 
