@@ -148,6 +148,7 @@ class EngineCore:
         self.spec = self.speculation.stats
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
         self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
+        self.closed = False  # (set by Engine.close: new work is refused, as the engine's own calls are)
         self.on_context_full, self.sink_tokens = on_context_full, sink_tokens
         self.lookahead = int(lookahead)  # steps submitted ahead of the one collected (NOTE [ one step behind ])
         self.pad_tokens = max(step_tokens, max_seqs)  # B * S of a step at most (NOTE [ step size ])
@@ -195,6 +196,8 @@ class EngineCore:
         (NOTE [ step size ]), each step's logits of every position passed on at once as
         on_logits(position of its first row, [n, V]), never kept; the row is given back with its KV
         recorded for reuse (NOTE [ prefix reuse ]). Runs between requests, not beside them."""
+        if self.closed:
+            raise LayerstreamError("this engine is closed; load another")
         if self.running or self.waiting:
             raise ConfigError("evaluation runs while no request is in flight")
         if not tokens:
@@ -220,6 +223,8 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Queue a request; a prompt that cannot fit the context is refused now, before prefill."""
+        if self.closed:  # (a local backend ran on: README says a closed engine refuses every call)
+            raise LayerstreamError("this engine is closed; load another")
         if not prompt:
             raise ConfigError("empty prompt: give at least one token of text")
         if self.on_context_full == "error" and len(prompt) >= self.ctx:

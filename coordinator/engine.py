@@ -297,7 +297,7 @@ class Engine:
             raise
 
     def close(self) -> None:
-        self._closed = True
+        self._closed = self.core.closed = True
         if os.getpid() != self._pid:  # (a forked child's copy: the parent's pipeline and memory stay the parent's)
             return
         self.backend.close()

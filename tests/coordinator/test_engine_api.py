@@ -133,6 +133,9 @@ def test_one_generation_at_a_time_and_none_after_close(model):
         e.generate_batch([PROMPT], G)  # (it generated on)
     with pytest.raises(LayerstreamError, match="this engine is closed"):
         e.encode(PROMPT)  # (a probe's: it tokenized on, where the README says a closed engine refuses every call)
+    for call in (lambda: e.core.add_request("r", [1, 2], G), lambda: e.core.score([1, 2], lambda at, lg: None)):
+        with pytest.raises(LayerstreamError, match="this engine is closed"):
+            call()  # (the engine core queued and generated on a local backend; a probe's)
     e.close()  # (twice is fine)
 
 
