@@ -53,10 +53,7 @@ class _Version(argparse.Action):
     """--version, its package metadata read only when asked (importlib.metadata took 12 ms of every start)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        try:
-            print(f"{PROG} (layerstream) {_version()}")
-        except OSError as e:  # (a write that fails at once; one at the exit's flush is the command's to say)
-            parser.exit(1, f"{PROG}: error: cannot write the output ({e.strerror or e})\n")
+        parser.emit(f"{PROG} (layerstream) {_version()}\n")
         parser.exit()
 
 
@@ -91,11 +88,14 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
     def print_help(self, file=None):
+        self.emit(self.format_help(), file)  # (argparse's own write drops an OSError: --help > /dev/full exited 0)
+
+    def emit(self, text: str, file=None) -> None:  # --help's and --version's text: a failed write, one line
         out = file or sys.stdout
         if out is None:  # (`>&-`: nothing to write to, as argparse's own)
             return
-        try:  # (argparse's own write drops an OSError: --help > /dev/full exited 0, the help unwritten)
-            out.write(self.format_help())
+        try:
+            out.write(text)
             out.flush()
         except OSError as e:
             self.exit(1, f"{PROG}: error: cannot write the output ({e.strerror or e})\n")

@@ -64,6 +64,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
                  code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        param = param if param is None else _short(param)  # (a client's key of a megabyte, named)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
         self.headers = headers
 
@@ -85,9 +86,10 @@ class GenRequest:
     n: int = 1
 
 
-def parse_json(raw: bytes) -> dict:
+def parse_json(raw: bytes, opens: int | None = None) -> dict:
     """A JSON object from a body; NaN, infinities, non-UTF-8 bytes, lone surrogates, integers of
-    more than 4300 digits and nesting too deep for the parser are a 400."""
+    more than 4300 digits and nesting too deep for the parser are a 400. opens: containers(raw),
+    where the caller counted them already."""
     def constant(name):
         raise ValueError(f"{name} is not JSON")
 
@@ -97,7 +99,7 @@ def parse_json(raw: bytes) -> dict:
             raise ValueError(f"the number {s[:40]} is out of range")
         return v
 
-    opens = containers(raw)
+    opens = containers(raw) if opens is None else opens
     if opens > MAX_JSON_CONTAINERS:
         raise ApiError(400, f"the body holds {opens:,} '[' and '{{' (strings included), more than the "
                             f"{MAX_JSON_CONTAINERS:,} a request may: too many JSON arrays and objects")
@@ -251,7 +253,7 @@ def _check_fields(body: dict, kind: str) -> None:
             what = (f"'{key}' is a field of {ROUTES[other]}, not of {ROUTES[kind]}"
                     if key in FIELDS[other] or key in HARMLESS[other] else f"unknown or unsupported field '{_short(key)}'")
             takes = ", ".join(sorted(FIELDS[kind] | set(HARMLESS[kind])))
-            raise ApiError(400, f"{what}; {ROUTES[kind]} takes {takes}", _short(key))  # (a key of a megabyte, cut)
+            raise ApiError(400, f"{what}; {ROUTES[kind]} takes {takes}", key)
         if not test(v):
             why = UNSERVED.get(key, "only its default value is accepted")
             raise ApiError(400, f"'{key}' = {_short(json.dumps(v))} is not supported by this server ({why})", key)
@@ -315,7 +317,7 @@ def _messages(v) -> list[dict]:
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where)
         for key in m:
             if key not in ("role", "content", "name") and not (key in EMPTY_MESSAGE_KEYS and m[key] in (None, [])):
-                raise ApiError(400, f"'{where}.{key}' is not supported (messages take role and content; a reply's "
+                raise ApiError(400, f"'{where}.{_short(key)}' is not supported (messages take role and content; a reply's "
                                     f"{', '.join(sorted(EMPTY_MESSAGE_KEYS))} only null or empty)", f"{where}.{key}")
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:  # (a list or object is no key of ROLES: a 500 once)
@@ -374,7 +376,7 @@ def parse_request(body: dict, kind: str, n_vocab: int, defaults: dict = DEFAULTS
             raise ApiError(400, "'stream_options' must be an object", "stream_options")
         for key in opts:
             if key != "include_usage":
-                raise ApiError(400, f"'stream_options.{key}' is not supported (only include_usage)",
+                raise ApiError(400, f"'stream_options.{_short(key)}' is not supported (only include_usage)",
                                f"stream_options.{key}")
         include_usage = _bool(opts, "include_usage")
     req = GenRequest(kind, sampling_from(body, kind, defaults), stream=stream, include_usage=include_usage,

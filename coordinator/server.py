@@ -182,9 +182,9 @@ class Server:
                 raise _stopping() from None
             raise
 
-    def _prepare(self, raw: bytes, kind: str) -> tuple[GenRequest, list[int]]:
-        """Parse, check and tokenize a body (in the pool: off the event loop)."""
-        body = parse_json(raw)
+    def _prepare(self, raw: bytes, kind: str, opens: int) -> tuple[GenRequest, list[int]]:
+        """Parse, check and tokenize a body (in the pool: off the event loop); opens: containers(raw)."""
+        body = parse_json(raw, opens)
         model = body.get("model")
         if isinstance(model, str) and model != self.model_id:
             raise ApiError(404, f"model {model[:100]!r} does not exist; this server runs {self.model_id!r}", "model",
@@ -226,9 +226,9 @@ class Server:
         self._auth(request)
         raw, held = await self._read_body(request)
         try:
-            costly = len(raw) >= LARGE_BODY or containers(raw) >= HEAVY_CONTAINERS
-            pool = self.large_pool if costly else self.pool
-            req, ids = await asyncio.get_running_loop().run_in_executor(pool, self._prepare, raw, kind)
+            opens = containers(raw)  # (counted once: parse_json's bound reads it too)
+            pool = self.large_pool if len(raw) >= LARGE_BODY or opens >= HEAVY_CONTAINERS else self.pool
+            req, ids = await asyncio.get_running_loop().run_in_executor(pool, self._prepare, raw, kind, opens)
         finally:
             self.bodies.give(held)
             del raw  # (the prompt lives on in req and ids)

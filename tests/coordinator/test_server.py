@@ -1630,11 +1630,11 @@ def test_large_bodies_parse_apart_so_small_requests_never_wait_behind_them(live,
         stops = ["[" * 256] * (HEAVY_CONTAINERS // 256)  # (as many as a request may: no prompt past the context)
         body = json.dumps({"prompt": "The sky is", "max_tokens": 1, "temperature": 0, "stop": stops}).encode()
 
-    def held(raw, kind):
+    def held(raw, kind, *rest):
         if raw == body:
             entered.append(len(raw))
             release.wait(30)
-        return prepare(raw, kind)
+        return prepare(raw, kind, *rest)
 
     monkeypatch.setattr(live.server, "_prepare", held)
     answers = []
