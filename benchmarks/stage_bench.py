@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.device import resolve_device
-from layerstream.coordinator.sigmask import stop_signals_blocked
+from layerstream.coordinator.supervisor import spawning
 from layerstream.errors import LayerstreamError
 
 from .flags import device_args, floats, ints, model_args, pipeline_args, pipeline_config
@@ -354,7 +354,7 @@ def bench_reader(args) -> list[dict]:
         rows, cold_cached = [], []
         try:
             # (the group's Ctrl-C is the bench's alone; its readers ignore it: NOTE [ SIGINT while a child starts ])
-            with stop_signals_blocked():
+            with spawning():  # (the pipeline's own: the resource tracker first, whose start unblocked SIGINT)
                 for p in procs:
                     p.start()
             for mode in args.modes.split(","):

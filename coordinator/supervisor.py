@@ -109,7 +109,7 @@ WARM_MODULES = {
 }
 
 
-def _spawning():
+def spawning():
     """The stop signals blocked while children are spawned (NOTE [ SIGINT while a child starts ]).
     The resource tracker, which multiprocessing starts with the first child, is started first:
     its start unblocks SIGINT in this thread once it has spawned it."""
@@ -200,7 +200,7 @@ class WarmStarts:
         self.waiting: dict[str, list[tuple[Any, Any]]] = {}
         self.closed = False
         try:
-            with _spawning():  # (a Ctrl-C is taken after the loop)
+            with spawning():  # (a Ctrl-C is taken after the loop)
                 for role, n in roles.items():
                     for _ in range(n):
                         theirs, ours = ctx.Pipe(duplex=False)
@@ -271,7 +271,7 @@ class Supervisor:
             self.children[ident] = c
             log.info("%s: started (pid %d, spawned ahead)", ident, warm.pid)
             return c
-        with _spawning():  # (a Ctrl-C is taken once the child is recorded)
+        with spawning():  # (a Ctrl-C is taken once the child is recorded)
             c.proc = self.mp.Process(target=child_main, args=args, name=f"layerstream-{ident}", daemon=True)
             c.proc.start()
             self.children[ident] = c
