@@ -330,6 +330,21 @@ static void unpack_q6_k_c(const uint8_t *w, int nb, grp_t *g) {
 #if defined(__AVX2__)
 static inline __m256i ld(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
+/* NOTE [ a row read ahead ]
+ * A call streams its rows of blocks from host memory once (a layer's experts are not in any cache),
+ * and a core's own hardware prefetch did not keep its loads ahead of the group's unpacking and dots:
+ * the time of a row from memory was about its time from L2 plus the memory's, not the larger of the
+ * two (bin/bench cpu-kernel --experts, BENCHMARKS.md, V1). So each group asks for the lines
+ * PF_AHEAD bytes further along its row (into the next rows at a row's end: the piece's rows are
+ * contiguous), which keeps several groups' reads in flight while this one computes. Where a call
+ * has a few cores it is most of their speed; with the H200 hosts' 16 threads it made no difference
+ * beyond the runs' spread (S4): together they already kept the memory busy. A prefetch past the
+ * matrix's end reads nothing and never faults. */
+#define PF_AHEAD 2048
+static inline void prefetch_ahead(const uint8_t *wg, int64_t gbytes) {
+    for (int64_t o = 0; o < gbytes; o += 64) __builtin_prefetch(wg + PF_AHEAD + o);
+}
+
 /* 32 signed bytes -> 32 int16 at dst */
 static inline void st16(int16_t *dst, __m256i v) {
     _mm256_store_si256((__m256i *)dst, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)));
@@ -610,6 +625,7 @@ static inline __attribute__((always_inline)) void rows_tok(const uint8_t *w, int
         for (int64_t t = 0; t < tn; t++) acc[t] = 0.f;
         for (int64_t gi = 0; gi < Kp / G; gi++) {
             const uint8_t *wg = w + r * rb + gi * gbytes;
+            prefetch_ahead(wg, gbytes);
             int n = nb - gi * 8 < 8 ? (int)(nb - gi * 8) : 8;
             if (which < 3) bytes_b32(wg, n, which, &b, &g);
             else if (which < 5) bytes_k45(wg, which == 4, &b, &g);
@@ -727,6 +743,7 @@ static inline __attribute__((always_inline)) void rows_lanes_b(const uint8_t *w,
         int n = nb - gi * 8 < 8 ? (int)(nb - gi * 8) : 8;
         for (int r = 0; r < R; r++) {
             const uint8_t *wg = w + r * rb + gi * gbytes;
+            prefetch_ahead(wg, gbytes);
             if (which < 3) bytes_b32(wg, n, which, &bs[r], &gs[r]);
             else if (which < 5) bytes_k45(wg, which == 4, &bs[r], &gs[r]);
             else bytes_q6_k(wg, &bs[r], &gs[r]);

@@ -58,7 +58,10 @@ static inline __attribute__((always_inline)) void L(rows_lanes)(const uint8_t *w
     int64_t gbytes = G / ty->bk * ty->bs, nb = K / 32;
     for (int64_t gi = 0; gi < Kp / G; gi++) {
         int n = nb - gi * 8 < 8 ? (int)(nb - gi * 8) : 8;
-        for (int r = 0; r < R; r++) ty->vec(w + r * rb + gi * gbytes, n, &gs[r]);
+        for (int r = 0; r < R; r++) {
+            prefetch_ahead(w + r * rb + gi * gbytes, gbytes); /* (NOTE [ a row read ahead ]) */
+            ty->vec(w + r * rb + gi * gbytes, n, &gs[r]);
+        }
         if (ty->split) L(group_lanes)(gs, R, NV, q + gi * G * Tp, d + gi * 8 * Tp, ds + gi * 8 * Tp, 1, acc);
         else L(group_lanes)(gs, R, NV, q + gi * G * Tp, d + gi * 8 * Tp, ds + gi * 8 * Tp, 0, acc);
     }
