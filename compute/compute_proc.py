@@ -29,7 +29,6 @@ requests of every step in flight when one fails, so no result of such a step is 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -52,6 +51,7 @@ from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.compute.weights import GlobalWeights
+from layerstream.cpus import usable_cpus
 from layerstream.loader.arena import Arena
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import LayerLayout
@@ -457,8 +457,8 @@ def main(cfg: ComputeConfig) -> None:
     def body(links: ChildLinks) -> None:
         # NOTE: OpenMP threads spin at barriers; sharing the cores with the coordinator and the
         # readers, a compute process using every core stalls each op. Leave one core to the other
-        # processes (launch.compute_threads sets fewer where that measured faster).
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+        # processes (launch.compute_threads sets fewer, or every core, where that measured faster).
+        torch.set_num_threads(cfg.cpu_threads or max(1, usable_cpus() - 1))
         w = ComputeWorker(cfg, links)
         worker.append(w)
         try:

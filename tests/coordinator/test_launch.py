@@ -53,7 +53,11 @@ def test_the_compute_process_takes_one_cpu_thread_where_a_gpu_holds_the_whole_mo
     assert compute_threads(3, True, True, False) == 3  # --cpu-threads wins
     assert compute_threads(None, True, False, True) == 12  # a CPU share of streamed layers beside the GPU
     assert compute_threads(None, True, True, True) is None  # streamed, no share: the process's default
-    assert compute_threads(None, False, True, False) is None  # on the CPU: its default
+    monkeypatch.setattr("layerstream.coordinator.launch.usable_cpus", lambda: 6)
+    assert compute_threads(None, False, True, False) == 6  # on the CPU, nothing streamed: every core
+    assert compute_threads(None, False, True, True) is None  # on the CPU, streamed: its default (one for the readers)
+    assert compute_threads(None, False, True, False, draft=True) is None  # a draft model computes in the coordinator
+    assert compute_threads(2, False, True, False) == 2
 
 
 def test_two_steps_ahead_and_the_warm_up_only_where_a_gpu_holds_the_whole_model(tmp_path):
