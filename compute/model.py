@@ -201,6 +201,9 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
 
     B, S = meta.q.index.shape
     L = meta.q.kv_len
+    if CPU_DECODE and not x.is_cuda and S == 1 and T == B and cos_k_all is None:  # one token a sequence
+        o = _cpu_decode_attention(q, k_cache, v_cache, meta.q.rows, mask_all, L, hp.attn.scale or None)
+        return _attn_out(hp, w, x, o)
     e = x.element_size()
     path = attention_path(hp, e, x.is_cuda, x.dtype == torch.bfloat16 and x.is_cuda
                           and torch.cuda.get_device_capability(x.device)[0] < 8)
@@ -222,6 +225,25 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
             _sdpa(Q, Kt, Vt, mask, scale, path, o[b0:b1, s0:s1])
     o = o.view(B * S, H * D)[meta.q.out_index]  # back to packed order (no host sync)
     return _attn_out(hp, w, x, o)
+
+
+CPU_DECODE = True  # the CPU's decode steps take _cpu_decode_attention (False: the general path, for tests)
+
+
+def _cpu_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                          mask: torch.Tensor, L: int, scale: float | None) -> torch.Tensor:
+    """Attention of B sequences' one query each (q [B, H, D], sequence b's token b) over slots
+    0..L-1 of their cache rows under mask [B, 1, 1, L] -> [B, H * D]. A KV head's query heads are
+    adjacent in q, so q seen as [B, Hkv, G, D] is the general path's folded queries without a copy,
+    and the mask broadcasts over them. On the CPU a decode step's attention is mostly each op's own
+    overhead, not its arithmetic: the general path's gathers by index, its folding and its float bias
+    made a small model's decode slower by a tenth (BENCHMARKS.md, V4)."""
+    B, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    K = k_cache[:, :L].index_select(0, rows).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    V = v_cache[:, :L].index_select(0, rows).to(q.dtype).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), K, V, attn_mask=mask, scale=scale)
+    return o.reshape(B, H * D)
 
 
 def _attn_out(hp: HParams, w: LayerWeights, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:

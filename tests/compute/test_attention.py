@@ -41,6 +41,51 @@ def test_both_paths_match_the_float64_reference(dtype, tol, b, s, H, Hkv, D, L, 
     torch.testing.assert_close(out.double(), _reference(Q, K, V, mask), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("B,H,Hkv,D,L", [(3, 8, 2, 16, 37), (1, 9, 3, 64, 256), (2, 4, 4, 32, 20)])
+def test_the_cpus_decode_attention_matches_the_float64_reference(dtype, tol, B, H, Hkv, D, L):
+    """One query a sequence, read from cache rows out of order (rows 3, 0, 2 of 4), each over its own
+    length of slots (masked), with 4, 3 and 1 query heads to a KV head."""
+    g = torch.Generator().manual_seed(B * 100 + L)
+    rows = torch.tensor([3, 0, 2][:B])
+    k_cache, v_cache = (torch.randn(4, L + 5, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+    for b in range(B):
+        mask[b, ..., : L - 7 * b] = True
+    out = model._cpu_decode_attention(q, k_cache, v_cache, rows, mask, L, None)
+    K, V = (c[rows, :L].transpose(1, 2) for c in (k_cache, v_cache))
+    torch.testing.assert_close(out.double(), _reference(q.unsqueeze(1), K, V, mask).squeeze(1), rtol=tol, atol=tol)
+
+
+def test_the_cpus_decode_steps_take_their_own_path_and_give_the_general_paths_tokens(monkeypatch, tmp_path):
+    """A CPU engine's greedy decode of a tiny model, two sequences of different lengths: its decode
+    steps take _cpu_decode_attention, and the tokens equal those of every step on the general path."""
+    from layerstream.compute.sampling import SamplingParams
+    from layerstream.coordinator.engine import Engine
+    from tests import ggufgen
+
+    calls = []
+    fast = model._cpu_decode_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return fast(*a, **k)
+
+    path = ggufgen.write_model(tmp_path / "m.gguf", n_vocab=256)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    with Engine.load(str(path), device="cpu", dtype="float32", ctx=64, max_seqs=2) as e:
+        monkeypatch.setattr(model, "_cpu_decode_attention", counted)
+        got = e.generate_batch(prompts, params)
+        taken = len(calls)
+        assert taken >= 2 * 11  # (both layers of every decode step)
+        monkeypatch.setattr(model, "CPU_DECODE", False)
+        want = e.generate_batch(prompts, params)
+        assert len(calls) == taken
+    assert got == want and len(got[0]) == 12
+
+
 def test_groups_keep_the_temporaries_under_the_cap():
     hp = shaped_index("llama-3.1-8b", n_layer=1).hparams
     per_seq, per_row = attention_temps(hp, 4096, 2, "folded", False)
