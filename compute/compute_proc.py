@@ -166,7 +166,7 @@ class ComputeWorker:
                                   graph_max_tokens=graphs, embed=self.embed, head_chunk=plan.logit_rows)
         # one row's sampling graphs in the decode graphs' pool, where the plan counts it (memory.Sizes.graphs)
         self.stepper = Stepper(self.runner.step, hp.n_vocab, cfg.max_seqs, self.device,
-                               capture=self.runner.capture if graphs else None)
+                               capture=self.runner.capture if graphs else None, clear_row=self.runner.kv.clear_row)
 
     def _register_arena(self) -> None:
         """Pin the staging arena for DMA (cudaHostRegister), so copies run at full PCIe speed."""

@@ -40,6 +40,12 @@ class DeviceKV:
     def write_back(self, i: int, meta: StepMeta, k, v) -> None:
         pass
 
+    def clear_row(self, row: int) -> None:
+        """Zero a row's K and V in every layer (stepper.py, NOTE [ a row left non-finite ])."""
+        for i in self.k:
+            self.k[i][row].zero_()
+            self.v[i][row].zero_()
+
 
 class HostKV(DeviceKV):
     """KV caches in (pinned) host memory, streamed in with their layer; new entries written back.
@@ -150,6 +156,12 @@ class HostKV(DeviceKV):
         self.pending[i] = (ev, kn, vn, self._tok_row, self._tok_slot)
         self.buf_free[self.used.pop(i)] = ev
 
+    def clear_row(self, row: int) -> None:
+        if self.cuda:
+            for i in list(self.pending):  # (the last step's entries land first, then the row is zeroed)
+                self._apply_pending(i)
+        super().clear_row(row)
+
 
 class SplitKV:
     """The first `device_layers` layers' KV on the device, the others' in host memory."""
@@ -170,6 +182,10 @@ class SplitKV:
 
     def write_back(self, i: int, meta: StepMeta, k, v) -> None:
         (self.dev if i < self.n_dev else self.host).write_back(i, meta, k, v)
+
+    def clear_row(self, row: int) -> None:
+        self.dev.clear_row(row)
+        self.host.clear_row(row)
 
 
 def make_kv(hp: HParams, rows: int, ctx: int, device, dtype, device_layers: int):

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from layerstream.compute.sampling import RowSamplers, SamplingParams, bad_code, rows_of
+from layerstream.compute.sampling import FINITE, RowSamplers, SamplingParams, bad_code, rows_of
 from layerstream.compute.step_meta import SeqStep
 from layerstream.proto.messages import SamplerStart
 
@@ -47,6 +47,8 @@ class Launched:
     best: torch.Tensor | None = None  # an all-greedy step: [n] float32, each row's largest logit (host[1] unused)
     buf: "_HostBuf | None" = None  # the pinned buffer host (and best) are views of, lent until result()
     pool: list | None = None  # where buf goes back
+    rows: tuple[int, ...] = ()  # each sequence's KV row
+    broken: set | None = None  # where result() names the rows whose logits were not finite (the Stepper's)
 
 
 class _HostBuf:
@@ -63,11 +65,22 @@ def params_of(s: SamplerStart) -> SamplingParams:
                           repeat_penalty=s.repeat_penalty, repeat_last_n=s.repeat_last_n, seed=s.seed)
 
 
+# NOTE [ a row left non-finite ]
+# Attention reads a row's slots up to the step's padded length and masks those past a sequence's
+# own: a masked slot weighs zero, but zero times NaN is NaN. So a sequence whose logits were not
+# finite (a damaged model, an overflow in the dtype) left NaN in its row's slots beyond where the
+# row's next sequence writes, and that sequence, a clean one, failed in turn. The core keeps no
+# prefix of such a row (its record is dropped with the request), so the row's next sequence starts
+# fresh; the step that starts it zeroes the row first (clear_row: the runner's KV, on the compute
+# stream after the failed sequence's steps still in flight).
 class Stepper:
     """Launches steps of a runner with sampling on its device; reads their ids back later."""
 
-    def __init__(self, step: StepFn, n_vocab: int, max_seqs: int, device, capture=None):
+    def __init__(self, step: StepFn, n_vocab: int, max_seqs: int, device, capture=None,
+                 clear_row: Callable[[int], None] | None = None):
         self.step_fn, self.device = step, torch.device(device)
+        self.clear_row = clear_row  # NOTE [ a row left non-finite ]
+        self.broken: set[int] = set()
         self.samplers = RowSamplers(n_vocab, self.device)
         self.last_ids = torch.zeros(max_seqs, dtype=torch.long, device=self.device)  # NOTE above
         self.max_seqs = max_seqs
@@ -123,6 +136,7 @@ class Stepper:
             raise ValueError("a step that samples returns the last tokens' logits, not every token's")
         for st in starts:
             self.samplers.start(st.row, params_of(st), st.seed, list(st.history))
+        self._clear_broken(seqs)
         if checks:
             tails = [max(f, 1) for f in k]
             logits = self.step_fn(seqs, "last", self.last_ids, tails=tails)
@@ -134,6 +148,7 @@ class Stepper:
         host = event = None
         if len(picks) == n and logits.shape[0] == n and self._all_greedy([s.row for s in seqs]):
             launched = self._greedy(logits, seqs)
+            launched.rows, launched.broken = tuple(s.row for s in seqs), self.broken
             launched.logits = None if want == "none" else logits.to("cpu", torch.float32)
             if self.device.type == "cuda":
                 launched.event = torch.cuda.Event(enable_timing=True)
@@ -158,7 +173,18 @@ class Stepper:
         # logits asked for are read now (a graph's output buffer is the next step's too): evaluation
         # steps are collected at once anyway
         kept = None if want == "none" or logits is None else logits.to("cpu", torch.float32)
-        return Launched(n, host, event, kept, buf=buf, pool=self.pool)
+        return Launched(n, host, event, kept, buf=buf, pool=self.pool, rows=tuple(s.row for s in seqs),
+                        broken=self.broken)
+
+    def _clear_broken(self, seqs: list[SeqStep]) -> None:
+        """Zero the KV of each row a step starts a fresh sequence on where an earlier one's logits were
+        not finite (NOTE [ a row left non-finite ])."""
+        if not self.broken or self.clear_row is None:
+            return
+        for s in seqs:
+            if s.row in self.broken and len(s.kv_pos) == len(s.tokens):  # (nothing before its tokens: a new one)
+                self.clear_row(s.row)
+                self.broken.discard(s.row)
 
     def _sampled(self, logits: torch.Tensor, seqs: list[SeqStep], k: list[int], picks: list[int],
                  checks: list[int], at: list[int]) -> torch.Tensor:
@@ -214,4 +240,9 @@ class Stepper:
         if launched.pool is not None and launched.buf is not None:  # read: the buffer may take another step
             launched.pool.append(launched.buf)
             launched.pool = None
+        if launched.broken is not None:
+            if any(c != FINITE for c in bad[: len(launched.rows)]):
+                launched.broken.update(r for r, c in zip(launched.rows, bad) if c != FINITE)
+            if launched.logits is not None and not bool(torch.isfinite(launched.logits).all()):
+                launched.broken.update(launched.rows)  # (an evaluation step's: which rows, not asked)
         return StepResult(ids, bad, launched.logits, acc if any(acc) else None)

@@ -59,7 +59,9 @@ class LocalBackend:
         self.dtype = getattr(runner, "dtype", None)
         # one row's sampling graphs in the runner's graph pool, where it captures decode graphs
         capture = getattr(runner, "capture", None) if getattr(runner, "use_graphs", False) else None
-        self.stepper = Stepper(runner.step, n_vocab, runner.max_seqs, runner.device, capture=capture)
+        kv = getattr(runner, "kv", None)  # (a runner's KV rows zeroed after non-finite logits: stepper.py)
+        self.stepper = Stepper(runner.step, n_vocab, runner.max_seqs, runner.device, capture=capture,
+                               clear_row=kv.clear_row if kv is not None else None)
         self.inflight: deque[Launched] = deque()
 
     def submit(self, seqs: list[SeqStep], sample: list[int], starts: list[SamplerStart], want: str = "none") -> None:

@@ -8,10 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import ggufgen
 from layerstream.compute.sampling import SamplingParams
-from layerstream.coordinator.engine import Engine
+from layerstream.coordinator.engine import Engine, EngineConfig
+from layerstream.coordinator.pipeline_config import Budget, PipelineConfig
 from layerstream.errors import LayerstreamError
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
@@ -56,3 +58,38 @@ def test_perplexity_of_nan_weights_is_one_line_and_fails(nan_model, tmp_path):
     assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and re.match(r"run-pipeline: error: the model produced NaN logits at token \d+: ", lines[0])
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["single-process", "pipeline, KV on the host"])
+def test_a_request_with_nan_logits_leaves_its_kv_row_clean_for_the_next(tmp_path, pipeline):
+    """One token's embedding NaN: a request that holds it fails, and a clean request on the same row
+    (one row in all) afterwards gives what it gives on a healthy engine. Before, the failed request's
+    NaN stayed in the row's slots past the next one's tokens, which attention masks but still weighs
+    (zero times NaN), and every later request on the row failed (stepper.py, NOTE [ a row left
+    non-finite ])."""
+    path = ggufgen.write_model(tmp_path / "m.gguf", qtype="F32")
+    P = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    clean = [[45, 46, 47], [45, 46, 47, 48, 49, 50]]
+    with Engine.load(path, device="cpu", ctx=64, max_seqs=1) as e:
+        want = [e.generate_batch([p], P) for p in clean]
+    poison_row(path, "token_embd.weight", 7)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=1, kv_on_host=True)) if pipeline else None
+    with Engine.open(EngineConfig(path, device="cpu", ctx=64, max_seqs=1), pcfg) as e:
+        for bad in ([5, 6, 7, 8], [5, 6, 7, *range(10, 40)]):
+            with pytest.raises(LayerstreamError, match="NaN logits"):
+                e.generate_batch([bad], P)
+            assert [e.generate_batch([p], P) for p in clean] == want
+        assert torch.isnan(e.logits([3, 7, *range(10, 40)])).all()  # evaluation's steps too
+        assert [e.generate_batch([p], P) for p in clean] == want
+
+
+def poison_row(path, tensor: str, row: int) -> None:
+    """Overwrite row `row` of a float32 matrix in the file with NaN."""
+    import gguf
+    import numpy as np
+
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == tensor)
+    width = int(t.shape[0])  # (gguf's shape: the row's length first)
+    with open(path, "r+b") as fh:
+        fh.seek(int(t.data_offset) + row * width * 4)
+        fh.write(np.full(width, np.nan, dtype=np.float32).tobytes())
