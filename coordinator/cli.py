@@ -24,6 +24,7 @@ from layerstream.coordinator.args import (
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.coordinator.stdio import flush_stdout, open_standard_fds, print_stream
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
+from layerstream.proto.signals import HOW, STOP_SIGNALS, Stopped, raise_stopped
 
 SERVE_BATCH = 8  # the rows --serve holds by default where they fit
 SERVE_BATCH_MAX = 64  # and at most, where the budget holds more
@@ -399,18 +400,6 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
     return 0
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM: stop like Ctrl-C, exit 143 (128 + SIGTERM)."""
-
-
-class _HungUp(_Terminated):
-    """SIGHUP (the terminal closed): stop as on SIGTERM, exit 129 (128 + SIGHUP)."""
-
-
-def _sigterm(signum, frame):
-    raise _HungUp if signum == getattr(signal, "SIGHUP", None) else _Terminated
-
-
 def _interrupts_sent_again(hook):
     """sys.unraisablehook: an interrupt raised where Python cannot pass it on (a weakref callback or a
     __del__, where a signal's handler may run) was printed as 'Exception ignored' and lost, and a server
@@ -420,8 +409,7 @@ def _interrupts_sent_again(hook):
 
     def unraisable(u) -> None:
         if isinstance(u.exc_value, KeyboardInterrupt):
-            sig = (signal.SIGHUP if isinstance(u.exc_value, _HungUp) else signal.SIGTERM
-                   if isinstance(u.exc_value, _Terminated) else signal.SIGINT)
+            sig = u.exc_value.signum if isinstance(u.exc_value, Stopped) else signal.SIGINT
             again = threading.Timer(0.01, os.kill, (os.getpid(), sig))
             again.daemon = True
             again.start()
@@ -431,15 +419,23 @@ def _interrupts_sent_again(hook):
     return unraisable
 
 
-def _stopped(how: str) -> None:
-    """The one line of a run stopped by a signal (later ones are ignored: the run is over), on a line of
-    its own on a terminal (^C or the reply may end the cursor's line); none before it into a file."""
-    for s in {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}:
-        signal.signal(s, signal.SIG_IGN)
+def _stopped(e: KeyboardInterrupt) -> int:
+    """The one line of a run stopped by a signal, and its status (128 + its number): later signals are
+    ignored (one that lands first is absorbed, the first one's kind kept), the line on a line of its
+    own on a terminal (^C or the reply may end the cursor's line), none before it into a file."""
+    while True:
+        try:
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            break
+        except KeyboardInterrupt:
+            pass
+    signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
     from layerstream.coordinator.repl import is_terminal
 
     lead = "\n" if is_terminal(sys.stderr) else ""
-    print(f"{lead}{PROG}: {how}", file=sys.stderr)
+    print(f"{lead}{PROG}: {HOW[signum]}", file=sys.stderr)
+    return 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,30 +444,24 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         _die(f"{e} (see {PROG} --help)", 2)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (the launcher's early_signals had it)
-    signal.signal(signal.SIGTERM, _sigterm)  # stop the pipeline the same way as Ctrl-C
+    signal.signal(signal.SIGTERM, raise_stopped)  # stop the pipeline the same way as Ctrl-C, exit 143
     if hasattr(signal, "SIGHUP"):  # (at its default a closed terminal ended the launcher at once)
-        signal.signal(signal.SIGHUP, _sigterm)
+        signal.signal(signal.SIGHUP, raise_stopped)
     if not getattr(sys.unraisablehook, "resends_interrupts", False):
         sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return run(args)
-    except UsageError as e:
-        _die(str(e), 2)
-    except LayerstreamError as e:
-        _die(str(e))
-    except _HungUp:
-        _stopped("hung up")
-        return 129
-    except _Terminated:
-        _stopped("terminated")
-        return 143
-    except KeyboardInterrupt:
-        _stopped("interrupted")
-        return 130
-    except BrokenPipeError:
-        return 0
+        try:
+            return run(args)
+        except UsageError as e:
+            _die(str(e), 2)
+        except LayerstreamError as e:
+            _die(str(e))
+        except BrokenPipeError:
+            return 0
+    except KeyboardInterrupt as e:  # (the outer try: also one raised while a handler above or run's cleanup ran)
+        return _stopped(e)
     return 0
 
 

@@ -673,13 +673,14 @@ def test_a_chat_message_longer_than_the_context_says_how_long_and_what_to_do(cha
 
 
 def test_a_chat_stopped_by_sigterm_in_a_reply_ends_the_reply_s_line(chat_engine):
-    """SIGTERM or SIGHUP during a reply (cli's _Terminated, raised wherever the handler runs; here
+    """SIGTERM or SIGHUP during a reply (proto.signals' Stopped, raised wherever the handler runs; here
     as the third piece is written) left stdout without its newline, where Ctrl-C ended it: the
     reply's line is ended, then the stop goes on to the command."""
     import io
+    import signal
 
-    from layerstream.coordinator.cli import _Terminated
     from layerstream.coordinator.repl import chat
+    from layerstream.proto.signals import Stopped as Terminated
 
     class Stopped(io.StringIO):
         writes = 0
@@ -687,12 +688,12 @@ def test_a_chat_stopped_by_sigterm_in_a_reply_ends_the_reply_s_line(chat_engine)
         def write(self, text):
             self.writes += 1
             if self.writes == 3:
-                raise _Terminated
+                raise Terminated(signal.SIGTERM)
             return super().write(text)
 
     out = Stopped()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    with pytest.raises(_Terminated):
+    with pytest.raises(Terminated):
         chat(chat_engine, params, None, reader=_Lines(["Hi"]), out=out, err=io.StringIO())
     assert out.getvalue().endswith("\n") and out.getvalue().count("\n") == 1 and len(out.getvalue()) > 1
 
@@ -1038,3 +1039,39 @@ def test_a_run_freezes_its_start_up_objects_until_it_ends(tmp_path, monkeypatch,
     with pytest.raises(SystemExit, match="1"):  # (the one line: not a GGUF file)
         cli.main(["-m", path, "-n", "2", "--device", "cpu", "--single-process", "hi"])
     assert gc.get_freeze_count() == 0 and gc.isenabled()
+
+
+@pytest.mark.parametrize("first,second,line,code", [
+    (KeyboardInterrupt, KeyboardInterrupt, "interrupted", 130),
+    ("SIGTERM", KeyboardInterrupt, "terminated", 143),
+    ("SIGHUP", "SIGTERM", "hung up", 129),
+    (KeyboardInterrupt, "SIGTERM", "interrupted", 130),
+])
+def test_a_second_signal_while_the_first_one_stops_the_run_is_absorbed(monkeypatch, capsys, first, second, line,
+                                                                        code):
+    """A second signal that lands while the first one's stop is under way, before the stop signals are
+    ignored (two Ctrl-Cs as torch imports; `timeout` passing a group's signal on), printed a
+    traceback (During handling of the above exception...), and a second SIGTERM made the status 1:
+    the run's one line, and the first signal's status."""
+    import signal
+
+    from layerstream.coordinator import cli
+    from layerstream.proto.signals import Stopped
+
+    def exc(kind):
+        return kind() if kind is KeyboardInterrupt else Stopped(getattr(signal, kind))
+
+    def run(args):
+        raise exc(first)
+
+    second_sent = []
+
+    def fake_signal(s, handler):  # (installs nothing: this is the test's process)
+        if handler is signal.SIG_IGN and not second_sent:
+            second_sent.append(s)
+            raise exc(second)
+
+    monkeypatch.setattr(cli, "run", run)
+    monkeypatch.setattr(cli.signal, "signal", fake_signal)
+    assert cli.main(["--device", "cpu", "-n", "1", "hi"]) == code
+    assert second_sent and capsys.readouterr().err.strip().splitlines() == [f"run-pipeline: {line}"]

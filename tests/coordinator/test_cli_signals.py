@@ -114,7 +114,7 @@ def run(args):
         pass
     t = Thing()
     # a SIGTERM whose handler runs inside a weakref callback (as one did while the server started)
-    ref = weakref.ref(t, lambda r: cli._sigterm(signal.SIGTERM, None))
+    ref = weakref.ref(t, lambda r: cli.raise_stopped(signal.SIGTERM, None))
     del t
     gc.collect()
     time.sleep(2)  # (where the signal sent again lands)
@@ -147,7 +147,7 @@ sys.exit(cli.main(["hi"]))
 
 
 @pytest.mark.parametrize("exc,code,line", [("KeyboardInterrupt", 130, "interrupted"),
-                                           ("cli._Terminated", 143, "terminated"), ("cli._HungUp", 129, "hung up")])
+                                           ("cli.Stopped(15)", 143, "terminated"), ("cli.Stopped(1)", 129, "hung up")])
 def test_a_stop_line_has_no_blank_line_before_it_off_a_terminal(exc, code, line):
     """Probe of issue 25: into a file or a pipe, a blank line came before 'run-pipeline: interrupted'.
     On a terminal the line still starts a line of its own (after the terminal's ^C)."""
