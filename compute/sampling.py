@@ -47,6 +47,8 @@ class SamplingParams:
                 v = getattr(self, name)
                 if (v is not None or name not in ("seed", "lookup")) and (isinstance(v, bool) or not isinstance(v, kind)):
                     raise ConfigError(f"{name}={v!r}: must be {what}")
+        if not isinstance(self.ignore_eos, bool):  # ("false" is true)
+            raise ConfigError(f"ignore_eos={self.ignore_eos!r}: must be True or False")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # (one string is one stop, not its letters)
         try:
             stop = tuple(stop)

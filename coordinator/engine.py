@@ -338,6 +338,8 @@ class Engine:
         if not isinstance(text, str) or not isinstance(system, (str, type(None))):
             bad = text if not isinstance(text, str) else system
             raise TypeError(f"{'text' if bad is text else 'system'} must be a str, not {type(bad).__name__}")
+        if system is not None and not chat:  # (as the CLI's --system without --chat: it was dropped)
+            raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
         if chat:
             if self.chat_template is None:
                 raise ConfigError("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
@@ -424,6 +426,9 @@ class Engine:
                             "generate(), or a list of one)")
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+        if chat and not all(isinstance(p, str) for p in prompts):  # (ids ran as they were, no template)
+            raise ConfigError("chat=True renders text through the chat template: give text prompts, or token ids "
+                              "without chat=True")
         ids = [self.encode(p, chat=chat, system=system) if isinstance(p, str)
                else token_ids(p, self.hparams.n_vocab, "a prompt", text_ok=True) for p in prompts]
         it = self._generate_batch(ids, params or SamplingParams())

@@ -202,6 +202,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; BOS/EOS as the file asks when `add_special`; control tokens whole when `parse_special`."""
+        if not isinstance(text, str):  # (None raised AttributeError: 'NoneType' object has no attribute 'isascii')
+            raise TypeError(f"encode() takes the text as a str, not {type(text).__name__}")
         if not text.isascii():  # (a lone surrogate: from a chat template's own text, an API caller's message)
             text = _LONE_SURROGATE.sub("\ufffd", text)
         with self._hf_lock:

@@ -591,6 +591,8 @@ def test_a_rows_sampling_graph_gives_the_host_samplers_ids_and_feeds_the_next_st
     (dict(repeat_penalty=1e-40), "repeat_penalty=1e-40: must be from 0.01 to 100"),
     (dict(temperature=float("inf")), "temperature=inf: must be from 0 to 100"),
     (dict(max_tokens=10**30), "max_tokens=1000000000000000000000000000000: must be from 1 to 4194304"),
+    (dict(ignore_eos="false"), "ignore_eos='false': must be True or False"),  # (it generated past EOS: "false" is true)
+    (dict(ignore_eos=1), "ignore_eos=1: must be True or False"),
 ])
 def test_the_apis_sampling_params_take_run_pipelines_bounds(kw, words):
     """A probe's: repeat_last_n=2**63 raised MemoryError building its window (2**25 already cost

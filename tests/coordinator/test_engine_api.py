@@ -204,6 +204,20 @@ def test_chat_messages_of_the_wrong_shape_are_the_callers_error_not_the_models(s
     assert smollm_engine.encode_chat([{"role": "user", "content": "hi"}])  # (the template's own text and the message)
 
 
+def test_a_system_message_without_chat_and_token_ids_with_chat_are_refused(smollm_engine):
+    """A probe's: system= without chat=True was dropped, and token ids with chat=True ran without the
+    template, each silently; the CLI refuses --system without --chat."""
+    P = SamplingParams(temperature=0, max_tokens=2)
+    with pytest.raises(ConfigError, match=r"^system= is a chat's system message: give chat=True too"):
+        smollm_engine.generate_batch(["hi"], P, system="Be brief.")
+    with pytest.raises(ConfigError, match=r"^chat=True renders text through the chat template: give text prompts"):
+        smollm_engine.generate_batch([[1, 2, 3]], P, chat=True)
+    assert smollm_engine.encode("hi", chat=True, system="Be brief.") != smollm_engine.encode("hi", chat=True)
+    for bad in (None, b"hi", ["hi"]):
+        with pytest.raises(TypeError, match=r"^encode\(\) takes the text as a str, not "):
+            smollm_engine.tokenizer.encode(bad)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
 @pytest.mark.timeout(60)
 def test_a_forked_child_cannot_use_its_parents_engine_and_its_close_leaves_the_parents(model):
