@@ -198,6 +198,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
     kv_layer = sz.kv_layer
     if step_tokens is not None and step_tokens < 1:
         raise ConfigError(f"--step-tokens {step_tokens}: must be at least 1")
+    if step_tokens is not None:  # (a step holds at most its sequences' contexts: more sized memory never used)
+        step_tokens = min(step_tokens, ctx * max_seqs)
     if draft_tokens < 0:
         raise ConfigError(f"--draft-tokens {draft_tokens}: must be at least 0")
 
@@ -435,7 +437,7 @@ def check_local_host(index: ModelIndex, *, dtype_bytes: int, ctx: int, max_seqs:
     g = index.globals
     head = sum(math.prod(t.shape) * dtype_bytes for k, t in g.items() if k != "rope_freqs.weight")
     parts = [("weights", sum(sz.layer_dense) + head), ("KV", index.hparams.n_layer * sz.kv_layer),
-             ("step", sz.step(max(step_tokens, max_seqs)))]
+             ("step", sz.step(max(min(step_tokens, ctx * max_seqs), max_seqs)))]  # (no step holds more than its KV)
     check_host(parts, _mem_available() if host_bytes is None else host_bytes, index)
     return sum(v for _, v in parts)
 

@@ -117,6 +117,17 @@ def test_bad_prefetch_and_step_tokens_are_refused(l8):
         plan(l8, 4, step_tokens=0)
 
 
+def test_a_step_larger_than_its_sequences_contexts_is_sized_as_they_are(l8):
+    """A probe's: --step-tokens (or --prefill-chunk, single-process) 4194304 with --ctx 64 sized a
+    step of four million tokens, then asked for 1,558 GiB and said to lower --ctx or --batch."""
+    from layerstream.coordinator.plan import check_local_host
+
+    assert plan(l8, 4, ctx=64, max_seqs=2, step_tokens=4194304).step_tokens == 128
+    index, _ = l8
+    huge = check_local_host(index, dtype_bytes=2, ctx=64, max_seqs=2, step_tokens=4194304, host_bytes=1 << 60)
+    assert huge == check_local_host(index, dtype_bytes=2, ctx=64, max_seqs=2, step_tokens=128, host_bytes=1 << 60)
+
+
 def test_cpu_share_takes_memory_after_the_host_cache_never_from_it(l70, monkeypatch):
     from layerstream.compute.cpu.sizing import packed_bytes
     from layerstream.coordinator import plan as plan_mod
