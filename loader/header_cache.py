@@ -16,9 +16,13 @@ from typing import Any
 # changes gets a new key. The tensors' extents are checked against the file either way. A header
 # whose entry would pass MAX_CACHE_ENTRY is not cached (real ones are a few MB;
 # NOTE [ header sizes ] bounds what a parse may hold), and an entry that large is not read.
-# LAYERSTREAM_CACHE_DIR sets the directory (default: $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
+# The directory keeps the MAX_ENTRIES entries used last (a hit refreshes its entry's time; a write
+# removes the oldest past them): each change of a file (a touch, a copy, a download again) made one
+# more entry, and none went. LAYERSTREAM_CACHE_DIR sets the directory (default:
+# $XDG_CACHE_HOME/layerstream, else ~/.cache/layerstream); 0 turns it off.
 HEADER_CACHE_FORMAT = 3  # 2: headers checked by scan_header before they are cached; 3: its tensors' layout too
 MAX_CACHE_ENTRY = 64 << 20
+MAX_ENTRIES = 32
 
 
 def cache_dir() -> str | None:
@@ -66,6 +70,10 @@ def read_cached(cache: str) -> tuple[dict[str, Any], list[list]] | None:
         rows = got["tensors"]
         if not isinstance(rows, list) or not all(_row(r) for r in rows):
             return None
+        try:
+            os.utime(cache)  # (used now: the last to go)
+        except OSError:
+            pass
         return got["metadata"], rows
     except (OSError, ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException):
         return None  # absent or damaged: parsed again
@@ -96,6 +104,27 @@ def write_cached(cache: str, md: dict[str, Any], rows: list[list]) -> None:
             os.unlink(tmp)
         except OSError:
             pass  # a cache that cannot be written costs a parse next time, nothing else
+        return
+    _evict(os.path.dirname(cache), cache)
+
+
+def _evict(d: str, keep: str) -> None:
+    """Remove the entries of `d` used longest ago past MAX_ENTRIES, never `keep` (NOTE above)."""
+    try:
+        entries = []
+        for e in os.scandir(d):
+            if e.name.endswith(".msgpack") and e.path != keep:
+                try:
+                    entries.append((e.stat().st_mtime_ns, e.path))
+                except OSError:
+                    pass  # (gone meanwhile: another process's eviction)
+    except OSError:
+        return
+    for _, path in sorted(entries)[: max(0, len(entries) + 1 - MAX_ENTRIES)]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def header_cached(path: str) -> bool:

@@ -485,6 +485,27 @@ def test_header_cache_serves_a_second_open(smollm_path, tmp_path, monkeypatch):
     assert second.hparams == first.hparams and second.layers == first.layers and second.globals == first.globals
 
 
+def test_header_cache_keeps_the_entries_used_last(tmp_path, monkeypatch):
+    """A probe's: each touch of a file made one more entry and none went. Past MAX_ENTRIES the
+    entries used longest ago go; one read since (a hit) stays."""
+    from layerstream.loader import header_cache
+
+    monkeypatch.setenv("LAYERSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(header_cache, "MAX_ENTRIES", 3)
+    first = ggufgen.write_model(tmp_path / "first.gguf", n_layer=2)
+    path = ggufgen.write_model(tmp_path / "m.gguf", n_layer=2)
+    open_model(first)
+    kept = header_cache.cache_path(first)
+    for t in range(5):
+        os.utime(kept, ns=(10**9 * (t + 10),) * 2)  # (first.gguf's entry the oldest but one, then read)
+        open_model(first)
+        os.utime(path, ns=(10**9 * (t + 1),) * 2)  # a touch: a new entry
+        open_model(path)
+        entries = list((tmp_path / "cache" / "headers").iterdir())
+        assert len(entries) == min(t + 2, 3) and os.path.exists(kept)
+    assert header_cache.cache_path(path) in {str(e) for e in entries}
+
+
 def test_header_cache_follows_the_file(tmp_path, monkeypatch):
     """A file written again at the same path is parsed again; a damaged cache entry is parsed
     again and replaced; LAYERSTREAM_CACHE_DIR=0 caches nothing."""
