@@ -136,6 +136,11 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
             if not self._lingering:
                 super().data_received(data)
 
+        def _unsupported_upgrade_warning(self) -> None:
+            """(uvicorn's two warnings, the second telling to install a WebSocket library, for every
+            client's Upgrade: header: any client could fill the log; the request is served as plain HTTP)"""
+            self.logger.debug("an Upgrade request, served as plain HTTP")
+
         def send_400_response(self, msg: str) -> None:
             e = self.conn.error
             status = e.error_status_hint if e is not None and e.error_status_hint in _PARSE_STATUSES else 400

@@ -375,10 +375,11 @@ def parse_request(body: dict, kind: str, n_vocab: int, defaults: dict = DEFAULTS
         if not isinstance(opts, dict):
             raise ApiError(400, "'stream_options' must be an object", "stream_options")
         for key in opts:
-            if key != "include_usage":
-                raise ApiError(400, f"'stream_options.{_short(key)}' is not supported (only include_usage)",
-                               f"stream_options.{key}")
+            if key not in ("include_usage", "include_obfuscation"):
+                raise ApiError(400, f"'stream_options.{_short(key)}' is not supported (only include_usage and "
+                                    "include_obfuscation)", f"stream_options.{key}")
         include_usage = _bool(opts, "include_usage")
+        _bool(opts, "include_obfuscation")  # (OpenAI's padding of chunks against size side channels: none here)
     req = GenRequest(kind, sampling_from(body, kind, defaults), stream=stream, include_usage=include_usage,
                      n=_int(body, "n", 1, 1, MAX_N))
     if kind == "chat":

@@ -63,7 +63,8 @@ def test_the_standard_fields_clients_send_are_served():
                                     {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                  {"type": "text", "text": "b"}]},
                                     {"role": "assistant", "content": None}],
-                       "max_completion_tokens": 5, "n": 3, "stream": True, "stream_options": {"include_usage": True},
+                       "max_completion_tokens": 5, "n": 3, "stream": True,
+                       "stream_options": {"include_usage": True, "include_obfuscation": False},  # (a 400 until now)
                        "user": "u1", "logprobs": False, "presence_penalty": 0, "seed": 2**64 - 1}, "chat", V)
     assert r.params.max_tokens == 5 and r.n == 3 and r.stream and r.include_usage and r.params.seed == 2**64 - 1
     # seed -1: a fresh one (None), as the CLI's -s -1 and llama-server's; other negatives are seeds
