@@ -1101,6 +1101,18 @@ def test_a_stream_cut_by_its_client_logs_the_tokens_it_produced(live):
     _healthy(live)
 
 
+def test_an_upgrade_request_is_served_as_http_without_a_warning_in_the_log(live):
+    """A probe's: every request with an Upgrade: websocket header logged uvicorn's two warnings, one
+    telling to pip install a WebSocket library, so any client could fill the log."""
+    seen = len(live.records)
+    status, _, _ = _raw_exchange(live.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                                            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert status == 200
+    assert not [r for r in live.records[seen:] if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in live.records[seen:]]
+
+
 def test_sixteen_clients_with_long_prompts_are_served_or_refused(live):
     """2 rows, a queue of 6, 16 clients at once with prompts near and past the context (512): each
     is answered, or refused with 429 (queue) or 400 (too long); the server is healthy after."""
