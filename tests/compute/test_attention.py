@@ -1,6 +1,6 @@
 """Attention's general path (compute/model.py, NOTE [ attention's temporaries ]): the folded grouped
 queries and the math kernel against a float64 reference, its groups under the cap, and the bytes
-the plan counts for it."""
+the plan counts for it; the CPU's decode path against the reference and the general path."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import ggufgen
 from layerstream.compute import model
 from layerstream.compute.model import _sdpa, attention_bytes, attention_groups, attention_path, attention_temps
 from layerstream.loader.synth import shaped_index
@@ -63,7 +64,6 @@ def test_the_cpus_decode_steps_take_their_own_path_and_give_the_general_paths_to
     steps take _cpu_decode_attention, and the tokens equal those of every step on the general path."""
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine
-    from tests import ggufgen
 
     calls = []
     fast = model._cpu_decode_attention
