@@ -35,7 +35,13 @@ from layerstream.errors import ConfigError, ModelError
 from layerstream.loader.layout import ALIGN, ReadRange, align_down, align_up
 
 
-def _truncated(file: str, at: int, offset: int, nbytes: int) -> ModelError:
+def _truncated(file: str, fd: int, offset: int, nbytes: int) -> ModelError:
+    """The file (open as fd) ends inside data wanted: its size now (a read past the end said only where
+    it began), as the message's byte."""
+    try:
+        at = os.fstat(fd).st_size
+    except OSError:
+        at = "?"
     return ModelError(
         f"{file}: file ends at byte {at}, inside data wanted at offset {offset} ({nbytes} bytes); "
         f"the file was truncated or replaced while in use; re-download it"
@@ -210,10 +216,10 @@ class LayerReader:
                 return None
             calls += 1
             if n == 0:
-                raise _truncated(p.r.file, p.start + got, p.r.file_offset, p.r.nbytes)
+                raise _truncated(p.r.file, fd, p.r.file_offset, p.r.nbytes)
             got += n
             if got < p.want and got % ALIGN:  # partial non-aligned read can only mean end of file
-                raise _truncated(p.r.file, p.start + got, p.r.file_offset, p.r.nbytes)
+                raise _truncated(p.r.file, fd, p.r.file_offset, p.r.nbytes)
         return calls
 
     def _read_exact(self, fd: int, p: _Piece, offset: int, want: int) -> int:
@@ -227,7 +233,7 @@ class LayerReader:
                 raise ModelError(f"{p.r.file}: read error at byte {offset + got}: {e.strerror}") from None
             calls += 1
             if n == 0:
-                raise _truncated(p.r.file, offset + got, p.r.file_offset, p.r.nbytes)
+                raise _truncated(p.r.file, fd, p.r.file_offset, p.r.nbytes)
             got += n
         return calls
 
