@@ -206,16 +206,18 @@ class EngineCore:
             self._collect(self.aborted)
         row = self.take_row()
         ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
-        fed, held = 0, None
+        fed, held, finite = 0, None, True
         try:
             while fed < len(tokens):
                 n = min(len(tokens) - fed, self.step_tokens, max(ring.max_chunk(), 1))
                 slots, pos = ring.append(n)
                 self.steps += 1
-                on_logits(fed, self.backend.step([SeqStep(row, tokens[fed : fed + n], slots, pos,
-                                                          ring.slot_positions())], "all"))
+                logits = self.backend.step([SeqStep(row, tokens[fed : fed + n], slots, pos, ring.slot_positions())],
+                                           "all")
+                finite = finite and bool(torch.isfinite(logits).all())  # (NaN in its KV: no record)
+                on_logits(fed, logits)
                 fed += n
-            held = list(tokens) if ring.total == ring.count else None  # (a failed step keeps no record)
+            held = list(tokens) if ring.total == ring.count and finite else None  # (a failed step keeps no record)
         finally:
             self.give_row(row, held)
 
@@ -396,6 +398,7 @@ class EngineCore:
             if r.drafts is not None and samples > 1:
                 r.drafts.verifying = False
             if r.done:  # its id is discarded (NOTE [ one step behind ])
+                r.held = None if samples and res.bad[i] != FINITE else r.held  # (NaN in its KV: no record)
                 self._release(r)
                 continue
             if not samples:

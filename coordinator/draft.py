@@ -62,7 +62,9 @@ class DraftModel:
     def __init__(self, runner, ctx: int, max_seqs: int, step_tokens: int):
         self.runner, self.ctx, self.step_tokens = runner, ctx, step_tokens
         self.free_rows = list(range(max_seqs))
-        self.stepper = Stepper(runner.step, runner.hp.n_vocab, max_seqs, runner.device)  # (greedy: no sampling graphs)
+        kv = getattr(runner, "kv", None)  # (its rows zeroed after non-finite logits, as the target's: stepper.py)
+        self.stepper = Stepper(runner.step, runner.hp.n_vocab, max_seqs, runner.device,  # (greedy: no sampling graphs)
+                               clear_row=kv.clear_row if kv is not None else None)
         self.seconds = 0.0  # wall time of the proposals (their one wait for the device included)
         self.proposals = 0
         self.proposed = 0  # tokens proposed

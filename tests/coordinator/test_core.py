@@ -279,6 +279,32 @@ def test_a_request_whose_logits_are_not_finite_ends_alone(tokenizer, lookahead, 
     assert sorted(c.free_rows) == [0, 1]
 
 
+def test_a_finished_requests_discarded_step_of_nan_logits_leaves_no_prefix_record(tokenizer):
+    """A request that ends (here aborted, as a client that goes) while its next step is in flight (the
+    lookahead): where that step's logits were not finite its row's KV may hold NaN past the record,
+    so the row keeps none and its next sequence starts fresh (stepper.py, NOTE [ a row left
+    non-finite ]). A review's."""
+
+    class NanAfter(FakeModel):
+        def logits(self, token, position):
+            out = super().logits(token, position)
+            if position >= 4:  # the step after the second token shown
+                out[7] = float("nan")
+            return out
+
+    for nan, kept in ((False, True), (True, False)):
+        c = core(tokenizer, lookahead=True)
+        c.backend = FakeBackend(NanAfter() if nan else FakeModel())
+        c.add_request("a", [1, 2, 3], GREEDY)
+        shown = []
+        while len(shown) < 2:
+            shown += [t for o in c.step() for t in o.token_ids]
+        assert len(shown) == 2 and c.inflight  # (the third token's step in flight)
+        c.abort("a")
+        run(c)
+        assert not c.inflight and bool(c.row_tokens) == kept, c.row_tokens
+
+
 @pytest.mark.parametrize("lookahead", [True, False])
 def test_a_failed_backend_step_fails_its_requests_and_the_core_goes_on(tokenizer, lookahead):
     class Flaky(FakeModel):

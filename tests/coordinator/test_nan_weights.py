@@ -69,7 +69,7 @@ def test_a_request_with_nan_logits_leaves_its_kv_row_clean_for_the_next(tmp_path
     non-finite ])."""
     path = ggufgen.write_model(tmp_path / "m.gguf", qtype="F32")
     P = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    clean = [[45, 46, 47], [45, 46, 47, 48, 49, 50]]
+    clean = [[3, 45, 46], [45, 46, 47], [45, 46, 47, 48, 49, 50]]  # (the first shares its first token with a NaN one)
     with Engine.load(path, device="cpu", ctx=64, max_seqs=1) as e:
         want = [e.generate_batch([p], P) for p in clean]
     poison_row(path, "token_embd.weight", 7)
