@@ -201,7 +201,8 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
 
     B, S = meta.q.index.shape
     L = meta.q.kv_len
-    if CPU_DECODE and not x.is_cuda and S == 1 and T == B and cos_k_all is None:  # one token a sequence
+    if CPU_DECODE and not x.is_cuda and S == 1 and T == B and cos_k_all is None and \
+            attention_groups(hp, B, 1, L, x.element_size(), "folded", False)[0] == B:  # (all in one group's cap)
         o = _cpu_decode_attention(q, k_cache, v_cache, meta.q.rows, mask_all, L, hp.attn.scale or None)
         return _attn_out(hp, w, x, o)
     e = x.element_size()

@@ -84,6 +84,11 @@ def test_the_cpus_decode_steps_take_their_own_path_and_give_the_general_paths_to
         want = e.generate_batch(prompts, params)
         assert len(calls) == taken
     assert got == want and len(got[0]) == 12
+    calls.clear()
+    monkeypatch.setattr(model, "CPU_DECODE", True)
+    monkeypatch.setattr(model, "ATTN_TEMP_BYTES", 1)  # (a cap one sequence's K and V pass: taken one at a time)
+    with Engine.load(str(path), device="cpu", dtype="float32", ctx=64, max_seqs=2) as e:
+        assert e.generate_batch(prompts, params) == want and not calls
 
 
 def test_groups_keep_the_temporaries_under_the_cap():
