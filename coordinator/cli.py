@@ -430,6 +430,8 @@ def _stopped(e: KeyboardInterrupt) -> int:
             break
         except KeyboardInterrupt:
             pass
+    while isinstance(e.__context__, KeyboardInterrupt):  # (one raised in run's cleanup of the first: the first's)
+        e = e.__context__
     signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
     from layerstream.coordinator.repl import is_terminal
 

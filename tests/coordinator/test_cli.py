@@ -1064,6 +1064,15 @@ def test_a_second_signal_while_the_first_one_stops_the_run_is_absorbed(monkeypat
     def run(args):
         raise exc(first)
 
+    def run_whose_cleanup_is_stopped(args):  # (the second lands in run's cleanup of the first)
+        try:
+            raise exc(first)
+        finally:
+            raise exc(second)
+
+    monkeypatch.setattr(cli, "run", run_whose_cleanup_is_stopped)
+    assert cli.main(["--device", "cpu", "-n", "1", "hi"]) == code
+    assert capsys.readouterr().err.strip().splitlines() == [f"run-pipeline: {line}"]
     second_sent = []
 
     def fake_signal(s, handler):  # (installs nothing: this is the test's process)
