@@ -426,6 +426,8 @@ class Engine:
                             "generate(), or a list of one)")
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+        if system is not None and not chat:  # (as the CLI's --system without --chat: it was dropped)
+            raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
         if chat and not all(isinstance(p, str) for p in prompts):  # (ids ran as they were, no template)
             raise ConfigError("chat=True renders text through the chat template: give text prompts, or token ids "
                               "without chat=True")

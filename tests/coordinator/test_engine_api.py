@@ -208,8 +208,9 @@ def test_a_system_message_without_chat_and_token_ids_with_chat_are_refused(smoll
     """A probe's: system= without chat=True was dropped, and token ids with chat=True ran without the
     template, each silently; the CLI refuses --system without --chat."""
     P = SamplingParams(temperature=0, max_tokens=2)
-    with pytest.raises(ConfigError, match=r"^system= is a chat's system message: give chat=True too"):
-        smollm_engine.generate_batch(["hi"], P, system="Be brief.")
+    for prompt in ("hi", [1, 2, 3]):
+        with pytest.raises(ConfigError, match=r"^system= is a chat's system message: give chat=True too"):
+            smollm_engine.generate_batch([prompt], P, system="Be brief.")
     with pytest.raises(ConfigError, match=r"^chat=True renders text through the chat template: give text prompts"):
         smollm_engine.generate_batch([[1, 2, 3]], P, chat=True)
     assert smollm_engine.encode("hi", chat=True, system="Be brief.") != smollm_engine.encode("hi", chat=True)
