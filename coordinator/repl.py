@@ -25,6 +25,7 @@ from layerstream.coordinator.chat_sizes import MAX_OUTPUT
 from layerstream.coordinator.stdio import print_stream
 from layerstream.coordinator.turn import Rates, Turn, counted
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, PromptTooLongError
+from layerstream.proto.signals import Stopped
 
 HELP = """commands:
   /bye          end the chat (as Ctrl-D)
@@ -161,8 +162,8 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
     while True:
         try:
             line = reader.read("> ")
-        except KeyboardInterrupt:
-            if not reader.person:
+        except KeyboardInterrupt as e:
+            if not reader.person or isinstance(e, Stopped):  # (SIGTERM, SIGHUP: the command stops, 143 or 129)
                 raise
             if getattr(reader, "typed", ""):  # a line thrown away, as a shell does: never a quit
                 ctrl_c = False

@@ -527,8 +527,8 @@ class _Lines:
 
     def read(self, prompt):
         line = next(self.lines, None)
-        if line is KeyboardInterrupt:
-            raise KeyboardInterrupt
+        if isinstance(line, BaseException) or line is KeyboardInterrupt:
+            raise line
         return line
 
 
@@ -696,6 +696,26 @@ def test_a_chat_stopped_by_sigterm_in_a_reply_ends_the_reply_s_line(chat_engine)
     with pytest.raises(Terminated):
         chat(chat_engine, params, None, reader=_Lines(["Hi"]), out=out, err=io.StringIO())
     assert out.getvalue().endswith("\n") and out.getvalue().count("\n") == 1 and len(out.getvalue()) > 1
+
+
+def test_a_sigterm_at_the_chats_prompt_stops_the_command_where_a_ctrl_c_asks(chat_engine):
+    """A review's: SIGTERM or SIGHUP at a person's prompt was taken for a Ctrl-C ('Ctrl-C again...'),
+    and the chat went on; it goes on to the command, which stops with 143 or 129."""
+    import io
+    import signal
+
+    from layerstream.coordinator.repl import chat
+    from layerstream.proto.signals import Stopped
+
+    params = SamplingParams(temperature=0, max_tokens=2)
+    err = io.StringIO()
+    assert chat(chat_engine, params, None, reader=_Typed([KeyboardInterrupt, "/bye"]), out=io.StringIO(), err=err) == 0
+    assert "Ctrl-C again" in err.getvalue()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        err = io.StringIO()
+        with pytest.raises(Stopped):
+            chat(chat_engine, params, None, reader=_Typed([Stopped(sig), "/bye"]), out=io.StringIO(), err=err)
+        assert "Ctrl-C again" not in err.getvalue()
 
 
 def test_chat_prompt_goes_to_a_terminal_never_into_piped_output():
