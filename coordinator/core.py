@@ -212,11 +212,11 @@ class EngineCore:
                 n = min(len(tokens) - fed, self.step_tokens, max(ring.max_chunk(), 1))
                 slots, pos = ring.append(n)
                 self.steps += 1
-                logits = self.backend.step([SeqStep(row, tokens[fed : fed + n], slots, pos, ring.slot_positions())],
-                                           "all")
+                seq = SeqStep(row, tokens[fed : fed + n], slots, pos, ring.slot_positions())
+                logits = self.backend.step([seq], "all")
                 finite = finite and bool(torch.isfinite(logits).all())  # (NaN in its KV: no record)
                 on_logits(fed, logits)
-                fed += n
+                fed, logits = fed + n, None  # (a step's logits gone before the next: NOTE [ streamed perplexity ])
             held = list(tokens) if ring.total == ring.count and finite else None  # (a failed step keeps no record)
         finally:
             self.give_row(row, held)
