@@ -1090,17 +1090,19 @@ def test_a_second_signal_while_the_first_one_stops_the_run_is_absorbed(monkeypat
         finally:
             raise exc(second)
 
-    monkeypatch.setattr(cli, "run", run_whose_cleanup_is_stopped)
-    assert cli.main(["--device", "cpu", "-n", "1", "hi"]) == code
-    assert capsys.readouterr().err.strip().splitlines() == [f"run-pipeline: {line}"]
     second_sent = []
 
-    def fake_signal(s, handler):  # (installs nothing: this is the test's process)
+    def fake_signal(s, handler):  # (installs nothing: this is the test's process, whose signals stay as they are)
         if handler is signal.SIG_IGN and not second_sent:
             second_sent.append(s)
             raise exc(second)
 
-    monkeypatch.setattr(cli, "run", run)
     monkeypatch.setattr(cli.signal, "signal", fake_signal)
+    monkeypatch.setattr(cli, "run", run_whose_cleanup_is_stopped)
+    second_sent.append("none in _stopped")
+    assert cli.main(["--device", "cpu", "-n", "1", "hi"]) == code
+    assert capsys.readouterr().err.strip().splitlines() == [f"run-pipeline: {line}"]
+    second_sent.clear()
+    monkeypatch.setattr(cli, "run", run)
     assert cli.main(["--device", "cpu", "-n", "1", "hi"]) == code
     assert second_sent and capsys.readouterr().err.strip().splitlines() == [f"run-pipeline: {line}"]
