@@ -36,19 +36,21 @@ log = logging.getLogger("layerstream.pipeline")
 LayerReads = dict[str, list[ByteRange]]
 
 
-def compute_threads(asked: int | None, cuda: bool, share_off: bool, streams: bool, draft: bool = False) -> int | None:
+def compute_threads(asked: int | None, cuda: bool, share_off: bool, streams: bool, one_job: bool = False) -> int | None:
     """torch's CPU threads in the compute process: as --cpu-threads asks; beside a GPU, with a CPU
     share of streamed layers, threads_default(); on a GPU where nothing streams and the CPU computes
     no share, 1 (the process's own CPU work is each step's bookkeeping, and idle OpenMP threads
-    slowed it: BENCHMARKS.md, R4); on the CPU where nothing streams and no draft model runs in the
-    coordinator, every core: the readers are done after the load and the coordinator waits while a
-    step computes, so the core the default leaves them sat idle (BENCHMARKS.md, V3); else None (the
-    compute process's own default, all cores but one)."""
+    slowed it: BENCHMARKS.md, R4); on the CPU for `one_job` (one prompt or a chat, no draft model:
+    Budget.job) where nothing streams, every core: the readers are done after the load and the
+    coordinator waits while a step computes, so the core the default leaves them sat idle
+    (BENCHMARKS.md, V3); else None (the compute process's own default, all cores but one). A server
+    keeps that core: its HTTP and tokenizing run beside the steps, and with the cores busy elsewhere
+    too an all-core compute process's OpenMP waits held a stream's next token past a second."""
     if asked:
         return asked
     if cuda and not share_off and streams:
         return threads_default()
-    if not cuda and not streams and not draft:
+    if not cuda and not streams and one_job:
         return usable_cpus()
     return 1 if cuda and share_off and not streams else None
 
@@ -122,7 +124,7 @@ class Launch:
     def compute_config(self, endpoints: ChildEndpoints, parent_pid: int) -> ComputeConfig:
         plan, cfg = self.plan, self.cfg
         threads = compute_threads(cfg.cpu.threads, self.device.type == "cuda", self.cpu.off, bool(plan.streamed),
-                                  plan.draft is not None)
+                                  cfg.budget.job is not None)
         on_device = DevicePlan(plan.resident, plan.vram_slots, plan.kv_device_layers, plan.budget_bytes,
                                plan.step_tokens, plan.graph_rows, plan.logit_rows, plan.dequant_scratch)
         experts = ExpertStreamConfig(plan.expert_cache_bytes, plan.dense_resident, cfg.experts.policy,

@@ -54,10 +54,10 @@ def test_the_compute_process_takes_one_cpu_thread_where_a_gpu_holds_the_whole_mo
     assert compute_threads(None, True, False, True) == 12  # a CPU share of streamed layers beside the GPU
     assert compute_threads(None, True, True, True) is None  # streamed, no share: the process's default
     monkeypatch.setattr("layerstream.coordinator.launch.usable_cpus", lambda: 6)
-    assert compute_threads(None, False, True, False) == 6  # on the CPU, nothing streamed: every core
-    assert compute_threads(None, False, True, True) is None  # on the CPU, streamed: its default (one for the readers)
-    assert compute_threads(None, False, True, False, draft=True) is None  # a draft model computes in the coordinator
-    assert compute_threads(2, False, True, False) == 2
+    assert compute_threads(None, False, True, False, one_job=True) == 6  # on the CPU, one prompt, nothing streamed
+    assert compute_threads(None, False, True, True, one_job=True) is None  # streamed: its default (one for the readers)
+    assert compute_threads(None, False, True, False) is None  # a server, a draft model: the coordinator works too
+    assert compute_threads(2, False, True, False, one_job=True) == 2
 
 
 def test_two_steps_ahead_and_the_warm_up_only_where_a_gpu_holds_the_whole_model(tmp_path):
