@@ -331,15 +331,15 @@ static void unpack_q6_k_c(const uint8_t *w, int nb, grp_t *g) {
 static inline __m256i ld(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
 /* NOTE [ a row read ahead ]
- * A call streams its rows of blocks from host memory once (a layer's experts are not in any cache),
+ * The kernel streams its rows of blocks from host memory once (a layer's experts are not in any cache),
  * and a core's own hardware prefetch did not keep its loads ahead of the group's unpacking and dots:
  * the time of a row from memory was about its time from L2 plus the memory's, not the larger of the
  * two (bin/bench cpu-kernel --experts, BENCHMARKS.md, V1). So each group asks for the lines
  * PF_AHEAD bytes further along its row (into the next rows at a row's end: the piece's rows are
- * contiguous), which keeps several groups' reads in flight while this one computes. Where a call
- * has a few cores it is most of their speed; with the H200 hosts' 16 threads it made no difference
- * beyond the runs' spread (S4): together they already kept the memory busy. A prefetch past the
- * matrix's end reads nothing and never faults. */
+ * contiguous), which keeps several groups' reads in flight while this one computes. Where the
+ * kernel has a few cores it is most of their speed; with the H200 hosts' 16 threads it made no
+ * difference beyond the runs' spread (S4): together they already kept the memory busy. A prefetch
+ * past the matrix's end reads nothing and never faults. */
 #define PF_AHEAD 2048
 static inline void prefetch_ahead(const uint8_t *wg, int64_t gbytes) {
     for (int64_t o = 0; o < gbytes; o += 64) __builtin_prefetch(wg + PF_AHEAD + o);
