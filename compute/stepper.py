@@ -241,8 +241,7 @@ class Stepper:
             launched.pool.append(launched.buf)
             launched.pool = None
         if launched.broken is not None:
-            if any(c != FINITE for c in bad[: len(launched.rows)]):
-                launched.broken.update(r for r, c in zip(launched.rows, bad) if c != FINITE)
+            launched.broken.update(r for r, c in zip(launched.rows, bad) if c != FINITE)
             if launched.logits is not None and not bool(torch.isfinite(launched.logits).all()):
                 launched.broken.update(launched.rows)  # (an evaluation step's: which rows, not asked)
         return StepResult(ids, bad, launched.logits, acc if any(acc) else None)

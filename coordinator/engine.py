@@ -225,6 +225,12 @@ def text_side(index: ModelIndex) -> tuple[Tokenizer, ChatTemplate | None]:
     return tok, ChatTemplate.from_metadata(index.metadata, tok)
 
 
+def _system_needs_chat(system: str | None, chat: bool) -> None:
+    """system= is a chat's: without chat=True it was dropped (the CLI refuses --system without --chat)."""
+    if system is not None and not chat:
+        raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
+
+
 class Engine:
     """Tokenize, run steps, sample; usable in one process or over the streaming pipeline."""
 
@@ -338,8 +344,7 @@ class Engine:
         if not isinstance(text, str) or not isinstance(system, (str, type(None))):
             bad = text if not isinstance(text, str) else system
             raise TypeError(f"{'text' if bad is text else 'system'} must be a str, not {type(bad).__name__}")
-        if system is not None and not chat:  # (as the CLI's --system without --chat: it was dropped)
-            raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
+        _system_needs_chat(system, chat)
         if chat:
             if self.chat_template is None:
                 raise ConfigError("--chat: this model's GGUF has no tokenizer.chat_template; run without --chat")
@@ -426,8 +431,7 @@ class Engine:
                             "generate(), or a list of one)")
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
-        if system is not None and not chat:  # (as the CLI's --system without --chat: it was dropped)
-            raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
+        _system_needs_chat(system, chat)
         if chat and not all(isinstance(p, str) for p in prompts):  # (ids ran as they were, no template)
             raise ConfigError("chat=True renders text through the chat template: give text prompts, or token ids "
                               "without chat=True")
