@@ -4,6 +4,7 @@ import argparse
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -389,6 +390,30 @@ def test_a_groups_ctrl_c_while_the_readers_start_is_the_benchs_one_line(tmp_path
     finally:
         if p.poll() is None:
             p.kill()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
+def test_the_benchs_threads_before_its_first_spawn_never_take_sigint():
+    """The test above, one run in CI: numpy's OpenBLAS thread took the group's Ctrl-C, the main thread
+    was interrupted inside a reader's spawn (its own mask blocked it), and that reader printed
+    spawn_main's EOFError. bin/bench's own program, its entry() in place of a dump of each thread's mask."""
+    import pathlib
+    import re
+    import subprocess
+
+    launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
+    program = re.search(r"exec \"\$py\" -c '(.*?)' \"\$here\"", launcher.read_text(), re.S).group(1)
+    assert program.endswith("entry()")
+    dump = ("import os, numpy, torch\ntorch.ones(1 << 20).sum(); numpy.ones((256, 256)) @ numpy.ones((256, 256))\n"
+            "for t in os.listdir('/proc/self/task'):\n"
+            "    m = int(next(l for l in open(f'/proc/self/task/{t}/status') if l.startswith('SigBlk')).split()[1], 16)\n"
+            "    print(t == str(os.getpid()), bool(m & (1 << (signal.SIGINT - 1))))")
+    code = program[:-len("entry()")] + "import signal\n" + dump
+    out = subprocess.run([sys.executable, "-c", code, str(launcher.parents[1])], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    rows = [line.split() for line in out.splitlines()]
+    assert ["True", "False"] in rows and len(rows) >= 2, out  # the main thread takes it; the pools run
+    assert all(blocked == "True" for main, blocked in rows if main == "False"), out
 
 
 def test_a_ctrl_c_while_the_bench_starts_is_its_one_line_and_130():
