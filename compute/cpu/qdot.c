@@ -852,17 +852,23 @@ typedef void (*task_fn)(void *arg, int i, int n);
  * dispatch's generation, its piece count and the next piece; a worker reads the call's function
  * and argument only after claiming a piece of that generation, and the caller does not return
  * (nor start another dispatch) before every piece is done, so a worker late for a dispatch finds
- * its generation gone and touches nothing of it. */
+ * its generation gone and touches nothing of it. (A fetch-and-add would not retry under
+ * contention, but a worker late for one dispatch could then take a piece of the next, of fewer
+ * threads than its index.) The ticket, the done count, the claimers' count and the dispatch's
+ * read-mostly fields each have a cache line of their own: every piece's done count moved the
+ * line that the claimers and the spinning workers read the ticket from. */
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER; /* one call at a time */
 static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
 static int n_workers;                   /* pool threads (the caller takes pieces too) */
-static _Atomic uint64_t ticket;         /* generation << 32 | pieces << 16 | next piece */
-static atomic_int done;                 /* pieces finished in this generation */
-static atomic_int cur_threads;          /* the dispatch's threads, the caller's included: workers 0.. below it claim */
-static atomic_int claimers;             /* workers that claimed a piece of the last dispatch (qdot_claimers) */
-static task_fn cur_fn;
-static void *cur_arg;
+static struct {                        /* a dispatch's shared state, a cache line a part (the NOTE above) */
+    _Alignas(64) _Atomic uint64_t ticket; /* generation << 32 | pieces << 16 | next piece */
+    _Alignas(64) atomic_int done;      /* pieces finished in this generation */
+    _Alignas(64) atomic_int claimers;  /* workers that claimed a piece of the last dispatch (qdot_claimers) */
+    _Alignas(64) atomic_int threads;   /* the dispatch's threads, the caller's included: workers 0.. below it claim */
+    task_fn fn;
+    void *arg;
+} pool;
 
 #define MAX_PIECES 65535
 #define SPIN_NS 30000 /* a worker spins 30 us after a dispatch (back-to-back calls find it awake), then sleeps */
@@ -890,19 +896,19 @@ static inline uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
 /* claim and run pieces of generation `gen` until none is left; a worker (not the caller) counts
  * itself in `claimers` before its first piece is done, so the caller sees the count once all are */
 static void take_pieces(uint32_t gen, int worker) {
-    uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
+    uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
     for (;;) {
         int n = (int)((t >> 16) & 0xffff), i = (int)(t & 0xffff);
         if (gen_of(t) != gen || i >= n) return;
-        if (!atomic_compare_exchange_weak_explicit(&ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
+        if (!atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
             continue; /* (t reloaded) */
         if (worker) {
-            atomic_fetch_add_explicit(&claimers, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&pool.claimers, 1, memory_order_relaxed);
             worker = 0;
         }
-        cur_fn(cur_arg, i, n);
-        atomic_fetch_add_explicit(&done, 1, memory_order_release);
-        t = atomic_load_explicit(&ticket, memory_order_acquire);
+        pool.fn(pool.arg, i, n);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
     }
 }
 
@@ -919,17 +925,17 @@ static void *worker_main(void *p) {
         uint32_t g;
         int spins = 0;
         int64_t until = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
-        while ((g = gen_of(atomic_load_explicit(&ticket, memory_order_acquire))) == seen) {
+        while ((g = gen_of(atomic_load_explicit(&pool.ticket, memory_order_acquire))) == seen) {
             cpu_relax();
             if (!(++spins & 63) && now_ns() > until) break;
         }
         if (g == seen) {
             pthread_mutex_lock(&wake_mu);
-            while ((g = gen_of(atomic_load(&ticket))) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
+            while ((g = gen_of(atomic_load(&pool.ticket))) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
             pthread_mutex_unlock(&wake_mu);
         }
         seen = g;
-        if (ws.index < atomic_load_explicit(&cur_threads, memory_order_relaxed) - 1) take_pieces(g, 1);
+        if (ws.index < atomic_load_explicit(&pool.threads, memory_order_relaxed) - 1) take_pieces(g, 1);
     }
     return NULL;
 }
@@ -966,7 +972,7 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
         pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
         struct worker_start *ws = malloc(sizeof *ws);
         if (!ws) break;
-        ws->seen = gen_of(atomic_load(&ticket));
+        ws->seen = gen_of(atomic_load(&pool.ticket));
         ws->index = n_workers;
         int rc = pthread_create(&t, &a, worker_main, ws);
         pthread_attr_destroy(&a);
@@ -976,22 +982,22 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
         }
         n_workers++;
     }
-    atomic_store_explicit(&claimers, 0, memory_order_relaxed); /* (published by the ticket's release) */
+    atomic_store_explicit(&pool.claimers, 0, memory_order_relaxed); /* (published by the ticket's release) */
     if (threads <= 1 || !n_workers) {
         for (int i = 0; i < n; i++) fn(arg, i, n);
         return;
     }
-    cur_fn = fn;
-    cur_arg = arg;
-    atomic_store_explicit(&cur_threads, threads, memory_order_relaxed); /* (published by the ticket's release) */
-    atomic_store_explicit(&done, 0, memory_order_relaxed);
-    uint32_t gen = gen_of(atomic_load(&ticket)) + 1;
+    pool.fn = fn;
+    pool.arg = arg;
+    atomic_store_explicit(&pool.threads, threads, memory_order_relaxed); /* (published by the ticket's release) */
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    uint32_t gen = gen_of(atomic_load(&pool.ticket)) + 1;
     pthread_mutex_lock(&wake_mu);
-    atomic_store_explicit(&ticket, (uint64_t)gen << 32 | (uint64_t)n << 16, memory_order_release);
+    atomic_store_explicit(&pool.ticket, (uint64_t)gen << 32 | (uint64_t)n << 16, memory_order_release);
     pthread_cond_broadcast(&wake_cv);
     pthread_mutex_unlock(&wake_mu);
     take_pieces(gen, 0);
-    while (atomic_load_explicit(&done, memory_order_acquire) < n) cpu_relax();
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < n) cpu_relax();
 }
 
 /* ---------- a call ---------- */
@@ -1203,7 +1209,7 @@ void qdot_spin(int64_t ns) { atomic_store(&spin_ns, ns > 0 ? ns : SPIN_NS); }
 
 /* The vector path compiled in: 0 plain C, 1 AVX2, 2 AVX2 with VNNI. */
 /* workers that claimed a piece of the last dispatch: at most its threads - 1 (for the tests) */
-int qdot_claimers(void) { return atomic_load(&claimers); }
+int qdot_claimers(void) { return atomic_load(&pool.claimers); }
 
 int qdot_isa(void) {
 #if defined(__AVX2__) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
