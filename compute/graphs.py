@@ -16,7 +16,9 @@ steps the plan counts are captured (`DevicePlan.graph_rows`): up to --batch rows
 drafts where a verifying step's rows replay them, and never beyond the rows every matrix keeps a
 fused kernel for (qlinear's per-type limits), since cuBLAS takes a workspace for each new stream
 (graphs of larger batches ran out of memory at the budget) and at larger batches launches weigh
-less.
+less. A dense model's decode batches keep to the bound of every type (Q5_K's); a mixture of
+experts' keep to its own matrices' bound, since its streamed layers run graphs of their own (below),
+and eagerly their host launches held each layer's fetch back.
 A mixture-of-experts layer is captured with the others when its experts are resident blocks:
 the grouped kernels find the chosen experts on the device (moe.py, NOTE [ grouped experts ]).
 A streamed MoE layer whose other tensors are kept on the device (`ExpertSet.dense_fixed`) runs

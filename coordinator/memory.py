@@ -424,10 +424,14 @@ class Sizes:
 
     def graph_rows(self, T: int, draft_tokens: int = 0) -> int:
         """The largest decode batch the pipeline captures in graphs, for steps of T tokens (the plan
-        says it, compute_proc captures it): up to FUSED_MIN_OF_TYPES sequences (NOTE [ decode
-        graphs ] in graphs.py); where sequences draft `draft_tokens` tokens a step, a verifying
-        step's rows too (every sequence's chunk of 1 + drafts), up to `rows_graphed` and T."""
-        plain = max(1, min(self.max_seqs, FUSED_MIN_OF_TYPES))
+        says it, compute_proc captures it): up to FUSED_MIN_OF_TYPES sequences, or `rows_graphed` for
+        a mixture of experts (NOTE [ decode graphs ] in graphs.py); where sequences draft
+        `draft_tokens` tokens a step, a verifying step's rows too (every sequence's chunk of 1 +
+        drafts), up to `rows_graphed` and T."""
+        # (a streamed MoE layer replays graphs of its own; under the bound of every type, Q5_K's, its
+        # batches above it ran eagerly even where the model has no Q5_K matrix: their attention, router
+        # and prediction launched from Python before the host could read the chosen experts, BENCHMARKS.md W8)
+        plain = max(1, min(self.max_seqs, self.rows_graphed if self.index.hparams.moe.n_expert else FUSED_MIN_OF_TYPES))
         if draft_tokens <= 0:
             return plain
         return max(plain, min(self.max_seqs * (1 + draft_tokens), self.rows_graphed, max(T, self.max_seqs)))

@@ -78,7 +78,7 @@ class _Graph:
             o.copy_(n)
 
 
-def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False):
+def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False, batch: int = 2):
     index = open_model(path)
     hp = index.hparams
     layouts = layer_layouts(index)
@@ -98,7 +98,7 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
         cpu.reserve = lambda *a: (lambda got: cpu.held_back.append(got) or got)(reserve(*a))
     src = _Streamed(index, cache, cpu, frac, ahead)
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
-                    ctx=64, max_seqs=2)
+                    ctx=64, max_seqs=batch)
     if graphs:  # the CUDA-only switches, stood in for
         r._graph_layers = lambda seqs, decode: r.moe_graphs.start_step(decode) or 0
         r.capture.capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
@@ -108,7 +108,7 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
             early(*a)
             src.early = getattr(src, "early", 0) + (r.moe_graphs.early is not None)
         r.moe_graphs._next_router_early = count_early
-    seqs = [[5, 17, 33], [9, 3]]
+    seqs = [[5, 17, 33], [9, 3]] + [[(11 * b + 2) % hp.n_vocab] * (1 + b % 3) for b in range(2, batch)]
     src.prompt = True
     r.step([SeqStep(row=b, tokens=t, slots=list(range(len(t))), positions=list(range(len(t))),
                     kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "none")
@@ -163,5 +163,20 @@ def test_graph_path_when_the_cpu_takes_experts_in_some_steps_only(eager):
     path, want = eager
     got, graphed, cpu, _, _ = _decode(path, graphs=True, frac=1.0, alternate=True)
     assert graphed == 2 * 3 and cpu.computed > 0
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
+
+
+
+def test_the_graph_path_at_batch_8_matches_eager_layers(tmp_path):
+    """Eight sequences a step, the most a plan captures for a mixture of experts (memory.Sizes.graph_rows),
+    with the CPU's share and the next layer's experts predicted: as the same layers run eagerly (32
+    experts, so that a step of 8 tokens still streams its chosen ones, as the real shape's 128 do)."""
+    pytest.importorskip("triton")
+    path = ggufgen.write_model(str(tmp_path / "moe32.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=2, n_embd=64,
+                               n_ff=64, n_expert=32, n_expert_used=2, seed=5)
+    want = _decode(path, graphs=False, frac=0.0, batch=8)[0]
+    got, graphed, cpu, cache, early = _decode(path, graphs=True, frac=0.5, ahead=True, batch=8)
+    assert got.shape[1] == 8 and graphed == 2 * 3 and early == 2 and cpu.computed > 0 and cache.ahead.copied > 0
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()

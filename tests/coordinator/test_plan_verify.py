@@ -122,3 +122,21 @@ def test_serve_batch_counts_the_drafts_memory_at_each_row_count(tmp_path):
     except ConfigError:
         over = None
     assert over is None or (beside >= 8 and over.kv_device_layers < index.hparams.n_layer)
+
+
+def test_a_mixture_of_experts_captures_its_batches_up_to_its_own_fused_rows(l8):
+    """A streamed MoE layer's batches above Q5_K's bound ran eagerly (BENCHMARKS.md W8: no graph
+    launch in a batch-8 pass's trace): the Qwen3-30B-A3B shape's matrices (Q4_K and Q6_K) stay fused
+    to 8 rows and its grouped experts take 8 tokens, so a plan of 8 sequences captures batches up to
+    8 and counts their graphs; a dense model keeps the bound of every type."""
+    from layerstream.compute.moe import GROUPED_MAX_TOKENS
+    from layerstream.compute.qlinear import FUSED_MIN_OF_TYPES
+    from plans import shaped
+
+    moe = shaped("qwen3-30b-a3b")
+    assert {int(t.qtype) for layer in moe[0].layers for t in layer.values() if len(t.shape) > 1} - {0} == {12, 14}
+    four, eight, more = (plan(moe, 8, ctx=512, max_seqs=n) for n in (4, 8, 16))
+    assert four.graph_rows == 4 and eight.graph_rows == GROUPED_MAX_TOKENS == 8 and more.graph_rows == 8
+    assert graphs(eight) > graphs(four)
+    assert sum(v for _, v in eight.parts) == eight.device_bytes <= 8 * GiB
+    assert plan(l8, 8, ctx=512, max_seqs=8).graph_rows == FUSED_MIN_OF_TYPES == 4
