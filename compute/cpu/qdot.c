@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -855,17 +856,18 @@ typedef void (*task_fn)(void *arg, int i, int n);
  * its generation gone and touches nothing of it. (A fetch-and-add would not retry under
  * contention, but a worker late for one dispatch could then take a piece of the next, of fewer
  * threads than its index.) The ticket, the done count, the claimers' count and the dispatch's
- * read-mostly fields each have a cache line of their own: every piece's done count moved the
- * line that the claimers and the spinning workers read the ticket from. */
+ * read-mostly fields each have two cache lines of their own (an Intel core's adjacent-line
+ * prefetch moves lines in pairs): every piece's done count moved the line that the claimers and
+ * the spinning workers read the ticket from. */
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER; /* one call at a time */
 static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
 static int n_workers;                   /* pool threads (the caller takes pieces too) */
-static struct {                        /* a dispatch's shared state, a cache line a part (the NOTE above) */
-    _Alignas(64) _Atomic uint64_t ticket; /* generation << 32 | pieces << 16 | next piece */
-    _Alignas(64) atomic_int done;      /* pieces finished in this generation */
-    _Alignas(64) atomic_int claimers;  /* workers that claimed a piece of the last dispatch (qdot_claimers) */
-    _Alignas(64) atomic_int threads;   /* the dispatch's threads, the caller's included: workers 0.. below it claim */
+static struct {                        /* a dispatch's shared state, each field on lines of its own (the NOTE above) */
+    _Alignas(128) _Atomic uint64_t ticket; /* generation << 32 | pieces << 16 | next piece */
+    _Alignas(128) atomic_int done;      /* pieces finished in this generation */
+    _Alignas(128) atomic_int claimers;  /* workers that claimed a piece of the last dispatch (qdot_claimers) */
+    _Alignas(128) atomic_int threads;   /* the dispatch's threads, the caller's included: workers 0.. below it claim */
     task_fn fn;
     void *arg;
 } pool;
@@ -953,6 +955,23 @@ static void pool_after_fork(void) {
     ax_after_fork();
 }
 
+/* A thread of the library's own, started with every signal blocked: the process's signals are its
+ * callers' to take (a Ctrl-C handed to a worker left a chat's prompt deaf to it, and a main thread
+ * interrupted where it had blocked SIGINT itself: NOTE [ SIGINT and threads ] in coordinator/sigmask.py). */
+static int start_thread(void *(*fn)(void *), void *arg) {
+    pthread_t t;
+    pthread_attr_t a;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&t, &a, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&a);
+    return rc;
+}
+
 /* registers pool_after_fork once, before the first thread of either kind starts */
 static void register_fork(void) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -966,16 +985,11 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
     if (n > MAX_PIECES) n = MAX_PIECES;
     if (threads > n) threads = n;
     while (n_workers < threads - 1 && n_workers < MAX_THREADS - 1) {
-        pthread_t t;
-        pthread_attr_t a;
-        pthread_attr_init(&a);
-        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
         struct worker_start *ws = malloc(sizeof *ws);
         if (!ws) break;
         ws->seen = gen_of(atomic_load(&pool.ticket));
         ws->index = n_workers;
-        int rc = pthread_create(&t, &a, worker_main, ws);
-        pthread_attr_destroy(&a);
+        int rc = start_thread(worker_main, ws);
         if (rc) {
             free(ws);
             break;
@@ -1383,12 +1397,7 @@ int qdot_experts_start(const qdot_expert *ex, int n, const int *qtypes, int64_t 
     }
     if (!ax_started) {
         register_fork();
-        pthread_t t;
-        pthread_attr_t a;
-        pthread_attr_init(&a);
-        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&t, &a, ax_leader, NULL);
-        pthread_attr_destroy(&a);
+        int rc = start_thread(ax_leader, NULL);
         if (rc) {
             pthread_mutex_unlock(&ax_mu);
             return -6;
