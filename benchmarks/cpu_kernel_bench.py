@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as QT
 
 from layerstream.compute.cpu import native
 from layerstream.compute.cpu.packing import BlockRows, random_packed
+from layerstream.coordinator.sigmask import start_thread_pools
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768)]  # [N, K]: the 8B's, the MoE experts'
 
@@ -55,7 +56,7 @@ def bench_cpu_kernel(args) -> None:
             for T in args.tokens:
                 x = torch.randn(T, K, generator=g).bfloat16()
                 for th in threads_all:
-                    torch.set_num_threads(th)
+                    start_thread_pools(th)
                     for name, m in mats:
                         s = _time_s(lambda: m.matmul(x) if name.startswith("aten") else
                                     native.matmuls([m.job(x)], threads=th, levels=args.levels, lib=lib), args.reps, args.stat)
@@ -97,7 +98,7 @@ def bench_cpu_experts(args) -> None:
         lib.qdot_spin(int(SPIN_S * 1e9))
     try:
         for th in args.threads or [saved]:
-            torch.set_num_threads(th)  # (both paths' threads: native._threads, the CPU share's)
+            start_thread_pools(th)  # (both paths' threads: native._threads, the CPU share's)
             _experts_rows(args, cpu, fake, host, parts, per, pool, n_ff, n_embd, lib)
     finally:
         torch.set_num_threads(saved)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from layerstream.compute.device import resolve_device
+from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.coordinator.supervisor import spawning
 from layerstream.errors import LayerstreamError
 
@@ -88,7 +89,7 @@ def model_for(args):
 
 def _device(args) -> torch.device:
     if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+        start_thread_pools(args.threads)
 
     return resolve_device(args.device)
 

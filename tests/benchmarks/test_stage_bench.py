@@ -396,7 +396,8 @@ def test_a_groups_ctrl_c_while_the_readers_start_is_the_benchs_one_line(tmp_path
 def test_the_benchs_threads_before_its_first_spawn_never_take_sigint():
     """The test above, one run in CI: numpy's OpenBLAS thread took the group's Ctrl-C, the main thread
     was interrupted inside a reader's spawn (its own mask blocked it), and that reader printed
-    spawn_main's EOFError. bin/bench's own program, its entry() in place of a dump of each thread's mask."""
+    spawn_main's EOFError. bin/bench's own program, its entry() in place of a dump of each thread's mask,
+    after a stage's --threads raised torch's count (the review's: those threads came from the main thread)."""
     import pathlib
     import re
     import subprocess
@@ -404,7 +405,10 @@ def test_the_benchs_threads_before_its_first_spawn_never_take_sigint():
     launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
     program = re.search(r"exec \"\$py\" -c '(.*?)' \"\$here\"", launcher.read_text(), re.S).group(1)
     assert program.endswith("entry()")
-    dump = ("import os, numpy, torch\ntorch.ones(1 << 20).sum(); numpy.ones((256, 256)) @ numpy.ones((256, 256))\n"
+    dump = ("import argparse, os, time, numpy, torch\nfrom benchmarks.stage_bench import _device\n"
+            "_device(argparse.Namespace(threads=6, device='cpu'))  # (--threads above torch's default: more threads)\n"
+            "torch.ones(1 << 20).sum(); numpy.ones((256, 256)) @ numpy.ones((256, 256))\n"
+            "time.sleep(0.5)  # (a thread still starting shows every signal blocked: glibc sets its mask once it runs)\n"
             "for t in os.listdir('/proc/self/task'):\n"
             "    m = int(next(l for l in open(f'/proc/self/task/{t}/status') if l.startswith('SigBlk')).split()[1], 16)\n"
             "    print(t == str(os.getpid()), bool(m & (1 << (signal.SIGINT - 1))))")
