@@ -207,12 +207,22 @@ def test_a_stop_signal_during_the_imports_is_the_runs_one_line(sig, line, code):
     assert (r.returncode, r.stderr) == (code, f"run-pipeline: {line}\n")
 
 
+def test_the_launchers_first_import_leaves_zmq_and_the_codec_out():
+    """NOTE [ stopped while it starts ]: a fresh clone's CI stopped the launcher in proto's package
+    imports (zmq, the codec) before early_signals had set its handlers: a KeyboardInterrupt traceback
+    and status -2. The package loads its names on first use, so the handlers come first."""
+    r = subprocess.run([sys.executable, "-c", "import sys\nfrom layerstream.coordinator.early_signals import entry\n"
+                        "print(sorted(m for m in sys.modules if m == 'zmq' or m.startswith(('torch', 'layerstream.proto.'))))"],
+                       capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.split() == ["['layerstream.proto.signals']"], r.stdout
+
+
 @pytest.mark.parametrize("delay", [0.2, 0.4])
 def test_the_launcher_stopped_as_it_imports_says_so_in_one_line(delay, tmp_path):
     """The launcher stopped a fraction of a second after its start, while it imports (a hostile
     probe's traceback): SIGINT to its process group ends it with the one line and 130, wherever it lands
-    after the interpreter's own start (its first tens of milliseconds keep CPython's defaults; at 0.12 s
-    on a loaded CI it landed in proto's package imports, which early_signals now leaves out)."""
+    after the interpreter's own start, which keeps CPython's defaults (the test below: what lands in the
+    launcher's first imports)."""
     p = subprocess.Popen([str(LAUNCHER), "-n", "4", "Hi"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     time.sleep(delay)
