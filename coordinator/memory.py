@@ -449,7 +449,7 @@ class Sizes:
         bg = self.graph_rows(1) if rows is None else rows
         peak, largest = step_peak(hp, bg, e=self.e, ctx=self.ctx, max_seqs=bg, quantized=True, cuda=True,
                                   sliding=self.sliding, head_chunk=HEAD_CHUNK, decode_only=True)
-        if bg > FUSED_MIN_OF_TYPES:  # (up to it, a few MiB at most: the plans without drafts keep to the slack)
+        if bg > FUSED_MIN_OF_TYPES:  # (up to it, a few MiB at most: a dense plan without drafts keeps to the slack)
             parts = captured_partials(hp, bg)
             peak, largest = peak + parts, max(largest, parts)
         outs = [b * (hp.n_vocab * 4 if all_resident else hp.n_embd * self.e) for b in range(1, bg + 1)

@@ -167,7 +167,6 @@ def test_graph_path_when_the_cpu_takes_experts_in_some_steps_only(eager):
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
 
 
-
 def test_the_graph_path_at_batch_8_matches_eager_layers(tmp_path):
     """Eight sequences a step, the most a plan captures for a mixture of experts (memory.Sizes.graph_rows),
     with the CPU's share and the next layer's experts predicted: as the same layers run eagerly (32

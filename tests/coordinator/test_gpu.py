@@ -253,6 +253,30 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     assert (ex["prefetch_hits"] > 0) == (moe_dense == "resident"), ex
 
 
+def test_expert_streaming_at_batch_8_replays_its_graphs_and_matches_resident(tmp_path):
+    """A mixture of experts' plan captures decode batches up to its own fused bound (memory.Sizes.graph_rows;
+    before, every type's 4): eight sequences' decode steps run the streamed layers as their graphs, with
+    the resident engine's tokens (32 experts, so that 8 tokens still stream their chosen ones)."""
+    path = ggufgen.write_model(str(tmp_path / "moe8.gguf"), arch="qwen3moe", n_layer=3, n_embd=256, n_ff=512,
+                               n_expert=32, n_expert_used=2, qtype=["Q4_K", "Q6_K"], seed=6)
+    index = open_model(path)
+    prompts = [TOKENS[i : i + 3 + i % 4] for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def engine(pcfg):
+        return Engine.open(EngineConfig(device="cuda", dtype="float16", ctx=128, max_seqs=8), pcfg, index=index)
+
+    with engine(None) as e:
+        want = e.generate_batch(prompts, params)
+    with engine(PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"))) as e:
+        assert e.backend.plan.graph_rows == 8
+        got = e.generate_batch(prompts, params)
+        snaps = e.backend.collect_stats()
+    graphed = next(s for s in snaps if s.get("role") == "compute")["count"].get("graph_layers", 0)
+    assert got == want
+    assert graphed >= 3 * 5, graphed  # the five decode steps of all eight, each layer a graph pair
+
+
 def test_cpu_experts_on_cuda_agree_with_the_single_process_engine(tmp_path):
     """NOTE [ CPU experts ] on CUDA: the CPU computes half of each one-token step's missing
     experts (bf16 scales) while the GPU fetches and computes the rest in the streamed layers'

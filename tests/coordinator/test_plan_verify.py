@@ -140,3 +140,6 @@ def test_a_mixture_of_experts_captures_its_batches_up_to_its_own_fused_rows(l8):
     assert graphs(eight) > graphs(four)
     assert sum(v for _, v in eight.parts) == eight.device_bytes <= 8 * GiB
     assert plan(l8, 8, ctx=512, max_seqs=8).graph_rows == FUSED_MIN_OF_TYPES == 4
+    # a mixture of experts with Q5_K matrices (Q5_K_M) keeps to their bound
+    q5 = shaped_index("qwen3-30b-a3b", "Q5_K_M")
+    assert plan((q5, layer_layouts(q5)), 8, ctx=512, max_seqs=8).graph_rows == 4
