@@ -10,6 +10,7 @@ import stat
 import sys
 
 from layerstream.coordinator.spelling import UsageError
+from layerstream.errors import ConfigError
 
 
 def path_problem(path: str, what: str = "file") -> str | None:
@@ -46,7 +47,15 @@ MAX_PERPLEXITY_FILE = 16 << 20  # --perplexity's text: tokenized whole first, it
 
 
 def perplexity_problem(path: str) -> str | None:
-    """Why --perplexity's (readable) file cannot be scored, or None."""
+    """Why --perplexity's file cannot be scored, or None; `-` (standard input), a pipe or a terminal
+    pass, and are read to their end at the run (perplexity_text)."""
+    if path == "":
+        return "an empty path; give a file, or - for standard input"
+    if _piped(path):
+        return None
+    why = path_problem(path)
+    if why:
+        return why
     size = os.path.getsize(path)
     if size > MAX_PERPLEXITY_FILE:
         return (f"{size / 2**20:.1f} MiB, over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is "
@@ -57,12 +66,34 @@ def perplexity_problem(path: str) -> str | None:
 MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
 
 
-def prompt_file_problem(path: str) -> str | None:
-    """Why -f's file cannot be read, or None; `-`, a pipe or a terminal (as /dev/stdin, <(...)) are
-    read to their end (read_prompt), so they pass."""
+def _piped(path: str) -> bool:
+    """`-`, a pipe or a terminal (as /dev/stdin, <(...)): read to its end, never sized up front."""
     mode = os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
-    piped = path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
-    return "an empty path; give a file" if path == "" else None if piped else path_problem(path)
+    return path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def prompt_file_problem(path: str) -> str | None:
+    """Why -f's file cannot be read, or None; `-`, a pipe or a terminal are read to their end
+    (read_prompt), so they pass."""
+    return "an empty path; give a file" if path == "" else None if _piped(path) else path_problem(path)
+
+
+def perplexity_text(path: str) -> str:
+    """--perplexity's text (`-`: standard input's), to its end, at most MAX_PERPLEXITY_FILE bytes; bytes
+    that are not UTF-8 become U+FFFD. UsageError where a pipe's text is too long or blank, ConfigError
+    where the file cannot be read (checked up front, it can still fail)."""
+    option = f"--perplexity {path}"
+    try:
+        raw = _read_upto(path, MAX_PERPLEXITY_FILE + 1)
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_PERPLEXITY_FILE:
+        raise UsageError(f"{option}: over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is "
+                         f"tokenized in memory first); score a part of it, e.g. head -c {MAX_PERPLEXITY_FILE >> 20}M")
+    text = raw.decode("utf-8", "replace")
+    if _blank(text):
+        raise UsageError(f"{option}: {'standard input holds' if path == '-' else 'the file holds'} no text")
+    return text
 
 
 def read_prompt(option: str, path: str) -> str:
@@ -121,14 +152,19 @@ def _read_text(option: str, path: str) -> str:
     """The file's text (`-`: standard input's), to its end, at most MAX_PROMPT_FILE bytes, less one
     line end at its end (which a file's last line or `echo` adds; llama.cpp's -f drops a `\\n`)."""
     try:
-        with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
-            raw = _read_all(f, MAX_PROMPT_FILE + 1)
+        raw = _read_upto(path, MAX_PROMPT_FILE + 1)
     except OSError as e:
         raise UsageError(f"{option}: cannot read it ({e.strerror or e})") from None
     if len(raw) > MAX_PROMPT_FILE:
         raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
     text = raw.decode("utf-8", "replace")
     return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def _read_upto(path: str, limit: int) -> bytes:
+    """Up to `limit` bytes of the file (`-`: standard input), to its end."""
+    with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
+        return _read_all(f, limit)
 
 
 def _read_all(f, limit: int) -> bytes:

@@ -156,7 +156,7 @@ def build_parser() -> Parser:
     g.add_argument("--chat", action="store_true",
                    help="apply the model's chat template; interactive without a prompt (/help lists its commands)")
     g.add_argument("-sys", "--system", default=None, help="system message for --chat")
-    g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file instead of generating")
+    g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file (-: standard input) instead of generating")
     g = p.add_argument_group("engine")
     g.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=None,
                    help="KV ring capacity in tokens per sequence (default min(model's, 4096))")
@@ -366,12 +366,12 @@ def check_args(args) -> None:
     finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
     if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
         fail(f"{opt('device')}: use auto, cpu, cuda or cuda:N")
-    for name in ("model", "perplexity", "api_key_file", "draft_model"):
+    for name in ("model", "api_key_file", "draft_model"):  # (--perplexity's: perplexity_problem, which takes -)
         path = getattr(args, name)
         why = "an empty path; give a file" if path == "" else path and path_problem(path, name)
         if why:
             fail(f"{opt(name, path)}: {why}")
-    why = args.perplexity and perplexity_problem(args.perplexity)
+    why = args.perplexity is not None and perplexity_problem(args.perplexity)
     if why:
         fail(f"--perplexity {args.perplexity}: {why}")
     for d in args.reader_dir:

@@ -342,6 +342,29 @@ def test_perplexity_option(tmp_path):
     assert float(m[1]) == pytest.approx(ppl, rel=1e-3) and int(m[2]) == n
 
 
+def test_perplexity_of_standard_input_or_a_pipe_is_the_files(tmp_path):
+    """`--perplexity -` scores standard input's text (a probe's: it was refused as "no such file"), as
+    a file of the same text scores; a blank or too long one is one line and exit 2, an empty path too."""
+    path = ggufgen.write_model(tmp_path / "m.gguf")
+    text = "the quick brown fox jumps over the lazy dog. " * 3
+    (tmp_path / "t.txt").write_text(text)
+
+    def ppl(source: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([str(LAUNCHER), "--single-process", "-m", path, "--device", "cpu", "--perplexity", source],
+                              input=stdin, capture_output=True, text=True, timeout=120)
+
+    from_file, from_stdin = ppl(str(tmp_path / "t.txt")), ppl("-", text)
+    assert from_file.returncode == from_stdin.returncode == 0, from_stdin.stderr
+    assert re.fullmatch(r"perplexity: \d+\.\d+ over \d+ tokens\n", from_stdin.stdout) and from_stdin.stdout == from_file.stdout
+    r = ppl("-", " \n")
+    assert (r.returncode, r.stderr) == (2, "run-pipeline: error: --perplexity -: standard input holds no text\n")
+    r = ppl("-", "x" * ((16 << 20) + 1))
+    assert r.returncode == 2 and r.stderr.startswith("run-pipeline: error: --perplexity -: over the 16 MiB a run scores")
+    r = ppl("")
+    assert (r.returncode, r.stderr) == (2, "run-pipeline: error: --perplexity : an empty path; give a file, or - for "
+                                           "standard input\n"), r.stderr
+
+
 def test_perplexity_of_missing_file(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     r = run_pipeline("-m", path, "--perplexity", str(tmp_path / "absent.txt"))
