@@ -112,9 +112,11 @@ NO_PROMPT = "no prompt given; pass the prompt text (or pipe it in), or --chat fo
 
 def read_prompt_text(args) -> None:
     """The prompt's text into args.prompt (checked args: args.check_args'): -f's file, or standard
-    input where no prompt was given; UsageError where there is none. Read last, after the model's
-    header too: a file or a pipe can wait on its writer, and a command line that cannot run says
-    so at once rather than after it."""
+    input where no prompt was given; UsageError where there is none; --perplexity's text into
+    args.perplexity_text. Read last, after the model's header too: a file or a pipe can wait on its
+    writer, and a command line that cannot run says so at once rather than after it."""
+    if args.perplexity:
+        args.perplexity_text = perplexity_text(args.perplexity)
     if args.prompt_file is not None:
         args.prompt = [read_prompt(args.prompt_source, args.prompt_file)]
     elif not args.prompt and not (args.serve or args.perplexity or args.chat):

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from layerstream.coordinator.arg_files import perplexity_text, read_prompt_text
+from layerstream.coordinator.arg_files import read_prompt_text
 from layerstream.coordinator.args import (
     PROG,
     UsageError,
@@ -365,7 +365,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         return serve(engine, args.model or default_model_path(), args.host, args.port, api_key, args.max_queue,
                      sock=sock, defaults=DEFAULTS | served_sampling(args))
     if args.perplexity:
-        text = perplexity_text(args.perplexity)
+        text = args.perplexity_text  # (read_prompt_text's)
         if "\ufffd" in text:  # (errors="replace": bytes that are not UTF-8)
             print(f"{PROG}: warning: --perplexity {args.perplexity}: not UTF-8 text ({text.count(chr(0xFFFD))} "
                   f"character{'s' if text.count(chr(0xFFFD)) > 1 else ''} replaced); the figure scores the replacements too", file=sys.stderr)
