@@ -49,6 +49,7 @@ class Launched:
     pool: list | None = None  # where buf goes back
     rows: tuple[int, ...] = ()  # each sequence's KV row
     broken: set | None = None  # where result() names the rows whose logits were not finite (the Stepper's)
+    finite: bool = True  # whether the logits asked for were all finite (checked on the step's device)
 
 
 class _HostBuf:
@@ -137,6 +138,7 @@ class Stepper:
         for st in starts:
             self.samplers.start(st.row, params_of(st), st.seed, list(st.history))
         self._clear_broken(seqs)
+        rows = tuple(s.row for s in seqs)
         if checks:
             tails = [max(f, 1) for f in k]
             logits = self.step_fn(seqs, "last", self.last_ids, tails=tails)
@@ -148,8 +150,9 @@ class Stepper:
         host = event = None
         if len(picks) == n and logits.shape[0] == n and self._all_greedy([s.row for s in seqs]):
             launched = self._greedy(logits, seqs)
-            launched.rows, launched.broken = tuple(s.row for s in seqs), self.broken
+            launched.rows, launched.broken = rows, self.broken
             launched.logits = None if want == "none" else logits.to("cpu", torch.float32)
+            launched.finite = launched.logits is None or _finite(logits)
             if self.device.type == "cuda":
                 launched.event = torch.cuda.Event(enable_timing=True)
                 launched.event.record(torch.cuda.current_stream(self.device))  # (not the current device's)
@@ -173,8 +176,8 @@ class Stepper:
         # logits asked for are read now (a graph's output buffer is the next step's too): evaluation
         # steps are collected at once anyway
         kept = None if want == "none" or logits is None else logits.to("cpu", torch.float32)
-        return Launched(n, host, event, kept, buf=buf, pool=self.pool, rows=tuple(s.row for s in seqs),
-                        broken=self.broken)
+        return Launched(n, host, event, kept, buf=buf, pool=self.pool, rows=rows, broken=self.broken,
+                        finite=kept is None or _finite(logits))
 
     def _clear_broken(self, seqs: list[SeqStep]) -> None:
         """Zero the KV of each row a step starts a fresh sequence on where an earlier one's logits were
@@ -242,6 +245,13 @@ class Stepper:
             launched.pool = None
         if launched.broken is not None:
             launched.broken.update(r for r, c in zip(launched.rows, bad) if c != FINITE)
-            if launched.logits is not None and not bool(torch.isfinite(launched.logits).all()):
+            if not launched.finite:
                 launched.broken.update(launched.rows)  # (an evaluation step's: which rows, not asked)
         return StepResult(ids, bad, launched.logits, acc if any(acc) else None)
+
+
+def _finite(logits: torch.Tensor) -> bool:
+    """Whether every logit is finite, read where they were computed: on a GPU one reduction beside the
+    copy that waits for the step anyway, not a pass over their host copy (an evaluation's are every
+    position's, a chunk's hundreds of MB)."""
+    return bool(torch.isfinite(logits).all())
