@@ -58,9 +58,12 @@ def perplexity_problem(path: str) -> str | None:
         return why
     size = os.path.getsize(path)
     if size > MAX_PERPLEXITY_FILE:
-        return (f"{size / 2**20:.1f} MiB, over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is "
-                f"tokenized in memory first); score a part of it, e.g. head -c {MAX_PERPLEXITY_FILE >> 20}M FILE")
+        return f"{size / 2**20:.1f} MiB, {_OVER_PERPLEXITY} FILE"
     return no_text(path)
+
+
+_OVER_PERPLEXITY = (f"over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is tokenized in memory "
+                    f"first); score a part of it, e.g. head -c {MAX_PERPLEXITY_FILE >> 20}M")
 
 
 MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
@@ -88,8 +91,7 @@ def perplexity_text(path: str) -> str:
     except OSError as e:
         raise ConfigError(f"{option}: cannot be read ({e.strerror or e})") from None
     if len(raw) > MAX_PERPLEXITY_FILE:
-        raise UsageError(f"{option}: over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the whole text is "
-                         f"tokenized in memory first); score a part of it, e.g. head -c {MAX_PERPLEXITY_FILE >> 20}M")
+        raise UsageError(f"{option}: {_OVER_PERPLEXITY}")
     text = raw.decode("utf-8", "replace")
     if _blank(text):
         raise UsageError(f"{option}: {'standard input holds' if path == '-' else 'the file holds'} no text")
