@@ -98,3 +98,21 @@ def serving(p: subprocess.Popen, port: int):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+# A program's last part that prints, for each of its threads, whether it is the main one and whether it
+# blocks SIGINT (NOTE [ SIGINT and threads ]); `sigint_takers` reads what it printed.
+THREAD_MASKS = r"""
+import os as _os, signal as _signal
+for _t in _os.listdir("/proc/self/task"):
+    _m = int(next(l for l in open(f"/proc/self/task/{_t}/status") if l.startswith("SigBlk")).split()[1], 16)
+    print(_t == str(_os.getpid()), bool(_m & (1 << (_signal.SIGINT - 1))))
+"""
+
+
+def sigint_takers(out: str) -> tuple[int, int]:
+    """From THREAD_MASKS' output: (threads, threads but the main one that take SIGINT); asserts the
+    main one takes it."""
+    rows = [line.split() for line in out.splitlines()]
+    assert ["True", "False"] in rows, out
+    return len(rows), sum(1 for main, blocked in rows if main == "False" and blocked == "False")
