@@ -86,13 +86,8 @@ def perplexity_text(path: str) -> str:
     that are not UTF-8 become U+FFFD. UsageError where a pipe's text is too long or blank, ConfigError
     where the file cannot be read (checked up front, it can still fail)."""
     option = f"--perplexity {path}"
-    try:
-        raw = _read_upto(path, MAX_PERPLEXITY_FILE + 1)
-    except OSError as e:
-        raise ConfigError(f"{option}: cannot be read ({e.strerror or e})") from None
-    if len(raw) > MAX_PERPLEXITY_FILE:
-        raise UsageError(f"{option}: {_OVER_PERPLEXITY}")
-    text = raw.decode("utf-8", "replace")
+    text = _decoded(path, MAX_PERPLEXITY_FILE, lambda e: ConfigError(f"{option}: cannot be read ({e.strerror or e})"),
+                    f"{option}: {_OVER_PERPLEXITY}")
     if _blank(text):
         raise UsageError(f"{option}: {'standard input holds' if path == '-' else 'the file holds'} no text")
     return text
@@ -155,20 +150,22 @@ def _blank(text: str) -> bool:
 def _read_text(option: str, path: str) -> str:
     """The file's text (`-`: standard input's), to its end, at most MAX_PROMPT_FILE bytes, less one
     line end at its end (which a file's last line or `echo` adds; llama.cpp's -f drops a `\\n`)."""
-    try:
-        raw = _read_upto(path, MAX_PROMPT_FILE + 1)
-    except OSError as e:
-        raise UsageError(f"{option}: cannot read it ({e.strerror or e})") from None
-    if len(raw) > MAX_PROMPT_FILE:
-        raise UsageError(f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
-    text = raw.decode("utf-8", "replace")
+    text = _decoded(path, MAX_PROMPT_FILE, lambda e: UsageError(f"{option}: cannot read it ({e.strerror or e})"),
+                    f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
     return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
 
 
-def _read_upto(path: str, limit: int) -> bytes:
-    """Up to `limit` bytes of the file (`-`: standard input), to its end."""
-    with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
-        return _read_all(f, limit)
+def _decoded(path: str, limit: int, unreadable, too_long: str) -> str:
+    """The file's text (`-`: standard input's) to its end, bytes that are not UTF-8 as U+FFFD;
+    unreadable(OSError) raised where it cannot be read, UsageError(too_long) past `limit` bytes."""
+    try:
+        with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
+            raw = _read_all(f, limit + 1)
+    except OSError as e:
+        raise unreadable(e) from None
+    if len(raw) > limit:
+        raise UsageError(too_long)
+    return raw.decode("utf-8", "replace")
 
 
 def _read_all(f, limit: int) -> bytes:
