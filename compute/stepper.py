@@ -253,5 +253,6 @@ class Stepper:
 def _finite(logits: torch.Tensor) -> bool:
     """Whether every logit is finite, read where they were computed: on a GPU one reduction beside the
     copy that waits for the step anyway, not a pass over their host copy (an evaluation's are every
-    position's, a chunk's hundreds of MB)."""
-    return bool(torch.isfinite(logits).all())
+    position's, a chunk's hundreds of MB). A sum, with no temporary of their size on a device the plan
+    budgets (NaN or an infinity makes it non-finite; finite half-precision logits cannot overflow it)."""
+    return bool(torch.isfinite(logits.sum(dtype=torch.float32)))
