@@ -111,13 +111,14 @@ def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, 
     """bench_cpu_experts' rows at torch's threads now."""
     print(f"experts {n_ff}x{n_embd} (Q4_K gate and up, Q6_K down, {per / 1e6:.2f} MB each), {pool} cycled, "
           f"{torch.get_num_threads()} threads, calls {args.gap_ms:g} ms apart" + (f"; native: {args.lib}" if lib else ""))
-    print(f"{'T':>3} {'experts':>7} {'path':>8} {'us a call':>10} {'us an expert':>13} {'GB/s':>6}")
+    print(f"{'T':>3} {'experts':>7} {'path':>8} {'us a call':>10} {'us an expert':>13} {'GB/s':>6}"
+          + ("  phases, us (median): " + " | ".join(("before",) + native.PHASES + ("after",)) if args.phases else ""))
     g, nxt = torch.Generator().manual_seed(0), 0
     for T in args.tokens:
         h, w = torch.randn(T, n_embd, generator=g), torch.rand(T, 8, generator=g)
         for n in args.experts:
             for path in ("run", "native"):
-                ts = []
+                ts, spans = [], []
                 for rep in range(args.reps + 2):
                     experts = [(nxt + j) % pool for j in range(n)]
                     nxt = (nxt + n) % pool
@@ -132,9 +133,36 @@ def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, 
                                        tuple(t.qtype for t, *_ in parts), n_ff, n_embd, h,
                                        native.pairs([np.arange(T)] * n, [np.ones(T, np.float32)] * n), lib=lib)
                     ts.append(time.perf_counter() - t0)
+                    if args.phases:
+                        spans.append(_spans(t0, ts[-1], lib))
                 s = (min if args.stat == "best" else statistics.median)(ts[2:])
                 # (GB/s in 3 figures: a tiny shape on a busy machine is well below 0.1)
-                print(f"{T:>3} {n:>7} {path:>8} {s * 1e6:>10.0f} {s / n * 1e6:>13.0f} {n * per / s / 1e9:>6.3g}")
+                print(f"{T:>3} {n:>7} {path:>8} {s * 1e6:>10.0f} {s / n * 1e6:>13.0f} {n * per / s / 1e9:>6.3g}"
+                      + (_phase_cells(spans[2:]) if args.phases else ""))
+
+
+def _spans(t0: float, dt: float, lib) -> list[float] | None:
+    """One call's phases in microseconds (NOTE [ an experts call's phases ] in qdot.c): from its
+    start here to the kernel's, each of native.PHASES, and from the kernel's end to its return
+    here; then the two rows dispatches' claimers. None where the build keeps none."""
+    got = native.phases(lib)
+    if got is None:
+        return None
+    t, claimers = got
+    # (perf_counter and the kernel's CLOCK_MONOTONIC share no origin: the call's own start and end
+    # come from time.monotonic_ns, read beside them, less the call's length)
+    end = time.monotonic_ns() - (time.perf_counter() - t0 - dt) * 1e9
+    start = end - dt * 1e9
+    edges = [start, *t, end]
+    return [(b - a) / 1e3 for a, b in zip(edges, edges[1:])] + list(claimers)
+
+
+def _phase_cells(spans: list) -> str:
+    """The runs' median of each phase (and of each dispatch's claimers)."""
+    if not spans or any(s is None for s in spans):
+        return "  (this build keeps no phases)"
+    cols = [statistics.median(c) for c in zip(*spans)]
+    return "  " + " | ".join(f"{v:.0f}" for v in cols[:-2]) + f"  (claimers {cols[-2]:.0f}, {cols[-1]:.0f})"
 
 
 def add_parser(sub) -> None:
@@ -158,6 +186,9 @@ def add_parser(sub) -> None:
     p.add_argument("--experts", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="time a layer's CPU experts instead, this many a call, comma separated (e.g. 1,2,4; "
                         "--shapes gives n_ff x n_embd, default 768x2048)")
+    p.add_argument("--phases", action="store_true",
+                   help="with --experts: where a call's time goes, the median of each phase (NOTE [ an experts "
+                        "call's phases ] in compute/cpu/qdot.c)")
     p.add_argument("--gap-ms", type=float, default=1.0,
                    help="with --experts: milliseconds between calls, as a pass's layers space them (default 1)")
     p.set_defaults(func=lambda a: bench_cpu_experts(a) if a.experts else bench_cpu_kernel(a))

@@ -123,6 +123,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.qdot_experts_start.restype = ctypes.c_int
     lib.qdot_experts_wait.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     lib.qdot_experts_wait.restype = ctypes.c_int
+    if hasattr(lib, "qdot_experts_phases"):  # (an older build, `bin/bench cpu-kernel --lib`, has none)
+        lib.qdot_experts_phases.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)]
+        lib.qdot_experts_phases.restype = None
     lib.qdot_spin.argtypes = [ctypes.c_int64]
     lib.qdot_spin.restype = None
     lib.qdot_isa.restype = ctypes.c_int
@@ -154,6 +157,21 @@ def spin(seconds: float) -> None:
     lib = library()
     if lib is not None:
         lib.qdot_spin(int(seconds * 1e9))
+
+
+PHASES = ("gather", "quantize", "gate+up", "SiLU", "quantize", "down", "sum")  # (NOTE [ an experts call's phases ])
+
+
+def phases(lib: ctypes.CDLL | None = None) -> tuple[list[int], tuple[int, int]] | None:
+    """The last experts call's clock at its start and at the end of each of PHASES (monotonic
+    nanoseconds, 8 of them), and the workers that claimed a piece of its two rows dispatches; None
+    where the build has no record of them."""
+    lib = lib or library()
+    if lib is None or not hasattr(lib, "qdot_experts_phases"):
+        return None
+    t, c = (ctypes.c_int64 * 8)(), (ctypes.c_int * 2)()
+    lib.qdot_experts_phases(t, c)
+    return list(t), (c[0], c[1])
 
 
 def available() -> bool:

@@ -1147,6 +1147,7 @@ static void rows_task(void *p, int i, int n) {
     }
 }
 
+static __thread int64_t run_quantized_ns; /* when this thread's last qdot_run had x quantized (qdot_experts_phases) */
 static __thread void *scratch;
 static __thread size_t scratch_size;
 
@@ -1209,6 +1210,7 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
     int64_t toks = 0;
     for (int j = 0; j < n_jobs; j++) toks += jobs[j].T;
     dispatch(quantize_task, &c, toks * jobs[0].K >= 32768 ? threads : 1, threads);
+    run_quantized_ns = now_ns();
     int64_t rows = row_start[n_jobs];
     /* pieces of at least PIECE_ROWS rows, about PIECES_A_THREAD a thread (NOTE [ pieces claimed, not handed out ]) */
     int64_t pieces = threads > 1 ? rows / PIECE_ROWS : 1;
@@ -1256,13 +1258,23 @@ typedef struct {
 static __thread float *ex_buf;
 static __thread size_t ex_buf_size;
 
+/* NOTE [ an experts call's phases ]
+ * Where a layer's experts call's time goes (bin/bench cpu-kernel --experts --phases): the last
+ * call's monotonic nanoseconds at its start, its tokens gathered, gate's and up's x quantized,
+ * their rows done, SiLU, down's x quantized, its rows done, and the weighted sum done; and the
+ * workers that claimed a piece of each rows dispatch. Eight clock reads a call, written by
+ * whichever thread ran it (the leader, for a started call) and read once it is waited for. */
+#define EX_PHASES 8
+static int64_t ex_phase[EX_PHASES];
+static int ex_claimers[2];
+
 /* out[T, n_embd] (float32, overwritten) = sum over the n experts ex and their tokens of weight *
  * down(SiLU(gate(x[tok])) * up(x[tok])); qtypes: gate's, up's and down's block types; gate and
  * up are n_ff x n_embd, down n_embd x n_ff. Returns qdot_run's codes, or -4 for a token outside
  * 0..T-1. */
 int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, int64_t n_embd, const float *x,
                  int64_t T, float *out, int threads, int levels) {
-    int64_t P = 0;
+    int64_t P = 0, t_start = now_ns();
     for (int e = 0; e < n; e++) {
         for (int64_t p = 0; p < ex[e].n_tok; p++)
             if (ex[e].tok[p] < 0 || ex[e].tok[p] >= T) return -4;
@@ -1294,15 +1306,23 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
         jobs[2 * e + 1] = (qdot_job){qtypes[1], ex[e].w[1], n_ff, n_embd, xe, 0, m, u + off * n_ff};
         off += m;
     }
+    int64_t t[EX_PHASES] = {t_start, now_ns()};
     int rc = qdot_run(jobs, 2 * n, threads, 0, levels);
+    t[2] = run_quantized_ns;
+    t[3] = now_ns();
+    ex_claimers[0] = qdot_claimers();
     if (!rc) {
         for (int64_t i = 0; i < P * n_ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        t[4] = now_ns();
         off = 0;
         for (int e = 0; e < n; e++) {
             jobs[e] = (qdot_job){qtypes[2], ex[e].w[2], n_embd, n_ff, h + off * n_ff, 0, ex[e].n_tok, y + off * n_embd};
             off += ex[e].n_tok;
         }
         rc = qdot_run(jobs, n, threads, 0, levels);
+        t[5] = run_quantized_ns;
+        t[6] = now_ns();
+        ex_claimers[1] = qdot_claimers();
     }
     if (rc) return rc;
     off = 0;
@@ -1312,7 +1332,17 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
             const float *yy = y + off * n_embd;
             for (int64_t c = 0; c < n_embd; c++) o[c] += wt * yy[c];
         }
+    t[7] = now_ns();
+    memcpy(ex_phase, t, sizeof t);
     return 0;
+}
+
+/* The last qdot_experts call's phases into t[8] and its two rows dispatches' claimers into c[2]
+ * (NOTE [ an experts call's phases ]). */
+void qdot_experts_phases(int64_t *t, int *c) {
+    memcpy(t, ex_phase, sizeof ex_phase);
+    c[0] = ex_claimers[0];
+    c[1] = ex_claimers[1];
 }
 
 /* ---------- a layer's experts, started now and waited for later ---------- */

@@ -393,3 +393,28 @@ def test_experts_started_on_the_kernels_thread_give_the_calls_bits():
     t = (ctypes.c_int64 * 2)()
     assert lib.qdot_experts_wait(t) == 0 and torch.equal(call.out, want)
     assert lib.qdot_experts_wait(t) == -7
+
+
+def test_an_experts_calls_phases_lie_inside_it_in_order():
+    """NOTE [ an experts call's phases ]: the last call's eight clock readings lie between its start
+    and its wait's return, in order (on the leader thread for a started call), and its dispatches'
+    claimers are workers of the call's threads."""
+    import time
+
+    n_ff, n_embd, T = 256, 512, 2
+    types = (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K))
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+    flat = [torch.from_numpy(rows(QT(q), N, K, seed=j).reshape(-1)) for j, (q, (N, K)) in enumerate(zip(types, shapes))]
+    w = [tuple(m.data_ptr() for m in flat)]
+    x = torch.randn(T, n_embd, generator=torch.Generator().manual_seed(1))
+    pr = native.pairs([np.array([0, 1])], [np.array([0.5, 1.0], np.float32)])
+    for threads, start in ((1, False), (2, True)):
+        t0 = time.monotonic_ns()
+        if start:
+            native.experts_start(w, types, n_ff, n_embd, x, pr, threads=threads)()
+        else:
+            native.experts(w, types, n_ff, n_embd, x, pr, threads=threads)
+        t1 = time.monotonic_ns()
+        t, claimers = native.phases()
+        assert len(t) == 8 == len(native.PHASES) + 1 and t0 <= t[0] and t[-1] <= t1, (t0, t, t1)
+        assert t == sorted(t) and all(0 <= c <= threads - 1 for c in claimers), (t, claimers)
