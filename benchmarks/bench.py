@@ -12,7 +12,7 @@ import torch
 
 from layerstream.coordinator.stdio import guarded
 from layerstream.errors import LayerstreamError
-from layerstream.proto.signals import HOW, Stopped, raise_stopped
+from layerstream.proto.signals import HOW, RAISED, Stopped, raise_stopped
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
 from .flags import context_problem, problem
@@ -158,7 +158,7 @@ class _Output:
 
 def entry() -> None:
     """bin/bench: closed standard streams reopened on the null device, the stop signals handled as the
-    bench stops (SIGTERM and SIGHUP as early_signals.Stopped, SIGINT as KeyboardInterrupt, in place of the launcher's early handlers,
+    bench stops (SIGTERM, SIGHUP and SIGQUIT as early_signals.Stopped, SIGINT as KeyboardInterrupt, in place of the launcher's early handlers,
     which exit at once), then main(), what its output could not write said in one line, and an exit
     without the interpreter's teardown (whose last flush of a closed pipe printed 'Exception ignored')."""
     from layerstream.coordinator.stdio import flush_stdout, open_standard_fds
@@ -168,9 +168,8 @@ def entry() -> None:
     out = sys.stdout
     sys.stdout = _Output(out)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, raise_stopped)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, raise_stopped)
+    for s in RAISED:
+        signal.signal(s, raise_stopped)
     try:
         code = main()
     except SystemExit as e:  # (argparse's --help and usage errors)

@@ -52,6 +52,7 @@ from layerstream.coordinator.openai_api import (
 from layerstream.coordinator.outputs import RequestOutput
 from layerstream.coordinator.server_stop import GRACE_S, GracefulServer
 from layerstream.errors import LayerstreamError, PipelineError
+from layerstream.proto.signals import RAISED
 
 log = logging.getLogger("layerstream.server")
 MAX_QUOTED = 100  # characters of a path an error message quotes
@@ -436,17 +437,20 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
                           cut_requests=server.cut_requests, stop_began=server.stop_began)
     server.on_failure = lambda: setattr(http, "should_exit", True)
     server.hurried = lambda: http.force_exit
-    # a closed terminal (SIGHUP) stops the server as SIGTERM does (NOTE [ server shutdown ]): at its
-    # default it ended at once, its clients' streams cut
-    hup = signal.signal(signal.SIGHUP, http.handle_exit)
+    # a closed terminal (SIGHUP) and a Ctrl-\ (SIGQUIT) stop the server as SIGTERM does (NOTE [ server
+    # shutdown ]): at their defaults it ended at once, its clients' streams cut (and SIGQUIT's left the
+    # run's shared memory)
+    own = {s: signal.signal(s, http.handle_exit) for s in set(RAISED) - {signal.SIGTERM}}
     try:
         http.run(sockets=[sock])
     finally:
-        signal.signal(signal.SIGHUP, hup)
+        for s, h in own.items():
+            signal.signal(s, h)
     if server.worker is not None and server.worker.failure:
         raise PipelineError(f"the server stopped: the engine failed: {server.worker.failure}")
     if http._captured_signals:  # raised again and ignored (a background job's inherited SIGINT): the same status
-        if http._captured_signals[0] == getattr(signal, "SIGHUP", None) and callable(hup):
-            hup(signal.SIGHUP, None)  # (uvicorn raised it again under its own handler) the CLI's: its one line
-        return 128 + int(http._captured_signals[0])
+        first = http._captured_signals[0]
+        if callable(own.get(first)):
+            own[first](first, None)  # (uvicorn raised it again under its own handler) the CLI's: its one line
+        return 128 + int(first)
     return 0

@@ -10,8 +10,8 @@ run's exit waited out both waits for it. The waits are short, since a stop by TE
 as one by the message: readers and compute hold nothing that outlives them, and staging unlinks its
 arena on TERMINATE too (or the pipeline does, where it was killed).
 Readers and compute stop before staging, because staging owns the shared-memory arena and unlinks it as it exits (on Shutdown, on
-TERMINATE, or when its parent is gone). Children ignore SIGINT, SIGTERM and SIGHUP: a Ctrl-C, a
-closed terminal and a stop sent to the group reach the whole process group, and only the
+TERMINATE, or when its parent is gone). Children ignore SIGINT, SIGTERM, SIGHUP and SIGQUIT: a Ctrl-C, a
+closed terminal, a Ctrl-\\ and a stop sent to the group reach the whole process group, and only the
 coordinator decides how to stop (a child still in multiprocessing's bootstrap too: NOTE [ SIGINT
 while a child starts ] in sigmask.py). A child stopped before its body runs (TERMINATE in staging's
 handler while it connects) exits quietly.
@@ -60,7 +60,7 @@ from layerstream.cpus import usable_cpus
 from layerstream.errors import STALLED
 from layerstream.proctitle import set_process_name
 from layerstream.proto.child import ShutdownRequested, spawned
-from layerstream.proto.signals import TERMINATE, ignore_stop_signals
+from layerstream.proto.signals import STOP_SIGNALS, TERMINATE, ignore_stop_signals
 
 log = logging.getLogger("layerstream.pipeline")
 
@@ -115,18 +115,20 @@ def spawning():
     its start unblocks SIGINT in this thread once it has spawned it."""
     from multiprocessing import resource_tracker
 
-    # The tracker ignores SIGINT and SIGTERM itself, not SIGHUP, so it is started with SIGHUP ignored,
-    # which it inherits: a closed terminal's SIGHUP to the group killed it, and the tracker started
-    # again did not know the run's segment (a traceback at its unregistering).
+    # The tracker ignores SIGINT and SIGTERM itself, not SIGHUP or SIGQUIT, so it is started with those
+    # ignored, which it inherits: a closed terminal's SIGHUP to the group killed it, and the tracker
+    # started again did not know the run's segment (a traceback at its unregistering).
+    saved = {}
     try:
-        hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    except (AttributeError, ValueError):  # (no SIGHUP here, or not the main thread)
-        hup = None
+        for s in set(STOP_SIGNALS) - {signal.SIGINT, signal.SIGTERM}:
+            saved[s] = signal.signal(s, signal.SIG_IGN)
+    except ValueError:  # (not the main thread)
+        pass
     try:
         resource_tracker.ensure_running()
     finally:
-        if hup is not None:
-            signal.signal(signal.SIGHUP, hup)
+        for s, h in saved.items():
+            signal.signal(s, h)
     return stop_signals_blocked()
 
 

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import signal
 
-# the signals a process group gets as a whole: a Ctrl-C, a stop (systemd, `timeout`), a closed terminal;
-# children ignore them and the launcher decides how the run stops
-STOP_SIGNALS = frozenset(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+# the signals a process group gets as a whole: a Ctrl-C, a stop (systemd, `timeout`), a closed terminal,
+# a Ctrl-\ (SIGQUIT: at its default it dumped the launcher's core and left the run's shared memory,
+# the host cache's gigabytes, until the next boot); children ignore them and the launcher decides how
+# the run stops
+STOP_SIGNALS = frozenset(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None),
+                                     getattr(signal, "SIGQUIT", None)) if s is not None)
+# those of them a tool raises as Stopped (SIGINT is Python's KeyboardInterrupt)
+RAISED = tuple(sorted(STOP_SIGNALS - {signal.SIGINT}))
 # the shutdown ladder's own signal to one child: its default action ends the process, and nothing sends
 # it to a group (SIGTERM where there is no SIGUSR1: children then take the group's too)
 TERMINATE = getattr(signal, "SIGUSR1", signal.SIGTERM)
@@ -16,10 +21,12 @@ TERMINATE = getattr(signal, "SIGUSR1", signal.SIGTERM)
 HOW = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 if hasattr(signal, "SIGHUP"):
     HOW[signal.SIGHUP] = "hung up"
+if hasattr(signal, "SIGQUIT"):
+    HOW[signal.SIGQUIT] = "quit"
 
 
 class Stopped(KeyboardInterrupt):
-    """A stop signal (SIGTERM, SIGHUP) raised where a tool runs, so that it stops as on Ctrl-C: its
+    """A stop signal (SIGTERM, SIGHUP, SIGQUIT) raised where a tool runs, so that it stops as on Ctrl-C: its
     `finally`s run (the files and processes it made are removed). `signum`: which; its status is
     128 + signum and its word HOW[signum]."""
 
@@ -29,7 +36,7 @@ class Stopped(KeyboardInterrupt):
 
 
 def raise_stopped(signum, frame):
-    """A handler for SIGTERM and SIGHUP: Stopped, where the tool is."""
+    """A handler for RAISED's signals: Stopped, where the tool is."""
     raise Stopped(signum)
 
 

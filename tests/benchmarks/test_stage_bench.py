@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import bench, stage_bench
 from layerstream.loader.synth import ModelShape, write_shaped_model
+from layerstream.proto.signals import HOW
 
 TINY = ModelShape("tiny", n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=2, n_vocab=300, context_length=512)
 
@@ -334,8 +335,8 @@ def test_links(capsys):
     assert all(float(r.split()[-2]) > 0 for r in rows)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_a_bench_stopped_by_sigterm_or_sighup_removes_its_folders_and_its_processes(tmp_path, sig):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
+def test_a_bench_stopped_by_a_stop_signal_removes_its_folders_and_its_processes(tmp_path, sig):
     """At the signals' defaults the bench died at once and left its run's folders under $TMPDIR (the
     synthetic model, the sockets' folder) and, as a pipeline, its processes to the supervisor's
     last-resort kill; now it stops as on Ctrl-C, with one line and 128 + the signal."""
@@ -359,7 +360,7 @@ def test_a_bench_stopped_by_sigterm_or_sighup_removes_its_folders_and_its_proces
         p.send_signal(sig)
         p.wait(timeout=30)
         assert p.returncode == 128 + sig and p.stderr.read().splitlines()[-1] == \
-            f"bin/bench: {'terminated' if sig == signal.SIGTERM else 'hung up'}"
+            f"bin/bench: {HOW[sig]}"
         def alive():  # (with their commands; the resource tracker ends once the bench's end closes its pipe)
             return [(k, open(f"/proc/{k}/cmdline").read().replace("\0", " ")[:120]) for k in kids
                     if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read().lower()]

@@ -196,7 +196,7 @@ def test_a_whole_group_stopped_and_continued_goes_on(tmp_path):
 
 
 @pytest.mark.parametrize("sig,line,code", [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143),
-                                           (signal.SIGHUP, "hung up", 129)])
+                                           (signal.SIGHUP, "hung up", 129), (signal.SIGQUIT, "quit", 131)])
 def test_a_stop_signal_during_the_imports_is_the_runs_one_line(sig, line, code):
     """NOTE [ stopped while it starts ] (coordinator/early_signals.py): the handlers the launcher
     installs before cli's imports. A signal there gave a KeyboardInterrupt traceback from inside an

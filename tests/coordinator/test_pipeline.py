@@ -490,10 +490,11 @@ def test_a_caught_ctrl_c_exits_130_from_the_launcher(tmp_path):
     assert p.returncode == 130, (p.returncode, p.stderr)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
 def test_launcher_stops_within_5_s_on_signal(model, sig):
-    """SIGHUP goes to the whole group, as a closed terminal sends it: the children ignore it (at
-    its default they died under the launcher) and the launcher stops them as on SIGTERM."""
+    """SIGHUP and SIGQUIT go to the whole group, as a closed terminal and a Ctrl-\\ send them: the
+    children ignore them (at their defaults they died under the launcher, and SIGQUIT's left the
+    run's shared-memory segment) and the launcher stops them as on SIGTERM."""
     before = segments()
     p = _launcher(model, "--resident-layers", "0", "--host-cache-gb", "0", "-n", "100000", "--ignore-eos",
                   "--temperature", "1", "--ctx", "100000", "hello")
@@ -506,7 +507,7 @@ def test_launcher_stops_within_5_s_on_signal(model, sig):
         kids = descendants(p.pid)
         assert kids, "the launcher started no processes"
         t0 = time.monotonic()
-        if sig == signal.SIGHUP:
+        if sig in (signal.SIGHUP, signal.SIGQUIT):
             os.killpg(p.pid, sig)
         else:
             p.send_signal(sig)

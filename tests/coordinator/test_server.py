@@ -376,18 +376,20 @@ def _long_stream(url: str):
     return urllib.request.urlopen(req, timeout=60)
 
 
-def test_a_closed_terminal_stops_the_server_as_sigterm_does():
-    """SIGHUP to the whole group (its terminal closed) with a stream in flight: the stream ends with
-    [DONE], the server exits 129, nothing is left (at its default the server ended at once)."""
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT])
+def test_a_closed_terminal_stops_the_server_as_sigterm_does(sig):
+    """SIGHUP (its terminal closed) or SIGQUIT (a Ctrl-\\) to the whole group with a stream in flight:
+    the stream ends with [DONE], the server exits 128 + the signal, nothing is left (at their defaults
+    the server ended at once, and SIGQUIT's left the run's shared memory)."""
     before = segments()
     p, url = _start("--ctx", "256")
     try:
         with _long_stream(url) as r:
             r.readline()  # the stream started
-            os.killpg(p.pid, signal.SIGHUP)
+            os.killpg(p.pid, sig)
             body = r.read().decode()
         assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "abort"' in body.replace('":"', '": "')
-        assert p.wait(timeout=30) == 129
+        assert p.wait(timeout=30) == 128 + sig
         assert "Traceback" not in p.stderr.read()
         assert not leaked(before, run=p.pid)
     finally:
