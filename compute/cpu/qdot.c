@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -895,6 +896,21 @@ static inline void cpu_relax(void) {
 
 static inline uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
 
+/* NOTE [ spinning that gives way ]
+ * The pool's workers, the leader and the caller spin between and inside calls (a layer's call
+ * finds them awake), but a spinning thread holds its core as long as the scheduler lets it: where
+ * the threads that spin are as many as the cores or more (a kernel of every core, beside the
+ * compute process's own thread; a host of few cores), the threads with work, the caller's Python
+ * before a call and a worker holding a claimed piece, waited for a scheduler slice. So every 64
+ * spins, as it reads the clock, a spinning thread also yields its core (sched_yield: at once
+ * back where no other thread wants it). */
+static inline int spun(int spins, int64_t until) {
+    if (spins & 63) return 0;
+    if (now_ns() > until) return 1;
+    sched_yield();
+    return 0;
+}
+
 /* claim and run pieces of generation `gen` until none is left; a worker (not the caller) counts
  * itself in `claimers` before its first piece is done, so the caller sees the count once all are */
 static void take_pieces(uint32_t gen, int worker) {
@@ -929,7 +945,7 @@ static void *worker_main(void *p) {
         int64_t until = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
         while ((g = gen_of(atomic_load_explicit(&pool.ticket, memory_order_acquire))) == seen) {
             cpu_relax();
-            if (!(++spins & 63) && now_ns() > until) break;
+            if (spun(++spins, until)) break;
         }
         if (g == seen) {
             pthread_mutex_lock(&wake_mu);
@@ -1011,7 +1027,10 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
     pthread_cond_broadcast(&wake_cv);
     pthread_mutex_unlock(&wake_mu);
     take_pieces(gen, 0);
-    while (atomic_load_explicit(&pool.done, memory_order_acquire) < n) cpu_relax();
+    for (int spins = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < n; spins++) {
+        cpu_relax();
+        spun(spins, INT64_MAX); /* (a piece claimed by a thread off its core: NOTE [ spinning that gives way ]) */
+    }
 }
 
 /* ---------- a call ---------- */
@@ -1378,7 +1397,7 @@ static void ax_spin_for(int want, int64_t ns) {
     int64_t until = now_ns() + ns;
     for (int spins = 1; atomic_load(&ax_state) != want; spins++) {
         cpu_relax();
-        if (!(spins & 63) && now_ns() > until) return;
+        if (spun(spins, until)) return;
     }
 }
 
