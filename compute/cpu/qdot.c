@@ -28,9 +28,11 @@
  * not handed out ]), so a layer's gate and up, or several experts, take one dispatch. The pool's
  * workers spin briefly after a call, then sleep on a condition variable. */
 
+#define _GNU_SOURCE /* (sched_getaffinity: NOTE [ spinning that gives way ]) */
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <unistd.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -864,6 +866,7 @@ static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER; /* one call at a tim
 static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
 static int n_workers;                   /* pool threads (the caller takes pieces too) */
+static int ax_started;                  /* the leader thread exists (NOTE [ experts beside the device's work ]) */
 static struct {                        /* a dispatch's shared state, each field on lines of its own (the NOTE above) */
     _Alignas(128) _Atomic uint64_t ticket; /* generation << 32 | pieces << 16 | next piece */
     _Alignas(128) atomic_int done;      /* pieces finished in this generation */
@@ -899,15 +902,29 @@ static inline uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
 /* NOTE [ spinning that gives way ]
  * The pool's workers, the leader and the caller spin between and inside calls (a layer's call
  * finds them awake), but a spinning thread holds its core as long as the scheduler lets it: where
- * the threads that spin are as many as the cores or more (a kernel of every core, beside the
- * compute process's own thread; a host of few cores), the threads with work, the caller's Python
- * before a call and a worker holding a claimed piece, waited for a scheduler slice. So every 64
- * spins, as it reads the clock, a spinning thread also yields its core (sched_yield: at once
- * back where no other thread wants it). */
+ * the threads that spin outnumber the CPUs the process may use (every worker, the leader and the
+ * caller: a host of few cores), the threads with work, the caller's Python before a started call
+ * and a worker holding a claimed piece, waited for a scheduler slice (this project's 2-vCPU CPU,
+ * a call of two threads through the leader: several times the call's own time). So there every 64
+ * spins, as it reads the clock, a spinning thread also yields its core. Not where the CPUs are
+ * enough: on a 16-vCPU host, 15 threads yielding ran no faster, and at times slower (BENCHMARKS.md). */
+static int n_cpus;            /* the CPUs this process may run on (counted at the first dispatch) */
+static atomic_int crowded;    /* whether the spinning threads outnumber them (set as threads start) */
+
+static void count_cpus(void) {
+    if (n_cpus) return;
+#ifdef __linux__
+    cpu_set_t s;
+    if (sched_getaffinity(0, sizeof s, &s) == 0) n_cpus = CPU_COUNT(&s);
+#endif
+    if (n_cpus < 1) n_cpus = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (n_cpus < 1) n_cpus = 1;
+}
+
 static inline int spun(int spins, int64_t until) {
     if (spins & 63) return 0;
     if (now_ns() > until) return 1;
-    sched_yield();
+    if (atomic_load_explicit(&crowded, memory_order_relaxed)) sched_yield();
     return 0;
 }
 
@@ -1012,6 +1029,8 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
         }
         n_workers++;
     }
+    count_cpus();
+    atomic_store_explicit(&crowded, n_workers + ax_started + 1 > n_cpus, memory_order_relaxed);
     atomic_store_explicit(&pool.claimers, 0, memory_order_relaxed); /* (published by the ticket's release) */
     if (threads <= 1 || !n_workers) {
         for (int i = 0; i < n; i++) fn(arg, i, n);
@@ -1377,7 +1396,6 @@ void qdot_experts_phases(int64_t *t, int *c) {
  * caller keeps the call's arrays alive until its wait. */
 static pthread_mutex_t ax_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t ax_cv = PTHREAD_COND_INITIALIZER;
-static int ax_started;                 /* the leader thread exists */
 static atomic_int ax_state;            /* 0 idle, 1 queued, 2 running, 3 done (not yet waited for) */
 static int ax_rc;
 static int64_t ax_t0, ax_t1;
