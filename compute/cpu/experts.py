@@ -181,17 +181,15 @@ class CpuExperts:
         k = weight.shape[1]
         t0 = self.clock()
         if self.in_place(i, lay):
-            addr, qtypes, n_ff, n_embd, per = self._addresses(i, lay)
-            # (numpy, not Python objects per expert or pair: the prologue is the call's fixed cost)
-            e = np.asarray(experts, dtype=np.int64)
-            hit = np.asarray(ids, dtype=np.int64)[None, :] == e[:, None]  # [experts, pairs]
-            which, p = np.nonzero(hit)  # each expert's pairs in order, experts in the call's order
-            got = native.Pairs(hit.sum(1), p // k, weight.float().numpy().reshape(-1)[p])
-            w = host.ctypes.data + addr[None, :] + e[:, None] * per[None, :]
-            wait = native.experts_start(w, qtypes, n_ff, n_embd, h, got)
+            addr, qtypes, n_ff, n_embd, per, per_expert = self._addresses(i, lay)
+            # the router's output as it is: the kernel's thread makes the experts' table (NOTE [ the
+            # router's pairs grouped by the kernel ] in qdot.c; the prologue is the call's fixed cost)
+            wait = native.experts_routed_start(host.ctypes.data, addr, per, np.asarray(experts, dtype=np.int64),
+                                               np.asarray(ids, dtype=np.int64).reshape(-1, k),
+                                               weight.float().contiguous().numpy(), qtypes, n_ff, n_embd, h)
             real = self.clock is time.monotonic_ns
             prologue = self.clock() - t0 if real else 0
-            nbytes = len(experts) * int(per.sum())
+            nbytes = len(experts) * per_expert
 
             def finish() -> torch.Tensor:
                 out, c0, c1 = wait()
@@ -222,14 +220,14 @@ class CpuExperts:
 
     def _addresses(self, i: int, lay: LayerLayout) -> tuple:
         """Layer i's experts as the native call reads them in place: the slot offsets of expert 0's
-        gate, up and down and each one's bytes an expert ([3] int64 each), their types, n_ff and
-        n_embd (once a layer)."""
+        gate, up and down and each one's bytes an expert ([3] int64 each), their types, n_ff,
+        n_embd and an expert's bytes (once a layer)."""
         got = self._addr.get(i)
         if got is None:
             parts = expert_parts(lay)
+            per = np.array([per for _, per, *_ in parts], dtype=np.int64)
             got = self._addr[i] = (np.array([t.slot_offset for t, *_ in parts], dtype=np.int64),
-                                   tuple(t.qtype for t, *_ in parts), parts[0][3], parts[0][4],
-                                   np.array([per for _, per, *_ in parts], dtype=np.int64))
+                                   tuple(t.qtype for t, *_ in parts), parts[0][3], parts[0][4], per, int(per.sum()))
         return got
 
     @staticmethod

@@ -121,6 +121,11 @@ def load(path: Path) -> ctypes.CDLL:
     lib.qdot_experts.restype = ctypes.c_int
     lib.qdot_experts_start.argtypes = lib.qdot_experts.argtypes
     lib.qdot_experts_start.restype = ctypes.c_int
+    lib.qdot_experts_routed_start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.qdot_experts_routed_start.restype = ctypes.c_int
     lib.qdot_experts_wait.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     lib.qdot_experts_wait.restype = ctypes.c_int
     if hasattr(lib, "qdot_experts_phases"):  # (an older build, `bin/bench cpu-kernel --lib`, has none)
@@ -264,6 +269,27 @@ def experts_start(w, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: to
     time.monotonic_ns()'s clock). One call at a time."""
     global _pending
     call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, got, threads, levels, lib)
+    return _begin(call, lambda: call.lib.qdot_experts_start(*call.args))
+
+
+def experts_routed_start(base: int, off: np.ndarray, per: np.ndarray, experts: np.ndarray, ids: np.ndarray,
+                         wts: np.ndarray, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: torch.Tensor,
+                         threads: int | None = None, levels: int = LEVELS, lib: ctypes.CDLL | None = None):
+    """As experts_start(), the kernel's thread making the experts' table (NOTE [ the router's pairs
+    grouped by the kernel ] in qdot.c): `experts` (int64) of a layer whose expert e's gate, up and
+    down start at base + off[m] + e * per[m] (off, per: [3] int64), and the router's output as it
+    is, ids (int64) and wts (float32) [T, k] (pairs of other experts left out); x [T, n_embd]."""
+    call = _RoutedCall(lib, qtypes, n_embd, x, (off, per, experts, ids, wts))
+    k = ids.shape[1]
+    start = call.lib.qdot_experts_routed_start
+    return _begin(call, lambda: start(base, off.ctypes.data, per.ctypes.data, experts.ctypes.data, len(experts),
+                                      ids.ctypes.data, wts.ctypes.data, k, call.types, n_ff, n_embd, call.x.data_ptr(),
+                                      ids.shape[0], call.out.data_ptr(), _threads(threads), levels))
+
+
+def _begin(call, start):
+    """A started call's `wait()` (experts_start's): a call left behind first waited for."""
+    global _pending
     if _pending is not None:  # one left behind (a step that failed between start and wait): done first
         try:
             _pending()
@@ -279,13 +305,23 @@ def experts_start(w, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: to
         call.check(call.rc)
         return call.out, t[0], t[1]
 
-    call.check(call.lib.qdot_experts_start(*call.args))
+    call.check(start())
     _pending = wait
     return wait
 
 
 _pending = None  # the wait() of the call started and not yet waited for (experts_start)
 _TYPES: dict[tuple[int, ...], ctypes.Array] = {}  # qtypes -> their C array (a few a model)
+
+
+def _types(qtypes) -> ctypes.Array:
+    """The C array of an experts call's three block types (made once for each)."""
+    types = _TYPES.get(qtypes := tuple(qtypes))
+    if types is None:
+        if any(q not in NATIVE_TYPES for q in qtypes):
+            raise ValueError(f"the native CPU kernel has no {'/'.join(QT(q).name for q in qtypes)} experts")
+        types = _TYPES[qtypes] = (ctypes.c_int * 3)(*qtypes)
+    return types
 
 
 class _ExpertsCall:
@@ -301,11 +337,7 @@ class _ExpertsCall:
         if lib is None:
             raise RuntimeError("the native CPU kernel is not available")
         self.rc = -7  # (a started call's code, once waited for)
-        types = _TYPES.get(qtypes := tuple(qtypes))
-        if types is None:
-            if any(q not in NATIVE_TYPES for q in qtypes):
-                raise ValueError(f"the native CPU kernel has no {'/'.join(QT(q).name for q in qtypes)} experts")
-            types = _TYPES[qtypes] = (ctypes.c_int * 3)(*qtypes)
+        types = _types(qtypes)
         self.x = x = x.reshape(-1, n_embd).float().contiguous()
         self.out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
         counts = np.ascontiguousarray(got.counts, dtype=np.int64)
@@ -330,3 +362,17 @@ class _ExpertsCall:
             raise ValueError(f"native CPU kernel refused the experts (code {rc}: -1 type, -2 K not whole blocks, "
                              "-3 memory, -4 a token outside x, -5 a call started and not waited for, -6 no thread, "
                              "-7 none started)")
+
+
+class _RoutedCall:
+    """What a routed call's kernel reads (kept alive with it until its wait) and its sum."""
+
+    def __init__(self, lib, qtypes, n_embd: int, x: torch.Tensor, arrays: tuple):
+        self.lib = lib = lib or library()
+        if lib is None:
+            raise RuntimeError("the native CPU kernel is not available")
+        self.rc, self.types, self.arrays = -7, _types(qtypes), arrays
+        self.x = x = x.reshape(-1, n_embd).float().contiguous()
+        self.out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
+
+    check = staticmethod(_ExpertsCall.check)

@@ -1407,7 +1407,62 @@ static struct {
     const float *x;
     float *out;
     int threads, levels;
+    /* a routed call's (qdot_experts_routed_start): the experts' table is the leader's to make */
+    int routed;
+    const uint8_t *base;
+    int64_t off[3], per[3];
+    const int64_t *experts, *ids;
+    const float *wts;
+    int64_t k;
 } ax_job;
+
+/* NOTE [ the router's pairs grouped by the kernel ]
+ * A routed call names its experts, the layer's staging bytes (an expert's gate, up and down at
+ * base + off[m] + expert * per[m]) and the step's router output as it is (each token's k chosen
+ * experts and their weights), and the leader makes the experts' table (each one's addresses, tokens
+ * and weights, qdot_experts' qdot_expert) before the dots: done by numpy in the caller (cpu/experts.py),
+ * that table was most of the Python a call cost before the kernel could start (bin/bench cpu-kernel
+ * --experts --phases, 'before'), on the layer's chain, and the leader's part is a few microseconds
+ * of C beside it. A pair names an expert of the call or another (the device's, or a cached one). */
+static qdot_expert *rt_ex;
+static int64_t *rt_tok;
+static float *rt_wt;
+static int64_t rt_n, rt_p; /* what rt_ex and rt_tok / rt_wt hold room for (the leader's alone) */
+
+/* the routed job's table into rt_ex (its experts in the call's order, each one's pairs in the
+ * router's order); -3 where memory fails */
+static int routed_table(void) {
+    int n = ax_job.n;
+    int64_t P = ax_job.T * ax_job.k;
+    if (n > rt_n) {
+        free(rt_ex);
+        rt_ex = malloc((size_t)n * sizeof *rt_ex);
+        rt_n = rt_ex ? n : 0;
+        if (!rt_ex) return -3;
+    }
+    if (P > rt_p) {
+        free(rt_tok);
+        free(rt_wt);
+        rt_tok = malloc((size_t)P * sizeof *rt_tok);
+        rt_wt = malloc((size_t)P * sizeof *rt_wt);
+        rt_p = rt_tok && rt_wt ? P : 0;
+        if (!rt_p) return -3;
+    }
+    int64_t used = 0;
+    for (int j = 0; j < n; j++) {
+        int64_t e = ax_job.experts[j], first = used;
+        for (int m = 0; m < 3; m++) rt_ex[j].w[m] = ax_job.base + ax_job.off[m] + e * ax_job.per[m];
+        for (int64_t p = 0; p < P; p++)
+            if (ax_job.ids[p] == e) {
+                rt_tok[used] = p / ax_job.k;
+                rt_wt[used++] = ax_job.wts[p];
+            }
+        rt_ex[j].n_tok = used - first;
+        rt_ex[j].tok = rt_tok + first;
+        rt_ex[j].wt = rt_wt + first;
+    }
+    return 0;
+}
 
 /* spin (without the lock) until ax_state is `want` or `ns` have passed; the caller then takes the
  * lock and waits on the condition for what is left */
@@ -1432,8 +1487,10 @@ static void *ax_leader(void *p) {
         ax_state = 2;
         pthread_mutex_unlock(&ax_mu);
         int64_t t0 = now_ns();
-        int rc = qdot_experts(ax_job.ex, ax_job.n, ax_job.qtypes, ax_job.n_ff, ax_job.n_embd, ax_job.x, ax_job.T,
-                              ax_job.out, ax_job.threads, ax_job.levels);
+        int rc = ax_job.routed ? routed_table() : 0;
+        if (!rc)
+            rc = qdot_experts(ax_job.routed ? rt_ex : ax_job.ex, ax_job.n, ax_job.qtypes, ax_job.n_ff, ax_job.n_embd,
+                              ax_job.x, ax_job.T, ax_job.out, ax_job.threads, ax_job.levels);
         int64_t t1 = now_ns();
         pthread_mutex_lock(&ax_mu);
         ax_rc = rc;
@@ -1453,10 +1510,10 @@ static void ax_after_fork(void) {
     pthread_cond_init(&ax_cv, NULL);
 }
 
-/* Start qdot_experts(ex, n, qtypes, n_ff, n_embd, x, T, out, threads, levels) on the leader thread;
- * 0, or -5 when a call is started and not yet waited for, -6 when the thread cannot start. */
-int qdot_experts_start(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, int64_t n_embd, const float *x,
-                       int64_t T, float *out, int threads, int levels) {
+/* qdot_experts_start's and qdot_experts_routed_start's first part: with ax_mu held on a 0 return,
+ * the leader started and no call pending; -5 when a call is started and not yet waited for, -6
+ * when the thread cannot start (the lock released) */
+static int ax_claim(void) {
     pthread_mutex_lock(&ax_mu);
     if (ax_state != 0) {
         pthread_mutex_unlock(&ax_mu);
@@ -1471,7 +1528,12 @@ int qdot_experts_start(const qdot_expert *ex, int n, const int *qtypes, int64_t 
         }
         ax_started = 1;
     }
-    ax_job.ex = ex;
+    return 0;
+}
+
+/* their last part: the job's common fields, queued for the leader (ax_mu held, then released) */
+static int ax_queue(int n, const int *qtypes, int64_t n_ff, int64_t n_embd, const float *x, int64_t T, float *out,
+                    int threads, int levels) {
     ax_job.n = n;
     for (int k = 0; k < 3; k++) ax_job.qtypes[k] = qtypes[k];
     ax_job.n_ff = n_ff;
@@ -1485,6 +1547,39 @@ int qdot_experts_start(const qdot_expert *ex, int n, const int *qtypes, int64_t 
     pthread_cond_broadcast(&ax_cv);
     pthread_mutex_unlock(&ax_mu);
     return 0;
+}
+
+/* Start qdot_experts(ex, n, qtypes, n_ff, n_embd, x, T, out, threads, levels) on the leader thread;
+ * 0, or -5 when a call is started and not yet waited for, -6 when the thread cannot start. */
+int qdot_experts_start(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, int64_t n_embd, const float *x,
+                       int64_t T, float *out, int threads, int levels) {
+    int rc = ax_claim();
+    if (rc) return rc;
+    ax_job.routed = 0;
+    ax_job.ex = ex;
+    return ax_queue(n, qtypes, n_ff, n_embd, x, T, out, threads, levels);
+}
+
+/* Start a routed call (NOTE [ the router's pairs grouped by the kernel ]) on the leader thread: the
+ * n experts `experts` of a layer whose staging bytes start at `base` (expert e's gate, up and down
+ * at base + off[m] + e * per[m]), the tokens' pairs as the router gave them (ids and wts [T, k],
+ * row-major), x [T, n_embd]; as qdot_experts_start otherwise. */
+int qdot_experts_routed_start(const uint8_t *base, const int64_t *off, const int64_t *per, const int64_t *experts,
+                              int n, const int64_t *ids, const float *wts, int64_t k, const int *qtypes, int64_t n_ff,
+                              int64_t n_embd, const float *x, int64_t T, float *out, int threads, int levels) {
+    int rc = ax_claim();
+    if (rc) return rc;
+    ax_job.routed = 1;
+    ax_job.base = base;
+    for (int m = 0; m < 3; m++) {
+        ax_job.off[m] = off[m];
+        ax_job.per[m] = per[m];
+    }
+    ax_job.experts = experts;
+    ax_job.ids = ids;
+    ax_job.wts = wts;
+    ax_job.k = k;
+    return ax_queue(n, qtypes, n_ff, n_embd, x, T, out, threads, levels);
 }
 
 /* Wait for the started call: its code (qdot_experts'), and its start and end (CLOCK_MONOTONIC

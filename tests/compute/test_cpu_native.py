@@ -322,8 +322,9 @@ def test_a_layers_experts_in_one_call_match_float64_and_the_matmul_calls(T):
 
 @pytest.mark.parametrize("T", [1, 4])
 def test_the_runs_call_groups_each_experts_pairs_from_the_routers_ids_against_float64(T):
-    """CpuExperts.start reads the experts in place in the layer's staging bytes and builds the
-    call's table from the router's ids with numpy (native.Pairs): the experts given out of order,
+    """CpuExperts.start reads the experts in place in the layer's staging bytes and the kernel's
+    thread makes the call's table from the router's ids (NOTE [ the router's pairs grouped by the
+    kernel ]): the experts given out of order,
     ids naming experts that are not the CPU's and one expert twice for a token's other choice;
     the sum against float64 over gguf-py's dequantizer, each expert's bytes its own."""
     from layerstream.compute.cpu.balancer import Balancer
@@ -393,6 +394,40 @@ def test_experts_started_on_the_kernels_thread_give_the_calls_bits():
     t = (ctypes.c_int64 * 2)()
     assert lib.qdot_experts_wait(t) == 0 and torch.equal(call.out, want)
     assert lib.qdot_experts_wait(t) == -7
+
+
+def test_a_routed_call_gives_the_bits_of_the_call_whose_pairs_python_grouped():
+    """NOTE [ the router's pairs grouped by the kernel ]: a routed call (the experts, the layer's
+    staging bytes and the router's [T, k] ids and weights as they are) gives the very bits of
+    experts_start over the pairs grouped in Python (the old path), pairs of other experts left out;
+    it is refused while another call waits, as any start is."""
+    from layerstream.compute.cpu.calibrate import expert_layout
+    from layerstream.compute.expert_layout import expert_parts
+
+    E, n_ff, n_embd, T, k = 6, 256, 512, 3, 2
+    types = (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K))
+    lay = expert_layout(E, n_ff, n_embd, types)
+    host = np.zeros(lay.nbytes, dtype=np.uint8)
+    parts = expert_parts(lay)
+    for j, (t, per, _, N, K) in enumerate(parts):
+        for e in range(E):
+            host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per] = rows(QT(t.qtype), N, K, seed=10 * j + e).reshape(-1)
+    off = np.array([t.slot_offset for t, *_ in parts], dtype=np.int64)
+    per = np.array([p for _, p, *_ in parts], dtype=np.int64)
+    ids = np.array([[4, 1], [1, 0], [5, 4]], dtype=np.int64)
+    wts = np.array([[0.25, 0.75], [0.5, 0.5], [0.125, 0.875]], dtype=np.float32)
+    mine = np.array([4, 1], dtype=np.int64)  # (0 and 5 are the device's)
+    x = torch.randn(T, n_embd, generator=torch.Generator().manual_seed(2))
+    toks = [np.nonzero(ids.reshape(-1) == e)[0] for e in mine]
+    old = native.experts_start([tuple(host.ctypes.data + off + e * per) for e in mine], types, n_ff, n_embd, x,
+                               native.pairs([p // k for p in toks], [wts.reshape(-1)[p] for p in toks]), threads=2)()[0]
+    wait = native.experts_routed_start(host.ctypes.data, off, per, mine, ids, wts, types, n_ff, n_embd, x, threads=2)
+    lib = native.library()
+    assert lib.qdot_experts_routed_start(host.ctypes.data, off.ctypes.data, per.ctypes.data, mine.ctypes.data, 2,
+                                         ids.ctypes.data, wts.ctypes.data, k, native._types(types), n_ff, n_embd,
+                                         x.data_ptr(), T, torch.empty(T, n_embd).data_ptr(), 2, native.LEVELS) == -5
+    got = wait()[0]
+    assert torch.equal(got, old) and got.abs().sum() > 0
 
 
 def test_an_experts_calls_phases_lie_inside_it_in_order():
