@@ -267,7 +267,6 @@ def experts_start(w, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: to
     """As experts(), started on the kernel's own thread (NOTE [ experts beside the device's work ] in
     qdot.c): returns `wait()`, which waits for it and returns (the sum, its start and end in
     time.monotonic_ns()'s clock). One call at a time."""
-    global _pending
     call = _ExpertsCall(w, qtypes, n_ff, n_embd, x, got, threads, levels, lib)
     return _begin(call, lambda: call.lib.qdot_experts_start(*call.args))
 

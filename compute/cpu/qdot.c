@@ -904,10 +904,10 @@ static inline uint32_t gen_of(uint64_t t) { return (uint32_t)(t >> 32); }
  * finds them awake), but a spinning thread holds its core as long as the scheduler lets it: where
  * the threads that spin outnumber the CPUs the process may use (every worker, the leader and the
  * caller: a host of few cores), the threads with work, the caller's Python before a started call
- * and a worker holding a claimed piece, waited for a scheduler slice (this project's 2-vCPU CPU,
- * a call of two threads through the leader: several times the call's own time). So there every 64
- * spins, as it reads the clock, a spinning thread also yields its core. Not where the CPUs are
- * enough: on a 16-vCPU host, 15 threads yielding ran no faster, and at times slower (BENCHMARKS.md). */
+ * and a worker holding a claimed piece, waited for scheduler slices (on a host of two vCPUs, a call
+ * through the leader took several times its own time). So there, every 64 spins, as it reads the
+ * clock, a spinning thread also yields its core. Not where the CPUs are enough: on a host of many
+ * cores, a thread a core yielding ran no faster, and at times slower (BENCHMARKS.md). */
 static int n_cpus;            /* the CPUs this process may run on (counted at the first dispatch) */
 static atomic_int crowded;    /* whether the spinning threads outnumber them (set as threads start) */
 
