@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LayerstreamError, ValueError) as e:
         print(f"bin/bench: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # (Ctrl-C, or SIGTERM and SIGHUP as Stopped: its finallys ran)
+    except KeyboardInterrupt as e:  # (Ctrl-C, or SIGTERM, SIGHUP and SIGQUIT as Stopped: its finallys ran)
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         print(f"bin/bench: {HOW[signum]}", file=sys.stderr)
         return 128 + signum

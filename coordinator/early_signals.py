@@ -2,10 +2,10 @@
 its one line and its status, as after (NOTE [ stopped while it starts ] below).
 
 NOTE [ stopped while it starts ]
-`cli.main` turns SIGINT, SIGTERM and SIGHUP into the run's one line ("interrupted", "terminated",
-"hung up") and 130 / 143 / 129. Its module's imports take a fifth of a second first, and a signal
+`cli.main` turns SIGINT, SIGTERM, SIGHUP and SIGQUIT into the run's one line ("interrupted",
+"terminated", "hung up", "quit") and 130 / 143 / 129 / 131. Its module's imports take a fifth of a second first, and a signal
 there met Python's defaults: a KeyboardInterrupt traceback from inside some import, or a silent
-death by SIGTERM or SIGHUP. Nothing exists yet to clean up then (no child, no segment, no file), so
+death by SIGTERM or SIGHUP (a core dump by SIGQUIT). Nothing exists yet to clean up then (no child, no segment, no file), so
 these handlers print the line and exit at once; main() replaces them with its own. This module
 imports only `proto.signals` (proto's package loads its names on use), so they are in place as soon
 as the interpreter has started; what lands before that meets CPython's own defaults.

@@ -22,8 +22,8 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 @contextlib.contextmanager
-def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP"), second_at_once: bool = False):
-    """Ctrl-C, SIGTERM and SIGHUP (or those of `which`) held back for the block, then sent again (in
+def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"), second_at_once: bool = False):
+    """Ctrl-C, SIGTERM, SIGHUP and SIGQUIT (or those of `which`) held back for the block, then sent again (in
     the main thread; a no-op elsewhere): a stop's clean-up runs whole. A second Ctrl-C that landed in
     it had cut the children's stop short, leaving the staging segment to multiprocessing's tracker and
     the run directory behind. `second_at_once`: a signal that comes again meanwhile meets its own
