@@ -1296,6 +1296,50 @@ typedef struct {
 static __thread float *ex_buf;
 static __thread size_t ex_buf_size;
 
+/* SiLU(gate) * up, and the weighted sum of the experts' outputs, on the pool's threads as the dots
+ * are: on the calling thread alone, with the workers spinning beside it, they took as long as the
+ * downs' dots at batch 8 (bin/bench cpu-kernel --experts --phases). Each element's arithmetic and,
+ * in the sum, each output's order over the pairs are those of the one thread: the same bits. */
+typedef struct {
+    const qdot_expert *ex;
+    int n;
+    int64_t n_embd, len; /* len: SiLU's elements, or the sum's columns */
+    float *h, *out;
+    const float *g, *u, *y;
+} epi_t;
+
+static void silu_task(void *p, int i, int n) {
+    const epi_t *s = (const epi_t *)p;
+    int64_t lo = s->len * i / n, hi = s->len * (i + 1) / n;
+    for (int64_t k = lo; k < hi; k++) s->h[k] = s->g[k] / (1.f + expf(-s->g[k])) * s->u[k];
+}
+
+static void sum_task(void *p, int i, int n) {
+    const epi_t *s = (const epi_t *)p;
+    int64_t c0 = s->len * i / n, c1 = s->len * (i + 1) / n, off = 0;
+    for (int e = 0; e < s->n; e++)
+        for (int64_t q = 0; q < s->ex[e].n_tok; q++, off++) {
+            float wt = s->ex[e].wt[q], *o = s->out + s->ex[e].tok[q] * s->n_embd;
+            const float *yy = s->y + off * s->n_embd;
+            for (int64_t c = c0; c < c1; c++) o[c] += wt * yy[c];
+        }
+}
+
+#define EPI_PIECE 1024 /* SiLU's elements a piece at least (the sum's products: 8 times as many, each far cheaper) */
+
+/* fn over `len` in pieces of `work` / EPI_PIECE on up to `threads` threads (one call at a time, as qdot_run's) */
+static void epilogue(task_fn fn, epi_t *s, int64_t work, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    int64_t pieces = work / EPI_PIECE;
+    if (pieces > 2 * (int64_t)threads) pieces = 2 * (int64_t)threads;
+    if (pieces > s->len) pieces = s->len;
+    if (pieces < 1) pieces = 1;
+    pthread_mutex_lock(&pool_mu);
+    dispatch(fn, s, (int)pieces, threads);
+    pthread_mutex_unlock(&pool_mu);
+}
+
 /* NOTE [ an experts call's phases ]
  * Where a layer's experts call's time goes (bin/bench cpu-kernel --experts --phases): the last
  * call's monotonic nanoseconds at its start, its tokens gathered, gate's and up's x quantized,
@@ -1349,8 +1393,9 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
     t[2] = run_quantized_ns;
     t[3] = now_ns();
     ex_claimers[0] = qdot_claimers();
+    epi_t epi = {ex, n, n_embd, P * n_ff, h, out, g, u, y};
     if (!rc) {
-        for (int64_t i = 0; i < P * n_ff; i++) h[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        epilogue(silu_task, &epi, P * n_ff, threads);
         t[4] = now_ns();
         off = 0;
         for (int e = 0; e < n; e++) {
@@ -1363,13 +1408,8 @@ int qdot_experts(const qdot_expert *ex, int n, const int *qtypes, int64_t n_ff, 
         ex_claimers[1] = qdot_claimers();
     }
     if (rc) return rc;
-    off = 0;
-    for (int e = 0; e < n; e++)
-        for (int64_t p = 0; p < ex[e].n_tok; p++, off++) {
-            float wt = ex[e].wt[p], *o = out + ex[e].tok[p] * n_embd;
-            const float *yy = y + off * n_embd;
-            for (int64_t c = 0; c < n_embd; c++) o[c] += wt * yy[c];
-        }
+    epi.len = n_embd;
+    epilogue(sum_task, &epi, P * n_embd / 8, threads);
     t[7] = now_ns();
     memcpy(ex_phase, t, sizeof t);
     return 0;

@@ -396,6 +396,25 @@ def test_experts_started_on_the_kernels_thread_give_the_calls_bits():
     assert lib.qdot_experts_wait(t) == -7
 
 
+def test_a_calls_silu_and_sum_on_several_threads_give_the_bits_of_one():
+    """SiLU(gate) * up and the weighted sum run on the pool's threads in pieces (qdot.c's epilogue):
+    each element's arithmetic and each output's order over the pairs are the one thread's, so any
+    count of threads gives the same bits (here enough pairs for several pieces of each)."""
+    n_ff, n_embd, E, T = 256, 512, 4, 8
+    types = (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K))
+    shapes = ((n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff))
+    flat = [[torch.from_numpy(rows(QT(q), N, K, seed=20 * e + j).reshape(-1)) for j, (q, (N, K)) in
+             enumerate(zip(types, shapes))] for e in range(E)]
+    w = [tuple(m.data_ptr() for m in ex) for ex in flat]
+    x = torch.randn(T, n_embd, generator=torch.Generator().manual_seed(5))
+    rng = np.random.default_rng(5)
+    pr = native.pairs([np.arange(T)] * E, [rng.random(T).astype(np.float32) for _ in range(E)])
+    one = native.experts(w, types, n_ff, n_embd, x, pr, threads=1)
+    for threads in (2, 3, 5):
+        assert torch.equal(native.experts(w, types, n_ff, n_embd, x, pr, threads=threads), one), threads
+        assert torch.equal(native.experts_start(w, types, n_ff, n_embd, x, pr, threads=threads)()[0], one), threads
+
+
 def test_a_routed_call_gives_the_bits_of_the_call_whose_pairs_python_grouped():
     """NOTE [ the router's pairs grouped by the kernel ]: a routed call (the experts, the layer's
     staging bytes and the router's [T, k] ids and weights as they are) gives the very bits of
