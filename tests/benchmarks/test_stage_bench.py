@@ -416,14 +416,14 @@ def test_the_benchs_threads_before_its_first_spawn_never_take_sigint():
     from procs import THREAD_MASKS, sigint_takers
 
     launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
-    program = re.search(r"exec \"\$py\" -c '(.*?)' \"\$here\"", launcher.read_text(), re.S).group(1)
+    program = re.search(r"exec \"\$py\" -P -c '(.*?)' \"\$here\"", launcher.read_text(), re.S).group(1)
     assert program.endswith("entry()")
     dump = ("import argparse, os, time, numpy, torch\nfrom benchmarks.stage_bench import _device\n"
             "_device(argparse.Namespace(threads=6, device='cpu'))  # (--threads above torch's default: more threads)\n"
             "torch.ones(1 << 20).sum(); numpy.ones((256, 256)) @ numpy.ones((256, 256))\n"
             "time.sleep(0.5)  # (a thread still starting shows every signal blocked: glibc sets its mask once it runs)\n")
     code = program[:-len("entry()")] + dump + THREAD_MASKS
-    out = subprocess.run([sys.executable, "-c", code, str(launcher.parents[1])], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-P", "-c", code, str(launcher.parents[1])], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     threads, taking = sigint_takers(out)
     assert threads >= 2 and taking == 0, out  # the pools run, and none of their threads takes it

@@ -217,6 +217,20 @@ def test_the_launchers_first_import_leaves_zmq_and_the_codec_out():
     assert r.stdout.split() == ["['layerstream.proto.signals']"], r.stdout
 
 
+def test_the_launchers_run_this_checkout_whatever_the_working_directory_holds(tmp_path):
+    """bin/run-pipeline and bin/bench started from a folder that holds another checkout's `layerstream`
+    and `benchmarks` (an A/B of two trees did: the old tree's bench ran the new tree's benchmarks) run
+    their own: `-c` had put the working directory first on the path."""
+    for name in ("layerstream", "benchmarks"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise SystemExit('the decoy {name}')\n")
+    (tmp_path / "benchmarks" / "bench.py").write_text("")
+    bench = LAUNCHER.with_name("bench")
+    for argv, want in (([str(LAUNCHER), "--version"], "run-pipeline (layerstream)"), ([str(bench), "--help"], "usage: bin/bench")):
+        r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith(want) and "decoy" not in r.stdout + r.stderr, (argv, r)
+
+
 @pytest.mark.parametrize("delay", [0.2, 0.4])
 def test_the_launcher_stopped_as_it_imports_says_so_in_one_line(delay, tmp_path):
     """The launcher stopped a fraction of a second after its start, while it imports (a hostile
