@@ -278,7 +278,7 @@ def experts_routed_start(base: int, off: np.ndarray, per: np.ndarray, experts: n
     grouped by the kernel ] in qdot.c): `experts` (int64) of a layer whose expert e's gate, up and
     down start at base + off[m] + e * per[m] (off, per: [3] int64), and the router's output as it
     is, ids (int64) and wts (float32) [T, k] (pairs of other experts left out); x [T, n_embd]."""
-    call = _RoutedCall(lib, qtypes, n_embd, x, (off, per, experts, ids, wts))
+    call = _Call(lib, qtypes, n_embd, x, (off, per, experts, ids, wts))
     k = ids.shape[1]
     start = call.lib.qdot_experts_routed_start
     return _begin(call, lambda: start(base, off.ctypes.data, per.ctypes.data, experts.ctypes.data, len(experts),
@@ -323,7 +323,27 @@ def _types(qtypes) -> ctypes.Array:
     return types
 
 
-class _ExpertsCall:
+class _Call:
+    """An experts call's library, its x as the kernel reads it and its sum, and what else the kernel
+    reads (`keep`), kept alive with it until its wait; a routed call's whole (experts_routed_start)."""
+
+    def __init__(self, lib, qtypes, n_embd: int, x: torch.Tensor, keep: tuple = ()):
+        self.lib = lib = lib or library()
+        if lib is None:
+            raise RuntimeError("the native CPU kernel is not available")
+        self.rc, self.types, self.keep = -7, _types(qtypes), keep  # (rc: a started call's code, once waited for)
+        self.x = x.reshape(-1, n_embd).float().contiguous()
+        self.out = torch.empty(self.x.shape[0], n_embd, dtype=torch.float32)
+
+    @staticmethod
+    def check(rc: int) -> None:
+        if rc:
+            raise ValueError(f"native CPU kernel refused the experts (code {rc}: -1 type, -2 K not whole blocks, "
+                             "-3 memory, -4 a token outside x, -5 a call started and not waited for, -6 no thread, "
+                             "-7 none started)")
+
+
+class _ExpertsCall(_Call):
     """The arguments of a qdot_experts call, and what they point at, kept alive with them.
 
     The experts' table (qdot_expert: three addresses, a count and two addresses, each 8 bytes) is
@@ -332,13 +352,8 @@ class _ExpertsCall:
     dozens), where numpy's barely grows."""
 
     def __init__(self, w, qtypes, n_ff, n_embd, x, got: Pairs, threads, levels, lib):
-        self.lib = lib = lib or library()
-        if lib is None:
-            raise RuntimeError("the native CPU kernel is not available")
-        self.rc = -7  # (a started call's code, once waited for)
-        types = _types(qtypes)
-        self.x = x = x.reshape(-1, n_embd).float().contiguous()
-        self.out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
+        super().__init__(lib, qtypes, n_embd, x)
+        x = self.x
         counts = np.ascontiguousarray(got.counts, dtype=np.int64)
         self.tok = tok = np.ascontiguousarray(got.tok, dtype=np.int64)
         self.wt = wt = np.ascontiguousarray(got.wt, dtype=np.float32)
@@ -351,27 +366,5 @@ class _ExpertsCall:
         first = np.cumsum(counts) - counts  # each expert's first pair
         table[:, 4] = tok.ctypes.data + 8 * first
         table[:, 5] = wt.ctypes.data + 4 * first
-        self.types = types
-        self.args = (table.ctypes.data_as(ctypes.POINTER(Expert)), n, types, n_ff, n_embd, x.data_ptr(), x.shape[0],
+        self.args = (table.ctypes.data_as(ctypes.POINTER(Expert)), n, self.types, n_ff, n_embd, x.data_ptr(), x.shape[0],
                      self.out.data_ptr(), _threads(threads), levels)
-
-    @staticmethod
-    def check(rc: int) -> None:
-        if rc:
-            raise ValueError(f"native CPU kernel refused the experts (code {rc}: -1 type, -2 K not whole blocks, "
-                             "-3 memory, -4 a token outside x, -5 a call started and not waited for, -6 no thread, "
-                             "-7 none started)")
-
-
-class _RoutedCall:
-    """What a routed call's kernel reads (kept alive with it until its wait) and its sum."""
-
-    def __init__(self, lib, qtypes, n_embd: int, x: torch.Tensor, arrays: tuple):
-        self.lib = lib = lib or library()
-        if lib is None:
-            raise RuntimeError("the native CPU kernel is not available")
-        self.rc, self.types, self.arrays = -7, _types(qtypes), arrays
-        self.x = x = x.reshape(-1, n_embd).float().contiguous()
-        self.out = torch.empty(x.shape[0], n_embd, dtype=torch.float32)
-
-    check = staticmethod(_ExpertsCall.check)
