@@ -921,10 +921,16 @@ static void count_cpus(void) {
     if (n_cpus < 1) n_cpus = 1;
 }
 
+/* every 64 spins, where crowded: the core given up */
+static inline void give_way(int spins) {
+    if (!(spins & 63) && atomic_load_explicit(&crowded, memory_order_relaxed)) sched_yield();
+}
+
+/* a spin with a deadline: 1 once `until` has passed (the clock read every 64 spins), else give_way's */
 static inline int spun(int spins, int64_t until) {
     if (spins & 63) return 0;
     if (now_ns() > until) return 1;
-    if (atomic_load_explicit(&crowded, memory_order_relaxed)) sched_yield();
+    give_way(spins);
     return 0;
 }
 
@@ -1048,7 +1054,7 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
     take_pieces(gen, 0);
     for (int spins = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < n; spins++) {
         cpu_relax();
-        spun(spins, INT64_MAX); /* (a piece claimed by a thread off its core: NOTE [ spinning that gives way ]) */
+        give_way(spins); /* (a piece claimed by a thread off its core: NOTE [ spinning that gives way ]) */
     }
 }
 
