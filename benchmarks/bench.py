@@ -12,7 +12,7 @@ import torch
 
 from layerstream.coordinator.stdio import guarded
 from layerstream.errors import LayerstreamError
-from layerstream.proto.signals import HOW, RAISED, Stopped, raise_stopped
+from layerstream.proto.signals import HOW, Stopped, raise_on_stop
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
 from .flags import context_problem, problem
@@ -167,9 +167,7 @@ def entry() -> None:
     open_standard_fds()  # (`>&-`: libuv aborted on its loop's socket, which took the closed stdout's number)
     out = sys.stdout
     sys.stdout = _Output(out)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for s in RAISED:
-        signal.signal(s, raise_stopped)
+    raise_on_stop()
     try:
         code = main()
     except SystemExit as e:  # (argparse's --help and usage errors)

@@ -24,7 +24,7 @@ from layerstream.coordinator.args import (
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.coordinator.stdio import flush_stdout, open_standard_fds, print_stream
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
-from layerstream.proto.signals import HOW, RAISED, STOP_SIGNALS, Stopped, raise_stopped
+from layerstream.proto.signals import HOW, STOP_SIGNALS, Stopped, raise_on_stop
 
 SERVE_BATCH = 8  # the rows --serve holds by default where they fit
 SERVE_BATCH_MAX = 64  # and at most, where the budget holds more
@@ -441,11 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         _die(f"{e} (see {PROG} --help)", 2)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # (the launcher's early_signals had it)
     # SIGTERM, SIGHUP and SIGQUIT stop the pipeline the same way as Ctrl-C, exit 143, 129, 131 (at their
     # defaults a closed terminal ended the launcher at once, a Ctrl-\ left the run's shared memory)
-    for s in RAISED:
-        signal.signal(s, raise_stopped)
+    raise_on_stop()
     if not getattr(sys.unraisablehook, "resends_interrupts", False):
         sys.unraisablehook = _interrupts_sent_again(sys.unraisablehook)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

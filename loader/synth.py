@@ -39,7 +39,7 @@ from layerstream.loader.synth_shapes import (
     tensor_type,
 )
 from layerstream.loader.synth_vocab import CHAT_TEMPLATE, add_tokenizer
-from layerstream.proto.signals import HOW, Stopped, raise_stopped
+from layerstream.proto.signals import HOW, Stopped, raise_on_stop, restore
 
 __all__ = ["SHAPES", "ModelShape", "main", "resolve_shape", "shaped_index", "write_shaped_model"]
 
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     # leaves no partial file that later reads as a damaged download
     part = f"{args.out}.part{os.getpid()}"
 
-    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    # every stop signal, not SIGTERM alone: a closed terminal or a Ctrl-\ left the part file, a model's size
+    previous = raise_on_stop()
     t0 = time.perf_counter()
     try:
         write_shaped_model(part, args.shape, args.layers, args.quant, args.seed, progress=True,
@@ -289,12 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # (its own words name the part file, or nothing: a short write on a full disk)
         print(f"synth: error: {args.out}: {e.strerror or e}; nothing written", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # (Ctrl-C, or SIGTERM as Stopped)
+    except KeyboardInterrupt as e:  # (Ctrl-C, or SIGTERM, SIGHUP, SIGQUIT as Stopped)
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         print(f"synth: {HOW[signum]}; {args.out} not written", file=sys.stderr)
         return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore(previous)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part)
     dt = time.perf_counter() - t0

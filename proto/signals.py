@@ -40,6 +40,21 @@ def raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
+def raise_on_stop() -> dict:
+    """A tool's own handlers, in place of the launcher's early ones (which exit at once): from here on
+    RAISED's signals raise Stopped where the tool is, SIGINT KeyboardInterrupt. Returns the handlers they
+    replaced, for restore()."""
+    previous = {s: signal.signal(s, raise_stopped) for s in RAISED}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    return previous
+
+
+def restore(previous: dict) -> None:
+    """The handlers raise_on_stop() replaced, back in place."""
+    for s, h in previous.items():
+        signal.signal(s, h)
+
+
 def ignore_stop_signals() -> None:
     """STOP_SIGNALS ignored, then unblocked (a child spawned with them blocked: NOTE [ SIGINT while a
     child starts ]): one pending meanwhile is dropped."""

@@ -108,13 +108,14 @@ def test_a_child_stopped_before_its_body_exits_quietly(capfd):
 LOST_IN_A_CALLBACK = """
 import gc, os, signal, sys, time, weakref
 from layerstream.coordinator import cli
+from layerstream.proto.signals import raise_stopped
 
 def run(args):
     class Thing:
         pass
     t = Thing()
     # a SIGTERM whose handler runs inside a weakref callback (as one did while the server started)
-    ref = weakref.ref(t, lambda r: cli.raise_stopped(signal.SIGTERM, None))
+    ref = weakref.ref(t, lambda r: raise_stopped(signal.SIGTERM, None))
     del t
     gc.collect()
     time.sleep(2)  # (where the signal sent again lands)

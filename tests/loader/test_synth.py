@@ -220,10 +220,12 @@ def test_a_synthetic_model_chats(tmp_path):
     assert len(turns) == 2 and "reused" in turns[1] and all("decode: 4 tokens" in t for t in turns), r.stderr
 
 
-@pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
+                                             (signal.SIGHUP, 129, "hung up"), (signal.SIGQUIT, 131, "quit")])
 def test_a_write_cut_short_leaves_no_file_and_says_so(tmp_path, sig, status, word):
-    """A probe's: Ctrl-C printed a traceback, and either signal left a partial file that later read
-    as a damaged download ('re-download the file')."""
+    """A probe's: Ctrl-C printed a traceback, and each signal left a partial file that later read as a
+    damaged download ('re-download the file'); a closed terminal (SIGHUP) and a Ctrl-\\ (SIGQUIT) still
+    left it, a model's size in /dev/shm, after SIGTERM was handled."""
     import subprocess
     import sys
     import time
