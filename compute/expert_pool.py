@@ -146,10 +146,11 @@ class PrefetchSets:
     def landed(self, on_time: bool, misses: bool) -> None:
         """NOTE [ copies ahead that land in time ]
         A layer's copies ahead are issued after its graph B and must be on the device by the next
-        layer's fetch; there, that layer's missed experts are copied, on the compute stream, after
-        them (the same copy engine, in order). Copies ahead that are still running then delay the
-        misses, and with them the layer's experts, by their own time whether or not they were
-        chosen: a prediction's lower ranks then cost the chain more than they save. So the number a
+        layer's fetch; there, that layer's missed experts are copied, on the compute stream,
+        beside any still running (NOTE [ misses before copies ahead ] in experts.py). Copies ahead
+        that are still running then delay the misses, and with them the layer's experts, by their
+        own time whether or not they were chosen: a prediction's lower ranks then cost the chain
+        more than they save. So the number a
         layer copies ahead follows what lands in time: one more after a layer whose copies had all
         landed by its fetch (`on_time`, its event passed), one fewer after a layer whose copies
         had not and that had misses waiting behind them; a late layer with nothing missed changes

@@ -40,6 +40,7 @@ class ExpertCache:
         self.hits = self.misses = 0
         self.bytes_moved = 0
         self.stream = None  # the compute stream, set by the owner once a step (None: looked up)
+        self.misses_issued = None  # event after the last fetch's copies of its misses, for the next copies ahead
 
     @property
     def pool(self) -> torch.Tensor | None:
@@ -72,14 +73,21 @@ class ExpertCache:
     def _fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, object]:
         """Layer i's `experts`: {expert: pool slot} with a pool, else {expert: (gate, up, down)}.
         The missing ones are copied, in one call with a pool, from views made once (making them
-        each step doubled a layer's fetch time)."""
+        each step doubled a layer's fetch time).
+
+        NOTE [ misses before copies ahead ]
+        A layer's missed experts are on its chain: its experts wait for them, and the next layer's
+        router for those. Its copies ahead (NOTE [ expert prefetch ]) are not, until its experts
+        run. So the misses' copies are issued before the compute stream waits for the copies ahead
+        of this layer (they share the link with any still running, where the copy engines run
+        both streams at once, rather than queue behind them), and the next layer's copies ahead
+        wait for the misses' copies (`misses_issued`) rather than share the link with them. Only
+        the moves of copies ahead into the cache (device to device), which read them, wait."""
         out, missing, ahead = {}, [], []
         pre, pre_event = self.ahead.layers.pop(i, ({}, None))
         cur = self._stream() if self.device.type == "cuda" else None
         # (NOTE [ copies ahead that land in time ]: one driver call a layer, in one-token steps only)
         on_time = pre_event is None or not self.ahead.single or pre_event.query()
-        if pre_event is not None:  # its copies read this layer's staging slot: they come first
-            cur.wait_event(pre_event)
         for e in experts:
             hit = self.kept.lookup((i, e))
             if hit is not None:
@@ -95,13 +103,14 @@ class ExpertCache:
             self.ahead.reading[i] = i % 2
             self.ahead.landed(on_time, bool(missing))
         nbytes = sum(p[1] for p in self.parts.of(lay)) if self.pool is not None else 0  # an expert's bytes
+        moves = []  # (cache slot, prefetch slot): the copies ahead the cache keeps, moved once they have landed
         for e in ahead:  # predicted and copied ahead: kept as a copy would be (a device-to-device copy)
             self.ahead.hits += 1
             slot = self.kept.put((i, e), None, serving, nbytes)
             if slot is None:
                 out[e] = pre[e]
                 continue
-            self.store.move(slot, pre[e], cur)
+            moves.append((slot, pre[e]))
             out[e] = slot
         if missing:
             t0 = time.monotonic_ns()
@@ -125,9 +134,16 @@ class ExpertCache:
                     items.append((slot, e))
                     out[e] = slot
                 self._copy(i, items, lay, host, cur)
+                if cur is not None and self.prefetch_slots:  # (NOTE [ misses before copies ahead ])
+                    self.misses_issued = torch.cuda.Event()
+                    self.misses_issued.record(cur)
             self.bytes_moved += moved
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
+        if pre_event is not None:  # the moves and the experts read the copies ahead; the staging slot's
+            cur.wait_event(pre_event)  # release comes after the layer's work, so after them too
+        for slot, src in moves:
+            self.store.move(slot, src, cur)
         return out
 
     def _stream(self):
@@ -164,6 +180,9 @@ class ExpertCache:
         ev = None
         if stream is not None and self.ahead.set_free[i % 2] is not None:
             stream.wait_event(self.ahead.set_free[i % 2])  # the layer that read this set two layers ago
+        if stream is not None and self.misses_issued is not None:  # (NOTE [ misses before copies ahead ])
+            stream.wait_event(self.misses_issued)
+            self.misses_issued = None
         self._copy(i, [(s, e) for e, s in slots.items()], lay, host, stream)
         if stream is not None:
             ev = torch.cuda.Event()
