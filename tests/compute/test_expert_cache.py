@@ -299,11 +299,10 @@ def test_only_one_token_steps_follow_the_limit():
     assert cache.prefetch(0, [6, 4, 2], lay, host) == 1
 
 
-@pytest.mark.gpu
-def test_copies_ahead_still_running_at_the_fetch_lower_the_limit():
-    """NOTE [ copies ahead that land in time ], on CUDA: copies ahead held back on their stream
-    (the stream sleeps first) have not landed when the layer's fetch comes with a miss: the limit
-    drops by one; copies that landed raise it again."""
+def _copies_ahead_held_back():
+    """On CUDA: a layer of 8 experts in pinned memory, a cache of 2 slots and 3 slots ahead, and
+    experts 6 and 4 of layer 0 copied ahead on a side stream that sleeps first (about a fifth of a
+    second): (layout, host bytes, slot bytes, cache, side stream)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     dev = torch.device("cuda")
@@ -316,6 +315,15 @@ def test_copies_ahead_still_running_at_the_fetch_lower_the_limit():
     with torch.cuda.stream(side):
         torch.cuda._sleep(400_000_000)  # cycles: a fifth of a second at the H200's clock
     cache.prefetch(0, [6, 4], lay, host, stream=side)
+    return lay, host, slot, cache, side
+
+
+@pytest.mark.gpu
+def test_copies_ahead_still_running_at_the_fetch_lower_the_limit():
+    """NOTE [ copies ahead that land in time ], on CUDA: copies ahead held back on their stream
+    (the stream sleeps first) have not landed when the layer's fetch comes with a miss: the limit
+    drops by one; copies that landed raise it again."""
+    lay, host, slot, cache, side = _copies_ahead_held_back()
     cache.fetch(0, [6, 1], lay, host)  # 1 missed: copied after the late copies ahead
     assert cache.ahead.limit == 2 and cache.ahead.late == 1
     torch.cuda.synchronize()
@@ -332,27 +340,16 @@ def test_a_miss_lands_while_the_copies_ahead_still_run():
     """NOTE [ misses before copies ahead ], on CUDA: with the copies ahead held back on their stream
     (the stream sleeps first), a fetch's missed expert is on the device before them, with its bytes
     (it queued behind them before); the experts' stream still waits for the copies ahead."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    dev = torch.device("cuda")
-    lay, host = _layer(n_expert=8, rows=8, cols=16)
-    host = torch.from_numpy(host).pin_memory().numpy()
-    slot = slot_bytes([lay])
-    cache = ExpertCache(2 * slot, dev, torch.float32, True, Timeline("compute", "t"), "lfu", slot, in_flight=4,
-                        prefetch=3)
-    side = torch.cuda.Stream(dev)
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(400_000_000)  # cycles: a fifth of a second at the H200's clock
-    cache.prefetch(0, [6, 4], lay, host, stream=side)
+    lay, host, slot, cache, side = _copies_ahead_held_back()
     got = cache.fetch_slots(0, [6, 1], lay, host)  # 1 missed
     cache.misses_issued.synchronize()
     assert not side.query()  # the copies ahead have not landed
-    other = torch.cuda.Stream(dev)  # (the compute stream waits for them)
+    other = torch.cuda.Stream()  # (the compute stream waits for them)
     with torch.cuda.stream(other):
         bytes_1 = cache.pool[got[1] * slot : (got[1] + 1) * slot].cpu().numpy()
     for t, per, off, _, _ in expert_parts(lay):  # expert 1's gate, up and down
         assert np.array_equal(bytes_1[off : off + per], host[t.slot_offset + per : t.slot_offset + 2 * per])
-    assert not torch.cuda.current_stream(dev).query()  # the layer's experts wait for the copies ahead
+    assert not torch.cuda.current_stream().query()  # the layer's experts wait for the copies ahead
     torch.cuda.synchronize()
 
 
