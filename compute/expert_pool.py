@@ -150,11 +150,10 @@ class PrefetchSets:
         beside any still running (NOTE [ misses before copies ahead ] in experts.py). Copies ahead
         that are still running then delay the misses, and with them the layer's experts, by their
         own time whether or not they were chosen: a prediction's lower ranks then cost the chain
-        more than they save. So the number a
-        layer copies ahead follows what lands in time: one more after a layer whose copies had all
-        landed by its fetch (`on_time`, its event passed), one fewer after a layer whose copies
-        had not and that had misses waiting behind them; a late layer with nothing missed changes
-        nothing. The predicted experts are copied best first (ExpertSet.prefetch), so the cut
+        more than they save. So the number a layer copies ahead follows what lands in time: one
+        more after a layer whose copies had all landed by its fetch (`on_time`, its event passed),
+        one fewer after a layer whose copies had not and that had misses waiting behind them; a
+        late layer with nothing missed changes nothing. The predicted experts are copied best first (ExpertSet.prefetch), so the cut
         drops the least likely. A prediction of 8 experts on the Qwen3-30B-A3B shape, all copied,
         ran slower than its 5 best (BENCHMARKS.md).
         Only steps of one token follow the limit (`single`, set each step). In a step of several

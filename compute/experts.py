@@ -41,6 +41,7 @@ class ExpertCache:
         self.bytes_moved = 0
         self.stream = None  # the compute stream, set by the owner once a step (None: looked up)
         self.misses_issued = None  # event after the last fetch's copies of its misses, for the next copies ahead
+        self._misses_event = None  # the one event misses_issued records (made once: a layer's chain makes none)
 
     @property
     def pool(self) -> torch.Tensor | None:
@@ -135,8 +136,10 @@ class ExpertCache:
                     out[e] = slot
                 self._copy(i, items, lay, host, cur)
                 if cur is not None and self.prefetch_slots:  # (NOTE [ misses before copies ahead ])
-                    self.misses_issued = torch.cuda.Event()
-                    self.misses_issued.record(cur)
+                    if self._misses_event is None:  # (a wait already enqueued keeps the record it saw)
+                        self._misses_event = torch.cuda.Event()
+                    self._misses_event.record(cur)
+                    self.misses_issued = self._misses_event
             self.bytes_moved += moved
             self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
                         experts=len(missing))
