@@ -9,6 +9,8 @@ import os
 import signal
 import threading
 
+from layerstream.proto.signals import STOP_SIGNALS, restore, set_handlers
+
 log = logging.getLogger("layerstream.pipeline")
 
 
@@ -22,9 +24,9 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 @contextlib.contextmanager
-def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"), second_at_once: bool = False):
-    """Ctrl-C, SIGTERM, SIGHUP and SIGQUIT (or those of `which`) held back for the block, then sent again (in
-    the main thread; a no-op elsewhere): a stop's clean-up runs whole. A second Ctrl-C that landed in
+def signals_deferred(which: tuple[str, ...] | None = None, second_at_once: bool = False):
+    """The stop signals (STOP_SIGNALS: Ctrl-C, SIGTERM, SIGHUP, SIGQUIT), or those named in `which`, held
+    back for the block, then sent again (in the main thread; a no-op elsewhere): a stop's clean-up runs whole. A second Ctrl-C that landed in
     it had cut the children's stop short, leaving the staging segment to multiprocessing's tracker and
     the run directory behind. `second_at_once`: a signal that comes again meanwhile meets its own
     handler at once (a block that may wait long: the person insists)."""
@@ -32,7 +34,7 @@ def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP", "S
         yield
         return
     got: list[int] = []
-    sigs = [getattr(signal, name) for name in which if hasattr(signal, name)]
+    sigs = STOP_SIGNALS if which is None else [getattr(signal, name) for name in which if hasattr(signal, name)]
 
     def hold(n, frame):
         if second_at_once and n in got and callable(old[n]):
@@ -41,12 +43,11 @@ def signals_deferred(which: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP", "S
             return
         got.append(n)
 
-    old = {s: signal.signal(s, hold) for s in sigs}
+    old = set_handlers(sigs, hold)
     try:
         yield
     finally:
-        for s, h in old.items():
-            signal.signal(s, signal.SIG_DFL if h is None else h)
+        restore(old)
         if got:
             os.kill(os.getpid(), got[-1])
 

@@ -52,7 +52,7 @@ from layerstream.coordinator.openai_api import (
 from layerstream.coordinator.outputs import RequestOutput
 from layerstream.coordinator.server_stop import GRACE_S, GracefulServer
 from layerstream.errors import LayerstreamError, PipelineError
-from layerstream.proto.signals import RAISED
+from layerstream.proto.signals import RAISED, restore, set_handlers
 
 log = logging.getLogger("layerstream.server")
 MAX_QUOTED = 100  # characters of a path an error message quotes
@@ -440,12 +440,11 @@ def serve(engine, model_path: str, host: str = "127.0.0.1", port: int = 8080, ap
     # a closed terminal (SIGHUP) and a Ctrl-\ (SIGQUIT) stop the server as SIGTERM does (NOTE [ server
     # shutdown ]): at their defaults it ended at once, its clients' streams cut (and SIGQUIT's left the
     # run's shared memory)
-    own = {s: signal.signal(s, http.handle_exit) for s in set(RAISED) - {signal.SIGTERM}}
+    own = set_handlers(set(RAISED) - {signal.SIGTERM}, http.handle_exit)
     try:
         http.run(sockets=[sock])
     finally:
-        for s, h in own.items():
-            signal.signal(s, h)
+        restore(own)
     if server.worker is not None and server.worker.failure:
         raise PipelineError(f"the server stopped: the engine failed: {server.worker.failure}")
     if http._captured_signals:  # raised again and ignored (a background job's inherited SIGINT): the same status

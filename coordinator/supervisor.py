@@ -60,7 +60,7 @@ from layerstream.cpus import usable_cpus
 from layerstream.errors import STALLED
 from layerstream.proctitle import set_process_name
 from layerstream.proto.child import ShutdownRequested, spawned
-from layerstream.proto.signals import STOP_SIGNALS, TERMINATE, ignore_stop_signals
+from layerstream.proto.signals import STOP_SIGNALS, TERMINATE, ignore_stop_signals, restore, set_handlers
 
 log = logging.getLogger("layerstream.pipeline")
 
@@ -118,17 +118,14 @@ def spawning():
     # The tracker ignores SIGINT and SIGTERM itself, not SIGHUP or SIGQUIT, so it is started with those
     # ignored, which it inherits: a closed terminal's SIGHUP to the group killed it, and the tracker
     # started again did not know the run's segment (a traceback at its unregistering).
-    saved = {}
     try:
-        for s in set(STOP_SIGNALS) - {signal.SIGINT, signal.SIGTERM}:
-            saved[s] = signal.signal(s, signal.SIG_IGN)
+        saved = set_handlers(set(STOP_SIGNALS) - {signal.SIGINT, signal.SIGTERM}, signal.SIG_IGN)
     except ValueError:  # (not the main thread)
-        pass
+        saved = {}
     try:
         resource_tracker.ensure_running()
     finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
+        restore(saved)
     return stop_signals_blocked()
 
 

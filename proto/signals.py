@@ -40,19 +40,24 @@ def raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
+def set_handlers(signals, handler) -> dict:
+    """`handler` for each of `signals` (in the main thread: ValueError elsewhere, before any is set):
+    the handlers it replaced, for restore()."""
+    return {s: signal.signal(s, handler) for s in signals}
+
+
+def restore(previous: dict) -> None:
+    """The handlers set_handlers() or raise_on_stop() replaced, back in place (one installed outside
+    Python, which reads as None, as the default)."""
+    for s, h in previous.items():
+        signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
 def raise_on_stop() -> dict:
     """A tool's own handlers, in place of the launcher's early ones (which exit at once): from here on
     RAISED's signals raise Stopped where the tool is, SIGINT KeyboardInterrupt. Returns the handlers they
     replaced, for restore()."""
-    previous = {s: signal.signal(s, raise_stopped) for s in RAISED}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    return previous
-
-
-def restore(previous: dict) -> None:
-    """The handlers raise_on_stop() replaced, back in place."""
-    for s, h in previous.items():
-        signal.signal(s, h)
+    return set_handlers(RAISED, raise_stopped) | set_handlers((signal.SIGINT,), signal.default_int_handler)
 
 
 def ignore_stop_signals() -> None:
