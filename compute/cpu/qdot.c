@@ -1060,6 +1060,11 @@ static void dispatch(task_fn fn, void *arg, int n, int threads) {
 
 /* ---------- a call ---------- */
 
+/* a call's thread count within 1..MAX_THREADS */
+static inline int threads_in_range(int threads) {
+    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
 typedef struct {
     const qdot_job *jobs;
     int n_jobs;
@@ -1248,8 +1253,7 @@ int qdot_run(const qdot_job *jobs, int n_jobs, int threads, int plain, int level
         s = (char *)(((uintptr_t)s + 63) & ~(uintptr_t)63);
     }
     call_t c = {jobs, n_jobs, xq, row_start, ty, plain, levels == 2 ? 127 * 256 : 127};
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    threads = threads_in_range(threads);
     pthread_mutex_lock(&pool_mu);
     int64_t toks = 0;
     for (int j = 0; j < n_jobs; j++) toks += jobs[j].T;
@@ -1335,8 +1339,7 @@ static void sum_task(void *p, int i, int n) {
 
 /* fn over `len` in pieces of `work` / EPI_PIECE on up to `threads` threads (one call at a time, as qdot_run's) */
 static void epilogue(task_fn fn, epi_t *s, int64_t work, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    threads = threads_in_range(threads);
     int64_t pieces = work / EPI_PIECE;
     if (pieces > 2 * (int64_t)threads) pieces = 2 * (int64_t)threads;
     if (pieces > s->len) pieces = s->len;
