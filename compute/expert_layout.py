@@ -26,8 +26,8 @@ def streams_experts(n_expert: int, n_used: int, tokens: int) -> bool:
 
 def max_in_flight(n_expert: int, n_used: int) -> int:
     """Pool slots a step may hold on the device beyond the cache: the experts one layer of the
-    largest expert step can choose (the newcomers the cache does not keep serve their step and
-    go), and the slot of zeros that the CPU's pairs read (NOTE [ the expert pool ])."""
+    largest expert step can choose (its misses land there, NOTE [ misses first, bookkeeping after ]),
+    and the slot of zeros that the CPU's pairs read (NOTE [ the expert pool ])."""
     t_max = max(t for t in range(1, n_expert + 1) if streams_experts(n_expert, n_used, t))
     return min(n_expert, n_used * t_max) + 1
 

@@ -42,6 +42,7 @@ class ExpertCache:
         self.stream = None  # the compute stream, set by the owner once a step (None: looked up)
         self.misses_issued = None  # event after the last fetch's copies of its misses, for the next copies ahead
         self._misses_event = None  # the one event misses_issued records (made once: a layer's chain makes none)
+        self.pending = None  # the last fetch's bookkeeping, left for settle (NOTE [ misses first, bookkeeping after ])
 
     @property
     def pool(self) -> torch.Tensor | None:
@@ -63,9 +64,10 @@ class ExpertCache:
         {expert: (gate, up, down)}."""
         if self.pool is None:
             return self._fetch(i, experts, lay, host)
-        parts = self.parts.of(lay)
+        parts, slots = self.parts.of(lay), self._fetch(i, experts, lay, host)
+        self.settle()  # (its moves write only other layers' slots: these stay as they are)
         return {e: tuple(QuantWeight(self.store.dst(slot, p[2], p[1]), p[0].qtype, (p[3], p[4])) for p in parts)
-                for e, slot in self._fetch(i, experts, lay, host).items()}
+                for e, slot in slots.items()}
 
     def fetch_slots(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, int]:
         """As fetch, for a cache with a pool: {expert: its pool slot} (NOTE [ the expert pool ])."""
@@ -74,7 +76,8 @@ class ExpertCache:
     def _fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, object]:
         """Layer i's `experts`: {expert: pool slot} with a pool, else {expert: (gate, up, down)}.
         The missing ones are copied, in one call with a pool, from views made once (making them
-        each step doubled a layer's fetch time).
+        each step doubled a layer's fetch time). With a pool the cache's bookkeeping waits for
+        `settle` (NOTE [ misses first, bookkeeping after ]).
 
         NOTE [ misses before copies ahead ]
         A layer's missed experts are on its chain: its experts wait for them, and the next layer's
@@ -83,14 +86,12 @@ class ExpertCache:
         of this layer (they share the link with any still running, where the copy engines run
         both streams at once, rather than queue behind them), and the next layer's copies ahead
         wait for the misses' copies (`misses_issued`) rather than share the link with them. Only
-        the moves of copies ahead into the cache (device to device), which read them, wait."""
-        out, missing, ahead = {}, [], []
+        the experts and the moves into the cache, which read the copies ahead, wait for them."""
+        self.settle()
+        entries, out, missing, ahead = self.kept.entries, {}, [], []
         pre, pre_event = self.ahead.layers.pop(i, ({}, None))
-        cur = self._stream() if self.device.type == "cuda" else None
-        # (NOTE [ copies ahead that land in time ]: one driver call a layer, in one-token steps only)
-        on_time = pre_event is None or not self.ahead.single or pre_event.query()
         for e in experts:
-            hit = self.kept.lookup((i, e))
+            hit = entries.get((i, e))
             if hit is not None:
                 out[e] = hit[4] if self.pool is not None else hit[:3]
             elif e in pre:
@@ -99,55 +100,75 @@ class ExpertCache:
                 missing.append(e)
         self.hits += len(out)
         self.misses += len(missing)
-        serving = {(i, e) for e in experts}
-        if pre:
-            self.ahead.reading[i] = i % 2
-            self.ahead.landed(on_time, bool(missing))
-        nbytes = sum(p[1] for p in self.parts.of(lay)) if self.pool is not None else 0  # an expert's bytes
-        moves = []  # (cache slot, prefetch slot): the copies ahead the cache keeps, moved once they have landed
-        for e in ahead:  # predicted and copied ahead: kept as a copy would be (a device-to-device copy)
-            self.ahead.hits += 1
-            slot = self.kept.put((i, e), None, serving, nbytes)
-            if slot is None:
-                out[e] = pre[e]
-                continue
-            moves.append((slot, pre[e]))
-            out[e] = slot
-        if missing:
+        if self.pool is None:  # experts of their own, admitted as they are made (none copied ahead)
+            self._count_uses(i, experts)
+            serving, moved, t0 = {(i, e) for e in experts}, 0, time.monotonic_ns()
+            for e in missing:
+                mats, nbytes = self._tensors(e, lay, host)
+                self.kept.put((i, e), (*mats, nbytes, None), serving)
+                out[e] = tuple(mats)
+                moved += nbytes
+            self._moved(i, len(missing), moved, t0)
+            return out
+        cur = self._stream() if self.device.type == "cuda" else None
+        items = list(zip(self.store.flight(), missing))  # (in-flight slot, expert): copied at once
+        if len(items) < len(missing):
+            raise RuntimeError(f"layer {i}: more new experts in one step than the pool's {self.store.in_flight - 1}")
+        nbytes = sum(p[1] for p in self.parts.of(lay))  # an expert's bytes
+        if items:
             t0 = time.monotonic_ns()
-            if self.pool is None:
-                moved = 0
-                for e in missing:
-                    mats, nbytes = self._tensors(e, lay, host)
-                    self.kept.put((i, e), (*mats, nbytes, None), serving)
-                    out[e] = tuple(mats)
-                    moved += nbytes
-            else:
-                moved = nbytes * len(missing)
-                flight = self.store.flight()
-                items = []  # (slot, expert): the pool's copies, issued at once
-                for e in missing:
-                    slot = self.kept.put((i, e), None, serving, nbytes)
-                    slot = next(flight, None) if slot is None else slot
-                    if slot is None:
-                        raise RuntimeError(f"layer {i}: more new experts in one step than the pool's "
-                                           f"{self.store.in_flight - 1}")
-                    items.append((slot, e))
-                    out[e] = slot
-                self._copy(i, items, lay, host, cur)
-                if cur is not None and self.prefetch_slots:  # (NOTE [ misses before copies ahead ])
-                    if self._misses_event is None:  # (a wait already enqueued keeps the record it saw)
-                        self._misses_event = torch.cuda.Event()
-                    self._misses_event.record(cur)
-                    self.misses_issued = self._misses_event
-            self.bytes_moved += moved
-            self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
-                        experts=len(missing))
-        if pre_event is not None:  # the moves and the experts read the copies ahead; the staging slot's
-            cur.wait_event(pre_event)  # release comes after the layer's work, so after them too
-        for slot, src in moves:
-            self.store.move(slot, src, cur)
+            self._copy(i, items, lay, host, cur)
+            if cur is not None and self.prefetch_slots:  # (NOTE [ misses before copies ahead ])
+                if self._misses_event is None:  # (a wait already enqueued keeps the record it saw)
+                    self._misses_event = torch.cuda.Event()
+                self._misses_event.record(cur)
+                self.misses_issued = self._misses_event
+            self._moved(i, len(items), nbytes * len(items), t0)
+        if pre:
+            # (NOTE [ copies ahead that land in time ]: one driver call a layer, in one-token steps only)
+            self.ahead.landed(pre_event is None or not self.ahead.single or pre_event.query(), bool(missing))
+            self.ahead.reading[i] = i % 2
+            self.ahead.hits += len(ahead)
+        if pre_event is not None:  # the experts and settle's moves read the copies ahead; the staging
+            cur.wait_event(pre_event)  # slot's release comes after the layer's work, so after them too
+        for e in ahead:
+            out[e] = pre[e]
+        for s, e in items:
+            out[e] = s
+        self.pending = (i, experts, [(e, pre[e]) for e in ahead] + [(e, s) for s, e in items], nbytes, cur)
         return out
+
+    def settle(self) -> None:
+        """NOTE [ misses first, bookkeeping after ]
+        Nothing runs on the device between a layer's router and its misses' copies, and its
+        experts wait for those, so the host's work in between is on the layer's chain. A fetch
+        therefore only sorts the chosen experts, issues the misses' copies into in-flight slots
+        and serves the experts copied ahead from their set. The cache's bookkeeping, which the
+        layer's experts do not need, comes after their launch: each chosen expert's use is
+        counted, then each one copied (ahead, or as a miss) is admitted as before, by a copy on
+        the device from where it landed, enqueued after the experts that read it. The same uses
+        and admissions in the same order as when they came first, so the cache keeps the same
+        experts. The layer's owner calls this once its experts are launched; the next fetch,
+        copy ahead or release calls it where the owner did not."""
+        if self.pending is None:
+            return
+        (i, experts, landed, nbytes, cur), self.pending = self.pending, None
+        self._count_uses(i, experts)
+        serving = {(i, e) for e in experts}
+        for e, src in landed:
+            slot = self.kept.put((i, e), None, serving, nbytes)
+            if slot is not None:
+                self.store.move(slot, src, cur)
+
+    def _count_uses(self, i: int, experts: list[int]) -> None:
+        """A use of each of layer i's `experts` (ExpertPolicy.lookup)."""
+        for e in experts:
+            self.kept.lookup((i, e))
+
+    def _moved(self, i: int, n: int, moved: int, t0: int) -> None:
+        """`n` of layer i's experts were copied after its router, `moved` bytes, issued from t0."""
+        self.bytes_moved += moved
+        self.tl.add("expert_copy", f"experts L{i}", t0, time.monotonic_ns() - t0, moved, layer=i, experts=n)
 
     def _stream(self):
         """The compute stream: the one set for this step, else the current one."""
@@ -173,6 +194,7 @@ class ExpertCache:
         bytes come from. Returns the experts copied."""
         if self.pool is None or not self.prefetch_slots:
             return 0
+        self.settle()  # (its admissions may evict experts of layer i, and its moves read a set)
         want = [e for e in experts if (i, e) not in self.kept]
         want = want[: self.ahead.take(len(want))]  # (NOTE [ copies ahead that land in time ] in expert_pool.py)
         if not want:
@@ -201,6 +223,7 @@ class ExpertCache:
     def done(self, i: int, event=None) -> None:
         """Layer i's work is enqueued, `event` recorded after it on the compute stream: the
         prefetch set it read may be overwritten once that event has passed."""
+        self.settle()
         k = self.ahead.reading.pop(i, None)
         if k is not None and self.device.type == "cuda":
             if event is None:
@@ -210,6 +233,7 @@ class ExpertCache:
 
     def drop_prefetched(self) -> None:
         """Forget copies ahead that no fetch took (a step that ended early), once they are done."""
+        self.settle()
         for _, ev in self.ahead.layers.values():
             if ev is not None:
                 ev.synchronize()
@@ -299,6 +323,7 @@ class ExpertSet:
         offs, keep, cpu_sum = self.prepare(ids[: flat.numel()], h, weight)
         out = experts_grouped(h, weight if keep is None else weight * keep.to(h.device, non_blocking=True),
                               self.cache.pool, offs.to(h.device), self.parts)
+        self.cache.settle()  # after the launch (NOTE [ misses first, bookkeeping after ])
         self.prefetch(ids[flat.numel() :])  # while the device computes (NOTE [ expert prefetch ])
         if cpu_sum is None:
             return out

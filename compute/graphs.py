@@ -206,6 +206,7 @@ class MoeGraphs:
                 self.keep_ones.discard(key)
             keep.copy_(pinned[1], non_blocking=True)
         self._launch(graph_b, "B", i, ex.cache.tl)
+        ex.cache.settle()  # (NOTE [ misses first, bookkeeping after ] in experts.py)
         ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])
         if cpu_sum is not None:  # begun in prepare, computed while the device's launches went out
             pinned[2].copy_(cpu_sum())
