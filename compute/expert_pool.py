@@ -139,12 +139,12 @@ class PrefetchSets:
         self.copied = 0  # experts copied ahead (hits or not)
         self.slots = slots  # each set's slots: the most a layer copies ahead
         self.limit = slots  # the most the next layer copies ahead now
-        self.late = 0  # layers whose copies ahead had not landed when their misses were to be copied
+        self.late = 0  # layers whose copies ahead had not landed by their fetch, which waited for one not needed first
         self.limits = 0  # the sum of `limit` over one-token steps' layers that copied ahead (its mean, with `issued`)
         self.issued = 0  # one-token steps' layers that copied ahead
         self.single = True  # this step has one token: its copies ahead follow `limit`
 
-    def landed(self, on_time: bool, misses: bool) -> None:
+    def landed(self, on_time: bool, waited: bool) -> None:
         """NOTE [ copies ahead that land in time ]
         A layer's copies ahead are issued after its graph B and must be on the device by the next
         layer's fetch; there, that layer's missed experts are copied, on the compute stream,
@@ -153,10 +153,14 @@ class PrefetchSets:
         own time whether or not they were chosen: a prediction's lower ranks then cost the chain
         more than they save. So the number a layer copies ahead follows what lands in time: one
         more after a layer whose copies had all landed by its fetch (`on_time`, its event passed),
-        one fewer after a layer whose copies had not and that had misses waiting behind them; a
-        late layer with nothing missed changes nothing. The predicted experts are copied best first (ExpertSet.prefetch), so the cut
-        drops the least likely. A prediction of 8 experts on the Qwen3-30B-A3B shape, all copied,
-        ran slower than its 5 best (BENCHMARKS.md).
+        one fewer after a layer whose copies had not and that waited for a copy it did not need
+        first (`waited`: misses behind them, or a copy ahead of an expert it did not choose, which
+        its experts waited for all the same); a late layer that chose every expert it copied ahead
+        and missed none changes nothing. Cutting only for misses let the limit climb to the whole
+        prediction in runs where few layers missed, and those runs were the slowest (BENCHMARKS.md).
+        The predicted experts are copied best first (ExpertSet.prefetch), so the cut drops the
+        least likely. A prediction of 8 experts on the Qwen3-30B-A3B shape, all copied, ran slower
+        than its 5 best (BENCHMARKS.md).
         Only steps of one token follow the limit (`single`, set each step). In a step of several
         tokens the copies ahead are the most often predicted of the step's union, nearly all used,
         and the link is busy with that union anyway: a late copy that is used delays the misses by
@@ -167,7 +171,7 @@ class PrefetchSets:
             return
         if on_time:
             self.limit = min(self.slots, self.limit + 1)
-        elif misses:
+        elif waited:
             self.late += 1
             self.limit = max(1, self.limit - 1)
 

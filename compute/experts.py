@@ -126,7 +126,8 @@ class ExpertCache:
             self._moved(i, len(items), nbytes * len(items), t0)
         if pre:
             # (NOTE [ copies ahead that land in time ]: one driver call a layer, in one-token steps only)
-            self.ahead.landed(pre_event is None or not self.ahead.single or pre_event.query(), bool(missing))
+            on_time = pre_event is None or not self.ahead.single or pre_event.query()
+            self.ahead.landed(on_time, bool(missing) or len(ahead) < len(pre))  # (a copy ahead for nothing)
             self.ahead.reading[i] = i % 2
             self.ahead.hits += len(ahead)
         if pre_event is not None:  # the experts and settle's moves read the copies ahead; the staging

@@ -236,8 +236,8 @@ def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(
 
 def test_copies_ahead_follow_what_lands_in_time():
     """NOTE [ copies ahead that land in time ]: a layer copies ahead at most `limit` experts; a
-    layer whose copies were late with misses behind them lowers it by one (never below one), a
-    late layer with nothing missed leaves it, a layer whose copies had landed raises it back
+    layer whose copies were late and that waited for a copy it did not need first lowers it by
+    one (never below one), a late layer that needed them all leaves it, a layer whose copies had landed raises it back
     towards the set's slots; the mean limit is kept for the run's stats."""
     from layerstream.compute.expert_pool import PrefetchSets
 
@@ -245,7 +245,7 @@ def test_copies_ahead_follow_what_lands_in_time():
     assert s.take(8) == 4 and s.take(2) == 2
     s.landed(False, True)
     assert s.take(8) == 3 and s.late == 1
-    s.landed(False, False)  # late, but nothing waited behind it
+    s.landed(False, False)  # late, but it waited for nothing it did not need
     assert s.take(8) == 3 and s.late == 1
     for _ in range(5):
         s.landed(False, True)
@@ -333,6 +333,18 @@ def test_copies_ahead_still_running_at_the_fetch_lower_the_limit():
     side.synchronize()
     cache.fetch(1, [6, 2], LayerLayout(1, lay.tensors, lay.nbytes), host)
     assert cache.ahead.limit == 3 and cache.ahead.late == 1
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chosen, cut", [([6], True), ([6, 4], False)], ids=["one-copied-for-nothing", "all-used"])
+def test_late_copies_ahead_for_nothing_lower_the_limit(chosen, cut):
+    """NOTE [ copies ahead that land in time ], on CUDA: a layer whose copies ahead are late and
+    that missed nothing lowers the limit where one of them was for an expert it did not choose
+    (its experts waited for that copy all the same), and leaves it where it chose them all."""
+    lay, host, slot, cache, side = _copies_ahead_held_back()
+    cache.fetch(0, chosen, lay, host)  # 6 and 4 copied ahead, still held back
+    assert cache.misses == 0 and cache.ahead.late == int(cut) and cache.ahead.limit == 3 - int(cut)
     torch.cuda.synchronize()
 
 
