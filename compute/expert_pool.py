@@ -156,11 +156,12 @@ class PrefetchSets:
         one fewer after a layer whose copies had not and that waited for a copy it did not need
         first (`waited`: misses behind them, or a copy ahead of an expert it did not choose, which
         its experts waited for all the same); a late layer that chose every expert it copied ahead
-        and missed none changes nothing. Cutting only for misses let the limit climb to the whole
-        prediction in runs where few layers missed, and those runs were the slowest (BENCHMARKS.md).
-        The predicted experts are copied best first (ExpertSet.prefetch), so the cut drops the
-        least likely. A prediction of 8 experts on the Qwen3-30B-A3B shape, all copied, ran slower
-        than its 5 best (BENCHMARKS.md).
+        and missed none changes nothing. (Cut only for misses, the limit climbed towards the whole
+        prediction in a batch-1 run that was its tree's slowest; whether as cause or effect is not
+        known, and the cut for a copy for nothing did not stop such climbs: BENCHMARKS.md.) The
+        predicted experts are copied best first (ExpertSet.prefetch), so the cut drops the least
+        likely. A prediction of 8 experts on the Qwen3-30B-A3B shape, all copied, ran slower than
+        its 5 best (BENCHMARKS.md).
         Only steps of one token follow the limit (`single`, set each step). In a step of several
         tokens the copies ahead are the most often predicted of the step's union, nearly all used,
         and the link is busy with that union anyway: a late copy that is used delays the misses by
