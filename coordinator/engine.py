@@ -272,9 +272,13 @@ class Engine:
         or the streaming pipeline when `pipeline` is a PipelineConfig), then the engine."""
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             # a script without a main guard, run again in each child of the pipeline as it starts:
-            # one line each, where multiprocessing's own RuntimeError printed a page from every child
-            raise SystemExit("layerstream: an engine was opened while a child process started (the script runs "
-                             "again in each child): put the code that opens it under if __name__ == \"__main__\":")
+            # one line each, where multiprocessing's own RuntimeError printed a page from every child.
+            # The line goes in one write: the children say it at once, and SystemExit's text and its
+            # newline are two writes where stderr is unbuffered (PYTHONUNBUFFERED), which interleaved
+            with contextlib.suppress(OSError):
+                os.write(2, b"layerstream: an engine was opened while a child process started (the script runs "
+                            b"again in each child): put the code that opens it under if __name__ == \"__main__\":\n")
+            raise SystemExit(1)
         if index is None:
             from layerstream.loader.default_model import default_model_path
 

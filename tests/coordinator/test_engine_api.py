@@ -268,3 +268,22 @@ def test_a_script_that_opens_a_pipeline_without_a_main_guard_says_so_in_one_line
         "layerstream: an engine was opened while a child process started (the script runs again in each child): "
         "put the code that opens it under if __name__ == \"__main__\":"}, r.stderr[-2000:]
     assert "RuntimeError" not in r.stderr and "bootstrapping phase" not in r.stderr
+
+
+def test_the_main_guard_line_goes_in_one_write(monkeypatch):
+    """The children print that line at once: as SystemExit's text it went as two writes (the text,
+    then its newline) where stderr is unbuffered (PYTHONUNBUFFERED=1), and two children's lines ran
+    together on one line. One write each keeps each line whole (a pipe's writes of at most
+    PIPE_BUF bytes are not interleaved)."""
+    import multiprocessing
+
+    writes = []
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append((fd, data)) or len(data))
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        Engine.open(EngineConfig(model="never-read.gguf"))
+    assert stop.value.code == 1
+    assert len(writes) == 1 and writes[0][0] == 2 and writes[0][1].count(b"\n") == 1
+    line = writes[0][1].decode()
+    assert line.startswith("layerstream: an engine was opened while a child process started") and line.endswith(
+        'if __name__ == "__main__":\n') and len(writes[0][1]) <= 512
