@@ -177,6 +177,41 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
     assert offs[:, 1].tolist() == [z * slot + p[2] for p in expert_parts(lay)]
 
 
+def test_a_fetch_leaves_the_caches_bookkeeping_to_settle():
+    """NOTE [ misses first, bookkeeping after ]: a fetch for the grouped kernel copies its misses
+    into in-flight slots and serves a copy ahead from its set, and changes nothing the cache keeps;
+    settle then counts the uses and admits as a fetch that kept its books at once would have, the
+    admitted experts' cache slots holding their bytes."""
+    lay, host = _layer(n_expert=8, rows=8, cols=16)
+    slot = slot_bytes([lay])
+    parts = expert_parts(lay)
+
+    def cache():
+        c = ExpertCache(2 * slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu",
+                        slot, in_flight=4, prefetch=2)
+        c.prefetch(0, [5], lay, host)
+        return c
+
+    def holds(c, s, e):
+        return all(c.pool[s * slot + off : s * slot + off + per].view(torch.float32)[0].item() == pytest.approx(
+            1000 * k + 100 * e) for k, (t, per, off, _, _) in enumerate(parts))
+
+    late, now = cache(), cache()
+    got = late.fetch_slots(0, [1, 5, 2], lay, host)
+    flight = range(late.store.cached, late.store.cached + late.store.in_flight - 1)
+    assert got[1] in flight and got[2] in flight and got[5] >= late.store.prefetch_base(0)
+    assert all(holds(late, got[e], e) for e in (1, 5, 2))
+    assert not late.kept.entries and not late.kept.uses  # nothing kept nor counted yet
+    now.fetch(0, [1, 5, 2], lay, host)  # (keeps its books at once)
+    late.settle()
+    assert late.kept.uses == now.kept.uses and list(late.kept.entries) == list(now.kept.entries)
+    assert len(late.kept.entries) == 2
+    for (_, e), entry in late.kept.entries.items():
+        assert entry[4] < late.store.cached and holds(late, entry[4], e)
+    late.settle()  # (once only)
+    assert late.kept.uses == now.kept.uses
+
+
 @pytest.mark.parametrize("driver", [False, True], ids=["torch-copies", "driver-copies"])
 def test_experts_copied_ahead_serve_their_layer_and_are_kept_as_copies_would_be(driver):
     """NOTE [ expert prefetch ]: experts predicted for layer i are copied into layer i's set of
