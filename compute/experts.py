@@ -224,7 +224,9 @@ class ExpertCache:
     def done(self, i: int, event=None) -> None:
         """Layer i's work is enqueued, `event` recorded after it on the compute stream: the
         prefetch set it read may be overwritten once that event has passed."""
-        self.settle()
+        if self.pending is not None:  # (its moves read the set: the event goes after them)
+            self.settle()
+            event = None
         k = self.ahead.reading.pop(i, None)
         if k is not None and self.device.type == "cuda":
             if event is None:
