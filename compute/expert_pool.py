@@ -4,9 +4,9 @@ NOTE [ the expert pool ]
 Block experts (what the grouped kernel reads) live in one device buffer of equal slots, `slot`
 bytes each: the cache's slots, then `in_flight` slots where a step's misses land (those the cache
 admits are moved into its slots after the step's experts, NOTE [ misses first, bookkeeping after ]
-in experts.py; the last of them, `zero`, is never written), then two sets of `prefetch` slots for the experts
-predicted for the next layer, copied ahead on a side stream (NOTE [ expert prefetch ] in
-experts.py). Copies land in place, with no allocation, and every expert sits at a byte offset
+in experts.py; the last of them, `zero`, is never written), then two sets of `prefetch` slots for
+the experts predicted for the next layer, copied ahead on a side stream (NOTE [ expert prefetch ]
+in experts.py). Copies land in place, with no allocation, and every expert sits at a byte offset
 from one fixed anchor, the pool, so a CUDA graph can read whichever experts a step chose from
 offsets in a tensor (graphs.py, NOTE [ decode graphs ]). A fetch never evicts an expert that the
 same fetch serves. The (token, choice) pairs the CPU computes stay in the grouped launches with
