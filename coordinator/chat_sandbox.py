@@ -147,6 +147,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def start(self) -> None:
         """Arm the limits for one render (in this thread)."""
         render_clock.deadline = time.monotonic() + RENDER_SECONDS
+        render_clock.cpu_start = time.thread_time()  # (check_deadline: the limit is this thread's CPU time)
         for name, full in self._FULL.items():
             setattr(self._budget, name, full)
 

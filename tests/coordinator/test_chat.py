@@ -191,6 +191,31 @@ def test_hostile_templates_are_one_fast_line_in_bounded_memory(source, match):
     assert "MemoryError" not in got.lines[0] and got.seconds < 10
 
 
+def test_a_render_waiting_for_the_cpu_is_not_cut(monkeypatch):
+    """The render's limit is its thread's CPU time: a render whose thread waits for a core (a
+    loaded server: here the clock jumps a second at every reading) still renders, where a limit on
+    the clock's time refused an ordinary template under load."""
+    import time
+
+    from layerstream.coordinator import chat_sandbox, chat_sizes
+
+    class Loaded:  # time, but a second of other work between any two readings of the clock
+        jump = 0.0
+
+        @classmethod
+        def monotonic(cls):
+            cls.jump += 1.0
+            return time.monotonic() + cls.jump
+
+        thread_time = staticmethod(time.thread_time)
+
+    monkeypatch.setattr(chat_sizes, "time", Loaded)
+    monkeypatch.setattr(chat_sandbox, "time", Loaded)
+    source = "{% for m in messages %}{{ m.role|upper }}: {{ m.content|trim|replace('a', 'b') }}\n{% endfor %}"
+    got = ChatTemplate(source).render([{"role": "user", "content": "a" * 50}] * 200)
+    assert got.count("USER: " + "b" * 50 + "\n") == 200 and Loaded.jump > 2 * chat_sizes.RENDER_SECONDS
+
+
 # Templates that use what chat templates use: jinja's own immutable sandbox renders them as the bounded one must.
 ORDINARY = [
     "{% for m in messages %}{{ loop.index }}:{{ m.role|upper }}={{ m.content|trim|replace('a', 'b') }}"
