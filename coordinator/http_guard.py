@@ -19,7 +19,10 @@ then held the whole budget, and every other POST was refused. uvicorn buffers at
 arriving (413, 408, 503) lingers as h11's own refusals do (half-closed, what still comes dropped for
 LINGER_S): closed with bytes unread, the connection was reset and a client read the reset, not the
 answer. A head past `head_bytes` is a 431 from the same path as h11's own refusals (_Recording),
-since h11 refuses only a head still incomplete. These rest on uvicorn's H11Protocol attributes
+since h11 refuses only a head still incomplete. A client that shuts its side down once its request is
+sent (shutdown(SHUT_WR): `nc -N`) is taken for gone and gets no answer: its end of data cannot be told
+from a close until the server writes, and a client that closed has its row freed at once rather than
+generating for no one (a non-streamed request's handler watches for that close). These rest on uvicorn's H11Protocol attributes
 (`conn`, `connections`, `transport`, `loop`, `on_response_complete`), which the tests exercise.
 """
 
