@@ -199,7 +199,8 @@ class EngineCore:
         if self.closed:
             raise LayerstreamError("this engine is closed; load another")
         if self.running or self.waiting:
-            raise ConfigError("evaluation runs while no request is in flight")
+            raise ConfigError(f"evaluation needs the engine idle: {len(self.running) + len(self.waiting)} "
+                              "request(s) in flight; let them finish or abort them first")
         if not tokens:
             raise ValueError("score() needs at least one token")
         while self.inflight:  # the discarded tokens of requests that ended (NOTE [ one step behind ])
@@ -227,6 +228,8 @@ class EngineCore:
         """Queue a request; a prompt that cannot fit the context is refused now, before prefill."""
         if self.closed:  # (a local backend ran on: README says a closed engine refuses every call)
             raise LayerstreamError("this engine is closed; load another")
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"a request's params must be a SamplingParams, not {type(params).__name__}")
         if not prompt:
             raise ConfigError("empty prompt: give at least one token of text")
         if self.on_context_full == "error" and len(prompt) >= self.ctx:
@@ -322,6 +325,8 @@ class EngineCore:
         returns what each request produced. A request whose logits are not finite finishes with
         finish_reason "error"; when the backend fails, the requests of the steps in flight do so
         too (reported by the next step) and the error is raised."""
+        if self.closed:  # (as every other call: a local backend's step read its freed rows)
+            raise LayerstreamError("this engine is closed; load another")
         outs, self.aborted = self.aborted, []
         if not self.inflight and not self._submit(outs):
             return outs

@@ -455,6 +455,10 @@ class Engine:
             yield from self._run_batch(ids, params)
 
     def _run_batch(self, ids: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, str]]:
+        own = len(self.core.waiting) + len(self.core.running)
+        if own:  # (stepping them here took their outputs from their owner, and named no prompt of ours)
+            raise ConfigError(f"the engine's core has {own} request{'s' if own > 1 else ''} of its own in flight "
+                              "(added through engine.core): step them to their end or abort them first")
         self._batches += 1
         names = [f"batch{self._batches}-{i}" for i in range(len(ids))]
         index = {n: i for i, n in enumerate(names)}
@@ -467,7 +471,9 @@ class Engine:
                 if self._closed:  # (close() from another thread: one process generated on to the end)
                     raise LayerstreamError("this engine was closed during the generation")
                 for out in self.core.step():
-                    i = index[out.request_id]
+                    i = index.get(out.request_id)
+                    if i is None:  # (the end of one the core's caller aborted: reported to no one here)
+                        continue
                     if out.text:
                         yield i, out.text
                     if out.finished:

@@ -133,10 +133,34 @@ def test_one_generation_at_a_time_and_none_after_close(model):
         e.generate_batch([PROMPT], G)  # (it generated on)
     with pytest.raises(LayerstreamError, match="this engine is closed"):
         e.encode(PROMPT)  # (a probe's: it tokenized on, where the README says a closed engine refuses every call)
-    for call in (lambda: e.core.add_request("r", [1, 2], G), lambda: e.core.score([1, 2], lambda at, lg: None)):
+    for call in (lambda: e.core.add_request("r", [1, 2], G), lambda: e.core.score([1, 2], lambda at, lg: None),
+                 e.core.step):  # (step: an IndexError on a local backend, [] on the pipeline; a probe's)
         with pytest.raises(LayerstreamError, match="this engine is closed"):
             call()  # (the engine core queued and generated on a local backend; a probe's)
     e.close()  # (twice is fine)
+
+
+def test_requests_of_the_cores_own_and_generate(model):
+    """Requests added through engine.core (README's lower level) and generate(): a probe's. One the
+    caller aborted left its end for the next generate, which raised a bare KeyError; one still in
+    flight had its outputs taken by generate's steps, and each call raised KeyError. Now the first
+    is passed over and the second refused, naming it; an evaluation says what it needs."""
+    with Engine.load(model, device="cpu", ctx=64, max_seqs=2) as e:
+        want = e.generate_batch([PROMPT], G)
+        e.core.add_request("x", [1, 2], G)
+        e.core.abort("x")
+        assert e.generate_batch([PROMPT], G) == want
+        e.core.add_request("a", [1, 2], G)
+        e.core.step()
+        with pytest.raises(ConfigError, match="^the engine's core has 1 request of its own in flight "
+                                              r"\(added through engine.core\): step them to their end or abort"):
+            e.generate_batch([PROMPT], G)
+        with pytest.raises(ConfigError, match=r"^evaluation needs the engine idle: 1 request\(s\) in flight"):
+            e.logits(PROMPT)
+        assert [o.finish_reason for o in e.core.run_to_completion() if o.finished] == ["length"]
+        assert e.generate_batch([PROMPT], G) == want
+        with pytest.raises(ConfigError, match="^a request's params must be a SamplingParams, not NoneType$"):
+            e.core.add_request("t", [1, 2], None)  # (an AttributeError from the sampler before)
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
