@@ -26,6 +26,7 @@ from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper, StepResult
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
+from layerstream.coordinator.pipeline_config import PipelineConfig
 from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.coordinator.tokenizer import Tokenizer, token_ids
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
@@ -279,6 +280,9 @@ class Engine:
                 os.write(2, b"layerstream: an engine was opened while a child process started (the script runs "
                             b"again in each child): put the code that opens it under if __name__ == \"__main__\":\n")
             raise SystemExit(1)
+        if pipeline is not None and not isinstance(pipeline, PipelineConfig):  # (a dict: AttributeError, deep in)
+            raise ConfigError(f"Engine.open's pipeline={pipeline!r}: give a PipelineConfig(...), or None to load "
+                              "the model in this process")
         if index is None:
             from layerstream.loader.default_model import default_model_path
 

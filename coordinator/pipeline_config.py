@@ -6,7 +6,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from layerstream.bounds import MAX_READERS
+from layerstream.bounds import MAX_READERS, MAX_WINDOW
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.errors import ConfigError
 
@@ -37,6 +37,12 @@ class Budget:
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1 << 20):
                 raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {1 << 20} (or None: the "
                                   "plan's default)")
+        # (the plan checked these only when the pipeline opened, named as run-pipeline's flags)
+        for name, low, high in (("resident_layers", 0, 1 << 16), ("prefetch", 1, 1 << 16), ("step_tokens", 1, MAX_WINDOW),
+                                ("vram_slots", 2, 16)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
+                raise ConfigError(f"{name}={v!r}: give a whole number from {low} to {high} (or None: the plan's default)")
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,11 @@ class ReaderOptions:
     direct: bool = False
 
     def __post_init__(self) -> None:
-        if not 1 <= self.count <= MAX_READERS:
-            raise ConfigError(f"--readers {self.count}: give 1 to {MAX_READERS}")
+        if isinstance(self.count, bool) or not isinstance(self.count, numbers.Integral) \
+                or not 1 <= self.count <= MAX_READERS:
+            raise ConfigError(f"--readers {self.count!r}: give 1 to {MAX_READERS}")
+        if isinstance(self.dirs, (str, bytes)):  # (its letters were taken for folders)
+            raise ConfigError(f"--reader-dir {self.dirs!r}: give a list of folders, one per reader")
         if self.dirs and len(self.dirs) != self.count:
             raise ConfigError(f"--reader-dir given {len(self.dirs)} times for --readers {self.count}; "
                               "give one per reader")
@@ -117,6 +126,12 @@ class PipelineConfig:
     on_progress: ProgressHook | None = field(default=None, compare=False)  # see ProgressHook
     # processes spawned ahead for the children (supervisor.WarmStarts, NOTE [ warm starts ]); None: spawn each
     warm: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("budget", Budget), ("readers", ReaderOptions), ("cpu", CpuOptions),
+                           ("experts", ExpertOptions), ("procs", ProcessOptions)):
+            if not isinstance(getattr(self, name), kind):  # (a dict failed deep in the launch: AttributeError)
+                raise ConfigError(f"PipelineConfig {name}={getattr(self, name)!r}: give a {kind.__name__}(...)")
 
 
 __all__ = ["Budget", "CpuOptions", "CpuShareConfig", "ExpertOptions", "PipelineConfig", "ProcessOptions",

@@ -196,6 +196,28 @@ def test_a_bad_pipeline_budget_is_refused_when_made(kw):
     assert Budget(vram_gb=1 << 20).vram_gb == 1 << 20  # (the CLI's --vram-gb takes up to this: the review's)
 
 
+def test_pipeline_options_of_the_wrong_kind_are_refused_when_made(model):
+    """A probe's: a dict for a budget, or for the whole pipeline, failed deep in the launch
+    (AttributeError); a string count compared with an int (TypeError); a folder given as one string
+    was read as its letters; Budget(prefetch=-1) was refused only when the pipeline opened, named as
+    run-pipeline's flag."""
+    from layerstream.coordinator.pipeline_config import Budget, PipelineConfig, ReaderOptions
+
+    cases = [(lambda: PipelineConfig(budget={"vram_gb": 1}), r"^PipelineConfig budget=\{'vram_gb': 1\}: give a Budget\(\.\.\.\)"),
+             (lambda: ReaderOptions(count="2"), r"^--readers '2': give 1 to "),
+             (lambda: ReaderOptions(dirs="/tmp"), r"^--reader-dir '/tmp': give a list of folders, one per reader"),
+             (lambda: Budget(prefetch=-1), r"^prefetch=-1: give a whole number from 1 to 65536"),
+             (lambda: Budget(resident_layers=1.5), r"^resident_layers=1.5: give a whole number from 0 to"),
+             (lambda: Budget(vram_slots=True), r"^vram_slots=True: give a whole number from 2 to 16"),
+             (lambda: Engine.open(EngineConfig(model=model, device="cpu"), {"budget": 1}),
+              r"^Engine.open's pipeline=\{'budget': 1\}: give a PipelineConfig\(\.\.\.\), or None")]
+    for make, words in cases:
+        with pytest.raises(ConfigError, match=words):
+            make()
+    assert Budget(prefetch=1, resident_layers=0, vram_slots=16, step_tokens=512).prefetch == 1
+    assert ReaderOptions(count=2, dirs=("/a", "/b")).dirs == ("/a", "/b")
+
+
 def test_a_model_path_that_is_no_regular_file_says_so():
     from layerstream.errors import ModelError
 
