@@ -199,8 +199,7 @@ class EngineCore:
         if self.closed:
             raise LayerstreamError("this engine is closed; load another")
         if self.running or self.waiting:
-            raise ConfigError(f"evaluation needs the engine idle: {len(self.running) + len(self.waiting)} "
-                              "request(s) in flight; let them finish or abort them first")
+            raise ConfigError("evaluation needs the engine idle: let the requests in flight finish, or abort them")
         if not tokens:
             raise ValueError("score() needs at least one token")
         while self.inflight:  # the discarded tokens of requests that ended (NOTE [ one step behind ])
@@ -497,9 +496,5 @@ def _reason(e: BaseException) -> str:
 
 
 def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading tokens a and b share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
