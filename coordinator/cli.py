@@ -22,7 +22,7 @@ from layerstream.coordinator.args import (
     shown,
 )
 from layerstream.coordinator.sigmask import start_thread_pools
-from layerstream.coordinator.stdio import flush_stdout, open_standard_fds, print_stream
+from layerstream.coordinator.stdio import closed_output, flush_stdout, open_standard_fds, print_stream
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 from layerstream.proto.signals import HOW, STOP_SIGNALS, Stopped, raise_on_stop
 
@@ -309,6 +309,8 @@ def run(args) -> int:
             setattr(args, name, getattr(args, name).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     sys.stdin.reconfigure(errors="replace")
     check_args(args)
+    if not args.serve and (closed := closed_output()) is not None:  # (before the model loads)
+        raise closed
     api_key = read_api_key(args, os.environ) if args.serve else None
     sock = contextlib.nullcontext()
     if args.serve:  # the port taken before anything loads or starts: one in use is one line at once

@@ -9,23 +9,36 @@ import sys
 
 from layerstream.errors import LayerstreamError
 
+REOPENED: set[str] = set()  # the standard streams open_standard_fds found closed
+
 
 def open_standard_fds() -> None:
-    """A closed stdin, stdout or stderr (`<&-`, `>&-`) reopened on the null device. Left closed, its
-    number went to the next file or socket opened (libuv aborted on its loop's, a print could land in
-    a socket), and Python's sys.stdout was None (the children's exit and uvicorn's logging raised)."""
+    """A closed stdin, stdout or stderr (`<&-`, `>&-`) reopened on the null device, and named in
+    REOPENED. Left closed, its number went to the next file or socket opened (libuv aborted on its
+    loop's, a print could land in a socket), and Python's sys.stdout was None (the children's exit and
+    uvicorn's logging raised). A command whose reply goes to stdout refuses a closed one
+    (closed_output), as it refuses a full disk: the reply would be lost with exit 0."""
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
         try:
             os.fstat(fd)
             continue
         except OSError:
             pass
+        REOPENED.add(name)
         null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)  # (the lowest free number: fd)
         if null != fd:
             os.dup2(null, fd)
             os.close(null)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", errors="replace", closefd=False))
+
+
+def closed_output() -> LayerstreamError | None:
+    """The error of a reply whose stdout was closed when the command started (`>&-`), else None."""
+    if "stdout" not in REOPENED:
+        return None
+    return LayerstreamError("cannot write the output (standard output is closed); redirect it to a file, or to "
+                            "/dev/null to discard it")
 
 
 def output_error(e: OSError) -> LayerstreamError:
