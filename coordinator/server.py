@@ -281,8 +281,9 @@ class Server:
                     if req.include_usage:
                         yield event(chunk(0, "", None) | {"choices": [], "usage": usage})
                     yield "data: [DONE]\n\n"
-                except ApiError as e:
+                except ApiError as e:  # an error event, then the end a client waits for (as vLLM's)
                     yield event(e.body())
+                    yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -440,8 +440,9 @@ def _exits_1_naming(p: subprocess.Popen, before: set[str], child: str) -> None:
 
 def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
     """The compute process gone mid-stream (the engine cannot go on): the stream in hand is answered
-    with a 503 error event naming the dead child, then the server stops by itself with one line
-    and exit status 1, leaving nothing behind."""
+    with a 503 error event naming the dead child, then `data: [DONE]` (a probe's: the stream ended
+    without it, where vLLM sends it), then the server stops by itself with one line and exit status
+    1, leaving nothing behind."""
     before = segments()
     p, url = _start("--ctx", "256", "--resident-layers", "0")
     try:
@@ -449,7 +450,9 @@ def test_a_dead_pipeline_answers_503_and_the_server_exits_1_saying_why():
             r.readline()  # the stream started
             os.kill(_children(p)["layerstream-com"], signal.SIGKILL)
             body = r.read().decode()
-        err = json.loads(body.strip().splitlines()[-1].removeprefix("data: "))["error"]
+        events = [line.removeprefix("data: ") for line in body.strip().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", events[-3:]
+        err = json.loads(events[-2])["error"]
         assert err["type"] == "server_error" and "the compute process died" in err["message"], err
         _exits_1_naming(p, before, "compute")
     finally:
