@@ -34,7 +34,7 @@ MAX_CTX = MAX_WINDOW
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
 SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
 # the pipeline's counts and their bounds, as options of run-pipeline and of bin/bench's pipeline stages
-PIPELINE_COUNTS = {"readers": (1, MAX_READERS), "prefetch": (1, 1 << 16), "resident_layers": (0, 1 << 16),
+PIPELINE_COUNTS = {"readers": (1, MAX_READERS), "prefetch": (1, 1 << 16), "resident_layers": (0, 1 << 31),
                    "step_tokens": (1, MAX_CTX), "cpu_threads": (1, 4096), "vram_slots": (2, 16),
                    "expert_prefetch": (0, 1 << 16)}
 MAX_KEY_FILE = 4096  # bytes of an --api-key-file: a key, not a document

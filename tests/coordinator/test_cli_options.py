@@ -37,8 +37,8 @@ def model(tmp_path_factory):
 
 @pytest.mark.parametrize("args,line", [
     # named as typed: these named --resident-layers, --temperature inf, --max-tokens
-    (["-ngl", "-1"], "-ngl -1: must be from 0 to 65536"),
-    (["--n-gpu-layers=-5"], "--n-gpu-layers -5: must be from 0 to 65536"),
+    (["-ngl", "-1"], "-ngl -1: must be from 0 to 2147483648"),
+    (["--n-gpu-layers=-5"], "--n-gpu-layers -5: must be from 0 to 2147483648"),
     (["--temperature", "1e309"], "--temperature 1e309: must be a finite number from 0 to 100"),
     (["-n0"], "-n 0: must be from 1 to 4194304, or -1 (until the end of sequence or a full context)"),
     (["--n-predict", "0"], "--n-predict 0: must be from 1 to 4194304, or -1"),
@@ -79,6 +79,9 @@ def test_llama_cpp_spellings_are_aliases():
     """--ctx-size 128 -n 2 hi was 'unrecognized arguments: --ctx-size hi' (128 taken as the prompt)."""
     a = build_parser().parse_args(["--ctx-size", "128", "--n-predict", "2", "--threads", "1", "hi"])
     assert (a.ctx, a.max_tokens, a.cpu_threads, a.prompt) == (128, 2, 1, ["hi"])
+    a = build_parser().parse_args(["-ngl", "99999", "hi"])  # (refused past 65536, where README says more keeps all)
+    check_args(a)
+    assert a.resident_layers == 99999
     a = build_parser().parse_args(["--", "-b", "--max-model-len"])  # words after -- are the prompt's
     assert a.prompt == ["-b", "--max-model-len"]
     # an option's value, not an option: argparse takes it for one, and the hint says how to give it
