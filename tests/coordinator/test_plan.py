@@ -90,6 +90,8 @@ def test_too_small_says_the_budget_as_given_and_a_minimum_that_plans(l8, gib):
         plan(l8, gib, ctx=512)
     msg = str(e.value)
     assert msg.startswith(f"--vram-gb {gib:g} is too small"), msg
+    step = re.search(r"with (\d+) (tokens?) a step", msg)  # ('with 1 tokens a step', a probe's)
+    assert step and (step.group(2) == "token") == (step.group(1) == "1"), msg
     least = float(re.search(r"needs at least (\d+\.\d\d) GiB", msg).group(1))
     assert least > gib and plan(l8, least, ctx=512).device_bytes <= least * GiB
 
