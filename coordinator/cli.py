@@ -341,6 +341,7 @@ def _run_bound(args, api_key, sock, warm, gcs) -> int:
     check_quants(index)
     check_device(args)
     read_prompt_text(args)  # (last: a pipe can wait on its writer)
+    _warn_replaced("the prompt", " ".join(args.prompt), "the model reads the replacements")
     params = _sampling(args)
     from layerstream.coordinator.turn import Rates
     rates = Rates()
@@ -358,6 +359,13 @@ def _run_bound(args, api_key, sock, warm, gcs) -> int:
                 print(rates.line(load_s), file=sys.stderr)
 
 
+def _warn_replaced(what: str, text: str, consequence: str) -> None:
+    """A warning where `text` holds U+FFFD: bytes that were not UTF-8, replaced as it was read."""
+    if n := text.count("\ufffd"):
+        print(f"{PROG}: warning: {what}: not UTF-8 text ({n} character{'s' if n > 1 else ''} replaced); {consequence}",
+              file=sys.stderr)
+
+
 def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
     if args.serve:
         from layerstream.coordinator.openai_api import DEFAULTS
@@ -368,9 +376,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
                      sock=sock, defaults=DEFAULTS | served_sampling(args))
     if args.perplexity:
         text = args.perplexity_text  # (read_prompt_text's)
-        if "\ufffd" in text:  # (errors="replace": bytes that are not UTF-8)
-            print(f"{PROG}: warning: --perplexity {args.perplexity}: not UTF-8 text ({text.count(chr(0xFFFD))} "
-                  f"character{'s' if text.count(chr(0xFFFD)) > 1 else ''} replaced); the figure scores the replacements too", file=sys.stderr)
+        _warn_replaced(f"--perplexity {args.perplexity}", text, "the figure scores the replacements too")
         from layerstream.coordinator.turn import counted
 
         try:

@@ -247,6 +247,16 @@ def test_non_utf8_prompt_bytes_are_replaced_not_a_traceback(tmp_path):
                         b"caf\xe9 \xff"], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert b"Traceback" not in r.stderr
+    # said in one line, as --perplexity says it (a probe's: the model read the replacements unwarned)
+    assert r.stderr.decode().splitlines() == ["run-pipeline: warning: the prompt: not UTF-8 text (2 characters "
+                                              "replaced); the model reads the replacements"], r.stderr
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(b"Hello \xff\xfe world")
+    r = run_pipeline("--single-process", "-m", path, "-n", "2", "--device", "cpu", "-f", str(prompt))
+    assert r.returncode == 0 and r.stderr.splitlines() == [
+        "run-pipeline: warning: the prompt: not UTF-8 text (2 characters replaced); the model reads the replacements"]
+    r = run_pipeline("--single-process", "-m", path, "-n", "2", "--device", "cpu", "café")  # (UTF-8: no warning)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
 def test_good_run_prints_the_engines_text(tmp_path):
