@@ -38,8 +38,8 @@ class Budget:
                 raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {1 << 20} (or None: the "
                                   "plan's default)")
         # (the plan checked these only when the pipeline opened, named as run-pipeline's flags)
-        for name, low, high in (("resident_layers", 0, 1 << 31), ("prefetch", 1, 1 << 16), ("step_tokens", 1, MAX_WINDOW),
-                                ("vram_slots", 2, 16)):
+        for name, low, high in (("resident_layers", 0, 1 << 31), ("prefetch", 1, 1 << 16),
+                                ("step_tokens", 1, MAX_WINDOW), ("vram_slots", 2, 16)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
                 raise ConfigError(f"{name}={v!r}: give a whole number from {low} to {high} (or None: the plan's default)")

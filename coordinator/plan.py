@@ -325,7 +325,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
             least, parts = fit(T, 2, 0, 0)
             raise ConfigError(
                 f"--vram-gb {budget / GiB:.5g} is too small for {os.path.basename(index.path)} with "
-                f"{T} token{'s' if T != 1 else ''} a step: it needs at least {math.ceil(least / GiB * 100) / 100:.2f} GiB "
+                f"{T} token{'s' if T != 1 else ''} a step: it needs at least "
+                f"{math.ceil(least / GiB * 100) / 100:.2f} GiB "
                 f"({', '.join(f'{k} {_gib(v)}' for k, v in parts if v)})"
                 + (f" beside the draft model's {_gib(draft.total)}" if draft else "")
                 + "; raise --vram-gb, or lower --step-tokens, --batch or --ctx")
