@@ -1,6 +1,6 @@
 """Bounds that more than one layer checks: sampling's values (SamplingParams in compute/sampling.py,
 run-pipeline's options in coordinator/args.py, the server's fields in coordinator/openai_api.py) and
-the reader processes (args and coordinator/pipeline_config.py); torch-free, since the options are
+the pipeline's counts (args and coordinator/pipeline_config.py); torch-free, since the options are
 checked before torch is imported."""
 
 MAX_WINDOW = 1 << 22  # tokens: a context, max_tokens, the repeat penalty's window at most
@@ -11,3 +11,8 @@ MAX_TEMPERATURE = 100.0
 # one above 3e36); below 0.01 it only makes a seen token certain, which 0.01 already does.
 REPEAT_PENALTY_RANGE = (0.01, 100.0)
 MAX_READERS = 64  # reader processes: each is a process of its own (a thousand ran a machine out of memory)
+# the pipeline's counts and their bounds: run-pipeline's and bin/bench's options (coordinator/args.py)
+# and the Python API's (pipeline_config.Budget, ReaderOptions)
+PIPELINE_COUNTS = {"readers": (1, MAX_READERS), "prefetch": (1, 1 << 16), "resident_layers": (0, 1 << 31),
+                   "step_tokens": (1, MAX_WINDOW), "cpu_threads": (1, 4096), "vram_slots": (2, 16),
+                   "expert_prefetch": (0, 1 << 16)}

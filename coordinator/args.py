@@ -9,7 +9,13 @@ import os
 import re
 import sys
 
-from layerstream.bounds import MAX_READERS, MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
+from layerstream.bounds import (
+    MAX_READERS,  # noqa: F401 - --readers' bound, in PIPELINE_COUNTS
+    MAX_TEMPERATURE,
+    MAX_WINDOW,
+    PIPELINE_COUNTS,
+    REPEAT_PENALTY_RANGE,
+)
 from layerstream.coordinator.arg_files import (
     NO_PROMPT,
     check_trace,
@@ -33,10 +39,6 @@ MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not impo
 MAX_CTX = MAX_WINDOW
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
 SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
-# the pipeline's counts and their bounds, as options of run-pipeline and of bin/bench's pipeline stages
-PIPELINE_COUNTS = {"readers": (1, MAX_READERS), "prefetch": (1, 1 << 16), "resident_layers": (0, 1 << 31),
-                   "step_tokens": (1, MAX_CTX), "cpu_threads": (1, 4096), "vram_slots": (2, 16),
-                   "expert_prefetch": (0, 1 << 16)}
 MAX_KEY_FILE = 4096  # bytes of an --api-key-file: a key, not a document
 
 

@@ -6,7 +6,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from layerstream.bounds import MAX_READERS, MAX_WINDOW
+from layerstream.bounds import MAX_READERS, PIPELINE_COUNTS
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.errors import ConfigError
 
@@ -38,9 +38,8 @@ class Budget:
                 raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {1 << 20} (or None: the "
                                   "plan's default)")
         # (the plan checked these only when the pipeline opened, named as run-pipeline's flags)
-        for name, low, high in (("resident_layers", 0, 1 << 31), ("prefetch", 1, 1 << 16),
-                                ("step_tokens", 1, MAX_WINDOW), ("vram_slots", 2, 16)):
-            v = getattr(self, name)
+        for name in ("resident_layers", "prefetch", "step_tokens", "vram_slots"):
+            v, (low, high) = getattr(self, name), PIPELINE_COUNTS[name]
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
                 raise ConfigError(f"{name}={v!r}: give a whole number from {low} to {high} (or None: the plan's default)")
 
