@@ -62,11 +62,19 @@ class LayerParts:
         self.parts: dict[int, list] = {}  # layer -> expert_parts of its layout
         self.kernel: dict[int, tuple] = {}  # layer -> (qtype, rows, cols) of gate, up and down
         self.offsets: dict[int, tuple] = {}  # layer -> where gate, up and down start in a pool slot
+        self.sizes: dict[int, int] = {}  # layer -> an expert's bytes (gate, up and down)
 
     def of(self, lay: LayerLayout) -> list:
         got = self.parts.get(lay.layer)
         if got is None:
             got = self.parts[lay.layer] = expert_parts(lay)
+        return got
+
+    def expert_nbytes(self, lay: LayerLayout) -> int:
+        """An expert's bytes, its gate's, up's and down's (once a layer: each fetch and copy ahead reads it)."""
+        got = self.sizes.get(lay.layer)
+        if got is None:
+            got = self.sizes[lay.layer] = sum(p[1] for p in self.of(lay))
         return got
 
     def kernel_parts(self, i: int, lay: LayerLayout) -> tuple:

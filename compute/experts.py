@@ -114,7 +114,7 @@ class ExpertCache:
         items = list(zip(self.store.flight(), missing))  # (in-flight slot, expert): copied at once
         if len(items) < len(missing):
             raise RuntimeError(f"layer {i}: more new experts in one step than the pool's {self.store.in_flight - 1}")
-        nbytes = sum(p[1] for p in self.parts.of(lay))  # an expert's bytes
+        nbytes = self.parts.expert_nbytes(lay)
         if items:
             t0 = time.monotonic_ns()
             self._copy(i, items, lay, host, cur)
@@ -214,7 +214,7 @@ class ExpertCache:
             ev = torch.cuda.Event()
             ev.record(stream)
         self.ahead.layers[i] = (slots, ev)
-        moved = len(want) * sum(p[1] for p in self.parts.of(lay))
+        moved = len(want) * self.parts.expert_nbytes(lay)
         self.bytes_moved += moved
         self.ahead.copied += len(want)
         self.tl.add("expert_prefetch", f"prefetch L{i}", t0, time.monotonic_ns() - t0, moved, layer=i,
