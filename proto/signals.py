@@ -63,7 +63,6 @@ def raise_on_stop() -> dict:
 def ignore_stop_signals() -> None:
     """STOP_SIGNALS ignored, then unblocked (a child spawned with them blocked: NOTE [ SIGINT while a
     child starts ]): one pending meanwhile is dropped."""
-    for s in STOP_SIGNALS - {TERMINATE}:
-        signal.signal(s, signal.SIG_IGN)
+    set_handlers(STOP_SIGNALS - {TERMINATE}, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
