@@ -9,13 +9,7 @@ import os
 import re
 import sys
 
-from layerstream.bounds import (
-    MAX_READERS,  # noqa: F401 - --readers' bound, in PIPELINE_COUNTS
-    MAX_TEMPERATURE,
-    MAX_WINDOW,
-    PIPELINE_COUNTS,
-    REPEAT_PENALTY_RANGE,
-)
+from layerstream.bounds import MAX_READERS, MAX_TEMPERATURE, MAX_WINDOW, PIPELINE_COUNTS, REPEAT_PENALTY_RANGE  # noqa: F401 - MAX_READERS
 from layerstream.coordinator.arg_files import (
     NO_PROMPT,
     check_trace,
