@@ -219,7 +219,7 @@ def build_parser() -> Parser:
                         "with --single-process: torch's default)")
     g.add_argument("--expert-cache-gb", type=float, default=None,
                    help="device memory for a mixture-of-experts model's streamed experts: decode steps copy only the "
-                        "experts the router chose (default: one layer's slot)")
+                        "experts the router chose (default: one layer's slot and what --vram-gb leaves beside it)")
     g.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu",
                    help="which streamed experts the device cache keeps: the most often used (lfu, default) or the "
                         "most recently used (lru)")

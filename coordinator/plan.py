@@ -360,6 +360,17 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         if total > vram_bytes:
             raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {budget / GiB:.2f}: the plan needs "
                               f"{_gib(total)}; lower --resident-layers")
+        if experts and expert_cache_bytes is None and r < n:
+            # what the budget leaves (less than a layer: no more fit) goes to the expert cache, in whole
+            # expert slots: room that held nothing now saves a layer a copy on each of its hits
+            base, unit = experts, expert_slot(layouts)
+
+            def cache_fits(k: int) -> bool:
+                nonlocal experts
+                experts = base + k * unit
+                return fit(T, slots, r, kv_dev, keep_dense)[0] <= vram_bytes
+            experts = base + most(0, (vram_bytes - total) // unit, cache_fits) * unit
+            total, parts = fit(T, slots, r, kv_dev, keep_dense)
     resident = tuple(range(r))
     streamed = tuple(range(r, n))
     if prefetch is None:

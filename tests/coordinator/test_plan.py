@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from layerstream.compute.expert_layout import slot_bytes
 from layerstream.coordinator.plan import GiB
 from layerstream.errors import ConfigError
 from layerstream.loader.layout import layer_layouts
@@ -171,6 +172,15 @@ def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     # (compute/experts.py, NOTE [ expert prefetch ]); they need its router on the device
     assert p.expert_prefetch == 16 and dict(p.parts)["experts copied ahead"] == 2 * 16 * per_expert
     assert "routers resident, 16 experts a layer copied ahead on a prediction" in p.describe()
+    # the expert cache: one layer's slot, and what the budget leaves once no more layers fit, in
+    # whole expert slots; given, it is as given
+    slot = slot_bytes(layouts)
+    cache = dict(p.parts)["expert cache"]
+    assert cache >= p.slot_bytes and (cache - p.slot_bytes) % slot == 0
+    assert gib * GiB - slot < p.device_bytes <= gib * GiB  # (not one more expert slot fits)
+    assert len(plan((index, layouts), gib, expert_cache_bytes=p.slot_bytes).resident) == len(p.resident)
+    given = plan((index, layouts), gib, expert_cache_bytes=GiB // 4)
+    assert dict(given.parts)["expert cache"] == GiB // 4 and given.expert_cache_bytes == GiB // 4
     off = plan((index, layouts), gib, expert_prefetch=0)
     assert off.expert_prefetch == 0 and dict(off.parts)["experts copied ahead"] == 0
     assert "copied ahead" not in off.describe()
