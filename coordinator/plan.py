@@ -207,7 +207,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         return SLACK_MIN + int(total * SLACK_FRACTION)
 
     # a mixture-of-experts model's decode steps fetch only their chosen experts into a cache of
-    # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default
+    # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default, and the room left (below)
     experts = in_flight = ahead = 0
     if hp.moe.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
