@@ -89,7 +89,7 @@ class CpuOptions:
 class ExpertOptions:
     """How streamed mixture-of-experts layers' experts reach the device (--expert-cache-gb, ...)."""
 
-    cache_gb: float | None = None  # device memory for streamed experts (default: one layer's slot and what the budget leaves)
+    cache_gb: float | None = None  # device memory for streamed experts (default: a layer's slot and the budget's rest)
     moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
     policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
     prefetch: int | None = None  # experts predicted and copied ahead a layer (None: the plan's default; 0: off)

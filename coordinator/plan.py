@@ -207,7 +207,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         return SLACK_MIN + int(total * SLACK_FRACTION)
 
     # a mixture-of-experts model's decode steps fetch only their chosen experts into a cache of
-    # their own (compute/streamed.py, NOTE [ expert streaming ]): one layer's worth by default, and the room left (below)
+    # their own (compute/streamed.py, NOTE [ expert streaming ]): a layer's worth by default, and the rest (below)
     experts = in_flight = ahead = 0
     if hp.moe.n_expert:
         experts = slot_bytes if expert_cache_bytes is None else expert_cache_bytes
@@ -361,8 +361,8 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
             raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {budget / GiB:.2f}: the plan needs "
                               f"{_gib(total)}; lower --resident-layers")
         if experts and expert_cache_bytes is None and r < n:
-            # what the budget leaves (less than a layer: no more fit) goes to the expert cache, in whole
-            # expert slots: room that held nothing now saves a layer a copy on each of its hits
+            # what the budget leaves beside the resident layers (as many as fit, or -ngl's) goes to the
+            # expert cache in whole expert slots: room that held nothing saves a copy on each of its hits
             base, unit = experts, expert_slot(layouts)
 
             def cache_fits(k: int) -> bool:

@@ -177,8 +177,11 @@ def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     slot = slot_bytes(layouts)
     cache = dict(p.parts)["expert cache"]
     assert cache >= p.slot_bytes and (cache - p.slot_bytes) % slot == 0
-    assert gib * GiB - slot < p.device_bytes <= gib * GiB  # (not one more expert slot fits)
+    assert gib * GiB - 2 * slot < p.device_bytes <= gib * GiB  # (another slot and its slack would not fit)
     assert len(plan((index, layouts), gib, expert_cache_bytes=p.slot_bytes).resident) == len(p.resident)
+    few = plan((index, layouts), gib, resident_layers=0)  # (-ngl 0: the cache takes the resident layers' experts' room)
+    assert dict(few.parts)["expert cache"] >= cache + sum(layouts[i].nbytes - dense[i] for i in p.resident) - 2 * slot
+    assert gib * GiB - 2 * slot < few.device_bytes <= gib * GiB
     given = plan((index, layouts), gib, expert_cache_bytes=GiB // 4)
     assert dict(given.parts)["expert cache"] == GiB // 4 and given.expert_cache_bytes == GiB // 4
     off = plan((index, layouts), gib, expert_prefetch=0)
