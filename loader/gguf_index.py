@@ -434,8 +434,10 @@ def _check_hparams(hp: HParams, tensors: dict[str, TensorInfo], path: str, n_tok
 def open_model(path: str | os.PathLike) -> ModelIndex:
     """Open a GGUF model (or the first part of a split one) and index its tensors by layer."""
     path = os.fspath(path)
-    files = split_files(path)
-    headers = [read_header(f) for f in files]
+    given = read_header(path)
+    # a split set by its header, as llama.cpp tells one: a whole model named like a part loads alone
+    files = split_files(path) if (meta(given[0], "split.count", int, 1, path=path) or 1) > 1 else [path]
+    headers = [given if f == path else read_header(f) for f in files]
     md = headers[0][0]
     count = meta(md, "split.count", int, 1, path=path) or 1
     if count > 1 and len(files) == 1:

@@ -120,14 +120,21 @@ def test_split_missing_part(tmp_path):
 
 
 def test_a_split_name_numbered_outside_its_whole_and_a_path_not_in_utf8_are_read_as_they_should(tmp_path):
-    """A probe's: m-00001-of-00000.gguf raised IndexError; a Latin-1 file name raised
-    UnicodeEncodeError from the header cache's key (llama.cpp opens such names)."""
+    """Probes': m-00001-of-00000.gguf raised IndexError; a Latin-1 file name raised
+    UnicodeEncodeError from the header cache's key (llama.cpp opens such names); a whole model
+    named like a part was refused for its missing parts, where llama.cpp reads the split from the
+    header and loads it. A part's name with numbers outside a whole is refused only for a part."""
     path = ggufgen.write_model(tmp_path / "m.gguf")
-    for name in ("m-00001-of-00000.gguf", "m-00003-of-00002.gguf", "m-00000-of-00001.gguf"):
+    whole = open_model(path)
+    for name in ("m-00001-of-00000.gguf", "m-00003-of-00002.gguf", "m-00000-of-00001.gguf", "m-00001-of-00002.gguf"):
         os.link(path, tmp_path / name)
-        with pytest.raises(ModelError, match=r"^.*: a split model's part name, but its numbers are not a part of a "
-                                             r"whole \(gguf-split names parts -00001-of-0000N\.gguf"):
-            open_model(str(tmp_path / name))
+        got = open_model(str(tmp_path / name))
+        assert got.files == [str(tmp_path / name)] and got.hparams == whole.hparams
+    part = ggufgen.split_model(ggufgen.write_model(tmp_path / "p.gguf"), 2)[0]
+    os.link(part, tmp_path / "p-00003-of-00002.gguf")
+    with pytest.raises(ModelError, match=r"^.*: a split model's part name, but its numbers are not a part of a "
+                                         r"whole \(gguf-split names parts -00001-of-0000N\.gguf"):
+        open_model(str(tmp_path / "p-00003-of-00002.gguf"))
     latin = os.fsdecode(bytes(tmp_path) + b"/mod\xe8le.gguf")  # (a surrogate escape in str, as argv gives it)
     os.link(path, latin)
     assert open_model(latin).hparams == open_model(path).hparams
