@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from layerstream.bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
+from layerstream.bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE, SEED_RANGE
 from layerstream.errors import ConfigError, ModelError
 
 TINY = torch.finfo(torch.float32).tiny  # temperatures below it sample greedily
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator takes (negative seeds wrap)
+SEED_MIN, SEED_MAX = SEED_RANGE
 # per-row codes of a step's logits (`bad`): finite, or what the row's largest logit is
 FINITE, NAN, INF, NO_FINITE = 0, 1, 2, 3
 

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 
+from layerstream import bounds
 from layerstream.bounds import MAX_READERS, MAX_TEMPERATURE, MAX_WINDOW, PIPELINE_COUNTS, REPEAT_PENALTY_RANGE  # noqa: F401 - MAX_READERS
 from layerstream.coordinator.arg_files import (
     NO_PROMPT,
@@ -32,7 +33,6 @@ MAX_BATCH = 4096
 MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not imported to check options)
 MAX_CTX = MAX_WINDOW
 MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
-SEED_MAX = (1 << 64) - 1  # torch's generators take 64-bit seeds
 MAX_KEY_FILE = 4096  # bytes of an --api-key-file: a key, not a document
 
 
@@ -144,7 +144,7 @@ def build_parser() -> Parser:
     g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens, 0.01 to 100; 1 disables (default 1.0)")
     g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
     g.add_argument("-s", "--seed", type=int, default=None,
-                   help=f"random seed for reproducible sampling, 0 to {SEED_MAX} (-1: a fresh one, the default)")
+                   help="random seed for reproducible sampling, -2^63 to 2^64-1 (-1: a fresh one, the default)")
     g.add_argument("--stop", action="append", default=[],
                    help=r"stop when this string is generated (repeatable; \n, \t, \r, \\ and \xHH read as llama.cpp's -r reads them)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
@@ -328,8 +328,8 @@ def check_args(args) -> None:
     ints("repeat-last-n", args.repeat_last_n, 0, MAX_CTX)
     if args.seed == -1:
         args.seed = None  # as llama.cpp: -1 asks for a fresh seed
-    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
-        fail(f"{opt('seed')}: must be from 0 to {SEED_MAX}, or -1 for a fresh one")
+    if args.seed is not None and not bounds.SEED_RANGE[0] <= args.seed <= bounds.SEED_RANGE[1]:  # (the server's, the API's)
+        fail(f"{opt('seed')}: must be from {bounds.SEED_RANGE[0]} to {bounds.SEED_RANGE[1]} (-1: a fresh one)")
     ints("ctx", args.ctx, 2, MAX_CTX)
     ints("batch", args.batch, 1, MAX_BATCH)
     ints("prefill-chunk", args.prefill_chunk, 1, MAX_CTX)

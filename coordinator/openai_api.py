@@ -14,7 +14,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from layerstream.bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE
+from layerstream.bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE, SEED_RANGE
 from layerstream.compute.sampling import SamplingParams
 
 MAX_N = 16  # choices a request may ask for (each runs as a request of its own)
@@ -44,7 +44,6 @@ JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.S)
 # bytes that are not UTF-8 fail the decode), so the walk over every string runs only where one is
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_LOOKUP = 1 << 12  # drafted tokens a step a request may ask for (a step holds fewer anyway)
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch generator takes
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 # OpenAI's defaults, not the CLI's (README: "Sampling defaults"): a client that sets nothing

@@ -115,7 +115,7 @@ def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp
     (["-p", "hi"], "the prompt is given twice"),
     (["--api-key-file", "/nonexistent-dir/key"], "--api-key-file /nonexistent-dir/key: no such file"),
     # issue 23: an over-long seed and a trace path that is a directory, refused before generating
-    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be from 0 to {2 ** 64 - 1}"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be from {-2 ** 63} to {2 ** 64 - 1}"),
     (["--trace", "/tmp"], "--trace /tmp: is a directory"),
     # probe of issue 23's fixes: /proc/x passed the up-front check as root and failed after generating;
     # each of the others was accepted, then ignored or a traceback

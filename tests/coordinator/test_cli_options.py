@@ -43,7 +43,7 @@ def model(tmp_path_factory):
     (["-n0"], "-n 0: must be from 1 to 4194304, or -1 (until the end of sequence or a full context)"),
     (["--n-predict", "0"], "--n-predict 0: must be from 1 to 4194304, or -1"),
     (["--threads", "100000"], "--threads 100000: must be from 1 to 4096"),
-    (["--seed", "-2"], "--seed -2: must be from 0 to 18446744073709551615, or -1 for a fresh one"),
+    (["--seed", str(-2 ** 63 - 1)], f"--seed {-2 ** 63 - 1}: must be from {-2 ** 63} to {2 ** 64 - 1} (-1: a fresh one)"),
     # a value argparse could not read: its own words, "argument -c/--ctx/--ctx-size: invalid int value: '0x10'"
     (["--ctx", "0x10"], "--ctx 0x10: must be a whole number, in decimal digits"),
     (["--temp", "x"], "--temp x: must be a number"),
@@ -73,6 +73,19 @@ def model(tmp_path_factory):
 ])
 def test_refusals_name_what_was_typed(model, args, line):
     assert _one_line(_run("-m", model, *args, *([] if "-f" in args else ["hello"]))).startswith(line)
+
+
+def test_a_negative_seed_is_taken_as_the_server_and_sampling_params_take_it():
+    """A probe's: --seed -2 was refused where the server's seed and SamplingParams take it (negative
+    seeds wrap, as torch's generators take them); -1 still asks for a fresh one."""
+    from layerstream.compute.sampling import SamplingParams, fresh_seed
+    from layerstream.coordinator.args import check_args
+
+    for given, kept in (("-2", -2), (str(-2 ** 63), -2 ** 63), ("-1", None)):
+        a = build_parser().parse_args(["--seed", given, "hi"])
+        check_args(a)
+        assert a.seed == kept
+    assert fresh_seed(SamplingParams(seed=-2)) == 2 ** 64 - 2
 
 
 def test_llama_cpp_spellings_are_aliases():
