@@ -155,7 +155,7 @@ def build_parser() -> Parser:
     g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file (-: standard input) instead of generating")
     g = p.add_argument_group("engine")
     g.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=None,
-                   help="KV ring capacity in tokens per sequence (default min(model's, 4096))")
+                   help="KV ring capacity in tokens per sequence (default min(model's, 4096), less for one prompt with -n N)")
     g.add_argument("--on-context-full", choices=["error", "slide"], default="error",
                    help="when a sequence outgrows --ctx: stop with an error, or slide a window keeping sink tokens")
     g.add_argument("--sink-tokens", type=int, default=4, help="tokens kept at the start when sliding (default 4)")

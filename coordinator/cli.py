@@ -85,8 +85,11 @@ EXPERTS = ("expert_cache_gb", "expert_policy", "expert_prefetch", "moe_dense")
 
 
 def default_ctx(args, hp) -> int:
-    """The KV ring's capacity: --ctx, else the model's context up to 4096."""
-    return args.ctx or min(hp.context_length, 4096)
+    """The KV ring's capacity: --ctx, else the model's context up to 4096, and no more than a run that
+    answers one prompt can fill (NOTE [ a job's context ] in pipeline_config.py)."""
+    from layerstream.coordinator.pipeline_config import job_ctx
+
+    return args.ctx or min(hp.context_length, 4096, job_ctx(args) or 4096)
 
 
 def check_with_header(args, hp) -> None:

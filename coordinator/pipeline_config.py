@@ -6,7 +6,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from layerstream.bounds import MAX_READERS, PIPELINE_COUNTS
+from layerstream.bounds import MAX_READERS, MAX_WINDOW, PIPELINE_COUNTS
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.errors import ConfigError
 
@@ -160,3 +160,23 @@ def budget_use(args) -> dict:
     reply = min(args.max_tokens, 4096)  # (-n -1 is a whole context's: args maps it to the largest)
     return {"evaluates": bool(args.perplexity or args.serve),
             "job": (tokens + (0 if args.chat else 16), reply) if one else None}
+
+
+JOB_CTX_SPECIALS = 16  # tokens a one-prompt run's context keeps beyond its text's bytes: BOS, a dummy prefix
+
+
+def job_ctx(args) -> int | None:
+    """NOTE [ a job's context ]
+    The KV ring a run that answers one prompt given as text can fill: the prompt's tokens and -n's.
+    Each token of a prompt spans a byte of it at least (a byte-level BPE's, a SentencePiece's byte
+    fallback), so its UTF-8 bytes and JOB_CTX_SPECIALS bound its tokens before the tokenizer loads.
+    The plan sizes the device's KV by the context, and a ring of 4096 tokens (the default) held a
+    layer's room or more at small budgets (the 8B's and Qwen3-30B-A3B's at 4 GiB) for a reply of 256.
+    None where the run's tokens are not known so: a chat (its template adds tokens), the server,
+    --perplexity, drafts (they write past the accepted tokens), -n -1 and a sliding window's."""
+    prompt = " ".join(args.prompt)
+    if not prompt or args.chat or args.serve or args.perplexity or args.lookup or args.draft_model:
+        return None
+    if args.max_tokens is None or args.max_tokens >= MAX_WINDOW or args.on_context_full == "slide":
+        return None  # (-n -1: args maps it to the largest)
+    return len(prompt.encode()) + JOB_CTX_SPECIALS + args.max_tokens

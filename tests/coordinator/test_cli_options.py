@@ -88,6 +88,32 @@ def test_a_negative_seed_is_taken_as_the_server_and_sampling_params_take_it():
     assert fresh_seed(SamplingParams(seed=-2)) == 2 ** 64 - 2
 
 
+def test_a_one_prompt_runs_context_is_what_its_prompt_and_n_can_fill(tmp_path):
+    """NOTE [ a job's context ]: a run that answers one prompt given as text sizes its KV ring to its
+    prompt's bytes, 16 more and -n's tokens (the model's context and 4096 at most), where the ring of
+    4096 held a layer's room at small budgets; --ctx, a chat, drafts, -n -1 and a sliding window keep
+    the default. Its greedy reply is the one a ring of the model's whole context gives."""
+    from types import SimpleNamespace
+
+    from layerstream.coordinator.cli import default_ctx
+
+    text = tmp_path / "p.txt"
+    text.write_text("déjà vu " * 10)
+    hp = SimpleNamespace(context_length=1024)
+    for argv, want in ((["-n", "8", "hello there"], 11 + 16 + 8), (["-f", str(text)], 100 + 16 + 256),
+                       (["-n", "5000", "hi"], 1024), (["--ctx", "100", "hi"], 100), (["-n", "-1", "hi"], 1024),
+                       (["--chat", "hi"], 1024), (["--lookup", "3", "hi"], 1024),
+                       (["--on-context-full", "slide", "hi"], 1024)):
+        a = build_parser().parse_args(argv)
+        check_args(a)
+        read_prompt_text(a)  # (as run-pipeline does before the engine opens)
+        assert default_ctx(a, hp) == want, argv
+    path = ggufgen.write_model(tmp_path / "m.gguf", context_length=1024, seed=3)
+    runs = [_run("-m", path, "--device", "cpu", "--temperature", "0", "--ignore-eos", "-n", "40", *ctx, "hello there")
+            for ctx in ((), ("--ctx", "1024"))]
+    assert all(r.returncode == 0 for r in runs) and runs[0].stdout == runs[1].stdout and runs[0].stdout, runs
+
+
 def test_llama_cpp_spellings_are_aliases():
     """--ctx-size 128 -n 2 hi was 'unrecognized arguments: --ctx-size hi' (128 taken as the prompt)."""
     a = build_parser().parse_args(["--ctx-size", "128", "--n-predict", "2", "--threads", "1", "hi"])
