@@ -162,14 +162,16 @@ def budget_use(args) -> dict:
             "job": (tokens + (0 if args.chat else 16), reply) if one else None}
 
 
-JOB_CTX_SPECIALS = 16  # tokens a one-prompt run's context keeps beyond its text's bytes: BOS, a dummy prefix
+JOB_CTX_SPECIALS = 16  # tokens a one-prompt run's context keeps beyond its bound on the prompt's: BOS and the like
 
 
 def job_ctx(args) -> int | None:
     """NOTE [ a job's context ]
     The KV ring a run that answers one prompt given as text can fill: the prompt's tokens and -n's.
-    Each token of a prompt spans a byte of it at least (a byte-level BPE's, a SentencePiece's byte
-    fallback), so its UTF-8 bytes and JOB_CTX_SPECIALS bound its tokens before the tokenizer loads.
+    A token spans a byte of the prompt at least (a byte-level BPE's, a SentencePiece's byte fallback),
+    but for the space a SentencePiece tokenizer puts before each stretch of text, which follows an
+    added token of one byte at most (a probe's "\nB" * 100: 301 tokens of 200 bytes). So twice the
+    prompt's UTF-8 bytes and JOB_CTX_SPECIALS bound its tokens before the tokenizer loads.
     The plan sizes the device's KV by the context, and a ring of 4096 tokens (the default) held a
     layer's room or more at small budgets (the 8B's and Qwen3-30B-A3B's at 4 GiB) for a reply of 256.
     None where the run's tokens are not known so: a chat (its template adds tokens), the server,
@@ -179,4 +181,4 @@ def job_ctx(args) -> int | None:
         return None
     if args.max_tokens is None or args.max_tokens >= MAX_WINDOW or args.on_context_full == "slide":
         return None  # (-n -1: args maps it to the largest)
-    return len(prompt.encode()) + JOB_CTX_SPECIALS + args.max_tokens
+    return 2 * len(prompt.encode()) + JOB_CTX_SPECIALS + args.max_tokens

@@ -90,7 +90,7 @@ def test_a_negative_seed_is_taken_as_the_server_and_sampling_params_take_it():
 
 def test_a_one_prompt_runs_context_is_what_its_prompt_and_n_can_fill(tmp_path):
     """NOTE [ a job's context ]: a run that answers one prompt given as text sizes its KV ring to its
-    prompt's bytes, 16 more and -n's tokens (the model's context and 4096 at most), where the ring of
+    prompt's bytes twice, 16 more and -n's tokens (the model's context and 4096 at most), where the ring of
     4096 held a layer's room at small budgets; --ctx, a chat, drafts, -n -1 and a sliding window keep
     the default. Its greedy reply is the one a ring of the model's whole context gives."""
     from types import SimpleNamespace
@@ -100,7 +100,7 @@ def test_a_one_prompt_runs_context_is_what_its_prompt_and_n_can_fill(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("déjà vu " * 10)
     hp = SimpleNamespace(context_length=1024)
-    for argv, want in ((["-n", "8", "hello there"], 11 + 16 + 8), (["-f", str(text)], 100 + 16 + 256),
+    for argv, want in ((["-n", "8", "hello there"], 22 + 16 + 8), (["-f", str(text)], 200 + 16 + 256),
                        (["-n", "5000", "hi"], 1024), (["--ctx", "100", "hi"], 100), (["-n", "-1", "hi"], 1024),
                        (["--chat", "hi"], 1024), (["--lookup", "3", "hi"], 1024),
                        (["--on-context-full", "slide", "hi"], 1024)):
@@ -112,6 +112,32 @@ def test_a_one_prompt_runs_context_is_what_its_prompt_and_n_can_fill(tmp_path):
     runs = [_run("-m", path, "--device", "cpu", "--temperature", "0", "--ignore-eos", "-n", "40", *ctx, "hello there")
             for ctx in ((), ("--ctx", "1024"))]
     assert all(r.returncode == 0 for r in runs) and runs[0].stdout == runs[1].stdout and runs[0].stdout, runs
+
+
+def test_a_one_prompt_runs_context_holds_a_sentencepiece_prompt_of_more_tokens_than_bytes(tmp_path, monkeypatch):
+    """A probe's: a SentencePiece vocabulary with a space prefix and an added token of one byte ("\n")
+    puts a space before each stretch of text after it, so "\nB" * 100 (200 bytes) is 301 tokens; with
+    its context at the prompt's bytes, 16 and -n's the prompt was refused. Twice the bytes hold it."""
+    vocab = ([("<unk>", 2), ("<s>", 3), ("</s>", 3)] + [(f"<0x{b:02X}>", 6) for b in range(256)] + [("\n", 4), ("▁", 1)]
+             + [(c, 1) for c in "abcdefghijklmnopqrstuvwxyz"] + [("▁" + c, 1) for c in "abcdefghijklmnopqrstuvwxyz"])
+
+    def add_tokenizer(w, n_vocab):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([t for t, _ in vocab])
+        w.add_token_types([k for _, k in vocab])
+        w.add_token_scores([-1.0 if t.startswith("▁") else -2.0 for t, _ in vocab])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(True)
+
+    monkeypatch.setattr(ggufgen, "add_tokenizer", add_tokenizer)
+    path = ggufgen.write_model(tmp_path / "spm.gguf", n_vocab=len(vocab), context_length=4096)
+    runs = [_run("-m", path, "--device", "cpu", "--temperature", "0", "--ignore-eos", "-n", "30", *ctx, "\nB" * 100)
+            for ctx in ((), ("--ctx", "4096"))]
+    assert all(r.returncode == 0 for r in runs) and runs[0].stdout == runs[1].stdout, runs
 
 
 def test_llama_cpp_spellings_are_aliases():

@@ -159,8 +159,9 @@ def _limited():
     resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
 
 
-@pytest.mark.parametrize("args", [["--ctx", "4194304"], ["--batch", "4096"], ["--single-process", "--ctx", "4194304"],
-                                  ["--single-process", "--batch", "4096"]])
+# (--ctx 4096 beside --batch: a one-prompt run's own context is a few tokens, NOTE [ a job's context ])
+@pytest.mark.parametrize("args", [["--ctx", "4194304"], ["--batch", "4096", "--ctx", "4096"],
+                                  ["--single-process", "--ctx", "4194304"], ["--single-process", "--batch", "4096", "--ctx", "4096"]])
 def test_options_that_cannot_fit_host_memory_are_one_line(args):
     """Issue 23: these allocated past 10 GB on the CPU with no refusal; now the plan refuses them
     before anything is allocated (under a 16 GiB address-space limit, well below what they ask)."""
