@@ -132,11 +132,9 @@ class ExpertCache:
             self.ahead.hits += len(ahead)
         if pre_event is not None:  # the experts and settle's moves read the copies ahead; the staging
             cur.wait_event(pre_event)  # slot's release comes after the layer's work, so after them too
-        for e in ahead:
-            out[e] = pre[e]
-        for s, e in items:
-            out[e] = s
-        self.pending = (i, experts, [(e, pre[e]) for e in ahead] + [(e, s) for s, e in items], nbytes, cur)
+        landed = [(e, pre[e]) for e in ahead] + [(e, s) for s, e in items]  # where each copied expert is
+        out.update(landed)
+        self.pending = (i, experts, landed, nbytes, cur)
         return out
 
     def settle(self) -> None:
