@@ -144,6 +144,12 @@ BYTES_A_TOKEN = 4  # a prompt's tokens estimated from its UTF-8 bytes (English t
 CHAT_TURN_TOKENS = 70
 
 
+def _one_prompt(args) -> bool:
+    """Whether the run answers a prompt of the command line or a chat's turns, without drafts: not
+    the server's requests, --perplexity's windows or a run that drafts."""
+    return not (args.serve or args.perplexity or args.lookup or args.draft_model)
+
+
 def budget_use(args) -> dict:
     """The Budget fields run-pipeline's options say about the run's use: whether steps may evaluate
     every position (`--perplexity`; a server's request may ask for more drafts than the command
@@ -153,7 +159,7 @@ def budget_use(args) -> dict:
     --chat, its system message and room for the chat template), and -n's, at most 4096 (past it the
     decode passes decide alone)."""
     prompt = " ".join(args.prompt)
-    one = (bool(prompt) or args.chat) and not (args.serve or args.perplexity or args.lookup or args.draft_model)
+    one = (bool(prompt) or args.chat) and _one_prompt(args)
     tokens = len(prompt.encode()) // BYTES_A_TOKEN if prompt else CHAT_TURN_TOKENS
     if args.chat:
         tokens += len((args.system or "").encode()) // BYTES_A_TOKEN + 48
@@ -177,7 +183,7 @@ def job_ctx(args) -> int | None:
     None where the run's tokens are not known so: a chat (its template adds tokens), the server,
     --perplexity, drafts (they write past the accepted tokens), -n -1 and a sliding window's."""
     prompt = " ".join(args.prompt)
-    if not prompt or args.chat or args.serve or args.perplexity or args.lookup or args.draft_model:
+    if not prompt or args.chat or not _one_prompt(args):
         return None
     if args.max_tokens is None or args.max_tokens >= MAX_WINDOW or args.on_context_full == "slide":
         return None  # (-n -1: args maps it to the largest)
