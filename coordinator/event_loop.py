@@ -27,9 +27,10 @@ def new_loop() -> asyncio.AbstractEventLoop:
 def signals_deferred(which: tuple[str, ...] | None = None, second_at_once: bool = False):
     """The stop signals (STOP_SIGNALS: Ctrl-C, SIGTERM, SIGHUP, SIGQUIT), or those named in `which`,
     held back for the block, then sent again (in the main thread; a no-op elsewhere): a stop's
-    clean-up runs whole. A second Ctrl-C that landed in it had cut the children's stop short, leaving
-    the staging segment to multiprocessing's tracker and the run directory behind. `second_at_once`: a signal that comes again meanwhile meets its own
-    handler at once (a block that may wait long: the person insists)."""
+    clean-up runs whole. A second Ctrl-C that landed in it had cut the children's stop short,
+    leaving the staging segment to multiprocessing's tracker and the run directory behind.
+    `second_at_once`: a signal that comes again meanwhile meets its own handler at once (a block
+    that may wait long: the person insists)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -1,29 +1,30 @@
 """The server's limits at the HTTP layer: connections, request heads, hosts, and the access log.
 
 NOTE [ HTTP limits ]
-uvicorn (0.54, h11) times out only idle keep-alive connections: a connection that sends part of
-a request head and then nothing is held forever, and `limit_concurrency` counts only connections
-that got as far as a whole head, so about 20,000 half-open connections made every request fail.
+uvicorn (0.54, h11) times out only idle keep-alive connections: a connection that sends part of a
+request head and then nothing is held forever, and `limit_concurrency` counts only connections that
+got as far as a whole head, so about 20,000 half-open connections made every request fail.
 `guarded_protocol` subclasses uvicorn's h11 protocol with the two things missing: a deadline for
 each request head (armed when the connection opens and again after each response, it closes the
-connection when h11 still waits for a head: their_state IDLE), and a cap on open connections
-(one more is answered 503 and closed at once). Bodies are read by the handlers, incrementally,
-under a size cap, a deadline and a limit on a stall between pieces (http_body.py: 408, connection
-closed), and all connections' bodies together under `bodies_bytes` (BodyBudget): each body's bytes
-are taken from it as they come and given back once the body is parsed, and a body whose declared
+connection when h11 still waits for a head: their_state IDLE), and a cap on open connections (one
+more is answered 503 and closed at once). Bodies are read by the handlers, incrementally, under a
+size cap, a deadline and a limit on a stall between pieces (http_body.py: 408, connection closed),
+and all connections' bodies together under `bodies_bytes` (BodyBudget): each body's bytes are taken
+from it as they come and given back once the body is parsed, and a body whose declared
 Content-Length would not fit beside the bytes held is answered 503 at once, unread (60 connections
 each holding a 15 MB body one byte short took 850 MB, 15 GB at the connection cap). A declared
 length is not itself taken: sixteen connections that each declared 16 MiB and sent a byte now and
-then held the whole budget, and every other POST was refused. uvicorn buffers at most 64 KiB of a body the handler has not read yet
-(its flow control pauses the socket). An answer that closes a connection whose body is still
-arriving (413, 408, 503) lingers as h11's own refusals do (half-closed, what still comes dropped for
-LINGER_S): closed with bytes unread, the connection was reset and a client read the reset, not the
-answer. A head past `head_bytes` is a 431 from the same path as h11's own refusals (_Recording),
-since h11 refuses only a head still incomplete. A client that shuts its side down once its request is
-sent (shutdown(SHUT_WR): `nc -N`) is taken for gone and gets no answer: its end of data cannot be told
-from a close until the server writes, and a client that closed has its row freed at once rather than
-generating for no one (a non-streamed request's handler watches for that close). These rest on uvicorn's H11Protocol attributes
-(`conn`, `connections`, `transport`, `loop`, `on_response_complete`), which the tests exercise.
+then held the whole budget, and every other POST was refused. uvicorn buffers at most 64 KiB of a
+body the handler has not read yet (its flow control pauses the socket). An answer that closes a
+connection whose body is still arriving (413, 408, 503) lingers as h11's own refusals do
+(half-closed, what still comes dropped for LINGER_S): closed with bytes unread, the connection was
+reset and a client read the reset, not the answer. A head past `head_bytes` is a 431 from the same
+path as h11's own refusals (_Recording), since h11 refuses only a head still incomplete. A client
+that shuts its side down once its request is sent (shutdown(SHUT_WR): `nc -N`) is taken for gone and
+gets no answer: its end of data cannot be told from a close until the server writes, and a client
+that closed has its row freed at once rather than generating for no one (a non-streamed request's
+handler watches for that close). These rest on uvicorn's H11Protocol attributes (`conn`,
+`connections`, `transport`, `loop`, `on_response_complete`), which the tests exercise.
 """
 
 from __future__ import annotations
