@@ -12,6 +12,7 @@ import numbers
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from layerstream.bounds import MAX_TEMPERATURE, MAX_WINDOW, REPEAT_PENALTY_RANGE, SEED_RANGE
@@ -88,6 +89,17 @@ class SamplingParams:
 def fresh_seed(params: SamplingParams) -> int:
     """The request's seed as a generator takes it (0..2^64-1): its own, else a fresh one."""
     return (params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)) % (1 << 64)
+
+
+def seeded(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on `device` seeded with `seed` (0..2^64-1). Torch's CPU generator keeps only a
+    seed's low 32 bits, so seeds that share them would sample alike there (-2 and 2^32-2): on the
+    CPU a larger seed is hashed into 32 bits by numpy's SeedSequence; smaller ones are kept as given,
+    so their samples are unchanged. CUDA's generator keeps all 64."""
+    g = torch.Generator(device=device)
+    if torch.device(device).type == "cpu" and seed >= 1 << 32:
+        seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return g.manual_seed(seed)
 
 
 def non_finite_error(code: int, at: int) -> ModelError:
@@ -204,8 +216,7 @@ class Sampler:
     def generator(self, device: torch.device) -> torch.Generator:
         g = self._gens.get(device)
         if g is None:
-            g = self._gens[device] = torch.Generator(device=device)
-            g.manual_seed(self.seed)
+            g = self._gens[device] = seeded(device, self.seed)
         return g
 
     def penalize(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
@@ -255,8 +266,7 @@ class RowState:
         self.params, self.V = params, V
         self.gen = None
         if params.temperature >= TINY:
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(seed)
+            self.gen = seeded(device, seed)
         n = params.repeat_last_n
         self.window = self.seen = None
         self.count = 0  # ids written to the window so far

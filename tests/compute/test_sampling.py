@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from layerstream.compute.sampling import Sampler, SamplingParams
+from layerstream.compute.sampling import Sampler, SamplingParams, seeded
 from layerstream.errors import ConfigError, ModelError
 
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)  # no truncation
@@ -106,6 +106,16 @@ def run(seed, steps=30, B=4, V=64):
 def test_same_seed_same_sequence_different_seed_differs():
     assert run(7) == run(7)
     assert run(7) != run(8)
+
+
+def test_seeds_that_share_their_low_32_bits_sample_apart_on_the_cpu():
+    # torch's CPU generator keeps a seed's low 32 bits: -2, 2^32 - 2 and 2^64 - 2 would draw alike
+    runs = [run(s) for s in (-2, (1 << 32) - 2, (1 << 63) + (1 << 32) - 2)]
+    assert runs[0] != runs[1] != runs[2] != runs[0]
+    assert run(-2) == run((1 << 64) - 2) == runs[0]  # (a negative seed wraps as the generator takes it)
+    for seed in (0, 5, (1 << 32) - 1):  # below 2^32, torch's own stream, as before
+        assert torch.equal(torch.rand(8, generator=seeded(torch.device("cpu"), seed)),
+                           torch.rand(8, generator=torch.Generator().manual_seed(seed)))
 
 
 def test_no_seed_draws_fresh_seeds():
