@@ -26,6 +26,7 @@ from layerstream.coordinator.spelling import (
     refuse_glued_words,
     typed_options,
     unescape,
+    whole,
 )
 
 PROG = "run-pipeline"
@@ -134,16 +135,16 @@ def build_parser() -> Parser:
     p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     g = p.add_argument_group("sampling", "with --serve: what a request that does not set the field gets "
                              "(else OpenAI's defaults)")
-    g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=256,
+    g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=whole, default=256,
                    help="tokens to generate at most; -1: until the end of sequence or a full context, as "
                         "llama.cpp's (default 256)")
     g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
+    g.add_argument("--top-k", type=whole, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
     g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
     g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens, 0.01 to 100; 1 disables (default 1.0)")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default 64)")
-    g.add_argument("-s", "--seed", type=int, default=None,
+    g.add_argument("--repeat-last-n", type=whole, default=64, help="tokens the repeat penalty looks back over (default 64)")
+    g.add_argument("-s", "--seed", type=whole, default=None,
                    help="random seed for reproducible sampling, -2^63 to 2^64-1 (-1: a fresh one, the default)")
     g.add_argument("--stop", action="append", default=[],
                    help=r"stop when this string is generated (repeatable; \n, \t, \r, \\ and \xHH read as llama.cpp's -r reads them)")
@@ -154,29 +155,29 @@ def build_parser() -> Parser:
     g.add_argument("-sys", "--system", default=None, help="system message for --chat")
     g.add_argument("--perplexity", metavar="FILE", help="report the perplexity of a text file (-: standard input) instead of generating")
     g = p.add_argument_group("engine")
-    g.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=None,
+    g.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=whole, default=None,
                    help="KV ring capacity in tokens per sequence (default min(model's, 4096), less for one prompt with -n N)")
     g.add_argument("--on-context-full", choices=["error", "slide"], default="error",
                    help="when a sequence outgrows --ctx: stop with an error, or slide a window keeping sink tokens")
-    g.add_argument("--sink-tokens", type=int, default=4, help="tokens kept at the start when sliding (default 4)")
+    g.add_argument("--sink-tokens", type=whole, default=4, help="tokens kept at the start when sliding (default 4)")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute precision (default float16 on CUDA; on the CPU bfloat16 where it has bf16 instructions, else float32)")
-    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward step (default 512)")
-    g.add_argument("--lookup", type=int, default=0, metavar="N",
+    g.add_argument("--prefill-chunk", type=whole, default=512, help="prompt tokens per forward step (default 512)")
+    g.add_argument("--lookup", type=whole, default=0, metavar="N",
                    help="speculative decoding by prompt lookup: up to N tokens a step drafted from n-gram matches in "
                         "the prompt and the reply, verified in one pass; the same output in float32 (in half precision a "
                         "near-tie may go the other way, as batching may) (default 0: off)")
     g.add_argument("--draft-model", metavar="FILE", default=None,
                    help="speculative decoding by a small GGUF with the model's vocabulary, resident beside it, "
                         "drafting --draft-tokens tokens a step (instead of --lookup)")
-    g.add_argument("--draft-tokens", type=int, default=None, metavar="N", help="tokens --draft-model drafts a step (4)")
+    g.add_argument("--draft-tokens", type=whole, default=None, metavar="N", help="tokens --draft-model drafts a step (4)")
     g.add_argument("--draft-policy", choices=["adaptive", "fixed"], default=None,
                    help="how many tokens a sequence drafts: adaptive (from its recent acceptance: fewer, or a "
                         "pause, where drafts are rejected; the default) or fixed (always --lookup/--draft-tokens)")
     g.add_argument("--single-process", action="store_true",
                    help="run the whole model in this process (the reference engine) instead of the pipeline")
-    g.add_argument("--batch", type=int, default=None,
+    g.add_argument("--batch", type=whole, default=None,
                    help="sequences the engine holds at once (default 1; with --serve, as many as the plan's budget "
                         "holds, 8 where they fit)")
     g.add_argument("-v", "--verbose", action="store_true",
@@ -189,18 +190,18 @@ def build_parser() -> Parser:
     g.add_argument("--serve", action="store_true", help="serve /v1/completions, /v1/chat/completions, /v1/models, "
                                                         "/health and /metrics instead of generating once")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    g.add_argument("--port", type=whole, default=8080, help="port to listen on (default 8080)")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every /v1 request (ps shows it: prefer "
                         "--api-key-file or LAYERSTREAM_API_KEY)")
     g.add_argument("--api-key-file", metavar="FILE", default=None,
                    help="read the API key from the first line of FILE (4 KiB at most)")
-    g.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 (default 256)")
+    g.add_argument("--max-queue", type=whole, default=256, help="requests waiting at most; more get 429 (default 256)")
     g = p.add_argument_group("streaming pipeline")
     g.add_argument("--vram-gb", type=float, default=None,
                    help="compute-device memory budget in GiB; layers that do not fit stream through it (default on "
                         "CUDA: the GPU's free memory less 1 GiB; on the CPU: no limit)")
-    g.add_argument("--step-tokens", type=int, default=None,
+    g.add_argument("--step-tokens", type=whole, default=None,
                    help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
     g.add_argument("--cpu-share", default="0", metavar="F|auto|0",
                    help="share of the streamed layers the CPU computes from host RAM while the rest crosses PCIe "
@@ -211,10 +212,10 @@ def build_parser() -> Parser:
     g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
                         "(layers, default) or the last rows of every 4-bit matrix (rows)")
-    g.add_argument("--vram-slots", type=int, default=None,
+    g.add_argument("--vram-slots", type=whole, default=None,
                    help="VRAM slots the streamed layers cross through under a budget (default 2; a CPU share may "
                         "gain from 3: the copies run further ahead while the CPU computes)")
-    g.add_argument("-t", "--cpu-threads", "--threads", dest="cpu_threads", type=int, default=None,
+    g.add_argument("-t", "--cpu-threads", "--threads", dest="cpu_threads", type=whole, default=None,
                    help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up; "
                         "with --single-process: torch's default)")
     g.add_argument("--expert-cache-gb", type=float, default=None,
@@ -223,7 +224,7 @@ def build_parser() -> Parser:
     g.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu",
                    help="which streamed experts the device cache keeps: the most often used (lfu, default) or the "
                         "most recently used (lru)")
-    g.add_argument("--expert-prefetch", type=int, default=None, metavar="N",
+    g.add_argument("--expert-prefetch", type=whole, default=None, metavar="N",
                    help="a mixture-of-experts decode step predicts each streamed layer's experts from the layer before "
                         "and copies up to N of them ahead (default: twice the experts a token uses; 0: off)")
     g.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
@@ -232,16 +233,16 @@ def build_parser() -> Parser:
                         "-ot exps=CPU), or streamed with their layer")
     g.add_argument("--host-cache-gb", type=float, default=None,
                    help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
-    g.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
-    g.add_argument("--read-threads", type=int, default=None, metavar="N",
+    g.add_argument("--readers", type=whole, default=1, help="reader processes (default 1)")
+    g.add_argument("--read-threads", type=whole, default=None, metavar="N",
                    help="threads each reader reads a layer's pieces with (default: half the cores, 2 to 8, shared among the readers)")
     g.add_argument("--reader-dir", action="append", default=[], metavar="DIR",
                    help="the directory (drive) each reader serves, once per reader, for split models across drives")
     g.add_argument("--direct-io", action="store_true", help="read with O_DIRECT, bypassing the page cache")
-    g.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
+    g.add_argument("--prefetch", type=whole, default=None, help="layers staged ahead of compute (default from the plan)")
     g.add_argument("--kv-on-host", action="store_true", default=None,
                    help="keep the KV cache in host memory and stream it with its layer")
-    g.add_argument("-ngl", "--n-gpu-layers", "--resident-layers", dest="resident_layers", type=int, default=None,
+    g.add_argument("-ngl", "--n-gpu-layers", "--resident-layers", dest="resident_layers", type=whole, default=None,
                    metavar="N", help="override the plan: keep N layers resident (as llama.cpp's -ngl; more than the "
                                      "model has keeps them all), stream the rest")
     g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ZeroMQ transport between processes")

@@ -121,3 +121,15 @@ def unescape(text: str) -> str:
     got = _ESCAPE.sub(lambda m: bytes([int(m[1][1:], 16)]) if m[1][:1] == b"x" else _ESCAPES.get(m[1], m[1]),
                       text.encode("utf-8", "surrogateescape"))
     return got.decode("utf-8", "replace")
+
+
+def whole(text: str) -> int:
+    """An int option's value, in decimal digits with an optional sign: int() alone also took
+    `1_000`, spaces around it and other scripts' digits, which the message ("in decimal digits")
+    does not name. Named int, so that argparse's refusal reads as any int option's."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(text)
+    return int(text)
+
+
+whole.__name__ = "int"

@@ -46,6 +46,11 @@ def model(tmp_path_factory):
     (["--seed", str(-2 ** 63 - 1)], f"--seed {-2 ** 63 - 1}: must be from {-2 ** 63} to {2 ** 64 - 1} (-1: a fresh one)"),
     # a value argparse could not read: its own words, "argument -c/--ctx/--ctx-size: invalid int value: '0x10'"
     (["--ctx", "0x10"], "--ctx 0x10: must be a whole number, in decimal digits"),
+    # what int() reads beside decimal digits: an underscore, spaces, another script's digits (run before)
+    (["--seed", "1_000"], "--seed 1_000: must be a whole number, in decimal digits"),
+    (["-n=1_0"], "-n 1_0: must be a whole number, in decimal digits"),
+    (["--ctx", " 64"], "--ctx  64: must be a whole number, in decimal digits"),
+    (["-ngl", "\u0661"], "-ngl \u0661: must be a whole number, in decimal digits"),
     (["--temp", "x"], "--temp x: must be a number"),
     (["--dtype", "f8"], "--dtype f8: use float32, float16 or bfloat16"),
     # a dashed value that is no plain number: argparse took -inf for an option (refused as glued letters)
