@@ -112,21 +112,24 @@ def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, 
     print(f"experts {n_ff}x{n_embd} (Q4_K gate and up, Q6_K down, {per / 1e6:.2f} MB each), {pool} cycled, "
           f"{torch.get_num_threads()} threads, calls {args.gap_ms:g} ms apart" + (f"; native: {args.lib}" if lib else ""))
     print(f"{'T':>3} {'experts':>7} {'path':>8} {'us a call':>10} {'us an expert':>13} {'GB/s':>6}"
-          + ("  phases, us (median): " + " | ".join(("before",) + native.PHASES + ("after",)) if args.phases else ""))
+          + ("  phases, us (median): " + " | ".join(("before",) + native.PHASES + ("after",))
+             + "; the run's start() returned after, us" if args.phases else ""))
     g, nxt = torch.Generator().manual_seed(0), 0
     for T in args.tokens:
         h, w = torch.randn(T, n_embd, generator=g), torch.rand(T, 8, generator=g)
         for n in args.experts:
             for path in ("run", "native"):
-                ts, spans = [], []
+                ts, spans, returned = [], [], []
                 for rep in range(args.reps + 2):
                     experts = [(nxt + j) % pool for j in range(n)]
                     nxt = (nxt + n) % pool
                     ids = [experts[(t * 8 + c) % n] if c < min(n, 8) else -1 for t in range(T) for c in range(8)]
                     time.sleep(args.gap_ms / 1e3)
                     t0 = time.perf_counter()
-                    if path == "run":
-                        cpu.compute(0, fake, host, experts, ids, h, w)
+                    if path == "run":  # (start() apart: its Python, against `before`, which adds the handoff)
+                        finish = cpu.start(0, fake, host, experts, ids, h, w)
+                        returned.append(time.perf_counter() - t0)
+                        finish()
                     else:
                         base = host.ctypes.data
                         native.experts([tuple(base + t.slot_offset + e * p for t, p, *_ in parts) for e in experts],
@@ -138,7 +141,8 @@ def _experts_rows(args, cpu, fake, host, parts, per: int, pool: int, n_ff: int, 
                 s = (min if args.stat == "best" else statistics.median)(ts[2:])
                 # (GB/s in 3 figures: a tiny shape on a busy machine is well below 0.1)
                 print(f"{T:>3} {n:>7} {path:>8} {s * 1e6:>10.0f} {s / n * 1e6:>13.0f} {n * per / s / 1e9:>6.3g}"
-                      + (_phase_cells(spans[2:]) if args.phases else ""))
+                      + (_phase_cells(spans[2:]) if args.phases else "")
+                      + (f"; {statistics.median(returned[2:]) * 1e6:.0f}" if args.phases and returned else ""))
 
 
 def _spans(t0: float, dt: float, lib) -> list[float] | None:

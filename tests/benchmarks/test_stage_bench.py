@@ -309,13 +309,17 @@ def test_cpu_kernel_times_a_layers_experts_on_the_runs_path_and_alone(capsys, mo
     # --phases: each row's nine phases, whose sum is about the call's time, and its dispatches' claimers
     out = run(capsys, "cpu-kernel", "--experts", "2", "-t", "1", "--shapes", "256x512", "--reps", "3", "--gap-ms", "0",
               "--phases", "--threads", "1")
-    assert "before | gather | quantize | gate+up | SiLU | quantize | down | sum | after" in out
+    assert "before | gather | quantize | gate+up | SiLU | quantize | down | sum | after; the run's start() " in out
     rows = [line for line in out.splitlines() if line.split()[2:3] in (["run"], ["native"])]
     assert len(rows) == 2
     for r in rows:
         cells = [float(v) for v in r.split("(claimers")[0].split()[6:] if v != "|"]
         assert len(cells) == 9 and all(c >= 0 for c in cells), r
-        assert re.search(r"\(claimers 0, 0\)$", r), r  # (one thread: no worker claims)
+        assert re.search(r"\(claimers 0, 0\)", r), r  # (one thread: no worker claims)
+    # the run's path also says when its start() returned: within the call, the native call's has none
+    (run_row,), (native_row,) = ([r for r in rows if r.split()[2] == p] for p in ("run", "native"))
+    returned = float(re.search(r"\(claimers 0, 0\); (\d+)$", run_row)[1])
+    assert 0 < returned <= float(run_row.split()[3]) and native_row.endswith("(claimers 0, 0)")
     # --threads gives a table a count; --lib times another build of the native kernel (here the
     # run's own, loaded from its path)
     libs, experts = [], native.experts
