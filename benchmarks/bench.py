@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from layerstream.coordinator.api_names import cli_names
 from layerstream.coordinator.stdio import guarded
 from layerstream.errors import LayerstreamError
 from layerstream.proto.signals import HOW, Stopped, raise_on_stop
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_names()  # (its flags are run-pipeline's: NOTE [ the caller's names ] in coordinator/api_names.py)
 def main(argv: list[str] | None = None) -> int:
     try:  # (a stop signal while the flags are read and checked, too)
         args = build_parser().parse_args(argv)

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 
+from layerstream.coordinator.api_names import cli_names
 from layerstream.coordinator.arg_files import read_prompt_text
 from layerstream.coordinator.args import (
     PROG,
@@ -447,6 +448,7 @@ def _stopped(e: KeyboardInterrupt) -> int:
     return 128 + signum
 
 
+@cli_names()  # (its errors name the flags: NOTE [ the caller's names ] in api_names.py)
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)

@@ -24,6 +24,7 @@ from layerstream.compute.device import WEIGHTS, resolve_device, resolve_dtype  #
 from layerstream.compute.sampling import SamplingParams
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper, StepResult
+from layerstream.coordinator.api_names import python_names
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.pipeline_config import PipelineConfig
@@ -268,6 +269,7 @@ class Engine:
         return cls.open(EngineConfig(model=model, **kw), progress=progress)
 
     @classmethod
+    @python_names()  # (errors raised deep in name run-pipeline's flags: NOTE [ the caller's names ])
     def open(cls, cfg: EngineConfig, pipeline=None, index: ModelIndex | None = None, progress: bool = False) -> "Engine":
         """The one place an engine is assembled: the model index, then the backend (in this process,
         or the streaming pipeline when `pipeline` is a PipelineConfig), then the engine."""
@@ -340,12 +342,14 @@ class Engine:
                                    "thread's, or a generator not yet run to its end or closed); finish it first, or "
                                    "give each thread its own engine")
         try:
-            yield
+            with python_names():
+                yield
         finally:
             self._busy.release()
 
     # -- public API ----------------------------------------------------------------------------
 
+    @python_names()
     def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
         if self._closed:  # (README: a closed engine refuses every call; it tokenized on)
             raise LayerstreamError("this engine is closed; load another")

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 from layerstream.bounds import MAX_READERS, MAX_WINDOW, PIPELINE_COUNTS
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
+from layerstream.compute.expert_policy import EXPERT_POLICIES
+from layerstream.coordinator.api_names import python_names
 from layerstream.errors import ConfigError
 
 # on_progress(done, total, what): called while the pipeline starts ("processes") and while the
@@ -55,6 +57,7 @@ class ReaderOptions:
     threads: int | None = None  # threads of each reader (None: loader/reader.py's default_threads)
     direct: bool = False
 
+    @python_names()  # (its messages name run-pipeline's flags: NOTE [ the caller's names ])
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or not isinstance(self.count, numbers.Integral) \
                 or not 1 <= self.count <= MAX_READERS:
@@ -64,8 +67,8 @@ class ReaderOptions:
         if self.dirs and len(self.dirs) != self.count:
             raise ConfigError(f"--reader-dir given {len(self.dirs)} times for --readers {self.count}; "
                               "give one per reader")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--read-threads {self.threads}: must be at least 1")
+        if self.threads is not None and not _whole(self.threads, 1):
+            raise ConfigError(f"--read-threads {self.threads!r}: must be a whole number, at least 1")
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,10 @@ class CpuOptions:
     threads: int | None = None  # CPU threads of the compute process (default: compute/cpu/sizing.py)
     parsed: CpuShareConfig = field(init=False, repr=False)  # share and split, parsed
 
+    @python_names()
     def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--cpu-threads {self.threads}: must be at least 1")
+        if self.threads is not None and not _whole(self.threads, 1):  # (a str: TypeError)
+            raise ConfigError(f"--cpu-threads {self.threads!r}: must be a whole number, at least 1")
         object.__setattr__(self, "parsed", parse_cpu_share(self.share, self.split))
 
 
@@ -93,6 +97,20 @@ class ExpertOptions:
     moe_dense: str = "resident"  # streamed MoE layers' attention and routers: resident (when they fit) or stream
     policy: str = "lfu"  # the expert cache's eviction: lfu or lru (compute/experts.py, ExpertCache)
     prefetch: int | None = None  # experts predicted and copied ahead a layer (None: the plan's default; 0: off)
+
+    @python_names()
+    def __post_init__(self) -> None:  # (a bad policy failed in the compute process, a bad size ran)
+        v = self.cache_gb
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1 << 20):
+            raise ConfigError(f"--expert-cache-gb {v!r}: give GiB as a finite number from 0 to {1 << 20} (or None: "
+                              "the plan's default)")
+        for flag, got, ok in (("moe-dense", self.moe_dense, ("resident", "stream")),
+                              ("expert-policy", self.policy, EXPERT_POLICIES)):
+            if got not in ok:
+                raise ConfigError(f"--{flag} {got!r}: use {' or '.join(ok)}")
+        if self.prefetch is not None and not _whole(self.prefetch, 0):
+            raise ConfigError(f"--expert-prefetch {self.prefetch!r}: must be a whole number, at least 0 (0: off; "
+                              "None: the plan's default)")
 
 
 @dataclass(frozen=True)
@@ -188,3 +206,8 @@ def job_ctx(args) -> int | None:
     if args.max_tokens is None or args.max_tokens >= MAX_WINDOW or args.on_context_full == "slide":
         return None  # (-n -1: args maps it to the largest)
     return 2 * len(prompt.encode()) + JOB_CTX_SPECIALS + args.max_tokens
+
+
+def _whole(v, low: int) -> bool:
+    """Whether v is a whole number (not a bool) of at least `low`."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= low

@@ -108,7 +108,7 @@ def test_a_stages_bad_counts_and_names_are_one_line_and_exit_2(argv, line, capsy
 
 def test_a_reader_count_past_the_bound_is_refused_by_the_pipelines_config_too():
     """(the pipeline, serve and spec stages hand --readers to ReaderOptions, which took any count)"""
-    with pytest.raises(pc.ConfigError, match=r"^--readers 65: give 1 to 64$"):
+    with pytest.raises(pc.ConfigError, match=r"^ReaderOptions\.count=65: give 1 to 64$"):
         pc.ReaderOptions(count=65)
 
 

@@ -204,8 +204,8 @@ def test_pipeline_options_of_the_wrong_kind_are_refused_when_made(model):
     from layerstream.coordinator.pipeline_config import Budget, PipelineConfig, ReaderOptions
 
     cases = [(lambda: PipelineConfig(budget={"vram_gb": 1}), r"^PipelineConfig budget=\{'vram_gb': 1\}: give a Budget\(\.\.\.\)"),
-             (lambda: ReaderOptions(count="2"), r"^--readers '2': give 1 to "),
-             (lambda: ReaderOptions(dirs="/tmp"), r"^--reader-dir '/tmp': give a list of folders, one per reader"),
+             (lambda: ReaderOptions(count="2"), r"^ReaderOptions\.count='2': give 1 to "),
+             (lambda: ReaderOptions(dirs="/tmp"), r"^ReaderOptions\.dirs='/tmp': give a list of folders, one per reader"),
              (lambda: Budget(prefetch=-1), r"^prefetch=-1: give a whole number from 1 to 65536"),
              (lambda: Budget(resident_layers=1.5), r"^resident_layers=1.5: give a whole number from 0 to"),
              (lambda: Budget(vram_slots=True), r"^vram_slots=True: give a whole number from 2 to 16"),
@@ -221,7 +221,7 @@ def test_pipeline_options_of_the_wrong_kind_are_refused_when_made(model):
 def test_a_model_path_that_is_no_regular_file_says_so():
     from layerstream.errors import ModelError
 
-    with pytest.raises(ModelError, match="^/dev/null: is not a regular file; pass --model"):
+    with pytest.raises(ModelError, match=r"^/dev/null: is not a regular file; give the path of a \.gguf file$"):
         Engine.load("/dev/null", device="cpu")  # (it said 'no such model file')
 
 
@@ -238,7 +238,7 @@ def test_a_fifo_as_the_model_is_refused_at_once(tmp_path):
             "from layerstream.errors import ModelError\n"
             f"try:\n    Engine.load({str(fifo)!r}, device='cpu')\nexcept ModelError as e:\n    print(e)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.stdout.strip() == f"{fifo}: is not a regular file; pass --model with the path of a .gguf file", r.stderr
+    assert r.stdout.strip() == f"{fifo}: is not a regular file; give the path of a .gguf file", r.stderr
 
 
 def test_chat_messages_of_the_wrong_shape_are_the_callers_error_not_the_models(smollm_engine):
@@ -333,3 +333,26 @@ def test_the_main_guard_line_goes_in_one_write(monkeypatch):
     line = writes[0][1].decode()
     assert line.startswith("layerstream: an engine was opened while a child process started") and line.endswith(
         'if __name__ == "__main__":\n') and len(writes[0][1]) <= 512
+
+
+def test_errors_raised_deep_name_the_python_apis_settings_not_the_command_lines(model, tmp_path):
+    """A probe's: a Python caller who passed ctx= or draft_model= was told to lower --ctx or --batch, or
+    to pass --model for a draft's missing file (NOTE [ the caller's names ] in api_names.py); the
+    command line keeps its flags (test_cli's refusals)."""
+    import torch
+
+    from layerstream.errors import ModelError
+
+    with pytest.raises(ConfigError, match=r"GiB of host memory .* is available: lower ctx or max_seqs$"):
+        Engine.load(model, device="cpu", ctx=1 << 30)
+    with pytest.raises(ModelError, match=rf"^{tmp_path}/draft\.gguf: no such model file; give the path of a \.gguf file$"):
+        Engine.load(model, device="cpu", draft_model=str(tmp_path / "draft.gguf"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^device=cuda: no CUDA device is visible; use device='cpu'$"):
+            Engine.load(model, device="cuda")
+    with Engine.load(model, device="cpu", ctx=16) as e:
+        with pytest.raises(ConfigError, match=r"^chat=True: this model's GGUF has no tokenizer\.chat_template; call "
+                                              r"it without chat=True$"):
+            list(e.generate("hi", G, chat=True))
+        with pytest.raises(LayerstreamError, match=r"; raise ctx, shorten the prompt, or use on_context_full='slide'$"):
+            list(e.generate(PROMPT * 8, G))
