@@ -287,7 +287,7 @@ def sampling_from(body: dict, kind: str, defaults: dict = DEFAULTS) -> SamplingP
     return SamplingParams(
         temperature=temperature,
         top_p=_float(body, "top_p", d["top_p"], 0.0, 1.0),
-        top_k=_int(body, "top_k", d["top_k"], 0, 1 << 31),
+        top_k=max(0, _int(body, "top_k", d["top_k"], -1, 1 << 31)),  # (-1: all, as vLLM's clients send it)
         min_p=_float(body, "min_p", d["min_p"], 0.0, 1.0),
         repeat_penalty=_float(body, "repeat_penalty", d["repeat_penalty"], *REPEAT_PENALTY_RANGE),
         repeat_last_n=d["repeat_last_n"],
@@ -334,10 +334,13 @@ def _messages(v) -> list[dict]:
                                f"{where}.content")
             parts = []
             for j, p in enumerate(content):
-                if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                        and set(p) <= {"type", "text"}):
+                if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
                     raise ApiError(400, f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": "
                                         "...}; this server takes no images or audio", f"{where}.content")
+                # a prompt-caching hint (LiteLLM's and OpenRouter's clients send it) changes no token: taken
+                for key in sorted(set(p) - {"type", "text", "cache_control"}):  # (was refused as "no text part")
+                    raise ApiError(400, f"'{where}.content[{j}].{_short(key)}' is not supported: a text part takes "
+                                        "type and text", f"{where}.content")
                 parts.append(p["text"])
             content = "\n".join(parts)
         if not isinstance(content, str):

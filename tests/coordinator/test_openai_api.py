@@ -22,7 +22,7 @@ def refused(body: dict, kind: str = "completion") -> ApiError:
     ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1.5), ("seed", "7"), ("seed", True),
     ("stream", "false"), ("stream", 0), ("ignore_eos", "yes"),
     ("temperature", True), ("temperature", "1"), ("temperature", -1), ("temperature", 101),
-    ("top_p", 1.5), ("top_k", 2.0), ("top_k", -1), ("min_p", [0.1]), ("repeat_penalty", 0),
+    ("top_p", 1.5), ("top_k", 2.0), ("top_k", -2), ("min_p", [0.1]), ("repeat_penalty", 0),
     ("max_tokens", 0), ("max_tokens", 5.0), ("max_tokens", 10**4000), ("max_tokens", False),
     ("stop", 5), ("stop", [1]), ("stop", ["x"] * 17), ("stop", "y" * 257),
     ("n", 0), ("n", 17), ("n", "2"),
@@ -53,9 +53,21 @@ def test_a_bad_field_is_refused_by_name(field, value):
     ([{"role": ["user"], "content": "x"}], "messages[0].role"),  # a probe's: a 500 (unhashable) until now
     ([{"role": {}, "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": []}], "messages[0].content"),  # was run as an empty message
+    ([{"role": "user", "content": [{"type": "text", "text": "a", "detail": "x"}]}], "messages[0].content"),
 ])
 def test_bad_messages_are_refused_by_name(messages, param):
     assert refused({"messages": messages}, "chat").param == param
+
+
+def test_what_vllms_and_litellms_clients_send_is_served():
+    """A probe's: top_k -1 (vLLM's "all") was refused, and a text part with a prompt-caching hint
+    (LiteLLM's and OpenRouter's clients) was refused as no text part; another key is named."""
+    assert parse_request({"prompt": "hi", "top_k": -1}, "completion", V).params.top_k == 0
+    r = parse_request({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "b"}]}]}, "chat", V)
+    assert r.messages == [{"role": "user", "content": "a\nb"}]
+    e = refused({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "detail": "x"}]}]}, "chat")
+    assert str(e).startswith("'messages[0].content[0].detail' is not supported: a text part takes type and text")
 
 
 def test_the_standard_fields_clients_send_are_served():
