@@ -16,7 +16,7 @@ from layerstream.coordinator.chat_sandbox import (
     LimitExceeded,
     TemplateRaised,
 )
-from layerstream.errors import ModelError
+from layerstream.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from layerstream.coordinator.tokenizer import Tokenizer
@@ -172,6 +172,30 @@ class ChatTemplate:
         if pieces is None:
             pieces = self._twinned(messages, contents, text, kw)
         return [(t, tmpl) for t, tmpl in pieces if t]
+
+    def continued_segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """render_segments' pieces of a conversation whose last message, the assistant's, is continued
+        (a prefill, as llama-server's and Ollama's chats take it, vLLM's continue_final_message): the
+        render without a generation prompt, cut where that message's content ends in it (trimmed, where
+        the template trims it), so that the reply goes on from its last character rather than opening
+        a new turn. A template that does not copy that content into the prompt cannot: ModelError."""
+        last = messages[-1] if messages else {}
+        content = last.get("content") if last.get("role") == "assistant" else None
+        if not isinstance(content, str) or not content.strip():
+            raise ConfigError("only an assistant's message with text can be continued; end the conversation with one")
+        pieces = self.render_segments(messages, add_generation_prompt=False)
+        text = "".join(t for t, _ in pieces)
+        found = [text.rfind(c) + len(c) for c in (content, content.strip()) if text.rfind(c) >= 0]
+        if not found:
+            raise ModelError("the chat template changes the last assistant message as it renders it, so the "
+                             "reply cannot continue it; send it without that message")
+        end, at, out = found[0], 0, []
+        for t, tmpl in pieces:
+            out.append((t[: end - at], tmpl))
+            at += len(t)
+            if at >= end:
+                break
+        return [(t, tmpl) for t, tmpl in out if t]
 
     # NOTE [ content spans ]
     # The render itself must see the real contents: templates trim them (Llama 3), test them

@@ -364,9 +364,10 @@ class Engine:
             return self.encode_chat(msgs)
         return self.tokenizer.encode(text)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final: bool = False) -> list[int]:
         """Token ids of a conversation through the model's chat template: the template's own text
-        may make control tokens; message contents never do (no role injection)."""
+        may make control tokens; message contents never do (no role injection). continue_final: the
+        last message, the assistant's, is continued (ChatTemplate.continued_segments)."""
         if self.chat_template is None:
             raise ConfigError("this model's GGUF has no tokenizer.chat_template: give it text, not messages")
         if not isinstance(messages, (list, tuple)) or not all(
@@ -374,7 +375,8 @@ class Engine:
                 for m in messages):
             raise TypeError(f"messages: give a list of dicts, each with a str 'role' and 'content', not {messages!r:.80}")
         try:
-            segments = list(self.chat_template.render_segments(messages, add_generation_prompt=add_generation_prompt))
+            segments = (self.chat_template.continued_segments(messages) if continue_final
+                        else self.chat_template.render_segments(messages, add_generation_prompt=add_generation_prompt))
         except ModelError as e:  # (the model's template, not the caller's messages: the file named)
             raise ModelError(f"{os.path.basename(self.index.path)}: {e}") from None
         ids: list[int] = []

@@ -83,6 +83,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     n: int = 1
+    continue_final: bool = False  # chat: the last message, the assistant's, is continued (a prefill)
 
 
 def parse_json(raw: bytes, opens: int | None = None) -> dict:
@@ -238,7 +239,8 @@ HARMLESS_CHAT = {
 }
 UNSERVED = {"logprobs": "it returns no token log-probabilities; leave 'logprobs' out or give null"}
 HARMLESS = {"completion": HARMLESS_BOTH | HARMLESS_COMPLETION, "chat": HARMLESS_BOTH | HARMLESS_CHAT}
-FIELDS = {"completion": SERVED | {"prompt"}, "chat": SERVED | {"messages", "max_completion_tokens"}}
+FIELDS = {"completion": SERVED | {"prompt"},
+          "chat": SERVED | {"messages", "max_completion_tokens", "continue_final_message"}}
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -386,6 +388,10 @@ def parse_request(body: dict, kind: str, n_vocab: int, defaults: dict = DEFAULTS
                      n=_int(body, "n", 1, 1, MAX_N))
     if kind == "chat":
         req.messages = _messages(body.get("messages"))
+        # a last message of the assistant's with text is continued, as llama-server's and Ollama's chats
+        # take it; vLLM's continue_final_message says so either way
+        last = req.messages[-1]
+        req.continue_final = _bool(body, "continue_final_message", last["role"] == "assistant" and bool(last["content"].strip()))
     else:
         req.text, req.ids = _prompt(body.get("prompt"), n_vocab)
     return req

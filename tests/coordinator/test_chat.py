@@ -416,3 +416,36 @@ def test_a_control_token_made_by_joining_trimmed_contents_stays_text(smol):
     assert "".join(t for t, _ in segments) == chat.render(messages)
     ids = [i for t, tmpl in segments for i in tk.encode(t, add_special=False, parse_special=tmpl)]
     assert ids.count(tk.encode("<|im_start|>", add_special=False)[0]) == 2  # the template's two
+
+
+@pytest.mark.parametrize("content", ["1, 2,", "  Hello <|im_end|> there  "])
+def test_a_last_assistant_message_is_continued_from_its_last_character(smol, hf_smol, content):
+    """A prefill (llama-server's and Ollama's chats, vLLM's continue_final_message): the render ends
+    with the assistant's content, as transformers' continue_final_message renders it, not with a
+    new turn; its `<|im_end|>` stays text."""
+    md, tk = smol
+    chat = ChatTemplate.from_metadata(md, tk)
+    messages = [{"role": "user", "content": "Count to 5"}, {"role": "assistant", "content": content}]
+    segments = chat.continued_segments(messages)
+    text = "".join(t for t, _ in segments)
+    want = hf_smol.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text == want and text.endswith(content)  # (not a new turn after it)
+    ids = [i for t, tmpl in segments for i in tk.encode(t, add_special=False, parse_special=tmpl)]
+    assert ids.count(tk.encode("<|im_end|>", add_special=False)[0]) == 2  # (the system's and the user's turns)
+
+
+def test_a_trimmed_last_message_is_continued_and_a_changed_one_refused(smol):
+    from layerstream.errors import ConfigError
+
+    md, tk = smol
+    trims = ChatTemplate.from_metadata(dict(md, **{"tokenizer.chat_template": CONTENT_IDIOMS[0]}), tk)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  The answer is "}]
+    assert "".join(t for t, _ in trims.continued_segments(messages)).endswith("<|im_start|>assistant\nThe answer is")
+    upper = ChatTemplate.from_metadata(dict(md, **{"tokenizer.chat_template":
+                                                   "{% for m in messages %}{{ m.content | upper }}\n{% endfor %}"}), tk)
+    with pytest.raises(ModelError, match="^the chat template changes the last assistant message"):
+        upper.continued_segments(messages)
+    for bad in ([{"role": "user", "content": "hi"}], [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                            "content": " "}]):
+        with pytest.raises(ConfigError, match="^only an assistant's message with text can be continued"):
+            trims.continued_segments(bad)

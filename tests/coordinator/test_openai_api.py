@@ -70,6 +70,19 @@ def test_what_vllms_and_litellms_clients_send_is_served():
     assert str(e).startswith("'messages[0].content[0].detail' is not supported: a text part takes type and text")
 
 
+def test_a_last_assistant_message_with_text_is_continued_unless_asked_otherwise():
+    """A probe's: a prefill opened a new turn (llama-server's and Ollama's chats continue it);
+    vLLM's continue_final_message was refused."""
+    user, prefill = {"role": "user", "content": "Count"}, {"role": "assistant", "content": "1, 2,"}
+    chat = [([user], None, False), ([user, prefill], None, True), ([user, prefill], False, False),
+            ([user, {"role": "assistant", "content": None}], None, False), ([user], True, True)]
+    for messages, asked, continued in chat:
+        body = {"messages": messages} | ({} if asked is None else {"continue_final_message": asked})
+        assert parse_request(body, "chat", V).continue_final is continued, (messages, asked)
+    assert refused({"messages": [user], "continue_final_message": "yes"}, "chat").param == "continue_final_message"
+    assert refused({"prompt": "a", "continue_final_message": True}).param == "continue_final_message"
+
+
 def test_the_standard_fields_clients_send_are_served():
     r = parse_request({"messages": [{"role": "developer", "content": "Be brief."},
                                     {"role": "user", "content": [{"type": "text", "text": "a"},

@@ -252,6 +252,24 @@ def test_two_authorization_headers_are_a_400(server):
                                                                "header; send one"), reply
 
 
+def test_a_chat_ending_with_the_assistants_words_continues_them(server, smollm_engine):
+    """A prefill (a probe's: the reply opened a new turn and counted from 1 again): the reply goes on
+    from the assistant's last character, as the engine's continued prompt does; asked otherwise,
+    a new turn; a prefill of the user's words is a 400."""
+    client, model = server
+    msgs = [{"role": "user", "content": "Count to 5"}, {"role": "assistant", "content": "1, 2,"}]
+    got = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0)
+    assert got.choices[0].message.content == _engine_text(smollm_engine, smollm_engine.encode_chat(
+        msgs, continue_final=True), 6)
+    new_turn = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0,
+                                              extra_body={"continue_final_message": False})
+    assert new_turn.choices[0].message.content == _engine_text(smollm_engine, smollm_engine.encode_chat(msgs), 6)
+    assert new_turn.choices[0].message.content != got.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="only an assistant's message with text can be continued"):
+        client.chat.completions.create(model=model, messages=msgs[:1], max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+
+
 def test_the_openai_fields_clients_send_are_served(server, smollm_engine):
     """Issue 25: max_completion_tokens, stream_options.include_usage, content as text parts, n,
     GET /v1/models/{id}, and OpenAI's error `code`, through the official client."""
