@@ -186,15 +186,15 @@ class ChatTemplate:
         pieces = self.render_segments(messages, add_generation_prompt=False)
         text = "".join(t for t, _ in pieces)
         found = [text.rfind(c) + len(c) for c in (content, content.strip()) if text.rfind(c) >= 0]
+        end, at, out = found[0] if found else 0, 0, []
+        for t, tmpl in pieces:
+            if at >= end and not tmpl:  # (what is cut holds a message's words: the template dropped or moved it)
+                found = []
+            out.append((t[: max(0, end - at)], tmpl))
+            at += len(t)
         if not found:
             raise ModelError("the chat template changes the last assistant message as it renders it, so the "
                              "reply cannot continue it; send it without that message")
-        end, at, out = found[0], 0, []
-        for t, tmpl in pieces:
-            out.append((t[: end - at], tmpl))
-            at += len(t)
-            if at >= end:
-                break
         return [(t, tmpl) for t, tmpl in out if t]
 
     # NOTE [ content spans ]

@@ -449,3 +449,16 @@ def test_a_trimmed_last_message_is_continued_and_a_changed_one_refused(smol):
                                                                                             "content": " "}]):
         with pytest.raises(ConfigError, match="^only an assistant's message with text can be continued"):
             trims.continued_segments(bad)
+
+
+def test_a_template_that_drops_the_last_assistant_message_is_not_cut_in_an_earlier_one(smol):
+    """The final content's words found earlier (the template left the last message out without a
+    generation prompt): continuing there would drop what follows; refused."""
+    md, tk = smol
+    drops = ChatTemplate.from_metadata(dict(md, **{"tokenizer.chat_template":
+        "{% for m in messages %}{% if not loop.last or add_generation_prompt %}{{ m.role }}: {{ m.content }}\n"
+        "{% endif %}{% endfor %}"}), tk)
+    messages = [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}]
+    with pytest.raises(ModelError, match="^the chat template changes the last assistant message"):
+        drops.continued_segments(messages)
