@@ -340,9 +340,9 @@ def _messages(v) -> list[dict]:
                     raise ApiError(400, f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": "
                                         "...}; this server takes no images or audio", f"{where}.content")
                 # a prompt-caching hint (LiteLLM's and OpenRouter's clients send it) changes no token: taken
-                for key in sorted(set(p) - {"type", "text", "cache_control"}):  # (was refused as "no text part")
-                    raise ApiError(400, f"'{where}.content[{j}].{_short(key)}' is not supported: a text part takes "
-                                        "type and text", f"{where}.content")
+                if extra := sorted(set(p) - {"type", "text", "cache_control"}):  # (was refused as "no text part")
+                    raise ApiError(400, f"'{where}.content[{j}].{_short(extra[0])}' is not supported: a text part "
+                                        "takes type and text", f"{where}.content")
                 parts.append(p["text"])
             content = "\n".join(parts)
         if not isinstance(content, str):
