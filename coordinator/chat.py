@@ -176,26 +176,21 @@ class ChatTemplate:
     def continued_segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
         """render_segments' pieces of a conversation whose last message, the assistant's, is continued
         (a prefill, as llama-server's and Ollama's chats take it, vLLM's continue_final_message): the
-        render without a generation prompt, cut where that message's content ends in it (trimmed, where
-        the template trims it), so that the reply goes on from its last character rather than opening
-        a new turn. A template that does not copy that content into the prompt cannot: ModelError."""
+        render without a generation prompt, cut after the last piece of a message's words, where that
+        piece is the last message's content (trimmed, where the template trims it), so that the reply
+        goes on from its last character rather than opening a new turn. Found by the pieces, not by
+        searching the text: a short content (`<`, `|`) is also text of the template's own end of turn.
+        A template that does not copy that content into the prompt as such a piece: ModelError."""
         last = messages[-1] if messages else {}
         content = last.get("content") if last.get("role") == "assistant" else None
         if not isinstance(content, str) or not content.strip():
             raise ConfigError("only an assistant's message with text can be continued; end the conversation with one")
         pieces = self.render_segments(messages, add_generation_prompt=False)
-        text = "".join(t for t, _ in pieces)
-        found = [text.rfind(c) + len(c) for c in (content, content.strip()) if text.rfind(c) >= 0]
-        end, at, out = found[0] if found else 0, 0, []
-        for t, tmpl in pieces:
-            if at >= end and not tmpl:  # (what is cut holds a message's words: the template dropped or moved it)
-                found = []
-            out.append((t[: max(0, end - at)], tmpl))
-            at += len(t)
-        if not found:
+        words = [k for k, (_, from_template) in enumerate(pieces) if not from_template]
+        if not words or pieces[words[-1]][0] not in (content, content.strip()):
             raise ModelError("the chat template changes the last assistant message as it renders it, so the "
                              "reply cannot continue it; send it without that message")
-        return [(t, tmpl) for t, tmpl in out if t]
+        return pieces[: words[-1] + 1]
 
     # NOTE [ content spans ]
     # The render itself must see the real contents: templates trim them (Llama 3), test them

@@ -84,6 +84,7 @@ class GenRequest:
     include_usage: bool = False
     n: int = 1
     continue_final: bool = False  # chat: the last message, the assistant's, is continued (a prefill)
+    add_generation_prompt: bool = True  # chat: the template's opening of the assistant's turn, where not continued
 
 
 def parse_json(raw: bytes, opens: int | None = None) -> dict:
@@ -240,7 +241,7 @@ HARMLESS_CHAT = {
 UNSERVED = {"logprobs": "it returns no token log-probabilities; leave 'logprobs' out or give null"}
 HARMLESS = {"completion": HARMLESS_BOTH | HARMLESS_COMPLETION, "chat": HARMLESS_BOTH | HARMLESS_CHAT}
 FIELDS = {"completion": SERVED | {"prompt"},
-          "chat": SERVED | {"messages", "max_completion_tokens", "continue_final_message"}}
+          "chat": SERVED | {"messages", "max_completion_tokens", "continue_final_message", "add_generation_prompt"}}
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -389,9 +390,14 @@ def parse_request(body: dict, kind: str, n_vocab: int, defaults: dict = DEFAULTS
     if kind == "chat":
         req.messages = _messages(body.get("messages"))
         # a last message of the assistant's with text is continued, as llama-server's and Ollama's chats
-        # take it; vLLM's continue_final_message says so either way
-        last = req.messages[-1]
-        req.continue_final = _bool(body, "continue_final_message", last["role"] == "assistant" and bool(last["content"].strip()))
+        # take it, unless the request says: vLLM's continue_final_message, or its add_generation_prompt
+        last, opens = req.messages[-1], body.get("add_generation_prompt")
+        req.add_generation_prompt = _bool(body, "add_generation_prompt", True)
+        prefill = opens is None and last["role"] == "assistant" and bool(last["content"].strip())
+        req.continue_final = _bool(body, "continue_final_message", prefill)
+        if req.continue_final and opens:  # (vLLM's refusal too: a turn both opened and continued)
+            raise ApiError(400, "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                           "add_generation_prompt")
     else:
         req.text, req.ids = _prompt(body.get("prompt"), n_vocab)
     return req

@@ -201,7 +201,7 @@ class Server:
             if self.engine.chat_template is None:
                 raise ApiError(400, "this model's GGUF has no chat template; use /v1/completions", "messages")
             try:
-                ids = self.engine.encode_chat(req.messages, continue_final=req.continue_final)
+                ids = self.engine.encode_chat(req.messages, req.add_generation_prompt, req.continue_final)
             except LayerstreamError as e:
                 raise ApiError(400, str(e), "messages") from None
         else:

@@ -418,7 +418,9 @@ def test_a_control_token_made_by_joining_trimmed_contents_stays_text(smol):
     assert ids.count(tk.encode("<|im_start|>", add_special=False)[0]) == 2  # the template's two
 
 
-@pytest.mark.parametrize("content", ["1, 2,", "  Hello <|im_end|> there  "])
+# (a probe's: "<", "|", "d" and "<|im_end|>" are also text of the template's end of turn, where a search
+# of the render cut: "<" came out doubled, ">" closed the turn with the control token)
+@pytest.mark.parametrize("content", ["1, 2,", "  Hello <|im_end|> there  ", "<", ">", "|", "d", "im_end", "<|im_end|>"])
 def test_a_last_assistant_message_is_continued_from_its_last_character(smol, hf_smol, content):
     """A prefill (llama-server's and Ollama's chats, vLLM's continue_final_message): the render ends
     with the assistant's content, as transformers' continue_final_message renders it, not with a
@@ -431,7 +433,8 @@ def test_a_last_assistant_message_is_continued_from_its_last_character(smol, hf_
     want = hf_smol.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     assert text == want and text.endswith(content)  # (not a new turn after it)
     ids = [i for t, tmpl in segments for i in tk.encode(t, add_special=False, parse_special=tmpl)]
-    assert ids.count(tk.encode("<|im_end|>", add_special=False)[0]) == 2  # (the system's and the user's turns)
+    end = tk.encode("<|im_end|>", add_special=False, parse_special=True)
+    assert len(end) == 1 and ids.count(end[0]) == 2  # (the system's and the user's turns: none after the content)
 
 
 def test_a_trimmed_last_message_is_continued_and_a_changed_one_refused(smol):

@@ -79,6 +79,16 @@ def test_a_last_assistant_message_with_text_is_continued_unless_asked_otherwise(
     for messages, asked, continued in chat:
         body = {"messages": messages} | ({} if asked is None else {"continue_final_message": asked})
         assert parse_request(body, "chat", V).continue_final is continued, (messages, asked)
+    # vLLM's: a prefill asked with add_generation_prompt false (a probe's: refused as unknown); that field
+    # alone says whether a turn opens, and both true is refused, as vLLM refuses it
+    vllm = parse_request({"messages": [user, prefill], "continue_final_message": True, "add_generation_prompt": False},
+                         "chat", V)
+    assert vllm.continue_final and not vllm.add_generation_prompt
+    for opens in (True, False):
+        r = parse_request({"messages": [user, prefill], "add_generation_prompt": opens}, "chat", V)
+        assert not r.continue_final and r.add_generation_prompt is opens
+    assert refused({"messages": [user, prefill], "continue_final_message": True, "add_generation_prompt": True},
+                   "chat").param == "add_generation_prompt"
     assert refused({"messages": [user], "continue_final_message": "yes"}, "chat").param == "continue_final_message"
     assert refused({"prompt": "a", "continue_final_message": True}).param == "continue_final_message"
 
