@@ -81,7 +81,8 @@ class Parser(argparse.ArgumentParser):
             *rest, last = map(str, action.choices or ("",))
             expected = {"int": "must be a whole number, in decimal digits", "float": "must be a number",
                         "choice": f"use {', '.join(rest)}{' or ' if rest else ''}{last}"}[m.group(2)]
-            message = f"{name} {ast.literal_eval(m.group(3))}: {expected}"
+            v = ast.literal_eval(m.group(3))  # (quoted where spaces or nothing would not show: -n ' 5')
+            message = f"{name} {v if v and v == v.strip() else repr(v)}: {expected}"
         raise UsageError(message)
 
     def print_help(self, file=None):
@@ -139,7 +140,7 @@ def build_parser() -> Parser:
                    help="tokens to generate at most; -1: until the end of sequence or a full context, as "
                         "llama.cpp's (default 256)")
     g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=whole, default=40, help="keep the k most likely tokens; 0 keeps all (default 40)")
+    g.add_argument("--top-k", type=whole, default=40, help="keep the k most likely tokens; 0 or -1 keeps all (default 40)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
     g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
     g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens, 0.01 to 100; 1 disables (default 1.0)")
@@ -322,7 +323,8 @@ def check_args(args) -> None:
     finite("top-p", args.top_p, 0.0, 1.0)  # as SamplingParams: 0 keeps the best token only
     finite("min-p", args.min_p, 0.0, 1.0)
     finite("repeat-penalty", args.repeat_penalty, *REPEAT_PENALTY_RANGE)
-    ints("top-k", args.top_k, 0, 1 << 31)
+    ints("top-k", args.top_k, -1, 1 << 31)
+    args.top_k = max(0, args.top_k)  # (-1: all, as the server's top_k and llama.cpp's)
     args.stop = [unescape(s) for s in args.stop]
     if "" in args.stop:
         fail("--stop '': an empty stop string would stop nothing; drop it")

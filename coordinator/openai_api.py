@@ -343,7 +343,7 @@ def _messages(v) -> list[dict]:
                 # a prompt-caching hint (LiteLLM's and OpenRouter's clients send it) changes no token: taken
                 if extra := sorted(set(p) - {"type", "text", "cache_control"}):  # (was refused as "no text part")
                     raise ApiError(400, f"'{where}.content[{j}].{_short(extra[0])}' is not supported: a text part "
-                                        "takes type and text", f"{where}.content")
+                                        "takes type and text (and cache_control, a hint)", f"{where}.content")
                 parts.append(p["text"])
             content = "\n".join(parts)
         if not isinstance(content, str):

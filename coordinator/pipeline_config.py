@@ -108,8 +108,9 @@ class ExpertOptions:
                               ("expert-policy", self.policy, EXPERT_POLICIES)):
             if got not in ok:
                 raise ConfigError(f"--{flag} {got!r}: use {' or '.join(ok)}")
-        if self.prefetch is not None and not _whole(self.prefetch, 0):
-            raise ConfigError(f"--expert-prefetch {self.prefetch!r}: must be a whole number, at least 0 (0: off; "
+        low, high = PIPELINE_COUNTS["expert_prefetch"]  # (run-pipeline's bound: 10**30 was taken)
+        if self.prefetch is not None and not (_whole(self.prefetch, low) and self.prefetch <= high):
+            raise ConfigError(f"--expert-prefetch {self.prefetch!r}: give a whole number from {low} to {high} (0: off; "
                               "None: the plan's default)")
 
 

@@ -49,7 +49,8 @@ def model(tmp_path_factory):
     # what int() reads beside decimal digits: an underscore, spaces, another script's digits (run before)
     (["--seed", "1_000"], "--seed 1_000: must be a whole number, in decimal digits"),
     (["-n=1_0"], "-n 1_0: must be a whole number, in decimal digits"),
-    (["--ctx", " 64"], "--ctx  64: must be a whole number, in decimal digits"),
+    (["--ctx", " 64"], "--ctx ' 64': must be a whole number, in decimal digits"),  # (quoted: a probe's)
+    (["-n", ""], "-n '': must be a whole number, in decimal digits"),
     (["-ngl", "\u0661"], "-ngl \u0661: must be a whole number, in decimal digits"),
     (["--temp", "x"], "--temp x: must be a number"),
     (["--dtype", "f8"], "--dtype f8: use float32, float16 or bfloat16"),
@@ -91,6 +92,16 @@ def test_a_negative_seed_is_taken_as_the_server_and_sampling_params_take_it():
         check_args(a)
         assert a.seed == kept
     assert fresh_seed(SamplingParams(seed=-2)) == 2 ** 64 - 2
+
+
+def test_top_k_minus_one_keeps_all_tokens_as_the_servers_does():
+    """A probe's: --top-k -1 was refused where the server's top_k -1 (vLLM's clients') keeps all."""
+    from layerstream.coordinator.args import check_args
+
+    for given, kept in (("-1", 0), ("0", 0), ("7", 7)):
+        a = build_parser().parse_args(["--top-k", given, "hi"])
+        check_args(a)
+        assert a.top_k == kept
 
 
 def test_a_one_prompt_runs_context_is_what_its_prompt_and_n_can_fill(tmp_path):

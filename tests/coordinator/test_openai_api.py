@@ -67,7 +67,8 @@ def test_what_vllms_and_litellms_clients_send_is_served():
         {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "b"}]}]}, "chat", V)
     assert r.messages == [{"role": "user", "content": "a\nb"}]
     e = refused({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "detail": "x"}]}]}, "chat")
-    assert str(e).startswith("'messages[0].content[0].detail' is not supported: a text part takes type and text")
+    assert str(e).startswith("'messages[0].content[0].detail' is not supported: a text part takes type and text "
+                             "(and cache_control, a hint)")
 
 
 def test_a_last_assistant_message_with_text_is_continued_unless_asked_otherwise():

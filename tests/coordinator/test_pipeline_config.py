@@ -26,8 +26,10 @@ from layerstream.errors import ConfigError
     (lambda: ExpertOptions(cache_gb=-1), "ExpertOptions.cache_gb=-1: give GiB as a finite number from 0 to 1048576 "
                                          "(or None: the plan's default)"),
     (lambda: ExpertOptions(moe_dense="x"), "ExpertOptions.moe_dense='x': use resident or stream"),
-    (lambda: ExpertOptions(prefetch=-3), "ExpertOptions.prefetch=-3: must be a whole number, at least 0 (0: off; "
+    (lambda: ExpertOptions(prefetch=-3), "ExpertOptions.prefetch=-3: give a whole number from 0 to 65536 (0: off; "
                                          "None: the plan's default)"),
+    (lambda: ExpertOptions(prefetch=10**30), f"ExpertOptions.prefetch={10**30}: give a whole number from 0 to 65536 "
+                                             "(0: off; None: the plan's default)"),  # (a probe's: taken)
     (lambda: ProcessOptions(transport="udp"), "transport 'udp': use one of ipc, tcp"),
     (lambda: ProcessOptions(ready_timeout_s=0), "ready_timeout_s 0: must be above 0 seconds"),
     (lambda: ProcessOptions(stall_timeout_s=-1.0), "stall_timeout_s -1.0: must be above 0 seconds"),
