@@ -12,28 +12,25 @@ error (reported by the next step) and the exception goes to the caller, which kn
 backend can go on.
 
 NOTE [ one step behind ]
-`step()` submits step n + 1 before it collects step n's ids: n + 1 is built from what the core knew
-after n - 1, every request that samples in n continuing with the token -1 (the id n samples, which
-the backend feeds on its device). So the GPU runs n + 1 while the core detokenizes n and checks its
-stops. A request that ends at n (EOS, a stop string, max_tokens, its context full) had one more
-token computed in n + 1: that token is discarded (never shown, never counted, not in the prefix-
-reuse record), and the request's row is given back only once the steps in flight that carry it are
-collected, so a new request never takes a row the backend still writes; where the next waiting
-request would take a free row though that one holds a longer prefix of its prompt (the next turn of
-a chat), the core collects the step before it submits the next. Where n surely ends a request (its
-max_tokens reached by n's token, its ring full), n + 1 leaves it out. An aborted request frees its
-row likewise, after the steps in flight that carry it. With `lookahead` off, each step is submitted
-and collected in turn (the reference the tests compare against). Where the backend's round trip
-outlasts a step (`steps_ahead`: the pipeline of a model kept whole on a GPU, where a small model's
-decode step can be shorter than a Forward's round trip through two sockets and the coordinator's
-loop), `lookahead` 2 keeps two steps submitted ahead of the one collected: n + 2 feeds -1 too (the
-id step n+1 samples on the device, in stream order), a request that ends at n had two more tokens
-computed and discarded, and one whose ring has no room ends after the last id in flight is shown.
-(On SmolLM2 on an H200 the gain was within the noise: the host's work a step, not the round trip,
-bounded it there; BENCHMARKS.md.) A caller that waits for the device between steps
-(torch.cuda.synchronize) drains step n + 1 and gets the host and the device in series again, as
-with `lookahead` off: the benches time a step from the last one's return to its own
-(stage_bench.time_decode).
+`step()` submits step n + 1 before it collects step n's ids: n + 1 is built from what the core knew after n - 1,
+every request that samples in n continuing with the token -1 (the id n samples, which the backend feeds on its
+device). So the GPU runs n + 1 while the core detokenizes n and checks its stops. A request that ends at n (EOS,
+a stop string, max_tokens, its context full) had one more token computed in n + 1: that token is discarded
+(never shown, never counted, not in the prefix-reuse record), and the request's row is given back only once the
+steps in flight that carry it are collected, so a new request never takes a row the backend still writes; where
+the next waiting request would take a free row though that one holds a longer prefix of its prompt (the next
+turn of a chat), the core collects the step before it submits the next. Where n surely ends a request (its
+max_tokens reached by n's token, its ring full), n + 1 leaves it out. An aborted request frees its row likewise,
+after the steps in flight that carry it. With `lookahead` off, each step is submitted and collected in turn (the
+reference the tests compare against). Where the backend's round trip outlasts a step (`steps_ahead`: the
+pipeline of a model kept whole on a GPU, where a small model's decode step can be shorter than a Forward's round
+trip through two sockets and the coordinator's loop), `lookahead` 2 keeps two steps submitted ahead of the one
+collected: n + 2 feeds -1 too (the id step n+1 samples on the device, in stream order), a request that ends at n
+had two more tokens computed and discarded, and one whose ring has no room ends after the last id in flight is
+shown. (On SmolLM2 on an H200 the gain was within the noise: the host's work a step, not the round trip, bounded
+it there; BENCHMARKS.md.) A caller that waits for the device between steps (torch.cuda.synchronize) drains step
+n + 1 and gets the host and the device in series again, as with `lookahead` off: the benches time a step from
+the last one's return to its own (stage_bench.time_decode).
 
 NOTE [ step size ]
 The backend pads a step to B sequences times its longest chunk S (the attention's queries and
