@@ -37,5 +37,11 @@ class PromptTooLongError(ContextFullError):
                          "generate; raise --ctx, shorten the prompt, or use --on-context-full slide")
         self.tokens, self.ctx = tokens, ctx
 
-    def __reduce__(self):
-        return type(self), (self.tokens, self.ctx)
+    def __reduce__(self):  # (its text as it is: python_names may have rewritten it)
+        return _prompt_too_long, (type(self), self.tokens, self.ctx, self.args)
+
+
+def _prompt_too_long(cls: type, tokens: int, ctx: int, args: tuple) -> PromptTooLongError:
+    e = cls(tokens, ctx)
+    e.args = args
+    return e

@@ -64,6 +64,7 @@ import torch
 from layerstream.compute.sampling import FINITE, SamplingParams, fresh_seed, non_finite_error
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import StepResult
+from layerstream.coordinator.api_names import python_names
 from layerstream.coordinator.kv_ring import KVRing
 from layerstream.coordinator.outputs import RequestOutput, StopMatcher
 from layerstream.coordinator.speculation import RequestDrafts, Speculation
@@ -220,6 +221,7 @@ class EngineCore:
 
     # -- requests ---------------------------------------------------------------------------------
 
+    @python_names()  # (the Python API's `e.core`: NOTE [ the caller's names ] in api_names.py)
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Queue a request; a prompt that cannot fit the context is refused now, before prefill."""
         if self.closed:  # (a local backend ran on: README says a closed engine refuses every call)
@@ -316,6 +318,7 @@ class EngineCore:
             plan.append((r, r.prompt[reused : reused + n]))
         return plan
 
+    @python_names()
     def step(self) -> list[RequestOutput]:
         """Submit the next step and collect the oldest in flight (NOTE [ one step behind ]);
         returns what each request produced. A request whose logits are not finite finishes with

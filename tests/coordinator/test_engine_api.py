@@ -356,3 +356,6 @@ def test_errors_raised_deep_name_the_python_apis_settings_not_the_command_lines(
             list(e.generate("hi", G, chat=True))
         with pytest.raises(LayerstreamError, match=r"; raise ctx, shorten the prompt, or use on_context_full='slide'$"):
             list(e.generate(PROMPT * 8, G))
+        # the engine core, as README gives it (`e.core`; a probe's: these still named the flags)
+        with pytest.raises(LayerstreamError, match=r"; raise ctx, shorten the prompt, or use on_context_full='slide'$"):
+            e.core.add_request("long", PROMPT * 8, G)
