@@ -65,15 +65,18 @@ def for_python(text: str) -> str:
     return FLAG.sub(name, text)
 
 
-@contextlib.contextmanager
-def python_names():
-    """Errors leaving this block name the Python API's settings (for_python), outside cli_names."""
-    try:
-        yield
-    except LayerstreamError as e:
-        if not _cli and e.args and isinstance(e.args[0], str):
+class python_names(contextlib.ContextDecorator):  # noqa: N801 - used as a function, as cli_names
+    """Errors leaving this block (or the function it decorates) name the Python API's settings
+    (for_python), outside cli_names. A plain object, not a generator: it wraps the engine core's
+    step, and so costs nothing on a step that raises nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if isinstance(e, LayerstreamError) and not _cli and e.args and isinstance(e.args[0], str):
             e.args = (for_python(e.args[0]), *e.args[1:])
-        raise
+        return False
 
 
 @contextlib.contextmanager
