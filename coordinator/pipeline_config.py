@@ -36,13 +36,13 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("vram_gb", "host_cache_gb"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1 << 20):
-                raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {1 << 20} (or None: the "
+            if v is not None and not _gib(v):
+                raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {MAX_GIB} (or None: the "
                                   "plan's default)")
         # (the plan checked these only when the pipeline opened, named as run-pipeline's flags)
         for name in ("resident_layers", "prefetch", "step_tokens", "vram_slots"):
             v, (low, high) = getattr(self, name), PIPELINE_COUNTS[name]
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or not low <= v <= high):
+            if v is not None and not _whole(v, low, high):
                 raise ConfigError(f"{name}={v!r}: give a whole number from {low} to {high} (or None: the plan's default)")
 
 
@@ -100,16 +100,15 @@ class ExpertOptions:
 
     @python_names()
     def __post_init__(self) -> None:  # (a bad policy failed in the compute process, a bad size ran)
-        v = self.cache_gb
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1 << 20):
-            raise ConfigError(f"--expert-cache-gb {v!r}: give GiB as a finite number from 0 to {1 << 20} (or None: "
-                              "the plan's default)")
+        if self.cache_gb is not None and not _gib(self.cache_gb):
+            raise ConfigError(f"--expert-cache-gb {self.cache_gb!r}: give GiB as a finite number from 0 to {MAX_GIB} "
+                              "(or None: the plan's default)")
         for flag, got, ok in (("moe-dense", self.moe_dense, ("resident", "stream")),
                               ("expert-policy", self.policy, EXPERT_POLICIES)):
             if got not in ok:
                 raise ConfigError(f"--{flag} {got!r}: use {' or '.join(ok)}")
         low, high = PIPELINE_COUNTS["expert_prefetch"]  # (run-pipeline's bound: 10**30 was taken)
-        if self.prefetch is not None and not (_whole(self.prefetch, low) and self.prefetch <= high):
+        if self.prefetch is not None and not _whole(self.prefetch, low, high):
             raise ConfigError(f"--expert-prefetch {self.prefetch!r}: give a whole number from {low} to {high} (0: off; "
                               "None: the plan's default)")
 
@@ -209,6 +208,14 @@ def job_ctx(args) -> int | None:
     return 2 * len(prompt.encode()) + JOB_CTX_SPECIALS + args.max_tokens
 
 
-def _whole(v, low: int) -> bool:
-    """Whether v is a whole number (not a bool) of at least `low`."""
-    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= low
+MAX_GIB = 1 << 20  # a size in GiB at most (Budget's, ExpertOptions')
+
+
+def _whole(v, low: int, high: float = float("inf")) -> bool:
+    """Whether v is a whole number (not a bool) from `low` to `high`."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and low <= v <= high
+
+
+def _gib(v) -> bool:
+    """Whether v is a size in GiB: a finite number (not a bool) from 0 to MAX_GIB."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 <= v <= MAX_GIB
