@@ -15,7 +15,7 @@ from layerstream.compute.dequant import FUSED_TYPES
 from layerstream.compute.expert_layout import LayerParts, expert_bytes, expert_parts
 from layerstream.compute.expert_policy import ExpertPolicy
 from layerstream.compute.expert_pool import ExpertPool, PrefetchSets
-from layerstream.compute.moe import experts_grouped
+from layerstream.compute.moe import experts_grouped, with_inputs
 from layerstream.compute.qlinear import QuantWeight
 from layerstream.compute.weights import device_weight
 from layerstream.loader.layout import LayerLayout
@@ -285,6 +285,29 @@ class ExpertSet:
         with self.cache.tl.span("wait_route", f"route L{self.i}", layer=self.i):
             return ids.tolist()
 
+    @property
+    def stages_inputs(self) -> bool:
+        """Whether the layer's sync also brings its experts' inputs to the host (a CPU share:
+        NOTE [ one sync a layer ])."""
+        return self.cpu is not None and self.frac > 0
+
+    def read_step(self, ids: torch.Tensor, n: int, h_shape: tuple, w_shape: tuple
+                  ) -> tuple[list[int], tuple[torch.Tensor, torch.Tensor]]:
+        """As read_ids, of moe.with_inputs' tensor (its `n` ids first): the ids, and the experts'
+        inputs on the host, h (`h_shape`) and weight (`w_shape`), float32.
+
+        NOTE [ one sync a layer ]
+        With a CPU share, the CPU's experts need the layer's normed input and the router's weights
+        on the host, which a copy after the ids' would fetch in a second round trip, on the
+        layer's chain, with the device idle. So the router's output carries them: the float32
+        bits of both follow the ids in one int64 tensor, and the one copy that waits for the
+        router brings all three (at batch 1, about 8 KB more). Only the ids become Python ints."""
+        with self.cache.tl.span("wait_route", f"route L{self.i}", layer=self.i):
+            host = ids.cpu()
+        a = h_shape[0] * h_shape[1]
+        floats = host[n:].view(torch.float32)
+        return host[:n].tolist(), (floats[:a].view(h_shape), floats[a : a + w_shape[0] * w_shape[1]].view(w_shape))
+
     def prefetch(self, predicted: list[int]) -> None:
         """Copy ahead the next layer's experts that the step's (token, choice) pairs `predicted`
         name, the most often named first (NOTE [ expert prefetch ])."""
@@ -320,8 +343,13 @@ class ExpertSet:
         """moe.ExpertSource.grouped_sum: the chosen experts' cache entries, by address (NOTE
         [ grouped experts ] in moe.py); the predicted ones copied ahead while the device computes."""
         flat = chosen.flatten()
-        ids = self.read_ids(flat if pred is None else torch.cat((flat, pred.flatten())))  # the host sync of this layer
-        offs, keep, cpu_sum = self.prepare(ids[: flat.numel()], h, weight)
+        both = flat if pred is None else torch.cat((flat, pred.flatten()))
+        inputs = None
+        if self.stages_inputs:  # (NOTE [ one sync a layer ])
+            ids, inputs = self.read_step(with_inputs(both, h, weight), both.numel(), h.shape, weight.shape)
+        else:
+            ids = self.read_ids(both)  # the host sync of this layer
+        offs, keep, cpu_sum = self.prepare(ids[: flat.numel()], h, weight, inputs=inputs)
         out = experts_grouped(h, weight if keep is None else weight * keep.to(h.device, non_blocking=True),
                               self.cache.pool, offs.to(h.device), self.parts)
         self.cache.settle()  # after the launch (NOTE [ misses first, bookkeeping after ])
@@ -329,7 +357,9 @@ class ExpertSet:
         if cpu_sum is None:
             return out
         # the device's experts are launched while the CPU computes its own (NOTE [ CPU experts ])
-        return out + cpu_sum().to(h.device, non_blocking=True)
+        with self.cache.tl.span("wait_cpu", f"cpu sum L{self.i}", layer=self.i):  # (the host waiting on the CPU)
+            got = cpu_sum()
+        return out + got.to(h.device, non_blocking=True)
 
     def cpu_choice(self, ids: list[int]) -> list[int]:
         """The CPU's experts among the step's (token, choice) pairs `ids`: its share of those not on
@@ -365,7 +395,8 @@ class ExpertSet:
             view[j] = row
         return self.cache.pool, out, self.parts, cpu
 
-    def prepare(self, ids: list[int], h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None):
+    def prepare(self, ids: list[int], h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                inputs: tuple[torch.Tensor, torch.Tensor] | None = None):
         """A step's experts for the grouped launches, in the order that lets the CPU work while
         the copies run (NOTE [ CPU experts ]): the CPU's experts are chosen, and where there are
         any, the activations and weights go to the host (a read after the fetch would wait for its
@@ -375,12 +406,16 @@ class ExpertSet:
         CPU takes nothing), which the CPU has begun before the fetch and computes meanwhile.
         Where the CPU takes nothing the layer costs no round trip to the host (at batch 1 a share of
         one or two missing experts often rounds to none, and that round trip made `--cpu-share
-        auto` slower than no share). `out`: where the offsets go."""
+        auto` slower than no share). `out`: where the offsets go; `inputs`: h and weight already on
+        the host (read_step), else copied there when the CPU takes some."""
         cpu = self.cpu_choice(ids)
         finish = None
-        if cpu:  # (in one copy: each copy to the host waits for the device)
-            hw = torch.cat((h.float().reshape(-1), weight.float().reshape(-1))).cpu()
-            h_host, w_host = hw[: h.numel()].view(h.shape), hw[h.numel() :].view(weight.shape)
+        if cpu:
+            if inputs is None:  # (in one copy: each copy to the host waits for the device)
+                with self.cache.tl.span("cpu_to_host", f"to host L{self.i}", layer=self.i):
+                    hw = torch.cat((h.float().reshape(-1), weight.float().reshape(-1))).cpu()
+                inputs = hw[: h.numel()].view(h.shape), hw[h.numel() :].view(weight.shape)
+            h_host, w_host = inputs
             # the CPU begins before the fetch issues the copies (NOTE [ experts beside the device's work ]
             # in qdot.c); the staging slot it reads is held until the layer's release, after its sum
             finish = self.cpu.start(self.i, self.lay, self.host, cpu, ids, h_host, w_host)

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from layerstream.compute.model import LayerWeights, attention_block
-from layerstream.compute.moe import experts_grouped, moe_route, predict_next
+from layerstream.compute.moe import experts_grouped, moe_route, predict_next, with_inputs
 from layerstream.compute.step_meta import SeqStep, StepMeta
 from layerstream.loader.gguf_index import HParams
 
@@ -190,10 +190,14 @@ class MoeGraphs:
             self._launch(g[0], "A", i, ex.cache.tl)
         self.early = None
         graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g
-        ids = ex.read_ids(ids)  # the layer's host sync: its chosen experts, then those predicted for the next
         n = T * self.hp.moe.n_expert_used
+        inputs = None
+        if ex.cpu is None:  # the layer's host sync: its chosen experts, then those predicted for the next
+            ids = ex.read_ids(ids)
+        else:  # (with the experts' inputs: NOTE [ one sync a layer ] in experts.py)
+            ids, inputs = ex.read_step(ids, n * (2 if ex.next_router is not None else 1), h.shape, weight.shape)
         # into this layer's own pinned buffers: their last copies crossed a step ago
-        _, keep_host, cpu_sum = ex.prepare(ids[:n], h, weight, out=pinned[0])
+        _, keep_host, cpu_sum = ex.prepare(ids[:n], h, weight, out=pinned[0], inputs=inputs)
         offs.copy_(pinned[0], non_blocking=True)
         if keep is not None and (keep_host is not None or key not in self.keep_ones):
             # captured with the CPU's share (NOTE [ CPU experts ]): its pairs weigh 0 on the device;
@@ -258,6 +262,8 @@ class MoeGraphs:
             ids = chosen.flatten()
             if ex.next_router is not None:  # NOTE [ expert prefetch ] in experts.py
                 ids = torch.cat((ids, predict_next(hp, ex.next_router, x1).flatten()))
+            if ex.cpu is not None:  # NOTE [ one sync a layer ] in experts.py
+                ids = with_inputs(ids, h, weight)
             return x1, h, weight, ids
 
         graph_a, outs_a = self.capture.capture(part_a)

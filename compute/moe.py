@@ -84,6 +84,15 @@ def predict_next(hp: HParams, nxt: LayerWeights, x: torch.Tensor) -> torch.Tenso
     return moe_route(hp, nxt, x)[2]
 
 
+def with_inputs(ids: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ids (int64) followed by the float32 bits of h and weight, as one int64 tensor for one copy
+    to the host (NOTE [ one sync a layer ] in experts.py; ExpertSet.read_step takes it apart)."""
+    f = torch.cat((h.float().reshape(-1), weight.float().reshape(-1)))
+    if f.numel() % 2:  # (whole int64s)
+        f = torch.cat((f, f.new_zeros(1)))
+    return torch.cat((ids, f.view(torch.int64)))
+
+
 def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     """A mixture-of-experts FFN: each token's chosen experts (SwiGLU each), weighted and summed."""
     h, weight, chosen = moe_route(hp, w, x)

@@ -151,6 +151,8 @@ def test_streamed_moe_graph_path_matches_eager_layers(eager):
             # with the prefetch, the CPU's share is held back from the copy ahead: never copied ahead
             assert any(cpu.held_back) == ahead and len(cpu.held_back) == len(cpu.asked)
             assert all(not set(held) & set(asked) for held, asked in zip(cpu.held_back, cpu.asked))
+            # the CPU's inputs came with the ids, in the layer's one sync (NOTE [ one sync a layer ])
+            assert cache.tl.count["wait_route"] == 2 * 3 and "cpu_to_host" not in cache.tl.count
         # with the prefetch, graph A also predicts layer 1's experts from layer 0 (NOTE [ expert prefetch ])
         assert (cache.ahead.copied > 0) == ahead and (cache.ahead.hits > 0) == ahead
         assert (got.argmax(-1) == want.argmax(-1)).all(), frac
