@@ -181,14 +181,14 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None,
     for n, p in zip(names, prompts):
         core.add_request(n, p, params)
     started: set[str] = set()
-    while len(started) < len(names):  # prefill: until every request has its first token
-        started |= {o.request_id for o in core.step() if o.token_ids}
     times = []
-    t0 = time.perf_counter()
     try:
+        while len(started) < len(names):  # prefill: until every request has its first token
+            started |= {o.request_id for o in _step(core, names) if o.token_ids}
+        t0 = time.perf_counter()
         with _collect_waits(core.backend, waits):
             for _ in range(steps):
-                outs = core.step()
+                outs = _step(core, names)
                 t1 = time.perf_counter()
                 times.append(t1 - t0)
                 t0 = t1
@@ -203,6 +203,17 @@ def time_decode(core, prompts: list[list[int]], steps: int, sync=lambda: None,
             core.step()
         sync()
     return times
+
+
+def _step(core, names: list[str]) -> list:
+    """core.step()'s outputs, raising where one of the timed requests `names` failed (NaN logits, a
+    full context: the engine's one-line error). Such a request ends without a token, and the
+    prefill loop waited for its first for ever."""
+    outs = core.step()
+    for o in outs:
+        if o.finished and o.request_id in names:
+            o.raise_for_failure("error", core.ctx)
+    return outs
 
 
 # -- reader: disk or page cache to staging -----------------------------------------------------------

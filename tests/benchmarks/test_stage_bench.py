@@ -211,6 +211,20 @@ def test_time_decode_times_each_step_of_the_whole_batch_and_leaves_the_core_empt
             stage_bench.time_decode(e.core, [[1], [2], [3]], 2)
 
 
+def test_time_decode_stops_on_the_engines_error_where_a_request_fails(tmp_path):
+    """A model of NaN weights: its requests end with the engine's error in their first step, and the
+    prefill loop waited for their first tokens for ever (a hostile-user probe's finding)."""
+    import ggufgen
+    from layerstream.coordinator.engine import Engine
+    from layerstream.errors import LayerstreamError
+
+    nan = ggufgen.poison(ggufgen.write_model(tmp_path / "nan.gguf"))
+    with Engine.load(nan, device="cpu", ctx=64, max_seqs=2) as e:
+        with pytest.raises(LayerstreamError, match=r"NaN logits at token \d+: its weights may be corrupt"):
+            stage_bench.time_decode(e.core, [[1, 2, 3], [4, 5]], 3)
+        assert not e.core.has_unfinished()
+
+
 def test_the_generate_row_times_run_pipelines_turn_as_its_stats_count(tiny, monkeypatch):
     """time_generate runs run-pipeline's own Turn and returns the seconds a token its --stats decode
     rate counts (from the first sampled token to the last), leaving the core empty."""
