@@ -32,7 +32,7 @@ def _time_s(fn, reps: int, stat: str) -> float:
 
 def bench_cpu_kernel(args) -> None:
     """One row per (shape, path, type, tokens, threads): microseconds and GB/s of the bytes read."""
-    lib = native.load(Path(args.lib)) if args.lib else None
+    lib = _lib(args.lib)
     if lib is None and not native.available():
         print("bin/bench cpu-kernel: the native kernel is not built here (no C compiler?); aten's rows only")
     types = [QT[t.strip()] for t in args.types.split(",")]
@@ -69,6 +69,17 @@ def bench_cpu_kernel(args) -> None:
         torch.set_num_threads(saved)
 
 
+def _lib(path: str | None):
+    """--lib's build of qdot.c, loaded (None: this source's); a file that is not one is refused in one
+    line. A relative path names a file here (the loader alone would search the library path)."""
+    if not path:
+        return None
+    try:
+        return native.load(Path(path).resolve())
+    except (OSError, AttributeError) as e:  # (AttributeError: a library without qdot's functions)
+        raise ValueError(f"--lib {path}: not a build of compute/cpu/qdot.c ({e})") from None
+
+
 def bench_cpu_experts(args) -> None:
     """--experts: a layer's CPU experts as a decode pass calls them, once a layer (`--gap-ms` apart),
     each call on other experts of a working set larger than the host's caches: microseconds a call
@@ -80,7 +91,7 @@ def bench_cpu_experts(args) -> None:
     from layerstream.proto.timeline import Timeline
 
     n_ff, n_embd = (args.shapes or [(768, 2048)])[0]  # Qwen3-30B-A3B's
-    lib = native.load(Path(args.lib)) if args.lib else None  # (the native path's build; `run` is the run's)
+    lib = _lib(args.lib)  # (the native path's build; `run` is the run's)
     lay = expert_layout(128, n_ff, n_embd, (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K)))
     per = sum(p[1] for p in expert_parts(lay))
     pool = max(2 * max(args.experts), (256 << 20) // per)

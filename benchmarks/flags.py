@@ -21,7 +21,7 @@ AT_LEAST_ONE = ("reps", "passes", "decode_tokens", "prompt_tokens", "experts", "
                 "layers", "readers", "sample_layers", "steps", "buffers", "slots", "verify", "top", "context",
                 "step_tokens", "prefetch", "vram_slots", "cpu_threads")
 AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms", "decode_context", "resident_layers",
-                 "expert_prefetch", "expert_cache_gb", "host_cache_gb", "vram_gb")
+                 "expert_prefetch", "expert_cache_gb", "host_cache_gb", "vram_gb", "map_threads")
 POSITIVE = ("floor_gbs", "size_mb")
 FINITE = ("gap_ms", "size_mb", "floor_gbs", "expert_cache_gb", "host_cache_gb", "vram_gb")  # (inf overflowed a sleep or a buffer's size)
 
@@ -55,13 +55,31 @@ def problem(args: argparse.Namespace) -> str | None:
         bad = [v for v in each(name) if not v > 0]
         if bad:
             return f"{flag(name)} {bad[0]:g}: give more than 0"
-    from layerstream.coordinator.args import MAX_BATCH, MAX_GB, PIPELINE_COUNTS
+    from layerstream.coordinator.args import MAX_BATCH, MAX_GB, MAX_READ_THREADS, PIPELINE_COUNTS
 
     # run-pipeline's bounds (a thousand --readers, each a process, ran the machine out of memory)
     for name, (low, high) in PIPELINE_COUNTS.items():
         v = getattr(args, name, None)
         if v is not None and not low <= v <= high:
             return f"{flag(name)} {v}: give {low} to {high} (as run-pipeline)"
+    # threads: a reader's as run-pipeline's --read-threads; else the CPU's, at most its cores, as
+    # --cpu-threads (100000 of them crashed the process, a hostile-user probe found)
+    top = MAX_READ_THREADS if getattr(args, "cmd", None) == "reader" else os.cpu_count() or 1
+    bad = [t for t in each("threads") if t > top]
+    if bad:
+        return f"--threads {bad[0]}: give 1 to {top}" + ("" if getattr(args, "cmd", None) == "reader" else
+                                                        f" (this machine has {top} cores)")
+    trace = getattr(args, "trace", None)
+    if trace is not None:  # (checked before the run, which it followed: NOTE in arg_files.check_trace)
+        from layerstream.coordinator.arg_files import check_trace
+        from layerstream.coordinator.spelling import UsageError
+
+        if not trace:
+            return "--trace: give a file name"
+        try:
+            check_trace(trace)
+        except UsageError as e:
+            return str(e)
     bad = [b for b in each("batch") if b > MAX_BATCH]  # (-b 100000 grew for minutes past any stop signal)
     if bad:
         return f"-b {bad[0]}: give 1 to {MAX_BATCH} (run-pipeline's bound)"
@@ -92,7 +110,19 @@ def problem(args: argparse.Namespace) -> str | None:
     bad = [s for s in shapes if len(s) != 2 or min(s) < 1]
     if bad:
         return f"--shapes: give each as N x K, both at least 1 (e.g. 4096x4096), not {'x'.join(map(str, bad[0]))}"
-    least = 1 if isinstance(getattr(args, "tokens", None), list) else 0  # (rows of x; or a prompt, 0: none)
+    if shapes and getattr(args, "cmd", None) == "cpu-kernel":  # whole blocks a row (a traceback, else)
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+        experts = bool(getattr(args, "experts", None))  # (n_ff x n_embd: both are a K, Q4_K's and Q6_K's)
+        names = ["Q4_K", "Q6_K"] if experts else [t.strip() for t in args.types.split(",")]
+        block = max(GGML_QUANT_SIZES[QT[n]][0] for n in names)
+        bad = [s for s in shapes if (s[0] if experts else 0) % block or s[1] % block]
+        if bad:
+            what = "n_ff and n_embd" if experts else "K"
+            return (f"--shapes {'x'.join(map(str, bad[0]))}: {what} must be a multiple of {block} (the block of "
+                    f"{'Q4_K and Q6_K experts' if experts else '--types ' + args.types})")
+    # (rows of x, or compute's prompt: at least 1; pipeline's prompt, 0: none)
+    least = 1 if isinstance(getattr(args, "tokens", None), list) or getattr(args, "cmd", None) == "compute" else 0
     bad = [t for t in each("tokens") if not t >= least]
     if bad:
         return f"--tokens {bad[0]}: give at least {least}"
@@ -180,9 +210,13 @@ def _lengths(args: argparse.Namespace) -> list[tuple[str, int]]:
     if cmd == "pipeline":
         from .stage_bench import GENERATE_PROMPT
 
+        B = max(a.batch)
+        passes = ("--reps", a.reps) if a.reps >= a.warm_passes else ("--warm-passes", a.warm_passes)
         return [(f"--tokens {a.tokens}", a.tokens),
                 (f"its {GENERATE_PROMPT}-token prompt + --generate-tokens {a.generate_tokens}",
-                 GENERATE_PROMPT + a.generate_tokens)]
+                 GENERATE_PROMPT + a.generate_tokens),
+                # (bench_pipeline's decode sequence: its prompt, its tokens while the batch's others prefill, the passes)
+                (f"a decode sequence's 4-token prompt + 4 x -b {B} + {passes[0]} {passes[1]}", 4 + 4 * B + passes[1])]
     if cmd == "serve":
         return [(f"-p {a.prompt_tokens} + --tokens {a.tokens}", a.prompt_tokens + a.tokens)]
     if cmd == "spec":  # (the draft proposes as many tokens again, after the same prompt)

@@ -728,7 +728,7 @@ def bench_pipeline(args) -> list[dict]:
                 dt = statistics.median(times)
                 rows.append({"phase": phase, "batch": B, "tokens": n_tok, "s/pass": dt, "tokens/s": n_tok / dt,
                              "streamed GB": streamed / GB, "GB/s": streamed / dt / GB, "floor s": floor,
-                             "x floor": dt / floor if floor else float("nan"), "reps": len(times)})
+                             "x floor": dt / floor if floor else "-", "reps": len(times)})  # (-: nothing streams)
 
             core = engine.core
             time_decode(core, [ids(4) for _ in range(max(batches))], 1)  # warm-up: every layer loaded once

@@ -4,8 +4,10 @@ import argparse
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -154,6 +156,20 @@ def test_serve_warms_both_paths_then_alternates_them_and_reports_the_median_roun
     (["serve", "--port", "99999"], "--port 99999: give a port from 1 to 65535"),
     (["experts", "--shares", "0.5,2"], "--shares 2: give shares above 0 and at most 1"),
     (["experts", "--skew", "nan"], "--skew: give finite values of 0 or more"),
+    # the second probe's: 100000 threads crashed the process; an odd K raised a traceback; --trace
+    # failed after the whole run
+    (["cpu-kernel", "--threads", "1,100000"], "--threads 100000: give 1 to "),
+    (["transfer", "--threads", "100000"], "--threads 100000: give 1 to "),
+    (["reader", "--threads", "100"], "--threads 100: give 1 to 64"),
+    (["reader", "--map-threads", "-1"], "--map-threads -1: give 0 or more"),
+    (["cpu-kernel", "--shapes", "64x63", "--types", "Q8_0"], "--shapes 64x63: K must be a multiple of 32"),
+    (["cpu-kernel", "--experts", "1", "--shapes", "700x2048"], "--shapes 700x2048: n_ff and n_embd must be a multiple of 256"),
+    (["pipeline", "--trace", "/nonexistent/dir/t.json"], "--trace /nonexistent/dir/t.json: cannot write there"),
+    (["pipeline", "--trace", "."], "--trace .: is a directory"),
+    (["pipeline", "--trace", ""], "--trace: give a file name"),
+    (["pipeline", "--warm-passes", "100000"],
+     "a decode sequence's 4-token prompt + 4 x -b 1 + --warm-passes 100000 = 100008 tokens: past the context of"),
+    (["compute", "--tokens", "0"], "--tokens 0: give at least 1"),
 ])
 def test_a_stage_refuses_counts_out_of_range_in_one_line_before_it_starts(argv, message, capsys):
     """A hostile probe's: zero or negative counts divided by zero, hung (`serve -c 0`) or made
@@ -161,6 +177,25 @@ def test_a_stage_refuses_counts_out_of_range_in_one_line_before_it_starts(argv, 
     assert bench.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"bin/bench {argv[0]}: error: {message}") and err.count("\n") == 1, err
+
+
+def test_cpu_kernel_lib_takes_a_relative_path_and_refuses_another_library_in_one_line(tmp_path, monkeypatch, capsys):
+    """The second probe's: `--lib ./build.so` searched the loader's path ('cannot open'), and a
+    library without qdot's functions raised a traceback."""
+    from benchmarks import cpu_kernel_bench
+    from layerstream.compute.cpu import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    (tmp_path / "copy.so").write_bytes(Path(native.library()._name).read_bytes())
+    (tmp_path / "other.c").write_text("int other(void) { return 0; }\n")
+    subprocess.run([native.compiler(), "-shared", "-fPIC", "-o", str(tmp_path / "other.so"), str(tmp_path / "other.c")],
+                   check=True)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./copy.so", "copy.so"):
+        assert cpu_kernel_bench._lib(name).qdot_isa() >= 0
+    with pytest.raises(ValueError, match=r"^--lib other.so: not a build of compute/cpu/qdot.c \(.*qdot_run"):
+        cpu_kernel_bench._lib("other.so")
 
 
 def test_serve_stops_where_its_server_cannot_bind(tiny, capsys):
@@ -365,8 +400,9 @@ def test_a_bench_stopped_by_a_stop_signal_removes_its_folders_and_its_processes(
 
     launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
     before = segments()
+    # (--reps within the shape's context: a decode sequence of 8,008 of its 8,192 tokens, minutes of passes)
     p = subprocess.Popen([str(launcher), "pipeline", "--shape", "smollm2-135m", "--layers", "2", "--device", "cpu",
-                          "--resident-layers", "0", "--reps", "100000"], env=os.environ | {"TMPDIR": str(tmp_path)},
+                          "--resident-layers", "0", "--reps", "8000"], env=os.environ | {"TMPDIR": str(tmp_path)},
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
