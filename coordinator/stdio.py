@@ -68,8 +68,8 @@ def _write(out, text: str) -> None:
 
 def print_stream(pieces, out) -> str:
     """The reply on stdout, ended by a newline; an error after partial text leaves the line ended
-    first, so that the error line starts on a line of its own. Returns the text printed (the newline
-    not counted)."""
+    first, so that the error line starts on a line of its own, and closes `pieces`. Returns the text
+    printed (the newline not counted)."""
     shown: list[str] = []
     try:
         for piece in pieces:
@@ -79,6 +79,9 @@ def print_stream(pieces, out) -> str:
         if shown and not shown[-1].endswith("\n"):
             with contextlib.suppress(OSError, LayerstreamError):
                 _write(out, "\n")
+        # a generator stopped while a piece printed (Ctrl-C) is closed now, its finally run: a reply's
+        # times are set there (turn.Turn), and its caller counts them next (they read 0 s before)
+        getattr(pieces, "close", lambda: None)()
         raise
     _write(out, "\n")
     return "".join(shown)

@@ -122,3 +122,31 @@ def test_a_server_with_its_stdout_closed_serves_and_a_sighup_says_so(model):
     assert code == 129 and "Traceback" not in err, err
     assert _lines(err)[-1] == "run-pipeline: hung up", err
 
+
+
+def test_a_reply_interrupted_while_a_piece_prints_keeps_its_times(model):
+    """A probe's: Ctrl-C at a terminal lands while a piece prints, outside the reply's generator, and
+    its times were counted before the generator's finally set them: 'decode: 22 tokens in 0.00 s'."""
+    from layerstream.compute.sampling import SamplingParams
+    from layerstream.coordinator.engine import Engine
+    from layerstream.coordinator.stdio import print_stream
+    from layerstream.coordinator.turn import Turn
+
+    class Out:  # a terminal whose fourth write is interrupted
+        writes = 0
+
+        def write(self, text):
+            Out.writes += 1
+            if Out.writes == 4:
+                raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+    with Engine.load(model, device="cpu", ctx=64) as e:
+        turn = Turn(e, e.encode("hello"), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        try:
+            print_stream(turn.pieces(), Out())
+        except KeyboardInterrupt:  # (run-pipeline counts the times here, while the interrupt is handled)
+            sampled, decode_s = turn.rates.sampled, turn.rates.decode_s
+        assert sampled >= 3 and decode_s > 0
