@@ -170,8 +170,10 @@ def _decoded(path: str, limit: int, unreadable, too_long: str) -> str:
 
 def _read_all(f, limit: int) -> bytes:
     """Up to `limit` bytes of f, to its end. A pipe its parent left non-blocking (as Node.js passes
-    one) answers None while its writer is slow, which is not its end: wait for it."""
+    one) answers None while its writer is slow, which is not its end: wait for it. A terminal's read
+    returns short only at the Ctrl-D that ends the text: reading again waited for a second one."""
     chunks, n = [], 0
+    tty = f.isatty()
     while n < limit:
         b = f.read(limit - n)
         if b is None:
@@ -181,6 +183,8 @@ def _read_all(f, limit: int) -> bytes:
             break
         chunks.append(b)
         n += len(b)
+        if tty:
+            break
     return b"".join(chunks)
 
 

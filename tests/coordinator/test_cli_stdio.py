@@ -150,3 +150,39 @@ def test_a_reply_interrupted_while_a_piece_prints_keeps_its_times(model):
         except KeyboardInterrupt:  # (run-pipeline counts the times here, while the interrupt is handled)
             sampled, decode_s = turn.rates.sampled, turn.rates.decode_s
         assert sampled >= 3 and decode_s > 0
+
+
+@linux
+@pytest.mark.parametrize("option", [["-f", "-"], ["--perplexity", "-"]])
+def test_text_typed_at_a_terminal_ends_at_one_ctrl_d(model, option):
+    """A probe's: `-f -` at a terminal waited for a second Ctrl-D (the read after the first one's
+    short read waited again), and `--perplexity -` sat silent."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # (the child: the command on the terminal)
+        os.execv(str(LAUNCHER), [str(LAUNCHER), "--single-process", "-m", model, "--device", "cpu", "-n", "2",
+                                 *option] if option[0] == "-f" else
+                 [str(LAUNCHER), "--single-process", "-m", model, "--device", "cpu", *option])
+    status = None
+    try:
+        os.write(fd, b"one two three four five six seven eight\n")
+        time.sleep(0.5)
+        os.write(fd, b"\x04")  # one Ctrl-D, on a line of its own
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and status is None:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    os.read(fd, 4096)
+                except OSError:  # (the terminal's other end closed: the command ended)
+                    pass
+            got, st = os.waitpid(pid, os.WNOHANG)
+            status = st if got else None
+        assert status is not None and os.waitstatus_to_exitcode(status) == 0, "still reading after one Ctrl-D"
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
