@@ -183,6 +183,14 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         if not line.strip():
             continue
         if line.lstrip().startswith("/"):
+            name, _, rest = line.strip().partition(" ")  # (a /system too long is refused as it is set)
+            why = _system_too_long(engine, rest.strip()) if name == "/system" else None
+            if why:
+                err.write(f"{ERROR}{why}" + ("; the chat ends here\n" if not reader.person else
+                                             "; the system message is unchanged\n"))
+                if not reader.person:
+                    return 1
+                continue
             what, text = conv.command(line)
             if what == "quit":
                 return 0

@@ -578,6 +578,29 @@ def chat_engine(tmp_path_factory):
         yield e
 
 
+def test_a_system_message_too_long_for_the_context_is_refused_as_it_is_set(chat_engine):
+    """The chat probe's: `/system` took it ('system message set'), and each message after it was
+    refused for it, until the next /system. Now a person keeps the old one; a pipe's chat ends."""
+    import io
+
+    from layerstream.coordinator.repl import chat
+
+    params = SamplingParams(temperature=0, max_tokens=2)
+    long = "You are a pirate. " * 200
+    out, err = io.StringIO(), io.StringIO()
+    assert chat(chat_engine, params, reader=_Typed(["/system Be brief.", "/system " + long, "Hi", "/bye"]), out=out,
+                err=err) == 0
+    lines = err.getvalue().splitlines()
+    refused = [ln for ln in lines if "error" in ln]
+    assert len(refused) == 1 and re.match(r"run-pipeline: error: the system message \(--system or /system\) is \d+ "
+                                          r"tokens with the chat template, and the context holds 512; .*; the "
+                                          r"system message is unchanged$", refused[0]), lines
+    assert "system message set" in lines and out.getvalue().strip()  # ("Hi" answered, under "Be brief.")
+    err = io.StringIO()
+    assert chat(chat_engine, params, reader=_Lines(["/system " + long, "Hi"]), out=io.StringIO(), err=err) == 1
+    assert err.getvalue().endswith("; the chat ends here\n") and "system message set" not in err.getvalue()
+
+
 def test_chat_keeps_the_conversation_and_its_commands(chat_engine, monkeypatch):
     import io
 
@@ -589,7 +612,11 @@ def test_chat_keeps_the_conversation_and_its_commands(chat_engine, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=4)
     lines = ["My name is Ada.", "", "What is my name?", "/system Be brief.", "/clear", "Hi", "/nope", "/bye", "never"]
     assert chat(chat_engine, params, None, reader=_Lines(lines), out=out, err=err) == 0
-    assert len(seen) == 3  # empty lines and commands go to no model; /bye ends before "never"
+    # empty lines and commands go to no model (a /system is only counted through the template, alone:
+    # its length is checked as it is set); /bye ends before "never"
+    assert [{"role": "system", "content": "Be brief."}] in seen
+    seen = [m for m in seen if m[-1]["role"] != "system"]
+    assert len(seen) == 3
     replies = out.getvalue().split("\n")
     assert seen[1] == [{"role": "user", "content": "My name is Ada."},
                        {"role": "assistant", "content": replies[0]},
@@ -659,7 +686,7 @@ def test_a_chat_message_of_megabytes_is_refused_with_its_size_untokenized(chat_e
         # (a person is greeted first)
         assert err.getvalue().splitlines(keepends=True)[-1] == line + ("; the chat ends here\n" if code else "\n")
         assert out.getvalue() == ""
-    err = io.StringIO()  # (a /system of megabytes: named at the next line, not tokenized)
+    err = io.StringIO()  # (a /system of megabytes: refused as it is set, not tokenized)
     assert chat(chat_engine, params, reader=_Lines(["/system " + huge, "hello"]), out=io.StringIO(), err=err) == 1
     assert err.getvalue().splitlines()[-1] == (f"run-pipeline: error: the system message (--system or /system) is "
                                                f"{len(huge.strip()):,} bytes, more than a context of {chat_engine.cfg.ctx} "
