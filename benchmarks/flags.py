@@ -47,6 +47,8 @@ def problem(args: argparse.Namespace) -> str | None:
         bad = [v for v in each(name) if not v >= 1]
         if bad:
             return f"{flag(name)} {bad[0]:g}: give at least 1"
+    if getattr(args, "cmd", None) == "engine" and args.decode_prompt < 1:  # (its decode runs after a prompt)
+        return f"--decode-prompt {args.decode_prompt}: give at least 1"
     for name in AT_LEAST_ZERO:
         bad = [v for v in each(name) if not v >= 0]
         if bad:
@@ -121,8 +123,9 @@ def problem(args: argparse.Namespace) -> str | None:
             what = "n_ff and n_embd" if experts else "K"
             return (f"--shapes {'x'.join(map(str, bad[0]))}: {what} must be a multiple of {block} (the block of "
                     f"{'Q4_K and Q6_K experts' if experts else '--types ' + args.types})")
-    # (rows of x, or compute's prompt: at least 1; pipeline's prompt, 0: none)
-    least = 1 if isinstance(getattr(args, "tokens", None), list) or getattr(args, "cmd", None) == "compute" else 0
+    # (rows of x, compute's prompt, serve's tokens a client: at least 1; pipeline's prompt, 0: none)
+    least = 1 if isinstance(getattr(args, "tokens", None), list) or getattr(args, "cmd", None) in ("compute", "serve") \
+        else 0
     bad = [t for t in each("tokens") if not t >= least]
     if bad:
         return f"--tokens {bad[0]}: give at least {least}"

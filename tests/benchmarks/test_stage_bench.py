@@ -170,6 +170,8 @@ def test_serve_warms_both_paths_then_alternates_them_and_reports_the_median_roun
     (["pipeline", "--warm-passes", "100000"],
      "a decode sequence's 4-token prompt + 4 x -b 1 + --warm-passes 100000 = 100008 tokens: past the context of"),
     (["compute", "--tokens", "0"], "--tokens 0: give at least 1"),
+    (["serve", "--tokens", "0"], "--tokens 0: give at least 1"),
+    (["engine", "--decode-prompt", "0"], "--decode-prompt 0: give at least 1"),
 ])
 def test_a_stage_refuses_counts_out_of_range_in_one_line_before_it_starts(argv, message, capsys):
     """A hostile probe's: zero or negative counts divided by zero, hung (`serve -c 0`) or made
