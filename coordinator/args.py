@@ -393,8 +393,9 @@ def check_args(args) -> None:
         fail("--api-key and --api-key-file both given; give one")
     if (args.api_key is not None or args.api_key_file is not None) and not args.serve:
         fail("--api-key and --api-key-file are options of --serve")
-    if args.chat and args.prompt and not " ".join(args.prompt).strip():  # (--chat alone is the interactive chat)
-        fail("the prompt is blank; pass the prompt text, or leave it out for an interactive chat")
+    if args.prompt and not " ".join(args.prompt).strip() and not (args.serve or args.perplexity):  # (given, blank)
+        fail("the prompt is blank; pass the prompt text, or leave it out for an interactive chat" if args.chat else
+             "the prompt is blank; pass the prompt text (or leave it out and pipe it in)")
     share_off = args.cpu_share == "0"
     if not share_off:  # (its parser's package imports torch)
         from layerstream.coordinator.pipeline_config import parse_cpu_share

@@ -292,6 +292,10 @@ def test_a_blank_prompt_is_refused_with_chat_as_without():
     a = build_parser().parse_args(["--chat"])
     check_args(a)
     assert a.prompt == []
+    # the chat probe's: without --chat a blank prompt given was 'no prompt given'
+    for argv in (["-p", ""], ["-p", " "], [" ", "\t"]):
+        with pytest.raises(UsageError, match=r"^the prompt is blank; pass the prompt text \(or leave it out and pipe"):
+            check_args(build_parser().parse_args(argv))
 
 
 def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
