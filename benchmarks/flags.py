@@ -72,7 +72,7 @@ def problem(args: argparse.Namespace) -> str | None:
         return f"--threads {bad[0]}: give 1 to {top}" + ("" if getattr(args, "cmd", None) == "reader" else
                                                         f" (this machine has {top} cores)")
     trace = getattr(args, "trace", None)
-    if trace is not None:  # (checked before the run, which it followed: NOTE in arg_files.check_trace)
+    if trace is not None:  # (checked before the run, not after it: arg_files.check_trace)
         from layerstream.coordinator.arg_files import check_trace
         from layerstream.coordinator.spelling import UsageError
 

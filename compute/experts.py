@@ -301,7 +301,7 @@ class ExpertSet:
         on the host, which a copy after the ids' would fetch in a second round trip, on the
         layer's chain, with the device idle. So the router's output carries them: the float32
         bits of both follow the ids in one int64 tensor, and the one copy that waits for the
-        router brings all three (at batch 1, about 8 KB more). Only the ids become Python ints."""
+        router brings all three (n_embd + k floats a token more). Only the ids become Python ints."""
         with self.cache.tl.span("wait_route", f"route L{self.i}", layer=self.i):
             host = ids.cpu()
         a = h_shape[0] * h_shape[1]
