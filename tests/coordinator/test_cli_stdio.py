@@ -145,11 +145,12 @@ def test_a_reply_interrupted_while_a_piece_prints_keeps_its_times(model):
 
     with Engine.load(model, device="cpu", ctx=64) as e:
         turn = Turn(e, e.encode("hello"), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        sampled = decode_s = None  # (None: no interrupt came)
         try:
             print_stream(turn.pieces(), Out())
         except KeyboardInterrupt:  # (run-pipeline counts the times here, while the interrupt is handled)
             sampled, decode_s = turn.rates.sampled, turn.rates.decode_s
-        assert sampled >= 3 and decode_s > 0
+        assert sampled is not None and sampled >= 3 and decode_s > 0
 
 
 @linux
