@@ -182,6 +182,8 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
         ctrl_c = False
         if not line.strip():
             continue
+        if n := line.count("\ufffd"):  # (bytes that were not UTF-8, replaced as read: as a one-shot prompt warns)
+            err.write(f"{PROG}: warning: the line: not UTF-8 text ({counted(n, 'character')} replaced)\n")
         if line.lstrip().startswith("/"):
             name, _, rest = line.strip().partition(" ")  # (a /system too long is refused as it is set)
             why = _system_too_long(engine, rest.strip()) if name == "/system" else None

@@ -604,6 +604,20 @@ def test_a_system_message_too_long_for_the_context_is_refused_as_it_is_set(chat_
     assert err.getvalue().endswith("; the chat ends here\n") and "system message set" not in err.getvalue()
 
 
+def test_a_chat_line_that_was_not_utf8_is_warned_of_as_a_prompt_is(chat_engine):
+    """The chat probe's: `printf 'Hi \\xff\\xfe there' | run-pipeline --chat` replaced the bytes silently,
+    where a one-shot prompt warns; the line still goes to the model."""
+    import io
+
+    from layerstream.coordinator.repl import chat
+
+    out, err = io.StringIO(), io.StringIO()
+    params = SamplingParams(temperature=0, max_tokens=2)
+    assert chat(chat_engine, params, reader=_Lines(["Hi \ufffd\ufffd there", "plain"]), out=out, err=err) == 0
+    assert err.getvalue() == "run-pipeline: warning: the line: not UTF-8 text (2 characters replaced)\n"
+    assert len(out.getvalue().splitlines()) == 2  # (both lines answered)
+
+
 def test_chat_keeps_the_conversation_and_its_commands(chat_engine, monkeypatch):
     import io
 
