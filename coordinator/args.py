@@ -460,7 +460,7 @@ def refuse_unused(args, share_off: bool) -> None:
                              f"drop {'them' if many else 'it'}")
 
     if args.perplexity:
-        fail(SAMPLING + ("on_context_full",), "{does} nothing with --perplexity, which scores the text and samples none")
+        fail(SAMPLING + ("on_context_full",), "{does} nothing with --perplexity, which scores text and samples no token")
     if share_off:
         fail(("cpu_split",), "{does} nothing without a --cpu-share to split")
     if args.single_process:

@@ -136,7 +136,7 @@ def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp
      "--temperature, --seed: do nothing with --perplexity"),
     # (the chat probe's: a window of the context never fills, so nothing slides)
     (["--perplexity", "README.md", "--on-context-full", "slide"],
-     "--on-context-full: does nothing with --perplexity, which scores the text and samples none; drop it"),
+     "--on-context-full: does nothing with --perplexity, which scores text and samples no token; drop it"),
     (["--vram-gb", "1"], "--vram-gb: does nothing with --single-process"),  # (run_pipeline gives --single-process)
     (["--readers", "2", "--cpu-share", "0.5", "--kv-on-host"],
      "--kv-on-host, --readers, --cpu-share: do nothing with --single-process"),
