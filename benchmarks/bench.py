@@ -16,7 +16,7 @@ from layerstream.errors import LayerstreamError
 from layerstream.proto.signals import HOW, Stopped, raise_on_stop
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
-from .flags import context_problem, problem
+from .flags import context_problem, ints, problem
 from .links_bench import add_parser as add_links_parser
 from .spec_bench import add_spec_parser
 from .stage_bench import add_stage_parsers, device_name, time_decode
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-p", "--prompt-tokens", type=int, default=256, help="prefill length (default 256)")
     e.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per run (default 32)")
     e.add_argument("--decode-prompt", type=int, default=16, help="prompt tokens before decoding (default 16)")
-    e.add_argument("-b", "--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8],
+    e.add_argument("-b", "--batch", type=ints, default=[1, 4, 8],
                    help="decode batch sizes, comma separated (default 1,4,8)")
     e.add_argument("--reps", type=int, default=3, help="timed runs per figure; the median is reported (default 3)")
     e.set_defaults(func=lambda a: print_table(bench_engine(a), a))

@@ -16,6 +16,8 @@ from layerstream.compute.cpu import native
 from layerstream.compute.cpu.packing import BlockRows, random_packed
 from layerstream.coordinator.sigmask import start_thread_pools
 
+from .flags import ints, shapes
+
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (768, 2048), (2048, 768)]  # [N, K]: the 8B's, the MoE experts'
 
 
@@ -184,11 +186,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("cpu-kernel", help="the CPU's matmuls: native kernel on GGUF blocks vs aten int4 vs bf16")
     p.add_argument("--types", default="Q4_K,Q6_K,Q8_0,Q5_K,Q4_0", type=str.upper,
                    help="block types, comma separated (q4_k as Q4_K)")
-    p.add_argument("-t", "--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
+    p.add_argument("-t", "--tokens", type=ints, default=[1, 8],
                    help="rows of x, comma separated (default 1,8)")
-    p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--threads", type=ints, default=None,
                    help="thread counts, comma separated (default 1, half and all of torch's; with --experts torch's)")
-    p.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in nk.split("x")) for nk in s.split(",")], default=None,
+    p.add_argument("--shapes", type=shapes, default=None,
                    help="matrices N x K, comma separated (default the 8B's and the MoE experts'; e.g. 1536x576)")
     p.add_argument("--levels", type=int, choices=(1, 2), default=native.LEVELS,
                    help=f"x's precision in the native kernel: 1 (127 steps a block) or 2 (default {native.LEVELS})")
@@ -198,7 +200,7 @@ def add_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=10, help="timed runs per figure (default 10)")
     p.add_argument("--stat", choices=("median", "best"), default="median",
                    help="the runs' median, or their best (a machine others use) (default median)")
-    p.add_argument("--experts", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--experts", type=ints, default=None,
                    help="time a layer's CPU experts instead, this many a call, comma separated (e.g. 1,2,4; "
                         "--shapes gives n_ff x n_embd, default 768x2048)")
     p.add_argument("--phases", action="store_true",

@@ -7,12 +7,29 @@ import argparse
 import os
 
 
+def _items(s: str, kind, what: str) -> list:
+    """A comma-separated list of `kind`s; argparse's one-line error where an item is empty or not
+    one (an empty item had been dropped by some stages and refused by others as 'invalid <lambda>')."""
+    try:
+        return [kind(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give {what}, comma separated (e.g. 1,8)") from None
+
+
 def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
+    return _items(s, int, "whole numbers")
 
 
 def floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
+    return _items(s, float, "numbers")
+
+
+def shapes(s: str) -> list[tuple[int, ...]]:
+    """--shapes: matrices N x K, comma separated."""
+    try:
+        return [tuple(int(v) for v in nk.split("x")) for nk in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give matrices as N x K, comma separated (e.g. 4096x4096)") from None
 
 
 # flags whose values are counts of at least one, of at least zero, and of more than zero, wherever a
