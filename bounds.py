@@ -13,6 +13,9 @@ REPEAT_PENALTY_RANGE = (0.01, 100.0)
 # a seed as torch's generators take it (negative seeds wrap): SamplingParams, --seed and the server's
 # field; -1 asks for a fresh one on the command line and the server, as llama.cpp's (None in Python)
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+# GiB, a size at most (--vram-gb and the other sizes; Budget's, ExpertOptions'): far above any machine,
+# low enough that the arithmetic stays exact
+MAX_GB = 1 << 20
 MAX_READERS = 64  # reader processes: each is a process of its own (a thousand ran a machine out of memory)
 # the pipeline's counts and their bounds: run-pipeline's and bin/bench's options (coordinator/args.py)
 # and the Python API's (pipeline_config.Budget, ReaderOptions)

@@ -10,7 +10,7 @@ import re
 import sys
 
 from layerstream import bounds
-from layerstream.bounds import MAX_READERS, MAX_TEMPERATURE, MAX_WINDOW, PIPELINE_COUNTS, REPEAT_PENALTY_RANGE  # noqa: F401 - MAX_READERS
+from layerstream.bounds import MAX_GB, MAX_READERS, MAX_TEMPERATURE, MAX_WINDOW, PIPELINE_COUNTS, REPEAT_PENALTY_RANGE  # noqa: F401 - MAX_READERS
 from layerstream.coordinator.arg_files import (
     NO_PROMPT,
     check_trace,
@@ -33,7 +33,6 @@ PROG = "run-pipeline"
 MAX_BATCH = 4096
 MAX_READ_THREADS = 64  # loader/reader.py's MAX_THREADS (that module is not imported to check options)
 MAX_CTX = MAX_WINDOW
-MAX_GB = 1 << 20  # GiB: far above any machine, low enough that the arithmetic stays exact
 MAX_KEY_FILE = 4096  # bytes of an --api-key-file: a key, not a document
 
 

@@ -6,7 +6,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from layerstream.bounds import MAX_READERS, MAX_WINDOW, PIPELINE_COUNTS
+from layerstream.bounds import MAX_GB, MAX_READERS, MAX_WINDOW, PIPELINE_COUNTS
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.compute.expert_policy import EXPERT_POLICIES
 from layerstream.coordinator.api_names import python_names
@@ -37,7 +37,7 @@ class Budget:
         for name in ("vram_gb", "host_cache_gb"):
             v = getattr(self, name)
             if v is not None and not _gib(v):
-                raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {MAX_GIB} (or None: the "
+                raise ConfigError(f"{name}={v!r}: give GiB as a finite number from 0 to {MAX_GB} (or None: the "
                                   "plan's default)")
         # (the plan checked these only when the pipeline opened, named as run-pipeline's flags)
         for name in ("resident_layers", "prefetch", "step_tokens", "vram_slots"):
@@ -101,7 +101,7 @@ class ExpertOptions:
     @python_names()
     def __post_init__(self) -> None:  # (a bad policy failed in the compute process, a bad size ran)
         if self.cache_gb is not None and not _gib(self.cache_gb):
-            raise ConfigError(f"--expert-cache-gb {self.cache_gb!r}: give GiB as a finite number from 0 to {MAX_GIB} "
+            raise ConfigError(f"--expert-cache-gb {self.cache_gb!r}: give GiB as a finite number from 0 to {MAX_GB} "
                               "(or None: the plan's default)")
         for flag, got, ok in (("moe-dense", self.moe_dense, ("resident", "stream")),
                               ("expert-policy", self.policy, EXPERT_POLICIES)):
@@ -208,14 +208,11 @@ def job_ctx(args) -> int | None:
     return 2 * len(prompt.encode()) + JOB_CTX_SPECIALS + args.max_tokens
 
 
-MAX_GIB = 1 << 20  # a size in GiB at most (Budget's, ExpertOptions')
-
-
 def _whole(v, low: int, high: float = float("inf")) -> bool:
     """Whether v is a whole number (not a bool) from `low` to `high`."""
     return not isinstance(v, bool) and isinstance(v, numbers.Integral) and low <= v <= high
 
 
 def _gib(v) -> bool:
-    """Whether v is a size in GiB: a finite number (not a bool) from 0 to MAX_GIB."""
-    return not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 <= v <= MAX_GIB
+    """Whether v is a size in GiB: a finite number (not a bool) from 0 to MAX_GB."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 <= v <= MAX_GB
