@@ -228,15 +228,14 @@ def _lengths(args: argparse.Namespace) -> list[tuple[str, int]]:
     if cmd == "kernels":
         return [(f"--context {a.context} + --steps {a.steps}", a.context + a.steps)]
     if cmd == "pipeline":
-        from .stage_bench import GENERATE_PROMPT
+        from .stage_bench import GENERATE_PROMPT, decode_sequence
 
         B = max(a.batch)
         passes = ("--reps", a.reps) if a.reps >= a.warm_passes else ("--warm-passes", a.warm_passes)
         return [(f"--tokens {a.tokens}", a.tokens),
                 (f"its {GENERATE_PROMPT}-token prompt + --generate-tokens {a.generate_tokens}",
                  GENERATE_PROMPT + a.generate_tokens),
-                # (bench_pipeline's decode sequence: its prompt, its tokens while the batch's others prefill, the passes)
-                (f"a decode sequence's 4-token prompt + 4 x -b {B} + {passes[0]} {passes[1]}", 4 + 4 * B + passes[1])]
+                (f"a decode sequence's 4-token prompt + 4 x -b {B} + {passes[0]} {passes[1]}", decode_sequence(B, passes[1]))]
     if cmd == "serve":
         return [(f"-p {a.prompt_tokens} + --tokens {a.tokens}", a.prompt_tokens + a.tokens)]
     if cmd == "spec":  # (the draft proposes as many tokens again, after the same prompt)

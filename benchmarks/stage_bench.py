@@ -697,6 +697,13 @@ def bench_compute(args) -> list[dict]:
 
 # -- pipeline: the whole streaming pipeline --------------------------------------------------------------
 
+def decode_sequence(batch: int, passes: int) -> int:
+    """Tokens of bench_pipeline's longest decode sequence: its prompt (4), the tokens it decodes
+    while the batch's other prompts prefill (step budget below the batch's prompts), then the
+    timed or warm passes (flags.context_problem checks it against the model's context)."""
+    return 4 + 4 * batch + passes
+
+
 def bench_pipeline(args) -> list[dict]:
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
@@ -704,9 +711,7 @@ def bench_pipeline(args) -> list[dict]:
 
     batches = sorted(set(args.batch))
     with model_for(args) as index:
-        # a decode sequence: its prompt (4), the tokens it decodes while the batch's other prompts
-        # prefill (step budget below the batch's prompts), then the timed or warm passes
-        ctx = max(args.tokens, 4 + 4 * max(batches) + max(args.reps, args.warm_passes),
+        ctx = max(args.tokens, decode_sequence(max(batches), max(args.reps, args.warm_passes)),
                   GENERATE_PROMPT + args.generate_tokens) + 8
         cfg = EngineConfig(model=index.path, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
                            prefill_chunk=max(args.tokens, *batches))  # (a decode step holds every sequence)
