@@ -191,11 +191,11 @@ class MoeGraphs:
         self.early = None
         graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g
         n = T * self.hp.moe.n_expert_used
-        inputs = None
-        if ex.cpu is None:  # the layer's host sync: its chosen experts, then those predicted for the next
-            ids = ex.read_ids(ids)
-        else:  # (with the experts' inputs: NOTE [ one sync a layer ] in experts.py)
-            ids, inputs = ex.read_step(ids, n * (2 if ex.next_router is not None else 1), h.shape, weight.shape)
+        inputs, n_ids = None, n * (2 if ex.next_router is not None else 1)
+        if ex.stages_inputs:  # (with the experts' inputs: NOTE [ one sync a layer ] in experts.py)
+            ids, inputs = ex.read_step(ids, n_ids, h.shape, weight.shape)
+        else:  # the ids alone, the layer's host sync: its chosen experts, then those predicted for the next
+            ids = ex.read_ids(ids[:n_ids])  # (a graph captured with a share carries its inputs after them)
         # into this layer's own pinned buffers: their last copies crossed a step ago
         _, keep_host, cpu_sum = ex.prepare(ids[:n], h, weight, out=pinned[0], inputs=inputs)
         offs.copy_(pinned[0], non_blocking=True)
