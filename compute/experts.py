@@ -396,7 +396,7 @@ class ExpertSet:
         return self.cache.pool, out, self.parts, cpu
 
     def prepare(self, ids: list[int], h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                inputs: tuple[torch.Tensor, torch.Tensor] | None = None):
+                inputs: tuple[torch.Tensor, torch.Tensor] | None = None, post=None):
         """A step's experts for the grouped launches, in the order that lets the CPU work while
         the copies run (NOTE [ CPU experts ]): the CPU's experts are chosen, and where there are
         any, the activations and weights go to the host (a read after the fetch would wait for its
@@ -407,7 +407,9 @@ class ExpertSet:
         Where the CPU takes nothing the layer costs no round trip to the host (at batch 1 a share of
         one or two missing experts often rounds to none, and that round trip made `--cpu-share
         auto` slower than no share). `out`: where the offsets go; `inputs`: h and weight already on
-        the host (read_step), else copied there when the CPU takes some."""
+        the host (read_step), else copied there when the CPU takes some; `post`: a host_wait.Mailbox
+        the CPU's sum is posted to, told NOTHING where the CPU takes none (NOTE [ the CPU's sum
+        posted to the device ] in qdot.c)."""
         cpu = self.cpu_choice(ids)
         finish = None
         if cpu:
@@ -418,7 +420,11 @@ class ExpertSet:
             h_host, w_host = inputs
             # the CPU begins before the fetch issues the copies (NOTE [ experts beside the device's work ]
             # in qdot.c); the staging slot it reads is held until the layer's release, after its sum
-            finish = self.cpu.start(self.i, self.lay, self.host, cpu, ids, h_host, w_host)
+            if post is not None:
+                post.expect()
+            finish = self.cpu.start(self.i, self.lay, self.host, cpu, ids, h_host, w_host, post=post)
+        elif post is not None:
+            post.nothing()
         _, offs, _, _ = self.grouped_offsets(ids, out, cpu)
         if not cpu:
             return offs, None, None

@@ -27,7 +27,9 @@ A); then the host reads the chosen ids, the expert cache copies the missing expe
 pool and the pairs' byte offsets go into graph B's input; then its experts (graph B), which read
 the pool (experts.py, NOTE [ the expert pool ]). Those graphs share one copy of the step's inputs
 per shape, filled once a step; graph B writes the layer's output back into that copy, where the
-next layer's graph A reads it.
+next layer's graph A reads it. With a CPU share, graph B's last kernel adds the CPU's experts'
+sum once the CPU posts it (NOTE [ the CPU's sum posted to the device ] in cpu/qdot.c), so the host
+launches the next layer's graph A without waiting for the CPU.
 
 NOTE [ the next router early ]
 The host's time bounds a streamed MoE layer at batch 1: it waited a fifth of the layer for graph
@@ -197,7 +199,7 @@ class MoeGraphs:
         else:  # the ids alone, the layer's host sync: its chosen experts, then those predicted for the next
             ids = ex.read_ids(ids[:n_ids])  # (a graph captured with a share carries its inputs after them)
         # into this layer's own pinned buffers: their last copies crossed a step ago
-        _, keep_host, cpu_sum = ex.prepare(ids[:n], h, weight, out=pinned[0], inputs=inputs)
+        _, keep_host, cpu_sum = ex.prepare(ids[:n], h, weight, out=pinned[0], inputs=inputs, post=pinned[2])
         offs.copy_(pinned[0], non_blocking=True)
         if keep is not None and (keep_host is not None or key not in self.keep_ones):
             # captured with the CPU's share (NOTE [ CPU experts ]): its pairs weigh 0 on the device;
@@ -212,12 +214,12 @@ class MoeGraphs:
         self._launch(graph_b, "B", i, ex.cache.tl)
         ex.cache.settle()  # (NOTE [ misses first, bookkeeping after ] in experts.py)
         ex.prefetch(ids[n:])  # the next layer's, while the device computes (NOTE [ expert prefetch ])
-        if cpu_sum is not None:  # begun in prepare, computed while the device's launches went out
-            pinned[2].copy_(cpu_sum())
-            out.add_(pinned[2].to(self.device, non_blocking=True))
         self.source.graph_ran(i, i + 1, None, None)
-        if i + 1 < stop:
+        if i + 1 < stop:  # (graph B adds the CPU's sum once posted: NOTE [ the CPU's sum posted to the device ])
             self._next_router_early(i + 1, T, meta.q.kv_len, ex.cache.tl)
+        if cpu_sum is not None:  # begun in prepare: the call's end, its error if it failed, and its time
+            with ex.cache.tl.span("wait_cpu", f"cpu sum L{i}", layer=i):
+                cpu_sum()
         return out
 
     def _next_router_early(self, j: int, T: int, kv_len: int, tl) -> None:
@@ -271,11 +273,22 @@ class MoeGraphs:
         offs = torch.zeros(3, T * kk, dtype=torch.int64, device=self.device)  # slot 0 until the first fetch
         pool, parts = ex.cache.pool, ex.parts
         keep = None if ex.cpu is None else torch.ones(T, kk, dtype=torch.float32, device=self.device)
-        graph_b, out = self.capture.capture(lambda: s_x.copy_(x1 + experts_grouped(
-            h, weight if keep is None else weight * keep, pool, offs, parts).to(x1.dtype)))
-        # pinned: the offsets, and with the CPU's share the pairs' weights and the CPU's sum
+        # with the CPU's share, where it posts its sum for graph B's last kernel to add
+        mail = None
+        if ex.cpu is not None:
+            from layerstream.compute.host_wait import Mailbox  # (it needs Triton)
+            mail = Mailbox(T, x1.shape[1], self.device)
+
+        def part_b():
+            s_x.copy_(x1 + experts_grouped(h, weight if keep is None else weight * keep, pool, offs,
+                                           parts).to(x1.dtype))
+            if mail is not None:  # NOTE [ the CPU's sum posted to the device ] in cpu/qdot.c
+                mail.add_to(s_x)
+            return s_x
+
+        graph_b, out = self.capture.capture(part_b)
+        # pinned: the offsets, and with the CPU's share the pairs' weights and its mailbox
         pin = self.device.type == "cuda"
         pinned = (torch.empty(3, T * kk, dtype=torch.int64, pin_memory=pin),
-                  *((None, None) if keep is None else (torch.empty(T, kk, dtype=torch.float32, pin_memory=pin),
-                                                       torch.empty(T, x1.shape[1], dtype=torch.float32, pin_memory=pin))))
+                  *((None, None) if keep is None else (torch.empty(T, kk, dtype=torch.float32, pin_memory=pin), mail)))
         return graph_a, graph_b, outs_a, offs, pinned, keep, out

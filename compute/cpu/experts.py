@@ -172,12 +172,14 @@ class CpuExperts:
         return self.start(i, lay, host, experts, ids, h, weight)()
 
     def start(self, i: int, lay: LayerLayout, host: np.ndarray, experts: list[int], ids: list[int],
-              h: torch.Tensor, weight: torch.Tensor) -> Callable[[], torch.Tensor]:
+              h: torch.Tensor, weight: torch.Tensor, post=None) -> Callable[[], torch.Tensor]:
         """As compute(), begun now and finished by the function returned, which gives the sum:
         where the native kernel reads the blocks in place, the call runs on its own thread
         meanwhile (NOTE [ experts beside the device's work ] in qdot.c), so the caller launches the
         device's work before it waits; else the sum is computed here. `host` (the staging slot)
-        must stay unchanged until the sum is taken."""
+        must stay unchanged until the sum is taken. `post` (a host_wait.Mailbox, its flag set to
+        expect a post): the sum also goes there, and its end is posted (NOTE [ the CPU's sum posted
+        to the device ] in qdot.c)."""
         k = weight.shape[1]
         t0 = self.clock()
         if self.in_place(i, lay):
@@ -186,7 +188,8 @@ class CpuExperts:
             # router's pairs grouped by the kernel ] in qdot.c; the prologue is the call's fixed cost)
             wait = native.experts_routed_start(host.ctypes.data, addr, per, np.asarray(experts, dtype=np.int64),
                                                np.asarray(ids, dtype=np.int64).reshape(-1, k),
-                                               weight.float().contiguous().numpy(), qtypes, n_ff, n_embd, h)
+                                               weight.float().contiguous().numpy(), qtypes, n_ff, n_embd, h,
+                                               post=None if post is None else post.post)
             real = self.clock is time.monotonic_ns
             prologue = self.clock() - t0 if real else 0
             nbytes = len(experts) * per_expert
@@ -208,6 +211,8 @@ class CpuExperts:
         t0 = self.clock()
         out = self._packed_sum(mats, experts, pairs, k, h, weight)
         self._observe(i, experts, sum(m.nbytes for ms in mats for m in ms), t0, self.clock() - t0)
+        if post is not None:
+            post.posted(out)
         return lambda: out
 
     def _observe(self, i: int, experts: list[int], nbytes: int, t0: int, dt: int) -> None:

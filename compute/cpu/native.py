@@ -131,6 +131,9 @@ def load(path: Path) -> ctypes.CDLL:
     if hasattr(lib, "qdot_experts_phases"):  # (an older build, `bin/bench cpu-kernel --lib`, has none)
         lib.qdot_experts_phases.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int)]
         lib.qdot_experts_phases.restype = None
+    if hasattr(lib, "qdot_experts_post"):  # (likewise)
+        lib.qdot_experts_post.argtypes = [ctypes.c_void_p]
+        lib.qdot_experts_post.restype = None
     lib.qdot_spin.argtypes = [ctypes.c_int64]
     lib.qdot_spin.restype = None
     lib.qdot_isa.restype = ctypes.c_int
@@ -273,17 +276,33 @@ def experts_start(w, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: to
 
 def experts_routed_start(base: int, off: np.ndarray, per: np.ndarray, experts: np.ndarray, ids: np.ndarray,
                          wts: np.ndarray, qtypes: tuple[int, int, int], n_ff: int, n_embd: int, x: torch.Tensor,
-                         threads: int | None = None, levels: int = LEVELS, lib: ctypes.CDLL | None = None):
+                         threads: int | None = None, levels: int = LEVELS, lib: ctypes.CDLL | None = None,
+                         post: tuple[torch.Tensor, torch.Tensor] | None = None):
     """As experts_start(), the kernel's thread making the experts' table (NOTE [ the router's pairs
     grouped by the kernel ] in qdot.c): `experts` (int64) of a layer whose expert e's gate, up and
     down start at base + off[m] + e * per[m] (off, per: [3] int64), and the router's output as it
-    is, ids (int64) and wts (float32) [T, k] (pairs of other experts left out); x [T, n_embd]."""
-    call = _Call(lib, qtypes, n_embd, x, (off, per, experts, ids, wts))
+    is, ids (int64) and wts (float32) [T, k] (pairs of other experts left out); x [T, n_embd].
+    `post` (out, flag): the sum goes into `out` ([T, n_embd] float32, contiguous) and the call's end
+    to `flag` (int32 [1]): 1 once `out` holds it, 3 where the call failed (NOTE [ the CPU's sum
+    posted to the device ] in qdot.c)."""
+    out = None
+    if post is not None:
+        out, flag = post
+        if not hasattr((lib or library()), "qdot_experts_post"):
+            raise RuntimeError("this build of the native CPU kernel cannot post a call's end (qdot_experts_post)")
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (ids.shape[0], n_embd):
+            raise ValueError(f"the posted sum needs [{ids.shape[0]}, {n_embd}] float32, contiguous")
+    call = _Call(lib, qtypes, n_embd, x, (off, per, experts, ids, wts), out=out)
     k = ids.shape[1]
     start = call.lib.qdot_experts_routed_start
-    return _begin(call, lambda: start(base, off.ctypes.data, per.ctypes.data, experts.ctypes.data, len(experts),
-                                      ids.ctypes.data, wts.ctypes.data, k, call.types, n_ff, n_embd, call.x.data_ptr(),
-                                      ids.shape[0], call.out.data_ptr(), _threads(threads), levels))
+
+    def begin() -> int:
+        if post is not None:
+            call.lib.qdot_experts_post(post[1].data_ptr())
+        return start(base, off.ctypes.data, per.ctypes.data, experts.ctypes.data, len(experts), ids.ctypes.data,
+                     wts.ctypes.data, k, call.types, n_ff, n_embd, call.x.data_ptr(), ids.shape[0],
+                     call.out.data_ptr(), _threads(threads), levels)
+    return _begin(call, begin)
 
 
 def _begin(call, start):
@@ -327,13 +346,13 @@ class _Call:
     """An experts call's library, its x as the kernel reads it and its sum, and what else the kernel
     reads (`keep`), kept alive with it until its wait; a routed call's whole (experts_routed_start)."""
 
-    def __init__(self, lib, qtypes, n_embd: int, x: torch.Tensor, keep: tuple = ()):
+    def __init__(self, lib, qtypes, n_embd: int, x: torch.Tensor, keep: tuple = (), out: torch.Tensor | None = None):
         self.lib = lib = lib or library()
         if lib is None:
             raise RuntimeError("the native CPU kernel is not available")
         self.rc, self.types, self.keep = -7, _types(qtypes), keep  # (rc: a started call's code, once waited for)
         self.x = x.reshape(-1, n_embd).float().contiguous()
-        self.out = torch.empty(self.x.shape[0], n_embd, dtype=torch.float32)
+        self.out = torch.empty(self.x.shape[0], n_embd, dtype=torch.float32) if out is None else out
 
     @staticmethod
     def check(rc: int) -> None:

@@ -1463,7 +1463,21 @@ static struct {
     const int64_t *experts, *ids;
     const float *wts;
     int64_t k;
+    _Atomic int32_t *flag; /* where the call's end is posted, or NULL (qdot_experts_post) */
 } ax_job;
+
+/* NOTE [ the CPU's sum posted to the device ]
+ * A layer's CPU experts end its chain: the device adds their sum before the next layer's attention.
+ * Waited for by the caller's thread, the sum then crossed back in a copy and the next launches went
+ * out only after it (the host's wake-up, a copy, the launches: on the chain, the device idle). So a
+ * call may post its end to a flag in pinned host memory, which a kernel on the device polls
+ * (host_wait.py): the leader stores 1 there once `out` holds the sum (3 where the call failed, so the
+ * device never waits for ever), with release order, after the workers' stores to `out`. The caller
+ * has launched the device's work, the poll and the next layer's meanwhile. */
+static _Atomic int32_t *ax_post; /* the next started call's flag, set by qdot_experts_post */
+
+/* The next call started posts its end to `flag` (NOTE [ the CPU's sum posted to the device ]). */
+void qdot_experts_post(int32_t *flag) { ax_post = (_Atomic int32_t *)flag; }
 
 /* NOTE [ the router's pairs grouped by the kernel ]
  * A routed call names its experts, the layer's staging bytes (an expert's gate, up and down at
@@ -1541,6 +1555,7 @@ static void *ax_leader(void *p) {
             rc = qdot_experts(ax_job.routed ? rt_ex : ax_job.ex, ax_job.n, ax_job.qtypes, ax_job.n_ff, ax_job.n_embd,
                               ax_job.x, ax_job.T, ax_job.out, ax_job.threads, ax_job.levels);
         int64_t t1 = now_ns();
+        if (ax_job.flag) atomic_store_explicit(ax_job.flag, rc ? 3 : 1, memory_order_release);
         pthread_mutex_lock(&ax_mu);
         ax_rc = rc;
         ax_t0 = t0;
@@ -1555,6 +1570,7 @@ static void *ax_leader(void *p) {
 static void ax_after_fork(void) {
     ax_started = 0;
     ax_state = 0;
+    ax_post = NULL;
     pthread_mutex_init(&ax_mu, NULL);
     pthread_cond_init(&ax_cv, NULL);
 }
@@ -1565,6 +1581,7 @@ static void ax_after_fork(void) {
 static int ax_claim(void) {
     pthread_mutex_lock(&ax_mu);
     if (ax_state != 0) {
+        ax_post = NULL; /* (a refused call posts nothing, and leaves no flag to the next) */
         pthread_mutex_unlock(&ax_mu);
         return -5;
     }
@@ -1572,6 +1589,7 @@ static int ax_claim(void) {
         register_fork();
         int rc = start_thread(ax_leader, NULL);
         if (rc) {
+            ax_post = NULL;
             pthread_mutex_unlock(&ax_mu);
             return -6;
         }
@@ -1592,6 +1610,8 @@ static int ax_queue(int n, const int *qtypes, int64_t n_ff, int64_t n_embd, cons
     ax_job.out = out;
     ax_job.threads = threads;
     ax_job.levels = levels;
+    ax_job.flag = ax_post;
+    ax_post = NULL;
     ax_state = 1;
     pthread_cond_broadcast(&ax_cv);
     pthread_mutex_unlock(&ax_mu);

@@ -415,15 +415,12 @@ def test_a_calls_silu_and_sum_on_several_threads_give_the_bits_of_one():
         assert torch.equal(native.experts_start(w, types, n_ff, n_embd, x, pr, threads=threads)()[0], one), threads
 
 
-def test_a_routed_call_gives_the_bits_of_the_call_whose_pairs_python_grouped():
-    """NOTE [ the router's pairs grouped by the kernel ]: a routed call (the experts, the layer's
-    staging bytes and the router's [T, k] ids and weights as they are) gives the very bits of
-    experts_start over the pairs grouped in Python (the old path), pairs of other experts left out;
-    it is refused while another call waits, as any start is."""
+def _routed_layer(E=6, n_ff=256, n_embd=512):
+    """A layer of E experts' staging bytes (Q4_K gate and up, Q6_K down) for routed calls: its types,
+    bytes, and the slot offsets and bytes an expert of its three parts."""
     from layerstream.compute.cpu.calibrate import expert_layout
     from layerstream.compute.expert_layout import expert_parts
 
-    E, n_ff, n_embd, T, k = 6, 256, 512, 3, 2
     types = (int(QT.Q4_K), int(QT.Q4_K), int(QT.Q6_K))
     lay = expert_layout(E, n_ff, n_embd, types)
     host = np.zeros(lay.nbytes, dtype=np.uint8)
@@ -433,6 +430,53 @@ def test_a_routed_call_gives_the_bits_of_the_call_whose_pairs_python_grouped():
             host[t.slot_offset + e * per : t.slot_offset + (e + 1) * per] = rows(QT(t.qtype), N, K, seed=10 * j + e).reshape(-1)
     off = np.array([t.slot_offset for t, *_ in parts], dtype=np.int64)
     per = np.array([p for _, p, *_ in parts], dtype=np.int64)
+    return types, host, off, per
+
+
+def test_a_routed_call_posts_its_end_where_asked():
+    """NOTE [ the CPU's sum posted to the device ]: a routed call given (out, flag) writes its sum
+    into `out` and stores 1 in the flag by the time its wait returns, the bits of the call without
+    them; a call that fails stores 3, and a start refused (another call waiting) posts nothing, nor
+    leaves the flag to the call after it."""
+    n_ff, n_embd, T, k = 256, 512, 2, 2
+    types, host, off, per = _routed_layer()
+    ids = np.array([[4, 1], [1, 0]], dtype=np.int64)
+    wts = np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32)
+    mine = np.array([4, 1], dtype=np.int64)
+    x = torch.randn(T, n_embd, generator=torch.Generator().manual_seed(3))
+    want = native.experts_routed_start(host.ctypes.data, off, per, mine, ids, wts, types, n_ff, n_embd, x,
+                                       threads=2)()[0]
+    out, flag = torch.zeros(T, n_embd), torch.zeros(1, dtype=torch.int32)
+    wait = native.experts_routed_start(host.ctypes.data, off, per, mine, ids, wts, types, n_ff, n_embd, x,
+                                       threads=2, post=(out, flag))
+    lib, other = native.library(), torch.zeros(1, dtype=torch.int32)
+    lib.qdot_experts_post(other.data_ptr())  # refused while the first waits
+    assert lib.qdot_experts_routed_start(host.ctypes.data, off.ctypes.data, per.ctypes.data, mine.ctypes.data, 2,
+                                         ids.ctypes.data, wts.ctypes.data, k, native._types(types), n_ff, n_embd,
+                                         x.data_ptr(), T, torch.empty(T, n_embd).data_ptr(), 2, native.LEVELS) == -5
+    got = wait()[0]
+    assert got is out and flag.item() == 1 and torch.equal(out, want) and out.abs().sum() > 0
+    assert other.item() == 0
+    flag.zero_()
+    native.experts_routed_start(host.ctypes.data, off, per, mine, ids, wts, types, n_ff, n_embd, x, threads=2)()
+    assert flag.item() == 0 and other.item() == 0  # (the refused call's flag went with it)
+    bad = native.experts_routed_start(host.ctypes.data, off, per, mine, ids, wts, types, n_ff, n_embd - 32, x[:, :-32],
+                                      threads=2, post=(torch.zeros(T, n_embd - 32), flag))
+    with pytest.raises(ValueError, match="code -2"):  # K not whole blocks: refused by the leader, posted 3
+        bad()
+    assert flag.item() == 3
+    with pytest.raises(ValueError, match=r"\[2, 512\] float32"):
+        native.experts_routed_start(host.ctypes.data, off, per, mine, ids, wts, types, n_ff, n_embd, x,
+                                    post=(torch.zeros(T, n_embd, dtype=torch.float64), flag))
+
+
+def test_a_routed_call_gives_the_bits_of_the_call_whose_pairs_python_grouped():
+    """NOTE [ the router's pairs grouped by the kernel ]: a routed call (the experts, the layer's
+    staging bytes and the router's [T, k] ids and weights as they are) gives the very bits of
+    experts_start over the pairs grouped in Python (the old path), pairs of other experts left out;
+    it is refused while another call waits, as any start is."""
+    n_ff, n_embd, T, k = 256, 512, 3, 2
+    types, host, off, per = _routed_layer()
     ids = np.array([[4, 1], [1, 0], [5, 4]], dtype=np.int64)
     wts = np.array([[0.25, 0.75], [0.5, 0.5], [0.125, 0.875]], dtype=np.float32)
     mine = np.array([4, 1], dtype=np.int64)  # (0 and 5 are the device's)

@@ -153,6 +153,9 @@ def test_streamed_moe_graph_path_matches_eager_layers(eager):
             assert all(not set(held) & set(asked) for held, asked in zip(cpu.held_back, cpu.asked))
             # the CPU's inputs came with the ids, in the layer's one sync (NOTE [ one sync a layer ])
             assert cache.tl.count["wait_route"] == 2 * 3 and "cpu_to_host" not in cache.tl.count
+            # graph B added the CPU's sum as posted (NOTE [ the CPU's sum posted to the device ]); the
+            # host took each call's end after the launches
+            assert cache.tl.count["wait_cpu"] == cpu.tl.count["cpu_experts"] > 0
         # with the prefetch, graph A also predicts layer 1's experts from layer 0 (NOTE [ expert prefetch ])
         assert (cache.ahead.copied > 0) == ahead and (cache.ahead.hits > 0) == ahead
         assert (got.argmax(-1) == want.argmax(-1)).all(), frac
