@@ -285,14 +285,12 @@ def experts_routed_start(base: int, off: np.ndarray, per: np.ndarray, experts: n
     `post` (out, flag): the sum goes into `out` ([T, n_embd] float32, contiguous) and the call's end
     to `flag` (int32 [1]): 1 once `out` holds it, 3 where the call failed (NOTE [ the CPU's sum
     posted to the device ] in qdot.c)."""
-    out = None
-    if post is not None:
-        out, flag = post
-        if not hasattr((lib or library()), "qdot_experts_post"):
-            raise RuntimeError("this build of the native CPU kernel cannot post a call's end (qdot_experts_post)")
-        if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (ids.shape[0], n_embd):
-            raise ValueError(f"the posted sum needs [{ids.shape[0]}, {n_embd}] float32, contiguous")
+    out = None if post is None else post[0]
+    if out is not None and (out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (ids.shape[0], n_embd)):
+        raise ValueError(f"the posted sum needs [{ids.shape[0]}, {n_embd}] float32, contiguous")
     call = _Call(lib, qtypes, n_embd, x, (off, per, experts, ids, wts), out=out)
+    if post is not None and not hasattr(call.lib, "qdot_experts_post"):
+        raise RuntimeError("this build of the native CPU kernel cannot post a call's end (qdot_experts_post)")
     k = ids.shape[1]
     start = call.lib.qdot_experts_routed_start
 
