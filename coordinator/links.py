@@ -159,7 +159,7 @@ class CoordinatorLinks:
                 out.append((ident, self.bad.decode(frames[1:], ident), name == "control"))
         return out
 
-    async def send(self, link: str, ident: str, msg: Message, quiet: bool = False) -> bool:
+    async def send(self, link: str, ident: str, msg: Message) -> bool:
         """Send msg to child `ident`; False where it is not connected (gone, or still starting)."""
         log.debug("-> %s %s", ident, msg)
         frames = [ident.encode()] + encode(msg)
@@ -176,8 +176,8 @@ class CoordinatorLinks:
                         raise PipelineError(f"the {ident} process took no message for {self.stall_s:g} s with its "
                                             f"queue full {STALLED}") from None
                     await self._sleep(loop, SEND_RETRY_S)
-        except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer is gone; the death check reports it
-            (log.debug if quiet else log.warning)("could not send %s to %s: %s", type(msg).__name__, ident, e)
+        except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer is gone; the death check reports it (a warning
+            log.debug("could not send %s to %s: %s", type(msg).__name__, ident, e)  # here printed stray lines)
             return False
 
     def close(self) -> None:

@@ -313,9 +313,10 @@ class Pipeline:
 
     def _call(self, coro):
         """Run one backend call's coroutine on the loop; a PipelineError stops the run."""
-        if self.closed:
+        if self.closed:  # (a call after the failure: what to do, with what stopped it)
             coro.close()
-            raise PipelineError(self.failure or "the pipeline is closed")
+            raise PipelineError(f"{self.failure}; this pipeline has stopped: close the engine and open another"
+                                if self.failure else "the pipeline is closed")
         try:
             return self._run(coro)
         except PipelineError as e:
@@ -454,7 +455,7 @@ class Pipeline:
             for i in workers + ["staging"]:
                 c = self.sup.children.get(i)
                 if c is not None and c.proc.exitcode is None and i not in self.hung and \
-                        await self.links.send("control", i, Shutdown("run finished"), quiet=True):
+                        await self.links.send("control", i, Shutdown("run finished")):
                     asked.add(i)
 
         busy = self.calling or self.loop.is_running()  # (a call in progress on another thread)

@@ -89,7 +89,7 @@ def test_sends_reach_the_child_or_say_the_peer_is_gone(linked):
     loop.run_until_complete(links.drain())
     assert loop.run_until_complete(links.send("compute", "compute", Shutdown("go")))
     assert child.poll(5000) and decode(child.recv_multipart()).reason == "go"
-    assert not loop.run_until_complete(links.send("compute", "nobody", Shutdown("lost"), quiet=True))
+    assert not loop.run_until_complete(links.send("compute", "nobody", Shutdown("lost")))
 
 
 def test_a_watched_fd_wakes_the_wait_once_and_is_reported_by_every_later_wait(linked):

@@ -394,12 +394,19 @@ def test_reader_killed_between_calls_is_restarted_by_check_and_reads_again(model
         assert e.backend.sup.children["reader-0"].ready is not None
 
 
-def test_compute_killed_is_a_clear_error(model):
+def test_compute_killed_is_a_clear_error(model, caplog):
+    """One line saying what died; a later call says what to do too (close the engine and open
+    another), and no stray lines go to stderr (the Python API probe's: 'could not send Forward to
+    compute: Host unreachable', twice)."""
     with _engine(model, PipelineConfig(budget=Budget(resident_layers=0))) as e:
         os.kill(e.backend.sup.children["compute"].proc.pid, signal.SIGKILL)
         time.sleep(0.2)
-        with pytest.raises(PipelineError, match="the compute process died"):
+        with pytest.raises(PipelineError, match="^the compute process died"):
             e.generate_batch([PROMPTS[0]], GREEDY)
+        with pytest.raises(PipelineError, match=r"^the compute process died \(exit code -9\); this pipeline has "
+                                                "stopped: close the engine and open another$"):
+            e.generate_batch([PROMPTS[0]], GREEDY)
+    assert "could not send" not in caplog.text
 
 
 def test_garbage_frames_are_counted_and_the_run_goes_on(model, reference):
