@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,15 +49,23 @@ class SamplingParams:
                 v = getattr(self, name)
                 if (v is not None or name not in ("seed", "lookup")) and (isinstance(v, bool) or not isinstance(v, kind)):
                     raise ConfigError(f"{name}={v!r}: must be {what}")
+                if v is not None:  # (numpy's scalars as Python's: np.int64's seed overflowed its modulo)
+                    object.__setattr__(self, name, int(v) if kind is numbers.Integral else float(v))
         if not isinstance(self.ignore_eos, bool):  # ("false" is true)
             raise ConfigError(f"ignore_eos={self.ignore_eos!r}: must be True or False")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop  # (one string is one stop, not its letters)
         try:
-            stop = tuple(stop)
+            stop = tuple(stop) if not isinstance(stop, Mapping) else (stop,)  # (a dict's keys are not its stops)
         except TypeError:
             stop = (stop,)
         if not all(isinstance(t, str) and t for t in stop):
             raise ConfigError(f"stop={self.stop!r}: give stop strings, each of at least one character")
+        for t in stop:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # (a lone surrogate: no generated text can hold it)
+                raise ConfigError(f"stop={t!r}: not text a model can generate (a lone surrogate); give valid "
+                                  "Unicode") from None
         object.__setattr__(self, "stop", stop)
         if not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise ConfigError(f"temperature={self.temperature}: must be from 0 to {MAX_TEMPERATURE:g} (0 means greedy)")

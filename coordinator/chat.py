@@ -94,12 +94,13 @@ class ChatTemplate:
         self._twins = re.compile(f"[{chr(_TWIN_FIRST)}-{chr(_TWIN_FIRST + max(len(alphabet) - 1, 0))}]+")
 
     def check_roles(self, messages: list[dict[str, Any]]) -> None:
-        """Refuse a message whose role the template does not take (a role never carries token text)."""
+        """Refuse a message whose role the template does not take (a role never carries token text):
+        the caller's message, so a ConfigError, not the model file's ModelError."""
         for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, dict) else None
             if role not in self.roles:
                 shown = repr(role)[:60] if isinstance(role, str) else type(role).__name__
-                raise ModelError(f"message {i} has role {shown}; this model's chat template takes the roles "
+                raise ConfigError(f"message {i} has role {shown}; this model's chat template takes the roles "
                                  f"{', '.join(self.roles)}")
 
     def _compiled(self):

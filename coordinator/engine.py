@@ -30,7 +30,7 @@ from layerstream.coordinator.perplexity import windows_perplexity
 from layerstream.coordinator.pipeline_config import PipelineConfig
 from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.coordinator.tokenizer import Tokenizer, token_ids
-from layerstream.errors import ConfigError, LayerstreamError, ModelError
+from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, ModelError
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 from layerstream.proto.messages import SamplerStart
 
@@ -118,10 +118,14 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """A bad value refused here, in one line naming it (the CLI's own checks run before: args.py)."""
-        if self.model is not None:
-            if not isinstance(self.model, (str, os.PathLike)) or not os.fspath(self.model):
-                raise ConfigError(f"model={self.model!r}: give a GGUF file's path, or None for the default model")
-            object.__setattr__(self, "model", os.fspath(self.model))
+        for name, none in (("model", "the default model"), ("draft_model", "no draft")):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (str, os.PathLike)) or not os.fspath(v)):
+                raise ConfigError(f"{name}={v!r}: give a GGUF file's path, or None for {none}")
+            object.__setattr__(self, name, None if v is None else os.fspath(v))
+        for name in ("lookahead", "warm_up"):  # ("no" is true)
+            if not isinstance(getattr(self, name), bool) and not (name == "warm_up" and self.warm_up is None):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be True or False")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
         for name, low in (("ctx", 2), ("max_seqs", 1), ("sink_tokens", 0), ("prefill_chunk", 1), ("lookup", 0),
@@ -198,6 +202,8 @@ def text_side(index: ModelIndex) -> tuple[Tokenizer, ChatTemplate | None]:
 
 def _system_needs_chat(system: str | None, chat: bool) -> None:
     """system= is a chat's: without chat=True it was dropped (the CLI refuses --system without --chat)."""
+    if not isinstance(chat, bool):  # ("no" is true)
+        raise ConfigError(f"chat={chat!r}: must be True or False")
     if system is not None and not chat:
         raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
 
@@ -233,9 +239,11 @@ class Engine:
             warm_up(self.core)
 
     @classmethod
-    def load(cls, model: str | None = None, progress: bool = False, **kw) -> "Engine":
-        """Open a GGUF file (the default model when None) and load it in this process."""
-        return cls.open(EngineConfig(model=model, **kw), progress=progress)
+    def load(cls, model: str | None = None, device: str = "auto", *, progress: bool = False, **kw) -> "Engine":
+        """Open a GGUF file (the default model when None) and load it in this process; `kw`: the
+        rest of EngineConfig's fields. (`device` second, as documented: `progress` was, and a device
+        given there was taken for it and the device left to auto.)"""
+        return cls.open(EngineConfig(model=model, device=device, **kw), progress=progress)
 
     @classmethod
     @python_names()  # (errors raised deep in name run-pipeline's flags: NOTE [ the caller's names ])
@@ -337,6 +345,8 @@ class Engine:
         """Token ids of a conversation through the model's chat template: the template's own text
         may make control tokens; message contents never do (no role injection). continue_final: the
         last message, the assistant's, is continued (ChatTemplate.continued_segments)."""
+        if self._closed:
+            raise LayerstreamError("this engine is closed; load another")
         if self.chat_template is None:
             raise ConfigError("this model's GGUF has no tokenizer.chat_template: give it text, not messages")
         if not isinstance(messages, (list, tuple)) or not all(
@@ -356,6 +366,9 @@ class Engine:
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Logits [T, V] (float32, CPU) of every position of a token sequence, for evaluation."""
         tokens = token_ids(tokens, self.hparams.n_vocab, "logits()")
+        if self.cfg.on_context_full == "error" and len(tokens) > self.cfg.ctx:  # (found after the whole pass)
+            raise ContextFullError(f"logits(): {len(tokens)} tokens do not fit the context size ({self.cfg.ctx} "
+                                   "tokens); raise ctx, pass fewer tokens, or use on_context_full='slide'")
         out = torch.empty(len(tokens), self.hparams.n_vocab, dtype=torch.float32)
 
         def keep(at: int, lg: torch.Tensor) -> None:
@@ -363,6 +376,10 @@ class Engine:
 
         with self._running():
             self.core.score(tokens, keep)
+        nan = torch.isnan(out).any(-1)
+        if nan.any():  # (as generate's and perplexity's: NaN logits returned without a word)
+            raise ModelError(f"the model produced NaN logits at token {int(nan.int().argmax())}: its weights may be "
+                             "corrupt (re-download or re-convert the model file), or its activations overflow the dtype")
         return out
 
     def perplexity(self, text: str, window: int | None = None) -> tuple[float, int]:
@@ -373,7 +390,7 @@ class Engine:
             raise TypeError(f"perplexity() takes the text as a str, not {type(text).__name__}")
         if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 2):
             raise ConfigError(f"window={window!r}: must be a whole number of tokens, at least 2")
-        ids = self.tokenizer.encode(text)
+        ids = self.encode(text)  # (refused first where the engine is closed)
         window = min(window or self.cfg.ctx, self.cfg.ctx)
         if len(ids) < 2:
             raise ConfigError(f"the text is {len(ids)} token{'' if len(ids) == 1 else 's'}; a perplexity needs at least 2 "

@@ -246,6 +246,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of `ids`; control tokens are dropped when `skip_special`."""
+        if isinstance(ids, (str, bytes)):  # (its characters compared with ints, deep in)
+            raise TypeError(f"decode() takes token ids (ints), not a {type(ids).__name__}; encode() makes them")
         out = bytearray()
         first = True
         for i in ids:
@@ -255,6 +257,8 @@ class Tokenizer:
 
     def _emit(self, token_id: int, skip_special: bool, first: bool) -> tuple[bytes, bool]:
         """(bytes to emit, still-at-start) for one token in a decoded sequence."""
+        if not isinstance(token_id, numbers.Integral):
+            raise TypeError(f"token id {token_id!r:.40}: token ids are ints")
         if not 0 <= token_id < len(self._tokens):
             raise ValueError(f"token id {token_id} is outside the vocabulary (size {len(self._tokens)})")
         if skip_special and self._types[token_id] == CONTROL:

@@ -37,6 +37,11 @@ def model(tmp_path_factory):
     (dict(model=""), "model='': give a GGUF file's path"),  # (it loaded the default model)
     (dict(draft_policy="x"), "draft_policy='x': give adaptive or fixed"),
     (dict(weights="x"), "weights='x': use auto, quantized, native or dense"),  # (a ValueError, a probe's)
+    # (the Python API probe's: a raw TypeError at load, an empty name, and "no" taken for true)
+    (dict(draft_model=123), "draft_model=123: give a GGUF file's path, or None for no draft"),
+    (dict(draft_model=""), "draft_model='': give a GGUF file's path"),
+    (dict(warm_up="no"), "warm_up='no': must be True or False"),
+    (dict(lookahead="no"), "lookahead='no': must be True or False"),
 ])
 def test_a_bad_engine_setting_is_refused_before_loading(model, kw, words):
     kw = {"model": model, "device": "cpu", **kw}
@@ -57,11 +62,25 @@ def test_a_bad_engine_setting_is_refused_before_loading(model, kw, words):
     (dict(stop=None), "stop=None: give stop strings"),
     (dict(stop=[1, 2]), "stop=[1, 2]: give stop strings"),
     (dict(stop=["x", ""]), "stop=['x', '']: give stop strings, each of at least one character"),
+    (dict(stop={"a": 1}), "stop={'a': 1}: give stop strings"),  # (its keys were taken; a probe's)
+    (dict(stop="\ud800"), "stop='\\ud800': not text a model can generate"),  # (it could never match)
 ])
 def test_a_bad_sampling_value_is_refused(kw, words):
     with pytest.raises(ConfigError) as e:
         SamplingParams(**kw)
     assert str(e.value).startswith(words), e.value
+
+
+def test_numpy_scalars_are_taken_as_pythons():
+    """The Python API probe's: an np.int64 seed overflowed at the first generation (a raw
+    OverflowError); numpy's numbers are stored as Python's when the params are made."""
+    import numpy as np
+
+    from layerstream.compute.sampling import fresh_seed
+
+    p = SamplingParams(seed=np.int64(5), temperature=np.float32(0.5), max_tokens=np.uint8(3), top_k=np.int32(4))
+    assert (p.seed, p.max_tokens, p.top_k) == (5, 3, 4) and type(p.seed) is int and type(p.temperature) is float
+    assert fresh_seed(p) == 5 and fresh_seed(SamplingParams(seed=np.uint64(2**64 - 1))) == 2**64 - 1
 
 
 def test_one_stop_string_is_one_stop_not_its_letters():
@@ -133,6 +152,9 @@ def test_one_generation_at_a_time_and_none_after_close(model):
         e.generate_batch([PROMPT], G)  # (it generated on)
     with pytest.raises(LayerstreamError, match="this engine is closed"):
         e.encode(PROMPT)  # (a probe's: it tokenized on, where the README says a closed engine refuses every call)
+    for call in (lambda: e.encode_chat([{"role": "user", "content": "hi"}]), lambda: e.perplexity("")):
+        with pytest.raises(LayerstreamError, match="this engine is closed"):
+            call()  # (the Python API probe's: it rendered, and perplexity said the text was too short)
     for call in (lambda: e.core.add_request("r", [1, 2], G), lambda: e.core.score([1, 2], lambda at, lg: None),
                  e.core.step):  # (step: an IndexError on a local backend, [] on the pipeline; a probe's)
         with pytest.raises(LayerstreamError, match="this engine is closed"):
@@ -248,6 +270,26 @@ def test_chat_messages_of_the_wrong_shape_are_the_callers_error_not_the_models(s
         with pytest.raises(TypeError, match="messages: give a list of dicts, each with a str 'role' and 'content'"):
             smollm_engine.encode_chat(bad)
     assert smollm_engine.encode_chat([{"role": "user", "content": "hi"}])  # (the template's own text and the message)
+
+
+def test_the_python_api_probes_wrong_kinds_of_value_are_refused_in_one_line(smollm_engine, model):
+    """decode() of a str compared its letters with ints deep in; chat="yes" was taken for True; a
+    device given second was taken for `progress`; logits() of more tokens than the context ran the
+    whole pass before it said so, in words about a sequence."""
+    e = smollm_engine
+    with pytest.raises(TypeError, match=r"^decode\(\) takes token ids \(ints\), not a str"):
+        e.tokenizer.decode("abc")
+    with pytest.raises(TypeError, match="^token id 'a': token ids are ints"):
+        e.tokenizer.decode(["a"])
+    with pytest.raises(ConfigError, match="^chat='yes': must be True or False"):
+        e.generate_batch(["hi"], SamplingParams(max_tokens=1), chat="yes")
+    steps = e.core.steps
+    with pytest.raises(LayerstreamError, match=r"^logits\(\): 513 tokens do not fit the context size \(512 tokens\); "
+                                               "raise ctx, pass fewer tokens, or use on_context_full='slide'$"):
+        e.logits([1] * 513)
+    assert e.core.steps == steps  # (refused before any step)
+    with Engine.load(model, "cpu") as one:
+        assert one.cfg.device == "cpu"
 
 
 def test_a_system_message_without_chat_and_token_ids_with_chat_are_refused(smollm_engine):

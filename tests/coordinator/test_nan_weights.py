@@ -8,13 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline_config import Budget, PipelineConfig
-from layerstream.errors import LayerstreamError
+from layerstream.errors import LayerstreamError, ModelError
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 
@@ -32,6 +31,9 @@ def test_engine_refuses_nan_logits(nan_model, temperature):
         assert "\n" not in str(err.value)
         with pytest.raises(LayerstreamError, match="NaN logits"):  # the engine serves the next request the same way
             "".join(e.generate("again", SamplingParams(temperature=0, max_tokens=2)))
+        # logits() too (the Python API probe's: it returned them without a word)
+        with pytest.raises(ModelError, match=r"^the model produced NaN logits at token 0: its weights may be corrupt"):
+            e.logits([1, 2, 3])
 
 
 @pytest.mark.parametrize("temperature", ["0", "0.8"])
@@ -79,7 +81,8 @@ def test_a_request_with_nan_logits_leaves_its_kv_row_clean_for_the_next(tmp_path
             with pytest.raises(LayerstreamError, match="NaN logits"):
                 e.generate_batch([bad], P)
             assert [e.generate_batch([p], P) for p in clean] == want
-        assert torch.isnan(e.logits([3, 7, *range(10, 40)])).all()  # evaluation's steps too
+        with pytest.raises(ModelError, match=r"NaN logits at token \d+"):  # evaluation's steps too
+            e.logits([3, 7, *range(10, 40)])
         assert [e.generate_batch([p], P) for p in clean] == want
 
 
