@@ -20,9 +20,9 @@ from layerstream.compute.qkernels import INTERPRET
 
 PENDING, POSTED, NOTHING, FAILED = 0, 1, 2, 3
 BLOCK = 1024
-# polls before the kernel gives up (each a read across PCIe, about a microsecond): the CPU's call
-# always posts, failed or not, so only a host that stopped mid-call leaves it waiting, and then the
-# device's stream moves on after seconds rather than never
+# polls before the kernel gives up (each a read across PCIe): the CPU's call always posts, failed or
+# not, so only a host that stopped mid-call leaves it waiting, and then the device's stream moves on
+# after seconds rather than never
 MAX_POLLS = 1 << 24
 HOST_WAIT_S = 60.0  # the host's stand-in gives up after this long
 
@@ -49,7 +49,6 @@ class Mailbox:
 
     def __init__(self, T: int, n_embd: int, device: torch.device):
         pin = device.type == "cuda"
-        self.device = device
         self.sum = torch.zeros(T, n_embd, dtype=torch.float32, pin_memory=pin)
         self.flag = torch.full((1,), NOTHING, dtype=torch.int32, pin_memory=pin)
         self._flag = self.flag.numpy()  # (the host's writes: no tensor op a layer)

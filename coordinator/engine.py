@@ -26,7 +26,7 @@ from layerstream.compute.stepper import Launched, Stepper, StepResult
 from layerstream.coordinator.api_names import python_names
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
-from layerstream.coordinator.perplexity import windows_perplexity
+from layerstream.coordinator.perplexity import corrupt_logits, windows_perplexity
 from layerstream.coordinator.pipeline_config import PipelineConfig
 from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.coordinator.tokenizer import Tokenizer, token_ids
@@ -374,12 +374,11 @@ class Engine:
         def keep(at: int, lg: torch.Tensor) -> None:
             out[at : at + lg.shape[0]] = lg
 
-        with self._running():
+        with self._running():  # (its errors in the API's names: NOTE [ the caller's names ])
             self.core.score(tokens, keep)
-        nan = torch.isnan(out).any(-1)
-        if nan.any():  # (as generate's and perplexity's: NaN logits returned without a word)
-            raise ModelError(f"the model produced NaN logits at token {int(nan.int().argmax())}: its weights may be "
-                             "corrupt (re-download or re-convert the model file), or its activations overflow the dtype")
+            nan = torch.isnan(out).any(-1)
+            if nan.any():  # (as generate's and perplexity's: NaN logits returned without a word)
+                raise corrupt_logits("NaN", int(nan.int().argmax()))
         return out
 
     def perplexity(self, text: str, window: int | None = None) -> tuple[float, int]:

@@ -17,6 +17,12 @@ from layerstream.errors import ModelError
 NLL_ROWS = 64  # rows of logits taken to float64 at once
 
 
+def corrupt_logits(what: str, token: int) -> ModelError:
+    """The one line for logits that are not finite (`what`: NaN or infinite) at `token`."""
+    return ModelError(f"the model produced {what} logits at token {token}: its weights may be corrupt (re-download "
+                      "or re-convert the model file), or its activations overflow the --dtype")
+
+
 def window_nll(logits: torch.Tensor, chunk: list[int], at: int, first: int, base: int = 0) -> float:
     """Sum of -log p(chunk[p + 1]) over the positions p = at.. of `logits` [n, V] that are scored
     (first <= p < len(chunk) - 1), by logsumexp in float64. ModelError where a row's logits are not
@@ -31,10 +37,7 @@ def window_nll(logits: torch.Tensor, chunk: list[int], at: int, first: int, base
         part = nll.sum().item()
         if not math.isfinite(part):
             bad = int((~torch.isfinite(rows)).any(dim=-1).int().argmax())  # the first row that is not finite
-            what = "NaN" if torch.isnan(rows).any() else "infinite"
-            raise ModelError(f"the model produced {what} logits at token {base + p0 + bad}: its weights may be "
-                             "corrupt (re-download or re-convert the model file), or its activations overflow the "
-                             "--dtype")
+            raise corrupt_logits("NaN" if torch.isnan(rows).any() else "infinite", base + p0 + bad)
         total += part
     return total
 
