@@ -153,8 +153,10 @@ def test_one_step_behind_gives_the_text_of_stepping_in_turn(tmp_path):
 def test_context_full_error(tmp_path):
     path = _write(tmp_path, "llama", "Q8_0")
     with _load(path, ctx=16, on_context_full="error") as e:
-        with pytest.raises(ContextFullError, match=r"context size \(16 tokens\); raise ctx or pass on_context_full='slide'$"):
-            e.logits(TOKENS)  # 17 tokens
+        with pytest.raises(ContextFullError, match=r"^logits\(\): 17 tokens do not fit the context size \(16 tokens\)"):
+            e.logits(TOKENS)  # (refused before its pass)
+        with pytest.raises(ContextFullError, match=r"context size \(16 tokens\); raise --ctx or pass --on-context-full"):
+            e.core.score(TOKENS, lambda at, lg: None)  # the engine core's own check, past the API's (its names)
         assert e.logits(TOKENS[:16]).shape == (16, 256)  # the failed sequence gave its row back
         with pytest.raises(ContextFullError):
             list(e.generate(TOKENS[:14], SamplingParams(temperature=0, max_tokens=40)))

@@ -1002,17 +1002,17 @@ def test_ctrl_c_inside_the_pipelines_submit_leaves_the_engine_usable(model, refe
         links = e.backend.links
         send, forwards = links.send, []
 
-        async def interrupted(link, ident, msg, quiet=False):
+        async def interrupted(link, ident, msg):
             if isinstance(msg, Forward):
                 forwards.append(msg.step)
                 if len(forwards) == 3:
                     if when == "before":
                         os.kill(os.getpid(), signal.SIGINT)
-                    sent = await send(link, ident, msg, quiet)
+                    sent = await send(link, ident, msg)
                     if when == "sent":
                         os.kill(os.getpid(), signal.SIGINT)
                     return sent
-            return await send(link, ident, msg, quiet)
+            return await send(link, ident, msg)
 
         links.send = interrupted
         with pytest.raises(KeyboardInterrupt):
@@ -1032,8 +1032,8 @@ def test_ctrl_c_inside_an_evaluation_step_leaves_no_answer_for_the_next(model):
         links = e.backend.links
         send = links.send
 
-        async def interrupted(link, ident, msg, quiet=False):
-            sent = await send(link, ident, msg, quiet)
+        async def interrupted(link, ident, msg):
+            sent = await send(link, ident, msg)
             if isinstance(msg, Forward):
                 os.kill(os.getpid(), signal.SIGINT)
             return sent
