@@ -305,12 +305,15 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise LayerstreamError("this engine is closed; load another")
+
     @contextlib.contextmanager
     def _running(self):
         """One generation or evaluation at a time: the engine core runs one batch, and a second
         caller's requests and outputs mixed with the first's (KeyError, or another prompt's text)."""
-        if self._closed:
-            raise LayerstreamError("this engine is closed; load another")
+        self._refuse_closed()
         if os.getpid() != self._pid:  # (the pipeline's sockets are the parent's: a forked child's call hung)
             raise LayerstreamError(f"this engine was opened by process {self._pid}; a forked process cannot use it: "
                                    "open an engine in the child, or fork before opening one")
@@ -328,8 +331,7 @@ class Engine:
 
     @python_names()
     def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
-        if self._closed:  # (README: a closed engine refuses every call; it tokenized on)
-            raise LayerstreamError("this engine is closed; load another")
+        self._refuse_closed()  # (README: a closed engine refuses every call; it tokenized on)
         if not isinstance(text, str) or not isinstance(system, (str, type(None))):
             bad = text if not isinstance(text, str) else system
             raise TypeError(f"{'text' if bad is text else 'system'} must be a str, not {type(bad).__name__}")
@@ -345,8 +347,7 @@ class Engine:
         """Token ids of a conversation through the model's chat template: the template's own text
         may make control tokens; message contents never do (no role injection). continue_final: the
         last message, the assistant's, is continued (ChatTemplate.continued_segments)."""
-        if self._closed:
-            raise LayerstreamError("this engine is closed; load another")
+        self._refuse_closed()
         if self.chat_template is None:
             raise ConfigError("this model's GGUF has no tokenizer.chat_template: give it text, not messages")
         if not isinstance(messages, (list, tuple)) or not all(
