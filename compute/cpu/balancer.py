@@ -56,19 +56,21 @@ class Balancer:
     slower than none, BENCHMARKS.md). So the chosen setting and the other are timed again after
     RECHECK_FIRST passes, then at doubling intervals while the choice holds (each re-check costs
     `every` passes of the losing setting).
+    `fixed`: a share for every bucket, or {bucket: share}, never timed (`--cpu-share F`, `B:F,...`);
     `propose`: the share each bucket times first, instead of the bandwidths'
     (the CPU's experts: 1, each layer's count then left to their cost model, cpu/expert_split.py);
     `detail`: more for describe()."""
 
     def __init__(self, cpu_gbs: dict[int, float], link_gbs: float, int4_fraction: float, pack_ratio: float,
-                 pack_frac: float, every: int = 3, fixed: float | None = None, what: str = "4-bit rows",
+                 pack_frac: float, every: int = 3, fixed: float | dict[int, float] | None = None,
+                 what: str = "4-bit rows",
                  propose: float | None = None, detail=None):
         self.link_gbs, self.c, self.ratio, self.pack_frac, self.every = link_gbs, int4_fraction, pack_ratio, \
             pack_frac, every
         self.cpu_gbs = dict(cpu_gbs)
         self.fixed, self.propose, self.detail = fixed, propose, detail
         self.what = what  # what the share is a share of, for describe()
-        self.frac = {b: self._frac(self.cpu_gbs.get(b, 0.0), link_gbs) for b in BUCKETS}
+        self.frac = {b: self._frac(self.cpu_gbs.get(b, 0.0), link_gbs, b) for b in BUCKETS}
         # shares still to time per bucket, and the pass seconds of each share timed
         self.trials: dict[int, list[float]] = {b: ([f, 0.0] if f else []) for b, f in self.frac.items()}
         self.times: dict[int, dict[float, list[float]]] = {b: {} for b in BUCKETS}
@@ -79,9 +81,9 @@ class Balancer:
         self.left: dict[int, int] = {}  # chosen bucket -> passes until its next re-check
         self.rechecking: set[int] = set()  # buckets timing their choice and its other setting again
 
-    def _frac(self, cpu_gbs: float, link_gbs: float) -> float:
-        if self.fixed is not None:
-            return min(self.fixed, self.pack_frac)
+    def _frac(self, cpu_gbs: float, link_gbs: float, b: int) -> float:
+        if self.fixed is not None:  # (one share for every batch size, or one each)
+            return min(self.fixed.get(b, 0.0) if isinstance(self.fixed, dict) else self.fixed, self.pack_frac)
         if self.propose is not None:
             return min(self.propose, self.pack_frac)
         f = balanced_frac(cpu_gbs, link_gbs, self.c, self.ratio)
@@ -124,7 +126,7 @@ class Balancer:
             cpu = sum(x[1] for x in seen) / sum(x[0] for x in seen) / 1e9
             self.link_gbs = sum(x[3] for x in seen) / sum(x[2] for x in seen) / 1e9
             self.cpu_gbs[b] = cpu
-            g = self._frac(cpu, self.link_gbs)
+            g = self._frac(cpu, self.link_gbs, b)
             g = g if g and abs(g - f) >= 0.05 else f / 2
             if cpu_rows(1 << 16, g):
                 self.trials[b].insert(0, g)
@@ -167,6 +169,8 @@ class Balancer:
 
     def describe(self) -> str:
         """The share in words, after the label that names it (--stats: "CPU share: ...", "CPU experts: ...")."""
+        if self.fixed is not None and len(set(self.frac.values())) > 1:
+            return f"fixed by batch, of the {self.what}: " + ", ".join(f"batch {b} {f:.0%}" for b, f in self.frac.items())
         if self.fixed is not None:
             return f"fixed at {self.pack_frac:.0%} of the {self.what}, batches up to {MAX_TOKENS}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from layerstream.compute.cpu.balancer import BUCKETS
 from layerstream.compute.cpu.sizing import SPLITS
 from layerstream.errors import ConfigError
 
@@ -14,21 +15,33 @@ AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts it
 @dataclass(frozen=True)
 class CpuShareConfig:
     """The CPU's share of the streamed layers: `auto` (timed and chosen per batch size), or a fixed
-    `fraction` (0: none); `split` what it splits ("layers": whole 4-bit FFN matrices of some
-    layers, "rows": the last rows of every 4-bit matrix); `pack_max` the largest share packed."""
+    `fraction` (0: none), or a fixed share per batch size (`by_batch`: (B, F) pairs, B one of the
+    balancer's BUCKETS in order, F for steps of B tokens up to the next B named, none below the
+    first; `fraction` then the largest F); `split` what it splits ("layers": whole 4-bit FFN
+    matrices of some layers, "rows": the last rows of every 4-bit matrix); `pack_max` the largest
+    share packed."""
 
     auto: bool = False
     fraction: float = 0.0
     split: str = "layers"
     pack_max: float = 0.0
+    by_batch: tuple[tuple[int, float], ...] = ()
 
     @property
     def off(self) -> bool:
         return not self.auto and not self.fraction
 
     def __str__(self) -> str:
-        """The canonical --cpu-share value: "auto", "0" or the fraction."""
+        """The canonical --cpu-share value: "auto", "0", the fraction or the shares by batch size."""
+        if self.by_batch and not self.off:
+            return ",".join(f"{b}:{f!r}" for b, f in self.by_batch)
         return "auto" if self.auto else repr(self.fraction) if self.fraction else "0"
+
+    def fixed(self) -> float | dict[int, float]:
+        """A fixed share: the fraction, or {bucket: share} where it is given by batch size."""
+        if not self.by_batch:
+            return self.fraction
+        return {b: next((f for a, f in reversed(self.by_batch) if a <= b), 0.0) for b in BUCKETS}
 
     def for_device(self, device_type: str) -> "CpuShareConfig":
         """None where there is no other device: on a CPU-only machine the device is the CPU already."""
@@ -40,8 +53,9 @@ class CpuShareConfig:
 
 
 def parse_cpu_share(value: str, split: str = "layers") -> CpuShareConfig:
-    """'auto', '0' ('off') or a fraction in (0, 1], and a split of SPLITS; anything else is a
-    ConfigError. `pack_max` starts at the share (AUTO_PACK_MAX for auto)."""
+    """'auto', '0' ('off'), a fraction in (0, 1], or fractions by batch size ('B:F,B:F', each B one
+    of BUCKETS, in order: CpuShareConfig.by_batch), and a split of SPLITS; anything else is a
+    ConfigError. `pack_max` starts at the share (its largest; AUTO_PACK_MAX for auto)."""
     if split not in SPLITS:
         raise ConfigError(f"--cpu-split {split!r}: use one of {', '.join(SPLITS)}")
     v = str(value).strip().lower()
@@ -49,10 +63,37 @@ def parse_cpu_share(value: str, split: str = "layers") -> CpuShareConfig:
         return CpuShareConfig(auto=True, split=split, pack_max=AUTO_PACK_MAX)
     if v in ("0", "off"):
         return CpuShareConfig(split=split)
+    if ":" in v:
+        pairs = _by_batch(value, v)
+        top = max(f for _, f in pairs)
+        return CpuShareConfig(fraction=top, split=split, pack_max=top, by_batch=pairs) if top else CpuShareConfig(split=split)
+    f = _fraction(v)
+    if f is None:
+        raise ConfigError(f"--cpu-share {value!r}: give auto, 0, a fraction from 0 to 1, or fractions by batch "
+                          "size such as 8:0.5 or 1:0,8:0.5")
+    return CpuShareConfig(fraction=f, split=split, pack_max=f)
+
+
+def _fraction(v: str) -> float | None:
+    """v as a fraction from 0 to 1; None where it is not one."""
     try:
         f = float(v)
     except ValueError:
-        f = float("nan")
-    if not 0 <= f <= 1:
-        raise ConfigError(f"--cpu-share {value!r}: give auto, 0 or a fraction from 0 to 1")
-    return CpuShareConfig(fraction=f, split=split, pack_max=f)
+        return None
+    return f if 0 <= f <= 1 else None
+
+
+def _by_batch(value: str, v: str) -> tuple[tuple[int, float], ...]:
+    """'B:F,B:F' as ((B, F), ...), each B one of BUCKETS, in increasing order, each F a fraction."""
+    sizes = ", ".join(map(str, BUCKETS))
+    out: list[tuple[int, float]] = []
+    for item in v.split(","):
+        b, _, f = item.strip().partition(":")
+        share = _fraction(f.strip())
+        if not b.strip().isdigit() or int(b) not in BUCKETS or share is None:
+            raise ConfigError(f"--cpu-share {value!r}: {item.strip()!r} is not BATCH:FRACTION with a batch size "
+                              f"of {sizes} and a fraction from 0 to 1 (such as 8:0.5)")
+        if out and int(b) <= out[-1][0]:
+            raise ConfigError(f"--cpu-share {value!r}: give each batch size once, smallest first (such as 1:0,8:0.5)")
+        out.append((int(b), share))
+    return tuple(out)

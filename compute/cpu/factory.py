@@ -66,7 +66,7 @@ def _make_experts(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torc
         balancer = bal.Balancer({}, link, 1.0, ratio, 1.0, every=5, what=what, propose=1.0, detail=split.describe)
     else:
         f = min(cfg.fraction, 1.0)
-        balancer = bal.Balancer({}, 0.0, 1.0, ratio, f, fixed=f, what=what)
+        balancer = bal.Balancer({}, 0.0, 1.0, ratio, f, fixed=cfg.fixed(), what=what)
     size = torch.empty((), dtype=dtype).element_size()
     return CpuExperts(balancer, expert_packed_bytes(lays, size), dtype, timeline, split)
 
@@ -90,7 +90,7 @@ def _make_share(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torch.
         balancer = bal.Balancer(cpu, link, c, ratio, pack, what=what)
     else:
         pack = min(cfg.fraction, cfg.pack_max)
-        balancer = bal.Balancer({}, 0.0, c, ratio, pack, fixed=pack, what=what)
+        balancer = bal.Balancer({}, 0.0, c, ratio, pack, fixed=cfg.fixed(), what=what)  # (each share at most pack)
     if not pack:
         return None
     return CpuShare(balancer, pack, dtype, timeline, cfg.split, streamed)

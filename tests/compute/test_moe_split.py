@@ -10,6 +10,7 @@ import torch
 import ggufgen
 from layerstream.compute.cpu import native
 from layerstream.compute.cpu.balancer import Balancer
+from layerstream.compute.cpu.config import parse_cpu_share
 from layerstream.compute.cpu.expert_split import Cost, ExpertSplit
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes, streams_experts
@@ -66,10 +67,14 @@ class _Layers:
         return None
 
 
-def _greedy(path, batch, frac=None, steps=3):
+def _greedy(path, batch, frac=None, steps=3, share=None):
     """Greedy decode of `batch` sequences: the logits of each step [steps, batch, n_vocab] and the
     layers' source. frac None: resident layers; else streamed experts, the CPU taking that share
-    of each layer's missing ones (0: none, every missing expert copied)."""
+    of each layer's missing ones (0: none, every missing expert copied). `share`: a --cpu-share
+    value whose fixed share at this batch size the CPU takes instead (frac then ignored)."""
+    cfg = parse_cpu_share(share) if share is not None else None
+    if cfg is not None:
+        frac = cfg.fraction
     index = open_model(path)
     hp = index.hparams
     assert streams_experts(hp.moe.n_expert, hp.moe.n_expert_used, batch)  # (as the pipeline's expert steps)
@@ -77,7 +82,8 @@ def _greedy(path, batch, frac=None, steps=3):
     tl = Timeline("compute", "t")
     cache = ExpertCache(2 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, tl, "lfu",
                         slot_bytes(layouts), max_in_flight(hp.moe.n_expert, hp.moe.n_expert_used))
-    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=frac), 1 << 30, torch.float32, tl) if frac else None
+    fixed = cfg.fixed() if cfg is not None else frac
+    cpu = CpuExperts(Balancer({}, 0.0, 1.0, 1.0, frac, fixed=fixed), 1 << 30, torch.float32, tl) if frac else None
     src = _Layers(index, cache, cpu, frac or 0.0)
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
                     ctx=64, max_seqs=batch)
@@ -88,7 +94,7 @@ def _greedy(path, batch, frac=None, steps=3):
     out, last = [], [t[-1] for t in seqs]
     for _ in range(steps):
         if cpu is not None:
-            cpu.set_step(batch)
+            src.frac = cpu.set_step(batch)  # (as ExpertStream.set_step: the step's share at its batch size)
         lg = r.step([SeqStep(row=b, tokens=[last[b]], slots=[len(t)], positions=[len(t)], kv_pos=list(range(len(t) + 1)))
                      for b, t in enumerate(seqs)], "last")
         out.append(lg)
@@ -127,6 +133,44 @@ def test_cpu_and_copies_split_gives_the_resident_engines_tokens(tmp_path, arch, 
             assert forms == (set() if kernel == "native" else {"PackedRows", "DenseRows"})  # (native: read in place)
         else:
             assert cache.misses > 0 and cpu.computed > 0
+
+
+def test_a_share_by_batch_size_leaves_batch_1_to_the_copies_and_gives_batch_2_to_the_cpu(tmp_path):
+    """--cpu-share 2:1: steps of one token copy every missing expert, steps of two compute every
+    one on the CPU; both give the resident engine's tokens."""
+    pytest.importorskip("triton")
+    if not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", qtype=EXPERT_TYPES, n_layer=2, n_embd=256,
+                               n_head=2, n_head_kv=1, n_ff=256, n_vocab=256, n_expert=16, n_expert_used=2, seed=5)
+    for batch in (1, 2):
+        want, _ = _greedy(path, batch, steps=2)
+        got, src = _greedy(path, batch, steps=2, share="2:1")
+        assert torch.equal(got.argmax(-1), want.argmax(-1)), batch
+        assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), batch
+        if batch == 1:  # no share at batch 1: every missing expert copied
+            assert src.cpu.computed == 0 and src.cache.misses > 0
+        else:  # the whole share at batch 2: nothing copied
+            assert src.cpu.computed > 0 and src.cache.misses == 0 and src.cache.bytes_moved == 0
+
+
+def test_a_share_by_batch_size_wakes_the_kernels_workers_only_in_the_steps_that_have_one(monkeypatch):
+    """--cpu-share 1:0,8:0.5 through the balancer a fixed share uses: none at batch 1 to 4, half
+    at 5 to 8, none above (the CPU takes no share of larger steps); the workers spin only where
+    there is one, and the words --stats prints say which."""
+    from layerstream.compute.cpu import experts as cpu_experts
+
+    spins = []
+    monkeypatch.setattr(native, "spin", spins.append)
+    cfg = parse_cpu_share("1:0,8:0.5")
+    bal = Balancer({}, 0.0, 1.0, 1.0, cfg.fraction, fixed=cfg.fixed(), what="missing experts")
+    cpu = CpuExperts(bal, 1 << 30, torch.float32, Timeline("compute", "t"))
+    assert [cpu.set_step(t) for t in (1, 4, 5, 8, 9, 1)] == [0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
+    assert spins == [0.0, cpu_experts.SPIN_S, 0.0]  # (a library call only where the spin changes)
+    assert bal.describe() == "fixed by batch, of the missing experts: batch 1 0%, batch 2 0%, batch 4 0%, batch 8 50%"
+    one = Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=parse_cpu_share("0.5").fixed(), what="missing experts")
+    assert one.describe() == "fixed at 50% of the missing experts, batches up to 8"
+    assert [one.share(t) for t in (1, 8, 9)] == [0.5, 0.5, 0.0]
 
 
 def test_the_split_model_copies_all_where_the_cpu_is_slower_and_halves_where_timed_equal():

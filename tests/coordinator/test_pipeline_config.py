@@ -48,6 +48,17 @@ def test_the_cpu_share_is_parsed_once_into_its_group():
         CpuOptions(share="0.5", split="columns")
 
 
+def test_a_cpu_share_by_batch_size_gives_each_bucket_the_share_of_the_largest_size_named_below_it():
+    cpu = CpuOptions(share="2:0.25, 8:0.5").parsed
+    assert cpu.fixed() == {1: 0.0, 2: 0.25, 4: 0.25, 8: 0.5}
+    assert (str(cpu), cpu.fraction, cpu.pack_max, cpu.off) == ("2:0.25,8:0.5", 0.5, 0.5, False)
+    assert CpuOptions(share="1:0,8:0").parsed.off and str(CpuOptions(share="1:0,8:0").parsed) == "0"
+    assert CpuOptions(share="0.5").parsed.fixed() == 0.5  # (one share for every batch size, as before)
+    for bad in ("8:", ":0.5", "16:0.5", "8:1.5", "8:0.5,4:0.2", "8:0.5,8:0.5", "8:0.5;1:0"):
+        with pytest.raises(ConfigError, match=r"^CpuOptions.share='.*(is not BATCH:FRACTION|give each batch size once)"):
+            CpuOptions(share=bad)
+
+
 def test_the_groups_default_to_the_plan_s_defaults():
     cfg = PipelineConfig(Budget(resident_layers=0))
     assert cfg.budget.resident_layers == 0 and cfg.budget.vram_gb is None and cfg.readers.count == 1
