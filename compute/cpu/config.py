@@ -83,17 +83,25 @@ def _fraction(v: str) -> float | None:
     return f if 0 <= f <= 1 else None
 
 
+def _size(v: str) -> int | None:
+    """v as a whole number; None where it is not one."""
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
 def _by_batch(value: str, v: str) -> tuple[tuple[int, float], ...]:
     """'B:F,B:F' as ((B, F), ...), each B one of BUCKETS, in increasing order, each F a fraction."""
     sizes = ", ".join(map(str, BUCKETS))
     out: list[tuple[int, float]] = []
     for item in v.split(","):
         b, _, f = item.strip().partition(":")
-        share = _fraction(f.strip())
-        if not b.strip().isdigit() or int(b) not in BUCKETS or share is None:
+        share, size = _fraction(f.strip()), _size(b.strip())
+        if size not in BUCKETS or share is None:
             raise ConfigError(f"--cpu-share {value!r}: {item.strip()!r} is not BATCH:FRACTION with a batch size "
                               f"of {sizes} and a fraction from 0 to 1 (such as 8:0.5)")
-        if out and int(b) <= out[-1][0]:
+        if out and size <= out[-1][0]:
             raise ConfigError(f"--cpu-share {value!r}: give each batch size once, smallest first (such as 1:0,8:0.5)")
-        out.append((int(b), share))
+        out.append((size, share))
     return tuple(out)

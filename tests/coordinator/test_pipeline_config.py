@@ -54,7 +54,7 @@ def test_a_cpu_share_by_batch_size_gives_each_bucket_the_share_of_the_largest_si
     assert (str(cpu), cpu.fraction, cpu.pack_max, cpu.off) == ("2:0.25,8:0.5", 0.5, 0.5, False)
     assert CpuOptions(share="1:0,8:0").parsed.off and str(CpuOptions(share="1:0,8:0").parsed) == "0"
     assert CpuOptions(share="0.5").parsed.fixed() == 0.5  # (one share for every batch size, as before)
-    for bad in ("8:", ":0.5", "16:0.5", "8:1.5", "8:0.5,4:0.2", "8:0.5,8:0.5", "8:0.5;1:0"):
+    for bad in ("8:", ":0.5", "16:0.5", "8:1.5", "8:0.5,4:0.2", "8:0.5,8:0.5", "8:0.5;1:0", "\u00b2:0.5", "8:0.5,"):
         with pytest.raises(ConfigError, match=r"^CpuOptions.share='.*(is not BATCH:FRACTION|give each batch size once)"):
             CpuOptions(share=bad)
 
