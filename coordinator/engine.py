@@ -456,7 +456,12 @@ class Engine:
                         yield i, out.text
                     if out.finished:
                         reasons[i] = out.finish_reason
-                        out.raise_for_failure(self.cfg.on_context_full, self.cfg.ctx)
+                        try:
+                            out.raise_for_failure(self.cfg.on_context_full, self.cfg.ctx)
+                        except LayerstreamError as e:  # (of several prompts: which one, by its index)
+                            if len(ids) > 1:
+                                raise type(e)(f"prompt {i} of {len(ids)}: {e}") from None
+                            raise
         finally:
             for n in names:  # a consumer that stopped early, or an error: rows go back
                 self.core.abort(n)

@@ -160,6 +160,9 @@ def test_context_full_error(tmp_path):
         assert e.logits(TOKENS[:16]).shape == (16, 256)  # the failed sequence gave its row back
         with pytest.raises(ContextFullError):
             list(e.generate(TOKENS[:14], SamplingParams(temperature=0, max_tokens=40)))
+        # of several prompts, the error names the one that outgrew the context, by its index
+        with pytest.raises(ContextFullError, match=r"^prompt 1 of 2: the sequence reached the context size \(16"):
+            e.generate_batch([TOKENS[:2], TOKENS[:14]], SamplingParams(temperature=0, max_tokens=40))
 
 
 @pytest.mark.parametrize("arch", ["llama-rope_freqs-tied"])
