@@ -460,7 +460,7 @@ class Engine:
                             out.raise_for_failure(self.cfg.on_context_full, self.cfg.ctx)
                         except LayerstreamError as e:  # (of several prompts: which one, by its index)
                             if len(ids) > 1:
-                                raise type(e)(f"prompt {i} of {len(ids)}: {e}") from None
+                                raise type(e)(f"prompts[{i}] (of {len(ids)}): {e}") from None
                             raise
         finally:
             for n in names:  # a consumer that stopped early, or an error: rows go back

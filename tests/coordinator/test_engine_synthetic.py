@@ -161,7 +161,7 @@ def test_context_full_error(tmp_path):
         with pytest.raises(ContextFullError):
             list(e.generate(TOKENS[:14], SamplingParams(temperature=0, max_tokens=40)))
         # of several prompts, the error names the one that outgrew the context, by its index
-        with pytest.raises(ContextFullError, match=r"^prompt 1 of 2: the sequence reached the context size \(16"):
+        with pytest.raises(ContextFullError, match=r"^prompts\[1\] \(of 2\): the sequence reached the context size \(16"):
             e.generate_batch([TOKENS[:2], TOKENS[:14]], SamplingParams(temperature=0, max_tokens=40))
 
 
