@@ -37,8 +37,9 @@ The backend pads a step to B sequences times its longest chunk S (the attention'
 mask are [B, S, ...]), and the plan sizes the step's scratch for max(step_tokens, max_seqs)
 tokens. So a step holds every running request's decode token (at most max_seqs) and prompt
 chunks of at most step_tokens tokens in all, and B * S stays within max(step_tokens, max_seqs):
-a long chunk beside many decoding sequences is cut shorter. A waiting request is admitted
-(takes a KV row) only in a step that carries its first chunk; the rest wait in the queue.
+a long chunk beside many decoding sequences is cut shorter, as is a prompt's chunk where a request
+waits for a free row, which joins that step (one long prompt filled every step, and a short request
+waited for all of it). A waiting request takes a row only in a step carrying its first chunk.
 
 NOTE [ prefix reuse ]
 A freed row keeps its KV until another sequence writes it, so the core remembers which tokens
@@ -128,8 +129,7 @@ class _Request:
 
 @dataclass
 class _Step:
-    """A step in flight: per sequence its request, its tokens, how many positions it samples (0,
-    1, or 1 + its drafts) and whether it decodes (else a prompt chunk)."""
+    """A step in flight: per sequence its request, tokens, positions sampled (0, 1, 1 + drafts), and whether it decodes."""
 
     plan: list[tuple[_Request, list[int], int, bool]]
 
@@ -145,9 +145,8 @@ class EngineCore:
         self.speculation = Speculation(lookup, draft, adaptive)  # (NOTE [ speculative decoding ])
         self.spec = self.speculation.stats
         self.backend, self.tokenizer, self.n_vocab = backend, tokenizer, n_vocab
-        self.max_seqs, self.ctx, self.step_tokens = max_seqs, ctx, step_tokens
-        self.closed = False  # (set by Engine.close: new work is refused, as the engine's own calls are)
-        self.on_context_full, self.sink_tokens = on_context_full, sink_tokens
+        self.max_seqs, self.ctx, self.step_tokens, self.on_context_full = max_seqs, ctx, step_tokens, on_context_full
+        self.closed, self.sink_tokens = False, sink_tokens  # (closed: set by Engine.close, new work then refused)
         self.lookahead = int(lookahead)  # steps submitted ahead of the one collected (NOTE [ one step behind ])
         self.pad_tokens = max(step_tokens, max_seqs)  # B * S of a step at most (NOTE [ step size ])
         self.free_rows = list(range(max_seqs))
@@ -274,8 +273,9 @@ class EngineCore:
         return r.ids.pending
 
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
-        """Decode tokens of the running requests first, then prompt chunks of the running, then of
+        """Decode tokens first, then prompt chunks of the running (room left for one more), then of
         waiting requests admitted while a row is free and the step has room (NOTE [ step size ])."""
+        joining = int(bool(self.waiting and self.free_rows))
         dec = [(r, tok) for r in self.running
                if r.fed == len(r.prompt) and (tok := self._decode_token(r)) is not None]
         most = self.pad_tokens // max(len(dec), 1) - 1  # drafts a sequence, so that B * S fits the step
@@ -288,9 +288,9 @@ class EngineCore:
         room = max(self.step_tokens - sum(len(t) for _, t in plan), 0)
         width = max((len(t) for _, t in plan), default=0)  # the longest chunk so far
 
-        def chunk(r: _Request, fed: int, cap: int) -> int:
+        def chunk(r: _Request, fed: int, cap: int, more: int = 0) -> int:
             nonlocal room, width
-            n = min(len(r.prompt) - fed, room, cap, self.pad_tokens // (len(plan) + 1))
+            n = min(len(r.prompt) - fed, room, cap, self.pad_tokens // (len(plan) + 1 + more))
             if n < 1 or (len(plan) + 1) * max(width, n) > self.pad_tokens:
                 return 0
             room, width = room - n, max(width, n)
@@ -298,7 +298,7 @@ class EngineCore:
 
         for r in self.running:
             if r.fed < len(r.prompt):
-                n = chunk(r, r.fed, max(r.ring.max_chunk(), 1))
+                n = chunk(r, r.fed, max(r.ring.max_chunk(), 1), joining)
                 if n:
                     plan.append((r, r.prompt[r.fed : r.fed + n]))
         while self.waiting and self.free_rows:  # admission: FIFO, as far as rows and the step's room go

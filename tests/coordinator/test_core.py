@@ -111,6 +111,29 @@ def test_prompts_are_chunked_to_the_token_budget_after_decode_tokens(tokenizer):
 
 
 @pytest.mark.parametrize("lookahead", [True, False])
+def test_a_short_request_joins_the_steps_of_a_long_prompt_and_answers_before_its_prefill_ends(tokenizer, lookahead):
+    """NOTE [ step size ]: with a row free, a request that arrives while a long prompt is being
+    fed shares the next step with the long prompt's chunk (cut to make room), rather than waiting
+    for the whole prefill; the long prompt then goes on in chunks that never pass the budget."""
+    c = core(tokenizer, step_tokens=8, lookahead=lookahead)
+    c.add_request("long", list(range(1, 41)), GREEDY)  # 40 prompt tokens: 5 steps of 8 alone
+    c.step()
+    c.add_request("short", [9, 9, 9], GREEDY)
+    got = run(c)
+    steps = c.backend.runner.steps
+    short_fed = next(i for i, st in enumerate(steps) if any(t == [9, 9, 9] for _, t, _ in st))
+    long_done = max(i for i, st in enumerate(steps) for _, t, pos in st if pos[-1] == 39 and len(t) > 1)
+    # the next step submitted (one step behind: the one after the step already in flight), beside
+    # the long prompt's chunk, halved so that B * S stays within the budget
+    assert short_fed == (2 if lookahead else 1) and long_done > short_fed
+    assert [len(t) for _, t, _ in steps[short_fed] if len(t) > 1] == [4, 3]
+    for st in steps:
+        assert sum(len(t) for _, t, _ in st) <= 8 and len(st) * max(len(t) for _, t, _ in st) <= 8
+    assert sum(len(t) for st in steps for _, t, pos in st if pos[0] < 40 and len(t) > 1) >= 40 - 1
+    assert [o.finish_reason for o in (got["long"][-1], got["short"][-1])] == ["length", "length"]
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
 def test_abort_frees_the_row_once_no_step_in_flight_carries_it(tokenizer, lookahead):
     """Stepping in turn, an aborted request's row goes to the next request in the next step; one
     step behind, a step in flight still writes it: the row is free once that step is collected,
