@@ -207,10 +207,9 @@ def build_parser() -> Parser:
                    help="share of the streamed layers the CPU computes from host RAM while the rest crosses PCIe "
                         "(see --cpu-split; of a mixture-of-experts decode step: of the chosen experts not in the "
                         "device cache); B:F,... gives decode steps of B tokens (1, 2, 4 or 8) and more share F, up to "
-                        "the next B, none below the first (8:0.5: steps of 5 to 8 tokens only); auto times shares per batch size and keeps the "
-                        "fastest (CUDA only). "
-                        "Default 0 (BENCHMARKS.md: auto made a 70B at 8 GiB 1.25x faster, using host RAM and "
-                        "packing time in the first passes)")
+                        "the next B, none below the first (8:0.5: steps of 5 to 8 tokens only); auto times shares "
+                        "per batch size and keeps the fastest (CUDA only). Default 0 (BENCHMARKS.md: auto made a 70B "
+                        "at 8 GiB 1.25x faster, using host RAM and packing time in the first passes)")
     g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
                         "(layers, default) or the last rows of every 4-bit matrix (rows)")
