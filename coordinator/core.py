@@ -37,9 +37,8 @@ The backend pads a step to B sequences times its longest chunk S (the attention'
 mask are [B, S, ...]), and the plan sizes the step's scratch for max(step_tokens, max_seqs)
 tokens. So a step holds every running request's decode token (at most max_seqs) and prompt
 chunks of at most step_tokens tokens in all, and B * S stays within max(step_tokens, max_seqs):
-a long chunk beside many decoding sequences is cut shorter, as is a prompt's chunk where a request
-waits for a free row, which joins that step (one long prompt filled every step, and a short request
-waited for all of it). A waiting request takes a row only in a step carrying its first chunk.
+a long chunk beside many decoding sequences is cut shorter. A waiting request takes a row only in a step carrying its
+first chunk; those whose prompt is at most half a step go first, past longer ones, and the prompts' chunks make room.
 
 NOTE [ prefix reuse ]
 A freed row keeps its KV until another sequence writes it, so the core remembers which tokens
@@ -273,14 +272,12 @@ class EngineCore:
         return r.ids.pending
 
     def _schedule(self) -> list[tuple[_Request, list[int]]]:
-        """Decode tokens first, then prompt chunks of the running (room left for one more), then of
-        waiting requests admitted while a row is free and the step has room (NOTE [ step size ])."""
-        joining = int(bool(self.waiting and self.free_rows))
+        """Decode tokens, short waiting prompts, the running prompts' chunks, then the rest in turn (NOTE [ step size ])."""
         dec = [(r, tok) for r in self.running
                if r.fed == len(r.prompt) and (tok := self._decode_token(r)) is not None]
         most = self.pad_tokens // max(len(dec), 1) - 1  # drafts a sequence, so that B * S fits the step
         spare = self.step_tokens - len(dec)
-        plan = []
+        plan, prefilling = [], [r for r in self.running if r.fed < len(r.prompt)]
         for r, tok in dec:
             d = self.speculation.propose(r, tok, min(most, spare))
             spare -= len(d)
@@ -288,34 +285,37 @@ class EngineCore:
         room = max(self.step_tokens - sum(len(t) for _, t in plan), 0)
         width = max((len(t) for _, t in plan), default=0)  # the longest chunk so far
 
-        def chunk(r: _Request, fed: int, cap: int, more: int = 0) -> int:
+        def chunk(r: _Request, fed: int, cap: int) -> int:
             nonlocal room, width
-            n = min(len(r.prompt) - fed, room, cap, self.pad_tokens // (len(plan) + 1 + more))
+            n = min(len(r.prompt) - fed, room, cap, self.pad_tokens // (len(plan) + 1))
             if n < 1 or (len(plan) + 1) * max(width, n) > self.pad_tokens:
                 return 0
             room, width = room - n, max(width, n)
             return n
 
-        for r in self.running:
-            if r.fed < len(r.prompt):
-                n = chunk(r, r.fed, max(r.ring.max_chunk(), 1), joining)
-                if n:
-                    plan.append((r, r.prompt[r.fed : r.fed + n]))
-        while self.waiting and self.free_rows:  # admission: FIFO, as far as rows and the step's room go
-            r = self.waiting[0]
-            row, reused = self._row_for(r.prompt)
-            ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
-            if reused:  # the row holds these tokens' KV already, at the same positions
-                ring.append(reused)
-            n = chunk(r, reused, max(ring.max_chunk(), 1))
-            if not n:
-                break
-            self.waiting.popleft()
-            self._claim(row)
-            r.row, r.ring, r.fed = row, ring, reused
-            self.reused_tokens += reused
-            self.running.append(r)
-            plan.append((r, r.prompt[reused : reused + n]))
+        def admit(short: bool) -> None:
+            """Give waiting requests rows with their first chunks, first come first, while one fits (`short`:
+            only those whose prompt's rest is at most half a step, past longer ones)."""
+            for r in list(self.waiting):
+                row, reused = self._row_for(r.prompt) if self.free_rows else (None, 0)
+                if short and row is not None and len(r.prompt) - reused > self.pad_tokens // 2:
+                    continue
+                ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
+                if reused:  # the row holds these tokens' KV already, at the same positions
+                    ring.append(reused)
+                if row is None or not (n := chunk(r, reused, max(ring.max_chunk(), 1))):
+                    return
+                self.waiting.remove(r)
+                self._claim(row)
+                r.row, r.ring, r.fed, self.reused_tokens = row, ring, reused, self.reused_tokens + reused
+                self.running.append(r)
+                plan.append((r, r.prompt[reused : reused + n]))
+
+        admit(short=True)  # (before the running prompts' chunks, which then make room)
+        for r in prefilling:
+            if n := chunk(r, r.fed, max(r.ring.max_chunk(), 1)):
+                plan.append((r, r.prompt[r.fed : r.fed + n]))
+        admit(short=False)  # FIFO, as far as rows and the step's room go
         return plan
 
     @python_names()

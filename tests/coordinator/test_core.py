@@ -112,25 +112,37 @@ def test_prompts_are_chunked_to_the_token_budget_after_decode_tokens(tokenizer):
 
 @pytest.mark.parametrize("lookahead", [True, False])
 def test_a_short_request_joins_the_steps_of_a_long_prompt_and_answers_before_its_prefill_ends(tokenizer, lookahead):
-    """NOTE [ step size ]: with a row free, a request that arrives while a long prompt is being
-    fed shares the next step with the long prompt's chunk (cut to make room), rather than waiting
-    for the whole prefill; the long prompt then goes on in chunks that never pass the budget."""
-    c = core(tokenizer, step_tokens=8, lookahead=lookahead)
+    """NOTE [ step size ]: with a row free, a request whose prompt is at most half a step, arriving
+    while long prompts are being fed, goes into the next step before their chunks, which make room
+    (B * S within the budget), rather than waiting for a whole prefill; long prompts still take
+    their turns first come, first served (a second long one waits for the first, as before)."""
+    c = core(tokenizer, max_seqs=3, step_tokens=8, lookahead=lookahead)
     c.add_request("long", list(range(1, 41)), GREEDY)  # 40 prompt tokens: 5 steps of 8 alone
+    c.add_request("long2", list(range(41, 61)), GREEDY)
     c.step()
     c.add_request("short", [9, 9, 9], GREEDY)
     got = run(c)
     steps = c.backend.runner.steps
-    short_fed = next(i for i, st in enumerate(steps) if any(t == [9, 9, 9] for _, t, _ in st))
-    long_done = max(i for i, st in enumerate(steps) for _, t, pos in st if pos[-1] == 39 and len(t) > 1)
-    # the next step submitted (one step behind: the one after the step already in flight), beside
-    # the long prompt's chunk, halved so that B * S stays within the budget
-    assert short_fed == (2 if lookahead else 1) and long_done > short_fed
-    assert [len(t) for _, t, _ in steps[short_fed] if len(t) > 1] == [4, 3]
+
+    def first(prompt):  # the first step that feeds this prompt's first tokens
+        return next(i for i, st in enumerate(steps) for _, t, pos in st if pos[0] == 0 and t == prompt[: len(t)])
+
+    def fed_all(n):  # the step that feeds position n - 1 of a prompt of n tokens
+        return max(i for i, st in enumerate(steps) for _, t, pos in st if pos[-1] == n - 1 and len(t) > 1)
+
+    # the next step submitted (one step behind: the one after the step already in flight), its
+    # chunk first and the long prompt's after it, halved
+    short_fed = first([9, 9, 9])
+    assert short_fed == (2 if lookahead else 1) and fed_all(40) > short_fed
+    assert [len(t) for _, t, _ in steps[short_fed]] == [3, 4]
+    assert first(list(range(41, 61))) >= fed_all(40)  # the second long prompt not before the first one's last chunk
     for st in steps:
         assert sum(len(t) for _, t, _ in st) <= 8 and len(st) * max(len(t) for _, t, _ in st) <= 8
-    assert sum(len(t) for st in steps for _, t, pos in st if pos[0] < 40 and len(t) > 1) >= 40 - 1
-    assert [o.finish_reason for o in (got["long"][-1], got["short"][-1])] == ["length", "length"]
+    assert {k: v[-1].finish_reason for k, v in got.items()} == dict(long="length", long2="length", short="length")
+    for name, prompt in (("long", list(range(1, 41))), ("short", [9, 9, 9])):  # the same ids as each alone
+        alone = core(tokenizer, max_seqs=3, step_tokens=8, lookahead=lookahead)
+        alone.add_request(name, prompt, GREEDY)
+        assert [t for o in run(alone)[name] for t in o.token_ids] == [t for o in got[name] for t in o.token_ids]
 
 
 @pytest.mark.parametrize("lookahead", [True, False])
