@@ -99,6 +99,15 @@ def problem(args: argparse.Namespace) -> str | None:
             check_trace(trace)
         except UsageError as e:
             return str(e)
+    share = getattr(args, "cpu_share", None)
+    if share is not None:  # (a usage error, as run-pipeline's: refused before the bench starts anything)
+        from layerstream.coordinator.pipeline_config import parse_cpu_share
+        from layerstream.errors import ConfigError
+
+        try:
+            parse_cpu_share(share, getattr(args, "cpu_split", "layers"))
+        except ConfigError as e:
+            return str(e)
     bad = [b for b in each("batch") if b > MAX_BATCH]  # (-b 100000 grew for minutes past any stop signal)
     if bad:
         return f"-b {bad[0]}: give 1 to {MAX_BATCH} (run-pipeline's bound)"

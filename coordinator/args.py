@@ -206,8 +206,8 @@ def build_parser() -> Parser:
     g.add_argument("--cpu-share", default="0", metavar="F|B:F,...|auto|0",
                    help="share of the streamed layers the CPU computes from host RAM while the rest crosses PCIe "
                         "(see --cpu-split; of a mixture-of-experts decode step: of the chosen experts not in the "
-                        "device cache); B:F,... gives decode steps of B tokens (1, 2, 4 or 8) and more share F, up to "
-                        "the next B, none below the first (8:0.5: steps of 5 to 8 tokens only); auto times shares "
+                        "device cache); B:F,... gives share F from batch size B (1, 2, 4 or 8; a step of n tokens counts "
+                        "as the next of these up, so 8:0.5 is steps of 5 to 8) to the next B named; auto times shares "
                         "per batch size and keeps the fastest (CUDA only). Default 0 (BENCHMARKS.md: auto made a 70B "
                         "at 8 GiB 1.25x faster, using host RAM and packing time in the first passes)")
     g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",

@@ -99,6 +99,8 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["reader", "-m", "m.gguf", "--shape", "smollm2-135m"],  # (-m was ignored)
      "-m m.gguf and --shape smollm2-135m: give one of them (a --shape model is written and measured)"),
     (["reader", "--layers", "3"], "--layers 3: it sets a --shape model's layers; give --shape too"),  # (ignored)
+    (["pipeline", "--cpu-share", "8:0.5,"], "--cpu-share '8:0.5,': '' is not BATCH:FRACTION with a batch size of 1, 2, "
+                                            "4, 8 and a fraction from 0 to 1 (such as 8:0.5)"),  # (exit 1, as a failure)
 ])
 def test_a_stages_bad_counts_and_names_are_one_line_and_exit_2(argv, line, capsys):
     """(each of these was a traceback, a hang of the machine, or a deep error: a probe's)"""
