@@ -82,6 +82,22 @@ def smollm_engine(smollm_path):
 
 
 @pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C's own handler, and SIGINT unblocked, for a test that sends its process a real SIGINT:
+    a suite started as a shell's background job (`.ci/run &`) has SIGINT ignored, which Python keeps
+    (it then installs no handler of its own), and such tests saw nothing raised."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@pytest.fixture
 def smollm_alone(smollm_path):
     """An engine like smollm_engine of the test's own, for tests that put a second engine core over
     its backend: two cores over one backend's KV rows each keep their own record of what the rows

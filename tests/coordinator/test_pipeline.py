@@ -990,7 +990,7 @@ def test_close_does_not_wait_seconds_for_children_slow_to_exit(model, reference,
 
 
 @pytest.mark.parametrize("when", ["sent", "before"])
-def test_ctrl_c_inside_the_pipelines_submit_leaves_the_engine_usable(model, reference, when):
+def test_ctrl_c_inside_the_pipelines_submit_leaves_the_engine_usable(model, reference, when, ctrl_c_raises):
     """A real SIGINT landing inside the pipeline's submit, just after a step's Forward went to the
     compute process ("sent") or as it is about to go ("before"): the call raises KeyboardInterrupt
     and the next call generates as before. (It closed the pipeline: the step's number was taken and
@@ -1021,7 +1021,7 @@ def test_ctrl_c_inside_the_pipelines_submit_leaves_the_engine_usable(model, refe
         assert e.generate_batch([list(p) for p in PROMPTS], GREEDY) == reference[-1]
 
 
-def test_ctrl_c_inside_an_evaluation_step_leaves_no_answer_for_the_next(model):
+def test_ctrl_c_inside_an_evaluation_step_leaves_no_answer_for_the_next(model, ctrl_c_raises):
     """Scoring (Engine.logits) steps the pipeline itself: a Ctrl-C held back until its step was sent
     and recorded left that step's answer to the next call's collect, which gave the old logits."""
     from layerstream.proto.messages import Forward
