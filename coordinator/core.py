@@ -168,8 +168,7 @@ class EngineCore:
         return row
 
     def _row_for(self, prompt) -> tuple[int, int]:
-        """The free row holding the longest prefix of `prompt`'s KV, and how many tokens of it
-        (at most all but the last: a step needs one token); else as take_row (NOTE [ prefix reuse ])."""
+        """The free row holding the longest prefix of `prompt`'s KV and its tokens (not the last), else take_row's (NOTE [ prefix reuse ])."""
         row, n = next((r for r in self.free_rows if r not in self.row_tokens), self.free_rows[0]), 0
         for r in self.free_rows:
             m = _common_prefix(self.row_tokens.get(r, ()), prompt)
@@ -294,9 +293,10 @@ class EngineCore:
             return n
 
         def admit(short: bool) -> None:
-            """Give waiting requests rows with their first chunks, first come first, while one fits (`short`:
-            only those whose prompt's rest is at most half a step, past longer ones)."""
+            """Rows and first chunks for waiting requests in turn while one fits (`short`: rests <= half a step)."""
             for r in list(self.waiting):
+                if room < 1 or (len(plan) + 1) * max(width, 1) > self.pad_tokens:  # (none fits: no prefix scans)
+                    return
                 row, reused = self._row_for(r.prompt) if self.free_rows else (None, 0)
                 if short and row is not None and len(r.prompt) - reused > self.pad_tokens // 2:
                     continue
