@@ -196,8 +196,8 @@ def pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
     p.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
-    p.add_argument("--cpu-share", default="0", help="the CPU's share of the streamed layers: auto, 0, a fraction or fractions by batch "
-                   "size, B:F,... (default 0; as run-pipeline)")
+    p.add_argument("--cpu-share", default="default", help="the CPU's share of the streamed layers: default, auto, 0, a fraction or "
+                   "fractions by batch size, B:F,... (as run-pipeline, whose default it takes)")
     p.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: 4-bit FFN matrices of some layers, or rows of all (as run-pipeline)")
     p.add_argument("--vram-slots", type=int, default=None, help="the streamed layers' VRAM slots (as run-pipeline)")

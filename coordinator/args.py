@@ -203,13 +203,13 @@ def build_parser() -> Parser:
                         "CUDA: the GPU's free memory less 1 GiB; on the CPU: no limit)")
     g.add_argument("--step-tokens", type=whole, default=None,
                    help="tokens of one forward step at most: prompts are chunked to it (default: from the budget, at most 512)")
-    g.add_argument("--cpu-share", default="0", metavar="F|B:F,...|auto|0",
+    g.add_argument("--cpu-share", default="default", metavar="F|B:F,...|auto|0|default",
                    help="share of the streamed layers the CPU computes from host RAM while the rest crosses PCIe "
                         "(see --cpu-split; of a mixture-of-experts decode step: of the chosen experts not in the "
                         "device cache); B:F,... gives share F from batch size B (1, 2, 4 or 8; a step of n tokens counts "
                         "as the next of these up, so 8:0.5 is steps of 5 to 8) to the next B named; auto times shares "
-                        "per batch size and keeps the fastest (CUDA only). Default 0 (BENCHMARKS.md: auto made a 70B "
-                        "at 8 GiB 1.25x faster, using host RAM and packing time in the first passes)")
+                        "per batch size and keeps the fastest (CUDA only). Default: 8:0.5 of a MoE model's experts on "
+                        "CUDA where the CPU reads them in place (no host RAM), else 0 (BENCHMARKS.md: MoE batch 8 faster)")
     g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
                         "(layers, default) or the last rows of every 4-bit matrix (rows)")
@@ -396,13 +396,13 @@ def check_args(args) -> None:
     if args.prompt and not " ".join(args.prompt).strip() and not (args.serve or args.perplexity):  # (given, blank)
         fail("the prompt is blank; pass the prompt text, or leave it out for an interactive chat" if args.chat else
              "the prompt is blank; pass the prompt text (or leave it out and pipe it in)")
-    share_off = args.cpu_share == "0"
+    share_off = args.cpu_share in ("0", "default")  # (the default splits no layer, and is none on the CPU)
     if not share_off:  # (its parser's package imports torch)
         from layerstream.coordinator.pipeline_config import parse_cpu_share
         from layerstream.errors import ConfigError
 
         try:
-            share_off = parse_cpu_share(args.cpu_share, args.cpu_split).off
+            share_off = not parse_cpu_share(args.cpu_share, args.cpu_split).asked
         except ConfigError as e:
             fail(str(e))
         if not share_off and args.device == "cpu":

@@ -134,7 +134,7 @@ def check_device(args) -> None:
         device = resolve_device(args.device)
     except ConfigError as e:  # (it exited 1, as a failed run)
         raise UsageError(str(e)) from None
-    if args.single_process or parse_cpu_share(args.cpu_share, args.cpu_split).off:
+    if args.single_process or not parse_cpu_share(args.cpu_share, args.cpu_split).asked:
         return
     if device.type == "cpu":
         raise UsageError(cpu_share_on_cpu(args.cpu_share, "no CUDA device is visible"))

@@ -75,9 +75,10 @@ class ReaderOptions:
 class CpuOptions:
     """The CPU's share of the streamed layers (compute/cpu/) and the compute process's threads."""
 
-    # 0 (default), auto (timed and chosen per batch size on CUDA) or a fraction; and what it splits:
-    # "layers" (whole FFN matrices of some layers) or "rows". Parsed once into `parsed`.
-    share: str = "0"
+    # "default" (compute/cpu/config.py), 0, auto (timed and chosen per batch size on CUDA), a fraction
+    # or fractions by batch size; and what it splits: "layers" (whole FFN matrices of some layers) or
+    # "rows". Parsed once into `parsed`.
+    share: str = "default"
     split: str = "layers"
     threads: int | None = None  # CPU threads of the compute process (default: compute/cpu/sizing.py)
     parsed: CpuShareConfig = field(init=False, repr=False)  # share and split, parsed

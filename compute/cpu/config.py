@@ -10,6 +10,12 @@ from layerstream.compute.cpu.sizing import SPLITS
 from layerstream.errors import ConfigError
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
+# The default share ("default"): a mixture-of-experts model's experts at decode steps of 5 to 8
+# tokens, half of those missing from the device cache, where the CPU reads them in place (no host
+# memory) beside a CUDA device; none anywhere else. At batch 8 such a share ran faster than none on
+# every H100 host measured, and no share has yet run faster than none at batch 1 (BENCHMARKS.md:
+# AE7, AF1 to AF3; AE1, AF4).
+DEFAULT_BY_BATCH = ((8, 0.5),)
 
 
 @dataclass(frozen=True)
@@ -19,20 +25,29 @@ class CpuShareConfig:
     balancer's BUCKETS in order, F for steps of B tokens up to the next B named, none below the
     first; `fraction` then the largest F); `split` what it splits ("layers": whole 4-bit FFN
     matrices of some layers, "rows": the last rows of every 4-bit matrix); `pack_max` the largest
-    share packed."""
+    share packed; `experts_only`: the default (DEFAULT_BY_BATCH), a share of experts read in place
+    beside a CUDA device alone, which packs nothing and never fails a plan."""
 
     auto: bool = False
     fraction: float = 0.0
     split: str = "layers"
     pack_max: float = 0.0
     by_batch: tuple[tuple[int, float], ...] = ()
+    experts_only: bool = False
 
     @property
     def off(self) -> bool:
         return not self.auto and not self.fraction
 
+    @property
+    def asked(self) -> bool:
+        """Whether a share was asked for (not "0", not the default): what --device cpu refuses."""
+        return not self.off and not self.experts_only
+
     def __str__(self) -> str:
-        """The canonical --cpu-share value: "auto", "0", the fraction or the shares by batch size."""
+        """The canonical --cpu-share value: "default", "auto", "0", the fraction or the shares by batch size."""
+        if self.experts_only:
+            return "default"
         if self.by_batch and not self.off:
             return ",".join(f"{b}:{f!r}" for b, f in self.by_batch)
         return "auto" if self.auto else repr(self.fraction) if self.fraction else "0"
@@ -44,8 +59,9 @@ class CpuShareConfig:
         return {b: next((f for a, f in reversed(self.by_batch) if a <= b), 0.0) for b in BUCKETS}
 
     def for_device(self, device_type: str) -> "CpuShareConfig":
-        """None where there is no other device: on a CPU-only machine the device is the CPU already."""
-        return CpuShareConfig(split=self.split) if self.auto and device_type != "cuda" else self
+        """None where there is no other device: on a CPU-only machine the device is the CPU already
+        (auto and the default; a share asked for on the CPU is an error before this)."""
+        return CpuShareConfig(split=self.split) if (self.auto or self.experts_only) and device_type != "cuda" else self
 
     def with_pack_max(self, pack_max: float) -> "CpuShareConfig":
         """The share with the largest share packed that fits (the plan's); none where nothing fits."""
@@ -53,12 +69,15 @@ class CpuShareConfig:
 
 
 def parse_cpu_share(value: str, split: str = "layers") -> CpuShareConfig:
-    """'auto', '0' ('off'), a fraction in (0, 1], or fractions by batch size ('B:F,B:F', each B one
-    of BUCKETS, in order: CpuShareConfig.by_batch), and a split of SPLITS; anything else is a
-    ConfigError. `pack_max` starts at the share (its largest; AUTO_PACK_MAX for auto)."""
+    """'default', 'auto', '0' ('off'), a fraction in (0, 1], or fractions by batch size ('B:F,B:F',
+    each B one of BUCKETS, in order: CpuShareConfig.by_batch), and a split of SPLITS; anything else
+    is a ConfigError. `pack_max` starts at the share (its largest; AUTO_PACK_MAX for auto)."""
     if split not in SPLITS:
         raise ConfigError(f"--cpu-split {split!r}: use one of {', '.join(SPLITS)}")
     v = str(value).strip().lower()
+    if v == "default":
+        top = max(f for _, f in DEFAULT_BY_BATCH)
+        return CpuShareConfig(fraction=top, split=split, pack_max=top, by_batch=DEFAULT_BY_BATCH, experts_only=True)
     if v == "auto":
         return CpuShareConfig(auto=True, split=split, pack_max=AUTO_PACK_MAX)
     if v in ("0", "off"):
@@ -69,7 +88,7 @@ def parse_cpu_share(value: str, split: str = "layers") -> CpuShareConfig:
         return CpuShareConfig(fraction=top, split=split, pack_max=top, by_batch=pairs) if top else CpuShareConfig(split=split)
     f = _fraction(v)
     if f is None:
-        raise ConfigError(f"--cpu-share {value!r}: give auto, 0, a fraction from 0 to 1, or fractions by batch "
+        raise ConfigError(f"--cpu-share {value!r}: give default, auto, 0, a fraction from 0 to 1, or fractions by batch "
                           "size such as 8:0.5 or 1:0,8:0.5")
     return CpuShareConfig(fraction=f, split=split, pack_max=f)
 

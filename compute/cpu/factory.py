@@ -80,7 +80,7 @@ def _make_share(cfg: CpuShareConfig, streamed: list[LayerLayout], device: torch.
     layers = cfg.split == "layers"
     c = ffn_int4_fraction(streamed) if layers else int4_fraction(streamed)
     what = "layers' 4-bit FFN matrices" if layers else "4-bit rows"
-    if cfg.off or not c or not cfg.pack_max:
+    if cfg.off or cfg.experts_only or not c or not cfg.pack_max:  # (the default share is experts' alone)
         return None
     ratio = pack_ratio()
     if cfg.auto:

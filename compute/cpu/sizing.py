@@ -30,6 +30,13 @@ def experts_in_place(lay) -> bool:
     return native_blocks() and all(t.qtype in native.NATIVE_TYPES for t in lay.tensors if t.name in EXPERT_TENSORS)
 
 
+def experts_read_in_place(layouts) -> bool:
+    """Whether the CPU can take experts of these layers and reads every such layer's in place (what
+    the default share asks: it packs nothing, NOTE in cpu/config.py)."""
+    lays = expert_cpu_layers(layouts)
+    return bool(lays) and all(experts_in_place(lay) for lay in lays)
+
+
 def expert_packed_bytes(layouts, dtype_size: int = 2) -> int:
     """Host bytes of every expert of these layers in the CPU's form (what the CPU's experts may
     take): none where the native kernel reads all three of a layer's expert matrices in place

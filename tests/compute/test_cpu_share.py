@@ -471,6 +471,30 @@ def test_cpu_share_is_parsed_once_into_a_typed_config():
         parse_cpu_share("0.5", "columns")
 
 
+def test_the_default_share_is_half_of_a_batch_8_steps_missing_experts_beside_cuda_alone():
+    """--cpu-share default (compute/cpu/config.py): steps of 5 to 8 tokens give half their missing
+    experts to the CPU, smaller steps none; none at all on a CPU-only machine; never a dense
+    layer's rows, and not a share asked for (so --device cpu and --cpu-split take it as none)."""
+    from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
+    from layerstream.compute.cpu.factory import make_cpu_parts
+    from layerstream.loader.layout import layer_layouts
+    from layerstream.loader.synth import shaped_index
+
+    d = parse_cpu_share(" Default ", "rows")
+    assert d.experts_only and not d.off and not d.asked and str(d) == "default" and d.split == "rows"
+    assert d.fixed() == {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.5} and d.pack_max == 0.5
+    assert d.for_device("cpu") == CpuShareConfig(split="rows") and d.for_device("cuda") == d
+    assert parse_cpu_share("8:0.5").asked and not parse_cpu_share("0").asked and parse_cpu_share("auto").asked
+    moe = layer_layouts(shaped_index("qwen3-30b-a3b", n_layer=2))
+    dense = layer_layouts(shaped_index("llama-3.2-1b", n_layer=2))
+    parts = make_cpu_parts(d, moe + dense, torch.device("cpu"), torch.float32, Timeline("compute", "t"))
+    assert parts.share is None  # (the dense layers' rows stay on the device)
+    assert parts.experts is not None and [parts.experts.set_step(t) for t in (1, 4, 5, 8, 9)] == [0, 0, 0.5, 0.5, 0]
+    ask = make_cpu_parts(parse_cpu_share("8:0.5"), moe + dense, torch.device("cpu"), torch.float32,
+                         Timeline("compute", "t"))
+    assert ask.share is not None  # (a share asked for splits the dense layers too, as before)
+
+
 def test_the_share_keeps_its_steps_fraction_and_the_cpus_work():
     share = CpuShare(Balancer({}, 0.0, 1.0, 1.0, 0.5, fixed=0.5), 0.5, torch.float32, Timeline("compute", "t"))
     share.set_step(1)

@@ -101,7 +101,7 @@ def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp
     (["--prefetch", "1000000000"], "--prefetch 1000000000: must be from 1 to 65536"),
     (["--readers", "100000"], "--readers 100000"),
     (["--ctx", "1"], "--ctx 1"),
-    (["--cpu-share", "2"], "--cpu-share '2': give auto, 0, a fraction from 0 to 1, or fractions by batch size such as "
+    (["--cpu-share", "2"], "--cpu-share '2': give default, auto, 0, a fraction from 0 to 1, or fractions by batch size such as "
                            "8:0.5 or 1:0,8:0.5"),
     (["--cpu-share", "3:0.5"], "--cpu-share '3:0.5': '3:0.5' is not BATCH:FRACTION with a batch size of 1, 2, 4, 8"),
     (["--cpu-share", "8:0.5,1:0"], "--cpu-share '8:0.5,1:0': give each batch size once, smallest first"),

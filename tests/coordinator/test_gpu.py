@@ -289,13 +289,45 @@ def test_expert_streaming_at_batch_8_replays_its_graphs_and_matches_resident(tmp
 
     with engine(None) as e:
         want = e.generate_batch(prompts, params)
-    with engine(PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"))) as e:
+    # (no CPU share: the default's, at batch 8, computes in bf16 on the CPU; the next test has it)
+    with engine(PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"),
+                               cpu=CpuOptions(share="0"))) as e:
         assert e.backend.plan.graph_rows == 8
         got = e.generate_batch(prompts, params)
         snaps = e.backend.collect_stats()
     graphed = next(s for s in snaps if s.get("role") == "compute")["count"].get("graph_layers", 0)
     assert got == want
     assert graphed >= 3 * 5, graphed  # the five decode steps of all eight, each layer a graph pair
+
+
+def test_the_default_cpu_share_computes_half_of_batch_8s_missing_experts_and_none_at_batch_2(tmp_path):
+    """--cpu-share default (compute/cpu/config.py) on CUDA: a streamed MoE whose experts the native
+    kernel reads in place gives steps of 5 to 8 tokens' missing experts half to the CPU, smaller
+    steps none; each sequence's first decoded token (the step with the share) is the resident
+    engine's for 7 of 8 sequences at least (the CPU's bf16 may tip a near tie)."""
+    from layerstream.compute.cpu import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the native CPU kernel cannot be built here")
+    path = ggufgen.write_model(str(tmp_path / "moe8.gguf"), arch="qwen3moe", n_layer=3, n_embd=256, n_ff=512,
+                               n_expert=32, n_expert_used=2, qtype=["Q4_K", "Q6_K"], seed=6)
+    index = open_model(path)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"))
+    assert pcfg.cpu.share == "default"
+    for n in (8, 2):
+        prompts = [TOKENS[i : i + 3 + i % 4] for i in range(n)]
+        cfg = EngineConfig(device="cuda", dtype="float16", ctx=128, max_seqs=n)
+        with Engine.open(cfg, None, index=index) as e:
+            want = e.generate_batch(prompts, params)
+        with Engine.open(cfg, pcfg, index=index) as e:
+            got = e.generate_batch(prompts, params)
+            snaps = e.backend.collect_stats()
+        ex = next(s["experts"] for s in snaps if s.get("experts"))
+        words = next(s["cpu_experts"] for s in snaps if s.get("cpu_experts"))
+        assert "batch 4 0%, batch 8 50%" in words, words
+        assert (ex["cpu"] > 0) == (n == 8), (n, ex)
+        assert sum(g == w for g, w in zip(got, want)) >= n - 1 if n == 8 else got == want
 
 
 def test_cpu_experts_on_cuda_agree_with_the_single_process_engine(tmp_path):

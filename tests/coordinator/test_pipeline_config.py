@@ -43,7 +43,7 @@ def test_a_bad_option_is_one_line_naming_it(make, message):
 def test_the_cpu_share_is_parsed_once_into_its_group():
     cpu = CpuOptions(share="0.5", split="rows")
     assert (cpu.parsed.split, cpu.parsed.off) == ("rows", False)
-    assert CpuOptions().parsed.off
+    assert CpuOptions().parsed.experts_only and CpuOptions(share="0").parsed.off  # (the default: cpu/config.py)
     with pytest.raises(ConfigError):
         CpuOptions(share="0.5", split="columns")
 
@@ -62,7 +62,7 @@ def test_a_cpu_share_by_batch_size_gives_each_bucket_the_share_of_the_largest_si
 def test_the_groups_default_to_the_plan_s_defaults():
     cfg = PipelineConfig(Budget(resident_layers=0))
     assert cfg.budget.resident_layers == 0 and cfg.budget.vram_gb is None and cfg.readers.count == 1
-    assert (cfg.procs.transport, cfg.cpu.share, cfg.experts.policy) == ("ipc", "0", "lfu")
+    assert (cfg.procs.transport, cfg.cpu.share, cfg.experts.policy) == ("ipc", "default", "lfu")
     assert PipelineConfig() == PipelineConfig(Budget(), ReaderOptions(), CpuOptions())
 
 

@@ -151,6 +151,32 @@ def test_cpu_share_takes_memory_after_the_host_cache_never_from_it(l70, monkeypa
     assert plan_mod.fit_cpu_share(p, layouts, 0.9, explicit=False) == 0.0
 
 
+def test_the_default_share_takes_a_moes_experts_read_in_place_beside_cuda_and_packs_nothing(l70, monkeypatch):
+    """--cpu-share default (compute/cpu/config.py) through the launch's fit: kept for a streamed MoE
+    on CUDA whose experts the native kernel reads in place, with no host memory counted; none on
+    the CPU, for a dense model, or where the kernel is not built (packing its experts would cost
+    host memory the user never asked for). A share asked for still packs and counts."""
+    from layerstream.compute.cpu import sizing
+    from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
+    from layerstream.coordinator import plan as plan_mod
+    from layerstream.coordinator.launch import fit_share
+
+    monkeypatch.setattr(plan_mod, "_mem_available", lambda: 256 * GiB)
+    index = shaped_index("qwen3-30b-a3b")
+    layouts = layer_layouts(index)
+    p = plan((index, layouts), 4)
+    default, off = parse_cpu_share("default"), CpuShareConfig()
+    monkeypatch.setattr(sizing, "native_blocks", lambda: True)
+    assert fit_share(default, "cuda", p, layouts) == (default, p)  # (p.cpu_share_bytes stays 0)
+    assert fit_share(default, "cpu", p, layouts) == (off, p)
+    dense = plan(l70, 8)
+    assert fit_share(default, "cuda", dense, l70[1]) == (off, dense)
+    monkeypatch.setattr(sizing, "native_blocks", lambda: False)  # no C compiler: experts would be packed
+    assert fit_share(default, "cuda", p, layouts) == (off, p)
+    asked, q = fit_share(parse_cpu_share("8:0.5"), "cuda", p, layouts)
+    assert asked.pack_max == 0.5 and q.cpu_share_bytes == sizing.expert_packed_bytes([layouts[i] for i in p.streamed]) > 0
+
+
 @pytest.mark.parametrize("gib", [4, 8])
 def test_qwen3_moe_shape_plans_at_small_budgets(gib):
     index = shaped_index("qwen3-30b-a3b")
