@@ -303,8 +303,9 @@ def test_expert_streaming_at_batch_8_replays_its_graphs_and_matches_resident(tmp
 def test_the_default_cpu_share_computes_half_of_batch_8s_missing_experts_and_none_at_batch_2(tmp_path):
     """--cpu-share default (compute/cpu/config.py) on CUDA: a streamed MoE whose experts the native
     kernel reads in place gives steps of 5 to 8 tokens' missing experts half to the CPU, smaller
-    steps none; each sequence's first decoded token (the step with the share) is the resident
-    engine's for 7 of 8 sequences at least (the CPU's bf16 may tip a near tie)."""
+    steps none (a step's tokens count, prompts' too: these prompt steps, of 12 and 48 tokens, take
+    none); each sequence's first decoded token (the step with the share) is the resident engine's
+    for 7 of 8 sequences at least (the CPU's bf16 may tip a near tie)."""
     from layerstream.compute.cpu import native
 
     if not native.available():
@@ -316,7 +317,7 @@ def test_the_default_cpu_share_computes_half_of_batch_8s_missing_experts_and_non
     pcfg = PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"))
     assert pcfg.cpu.share == "default"
     for n in (8, 2):
-        prompts = [TOKENS[i : i + 3 + i % 4] for i in range(n)]
+        prompts = [TOKENS[i : i + 6] for i in range(n)]
         cfg = EngineConfig(device="cuda", dtype="float16", ctx=128, max_seqs=n)
         with Engine.open(cfg, None, index=index) as e:
             want = e.generate_batch(prompts, params)
