@@ -21,6 +21,13 @@ class PipelineError(LayerstreamError):
     """A pipeline process died or failed; the message says which and why."""
 
 
+def shown(value, most: int = 60) -> str:
+    """repr(value) for a one-line message (quoted, a newline as \\n), cut after `most` characters:
+    a value thousands of characters long was echoed whole."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text) - most} more characters)"
+
+
 # the end of the line that names a stalled process (the pipeline's watchdog, a send to a full queue)
 STALLED = "(stalled: stopped, hung or swapping); raise --stall-timeout if that is expected"
 

@@ -398,7 +398,7 @@ def check_args(args) -> None:
              "the prompt is blank; pass the prompt text (or leave it out and pipe it in)")
     share_off = args.cpu_share in ("0", "default")  # (the default splits no layer, and is none on the CPU)
     if not share_off:  # (its parser's package imports torch)
-        from layerstream.coordinator.pipeline_config import parse_cpu_share
+        from layerstream.compute.cpu.config import cpu_share_on_cpu, parse_cpu_share
         from layerstream.errors import ConfigError
 
         try:
@@ -439,12 +439,6 @@ def served_sampling(args) -> dict:
     p, typed = build_parser(), getattr(args, "typed", {})
     return {n: tuple(getattr(args, n)) if n == "stop" else getattr(args, n)
             for n in SAMPLING if n in typed or getattr(args, n) != p.get_default(n)}
-
-
-def cpu_share_on_cpu(share: str, where: str) -> str:
-    """The error of a CPU share where the compute device is the CPU itself."""
-    return (f"--cpu-share {share}: the compute device is the CPU ({where}), so no share of the layers crosses "
-            "a link beside it; drop --cpu-share")
 
 
 def refuse_unused(args, share_off: bool) -> None:

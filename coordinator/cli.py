@@ -16,7 +16,6 @@ from layerstream.coordinator.args import (
     UsageError,
     build_parser,
     check_args,
-    cpu_share_on_cpu,
     given,
     read_api_key,
     served_sampling,
@@ -127,8 +126,8 @@ def check_device(args) -> None:
     """What needs the device resolved (imports torch), as a command line that cannot run here (exit
     2): --device cuda where no CUDA device is visible; a CPU share where --device auto took the CPU
     (--device cpu is refused with the other options)."""
+    from layerstream.compute.cpu.config import cpu_share_on_cpu, parse_cpu_share
     from layerstream.compute.device import resolve_device
-    from layerstream.coordinator.pipeline_config import parse_cpu_share
 
     try:
         device = resolve_device(args.device)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgpack
 
+from ..errors import shown
 from .messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message, Struct
 
 S = TypeVar("S", bound=Struct)
@@ -94,8 +95,7 @@ def _decode_items(cls: type, values: list[Any]) -> str | None:
 
 
 def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= _PREVIEW else text[:_PREVIEW] + "..."
+    return shown(v, _PREVIEW)
 
 
 def _choice_error(cls: type[Message], values: Sequence[Any]) -> str | None:

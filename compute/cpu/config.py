@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from layerstream.compute.cpu.balancer import BUCKETS
 from layerstream.compute.cpu.sizing import SPLITS
-from layerstream.errors import ConfigError
+from layerstream.errors import ConfigError, shown
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
 # The default share ("default"): a mixture-of-experts model's experts at decode steps of 5 to 8
@@ -88,13 +88,23 @@ def parse_cpu_share(value: str, split: str = "layers") -> CpuShareConfig:
         return CpuShareConfig(fraction=top, split=split, pack_max=top, by_batch=pairs) if top else CpuShareConfig(split=split)
     f = _fraction(v)
     if f is None:
-        raise ConfigError(f"--cpu-share {value!r}: give default, auto, 0, a fraction from 0 to 1, or fractions by batch "
+        raise ConfigError(f"--cpu-share {shown(value)}: give default, auto, 0, a fraction from 0 to 1, or fractions by batch "
                           "size such as 8:0.5 or 1:0,8:0.5")
     return CpuShareConfig(fraction=f, split=split, pack_max=f)
 
 
+def cpu_share_on_cpu(share: str, where: str) -> str:
+    """The error of a share asked for where the compute device is the CPU itself (`where`: how it
+    came to be the CPU)."""
+    return (f"--cpu-share {shown(share)}: the compute device is the CPU ({where}), so no share of the layers "
+            "crosses a link beside it; drop --cpu-share")
+
+
 def _fraction(v: str) -> float | None:
-    """v as a fraction from 0 to 1; None where it is not one."""
+    """v as a fraction from 0 to 1; None where it is not one (digits other than ASCII's, which
+    float() reads, included)."""
+    if not v.isascii():
+        return None
     try:
         f = float(v)
     except ValueError:
@@ -103,7 +113,9 @@ def _fraction(v: str) -> float | None:
 
 
 def _size(v: str) -> int | None:
-    """v as a whole number; None where it is not one."""
+    """v as a whole number; None where it is not one (as _fraction)."""
+    if not v.isascii():
+        return None
     try:
         return int(v)
     except ValueError:
@@ -118,9 +130,9 @@ def _by_batch(value: str, v: str) -> tuple[tuple[int, float], ...]:
         b, _, f = item.strip().partition(":")
         share, size = _fraction(f.strip()), _size(b.strip())
         if size not in BUCKETS or share is None:
-            raise ConfigError(f"--cpu-share {value!r}: {item.strip()!r} is not BATCH:FRACTION with a batch size "
+            raise ConfigError(f"--cpu-share {shown(value)}: {shown(item.strip())} is not BATCH:FRACTION with a batch size "
                               f"of {sizes} and a fraction from 0 to 1 (such as 8:0.5)")
         if out and size <= out[-1][0]:
-            raise ConfigError(f"--cpu-share {value!r}: give each batch size once, smallest first (such as 1:0,8:0.5)")
+            raise ConfigError(f"--cpu-share {shown(value)}: give each batch size once, smallest first (such as 1:0,8:0.5)")
         out.append((size, share))
     return tuple(out)

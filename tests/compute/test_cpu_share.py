@@ -469,6 +469,14 @@ def test_cpu_share_is_parsed_once_into_a_typed_config():
             parse_cpu_share(bad)
     with pytest.raises(ConfigError, match="--cpu-split 'columns'"):
         parse_cpu_share("0.5", "columns")
+    for bad in ("\uff18:0.5", "0.\u0665", "\u0668:0.5"):  # fullwidth and Arabic-Indic digits, which int() and float() read
+        with pytest.raises(ConfigError, match="--cpu-share"):
+            parse_cpu_share(bad)
+    with pytest.raises(ConfigError) as e:  # a long value is cut, a newline shown as one
+        parse_cpu_share("8:0.5," * 1000 + "\n")
+    assert len(str(e.value)) < 400 and "more characters" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^--cpu-share 'half\\n': give default"):
+        parse_cpu_share("half\n")
 
 
 def test_the_default_share_is_half_of_a_batch_8_steps_missing_experts_beside_cuda_alone():

@@ -143,7 +143,7 @@ def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp
     (["--vram-gb", "1"], "--vram-gb: does nothing with --single-process"),  # (run_pipeline gives --single-process)
     (["--readers", "2", "--cpu-share", "0.5", "--kv-on-host"],
      "--kv-on-host, --readers, --cpu-share: do nothing with --single-process"),
-    (["--cpu-share", "0.5", "--device", "cpu"], "--cpu-share 0.5: the compute device is the CPU (--device cpu)"),
+    (["--cpu-share", "0.5", "--device", "cpu"], "--cpu-share '0.5': the compute device is the CPU (--device cpu)"),
     (["--cpu-split", "rows"], "--cpu-split: does nothing without a --cpu-share to split"),
     (["--sink-tokens", "8"], "--sink-tokens: does nothing unless the window slides (--on-context-full slide)"),
     (["--port", "9000", "--max-queue", "3"], "--port, --max-queue: do nothing without --serve; drop them"),
@@ -173,7 +173,7 @@ def test_a_cpu_share_where_auto_takes_the_cpu_is_refused_before_any_process_star
     args = build_parser().parse_args(["--cpu-share", "0.5", "hi"])
     check_args(args)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # (what device.cuda_visible asks)
-    with pytest.raises(UsageError, match=r"--cpu-share 0.5: the compute device is the CPU \(no CUDA device"):
+    with pytest.raises(UsageError, match=r"--cpu-share '0.5': the compute device is the CPU \(no CUDA device"):
         check_device(args)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     check_device(args)
@@ -186,7 +186,7 @@ def test_a_cpu_share_where_auto_takes_the_cpu_is_refused_before_any_process_star
         r = subprocess.run([str(LAUNCHER), "-m", path, "--cpu-share", "auto", "hi"], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and r.stderr.splitlines() == [
-            "run-pipeline: error: --cpu-share auto: the compute device is the CPU (no CUDA device is visible), so no "
+            "run-pipeline: error: --cpu-share 'auto': the compute device is the CPU (no CUDA device is visible), so no "
             "share of the layers crosses a link beside it; drop --cpu-share"], r.stderr
         for device in ("cuda", "cuda:1"):  # (a probe's: exit 1, where other command lines that cannot run exit 2)
             r = subprocess.run([str(LAUNCHER), "-m", path, "--device", device, "hi"], capture_output=True, text=True,
