@@ -32,6 +32,7 @@ HELP = """commands:
   /clear        forget the conversation (the system message stays)
   /system TEXT  set the system message (/system alone removes it)
   /help         this list
+  //TEXT        send /TEXT as a message (a message that begins with /)
 Ctrl-C stops a reply; twice in a row, it ends the chat."""
 ERROR = f"{PROG}: error: "  # the command's own error lines begin so (cli._die)
 
@@ -64,7 +65,7 @@ class Conversation:
             return "say", "system message set" if self.system else "system message removed"
         if name in ("/help", "/?"):
             return "say", HELP
-        return "say", f"unknown command {name}; /help lists the commands"
+        return "say", f"unknown command {name}; /help lists the commands, and /{name} sends it as a message"
 
 
 class LineReader:
@@ -184,7 +185,9 @@ def chat(engine, params, system: str | None = None, *, rates_each: bool = False,
             continue
         if n := line.count("\ufffd"):  # (bytes that were not UTF-8, replaced as read: as a one-shot prompt warns)
             err.write(f"{PROG}: warning: the line: not UTF-8 text ({counted(n, 'character')} replaced)\n")
-        if line.lstrip().startswith("/"):
+        if line.lstrip().startswith("//"):  # (a message that begins with /: one / dropped)
+            line = line.lstrip()[1:]
+        elif line.lstrip().startswith("/"):
             name, _, rest = line.strip().partition(" ")  # (a /system too long is refused as it is set)
             why = _system_too_long(engine, rest.strip()) if name == "/system" else None
             if why:

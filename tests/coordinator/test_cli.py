@@ -630,20 +630,22 @@ def test_chat_keeps_the_conversation_and_its_commands(chat_engine, monkeypatch):
     monkeypatch.setattr(chat_engine, "encode_chat", lambda msgs: seen.append(msgs) or real(msgs))
     out, err = io.StringIO(), io.StringIO()
     params = SamplingParams(temperature=0, max_tokens=4)
-    lines = ["My name is Ada.", "", "What is my name?", "/system Be brief.", "/clear", "Hi", "/nope", "/bye", "never"]
+    lines = ["My name is Ada.", "", "What is my name?", "/system Be brief.", "/clear", "Hi", "/nope", " //usr/bin?",
+             "/bye", "never"]
     assert chat(chat_engine, params, None, reader=_Lines(lines), out=out, err=err) == 0
     # empty lines and commands go to no model (a /system is only counted through the template, alone:
     # its length is checked as it is set); /bye ends before "never"
     assert [{"role": "system", "content": "Be brief."}] in seen
     seen = [m for m in seen if m[-1]["role"] != "system"]
-    assert len(seen) == 3
+    assert len(seen) == 4
+    assert seen[3][-1] == {"role": "user", "content": "/usr/bin?"}  # (//: a message that begins with /)
     replies = out.getvalue().split("\n")
     assert seen[1] == [{"role": "user", "content": "My name is Ada."},
                        {"role": "assistant", "content": replies[0]},
                        {"role": "user", "content": "What is my name?"}]
     assert seen[2] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert "conversation cleared (2 turns forgotten)" in err.getvalue()
-    assert "unknown command /nope; /help lists the commands" in err.getvalue()
+    assert "unknown command /nope; /help lists the commands, and //nope sends it as a message" in err.getvalue()
     assert "> " not in out.getvalue()
     # Ctrl-D ends with 0; at a person's prompt two Ctrl-C in a row end with 130, one does not
     assert chat(chat_engine, params, reader=_Typed([KeyboardInterrupt, "/bye"]), out=out, err=err) == 0
