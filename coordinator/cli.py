@@ -344,7 +344,8 @@ def _run_bound(args, api_key, sock, warm, gcs) -> int:
     check_quants(index)
     check_device(args)
     read_prompt_text(args)  # (last: a pipe can wait on its writer)
-    _warn_replaced("the prompt", " ".join(args.prompt), "the model reads the replacements")
+    for what, text in (("the prompt", " ".join(args.prompt)), ("--system", args.system or "")):
+        _warn_replaced(what, text, "the model reads the replacements")
     params = _sampling(args)
     from layerstream.coordinator.turn import Rates
     rates = Rates()

@@ -263,6 +263,11 @@ def test_non_utf8_prompt_bytes_are_replaced_not_a_traceback(tmp_path):
         "run-pipeline: warning: the prompt: not UTF-8 text (2 characters replaced); the model reads the replacements"]
     r = run_pipeline("--single-process", "-m", path, "-n", "2", "--device", "cpu", "café")  # (UTF-8: no warning)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    chat = _chat_model(tmp_path)  # --system's bytes too (a probe's: replaced unwarned)
+    r = subprocess.run([str(LAUNCHER), "--single-process", "-m", chat, "-n", "2", "--device", "cpu", "--chat",
+                        "-sys", b"be \xff brief"], input=b"/bye\n", capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.decode().splitlines() == [
+        "run-pipeline: warning: --system: not UTF-8 text (1 character replaced); the model reads the replacements"], r.stderr
 
 
 def test_good_run_prints_the_engines_text(tmp_path):
