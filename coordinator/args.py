@@ -208,8 +208,9 @@ def build_parser() -> Parser:
                         "(see --cpu-split; of a mixture-of-experts decode step: of the chosen experts not in the "
                         "device cache); B:F,... gives share F from batch size B (1, 2, 4 or 8; a step of n tokens counts "
                         "as the next of these up, so 8:0.5 is steps of 5 to 8) to the next B named; auto times shares "
-                        "per batch size and keeps the fastest (CUDA only). Default: 8:0.5 of a MoE model's experts on "
-                        "CUDA where the CPU reads them in place (no host RAM), else 0 (BENCHMARKS.md: MoE batch 8 faster)")
+                        "per batch size and keeps the fastest (CUDA only); 0 (or off): none. Default 'default': 8:0.5 "
+                        "of a MoE model's experts on CUDA where the CPU reads them in place (no host RAM, no other "
+                        "layer's share), else none (BENCHMARKS.md: MoE batch 8 faster)")
     g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
                         "(layers, default) or the last rows of every 4-bit matrix (rows)")
@@ -456,10 +457,10 @@ def refuse_unused(args, share_off: bool) -> None:
     if args.perplexity:
         fail(SAMPLING + ("on_context_full",), "{does} nothing with --perplexity, which scores text and samples no token")
     if share_off:
-        fail(("cpu_split",), "{does} nothing without a --cpu-share to split")
-    if args.single_process:
-        fail(PIPELINE, "{does} nothing with --single-process, which runs the model in this process without "
-                       "the streaming pipeline")
+        fail(("cpu_split",), "{does} nothing without a --cpu-share that splits layers (0 and the default split none)")
+    if args.single_process:  # (a share turned off, or the default in any spelling, is not one given)
+        fail(tuple(n for n in PIPELINE if not (share_off and n == "cpu_share")),
+             "{does} nothing with --single-process, which runs the model in this process without the streaming pipeline")
     if args.on_context_full != "slide":
         fail(("sink_tokens",), "{does} nothing unless the window slides (--on-context-full slide)")
     if not args.serve:

@@ -144,7 +144,9 @@ def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp
     (["--readers", "2", "--cpu-share", "0.5", "--kv-on-host"],
      "--kv-on-host, --readers, --cpu-share: do nothing with --single-process"),
     (["--cpu-share", "0.5", "--device", "cpu"], "--cpu-share '0.5': the compute device is the CPU (--device cpu)"),
-    (["--cpu-split", "rows"], "--cpu-split: does nothing without a --cpu-share to split"),
+    (["--cpu-split", "rows"], "--cpu-split: does nothing without a --cpu-share that splits layers (0 and the default "
+                              "split none)"),
+    (["--cpu-split", "rows", "--cpu-share", "Default"], "--cpu-split: does nothing without a --cpu-share that splits"),
     (["--sink-tokens", "8"], "--sink-tokens: does nothing unless the window slides (--on-context-full slide)"),
     (["--port", "9000", "--max-queue", "3"], "--port, --max-queue: do nothing without --serve; drop them"),
 ])
@@ -160,6 +162,18 @@ def test_former_tracebacks_are_one_line_before_anything_starts(tmp_path, args, w
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("run-pipeline: error: ") and words in lines[0], r.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_a_share_turned_off_or_the_default_in_any_spelling_goes_with_single_process():
+    """--cpu-share 0 --single-process ran until 0 stopped being the default (a probe's), then was
+    refused as a pipeline option given; a share that is one still is."""
+    from layerstream.coordinator.args import build_parser, check_args
+    from layerstream.coordinator.cli import UsageError
+
+    for v in ("0", "off", "8:0", "default", " DEFAULT "):
+        check_args(build_parser().parse_args(["--single-process", "--cpu-share", v, "hi"]))
+    with pytest.raises(UsageError, match="^--cpu-share: does nothing with --single-process"):
+        check_args(build_parser().parse_args(["--single-process", "--cpu-share", "8:0.5", "hi"]))
 
 
 def test_a_cpu_share_where_auto_takes_the_cpu_is_refused_before_any_process_starts(tmp_path, monkeypatch):
