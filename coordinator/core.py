@@ -337,15 +337,15 @@ class EngineCore:
         return outs
 
     def _prefix_in_flight(self) -> bool:
-        """Whether the next waiting request would take a free row now, though a row that a step in
-        flight still holds (an ended request's) keeps a longer prefix of its prompt: then that step
-        is collected first (NOTE [ one step behind ])."""
+        """Whether a waiting request (any: a short one goes ahead of longer ones, NOTE [ step size ]) would
+        take a free row now, though a row that a step in flight still holds (an ended request's) keeps a
+        longer prefix of its prompt: then that step is collected first (NOTE [ one step behind ])."""
         if not (self.waiting and self.free_rows):
             return False  # (no row to take now: it is admitted once a collect frees one anyway)
-        prompt = self.waiting[0].prompt
-        have = self._row_for(prompt)[1]
-        return any(r.done and r.held and min(_common_prefix(r.held, prompt), len(prompt) - 1) > have
-                   for st in self.inflight for r, *_ in st.plan)
+        held = [r.held for st in self.inflight for r, *_ in st.plan if r.done and r.held]
+        return bool(held) and any(  # (most steps hold none: no scan of the queue)
+            any(min(_common_prefix(h, q.prompt), len(q.prompt) - 1) > have for h in held)
+            for q in self.waiting for have in (self._row_for(q.prompt)[1],))
 
     def _submit(self, outs: list[RequestOutput]) -> bool:
         """Send the scheduled tokens as one backend step; False when there is nothing to run."""

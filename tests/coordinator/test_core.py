@@ -481,10 +481,13 @@ def test_a_decode_token_is_fed_as_the_rows_last_sampled_id(tokenizer):
     assert got[2] == got[1] == got[0]
 
 
-def test_the_next_turn_finds_its_prefix_in_a_row_a_step_in_flight_still_holds(tokenizer):
+@pytest.mark.parametrize("behind_a_long_one", [False, True])
+def test_the_next_turn_finds_its_prefix_in_a_row_a_step_in_flight_still_holds(tokenizer, behind_a_long_one):
     """A reply ends (EOS) while its discarded token is in flight and another row is free: the next
     turn, queued at once, waits for that step to be collected and takes the ended reply's row with
-    its conversation's KV, instead of the free row that holds nothing (NOTE [ prefix reuse ])."""
+    its conversation's KV, instead of the free row that holds nothing (NOTE [ prefix reuse ]). So
+    too behind a long prompt queued first, which the short turn is admitted ahead of (NOTE [ step
+    size ]): only the head of the queue was asked, and the turn took the free row."""
     eos = next(iter(tokenizer.eos_ids))
 
     class EosAt24(FakeModel):
@@ -505,6 +508,8 @@ def test_the_next_turn_finds_its_prefix_in_a_row_a_step_in_flight_still_holds(to
             break
     assert outs[-1].finish_reason == "eos" and c.inflight  # its token after the EOS is still in flight
     turn2 = turn1 + reply + [40, 41]
+    if behind_a_long_one:
+        c.add_request("long", list(range(100, 160)), GREEDY)
     c.add_request("t2", turn2, GREEDY)
     run(c)
     row1, n = c.backend.runner.steps[0][0][0], len(turn1) + len(reply)
