@@ -101,13 +101,18 @@ def problem(args: argparse.Namespace) -> str | None:
             return str(e)
     share = getattr(args, "cpu_share", None)
     if share is not None:  # (a usage error, as run-pipeline's: refused before the bench starts anything)
-        from layerstream.coordinator.pipeline_config import parse_cpu_share
+        import torch
+
+        from layerstream.compute.cpu.config import cpu_share_on_cpu, parse_cpu_share
         from layerstream.errors import ConfigError
 
         try:
-            parse_cpu_share(share, getattr(args, "cpu_split", "layers"))
+            asked = parse_cpu_share(share, getattr(args, "cpu_split", "layers")).asked
         except ConfigError as e:
             return str(e)
+        device = getattr(args, "device", "auto")  # (a share asked for where the device is the CPU: as run-pipeline)
+        if asked and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
+            return cpu_share_on_cpu(share, "--device cpu" if device == "cpu" else "no CUDA device is visible")
     bad = [b for b in each("batch") if b > MAX_BATCH]  # (-b 100000 grew for minutes past any stop signal)
     if bad:
         return f"-b {bad[0]}: give 1 to {MAX_BATCH} (run-pipeline's bound)"

@@ -101,6 +101,10 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["reader", "--layers", "3"], "--layers 3: it sets a --shape model's layers; give --shape too"),  # (ignored)
     (["pipeline", "--cpu-share", "8:0.5,"], "--cpu-share '8:0.5,': '' is not BATCH:FRACTION with a batch size of 1, 2, "
                                             "4, 8 and a fraction from 0 to 1 (such as 8:0.5)"),  # (exit 1, as a failure)
+    # a share asked for where the device is the CPU, which run-pipeline refuses (the bench ran it: a probe's)
+    (["pipeline", "--device", "cpu", "--cpu-share", "0.5"], "--cpu-share '0.5': the compute device is the CPU "
+                                                            "(--device cpu), so no share of the layers crosses a link "
+                                                            "beside it; drop --cpu-share"),
 ])
 def test_a_stages_bad_counts_and_names_are_one_line_and_exit_2(argv, line, capsys):
     """(each of these was a traceback, a hang of the machine, or a deep error: a probe's)"""
