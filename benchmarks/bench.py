@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import statistics
 import sys
@@ -117,17 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what sets the context and the rows of the stages that open the engine, whose errors (the plan's)
+# name run-pipeline's --ctx and --batch, flags those stages size for themselves
+SIZED = {"pipeline": ("--tokens, --generate-tokens, -b and the passes", "the largest -b"),
+         "engine": ("-p, --decode-prompt and --decode-tokens", "the largest -b"),
+         "serve": ("-p and --tokens", "the largest -c"), "spec": ("its prompt and --verify", "1")}
+
+
+def sized(cmd: str | None, text: str) -> str:
+    """An error of stage `cmd`, with what sets the --ctx and --batch it names (SIZED)."""
+    got = SIZED.get(cmd or "")
+    if got is None or not re.search(r"--(ctx|batch)\b", text):
+        return text
+    return f"{text} (bin/bench {cmd} sizes --ctx from {got[0]}; --batch is {got[1]})"
+
+
 @cli_names()  # (its flags are run-pipeline's: NOTE [ the caller's names ] in coordinator/api_names.py)
 def main(argv: list[str] | None = None) -> int:
+    cmd = None
     try:  # (a stop signal while the flags are read and checked, too)
         args = build_parser().parse_args(argv)
+        cmd = args.cmd
         wrong = problem(args) or context_problem(args)  # (the second reads the model's header)
         if wrong:  # (as argparse's own errors: one line, exit 2)
             print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
             return 2
         args.func(args)
     except (LayerstreamError, ValueError) as e:
-        print(f"bin/bench: error: {e}", file=sys.stderr)
+        print(f"bin/bench: error: {sized(cmd, str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # (Ctrl-C, or SIGTERM, SIGHUP and SIGQUIT as Stopped: its finallys ran)
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT

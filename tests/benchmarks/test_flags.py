@@ -172,3 +172,18 @@ def test_a_sequence_that_fits_the_context_is_not_refused(tiny):
     assert context_problem(args) is None
     args.decode_tokens += 1
     assert context_problem(args).startswith(f"--decode-prompt 16 + --decode-tokens {n_ctx - 15} = {n_ctx + 1} tokens")
+
+
+def test_a_plans_error_says_what_sets_the_ctx_and_batch_it_names_in_a_stage_without_those_flags(tiny, capsys):
+    """(the plan's errors name run-pipeline's --ctx and --batch: a probe's, where the bench has no
+    --ctx and its --batch is a list)"""
+    assert bench.main(["pipeline", "-m", tiny, "--device", "cpu", "--vram-gb", "0.001", "--tokens", "0",
+                       "--generate-tokens", "0", "-b", "8", "--reps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bin/bench: error: --vram-gb 0.001 is too small") and err.endswith(
+        "lower --step-tokens, --batch or --ctx (bin/bench pipeline sizes --ctx from --tokens, --generate-tokens, "
+        "-b and the passes; --batch is the largest -b)\n"), err
+    assert bench.sized("serve", "lower --ctx or --batch").endswith("(bin/bench serve sizes --ctx from -p and --tokens; "
+                                                                   "--batch is the largest -c)")
+    assert bench.sized("reader", "lower --ctx") == "lower --ctx" and bench.sized("serve", "raise --vram-gb") == \
+        "raise --vram-gb"  # (a stage that opens no engine, a message that names neither)
