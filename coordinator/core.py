@@ -262,9 +262,8 @@ class EngineCore:
     # -- one step ---------------------------------------------------------------------------------
 
     def _decode_token(self, r: _Request) -> int | None:
-        """The token a decoding request feeds next: its collected id, -1 for the id a step in
-        flight samples, None where it feeds none (NOTE [ one step behind ]), or waits for that id
-        to draft from (NOTE [ speculative decoding ])."""
+        """The token a decoding request feeds next: its collected id, -1 for the id a step in flight samples,
+        None where it feeds none (NOTE [ one step behind ]) or waits for that id to draft from (NOTE [ speculative decoding ])."""
         if r.ids.ahead:
             sure_end = r.ids.full or len(r.generated) + r.ids.ahead >= r.params.max_tokens
             return None if sure_end or self.speculation.holds_back(r) else -1
@@ -294,11 +293,12 @@ class EngineCore:
 
         def admit(short: bool) -> None:
             """Rows and first chunks for waiting requests in turn while one fits (`short`: rests <= half a step)."""
-            for r in list(self.waiting):
+            half, held = self.pad_tokens // 2, max((len(self.row_tokens.get(f, ())) for f in self.free_rows), default=0)
+            for r in [w for w in self.waiting if not short or len(w.prompt) - held <= half]:  # (no row makes it short: no scan)
                 if room < 1 or (len(plan) + 1) * max(width, 1) > self.pad_tokens:  # (none fits: no prefix scans)
                     return
                 row, reused = self._row_for(r.prompt) if self.free_rows else (None, 0)
-                if short and row is not None and len(r.prompt) - reused > self.pad_tokens // 2:
+                if short and row is not None and len(r.prompt) - reused > half:
                     continue
                 ring = KVRing(self.ctx, self.sink_tokens, self.on_context_full)
                 if reused:  # the row holds these tokens' KV already, at the same positions
