@@ -101,9 +101,8 @@ def problem(args: argparse.Namespace) -> str | None:
             return str(e)
     share = getattr(args, "cpu_share", None)
     if share is not None:  # (a usage error, as run-pipeline's: refused before the bench starts anything)
-        import torch
-
         from layerstream.compute.cpu.config import cpu_share_on_cpu, parse_cpu_share
+        from layerstream.compute.device import cuda_visible
         from layerstream.errors import ConfigError
 
         try:
@@ -111,7 +110,7 @@ def problem(args: argparse.Namespace) -> str | None:
         except ConfigError as e:
             return str(e)
         device = getattr(args, "device", "auto")  # (a share asked for where the device is the CPU: as run-pipeline)
-        if asked and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
+        if asked and (device == "cpu" or device == "auto" and not cuda_visible()):  # (resolve_device's auto)
             return cpu_share_on_cpu(share, "--device cpu" if device == "cpu" else "no CUDA device is visible")
     bad = [b for b in each("batch") if b > MAX_BATCH]  # (-b 100000 grew for minutes past any stop signal)
     if bad:
