@@ -742,7 +742,9 @@ def bench_pipeline(args) -> list[dict]:
                     time_decode(core, [ids(4) for _ in range(B)], args.warm_passes)
                 row("decode", B, B, time_decode(core, [ids(4) for _ in range(B)], args.reps))
             if args.generate_tokens > 1:  # run-pipeline's own path on the same plan: the text as the CLI streams it
-                row("generate", 1, 1, [time_generate(engine, ids(GENERATE_PROMPT), args.generate_tokens)])
+                mean, gaps = time_generate(engine, ids(GENERATE_PROMPT), args.generate_tokens)
+                row("generate", 1, 1, [mean])
+                print(generate_line(mean, gaps), flush=True)
             times = []
             for _ in range(args.reps if args.tokens else 0):
                 t0 = time.perf_counter()
@@ -767,10 +769,11 @@ def bench_pipeline(args) -> list[dict]:
 GENERATE_PROMPT = 39  # tokens: the prompt of BENCHMARKS.md's run-pipeline command
 
 
-def time_generate(engine, prompt: list[int], n: int) -> float:
+def time_generate(engine, prompt: list[int], n: int) -> tuple[float, list[float]]:
     """Seconds a token of one greedy generation of `n` tokens through run-pipeline's own Turn (the
     engine core, sampling on the device, detokenizing, the text pieces), as its --stats decode rate
-    counts them: from the first sampled token to the last."""
+    counts them: from the first sampled token to the last; and the seconds between each two
+    outputs that sampled tokens (one a token at batch 1 without drafts)."""
     from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.turn import Turn
 
@@ -778,7 +781,22 @@ def time_generate(engine, prompt: list[int], n: int) -> float:
     for _ in turn.pieces():
         pass
     r = turn.rates
-    return r.decode_s / max(r.sampled - 1, 1)
+    return r.decode_s / max(r.sampled - 1, 1), list(np.diff(turn.stamps))
+
+
+def generate_line(mean: float, gaps: list[float], head: int = 32) -> str:
+    """The generate row's spread: its mean rate (what --stats prints) beside the median interval's
+    (what the decode rows take) and the mean of its first `head` intervals and of the rest, which
+    tell a slow start (the device cache and the copies ahead settling) from a slow steady state."""
+    if not gaps:
+        return "run-pipeline's path: fewer than two outputs timed"
+
+    def rate(xs) -> str:
+        return f"{1 / statistics.fmean(xs):.1f}" if len(xs) else "-"
+
+    return (f"run-pipeline's path, {len(gaps)} intervals: mean {1 / mean:.1f} tokens/s (--stats' rate), median "
+            f"{1 / statistics.median(gaps):.1f}, first {min(head, len(gaps))} {rate(gaps[:head])}, the rest "
+            f"{rate(gaps[head:])}; slowest {max(gaps) * 1e3:.1f} ms, fastest {min(gaps) * 1e3:.1f} ms")
 
 
 # -- serve: the HTTP server against the bare engine -------------------------------------------------

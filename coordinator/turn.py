@@ -68,6 +68,7 @@ class Turn:
         self.rates = Rates()
         self.finish_reason: str | None = None
         self.stopped = False
+        self.stamps: list[float] = []  # perf_counter at each output that sampled tokens (the bench's intervals)
 
     def pieces(self, stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
         """The reply's text, piece by piece; ends early (stopped = True) once stop() says so."""
@@ -92,6 +93,7 @@ class Turn:
                     if out.token_ids or out.finish_reason == "eos":
                         t_last = time.perf_counter()
                         t_first = t_first or t_last
+                        self.stamps.append(t_last)
                         self.rates.sampled += len(out.token_ids) + (out.finish_reason == "eos")  # (drafts: several)
                     if t_first is not None and not self.rates.prompt_tokens:
                         self.rates.reused_tokens = getattr(core, "reused_tokens", 0) - reused

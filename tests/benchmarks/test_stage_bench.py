@@ -89,6 +89,7 @@ def test_pipeline(tiny, capsys, tmp_path):
     assert "x floor" in out and "streamed" in out and "wall time" in out and trace.exists()
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("generate"))  # run-pipeline's path
     assert row[1:3] == ["1", "1"] and float(row[4]) > 0, row
+    assert "run-pipeline's path, 5 intervals: mean" in out  # (6 tokens: 5 intervals between them)
 
 
 @pytest.mark.timeout(120)
@@ -277,10 +278,19 @@ def test_the_generate_row_times_run_pipelines_turn_as_its_stats_count(tiny, monk
 
     monkeypatch.setattr(turn_mod.Turn, "pieces", spied)
     with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=1) as e:
-        s = stage_bench.time_generate(e, [1, 2, 3], 6)
+        s, gaps = stage_bench.time_generate(e, [1, 2, 3], 6)
         assert not e.core.has_unfinished()
     (r,) = seen
     assert r.sampled == 6 and s == r.decode_s / 5 > 0
+    assert len(gaps) == 5 and min(gaps) > 0 and sum(gaps) == pytest.approx(r.decode_s)  # one output a token
+
+
+def test_the_generate_line_tells_a_slow_start_from_the_steady_rate():
+    gaps = [0.1] * 2 + [0.01] * 6  # two slow intervals first, then 100 tokens/s
+    line = stage_bench.generate_line(sum(gaps) / len(gaps), gaps, head=2)
+    assert line == ("run-pipeline's path, 8 intervals: mean 30.8 tokens/s (--stats' rate), median 100.0, "
+                    "first 2 10.0, the rest 100.0; slowest 100.0 ms, fastest 10.0 ms")
+    assert stage_bench.generate_line(0.5, []) == "run-pipeline's path: fewer than two outputs timed"
 
 
 @pytest.mark.parametrize("argv, message", [
