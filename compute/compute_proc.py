@@ -142,6 +142,7 @@ class ComputeWorker:
         self.host_ids: dict[int, int] = {}  # KV row -> the id it sampled last, once read back
         self.announced: dict[int, set[int]] = {}  # step -> its layers announced so far (NOTE [ a failed step ])
         self.last_raised = 0  # the last step that raised here (NOTE [ a failed step ])
+        self.holding = False  # the step's set-up: pumps take messages in, answer nothing (NOTE in launch)
 
     def attach(self, arena: ArenaDesc) -> None:
         """Map the staging arena (pinned on CUDA) and build what reads its slots: the layer source
@@ -177,7 +178,8 @@ class ComputeWorker:
     def _pump(self, block: bool) -> None:
         """Answer the steps the device finished; take in one message (waiting for it when `block`),
         or all that are queued."""
-        self._answer_finished()
+        if block or not self.holding:
+            self._answer_finished()
         if block:
             self.returns.flush()  # the coordinator may be waiting for them
         while True:
@@ -267,7 +269,16 @@ class ComputeWorker:
         t0 = time.monotonic_ns()
         seqs = self._resolve(msg)
         tokens = sum(len(s.tokens) for s in seqs)
-        self.source.set_step(msg.step, tokens)
+        # NOTE [ answers after the step's first launch ]
+        # Answering a finished step turns its layers' CUDA events into the timeline (driver calls for
+        # each layer), host time the device spent idle between steps when the set-up's pump did it,
+        # before this step's first launch. So that pump only takes messages in; the step's first
+        # layer answers, once the device has its resident layers' graph (or the layer) to run.
+        self.holding = True
+        try:
+            self.source.set_step(msg.step, tokens)
+        finally:
+            self.holding = False
         if self.source.expert_step:
             self.expert_count.add(tokens)
         start = None

@@ -41,7 +41,7 @@ def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w.returns = SlotReturns(lambda msg: w.links.send(msg), done_batch)
     w.ready_slots = {}
     w.queued, w.inflight, w.host_ids = deque(), deque(), {}
-    w.announced, w.last_raised, w.start_s = {}, 0, {}
+    w.announced, w.last_raised, w.start_s, w.holding = {}, 0, {}, False
     return w
 
 
@@ -100,6 +100,47 @@ def test_a_forward_during_a_step_is_queued_and_a_finished_step_is_answered_betwe
     w._pump(False)
     assert w.links.sent == [ForwardDone(7, [], "float32", {}, [42, -1], [0, 0])] and not w.inflight
     assert w.host_ids == {0: 42}
+
+
+def test_a_steps_set_up_takes_messages_in_and_its_first_layer_answers_the_step_before():
+    """NOTE [ answers after the step's first launch ]: the pumps of a step's set-up (the layer
+    source's set_step) take the queued announcements in but answer no finished step: its timeline
+    would hold back the step's first launch. The first pump of the step's layers answers it, and a
+    pump that is about to wait answers at once (the coordinator may be waiting for that answer)."""
+    from layerstream.compute.compute_proc import ComputeWorker
+
+    w = _worker(False, incoming=[LayerReady(8, [[3, 1]])])
+    w.glob, w.embed, w.device = SimpleNamespace(embd_dev=torch.zeros(1)), None, torch.device("cpu")
+    w.inflight.append(_in_flight(7, [0], [42], [0]))
+    w.inflight[0].launched.event.finished = True  # step 7 is done on the device
+    seen = []
+
+    class _Source:
+        expert_step = False
+
+        def set_step(self, step, tokens):
+            w._pump(False)  # (as StreamedLayers.set_step's _issue_copies)
+            seen.append(("set_step", list(w.links.sent), dict(w.ready_slots)))
+
+        def return_slots(self):
+            pass
+
+    def launch(seqs, sample, starts, want):
+        w._pump(False)  # (the first streamed layer's _count_prefetch)
+        seen.append(("layer", list(w.links.sent)))
+        return Launched(1, torch.tensor([[43], [0], [0]]), None, None)
+
+    w.source, w.stepper = _Source(), SimpleNamespace(launch=launch)
+    w.cpu, w.expert_count = SimpleNamespace(experts=None, share=None), None
+    ComputeWorker.launch(w, Forward(8, [ForwardSeq(0, [-1], [5], [5], list(range(6)), True)], "none"))
+    done = ForwardDone(7, [], "float32", {}, [42], [0])
+    assert seen == [("set_step", [], {(8, 3): 1}), ("layer", [done])]
+    assert [st.step for st in w.inflight] == [8] and not w.holding
+    w.holding = True
+    w.inflight[0].launched.event = _Event()
+    w.inflight[0].launched.event.finished = True
+    w._pump(True)  # about to wait: answered though held
+    assert w.links.sent[-1] == ForwardDone(8, [], "float32", {}, [43], [0]) and not w.inflight
 
 
 def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps_in_flight():
