@@ -176,8 +176,8 @@ class ComputeWorker:
         self.registered = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
 
     def _pump(self, block: bool) -> None:
-        """Answer the steps the device finished; take in one message (waiting for it when `block`),
-        or all that are queued."""
+        """Answer the steps the device finished (not in a step's set-up, `holding`, unless about to
+        wait); take in one message (waiting for it when `block`), or all that are queued."""
         if block or not self.holding:
             self._answer_finished()
         if block:
@@ -273,7 +273,8 @@ class ComputeWorker:
         # Answering a finished step turns its layers' CUDA events into the timeline (driver calls for
         # each layer), host time the device spent idle between steps when the set-up's pump did it,
         # before this step's first launch. So that pump only takes messages in; the step's first
-        # layer answers, once the device has its resident layers' graph (or the layer) to run.
+        # streamed layer answers, after its resident layers' graph is launched (with none streamed,
+        # the loop, once the launch returns).
         self.holding = True
         try:
             self.source.set_step(msg.step, tokens)
