@@ -102,7 +102,7 @@ def problem(args: argparse.Namespace) -> str | None:
     share = getattr(args, "cpu_share", None)
     if share is not None:  # (a usage error, as run-pipeline's: refused before the bench starts anything)
         from layerstream.compute.cpu.config import cpu_share_on_cpu, parse_cpu_share
-        from layerstream.compute.device import cuda_visible
+        from layerstream.compute.device import resolve_device
         from layerstream.errors import ConfigError
 
         try:
@@ -110,8 +110,12 @@ def problem(args: argparse.Namespace) -> str | None:
         except ConfigError as e:
             return str(e)
         device = getattr(args, "device", "auto")  # (a share asked for where the device is the CPU: as run-pipeline)
-        if asked and (device == "cpu" or device == "auto" and not cuda_visible()):  # (resolve_device's auto)
-            return cpu_share_on_cpu(share, "--device cpu" if device == "cpu" else "no CUDA device is visible")
+        try:
+            on_cpu = asked and resolve_device(device).type == "cpu"
+        except ConfigError:  # (a device that cannot run: the stage's own start says so)
+            on_cpu = False
+        if on_cpu:
+            return cpu_share_on_cpu(share, "no CUDA device is visible" if device == "auto" else f"--device {device}")
     bad = [b for b in each("batch") if b > MAX_BATCH]  # (-b 100000 grew for minutes past any stop signal)
     if bad:
         return f"-b {bad[0]}: give 1 to {MAX_BATCH} (run-pipeline's bound)"
