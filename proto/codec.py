@@ -85,17 +85,13 @@ def _decode_items(cls: type, values: list[Any]) -> str | None:
         for k, v in enumerate(items):
             if not isinstance(v, list) or len(v) != len(item.FIELDS):
                 return (f"{cls.__name__}.{name}[{k}] must be a {item.__name__} list of {len(item.FIELDS)} fields "
-                        f"({', '.join(item.FIELDS)}), got {_short(v)}")
+                        f"({', '.join(item.FIELDS)}), got {shown(v, _PREVIEW)}")
             problem = _type_error(item, v) or _decode_items(item, v)
             if problem is not None:
                 return f"{cls.__name__}.{name}[{k}]: {problem}"
             built.append(item(*v))
         values[i] = built
     return None
-
-
-def _short(v: Any) -> str:
-    return shown(v, _PREVIEW)
 
 
 def _choice_error(cls: type[Message], values: Sequence[Any]) -> str | None:
@@ -137,7 +133,7 @@ def from_wire(cls: type[S], value: Any) -> S:
     """A struct from the list that travelled; MalformedMessage when its arity or a type is wrong."""
     if not isinstance(value, list) or len(value) != len(cls.FIELDS):
         raise MalformedMessage(f"{cls.__name__} must be a list of {len(cls.FIELDS)} fields ({', '.join(cls.FIELDS)}), "
-                               f"got {_short(value)}")
+                               f"got {shown(value, _PREVIEW)}")
     value = list(value)
     problem = _type_error(cls, value) or _decode_items(cls, value)
     if problem is not None:
