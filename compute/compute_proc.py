@@ -142,7 +142,6 @@ class ComputeWorker:
         self.host_ids: dict[int, int] = {}  # KV row -> the id it sampled last, once read back
         self.announced: dict[int, set[int]] = {}  # step -> its layers announced so far (NOTE [ a failed step ])
         self.last_raised = 0  # the last step that raised here (NOTE [ a failed step ])
-        self.holding = False  # the step's set-up: pumps take messages in, answer nothing (NOTE in launch)
 
     def attach(self, arena: ArenaDesc) -> None:
         """Map the staging arena (pinned on CUDA) and build what reads its slots: the layer source
@@ -176,9 +175,9 @@ class ComputeWorker:
         self.registered = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
 
     def _pump(self, block: bool) -> None:
-        """Answer the steps the device finished (not in a step's set-up, `holding`, unless about to
-        wait); take in one message (waiting for it when `block`), or all that are queued."""
-        if block or not self.holding:
+        """Answer the steps the device finished (not before the step's first launch, unless about
+        to wait); take in one message (waiting for it when `block`), or all that are queued."""
+        if block or self.source.launched:
             self._answer_finished()
         if block:
             self.returns.flush()  # the coordinator may be waiting for them
@@ -233,15 +232,17 @@ class ComputeWorker:
 
     def _gpu_timeline(self, evs: list, end) -> tuple[float, int]:
         """Turn a finished step's CUDA event pairs into timeline intervals, placed against its end
-        event (complete: no sync); returns the seconds and bytes of its host-to-device copies."""
+        event when tracing (complete: no sync); returns the seconds and bytes of its host-to-device
+        copies. (Without a trace, only each pair's length is read: half the driver calls, on the
+        host's time between the step's launches.)"""
         copy_s, copy_bytes = 0.0, 0
         if not evs:
             return copy_s, copy_bytes
         end.synchronize()
-        ref_ns = time.monotonic_ns()  # (when its end was seen: a little after it happened)
+        ref_ns, trace = time.monotonic_ns(), self.tl.trace  # (when its end was seen: a little after it happened)
         for cat, layer, a, b, nbytes in evs:
-            t0 = ref_ns - int(a.elapsed_time(end) * 1e6)
             dur = int(a.elapsed_time(b) * 1e6)
+            t0 = ref_ns - int(a.elapsed_time(end) * 1e6) if trace else 0
             self.tl.add(cat, f"{cat} L{layer}", t0, dur, nbytes, layer=layer)
             if cat == "copy":
                 copy_s, copy_bytes = copy_s + dur / 1e9, copy_bytes + nbytes
@@ -271,22 +272,22 @@ class ComputeWorker:
         tokens = sum(len(s.tokens) for s in seqs)
         # NOTE [ answers after the step's first launch ]
         # Answering a finished step turns its layers' CUDA events into the timeline (driver calls for
-        # each layer), host time the device spent idle between steps when the set-up's pump did it,
-        # before this step's first launch. So that pump only takes messages in; the step's first
-        # streamed layer answers, after its resident layers' graph is launched (with none streamed,
-        # the loop, once the launch returns).
-        self.holding = True
+        # each layer): host time the device spends idle where nothing of this step is queued on it.
+        # So until the step's first launch (the resident layers' graph, a streamed MoE layer's
+        # experts, or a layer launched eagerly: the layer source's `launched`), the pumps only take
+        # messages in; the first one after it answers, while the device works (with no streamed
+        # layer, the loop, once the launch returns).
         try:
             self.source.set_step(msg.step, tokens)
+            if self.source.expert_step:
+                self.expert_count.add(tokens)
+            start = None
+            if self.device.type == "cuda":  # the step's own time starts where the device reaches it
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+            launched = self.stepper.launch(seqs, [s.sample for s in msg.seqs], msg.starts, msg.want_logits)
         finally:
-            self.holding = False
-        if self.source.expert_step:
-            self.expert_count.add(tokens)
-        start = None
-        if self.device.type == "cuda":  # the step's own time starts where the device reaches it
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        launched = self.stepper.launch(seqs, [s.sample for s in msg.seqs], msg.starts, msg.want_logits)
+            self.source.launched = True  # (a step that raised: the pumps that clean up answer)
         self.source.return_slots()
         self.returns.flush()
         evs = self.source.ring.gpu_events if self.device.type == "cuda" else []

@@ -96,6 +96,10 @@ class StreamedLayers:
         self.resident: dict[int, LayerWeights] = {}
         self.tl = timeline
         self.step_no = 0
+        # whether the step has put work on the device yet: until then the compute process's pumps
+        # answer no finished step (NOTE [ answers after the step's first launch ] in compute_proc.py)
+        self.launched = True
+        self._first: int | None = None  # the step's first layer asked for
         self.cuda = self.device.type == "cuda"
         self.ring = VramRing(self.device, max(lay.nbytes for lay in layouts), vram_slots) if self.cuda else None
 
@@ -112,6 +116,7 @@ class StreamedLayers:
     def set_step(self, step: int, tokens: int = 0) -> None:
         """The step whose LayerReady messages the next layers wait for, and its token count (which
         sets the CPU's share)."""
+        self.launched, self._first = False, None
         self.step_no = step
         if self.share is not None:
             self.share.set_step(tokens)
@@ -131,6 +136,7 @@ class StreamedLayers:
     times_graphs = True  # the replays' events go into the compute timeline
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
+        self.launched = True
         if start is not None:
             self.ring.gpu_events.append(("compute", first, start, end, 0))
         self.tl.incr("graph_layers", stop - first)
@@ -233,6 +239,10 @@ class StreamedLayers:
 
     def _count_prefetch(self, i: int) -> None:
         """Whether layer i was announced (or already copying) before compute asked for it."""
+        if self._first is None:
+            self._first = i
+        elif i != self._first:  # (the layer before was launched, if not from a graph)
+            self.launched = True
         self.pump(False)  # take in what is queued on the socket
         ahead = (self.step_no, i) in self.ready or (self.cuda and i in self.ring.copies)
         self.tl.incr("prefetch_hit" if ahead else "prefetch_miss")

@@ -36,12 +36,13 @@ class _Links:
 
 def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w = object.__new__(ComputeWorker)  # the message logic only: no arena, no model
-    w.links, w.source, w.tl = _Links(incoming), SimpleNamespace(expert_step=expert_step), Timeline("compute", "t")
+    w.links, w.tl = _Links(incoming), Timeline("compute", "t")
+    w.source = SimpleNamespace(expert_step=expert_step, launched=True)
     # (the pipeline's done_batch: DONE_BATCH when every streamed layer is cached)
     w.returns = SlotReturns(lambda msg: w.links.send(msg), done_batch)
     w.ready_slots = {}
     w.queued, w.inflight, w.host_ids = deque(), deque(), {}
-    w.announced, w.last_raised, w.start_s, w.holding = {}, 0, {}, False
+    w.announced, w.last_raised, w.start_s = {}, 0, {}
     return w
 
 
@@ -102,11 +103,12 @@ def test_a_forward_during_a_step_is_queued_and_a_finished_step_is_answered_betwe
     assert w.host_ids == {0: 42}
 
 
-def test_a_steps_set_up_takes_messages_in_and_its_first_layer_answers_the_step_before():
-    """NOTE [ answers after the step's first launch ]: the pumps of a step's set-up (the layer
-    source's set_step) take the queued announcements in but answer no finished step: its timeline
-    would hold back the step's first launch. The first pump of the step's layers answers it, and a
-    pump that is about to wait answers at once (the coordinator may be waiting for that answer)."""
+def test_a_step_answers_the_step_before_only_after_its_first_launch():
+    """NOTE [ answers after the step's first launch ]: until a step has put work on the device (its
+    set-up, the first layer's pump before its launch), the pumps take the queued announcements in
+    but answer no finished step: its timeline would hold the device idle. The first pump after the
+    launch answers it, and a pump that is about to wait answers at once (the coordinator may be
+    waiting for that answer)."""
     from layerstream.compute.compute_proc import ComputeWorker
 
     w = _worker(False, incoming=[LayerReady(8, [[3, 1]])])
@@ -116,31 +118,57 @@ def test_a_steps_set_up_takes_messages_in_and_its_first_layer_answers_the_step_b
     seen = []
 
     class _Source:
-        expert_step = False
+        expert_step, launched = False, True
 
         def set_step(self, step, tokens):
-            w._pump(False)  # (as StreamedLayers.set_step's _issue_copies)
+            self.launched = False  # (as StreamedLayers.set_step)
+            w._pump(False)  # (as its _issue_copies)
             seen.append(("set_step", list(w.links.sent), dict(w.ready_slots)))
 
         def return_slots(self):
             pass
 
     def launch(seqs, sample, starts, want):
-        w._pump(False)  # (the first streamed layer's _count_prefetch)
+        w._pump(False)  # (the first streamed layer's _count_prefetch, before its launch)
         seen.append(("layer", list(w.links.sent)))
+        w.source.launched = True  # (its graph ran: graph_ran)
+        w._pump(False)  # (the next layer's)
+        seen.append(("next", list(w.links.sent)))
         return Launched(1, torch.tensor([[43], [0], [0]]), None, None)
 
     w.source, w.stepper = _Source(), SimpleNamespace(launch=launch)
     w.cpu, w.expert_count = SimpleNamespace(experts=None, share=None), None
     ComputeWorker.launch(w, Forward(8, [ForwardSeq(0, [-1], [5], [5], list(range(6)), True)], "none"))
     done = ForwardDone(7, [], "float32", {}, [42], [0])
-    assert seen == [("set_step", [], {(8, 3): 1}), ("layer", [done])]
-    assert [st.step for st in w.inflight] == [8] and not w.holding
-    w.holding = True
+    assert seen == [("set_step", [], {(8, 3): 1}), ("layer", []), ("next", [done])]
+    assert [st.step for st in w.inflight] == [8] and w.source.launched
+    w.source.launched = False
     w.inflight[0].launched.event = _Event()
     w.inflight[0].launched.event.finished = True
     w._pump(True)  # about to wait: answered though held
     assert w.links.sent[-1] == ForwardDone(8, [], "float32", {}, [43], [0]) and not w.inflight
+
+
+def test_the_layer_source_says_when_a_step_has_launched_work():
+    """StreamedLayers.launched (NOTE [ answers after the step's first launch ]): false from the step's
+    set-up until a graph ran or a layer after the step's first one is asked for (the one before
+    it was launched eagerly); the pumps see it as it is at each pump."""
+    from layerstream.compute.streamed import StreamedLayers
+
+    src = object.__new__(StreamedLayers)
+    seen = []
+    src.cuda, src.share, src.experts, src.ready, src.tl = False, None, None, {}, Timeline("compute", "t")
+    src.pump = lambda block: seen.append(src.launched)
+    src.set_step(5, 1)
+    src._count_prefetch(2)  # the step's first layer
+    src._count_prefetch(2)  # (asked for again: a resident layer's load)
+    src._count_prefetch(3)
+    assert seen == [False, False, True] and src.launched
+    src.set_step(6, 1)
+    src._count_prefetch(0)
+    src.graph_ran(0, 2, None, None)  # the resident layers' graph
+    src._count_prefetch(2)
+    assert seen[3:] == [False, True]
 
 
 def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps_in_flight():
@@ -233,7 +261,7 @@ def test_a_step_that_raises_gives_back_every_slot_of_its_step_and_the_step_behin
         w.source.step = n
         events.append(("abandon", n, reset_experts))
 
-    w.source = SimpleNamespace(expert_step=False, layouts=[None] * 4, resident={0: {}}, resident_ids={0, 1},
+    w.source = SimpleNamespace(expert_step=False, launched=True, layouts=[None] * 4, resident={0: {}}, resident_ids={0, 1},
                                abandon=abandon, load_resident=load_resident, step=0)
     w._take(LayerReady(5, [[1, 10], [2, 11]]))
     del w.ready_slots[(5, 2)]  # layer 2 taken by the step when it raised
