@@ -761,8 +761,7 @@ def bench_pipeline(args) -> list[dict]:
                         f"median of the timed passes after a warm-up")
             print(backend.stats_table(snaps))
             if args.trace:
-                n = backend.write_trace(args.trace, snaps)
-                print(f"trace: {n} events written to {args.trace}")
+                print(backend.write_trace(args.trace, snaps))
     return rows
 
 

@@ -298,10 +298,10 @@ def _report(engine, args) -> None:
         print(engine.backend.stats_table(snaps), file=sys.stderr)
     if args.trace:
         try:
-            n = engine.backend.write_trace(args.trace, snaps)
+            said = engine.backend.write_trace(args.trace, snaps)
         except OSError as e:  # checked up front (arg_files.check_trace); a disk can still fill meanwhile
             raise ConfigError(f"--trace {args.trace}: cannot write it ({e.strerror or e})") from None
-        print(f"trace: {n} events written to {args.trace}", file=sys.stderr)
+        print(said, file=sys.stderr)
 
 
 def run(args) -> int:

@@ -63,7 +63,7 @@ from layerstream.proto.messages import (
     StatsRequest,
     StepFailed,
 )
-from layerstream.proto.timeline import Timeline, write_chrome_trace
+from layerstream.proto.timeline import Timeline, trace_report
 
 log = logging.getLogger("layerstream.pipeline")
 STALL_CONFIRM_S = 1.0  # the watchdog's last wait before a stall is reported (_run_until)
@@ -434,8 +434,8 @@ class Pipeline:
     def stats_table(self, snaps: list[Snapshot]) -> str:
         return format_stats(snaps, time.monotonic() - self.t_start, self.plan)
 
-    def write_trace(self, path: str, snaps: list[Snapshot]) -> int:
-        return write_chrome_trace(path, snaps)
+    def write_trace(self, path: str, snaps: list[Snapshot]) -> str:  # (the lines that say so)
+        return trace_report(path, snaps)
 
     def close(self) -> None:
         """Stop every process (ask, wait, SIGTERM, SIGKILL), staging last; remove the run directory

@@ -8,6 +8,7 @@ is plain data (msgpack-friendly) and travels in a StatsReply.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -109,3 +110,64 @@ def write_chrome_trace(path: str, snaps: list[dict[str, Any]]) -> int:
     with open(path, "w") as f:
         json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
     return len(events)
+
+
+def trace_report(path: str, snaps: list[dict[str, Any]]) -> str:
+    """Write every process's trace to `path` (write_chrome_trace); the lines that say so, with
+    device_gaps' where the trace has steps of layers."""
+    n = write_chrome_trace(path, snaps)
+    gaps = device_gaps(snaps)
+    return f"trace: {n} events written to {path}" + (f"\n{gaps}" if gaps else "")
+
+
+def device_gaps(snaps: list[dict[str, Any]]) -> str | None:
+    """A trace's one-line answer to where the compute stream waits for the host: the compute
+    process's layer intervals (`compute` and `dequant` events; on CUDA each from the layer's start
+    event to its end, copies waited for included) cut into steps where the layer index goes back,
+    and the medians over those steps of: their layers' span, the stream's time with nothing queued
+    between their layers and before their first (after the step before's last: its head, sampling
+    and the next step's set-up), and the layer that waits longest. None without two such steps."""
+    iv = sorted((e[2], e[2] + e[3], e[4].get("layer", -1)) for s in snaps if s.get("role") == "compute"
+                for e in s.get("events", []) if e[1] in ("compute", "dequant"))
+    steps: list[list[tuple[int, int, int]]] = []
+    for t in iv:
+        if not steps or t[2] < steps[-1][-1][2]:  # (a layer's dequant, then its compute: one step)
+            steps.append([])
+        steps[-1].append(t)
+    if len(steps) < 2:
+        return None
+    span, between, before, waits = [], [], [], {}
+    for k, st in enumerate(steps):
+        idle, end = 0, st[0][1]
+        for a, b, layer in st[1:]:
+            gap = max(0, a - end)
+            idle += gap
+            waits.setdefault(layer, []).append(gap)
+            end = max(end, b)
+        span.append(end - st[0][0])
+        between.append(idle)
+        if k:
+            before.append(max(0, st[0][0] - max(b for _, b, _ in steps[k - 1])))
+    first, rest = [], []
+    for st in steps:  # each layer's span: its dequant's start to its compute's end
+        spans: dict[int, list[int]] = {}
+        for a, b, layer in st:
+            ab = spans.setdefault(layer, [a, b])
+            ab[1] = max(ab[1], b)
+        durs = [b - a for a, b in spans.values()]
+        first.append(durs[0])
+        rest.extend(durs[1:])
+    worst = max(waits, key=lambda j: statistics.median(waits[j]), default=None)
+
+    def ms(ns: float) -> str:
+        return f"{ns / 1e6:.2f} ms"
+
+    line = (f"device stream, medians over {len(steps)} steps (layer intervals as the trace times them): a step's layers "
+            f"{ms(statistics.median(span))} from the first's start to the last's end, with nothing queued "
+            f"{ms(statistics.median(between))} between them and {ms(statistics.median(before))} before the first; "
+            f"the first's interval {ms(statistics.median(first))} (the resident layers' graph, where one runs)")
+    if rest:
+        line += f", another's {ms(statistics.median(rest))}"
+    if worst is not None:
+        line += f"; the longest wait before L{worst} ({ms(statistics.median(waits[worst]))})"
+    return line

@@ -87,6 +87,7 @@ def test_pipeline(tiny, capsys, tmp_path):
     out = run(capsys, "pipeline", "-m", tiny, "--device", "cpu", "--reps", "1", "--tokens", "8",
               "--resident-layers", "0", "-b", "1,2", "--trace", str(trace), "--generate-tokens", "6")
     assert "x floor" in out and "streamed" in out and "wall time" in out and trace.exists()
+    assert f"events written to {trace}\ndevice stream, medians over " in out  # (where the stream waited)
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("generate"))  # run-pipeline's path
     assert row[1:3] == ["1", "1"] and float(row[4]) > 0, row
     assert "run-pipeline's path, 5 intervals: mean" in out  # (6 tokens: 5 intervals between them)

@@ -544,6 +544,8 @@ def test_launcher_pipeline_stats_and_trace(model, tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert "stage" in err and "read" in err and f"events written to {trace}" in err
+    # and where the compute stream waited, from the trace's steps of layers (proto/timeline.py)
+    assert f"events written to {trace}\ndevice stream, medians over " in err, err
     with open(trace) as f:
         assert json.load(f)["traceEvents"]
 

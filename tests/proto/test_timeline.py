@@ -1,0 +1,43 @@
+"""The trace's summary of where the compute stream waits (proto/timeline.py)."""
+
+from layerstream.proto.timeline import Timeline, device_gaps
+
+US = 1000  # ns
+
+
+def _trace(steps: int) -> list[dict]:
+    """A compute process's snapshot: each step a graph of layers 0-1 (2000 us), then layers 2 to 4
+    (400 us each) with 50 us before layer 3 and 10 us before layer 4, and 1000 us between steps;
+    a reader's events, which the summary leaves out."""
+    tl = Timeline("compute", "0", trace=True)
+    t = 0
+    for _ in range(steps):
+        tl.add("compute", "compute L0", t, 2000 * US, layer=0)
+        t += 2000 * US
+        for layer, gap in ((2, 0), (3, 50), (4, 10)):
+            t += gap * US
+            if layer == 2:  # (a dequantized layer: its dequant, then its compute, the same layer)
+                tl.add("dequant", "dequant L2", t, 100 * US, layer=2)
+                t += 100 * US
+                tl.add("compute", "compute L2", t, 300 * US, layer=2)
+            else:
+                tl.add("compute", f"compute L{layer}", t, 400 * US, layer=layer)
+            t += 300 * US if layer == 2 else 400 * US
+        t += 1000 * US
+    reader = Timeline("reader", "0", trace=True)
+    reader.add("compute", "not the device's", 0, 10**9, layer=9)
+    return [tl.snapshot(), reader.snapshot()]
+
+
+def test_the_median_step_says_how_long_the_stream_waits_between_layers_and_before_the_step():
+    line = device_gaps(_trace(5))
+    assert line.startswith("device stream, medians over 5 steps")
+    assert "a step's layers 3.26 ms from the first's start to the last's end" in line
+    assert "nothing queued 0.06 ms between them and 1.00 ms before the first" in line
+    assert "the first's interval 2.00 ms" in line and "another's 0.40 ms" in line
+    assert line.endswith("the longest wait before L3 (0.05 ms)")
+
+
+def test_a_trace_of_one_step_or_none_says_nothing():
+    assert device_gaps(_trace(1)) is None
+    assert device_gaps([Timeline("compute", "0", trace=True).snapshot()]) is None
