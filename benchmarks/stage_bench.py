@@ -705,7 +705,6 @@ def decode_sequence(batch: int, passes: int) -> int:
 
 
 def bench_pipeline(args) -> list[dict]:
-    from layerstream.compute.sampling import SamplingParams
     from layerstream.coordinator.engine import Engine, EngineConfig
     from layerstream.loader.layout import layer_layouts
 
@@ -745,13 +744,7 @@ def bench_pipeline(args) -> list[dict]:
                 mean, gaps = time_generate(engine, ids(GENERATE_PROMPT), args.generate_tokens)
                 row("generate", 1, 1, [mean])
                 print(generate_line(mean, gaps), flush=True)
-            times = []
-            for _ in range(args.reps if args.tokens else 0):
-                t0 = time.perf_counter()
-                core.add_request("bench-prompt", ids(args.tokens),
-                                 SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-                core.run_to_completion()
-                times.append(time.perf_counter() - t0)
+            times = time_prompt(core, ids(args.tokens), args.reps, bool(args.warm_passes)) if args.tokens else []
             if times:
                 row("prompt", 1, args.tokens, times)
             snaps = backend.collect_stats()
@@ -763,6 +756,22 @@ def bench_pipeline(args) -> list[dict]:
             if args.trace:
                 print(backend.write_trace(args.trace, snaps))
     return rows
+
+
+def time_prompt(core, prompt: list[int], reps: int, warm: bool) -> list[float]:
+    """Seconds of each of `reps` prefills of `prompt` (its first token sampled) on an engine core;
+    `warm`: one untimed first, where its kernels compile on a machine's first prompt (the decode
+    rows' warm passes never run a prompt-sized step)."""
+    from layerstream.compute.sampling import SamplingParams
+
+    times = []
+    for k in range(reps + warm):
+        t0 = time.perf_counter()
+        core.add_request("bench-prompt", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        core.run_to_completion()
+        if k >= warm:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 GENERATE_PROMPT = 39  # tokens: the prompt of BENCHMARKS.md's run-pipeline command
@@ -1166,7 +1175,8 @@ def add_stage_parsers(sub) -> None:
                    help=f"host-to-device GB/s of the floor (default {FLOOR_GBS:g}, the H100 pinned copy)")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON of the timed passes")
     p.add_argument("--warm-passes", type=int, default=0,
-                   help="untimed decode passes at each batch size before the timed ones (default 0)")
+                   help="untimed decode passes at each batch size before the timed ones, and one untimed "
+                        "prompt before the timed prompts (default 0)")
     p.add_argument("--generate-tokens", type=int, default=256,
                    help="tokens of the `generate` row: one generation through run-pipeline's own path, after a "
                         f"{GENERATE_PROMPT}-token prompt, on the same plan (0: none; default 256)")

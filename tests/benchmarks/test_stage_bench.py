@@ -286,6 +286,24 @@ def test_the_generate_row_times_run_pipelines_turn_as_its_stats_count(tiny, monk
     assert len(gaps) == 5 and min(gaps) > 0 and sum(gaps) == pytest.approx(r.decode_s)  # one output a token
 
 
+def test_a_warmed_prompt_row_runs_one_untimed_prefill_first(tiny, monkeypatch):
+    """The prompt row had no warm pass: a machine's first prompt compiled its kernels inside the
+    timed passes (BENCHMARKS.md AH4). With --warm-passes, one untimed prefill comes first; each
+    prefill samples its first token and leaves the core empty."""
+    from layerstream.coordinator.engine import Engine
+
+    with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=1) as e:
+        added = []
+        add = e.core.add_request
+        monkeypatch.setattr(e.core, "add_request", lambda rid, p, params: (added.append((rid, list(p), params.max_tokens)),
+                                                                           add(rid, p, params)))
+        for warm, runs in ((False, 2), (True, 3)):
+            added.clear()
+            times = stage_bench.time_prompt(e.core, [1, 2, 3, 4], 2, warm)
+            assert len(times) == 2 and min(times) > 0 and not e.core.has_unfinished()
+            assert added == [("bench-prompt", [1, 2, 3, 4], 1)] * runs
+
+
 def test_the_generate_line_tells_a_slow_start_from_the_steady_rate():
     gaps = [0.1] * 2 + [0.01] * 6  # two slow intervals first, then 100 tokens/s
     line = stage_bench.generate_line(sum(gaps) / len(gaps), gaps, head=2)
