@@ -242,8 +242,10 @@ class ComputeWorker:
         ref_ns, trace = time.monotonic_ns(), self.tl.trace  # (when its end was seen: a little after it happened)
         for cat, layer, a, b, nbytes in evs:
             dur = int(a.elapsed_time(b) * 1e6)
-            t0 = ref_ns - int(a.elapsed_time(end) * 1e6) if trace else 0
-            self.tl.add(cat, f"{cat} L{layer}", t0, dur, nbytes, layer=layer)
+            if trace:
+                self.tl.add(cat, f"{cat} L{layer}", ref_ns - int(a.elapsed_time(end) * 1e6), dur, nbytes, layer=layer)
+            else:  # (the totals only: no event is kept, so none is named)
+                self.tl.add(cat, cat, 0, dur, nbytes)
             if cat == "copy":
                 copy_s, copy_bytes = copy_s + dur / 1e9, copy_bytes + nbytes
         return copy_s, copy_bytes
