@@ -136,24 +136,22 @@ def device_gaps(snaps: list[dict[str, Any]]) -> str | None:
         steps[-1].append(t)
     if len(steps) < 2:
         return None
-    span, between, before, waits = [], [], [], {}
-    for k, st in enumerate(steps):
+    span, between, before, first, rest, waits, prev_end = [], [], [], [], [], {}, None
+    for st in steps:
         idle, end = 0, st[0][1]
+        spans = {st[0][2]: [st[0][0], st[0][1]]}  # each layer's: its dequant's start to its compute's end
         for a, b, layer in st[1:]:
             gap = max(0, a - end)
             idle += gap
             waits.setdefault(layer, []).append(gap)
             end = max(end, b)
-        span.append(end - st[0][0])
-        between.append(idle)
-        if k:
-            before.append(max(0, st[0][0] - max(b for _, b, _ in steps[k - 1])))
-    first, rest = [], []
-    for st in steps:  # each layer's span: its dequant's start to its compute's end
-        spans: dict[int, list[int]] = {}
-        for a, b, layer in st:
             ab = spans.setdefault(layer, [a, b])
             ab[1] = max(ab[1], b)
+        span.append(end - st[0][0])
+        between.append(idle)
+        if prev_end is not None:
+            before.append(max(0, st[0][0] - prev_end))
+        prev_end = end
         durs = [b - a for a, b in spans.values()]
         first.append(durs[0])
         rest.extend(durs[1:])
