@@ -138,6 +138,7 @@ class ComputeWorker:
         self.expert_count = StepCount()  # the steps that fetched only the chosen experts
         self.embed = mapped_embedding(self.glob, self.device, dtype)  # NOTE [ the embedding on the device ]
         self.queued: deque[Forward] = deque()  # taken in, not yet launched
+        self.resolved: dict[int, list[SeqStep]] = {}  # a queued step's sequences, its meta built ahead
         self.inflight: deque[_InFlight] = deque()  # launched, ForwardDone not yet sent
         self.host_ids: dict[int, int] = {}  # KV row -> the id it sampled last, once read back
         self.announced: dict[int, set[int]] = {}  # step -> its layers announced so far (NOTE [ a failed step ])
@@ -199,6 +200,11 @@ class ComputeWorker:
             self.announced.setdefault(msg.step, set()).update(layer for layer, _ in msg.ready)
         elif isinstance(msg, Forward):
             self.queued.append(msg)
+            if self.source is not None and (self.embed is not None or self.glob.embd_dev is not None):
+                try:  # (its own launch builds it, and raises, where this cannot)
+                    self.runner.prepare(self.resolved.setdefault(msg.step, self._resolve(msg)))
+                except Exception:  # noqa: BLE001 - NOTE [ a step's meta built ahead ] in runner.py
+                    self.resolved.pop(msg.step, None)
         else:
             self.tl.incr("unexpected_messages")
 
@@ -270,7 +276,7 @@ class ComputeWorker:
     def launch(self, msg: Forward) -> None:
         """Start one step on the device (on the CPU: run it); its ForwardDone goes once it is done."""
         t0 = time.monotonic_ns()
-        seqs = self._resolve(msg)
+        seqs = self.resolved.pop(msg.step, None) or self._resolve(msg)
         tokens = sum(len(s.tokens) for s in seqs)
         # NOTE [ answers after the step's first launch ]
         # Answering a finished step turns its layers' CUDA events into the timeline (driver calls for
@@ -308,6 +314,7 @@ class ComputeWorker:
         """Launch a step, or answer it with StepFailed where it raises or was sent before the
         coordinator knew of the last failure here (NOTE [ a failed step ])."""
         if msg.failed < self.last_raised:
+            self.resolved.pop(msg.step, None)
             self._fail_step(msg.step, f"step {self.last_raised} before it failed", oom=False)
             return
         try:

@@ -6,10 +6,14 @@ A decode step launches about 24 kernels a layer (8B), each costing more to launc
 than to run, so decode steps replay CUDA graphs, captured once per (batch, padded KV length).
 The graph covers the leading layers whose weights stay put (`LayerSource.fixed`) and whose KV is
 on the device: every layer and the head in the in-VRAM engine and in a pipeline that streams
-nothing, whose graph embeds the step's ids too (the embedding's gather and dequantization were
-host launches every step; the pipeline's gather reads its pinned table in place, from the graph
-as from a launch: embedding.py); the resident layers in a pipeline that streams others, which
-then run eagerly from their VRAM slots.
+nothing; the resident layers in a pipeline that streams others, which then run eagerly from
+their VRAM slots. Where the embedding is on the device, the graph embeds the step's ids too
+(the embedding's gather and dequantization were host launches every step; the pipeline's gather
+reads its pinned table in place, from the graph as from a launch: embedding.py). In a pipeline
+that streams layers this is on the step's critical path: the streamed layers keep the host in
+step with the device (each waits for its router's ids), so the host's work between the last
+layer's launch and the next step's graph (the head, the sampling, the next step's set-up) is
+time the device idles.
 All graphs share one memory pool and one capture stream (`GraphCapture`); each graph's output is
 consumed before the next replays. Under a memory budget (`graph_max_tokens`, the pipeline) only the
 steps the plan counts are captured (`DevicePlan.graph_rows`): up to --batch rows, or 1 + the

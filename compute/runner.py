@@ -22,7 +22,7 @@ in the chunk's order, as `tails` asks. Host KV gathers each KV row once for all 
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from typing import Callable
 
 import numpy as np
@@ -95,24 +95,53 @@ class ModelRunner:
         self.capture = GraphCapture(self.device)  # NOTE [ decode graphs ] in graphs.py
         self.layer_graphs = LayerGraphs(self.capture, source, self._captured)
         self.moe_graphs = MoeGraphs(hp, source, self.kv, self.capture)
+        self._ahead: deque[tuple] = deque(maxlen=2)  # (sequences, graph layers, meta, stream): NOTE [ a step's meta built ahead ]
 
     def close(self) -> None:
         pass
 
-    def _graph_layers(self, seqs: list[SeqStep], decode: bool) -> int:
-        """How many leading layers this step replays from a graph (NOTE [ decode graphs ] in
-        graphs.py): 0 but for decode steps (one token a sequence) on CUDA."""
-        on = (decode and self.use_graphs and self.device.type == "cuda"
+    def _graph_layers(self, seqs: list[SeqStep]) -> tuple[bool, int]:
+        """Whether this step replays graphs, and how many leading layers it replays from one (NOTE
+        [ decode graphs ] in graphs.py): none but for decode steps (one token a sequence) on CUDA."""
+        on = (all(len(s.tokens) == 1 for s in seqs) and self.use_graphs and self.device.type == "cuda"
               and (self.graph_max_tokens is None or len(seqs) <= self.graph_max_tokens)
               and (not self.hp.moe.n_expert or len(seqs) <= GROUPED_MAX_TOKENS))
-        self.moe_graphs.start_step(on)
-        if not on:
-            return 0
         n = 0
-        while n < self.hp.n_layer and self.kv.on_device(n) and (w := self.source.fixed(n)) is not None \
+        while on and n < self.hp.n_layer and self.kv.on_device(n) and (w := self.source.fixed(n)) is not None \
                 and (not self.hp.moe.n_expert or runs_grouped(w)):
             n += 1
-        return n
+        return on, n
+
+    def _meta(self, seqs: list[SeqStep], upto: int) -> StepMeta:
+        return build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
+                               kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
+                               inv_freq_swa=self.inv_freq_swa, triton_attention=self.triton_attention)
+
+    def prepare(self, seqs: list[SeqStep]) -> None:
+        """NOTE [ a step's meta built ahead ]
+        The streamed layers keep the host in step with the device (each waits for its router's ids,
+        or for its weights), so the host's work between a step's last launch and the next step's
+        first is time the device idles. The compute process takes the next Forward in while the step
+        before runs, and builds its meta then (here); `step` takes it where its sequences are the
+        very ones prepared, with the same graph layers, on the same stream, and builds its own
+        otherwise. Only decode steps (a token a sequence), whose meta is small: a prompt chunk's
+        masks would be held beside the running step's."""
+        if all(len(s.tokens) == 1 for s in seqs):
+            upto = self._graph_layers(seqs)[1]
+            self._ahead.append((seqs, upto, self._meta(seqs, upto), self._stream()))
+
+    def _stream(self):
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _meta_for(self, seqs: list[SeqStep], upto: int) -> StepMeta:
+        """The step's meta: the one prepared for these very sequences where it fits (NOTE above)."""
+        for k, (got, at, meta, stream) in enumerate(self._ahead):
+            if got is seqs:
+                del self._ahead[k]
+                if at == upto and stream == self._stream():
+                    return meta
+                break
+        return self._meta(seqs, upto)
 
     @torch.inference_mode()
     def step(self, seqs: list[SeqStep], want: str = "last", last_ids: torch.Tensor | None = None,
@@ -129,22 +158,23 @@ class ModelRunner:
             self.verify_paths["chunks" if rows is None else "rows"] += 1
             if rows is not None:
                 seqs, tails = rows, None
-        decode = all(len(s.tokens) == 1 for s in seqs)
-        upto = self._graph_layers(seqs, decode)
-        meta = build_step_meta(self.hp, self.inv_freq, seqs, self.device, self.dtype,
-                               kv_len=self._kv_len(seqs, upto > 0), rotate_k_at_read=self.sliding,
-                               inv_freq_swa=self.inv_freq_swa, triton_attention=self.triton_attention)
+        on, upto = self._graph_layers(seqs)
+        self.moe_graphs.start_step(on)
+        meta = self._meta_for(seqs, upto) if self._ahead else self._meta(seqs, upto)
         whole = upto == self.hp.n_layer and want == "last" and tails is None  # the whole step, head included
-        if whole and (self.embed is not None or self.glob.embd_dev is not None):  # (not a host gather)
+        if upto and (self.embed is not None or self.glob.embd_dev is not None):  # (not a host gather)
             if last_ids is None and not meta.tok.known:
                 raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
-            # the embedding in the graph too (NOTE [ decode graphs ] in graphs.py)
-            return self.layer_graphs.replay(None, meta, seqs, upto, head=True, last_ids=last_ids)
-        x = self._embedded(self._token_ids(meta, last_ids))
-        if whole:
-            return self.layer_graphs.replay(x, meta, seqs, upto, head=True)
-        if upto:
-            x = self.layer_graphs.replay(x, meta, seqs, upto, head=False)
+            # the embedding in the graph too, whole or not (NOTE [ decode graphs ] in graphs.py)
+            x = self.layer_graphs.replay(None, meta, seqs, upto, head=whole, last_ids=last_ids)
+            if whole:
+                return x
+        else:
+            x = self._embedded(self._token_ids(meta, last_ids))
+            if upto:
+                x = self.layer_graphs.replay(x, meta, seqs, upto, head=whole)
+                if whole:
+                    return x
         return self._forward(x, meta, seqs, want, start=upto, tails=tails)
 
     def _as_rows(self, seqs: list[SeqStep], want: str, tails: list[int]) -> list[SeqStep] | None:

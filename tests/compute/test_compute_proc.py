@@ -43,6 +43,7 @@ def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w.ready_slots = {}
     w.queued, w.inflight, w.host_ids = deque(), deque(), {}
     w.announced, w.last_raised, w.start_s = {}, 0, {}
+    w.embed, w.glob, w.runner, w.resolved = None, SimpleNamespace(embd_dev=None), None, {}  # (no meta built ahead)
     return w
 
 
@@ -169,6 +170,46 @@ def test_the_layer_source_says_when_a_step_has_launched_work():
     src.graph_ran(0, 2, None, None)  # the resident layers' graph
     src._count_prefetch(2)
     assert seen[3:] == [False, True]
+
+
+def test_a_forward_taken_in_during_a_step_has_its_meta_built_then_and_its_launch_takes_those_sequences():
+    """NOTE [ a step's meta built ahead ] in runner.py: where the embedding is on the device, a
+    Forward taken in (while the step before runs) is resolved and handed to the runner's prepare at
+    once, and its launch steps over those very sequences; a prepare that raises leaves the step to
+    its own launch (which raises there, as a step's failure)."""
+    from layerstream.compute.compute_proc import ComputeWorker
+
+    fwd = [Forward(k, [ForwardSeq(0, [-1], [k], [k], list(range(k + 1)), True)], "none") for k in (8, 9)]
+    w = _worker(False, incoming=fwd)
+    prepared, stepped = [], []
+
+    def prepare(seqs):
+        if len(prepared) == 1:
+            raise ValueError("a bad step")
+        prepared.append(seqs)
+    w.glob, w.embed, w.device = SimpleNamespace(embd_dev=None), object(), torch.device("cpu")
+    w.runner = SimpleNamespace(prepare=prepare)
+    w._pump(False)
+    assert list(w.queued) == fwd and list(w.resolved) == [8] and w.resolved[8] is prepared[0]
+    assert [s.positions for s in prepared[0]] == [[8]]
+
+    class _Source:
+        expert_step, launched = False, True
+
+        def set_step(self, step, tokens):
+            pass
+
+        def return_slots(self):
+            pass
+
+    def launch(seqs, sample, starts, want):
+        stepped.append(seqs)
+        return Launched(1, torch.tensor([[43], [0], [0]]), None, None)
+    w.source, w.stepper = _Source(), SimpleNamespace(launch=launch)
+    w.cpu, w.expert_count = SimpleNamespace(experts=None, share=None), None
+    for msg in fwd:
+        ComputeWorker.launch(w, msg)
+    assert stepped[0] is prepared[0] and [s.positions for s in stepped[1]] == [[9]] and not w.resolved
 
 
 def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps_in_flight():

@@ -100,7 +100,7 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
     r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
                     ctx=64, max_seqs=batch)
     if graphs:  # the CUDA-only switches, stood in for
-        r._graph_layers = lambda seqs, decode: r.moe_graphs.start_step(decode) or 0
+        r._graph_layers = lambda seqs: (all(len(s.tokens) == 1 for s in seqs), 0)  # (graphs on, none of the leading layers)
         r.capture.capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
         early = r.moe_graphs._next_router_early
 

@@ -117,3 +117,33 @@ def test_a_row_whose_kv_positions_outrun_the_cache_is_refused_before_its_meta(in
     a = runner(index).step([SeqStep(0, [5, 9], [0, 1], [0, 1], range(2))], "last")
     b = runner(index).step([SeqStep(0, [5, 9], [0, 1], [0, 1], [0, 1])], "last")
     assert torch.equal(a, b)
+
+
+def test_a_decode_steps_meta_built_ahead_is_taken_for_those_very_sequences_only(index, monkeypatch):
+    """NOTE [ a step's meta built ahead ] in runner.py: a decode step prepared ahead builds no meta
+    of its own when stepped and gives the logits of one that was not prepared; sequences equal
+    but not the ones prepared, and a prompt chunk, build their own."""
+    import layerstream.compute.runner as runner_mod
+
+    built = []
+    build = runner_mod.build_step_meta
+    monkeypatch.setattr(runner_mod, "build_step_meta", lambda *a, **k: built.append(a[2]) or build(*a, **k))
+    want, got = runner(index), runner(index)
+    for r in (want, got):
+        prefill(r, Rows())
+
+    def step():  # (the next decode step of both rows: a new list each call)
+        return [SeqStep(0, [77], [5], [5], list(range(6))), SeqStep(2, [31], [3], [3], list(range(4)))]
+    ref = want.step(step(), "last")
+    seqs = step()
+    got.prepare(seqs)
+    assert built[-1] is seqs
+    n = len(built)
+    assert torch.equal(got.step(seqs, "last"), ref) and len(built) == n and not got._ahead
+    again, other = step(), step()
+    got.prepare(again)
+    got.step(other, "none")  # (equal sequences, another list: its own meta)
+    assert built[-1] is other and len(built) == n + 2
+    chunk = [SeqStep(0, [1, 2], [7, 8], [7, 8], list(range(9)))]
+    got.prepare(chunk)  # (a prompt chunk: nothing built ahead)
+    assert built[-1] is other
