@@ -10,6 +10,7 @@ import torch
 import ggufgen
 from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes
 from layerstream.compute.experts import ExpertCache, ExpertSet
 from layerstream.compute.runner import ModelRunner
@@ -24,8 +25,11 @@ class _Streamed:
     """A LayerSource whose layers keep all but their experts on the device; the experts come
     through an ExpertSet from the layer's bytes on the host, as the pipeline's StreamedLayers."""
 
-    def __init__(self, index, cache, cpu, frac, ahead=False):
+    def __init__(self, index, cache, cpu, frac, ahead=False, resident=0):
         self.layouts = layer_layouts(index)
+        # the leading layers kept whole, their experts as blocks (the resident layers' graph)
+        self.kept = {i: {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()}
+                     for i in range(resident)}
         self.dense, self.host = {}, {}
         for i, lay in enumerate(self.layouts):
             self.dense[i] = {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()
@@ -59,7 +63,7 @@ class _Streamed:
     times_graphs = False
 
     def fixed(self, i):
-        return None
+        return self.kept.get(i)
 
     def graph_ran(self, first, stop, start, end):
         self.graphed = getattr(self, "graphed", 0) + stop - first
@@ -78,7 +82,8 @@ class _Graph:
             o.copy_(n)
 
 
-def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False, batch: int = 2):
+def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False, batch: int = 2,
+            resident: int = 0, runner: list | None = None):
     index = open_model(path)
     hp = index.hparams
     layouts = layer_layouts(index)
@@ -96,11 +101,14 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
     if cpu is not None:  # the experts held back from the copy ahead for the CPU (NOTE [ CPU experts ])
         reserve, cpu.held_back = cpu.reserve, []
         cpu.reserve = lambda *a: (lambda got: cpu.held_back.append(got) or got)(reserve(*a))
-    src = _Streamed(index, cache, cpu, frac, ahead)
-    r = ModelRunner(hp, GlobalWeights(index, "cpu", torch.float32, quantized=True), src, "cpu", torch.float32,
-                    ctx=64, max_seqs=batch)
-    if graphs:  # the CUDA-only switches, stood in for
-        r._graph_layers = lambda seqs: (all(len(s.tokens) == 1 for s in seqs), 0)  # (graphs on, none of the leading layers)
+    src = _Streamed(index, cache, cpu, frac, ahead, resident)
+    glob = GlobalWeights(index, "cpu", torch.float32, quantized=True)
+    r = ModelRunner(hp, glob, src, "cpu", torch.float32, ctx=64, max_seqs=batch,
+                    embed=mapped_embedding(glob, torch.device("cpu"), torch.float32) if resident else None)
+    if runner is not None:
+        runner.append(r)
+    if graphs:  # the CUDA-only switches, stood in for: graphs on in decode steps, the `resident` leading layers
+        r._graph_layers = lambda seqs: (lambda on: (on, resident if on else 0))(all(len(s.tokens) == 1 for s in seqs))
         r.capture.capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
         early = r.moe_graphs._next_router_early
 
@@ -160,6 +168,20 @@ def test_streamed_moe_graph_path_matches_eager_layers(eager):
         assert (cache.ahead.copied > 0) == ahead and (cache.ahead.hits > 0) == ahead
         assert (got.argmax(-1) == want.argmax(-1)).all(), frac
         assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item(), frac
+
+
+def test_the_resident_layers_graph_embeds_the_steps_ids_and_matches_eager_layers(eager):
+    """A leading layer kept whole runs in the resident layers' graph, which embeds the step's ids
+    itself where the embedding is on the device (runner.step; NOTE [ decode graphs ] in graphs.py),
+    and the streamed layer after it through its two graphs: the eager layers' logits."""
+    path, want = eager
+    runner = []
+    got, graphed, _, _, _ = _decode(path, graphs=True, frac=0.0, resident=1, runner=runner)
+    assert graphed == 2 * 3  # each decode step: layer 0 in the resident graph, layer 1 through its two
+    keys = list(runner[0].layer_graphs.graphs)
+    assert keys and all(key[0] == 1 and key[-1] is not None for key in keys)  # (layer 0 alone, the ids embedded)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
 
 
 def test_graph_path_when_the_cpu_takes_experts_in_some_steps_only(eager):
