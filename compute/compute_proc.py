@@ -294,6 +294,11 @@ class ComputeWorker:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
             launched = self.stepper.launch(seqs, [s.sample for s in msg.seqs], msg.starts, msg.want_logits)
+            src, now = self.source, time.monotonic_ns()  # the host's set-up, and its tail after the last layer
+            if src.launched_ns > t0:
+                self.tl.add("step_setup", "set-up", t0, src.launched_ns - t0)
+            if src.released_ns > t0:
+                self.tl.add("step_tail", "tail", src.released_ns, now - src.released_ns)
         finally:
             self.source.launched = True  # (a step that raised: the pumps that clean up answer)
         self.source.return_slots()

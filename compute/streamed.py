@@ -99,6 +99,7 @@ class StreamedLayers:
         # whether the step has put work on the device yet: until then the compute process's pumps
         # answer no finished step (NOTE [ answers after the step's first launch ] in compute_proc.py)
         self.launched = True
+        self.launched_ns = self.released_ns = 0  # the step's first launched work; its last layer's release
         self._first: int | None = None  # the step's first layer asked for
         self.cuda = self.device.type == "cuda"
         self.ring = VramRing(self.device, max(lay.nbytes for lay in layouts), vram_slots) if self.cuda else None
@@ -116,7 +117,7 @@ class StreamedLayers:
     def set_step(self, step: int, tokens: int = 0) -> None:
         """The step whose LayerReady messages the next layers wait for, and its token count (which
         sets the CPU's share)."""
-        self.launched, self._first = False, None
+        self.launched, self._first, self.launched_ns = False, None, 0
         self.step_no = step
         if self.share is not None:
             self.share.set_step(tokens)
@@ -136,7 +137,7 @@ class StreamedLayers:
     times_graphs = True  # the replays' events go into the compute timeline
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
-        self.launched = True
+        self._launching()
         if start is not None:
             self.ring.gpu_events.append(("compute", first, start, end, 0))
         self.tl.incr("graph_layers", stop - first)
@@ -237,12 +238,17 @@ class StreamedLayers:
             self.resident[i] = w
         return w
 
+    def _launching(self) -> None:
+        """The step has put work on the device (NOTE [ answers after the step's first launch ])."""
+        if not self.launched:
+            self.launched, self.launched_ns = True, time.monotonic_ns()
+
     def _count_prefetch(self, i: int) -> None:
         """Whether layer i was announced (or already copying) before compute asked for it."""
         if self._first is None:
             self._first = i
         elif i != self._first:  # (the layer before was launched, if not from a graph)
-            self.launched = True
+            self._launching()
         self.pump(False)  # take in what is queued on the socket
         ahead = (self.step_no, i) in self.ready or (self.cuda and i in self.ring.copies)
         self.tl.incr("prefetch_hit" if ahead else "prefetch_miss")
@@ -455,6 +461,7 @@ class StreamedLayers:
 
     def release(self, i: int) -> None:
         """The layer's math is done (CPU) or enqueued (CUDA: timed with events for the trace)."""
+        self.released_ns = time.monotonic_ns()
         end = None
         if self.cuda:  # one event: the layer's end for the trace, and what frees what it read
             end = torch.cuda.Event(enable_timing=True)

@@ -76,7 +76,7 @@ def stats_table(snaps: list[dict[str, Any]], wall_s: float, extra: dict[str, Any
     tot = merge_snapshots(snaps)
     rows = [f"{'stage':<16}{'count':>8}{'busy s':>10}{'GB':>10}{'GB/s':>9}{'ms each':>10}"]
     for cat in ("read", "copy", "expert_copy", "expert_prefetch", "dequant", "compute", "cpu_share", "cpu_pack",
-                "step", "wait_layer", "wait_copy", "wait_route"):
+                "step", "step_setup", "step_tail", "wait_layer", "wait_copy", "wait_route"):
         if cat not in tot:
             continue
         t = tot[cat]
@@ -126,7 +126,10 @@ def device_gaps(snaps: list[dict[str, Any]]) -> str | None:
     event to its end, copies waited for included) cut into steps where the layer index goes back,
     and the medians over those steps of: their layers' span, the stream's time with nothing queued
     between their layers and before their first (after the step before's last: its head, sampling
-    and the next step's set-up), and the layer that waits longest. None without two such steps."""
+    and the next step's set-up), and the layer that waits longest; where the compute process timed
+    them, the host's set-up of a step (from its launch to its first launched work) and its tail
+    (from its last layer's release to its launch's return: the head, the sampling). None without
+    two such steps."""
     iv = sorted((e[2], e[2] + e[3], e[4].get("layer", -1)) for s in snaps if s.get("role") == "compute"
                 for e in s.get("events", []) if e[1] in ("compute", "dequant"))
     steps: list[list[tuple[int, int, int]]] = []
@@ -168,4 +171,9 @@ def device_gaps(snaps: list[dict[str, Any]]) -> str | None:
         line += f", another's {ms(statistics.median(rest))}"
     if worst is not None:
         line += f"; the longest wait before L{worst} ({ms(statistics.median(waits[worst]))})"
+    host = {cat: [e[3] for s in snaps if s.get("role") == "compute" for e in s.get("events", []) if e[1] == cat]
+            for cat in ("step_setup", "step_tail")}
+    if host["step_setup"] and host["step_tail"]:  # (the compute process's own clock, not the device's)
+        line += (f"; on the host, a step's set-up {ms(statistics.median(host['step_setup']))} before its first "
+                 f"launch, its tail {ms(statistics.median(host['step_tail']))} after its last layer's release")
     return line

@@ -119,7 +119,7 @@ def test_a_step_answers_the_step_before_only_after_its_first_launch():
     seen = []
 
     class _Source:
-        expert_step, launched = False, True
+        expert_step, launched, launched_ns, released_ns = False, True, 0, 0
 
         def set_step(self, step, tokens):
             self.launched = False  # (as StreamedLayers.set_step)
@@ -165,11 +165,14 @@ def test_the_layer_source_says_when_a_step_has_launched_work():
     src._count_prefetch(2)  # (asked for again: a resident layer's load)
     src._count_prefetch(3)
     assert seen == [False, False, True] and src.launched
+    t = src.launched_ns
     src.set_step(6, 1)
+    assert src.launched_ns == 0  # (a step's first launch: when it came, for its host set-up's time)
     src._count_prefetch(0)
     src.graph_ran(0, 2, None, None)  # the resident layers' graph
+    first = src.launched_ns
     src._count_prefetch(2)
-    assert seen[3:] == [False, True]
+    assert seen[3:] == [False, True] and first >= t > 0 and src.launched_ns == first
 
 
 def test_a_forward_taken_in_during_a_step_has_its_meta_built_then_and_its_launch_takes_those_sequences():
@@ -194,7 +197,7 @@ def test_a_forward_taken_in_during_a_step_has_its_meta_built_then_and_its_launch
     assert [s.positions for s in prepared[0]] == [[8]]
 
     class _Source:
-        expert_step, launched = False, True
+        expert_step, launched, launched_ns, released_ns = False, True, 0, 0
 
         def set_step(self, step, tokens):
             pass
@@ -210,6 +213,40 @@ def test_a_forward_taken_in_during_a_step_has_its_meta_built_then_and_its_launch
     for msg in fwd:
         ComputeWorker.launch(w, msg)
     assert stepped[0] is prepared[0] and [s.positions for s in stepped[1]] == [[9]] and not w.resolved
+
+
+def test_a_launch_times_the_hosts_set_up_before_its_first_launch_and_its_tail_after_its_last_layer():
+    """--stats' step_setup and step_tail (and the trace's host line): from the step's launch to the
+    layer source's first launched work, and from its last layer's release to the launch's return."""
+    import time
+
+    from layerstream.compute.compute_proc import ComputeWorker
+
+    w = _worker(False)
+
+    class _Source:
+        expert_step, launched, launched_ns, released_ns = False, True, 0, 0
+
+        def set_step(self, step, tokens):
+            self.launched, self.launched_ns = False, 0
+
+        def return_slots(self):
+            pass
+
+    def launch(seqs, sample, starts, want):
+        time.sleep(0.05)  # (the set-up)
+        w.source.launched, w.source.launched_ns = True, time.monotonic_ns()
+        time.sleep(0.05)
+        w.source.released_ns = time.monotonic_ns()
+        time.sleep(0.1)  # (the head and the sampling)
+        return Launched(1, torch.tensor([[43], [0], [0]]), None, None)
+
+    w.source, w.stepper, w.device = _Source(), SimpleNamespace(launch=launch), torch.device("cpu")
+    w.cpu, w.expert_count, w.embed = SimpleNamespace(experts=None, share=None), None, object()  # (ids on the device)
+    ComputeWorker.launch(w, Forward(8, [ForwardSeq(0, [-1], [5], [5], list(range(6)), True)], "none"))
+    busy = w.tl.snapshot()["busy_ns"]
+    # (bounds that tell each span from its neighbours' sleeps)
+    assert 0.05e9 <= busy["step_setup"] < 0.1e9 and 0.1e9 <= busy["step_tail"] < 0.2e9
 
 
 def test_a_host_embedding_reads_the_last_id_in_process_after_answering_the_steps_in_flight():

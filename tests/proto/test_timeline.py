@@ -23,6 +23,8 @@ def _trace(steps: int) -> list[dict]:
             else:
                 tl.add("compute", f"compute L{layer}", t, 400 * US, layer=layer)
             t += 300 * US if layer == 2 else 400 * US
+        tl.add("step_tail", "tail", t, 300 * US)
+        tl.add("step_setup", "set-up", t + 300 * US, 500 * US)
         t += 1000 * US
     reader = Timeline("reader", "0", trace=True)
     reader.add("compute", "not the device's", 0, 10**9, layer=9)
@@ -35,7 +37,9 @@ def test_the_median_step_says_how_long_the_stream_waits_between_layers_and_befor
     assert "a step's layers 3.26 ms from the first's start to the last's end" in line
     assert "nothing queued 0.06 ms between them and 1.00 ms before the first" in line
     assert "the first's interval 2.00 ms" in line and "another's 0.40 ms" in line
-    assert line.endswith("the longest wait before L3 (0.05 ms)")
+    assert "the longest wait before L3 (0.05 ms)" in line
+    assert line.endswith("; on the host, a step's set-up 0.50 ms before its first launch, its tail 0.30 ms after "
+                         "its last layer's release")
 
 
 def test_a_trace_of_one_step_or_none_says_nothing():
