@@ -160,22 +160,18 @@ class ModelRunner:
                 seqs, tails = rows, None
         on, upto = self._graph_layers(seqs)
         self.moe_graphs.start_step(on)
-        meta = self._meta_for(seqs, upto) if self._ahead else self._meta(seqs, upto)
+        meta = self._meta_for(seqs, upto)
         whole = upto == self.hp.n_layer and want == "last" and tails is None  # the whole step, head included
         if upto and (self.embed is not None or self.glob.embd_dev is not None):  # (not a host gather)
             if last_ids is None and not meta.tok.known:
                 raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
             # the embedding in the graph too, whole or not (NOTE [ decode graphs ] in graphs.py)
             x = self.layer_graphs.replay(None, meta, seqs, upto, head=whole, last_ids=last_ids)
-            if whole:
-                return x
         else:
             x = self._embedded(self._token_ids(meta, last_ids))
             if upto:
                 x = self.layer_graphs.replay(x, meta, seqs, upto, head=whole)
-                if whole:
-                    return x
-        return self._forward(x, meta, seqs, want, start=upto, tails=tails)
+        return x if whole else self._forward(x, meta, seqs, want, start=upto, tails=tails)
 
     def _as_rows(self, seqs: list[SeqStep], want: str, tails: list[int]) -> list[SeqStep] | None:
         """A verifying step's tokens as one-token decode rows, where it may run so (NOTE [ drafts
