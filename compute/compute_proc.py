@@ -202,9 +202,10 @@ class ComputeWorker:
             self.queued.append(msg)
             if self.source is not None and (self.embed is not None or self.glob.embd_dev is not None):
                 try:  # (its own launch builds it, and raises, where this cannot)
-                    self.runner.prepare(self.resolved.setdefault(msg.step, self._resolve(msg)))
+                    self.runner.prepare(seqs := self._resolve(msg))
+                    self.resolved[msg.step] = seqs
                 except Exception:  # noqa: BLE001 - NOTE [ a step's meta built ahead ] in runner.py
-                    self.resolved.pop(msg.step, None)
+                    pass
         else:
             self.tl.incr("unexpected_messages")
 
