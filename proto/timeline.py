@@ -171,8 +171,9 @@ def device_gaps(snaps: list[dict[str, Any]]) -> str | None:
         line += f", another's {ms(statistics.median(rest))}"
     if worst is not None:
         line += f"; the longest wait before L{worst} ({ms(statistics.median(waits[worst]))})"
-    host = {cat: [e[3] for s in snaps if s.get("role") == "compute" for e in s.get("events", []) if e[1] == cat]
-            for cat in ("step_setup", "step_tail")}
+    host: dict[str, list[int]] = {"step_setup": [], "step_tail": []}
+    for e in (e for s in snaps if s.get("role") == "compute" for e in s.get("events", []) if e[1] in host):
+        host[e[1]].append(e[3])
     if host["step_setup"] and host["step_tail"]:  # (the compute process's own clock, not the device's)
         line += (f"; on the host, a step's set-up {ms(statistics.median(host['step_setup']))} before its first "
                  f"launch, its tail {ms(statistics.median(host['step_tail']))} after its last layer's release")
