@@ -42,6 +42,7 @@ closed, the arena unlinked, threads joined) has run by then, in run_child and it
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import importlib
 import logging
@@ -109,10 +110,15 @@ WARM_MODULES = {
 }
 
 
+@contextlib.contextmanager
 def spawning():
     """The stop signals blocked while children are spawned (NOTE [ SIGINT while a child starts ]).
     The resource tracker, which multiprocessing starts with the first child, is started first:
-    its start unblocks SIGINT in this thread once it has spawned it."""
+    its start unblocks SIGINT in this thread once it has spawned it. A main script that is no
+    file (`python -`, whose `__main__.__file__` is "<stdin>") is not handed to the children: each
+    ran it again from that path, which does not exist, and died with FileNotFoundError before its
+    body, where a script given as a file runs again in each as multiprocessing does (Engine.open's
+    line for a missing main guard)."""
     from multiprocessing import resource_tracker
 
     # The tracker ignores SIGINT and SIGTERM itself, not SIGHUP or SIGQUIT, so it is started with those
@@ -126,7 +132,17 @@ def spawning():
         resource_tracker.ensure_running()
     finally:
         restore(saved)
-    return stop_signals_blocked()
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    hide = path is not None and getattr(main.__spec__, "name", None) is None and not os.path.isfile(path)
+    with stop_signals_blocked():
+        if hide:
+            del main.__file__  # (multiprocessing's spawn reads it while a child starts)
+        try:
+            yield
+        finally:
+            if hide:
+                main.__file__ = path
 
 
 def quick_exit(code: int) -> None:

@@ -358,6 +358,26 @@ def test_a_script_that_opens_a_pipeline_without_a_main_guard_says_so_in_one_line
     assert "RuntimeError" not in r.stderr and "bootstrapping phase" not in r.stderr
 
 
+def test_a_pipeline_opened_from_a_script_on_standard_input_runs(model):
+    """A probe's: `python -` (the script read from standard input) opened a pipeline that failed with
+    "the staging process died (exit code 1)": multiprocessing handed each child the main script's
+    path, "<stdin>", which each tried to run and could not find. Such a script is no longer run
+    again in the children (nothing to run), so it needs no main guard either."""
+    import subprocess
+    import sys
+
+    script = ("from layerstream.coordinator.engine import Engine, EngineConfig\n"
+              "from layerstream.coordinator.pipeline_config import Budget, PipelineConfig\n"
+              "from layerstream.compute.sampling import SamplingParams\n"
+              f"with Engine.open(EngineConfig(model={model!r}, device='cpu', ctx=64), "
+              "PipelineConfig(budget=Budget(host_cache_gb=0))) as e:\n"
+              "    print(repr(''.join(e.generate('Hi', SamplingParams(temperature=0, max_tokens=4)))))\n")
+    r = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "FileNotFoundError" not in r.stderr, r.stderr[-2000:]
+    with Engine.open(EngineConfig(model=model, device="cpu", ctx=64)) as e:  # the same text in this process
+        assert r.stdout.strip() == repr("".join(e.generate("Hi", SamplingParams(temperature=0, max_tokens=4))))
+
+
 def test_the_main_guard_line_goes_in_one_write(monkeypatch):
     """The children print that line at once: as SystemExit's text it went as two writes (the text,
     then its newline) where stderr is unbuffered (PYTHONUNBUFFERED=1), and two children's lines ran
