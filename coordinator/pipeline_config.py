@@ -19,6 +19,12 @@ ProgressHook = Callable[[int, int, str], None]
 TRANSPORTS = ("ipc", "tcp")
 
 
+def _flag(name: str, v) -> None:
+    """A ConfigError where v is not a bool ("no" and 0 were taken as what their truth says)."""
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name}={v!r}: must be True or False")
+
+
 @dataclass(frozen=True)
 class Budget:
     """What the plan is given (plan.make_plan's inputs; None: the plan's default)."""
@@ -44,6 +50,14 @@ class Budget:
             v, (low, high) = getattr(self, name), PIPELINE_COUNTS[name]
             if v is not None and not _whole(v, low, high):
                 raise ConfigError(f"{name}={v!r}: give a whole number from {low} to {high} (or None: the plan's default)")
+        # (a probe's: "no" was taken as true, and the plan put the KV in host memory)
+        if self.kv_on_host is not None and not isinstance(self.kv_on_host, bool):
+            raise ConfigError(f"kv_on_host={self.kv_on_host!r}: must be True or False (or None: the plan's default)")
+        _flag("evaluates", self.evaluates)
+        if self.job is not None and not (isinstance(self.job, tuple) and len(self.job) == 2 and _whole(self.job[0], 0)
+                                         and _whole(self.job[1], 1)):
+            raise ConfigError(f"job={self.job!r}: give (prompt tokens, reply tokens), whole numbers from 0 and from 1 "
+                              "(or None: no known job)")
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,8 @@ class ReaderOptions:
                               "give one per reader")
         if self.threads is not None and not _whole(self.threads, 1):
             raise ConfigError(f"--read-threads {self.threads!r}: must be a whole number, at least 1")
+        if not isinstance(self.direct, bool):  # ("no" was taken as true)
+            raise ConfigError(f"--direct-io {self.direct!r}: must be True or False")
 
 
 @dataclass(frozen=True)
@@ -127,9 +143,13 @@ class ProcessOptions:
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport {self.transport!r}: use one of {', '.join(TRANSPORTS)}")
-        for name in ("ready_timeout_s", "stall_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} {getattr(self, name)}: must be above 0 seconds")
+        if not isinstance(self.host, str) or not self.host:  # (a bad name fails as the links bind: ZMQError)
+            raise ConfigError(f"host={self.host!r}: give the address the children's links bind to, as a string")
+        _flag("trace", self.trace)
+        for name in ("ready_timeout_s", "stall_timeout_s"):  # (a str or None: TypeError)
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+                raise ConfigError(f"{name} {v!r}: must be above 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,9 @@ class PipelineConfig:
                            ("experts", ExpertOptions), ("procs", ProcessOptions)):
             if not isinstance(getattr(self, name), kind):  # (a dict failed deep in the launch: AttributeError)
                 raise ConfigError(f"PipelineConfig {name}={getattr(self, name)!r}: give a {kind.__name__}(...)")
+        if self.on_progress is not None and not callable(self.on_progress):  # (a TypeError deep in the start)
+            raise ConfigError(f"PipelineConfig on_progress={self.on_progress!r}: give a function of (done, total, "
+                              "what), or None")
 
 
 __all__ = ["Budget", "CpuOptions", "CpuShareConfig", "ExpertOptions", "PipelineConfig", "ProcessOptions",

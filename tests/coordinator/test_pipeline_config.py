@@ -33,11 +33,34 @@ from layerstream.errors import ConfigError
     (lambda: ProcessOptions(transport="udp"), "transport 'udp': use one of ipc, tcp"),
     (lambda: ProcessOptions(ready_timeout_s=0), "ready_timeout_s 0: must be above 0 seconds"),
     (lambda: ProcessOptions(stall_timeout_s=-1.0), "stall_timeout_s -1.0: must be above 0 seconds"),
+    # a probe's: these were taken as they came ("no" as true: the plan put the KV in host memory),
+    # or failed later as a TypeError, a ZMQError or a call of an int deep in the pipeline's start
+    (lambda: Budget(kv_on_host="no"), "kv_on_host='no': must be True or False (or None: the plan's default)"),
+    (lambda: Budget(evaluates=1), "evaluates=1: must be True or False"),
+    (lambda: Budget(job=(-1, -1)), "job=(-1, -1): give (prompt tokens, reply tokens), whole numbers from 0 and "
+                                   "from 1 (or None: no known job)"),
+    (lambda: Budget(job="x"), "job='x': give (prompt tokens, reply tokens), whole numbers from 0 and from 1 (or "
+                              "None: no known job)"),
+    (lambda: ReaderOptions(direct="no"), "ReaderOptions.direct='no': must be True or False"),
+    (lambda: ProcessOptions(trace="no"), "trace='no': must be True or False"),
+    (lambda: ProcessOptions(host=""), "host='': give the address the children's links bind to, as a string"),
+    (lambda: ProcessOptions(host=None), "host=None: give the address the children's links bind to, as a string"),
+    (lambda: ProcessOptions(ready_timeout_s="5"), "ready_timeout_s '5': must be above 0 seconds"),
+    (lambda: ProcessOptions(stall_timeout_s=None), "stall_timeout_s None: must be above 0 seconds"),
+    (lambda: ProcessOptions(stall_timeout_s=float("inf")), "stall_timeout_s inf: must be above 0 seconds"),
+    (lambda: PipelineConfig(on_progress=42), "PipelineConfig on_progress=42: give a function of (done, total, "
+                                             "what), or None"),
 ])
 def test_a_bad_option_is_one_line_naming_it(make, message):
     with pytest.raises(ConfigError) as e:
         make()
     assert str(e.value) == message
+
+
+def test_good_options_are_taken_as_given():
+    assert Budget(kv_on_host=True, evaluates=False, job=(0, 1)).job == (0, 1) and Budget(kv_on_host=None).kv_on_host is None
+    assert ReaderOptions(direct=True).direct and ProcessOptions(trace=True, ready_timeout_s=5).ready_timeout_s == 5
+    assert PipelineConfig(on_progress=print).on_progress is print
 
 
 def test_the_cpu_share_is_parsed_once_into_its_group():
