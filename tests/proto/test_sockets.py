@@ -91,3 +91,20 @@ def test_extra_frames_and_router_needs_ident(pair):
         send_msg(dealer, Shutdown("x"), ident=b"x")
     with pytest.raises(zmq.ZMQError):  # ROUTER_MANDATORY: unknown peers are an error, not a silent drop
         send_msg(router, Shutdown("x"), ident=b"nobody")
+
+
+def test_a_tcp_host_that_is_no_address_here_is_one_line_naming_it():
+    """A probe's: ProcessOptions(transport="tcp", host="nonexistent.invalid") ended Engine.open with
+    pyzmq's ZMQError traceback; the router's bind now says what failed and what to give."""
+    from layerstream.proto.addresses import AddressError
+
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(AddressError, match=r"^cannot bind the run's links to 'tcp://nonexistent\.invalid:0' \(.+\); "
+                                               r"give an address of this machine, such as 127\.0\.0\.1$"):
+            make_router(ctx, "tcp://nonexistent.invalid:0")
+        sock, addr = make_router(ctx, "tcp://127.0.0.1:0")  # (a good one still binds)
+        assert addr.startswith("tcp://127.0.0.1:") and not addr.endswith(":0")
+        sock.close(linger=0)
+    finally:
+        ctx.term()
