@@ -100,6 +100,12 @@ class ModelRunner:
     def close(self) -> None:
         pass
 
+    @property
+    def ids_on_device(self) -> bool:
+        """Whether a step's ids are embedded on the device (a -1 read there from the sampled ids),
+        not gathered from the host's table."""
+        return self.embed is not None or self.glob.embd_dev is not None
+
     def _graph_layers(self, seqs: list[SeqStep]) -> tuple[bool, int]:
         """Whether this step replays graphs, and how many leading layers it replays from one (NOTE
         [ decode graphs ] in graphs.py): none but for decode steps (one token a sequence) on CUDA."""
@@ -162,7 +168,7 @@ class ModelRunner:
         self.moe_graphs.start_step(on)
         meta = self._meta_for(seqs, upto)
         whole = upto == self.hp.n_layer and want == "last" and tails is None  # the whole step, head included
-        if upto and (self.embed is not None or self.glob.embd_dev is not None):  # (not a host gather)
+        if upto and self.ids_on_device:
             if last_ids is None and not meta.tok.known:
                 raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
             # the embedding in the graph too, whole or not (NOTE [ decode graphs ] in graphs.py)
@@ -188,7 +194,7 @@ class ModelRunner:
         """The step's token ids [T]: on the device, a -1 taken from its row's entry of `last_ids`
         (no host sync: the sampled id never left the device); where the embedding is a host gather
         and every id is known, the host's copy."""
-        if self.embed is None and self.glob.embd_dev is None and meta.tok.known:
+        if not self.ids_on_device and meta.tok.known:
             return meta.on_host(meta.tok.id)
         if meta.tok.known:
             return meta.tok.id
