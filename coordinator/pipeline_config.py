@@ -19,10 +19,11 @@ ProgressHook = Callable[[int, int, str], None]
 TRANSPORTS = ("ipc", "tcp")
 
 
-def _flag(name: str, v) -> None:
-    """A ConfigError where v is not a bool ("no" and 0 were taken as what their truth says)."""
-    if not isinstance(v, bool):
-        raise ConfigError(f"{name}={v!r}: must be True or False")
+def _flag(name: str, v, none: str | None = None) -> None:
+    """A ConfigError where v is not a bool ("no" and 0 were taken as what their truth says), or
+    None where `none` says what None means."""
+    if not isinstance(v, bool) and not (none is not None and v is None):
+        raise ConfigError(f"{name}={v!r}: must be True or False" + (f" (or None: {none})" if none else ""))
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,7 @@ class Budget:
             v, (low, high) = getattr(self, name), PIPELINE_COUNTS[name]
             if v is not None and not _whole(v, low, high):
                 raise ConfigError(f"{name}={v!r}: give a whole number from {low} to {high} (or None: the plan's default)")
-        # (a probe's: "no" was taken as true, and the plan put the KV in host memory)
-        if self.kv_on_host is not None and not isinstance(self.kv_on_host, bool):
-            raise ConfigError(f"kv_on_host={self.kv_on_host!r}: must be True or False (or None: the plan's default)")
+        _flag("kv_on_host", self.kv_on_host, none="the plan's default")  # (a probe's: "no" put the KV in host memory)
         _flag("evaluates", self.evaluates)
         if self.job is not None and not (isinstance(self.job, tuple) and len(self.job) == 2 and _whole(self.job[0], 0)
                                          and _whole(self.job[1], 1)):
