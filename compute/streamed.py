@@ -101,6 +101,7 @@ class StreamedLayers:
         self.launched = True
         self.launched_ns = self.released_ns = 0  # the step's first launched work; its last layer's release
         self._first: int | None = None  # the step's first layer asked for
+        self._copies_due = False  # the step's copies wait for its first launch (NOTE [ a step's copies after its first launch ])
         self.cuda = self.device.type == "cuda"
         self.ring = VramRing(self.device, max(lay.nbytes for lay in layouts), vram_slots) if self.cuda else None
 
@@ -119,15 +120,27 @@ class StreamedLayers:
         sets the CPU's share)."""
         self.launched, self._first, self.launched_ns = False, None, 0
         self.step_no = step
+        self._copies_due = self.cuda  # NOTE [ a step's copies after its first launch ]
         if self.share is not None:
             self.share.set_step(tokens)
         if self.experts is not None:
             self.experts.set_step(tokens)
-        if self.cuda:  # the first streamed layers cross while the resident ones compute
+        if self.cuda:
             self.ring.stream = torch.cuda.current_stream(self.device)
             if self.experts is not None:
                 self.experts.cache.stream = self.ring.stream
-            self._take_ahead(step)
+
+    def _start_copies(self) -> None:
+        """NOTE [ a step's copies after its first launch ]
+        A step's copies (those the step before issued ahead, taken over, and the next announced
+        layers' started in free VRAM slots) begin once the step's first work is on the device:
+        after its resident layers' graph is launched, else at its first layer. Done in set_step,
+        that host work came before the graph's launch, in the device's idle time between steps
+        (the streamed layers keep the host in step with the device: NOTE [ decode graphs ] in
+        graphs.py); the first streamed layers still cross while the resident ones compute."""
+        if self._copies_due:
+            self._copies_due = False
+            self._take_ahead(self.step_no)
             self._issue_copies(0)
 
     def fixed(self, i: int) -> LayerWeights | None:
@@ -138,6 +151,7 @@ class StreamedLayers:
 
     def graph_ran(self, first: int, stop: int, start, end) -> None:
         self._launching()
+        self._start_copies()
         if start is not None:
             self.ring.gpu_events.append(("compute", first, start, end, 0))
         self.tl.incr("graph_layers", stop - first)
@@ -201,6 +215,7 @@ class StreamedLayers:
         return w
 
     def _layer(self, i: int) -> LayerWeights:
+        self._start_copies()
         self.return_slots(wait=False)
         if i in self.resident:
             if self.cuda:

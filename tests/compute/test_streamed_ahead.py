@@ -135,3 +135,27 @@ def test_a_step_whose_share_is_none_copies_across_whole_layers():
         _take(src, i)
         _release(src, i)
     assert list(src.ring.ahead) == [2] and src.ring.ahead[2][4] == 102  # every byte of layer 2
+
+
+def test_a_step_takes_its_copies_over_and_starts_the_rest_only_after_its_first_launch():
+    """NOTE [ a step's copies after its first launch ]: set_step leaves the step's copies due; the
+    launch of its resident layers' graph (graph_ran) takes over those issued ahead and starts the
+    next announced layer where a slot is free, once."""
+    src = _source()
+    src.ready = {(4, 2): 12, (4, 3): 13, (4, 4): 14, (5, 2): 22, (5, 3): 23, (5, 4): 24}
+    src._issue_copies(0)
+    for i in (2, 3, 4):
+        _take(src, i)
+        _release(src, i)
+    assert list(src.ring.ahead) == [2, 3] and not src.ring.copies
+    src.step_no, src.launched, src._copies_due = 5, False, True  # (what set_step(5) leaves)
+    started = len(src.started)
+    assert not src.ring.copies and src.ring.ahead_step == 5
+    src.graph_ran(0, 2, None, None)
+    assert src.launched and sorted(src.ring.copies) == [2, 3] and not src.ring.ahead
+    assert src.ready == {(5, 4): 24} and len(src.started) == started  # (layer 4 waits for a slot)
+    _take(src, 2)
+    _release(src, 2)
+    assert src.started[-1] == (4, 1, 24)
+    src.graph_ran(2, 3, None, None)  # (a streamed MoE layer's graphs): nothing taken over again
+    assert sorted(src.ring.copies) == [3, 4] and len(src.started) == started + 1
