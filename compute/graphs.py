@@ -193,7 +193,6 @@ class MoeGraphs:
                 x_in = s_x.clone()  # capturing graph B runs it once, writing s_x
                 g = self.graphs[key] = self._capture_ab(i, w, s_x, s_meta, k, v)
                 s_x.copy_(x_in)
-                ex.cache.tl.incr("moe_graph_captures")
             self._launch(g[0], "A", i, ex.cache.tl)
         self.early = None
         graph_a, graph_b, (x1, h, weight, ids), offs, pinned, keep, out = g

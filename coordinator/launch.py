@@ -93,15 +93,9 @@ class Launch:
 
     @property
     def warm_up_pays(self) -> bool:
-        """Whether the engine warms up at start (NOTE [ warm-up ] in warm_up.py): on a GPU with every
-        layer's KV there, where the model is whole on it or its streamed layers are MoE layers that
-        keep all but their experts on the device. Those run a decode step as two graphs a layer, and
-        the first reply's first decode step captured them all, its one step's delay counted in the
-        reply's decode rate (BENCHMARKS.md, AJ4 and AJ6); the warm-up's steps copy only the experts
-        they choose. A streamed dense model's warm-up would read every streamed layer twice more
-        to capture the resident layers' one graph."""
-        streamed_ok = not self.plan.streamed or self.plan.dense_resident
-        return self.device.type == "cuda" and not self.plan.kv_on_host and streamed_ok
+        """Whether the engine warms up at start (NOTE [ warm-up ] in warm_up.py): where the model is
+        whole on a GPU (a streamed model's pass would read every streamed layer once more)."""
+        return self.whole_on_gpu
 
     @property
     def reader_ids(self) -> list[str]:

@@ -4,15 +4,14 @@ NOTE [ warm-up ]
 A process's first steps pay once for what later steps reuse: the device's libraries set up, each
 kernel loaded on its first launch, the decode graphs captured (graphs.py), the resident layers'
 first load. On a small model these outweigh a short reply's decode: they stalled a reply's first
-token and its first decode step (BENCHMARKS.md, "SmolLM2 through run-pipeline"), and a streamed
-MoE's first decode step captured two graphs for each streamed layer (AJ4). So where the backend
-says it pays (`warm_up_pays`: on a GPU that holds every layer's KV, and every layer too or all but
-the streamed MoE layers' experts), the engine runs at start, before any request, a chunk of two
-prompt tokens and one decode step after it, sampled with every filter on, on a free row, its ids
-discarded: the chat's first turn and the server's first request find the device ready. A request
-later given that row writes its KV from position 0 over the warm-up's before it attends to any
-slot (and the row keeps no prefix-reuse record), and sends its own sampler. It runs on a new
-engine core only: later, a row's prefix record would name KV that the warm-up overwrote.
+token and its first decode step (BENCHMARKS.md, "SmolLM2 through run-pipeline"). So where the
+backend says it pays (`warm_up_pays`: on a GPU that holds every layer and its KV), the engine runs
+at start, before any request, a chunk of two prompt tokens and one decode step after it, sampled
+with every filter on, on a free row, its ids discarded: the chat's first turn and the server's
+first request find the device ready. A request later given that row writes its KV from position 0
+over the warm-up's before it attends to any slot (and the row keeps no prefix-reuse record), and
+sends its own sampler. It runs on a new engine core only: later, a row's prefix record would name
+KV that the warm-up overwrote.
 """
 
 from __future__ import annotations

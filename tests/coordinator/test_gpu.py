@@ -274,29 +274,6 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     assert (ex["prefetch_hits"] > 0) == (moe_dense == "resident"), ex
 
 
-def test_a_streamed_mixture_of_experts_captures_its_decode_graphs_in_the_warm_up(tmp_path):
-    """Streamed MoE layers that keep all but their experts on the device warm up at start
-    (launch.warm_up_pays; NOTE [ warm-up ]): their decode graphs are captured before any request,
-    a reply's decode steps capture none, and its tokens are the resident engine's."""
-    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", n_layer=3, n_embd=256, n_ff=512,
-                               n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=4)
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    with _engine(path, dtype="float16") as e:
-        want = e.generate_batch([TOKENS[:7]], params)
-    pcfg = PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"))
-    with _engine(path, pcfg, dtype="float16") as e:
-        assert e.backend.plan.streamed and e.backend.warm_up_pays
-
-        def captures():
-            return next(s for s in e.backend.collect_stats() if s.get("role") == "compute")["count"].get(
-                "moe_graph_captures", 0)
-
-        warmed = captures()
-        assert warmed >= 3, warmed  # (each streamed layer's pair, at batch 1)
-        assert e.generate_batch([TOKENS[:7]], params) == want
-        assert captures() == warmed
-
-
 def test_expert_streaming_at_batch_8_replays_its_graphs_and_matches_resident(tmp_path):
     """A mixture of experts' plan captures decode batches up to its own fused bound (memory.Sizes.graph_rows;
     before, every type's 4): eight sequences' decode steps run the streamed layers as their graphs, with
