@@ -27,14 +27,11 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import zmq as _zmq
+
 RUN_DIR_PREFIX = "layerstream-"
 # Longest ipc path the OS takes (sun_path is 108 bytes on Linux, counting the final NUL).
-try:
-    import zmq as _zmq
-
-    IPC_PATH_MAX = int(getattr(_zmq, "IPC_PATH_MAX_LEN", 0)) or 107
-except ImportError:  # pragma: no cover - pyzmq is a dependency
-    IPC_PATH_MAX = 107
+IPC_PATH_MAX = int(getattr(_zmq, "IPC_PATH_MAX_LEN", 0)) or 107
 
 ENDPOINT_NAMES = ("control", "readers", "compute")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -138,15 +135,18 @@ def _tcp_host_port(address: str) -> tuple[str, str] | None:
 
 
 def bind(sock: Any, address: str) -> str:
-    """Bind a zmq socket and return the address bound (a tcp port 0 or '*' becomes the real port)."""
-    tcp = _tcp_host_port(address)
-    if tcp is not None and tcp[1] in ("0", "*"):
-        host = tcp[0]
-        port = sock.bind_to_random_port(f"tcp://{host}")
-        return f"tcp://{host}:{port}"
+    """Bind a zmq socket and return the address bound (a tcp port 0 or '*' becomes the real port);
+    an address the socket cannot bind is an AddressError."""
     if address.startswith("ipc://") and len(os.fsencode(address[len("ipc://"):])) > IPC_PATH_MAX:
         raise AddressError(f"ipc socket path longer than the OS limit of {IPC_PATH_MAX} bytes: {address!r}")
-    sock.bind(address)
+    tcp = _tcp_host_port(address)
+    try:
+        if tcp is not None and tcp[1] in ("0", "*"):
+            return f"tcp://{tcp[0]}:{sock.bind_to_random_port(f'tcp://{tcp[0]}')}"
+        sock.bind(address)
+    except _zmq.ZMQError as e:  # (a tcp host that is no address of this machine: "No such device")
+        raise AddressError(f"cannot bind the run's links to {address!r} ({_zmq.strerror(e.errno)}); give an address "
+                           "of this machine, such as 127.0.0.1") from None
     return address
 
 
