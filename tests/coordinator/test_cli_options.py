@@ -35,6 +35,16 @@ def model(tmp_path_factory):
     return ggufgen.write_model(tmp_path_factory.mktemp("m") / "m.gguf")
 
 
+# the arguments of a short greedy run on `model`, and that run with its prompt typed (the reply a prompt read
+# from standard input must give: two tests compare with it, and the run is the same for both)
+GREEDY = ("--device", "cpu", "-n", "6", "--temperature", "0", "--ignore-eos")
+
+
+@pytest.fixture(scope="module")
+def typed(model):
+    return _run("-m", str(model), *GREEDY, "The sky is")
+
+
 @pytest.mark.parametrize("args,line", [
     # named as typed: these named --resident-layers, --temperature inf, --max-tokens
     (["-ngl", "-1"], "-ngl -1: must be from 0 to 2147483648"),
@@ -210,12 +220,11 @@ def test_the_prompt_from_a_file(tmp_path):
         _read(build_parser().parse_args(["-f", str(tmp_path / "blank.txt")]))
 
 
-def test_a_prompt_piped_in_is_read_when_none_is_given(model):
+def test_a_prompt_piped_in_is_read_when_none_is_given(model, typed):
     """A probe's: `echo text | run-pipeline -m M` was refused as 'no prompt given' (Ollama reads the
     piped text as the prompt); the text piped in gives the same reply as the same words typed, and
     standard input that is /dev/null or only blanks is still 'no prompt given'."""
-    args = ("-m", str(model), "--device", "cpu", "-n", "6", "--temperature", "0", "--ignore-eos")
-    typed = _run(*args, "The sky is")
+    args = ("-m", str(model), *GREEDY)
     piped = _run(*args, stdin="The sky is\n")  # (echo's newline dropped, as from -f)
     assert typed.returncode == 0 and typed.stdout.strip(), typed.stderr
     assert piped.returncode == 0 and piped.stdout == typed.stdout, piped.stderr
@@ -235,7 +244,7 @@ def test_a_prompt_piped_in_is_read_when_none_is_given(model):
     assert r.returncode == 0 and r.stdout == typed.stdout, r.stderr
 
 
-def test_a_piped_prompt_waits_for_a_slow_writer_and_never_holds_a_refusal(model):
+def test_a_piped_prompt_waits_for_a_slow_writer_and_never_holds_a_refusal(model, typed):
     """A probe's: a pipe its parent left non-blocking (as Node.js passes one) gave a traceback while
     empty and cut the prompt where the writer paused; with a pipe left open, a command line that
     cannot run waited for it instead of saying so."""
@@ -243,8 +252,8 @@ def test_a_piped_prompt_waits_for_a_slow_writer_and_never_holds_a_refusal(model)
     import threading
     import time
 
-    args = ("-m", str(model), "--device", "cpu", "-n", "6", "--temperature", "0", "--ignore-eos")
-    typed = _run(*args, "The sky is")
+    args = ("-m", str(model), *GREEDY)
+    assert typed.returncode == 0 and typed.stdout.strip(), typed.stderr
     read_end, write_end = os.pipe()
     fcntl.fcntl(read_end, fcntl.F_SETFL, fcntl.fcntl(read_end, fcntl.F_GETFL) | os.O_NONBLOCK)
 

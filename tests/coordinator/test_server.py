@@ -81,16 +81,24 @@ def test_completion_and_chat_answer_as_the_engine_does(server, smollm_engine):
     assert r.choices[0].message.role == "assistant"
 
 
+DRAFTS_PROMPT = ("Fix the typo: 'The quick brown fox jumpd over the lazy dog.'\n"
+                 "Fixed: 'The quick brown fox jumped over the lazy dog.'\nFix the typo: 'The lazy dog slept "
+                 "in the sun all day.' has no typo, so: 'The")
+
+
+@pytest.fixture(scope="module")
+def drafts_want(smollm_engine) -> str:
+    """The engine's greedy text for DRAFTS_PROMPT without drafts (the same for both kinds of drafts)."""
+    return _engine_text(smollm_engine, smollm_engine.tokenizer.encode(DRAFTS_PROMPT), 30)
+
+
 @pytest.mark.parametrize("drafts", ["lookup", "draft-model"])
-def test_a_server_with_drafts_answers_as_the_engine_without_and_a_request_may_turn_them_off(smollm_engine,
+def test_a_server_with_drafts_answers_as_the_engine_without_and_a_request_may_turn_them_off(drafts_want,
                                                                                             smollm_path, drafts):
     """--lookup 4, or the model as its own --draft-model: greedy answers through the openai client
     equal the engine's text without drafts, with drafts on (the server's default) and off (a
     request's "lookup": 0)."""
-    prompt = ("Fix the typo: 'The quick brown fox jumpd over the lazy dog.'\n"
-              "Fixed: 'The quick brown fox jumped over the lazy dog.'\nFix the typo: 'The lazy dog slept "
-              "in the sun all day.' has no typo, so: 'The")
-    want = _engine_text(smollm_engine, smollm_engine.tokenizer.encode(prompt), 30)
+    prompt, want = DRAFTS_PROMPT, drafts_want
     p, url = _start("--single-process", "--batch", "2",
                     *(["--lookup", "4"] if drafts == "lookup" else ["--draft-model", smollm_path]))
     try:
@@ -338,19 +346,30 @@ def test_aborted_stream_frees_its_row_and_a_full_queue_is_429():
         r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, timeout=30)
         assert r.choices[0].text is not None and time.monotonic() - t0 < 20  # 400 tokens would take longer
 
-        # long enough that the first is still running when the third comes (0.6 s later): 100
-        # tokens take about 5 s on a 2-core CPU
-        long = dict(model=model, prompt="Count: 1, 2,", max_tokens=100, temperature=0, extra_body={"ignore_eos": True})
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(_try(client, long))) for _ in range(3)]
-        for t in threads:
-            t.start()
-            time.sleep(0.3)
-        for t in threads:
-            t.join(120)
-        assert "429" in results, results  # one running, one waiting, the third refused
+        # one running (a stream of 400 tokens, seen to have started), one waiting (seen in the queue's
+        # gauge), the third refused; then the first goes and the waiting one is served
+        metrics = url.removesuffix("/v1") + "/metrics"
+        running = client.completions.create(model=model, prompt="Count: 1, 2,", max_tokens=400, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        next(iter(running))
+        results = {}
+        short = dict(model=model, prompt="Count: 1, 2,", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        waiting = threading.Thread(target=lambda: results.__setitem__("waiting", _try(client, short)))
+        waiting.start()
+        _wait_for(lambda: _gauge(metrics, "layerstream_queue_length") == 1, "the second request to wait")
+        results["third"] = _try(client, short)
+        running.close()
+        waiting.join(120)
+        assert results == {"waiting": "ok", "third": "429"}, results
     finally:
         stop(p)
+
+
+def _gauge(metrics_url: str, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
 
 
 def _try(client, kw) -> str:
