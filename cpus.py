@@ -20,3 +20,10 @@ def usable_cpus(cpu_max: str = CPU_MAX) -> int:
     except (OSError, ValueError):
         pass  # (no cgroup v2 quota readable: the mask stands)
     return max(n, 1)
+
+
+def too_many_threads(threads: int | None) -> str | None:
+    """Why a compute process's `threads` are more than this process may use (they would spin
+    against each other), or None: run-pipeline's -t, the Python API's and the benches' check."""
+    cores = usable_cpus()
+    return None if threads is None or threads <= cores else f"this machine has {cores} cores; give at most {cores}"

@@ -75,6 +75,7 @@ def problem(args: argparse.Namespace) -> str | None:
         if bad:
             return f"{flag(name)} {bad[0]:g}: give more than 0"
     from layerstream.coordinator.args import MAX_BATCH, MAX_GB, MAX_READ_THREADS, PIPELINE_COUNTS
+    from layerstream.cpus import too_many_threads
 
     # run-pipeline's bounds (a thousand --readers, each a process, ran the machine out of memory)
     for name, (low, high) in PIPELINE_COUNTS.items():
@@ -88,6 +89,8 @@ def problem(args: argparse.Namespace) -> str | None:
     if bad:
         return f"--threads {bad[0]}: give 1 to {top}" + ("" if getattr(args, "cmd", None) == "reader" else
                                                         f" (this machine has {top} cores)")
+    if why := too_many_threads(getattr(args, "cpu_threads", None)):  # (before a synthetic model is written)
+        return f"--cpu-threads {args.cpu_threads}: {why}"
     trace = getattr(args, "trace", None)
     if trace is not None:  # (checked before the run, not after it: arg_files.check_trace)
         from layerstream.coordinator.arg_files import check_trace

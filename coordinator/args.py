@@ -28,6 +28,7 @@ from layerstream.coordinator.spelling import (
     unescape,
     whole,
 )
+from layerstream.cpus import too_many_threads
 
 PROG = "run-pipeline"
 MAX_BATCH = 4096
@@ -354,9 +355,8 @@ def check_args(args) -> None:
     for name, (low, high) in PIPELINE_COUNTS.items():
         ints(name, getattr(args, name), low, high)
     ints("read-threads", args.read_threads, 1, MAX_READ_THREADS)
-    cores = os.cpu_count() or 1
-    if args.cpu_threads is not None and args.cpu_threads > cores:
-        fail(f"{opt('cpu-threads', args.cpu_threads)}: this machine has {cores} cores; give at most {cores}")
+    if why := too_many_threads(args.cpu_threads):
+        fail(f"{opt('cpu-threads', args.cpu_threads)}: {why}")
     if args.vram_gb is not None and math.isfinite(args.vram_gb) and args.vram_gb <= 0:
         fail(f"{opt('vram-gb', args.vram_gb)}: give the device memory budget in GiB, above 0 (for example "
              "--vram-gb 4); leave it out for the whole free memory")

@@ -10,6 +10,7 @@ from layerstream.bounds import MAX_GB, MAX_READERS, MAX_WINDOW, PIPELINE_COUNTS
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.compute.expert_policy import EXPERT_POLICIES
 from layerstream.coordinator.api_names import python_names
+from layerstream.cpus import too_many_threads
 from layerstream.errors import ConfigError
 
 # on_progress(done, total, what): called while the pipeline starts ("processes") and while the
@@ -102,6 +103,8 @@ class CpuOptions:
     def __post_init__(self) -> None:
         if self.threads is not None and not _whole(self.threads, 1):  # (a str: TypeError)
             raise ConfigError(f"--cpu-threads {self.threads!r}: must be a whole number, at least 1")
+        if why := too_many_threads(self.threads):  # (as run-pipeline's -t)
+            raise ConfigError(f"--cpu-threads {self.threads}: {why}")
         object.__setattr__(self, "parsed", parse_cpu_share(self.share, self.split))
 
 

@@ -13,7 +13,7 @@ from layerstream.loader.synth import ModelShape, write_shaped_model
 TINY = ModelShape("tiny", n_embd=128, n_ff=256, n_layer=2, n_head=2, n_head_kv=1, n_vocab=300, context_length=512)
 FLAGS = ["--vram-gb", "3.5", "--host-cache-gb", "2", "--resident-layers", "1", "--prefetch", "3",
          "--step-tokens", "64", "--vram-slots", "3", "--readers", "2", "--cpu-share", "0.25", "--cpu-split", "rows",
-         "--cpu-threads", "3", "--expert-cache-gb", "1.5", "--moe-dense", "stream", "--expert-policy", "lru",
+         "--cpu-threads", "1", "--expert-cache-gb", "1.5", "--moe-dense", "stream", "--expert-policy", "lru",
          "--expert-prefetch", "4"]
 
 
@@ -23,7 +23,7 @@ def said(direct: bool = False, trace: bool = False) -> pc.PipelineConfig:
         budget=pc.Budget(vram_gb=3.5, host_cache_gb=2.0, resident_layers=1, kv_on_host=None, prefetch=3, step_tokens=64,
                       vram_slots=3, evaluates=False),
         readers=pc.ReaderOptions(count=2, dirs=(), threads=None, direct=direct),
-        cpu=pc.CpuOptions(share="0.25", split="rows", threads=3),
+        cpu=pc.CpuOptions(share="0.25", split="rows", threads=1),
         experts=pc.ExpertOptions(cache_gb=1.5, moe_dense="stream", policy="lru", prefetch=4),
         procs=pc.ProcessOptions(trace=trace))
 

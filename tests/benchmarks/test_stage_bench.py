@@ -163,6 +163,8 @@ def test_serve_warms_both_paths_then_alternates_them_and_reports_the_median_roun
     (["cpu-kernel", "--threads", "1,100000"], "--threads 100000: give 1 to "),
     (["transfer", "--threads", "100000"], "--threads 100000: give 1 to "),
     (["reader", "--threads", "100"], "--threads 100: give 1 to 64"),
+    # run-pipeline's -t, refused before the synthetic model is written (it reached CpuOptions, which refuses it too)
+    (["pipeline", "--cpu-threads", "4000"], "--cpu-threads 4000: this machine has "),
     (["reader", "--map-threads", "-1"], "--map-threads -1: give 0 or more"),
     (["cpu-kernel", "--shapes", "64x63", "--types", "Q8_0"], "--shapes 64x63: K must be a multiple of 32"),
     (["cpu-kernel", "--experts", "1", "--shapes", "700x2048"], "--shapes 700x2048: n_ff and n_embd must be a multiple of 256"),

@@ -16,6 +16,7 @@ import pytest
 import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine
+from layerstream.cpus import usable_cpus
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 
@@ -124,7 +125,7 @@ def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp
     # each of the others was accepted, then ignored or a traceback
     (["--trace", "/proc/x"], "--trace /proc/x: cannot write there"),
     (["--transport", "tcp"], "--transport tcp links the pipeline's processes, and --single-process starts none"),
-    (["-t", "1000"], f"-t 1000: this machine has {os.cpu_count()} cores"),  # (the option as typed)
+    (["-t", "1000"], f"-t 1000: this machine has {usable_cpus()} cores"),  # (the option as typed)
     (["--repeat-penalty", "1e-39"], "--repeat-penalty 1e-39: must be a finite number from 0.01 to 100"),
     (["--stop", ""], "--stop '': an empty stop string would stop nothing"),
     (["--draft-model", ""], "--draft-model : an empty path; give a file"),  # (was "--model"'s message, exit 1)

@@ -10,6 +10,7 @@ from layerstream.coordinator.pipeline_config import (
     ProcessOptions,
     ReaderOptions,
 )
+from layerstream.cpus import usable_cpus
 from layerstream.errors import ConfigError
 
 
@@ -21,6 +22,9 @@ from layerstream.errors import ConfigError
     (lambda: ReaderOptions(threads=0), "ReaderOptions.threads=0: must be a whole number, at least 1"),
     (lambda: CpuOptions(threads=0), "CpuOptions.threads=0: must be a whole number, at least 1"),
     (lambda: CpuOptions(threads="4"), "CpuOptions.threads='4': must be a whole number, at least 1"),  # (TypeError)
+    # as run-pipeline's -t: more threads than the CPUs it may use (a container's quota) spin against each other
+    (lambda: CpuOptions(threads=10**6), f"CpuOptions.threads=1000000: this machine has {usable_cpus()} cores; give "
+                                        f"at most {usable_cpus()}"),
     # checked when made (a policy failed in the compute process once it had started; a size below 0 ran)
     (lambda: ExpertOptions(policy="fifo"), "ExpertOptions.policy='fifo': use lfu or lru"),
     (lambda: ExpertOptions(cache_gb=-1), "ExpertOptions.cache_gb=-1: give GiB as a finite number from 0 to 1048576 "
