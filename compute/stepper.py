@@ -108,10 +108,12 @@ class Stepper:
     def _greedy(self, logits: torch.Tensor, seqs: list[SeqStep]) -> Launched:
         """Every sequence picks its argmax (no penalty, no generator): the ids and each row's
         largest logit go to the host as they are (the codes are made there, sampling.bad_code),
-        in four launches where the general path takes about twenty."""
+        in four launches (one reduction, one copy on the device, two to the host) where the general
+        path takes about twenty."""
         n = len(seqs)
-        top = logits.argmax(dim=-1)  # [n] (argmax takes NaN as the largest, as draw does)
-        best = logits.gather(-1, top[:, None]).squeeze(-1).float()  # [n]
+        # one reduction gives both (max takes NaN as the largest, as draw does, and the first of ties)
+        best, top = logits.max(dim=-1)  # [n] each
+        best = best.float()
         self._set_last([s.row for s in seqs], top)
         buf = self._host_buf()
         ids, bests = buf.ids[:n], buf.best[:n]
