@@ -82,13 +82,14 @@ def problem(args: argparse.Namespace) -> str | None:
         v = getattr(args, name, None)
         if v is not None and not low <= v <= high:
             return f"{flag(name)} {v}: give {low} to {high} (as run-pipeline)"
-    # threads: a reader's as run-pipeline's --read-threads; else the CPU's, at most its cores, as
-    # --cpu-threads (100000 of them crashed the process, a hostile-user probe found)
-    top = MAX_READ_THREADS if getattr(args, "cmd", None) == "reader" else os.cpu_count() or 1
-    bad = [t for t in each("threads") if t > top]
-    if bad:
-        return f"--threads {bad[0]}: give 1 to {top}" + ("" if getattr(args, "cmd", None) == "reader" else
-                                                        f" (this machine has {top} cores)")
+    # threads: a reader's as run-pipeline's --read-threads; else the CPU's, at most the cores this
+    # process may use, as --cpu-threads (100000 of them crashed the process, a hostile-user probe found)
+    if getattr(args, "cmd", None) == "reader":
+        bad = [t for t in each("threads") if t > MAX_READ_THREADS]
+        if bad:
+            return f"--threads {bad[0]}: give 1 to {MAX_READ_THREADS}"
+    elif bad := [t for t in each("threads") if too_many_threads(t)]:
+        return f"--threads {bad[0]}: {too_many_threads(bad[0])}"
     if why := too_many_threads(getattr(args, "cpu_threads", None)):  # (before a synthetic model is written)
         return f"--cpu-threads {args.cpu_threads}: {why}"
     trace = getattr(args, "trace", None)
