@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import leaked, segments, serving, stop, wait_listening
+from procs import ends_with_the_test, leaked, segments, serving, stop, wait_listening
 
 openai = pytest.importorskip("openai")
 from layerstream.compute.sampling import SamplingParams  # noqa: E402
@@ -40,6 +40,7 @@ def _sigint_default() -> None:
     that blocks it would be inherited likewise."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    ends_with_the_test()
 
 
 def _start(*args: str) -> tuple[subprocess.Popen, str]:
