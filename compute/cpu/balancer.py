@@ -9,10 +9,10 @@ import time
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from layerstream.compute.cpu.config import BUCKETS
 from layerstream.compute.cpu.packing import cpu_rows, random_cpu_matrix
 
 MAX_TOKENS = 8  # tokens of a step above which the CPU computes nothing (its int4 GEMV stops paying)
-BUCKETS = (1, 2, 4, 8)  # batch sizes the share is balanced for (a step takes the next bucket up)
 
 
 def balanced_frac(cpu_gbs: float, link_gbs: float, int4_fraction: float, pack_ratio: float) -> float:

@@ -13,7 +13,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType as QT
 
 from layerstream.compute.cpu import native
-from layerstream.compute.cpu.balancer import BUCKETS, Balancer
+from layerstream.compute.cpu.balancer import Balancer
+from layerstream.compute.cpu.config import BUCKETS
 from layerstream.compute.cpu.expert_split import Cost, fit
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.cpu.packing import cpu_matrix_bytes

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from layerstream.compute.cpu.balancer import BUCKETS
-from layerstream.compute.cpu.sizing import SPLITS
 from layerstream.errors import ConfigError, shown
+
+# Here, not beside the balancer and the sizing that use them, so that checking a configuration (the
+# launchers' refusals) does not import torch.
+BUCKETS = (1, 2, 4, 8)  # batch sizes the share is balanced for (a step takes the next bucket up)
+SPLITS = ("layers", "rows")  # how the CPU's share is cut: whole layers, or rows of each matrix
 
 AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts its host memory)
 # The default share ("default"): a mixture-of-experts model's experts at decode steps of 5 to 8

@@ -8,7 +8,6 @@ from layerstream.compute.cpu.packing import cpu_matrix_bytes, cpu_rows, cpu_type
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.cpus import usable_cpus
 
-SPLITS = ("layers", "rows")
 FFN_MATRICES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 

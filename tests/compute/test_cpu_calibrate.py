@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from layerstream.compute.cpu import calibrate, native
-from layerstream.compute.cpu.balancer import BUCKETS
+from layerstream.compute.cpu.config import BUCKETS
 from layerstream.compute.cpu.expert_split import ExpertSplit
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 

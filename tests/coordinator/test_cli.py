@@ -450,7 +450,8 @@ def test_option_checks_come_before_torch_is_imported():
     code = ("import sys\nfrom layerstream.coordinator.cli import main\n"
             "try:\n    main(['--vram-gb', '-1', 'hi'])\nexcept SystemExit as e:\n"
             "    print(e.code, 'torch' in sys.modules)\n")
-    for args in (["--vram-gb", "-1", "hi"], ["--seed", str(2 ** 70), "hi"], ["--cpu-share", "0", "-m", "/", "hi"]):
+    for args in (["--vram-gb", "-1", "hi"], ["--seed", str(2 ** 70), "hi"], ["--cpu-share", "0", "-m", "/", "hi"],
+                 ["--cpu-share", "3", "hi"], ["--cpu-split", "cols", "hi"]):
         r = subprocess.run([sys.executable, "-c", code.replace("['--vram-gb', '-1', 'hi']", repr(args))],
                            capture_output=True, text=True, timeout=60)
         assert r.stdout == "2 False\n", (args, r.stdout, r.stderr)
