@@ -1067,15 +1067,28 @@ def test_serve_batch_holds_what_the_budget_holds(tmp_path):
     assert rows("--vram-gb", "1") == 64
 
 
-def test_lookup_prints_the_same_text_and_its_rates_with_stats():
+# a greedy run of the default model through the pipeline, with --stats, for the drafting tests (its list
+# repeats, so that lookup finds drafts in it)
+DRAFTING = ["--device", "cpu", "--dtype", "float32", "-n", "24", "--temperature", "0", "--stats",
+            "Copy this list exactly: apples, pears, plums, cherries, apples, pears, plums, cherries. Copy: apples, pears,"]
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCHER), *args], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def no_drafts() -> subprocess.CompletedProcess:
+    """bin/run-pipeline's DRAFTING run without drafts: the text both drafting tests must give (the same
+    run for both)."""
+    return _launch(*DRAFTING)
+
+
+def test_lookup_prints_the_same_text_and_its_rates_with_stats(no_drafts):
     """bin/run-pipeline --lookup 4 (the streaming pipeline): the greedy text without lookup, and
     --stats names the drafts accepted and the tokens a pass; a negative count is one line, exit 2."""
-    prompt = ("Copy this list exactly: apples, pears, plums, cherries, apples, pears, plums, cherries. "
-              "Copy: apples, pears,")
-    common = ["--device", "cpu", "--dtype", "float32", "-n", "24", "--temperature", "0", "--stats", prompt]
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    off, on = (subprocess.run([str(LAUNCHER), *extra, *common], capture_output=True, text=True, timeout=180, env=env)
-               for extra in ([], ["--lookup", "4"]))
+    off, on = no_drafts, _launch("--lookup", "4", *DRAFTING)
     assert off.returncode == on.returncode == 0, on.stderr
     assert on.stdout == off.stdout and on.stdout.strip()
     line = next(ln for ln in on.stderr.splitlines() if "drafts:" in ln)
@@ -1085,16 +1098,13 @@ def test_lookup_prints_the_same_text_and_its_rates_with_stats():
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--lookup -1: must be from 0 to 4194304")
 
 
-def test_draft_model_gives_the_same_text_and_a_draft_of_another_vocabulary_is_one_line(tmp_path):
+def test_draft_model_gives_the_same_text_and_a_draft_of_another_vocabulary_is_one_line(tmp_path, no_drafts):
     """--draft-model with the model itself (the pipeline): every draft accepted, the text without
     drafts; a draft whose vocabulary differs: one line naming both files, exit 1."""
     from layerstream.loader.default_model import default_model_path
 
     model = default_model_path()
-    common = ["--device", "cpu", "--dtype", "float32", "-n", "16", "--temperature", "0", "--stats", "Water boils at"]
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    off, on = (subprocess.run([str(LAUNCHER), *extra, *common], capture_output=True, text=True, timeout=180, env=env)
-               for extra in ([], ["--draft-model", model]))
+    off, on = no_drafts, _launch("--draft-model", model, *DRAFTING)
     assert off.returncode == on.returncode == 0, on.stderr
     assert on.stdout == off.stdout and on.stdout.strip()
     line = next(ln for ln in on.stderr.splitlines() if "drafts:" in ln)

@@ -23,6 +23,48 @@ def _run(*args: str, stdin: str | None = None, timeout: float = 120) -> subproce
                           stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
+def _main(*args: str) -> subprocess.CompletedProcess:
+    """run-pipeline's main() run in this process (what the launcher runs), standard input empty, with no
+    pipeline process allowed to start (a start fails the test): its exit status, and as its standard
+    error what it prints there, logs at the command's level and warns, as a run's. For command lines
+    refused once the model's header is read, where a process of the command spent its time importing
+    torch. (Not for a command line that reads standard input: this process's is not the command's.)"""
+    import contextlib
+    import io
+    import logging
+    import signal
+    import sys
+    import warnings
+
+    from layerstream.coordinator import cli, supervisor
+    from layerstream.proto.signals import STOP_SIGNALS
+
+    mp, handlers = pytest.MonkeyPatch(), {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    err = io.StringIO()
+    logged = logging.StreamHandler(err)
+    logged.setLevel(logging.WARNING)  # (main()'s level without -v)
+    try:
+        mp.setattr(supervisor.Supervisor, "start", lambda *a, **k: pytest.fail("a process started"))
+        mp.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO()))  # (run() reconfigures it)
+        mp.setattr(sys, "unraisablehook", sys.unraisablehook)  # (main() wraps it: put back after)
+        logging.getLogger().addHandler(logged)
+        with contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code
+    finally:
+        logging.getLogger().removeHandler(logged)
+        mp.undo()
+        for sig, handler in handlers.items():  # (main() installs the command's own handlers)
+            signal.signal(sig, handler)
+    quiet = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)  # (Python's default)
+    said = "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught
+                   if not issubclass(w.category, quiet))
+    return subprocess.CompletedProcess(["run-pipeline", *args], code, "", err.getvalue() + said)
+
+
 def _one_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
     """The one error line of a refused command line, without its prefix."""
     lines = r.stderr.splitlines()
@@ -335,7 +377,7 @@ def test_options_the_header_refuses_exit_2_before_any_process_starts(model, args
     model were accepted and did nothing. Both are refused once the header is read."""
     from layerstream.coordinator import cli, supervisor
 
-    assert _one_line(_run("-m", model, "--device", "cpu", *args, "hello")).startswith(line)
+    assert _one_line(_main("-m", model, "--device", "cpu", *args, "hello")).startswith(line)
     a = build_parser().parse_args(["-m", model, *args, "hello"])
     check_args(a)
     monkeypatch.setattr(supervisor.Supervisor, "start", lambda *a, **k: pytest.fail("a process started"))
@@ -359,7 +401,7 @@ def test_more_experts_copied_ahead_than_the_model_has_exits_2_before_any_process
 
     path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe")  # 4 experts
     line = "--expert-prefetch 5: use 0 (off) to 4 (the model's experts)"
-    assert _one_line(_run("-m", path, "--device", "cpu", "--expert-prefetch", "5", "hello")) == line
+    assert _one_line(_main("-m", path, "--device", "cpu", "--expert-prefetch", "5", "hello")) == line
     monkeypatch.setattr(supervisor.Supervisor, "start", lambda *a, **k: pytest.fail("a process started"))
     with pytest.raises(UsageError, match=r"--expert-prefetch 5: use 0 \(off\) to 4"):
         cli.check_header(build_parser().parse_args(["-m", path, "--expert-prefetch", "5", "hello"]))
@@ -383,9 +425,10 @@ def test_piped_chat_ends_at_the_first_failed_turn_with_status_1(tmp_path):
     assert r.stdout.count("\n") == 1  # one partial reply, its line ended
 
 
-def test_verbose_logs_each_stage(model):
-    """-v promised 'log what each stage does' and logged the two plan lines."""
-    r = _run("-v", "-m", model, "--device", "cpu", "-n", "3", "--temperature", "0", "hi")
+def test_verbose_logs_each_stage(model, typed):
+    """-v promised 'log what each stage does' and logged the two plan lines; the same run without -v
+    (`typed`) writes nothing there."""
+    r = _run("-v", "-m", str(model), *GREEDY, "The sky is")
     assert r.returncode == 0, r.stderr
     for words in (f"{model}: llama, 2 layers, width 64, 256 tokens of context", "plan: ", "staging: started (pid",
                   "reader-0: started (pid", "compute: started (pid", "cli-1: started, ",
@@ -399,8 +442,7 @@ def test_verbose_logs_each_stage(model):
                      r"global weights \d+\.\d\d s\)", r.stderr), r.stderr
     assert re.search(r"every layer read once \d+\.\d\d s after the pipeline's start \(0\.\d\d GB; "
                      r"\d+\.\d\d GB/s since the start\)", r.stderr), r.stderr
-    quiet = _run("-m", model, "--device", "cpu", "-n", "3", "--temperature", "0", "hi")
-    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert typed.returncode == 0 and typed.stderr == "", typed.stderr
 
 
 def test_the_prompt_file_may_be_standard_input_or_a_pipe(tmp_path, monkeypatch):
@@ -439,7 +481,7 @@ def test_a_prompt_file_beyond_what_the_context_can_hold_is_refused_untokenized(t
     count; as the chat's and the server's, its bytes are weighed first (Tokenizer.longest_piece)."""
     big = tmp_path / "big.txt"
     big.write_text("abc " * (1 << 18))  # (1 MiB: past TOKENIZE_FREELY, and far past 64 tokens' worth)
-    r = _run("--device", "cpu", "--single-process", "--ctx", "64", "-n", "2", "-f", str(big))
+    r = _main("--device", "cpu", "--single-process", "--ctx", "64", "-n", "2", "-f", str(big))
     assert r.returncode == 1 and r.stderr.splitlines() == [
         "run-pipeline: error: the prompt is 1,048,576 bytes, more than a context of 64 tokens holds; give a shorter "
         "one, or a larger --ctx (--ctx-size)"], r.stderr
