@@ -388,12 +388,14 @@ def bench_reader(args) -> list[dict]:
         finally:
             for q in jobs:
                 q.put(None)
+            deadline = time.monotonic() + 10  # (one wait for all: each reader's own 10 s added up)
             for p in procs:
                 if p.pid is None:  # (stopped before it was started)
                     continue
-                p.join(10)
+                p.join(max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
                     p.kill()
+                    p.join()
             arena.close()
             arena.unlink()
         notes = []
