@@ -475,11 +475,12 @@ def test_a_groups_ctrl_c_while_the_readers_start_is_the_benchs_one_line(tmp_path
     import pathlib
     import subprocess
 
-    from procs import descendants
+    from procs import descendants, ends_with_the_test
 
     launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
     p = subprocess.Popen([str(launcher), "reader", "-m", tiny, "--readers", "4", "--reps", "100000"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=ends_with_the_test)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(descendants(p.pid)) < 3:  # (its readers are being spawned)

@@ -17,6 +17,7 @@ import ggufgen
 from layerstream.compute.sampling import SamplingParams
 from layerstream.coordinator.engine import Engine
 from layerstream.cpus import usable_cpus
+from procs import ends_with_the_test
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 
@@ -1008,7 +1009,8 @@ def test_serve_defaults_to_a_batch_that_fills_passes_and_reads_the_key_from_the_
         port = s.getsockname()[1]
     p = subprocess.Popen([str(LAUNCHER), "--single-process", "--serve", "-m", path, "--device", "cpu",
                           "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, LAYERSTREAM_API_KEY="from-env"), start_new_session=True)
+                         env=dict(os.environ, LAYERSTREAM_API_KEY="from-env"), start_new_session=True,
+                         preexec_fn=ends_with_the_test)
     try:
         import select
 

@@ -15,7 +15,7 @@ import pytest
 import ggufgen
 from layerstream.coordinator.supervisor import Supervisor
 from layerstream.proto.child import ShutdownRequested
-from procs import descendants, leaked, segments
+from procs import descendants, ends_with_the_test, leaked, segments
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 SIGINT_BIT = 1 << (signal.SIGINT - 1)
@@ -64,7 +64,7 @@ def test_a_signal_while_a_child_starts_prints_one_line(tmp_path, nth, sig, warm)
     launcher = [str(LAUNCHER)] if not warm else [sys.executable, "-c", WARM_LAUNCHER]
     p = subprocess.Popen([*launcher, "-m", path, "--device", "cpu", "-n", "2000", "--ignore-eos", "hello"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), ends_with_the_test()))
     try:
         seen: set[int] = set()
         deadline = time.monotonic() + 90
@@ -182,7 +182,8 @@ def test_a_whole_group_stopped_and_continued_goes_on(tmp_path):
     path = ggufgen.write_model(tmp_path / "m.gguf")
     p = subprocess.Popen([str(LAUNCHER), "-m", path, "--device", "cpu", "-n", "300", "--ignore-eos", "--on-context-full", "slide",
                           "--temperature", "0", "--stall-timeout", "2", "hello"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=ends_with_the_test)
     try:
         assert p.stdout.read(64), "no output before the stop"  # (decoding)
         os.killpg(p.pid, signal.SIGSTOP)

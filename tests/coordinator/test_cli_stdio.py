@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import ggufgen
-from procs import wait_listening
+from procs import ends_with_the_test, wait_listening
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
 linux = pytest.mark.skipif(sys.platform != "linux", reason="/dev/full, /proc")
@@ -110,7 +110,7 @@ def test_a_server_with_its_stdout_closed_serves_and_a_sighup_says_so(model):
         port = s.getsockname()[1]
     p = subprocess.Popen([str(LAUNCHER), "--serve", "--single-process", "--port", str(port), "-m", model,
                           "--device", "cpu"], stdout=None, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, preexec_fn=lambda: os.close(1))
+                         start_new_session=True, preexec_fn=lambda: (ends_with_the_test(), os.close(1)))
     try:
         wait_listening(p, port)
         p.send_signal(signal.SIGHUP)

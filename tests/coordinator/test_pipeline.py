@@ -30,7 +30,7 @@ from layerstream.errors import ContextFullError, PipelineError
 from layerstream.loader.gguf_index import open_model
 from layerstream.loader.layout import layer_layouts
 from layerstream.proto.signals import STOP_SIGNALS, TERMINATE
-from procs import descendants, leaked, segments
+from procs import descendants, ends_with_the_test, leaked, segments
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_leftovers")]
 
@@ -457,6 +457,7 @@ def _sigint_default() -> None:
     (`.ci/run &`) with SIGINT ignored, and an ignored SIGINT stays ignored across exec: Python
     then installs no Ctrl-C handler, and the launcher rightly carries on."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    ends_with_the_test()
 
 
 def _launcher(model, *args):

@@ -19,7 +19,7 @@ from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline import StepError
 from layerstream.coordinator.pipeline_config import Budget, ExpertOptions, PipelineConfig, ProcessOptions
 from layerstream.loader.gguf_index import open_model
-from procs import serving, stop
+from procs import ends_with_the_test, serving, stop
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_leftovers")]
 
@@ -147,7 +147,7 @@ def test_the_pipeline_server_answers_a_failed_step_500_and_serves_the_next_reque
     p = subprocess.Popen([str(LAUNCHER), "--serve", "--port", str(port), "--model", model, "--device", "cpu",
                           "--ctx", "64", "--batch", "2", "--resident-layers", "2", "--host-cache-gb", "0",
                           "--prefetch", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=ends_with_the_test)
     with serving(p, port):
         status, got = _post(port, {"prompt": BAD, "max_tokens": 4, "temperature": 0})
         assert status == 500 and got["error"]["type"] == "server_error", got

@@ -15,6 +15,7 @@ from layerstream.coordinator.engine import Engine, EngineConfig
 from layerstream.coordinator.pipeline_config import PipelineConfig, ReaderOptions
 from layerstream.coordinator.supervisor import WarmStarts
 from layerstream.loader.gguf_index import open_model
+from procs import ends_with_the_test
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_leftovers")]
 
@@ -61,7 +62,8 @@ def test_the_launcher_is_named_layerstream_with_its_options(tmp_path):
 
     path = ggufgen.write_model(tmp_path / "m.gguf")
     p = subprocess.Popen([str(LAUNCHER), "--single-process", "--serve", "-m", path, "--device", "cpu", "--port", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=ends_with_the_test)
     try:
         assert select.select([p.stderr], [], [], 60)[0], "nothing on stderr in 60 s"
         assert _named(p.pid, "layerstream") == (

@@ -441,6 +441,7 @@ def test_ctrl_c_stops_a_server_whose_sigint_is_ignored_with_status_130():
     still 130 (it was 0)."""
     def ignored() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ends_with_the_test()
 
     port = _free_port()
     p = subprocess.Popen([str(LAUNCHER), "--serve", "--port", str(port), "--device", "cpu", "--single-process",
