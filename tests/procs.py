@@ -13,10 +13,10 @@ import time
 
 
 def ends_with_the_test() -> None:
-    """In a server started in its own session, before exec: SIGTERM when the process that started it
-    ends (Linux's parent-death signal), so that a test run killed mid-test (a timeout's SIGTERM, a
-    Ctrl-C to pytest's group) stops its servers, which then remove their shared memory, rather than
-    leave them serving. Elsewhere nothing."""
+    """In a process a test starts in its own session (a server, a long run, the bench), before exec:
+    SIGTERM when the process that started it ends (Linux's parent-death signal), so that a test run
+    killed mid-test (a timeout's SIGTERM, a Ctrl-C to pytest's group) stops it, and it removes its
+    shared memory, rather than leave it running. Elsewhere nothing."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
