@@ -126,9 +126,16 @@ def test_a_head_narrower_than_the_step_gives_the_same_logits_in_chunks(smollm_al
             e.core.give_row(r)
 
 
+# (torch's threads at this worker's share of the cores, as conftest._share_the_cores sets a worker's: at
+# its default of one thread a core, beside the other worker, the run took twice as long on CI's 2 cores)
 PEAK = textwrap.dedent("""
-    import resource, sys
+    import os, resource, sys
+    import torch
     from layerstream.coordinator.engine import Engine
+    from layerstream.cpus import usable_cpus
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, usable_cpus() // workers))
     e = Engine.load(None, device="cpu", dtype="float32", ctx=512, max_seqs=1, prefill_chunk=128)
     text = open(sys.argv[1]).read()
     e.perplexity(text[:2000])  # the allocations every step makes, at their size
