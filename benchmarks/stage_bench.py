@@ -22,7 +22,7 @@ import torch
 
 from layerstream.compute.device import resolve_device
 from layerstream.coordinator.sigmask import start_thread_pools
-from layerstream.coordinator.supervisor import spawning
+from layerstream.coordinator.supervisor import join_all, spawning
 from layerstream.errors import LayerstreamError
 
 from .flags import device_args, floats, ints, model_args, pipeline_args, pipeline_config
@@ -388,11 +388,9 @@ def bench_reader(args) -> list[dict]:
         finally:
             for q in jobs:
                 q.put(None)
-            deadline = time.monotonic() + 10  # (one wait for all: each reader's own 10 s added up)
-            for p in procs:
-                if p.pid is None:  # (stopped before it was started)
-                    continue
-                p.join(max(0.0, deadline - time.monotonic()))
+            started = [p for p in procs if p.pid is not None]  # (not those stopped before they started)
+            join_all(started, 10)  # (10 s in all: each reader's own 10 s added up)
+            for p in started:
                 if p.is_alive():
                     p.kill()
                     p.join()

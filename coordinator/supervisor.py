@@ -254,7 +254,7 @@ class WarmStarts:
         self.waiting = {}
         for p in procs:
             _terminate(p)
-        _join_all(procs, 2.0)
+        join_all(procs, 2.0)
 
     def __enter__(self) -> "WarmStarts":
         return self
@@ -362,7 +362,7 @@ class Supervisor:
         for p in procs:
             if p.exitcode is None:
                 p.kill()
-        _join_all(procs, 1.0)
+        join_all(procs, 1.0)
         for i in idents:
             c = self.children.get(i)
             if c is not None and c.proc is not None and c.proc.exitcode is not None and not c.stop_logged:
@@ -423,7 +423,8 @@ def _wait_stopping(procs, timeout: float) -> None:
         wait_any([p.sentinel for p in live], min(left, 0.05))
 
 
-def _join_all(procs, timeout: float) -> None:
+def join_all(procs, timeout: float) -> None:
+    """Join every one of `procs` within `timeout` seconds in all (not each)."""
     end = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, end - time.monotonic()))
