@@ -13,7 +13,7 @@ import time
 
 
 def ends_with_the_test() -> None:
-    """In a process a test starts in its own session (a server, a long run, the bench), before exec:
+    """In a process a test starts in a process group of its own (a server, a long run, the bench), before exec:
     SIGTERM when the process that started it ends (Linux's parent-death signal), so that a test run
     killed mid-test (a timeout's SIGTERM, a Ctrl-C to pytest's group) stops it, and it removes its
     shared memory, rather than leave it running. Elsewhere nothing."""
@@ -21,6 +21,17 @@ def ends_with_the_test() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def signal_state(pid: int) -> dict[str, int]:
+    """A process's SigBlk, SigIgn, SigCgt (masks: bit n - 1 is signal n) and Threads, from /proc; {} where
+    it cannot be read (gone, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rows = [line.split(":") for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt", "Threads"))]
+    except OSError:
+        return {}
+    return {k: int(v, 10 if k == "Threads" else 16) for k, v in rows}
 
 
 def segments() -> set[str]:

@@ -528,11 +528,12 @@ def _stop_handlers_in_place(pid: int) -> bool:
     """Whether bin/bench's Python (`pid`) has run early_signals.install: SIGTERM caught. What lands before
     it, as `site` imports, meets CPython's defaults (early_signals' NOTE); that took more than 0.3 s on CI's
     2 loaded cores (a Ctrl-C there: a KeyboardInterrupt traceback and status -2)."""
+    from procs import signal_state
+
+    caught = signal_state(pid).get("SigCgt", 0)
     try:
-        with open(f"/proc/{pid}/status") as f:
-            caught = int(next(line for line in f if line.startswith("SigCgt")).split()[1], 16)
         exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-    except (OSError, StopIteration, ValueError):
+    except OSError:
         return False
     return exe.startswith("python") and bool(caught & (1 << (signal.SIGTERM - 1)))
 

@@ -126,16 +126,13 @@ def test_a_head_narrower_than_the_step_gives_the_same_logits_in_chunks(smollm_al
             e.core.give_row(r)
 
 
-# (torch's threads at this worker's share of the cores, as conftest._share_the_cores sets a worker's: at
-# its default of one thread a core, beside the other worker, the run took twice as long on CI's 2 cores)
+# (torch's threads: this worker's, which conftest._share_the_cores set; at its default of one thread a
+# core, beside the other worker, the run took twice as long on CI's 2 cores)
 PEAK = textwrap.dedent("""
-    import os, resource, sys
+    import resource, sys
     import torch
     from layerstream.coordinator.engine import Engine
-    from layerstream.cpus import usable_cpus
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1:
-        torch.set_num_threads(max(1, usable_cpus() // workers))
+    torch.set_num_threads(int(sys.argv[2]))
     e = Engine.load(None, device="cpu", dtype="float32", ctx=512, max_seqs=1, prefill_chunk=128)
     text = open(sys.argv[1]).read()
     e.perplexity(text[:2000])  # the allocations every step makes, at their size
@@ -153,7 +150,7 @@ def test_perplexity_memory_is_one_steps_logits_not_a_windows(tmp_path):
     their compute)."""
     path = tmp_path / "text.txt"
     path.write_text(TEXT * 2)  # about 620 tokens: a whole 512-token window and a short one
-    out = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, timeout=850,
+    out = subprocess.run([sys.executable, "-c", PEAK, str(path), str(torch.get_num_threads())], capture_output=True, text=True, timeout=850,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     n, grew = map(int, out.stdout.split())

@@ -14,6 +14,7 @@ from layerstream.loader.gguf_index import open_model
 from layerstream.loader.synth import main, write_shaped_model
 from layerstream.loader.synth_blocks import random_quant_blocks
 from layerstream.loader.synth_shapes import SHAPES, ModelShape, tensor_type
+from procs import signal_state
 
 TINY = ModelShape("tiny", n_embd=256, n_ff=512, n_layer=3, n_head=4, n_head_kv=2, n_vocab=300,
                   rope_theta=500000.0, rope_freqs=True, context_length=512)
@@ -240,11 +241,7 @@ def test_a_write_cut_short_leaves_no_file_and_says_so(tmp_path, sig, status, wor
         while not list(tmp_path.iterdir()) and time.monotonic() < deadline:  # (writing has begun)
             time.sleep(0.05)
         time.sleep(0.5)
-        try:  # (what the signal met, for a failure's message: one CI run's SIGTERM was not taken, status 0)
-            with open(f"/proc/{proc.pid}/status") as f:
-                met = [line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigCgt", "Threads"))]
-        except OSError:
-            met = []
+        met = signal_state(proc.pid)  # (what the signal met, for a failure's message: one CI run's SIGTERM was not taken)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
