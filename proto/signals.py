@@ -56,7 +56,11 @@ def restore(previous: dict) -> None:
 def raise_on_stop() -> dict:
     """A tool's own handlers, in place of the launcher's early ones (which exit at once): from here on
     RAISED's signals raise Stopped where the tool is, SIGINT KeyboardInterrupt. Returns the handlers they
-    replaced, for restore()."""
+    replaced, for restore(). The stop signals are unblocked first, under the handlers they had: a parent
+    that blocked them passes the block on across fork and exec, and synth then wrote a whole model
+    with a SIGTERM pending unseen; one pending meets the earlier handler, before the tool has begun."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     return set_handlers(RAISED, raise_stopped) | set_handlers((signal.SIGINT,), signal.default_int_handler)
 
 

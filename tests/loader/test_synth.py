@@ -14,6 +14,7 @@ from layerstream.loader.gguf_index import open_model
 from layerstream.loader.synth import main, write_shaped_model
 from layerstream.loader.synth_blocks import random_quant_blocks
 from layerstream.loader.synth_shapes import SHAPES, ModelShape, tensor_type
+from layerstream.proto.signals import STOP_SIGNALS
 from procs import signal_state
 
 TINY = ModelShape("tiny", n_embd=256, n_ff=512, n_layer=3, n_head=4, n_head_kv=2, n_vocab=300,
@@ -232,10 +233,17 @@ def test_a_write_cut_short_leaves_no_file_and_says_so(tmp_path, sig, status, wor
     import time
 
     out = tmp_path / "big.gguf"
-    # (SIGINT as a terminal sends it, even where this test's runner ignores it and the child would inherit that)
+
+    def as_a_parent_left_them():
+        # SIGINT as a terminal sends it, even where this test's runner ignores it and the child would
+        # inherit that; every stop signal blocked, as a parent may pass them on across exec: one CI
+        # run's synth took no SIGTERM and wrote the whole file, with status 0, as a blocked one did here
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
     proc = subprocess.Popen([sys.executable, "-m", "layerstream.loader.synth", str(out), "--shape", "llama-3.1-8b"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=as_a_parent_left_them)
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.iterdir()) and time.monotonic() < deadline:  # (writing has begun)
