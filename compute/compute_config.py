@@ -24,6 +24,12 @@ class DevicePlan:
     logit_rows: int = 64  # rows of logits a step holds at once, wider heads in chunks (plan.py; 64: qlinear.HEAD_CHUNK)
     dequant_scratch: bool = True  # reserve the prompt path's dequantization buffer (the plan counted it)
 
+    def graph_max_tokens(self, quantized: bool) -> int:
+        """The largest decode batch the runner captures: the plan's, whose memory it counted
+        (memory.Sizes.graphs; a verifying step's rows beyond it run eagerly: runner.py NOTE [ drafts
+        verified as decode rows ]); none without the Triton kernels' blocks."""
+        return self.graph_rows if quantized else 0
+
 
 @dataclass(frozen=True)
 class ExpertStreamConfig:

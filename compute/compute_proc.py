@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import zmq
 
-from layerstream.compute.compute_config import ComputeConfig, DevicePlan
+from layerstream.compute.compute_config import ComputeConfig
 from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.dequant import have_triton
 from layerstream.compute.device import computing_form, cuda_visible
@@ -78,13 +78,6 @@ class _InFlight:
     start: Any = None  # CUDA event recorded as its launch began: where the device starts it
     events: list = field(default_factory=list)  # its CUDA event pairs (streamed.py)
     observed: tuple = ()  # the CPU share's figures of its launch
-
-
-def graph_max_tokens(plan: DevicePlan, quantized: bool) -> int:
-    """The largest decode batch the runner captures: the plan's, whose memory it counted (memory.Sizes.graphs;
-    a verifying step's rows beyond it run eagerly: runner.py NOTE [ drafts verified as decode rows ]);
-    none without the Triton kernels' blocks."""
-    return plan.graph_rows if quantized else 0
 
 
 @dataclass
@@ -149,7 +142,7 @@ class ComputeWorker:
         and the runner over it (NOTE [ the arena after Ready ] in coordinator/pipeline.py)."""
         cfg, plan, dtype, form = self.cfg, self.cfg.plan, self.dtype, self.form
         quantized = form == "triton"
-        graphs = graph_max_tokens(plan, quantized)  # the decode batches captured (0: none)
+        graphs = plan.graph_max_tokens(quantized)  # the decode batches captured (0: none)
         self.arena = Arena.from_wire(arena)
         if self.device.type == "cuda":
             self._register_arena()
@@ -302,8 +295,7 @@ class ComputeWorker:
                 self.tl.add("step_tail", "tail", src.released_ns, now - src.released_ns)
         finally:
             self.source.launched = True  # (a step that raised: the pumps that clean up answer)
-        self.source.return_slots()
-        self.returns.flush()
+        self._give_back(wait=False)  # NOTE [ the step's end does not wait ] in expert_stream.py
         evs = self.source.ring.gpu_events if self.device.type == "cuda" else []
         step = _InFlight(msg.step, tokens, msg.want_logits, [s.row if s.sample else -1 for s in msg.seqs], launched,
                          t0, None if start is not None else (time.monotonic_ns() - t0) / 1e9, start, list(evs))
@@ -422,14 +414,22 @@ class ComputeWorker:
                 self._answer_finished()
                 if not self.inflight:
                     continue
+                self._give_back(wait=False)
                 msg = self.links.recv(0)
                 if msg is None:
                     time.sleep(POLL_S)
                     continue
             else:
+                self._give_back(wait=True)
                 msg = self.links.recv()
             if msg is not None:
                 self._take(msg)
+
+    def _give_back(self, wait: bool) -> None:
+        """Give back the staging slots whose layers are done (`wait`: all, waiting for the device)."""
+        if self.source is not None:
+            self.source.return_slots(wait)
+        self.returns.flush()
 
     def close(self) -> None:
         if self.registered:

@@ -18,6 +18,17 @@ prefetch ]). Prompt steps touch nearly every expert: their layers stream whole.
 With `dense_resident` (the plan's, when they fit) a streamed MoE layer keeps its own device copy
 of every tensor but its experts from its first load on, so its expert steps copy nothing ahead:
 no VRAM slot is taken, and the staging slot is held only for the chosen experts' bytes.
+
+NOTE [ the step's end does not wait ]
+A staging slot held for a layer's experts goes back once the device has run that layer (its
+event). The host waits for that only where it must wait for the coordinator anyway (the pumps
+that block, which give back everything first, so no wait can deadlock) and before the compute
+loop blocks on its socket with no step in flight. A step's launch, at its end, gives back only
+the slots whose layers are done, and the compute loop gives back the rest as they finish while
+it polls the step in flight. Waiting at the launch's end held the host until the last streamed
+layer's experts had run, so the next step's set-up began with only the head and the sampling
+queued on the device, which then idled between steps. The cost: the last layers' LayerDone
+reaches the coordinator up to one layer's compute later.
 """
 
 from __future__ import annotations
@@ -148,8 +159,8 @@ class ExpertStream:
     def return_slots(self, wait: bool = True) -> None:
         """Give back the staging slots of the layers whose work is done, their expert copies
         included (`wait`: all of them, waiting for the device). The host never waits for a layer's
-        expert copies before the next layer's work is queued: only when it must wait for the
-        coordinator, and at the step's end."""
+        expert copies before the next layer's work is queued, nor at the step's end: only when it
+        must wait for the coordinator (NOTE [ the step's end does not wait ])."""
         while self.returning:
             ev, step, i, slot = self.returning[0]
             if ev is not None and not wait and not ev.query():

@@ -37,7 +37,8 @@ class _Links:
 def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w = object.__new__(ComputeWorker)  # the message logic only: no arena, no model
     w.links, w.tl = _Links(incoming), Timeline("compute", "t")
-    w.source = SimpleNamespace(expert_step=expert_step, launched=True)
+    w.waits = []  # each give-back of the experts' staging slots: whether it waited for the device
+    w.source = SimpleNamespace(expert_step=expert_step, launched=True, return_slots=w.waits.append)
     # (the pipeline's done_batch: DONE_BATCH when every streamed layer is cached)
     w.returns = SlotReturns(lambda msg: w.links.send(msg), done_batch)
     w.ready_slots = {}
@@ -126,8 +127,8 @@ def test_a_step_answers_the_step_before_only_after_its_first_launch():
             w._pump(False)  # (as its _issue_copies)
             seen.append(("set_step", list(w.links.sent), dict(w.ready_slots)))
 
-        def return_slots(self):
-            pass
+        def return_slots(self, wait):
+            w.waits.append(wait)
 
     def launch(seqs, sample, starts, want):
         w._pump(False)  # (the first streamed layer's _count_prefetch, before its launch)
@@ -140,6 +141,7 @@ def test_a_step_answers_the_step_before_only_after_its_first_launch():
     w.source, w.stepper = _Source(), SimpleNamespace(launch=launch)
     w.cpu, w.expert_count = SimpleNamespace(experts=None, share=None), None
     ComputeWorker.launch(w, Forward(8, [ForwardSeq(0, [-1], [5], [5], list(range(6)), True)], "none"))
+    assert w.waits == [False]  # NOTE [ the step's end does not wait ]: only what is done goes back
     done = ForwardDone(7, [], "float32", {}, [42], [0])
     assert seen == [("set_step", [], {(8, 3): 1}), ("layer", []), ("next", [done])]
     assert [st.step for st in w.inflight] == [8] and w.source.launched
@@ -202,8 +204,8 @@ def test_a_forward_taken_in_during_a_step_has_its_meta_built_then_and_its_launch
         def set_step(self, step, tokens):
             pass
 
-        def return_slots(self):
-            pass
+        def return_slots(self, wait):
+            w.waits.append(wait)
 
     def launch(seqs, sample, starts, want):
         stepped.append(seqs)
@@ -230,8 +232,8 @@ def test_a_launch_times_the_hosts_set_up_before_its_first_launch_and_its_tail_af
         def set_step(self, step, tokens):
             self.launched, self.launched_ns = False, 0
 
-        def return_slots(self):
-            pass
+        def return_slots(self, wait):
+            w.waits.append(wait)
 
     def launch(seqs, sample, starts, want):
         time.sleep(0.05)  # (the set-up)
@@ -303,6 +305,9 @@ def test_the_loop_launches_the_next_forward_before_the_step_in_flight_is_done():
     with pytest.raises(Stop):
         w.run()
     assert log == ["launch 1", "launch 2", "done 1 [41]", "done 2 [42]"]
+    # NOTE [ the step's end does not wait ]: the loop gives back the experts' slots that are done
+    # while it polls the steps in flight, and waits for them all only before it blocks
+    assert w.waits == [True, False, False, True]
 
 
 def test_the_balancer_sees_the_step_own_time_not_the_time_until_it_was_answered():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 import ggufgen
-from layerstream.compute.compute_proc import graph_max_tokens
 from layerstream.compute.device import keeps_quantized, resolve_dtype
 from layerstream.compute.runner import GRAPH_KV_MIN
 from layerstream.coordinator.draft_plan import draft_memory, draft_tokens_for
@@ -86,8 +85,8 @@ def test_the_compute_process_captures_the_batches_the_plan_counted(tmp_path):
         n = draft_tokens_for(ecfg)
         la = make_launch(index, torch.device("cuda"), torch.float16, 256, 1, cfg, draft_tokens=n)
         assert la.plan.graph_rows == rows
-        assert graph_max_tokens(la.compute_config(*ends).plan, quantized=True) == rows
-        assert graph_max_tokens(la.compute_config(*ends).plan, quantized=False) == 0
+        assert la.compute_config(*ends).plan.graph_max_tokens(quantized=True) == rows
+        assert la.compute_config(*ends).plan.graph_max_tokens(quantized=False) == 0
 
 
 def test_serve_batch_counts_the_drafts_memory_at_each_row_count(tmp_path):
