@@ -427,8 +427,7 @@ class ComputeWorker:
 
     def _give_back(self, wait: bool) -> None:
         """Give back the staging slots whose layers are done (`wait`: all, waiting for the device)."""
-        if self.source is not None:
-            self.source.return_slots(wait)
+        self.source.return_slots(wait)
         self.returns.flush()
 
     def close(self) -> None:
