@@ -439,7 +439,9 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
     ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
     n = w_off.numel()
     out = torch.empty(n, N, dtype=x.dtype, device=x.device)
-    BN = 64 if INTERPRET else 4
+    # (under the interpreter, whose programs run one after another in Python: one program over up to
+    # 256 rows, numpy-wide, where rows cost little and each program's ops much)
+    BN = min(256, triton.next_power_of_2(N)) if INTERPRET else 4
     kw = {} if INTERPRET else {"num_warps": 1}
     _grouped_kernel[(triton.cdiv(N, BN), n)](x, raw, raw.view(torch.float16), out, w_off, x_row, N,
                                              triton.cdiv(K, 256), nblk, row_bytes, x.stride(0), N,
