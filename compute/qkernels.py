@@ -277,7 +277,7 @@ def _config(M: int, N: int, n_chunks: int) -> tuple[int, int, int, int]:
     else:
         BM, BN, warps = 16, 32, 4
     if INTERPRET:  # programs run one after another in Python: fewer, larger ones (numpy-wide)
-        BN = 64
+        BN = min(256, triton.next_power_of_2(N))
     tiles = triton.cdiv(N, BN) * (M if BM == 1 else triton.cdiv(M, BM))
     splits = max(1, min(n_chunks // 2, triton.cdiv(TARGET_PROGRAMS, tiles)))
     if not INTERPRET and not torch.cuda.is_current_stream_capturing():
