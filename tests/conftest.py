@@ -36,7 +36,28 @@ def _share_the_cores() -> None:
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        torch.set_num_threads(max(1, usable_cpus() // workers))
+        share = max(1, usable_cpus() // workers)
+        torch.set_num_threads(share)
+        # The processes a test starts (launchers, servers, the pipeline's children, scripts) size their
+        # OpenMP and OpenBLAS pools by OMP_NUM_THREADS: at their default of a thread a core, a launcher's
+        # pool spun beside the compute process and the other worker's processes, and every test on the
+        # two cores waited for it. (numpy and torch are loaded here already: this process keeps its
+        # pools.) A test about which threads take a Ctrl-C keeps the default (`default_threads`).
+        if "OMP_NUM_THREADS" not in os.environ:
+            os.environ["OMP_NUM_THREADS"] = _SHARED_THREADS[0] = str(share)
+
+
+_SHARED_THREADS = [None]  # the OMP_NUM_THREADS this worker set for the processes its tests start
+
+
+@pytest.fixture(autouse=True)
+def _default_threads(request, monkeypatch):
+    """Tests marked `default_threads` start their processes without the worker's OMP_NUM_THREADS:
+    a Ctrl-C sent to such a process, or its threads' signal masks read, must meet the thread pools
+    a run has (NOTE [ SIGINT and threads ] in coordinator/sigmask.py), not the fewer a shared core
+    leaves."""
+    if _SHARED_THREADS[0] is not None and request.node.get_closest_marker("default_threads"):
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
 
 def pytest_unconfigure(config):

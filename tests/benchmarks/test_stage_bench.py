@@ -468,6 +468,7 @@ def test_a_bench_stopped_by_a_stop_signal_removes_its_folders_and_its_processes(
             p.kill()
 
 
+@pytest.mark.default_threads
 def test_a_groups_ctrl_c_while_the_readers_start_is_the_benchs_one_line(tmp_path, tiny):
     """A probe's: a terminal's Ctrl-C reaches the whole group, and each reader process, still
     importing its stage in multiprocessing's bootstrap, printed its own KeyboardInterrupt traceback.
@@ -498,6 +499,7 @@ def test_a_groups_ctrl_c_while_the_readers_start_is_the_benchs_one_line(tmp_path
             p.kill()
 
 
+@pytest.mark.default_threads
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
 def test_the_benchs_threads_before_its_first_spawn_never_take_sigint():
     """The test above, one run in CI: numpy's OpenBLAS thread took the group's Ctrl-C, the main thread
@@ -538,6 +540,7 @@ def _stop_handlers_in_place(pid: int) -> bool:
     return exe.startswith("python") and bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
+@pytest.mark.default_threads
 def test_a_ctrl_c_while_the_bench_starts_is_its_one_line_and_130():
     """(a Ctrl-C in its first second, while torch was imported, printed a KeyboardInterrupt traceback
     and the bench died by the signal, status -2)"""

@@ -896,6 +896,7 @@ class _Pty:
         raise AssertionError(f"still running {timeout} s later; the terminal shows {self.buf[-2000:]!r}")
 
 
+@pytest.mark.default_threads
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--single-process"], []], ids=["single-process", "pipeline"])
 def test_ctrl_c_stops_a_reply_and_keeps_the_conversation(tmp_path, mode):

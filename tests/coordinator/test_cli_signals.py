@@ -48,6 +48,7 @@ def _bootstrapping(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.default_threads
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
 @pytest.mark.parametrize("nth,sig,warm", [(1, signal.SIGINT, False), (2, signal.SIGINT, False),
                                           (3, signal.SIGINT, False), (2, signal.SIGTERM, False),
@@ -197,6 +198,7 @@ def test_a_whole_group_stopped_and_continued_goes_on(tmp_path):
     assert b"stalled" not in err and out  # (still decoding when stopped: the rest came after the continue)
 
 
+@pytest.mark.default_threads
 @pytest.mark.parametrize("sig,line,code", [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143),
                                            (signal.SIGHUP, "hung up", 129), (signal.SIGQUIT, "quit", 131)])
 def test_a_stop_signal_during_the_imports_is_the_runs_one_line(sig, line, code):
@@ -233,6 +235,7 @@ def test_the_launchers_run_this_checkout_whatever_the_working_directory_holds(tm
         assert r.returncode == 0 and r.stdout.startswith(want) and "decoy" not in r.stdout + r.stderr, (argv, r)
 
 
+@pytest.mark.default_threads
 @pytest.mark.parametrize("delay", [0.2, 0.4])
 def test_the_launcher_stopped_as_it_imports_says_so_in_one_line(delay, tmp_path):
     """The launcher stopped a fraction of a second after its start, while it imports (a hostile

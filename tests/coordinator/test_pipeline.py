@@ -354,6 +354,7 @@ def test_reader_killed_mid_generation_is_restarted(model, reference):
         assert e.backend.sup.children["reader-0"].proc.pid != reader.pid
 
 
+@pytest.mark.default_threads
 @pytest.mark.parametrize("sig", sorted(STOP_SIGNALS))
 def test_children_ignore_a_stop_signal_sent_to_the_group(model, reference, sig, caplog):
     """A SIGTERM to the whole process group (systemd's stop, `timeout`) killed the readers and
@@ -480,6 +481,7 @@ def interrupted_in_pyrun():
 """
 
 
+@pytest.mark.default_threads
 def test_a_caught_ctrl_c_exits_130_from_the_launcher(tmp_path):
     """Run as `python -m`, CPython dies by SIGINT at exit (-2) once a KeyboardInterrupt has left
     code evaluated through PyRun_String, even where the program caught it (its flag for an
@@ -499,6 +501,7 @@ def test_a_caught_ctrl_c_exits_130_from_the_launcher(tmp_path):
     assert p.returncode == 130, (p.returncode, p.stderr)
 
 
+@pytest.mark.default_threads
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
 def test_launcher_stops_within_5_s_on_signal(model, sig):
     """SIGHUP and SIGQUIT go to the whole group, as a closed terminal and a Ctrl-\\ send them: the

@@ -319,6 +319,7 @@ def test_the_openai_fields_clients_send_are_served(server, smollm_engine):
     assert e.value.param == "logprobs"
 
 
+@pytest.mark.default_threads
 def test_a_non_loopback_host_without_a_key_warns_and_ctrl_c_exits_130():
     """One exit rule: 128 + the signal after the drain, Ctrl-C (SIGINT) as SIGTERM (143)."""
     p, url = _start("--single-process", "--host", "0.0.0.0")
@@ -435,6 +436,7 @@ def test_a_closed_terminal_stops_the_server_as_sigterm_does(sig):
             os.killpg(p.pid, signal.SIGKILL)
 
 
+@pytest.mark.default_threads
 def test_ctrl_c_stops_a_server_whose_sigint_is_ignored_with_status_130():
     """A shell starts a background job with SIGINT ignored, which Python keeps: uvicorn's handler
     takes the signal and raises it again once stopped, where it is ignored; the exit status is
@@ -1322,6 +1324,7 @@ def _events(r: http.client.HTTPResponse, until: int | None = None) -> list[str]:
     return got
 
 
+@pytest.mark.default_threads
 @pytest.mark.parametrize("how, mode", [("SIGTERM", "one process"), ("double Ctrl-C", "one process"),
                                        ("double Ctrl-C", "pipeline"), ("SIGTERM to the group", "pipeline")])
 def test_stopping_ends_requests_in_flight_with_abort_and_done(how, mode):
@@ -1639,6 +1642,7 @@ def test_a_hung_pipeline_found_during_the_stop_ends_the_streams_as_aborted():
             p.wait()
 
 
+@pytest.mark.default_threads
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_second_signal_stops_a_server_whose_engine_hangs_at_once(sig):
     """A hostile-user probe: a second SIGTERM (or Ctrl-C) while the stop's grace waits on a stream whose

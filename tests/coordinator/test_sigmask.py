@@ -10,6 +10,8 @@ import pytest
 
 from procs import THREAD_MASKS, sigint_takers
 
+pytestmark = pytest.mark.default_threads  # (the threads' masks: their pools as a run has them)
+
 CHILD = r"""
 import os, signal
 from layerstream.coordinator.sigmask import start_thread_pools

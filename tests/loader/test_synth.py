@@ -222,6 +222,7 @@ def test_a_synthetic_model_chats(tmp_path):
     assert len(turns) == 2 and "reused" in turns[1] and all("decode: 4 tokens" in t for t in turns), r.stderr
 
 
+@pytest.mark.default_threads
 @pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
                                              (signal.SIGHUP, 129, "hung up"), (signal.SIGQUIT, 131, "quit")])
 def test_a_write_cut_short_leaves_no_file_and_says_so(tmp_path, sig, status, word):
