@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.out:
         p.error("out: an empty path; give the .gguf file to write")
+    # refused before writing: the whole model was written first, then the rename over a folder failed,
+    # and one over a device (run as root) replaced /dev/null with the model
+    if args.out.endswith(os.sep) or os.path.isdir(args.out):
+        p.error(f"{args.out}: a folder; give the path of the .gguf file to write")
+    if os.path.lexists(args.out) and not os.path.isfile(args.out):
+        p.error(f"{args.out}: exists and is not a regular file; give another path")
     if args.seed < 0:
         p.error(f"--seed {args.seed}: must be 0 or more")
     # written beside its name and renamed when whole: a run cut short (Ctrl-C, SIGTERM, a full disk)
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     finally:
         restore(previous)
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # (never made, or a read-only folder: the error above said so)
             os.unlink(part)
     dt = time.perf_counter() - t0
     size = os.path.getsize(args.out)

@@ -269,6 +269,24 @@ def test_synth_refuses_a_negative_seed_and_an_empty_path_before_writing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_synth_refuses_a_folder_or_a_special_file_before_writing(tmp_path, capsys):
+    """A probe's: a folder as the output wrote the whole model beside it before the rename failed
+    (one ending in / then said 'Not a directory'), and run as root a device (/dev/null) was replaced
+    by the model. A FIFO stands in for the device."""
+    import os
+    import stat
+
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for out, words in ((tmp_path / "dir", "a folder"), (f"{tmp_path / 'dir'}/", "a folder"),
+                       (tmp_path / "fifo", "exists and is not a regular file")):
+        with pytest.raises(SystemExit) as e:
+            main([str(out), "--shape", "smollm2-135m", "--layers", "1"])
+        assert e.value.code == 2 and f"{out}: {words}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo"] and not list((tmp_path / "dir").iterdir())
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+
+
 def test_a_model_its_disk_has_no_room_for_is_refused_before_a_byte_is_written(tmp_path, capsys, monkeypatch):
     """A probe's: bin/bench --shape llama-3.1-70b wrote 43 GB to the temporary folder with no
     check, to find a full disk near the end. The free space is a stand-in, a little short of the
