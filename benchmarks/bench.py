@@ -181,10 +181,13 @@ def entry() -> None:
     bench stops (SIGTERM, SIGHUP and SIGQUIT as early_signals.Stopped, SIGINT as KeyboardInterrupt, in place of the launcher's early handlers,
     which exit at once), then main(), what its output could not write said in one line, and an exit
     without the interpreter's teardown (whose last flush of a closed pipe printed 'Exception ignored')."""
-    from layerstream.coordinator.stdio import flush_stdout, open_standard_fds
+    from layerstream.coordinator.stdio import closed_output, flush_stdout, open_standard_fds
     from layerstream.coordinator.supervisor import quick_exit
 
     open_standard_fds()  # (`>&-`: libuv aborted on its loop's socket, which took the closed stdout's number)
+    if (closed := closed_output()) is not None:  # (as run-pipeline: the tables would be lost with status 0)
+        print(f"bin/bench: error: {closed}", file=sys.stderr)
+        quick_exit(1)
     out = sys.stdout
     sys.stdout = _Output(out)
     raise_on_stop()
