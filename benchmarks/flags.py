@@ -131,6 +131,9 @@ def problem(args: argparse.Namespace) -> str | None:
         return f"-m {args.model} and --shape {args.shape}: give one of them (a --shape model is written and measured)"
     if getattr(args, "layers", None) is not None and hasattr(args, "shape") and not args.shape:
         return f"--layers {args.layers}: it sets a --shape model's layers; give --shape too"
+    if getattr(args, "quant", None) is not None and hasattr(args, "shape") and not args.shape \
+            and not getattr(args, "draft_shape", None):  # (a probe's: ignored, measuring the given model)
+        return f"--quant {args.quant}: it sets a --shape model's quant mix; give --shape too"
     types = getattr(args, "types", None)
     if isinstance(types, str):
         from gguf import GGMLQuantizationType as QT
@@ -183,13 +186,14 @@ def problem(args: argparse.Namespace) -> str | None:
 
 def model_args(p: argparse.ArgumentParser, reps: int = 5) -> None:
     """--model or a synthetic --shape (--layers, --quant), and --reps."""
-    from layerstream.loader.synth import SHAPES
+    from layerstream.loader.synth import QUANT_MIXES, SHAPES
 
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--shape", help=f"measure a synthetic model of this shape instead ({', '.join(SHAPES)}), written "
                                    "to a temporary directory")
     p.add_argument("--layers", type=int, default=None, help="layers of the --shape model (default: the shape's)")
-    p.add_argument("--quant", default="Q4_K_M", help="quant mix of the --shape model (Q4_K_M, Q5_K_M, Q8_0, F16)")
+    p.add_argument("--quant", default=None, choices=QUANT_MIXES,
+                   help="quant mix of the --shape model (default Q4_K_M)")
     p.add_argument("--reps", type=int, default=reps, help=f"timed repetitions; the median is reported (default {reps})")
 
 

@@ -99,6 +99,7 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["reader", "-m", "m.gguf", "--shape", "smollm2-135m"],  # (-m was ignored)
      "-m m.gguf and --shape smollm2-135m: give one of them (a --shape model is written and measured)"),
     (["reader", "--layers", "3"], "--layers 3: it sets a --shape model's layers; give --shape too"),  # (ignored)
+    (["pipeline", "--quant", "Q8_0"], "--quant Q8_0: it sets a --shape model's quant mix; give --shape too"),  # (ignored)
     (["pipeline", "--cpu-share", "8:0.5,"], "--cpu-share '8:0.5,': '' is not BATCH:FRACTION with a batch size of 1, 2, "
                                             "4, 8 and a fraction from 0 to 1 (such as 8:0.5)"),  # (exit 1, as a failure)
     # a share asked for where the device is the CPU, which run-pipeline refuses (the bench ran it: a probe's)
