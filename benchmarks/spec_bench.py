@@ -49,7 +49,7 @@ def draft_index(args):
 
         with tempfile.TemporaryDirectory(prefix="layerstream-bench-") as d:
             path = write_shaped_model(os.path.join(d, f"{args.draft_shape}.gguf"), args.draft_shape,
-                                      args.draft_layers, args.quant or "Q4_K_M", progress=True)
+                                      args.draft_layers, args.quant, progress=True)
             yield open_model(path)
     else:
         yield open_model(args.draft_model) if args.draft_model else None

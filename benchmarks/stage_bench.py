@@ -80,7 +80,7 @@ def model_for(args):
         from layerstream.loader.synth import write_shaped_model
 
         with tempfile.TemporaryDirectory(prefix="layerstream-bench-") as d:
-            path = write_shaped_model(os.path.join(d, f"{args.shape}.gguf"), args.shape, args.layers, args.quant or "Q4_K_M",
+            path = write_shaped_model(os.path.join(d, f"{args.shape}.gguf"), args.shape, args.layers, args.quant,
                                       progress=True)
             yield open_model(path)
     else:

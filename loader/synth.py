@@ -168,10 +168,10 @@ def shaped_index(shape: str | ModelShape, mix: str = "Q4_K_M", n_layer: int | No
 
 
 def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama-3.1-8b", n_layer: int | None = None,
-                       quant: str = "Q4_K_M", seed: int = 0, progress: bool = False, route_skew: float = 0.0) -> str:
+                       quant: str | None = None, seed: int = 0, progress: bool = False, route_skew: float = 0.0) -> str:
     """Write a random-weight GGUF of `shape` (a SHAPES name or a ModelShape) and return its path.
 
-    n_layer overrides the shape's layer count; quant is a llama.cpp-like mix: Q4_K_M, Q8_0 or F16;
+    n_layer overrides the shape's layer count; quant is a llama.cpp-like mix: Q4_K_M (None), Q8_0 or F16;
     route_skew: the share of each MoE layer's routing decisions its hot tenth of experts takes
     (NOTE [ skewed routing ]; 0: a random router, uniform).
     Tensors are generated and written one at a time (bounded memory); tensor i draws from its own
@@ -179,6 +179,7 @@ def write_shaped_model(path: str | os.PathLike, shape: str | ModelShape = "llama
     """
     path = os.fspath(path)
     shape = resolve_shape(shape, n_layer)
+    quant = quant or "Q4_K_M"
     if quant not in QUANT_MIXES:
         raise ValueError(f"quant mix {quant!r}: use one of {', '.join(QUANT_MIXES)}")
     if route_skew:
