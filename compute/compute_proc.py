@@ -150,7 +150,7 @@ class ComputeWorker:
         experts = make_expert_stream(self.layouts, resident, (hp.moe.n_expert, hp.moe.n_expert_used), ex.cache_bytes,
                                      ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
                                      self.device, dtype, quantized, self.tl, self.arena.slot_array,
-                                     self._layer_done)
+                                     self._layer_done, plan.vram_slots)
         self.source = StreamedLayers(self.layouts, self.arena.slot_array, self.ready_slots, self._pump,
                                      self._layer_done, self.device, dtype, resident, plan.vram_slots, self.tl,
                                      quantized=form, share=self.cpu.share, experts=experts)
@@ -216,7 +216,7 @@ class ComputeWorker:
         if cache is not None:
             snap["experts"] = {"policy": cache.kept.policy, "hits": cache.hits, "misses": cache.misses,
                                "bytes": cache.bytes_moved, "prefetch_hits": cache.ahead.hits, "prefetched": cache.ahead.copied,
-                               "prefetch_late": cache.ahead.late,
+                               "prefetch_late": cache.ahead.late, "lends": cache.lends, "reclaimed": cache.reclaimed,
                                "prefetch_limit": cache.ahead.limits / max(cache.ahead.issued, 1),
                                "steps": self.expert_count.steps, "tokens": self.expert_count.tokens}
         if self.cpu.experts is not None:

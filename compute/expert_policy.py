@@ -35,6 +35,7 @@ class ExpertPolicy:
         self.tick = 0
         self.used = 0
         self.free = list(range(slots or 0))  # the pool's cache slots no entry holds
+        self.lent: set[int] = set()  # slots lent for now beside the cache's own (lend)
 
     def __contains__(self, key) -> bool:
         return key in self.entries
@@ -84,6 +85,27 @@ class ExpertPolicy:
         if self.policy == "lfu":
             self._stamp(key)
         return slot
+
+    def lend(self, slots: list[int], nbytes: int) -> None:
+        """Room lent for a while: `slots`, pool slots of `nbytes` each, join the free ones (NOTE
+        [ the layer slots lent to the expert cache ] in expert_stream.py)."""
+        self.lent = set(slots)
+        self.free.extend(slots)
+        self.slots = (self.slots or 0) + len(slots)
+        self.capacity += len(slots) * nbytes
+
+    def reclaim(self, nbytes: int) -> int:
+        """The lent room taken back: the entries in its slots are dropped (their uses stay
+        counted); returns how many."""
+        lent, self.lent = self.lent, set()
+        gone = [k for k, v in self.entries.items() if v[4] in lent]
+        for k in gone:
+            self.used -= self.entries.pop(k)[3]
+            self.stamp.pop(k, None)  # (its heap entry is stale from now: _victim skips it)
+        self.free = [s for s in self.free if s not in lent]
+        self.slots -= len(lent)
+        self.capacity -= len(lent) * nbytes
+        return len(gone)
 
     def _stamp(self, key) -> None:
         self.stamp[key] = (self.uses[key], self.tick)

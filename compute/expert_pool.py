@@ -25,6 +25,8 @@ from layerstream.compute.expert_layout import expert_bytes
 from layerstream.compute.h2d import DriverCopies
 from layerstream.loader.layout import LayerLayout
 
+ROOM_ALIGN = 4096  # where the room and each of its layer slots start in the pool (a layer's blocks are read in place)
+
 
 class ExpertPool:
     """One device buffer of `cached` + `in_flight` + 2 * `prefetch` slots of `slot` bytes (the last
@@ -32,11 +34,17 @@ class ExpertPool:
     copies into it: through the driver where it is at hand (h2d.py, NOTE [ driver copies ]), else
     torch's copies from views made once."""
 
-    def __init__(self, slot: int, cached: int, in_flight: int, prefetch: int, device: torch.device):
+    def __init__(self, slot: int, cached: int, in_flight: int, prefetch: int, device: torch.device,
+                 room: tuple[int, int] = (0, 0)):
         self.slot, self.cached, self.in_flight, self.prefetch = slot, cached, in_flight, prefetch
         self.device = device
         self.zero = cached + in_flight - 1 if in_flight else None  # the slot of zeros (None: the pool's start)
-        self.buf = torch.zeros((cached + in_flight + 2 * prefetch) * slot, dtype=torch.uint8, device=device)
+        # `room`: (layer slots, bytes each) of the VRAM ring, at the pool's end, lent to the cache
+        # between prompts (NOTE [ the layer slots lent to the expert cache ] in expert_stream.py)
+        self.room_n, self.room_stride = room[0], -(-room[1] // ROOM_ALIGN) * ROOM_ALIGN
+        self.room_at = (cached + in_flight + 2 * prefetch) * slot
+        self.room_at += -self.room_at % ROOM_ALIGN if self.room_n else 0
+        self.buf = torch.zeros(self.room_at + self.room_n * self.room_stride, dtype=torch.uint8, device=device)
         self.ptr = self.buf.data_ptr()  # (the pool never moves)
         self.driver = DriverCopies.open() if self.device.type == "cuda" else None
         self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
@@ -46,6 +54,16 @@ class ExpertPool:
     def flight(self):
         """The in-flight slots but the slot of zeros, in order (for one fetch's newcomers)."""
         return iter(range(self.cached, self.cached + max(0, self.in_flight - 1)))
+
+    def room(self, nbytes: int) -> list[torch.Tensor]:
+        """The layer slots of the room, `nbytes` each (the ring's views; none without a room)."""
+        assert nbytes <= self.room_stride or not self.room_n
+        return [self.buf[self.room_at + k * self.room_stride :][:nbytes] for k in range(self.room_n)]
+
+    def room_slots(self) -> list[int]:
+        """The pool slots that lie wholly within the room (what it lends the cache)."""
+        end = self.room_at + self.room_n * self.room_stride
+        return list(range(-(-self.room_at // self.slot), end // self.slot)) if self.room_n and self.slot else []
 
     def prefetch_base(self, k: int) -> int:
         """The first slot of prefetch set k (0 or 1)."""

@@ -29,6 +29,20 @@ it polls the step in flight. Waiting at the launch's end held the host until the
 layer's experts had run, so the next step's set-up began with only the head and the sampling
 queued on the device, which then idled between steps. The cost: the last layers' LayerDone
 reaches the coordinator up to one layer's compute later.
+
+NOTE [ the layer slots lent to the expert cache ]
+The VRAM ring's layer slots (streamed.py) take the layers of steps that stream them whole, the
+prompts'. Where every streamed layer is a MoE layer whose other tensors are kept, decode steps
+copy into them nothing at all: under a budget they were device memory left idle through decode
+(two slots of the Qwen3-30B-A3B shape, 0.75 GiB, more than the cache the rest of 8 GiB leaves).
+So the ring's slots are views of a room at the end of the expert pool (`ring_room`), and while
+steps fetch only chosen experts the room's pool slots are cache slots too (`lend_room`): lent at
+the first such step once every streamed layer's dense part is kept, no layer copy is in flight
+and the compute stream has waited for the copy stream; taken back at the first step that streams
+layers whole, before its first copy: the entries in the room are dropped (their uses stay
+counted, so LFU admits them again) and the ring's next copies wait for an event after the last
+step that read them. A prompt between decodes costs the room's entries, refilled by the next
+misses. On the CPU, which copies layers to memory of their own, the room is memory of its own.
 """
 
 from __future__ import annotations
@@ -48,16 +62,29 @@ from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
 
 
+def ring_room(layouts: list[LayerLayout], resident: set[int], vram_slots: int, dense_resident: bool) -> tuple[int, int]:
+    """(layer slots, bytes each) of the VRAM ring that the expert pool holds and lends its cache
+    (NOTE [ the layer slots lent to the expert cache ]); (0, 0) unless every streamed layer is a
+    MoE layer whose dense part is kept."""
+    streamed = [lay for i, lay in enumerate(layouts) if i not in resident]
+    if not (dense_resident and streamed and all(any(t.name == EXPERT_TENSORS[0] for t in lay.tensors)
+                                                for lay in streamed)):
+        return 0, 0
+    return max(vram_slots, 1), max(lay.nbytes for lay in layouts)
+
+
 def make_expert_stream(layouts: list[LayerLayout], resident: set[int], experts: tuple[int, int], cache_bytes: int,
                        dense_resident: bool, policy: str, prefetch: int, cpu: CpuExperts | None, device, dtype,
                        quantized: bool, timeline: Timeline, slot_array: Callable[[int], np.ndarray],
-                       layer_done: Callable[[int, int, int], None]) -> "ExpertStream | None":
+                       layer_done: Callable[[int, int, int], None], vram_slots: int = 0) -> "ExpertStream | None":
     """The expert steps of a model with `experts` (n_expert, n_expert_used) and a device cache of
-    `cache_bytes`; None where its layers stream whole (no experts, or no cache)."""
+    `cache_bytes`; None where its layers stream whole (no experts, or no cache). `vram_slots`: the
+    ring's layer slots, which the pool holds where it may lend them (ring_room)."""
     if not (experts[0] and cache_bytes):
         return None
     cache = ExpertCache(cache_bytes, torch.device(device), dtype, quantized, timeline, policy, slot_bytes(layouts),
-                        max_in_flight(*experts), prefetch if dense_resident else 0)
+                        max_in_flight(*experts), prefetch if dense_resident else 0,
+                        ring_room(layouts, resident, vram_slots, dense_resident) if vram_slots else (0, 0))
     return ExpertStream(cache, layouts, resident, experts, dtype, quantized, slot_array, layer_done,
                         keep_dense=dense_resident, cpu=cpu)
 
@@ -120,6 +147,24 @@ class ExpertStream:
         if kept:
             self.sets[i] = (key, w)
         return w
+
+    def lend_room(self, ring, warm: bool) -> None:
+        """At a step's start: lend the pool's room to the cache or take it back (NOTE [ the layer
+        slots lent to the expert cache ]); `ring`: the VRAM ring (None on the CPU); `warm`: the
+        resident layers are loaded (the first pass loads them through the ring)."""
+        cache = self.cache
+        if not cache.lendable:
+            return
+        if self.step and not cache.lent:
+            streamed = (i for i in range(len(self.layouts)) if i not in self.resident_ids)
+            if warm and all(i in self.dense for i in streamed) and (ring is None or ring.idle()):
+                if ring is not None:
+                    ring.stream.wait_stream(ring.copy_stream)  # (the prompts' copies into the room are done)
+                cache.lend()
+        elif not self.step and cache.lent:
+            cache.reclaim()
+            if ring is not None:
+                ring.reclaimed()
 
     def predicts(self, i: int) -> bool:
         """Whether layer i's step predicts the next layer's experts and copies them ahead."""

@@ -29,12 +29,14 @@ class ExpertCache:
     copied ahead are `ahead`'s (NOTE [ expert prefetch ])."""
 
     def __init__(self, capacity_bytes: int, device, dtype, quantized: bool, timeline: Timeline, policy: str = "lfu",
-                 slot: int = 0, in_flight: int = 0, prefetch: int = 0):
+                 slot: int = 0, in_flight: int = 0, prefetch: int = 0, room: tuple[int, int] = (0, 0)):
         self.device, self.dtype, self.quantized, self.tl = device, dtype, quantized, timeline
         slot = slot if quantized else 0
         n_cached = capacity_bytes // slot if slot else 0
         self.kept = ExpertPolicy(capacity_bytes, policy, n_cached if slot else None)
-        self.store = ExpertPool(slot, n_cached, in_flight, prefetch, device) if slot else None
+        self.store = ExpertPool(slot, n_cached, in_flight, prefetch, device, room) if slot else None
+        self.lent = False  # the room's slots are the cache's for now (lend)
+        self.lends = self.reclaimed = 0  # times the room was lent; entries dropped when it was taken back
         self.ahead = PrefetchSets(prefetch)
         self.parts = LayerParts()
         self.hits = self.misses = 0
@@ -58,6 +60,25 @@ class ExpertCache:
     def prefetch_slots(self) -> int:
         """Slots of each prefetch set (0: no prefetch)."""
         return self.store.prefetch if self.store is not None else 0
+
+    @property
+    def lendable(self) -> bool:
+        """Whether the pool has a room to lend the cache (NOTE [ the layer slots lent to the expert cache ])."""
+        return self.store is not None and bool(self.store.room_slots())
+
+    def lend(self) -> None:
+        """The room's slots join the cache's (its layer slots idle until the next step that copies a layer)."""
+        if self.lendable and not self.lent:
+            self.kept.lend(self.store.room_slots(), self.slot)
+            self.lent, self.lends = True, self.lends + 1
+
+    def reclaim(self) -> None:
+        """The room taken back for layer copies: the experts admitted into it are dropped, once
+        the bookkeeping left from the last fetch has run (its moves may write the room)."""
+        if self.lent:
+            self.settle()
+            self.reclaimed += self.kept.reclaim(self.slot)
+            self.lent = False
 
     def fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, tuple]:
         """Layer i's `experts` on the device, copying the missing ones out of its staging bytes:

@@ -46,6 +46,7 @@ from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.compute.expert_policy import ExpertPolicy
 from layerstream.compute.expert_stream import ExpertStream
 from layerstream.compute.model import LayerWeights
+from layerstream.compute.vram_ring import VramRing
 from layerstream.compute.weights import layer_weights
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
@@ -54,28 +55,6 @@ from layerstream.proto.timeline import Timeline
 def _without_experts(lay: LayerLayout) -> list[tuple[int, int]]:
     """The slot ranges of every tensor of a layer but its experts."""
     return copy_ranges(lay, {t.name: t.shape[0] for t in lay.tensors if t.name in EXPERT_TENSORS})
-
-
-class VramRing:
-    """The ring of VRAM slots that announced layers are copied into on their own stream, and the
-    events that say when a slot may be overwritten (CUDA only)."""
-
-    def __init__(self, device: torch.device, nbytes: int, n_slots: int):
-        self.vram = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(max(n_slots, 1))]
-        self.copy_stream = torch.cuda.Stream(device)
-        self.freed = [None] * len(self.vram)  # event: dequant done reading that VRAM slot
-        self.free_vram = list(range(len(self.vram)))
-        self.copies: dict[int, tuple] = {}  # layer -> (vram slot, staging slot, c0, c1, bytes copied)
-        self.ahead: dict[int, tuple] = {}  # the same, copies for step `ahead_step` issued during the step before
-        self.ahead_step = -1
-        self.gpu_events: list[tuple] = []
-        self.layer_start: dict[int, torch.cuda.Event] = {}
-        self.in_use: dict[int, int] = {}  # layer -> VRAM slot its blocks are read from
-        self.stream = torch.cuda.current_stream(device)  # the compute stream (looked up once a step)
-
-    def free_slot(self, k: int, event) -> None:
-        self.freed[k] = event  # the copy stream waits on it before overwriting slot k
-        self.free_vram.append(k)
 
 
 class StreamedLayers:
@@ -103,7 +82,9 @@ class StreamedLayers:
         self._first: int | None = None  # the step's first layer asked for
         self._copies_due = False  # the step's copies wait for its first launch (NOTE [ a step's copies after its first launch ])
         self.cuda = self.device.type == "cuda"
-        self.ring = VramRing(self.device, max(lay.nbytes for lay in layouts), vram_slots) if self.cuda else None
+        nbytes = max(lay.nbytes for lay in layouts)  # (the room: NOTE [ the layer slots lent to the expert cache ])
+        room = experts.cache.store.room(nbytes) if experts is not None and experts.cache.lendable else None
+        self.ring = VramRing(self.device, nbytes, vram_slots, room) if self.cuda else None
 
     @property
     def expert_step(self) -> bool:
@@ -129,6 +110,8 @@ class StreamedLayers:
             self.ring.stream = torch.cuda.current_stream(self.device)
             if self.experts is not None:
                 self.experts.cache.stream = self.ring.stream
+        if self.experts is not None:
+            self.experts.lend_room(self.ring, len(self.resident) == len(self.resident_ids))
 
     def _start_copies(self) -> None:
         """NOTE [ a step's copies after its first launch ]

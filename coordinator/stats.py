@@ -31,12 +31,15 @@ class ExpertStats:
     cpu: int = 0  # experts the CPU computed
     prefetch_late: int = 0  # layers whose copies ahead had not landed when their misses were copied
     prefetch_limit: float = 0.0  # the mean limit of one-token steps' copies ahead (0: none such)
+    lends: int = 0  # times the layer slots were lent to the cache (NOTE [ the layer slots lent to the expert cache ])
+    reclaimed: int = 0  # experts dropped from them when a prompt took them back
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> ExpertStats:
         return cls(str(d.get("policy", "lfu")), int(d["hits"]), int(d["misses"]), int(d["bytes"]), int(d["steps"]),
                    int(d["tokens"]), int(d.get("prefetch_hits", 0)), int(d.get("prefetched", 0)), int(d.get("cpu", 0)),
-                   int(d.get("prefetch_late", 0)), float(d.get("prefetch_limit", 0.0)))
+                   int(d.get("prefetch_late", 0)), float(d.get("prefetch_limit", 0.0)), int(d.get("lends", 0)),
+                   int(d.get("reclaimed", 0)))
 
     def describe(self) -> str | None:
         n = self.hits + self.misses + self.prefetch_hits
@@ -48,7 +51,10 @@ class ExpertStats:
                  f"{self.prefetch_late} layers") if self.prefetch_limit else ""
         pre = (f"; {ahead} ({ahead / n:.0%}) copied ahead on the previous layer's prediction, of {copied} "
                f"copied ahead ({ahead / max(copied, 1):.0%} used{limit})") if copied else ""
-        return (f"{self.hits} of {n} fetched experts were in the device cache ({self.hits / n:.0%}, {self.policy}){pre}; "
+        room = (f", the layer slots lent to it {self.lends} times ({self.reclaimed} experts dropped where a prompt "
+                f"took them back)") if self.lends else ""
+        return (f"{self.hits} of {n} fetched experts were in the device cache ({self.hits / n:.0%}, {self.policy}{room})"
+                f"{pre}; "
                 f"{self.bytes / 1e6:.1f} MB moved over {self.steps} steps with expert streaming "
                 f"({self.bytes / max(self.tokens, 1) / 1e6:.2f} MB a token)")
 

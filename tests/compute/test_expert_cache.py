@@ -177,6 +177,56 @@ def test_the_pool_serves_the_right_bytes_and_never_evicts_what_a_fetch_serves(po
     assert offs[:, 1].tolist() == [z * slot + p[2] for p in expert_parts(lay)]
 
 
+def test_the_room_lent_holds_experts_until_taken_back_and_its_layer_slots_lie_past_every_expert_slot():
+    """NOTE [ the layer slots lent to the expert cache ]: the ring's layer slots are views of the
+    pool's end, past the cache, in-flight and prefetch slots, each at a page boundary; lent, the
+    room's whole expert slots are cache slots too, each kept expert holding its own bytes; taken
+    back, only the experts in the room are dropped (their uses still counted) and the cache is its
+    own size again."""
+    from layerstream.compute.expert_pool import ROOM_ALIGN
+
+    lay, host = _layer(n_expert=8, rows=8, cols=16)
+    slot = slot_bytes([lay])
+    cache = ExpertCache(slot, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu", slot,
+                        in_flight=3, prefetch=1, room=(2, 3 * slot + 5))
+    store = cache.store
+    ring = store.room(3 * slot + 5)
+    starts = [v.data_ptr() - store.ptr for v in ring]
+    assert len(ring) == 2 and all(v.numel() == 3 * slot + 5 for v in ring)
+    assert starts[0] >= (1 + 3 + 2) * slot and all(a % ROOM_ALIGN == 0 for a in starts)
+    assert starts[1] - starts[0] >= 3 * slot + 5 and starts[1] + 3 * slot + 5 <= store.buf.numel()
+    room = store.room_slots()
+    assert len(room) >= 6 and room[0] * slot >= starts[0] and (room[-1] + 1) * slot <= store.buf.numel()
+    assert cache.lendable and not cache.lent
+
+    def holds(e, s):  # pool slot s holds expert e's bytes
+        for k, (t, per, off, r, c) in enumerate(expert_parts(lay)):
+            v = cache.pool[s * slot + off : s * slot + off + per].view(torch.float32).view(r, c)
+            assert v[3, 5].item() == pytest.approx(1000 * k + 100 * e + 3 + 0.05), (e, k)
+
+    cache.fetch(0, [0, 1], lay, host)
+    cache.settle()
+    assert len(cache.kept.entries) == 1  # its own one slot
+    cache.lend()
+    for ids in ([2, 3], [4, 5], [6, 7], [0, 2]):
+        cache.fetch(0, ids, lay, host)
+        cache.settle()
+    in_room = {k: v[4] for k, v in cache.kept.entries.items() if v[4] in room}
+    assert len(cache.kept.entries) >= 7 and len(in_room) >= 6 and cache.hits > 0
+    for (_, e), v in cache.kept.entries.items():
+        holds(e, v[4])
+    own = {k: v for k, v in cache.kept.entries.items() if v[4] not in room}
+    cache.reclaim()
+    assert not cache.lent and cache.reclaimed == len(in_room)
+    assert dict(cache.kept.entries) == own and cache.kept.slots == 1 and cache.kept.capacity == slot
+    assert not set(cache.kept.free) & set(room) and cache.kept.uses[(0, 2)] == 2
+    cache.fetch(0, [5, 6], lay, host)  # taken back, the cache admits into its own slot alone
+    cache.settle()
+    assert all(v[4] not in room for v in cache.kept.entries.values()) and len(cache.kept.entries) == 1
+    cache.lend()
+    assert cache.lends == 2 and cache.kept.slots == 1 + len(room)
+
+
 def test_a_fetch_leaves_the_caches_bookkeeping_to_settle():
     """NOTE [ misses first, bookkeeping after ]: a fetch for the grouped kernel copies its misses
     into in-flight slots and serves a copy ahead from its set, and changes nothing the cache keeps;

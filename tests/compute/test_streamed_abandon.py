@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 from layerstream.compute.expert_policy import ExpertPolicy
 from layerstream.compute.expert_pool import PrefetchSets
-from layerstream.compute.streamed import StreamedLayers, VramRing
+from layerstream.compute.streamed import StreamedLayers
+from layerstream.compute.vram_ring import VramRing
 
 
 def _source(given_back: list):

@@ -3,7 +3,8 @@ CUDA bookkeeping of StreamedLayers driven on the CPU with plain values (no devic
 
 from types import SimpleNamespace
 
-from layerstream.compute.streamed import StreamedLayers, VramRing
+from layerstream.compute.streamed import StreamedLayers
+from layerstream.compute.vram_ring import VramRing
 from layerstream.proto.timeline import Timeline
 
 

@@ -274,6 +274,25 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     assert (ex["prefetch_hits"] > 0) == (moe_dense == "resident"), ex
 
 
+def test_the_layer_slots_lent_to_the_expert_cache_on_cuda_keep_the_resident_engines_tokens(tmp_path):
+    """NOTE [ the layer slots lent to the expert cache ]: on CUDA the ring's layer slots are the
+    expert pool's room, so the second prompt's whole layers are copied over experts the decode
+    before kept there. Both rounds give the resident engine's tokens (a copy that ran before the
+    last read of the room, or a decode that read it after the copy, changes them), the room
+    lent twice and taken back once with experts in it."""
+    path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", n_layer=3, n_embd=256, n_ff=512,
+                               n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    rounds = [[TOKENS[:7], TOKENS[:3]], [TOKENS[5:12], TOKENS[2:8]]]
+    with _engine(path, dtype="float16") as e:
+        want = [e.generate_batch(p, params) for p in rounds]
+    with _engine(path, PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002)),
+                 dtype="float16") as e:
+        assert [e.generate_batch(p, params) for p in rounds] == want
+        ex = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
+    assert ex["lends"] == 2 and ex["reclaimed"] > 0, ex
+
+
 def test_expert_streaming_at_batch_8_replays_its_graphs_and_matches_resident(tmp_path):
     """A mixture of experts' plan captures decode batches up to its own fused bound (memory.Sizes.graph_rows;
     before, every type's 4): eight sequences' decode steps run the streamed layers as their graphs, with

@@ -271,6 +271,31 @@ def test_streamed_experts_as_blocks_run_grouped(tmp_path):
     assert ex["steps"] >= 3 and ex["misses"] > 0 and ex["hits"] > 0
 
 
+def test_decode_lends_the_layer_slots_to_the_expert_cache_and_a_prompt_takes_them_back(tmp_path):
+    """NOTE [ the layer slots lent to the expert cache ]: decode steps admit experts into the room
+    of the ring's layer slots; the next prompt, which streams whole layers, takes it back (the
+    entries there dropped), and the decode after it lends it again. Through both rounds the tokens
+    are the single-process engine's, and a cache this small holds more with the room than without."""
+    pytest.importorskip("triton")
+    path = ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe", qtype="Q8_0", n_layer=2, n_expert=8,
+                               n_expert_used=2, seed=5)
+    prompts, later = [[5, 17, 33], [9, 3]], [[40, 41, 42, 43, 44, 45], [60, 61, 62, 63, 64]]  # (no prefix shared)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cache_gb = (3 * 128 * 68) / 2**30  # one expert: alone, most of a step's chosen experts are served and dropped
+    with _engine(path, dtype="float32", weights="dense") as e:  # (dense: no Triton kernel, slow under the interpreter)
+        want = [e.generate_batch(prompts, params), e.generate_batch(later, params)]
+    with _engine(path, PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(cache_gb, prefetch=0)),
+                 dtype="float32", weights="quantized") as e:
+        assert e.backend.plan.dense_resident and e.backend.plan.vram_slots >= 1
+        assert e.generate_batch(prompts, params) == want[0]
+        first = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
+        assert e.generate_batch(later, params) == want[1]
+        second = next(s["experts"] for s in e.backend.collect_stats() if s.get("experts"))
+    assert first["lends"] == 1 and first["reclaimed"] == 0, first  # lent at the first decode step
+    assert second["lends"] == 2 and second["reclaimed"] > 0, second  # the second prompt took it back
+    assert first["hits"] > 1, first  # more than the one expert of the cache's own slot kept
+
+
 def test_decode_copies_the_predicted_experts_ahead(tmp_path):
     """NOTE [ expert prefetch ]: each streamed layer's router, applied to the layer before's expert
     input, predicts its experts, which are copied ahead. Where they come from never changes the

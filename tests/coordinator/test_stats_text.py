@@ -51,3 +51,7 @@ def test_the_experts_line_says_how_many_a_layer_copied_ahead_and_how_often_late(
     # steps of several tokens alone: no limit to speak of
     snap["experts"].update(prefetch_late=0, prefetch_limit=0.0)
     assert "(75% used); 4.0 MB moved" in _experts_line(snap)
+    # the layer slots lent to the cache (NOTE [ the layer slots lent to the expert cache ])
+    snap["experts"].update(lends=3, reclaimed=41)
+    assert _experts_line(snap).startswith("10 of 100 fetched experts were in the device cache (10%, lfu, the layer "
+                                          "slots lent to it 3 times (41 experts dropped where a prompt took them back));")
