@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -744,7 +745,8 @@ def bench_pipeline(args) -> list[dict]:
                 mean, gaps = time_generate(engine, ids(GENERATE_PROMPT), args.generate_tokens)
                 row("generate", 1, 1, [mean])
                 print(generate_line(mean, gaps), flush=True)
-            times = time_prompt(core, ids(args.tokens), args.reps, bool(args.warm_passes)) if args.tokens else []
+            times = time_prompt(core, lambda k: [k % V] + ids(args.tokens - 1), args.reps,
+                                bool(args.warm_passes)) if args.tokens else []
             if times:
                 row("prompt", 1, args.tokens, times)
             snaps = backend.collect_stats()
@@ -758,16 +760,18 @@ def bench_pipeline(args) -> list[dict]:
     return rows
 
 
-def time_prompt(core, prompt: list[int], reps: int, warm: bool) -> list[float]:
-    """Seconds of each of `reps` prefills of `prompt` (its first token sampled) on an engine core;
-    `warm`: one untimed first, where its kernels compile on a machine's first prompt (the decode
-    rows' warm passes never run a prompt-sized step)."""
+def time_prompt(core, prompt: Callable[[int], list[int]], reps: int, warm: bool) -> list[float]:
+    """Seconds of each of `reps` prefills (its first token sampled) on an engine core, the k-th of
+    `prompt(k)`: prompts that share no first token, since a prompt whose prefix a freed row holds
+    prefills only the rest (core.py, NOTE [ prefix reuse ]); `warm`: one untimed first, where its
+    kernels compile on a machine's first prompt (the decode rows' warm passes never run a
+    prompt-sized step)."""
     from layerstream.compute.sampling import SamplingParams
 
     times = []
     for k in range(reps + warm):
         t0 = time.perf_counter()
-        core.add_request("bench-prompt", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        core.add_request("bench-prompt", prompt(k), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
         core.run_to_completion()
         if k >= warm:
             times.append(time.perf_counter() - t0)

@@ -288,22 +288,28 @@ def test_the_generate_row_times_run_pipelines_turn_as_its_stats_count(tiny, monk
     assert len(gaps) == 5 and min(gaps) > 0 and sum(gaps) == pytest.approx(r.decode_s)  # one output a token
 
 
-def test_a_warmed_prompt_row_runs_one_untimed_prefill_first(tiny, monkeypatch):
+def test_a_warmed_prompt_row_runs_one_untimed_prefill_first_and_every_prefill_whole(tiny, monkeypatch):
     """The prompt row had no warm pass: a machine's first prompt compiled its kernels inside the
     timed passes (BENCHMARKS.md AH4). With --warm-passes, one untimed prefill comes first; each
-    prefill samples its first token and leaves the core empty."""
+    prefill samples its first token and leaves the core empty. Each pass prefills its whole
+    prompt: one prompt repeated found its prefix in the row the pass before freed (NOTE [ prefix
+    reuse ]), so every pass after the first prefilled one token."""
     from layerstream.coordinator.engine import Engine
 
     with Engine.load(str(tiny), device="cpu", ctx=64, max_seqs=1) as e:
-        added = []
-        add = e.core.add_request
+        added, reused = [], []
+        add, row_for = e.core.add_request, e.core._row_for
         monkeypatch.setattr(e.core, "add_request", lambda rid, p, params: (added.append((rid, list(p), params.max_tokens)),
                                                                            add(rid, p, params)))
+        monkeypatch.setattr(e.core, "_row_for", lambda p: (got := row_for(p), reused.append(got[1]))[0])
         for warm, runs in ((False, 2), (True, 3)):
             added.clear()
-            times = stage_bench.time_prompt(e.core, [1, 2, 3, 4], 2, warm)
+            times = stage_bench.time_prompt(e.core, lambda k: [k, 2, 3, 4], 2, warm)
             assert len(times) == 2 and min(times) > 0 and not e.core.has_unfinished()
-            assert added == [("bench-prompt", [1, 2, 3, 4], 1)] * runs
+            assert added == [("bench-prompt", [k, 2, 3, 4], 1) for k in range(runs)]
+        assert reused == [0] * 5  # no pass found a prefix of its prompt held
+        stage_bench.time_prompt(e.core, lambda k: [1, 2, 3, 4], 1, True)
+        assert reused[-1] == 3  # (what a repeated prompt meets: all but its last token held)
 
 
 def test_the_generate_line_tells_a_slow_start_from_the_steady_rate():
