@@ -8,11 +8,14 @@ is plain data (msgpack-friendly) and travels in a StatsReply.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
+
+from layerstream.errors import ConfigError
 
 
 class Timeline:
@@ -107,15 +110,28 @@ def write_chrome_trace(path: str, snaps: list[dict[str, Any]]) -> int:
                 "name": ename, "cat": cat, "ph": "X", "pid": pid, "tid": tid,
                 "ts": (t0 - t_min) / 1e3, "dur": max(dur, 1) / 1e3, "args": args,
             })
-    with open(path, "w") as f:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    # into a file beside it, then renamed over it: a full disk leaves no half-written trace, and an
+    # earlier trace at `path` stays whole (through a symbolic link: the file it names)
+    path = os.path.realpath(path)
+    part = f"{path}.part{os.getpid()}"
+    try:
+        with open(part, "w") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+        os.replace(part, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(part)
+        raise
     return len(events)
 
 
 def trace_report(path: str, snaps: list[dict[str, Any]]) -> str:
     """Write every process's trace to `path` (write_chrome_trace); the lines that say so, with
     device_gaps' where the trace has steps of layers."""
-    n = write_chrome_trace(path, snaps)
+    try:
+        n = write_chrome_trace(path, snaps)
+    except OSError as e:  # (arg_files.check_trace opened it up front; a disk can still fill meanwhile)
+        raise ConfigError(f"--trace {path}: cannot write it ({e.strerror or e})") from None
     gaps = device_gaps(snaps)
     return f"trace: {n} events written to {path}" + (f"\n{gaps}" if gaps else "")
 

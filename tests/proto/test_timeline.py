@@ -45,3 +45,38 @@ def test_the_median_step_says_how_long_the_stream_waits_between_layers_and_befor
 def test_a_trace_of_one_step_or_none_says_nothing():
     assert device_gaps(_trace(1)) is None
     assert device_gaps([Timeline("compute", "0", trace=True).snapshot()]) is None
+
+
+def test_a_trace_that_cannot_be_written_is_an_error_naming_trace_and_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """A disk that fills while the trace is written (after arg_files.check_trace's check): one line
+    naming --trace, its file and why, a ConfigError (bin/bench and run-pipeline print it as their
+    error); the trace written before stays whole and no part file is left. Through a symbolic
+    link the trace goes to the file it names."""
+    import errno
+    import json
+
+    import pytest
+
+    from layerstream.errors import ConfigError
+    from layerstream.proto import timeline
+
+    path = tmp_path / "t.json"
+    assert timeline.trace_report(str(path), _trace(3)).startswith(f"trace: 24 events written to {path}")
+    before = path.read_bytes()
+    assert len(json.loads(before)["traceEvents"]) == 24
+    dump = json.dump
+
+    def full(obj, f):  # half the trace written, then the disk is full
+        f.write(json.dumps(obj)[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(ConfigError) as e:
+        timeline.trace_report(str(path), _trace(5))
+    assert str(e.value) == f"--trace {path}: cannot write it (No space left on device)"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+    monkeypatch.setattr(json, "dump", dump)
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    timeline.trace_report(str(link), _trace(5))
+    assert link.is_symlink() and len(json.loads(path.read_bytes())["traceEvents"]) == 38
