@@ -56,6 +56,9 @@ FILE_TYPES = {"Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q5_K_M": gguf.LlamaFi
                "F16": gguf.LlamaFileType.MOSTLY_F16}  # the file_type key of each mix
 
 
+MAX_LAYERS = 1024  # layers a written shape may have
+
+
 def resolve_shape(shape: str | ModelShape, n_layer: int | None = None) -> ModelShape:
     if isinstance(shape, str):
         try:
@@ -65,6 +68,9 @@ def resolve_shape(shape: str | ModelShape, n_layer: int | None = None) -> ModelS
     if n_layer is not None:
         if n_layer < 1:
             raise ValueError(f"n_layer={n_layer}: need at least one layer")
+        if n_layer > MAX_LAYERS:  # (refused before the tensors are planned: a huge count took minutes and GBs first)
+            raise ValueError(f"n_layer={n_layer}: at most {MAX_LAYERS} layers (the largest shape here has "
+                             f"{max(s.n_layer for s in SHAPES.values())})")
         shape = replace(shape, n_layer=n_layer)
     return shape
 

@@ -314,3 +314,16 @@ def test_a_model_its_disk_has_no_room_for_is_refused_before_a_byte_is_written(tm
     assert list(tmp_path.iterdir()) == []
     # a model that fits the stand-in's room is written
     assert main([str(out), "--shape", "smollm2-135m", "--layers", "1"]) == 0 and out.stat().st_size > 0
+
+
+def test_a_layer_count_beyond_any_model_is_refused_at_once(tmp_path, capsys):
+    """--layers of a hundred million planned every tensor (minutes, gigabytes of memory) before the
+    disk's room refused it; a count above MAX_LAYERS is refused before anything is planned or
+    written, as zero is."""
+    from layerstream.loader.synth_shapes import MAX_LAYERS
+
+    for n, words in ((10**8, f"n_layer=100000000: at most {MAX_LAYERS} layers"), (0, "need at least one layer")):
+        assert main([str(tmp_path / "x.gguf"), "--shape", "llama-3.1-8b", "--layers", str(n)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("synth: error: ") and words in err and len(err.splitlines()) == 1, err
+        assert list(tmp_path.iterdir()) == []
