@@ -90,7 +90,7 @@ class ExpertPolicy:
         """Room lent for a while: `slots`, pool slots of `nbytes` each, join the free ones (NOTE
         [ the layer slots lent to the expert cache ] in expert_stream.py)."""
         self.lent = set(slots)
-        self.free.extend(slots)
+        self.free[:0] = slots  # (taken last: the cache's own slots fill first, and a prompt drops fewer)
         self.slots = (self.slots or 0) + len(slots)
         self.capacity += len(slots) * nbytes
 

@@ -42,7 +42,10 @@ and the compute stream has waited for the copy stream; taken back at the first s
 layers whole, before its first copy: the entries in the room are dropped (their uses stay
 counted, so LFU admits them again) and the ring's next copies wait for an event after the last
 step that read them. A prompt between decodes costs the room's entries, refilled by the next
-misses. On the CPU, which copies layers to memory of their own, the room is memory of its own.
+misses (the cache's own slots fill first, so it drops as few as it can), and so does each step
+that streams whole layers amid expert steps (a verifying step of many drafts, a batch past half the
+experts). A step that raises leaves the cache empty and the room not lent (ExpertCache.reset).
+On the CPU, which copies layers to memory of their own, the room is memory of its own.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class ExpertCache:
         self.device, self.dtype, self.quantized, self.tl = device, dtype, quantized, timeline
         slot = slot if quantized else 0
         n_cached = capacity_bytes // slot if slot else 0
-        self.kept = ExpertPolicy(capacity_bytes, policy, n_cached if slot else None)
+        self.own = (capacity_bytes, n_cached if slot else None)  # (its bytes and slots, the room not lent)
+        self.kept = ExpertPolicy(self.own[0], policy, self.own[1])
         self.store = ExpertPool(slot, n_cached, in_flight, prefetch, device, room) if slot else None
         self.lent = False  # the room's slots are the cache's for now (lend)
         self.lends = self.reclaimed = 0  # times the room was lent; entries dropped when it was taken back
@@ -79,6 +80,14 @@ class ExpertCache:
             self.settle()
             self.reclaimed += self.kept.reclaim(self.slot)
             self.lent = False
+
+    def reset(self) -> None:
+        """Start empty, the room not lent and nothing left to settle (a step raised: an entry may
+        name a copy never issued; the device has run everything queued)."""
+        self.kept = ExpertPolicy(self.own[0], self.kept.policy, self.own[1])
+        self.lent, self.pending = False, None
+        self.ahead.layers.clear()
+        self.ahead.reading.clear()
 
     def fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, tuple]:
         """Layer i's `experts` on the device, copying the missing ones out of its staging bytes:

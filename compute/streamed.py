@@ -43,7 +43,6 @@ import torch
 
 from layerstream.compute.cpu.share import CpuShare, copy_ranges
 from layerstream.compute.expert_layout import EXPERT_TENSORS
-from layerstream.compute.expert_policy import ExpertPolicy
 from layerstream.compute.expert_stream import ExpertStream
 from layerstream.compute.model import LayerWeights
 from layerstream.compute.vram_ring import VramRing
@@ -430,6 +429,7 @@ class StreamedLayers:
                 r.free_slot(k, None)
             r.copies.clear()
             r.in_use.clear()
+            r.free_vram, r.freed = list(range(len(r.vram))), [None] * len(r.vram)  # (one a raise lost, too)
             r.layer_start.clear()
             r.gpu_events.clear()
         if self.share is not None:
@@ -442,10 +442,7 @@ class StreamedLayers:
             self.layer_done(step, i, slot)
         ex.held.clear()
         if reset_experts:
-            c = ex.cache
-            c.kept = ExpertPolicy(c.kept.capacity, c.kept.policy, c.kept.slots)
-            c.ahead.layers.clear()
-            c.ahead.reading.clear()
+            ex.cache.reset()
             ex.sets.clear()
 
     def load_resident(self, i: int) -> None:

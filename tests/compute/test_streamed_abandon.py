@@ -3,10 +3,12 @@ failed step ] in compute_proc.py): the CUDA bookkeeping, driven on the CPU with 
 
 from types import SimpleNamespace
 
-from layerstream.compute.expert_policy import ExpertPolicy
-from layerstream.compute.expert_pool import PrefetchSets
+import torch
+
+from layerstream.compute.experts import ExpertCache
 from layerstream.compute.streamed import StreamedLayers
 from layerstream.compute.vram_ring import VramRing
+from layerstream.proto.timeline import Timeline
 
 
 def _source(given_back: list):
@@ -16,13 +18,14 @@ def _source(given_back: list):
     ring.copies = {3: (0, 7, "c0", "c1", 10), 4: (None, 8, None, None, 0)}
     ring.in_use, ring.layer_start, ring.gpu_events = {2: 1}, {2: "d0"}, [("copy", 2, "c0", "c1", 10)]
     ring.ahead, ring.ahead_step = {}, -1  # (no copy across the step's end with experts)
-    kept = ExpertPolicy(1 << 20, "lfu", slots=4)
-    kept.put((2, 5), None, set(), 100)
-    ahead = PrefetchSets()
-    ahead.layers[3], ahead.reading[2] = ({1: 6}, None), 0
+    # a cache of 4 slots of 256 bytes and a room of two 1 KiB layer slots (NOTE [ the layer slots lent to the
+    # expert cache ]), one expert kept
+    cache = ExpertCache(4 * 256, torch.device("cpu"), torch.float32, True, Timeline("compute", "t"), "lfu", 256,
+                        room=(2, 1024))
+    cache.kept.put((2, 5), None, set(), 256)
+    cache.ahead.layers[3], cache.ahead.reading[2] = ({1: 6}, None), 0
     returned = []
-    experts = SimpleNamespace(held={2: 6}, sets={2: "set"}, cache=SimpleNamespace(kept=kept, ahead=ahead),
-                              return_slots=lambda wait: returned.append(wait))
+    experts = SimpleNamespace(held={2: 6}, sets={2: "set"}, cache=cache, return_slots=lambda wait: returned.append(wait))
     src = object.__new__(StreamedLayers)
     src.cuda, src.ring, src.ready, src.share, src.experts, src.step_no = True, ring, {}, None, experts, 4
     src.layer_done = lambda step, layer, slot: given_back.append((step, layer, slot))
@@ -39,8 +42,30 @@ def test_a_failed_step_s_copies_go_back_to_ready_and_its_vram_slots_are_free():
     assert not (r.copies or r.in_use or r.layer_start or r.gpu_events)
     assert returned == [True] and given_back == [(5, 2, 6)] and src.experts.held == {}
     cache = src.experts.cache
-    assert (2, 5) not in cache.kept and cache.kept.free == [0, 1, 2, 3] and cache.kept.capacity == 1 << 20
+    assert (2, 5) not in cache.kept and cache.kept.free == [0, 1, 2, 3] and cache.kept.capacity == 4 * 256
     assert not cache.ahead.layers and not cache.ahead.reading and src.experts.sets == {}
+
+
+def test_a_step_failed_while_the_room_is_lent_leaves_the_cache_its_own_slots_and_the_ring_every_slot():
+    """A step that raised while the room was lent: the cache starts empty with its own slots and
+    bytes, the room no longer lent (rebuilt from the lent size, it counted the room as its own and
+    freed the in-flight slots too, and the next reclaim dropped nothing); lent again, each slot
+    appears once. A VRAM slot a raise lost before it was recorded is free again too."""
+    src, _ = _source([])
+    cache = src.experts.cache
+    room = cache.store.room_slots()
+    assert len(room) == 2 * 4096 // 256 and room[0] >= 4  # (past the cache's own slots; each layer slot a page)
+    cache.lend()
+    cache.kept.put((2, 6), None, set(), 256)
+    cache.pending = ("a fetch's bookkeeping",)
+    src.ring.free_vram = []  # (slot 2 lost: popped, never recorded)
+    src.abandon(7, reset_experts=True)
+    assert sorted(src.ring.free_vram) == [0, 1, 2] and src.ring.freed == [None] * 3
+    assert not cache.lent and cache.pending is None and not cache.kept.entries
+    assert cache.kept.free == [0, 1, 2, 3] and cache.kept.slots == 4 and cache.kept.capacity == 4 * 256
+    cache.reclaim()  # (nothing lent: nothing to take back)
+    cache.lend()
+    assert sorted(cache.kept.free) == [0, 1, 2, 3, *room] and cache.kept.slots == 4 + len(room)
 
 
 def test_a_step_failed_unrun_keeps_the_expert_cache():
