@@ -6,7 +6,8 @@ bytes each: the cache's slots, then `in_flight` slots where a step's misses land
 admits are moved into its slots after the step's experts, NOTE [ misses first, bookkeeping after ]
 in experts.py; the last of them, `zero`, is never written), then two sets of `prefetch` slots for
 the experts predicted for the next layer, copied ahead on a side stream (NOTE [ expert prefetch ]
-in experts.py). Copies land in place, with no allocation, and every expert sits at a byte offset
+in experts.py), then, where the VRAM ring's layer slots are lent to the cache, their room (NOTE
+[ the layer slots lent to the expert cache ] in expert_stream.py). Copies land in place, with no allocation, and every expert sits at a byte offset
 from one fixed anchor, the pool, so a CUDA graph can read whichever experts a step chose from
 offsets in a tensor (graphs.py, NOTE [ decode graphs ]). A fetch never evicts an expert that the
 same fetch serves. The (token, choice) pairs the CPU computes stay in the grouped launches with
@@ -30,7 +31,7 @@ ROOM_ALIGN = 4096  # where the room and each of its layer slots start in the poo
 
 class ExpertPool:
     """One device buffer of `cached` + `in_flight` + 2 * `prefetch` slots of `slot` bytes (the last
-    in-flight slot the slot of zeros), and the
+    in-flight slot the slot of zeros) and the ring's room, and the
     copies into it: through the driver where it is at hand (h2d.py, NOTE [ driver copies ]), else
     torch's copies from views made once."""
 

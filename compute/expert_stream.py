@@ -34,7 +34,7 @@ NOTE [ the layer slots lent to the expert cache ]
 The VRAM ring's layer slots (streamed.py) take the layers of steps that stream them whole, the
 prompts'. Where every streamed layer is a MoE layer whose other tensors are kept, decode steps
 copy into them nothing at all: under a budget they were device memory left idle through decode
-(two slots of the Qwen3-30B-A3B shape, 0.75 GiB, more than the cache the rest of 8 GiB leaves).
+(the Qwen3-30B-A3B shape's two held more than the cache the rest of a small budget leaves).
 So the ring's slots are views of a room at the end of the expert pool (`ring_room`), and while
 steps fetch only chosen experts the room's pool slots are cache slots too (`lend_room`): lent at
 the first such step once every streamed layer's dense part is kept, no layer copy is in flight
