@@ -92,6 +92,15 @@ def problem(args: argparse.Namespace) -> str | None:
         return f"--threads {bad[0]}: {too_many_threads(bad[0])}"
     if why := too_many_threads(getattr(args, "cpu_threads", None)):  # (before a synthetic model is written)
         return f"--cpu-threads {args.cpu_threads}: {why}"
+    device = getattr(args, "device", None)
+    if device is not None:  # (before a --shape model is written: `--device gpu` wrote the whole 8B first)
+        from layerstream.compute.device import resolve_device
+        from layerstream.errors import ConfigError
+
+        try:
+            resolve_device(device)
+        except ConfigError as e:
+            return str(e)
     trace = getattr(args, "trace", None)
     if trace is not None:  # (checked before the run, not after it: arg_files.check_trace)
         from layerstream.coordinator.arg_files import check_trace

@@ -126,11 +126,17 @@ def test_qmatmul_without_a_cuda_device_says_so(capsys):
                                        "none here (--device cpu)\n")
 
 
-@pytest.mark.parametrize("stage, device", [("dequant", "meta"), ("transfer", "mps")])
-def test_a_device_this_engine_does_not_run_on_is_refused(stage, device, capsys):
-    """(dequant on meta printed made-up figures; transfer on mps timed a CPU copy and reported it)"""
-    assert bench.main([stage, "--device", device]) == 1
-    assert capsys.readouterr().err == f"bin/bench: error: --device {device}: use auto, cpu, cuda or cuda:N\n"
+@pytest.mark.parametrize("argv", [["dequant", "--device", "meta"], ["transfer", "--device", "mps"],
+                                  ["pipeline", "--shape", "llama-3.1-8b", "--device", "gpu"]])
+def test_a_device_this_engine_does_not_run_on_is_refused_before_anything_runs(argv, capsys, tmp_path, monkeypatch):
+    """(dequant on meta printed made-up figures; transfer on mps timed a CPU copy and reported it;
+    pipeline --device gpu wrote its whole --shape model, 4.9 GB, before it said so, exit 1): a usage
+    error, as run-pipeline's, with nothing written"""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (where a --shape model is written)
+    assert bench.main(argv) == 2
+    assert capsys.readouterr().err == (f"bin/bench {argv[0]}: error: --device {argv[-1]}: use auto, cpu, cuda or "
+                                       f"cuda:N (see bin/bench {argv[0]} --help)\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, line", [
