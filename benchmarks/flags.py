@@ -198,8 +198,9 @@ def model_args(p: argparse.ArgumentParser, reps: int = 5) -> None:
     from layerstream.loader.synth import QUANT_MIXES, SHAPES
 
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--shape", help=f"measure a synthetic model of this shape instead ({', '.join(SHAPES)}), written "
-                                   "to a temporary directory")
+    p.add_argument("--shape", choices=sorted(SHAPES), metavar="SHAPE",
+                   help=f"measure a synthetic model of this shape instead ({', '.join(SHAPES)}), written to a "
+                        "temporary directory")
     p.add_argument("--layers", type=int, default=None, help="layers of the --shape model (default: the shape's)")
     p.add_argument("--quant", default=None, choices=QUANT_MIXES,
                    help="quant mix of the --shape model (default Q4_K_M)")

@@ -330,6 +330,8 @@ def test_the_generate_line_tells_a_slow_start_from_the_steady_rate():
     (["experts", "-b", "1,"], "bin/bench experts: error: argument -b/--batch: '1,': give whole numbers, comma"),
     (["experts", "--shares", "0.5,x"], "bin/bench experts: error: argument --shares: '0.5,x': give numbers, comma"),
     (["cpu-kernel", "--shapes", "abc"], "bin/bench cpu-kernel: error: argument --shapes: 'abc': give matrices as N x K"),
+    # an unknown shape was refused by synth once the stage ran (status 1)
+    (["pipeline", "--shape", "foo"], "bin/bench pipeline: error: argument --shape: invalid choice: 'foo' (choose from"),
 ])
 def test_argument_errors_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
