@@ -38,8 +38,8 @@ AT_LEAST_ONE = ("reps", "passes", "decode_tokens", "prompt_tokens", "experts", "
                 "layers", "readers", "sample_layers", "steps", "buffers", "slots", "verify", "top", "context",
                 "step_tokens", "prefetch", "vram_slots", "cpu_threads")
 AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms", "decode_context", "resident_layers",
-                 "expert_prefetch", "expert_cache_gb", "host_cache_gb", "vram_gb", "map_threads")
-POSITIVE = ("floor_gbs", "size_mb")
+                 "expert_prefetch", "expert_cache_gb", "host_cache_gb", "map_threads")
+POSITIVE = ("floor_gbs", "size_mb", "vram_gb")  # (--vram-gb 0 went on to the plan's refusal, status 1; run-pipeline's is 2)
 FINITE = ("gap_ms", "size_mb", "floor_gbs", "expert_cache_gb", "host_cache_gb", "vram_gb")  # (inf overflowed a sleep or a buffer's size)
 
 

@@ -90,6 +90,7 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["spec", "--verify", "0"], "--verify 0: give at least 1"),
     # run-pipeline's flags, which run-pipeline refuses: the bench ran -1 as 0, and NaN failed deep in the plan
     (["pipeline", "--resident-layers", "-1"], "--resident-layers -1: give 0 or more"),
+    (["pipeline", "--vram-gb", "0"], "--vram-gb 0: give more than 0"),  # (the plan's refusal, exit 1)
     (["serve", "--expert-cache-gb", "nan"], "--expert-cache-gb nan: give a finite number"),
     (["spec", "--step-tokens", "0"], "--step-tokens 0: give at least 1"),
     (["experts", "-b", "100000"], "-b 100000: give 1 to 4096 (run-pipeline's bound)"),  # (minutes, deaf to signals)
