@@ -277,9 +277,10 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
 def test_the_layer_slots_lent_to_the_expert_cache_on_cuda_keep_the_resident_engines_tokens(tmp_path):
     """NOTE [ the layer slots lent to the expert cache ]: on CUDA the ring's layer slots are the
     expert pool's room, so the second prompt's whole layers are copied over experts the decode
-    before kept there. Both rounds give the resident engine's tokens (a copy that ran before the
-    last read of the room, or a decode that read it after the copy, changes them), the room
-    lent twice and taken back once with experts in it."""
+    before kept there. Both rounds give the resident engine's tokens (a reclaim that left entries
+    in the room would read layer bytes as experts; a copy racing the last reads of the room shows
+    only where the timing meets it: this model's steps are short), the room lent twice and taken
+    back once with experts in it."""
     path = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", n_layer=3, n_embd=256, n_ff=512,
                                n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=4)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
