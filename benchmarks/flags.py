@@ -109,7 +109,7 @@ def problem(args: argparse.Namespace) -> str | None:
         if not trace:
             return "--trace: give a file name"
         try:
-            check_trace(trace)
+            check_trace(trace, {"-m": getattr(args, "model", None)})
         except UsageError as e:
             return str(e)
     share = getattr(args, "cpu_share", None)

@@ -188,21 +188,30 @@ def _read_all(f, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_trace(path: str) -> None:
-    """--trace's file, opened for writing now (and removed again where this made it), so that a path no
-    one may write (root included: /proc/x) is refused before the run rather than after it."""
+def check_trace(path: str, inputs: dict[str, str | None] | None = None) -> None:
+    """--trace's file, opened for writing now (and removed again where this made it), and the part
+    file it is written into first (timeline.write_chrome_trace), so that a path no one may write
+    (root included: /proc/x) is refused before the run rather than after it; `inputs`: the files
+    the run reads, by flag, which the trace must not replace (it overwrote -m's model, status 0)."""
     if os.path.isdir(path):
         raise UsageError(f"--trace {path}: is a directory; give a file name, for example "
                          f"{os.path.join(path, 'trace.json')}")
     if os.path.lexists(path) and not os.path.isfile(path):
         raise UsageError(f"--trace {path}: exists and is not a regular file")
+    for flag, given in (inputs or {}).items():
+        if given and given != "-" and os.path.exists(path) and os.path.exists(given) and os.path.samefile(path, given):
+            raise UsageError(f"--trace {path}: is {flag}'s file, which the trace would replace; give another file")
     existed = os.path.lexists(path)
+    part = f"{os.path.realpath(path)}.part{os.getpid()}"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
+        os.close(fd)
+        os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.unlink(part)
     except OSError as e:
         raise UsageError(f"--trace {path}: cannot write there ({e.strerror}); give a file in a writable "
                          "directory") from None
-    os.close(fd)
-    if not existed:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

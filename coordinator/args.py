@@ -382,7 +382,8 @@ def check_args(args) -> None:
     if args.trace == "":
         fail("--trace : an empty path; give a file")
     if args.trace:
-        check_trace(args.trace)
+        check_trace(args.trace, {"-m": args.model, "-f": args.prompt_file, "--perplexity": args.perplexity,
+                                 "--draft-model": args.draft_model, "--api-key-file": args.api_key_file})
         if args.single_process:
             fail("--trace records the pipeline's processes, and --single-process starts none; drop one")
     if args.transport != "ipc" and args.single_process:

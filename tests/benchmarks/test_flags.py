@@ -195,3 +195,12 @@ def test_a_plans_error_says_what_sets_the_ctx_and_batch_it_names_in_a_stage_with
                                                                    "--batch is the largest -c)")
     assert bench.sized("reader", "lower --ctx") == "lower --ctx" and bench.sized("serve", "raise --vram-gb") == \
         "raise --vram-gb"  # (a stage that opens no engine, a message that names neither)
+
+
+def test_a_trace_over_the_model_it_measures_is_refused_before_anything_runs(tiny, capsys):
+    """(a probe's: bin/bench pipeline -m X --trace X replaced the model with its trace, status 0)"""
+    before = open(tiny, "rb").read()
+    assert bench.main(["pipeline", "-m", str(tiny), "--device", "cpu", "--trace", str(tiny)]) == 2
+    assert capsys.readouterr().err == (f"bin/bench pipeline: error: --trace {tiny}: is -m's file, which the trace "
+                                       "would replace; give another file (see bin/bench pipeline --help)\n")
+    assert open(tiny, "rb").read() == before

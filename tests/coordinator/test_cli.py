@@ -992,6 +992,20 @@ def test_the_trace_file_is_opened_up_front_and_left_as_it_was(tmp_path):
     with pytest.raises(UsageError, match="^--trace records the pipeline's processes, and --single-process starts"):
         check_args(build_parser().parse_args(["--single-process", "--trace", str(fresh), "hi"]))
     assert not fresh.exists()
+    # a file the run reads (a probe's: --trace over -m's model or -f's prompt replaced it, status 0),
+    # through another name too; and a folder where the part file it writes first cannot be made
+    model, prompt = tmp_path / "m.gguf", tmp_path / "p.txt"
+    model.write_bytes(b"GGUF model")
+    prompt.write_text("hi")
+    (tmp_path / "link.gguf").symlink_to(model)
+    for argv, flag in ((["-m", str(model), "--trace", str(tmp_path / "link.gguf"), "hi"], "-m"),
+                       (["-f", str(prompt), "--trace", str(prompt)], "-f")):
+        with pytest.raises(UsageError, match=f"^--trace .*: is {flag}'s file, which the trace would replace; give"):
+            check_args(build_parser().parse_args(argv))
+    assert model.read_bytes() == b"GGUF model" and prompt.read_text() == "hi"
+    if os.path.exists("/proc/version"):  # (opened for writing it is refused even to root, and so is a part file there)
+        with pytest.raises(UsageError, match="^--trace /proc/version: cannot write there"):
+            check_args(build_parser().parse_args(["--trace", "/proc/version", "hi"]))
 
 
 @pytest.mark.slow
