@@ -169,14 +169,14 @@ class Pipeline:
         Ready and uses no CPU for so long (Supervisor.start_blame). A verdict is kept only after
         one more wait of up to STALL_CONFIRM_S with nothing from the stage blamed: this process
         may itself have been stopped with its children (Ctrl-Z, then fg), and they go on once continued."""
-        confirm = None  # when a blame holds if nothing comes before
+        confirm, t0 = None, time.monotonic()  # (when a blame holds if nothing comes before; the wait's start)
         while not cond():
             self.failure = self.failure or self.core.failure
             if self.failure:
                 raise PipelineError(self.failure)
             now = time.monotonic()
             if deadline is not None and now > deadline:
-                raise PipelineError(f"timed out waiting for the {what} after {self.cfg.procs.ready_timeout_s:.0f} s; "
+                raise PipelineError(f"timed out waiting for the {what} after {now - t0:.0f} s; "
                                     "run with -v to see what each process logged")
             wake = deadline
             if stall is not None:
