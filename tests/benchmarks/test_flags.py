@@ -128,6 +128,7 @@ def test_qmatmul_without_a_cuda_device_says_so(capsys):
 
 
 @pytest.mark.parametrize("argv", [["dequant", "--device", "meta"], ["transfer", "--device", "mps"],
+                                  ["pipeline", "--device", "cpu:1"],
                                   ["pipeline", "--shape", "llama-3.1-8b", "--device", "gpu"]])
 def test_a_device_this_engine_does_not_run_on_is_refused_before_anything_runs(argv, capsys, tmp_path, monkeypatch):
     """(dequant on meta printed made-up figures; transfer on mps timed a CPU copy and reported it;
