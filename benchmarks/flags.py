@@ -194,6 +194,16 @@ def problem(args: argparse.Namespace) -> str | None:
         return f"--shares {bad[0]:g}: give shares above 0 and at most 1"
     if any(not (math.isfinite(v) and v >= 0) for v in each("skew")):
         return "--skew: give finite values of 0 or more"
+    from layerstream.loader.synth_shapes import MAX_LAYERS
+
+    if getattr(args, "shape", None) and (getattr(args, "layers", None) or 0) > MAX_LAYERS:  # (a probe's: n_layer=, status 1)
+        return f"--layers {args.layers}: give 1 to {MAX_LAYERS}"
+    model = getattr(args, "model", None)
+    if model is not None:  # (as run-pipeline's -m: a folder was the stage's status 1, 'd: is a directory')
+        from layerstream.coordinator.arg_files import path_problem
+
+        if why := "an empty path; give a file" if model == "" else path_problem(model, "model"):
+            return f"-m {model}: {why}"
     return None
 
 

@@ -31,6 +31,7 @@ from layerstream.loader.synth_blocks import CALIBRATION_BLOCKS, random_float, ra
 from layerstream.loader.synth_routing import router_scales
 from layerstream.loader.synth_shapes import (
     FILE_TYPES,
+    MAX_LAYERS,
     QUANT_MIXES,
     SHAPES,
     ModelShape,
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.out}: exists and is not a regular file; give another path")
     if args.seed < 0:
         p.error(f"--seed {args.seed}: must be 0 or more")
+    if args.layers is not None and not 1 <= args.layers <= MAX_LAYERS:  # (resolve_shape's words name n_layer=)
+        p.error(f"--layers {args.layers}: give 1 to {MAX_LAYERS}")
     # written beside its name and renamed when whole: a run cut short (Ctrl-C, SIGTERM, a full disk)
     # leaves no partial file that later reads as a damaged download
     part = f"{args.out}.part{os.getpid()}"

@@ -91,6 +91,9 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     # run-pipeline's flags, which run-pipeline refuses: the bench ran -1 as 0, and NaN failed deep in the plan
     (["pipeline", "--resident-layers", "-1"], "--resident-layers -1: give 0 or more"),
     (["pipeline", "--vram-gb", "0"], "--vram-gb 0: give more than 0"),  # (the plan's refusal, exit 1)
+    (["pipeline", "--shape", "smollm2-135m", "--layers", "99999"], "--layers 99999: give 1 to 1024"),  # (n_layer=, 1)
+    (["pipeline", "-m", "/"], "-m /: is a directory; give the .gguf file inside it"),  # (exit 1, '/: is a directory')
+    (["pipeline", "-m", ""], "-m : an empty path; give a file"),
     (["serve", "--expert-cache-gb", "nan"], "--expert-cache-gb nan: give a finite number"),
     (["spec", "--step-tokens", "0"], "--step-tokens 0: give at least 1"),
     (["experts", "-b", "100000"], "-b 100000: give 1 to 4096 (run-pipeline's bound)"),  # (minutes, deaf to signals)

@@ -319,11 +319,15 @@ def test_a_model_its_disk_has_no_room_for_is_refused_before_a_byte_is_written(tm
 def test_a_layer_count_beyond_any_model_is_refused_at_once(tmp_path, capsys):
     """--layers of a hundred million planned every tensor (minutes, gigabytes of memory) before the
     disk's room refused it; a count above MAX_LAYERS is refused before anything is planned or
-    written, as zero is."""
-    from layerstream.loader.synth_shapes import MAX_LAYERS
+    written, as zero is: a usage error naming --layers (it named n_layer=, status 1), and the
+    same bound for callers that give n_layer."""
+    from layerstream.loader.synth_shapes import MAX_LAYERS, resolve_shape
 
-    for n, words in ((10**8, f"n_layer=100000000: at most {MAX_LAYERS} layers"), (0, "need at least one layer")):
-        assert main([str(tmp_path / "x.gguf"), "--shape", "llama-3.1-8b", "--layers", str(n)]) == 1
+    for n in (10**8, 0):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / "x.gguf"), "--shape", "llama-3.1-8b", "--layers", str(n)])
         err = capsys.readouterr().err.strip()
-        assert err.startswith("synth: error: ") and words in err and len(err.splitlines()) == 1, err
+        assert e.value.code == 2 and err.endswith(f"error: --layers {n}: give 1 to {MAX_LAYERS}"), err
         assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=f"^n_layer=100000000: at most {MAX_LAYERS} layers"):
+        resolve_shape("llama-3.1-8b", 10**8)
