@@ -3,6 +3,8 @@ run-pipeline's options in coordinator/args.py, the server's fields in coordinato
 the pipeline's counts (args and coordinator/pipeline_config.py); torch-free, since the options are
 checked before torch is imported."""
 
+import re
+
 MAX_WINDOW = 1 << 22  # tokens: a context, max_tokens, the repeat penalty's window at most
 MAX_TEMPERATURE = 100.0
 # The repeat penalty divides a seen token's positive logit by it (float32): a penalty of 1e-39 made
@@ -16,6 +18,14 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 # GiB, a size at most (--vram-gb and the other sizes; Budget's, ExpertOptions'): far above any machine,
 # low enough that the arithmetic stays exact
 MAX_GB = 1 << 20
+DEVICES = "auto, cpu, cuda or cuda:N"  # the compute devices a run may name (is_device)
+
+
+def is_device(name) -> bool:
+    """Whether `name` is one of DEVICES: run-pipeline's --device, bin/bench's, EngineConfig's device."""
+    return isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
 MAX_READERS = 64  # reader processes: each is a process of its own (a thousand ran a machine out of memory)
 # the pipeline's counts and their bounds: run-pipeline's and bin/bench's options (coordinator/args.py)
 # and the Python API's (pipeline_config.Budget, ReaderOptions)

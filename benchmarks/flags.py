@@ -94,13 +94,12 @@ def problem(args: argparse.Namespace) -> str | None:
         return f"--cpu-threads {args.cpu_threads}: {why}"
     device = getattr(args, "device", None)
     if device is not None:  # (before a --shape model is written: `--device gpu` wrote the whole 8B first)
-        import re
-
+        from layerstream.bounds import DEVICES, is_device
         from layerstream.compute.device import resolve_device
         from layerstream.errors import ConfigError
 
-        if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):  # (as run-pipeline's)
-            return f"--device {device}: use auto, cpu, cuda or cuda:N"  # (cpu:1 ran, then the engine refused it)
+        if not is_device(device):  # (as run-pipeline's; cpu:1 ran, then the engine refused it)
+            return f"--device {device}: use {DEVICES}"
         try:
             resolve_device(device)
         except ConfigError as e:

@@ -364,8 +364,8 @@ def check_args(args) -> None:
     finite("host-cache-gb", args.host_cache_gb, 0.0, MAX_GB)
     finite("expert-cache-gb", args.expert_cache_gb, 0.0, MAX_GB)
     finite("stall-timeout", args.stall_timeout, 0.0, 1e6, low_open=True)
-    if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
-        fail(f"{opt('device')}: use auto, cpu, cuda or cuda:N")
+    if not bounds.is_device(args.device):
+        fail(f"{opt('device')}: use {bounds.DEVICES}")
     for name in ("model", "api_key_file", "draft_model"):  # (--perplexity's: perplexity_problem, which takes -)
         path = getattr(args, name)
         why = "an empty path; give a file" if path == "" else path and path_problem(path, name)

@@ -10,7 +10,6 @@ import contextlib
 import multiprocessing
 import numbers
 import os
-import re
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from layerstream.bounds import DEVICES, is_device
 from layerstream.compute.device import WEIGHTS, resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
 from layerstream.compute.sampling import SamplingParams
 from layerstream.compute.step_meta import SeqStep
@@ -126,8 +126,8 @@ class EngineConfig:
         for name in ("lookahead", "warm_up"):  # ("no" is true)
             if not isinstance(getattr(self, name), bool) and not (name == "warm_up" and self.warm_up is None):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be True or False")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if not is_device(self.device):
+            raise ConfigError(f"device={self.device!r}: use {DEVICES}")
         for name, low in (("ctx", 2), ("max_seqs", 1), ("sink_tokens", 0), ("prefill_chunk", 1), ("lookup", 0),
                           ("draft_tokens", 1)):
             v = getattr(self, name)
