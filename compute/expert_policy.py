@@ -86,7 +86,7 @@ class ExpertPolicy:
             self._stamp(key)
         return slot
 
-    def lend(self, slots: list[int], nbytes: int) -> None:
+    def lend(self, slots: tuple[int, ...], nbytes: int) -> None:
         """Room lent for a while: `slots`, pool slots of `nbytes` each, join the free ones (NOTE
         [ the layer slots lent to the expert cache ] in expert_stream.py)."""
         self.lent = set(slots)

@@ -7,9 +7,10 @@ admits are moved into its slots after the step's experts, NOTE [ misses first, b
 in experts.py; the last of them, `zero`, is never written), then two sets of `prefetch` slots for
 the experts predicted for the next layer, copied ahead on a side stream (NOTE [ expert prefetch ]
 in experts.py), then, where the VRAM ring's layer slots are lent to the cache, their room (NOTE
-[ the layer slots lent to the expert cache ] in expert_stream.py). Copies land in place, with no allocation, and every expert sits at a byte offset
-from one fixed anchor, the pool, so a CUDA graph can read whichever experts a step chose from
-offsets in a tensor (graphs.py, NOTE [ decode graphs ]). A fetch never evicts an expert that the
+[ the layer slots lent to the expert cache ] in expert_stream.py). Copies land in place, with no
+allocation, and every expert sits at a byte offset from one fixed anchor, the pool, so a CUDA
+graph can read whichever experts a step chose from offsets in a tensor (graphs.py, NOTE [ decode
+graphs ]). A fetch never evicts an expert that the
 same fetch serves. The (token, choice) pairs the CPU computes stay in the grouped launches with
 weight 0 (NOTE [ CPU experts ]), reading the slot of zeros: zero blocks of every type are zero
 matrices, while another slot's bytes read as another type (a Q4_K gate read as a Q6_K down) may
@@ -45,7 +46,10 @@ class ExpertPool:
         self.room_n, self.room_stride = room[0], -(-room[1] // ROOM_ALIGN) * ROOM_ALIGN
         self.room_at = (cached + in_flight + 2 * prefetch) * slot
         self.room_at += -self.room_at % ROOM_ALIGN if self.room_n else 0
-        self.buf = torch.zeros(self.room_at + self.room_n * self.room_stride, dtype=torch.uint8, device=device)
+        end = self.room_at + self.room_n * self.room_stride
+        self.buf = torch.zeros(end, dtype=torch.uint8, device=device)
+        # the pool slots that lie wholly within the room (what it lends the cache), worked out once
+        self.room_slots = tuple(range(-(-self.room_at // slot), end // slot)) if self.room_n and slot else ()
         self.ptr = self.buf.data_ptr()  # (the pool never moves)
         self.driver = DriverCopies.open() if self.device.type == "cuda" else None
         self.dst_views: dict[tuple[int, int, int], torch.Tensor] = {}  # (slot, offset, bytes) -> pool view
@@ -60,11 +64,6 @@ class ExpertPool:
         """The layer slots of the room, `nbytes` each (the ring's views; none without a room)."""
         assert nbytes <= self.room_stride or not self.room_n
         return [self.buf[self.room_at + k * self.room_stride :][:nbytes] for k in range(self.room_n)]
-
-    def room_slots(self) -> list[int]:
-        """The pool slots that lie wholly within the room (what it lends the cache)."""
-        end = self.room_at + self.room_n * self.room_stride
-        return list(range(-(-self.room_at // self.slot), end // self.slot)) if self.room_n and self.slot else []
 
     def prefetch_base(self, k: int) -> int:
         """The first slot of prefetch set k (0 or 1)."""

@@ -65,12 +65,12 @@ class ExpertCache:
     @property
     def lendable(self) -> bool:
         """Whether the pool has a room to lend the cache (NOTE [ the layer slots lent to the expert cache ])."""
-        return self.store is not None and bool(self.store.room_slots())
+        return self.store is not None and bool(self.store.room_slots)
 
     def lend(self) -> None:
         """The room's slots join the cache's (its layer slots idle until the next step that copies a layer)."""
         if self.lendable and not self.lent:
-            self.kept.lend(self.store.room_slots(), self.slot)
+            self.kept.lend(self.store.room_slots, self.slot)
             self.lent, self.lends = True, self.lends + 1
 
     def reclaim(self) -> None:

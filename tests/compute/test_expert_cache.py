@@ -195,7 +195,7 @@ def test_the_room_lent_holds_experts_until_taken_back_and_its_layer_slots_lie_pa
     assert len(ring) == 2 and all(v.numel() == 3 * slot + 5 for v in ring)
     assert starts[0] >= (1 + 3 + 2) * slot and all(a % ROOM_ALIGN == 0 for a in starts)
     assert starts[1] - starts[0] >= 3 * slot + 5 and starts[1] + 3 * slot + 5 <= store.buf.numel()
-    room = store.room_slots()
+    room = store.room_slots
     assert len(room) >= 6 and room[0] * slot >= starts[0] and (room[-1] + 1) * slot <= store.buf.numel()
     assert cache.lendable and not cache.lent
 

@@ -53,7 +53,7 @@ def test_a_step_failed_while_the_room_is_lent_leaves_the_cache_its_own_slots_and
     appears once. A VRAM slot a raise lost before it was recorded is free again too."""
     src, _ = _source([])
     cache = src.experts.cache
-    room = cache.store.room_slots()
+    room = cache.store.room_slots
     assert len(room) == 2 * 4096 // 256 and room[0] >= 4  # (past the cache's own slots; each layer slot a page)
     cache.lend()
     cache.kept.put((2, 6), None, set(), 256)
