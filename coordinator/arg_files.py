@@ -11,6 +11,7 @@ import sys
 
 from layerstream.coordinator.spelling import UsageError
 from layerstream.errors import ConfigError
+from layerstream.proto.timeline import trace_part
 
 
 def path_problem(path: str, what: str = "file") -> str | None:
@@ -202,7 +203,7 @@ def check_trace(path: str, inputs: dict[str, str | None] | None = None) -> None:
         if given and given != "-" and os.path.exists(path) and os.path.exists(given) and os.path.samefile(path, given):
             raise UsageError(f"--trace {path}: is {flag}'s file, which the trace would replace; give another file")
     existed = os.path.lexists(path)
-    part = f"{os.path.realpath(path)}.part{os.getpid()}"
+    part = trace_part(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
         os.close(fd)

@@ -112,8 +112,7 @@ def write_chrome_trace(path: str, snaps: list[dict[str, Any]]) -> int:
             })
     # into a file beside it, then renamed over it: a full disk leaves no half-written trace, and an
     # earlier trace at `path` stays whole (through a symbolic link: the file it names)
-    path = os.path.realpath(path)
-    part = f"{path}.part{os.getpid()}"
+    path, part = os.path.realpath(path), trace_part(path)
     try:
         with open(part, "w") as f:
             json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
@@ -123,6 +122,12 @@ def write_chrome_trace(path: str, snaps: list[dict[str, Any]]) -> int:
             os.unlink(part)
         raise
     return len(events)
+
+
+def trace_part(path: str) -> str:
+    """The file a trace for `path` is written into before it is renamed over it (through a symbolic
+    link: beside the file it names)."""
+    return f"{os.path.realpath(path)}.part{os.getpid()}"
 
 
 def trace_report(path: str, snaps: list[dict[str, Any]]) -> str:
