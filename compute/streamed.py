@@ -420,16 +420,13 @@ class StreamedLayers:
         self.step_no = step
         if self.cuda:
             r = self.ring
-            for j, (k, slot, *_) in r.copies.items():
+            for j, (_, slot, *_) in r.copies.items():
                 self.ready[(step, j)] = slot
-                if k is not None:
-                    r.free_slot(k, None)
             self._give_back_ahead()  # (issued for the step after the one running)
-            for k in r.in_use.values():
-                r.free_slot(k, None)
             r.copies.clear()
             r.in_use.clear()
-            r.free_vram, r.freed = list(range(len(r.vram))), [None] * len(r.vram)  # (one a raise lost, too)
+            # every VRAM slot is free, one a raise lost before it was recorded too
+            r.free_vram, r.freed = list(range(len(r.vram))), [None] * len(r.vram)
             r.layer_start.clear()
             r.gpu_events.clear()
         if self.share is not None:
