@@ -43,8 +43,8 @@ from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.dequant import have_triton
 from layerstream.compute.device import computing_form, cuda_visible
 from layerstream.compute.embedding import mapped_embedding
-from layerstream.compute.expert_stream import make_expert_stream
-from layerstream.compute.qlinear import model_scratch_elems, reserve_scratch
+from layerstream.compute.expert_stream import make_expert_stream, reserve_prompt_scratch, scratch_free_rows
+from layerstream.compute.qlinear import model_scratch_elems
 from layerstream.compute.runner import ModelRunner
 from layerstream.compute.slot_returns import SlotReturns
 from layerstream.compute.step_meta import SeqStep
@@ -116,8 +116,8 @@ class ComputeWorker:
         self.index = index = cfg.index if cfg.index is not None else open_model(cfg.model_path)
         self.form = form = computing_form(self.device, cfg.weights)
         quantized = form == "triton"  # the Triton kernels' blocks (their attention, graphs and experts' paths)
-        if quantized and self.device.type == "cuda" and plan.dequant_scratch:
-            reserve_scratch(self.device, dtype, model_scratch_elems(index))
+        # the prompts' dequantization scratch, reserved in attach (the expert pool's room may hold it)
+        self.scratch = model_scratch_elems(index) if quantized and self.device.type == "cuda" and plan.dequant_scratch else 0
         t1 = time.monotonic()
         self.glob = GlobalWeights(index, self.device, dtype, quantized=form)
         # two parts of its start, for the launcher's -v line (Ready's info)
@@ -150,7 +150,9 @@ class ComputeWorker:
         experts = make_expert_stream(self.layouts, resident, (hp.moe.n_expert, hp.moe.n_expert_used), ex.cache_bytes,
                                      ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
                                      self.device, dtype, quantized, self.tl, self.arena.slot_array,
-                                     self._layer_done, plan.vram_slots)
+                                     self._layer_done, plan.vram_slots,
+                                     (self.scratch * dtype.itemsize, scratch_free_rows(self.index)))
+        reserve_prompt_scratch(experts, self.device, dtype, self.scratch)
         self.source = StreamedLayers(self.layouts, self.arena.slot_array, self.ready_slots, self._pump,
                                      self._layer_done, self.device, dtype, resident, plan.vram_slots, self.tl,
                                      quantized=form, share=self.cpu.share, experts=experts)
@@ -214,11 +216,7 @@ class ComputeWorker:
             snap["device_peak_bytes"] = torch.cuda.max_memory_reserved(self.device)
         cache = None if self.source is None else self.source.expert_cache
         if cache is not None:
-            snap["experts"] = {"policy": cache.kept.policy, "hits": cache.hits, "misses": cache.misses,
-                               "bytes": cache.bytes_moved, "prefetch_hits": cache.ahead.hits, "prefetched": cache.ahead.copied,
-                               "prefetch_late": cache.ahead.late, "lends": cache.lends, "reclaimed": cache.reclaimed,
-                               "prefetch_limit": cache.ahead.limits / max(cache.ahead.issued, 1),
-                               "steps": self.expert_count.steps, "tokens": self.expert_count.tokens}
+            snap["experts"] = cache.stats() | {"steps": self.expert_count.steps, "tokens": self.expert_count.tokens}
         if self.cpu.experts is not None:
             ce = self.cpu.experts
             snap.setdefault("experts", {})["cpu"] = ce.computed  # (before the arena came: no cache yet)

@@ -6,12 +6,12 @@ bytes each: the cache's slots, then `in_flight` slots where a step's misses land
 admits are moved into its slots after the step's experts, NOTE [ misses first, bookkeeping after ]
 in experts.py; the last of them, `zero`, is never written), then two sets of `prefetch` slots for
 the experts predicted for the next layer, copied ahead on a side stream (NOTE [ expert prefetch ]
-in experts.py), then, where the VRAM ring's layer slots are lent to the cache, their room (NOTE
-[ the layer slots lent to the expert cache ] in expert_stream.py). Copies land in place, with no
-allocation, and every expert sits at a byte offset from one fixed anchor, the pool, so a CUDA
-graph can read whichever experts a step chose from offsets in a tensor (graphs.py, NOTE [ decode
-graphs ]). A fetch never evicts an expert that the
-same fetch serves. The (token, choice) pairs the CPU computes stay in the grouped launches with
+in experts.py), then, where the VRAM ring's layer slots are lent to the cache, their room and the
+prompts' dequantization scratch (NOTE [ the layer slots lent to the expert cache ] in
+expert_stream.py). Copies land in place, with no allocation, and every expert sits at a byte
+offset from one fixed anchor, the pool, so a CUDA graph can read whichever experts a step chose
+from offsets in a tensor (graphs.py, NOTE [ decode graphs ]). A fetch never evicts an expert that
+the same fetch serves. The (token, choice) pairs the CPU computes stay in the grouped launches with
 weight 0 (NOTE [ CPU experts ]), reading the slot of zeros: zero blocks of every type are zero
 matrices, while another slot's bytes read as another type (a Q4_K gate read as a Q6_K down) may
 hold an infinite scale, and 0 * inf is NaN. Dense experts (dequantized) are tensors of their own,
@@ -32,12 +32,12 @@ ROOM_ALIGN = 4096  # where the room and each of its layer slots start in the poo
 
 class ExpertPool:
     """One device buffer of `cached` + `in_flight` + 2 * `prefetch` slots of `slot` bytes (the last
-    in-flight slot the slot of zeros) and the ring's room, and the
-    copies into it: through the driver where it is at hand (h2d.py, NOTE [ driver copies ]), else
-    torch's copies from views made once."""
+    in-flight slot the slot of zeros) and the ring's room (its layer slots and the prompts'
+    dequantization scratch), and the copies into it: through the driver where it is at hand (h2d.py,
+    NOTE [ driver copies ]), else torch's copies from views made once."""
 
     def __init__(self, slot: int, cached: int, in_flight: int, prefetch: int, device: torch.device,
-                 room: tuple[int, int] = (0, 0)):
+                 room: tuple[int, int] = (0, 0), scratch: int = 0):
         self.slot, self.cached, self.in_flight, self.prefetch = slot, cached, in_flight, prefetch
         self.device = device
         self.zero = cached + in_flight - 1 if in_flight else None  # the slot of zeros (None: the pool's start)
@@ -46,7 +46,10 @@ class ExpertPool:
         self.room_n, self.room_stride = room[0], -(-room[1] // ROOM_ALIGN) * ROOM_ALIGN
         self.room_at = (cached + in_flight + 2 * prefetch) * slot
         self.room_at += -self.room_at % ROOM_ALIGN if self.room_n else 0
-        end = self.room_at + self.room_n * self.room_stride
+        # then the prompts' dequantization scratch, `scratch` bytes (lent with the layer slots)
+        self.scratch_at = self.room_at + self.room_n * self.room_stride
+        self.scratch_bytes = scratch if self.room_n else 0
+        end = self.scratch_at + self.scratch_bytes
         self.buf = torch.zeros(end, dtype=torch.uint8, device=device)
         # the pool slots that lie wholly within the room (what it lends the cache), worked out once
         self.room_slots = tuple(range(-(-self.room_at // slot), end // slot)) if self.room_n and slot else ()
@@ -64,6 +67,10 @@ class ExpertPool:
         """The layer slots of the room, `nbytes` each (the ring's views; none without a room)."""
         assert nbytes <= self.room_stride or not self.room_n
         return [self.buf[self.room_at + k * self.room_stride :][:nbytes] for k in range(self.room_n)]
+
+    def scratch(self) -> torch.Tensor | None:
+        """The room's dequantization scratch (qlinear.reserve_scratch's buffer; None without one)."""
+        return self.buf[self.scratch_at : self.scratch_at + self.scratch_bytes] if self.scratch_bytes else None
 
     def prefetch_base(self, k: int) -> int:
         """The first slot of prefetch set k (0 or 1)."""

@@ -46,6 +46,12 @@ misses (the cache's own slots fill first, so it drops as few as it can), and so 
 that streams whole layers amid expert steps (a verifying step of many drafts, a batch past half the
 experts). A step that raises leaves the cache empty and the room not lent (ExpertCache.reset).
 On the CPU, which copies layers to memory of their own, the room is memory of its own.
+The prompts' dequantization scratch (qlinear.py), where the device reserves one, lies in the room
+too, after the layer slots, and is lent with them: a step of few tokens dequantizes nothing (every
+quantized matrix takes its rows on a fused kernel and the experts run grouped: up to
+`scratch_free_rows`), so the room is lent only at expert steps of no more tokens than that and
+taken back at the first step of more, before its layers run; `qlinear.scratch` refuses while
+it is lent. Its writes and reads, and the cache's moves into the room, run on the compute stream.
 """
 
 from __future__ import annotations
@@ -57,9 +63,12 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu.experts import CpuExperts
+from layerstream.compute.dequant import FUSED_TYPES
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes, streams_experts
 from layerstream.compute.experts import ExpertCache, ExpertSet
 from layerstream.compute.model import LayerWeights
+from layerstream.compute.moe import GROUPED_MAX_TOKENS
+from layerstream.compute.qlinear import fused_max_rows, reserve_scratch
 from layerstream.compute.weights import device_weight, layer_weights
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
@@ -79,17 +88,38 @@ def ring_room(layouts: list[LayerLayout], resident: set[int], vram_slots: int, d
 def make_expert_stream(layouts: list[LayerLayout], resident: set[int], experts: tuple[int, int], cache_bytes: int,
                        dense_resident: bool, policy: str, prefetch: int, cpu: CpuExperts | None, device, dtype,
                        quantized: bool, timeline: Timeline, slot_array: Callable[[int], np.ndarray],
-                       layer_done: Callable[[int, int, int], None], vram_slots: int = 0) -> "ExpertStream | None":
+                       layer_done: Callable[[int, int, int], None], vram_slots: int = 0,
+                       scratch: tuple[int, int] = (0, 0)) -> "ExpertStream | None":
     """The expert steps of a model with `experts` (n_expert, n_expert_used) and a device cache of
     `cache_bytes`; None where its layers stream whole (no experts, or no cache). `vram_slots`: the
-    ring's layer slots, which the pool holds where it may lend them (ring_room)."""
+    ring's layer slots, which the pool holds where it may lend them (ring_room); `scratch`: the
+    prompts' dequantization scratch (bytes, and the most tokens of a step that use none of it:
+    scratch_free_rows), which the room holds too."""
     if not (experts[0] and cache_bytes):
         return None
+    room = ring_room(layouts, resident, vram_slots, dense_resident) if vram_slots else (0, 0)
     cache = ExpertCache(cache_bytes, torch.device(device), dtype, quantized, timeline, policy, slot_bytes(layouts),
-                        max_in_flight(*experts), prefetch if dense_resident else 0,
-                        ring_room(layouts, resident, vram_slots, dense_resident) if vram_slots else (0, 0))
+                        max_in_flight(*experts), prefetch if dense_resident else 0, room, scratch[0])
     return ExpertStream(cache, layouts, resident, experts, dtype, quantized, slot_array, layer_done,
-                        keep_dense=dense_resident, cpu=cpu)
+                        keep_dense=dense_resident, cpu=cpu, scratch_rows=scratch[1])
+
+
+def reserve_prompt_scratch(experts: "ExpertStream | None", device, dtype, elems: int) -> None:
+    """Reserve the prompts' dequantization scratch of `elems` values (none where 0): in the expert
+    pool's room where it holds one (NOTE [ the layer slots lent to the expert cache ]), else apart."""
+    if elems:
+        store = experts.cache.store if experts is not None else None
+        room = store.scratch() if store is not None else None
+        reserve_scratch(device, dtype, elems, room, experts.cache if room is not None else None)
+
+
+def scratch_free_rows(index) -> int:
+    """The most tokens a step may have on the device (Triton's blocks) and dequantize nothing into
+    the scratch: every quantized matrix (an expert's too) takes them on its fused kernel, and a
+    mixture's experts run grouped (moe.GROUPED_MAX_TOKENS)."""
+    tensors = [*index.globals.values(), *(t for layer in index.layers for t in layer.values())]
+    return min([GROUPED_MAX_TOKENS] + [fused_max_rows(t.qtype, t.shape[-2], t.shape[-1])
+                                       for t in tensors if len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES])
 
 
 class ExpertStream:
@@ -98,13 +128,17 @@ class ExpertStream:
 
     def __init__(self, cache: ExpertCache, layouts: list[LayerLayout], resident: set[int], experts: tuple[int, int],
                  dtype, quantized: bool, slot_array: Callable[[int], np.ndarray],
-                 layer_done: Callable[[int, int, int], None], keep_dense: bool = False, cpu: CpuExperts | None = None):
+                 layer_done: Callable[[int, int, int], None], keep_dense: bool = False, cpu: CpuExperts | None = None,
+                 scratch_rows: int = 0):
         self.cache, self.layouts, self.resident_ids = cache, layouts, set(resident)
         self.n_expert, self.n_expert_used = experts
         self.dtype, self.quantized, self.slot_array, self.layer_done = dtype, quantized, slot_array, layer_done
         self.keep_dense = keep_dense
         self.cpu = cpu if cache.pool is not None else None
         self.step = False  # this step fetches only the chosen experts of streamed MoE layers
+        self.tokens = 0  # this step's
+        # where the room holds the dequantization scratch, the most tokens of a step that leave it idle
+        self.scratch_rows = scratch_rows if cache.store is not None and cache.store.scratch_bytes else None
         self.frac = 0.0  # the CPU's share of this step's missing experts (NOTE [ CPU experts ])
         self.held: dict[int, int] = {}  # layer -> staging slot kept until release (its experts are read from it)
         self.returning: list[tuple] = []  # (event after the layer, step, layer, staging slot) to give back
@@ -113,7 +147,7 @@ class ExpertStream:
 
     def set_step(self, tokens: int) -> None:
         """A step of `tokens` tokens: whether it fetches only the chosen experts, and the CPU's share."""
-        self.step = streams_experts(self.n_expert, self.n_expert_used, tokens)
+        self.step, self.tokens = streams_experts(self.n_expert, self.n_expert_used, tokens), tokens
         self.frac = self.cpu.set_step(tokens) if self.step and self.cpu else 0.0
         self.cache.ahead.single = tokens == 1  # (NOTE [ copies ahead that land in time ] in expert_pool.py)
         if self.cache.ahead.layers:
@@ -158,13 +192,14 @@ class ExpertStream:
         cache = self.cache
         if not cache.lendable:
             return
-        if self.step and not cache.lent:
+        lends = self.step and (self.scratch_rows is None or self.tokens <= self.scratch_rows)
+        if lends and not cache.lent:
             streamed = (i for i in range(len(self.layouts)) if i not in self.resident_ids)
             if warm and all(i in self.dense for i in streamed) and (ring is None or ring.idle()):
                 if ring is not None:
                     ring.stream.wait_stream(ring.copy_stream)  # (the prompts' copies into the room are done)
                 cache.lend()
-        elif not self.step and cache.lent:
+        elif not lends and cache.lent:
             cache.reclaim()
             if ring is not None:
                 ring.reclaimed()

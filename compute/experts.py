@@ -29,13 +29,14 @@ class ExpertCache:
     copied ahead are `ahead`'s (NOTE [ expert prefetch ])."""
 
     def __init__(self, capacity_bytes: int, device, dtype, quantized: bool, timeline: Timeline, policy: str = "lfu",
-                 slot: int = 0, in_flight: int = 0, prefetch: int = 0, room: tuple[int, int] = (0, 0)):
+                 slot: int = 0, in_flight: int = 0, prefetch: int = 0, room: tuple[int, int] = (0, 0),
+                 scratch: int = 0):
         self.device, self.dtype, self.quantized, self.tl = device, dtype, quantized, timeline
         slot = slot if quantized else 0
         n_cached = capacity_bytes // slot if slot else 0
         self.own = (capacity_bytes, n_cached if slot else None)  # (its bytes and slots, the room not lent)
         self.kept = ExpertPolicy(self.own[0], policy, self.own[1])
-        self.store = ExpertPool(slot, n_cached, in_flight, prefetch, device, room) if slot else None
+        self.store = ExpertPool(slot, n_cached, in_flight, prefetch, device, room, scratch) if slot else None
         self.lent = False  # the room's slots are the cache's for now (lend)
         self.lends = self.reclaimed = 0  # times the room was lent; entries dropped when it was taken back
         self.ahead = PrefetchSets(prefetch)
@@ -88,6 +89,15 @@ class ExpertCache:
         self.lent, self.pending = False, None
         self.ahead.layers.clear()
         self.ahead.reading.clear()
+
+    def stats(self) -> dict:
+        """The cache's counters over the run (coordinator/stats.py, ExpertStats; the owner adds the steps)."""
+        ahead, store = self.ahead, self.store
+        return {"policy": self.kept.policy, "hits": self.hits, "misses": self.misses, "bytes": self.bytes_moved,
+                "prefetch_hits": ahead.hits, "prefetched": ahead.copied, "prefetch_late": ahead.late,
+                "prefetch_limit": ahead.limits / max(ahead.issued, 1), "lends": self.lends, "reclaimed": self.reclaimed,
+                "room": store.buf.numel() - store.room_at if self.lendable else 0,
+                "room_scratch": store.scratch_bytes if self.lendable else 0}
 
     def fetch(self, i: int, experts: list[int], lay: LayerLayout, host: np.ndarray) -> dict[int, tuple]:
         """Layer i's `experts` on the device, copying the missing ones out of its staging bytes:

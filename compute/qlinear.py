@@ -87,23 +87,35 @@ def _kernels():
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _reserved: dict[tuple[torch.device, torch.dtype], int] = {}  # elements reserved up front (the plan's)
+_lenders: dict[tuple[torch.device, torch.dtype], object] = {}  # a scratch's lender (its `lent` says when)
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """The reused dequantization buffer of `device`, at least `numel` elements (grown, never shrunk)."""
     key = (torch.device(device), dtype)
     buf = _scratch.get(key)
+    if getattr(_lenders.get(key), "lent", False):  # (expert_stream.py: steps of more rows take it back)
+        raise RuntimeError(f"internal: a step of {numel} scratch elements ran while the expert cache held the scratch")
     if buf is None or buf.numel() < numel:
         _scratch.pop(key, None)
+        _lenders.pop(key, None)
         buf = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
-def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> None:
+def reserve_scratch(device: torch.device, dtype: torch.dtype, numel: int, buf: torch.Tensor | None = None,
+                    lender=None) -> None:
     """Allocate the scratch up front, as the plan counted it; larger matrices (the output head
-    over many tokens) are then dequantized in row chunks that fit it."""
-    scratch(device, dtype, numel)
-    _reserved[(torch.device(device), dtype)] = numel
+    over many tokens) are then dequantized in row chunks that fit it. `buf`: bytes to hold it
+    instead (the expert pool's room), which `lender` lends elsewhere while its `lent` is true
+    (expert_stream.py, NOTE [ the layer slots lent to the expert cache ])."""
+    key = (torch.device(device), dtype)
+    if buf is not None:
+        _scratch[key] = buf.view(dtype)[:numel]
+        _lenders[key] = lender
+    else:
+        scratch(device, dtype, numel)
+    _reserved[key] = numel
 
 
 # Largest dequantized piece of one layer matrix (32 MiB in fp16): larger ones are dequantized and

@@ -33,13 +33,15 @@ class ExpertStats:
     prefetch_limit: float = 0.0  # the mean limit of one-token steps' copies ahead (0: none such)
     lends: int = 0  # times the layer slots were lent to the cache (NOTE [ the layer slots lent to the expert cache ])
     reclaimed: int = 0  # experts dropped from them when a prompt took them back
+    room: int = 0  # bytes lent: the layer slots, and `room_scratch` of them the prompts' dequantization scratch
+    room_scratch: int = 0
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> ExpertStats:
         return cls(str(d.get("policy", "lfu")), int(d["hits"]), int(d["misses"]), int(d["bytes"]), int(d["steps"]),
                    int(d["tokens"]), int(d.get("prefetch_hits", 0)), int(d.get("prefetched", 0)), int(d.get("cpu", 0)),
                    int(d.get("prefetch_late", 0)), float(d.get("prefetch_limit", 0.0)), int(d.get("lends", 0)),
-                   int(d.get("reclaimed", 0)))
+                   int(d.get("reclaimed", 0)), int(d.get("room", 0)), int(d.get("room_scratch", 0)))
 
     def describe(self) -> str | None:
         n = self.hits + self.misses + self.prefetch_hits
@@ -51,7 +53,9 @@ class ExpertStats:
                  f"{self.prefetch_late} layers") if self.prefetch_limit else ""
         pre = (f"; {ahead} ({ahead / n:.0%}) copied ahead on the previous layer's prediction, of {copied} "
                f"copied ahead ({ahead / max(copied, 1):.0%} used{limit})") if copied else ""
-        room = (f", the layer slots lent to it {self.lends} times ({self.reclaimed} experts dropped where a prompt "
+        what = "the layer slots and the dequantization scratch" if self.room_scratch else "the layer slots"
+        size = f" ({self.room / 2**30:.2f} GiB)" if self.room else ""
+        room = (f", {what}{size} lent to it {self.lends} times ({self.reclaimed} experts dropped where a prompt "
                 f"took them back)") if self.lends else ""
         return (f"{self.hits} of {n} fetched experts were in the device cache ({self.hits / n:.0%}, {self.policy}{room})"
                 f"{pre}; "

@@ -55,3 +55,7 @@ def test_the_experts_line_says_how_many_a_layer_copied_ahead_and_how_often_late(
     snap["experts"].update(lends=3, reclaimed=41)
     assert _experts_line(snap).startswith("10 of 100 fetched experts were in the device cache (10%, lfu, the layer "
                                           "slots lent to it 3 times (41 experts dropped where a prompt took them back));")
+    # with the dequantization scratch among them (the room's size, as ExpertCache.stats sends it)
+    snap["experts"].update(room=int(1.25 * 2**30), room_scratch=384 << 20)
+    assert ("(10%, lfu, the layer slots and the dequantization scratch (1.25 GiB) lent to it 3 times (41 experts "
+            "dropped") in _experts_line(snap)
