@@ -92,24 +92,30 @@ def fill_meta(s_meta: StepMeta, meta: StepMeta, names: list[str]) -> None:
 
 
 class GraphCapture:
-    """CUDA graphs captured into one memory pool from one side stream, shared by a runner's graphs."""
+    """CUDA graphs captured into one memory pool from one side stream, shared by a runner's graphs;
+    `tl`: the timeline that keeps each capture's host time (`graph_warm`, `graph_capture`)."""
 
-    def __init__(self, device):
-        self.device = torch.device(device)
+    def __init__(self, device, tl=None):
+        self.device, self.tl = torch.device(device), tl
         self.pool = self.stream = None
 
-    def capture(self, run):
+    def capture(self, run, what: str = "graph"):
         """A CUDA graph of run() (after one warm-up run outside it) and the outputs it writes."""
         if self.pool is None:
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
         side = self.stream
+        t0 = time.monotonic_ns()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
             run()
         torch.cuda.current_stream(self.device).wait_stream(side)
+        t1 = time.monotonic_ns()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
             out = run()
+        if self.tl is not None:
+            self.tl.add("graph_warm", f"warm-up {what}", t0, t1 - t0)
+            self.tl.add("graph_capture", f"capture {what}", t1, time.monotonic_ns() - t1)
         return graph, out
 
 
@@ -151,7 +157,8 @@ class LayerGraphs:
     def _capture(self, x, meta, seqs, upto: int, head: bool, last_ids):
         s_x = None if x is None else x.clone()
         s_meta, names = static_meta(meta)
-        graph, s_out = self.capture.capture(lambda: self.forward(s_x, s_meta, upto, head, seqs, last_ids))
+        graph, s_out = self.capture.capture(lambda: self.forward(s_x, s_meta, upto, head, seqs, last_ids),
+                                            f"layers 0-{upto - 1}")
         return graph, s_x, s_meta, s_out, names
 
 
@@ -272,7 +279,7 @@ class MoeGraphs:
                 ids = with_inputs(ids, h, weight)
             return x1, h, weight, ids
 
-        graph_a, outs_a = self.capture.capture(part_a)
+        graph_a, outs_a = self.capture.capture(part_a, f"A L{i}")
         x1, h, weight, _ = outs_a
         offs = torch.zeros(3, T * kk, dtype=torch.int64, device=self.device)  # slot 0 until the first fetch
         pool, parts = ex.cache.pool, ex.parts
@@ -290,7 +297,7 @@ class MoeGraphs:
                 mail.add_to(s_x)
             return s_x
 
-        graph_b, out = self.capture.capture(part_b)
+        graph_b, out = self.capture.capture(part_b, f"B L{i}")
         # pinned: the offsets, and with the CPU's share the pairs' weights and its mailbox
         pin = self.device.type == "cuda"
         pinned = (torch.empty(3, T * kk, dtype=torch.int64, pin_memory=pin),

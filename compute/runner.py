@@ -92,7 +92,7 @@ class ModelRunner:
         if kv_device_layers is None:
             kv_device_layers = 0 if kv_on_host else hp.n_layer
         self.kv = make_kv(hp, max_seqs, ctx, self.device, dtype, kv_device_layers)
-        self.capture = GraphCapture(self.device)  # NOTE [ decode graphs ] in graphs.py
+        self.capture = GraphCapture(self.device, getattr(source, "tl", None))  # NOTE [ decode graphs ] in graphs.py
         self.layer_graphs = LayerGraphs(self.capture, source, self._captured)
         self.moe_graphs = MoeGraphs(hp, source, self.kv, self.capture)
         self._ahead: deque[tuple] = deque(maxlen=2)  # (sequences, graph layers, meta, stream): NOTE [ a step's meta built ahead ]

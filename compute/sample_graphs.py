@@ -62,7 +62,7 @@ class SampleGraphs:
                 ids, best = draw(x.float(), P, None, noise=noise)
                 return torch.stack([ids, bad_codes(best).long(), torch.zeros_like(ids)])
 
-            graph, out = self.capture.capture(body)
+            graph, out = self.capture.capture(body, "sampling")
             g = self.graphs[key] = (graph, x, noise, out)
             while len(self.graphs) > KEEP:
                 self.graphs.popitem(last=False)

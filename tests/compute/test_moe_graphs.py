@@ -109,7 +109,7 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
         runner.append(r)
     if graphs:  # the CUDA-only switches, stood in for: graphs on in decode steps, the `resident` leading layers
         r._graph_layers = lambda seqs: (lambda on: (on, resident if on else 0))(all(len(s.tokens) == 1 for s in seqs))
-        r.capture.capture = lambda run: (lambda out: (_Graph(run, out), out))(run())
+        r.capture.capture = lambda run, what="graph": (lambda out: (_Graph(run, out), out))(run())
         early = r.moe_graphs._next_router_early
 
         def count_early(*a):
