@@ -48,7 +48,21 @@ class _Streamed:
 
     def layer(self, i):
         if self.prompt:
+            if getattr(self, "idle", None) is not None:  # the pipeline's wait for layer i's announcement
+                self.kept_before = i
+                while self.idle():
+                    self.waits = getattr(self, "waits", 0) + 1
             return self.whole[i]
+        return self._decode_layer(i)
+
+    def graph_weights(self, done):
+        """The layers kept before the one awaited (StreamedLayers.graph_weights): those whose next
+        layer is kept too where they predict it."""
+        for i in range(self.kept_before):
+            if i not in done and not (self.ahead and i + 1 < len(self.layouts) and i + 1 >= self.kept_before):
+                yield i, self._decode_layer(i)
+
+    def _decode_layer(self, i):
         nxt = i + 1 if self.ahead and i + 1 < len(self.layouts) else None  # NOTE [ expert prefetch ]
         return dict(self.dense[i], experts=ExpertSet(
             self.cache, i, self.layouts[i], self.host[i], dense_fixed=True, cpu=self.cpu, frac=self.frac,
@@ -83,7 +97,7 @@ class _Graph:
 
 
 def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False, batch: int = 2,
-            resident: int = 0, runner: list | None = None):
+            resident: int = 0, runner: list | None = None, capture_ahead: bool = False):
     index = open_model(path)
     hp = index.hparams
     layouts = layer_layouts(index)
@@ -102,6 +116,8 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
         reserve, cpu.held_back = cpu.reserve, []
         cpu.reserve = lambda *a: (lambda got: cpu.held_back.append(got) or got)(reserve(*a))
     src = _Streamed(index, cache, cpu, frac, ahead, resident)
+    if capture_ahead:  # (the runner then captures while the prompt step waits: NOTE [ decode graphs captured ahead ])
+        src.idle = None
     glob = GlobalWeights(index, "cpu", torch.float32, quantized=True)
     r = ModelRunner(hp, glob, src, "cpu", torch.float32, ctx=64, max_seqs=batch,
                     embed=mapped_embedding(glob, torch.device("cpu"), torch.float32) if resident else None)
@@ -119,8 +135,9 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
     seqs = [[5, 17, 33], [9, 3]] + [[(11 * b + 2) % hp.n_vocab] * (1 + b % 3) for b in range(2, batch)]
     src.prompt = True
     r.step([SeqStep(row=b, tokens=t, slots=list(range(len(t))), positions=list(range(len(t))),
-                    kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "none")
+                    kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "last" if capture_ahead else "none")
     src.prompt = False
+    src.ahead_keys = list(r.moe_graphs.graphs)  # captured by the prompt step
     logits = []
     for j in range(3):
         steps = []
@@ -206,3 +223,29 @@ def test_the_graph_path_at_batch_8_matches_eager_layers(tmp_path):
     assert got.shape[1] == 8 and graphed == 2 * 3 and early == 2 and cpu.computed > 0 and cache.ahead.copied > 0
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_prompt_step_captures_the_next_decode_steps_graphs_while_it_waits(tmp_path, ahead):
+    """NOTE [ decode graphs captured ahead ]: while a prompt step whose sequences all sample waits
+    for each layer, the runner captures the graphs of the streamed layers kept before it (and
+    whose next layer is kept, where they predict it) for the decode step expected next; that step
+    and those after replay them, and their logits are the eager layers'. A prompt step that samples
+    nothing captures none."""
+    pytest.importorskip("triton")
+    path = ggufgen.write_model(str(tmp_path / "moe3.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=3, n_embd=64,
+                               n_ff=64, n_expert=8, n_expert_used=2, seed=11)
+    want = _decode(path, graphs=False, frac=0.0)[0]
+    runner = []
+    got, graphed, cpu, _, _ = _decode(path, graphs=True, frac=0.5, ahead=ahead, runner=runner, capture_ahead=True)
+    src = runner[0].source
+    L = runner[0]._kv_len([SeqStep(0, [-1], [3], [3], range(4))], False)
+    assert src.ahead_keys == [(i, 2, L, ahead) for i in ([0] if ahead else [0, 1])], src.ahead_keys
+    assert src.waits == len(src.ahead_keys)
+    assert graphed == 3 * 3 and cpu.computed > 0  # every decode step's three layers through their graphs
+    assert sorted(runner[0].moe_graphs.graphs) == [(i, 2, L, ahead and i < 2) for i in range(3)]
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
+    runner = []
+    _decode(path, graphs=True, frac=0.0, runner=runner)  # (its prompt step samples nothing)
+    assert runner[0].source.ahead_keys == []
