@@ -208,11 +208,13 @@ class ExpertStream:
             if ring is not None:
                 ring.reclaimed()
 
-    def graph_weights(self, done: set[int]):
-        """(layer, weights) of each kept streamed MoE layer not in `done` whose one-token steps'
-        graphs may be captured now (NOTE [ decode graphs captured ahead ] in graphs.py): its
-        weights as those steps' `with_experts` makes them, once the next layer's router, which
-        they read where they predict its experts, is kept too."""
+    def graph_weights(self, done: set[int], tokens: int):
+        """(layer, weights) of each kept streamed MoE layer not in `done` whose graphs for a decode
+        step of `tokens` tokens (an expert step) may be captured now (NOTE [ decode graphs captured
+        ahead ] in graphs.py): its weights as that step's `with_experts` makes them, once the next
+        layer's router, which they read where they predict its experts, is kept too."""
+        if not streams_experts(self.n_expert, self.n_expert_used, tokens):
+            return
         for i in list(self.dense):
             nxt = i + 1
             ahead = bool(self.cache.prefetch_slots) and nxt < len(self.layouts) and nxt not in self.resident_ids

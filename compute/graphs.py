@@ -257,6 +257,7 @@ class MoeGraphs:
         if key in self.graphs or not (ex.grouped and self.kv.on_device(i)):
             return False
         s_x, s_meta = self._inputs(x, meta)
+        s_x.copy_(x)  # (the last capture's graph B warm-up wrote it from placeholder offsets: maybe NaN)
         t0 = time.monotonic_ns()
         self.graphs[key] = self._capture_ab(i, w, s_x, s_meta, k, v)
         if self.capture.tl is not None:  # (the layer's two captures, also under graph_warm and graph_capture)

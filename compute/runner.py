@@ -22,6 +22,7 @@ in the chunk's order, as `tails` asks. Host KV gathers each KV row once for all 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, deque
 from typing import Callable
 
@@ -38,6 +39,8 @@ from layerstream.compute.sampling import rows_of
 from layerstream.compute.step_meta import SeqStep, StepMeta, build_step_meta, rope_inv_freq
 from layerstream.compute.weights import GlobalWeights, LayerSource
 from layerstream.loader.gguf_index import HParams
+
+log = logging.getLogger("layerstream.compute")
 
 # tokens a verifying step holds at most to run as decode rows (NOTE [ drafts verified as decode
 # rows ]): the small batches whose matmuls read each weight once (qlinear's fused kernels); each
@@ -212,7 +215,7 @@ class ModelRunner:
         if self._after is None:
             return False
         seqs, meta, done = self._after
-        for i, w in self.source.graph_weights(done):
+        for i, w in self.source.graph_weights(done, len(seqs)):
             if meta is None:  # (a streamed layer is kept: the resident layers before it are loaded)
                 on, upto = self._graph_layers(seqs)
                 if not on:
@@ -225,8 +228,13 @@ class ModelRunner:
                 continue
             k, v, m = self.kv.layer(i, meta)
             x = torch.zeros(len(seqs), self.hp.n_embd, dtype=self.dtype, device=self.device)
-            if self.moe_graphs.capture_ahead(i, w, x, m, k, v):
-                return True
+            try:
+                if self.moe_graphs.capture_ahead(i, w, x, m, k, v):
+                    return True
+            except Exception as e:  # noqa: BLE001 - only a head start: the decode step captures what is missing
+                log.warning("capturing layer %d's decode graphs ahead failed (%s); the decode step will", i, e)
+                self._after = None
+                return False
         return False
 
     def _as_rows(self, seqs: list[SeqStep], want: str, tails: list[int]) -> list[SeqStep] | None:

@@ -87,11 +87,12 @@ class StreamedLayers:
         # host work for the waits for a layer's announcement: it returns whether it did any (the
         # runner's decode graphs captured ahead: NOTE [ decode graphs captured ahead ] in graphs.py)
         self.idle: Callable[[], bool] | None = None
+        self.flush: Callable[[], None] = lambda: None  # sends the slots given back (before idle work)
 
-    def graph_weights(self, done: set[int]):
-        """(layer, weights) of the kept streamed MoE layers not in `done` whose one-token steps'
-        graphs may be captured now (ExpertStream.graph_weights)."""
-        return self.experts.graph_weights(done) if self.experts is not None else ()
+    def graph_weights(self, done: set[int], tokens: int):
+        """(layer, weights) of the kept streamed MoE layers not in `done` whose graphs for a decode
+        step of `tokens` tokens may be captured now (ExpertStream.graph_weights)."""
+        return self.experts.graph_weights(done, tokens) if self.experts is not None else ()
 
     @property
     def expert_step(self) -> bool:
@@ -357,6 +358,8 @@ class StreamedLayers:
         self._issue_copies(i, pump=False)
         while i not in self.ring.copies:
             self.return_slots()  # the coordinator may be waiting for one of them
+            if self.idle is not None:
+                self.flush()  # (the coordinator may wait for them while the host works)
             self.pump(not (self.idle is not None and self.idle()))  # (with idle work done, only what is queued)
             self._issue_copies(i)
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)

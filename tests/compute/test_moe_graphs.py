@@ -55,7 +55,7 @@ class _Streamed:
             return self.whole[i]
         return self._decode_layer(i)
 
-    def graph_weights(self, done):
+    def graph_weights(self, done, tokens):
         """The layers kept before the one awaited (StreamedLayers.graph_weights): those whose next
         layer is kept too where they predict it."""
         for i in range(self.kept_before):
@@ -138,6 +138,7 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
                     kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "last" if capture_ahead else "none")
     src.prompt = False
     src.ahead_keys = list(r.moe_graphs.graphs)  # captured by the prompt step
+    src.k_after_prompt = {i: k.clone() for i, k in r.kv.k.items()} if capture_ahead else None
     logits = []
     for j in range(3):
         steps = []
@@ -249,3 +250,43 @@ def test_a_prompt_step_captures_the_next_decode_steps_graphs_while_it_waits(tmp_
     runner = []
     _decode(path, graphs=True, frac=0.0, runner=runner)  # (its prompt step samples nothing)
     assert runner[0].source.ahead_keys == []
+
+
+def test_a_capture_ahead_starts_from_the_placeholder_input_and_a_failed_one_leaves_the_step_alone(tmp_path, monkeypatch):
+    """Each capture ahead starts from the placeholder input: the graph B warm-up before it may
+    leave non-finite values there (it reads experts at placeholder offsets), which the next
+    layer's graph A warm-up would write into its row's next KV slot, where a later shorter
+    prompt's masked attention would still meet them (0 * NaN). And a capture that raises ends
+    the captures ahead without failing the prompt step: the decode steps capture the rest."""
+    pytest.importorskip("triton")
+    from layerstream.compute.graphs import MoeGraphs
+
+    path = ggufgen.write_model(str(tmp_path / "moe3.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=3, n_embd=64,
+                               n_ff=64, n_expert=8, n_expert_used=2, seed=11)
+    want = _decode(path, graphs=False, frac=0.0)[0]
+    capture = MoeGraphs._capture_ab
+
+    def poisoned(self, i, w, s_x, s_meta, k, v):  # graph B's warm-up leaves NaN behind
+        got = capture(self, i, w, s_x, s_meta, k, v)
+        s_x.fill_(float("nan"))
+        return got
+
+    monkeypatch.setattr(MoeGraphs, "_capture_ab", poisoned)
+    runner = []
+    got = _decode(path, graphs=True, frac=0.0, runner=runner, capture_ahead=True)[0]
+    r = runner[0]
+    assert r.source.ahead_keys and [key[0] for key in r.source.ahead_keys] == [0, 1]
+    k = r.source.k_after_prompt
+    for i in (0, 1):  # the rows' next slots (3 and 2) as the captures' warm-ups wrote them
+        assert torch.isfinite(k[i][0, 3]).all() and torch.isfinite(k[i][1, 2]).all(), i
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+    def broken(self, *a):
+        raise RuntimeError("a capture that fails")
+
+    monkeypatch.setattr(MoeGraphs, "_capture_ab", capture)
+    monkeypatch.setattr(MoeGraphs, "capture_ahead", broken)
+    runner = []
+    got, graphed, *_ = _decode(path, graphs=True, frac=0.0, runner=runner, capture_ahead=True)
+    assert runner[0].source.ahead_keys == [] and runner[0]._after is None and graphed == 3 * 3
+    assert (got.argmax(-1) == want.argmax(-1)).all()

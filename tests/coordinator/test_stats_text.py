@@ -59,3 +59,16 @@ def test_the_experts_line_says_how_many_a_layer_copied_ahead_and_how_often_late(
     snap["experts"].update(room=int(1.25 * 2**30), room_scratch=384 << 20)
     assert ("(10%, lfu, the layer slots and the dequantization scratch (1.25 GiB) lent to it 3 times (41 experts "
             "dropped") in _experts_line(snap)
+
+
+def test_the_table_has_rows_for_the_decode_graphs_captures():
+    """The captures' host time (graphs.py: graph_warm, graph_capture, and graph_ahead for those
+    captured while a prompt step waited) gets its rows in --stats' table."""
+    from layerstream.proto.timeline import stats_table
+
+    snap = {"role": "compute", "ident": "compute", "count": {"graph_warm": 4, "graph_capture": 4, "graph_ahead": 2},
+            "busy_ns": {"graph_warm": 8_000_000, "graph_capture": 12_000_000, "graph_ahead": 20_000_000}, "bytes": {}}
+    rows = {line.split()[0]: line.split()[1:] for line in stats_table([snap], 1.0).splitlines()[1:4]}
+    assert rows == {"graph_warm": ["4", "0.008", "0.000", "-", "2.000"],
+                    "graph_capture": ["4", "0.012", "0.000", "-", "3.000"],
+                    "graph_ahead": ["2", "0.020", "0.000", "-", "10.000"]}, rows
