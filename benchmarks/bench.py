@@ -17,7 +17,7 @@ from layerstream.errors import LayerstreamError
 from layerstream.proto.signals import HOW, Stopped, raise_on_stop
 
 from .cpu_kernel_bench import add_parser as add_cpu_kernel_parser
-from .flags import context_problem, ints, problem
+from .flags import ints, model_problem, problem
 from .links_bench import add_parser as add_links_parser
 from .spec_bench import add_spec_parser
 from .stage_bench import add_stage_parsers, device_name, time_decode
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # (a stop signal while the flags are read and checked, too)
         args = build_parser().parse_args(argv)
         cmd = args.cmd
-        wrong = problem(args) or context_problem(args)  # (the second reads the model's header)
+        wrong = problem(args) or model_problem(args)  # (the second reads the model's header)
         if wrong:  # (as argparse's own errors: one line, exit 2)
             print(f"bin/bench {args.cmd}: error: {wrong} (see bin/bench {args.cmd} --help)", file=sys.stderr)
             return 2

@@ -241,12 +241,17 @@ def pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="what --cpu-share splits: 4-bit FFN matrices of some layers, or rows of all (as run-pipeline)")
     p.add_argument("--vram-slots", type=int, default=None, help="the streamed layers' VRAM slots (as run-pipeline)")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU threads of the compute process")
-    p.add_argument("--expert-cache-gb", type=float, default=None, help="device memory for streamed experts")
-    p.add_argument("--moe-dense", choices=("resident", "stream"), default="resident",
+    d = EXPERT_DEFAULTS
+    p.add_argument("--expert-cache-gb", type=float, default=d["expert_cache_gb"], help="device memory for streamed experts")
+    p.add_argument("--moe-dense", choices=("resident", "stream"), default=d["moe_dense"],
                    help="streamed MoE layers' attention and routers: resident (when they fit) or streamed")
-    p.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu", help="the expert cache's eviction")
-    p.add_argument("--expert-prefetch", type=int, default=None, metavar="N",
+    p.add_argument("--expert-policy", choices=("lfu", "lru"), default=d["expert_policy"], help="the expert cache's eviction")
+    p.add_argument("--expert-prefetch", type=int, default=d["expert_prefetch"], metavar="N",
                    help="experts predicted and copied ahead a streamed MoE layer (as run-pipeline; 0: off)")
+
+
+# the expert flags' defaults: one given otherwise with a dense model is refused (model_problem)
+EXPERT_DEFAULTS = {"expert_cache_gb": None, "moe_dense": "resident", "expert_policy": "lfu", "expert_prefetch": None}
 
 
 def pipeline_config(args, direct: bool = False, trace: bool = False):
@@ -295,23 +300,31 @@ def _lengths(args: argparse.Namespace) -> list[tuple[str, int]]:
     return []
 
 
-def context_problem(args: argparse.Namespace) -> str | None:
-    """A stage's sequence longer than its model's context, in one line (None: none is): such a
-    length ran for minutes with no output (and past the positions the model was trained for)."""
+def model_problem(args: argparse.Namespace) -> str | None:
+    """What the stage's model makes wrong in its flags, in one line (None: nothing): an expert flag
+    given with a dense model (run-pipeline refuses it; here it did nothing), a sequence longer than
+    its context (such a length ran for minutes with no output, past the positions the model was
+    trained for). Reads the model's header where a check needs it."""
     lengths = _lengths(args)
-    if not lengths:
+    experts = [f"--{n.replace('_', '-')}" for n, d in EXPERT_DEFAULTS.items() if getattr(args, n, d) != d]
+    if not (lengths or experts):
         return None
     if getattr(args, "shape", None):
         from layerstream.loader.synth_shapes import resolve_shape
 
         shape = resolve_shape(args.shape, args.layers)
-        name, n_ctx = f"--shape {shape.name}", shape.context_length
+        name, n_ctx, arch, n_expert = f"--shape {shape.name}", shape.context_length, shape.arch, shape.n_expert
     else:
         from layerstream.loader.default_model import default_model_path
         from layerstream.loader.gguf_index import open_model
 
         path = args.model or default_model_path()
-        name, n_ctx = os.path.basename(path), open_model(path).hparams.context_length
+        hp = open_model(path).hparams
+        name, n_ctx, arch, n_expert = os.path.basename(path), hp.context_length, hp.arch, hp.moe.n_expert
+    if experts and not n_expert:  # (run-pipeline's words: coordinator/cli.py)
+        many = len(experts) > 1
+        return (f"{', '.join(experts)}: {'do' if many else 'does'} nothing with a dense model ({arch}, no experts); "
+                f"drop {'them' if many else 'it'}")
     for what, n in lengths:
         if n > n_ctx:
             total = f" = {n} tokens" if "+" in what else ""

@@ -701,7 +701,7 @@ def bench_compute(args) -> list[dict]:
 def decode_sequence(batch: int, passes: int) -> int:
     """Tokens of bench_pipeline's longest decode sequence: its prompt (4), the tokens it decodes
     while the batch's other prompts prefill (step budget below the batch's prompts), then the
-    timed or warm passes (flags.context_problem checks it against the model's context)."""
+    timed or warm passes (flags.model_problem checks it against the model's context)."""
     return 4 + 4 * batch + passes
 
 

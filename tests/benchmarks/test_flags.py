@@ -175,15 +175,15 @@ def test_a_sequence_that_fits_the_context_is_not_refused(tiny):
     """(the bound is the model's own context, read from its header: the tiny model's)"""
     import argparse
 
-    from benchmarks.flags import context_problem
+    from benchmarks.flags import model_problem
     from layerstream.loader.gguf_index import open_model
 
     n_ctx = open_model(tiny).hparams.context_length
     args = argparse.Namespace(cmd="engine", model=tiny, shape=None, prompt_tokens=n_ctx, decode_prompt=16,
                               decode_tokens=n_ctx - 16)
-    assert context_problem(args) is None
+    assert model_problem(args) is None
     args.decode_tokens += 1
-    assert context_problem(args).startswith(f"--decode-prompt 16 + --decode-tokens {n_ctx - 15} = {n_ctx + 1} tokens")
+    assert model_problem(args).startswith(f"--decode-prompt 16 + --decode-tokens {n_ctx - 15} = {n_ctx + 1} tokens")
 
 
 def test_a_plans_error_says_what_sets_the_ctx_and_batch_it_names_in_a_stage_without_those_flags(tiny, capsys):
@@ -208,3 +208,30 @@ def test_a_trace_over_the_model_it_measures_is_refused_before_anything_runs(tiny
     assert capsys.readouterr().err == (f"bin/bench pipeline: error: --trace {tiny}: is -m's file, which the trace "
                                        "would replace; give another file (see bin/bench pipeline --help)\n")
     assert open(tiny, "rb").read() == before
+
+
+@pytest.mark.parametrize("flags, named", [(["--expert-cache-gb", "1"], "--expert-cache-gb: does"),
+                                          (["--expert-policy", "lru", "--moe-dense", "stream"],
+                                           "--moe-dense, --expert-policy: do")])
+def test_expert_flags_with_a_dense_model_are_refused_as_run_pipeline_refuses_them(tiny, capsys, flags, named):
+    """(a probe's: --expert-cache-gb with a dense model ran the stage and did nothing, status 0)"""
+    assert bench.main(["pipeline", "-m", tiny, "--device", "cpu", "--tokens", "4", "--generate-tokens", "2",
+                       "--reps", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bin/bench pipeline: error: {named} nothing with a dense model (llama, no experts); drop"), err
+
+
+def test_expert_flags_with_a_mixture_of_experts_are_taken(tmp_path):
+    import argparse
+
+    import ggufgen
+    from benchmarks.flags import model_problem
+
+    moe = ggufgen.write_model(str(tmp_path / "moe.gguf"), arch="qwen3moe", n_layer=1, n_expert=4, n_expert_used=2)
+    args = argparse.Namespace(cmd="serve", model=moe, shape=None, expert_cache_gb=1.0, expert_policy="lru",
+                              prompt_tokens=4, tokens=4)
+    assert model_problem(args) is None
+    args.model, args.shape, args.layers = None, "qwen3-30b-a3b", 2
+    assert model_problem(args) is None
+    args.shape = "llama-3.1-8b"
+    assert model_problem(args).startswith("--expert-cache-gb, --expert-policy: do nothing with a dense model (llama")
