@@ -36,10 +36,10 @@ sum once the CPU posts it (NOTE [ the CPU's sum posted to the device ] in cpu/qd
 launches the next layer's graph A without waiting for the CPU.
 
 NOTE [ decode graphs captured ahead ]
-A streamed MoE layer's graphs were captured in the first decode step that ran them, about 5 ms of
-host time a layer with the device idle: a quarter of a second of the Qwen3-30B-A3B shape's first
-decode step, which a reply from a fresh process (run-pipeline, a server's first request) paid in
-its decode rate (BENCHMARKS.md). But the prompt step before it, the process's first pass, waits
+A streamed MoE layer's graphs were captured in the first decode step that ran them, host time with
+the device idle that made most of the Qwen3-30B-A3B shape's first decode step, which a reply from
+a fresh process (run-pipeline, a server's first request) paid in its decode rate (BENCHMARKS.md,
+AJ4 and AJ6). But the prompt step before it, the process's first pass, waits
 on the host for each layer to be read and staged. So in a prompt step whose sequences all sample
 (ModelRunner._decode_after), the layer source calls the runner's `idle` while it waits for a
 layer's announcement, and each call captures one streamed MoE layer's graphs (`capture_ahead`) for
