@@ -156,7 +156,6 @@ class ComputeWorker:
         self.source = StreamedLayers(self.layouts, self.arena.slot_array, self.ready_slots, self._pump,
                                      self._layer_done, self.device, dtype, resident, plan.vram_slots, self.tl,
                                      quantized=form, share=self.cpu.share, experts=experts)
-        self.source.flush = self.returns.flush
         self.runner = ModelRunner(hp, self.glob, self.source, self.device, dtype,
                                   ctx=cfg.ctx, max_seqs=cfg.max_seqs, kv_device_layers=plan.kv_device_layers,
                                   sliding=cfg.sliding, triton_attention=quantized,

@@ -122,10 +122,6 @@ def scratch_free_rows(index) -> int:
                                        for t in tensors if len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES])
 
 
-def _never(*_) -> None:
-    raise RuntimeError("internal: a capture's weights copied experts ahead")
-
-
 class ExpertStream:
     """The streamed MoE layers' expert steps (NOTE [ expert streaming ]) over `cache`; `slot_array`
     gives a staging slot's bytes, `layer_done(step, layer, slot)` gives a slot back."""
@@ -207,26 +203,6 @@ class ExpertStream:
             cache.reclaim()
             if ring is not None:
                 ring.reclaimed()
-
-    def graph_weights(self, done: set[int], tokens: int):
-        """(layer, weights) of each kept streamed MoE layer not in `done` whose graphs for a decode
-        step of `tokens` tokens (an expert step) may be captured now (NOTE [ decode graphs captured
-        ahead ] in graphs.py): its weights as that step's `with_experts` makes them, once the next
-        layer's router, which they read where they predict its experts, is kept too."""
-        if not streams_experts(self.n_expert, self.n_expert_used, tokens):
-            return
-        for i in list(self.dense):
-            nxt = i + 1
-            ahead = bool(self.cache.prefetch_slots) and nxt < len(self.layouts) and nxt not in self.resident_ids
-            moe = any(t.name == EXPERT_TENSORS[0] for t in self.layouts[i].tensors)
-            if i in done or not moe or (ahead and nxt not in self.dense):
-                continue
-            w = dict(self.dense[i])
-            w["experts"] = ExpertSet(self.cache, i, self.layouts[i], np.empty(0, np.uint8), dense_fixed=True,
-                                     cpu=self.cpu, next_router=self.dense[nxt] if ahead else None,
-                                     prefetch_next=_never if ahead else None,
-                                     next_lay=self.layouts[nxt] if ahead else None)
-            yield i, w
 
     def predicts(self, i: int) -> bool:
         """Whether layer i's step predicts the next layer's experts and copies them ahead."""

@@ -35,21 +35,6 @@ next layer's graph A reads it. With a CPU share, graph B's last kernel adds the 
 sum once the CPU posts it (NOTE [ the CPU's sum posted to the device ] in cpu/qdot.c), so the host
 launches the next layer's graph A without waiting for the CPU.
 
-NOTE [ decode graphs captured ahead ]
-A streamed MoE layer's graphs were captured in the first decode step that ran them, host time with
-the device idle that made most of the Qwen3-30B-A3B shape's first decode step, which a reply from
-a fresh process (run-pipeline, a server's first request) paid in its decode rate (BENCHMARKS.md,
-AJ4 and AJ6). But the prompt step before it, the process's first pass, waits
-on the host for each layer to be read and staged. So in a prompt step whose sequences all sample
-(ModelRunner._decode_after), the layer source calls the runner's `idle` while it waits for a
-layer's announcement, and each call captures one streamed MoE layer's graphs (`capture_ahead`) for
-the one-token step expected next: each row's next position at its next slot, the KV length that
-step will pad to. A layer is captured once its dense part is kept, and the next layer's too where
-it predicts the next layer's experts (its graph A reads that router). The captures' warm-up runs
-write each row's next slot, past the prompt's, which the decode step writes before it reads it; a
-capture for a step that never comes (another batch, a reply of one token) costs its host time,
-hidden in the waits, and its graph's memory in the shared pool.
-
 NOTE [ the next router early ]
 The host's time bounds a streamed MoE layer at batch 1: it waited a fifth of the layer for graph
 A, and the device waited for the host's bookkeeping between layers (the layer's release, the
@@ -247,22 +232,6 @@ class MoeGraphs:
             with ex.cache.tl.span("wait_cpu", f"cpu sum L{i}", layer=i):
                 cpu_sum()
         return out
-
-    def capture_ahead(self, i: int, w: LayerWeights, x: torch.Tensor, meta: StepMeta, k, v) -> bool:
-        """Capture streamed MoE layer i's graphs for a step of x's rows and `meta`'s shape before
-        any such step (NOTE [ decode graphs captured ahead ]): whether it did (not where they exist,
-        or its KV is not on the device). The captures' warm-up runs write the KV of `meta`'s slots."""
-        ex = w["experts"]
-        key = (i, x.shape[0], meta.q.kv_len, ex.next_router is not None)
-        if key in self.graphs or not (ex.grouped and self.kv.on_device(i)):
-            return False
-        s_x, s_meta = self._inputs(x, meta)
-        s_x.copy_(x)  # (the last capture's graph B warm-up wrote it from placeholder offsets: maybe NaN)
-        t0 = time.monotonic_ns()
-        self.graphs[key] = self._capture_ab(i, w, s_x, s_meta, k, v)
-        if self.capture.tl is not None:  # (the layer's two captures, also under graph_warm and graph_capture)
-            self.capture.tl.add("graph_ahead", f"captured ahead L{i}", t0, time.monotonic_ns() - t0, layer=i)
-        return True
 
     def _next_router_early(self, j: int, T: int, kv_len: int, tl) -> None:
         """Launch graph A of layer j now, if it is a streamed MoE layer that allows it and its

@@ -22,7 +22,6 @@ in the chunk's order, as `tails` asks. Host KV gathers each KV row once for all 
 
 from __future__ import annotations
 
-import logging
 from collections import Counter, deque
 from typing import Callable
 
@@ -39,8 +38,6 @@ from layerstream.compute.sampling import rows_of
 from layerstream.compute.step_meta import SeqStep, StepMeta, build_step_meta, rope_inv_freq
 from layerstream.compute.weights import GlobalWeights, LayerSource
 from layerstream.loader.gguf_index import HParams
-
-log = logging.getLogger("layerstream.compute")
 
 # tokens a verifying step holds at most to run as decode rows (NOTE [ drafts verified as decode
 # rows ]): the small batches whose matmuls read each weight once (qlinear's fused kernels); each
@@ -99,11 +96,6 @@ class ModelRunner:
         self.layer_graphs = LayerGraphs(self.capture, source, self._captured)
         self.moe_graphs = MoeGraphs(hp, source, self.kv, self.capture)
         self._ahead: deque[tuple] = deque(maxlen=2)  # (sequences, graph layers, meta, stream): NOTE [ a step's meta built ahead ]
-        # the decode step expected after this prompt step, and its meta once built (NOTE [ decode graphs
-        # captured ahead ] in graphs.py): the source calls `idle` while it waits for a layer
-        self._after: tuple | None = None
-        if hasattr(source, "idle"):
-            source.idle = self._capture_ahead
 
     def close(self) -> None:
         pass
@@ -176,13 +168,6 @@ class ModelRunner:
         self.moe_graphs.start_step(on)
         meta = self._meta_for(seqs, upto)
         whole = upto == self.hp.n_layer and want == "last" and tails is None  # the whole step, head included
-        self._after = None if on or want != "last" or tails is not None else self._decode_after(seqs)
-        try:
-            return self._step(seqs, want, last_ids, tails, upto, meta, whole)
-        finally:
-            self._after = None
-
-    def _step(self, seqs, want, last_ids, tails, upto: int, meta: StepMeta, whole: bool):
         if upto and self.ids_on_device:
             if last_ids is None and not meta.tok.known:
                 raise ValueError("a token -1 (the row's last sampled id) in a step given no sampled ids")
@@ -193,49 +178,6 @@ class ModelRunner:
             if upto:
                 x = self.layer_graphs.replay(x, meta, seqs, upto, head=whole)
         return x if whole else self._forward(x, meta, seqs, want, start=upto, tails=tails)
-
-    def _decode_after(self, seqs: list[SeqStep]) -> tuple | None:
-        """The one-token step expected after a prompt step whose sequences all sample: each row's
-        next token at its next slot (NOTE [ decode graphs captured ahead ] in graphs.py); None where
-        the streamed MoE layers run no graphs or a row's slots do not run on."""
-        if not (self.hp.moe.n_expert and hasattr(self.source, "idle")):
-            return None
-        after = []
-        for s in seqs:
-            slot = s.slots[-1] + 1
-            if slot >= self.ctx or len(s.kv_pos) != slot:
-                return None
-            after.append(SeqStep(s.row, [-1], [slot], [s.positions[-1] + 1], [*s.kv_pos, s.positions[-1] + 1]))
-        return after, None, set()  # (its meta, once built; the layers seen)
-
-    def _capture_ahead(self) -> bool:
-        """Capture the decode graphs of one streamed MoE layer for the step expected after this
-        prompt step, whose layers the source is waiting for (NOTE [ decode graphs captured ahead ]
-        in graphs.py): whether one was captured."""
-        if self._after is None:
-            return False
-        seqs, meta, done = self._after
-        for i, w in self.source.graph_weights(done, len(seqs)):
-            if meta is None:  # (a streamed layer is kept: the resident layers before it are loaded)
-                on, upto = self._graph_layers(seqs)
-                if not on:
-                    self._after = None
-                    return False
-                meta = self._meta(seqs, upto)
-                self._after = (seqs, meta, done)
-            done.add(i)
-            if not self.kv.on_device(i):  # (no graph; a host layer's gather would change its state)
-                continue
-            k, v, m = self.kv.layer(i, meta)
-            x = torch.zeros(len(seqs), self.hp.n_embd, dtype=self.dtype, device=self.device)
-            try:
-                if self.moe_graphs.capture_ahead(i, w, x, m, k, v):
-                    return True
-            except Exception as e:  # noqa: BLE001 - only a head start: the decode step captures what is missing
-                log.warning("capturing layer %d's decode graphs ahead failed (%s); the decode step will", i, e)
-                self._after = None
-                return False
-        return False
 
     def _as_rows(self, seqs: list[SeqStep], want: str, tails: list[int]) -> list[SeqStep] | None:
         """A verifying step's tokens as one-token decode rows, where it may run so (NOTE [ drafts

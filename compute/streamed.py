@@ -84,15 +84,6 @@ class StreamedLayers:
         nbytes = max(lay.nbytes for lay in layouts)  # (the room: NOTE [ the layer slots lent to the expert cache ])
         room = experts.cache.store.room(nbytes) if experts is not None and experts.cache.lendable else None
         self.ring = VramRing(self.device, nbytes, vram_slots, room) if self.cuda else None
-        # host work for the waits for a layer's announcement: it returns whether it did any (the
-        # runner's decode graphs captured ahead: NOTE [ decode graphs captured ahead ] in graphs.py)
-        self.idle: Callable[[], bool] | None = None
-        self.flush: Callable[[], None] = lambda: None  # sends the slots given back (before idle work)
-
-    def graph_weights(self, done: set[int], tokens: int):
-        """(layer, weights) of the kept streamed MoE layers not in `done` whose graphs for a decode
-        step of `tokens` tokens may be captured now (ExpertStream.graph_weights)."""
-        return self.experts.graph_weights(done, tokens) if self.experts is not None else ()
 
     @property
     def expert_step(self) -> bool:
@@ -358,9 +349,7 @@ class StreamedLayers:
         self._issue_copies(i, pump=False)
         while i not in self.ring.copies:
             self.return_slots()  # the coordinator may be waiting for one of them
-            if self.idle is not None:
-                self.flush()  # (the coordinator may wait for them while the host works)
-            self.pump(not (self.idle is not None and self.idle()))  # (with idle work done, only what is queued)
+            self.pump(True)
             self._issue_copies(i)
         self.tl.add("wait_layer", f"wait L{i}", t0, time.monotonic_ns() - t0)
         k, slot, c0, c1, copied = self.ring.copies.pop(i)

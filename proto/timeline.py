@@ -80,7 +80,7 @@ def stats_table(snaps: list[dict[str, Any]], wall_s: float, extra: dict[str, Any
     rows = [f"{'stage':<16}{'count':>8}{'busy s':>10}{'GB':>10}{'GB/s':>9}{'ms each':>10}"]
     for cat in ("read", "copy", "expert_copy", "expert_prefetch", "dequant", "compute", "cpu_share", "cpu_pack",
                 "step", "step_setup", "step_tail", "wait_layer", "wait_copy", "wait_route", "graph_warm",
-                "graph_capture", "graph_ahead"):
+                "graph_capture"):
         if cat not in tot:
             continue
         t = tot[cat]

@@ -48,21 +48,7 @@ class _Streamed:
 
     def layer(self, i):
         if self.prompt:
-            if getattr(self, "idle", None) is not None:  # the pipeline's wait for layer i's announcement
-                self.kept_before = i
-                while self.idle():
-                    self.waits = getattr(self, "waits", 0) + 1
             return self.whole[i]
-        return self._decode_layer(i)
-
-    def graph_weights(self, done, tokens):
-        """The layers kept before the one awaited (StreamedLayers.graph_weights): those whose next
-        layer is kept too where they predict it."""
-        for i in range(self.kept_before):
-            if i not in done and not (self.ahead and i + 1 < len(self.layouts) and i + 1 >= self.kept_before):
-                yield i, self._decode_layer(i)
-
-    def _decode_layer(self, i):
         nxt = i + 1 if self.ahead and i + 1 < len(self.layouts) else None  # NOTE [ expert prefetch ]
         return dict(self.dense[i], experts=ExpertSet(
             self.cache, i, self.layouts[i], self.host[i], dense_fixed=True, cpu=self.cpu, frac=self.frac,
@@ -97,7 +83,7 @@ class _Graph:
 
 
 def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False, batch: int = 2,
-            resident: int = 0, runner: list | None = None, capture_ahead: bool = False):
+            resident: int = 0, runner: list | None = None):
     index = open_model(path)
     hp = index.hparams
     layouts = layer_layouts(index)
@@ -116,8 +102,6 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
         reserve, cpu.held_back = cpu.reserve, []
         cpu.reserve = lambda *a: (lambda got: cpu.held_back.append(got) or got)(reserve(*a))
     src = _Streamed(index, cache, cpu, frac, ahead, resident)
-    if capture_ahead:  # (the runner then captures while the prompt step waits: NOTE [ decode graphs captured ahead ])
-        src.idle = None
     glob = GlobalWeights(index, "cpu", torch.float32, quantized=True)
     r = ModelRunner(hp, glob, src, "cpu", torch.float32, ctx=64, max_seqs=batch,
                     embed=mapped_embedding(glob, torch.device("cpu"), torch.float32) if resident else None)
@@ -135,10 +119,8 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
     seqs = [[5, 17, 33], [9, 3]] + [[(11 * b + 2) % hp.n_vocab] * (1 + b % 3) for b in range(2, batch)]
     src.prompt = True
     r.step([SeqStep(row=b, tokens=t, slots=list(range(len(t))), positions=list(range(len(t))),
-                    kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "last" if capture_ahead else "none")
+                    kv_pos=list(range(len(t)))) for b, t in enumerate(seqs)], "none")
     src.prompt = False
-    src.ahead_keys = list(r.moe_graphs.graphs)  # captured by the prompt step
-    src.k_after_prompt = {i: k.clone() for i, k in r.kv.k.items()} if capture_ahead else None
     logits = []
     for j in range(3):
         steps = []
@@ -224,69 +206,3 @@ def test_the_graph_path_at_batch_8_matches_eager_layers(tmp_path):
     assert got.shape[1] == 8 and graphed == 2 * 3 and early == 2 and cpu.computed > 0 and cache.ahead.copied > 0
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
-
-
-@pytest.mark.parametrize("ahead", [False, True])
-def test_a_prompt_step_captures_the_next_decode_steps_graphs_while_it_waits(tmp_path, ahead):
-    """NOTE [ decode graphs captured ahead ]: while a prompt step whose sequences all sample waits
-    for each layer, the runner captures the graphs of the streamed layers kept before it (and
-    whose next layer is kept, where they predict it) for the decode step expected next; that step
-    and those after replay them, and their logits are the eager layers'. A prompt step that samples
-    nothing captures none."""
-    pytest.importorskip("triton")
-    path = ggufgen.write_model(str(tmp_path / "moe3.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=3, n_embd=64,
-                               n_ff=64, n_expert=8, n_expert_used=2, seed=11)
-    want = _decode(path, graphs=False, frac=0.0)[0]
-    runner = []
-    got, graphed, cpu, _, _ = _decode(path, graphs=True, frac=0.5, ahead=ahead, runner=runner, capture_ahead=True)
-    src = runner[0].source
-    L = runner[0]._kv_len([SeqStep(0, [-1], [3], [3], range(4))], False)
-    assert src.ahead_keys == [(i, 2, L, ahead) for i in ([0] if ahead else [0, 1])], src.ahead_keys
-    assert src.waits == len(src.ahead_keys)
-    assert graphed == 3 * 3 and cpu.computed > 0  # every decode step's three layers through their graphs
-    assert sorted(runner[0].moe_graphs.graphs) == [(i, 2, L, ahead and i < 2) for i in range(3)]
-    assert (got.argmax(-1) == want.argmax(-1)).all()
-    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
-    runner = []
-    _decode(path, graphs=True, frac=0.0, runner=runner)  # (its prompt step samples nothing)
-    assert runner[0].source.ahead_keys == []
-
-
-def test_a_capture_ahead_starts_from_the_placeholder_input_and_a_failed_one_leaves_the_step_alone(tmp_path, monkeypatch):
-    """Each capture ahead starts from the placeholder input: the graph B warm-up before it may
-    leave non-finite values there (it reads experts at placeholder offsets), which the next
-    layer's graph A warm-up would write into its row's next KV slot, where a later shorter
-    prompt's masked attention would still meet them (0 * NaN). And a capture that raises ends
-    the captures ahead without failing the prompt step: the decode steps capture the rest."""
-    pytest.importorskip("triton")
-    from layerstream.compute.graphs import MoeGraphs
-
-    path = ggufgen.write_model(str(tmp_path / "moe3.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=3, n_embd=64,
-                               n_ff=64, n_expert=8, n_expert_used=2, seed=11)
-    want = _decode(path, graphs=False, frac=0.0)[0]
-    capture = MoeGraphs._capture_ab
-
-    def poisoned(self, i, w, s_x, s_meta, k, v):  # graph B's warm-up leaves NaN behind
-        got = capture(self, i, w, s_x, s_meta, k, v)
-        s_x.fill_(float("nan"))
-        return got
-
-    monkeypatch.setattr(MoeGraphs, "_capture_ab", poisoned)
-    runner = []
-    got = _decode(path, graphs=True, frac=0.0, runner=runner, capture_ahead=True)[0]
-    r = runner[0]
-    assert r.source.ahead_keys and [key[0] for key in r.source.ahead_keys] == [0, 1]
-    k = r.source.k_after_prompt
-    for i in (0, 1):  # the rows' next slots (3 and 2) as the captures' warm-ups wrote them
-        assert torch.isfinite(k[i][0, 3]).all() and torch.isfinite(k[i][1, 2]).all(), i
-    assert (got.argmax(-1) == want.argmax(-1)).all()
-
-    def broken(self, *a):
-        raise RuntimeError("a capture that fails")
-
-    monkeypatch.setattr(MoeGraphs, "_capture_ab", capture)
-    monkeypatch.setattr(MoeGraphs, "capture_ahead", broken)
-    runner = []
-    got, graphed, *_ = _decode(path, graphs=True, frac=0.0, runner=runner, capture_ahead=True)
-    assert runner[0].source.ahead_keys == [] and runner[0]._after is None and graphed == 3 * 3
-    assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -62,13 +62,12 @@ def test_the_experts_line_says_how_many_a_layer_copied_ahead_and_how_often_late(
 
 
 def test_the_table_has_rows_for_the_decode_graphs_captures():
-    """The captures' host time (graphs.py: graph_warm, graph_capture, and graph_ahead for those
-    captured while a prompt step waited) gets its rows in --stats' table."""
+    """The captures' host time (graphs.py: graph_warm, the warm-up run; graph_capture, the capture)
+    gets its rows in --stats' table."""
     from layerstream.proto.timeline import stats_table
 
-    snap = {"role": "compute", "ident": "compute", "count": {"graph_warm": 4, "graph_capture": 4, "graph_ahead": 2},
-            "busy_ns": {"graph_warm": 8_000_000, "graph_capture": 12_000_000, "graph_ahead": 20_000_000}, "bytes": {}}
-    rows = {line.split()[0]: line.split()[1:] for line in stats_table([snap], 1.0).splitlines()[1:4]}
+    snap = {"role": "compute", "ident": "compute", "count": {"graph_warm": 4, "graph_capture": 4},
+            "busy_ns": {"graph_warm": 8_000_000, "graph_capture": 12_000_000}, "bytes": {}}
+    rows = {line.split()[0]: line.split()[1:] for line in stats_table([snap], 1.0).splitlines()[1:3]}
     assert rows == {"graph_warm": ["4", "0.008", "0.000", "-", "2.000"],
-                    "graph_capture": ["4", "0.012", "0.000", "-", "3.000"],
-                    "graph_ahead": ["2", "0.020", "0.000", "-", "10.000"]}, rows
+                    "graph_capture": ["4", "0.012", "0.000", "-", "3.000"]}, rows
