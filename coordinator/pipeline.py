@@ -256,7 +256,7 @@ class Pipeline:
             else:
                 self.failure = self.failure or f"the {where} process failed: {msg.error}"
         elif isinstance(msg, StatsReply):
-            self.stats_replies[msg.ident] = msg.stats
+            self.stats_replies[msg.ident] = {"role": msg.role, "ident": msg.ident} | msg.stats  # (staging's is {})
         else:
             self.tl.incr("unexpected_messages")
 

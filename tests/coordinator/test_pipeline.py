@@ -476,6 +476,9 @@ def test_trace_holds_reads_copies_dequant_and_compute(model, tmp_path):
         if ev["ph"] == "X":
             assert ev["dur"] > 0 and ev["ts"] >= 0
     assert "read" in table and "GB/s" in table and "prefetch" in table
+    # each process named by its role, the staging process too (it keeps no timeline: it was "?")
+    names = sorted(ev["args"]["name"] for ev in trace["traceEvents"] if ev.get("name") == "process_name")
+    assert names == ["compute compute", "coordinator 0", "reader reader-0", "staging staging"], names
 
 
 def _sigint_default() -> None:
