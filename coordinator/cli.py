@@ -483,6 +483,9 @@ def entry() -> None:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
+        if code == 0 and (closed := closed_output()) is not None:  # (--help, --version: written to nowhere)
+            print(f"{PROG}: error: {closed}", file=sys.stderr)
+            code = 1
     unwritten = flush_stdout()  # (what the buffer held: --version, the perplexity, into a full disk)
     if unwritten:
         print(f"{PROG}: error: {unwritten}", file=sys.stderr)

@@ -89,11 +89,15 @@ def test_a_perplexity_into_a_full_disk_is_one_line_and_exit_1(model, tmp_path):
 
 
 @linux
-def test_version_into_a_full_disk_and_a_model_that_cannot_be_read_are_one_line(model):
+def test_version_into_a_full_disk_or_a_closed_stdout_and_a_model_that_cannot_be_read_are_one_line(model):
     for flag in ("--version", "--help"):  # (--help exited 0, argparse's write dropping the error)
         with open("/dev/full", "w") as full:
             r = _run([flag], stdout=full)
         assert r.returncode == 1 and len(_lines(r.stderr)) == 1 and "cannot write the output" in r.stderr, r.stderr
+        r = _run([flag], closed=(1,), stdout=None)  # (`>&-`: exited 0 with nothing written, a probe's)
+        assert r.returncode == 1 and _lines(r.stderr) == [
+            "run-pipeline: error: cannot write the output (standard output is closed); redirect it to a file, or to "
+            "/dev/null to discard it"], (flag, r.stderr)
     r = _run(["-m", "/proc/self/mem", "-n", "1", "hi"])  # (a read that fails, as on a failing disk: EIO)
     assert r.returncode == 1, r.stderr
     assert _lines(r.stderr) == ["run-pipeline: error: /proc/self/mem: cannot read it (Input/output error); check the "
