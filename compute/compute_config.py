@@ -23,6 +23,7 @@ class DevicePlan:
     graph_rows: int = 1  # decode steps of up to this many rows replay graphs (the plan counted their memory)
     logit_rows: int = 64  # rows of logits a step holds at once, wider heads in chunks (plan.py; 64: qlinear.HEAD_CHUNK)
     dequant_scratch: bool = True  # reserve the prompt path's dequantization buffer (the plan counted it)
+    fused_rows: int = 0  # a step of up to this many rows dequantizes nothing: the buffer may be lent meanwhile
 
     def graph_max_tokens(self, quantized: bool) -> int:
         """The largest decode batch the runner captures: the plan's, whose memory it counted

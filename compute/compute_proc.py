@@ -43,7 +43,7 @@ from layerstream.compute.cpu.factory import make_cpu_parts
 from layerstream.compute.dequant import have_triton
 from layerstream.compute.device import computing_form, cuda_visible
 from layerstream.compute.embedding import mapped_embedding
-from layerstream.compute.expert_stream import make_expert_stream, reserve_prompt_scratch, scratch_free_rows
+from layerstream.compute.expert_stream import make_expert_stream, reserve_prompt_scratch
 from layerstream.compute.qlinear import model_scratch_elems
 from layerstream.compute.runner import ModelRunner
 from layerstream.compute.slot_returns import SlotReturns
@@ -151,7 +151,7 @@ class ComputeWorker:
                                      ex.dense_resident, ex.policy, ex.prefetch, self.cpu.experts,
                                      self.device, dtype, quantized, self.tl, self.arena.slot_array,
                                      self._layer_done, plan.vram_slots,
-                                     (self.scratch * dtype.itemsize, scratch_free_rows(self.index)))
+                                     (self.scratch * dtype.itemsize, plan.fused_rows))
         reserve_prompt_scratch(experts, self.device, dtype, self.scratch)
         self.source = StreamedLayers(self.layouts, self.arena.slot_array, self.ready_slots, self._pump,
                                      self._layer_done, self.device, dtype, resident, plan.vram_slots, self.tl,

@@ -48,10 +48,10 @@ experts). A step that raises leaves the cache empty and the room not lent (Exper
 On the CPU, which copies layers to memory of their own, the room is memory of its own.
 The prompts' dequantization scratch (qlinear.py), where the device reserves one, lies in the room
 too, after the layer slots, and is lent with them: a step of few tokens dequantizes nothing (every
-quantized matrix takes its rows on a fused kernel and the experts run grouped: up to
-`scratch_free_rows`), so the room is lent only at expert steps of no more tokens than that and
-taken back at the first step of more, before its layers run; `qlinear.scratch` refuses while
-it is lent. Its writes and reads, and the cache's moves into the room, run on the compute stream.
+quantized matrix takes its rows on a fused kernel and the experts run grouped: up to the plan's
+`fused_rows`, memory.Sizes.fused_rows), so the room is lent only at expert steps of no more
+tokens than that and taken back at the first step of more, before its layers run;
+`qlinear.scratch` refuses while it is lent. Its writes and reads, and the cache's moves into the room, run on the compute stream.
 """
 
 from __future__ import annotations
@@ -63,12 +63,10 @@ import numpy as np
 import torch
 
 from layerstream.compute.cpu.experts import CpuExperts
-from layerstream.compute.dequant import FUSED_TYPES
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes, streams_experts
 from layerstream.compute.experts import ExpertCache, ExpertSet
 from layerstream.compute.model import LayerWeights
-from layerstream.compute.moe import GROUPED_MAX_TOKENS
-from layerstream.compute.qlinear import fused_max_rows, reserve_scratch
+from layerstream.compute.qlinear import reserve_scratch
 from layerstream.compute.weights import device_weight, layer_weights
 from layerstream.loader.layout import LayerLayout
 from layerstream.proto.timeline import Timeline
@@ -94,7 +92,7 @@ def make_expert_stream(layouts: list[LayerLayout], resident: set[int], experts: 
     `cache_bytes`; None where its layers stream whole (no experts, or no cache). `vram_slots`: the
     ring's layer slots, which the pool holds where it may lend them (ring_room); `scratch`: the
     prompts' dequantization scratch (bytes, and the most tokens of a step that use none of it:
-    scratch_free_rows), which the room holds too."""
+    the plan's fused_rows), which the room holds too."""
     if not (experts[0] and cache_bytes):
         return None
     room = ring_room(layouts, resident, vram_slots, dense_resident) if vram_slots else (0, 0)
@@ -111,15 +109,6 @@ def reserve_prompt_scratch(experts: "ExpertStream | None", device, dtype, elems:
         store = experts.cache.store if experts is not None else None
         room = store.scratch() if store is not None else None
         reserve_scratch(device, dtype, elems, room, experts.cache if room is not None else None)
-
-
-def scratch_free_rows(index) -> int:
-    """The most tokens a step may have on the device (Triton's blocks) and dequantize nothing into
-    the scratch: every quantized matrix (an expert's too) takes them on its fused kernel, and a
-    mixture's experts run grouped (moe.GROUPED_MAX_TOKENS)."""
-    tensors = [*index.globals.values(), *(t for layer in index.layers for t in layer.values())]
-    return min([GROUPED_MAX_TOKENS] + [fused_max_rows(t.qtype, t.shape[-2], t.shape[-1])
-                                       for t in tensors if len(t.shape) in (2, 3) and t.qtype in FUSED_TYPES])
 
 
 class ExpertStream:

@@ -126,7 +126,8 @@ class Launch:
         threads = compute_threads(cfg.cpu.threads, self.device.type == "cuda", self.cpu.off, bool(plan.streamed),
                                   cfg.budget.job is not None)
         on_device = DevicePlan(plan.resident, plan.vram_slots, plan.kv_device_layers, plan.budget_bytes,
-                               plan.step_tokens, plan.graph_rows, plan.logit_rows, plan.dequant_scratch)
+                               plan.step_tokens, plan.graph_rows, plan.logit_rows, plan.dequant_scratch,
+                               plan.fused_rows)
         experts = ExpertStreamConfig(plan.expert_cache_bytes, plan.dense_resident, cfg.experts.policy,
                                      plan.expert_prefetch,
                                      DONE_BATCH if plan.cache_layers >= len(plan.streamed) else 1)

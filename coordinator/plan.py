@@ -79,6 +79,7 @@ class Plan:
     graph_rows: int = 1  # decode steps of 1..graph_rows rows replay graphs (memory.Sizes.graph_rows; compute_proc reads it)
     logit_rows: int = HEAD_CHUNK  # rows of logits a step holds at once (NOTE [ rows of logits ] in memory.py)
     dequant_scratch: bool = True  # a step may dequantize a matrix: the compute process reserves the buffer counted
+    fused_rows: int = 0  # a step of up to this many rows dequantizes nothing (memory.Sizes.fused_rows)
     for_job: bool = False  # the step was chosen for a known prompt and reply (NOTE [ step tokens ])
 
     @property
@@ -181,8 +182,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
     whose verifying steps' rows get decode graphs too (memory.Sizes.graph_rows); `evaluates`: steps
     may ask every position's logits (False: the run only generates; NOTE [ rows of logits ] in
     memory.py); `job`: (prompt tokens, tokens to generate) of a run that answers one known prompt
-    (NOTE [ step tokens ]). Returns the plan and
-    the bytes a decode pass of it moves over the link."""
+    (NOTE [ step tokens ]). Returns the plan and the bytes a decode pass of it moves over the link."""
     budget = vram_bytes  # (the errors name --vram-gb as given)
     if draft is not None and vram_bytes is not None:
         if draft.total >= vram_bytes:
@@ -400,7 +400,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 kv_rows=max_seqs, host_parts=tuple(host), smaller_step=smaller_step, draft=draft,
                 graph_rows=sz.graph_rows(T, draft_tokens) if cuda and quantized else 0,
                 logit_rows=sz.logit_rows(max(T, max_seqs)), dequant_scratch=sz.dequant_scratch(T) > 0,
-                for_job=for_job)
+                for_job=for_job, fused_rows=sz.fused_rows)
     return plan, sz.link_bytes(r, kv_dev)
 
 

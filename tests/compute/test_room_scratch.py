@@ -11,7 +11,7 @@ import torch
 from layerstream.compute import qlinear
 from layerstream.compute.expert_layout import slot_bytes
 from layerstream.compute.expert_pool import ROOM_ALIGN
-from layerstream.compute.expert_stream import ExpertStream, reserve_prompt_scratch, scratch_free_rows
+from layerstream.compute.expert_stream import ExpertStream, reserve_prompt_scratch
 from layerstream.compute.experts import ExpertCache
 from layerstream.compute.moe import GROUPED_MAX_TOKENS
 from layerstream.coordinator.stats import ExpertStats
@@ -93,7 +93,7 @@ def test_without_a_room_the_scratch_is_its_own(fresh_scratch):
 
 
 def test_steps_of_more_tokens_than_the_fused_kernels_take_take_the_room_back():
-    """Lent at an expert step of no more tokens than scratch_free_rows, taken back at one of more
+    """Lent at an expert step of no more tokens than the plan's fused_rows, taken back at one of more
     (the prompt path would dequantize into the scratch) and lent again after; a room without the
     scratch is lent at any expert step."""
     cache, lay, _, _ = _cache(scratch=4096)
@@ -116,8 +116,16 @@ def test_steps_of_more_tokens_than_the_fused_kernels_take_take_the_room_back():
     assert es.scratch_rows is None and plain.lent
 
 
-def test_scratch_free_rows_is_the_fewest_rows_of_any_matrix_and_the_grouped_experts():
-    """The Qwen3-30B-A3B shape (Q4_K and Q6_K, which take 16 rows and more) is bound by its experts'
-    grouped kernel (8 tokens); a Q5_K matrix takes 4 rows on its fused kernel."""
-    assert scratch_free_rows(shaped_index("qwen3-30b-a3b", n_layer=2)) == GROUPED_MAX_TOKENS == 8
-    assert scratch_free_rows(shaped_index("qwen3-30b-a3b", mix="Q5_K_M", n_layer=2)) == 4
+def test_the_plans_fused_rows_is_the_fewest_rows_of_any_matrix_and_the_grouped_experts():
+    """The bound the compute process lends the scratch by (the plan's, memory.Sizes.fused_rows): the
+    Qwen3-30B-A3B shape (Q4_K and Q6_K, which take 16 rows and more) is bound by its experts' grouped
+    kernel (8 tokens); a Q5_K matrix takes 4 rows on its fused kernel."""
+    from layerstream.loader.layout import layer_layouts
+    from plans import plan
+
+    def fused_rows(mix):
+        index = shaped_index("qwen3-30b-a3b", mix=mix, n_layer=2)
+        return plan((index, layer_layouts(index)), 8).fused_rows
+
+    assert fused_rows("Q4_K_M") == GROUPED_MAX_TOKENS == 8
+    assert fused_rows("Q5_K_M") == 4
