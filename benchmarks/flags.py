@@ -321,10 +321,10 @@ def model_problem(args: argparse.Namespace) -> str | None:
         path = args.model or default_model_path()
         hp = open_model(path).hparams
         name, n_ctx, arch, n_expert = os.path.basename(path), hp.context_length, hp.arch, hp.moe.n_expert
-    if experts and not n_expert:  # (run-pipeline's words: coordinator/cli.py)
-        many = len(experts) > 1
-        return (f"{', '.join(experts)}: {'do' if many else 'does'} nothing with a dense model ({arch}, no experts); "
-                f"drop {'them' if many else 'it'}")
+    if experts and not n_expert:  # (as run-pipeline refuses them)
+        from layerstream.coordinator.spelling import no_experts
+
+        return no_experts(experts, arch)
     for what, n in lengths:
         if n > n_ctx:
             total = f" = {n} tokens" if "+" in what else ""

@@ -22,6 +22,7 @@ from layerstream.coordinator.args import (
     shown,
 )
 from layerstream.coordinator.sigmask import start_thread_pools
+from layerstream.coordinator.spelling import no_experts
 from layerstream.coordinator.stdio import closed_output, flush_stdout, open_standard_fds, print_stream
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 from layerstream.proto.signals import HOW, STOP_SIGNALS, Stopped, raise_on_stop
@@ -110,9 +111,7 @@ def check_with_header(args, hp) -> None:
     if not hp.moe.n_expert:
         refuse = given(build_parser(), args, EXPERTS)
         if refuse:
-            many = len(refuse) > 1
-            raise UsageError(f"{', '.join(refuse)}: {'do' if many else 'does'} nothing with a dense model "
-                             f"({hp.arch}, no experts); drop {'them' if many else 'it'}")
+            raise UsageError(no_experts(refuse, hp.arch))
 
 
 def check_quants(index) -> None:

@@ -10,6 +10,13 @@ class UsageError(Exception):
     """A command line that cannot run: reported as one line, exit status 2."""
 
 
+def no_experts(flags: list[str], arch: str) -> str:
+    """The refusal of mixture-of-experts flags given with a dense model (run-pipeline's and bin/bench's)."""
+    many = len(flags) > 1
+    return (f"{', '.join(flags)}: {'do' if many else 'does'} nothing with a dense model ({arch}, no experts); "
+            f"drop {'them' if many else 'it'}")
+
+
 # Options of other tools whose meaning this command spells otherwise: (what they set, the option here).
 # argparse's "unrecognized arguments: -b" named no way forward.
 FOREIGN = {
