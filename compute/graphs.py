@@ -235,11 +235,12 @@ class MoeGraphs:
                 cpu_sum()
         return out
 
-    def fixed_run(self, i: int, stop: int, x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+    def fixed_run(self, i: int, stop: int, x: torch.Tensor, meta: StepMeta, last: int) -> torch.Tensor:
         """Resident layers i..stop-1 between streamed ones, through one graph over the streamed
         layers' copy of the step's inputs, which it writes back (NOTE [ resident layers between
         streamed ones ] in coordinator/placement.py): no host launch a kernel, and the next
-        streamed layer's graph A reads its output in place."""
+        streamed layer's graph A reads its output in place, launched right after it where it may
+        be (NOTE [ the next router early ]; `last`: the step's layers end there)."""
         key = (i, stop, x.shape[0], meta.q.kv_len)
         s_x, s_meta = self._inputs(x, meta)
         if x is not s_x:
@@ -251,11 +252,17 @@ class MoeGraphs:
                                                          f"layers {i}-{stop - 1}")[0]
             s_x.copy_(x_in)
         tl = getattr(self.source, "tl", None)
-        if tl is None:
-            g.replay()
-        else:
-            self._launch(g, "R", i, tl)
-        self.source.graph_ran(i, stop, None, None)
+        start = end = None
+        if self.source.times_graphs:  # (the trace's compute of these layers, as LayerGraphs.replay's)
+            cur = torch.cuda.current_stream(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(cur)
+        self._launch(g, "R", i, tl)
+        if end is not None:
+            end.record(cur)
+        self.source.graph_ran(i, stop, start, end)
+        if stop < last:
+            self._next_router_early(stop, x.shape[0], meta.q.kv_len, tl)
         return s_x
 
     def _fixed_layers(self, i: int, stop: int, s_x: torch.Tensor, s_meta: StepMeta) -> torch.Tensor:
@@ -285,7 +292,8 @@ class MoeGraphs:
         for the device shows there, not as the device's time)."""
         t0 = time.monotonic_ns()
         graph.replay()
-        tl.add("moe_launch", f"launch {part} L{i}", t0, time.monotonic_ns() - t0, layer=i)
+        if tl is not None:
+            tl.add("moe_launch", f"launch {part} L{i}", t0, time.monotonic_ns() - t0, layer=i)
 
     def _inputs(self, x: torch.Tensor, meta: StepMeta) -> tuple:
         """The graphs' copy of the step's inputs for this shape, holding this step's meta."""

@@ -239,7 +239,7 @@ class ModelRunner:
         i = start
         while i < stop:
             if not captured and self.moe_graphs.on and hp.moe.n_expert and (j := self._fixed_run(i, stop)) > i:
-                x = self.moe_graphs.fixed_run(i, j, x, meta)  # (NOTE [ resident layers between streamed ones ])
+                x = self.moe_graphs.fixed_run(i, j, x, meta, stop)  # (NOTE [ resident layers between streamed ones ])
                 i = j
                 continue
             w = self.source.fixed(i) if captured else self.source.layer(i)

@@ -224,7 +224,8 @@ def test_a_resident_layer_between_streamed_ones_runs_in_its_graph_and_the_next_s
     want = _decode(path, graphs=False, frac=0.0)[0]
     runner = []
     got, graphed, _, cache, early = _decode(path, graphs=True, frac=0.0, ahead=True, resident=(1,), runner=runner)
-    assert graphed == 3 * 3 and early == 0  # every layer through a graph; none early (a resident layer between)
+    # every layer through a graph; layer 2's graph A launched right after layer 1's graph, once it existed
+    assert graphed == 3 * 3 and early == 2
     mg = runner[0].moe_graphs
     assert [k[:2] for k in mg.runs_of] == [(1, 2)]  # layer 1 alone, one graph for every decode step
     assert {k[0] for k in mg.graphs} == {0, 2}  # the streamed layers' graphs A and B
