@@ -168,14 +168,6 @@ class PrefetchSets:
         self.limits = 0  # the sum of `limit` over one-token steps' layers that copied ahead (its mean, with `issued`)
         self.issued = 0  # one-token steps' layers that copied ahead
         self.single = True  # this step has one token: its copies ahead follow `limit`
-        # streamed layer -> its place among the streamed layers, whose parity picks its set: two
-        # streamed layers in a row take two sets where resident layers sit between them (`set_of`)
-        self.order: dict[int, int] = {}
-
-    def set_of(self, i: int) -> int:
-        """The set of slots layer i's copies ahead go to: the other one than the streamed layer
-        before it (NOTE [ resident layers between streamed ones ] in coordinator/placement.py)."""
-        return self.order.get(i, i) % 2
 
     def landed(self, on_time: bool, waited: bool) -> None:
         """NOTE [ copies ahead that land in time ]

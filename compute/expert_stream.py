@@ -133,11 +133,6 @@ class ExpertStream:
         self.returning: list[tuple] = []  # (event after the layer, step, layer, staging slot) to give back
         self.dense: dict[int, LayerWeights] = {}  # streamed MoE layer -> its tensors but the experts, on the device
         self.sets: dict[int, tuple] = {}  # kept layer -> (its key, its weights with their ExpertSet)
-        # each layer's next streamed one, whose experts its step predicts (NOTE [ resident layers
-        # between streamed ones ] in coordinator/placement.py), and the streamed layers' order
-        streamed = [i for i in range(len(layouts)) if i not in self.resident_ids]
-        self.next_streamed = {i: next((j for j in streamed if j > i), None) for i in range(len(layouts))}
-        cache.ahead.order = {j: n for n, j in enumerate(streamed)}
 
     def set_step(self, tokens: int) -> None:
         """A step of `tokens` tokens: whether it fetches only the chosen experts, and the CPU's share."""
@@ -163,7 +158,7 @@ class ExpertStream:
         copies layer j's predicted experts ahead. A kept layer's are made once per (staging slot,
         CPU share, prediction): the step's host time bounds decode."""
         self.held[i] = slot
-        ahead, j = self.predicts(i), self.next_streamed[i]
+        ahead = self.predicts(i)
         key = (slot, self.frac, ahead)
         kept = i in self.dense
         got = self.sets.get(i) if kept else None
@@ -172,9 +167,9 @@ class ExpertStream:
         w = {k: v for k, v in w.items() if k not in EXPERT_TENSORS}  # (the kept copy where there is one)
         w["experts"] = ExpertSet(self.cache, i, self.layouts[i], self.slot_array(slot),
                                  dense_fixed=kept, cpu=self.cpu, frac=self.frac,
-                                 next_router=self.dense[j] if ahead else None,
-                                 prefetch_next=functools.partial(prefetch, j) if ahead else None,
-                                 next_lay=self.layouts[j] if ahead else None, next_i=j)
+                                 next_router=self.dense[i + 1] if ahead else None,
+                                 prefetch_next=functools.partial(prefetch, i + 1) if ahead else None,
+                                 next_lay=self.layouts[i + 1] if ahead else None)
         if kept:
             self.sets[i] = (key, w)
         return w
@@ -199,9 +194,8 @@ class ExpertStream:
                 ring.reclaimed()
 
     def predicts(self, i: int) -> bool:
-        """Whether layer i's step predicts the next streamed layer's experts and copies them ahead."""
-        j = self.next_streamed[i]
-        return bool(self.cache.prefetch_slots) and j is not None and self.kept(j)
+        """Whether layer i's step predicts the next layer's experts and copies them ahead."""
+        return bool(self.cache.prefetch_slots) and i + 1 < len(self.layouts) and self.kept(i + 1)
 
     def graph_key(self, i: int) -> bool | None:
         """LayerSource.moe_graph_key: for a layer whose attention and router read only kept tensors

@@ -168,7 +168,7 @@ class ExpertCache:
             # (NOTE [ copies ahead that land in time ]: one driver call a layer, in one-token steps only)
             on_time = pre_event is None or not self.ahead.single or pre_event.query()
             self.ahead.landed(on_time, bool(missing) or len(ahead) < len(pre))  # (a copy ahead for nothing)
-            self.ahead.reading[i] = self.ahead.set_of(i)
+            self.ahead.reading[i] = i % 2
             self.ahead.hits += len(ahead)
         if pre_event is not None:  # the experts and settle's moves read the copies ahead; the staging
             cur.wait_event(pre_event)  # slot's release comes after the layer's work, so after them too
@@ -222,9 +222,7 @@ class ExpertCache:
         A streamed MoE layer's experts cannot cross PCIe before its router has run, so the copy
         engine idles through the layer's attention, its router and the host's sync, and the
         device idles through the copies. The router of the next layer, applied to this layer's
-        expert input (moe.predict_next), predicts the next layer's choice (the next streamed
-        layer's, past any resident ones: NOTE [ resident layers between streamed ones ] in
-        coordinator/placement.py); those experts that
+        expert input (moe.predict_next), predicts the next layer's choice; those experts that
         are not cached, best first and no more than land in time (NOTE [ copies ahead that land in
         time ] in expert_pool.py), are copied now, on a side stream (`stream`; None: at once),
         into one of two sets of slots past the in-flight ones (the next layer's set; the other is
@@ -241,12 +239,11 @@ class ExpertCache:
         if not want:
             return 0
         t0 = time.monotonic_ns()
-        k = self.ahead.set_of(i)
-        base = self.store.prefetch_base(k)
+        base = self.store.prefetch_base(i % 2)
         slots = {e: base + n for n, e in enumerate(want)}
         ev = None
-        if stream is not None and self.ahead.set_free[k] is not None:
-            stream.wait_event(self.ahead.set_free[k])  # the layer that read this set two streamed layers ago
+        if stream is not None and self.ahead.set_free[i % 2] is not None:
+            stream.wait_event(self.ahead.set_free[i % 2])  # the layer that read this set two layers ago
         if stream is not None and self.misses_issued is not None:  # (NOTE [ misses before copies ahead ])
             stream.wait_event(self.misses_issued)
             self.misses_issued = None
@@ -313,7 +310,7 @@ class ExpertSet:
 
     def __init__(self, cache: ExpertCache, i: int, lay: LayerLayout, host: np.ndarray, dense_fixed: bool = False,
                  cpu: CpuExperts | None = None, frac: float = 0.0, next_router: dict | None = None,
-                 prefetch_next=None, next_lay: LayerLayout | None = None, next_i: int | None = None):
+                 prefetch_next=None, next_lay: LayerLayout | None = None):
         self.cache, self.i, self.lay, self.host, self.dense_fixed = cache, i, lay, host, dense_fixed
         self.cpu, self.frac = cpu, frac  # the CPU's experts and its share of this step (NOTE [ CPU experts ])
         # the next layer's norm and router on the device, and what copies its predicted experts
@@ -321,9 +318,6 @@ class ExpertSet:
         self.next_router = next_router if prefetch_next is not None else None
         self.prefetch_next = prefetch_next
         self.next_lay = next_lay  # the next layer's layout, where it is predicted
-        # the layer predicted: the next streamed one (NOTE [ resident layers between streamed ones ]
-        # in coordinator/placement.py)
-        self.next_i = i + 1 if next_i is None else next_i
 
     def read_ids(self, ids: torch.Tensor) -> list[int]:
         """The step's expert ids on the host: the layer's sync, which waits for its router (timed
@@ -361,7 +355,7 @@ class ExpertSet:
             return
         order = [e for e, _ in Counter(predicted).most_common()]
         if self.cpu is not None and self.frac > 0 and self.next_lay is not None:  # the CPU's, held back
-            j = self.next_i
+            j = self.i + 1
             held = self.cpu.reserve(j, self.next_lay, [e for e in order if (j, e) not in self.cache.kept], self.frac)
             order = [e for e in order if e not in held] if held else order
         self.prefetch_next(order)

@@ -54,7 +54,6 @@ from typing import Callable
 
 import torch
 
-from layerstream.compute.block import layer_forward
 from layerstream.compute.model import LayerWeights, attention_block
 from layerstream.compute.moe import experts_grouped, moe_route, predict_next, with_inputs
 from layerstream.compute.step_meta import SeqStep, StepMeta
@@ -173,7 +172,6 @@ class MoeGraphs:
         self.graphs: dict[tuple[int, int, int, bool], tuple] = {}  # (layer, batch, padded KV length, ahead) -> A, B
         self.inputs: dict[tuple[int, int], tuple] = {}  # (batch, padded KV length) -> (x, meta, names, filled)
         self.early = None  # the graph key of the layer whose graph A already ran (NOTE [ the next router early ])
-        self.runs_of: dict[tuple[int, int, int, int], object] = {}  # (first, stop, batch, KV length) -> graph
         self.keep_ones: set = set()  # graph keys whose device keep weights are all 1 (NOTE [ CPU experts ])
         self.on = False  # this step may replay graphs (a decode step within the limits)
 
@@ -235,45 +233,6 @@ class MoeGraphs:
                 cpu_sum()
         return out
 
-    def fixed_run(self, i: int, stop: int, x: torch.Tensor, meta: StepMeta, last: int) -> torch.Tensor:
-        """Resident layers i..stop-1 between streamed ones, through one graph over the streamed
-        layers' copy of the step's inputs, which it writes back (NOTE [ resident layers between
-        streamed ones ] in coordinator/placement.py): no host launch a kernel, and the next
-        streamed layer's graph A reads its output in place, launched right after it where it may
-        be (NOTE [ the next router early ]; `last`: the step's layers end there)."""
-        key = (i, stop, x.shape[0], meta.q.kv_len)
-        s_x, s_meta = self._inputs(x, meta)
-        if x is not s_x:
-            s_x.copy_(x)
-        g = self.runs_of.get(key)
-        if g is None:
-            x_in = s_x.clone()  # capturing runs it once, writing s_x
-            g = self.runs_of[key] = self.capture.capture(lambda: self._fixed_layers(i, stop, s_x, s_meta),
-                                                         f"layers {i}-{stop - 1}")[0]
-            s_x.copy_(x_in)
-        tl = getattr(self.source, "tl", None)
-        start = end = None
-        if self.source.times_graphs:  # (the trace's compute of these layers, as LayerGraphs.replay's)
-            cur = torch.cuda.current_stream(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(cur)
-        self._launch(g, "R", i, tl)
-        if end is not None:
-            end.record(cur)
-        self.source.graph_ran(i, stop, start, end)
-        if stop < last:
-            self._next_router_early(stop, x.shape[0], meta.q.kv_len, tl)
-        return s_x
-
-    def _fixed_layers(self, i: int, stop: int, s_x: torch.Tensor, s_meta: StepMeta) -> torch.Tensor:
-        y = s_x
-        for j in range(i, stop):
-            k, v, m = self.kv.layer(j, s_meta)
-            y = layer_forward(self.hp, self.source.fixed(j), y, m, k, v, self.hp.is_swa(j))
-            self.kv.write_back(j, m, k, v)
-        s_x.copy_(y)
-        return s_x
-
     def _next_router_early(self, j: int, T: int, kv_len: int, tl) -> None:
         """Launch graph A of layer j now, if it is a streamed MoE layer that allows it and its
         graphs exist (NOTE [ the next router early ]); its input is already in place."""
@@ -292,8 +251,7 @@ class MoeGraphs:
         for the device shows there, not as the device's time)."""
         t0 = time.monotonic_ns()
         graph.replay()
-        if tl is not None:
-            tl.add("moe_launch", f"launch {part} L{i}", t0, time.monotonic_ns() - t0, layer=i)
+        tl.add("moe_launch", f"launch {part} L{i}", t0, time.monotonic_ns() - t0, layer=i)
 
     def _inputs(self, x: torch.Tensor, meta: StepMeta) -> tuple:
         """The graphs' copy of the step's inputs for this shape, holding this step's meta."""

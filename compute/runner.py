@@ -236,12 +236,7 @@ class ModelRunner:
         """Layers start..stop-1 over x: weights from the source's layer() and release(), or, for
         a graph being `captured`, its fixed() weights."""
         hp = self.hp
-        i = start
-        while i < stop:
-            if not captured and self.moe_graphs.on and hp.moe.n_expert and (j := self._fixed_run(i, stop)) > i:
-                x = self.moe_graphs.fixed_run(i, j, x, meta, stop)  # (NOTE [ resident layers between streamed ones ])
-                i = j
-                continue
+        for i in range(start, stop):
             w = self.source.fixed(i) if captured else self.source.layer(i)
             k, v, m = self.kv.layer(i, meta)
             if not captured and hp.moe.n_expert and self.moe_graphs.runs(i, w):
@@ -251,17 +246,7 @@ class ModelRunner:
             self.kv.write_back(i, m, k, v)
             if not captured:
                 self.source.release(i)
-            i += 1
         return x
-
-    def _fixed_run(self, i: int, stop: int) -> int:
-        """The end of the run of resident layers from i that a graph of the MoE graphs runs
-        (MoeGraphs.fixed_run): each kept whole, its experts resident blocks, its KV on the device;
-        i where layer i is not one."""
-        j = i
-        while j < stop and self.kv.on_device(j) and (w := self.source.fixed(j)) is not None and runs_grouped(w):
-            j += 1
-        return j
 
     def _last(self, x: torch.Tensor, seqs: list[SeqStep], tails: list[int] | None = None) -> torch.Tensor:
         """The rows of each sequence's last new token (its last tails[b] tokens, with `tails`)."""

@@ -310,12 +310,6 @@ class Sizes:
             out.append(reserved_bytes(allocs, self.cuda))
         return out
 
-    def resident_bytes(self, at: tuple[int, ...]) -> int:
-        """The device bytes resident layers `at` hold, allocated in that order, the rounding included."""
-        if at == tuple(range(len(at))):
-            return self.resident_prefix[len(at)]
-        return reserved_bytes([a for i in at for a in self.layer_allocs(i)], self.cuda)
-
     @functools.cached_property
     def head(self) -> int:
         g = self.index.globals
@@ -469,13 +463,12 @@ class Sizes:
         moe = MOE_GRAPHS * -(-bg // FUSED_MIN_OF_TYPES) if hp.moe.n_expert else 0
         return 2 * transient_reserve(peak, largest) + reserved_bytes(outs) + moe
 
-    def link_bytes(self, r: int, kv_dev: int, tokens: int | None = None, at: tuple[int, ...] | None = None) -> int:
-        """Bytes a decode pass moves over the link: the streamed layers (all but the first r, or but
-        `at`), and the host KV layers' caches at a full context (`tokens`: at that many tokens of it)."""
+    def link_bytes(self, r: int, kv_dev: int, tokens: int | None = None) -> int:
+        """Bytes a decode pass moves over the link: the streamed layers, and the host KV layers'
+        caches at a full context (`tokens`: at that many tokens of it)."""
         n = len(self.layouts)
         kv = self.kv_layer if tokens is None else self.kv_layer * min(tokens, self.ctx) // self.ctx
-        at = range(r) if at is None else at
-        return sum(lay.nbytes for i, lay in enumerate(self.layouts) if i not in at) + (n - min(kv_dev, n)) * kv
+        return sum(lay.nbytes for lay in self.layouts[r:]) + (n - min(kv_dev, n)) * kv
 
 
 def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_seqs: int, quantized: bool,
@@ -483,13 +476,3 @@ def step_scratch(index: ModelIndex, T: int, *, dtype_bytes: int, ctx: int, max_s
     """Device bytes of one forward step's short-lived tensors for T tokens a step, as the allocator keeps them."""
     s = Sizes(index, [], dtype_bytes, ctx, max_seqs, quantized, cuda, sliding)
     return s.step(max(T, max_seqs))
-
-
-def pinned_bytes(n: int) -> int:
-    """Host memory a pinned tensor of n bytes holds: torch's pinned allocator rounds to a power of two."""
-    return 1 << max(0, n - 1).bit_length() if n > 0 else 0
-
-
-def host_needs(*, n_slots: int, slot_bytes: int, host_kv: int, device: int) -> list[tuple[str, int]]:
-    """The plan's host memory beside the host cache (NOTE [ host memory ] in plan.py)."""
-    return [("staging slots", n_slots * slot_bytes), ("KV in host memory", host_kv), ("the CPU device's memory", device)]

@@ -30,9 +30,8 @@ from typing import Callable
 
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.compute.qlinear import HEAD_CHUNK
-from layerstream.coordinator import placement
 from layerstream.coordinator.draft_plan import DraftCost, DraftMemory
-from layerstream.coordinator.memory import SLACK_FRACTION, SLACK_MIN, Sizes, host_needs, mem_available, pinned_bytes
+from layerstream.coordinator.memory import SLACK_FRACTION, SLACK_MIN, Sizes, mem_available
 from layerstream.errors import ConfigError
 from layerstream.loader.gguf_index import ModelIndex
 from layerstream.loader.layout import LayerLayout
@@ -101,7 +100,7 @@ class Plan:
         kv = ("KV on the device" if self.kv_device_layers == n else "KV in host memory" if not self.kv_device_layers
               else f"KV of {self.kv_device_layers} layers on the device, {n - self.kv_device_layers} in host memory")
         budget = "" if self.budget_bytes is None else f" of {_gib(self.budget_bytes)}"
-        return (f"{len(self.resident)} layers resident{placement.where(self.resident)}, {len(self.streamed)} streamed through "
+        return (f"{len(self.resident)} layers resident, {len(self.streamed)} streamed through "
                 f"{self.vram_slots} VRAM slots; {kv}; {self.step_tokens} tokens a step; prefetch {self.prefetch}; "
                 f"host cache {self.cache_layers} layers; device memory {_gib(self.device_bytes)}{budget}"
                 + ("; the streamed layers' attention and routers resident" if self.dense_resident else "")
@@ -148,7 +147,7 @@ def fit_budget(device) -> int:
     return free - FIT_MARGIN
 
 
-def _mem_available() -> int:  # (tests stand in for it)
+def _mem_available() -> int:
     return mem_available()
 
 
@@ -232,13 +231,10 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
     dense = [sum(t.nbytes if quantized else math.prod(t.shape) * dtype_bytes for t in lay.tensors
                  if t.name not in EXPERT_TENSORS) for lay in layouts] if experts and moe_dense == "resident" else []
 
-    def fit(T: int, slots: int, r: int, kv_dev: int, keep_dense: bool = False,
-            at: tuple[int, ...] | None = None) -> tuple[int, list[tuple[str, int]]]:
-        """What a plan takes, by part: steps of T tokens, r resident layers (`at`: which; None: the first)."""
-        at = tuple(range(r)) if at is None else at
-        parts = [("head", sz.head), ("resident layers", sz.resident_bytes(at)), ("layer slots", sz.slots(slots, r < n)),
+    def fit(T: int, slots: int, r: int, kv_dev: int, keep_dense: bool = False) -> tuple[int, list[tuple[str, int]]]:
+        parts = [("head", sz.head), ("resident layers", sz.resident_prefix[r]), ("layer slots", sz.slots(slots, r < n)),
                  ("expert cache", experts if r < n else 0), ("experts in flight", in_flight if r < n else 0),
-                 ("streamed layers' attention", sum(d for i, d in enumerate(dense) if i not in at) if keep_dense else 0),
+                 ("streamed layers' attention", sum(dense[r:]) if keep_dense else 0),
                  ("experts copied ahead", ahead if keep_dense else 0),
                  ("KV", sz.kv(kv_dev)), ("host KV in flight", sz.host_kv_in_flight() if kv_dev < n else 0),
                  ("step scratch", sz.step(max(T, max_seqs))), ("dequantization scratch", sz.dequant_scratch(T)),
@@ -295,14 +291,14 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         slots = 4 if r < n else 0  # no budget to save: copies issued further ahead
         kv_dev = 0 if kv_on_host else n
         keep_dense = bool(dense) and r < n
-        at = placement.resident_layers(n, r, keep_dense and bool(experts and expert_prefetch), kv_dev == n)
-        total, parts = fit(T, slots, r, kv_dev, keep_dense, at)
+        total, parts = fit(T, slots, r, kv_dev, keep_dense)
     else:
-        # NOTE: two VRAM slots keep the copy engine busy: a streamed layer is computed straight from its
-        # slot, so slot A is free again once layer i is computed, which at decode batch sizes is long
-        # before the copy of layer i+1 into slot B ends; when compute is the longer of the two, compute
-        # bounds the pass and the copy waits without cost. With a CPU share (compute/cpu/) a CPU layer's
-        # matmuls are long, and a third slot lets the copy engine run one layer further ahead (--vram-slots).
+        # NOTE: two VRAM slots keep the copy engine busy: a streamed layer is computed straight
+        # from its slot, so slot A is free again once layer i is computed, which at decode
+        # batch sizes is long before the copy of layer i+1 into slot B ends; when compute is the
+        # longer of the two, compute bounds the pass and the copy waits without cost.
+        # With a CPU share (compute/cpu/) a CPU layer's matmuls are long, and a third
+        # slot lets the copy engine run one layer further ahead meanwhile (--vram-slots).
         slots = vram_slots or 2
         # NOTE [ step tokens ]: by default the largest step of up to 512 tokens that leaves room to
         # stream, since a prompt is fed in chunks of the step and every chunk is a pass over the
@@ -360,10 +356,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         if r == n:
             slots = 0
         keep_dense = keep_dense and r < n
-        # (NOTE [ resident layers between streamed ones ] in placement.py), where they fit as the first ones do
-        at = placement.resident_layers(n, r, keep_dense and bool(experts and expert_prefetch), kv_dev == n)
-        at = at if fit(T, slots, r, kv_dev, keep_dense, at)[0] <= vram_bytes else tuple(range(r))
-        total, parts = fit(T, slots, r, kv_dev, keep_dense, at)
+        total, parts = fit(T, slots, r, kv_dev, keep_dense)
         if total > vram_bytes:
             raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {budget / GiB:.2f}: the plan needs "
                               f"{_gib(total)}; lower --resident-layers")
@@ -375,11 +368,11 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
             def cache_fits(k: int) -> bool:
                 nonlocal experts
                 experts = base + k * unit
-                return fit(T, slots, r, kv_dev, keep_dense, at)[0] <= vram_bytes
+                return fit(T, slots, r, kv_dev, keep_dense)[0] <= vram_bytes
             experts = base + most(0, (vram_bytes - total) // unit, cache_fits) * unit
-            total, parts = fit(T, slots, r, kv_dev, keep_dense, at)
-    resident = at
-    streamed = tuple(i for i in range(n) if i not in resident)
+            total, parts = fit(T, slots, r, kv_dev, keep_dense)
+    resident = tuple(range(r))
+    streamed = tuple(range(r, n))
     if prefetch is None:
         prefetch = min(slots + 2, max(1, len(streamed))) if streamed else 1
     if prefetch < 1:
@@ -408,7 +401,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 graph_rows=sz.graph_rows(T, draft_tokens) if cuda and quantized else 0,
                 logit_rows=sz.logit_rows(max(T, max_seqs)), dequant_scratch=sz.dequant_scratch(T) > 0,
                 for_job=for_job, fused_rows=sz.fused_rows)
-    return plan, sz.link_bytes(r, kv_dev, at=resident)
+    return plan, sz.link_bytes(r, kv_dev)
 
 
 def _step_candidates(max_seqs: int) -> list[int]:
@@ -428,6 +421,15 @@ def _step_candidates(max_seqs: int) -> list[int]:
 # (MemAvailable) before any of it is allocated: an option that cannot fit is one line naming what
 # it needs and what to lower, not a machine swapping or killed. The host cache takes half of what
 # is left by default; the CPU share packs from what the cache leaves (fit_cpu_share).
+def pinned_bytes(n: int) -> int:
+    """Host memory a pinned tensor of n bytes holds: torch's pinned allocator rounds to a power of two."""
+    return 1 << max(0, n - 1).bit_length() if n > 0 else 0
+
+
+def host_needs(*, n_slots: int, slot_bytes: int, host_kv: int, device: int) -> list[tuple[str, int]]:
+    return [("staging slots", n_slots * slot_bytes), ("KV in host memory", host_kv), ("the CPU device's memory", device)]
+
+
 def check_host(parts: list[tuple[str, int]], avail: int, index: ModelIndex) -> None:
     """Refuse a plan whose host side does not fit the available host memory (NOTE [ host memory ])."""
     need = sum(v for _, v in parts)

@@ -12,7 +12,6 @@ from layerstream.compute.cpu.balancer import Balancer
 from layerstream.compute.cpu.experts import CpuExperts
 from layerstream.compute.embedding import mapped_embedding
 from layerstream.compute.expert_layout import EXPERT_TENSORS, max_in_flight, slot_bytes
-from layerstream.compute.expert_stream import ExpertStream
 from layerstream.compute.experts import ExpertCache, ExpertSet
 from layerstream.compute.runner import ModelRunner
 from layerstream.compute.step_meta import SeqStep
@@ -26,14 +25,11 @@ class _Streamed:
     """A LayerSource whose layers keep all but their experts on the device; the experts come
     through an ExpertSet from the layer's bytes on the host, as the pipeline's StreamedLayers."""
 
-    def __init__(self, index, cache, cpu, frac, ahead=False, resident=()):
+    def __init__(self, index, cache, cpu, frac, ahead=False, resident=0):
         self.layouts = layer_layouts(index)
-        # the layers kept whole, their experts as blocks (the resident layers' graphs)
+        # the leading layers kept whole, their experts as blocks (the resident layers' graph)
         self.kept = {i: {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()}
-                     for i in resident}
-        # each layer's next streamed one, which its step predicts (NOTE [ resident layers between streamed ones ])
-        self.next = {i: next((j for j in range(i + 1, len(self.layouts)) if j not in self.kept), None)
-                     for i in range(len(self.layouts))}
+                     for i in range(resident)}
         self.dense, self.host = {}, {}
         for i, lay in enumerate(self.layouts):
             self.dense[i] = {n: load_tensor(index, t, "cpu", torch.float32, True) for n, t in index.layers[i].items()
@@ -53,13 +49,13 @@ class _Streamed:
     def layer(self, i):
         if self.prompt:
             return self.whole[i]
-        nxt = self.next[i] if self.ahead else None  # NOTE [ expert prefetch ]
+        nxt = i + 1 if self.ahead and i + 1 < len(self.layouts) else None  # NOTE [ expert prefetch ]
         return dict(self.dense[i], experts=ExpertSet(
             self.cache, i, self.layouts[i], self.host[i], dense_fixed=True, cpu=self.cpu, frac=self.frac,
             next_router=None if nxt is None else self.dense[nxt],
             prefetch_next=None if nxt is None else lambda ex: self.asked.append(ex) or self.cache.prefetch(
                 nxt, ex, self.layouts[nxt], self.host[nxt]),
-            next_lay=None if nxt is None else self.layouts[nxt], next_i=nxt))
+            next_lay=None if nxt is None else self.layouts[nxt]))
 
     def release(self, i):
         pass
@@ -73,7 +69,7 @@ class _Streamed:
         self.graphed = getattr(self, "graphed", 0) + stop - first
 
     def moe_graph_key(self, i):
-        return None if self.prompt or i in self.kept else self.ahead and self.next[i] is not None
+        return None if self.prompt else self.ahead and i + 1 < len(self.layouts)
 
 
 class _Graph:
@@ -87,7 +83,7 @@ class _Graph:
 
 
 def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: bool = False, batch: int = 2,
-            resident: tuple = (), runner: list | None = None):
+            resident: int = 0, runner: list | None = None):
     index = open_model(path)
     hp = index.hparams
     layouts = layer_layouts(index)
@@ -111,9 +107,8 @@ def _decode(path, graphs: bool, frac: float, ahead: bool = False, alternate: boo
                     embed=mapped_embedding(glob, torch.device("cpu"), torch.float32) if resident else None)
     if runner is not None:
         runner.append(r)
-    lead = next(i for i in range(hp.n_layer + 1) if i not in resident)  # the leading resident layers
-    if graphs:  # the CUDA-only switches, stood in for: graphs on in decode steps, the leading resident layers
-        r._graph_layers = lambda seqs: (lambda on: (on, lead if on else 0))(all(len(s.tokens) == 1 for s in seqs))
+    if graphs:  # the CUDA-only switches, stood in for: graphs on in decode steps, the `resident` leading layers
+        r._graph_layers = lambda seqs: (lambda on: (on, resident if on else 0))(all(len(s.tokens) == 1 for s in seqs))
         r.capture.capture = lambda run, what="graph": (lambda out: (_Graph(run, out), out))(run())
         early = r.moe_graphs._next_router_early
 
@@ -181,7 +176,7 @@ def test_the_resident_layers_graph_embeds_the_steps_ids_and_matches_eager_layers
     and the streamed layer after it through its two graphs: the eager layers' logits."""
     path, want = eager
     runner = []
-    got, graphed, _, _, _ = _decode(path, graphs=True, frac=0.0, resident=(0,), runner=runner)
+    got, graphed, _, _, _ = _decode(path, graphs=True, frac=0.0, resident=1, runner=runner)
     assert graphed == 2 * 3  # each decode step: layer 0 in the resident graph, layer 1 through its two
     keys = list(runner[0].layer_graphs.graphs)
     assert keys and all(key[0] == 1 and key[-1] is not None for key in keys)  # (layer 0 alone, the ids embedded)
@@ -211,41 +206,3 @@ def test_the_graph_path_at_batch_8_matches_eager_layers(tmp_path):
     assert got.shape[1] == 8 and graphed == 2 * 3 and early == 2 and cpu.computed > 0 and cache.ahead.copied > 0
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
-
-
-def test_a_resident_layer_between_streamed_ones_runs_in_its_graph_and_the_next_streamed_layer_is_predicted(tmp_path):
-    """NOTE [ resident layers between streamed ones ] in coordinator/placement.py: layer 1 kept
-    whole between streamed layers 0 and 2 runs through a graph of its own over the streamed
-    layers' inputs; layer 0's step predicts layer 2's experts (past layer 1) and copies them ahead
-    into the other set of slots than its own; the logits are the eager layers'."""
-    pytest.importorskip("triton")
-    path = ggufgen.write_model(str(tmp_path / "moe3.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=3, n_embd=64,
-                               n_ff=64, n_expert=8, n_expert_used=2, seed=9)
-    want = _decode(path, graphs=False, frac=0.0)[0]
-    runner = []
-    got, graphed, _, cache, early = _decode(path, graphs=True, frac=0.0, ahead=True, resident=(1,), runner=runner)
-    # every layer through a graph; layer 2's graph A launched right after layer 1's graph, once it existed
-    assert graphed == 3 * 3 and early == 2
-    mg = runner[0].moe_graphs
-    assert [k[:2] for k in mg.runs_of] == [(1, 2)]  # layer 1 alone, one graph for every decode step
-    assert {k[0] for k in mg.graphs} == {0, 2}  # the streamed layers' graphs A and B
-    assert cache.ahead.copied > 0 and cache.ahead.hits > 0  # layer 2's experts, predicted by layer 0
-    assert (got.argmax(-1) == want.argmax(-1)).all()
-    assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
-
-
-def test_the_expert_stream_predicts_the_next_streamed_layer_into_the_other_set(tmp_path):
-    """With resident layers between streamed ones, each streamed layer's step predicts the next
-    streamed layer, and two streamed layers in a row copy ahead into different sets of slots:
-    with sets by layer parity, layer 2's copies ahead (issued while layer 0's experts still read
-    its set) would take layer 0's set."""
-    path = ggufgen.write_model(str(tmp_path / "moe5.gguf"), arch="qwen3moe", qtype="Q4_0", n_layer=5, n_embd=64,
-                               n_ff=64, n_expert=8, n_expert_used=2, seed=9)
-    index = open_model(path)
-    layouts = layer_layouts(index)
-    cache = ExpertCache(3 * slot_bytes(layouts), torch.device("cpu"), torch.float32, True, Timeline("compute", "t"),
-                        "lfu", slot_bytes(layouts), max_in_flight(8, 2), 4)
-    stream = ExpertStream(cache, layouts, {1, 3}, (8, 2), torch.float32, True, lambda slot: None, lambda *a: None,
-                          keep_dense=True)
-    assert stream.next_streamed == {0: 2, 1: 2, 2: 4, 3: 4, 4: None}
-    assert [cache.ahead.set_of(i) for i in (0, 2, 4)] == [0, 1, 0]

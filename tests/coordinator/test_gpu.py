@@ -274,27 +274,6 @@ def test_expert_streaming_on_cuda_matches_resident(tmp_path, arch, kw, moe_dense
     assert (ex["prefetch_hits"] > 0) == (moe_dense == "resident"), ex
 
 
-def test_resident_layers_between_streamed_ones_on_cuda_match_resident(tmp_path):
-    """NOTE [ resident layers between streamed ones ] in coordinator/placement.py: of five layers,
-    0 and 2 resident; layer 2 runs in a graph of its own between streamed layers 1 and 3 (MoeGraphs.
-    fixed_run), layer 1's step copies layer 3's predicted experts ahead on the copy stream into the
-    other set of slots than its own; the tokens are the resident engine's."""
-    path = ggufgen.write_model(str(tmp_path / "moe5.gguf"), arch="qwen3moe", n_layer=5, n_embd=256, n_ff=512,
-                               n_expert=16, n_expert_used=2, qtype=["Q4_K", "Q8_0"], seed=4)
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    with _engine(path, dtype="float16") as e:
-        want = e.generate_batch([TOKENS[:7], TOKENS[:3]], params)
-    with _engine(path, PipelineConfig(budget=Budget(resident_layers=2), experts=ExpertOptions(0.002)),
-                 dtype="float16") as e:
-        assert e.backend.plan.resident == (0, 2), e.backend.plan.describe()
-        assert e.generate_batch([TOKENS[:7], TOKENS[:3]], params) == want
-        snaps = e.backend.collect_stats()
-        ex = next(s["experts"] for s in snaps if s.get("experts"))
-        graphed = next(s for s in snaps if s.get("role") == "compute")["count"].get("graph_layers", 0)
-    assert ex["steps"] >= 8 and ex["misses"] > 0 and ex["prefetch_hits"] > 0, ex
-    assert graphed >= 5 * 8, graphed  # every layer of each decode step through a graph
-
-
 def test_the_layer_slots_lent_to_the_expert_cache_on_cuda_keep_the_resident_engines_tokens(tmp_path):
     """NOTE [ the layer slots lent to the expert cache ]: on CUDA the ring's layer slots are the
     expert pool's room, so the second prompt's whole layers are copied over experts the decode
