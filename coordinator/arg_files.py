@@ -8,6 +8,7 @@ import os
 import select
 import stat
 import sys
+import threading
 
 from layerstream.coordinator.spelling import UsageError
 from layerstream.errors import ConfigError
@@ -68,6 +69,7 @@ _OVER_PERPLEXITY = (f"over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the
 
 
 MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
+WAIT_NOTE_S = 1.0  # a -f pipe read this long says on stderr that it waits for its writer
 
 
 def _piped(path: str) -> bool:
@@ -150,20 +152,31 @@ def _blank(text: str) -> bool:
 
 def _read_text(option: str, path: str) -> str:
     """The file's text (`-`: standard input's), to its end, at most MAX_PROMPT_FILE bytes, less one
-    line end at its end (which a file's last line or `echo` adds; llama.cpp's -f drops a `\\n`)."""
+    line end at its end (which a file's last line or `echo` adds; llama.cpp's -f drops a `\\n`).
+    A named pipe whose writer is not there within WAIT_NOTE_S says so on stderr, once: it waited
+    with nothing shown (a probe's)."""
     text = _decoded(path, MAX_PROMPT_FILE, lambda e: UsageError(f"{option}: cannot read it ({e.strerror or e})"),
-                    f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long")
+                    f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long",
+                    f"{option}: waiting for the pipe's writer (Ctrl-C stops)" if path != "-" and _piped(path) else None)
     return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
 
 
-def _decoded(path: str, limit: int, unreadable, too_long: str) -> str:
+def _decoded(path: str, limit: int, unreadable, too_long: str, waiting: str | None = None) -> str:
     """The file's text (`-`: standard input's) to its end, bytes that are not UTF-8 as U+FFFD;
-    unreadable(OSError) raised where it cannot be read, UsageError(too_long) past `limit` bytes."""
+    unreadable(OSError) raised where it cannot be read, UsageError(too_long) past `limit` bytes;
+    `waiting` printed to stderr where the open and the read take over WAIT_NOTE_S."""
+    note = threading.Timer(WAIT_NOTE_S, lambda: print(waiting, file=sys.stderr, flush=True)) if waiting else None
+    if note is not None:
+        note.daemon = True
+        note.start()
     try:
         with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
             raw = _read_all(f, limit + 1)
     except OSError as e:
         raise unreadable(e) from None
+    finally:
+        if note is not None:
+            note.cancel()
     if len(raw) > limit:
         raise UsageError(too_long)
     return raw.decode("utf-8", "replace")

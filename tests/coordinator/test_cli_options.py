@@ -465,6 +465,29 @@ def test_the_prompt_file_may_be_standard_input_or_a_pipe(tmp_path, monkeypatch):
     assert a.prompt == ["The sky is"]
 
 
+def test_a_prompt_pipe_without_its_writer_says_it_waits(tmp_path, monkeypatch, capsys):
+    """`-f PIPE` whose writer comes late says once on stderr what it waits for, then reads the
+    text (a probe's: it waited with nothing shown); one read at once says nothing."""
+    import threading
+    import time
+
+    monkeypatch.setattr("layerstream.coordinator.arg_files.WAIT_NOTE_S", 0.1)
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: (time.sleep(0.6), fifo.write_text("The sky is")))
+    writer.start()
+    a = build_parser().parse_args(["-f", str(fifo)])
+    _read(a)
+    writer.join(10)
+    assert a.prompt == ["The sky is"]
+    assert capsys.readouterr().err == f"-f {fifo}: waiting for the pipe's writer (Ctrl-C stops)\n"
+    (tmp_path / "t.txt").write_text("Hello")
+    a = build_parser().parse_args(["-f", str(tmp_path / "t.txt")])
+    _read(a)
+    time.sleep(0.2)
+    assert a.prompt == ["Hello"] and capsys.readouterr().err == ""
+
+
 def test_a_link_that_leads_nowhere_is_said_so(tmp_path):
     """(a loop of links and a dangling link were each 'no such file')"""
     (tmp_path / "a").symlink_to(tmp_path / "b")
