@@ -69,13 +69,18 @@ _OVER_PERPLEXITY = (f"over the {MAX_PERPLEXITY_FILE >> 20} MiB a run scores (the
 
 
 MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4 M tokens at a few bytes each)
-WAIT_NOTE_S = 1.0  # a -f pipe read this long says on stderr that it waits for its writer
+WAIT_NOTE_S = 1.0  # a -f pipe read this long says on stderr that it waits for its text
 
 
 def _piped(path: str) -> bool:
     """`-`, a pipe or a terminal (as /dev/stdin, <(...)): read to its end, never sized up front."""
     mode = os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
     return path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _named_pipe(path: str) -> bool:
+    """A pipe named by a path (mkfifo's, `<(...)`, /dev/stdin on a pipe), not `-` or a terminal."""
+    return path not in ("", "-") and os.path.exists(path) and stat.S_ISFIFO(os.stat(path).st_mode)
 
 
 def prompt_file_problem(path: str) -> str | None:
@@ -153,11 +158,11 @@ def _blank(text: str) -> bool:
 def _read_text(option: str, path: str) -> str:
     """The file's text (`-`: standard input's), to its end, at most MAX_PROMPT_FILE bytes, less one
     line end at its end (which a file's last line or `echo` adds; llama.cpp's -f drops a `\\n`).
-    A named pipe whose writer is not there within WAIT_NOTE_S says so on stderr, once: it waited
-    with nothing shown (a probe's)."""
+    A named pipe that has not ended within WAIT_NOTE_S says on stderr, once, that it waits for it:
+    it waited with nothing shown (a probe's)."""
     text = _decoded(path, MAX_PROMPT_FILE, lambda e: UsageError(f"{option}: cannot read it ({e.strerror or e})"),
                     f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long",
-                    f"{option}: waiting for the pipe's writer (Ctrl-C stops)" if path != "-" and _piped(path) else None)
+                    f"{option}: waiting for text on the pipe (Ctrl-C stops)" if _named_pipe(path) else None)
     return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
 
 

@@ -480,7 +480,7 @@ def test_a_prompt_pipe_without_its_writer_says_it_waits(tmp_path, monkeypatch, c
     _read(a)
     writer.join(10)
     assert a.prompt == ["The sky is"]
-    assert capsys.readouterr().err == f"-f {fifo}: waiting for the pipe's writer (Ctrl-C stops)\n"
+    assert capsys.readouterr().err == f"-f {fifo}: waiting for text on the pipe (Ctrl-C stops)\n"
     (tmp_path / "t.txt").write_text("Hello")
     a = build_parser().parse_args(["-f", str(tmp_path / "t.txt")])
     _read(a)
