@@ -47,7 +47,10 @@ def bench_engine(args) -> list[tuple[str, int, float, float]]:
     from layerstream.coordinator.engine import Engine
 
     batches = sorted({1, *args.batch})
-    ctx = max(args.prompt_tokens, args.decode_prompt + args.decode_tokens) + 1
+    # a sequence whose prompt is read first decodes while the others' are (time_decode): a token a step
+    # at most, and each of those steps reads at least one prompt token (a probe's: -b 4 -p 8 ran out of context)
+    early = max(batches) * args.decode_prompt
+    ctx = max(args.prompt_tokens, args.decode_prompt + args.decode_tokens + early) + 1
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, ctx=ctx, max_seqs=max(batches),
                          prefill_chunk=args.prompt_tokens)
     dev = engine.backend.device

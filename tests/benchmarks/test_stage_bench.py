@@ -57,6 +57,15 @@ def test_dequant(tiny, capsys):
     assert "Q4_K" in out and "whole layer" in out and "ms" in out
 
 
+def test_engine_at_a_batch_whose_prompts_take_several_steps(tiny, capsys):
+    """A probe's: `engine -b 4 -p 8` ran out of context, since the sequence whose prompt is read
+    first decodes while the others' are (time_decode), and the bench sized --ctx without those tokens."""
+    out = run(capsys, "engine", "-m", tiny, "--device", "cpu", "-p", "8", "--decode-tokens", "4", "--reps", "1",
+              "-b", "4")
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("decode")] == [["decode", "1"],
+                                                                                           ["decode", "4"]]
+
+
 def test_compute(tiny, capsys):
     out = run(capsys, "compute", "-m", tiny, "--device", "cpu", "--reps", "1", "--tokens", "16",
               "-b", "1,2", "--decode-context", "8")
