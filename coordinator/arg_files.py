@@ -126,6 +126,8 @@ def read_prompt_text(args) -> None:
         args.prompt = [read_prompt(args.prompt_source, args.prompt_file)]
     elif not args.prompt and not (args.serve or args.perplexity or args.chat):
         piped = piped_prompt()
+        if piped == "":  # (it said no prompt was given: a probe's)
+            raise UsageError("standard input holds no prompt text (it is empty or blank); pipe in the prompt, or pass it as an argument")
         args.prompt = [piped] if piped is not None else []
     if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
         raise UsageError(NO_PROMPT)
@@ -144,11 +146,11 @@ def stdin_readable() -> bool:
 def piped_prompt() -> str | None:
     """The prompt on standard input where that is a pipe or a file and no prompt was given
     (`echo text | run-pipeline -m M`, as Ollama reads one), read to its end; None where standard
-    input is a terminal, /dev/null or closed, or holds only blanks."""
+    input is a terminal, /dev/null or closed, "" where it holds only blanks."""
     if not stdin_readable():
         return None
     text = _read_text("standard input", "-")
-    return None if _blank(text) else text
+    return "" if _blank(text) else text
 
 
 def _blank(text: str) -> bool:

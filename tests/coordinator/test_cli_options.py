@@ -265,13 +265,16 @@ def test_the_prompt_from_a_file(tmp_path):
 def test_a_prompt_piped_in_is_read_when_none_is_given(model, typed):
     """A probe's: `echo text | run-pipeline -m M` was refused as 'no prompt given' (Ollama reads the
     piped text as the prompt); the text piped in gives the same reply as the same words typed, and
-    standard input that is /dev/null or only blanks is still 'no prompt given'."""
+    standard input that is /dev/null is still 'no prompt given', and one that holds only blanks says
+    so (a probe's: it said no prompt was given, where one was piped in)."""
     args = ("-m", str(model), *GREEDY)
     piped = _run(*args, stdin="The sky is\n")  # (echo's newline dropped, as from -f)
     assert typed.returncode == 0 and typed.stdout.strip(), typed.stderr
     assert piped.returncode == 0 and piped.stdout == typed.stdout, piped.stderr
-    for stdin in (None, " \n", "\0\0\n"):  # /dev/null (the helper's default), blanks, NULs
-        assert _one_line(_run(*args, stdin=stdin)).startswith("no prompt given; pass the prompt text (or pipe it in)")
+    assert _one_line(_run(*args, stdin=None)).startswith("no prompt given; pass the prompt text (or pipe it in)")
+    for stdin in (" \n", "\0\0\n", ""):  # blanks, NULs, nothing (/dev/null above is the helper's default)
+        assert _one_line(_run(*args, stdin=stdin)) == ("standard input holds no prompt text (it is empty or blank); "
+                                                       "pipe in the prompt, or pass it as an argument")
     # a probe's: a Windows line end kept its \r (another reply); a lone `-` was the prompt "-"
     assert _run(*args, stdin="The sky is\r\n").stdout == typed.stdout
     assert _run(*args, "-", stdin="The sky is").stdout == typed.stdout
