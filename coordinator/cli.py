@@ -392,10 +392,11 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         from layerstream.coordinator.repl import chat
 
         return chat(engine, params, args.system, rates_each=args.stats, total=rates)
-    from layerstream.coordinator.repl import prompt_within_context
+    from layerstream.coordinator.repl import prompt_within_context, reply_within_context
     from layerstream.coordinator.turn import Turn
-    turn = Turn(engine, engine.encode(prompt_within_context(engine, prompt, args.chat), chat=args.chat,
-                                      system=args.system), params)
+    turn = Turn(engine, reply_within_context(engine, engine.encode(prompt_within_context(engine, prompt, args.chat),
+                                                                   chat=args.chat, system=args.system),
+                                             params.max_tokens), params)
     try:
         print_stream(turn.pieces(), sys.stdout)
     finally:

@@ -525,8 +525,10 @@ def test_context_full_error_starts_on_a_line_of_its_own(tmp_path):
                      "hello")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stdout and r.stdout.endswith("\n")  # the partial text, its line ended
-    assert r.stderr.splitlines() == ["run-pipeline: error: the sequence reached the context size (12 tokens); "
-                                     "raise --ctx or pass --on-context-full slide"]
+    # (after the warning that -n 50 passes the context's room, said before the reply)
+    assert r.stderr.splitlines()[0].startswith("run-pipeline: warning: -n 50: the context (12 tokens) holds ")
+    assert r.stderr.splitlines()[1:] == ["run-pipeline: error: the sequence reached the context size (12 tokens); "
+                                         "raise --ctx or pass --on-context-full slide"]
 
 
 def test_stats_prints_prompt_and_decode_rates(tmp_path):

@@ -491,6 +491,21 @@ def test_a_prompt_pipe_without_its_writer_says_it_waits(tmp_path, monkeypatch, c
     assert a.prompt == ["Hello"] and capsys.readouterr().err == ""
 
 
+def test_n_beyond_the_contexts_room_is_said_before_the_reply(model, typed):
+    """A probe's: `-n` past what the context holds after the prompt was said only once the reply had
+    filled the context (the error is still the run's end, where the reply does not end first)."""
+    r = _run("-m", str(model), "-c", "32", *GREEDY[:2], "-n", "40", *GREEDY[4:], "The sky is")
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1 and lines[0].startswith("run-pipeline: warning: -n 40: the context (32 tokens) holds "), r.stderr
+    assert lines[0].endswith("; the reply stops there with an error unless it ends first (raise --ctx, or pass "
+                             "--on-context-full slide)") and lines[-1].startswith("run-pipeline: error: the sequence "
+                                                                                  "reached the context size (32 tokens)")
+    assert typed.stderr == ""  # (-n 6 fits: no warning)
+    slide = _run("-m", str(model), "-c", "32", *GREEDY[:2], "-n", "40", *GREEDY[4:], "--on-context-full", "slide",
+                 "The sky is")
+    assert slide.returncode == 0 and slide.stderr == "", slide.stderr
+
+
 def test_a_link_that_leads_nowhere_is_said_so(tmp_path):
     """(a loop of links and a dangling link were each 'no such file')"""
     (tmp_path / "a").symlink_to(tmp_path / "b")
