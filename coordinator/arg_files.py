@@ -72,15 +72,15 @@ MAX_PROMPT_FILE = 64 << 20  # bytes of a -f file: more than any context holds (4
 WAIT_NOTE_S = 1.0  # a -f pipe read this long says on stderr that it waits for its text
 
 
+def _mode(path: str) -> int:
+    """The st_mode of a path that names something (0 for `-`, "" and a path to nothing)."""
+    return os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
+
+
 def _piped(path: str) -> bool:
     """`-`, a pipe or a terminal (as /dev/stdin, <(...)): read to its end, never sized up front."""
-    mode = os.stat(path).st_mode if path not in ("", "-") and os.path.exists(path) else 0
+    mode = _mode(path)
     return path == "-" or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
-
-
-def _named_pipe(path: str) -> bool:
-    """A pipe named by a path (mkfifo's, `<(...)`, /dev/stdin on a pipe), not `-` or a terminal."""
-    return path not in ("", "-") and os.path.exists(path) and stat.S_ISFIFO(os.stat(path).st_mode)
 
 
 def prompt_file_problem(path: str) -> str | None:
@@ -127,7 +127,8 @@ def read_prompt_text(args) -> None:
     elif not args.prompt and not (args.serve or args.perplexity or args.chat):
         piped = piped_prompt()
         if piped == "":  # (it said no prompt was given: a probe's)
-            raise UsageError("standard input holds no prompt text (it is empty or blank); pipe in the prompt, or pass it as an argument")
+            raise UsageError("standard input holds no prompt text (it is empty or blank); pipe in the prompt, "
+                             "or pass it as an argument")
         args.prompt = [piped] if piped is not None else []
     if not args.serve and not args.perplexity and not args.chat and not " ".join(args.prompt).strip():
         raise UsageError(NO_PROMPT)
@@ -164,7 +165,7 @@ def _read_text(option: str, path: str) -> str:
     it waited with nothing shown (a probe's)."""
     text = _decoded(path, MAX_PROMPT_FILE, lambda e: UsageError(f"{option}: cannot read it ({e.strerror or e})"),
                     f"{option}: larger than {MAX_PROMPT_FILE >> 20} MiB; no context holds a prompt that long",
-                    f"{option}: waiting for text on the pipe (Ctrl-C stops)" if _named_pipe(path) else None)
+                    f"{option}: waiting for text on the pipe (Ctrl-C stops)" if stat.S_ISFIFO(_mode(path)) else None)
     return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
 
 

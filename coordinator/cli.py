@@ -392,11 +392,11 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         from layerstream.coordinator.repl import chat
 
         return chat(engine, params, args.system, rates_each=args.stats, total=rates)
-    from layerstream.coordinator.repl import prompt_within_context, reply_within_context
+    from layerstream.coordinator.repl import prompt_within_context, warn_past_context
     from layerstream.coordinator.turn import Turn
-    turn = Turn(engine, reply_within_context(engine, engine.encode(prompt_within_context(engine, prompt, args.chat),
-                                                                   chat=args.chat, system=args.system),
-                                             params.max_tokens), params)
+    ids = engine.encode(prompt_within_context(engine, prompt, args.chat), chat=args.chat, system=args.system)
+    warn_past_context(engine, ids, params.max_tokens)
+    turn = Turn(engine, ids, params)
     try:
         print_stream(turn.pieces(), sys.stdout)
     finally:

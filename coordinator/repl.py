@@ -296,16 +296,15 @@ def _beyond_context(engine, text: str, what: str, rendered: bool = True) -> str 
     return None
 
 
-def reply_within_context(engine, ids: list[int], max_tokens: int) -> list[int]:
-    """The one-shot prompt's `ids`, with a warning first where -n asks for more tokens than the
-    context holds after them and a full context is an error: the run said so only once it had
-    generated up to the context (a probe's)."""
+def warn_past_context(engine, ids: list[int], max_tokens: int) -> None:
+    """Warn where -n asks for more tokens than the context holds after the one-shot prompt's `ids`
+    and a full context is an error: the run said so only once it had generated up to the context
+    (a probe's)."""
     room = engine.cfg.ctx - len(ids)
     if engine.cfg.on_context_full == "error" and MAX_CTX > max_tokens > room > 0:  # (no room: the step's error)
         print(f"{PROG}: warning: -n {max_tokens}: the context ({engine.cfg.ctx} tokens) holds {room} after the "
               f"prompt's {len(ids)}; the reply stops there with an error unless it ends first (raise --ctx, or "
               "pass --on-context-full slide)", file=sys.stderr, flush=True)
-    return ids
 
 
 def prompt_within_context(engine, text: str, chat: bool) -> str:
