@@ -250,6 +250,8 @@ def _experts_one_by_one(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: t
 # expert's blocks by byte offset from one anchor tensor. For a resident layer the offsets come
 # from the chosen ids on the device (no host sync). For a streamed layer they are the
 # addresses of the expert cache's entries (experts.ExpertSet), known once its fetch is done.
+# Where qgemv's types allow, two launches on its loop replace these and the ops after them
+# (NOTE [ experts on whole rows ] in qgemv_grouped.py); the grouped kernel stays for the others.
 
 
 def runs_grouped(w: LayerWeights) -> bool:
@@ -269,15 +271,22 @@ def _resident_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: tor
     offs = torch.stack([flat * (w[n].nbytes // hp.moe.n_expert) + (w[n].raw.data_ptr() - anchor.data_ptr())
                         for n in EXPERT_TENSORS])
     parts = tuple((w[n].qtype, w[n].shape[0] // hp.moe.n_expert, w[n].shape[1]) for n in EXPERT_TENSORS)
-    return experts_grouped(h, weight, anchor, offs, parts)
+    aligned = all((w[n].raw.data_ptr() % 4, (w[n].nbytes // hp.moe.n_expert) % 4) == (0, 0) for n in EXPERT_TENSORS)
+    return experts_grouped(h, weight, anchor, offs, parts, aligned)
 
 
 def experts_grouped(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: torch.Tensor,
-                    parts: tuple) -> torch.Tensor:
+                    parts: tuple, aligned: bool = True) -> torch.Tensor:
     """The weighted sum of each token's chosen experts (NOTE [ grouped experts ]): `offs` [3, T * k]
     holds the byte offsets from `anchor` of each (token, choice) pair's gate, up and down blocks,
-    `parts` their (qtype, rows, cols). Three launches at most, no host sync: a CUDA graph may
-    hold it (graphs.py, NOTE [ decode graphs ])."""
+    `parts` their (qtype, rows, cols); `aligned`: every offset a multiple of 4 bytes (the expert
+    pool's are). Two launches on qgemv's loop where its types allow (NOTE [ experts on whole rows ]
+    in qgemv_grouped.py), else three and the torch ops; no host sync: a CUDA graph may hold it
+    (graphs.py, NOTE [ decode graphs ])."""
+    from layerstream.compute import qgemv_grouped  # (needs Triton, as the grouped kernel does)
+
+    if aligned and anchor.data_ptr() % 4 == 0 and qgemv_grouped.takes(parts):
+        return qgemv_grouped.experts(h, weight, anchor, offs, parts)
     T, k = weight.shape
     dev = h.device
     (gq, N, K), (uq, _, _), (dq, Nd, Kd) = parts

@@ -199,11 +199,11 @@ def test_quantized_experts_match_reference(tmp_path, monkeypatch):
     every chosen expert in grouped launches; larger ones, and these when the limit is lowered,
     one expert at a time."""
     pytest.importorskip("triton")
-    from layerstream.compute import moe, qkernels
+    from layerstream.compute import moe, qgemv_grouped
 
     calls = []
-    grouped = qkernels.grouped_matmul
-    monkeypatch.setattr(qkernels, "grouped_matmul", lambda *a: calls.append(a[5].numel()) or grouped(*a))
+    grouped = qgemv_grouped.experts
+    monkeypatch.setattr(qgemv_grouped, "experts", lambda *a: calls.append(a[3].shape[1]) or grouped(*a))
     path = _write(tmp_path, "qwen3moe", "Q8_0", n_layer=1)
     ref = reference.reference_logits(path, TOKENS[:12])
     with _load(path, weights="quantized", max_seqs=1) as e:
@@ -211,13 +211,13 @@ def test_quantized_experts_match_reference(tmp_path, monkeypatch):
         _assert_close(e.logits(TOKENS[:12]), ref, "qwen3moe quantized, prompt path (one expert at a time)")
         assert not calls
         _assert_close(e.logits(TOKENS[:8]), ref[:8], "qwen3moe quantized, 8 tokens (grouped)")
-        assert calls == [2 * 8 * 2, 8 * 2]  # gate and up of 8 tokens x 2 choices in one launch, then down
+        assert calls == [8 * 2]  # the 8 tokens' 2 choices each: gate and up in one launch, then down
         s = _Seq(e)
         steps = [_feed(e, [s], [[t]], "last")[0] for t in TOKENS[:2]]
         monkeypatch.setattr(moe, "GROUPED_MAX_TOKENS", 0)
         steps += [_feed(e, [s], [[t]], "last")[0] for t in TOKENS[2:4]]
         _assert_close(torch.stack(steps), ref[:4], "qwen3moe quantized, decode grouped then one by one")
-        assert len(calls) == 2 + 2 * 2
+        assert len(calls) == 1 + 2
 
 
 def test_attention_in_groups_matches_reference(tmp_path, monkeypatch):
