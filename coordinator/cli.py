@@ -21,6 +21,7 @@ from layerstream.coordinator.args import (
     served_sampling,
     shown,
 )
+from layerstream.coordinator.flag_notes import warn_plan
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.coordinator.spelling import no_experts
 from layerstream.coordinator.stdio import closed_output, flush_stdout, open_standard_fds, print_stream
@@ -245,7 +246,6 @@ def open_engine(args, index, progress: bool, warm=None):
 
         # a server's first pass comes with its first request, among the server's own lines
         stages = ("processes",) if args.serve else ("processes", "layers")
-
         pcfg = pc.PipelineConfig(
             budget=pc.Budget(vram_gb=args.vram_gb, host_cache_gb=args.host_cache_gb, resident_layers=args.resident_layers,
                              kv_on_host=args.kv_on_host, prefetch=args.prefetch, step_tokens=args.step_tokens,
@@ -348,6 +348,7 @@ def _run_bound(args, api_key, sock, warm, gcs) -> int:
     with open_engine(args, index, progress=terminal, warm=warm) as engine:
         gcs.ready()
         load_s = time.monotonic() - t0
+        warn_plan(args, engine)  # (flags of streamed layers where the plan streams none)
         if warm is not None:
             warm.close()  # (those the run did not take)
         try:

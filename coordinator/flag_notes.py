@@ -1,0 +1,51 @@
+"""run-pipeline's warnings about flags it takes that then change nothing in the run: one line each,
+before the reply, and the run goes on. Warned, not refused: whether such a flag acts depends on the
+device and the plan, and the same command line streams on a smaller device."""
+
+from __future__ import annotations
+
+import sys
+
+from layerstream.coordinator.args import PROG, build_parser, given, shown
+
+# the options of the streamed layers: where every layer stays on the device they have nothing to act on
+STREAMED = ("host_cache_gb", "vram_slots", "expert_cache_gb", "expert_policy", "expert_prefetch")
+
+
+def say(notes: list[str]) -> None:
+    for note in notes:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
+
+
+def warn_plan(args, engine) -> None:
+    """plan_notes on stderr, for the pipeline's plan (the single-process engine has none, and refuses
+    the pipeline's options)."""
+    launch = getattr(engine.backend, "launch", None)
+    if launch is not None:
+        say(plan_notes(args, launch.plan, launch.device.type))
+
+
+def plan_notes(args, plan, device_type: str) -> list[str]:
+    """What the plan says of the flags of streamed layers (given other than their defaults): none acts
+    where nothing streams."""
+    parser, notes = build_parser(), []
+    named = [d for d in STREAMED if given(parser, args, (d,))]
+    if not plan.streamed and named:
+        if args.resident_layers is not None and args.resident_layers >= len(plan.resident):
+            why = f"{shown(args, 'resident_layers', args.resident_layers)} keeps every layer on the device"
+            other = f"a smaller {_name(args, 'resident_layers')}"
+        elif args.vram_gb is not None:
+            why, other = f"every layer of the model fits in {shown(args, 'vram_gb', args.vram_gb)}", "a smaller --vram-gb"
+        elif device_type == "cuda":  # (the budget: the GPU's free memory, plan.fit_budget)
+            why, other = "every layer of the model fits in the GPU's free memory", "a --vram-gb below the model's size"
+        else:
+            why, other = "on the CPU without --vram-gb every layer is kept in memory", "--vram-gb"
+        many = len(named) > 1
+        notes.append(f"{', '.join(shown(args, d, getattr(args, d)) for d in named)} {'have' if many else 'has'} no "
+                     f"effect: {why} (nothing streams); drop {'them' if many else 'it'}, or give {other} to stream")
+    return notes
+
+
+def _name(args, dest: str) -> str:
+    """An option's name as the user typed it."""
+    return getattr(args, "typed", {}).get(dest, ("--" + dest.replace("_", "-"),))[0]

@@ -1,0 +1,73 @@
+"""run-pipeline's warnings about flags it takes that then change nothing (coordinator/flag_notes.py):
+one line on stderr, and the run goes on (a probe's: each was taken in silence)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import ggufgen
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "run-pipeline"
+GREEDY = ("--device", "cpu", "-n", "2", "--temperature", "0", "--ignore-eos")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCHER), *args, "The sky is"], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def _warnings(r: subprocess.CompletedProcess) -> list[str]:
+    assert r.returncode == 0, r.stderr
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("run-pipeline: warning: ")]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return ggufgen.write_model(tmp_path_factory.mktemp("m") / "m.gguf")  # 2 layers, 256 tokens of context
+
+
+def test_flags_of_streamed_layers_where_nothing_streams_are_warned(model):
+    """Every layer kept on the device: the streamed layers' flags act on nothing, said once before
+    the reply, naming them as typed and why."""
+    r = _run("-m", model, *GREEDY, "--vram-gb", "8", "--vram-slots", "16", "--host-cache-gb=2")
+    assert _warnings(r) == [
+        "run-pipeline: warning: --host-cache-gb 2, --vram-slots 16 have no effect: every layer of the model fits in "
+        "--vram-gb 8 (nothing streams); drop them, or give a smaller --vram-gb to stream"]
+
+
+def test_the_reason_names_what_keeps_every_layer(tmp_path):
+    """-ngl past the model's layers keeps them all, whatever the budget; on CUDA without --vram-gb the
+    budget is the GPU's free memory; on the CPU without it there is no limit. The expert flags too."""
+    from layerstream.coordinator.args import build_parser, check_args
+    from layerstream.coordinator.flag_notes import plan_notes
+    from layerstream.coordinator.plan import make_plan
+    from layerstream.loader.gguf_index import open_model
+    from layerstream.loader.layout import layer_layouts
+    from plans import plan, shaped
+
+    one_b = shaped("llama-3.2-1b")
+    a = build_parser().parse_args(["-ngl", "99", "--vram-gb", "8", "--expert-cache-gb", "1", "hi"])
+    check_args(a)
+    assert plan_notes(a, plan(one_b, 8, resident_layers=99), "cuda") == [
+        "--expert-cache-gb 1 has no effect: -ngl 99 keeps every layer on the device (nothing streams); drop it, "
+        "or give a smaller -ngl to stream"]
+    a = build_parser().parse_args(["--vram-slots", "3", "hi"])
+    assert plan_notes(a, plan(one_b, 8), "cuda") == [
+        "--vram-slots 3 has no effect: every layer of the model fits in the GPU's free memory (nothing streams); "
+        "drop it, or give a --vram-gb below the model's size to stream"]
+    moe = open_model(ggufgen.write_model(tmp_path / "moe.gguf", arch="qwen3moe"))
+    alone = make_plan(moe, layer_layouts(moe), vram_bytes=None, host_cache_bytes=None, dtype_bytes=4, ctx=256,
+                      max_seqs=1, device_type="cpu")
+    a = build_parser().parse_args(["--expert-policy", "lru", "hi"])
+    assert plan_notes(a, alone, "cpu") == [
+        "--expert-policy lru has no effect: on the CPU without --vram-gb every layer is kept in memory (nothing "
+        "streams); drop it, or give --vram-gb to stream"]
+    # where layers stream the flags act: nothing is said
+    a = build_parser().parse_args(["--vram-slots", "3", "--host-cache-gb", "1", "--vram-gb", "0.8", "hi"])
+    assert plan_notes(a, plan(one_b, 0.8, vram_slots=3), "cuda") == []
+    a = build_parser().parse_args(["-ngl", "1", "--expert-policy", "lru", "hi"])
+    assert plan_notes(a, make_plan(moe, layer_layouts(moe), vram_bytes=None, host_cache_bytes=None, dtype_bytes=4,
+                                   ctx=256, max_seqs=1, device_type="cpu", resident_layers=1), "cpu") == []
