@@ -27,7 +27,9 @@ def warn_plan(args, engine) -> None:
 
 def plan_notes(args, plan, device_type: str) -> list[str]:
     """What the plan says of the flags of streamed layers (given other than their defaults): none acts
-    where nothing streams."""
+    where nothing streams; --vram-slots without a budget (the CPU's default: no limit) is the plan's
+    own count; and on CUDA, slots past those the streamed layers can fill hold device memory that
+    could keep layers resident."""
     parser, notes = build_parser(), []
     named = [d for d in STREAMED if given(parser, args, (d,))]
     if not plan.streamed and named:
@@ -43,6 +45,22 @@ def plan_notes(args, plan, device_type: str) -> list[str]:
         many = len(named) > 1
         notes.append(f"{', '.join(shown(args, d, getattr(args, d)) for d in named)} {'have' if many else 'has'} no "
                      f"effect: {why} (nothing streams); drop {'them' if many else 'it'}, or give {other} to stream")
+        return notes
+    if "vram_slots" not in named:
+        return notes
+    slots, k = shown(args, "vram_slots", args.vram_slots), len(plan.streamed)
+    if plan.budget_bytes is None:  # (plan._fit: with no limit the streamed layers get slots of its own count)
+        notes.append(f"{slots} has no effect without --vram-gb: with no memory budget the plan sets the streamed "
+                     f"layers' slots itself ({plan.vram_slots}); drop it, or give --vram-gb to plan under a budget")
+    elif device_type == "cuda" and not plan.dense_resident and plan.vram_slots > 2 * k:
+        # past the first pass (which loads the resident layers through the ring) a streamed layer holds a
+        # slot while it is copied and computed, and one more where the next step's copy of it is issued
+        # ahead (compute/streamed.py, _issue_ahead): two a layer at most. (Where the streamed layers'
+        # experts alone cross, decode lends the slots to the expert cache: expert_stream.py's NOTE.)
+        notes.append(f"{slots}: {k} layer{'s stream' if k > 1 else ' streams'}, and past the first pass at most "
+                     f"{2 * k} slots hold a layer at once (each streamed layer's copy, and the next step's copied "
+                     f"ahead); the other {plan.vram_slots - 2 * k} hold device memory that could keep layers resident; "
+                     f"give --vram-slots {2 * k}{' or fewer' if k > 1 else ''}")
     return notes
 
 

@@ -71,3 +71,34 @@ def test_the_reason_names_what_keeps_every_layer(tmp_path):
     a = build_parser().parse_args(["-ngl", "1", "--expert-policy", "lru", "hi"])
     assert plan_notes(a, make_plan(moe, layer_layouts(moe), vram_bytes=None, host_cache_bytes=None, dtype_bytes=4,
                                    ctx=256, max_seqs=1, device_type="cpu", resident_layers=1), "cpu") == []
+
+
+def test_vram_slots_without_a_budget_or_past_what_the_streamed_layers_fill_are_warned(model):
+    """--vram-slots sets the slots under a budget: on the CPU without --vram-gb (no limit) the plan
+    takes its own count. On CUDA a streamed layer fills two slots at most past the first pass (its
+    copy, and the next step's copied ahead): the rest hold memory for nothing, but where the
+    streamed layers' experts alone cross, which lend the slots to the expert cache."""
+    from layerstream.coordinator.args import build_parser
+    from layerstream.coordinator.flag_notes import plan_notes
+    from plans import plan, shaped
+
+    r = _run("-m", model, *GREEDY, "-ngl", "1", "--vram-slots", "3")
+    assert _warnings(r) == [
+        "run-pipeline: warning: --vram-slots 3 has no effect without --vram-gb: with no memory budget the plan sets "
+        "the streamed layers' slots itself (4); drop it, or give --vram-gb to plan under a budget"]
+    one_b = shaped("llama-3.2-1b")  # 16 layers
+    a = build_parser().parse_args(["--vram-slots", "16", "-ngl", "15", "hi"])
+    assert plan_notes(a, plan(one_b, 8, resident_layers=15, vram_slots=16), "cuda") == [
+        "--vram-slots 16: 1 layer streams, and past the first pass at most 2 slots hold a layer at once (each streamed "
+        "layer's copy, and the next step's copied ahead); the other 14 hold device memory that could keep layers "
+        "resident; give --vram-slots 2"]
+    a = build_parser().parse_args(["--vram-slots", "5", "-ngl", "14", "hi"])
+    assert plan_notes(a, plan(one_b, 8, resident_layers=14, vram_slots=5), "cuda")[0].startswith(
+        "--vram-slots 5: 2 layers stream, and past the first pass at most 4 slots hold a layer")
+    # quiet: as many slots as the streamed layers fill, a budget on the CPU, the expert cache's room
+    a = build_parser().parse_args(["--vram-slots", "4", "-ngl", "14", "hi"])
+    assert plan_notes(a, plan(one_b, 8, resident_layers=14, vram_slots=4), "cuda") == []
+    assert plan_notes(a, plan(one_b, 8, resident_layers=14, vram_slots=4, device_type="cpu"), "cpu") == []
+    a = build_parser().parse_args(["--vram-slots", "16", "-ngl", "46", "hi"])
+    moe = plan(shaped("qwen3-30b-a3b"), 60, resident_layers=46, vram_slots=16)
+    assert moe.streamed and moe.dense_resident and plan_notes(a, moe, "cuda") == []
