@@ -21,7 +21,7 @@ from layerstream.coordinator.args import (
     served_sampling,
     shown,
 )
-from layerstream.coordinator.flag_notes import warn_plan
+from layerstream.coordinator.flag_notes import warn_flags
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.coordinator.spelling import no_experts
 from layerstream.coordinator.stdio import closed_output, flush_stdout, open_standard_fds, print_stream
@@ -348,7 +348,7 @@ def _run_bound(args, api_key, sock, warm, gcs) -> int:
     with open_engine(args, index, progress=terminal, warm=warm) as engine:
         gcs.ready()
         load_s = time.monotonic() - t0
-        warn_plan(args, engine)  # (flags of streamed layers where the plan streams none)
+        warn_flags(args, engine)  # (flags that do nothing here, a --ctx past the model's)
         if warm is not None:
             warm.close()  # (those the run did not take)
         try:

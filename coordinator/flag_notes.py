@@ -1,6 +1,7 @@
-"""run-pipeline's warnings about flags it takes that then change nothing in the run: one line each,
-before the reply, and the run goes on. Warned, not refused: whether such a flag acts depends on the
-device and the plan, and the same command line streams on a smaller device."""
+"""run-pipeline's warnings about flags it takes where they do nothing, or ask for what the model was
+not trained for (a --ctx past its context): one line each, before the reply, and the run goes on.
+Warned, not refused: whether such a flag acts depends on the model, the device and the plan, and
+the same command line streams on a smaller device."""
 
 from __future__ import annotations
 
@@ -17,12 +18,25 @@ def say(notes: list[str]) -> None:
         print(f"{PROG}: warning: {note}", file=sys.stderr)
 
 
-def warn_plan(args, engine) -> None:
-    """plan_notes on stderr, for the pipeline's plan (the single-process engine has none, and refuses
-    the pipeline's options)."""
+def warn_flags(args, engine) -> None:
+    """header_notes and plan_notes on stderr, once the engine is open (a run that cannot open says
+    its error alone) and before the reply."""
+    notes = header_notes(args, engine.index)
     launch = getattr(engine.backend, "launch", None)
-    if launch is not None:
-        say(plan_notes(args, launch.plan, launch.device.type))
+    if launch is not None:  # (the single-process engine has no plan, and refuses the pipeline's options)
+        notes += plan_notes(args, launch.plan, launch.device.type)
+    say(notes)
+
+
+def header_notes(args, index) -> list[str]:
+    """What the model's header says of the flags: a --ctx past the context the model was trained on
+    (llama.cpp warns "n_ctx_train < n_ctx": the positions past it were never trained)."""
+    notes, hp = [], index.hparams
+    trained = index.metadata.get(f"{hp.arch}.context_length")  # (absent: the header's default of 4096 is no model's)
+    if args.ctx is not None and trained is not None and args.ctx > hp.context_length:
+        notes.append(f"{shown(args, 'ctx', args.ctx)} is beyond the model's trained context ({hp.context_length} "
+                     "tokens); replies past it may lose coherence")
+    return notes
 
 
 def plan_notes(args, plan, device_type: str) -> list[str]:

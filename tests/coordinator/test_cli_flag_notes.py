@@ -102,3 +102,19 @@ def test_vram_slots_without_a_budget_or_past_what_the_streamed_layers_fill_are_w
     a = build_parser().parse_args(["--vram-slots", "16", "-ngl", "46", "hi"])
     moe = plan(shaped("qwen3-30b-a3b"), 60, resident_layers=46, vram_slots=16)
     assert moe.streamed and moe.dense_resident and plan_notes(a, moe, "cuda") == []
+
+
+def test_a_context_past_the_models_trained_one_is_warned(model, tmp_path):
+    """llama.cpp warns "n_ctx_train < n_ctx"; run-pipeline took -c 1024 on a model of 256 tokens in
+    silence. At the model's own context nothing is said, nor where the header does not say its context
+    (the 4096 it is then read as is no model's)."""
+    from layerstream.coordinator.args import build_parser
+    from layerstream.coordinator.flag_notes import header_notes
+    from layerstream.loader.gguf_index import open_model
+
+    r = _run("--single-process", "-m", model, *GREEDY, "-c", "1024")
+    assert _warnings(r) == ["run-pipeline: warning: -c 1024 is beyond the model's trained context (256 tokens); "
+                            "replies past it may lose coherence"]
+    assert header_notes(build_parser().parse_args(["--ctx", "256", "hi"]), open_model(model)) == []
+    untold = ggufgen.rewrite_metadata(model, tmp_path / "untold.gguf", {}, drop=("llama.context_length",))
+    assert header_notes(build_parser().parse_args(["--ctx", "8192", "hi"]), open_model(untold)) == []
