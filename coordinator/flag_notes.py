@@ -24,7 +24,7 @@ def warn_flags(args, engine) -> None:
     notes = header_notes(args, engine.index)
     launch = getattr(engine.backend, "launch", None)
     if launch is not None:  # (the single-process engine has no plan, and refuses the pipeline's options)
-        notes += plan_notes(args, launch.plan, launch.device.type)
+        notes += device_notes(args, launch.device.type) + plan_notes(args, launch.plan, launch.device.type)
     say(notes)
 
 
@@ -37,6 +37,15 @@ def header_notes(args, index) -> list[str]:
         notes.append(f"{shown(args, 'ctx', args.ctx)} is beyond the model's trained context ({hp.context_length} "
                      "tokens); replies past it may lose coherence")
     return notes
+
+
+def device_notes(args, device_type: str) -> list[str]:
+    """What the device says of the flags: --kv-on-host on the CPU, whose memory is the host's (there
+    the host KV's layer is copied out for each step: kv.HostKV.layer)."""
+    if args.kv_on_host and device_type == "cpu":
+        return ["--kv-on-host saves nothing on the CPU: the KV is in host memory already (the device's memory is "
+                "the host's), and the flag only adds a copy of each layer's KV every step; drop it"]
+    return []
 
 
 def plan_notes(args, plan, device_type: str) -> list[str]:

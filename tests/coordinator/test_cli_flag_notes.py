@@ -118,3 +118,18 @@ def test_a_context_past_the_models_trained_one_is_warned(model, tmp_path):
     assert header_notes(build_parser().parse_args(["--ctx", "256", "hi"]), open_model(model)) == []
     untold = ggufgen.rewrite_metadata(model, tmp_path / "untold.gguf", {}, drop=("llama.context_length",))
     assert header_notes(build_parser().parse_args(["--ctx", "8192", "hi"]), open_model(untold)) == []
+
+
+def test_kv_on_host_on_the_cpu_is_warned(model):
+    """On the CPU the KV is in host memory whatever the flag says: --kv-on-host was taken in silence,
+    and only copied each layer's KV out each step. On CUDA it moves the KV off the device: nothing
+    said, nor without the flag."""
+    from layerstream.coordinator.args import build_parser
+    from layerstream.coordinator.flag_notes import device_notes
+
+    r = _run("-m", model, *GREEDY, "--kv-on-host")
+    assert _warnings(r) == [
+        "run-pipeline: warning: --kv-on-host saves nothing on the CPU: the KV is in host memory already (the "
+        "device's memory is the host's), and the flag only adds a copy of each layer's KV every step; drop it"]
+    assert device_notes(build_parser().parse_args(["--kv-on-host", "hi"]), "cuda") == []
+    assert device_notes(build_parser().parse_args(["hi"]), "cpu") == []
