@@ -353,13 +353,12 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                 small = next(t for t in fitting if moved[t] == least)
                 if small != T and least <= (1 - DECODE_GAIN) * moved[T] and not by_job:
                     smaller_step = (small, got[small][0])  # (a job's step is already the fewest bytes)
-        if r == n:
-            slots = 0
-        keep_dense = keep_dense and r < n
+        slots, keep_dense = (0, False) if r == n else (slots, keep_dense)
         total, parts = fit(T, slots, r, kv_dev, keep_dense)
-        if total > vram_bytes:
-            raise ConfigError(f"--resident-layers {r} does not fit --vram-gb {budget / GiB:.2f}: the plan needs "
-                              f"{_gib(total)}; lower --resident-layers")
+        if total > vram_bytes:  # -ngl's layers, else the slots past two (`fitting` holds two and no layer)
+            what = f"--resident-layers {r}" if resident_layers is not None else f"--vram-slots {slots}"
+            raise ConfigError(f"{what} does not fit --vram-gb {budget / GiB:.2f}: the plan needs {_gib(total)}; "
+                              f"lower {what.split()[0]}")
         if experts and expert_cache_bytes is None and r < n:
             # what the budget leaves beside the resident layers (as many as fit, or -ngl's) goes to the
             # expert cache in whole expert slots: room that held nothing saves a copy on each of its hits

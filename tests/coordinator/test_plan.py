@@ -113,6 +113,18 @@ def test_a_third_vram_slot_costs_resident_layers_and_fits(l70):
         plan(l70, 8, vram_slots=1)
 
 
+def test_slots_that_do_not_fit_are_named(l8):
+    """--vram-slots 16 where two slots fit and sixteen do not was refused as "--resident-layers
+    0 does not fit --vram-gb 1.50 ...; lower --resident-layers", an option it never gave (seen checking
+    a probe's --vram-slots 16 on a small model)."""
+    with pytest.raises(ConfigError, match=r"^--vram-slots 16 does not fit --vram-gb 1\.50: the plan needs [\d.]+ GiB; "
+                                          r"lower --vram-slots$"):
+        plan(l8, 1.5, vram_slots=16)
+    assert plan(l8, 1.5).streamed  # (two fit)
+    with pytest.raises(ConfigError, match=r"^--resident-layers 20 does not fit --vram-gb 1\.50: .*; lower --resident-layers$"):
+        plan(l8, 1.5, resident_layers=20, vram_slots=16)
+
+
 def test_bad_prefetch_and_step_tokens_are_refused(l8):
     with pytest.raises(ConfigError, match="--prefetch 1000000000: at most 32"):
         plan(l8, 4, prefetch=10**9, max_prefetch=32)
