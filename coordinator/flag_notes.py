@@ -14,13 +14,14 @@ STREAMED = ("host_cache_gb", "vram_slots", "expert_cache_gb", "expert_policy", "
 
 
 def say(notes: list[str]) -> None:
+    """Each note as a line of its own on stderr, in the words of the command's other warnings."""
     for note in notes:
         print(f"{PROG}: warning: {note}", file=sys.stderr)
 
 
 def warn_flags(args, engine) -> None:
-    """header_notes and plan_notes on stderr, once the engine is open (a run that cannot open says
-    its error alone) and before the reply."""
+    """header_notes, device_notes and plan_notes on stderr, once the engine is open (a run that cannot
+    open says its error alone) and before the reply."""
     notes = header_notes(args, engine.index)
     launch = getattr(engine.backend, "launch", None)
     if launch is not None:  # (the single-process engine has no plan, and refuses the pipeline's options)
