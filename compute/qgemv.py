@@ -141,7 +141,7 @@ def _q8(qv, B: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk,
+def step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk,
           QT: tl.constexpr, KB: tl.constexpr, EVEN: tl.constexpr):
     """acc [MR, BN, S, 1] += x . W over chunks kb0 .. kb0 + KB - 1 for the rows at word offsets
     rowb [BN, 1, 1] (32-bit words for Q4_K / Q5_K, 16-bit for Q6_K / Q8_0): slice q of chunk kb
@@ -275,7 +275,7 @@ def gemv_kernel(x, xds, w32, w16, raw8, halfs, out, bias, M, N, n_chunks, nblk, 
         if X8:
             acc = step8(acc, xr, xds + xrow * (n_chunks * 16), xok, w32, rowb, kb0, n_chunks, KB, EVEN, ASM)
         else:
-            acc = _step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk, QT, KB, EVEN)
+            acc = step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk, QT, KB, EVEN)
     y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [MR, BN]
     if HAS_BIAS:
         y += tl.load(bias + rn, mask=ok_n, other=0).to(tl.float32)[None, :]
@@ -329,12 +329,12 @@ def gemv_many_kernel(x, xds, w32, w16, raw8, halfs, out, res, M, n_chunks, nblk,
         if X8:
             acc = step8(acc, xr, xdsr, xok, w32, off + rows, kb0, n_chunks, KB, EVEN, ASM)
         else:
-            acc = _step(acc, xr, xok, w32, w16, raw8, halfs, off + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
+            acc = step(acc, xr, xok, w32, w16, raw8, halfs, off + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
         if GLU:
             if X8:
                 acc_u = step8(acc_u, xr, xdsr, xok, w32, up + rows, kb0, n_chunks, KB, EVEN, ASM)
             else:
-                acc_u = _step(acc_u, xr, xok, w32, w16, raw8, halfs, up + rows, kb0, n_chunks,
+                acc_u = step(acc_u, xr, xok, w32, w16, raw8, halfs, up + rows, kb0, n_chunks,
                               nblk, QT, KB, EVEN)
     dt = out.dtype.element_ty
     y = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)  # [MR, BN], rounded as a separate launch's

@@ -7,7 +7,7 @@ four rows a program, one warp), then SiLU and the product, the down launch, and 
 as torch ops: five to seven launches a layer, and the grouped kernel read an expert's blocks far
 below the device's memory rate at one token (BENCHMARKS.md, H1). At batch 1 a MoE layer's experts
 are most of its device time, and that time is on the layer's chain (the next layer's attention
-waits for it). Here the dense decode's loop (qgemv._step: whole rows of W a program, K walked in
+waits for it). Here the dense decode's loop (qgemv.step: whole rows of W a program, K walked in
 steps of KB chunks, NOTE [ slices of a row ] in qgemv.py) reads the pairs' blocks instead:
 - `glu_kernel`, a program on BN rows of one pair: its token's row of x times those rows of the
   pair's gate and of its up, SiLU(gate) * up written in x's dtype, each rounded to x's dtype first
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from layerstream.compute.qgemv import WORD_BYTES, _step
+from layerstream.compute.qgemv import WORD_BYTES, step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -53,8 +53,8 @@ def glu_kernel(x, words, raw8, halfs, out, offs, n_pairs, k, N, n_chunks, nblk, 
     acc = tl.zeros((1, BN, KB * 4, 1), dtype=tl.float32)
     acc_u = tl.zeros((1, BN, KB * 4, 1), dtype=tl.float32)
     for kb0 in range(0, n_chunks, KB):
-        acc = _step(acc, xr, xok, words, words, raw8, halfs, gate + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
-        acc_u = _step(acc_u, xr, xok, words, words, raw8, halfs, up + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
+        acc = step(acc, xr, xok, words, words, raw8, halfs, gate + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
+        acc_u = step(acc_u, xr, xok, words, words, raw8, halfs, up + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
     dt = out.dtype.element_ty
     y = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)  # [1, BN]
     u = tl.sum(tl.sum(acc_u, axis=3), axis=2).to(dt).to(tl.float32)
@@ -81,7 +81,7 @@ def down_kernel(a, words, raw8, halfs, out, offs, weight, n_pairs, k, N, n_chunk
         ar = a + arow * sam
         acc = tl.zeros((1, BN, KB * 4, 1), dtype=tl.float32)
         for kb0 in range(0, n_chunks, KB):
-            acc = _step(acc, ar, arow >= 0, words, words, raw8, halfs, w + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
+            acc = step(acc, ar, arow >= 0, words, words, raw8, halfs, w + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
         d = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)
         y += d * tl.load(weight + g)
     tl.store(out + t.to(tl.int64) * N + rn[None, :], y, mask=ok_n[None, :])
