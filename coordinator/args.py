@@ -22,6 +22,7 @@ from layerstream.coordinator.arg_files import (
 from layerstream.coordinator.spelling import (
     UsageError,
     dashed_numbers_joined,
+    reader_dirs_problem,
     refuse_foreign_options,
     refuse_glued_words,
     typed_options,
@@ -379,6 +380,8 @@ def check_args(args) -> None:
                else "is not a directory" if os.path.exists(d) else "no such directory")
         if why:
             fail(f"--reader-dir {d}: {why}")
+    if not args.single_process and (why := reader_dirs_problem(len(args.reader_dir), args.readers)):
+        fail(why)  # (ReaderOptions refused it only once the model was open, exit 1)
     if args.trace == "":
         fail("--trace : an empty path; give a file")
     if args.trace:

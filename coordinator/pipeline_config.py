@@ -10,6 +10,7 @@ from layerstream.bounds import MAX_GB, MAX_READERS, MAX_WINDOW, PIPELINE_COUNTS
 from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
 from layerstream.compute.expert_policy import EXPERT_POLICIES
 from layerstream.coordinator.api_names import python_names
+from layerstream.coordinator.spelling import reader_dirs_problem
 from layerstream.cpus import too_many_threads
 from layerstream.errors import ConfigError
 
@@ -78,9 +79,8 @@ class ReaderOptions:
             raise ConfigError(f"--readers {self.count!r}: give 1 to {MAX_READERS}")
         if isinstance(self.dirs, (str, bytes)):  # (its letters were taken for folders)
             raise ConfigError(f"--reader-dir {self.dirs!r}: give a list of folders, one per reader")
-        if self.dirs and len(self.dirs) != self.count:
-            raise ConfigError(f"--reader-dir given {len(self.dirs)} times for --readers {self.count}; "
-                              "give one per reader")
+        if why := reader_dirs_problem(len(self.dirs), self.count):  # (run-pipeline refuses it first: args.py)
+            raise ConfigError(why)
         if self.threads is not None and not _whole(self.threads, 1):
             raise ConfigError(f"--read-threads {self.threads!r}: must be a whole number, at least 1")
         if not isinstance(self.direct, bool):  # ("no" was taken as true)

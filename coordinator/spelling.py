@@ -17,6 +17,15 @@ def no_experts(flags: list[str], arch: str) -> str:
             f"drop {'them' if many else 'it'}")
 
 
+def reader_dirs_problem(dirs: int, readers: int) -> str | None:
+    """The refusal of --reader-dir given other than once per reader (None: not given, or once each),
+    in one function's words for run-pipeline's usage error and ReaderOptions' ConfigError."""
+    if not dirs or dirs == readers:
+        return None
+    given = {1: "once", 2: "twice"}.get(dirs, f"{dirs} times")  # (it said "given 1 times")
+    return f"--reader-dir given {given} for --readers {readers}; give one per reader"
+
+
 # Options of other tools whose meaning this command spells otherwise: (what they set, the option here).
 # argparse's "unrecognized arguments: -b" named no way forward.
 FOREIGN = {

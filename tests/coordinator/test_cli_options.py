@@ -113,6 +113,11 @@ def typed(model):
     (["--trace", ""], "--trace : an empty path; give a file"),
     (["--reader-dir", "/nonexistent-dir"], "--reader-dir /nonexistent-dir: no such directory"),
     (["--reader-dir", str(LAUNCHER)], f"--reader-dir {LAUNCHER}: is not a directory"),
+    # a count of folders other than --readers: said once the model was open, exit 1, "given 1 times" (a probe's)
+    (["--readers", "2", "--reader-dir", str(LAUNCHER.parent)], "--reader-dir given once for --readers 2; give one "
+                                                                "per reader"),
+    (["--readers", "2", *["--reader-dir", str(LAUNCHER.parent)] * 3], "--reader-dir given 3 times for --readers 2; "
+                                                                       "give one per reader"),
     (["-f", "/nonexistent-dir/p.txt"], "-f /nonexistent-dir/p.txt: no such file"),
     # the prompt option twice: argparse kept the last and dropped the first unsaid
     (["-p", "Hi", "--prompt", "Bye"], "--prompt Bye: the prompt is given twice (-p/--prompt more than once); "

@@ -17,8 +17,10 @@ from layerstream.errors import ConfigError
 @pytest.mark.parametrize("make,message", [
     # in the Python API's names, not run-pipeline's flags (NOTE [ the caller's names ] in api_names.py)
     (lambda: ReaderOptions(count=0), "ReaderOptions.count=0: give 1 to 64"),
-    (lambda: ReaderOptions(count=2, dirs=("a",)), "ReaderOptions.dirs given 1 times for ReaderOptions.count=2; give one "
+    (lambda: ReaderOptions(count=2, dirs=("a",)), "ReaderOptions.dirs given once for ReaderOptions.count=2; give one "
                                                   "per reader"),
+    (lambda: ReaderOptions(dirs=("a", "b")), "ReaderOptions.dirs given twice for ReaderOptions.count=1; give one per "
+                                             "reader"),
     (lambda: ReaderOptions(threads=0), "ReaderOptions.threads=0: must be a whole number, at least 1"),
     (lambda: CpuOptions(threads=0), "CpuOptions.threads=0: must be a whole number, at least 1"),
     (lambda: CpuOptions(threads="4"), "CpuOptions.threads='4': must be a whole number, at least 1"),  # (TypeError)
