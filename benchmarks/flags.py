@@ -7,21 +7,34 @@ import argparse
 import os
 
 
-def _items(s: str, kind, what: str) -> list:
-    """A comma-separated list of `kind`s; argparse's one-line error where an item is empty or not
-    one (an empty item had been dropped by some stages and refused by others as 'invalid <lambda>')."""
+def listed(s: str, kind, what: str, example: str = "1,8") -> list:
+    """A comma-separated list of `kind`s (kind raises ValueError on an item that is not one) as a
+    flag's type=: argparse's one-line usage error, exit 2, naming the flag, the value and `what` is
+    accepted, where an item is empty or not one (an empty item had been dropped by some stages and
+    refused by others as 'invalid <lambda>'). Lists of names (names()) and of --configs' entries
+    are read here too: a stage's own check of them had been its exit 1, once it ran."""
     try:
         return [kind(x) for x in s.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: give {what}, comma separated (e.g. 1,8)") from None
+        raise argparse.ArgumentTypeError(f"{s!r}: give {what}, comma separated (e.g. {example})") from None
 
 
 def ints(s: str) -> list[int]:
-    return _items(s, int, "whole numbers")
+    return listed(s, int, "whole numbers")
 
 
 def floats(s: str) -> list[float]:
-    return _items(s, float, "numbers")
+    return listed(s, float, "numbers")
+
+
+def names(*known: str, what: str):
+    """The type= of a flag whose value is `known` names, comma separated (reader's --modes)."""
+    def name(x: str) -> str:
+        if x not in known:
+            raise ValueError(x)
+        return x
+
+    return lambda s: listed(s, name, f"{what} of {', '.join(known)}", ",".join(known[:2]))
 
 
 def shapes(s: str) -> list[tuple[int, ...]]:

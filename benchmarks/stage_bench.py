@@ -26,7 +26,7 @@ from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.coordinator.supervisor import join_all, spawning
 from layerstream.errors import LayerstreamError
 
-from .flags import device_args, floats, ints, model_args, pipeline_args, pipeline_config
+from .flags import device_args, floats, ints, listed, model_args, names, pipeline_args, pipeline_config
 
 GB = 1e9
 FLOOR_GBS = 54.0  # host-to-GPU pinned copy on the lent H100 (BENCHMARKS.md, "Measured limits")
@@ -314,9 +314,6 @@ def bench_reader(args) -> list[dict]:
     from layerstream.loader.layout import layer_layouts
     from layerstream.loader.reader import default_threads
 
-    unknown = [m for m in args.modes.split(",") if m not in ("cold", "warm", "fill", "populated")]
-    if unknown or not args.modes.strip(","):
-        raise ValueError(f"--modes {args.modes}: give passes of cold, warm, fill, populated, comma separated")
     with model_for(args) as index:
         layouts = layer_layouts(index)
         n = args.readers
@@ -370,7 +367,7 @@ def bench_reader(args) -> list[dict]:
             with spawning():  # (the pipeline's own: the resource tracker first, whose start unblocked SIGINT)
                 for p in procs:
                     p.start()
-            for mode in args.modes.split(","):
+            for mode in args.modes:
                 times, nbytes = [], 0
                 for _ in range(args.reps):
                     if mode == "cold":
@@ -570,6 +567,10 @@ def _kernel_time(fn, reps: int, device: torch.device) -> float:
     return _median_s(g.replay, reps, device, warmup=2)
 
 
+CONFIGS = ("BMxBNxWARPSxSPLITS, gemv:MRxBNxKBxWARPS, rows:MRxBNxKBxWARPS or small:MPxBNxWARPSxSTAGESxSPLITS, "
+           "of whole numbers from 1")
+
+
 def _kernel_config(text: str) -> tuple:
     """A --configs entry: BMxBNxWARPSxSPLITS for the split-K kernel, or KIND:AxBx.. for another
     of qkernels.matmul's configurations (gemv:1x1x8x1, gemv8:1x1x8x1, rows:1x2x4x2, small:16x64x4x2x4)."""
@@ -579,10 +580,15 @@ def _kernel_config(text: str) -> tuple:
         values = tuple(int(v) for v in dims.split("x"))
     except ValueError:
         values = ()
-    if len(values) != sizes.get(kind, -1):
-        raise ValueError(f"--configs {text!r}: write BMxBNxWARPSxSPLITS, gemv:MRxBNxKBxWARPS, rows:MRxBNxKBxWARPS "
-                         "or small:MPxBNxWARPSxSTAGESxSPLITS")
+    if len(values) != sizes.get(kind, -1) or min(values, default=0) < 1:  # (block sizes, warps, stages, splits: 1 at least)
+        raise ValueError(f"--configs {text!r}: write {CONFIGS}")
     return (kind, *values) if kind else values
+
+
+def _kernel_configs(text: str) -> list[tuple]:
+    """--configs' type: its entries (_kernel_config), read as the flag is (a bad one had been the
+    stage's exit 1 once it had found its device); an empty value: none, the dispatch's own."""
+    return listed(text, _kernel_config, CONFIGS, "16x32x4x1,gemv:1x1x8x1") if text else []
 
 
 def _config_name(cfg: tuple | None) -> str:
@@ -605,7 +611,7 @@ def bench_qmatmul(args) -> list[dict]:
     dtype = _dtype(args, device)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    configs = [_kernel_config(c) for c in args.configs.split(",")] if args.configs else [None]
+    configs = args.configs or [None]
     for tname in args.types.split(","):
         qt = QT[tname]
         qk, ts = GGML_QUANT_SIZES[qt]
@@ -1119,7 +1125,8 @@ def add_stage_parsers(sub) -> None:
                         "reads (the pipeline's readers do not; default 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of each reader (default: run-pipeline's, half the cores shared among the readers)")
-    p.add_argument("--modes", default="cold,warm,fill,populated",
+    p.add_argument("--modes", default="cold,warm,fill,populated", type=names("cold", "warm", "fill", "populated",
+                                                                            what="passes"),
                    help="which passes to time, of cold, warm, fill, populated (default all)")
     p.add_argument("--direct", action="store_true", help="read with O_DIRECT")
     p.set_defaults(func=bench_reader)
@@ -1144,8 +1151,9 @@ def add_stage_parsers(sub) -> None:
                    help="block types, comma separated (q4_k as Q4_K)")
     p.add_argument("--shape-set", choices=sorted(QMATMUL_SHAPES), default="llama-3.1-8b", help="matrix shapes")
     p.add_argument("-b", "--batch", type=ints, default=[1, 2, 4, 8, 16, 32, 64], help="activation rows")
-    p.add_argument("--configs", default="", help="variants of the fused kernel to time, comma separated: "
-                   "BMxBNxWARPSxSPLITS (split-K) or KIND:AxBx.. (gemv:1x1x8x1; qkernels.matmul's configurations)")
+    p.add_argument("--configs", default="", type=_kernel_configs,
+                   help="variants of the fused kernel to time, comma separated: BMxBNxWARPSxSPLITS (split-K) or "
+                        "KIND:AxBx.. (gemv:1x1x8x1; qkernels.matmul's configurations)")
     p.add_argument("--buffers", type=int, default=4, help="weight copies rotated between calls (default 4)")
     p.add_argument("--reps", type=int, default=20, help="timed calls; the median is reported (default 20)")
     p.set_defaults(func=bench_qmatmul)
@@ -1198,7 +1206,11 @@ def add_stage_parsers(sub) -> None:
     p.set_defaults(func=bench_serve)
 
     p = sub.add_parser("experts", help="hit rates of the expert cache's policies (lfu, lru) on routing traces")
-    p.add_argument("--shape", default="qwen3-30b-a3b", help="a mixture-of-experts shape (default qwen3-30b-a3b)")
+    from layerstream.loader.synth import SHAPES
+
+    moe = sorted(n for n, shape in SHAPES.items() if shape.n_expert)  # (a dense one was the stage's exit 1, as a bogus one)
+    p.add_argument("--shape", default="qwen3-30b-a3b", choices=moe,
+                   help=f"a mixture-of-experts shape: {', '.join(moe)} (default qwen3-30b-a3b)")
     p.add_argument("--layers", type=int, default=None, help="streamed layers (default: the shape's)")
     p.add_argument("-b", "--batch", type=ints, default=[1, 8], help="tokens a step (default 1,8)")
     p.add_argument("--shares", type=floats, default=[0.02, 0.1, 0.25, 0.5],

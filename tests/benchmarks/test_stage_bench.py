@@ -118,8 +118,6 @@ def test_experts_compares_the_cache_policies(capsys):
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("uniform"))
     lfu, lru = (float(v.rstrip("%")) for v in row[-2:])
     assert lru < 1 and 6 < lfu < 14, row
-    assert bench.main(["experts", "--shape", "llama-3.1-8b"]) == 1  # a dense shape: one line, exit 1
-    assert capsys.readouterr().err.strip() == "bin/bench: error: --shape llama-3.1-8b has no experts"
 
 
 def test_serve_warms_both_paths_then_alternates_them_and_reports_the_median_round(tiny, capsys, monkeypatch):
@@ -237,14 +235,16 @@ def test_add_stage_parsers_registers_every_stage():
 
 def test_bin_bench_runs_from_anywhere_and_fails_in_one_line(tmp_path):
     """The launcher puts the repository on the path (benchmarks/ is not installed); a bad value
-    is one line on stderr and exit 1."""
+    is one line on stderr and exit 2, a usage error (a dense --shape was the stage's exit 1)."""
     import pathlib
     import subprocess
 
     launcher = pathlib.Path(__file__).resolve().parents[2] / "bin" / "bench"
     r = subprocess.run([str(launcher), "experts", "--shape", "llama-3.1-8b"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr == "bin/bench: error: --shape llama-3.1-8b has no experts\n", r
+    assert r.returncode == 2 and r.stderr == ("bin/bench experts: error: argument --shape: invalid choice: "
+                                              "'llama-3.1-8b' (choose from 'qwen3-30b-a3b') (see bin/bench experts "
+                                              "--help)\n"), r
 
 
 def test_time_decode_times_each_step_of_the_whole_batch_and_leaves_the_core_empty(tiny):
@@ -341,12 +341,37 @@ def test_the_generate_line_tells_a_slow_start_from_the_steady_rate():
     (["cpu-kernel", "--shapes", "abc"], "bin/bench cpu-kernel: error: argument --shapes: 'abc': give matrices as N x K"),
     # an unknown shape was refused by synth once the stage ran (status 1)
     (["pipeline", "--shape", "foo"], "bin/bench pipeline: error: argument --shape: invalid choice: 'foo' (choose from"),
+    # names and --configs entries the stage refused itself once it ran, status 1 (a probe's); experts
+    # --shape of a dense model too ("has no experts")
+    (["experts", "--shape", "bogus"], "bin/bench experts: error: argument --shape: invalid choice: 'bogus' (choose "
+                                      "from 'qwen3-30b-a3b') (see bin/bench experts --help)\n"),
+    (["experts", "--shape", "llama-3.1-8b"], "bin/bench experts: error: argument --shape: invalid choice: "
+                                             "'llama-3.1-8b' (choose from 'qwen3-30b-a3b')"),
+    (["reader", "--modes", "bogus"], "bin/bench reader: error: argument --modes: 'bogus': give passes of cold, warm, "
+                                     "fill, populated, comma separated (e.g. cold,warm) (see bin/bench reader --help)\n"),
+    (["reader", "--modes", ""], "bin/bench reader: error: argument --modes: '': give passes of cold, warm, fill,"),
+    (["reader", "--modes", "warm,"], "bin/bench reader: error: argument --modes: 'warm,': give passes of cold, warm,"),
+    (["qmatmul", "--configs", "gemv:1x1x8"], "bin/bench qmatmul: error: argument --configs: 'gemv:1x1x8': give "
+                                             "BMxBNxWARPSxSPLITS, gemv:MRxBNxKBxWARPS, rows:MRxBNxKBxWARPS or "
+                                             "small:MPxBNxWARPSxSTAGESxSPLITS, of whole numbers from 1, comma separated "
+                                             "(e.g. 16x32x4x1,gemv:1x1x8x1) (see bin/bench qmatmul --help)\n"),
+    (["qmatmul", "--configs", "1x4x1x3,0x4x1x3"], "bin/bench qmatmul: error: argument --configs: '1x4x1x3,0x4x1x3': give"),
 ])
 def test_argument_errors_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
+
+
+def test_the_list_flags_of_names_and_configs_are_read_as_lists():
+    """(--modes and --configs, read by type= functions: their defaults as well as a value given)"""
+    reader = bench.build_parser().parse_args(["reader"])
+    assert reader.modes == ["cold", "warm", "fill", "populated"]
+    assert bench.build_parser().parse_args(["reader", "--modes", "fill,warm"]).modes == ["fill", "warm"]
+    assert bench.build_parser().parse_args(["qmatmul"]).configs == []
+    assert bench.build_parser().parse_args(["qmatmul", "--configs", "1x4x1x3,gemv:2x1x8x1"]).configs == [
+        (1, 4, 1, 3), ("gemv", 2, 1, 8, 1)]
 
 
 @pytest.mark.parametrize("lookahead, per_step", [(True, 3.0), (False, 4.0)])
@@ -391,12 +416,12 @@ def test_the_host_waits_time_decode_reports_are_its_decode_steps_only(tiny, monk
 
 def test_qmatmul_configs_are_read_by_kind_and_refused_with_one_line():
     """--configs entries: the split-K kernel's four numbers, or KIND:.. with that kind's numbers,
-    spelled back as given; a wrong kind or count is a ValueError naming the entry."""
+    spelled back as given; a wrong kind or count, or a number below 1, is a ValueError naming the entry."""
     for text, cfg in (("1x4x1x3", (1, 4, 1, 3)), ("gemv:2x1x8x1", ("gemv", 2, 1, 8, 1)),
                       (" small:16x64x4x2x4", ("small", 16, 64, 4, 2, 4))):
         assert stage_bench._kernel_config(text) == cfg and stage_bench._config_name(cfg) == text.strip()
     assert stage_bench._config_name(None) == "auto"
-    for bad in ("gmev:1x1x8x1", "gemv:1x1x8", "rows:1x2", "1x4"):
+    for bad in ("gmev:1x1x8x1", "gemv:1x1x8", "rows:1x2", "1x4", "1x4x0x3", "small:16x64x4x2x-4"):
         with pytest.raises(ValueError, match=f"--configs '{bad}'"):
             stage_bench._kernel_config(bad)
 
