@@ -49,7 +49,7 @@ def shapes(s: str) -> list[tuple[int, ...]]:
 # stage has them (a zero or negative count divided by zero or made meaningless rows)
 AT_LEAST_ONE = ("reps", "passes", "decode_tokens", "prompt_tokens", "experts", "clients", "batch", "threads", "rounds",
                 "layers", "readers", "sample_layers", "steps", "buffers", "slots", "verify", "top", "context",
-                "step_tokens", "prefetch", "vram_slots", "cpu_threads")
+                "step_tokens", "prefetch", "vram_slots", "cpu_threads", "draft_layers")
 AT_LEAST_ZERO = ("generate_tokens", "warm_passes", "decode_prompt", "gap_ms", "decode_context", "resident_layers",
                  "expert_prefetch", "expert_cache_gb", "host_cache_gb", "map_threads")
 POSITIVE = ("floor_gbs", "size_mb", "vram_gb")  # (--vram-gb 0 went on to the plan's refusal, status 1; run-pipeline's is 2)
@@ -97,10 +97,10 @@ def problem(args: argparse.Namespace) -> str | None:
             return f"{flag(name)} {v}: give {low} to {high} (as run-pipeline)"
     # threads: a reader's as run-pipeline's --read-threads; else the CPU's, at most the cores this
     # process may use, as --cpu-threads (100000 of them crashed the process, a hostile-user probe found)
-    if getattr(args, "cmd", None) == "reader":
-        bad = [t for t in each("threads") if t > MAX_READ_THREADS]
-        if bad:
-            return f"--threads {bad[0]}: give 1 to {MAX_READ_THREADS}"
+    if getattr(args, "cmd", None) == "reader":  # (and --map-threads' too: 10**11 of them, a MemoryError's traceback)
+        for name in ("threads", "map_threads"):
+            if bad := [t for t in each(name) if t > MAX_READ_THREADS]:
+                return f"{flag(name)} {bad[0]}: give {'1' if name == 'threads' else '0'} to {MAX_READ_THREADS}"
     elif bad := [t for t in each("threads") if too_many_threads(t)]:
         return f"--threads {bad[0]}: {too_many_threads(bad[0])}"
     if why := too_many_threads(getattr(args, "cpu_threads", None)):  # (before a synthetic model is written)
@@ -154,8 +154,9 @@ def problem(args: argparse.Namespace) -> str | None:
             return f"{flag(name)} {v:g}: give at most {MAX_GB} (as run-pipeline)"
     if getattr(args, "shape", None) and getattr(args, "model", None):
         return f"-m {args.model} and --shape {args.shape}: give one of them (a --shape model is written and measured)"
-    if getattr(args, "layers", None) is not None and hasattr(args, "shape") and not args.shape:
-        return f"--layers {args.layers}: it sets a --shape model's layers; give --shape too"
+    for layers, shape in SHAPED:  # (a probe's: --draft-layers without --draft-shape was ignored, as --layers was)
+        if getattr(args, layers, None) is not None and hasattr(args, shape) and not getattr(args, shape):
+            return f"{flag(layers)} {getattr(args, layers)}: it sets a {flag(shape)} model's layers; give {flag(shape)} too"
     if getattr(args, "quant", None) is not None and hasattr(args, "shape") and not args.shape \
             and not getattr(args, "draft_shape", None):  # (a probe's: ignored, measuring the given model)
         return f"--quant {args.quant}: it sets a --shape model's quant mix; give --shape too"
@@ -208,15 +209,22 @@ def problem(args: argparse.Namespace) -> str | None:
         return "--skew: give finite values of 0 or more"
     from layerstream.loader.synth_shapes import MAX_LAYERS
 
-    if getattr(args, "shape", None) and (getattr(args, "layers", None) or 0) > MAX_LAYERS:  # (a probe's: n_layer=, status 1)
-        return f"--layers {args.layers}: give 1 to {MAX_LAYERS}"
-    model = getattr(args, "model", None)
-    if model is not None:  # (as run-pipeline's -m: a folder was the stage's status 1, 'd: is a directory')
-        from layerstream.coordinator.arg_files import path_problem
+    for layers, shape in SHAPED:  # (a probe's: n_layer=, status 1)
+        if getattr(args, shape, None) and (getattr(args, layers, None) or 0) > MAX_LAYERS:
+            return f"{flag(layers)} {getattr(args, layers)}: give 1 to {MAX_LAYERS}"
+    from layerstream.coordinator.arg_files import path_problem
 
-        if why := "an empty path; give a file" if model == "" else path_problem(model, "model"):
-            return f"-m {model}: {why}"
+    # as run-pipeline's -m and --draft-model: a folder was the stage's status 1, 'd: is a directory'; a
+    # --draft-model not there, status 1 naming --model; an empty one, no draft at all
+    for name, shown in (("model", "-m"), ("draft_model", "--draft-model")):
+        path = getattr(args, name, None)
+        if path is not None and (why := "an empty path; give a file" if path == "" else path_problem(path, name)):
+            return f"{shown} {path}: {why}"
     return None
+
+
+# the flags that set a synthetic model's layers, and the flag of that model
+SHAPED = (("layers", "shape"), ("draft_layers", "draft_shape"))
 
 
 def model_args(p: argparse.ArgumentParser, reps: int = 5) -> None:

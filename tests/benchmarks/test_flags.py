@@ -103,6 +103,14 @@ def test_without_flags_the_stages_take_the_pipelines_defaults(tiny, monkeypatch)
     (["reader", "-m", "m.gguf", "--shape", "smollm2-135m"],  # (-m was ignored)
      "-m m.gguf and --shape smollm2-135m: give one of them (a --shape model is written and measured)"),
     (["reader", "--layers", "3"], "--layers 3: it sets a --shape model's layers; give --shape too"),  # (ignored)
+    # the draft's flags as the model's (a probe's): --draft-layers 0 and 99999 were synth's n_layer= refusals, exit 1,
+    # and without --draft-shape ignored; a --draft-model not there was exit 1 naming --model, an empty one no draft
+    (["spec", "--draft-shape", "smollm2-135m", "--draft-layers", "0"], "--draft-layers 0: give at least 1"),
+    (["spec", "--draft-shape", "smollm2-135m", "--draft-layers", "99999"], "--draft-layers 99999: give 1 to 1024"),
+    (["spec", "--draft-layers", "3"], "--draft-layers 3: it sets a --draft-shape model's layers; give --draft-shape too"),
+    (["spec", "--draft-model", "/nonexistent/d.gguf"], "--draft-model /nonexistent/d.gguf: no such file"),
+    (["spec", "--draft-model", ""], "--draft-model : an empty path; give a file"),
+    (["reader", "--map-threads", "100000"], "--map-threads 100000: give 0 to 64"),  # (a MemoryError's traceback)
     (["pipeline", "--quant", "Q8_0"], "--quant Q8_0: it sets a --shape model's quant mix; give --shape too"),  # (ignored)
     (["pipeline", "--cpu-share", "8:0.5,"], "--cpu-share '8:0.5,': '' is not BATCH:FRACTION with a batch size of 1, 2, "
                                             "4, 8 and a fraction from 0 to 1 (such as 8:0.5)"),  # (exit 1, as a failure)
