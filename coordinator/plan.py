@@ -355,8 +355,9 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
                     smaller_step = (small, got[small][0])  # (a job's step is already the fewest bytes)
         slots, keep_dense = (0, False) if r == n else (slots, keep_dense)
         total, parts = fit(T, slots, r, kv_dev, keep_dense)
-        if total > vram_bytes:  # -ngl's layers, else the slots past two (`fitting` holds two and no layer)
-            what = f"--resident-layers {r}" if resident_layers is not None else f"--vram-slots {slots}"
+        if total > vram_bytes:  # the slots past two where two fit (`fitting` holds two and no layer), else -ngl's
+            by_slots = resident_layers is None or (slots > 2 and fit(T, 2, r, kv_dev, keep_dense)[0] <= vram_bytes)
+            what = f"--vram-slots {slots}" if by_slots else f"--resident-layers {r}"
             raise ConfigError(f"{what} does not fit --vram-gb {budget / GiB:.2f}: the plan needs {_gib(total)}; "
                               f"lower {what.split()[0]}")
         if experts and expert_cache_bytes is None and r < n:
