@@ -25,7 +25,8 @@ def warn_flags(args, engine) -> None:
     notes = header_notes(args, engine.index)
     launch = getattr(engine.backend, "launch", None)
     if launch is not None:  # (the single-process engine has no plan, and refuses the pipeline's options)
-        notes += device_notes(args, launch.device.type) + plan_notes(args, launch.plan, launch.device.type)
+        notes += device_notes(args, launch.device.type, launch.plan.budget_bytes is not None)
+        notes += plan_notes(args, launch.plan, launch.device.type)
     say(notes)
 
 
@@ -40,10 +41,11 @@ def header_notes(args, index) -> list[str]:
     return notes
 
 
-def device_notes(args, device_type: str) -> list[str]:
+def device_notes(args, device_type: str, budgeted: bool) -> list[str]:
     """What the device says of the flags: --kv-on-host on the CPU, whose memory is the host's (there
-    the host KV's layer is copied out for each step: kv.HostKV.layer)."""
-    if args.kv_on_host and device_type == "cpu":
+    the host KV's layer is copied out for each step: kv.HostKV.layer), where no --vram-gb budget is
+    planned (under one, the flag leaves the KV out of the budget's count: more layers kept)."""
+    if args.kv_on_host and device_type == "cpu" and not budgeted:
         return ["--kv-on-host saves nothing on the CPU: the KV is in host memory already (the device's memory is "
                 "the host's), and the flag only adds a copy of each layer's KV every step; drop it"]
     return []

@@ -122,8 +122,9 @@ def test_a_context_past_the_models_trained_one_is_warned(model, tmp_path):
 
 def test_kv_on_host_on_the_cpu_is_warned(model):
     """On the CPU the KV is in host memory whatever the flag says: --kv-on-host was taken in silence,
-    and only copied each layer's KV out each step. On CUDA it moves the KV off the device: nothing
-    said, nor without the flag."""
+    and only copied each layer's KV out each step. On CUDA it moves the KV off the device, and under
+    a --vram-gb budget it leaves the KV out of the budget's count (more layers kept): nothing said
+    there, nor without the flag."""
     from layerstream.coordinator.args import build_parser
     from layerstream.coordinator.flag_notes import device_notes
 
@@ -131,5 +132,8 @@ def test_kv_on_host_on_the_cpu_is_warned(model):
     assert _warnings(r) == [
         "run-pipeline: warning: --kv-on-host saves nothing on the CPU: the KV is in host memory already (the "
         "device's memory is the host's), and the flag only adds a copy of each layer's KV every step; drop it"]
-    assert device_notes(build_parser().parse_args(["--kv-on-host", "hi"]), "cuda") == []
-    assert device_notes(build_parser().parse_args(["hi"]), "cpu") == []
+    assert device_notes(build_parser().parse_args(["--kv-on-host", "hi"]), "cuda", False) == []
+    assert device_notes(build_parser().parse_args(["hi"]), "cpu", False) == []
+    assert device_notes(build_parser().parse_args(["--kv-on-host", "--vram-gb", "4", "hi"]), "cpu", True) == []
+    r = _run("-m", model, *GREEDY, "--kv-on-host", "--vram-gb", "4")
+    assert r.returncode == 0 and not [w for w in _warnings(r) if "--kv-on-host" in w]
