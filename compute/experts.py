@@ -391,7 +391,7 @@ class ExpertSet:
             ids = self.read_ids(both)  # the host sync of this layer
         offs, keep, cpu_sum = self.prepare(ids[: flat.numel()], h, weight, inputs=inputs)
         out = experts_grouped(h, weight if keep is None else weight * keep.to(h.device, non_blocking=True),
-                              self.cache.pool, offs.to(h.device), self.parts)
+                              self.cache.pool, offs.to(h.device), self.parts, aligned=True)  # (ALIGN apart)
         self.cache.settle()  # after the launch (NOTE [ misses first, bookkeeping after ])
         self.prefetch(ids[flat.numel() :])  # while the device computes (NOTE [ expert prefetch ])
         if cpu_sum is None:

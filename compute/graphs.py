@@ -292,7 +292,7 @@ class MoeGraphs:
 
         def part_b():
             s_x.copy_(x1 + experts_grouped(h, weight if keep is None else weight * keep, pool, offs,
-                                           parts).to(x1.dtype))
+                                           parts, aligned=True).to(x1.dtype))  # (the pool's parts: ALIGN apart)
             if mail is not None:  # NOTE [ the CPU's sum posted to the device ] in cpu/qdot.c
                 mail.add_to(s_x)
             return s_x

@@ -108,6 +108,8 @@ def _geometry(qtype: int, K: int) -> tuple[int, int, int]:
     from layerstream.compute.qkernels import GEOMETRY
 
     ts, bs = GEOMETRY[qtype][:2]
+    if K % bs:
+        raise ValueError(f"experts of type {qtype} need K ({K}) a multiple of {bs}")
     nblk = K // bs
     return triton.cdiv(K, 256), nblk, nblk * ts
 

@@ -92,7 +92,9 @@ def test_float16_activations_round_as_the_separate_ops():
     got = qgemv_grouped.experts(h, weight, pool, offs, parts)
     assert torch.isfinite(got).all()
     assert rel_err(got, float64_sum(h, weight, chosen, blocks, QT.Q4_K, QT.Q6_K, N, K)) < 3e-3
-    assert rel_err(got, moe.experts_grouped(h, weight, pool, offs, parts, aligned=False).double()) < 2e-3
+    # (the bound a kernel that skips rounding SiLU's or down's products to float16, as the separate
+    # ops round them, lands outside: such a change measured several times further off the old path)
+    assert rel_err(got, moe.experts_grouped(h, weight, pool, offs, parts, aligned=False).double()) < 1.5e-4
 
 
 def test_experts_grouped_takes_these_kernels_only_for_whole_words_of_their_types(monkeypatch):
@@ -109,11 +111,11 @@ def test_experts_grouped_takes_these_kernels_only_for_whole_words_of_their_types
     monkeypatch.setattr(qgemv_grouped, "experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     offs = offsets(chosen, slot, starts)
     ref = float64_sum(h, weight, chosen, blocks, QT.Q4_K, QT.Q6_K, N, K)
-    assert rel_err(moe.experts_grouped(h, weight, pool, offs, parts), ref) < 1e-5 and calls == [1]
-    assert rel_err(moe.experts_grouped(h, weight, pool, offs, parts, aligned=False), ref) < 1e-5 and calls == [1]
+    assert rel_err(moe.experts_grouped(h, weight, pool, offs, parts, aligned=True), ref) < 1e-5 and calls == [1]
+    assert rel_err(moe.experts_grouped(h, weight, pool, offs, parts), ref) < 1e-5 and calls == [1]  # (not known aligned)
     shifted = torch.zeros(pool.numel() + 2, dtype=torch.uint8)  # an anchor 2 bytes past a word
     shifted[2:] = pool
-    assert rel_err(moe.experts_grouped(h, weight, shifted[2:], offs, parts), ref) < 1e-5 and calls == [1]
+    assert rel_err(moe.experts_grouped(h, weight, shifted[2:], offs, parts, aligned=True), ref) < 1e-5 and calls == [1]
     assert not qgemv_grouped.takes(((int(QT.Q2_K), N, K), (int(QT.Q2_K), N, K), (int(QT.Q6_K), K, N)))
     assert not qgemv_grouped.takes(((int(QT.Q4_K), N, K), (int(QT.Q5_K), N, K), (int(QT.Q6_K), K, N)))
 
