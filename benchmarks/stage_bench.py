@@ -887,14 +887,16 @@ def _median_run(runs: list[tuple[float, list[float], int]]) -> tuple[float, list
     return sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]
 
 
-def _routes(rng: np.random.Generator, passes: int, layers: int, E: int, k: int, batch: int,
-            skew: float) -> np.ndarray:
-    """The experts each token of each layer of each pass chooses, [passes, layers, batch, k]:
-    top-k without replacement from a per-layer popularity ~ 1 / rank^skew (0: uniform), by the
-    Gumbel top-k trick."""
+def _routes(seed: int, passes: int, layers: int, E: int, k: int, batch: int, skew: float):
+    """The experts each token of each layer chooses, [layers, batch, k], a pass at a time: top-k
+    without replacement from a per-layer popularity ~ 1 / rank^skew (0: uniform), by the Gumbel
+    top-k trick. (Drawn whole, a large --passes or -b ran the host out of memory: a traceback.
+    A pass at a time the generator's draws come in the same order, so the trace is the same.)"""
+    rng = np.random.default_rng(seed)
     logp = np.stack([-skew * np.log1p(rng.permutation(E)) for _ in range(layers)])  # [layers, E]
-    keys = logp[None, :, None, :] + rng.gumbel(size=(passes, layers, batch, E))
-    return np.argpartition(-keys, k - 1, axis=-1)[..., :k]
+    for _ in range(passes):
+        keys = logp[:, None, :] + rng.gumbel(size=(layers, batch, E))
+        yield np.argpartition(-keys, k - 1, axis=-1)[..., :k]
 
 
 def bench_experts(args) -> list[dict]:
@@ -922,17 +924,16 @@ def bench_experts(args) -> list[dict]:
     print(f"{'routing':>10} {'batch':>5} {'cache':>6} " + " ".join(f"{p:>6}" for p in EXPERT_POLICIES), flush=True)
     for skew in args.skew:
         for b in args.batch:
-            trace = _routes(np.random.default_rng(0), args.passes, L, E, k, b, skew)
             for share in args.shares:
                 rates = {}
                 for policy in EXPERT_POLICIES:
                     cache = ExpertCache(round(share * L * E) * 12, torch.device("cpu"), torch.float32, False,
                                         Timeline("bench", "experts"), policy)
-                    for step in range(args.passes):
+                    for step, chosen in enumerate(_routes(0, args.passes, L, E, k, b, skew)):  # (each the same trace)
                         if step == args.passes // 2:
                             cache.hits = cache.misses = 0
                         for i in range(L):
-                            cache.fetch(i, np.unique(trace[step, i]).tolist(), lay, host)
+                            cache.fetch(i, np.unique(chosen[i]).tolist(), lay, host)
                     rates[policy] = cache.hits / max(cache.hits + cache.misses, 1)
                 routing = "uniform" if not skew else f"zipf {skew:g}"
                 rows.append({"routing": routing, "batch": b, "cache share": share} | rates)

@@ -120,6 +120,26 @@ def test_experts_compares_the_cache_policies(capsys):
     assert lru < 1 and 6 < lfu < 14, row
 
 
+def test_the_experts_routing_trace_comes_a_pass_at_a_time():
+    """The routing trace is drawn a pass at a time: --passes 10**11 ended in a MemoryError's
+    traceback where the trace was drawn whole (a probe's). The passes are the trace drawn whole,
+    written out here as the Gumbel top-k over the same generator, each token's k experts distinct."""
+    import numpy as np
+
+    from benchmarks.stage_bench import _routes
+
+    L, E, k, b, skew = 3, 16, 4, 5, 1.0
+    rng = np.random.default_rng(0)
+    logp = np.stack([-skew * np.log1p(rng.permutation(E)) for _ in range(L)])
+    keys = logp[None, :, None, :] + rng.gumbel(size=(6, L, b, E))
+    whole = np.argpartition(-keys, k - 1, axis=-1)[..., :k]
+    passes = list(_routes(0, 6, L, E, k, b, skew))
+    assert len(passes) == 6 and all(np.array_equal(p, w) for p, w in zip(passes, whole))
+    assert all(len(set(tok)) == k for p in passes for layer in p for tok in layer.tolist())
+    first = next(_routes(0, 10**11, 48, 128, 8, 512, 0.0))  # (a pass's memory, not 10**11 passes')
+    assert first.shape == (48, 512, 8)
+
+
 def test_serve_warms_both_paths_then_alternates_them_and_reports_the_median_round(tiny, capsys, monkeypatch):
     """bin/bench serve: per client count, an untimed round through the engine and one through the
     server (the first round of a batch size captures its graphs), then --reps rounds of each,
