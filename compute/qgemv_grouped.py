@@ -25,15 +25,12 @@ the grouped kernel. Under Triton's interpreter (the CPU tests) a program takes u
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from layerstream.compute.qgemv import WORD_BYTES, step
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from layerstream.compute.qkernels import GEOMETRY, INTERPRET, geometry
 
 
 @triton.jit
@@ -103,15 +100,11 @@ def config(N: int, K: int) -> tuple[int, int, int]:
     return 8 // kb, kb, 1
 
 
-def _geometry(qtype: int, K: int) -> tuple[int, int, int]:
-    """(n_chunks, blocks a row, bytes a row) of [*, K] blocks of `qtype`."""
-    from layerstream.compute.qkernels import GEOMETRY
-
-    ts, bs = GEOMETRY[qtype][:2]
-    if K % bs:
-        raise ValueError(f"experts of type {qtype} need K ({K}) a multiple of {bs}")
-    nblk = K // bs
-    return triton.cdiv(K, 256), nblk, nblk * ts
+def _rows(qtype: int, K: int) -> tuple[int, int, int]:
+    """(n_chunks, blocks a row, bytes a row) of [*, K] blocks of `qtype` (qkernels.geometry's)."""
+    if K % GEOMETRY[qtype][1]:
+        raise ValueError(f"experts of type {qtype} need K ({K}) a multiple of {GEOMETRY[qtype][1]}")
+    return (triton.cdiv(K, 256), *geometry(qtype, K)[1:3])
 
 
 def _words(anchor: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -136,7 +129,7 @@ def experts(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: t
     G = T * k
     act = torch.empty(G, N, dtype=h.dtype, device=h.device)
     words, halfs, wb = _words(anchor, gq)
-    n_chunks, nblk, row_bytes = _geometry(gq, K)
+    n_chunks, nblk, row_bytes = _rows(gq, K)
     BN, KB, warps = glu_cfg or config(N, K)
     kw = {} if INTERPRET else {"num_warps": warps}
     glu_kernel[(triton.cdiv(N, BN), G)](h, words, anchor, halfs, act, offs, G, k, N, n_chunks, nblk,
@@ -144,7 +137,7 @@ def experts(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: t
                                          EVEN=n_chunks % KB == 0 and K % 256 == 0, **kw)
     out = torch.empty(T, Nd, dtype=torch.float32, device=h.device)
     words, halfs, wb = _words(anchor, dq)
-    n_chunks, nblk, row_bytes = _geometry(dq, Kd)
+    n_chunks, nblk, row_bytes = _rows(dq, Kd)
     BN, KB, warps = down_cfg or config(Nd, Kd)
     kw = {} if INTERPRET else {"num_warps": warps}
     down_kernel[(triton.cdiv(Nd, BN), T)](act, words, anchor, halfs, out, offs, weight, G, k, Nd, n_chunks, nblk,

@@ -242,13 +242,14 @@ def _dequant_kernel(raw, halfs, out, N, K, nblk, row_bytes, so,
                  mask=ok_r & ok[None, :, :])
 
 
-def _geometry(qtype: int, K: int):
+def geometry(qtype: int, K: int):
+    """(bytes a block, blocks a row, bytes a row, parts a chunk, G, L) of [*, K] blocks of `qtype`."""
     ts, qk, nparts, G, L = GEOMETRY[qtype]
     return ts, K // qk, K // qk * ts, nparts, G, L
 
 
 def _check(raw: torch.Tensor, qtype: int, N: int, K: int) -> None:
-    ts, nblk, row_bytes = _geometry(qtype, K)[:3]
+    ts, nblk, row_bytes = geometry(qtype, K)[:3]
     if raw.dtype != torch.uint8 or raw.numel() != N * row_bytes or not raw.is_contiguous() or raw.storage_offset() % 2:
         raise ValueError(f"blocks of type {qtype} for [{N}, {K}] need {N * row_bytes} contiguous, 2-aligned "
                          f"uint8 bytes; got {raw.numel()} ({raw.dtype})")
@@ -258,7 +259,7 @@ def dequantize_into(raw: torch.Tensor, qtype: int, N: int, K: int, out: torch.Te
     """Dequantize raw blocks of a [N, K] matrix into `out` (a [N, K] view, any float dtype)."""
     _check(raw, qtype, N, K)
     BN = BN or (64 if INTERPRET else 16)
-    ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
+    ts, nblk, row_bytes, nparts, G, L = geometry(qtype, K)
     grid = (triton.cdiv(N, BN), triton.cdiv(K, 256))
     _dequant_kernel[grid](raw, raw.view(torch.float16), out, N, K, nblk, row_bytes, out.stride(0),
                           QT=qtype, NPARTS=nparts, G=G, L=L, BN=BN, enable_fp_fusion=False)
@@ -385,7 +386,7 @@ def matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: int,
     if x.stride(-1) != 1:
         x = x.contiguous()
     M = x.shape[0]
-    ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
+    ts, nblk, row_bytes, nparts, G, L = geometry(qtype, K)
     n_chunks = triton.cdiv(K, 256)
     config = config or _float_x(_choose(M, N, K, qtype), x)
     if (config[0] in GEMV_KINDS and not qgemv.supports(raw, qtype)) or (config[0] == "small" and not qsmall.supports(raw, qtype, K)):
@@ -436,7 +437,7 @@ def grouped_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: int, N: int, K: in
                          f"a multiple of {GEOMETRY[qtype][1]}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    ts, nblk, row_bytes, nparts, G, L = _geometry(qtype, K)
+    ts, nblk, row_bytes, nparts, G, L = geometry(qtype, K)
     n = w_off.numel()
     out = torch.empty(n, N, dtype=x.dtype, device=x.device)
     # (under the interpreter, whose programs run one after another in Python: one program over up to
@@ -488,6 +489,6 @@ def matmul_many(x: torch.Tensor, raws: list[torch.Tensor], qtype: int, Ns: list[
     if config is None or config[0] not in GEMV_KINDS:
         return None
     _, MR, BN, KB, warps = config
-    ts, nblk, row_bytes = _geometry(qtype, K)[:3]
+    ts, nblk, row_bytes = geometry(qtype, K)[:3]
     return qgemv.gemv_many(x, raws, qtype, Ns, K, row_bytes, nblk, MR, BN, KB, warps, INTERPRET, glu, residual,
                            config[0] == "gemv8")
