@@ -21,7 +21,7 @@ from layerstream.coordinator.args import (
     served_sampling,
     shown,
 )
-from layerstream.coordinator.flag_notes import warn_flags
+from layerstream.coordinator.flag_notes import warn_flags, warn_past_context
 from layerstream.coordinator.sigmask import start_thread_pools
 from layerstream.coordinator.spelling import no_experts
 from layerstream.coordinator.stdio import closed_output, flush_stdout, open_standard_fds, print_stream
@@ -393,7 +393,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
         from layerstream.coordinator.repl import chat
 
         return chat(engine, params, args.system, rates_each=args.stats, total=rates)
-    from layerstream.coordinator.repl import prompt_within_context, warn_past_context
+    from layerstream.coordinator.repl import prompt_within_context
     from layerstream.coordinator.turn import Turn
     ids = engine.encode(prompt_within_context(engine, prompt, args.chat), chat=args.chat, system=args.system)
     warn_past_context(engine, ids, params.max_tokens)

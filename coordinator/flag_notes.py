@@ -1,5 +1,6 @@
 """run-pipeline's warnings about flags it takes where they do nothing, or ask for what the model was
-not trained for (a --ctx past its context): one line each, before the reply, and the run goes on.
+not trained for (a --ctx past its context), or more than the context holds (-n past it): one line
+each, before the reply, and the run goes on.
 Warned, not refused: whether such a flag acts depends on the model, the device and the plan, and
 the same command line streams on a smaller device."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from layerstream.coordinator.args import PROG, build_parser, given, shown
+from layerstream.coordinator.args import MAX_CTX, PROG, build_parser, given, shown
 
 # the options of the streamed layers: where every layer stays on the device they have nothing to act on
 STREAMED = ("host_cache_gb", "vram_slots", "expert_cache_gb", "expert_policy", "expert_prefetch")
@@ -16,7 +17,7 @@ STREAMED = ("host_cache_gb", "vram_slots", "expert_cache_gb", "expert_policy", "
 def say(notes: list[str]) -> None:
     """Each note as a line of its own on stderr, in the words of the command's other warnings."""
     for note in notes:
-        print(f"{PROG}: warning: {note}", file=sys.stderr)
+        print(f"{PROG}: warning: {note}", file=sys.stderr, flush=True)
 
 
 def warn_flags(args, engine) -> None:
@@ -28,6 +29,16 @@ def warn_flags(args, engine) -> None:
         notes += device_notes(args, launch.device.type, launch.plan.budget_bytes is not None)
         notes += plan_notes(args, launch.plan, launch.device.type)
     say(notes)
+
+
+def warn_past_context(engine, ids: list[int], max_tokens: int) -> None:
+    """Warn where -n asks for more tokens than the context holds after the one-shot prompt's `ids`
+    and a full context is an error: the run said so only once it had generated up to the context
+    (a probe's)."""
+    room = engine.cfg.ctx - len(ids)
+    if engine.cfg.on_context_full == "error" and MAX_CTX > max_tokens > room > 0:  # (no room: the step's error)
+        say([f"-n {max_tokens}: the context ({engine.cfg.ctx} tokens) holds {room} after the prompt's {len(ids)}; "
+             "the reply stops there with an error unless it ends first (raise --ctx, or pass --on-context-full slide)"])
 
 
 def header_notes(args, index) -> list[str]:

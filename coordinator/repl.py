@@ -20,7 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from layerstream.coordinator.args import MAX_CTX, PROG
+from layerstream.coordinator.args import PROG
 from layerstream.coordinator.chat_sizes import MAX_OUTPUT
 from layerstream.coordinator.stdio import print_stream
 from layerstream.coordinator.turn import Rates, Turn, counted
@@ -294,17 +294,6 @@ def _beyond_context(engine, text: str, what: str, rendered: bool = True) -> str 
     if rendered and len(text) > MAX_OUTPUT:
         return f"{what} is {len(text):,} characters, more than a chat prompt may be ({MAX_OUTPUT:,}); give a shorter one"
     return None
-
-
-def warn_past_context(engine, ids: list[int], max_tokens: int) -> None:
-    """Warn where -n asks for more tokens than the context holds after the one-shot prompt's `ids`
-    and a full context is an error: the run said so only once it had generated up to the context
-    (a probe's)."""
-    room = engine.cfg.ctx - len(ids)
-    if engine.cfg.on_context_full == "error" and MAX_CTX > max_tokens > room > 0:  # (no room: the step's error)
-        print(f"{PROG}: warning: -n {max_tokens}: the context ({engine.cfg.ctx} tokens) holds {room} after the "
-              f"prompt's {len(ids)}; the reply stops there with an error unless it ends first (raise --ctx, or "
-              "pass --on-context-full slide)", file=sys.stderr, flush=True)
 
 
 def prompt_within_context(engine, text: str, chat: bool) -> str:
