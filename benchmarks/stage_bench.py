@@ -924,17 +924,19 @@ def bench_experts(args) -> list[dict]:
     print(f"{'routing':>10} {'batch':>5} {'cache':>6} " + " ".join(f"{p:>6}" for p in EXPERT_POLICIES), flush=True)
     for skew in args.skew:
         for b in args.batch:
+            caches = {(share, policy): ExpertCache(round(share * L * E) * 12, torch.device("cpu"), torch.float32,
+                                                   False, Timeline("bench", "experts"), policy)
+                      for share in args.shares for policy in EXPERT_POLICIES}
+            for step, chosen in enumerate(_routes(0, args.passes, L, E, k, b, skew)):  # (one pass drawn for all)
+                fetched = [np.unique(chosen[i]).tolist() for i in range(L)]
+                for cache in caches.values():
+                    if step == args.passes // 2:
+                        cache.hits = cache.misses = 0
+                    for i in range(L):
+                        cache.fetch(i, fetched[i], lay, host)
             for share in args.shares:
-                rates = {}
-                for policy in EXPERT_POLICIES:
-                    cache = ExpertCache(round(share * L * E) * 12, torch.device("cpu"), torch.float32, False,
-                                        Timeline("bench", "experts"), policy)
-                    for step, chosen in enumerate(_routes(0, args.passes, L, E, k, b, skew)):  # (each the same trace)
-                        if step == args.passes // 2:
-                            cache.hits = cache.misses = 0
-                        for i in range(L):
-                            cache.fetch(i, np.unique(chosen[i]).tolist(), lay, host)
-                    rates[policy] = cache.hits / max(cache.hits + cache.misses, 1)
+                rates = {p: caches[share, p].hits / max(caches[share, p].hits + caches[share, p].misses, 1)
+                         for p in EXPERT_POLICIES}
                 routing = "uniform" if not skew else f"zipf {skew:g}"
                 rows.append({"routing": routing, "batch": b, "cache share": share} | rates)
                 print(f"{routing:>10} {b:>5} {share:>6.0%} " + " ".join(f"{rates[p]:>6.1%}" for p in EXPERT_POLICIES),
