@@ -568,7 +568,7 @@ def _kernel_time(fn, reps: int, device: torch.device) -> float:
 
 
 CONFIGS = ("BMxBNxWARPSxSPLITS, gemv:MRxBNxKBxWARPS, rows:MRxBNxKBxWARPS or small:MPxBNxWARPSxSTAGESxSPLITS, "
-           "of whole numbers from 1")
+           "of whole numbers from 1, the block sizes and warps powers of two")
 
 
 def _kernel_config(text: str) -> tuple:
@@ -576,11 +576,13 @@ def _kernel_config(text: str) -> tuple:
     of qkernels.matmul's configurations (gemv:1x1x8x1, gemv8:1x1x8x1, rows:1x2x4x2, small:16x64x4x2x4)."""
     kind, _, dims = text.strip().rpartition(":")
     sizes = {"": 4, "gemv": 4, "gemv8": 4, "rows": 4, "small": 5}  # numbers each kind takes
+    blocks = {"": 3, "gemv": 4, "gemv8": 4, "rows": 4, "small": 3}  # of them, the leading block sizes and warps
     try:
         values = tuple(int(v) for v in dims.split("x"))
     except ValueError:
         values = ()
-    if len(values) != sizes.get(kind, -1) or min(values, default=0) < 1:  # (block sizes, warps, stages, splits: 1 at least)
+    if len(values) != sizes.get(kind, -1) or min(values, default=0) < 1 or \
+            any(v & (v - 1) for v in values[: blocks[kind]]):  # (Triton's blocks and warps: powers of two)
         raise ValueError(f"--configs {text!r}: write {CONFIGS}")
     return (kind, *values) if kind else values
 

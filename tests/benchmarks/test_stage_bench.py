@@ -373,8 +373,11 @@ def test_the_generate_line_tells_a_slow_start_from_the_steady_rate():
     (["reader", "--modes", "warm,"], "bin/bench reader: error: argument --modes: 'warm,': give passes of cold, warm,"),
     (["qmatmul", "--configs", "gemv:1x1x8"], "bin/bench qmatmul: error: argument --configs: 'gemv:1x1x8': give "
                                              "BMxBNxWARPSxSPLITS, gemv:MRxBNxKBxWARPS, rows:MRxBNxKBxWARPS or "
-                                             "small:MPxBNxWARPSxSTAGESxSPLITS, of whole numbers from 1, comma separated "
-                                             "(e.g. 16x32x4x1,gemv:1x1x8x1) (see bin/bench qmatmul --help)\n"),
+                                             "small:MPxBNxWARPSxSTAGESxSPLITS, of whole numbers from 1, the block sizes "
+                                             "and warps powers of two, comma separated (e.g. 16x32x4x1,gemv:1x1x8x1) (see "
+                                             "bin/bench qmatmul --help)\n"),
+    # a block size or warps not a power of two went to Triton, which refused it once the stage ran
+    (["qmatmul", "--configs", "16x24x4x1"], "bin/bench qmatmul: error: argument --configs: '16x24x4x1': give"),
     (["qmatmul", "--configs", "1x4x1x3,0x4x1x3"], "bin/bench qmatmul: error: argument --configs: '1x4x1x3,0x4x1x3': give"),
 ])
 def test_argument_errors_are_one_line(capsys, argv, message):
@@ -441,7 +444,10 @@ def test_qmatmul_configs_are_read_by_kind_and_refused_with_one_line():
                       (" small:16x64x4x2x4", ("small", 16, 64, 4, 2, 4))):
         assert stage_bench._kernel_config(text) == cfg and stage_bench._config_name(cfg) == text.strip()
     assert stage_bench._config_name(None) == "auto"
-    for bad in ("gmev:1x1x8x1", "gemv:1x1x8", "rows:1x2", "1x4", "1x4x0x3", "small:16x64x4x2x-4"):
+    assert stage_bench._kernel_config("16x32x4x3") == (16, 32, 4, 3)  # (splits and stages: any count)
+    assert stage_bench._kernel_config("small:16x64x4x3x5") == ("small", 16, 64, 4, 3, 5)
+    for bad in ("gmev:1x1x8x1", "gemv:1x1x8", "rows:1x2", "1x4", "1x4x0x3", "small:16x64x4x2x-4", "16x24x4x1",
+                "gemv:3x1x8x1", "rows:1x2x4x3", "small:16x64x6x2x4"):
         with pytest.raises(ValueError, match=f"--configs '{bad}'"):
             stage_bench._kernel_config(bad)
 
