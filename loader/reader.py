@@ -302,7 +302,8 @@ def readers_for(files: Sequence[str], n_readers: int, dirs: Sequence[str] | None
     if not dirs:
         return ReaderPlan(tuple(tuple(files) for _ in range(n_readers)))
     if len(dirs) != n_readers:
-        raise ConfigError(f"{len(dirs)} reader directories given for {n_readers} readers; give one per reader")
+        some = f"{len(dirs)} reader {'directory' if len(dirs) == 1 else 'directories'}"
+        raise ConfigError(f"{some} given for {n_readers} reader{'s' if n_readers > 1 else ''}; give one per reader")
     roots = [os.path.realpath(d) for d in dirs]
     per_reader = []
     for root in roots:

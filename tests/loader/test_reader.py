@@ -287,7 +287,9 @@ def test_readers_for_round_robin_and_dirs(tmp_path):
     plan = readers_for(files, 3, [str(d0), str(d0), str(d1)])
     assert plan.split(0, ranges) == {0: [ranges[0]], 2: [ranges[1]]}
     assert plan.split(1, ranges) == {1: [ranges[0]], 2: [ranges[1]]}
-    with pytest.raises(ConfigError, match="one per reader"):
+    with pytest.raises(ConfigError, match="^1 reader directory given for 3 readers; give one per reader$"):
         readers_for(files, 3, [str(d0)])
+    with pytest.raises(ConfigError, match="^2 reader directories given for 1 reader; give one per reader$"):
+        readers_for(files, 1, [str(d0), str(d1)])
     with pytest.raises(ConfigError, match="not under any reader directory"):
         readers_for(files, 1, [str(d0)])
