@@ -6,7 +6,7 @@ from typing import Callable
 
 from layerstream.proto.messages import LayerDone
 
-DONE_BATCH = 2  # staging slots given back in one message in expert steps (NOTE [ slots given back ])
+DONE_BATCH = 1 << 16  # in expert steps: held until compute flushes (NOTE [ slots given back ])
 
 
 class SlotReturns:
@@ -15,15 +15,16 @@ class SlotReturns:
     more behind. Where the host cache holds every streamed layer (the plan says so:
     `done_batch` > 1), no reader waits for a slot and the coordinator does not wait for it.
     A MoE decode step is bound by the host, and a profile of it gave an eighth of a streamed
-    layer's host time to its two messages (this one and the LayerReady it answers), so in
-    expert steps slots then go back DONE_BATCH at a time, and the rest before compute waits for
-    the coordinator and at the step's end. Each message lets the coordinator announce up to
-    `prefetch` more cached layers at once (stream_core.py), so announcements still run ahead of
-    compute: a layer copies the next layer's predicted experts only if that layer is announced.
-    With 4 a message and announcements one message late, they fell behind, and fewer experts
-    were copied ahead (a third of the chosen experts against a half). Other steps give each
-    slot back at once, as do all steps where layers are read from disk: a reader may be
-    waiting for the slot.
+    layer's host time to its two messages (this one and the LayerReady it answers); given back
+    two a message, the layers whose step sent one took about 180 µs more host time (BENCHMARKS.md,
+    AQ9). The coordinator announces every cached layer of a step at its start, whatever compute
+    still holds (scheduler.py, NOTE [ cached layers outside the window ]), so in expert steps the
+    slots are held (DONE_BATCH: more than any model's layers) until compute flushes: before it
+    waits for the coordinator, at the step's end, and as it polls the step in flight. (When the
+    announcements came only as slots went back, 4 a message let them fall behind, and fewer
+    experts were copied ahead: a layer copies the next layer's predicted experts only if that
+    layer is announced.) Other steps give each slot back at once, as do all steps where layers
+    are read from disk: a reader may be waiting for the slot.
 
     `lent` keeps every slot announced and not yet given back, so that a failed step gives back
     what its layers still held (NOTE [ a failed step ] in compute_proc.py)."""

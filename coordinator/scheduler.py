@@ -7,6 +7,16 @@ in host RAM for later passes, see HostCache). Loads are issued for the first `pr
 layers of the upcoming order (the rest of this pass, then the next pass: decode streams
 cyclically), in that order, so the layer compute waits on always gets a slot first and a
 freed slot goes to the nearest need.
+
+NOTE [ cached layers outside the window ]
+The window bounds the reads in flight and the slots they fill. A layer the host cache holds costs
+neither: staging it reads nothing and takes its own cache slot. So cached layers do not count
+against `prefetch`, and every cached layer of the step stages, and is announced, at once. Counted,
+a decode step whose streamed layers all sit in the cache got its next announcements only as
+compute gave slots back, a LayerDone and a LayerReady every two layers (slot_returns.py), and the
+layers whose step sent one took about 180 µs more of the compute process's host time at batch 1
+(BENCHMARKS.md, AQ9). Uncounted, such a step needs no message a layer: compute gives its slots
+back at the step's end (NOTE [ slots given back ]).
 """
 
 from __future__ import annotations
@@ -43,18 +53,23 @@ class Scheduler:
         self.free = list(range(self.n_slots - 1, -1, -1))
 
     def plan_loads(self, upcoming: list[int]) -> list[Load]:
-        """Loads to issue now for the first `prefetch` upcoming layers (cache hits stage at once)."""
+        """Loads to issue now for the first `prefetch` upcoming layers that the host cache does not
+        hold; every cached upcoming layer stages at once (NOTE [ cached layers outside the window ])."""
         out = []
         seen = set()
+        window = 0  # upcoming layers counted so far against `prefetch`
         for layer in upcoming:
-            if len(seen) >= self.prefetch:
-                break
             if layer in seen:
                 continue
             seen.add(layer)
+            cached = layer not in self.no_cache and layer in self.cache
+            if not cached:
+                if window >= self.prefetch:
+                    break
+                window += 1
             if layer in self.loading or layer in self.staged or layer in self.lent:
                 continue
-            slot = self.cache.lookup(layer) if layer not in self.no_cache else None
+            slot = self.cache.lookup(layer) if cached else None
             if slot is not None:
                 self.cache.pin(layer)
                 self.staged[layer] = slot

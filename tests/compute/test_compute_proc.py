@@ -48,17 +48,22 @@ def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     return w
 
 
-def test_expert_steps_give_slots_back_a_few_at_a_time_and_before_waiting():
-    """NOTE [ slots given back ]: in expert steps the slots go back DONE_BATCH a message, and what
-    is left goes before compute blocks on the coordinator, which may be waiting for it."""
+def test_expert_steps_hold_their_slots_until_compute_waits_or_flushes():
+    """NOTE [ slots given back ]: in expert steps of a run whose streamed layers are all cached the
+    slots go back in one message, before compute blocks on the coordinator (which may be waiting
+    for them) or where it flushes (the step's end); a batch held to DONE_BATCH goes at once."""
     w = _worker(True, incoming=[LayerReady(3, [[7, 1], [8, 2]])])
-    for layer in range(DONE_BATCH + 1):
+    for layer in range(48):
         w._layer_done(3, layer, 10 + layer)
-    assert w.links.sent == [LayerDone(3, [[i, 10 + i] for i in range(DONE_BATCH)])]
+    assert w.links.sent == []
     w._pump(False)  # taking in what is queued sends nothing
-    assert len(w.links.sent) == 1 and w.ready_slots == {(3, 7): 1, (3, 8): 2}
-    w._pump(True)  # about to wait: the last one goes first
-    assert w.links.sent[-1] == LayerDone(3, [[DONE_BATCH, 10 + DONE_BATCH]]) and w.returns.pending == []
+    assert w.links.sent == [] and w.ready_slots == {(3, 7): 1, (3, 8): 2}
+    w._pump(True)  # about to wait: what is held goes first
+    assert w.links.sent == [LayerDone(3, [[i, 10 + i] for i in range(48)])] and w.returns.pending == []
+    w = _worker(True, done_batch=2)
+    for layer in range(3):
+        w._layer_done(3, layer, 10 + layer)
+    assert w.links.sent == [LayerDone(3, [[0, 10], [1, 11]])]
 
 
 @pytest.mark.parametrize("expert_step, done_batch", [(False, DONE_BATCH), (True, 1)],

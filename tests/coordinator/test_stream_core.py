@@ -68,11 +68,12 @@ def test_a_restarted_reader_gets_the_parts_its_predecessor_left(plan):
     assert all(link == "readers" and ident == "reader-1" for link, ident, _ in resent)
 
 
-def test_host_cache_hits_are_announced_at_once_several_in_one_message(tmp_path):
-    """A layer held in the host cache is staged as soon as it is among the next `prefetch`
-    needed; it is announced in the same message, with any others ready, not one message later
-    (a streamed MoE layer copies the next layer's experts ahead only once that layer is
-    announced: compute_proc.py, NOTE [ slots given back ])."""
+def test_host_cache_hits_are_announced_at_once_all_in_one_message(tmp_path):
+    """Layers held in the host cache are staged at once, outside the `prefetch` window (NOTE
+    [ cached layers outside the window ]), and announced together at the step's start: a pass
+    needs no message a layer (a streamed MoE layer copies the next layer's experts ahead only
+    once that layer is announced: slot_returns.py, NOTE [ slots given back ]). A layer compute
+    still holds is announced once given back."""
     index = open_model(ggufgen.write_model(tmp_path / "m.gguf", n_layer=6))
     plan = make_plan(index, layer_layouts(index), vram_bytes=None, host_cache_bytes=None, dtype_bytes=4, ctx=64,
                      max_seqs=1, resident_layers=0, prefetch=2)
@@ -92,10 +93,13 @@ def test_host_cache_hits_are_announced_at_once_several_in_one_message(tmp_path):
             elif isinstance(x, LoadLayer):
                 pending.append(x)
     assert sorted(slots) == list(range(6))
-    out = core.begin_step()  # the next pass: the two staged ahead, and the next two, which hit the cache
-    assert out == [("compute", "compute", LayerReady(2, [[i, slots[i]] for i in range(4)]))]
-    out = core.on_layer_done([[0, slots[0]]])
-    assert out == [("compute", "compute", LayerReady(2, [[4, slots[4]], [5, slots[5]]]))]
+    out = core.begin_step()  # the next pass: every layer, in one message
+    assert out == [("compute", "compute", LayerReady(2, [[i, slots[i]] for i in range(6)]))]
+    assert core.on_layer_done([[i, slots[i]] for i in range(4)]) == []  # staged for the next pass
+    out = core.begin_step()  # 4 and 5 still held: the first four, then the rest once given back
+    assert out == [("compute", "compute", LayerReady(3, [[i, slots[i]] for i in range(4)]))]
+    out = core.on_layer_done([[4, slots[4]], [5, slots[5]]])
+    assert out == [("compute", "compute", LayerReady(3, [[4, slots[4]], [5, slots[5]]]))]
 
 
 def test_the_read_compute_waits_for_is_that_of_its_next_layer_and_knows_when_it_was_sent(plan):
