@@ -205,8 +205,9 @@ class ComputeWorker:
             self.tl.incr("unexpected_messages")
 
     def _layer_done(self, step: int, layer: int, slot: int) -> None:
-        """Give a staging slot back (NOTE [ slots given back ] in slot_returns.py)."""
-        self.returns.add(step, layer, slot, batched=self.source.expert_step)
+        """Give a staging slot back (NOTE [ slots given back ] in slot_returns.py): held only for the
+        step running, as an earlier step's holds back the next step's announcements."""
+        self.returns.add(step, layer, slot, batched=self.source.expert_step and step == self.source.step_no)
 
     def stats(self) -> dict[str, Any]:
         snap = self.tl.snapshot()

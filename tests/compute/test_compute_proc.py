@@ -38,7 +38,7 @@ def _worker(expert_step: bool, incoming=(), done_batch: int = DONE_BATCH):
     w = object.__new__(ComputeWorker)  # the message logic only: no arena, no model
     w.links, w.tl = _Links(incoming), Timeline("compute", "t")
     w.waits = []  # each give-back of the experts' staging slots: whether it waited for the device
-    w.source = SimpleNamespace(expert_step=expert_step, launched=True, return_slots=w.waits.append)
+    w.source = SimpleNamespace(expert_step=expert_step, launched=True, return_slots=w.waits.append, step_no=3)
     # (the pipeline's done_batch: DONE_BATCH when every streamed layer is cached)
     w.returns = SlotReturns(lambda msg: w.links.send(msg), done_batch)
     w.ready_slots = {}
@@ -64,6 +64,18 @@ def test_expert_steps_hold_their_slots_until_compute_waits_or_flushes():
     for layer in range(3):
         w._layer_done(3, layer, 10 + layer)
     assert w.links.sent == [LayerDone(3, [[0, 10], [1, 11]])]
+
+
+def test_an_earlier_steps_slot_goes_back_at_once():
+    """Compute runs a step behind the coordinator, which announces the next step's layers in order:
+    a slot of the step before the one running (its last layers, done after that step's end) goes at
+    once, after what is held (a message names one step), where held it kept the next step's last
+    layer waiting (a review's)."""
+    w = _worker(True)
+    w._layer_done(3, 0, 10)  # the step running: held
+    assert w.links.sent == []
+    w._layer_done(2, 47, 57)  # the step before's last layer
+    assert w.links.sent == [LayerDone(3, [[0, 10]]), LayerDone(2, [[47, 57]])] and w.returns.pending == []
 
 
 @pytest.mark.parametrize("expert_step, done_batch", [(False, DONE_BATCH), (True, 1)],
