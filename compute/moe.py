@@ -280,9 +280,9 @@ def experts_grouped(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor,
     """The weighted sum of each token's chosen experts (NOTE [ grouped experts ]): `offs` [3, T * k]
     holds the byte offsets from `anchor` of each (token, choice) pair's gate, up and down blocks,
     `parts` their (qtype, rows, cols); `aligned`: the caller knows every offset a multiple of 4
-    bytes (the expert pool's are: expert_layout.ALIGN apart). Two launches on qgemv's loop where its types allow (NOTE [ experts on whole rows ]
-    in qgemv_grouped.py), else three and the torch ops; no host sync: a CUDA graph may hold it
-    (graphs.py, NOTE [ decode graphs ])."""
+    bytes (the expert pool's are: expert_layout.ALIGN apart). Two launches on qgemv's loop where
+    its types allow (NOTE [ experts on whole rows ] in qgemv_grouped.py), else three and the torch
+    ops; no host sync: a CUDA graph may hold it (graphs.py, NOTE [ decode graphs ])."""
     from layerstream.compute import qgemv_grouped  # (needs Triton, as the grouped kernel does)
 
     if aligned and anchor.data_ptr() % 4 == 0 and qgemv_grouped.takes(parts):

@@ -142,7 +142,7 @@ def _q8(qv, B: tl.constexpr):
 
 @triton.jit
 def step(acc, xr, xok, w32, w16, raw8, halfs, rowb, kb0, n_chunks, nblk,
-          QT: tl.constexpr, KB: tl.constexpr, EVEN: tl.constexpr):
+         QT: tl.constexpr, KB: tl.constexpr, EVEN: tl.constexpr):
     """acc [MR, BN, S, 1] += x . W over chunks kb0 .. kb0 + KB - 1 for the rows at word offsets
     rowb [BN, 1, 1] (32-bit words for Q4_K / Q5_K, 16-bit for Q6_K / Q8_0): slice q of chunk kb
     on lane-dimension index kb * 4 + q (NOTE [ slices of a row ])."""
@@ -335,7 +335,7 @@ def gemv_many_kernel(x, xds, w32, w16, raw8, halfs, out, res, M, n_chunks, nblk,
                 acc_u = step8(acc_u, xr, xdsr, xok, w32, up + rows, kb0, n_chunks, KB, EVEN, ASM)
             else:
                 acc_u = step(acc_u, xr, xok, w32, w16, raw8, halfs, up + rows, kb0, n_chunks,
-                              nblk, QT, KB, EVEN)
+                             nblk, QT, KB, EVEN)
     dt = out.dtype.element_ty
     y = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)  # [MR, BN], rounded as a separate launch's
     mask = (rm < M)[:, None] & ok_n[None, :]

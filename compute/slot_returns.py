@@ -24,10 +24,9 @@ class SlotReturns:
     it polls the step in flight. A slot of an earlier step goes at once: the next step's
     announcements stop at its layer (compute runs a step behind the coordinator, which begins the
     next step once this one's layers are all announced), and held, it kept that step's last layer
-    waiting for a round trip. (When the
-    announcements came only as slots went back, 4 a message let them fall behind, and fewer
-    experts were copied ahead: a layer copies the next layer's predicted experts only if that
-    layer is announced.) Other steps give each slot back at once, as do all steps where layers
+    waiting for a round trip. (When the announcements came only as slots went back, 4 a message let
+    them fall behind, and fewer experts were copied ahead: a layer copies the next layer's predicted
+    experts only if that layer is announced.) Other steps give each slot back at once, as do all steps where layers
     are read from disk: a reader may be waiting for the slot.
 
     `lent` keeps every slot announced and not yet given back, so that a failed step gives back

@@ -12,12 +12,12 @@ NOTE [ cached layers outside the window ]
 The window bounds the reads in flight and the slots they fill. A layer the host cache holds costs
 neither: staging it reads nothing and takes its own cache slot. So cached layers do not count
 against `prefetch`: every cached layer that compute has given back stages at once, and is announced
-as soon as the layers before it are (StreamCore._announce goes in order). Counted,
-a decode step whose streamed layers all sit in the cache got its next announcements only as
-compute gave slots back, a LayerDone and a LayerReady every two layers (slot_returns.py), and the
-layers whose step sent one took about 180 µs more of the compute process's host time at batch 1
-(BENCHMARKS.md, AQ9). Uncounted, such a step needs no message a layer: compute gives its slots
-back where it flushes, but an earlier step's at once (NOTE [ slots given back ]).
+as soon as the layers before it are (StreamCore._announce goes in order). Counted, a decode step
+whose streamed layers all sit in the cache got its next announcements only as compute gave slots
+back, a LayerDone and a LayerReady every two layers (slot_returns.py), and the layers whose step
+sent one took about 180 µs more of the compute process's host time at batch 1 (BENCHMARKS.md, AQ9).
+Uncounted, such a step needs no message a layer: compute gives its slots back where it flushes,
+but an earlier step's at once (NOTE [ slots given back ]).
 """
 
 from __future__ import annotations
