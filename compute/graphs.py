@@ -291,8 +291,8 @@ class MoeGraphs:
             mail = Mailbox(T, x1.shape[1], self.device)
 
         def part_b():
-            s_x.copy_(x1 + experts_grouped(h, weight if keep is None else weight * keep, pool, offs,
-                                           parts, aligned=True).to(x1.dtype))  # (the pool's parts: ALIGN apart)
+            experts_grouped(h, weight if keep is None else weight * keep, pool, offs, parts, aligned=True,
+                            res=x1, out=s_x)  # (the pool's parts: ALIGN apart)
             if mail is not None:  # NOTE [ the CPU's sum posted to the device ] in cpu/qdot.c
                 mail.add_to(s_x)
             return s_x

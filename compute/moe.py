@@ -100,10 +100,9 @@ def moe_block(hp: HParams, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
     out = None
     if chosen.shape[0] <= GROUPED_MAX_TOKENS and runs_grouped(w):
         if src is None:
-            out = _resident_grouped(hp, w, h, weight, chosen)
-        else:
-            pred = predict_next(hp, src.next_router, x) if src.next_router is not None else None
-            out = src.grouped_sum(h, weight, chosen, pred)
+            return _resident_grouped(hp, w, h, weight, chosen, x)
+        pred = predict_next(hp, src.next_router, x) if src.next_router is not None else None
+        out = src.grouped_sum(h, weight, chosen, pred)
     elif src is None and h.is_cuda:  # every expert at hand (a prompt, or a resident layer);
         out = _experts_prefill(hp, w, h, weight, chosen)  # on the CPU one by one is faster (NOTE below)
     if out is None:
@@ -263,30 +262,44 @@ def runs_grouped(w: LayerWeights) -> bool:
 
 
 def _resident_grouped(hp: HParams, w: LayerWeights, h: torch.Tensor, weight: torch.Tensor,
-                      chosen: torch.Tensor) -> torch.Tensor:
-    """A resident layer's grouped experts: expert e is a byte range of each [E * N, K] block
-    matrix, found on the device."""
-    flat = chosen.flatten()
+                      chosen: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x plus a resident layer's grouped experts: expert e is a byte range of each [E * N, K]
+    block matrix, found on the device."""
     anchor = w[EXPERT_TENSORS[0]].raw
-    offs = torch.stack([flat * (w[n].nbytes // hp.moe.n_expert) + (w[n].raw.data_ptr() - anchor.data_ptr())
-                        for n in EXPERT_TENSORS])
+    places = tuple((w[n].nbytes // hp.moe.n_expert, w[n].raw.data_ptr() - anchor.data_ptr()) for n in EXPERT_TENSORS)
     parts = tuple((w[n].qtype, w[n].shape[0] // hp.moe.n_expert, w[n].shape[1]) for n in EXPERT_TENSORS)
     aligned = all((w[n].raw.data_ptr() % 4, (w[n].nbytes // hp.moe.n_expert) % 4) == (0, 0) for n in EXPERT_TENSORS)
-    return experts_grouped(h, weight, anchor, offs, parts, aligned)
+    return experts_grouped(h, weight, anchor, chosen.flatten(), parts, aligned, places=places, res=x)
 
 
 def experts_grouped(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: torch.Tensor,
-                    parts: tuple, aligned: bool = False) -> torch.Tensor:
+                    parts: tuple, aligned: bool = False, *, places: tuple | None = None,
+                    res: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weighted sum of each token's chosen experts (NOTE [ grouped experts ]): `offs` [3, T * k]
     holds the byte offsets from `anchor` of each (token, choice) pair's gate, up and down blocks,
     `parts` their (qtype, rows, cols); `aligned`: the caller knows every offset a multiple of 4
-    bytes (the expert pool's are: expert_layout.ALIGN apart). Two launches on qgemv's loop where
-    its types allow (NOTE [ experts on whole rows ] in qgemv_grouped.py), else three and the torch
-    ops; no host sync: a CUDA graph may hold it (graphs.py, NOTE [ decode graphs ])."""
+    bytes (the expert pool's are: expert_layout.ALIGN apart). With `places` ((size, base) a part),
+    `offs` is the pairs' expert ids [T * k] instead, part j of expert e at e * size_j + base_j.
+    With `res`, res + the sum in res's dtype (moe_block's residual), into `out` where given. Two
+    launches on qgemv's loop where its types allow (NOTE [ experts on whole rows ] in
+    qgemv_grouped.py), else three and the torch ops; no host sync: a CUDA graph may hold it
+    (graphs.py, NOTE [ decode graphs ])."""
     from layerstream.compute import qgemv_grouped  # (needs Triton, as the grouped kernel does)
 
     if aligned and anchor.data_ptr() % 4 == 0 and qgemv_grouped.takes(parts):
-        return qgemv_grouped.experts(h, weight, anchor, offs, parts)
+        return qgemv_grouped.experts(h, weight, anchor, offs, parts, places=places, res=res, out=out)
+    if places is not None:
+        offs = torch.stack([offs * size + base for size, base in places])
+    s = _grouped_sum(h, weight, anchor, offs, parts)
+    if res is None:
+        return s
+    s = res + s.to(res.dtype)
+    return s if out is None else out.copy_(s)
+
+
+def _grouped_sum(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: torch.Tensor,
+                 parts: tuple) -> torch.Tensor:
+    """experts_grouped's sum (float32) by the grouped kernel (qkernels) and torch's ops."""
     T, k = weight.shape
     dev = h.device
     (gq, N, K), (uq, _, _), (dq, Nd, Kd) = parts

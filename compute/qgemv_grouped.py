@@ -19,6 +19,12 @@ steps of KB chunks, NOTE [ slices of a row ] in qgemv.py) reads the pairs' block
 The pairs' blocks are found as before, by byte offsets from one anchor (the expert pool, or a
 resident layer's gate tensor), which must be whole words of the type (`aligned`): the pool's
 parts start at multiples of expert_layout.ALIGN, and a resident layer's tensors are checked.
+A resident layer's offsets follow from the chosen ids (expert e's part j at e * size_j + base_j),
+so there the kernels take the ids and `places` (size_j, base_j) and work them out: the torch ops
+that formed them were seven launches a layer, more than the experts' own two, on the chain of
+every layer of a fully resident decode step. With `res` (the layer's input) the down kernel adds
+it as moe_block's `x + out.to(x.dtype)` does, rounding alike, and writes x's dtype into `out`
+(graph B's input copy, where the next layer reads it): two or three launches fewer again.
 Types: qgemv's (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0 to Q5_1) with gate and up of one type; others keep
 the grouped kernel. Under Triton's interpreter (the CPU tests) a program takes up to 256 rows.
 """
@@ -34,16 +40,17 @@ from layerstream.compute.qkernels import GEOMETRY, INTERPRET, geometry
 
 
 @triton.jit
-def glu_kernel(x, words, raw8, halfs, out, offs, n_pairs, k, N, n_chunks, nblk, row_words, sxm,
+def glu_kernel(x, words, raw8, halfs, out, offs, srow, m0, a0, m1, a1, k, N, n_chunks, nblk, row_words, sxm,
                QT: tl.constexpr, WB: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, EVEN: tl.constexpr):
     """out[g, rn] = SiLU(x[g // k] @ gate_g[rn]^T) * (x[g // k] @ up_g[rn]^T) for pair g =
-    program_id(1), gate_g and up_g the blocks offs[0, g] and offs[1, g] bytes from `words`."""
+    program_id(1), gate_g and up_g the blocks offs[g] * m0 + a0 and offs[srow + g] * m1 + a1 bytes
+    from `words` (byte offsets: srow pairs, m 1, a 0; ids: srow 0, m and a the parts' places)."""
     g = tl.program_id(1)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     ok_n = rn < N
     rows = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None] * row_words  # past-the-end rows read the last
-    gate = tl.load(offs + g).to(tl.int64) // WB
-    up = tl.load(offs + n_pairs + g).to(tl.int64) // WB
+    gate = (tl.load(offs + g).to(tl.int64) * m0 + a0) // WB
+    up = (tl.load(offs + srow + g).to(tl.int64) * m1 + a1) // WB
     xrow = tl.zeros((1, 1, 1), dtype=tl.int64) + (g // k).to(tl.int64)
     xr = x + xrow * sxm
     xok = xrow >= 0
@@ -60,11 +67,13 @@ def glu_kernel(x, words, raw8, halfs, out, offs, n_pairs, k, N, n_chunks, nblk, 
 
 
 @triton.jit
-def down_kernel(a, words, raw8, halfs, out, offs, weight, n_pairs, k, N, n_chunks, nblk, row_words, sam,
-                QT: tl.constexpr, WB: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, EVEN: tl.constexpr):
+def down_kernel(a, words, raw8, halfs, out, res, offs, srow, m2, a2, weight, k, N, n_chunks, nblk, row_words,
+                sam, srm, QT: tl.constexpr, WB: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr,
+                EVEN: tl.constexpr, HAS_RES: tl.constexpr):
     """out[t, rn] (float32) = sum over j < k of weight[t, j] * (a[t * k + j] @ down_{t*k+j}[rn]^T),
-    each product rounded to a's dtype, for token t = program_id(1); down_g the blocks offs[2, g]
-    bytes from `words`."""
+    each product rounded to a's dtype, for token t = program_id(1); down_g the blocks
+    offs[2 * srow + g] * m2 + a2 bytes from `words`. HAS_RES: out[t, rn] (res's dtype) =
+    res[t, rn] + that sum rounded to res's dtype, as two separate ops round it."""
     t = tl.program_id(1)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     ok_n = rn < N
@@ -73,7 +82,7 @@ def down_kernel(a, words, raw8, halfs, out, offs, weight, n_pairs, k, N, n_chunk
     y = tl.zeros((1, BN), dtype=tl.float32)
     for j in range(0, k):
         g = t * k + j
-        w = tl.load(offs + 2 * n_pairs + g).to(tl.int64) // WB
+        w = (tl.load(offs + 2 * srow + g).to(tl.int64) * m2 + a2) // WB
         arow = tl.zeros((1, 1, 1), dtype=tl.int64) + g.to(tl.int64)
         ar = a + arow * sam
         acc = tl.zeros((1, BN, KB * 4, 1), dtype=tl.float32)
@@ -81,6 +90,10 @@ def down_kernel(a, words, raw8, halfs, out, offs, weight, n_pairs, k, N, n_chunk
             acc = step(acc, ar, arow >= 0, words, words, raw8, halfs, w + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
         d = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)
         y += d * tl.load(weight + g)
+    if HAS_RES:
+        rt = res.dtype.element_ty
+        r = tl.load(res + t.to(tl.int64) * srm + rn[None, :], mask=ok_n[None, :], other=0.0).to(tl.float32)
+        y = (r + y.to(rt).to(tl.float32)).to(rt)
     tl.store(out + t.to(tl.int64) * N + rn[None, :], y, mask=ok_n[None, :])
 
 
@@ -115,11 +128,15 @@ def _words(anchor: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def experts(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: torch.Tensor, parts: tuple,
-            glu_cfg: tuple | None = None, down_cfg: tuple | None = None) -> torch.Tensor:
+            glu_cfg: tuple | None = None, down_cfg: tuple | None = None, *, places: tuple | None = None,
+            res: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weighted sum [T, n_embd] float32 of each token's chosen experts (NOTE [ experts on whole
     rows ]): h [T, K] the normed activations, weight [T, k] float32, `offs` [3, T * k] int64 the
     pairs' gate, up and down byte offsets from `anchor` (whole words of their types), `parts` their
-    (qtype, rows, cols). `glu_cfg`, `down_cfg`: (BN, KB, num_warps) for a benchmark's sweep."""
+    (qtype, rows, cols). `places` ((size_j, base_j) for j = gate, up, down): `offs` is instead the
+    pairs' expert ids [T * k], part j of expert e at e * size_j + base_j. `res` [T, n_embd]: res +
+    that sum, in res's dtype, written into `out` where given. `glu_cfg`, `down_cfg`: (BN, KB,
+    num_warps) for a benchmark's sweep."""
     T, k = weight.shape
     (gq, N, K), _, (dq, Nd, Kd) = parts
     if h.stride(-1) != 1 or h.stride(0) != K:
@@ -127,20 +144,30 @@ def experts(h: torch.Tensor, weight: torch.Tensor, anchor: torch.Tensor, offs: t
     offs = offs.contiguous()
     weight = weight.float().contiguous()
     G = T * k
+    if places is None:
+        srow, (m0, a0), (m1, a1), (m2, a2) = G, (1, 0), (1, 0), (1, 0)
+    else:
+        srow, (m0, a0), (m1, a1), (m2, a2) = 0, *places
     act = torch.empty(G, N, dtype=h.dtype, device=h.device)
     words, halfs, wb = _words(anchor, gq)
     n_chunks, nblk, row_bytes = _rows(gq, K)
     BN, KB, warps = glu_cfg or config(N, K)
     kw = {} if INTERPRET else {"num_warps": warps}
-    glu_kernel[(triton.cdiv(N, BN), G)](h, words, anchor, halfs, act, offs, G, k, N, n_chunks, nblk,
-                                         row_bytes // wb, h.stride(0), QT=gq, WB=wb, BN=BN, KB=KB,
+    glu_kernel[(triton.cdiv(N, BN), G)](h, words, anchor, halfs, act, offs, srow, m0, a0, m1, a1, k, N, n_chunks,
+                                         nblk, row_bytes // wb, h.stride(0), QT=gq, WB=wb, BN=BN, KB=KB,
                                          EVEN=n_chunks % KB == 0 and K % 256 == 0, **kw)
-    out = torch.empty(T, Nd, dtype=torch.float32, device=h.device)
+    if res is not None and res.stride(-1) != 1:
+        res = res.contiguous()
+    if out is not None and not out.is_contiguous():
+        raise ValueError(f"experts' out must be contiguous (strides {out.stride()})")
+    if out is None:
+        out = torch.empty(T, Nd, dtype=torch.float32 if res is None else res.dtype, device=h.device)
     words, halfs, wb = _words(anchor, dq)
     n_chunks, nblk, row_bytes = _rows(dq, Kd)
     BN, KB, warps = down_cfg or config(Nd, Kd)
     kw = {} if INTERPRET else {"num_warps": warps}
-    down_kernel[(triton.cdiv(Nd, BN), T)](act, words, anchor, halfs, out, offs, weight, G, k, Nd, n_chunks, nblk,
-                                          row_bytes // wb, N, QT=dq, WB=wb, BN=BN, KB=KB,
-                                          EVEN=n_chunks % KB == 0 and Kd % 256 == 0, **kw)
+    down_kernel[(triton.cdiv(Nd, BN), T)](act, words, anchor, halfs, out, out if res is None else res, offs, srow,
+                                          m2, a2, weight, k, Nd, n_chunks, nblk, row_bytes // wb, N,
+                                          0 if res is None else res.stride(0), QT=dq, WB=wb, BN=BN, KB=KB,
+                                          EVEN=n_chunks % KB == 0 and Kd % 256 == 0, HAS_RES=res is not None, **kw)
     return out

@@ -120,6 +120,65 @@ def test_experts_grouped_takes_these_kernels_only_for_whole_words_of_their_types
     assert not qgemv_grouped.takes(((int(QT.Q4_K), N, K), (int(QT.Q5_K), N, K), (int(QT.Q6_K), K, N)))
 
 
+def resident_layer(rng, gq: QT, dq: QT, E: int, N: int, K: int):
+    """A resident layer's three [E * rows, cols] block tensors in one buffer, up first, then down,
+    then gate (the anchor: the others lie before it): (buffer, gate's view, blocks, places)."""
+    blocks = [(random_blocks(rng, gq, N, K).reshape(-1), random_blocks(rng, gq, N, K).reshape(-1),
+               random_blocks(rng, dq, K, N).reshape(-1)) for _ in range(E)]
+    size = [b.nbytes for b in blocks[0]]
+    start = {1: 0, 2: E * size[1], 0: E * (size[1] + size[2])}  # (part j's tensor: gate 0, up 1, down 2)
+    buf = torch.zeros(E * sum(size), dtype=torch.uint8)
+    for e, parts in enumerate(blocks):
+        for j, b in enumerate(parts):
+            buf[start[j] + e * size[j] : start[j] + (e + 1) * size[j]] = torch.from_numpy(b.copy())
+    places = tuple((size[j], start[j] - start[0]) for j in range(3))
+    return buf, buf[start[0]:], blocks, places
+
+
+def test_expert_ids_and_places_as_the_offsets_they_stand_for():
+    """A resident layer's pairs given as expert ids and each part's (size, base), bases before the
+    anchor too: the same sum, to the bit, as the byte offsets those make, and as float64."""
+    rng = np.random.default_rng(11)
+    N, K, E, T = 256, 512, 3, 2
+    buf, anchor, blocks, places = resident_layer(rng, QT.Q4_K, QT.Q6_K, E, N, K)
+    chosen = torch.tensor([[2, 0], [1, 2]])
+    weight = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    h = torch.randn(T, K, generator=torch.Generator().manual_seed(5))
+    parts = ((int(QT.Q4_K), N, K), (int(QT.Q4_K), N, K), (int(QT.Q6_K), K, N))
+    got = qgemv_grouped.experts(h, weight, anchor, chosen.flatten(), parts, places=places)
+    offs = torch.stack([chosen.flatten() * size + base for size, base in places])
+    assert torch.equal(got, qgemv_grouped.experts(h, weight, anchor, offs, parts))
+    assert rel_err(got, float64_sum(h, weight, chosen, blocks, QT.Q4_K, QT.Q6_K, N, K)) < 1e-5
+    unaligned = moe.experts_grouped(h, weight, anchor, chosen.flatten(), parts, places=places)  # (torch's ops)
+    assert rel_err(got, unaligned.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_residual_added_as_moe_block_adds_it(dtype):
+    """With `res`, the down kernel's output is res + the sum rounded to res's dtype, to the bit as
+    the two separate ops make it, in place of `out` where given; the torch ops' path alike."""
+    rng = np.random.default_rng(12)
+    N, K, E, T = 256, 512, 3, 2
+    pool, blocks, slot, starts = pool_of(rng, QT.Q4_K, QT.Q6_K, E, N, K)
+    chosen = torch.tensor([[0, 1], [2, 1]])
+    weight = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    h = (torch.randn(T, K, generator=torch.Generator().manual_seed(6)) * 0.05).to(dtype)
+    x = torch.randn(T, K, generator=torch.Generator().manual_seed(8)).to(dtype)
+    parts = ((int(QT.Q4_K), N, K), (int(QT.Q4_K), N, K), (int(QT.Q6_K), K, N))
+    offs = offsets(chosen, slot, starts)
+    want = x + qgemv_grouped.experts(h, weight, pool, offs, parts).to(dtype)
+    got = qgemv_grouped.experts(h, weight, pool, offs, parts, res=x)
+    assert got.dtype == dtype and torch.equal(got, want)
+    into = torch.full_like(x, float("nan"))
+    assert moe.experts_grouped(h, weight, pool, offs, parts, aligned=True, res=x, out=into) is into
+    assert torch.equal(into, want)
+    into.fill_(float("nan"))
+    slow = moe.experts_grouped(h, weight, pool, offs, parts, res=x, out=into)  # (the grouped kernel's path)
+    assert slow is into and rel_err(slow, want.double()) < (1e-5 if dtype == torch.float32 else 2e-3)
+    with pytest.raises(ValueError, match="contiguous"):
+        qgemv_grouped.experts(h, weight, pool, offs, parts, res=x, out=torch.empty(K, T, dtype=dtype).T)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, dtype", [(1, torch.float16), (8, torch.float16), (1, torch.bfloat16), (8, torch.bfloat16)],
                          ids=lambda v: str(v).replace("torch.", ""))

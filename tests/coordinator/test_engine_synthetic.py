@@ -203,7 +203,7 @@ def test_quantized_experts_match_reference(tmp_path, monkeypatch):
 
     calls = []
     grouped = qgemv_grouped.experts
-    monkeypatch.setattr(qgemv_grouped, "experts", lambda *a: calls.append(a[3].shape[1]) or grouped(*a))
+    monkeypatch.setattr(qgemv_grouped, "experts", lambda *a, **kw: calls.append(a[3].shape[-1]) or grouped(*a, **kw))
     path = _write(tmp_path, "qwen3moe", "Q8_0", n_layer=1)
     ref = reference.reference_logits(path, TOKENS[:12])
     with _load(path, weights="quantized", max_seqs=1) as e:
