@@ -185,7 +185,8 @@ def test_the_residual_added_as_moe_block_adds_it(dtype):
 def test_experts_on_cuda_at_the_qwen3_moe_shape(T, dtype):
     """Compiled, Qwen3-30B-A3B's expert shapes (gate and up Q4_K 768 x 2048, down Q6_K 2048 x 768), 8
     of 16 experts a token, float16 and bfloat16 (which Triton's interpreter cannot check): within the
-    dtype's rounding of float64 and of the grouped kernel's path."""
+    dtype's rounding of float64 and of the grouped kernel's path; ids and places, and the residual,
+    to the bit as the offsets and the separate add."""
     rng = np.random.default_rng(40 + T)
     N, K, E, k = 768, 2048, 16, 8
     pool, blocks, slot, starts = pool_of(rng, QT.Q4_K, QT.Q6_K, E, N, K, device="cuda")
@@ -198,3 +199,7 @@ def test_experts_on_cuda_at_the_qwen3_moe_shape(T, dtype):
     bound = 3e-3 if dtype == torch.float16 else 2.4e-2  # (bfloat16 keeps 8 bits of mantissa to float16's 11)
     assert rel_err(got.cpu(), float64_sum(h.cpu(), weight.cpu(), chosen, blocks, QT.Q4_K, QT.Q6_K, N, K)) < bound
     assert rel_err(got, moe.experts_grouped(h, weight, pool, offs, parts, aligned=False).double()) < bound * 2 / 3
+    places = tuple((slot, a) for a in starts)  # (the pool's slots as a resident layer's places)
+    assert torch.equal(qgemv_grouped.experts(h, weight, pool, chosen.flatten().cuda(), parts, places=places), got)
+    x = torch.randn(T, K).to(dtype).cuda()
+    assert torch.equal(qgemv_grouped.experts(h, weight, pool, offs, parts, res=x), x + got.to(dtype))
