@@ -21,7 +21,10 @@ Rotating q and k in torch takes a slice, four products, two sums and a concatena
 and writing k and v into the cache two indexed copies with their casts: a dozen launches a layer
 for a few kilobytes at decode. `rope_and_store` does it in one: a program per (token, head)
 rotates its pairs in float32 (q into a new tensor; k, unless the cache keeps it unrotated) and
-writes the token's k and v at (tok_row, tok_slot) in the cache's dtype.
+writes the token's k and v at (tok_row, tok_slot) in the cache's dtype. Where the model norms
+each head of q and k before RoPE (Qwen3's and Gemma 3's attn_q_norm, attn_k_norm), the program
+norms its head first (`norms`), as model.rms_norm does, in float32 and rounded to the
+activations' dtype: those were two launches more a layer, on the chain of every decode step.
 
 With `x8` decode attention also writes its output's int8 form for the Q4_K projection that follows
 (qgemv8.py, NOTE [ int8 activations ]; a program's head is D / 32 whole blocks): the step's
@@ -172,11 +175,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @triton.jit
-def _rope_store_kernel(q, k, v, cos, sin, q_out, kc, vc, tok_row, tok_slot, H, Hkv, sq_t, sq_h, sk_t, sk_h,
-                       sv_t, sv_h, sc_t, skc_r, skc_l, skc_h, svc_r, svc_l, svc_h,
-                       D: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
-                       NEOX: tl.constexpr, ROTATE_K: tl.constexpr):
-    """Head j of token t: j < H a query head, then Hkv key/value heads."""
+def _normed(src, w, idx, mask, inv, NORM: tl.constexpr):
+    """src[idx] in float32; with NORM times inv and w[idx], rounded to src's dtype (model.rms_norm's
+    output) and back."""
+    x = tl.load(src + idx, mask=mask, other=0).to(tl.float32)
+    if NORM:
+        x = (x * inv * tl.load(w + idx, mask=mask, other=0).to(tl.float32)).to(src.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _inv_rms(src, eps, D: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr):
+    """1 / sqrt(mean(src[:D]^2) + eps) in float32 (1 without NORM)."""
+    if NORM:
+        d = tl.arange(0, BD)
+        x = tl.load(src + d, mask=d < D, other=0).to(tl.float32)
+        return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    return 1.0
+
+
+@triton.jit
+def _rope_store_kernel(q, k, v, cos, sin, q_out, kc, vc, tok_row, tok_slot, qn, kn, eps, H, Hkv, sq_t, sq_h,
+                       sk_t, sk_h, sv_t, sv_h, sc_t, skc_r, skc_l, skc_h, svc_r, svc_l, svc_h,
+                       D: tl.constexpr, HALF: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                       NEOX: tl.constexpr, ROTATE_K: tl.constexpr, NORM: tl.constexpr):
+    """Head j of token t: j < H a query head, then Hkv key/value heads; NORM: q's heads normed by
+    qn, k's by kn (RMSNorm over D, eps) before RoPE."""
     t = tl.program_id(0)
     j = tl.program_id(1)
     i = tl.arange(0, BH)
@@ -192,24 +216,26 @@ def _rope_store_kernel(q, k, v, cos, sin, q_out, kc, vc, tok_row, tok_slot, H, H
     if j < H:
         src = q + t * sq_t + j * sq_h
         dst = q_out + (t * H + j) * D
-        a = tl.load(src + ia, mask=ok, other=0).to(tl.float32)
-        b = tl.load(src + ib, mask=ok, other=0).to(tl.float32)
+        inv = _inv_rms(src, eps, D, BD, NORM)
+        a = _normed(src, qn, ia, ok, inv, NORM)
+        b = _normed(src, qn, ib, ok, inv, NORM)
         tl.store(dst + ia, (a * c - b * s).to(q_out.dtype.element_ty), mask=ok)
         tl.store(dst + ib, (a * s + b * c).to(q_out.dtype.element_ty), mask=ok)
-        tl.store(dst + p, tl.load(src + p, mask=okp, other=0), mask=okp)
+        tl.store(dst + p, _normed(src, qn, p, okp, inv, NORM).to(q_out.dtype.element_ty), mask=okp)
     else:
         h = j - H
         row = tl.load(tok_row + t).to(tl.int64)
         slot = tl.load(tok_slot + t).to(tl.int64)
         src = k + t * sk_t + h * sk_h
         dst = kc + row * skc_r + slot * skc_l + h * skc_h
-        a = tl.load(src + ia, mask=ok, other=0).to(tl.float32)
-        b = tl.load(src + ib, mask=ok, other=0).to(tl.float32)
+        inv = _inv_rms(src, eps, D, BD, NORM)
+        a = _normed(src, kn, ia, ok, inv, NORM)
+        b = _normed(src, kn, ib, ok, inv, NORM)
         if ROTATE_K:
             a, b = a * c - b * s, a * s + b * c
         tl.store(dst + ia, a.to(kc.dtype.element_ty), mask=ok)
         tl.store(dst + ib, b.to(kc.dtype.element_ty), mask=ok)
-        tl.store(dst + p, tl.load(src + p, mask=okp, other=0).to(kc.dtype.element_ty), mask=okp)
+        tl.store(dst + p, _normed(src, kn, p, okp, inv, NORM).to(kc.dtype.element_ty), mask=okp)
         d = tl.arange(0, BH * 2)
         vdst = vc + row * svc_r + slot * svc_l + h * svc_h
         for d0 in tl.static_range(0, D, BH * 2):
@@ -220,10 +246,11 @@ def _rope_store_kernel(q, k, v, cos, sin, q_out, kc, vc, tok_row, tok_slot, H, H
 
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, tok_row: torch.Tensor, tok_slot: torch.Tensor,
-                   neox: bool, rotate_k: bool = True) -> torch.Tensor:
+                   neox: bool, rotate_k: bool = True, norms: tuple | None = None) -> torch.Tensor:
     """q [T, H, D] rotated (a new tensor); k [T, Hkv, D] rotated when `rotate_k` and written with
     v to k_cache/v_cache [rows, cap, Hkv, D] at (tok_row[t], tok_slot[t]). cos, sin [T, rope_dim/2]
-    as model.rope_tables makes them. See NOTE [ RoPE and the cache write ]."""
+    as model.rope_tables makes them. `norms` (q's [D] weights, k's, eps): each head of q and of k
+    RMS-normed first. See NOTE [ RoPE and the cache write ]."""
     T, H, D = q.shape
     Hkv = k.shape[1]
     half = cos.shape[-1]
@@ -233,10 +260,14 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     if T == 0:
         return q_out
     BH = triton.next_power_of_2(half)
-    _rope_store_kernel[(T, H + Hkv)](q, k, v, cos, sin, q_out, k_cache, v_cache, tok_row, tok_slot, H, Hkv,
-                                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                     cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+    qn, kn, eps = norms or (q, k, 0.0)
+    if norms is not None and (qn.shape != (D,) or kn.shape != (D,)):
+        raise ValueError(f"rope_and_store's norms must be [{D}] (q's {tuple(qn.shape)}, k's {tuple(kn.shape)})")
+    _rope_store_kernel[(T, H + Hkv)](q, k, v, cos, sin, q_out, k_cache, v_cache, tok_row, tok_slot, qn, kn,
+                                     float(eps), H, Hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                     v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+                                     k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                                      D=D, HALF=half, BH=BH, BP=max(1, triton.next_power_of_2(max(1, D - 2 * half))),
-                                     NEOX=neox, ROTATE_K=rotate_k)
+                                     BD=triton.next_power_of_2(D), NEOX=neox, ROTATE_K=rotate_k,
+                                     NORM=norms is not None)
     return q_out

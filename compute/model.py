@@ -180,13 +180,15 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     h = rms_norm(x, w["attn_norm.weight"], hp.norm_eps, then=qkv)
     q, k, v = linear_many(h, qkv, [w.get("attn_q.bias"), w.get("attn_k.bias"), w.get("attn_v.bias")])
     q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
-    if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE
-        q = rms_norm(q, w["attn_q_norm.weight"], hp.norm_eps)
-        k = rms_norm(k, w["attn_k_norm.weight"], hp.norm_eps)
+    norms = None
+    if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE (in the kernel's launch)
+        norms = (w["attn_q_norm.weight"], w["attn_k_norm.weight"], hp.norm_eps)
+        if not meta.kernels.rope:
+            q, k, norms = rms_norm(q, norms[0], hp.norm_eps), rms_norm(k, norms[1], hp.norm_eps), None
     # positions never change without sliding (cos_k None): K is stored rotated, once
     if meta.kernels.rope:
         q = _attn_kernels().rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok.row, meta.tok.slot,
-                                           hp.rope.neox, rotate_k=cos_k_all is None)
+                                           hp.rope.neox, rotate_k=cos_k_all is None, norms=norms)
     else:
         q = apply_rope(q, cos_q, sin_q, hp.rope.neox)
         if cos_k_all is None:

@@ -145,6 +145,43 @@ def test_rope_and_store_matches_the_torch_path(neox, rope_dim, rotate_k, dtype):
     assert not kc[untouched].any() and not vc[untouched].any()
 
 
+@pytest.mark.parametrize("neox,rope_dim,rotate_k,dtype", [
+    (True, 64, True, torch.float32),    # Qwen3's: NEOX pairs over the whole head
+    (True, 32, True, torch.float16),    # half the head rotated: the rest normed and passed through
+    (True, 64, False, torch.bfloat16),  # Gemma 3's sliding layers: K normed, stored unrotated
+])
+def test_rope_and_store_norms_each_head_first_as_the_separate_norm(neox, rope_dim, rotate_k, dtype):
+    """`norms`: q's and k's heads RMS-normed (model.rms_norm, float64) before RoPE and the cache
+    write, within the dtype's rounding; v untouched; a weight of the wrong length refused."""
+    from layerstream.compute.model import apply_rope
+
+    g = torch.Generator().manual_seed(rope_dim + 1)
+    T, H, Hkv, D, eps = 3, 4, 2, 64, 1e-6
+    q, k, v = (torch.randn(T, n, D, generator=g).mul(3).to(dtype) for n in (H, Hkv, Hkv))
+    qn, kn = (torch.rand(D, generator=g).add(0.5).to(dtype) for _ in range(2))
+    ang = torch.rand(T, rope_dim // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    kc, vc = torch.zeros(2, 4, Hkv, D, dtype=dtype), torch.zeros(2, 4, Hkv, D, dtype=dtype)
+    rows, slots = torch.tensor([1, 0, 1]), torch.tensor([0, 3, 2])
+    q_out = attn_kernels.rope_and_store(q, k, v, cos, sin, kc, vc, rows, slots, neox, rotate_k, norms=(qn, kn, eps))
+
+    def normed(x, w):
+        x = x.double()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+    c64, s64 = cos.double(), sin.double()
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(q_out.double(), apply_rope(normed(q, qn), c64, s64, neox), rtol=tol, atol=tol)
+    want_k = normed(k, kn)
+    torch.testing.assert_close(kc[rows, slots].double(), apply_rope(want_k, c64, s64, neox) if rotate_k else want_k,
+                               rtol=tol, atol=tol)
+    assert torch.equal(vc[rows, slots], v)
+    plain = attn_kernels.rope_and_store(q, k, v, cos, sin, kc.clone(), vc.clone(), rows, slots, neox, rotate_k)
+    assert (plain - q_out).abs().max() > 0.1  # (the norm moved them: inputs 3 times larger)
+    with pytest.raises(ValueError, match=r"norms must be \[64\]"):
+        attn_kernels.rope_and_store(q, k, v, cos, sin, kc, vc, rows, slots, neox, rotate_k, norms=(qn[:32], kn, eps))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,L", [(1, 4096), (8, 700), (64, 512)])
 def test_decode_attention_on_cuda(T, L):
@@ -161,3 +198,27 @@ def test_decode_attention_on_cuda(T, L):
                                         1 / math.sqrt(128))
     ref = reference(q, k_cache, v_cache, mask, rows, L, 1 / math.sqrt(128))
     torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rope_and_store_with_norms_on_cuda_as_the_separate_launches(dtype):
+    """Compiled, Qwen3-30B-A3B's heads (32 query, 4 KV, 128 wide, NEOX): the norms in the launch
+    within the dtype's rounding of model.rms_norm's launches and then RoPE's."""
+    from layerstream.compute.model import rms_norm
+
+    g = torch.Generator().manual_seed(2)
+    T, H, Hkv, D = 2, 32, 4, 128
+    q, k, v = (torch.randn(T, n, D, generator=g).to(dtype).cuda() for n in (H, Hkv, Hkv))
+    qn, kn = (torch.rand(D, generator=g).add(0.5).to(dtype).cuda() for _ in range(2))
+    ang = torch.rand(T, D // 2, generator=g) * 6
+    cos, sin = ang.cos().to(dtype).cuda(), ang.sin().to(dtype).cuda()
+    caches = [tuple(torch.zeros(2, 4, Hkv, D, dtype=dtype, device="cuda") for _ in range(2)) for _ in range(2)]
+    rows, slots = torch.tensor([1, 0]).cuda(), torch.tensor([3, 1]).cuda()
+    got = attn_kernels.rope_and_store(q, k, v, cos, sin, *caches[0], rows, slots, True, norms=(qn, kn, 1e-6))
+    want = attn_kernels.rope_and_store(rms_norm(q, qn, 1e-6), rms_norm(k, kn, 1e-6), v, cos, sin, *caches[1],
+                                       rows, slots, True)
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(caches[0][0], caches[1][0], rtol=tol, atol=tol)
+    assert torch.equal(caches[0][1], caches[1][1])
