@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from layerstream.compute.dequant import FUSED_TYPES
+from layerstream.compute.dequant import FUSED_TYPES, have_triton
 from layerstream.compute.expert_layout import EXPERT_TENSORS
 from layerstream.compute.model import LayerWeights, rms_norm
 from layerstream.compute.qlinear import (
@@ -61,7 +61,13 @@ def expert(w: "torch.Tensor | QuantWeight", e: int, n_expert: int) -> "torch.Ten
 
 def route(hp: HParams, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts each token uses and their weights: softmax over all experts, the top
-    n_expert_used, renormalised when the model says so (Mixtral's and Qwen3-MoE's routing)."""
+    n_expert_used, renormalised when the model says so (Mixtral's and Qwen3-MoE's routing). On
+    CUDA one launch (NOTE [ routing in one launch ] in route_kernels.py)."""
+    if logits.is_cuda and logits.dim() == 2 and have_triton():
+        from layerstream.compute import route_kernels  # (needs Triton)
+
+        if logits.shape[1] <= route_kernels.MAX_EXPERTS:
+            return route_kernels.route(logits, hp.moe.n_expert_used, hp.moe.expert_norm)
     probs = torch.softmax(logits.float(), dim=-1)
     weight, chosen = probs.topk(hp.moe.n_expert_used, dim=-1)
     if hp.moe.expert_norm:

@@ -133,13 +133,21 @@ def matmuls(dt):  # decode's matrices of an 8B (Q4_K, Q6_K, Q8_0) at batch 1 and
         qkernels.matmul_many(x, [qkv[:third]], Q4_K, [4096], 4096, residual=torch.zeros(M, 4096, dtype=dt))
 
 
+def route(dt):  # Qwen3-MoE's router (8 of 128, renormalised) and Mixtral's float32 logits (2 of 8)
+    from layerstream.compute import route_kernels
+
+    for T in (1, 8):
+        route_kernels.route(torch.zeros(T, 128, dtype=dt), 8, True)
+        route_kernels.route(torch.zeros(T, 8, dtype=torch.float32), 2, False)
+
+
 def control(dt):  # (not a product kernel: one the compiler must refuse, tests/compute/sm90_control.py)
     from tests.compute import sm90_control
 
     sm90_control.total(torch.zeros(64, dtype=torch.float32))
 
 
-CASES = {f"{f.__name__}-{n}": (f, dt) for f in (experts, rope, attention, norms, matmuls)
+CASES = {f"{f.__name__}-{n}": (f, dt) for f in (experts, rope, attention, norms, matmuls, route)
          for n, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16))}
 CONTROL = {"control": (control, torch.float32)}
 
