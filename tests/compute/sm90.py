@@ -133,6 +133,21 @@ def matmuls(dt):  # decode's matrices of an 8B (Q4_K, Q6_K, Q8_0) at batch 1 and
         qkernels.matmul_many(x, [qkv[:third]], Q4_K, [4096], 4096, residual=torch.zeros(M, 4096, dtype=dt))
 
 
+def others(dt):  # the rows kernel, tl.dot's tiles, other types' split kernel, a prompt's dequantization,
+    from layerstream.compute import host_wait, qkernels  # the grouped kernel, the CPU share's post
+
+    Q2_K, Q5_K = int(QT.Q2_K), int(QT.Q5_K)
+    x = torch.zeros(64, 4096, dtype=dt)
+    for M, qt in ((12, Q4_K), (12, Q6_K), (4, Q5_K), (12, Q5_K), (64, Q4_K), (1, Q2_K)):  # (small, rows, tl.dot's)
+        qkernels.matmul(x[:M], _blocks(qt, 4096, 4096), qt, 4096, 4096)
+    x = x[:12]
+    for qt in (Q4_K, Q6_K, Q2_K):
+        qkernels.dequantize_into(_blocks(qt, 1024, 4096), qt, 1024, 4096, torch.empty(1024, 4096, dtype=dt))
+    qkernels.grouped_matmul(x, _blocks(Q2_K, 768, 4096), Q2_K, 768, 4096, torch.zeros(4, dtype=torch.int64),
+                            torch.zeros(4, dtype=torch.int32))
+    host_wait.add_posted(torch.zeros(1, dtype=torch.int32), torch.zeros(4096), torch.zeros(4096, dtype=dt))
+
+
 def route(dt):  # Qwen3-MoE's router (8 of 128, renormalised) and Mixtral's float32 logits (2 of 8)
     from layerstream.compute import route_kernels
 
@@ -147,7 +162,7 @@ def control(dt):  # (not a product kernel: one the compiler must refuse, tests/c
     sm90_control.total(torch.zeros(64, dtype=torch.float32))
 
 
-CASES = {f"{f.__name__}-{n}": (f, dt) for f in (experts, rope, attention, norms, matmuls, route)
+CASES = {f"{f.__name__}-{n}": (f, dt) for f in (experts, rope, attention, norms, matmuls, others, route)
          for n, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16))}
 CONTROL = {"control": (control, torch.float32)}
 
@@ -155,6 +170,7 @@ CONTROL = {"control": (control, torch.float32)}
 def main(names: list[str]) -> int:
     driver.set_active(CompileOnly())
     JITFunction.run = _compile_only
+    torch.cuda.is_current_stream_capturing = lambda: False  # (eager launches unless a case says otherwise)
     failed = 0
     for name in names or list(CASES):
         fn, dt = {**CASES, **CONTROL}[name]

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from tests.compute import sm90_control  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = [f"{f}-{d}" for f in ("experts", "rope", "attention", "norms", "matmuls", "route") for d in ("fp16", "bf16")]
+CASES = [f"{f}-{d}" for f in ("experts", "rope", "attention", "norms", "matmuls", "others", "route") for d in ("fp16", "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def compiled(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("case", CASES)
 def test_the_kernels_compile_for_sm90(compiled, case):
     """The product's wrappers at decode shapes (batch 1 and 8; the experts' ids and places and residual,
-    RoPE with norms, attention with int8 output, graphs' split K, the router): every launch compiled to a cubin."""
+    RoPE with norms, attention with int8 output, graphs' split K, the router; the rows kernel, tl.dot's
+    tiles, a prompt's dequantization, the grouped kernel, the CPU share's post): every launch compiled to a cubin."""
     assert compiled.get(case, "missing").startswith("ok "), f"{case}: {compiled.get(case, 'missing')}"
 
 
