@@ -283,6 +283,19 @@ def gemv_kernel(x, xds, w32, w16, raw8, halfs, out, bias, M, N, n_chunks, nblk, 
              mask=(rm < M)[:, None] & ok_n[None, :])
 
 
+@triton.jit
+def rounded_sums(acc, dt: tl.constexpr):
+    """A program's products [rows, BN] from its accumulator [rows, BN, KB * 4, 1], rounded to dt
+    as a separate launch's output would be, and back to float32."""
+    return tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)
+
+
+@triton.jit
+def silu_times(y, u, dt: tl.constexpr):
+    """SiLU(y) * u, SiLU's output rounded to dt as a separate op's (y and u rounded already)."""
+    return (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
+
+
 # NOTE [ several matrices a launch ]
 # A decode layer's q, k and v (and gate and up) read one x: gemv_many_kernel takes up to three
 # matrices of one type and K where they lie (no copy), as word offsets from one base, and picks
@@ -337,12 +350,11 @@ def gemv_many_kernel(x, xds, w32, w16, raw8, halfs, out, res, M, n_chunks, nblk,
                 acc_u = step(acc_u, xr, xok, w32, w16, raw8, halfs, up + rows, kb0, n_chunks,
                              nblk, QT, KB, EVEN)
     dt = out.dtype.element_ty
-    y = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)  # [MR, BN], rounded as a separate launch's
+    y = rounded_sums(acc, dt)  # [MR, BN]
     mask = (rm < M)[:, None] & ok_n[None, :]
     o = obase + rm.to(tl.int64)[:, None] * N + rn[None, :]
     if GLU:
-        u = tl.sum(tl.sum(acc_u, axis=3), axis=2).to(dt).to(tl.float32)
-        y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
+        y = silu_times(y, rounded_sums(acc_u, dt), dt)
     if HAS_RES:
         y += tl.load(res + o, mask=mask, other=0).to(tl.float32)
     tl.store(out + o, y.to(dt), mask=mask)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from layerstream.compute.qgemv import WORD_BYTES, step
+from layerstream.compute.qgemv import WORD_BYTES, rounded_sums, silu_times, step
 from layerstream.compute.qkernels import GEOMETRY, INTERPRET, geometry
 
 
@@ -60,9 +60,7 @@ def glu_kernel(x, words, raw8, halfs, out, offs, srow, m0, a0, m1, a1, k, N, n_c
         acc = step(acc, xr, xok, words, words, raw8, halfs, gate + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
         acc_u = step(acc_u, xr, xok, words, words, raw8, halfs, up + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
     dt = out.dtype.element_ty
-    y = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)  # [1, BN]
-    u = tl.sum(tl.sum(acc_u, axis=3), axis=2).to(dt).to(tl.float32)
-    y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
+    y = silu_times(rounded_sums(acc, dt), rounded_sums(acc_u, dt), dt)  # [1, BN]
     tl.store(out + g.to(tl.int64) * N + rn[None, :], y.to(dt), mask=ok_n[None, :])
 
 
@@ -88,7 +86,7 @@ def down_kernel(a, words, raw8, halfs, out, res, offs, srow, m2, a2, weight, k, 
         acc = tl.zeros((1, BN, KB * 4, 1), dtype=tl.float32)
         for kb0 in range(0, n_chunks, KB):
             acc = step(acc, ar, arow >= 0, words, words, raw8, halfs, w + rows, kb0, n_chunks, nblk, QT, KB, EVEN)
-        d = tl.sum(tl.sum(acc, axis=3), axis=2).to(dt).to(tl.float32)
+        d = rounded_sums(acc, dt)
         y += d * tl.load(weight + g)
     if HAS_RES:
         rt = res.dtype.element_ty
