@@ -181,10 +181,12 @@ def attention_block(hp: HParams, w: LayerWeights, x: torch.Tensor, meta: StepMet
     q, k, v = linear_many(h, qkv, [w.get("attn_q.bias"), w.get("attn_k.bias"), w.get("attn_v.bias")])
     q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
     norms = None
-    if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE (in the kernel's launch)
-        norms = (w["attn_q_norm.weight"], w["attn_k_norm.weight"], hp.norm_eps)
-        if not meta.kernels.rope:
-            q, k, norms = rms_norm(q, norms[0], hp.norm_eps), rms_norm(k, norms[1], hp.norm_eps), None
+    if "attn_q_norm.weight" in w:  # qwen3, gemma3: per-head RMSNorm before RoPE
+        qn, kn = w["attn_q_norm.weight"], w["attn_k_norm.weight"]
+        if meta.kernels.rope:  # (in RoPE's launch)
+            norms = (qn, kn, hp.norm_eps)
+        else:
+            q, k = rms_norm(q, qn, hp.norm_eps), rms_norm(k, kn, hp.norm_eps)
     # positions never change without sliding (cos_k None): K is stored rotated, once
     if meta.kernels.rope:
         q = _attn_kernels().rope_and_store(q, k, v, cos_q, sin_q, k_cache, v_cache, meta.tok.row, meta.tok.slot,
