@@ -22,6 +22,7 @@ from layerstream.coordinator.arg_files import (
 from layerstream.coordinator.spelling import (
     UsageError,
     dashed_numbers_joined,
+    decimal,
     reader_dirs_problem,
     refuse_foreign_options,
     refuse_glued_words,
@@ -140,11 +141,11 @@ def build_parser() -> Parser:
     g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=whole, default=256,
                    help="tokens to generate at most; -1: until the end of sequence or a full context, as "
                         "llama.cpp's (default 256)")
-    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    g.add_argument("--temperature", "--temp", type=decimal, default=0.8, help="0 is greedy (default 0.8)")
     g.add_argument("--top-k", type=whole, default=40, help="keep the k most likely tokens; 0 or -1 keeps all (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens, 0.01 to 100; 1 disables (default 1.0)")
+    g.add_argument("--top-p", type=decimal, default=0.95, help="nucleus sampling threshold; 1 disables (default 0.95)")
+    g.add_argument("--min-p", type=decimal, default=0.05, help="drop tokens below min-p times the top probability (default 0.05)")
+    g.add_argument("--repeat-penalty", type=decimal, default=1.0, help="penalty for recent tokens, 0.01 to 100; 1 disables (default 1.0)")
     g.add_argument("--repeat-last-n", type=whole, default=64, help="tokens the repeat penalty looks back over (default 64)")
     g.add_argument("-s", "--seed", type=whole, default=None,
                    help="random seed for reproducible sampling, -2^63 to 2^64-1 (-1: a fresh one, the default)")
@@ -200,7 +201,7 @@ def build_parser() -> Parser:
                    help="read the API key from the first line of FILE (4 KiB at most)")
     g.add_argument("--max-queue", type=whole, default=256, help="requests waiting at most; more get 429 (default 256)")
     g = p.add_argument_group("streaming pipeline")
-    g.add_argument("--vram-gb", type=float, default=None,
+    g.add_argument("--vram-gb", type=decimal, default=None,
                    help="compute-device memory budget in GiB; layers that do not fit stream through it (default on "
                         "CUDA: the GPU's free memory less 1 GiB; on the CPU: no limit)")
     g.add_argument("--step-tokens", type=whole, default=None,
@@ -222,7 +223,7 @@ def build_parser() -> Parser:
     g.add_argument("-t", "--cpu-threads", "--threads", dest="cpu_threads", type=whole, default=None,
                    help="CPU threads of the compute process (default with a CPU share: all cores but 4 from 8 cores up; "
                         "with --single-process: torch's default)")
-    g.add_argument("--expert-cache-gb", type=float, default=None,
+    g.add_argument("--expert-cache-gb", type=decimal, default=None,
                    help="device memory for a mixture-of-experts model's streamed experts: decode steps copy only the "
                         "experts the router chose (default: one layer's slot and what --vram-gb leaves beside it)")
     g.add_argument("--expert-policy", choices=("lfu", "lru"), default="lfu",
@@ -235,7 +236,7 @@ def build_parser() -> Parser:
                    help="a mixture-of-experts model's attention, router and norms of streamed layers: kept on the "
                         "device when they fit, so decode copies only the chosen experts (default, as llama.cpp's "
                         "-ot exps=CPU), or streamed with their layer")
-    g.add_argument("--host-cache-gb", type=float, default=None,
+    g.add_argument("--host-cache-gb", type=decimal, default=None,
                    help="host RAM for layers kept between passes (default: the streamed layers, up to half the free RAM)")
     g.add_argument("--readers", type=whole, default=1, help="reader processes (default 1)")
     g.add_argument("--read-threads", type=whole, default=None, metavar="N",
@@ -250,7 +251,7 @@ def build_parser() -> Parser:
                    metavar="N", help="override the plan: keep N layers resident (as llama.cpp's -ngl; more than the "
                                      "model has keeps them all), stream the rest")
     g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="ZeroMQ transport between processes")
-    g.add_argument("--stall-timeout", type=float, default=120.0,
+    g.add_argument("--stall-timeout", type=decimal, default=120.0,
                    help="seconds a step may wait on the compute process without a message, or a child starting "
                         "use no CPU, before the run ends (120)")
     g.add_argument("--trace", metavar="FILE", help="write a Chrome trace / Perfetto JSON timeline of the run")

@@ -149,3 +149,16 @@ def whole(text: str) -> int:
 
 
 whole.__name__ = "int"
+
+
+def decimal(text: str) -> float:
+    """A float option's value, written as a decimal number (`0.5`, `.5`, `5e-1`, with an optional
+    sign), or nan or inf for the option's own range check to name: float() alone also took `1_0`
+    as 10, spaces around it and other scripts' digits, which whole() refuses for int options.
+    Named float, so that argparse's refusal reads as any float option's."""
+    if not re.fullmatch(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|nan|inf|infinity)", text, re.IGNORECASE):
+        raise ValueError(text)
+    return float(text)
+
+
+decimal.__name__ = "float"

@@ -105,6 +105,10 @@ def typed(model):
     (["-n", ""], "-n '': must be a whole number, in decimal digits"),
     (["-ngl", "\u0661"], "-ngl \u0661: must be a whole number, in decimal digits"),
     (["--temp", "x"], "--temp x: must be a number"),
+    # what float() reads beside a decimal number: 1_0 ran at temperature 10 (a probe's), spaces, other digits
+    (["--temperature", "1_0"], "--temperature 1_0: must be a number"),
+    (["--top-p", " 0.5"], "--top-p ' 0.5': must be a number"),
+    (["--min-p", "\uff10.\uff15"], "--min-p \uff10.\uff15: must be a number"),
     (["--dtype", "f8"], "--dtype f8: use float32, float16 or bfloat16"),
     # a dashed value that is no plain number: argparse took -inf for an option (refused as glued letters)
     (["--temperature", "-inf"], "--temperature -inf: must be a finite number from 0 to 100"),
@@ -231,6 +235,9 @@ def test_llama_cpp_spellings_are_aliases():
     a = build_parser().parse_args(["--temp", "-inf", "-n", "-1", "--stop", "-1e3", "--min-p", "-nan", "--", "-inf"])
     assert (a.temperature, a.max_tokens, a.stop, a.prompt) == (-math.inf, -1, ["-1e3"], ["-inf"])
     assert math.isnan(a.min_p) and a.typed["temperature"] == ("--temp", "-inf")
+    # a decimal number in any of its usual spellings
+    a = build_parser().parse_args(["--temp", ".5", "--top-p", "+9E-1", "--min-p", "1.", "--vram-gb", "Infinity", "hi"])
+    assert (a.temperature, a.top_p, a.min_p, a.vram_gb) == (0.5, 0.9, 1.0, math.inf)
 
 
 def test_stop_strings_read_llama_cpps_escapes():
