@@ -98,6 +98,9 @@ def check_with_header(args, hp) -> None:
     """The checks that need the model's hyperparameters `hp` (its header, read before any process
     starts): UsageError with one line."""
     ctx = default_ctx(args, hp)
+    if ctx < 2:  # (the model's own context, --ctx not given: the engine named ctx=1 as if the user had typed it)
+        raise UsageError(f"the model's context is {hp.context_length} token (metadata {hp.arch}.context_length), too "
+                         "few to run; give --ctx N (2 or more)")
     if args.on_context_full == "slide" and not args.sink_tokens < ctx - 1:
         where = "" if args.ctx else f" (the model's {hp.context_length} tokens, at most 4096)"
         if args.sink_tokens == build_parser().get_default("sink_tokens"):  # not typed: name the context

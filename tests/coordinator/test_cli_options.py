@@ -375,6 +375,18 @@ def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
         check_args(build_parser().parse_args([str(tmp_path / "absent.gguf"), "-n", "3"]))
 
 
+def test_a_models_context_of_one_token_is_refused_naming_its_key_unless_ctx_is_given(tmp_path, monkeypatch):
+    """A model whose metadata gives a context of 1 token exited 1 with 'ctx=1: must be a whole number,
+    at least 2', a value nobody had typed (a probe's)."""
+    from layerstream.coordinator import cli, supervisor
+
+    m = ggufgen.write_model(tmp_path / "c1.gguf", context_length=1)
+    assert _one_line(_main("-m", m, "--device", "cpu", "hello")) == (
+        "the model's context is 1 token (metadata llama.context_length), too few to run; give --ctx N (2 or more)")
+    monkeypatch.setattr(supervisor.Supervisor, "start", lambda *a, **k: pytest.fail("a process started"))
+    cli.check_header(build_parser().parse_args(["-m", m, "--ctx", "16", "hello"]))  # (accepted: no raise)
+
+
 @pytest.mark.parametrize("args,line", [
     (["--on-context-full", "slide", "--sink-tokens", "5000", "-c", "64"],
      "--sink-tokens 5000: must be at most 62, two below the context size 64, so that the window can slide"),
