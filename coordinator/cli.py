@@ -110,6 +110,8 @@ def check_with_header(args, hp) -> None:
         raise UsageError(f"{shown(args, 'sink_tokens', args.sink_tokens)}: must be at most {max(ctx - 2, 0)}, two "
                          f"below the context size {ctx}{where}, so that the window can slide; give fewer sink tokens "
                          "or a larger --ctx")
+    if args.prefetch is not None and args.prefetch > hp.n_layer:  # (the plan's own check exited 1)
+        raise UsageError(f"{shown(args, 'prefetch', args.prefetch)}: at most {hp.n_layer} (the model's layer count)")
     if hp.moe.n_expert and (why := hp.moe.prefetch_problem(args.expert_prefetch)):  # (exit 2, as the others)
         raise UsageError(f"{shown(args, 'expert_prefetch', args.expert_prefetch)}: {why}")
     if not hp.moe.n_expert:

@@ -395,6 +395,7 @@ def test_a_models_context_of_one_token_is_refused_naming_its_key_unless_ctx_is_g
      "give --ctx 6 or more, or fewer --sink-tokens"),
     (["--on-context-full", "slide", "--sink-tokens", "255"],  # the model's 256 tokens
      "--sink-tokens 255: must be at most 254, two below the context size 256 (the model's 256 tokens, at most 4096)"),
+    (["--prefetch", "65536"], "--prefetch 65536: at most 2 (the model's layer count)"),  # (exit 1 from the plan)
     (["--expert-policy", "lru"], "--expert-policy: does nothing with a dense model (llama, no experts); drop it"),
     (["--expert-cache-gb", "1", "--moe-dense", "stream"],
      "--expert-cache-gb, --moe-dense: do nothing with a dense model (llama, no experts); drop them"),
