@@ -213,7 +213,7 @@ def build_parser() -> Parser:
                         "as the next of these up, so 8:0.5 is steps of 5 to 8) to the next B named; auto times shares "
                         "per batch size and keeps the fastest (CUDA only); 0 (or off): none. Default 'default': 8:0.5 "
                         "of a MoE model's experts on CUDA where the CPU reads them in place (no host RAM, no other "
-                        "layer's share), else none (BENCHMARKS.md: MoE batch 8 faster)")
+                        "layer's share) with 8 threads or more for it, else none (BENCHMARKS.md: MoE batch 8 faster)")
     g.add_argument("--cpu-split", choices=("layers", "rows"), default="layers",
                    help="what --cpu-share splits: whole 4-bit FFN matrices of a share of the streamed layers "
                         "(layers, default) or the last rows of every 4-bit matrix (rows)")

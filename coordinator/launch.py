@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from layerstream.compute.compute_config import ComputeConfig, DevicePlan, ExpertStreamConfig
-from layerstream.compute.cpu.config import CpuShareConfig
+from layerstream.compute.cpu.config import DEFAULT_MIN_THREADS, CpuShareConfig
 from layerstream.compute.cpu.sizing import experts_read_in_place, packed_bytes, threads_default
 from layerstream.compute.slot_returns import DONE_BATCH
 from layerstream.coordinator.pipeline_config import PipelineConfig
@@ -179,7 +179,7 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
         moe_dense=cfg.experts.moe_dense, vram_slots=budget.vram_slots, expert_prefetch=cfg.experts.prefetch,
         draft=draft, draft_tokens=draft_tokens, evaluates=budget.evaluates, job=budget.job,
     )
-    cpu, plan = fit_share(cfg.cpu.parsed, device.type, plan, layouts)
+    cpu, plan = fit_share(cfg.cpu.parsed, device.type, plan, layouts, cfg.cpu.threads)
     log.info("plan: %s", plan.describe())
     log.info("plan, device memory: %s", plan.breakdown())
     note = first_compile_note(weights_form(device, weights)) if device.type == "cuda" else None
@@ -190,16 +190,22 @@ def make_launch(index: ModelIndex, device: torch.device, dtype: torch.dtype, ctx
     return Launch(index, device, dtype, ctx, max_seqs, cfg, sliding, weights, tuple(layouts), readers, plan, cpu)
 
 
-def fit_share(asked: CpuShareConfig, device_type: str, plan: Plan, layouts: list[LayerLayout]
-              ) -> tuple[CpuShareConfig, Plan]:
+def fit_share(asked: CpuShareConfig, device_type: str, plan: Plan, layouts: list[LayerLayout],
+              threads: int | None = None) -> tuple[CpuShareConfig, Plan]:
     """The CPU share a run takes (none off CUDA for auto and the default), and the plan counting the
     host memory it packs: the default (cpu/config.py) only where the CPU reads every streamed
-    layer's experts in place, packing nothing; another share as much of it as fits beside the
+    layer's experts in place, packing nothing, with DEFAULT_MIN_THREADS threads at least (`threads`,
+    --cpu-threads; None: the share's default); another share as much of it as fits beside the
     host cache (fit_cpu_share)."""
     cpu = asked.for_device(device_type)
     streamed = [layouts[i] for i in plan.streamed]
     if cpu.experts_only:
-        return (cpu if experts_read_in_place(streamed) else CpuShareConfig(split=cpu.split)), plan
+        n = threads or threads_default()
+        if n < DEFAULT_MIN_THREADS and experts_read_in_place(streamed):
+            log.info("no CPU share by default: %d CPU threads for it, fewer than %d (--cpu-share 8:0.5 asks "
+                     "for it)", n, DEFAULT_MIN_THREADS)
+        ok = n >= DEFAULT_MIN_THREADS and experts_read_in_place(streamed)
+        return (cpu if ok else CpuShareConfig(split=cpu.split)), plan
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))
     return cpu, dataclasses.replace(plan, cpu_share_bytes=packed_bytes(streamed, cpu.pack_max, cpu.split))
 

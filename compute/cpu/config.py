@@ -19,6 +19,11 @@ AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts it
 # every H100 host measured, and no share has yet run faster than none at batch 1 (BENCHMARKS.md:
 # AE7, AF1 to AF3; AE1, AF4).
 DEFAULT_BY_BATCH = ((8, 0.5),)
+# ...and only where the share gets this many threads: the hosts where it won had 16 vCPUs (12
+# threads, sizing.threads_default). Half of a step's missing experts is the CPU's part of the step
+# only where the CPU reads about as fast as the link: 12 threads read 73 GB/s, 8 read 50, and with
+# 4 (8 cores usable) batch 8 ran below the hosts' runs with no share (BENCHMARKS.md: AS5 against AF1, AF2).
+DEFAULT_MIN_THREADS = 8
 
 
 @dataclass(frozen=True)

@@ -170,10 +170,11 @@ def test_the_default_share_takes_a_moes_experts_read_in_place_beside_cuda_and_pa
     """--cpu-share default (compute/cpu/config.py) through the launch's fit: kept for a streamed MoE
     on CUDA whose experts the native kernel reads in place, with no host memory counted; none on
     the CPU, for a dense model, or where the kernel is not built (packing its experts would cost
-    host memory the user never asked for). A share asked for still packs and counts."""
+    host memory the user never asked for), or with fewer than 8 threads for it. A share asked for
+    still packs and counts."""
     from layerstream.compute.cpu import sizing
     from layerstream.compute.cpu.config import CpuShareConfig, parse_cpu_share
-    from layerstream.coordinator import plan as plan_mod
+    from layerstream.coordinator import launch, plan as plan_mod
     from layerstream.coordinator.launch import fit_share
 
     monkeypatch.setattr(plan_mod, "_mem_available", lambda: 256 * GiB)
@@ -182,7 +183,15 @@ def test_the_default_share_takes_a_moes_experts_read_in_place_beside_cuda_and_pa
     p = plan((index, layouts), 4)
     default, off = parse_cpu_share("default"), CpuShareConfig()
     monkeypatch.setattr(sizing, "native_blocks", lambda: True)
+    monkeypatch.setattr(launch, "threads_default", lambda: 12)  # (a 16-core host's)
     assert fit_share(default, "cuda", p, layouts) == (default, p)  # (p.cpu_share_bytes stays 0)
+    # too few threads for the CPU to read as fast as the link: none, whether --cpu-threads or the cores say so
+    assert fit_share(default, "cuda", p, layouts, 4) == (off, p)
+    assert fit_share(default, "cuda", p, layouts, 8) == (default, p)
+    monkeypatch.setattr(launch, "threads_default", lambda: 4)  # (8 cores)
+    assert fit_share(default, "cuda", p, layouts) == (off, p)
+    assert fit_share(default, "cuda", p, layouts, 12) == (default, p)
+    monkeypatch.setattr(launch, "threads_default", lambda: 12)
     assert fit_share(default, "cpu", p, layouts) == (off, p)
     dense = plan(l70, 8)
     assert fit_share(default, "cuda", dense, l70[1]) == (off, dense)
