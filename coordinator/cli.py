@@ -34,8 +34,14 @@ PPL_FEW_TOKENS = 64  # tokens scored below which a perplexity comes with a warni
 
 
 def _die(msg: str, code: int = 1) -> None:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(msg)}", file=sys.stderr)
     sys.exit(code)
+
+
+def one_line(msg: str) -> str:
+    """An error's text with its control characters escaped (as repr escapes them): a file named with
+    a newline split the error over two lines, and one with an escape sequence reached the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in msg)
 
 
 def _sampling(args):

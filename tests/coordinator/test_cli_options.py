@@ -364,6 +364,14 @@ def test_a_blank_prompt_is_refused_with_chat_as_without():
             check_args(build_parser().parse_args(argv))
 
 
+def test_an_error_naming_a_file_with_control_characters_stays_one_line(tmp_path):
+    """-m 'new<newline>line.gguf' split the error over two lines, and a name holding an escape
+    sequence sent it to the terminal (a probe's): both are escaped as repr escapes them."""
+    for name, shown in [("new\nline.gguf", "new\\nline.gguf"), ("esc\x1b[31mred.gguf", "esc\\x1b[31mred.gguf")]:
+        r = _run("-m", str(tmp_path / name), "hi")
+        assert r.returncode == 2 and shown in _one_line(r) and "\x1b" not in r.stderr
+
+
 def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
     """`run-pipeline model.gguf -n 3` generated from the default model with the path as its prompt."""
     assert _one_line(_run(model, "-n", "3")) == (f"{model} is a model file given as the prompt; give the model "
