@@ -335,7 +335,9 @@ def test_the_default_cpu_share_computes_half_of_batch_8s_missing_experts_and_non
                                n_expert=32, n_expert_used=2, qtype=["Q4_K", "Q6_K"], seed=6)
     index = open_model(path)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    pcfg = PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"))
+    # (8 threads named: the default takes none with fewer, as a run pinned to 8 cores has: DEFAULT_MIN_THREADS)
+    pcfg = PipelineConfig(budget=Budget(resident_layers=0), experts=ExpertOptions(0.002, "resident"),
+                          cpu=CpuOptions(threads=8))
     assert pcfg.cpu.share == "default"
     for n in (8, 2):
         prompts = [TOKENS[i : i + 6] for i in range(n)]
