@@ -41,7 +41,7 @@ def _die(msg: str, code: int = 1) -> None:
 def one_line(msg: str) -> str:
     """An error's text with its control characters escaped (as repr escapes them): a file named with
     a newline split the error over two lines, and one with an escape sequence reached the terminal."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in msg)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
 
 
 def _sampling(args):
@@ -104,7 +104,7 @@ def check_with_header(args, hp) -> None:
     """The checks that need the model's hyperparameters `hp` (its header, read before any process
     starts): UsageError with one line."""
     ctx = default_ctx(args, hp)
-    if ctx < 2:  # (the model's own context, --ctx not given: the engine named ctx=1 as if the user had typed it)
+    if ctx < 2 and hp.context_length < 2:  # (--ctx not given: the engine named ctx=1 as if the user had typed it)
         raise UsageError(f"the model's context is {hp.context_length} token (metadata {hp.arch}.context_length), too "
                          "few to run; give --ctx N (2 or more)")
     if args.on_context_full == "slide" and not args.sink_tokens < ctx - 1:

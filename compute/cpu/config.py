@@ -21,8 +21,9 @@ AUTO_PACK_MAX = 0.9  # the largest CPU share "auto" may pack (the plan counts it
 DEFAULT_BY_BATCH = ((8, 0.5),)
 # ...and only where the share gets this many threads: the hosts where it won had 16 vCPUs (12
 # threads, sizing.threads_default). Half of a step's missing experts is the CPU's part of the step
-# only where the CPU reads about as fast as the link: 12 threads read 73 GB/s, 8 read 50, and with
-# 4 (8 cores usable) batch 8 ran below the hosts' runs with no share (BENCHMARKS.md: AS5 against AF1, AF2).
+# only where the CPU reads them about as fast as the link does, which takes about 8 threads
+# (threads_default's measurement); with 4 (8 cores usable) batch 8 ran below the hosts' runs with
+# no share (BENCHMARKS.md: AS5 against AF1, AF2).
 DEFAULT_MIN_THREADS = 8
 
 
