@@ -23,8 +23,8 @@ from layerstream.coordinator.args import (
 )
 from layerstream.coordinator.flag_notes import warn_flags, warn_past_context
 from layerstream.coordinator.sigmask import start_thread_pools
-from layerstream.coordinator.spelling import no_experts
-from layerstream.coordinator.stdio import closed_output, flush_stdout, open_standard_fds, print_stream
+from layerstream.coordinator.spelling import no_experts, one_line
+from layerstream.coordinator.stdio import LoadProgress, closed_output, flush_stdout, open_standard_fds, print_stream
 from layerstream.errors import ConfigError, LayerstreamError, ModelError
 from layerstream.proto.signals import HOW, STOP_SIGNALS, Stopped, raise_on_stop
 
@@ -36,12 +36,6 @@ PPL_FEW_TOKENS = 64  # tokens scored below which a perplexity comes with a warni
 def _die(msg: str, code: int = 1) -> None:
     print(f"{PROG}: error: {one_line(msg)}", file=sys.stderr)
     sys.exit(code)
-
-
-def one_line(msg: str) -> str:
-    """An error's text with its control characters escaped (as repr escapes them): a file named with
-    a newline split the error over two lines, and one with an escape sequence reached the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
 
 
 def _sampling(args):
@@ -269,34 +263,6 @@ def open_engine(args, index, progress: bool, warm=None):
         )
     # the single-process engine draws a bar of its own, layer by layer
     return Engine.open(cfg, pcfg, index=index, progress=progress and pcfg is None)
-
-
-class LoadProgress:
-    """The pipeline's on_progress(done, total, what) as bars on a terminal: its processes starting
-    and, begun before compute is ready, the first pass reading every layer (filling the host cache)."""
-
-    LABELS = {"processes": "starting processes", "layers": "reading layers"}
-
-    def __init__(self, stream, mininterval: float = 0.1, stages: tuple[str, ...] = ("processes", "layers")):
-        self.stream, self.mininterval, self.stages, self.bars = stream, mininterval, stages, {}
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        if what not in self.stages:
-            return
-        bar = self.bars.get(what)
-        if bar is None:
-            if what == "layers" and not done:  # (read in the first pass: drawn once it starts, not over a prompt)
-                return
-            from tqdm import tqdm
-
-            # no monitor thread (NOTE [ SIGINT and threads ] in sigmask.py)
-            tqdm.monitor_interval = 0
-            bar = self.bars[what] = tqdm(total=total, desc=self.LABELS.get(what, what), leave=False, file=self.stream,
-                                         mininterval=self.mininterval, bar_format="{desc}: {n}/{total} {bar} {elapsed}")
-        if not bar.disable and done > bar.n:
-            bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
 
 
 def _report(engine, args) -> None:

@@ -162,3 +162,9 @@ def decimal(text: str) -> float:
 
 
 decimal.__name__ = "float"
+
+
+def one_line(msg: str) -> str:
+    """An error's text with its control characters escaped (as repr escapes them): a file named with
+    a newline split the error over two lines, and one with an escape sequence reached the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)

@@ -1,5 +1,5 @@
-"""The command's standard streams: reopened where they were closed, and the reply written to
-stdout with a failure to write it said in one line."""
+"""The command's standard streams: reopened where they were closed, the reply written to stdout
+with a failure to write it said in one line, and the start's progress bars on stderr."""
 
 from __future__ import annotations
 
@@ -97,3 +97,31 @@ def flush_stdout() -> str | None:
     except OSError as e:
         return str(output_error(e))
     return None
+
+
+class LoadProgress:
+    """The pipeline's on_progress(done, total, what) as bars on a terminal: its processes starting
+    and, begun before compute is ready, the first pass reading every layer (filling the host cache)."""
+
+    LABELS = {"processes": "starting processes", "layers": "reading layers"}
+
+    def __init__(self, stream, mininterval: float = 0.1, stages: tuple[str, ...] = ("processes", "layers")):
+        self.stream, self.mininterval, self.stages, self.bars = stream, mininterval, stages, {}
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if what not in self.stages:
+            return
+        bar = self.bars.get(what)
+        if bar is None:
+            if what == "layers" and not done:  # (read in the first pass: drawn once it starts, not over a prompt)
+                return
+            from tqdm import tqdm
+
+            # no monitor thread (NOTE [ SIGINT and threads ] in sigmask.py)
+            tqdm.monitor_interval = 0
+            bar = self.bars[what] = tqdm(total=total, desc=self.LABELS.get(what, what), leave=False, file=self.stream,
+                                         mininterval=self.mininterval, bar_format="{desc}: {n}/{total} {bar} {elapsed}")
+        if not bar.disable and done > bar.n:
+            bar.update(done - bar.n)
+        if done >= total:
+            bar.close()

@@ -557,7 +557,7 @@ def test_load_progress_draws_the_pipelines_stages_on_a_terminal():
     """The pipeline's on_progress(done, total, what) hook as bars (issue 25: 7 to 30 s of silence)."""
     import io
 
-    from layerstream.coordinator.cli import LoadProgress
+    from layerstream.coordinator.stdio import LoadProgress
 
     class Terminal(io.StringIO):
         def isatty(self):
