@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from layerstream.coordinator.spelling import decimal
+
 
 def listed(s: str, kind, what: str, example: str = "1,8") -> list:
     """A comma-separated list of `kind`s (kind raises ValueError on an item that is not one) as a
@@ -250,10 +252,10 @@ def device_args(p: argparse.ArgumentParser) -> None:
 
 def pipeline_args(p: argparse.ArgumentParser) -> None:
     """run-pipeline's budget, reader, CPU-share and expert flags, as pipeline_config reads them."""
-    p.add_argument("--vram-gb", type=float, default=None, help="device memory budget in GiB (as run-pipeline)")
+    p.add_argument("--vram-gb", type=decimal, default=None, help="device memory budget in GiB (as run-pipeline)")
     p.add_argument("--resident-layers", type=int, default=None, help="keep this many layers resident (0: stream all)")
     p.add_argument("--step-tokens", type=int, default=None, help="tokens of one forward step at most (as run-pipeline)")
-    p.add_argument("--host-cache-gb", type=float, default=None, help="host RAM for layers kept between passes")
+    p.add_argument("--host-cache-gb", type=decimal, default=None, help="host RAM for layers kept between passes")
     p.add_argument("--prefetch", type=int, default=None, help="layers staged ahead of compute (default from the plan)")
     p.add_argument("--readers", type=int, default=1, help="reader processes (default 1)")
     p.add_argument("--cpu-share", default="default", help="the CPU's share of the streamed layers: default, auto, 0, a fraction or "
@@ -263,7 +265,7 @@ def pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram-slots", type=int, default=None, help="the streamed layers' VRAM slots (as run-pipeline)")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU threads of the compute process")
     d = EXPERT_DEFAULTS
-    p.add_argument("--expert-cache-gb", type=float, default=d["expert_cache_gb"], help="device memory for streamed experts")
+    p.add_argument("--expert-cache-gb", type=decimal, default=d["expert_cache_gb"], help="device memory for streamed experts")
     p.add_argument("--moe-dense", choices=("resident", "stream"), default=d["moe_dense"],
                    help="streamed MoE layers' attention and routers: resident (when they fit) or streamed")
     p.add_argument("--expert-policy", choices=("lfu", "lru"), default=d["expert_policy"], help="the expert cache's eviction")

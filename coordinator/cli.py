@@ -353,7 +353,7 @@ def _run_engine(engine, args, params, api_key, rates, sock=None) -> int:
                      sock=sock, defaults=DEFAULTS | served_sampling(args))
     if args.perplexity:
         text = args.perplexity_text  # (read_prompt_text's)
-        _warn_replaced(f"--perplexity {args.perplexity}", text, "the figure scores the replacements too")
+        _warn_replaced(f"--perplexity {one_line(args.perplexity)}", text, "the figure scores the replacements too")
         from layerstream.coordinator.turn import counted
 
         try:

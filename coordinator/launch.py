@@ -202,8 +202,8 @@ def fit_share(asked: CpuShareConfig, device_type: str, plan: Plan, layouts: list
     if cpu.experts_only:
         n = threads or threads_default()
         if n < DEFAULT_MIN_THREADS and experts_read_in_place(streamed):
-            log.info("no CPU share by default: %d CPU threads for it, fewer than %d (--cpu-share 8:0.5 asks "
-                     "for it)", n, DEFAULT_MIN_THREADS)
+            log.info("no CPU share by default: %d CPU threads for it, fewer than %d (--cpu-threads %d or more "
+                     "takes it)", n, DEFAULT_MIN_THREADS, DEFAULT_MIN_THREADS)
         ok = n >= DEFAULT_MIN_THREADS and experts_read_in_place(streamed)
         return (cpu if ok else CpuShareConfig(split=cpu.split)), plan
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import unicodedata
 
 
 class UsageError(Exception):
@@ -165,6 +166,12 @@ decimal.__name__ = "float"
 
 
 def one_line(msg: str) -> str:
-    """An error's text with its control characters escaped (as repr escapes them): a file named with
-    a newline split the error over two lines, and one with an escape sequence reached the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    """An error's text with its control characters, line breaks and bidirectional overrides escaped
+    (as repr escapes them): a file named with a newline split the error over two lines, and one with
+    an escape sequence reached the terminal. Other format characters (an emoji's joiner, Persian's
+    non-joiner) and spaces of other scripts stay as they are."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI else c
+                   for c in msg)
+
+
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # (they reorder the text shown after them)

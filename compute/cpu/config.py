@@ -111,8 +111,8 @@ def cpu_share_on_cpu(share: str, where: str) -> str:
 
 def _fraction(v: str) -> float | None:
     """v as a fraction from 0 to 1; None where it is not one (digits other than ASCII's, which
-    float() reads, included)."""
-    if not v.isascii():
+    float() reads, included, and their underscores)."""
+    if not v.isascii() or "_" in v:
         return None
     try:
         f = float(v)
@@ -123,7 +123,7 @@ def _fraction(v: str) -> float | None:
 
 def _size(v: str) -> int | None:
     """v as a whole number; None where it is not one (as _fraction)."""
-    if not v.isascii():
+    if not v.isascii() or "_" in v:
         return None
     try:
         return int(v)

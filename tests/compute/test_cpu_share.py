@@ -469,7 +469,8 @@ def test_cpu_share_is_parsed_once_into_a_typed_config():
             parse_cpu_share(bad)
     with pytest.raises(ConfigError, match="--cpu-split 'columns'"):
         parse_cpu_share("0.5", "columns")
-    for bad in ("\uff18:0.5", "0.\u0665", "\u0668:0.5"):  # fullwidth and Arabic-Indic digits, which int() and float() read
+    for bad in ("\uff18:0.5", "0.\u0665", "\u0668:0.5",  # fullwidth and Arabic-Indic digits, which int() and float() read
+                "0.5_0", "8:0.5_0", "0_8:0.5", "0.5 0"):  # and their underscores (8:0.5_0 was 0.5)
         with pytest.raises(ConfigError, match="--cpu-share"):
             parse_cpu_share(bad)
     with pytest.raises(ConfigError) as e:  # a long value is cut, a newline shown as one

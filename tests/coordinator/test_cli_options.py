@@ -370,6 +370,11 @@ def test_an_error_naming_a_file_with_control_characters_stays_one_line(tmp_path)
     for name, shown in [("new\nline.gguf", "new\\nline.gguf"), ("esc\x1b[31mred.gguf", "esc\\x1b[31mred.gguf")]:
         r = _run("-m", str(tmp_path / name), "hi")
         assert r.returncode == 2 and shown in _one_line(r) and "\x1b" not in r.stderr
+    # what shows as it is: letters, emoji and their joiners, other scripts' spaces; bidirectional overrides do not
+    from layerstream.coordinator.spelling import one_line
+
+    assert one_line("lat\u00e9 \U0001f468\u200d\U0001f469 a\u200cb \u3000c") == "lat\u00e9 \U0001f468\u200d\U0001f469 a\u200cb \u3000c"
+    assert one_line("a\u202eb\u2028c\udce9") == "a\\u202eb\\u2028c\\udce9"
 
 
 def test_a_model_file_given_as_the_prompt_is_refused(model, tmp_path):
