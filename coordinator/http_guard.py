@@ -135,6 +135,7 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
             super().__init__(*args, **kwargs)
             self.conn.__class__ = _Recording
             self.conn.head_bytes = limits.head_bytes
+            self.logger = _UnparsedSaidOnce(self.logger)
 
         def data_received(self, data: bytes) -> None:
             if not self._lingering:
@@ -151,6 +152,8 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
             # (h11 words a line it cannot parse as a bytearray's repr: quoted as text instead)
             said = re.sub(r"bytearray\(b(['\"])(.*)\1\)", r"'\2'", str(e or msg))
             what = said if status == 505 else f"malformed HTTP request: {said}"
+            peer = self.client[0] if self.client else "-"  # (the request line logged as the others are: -v)
+            logging.getLogger("layerstream.server").info("%s unparsed request %d: %s", peer, status, said[:200])
             body = json.dumps({"error": {"message": what, "type": "invalid_request_error", "param": None,
                                          "code": "invalid_http_request"}}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -208,6 +211,23 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
                 self.transport.close()
 
     return GuardedH11
+
+
+class _UnparsedSaidOnce:
+    """uvicorn's logger for a connection, less its bare "Invalid HTTP request received." warning
+    for each request h11 cannot parse (no peer, no reason, outside the server's format: any client
+    could fill the log with it): send_400_response logs the request with its peer and h11's reason
+    on the server's logger instead, at -v as every request's line."""
+
+    def __init__(self, logger: logging.Logger):
+        self._logger = logger
+
+    def warning(self, msg, *args, **kwargs) -> None:
+        if msg != "Invalid HTTP request received.":
+            self._logger.warning(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._logger, name)
 
 
 class _LingerOnClose:

@@ -858,10 +858,15 @@ def test_a_post_without_a_length_is_a_411_and_h11s_words_are_text(live):
     status, _, reply = _raw_exchange(live.port, b"POST /health HTTP/1.1\r\nHost: localhost\r\nConnection: close"
                                                 b"\r\n\r\n")  # (a route that takes no body: as ever)
     assert status == 405, reply
+    n = len(live.records)
     status, head, reply = _raw_exchange(live.port, b"GET /v1/models\r\n\r\n")  # (no HTTP version)
     assert status == 400 and "bytearray" not in reply["error"]["message"], reply
     assert reply["error"]["message"] == "malformed HTTP request: illegal request line: 'GET /v1/models'", reply
     _healthy(live)
+    # logged as the server's other requests are, with its peer and why, not as uvicorn's bare warning
+    said = [r.getMessage() for r in live.records[n:]]
+    assert "127.0.0.1 unparsed request 400: illegal request line: 'GET /v1/models'" in said, said
+    assert "Invalid HTTP request received." not in said, said
 
 
 def test_requests_h11_cannot_parse_are_answered_in_json_and_read_to_the_end(live):
