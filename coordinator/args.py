@@ -359,7 +359,7 @@ def check_args(args) -> None:
     ints("read-threads", args.read_threads, 1, MAX_READ_THREADS)
     if why := too_many_threads(args.cpu_threads):
         fail(f"{opt('cpu-threads', args.cpu_threads)}: {why}")
-    if args.vram_gb is not None and math.isfinite(args.vram_gb) and args.vram_gb <= 0:
+    if args.vram_gb is not None and math.isfinite(args.vram_gb) and args.vram_gb * 2**30 < 1:  # (1e-300: '0')
         fail(f"{opt('vram-gb', args.vram_gb)}: give the device memory budget in GiB, above 0 (for example "
              "--vram-gb 4); leave it out for the whole free memory")
     finite("vram-gb", args.vram_gb, 0.0, MAX_GB, low_open=True)

@@ -112,6 +112,7 @@ def test_n_minus_one_generates_until_the_context_is_full_and_ends_as_a_reply(tmp
     ([], "no prompt given"),
     # issue 25: each printed a traceback, the usage block, or a figure such as 1.04858e+06
     (["--vram-gb", "-1"], "--vram-gb -1: give the device memory budget in GiB, above 0"),
+    (["--vram-gb", "1e-300"], "--vram-gb 1e-300: give the device memory budget in GiB, above 0"),  # (was named 0)
     (["--vram-gb", "1e9"], "--vram-gb 1e9: must be a finite number above 0 and at most 1048576"),  # (as typed)
     (["--chat", "--perplexity", "README.md"], "--chat and --perplexity do not go together"),
     (["--serve", "--perplexity", "README.md"], "--serve and --perplexity do not go together"),
