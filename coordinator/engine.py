@@ -30,7 +30,7 @@ from layerstream.coordinator.perplexity import corrupt_logits, windows_perplexit
 from layerstream.coordinator.pipeline_config import PipelineConfig
 from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.coordinator.tokenizer import Tokenizer, token_ids
-from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, ModelError
+from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, ModelError, shown
 from layerstream.loader.gguf_index import HParams, ModelIndex, open_model
 from layerstream.proto.messages import SamplerStart
 
@@ -136,6 +136,8 @@ class EngineConfig:
         for name, ok in (("on_context_full", ("error", "slide")), ("draft_policy", ("adaptive", "fixed"))):
             if getattr(self, name) not in ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: give {' or '.join(ok)}")
+        if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):  # (refused at load, unquoted)
+            raise ConfigError(f"dtype={self.dtype!r}: use float32, float16 or bfloat16, or None for the device's default")
         if self.weights not in WEIGHTS:  # (a ValueError from deep in the load, where the README promises ConfigError)
             raise ConfigError(f"weights={self.weights!r}: use {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}")
         if self.on_context_full == "slide" and not self.sink_tokens < self.ctx - 1:
@@ -200,10 +202,16 @@ def text_side(index: ModelIndex) -> tuple[Tokenizer, ChatTemplate | None]:
     return tok, ChatTemplate.from_metadata(index.metadata, tok)
 
 
+def _flags(**flags) -> None:
+    """Each flag True or False, else a ConfigError naming it ("no" is true)."""
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise ConfigError(f"{name}={shown(v)}: must be True or False")
+
+
 def _system_needs_chat(system: str | None, chat: bool) -> None:
     """system= is a chat's: without chat=True it was dropped (the CLI refuses --system without --chat)."""
-    if not isinstance(chat, bool):  # ("no" is true)
-        raise ConfigError(f"chat={chat!r}: must be True or False")
+    _flags(chat=chat)
     if system is not None and not chat:
         raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
 
@@ -259,6 +267,11 @@ class Engine:
                 os.write(2, b"layerstream: an engine was opened while a child process started (the script runs "
                             b"again in each child): put the code that opens it under if __name__ == \"__main__\":\n")
             raise SystemExit(1)
+        if not isinstance(cfg, EngineConfig):  # (a dict or None: AttributeError, deep in)
+            raise ConfigError(f"Engine.open's cfg={shown(cfg)}: give an EngineConfig(...)")
+        if index is not None and not isinstance(index, ModelIndex):
+            raise ConfigError(f"Engine.open's index={shown(index)}: give an open_model(path)'s index, or None to open "
+                              "cfg.model")
         if pipeline is not None and not isinstance(pipeline, PipelineConfig):  # (a dict: AttributeError, deep in)
             raise ConfigError(f"Engine.open's pipeline={pipeline!r}: give a PipelineConfig(...), or None to load "
                               "the model in this process")
@@ -348,6 +361,7 @@ class Engine:
         may make control tokens; message contents never do (no role injection). continue_final: the
         last message, the assistant's, is continued (ChatTemplate.continued_segments)."""
         self._refuse_closed()
+        _flags(add_generation_prompt=add_generation_prompt, continue_final=continue_final)
         if self.chat_template is None:
             raise ConfigError("this model's GGUF has no tokenizer.chat_template: give it text, not messages")
         if not isinstance(messages, (list, tuple)) or not all(
@@ -413,6 +427,7 @@ class Engine:
                             "generate(), or a list of one)")
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+        _flags(stream=stream)
         _system_needs_chat(system, chat)
         if chat and not all(isinstance(p, str) for p in prompts):  # (ids ran as they were, no template)
             raise ConfigError("chat=True renders text through the chat template: give text prompts, or token ids "

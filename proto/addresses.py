@@ -29,6 +29,8 @@ from typing import Any
 
 import zmq as _zmq
 
+from layerstream.errors import ConfigError
+
 RUN_DIR_PREFIX = "layerstream-"
 # Longest ipc path the OS takes (sun_path is 108 bytes on Linux, counting the final NUL).
 IPC_PATH_MAX = int(getattr(_zmq, "IPC_PATH_MAX_LEN", 0)) or 107
@@ -37,8 +39,9 @@ ENDPOINT_NAMES = ("control", "readers", "compute")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class AddressError(ValueError):
-    """An address that cannot be used (ipc path too long, bad name, unbound tcp port)."""
+class AddressError(ConfigError, ValueError):
+    """An address that cannot be used (ipc path too long, bad name, unbound tcp port): a ConfigError,
+    so that a caller's `except LayerstreamError` and the launcher's one line take it."""
 
 
 def _remove_stale_run_dirs(base: str) -> None:

@@ -42,6 +42,9 @@ def model(tmp_path_factory):
     (dict(draft_model=""), "draft_model='': give a GGUF file's path"),
     (dict(warm_up="no"), "warm_up='no': must be True or False"),
     (dict(lookahead="no"), "lookahead='no': must be True or False"),
+    # (a second Python API probe's: refused at load, where 5 and '5' read alike)
+    (dict(dtype=5), "dtype=5: use float32, float16 or bfloat16, or None for the device's default"),
+    (dict(dtype="fp16"), "dtype='fp16': use float32, float16 or bfloat16"),
 ])
 def test_a_bad_engine_setting_is_refused_before_loading(model, kw, words):
     kw = {"model": model, "device": "cpu", **kw}
@@ -232,7 +235,12 @@ def test_pipeline_options_of_the_wrong_kind_are_refused_when_made(model):
              (lambda: Budget(resident_layers=1.5), r"^resident_layers=1.5: give a whole number from 0 to"),
              (lambda: Budget(vram_slots=True), r"^vram_slots=True: give a whole number from 2 to 16"),
              (lambda: Engine.open(EngineConfig(model=model, device="cpu"), {"budget": 1}),
-              r"^Engine.open's pipeline=\{'budget': 1\}: give a PipelineConfig\(\.\.\.\), or None")]
+              r"^Engine.open's pipeline=\{'budget': 1\}: give a PipelineConfig\(\.\.\.\), or None"),
+             # (a second probe's: AttributeError from deep in the load)
+             (lambda: Engine.open({"device": "cpu"}), r"^Engine.open's cfg=\{'device': 'cpu'\}: give an EngineConfig"),
+             (lambda: Engine.open(None), r"^Engine.open's cfg=None: give an EngineConfig"),
+             (lambda: Engine.open(EngineConfig(model=model, device="cpu"), index="x"),
+              r"^Engine.open's index='x': give an open_model\(path\)'s index")]
     for make, words in cases:
         with pytest.raises(ConfigError, match=words):
             make()
@@ -283,6 +291,13 @@ def test_the_python_api_probes_wrong_kinds_of_value_are_refused_in_one_line(smol
         e.tokenizer.decode(["a"])
     with pytest.raises(ConfigError, match="^chat='yes': must be True or False"):
         e.generate_batch(["hi"], SamplingParams(max_tokens=1), chat="yes")
+    # (a second probe's: "no" added the generation prompt, continued the last message, and streamed)
+    msgs = [{"role": "user", "content": "hi"}]
+    for call, words in [(lambda: e.encode_chat(msgs, add_generation_prompt="no"), "^add_generation_prompt='no'"),
+                        (lambda: e.encode_chat(msgs, continue_final="no"), "^continue_final='no'"),
+                        (lambda: e.generate_batch(["hi"], SamplingParams(max_tokens=1), stream="no"), "^stream='no'")]:
+        with pytest.raises(ConfigError, match=words + ": must be True or False$"):
+            call()
     steps = e.core.steps
     with pytest.raises(LayerstreamError, match=r"^logits\(\): 513 tokens do not fit the context size \(512 tokens\); "
                                                "raise ctx, pass fewer tokens, or use on_context_full='slide'$"):

@@ -77,6 +77,11 @@ def test_tcp_address():
     assert tcp_address("::1", 5555) == "tcp://[::1]:5555"
     with pytest.raises(AddressError, match="out of range"):
         tcp_address(port=70000)
+    # a caller's `except LayerstreamError` takes it (it was a bare ValueError: a Python API probe's)
+    from layerstream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="out of range"):
+        tcp_address(port=70000)
 
 
 def test_tcp_binds_random_port_on_loopback(ctx):
