@@ -246,7 +246,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of `ids`; control tokens are dropped when `skip_special`."""
-        if isinstance(ids, (str, bytes)):  # (its characters compared with ints, deep in)
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):  # (a str's characters compared with ints)
             raise TypeError(f"decode() takes token ids (ints), not a {type(ids).__name__}; encode() makes them")
         out = bytearray()
         first = True
@@ -257,10 +257,10 @@ class Tokenizer:
 
     def _emit(self, token_id: int, skip_special: bool, first: bool) -> tuple[bytes, bool]:
         """(bytes to emit, still-at-start) for one token in a decoded sequence."""
-        if not isinstance(token_id, numbers.Integral):
+        if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):  # (True decoded as token 1)
             raise TypeError(f"token id {token_id!r:.40}: token ids are ints")
-        if not 0 <= token_id < len(self._tokens):
-            raise ValueError(f"token id {token_id} is outside the vocabulary (size {len(self._tokens)})")
+        if not 0 <= token_id < len(self._tokens):  # (as generate()'s ids: a ConfigError, not a bare ValueError)
+            raise ConfigError(f"token id {token_id} is outside the vocabulary (0..{len(self._tokens) - 1})")
         if skip_special and self._types[token_id] == CONTROL:
             return b"", first
         piece = self.token_bytes(token_id)

@@ -289,6 +289,14 @@ def test_the_python_api_probes_wrong_kinds_of_value_are_refused_in_one_line(smol
         e.tokenizer.decode("abc")
     with pytest.raises(TypeError, match="^token id 'a': token ids are ints"):
         e.tokenizer.decode(["a"])
+    # (a second probe's: None and an int were 'not iterable', True decoded as token 1, an id past the
+    # vocabulary a bare ValueError where generate() says the same as a ConfigError)
+    for ids, words in [(None, r"^decode\(\) takes token ids \(ints\), not a NoneType"),
+                       (5, r"^decode\(\) takes token ids \(ints\), not a int"), ([True], "^token id True: token ids are ints")]:
+        with pytest.raises(TypeError, match=words):
+            e.tokenizer.decode(ids)
+    with pytest.raises(ConfigError, match=rf"^token id {2 ** 70} is outside the vocabulary \(0\.\.\d+\)$"):
+        e.tokenizer.decode([2 ** 70])
     with pytest.raises(ConfigError, match="^chat='yes': must be True or False"):
         e.generate_batch(["hi"], SamplingParams(max_tokens=1), chat="yes")
     # (a second probe's: "no" added the generation prompt, continued the last message, and streamed)
