@@ -123,6 +123,10 @@ def test_slots_that_do_not_fit_are_named(l8):
     assert plan(l8, 1.5).streamed  # (two fit)
     with pytest.raises(ConfigError, match=r"^--resident-layers 20 does not fit --vram-gb 1\.50: .*; lower --resident-layers$"):
         plan(l8, 1.5, resident_layers=20, vram_slots=16)
+    # past the model's layers, as given (a probe's: 1000 was named as the layer count)
+    n = l8[0].hparams.n_layer
+    with pytest.raises(ConfigError, match=rf"^--resident-layers 1000 \(all {n} layers\) does not fit --vram-gb 1\.50: "):
+        plan(l8, 1.5, resident_layers=1000)
     # -ngl's layers that fit with two slots: the slots are what does not fit
     with pytest.raises(ConfigError, match=r"^--vram-slots 16 does not fit --vram-gb 1\.50: .*; lower --vram-slots$"):
         plan(l8, 1.5, resident_layers=0, vram_slots=16)
