@@ -176,8 +176,8 @@ class Pipeline:
                 raise PipelineError(self.failure)
             now = time.monotonic()
             if deadline is not None and now > deadline:
-                raise PipelineError(f"timed out waiting for the {what} after {now - t0:.0f} s; "
-                                    "run with -v to see what each process logged")
+                raise PipelineError(f"timed out waiting for the {what} after {now - t0:.3g} s; run with -v (from "
+                                    "Python: logging at INFO) to see what each process logged")
             wake = deadline
             if stall is not None:
                 blame, at, who = self.sup.start_blame(starting, now, stall) if starting else \

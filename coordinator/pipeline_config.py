@@ -12,7 +12,7 @@ from layerstream.compute.expert_policy import EXPERT_POLICIES
 from layerstream.coordinator.api_names import python_names
 from layerstream.coordinator.spelling import reader_dirs_problem
 from layerstream.cpus import too_many_threads
-from layerstream.errors import ConfigError
+from layerstream.errors import ConfigError, shown
 
 # on_progress(done, total, what): called while the pipeline starts ("processes") and while the
 # first pass reads every layer once ("layers"); done == total ends each stage.
@@ -172,6 +172,9 @@ class PipelineConfig:
                            ("experts", ExpertOptions), ("procs", ProcessOptions)):
             if not isinstance(getattr(self, name), kind):  # (a dict failed deep in the launch: AttributeError)
                 raise ConfigError(f"PipelineConfig {name}={getattr(self, name)!r}: give a {kind.__name__}(...)")
+        if self.warm is not None and not callable(getattr(self.warm, "take", None)):  # (an AttributeError at the start)
+            raise ConfigError(f"PipelineConfig warm={shown(self.warm)}: leave it None (the launcher's own hand-off of "
+                              "processes spawned ahead)")
         if self.on_progress is not None and not callable(self.on_progress):  # (a TypeError deep in the start)
             raise ConfigError(f"PipelineConfig on_progress={self.on_progress!r}: give a function of (done, total, "
                               "what), or None")

@@ -239,6 +239,7 @@ def test_pipeline_options_of_the_wrong_kind_are_refused_when_made(model):
              # (a second probe's: AttributeError from deep in the load)
              (lambda: Engine.open({"device": "cpu"}), r"^Engine.open's cfg=\{'device': 'cpu'\}: give an EngineConfig"),
              (lambda: Engine.open(None), r"^Engine.open's cfg=None: give an EngineConfig"),
+             (lambda: PipelineConfig(warm=5), r"^PipelineConfig warm=5: leave it None"),  # (AttributeError at the start)
              (lambda: Engine.open(EngineConfig(model=model, device="cpu"), index="x"),
               r"^Engine.open's index='x': give an open_model\(path\)'s index")]
     for make, words in cases:
