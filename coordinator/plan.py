@@ -357,9 +357,7 @@ def _fit(index: ModelIndex, layouts: list[LayerLayout], *, vram_bytes: int | Non
         total, parts = fit(T, slots, r, kv_dev, keep_dense)
         if total > vram_bytes:  # the slots past two where two fit (`fitting` holds two and no layer), else -ngl's
             by_slots = resident_layers is None or (slots > 2 and fit(T, 2, r, kv_dev, keep_dense)[0] <= vram_bytes)
-            # (-ngl as given: past the model's layers it keeps them all, and was named as the layer count)
-            what = (f"--vram-slots {slots}" if by_slots else f"--resident-layers {resident_layers}"
-                    + (f" (all {n} layers)" if resident_layers > n else ""))
+            what = f"--vram-slots {slots}" if by_slots else f"--resident-layers {resident_layers}" + f" (all {n} layers)" * (resident_layers > n)
             raise ConfigError(f"{what} does not fit --vram-gb {budget / GiB:.2f}: the plan needs {_gib(total)}; "
                               f"lower {what.split()[0]}")
         if experts and expert_cache_bytes is None and r < n:
