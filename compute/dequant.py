@@ -25,8 +25,10 @@ FUSED_TYPES = frozenset(int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.
 
 
 @functools.cache
+@functools.cache
 def have_triton() -> bool:
-    """Whether Triton imports (CUDA installs have it; CPU installs only with the test extra)."""
+    """Whether Triton imports (CUDA installs have it; CPU installs only with the test extra): asked
+    once, since rms_norm and moe.route ask it at every eager call."""
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -62,6 +62,8 @@ def resolve_device(name: str) -> torch.device:
 # float16, and match float32's top-1 in bfloat16 (measured on the CPU, 60 positions).
 FLOAT16_OVERFLOWS = frozenset({"gemma3"})
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # --dtype's, by name
+
 
 def resolve_dtype(name: str | None, device: torch.device, arch: str | None = None, weights: str = "auto") -> torch.dtype:
     """--dtype, or the device's default for the weights' form (default_dtype; bfloat16 instead of
@@ -70,7 +72,7 @@ def resolve_dtype(name: str | None, device: torch.device, arch: str | None = Non
         dtype = default_dtype(device, weights)
         return torch.bfloat16 if dtype == torch.float16 and arch in FLOAT16_OVERFLOWS else dtype
     try:
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+        dtype = DTYPES[name]
     except KeyError:
         raise ConfigError(f"--dtype {name}: use float32, float16 or bfloat16") from None
     if dtype == torch.float16 and arch in FLOAT16_OVERFLOWS:

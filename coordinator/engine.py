@@ -19,7 +19,7 @@ from typing import Iterator, Protocol
 import torch
 
 from layerstream.bounds import DEVICES, is_device
-from layerstream.compute.device import WEIGHTS, resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
+from layerstream.compute.device import DTYPES, WEIGHTS, resolve_device, resolve_dtype  # noqa: F401 - also the engine's API
 from layerstream.compute.sampling import SamplingParams
 from layerstream.compute.step_meta import SeqStep
 from layerstream.compute.stepper import Launched, Stepper, StepResult
@@ -27,7 +27,7 @@ from layerstream.coordinator.api_names import python_names
 from layerstream.coordinator.chat import ChatTemplate
 from layerstream.coordinator.core import EngineCore
 from layerstream.coordinator.perplexity import corrupt_logits, windows_perplexity
-from layerstream.coordinator.pipeline_config import PipelineConfig
+from layerstream.coordinator.pipeline_config import PipelineConfig, flag
 from layerstream.coordinator.sigmask import stop_signals_blocked
 from layerstream.coordinator.tokenizer import Tokenizer, token_ids
 from layerstream.errors import ConfigError, ContextFullError, LayerstreamError, ModelError, shown
@@ -136,7 +136,7 @@ class EngineConfig:
         for name, ok in (("on_context_full", ("error", "slide")), ("draft_policy", ("adaptive", "fixed"))):
             if getattr(self, name) not in ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: give {' or '.join(ok)}")
-        if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):  # (refused at load, unquoted)
+        if self.dtype is not None and self.dtype not in DTYPES:  # (refused at load, unquoted)
             raise ConfigError(f"dtype={self.dtype!r}: use float32, float16 or bfloat16, or None for the device's default")
         if self.weights not in WEIGHTS:  # (a ValueError from deep in the load, where the README promises ConfigError)
             raise ConfigError(f"weights={self.weights!r}: use {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}")
@@ -202,16 +202,9 @@ def text_side(index: ModelIndex) -> tuple[Tokenizer, ChatTemplate | None]:
     return tok, ChatTemplate.from_metadata(index.metadata, tok)
 
 
-def _flags(**flags) -> None:
-    """Each flag True or False, else a ConfigError naming it ("no" is true)."""
-    for name, v in flags.items():
-        if not isinstance(v, bool):
-            raise ConfigError(f"{name}={shown(v)}: must be True or False")
-
-
 def _system_needs_chat(system: str | None, chat: bool) -> None:
     """system= is a chat's: without chat=True it was dropped (the CLI refuses --system without --chat)."""
-    _flags(chat=chat)
+    flag("chat", chat)
     if system is not None and not chat:
         raise ConfigError("system= is a chat's system message: give chat=True too, or put it in the text")
 
@@ -361,7 +354,8 @@ class Engine:
         may make control tokens; message contents never do (no role injection). continue_final: the
         last message, the assistant's, is continued (ChatTemplate.continued_segments)."""
         self._refuse_closed()
-        _flags(add_generation_prompt=add_generation_prompt, continue_final=continue_final)
+        flag("add_generation_prompt", add_generation_prompt)
+        flag("continue_final", continue_final)
         if self.chat_template is None:
             raise ConfigError("this model's GGUF has no tokenizer.chat_template: give it text, not messages")
         if not isinstance(messages, (list, tuple)) or not all(
@@ -427,7 +421,7 @@ class Engine:
                             "generate(), or a list of one)")
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
-        _flags(stream=stream)
+        flag("stream", stream)
         _system_needs_chat(system, chat)
         if chat and not all(isinstance(p, str) for p in prompts):  # (ids ran as they were, no template)
             raise ConfigError("chat=True renders text through the chat template: give text prompts, or token ids "

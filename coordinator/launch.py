@@ -200,12 +200,11 @@ def fit_share(asked: CpuShareConfig, device_type: str, plan: Plan, layouts: list
     cpu = asked.for_device(device_type)
     streamed = [layouts[i] for i in plan.streamed]
     if cpu.experts_only:
-        n = threads or threads_default()
-        if n < DEFAULT_MIN_THREADS and experts_read_in_place(streamed):
+        n, in_place = threads or threads_default(), experts_read_in_place(streamed)
+        if n < DEFAULT_MIN_THREADS and in_place:
             log.info("no CPU share by default: %d CPU threads for it, fewer than %d (--cpu-threads %d or more "
                      "takes it)", n, DEFAULT_MIN_THREADS, DEFAULT_MIN_THREADS)
-        ok = n >= DEFAULT_MIN_THREADS and experts_read_in_place(streamed)
-        return (cpu if ok else CpuShareConfig(split=cpu.split)), plan
+        return (cpu if in_place and n >= DEFAULT_MIN_THREADS else CpuShareConfig(split=cpu.split)), plan
     cpu = cpu.with_pack_max(fit_cpu_share(plan, layouts, cpu.pack_max, not cpu.auto, cpu.split))
     return cpu, dataclasses.replace(plan, cpu_share_bytes=packed_bytes(streamed, cpu.pack_max, cpu.split))
 

@@ -21,7 +21,7 @@ ProgressHook = Callable[[int, int, str], None]
 TRANSPORTS = ("ipc", "tcp")
 
 
-def _flag(name: str, v, none: str | None = None) -> None:
+def flag(name: str, v, none: str | None = None) -> None:
     """A ConfigError where v is not a bool ("no" and 0 were taken as what their truth says), or
     None where `none` says what None means."""
     if not isinstance(v, bool) and not (none is not None and v is None):
@@ -53,8 +53,8 @@ class Budget:
             v, (low, high) = getattr(self, name), PIPELINE_COUNTS[name]
             if v is not None and not _whole(v, low, high):
                 raise ConfigError(f"{name}={v!r}: give a whole number from {low} to {high} (or None: the plan's default)")
-        _flag("kv_on_host", self.kv_on_host, none="the plan's default")  # (a probe's: "no" put the KV in host memory)
-        _flag("evaluates", self.evaluates)
+        flag("kv_on_host", self.kv_on_host, none="the plan's default")  # (a probe's: "no" put the KV in host memory)
+        flag("evaluates", self.evaluates)
         if self.job is not None and not (isinstance(self.job, tuple) and len(self.job) == 2 and _whole(self.job[0], 0)
                                          and _whole(self.job[1], 1)):
             raise ConfigError(f"job={self.job!r}: give (prompt tokens, reply tokens), whole numbers from 0 and from 1 "
@@ -147,7 +147,7 @@ class ProcessOptions:
             raise ConfigError(f"transport {self.transport!r}: use one of {', '.join(TRANSPORTS)}")
         if not isinstance(self.host, str) or not self.host:  # (a bad name fails as the links bind: ZMQError)
             raise ConfigError(f"host={self.host!r}: give the address the children's links bind to, as a string")
-        _flag("trace", self.trace)
+        flag("trace", self.trace)
         for name in ("ready_timeout_s", "stall_timeout_s"):  # (a str or None: TypeError)
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):

@@ -15,10 +15,10 @@ against `prefetch`: every cached layer that compute has given back stages at onc
 as soon as the layers before it are (StreamCore._announce goes in order). Counted, a decode step
 whose streamed layers all sit in the cache got its next announcements only as compute gave slots
 back, a LayerDone and a LayerReady every two layers (slot_returns.py), and the layers whose step
-sent one took about 180 µs more of the compute process's host time at batch 1 (BENCHMARKS.md, AQ9).
+sent one took more of the compute process's host time at batch 1 (BENCHMARKS.md, AQ9).
 Uncounted, such a step needs no message a layer: compute gives its slots back where it flushes,
-but an earlier step's at once (NOTE [ slots given back ]). Batch 1 at 4 GiB then ran 1.15x faster
-(BENCHMARKS.md, AR5).
+but an earlier step's at once (NOTE [ slots given back ]). Batch 1 then ran faster (BENCHMARKS.md,
+AR5).
 """
 
 from __future__ import annotations
